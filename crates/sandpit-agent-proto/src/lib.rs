@@ -1,0 +1,449 @@
+//! Wire protocol between the Sandpit server (host) and `sandpit-agent` (inside a sandbox).
+//!
+//! One TCP connection carries one operation. The host opens it, sends a
+//! [`FrameKind::Request`] frame whose payload is a JSON [`Request`], then, depending on the
+//! operation, more frames (stdin, file data, signals). The agent answers with frames until a
+//! terminal frame ([`FrameKind::Exit`], [`FrameKind::Ok`], [`FrameKind::End`] or
+//! [`FrameKind::Error`]). The host then closes the connection with a reset (linger 0) so no
+//! TCP endpoint inside the sandbox lingers in a closing state: gVisor refuses to checkpoint a
+//! sandbox that holds a connected or closing TCP endpoint, and a failed checkpoint kills it.
+//!
+//! Frame layout: `kind: u8`, `len: u32` big-endian, `len` bytes of payload (at most
+//! [`MAX_FRAME_LEN`]). Control payloads are JSON; data payloads are raw bytes.
+//!
+//! Versioning: [`PROTOCOL_VERSION`] is sent in every request. The agent accepts any request
+//! whose version is ≤ its own and answers in that version's shape, so a sandbox restored from
+//! a snapshot taken with an older agent keeps working with a newer server as long as the
+//! server still speaks the old version. New fields are added as optional.
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The TCP port the agent listens on inside the sandbox.
+pub const AGENT_PORT: u16 = 49983;
+
+/// Largest payload of one frame.
+pub const MAX_FRAME_LEN: usize = 1 << 20;
+
+/// Size of file data chunks the agent and server send.
+pub const DATA_CHUNK: usize = 256 * 1024;
+
+/// What a frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    /// host → agent: JSON [`Request`], always the first frame.
+    Request = 1,
+    /// host → agent: bytes for the process's stdin.
+    Stdin = 2,
+    /// host → agent: close the process's stdin (empty payload).
+    StdinClose = 3,
+    /// host → agent: JSON [`SignalRequest`] for the process group.
+    Signal = 4,
+    /// both ways: raw file bytes.
+    Data = 5,
+    /// both ways: end of a data stream (empty payload). Terminal for `ReadFile`.
+    End = 6,
+    /// agent → host: JSON [`ExecStarted`].
+    Started = 7,
+    /// agent → host: bytes the process wrote to stdout.
+    Stdout = 8,
+    /// agent → host: bytes the process wrote to stderr.
+    Stderr = 9,
+    /// agent → host: JSON [`ExitStatus`]. Terminal for `Exec`.
+    Exit = 10,
+    /// agent → host: JSON result of the operation (see each [`Request`]). Terminal.
+    Ok = 11,
+    /// agent → host: JSON [`AgentError`]. Terminal.
+    Error = 12,
+}
+
+impl FrameKind {
+    /// Decode a frame kind byte.
+    pub fn from_u8(b: u8) -> Option<Self> {
+        use FrameKind::*;
+        Some(match b {
+            1 => Request,
+            2 => Stdin,
+            3 => StdinClose,
+            4 => Signal,
+            5 => Data,
+            6 => End,
+            7 => Started,
+            8 => Stdout,
+            9 => Stderr,
+            10 => Exit,
+            11 => Ok,
+            12 => Error,
+            _ => return None,
+        })
+    }
+}
+
+/// One decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: FrameKind,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    /// A frame whose payload is `value` as JSON.
+    pub fn json<T: Serialize>(kind: FrameKind, value: &T) -> Self {
+        // Serializing our own plain structs to a Vec cannot fail.
+        let payload = serde_json::to_vec(value).expect("protocol types serialize");
+        Frame { kind, payload }
+    }
+
+    /// Parse the payload as JSON.
+    pub fn parse<T: for<'de> Deserialize<'de>>(&self) -> Result<T, ProtoError> {
+        serde_json::from_slice(&self.payload).map_err(|source| ProtoError::BadPayload {
+            kind: self.kind as u8,
+            source,
+        })
+    }
+}
+
+/// The request that opens a connection.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Request {
+    /// Protocol version of the sender.
+    pub v: u32,
+    #[serde(flatten)]
+    pub op: Op,
+}
+
+impl Request {
+    /// A request in this crate's protocol version.
+    pub fn new(op: Op) -> Self {
+        Request {
+            v: PROTOCOL_VERSION,
+            op,
+        }
+    }
+}
+
+/// The operations the agent performs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// Answered with `Ok` + [`PingReply`].
+    Ping,
+    /// Answered with `Started`, any number of `Stdout`/`Stderr`, then `Exit` (or `Error` if the
+    /// process could not be spawned). The host may send `Stdin`, `StdinClose` and `Signal`.
+    Exec(ExecRequest),
+    /// Answered with `Ok` + [`FileInfo`], then `Data` frames, then `End`; or `Error`.
+    ReadFile { path: String },
+    /// The host sends `Data` frames then `End`; the agent writes to a temporary file in the
+    /// target directory and renames it into place, then answers `Ok` + [`WriteReply`]. If the
+    /// connection drops before `End`, nothing is left behind.
+    WriteFile {
+        path: String,
+        /// Permission bits for a new file (default 0o644).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mode: Option<u32>,
+        /// Create missing parent directories.
+        #[serde(default)]
+        create_parents: bool,
+    },
+    /// Answered with `Ok` + [`DirListing`].
+    ListDir { path: String },
+    /// Answered with `Ok` + [`FileInfo`].
+    Stat { path: String },
+    /// Answered with `Ok` + `{}`.
+    MakeDir { path: String, recursive: bool },
+    /// Answered with `Ok` + `{}`.
+    Remove { path: String, recursive: bool },
+}
+
+/// Run a process.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct ExecRequest {
+    /// argv; `argv[0]` is looked up in `PATH`. Exactly one of `argv` and `shell` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub argv: Option<Vec<String>>,
+    /// A shell command line, run as `/bin/sh -c <shell>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shell: Option<String>,
+    /// Working directory (default `/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Environment added to the agent's base environment.
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// Kill the whole process group after this many milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Whether the host will send stdin frames. When false, stdin is /dev/null.
+    #[serde(default)]
+    pub stdin: bool,
+}
+
+/// Sent when the process was spawned.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExecStarted {
+    /// PID inside the sandbox (also the process group id).
+    pub pid: u32,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExitStatus {
+    /// Exit code; `128 + signal` when killed by a signal (shell convention).
+    pub exit_code: i32,
+    /// The signal that ended it, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// True when the agent killed it because `timeout_ms` passed.
+    #[serde(default)]
+    pub timed_out: bool,
+    pub duration_ms: u64,
+}
+
+/// Signal the process group of a running exec.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SignalRequest {
+    pub signal: i32,
+}
+
+/// Reply to [`Op::Ping`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PingReply {
+    /// Highest protocol version the agent speaks.
+    pub protocol: u32,
+    /// The agent's crate version.
+    pub agent_version: String,
+}
+
+/// The kind of a directory entry.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+/// Metadata of one file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileInfo {
+    pub kind: EntryKind,
+    pub size: u64,
+    /// Permission bits.
+    pub mode: u32,
+    /// Modification time, seconds since the Unix epoch.
+    pub mtime: i64,
+}
+
+/// One entry of a directory listing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DirEntry {
+    pub name: String,
+    #[serde(flatten)]
+    pub info: FileInfo,
+}
+
+/// Reply to [`Op::ListDir`], sorted by name.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DirListing {
+    pub entries: Vec<DirEntry>,
+}
+
+/// Reply to [`Op::WriteFile`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WriteReply {
+    pub size: u64,
+}
+
+/// Why the agent refused or failed an operation.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentErrorCode {
+    NotFound,
+    IsDirectory,
+    NotDirectory,
+    PermissionDenied,
+    InvalidPath,
+    AlreadyExists,
+    NotEmpty,
+    SpawnFailed,
+    UnsupportedVersion,
+    BadRequest,
+    Io,
+}
+
+/// An error frame's payload.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AgentError {
+    pub code: AgentErrorCode,
+    pub message: String,
+}
+
+/// Errors of the frame codec.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    #[error("connection closed")]
+    Closed,
+    #[error("reading a frame")]
+    Read(#[source] std::io::Error),
+    #[error("writing a frame")]
+    Write(#[source] std::io::Error),
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("frame of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    #[error("bad payload in frame of kind {kind}")]
+    BadPayload {
+        kind: u8,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Validate a path the host sends: absolute, no `..` component, no NUL, not longer than
+/// 4096 bytes. Returns the path with repeated and trailing slashes removed. Symlinks are
+/// resolved by the sandbox's own kernel (gVisor), inside the sandbox's root: they can never
+/// reach the host.
+pub fn normalize_path(path: &str) -> Result<String, AgentError> {
+    let bad = |message: &str| AgentError {
+        code: AgentErrorCode::InvalidPath,
+        message: message.to_string(),
+    };
+    if path.is_empty() {
+        return Err(bad("path is empty"));
+    }
+    if path.len() > 4096 {
+        return Err(bad("path is longer than 4096 bytes"));
+    }
+    if path.contains('\0') {
+        return Err(bad("path contains a NUL byte"));
+    }
+    if !path.starts_with('/') {
+        return Err(bad("path must be absolute"));
+    }
+    let mut out = String::with_capacity(path.len());
+    for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        if part == ".." {
+            return Err(bad("path must not contain '..'"));
+        }
+        if part.len() > 255 {
+            return Err(bad("a path component is longer than 255 bytes"));
+        }
+        out.push('/');
+        out.push_str(part);
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    Ok(out)
+}
+
+/// Write one frame.
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    kind: FrameKind,
+    payload: &[u8],
+) -> Result<(), ProtoError> {
+    if payload.len() > MAX_FRAME_LEN {
+        return Err(ProtoError::TooLarge(payload.len()));
+    }
+    let mut header = [0u8; 5];
+    header[0] = kind as u8;
+    header[1..].copy_from_slice(&(payload.len() as u32).to_be_bytes());
+    w.write_all(&header).await.map_err(ProtoError::Write)?;
+    w.write_all(payload).await.map_err(ProtoError::Write)?;
+    Ok(())
+}
+
+/// Write a frame with a JSON payload.
+pub async fn write_json<W: AsyncWrite + Unpin, T: Serialize>(
+    w: &mut W,
+    kind: FrameKind,
+    value: &T,
+) -> Result<(), ProtoError> {
+    let frame = Frame::json(kind, value);
+    write_frame(w, kind, &frame.payload).await
+}
+
+/// Read one frame. Returns [`ProtoError::Closed`] on a clean end of stream before a header.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ProtoError> {
+    let mut header = [0u8; 5];
+    match r.read_exact(&mut header[..1]).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ProtoError::Closed),
+        Err(e) => return Err(ProtoError::Read(e)),
+    }
+    r.read_exact(&mut header[1..])
+        .await
+        .map_err(ProtoError::Read)?;
+    let kind = FrameKind::from_u8(header[0]).ok_or(ProtoError::UnknownKind(header[0]))?;
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(ProtoError::TooLarge(len));
+    }
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).await.map_err(ProtoError::Read)?;
+    Ok(Frame { kind, payload })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip() {
+        let mut buf = Vec::new();
+        let req = Request::new(Op::Exec(ExecRequest {
+            shell: Some("echo hi".into()),
+            timeout_ms: Some(1000),
+            ..Default::default()
+        }));
+        write_json(&mut buf, FrameKind::Request, &req).await.unwrap();
+        write_frame(&mut buf, FrameKind::Stdout, b"hi\n").await.unwrap();
+        let mut r = &buf[..];
+        let f = read_frame(&mut r).await.unwrap();
+        assert_eq!(f.kind, FrameKind::Request);
+        assert_eq!(f.parse::<Request>().unwrap(), req);
+        let f = read_frame(&mut r).await.unwrap();
+        assert_eq!((f.kind, f.payload.as_slice()), (FrameKind::Stdout, &b"hi\n"[..]));
+        assert!(matches!(read_frame(&mut r).await, Err(ProtoError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn rejects_oversized_and_unknown_frames() {
+        let mut r = &[99u8, 0, 0, 0, 0][..];
+        assert!(matches!(
+            read_frame(&mut r).await,
+            Err(ProtoError::UnknownKind(99))
+        ));
+        let big = (MAX_FRAME_LEN as u32 + 1).to_be_bytes();
+        let bytes = [5u8, big[0], big[1], big[2], big[3]];
+        let mut r = &bytes[..];
+        assert!(matches!(read_frame(&mut r).await, Err(ProtoError::TooLarge(_))));
+    }
+
+    #[test]
+    fn request_json_shape_is_stable() {
+        let req = Request::new(Op::ReadFile {
+            path: "/etc/hostname".into(),
+        });
+        assert_eq!(
+            serde_json::to_string(&req).unwrap(),
+            r#"{"v":1,"op":"read_file","path":"/etc/hostname"}"#
+        );
+    }
+
+    #[test]
+    fn normalizes_and_rejects_paths() {
+        assert_eq!(normalize_path("/a//b/./c/").unwrap(), "/a/b/c");
+        assert_eq!(normalize_path("/").unwrap(), "/");
+        for bad in ["", "a/b", "/a/../b", "/..", "/a\0b"] {
+            assert!(normalize_path(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(normalize_path(&format!("/{}", "x".repeat(256))).is_err());
+    }
+}

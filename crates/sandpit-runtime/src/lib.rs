@@ -1,0 +1,131 @@
+//! The isolation runtime seam: what the control plane asks of a sandbox backend.
+//!
+//! The server never runs `runsc` (or, later, Firecracker) itself; it calls a [`Runtime`].
+//! A backend owns everything below this trait: bundles, root filesystem mounts, the runtime's
+//! own state directory, and any quirk workarounds.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+
+/// Everything a backend needs to boot or restore one sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    /// The backend-level id. Fixed length (ids are prefix-matched by runsc).
+    pub id: String,
+    /// Read-only root filesystem layers, lowest first. The sandbox sees their union.
+    pub layers: Vec<PathBuf>,
+    /// A directory the backend owns for this sandbox: writable upper layer, bundle, mount
+    /// point. Files written inside the sandbox persist here across stop/start.
+    pub state_dir: PathBuf,
+    /// The init process (the agent) and its arguments.
+    pub args: Vec<String>,
+    /// Environment of the init process, `KEY=VALUE`.
+    pub env: Vec<String>,
+    pub hostname: String,
+    /// Where the sandbox's network lives; `None` runs it without a network.
+    pub network: Option<NetworkAttachment>,
+    pub resources: Resources,
+}
+
+/// A network namespace prepared for a sandbox (see `sandpit-net`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkAttachment {
+    /// `/var/run/netns/<name>`.
+    pub netns_path: PathBuf,
+    /// Interface inside the namespace that the sandbox uses.
+    pub ifname: String,
+    /// The sandbox's address on that interface.
+    pub address: Ipv4Addr,
+    pub prefix_len: u8,
+    /// The host side of the link, the sandbox's default gateway.
+    pub gateway: Ipv4Addr,
+}
+
+/// Limits enforced on the host (cgroups for gVisor).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resources {
+    /// CPU quota in thousandths of a core.
+    pub cpu_millis: u32,
+    pub memory_bytes: u64,
+}
+
+/// What the backend knows of a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuntimeStatus {
+    Running,
+    /// Exists in the backend but no longer runs (exited, crashed or OOM-killed).
+    Stopped,
+    /// The backend has no such sandbox.
+    Missing,
+}
+
+/// Errors of runtime backends.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("preparing the root filesystem of {id}")]
+    Rootfs {
+        id: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing the bundle of {id}")]
+    Bundle {
+        id: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("running {command} for {id}: {stderr}")]
+    Command {
+        id: String,
+        command: String,
+        stderr: String,
+    },
+    #[error("spawning {command}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("checkpoint of {id} refused: {reason}")]
+    CheckpointRefused { id: String, reason: String },
+    #[error("removing the files of {id}")]
+    Cleanup {
+        id: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A sandbox backend.
+#[async_trait]
+pub trait Runtime: Send + Sync + 'static {
+    /// Short backend name for logs and `/meta/info` (`gvisor`, `firecracker`).
+    fn name(&self) -> &'static str;
+
+    /// Cold-boot a sandbox and return once its init process runs. On error nothing is left
+    /// running or mounted (files in `state_dir` stay).
+    async fn start(&self, spec: &SandboxSpec) -> Result<(), RuntimeError>;
+
+    /// Save memory and process state to `image_dir` and stop the sandbox. The image is
+    /// complete and durable (fsynced) when this returns. Files stay in `state_dir`.
+    async fn checkpoint(&self, id: &str, image_dir: &Path) -> Result<(), RuntimeError>;
+
+    /// Start a sandbox from an image written by [`Runtime::checkpoint`]. `spec.id` may differ
+    /// from the id that was checkpointed, and the network attachment may be another one.
+    async fn restore(&self, spec: &SandboxSpec, image_dir: &Path) -> Result<(), RuntimeError>;
+
+    /// Stop the sandbox and release its runtime resources (processes, mounts, runtime
+    /// state), keeping the files in `state_dir`. Idempotent.
+    async fn stop(&self, id: &str, state_dir: &Path) -> Result<(), RuntimeError>;
+
+    /// [`Runtime::stop`], then remove `state_dir`. Idempotent.
+    async fn destroy(&self, id: &str, state_dir: &Path) -> Result<(), RuntimeError>;
+
+    async fn status(&self, id: &str) -> Result<RuntimeStatus, RuntimeError>;
+
+    /// Ids of every sandbox this backend instance holds (running or not), for reconciliation
+    /// after a crash.
+    async fn list(&self) -> Result<Vec<String>, RuntimeError>;
+}
