@@ -402,14 +402,21 @@ mod tests {
             timeout_ms: Some(1000),
             ..Default::default()
         }));
-        write_json(&mut buf, FrameKind::Request, &req).await.unwrap();
-        write_frame(&mut buf, FrameKind::Stdout, b"hi\n").await.unwrap();
+        write_json(&mut buf, FrameKind::Request, &req)
+            .await
+            .unwrap();
+        write_frame(&mut buf, FrameKind::Stdout, b"hi\n")
+            .await
+            .unwrap();
         let mut r = &buf[..];
         let f = read_frame(&mut r).await.unwrap();
         assert_eq!(f.kind, FrameKind::Request);
         assert_eq!(f.parse::<Request>().unwrap(), req);
         let f = read_frame(&mut r).await.unwrap();
-        assert_eq!((f.kind, f.payload.as_slice()), (FrameKind::Stdout, &b"hi\n"[..]));
+        assert_eq!(
+            (f.kind, f.payload.as_slice()),
+            (FrameKind::Stdout, &b"hi\n"[..])
+        );
         assert!(matches!(read_frame(&mut r).await, Err(ProtoError::Closed)));
     }
 
@@ -423,7 +430,10 @@ mod tests {
         let big = (MAX_FRAME_LEN as u32 + 1).to_be_bytes();
         let bytes = [5u8, big[0], big[1], big[2], big[3]];
         let mut r = &bytes[..];
-        assert!(matches!(read_frame(&mut r).await, Err(ProtoError::TooLarge(_))));
+        assert!(matches!(
+            read_frame(&mut r).await,
+            Err(ProtoError::TooLarge(_))
+        ));
     }
 
     #[test]

@@ -1,1 +1,26 @@
-//! sandpit-api-types
+//! Request and response types of the Sandpit HTTP API, shared by the server, the Rust SDK and
+//! the CLI. Pure data: serde + OpenAPI schemas, no I/O.
+
+pub mod duration;
+pub mod org;
+pub mod sandbox;
+
+pub use duration::{format_duration, parse_duration};
+pub use org::*;
+pub use sandbox::*;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// The body of every 4xx and 5xx response of the `/v1` API.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// A machine-readable `code` (stable, snake_case) and a human-readable `message`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}

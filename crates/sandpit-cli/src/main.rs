@@ -1,1 +1,52 @@
-fn main() {}
+//! `sandpit`: the server (`sandpit serve`) and a client for its API (`sandpit sandbox ...`).
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "sandpit",
+    version,
+    about = "Self-hosted sandboxes for untrusted code"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(commands::serve::ServeArgs),
+    /// Manage sandboxes on a server.
+    #[command(subcommand)]
+    Sandbox(commands::sandbox::SandboxCommand),
+    /// Print the OpenAPI document of the server's API.
+    Openapi,
+    /// Remove every sandbox and host object of one server (keeps the database).
+    Cleanup(commands::cleanup::CleanupArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Serve(args) => commands::serve::run(args).await.map(|_| 0),
+            Command::Sandbox(cmd) => commands::sandbox::run(cmd).await,
+            Command::Cleanup(args) => commands::cleanup::run(args).await.map(|_| 0),
+            Command::Openapi => {
+                println!("{}", sandpit_server::openapi().to_pretty_json()?);
+                Ok(0)
+            }
+        }
+    });
+    match result {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

@@ -1,1 +1,686 @@
-//! sandpit-net
+//! Sandbox networking: one network namespace per sandbox slot, a veth pair to the host,
+//! addresses from a pool of /30s, and a per-slot egress policy enforced by nftables in the
+//! root namespace.
+//!
+//! Everything this crate creates carries the configured prefix: namespaces `<prefix>-<slot>`,
+//! veths `<prefix>h<slot>` (host side) and `<prefix>s<slot>` (sandbox side), and one nftables
+//! table `inet sandpit_<prefix>` (see [`rules`] for its layout). It shells out to `ip` and
+//! `nft`, so it needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN).
+//!
+//! Rules match packets entering the root namespace from a slot's host-side veth: with gVisor the
+//! sandbox's packets come from its user-space netstack, so rules inside the namespace would
+//! never see them.
+
+mod cmd;
+mod error;
+mod ipnet;
+pub mod rules;
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+pub use error::NetError;
+pub use ipnet::Ipv4Net;
+pub use rules::EgressRules;
+
+use cmd::{nft_script, run, stderr_contains};
+use rules::Tables;
+
+/// Where `ip netns` keeps named namespaces.
+pub const NETNS_DIR: &str = "/var/run/netns";
+
+/// Configuration of a [`Network`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// 1–6 characters `[a-z0-9]`; names everything this crate creates. Two instances on one
+    /// host must use different prefixes and non-overlapping pools.
+    pub prefix: String,
+    /// Split into /30 slots. Default `10.88.0.0/16`.
+    pub pool: Ipv4Net,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        Self {
+            prefix: "sp".into(),
+            pool: Ipv4Net {
+                addr: Ipv4Addr::new(10, 88, 0, 0),
+                prefix_len: 16,
+            },
+        }
+    }
+}
+
+/// Names and addresses of one slot. Pure function of the configuration and the slot number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotAddrs {
+    /// `<prefix>-<slot>`.
+    pub netns_name: String,
+    /// `/var/run/netns/<prefix>-<slot>`.
+    pub netns_path: PathBuf,
+    /// `<prefix>h<slot>`, in the root namespace.
+    pub host_if: String,
+    /// `<prefix>s<slot>`, inside the slot's namespace.
+    pub sandbox_if: String,
+    /// Slot base + 1: the sandbox's gateway.
+    pub host_ip: Ipv4Addr,
+    /// Slot base + 2.
+    pub sandbox_ip: Ipv4Addr,
+    /// Always 30.
+    pub prefix_len: u8,
+}
+
+/// Sandbox networking of one server instance.
+#[derive(Debug, Clone)]
+pub struct Network {
+    cfg: NetConfig,
+    tables: Tables,
+    capacity: u32,
+}
+
+/// Longest interface name Linux accepts (IFNAMSIZ - 1).
+const MAX_IFNAME: usize = 15;
+const SLOT_PREFIX_LEN: u8 = 30;
+
+impl Network {
+    /// Validates the prefix and the pool; touches nothing on the host.
+    pub fn new(cfg: NetConfig) -> Result<Self, NetError> {
+        let prefix = &cfg.prefix;
+        let bad_prefix = |reason: &str| NetError::InvalidPrefix {
+            prefix: prefix.clone(),
+            reason: reason.into(),
+        };
+        if prefix.is_empty() || prefix.len() > 6 {
+            return Err(bad_prefix("must be 1 to 6 characters long"));
+        }
+        if !prefix
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        {
+            return Err(bad_prefix("only a-z and 0-9 are allowed"));
+        }
+        let pool = Ipv4Net::new(cfg.pool.addr, cfg.pool.prefix_len)?;
+        let bad_pool = |reason: &str| NetError::InvalidPool {
+            pool: pool.to_string(),
+            reason: reason.into(),
+        };
+        if !(8..=SLOT_PREFIX_LEN).contains(&pool.prefix_len) {
+            return Err(bad_pool("prefix length must be between /8 and /30"));
+        }
+        for (reserved, what) in [
+            ("0.0.0.0/8", "the 0.0.0.0/8 range"),
+            ("127.0.0.0/8", "loopback"),
+            ("169.254.0.0/16", "link-local addresses"),
+            ("224.0.0.0/3", "multicast and reserved addresses"),
+        ] {
+            let reserved: Ipv4Net = reserved.parse().expect("valid constant");
+            if reserved.overlaps(&pool) {
+                return Err(bad_pool(&format!("overlaps {what}")));
+            }
+        }
+        let capacity = 1u32 << (SLOT_PREFIX_LEN - pool.prefix_len);
+        let longest = format!("{prefix}h{}", capacity - 1);
+        if longest.len() > MAX_IFNAME {
+            return Err(bad_pool(
+                "too many slots for interface names of 15 characters",
+            ));
+        }
+        let tables = Tables {
+            table: format!("sandpit_{prefix}"),
+            pool,
+        };
+        Ok(Self {
+            cfg: NetConfig {
+                prefix: prefix.clone(),
+                pool,
+            },
+            tables,
+            capacity,
+        })
+    }
+
+    pub fn config(&self) -> &NetConfig {
+        &self.cfg
+    }
+
+    /// The nftables table (family `inet`) this instance owns.
+    pub fn table_name(&self) -> &str {
+        &self.tables.table
+    }
+
+    /// Number of /30 slots in the pool; slots are `0..capacity`.
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// Names and addresses of `slot`: base = pool + 4 × slot, host .1, sandbox .2.
+    ///
+    /// # Panics
+    /// If `slot >= capacity()`.
+    pub fn addrs(&self, slot: u32) -> SlotAddrs {
+        assert!(
+            slot < self.capacity,
+            "slot {slot} outside the pool (capacity {})",
+            self.capacity
+        );
+        let base = u32::from(self.cfg.pool.network()) + 4 * slot;
+        let p = &self.cfg.prefix;
+        let netns_name = format!("{p}-{slot}");
+        SlotAddrs {
+            netns_path: Path::new(NETNS_DIR).join(&netns_name),
+            netns_name,
+            host_if: format!("{p}h{slot}"),
+            sandbox_if: format!("{p}s{slot}"),
+            host_ip: Ipv4Addr::from(base + 1),
+            sandbox_ip: Ipv4Addr::from(base + 2),
+            prefix_len: SLOT_PREFIX_LEN,
+        }
+    }
+
+    /// Creates (or refreshes) the nftables table with its base chains, and enables IPv4
+    /// forwarding. Idempotent; existing slot chains are kept.
+    pub async fn init(&self) -> Result<(), NetError> {
+        let key = "net.ipv4.ip_forward";
+        tokio::fs::write("/proc/sys/net/ipv4/ip_forward", b"1\n")
+            .await
+            .map_err(|source| NetError::Sysctl {
+                key: key.into(),
+                source,
+            })?;
+        nft_script(&self.tables.init_script()).await?;
+        tracing::debug!(table = %self.tables.table, "nftables table ready");
+        Ok(())
+    }
+
+    /// Creates the slot's namespace and veth pair, addresses and routes, and its egress rules.
+    /// The nft rules go in first, so the veth never exists unfiltered. On failure everything
+    /// done so far is undone. Fails with [`NetError::SlotBusy`] if anything of the slot exists
+    /// already (call [`Network::detach`] first to clear leftovers).
+    pub async fn attach(&self, slot: u32, rules: &EgressRules) -> Result<SlotAddrs, NetError> {
+        self.check_slot(slot)?;
+        rules.validate()?;
+        let a = self.addrs(slot);
+        if !self.table_exists().await? {
+            return Err(NetError::NotInitialized {
+                table: self.tables.table.clone(),
+            });
+        }
+        if a.netns_path.exists() {
+            return Err(NetError::SlotBusy {
+                slot,
+                what: format!("network namespace {}", a.netns_name),
+            });
+        }
+        for ifname in [&a.host_if, &a.sandbox_if] {
+            if link_exists(ifname).await? {
+                return Err(NetError::SlotBusy {
+                    slot,
+                    what: format!("interface {ifname}"),
+                });
+            }
+        }
+        if self.chain_exists(slot).await? {
+            return Err(NetError::SlotBusy {
+                slot,
+                what: format!("nft chain {}", Tables::slot_chain(slot)),
+            });
+        }
+        let mut done = Done::default();
+        match self.attach_steps(slot, &a, rules, &mut done).await {
+            Ok(()) => {
+                tracing::debug!(slot, netns = %a.netns_name, ip = %a.sandbox_ip, "slot attached");
+                Ok(a)
+            }
+            Err(e) => {
+                self.undo(slot, &a, &done).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn attach_steps(
+        &self,
+        slot: u32,
+        a: &SlotAddrs,
+        rules: &EgressRules,
+        done: &mut Done,
+    ) -> Result<(), NetError> {
+        nft_script(&self.tables.attach_script(slot, &a.host_if, rules)).await?;
+        done.nft = true;
+        run("ip", &["netns", "add", &a.netns_name], None).await?;
+        done.netns = true;
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &a.host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &a.sandbox_if,
+                "netns",
+                &a.netns_name,
+            ],
+            None,
+        )
+        .await?;
+        done.veth = true;
+        let host_cidr = format!("{}/{}", a.host_ip, a.prefix_len);
+        let sandbox_cidr = format!("{}/{}", a.sandbox_ip, a.prefix_len);
+        let host_ip = a.host_ip.to_string();
+        let ns = a.netns_name.as_str();
+        run("ip", &["addr", "add", &host_cidr, "dev", &a.host_if], None).await?;
+        run("ip", &["link", "set", &a.host_if, "up"], None).await?;
+        run("ip", &["-n", ns, "link", "set", "lo", "up"], None).await?;
+        run(
+            "ip",
+            &["-n", ns, "addr", "add", &sandbox_cidr, "dev", &a.sandbox_if],
+            None,
+        )
+        .await?;
+        run("ip", &["-n", ns, "link", "set", &a.sandbox_if, "up"], None).await?;
+        run(
+            "ip",
+            &[
+                "-n",
+                ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &host_ip,
+                "dev",
+                &a.sandbox_if,
+            ],
+            None,
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn undo(&self, slot: u32, a: &SlotAddrs, done: &Done) {
+        if done.veth
+            && let Err(e) = run("ip", &["link", "del", &a.host_if], None).await
+        {
+            tracing::warn!(slot, error = %e, "rollback: deleting veth");
+        }
+        if done.netns
+            && let Err(e) = run("ip", &["netns", "del", &a.netns_name], None).await
+        {
+            tracing::warn!(slot, error = %e, "rollback: deleting netns");
+        }
+        if done.nft
+            && let Err(e) = nft_script(&self.tables.detach_script(slot, &a.host_if)).await
+        {
+            tracing::warn!(slot, error = %e, "rollback: removing nft rules");
+        }
+    }
+
+    /// Replaces the slot's egress rules in one nftables transaction; applies to the running
+    /// sandbox at once (established flows included: their next packet meets the new rules).
+    pub async fn set_egress(&self, slot: u32, rules: &EgressRules) -> Result<(), NetError> {
+        self.check_slot(slot)?;
+        rules.validate()?;
+        match nft_script(&self.tables.replace_script(slot, rules)).await {
+            Err(e) if stderr_contains(&e, "No such file or directory") => {
+                Err(NetError::NotAttached {
+                    slot,
+                    chain: Tables::slot_chain(slot),
+                })
+            }
+            other => other.map(drop),
+        }
+    }
+
+    /// Puts the sandbox address and default route back on the in-namespace interface. runsc
+    /// moves them into its netstack and removes them from the interface, so call this before
+    /// every restore — never while a sandbox runs in the namespace.
+    pub async fn reapply_addr(&self, slot: u32) -> Result<(), NetError> {
+        self.check_slot(slot)?;
+        let a = self.addrs(slot);
+        let sandbox_cidr = format!("{}/{}", a.sandbox_ip, a.prefix_len);
+        let host_ip = a.host_ip.to_string();
+        let ns = a.netns_name.as_str();
+        run(
+            "ip",
+            &[
+                "-n",
+                ns,
+                "addr",
+                "replace",
+                &sandbox_cidr,
+                "dev",
+                &a.sandbox_if,
+            ],
+            None,
+        )
+        .await?;
+        run("ip", &["-n", ns, "link", "set", &a.sandbox_if, "up"], None).await?;
+        run(
+            "ip",
+            &[
+                "-n",
+                ns,
+                "route",
+                "replace",
+                "default",
+                "via",
+                &host_ip,
+                "dev",
+                &a.sandbox_if,
+            ],
+            None,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Removes the slot's veth pair, namespace and rules, whichever exist. Idempotent.
+    pub async fn detach(&self, slot: u32) -> Result<(), NetError> {
+        self.check_slot(slot)?;
+        let a = self.addrs(slot);
+        // Deleting the host side removes its peer too; the sandbox side is only found in the
+        // root namespace if an earlier attach died between creating and moving it.
+        for ifname in [&a.host_if, &a.sandbox_if] {
+            if link_exists(ifname).await? {
+                match run("ip", &["link", "del", ifname], None).await {
+                    Err(e) if stderr_contains(&e, "Cannot find device") => {}
+                    other => other.map(drop)?,
+                }
+            }
+        }
+        if a.netns_path.exists() {
+            match run("ip", &["netns", "del", &a.netns_name], None).await {
+                Err(e) if stderr_contains(&e, "No such file or directory") => {}
+                other => other.map(drop)?,
+            }
+        }
+        if self.table_exists().await? {
+            nft_script(&self.tables.detach_script(slot, &a.host_if)).await?;
+        }
+        tracing::debug!(slot, "slot detached");
+        Ok(())
+    }
+
+    /// Slots with anything left of them: a namespace, a veth (host or sandbox side in the root
+    /// namespace) or an nft chain. For reconciliation after a crash.
+    pub async fn list_slots(&self) -> Result<Vec<u32>, NetError> {
+        let mut slots = BTreeSet::new();
+        match std::fs::read_dir(NETNS_DIR) {
+            Ok(entries) => {
+                for entry in entries.flatten() {
+                    if let Some(slot) = entry.file_name().to_str().and_then(|n| self.parse_netns(n))
+                    {
+                        slots.insert(slot);
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(NetError::Read {
+                    path: NETNS_DIR.into(),
+                    source,
+                });
+            }
+        }
+        let links = run("ip", &["-j", "link", "show"], None).await?;
+        let links: serde_json::Value =
+            serde_json::from_str(&links).map_err(|source| NetError::Output {
+                command: "ip -j link show".into(),
+                source,
+            })?;
+        for link in links.as_array().into_iter().flatten() {
+            if let Some(slot) = link["ifname"].as_str().and_then(|n| self.parse_ifname(n)) {
+                slots.insert(slot);
+            }
+        }
+        for chain in self.chains().await? {
+            if let Some(slot) = parse_chain(&chain) {
+                slots.insert(slot);
+            }
+        }
+        Ok(slots.into_iter().filter(|s| *s < self.capacity).collect())
+    }
+
+    /// Detaches every slot found by [`Network::list_slots`] and deletes the nftables table.
+    pub async fn teardown(&self) -> Result<(), NetError> {
+        let mut first_err = None;
+        for slot in self.list_slots().await? {
+            if let Err(e) = self.detach(slot).await {
+                tracing::warn!(slot, error = %e, "teardown: detach failed");
+                first_err.get_or_insert(e);
+            }
+        }
+        if self.table_exists().await? {
+            let script = format!("delete table inet {}\n", self.tables.table);
+            if let Err(e) = nft_script(&script).await {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn check_slot(&self, slot: u32) -> Result<(), NetError> {
+        if slot >= self.capacity {
+            return Err(NetError::SlotOutOfRange {
+                slot,
+                capacity: self.capacity,
+            });
+        }
+        Ok(())
+    }
+
+    async fn table_exists(&self) -> Result<bool, NetError> {
+        match run("nft", &["list", "table", "inet", &self.tables.table], None).await {
+            Ok(_) => Ok(true),
+            Err(e) if stderr_contains(&e, "No such file or directory") => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn chain_exists(&self, slot: u32) -> Result<bool, NetError> {
+        let chain = Tables::slot_chain(slot);
+        match run(
+            "nft",
+            &["list", "chain", "inet", &self.tables.table, &chain],
+            None,
+        )
+        .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if stderr_contains(&e, "No such file or directory") => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Names of the chains of our table (empty if it does not exist).
+    async fn chains(&self) -> Result<Vec<String>, NetError> {
+        let command = format!("nft -j list table inet {}", self.tables.table);
+        let out = match run(
+            "nft",
+            &["-j", "list", "table", "inet", &self.tables.table],
+            None,
+        )
+        .await
+        {
+            Ok(out) => out,
+            Err(e) if stderr_contains(&e, "No such file or directory") => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&out).map_err(|source| NetError::Output { command, source })?;
+        Ok(v["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|item| item["chain"]["name"].as_str().map(str::to_string))
+            .collect())
+    }
+
+    fn parse_netns(&self, name: &str) -> Option<u32> {
+        parse_number(name.strip_prefix(&self.cfg.prefix)?.strip_prefix('-')?)
+    }
+
+    fn parse_ifname(&self, name: &str) -> Option<u32> {
+        let rest = name.strip_prefix(&self.cfg.prefix)?;
+        let digits = rest.strip_prefix('h').or_else(|| rest.strip_prefix('s'))?;
+        parse_number(digits)
+    }
+}
+
+/// What [`Network::attach`] has done so far, for rollback.
+#[derive(Debug, Default)]
+struct Done {
+    nft: bool,
+    netns: bool,
+    veth: bool,
+}
+
+/// `slot_<n>` → n.
+fn parse_chain(name: &str) -> Option<u32> {
+    parse_number(name.strip_prefix("slot_")?)
+}
+
+/// A decimal number exactly as `format!("{n}")` writes it (no sign, no leading zeros).
+fn parse_number(s: &str) -> Option<u32> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) || (s.len() > 1 && s.starts_with('0'))
+    {
+        return None;
+    }
+    s.parse().ok()
+}
+
+async fn link_exists(ifname: &str) -> Result<bool, NetError> {
+    match run("ip", &["link", "show", "dev", ifname], None).await {
+        Ok(_) => Ok(true),
+        Err(e) if stderr_contains(&e, "does not exist") => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(prefix: &str, pool: &str) -> Result<Network, NetError> {
+        Network::new(NetConfig {
+            prefix: prefix.into(),
+            pool: pool.parse().unwrap(),
+        })
+    }
+
+    #[test]
+    fn slot_addresses() {
+        let n = net("sp", "10.88.0.0/16").unwrap();
+        assert_eq!(n.capacity(), 16384);
+        let a = n.addrs(0);
+        assert_eq!(a.host_ip, Ipv4Addr::new(10, 88, 0, 1));
+        assert_eq!(a.sandbox_ip, Ipv4Addr::new(10, 88, 0, 2));
+        assert_eq!(a.prefix_len, 30);
+        let a = n.addrs(70);
+        assert_eq!(a.host_ip, Ipv4Addr::new(10, 88, 1, 25));
+        assert_eq!(a.sandbox_ip, Ipv4Addr::new(10, 88, 1, 26));
+        assert_eq!(a.netns_name, "sp-70");
+        assert_eq!(a.netns_path, PathBuf::from("/var/run/netns/sp-70"));
+        assert_eq!(a.host_if, "sph70");
+        assert_eq!(a.sandbox_if, "sps70");
+        let last = n.addrs(16383);
+        assert_eq!(last.sandbox_ip, Ipv4Addr::new(10, 88, 255, 254));
+        assert_eq!(n.table_name(), "sandpit_sp");
+    }
+
+    #[test]
+    #[should_panic(expected = "outside the pool")]
+    fn addrs_out_of_range_panics() {
+        net("sp", "10.88.0.0/24").unwrap().addrs(64);
+    }
+
+    #[test]
+    fn pool_host_bits_are_masked() {
+        let n = net("sp", "10.88.7.9/24").unwrap();
+        assert_eq!(n.config().pool.to_string(), "10.88.7.0/24");
+        assert_eq!(n.capacity(), 64);
+        assert_eq!(n.addrs(1).sandbox_ip, Ipv4Addr::new(10, 88, 7, 6));
+    }
+
+    #[test]
+    fn validation() {
+        assert!(matches!(
+            net("", "10.88.0.0/16"),
+            Err(NetError::InvalidPrefix { .. })
+        ));
+        assert!(matches!(
+            net("toolong", "10.88.0.0/16"),
+            Err(NetError::InvalidPrefix { .. })
+        ));
+        assert!(matches!(
+            net("Ab", "10.88.0.0/16"),
+            Err(NetError::InvalidPrefix { .. })
+        ));
+        assert!(matches!(
+            net("a-b", "10.88.0.0/16"),
+            Err(NetError::InvalidPrefix { .. })
+        ));
+        assert!(matches!(
+            net("sp", "10.88.0.0/31"),
+            Err(NetError::InvalidPool { .. })
+        ));
+        assert!(matches!(
+            net("sp", "10.0.0.0/7"),
+            Err(NetError::InvalidPool { .. })
+        ));
+        assert!(matches!(
+            net("sp", "127.0.0.0/16"),
+            Err(NetError::InvalidPool { .. })
+        ));
+        assert!(matches!(
+            net("sp", "169.254.0.0/24"),
+            Err(NetError::InvalidPool { .. })
+        ));
+        assert!(net("abcdef", "10.0.0.0/8").is_ok());
+        assert_eq!(net("a1", "192.168.5.0/30").unwrap().capacity(), 1);
+        let e = net("abcdef", "10.0.0.0/8").unwrap();
+        assert!(e.addrs(e.capacity() - 1).host_if.len() <= 15);
+    }
+
+    #[test]
+    fn name_parsing() {
+        let n = net("tn1", "10.88.0.0/16").unwrap();
+        assert_eq!(n.parse_netns("tn1-5"), Some(5));
+        assert_eq!(n.parse_netns("tn1-05"), None);
+        assert_eq!(n.parse_netns("tn1-"), None);
+        assert_eq!(n.parse_netns("tn-5"), None);
+        assert_eq!(n.parse_netns("tn12-5"), None);
+        assert_eq!(n.parse_ifname("tn1h12"), Some(12));
+        assert_eq!(n.parse_ifname("tn1s0"), Some(0));
+        assert_eq!(n.parse_ifname("tn1x0"), None);
+        assert_eq!(n.parse_ifname("tn1hh1"), None);
+        assert_eq!(n.parse_ifname("eth0"), None);
+        assert_eq!(parse_chain("slot_9"), Some(9));
+        assert_eq!(parse_chain("forward"), None);
+        assert_eq!(parse_number("+1"), None);
+    }
+
+    #[tokio::test]
+    async fn slot_checks_before_touching_the_host() {
+        let n = net("sp", "10.88.0.0/30").unwrap();
+        assert!(matches!(
+            n.detach(1).await,
+            Err(NetError::SlotOutOfRange {
+                slot: 1,
+                capacity: 1
+            })
+        ));
+        let bad = EgressRules {
+            allow_ports: vec![0],
+            ..Default::default()
+        };
+        assert!(matches!(
+            n.set_egress(0, &bad).await,
+            Err(NetError::InvalidRules { .. })
+        ));
+    }
+}

@@ -1,1 +1,1145 @@
-//! sandpit-runtime-gvisor
+//! The gVisor backend of [`sandpit_runtime::Runtime`]: drives `runsc` through its OCI CLI.
+//!
+//! Per sandbox, `state_dir` holds `upper/` and `work/` (the writable overlay layer), `rootfs/`
+//! (the overlayfs mount over the read-only layers, runsc's root), `bundle/config.json` and
+//! `console.log` (stdout and stderr of the init process, appended). runsc runs with
+//! `--overlay2=none`, so files written inside the sandbox land in `upper/` and survive
+//! stop/start; `/tmp` is bind-mounted from the rootfs so it is on disk too.
+//!
+//! Quirks handled here (runsc 0.0~20240729, kernel ≥ 6.8):
+//! - `runsc run|restore` execute in a private mount namespace with a tmpfs over
+//!   `/proc/sys/net` (google/gvisor#10704, "cannot run with network enabled in root network
+//!   namespace").
+//! - runsc moves the veth's address and routes into its netstack; they are put back on the
+//!   interface before every start and restore.
+//! - A checkpoint with a connected TCP endpoint fails and kills the sandbox: reported as
+//!   [`RuntimeError::CheckpointRefused`].
+
+mod cgroup;
+mod error;
+mod mounts;
+mod procs;
+mod spec;
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use sandpit_runtime::{NetworkAttachment, Runtime, RuntimeError, RuntimeStatus, SandboxSpec};
+use tokio::process::Command;
+
+pub use cgroup::CgroupLimits;
+pub use error::GvisorError;
+
+/// How long a `runsc run`/`restore` may take before it is killed.
+const LAUNCH_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long other runsc commands may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// After `runsc delete`, how long to wait for the sandbox processes before SIGKILL.
+const EXIT_GRACE: Duration = Duration::from_secs(3);
+/// ... and after SIGKILL.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most of `console.log` quoted in an error.
+const ERROR_TAIL: usize = 4000;
+
+/// Configuration of a [`GvisorRuntime`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GvisorConfig {
+    /// The runsc binary; default `runsc` (looked up on PATH).
+    pub runsc: PathBuf,
+    /// runsc's `--root`: its state directory. One per server instance.
+    pub root_dir: PathBuf,
+    /// `systrap` (default), `ptrace` or `kvm`.
+    pub platform: String,
+    /// `linux.cgroupsPath` of a sandbox is `<cgroup_parent>/<id>`. Relative (the default
+    /// `sandpit`): below the server's own cgroup in every hierarchy; starting with `/`: from the
+    /// hierarchy root.
+    pub cgroup_parent: String,
+    /// If set, runsc writes debug logs there (`--debug --debug-log=<dir>/`).
+    pub debug_log_dir: Option<PathBuf>,
+}
+
+impl GvisorConfig {
+    /// Defaults with the given runsc state directory.
+    pub fn new(root_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            runsc: "runsc".into(),
+            root_dir: root_dir.into(),
+            platform: "systrap".into(),
+            cgroup_parent: "sandpit".into(),
+            debug_log_dir: None,
+        }
+    }
+}
+
+/// What [`GvisorRuntime::cleanup_orphans`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OrphanReport {
+    /// runsc containers killed and deleted.
+    pub removed: Vec<String>,
+    /// Overlay mounts unmounted.
+    pub unmounted: Vec<PathBuf>,
+}
+
+/// The gVisor backend.
+#[derive(Debug, Clone)]
+pub struct GvisorRuntime {
+    cfg: GvisorConfig,
+}
+
+/// Checks that this host can run sandboxes: root, runsc, unshare, ip and overlayfs. Returns
+/// runsc's version line.
+pub fn check_host(runsc: &Path) -> Result<String, GvisorError> {
+    if !rustix::process::geteuid().is_root() {
+        return Err(GvisorError::Host {
+            reason: "the gVisor backend must run as root".into(),
+        });
+    }
+    let version = tool_output(runsc, &["--version"])?;
+    tool_output(Path::new("unshare"), &["--version"])?;
+    tool_output(Path::new("ip"), &["-V"])?;
+    let fs = std::fs::read_to_string("/proc/filesystems").map_err(|source| GvisorError::Read {
+        path: "/proc/filesystems".into(),
+        source,
+    })?;
+    if !fs
+        .lines()
+        .any(|l| l.split_whitespace().last() == Some("overlay"))
+    {
+        return Err(GvisorError::Host {
+            reason: "the kernel has no overlay filesystem (modprobe overlay)".into(),
+        });
+    }
+    Ok(version
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string())
+}
+
+fn tool_output(program: &Path, args: &[&str]) -> Result<String, GvisorError> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| GvisorError::ToolMissing {
+            program: program.into(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(GvisorError::ToolFailed {
+            command: format!("{} {}", program.display(), args.join(" ")),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Which runsc command starts the sandbox.
+enum Launch<'a> {
+    Run,
+    Restore(&'a Path),
+}
+
+/// Paths of a prepared sandbox.
+struct Prepared {
+    state_dir: PathBuf,
+    bundle: PathBuf,
+}
+
+/// Paths inside a state directory.
+fn rootfs_of(state_dir: &Path) -> PathBuf {
+    state_dir.join("rootfs")
+}
+
+fn bundle_of(state_dir: &Path) -> PathBuf {
+    state_dir.join("bundle")
+}
+
+impl GvisorRuntime {
+    /// Validates the configuration and creates the runsc state directory.
+    pub fn new(mut cfg: GvisorConfig) -> Result<Self, GvisorError> {
+        let parent = cfg.cgroup_parent.trim_start_matches('/');
+        if parent.is_empty()
+            || parent
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
+            || !parent
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+        {
+            return Err(GvisorError::Config {
+                reason: format!(
+                    "cgroup_parent {:?} must be a path of [A-Za-z0-9-_.] components",
+                    cfg.cgroup_parent
+                ),
+            });
+        }
+        if cfg.platform.is_empty() || !cfg.platform.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(GvisorError::Config {
+                reason: format!("platform {:?} is not a runsc platform name", cfg.platform),
+            });
+        }
+        std::fs::create_dir_all(&cfg.root_dir).map_err(|source| GvisorError::RootDir {
+            path: cfg.root_dir.clone(),
+            source,
+        })?;
+        cfg.root_dir =
+            std::fs::canonicalize(&cfg.root_dir).map_err(|source| GvisorError::RootDir {
+                path: cfg.root_dir.clone(),
+                source,
+            })?;
+        Ok(Self { cfg })
+    }
+
+    pub fn config(&self) -> &GvisorConfig {
+        &self.cfg
+    }
+
+    /// `linux.cgroupsPath` of sandbox `id`.
+    pub fn cgroups_path(&self, id: &str) -> String {
+        format!("{}/{id}", self.cfg.cgroup_parent.trim_end_matches('/'))
+    }
+
+    /// The cgroup directories of sandbox `id`, one per mounted hierarchy (they exist only while
+    /// it runs).
+    pub fn cgroup_dirs(&self, id: &str) -> Vec<PathBuf> {
+        let path = self.cgroups_path(id);
+        cgroup::host_hierarchies()
+            .iter()
+            .map(|h| h.dir(&path))
+            .collect()
+    }
+
+    /// Memory and CPU limits as applied in the sandbox's cgroup; `None` if it has none.
+    pub fn cgroup_limits(&self, id: &str) -> Option<CgroupLimits> {
+        cgroup::read_limits(&cgroup::host_hierarchies(), &self.cgroups_path(id))
+    }
+
+    /// Removes the (empty) `cgroup_parent` directories runsc creates. Best effort; for
+    /// shutdown and tests.
+    pub fn remove_cgroup_parent(&self) {
+        let parent = self.cfg.cgroup_parent.trim_end_matches('/');
+        for h in cgroup::host_hierarchies() {
+            let mut dir = h.dir(parent);
+            // Remove the parent and its own empty ancestors up to where it was rooted.
+            for _ in 0..parent.split('/').filter(|c| !c.is_empty()).count() {
+                if std::fs::remove_dir(&dir).is_err() {
+                    break;
+                }
+                if !dir.pop() {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Kills and deletes every runsc container under our root that is not in `keep`, then
+    /// unmounts every overlay mounted at `<dir>/rootfs` below `state_dirs_root` that does not
+    /// belong to a kept container. For server start-up after a crash.
+    pub async fn cleanup_orphans(
+        &self,
+        keep: &HashSet<String>,
+        state_dirs_root: &Path,
+    ) -> Result<OrphanReport, GvisorError> {
+        let mut report = OrphanReport::default();
+        let mut kept_state_dirs = HashSet::new();
+        for id in self.list().await? {
+            let state_dir = self.state_json(&id).await?.and_then(|s| state_dir_of(&s));
+            if keep.contains(&id) {
+                kept_state_dirs.extend(state_dir);
+                continue;
+            }
+            tracing::info!(%id, "removing orphaned sandbox");
+            let rootfs = state_dir.as_deref().map(rootfs_of);
+            let was_mounted = match &rootfs {
+                Some(r) => mounts::mounted_fstype(r).ok().flatten().is_some(),
+                None => false,
+            };
+            self.teardown(&id, state_dir.as_deref()).await?;
+            report.removed.push(id);
+            if was_mounted {
+                report.unmounted.extend(rootfs);
+            }
+        }
+        let root = match std::fs::canonicalize(state_dirs_root) {
+            Ok(root) => root,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(report),
+            Err(source) => {
+                return Err(GvisorError::Read {
+                    path: state_dirs_root.into(),
+                    source,
+                });
+            }
+        };
+        let mounts = mounts::mountinfo().map_err(|source| GvisorError::Read {
+            path: "/proc/self/mountinfo".into(),
+            source,
+        })?;
+        for m in mounts {
+            let Some(state_dir) = m.mount_point.parent() else {
+                continue;
+            };
+            if m.fstype != "overlay"
+                || m.mount_point.file_name() != Some("rootfs".as_ref())
+                || !m.mount_point.starts_with(&root)
+                || kept_state_dirs.contains(state_dir)
+                || report.unmounted.contains(&m.mount_point)
+            {
+                continue;
+            }
+            tracing::info!(path = %m.mount_point.display(), "unmounting orphaned rootfs");
+            let target = m.mount_point.clone();
+            blocking(move || mounts::unmount(&target))
+                .await
+                .map_err(|source| RuntimeError::Cleanup {
+                    id: m.mount_point.display().to_string(),
+                    source,
+                })?;
+            report.unmounted.push(m.mount_point);
+        }
+        Ok(report)
+    }
+
+    /// Global runsc flags.
+    fn global_args(&self, network: bool) -> Vec<OsString> {
+        let mut a: Vec<OsString> = vec![
+            format!("--root={}", self.cfg.root_dir.display()).into(),
+            format!("--platform={}", self.cfg.platform).into(),
+            "--overlay2=none".into(),
+        ];
+        if !network {
+            a.push("--network=none".into());
+        }
+        if let Some(dir) = &self.cfg.debug_log_dir {
+            a.push("--debug".into());
+            a.push(format!("--debug-log={}/", dir.display()).into());
+        }
+        a
+    }
+
+    /// Runs a short runsc command with captured output.
+    async fn runsc(&self, id: &str, args: &[&str]) -> Result<RunscOutput, RuntimeError> {
+        let mut full = self.global_args(true);
+        full.extend(args.iter().map(OsString::from));
+        let command = format!("runsc {}", args.join(" "));
+        let child = Command::new(&self.cfg.runsc)
+            .args(&full)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| RuntimeError::Spawn {
+                command: command.clone(),
+                source,
+            })?;
+        let out = match tokio::time::timeout(COMMAND_TIMEOUT, child.wait_with_output()).await {
+            Ok(out) => out.map_err(|source| RuntimeError::Spawn {
+                command: command.clone(),
+                source,
+            })?,
+            Err(_) => {
+                return Err(RuntimeError::Command {
+                    id: id.into(),
+                    command,
+                    stderr: format!("timed out after {COMMAND_TIMEOUT:?}"),
+                });
+            }
+        };
+        Ok(RunscOutput {
+            command,
+            success: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+
+    /// `runsc state <id>` as JSON; `None` if runsc has no such container.
+    async fn state_json(&self, id: &str) -> Result<Option<serde_json::Value>, RuntimeError> {
+        let out = self.runsc(id, &["state", id]).await?;
+        if !out.success {
+            if out.stderr.contains("does not exist") {
+                return Ok(None);
+            }
+            return Err(out.into_error(id));
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&out.stdout).map_err(|e| RuntimeError::Command {
+                id: id.into(),
+                command: out.command.clone(),
+                stderr: format!("unparsable output ({e}): {}", out.stdout),
+            })?;
+        // runsc matches ids by prefix: only an exact match is this sandbox.
+        if v["id"].as_str() != Some(id) {
+            return Ok(None);
+        }
+        Ok(Some(v))
+    }
+
+    /// Creates the state directory layout, mounts the overlay (or reuses the mount) and writes
+    /// the bundle.
+    async fn prepare(&self, spec: &SandboxSpec) -> Result<Prepared, RuntimeError> {
+        validate(spec)?;
+        let spec = spec.clone();
+        let cgroups_path = self.cgroups_path(&spec.id);
+        let id = spec.id.clone();
+        tokio::task::spawn_blocking(move || prepare_blocking(&spec, &cgroups_path))
+            .await
+            .map_err(|e| RuntimeError::Rootfs {
+                id,
+                source: io::Error::other(e),
+            })?
+    }
+
+    /// Starts the sandbox with `runsc run|restore -detach` inside the mount-namespace
+    /// workaround; its stdio goes to `console.log`.
+    async fn launch(
+        &self,
+        spec: &SandboxSpec,
+        prepared: &Prepared,
+        launch: Launch<'_>,
+    ) -> Result<(), RuntimeError> {
+        let console_path = prepared.state_dir.join("console.log");
+        let console = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&console_path)
+            .map_err(|source| RuntimeError::Bundle {
+                id: spec.id.clone(),
+                source,
+            })?;
+        let offset = console.metadata().map(|m| m.len()).unwrap_or(0);
+        let console_err = console.try_clone().map_err(|source| RuntimeError::Bundle {
+            id: spec.id.clone(),
+            source,
+        })?;
+        let mut runsc_args = self.global_args(spec.network.is_some());
+        let sub = match launch {
+            Launch::Run => vec!["run".into(), "-detach".into()],
+            Launch::Restore(image) => vec![
+                "restore".into(),
+                "-detach".into(),
+                format!("--image-path={}", image.display()),
+            ],
+        };
+        runsc_args.extend(sub.into_iter().map(OsString::from));
+        runsc_args.push(format!("--bundle={}", prepared.bundle.display()).into());
+        runsc_args.push(spec.id.clone().into());
+        let command = match launch {
+            Launch::Run => "runsc run",
+            Launch::Restore(_) => "runsc restore",
+        };
+        let mut cmd = Command::new("unshare");
+        cmd.args(["-m", "--propagation", "private", "--", "sh", "-c"])
+            .arg(r#"mount -t tmpfs none /proc/sys/net && exec "$@""#)
+            .arg("sh")
+            .arg(&self.cfg.runsc)
+            .args(&runsc_args)
+            .stdin(Stdio::null())
+            .stdout(console)
+            .stderr(console_err)
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|source| RuntimeError::Spawn {
+            command: "unshare".into(),
+            source,
+        })?;
+        let status = match tokio::time::timeout(LAUNCH_TIMEOUT, child.wait()).await {
+            Ok(status) => status.map_err(|source| RuntimeError::Spawn {
+                command: command.into(),
+                source,
+            })?,
+            Err(_) => {
+                return Err(RuntimeError::Command {
+                    id: spec.id.clone(),
+                    command: command.into(),
+                    stderr: format!("timed out after {LAUNCH_TIMEOUT:?}"),
+                });
+            }
+        };
+        if !status.success() {
+            return Err(RuntimeError::Command {
+                id: spec.id.clone(),
+                command: command.into(),
+                stderr: format!("{status}: {}", console_tail(&console_path, offset)),
+            });
+        }
+        match self.status(&spec.id).await? {
+            RuntimeStatus::Running => Ok(()),
+            other => Err(RuntimeError::Command {
+                id: spec.id.clone(),
+                command: command.into(),
+                stderr: format!(
+                    "sandbox is {other:?} right after start: {}",
+                    console_tail(&console_path, offset)
+                ),
+            }),
+        }
+    }
+
+    /// Start or restore, undoing everything on failure.
+    async fn boot(&self, spec: &SandboxSpec, launch: Launch<'_>) -> Result<(), RuntimeError> {
+        let t0 = Instant::now();
+        let what = match launch {
+            Launch::Run => "runsc run",
+            Launch::Restore(_) => "runsc restore",
+        };
+        if let Some(state) = self.state_json(&spec.id).await? {
+            return Err(RuntimeError::Command {
+                id: spec.id.clone(),
+                command: what.into(),
+                stderr: format!(
+                    "a sandbox with this id exists already (status {})",
+                    state["status"]
+                ),
+            });
+        }
+        let result = async {
+            let prepared = self.prepare(spec).await?;
+            if let Some(net) = &spec.network {
+                reapply_address(&spec.id, net).await?;
+            }
+            let t_launch = Instant::now();
+            self.launch(spec, &prepared, launch).await?;
+            Ok::<_, RuntimeError>(t_launch.elapsed())
+        }
+        .await;
+        match result {
+            Ok(launch_time) => {
+                tracing::info!(
+                    id = %spec.id,
+                    command = what,
+                    total_ms = t0.elapsed().as_millis() as u64,
+                    runsc_ms = launch_time.as_millis() as u64,
+                    "sandbox running"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(id = %spec.id, error = %e, "{what} failed, cleaning up");
+                if let Err(cleanup) = self.teardown(&spec.id, Some(&spec.state_dir)).await {
+                    tracing::warn!(id = %spec.id, error = %cleanup, "cleanup after failed boot");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Kills and deletes the container, waits for its processes, unmounts the rootfs and
+    /// removes leftover cgroups. Idempotent.
+    async fn teardown(&self, id: &str, state_dir: Option<&Path>) -> Result<(), RuntimeError> {
+        let bundle = state_dir.map(bundle_of);
+        // Both may fail harmlessly (already stopped, already deleted).
+        let kill = self.runsc(id, &["kill", id, "KILL"]).await?;
+        if !kill.success && !kill.stderr.contains("does not exist") {
+            tracing::debug!(%id, stderr = %kill.stderr, "runsc kill");
+        }
+        let t0 = Instant::now();
+        let delete = self.runsc(id, &["delete", "-force", id]).await?;
+        if !delete.success && !delete.stderr.contains("does not exist") {
+            return Err(delete.into_error(id));
+        }
+        let t_delete = t0.elapsed();
+        self.wait_processes_gone(id, bundle.as_deref()).await?;
+        tracing::debug!(%id, delete_ms = t_delete.as_millis() as u64, wait_ms = (t0.elapsed() - t_delete).as_millis() as u64, "teardown");
+        if let Some(state_dir) = state_dir {
+            let rootfs = rootfs_of(state_dir);
+            blocking(move || mounts::unmount(&rootfs))
+                .await
+                .map_err(|source| RuntimeError::Cleanup {
+                    id: id.into(),
+                    source,
+                })?;
+        }
+        let path = self.cgroups_path(id);
+        let mut attempt = 0;
+        loop {
+            let hs = cgroup::host_hierarchies();
+            match cgroup::remove_dirs(&hs, &path) {
+                Ok(()) => break,
+                Err(e) if attempt < 20 => {
+                    tracing::debug!(%id, error = %e, "cgroup still busy");
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(source) => {
+                    return Err(RuntimeError::Cleanup {
+                        id: id.into(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until no `runsc-sandbox`/`runsc-gofer` process of `id` is left, SIGKILLing
+    /// stragglers after a grace period.
+    async fn wait_processes_gone(
+        &self,
+        id: &str,
+        bundle: Option<&Path>,
+    ) -> Result<(), RuntimeError> {
+        let t0 = Instant::now();
+        let mut killed = false;
+        loop {
+            let root = self.cfg.root_dir.clone();
+            let (id_owned, bundle_owned) = (id.to_string(), bundle.map(Path::to_path_buf));
+            let pids = tokio::task::spawn_blocking(move || {
+                procs::sandbox_pids(&root, &id_owned, bundle_owned.as_deref())
+            })
+            .await
+            .unwrap_or_default();
+            if pids.is_empty() {
+                return Ok(());
+            }
+            let waited = t0.elapsed();
+            if waited > EXIT_GRACE && !killed {
+                tracing::warn!(%id, ?pids, "sandbox processes outlived runsc delete, killing");
+                for pid in &pids {
+                    if let Some(pid) = rustix::process::Pid::from_raw(*pid) {
+                        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                    }
+                }
+                killed = true;
+            }
+            if waited > EXIT_GRACE + EXIT_TIMEOUT {
+                return Err(RuntimeError::Command {
+                    id: id.into(),
+                    command: "runsc delete".into(),
+                    stderr: format!("sandbox processes {pids:?} did not exit"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Output of a short runsc command.
+struct RunscOutput {
+    command: String,
+    success: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl RunscOutput {
+    fn into_error(self, id: &str) -> RuntimeError {
+        RuntimeError::Command {
+            id: id.into(),
+            command: self.command,
+            stderr: self.stderr,
+        }
+    }
+}
+
+/// The state directory of a container, from its bundle path in `runsc state`.
+fn state_dir_of(state: &serde_json::Value) -> Option<PathBuf> {
+    let bundle = Path::new(state["bundle"].as_str()?);
+    (bundle.file_name()? == "bundle").then(|| bundle.parent().map(Path::to_path_buf))?
+}
+
+fn validate(spec: &SandboxSpec) -> Result<(), RuntimeError> {
+    let invalid = |msg: String| RuntimeError::Bundle {
+        id: spec.id.clone(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, msg),
+    };
+    if spec.id.is_empty()
+        || spec.id.len() > 128
+        || !spec
+            .id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        || spec.id.starts_with('.')
+    {
+        return Err(invalid(format!(
+            "id {:?} must be 1-128 characters [A-Za-z0-9-_.]",
+            spec.id
+        )));
+    }
+    if spec.args.is_empty() {
+        return Err(invalid("no init process arguments".into()));
+    }
+    if spec.layers.is_empty() {
+        return Err(RuntimeError::Rootfs {
+            id: spec.id.clone(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, "no root filesystem layers"),
+        });
+    }
+    Ok(())
+}
+
+fn prepare_blocking(spec: &SandboxSpec, cgroups_path: &str) -> Result<Prepared, RuntimeError> {
+    let rootfs_err = |source: io::Error| RuntimeError::Rootfs {
+        id: spec.id.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&spec.state_dir).map_err(rootfs_err)?;
+    let state_dir = std::fs::canonicalize(&spec.state_dir).map_err(rootfs_err)?;
+    let (upper, work, rootfs) = (
+        state_dir.join("upper"),
+        state_dir.join("work"),
+        rootfs_of(&state_dir),
+    );
+    for d in [&upper, &work, &rootfs] {
+        std::fs::create_dir_all(d).map_err(rootfs_err)?;
+    }
+    let layers = spec
+        .layers
+        .iter()
+        .map(std::fs::canonicalize)
+        .collect::<io::Result<Vec<_>>>()
+        .map_err(rootfs_err)?;
+    match mounts::mounted_fstype(&rootfs).map_err(rootfs_err)? {
+        Some(fs) if fs == "overlay" => {
+            tracing::debug!(id = %spec.id, "reusing mounted rootfs");
+        }
+        Some(fs) => {
+            return Err(rootfs_err(io::Error::other(format!(
+                "{} is already mounted with {fs}",
+                rootfs.display()
+            ))));
+        }
+        None => mounts::mount_overlay(&layers, &upper, &work, &rootfs).map_err(rootfs_err)?,
+    }
+    let bind_tmp = ensure_tmp(&rootfs).map_err(rootfs_err)?;
+    let config = spec::oci_config(
+        spec,
+        &spec::BundleParams {
+            rootfs: &rootfs,
+            bind_tmp,
+            cgroups_path,
+        },
+    );
+    let bundle = bundle_of(&state_dir);
+    let bundle_err = |source: io::Error| RuntimeError::Bundle {
+        id: spec.id.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&bundle).map_err(bundle_err)?;
+    let text = serde_json::to_vec_pretty(&config).map_err(|e| bundle_err(io::Error::other(e)))?;
+    let tmp = bundle.join("config.json.tmp");
+    std::fs::write(&tmp, text).map_err(bundle_err)?;
+    std::fs::rename(&tmp, bundle.join("config.json")).map_err(bundle_err)?;
+    Ok(Prepared { state_dir, bundle })
+}
+
+/// Makes sure the rootfs has the mount points `/proc`, `/dev`, `/sys` and a `/tmp` directory
+/// (mode 1777 if created; created entries land in the upper dir); returns whether `/tmp` is a
+/// real directory that can be bind-mounted over `/tmp`.
+fn ensure_tmp(rootfs: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::PermissionsExt;
+    for dir in ["proc", "dev", "sys"] {
+        let path = rootfs.join(dir);
+        if std::fs::symlink_metadata(&path).is_err() {
+            std::fs::create_dir(&path)?;
+        }
+    }
+    let tmp = rootfs.join("tmp");
+    match std::fs::symlink_metadata(&tmp) {
+        Ok(m) => Ok(m.is_dir()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::create_dir(&tmp)?;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777))?;
+            Ok(true)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Puts the sandbox address and default route back on the interface inside the namespace
+/// (runsc removed them when it took them over).
+async fn reapply_address(id: &str, net: &NetworkAttachment) -> Result<(), RuntimeError> {
+    let ns = net
+        .netns_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| RuntimeError::Command {
+            id: id.into(),
+            command: "ip".into(),
+            stderr: format!("bad netns path {}", net.netns_path.display()),
+        })?;
+    let cidr = format!("{}/{}", net.address, net.prefix_len);
+    let gw = net.gateway.to_string();
+    let ifname = net.ifname.as_str();
+    for args in [
+        vec!["-n", &ns, "addr", "replace", &cidr, "dev", ifname],
+        vec!["-n", &ns, "link", "set", ifname, "up"],
+        vec![
+            "-n", &ns, "route", "replace", "default", "via", &gw, "dev", ifname,
+        ],
+    ] {
+        let command = format!("ip {}", args.join(" "));
+        let out = Command::new("ip")
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|source| RuntimeError::Spawn {
+                command: command.clone(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(RuntimeError::Command {
+                id: id.into(),
+                command,
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The end of `console.log` after `offset`: runsc's own error messages land there too.
+fn console_tail(path: &Path, offset: u64) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let new = text.get(offset as usize..).unwrap_or_default();
+    let start = new.len().saturating_sub(ERROR_TAIL);
+    String::from_utf8_lossy(&new[start..]).trim().to_string()
+}
+
+/// The reason of a checkpoint refused because of network state, from runsc's stderr.
+fn refused_reason(stderr: &str) -> Option<String> {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("cannot be saved in") || l.contains("unsupported networking state"))?;
+    let start = ["save rejected", "endpoint cannot be saved"]
+        .iter()
+        .find_map(|m| line.find(m))
+        .unwrap_or(0);
+    Some(line[start..].trim().trim_end_matches(':').to_string())
+}
+
+/// Runs blocking file-system work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(io::Error::other)?
+}
+
+/// Fsyncs every file in `dir` and the directory itself.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::File::open(entry.path())?.sync_all()?;
+        }
+    }
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Moves the finished image `tmp` to `image_dir` atomically (exchanging with an existing
+/// image, which is then removed) and fsyncs the parent.
+fn publish_image(tmp: &Path, image_dir: &Path) -> io::Result<()> {
+    let parent = image_dir.parent().unwrap_or(Path::new("/"));
+    if image_dir.exists() {
+        rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            tmp,
+            rustix::fs::CWD,
+            image_dir,
+            rustix::fs::RenameFlags::EXCHANGE,
+        )?;
+        std::fs::File::open(parent)?.sync_all()?;
+        std::fs::remove_dir_all(tmp)?;
+    } else {
+        std::fs::rename(tmp, image_dir)?;
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Runtime for GvisorRuntime {
+    fn name(&self) -> &'static str {
+        "gvisor"
+    }
+
+    async fn start(&self, spec: &SandboxSpec) -> Result<(), RuntimeError> {
+        self.boot(spec, Launch::Run).await
+    }
+
+    async fn checkpoint(&self, id: &str, image_dir: &Path) -> Result<(), RuntimeError> {
+        let t0 = Instant::now();
+        let state = self
+            .state_json(id)
+            .await?
+            .ok_or_else(|| RuntimeError::Command {
+                id: id.into(),
+                command: "runsc checkpoint".into(),
+                stderr: "no such sandbox".into(),
+            })?;
+        if state["status"] != "running" {
+            return Err(RuntimeError::Command {
+                id: id.into(),
+                command: "runsc checkpoint".into(),
+                stderr: format!("sandbox is not running (status {})", state["status"]),
+            });
+        }
+        let state_dir = state_dir_of(&state);
+        let io_err = |source: io::Error| RuntimeError::Cleanup {
+            id: id.into(),
+            source,
+        };
+        let name = image_dir
+            .file_name()
+            .ok_or_else(|| io_err(io::Error::new(io::ErrorKind::InvalidInput, "bad image dir")))?
+            .to_string_lossy()
+            .into_owned();
+        let parent = image_dir.parent().unwrap_or(Path::new("/"));
+        std::fs::create_dir_all(parent).map_err(io_err)?;
+        let parent = std::fs::canonicalize(parent).map_err(io_err)?;
+        let image_dir = parent.join(&name);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default();
+        let tmp = parent.join(format!(".{name}.tmp-{}-{nanos}", std::process::id()));
+        std::fs::create_dir(&tmp).map_err(io_err)?;
+
+        let t_ckpt = Instant::now();
+        let image_arg = format!("--image-path={}", tmp.display());
+        let out = self.runsc(id, &["checkpoint", &image_arg, id]).await;
+        let ckpt_time = t_ckpt.elapsed();
+        let out = match out {
+            Ok(out) if out.success => out,
+            failed => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                let out = failed?;
+                // A failed checkpoint kills the sandbox, which takes a second or two to die.
+                let mut status = RuntimeStatus::Running;
+                for _ in 0..100 {
+                    status = self.status(id).await.unwrap_or(RuntimeStatus::Missing);
+                    if status != RuntimeStatus::Running {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                return Err(match refused_reason(&out.stderr) {
+                    Some(reason) => RuntimeError::CheckpointRefused {
+                        id: id.into(),
+                        reason: format!(
+                            "{reason} (close connections into the sandbox with RST before \
+                             checkpointing); the failed checkpoint left the sandbox {status:?}: \
+                             call stop()"
+                        ),
+                    },
+                    None => RuntimeError::Command {
+                        id: id.into(),
+                        command: out.command,
+                        stderr: format!("{} (sandbox now {status:?})", out.stderr),
+                    },
+                });
+            }
+        };
+        drop(out);
+        let (tmp2, image2) = (tmp.clone(), image_dir.clone());
+        if let Err(e) = blocking(move || {
+            sync_dir(&tmp2)?;
+            publish_image(&tmp2, &image2)
+        })
+        .await
+        {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(io_err(e));
+        }
+        let t_stop = Instant::now();
+        self.teardown(id, state_dir.as_deref()).await?;
+        tracing::info!(
+            %id,
+            image = %image_dir.display(),
+            checkpoint_ms = ckpt_time.as_millis() as u64,
+            teardown_ms = t_stop.elapsed().as_millis() as u64,
+            total_ms = t0.elapsed().as_millis() as u64,
+            "sandbox checkpointed"
+        );
+        Ok(())
+    }
+
+    async fn restore(&self, spec: &SandboxSpec, image_dir: &Path) -> Result<(), RuntimeError> {
+        let image = std::fs::canonicalize(image_dir).map_err(|source| RuntimeError::Rootfs {
+            id: spec.id.clone(),
+            source: io::Error::new(
+                source.kind(),
+                format!("checkpoint image {}: {source}", image_dir.display()),
+            ),
+        })?;
+        if !image.join("checkpoint.img").is_file() {
+            return Err(RuntimeError::Command {
+                id: spec.id.clone(),
+                command: "runsc restore".into(),
+                stderr: format!("no checkpoint.img in {}", image.display()),
+            });
+        }
+        self.boot(spec, Launch::Restore(&image)).await
+    }
+
+    async fn stop(&self, id: &str, state_dir: &Path) -> Result<(), RuntimeError> {
+        let t0 = Instant::now();
+        let state_dir = match std::fs::canonicalize(state_dir) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => state_dir.to_path_buf(),
+            Err(source) => {
+                return Err(RuntimeError::Cleanup {
+                    id: id.into(),
+                    source,
+                });
+            }
+        };
+        self.teardown(id, Some(&state_dir)).await?;
+        tracing::info!(%id, ms = t0.elapsed().as_millis() as u64, "sandbox stopped");
+        Ok(())
+    }
+
+    async fn destroy(&self, id: &str, state_dir: &Path) -> Result<(), RuntimeError> {
+        self.stop(id, state_dir).await?;
+        let dir = state_dir.to_path_buf();
+        let id_owned = id.to_string();
+        blocking(move || {
+            // Never delete through a mount: whatever is mounted below must be gone by now.
+            if let Ok(canon) = std::fs::canonicalize(&dir)
+                && let Some(m) = mounts::mountinfo()?
+                    .into_iter()
+                    .find(|m| m.mount_point.starts_with(&canon))
+            {
+                return Err(io::Error::other(format!(
+                    "{} is still mounted",
+                    m.mount_point.display()
+                )));
+            }
+            match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        })
+        .await
+        .map_err(|source| RuntimeError::Cleanup {
+            id: id_owned,
+            source,
+        })
+    }
+
+    async fn status(&self, id: &str) -> Result<RuntimeStatus, RuntimeError> {
+        Ok(match self.state_json(id).await? {
+            None => RuntimeStatus::Missing,
+            Some(s) => match s["status"].as_str() {
+                Some("running" | "paused") => RuntimeStatus::Running,
+                _ => RuntimeStatus::Stopped,
+            },
+        })
+    }
+
+    async fn list(&self) -> Result<Vec<String>, RuntimeError> {
+        let out = self.runsc("", &["list", "-format", "json"]).await?;
+        if !out.success {
+            return Err(out.into_error(""));
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&out.stdout).map_err(|e| RuntimeError::Command {
+                id: String::new(),
+                command: out.command.clone(),
+                stderr: format!("unparsable output ({e}): {}", out.stdout),
+            })?;
+        Ok(v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["id"].as_str().map(str::to_string))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_reason_from_runsc_output() {
+        let stderr = "checkpoint failed: checkpointing container \"ctr3\": encoding error: save \
+                      rejected due to unsupported networking state: endpoint cannot be saved in \
+                      connected state: local 10.233.8.2:9090, remote 10.233.8.1:49930:\n\
+                      goroutine 600 [running]:\n";
+        assert_eq!(
+            refused_reason(stderr).unwrap(),
+            "save rejected due to unsupported networking state: endpoint cannot be saved in \
+             connected state: local 10.233.8.2:9090, remote 10.233.8.1:49930"
+        );
+        assert_eq!(refused_reason("checkpoint failed: file exists"), None);
+    }
+
+    #[test]
+    fn state_dir_from_bundle() {
+        let s = serde_json::json!({"id": "x", "bundle": "/data/sb/x/bundle"});
+        assert_eq!(state_dir_of(&s), Some(PathBuf::from("/data/sb/x")));
+        let s = serde_json::json!({"id": "x", "bundle": "/elsewhere"});
+        assert_eq!(state_dir_of(&s), None);
+    }
+
+    #[test]
+    fn config_validation() {
+        let dir = std::env::temp_dir().join(format!("sandpit-gv-unit-{}", std::process::id()));
+        let mut cfg = GvisorConfig::new(&dir);
+        cfg.cgroup_parent = "../escape".into();
+        assert!(matches!(
+            GvisorRuntime::new(cfg.clone()),
+            Err(GvisorError::Config { .. })
+        ));
+        cfg.cgroup_parent = "sandpit-t1".into();
+        cfg.platform = "sys trap".into();
+        assert!(matches!(
+            GvisorRuntime::new(cfg.clone()),
+            Err(GvisorError::Config { .. })
+        ));
+        cfg.platform = "ptrace".into();
+        let rt = GvisorRuntime::new(cfg).unwrap();
+        assert_eq!(rt.cgroups_path("abc"), "sandpit-t1/abc");
+        assert!(rt.config().root_dir.is_absolute());
+        let args = rt.global_args(false);
+        assert!(args.contains(&OsString::from("--platform=ptrace")));
+        assert!(args.contains(&OsString::from("--network=none")));
+        assert!(args.contains(&OsString::from("--overlay2=none")));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn spec_validation() {
+        let spec = SandboxSpec {
+            id: "bad id".into(),
+            layers: vec!["/l".into()],
+            state_dir: "/s".into(),
+            args: vec!["/bin/sh".into()],
+            env: vec![],
+            hostname: "h".into(),
+            network: None,
+            resources: sandpit_runtime::Resources {
+                cpu_millis: 0,
+                memory_bytes: 0,
+            },
+        };
+        assert!(matches!(validate(&spec), Err(RuntimeError::Bundle { .. })));
+        let ok = SandboxSpec {
+            id: "sbx-0001".into(),
+            ..spec.clone()
+        };
+        assert!(validate(&ok).is_ok());
+        let no_layers = SandboxSpec {
+            layers: vec![],
+            ..ok.clone()
+        };
+        assert!(matches!(
+            validate(&no_layers),
+            Err(RuntimeError::Rootfs { .. })
+        ));
+        let no_args = SandboxSpec { args: vec![], ..ok };
+        assert!(matches!(
+            validate(&no_args),
+            Err(RuntimeError::Bundle { .. })
+        ));
+    }
+}

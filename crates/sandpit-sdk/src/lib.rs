@@ -1,1 +1,398 @@
-//! sandpit-sdk
+//! Rust client for the Sandpit HTTP API, over the shared types of `sandpit-api-types`.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), sandpit_sdk::SdkError> {
+//! use sandpit_sdk::{Client, types::{CreateSandboxRequest, ExecRequest}};
+//! let client = Client::new("http://127.0.0.1:7878", "sp_...");
+//! let sb = client.create_sandbox(&CreateSandboxRequest { template: "base".into(), ..Default::default() }).await?;
+//! let out = client.exec(&sb.id, &ExecRequest { command: Some("echo hi".into()), ..Default::default() }).await?;
+//! assert_eq!(out.stdout, "hi\n");
+//! # Ok(()) }
+//! ```
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use serde::de::DeserializeOwned;
+
+pub use sandpit_api_types as types;
+use types::*;
+
+/// What can go wrong calling the API.
+#[derive(Debug, thiserror::Error)]
+pub enum SdkError {
+    /// The server answered with an error status.
+    #[error("{status}: {code}: {message}")]
+    Api {
+        status: StatusCode,
+        code: String,
+        message: String,
+    },
+    #[error("request to {url} failed")]
+    Http {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("unexpected response from {url}: {detail}")]
+    Decode { url: String, detail: String },
+}
+
+impl SdkError {
+    /// The API error code, if the server sent one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            SdkError::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            SdkError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A client bound to one server and one token.
+#[derive(Clone, Debug)]
+pub struct Client {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(base: &str, token: &str) -> Self {
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            http: reqwest::Client::builder()
+                .pool_idle_timeout(std::time::Duration::from_secs(30))
+                .build()
+                .expect("the HTTP client builds"),
+        }
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    /// A request with the token set, for routes this client has no method for.
+    pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+    }
+
+    async fn send(&self, rb: RequestBuilder) -> Result<Response, SdkError> {
+        let req = rb.build().map_err(|source| SdkError::Http {
+            url: self.base.clone(),
+            source,
+        })?;
+        let url = req.url().to_string();
+        let resp = self
+            .http
+            .execute(req)
+            .await
+            .map_err(|source| SdkError::Http {
+                url: url.clone(),
+                source,
+            })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        let parsed: Option<ErrorBody> = serde_json::from_str(&text).ok();
+        Err(match parsed {
+            Some(b) => SdkError::Api {
+                status,
+                code: b.error.code,
+                message: b.error.message,
+            },
+            None => SdkError::Api {
+                status,
+                code: "unknown".into(),
+                message: text,
+            },
+        })
+    }
+
+    async fn json<T: DeserializeOwned>(&self, rb: RequestBuilder) -> Result<T, SdkError> {
+        let resp = self.send(rb).await?;
+        let url = resp.url().to_string();
+        let bytes = resp.bytes().await.map_err(|source| SdkError::Http {
+            url: url.clone(),
+            source,
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| SdkError::Decode {
+            url,
+            detail: e.to_string(),
+        })
+    }
+
+    fn sandbox_path(id: &str, rest: &str) -> String {
+        format!("/v1/sandboxes/{}{rest}", urlencode(id))
+    }
+
+    pub async fn create_sandbox(&self, req: &CreateSandboxRequest) -> Result<Sandbox, SdkError> {
+        self.json(self.request(Method::POST, "/v1/sandboxes").json(req))
+            .await
+    }
+
+    pub async fn list_sandboxes(&self, status: Option<&str>) -> Result<Vec<Sandbox>, SdkError> {
+        let mut rb = self.request(Method::GET, "/v1/sandboxes");
+        if let Some(s) = status {
+            rb = rb.query(&[("status", s)]);
+        }
+        let list: SandboxList = self.json(rb).await?;
+        Ok(list.sandboxes)
+    }
+
+    pub async fn get_sandbox(&self, id: &str) -> Result<Sandbox, SdkError> {
+        self.json(self.request(Method::GET, &Self::sandbox_path(id, "")))
+            .await
+    }
+
+    pub async fn destroy_sandbox(&self, id: &str) -> Result<(), SdkError> {
+        self.send(self.request(Method::DELETE, &Self::sandbox_path(id, "")))
+            .await
+            .map(drop)
+    }
+
+    pub async fn keepalive(&self, id: &str, timeout: &str) -> Result<Sandbox, SdkError> {
+        let body = KeepaliveRequest {
+            timeout: timeout.into(),
+        };
+        self.json(
+            self.request(Method::POST, &Self::sandbox_path(id, "/keepalive"))
+                .json(&body),
+        )
+        .await
+    }
+
+    pub async fn wake(&self, id: &str) -> Result<Sandbox, SdkError> {
+        self.json(self.request(Method::POST, &Self::sandbox_path(id, "/wake")))
+            .await
+    }
+
+    pub async fn hibernate(&self, id: &str) -> Result<Sandbox, SdkError> {
+        self.json(self.request(Method::POST, &Self::sandbox_path(id, "/hibernate")))
+            .await
+    }
+
+    pub async fn exec(&self, id: &str, req: &ExecRequest) -> Result<ExecResponse, SdkError> {
+        self.json(
+            self.request(Method::POST, &Self::sandbox_path(id, "/exec"))
+                .json(req),
+        )
+        .await
+    }
+
+    /// Run a command and receive its output as it is produced.
+    pub async fn exec_stream(
+        &self,
+        id: &str,
+        req: &ExecRequest,
+    ) -> Result<impl Stream<Item = Result<ExecEvent, SdkError>> + use<>, SdkError> {
+        let resp = self
+            .send(
+                self.request(Method::POST, &Self::sandbox_path(id, "/exec/stream"))
+                    .json(req),
+            )
+            .await?;
+        let url = resp.url().to_string();
+        Ok(sse_events(resp.bytes_stream(), url))
+    }
+
+    /// Upload a file from any body (bytes, or a stream with `reqwest::Body::wrap_stream`).
+    pub async fn upload(
+        &self,
+        id: &str,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> Result<(), SdkError> {
+        let rb = self
+            .request(Method::PUT, &Self::sandbox_path(id, "/files"))
+            .query(&[("path", path)])
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(body);
+        self.send(rb).await.map(drop)
+    }
+
+    /// Start a download; read the body with `bytes_stream()` to stream it.
+    pub async fn download(&self, id: &str, path: &str) -> Result<Response, SdkError> {
+        let rb = self
+            .request(Method::GET, &Self::sandbox_path(id, "/files"))
+            .query(&[("path", path)]);
+        self.send(rb).await
+    }
+
+    pub async fn list_files(&self, id: &str, path: &str) -> Result<FileList, SdkError> {
+        let rb = self
+            .request(Method::GET, &Self::sandbox_path(id, "/files/list"))
+            .query(&[("path", path)]);
+        self.json(rb).await
+    }
+
+    pub async fn templates(&self) -> Result<Vec<Template>, SdkError> {
+        let list: TemplateList = self
+            .json(self.request(Method::GET, "/v1/templates"))
+            .await?;
+        Ok(list.templates)
+    }
+
+    pub async fn create_workspace(&self, name: &str) -> Result<Workspace, SdkError> {
+        let body = WorkspaceCreateRequest { name: name.into() };
+        let env: Envelope<Workspace> = self
+            .json(self.request(Method::POST, "/org/workspace").json(&body))
+            .await?;
+        unwrap_envelope(env, "/org/workspace")
+    }
+
+    pub async fn create_token(
+        &self,
+        team_id: &str,
+        req: &TokenCreateRequest,
+    ) -> Result<TokenInfo, SdkError> {
+        let path = format!("/org/workspace/{}/tokens", urlencode(team_id));
+        let env: Envelope<TokenInfo> = self
+            .json(self.request(Method::POST, &path).json(req))
+            .await?;
+        unwrap_envelope(env, &path)
+    }
+
+    pub async fn update_token(
+        &self,
+        team_id: &str,
+        token_id: &str,
+        req: &TokenUpdateRequest,
+    ) -> Result<TokenInfo, SdkError> {
+        let path = format!(
+            "/org/workspace/{}/tokens/{}",
+            urlencode(team_id),
+            urlencode(token_id)
+        );
+        let env: Envelope<TokenInfo> = self
+            .json(self.request(Method::PATCH, &path).json(req))
+            .await?;
+        unwrap_envelope(env, &path)
+    }
+
+    pub async fn revoke_token(&self, team_id: &str, token_id: &str) -> Result<(), SdkError> {
+        let path = format!(
+            "/org/workspace/{}/tokens/{}",
+            urlencode(team_id),
+            urlencode(token_id)
+        );
+        self.send(self.request(Method::DELETE, &path))
+            .await
+            .map(drop)
+    }
+}
+
+fn unwrap_envelope<T>(env: Envelope<T>, url: &str) -> Result<T, SdkError> {
+    env.data.ok_or_else(|| SdkError::Decode {
+        url: url.into(),
+        detail: "envelope without data".into(),
+    })
+}
+
+/// Percent-encode one path segment.
+fn urlencode(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for b in segment.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Parse a Server-Sent Events byte stream into exec events.
+fn sse_events(
+    bytes: impl Stream<Item = Result<Bytes, reqwest::Error>> + Unpin,
+    url: String,
+) -> impl Stream<Item = Result<ExecEvent, SdkError>> {
+    futures::stream::unfold(
+        (bytes, Vec::<u8>::new(), url),
+        |(mut bytes, mut buf, url)| async move {
+            loop {
+                if let Some(end) = find_event_end(&buf) {
+                    let raw: Vec<u8> = buf.drain(..end.0 + end.1).collect();
+                    let text = String::from_utf8_lossy(&raw[..end.0]).to_string();
+                    let data: String = text
+                        .lines()
+                        .filter_map(|l| l.strip_prefix("data:"))
+                        .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                        .collect::<Vec<_>>()
+                        .join("\n");
+                    if data.is_empty() {
+                        continue; // keep-alive comment
+                    }
+                    let item =
+                        serde_json::from_str::<ExecEvent>(&data).map_err(|e| SdkError::Decode {
+                            url: url.clone(),
+                            detail: format!("bad event {data:?}: {e}"),
+                        });
+                    return Some((item, (bytes, buf, url)));
+                }
+                match bytes.next().await {
+                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                    Some(Err(source)) => {
+                        return Some((
+                            Err(SdkError::Http {
+                                url: url.clone(),
+                                source,
+                            }),
+                            (bytes, Vec::new(), url),
+                        ));
+                    }
+                    None => return None,
+                }
+            }
+        },
+    )
+}
+
+/// Position and length of the first blank-line separator in an SSE buffer.
+fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|p| (p, 2));
+    let crlf = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| (p, 4));
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(if a.0 < b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn parses_sse_events_across_chunks() {
+        let chunks: Vec<Result<Bytes, reqwest::Error>> = vec![
+            Ok(Bytes::from_static(b": keep-alive\n\nevent: stdout\ndata: {\"type\":\"stdout\",\"seq\":1,")),
+            Ok(Bytes::from_static(b"\"data\":\"aGkK\"}\n\nevent: exit\ndata: {\"type\":\"exit\",\"exit_code\":3,\"duration_ms\":5,\"timed_out\":false}\n\n")),
+        ];
+        let events: Vec<_> = sse_events(futures::stream::iter(chunks), "u".into())
+            .map(|e| e.unwrap())
+            .collect()
+            .await;
+        assert_eq!(events.len(), 2);
+        assert!(matches!(&events[0], ExecEvent::Stdout { seq: 1, data } if data == "aGkK"));
+        assert!(matches!(events[1], ExecEvent::Exit { exit_code: 3, .. }));
+    }
+
+    #[test]
+    fn encodes_path_segments() {
+        assert_eq!(urlencode("sb12"), "sb12");
+        assert_eq!(urlencode("../x y"), "..%2Fx%20y");
+    }
+}

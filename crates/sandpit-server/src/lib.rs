@@ -1,1 +1,14 @@
-//! sandpit-server
+//! The Sandpit server: HTTP API, auth, sandbox lifecycle and the store.
+
+pub mod agent;
+pub mod auth;
+pub mod error;
+pub mod lifecycle;
+pub mod routes;
+pub mod server;
+pub mod store;
+pub mod templates;
+pub mod util;
+
+pub use routes::{app, openapi};
+pub use server::{Server, ServerConfig};

@@ -1,1 +1,308 @@
-//! sandpit-test-support
+//! Test fixtures: start a real `sandpit serve` with its own data directory, prefix and
+//! address pool (so tests run in parallel without touching each other), kill and restart
+//! it, count what it left on the host, and poll with [`wait_until`].
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use sandpit_sdk::Client;
+
+/// Poll `check` until it returns `Some`, or fail after `limit`.
+pub async fn wait_until<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if start.elapsed() > limit {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The workspace root (two levels above this crate).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
+}
+
+/// The static agent: `SANDPIT_AGENT_BIN`, or the output of `scripts/build-agent`.
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SANDPIT_AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = workspace_root().join("target/x86_64-unknown-linux-gnu/release/sandpit-agent");
+    assert!(
+        p.exists(),
+        "no static agent at {}: run scripts/build-agent (the test command does)",
+        p.display()
+    );
+    p
+}
+
+/// A /24 pool and a prefix reserved for one test process by a lock file.
+struct Reservation {
+    index: u32,
+    lock: PathBuf,
+}
+
+impl Reservation {
+    fn take() -> Reservation {
+        let dir = std::env::temp_dir().join("sandpit-test-pools");
+        std::fs::create_dir_all(&dir).expect("pool lock dir");
+        let start = std::process::id() % 200;
+        for i in 0..200u32 {
+            let index = (start + i) % 200;
+            let lock = dir.join(index.to_string());
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&lock)
+            {
+                Ok(mut f) => {
+                    use std::io::Write;
+                    let _ = write!(f, "{}", std::process::id());
+                    return Reservation { index, lock };
+                }
+                Err(_) => {
+                    // Reclaim the lock of a test process that died.
+                    let pid = std::fs::read_to_string(&lock).unwrap_or_default();
+                    let alive = pid
+                        .trim()
+                        .parse::<u32>()
+                        .is_ok_and(|p| Path::new(&format!("/proc/{p}")).exists());
+                    if !alive {
+                        let _ = std::fs::remove_file(&lock);
+                    }
+                }
+            }
+        }
+        panic!("no free test pool reservation");
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.lock);
+    }
+}
+
+/// A running server for one test.
+pub struct TestServer {
+    pub url: String,
+    pub token: String,
+    pub prefix: String,
+    pub pool: String,
+    pub data_dir: PathBuf,
+    bin: PathBuf,
+    extra_env: Vec<(String, String)>,
+    child: Option<Child>,
+    _tmp: tempfile::TempDir,
+    _reservation: Reservation,
+}
+
+impl TestServer {
+    /// Start `bin serve` with a fresh data directory.
+    pub async fn start(bin: &Path) -> anyhow::Result<TestServer> {
+        Self::start_with(bin, &[]).await
+    }
+
+    /// Start with extra environment (e.g. `SANDPIT_UPLOAD_LIMIT`).
+    pub async fn start_with(bin: &Path, env: &[(&str, &str)]) -> anyhow::Result<TestServer> {
+        let reservation = Reservation::take();
+        let tmp = tempfile::Builder::new().prefix("sandpit-test-").tempdir()?;
+        let mut server = TestServer {
+            url: String::new(),
+            token: format!("sp_test_{}", std::process::id()),
+            prefix: format!("t{}", reservation.index),
+            pool: format!("10.213.{}.0/24", reservation.index),
+            data_dir: tmp.path().join("data"),
+            bin: bin.to_path_buf(),
+            extra_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            child: None,
+            _tmp: tmp,
+            _reservation: reservation,
+        };
+        server.spawn().await?;
+        Ok(server)
+    }
+
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self._tmp.path().join("server.log"))?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("serve")
+            .env("SANDPIT_LISTEN", format!("127.0.0.1:{port}"))
+            .env("SANDPIT_DATA_DIR", &self.data_dir)
+            .env("SANDPIT_PREFIX", &self.prefix)
+            .env("SANDPIT_POOL", &self.pool)
+            .env("SANDPIT_BOOTSTRAP_TOKEN", &self.token)
+            .env("SANDPIT_AGENT_BIN", agent_bin())
+            .env("SANDPIT_REAPER_INTERVAL", "200ms")
+            .env("RUST_LOG", "info,sandpit_server=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in &self.extra_env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {}", self.bin.display()))?;
+        self.child = Some(child);
+        self.url = format!("http://127.0.0.1:{port}");
+        let health = format!("{}/healthz", self.url);
+        let http = reqwest::Client::new();
+        let start = Instant::now();
+        loop {
+            if let Ok(r) = http.get(&health).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "server exited with {status} during start; log:\n{}",
+                    self.log()
+                );
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                bail!("server did not become healthy; log:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._tmp.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// A client with the bootstrap (admin) token.
+    pub fn client(&self) -> Client {
+        Client::new(&self.url, &self.token)
+    }
+
+    pub fn client_with(&self, token: &str) -> Client {
+        Client::new(&self.url, token)
+    }
+
+    /// SIGKILL the server, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stop gracefully (SIGTERM) and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start again on the same data directory.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill9();
+        self.spawn().await
+    }
+
+    /// Host objects this server's prefix owns right now.
+    pub fn leaks(&self) -> Leaks {
+        Leaks::of(&self.prefix, &self.data_dir)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.kill9();
+        // Remove everything the server may have left, whatever state the test ended in.
+        let _ = Command::new(&self.bin)
+            .args(["cleanup", "--yes"])
+            .env("SANDPIT_DATA_DIR", &self.data_dir)
+            .env("SANDPIT_PREFIX", &self.prefix)
+            .env("SANDPIT_POOL", &self.pool)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// What exists on the host under one server's names.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Leaks {
+    pub netns: Vec<String>,
+    pub links: Vec<String>,
+    pub runsc: Vec<String>,
+    pub mounts: Vec<String>,
+    pub sandbox_dirs: Vec<String>,
+    pub processes: Vec<String>,
+}
+
+impl Leaks {
+    pub fn of(prefix: &str, data_dir: &Path) -> Leaks {
+        let sh = |cmd: &str| -> String {
+            Command::new("sh")
+                .arg("-c")
+                .arg(cmd)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+                .unwrap_or_default()
+        };
+        let lines = |s: String| {
+            s.lines()
+                .map(str::to_string)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+        };
+        let data = data_dir.display();
+        Leaks {
+            netns: lines(sh(&format!(
+                "ip netns list | awk '{{print $1}}' | grep '^{prefix}-' || true"
+            ))),
+            links: lines(sh(&format!(
+                "ip -o link show | awk -F': ' '{{print $2}}' | cut -d@ -f1 | grep '^{prefix}[hs][0-9]' || true"
+            ))),
+            runsc: lines(sh(&format!(
+                "runsc --root {data}/runsc list -quiet 2>/dev/null || true"
+            ))),
+            mounts: lines(sh(&format!(
+                "grep ' {data}/' /proc/mounts | awk '{{print $2}}' || true"
+            ))),
+            sandbox_dirs: lines(sh(&format!("ls {data}/sandboxes 2>/dev/null || true"))),
+            processes: lines(sh(&format!(
+                "pgrep -af 'runsc.*{data}/' | grep -v pgrep || true"
+            ))),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Leaks::default()
+    }
+}

@@ -1,0 +1,404 @@
+//! File operations: read, write (atomic, via a temporary file), list, stat, mkdir, remove.
+
+use std::fs::{Metadata, Permissions};
+use std::hash::{BuildHasher, RandomState};
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sandpit_agent_proto::{
+    AgentError, AgentErrorCode, DATA_CHUNK, DirEntry, DirListing, EntryKind, FileInfo, FrameKind,
+    ProtoError, WriteReply, normalize_path,
+};
+use tokio::fs;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::conn::{Conn, agent_error};
+
+/// Default permission bits of a new file.
+pub const DEFAULT_MODE: u32 = 0o644;
+
+/// Map an I/O error on `path` to an [`AgentError`].
+pub fn map_io(path: &str, e: &io::Error) -> AgentError {
+    use io::ErrorKind as K;
+    let code = match e.kind() {
+        K::NotFound => AgentErrorCode::NotFound,
+        K::PermissionDenied => AgentErrorCode::PermissionDenied,
+        K::AlreadyExists => AgentErrorCode::AlreadyExists,
+        K::NotADirectory => AgentErrorCode::NotDirectory,
+        K::IsADirectory => AgentErrorCode::IsDirectory,
+        K::DirectoryNotEmpty => AgentErrorCode::NotEmpty,
+        _ => AgentErrorCode::Io,
+    };
+    agent_error(code, format!("{path}: {e}"))
+}
+
+/// The protocol's view of a file's metadata.
+pub fn file_info(meta: &Metadata) -> FileInfo {
+    let ft = meta.file_type();
+    let kind = if ft.is_symlink() {
+        EntryKind::Symlink
+    } else if ft.is_dir() {
+        EntryKind::Dir
+    } else if ft.is_file() {
+        EntryKind::File
+    } else {
+        EntryKind::Other
+    };
+    FileInfo {
+        kind,
+        size: meta.len(),
+        mode: meta.mode() & 0o7777,
+        mtime: meta.mtime(),
+    }
+}
+
+fn is_directory(path: &str) -> AgentError {
+    agent_error(
+        AgentErrorCode::IsDirectory,
+        format!("{path}: is a directory"),
+    )
+}
+
+/// `ReadFile`: `Ok` + [`FileInfo`], `Data` chunks of at most [`DATA_CHUNK`], `End`.
+pub async fn read_file(conn: &mut Conn, path: &str) -> Result<(), ProtoError> {
+    let (path, mut file, info) = match open_for_read(path).await {
+        Ok(x) => x,
+        Err(e) => return conn.send_error(&e).await,
+    };
+    conn.send_json(FrameKind::Ok, &info).await?;
+    let mut buf = vec![0u8; DATA_CHUNK];
+    loop {
+        match file.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => conn.send(FrameKind::Data, &buf[..n]).await?,
+            Err(e) => return conn.send_error(&map_io(&path, &e)).await,
+        }
+    }
+    conn.send(FrameKind::End, &[]).await
+}
+
+async fn open_for_read(path: &str) -> Result<(String, fs::File, FileInfo), AgentError> {
+    let path = normalize_path(path)?;
+    let meta = fs::metadata(&path).await.map_err(|e| map_io(&path, &e))?;
+    if meta.is_dir() {
+        return Err(is_directory(&path));
+    }
+    let file = fs::File::open(&path).await.map_err(|e| map_io(&path, &e))?;
+    let meta = file.metadata().await.map_err(|e| map_io(&path, &e))?;
+    if meta.is_dir() {
+        return Err(is_directory(&path));
+    }
+    let info = file_info(&meta);
+    Ok((path, file, info))
+}
+
+/// `WriteFile`: stream `Data` frames into a temporary file next to the target; on `End`
+/// fsync and rename it into place and answer `Ok` + [`WriteReply`]. The temporary file is
+/// removed on every other outcome (error, bad frame, dropped connection).
+pub async fn write_file(
+    conn: &mut Conn,
+    path: &str,
+    mode: Option<u32>,
+    create_parents: bool,
+) -> Result<(), ProtoError> {
+    let mut tmp = match TempFile::create(path, mode, create_parents).await {
+        Ok(t) => t,
+        Err(e) => return conn.send_error(&e).await,
+    };
+    let mut size = 0u64;
+    loop {
+        let frame = match conn.recv().await {
+            Ok(f) => f,
+            // Host gone: `tmp` is dropped, which deletes the temporary file.
+            Err(e @ (ProtoError::Closed | ProtoError::Read(_))) => return Err(e),
+            Err(e) => {
+                let err = agent_error(AgentErrorCode::BadRequest, e.to_string());
+                return conn.send_error(&err).await;
+            }
+        };
+        match frame.kind {
+            FrameKind::Data => {
+                if let Err(e) = tmp.file.write_all(&frame.payload).await {
+                    return conn.send_error(&map_io(&tmp.target, &e)).await;
+                }
+                size += frame.payload.len() as u64;
+            }
+            FrameKind::End => break,
+            other => {
+                let err = agent_error(
+                    AgentErrorCode::BadRequest,
+                    format!("unexpected frame kind {} while writing a file", other as u8),
+                );
+                return conn.send_error(&err).await;
+            }
+        }
+    }
+    match tmp.commit().await {
+        Ok(()) => conn.send_json(FrameKind::Ok, &WriteReply { size }).await,
+        Err(e) => conn.send_error(&e).await,
+    }
+}
+
+/// A temporary file that becomes `target` on [`TempFile::commit`] and is deleted if dropped.
+struct TempFile {
+    file: fs::File,
+    target: String,
+    dir: String,
+    /// `Some` until committed.
+    tmp_path: Option<PathBuf>,
+    mode: u32,
+    owner: Option<(u32, u32)>,
+}
+
+impl TempFile {
+    async fn create(
+        path: &str,
+        mode: Option<u32>,
+        create_parents: bool,
+    ) -> Result<TempFile, AgentError> {
+        let target = normalize_path(path)?;
+        if target == "/" {
+            return Err(agent_error(
+                AgentErrorCode::InvalidPath,
+                "cannot write to /",
+            ));
+        }
+        let (dir, name) = split_parent(&target);
+        if create_parents {
+            fs::create_dir_all(&dir)
+                .await
+                .map_err(|e| map_io(&dir, &e))?;
+        }
+        // Keep the mode and owner of a file being replaced.
+        let existing = match fs::metadata(&target).await {
+            Ok(m) if m.is_dir() => return Err(is_directory(&target)),
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(map_io(&target, &e)),
+        };
+        let mode = mode
+            .or(existing.as_ref().map(|m| m.mode()))
+            .unwrap_or(DEFAULT_MODE)
+            & 0o7777;
+        let owner = existing.as_ref().map(|m| (m.uid(), m.gid()));
+        let mut attempt = 0;
+        loop {
+            let tmp_path = Path::new(&dir).join(temp_name(&name));
+            let opened = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp_path)
+                .await;
+            match opened {
+                Ok(file) => {
+                    return Ok(TempFile {
+                        file,
+                        target,
+                        dir,
+                        tmp_path: Some(tmp_path),
+                        mode,
+                        owner,
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 8 => attempt += 1,
+                Err(e) => return Err(map_io(&dir, &e)),
+            }
+        }
+    }
+
+    async fn commit(mut self) -> Result<(), AgentError> {
+        let target = self.target.clone();
+        let io = |e: io::Error| map_io(&target, &e);
+        self.file.flush().await.map_err(io)?;
+        if let Some((uid, gid)) = self.owner {
+            // Best effort: keep the replaced file's owner (before chmod, which chown resets).
+            let _ = std::os::unix::fs::fchown(&self.file, Some(uid), Some(gid));
+        }
+        self.file
+            .set_permissions(Permissions::from_mode(self.mode))
+            .await
+            .map_err(io)?;
+        self.file.sync_all().await.map_err(io)?;
+        let tmp_path = self.tmp_path.clone().expect("not yet committed");
+        fs::rename(&tmp_path, &self.target).await.map_err(io)?;
+        self.tmp_path = None;
+        // Make the rename durable too (best effort).
+        if let Ok(d) = fs::File::open(&self.dir).await {
+            let _ = d.sync_all().await;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.tmp_path.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// `/a/b` → (`/a`, `b`); `/b` → (`/`, `b`). `path` is normalized and not `/`.
+fn split_parent(path: &str) -> (String, String) {
+    let (dir, name) = path.rsplit_once('/').expect("absolute path");
+    let dir = if dir.is_empty() { "/" } else { dir };
+    (dir.to_string(), name.to_string())
+}
+
+/// `.<name>.sandpit-tmp-<random>`, with `name` shortened to keep under NAME_MAX.
+fn temp_name(name: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut end = name.len().min(200);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    // RandomState is seeded from the OS's random source.
+    let r = RandomState::new().hash_one((COUNTER.fetch_add(1, Ordering::Relaxed), nanos));
+    format!(".{}.sandpit-tmp-{r:016x}", &name[..end])
+}
+
+/// `ListDir`: entries sorted by name; symlinks are reported as symlinks.
+pub async fn list_dir(path: &str) -> Result<DirListing, AgentError> {
+    let path = normalize_path(path)?;
+    tokio::task::spawn_blocking(move || {
+        let err = |e: io::Error| map_io(&path, &e);
+        let mut entries = Vec::new();
+        for entry in std::fs::read_dir(&path).map_err(err)? {
+            let entry = entry.map_err(err)?;
+            // An entry removed meanwhile is skipped.
+            let Ok(meta) = std::fs::symlink_metadata(entry.path()) else {
+                continue;
+            };
+            entries.push(DirEntry {
+                name: entry.file_name().to_string_lossy().into_owned(),
+                info: file_info(&meta),
+            });
+        }
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(DirListing { entries })
+    })
+    .await
+    .map_err(|e| agent_error(AgentErrorCode::Io, e.to_string()))?
+}
+
+/// `Stat`: follows symlinks, like stat(2).
+pub async fn stat(path: &str) -> Result<FileInfo, AgentError> {
+    let path = normalize_path(path)?;
+    let meta = fs::metadata(&path).await.map_err(|e| map_io(&path, &e))?;
+    Ok(file_info(&meta))
+}
+
+/// `MakeDir`.
+pub async fn make_dir(path: &str, recursive: bool) -> Result<(), AgentError> {
+    let path = normalize_path(path)?;
+    let r = if recursive {
+        fs::create_dir_all(&path).await
+    } else {
+        fs::create_dir(&path).await
+    };
+    r.map_err(|e| map_io(&path, &e))
+}
+
+/// `Remove`: a file, symlink (not its target) or directory; refuses `/`.
+pub async fn remove(path: &str, recursive: bool) -> Result<(), AgentError> {
+    let path = normalize_path(path)?;
+    if path == "/" {
+        return Err(agent_error(AgentErrorCode::InvalidPath, "cannot remove /"));
+    }
+    let err = |e: io::Error| map_io(&path, &e);
+    let meta = fs::symlink_metadata(&path).await.map_err(err)?;
+    let r = if !meta.is_dir() {
+        fs::remove_file(&path).await
+    } else if recursive {
+        fs::remove_dir_all(&path).await
+    } else {
+        fs::remove_dir(&path).await
+    };
+    r.map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_io_errors() {
+        let code = |errno| map_io("/x", &io::Error::from_raw_os_error(errno)).code;
+        assert_eq!(code(2), AgentErrorCode::NotFound);
+        assert_eq!(code(13), AgentErrorCode::PermissionDenied);
+        assert_eq!(code(1), AgentErrorCode::PermissionDenied);
+        assert_eq!(code(17), AgentErrorCode::AlreadyExists);
+        assert_eq!(code(20), AgentErrorCode::NotDirectory);
+        assert_eq!(code(21), AgentErrorCode::IsDirectory);
+        assert_eq!(code(39), AgentErrorCode::NotEmpty);
+        assert_eq!(code(28), AgentErrorCode::Io);
+        assert!(
+            map_io("/x", &io::Error::from_raw_os_error(2))
+                .message
+                .starts_with("/x: ")
+        );
+    }
+
+    #[test]
+    fn splits_parents_and_names_temp_files() {
+        assert_eq!(split_parent("/a/b"), ("/a".into(), "b".into()));
+        assert_eq!(split_parent("/b"), ("/".into(), "b".into()));
+        let t = temp_name("file.txt");
+        assert!(t.starts_with(".file.txt.sandpit-tmp-"), "{t}");
+        assert_ne!(t, temp_name("file.txt"));
+        assert!(temp_name(&"é".repeat(200)).len() < 255);
+    }
+
+    #[tokio::test]
+    async fn dir_ops() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().to_str().unwrap().to_string();
+        make_dir(&format!("{base}/a/b"), true).await.unwrap();
+        let e = make_dir(&format!("{base}/a/b"), false).await.unwrap_err();
+        assert_eq!(e.code, AgentErrorCode::AlreadyExists);
+        std::fs::write(format!("{base}/a/f"), b"12345").unwrap();
+        std::os::unix::fs::symlink("f", format!("{base}/a/l")).unwrap();
+        let listing = list_dir(&format!("{base}/a")).await.unwrap();
+        let names: Vec<_> = listing
+            .entries
+            .iter()
+            .map(|e| (e.name.as_str(), e.info.kind))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("b", EntryKind::Dir),
+                ("f", EntryKind::File),
+                ("l", EntryKind::Symlink)
+            ]
+        );
+        let info = stat(&format!("{base}/a/l")).await.unwrap();
+        assert_eq!((info.kind, info.size), (EntryKind::File, 5));
+        let e = remove(&format!("{base}/a"), false).await.unwrap_err();
+        assert_eq!(e.code, AgentErrorCode::NotEmpty);
+        let e = list_dir(&format!("{base}/a/f")).await.unwrap_err();
+        assert_eq!(e.code, AgentErrorCode::NotDirectory);
+        remove(&format!("{base}/a/l"), false).await.unwrap();
+        assert!(std::fs::metadata(format!("{base}/a/f")).is_ok());
+        remove(&format!("{base}/a"), true).await.unwrap();
+        assert_eq!(
+            stat(&format!("{base}/a")).await.unwrap_err().code,
+            AgentErrorCode::NotFound
+        );
+        assert_eq!(
+            remove("/", true).await.unwrap_err().code,
+            AgentErrorCode::InvalidPath
+        );
+        assert_eq!(
+            stat("rel").await.unwrap_err().code,
+            AgentErrorCode::InvalidPath
+        );
+    }
+}

@@ -1,0 +1,439 @@
+//! The `/v1/sandboxes` API (seed 003) and its extensions (streaming exec, file listing).
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+/// Longest lifetime of an ephemeral sandbox, and the longest keepalive.
+pub const MAX_EPHEMERAL_TIMEOUT_SECS: u64 = 24 * 3600;
+/// Longest exec timeout.
+pub const MAX_EXEC_TIMEOUT_SECS: u64 = 300;
+/// Exec timeout when the request names none.
+pub const DEFAULT_EXEC_TIMEOUT_SECS: u64 = 60;
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxMode {
+    /// Destroyed when its `timeout` passes.
+    #[default]
+    Ephemeral,
+    /// Suspended (memory saved to disk) after `idle_timeout`; files survive restarts.
+    Persistent,
+}
+
+impl SandboxMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxMode::Ephemeral => "ephemeral",
+            SandboxMode::Persistent => "persistent",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxStatus {
+    Creating,
+    Running,
+    /// Memory and processes saved to disk, no RAM held. Wakes on `wake` or any call that
+    /// needs it running.
+    Suspended,
+    Destroyed,
+    /// Could not be started or recovered; `error` says why.
+    Failed,
+}
+
+impl SandboxStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxStatus::Creating => "creating",
+            SandboxStatus::Running => "running",
+            SandboxStatus::Suspended => "suspended",
+            SandboxStatus::Destroyed => "destroyed",
+            SandboxStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "creating" => SandboxStatus::Creating,
+            "running" => SandboxStatus::Running,
+            "suspended" => SandboxStatus::Suspended,
+            "destroyed" => SandboxStatus::Destroyed,
+            "failed" => SandboxStatus::Failed,
+            _ => return None,
+        })
+    }
+}
+
+/// Outbound firewall policy (seed 003 "Egress controls").
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EgressPolicy {
+    /// `allow_all` or `deny_all`.
+    pub mode: String,
+    /// CIDRs to allow when mode is `deny_all`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_cidrs: Vec<String>,
+    /// CIDRs to block, evaluated before the allows.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_cidrs: Vec<String>,
+    /// Restrict `allow_cidrs` to these destination TCP ports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_ports: Vec<u32>,
+}
+
+impl Default for EgressPolicy {
+    fn default() -> Self {
+        EgressPolicy {
+            mode: "allow_all".into(),
+            allow_cidrs: Vec::new(),
+            deny_cidrs: Vec::new(),
+            allow_ports: Vec::new(),
+        }
+    }
+}
+
+/// An IPv4 network in CIDR notation, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+/// Parse `a.b.c.d/n` (or a bare address, meaning `/32`). Host bits must be zero.
+pub fn parse_cidr(text: &str) -> Result<Cidr, String> {
+    let (addr, len) = match text.split_once('/') {
+        Some((a, l)) => (a, l),
+        None => (text, "32"),
+    };
+    let addr: Ipv4Addr = addr
+        .parse()
+        .map_err(|_| format!("{text:?} is not an IPv4 CIDR (IPv6 is not supported yet)"))?;
+    let prefix_len: u8 = len
+        .parse()
+        .ok()
+        .filter(|l| *l <= 32)
+        .ok_or_else(|| format!("{text:?} has an invalid prefix length"))?;
+    let mask = if prefix_len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix_len)
+    };
+    if u32::from(addr) & !mask != 0 {
+        return Err(format!("{text:?} has host bits set"));
+    }
+    Ok(Cidr { addr, prefix_len })
+}
+
+/// The egress policy, validated and parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidEgress {
+    pub allow_all: bool,
+    pub allow_cidrs: Vec<Cidr>,
+    pub deny_cidrs: Vec<Cidr>,
+    pub allow_ports: Vec<u16>,
+}
+
+/// Why a policy was refused: a stable code and a message.
+pub type Invalid = (&'static str, String);
+
+impl EgressPolicy {
+    /// Check the policy. Codes: `invalid_egress_mode`, `invalid_cidr`, `invalid_port`,
+    /// `invalid_egress_policy` (a list that means nothing in this mode).
+    pub fn validate(&self) -> Result<ValidEgress, Invalid> {
+        let allow_all = match self.mode.as_str() {
+            "allow_all" => true,
+            "deny_all" => false,
+            other => {
+                return Err((
+                    "invalid_egress_mode",
+                    format!("egress mode must be allow_all or deny_all, not {other:?}"),
+                ));
+            }
+        };
+        let parse_all = |list: &[String]| -> Result<Vec<Cidr>, Invalid> {
+            list.iter()
+                .map(|c| parse_cidr(c).map_err(|m| ("invalid_cidr", m)))
+                .collect()
+        };
+        let allow_cidrs = parse_all(&self.allow_cidrs)?;
+        let deny_cidrs = parse_all(&self.deny_cidrs)?;
+        let mut allow_ports = Vec::with_capacity(self.allow_ports.len());
+        for &p in &self.allow_ports {
+            if p == 0 || p > 65535 {
+                return Err(("invalid_port", format!("port {p} is out of range 1-65535")));
+            }
+            allow_ports.push(p as u16);
+        }
+        if allow_all && !allow_cidrs.is_empty() {
+            return Err((
+                "invalid_egress_policy",
+                "allow_cidrs means nothing with mode allow_all (everything is allowed)".into(),
+            ));
+        }
+        if allow_all && !allow_ports.is_empty() {
+            return Err((
+                "invalid_egress_policy",
+                "allow_ports means nothing with mode allow_all".into(),
+            ));
+        }
+        if !allow_ports.is_empty() && allow_cidrs.is_empty() {
+            return Err((
+                "invalid_egress_policy",
+                "allow_ports restricts allow_cidrs, which is empty".into(),
+            ));
+        }
+        Ok(ValidEgress {
+            allow_all,
+            allow_cidrs,
+            deny_cidrs,
+            allow_ports,
+        })
+    }
+}
+
+/// `POST /v1/sandboxes`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandboxRequest {
+    /// Template name or id to boot from.
+    pub template: String,
+    #[serde(default)]
+    pub mode: SandboxMode,
+    /// Until auto-destroy (ephemeral only), e.g. `10m`. Max 24h, default 15m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Inactivity before auto-suspend (persistent only), e.g. `30m`. Default 30m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+    /// If omitted, the template's default policy (itself `allow_all` by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<EgressPolicy>,
+    /// `small` (default), `medium` or `large`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<String>,
+}
+
+/// A sandbox as every `/v1/sandboxes` response shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Sandbox {
+    pub id: String,
+    pub status: SandboxStatus,
+    pub template: String,
+    pub mode: SandboxMode,
+    pub size: String,
+    pub created_at: String,
+    /// When an ephemeral sandbox will be destroyed.
+    pub expires_at: Option<String>,
+    /// Persistent sandboxes: inactivity before suspend.
+    pub idle_timeout: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+    /// Names of the environment variables set at create (values are not echoed back).
+    pub env_keys: Vec<String>,
+    pub egress: EgressPolicy,
+    /// Why the sandbox failed, when `status` is `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxList {
+    pub sandboxes: Vec<Sandbox>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, IntoParams, Default)]
+pub struct ListQuery {
+    /// creating, running, suspended, destroyed or failed. Without it, every sandbox that is
+    /// not destroyed.
+    pub status: Option<String>,
+}
+
+/// `POST /v1/sandboxes/{id}/keepalive`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KeepaliveRequest {
+    /// New timeout from now, max 24h.
+    pub timeout: String,
+}
+
+/// `POST /v1/sandboxes/{id}/exec` and `/exec/stream`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// A shell command line (`/bin/sh -c`). Exactly one of `command` and `argv`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// A program and its arguments, run without a shell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub argv: Option<Vec<String>>,
+    /// Max 5m, default 60s. The whole process group is killed when it passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+}
+
+/// The result of a finished command.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct ExecResponse {
+    pub exit_code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub duration_ms: u64,
+    /// True when the command was killed because its timeout passed.
+    #[serde(default)]
+    pub timed_out: bool,
+}
+
+/// One event of `POST /v1/sandboxes/{id}/exec/stream` (Server-Sent Events; the SSE event name
+/// equals `type`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecEvent {
+    Started {
+        pid: u32,
+    },
+    /// `data` is base64 of the raw bytes; `seq` counts output events from 1.
+    Stdout {
+        seq: u64,
+        data: String,
+    },
+    Stderr {
+        seq: u64,
+        data: String,
+    },
+    Exit {
+        exit_code: i32,
+        duration_ms: u64,
+        timed_out: bool,
+    },
+    Error {
+        code: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, IntoParams)]
+pub struct PathQuery {
+    /// Absolute path inside the sandbox.
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct FileEntry {
+    pub name: String,
+    /// `file`, `dir`, `symlink` or `other`.
+    pub kind: String,
+    pub size: u64,
+    pub mode: u32,
+    /// RFC 3339.
+    pub modified_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FileList {
+    pub path: String,
+    pub entries: Vec<FileEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Template {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    pub created_at: String,
+    pub default_egress: EgressPolicy,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TemplateList {
+    pub templates: Vec<Template>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(mode: &str, allow: &[&str], deny: &[&str], ports: &[u32]) -> EgressPolicy {
+        EgressPolicy {
+            mode: mode.into(),
+            allow_cidrs: allow.iter().map(|s| s.to_string()).collect(),
+            deny_cidrs: deny.iter().map(|s| s.to_string()).collect(),
+            allow_ports: ports.to_vec(),
+        }
+    }
+
+    #[test]
+    fn egress_validation_codes() {
+        let code = |p: EgressPolicy| p.validate().unwrap_err().0;
+        assert_eq!(code(policy("open", &[], &[], &[])), "invalid_egress_mode");
+        assert_eq!(
+            code(policy("deny_all", &["10.0.0.0/33"], &[], &[])),
+            "invalid_cidr"
+        );
+        assert_eq!(
+            code(policy("deny_all", &["10.0.0.1/8"], &[], &[])),
+            "invalid_cidr"
+        );
+        assert_eq!(
+            code(policy("deny_all", &["nope"], &[], &[])),
+            "invalid_cidr"
+        );
+        assert_eq!(
+            code(policy("deny_all", &["10.0.0.0/8"], &[], &[0])),
+            "invalid_port"
+        );
+        assert_eq!(
+            code(policy("deny_all", &["10.0.0.0/8"], &[], &[70000])),
+            "invalid_port"
+        );
+        assert_eq!(
+            code(policy("deny_all", &[], &[], &[443])),
+            "invalid_egress_policy"
+        );
+        assert_eq!(
+            code(policy("allow_all", &["10.0.0.0/8"], &[], &[])),
+            "invalid_egress_policy"
+        );
+    }
+
+    #[test]
+    fn egress_validation_accepts_and_parses() {
+        let v = policy(
+            "deny_all",
+            &["10.1.0.0/16", "1.2.3.4"],
+            &["10.1.2.0/24"],
+            &[443],
+        )
+        .validate()
+        .unwrap();
+        assert!(!v.allow_all);
+        assert_eq!(v.allow_cidrs[1].prefix_len, 32);
+        assert_eq!(v.allow_ports, vec![443]);
+        assert!(
+            policy("allow_all", &[], &["0.0.0.0/0"], &[])
+                .validate()
+                .unwrap()
+                .allow_all
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        assert!(
+            serde_json::from_str::<CreateSandboxRequest>(r#"{"template":"base","bogus":1}"#)
+                .is_err()
+        );
+        let r: CreateSandboxRequest = serde_json::from_str(r#"{"template":"base"}"#).unwrap();
+        assert_eq!(r.mode, SandboxMode::Ephemeral);
+    }
+}

@@ -1,0 +1,5 @@
+//! One module per `sandpit` subcommand.
+
+pub mod cleanup;
+pub mod sandbox;
+pub mod serve;

@@ -1,0 +1,292 @@
+//! `sandpit sandbox ...`: a client for the `/v1/sandboxes` API.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use base64::Engine;
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use sandpit_sdk::Client;
+use sandpit_sdk::types::{CreateSandboxRequest, EgressPolicy, ExecEvent, ExecRequest, SandboxMode};
+
+#[derive(clap::Args)]
+pub struct Conn {
+    /// Server URL.
+    #[arg(
+        long,
+        env = "SANDPIT_URL",
+        default_value = "http://127.0.0.1:7878",
+        global = true
+    )]
+    url: String,
+    /// API token.
+    #[arg(long, env = "SANDPIT_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+}
+
+impl Conn {
+    fn client(&self) -> anyhow::Result<Client> {
+        let token = self
+            .token
+            .as_deref()
+            .context("no token: set SANDPIT_TOKEN or pass --token")?;
+        Ok(Client::new(&self.url, token))
+    }
+}
+
+#[derive(clap::Subcommand)]
+pub enum SandboxCommand {
+    /// Create a sandbox and print it as JSON.
+    Create {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, default_value = "base")]
+        template: String,
+        /// ephemeral or persistent.
+        #[arg(long, default_value = "ephemeral")]
+        mode: String,
+        /// Ephemeral lifetime, e.g. 10m.
+        #[arg(long)]
+        timeout: Option<String>,
+        /// Persistent idle time before suspend, e.g. 30m.
+        #[arg(long)]
+        idle_timeout: Option<String>,
+        #[arg(long)]
+        size: Option<String>,
+        /// KEY=VALUE, repeatable.
+        #[arg(long = "env")]
+        env: Vec<String>,
+        /// Egress policy as JSON, e.g. '{"mode":"deny_all"}'.
+        #[arg(long)]
+        egress: Option<String>,
+    },
+    /// List sandboxes.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Show one sandbox.
+    Get {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+    },
+    /// Run a command; its exit code becomes this command's.
+    Exec {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        /// e.g. 30s (max 5m).
+        #[arg(long)]
+        timeout: Option<String>,
+        #[arg(long)]
+        cwd: Option<String>,
+        /// The shell command line.
+        #[arg(required = true, trailing_var_arg = true)]
+        command: Vec<String>,
+    },
+    /// Upload a local file.
+    Upload {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        local: PathBuf,
+        /// Absolute destination path in the sandbox.
+        remote: String,
+    },
+    /// Download a file ("-" writes to stdout).
+    Download {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        remote: String,
+        local: PathBuf,
+    },
+    /// Destroy a sandbox.
+    Destroy {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+    },
+    /// Wake a suspended sandbox.
+    Wake {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+    },
+    /// Suspend a running sandbox to disk.
+    Hibernate {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+    },
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+pub async fn run(cmd: SandboxCommand) -> anyhow::Result<u8> {
+    match cmd {
+        SandboxCommand::Create {
+            conn,
+            template,
+            mode,
+            timeout,
+            idle_timeout,
+            size,
+            env,
+            egress,
+        } => {
+            let mode = match mode.as_str() {
+                "ephemeral" => SandboxMode::Ephemeral,
+                "persistent" => SandboxMode::Persistent,
+                other => anyhow::bail!("--mode must be ephemeral or persistent, not {other:?}"),
+            };
+            let env: BTreeMap<String, String> = env
+                .iter()
+                .map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                })
+                .collect::<Option<_>>()
+                .context("--env takes KEY=VALUE")?;
+            let egress: Option<EgressPolicy> = egress
+                .map(|e| serde_json::from_str(&e))
+                .transpose()
+                .context("--egress is not a valid policy")?;
+            let req = CreateSandboxRequest {
+                template,
+                mode,
+                timeout,
+                idle_timeout,
+                env,
+                egress,
+                size,
+                ..Default::default()
+            };
+            print_json(&conn.client()?.create_sandbox(&req).await?)?;
+        }
+        SandboxCommand::List { conn, status } => {
+            print_json(&conn.client()?.list_sandboxes(status.as_deref()).await?)?;
+        }
+        SandboxCommand::Get { conn, id } => print_json(&conn.client()?.get_sandbox(&id).await?)?,
+        SandboxCommand::Destroy { conn, id } => conn.client()?.destroy_sandbox(&id).await?,
+        SandboxCommand::Wake { conn, id } => print_json(&conn.client()?.wake(&id).await?)?,
+        SandboxCommand::Hibernate { conn, id } => {
+            print_json(&conn.client()?.hibernate(&id).await?)?
+        }
+        SandboxCommand::Exec {
+            conn,
+            id,
+            timeout,
+            cwd,
+            command,
+        } => {
+            let req = ExecRequest {
+                command: Some(command.join(" ")),
+                timeout,
+                cwd,
+                ..Default::default()
+            };
+            let mut events = Box::pin(conn.client()?.exec_stream(&id, &req).await?);
+            let b64 = base64::engine::general_purpose::STANDARD;
+            while let Some(ev) = events.next().await {
+                match ev? {
+                    ExecEvent::Stdout { data, .. } => {
+                        std::io::stdout().write_all(&b64.decode(data)?)?;
+                        std::io::stdout().flush()?;
+                    }
+                    ExecEvent::Stderr { data, .. } => {
+                        std::io::stderr().write_all(&b64.decode(data)?)?
+                    }
+                    ExecEvent::Exit {
+                        exit_code,
+                        timed_out,
+                        ..
+                    } => {
+                        if timed_out {
+                            eprintln!("sandpit: command timed out and was killed");
+                        }
+                        return Ok(exit_code.clamp(0, 255) as u8);
+                    }
+                    ExecEvent::Error { code, message } => anyhow::bail!("{code}: {message}"),
+                    ExecEvent::Started { .. } => {}
+                }
+            }
+            anyhow::bail!("the stream ended before the command did");
+        }
+        SandboxCommand::Upload {
+            conn,
+            id,
+            local,
+            remote,
+        } => {
+            let file = tokio::fs::File::open(&local)
+                .await
+                .with_context(|| format!("opening {}", local.display()))?;
+            let len = file.metadata().await?.len();
+            let pb = bar(len, "upload");
+            let pb2 = pb.clone();
+            let stream =
+                tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).map(move |chunk| {
+                    if let Ok(c) = &chunk {
+                        pb2.inc(c.len() as u64);
+                    }
+                    chunk
+                });
+            conn.client()?
+                .upload(&id, &remote, reqwest::Body::wrap_stream(stream))
+                .await?;
+            pb.finish();
+        }
+        SandboxCommand::Download {
+            conn,
+            id,
+            remote,
+            local,
+        } => {
+            let resp = conn.client()?.download(&id, &remote).await?;
+            let to_stdout = local.as_os_str() == "-";
+            let pb = if to_stdout {
+                ProgressBar::hidden()
+            } else {
+                bar(resp.content_length().unwrap_or(0), "download")
+            };
+            let mut out: Box<dyn tokio::io::AsyncWrite + Unpin> = if to_stdout {
+                Box::new(tokio::io::stdout())
+            } else {
+                Box::new(
+                    tokio::fs::File::create(&local)
+                        .await
+                        .with_context(|| format!("creating {}", local.display()))?,
+                )
+            };
+            let mut body = resp.bytes_stream();
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk?;
+                pb.inc(chunk.len() as u64);
+                tokio::io::AsyncWriteExt::write_all(&mut out, &chunk).await?;
+            }
+            tokio::io::AsyncWriteExt::flush(&mut out).await?;
+            pb.finish();
+        }
+    }
+    Ok(0)
+}

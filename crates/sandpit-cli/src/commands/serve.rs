@@ -1,0 +1,120 @@
+//! `sandpit serve`: start the server, print the bootstrap token once, serve until signalled.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use sandpit_server::{Server, ServerConfig};
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "SANDPIT_LISTEN", default_value = "127.0.0.1:7878")]
+    listen: SocketAddr,
+    /// Where the database, templates and sandboxes live.
+    #[arg(long, env = "SANDPIT_DATA_DIR", default_value = "./.sandpit")]
+    data_dir: PathBuf,
+    /// Prefix for every host object this server creates (netns, veths, nftables table,
+    /// cgroups, runsc containers): 1-6 characters [a-z0-9]. Servers sharing a host need
+    /// different prefixes and pools.
+    #[arg(long, env = "SANDPIT_PREFIX", default_value = "sp")]
+    prefix: String,
+    /// Address pool for sandboxes, split into /30 slots.
+    #[arg(long, env = "SANDPIT_POOL", default_value = "10.88.0.0/16")]
+    pool: String,
+    /// gVisor platform: ptrace, systrap or kvm.
+    #[arg(long, env = "SANDPIT_PLATFORM", default_value = "ptrace")]
+    platform: String,
+    /// The runsc binary.
+    #[arg(long, env = "SANDPIT_RUNSC", default_value = "runsc")]
+    runsc: PathBuf,
+    /// The static sandpit-agent binary (default: next to this binary, then the static build
+    /// output of scripts/build-agent).
+    #[arg(long, env = "SANDPIT_AGENT_BIN")]
+    agent_bin: Option<PathBuf>,
+    /// Largest upload in bytes.
+    #[arg(long, env = "SANDPIT_UPLOAD_LIMIT", default_value_t = 100 * 1024 * 1024)]
+    upload_limit: u64,
+    /// How often expired and idle sandboxes are looked for, e.g. 1s.
+    #[arg(long, env = "SANDPIT_REAPER_INTERVAL", default_value = "1s")]
+    reaper_interval: String,
+    /// Admin token to create on first start (otherwise one is generated and printed once).
+    #[arg(long, env = "SANDPIT_BOOTSTRAP_TOKEN", hide_env_values = true)]
+    bootstrap_token: Option<String>,
+    /// Log as JSON lines.
+    #[arg(long, env = "SANDPIT_LOG_JSON")]
+    log_json: bool,
+}
+
+fn find_agent() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    let candidates = [
+        dir.join("sandpit-agent-static"),
+        dir.join("../x86_64-unknown-linux-gnu/release/sandpit-agent"),
+        dir.join("../../x86_64-unknown-linux-gnu/release/sandpit-agent"),
+        PathBuf::from("target/x86_64-unknown-linux-gnu/release/sandpit-agent"),
+    ];
+    candidates.into_iter().find(|p| p.exists())
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if args.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let agent_bin = args.agent_bin.or_else(find_agent).context(
+        "no sandpit-agent binary found: run scripts/build-agent or set SANDPIT_AGENT_BIN",
+    )?;
+    let reaper_interval: Duration = sandpit_api_types::parse_duration(&args.reaper_interval)
+        .map_err(anyhow::Error::msg)
+        .context("--reaper-interval")?;
+    let mut cfg = ServerConfig::new(args.data_dir.clone(), agent_bin);
+    cfg.prefix = args.prefix;
+    cfg.pool = args.pool;
+    cfg.platform = args.platform;
+    cfg.runsc = args.runsc;
+    cfg.upload_limit = args.upload_limit;
+    cfg.reaper_interval = reaper_interval;
+    let (server, token) = Server::start(cfg, args.bootstrap_token.as_deref())
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", sandpit_server::error::DisplayChain(&e)))
+        .context("starting the server")?;
+    if let Some(token) = token {
+        // Shown once: only its hash is stored.
+        eprintln!("\n  Admin token (shown once, store it now):\n\n    {token}\n");
+    }
+    let reaper = server.spawn_reaper();
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    tracing::info!(listen = %args.listen, data_dir = %args.data_dir.display(), "sandpit serving");
+    println!("listening on http://{}", listener.local_addr()?);
+    let shutdown = server.shutdown.clone();
+    let app = sandpit_server::app(server.clone());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!(
+                "shutting down; sandboxes keep running and are adopted on the next start"
+            );
+            shutdown.cancel();
+        })
+        .await
+        .context("serving")?;
+    let _ = reaper.await;
+    Ok(())
+}

@@ -1,0 +1,133 @@
+//! Persistent sandboxes: suspend on idle, wake on demand, memory and files kept.
+
+use std::time::Duration;
+
+use sandpit_sdk::types::{CreateSandboxRequest, SandboxMode, SandboxStatus};
+use sandpit_test_support::wait_until;
+
+use crate::{assert_api_err, create, server, sh};
+
+/// The counter's current value, read through the agent.
+async fn count(client: &sandpit_sdk::Client, id: &str) -> u64 {
+    let out = sh(client, id, "cat /tmp/count").await;
+    out.stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("counter: {out:?}"))
+}
+
+#[tokio::test]
+async fn persistent_sandbox_suspends_when_idle_and_wakes_with_memory_and_files() {
+    let srv = server().await;
+    let client = srv.client();
+    let sb = create(
+        &client,
+        CreateSandboxRequest {
+            template: "base".into(),
+            mode: SandboxMode::Persistent,
+            idle_timeout: Some("3s".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(sb.expires_at, None);
+    assert_eq!(sb.idle_timeout.as_deref(), Some("3s"));
+    let id = sb.id.clone();
+
+    // A process that counts in memory and writes its count to a file, and a file.
+    sh(
+        &client,
+        &id,
+        "i=0; (while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done) > /dev/null 2>&1 &",
+    )
+    .await;
+    client
+        .upload(&id, "/home/notes.txt", "kept across suspend")
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(10), "the counter runs", || async {
+        (count(&client, &id).await >= 3).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_api_err(client.keepalive(&id, "1m").await, 409, "invalid_state");
+
+    // Idle: the reaper suspends it.
+    wait_until(Duration::from_secs(60), "idle suspend", || async {
+        (client.get_sandbox(&id).await.ok()?.status == SandboxStatus::Suspended).then_some(())
+    })
+    .await
+    .unwrap();
+    let leaks = srv.leaks();
+    assert!(
+        leaks.runsc.is_empty() && leaks.netns.is_empty() && leaks.mounts.is_empty(),
+        "suspended holds no runtime: {leaks:?}"
+    );
+    assert_eq!(
+        client
+            .list_sandboxes(Some("suspended"))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let on_disk = std::fs::read_dir(srv.data_dir.join("checkpoints").join(&id))
+        .unwrap()
+        .count();
+    assert!(on_disk > 0, "a memory image is on disk");
+
+    // Any call that needs it running wakes it: the file is there and the same process
+    // continues counting from where it stopped (a fresh boot would start at 1).
+    let suspended_at = {
+        let text = std::fs::read_to_string(
+            srv.data_dir
+                .join("sandboxes")
+                .join(&id)
+                .join("upper/tmp/count"),
+        )
+        .unwrap();
+        text.trim().parse::<u64>().unwrap()
+    };
+    let out = sh(&client, &id, "cat /home/notes.txt").await;
+    assert_eq!(out.stdout, "kept across suspend");
+    assert_eq!(
+        client.get_sandbox(&id).await.unwrap().status,
+        SandboxStatus::Running
+    );
+    let first = count(&client, &id).await;
+    assert!(
+        first >= suspended_at,
+        "resumed at {first}, suspended at {suspended_at}"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the counter keeps counting",
+        || async { (count(&client, &id).await > first).then_some(()) },
+    )
+    .await
+    .unwrap();
+
+    // Explicit hibernate and wake.
+    assert_eq!(
+        client.hibernate(&id).await.unwrap().status,
+        SandboxStatus::Suspended
+    );
+    assert_eq!(
+        client.hibernate(&id).await.unwrap().status,
+        SandboxStatus::Suspended
+    );
+    let woken = client.wake(&id).await.unwrap();
+    assert_eq!(woken.status, SandboxStatus::Running);
+    assert_eq!(
+        client.wake(&id).await.unwrap().status,
+        SandboxStatus::Running,
+        "wake of a running sandbox is 200"
+    );
+    let after = count(&client, &id).await;
+    assert!(after >= first, "{after} >= {first}");
+
+    client.destroy_sandbox(&id).await.unwrap();
+    let leaks = srv.leaks();
+    assert!(leaks.is_empty(), "{leaks:?}");
+    assert!(!srv.data_dir.join("checkpoints").join(&id).exists());
+}

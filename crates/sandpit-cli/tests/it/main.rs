@@ -1,0 +1,69 @@
+//! End-to-end tests: a real `sandpit serve` over a real socket, real gVisor sandboxes, real
+//! network namespaces and nftables, a real SQLite file. They need root and runsc (the README's
+//! test command installs it).
+
+mod api;
+mod crash;
+mod lifecycle;
+
+use std::path::Path;
+
+use sandpit_sdk::types::{CreateSandboxRequest, ExecRequest, ExecResponse, Sandbox};
+use sandpit_sdk::{Client, SdkError};
+use sandpit_test_support::TestServer;
+
+pub fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_sandpit"))
+}
+
+pub async fn server() -> TestServer {
+    TestServer::start(bin()).await.expect("server starts")
+}
+
+pub async fn create(client: &Client, req: CreateSandboxRequest) -> Sandbox {
+    client
+        .create_sandbox(&req)
+        .await
+        .expect("sandbox is created")
+}
+
+pub fn base() -> CreateSandboxRequest {
+    CreateSandboxRequest {
+        template: "base".into(),
+        timeout: Some("10m".into()),
+        ..Default::default()
+    }
+}
+
+pub async fn sh(client: &Client, id: &str, command: &str) -> ExecResponse {
+    client
+        .exec(
+            id,
+            &ExecRequest {
+                command: Some(command.into()),
+                timeout: Some("30s".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("exec {command:?}: {e}"))
+}
+
+/// Assert an API error's status and code.
+#[track_caller]
+pub fn assert_api_err<T: std::fmt::Debug>(r: Result<T, SdkError>, status: u16, code: &str) {
+    match r {
+        Err(SdkError::Api {
+            status: s,
+            code: c,
+            message,
+        }) => {
+            assert_eq!(
+                (s.as_u16(), c.as_str()),
+                (status, code),
+                "message: {message}"
+            );
+        }
+        other => panic!("expected {status} {code}, got {other:?}"),
+    }
+}

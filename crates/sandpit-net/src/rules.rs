@@ -1,0 +1,363 @@
+//! Egress policy and the nftables scripts that enforce it (pure text generation).
+//!
+//! Everything lives in one `inet` table per [`crate::Network`] (`sandpit_<prefix>`):
+//!
+//! - set `veths` (`ifname`): the host-side veth of every attached slot;
+//! - map `slots` (`ifname : verdict`): host-side veth → `goto slot_<n>`;
+//! - chain `deny`: rejects TCP with a reset, everything else with ICMP admin-prohibited;
+//! - base chain `forward`: packets from a veth go to their slot's chain (`iifname vmap @slots`);
+//!   anything else from a veth is dropped; towards a veth only replies are let through;
+//! - base chain `input`: from a veth only `ct state established,related` reaches the host (the
+//!   host opens connections to the agent; sandboxes never open connections to the host);
+//! - base chain `postrouting` (nat): pool sources leaving through a non-veth interface are
+//!   masqueraded;
+//! - chain `slot_<n>` per slot: the slot's policy, replaced atomically by `flush` + `add`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Ipv4Net, NetError};
+
+/// Outbound policy of one sandbox (the `/v1/sandboxes` egress semantics).
+///
+/// `deny_cidrs` are rejected first. Then `allow_all` accepts everything else; otherwise only
+/// destinations in `allow_cidrs` are accepted, and when `allow_ports` is non-empty only TCP to
+/// those destination ports (UDP and ICMP to the allowed CIDRs are then rejected too).
+/// `allow_ports` has no effect with `allow_all`. Link-local addresses (the metadata service),
+/// the address pool (other sandboxes) and the host itself are always rejected.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressRules {
+    pub allow_all: bool,
+    #[serde(default)]
+    pub allow_cidrs: Vec<Ipv4Net>,
+    #[serde(default)]
+    pub deny_cidrs: Vec<Ipv4Net>,
+    #[serde(default)]
+    pub allow_ports: Vec<u16>,
+}
+
+impl EgressRules {
+    /// Everything allowed (apart from what is always blocked).
+    pub fn allow_all() -> Self {
+        Self {
+            allow_all: true,
+            ..Self::default()
+        }
+    }
+
+    /// Nothing allowed.
+    pub fn deny_all() -> Self {
+        Self::default()
+    }
+
+    /// Rejects port 0.
+    pub fn validate(&self) -> Result<(), NetError> {
+        if self.allow_ports.contains(&0) {
+            return Err(NetError::InvalidRules {
+                reason: "port 0 in allow_ports".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Link-local addresses, including the cloud metadata service 169.254.169.254.
+pub const LINK_LOCAL: Ipv4Net = Ipv4Net {
+    addr: std::net::Ipv4Addr::new(169, 254, 0, 0),
+    prefix_len: 16,
+};
+
+/// Names of the nft objects of one [`crate::Network`].
+#[derive(Debug, Clone)]
+pub(crate) struct Tables {
+    /// `sandpit_<prefix>`, family `inet`.
+    pub table: String,
+    pub pool: Ipv4Net,
+}
+
+impl Tables {
+    pub fn slot_chain(slot: u32) -> String {
+        format!("slot_{slot}")
+    }
+
+    /// The idempotent script that creates the table, its set, map and base chains. Base chains
+    /// are flushed and refilled in the same transaction, so running it again is harmless.
+    pub fn init_script(&self) -> String {
+        let t = format!("inet {}", self.table);
+        let pool = self.pool;
+        [
+            format!("add table {t}"),
+            format!("add set {t} veths {{ type ifname; }}"),
+            format!("add map {t} slots {{ type ifname : verdict; }}"),
+            format!("add chain {t} deny"),
+            format!("flush chain {t} deny"),
+            format!("add rule {t} deny meta l4proto tcp reject with tcp reset"),
+            format!("add rule {t} deny reject with icmpx type admin-prohibited"),
+            format!(
+                "add chain {t} forward {{ type filter hook forward priority filter; policy accept; }}"
+            ),
+            format!("flush chain {t} forward"),
+            format!("add rule {t} forward iifname vmap @slots"),
+            format!("add rule {t} forward iifname @veths drop"),
+            format!("add rule {t} forward oifname @veths ct state established,related accept"),
+            format!("add rule {t} forward oifname @veths drop"),
+            format!(
+                "add chain {t} input {{ type filter hook input priority filter; policy accept; }}"
+            ),
+            format!("flush chain {t} input"),
+            format!("add rule {t} input iifname @veths ct state established,related accept"),
+            format!("add rule {t} input iifname @veths goto deny"),
+            format!(
+                "add chain {t} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}"
+            ),
+            format!("flush chain {t} postrouting"),
+            format!("add rule {t} postrouting ip saddr {pool} oifname != @veths masquerade"),
+        ]
+        .join("\n")
+            + "\n"
+    }
+
+    /// The rules of a slot chain (without the chain creation/flush).
+    pub fn slot_rules(&self, slot: u32, rules: &EgressRules) -> Vec<String> {
+        let t = format!("inet {}", self.table);
+        let chain = Self::slot_chain(slot);
+        let mut body = vec![
+            "meta nfproto ipv6 drop".to_string(),
+            format!("ip daddr {LINK_LOCAL} goto deny"),
+            format!("ip daddr {} goto deny", self.pool),
+        ];
+        let deny = normalize_cidrs(&rules.deny_cidrs);
+        if !deny.is_empty() {
+            body.push(format!("ip daddr {} goto deny", cidr_set(&deny)));
+        }
+        if rules.allow_all {
+            body.push("accept".into());
+        } else {
+            let allow = normalize_cidrs(&rules.allow_cidrs);
+            if !allow.is_empty() {
+                let mut ports = rules.allow_ports.clone();
+                ports.sort_unstable();
+                ports.dedup();
+                if ports.is_empty() {
+                    body.push(format!("ip daddr {} accept", cidr_set(&allow)));
+                } else {
+                    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+                    body.push(format!(
+                        "ip daddr {} tcp dport {{ {} }} accept",
+                        cidr_set(&allow),
+                        ports.join(", ")
+                    ));
+                }
+            }
+            body.push("goto deny".into());
+        }
+        body.into_iter()
+            .map(|r| format!("add rule {t} {chain} {r}"))
+            .collect()
+    }
+
+    /// Creates the slot's chain with its rules and registers its veth: one transaction.
+    pub fn attach_script(&self, slot: u32, host_if: &str, rules: &EgressRules) -> String {
+        let t = format!("inet {}", self.table);
+        let chain = Self::slot_chain(slot);
+        let mut lines = vec![
+            format!("add chain {t} {chain}"),
+            format!("flush chain {t} {chain}"),
+        ];
+        lines.extend(self.slot_rules(slot, rules));
+        lines.push(format!("add element {t} veths {{ \"{host_if}\" }}"));
+        lines.push(format!(
+            "add element {t} slots {{ \"{host_if}\" : goto {chain} }}"
+        ));
+        lines.join("\n") + "\n"
+    }
+
+    /// Replaces the slot's rules: one transaction, so no packet sees a half-written policy.
+    /// Fails if the chain does not exist.
+    pub fn replace_script(&self, slot: u32, rules: &EgressRules) -> String {
+        let t = format!("inet {}", self.table);
+        let chain = Self::slot_chain(slot);
+        let mut lines = vec![format!("flush chain {t} {chain}")];
+        lines.extend(self.slot_rules(slot, rules));
+        lines.join("\n") + "\n"
+    }
+
+    /// Removes the slot's chain and elements whether or not they exist (nft 1.0.6 has no
+    /// `destroy`: add them first, which is a no-op when present, then delete).
+    pub fn detach_script(&self, slot: u32, host_if: &str) -> String {
+        let t = format!("inet {}", self.table);
+        let chain = Self::slot_chain(slot);
+        [
+            format!("add chain {t} {chain}"),
+            format!("add element {t} veths {{ \"{host_if}\" }}"),
+            format!("add element {t} slots {{ \"{host_if}\" : goto {chain} }}"),
+            format!("delete element {t} slots {{ \"{host_if}\" }}"),
+            format!("delete element {t} veths {{ \"{host_if}\" }}"),
+            format!("flush chain {t} {chain}"),
+            format!("delete chain {t} {chain}"),
+        ]
+        .join("\n")
+            + "\n"
+    }
+}
+
+/// Sorted, deduplicated, and without networks contained in another (nft rejects overlapping
+/// intervals in anonymous sets).
+pub(crate) fn normalize_cidrs(cidrs: &[Ipv4Net]) -> Vec<Ipv4Net> {
+    let mut sorted: Vec<Ipv4Net> = cidrs.to_vec();
+    sorted.sort_by_key(|n| (n.prefix_len, n.addr));
+    let mut kept: Vec<Ipv4Net> = Vec::new();
+    for n in sorted {
+        if !kept.iter().any(|k| k.contains_net(&n)) {
+            kept.push(n);
+        }
+    }
+    kept.sort_by_key(|n| (n.addr, n.prefix_len));
+    kept
+}
+
+fn cidr_set(cidrs: &[Ipv4Net]) -> String {
+    let items: Vec<String> = cidrs.iter().map(Ipv4Net::to_string).collect();
+    format!("{{ {} }}", items.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tables() -> Tables {
+        Tables {
+            table: "sandpit_t1".into(),
+            pool: "10.88.0.0/16".parse().unwrap(),
+        }
+    }
+
+    fn nets(s: &[&str]) -> Vec<Ipv4Net> {
+        s.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn allow_all_rules() {
+        let r = tables().slot_rules(3, &EgressRules::allow_all());
+        assert_eq!(
+            r,
+            vec![
+                "add rule inet sandpit_t1 slot_3 meta nfproto ipv6 drop",
+                "add rule inet sandpit_t1 slot_3 ip daddr 169.254.0.0/16 goto deny",
+                "add rule inet sandpit_t1 slot_3 ip daddr 10.88.0.0/16 goto deny",
+                "add rule inet sandpit_t1 slot_3 accept",
+            ]
+        );
+    }
+
+    #[test]
+    fn deny_all_rules() {
+        let r = tables().slot_rules(0, &EgressRules::deny_all());
+        assert_eq!(
+            r.last().unwrap(),
+            "add rule inet sandpit_t1 slot_0 goto deny"
+        );
+        assert!(!r.iter().any(|l| l.ends_with(" accept")));
+    }
+
+    #[test]
+    fn deny_before_allow_and_ports() {
+        let rules = EgressRules {
+            allow_all: false,
+            allow_cidrs: nets(&["10.0.0.0/8", "1.2.3.4"]),
+            deny_cidrs: nets(&["10.1.0.0/16"]),
+            allow_ports: vec![443, 80, 443],
+        };
+        let r = tables().slot_rules(7, &rules);
+        let deny = r
+            .iter()
+            .position(|l| l.ends_with("ip daddr { 10.1.0.0/16 } goto deny"))
+            .unwrap();
+        let allow = r
+            .iter()
+            .position(|l| {
+                l.ends_with("ip daddr { 1.2.3.4/32, 10.0.0.0/8 } tcp dport { 80, 443 } accept")
+            })
+            .unwrap();
+        assert!(deny < allow);
+        assert_eq!(
+            r.last().unwrap(),
+            "add rule inet sandpit_t1 slot_7 goto deny"
+        );
+    }
+
+    #[test]
+    fn allow_ports_ignored_with_allow_all_and_empty_allow_list_denies() {
+        let rules = EgressRules {
+            allow_all: true,
+            allow_ports: vec![22],
+            ..Default::default()
+        };
+        assert!(
+            !tables()
+                .slot_rules(1, &rules)
+                .iter()
+                .any(|l| l.contains("dport"))
+        );
+        let rules = EgressRules {
+            allow_ports: vec![22],
+            ..Default::default()
+        };
+        let r = tables().slot_rules(1, &rules);
+        assert!(!r.iter().any(|l| l.contains("dport")));
+        assert_eq!(
+            r.last().unwrap(),
+            "add rule inet sandpit_t1 slot_1 goto deny"
+        );
+    }
+
+    #[test]
+    fn normalize_removes_nested_and_duplicates() {
+        let n = normalize_cidrs(&nets(&[
+            "10.1.2.0/24",
+            "10.0.0.0/8",
+            "192.168.1.1",
+            "10.0.0.0/8",
+            "192.168.0.0/16",
+            "8.8.8.8",
+        ]));
+        assert_eq!(n, nets(&["8.8.8.8/32", "10.0.0.0/8", "192.168.0.0/16"]));
+    }
+
+    #[test]
+    fn scripts() {
+        let t = tables();
+        let init = t.init_script();
+        assert!(init.starts_with("add table inet sandpit_t1\n"));
+        assert!(init.contains("forward iifname vmap @slots"));
+        assert!(init.contains("input iifname @veths goto deny"));
+        assert!(init.contains("ip saddr 10.88.0.0/16 oifname != @veths masquerade"));
+        let a = t.attach_script(2, "t1h2", &EgressRules::allow_all());
+        assert!(
+            a.starts_with("add chain inet sandpit_t1 slot_2\nflush chain inet sandpit_t1 slot_2\n")
+        );
+        assert!(a.ends_with("add element inet sandpit_t1 slots { \"t1h2\" : goto slot_2 }\n"));
+        let r = t.replace_script(2, &EgressRules::deny_all());
+        assert!(r.starts_with("flush chain inet sandpit_t1 slot_2\n"));
+        assert!(!r.contains("add chain"));
+        let d = t.detach_script(2, "t1h2");
+        assert!(d.ends_with("delete chain inet sandpit_t1 slot_2\n"));
+    }
+
+    #[test]
+    fn validate_ports() {
+        assert!(EgressRules::allow_all().validate().is_ok());
+        let bad = EgressRules {
+            allow_ports: vec![0],
+            ..Default::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn rules_json() {
+        let r: EgressRules =
+            serde_json::from_str(r#"{"allow_all":false,"allow_cidrs":["10.0.0.0/8"]}"#).unwrap();
+        assert_eq!(r.allow_cidrs, nets(&["10.0.0.0/8"]));
+        assert!(r.deny_cidrs.is_empty() && r.allow_ports.is_empty());
+    }
+}

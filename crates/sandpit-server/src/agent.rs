@@ -1,0 +1,267 @@
+//! The host side of the agent protocol (`sandpit-agent-proto`): one TCP connection per
+//! operation to the agent inside a sandbox, closed by the host with a reset.
+//!
+//! Invariant: every connection to an agent is closed with `SO_LINGER` 0 (see [`AgentConn`]).
+//! gVisor refuses to checkpoint a sandbox that holds a connected or closing TCP endpoint, and
+//! a refused checkpoint kills the sandbox; a reset leaves no endpoint behind on either side.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use sandpit_agent_proto::{
+    self as proto, AgentError, DirListing, ExecRequest, ExitStatus, FileInfo, FrameKind, Op,
+    PingReply, Request, WriteReply,
+};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::error::ServerError;
+
+/// An agent operation's failure: the agent refused (its error code says why), or the
+/// connection broke.
+#[derive(Debug)]
+pub enum AgentFailure {
+    Refused(AgentError),
+    Broken(ServerError),
+    /// An upload went past the size limit.
+    TooLarge {
+        limit: u64,
+    },
+    /// The client's request body failed mid-way.
+    Body(String),
+}
+
+impl From<ServerError> for AgentFailure {
+    fn from(e: ServerError) -> Self {
+        AgentFailure::Broken(e)
+    }
+}
+
+/// Output of a running exec, as it arrives.
+#[derive(Debug)]
+pub enum ExecOutput {
+    Started(u32),
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+}
+
+/// A connection that resets on drop.
+pub struct AgentConn {
+    stream: TcpStream,
+}
+
+impl Drop for AgentConn {
+    fn drop(&mut self) {
+        // Reset instead of FIN: see the module docs.
+        let _ = socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO));
+    }
+}
+
+/// Talks to the agent of one sandbox.
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    pub sandbox: String,
+    pub addr: SocketAddr,
+}
+
+impl AgentClient {
+    pub fn new(sandbox: &str, ip: Ipv4Addr) -> Self {
+        AgentClient {
+            sandbox: sandbox.to_string(),
+            addr: SocketAddr::from((ip, proto::AGENT_PORT)),
+        }
+    }
+
+    fn broken(&self, what: impl std::fmt::Display) -> ServerError {
+        ServerError::Agent {
+            sandbox: self.sandbox.clone(),
+            what: what.to_string(),
+        }
+    }
+
+    /// Open a connection and send the request frame.
+    async fn open(&self, op: Op) -> Result<AgentConn, ServerError> {
+        let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(self.addr))
+            .await
+            .map_err(|_| self.broken("connect timed out"))?
+            .map_err(|e| self.broken(format!("connect: {e}")))?;
+        let _ = stream.set_nodelay(true);
+        let mut conn = AgentConn { stream };
+        proto::write_json(&mut conn.stream, FrameKind::Request, &Request::new(op))
+            .await
+            .map_err(|e| self.broken(crate::error::DisplayChain(&e)))?;
+        Ok(conn)
+    }
+
+    async fn read(&self, conn: &mut AgentConn) -> Result<proto::Frame, ServerError> {
+        proto::read_frame(&mut conn.stream)
+            .await
+            .map_err(|e| self.broken(crate::error::DisplayChain(&e)))
+    }
+
+    /// Read the terminal `Ok` reply of a simple operation.
+    async fn simple<T: for<'de> serde::Deserialize<'de>>(&self, op: Op) -> Result<T, AgentFailure> {
+        let mut conn = self.open(op).await?;
+        let frame = self.read(&mut conn).await?;
+        self.ok_or_refused(&frame)
+    }
+
+    fn ok_or_refused<T: for<'de> serde::Deserialize<'de>>(
+        &self,
+        frame: &proto::Frame,
+    ) -> Result<T, AgentFailure> {
+        match frame.kind {
+            FrameKind::Ok => frame.parse().map_err(|e| self.broken(e).into()),
+            FrameKind::Error => Err(AgentFailure::Refused(
+                frame.parse().map_err(|e| self.broken(e))?,
+            )),
+            other => Err(self.broken(format!("unexpected frame {other:?}")).into()),
+        }
+    }
+
+    pub async fn ping(&self) -> Result<PingReply, AgentFailure> {
+        self.simple(Op::Ping).await
+    }
+
+    /// Poll until the agent answers a ping or `limit` passes.
+    pub async fn wait_ready(&self, limit: Duration) -> Result<PingReply, ServerError> {
+        let start = std::time::Instant::now();
+        let mut delay = Duration::from_millis(2);
+        loop {
+            // A short connect timeout: before the agent listens, gVisor's netstack answers
+            // with a reset, so failures are fast.
+            let attempt = tokio::time::timeout(Duration::from_millis(500), self.ping()).await;
+            if let Ok(Ok(reply)) = attempt {
+                return Ok(reply);
+            }
+            if start.elapsed() >= limit {
+                return Err(ServerError::AgentTimeout {
+                    sandbox: self.sandbox.clone(),
+                    secs: limit.as_secs(),
+                });
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    /// Run a command, sending output to `out` as it arrives. A closed `out` does not stop the
+    /// command (the caller may stop listening); dropping the returned future does: the
+    /// connection resets and the agent kills the process group.
+    pub async fn exec(
+        &self,
+        req: ExecRequest,
+        out: mpsc::Sender<ExecOutput>,
+    ) -> Result<ExitStatus, AgentFailure> {
+        let mut conn = self.open(Op::Exec(req)).await?;
+        loop {
+            let frame = self.read(&mut conn).await?;
+            let item = match frame.kind {
+                FrameKind::Started => {
+                    let s: proto::ExecStarted = frame.parse().map_err(|e| self.broken(e))?;
+                    ExecOutput::Started(s.pid)
+                }
+                FrameKind::Stdout => ExecOutput::Stdout(frame.payload),
+                FrameKind::Stderr => ExecOutput::Stderr(frame.payload),
+                FrameKind::Exit => return frame.parse().map_err(|e| self.broken(e).into()),
+                FrameKind::Error => {
+                    return Err(AgentFailure::Refused(
+                        frame.parse().map_err(|e| self.broken(e))?,
+                    ));
+                }
+                other => return Err(self.broken(format!("unexpected frame {other:?}")).into()),
+            };
+            let _ = out.send(item).await;
+        }
+    }
+
+    /// Open a file for reading. Returns its metadata and a stream of its bytes; the stream
+    /// ends with an error item if the connection breaks mid-way.
+    pub async fn read_file(
+        &self,
+        path: &str,
+    ) -> Result<
+        (
+            FileInfo,
+            impl Stream<Item = Result<Bytes, std::io::Error>> + use<>,
+        ),
+        AgentFailure,
+    > {
+        let mut conn = self.open(Op::ReadFile { path: path.into() }).await?;
+        let first = self.read(&mut conn).await?;
+        let info: FileInfo = self.ok_or_refused(&first)?;
+        let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match me.read(&mut conn).await {
+                    Ok(f) if f.kind == FrameKind::Data => {
+                        if tx.send(Ok(Bytes::from(f.payload))).await.is_err() {
+                            return; // client went away; dropping conn resets it
+                        }
+                    }
+                    Ok(f) if f.kind == FrameKind::End => return,
+                    Ok(f) => {
+                        let _ = tx
+                            .send(Err(std::io::Error::other(format!(
+                                "unexpected frame {:?}",
+                                f.kind
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok((info, tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    /// Stream `body` into a file. Fails with `file_too_large` (as a refusal) once more than
+    /// `limit` bytes arrive; the agent then removes its temporary file and nothing changes.
+    pub async fn write_file<S, E>(
+        &self,
+        path: &str,
+        mut body: S,
+        limit: u64,
+    ) -> Result<WriteReply, AgentFailure>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let mut conn = self
+            .open(Op::WriteFile {
+                path: path.into(),
+                mode: None,
+                create_parents: true,
+            })
+            .await?;
+        let mut total: u64 = 0;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| AgentFailure::Body(e.to_string()))?;
+            total += chunk.len() as u64;
+            if total > limit {
+                return Err(AgentFailure::TooLarge { limit });
+            }
+            for piece in chunk.chunks(proto::DATA_CHUNK) {
+                proto::write_frame(&mut conn.stream, FrameKind::Data, piece)
+                    .await
+                    .map_err(|e| self.broken(crate::error::DisplayChain(&e)))?;
+            }
+        }
+        proto::write_frame(&mut conn.stream, FrameKind::End, &[])
+            .await
+            .map_err(|e| self.broken(crate::error::DisplayChain(&e)))?;
+        let frame = self.read(&mut conn).await?;
+        self.ok_or_refused(&frame)
+    }
+
+    pub async fn list_dir(&self, path: &str) -> Result<DirListing, AgentFailure> {
+        self.simple(Op::ListDir { path: path.into() }).await
+    }
+}

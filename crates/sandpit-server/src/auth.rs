@@ -1,0 +1,137 @@
+//! API tokens: generation, hashing, the bootstrap token, and the [`Auth`] extractor that
+//! turns a bearer token into the workspace and scopes a request acts with.
+
+use std::sync::Arc;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+use crate::error::{ApiError, ServerError};
+use crate::server::Server;
+use crate::store::{TokenRow, WorkspaceRow};
+use crate::util::{new_id, now_ms};
+
+/// Tokens start with this, so leaked ones are easy to find with secret scanners.
+pub const TOKEN_PREFIX: &str = "sp_";
+
+/// A fresh random token: the prefix and 256 random bits in hex.
+pub fn generate_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    format!("{TOKEN_PREFIX}{}", hex::encode(bytes))
+}
+
+/// What the store keeps instead of the token.
+pub fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// The caller of a request, from its bearer token.
+#[derive(Debug, Clone)]
+pub struct Auth {
+    pub token_id: String,
+    pub workspace_id: String,
+    pub org_id: String,
+    pub scopes: Vec<String>,
+}
+
+impl Auth {
+    /// 403 `missing_scope` unless the token holds `scope`.
+    pub fn require(&self, scope: &str) -> Result<(), ApiError> {
+        if self.scopes.iter().any(|s| s == scope) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(
+                "missing_scope",
+                format!("this token lacks the {scope:?} scope"),
+            ))
+        }
+    }
+}
+
+impl FromRequestParts<Arc<Server>> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, server: &Arc<Server>) -> Result<Self, ApiError> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or_else(|| {
+                ApiError::unauthorized("missing Authorization: Bearer <token> header")
+            })?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| ApiError::unauthorized("Authorization header must be Bearer <token>"))?;
+        let found = server.store.token_by_hash(&hash_token(token)).await?;
+        let t = found.ok_or_else(|| ApiError::unauthorized("unknown or revoked token"))?;
+        if let Some(exp) = t.expires_at {
+            if exp <= now_ms() {
+                return Err(ApiError::unauthorized("token has expired"));
+            }
+        }
+        let scopes: Vec<String> = serde_json::from_str(&t.scopes)
+            .map_err(|e| ServerError::Corrupt(format!("scopes of token {}: {e}", t.id)))?;
+        Ok(Auth {
+            token_id: t.id,
+            workspace_id: t.workspace_id,
+            org_id: t.org_id,
+            scopes,
+        })
+    }
+}
+
+/// On first start (no organization yet): create the default organization, workspace and an
+/// admin token with every scope. The token is `preset` when given (from
+/// `SANDPIT_BOOTSTRAP_TOKEN`), otherwise generated. Returns the token when it was generated,
+/// so the caller prints it once.
+pub async fn bootstrap(
+    server: &Server,
+    preset: Option<&str>,
+) -> Result<Option<String>, ServerError> {
+    if server.store.count_orgs().await? > 0 {
+        return Ok(None);
+    }
+    let now = now_ms();
+    let org_id = new_id("org");
+    server.store.insert_org(&org_id, "default", now).await?;
+    let ws = WorkspaceRow {
+        id: new_id("ws"),
+        org_id,
+        name: "default".into(),
+    };
+    server.store.insert_workspace(&ws, now).await?;
+    let token = preset.map(str::to_string).unwrap_or_else(generate_token);
+    let row = TokenRow {
+        id: new_id("tok"),
+        workspace_id: ws.id.clone(),
+        description: Some("bootstrap admin token".into()),
+        scopes: serde_json::to_string(sandpit_api_types::ALL_SCOPES).expect("static list"),
+        expires_at: None,
+        created_at: now,
+    };
+    server.store.insert_token(&row, &hash_token(&token)).await?;
+    tracing::info!(workspace = %ws.id, "created the default workspace and its admin token");
+    Ok(if preset.is_some() { None } else { Some(token) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_random_and_hashes_stable() {
+        let a = generate_token();
+        let b = generate_token();
+        assert_ne!(a, b);
+        assert!(a.starts_with(TOKEN_PREFIX) && a.len() == 3 + 64);
+        assert_eq!(hash_token("x"), hash_token("x"));
+        assert_ne!(hash_token(&a), a);
+        assert_eq!(hash_token("abc").len(), 64);
+    }
+}

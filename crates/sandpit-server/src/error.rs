@@ -1,0 +1,127 @@
+//! Errors: [`ServerError`] for what failed inside the server, [`ApiError`] for what a client is
+//! told (a stable code and an HTTP status; internal details are logged, never returned).
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use sandpit_api_types::{ErrorBody, ErrorDetail};
+
+/// What failed inside the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("store: {op}")]
+    Store {
+        op: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("applying database migrations")]
+    Migrate {
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+    #[error("runtime")]
+    Runtime(#[from] sandpit_runtime::RuntimeError),
+    #[error("network")]
+    Net(#[from] sandpit_net::NetError),
+    #[error("gVisor backend")]
+    Gvisor(#[from] sandpit_runtime_gvisor::GvisorError),
+    #[error("talking to the agent of {sandbox}: {what}")]
+    Agent { sandbox: String, what: String },
+    #[error("agent of {sandbox} did not answer within {secs} s")]
+    AgentTimeout { sandbox: String, secs: u64 },
+    #[error("preparing {what}")]
+    Files {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no free network slot (pool exhausted)")]
+    NoSlot,
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// An error a client sees: `{"error":{"code","message"}}` with an HTTP status.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, code, message)
+    }
+    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, code, message)
+    }
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+}
+
+impl From<ServerError> for ApiError {
+    fn from(e: ServerError) -> Self {
+        // The chain goes to the log; the client gets a code it can act on.
+        tracing::error!(error = %DisplayChain(&e), "internal error");
+        match e {
+            ServerError::NoSlot => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "capacity_exhausted",
+                "no network slot is free; destroy sandboxes or enlarge the address pool",
+            ),
+            ServerError::AgentTimeout { .. } => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "agent_unreachable",
+                "the sandbox's agent did not answer",
+            ),
+            _ => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal server error; see the server log",
+            ),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_string(),
+                message: self.message,
+            },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// Formats an error with its whole `source()` chain: `a: b: c`.
+pub struct DisplayChain<'a>(pub &'a dyn std::error::Error);
+
+impl std::fmt::Display for DisplayChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cur = self.0.source();
+        while let Some(e) = cur {
+            write!(f, ": {e}")?;
+            cur = e.source();
+        }
+        Ok(())
+    }
+}

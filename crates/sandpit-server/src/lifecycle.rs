@@ -1,0 +1,566 @@
+//! The sandbox state machine: create, suspend, wake, destroy, and access to a running
+//! sandbox's agent. Every transition holds the sandbox's write lock; every agent operation
+//! holds its read lock (see [`Server`]).
+//!
+//! ```text
+//!   create ──► creating ──► running ◄──► suspended
+//!                 │            │             │
+//!                 ▼            ▼             ▼
+//!               failed ──────► destroyed ◄───┘
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sandpit_api_types::{
+    CreateSandboxRequest, EgressPolicy, MAX_EPHEMERAL_TIMEOUT_SECS, Sandbox, SandboxMode,
+    SandboxStatus, ValidEgress, format_duration, parse_duration,
+};
+use sandpit_net::{EgressRules, Ipv4Net};
+use sandpit_runtime::{NetworkAttachment, Resources, SandboxSpec};
+use tokio::sync::OwnedRwLockReadGuard;
+
+use crate::agent::AgentClient;
+use crate::auth::Auth;
+use crate::error::{ApiError, DisplayChain, ServerError};
+use crate::server::Server;
+use crate::store::SandboxRow;
+use crate::templates::AGENT_PATH_IN_SANDBOX;
+use crate::util::{new_sandbox_id, now_ms, rfc3339};
+
+/// Size presets: CPU (thousandths of a core) and memory.
+pub const SIZES: &[(&str, u32, u64)] = &[
+    ("small", 1000, 1 << 30),
+    ("medium", 2000, 2 << 30),
+    ("large", 4000, 4 << 30),
+];
+
+pub fn size_resources(name: &str) -> Option<Resources> {
+    SIZES
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .map(|&(_, cpu_millis, memory_bytes)| Resources {
+            cpu_millis,
+            memory_bytes,
+        })
+}
+
+/// The API view of a row.
+pub fn to_api(row: &SandboxRow) -> Sandbox {
+    let env: BTreeMap<String, String> = serde_json::from_str(&row.env).unwrap_or_default();
+    Sandbox {
+        id: row.id.clone(),
+        status: SandboxStatus::parse(&row.status).unwrap_or(SandboxStatus::Failed),
+        template: row.template_name.clone(),
+        mode: if row.mode == "persistent" {
+            SandboxMode::Persistent
+        } else {
+            SandboxMode::Ephemeral
+        },
+        size: row.size.clone(),
+        created_at: rfc3339(row.created_at),
+        expires_at: row.expires_at.map(rfc3339),
+        idle_timeout: row
+            .idle_timeout_ms
+            .map(|ms| format_duration(Duration::from_millis(ms as u64))),
+        metadata: serde_json::from_str(&row.metadata).unwrap_or_default(),
+        env_keys: env.into_keys().collect(),
+        egress: serde_json::from_str(&row.egress).unwrap_or_default(),
+        error: row.error.clone(),
+    }
+}
+
+pub fn egress_rules(v: &ValidEgress) -> EgressRules {
+    let nets = |list: &[sandpit_api_types::Cidr]| {
+        list.iter()
+            .map(|c| Ipv4Net {
+                addr: c.addr,
+                prefix_len: c.prefix_len,
+            })
+            .collect()
+    };
+    EgressRules {
+        allow_all: v.allow_all,
+        allow_cidrs: nets(&v.allow_cidrs),
+        deny_cidrs: nets(&v.deny_cidrs),
+        allow_ports: v.allow_ports.clone(),
+    }
+}
+
+fn stored_rules(row: &SandboxRow) -> Result<EgressRules, ServerError> {
+    let policy: EgressPolicy = serde_json::from_str(&row.egress)
+        .map_err(|e| ServerError::Corrupt(format!("egress of {}: {e}", row.id)))?;
+    let valid = policy
+        .validate()
+        .map_err(|(_, m)| ServerError::Corrupt(format!("egress of {}: {m}", row.id)))?;
+    Ok(egress_rules(&valid))
+}
+
+/// Validate a create request into a row (not yet inserted). Changes nothing.
+async fn validate_create(
+    server: &Server,
+    auth: &Auth,
+    req: &CreateSandboxRequest,
+) -> Result<SandboxRow, ApiError> {
+    if req.template.trim().is_empty() {
+        return Err(ApiError::bad_request(
+            "missing_template",
+            "template is required",
+        ));
+    }
+    let size = req.size.clone().unwrap_or_else(|| "small".into());
+    if size_resources(&size).is_none() {
+        let names: Vec<_> = SIZES.iter().map(|s| s.0).collect();
+        return Err(ApiError::bad_request(
+            "invalid_size",
+            format!("size must be one of {names:?}, not {size:?}"),
+        ));
+    }
+    let now = now_ms();
+    let (timeout_ms, idle_timeout_ms, expires_at) =
+        match req.mode {
+            SandboxMode::Ephemeral => {
+                if req.idle_timeout.is_some() {
+                    return Err(ApiError::bad_request(
+                        "invalid_timeout",
+                        "idle_timeout applies to persistent sandboxes only",
+                    ));
+                }
+                let t = match &req.timeout {
+                    Some(text) => parse_duration(text)
+                        .map_err(|m| ApiError::bad_request("invalid_timeout", m))?,
+                    None => server.cfg.default_timeout,
+                };
+                if t.is_zero() || t > Duration::from_secs(MAX_EPHEMERAL_TIMEOUT_SECS) {
+                    return Err(ApiError::bad_request(
+                        "invalid_timeout",
+                        "timeout must be between 1s and 24h",
+                    ));
+                }
+                (
+                    Some(t.as_millis() as i64),
+                    None,
+                    Some(now + t.as_millis() as i64),
+                )
+            }
+            SandboxMode::Persistent => {
+                if req.timeout.is_some() {
+                    return Err(ApiError::bad_request(
+                        "invalid_timeout",
+                        "timeout applies to ephemeral sandboxes only; use idle_timeout",
+                    ));
+                }
+                let t = match &req.idle_timeout {
+                    Some(text) => parse_duration(text)
+                        .map_err(|m| ApiError::bad_request("invalid_timeout", m))?,
+                    None => server.cfg.default_idle_timeout,
+                };
+                if t < Duration::from_secs(1) || t > Duration::from_secs(7 * 24 * 3600) {
+                    return Err(ApiError::bad_request(
+                        "invalid_timeout",
+                        "idle_timeout must be between 1s and 7d",
+                    ));
+                }
+                (None, Some(t.as_millis() as i64), None)
+            }
+        };
+    for key in req.env.keys() {
+        if key.is_empty() || key.contains('=') || key.contains('\0') {
+            return Err(ApiError::bad_request(
+                "invalid_env",
+                format!("invalid environment variable name {key:?}"),
+            ));
+        }
+    }
+    if req.env.values().any(|v| v.contains('\0')) {
+        return Err(ApiError::bad_request(
+            "invalid_env",
+            "environment values must not contain NUL",
+        ));
+    }
+    if req.metadata.len() > 64
+        || req
+            .metadata
+            .iter()
+            .any(|(k, v)| k.len() > 256 || v.len() > 4096)
+    {
+        return Err(ApiError::bad_request(
+            "invalid_metadata",
+            "metadata holds at most 64 entries, keys up to 256 and values up to 4096 bytes",
+        ));
+    }
+    let template = server
+        .store
+        .find_template(&auth.workspace_id, &req.template)
+        .await?
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "template_not_found",
+                format!("no template {:?}", req.template),
+            )
+        })?;
+    let egress = match &req.egress {
+        Some(p) => p.clone(),
+        None => serde_json::from_str(&template.default_egress).unwrap_or_default(),
+    };
+    egress
+        .validate()
+        .map_err(|(code, m)| ApiError::bad_request(code, m))?;
+    let id = new_sandbox_id();
+    Ok(SandboxRow {
+        runtime_id: format!("{}-{}", server.cfg.prefix, id),
+        id,
+        workspace_id: auth.workspace_id.clone(),
+        template_id: template.id,
+        template_name: template.name,
+        mode: req.mode.as_str().into(),
+        status: "creating".into(),
+        size,
+        env: serde_json::to_string(&req.env).expect("map serializes"),
+        metadata: serde_json::to_string(&req.metadata).expect("map serializes"),
+        egress: serde_json::to_string(&egress).expect("policy serializes"),
+        timeout_ms,
+        idle_timeout_ms,
+        expires_at,
+        last_active_at: now,
+        slot: None,
+        error: None,
+        created_at: now,
+        updated_at: now,
+    })
+}
+
+/// Claim the lowest free network slot by inserting the row that holds it.
+async fn insert_with_slot(server: &Server, row: &mut SandboxRow) -> Result<(), ServerError> {
+    let _guard = server.slot_lock.lock().await;
+    let used: std::collections::HashSet<i64> =
+        server.store.used_slots().await?.into_iter().collect();
+    let slot = (0..server.net.capacity() as i64)
+        .find(|s| !used.contains(s))
+        .ok_or(ServerError::NoSlot)?;
+    row.slot = Some(slot);
+    server.store.insert_sandbox(row).await
+}
+
+/// The spec the runtime boots or restores a sandbox from.
+async fn spec_for(server: &Server, row: &SandboxRow) -> Result<SandboxSpec, ServerError> {
+    let template = server
+        .store
+        .template_by_id(&row.template_id)
+        .await?
+        .ok_or_else(|| {
+            ServerError::Corrupt(format!(
+                "template {} of {} is gone",
+                row.template_id, row.id
+            ))
+        })?;
+    let slot = row
+        .slot
+        .ok_or_else(|| ServerError::Corrupt(format!("sandbox {} has no network slot", row.id)))?;
+    let addrs = server.net.addrs(slot as u32);
+    let user_env: BTreeMap<String, String> = serde_json::from_str(&row.env)
+        .map_err(|e| ServerError::Corrupt(format!("env of {}: {e}", row.id)))?;
+    let mut env = vec![
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        "HOME=/root".to_string(),
+        format!("SANDPIT_SANDBOX_ID={}", row.id),
+    ];
+    env.extend(user_env.iter().map(|(k, v)| format!("{k}={v}")));
+    Ok(SandboxSpec {
+        id: row.runtime_id.clone(),
+        layers: vec![template.rootfs.into(), server.agent_layer.clone()],
+        state_dir: server.state_dir(&row.id),
+        args: vec![AGENT_PATH_IN_SANDBOX.to_string()],
+        env,
+        hostname: row.id.clone(),
+        network: Some(NetworkAttachment {
+            netns_path: addrs.netns_path.clone(),
+            ifname: addrs.sandbox_if.clone(),
+            address: addrs.sandbox_ip,
+            prefix_len: addrs.prefix_len,
+            gateway: addrs.host_ip,
+        }),
+        resources: size_resources(&row.size).unwrap_or(Resources {
+            cpu_millis: 1000,
+            memory_bytes: 1 << 30,
+        }),
+    })
+}
+
+pub fn agent_of(server: &Server, row: &SandboxRow) -> Option<AgentClient> {
+    row.slot
+        .map(|s| AgentClient::new(&row.id, server.net.addrs(s as u32).sandbox_ip))
+}
+
+/// Boot (or restore, when `image` is given) a sandbox whose row exists and whose slot is
+/// claimed, and wait for its agent. On failure, releases what it took (runtime, network).
+async fn boot(
+    server: &Server,
+    row: &SandboxRow,
+    image: Option<&std::path::Path>,
+) -> Result<(), ServerError> {
+    let spec = spec_for(server, row).await?;
+    let slot = row.slot.expect("spec_for checked the slot") as u32;
+    server.net.attach(slot, &stored_rules(row)?).await?;
+    let started = match image {
+        Some(dir) => server.runtime.restore(&spec, dir).await,
+        None => server.runtime.start(&spec).await,
+    };
+    let result = match started {
+        Ok(()) => agent_of(server, row)
+            .expect("slot checked")
+            .wait_ready(server.cfg.agent_ready_timeout)
+            .await
+            .map(|_| ()),
+        Err(e) => Err(e.into()),
+    };
+    if result.is_err() {
+        let _ = server.runtime.stop(&row.runtime_id, &spec.state_dir).await;
+        let _ = server.net.detach(slot).await;
+    }
+    result
+}
+
+/// `POST /v1/sandboxes`: validate, claim a slot, boot, wait for the agent.
+pub async fn create(
+    server: &Arc<Server>,
+    auth: &Auth,
+    req: &CreateSandboxRequest,
+) -> Result<SandboxRow, ApiError> {
+    let mut row = validate_create(server, auth, req).await?;
+    let lock = server.lock_of(&row.id);
+    let _guard = lock.write().await;
+    insert_with_slot(server, &mut row).await?;
+    let started = std::time::Instant::now();
+    if let Err(e) = boot(server, &row, None).await {
+        tracing::error!(sandbox = %row.id, error = %DisplayChain(&e), "create failed");
+        server.teardown(&row.id, &row.runtime_id, None).await;
+        server
+            .store
+            .mark_failed(
+                &row.id,
+                &format!("could not start: {}", DisplayChain(&e)),
+                now_ms(),
+            )
+            .await?;
+        return Err(e.into());
+    }
+    let now = now_ms();
+    server
+        .store
+        .set_status(&row.id, "running", None, now)
+        .await?;
+    tracing::info!(sandbox = %row.id, elapsed_ms = started.elapsed().as_millis() as u64, "sandbox running");
+    row.status = "running".into();
+    Ok(row)
+}
+
+/// Look up a sandbox for a caller: 404 if unknown, 403 if another workspace's.
+pub async fn get_for(server: &Server, auth: &Auth, id: &str) -> Result<SandboxRow, ApiError> {
+    let row =
+        server.store.get_sandbox(id).await?.ok_or_else(|| {
+            ApiError::not_found("sandbox_not_found", format!("no sandbox {id:?}"))
+        })?;
+    if row.workspace_id != auth.workspace_id {
+        return Err(ApiError::forbidden(
+            "forbidden",
+            "this sandbox belongs to another workspace",
+        ));
+    }
+    Ok(row)
+}
+
+/// Destroy a sandbox: idempotent, works in every state.
+pub async fn destroy(server: &Arc<Server>, id: &str) -> Result<(), ApiError> {
+    let lock = server.lock_of(id);
+    let guard = lock.write().await;
+    let Some(row) = server.store.get_sandbox(id).await? else {
+        return Ok(());
+    };
+    if row.status == "destroyed" {
+        return Ok(());
+    }
+    server
+        .teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
+        .await;
+    server.store.mark_destroyed(id, now_ms()).await?;
+    drop(guard);
+    server.forget_lock(id);
+    tracing::info!(sandbox = %id, "destroyed");
+    Ok(())
+}
+
+/// Save a running sandbox's memory to disk and stop it, freeing its RAM and namespace.
+pub async fn suspend(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiError> {
+    let lock = server.lock_of(id);
+    let _guard = lock.write().await;
+    let row =
+        server.store.get_sandbox(id).await?.ok_or_else(|| {
+            ApiError::not_found("sandbox_not_found", format!("no sandbox {id:?}"))
+        })?;
+    match row.status.as_str() {
+        "suspended" => return Ok(row),
+        "running" => {}
+        other => {
+            return Err(ApiError::conflict(
+                "invalid_state",
+                format!("a {other} sandbox cannot be suspended"),
+            ));
+        }
+    }
+    let started = std::time::Instant::now();
+    let image = server.checkpoint_dir(id);
+    let state_dir = server.state_dir(id);
+    let mut note = None;
+    if let Err(e) = server.runtime.checkpoint(&row.runtime_id, &image).await {
+        // The runtime may have killed the sandbox; its files are on disk either way. The
+        // next wake boots it afresh.
+        tracing::error!(sandbox = %id, error = %DisplayChain(&e), "checkpoint failed; suspending without memory");
+        let _ = std::fs::remove_dir_all(&image);
+        note = Some(format!(
+            "memory snapshot failed ({}); files were kept",
+            DisplayChain(&e)
+        ));
+    }
+    server
+        .runtime
+        .stop(&row.runtime_id, &state_dir)
+        .await
+        .map_err(ServerError::from)?;
+    if let Some(slot) = row.slot {
+        server
+            .net
+            .detach(slot as u32)
+            .await
+            .map_err(ServerError::from)?;
+    }
+    server
+        .store
+        .set_status(id, "suspended", note.as_deref(), now_ms())
+        .await?;
+    tracing::info!(sandbox = %id, elapsed_ms = started.elapsed().as_millis() as u64, "suspended");
+    Ok(server.store.get_sandbox(id).await?.unwrap_or(row))
+}
+
+/// Restore a suspended sandbox (or boot it with its files if no memory image exists).
+pub async fn wake(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiError> {
+    let lock = server.lock_of(id);
+    let _guard = lock.write().await;
+    let row =
+        server.store.get_sandbox(id).await?.ok_or_else(|| {
+            ApiError::not_found("sandbox_not_found", format!("no sandbox {id:?}"))
+        })?;
+    match row.status.as_str() {
+        "running" => return Ok(row),
+        "suspended" => {}
+        other => {
+            return Err(ApiError::conflict(
+                "invalid_state",
+                format!("a {other} sandbox cannot be woken"),
+            ));
+        }
+    }
+    let started = std::time::Instant::now();
+    let image = server.checkpoint_dir(id);
+    let has_image = image.join("checkpoint.img").exists();
+    if let Err(e) = boot(server, &row, has_image.then_some(image.as_path())).await {
+        tracing::error!(sandbox = %id, error = %DisplayChain(&e), "wake failed");
+        return Err(e.into());
+    }
+    // The image is spent: keeping it would let a later crash restore stale memory over
+    // newer files.
+    if has_image {
+        let _ = std::fs::remove_dir_all(&image);
+    }
+    let now = now_ms();
+    server.store.set_status(id, "running", None, now).await?;
+    server.store.touch(id, now).await?;
+    tracing::info!(sandbox = %id, elapsed_ms = started.elapsed().as_millis() as u64, restored = has_image, "woken");
+    Ok(server.store.get_sandbox(id).await?.unwrap_or(row))
+}
+
+/// A running sandbox's agent, with the sandbox's read lock held for the operation. Wakes a
+/// suspended sandbox first; 409 for sandboxes that cannot run.
+pub async fn running_agent(
+    server: &Arc<Server>,
+    auth: &Auth,
+    id: &str,
+) -> Result<(AgentClient, OwnedRwLockReadGuard<()>), ApiError> {
+    for _ in 0..3 {
+        let row = get_for(server, auth, id).await?;
+        match row.status.as_str() {
+            "running" => {
+                let guard = server.lock_of(id).read_owned().await;
+                // Re-check under the lock: a transition may have run meanwhile.
+                let row = get_for(server, auth, id).await?;
+                if row.status != "running" {
+                    continue;
+                }
+                server.store.touch(id, now_ms()).await?;
+                let agent = agent_of(server, &row).ok_or_else(|| {
+                    ServerError::Corrupt(format!("running sandbox {id} has no slot"))
+                })?;
+                return Ok((agent, guard));
+            }
+            "suspended" => {
+                wake(server, id).await?;
+            }
+            other => {
+                return Err(ApiError::conflict(
+                    "sandbox_not_running",
+                    format!("the sandbox is {other}"),
+                ));
+            }
+        }
+    }
+    Err(ApiError::conflict(
+        "sandbox_busy",
+        "the sandbox changed state during the request; retry",
+    ))
+}
+
+/// Extend an ephemeral running sandbox's expiry.
+pub async fn keepalive(
+    server: &Arc<Server>,
+    auth: &Auth,
+    id: &str,
+    timeout: &str,
+) -> Result<SandboxRow, ApiError> {
+    let t = parse_duration(timeout).map_err(|m| ApiError::bad_request("invalid_timeout", m))?;
+    if t.is_zero() || t > Duration::from_secs(MAX_EPHEMERAL_TIMEOUT_SECS) {
+        return Err(ApiError::bad_request(
+            "invalid_timeout",
+            "timeout must be between 1s and 24h",
+        ));
+    }
+    let lock = server.lock_of(id);
+    let _guard = lock.write().await;
+    let row = get_for(server, auth, id).await?;
+    if row.mode != "ephemeral" || row.status != "running" {
+        return Err(ApiError::conflict(
+            "invalid_state",
+            format!(
+                "keepalive needs a running ephemeral sandbox; this one is {} and {}",
+                row.mode, row.status
+            ),
+        ));
+    }
+    let now = now_ms();
+    server
+        .store
+        .set_expiry(id, now + t.as_millis() as i64, now)
+        .await?;
+    Ok(server.store.get_sandbox(id).await?.unwrap_or(row))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_resolve() {
+        assert_eq!(size_resources("small").unwrap().cpu_millis, 1000);
+        assert!(size_resources("huge").is_none());
+    }
+}

@@ -1,0 +1,148 @@
+//! `/v1/sandboxes/{id}/files`: streamed upload and download, and directory listings.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use sandpit_agent_proto as proto;
+use sandpit_api_types::{ErrorBody, FileEntry, FileList, PathQuery};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::ApiQuery;
+use super::sandboxes::agent_failure;
+use crate::auth::Auth;
+use crate::error::ApiError;
+use crate::lifecycle;
+use crate::server::Server;
+use crate::util::rfc3339;
+
+pub fn router() -> OpenApiRouter<Arc<Server>> {
+    OpenApiRouter::new()
+        .routes(routes!(upload, download))
+        .routes(routes!(list_dir))
+}
+
+fn checked_path(path: &str) -> Result<String, ApiError> {
+    proto::normalize_path(path).map_err(|e| ApiError::bad_request("invalid_path", e.message))
+}
+
+/// Write a file (the raw request body), creating parent directories. The file appears
+/// whole or not at all.
+#[utoipa::path(put, path = "/v1/sandboxes/{id}/files", tag = "files",
+    params(("id" = String, Path, description = "Sandbox id"), PathQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "File contents"),
+    responses(
+        (status = 204, description = "File uploaded"),
+        (status = 400, description = "Invalid path (root, contains ..) or exceeds the size limit", body = ErrorBody),
+        (status = 409, description = "Sandbox not running", body = ErrorBody),
+    ))]
+async fn upload(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<PathQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, ApiError> {
+    auth.require("sandbox_edit_code")?;
+    let path = checked_path(&q.path)?;
+    if path == "/" {
+        return Err(ApiError::bad_request(
+            "invalid_path",
+            "cannot write to the root directory",
+        ));
+    }
+    let limit = server.cfg.upload_limit;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::bad_request(
+            "file_too_large",
+            format!("file exceeds the upload limit of {limit} bytes"),
+        ));
+    }
+    let (agent, _guard) = lifecycle::running_agent(&server, &auth, &id).await?;
+    agent
+        .write_file(&path, body.into_data_stream(), limit)
+        .await
+        .map_err(agent_failure)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Read a file as `application/octet-stream`, streamed.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files", tag = "files",
+    params(("id" = String, Path, description = "Sandbox id"), PathQuery),
+    responses(
+        (status = 200, description = "File contents", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 404, description = "File not found", body = ErrorBody),
+        (status = 409, description = "Sandbox not running", body = ErrorBody),
+    ))]
+async fn download(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<PathQuery>,
+) -> Result<Response, ApiError> {
+    auth.require("sandbox_read")?;
+    let path = checked_path(&q.path)?;
+    let (agent, guard) = lifecycle::running_agent(&server, &auth, &id).await?;
+    let (info, stream) = agent.read_file(&path).await.map_err(agent_failure)?;
+    // The read lock must outlive the response body: a checkpoint must not start while the
+    // agent connection is open.
+    let stream = futures::StreamExt::map(stream, move |item| {
+        let _ = &guard;
+        item
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, info.size.to_string()),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// List a directory.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/list", tag = "files",
+    params(("id" = String, Path, description = "Sandbox id"), PathQuery),
+    responses(
+        (status = 200, description = "Directory entries, sorted by name", body = FileList),
+        (status = 404, description = "Directory not found", body = ErrorBody),
+        (status = 409, description = "Sandbox not running", body = ErrorBody),
+    ))]
+async fn list_dir(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<PathQuery>,
+) -> Result<Json<FileList>, ApiError> {
+    auth.require("sandbox_read")?;
+    let path = checked_path(&q.path)?;
+    let (agent, _guard) = lifecycle::running_agent(&server, &auth, &id).await?;
+    let listing = agent.list_dir(&path).await.map_err(agent_failure)?;
+    let entries = listing
+        .entries
+        .into_iter()
+        .map(|e| FileEntry {
+            name: e.name,
+            kind: match e.info.kind {
+                proto::EntryKind::File => "file",
+                proto::EntryKind::Dir => "dir",
+                proto::EntryKind::Symlink => "symlink",
+                proto::EntryKind::Other => "other",
+            }
+            .into(),
+            size: e.info.size,
+            mode: e.info.mode,
+            modified_at: rfc3339(e.info.mtime * 1000),
+        })
+        .collect();
+    Ok(Json(FileList { path, entries }))
+}

@@ -1,0 +1,430 @@
+//! `/v1/sandboxes`: create, list, get, destroy, keepalive, wake, hibernate, exec.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use base64::Engine;
+use sandpit_agent_proto as proto;
+use sandpit_api_types::{
+    CreateSandboxRequest, DEFAULT_EXEC_TIMEOUT_SECS, ErrorBody, ExecEvent, ExecRequest,
+    ExecResponse, KeepaliveRequest, ListQuery, MAX_EXEC_TIMEOUT_SECS, Sandbox, SandboxList,
+    SandboxStatus, parse_duration,
+};
+use tokio::sync::mpsc;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::{ApiJson, ApiQuery};
+use crate::agent::{AgentFailure, ExecOutput};
+use crate::auth::Auth;
+use crate::error::{ApiError, ServerError};
+use crate::lifecycle::{self, to_api};
+use crate::server::Server;
+
+/// Most output kept per stream by the non-streaming exec; the rest is dropped and noted.
+const MAX_CAPTURE: usize = 16 << 20;
+
+pub fn router() -> OpenApiRouter<Arc<Server>> {
+    OpenApiRouter::new()
+        .routes(routes!(create_sandbox, list_sandboxes))
+        .routes(routes!(get_sandbox, destroy_sandbox))
+        .routes(routes!(keepalive))
+        .routes(routes!(wake))
+        .routes(routes!(hibernate))
+        .routes(routes!(exec))
+        .routes(routes!(exec_stream))
+}
+
+/// Create a sandbox and wait until it runs.
+#[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes",
+    request_body = CreateSandboxRequest,
+    responses(
+        (status = 201, description = "Sandbox created and running", body = Sandbox),
+        (status = 400, description = "Invalid mode, size, timeout, or egress policy", body = ErrorBody),
+        (status = 404, description = "Template not found", body = ErrorBody),
+    ))]
+async fn create_sandbox(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    ApiJson(req): ApiJson<CreateSandboxRequest>,
+) -> Result<(StatusCode, Json<Sandbox>), ApiError> {
+    auth.require("sandbox_create")?;
+    let row = lifecycle::create(&server, &auth, &req).await?;
+    Ok((StatusCode::CREATED, Json(to_api(&row))))
+}
+
+/// List the workspace's sandboxes: every one not destroyed, or those with `status`.
+#[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "The sandboxes", body = SandboxList),
+        (status = 400, description = "Unknown status", body = ErrorBody),
+    ))]
+async fn list_sandboxes(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<Json<SandboxList>, ApiError> {
+    auth.require("sandbox_read")?;
+    if let Some(s) = &q.status {
+        if SandboxStatus::parse(s).is_none() {
+            return Err(ApiError::bad_request(
+                "invalid_status",
+                format!(
+                    "status must be creating, running, suspended, destroyed or failed, not {s:?}"
+                ),
+            ));
+        }
+    }
+    let rows = server
+        .store
+        .list_sandboxes(&auth.workspace_id, q.status.as_deref())
+        .await?;
+    Ok(Json(SandboxList {
+        sandboxes: rows.iter().map(to_api).collect(),
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id")),
+    responses(
+        (status = 200, description = "The sandbox", body = Sandbox),
+        (status = 403, description = "Sandbox belongs to another workspace", body = ErrorBody),
+        (status = 404, description = "Sandbox not found", body = ErrorBody),
+    ))]
+async fn get_sandbox(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<Sandbox>, ApiError> {
+    auth.require("sandbox_read")?;
+    let row = lifecycle::get_for(&server, &auth, &id).await?;
+    Ok(Json(to_api(&row)))
+}
+
+/// Destroy a sandbox and everything it holds. Idempotent.
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id")),
+    responses(
+        (status = 204, description = "Destroyed (or already was)"),
+        (status = 403, description = "Sandbox belongs to another workspace", body = ErrorBody),
+        (status = 404, description = "Sandbox not found", body = ErrorBody),
+    ))]
+async fn destroy_sandbox(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    auth.require("vm_manage")?;
+    lifecycle::get_for(&server, &auth, &id).await?;
+    lifecycle::destroy(&server, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Extend the expiry of a running ephemeral sandbox.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/keepalive", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id")),
+    request_body = KeepaliveRequest,
+    responses(
+        (status = 200, description = "Timeout extended", body = Sandbox),
+        (status = 400, description = "Invalid timeout", body = ErrorBody),
+        (status = 409, description = "Not ephemeral, or not running", body = ErrorBody),
+    ))]
+async fn keepalive(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<KeepaliveRequest>,
+) -> Result<Json<Sandbox>, ApiError> {
+    auth.require("vm_manage")?;
+    let row = lifecycle::keepalive(&server, &auth, &id, &req.timeout).await?;
+    Ok(Json(to_api(&row)))
+}
+
+/// Wake a suspended sandbox (200 if it already runs).
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/wake", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id")),
+    responses(
+        (status = 200, description = "Sandbox woken (or was already running)", body = Sandbox),
+        (status = 409, description = "Sandbox is in a state that cannot be woken", body = ErrorBody),
+    ))]
+async fn wake(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<Sandbox>, ApiError> {
+    auth.require("vm_manage")?;
+    lifecycle::get_for(&server, &auth, &id).await?;
+    let row = lifecycle::wake(&server, &id).await?;
+    Ok(Json(to_api(&row)))
+}
+
+/// Save memory and processes to disk and stop (status `suspended`).
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/hibernate", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id")),
+    responses(
+        (status = 200, description = "Sandbox suspended (or already was)", body = Sandbox),
+        (status = 409, description = "Sandbox is in a state that cannot be suspended", body = ErrorBody),
+    ))]
+async fn hibernate(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<Sandbox>, ApiError> {
+    auth.require("vm_manage")?;
+    lifecycle::get_for(&server, &auth, &id).await?;
+    let row = lifecycle::suspend(&server, &id).await?;
+    Ok(Json(to_api(&row)))
+}
+
+/// Check an exec request and turn it into the agent's.
+fn agent_exec(req: ExecRequest) -> Result<(proto::ExecRequest, Duration), ApiError> {
+    let timeout = match &req.timeout {
+        Some(t) => parse_duration(t).map_err(|m| ApiError::bad_request("invalid_timeout", m))?,
+        None => Duration::from_secs(DEFAULT_EXEC_TIMEOUT_SECS),
+    };
+    if timeout.is_zero() || timeout > Duration::from_secs(MAX_EXEC_TIMEOUT_SECS) {
+        return Err(ApiError::bad_request(
+            "invalid_timeout",
+            "timeout must be between 1ms and 5m",
+        ));
+    }
+    let (shell, argv) = match (req.command, req.argv) {
+        (Some(c), None) if !c.trim().is_empty() => (Some(c), None),
+        (None, Some(a)) if !a.is_empty() && !a[0].is_empty() => (None, Some(a)),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "invalid_command",
+                "give either command or argv, not both",
+            ));
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "missing_command",
+                "command (or argv) is required",
+            ));
+        }
+    };
+    if let Some(cwd) = &req.cwd {
+        proto::normalize_path(cwd).map_err(|e| ApiError::bad_request("invalid_path", e.message))?;
+    }
+    if req
+        .env
+        .keys()
+        .any(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
+    {
+        return Err(ApiError::bad_request(
+            "invalid_env",
+            "environment variable names must be non-empty and contain no '=' or NUL",
+        ));
+    }
+    Ok((
+        proto::ExecRequest {
+            argv,
+            shell,
+            cwd: req.cwd,
+            env: req
+                .env
+                .into_iter()
+                .collect::<BTreeMap<_, _>>()
+                .into_iter()
+                .collect(),
+            timeout_ms: Some(timeout.as_millis() as u64),
+            stdin: false,
+        },
+        timeout,
+    ))
+}
+
+/// Map an agent failure to what the client sees.
+pub fn agent_failure(f: AgentFailure) -> ApiError {
+    match f {
+        AgentFailure::Broken(e) => e.into(),
+        AgentFailure::TooLarge { limit } => ApiError::bad_request(
+            "file_too_large",
+            format!("file exceeds the upload limit of {limit} bytes"),
+        ),
+        AgentFailure::Body(m) => ApiError::bad_request(
+            "invalid_body",
+            format!("reading the request body failed: {m}"),
+        ),
+        AgentFailure::Refused(e) => {
+            use proto::AgentErrorCode as C;
+            let (status, code) = match e.code {
+                C::NotFound => (StatusCode::NOT_FOUND, "file_not_found"),
+                C::IsDirectory => (StatusCode::BAD_REQUEST, "is_directory"),
+                C::NotDirectory => (StatusCode::BAD_REQUEST, "not_directory"),
+                C::InvalidPath => (StatusCode::BAD_REQUEST, "invalid_path"),
+                C::PermissionDenied => (StatusCode::FORBIDDEN, "permission_denied"),
+                C::AlreadyExists => (StatusCode::CONFLICT, "already_exists"),
+                C::NotEmpty => (StatusCode::CONFLICT, "not_empty"),
+                C::SpawnFailed => (StatusCode::BAD_REQUEST, "spawn_failed"),
+                C::BadRequest => (StatusCode::BAD_REQUEST, "bad_request"),
+                C::UnsupportedVersion | C::Io => (StatusCode::INTERNAL_SERVER_ERROR, "agent_error"),
+            };
+            ApiError::new(status, code, e.message)
+        }
+    }
+}
+
+/// Run a command to completion and return its output.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id")),
+    request_body = ExecRequest,
+    responses(
+        (status = 200, description = "Command completed (check exit_code)", body = ExecResponse),
+        (status = 400, description = "Missing command or invalid timeout", body = ErrorBody),
+        (status = 409, description = "Sandbox not running", body = ErrorBody),
+    ))]
+async fn exec(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<ExecRequest>,
+) -> Result<Json<ExecResponse>, ApiError> {
+    auth.require("sandbox_edit_code")?;
+    let (req, timeout) = agent_exec(req)?;
+    let (agent, _guard) = lifecycle::running_agent(&server, &auth, &id).await?;
+    let (tx, mut rx) = mpsc::channel(64);
+    let collect = async {
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        while let Some(item) = rx.recv().await {
+            let (buf, data) = match item {
+                ExecOutput::Stdout(d) => (&mut stdout, d),
+                ExecOutput::Stderr(d) => (&mut stderr, d),
+                ExecOutput::Started(_) => continue,
+            };
+            let room = MAX_CAPTURE.saturating_sub(buf.len());
+            buf.extend_from_slice(&data[..data.len().min(room)]);
+        }
+        (stdout, stderr)
+    };
+    let run = async {
+        let r = tokio::time::timeout(timeout + Duration::from_secs(10), agent.exec(req, tx)).await;
+        r
+    };
+    let (result, (stdout, stderr)) = tokio::join!(run, collect);
+    let status = result
+        .map_err(|_| ServerError::AgentTimeout {
+            sandbox: id.clone(),
+            secs: timeout.as_secs() + 10,
+        })?
+        .map_err(agent_failure)?;
+    server.store.touch(&id, crate::util::now_ms()).await?;
+    Ok(Json(ExecResponse {
+        exit_code: status.exit_code,
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        duration_ms: status.duration_ms,
+        timed_out: status.timed_out,
+    }))
+}
+
+/// Run a command and stream its output as Server-Sent Events (`started`, `stdout`,
+/// `stderr`, `exit` or `error`). Closing the stream kills the command.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec/stream", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id")),
+    request_body = ExecRequest,
+    responses(
+        (status = 200, description = "An event stream of ExecEvent objects", body = ExecEvent, content_type = "text/event-stream"),
+        (status = 400, description = "Missing command or invalid timeout", body = ErrorBody),
+        (status = 409, description = "Sandbox not running", body = ErrorBody),
+    ))]
+async fn exec_stream(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<ExecRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    auth.require("sandbox_edit_code")?;
+    let (req, timeout) = agent_exec(req)?;
+    let (agent, guard) = lifecycle::running_agent(&server, &auth, &id).await?;
+    let (events_tx, events_rx) = mpsc::channel::<Result<Event, Infallible>>(64);
+    tokio::spawn(async move {
+        let _guard = guard; // the read lock lives as long as the command
+        let (tx, mut rx) = mpsc::channel(64);
+        let run = tokio::time::timeout(timeout + Duration::from_secs(10), agent.exec(req, tx));
+        tokio::pin!(run);
+        let mut seq = 0u64;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let send = |ev: ExecEvent| {
+            let name = match &ev {
+                ExecEvent::Started { .. } => "started",
+                ExecEvent::Stdout { .. } => "stdout",
+                ExecEvent::Stderr { .. } => "stderr",
+                ExecEvent::Exit { .. } => "exit",
+                ExecEvent::Error { .. } => "error",
+            };
+            Event::default()
+                .event(name)
+                .json_data(&ev)
+                .expect("event serializes")
+        };
+        let finished = loop {
+            tokio::select! {
+                out = &mut run => break out,
+                Some(item) = rx.recv() => {
+                    let ev = match item {
+                        ExecOutput::Started(pid) => ExecEvent::Started { pid },
+                        ExecOutput::Stdout(d) => { seq += 1; ExecEvent::Stdout { seq, data: b64.encode(d) } }
+                        ExecOutput::Stderr(d) => { seq += 1; ExecEvent::Stderr { seq, data: b64.encode(d) } }
+                    };
+                    if events_tx.send(Ok(send(ev))).await.is_err() {
+                        return; // client gone: dropping `run` resets the connection; the agent kills the command
+                    }
+                }
+            }
+        };
+        // Output that arrived just before the exit frame.
+        while let Ok(item) = rx.try_recv() {
+            let ev = match item {
+                ExecOutput::Started(pid) => ExecEvent::Started { pid },
+                ExecOutput::Stdout(d) => {
+                    seq += 1;
+                    ExecEvent::Stdout {
+                        seq,
+                        data: b64.encode(d),
+                    }
+                }
+                ExecOutput::Stderr(d) => {
+                    seq += 1;
+                    ExecEvent::Stderr {
+                        seq,
+                        data: b64.encode(d),
+                    }
+                }
+            };
+            let _ = events_tx.send(Ok(send(ev))).await;
+        }
+        let last = match finished {
+            Ok(Ok(s)) => ExecEvent::Exit {
+                exit_code: s.exit_code,
+                duration_ms: s.duration_ms,
+                timed_out: s.timed_out,
+            },
+            Ok(Err(f)) => {
+                let e = agent_failure(f);
+                ExecEvent::Error {
+                    code: e.code.into(),
+                    message: e.message,
+                }
+            }
+            Err(_) => ExecEvent::Error {
+                code: "agent_unreachable".into(),
+                message: "the agent stopped answering".into(),
+            },
+        };
+        let _ = events_tx.send(Ok(send(last))).await;
+    });
+    Ok(
+        Sse::new(tokio_stream::wrappers::ReceiverStream::new(events_rx))
+            .keep_alive(KeepAlive::default()),
+    )
+}

@@ -1,0 +1,328 @@
+//! The server's state and start-up: configuration, the store, the runtime and network
+//! backends, per-sandbox locks, bootstrap, crash reconciliation and the reaper task.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sandpit_net::{NetConfig, Network};
+use sandpit_runtime::Runtime;
+use sandpit_runtime_gvisor::{GvisorConfig, GvisorRuntime};
+use tokio::sync::RwLock;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{DisplayChain, ServerError};
+use crate::store::Store;
+use crate::templates;
+
+/// Everything `sandpit serve` can be told.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    /// Names this server's netns, veths, nftables table, cgroups and runsc containers, so
+    /// several servers coexist on one host. 1–6 characters `[a-z0-9]`.
+    pub prefix: String,
+    /// Address pool, split into /30 slots.
+    pub pool: String,
+    pub runsc: PathBuf,
+    /// gVisor platform: `ptrace`, `systrap` or `kvm`.
+    pub platform: String,
+    /// The static `sandpit-agent` binary to inject into every sandbox.
+    pub agent_bin: PathBuf,
+    /// Largest upload, in bytes (seed 003: 100 MB).
+    pub upload_limit: u64,
+    /// How often the reaper looks for expired and idle sandboxes.
+    pub reaper_interval: Duration,
+    /// How long a new or woken sandbox's agent may take to answer.
+    pub agent_ready_timeout: Duration,
+    /// Ephemeral sandboxes' timeout when the request names none.
+    pub default_timeout: Duration,
+    /// Persistent sandboxes' idle timeout when the request names none.
+    pub default_idle_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// Defaults for a data directory.
+    pub fn new(data_dir: PathBuf, agent_bin: PathBuf) -> Self {
+        ServerConfig {
+            data_dir,
+            prefix: "sp".into(),
+            pool: "10.88.0.0/16".into(),
+            runsc: "runsc".into(),
+            platform: "ptrace".into(),
+            agent_bin,
+            upload_limit: 100 * 1024 * 1024,
+            reaper_interval: Duration::from_secs(1),
+            agent_ready_timeout: Duration::from_secs(20),
+            default_timeout: Duration::from_secs(15 * 60),
+            default_idle_timeout: Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+/// The running server. Shared as `Arc<Server>` by routes and background tasks.
+pub struct Server {
+    pub cfg: ServerConfig,
+    pub store: Store,
+    pub runtime: Arc<dyn Runtime>,
+    pub net: Network,
+    /// The read-only layer holding `/.sandpit/agent`, stacked over every template.
+    pub agent_layer: PathBuf,
+    /// Per-sandbox lifecycle locks. Transitions (create, suspend, wake, destroy) hold the
+    /// write side; exec and file operations hold the read side, so a checkpoint never runs
+    /// while a connection to the agent is open. The std mutex guards only the map.
+    locks: Mutex<HashMap<String, Arc<RwLock<()>>>>,
+    /// Held while choosing a network slot and inserting the row that claims it.
+    pub slot_lock: tokio::sync::Mutex<()>,
+    pub shutdown: CancellationToken,
+}
+
+impl Server {
+    /// Open everything, bootstrap on first start, reconcile what a crash may have left.
+    /// Returns the server and, on first start without a preset, the generated admin token.
+    pub async fn start(
+        cfg: ServerConfig,
+        bootstrap_token: Option<&str>,
+    ) -> Result<(Arc<Server>, Option<String>), ServerError> {
+        for dir in ["", "sandboxes", "checkpoints", "templates", "runsc"] {
+            let p = cfg.data_dir.join(dir);
+            std::fs::create_dir_all(&p).map_err(|source| ServerError::Files {
+                what: format!("directory {}", p.display()),
+                source,
+            })?;
+        }
+        let store = Store::open(&cfg.data_dir.join("sandpit.db")).await?;
+        let pool = cfg
+            .pool
+            .parse()
+            .map_err(|e| ServerError::Corrupt(format!("address pool {:?}: {e}", cfg.pool)))?;
+        let net = Network::new(NetConfig {
+            prefix: cfg.prefix.clone(),
+            pool,
+        })?;
+        net.init().await?;
+        let runtime = GvisorRuntime::new(GvisorConfig {
+            runsc: cfg.runsc.clone(),
+            root_dir: cfg.data_dir.join("runsc"),
+            platform: cfg.platform.clone(),
+            cgroup_parent: format!("sandpit-{}", cfg.prefix),
+            debug_log_dir: None,
+        })?;
+        let agent_layer = templates::install_agent_layer(&cfg.data_dir, &cfg.agent_bin)?;
+        let server = Arc::new(Server {
+            cfg,
+            store,
+            runtime: Arc::new(runtime.clone()),
+            net,
+            agent_layer,
+            locks: Mutex::new(HashMap::new()),
+            slot_lock: tokio::sync::Mutex::new(()),
+            shutdown: CancellationToken::new(),
+        });
+        templates::ensure_base(&server).await?;
+        let token = crate::auth::bootstrap(&server, bootstrap_token).await?;
+        server.reconcile(&runtime).await?;
+        Ok((server, token))
+    }
+
+    /// The lifecycle lock of one sandbox.
+    pub fn lock_of(&self, id: &str) -> Arc<RwLock<()>> {
+        let mut map = self.locks.lock().expect("lock map poisoned");
+        map.entry(id.to_string()).or_default().clone()
+    }
+
+    pub fn forget_lock(&self, id: &str) {
+        self.locks.lock().expect("lock map poisoned").remove(id);
+    }
+
+    pub fn state_dir(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join("sandboxes").join(id)
+    }
+
+    pub fn checkpoint_dir(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join("checkpoints").join(id)
+    }
+
+    /// Bring the store, the runtime, the network and the data directory into agreement after
+    /// a crash or a host reboot. Afterwards every sandbox the store knows is running,
+    /// suspended with its files (and memory image, if one was taken) or failed with a reason,
+    /// and nothing exists that the store does not know.
+    async fn reconcile(self: &Arc<Self>, runtime: &GvisorRuntime) -> Result<(), ServerError> {
+        let rows = self
+            .store
+            .sandboxes_with_status(&["creating", "running", "suspended"])
+            .await?;
+        let now = crate::util::now_ms();
+        let mut keep_runtime = HashSet::new();
+        let mut keep_net = HashSet::new();
+        let mut keep_dirs = HashSet::new();
+        for row in rows {
+            let slot = row.slot.map(|s| s as u32);
+            match row.status.as_str() {
+                "creating" => {
+                    tracing::warn!(sandbox = %row.id, "server stopped during create: cleaning up");
+                    self.teardown(&row.id, &row.runtime_id, slot).await;
+                    self.store
+                        .mark_failed(
+                            &row.id,
+                            "the server stopped while this sandbox was being created",
+                            now,
+                        )
+                        .await?;
+                }
+                "running" => {
+                    let alive = matches!(
+                        self.runtime.status(&row.runtime_id).await,
+                        Ok(sandpit_runtime::RuntimeStatus::Running)
+                    );
+                    let reachable = alive
+                        && match slot {
+                            Some(s) => crate::agent::AgentClient::new(
+                                &row.id,
+                                self.net.addrs(s).sandbox_ip,
+                            )
+                            .wait_ready(Duration::from_secs(3))
+                            .await
+                            .is_ok(),
+                            None => false,
+                        };
+                    if reachable {
+                        keep_runtime.insert(row.runtime_id.clone());
+                        keep_net.extend(slot);
+                        keep_dirs.insert(row.id.clone());
+                        continue;
+                    }
+                    if row.mode == "persistent" {
+                        // Its files are on disk; its memory is gone unless a checkpoint exists.
+                        tracing::warn!(sandbox = %row.id, "persistent sandbox stopped while the server was down: suspending it");
+                        let _ = self
+                            .runtime
+                            .stop(&row.runtime_id, &self.state_dir(&row.id))
+                            .await;
+                        if let Some(s) = slot {
+                            let _ = self.net.detach(s).await;
+                        }
+                        self.store
+                            .set_status(&row.id, "suspended", Some("stopped while the server was down; memory was lost, files were kept"), now)
+                            .await?;
+                        keep_dirs.insert(row.id.clone());
+                    } else {
+                        tracing::warn!(sandbox = %row.id, "ephemeral sandbox stopped while the server was down: failing it");
+                        self.teardown(&row.id, &row.runtime_id, slot).await;
+                        self.store
+                            .mark_failed(
+                                &row.id,
+                                "the sandbox stopped while the server was down",
+                                now,
+                            )
+                            .await?;
+                    }
+                }
+                _ => {
+                    // Suspended: nothing may run, no network held; files and image kept.
+                    let _ = self
+                        .runtime
+                        .stop(&row.runtime_id, &self.state_dir(&row.id))
+                        .await;
+                    keep_dirs.insert(row.id.clone());
+                }
+            }
+        }
+        // Orphans: anything under our names that the store does not account for.
+        if let Err(e) = runtime
+            .cleanup_orphans(&keep_runtime, &self.cfg.data_dir.join("sandboxes"))
+            .await
+        {
+            tracing::error!(error = %DisplayChain(&e), "cleaning up orphaned sandboxes");
+        }
+        // Only running sandboxes hold a namespace; suspended ones keep just the slot number.
+        for slot in self.net.list_slots().await? {
+            if !keep_net.contains(&slot) {
+                tracing::info!(slot, "removing orphaned network slot");
+                self.net.detach(slot).await?;
+            }
+        }
+        for dir in ["sandboxes", "checkpoints"] {
+            remove_unknown_dirs(&self.cfg.data_dir.join(dir), &keep_dirs);
+        }
+        Ok(())
+    }
+
+    /// Best-effort removal of everything a sandbox holds outside the store: runtime, files,
+    /// memory image, network. Logs what fails; never panics.
+    pub async fn teardown(&self, id: &str, runtime_id: &str, slot: Option<u32>) {
+        if let Err(e) = self.runtime.destroy(runtime_id, &self.state_dir(id)).await {
+            tracing::error!(sandbox = %id, error = %DisplayChain(&e), "destroying the runtime sandbox");
+        }
+        let ckpt = self.checkpoint_dir(id);
+        if ckpt.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&ckpt) {
+                tracing::error!(sandbox = %id, error = %e, "removing the memory image");
+            }
+        }
+        if let Some(s) = slot {
+            if let Err(e) = self.net.detach(s).await {
+                tracing::error!(sandbox = %id, error = %DisplayChain(&e), "removing the network slot");
+            }
+        }
+    }
+
+    /// Start the reaper: destroys ephemeral sandboxes whose timeout passed and suspends
+    /// persistent ones idle for longer than their idle timeout. Stops with `shutdown`.
+    pub fn spawn_reaper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let server = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(server.cfg.reaper_interval);
+            loop {
+                tokio::select! {
+                    _ = server.shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let now = crate::util::now_ms();
+                match server.store.expired(now).await {
+                    Ok(ids) => {
+                        for id in ids {
+                            tracing::info!(sandbox = %id, "timeout passed: destroying");
+                            if let Err(e) = crate::lifecycle::destroy(&server, &id).await {
+                                tracing::error!(sandbox = %id, error = ?e, "reaper: destroy failed");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %DisplayChain(&e), "reaper: listing expired sandboxes")
+                    }
+                }
+                match server.store.idle(now).await {
+                    Ok(ids) => {
+                        for id in ids {
+                            tracing::info!(sandbox = %id, "idle timeout passed: suspending");
+                            if let Err(e) = crate::lifecycle::suspend(&server, &id).await {
+                                tracing::error!(sandbox = %id, error = ?e, "reaper: suspend failed");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %DisplayChain(&e), "reaper: listing idle sandboxes")
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// Remove every subdirectory of `root` whose name is not in `keep`.
+fn remove_unknown_dirs(root: &Path, keep: &HashSet<String>) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if !keep.contains(&name) {
+            tracing::info!(path = %entry.path().display(), "removing orphaned directory");
+            if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                tracing::error!(path = %entry.path().display(), error = %e, "removing orphaned directory");
+            }
+        }
+    }
+}

@@ -1,0 +1,486 @@
+//! The persistent store: organizations, workspaces, tokens, templates and sandboxes in SQLite
+//! (through sqlx, so a PostgreSQL implementation can follow with its own migrations).
+//!
+//! Every query that reads or changes a tenant's object takes the workspace it is scoped to,
+//! except the few used by the server itself (reaper, reconciliation), which say so.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use sqlx::Row;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+use crate::error::ServerError;
+
+/// A sandbox row.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SandboxRow {
+    pub id: String,
+    pub workspace_id: String,
+    pub template_id: String,
+    pub template_name: String,
+    pub mode: String,
+    pub status: String,
+    pub size: String,
+    /// JSON object.
+    pub env: String,
+    /// JSON object.
+    pub metadata: String,
+    /// JSON [`sandpit_api_types::EgressPolicy`].
+    pub egress: String,
+    pub timeout_ms: Option<i64>,
+    pub idle_timeout_ms: Option<i64>,
+    pub expires_at: Option<i64>,
+    pub last_active_at: i64,
+    pub slot: Option<i64>,
+    pub runtime_id: String,
+    pub error: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct TemplateRow {
+    pub id: String,
+    pub name: String,
+    pub workspace_id: Option<String>,
+    pub description: String,
+    pub rootfs: String,
+    pub default_egress: String,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct TokenRow {
+    pub id: String,
+    pub workspace_id: String,
+    pub description: Option<String>,
+    /// JSON array of scope names.
+    pub scopes: String,
+    pub expires_at: Option<i64>,
+    pub created_at: i64,
+}
+
+/// A token looked up by its hash, with the workspace and organization it belongs to.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct TokenAuth {
+    pub id: String,
+    pub workspace_id: String,
+    pub org_id: String,
+    pub scopes: String,
+    pub expires_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct WorkspaceRow {
+    pub id: String,
+    pub org_id: String,
+    pub name: String,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+fn q(op: &'static str) -> impl FnOnce(sqlx::Error) -> ServerError {
+    move |source| ServerError::Store { op, source }
+}
+
+impl Store {
+    /// Open (creating if needed) the SQLite file and apply migrations.
+    pub async fn open(path: &Path) -> Result<Store, ServerError> {
+        let url = format!("sqlite://{}", path.display());
+        let opts = SqliteConnectOptions::from_str(&url)
+            .map_err(q("parsing the database path"))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: an acknowledged write survives a power loss, not just a crash.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(std::time::Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(opts)
+            .await
+            .map_err(q("opening the database"))?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&pool)
+            .await
+            .map_err(|source| ServerError::Migrate { source })?;
+        Ok(Store { pool })
+    }
+
+    // ---- organizations, workspaces, tokens ----
+
+    pub async fn count_orgs(&self) -> Result<i64, ServerError> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM orgs")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(q("counting organizations"))?;
+        Ok(row.get::<i64, _>("n"))
+    }
+
+    pub async fn insert_org(&self, id: &str, name: &str, now: i64) -> Result<(), ServerError> {
+        sqlx::query("INSERT INTO orgs (id, name, created_at) VALUES (?, ?, ?)")
+            .bind(id)
+            .bind(name)
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(q("inserting an organization"))?;
+        Ok(())
+    }
+
+    pub async fn insert_workspace(&self, ws: &WorkspaceRow, now: i64) -> Result<(), ServerError> {
+        sqlx::query("INSERT INTO workspaces (id, org_id, name, created_at) VALUES (?, ?, ?, ?)")
+            .bind(&ws.id)
+            .bind(&ws.org_id)
+            .bind(&ws.name)
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(q("inserting a workspace"))?;
+        Ok(())
+    }
+
+    /// A workspace of the given organization.
+    pub async fn get_workspace(
+        &self,
+        org_id: &str,
+        id: &str,
+    ) -> Result<Option<WorkspaceRow>, ServerError> {
+        sqlx::query_as("SELECT id, org_id, name FROM workspaces WHERE id = ? AND org_id = ?")
+            .bind(id)
+            .bind(org_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("reading a workspace"))
+    }
+
+    pub async fn insert_token(&self, t: &TokenRow, hash: &str) -> Result<(), ServerError> {
+        sqlx::query(
+            "INSERT INTO api_tokens (id, workspace_id, token_hash, description, scopes, expires_at, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&t.id)
+        .bind(&t.workspace_id)
+        .bind(hash)
+        .bind(&t.description)
+        .bind(&t.scopes)
+        .bind(t.expires_at)
+        .bind(t.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(q("inserting a token"))?;
+        Ok(())
+    }
+
+    pub async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenAuth>, ServerError> {
+        sqlx::query_as(
+            "SELECT t.id, t.workspace_id, w.org_id, t.scopes, t.expires_at
+             FROM api_tokens t JOIN workspaces w ON w.id = t.workspace_id
+             WHERE t.token_hash = ?",
+        )
+        .bind(hash)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(q("looking up a token"))
+    }
+
+    /// A token of the given workspace.
+    pub async fn get_token(
+        &self,
+        workspace_id: &str,
+        id: &str,
+    ) -> Result<Option<TokenRow>, ServerError> {
+        sqlx::query_as(
+            "SELECT id, workspace_id, description, scopes, expires_at, created_at
+             FROM api_tokens WHERE id = ? AND workspace_id = ?",
+        )
+        .bind(id)
+        .bind(workspace_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(q("reading a token"))
+    }
+
+    pub async fn update_token(&self, t: &TokenRow) -> Result<(), ServerError> {
+        sqlx::query(
+            "UPDATE api_tokens SET description = ?, scopes = ?, expires_at = ?
+             WHERE id = ? AND workspace_id = ?",
+        )
+        .bind(&t.description)
+        .bind(&t.scopes)
+        .bind(t.expires_at)
+        .bind(&t.id)
+        .bind(&t.workspace_id)
+        .execute(&self.pool)
+        .await
+        .map_err(q("updating a token"))?;
+        Ok(())
+    }
+
+    /// Delete a token of the given workspace; false if there was none.
+    pub async fn delete_token(&self, workspace_id: &str, id: &str) -> Result<bool, ServerError> {
+        let r = sqlx::query("DELETE FROM api_tokens WHERE id = ? AND workspace_id = ?")
+            .bind(id)
+            .bind(workspace_id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("deleting a token"))?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    // ---- templates ----
+
+    pub async fn upsert_template(&self, t: &TemplateRow) -> Result<(), ServerError> {
+        sqlx::query(
+            "INSERT INTO templates (id, name, workspace_id, description, rootfs, default_egress, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT(id) DO UPDATE SET rootfs = excluded.rootfs, description = excluded.description",
+        )
+        .bind(&t.id)
+        .bind(&t.name)
+        .bind(&t.workspace_id)
+        .bind(&t.description)
+        .bind(&t.rootfs)
+        .bind(&t.default_egress)
+        .bind(t.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(q("saving a template"))?;
+        Ok(())
+    }
+
+    /// A template by name or id that the workspace may use (its own or a built-in one).
+    pub async fn find_template(
+        &self,
+        workspace_id: &str,
+        name_or_id: &str,
+    ) -> Result<Option<TemplateRow>, ServerError> {
+        sqlx::query_as(
+            "SELECT id, name, workspace_id, description, rootfs, default_egress, created_at
+             FROM templates
+             WHERE (id = ? OR name = ?) AND (workspace_id IS NULL OR workspace_id = ?)",
+        )
+        .bind(name_or_id)
+        .bind(name_or_id)
+        .bind(workspace_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(q("reading a template"))
+    }
+
+    /// Server use: a template by id, whoever owns it.
+    pub async fn template_by_id(&self, id: &str) -> Result<Option<TemplateRow>, ServerError> {
+        sqlx::query_as(
+            "SELECT id, name, workspace_id, description, rootfs, default_egress, created_at
+             FROM templates WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(q("reading a template"))
+    }
+
+    pub async fn list_templates(
+        &self,
+        workspace_id: &str,
+    ) -> Result<Vec<TemplateRow>, ServerError> {
+        sqlx::query_as(
+            "SELECT id, name, workspace_id, description, rootfs, default_egress, created_at
+             FROM templates WHERE workspace_id IS NULL OR workspace_id = ? ORDER BY name",
+        )
+        .bind(workspace_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("listing templates"))
+    }
+
+    // ---- sandboxes ----
+
+    pub async fn insert_sandbox(&self, s: &SandboxRow) -> Result<(), ServerError> {
+        sqlx::query(
+            "INSERT INTO sandboxes (id, workspace_id, template_id, template_name, mode, status, size,
+                env, metadata, egress, timeout_ms, idle_timeout_ms, expires_at, last_active_at, slot,
+                runtime_id, error, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&s.id)
+        .bind(&s.workspace_id)
+        .bind(&s.template_id)
+        .bind(&s.template_name)
+        .bind(&s.mode)
+        .bind(&s.status)
+        .bind(&s.size)
+        .bind(&s.env)
+        .bind(&s.metadata)
+        .bind(&s.egress)
+        .bind(s.timeout_ms)
+        .bind(s.idle_timeout_ms)
+        .bind(s.expires_at)
+        .bind(s.last_active_at)
+        .bind(s.slot)
+        .bind(&s.runtime_id)
+        .bind(&s.error)
+        .bind(s.created_at)
+        .bind(s.updated_at)
+        .execute(&self.pool)
+        .await
+        .map_err(q("inserting a sandbox"))?;
+        Ok(())
+    }
+
+    /// Server use: a sandbox by id, whatever its workspace. Routes compare the workspace
+    /// themselves so they can answer 403 as seed 003 asks.
+    pub async fn get_sandbox(&self, id: &str) -> Result<Option<SandboxRow>, ServerError> {
+        sqlx::query_as("SELECT * FROM sandboxes WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("reading a sandbox"))
+    }
+
+    /// The workspace's sandboxes with the given status, or every one not destroyed.
+    pub async fn list_sandboxes(
+        &self,
+        workspace_id: &str,
+        status: Option<&str>,
+    ) -> Result<Vec<SandboxRow>, ServerError> {
+        let query = match status {
+            Some(_) => {
+                "SELECT * FROM sandboxes WHERE workspace_id = ? AND status = ? ORDER BY created_at, id"
+            }
+            None => {
+                "SELECT * FROM sandboxes WHERE workspace_id = ? AND status != 'destroyed' ORDER BY created_at, id"
+            }
+        };
+        let mut qy = sqlx::query_as(query).bind(workspace_id);
+        if let Some(s) = status {
+            qy = qy.bind(s);
+        }
+        qy.fetch_all(&self.pool)
+            .await
+            .map_err(q("listing sandboxes"))
+    }
+
+    /// Server use: every sandbox in one of the given states.
+    pub async fn sandboxes_with_status(
+        &self,
+        statuses: &[&str],
+    ) -> Result<Vec<SandboxRow>, ServerError> {
+        let marks = vec!["?"; statuses.len()].join(", ");
+        let sql = format!("SELECT * FROM sandboxes WHERE status IN ({marks}) ORDER BY created_at");
+        // Only "?" placeholders are interpolated; the values are bound.
+        let mut qy = sqlx::query_as(sqlx::AssertSqlSafe(sql));
+        for s in statuses {
+            qy = qy.bind(*s);
+        }
+        qy.fetch_all(&self.pool)
+            .await
+            .map_err(q("listing sandboxes by status"))
+    }
+
+    /// Server use: slots held by any sandbox.
+    pub async fn used_slots(&self) -> Result<Vec<i64>, ServerError> {
+        let rows = sqlx::query("SELECT slot FROM sandboxes WHERE slot IS NOT NULL")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("listing slots"))?;
+        Ok(rows.iter().map(|r| r.get::<i64, _>("slot")).collect())
+    }
+
+    pub async fn set_status(
+        &self,
+        id: &str,
+        status: &str,
+        error: Option<&str>,
+        now: i64,
+    ) -> Result<(), ServerError> {
+        sqlx::query("UPDATE sandboxes SET status = ?, error = ?, updated_at = ? WHERE id = ?")
+            .bind(status)
+            .bind(error)
+            .bind(now)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("updating a sandbox's status"))?;
+        Ok(())
+    }
+
+    /// Mark destroyed and give the network slot back.
+    pub async fn mark_destroyed(&self, id: &str, now: i64) -> Result<(), ServerError> {
+        sqlx::query(
+            "UPDATE sandboxes SET status = 'destroyed', slot = NULL, updated_at = ? WHERE id = ?",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(q("marking a sandbox destroyed"))?;
+        Ok(())
+    }
+
+    /// Mark failed with a reason and give the network slot back.
+    pub async fn mark_failed(&self, id: &str, reason: &str, now: i64) -> Result<(), ServerError> {
+        sqlx::query("UPDATE sandboxes SET status = 'failed', error = ?, slot = NULL, updated_at = ? WHERE id = ?")
+            .bind(reason)
+            .bind(now)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("marking a sandbox failed"))?;
+        Ok(())
+    }
+
+    pub async fn set_expiry(&self, id: &str, expires_at: i64, now: i64) -> Result<(), ServerError> {
+        sqlx::query("UPDATE sandboxes SET expires_at = ?, updated_at = ? WHERE id = ?")
+            .bind(expires_at)
+            .bind(now)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("updating a sandbox's expiry"))?;
+        Ok(())
+    }
+
+    /// Record activity (resets the idle clock of persistent sandboxes).
+    pub async fn touch(&self, id: &str, now: i64) -> Result<(), ServerError> {
+        sqlx::query("UPDATE sandboxes SET last_active_at = ? WHERE id = ?")
+            .bind(now)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("recording activity"))?;
+        Ok(())
+    }
+
+    /// Server use: running ephemeral sandboxes whose timeout has passed.
+    pub async fn expired(&self, now: i64) -> Result<Vec<String>, ServerError> {
+        let rows = sqlx::query(
+            "SELECT id FROM sandboxes WHERE mode = 'ephemeral' AND status IN ('running', 'suspended')
+             AND expires_at IS NOT NULL AND expires_at <= ?",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("finding expired sandboxes"))?;
+        Ok(rows.iter().map(|r| r.get::<String, _>("id")).collect())
+    }
+
+    /// Server use: running persistent sandboxes idle for longer than their idle timeout.
+    pub async fn idle(&self, now: i64) -> Result<Vec<String>, ServerError> {
+        let rows = sqlx::query(
+            "SELECT id FROM sandboxes WHERE mode = 'persistent' AND status = 'running'
+             AND idle_timeout_ms IS NOT NULL AND last_active_at + idle_timeout_ms <= ?",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("finding idle sandboxes"))?;
+        Ok(rows.iter().map(|r| r.get::<String, _>("id")).collect())
+    }
+}
