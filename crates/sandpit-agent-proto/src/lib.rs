@@ -57,7 +57,7 @@ pub enum FrameKind {
     Exit = 10,
     /// agent → host: JSON result of the operation (see each [`Request`]). Terminal.
     Ok = 11,
-    /// agent → host: JSON [`AgentError`]. Terminal.
+    /// agent → host: JSON [`AgentError`]. Terminal. host → agent during `WriteFile`: abort.
     Error = 12,
 }
 
@@ -139,7 +139,9 @@ pub enum Op {
     ReadFile { path: String },
     /// The host sends `Data` frames then `End`; the agent writes to a temporary file in the
     /// target directory and renames it into place, then answers `Ok` + [`WriteReply`]. If the
-    /// connection drops before `End`, nothing is left behind.
+    /// connection drops before `End`, nothing is left behind. The host may abort with an
+    /// `Error` frame instead of `End`: the agent removes the temporary file, then answers
+    /// `Error`.
     WriteFile {
         path: String,
         /// Permission bits for a new file (default 0o644).

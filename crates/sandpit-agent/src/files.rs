@@ -121,12 +121,22 @@ pub async fn write_file(
         match frame.kind {
             FrameKind::Data => {
                 if let Err(e) = tmp.file.write_all(&frame.payload).await {
-                    return conn.send_error(&map_io(&tmp.target, &e)).await;
+                    let err = map_io(&tmp.target, &e);
+                    drop(tmp);
+                    return conn.send_error(&err).await;
                 }
                 size += frame.payload.len() as u64;
             }
             FrameKind::End => break,
+            FrameKind::Error => {
+                // The host aborts (e.g. the upload went past its size limit): remove the
+                // temporary file before answering, so the host knows nothing is left.
+                drop(tmp);
+                let err = agent_error(AgentErrorCode::BadRequest, "write aborted by the host");
+                return conn.send_error(&err).await;
+            }
             other => {
+                drop(tmp);
                 let err = agent_error(
                     AgentErrorCode::BadRequest,
                     format!("unexpected frame kind {} while writing a file", other as u8),

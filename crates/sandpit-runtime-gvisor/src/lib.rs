@@ -533,6 +533,19 @@ impl GvisorRuntime {
     /// Kills and deletes the container, waits for its processes, unmounts the rootfs and
     /// removes leftover cgroups. Idempotent.
     async fn teardown(&self, id: &str, state_dir: Option<&Path>) -> Result<(), RuntimeError> {
+        // Mount points and bundle paths are recorded canonical.
+        let state_dir = match state_dir.map(std::fs::canonicalize) {
+            None => None,
+            Some(Ok(dir)) => Some(dir),
+            Some(Err(e)) if e.kind() == io::ErrorKind::NotFound => state_dir.map(Path::to_path_buf),
+            Some(Err(source)) => {
+                return Err(RuntimeError::Cleanup {
+                    id: id.into(),
+                    source,
+                });
+            }
+        };
+        let state_dir = state_dir.as_deref();
         let bundle = state_dir.map(bundle_of);
         // Both may fail harmlessly (already stopped, already deleted).
         let kill = self.runsc(id, &["kill", id, "KILL"]).await?;
@@ -983,17 +996,7 @@ impl Runtime for GvisorRuntime {
 
     async fn stop(&self, id: &str, state_dir: &Path) -> Result<(), RuntimeError> {
         let t0 = Instant::now();
-        let state_dir = match std::fs::canonicalize(state_dir) {
-            Ok(d) => d,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => state_dir.to_path_buf(),
-            Err(source) => {
-                return Err(RuntimeError::Cleanup {
-                    id: id.into(),
-                    source,
-                });
-            }
-        };
-        self.teardown(id, Some(&state_dir)).await?;
+        self.teardown(id, Some(state_dir)).await?;
         tracing::info!(%id, ms = t0.elapsed().as_millis() as u64, "sandbox stopped");
         Ok(())
     }

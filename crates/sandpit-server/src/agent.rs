@@ -243,11 +243,21 @@ impl AgentClient {
             .await?;
         let mut total: u64 = 0;
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| AgentFailure::Body(e.to_string()))?;
-            total += chunk.len() as u64;
-            if total > limit {
-                return Err(AgentFailure::TooLarge { limit });
-            }
+            let failure = match chunk {
+                Ok(c) if total + c.len() as u64 <= limit => {
+                    total += c.len() as u64;
+                    Ok(c)
+                }
+                Ok(_) => Err(AgentFailure::TooLarge { limit }),
+                Err(e) => Err(AgentFailure::Body(e.to_string())),
+            };
+            let chunk = match failure {
+                Ok(c) => c,
+                Err(f) => {
+                    self.abort_write(&mut conn).await;
+                    return Err(f);
+                }
+            };
             for piece in chunk.chunks(proto::DATA_CHUNK) {
                 proto::write_frame(&mut conn.stream, FrameKind::Data, piece)
                     .await
@@ -259,6 +269,21 @@ impl AgentClient {
             .map_err(|e| self.broken(crate::error::DisplayChain(&e)))?;
         let frame = self.read(&mut conn).await?;
         self.ok_or_refused(&frame)
+    }
+
+    /// Abort a `WriteFile` and wait (briefly) until the agent has removed its temporary
+    /// file, so a rejected upload leaves nothing behind when the client hears of it.
+    async fn abort_write(&self, conn: &mut AgentConn) {
+        let abort = AgentError {
+            code: proto::AgentErrorCode::BadRequest,
+            message: "upload rejected by the server".into(),
+        };
+        if proto::write_json(&mut conn.stream, FrameKind::Error, &abort)
+            .await
+            .is_ok()
+        {
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.read(conn)).await;
+        }
     }
 
     pub async fn list_dir(&self, path: &str) -> Result<DirListing, AgentFailure> {

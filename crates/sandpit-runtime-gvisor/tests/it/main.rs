@@ -223,6 +223,35 @@ async fn hello(ip: Ipv4Addr) -> String {
     }
 }
 
+/// Host pids of the sentry and gofer of sandbox `id`.
+fn sandbox_pids(id: &str, state_dir: &Path) -> Vec<u32> {
+    let bundle = format!(
+        "--bundle={}",
+        std::fs::canonicalize(state_dir)
+            .unwrap()
+            .join("bundle")
+            .display()
+    );
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is_sentry = args[0] == "runsc-sandbox" && args.iter().any(|a| a == id);
+        let is_gofer = args[0] == "runsc-gofer" && args.contains(&bundle);
+        if is_sentry || is_gofer {
+            pids.push(pid);
+        }
+    }
+    assert!(!pids.is_empty(), "no processes found for {id}");
+    pids
+}
+
 /// A cgroup directory named `id` anywhere below /sys/fs/cgroup, found without the crate.
 fn find_cgroup_files(id: &str, file: &str) -> Vec<PathBuf> {
     fn walk(dir: &Path, id: &str, file: &str, depth: u32, out: &mut Vec<PathBuf>) {
@@ -383,6 +412,18 @@ async fn gvisor_lifecycle() {
     eprintln!("checkpointed at {c2}, clones now at a={ca} b={cb}");
     assert_eq!(hello(slot2.sandbox_ip).await.trim(), "hello");
     assert_eq!(hello(slot1.sandbox_ip).await.trim(), "hello");
+    // The sentry and gofer of `a` (each pivoted into its own mount namespace) see neither
+    // `b`'s rootfs nor `b`'s netns, although both were mounted on the host when `a` started.
+    let b_rootfs = std::fs::canonicalize(&state_b).unwrap().join("rootfs");
+    let b_netns = format!("/run/netns/{}", slot2.netns_name);
+    for pid in sandbox_pids(&id_a, &state_a) {
+        let mi = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
+        let points: Vec<&str> = mi.lines().filter_map(|l| l.split(' ').nth(4)).collect();
+        assert!(
+            !points.contains(&b_rootfs.to_str().unwrap()) && !points.contains(&b_netns.as_str()),
+            "process {pid} of {id_a} sees mounts of {id_b}: {points:?}"
+        );
+    }
     // Informational: which hostname a clone restored under another spec has.
     let root = rt.config().root_dir.clone();
     let hostname = Command::new("runsc")
