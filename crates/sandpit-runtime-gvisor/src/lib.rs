@@ -43,6 +43,8 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 const EXIT_GRACE: Duration = Duration::from_secs(3);
 /// ... and after SIGKILL.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a failed checkpoint may take to kill the sandbox before we call it a survivor.
+const CHECKPOINT_DEATH_WAIT: Duration = Duration::from_secs(4);
 /// The most of `console.log` quoted in an error.
 const ERROR_TAIL: usize = 4000;
 
@@ -897,6 +899,10 @@ impl Runtime for GvisorRuntime {
             });
         }
         let state_dir = state_dir_of(&state);
+        let sentry_pid = state["pid"]
+            .as_i64()
+            .and_then(|p| i32::try_from(p).ok())
+            .filter(|p| *p > 0);
         let io_err = |source: io::Error| RuntimeError::Cleanup {
             id: id.into(),
             source,
@@ -926,28 +932,40 @@ impl Runtime for GvisorRuntime {
             failed => {
                 let _ = std::fs::remove_dir_all(&tmp);
                 let out = failed?;
-                // A failed checkpoint kills the sandbox, which takes a second or two to die.
-                let mut status = RuntimeStatus::Running;
-                for _ in 0..100 {
-                    status = self.status(id).await.unwrap_or(RuntimeStatus::Missing);
-                    if status != RuntimeStatus::Running {
-                        break;
+                // A failed checkpoint usually kills the sandbox, which takes a second or two;
+                // runsc's status flickers meanwhile, so watch the sentry process itself.
+                let deadline = Instant::now() + CHECKPOINT_DEATH_WAIT;
+                let died = loop {
+                    match sentry_pid {
+                        Some(pid) if procs::is_alive(pid) => {}
+                        _ => break true,
+                    }
+                    if Instant::now() > deadline {
+                        break false;
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                };
+                let fate = if died {
+                    "the failed checkpoint killed the sandbox: call stop()".to_string()
+                } else {
+                    let status = self.status(id).await.unwrap_or(RuntimeStatus::Missing);
+                    format!(
+                        "the sandbox survived the failed checkpoint (status {status:?}): check \
+                         status() before using it"
+                    )
+                };
                 return Err(match refused_reason(&out.stderr) {
                     Some(reason) => RuntimeError::CheckpointRefused {
                         id: id.into(),
                         reason: format!(
                             "{reason} (close connections into the sandbox with RST before \
-                             checkpointing); the failed checkpoint left the sandbox {status:?}: \
-                             call stop()"
+                             checkpointing); {fate}"
                         ),
                     },
                     None => RuntimeError::Command {
                         id: id.into(),
                         command: out.command,
-                        stderr: format!("{} (sandbox now {status:?})", out.stderr),
+                        stderr: format!("{}; {fate}", out.stderr),
                     },
                 });
             }
@@ -1032,8 +1050,15 @@ impl Runtime for GvisorRuntime {
     async fn status(&self, id: &str) -> Result<RuntimeStatus, RuntimeError> {
         Ok(match self.state_json(id).await? {
             None => RuntimeStatus::Missing,
-            Some(s) => match s["status"].as_str() {
-                Some("running" | "paused") => RuntimeStatus::Running,
+            // runsc probes the sentry with kill(pid, 0), which succeeds on a zombie: a sandbox
+            // that died and is not reaped yet still shows as running. Check the process.
+            Some(s) => match (s["status"].as_str(), s["pid"].as_i64()) {
+                (Some("running" | "paused"), Some(pid))
+                    if i32::try_from(pid).is_ok_and(|p| p > 0 && !procs::is_alive(p)) =>
+                {
+                    RuntimeStatus::Stopped
+                }
+                (Some("running" | "paused"), _) => RuntimeStatus::Running,
                 _ => RuntimeStatus::Stopped,
             },
         })

@@ -49,6 +49,11 @@ fn matches_sandbox(args: &[&[u8]], root_arg: &str, id: &str, bundle_arg: Option<
     }
 }
 
+/// Whether `pid` exists and is not a zombie.
+pub(crate) fn is_alive(pid: i32) -> bool {
+    !is_zombie(pid)
+}
+
 fn is_zombie(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name, which may contain spaces.

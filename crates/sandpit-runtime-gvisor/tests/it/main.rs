@@ -14,7 +14,7 @@ use sandpit_net::{EgressRules, Ipv4Net, NetConfig, Network, SlotAddrs};
 use sandpit_runtime::{
     NetworkAttachment, Resources, Runtime, RuntimeError, RuntimeStatus, SandboxSpec,
 };
-use sandpit_runtime_gvisor::{GvisorConfig, GvisorRuntime};
+use sandpit_runtime_gvisor::{GvisorConfig, GvisorError, GvisorRuntime};
 use tokio::io::AsyncReadExt;
 
 const MEMORY: u64 = 256 << 20;
@@ -277,9 +277,13 @@ fn find_cgroup_files(id: &str, file: &str) -> Vec<PathBuf> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gvisor_lifecycle() {
-    if let Err(e) = sandpit_runtime_gvisor::check_host(Path::new("runsc")) {
-        eprintln!("SKIPPED: gVisor integration test needs runsc and root: {e}");
-        return;
+    match sandpit_runtime_gvisor::check_host(Path::new("runsc")) {
+        Ok(version) => eprintln!("using {version}"),
+        Err(GvisorError::ToolMissing { program, source }) if program == Path::new("runsc") => {
+            eprintln!("SKIPPED gvisor_lifecycle: runsc is not installed ({source})");
+            return;
+        }
+        Err(e) => panic!("this host cannot run gVisor sandboxes: {e}"),
     }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -450,6 +454,7 @@ async fn gvisor_lifecycle() {
                 reason.contains("connected") || reason.contains("closing"),
                 "{reason}"
             );
+            assert!(reason.contains("killed the sandbox"), "{reason}");
         }
         other => panic!("checkpoint with an open connection: {other:?}"),
     }
@@ -466,7 +471,7 @@ async fn gvisor_lifecycle() {
         vec![std::ffi::OsString::from("one")],
         "temp image dirs left"
     );
-    assert_ne!(rt.status(&id_b).await.unwrap(), RuntimeStatus::Running);
+    assert_eq!(rt.status(&id_b).await.unwrap(), RuntimeStatus::Stopped);
     rt.stop(&id_b, &state_b).await.unwrap();
     assert_eq!(rt.status(&id_b).await.unwrap(), RuntimeStatus::Missing);
 
@@ -501,6 +506,25 @@ async fn gvisor_lifecycle() {
     );
     // Address re-applied for the cold boot in the same slot.
     assert_eq!(hello(slot1.sandbox_ip).await.trim(), "hello");
+
+    // A start that fails leaves nothing running or mounted; the files stay.
+    let (id_d, state_d) = (format!("{tag}-d"), fx.state("d"));
+    let mut bad = spec(&id_d, &layers, &state_d, None);
+    bad.args = vec!["/no/such/binary".into()];
+    let err = rt.start(&bad).await.unwrap_err();
+    eprintln!("failed start reported as: {err}");
+    assert!(matches!(err, RuntimeError::Command { .. }), "{err:?}");
+    assert_eq!(rt.status(&id_d).await.unwrap(), RuntimeStatus::Missing);
+    assert!(state_d.join("bundle/config.json").is_file());
+    assert!(
+        !fx.mounts_below_dir()
+            .iter()
+            .any(|m| m.ends_with("/d/rootfs")),
+        "{:?}",
+        fx.mounts_below_dir()
+    );
+    rt.destroy(&id_d, &state_d).await.unwrap();
+    assert!(!state_d.exists());
 
     // Orphan cleanup: a sandbox without network that the "server" no longer knows.
     let state_c = fx.state("c");

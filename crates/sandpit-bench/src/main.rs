@@ -1,0 +1,322 @@
+//! `sandpit-bench`: measures Sandpit against raw runsc on the same machine in the same run,
+//! prints a table and writes JSON (`[{name, n, p50_ms, p95_ms, baseline, baseline_p50_ms, ...}]`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use futures::StreamExt;
+use sandpit_sdk::Client;
+use sandpit_sdk::types::{CreateSandboxRequest, ExecRequest, SandboxMode};
+use sandpit_test_support::TestServer;
+use serde::Serialize;
+
+#[derive(Parser)]
+struct Args {
+    /// The sandpit binary to benchmark.
+    #[arg(long)]
+    sandpit: PathBuf,
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "bench/out/latest.json")]
+    out: PathBuf,
+    /// gVisor platform for both Sandpit and the baselines.
+    #[arg(long, default_value = "ptrace")]
+    platform: String,
+    /// Fewer iterations (a smoke run).
+    #[arg(long)]
+    quick: bool,
+}
+
+#[derive(Serialize, Debug)]
+struct Row {
+    name: String,
+    n: usize,
+    p50_ms: f64,
+    p95_ms: f64,
+    baseline: Option<String>,
+    baseline_p50_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mb_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target: Option<String>,
+}
+
+fn percentile(samples: &[Duration], p: f64) -> f64 {
+    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+    ms.sort_by(|a, b| a.total_cmp(b));
+    if ms.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((ms.len() - 1) as f64 * p).round() as usize;
+    ms[idx]
+}
+
+fn row(
+    name: &str,
+    samples: &[Duration],
+    baseline: Option<(&str, &[Duration])>,
+    target: &str,
+) -> Row {
+    Row {
+        name: name.into(),
+        n: samples.len(),
+        p50_ms: percentile(samples, 0.5),
+        p95_ms: percentile(samples, 0.95),
+        baseline: baseline.map(|(n, _)| n.to_string()),
+        baseline_p50_ms: baseline.map(|(_, s)| percentile(s, 0.5)),
+        mb_per_s: None,
+        target: (!target.is_empty()).then(|| target.to_string()),
+    }
+}
+
+/// Raw runsc on the base template's rootfs: `run -detach` (cold start) and `exec true`.
+struct RawRunsc {
+    dir: tempfile::TempDir,
+    platform: String,
+}
+
+impl RawRunsc {
+    fn new(rootfs: &Path, platform: &str) -> anyhow::Result<RawRunsc> {
+        let dir = tempfile::tempdir()?;
+        let spec = serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"terminal": false, "user": {"uid": 0, "gid": 0}, "args": ["/bin/sleep", "3600"],
+                        "env": ["PATH=/bin"], "cwd": "/"},
+            "root": {"path": rootfs, "readonly": true},
+            "hostname": "bench",
+            "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},
+                       {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"}],
+            "linux": {"namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}]}
+        });
+        std::fs::write(
+            dir.path().join("config.json"),
+            serde_json::to_vec_pretty(&spec)?,
+        )?;
+        Ok(RawRunsc {
+            dir,
+            platform: platform.into(),
+        })
+    }
+
+    fn runsc(&self, args: &[&str]) -> anyhow::Result<()> {
+        let root = self.dir.path().join("state");
+        // A detached sandbox inherits runsc's stdio: never hand it a pipe we wait on.
+        let log = self.dir.path().join("runsc.log");
+        let status = Command::new("runsc")
+            .arg("--root")
+            .arg(&root)
+            .arg("--platform")
+            .arg(&self.platform)
+            .arg("--network=none")
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .status()
+            .context("running runsc")?;
+        if !status.success() {
+            bail!(
+                "runsc {args:?}: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
+    fn run(&self, id: &str) -> anyhow::Result<Duration> {
+        let bundle = self
+            .dir
+            .path()
+            .to_str()
+            .expect("utf-8 temp path")
+            .to_string();
+        let t = Instant::now();
+        self.runsc(&["run", "-detach", "--bundle", &bundle, id])?;
+        Ok(t.elapsed())
+    }
+
+    fn exec_true(&self, id: &str) -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        self.runsc(&["exec", id, "/bin/true"])?;
+        Ok(t.elapsed())
+    }
+
+    fn delete(&self, id: &str) {
+        let _ = self.runsc(&["delete", "-force", id]);
+    }
+}
+
+async fn exec_true(client: &Client, id: &str) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let out = client
+        .exec(
+            id,
+            &ExecRequest {
+                argv: Some(vec!["true".into()]),
+                ..Default::default()
+            },
+        )
+        .await?;
+    anyhow::ensure!(out.exit_code == 0, "true failed: {out:?}");
+    Ok(t.elapsed())
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "{:<34} {:>5} {:>10} {:>10} {:>10}  {:<22} {:>10} {:>7}  target",
+        "benchmark", "n", "p50 ms", "p95 ms", "MB/s", "baseline", "base p50", "ratio"
+    );
+    for r in rows {
+        let ratio = r.baseline_p50_ms.map(|b| r.p50_ms / b);
+        println!(
+            "{:<34} {:>5} {:>10.2} {:>10.2} {:>10} {:<22} {:>10} {:>7}  {}",
+            r.name,
+            r.n,
+            r.p50_ms,
+            r.p95_ms,
+            r.mb_per_s.map(|m| format!("{m:.0}")).unwrap_or_default(),
+            r.baseline.clone().unwrap_or_default(),
+            r.baseline_p50_ms
+                .map(|b| format!("{b:.2}"))
+                .unwrap_or_default(),
+            ratio.map(|x| format!("{x:.2}x")).unwrap_or_default(),
+            r.target.clone().unwrap_or_default(),
+        );
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let (n_create, n_exec, n_files) = if args.quick { (3, 10, 1) } else { (10, 100, 3) };
+    let srv = TestServer::start_with(
+        &args.sandpit,
+        &[("SANDPIT_PLATFORM", args.platform.as_str())],
+    )
+    .await?;
+    let client = srv.client();
+    let mut rows = Vec::new();
+
+    // Baselines on the same rootfs the server built for the base template.
+    let raw = RawRunsc::new(&srv.data_dir.join("templates/base/rootfs"), &args.platform)?;
+    let mut raw_run = Vec::new();
+    let mut raw_exec = Vec::new();
+    for i in 0..n_create {
+        let id = format!("benchraw{i:04}");
+        raw_run.push(raw.run(&id)?);
+        if i == 0 {
+            for _ in 0..n_exec.min(30) {
+                raw_exec.push(raw.exec_true(&id)?);
+            }
+        }
+        raw.delete(&id);
+    }
+
+    // create → first exec, then destroy.
+    let mut create = Vec::new();
+    let mut destroy = Vec::new();
+    for _ in 0..n_create {
+        let t = Instant::now();
+        let sb = client
+            .create_sandbox(&CreateSandboxRequest {
+                template: "base".into(),
+                ..Default::default()
+            })
+            .await?;
+        exec_true(&client, &sb.id).await?;
+        create.push(t.elapsed());
+        let t = Instant::now();
+        client.destroy_sandbox(&sb.id).await?;
+        destroy.push(t.elapsed());
+    }
+    rows.push(row(
+        "create → first exec",
+        &create,
+        Some(("runsc run -detach", &raw_run)),
+        "≤ 1.2× runsc run",
+    ));
+    rows.push(row("destroy", &destroy, None, ""));
+
+    // exec round trip and files on one sandbox.
+    let sb = client
+        .create_sandbox(&CreateSandboxRequest {
+            template: "base".into(),
+            mode: SandboxMode::Persistent,
+            ..Default::default()
+        })
+        .await?;
+    let mut exec = Vec::new();
+    for _ in 0..n_exec {
+        exec.push(exec_true(&client, &sb.id).await?);
+    }
+    rows.push(row(
+        "exec `true` round trip (HTTP)",
+        &exec,
+        Some(("runsc exec true", &raw_exec)),
+        "p50 ≤ 5 ms",
+    ));
+
+    let size: usize = 100 * 1024 * 1024;
+    let chunk = vec![0xA5u8; 1024 * 1024];
+    let (mut up, mut down) = (Vec::new(), Vec::new());
+    for _ in 0..n_files {
+        let body = futures::stream::iter(
+            std::iter::repeat_n(chunk.clone(), size / chunk.len()).map(Ok::<_, std::io::Error>),
+        );
+        let t = Instant::now();
+        client
+            .upload(&sb.id, "/tmp/bench.bin", reqwest::Body::wrap_stream(body))
+            .await?;
+        up.push(t.elapsed());
+        let t = Instant::now();
+        let mut stream = client
+            .download(&sb.id, "/tmp/bench.bin")
+            .await?
+            .bytes_stream();
+        let mut n = 0;
+        while let Some(c) = stream.next().await {
+            n += c?.len();
+        }
+        anyhow::ensure!(n == size, "downloaded {n} bytes");
+        down.push(t.elapsed());
+    }
+    let mbps = |s: &[Duration]| (size as f64 / 1e6) / (percentile(s, 0.5) / 1000.0);
+    let mut r = row("upload 100 MB", &up, None, "≥ 500 MB/s");
+    r.mb_per_s = Some(mbps(&up));
+    rows.push(r);
+    let mut r = row("download 100 MB", &down, None, "");
+    r.mb_per_s = Some(mbps(&down));
+    rows.push(r);
+
+    // hibernate and wake of an idle sandbox (memory to disk and back).
+    let (mut hib, mut wake) = (Vec::new(), Vec::new());
+    for _ in 0..n_create.min(5) {
+        let t = Instant::now();
+        client.hibernate(&sb.id).await?;
+        hib.push(t.elapsed());
+        let t = Instant::now();
+        client.wake(&sb.id).await?;
+        exec_true(&client, &sb.id).await?;
+        wake.push(t.elapsed());
+    }
+    rows.push(row("hibernate (idle sandbox)", &hib, None, ""));
+    rows.push(row(
+        "wake → first exec",
+        &wake,
+        Some(("runsc run -detach", &raw_run)),
+        "",
+    ));
+    client.destroy_sandbox(&sb.id).await?;
+
+    print_table(&rows);
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut json = serde_json::to_vec_pretty(&rows)?;
+    json.push(b'\n');
+    std::fs::write(&args.out, json)?;
+    println!("\nwrote {}", args.out.display());
+    Ok(())
+}
