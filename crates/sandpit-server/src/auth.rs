@@ -70,10 +70,10 @@ impl FromRequestParts<Arc<Server>> for Auth {
             .ok_or_else(|| ApiError::unauthorized("Authorization header must be Bearer <token>"))?;
         let found = server.store.token_by_hash(&hash_token(token)).await?;
         let t = found.ok_or_else(|| ApiError::unauthorized("unknown or revoked token"))?;
-        if let Some(exp) = t.expires_at {
-            if exp <= now_ms() {
-                return Err(ApiError::unauthorized("token has expired"));
-            }
+        if let Some(exp) = t.expires_at
+            && exp <= now_ms()
+        {
+            return Err(ApiError::unauthorized("token has expired"));
         }
         let scopes: Vec<String> = serde_json::from_str(&t.scopes)
             .map_err(|e| ServerError::Corrupt(format!("scopes of token {}: {e}", t.id)))?;

@@ -256,15 +256,15 @@ impl Server {
             tracing::error!(sandbox = %id, error = %DisplayChain(&e), "destroying the runtime sandbox");
         }
         let ckpt = self.checkpoint_dir(id);
-        if ckpt.exists() {
-            if let Err(e) = std::fs::remove_dir_all(&ckpt) {
-                tracing::error!(sandbox = %id, error = %e, "removing the memory image");
-            }
+        if ckpt.exists()
+            && let Err(e) = std::fs::remove_dir_all(&ckpt)
+        {
+            tracing::error!(sandbox = %id, error = %e, "removing the memory image");
         }
-        if let Some(s) = slot {
-            if let Err(e) = self.net.detach(s).await {
-                tracing::error!(sandbox = %id, error = %DisplayChain(&e), "removing the network slot");
-            }
+        if let Some(s) = slot
+            && let Err(e) = self.net.detach(s).await
+        {
+            tracing::error!(sandbox = %id, error = %DisplayChain(&e), "removing the network slot");
         }
     }
 

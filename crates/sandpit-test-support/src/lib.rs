@@ -172,10 +172,10 @@ impl TestServer {
         let http = reqwest::Client::new();
         let start = Instant::now();
         loop {
-            if let Ok(r) = http.get(&health).send().await {
-                if r.status().is_success() {
-                    return Ok(());
-                }
+            if let Ok(r) = http.get(&health).send().await
+                && r.status().is_success()
+            {
+                return Ok(());
             }
             if let Some(status) = self
                 .child

@@ -73,15 +73,13 @@ async fn list_sandboxes(
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<SandboxList>, ApiError> {
     auth.require("sandbox_read")?;
-    if let Some(s) = &q.status {
-        if SandboxStatus::parse(s).is_none() {
-            return Err(ApiError::bad_request(
-                "invalid_status",
-                format!(
-                    "status must be creating, running, suspended, destroyed or failed, not {s:?}"
-                ),
-            ));
-        }
+    if let Some(s) = &q.status
+        && SandboxStatus::parse(s).is_none()
+    {
+        return Err(ApiError::bad_request(
+            "invalid_status",
+            format!("status must be creating, running, suspended, destroyed or failed, not {s:?}"),
+        ));
     }
     let rows = server
         .store
@@ -307,8 +305,7 @@ async fn exec(
         (stdout, stderr)
     };
     let run = async {
-        let r = tokio::time::timeout(timeout + Duration::from_secs(10), agent.exec(req, tx)).await;
-        r
+        tokio::time::timeout(timeout + Duration::from_secs(10), agent.exec(req, tx)).await
     };
     let (result, (stdout, stderr)) = tokio::join!(run, collect);
     let status = result
