@@ -19,6 +19,7 @@ mod cgroup;
 mod error;
 mod mounts;
 mod procs;
+mod reaper;
 mod spec;
 
 use std::collections::HashSet;
@@ -34,6 +35,7 @@ use tokio::process::Command;
 
 pub use cgroup::CgroupLimits;
 pub use error::GvisorError;
+pub use reaper::{reap_adopted, spawn_reaper};
 
 /// How long a `runsc run`/`restore` may take before it is killed.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(120);

@@ -120,6 +120,9 @@ impl Server {
             slot_lock: tokio::sync::Mutex::new(()),
             shutdown: CancellationToken::new(),
         });
+        // Adopt and promptly reap the sandbox processes runsc leaves behind (see
+        // `sandpit_runtime_gvisor::spawn_reaper`); stopped with the server.
+        sandpit_runtime_gvisor::spawn_reaper(server.shutdown.clone().cancelled_owned());
         templates::ensure_base(&server).await?;
         let token = crate::auth::bootstrap(&server, bootstrap_token).await?;
         server.reconcile(&runtime).await?;
