@@ -199,8 +199,12 @@ impl EgressPolicy {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSandboxRequest {
-    /// Template name or id to boot from.
+    /// Template name or id to boot from. Required unless `snapshot` is given.
+    #[serde(default)]
     pub template: String,
+    /// Start from a named snapshot (its files and memory) instead of a template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
     #[serde(default)]
     pub mode: SandboxMode,
     /// Until auto-destroy (ephemeral only), e.g. `10m`. Max 24h, default 15m.
@@ -352,6 +356,51 @@ pub struct Template {
     pub description: String,
     pub created_at: String,
     pub default_egress: EgressPolicy,
+}
+
+/// `POST /v1/sandboxes/{id}/fork`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ForkRequest {
+    /// How many children, 1–100 (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
+}
+
+/// One child of a fork: the sandbox, or why it could not be made.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(untagged)]
+pub enum ForkResult {
+    Ok(Box<Sandbox>),
+    Err(ErrorBodyRef),
+}
+
+/// `{"error":{"code","message"}}` inside a fork result.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct ErrorBodyRef {
+    pub error: crate::ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ForkResponse {
+    pub sandboxes: Vec<ForkResult>,
+}
+
+/// A named snapshot: a sandbox's files and memory, to start new sandboxes from.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Snapshot {
+    pub id: String,
+    /// The sandbox it was taken from.
+    pub sandbox_id: String,
+    pub template: String,
+    pub created_at: String,
+    /// Disk used by the snapshot's files and memory image.
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotList {
+    pub snapshots: Vec<Snapshot>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -1049,6 +1049,38 @@ impl Runtime for GvisorRuntime {
         })
     }
 
+    async fn copy_files(
+        &self,
+        from_state_dir: &Path,
+        to_state_dir: &Path,
+    ) -> Result<(), RuntimeError> {
+        let (from, to) = (from_state_dir.join("upper"), to_state_dir.join("upper"));
+        let err = |detail: String| RuntimeError::CopyFiles {
+            from: from.clone(),
+            to: to.clone(),
+            detail,
+        };
+        std::fs::create_dir_all(to_state_dir).map_err(|e| err(e.to_string()))?;
+        if to.exists() {
+            return Err(err("the destination already has files".into()));
+        }
+        // cp keeps owners, modes, times, hard links, xattrs (overlay whiteouts) and sparse
+        // files, and uses reflinks where the filesystem has them.
+        let out = tokio::process::Command::new("cp")
+            .arg("-a")
+            .arg("--reflink=auto")
+            .arg(&from)
+            .arg(&to)
+            .output()
+            .await
+            .map_err(|e| err(format!("running cp: {e}")))?;
+        if !out.status.success() {
+            let _ = std::fs::remove_dir_all(&to);
+            return Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+        }
+        Ok(())
+    }
+
     async fn status(&self, id: &str) -> Result<RuntimeStatus, RuntimeError> {
         Ok(match self.state_json(id).await? {
             None => RuntimeStatus::Missing,

@@ -90,6 +90,12 @@ pub enum RuntimeError {
     },
     #[error("checkpoint of {id} refused: {reason}")]
     CheckpointRefused { id: String, reason: String },
+    #[error("copying the files of {from} to {to}")]
+    CopyFiles {
+        from: PathBuf,
+        to: PathBuf,
+        detail: String,
+    },
     #[error("removing the files of {id}")]
     Cleanup {
         id: String,
@@ -124,6 +130,15 @@ pub trait Runtime: Send + Sync + 'static {
     async fn destroy(&self, id: &str, state_dir: &Path) -> Result<(), RuntimeError>;
 
     async fn status(&self, id: &str) -> Result<RuntimeStatus, RuntimeError>;
+
+    /// Copy the files a stopped sandbox wrote (its writable layer) from `from_state_dir` to
+    /// the empty or missing `to_state_dir`, cheaply where the filesystem allows (reflinks).
+    /// For fork and snapshots: the copy plus a memory image is a complete sandbox.
+    async fn copy_files(
+        &self,
+        from_state_dir: &Path,
+        to_state_dir: &Path,
+    ) -> Result<(), RuntimeError>;
 
     /// Ids of every sandbox this backend instance holds (running or not), for reconciliation
     /// after a crash.

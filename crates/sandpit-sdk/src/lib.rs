@@ -182,6 +182,37 @@ impl Client {
             .await
     }
 
+    /// Fork into `count` children; one result per child.
+    pub async fn fork(&self, id: &str, count: u32) -> Result<Vec<ForkResult>, SdkError> {
+        let body = ForkRequest { count: Some(count) };
+        let resp: ForkResponse = self
+            .json(
+                self.request(Method::POST, &Self::sandbox_path(id, "/fork"))
+                    .json(&body),
+            )
+            .await?;
+        Ok(resp.sandboxes)
+    }
+
+    pub async fn create_snapshot(&self, id: &str) -> Result<Snapshot, SdkError> {
+        self.json(self.request(Method::POST, &Self::sandbox_path(id, "/snapshots")))
+            .await
+    }
+
+    pub async fn list_snapshots(&self, id: &str) -> Result<Vec<Snapshot>, SdkError> {
+        let list: SnapshotList = self
+            .json(self.request(Method::GET, &Self::sandbox_path(id, "/snapshots")))
+            .await?;
+        Ok(list.snapshots)
+    }
+
+    pub async fn delete_snapshot(&self, snapshot_id: &str) -> Result<(), SdkError> {
+        let path = format!("/v1/snapshots/{}", urlencode(snapshot_id));
+        self.send(self.request(Method::DELETE, &path))
+            .await
+            .map(drop)
+    }
+
     pub async fn exec(&self, id: &str, req: &ExecRequest) -> Result<ExecResponse, SdkError> {
         self.json(
             self.request(Method::POST, &Self::sandbox_path(id, "/exec"))

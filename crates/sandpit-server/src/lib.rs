@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod auth;
 pub mod error;
+pub mod fork;
 pub mod lifecycle;
 pub mod routes;
 pub mod server;

@@ -25,7 +25,7 @@ use crate::agent::AgentClient;
 use crate::auth::Auth;
 use crate::error::{ApiError, DisplayChain, ServerError};
 use crate::server::Server;
-use crate::store::SandboxRow;
+use crate::store::{SandboxRow, SnapshotRow};
 use crate::templates::AGENT_PATH_IN_SANDBOX;
 use crate::util::{new_sandbox_id, now_ms, rfc3339};
 
@@ -102,14 +102,30 @@ async fn validate_create(
     server: &Server,
     auth: &Auth,
     req: &CreateSandboxRequest,
-) -> Result<SandboxRow, ApiError> {
-    if req.template.trim().is_empty() {
+) -> Result<(SandboxRow, Option<SnapshotRow>), ApiError> {
+    let snapshot = match &req.snapshot {
+        Some(snap_id) => Some(
+            server
+                .store
+                .get_snapshot(&auth.workspace_id, snap_id)
+                .await?
+                .ok_or_else(|| {
+                    ApiError::not_found("snapshot_not_found", format!("no snapshot {snap_id:?}"))
+                })?,
+        ),
+        None => None,
+    };
+    if snapshot.is_none() && req.template.trim().is_empty() {
         return Err(ApiError::bad_request(
             "missing_template",
-            "template is required",
+            "template (or snapshot) is required",
         ));
     }
-    let size = req.size.clone().unwrap_or_else(|| "small".into());
+    let size = req
+        .size
+        .clone()
+        .or_else(|| snapshot.as_ref().map(|s| s.size.clone()))
+        .unwrap_or_else(|| "small".into());
     if size_resources(&size).is_none() {
         let names: Vec<_> = SIZES.iter().map(|s| s.0).collect();
         return Err(ApiError::bad_request(
@@ -192,7 +208,13 @@ async fn validate_create(
     }
     let template = server
         .store
-        .find_template(&auth.workspace_id, &req.template)
+        .find_template(
+            &auth.workspace_id,
+            snapshot
+                .as_ref()
+                .map(|s| s.template_id.as_str())
+                .unwrap_or(&req.template),
+        )
         .await?
         .ok_or_else(|| {
             ApiError::not_found(
@@ -200,15 +222,20 @@ async fn validate_create(
                 format!("no template {:?}", req.template),
             )
         })?;
-    let egress = match &req.egress {
-        Some(p) => p.clone(),
-        None => serde_json::from_str(&template.default_egress).unwrap_or_default(),
+    let egress = match (&req.egress, &snapshot) {
+        (Some(p), _) => p.clone(),
+        (None, Some(snap)) => serde_json::from_str(&snap.egress).unwrap_or_default(),
+        (None, None) => serde_json::from_str(&template.default_egress).unwrap_or_default(),
+    };
+    let env: BTreeMap<String, String> = match &snapshot {
+        Some(snap) if req.env.is_empty() => serde_json::from_str(&snap.env).unwrap_or_default(),
+        _ => req.env.clone(),
     };
     egress
         .validate()
         .map_err(|(code, m)| ApiError::bad_request(code, m))?;
     let id = new_sandbox_id();
-    Ok(SandboxRow {
+    let row = SandboxRow {
         runtime_id: format!("{}-{}", server.cfg.prefix, id),
         id,
         workspace_id: auth.workspace_id.clone(),
@@ -217,7 +244,7 @@ async fn validate_create(
         mode: req.mode.as_str().into(),
         status: "creating".into(),
         size,
-        env: serde_json::to_string(&req.env).expect("map serializes"),
+        env: serde_json::to_string(&env).expect("map serializes"),
         metadata: serde_json::to_string(&req.metadata).expect("map serializes"),
         egress: serde_json::to_string(&egress).expect("policy serializes"),
         timeout_ms,
@@ -228,11 +255,15 @@ async fn validate_create(
         error: None,
         created_at: now,
         updated_at: now,
-    })
+    };
+    Ok((row, snapshot))
 }
 
 /// Claim the lowest free network slot by inserting the row that holds it.
-async fn insert_with_slot(server: &Server, row: &mut SandboxRow) -> Result<(), ServerError> {
+pub(crate) async fn insert_with_slot(
+    server: &Server,
+    row: &mut SandboxRow,
+) -> Result<(), ServerError> {
     let _guard = server.slot_lock.lock().await;
     let used: std::collections::HashSet<i64> =
         server.store.used_slots().await?.into_iter().collect();
@@ -259,21 +290,19 @@ async fn spec_for(server: &Server, row: &SandboxRow) -> Result<SandboxSpec, Serv
         .slot
         .ok_or_else(|| ServerError::Corrupt(format!("sandbox {} has no network slot", row.id)))?;
     let addrs = server.net.addrs(slot as u32);
-    let user_env: BTreeMap<String, String> = serde_json::from_str(&row.env)
-        .map_err(|e| ServerError::Corrupt(format!("env of {}: {e}", row.id)))?;
-    let mut env = vec![
+    // The sandbox's own environment is sent with every exec (see `exec_env`), not baked
+    // into the init process: a memory image or a pooled sandbox can then serve any owner.
+    let env = vec![
         "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
         "HOME=/root".to_string(),
-        format!("SANDPIT_SANDBOX_ID={}", row.id),
     ];
-    env.extend(user_env.iter().map(|(k, v)| format!("{k}={v}")));
     Ok(SandboxSpec {
         id: row.runtime_id.clone(),
         layers: vec![template.rootfs.into(), server.agent_layer.clone()],
         state_dir: server.state_dir(&row.id),
         args: vec![AGENT_PATH_IN_SANDBOX.to_string()],
         env,
-        hostname: row.id.clone(),
+        hostname: "sandbox".into(),
         network: Some(NetworkAttachment {
             netns_path: addrs.netns_path.clone(),
             ifname: addrs.sandbox_if.clone(),
@@ -288,6 +317,14 @@ async fn spec_for(server: &Server, row: &SandboxRow) -> Result<SandboxSpec, Serv
     })
 }
 
+/// The environment of an exec: the sandbox's own (set at create) with the request's on top.
+pub fn exec_env(row: &SandboxRow, request: Vec<(String, String)>) -> Vec<(String, String)> {
+    let mut env: BTreeMap<String, String> = serde_json::from_str(&row.env).unwrap_or_default();
+    env.insert("SANDPIT_SANDBOX_ID".into(), row.id.clone());
+    env.extend(request);
+    env.into_iter().collect()
+}
+
 pub fn agent_of(server: &Server, row: &SandboxRow) -> Option<AgentClient> {
     row.slot
         .map(|s| AgentClient::new(&row.id, server.net.addrs(s as u32).sandbox_ip))
@@ -295,7 +332,7 @@ pub fn agent_of(server: &Server, row: &SandboxRow) -> Option<AgentClient> {
 
 /// Boot (or restore, when `image` is given) a sandbox whose row exists and whose slot is
 /// claimed, and wait for its agent. On failure, releases what it took (runtime, network).
-async fn boot(
+pub(crate) async fn boot(
     server: &Server,
     row: &SandboxRow,
     image: Option<&std::path::Path>,
@@ -328,12 +365,16 @@ pub async fn create(
     auth: &Auth,
     req: &CreateSandboxRequest,
 ) -> Result<SandboxRow, ApiError> {
-    let mut row = validate_create(server, auth, req).await?;
+    let (mut row, snapshot) = validate_create(server, auth, req).await?;
     let lock = server.lock_of(&row.id);
     let _guard = lock.write().await;
     insert_with_slot(server, &mut row).await?;
     let started = std::time::Instant::now();
-    if let Err(e) = boot(server, &row, None).await {
+    let booted = match &snapshot {
+        Some(snap) => crate::fork::boot_from_snapshot(server, &row, snap).await,
+        None => boot(server, &row, None).await,
+    };
+    if let Err(e) = booted {
         tracing::error!(sandbox = %row.id, error = %DisplayChain(&e), "create failed");
         server.teardown(&row.id, &row.runtime_id, None).await;
         server
@@ -486,7 +527,7 @@ pub async fn running_agent(
     server: &Arc<Server>,
     auth: &Auth,
     id: &str,
-) -> Result<(AgentClient, OwnedRwLockReadGuard<()>), ApiError> {
+) -> Result<(AgentClient, OwnedRwLockReadGuard<()>, SandboxRow), ApiError> {
     for _ in 0..3 {
         let row = get_for(server, auth, id).await?;
         match row.status.as_str() {
@@ -501,7 +542,7 @@ pub async fn running_agent(
                 let agent = agent_of(server, &row).ok_or_else(|| {
                     ServerError::Corrupt(format!("running sandbox {id} has no slot"))
                 })?;
-                return Ok((agent, guard));
+                return Ok((agent, guard, row));
             }
             "suspended" => {
                 wake(server, id).await?;

@@ -85,7 +85,17 @@ impl Server {
         cfg: ServerConfig,
         bootstrap_token: Option<&str>,
     ) -> Result<(Arc<Server>, Option<String>), ServerError> {
-        for dir in ["", "sandboxes", "checkpoints", "templates", "runsc"] {
+        // A crash may leave temporary memory images behind; nothing refers to them.
+        let _ = std::fs::remove_dir_all(cfg.data_dir.join("images-tmp"));
+        for dir in [
+            "",
+            "sandboxes",
+            "checkpoints",
+            "snapshots",
+            "images-tmp",
+            "templates",
+            "runsc",
+        ] {
             let p = cfg.data_dir.join(dir);
             std::fs::create_dir_all(&p).map_err(|source| ServerError::Files {
                 what: format!("directory {}", p.display()),
@@ -249,6 +259,9 @@ impl Server {
         for dir in ["sandboxes", "checkpoints"] {
             remove_unknown_dirs(&self.cfg.data_dir.join(dir), &keep_dirs);
         }
+        // Snapshot directories whose row is gone (a crash between the two) are garbage.
+        let snapshots: HashSet<String> = self.store.snapshot_ids().await?.into_iter().collect();
+        remove_unknown_dirs(&self.cfg.data_dir.join("snapshots"), &snapshots);
         Ok(())
     }
 

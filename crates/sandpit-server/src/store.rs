@@ -42,6 +42,22 @@ pub struct SandboxRow {
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SnapshotRow {
+    pub id: String,
+    pub workspace_id: String,
+    pub sandbox_id: String,
+    pub template_id: String,
+    pub template_name: String,
+    pub size: String,
+    pub env: String,
+    pub egress: String,
+    /// Whether a memory image was taken (false: files only, starts with a fresh boot).
+    pub has_memory: bool,
+    pub size_bytes: i64,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct TemplateRow {
     pub id: String,
     pub name: String,
@@ -481,6 +497,79 @@ impl Store {
         .fetch_all(&self.pool)
         .await
         .map_err(q("finding idle sandboxes"))?;
+        Ok(rows.iter().map(|r| r.get::<String, _>("id")).collect())
+    }
+
+    // ---- snapshots ----
+
+    pub async fn insert_snapshot(&self, s: &SnapshotRow) -> Result<(), ServerError> {
+        sqlx::query(
+            "INSERT INTO snapshots (id, workspace_id, sandbox_id, template_id, template_name, size, env,
+                egress, has_memory, size_bytes, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&s.id)
+        .bind(&s.workspace_id)
+        .bind(&s.sandbox_id)
+        .bind(&s.template_id)
+        .bind(&s.template_name)
+        .bind(&s.size)
+        .bind(&s.env)
+        .bind(&s.egress)
+        .bind(s.has_memory)
+        .bind(s.size_bytes)
+        .bind(s.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(q("inserting a snapshot"))?;
+        Ok(())
+    }
+
+    /// A snapshot of the given workspace.
+    pub async fn get_snapshot(
+        &self,
+        workspace_id: &str,
+        id: &str,
+    ) -> Result<Option<SnapshotRow>, ServerError> {
+        sqlx::query_as("SELECT * FROM snapshots WHERE id = ? AND workspace_id = ?")
+            .bind(id)
+            .bind(workspace_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("reading a snapshot"))
+    }
+
+    /// The workspace's snapshots of one sandbox, oldest first.
+    pub async fn list_snapshots(
+        &self,
+        workspace_id: &str,
+        sandbox_id: &str,
+    ) -> Result<Vec<SnapshotRow>, ServerError> {
+        sqlx::query_as("SELECT * FROM snapshots WHERE workspace_id = ? AND sandbox_id = ? ORDER BY created_at, id")
+            .bind(workspace_id)
+            .bind(sandbox_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("listing snapshots"))
+    }
+
+    /// Delete a snapshot of the given workspace; false if there was none.
+    pub async fn delete_snapshot(&self, workspace_id: &str, id: &str) -> Result<bool, ServerError> {
+        let r = sqlx::query("DELETE FROM snapshots WHERE id = ? AND workspace_id = ?")
+            .bind(id)
+            .bind(workspace_id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("deleting a snapshot"))?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Server use: every snapshot id, for removing unreferenced snapshot directories.
+    pub async fn snapshot_ids(&self) -> Result<Vec<String>, ServerError> {
+        let rows = sqlx::query("SELECT id FROM snapshots")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("listing snapshot ids"))?;
         Ok(rows.iter().map(|r| r.get::<String, _>("id")).collect())
     }
 }

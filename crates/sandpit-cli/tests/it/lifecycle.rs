@@ -9,7 +9,13 @@ use crate::{assert_api_err, create, server, sh};
 
 /// The counter's current value, read through the agent.
 async fn count(client: &sandpit_sdk::Client, id: &str) -> u64 {
-    let out = sh(client, id, "cat /tmp/count").await;
+    // The counter rewrites the file; retry a read that lands between truncate and write.
+    let out = sh(
+        client,
+        id,
+        "for i in 1 2 3 4 5 6 7 8; do c=$(cat /tmp/count); [ -n \"$c\" ] && break; sleep 0.05; done; echo $c",
+    )
+    .await;
     out.stdout
         .trim()
         .parse()

@@ -4,6 +4,7 @@
 
 mod api;
 mod crash;
+mod fork;
 mod lifecycle;
 
 use std::path::Path;

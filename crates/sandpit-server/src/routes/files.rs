@@ -47,14 +47,24 @@ async fn upload(
     ApiQuery(q): ApiQuery<PathQuery>,
     headers: HeaderMap,
     body: Body,
-) -> Result<StatusCode, ApiError> {
-    auth.require("sandbox_edit_code")?;
-    let path = checked_path(&q.path)?;
+) -> Result<StatusCode, Response> {
+    // The body may be left unread when the upload is refused: tell the client not to reuse
+    // the connection, or its next request could meet the rest of this body.
+    let refuse = |e: ApiError| {
+        let mut resp = e.into_response();
+        resp.headers_mut().insert(
+            header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+        resp
+    };
+    auth.require("sandbox_edit_code").map_err(refuse)?;
+    let path = checked_path(&q.path).map_err(refuse)?;
     if path == "/" {
-        return Err(ApiError::bad_request(
+        return Err(refuse(ApiError::bad_request(
             "invalid_path",
             "cannot write to the root directory",
-        ));
+        )));
     }
     let limit = server.cfg.upload_limit;
     let declared = headers
@@ -62,16 +72,18 @@ async fn upload(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
-        return Err(ApiError::bad_request(
+        return Err(refuse(ApiError::bad_request(
             "file_too_large",
             format!("file exceeds the upload limit of {limit} bytes"),
-        ));
+        )));
     }
-    let (agent, _guard) = lifecycle::running_agent(&server, &auth, &id).await?;
+    let (agent, _guard, _) = lifecycle::running_agent(&server, &auth, &id)
+        .await
+        .map_err(refuse)?;
     agent
         .write_file(&path, body.into_data_stream(), limit)
         .await
-        .map_err(agent_failure)?;
+        .map_err(|f| refuse(agent_failure(f)))?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -91,7 +103,7 @@ async fn download(
 ) -> Result<Response, ApiError> {
     auth.require("sandbox_read")?;
     let path = checked_path(&q.path)?;
-    let (agent, guard) = lifecycle::running_agent(&server, &auth, &id).await?;
+    let (agent, guard, _) = lifecycle::running_agent(&server, &auth, &id).await?;
     let (info, stream) = agent.read_file(&path).await.map_err(agent_failure)?;
     // The read lock must outlive the response body: a checkpoint must not start while the
     // agent connection is open.
@@ -125,7 +137,7 @@ async fn list_dir(
 ) -> Result<Json<FileList>, ApiError> {
     auth.require("sandbox_read")?;
     let path = checked_path(&q.path)?;
-    let (agent, _guard) = lifecycle::running_agent(&server, &auth, &id).await?;
+    let (agent, _guard, _) = lifecycle::running_agent(&server, &auth, &id).await?;
     let listing = agent.list_dir(&path).await.map_err(agent_failure)?;
     let entries = listing
         .entries

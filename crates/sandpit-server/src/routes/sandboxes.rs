@@ -14,14 +14,14 @@ use base64::Engine;
 use sandpit_agent_proto as proto;
 use sandpit_api_types::{
     CreateSandboxRequest, DEFAULT_EXEC_TIMEOUT_SECS, ErrorBody, ExecEvent, ExecRequest,
-    ExecResponse, KeepaliveRequest, ListQuery, MAX_EXEC_TIMEOUT_SECS, Sandbox, SandboxList,
-    SandboxStatus, parse_duration,
+    ExecResponse, ForkRequest, ForkResponse, KeepaliveRequest, ListQuery, MAX_EXEC_TIMEOUT_SECS,
+    Sandbox, SandboxList, SandboxStatus, Snapshot, SnapshotList, parse_duration,
 };
 use tokio::sync::mpsc;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{ApiJson, ApiQuery};
+use super::{ApiJson, ApiQuery, OptionalJson};
 use crate::agent::{AgentFailure, ExecOutput};
 use crate::auth::Auth;
 use crate::error::{ApiError, ServerError};
@@ -40,6 +40,9 @@ pub fn router() -> OpenApiRouter<Arc<Server>> {
         .routes(routes!(hibernate))
         .routes(routes!(exec))
         .routes(routes!(exec_stream))
+        .routes(routes!(fork))
+        .routes(routes!(create_snapshot, list_snapshots))
+        .routes(routes!(delete_snapshot))
 }
 
 /// Create a sandbox and wait until it runs.
@@ -288,8 +291,9 @@ async fn exec(
     ApiJson(req): ApiJson<ExecRequest>,
 ) -> Result<Json<ExecResponse>, ApiError> {
     auth.require("sandbox_edit_code")?;
-    let (req, timeout) = agent_exec(req)?;
-    let (agent, _guard) = lifecycle::running_agent(&server, &auth, &id).await?;
+    let (mut req, timeout) = agent_exec(req)?;
+    let (agent, _guard, row) = lifecycle::running_agent(&server, &auth, &id).await?;
+    req.env = lifecycle::exec_env(&row, std::mem::take(&mut req.env));
     let (tx, mut rx) = mpsc::channel(64);
     let collect = async {
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
@@ -341,8 +345,9 @@ async fn exec_stream(
     ApiJson(req): ApiJson<ExecRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     auth.require("sandbox_edit_code")?;
-    let (req, timeout) = agent_exec(req)?;
-    let (agent, guard) = lifecycle::running_agent(&server, &auth, &id).await?;
+    let (mut req, timeout) = agent_exec(req)?;
+    let (agent, guard, row) = lifecycle::running_agent(&server, &auth, &id).await?;
+    req.env = lifecycle::exec_env(&row, std::mem::take(&mut req.env));
     let (events_tx, events_rx) = mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
         let _guard = guard; // the read lock lives as long as the command
@@ -424,4 +429,87 @@ async fn exec_stream(
         Sse::new(tokio_stream::wrappers::ReceiverStream::new(events_rx))
             .keep_alive(KeepAlive::default()),
     )
+}
+
+/// Fork a running or suspended sandbox into `count` children with its files, memory and
+/// settings. The parent keeps running (it pauses briefly while its memory is saved).
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/fork", tag = "sandboxes",
+    params(("id" = String, Path, description = "Parent sandbox id")),
+    request_body = ForkRequest,
+    responses(
+        (status = 201, description = "One result per child: a sandbox or an error", body = ForkResponse),
+        (status = 400, description = "Invalid count", body = ErrorBody),
+        (status = 409, description = "The parent cannot be copied in its state", body = ErrorBody),
+    ))]
+async fn fork(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(id): Path<String>,
+    OptionalJson(req): OptionalJson<ForkRequest>,
+) -> Result<(StatusCode, Json<ForkResponse>), ApiError> {
+    auth.require("sandbox_create")?;
+    let results = crate::fork::fork(&server, &auth, &id, req.count.unwrap_or(1)).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(ForkResponse { sandboxes: results }),
+    ))
+}
+
+/// Save the sandbox's files and memory as a named snapshot; create sandboxes from it with
+/// `{"snapshot": id}`.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/snapshots", tag = "snapshots",
+    params(("id" = String, Path, description = "Sandbox id")),
+    responses(
+        (status = 201, description = "Snapshot taken", body = Snapshot),
+        (status = 409, description = "The sandbox cannot be copied in its state", body = ErrorBody),
+    ))]
+async fn create_snapshot(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Snapshot>), ApiError> {
+    auth.require("vm_manage")?;
+    let snap = crate::fork::take_snapshot(&server, &auth, &id).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(crate::fork::snapshot_to_api(&snap)),
+    ))
+}
+
+/// The sandbox's snapshots, oldest first.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/snapshots", tag = "snapshots",
+    params(("id" = String, Path, description = "Sandbox id")),
+    responses(
+        (status = 200, description = "Snapshots with their disk use", body = SnapshotList),
+        (status = 403, description = "Sandbox belongs to another workspace", body = ErrorBody),
+        (status = 404, description = "Sandbox not found", body = ErrorBody),
+    ))]
+async fn list_snapshots(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<SnapshotList>, ApiError> {
+    auth.require("sandbox_read")?;
+    lifecycle::get_for(&server, &auth, &id).await?;
+    let rows = server.store.list_snapshots(&auth.workspace_id, &id).await?;
+    Ok(Json(SnapshotList {
+        snapshots: rows.iter().map(crate::fork::snapshot_to_api).collect(),
+    }))
+}
+
+/// Delete a snapshot and its files.
+#[utoipa::path(delete, path = "/v1/snapshots/{id}", tag = "snapshots",
+    params(("id" = String, Path, description = "Snapshot id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "Snapshot not found", body = ErrorBody),
+    ))]
+async fn delete_snapshot(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    auth.require("vm_manage")?;
+    crate::fork::delete_snapshot(&server, &auth, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
