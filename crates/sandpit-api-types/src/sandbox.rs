@@ -356,6 +356,9 @@ pub struct Template {
     pub description: String,
     pub created_at: String,
     pub default_egress: EgressPolicy,
+    /// Sandboxes of this template booted and waiting in the warm pool.
+    #[serde(default)]
+    pub warm: u32,
 }
 
 /// `POST /v1/sandboxes/{id}/fork`.

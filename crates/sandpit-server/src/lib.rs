@@ -5,6 +5,7 @@ pub mod auth;
 pub mod error;
 pub mod fork;
 pub mod lifecycle;
+pub mod pool;
 pub mod routes;
 pub mod server;
 pub mod store;

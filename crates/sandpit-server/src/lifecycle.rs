@@ -88,7 +88,7 @@ pub fn egress_rules(v: &ValidEgress) -> EgressRules {
     }
 }
 
-fn stored_rules(row: &SandboxRow) -> Result<EgressRules, ServerError> {
+pub(crate) fn stored_rules(row: &SandboxRow) -> Result<EgressRules, ServerError> {
     let policy: EgressPolicy = serde_json::from_str(&row.egress)
         .map_err(|e| ServerError::Corrupt(format!("egress of {}: {e}", row.id)))?;
     let valid = policy
@@ -366,6 +366,11 @@ pub async fn create(
     req: &CreateSandboxRequest,
 ) -> Result<SandboxRow, ApiError> {
     let (mut row, snapshot) = validate_create(server, auth, req).await?;
+    if snapshot.is_none()
+        && let Some(pooled) = crate::pool::take(server, &row).await?
+    {
+        return Ok(pooled);
+    }
     let lock = server.lock_of(&row.id);
     let _guard = lock.write().await;
     insert_with_slot(server, &mut row).await?;

@@ -40,6 +40,8 @@ pub struct ServerConfig {
     pub default_timeout: Duration,
     /// Persistent sandboxes' idle timeout when the request names none.
     pub default_idle_timeout: Duration,
+    /// Booted, idle sandboxes of the base template kept ready for create (0 disables).
+    pub warm_pool: u32,
 }
 
 impl ServerConfig {
@@ -57,6 +59,7 @@ impl ServerConfig {
             agent_ready_timeout: Duration::from_secs(20),
             default_timeout: Duration::from_secs(15 * 60),
             default_idle_timeout: Duration::from_secs(30 * 60),
+            warm_pool: 2,
         }
     }
 }
@@ -75,6 +78,8 @@ pub struct Server {
     locks: Mutex<HashMap<String, Arc<RwLock<()>>>>,
     /// Held while choosing a network slot and inserting the row that claims it.
     pub slot_lock: tokio::sync::Mutex<()>,
+    /// Wakes the warm-pool refill task after a hand-out.
+    pub pool_refill: tokio::sync::Notify,
     pub shutdown: CancellationToken,
 }
 
@@ -128,6 +133,7 @@ impl Server {
             agent_layer,
             locks: Mutex::new(HashMap::new()),
             slot_lock: tokio::sync::Mutex::new(()),
+            pool_refill: tokio::sync::Notify::new(),
             shutdown: CancellationToken::new(),
         });
         // Adopt and promptly reap the sandbox processes runsc leaves behind (see
@@ -164,7 +170,7 @@ impl Server {
     async fn reconcile(self: &Arc<Self>, runtime: &GvisorRuntime) -> Result<(), ServerError> {
         let rows = self
             .store
-            .sandboxes_with_status(&["creating", "running", "suspended"])
+            .sandboxes_with_status(&["creating", "running", "suspended", "pooled"])
             .await?;
         let now = crate::util::now_ms();
         let mut keep_runtime = HashSet::new();
@@ -173,6 +179,11 @@ impl Server {
         for row in rows {
             let slot = row.slot.map(|s| s as u32);
             match row.status.as_str() {
+                "pooled" => {
+                    // The pool is refilled fresh after a restart.
+                    self.teardown(&row.id, &row.runtime_id, slot).await;
+                    self.store.mark_destroyed(&row.id, now).await?;
+                }
                 "creating" => {
                     tracing::warn!(sandbox = %row.id, "server stopped during create: cleaning up");
                     self.teardown(&row.id, &row.runtime_id, slot).await;

@@ -132,7 +132,7 @@ impl Store {
     // ---- organizations, workspaces, tokens ----
 
     pub async fn count_orgs(&self) -> Result<i64, ServerError> {
-        let row = sqlx::query("SELECT COUNT(*) AS n FROM orgs")
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM orgs WHERE id != 'org_system'")
             .fetch_one(&self.pool)
             .await
             .map_err(q("counting organizations"))?;
@@ -571,5 +571,54 @@ impl Store {
             .await
             .map_err(q("listing snapshot ids"))?;
         Ok(rows.iter().map(|r| r.get::<String, _>("id")).collect())
+    }
+
+    // ---- warm pool ----
+
+    /// Server use: how many pooled sandboxes each template has.
+    pub async fn pooled_count(&self, template_id: &str) -> Result<i64, ServerError> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM sandboxes WHERE status = 'pooled' AND template_id = ?",
+        )
+        .bind(template_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(q("counting pooled sandboxes"))?;
+        Ok(row.get::<i64, _>("n"))
+    }
+
+    /// Server use: hand the oldest pooled sandbox of a template to `owner` (its workspace and
+    /// settings; id, slot and runtime stay). Returns the sandbox's id, or `None` when the
+    /// pool is empty. One statement, so two creates never get the same sandbox.
+    pub async fn take_pooled(
+        &self,
+        template_id: &str,
+        owner: &SandboxRow,
+    ) -> Result<Option<String>, ServerError> {
+        let row = sqlx::query(
+            "UPDATE sandboxes SET workspace_id = ?, mode = ?, status = 'running', env = ?, metadata = ?,
+                egress = ?, timeout_ms = ?, idle_timeout_ms = ?, expires_at = ?, last_active_at = ?,
+                created_at = ?, updated_at = ?
+             WHERE id = (SELECT id FROM sandboxes WHERE status = 'pooled' AND template_id = ? AND size = ?
+                         ORDER BY created_at LIMIT 1)
+             RETURNING id",
+        )
+        .bind(&owner.workspace_id)
+        .bind(&owner.mode)
+        .bind(&owner.env)
+        .bind(&owner.metadata)
+        .bind(&owner.egress)
+        .bind(owner.timeout_ms)
+        .bind(owner.idle_timeout_ms)
+        .bind(owner.expires_at)
+        .bind(owner.last_active_at)
+        .bind(owner.created_at)
+        .bind(owner.updated_at)
+        .bind(template_id)
+        .bind(&owner.size)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(q("taking a pooled sandbox"))?;
+        Ok(row.map(|r| r.get::<String, _>("id")))
     }
 }

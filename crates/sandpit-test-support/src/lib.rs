@@ -156,6 +156,8 @@ impl TestServer {
             .env("SANDPIT_BOOTSTRAP_TOKEN", &self.token)
             .env("SANDPIT_AGENT_BIN", agent_bin())
             .env("SANDPIT_REAPER_INTERVAL", "200ms")
+            // Tests count sandboxes and leaks; a test that wants the pool sets it.
+            .env("SANDPIT_WARM_POOL", "0")
             .env("RUST_LOG", "info,sandpit_server=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -42,6 +42,10 @@ pub struct ServeArgs {
     /// Admin token to create on first start (otherwise one is generated and printed once).
     #[arg(long, env = "SANDPIT_BOOTSTRAP_TOKEN", hide_env_values = true)]
     bootstrap_token: Option<String>,
+    /// Booted, idle sandboxes of the base template kept ready, so create hands one out
+    /// instead of booting (0 disables).
+    #[arg(long, env = "SANDPIT_WARM_POOL", default_value_t = 2)]
+    warm_pool: u32,
     /// Log as JSON lines.
     #[arg(long, env = "SANDPIT_LOG_JSON")]
     log_json: bool,
@@ -83,6 +87,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     cfg.runsc = args.runsc;
     cfg.upload_limit = args.upload_limit;
     cfg.reaper_interval = reaper_interval;
+    cfg.warm_pool = args.warm_pool;
     let (server, token) = Server::start(cfg, args.bootstrap_token.as_deref())
         .await
         .map_err(|e| anyhow::anyhow!("{}", sandpit_server::error::DisplayChain(&e)))
@@ -92,6 +97,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         eprintln!("\n  Admin token (shown once, store it now):\n\n    {token}\n");
     }
     let reaper = server.spawn_reaper();
+    let refill = sandpit_server::pool::spawn_refill(&server);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -116,5 +122,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .context("serving")?;
     let _ = reaper.await;
+    let _ = refill.await;
     Ok(())
 }

@@ -137,3 +137,66 @@ async fn persistent_sandbox_suspends_when_idle_and_wakes_with_memory_and_files()
     assert!(leaks.is_empty(), "{leaks:?}");
     assert!(!srv.data_dir.join("checkpoints").join(&id).exists());
 }
+
+#[tokio::test]
+async fn warm_pool_hands_out_fresh_sandboxes_rekeyed_for_their_owner() {
+    let srv =
+        sandpit_test_support::TestServer::start_with(crate::bin(), &[("SANDPIT_WARM_POOL", "2")])
+            .await
+            .unwrap();
+    let client = srv.client();
+    let warm = || async {
+        let t = client.templates().await.ok()?;
+        t.into_iter().find(|t| t.name == "base").map(|t| t.warm)
+    };
+    wait_until(Duration::from_secs(60), "the pool fills", || async {
+        (warm().await? == 2).then_some(())
+    })
+    .await
+    .unwrap();
+
+    let a = create(
+        &client,
+        CreateSandboxRequest {
+            template: "base".into(),
+            env: [("OWNER".to_string(), "alice".to_string())].into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let out = sh(&client, &a.id, "echo $OWNER $SANDPIT_SANDBOX_ID").await;
+    assert_eq!(out.stdout, format!("alice {}\n", a.id));
+    client
+        .upload(&a.id, "/home/alice.txt", "private")
+        .await
+        .unwrap();
+
+    let b = create(
+        &client,
+        CreateSandboxRequest {
+            template: "base".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_ne!(a.id, b.id);
+    let out = sh(&client, &b.id, "echo \"[$OWNER]\"; ls /home").await;
+    assert_eq!(out.stdout, "[]\n", "nothing of the previous owner: {out:?}");
+    assert_eq!(
+        client.list_sandboxes(None).await.unwrap().len(),
+        2,
+        "pooled sandboxes are not listed"
+    );
+
+    // The pool refills after hand-outs.
+    wait_until(Duration::from_secs(60), "the pool refills", || async {
+        (warm().await? == 2).then_some(())
+    })
+    .await
+    .unwrap();
+
+    client.destroy_sandbox(&a.id).await.unwrap();
+    client.destroy_sandbox(&b.id).await.unwrap();
+    let leaks = srv.leaks();
+    assert_eq!(leaks.runsc.len(), 2, "only the pool is left: {leaks:?}");
+}

@@ -29,16 +29,17 @@ async fn list_templates(
 ) -> Result<Json<TemplateList>, ApiError> {
     auth.require("sandbox_read")?;
     let rows = server.store.list_templates(&auth.workspace_id).await?;
-    Ok(Json(TemplateList {
-        templates: rows
-            .into_iter()
-            .map(|t| Template {
-                id: t.id,
-                name: t.name,
-                description: t.description,
-                created_at: rfc3339(t.created_at),
-                default_egress: serde_json::from_str(&t.default_egress).unwrap_or_default(),
-            })
-            .collect(),
-    }))
+    let mut templates = Vec::with_capacity(rows.len());
+    for t in rows {
+        let warm = server.store.pooled_count(&t.id).await? as u32;
+        templates.push(Template {
+            warm,
+            id: t.id,
+            name: t.name,
+            description: t.description,
+            created_at: rfc3339(t.created_at),
+            default_egress: serde_json::from_str(&t.default_egress).unwrap_or_default(),
+        });
+    }
+    Ok(Json(TemplateList { templates }))
 }

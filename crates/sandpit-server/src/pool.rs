@@ -1,0 +1,169 @@
+//! The warm pool: sandboxes booted ahead of demand, idle, owned by the server's own
+//! workspace, and handed out by create, which then only re-keys them for their owner
+//! (workspace, settings, egress policy) instead of booting.
+//!
+//! A pooled sandbox is used once: it is never returned to the pool, so owners never share
+//! state. Its environment is sent with each exec (see `lifecycle::exec_env`), and it boots
+//! with egress denied until its owner's policy is applied at hand-out.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::{DisplayChain, ServerError};
+use crate::lifecycle::{boot, insert_with_slot, stored_rules};
+use crate::server::Server;
+use crate::store::SandboxRow;
+use crate::templates::BASE_TEMPLATE_ID;
+use crate::util::{new_sandbox_id, now_ms};
+
+/// The workspace that owns pooled sandboxes (created by a migration; no token exists for it).
+pub const POOL_WORKSPACE: &str = "ws_system";
+/// The size pooled sandboxes boot with; requests for another size bypass the pool.
+pub const POOL_SIZE: &str = "small";
+/// Refilling stops while the host has less memory available than this.
+const MIN_AVAILABLE_BYTES: u64 = 1 << 30;
+
+/// Hand a pooled sandbox of `owner.template_id` to `owner` (a validated, not yet inserted
+/// row). `None` when the pool has none (or is disabled): the caller boots one instead.
+pub async fn take(
+    server: &Arc<Server>,
+    owner: &SandboxRow,
+) -> Result<Option<SandboxRow>, ServerError> {
+    if server.cfg.warm_pool == 0 {
+        return Ok(None);
+    }
+    let Some(id) = server.store.take_pooled(&owner.template_id, owner).await? else {
+        return Ok(None);
+    };
+    server.pool_refill.notify_one();
+    let lock = server.lock_of(&id);
+    let _guard = lock.write().await;
+    let row = server
+        .store
+        .get_sandbox(&id)
+        .await?
+        .ok_or_else(|| ServerError::Corrupt(format!("pooled sandbox {id} vanished")))?;
+    let applied = match row.slot {
+        Some(slot) => server
+            .net
+            .set_egress(slot as u32, &stored_rules(&row)?)
+            .await
+            .map_err(ServerError::from),
+        None => Err(ServerError::Corrupt(format!(
+            "pooled sandbox {id} has no slot"
+        ))),
+    };
+    if let Err(e) = applied {
+        // Never hand out a sandbox whose policy is not the owner's.
+        server
+            .teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
+            .await;
+        server
+            .store
+            .mark_failed(
+                &row.id,
+                &format!("applying the egress policy: {}", DisplayChain(&e)),
+                now_ms(),
+            )
+            .await?;
+        return Err(e);
+    }
+    tracing::info!(sandbox = %id, workspace = %row.workspace_id, "handed out from the warm pool");
+    Ok(Some(row))
+}
+
+/// Boot one sandbox into the pool.
+async fn fill_one(
+    server: &Arc<Server>,
+    template_id: &str,
+    template_name: &str,
+) -> Result<(), ServerError> {
+    let now = now_ms();
+    let id = new_sandbox_id();
+    let mut row = SandboxRow {
+        runtime_id: format!("{}-{}", server.cfg.prefix, id),
+        id,
+        workspace_id: POOL_WORKSPACE.into(),
+        template_id: template_id.into(),
+        template_name: template_name.into(),
+        mode: "ephemeral".into(),
+        status: "creating".into(),
+        size: POOL_SIZE.into(),
+        env: "{}".into(),
+        metadata: "{}".into(),
+        egress: r#"{"mode":"deny_all"}"#.into(),
+        timeout_ms: None,
+        idle_timeout_ms: None,
+        expires_at: None,
+        last_active_at: now,
+        slot: None,
+        error: None,
+        created_at: now,
+        updated_at: now,
+    };
+    let lock = server.lock_of(&row.id);
+    let _guard = lock.write().await;
+    insert_with_slot(server, &mut row).await?;
+    if let Err(e) = boot(server, &row, None).await {
+        server.teardown(&row.id, &row.runtime_id, None).await;
+        server.store.mark_destroyed(&row.id, now_ms()).await?;
+        return Err(e);
+    }
+    server
+        .store
+        .set_status(&row.id, "pooled", None, now_ms())
+        .await
+}
+
+/// Free memory the kernel reports (`MemAvailable`), if it can be read.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Keep `warm_pool` sandboxes of the base template ready: refill after each hand-out and
+/// on a timer, one at a time, while memory allows. Stops with the server.
+pub fn spawn_refill(server: &Arc<Server>) -> tokio::task::JoinHandle<()> {
+    let server = server.clone();
+    tokio::spawn(async move {
+        let target = server.cfg.warm_pool as i64;
+        if target == 0 {
+            return;
+        }
+        loop {
+            loop {
+                let have = match server.store.pooled_count(BASE_TEMPLATE_ID).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::error!(error = %DisplayChain(&e), "warm pool: counting");
+                        break;
+                    }
+                };
+                if have >= target || server.shutdown.is_cancelled() {
+                    break;
+                }
+                if mem_available().is_some_and(|m| m < MIN_AVAILABLE_BYTES) {
+                    tracing::warn!("warm pool: less than 1 GiB of memory available; not refilling");
+                    break;
+                }
+                if let Err(e) = fill_one(
+                    &server,
+                    BASE_TEMPLATE_ID,
+                    crate::templates::BASE_TEMPLATE_NAME,
+                )
+                .await
+                {
+                    tracing::error!(error = %DisplayChain(&e), "warm pool: booting a sandbox");
+                    break;
+                }
+            }
+            tokio::select! {
+                _ = server.shutdown.cancelled() => return,
+                _ = server.pool_refill.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    })
+}
