@@ -143,6 +143,34 @@ impl RawRunsc {
         Ok(t.elapsed())
     }
 
+    /// `checkpoint` then time `restore` of the same image (the baseline for wake and for
+    /// starting from a memory image).
+    fn checkpoint_restore(&self, id: &str) -> anyhow::Result<Duration> {
+        let image = self.dir.path().join(format!("image-{id}"));
+        let image = image.to_str().expect("utf-8 temp path").to_string();
+        self.runsc(&["checkpoint", "--image-path", &image, id])?;
+        self.delete(id);
+        let bundle = self
+            .dir
+            .path()
+            .to_str()
+            .expect("utf-8 temp path")
+            .to_string();
+        let t = Instant::now();
+        self.runsc(&[
+            "restore",
+            "-detach",
+            "--image-path",
+            &image,
+            "--bundle",
+            &bundle,
+            id,
+        ])?;
+        let elapsed = t.elapsed();
+        let _ = std::fs::remove_dir_all(&image);
+        Ok(elapsed)
+    }
+
     fn delete(&self, id: &str) {
         let _ = self.runsc(&["delete", "-force", id]);
     }
@@ -161,6 +189,26 @@ async fn exec_true(client: &Client, id: &str) -> anyhow::Result<Duration> {
         .await?;
     anyhow::ensure!(out.exit_code == 0, "true failed: {out:?}");
     Ok(t.elapsed())
+}
+
+/// Wait until the base template has `n` sandboxes in the warm pool.
+async fn wait_pool(client: &Client, n: u32) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let warm = client
+            .templates()
+            .await?
+            .into_iter()
+            .find(|t| t.name == "base")
+            .map(|t| t.warm);
+        if warm >= Some(n) {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!("the warm pool did not fill");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn print_table(rows: &[Row]) {
@@ -213,6 +261,13 @@ async fn main() -> anyhow::Result<()> {
         }
         raw.delete(&id);
     }
+    let mut raw_restore = Vec::new();
+    for i in 0..n_create.min(5) {
+        let id = format!("benchrst{i:04}");
+        raw.run(&id)?;
+        raw_restore.push(raw.checkpoint_restore(&id)?);
+        raw.delete(&id);
+    }
 
     // create → first exec, then destroy.
     let mut create = Vec::new();
@@ -232,7 +287,7 @@ async fn main() -> anyhow::Result<()> {
         destroy.push(t.elapsed());
     }
     rows.push(row(
-        "create → first exec",
+        "create → first exec (no pool)",
         &create,
         Some(("runsc run -detach", &raw_run)),
         "≤ 1.2× runsc run",
@@ -301,14 +356,92 @@ async fn main() -> anyhow::Result<()> {
         exec_true(&client, &sb.id).await?;
         wake.push(t.elapsed());
     }
-    rows.push(row("hibernate (idle sandbox)", &hib, None, ""));
+    rows.push(row("hibernate (idle sandbox)", &hib, None, "p50 ≤ 150 ms"));
     rows.push(row(
         "wake → first exec",
         &wake,
-        Some(("runsc run -detach", &raw_run)),
-        "",
+        Some(("runsc restore", &raw_restore)),
+        "≤ 1.1× runsc restore",
     ));
+
+    // fork: 1 child, then 10 children, from a running parent.
+    let mut fork1 = Vec::new();
+    let mut fork10 = Vec::new();
+    for round in 0..n_files.min(2) {
+        for (count, out) in [(1u32, &mut fork1), (10, &mut fork10)] {
+            if args.quick && count == 10 && round > 0 {
+                continue;
+            }
+            let t = Instant::now();
+            let children = client.fork(&sb.id, count).await?;
+            out.push(t.elapsed());
+            for c in children {
+                match c {
+                    sandpit_sdk::types::ForkResult::Ok(c) => client.destroy_sandbox(&c.id).await?,
+                    sandpit_sdk::types::ForkResult::Err(e) => bail!("fork child failed: {e:?}"),
+                }
+            }
+        }
+    }
+    rows.push(row(
+        "fork 1 child (running parent)",
+        &fork1,
+        None,
+        "≤ 300 ms",
+    ));
+    rows.push(row("fork 10 children", &fork10, None, "≤ 2 s"));
     client.destroy_sandbox(&sb.id).await?;
+
+    // 20 creates at once (empty pool): wall time of the batch.
+    let t = Instant::now();
+    let creates = (0..20).map(|_| {
+        let c = client.clone();
+        async move {
+            c.create_sandbox(&CreateSandboxRequest {
+                template: "base".into(),
+                ..Default::default()
+            })
+            .await
+        }
+    });
+    let made = futures::future::join_all(creates).await;
+    let wall = vec![t.elapsed()];
+    for sb in made {
+        client.destroy_sandbox(&sb?.id).await?;
+    }
+    rows.push(row("20 parallel creates (wall)", &wall, None, "≤ 1.5 s"));
+    drop(srv);
+
+    // A server with a warm pool: create is a hand-out.
+    let pooled = TestServer::start_with(
+        &args.sandpit,
+        &[
+            ("SANDPIT_PLATFORM", args.platform.as_str()),
+            ("SANDPIT_WARM_POOL", "2"),
+        ],
+    )
+    .await?;
+    let pclient = pooled.client();
+    let mut hits = Vec::new();
+    for _ in 0..n_create {
+        wait_pool(&pclient, 2).await?;
+        let t = Instant::now();
+        let sb = pclient
+            .create_sandbox(&CreateSandboxRequest {
+                template: "base".into(),
+                ..Default::default()
+            })
+            .await?;
+        exec_true(&pclient, &sb.id).await?;
+        hits.push(t.elapsed());
+        pclient.destroy_sandbox(&sb.id).await?;
+    }
+    rows.push(row(
+        "create → first exec (pool hit)",
+        &hits,
+        Some(("runsc restore", &raw_restore)),
+        "p50 ≤ 60 ms",
+    ));
 
     print_table(&rows);
     if let Some(dir) = args.out.parent() {
