@@ -76,18 +76,7 @@ async fn freeze(server: &Arc<Server>, row: &SandboxRow) -> Result<Frozen, ApiErr
                     ),
                 ));
             }
-            server
-                .runtime
-                .stop(&row.runtime_id, &server.state_dir(&row.id))
-                .await
-                .map_err(ServerError::from)?;
-            if let Some(slot) = row.slot {
-                server
-                    .net
-                    .detach(slot as u32)
-                    .await
-                    .map_err(ServerError::from)?;
-            }
+            // The checkpoint stopped it; its network namespace stays for the restore.
             Ok(Frozen {
                 image: Some(image),
                 temporary: true,
@@ -244,11 +233,15 @@ pub async fn fork(
         }
     }
     let copied_ms = started.elapsed().as_millis() as u64;
-    thaw(server, &parent, &frozen).await?;
-    drop(guard);
 
+    // The parent comes back while its children start: both restore from the same image.
+    let parent_back = async {
+        let thawed = thaw(server, &parent, &frozen).await;
+        drop(guard);
+        thawed
+    };
     let image = frozen.image.as_deref();
-    let results: Vec<ForkResult> = futures::stream::iter(pending)
+    let children = futures::stream::iter(pending)
         .map(|p| async move {
             match p {
                 Ok(row) => start_child(server, row, image).await,
@@ -256,14 +249,15 @@ pub async fn fork(
             }
         })
         .buffered(PARALLEL_RESTORES)
-        .collect()
-        .await;
+        .collect::<Vec<ForkResult>>();
+    let (thawed, results) = tokio::join!(parent_back, children);
     if frozen.temporary
         && let Some(dir) = &frozen.image
     {
         let _ = std::fs::remove_dir_all(dir);
     }
     tracing::info!(parent = %parent_id, count, copied_ms, elapsed_ms = started.elapsed().as_millis() as u64, "forked");
+    thawed?;
     Ok(results)
 }
 

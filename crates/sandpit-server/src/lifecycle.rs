@@ -339,7 +339,13 @@ pub(crate) async fn boot(
 ) -> Result<(), ServerError> {
     let spec = spec_for(server, row).await?;
     let slot = row.slot.expect("spec_for checked the slot") as u32;
-    server.net.attach(slot, &stored_rules(row)?).await?;
+    let rules = stored_rules(row)?;
+    match server.net.attach(slot, &rules).await {
+        Ok(_) => {}
+        // Kept from before a suspend: make sure it carries the current policy.
+        Err(sandpit_net::NetError::SlotBusy { .. }) => server.net.set_egress(slot, &rules).await?,
+        Err(e) => return Err(e.into()),
+    }
     let started = match image {
         Some(dir) => server.runtime.restore(&spec, dir).await,
         None => server.runtime.start(&spec).await,
@@ -468,19 +474,15 @@ pub async fn suspend(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiEr
             "memory snapshot failed ({}); files were kept",
             DisplayChain(&e)
         ));
-    }
-    server
-        .runtime
-        .stop(&row.runtime_id, &state_dir)
-        .await
-        .map_err(ServerError::from)?;
-    if let Some(slot) = row.slot {
+        // A successful checkpoint has stopped the sandbox already; a failed one may not have.
         server
-            .net
-            .detach(slot as u32)
+            .runtime
+            .stop(&row.runtime_id, &state_dir)
             .await
             .map_err(ServerError::from)?;
     }
+    // The network namespace stays (it holds no memory to speak of), so waking skips
+    // rebuilding it; after a host reboot `boot` recreates it.
     server
         .store
         .set_status(id, "suspended", note.as_deref(), now_ms())

@@ -244,11 +244,12 @@ impl Server {
                     }
                 }
                 _ => {
-                    // Suspended: nothing may run, no network held; files and image kept.
+                    // Suspended: nothing may run; files, image and namespace are kept.
                     let _ = self
                         .runtime
                         .stop(&row.runtime_id, &self.state_dir(&row.id))
                         .await;
+                    keep_net.extend(slot);
                     keep_dirs.insert(row.id.clone());
                 }
             }
@@ -260,7 +261,7 @@ impl Server {
         {
             tracing::error!(error = %DisplayChain(&e), "cleaning up orphaned sandboxes");
         }
-        // Only running sandboxes hold a namespace; suspended ones keep just the slot number.
+        // Running and suspended sandboxes hold a namespace.
         for slot in self.net.list_slots().await? {
             if !keep_net.contains(&slot) {
                 tracing::info!(slot, "removing orphaned network slot");

@@ -66,7 +66,7 @@ async fn persistent_sandbox_suspends_when_idle_and_wakes_with_memory_and_files()
     .unwrap();
     let leaks = srv.leaks();
     assert!(
-        leaks.runsc.is_empty() && leaks.netns.is_empty() && leaks.mounts.is_empty(),
+        leaks.runsc.is_empty() && leaks.mounts.is_empty() && leaks.processes.is_empty(),
         "suspended holds no runtime: {leaks:?}"
     );
     assert_eq!(
