@@ -35,8 +35,25 @@ pub fn serve(addr: SocketAddr) -> ExitCode {
     rt.block_on(run(addr))
 }
 
+/// Large socket buffers (inherited by accepted connections): uploads stream through gVisor's
+/// netstack, whose throughput the default receive window limits.
+const SOCKET_BUFFER: u32 = 4 << 20;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
 async fn run(addr: SocketAddr) -> ExitCode {
-    let listener = match TcpListener::bind(addr).await {
+    let listener = match listen(addr) {
         Ok(l) => l,
         Err(e) => {
             log!("cannot listen on {addr}: {e}");

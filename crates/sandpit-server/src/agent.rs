@@ -242,6 +242,7 @@ impl AgentClient {
             })
             .await?;
         let mut total: u64 = 0;
+        let mut pending: Vec<u8> = Vec::with_capacity(proto::DATA_CHUNK);
         while let Some(chunk) = body.next().await {
             let failure = match chunk {
                 Ok(c) if total + c.len() as u64 <= limit => {
@@ -258,17 +259,36 @@ impl AgentClient {
                     return Err(f);
                 }
             };
-            for piece in chunk.chunks(proto::DATA_CHUNK) {
-                proto::write_frame(&mut conn.stream, FrameKind::Data, piece)
-                    .await
-                    .map_err(|e| self.broken(crate::error::DisplayChain(&e)))?;
+            // Coalesce the body's (often small) chunks into full frames: fewer, larger writes
+            // through gVisor's netstack.
+            pending.extend_from_slice(&chunk);
+            while pending.len() >= proto::DATA_CHUNK {
+                let rest = pending.split_off(proto::DATA_CHUNK);
+                self.send_data(&mut conn, &pending).await?;
+                pending = rest;
             }
+        }
+        if !pending.is_empty() {
+            self.send_data(&mut conn, &pending).await?;
         }
         proto::write_frame(&mut conn.stream, FrameKind::End, &[])
             .await
             .map_err(|e| self.broken(crate::error::DisplayChain(&e)))?;
         let frame = self.read(&mut conn).await?;
         self.ok_or_refused(&frame)
+    }
+
+    /// One `Data` frame, header and payload in a single write.
+    async fn send_data(&self, conn: &mut AgentConn, payload: &[u8]) -> Result<(), ServerError> {
+        use tokio::io::AsyncWriteExt;
+        let mut buf = Vec::with_capacity(5 + payload.len());
+        buf.push(FrameKind::Data as u8);
+        buf.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        buf.extend_from_slice(payload);
+        conn.stream
+            .write_all(&buf)
+            .await
+            .map_err(|e| self.broken(format!("writing file data: {e}")))
     }
 
     /// Abort a `WriteFile` and wait (briefly) until the agent has removed its temporary
