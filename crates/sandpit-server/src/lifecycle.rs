@@ -410,10 +410,7 @@ pub async fn create(
 
 /// Look up a sandbox for a caller: 404 if unknown, 403 if another workspace's.
 pub async fn get_for(server: &Server, auth: &Auth, id: &str) -> Result<SandboxRow, ApiError> {
-    let row =
-        server.store.get_sandbox(id).await?.ok_or_else(|| {
-            ApiError::not_found("sandbox_not_found", format!("no sandbox {id:?}"))
-        })?;
+    let row = existing(server, id).await?;
     if row.workspace_id != auth.workspace_id {
         return Err(ApiError::forbidden(
             "forbidden",
@@ -443,14 +440,20 @@ pub async fn destroy(server: &Arc<Server>, id: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A sandbox by id, or 404 (callers have checked the workspace already).
+async fn existing(server: &Server, id: &str) -> Result<SandboxRow, ApiError> {
+    server
+        .store
+        .get_sandbox(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("sandbox_not_found", format!("no sandbox {id:?}")))
+}
+
 /// Save a running sandbox's memory to disk and stop it, freeing its RAM and namespace.
 pub async fn suspend(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiError> {
     let lock = server.lock_of(id);
     let _guard = lock.write().await;
-    let row =
-        server.store.get_sandbox(id).await?.ok_or_else(|| {
-            ApiError::not_found("sandbox_not_found", format!("no sandbox {id:?}"))
-        })?;
+    let row = existing(server, id).await?;
     match row.status.as_str() {
         "suspended" => return Ok(row),
         "running" => {}
@@ -495,10 +498,7 @@ pub async fn suspend(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiEr
 pub async fn wake(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiError> {
     let lock = server.lock_of(id);
     let _guard = lock.write().await;
-    let row =
-        server.store.get_sandbox(id).await?.ok_or_else(|| {
-            ApiError::not_found("sandbox_not_found", format!("no sandbox {id:?}"))
-        })?;
+    let row = existing(server, id).await?;
     match row.status.as_str() {
         "running" => return Ok(row),
         "suspended" => {}

@@ -7,20 +7,6 @@ use sandpit_test_support::wait_until;
 
 use crate::{assert_api_err, create, server, sh};
 
-async fn count(client: &sandpit_sdk::Client, id: &str) -> u64 {
-    // The counter rewrites the file; retry a read that lands between truncate and write.
-    let out = sh(
-        client,
-        id,
-        "for i in 1 2 3 4 5 6 7 8; do c=$(cat /tmp/count); [ -n \"$c\" ] && break; sleep 0.05; done; echo $c",
-    )
-    .await;
-    out.stdout
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("counter in {id}: {out:?}"))
-}
-
 #[tokio::test]
 async fn fork_and_snapshots_carry_memory_and_files_and_children_diverge() {
     let srv = server().await;
@@ -37,13 +23,13 @@ async fn fork_and_snapshots_carry_memory_and_files_and_children_diverge() {
     )
     .await;
     let pid = parent.id.clone();
-    sh(&client, &pid, "i=0; (while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done) > /dev/null 2>&1 &").await;
+    sh(&client, &pid, crate::COUNTER).await;
     client
         .upload(&pid, "/home/before.txt", "written before fork")
         .await
         .unwrap();
     wait_until(Duration::from_secs(10), "the counter runs", || async {
-        (count(&client, &pid).await >= 5).then_some(())
+        (crate::counter(&client, &pid).await >= 5).then_some(())
     })
     .await
     .unwrap();
@@ -51,7 +37,7 @@ async fn fork_and_snapshots_carry_memory_and_files_and_children_diverge() {
     assert_api_err(client.fork(&pid, 0).await, 400, "invalid_count");
     assert_api_err(client.fork(&pid, 101).await, 400, "invalid_count");
 
-    let before = count(&client, &pid).await;
+    let before = crate::counter(&client, &pid).await;
     let results = client.fork(&pid, 3).await.unwrap();
     assert_eq!(results.len(), 3);
     let children: Vec<String> = results
@@ -71,11 +57,11 @@ async fn fork_and_snapshots_carry_memory_and_files_and_children_diverge() {
         client.get_sandbox(&pid).await.unwrap().status,
         SandboxStatus::Running
     );
-    assert!(count(&client, &pid).await >= before);
+    assert!(crate::counter(&client, &pid).await >= before);
 
     for (i, child) in children.iter().enumerate() {
         // The counting process came along (a fresh boot would have no /tmp/count process).
-        let first = count(&client, child).await;
+        let first = crate::counter(&client, child).await;
         assert!(
             first >= before,
             "child resumed at {first}, parent was at {before}"
@@ -83,7 +69,7 @@ async fn fork_and_snapshots_carry_memory_and_files_and_children_diverge() {
         wait_until(
             Duration::from_secs(10),
             "the child's counter keeps counting",
-            || async { (count(&client, child).await > first).then_some(()) },
+            || async { (crate::counter(&client, child).await > first).then_some(()) },
         )
         .await
         .unwrap();
@@ -137,11 +123,11 @@ async fn fork_and_snapshots_carry_memory_and_files_and_children_diverge() {
     )
     .await;
     assert_eq!(out.stdout, "snap\nat-snapshot.txt\nbefore.txt\n");
-    let c = count(&client, &from_snap.id).await;
+    let c = crate::counter(&client, &from_snap.id).await;
     wait_until(
         Duration::from_secs(10),
         "the snapshot's counter runs",
-        || async { (count(&client, &from_snap.id).await > c).then_some(()) },
+        || async { (crate::counter(&client, &from_snap.id).await > c).then_some(()) },
     )
     .await
     .unwrap();

@@ -8,19 +8,6 @@ use sandpit_test_support::wait_until;
 use crate::{assert_api_err, create, server, sh};
 
 /// The counter's current value, read through the agent.
-async fn count(client: &sandpit_sdk::Client, id: &str) -> u64 {
-    // The counter rewrites the file; retry a read that lands between truncate and write.
-    let out = sh(
-        client,
-        id,
-        "for i in 1 2 3 4 5 6 7 8; do c=$(cat /tmp/count); [ -n \"$c\" ] && break; sleep 0.05; done; echo $c",
-    )
-    .await;
-    out.stdout
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("counter: {out:?}"))
-}
 
 #[tokio::test]
 async fn persistent_sandbox_suspends_when_idle_and_wakes_with_memory_and_files() {
@@ -41,18 +28,13 @@ async fn persistent_sandbox_suspends_when_idle_and_wakes_with_memory_and_files()
     let id = sb.id.clone();
 
     // A process that counts in memory and writes its count to a file, and a file.
-    sh(
-        &client,
-        &id,
-        "i=0; (while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done) > /dev/null 2>&1 &",
-    )
-    .await;
+    sh(&client, &id, crate::COUNTER).await;
     client
         .upload(&id, "/home/notes.txt", "kept across suspend")
         .await
         .unwrap();
     wait_until(Duration::from_secs(10), "the counter runs", || async {
-        (count(&client, &id).await >= 3).then_some(())
+        (crate::counter(&client, &id).await >= 3).then_some(())
     })
     .await
     .unwrap();
@@ -100,7 +82,7 @@ async fn persistent_sandbox_suspends_when_idle_and_wakes_with_memory_and_files()
         client.get_sandbox(&id).await.unwrap().status,
         SandboxStatus::Running
     );
-    let first = count(&client, &id).await;
+    let first = crate::counter(&client, &id).await;
     assert!(
         first >= suspended_at,
         "resumed at {first}, suspended at {suspended_at}"
@@ -108,7 +90,7 @@ async fn persistent_sandbox_suspends_when_idle_and_wakes_with_memory_and_files()
     wait_until(
         Duration::from_secs(10),
         "the counter keeps counting",
-        || async { (count(&client, &id).await > first).then_some(()) },
+        || async { (crate::counter(&client, &id).await > first).then_some(()) },
     )
     .await
     .unwrap();
@@ -129,7 +111,7 @@ async fn persistent_sandbox_suspends_when_idle_and_wakes_with_memory_and_files()
         SandboxStatus::Running,
         "wake of a running sandbox is 200"
     );
-    let after = count(&client, &id).await;
+    let after = crate::counter(&client, &id).await;
     assert!(after >= first, "{after} >= {first}");
 
     client.destroy_sandbox(&id).await.unwrap();

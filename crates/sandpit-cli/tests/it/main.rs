@@ -68,3 +68,22 @@ pub fn assert_api_err<T: std::fmt::Debug>(r: Result<T, SdkError>, status: u16, c
         other => panic!("expected {status} {code}, got {other:?}"),
     }
 }
+
+/// The value a test's counting process last wrote to /tmp/count. The counter rewrites the
+/// file, so a read that lands between truncate and write is retried.
+pub async fn counter(client: &Client, id: &str) -> u64 {
+    let out = sh(
+        client,
+        id,
+        "for i in 1 2 3 4 5 6 7 8; do c=$(cat /tmp/count); [ -n \"$c\" ] && break; sleep 0.05; done; echo $c",
+    )
+    .await;
+    out.stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("counter in {id}: {out:?}"))
+}
+
+/// Start a process that counts in memory and writes each value to /tmp/count.
+pub const COUNTER: &str =
+    "i=0; (while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done) > /dev/null 2>&1 &";
