@@ -177,6 +177,12 @@ impl Client {
             .await
     }
 
+    /// Stop without memory; the next wake boots afresh with the sandbox's files.
+    pub async fn shutdown(&self, id: &str) -> Result<Sandbox, SdkError> {
+        self.json(self.request(Method::POST, &Self::sandbox_path(id, "/shutdown")))
+            .await
+    }
+
     pub async fn hibernate(&self, id: &str) -> Result<Sandbox, SdkError> {
         self.json(self.request(Method::POST, &Self::sandbox_path(id, "/hibernate")))
             .await

@@ -343,7 +343,17 @@ pub(crate) async fn boot(
     match server.net.attach(slot, &rules).await {
         Ok(_) => {}
         // Kept from before a suspend: make sure it carries the current policy.
-        Err(sandpit_net::NetError::SlotBusy { .. }) => server.net.set_egress(slot, &rules).await?,
+        Err(sandpit_net::NetError::SlotBusy { .. })
+            if server.net.addrs(slot).netns_path.exists() =>
+        {
+            server.net.set_egress(slot, &rules).await?
+        }
+        // Half of it is gone (a host reboot takes the namespace but the store remembers
+        // the slot): rebuild it.
+        Err(sandpit_net::NetError::SlotBusy { .. }) => {
+            server.net.detach(slot).await?;
+            server.net.attach(slot, &rules).await?;
+        }
         Err(e) => return Err(e.into()),
     }
     let started = match image {
@@ -449,7 +459,44 @@ async fn existing(server: &Server, id: &str) -> Result<SandboxRow, ApiError> {
         .ok_or_else(|| ApiError::not_found("sandbox_not_found", format!("no sandbox {id:?}")))
 }
 
-/// Save a running sandbox's memory to disk and stop it, freeing its RAM and namespace.
+/// Stop a sandbox without saving its memory (status `suspended`): the next wake boots it
+/// afresh with its files. A memory image from an earlier suspend is discarded.
+pub async fn shutdown(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiError> {
+    let lock = server.lock_of(id);
+    let _guard = lock.write().await;
+    let row = existing(server, id).await?;
+    if !matches!(row.status.as_str(), "running" | "suspended") {
+        return Err(ApiError::conflict(
+            "invalid_state",
+            format!("a {} sandbox cannot be shut down", row.status),
+        ));
+    }
+    server
+        .runtime
+        .stop(&row.runtime_id, &server.state_dir(id))
+        .await
+        .map_err(ServerError::from)?;
+    let image = server.checkpoint_dir(id);
+    if image.exists() {
+        std::fs::remove_dir_all(&image).map_err(|source| ServerError::Files {
+            what: format!("removing the memory image of {id}"),
+            source,
+        })?;
+    }
+    server
+        .store
+        .set_status(
+            id,
+            "suspended",
+            Some("shut down: the next start boots afresh with its files"),
+            now_ms(),
+        )
+        .await?;
+    tracing::info!(sandbox = %id, "shut down");
+    existing(server, id).await
+}
+
+/// Save a running sandbox's memory to disk and stop it, freeing its RAM.
 pub async fn suspend(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiError> {
     let lock = server.lock_of(id);
     let _guard = lock.write().await;

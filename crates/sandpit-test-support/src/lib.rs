@@ -244,6 +244,15 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.kill9();
+        if std::thread::panicking() {
+            // The test failed: its server's log is the first thing to read.
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("---- server log (last {} lines) ----", tail.len());
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
         // Remove everything the server may have left, whatever state the test ended in.
         let _ = Command::new(&self.bin)
             .args(["cleanup", "--yes"])

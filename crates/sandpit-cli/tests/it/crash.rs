@@ -100,3 +100,87 @@ async fn kill9_mid_create_then_restart_leaves_no_orphans() {
     let leaks = srv.leaks();
     assert!(leaks.is_empty(), "{leaks:?}");
 }
+
+/// A simulated host reboot: the server and every runsc process die, namespaces and mounts
+/// vanish. Persistent sandboxes come back: a suspended one with its memory, a running one
+/// with its files.
+#[tokio::test]
+async fn persistent_sandboxes_survive_a_simulated_host_reboot() {
+    let mut srv = server().await;
+    let client = srv.client();
+    let persistent = || CreateSandboxRequest {
+        template: "base".into(),
+        mode: SandboxMode::Persistent,
+        idle_timeout: Some("1h".into()),
+        ..Default::default()
+    };
+    let sleeping = create(&client, persistent()).await;
+    sh(&client, &sleeping.id, crate::COUNTER).await;
+    wait_until(Duration::from_secs(10), "the counter runs", || async {
+        (crate::counter(&client, &sleeping.id).await >= 3).then_some(())
+    })
+    .await
+    .unwrap();
+    client.hibernate(&sleeping.id).await.unwrap();
+    let running = create(&client, persistent()).await;
+    client
+        .upload(&running.id, "/home/work.txt", "unsaved work")
+        .await
+        .unwrap();
+
+    // "Reboot": the server dies, then every runsc process of this server, every namespace
+    // and every mount it had.
+    srv.kill9();
+    let data = srv.data_dir.display().to_string();
+    let pids = std::process::Command::new("pgrep")
+        .args(["-f", &format!("runsc.*{data}/")])
+        .output()
+        .unwrap();
+    for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+        // Positive pids only: never signal a process group.
+        let _ = std::process::Command::new("kill")
+            .args(["-9", pid])
+            .status();
+    }
+    let leaks = srv.leaks();
+    for ns in &leaks.netns {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", ns])
+            .status();
+    }
+    for m in leaks.mounts.iter().rev() {
+        let _ = std::process::Command::new("umount")
+            .args(["-l", m])
+            .status();
+    }
+
+    srv.restart().await.unwrap();
+    let client = srv.client();
+    assert_eq!(
+        client.get_sandbox(&sleeping.id).await.unwrap().status,
+        SandboxStatus::Suspended
+    );
+    let woke = client.get_sandbox(&running.id).await.unwrap();
+    assert_eq!(woke.status, SandboxStatus::Suspended, "{woke:?}");
+    assert!(woke.error.is_some(), "says its memory was lost");
+
+    // Memory intact for the one that was suspended: its counter continues.
+    let c = crate::counter(&client, &sleeping.id).await;
+    wait_until(
+        Duration::from_secs(10),
+        "the restored counter runs",
+        || async { (crate::counter(&client, &sleeping.id).await > c).then_some(()) },
+    )
+    .await
+    .unwrap();
+    // Files intact for the one that was running.
+    assert_eq!(
+        sh(&client, &running.id, "cat /home/work.txt").await.stdout,
+        "unsaved work"
+    );
+
+    client.destroy_sandbox(&sleeping.id).await.unwrap();
+    client.destroy_sandbox(&running.id).await.unwrap();
+    let leaks = srv.leaks();
+    assert!(leaks.is_empty(), "{leaks:?}");
+}

@@ -114,10 +114,26 @@ async fn persistent_sandbox_suspends_when_idle_and_wakes_with_memory_and_files()
     let after = crate::counter(&client, &id).await;
     assert!(after >= first, "{after} >= {first}");
 
+    // Shutdown: no memory kept; the next call boots afresh with the files.
+    assert_eq!(
+        client.shutdown(&id).await.unwrap().status,
+        SandboxStatus::Suspended
+    );
+    assert!(!srv.data_dir.join("checkpoints").join(&id).exists());
+    let out = sh(
+        &client,
+        &id,
+        "cat /home/notes.txt; a=$(cat /tmp/count); sleep 0.5; b=$(cat /tmp/count); [ \"$a\" = \"$b\" ] && echo ' stopped'",
+    )
+    .await;
+    assert_eq!(
+        out.stdout, "kept across suspend stopped\n",
+        "files kept, processes gone: {out:?}"
+    );
+
     client.destroy_sandbox(&id).await.unwrap();
     let leaks = srv.leaks();
     assert!(leaks.is_empty(), "{leaks:?}");
-    assert!(!srv.data_dir.join("checkpoints").join(&id).exists());
 }
 
 #[tokio::test]

@@ -38,6 +38,7 @@ pub fn router() -> OpenApiRouter<Arc<Server>> {
         .routes(routes!(keepalive))
         .routes(routes!(wake))
         .routes(routes!(hibernate))
+        .routes(routes!(shutdown))
         .routes(routes!(exec))
         .routes(routes!(exec_stream))
         .routes(routes!(fork))
@@ -182,6 +183,25 @@ async fn hibernate(
     auth.require("vm_manage")?;
     lifecycle::get_for(&server, &auth, &id).await?;
     let row = lifecycle::suspend(&server, &id).await?;
+    Ok(Json(to_api(&row)))
+}
+
+/// Stop without saving memory (status `suspended`); the next wake boots afresh with the
+/// sandbox's files.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/shutdown", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id")),
+    responses(
+        (status = 200, description = "Sandbox stopped, files kept", body = Sandbox),
+        (status = 409, description = "Sandbox is destroyed, failed or still being created", body = ErrorBody),
+    ))]
+async fn shutdown(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<Sandbox>, ApiError> {
+    auth.require("vm_manage")?;
+    lifecycle::get_for(&server, &auth, &id).await?;
+    let row = lifecycle::shutdown(&server, &id).await?;
     Ok(Json(to_api(&row)))
 }
 
