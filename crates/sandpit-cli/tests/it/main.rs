@@ -6,6 +6,7 @@ mod api;
 mod crash;
 mod fork;
 mod lifecycle;
+mod security;
 mod soak;
 
 use std::path::Path;
