@@ -458,4 +458,26 @@ mod tests {
         }
         assert!(normalize_path(&format!("/{}", "x".repeat(256))).is_err());
     }
+
+    proptest::proptest! {
+        /// Whatever the host sends, an accepted path is absolute, canonical (no empty, `.`
+        /// or `..` components) and a fixed point.
+        #[test]
+        fn normalized_paths_cannot_climb(raw in "(/|[a-z.]{1,3}|\\.\\.|//|\\x00){0,12}") {
+            if let Ok(p) = normalize_path(&raw) {
+                proptest::prop_assert!(p.starts_with('/'));
+                proptest::prop_assert!(p == "/" || p.split('/').skip(1).all(|c| !c.is_empty() && c != "." && c != ".."));
+                proptest::prop_assert!(!p.contains('\0'));
+                proptest::prop_assert_eq!(normalize_path(&p).unwrap(), p);
+            }
+        }
+
+        /// The frame decoder never panics or over-allocates on arbitrary bytes.
+        #[test]
+        fn frame_decoder_survives_garbage(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let mut r = &bytes[..];
+            let _ = rt.block_on(read_frame(&mut r));
+        }
+    }
 }

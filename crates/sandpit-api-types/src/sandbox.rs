@@ -488,4 +488,29 @@ mod tests {
         let r: CreateSandboxRequest = serde_json::from_str(r#"{"template":"base"}"#).unwrap();
         assert_eq!(r.mode, SandboxMode::Ephemeral);
     }
+
+    proptest::proptest! {
+        /// Validation never panics, and what it accepts re-validates to the same rules.
+        #[test]
+        fn egress_validation_is_total(
+            mode in "(allow_all|deny_all|[a-z_]{0,9})",
+            allow in proptest::collection::vec("([0-9]{1,3}\\.){3}[0-9]{1,3}(/[0-9]{1,2})?", 0..3),
+            deny in proptest::collection::vec("([0-9]{1,3}\\.){3}[0-9]{1,3}(/[0-9]{1,2})?|[a-z:/]{0,6}", 0..3),
+            ports in proptest::collection::vec(0u32..70000, 0..3),
+        ) {
+            let p = EgressPolicy { mode, allow_cidrs: allow, deny_cidrs: deny, allow_ports: ports };
+            if let Ok(v) = p.validate() {
+                proptest::prop_assert_eq!(p.validate().unwrap(), v.clone());
+                proptest::prop_assert!(v.allow_ports.iter().all(|&p| p > 0));
+                proptest::prop_assert!(v.allow_cidrs.iter().chain(&v.deny_cidrs).all(|c| c.prefix_len <= 32));
+            }
+        }
+
+        #[test]
+        fn durations_parse_totally(text in "[0-9a-z]{0,10}") {
+            if let Ok(d) = crate::parse_duration(&text) {
+                proptest::prop_assert_eq!(crate::parse_duration(&crate::format_duration(d)).unwrap(), d);
+            }
+        }
+    }
 }
