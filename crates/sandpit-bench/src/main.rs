@@ -41,6 +41,11 @@ struct Row {
     mb_per_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     target: Option<String>,
+    /// A measurement that is not a latency (see `unit`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unit: Option<String>,
 }
 
 fn percentile(samples: &[Duration], p: f64) -> f64 {
@@ -68,6 +73,8 @@ fn row(
         baseline_p50_ms: baseline.map(|(_, s)| percentile(s, 0.5)),
         mb_per_s: None,
         target: (!target.is_empty()).then(|| target.to_string()),
+        value: None,
+        unit: None,
     }
 }
 
@@ -191,6 +198,45 @@ async fn exec_true(client: &Client, id: &str) -> anyhow::Result<Duration> {
     Ok(t.elapsed())
 }
 
+/// Sum of the proportional set size of every runsc process of one server (its data dir is
+/// in their command lines).
+fn runsc_pss_bytes(data_dir: &Path) -> u64 {
+    let needle = format!("{}/", data_dir.display());
+    let mut total = 0;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if !String::from_utf8_lossy(&cmd).contains(&needle) {
+            continue;
+        }
+        let Ok(rollup) = std::fs::read_to_string(entry.path().join("smaps_rollup")) else {
+            continue;
+        };
+        if let Some(kb) = rollup
+            .lines()
+            .find(|l| l.starts_with("Pss:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            total += kb * 1024;
+        }
+    }
+    total
+}
+
+fn mem_total_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
 /// Wait until the base template has `n` sandboxes in the warm pool.
 async fn wait_pool(client: &Client, n: u32) -> anyhow::Result<()> {
     let start = Instant::now();
@@ -224,13 +270,20 @@ fn print_table(rows: &[Row]) {
             r.n,
             r.p50_ms,
             r.p95_ms,
-            r.mb_per_s.map(|m| format!("{m:.0}")).unwrap_or_default(),
+            r.mb_per_s
+                .map(|m| format!("{m:.0}"))
+                .or_else(|| r.value.map(|v| format!("{v:.1}")))
+                .unwrap_or_default(),
             r.baseline.clone().unwrap_or_default(),
             r.baseline_p50_ms
                 .map(|b| format!("{b:.2}"))
                 .unwrap_or_default(),
             ratio.map(|x| format!("{x:.2}x")).unwrap_or_default(),
-            r.target.clone().unwrap_or_default(),
+            [r.unit.clone(), r.target.clone()]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join("; "),
         );
     }
 }
@@ -410,6 +463,39 @@ async fn main() -> anyhow::Result<()> {
         client.destroy_sandbox(&sb?.id).await?;
     }
     rows.push(row("20 parallel creates (wall)", &wall, None, "≤ 1.5 s"));
+    // Density: memory of idle sandboxes (sum of the PSS of their runsc processes).
+    let idle_n = if args.quick { 5 } else { 20 };
+    let mut idle = Vec::new();
+    for _ in 0..idle_n {
+        idle.push(
+            client
+                .create_sandbox(&CreateSandboxRequest {
+                    template: "base".into(),
+                    ..Default::default()
+                })
+                .await?
+                .id,
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pss = runsc_pss_bytes(&srv.data_dir) as f64 / idle_n as f64;
+    let total = mem_total_bytes() as f64;
+    let mut r = row(
+        &format!("memory per idle sandbox ({idle_n} held)"),
+        &[],
+        None,
+        "≥ 300 held on 24 GiB",
+    );
+    r.value = Some(pss / 1e6);
+    r.unit = Some(format!(
+        "MB PSS; ≈ {:.0} fit in {:.0} GiB",
+        total / pss,
+        total / (1u64 << 30) as f64
+    ));
+    rows.push(r);
+    for id in idle {
+        client.destroy_sandbox(&id).await?;
+    }
     drop(srv);
 
     // A server with a warm pool: create is a hand-out.
