@@ -398,7 +398,16 @@ async fn main() -> anyhow::Result<()> {
     r.mb_per_s = Some(mbps(&down));
     rows.push(r);
 
-    // hibernate and wake of an idle sandbox (memory to disk and back).
+    // hibernate and wake of an idle sandbox (memory to disk and back). A fresh one: the
+    // file sandbox above holds ~200 MB of page cache, which its memory image would carry.
+    client.destroy_sandbox(&sb.id).await?;
+    let sb = client
+        .create_sandbox(&CreateSandboxRequest {
+            template: "base".into(),
+            mode: SandboxMode::Persistent,
+            ..Default::default()
+        })
+        .await?;
     let (mut hib, mut wake) = (Vec::new(), Vec::new());
     for _ in 0..n_create.min(5) {
         let t = Instant::now();
