@@ -172,6 +172,15 @@ impl Client {
         .await
     }
 
+    /// Replace the egress policy; a running sandbox gets it at once.
+    pub async fn set_egress(&self, id: &str, policy: &EgressPolicy) -> Result<Sandbox, SdkError> {
+        self.json(
+            self.request(Method::PUT, &Self::sandbox_path(id, "/egress"))
+                .json(policy),
+        )
+        .await
+    }
+
     pub async fn wake(&self, id: &str) -> Result<Sandbox, SdkError> {
         self.json(self.request(Method::POST, &Self::sandbox_path(id, "/wake")))
             .await

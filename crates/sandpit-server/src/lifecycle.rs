@@ -308,11 +308,7 @@ async fn boot(
         None => server.runtime.start(&spec).await,
     };
     let result = match started {
-        Ok(()) => agent_of(server, row)
-            .expect("slot checked")
-            .wait_ready(server.cfg.agent_ready_timeout)
-            .await
-            .map(|_| ()),
+        Ok(()) => ready(server, row, image.is_none()).await,
         Err(e) => Err(e.into()),
     };
     if result.is_err() {
@@ -320,6 +316,26 @@ async fn boot(
         let _ = server.net.detach(slot).await;
     }
     result
+}
+
+/// Wait for a started sandbox's agent; after a fresh boot (not a restore, whose files are
+/// as they were) write its `/etc/resolv.conf`.
+async fn ready(server: &Server, row: &SandboxRow, fresh: bool) -> Result<(), ServerError> {
+    let agent = agent_of(server, row).expect("slot checked");
+    agent.wait_ready(server.cfg.agent_ready_timeout).await?;
+    if fresh {
+        let body = futures::stream::iter([Ok::<_, std::convert::Infallible>(bytes::Bytes::from(
+            server.resolv_conf.clone(),
+        ))]);
+        agent
+            .write_file("/etc/resolv.conf", body, 1 << 16)
+            .await
+            .map_err(|f| ServerError::Agent {
+                sandbox: row.id.clone(),
+                what: format!("writing /etc/resolv.conf: {f:?}"),
+            })?;
+    }
+    Ok(())
 }
 
 /// `POST /v1/sandboxes`: validate, claim a slot, boot, wait for the agent.
@@ -518,6 +534,52 @@ pub async fn running_agent(
         "sandbox_busy",
         "the sandbox changed state during the request; retry",
     ))
+}
+
+/// Replace a sandbox's egress policy: validated like at create (400, nothing changed), then
+/// stored; applied at once to a running sandbox, and on wake to a suspended one (wake attaches
+/// the network with the stored rules). 409 for sandboxes that will never run again.
+///
+/// Holds the sandbox's read lock, so no transition (which would attach or detach the network
+/// with the rules it read) runs in between, while execs and file transfers continue.
+pub async fn set_egress(
+    server: &Arc<Server>,
+    auth: &Auth,
+    id: &str,
+    policy: &EgressPolicy,
+) -> Result<SandboxRow, ApiError> {
+    get_for(server, auth, id).await?;
+    let valid = policy
+        .validate()
+        .map_err(|(code, m)| ApiError::bad_request(code, m))?;
+    let lock = server.lock_of(id);
+    let _guard = lock.read().await;
+    let _serial = server.egress_lock.lock().await;
+    let row = get_for(server, auth, id).await?;
+    if !matches!(row.status.as_str(), "running" | "suspended") {
+        return Err(ApiError::conflict(
+            "invalid_state",
+            format!(
+                "the egress policy of a {} sandbox cannot change",
+                row.status
+            ),
+        ));
+    }
+    let now = now_ms();
+    let json = serde_json::to_string(policy).expect("policy serializes");
+    server.store.set_egress(id, &json, now).await?;
+    if row.status == "running" {
+        let slot = row
+            .slot
+            .ok_or_else(|| ServerError::Corrupt(format!("running sandbox {id} has no slot")))?;
+        server
+            .net
+            .set_egress(slot as u32, &egress_rules(&valid))
+            .await
+            .map_err(ServerError::from)?;
+    }
+    tracing::info!(sandbox = %id, egress = %json, applied = row.status == "running", "egress policy changed");
+    Ok(server.store.get_sandbox(id).await?.unwrap_or(row))
 }
 
 /// Extend an ephemeral running sandbox's expiry.

@@ -40,6 +40,9 @@ pub struct ServerConfig {
     pub default_timeout: Duration,
     /// Persistent sandboxes' idle timeout when the request names none.
     pub default_idle_timeout: Duration,
+    /// Nameservers written into sandboxes' `/etc/resolv.conf`; `None`: the host's own,
+    /// loopback ones excluded (see [`crate::dns`]).
+    pub dns: Option<Vec<std::net::Ipv4Addr>>,
 }
 
 impl ServerConfig {
@@ -57,6 +60,7 @@ impl ServerConfig {
             agent_ready_timeout: Duration::from_secs(20),
             default_timeout: Duration::from_secs(15 * 60),
             default_idle_timeout: Duration::from_secs(30 * 60),
+            dns: None,
         }
     }
 }
@@ -69,12 +73,18 @@ pub struct Server {
     pub net: Network,
     /// The read-only layer holding `/.sandpit/agent`, stacked over every template.
     pub agent_layer: PathBuf,
+    /// What every new sandbox gets as `/etc/resolv.conf`.
+    pub resolv_conf: String,
     /// Per-sandbox lifecycle locks. Transitions (create, suspend, wake, destroy) hold the
     /// write side; exec and file operations hold the read side, so a checkpoint never runs
     /// while a connection to the agent is open. The std mutex guards only the map.
     locks: Mutex<HashMap<String, Arc<RwLock<()>>>>,
     /// Held while choosing a network slot and inserting the row that claims it.
     pub slot_lock: tokio::sync::Mutex<()>,
+    /// Serializes egress policy updates, so the policy stored last is the one applied last.
+    /// (They hold a sandbox's read lock, not its write lock, so a running exec does not
+    /// delay them; two of them must still not interleave.)
+    pub egress_lock: tokio::sync::Mutex<()>,
     pub shutdown: CancellationToken,
 }
 
@@ -110,14 +120,25 @@ impl Server {
             debug_log_dir: None,
         })?;
         let agent_layer = templates::install_agent_layer(&cfg.data_dir, &cfg.agent_bin)?;
+        let nameservers = crate::dns::sandbox_nameservers(cfg.dns.as_deref());
+        if nameservers.is_empty() {
+            tracing::warn!(
+                "the host has no nameserver a sandbox can reach (only loopback ones?): sandboxes get no DNS; set --dns"
+            );
+        } else {
+            tracing::info!(?nameservers, "sandbox nameservers");
+        }
+        let resolv_conf = crate::dns::resolv_conf(&nameservers);
         let server = Arc::new(Server {
             cfg,
             store,
             runtime: Arc::new(runtime.clone()),
             net,
             agent_layer,
+            resolv_conf,
             locks: Mutex::new(HashMap::new()),
             slot_lock: tokio::sync::Mutex::new(()),
+            egress_lock: tokio::sync::Mutex::new(()),
             shutdown: CancellationToken::new(),
         });
         // Adopt and promptly reap the sandbox processes runsc leaves behind (see

@@ -447,6 +447,18 @@ impl Store {
         Ok(())
     }
 
+    /// Replace a sandbox's egress policy (JSON [`sandpit_api_types::EgressPolicy`]).
+    pub async fn set_egress(&self, id: &str, egress: &str, now: i64) -> Result<(), ServerError> {
+        sqlx::query("UPDATE sandboxes SET egress = ?, updated_at = ? WHERE id = ?")
+            .bind(egress)
+            .bind(now)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("updating a sandbox's egress policy"))?;
+        Ok(())
+    }
+
     /// Record activity (resets the idle clock of persistent sandboxes).
     pub async fn touch(&self, id: &str, now: i64) -> Result<(), ServerError> {
         sqlx::query("UPDATE sandboxes SET last_active_at = ? WHERE id = ?")

@@ -112,6 +112,15 @@ pub enum SandboxCommand {
         conn: Conn,
         id: String,
     },
+    /// Replace the egress policy, e.g. '{"mode":"deny_all","allow_cidrs":["10.0.0.0/8"]}'.
+    /// A running sandbox gets it at once; a suspended one on wake.
+    Egress {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        /// The policy as JSON.
+        policy: String,
+    },
     /// Wake a suspended sandbox.
     Wake {
         #[command(flatten)]
@@ -188,6 +197,11 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<u8> {
         }
         SandboxCommand::Get { conn, id } => print_json(&conn.client()?.get_sandbox(&id).await?)?,
         SandboxCommand::Destroy { conn, id } => conn.client()?.destroy_sandbox(&id).await?,
+        SandboxCommand::Egress { conn, id, policy } => {
+            let policy: EgressPolicy =
+                serde_json::from_str(&policy).context("the policy is not valid JSON")?;
+            print_json(&conn.client()?.set_egress(&id, &policy).await?)?
+        }
         SandboxCommand::Wake { conn, id } => print_json(&conn.client()?.wake(&id).await?)?,
         SandboxCommand::Hibernate { conn, id } => {
             print_json(&conn.client()?.hibernate(&id).await?)?

@@ -39,6 +39,11 @@ pub struct ServeArgs {
     /// How often expired and idle sandboxes are looked for, e.g. 1s.
     #[arg(long, env = "SANDPIT_REAPER_INTERVAL", default_value = "1s")]
     reaper_interval: String,
+    /// Nameservers for sandboxes' /etc/resolv.conf, comma-separated IPv4 addresses
+    /// (default: the host's, loopback ones excluded; queries follow each sandbox's egress
+    /// policy).
+    #[arg(long, env = "SANDPIT_DNS", value_delimiter = ',')]
+    dns: Option<Vec<std::net::Ipv4Addr>>,
     /// Admin token to create on first start (otherwise one is generated and printed once).
     #[arg(long, env = "SANDPIT_BOOTSTRAP_TOKEN", hide_env_values = true)]
     bootstrap_token: Option<String>,
@@ -83,6 +88,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     cfg.runsc = args.runsc;
     cfg.upload_limit = args.upload_limit;
     cfg.reaper_interval = reaper_interval;
+    cfg.dns = args.dns;
     let (server, token) = Server::start(cfg, args.bootstrap_token.as_deref())
         .await
         .map_err(|e| anyhow::anyhow!("{}", sandpit_server::error::DisplayChain(&e)))

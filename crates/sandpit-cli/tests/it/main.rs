@@ -4,6 +4,7 @@
 
 mod api;
 mod crash;
+mod egress;
 mod lifecycle;
 
 use std::path::Path;

@@ -13,9 +13,9 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use base64::Engine;
 use sandpit_agent_proto as proto;
 use sandpit_api_types::{
-    CreateSandboxRequest, DEFAULT_EXEC_TIMEOUT_SECS, ErrorBody, ExecEvent, ExecRequest,
-    ExecResponse, KeepaliveRequest, ListQuery, MAX_EXEC_TIMEOUT_SECS, Sandbox, SandboxList,
-    SandboxStatus, parse_duration,
+    CreateSandboxRequest, DEFAULT_EXEC_TIMEOUT_SECS, EgressPolicy, ErrorBody, ExecEvent,
+    ExecRequest, ExecResponse, KeepaliveRequest, ListQuery, MAX_EXEC_TIMEOUT_SECS, Sandbox,
+    SandboxList, SandboxStatus, parse_duration,
 };
 use tokio::sync::mpsc;
 use utoipa_axum::router::OpenApiRouter;
@@ -36,6 +36,7 @@ pub fn router() -> OpenApiRouter<Arc<Server>> {
         .routes(routes!(create_sandbox, list_sandboxes))
         .routes(routes!(get_sandbox, destroy_sandbox))
         .routes(routes!(keepalive))
+        .routes(routes!(set_egress))
         .routes(routes!(wake))
         .routes(routes!(hibernate))
         .routes(routes!(exec))
@@ -143,6 +144,29 @@ async fn keepalive(
 ) -> Result<Json<Sandbox>, ApiError> {
     auth.require("vm_manage")?;
     let row = lifecycle::keepalive(&server, &auth, &id, &req.timeout).await?;
+    Ok(Json(to_api(&row)))
+}
+
+/// Replace the egress policy. A running sandbox gets it at once, without restart (open
+/// connections included: their next packet meets the new rules); a suspended one on wake.
+#[utoipa::path(put, path = "/v1/sandboxes/{id}/egress", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id")),
+    request_body = EgressPolicy,
+    responses(
+        (status = 200, description = "Policy stored (and applied if the sandbox runs)", body = Sandbox),
+        (status = 400, description = "Invalid egress policy", body = ErrorBody),
+        (status = 403, description = "Sandbox belongs to another workspace", body = ErrorBody),
+        (status = 404, description = "Sandbox not found", body = ErrorBody),
+        (status = 409, description = "Sandbox is destroyed or failed", body = ErrorBody),
+    ))]
+async fn set_egress(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(id): Path<String>,
+    ApiJson(policy): ApiJson<EgressPolicy>,
+) -> Result<Json<Sandbox>, ApiError> {
+    auth.require("vm_manage")?;
+    let row = lifecycle::set_egress(&server, &auth, &id, &policy).await?;
     Ok(Json(to_api(&row)))
 }
 
