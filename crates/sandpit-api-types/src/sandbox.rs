@@ -345,6 +345,27 @@ pub struct FileList {
     pub entries: Vec<FileEntry>,
 }
 
+/// A TCP port listening inside a sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct Port {
+    pub port: u16,
+    /// The address it is bound to: `0.0.0.0` or `::` (every address: reachable through
+    /// previews), `127.0.0.1` or `::1` (loopback only: not reachable from outside).
+    pub address: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct PortList {
+    /// Sorted by port. The agent's own port is not listed.
+    pub ports: Vec<Port>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, IntoParams, Default)]
+pub struct PortWaitQuery {
+    /// How long to wait, e.g. `30s` (default), at most 5m.
+    pub timeout: Option<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Template {
     pub id: String,

@@ -245,6 +245,33 @@ impl Client {
         self.json(rb).await
     }
 
+    /// The TCP ports listening inside the sandbox.
+    pub async fn list_ports(&self, id: &str) -> Result<Vec<Port>, SdkError> {
+        let list: PortList = self
+            .json(self.request(Method::GET, &Self::sandbox_path(id, "/ports")))
+            .await?;
+        Ok(list.ports)
+    }
+
+    /// Wait until `port` listens inside the sandbox (`timeout` like `30s`; server default
+    /// 30s). Fails with status 504, code `port_wait_timeout`, when it does not in time.
+    pub async fn wait_port(
+        &self,
+        id: &str,
+        port: u16,
+        timeout: Option<&str>,
+    ) -> Result<Vec<Port>, SdkError> {
+        let mut rb = self.request(
+            Method::GET,
+            &Self::sandbox_path(id, &format!("/ports/{port}/wait")),
+        );
+        if let Some(t) = timeout {
+            rb = rb.query(&[("timeout", t)]);
+        }
+        let list: PortList = self.json(rb).await?;
+        Ok(list.ports)
+    }
+
     pub async fn templates(&self) -> Result<Vec<Template>, SdkError> {
         let list: TemplateList = self
             .json(self.request(Method::GET, "/v1/templates"))

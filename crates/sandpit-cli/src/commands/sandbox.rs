@@ -121,6 +121,18 @@ pub enum SandboxCommand {
         /// The policy as JSON.
         policy: String,
     },
+    /// List the TCP ports listening inside a sandbox, or wait for one to open.
+    Ports {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        /// Wait until this port listens (exit code 1 if it does not in time).
+        #[arg(long)]
+        wait: Option<u16>,
+        /// How long --wait waits, e.g. 30s.
+        #[arg(long)]
+        timeout: Option<String>,
+    },
     /// Wake a suspended sandbox.
     Wake {
         #[command(flatten)]
@@ -201,6 +213,25 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<u8> {
             let policy: EgressPolicy =
                 serde_json::from_str(&policy).context("the policy is not valid JSON")?;
             print_json(&conn.client()?.set_egress(&id, &policy).await?)?
+        }
+        SandboxCommand::Ports {
+            conn,
+            id,
+            wait,
+            timeout,
+        } => {
+            let client = conn.client()?;
+            match wait {
+                None => print_json(&client.list_ports(&id).await?)?,
+                Some(port) => match client.wait_port(&id, port, timeout.as_deref()).await {
+                    Ok(ports) => print_json(&ports)?,
+                    Err(e) if e.code() == Some("port_wait_timeout") => {
+                        eprintln!("sandpit: {e}");
+                        return Ok(1);
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+            }
         }
         SandboxCommand::Wake { conn, id } => print_json(&conn.client()?.wake(&id).await?)?,
         SandboxCommand::Hibernate { conn, id } => {

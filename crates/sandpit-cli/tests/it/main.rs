@@ -6,6 +6,7 @@ mod api;
 mod crash;
 mod egress;
 mod lifecycle;
+mod previews;
 
 use std::path::Path;
 

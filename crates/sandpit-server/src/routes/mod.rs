@@ -2,6 +2,7 @@
 
 pub mod files;
 pub mod org;
+pub mod ports;
 pub mod sandboxes;
 pub mod templates;
 
@@ -51,6 +52,7 @@ fn router() -> OpenApiRouter<Arc<Server>> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(sandboxes::router())
         .merge(files::router())
+        .merge(ports::router())
         .merge(templates::router())
         .merge(org::router())
 }
