@@ -219,6 +219,9 @@ pub struct CreateSandboxRequest {
     /// `small` (default), `medium` or `large`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<String>,
+    /// Preview settings; omitted: private previews (preview tokens needed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview: Option<crate::PreviewSettings>,
 }
 
 /// A sandbox as every `/v1/sandboxes` response shows it.
@@ -238,6 +241,9 @@ pub struct Sandbox {
     /// Names of the environment variables set at create (values are not echoed back).
     pub env_keys: Vec<String>,
     pub egress: EgressPolicy,
+    /// Who may open `http://<id>-<port>.<preview domain>`.
+    #[serde(default)]
+    pub preview: crate::PreviewSettings,
     /// Why the sandbox failed, when `status` is `failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,

@@ -272,6 +272,60 @@ impl Client {
         Ok(list.ports)
     }
 
+    /// Change a sandbox's settings (preview privacy).
+    pub async fn update_sandbox(
+        &self,
+        id: &str,
+        req: &UpdateSandboxRequest,
+    ) -> Result<Sandbox, SdkError> {
+        self.json(
+            self.request(Method::PATCH, &Self::sandbox_path(id, ""))
+                .json(req),
+        )
+        .await
+    }
+
+    /// Create a preview token; `token` is set in this response only.
+    pub async fn create_preview_token(
+        &self,
+        id: &str,
+        req: &PreviewTokenCreateRequest,
+    ) -> Result<PreviewToken, SdkError> {
+        self.json(
+            self.request(Method::POST, &Self::sandbox_path(id, "/preview-tokens"))
+                .json(req),
+        )
+        .await
+    }
+
+    pub async fn list_preview_tokens(&self, id: &str) -> Result<Vec<PreviewToken>, SdkError> {
+        let list: PreviewTokenList = self
+            .json(self.request(Method::GET, &Self::sandbox_path(id, "/preview-tokens")))
+            .await?;
+        Ok(list.tokens)
+    }
+
+    pub async fn update_preview_token(
+        &self,
+        id: &str,
+        token_id: &str,
+        req: &PreviewTokenUpdateRequest,
+    ) -> Result<PreviewToken, SdkError> {
+        let path = format!("/preview-tokens/{}", urlencode(token_id));
+        self.json(
+            self.request(Method::PATCH, &Self::sandbox_path(id, &path))
+                .json(req),
+        )
+        .await
+    }
+
+    pub async fn revoke_preview_token(&self, id: &str, token_id: &str) -> Result<(), SdkError> {
+        let path = format!("/preview-tokens/{}", urlencode(token_id));
+        self.send(self.request(Method::DELETE, &Self::sandbox_path(id, &path)))
+            .await
+            .map(drop)
+    }
+
     pub async fn templates(&self) -> Result<Vec<Template>, SdkError> {
         let list: TemplateList = self
             .json(self.request(Method::GET, "/v1/templates"))

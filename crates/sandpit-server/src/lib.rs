@@ -5,6 +5,7 @@ pub mod auth;
 pub mod dns;
 pub mod error;
 pub mod lifecycle;
+pub mod preview;
 pub mod routes;
 pub mod server;
 pub mod store;

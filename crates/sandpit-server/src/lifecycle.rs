@@ -14,8 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sandpit_api_types::{
-    CreateSandboxRequest, EgressPolicy, MAX_EPHEMERAL_TIMEOUT_SECS, Sandbox, SandboxMode,
-    SandboxStatus, ValidEgress, format_duration, parse_duration,
+    CreateSandboxRequest, EgressPolicy, MAX_EPHEMERAL_TIMEOUT_SECS, PreviewPrivacy,
+    PreviewSettings, Sandbox, SandboxMode, SandboxStatus, ValidEgress, format_duration,
+    parse_duration,
 };
 use sandpit_net::{EgressRules, Ipv4Net};
 use sandpit_runtime::{NetworkAttachment, Resources, SandboxSpec};
@@ -67,6 +68,9 @@ pub fn to_api(row: &SandboxRow) -> Sandbox {
         metadata: serde_json::from_str(&row.metadata).unwrap_or_default(),
         env_keys: env.into_keys().collect(),
         egress: serde_json::from_str(&row.egress).unwrap_or_default(),
+        preview: PreviewSettings {
+            privacy: PreviewPrivacy::parse(&row.preview_privacy).unwrap_or_default(),
+        },
         error: row.error.clone(),
     }
 }
@@ -228,6 +232,7 @@ async fn validate_create(
         error: None,
         created_at: now,
         updated_at: now,
+        preview_privacy: req.preview.unwrap_or_default().privacy.as_str().to_string(),
     })
 }
 
@@ -397,6 +402,7 @@ pub async fn destroy(server: &Arc<Server>, id: &str) -> Result<(), ApiError> {
     if row.status == "destroyed" {
         return Ok(());
     }
+    server.previews.cut(id).await;
     server
         .teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
         .await;
@@ -426,6 +432,9 @@ pub async fn suspend(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiEr
         }
     }
     let started = std::time::Instant::now();
+    // Preview connections hold no lock (see `crate::preview`); cut them so no connected TCP
+    // endpoint makes the checkpoint fail.
+    server.previews.cut(id).await;
     let image = server.checkpoint_dir(id);
     let state_dir = server.state_dir(id);
     let mut note = None;
@@ -579,6 +588,28 @@ pub async fn set_egress(
             .map_err(ServerError::from)?;
     }
     tracing::info!(sandbox = %id, egress = %json, applied = row.status == "running", "egress policy changed");
+    Ok(server.store.get_sandbox(id).await?.unwrap_or(row))
+}
+
+/// Change a sandbox's preview privacy. Applies to the next request: open preview
+/// connections are not cut.
+pub async fn set_preview(
+    server: &Arc<Server>,
+    auth: &Auth,
+    id: &str,
+    preview: PreviewSettings,
+) -> Result<SandboxRow, ApiError> {
+    let row = get_for(server, auth, id).await?;
+    if matches!(row.status.as_str(), "destroyed" | "failed") {
+        return Err(ApiError::conflict(
+            "invalid_state",
+            format!("a {} sandbox cannot change", row.status),
+        ));
+    }
+    server
+        .store
+        .set_preview_privacy(id, preview.privacy.as_str(), now_ms())
+        .await?;
     Ok(server.store.get_sandbox(id).await?.unwrap_or(row))
 }
 

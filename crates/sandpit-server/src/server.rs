@@ -43,6 +43,8 @@ pub struct ServerConfig {
     /// Nameservers written into sandboxes' `/etc/resolv.conf`; `None`: the host's own,
     /// loopback ones excluded (see [`crate::dns`]).
     pub dns: Option<Vec<std::net::Ipv4Addr>>,
+    /// Previews are served at `<sandbox id>-<port>.<preview_domain>` (see [`crate::preview`]).
+    pub preview_domain: String,
 }
 
 impl ServerConfig {
@@ -61,6 +63,7 @@ impl ServerConfig {
             default_timeout: Duration::from_secs(15 * 60),
             default_idle_timeout: Duration::from_secs(30 * 60),
             dns: None,
+            preview_domain: "localhost".into(),
         }
     }
 }
@@ -85,6 +88,8 @@ pub struct Server {
     /// (They hold a sandbox's read lock, not its write lock, so a running exec does not
     /// delay them; two of them must still not interleave.)
     pub egress_lock: tokio::sync::Mutex<()>,
+    /// Live preview connections, cut before a checkpoint.
+    pub previews: crate::preview::Previews,
     pub shutdown: CancellationToken,
 }
 
@@ -139,6 +144,7 @@ impl Server {
             locks: Mutex::new(HashMap::new()),
             slot_lock: tokio::sync::Mutex::new(()),
             egress_lock: tokio::sync::Mutex::new(()),
+            previews: Default::default(),
             shutdown: CancellationToken::new(),
         });
         // Adopt and promptly reap the sandbox processes runsc leaves behind (see

@@ -44,6 +44,10 @@ pub struct ServeArgs {
     /// policy).
     #[arg(long, env = "SANDPIT_DNS", value_delimiter = ',')]
     dns: Option<Vec<std::net::Ipv4Addr>>,
+    /// Previews are served at http://<sandbox id>-<port>.<preview domain> on this listener
+    /// (the names must resolve to this server: *.localhost does in browsers).
+    #[arg(long, env = "SANDPIT_PREVIEW_DOMAIN", default_value = "localhost")]
+    preview_domain: String,
     /// Admin token to create on first start (otherwise one is generated and printed once).
     #[arg(long, env = "SANDPIT_BOOTSTRAP_TOKEN", hide_env_values = true)]
     bootstrap_token: Option<String>,
@@ -89,6 +93,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     cfg.upload_limit = args.upload_limit;
     cfg.reaper_interval = reaper_interval;
     cfg.dns = args.dns;
+    cfg.preview_domain = args.preview_domain;
     let (server, token) = Server::start(cfg, args.bootstrap_token.as_deref())
         .await
         .map_err(|e| anyhow::anyhow!("{}", sandpit_server::error::DisplayChain(&e)))
@@ -105,22 +110,22 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     println!("listening on http://{}", listener.local_addr()?);
     let shutdown = server.shutdown.clone();
     let app = sandpit_server::app(server.clone());
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            tracing::info!(
-                "shutting down; sandboxes keep running and are adopted on the next start"
-            );
-            shutdown.cancel();
-        })
-        .await
-        .context("serving")?;
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down; sandboxes keep running and are adopted on the next start");
+        shutdown.cancel();
+    })
+    .await
+    .context("serving")?;
     let _ = reaper.await;
     Ok(())
 }

@@ -15,7 +15,7 @@ use sandpit_agent_proto as proto;
 use sandpit_api_types::{
     CreateSandboxRequest, DEFAULT_EXEC_TIMEOUT_SECS, EgressPolicy, ErrorBody, ExecEvent,
     ExecRequest, ExecResponse, KeepaliveRequest, ListQuery, MAX_EXEC_TIMEOUT_SECS, Sandbox,
-    SandboxList, SandboxStatus, parse_duration,
+    SandboxList, SandboxStatus, UpdateSandboxRequest, parse_duration,
 };
 use tokio::sync::mpsc;
 use utoipa_axum::router::OpenApiRouter;
@@ -34,7 +34,7 @@ const MAX_CAPTURE: usize = 16 << 20;
 pub fn router() -> OpenApiRouter<Arc<Server>> {
     OpenApiRouter::new()
         .routes(routes!(create_sandbox, list_sandboxes))
-        .routes(routes!(get_sandbox, destroy_sandbox))
+        .routes(routes!(get_sandbox, destroy_sandbox, update_sandbox))
         .routes(routes!(keepalive))
         .routes(routes!(set_egress))
         .routes(routes!(wake))
@@ -105,6 +105,32 @@ async fn get_sandbox(
 ) -> Result<Json<Sandbox>, ApiError> {
     auth.require("sandbox_read")?;
     let row = lifecycle::get_for(&server, &auth, &id).await?;
+    Ok(Json(to_api(&row)))
+}
+
+/// Change a sandbox's settings: for now its preview privacy (`{"preview":{"privacy":"public"}}`).
+/// Omitted fields stay as they are.
+#[utoipa::path(patch, path = "/v1/sandboxes/{id}", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id")),
+    request_body = UpdateSandboxRequest,
+    responses(
+        (status = 200, description = "The updated sandbox", body = Sandbox),
+        (status = 400, description = "Invalid settings", body = ErrorBody),
+        (status = 403, description = "Sandbox belongs to another workspace", body = ErrorBody),
+        (status = 404, description = "Sandbox not found", body = ErrorBody),
+        (status = 409, description = "Sandbox destroyed or failed", body = ErrorBody),
+    ))]
+async fn update_sandbox(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<UpdateSandboxRequest>,
+) -> Result<Json<Sandbox>, ApiError> {
+    auth.require("vm_manage")?;
+    let row = match req.preview {
+        Some(preview) => lifecycle::set_preview(&server, &auth, &id, preview).await?,
+        None => lifecycle::get_for(&server, &auth, &id).await?,
+    };
     Ok(Json(to_api(&row)))
 }
 
