@@ -602,6 +602,15 @@ async fn forward(
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, proto.clone());
     }
+    // HTTP/2 clients name the host in the URI only; HTTP/1.1 needs the header.
+    if !headers.contains_key(header::HOST)
+        && let Some(v) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        headers.insert(header::HOST, v);
+    }
     if let Some(host) = headers.get(header::HOST).cloned() {
         headers.insert("x-forwarded-host", host);
     }

@@ -9,7 +9,10 @@ use base64::Engine;
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use sandpit_sdk::Client;
-use sandpit_sdk::types::{CreateSandboxRequest, EgressPolicy, ExecEvent, ExecRequest, SandboxMode};
+use sandpit_sdk::types::{
+    CreateSandboxRequest, EgressPolicy, ExecEvent, ExecRequest, PreviewPrivacy, PreviewSettings,
+    PreviewTokenCreateRequest, SandboxMode, UpdateSandboxRequest,
+};
 
 #[derive(clap::Args)]
 pub struct Conn {
@@ -133,6 +136,19 @@ pub enum SandboxCommand {
         #[arg(long)]
         timeout: Option<String>,
     },
+    /// Show or change who may open the sandbox's previews
+    /// (http://<id>-<port>.<preview domain>).
+    Preview {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        /// public (anyone) or private (preview token needed).
+        #[arg(long)]
+        privacy: Option<String>,
+    },
+    /// Manage the preview tokens of a private sandbox.
+    #[command(subcommand)]
+    PreviewToken(PreviewTokenCommand),
     /// Wake a suspended sandbox.
     Wake {
         #[command(flatten)]
@@ -144,6 +160,32 @@ pub enum SandboxCommand {
         #[command(flatten)]
         conn: Conn,
         id: String,
+    },
+}
+
+#[derive(clap::Subcommand)]
+pub enum PreviewTokenCommand {
+    /// Create a token (printed once).
+    Create {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        /// RFC 3339 expiry, e.g. 2030-01-01T00:00:00Z (default: none).
+        #[arg(long)]
+        expires_at: Option<String>,
+    },
+    /// List the tokens (without secrets).
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+    },
+    /// Revoke a token.
+    Revoke {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        token_id: String,
     },
 }
 
@@ -233,6 +275,37 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<u8> {
                 },
             }
         }
+        SandboxCommand::Preview { conn, id, privacy } => {
+            let client = conn.client()?;
+            let sandbox = match privacy {
+                None => client.get_sandbox(&id).await?,
+                Some(p) => {
+                    let privacy = PreviewPrivacy::parse(&p)
+                        .with_context(|| format!("--privacy is public or private, not {p:?}"))?;
+                    let req = UpdateSandboxRequest {
+                        preview: Some(PreviewSettings { privacy }),
+                    };
+                    client.update_sandbox(&id, &req).await?
+                }
+            };
+            print_json(&sandbox.preview)?
+        }
+        SandboxCommand::PreviewToken(cmd) => match cmd {
+            PreviewTokenCommand::Create {
+                conn,
+                id,
+                expires_at,
+            } => {
+                let req = PreviewTokenCreateRequest { expires_at };
+                print_json(&conn.client()?.create_preview_token(&id, &req).await?)?
+            }
+            PreviewTokenCommand::List { conn, id } => {
+                print_json(&conn.client()?.list_preview_tokens(&id).await?)?
+            }
+            PreviewTokenCommand::Revoke { conn, id, token_id } => {
+                conn.client()?.revoke_preview_token(&id, &token_id).await?
+            }
+        },
         SandboxCommand::Wake { conn, id } => print_json(&conn.client()?.wake(&id).await?)?,
         SandboxCommand::Hibernate { conn, id } => {
             print_json(&conn.client()?.hibernate(&id).await?)?

@@ -427,6 +427,43 @@ async fn check_previews(srv: &TestServer, client: &Client, id: &str) {
     client.update_sandbox(id, &private).await.unwrap();
     assert_eq!(http.get(url(8080, "/")).send().await.unwrap().status(), 401);
 
+    // ---- the CLI ----
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(bin())
+            .arg("sandbox")
+            .args(args)
+            .env("SANDPIT_URL", &srv.url)
+            .env("SANDPIT_TOKEN", &srv.token)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default()
+    };
+    assert_eq!(cli(&["preview", id])["privacy"], "private");
+    let made = cli(&["preview-token", "create", id]);
+    let cli_token = made["token"].as_str().unwrap().to_string();
+    assert_eq!(with(8080, &cli_token).await.unwrap().status(), 200);
+    assert_eq!(
+        cli(&["preview-token", "list", id])
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    cli(&[
+        "preview-token",
+        "revoke",
+        id,
+        made["token_id"].as_str().unwrap(),
+    ]);
+    assert_eq!(with(8080, &cli_token).await.unwrap().status(), 401);
+    assert_eq!(
+        cli(&["preview", id, "--privacy", "public"])["privacy"],
+        "public"
+    );
+    assert_eq!(http.get(url(8080, "/")).send().await.unwrap().status(), 200);
+    cli(&["preview", id, "--privacy", "private"]);
+
     // ---- WebSocket: the upgrade passes through, bytes flow both ways ----
     let mut ws = tokio::net::TcpStream::connect(server_addr(srv))
         .await
@@ -514,18 +551,55 @@ async fn ports_and_previews_end_to_end() {
     check_ports(&srv, &client, &id).await;
     check_previews(&srv, &client, &id).await;
 
-    // Privacy chosen at create.
+    // Privacy chosen at create; preview traffic is activity: it keeps a persistent sandbox
+    // from being suspended for idleness.
     let public = create(
         &client,
         CreateSandboxRequest {
+            template: "base".into(),
+            mode: SandboxMode::Persistent,
+            idle_timeout: Some("2s".into()),
             preview: Some(PreviewSettings {
                 privacy: PreviewPrivacy::Public,
             }),
-            ..crate::base()
+            ..Default::default()
         },
     )
     .await;
     assert_eq!(public.preview.privacy, PreviewPrivacy::Public);
+    sh(
+        &client,
+        &public.id,
+        "mkdir -p /www && echo hi > /www/index.html",
+    )
+    .await;
+    httpd(&client, &public.id, "8080", "/www").await;
+    client
+        .wait_port(&public.id, 8080, Some("10s"))
+        .await
+        .unwrap();
+    let http = preview_client(&srv, &public.id, &[8080]);
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        let r = http
+            .get(preview_url(&srv, &public.id, 8080, "/"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            client.get_sandbox(&public.id).await.unwrap().status,
+            SandboxStatus::Running,
+            "suspended during preview traffic"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    wait_until(Duration::from_secs(10), "idle suspend", || async {
+        (client.get_sandbox(&public.id).await.ok()?.status == SandboxStatus::Suspended)
+            .then_some(())
+    })
+    .await
+    .unwrap();
     client.destroy_sandbox(&public.id).await.unwrap();
 
     client.destroy_sandbox(&id).await.unwrap();
