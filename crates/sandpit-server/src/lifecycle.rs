@@ -313,7 +313,11 @@ async fn boot(
         None => server.runtime.start(&spec).await,
     };
     let result = match started {
-        Ok(()) => ready(server, row, image.is_none()).await,
+        Ok(()) => agent_of(server, row)
+            .expect("slot checked")
+            .wait_ready(server.cfg.agent_ready_timeout)
+            .await
+            .map(|_| ()),
         Err(e) => Err(e.into()),
     };
     if result.is_err() {
@@ -323,24 +327,21 @@ async fn boot(
     result
 }
 
-/// Wait for a started sandbox's agent; after a fresh boot (not a restore, whose files are
-/// as they were) write its `/etc/resolv.conf`.
-async fn ready(server: &Server, row: &SandboxRow, fresh: bool) -> Result<(), ServerError> {
-    let agent = agent_of(server, row).expect("slot checked");
-    agent.wait_ready(server.cfg.agent_ready_timeout).await?;
-    if fresh {
-        let body = futures::stream::iter([Ok::<_, std::convert::Infallible>(bytes::Bytes::from(
-            server.resolv_conf.clone(),
-        ))]);
-        agent
-            .write_file("/etc/resolv.conf", body, 1 << 16)
-            .await
-            .map_err(|f| ServerError::Agent {
-                sandbox: row.id.clone(),
-                what: format!("writing /etc/resolv.conf: {f:?}"),
-            })?;
-    }
-    Ok(())
+/// Write a new sandbox's `/etc/resolv.conf` through its agent (only at create: a sandbox
+/// that later boots again keeps whatever it has, edits included).
+async fn write_resolv_conf(server: &Server, row: &SandboxRow) -> Result<(), ServerError> {
+    let body = futures::stream::iter([Ok::<_, std::convert::Infallible>(bytes::Bytes::from(
+        server.resolv_conf.clone(),
+    ))]);
+    agent_of(server, row)
+        .expect("slot checked")
+        .write_file("/etc/resolv.conf", body, 1 << 16)
+        .await
+        .map(drop)
+        .map_err(|f| ServerError::Agent {
+            sandbox: row.id.clone(),
+            what: format!("writing /etc/resolv.conf: {f:?}"),
+        })
 }
 
 /// `POST /v1/sandboxes`: validate, claim a slot, boot, wait for the agent.
@@ -354,9 +355,17 @@ pub async fn create(
     let _guard = lock.write().await;
     insert_with_slot(server, &mut row).await?;
     let started = std::time::Instant::now();
-    if let Err(e) = boot(server, &row, None).await {
+    let booted = match boot(server, &row, None).await {
+        Ok(()) => write_resolv_conf(server, &row).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = booted {
         tracing::error!(sandbox = %row.id, error = %DisplayChain(&e), "create failed");
-        server.teardown(&row.id, &row.runtime_id, None).await;
+        // The slot too: boot releases it on its own failures, not when a later step fails
+        // (detach is idempotent).
+        server
+            .teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
+            .await;
         server
             .store
             .mark_failed(

@@ -48,7 +48,7 @@ pub async fn sh(client: &Client, id: &str, command: &str) -> ExecResponse {
             },
         )
         .await
-        .unwrap_or_else(|e| panic!("exec {command:?}: {e}"))
+        .unwrap_or_else(|e| panic!("exec {command:?}: {e:?}"))
 }
 
 /// Assert an API error's status and code.
