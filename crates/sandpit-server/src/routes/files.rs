@@ -5,7 +5,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use sandpit_agent_proto as proto;
 use sandpit_api_types::{ErrorBody, FileEntry, FileList, PathQuery};
@@ -47,9 +47,30 @@ async fn upload(
     ApiQuery(q): ApiQuery<PathQuery>,
     headers: HeaderMap,
     body: Body,
+) -> Response {
+    match upload_file(&server, &auth, &id, &q.path, &headers, body).await {
+        Ok(status) => status.into_response(),
+        Err(e) => {
+            // The body may be partly unread, so this connection is closed after the answer:
+            // say so, or a client may reuse it for its next request and lose that one.
+            let mut resp = e.into_response();
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            resp
+        }
+    }
+}
+
+async fn upload_file(
+    server: &Arc<Server>,
+    auth: &Auth,
+    id: &str,
+    path: &str,
+    headers: &HeaderMap,
+    body: Body,
 ) -> Result<StatusCode, ApiError> {
     auth.require("sandbox_edit_code")?;
-    let path = checked_path(&q.path)?;
+    let path = checked_path(path)?;
     if path == "/" {
         return Err(ApiError::bad_request(
             "invalid_path",
@@ -67,7 +88,7 @@ async fn upload(
             format!("file exceeds the upload limit of {limit} bytes"),
         ));
     }
-    let (agent, _guard) = lifecycle::running_agent(&server, &auth, &id).await?;
+    let (agent, _guard) = lifecycle::running_agent(server, auth, id).await?;
     agent
         .write_file(&path, body.into_data_stream(), limit)
         .await
