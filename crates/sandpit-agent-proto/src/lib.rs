@@ -159,6 +159,10 @@ pub enum Op {
     MakeDir { path: String, recursive: bool },
     /// Answered with `Ok` + `{}`.
     Remove { path: String, recursive: bool },
+    /// Answered with `Ok` + [`PortList`]: the TCP sockets listening inside the sandbox (from
+    /// `/proc/net/tcp` and `/proc/net/tcp6`, which gVisor provides). Added without a version
+    /// bump: an older agent refuses it with `bad_request` (unknown operation).
+    ListPorts,
 }
 
 /// Run a process.
@@ -253,6 +257,21 @@ pub struct DirEntry {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DirListing {
     pub entries: Vec<DirEntry>,
+}
+
+/// One listening TCP socket.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ListeningPort {
+    pub port: u16,
+    /// The address it is bound to: `0.0.0.0` or `::` for every address, `127.0.0.1` or
+    /// `::1` for loopback only (unreachable from outside the sandbox).
+    pub address: String,
+}
+
+/// Reply to [`Op::ListPorts`], sorted by port then address, without duplicates.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PortList {
+    pub ports: Vec<ListeningPort>,
 }
 
 /// Reply to [`Op::WriteFile`].
@@ -446,6 +465,25 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&req).unwrap(),
             r#"{"v":1,"op":"read_file","path":"/etc/hostname"}"#
+        );
+    }
+
+    #[test]
+    fn list_ports_json_shape_is_stable() {
+        let req = Request::new(Op::ListPorts);
+        assert_eq!(
+            serde_json::to_string(&req).unwrap(),
+            r#"{"v":1,"op":"list_ports"}"#
+        );
+        let reply = PortList {
+            ports: vec![ListeningPort {
+                port: 8080,
+                address: "0.0.0.0".into(),
+            }],
+        };
+        assert_eq!(
+            serde_json::to_string(&reply).unwrap(),
+            r#"{"ports":[{"port":8080,"address":"0.0.0.0"}]}"#
         );
     }
 

@@ -16,6 +16,7 @@ mod conn;
 mod exec;
 mod files;
 mod init;
+mod ports;
 mod server;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};

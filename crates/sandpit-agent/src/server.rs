@@ -12,7 +12,7 @@ use sandpit_agent_proto::{
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::conn::{Conn, agent_error};
-use crate::{exec, files};
+use crate::{exec, files, ports};
 
 /// How long a new connection may take to send its request.
 const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
@@ -167,6 +167,7 @@ async fn dispatch(conn: &mut Conn, op: Op) -> Result<(), ProtoError> {
             files::make_dir(&path, recursive).await.map(|()| empty())
         }
         Op::Remove { path, recursive } => files::remove(&path, recursive).await.map(|()| empty()),
+        Op::ListPorts => ports::list().await.map(|r| to_value(&r)),
     };
     match reply {
         Ok(value) => {

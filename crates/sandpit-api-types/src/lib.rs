@@ -3,10 +3,12 @@
 
 pub mod duration;
 pub mod org;
+pub mod preview;
 pub mod sandbox;
 
 pub use duration::{format_duration, parse_duration};
 pub use org::*;
+pub use preview::*;
 pub use sandbox::*;
 
 use serde::{Deserialize, Serialize};

@@ -97,7 +97,7 @@ pub struct TokenInfo {
 }
 
 /// Distinguishes an absent field (outer `None`) from an explicit `null` (`Some(None)`).
-mod double_option {
+pub(crate) mod double_option {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
     pub fn serialize<S: Serializer, T: Serialize>(

@@ -223,6 +223,9 @@ pub struct CreateSandboxRequest {
     /// `small` (default), `medium` or `large`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<String>,
+    /// Preview settings; omitted: private previews (preview tokens needed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview: Option<crate::PreviewSettings>,
 }
 
 /// A sandbox as every `/v1/sandboxes` response shows it.
@@ -242,6 +245,9 @@ pub struct Sandbox {
     /// Names of the environment variables set at create (values are not echoed back).
     pub env_keys: Vec<String>,
     pub egress: EgressPolicy,
+    /// Who may open `http://<id>-<port>.<preview domain>`.
+    #[serde(default)]
+    pub preview: crate::PreviewSettings,
     /// Why the sandbox failed, when `status` is `failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -347,6 +353,27 @@ pub struct FileEntry {
 pub struct FileList {
     pub path: String,
     pub entries: Vec<FileEntry>,
+}
+
+/// A TCP port listening inside a sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct Port {
+    pub port: u16,
+    /// The address it is bound to: `0.0.0.0` or `::` (every address: reachable through
+    /// previews), `127.0.0.1` or `::1` (loopback only: not reachable from outside).
+    pub address: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct PortList {
+    /// Sorted by port. The agent's own port is not listed.
+    pub ports: Vec<Port>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, IntoParams, Default)]
+pub struct PortWaitQuery {
+    /// How long to wait, e.g. `30s` (default), at most 5m.
+    pub timeout: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -257,6 +257,78 @@ async fn wait_pool(client: &Client, n: u32) -> anyhow::Result<()> {
     }
 }
 
+/// `n` small GETs of a busybox httpd page through the preview proxy, and `n` straight to
+/// the sandbox's address from the host (both open a new connection to the sandbox per
+/// request: httpd closes after each response).
+async fn preview_get(
+    srv: &TestServer,
+    client: &Client,
+    id: &str,
+    n: usize,
+) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+    let setup = client
+        .exec(
+            id,
+            &ExecRequest {
+                command: Some(
+                    "mkdir -p /www && echo hello > /www/index.html && httpd -p 8080 -h /www && ip -4 route"
+                        .into(),
+                ),
+                ..Default::default()
+            },
+        )
+        .await?;
+    anyhow::ensure!(setup.exit_code == 0, "httpd: {setup:?}");
+    let gw: std::net::Ipv4Addr = setup
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("default via "))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .context("the sandbox's gateway")?;
+    let sandbox_ip = std::net::Ipv4Addr::from(u32::from(gw) + 1);
+    client.wait_port(id, 8080, Some("10s")).await?;
+    client
+        .update_sandbox(
+            id,
+            &sandpit_sdk::types::UpdateSandboxRequest {
+                preview: Some(sandpit_sdk::types::PreviewSettings {
+                    privacy: sandpit_sdk::types::PreviewPrivacy::Public,
+                }),
+            },
+        )
+        .await?;
+    let server: std::net::SocketAddr = srv
+        .url
+        .trim_start_matches("http://")
+        .parse()
+        .context("server address")?;
+    let host = format!("{id}-8080.localhost");
+    let http = reqwest::Client::builder().resolve(&host, server).build()?;
+    let proxied_url = format!("http://{host}:{}/", server.port());
+    let direct_url = format!("http://{sandbox_ip}:8080/");
+    let (mut proxied, mut direct) = (Vec::new(), Vec::new());
+    for i in 0..n + 5 {
+        // Interleaved, so both see the same machine noise; the first 5 warm up.
+        for (url, out) in [(&proxied_url, &mut proxied), (&direct_url, &mut direct)] {
+            let t = Instant::now();
+            let body = http
+                .get(url.as_str())
+                .send()
+                .await?
+                .error_for_status()?
+                .text()
+                .await?;
+            let took = t.elapsed();
+            anyhow::ensure!(body == "hello\n", "GET {url}: {body:?}");
+            if i >= 5 {
+                out.push(took);
+            }
+        }
+    }
+    Ok((proxied, direct))
+}
+
 fn print_table(rows: &[Row]) {
     println!(
         "{:<34} {:>5} {:>10} {:>10} {:>10}  {:<22} {:>10} {:>7}  target",
@@ -452,6 +524,15 @@ async fn main() -> anyhow::Result<()> {
         "≤ 300 ms",
     ));
     rows.push(row("fork 10 children", &fork10, None, "≤ 2 s"));
+    // A small GET through the preview proxy vs straight to the sandbox's address (after the
+    // hibernate rows: direct connections may leave endpoints a checkpoint refuses).
+    let (proxied, direct) = preview_get(&srv, &client, &sb.id, n_exec).await?;
+    rows.push(row(
+        "preview GET (proxy, public)",
+        &proxied,
+        Some(("direct GET sandbox:8080", &direct)),
+        "",
+    ));
     client.destroy_sandbox(&sb.id).await?;
 
     // 20 creates at once (empty pool): wall time of the batch.

@@ -172,6 +172,15 @@ impl Client {
         .await
     }
 
+    /// Replace the egress policy; a running sandbox gets it at once.
+    pub async fn set_egress(&self, id: &str, policy: &EgressPolicy) -> Result<Sandbox, SdkError> {
+        self.json(
+            self.request(Method::PUT, &Self::sandbox_path(id, "/egress"))
+                .json(policy),
+        )
+        .await
+    }
+
     pub async fn wake(&self, id: &str) -> Result<Sandbox, SdkError> {
         self.json(self.request(Method::POST, &Self::sandbox_path(id, "/wake")))
             .await
@@ -271,6 +280,87 @@ impl Client {
             .request(Method::GET, &Self::sandbox_path(id, "/files/list"))
             .query(&[("path", path)]);
         self.json(rb).await
+    }
+
+    /// The TCP ports listening inside the sandbox.
+    pub async fn list_ports(&self, id: &str) -> Result<Vec<Port>, SdkError> {
+        let list: PortList = self
+            .json(self.request(Method::GET, &Self::sandbox_path(id, "/ports")))
+            .await?;
+        Ok(list.ports)
+    }
+
+    /// Wait until `port` listens inside the sandbox (`timeout` like `30s`; server default
+    /// 30s). Fails with status 504, code `port_wait_timeout`, when it does not in time.
+    pub async fn wait_port(
+        &self,
+        id: &str,
+        port: u16,
+        timeout: Option<&str>,
+    ) -> Result<Vec<Port>, SdkError> {
+        let mut rb = self.request(
+            Method::GET,
+            &Self::sandbox_path(id, &format!("/ports/{port}/wait")),
+        );
+        if let Some(t) = timeout {
+            rb = rb.query(&[("timeout", t)]);
+        }
+        let list: PortList = self.json(rb).await?;
+        Ok(list.ports)
+    }
+
+    /// Change a sandbox's settings (preview privacy).
+    pub async fn update_sandbox(
+        &self,
+        id: &str,
+        req: &UpdateSandboxRequest,
+    ) -> Result<Sandbox, SdkError> {
+        self.json(
+            self.request(Method::PATCH, &Self::sandbox_path(id, ""))
+                .json(req),
+        )
+        .await
+    }
+
+    /// Create a preview token; `token` is set in this response only.
+    pub async fn create_preview_token(
+        &self,
+        id: &str,
+        req: &PreviewTokenCreateRequest,
+    ) -> Result<PreviewToken, SdkError> {
+        self.json(
+            self.request(Method::POST, &Self::sandbox_path(id, "/preview-tokens"))
+                .json(req),
+        )
+        .await
+    }
+
+    pub async fn list_preview_tokens(&self, id: &str) -> Result<Vec<PreviewToken>, SdkError> {
+        let list: PreviewTokenList = self
+            .json(self.request(Method::GET, &Self::sandbox_path(id, "/preview-tokens")))
+            .await?;
+        Ok(list.tokens)
+    }
+
+    pub async fn update_preview_token(
+        &self,
+        id: &str,
+        token_id: &str,
+        req: &PreviewTokenUpdateRequest,
+    ) -> Result<PreviewToken, SdkError> {
+        let path = format!("/preview-tokens/{}", urlencode(token_id));
+        self.json(
+            self.request(Method::PATCH, &Self::sandbox_path(id, &path))
+                .json(req),
+        )
+        .await
+    }
+
+    pub async fn revoke_preview_token(&self, id: &str, token_id: &str) -> Result<(), SdkError> {
+        let path = format!("/preview-tokens/{}", urlencode(token_id));
+        self.send(self.request(Method::DELETE, &Self::sandbox_path(id, &path)))
+            .await
+            .map(drop)
     }
 
     pub async fn templates(&self) -> Result<Vec<Template>, SdkError> {

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use sandpit_agent_proto::{
     self as proto, AgentError, DirListing, ExecRequest, ExitStatus, FileInfo, FrameKind, Op,
-    PingReply, Request, WriteReply,
+    PingReply, PortList, Request, WriteReply,
 };
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -308,5 +308,10 @@ impl AgentClient {
 
     pub async fn list_dir(&self, path: &str) -> Result<DirListing, AgentFailure> {
         self.simple(Op::ListDir { path: path.into() }).await
+    }
+
+    /// The TCP ports listening inside the sandbox (the agent's own included).
+    pub async fn list_ports(&self) -> Result<PortList, AgentFailure> {
+        self.simple(Op::ListPorts).await
     }
 }

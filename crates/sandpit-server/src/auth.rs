@@ -16,11 +16,19 @@ use crate::util::{new_id, now_ms};
 /// Tokens start with this, so leaked ones are easy to find with secret scanners.
 pub const TOKEN_PREFIX: &str = "sp_";
 
-/// A fresh random token: the prefix and 256 random bits in hex.
+/// Preview tokens start with this (they open previews, nothing else).
+pub const PREVIEW_TOKEN_PREFIX: &str = "spp_";
+
+/// A fresh random API token: the prefix and 256 random bits in hex.
 pub fn generate_token() -> String {
+    generate_token_with(TOKEN_PREFIX)
+}
+
+/// A fresh random token with the given prefix and 256 random bits in hex.
+pub fn generate_token_with(prefix: &str) -> String {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
-    format!("{TOKEN_PREFIX}{}", hex::encode(bytes))
+    format!("{prefix}{}", hex::encode(bytes))
 }
 
 /// What the store keeps instead of the token.

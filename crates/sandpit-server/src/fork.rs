@@ -46,6 +46,8 @@ fn temp_image_dir(server: &Server) -> PathBuf {
 async fn freeze(server: &Arc<Server>, row: &SandboxRow) -> Result<Frozen, ApiError> {
     match row.status.as_str() {
         "running" => {
+            // Open preview connections would make gVisor refuse the checkpoint.
+            server.previews.cut(&row.id).await;
             let image = temp_image_dir(server);
             if let Err(e) = server.runtime.checkpoint(&row.runtime_id, &image).await {
                 // gVisor kills a sandbox whose checkpoint it refuses: bring it back with its

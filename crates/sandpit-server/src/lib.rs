@@ -2,10 +2,12 @@
 
 pub mod agent;
 pub mod auth;
+pub mod dns;
 pub mod error;
 pub mod fork;
 pub mod lifecycle;
 pub mod pool;
+pub mod preview;
 pub mod routes;
 pub mod server;
 pub mod store;

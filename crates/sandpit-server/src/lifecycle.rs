@@ -14,8 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sandpit_api_types::{
-    CreateSandboxRequest, EgressPolicy, MAX_EPHEMERAL_TIMEOUT_SECS, Sandbox, SandboxMode,
-    SandboxStatus, ValidEgress, format_duration, parse_duration,
+    CreateSandboxRequest, EgressPolicy, MAX_EPHEMERAL_TIMEOUT_SECS, PreviewPrivacy,
+    PreviewSettings, Sandbox, SandboxMode, SandboxStatus, ValidEgress, format_duration,
+    parse_duration,
 };
 use sandpit_net::{EgressRules, Ipv4Net};
 use sandpit_runtime::{NetworkAttachment, Resources, SandboxSpec};
@@ -67,6 +68,9 @@ pub fn to_api(row: &SandboxRow) -> Sandbox {
         metadata: serde_json::from_str(&row.metadata).unwrap_or_default(),
         env_keys: env.into_keys().collect(),
         egress: serde_json::from_str(&row.egress).unwrap_or_default(),
+        preview: PreviewSettings {
+            privacy: PreviewPrivacy::parse(&row.preview_privacy).unwrap_or_default(),
+        },
         error: row.error.clone(),
     }
 }
@@ -255,6 +259,7 @@ async fn validate_create(
         error: None,
         created_at: now,
         updated_at: now,
+        preview_privacy: req.preview.unwrap_or_default().privacy.as_str().to_string(),
     };
     Ok((row, snapshot))
 }
@@ -375,6 +380,26 @@ pub(crate) async fn boot(
     result
 }
 
+/// Write a new sandbox's `/etc/resolv.conf` through its agent (only at create: a sandbox
+/// that later boots again keeps whatever it has, edits included).
+pub(crate) async fn write_resolv_conf(
+    server: &Server,
+    row: &SandboxRow,
+) -> Result<(), ServerError> {
+    let body = futures::stream::iter([Ok::<_, std::convert::Infallible>(bytes::Bytes::from(
+        server.resolv_conf.clone(),
+    ))]);
+    agent_of(server, row)
+        .expect("slot checked")
+        .write_file("/etc/resolv.conf", body, 1 << 16)
+        .await
+        .map(drop)
+        .map_err(|f| ServerError::Agent {
+            sandbox: row.id.clone(),
+            what: format!("writing /etc/resolv.conf: {f:?}"),
+        })
+}
+
 /// `POST /v1/sandboxes`: validate, claim a slot, boot, wait for the agent.
 pub async fn create(
     server: &Arc<Server>,
@@ -395,9 +420,17 @@ pub async fn create(
         Some(snap) => crate::fork::boot_from_snapshot(server, &row, snap).await,
         None => boot(server, &row, None).await,
     };
+    let booted = match booted {
+        Ok(()) => write_resolv_conf(server, &row).await,
+        Err(e) => Err(e),
+    };
     if let Err(e) = booted {
         tracing::error!(sandbox = %row.id, error = %DisplayChain(&e), "create failed");
-        server.teardown(&row.id, &row.runtime_id, None).await;
+        // The slot too: boot releases it on its own failures, not when a later step fails
+        // (detach is idempotent).
+        server
+            .teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
+            .await;
         server
             .store
             .mark_failed(
@@ -440,6 +473,7 @@ pub async fn destroy(server: &Arc<Server>, id: &str) -> Result<(), ApiError> {
     if row.status == "destroyed" {
         return Ok(());
     }
+    server.previews.cut(id).await;
     server
         .teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
         .await;
@@ -512,6 +546,9 @@ pub async fn suspend(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiEr
         }
     }
     let started = std::time::Instant::now();
+    // Preview connections hold no lock (see `crate::preview`); cut them so no connected TCP
+    // endpoint makes the checkpoint fail.
+    server.previews.cut(id).await;
     let image = server.checkpoint_dir(id);
     let state_dir = server.state_dir(id);
     let mut note = None;
@@ -613,6 +650,74 @@ pub async fn running_agent(
         "sandbox_busy",
         "the sandbox changed state during the request; retry",
     ))
+}
+
+/// Replace a sandbox's egress policy: validated like at create (400, nothing changed), then
+/// stored; applied at once to a running sandbox, and on wake to a suspended one (wake attaches
+/// the network with the stored rules). 409 for sandboxes that will never run again.
+///
+/// Holds the sandbox's read lock, so no transition (which would attach or detach the network
+/// with the rules it read) runs in between, while execs and file transfers continue.
+pub async fn set_egress(
+    server: &Arc<Server>,
+    auth: &Auth,
+    id: &str,
+    policy: &EgressPolicy,
+) -> Result<SandboxRow, ApiError> {
+    get_for(server, auth, id).await?;
+    let valid = policy
+        .validate()
+        .map_err(|(code, m)| ApiError::bad_request(code, m))?;
+    let lock = server.lock_of(id);
+    let _guard = lock.read().await;
+    let _serial = server.egress_lock.lock().await;
+    let row = get_for(server, auth, id).await?;
+    if !matches!(row.status.as_str(), "running" | "suspended") {
+        return Err(ApiError::conflict(
+            "invalid_state",
+            format!(
+                "the egress policy of a {} sandbox cannot change",
+                row.status
+            ),
+        ));
+    }
+    let now = now_ms();
+    let json = serde_json::to_string(policy).expect("policy serializes");
+    server.store.set_egress(id, &json, now).await?;
+    if row.status == "running" {
+        let slot = row
+            .slot
+            .ok_or_else(|| ServerError::Corrupt(format!("running sandbox {id} has no slot")))?;
+        server
+            .net
+            .set_egress(slot as u32, &egress_rules(&valid))
+            .await
+            .map_err(ServerError::from)?;
+    }
+    tracing::info!(sandbox = %id, egress = %json, applied = row.status == "running", "egress policy changed");
+    Ok(server.store.get_sandbox(id).await?.unwrap_or(row))
+}
+
+/// Change a sandbox's preview privacy. Applies to the next request: open preview
+/// connections are not cut.
+pub async fn set_preview(
+    server: &Arc<Server>,
+    auth: &Auth,
+    id: &str,
+    preview: PreviewSettings,
+) -> Result<SandboxRow, ApiError> {
+    let row = get_for(server, auth, id).await?;
+    if matches!(row.status.as_str(), "destroyed" | "failed") {
+        return Err(ApiError::conflict(
+            "invalid_state",
+            format!("a {} sandbox cannot change", row.status),
+        ));
+    }
+    server
+        .store
+        .set_preview_privacy(id, preview.privacy.as_str(), now_ms())
+        .await?;
+    Ok(server.store.get_sandbox(id).await?.unwrap_or(row))
 }
 
 /// Extend an ephemeral running sandbox's expiry.

@@ -68,6 +68,20 @@ pub async fn take(
             .await?;
         return Err(e);
     }
+    if let Err(e) = crate::lifecycle::write_resolv_conf(server, &row).await {
+        server
+            .teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
+            .await;
+        server
+            .store
+            .mark_failed(
+                &row.id,
+                &format!("writing resolv.conf: {}", DisplayChain(&e)),
+                now_ms(),
+            )
+            .await?;
+        return Err(e);
+    }
     tracing::info!(sandbox = %id, workspace = %row.workspace_id, "handed out from the warm pool");
     Ok(Some(row))
 }
@@ -100,6 +114,7 @@ async fn fill_one(
         error: None,
         created_at: now,
         updated_at: now,
+        preview_privacy: "private".into(),
     };
     let lock = server.lock_of(&row.id);
     let _guard = lock.write().await;

@@ -42,6 +42,11 @@ pub struct ServerConfig {
     pub default_idle_timeout: Duration,
     /// Booted, idle sandboxes of the base template kept ready for create (0 disables).
     pub warm_pool: u32,
+    /// Nameservers written into sandboxes' `/etc/resolv.conf`; `None`: the host's own,
+    /// loopback ones excluded (see [`crate::dns`]).
+    pub dns: Option<Vec<std::net::Ipv4Addr>>,
+    /// Previews are served at `<sandbox id>-<port>.<preview_domain>` (see [`crate::preview`]).
+    pub preview_domain: String,
 }
 
 impl ServerConfig {
@@ -60,6 +65,8 @@ impl ServerConfig {
             default_timeout: Duration::from_secs(15 * 60),
             default_idle_timeout: Duration::from_secs(30 * 60),
             warm_pool: 2,
+            dns: None,
+            preview_domain: "localhost".into(),
         }
     }
 }
@@ -72,6 +79,8 @@ pub struct Server {
     pub net: Network,
     /// The read-only layer holding `/.sandpit/agent`, stacked over every template.
     pub agent_layer: PathBuf,
+    /// What every new sandbox gets as `/etc/resolv.conf`.
+    pub resolv_conf: String,
     /// Per-sandbox lifecycle locks. Transitions (create, suspend, wake, destroy) hold the
     /// write side; exec and file operations hold the read side, so a checkpoint never runs
     /// while a connection to the agent is open. The std mutex guards only the map.
@@ -80,6 +89,12 @@ pub struct Server {
     pub slot_lock: tokio::sync::Mutex<()>,
     /// Wakes the warm-pool refill task after a hand-out.
     pub pool_refill: tokio::sync::Notify,
+    /// Serializes egress policy updates, so the policy stored last is the one applied last.
+    /// (They hold a sandbox's read lock, not its write lock, so a running exec does not
+    /// delay them; two of them must still not interleave.)
+    pub egress_lock: tokio::sync::Mutex<()>,
+    /// Live preview connections, cut before a checkpoint.
+    pub previews: crate::preview::Previews,
     pub shutdown: CancellationToken,
 }
 
@@ -125,15 +140,27 @@ impl Server {
             debug_log_dir: None,
         })?;
         let agent_layer = templates::install_agent_layer(&cfg.data_dir, &cfg.agent_bin)?;
+        let nameservers = crate::dns::sandbox_nameservers(cfg.dns.as_deref());
+        if nameservers.is_empty() {
+            tracing::warn!(
+                "the host has no nameserver a sandbox can reach (only loopback ones?): sandboxes get no DNS; set --dns"
+            );
+        } else {
+            tracing::info!(?nameservers, "sandbox nameservers");
+        }
+        let resolv_conf = crate::dns::resolv_conf(&nameservers);
         let server = Arc::new(Server {
             cfg,
             store,
             runtime: Arc::new(runtime.clone()),
             net,
             agent_layer,
+            resolv_conf,
             locks: Mutex::new(HashMap::new()),
             slot_lock: tokio::sync::Mutex::new(()),
             pool_refill: tokio::sync::Notify::new(),
+            egress_lock: tokio::sync::Mutex::new(()),
+            previews: Default::default(),
             shutdown: CancellationToken::new(),
         });
         // Adopt and promptly reap the sandbox processes runsc leaves behind (see

@@ -39,6 +39,8 @@ pub struct SandboxRow {
     pub error: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
+    /// `private` or `public` ([`sandpit_api_types::PreviewPrivacy`]).
+    pub preview_privacy: String,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -87,6 +89,18 @@ pub struct TokenAuth {
     pub org_id: String,
     pub scopes: String,
     pub expires_at: Option<i64>,
+}
+
+/// A preview token (without its hash).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct PreviewTokenRow {
+    pub id: String,
+    pub sandbox_id: String,
+    pub workspace_id: String,
+    pub token_prefix: String,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    pub created_at: i64,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -322,8 +336,8 @@ impl Store {
         sqlx::query(
             "INSERT INTO sandboxes (id, workspace_id, template_id, template_name, mode, status, size,
                 env, metadata, egress, timeout_ms, idle_timeout_ms, expires_at, last_active_at, slot,
-                runtime_id, error, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                runtime_id, error, created_at, updated_at, preview_privacy)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&s.id)
         .bind(&s.workspace_id)
@@ -344,6 +358,7 @@ impl Store {
         .bind(&s.error)
         .bind(s.created_at)
         .bind(s.updated_at)
+        .bind(&s.preview_privacy)
         .execute(&self.pool)
         .await
         .map_err(q("inserting a sandbox"))?;
@@ -460,6 +475,150 @@ impl Store {
             .execute(&self.pool)
             .await
             .map_err(q("updating a sandbox's expiry"))?;
+        Ok(())
+    }
+
+    /// Replace a sandbox's egress policy (JSON [`sandpit_api_types::EgressPolicy`]).
+    pub async fn set_egress(&self, id: &str, egress: &str, now: i64) -> Result<(), ServerError> {
+        sqlx::query("UPDATE sandboxes SET egress = ?, updated_at = ? WHERE id = ?")
+            .bind(egress)
+            .bind(now)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("updating a sandbox's egress policy"))?;
+        Ok(())
+    }
+
+    pub async fn set_preview_privacy(
+        &self,
+        id: &str,
+        privacy: &str,
+        now: i64,
+    ) -> Result<(), ServerError> {
+        sqlx::query("UPDATE sandboxes SET preview_privacy = ?, updated_at = ? WHERE id = ?")
+            .bind(privacy)
+            .bind(now)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("updating a sandbox's preview privacy"))?;
+        Ok(())
+    }
+
+    // ---- preview tokens ----
+
+    pub async fn insert_preview_token(
+        &self,
+        t: &PreviewTokenRow,
+        hash: &str,
+    ) -> Result<(), ServerError> {
+        sqlx::query(
+            "INSERT INTO preview_tokens (id, sandbox_id, workspace_id, token_hash, token_prefix,
+                expires_at, revoked_at, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&t.id)
+        .bind(&t.sandbox_id)
+        .bind(&t.workspace_id)
+        .bind(hash)
+        .bind(&t.token_prefix)
+        .bind(t.expires_at)
+        .bind(t.revoked_at)
+        .bind(t.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(q("inserting a preview token"))?;
+        Ok(())
+    }
+
+    /// The sandbox's preview tokens that are not revoked, oldest first.
+    pub async fn list_preview_tokens(
+        &self,
+        workspace_id: &str,
+        sandbox_id: &str,
+    ) -> Result<Vec<PreviewTokenRow>, ServerError> {
+        sqlx::query_as(
+            "SELECT id, sandbox_id, workspace_id, token_prefix, expires_at, revoked_at, created_at
+             FROM preview_tokens
+             WHERE workspace_id = ? AND sandbox_id = ? AND revoked_at IS NULL
+             ORDER BY created_at, id",
+        )
+        .bind(workspace_id)
+        .bind(sandbox_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("listing preview tokens"))
+    }
+
+    /// A preview token of the given workspace and sandbox, revoked ones included.
+    pub async fn get_preview_token(
+        &self,
+        workspace_id: &str,
+        sandbox_id: &str,
+        id: &str,
+    ) -> Result<Option<PreviewTokenRow>, ServerError> {
+        sqlx::query_as(
+            "SELECT id, sandbox_id, workspace_id, token_prefix, expires_at, revoked_at, created_at
+             FROM preview_tokens WHERE workspace_id = ? AND sandbox_id = ? AND id = ?",
+        )
+        .bind(workspace_id)
+        .bind(sandbox_id)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(q("reading a preview token"))
+    }
+
+    /// A preview token of the given sandbox by its hash. The sandbox (whose workspace the
+    /// caller compared) scopes the lookup: another sandbox's token is not found.
+    pub async fn preview_token_by_hash(
+        &self,
+        sandbox_id: &str,
+        hash: &str,
+    ) -> Result<Option<PreviewTokenRow>, ServerError> {
+        sqlx::query_as(
+            "SELECT id, sandbox_id, workspace_id, token_prefix, expires_at, revoked_at, created_at
+             FROM preview_tokens WHERE sandbox_id = ? AND token_hash = ?",
+        )
+        .bind(sandbox_id)
+        .bind(hash)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(q("looking up a preview token"))
+    }
+
+    pub async fn set_preview_token_expiry(
+        &self,
+        workspace_id: &str,
+        id: &str,
+        expires_at: Option<i64>,
+    ) -> Result<(), ServerError> {
+        sqlx::query("UPDATE preview_tokens SET expires_at = ? WHERE workspace_id = ? AND id = ?")
+            .bind(expires_at)
+            .bind(workspace_id)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("updating a preview token"))?;
+        Ok(())
+    }
+
+    pub async fn revoke_preview_token(
+        &self,
+        workspace_id: &str,
+        id: &str,
+        now: i64,
+    ) -> Result<(), ServerError> {
+        sqlx::query(
+            "UPDATE preview_tokens SET revoked_at = ? WHERE workspace_id = ? AND id = ? AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(workspace_id)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(q("revoking a preview token"))?;
         Ok(())
     }
 
@@ -598,7 +757,7 @@ impl Store {
         let row = sqlx::query(
             "UPDATE sandboxes SET workspace_id = ?, mode = ?, status = 'running', env = ?, metadata = ?,
                 egress = ?, timeout_ms = ?, idle_timeout_ms = ?, expires_at = ?, last_active_at = ?,
-                created_at = ?, updated_at = ?
+                created_at = ?, updated_at = ?, preview_privacy = ?
              WHERE id = (SELECT id FROM sandboxes WHERE status = 'pooled' AND template_id = ? AND size = ?
                          ORDER BY created_at LIMIT 1)
              RETURNING id",
@@ -614,6 +773,7 @@ impl Store {
         .bind(owner.last_active_at)
         .bind(owner.created_at)
         .bind(owner.updated_at)
+        .bind(&owner.preview_privacy)
         .bind(template_id)
         .bind(&owner.size)
         .fetch_optional(&self.pool)

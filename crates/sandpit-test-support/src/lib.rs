@@ -98,6 +98,10 @@ impl Drop for Reservation {
 
 /// A running server for one test.
 pub struct TestServer {
+    /// The reservation index: the pool is `10.213.<index>.0/24`, the prefix `t<index>`.
+    /// Tests that need more private addresses derive them from it, so that parallel test
+    /// processes never collide.
+    pub index: u32,
     pub url: String,
     pub token: String,
     pub prefix: String,
@@ -118,19 +122,30 @@ impl TestServer {
 
     /// Start with extra environment (e.g. `SANDPIT_UPLOAD_LIMIT`).
     pub async fn start_with(bin: &Path, env: &[(&str, &str)]) -> anyhow::Result<TestServer> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self::start_with_index_env(bin, |_| env).await
+    }
+
+    /// Start with extra environment computed from the reservation index (see
+    /// [`TestServer::index`]), for settings that name test-private addresses.
+    pub async fn start_with_index_env(
+        bin: &Path,
+        env: impl FnOnce(u32) -> Vec<(String, String)>,
+    ) -> anyhow::Result<TestServer> {
         let reservation = Reservation::take();
         let tmp = tempfile::Builder::new().prefix("sandpit-test-").tempdir()?;
         let mut server = TestServer {
+            index: reservation.index,
             url: String::new(),
             token: format!("sp_test_{}", std::process::id()),
             prefix: format!("t{}", reservation.index),
             pool: format!("10.213.{}.0/24", reservation.index),
             data_dir: tmp.path().join("data"),
             bin: bin.to_path_buf(),
-            extra_env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            extra_env: env(reservation.index),
             child: None,
             _tmp: tmp,
             _reservation: reservation,

@@ -9,7 +9,10 @@ use base64::Engine;
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use sandpit_sdk::Client;
-use sandpit_sdk::types::{CreateSandboxRequest, EgressPolicy, ExecEvent, ExecRequest, SandboxMode};
+use sandpit_sdk::types::{
+    CreateSandboxRequest, EgressPolicy, ExecEvent, ExecRequest, PreviewPrivacy, PreviewSettings,
+    PreviewTokenCreateRequest, SandboxMode, UpdateSandboxRequest,
+};
 
 #[derive(clap::Args)]
 pub struct Conn {
@@ -112,6 +115,40 @@ pub enum SandboxCommand {
         conn: Conn,
         id: String,
     },
+    /// Replace the egress policy, e.g. '{"mode":"deny_all","allow_cidrs":["10.0.0.0/8"]}'.
+    /// A running sandbox gets it at once; a suspended one on wake.
+    Egress {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        /// The policy as JSON.
+        policy: String,
+    },
+    /// List the TCP ports listening inside a sandbox, or wait for one to open.
+    Ports {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        /// Wait until this port listens (exit code 1 if it does not in time).
+        #[arg(long)]
+        wait: Option<u16>,
+        /// How long --wait waits, e.g. 30s.
+        #[arg(long)]
+        timeout: Option<String>,
+    },
+    /// Show or change who may open the sandbox's previews
+    /// (http://<id>-<port>.<preview domain>).
+    Preview {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        /// public (anyone) or private (preview token needed).
+        #[arg(long)]
+        privacy: Option<String>,
+    },
+    /// Manage the preview tokens of a private sandbox.
+    #[command(subcommand)]
+    PreviewToken(PreviewTokenCommand),
     /// Wake a suspended sandbox.
     Wake {
         #[command(flatten)]
@@ -123,6 +160,32 @@ pub enum SandboxCommand {
         #[command(flatten)]
         conn: Conn,
         id: String,
+    },
+}
+
+#[derive(clap::Subcommand)]
+pub enum PreviewTokenCommand {
+    /// Create a token (printed once).
+    Create {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        /// RFC 3339 expiry, e.g. 2030-01-01T00:00:00Z (default: none).
+        #[arg(long)]
+        expires_at: Option<String>,
+    },
+    /// List the tokens (without secrets).
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+    },
+    /// Revoke a token.
+    Revoke {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        token_id: String,
     },
 }
 
@@ -188,6 +251,61 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<u8> {
         }
         SandboxCommand::Get { conn, id } => print_json(&conn.client()?.get_sandbox(&id).await?)?,
         SandboxCommand::Destroy { conn, id } => conn.client()?.destroy_sandbox(&id).await?,
+        SandboxCommand::Egress { conn, id, policy } => {
+            let policy: EgressPolicy =
+                serde_json::from_str(&policy).context("the policy is not valid JSON")?;
+            print_json(&conn.client()?.set_egress(&id, &policy).await?)?
+        }
+        SandboxCommand::Ports {
+            conn,
+            id,
+            wait,
+            timeout,
+        } => {
+            let client = conn.client()?;
+            match wait {
+                None => print_json(&client.list_ports(&id).await?)?,
+                Some(port) => match client.wait_port(&id, port, timeout.as_deref()).await {
+                    Ok(ports) => print_json(&ports)?,
+                    Err(e) if e.code() == Some("port_wait_timeout") => {
+                        eprintln!("sandpit: {e}");
+                        return Ok(1);
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+            }
+        }
+        SandboxCommand::Preview { conn, id, privacy } => {
+            let client = conn.client()?;
+            let sandbox = match privacy {
+                None => client.get_sandbox(&id).await?,
+                Some(p) => {
+                    let privacy = PreviewPrivacy::parse(&p)
+                        .with_context(|| format!("--privacy is public or private, not {p:?}"))?;
+                    let req = UpdateSandboxRequest {
+                        preview: Some(PreviewSettings { privacy }),
+                    };
+                    client.update_sandbox(&id, &req).await?
+                }
+            };
+            print_json(&sandbox.preview)?
+        }
+        SandboxCommand::PreviewToken(cmd) => match cmd {
+            PreviewTokenCommand::Create {
+                conn,
+                id,
+                expires_at,
+            } => {
+                let req = PreviewTokenCreateRequest { expires_at };
+                print_json(&conn.client()?.create_preview_token(&id, &req).await?)?
+            }
+            PreviewTokenCommand::List { conn, id } => {
+                print_json(&conn.client()?.list_preview_tokens(&id).await?)?
+            }
+            PreviewTokenCommand::Revoke { conn, id, token_id } => {
+                conn.client()?.revoke_preview_token(&id, &token_id).await?
+            }
+        },
         SandboxCommand::Wake { conn, id } => print_json(&conn.client()?.wake(&id).await?)?,
         SandboxCommand::Hibernate { conn, id } => {
             print_json(&conn.client()?.hibernate(&id).await?)?

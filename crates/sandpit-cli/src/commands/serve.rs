@@ -39,6 +39,15 @@ pub struct ServeArgs {
     /// How often expired and idle sandboxes are looked for, e.g. 1s.
     #[arg(long, env = "SANDPIT_REAPER_INTERVAL", default_value = "1s")]
     reaper_interval: String,
+    /// Nameservers for sandboxes' /etc/resolv.conf, comma-separated IPv4 addresses
+    /// (default: the host's, loopback ones excluded; queries follow each sandbox's egress
+    /// policy).
+    #[arg(long, env = "SANDPIT_DNS", value_delimiter = ',')]
+    dns: Option<Vec<std::net::Ipv4Addr>>,
+    /// Previews are served at http://<sandbox id>-<port>.<preview domain> on this listener
+    /// (the names must resolve to this server: *.localhost does in browsers).
+    #[arg(long, env = "SANDPIT_PREVIEW_DOMAIN", default_value = "localhost")]
+    preview_domain: String,
     /// Admin token to create on first start (otherwise one is generated and printed once).
     #[arg(long, env = "SANDPIT_BOOTSTRAP_TOKEN", hide_env_values = true)]
     bootstrap_token: Option<String>,
@@ -88,6 +97,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     cfg.upload_limit = args.upload_limit;
     cfg.reaper_interval = reaper_interval;
     cfg.warm_pool = args.warm_pool;
+    cfg.dns = args.dns;
+    cfg.preview_domain = args.preview_domain;
     let (server, token) = Server::start(cfg, args.bootstrap_token.as_deref())
         .await
         .map_err(|e| anyhow::anyhow!("{}", sandpit_server::error::DisplayChain(&e)))
@@ -101,26 +112,32 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
+    let local = listener.local_addr()?;
+    // Without TCP_NODELAY a streamed response (headers, then body: every preview response)
+    // waits for the client's delayed ACK: +40 ms per request.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     tracing::info!(listen = %args.listen, data_dir = %args.data_dir.display(), "sandpit serving");
-    println!("listening on http://{}", listener.local_addr()?);
+    println!("listening on http://{local}");
     let shutdown = server.shutdown.clone();
     let app = sandpit_server::app(server.clone());
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            tracing::info!(
-                "shutting down; sandboxes keep running and are adopted on the next start"
-            );
-            shutdown.cancel();
-        })
-        .await
-        .context("serving")?;
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down; sandboxes keep running and are adopted on the next start");
+        shutdown.cancel();
+    })
+    .await
+    .context("serving")?;
     let _ = reaper.await;
     let _ = refill.await;
     Ok(())

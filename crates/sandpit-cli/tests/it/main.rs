@@ -4,8 +4,10 @@
 
 mod api;
 mod crash;
+mod egress;
 mod fork;
 mod lifecycle;
+mod previews;
 mod security;
 mod soak;
 
@@ -49,7 +51,7 @@ pub async fn sh(client: &Client, id: &str, command: &str) -> ExecResponse {
             },
         )
         .await
-        .unwrap_or_else(|e| panic!("exec {command:?}: {e}"))
+        .unwrap_or_else(|e| panic!("exec {command:?}: {e:?}"))
 }
 
 /// Assert an API error's status and code.
@@ -87,5 +89,4 @@ pub async fn counter(client: &Client, id: &str) -> u64 {
 }
 
 /// Start a process that counts in memory and writes each value to /tmp/count.
-pub const COUNTER: &str =
-    "i=0; (while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done) > /dev/null 2>&1 &";
+pub const COUNTER: &str = "i=0; (while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done) > /dev/null 2>&1 &";

@@ -24,7 +24,7 @@ const CPU_MILLIS: u32 = 500;
 /// loop restarts nc, which dies of EINTR after a restore) and counts ten times a second.
 const INIT: &str = "[ -f /tmp/count ] && cp /tmp/count /tmp/prev_boot; \
     (while true; do nc -l -p 8080 -e echo hello; done) & \
-    i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done";
+    i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done";
 
 fn random() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();

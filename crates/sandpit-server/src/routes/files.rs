@@ -5,7 +5,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use sandpit_agent_proto as proto;
 use sandpit_api_types::{ErrorBody, FileEntry, FileList, PathQuery};
@@ -47,24 +47,35 @@ async fn upload(
     ApiQuery(q): ApiQuery<PathQuery>,
     headers: HeaderMap,
     body: Body,
-) -> Result<StatusCode, Response> {
-    // The body may be left unread when the upload is refused: tell the client not to reuse
-    // the connection, or its next request could meet the rest of this body.
-    let refuse = |e: ApiError| {
-        let mut resp = e.into_response();
-        resp.headers_mut().insert(
-            header::CONNECTION,
-            axum::http::HeaderValue::from_static("close"),
-        );
-        resp
-    };
-    auth.require("sandbox_edit_code").map_err(refuse)?;
-    let path = checked_path(&q.path).map_err(refuse)?;
+) -> Response {
+    match upload_file(&server, &auth, &id, &q.path, &headers, body).await {
+        Ok(status) => status.into_response(),
+        Err(e) => {
+            // The body may be partly unread, so this connection is closed after the answer:
+            // say so, or a client may reuse it for its next request and lose that one.
+            let mut resp = e.into_response();
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            resp
+        }
+    }
+}
+
+async fn upload_file(
+    server: &Arc<Server>,
+    auth: &Auth,
+    id: &str,
+    path: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<StatusCode, ApiError> {
+    auth.require("sandbox_edit_code")?;
+    let path = checked_path(path)?;
     if path == "/" {
-        return Err(refuse(ApiError::bad_request(
+        return Err(ApiError::bad_request(
             "invalid_path",
             "cannot write to the root directory",
-        )));
+        ));
     }
     let limit = server.cfg.upload_limit;
     let declared = headers
@@ -72,18 +83,16 @@ async fn upload(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
-        return Err(refuse(ApiError::bad_request(
+        return Err(ApiError::bad_request(
             "file_too_large",
             format!("file exceeds the upload limit of {limit} bytes"),
-        )));
+        ));
     }
-    let (agent, _guard, _) = lifecycle::running_agent(&server, &auth, &id)
-        .await
-        .map_err(refuse)?;
+    let (agent, _guard, _) = lifecycle::running_agent(server, auth, id).await?;
     agent
         .write_file(&path, body.into_data_stream(), limit)
         .await
-        .map_err(|f| refuse(agent_failure(f)))?;
+        .map_err(agent_failure)?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -2,6 +2,8 @@
 
 pub mod files;
 pub mod org;
+pub mod ports;
+pub mod previews;
 pub mod sandboxes;
 pub mod templates;
 
@@ -51,6 +53,8 @@ fn router() -> OpenApiRouter<Arc<Server>> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(sandboxes::router())
         .merge(files::router())
+        .merge(ports::router())
+        .merge(previews::router())
         .merge(templates::router())
         .merge(org::router())
 }
@@ -80,6 +84,12 @@ pub fn app(server: Arc<Server>) -> Router {
             "this route does not take that method",
         )
     })
+    // Preview hosts never reach the routes above (applied after the fallback, so it wraps
+    // every route and the fallback).
+    .layer(axum::middleware::from_fn_with_state(
+        server.clone(),
+        crate::preview::route_by_host,
+    ))
     .with_state(server)
 }
 

@@ -110,7 +110,7 @@ fn check_scopes(scopes: &[String]) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn parse_expiry(text: &str) -> Result<i64, ApiError> {
+pub(crate) fn parse_expiry(text: &str) -> Result<i64, ApiError> {
     let at = parse_rfc3339(text).ok_or_else(|| {
         ApiError::bad_request(
             "invalid_expires_at",

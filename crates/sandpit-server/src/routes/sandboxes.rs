@@ -13,9 +13,10 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use base64::Engine;
 use sandpit_agent_proto as proto;
 use sandpit_api_types::{
-    CreateSandboxRequest, DEFAULT_EXEC_TIMEOUT_SECS, ErrorBody, ExecEvent, ExecRequest,
-    ExecResponse, ForkRequest, ForkResponse, KeepaliveRequest, ListQuery, MAX_EXEC_TIMEOUT_SECS,
-    Sandbox, SandboxList, SandboxStatus, Snapshot, SnapshotList, parse_duration,
+    CreateSandboxRequest, DEFAULT_EXEC_TIMEOUT_SECS, EgressPolicy, ErrorBody, ExecEvent,
+    ExecRequest, ExecResponse, ForkRequest, ForkResponse, KeepaliveRequest, ListQuery,
+    MAX_EXEC_TIMEOUT_SECS, Sandbox, SandboxList, SandboxStatus, Snapshot, SnapshotList,
+    UpdateSandboxRequest, parse_duration,
 };
 use tokio::sync::mpsc;
 use utoipa_axum::router::OpenApiRouter;
@@ -34,8 +35,9 @@ const MAX_CAPTURE: usize = 16 << 20;
 pub fn router() -> OpenApiRouter<Arc<Server>> {
     OpenApiRouter::new()
         .routes(routes!(create_sandbox, list_sandboxes))
-        .routes(routes!(get_sandbox, destroy_sandbox))
+        .routes(routes!(get_sandbox, destroy_sandbox, update_sandbox))
         .routes(routes!(keepalive))
+        .routes(routes!(set_egress))
         .routes(routes!(wake))
         .routes(routes!(hibernate))
         .routes(routes!(shutdown))
@@ -111,6 +113,32 @@ async fn get_sandbox(
     Ok(Json(to_api(&row)))
 }
 
+/// Change a sandbox's settings: for now its preview privacy (`{"preview":{"privacy":"public"}}`).
+/// Omitted fields stay as they are.
+#[utoipa::path(patch, path = "/v1/sandboxes/{id}", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id")),
+    request_body = UpdateSandboxRequest,
+    responses(
+        (status = 200, description = "The updated sandbox", body = Sandbox),
+        (status = 400, description = "Invalid settings", body = ErrorBody),
+        (status = 403, description = "Sandbox belongs to another workspace", body = ErrorBody),
+        (status = 404, description = "Sandbox not found", body = ErrorBody),
+        (status = 409, description = "Sandbox destroyed or failed", body = ErrorBody),
+    ))]
+async fn update_sandbox(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<UpdateSandboxRequest>,
+) -> Result<Json<Sandbox>, ApiError> {
+    auth.require("vm_manage")?;
+    let row = match req.preview {
+        Some(preview) => lifecycle::set_preview(&server, &auth, &id, preview).await?,
+        None => lifecycle::get_for(&server, &auth, &id).await?,
+    };
+    Ok(Json(to_api(&row)))
+}
+
 /// Destroy a sandbox and everything it holds. Idempotent.
 #[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox id")),
@@ -147,6 +175,29 @@ async fn keepalive(
 ) -> Result<Json<Sandbox>, ApiError> {
     auth.require("vm_manage")?;
     let row = lifecycle::keepalive(&server, &auth, &id, &req.timeout).await?;
+    Ok(Json(to_api(&row)))
+}
+
+/// Replace the egress policy. A running sandbox gets it at once, without restart (open
+/// connections included: their next packet meets the new rules); a suspended one on wake.
+#[utoipa::path(put, path = "/v1/sandboxes/{id}/egress", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id")),
+    request_body = EgressPolicy,
+    responses(
+        (status = 200, description = "Policy stored (and applied if the sandbox runs)", body = Sandbox),
+        (status = 400, description = "Invalid egress policy", body = ErrorBody),
+        (status = 403, description = "Sandbox belongs to another workspace", body = ErrorBody),
+        (status = 404, description = "Sandbox not found", body = ErrorBody),
+        (status = 409, description = "Sandbox is destroyed or failed", body = ErrorBody),
+    ))]
+async fn set_egress(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(id): Path<String>,
+    ApiJson(policy): ApiJson<EgressPolicy>,
+) -> Result<Json<Sandbox>, ApiError> {
+    auth.require("vm_manage")?;
+    let row = lifecycle::set_egress(&server, &auth, &id, &policy).await?;
     Ok(Json(to_api(&row)))
 }
 

@@ -1,0 +1,903 @@
+//! Previews: requests for `http://<sandbox id>-<port>.<preview domain>` that reach the
+//! server's own listener are reverse-proxied to `<sandbox address>:<port>` (HTTP/1.1,
+//! WebSocket and other upgrades included); every other Host goes to the API.
+//!
+//! Private sandboxes need a preview token of that sandbox: query `preview_token` (answered
+//! with a redirect that stores it in the cookie and drops it from the URL), header
+//! `csb-preview-token`, or cookie `csb_preview_token`. The token never reaches the sandbox.
+//!
+//! A request to a suspended sandbox wakes it. Proxied connections do not hold the sandbox's
+//! lock (a long-lived WebSocket would block hibernation forever); instead every connection to
+//! a sandbox is registered in [`Previews`], and `lifecycle::suspend` cuts them all, with
+//! resets, before it checkpoints: gVisor refuses to checkpoint a sandbox holding a connected
+//! TCP endpoint, and a refused checkpoint kills the sandbox.
+//!
+//! Invariant: every socket to a sandbox is closed with a reset (`SO_LINGER` 0, never
+//! `shutdown`), like agent connections.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::TokioIo;
+use sandpit_api_types::{ErrorBody, ErrorDetail};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::hash_token;
+use crate::error::DisplayChain;
+use crate::server::Server;
+use crate::store::{SandboxRow, Store};
+use crate::util::now_ms;
+
+/// Query parameter carrying a preview token.
+pub const TOKEN_QUERY: &str = "preview_token";
+/// Header carrying a preview token.
+pub const TOKEN_HEADER: &str = "csb-preview-token";
+/// Cookie carrying a preview token.
+pub const TOKEN_COOKIE: &str = "csb_preview_token";
+
+/// How long connecting to a sandbox port may take (a closed port answers with a reset at
+/// once; this bounds a sandbox that does not answer at all).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `cut` waits for cancelled connections to be gone.
+const CUT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Preview traffic resets the idle clock at most this often per sandbox.
+const TOUCH_EVERY: Duration = Duration::from_secs(1);
+/// After one side of an upgraded connection ends, how long the other may still drain.
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// The sandbox and port a Host names: `<sb + 16 hex>-<port>.<domain>`, with or without a
+/// `:port` suffix, case-insensitive.
+pub fn parse_host(host: &str, domain: &str) -> Option<(String, u16)> {
+    if host.starts_with('[') {
+        return None;
+    }
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        Some(_) => return None,
+        None => host,
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    let label = name.strip_suffix(&domain)?.strip_suffix('.')?;
+    let (id, port) = label.rsplit_once('-')?;
+    let hex = id.strip_prefix("sb")?;
+    if hex.len() != 16 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let port: u16 = port.parse().ok().filter(|p| *p > 0)?;
+    Some((id.to_string(), port))
+}
+
+/// Live proxied connections per sandbox, so a suspend can cut them first.
+#[derive(Default)]
+pub struct Previews {
+    /// Per sandbox: the token that cancels its current connections, and how many are live.
+    /// The std mutex guards only the map.
+    conns: Mutex<HashMap<String, Generation>>,
+    /// Per sandbox: when preview traffic last reset its idle clock.
+    touched: Mutex<HashMap<String, Instant>>,
+}
+
+#[derive(Clone)]
+struct Generation {
+    cancel: CancellationToken,
+    live: Arc<watch::Sender<usize>>,
+}
+
+/// One registered connection (or a part of one: a clone counts separately). Holders stop
+/// when [`ConnGuard::cancelled`] fires and drop the guard once their socket is gone.
+pub struct ConnGuard {
+    gen_: Generation,
+}
+
+impl ConnGuard {
+    fn new(gen_: Generation) -> Self {
+        gen_.live.send_modify(|n| *n += 1);
+        ConnGuard { gen_ }
+    }
+
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.gen_.cancel.clone()
+    }
+}
+
+impl Clone for ConnGuard {
+    fn clone(&self) -> Self {
+        ConnGuard::new(self.gen_.clone())
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.gen_.live.send_modify(|n| *n -= 1);
+    }
+}
+
+impl Previews {
+    /// Register a connection to `sandbox`. Call with the sandbox's read lock held, so it
+    /// cannot race a suspend's [`Previews::cut`].
+    pub fn register(&self, sandbox: &str) -> ConnGuard {
+        let mut map = self.conns.lock().expect("preview map poisoned");
+        let gen_ = map
+            .entry(sandbox.to_string())
+            .or_insert_with(|| Generation {
+                cancel: CancellationToken::new(),
+                live: Arc::new(watch::channel(0).0),
+            })
+            .clone();
+        ConnGuard::new(gen_)
+    }
+
+    /// Cancel every proxied connection of `sandbox` and wait (at most [`CUT_TIMEOUT`]) until
+    /// their sockets are closed. Call with the sandbox's write lock held, so none starts
+    /// meanwhile. Returns how many were open.
+    pub async fn cut(&self, sandbox: &str) -> usize {
+        self.touched
+            .lock()
+            .expect("preview map poisoned")
+            .remove(sandbox);
+        let Some(gen_) = self
+            .conns
+            .lock()
+            .expect("preview map poisoned")
+            .remove(sandbox)
+        else {
+            return 0;
+        };
+        let open = *gen_.live.borrow();
+        gen_.cancel.cancel();
+        let mut rx = gen_.live.subscribe();
+        if tokio::time::timeout(CUT_TIMEOUT, rx.wait_for(|n| *n == 0))
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                sandbox,
+                left = *gen_.live.borrow(),
+                "preview connections outlived their cancellation"
+            );
+        }
+        if open > 0 {
+            tracing::info!(sandbox, open, "cut preview connections");
+        }
+        open
+    }
+
+    /// Record preview traffic as activity, at most once per [`TOUCH_EVERY`].
+    pub fn touch(&self, store: &Store, sandbox: &str) {
+        let now = Instant::now();
+        {
+            let mut touched = self.touched.lock().expect("preview map poisoned");
+            if touched
+                .get(sandbox)
+                .is_some_and(|t| now.duration_since(*t) < TOUCH_EVERY)
+            {
+                return;
+            }
+            touched.insert(sandbox.to_string(), now);
+        }
+        let store = store.clone();
+        let sandbox = sandbox.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = store.touch(&sandbox, now_ms()).await {
+                tracing::warn!(sandbox, error = %DisplayChain(&e), "recording preview activity");
+            }
+        });
+    }
+}
+
+/// Middleware: preview hosts go to the proxy, everything else to `next` (the API).
+pub async fn route_by_host(
+    State(server): State<Arc<Server>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let host = req.uri().host().map(str::to_string).or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+    });
+    match host
+        .as_deref()
+        .and_then(|h| parse_host(h, &server.cfg.preview_domain))
+    {
+        Some((id, port)) => proxy(server, req, &id, port).await,
+        None => next.run(req).await,
+    }
+}
+
+/// An error page: HTML for browsers, the API's JSON error body otherwise.
+fn page(html: bool, status: StatusCode, code: &str, message: &str) -> Response {
+    if html {
+        let esc = |s: &str| {
+            s.replace('&', "&amp;")
+                .replace('<', "&lt;")
+                .replace('>', "&gt;")
+        };
+        let body = format!(
+            "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{status}</title></head>\
+             <body style=\"font-family:sans-serif;max-width:40em;margin:4em auto\">\
+             <h1>{status}</h1><p>{}</p><p><code>{}</code></p></body></html>\n",
+            esc(message),
+            esc(code)
+        );
+        return (
+            status,
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            body,
+        )
+            .into_response();
+    }
+    let body = ErrorBody {
+        error: ErrorDetail {
+            code: code.to_string(),
+            message: message.to_string(),
+        },
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+fn wants_html(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/html"))
+}
+
+/// Split the preview token out of a query string: (token, the rest).
+fn split_query(query: Option<&str>) -> (Option<String>, String) {
+    let Some(query) = query else {
+        return (None, String::new());
+    };
+    let mut token = None;
+    let mut rest = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k == TOKEN_QUERY {
+            token = Some(v.to_string());
+        } else {
+            rest.push(pair);
+        }
+    }
+    (token, rest.join("&"))
+}
+
+/// The preview token from a cookie header, and the header without it.
+fn split_cookies(headers: &HeaderMap) -> (Option<String>, Option<String>) {
+    let mut token = None;
+    let mut rest = Vec::new();
+    for value in headers.get_all(header::COOKIE) {
+        let Ok(value) = value.to_str() else { continue };
+        for pair in value.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some((k, v)) if k.trim() == TOKEN_COOKIE => token = Some(v.trim().to_string()),
+                _ => rest.push(pair),
+            }
+        }
+    }
+    let rest = (!rest.is_empty()).then(|| rest.join("; "));
+    (token, rest)
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Remove hop-by-hop headers, including those the Connection header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect();
+    for name in HOP_BY_HOP
+        .iter()
+        .copied()
+        .chain(named.iter().map(String::as_str))
+    {
+        headers.remove(name);
+    }
+}
+
+fn upgrade_of(headers: &HeaderMap) -> Option<HeaderValue> {
+    let connection_upgrade = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|s| s.trim().eq_ignore_ascii_case("upgrade"));
+    connection_upgrade
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Why a preview request was refused: status, code, message.
+type Refusal = (StatusCode, &'static str, String);
+
+/// Check a preview token against the sandbox. Returns its expiry.
+async fn check_token(
+    server: &Server,
+    row: &SandboxRow,
+    token: &str,
+) -> Result<Option<i64>, Refusal> {
+    let unauthorized = |code, message: &str| (StatusCode::UNAUTHORIZED, code, message.to_string());
+    let found = server
+        .store
+        .preview_token_by_hash(&row.id, &hash_token(token))
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %DisplayChain(&e), "looking up a preview token");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal server error; see the server log".to_string(),
+            )
+        })?;
+    let Some(t) = found.filter(|t| t.workspace_id == row.workspace_id) else {
+        return Err(unauthorized(
+            "preview_token_invalid",
+            "this preview token is not valid for this sandbox",
+        ));
+    };
+    if t.revoked_at.is_some() {
+        return Err(unauthorized(
+            "preview_token_revoked",
+            "this preview token was revoked",
+        ));
+    }
+    if t.expires_at.is_some_and(|at| at <= now_ms()) {
+        return Err(unauthorized(
+            "preview_token_expired",
+            "this preview token has expired",
+        ));
+    }
+    Ok(t.expires_at)
+}
+
+async fn proxy(server: Arc<Server>, req: Request, id: &str, port: u16) -> Response {
+    let html = wants_html(req.headers());
+    let refuse = |(status, code, message): Refusal| page(html, status, code, &message);
+    let not_found = || {
+        refuse((
+            StatusCode::NOT_FOUND,
+            "preview_not_found",
+            format!("there is no preview {id}-{port}"),
+        ))
+    };
+    if port == sandpit_agent_proto::AGENT_PORT {
+        return not_found();
+    }
+    let row = match server.store.get_sandbox(id).await {
+        Ok(Some(row)) if !matches!(row.status.as_str(), "destroyed" | "failed") => row,
+        Ok(_) => return not_found(),
+        Err(e) => {
+            tracing::error!(error = %DisplayChain(&e), "preview: reading the sandbox");
+            return refuse((
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal server error; see the server log".into(),
+            ));
+        }
+    };
+
+    let (query_token, rest_query) = split_query(req.uri().query());
+    let header_token = req
+        .headers()
+        .get(TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let (cookie_token, other_cookies) = split_cookies(req.headers());
+    if row.preview_privacy != "public" {
+        let Some(token) = query_token
+            .clone()
+            .or(header_token)
+            .or(cookie_token)
+            .filter(|t| !t.is_empty())
+        else {
+            return refuse((
+                StatusCode::UNAUTHORIZED,
+                "preview_token_required",
+                format!(
+                    "this preview is private: add ?{TOKEN_QUERY}=<token> once (a cookie keeps it), \
+                     or send the {TOKEN_HEADER} header"
+                ),
+            ));
+        };
+        let expires_at = match check_token(&server, &row, &token).await {
+            Ok(e) => e,
+            Err(r) => return refuse(r),
+        };
+        if query_token.is_some() {
+            // Keep the token in a cookie and out of the address bar, history and logs.
+            let location = if rest_query.is_empty() {
+                req.uri().path().to_string()
+            } else {
+                format!("{}?{rest_query}", req.uri().path())
+            };
+            let mut cookie = format!("{TOKEN_COOKIE}={token}; Path=/; HttpOnly; SameSite=Lax");
+            if let Some(at) = expires_at {
+                cookie.push_str(&format!("; Max-Age={}", ((at - now_ms()) / 1000).max(1)));
+            }
+            let mut resp = StatusCode::TEMPORARY_REDIRECT.into_response();
+            let h = resp.headers_mut();
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                h.insert(header::LOCATION, v);
+            }
+            if let Ok(v) = HeaderValue::from_str(&cookie) {
+                h.insert(header::SET_COOKIE, v);
+            }
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            return resp;
+        }
+    }
+    server.previews.touch(&server.store, id);
+
+    let (stream, guard) = match connect(&server, id, port).await {
+        Ok(c) => c,
+        Err(r) => return refuse(r),
+    };
+    match forward(&server, req, id, stream, guard, &rest_query, other_cookies).await {
+        Ok(resp) => resp,
+        Err(r) => refuse(r),
+    }
+}
+
+/// Connect to the sandbox's port, waking the sandbox if it is suspended. The connection is
+/// registered (under the sandbox's read lock, so no suspend runs in between) and set to
+/// close with a reset.
+async fn connect(
+    server: &Arc<Server>,
+    id: &str,
+    port: u16,
+) -> Result<(TcpStream, ConnGuard), Refusal> {
+    let internal = |e: &dyn std::error::Error| {
+        tracing::error!(sandbox = id, error = %DisplayChain(e), "preview");
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal server error; see the server log".to_string(),
+        )
+    };
+    for _ in 0..3 {
+        let row = match server.store.get_sandbox(id).await {
+            Ok(Some(row)) => row,
+            Ok(None) => break,
+            Err(e) => return Err(internal(&e)),
+        };
+        match row.status.as_str() {
+            "running" => {
+                let lock = server.lock_of(id);
+                let _read = lock.read().await;
+                let row = match server.store.get_sandbox(id).await {
+                    Ok(Some(row)) if row.status == "running" => row,
+                    Ok(_) => continue,
+                    Err(e) => return Err(internal(&e)),
+                };
+                let Some(slot) = row.slot else {
+                    break;
+                };
+                let ip = server.net.addrs(slot as u32).sandbox_ip;
+                let guard = server.previews.register(id);
+                let connected =
+                    tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((ip, port))).await;
+                return match connected {
+                    Ok(Ok(stream)) => {
+                        // From here on, dropping the stream resets it (see the module docs).
+                        let _ = stream.set_zero_linger();
+                        let _ = stream.set_nodelay(true);
+                        Ok((stream, guard))
+                    }
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Err((
+                        StatusCode::BAD_GATEWAY,
+                        "port_not_open",
+                        format!(
+                            "nothing listens on port {port} in sandbox {id} (a server must listen \
+                             on 0.0.0.0 or ::, not only on 127.0.0.1)"
+                        ),
+                    )),
+                    Ok(Err(e)) => Err((
+                        StatusCode::BAD_GATEWAY,
+                        "upstream_unreachable",
+                        format!("connecting to port {port} of sandbox {id}: {e}"),
+                    )),
+                    Err(_) => Err((
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream_timeout",
+                        format!("port {port} of sandbox {id} did not answer"),
+                    )),
+                };
+            }
+            "suspended" => {
+                if let Err(e) = crate::lifecycle::wake(server, id).await {
+                    tracing::warn!(sandbox = id, code = e.code, message = %e.message, "preview: wake failed");
+                    return Err((
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "sandbox_unavailable",
+                        format!("sandbox {id} could not be woken: {}", e.message),
+                    ));
+                }
+            }
+            "creating" => {
+                return Err((
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "sandbox_starting",
+                    format!("sandbox {id} is still starting; retry in a moment"),
+                ));
+            }
+            _ => break,
+        }
+    }
+    Err((
+        StatusCode::NOT_FOUND,
+        "preview_not_found",
+        format!("there is no preview {id}-{port}"),
+    ))
+}
+
+/// Send the request over `stream` and relay the response; for an accepted upgrade, relay
+/// bytes both ways until either side closes or the sandbox is suspended.
+async fn forward(
+    server: &Arc<Server>,
+    req: Request,
+    id: &str,
+    stream: TcpStream,
+    guard: ConnGuard,
+    query: &str,
+    cookies: Option<String>,
+) -> Result<Response, Refusal> {
+    let bad_gateway = |what: &str, e: &dyn std::error::Error| {
+        tracing::info!(sandbox = id, error = %DisplayChain(e), "preview: {what}");
+        (
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            format!("the sandbox's server failed: {what}"),
+        )
+    };
+    let (mut parts, body) = req.into_parts();
+    let upgrade = upgrade_of(&parts.headers);
+    let client_upgrade = upgrade
+        .as_ref()
+        .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+
+    let mut headers = std::mem::take(&mut parts.headers);
+    strip_hop_by_hop(&mut headers);
+    headers.remove(TOKEN_HEADER);
+    headers.remove(header::COOKIE);
+    if let Some(c) = cookies.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        headers.insert(header::COOKIE, c);
+    }
+    if let Some(proto) = &upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, proto.clone());
+    }
+    // HTTP/2 clients name the host in the URI only; HTTP/1.1 needs the header.
+    if !headers.contains_key(header::HOST)
+        && let Some(v) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        headers.insert(header::HOST, v);
+    }
+    if let Some(host) = headers.get(header::HOST).cloned() {
+        headers.insert("x-forwarded-host", host);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if let Some(ip) = peer {
+        let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, {ip}"),
+            None => ip.to_string(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert("x-forwarded-for", v);
+        }
+    }
+    let path = if query.is_empty() {
+        parts.uri.path().to_string()
+    } else {
+        format!("{}?{query}", parts.uri.path())
+    };
+    let mut upstream_req = axum::http::Request::new(body);
+    *upstream_req.method_mut() = parts.method.clone();
+    *upstream_req.uri_mut() = path
+        .parse()
+        .map_err(|e: axum::http::uri::InvalidUri| bad_gateway("building the request", &e))?;
+    *upstream_req.headers_mut() = headers;
+
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(ResetStream(stream)))
+            .await
+            .map_err(|e| bad_gateway("handshake", &e))?;
+    let cancel = guard.cancel_token();
+    let conn_guard = guard.clone();
+    tokio::spawn(async move {
+        let _guard = conn_guard;
+        tokio::select! {
+            _ = conn.with_upgrades() => {}
+            _ = cancel.cancelled() => {}
+        }
+    });
+    let mut resp = sender
+        .send_request(upstream_req)
+        .await
+        .map_err(|e| bad_gateway("sending the request", &e))?;
+    drop(sender);
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client_upgrade) = client_upgrade else {
+            return Err((
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                "the sandbox's server switched protocols unasked".into(),
+            ));
+        };
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        let server = server.clone();
+        let id = id.to_string();
+        let cancel = guard.cancel_token();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let both = async { tokio::try_join!(client_upgrade, upstream_upgrade) };
+            let (client, upstream) = tokio::select! {
+                r = both => match r {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        tracing::info!(sandbox = %id, error = %e, "preview: upgrade failed");
+                        return;
+                    }
+                },
+                _ = cancel.cancelled() => return,
+            };
+            relay(
+                &server,
+                &id,
+                TokioIo::new(client),
+                TokioIo::new(upstream),
+                cancel,
+            )
+            .await;
+        });
+        let (parts, _) = resp.into_parts();
+        return Ok(Response::from_parts(parts, Body::empty()));
+    }
+    drop(guard);
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// Copy bytes both ways until one side ends (the other then gets [`DRAIN`] to finish) or
+/// `cancel` fires. Traffic counts as activity.
+async fn relay<C, U>(server: &Server, id: &str, client: C, upstream: U, cancel: CancellationToken)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut ur, mut uw) = tokio::io::split(upstream);
+    let touch = || server.previews.touch(&server.store, id);
+    let up = copy(&mut cr, &mut uw, touch);
+    let down = async {
+        copy(&mut ur, &mut cw, touch).await;
+        let _ = cw.shutdown().await;
+    };
+    tokio::pin!(up, down);
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        _ = &mut up => {
+            tokio::select! {
+                _ = tokio::time::timeout(DRAIN, &mut down) => {}
+                _ = cancel.cancelled() => {}
+            }
+        }
+        _ = &mut down => {
+            tokio::select! {
+                _ = tokio::time::timeout(DRAIN, &mut up) => {}
+                _ = cancel.cancelled() => {}
+            }
+        }
+    }
+}
+
+/// Copy until end of stream or an error, calling `on_data` for every chunk.
+async fn copy<R, W>(r: &mut R, w: &mut W, on_data: impl Fn())
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if w.write_all(&buf[..n]).await.is_err() || w.flush().await.is_err() {
+                    return;
+                }
+                on_data();
+            }
+        }
+    }
+}
+
+/// A socket to a sandbox whose `shutdown` does nothing: it is only ever closed by dropping,
+/// which (with `SO_LINGER` 0) resets it, so no endpoint inside the sandbox is left closing.
+struct ResetStream(TcpStream);
+
+impl AsyncRead for ResetStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ResetStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "sb0123456789abcdef";
+
+    #[test]
+    fn parses_preview_hosts() {
+        let ok = Some((ID.to_string(), 8080));
+        assert_eq!(parse_host(&format!("{ID}-8080.localhost"), "localhost"), ok);
+        assert_eq!(
+            parse_host(&format!("{ID}-8080.localhost:7878"), "localhost"),
+            ok
+        );
+        assert_eq!(
+            parse_host("SB0123456789ABCDEF-8080.LocalHost.", "localhost"),
+            ok
+        );
+        assert_eq!(
+            parse_host(
+                &format!("{ID}-8080.preview.example.com"),
+                "preview.example.com"
+            ),
+            ok
+        );
+        for bad in [
+            "localhost:7878".to_string(),
+            "127.0.0.1:7878".to_string(),
+            "[::1]:7878".to_string(),
+            format!("{ID}-8080.localhost.evil"),
+            format!("x.{ID}-8080.localhost"),
+            format!("{ID}-0.localhost"),
+            format!("{ID}-65536.localhost"),
+            format!("{ID}-+80.localhost"),
+            format!("{ID}8080.localhost"),
+            "sb0123-8080.localhost".to_string(),
+            "sb0123456789abcdeg-8080.localhost".to_string(),
+            format!("{ID}-8080.localhost:x"),
+            format!("{ID}-8080localhost"),
+        ] {
+            assert_eq!(parse_host(&bad, "localhost"), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn takes_the_token_out_of_queries_and_cookies() {
+        assert_eq!(
+            split_query(Some("a=1&preview_token=spp_x&b=2")),
+            (Some("spp_x".into()), "a=1&b=2".into())
+        );
+        assert_eq!(split_query(Some("a=1")), (None, "a=1".into()));
+        assert_eq!(split_query(None), (None, String::new()));
+        let mut h = HeaderMap::new();
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; csb_preview_token=spp_y"),
+        );
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        assert_eq!(
+            split_cookies(&h),
+            (Some("spp_y".into()), Some("a=1; b=2".into()))
+        );
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("csb_preview_token=t"),
+        );
+        assert_eq!(split_cookies(&h), (Some("t".into()), None));
+    }
+
+    #[test]
+    fn strips_hop_by_hop_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key(header::CONTENT_TYPE));
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert_eq!(upgrade_of(&h).unwrap(), "websocket");
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        assert!(upgrade_of(&h).is_none());
+    }
+
+    #[tokio::test]
+    async fn cut_waits_for_registered_connections() {
+        let p = Previews::default();
+        assert_eq!(p.cut("sbx").await, 0);
+        let g = p.register("sbx");
+        let g2 = g.clone();
+        let token = g.cancel_token();
+        let holder = tokio::spawn(async move {
+            token.cancelled().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(g);
+            drop(g2);
+        });
+        let started = Instant::now();
+        assert_eq!(p.cut("sbx").await, 2);
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        holder.await.unwrap();
+        // A new registration after the cut is not cancelled.
+        assert!(!p.register("sbx").cancel_token().is_cancelled());
+    }
+}
