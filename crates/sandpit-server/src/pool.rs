@@ -53,32 +53,20 @@ pub async fn take(
             "pooled sandbox {id} has no slot"
         ))),
     };
-    if let Err(e) = applied {
-        // Never hand out a sandbox whose policy is not the owner's.
+    // Never hand out a sandbox whose policy or resolver is not the owner's.
+    let ready = match applied {
+        Ok(()) => crate::lifecycle::write_resolv_conf(server, &row)
+            .await
+            .map_err(|e| ("writing resolv.conf", e)),
+        Err(e) => Err(("applying the egress policy", e)),
+    };
+    if let Err((what, e)) = ready {
         server
             .teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
             .await;
         server
             .store
-            .mark_failed(
-                &row.id,
-                &format!("applying the egress policy: {}", DisplayChain(&e)),
-                now_ms(),
-            )
-            .await?;
-        return Err(e);
-    }
-    if let Err(e) = crate::lifecycle::write_resolv_conf(server, &row).await {
-        server
-            .teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
-            .await;
-        server
-            .store
-            .mark_failed(
-                &row.id,
-                &format!("writing resolv.conf: {}", DisplayChain(&e)),
-                now_ms(),
-            )
+            .mark_failed(&row.id, &format!("{what}: {}", DisplayChain(&e)), now_ms())
             .await?;
         return Err(e);
     }
