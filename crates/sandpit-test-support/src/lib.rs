@@ -289,6 +289,8 @@ pub struct Leaks {
     pub mounts: Vec<String>,
     pub sandbox_dirs: Vec<String>,
     pub processes: Vec<String>,
+    /// Per-sandbox nftables chains (`slot_<n>`) left in the server's table.
+    pub nft_chains: Vec<String>,
 }
 
 impl Leaks {
@@ -324,6 +326,9 @@ impl Leaks {
             sandbox_dirs: lines(sh(&format!("ls {data}/sandboxes 2>/dev/null || true"))),
             processes: lines(sh(&format!(
                 "pgrep -af 'runsc.*{data}/' | grep -v pgrep || true"
+            ))),
+            nft_chains: lines(sh(&format!(
+                "nft list table inet sandpit_{prefix} 2>/dev/null | grep -oE 'chain slot_[0-9]+' | cut -d' ' -f2 || true"
             ))),
         }
     }
