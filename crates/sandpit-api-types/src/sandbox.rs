@@ -386,6 +386,9 @@ pub struct Template {
     /// Sandboxes of this template booted and waiting in the warm pool.
     #[serde(default)]
     pub warm: u32,
+    /// Whether a boot snapshot is ready (creates restore it instead of booting).
+    #[serde(default)]
+    pub boot_snapshot: bool,
 }
 
 /// `POST /v1/sandboxes/{id}/fork`.

@@ -400,6 +400,26 @@ pub(crate) async fn write_resolv_conf(
         })
 }
 
+/// Start a new sandbox from its template: restore the template's boot snapshot when there is
+/// one (and they are enabled), otherwise boot cold.
+async fn boot_template(server: &Server, row: &SandboxRow) -> Result<(), ServerError> {
+    if server.cfg.boot_snapshots
+        && let Some(dir) = crate::templates::boot_snapshot(server, &row.template_name)
+    {
+        server
+            .runtime
+            .copy_files(&dir.join("files"), &server.state_dir(&row.id))
+            .await?;
+        match boot(server, row, Some(&dir.join("memory"))).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(sandbox = %row.id, error = %DisplayChain(&e), "restoring the template's boot snapshot failed; booting cold");
+            }
+        }
+    }
+    boot(server, row, None).await
+}
+
 /// `POST /v1/sandboxes`: validate, claim a slot, boot, wait for the agent.
 pub async fn create(
     server: &Arc<Server>,
@@ -418,7 +438,7 @@ pub async fn create(
     let started = std::time::Instant::now();
     let booted = match &snapshot {
         Some(snap) => crate::fork::boot_from_snapshot(server, &row, snap).await,
-        None => boot(server, &row, None).await,
+        None => boot_template(server, &row).await,
     };
     let booted = match booted {
         Ok(()) => write_resolv_conf(server, &row).await,

@@ -42,6 +42,8 @@ pub struct ServerConfig {
     pub default_idle_timeout: Duration,
     /// Booted, idle sandboxes of the base template kept ready for create (0 disables).
     pub warm_pool: u32,
+    /// Take a boot snapshot of the base template and start sandboxes by restoring it.
+    pub boot_snapshots: bool,
     /// Nameservers written into sandboxes' `/etc/resolv.conf`; `None`: the host's own,
     /// loopback ones excluded (see [`crate::dns`]).
     pub dns: Option<Vec<std::net::Ipv4Addr>>,
@@ -65,6 +67,7 @@ impl ServerConfig {
             default_timeout: Duration::from_secs(15 * 60),
             default_idle_timeout: Duration::from_secs(30 * 60),
             warm_pool: 2,
+            boot_snapshots: false,
             dns: None,
             preview_domain: "localhost".into(),
         }

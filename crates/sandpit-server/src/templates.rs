@@ -178,6 +178,93 @@ fn build_busybox_rootfs(dir: &Path, rootfs: &Path) -> Result<(), ServerError> {
     Ok(())
 }
 
+/// Where a template's boot snapshot lives: its writable layer (`files/upper`) and memory
+/// image (`memory/`) right after its agent answered. Keyed by the agent layer, so a new agent
+/// gets a new snapshot instead of restoring an old agent's memory.
+pub fn boot_snapshot_dir(server: &Server, template_name: &str) -> PathBuf {
+    let agent = server
+        .agent_layer
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    server
+        .cfg
+        .data_dir
+        .join("templates")
+        .join(template_name)
+        .join(format!("boot-snapshot-{agent}"))
+}
+
+/// The template's boot snapshot, if it has been taken.
+pub fn boot_snapshot(server: &Server, template_name: &str) -> Option<PathBuf> {
+    let dir = boot_snapshot_dir(server, template_name);
+    dir.join("memory/checkpoint.img").exists().then_some(dir)
+}
+
+/// Boot the base template once, wait for its agent, checkpoint it and keep its files and
+/// memory as the template's boot snapshot; creates then restore it instead of booting.
+/// Runs in the background at start; does nothing if the snapshot exists.
+pub async fn take_boot_snapshot(server: &std::sync::Arc<Server>) -> Result<(), ServerError> {
+    let final_dir = boot_snapshot_dir(server, BASE_TEMPLATE_NAME);
+    if boot_snapshot(server, BASE_TEMPLATE_NAME).is_some() {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let now = now_ms();
+    let id = crate::util::new_sandbox_id();
+    let mut row = crate::store::SandboxRow {
+        runtime_id: format!("{}-{}", server.cfg.prefix, id),
+        id,
+        workspace_id: crate::pool::POOL_WORKSPACE.into(),
+        template_id: BASE_TEMPLATE_ID.into(),
+        template_name: BASE_TEMPLATE_NAME.into(),
+        mode: "ephemeral".into(),
+        status: "creating".into(),
+        size: crate::pool::POOL_SIZE.into(),
+        env: "{}".into(),
+        metadata: "{}".into(),
+        egress: r#"{"mode":"deny_all"}"#.into(),
+        timeout_ms: None,
+        idle_timeout_ms: None,
+        expires_at: None,
+        last_active_at: now,
+        slot: None,
+        error: None,
+        created_at: now,
+        updated_at: now,
+        preview_privacy: "private".into(),
+    };
+    crate::lifecycle::insert_with_slot(server, &mut row).await?;
+    let tmp = final_dir.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    let taken = async {
+        crate::lifecycle::boot(server, &row, None).await?;
+        server
+            .runtime
+            .checkpoint(&row.runtime_id, &tmp.join("memory"))
+            .await?;
+        server
+            .runtime
+            .copy_files(&server.state_dir(&row.id), &tmp.join("files"))
+            .await?;
+        std::fs::rename(&tmp, &final_dir).map_err(io_err("publishing the boot snapshot"))
+    }
+    .await;
+    server
+        .teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
+        .await;
+    server.store.mark_destroyed(&row.id, now_ms()).await?;
+    if taken.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    taken?;
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "took the base template's boot snapshot"
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

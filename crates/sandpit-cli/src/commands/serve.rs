@@ -55,6 +55,11 @@ pub struct ServeArgs {
     /// instead of booting (0 disables).
     #[arg(long, env = "SANDPIT_WARM_POOL", default_value_t = 2)]
     warm_pool: u32,
+    /// Start sandboxes by restoring a memory snapshot of the booted template instead of
+    /// booting it. Off by default: for the busybox `base` template a cold boot is faster
+    /// (see bench/); it pays off for templates with slow start-up.
+    #[arg(long, env = "SANDPIT_BOOT_SNAPSHOTS")]
+    boot_snapshots: bool,
     /// Log as JSON lines.
     #[arg(long, env = "SANDPIT_LOG_JSON")]
     log_json: bool,
@@ -97,6 +102,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     cfg.upload_limit = args.upload_limit;
     cfg.reaper_interval = reaper_interval;
     cfg.warm_pool = args.warm_pool;
+    cfg.boot_snapshots = args.boot_snapshots;
     cfg.dns = args.dns;
     cfg.preview_domain = args.preview_domain;
     let (server, token) = Server::start(cfg, args.bootstrap_token.as_deref())
@@ -109,6 +115,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let reaper = server.spawn_reaper();
     let refill = sandpit_server::pool::spawn_refill(&server);
+    if server.cfg.boot_snapshots {
+        let s = server.clone();
+        tokio::spawn(async move {
+            if let Err(e) = sandpit_server::templates::take_boot_snapshot(&s).await {
+                tracing::error!(error = %sandpit_server::error::DisplayChain(&e), "taking the base template's boot snapshot; creates boot cold");
+            }
+        });
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;

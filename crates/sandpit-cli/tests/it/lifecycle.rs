@@ -198,3 +198,46 @@ async fn warm_pool_hands_out_fresh_sandboxes_rekeyed_for_their_owner() {
     let leaks = srv.leaks();
     assert_eq!(leaks.runsc.len(), 2, "only the pool is left: {leaks:?}");
 }
+
+#[tokio::test]
+async fn creates_restore_the_template_boot_snapshot_when_enabled() {
+    let srv = sandpit_test_support::TestServer::start_with(
+        crate::bin(),
+        &[("SANDPIT_BOOT_SNAPSHOTS", "true")],
+    )
+    .await
+    .unwrap();
+    let client = srv.client();
+    wait_until(Duration::from_secs(60), "the boot snapshot", || async {
+        let t = client.templates().await.ok()?;
+        t.into_iter()
+            .find(|t| t.name == "base" && t.boot_snapshot)
+            .map(|_| ())
+    })
+    .await
+    .unwrap();
+    let owner = |who: &str| CreateSandboxRequest {
+        template: "base".into(),
+        env: [("OWNER".to_string(), who.to_string())].into(),
+        ..Default::default()
+    };
+    let a = create(&client, owner("a")).await;
+    let b = create(&client, owner("b")).await;
+    assert_eq!(
+        sh(&client, &a.id, "echo $OWNER > /home/who; cat /home/who")
+            .await
+            .stdout,
+        "a\n"
+    );
+    assert_eq!(
+        sh(&client, &b.id, "echo $OWNER; ls /home").await.stdout,
+        "b\n",
+        "restored copies share nothing"
+    );
+    assert!(srv.log().contains("took the base template's boot snapshot"));
+    assert!(!srv.log().contains("booting cold"), "restores succeeded");
+    client.destroy_sandbox(&a.id).await.unwrap();
+    client.destroy_sandbox(&b.id).await.unwrap();
+    let leaks = srv.leaks();
+    assert!(leaks.is_empty(), "{leaks:?}");
+}

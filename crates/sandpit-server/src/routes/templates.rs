@@ -34,6 +34,8 @@ async fn list_templates(
         let warm = server.store.pooled_count(&t.id).await? as u32;
         templates.push(Template {
             warm,
+            boot_snapshot: server.cfg.boot_snapshots
+                && crate::templates::boot_snapshot(&server, &t.name).is_some(),
             id: t.id,
             name: t.name,
             description: t.description,
