@@ -485,8 +485,24 @@ pub async fn get_for(server: &Server, auth: &Auth, id: &str) -> Result<SandboxRo
 
 /// Destroy a sandbox: idempotent, works in every state.
 pub async fn destroy(server: &Arc<Server>, id: &str) -> Result<(), ApiError> {
-    let lock = server.lock_of(id);
-    let guard = lock.write().await;
+    let guard = server.lock_of(id).write_owned().await;
+    destroy_locked(server, id, guard).await
+}
+
+/// The reaper's destroy: skipped (until its next round) while an exec or file transfer holds
+/// the sandbox, so one busy sandbox never stalls the reaper.
+pub async fn destroy_if_free(server: &Arc<Server>, id: &str) -> Result<bool, ApiError> {
+    let Ok(guard) = server.lock_of(id).try_write_owned() else {
+        return Ok(false);
+    };
+    destroy_locked(server, id, guard).await.map(|()| true)
+}
+
+async fn destroy_locked(
+    server: &Arc<Server>,
+    id: &str,
+    guard: tokio::sync::OwnedRwLockWriteGuard<()>,
+) -> Result<(), ApiError> {
     let Some(row) = server.store.get_sandbox(id).await? else {
         return Ok(());
     };
@@ -553,7 +569,30 @@ pub async fn shutdown(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiE
 /// Save a running sandbox's memory to disk and stop it, freeing its RAM.
 pub async fn suspend(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiError> {
     let lock = server.lock_of(id);
-    let _guard = lock.write().await;
+    let guard = lock.write_owned().await;
+    suspend_locked(server, id, guard).await
+}
+
+/// The reaper's suspend: only if the sandbox is still idle and nothing holds it (a running
+/// exec or file transfer counts as activity). Returns whether it was suspended.
+pub async fn suspend_if_idle(server: &Arc<Server>, id: &str) -> Result<bool, ApiError> {
+    let Ok(guard) = server.lock_of(id).try_write_owned() else {
+        server.store.touch(id, now_ms()).await?;
+        return Ok(false);
+    };
+    let row = existing(server, id).await?;
+    let idle_for = now_ms() - row.last_active_at;
+    if row.status != "running" || row.idle_timeout_ms.is_none_or(|t| idle_for < t) {
+        return Ok(false);
+    }
+    suspend_locked(server, id, guard).await.map(|_| true)
+}
+
+async fn suspend_locked(
+    server: &Arc<Server>,
+    id: &str,
+    _guard: tokio::sync::OwnedRwLockWriteGuard<()>,
+) -> Result<SandboxRow, ApiError> {
     let row = existing(server, id).await?;
     match row.status.as_str() {
         "suspended" => return Ok(row),

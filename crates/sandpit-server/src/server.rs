@@ -341,9 +341,14 @@ impl Server {
                 match server.store.expired(now).await {
                     Ok(ids) => {
                         for id in ids {
-                            tracing::info!(sandbox = %id, "timeout passed: destroying");
-                            if let Err(e) = crate::lifecycle::destroy(&server, &id).await {
-                                tracing::error!(sandbox = %id, error = ?e, "reaper: destroy failed");
+                            match crate::lifecycle::destroy_if_free(&server, &id).await {
+                                Ok(true) => {
+                                    tracing::info!(sandbox = %id, "timeout passed: destroyed")
+                                }
+                                Ok(false) => {}
+                                Err(e) => {
+                                    tracing::error!(sandbox = %id, error = ?e, "reaper: destroy failed")
+                                }
                             }
                         }
                     }
@@ -354,9 +359,14 @@ impl Server {
                 match server.store.idle(now).await {
                     Ok(ids) => {
                         for id in ids {
-                            tracing::info!(sandbox = %id, "idle timeout passed: suspending");
-                            if let Err(e) = crate::lifecycle::suspend(&server, &id).await {
-                                tracing::error!(sandbox = %id, error = ?e, "reaper: suspend failed");
+                            match crate::lifecycle::suspend_if_idle(&server, &id).await {
+                                Ok(true) => {
+                                    tracing::info!(sandbox = %id, "idle timeout passed: suspended")
+                                }
+                                Ok(false) => {}
+                                Err(e) => {
+                                    tracing::error!(sandbox = %id, error = ?e, "reaper: suspend failed")
+                                }
                             }
                         }
                     }

@@ -241,3 +241,41 @@ async fn creates_restore_the_template_boot_snapshot_when_enabled() {
     let leaks = srv.leaks();
     assert!(leaks.is_empty(), "{leaks:?}");
 }
+
+/// What counts as activity: a command still running keeps a persistent sandbox awake past
+/// its idle timeout (the reaper skips it); once the sandbox is idle again it is suspended.
+#[tokio::test]
+async fn a_running_exec_keeps_a_persistent_sandbox_awake() {
+    let srv = server().await;
+    let client = srv.client();
+    let sb = create(
+        &client,
+        CreateSandboxRequest {
+            template: "base".into(),
+            mode: SandboxMode::Persistent,
+            idle_timeout: Some("1s".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let out = sh(&client, &sb.id, "sleep 3; echo done").await;
+    assert_eq!(
+        out.stdout, "done\n",
+        "the command ran to completion, uninterrupted"
+    );
+    assert_eq!(
+        client.get_sandbox(&sb.id).await.unwrap().status,
+        SandboxStatus::Running
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "idle suspend after the command",
+        || async {
+            (client.get_sandbox(&sb.id).await.ok()?.status == SandboxStatus::Suspended)
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    client.destroy_sandbox(&sb.id).await.unwrap();
+}
