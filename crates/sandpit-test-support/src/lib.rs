@@ -244,6 +244,12 @@ impl TestServer {
         }
     }
 
+    /// Set an environment variable for the next (re)start.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.extra_env.retain(|(k, _)| k != key);
+        self.extra_env.push((key.to_string(), value.to_string()));
+    }
+
     /// Start again on the same data directory.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill9();

@@ -184,3 +184,68 @@ async fn persistent_sandboxes_survive_a_simulated_host_reboot() {
     let leaks = srv.leaks();
     assert!(leaks.is_empty(), "{leaks:?}");
 }
+
+/// An upgrade: the server restarts with a different agent binary. A sandbox hibernated
+/// under the old agent wakes with its memory (the old agent keeps running in it and still
+/// speaks the protocol), and new sandboxes get the new agent.
+#[tokio::test]
+async fn a_hibernated_sandbox_wakes_after_an_agent_upgrade() {
+    let mut srv = server().await;
+    let client = srv.client();
+    let old = create(
+        &client,
+        CreateSandboxRequest {
+            template: "base".into(),
+            mode: SandboxMode::Persistent,
+            idle_timeout: Some("1h".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    sh(&client, &old.id, crate::COUNTER).await;
+    wait_until(Duration::from_secs(10), "the counter runs", || async {
+        (crate::counter(&client, &old.id).await >= 3).then_some(())
+    })
+    .await
+    .unwrap();
+    client.hibernate(&old.id).await.unwrap();
+
+    // "Upgrade": a different agent binary (same code, different bytes, so a new layer).
+    let upgraded = srv.data_dir.parent().unwrap().join("agent-upgraded");
+    let mut bytes = std::fs::read(sandpit_test_support::agent_bin()).unwrap();
+    bytes.extend_from_slice(b"sandpit-upgrade-marker");
+    std::fs::write(&upgraded, bytes).unwrap();
+    std::fs::set_permissions(
+        &upgraded,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    srv.set_env("SANDPIT_AGENT_BIN", upgraded.to_str().unwrap());
+    srv.restart().await.unwrap();
+    let client = srv.client();
+    assert_eq!(
+        std::fs::read_dir(srv.data_dir.join("agent"))
+            .unwrap()
+            .count(),
+        2,
+        "a second agent layer"
+    );
+
+    let c = crate::counter(&client, &old.id).await;
+    assert!(c >= 3, "memory kept: {c}");
+    wait_until(
+        Duration::from_secs(10),
+        "the old sandbox's counter continues",
+        || async { (crate::counter(&client, &old.id).await > c).then_some(()) },
+    )
+    .await
+    .unwrap();
+    let fresh = create(&client, base()).await;
+    let out = sh(&client, &fresh.id, "tail -c 22 /.sandpit/agent").await;
+    assert_eq!(
+        out.stdout, "sandpit-upgrade-marker",
+        "new sandboxes run the new agent"
+    );
+    client.destroy_sandbox(&old.id).await.unwrap();
+    client.destroy_sandbox(&fresh.id).await.unwrap();
+}
