@@ -342,6 +342,23 @@ pub(crate) async fn boot(
     row: &SandboxRow,
     image: Option<&std::path::Path>,
 ) -> Result<(), ServerError> {
+    match boot_once(server, row, image).await {
+        // Seen once under heavy load: a restore whose agent never answered over the
+        // namespace kept from before the suspend. The failed attempt removed the namespace;
+        // a second restore gets a fresh one.
+        Err(e) if image.is_some() => {
+            tracing::warn!(sandbox = %row.id, error = %DisplayChain(&e), "restore failed; retrying once with a rebuilt network");
+            boot_once(server, row, image).await
+        }
+        other => other,
+    }
+}
+
+async fn boot_once(
+    server: &Server,
+    row: &SandboxRow,
+    image: Option<&std::path::Path>,
+) -> Result<(), ServerError> {
     let spec = spec_for(server, row).await?;
     let slot = row.slot.expect("spec_for checked the slot") as u32;
     let rules = stored_rules(row)?;
