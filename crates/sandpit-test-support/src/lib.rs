@@ -90,6 +90,45 @@ impl Reservation {
     }
 }
 
+/// Clean up after test processes that were killed mid-run (a timeout, a cancelled CI job):
+/// their `TestServer` never ran its cleanup, so their sandboxes would run until the machine
+/// stops. Each test directory names its owner; for every one whose owner is dead, `sandpit
+/// cleanup` removes its sandboxes and network objects, then the directory goes.
+fn reap_abandoned_servers(bin: &Path) {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with("sandpit-test-")
+        {
+            continue;
+        }
+        let Ok(owner) = std::fs::read_to_string(entry.path().join("owner")) else {
+            continue;
+        };
+        let mut fields = owner.split_whitespace();
+        let (Some(pid), Some(prefix), Some(pool)) = (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let _ = Command::new(bin)
+            .args(["cleanup", "--yes"])
+            .env("SANDPIT_DATA_DIR", entry.path().join("data"))
+            .env("SANDPIT_PREFIX", prefix)
+            .env("SANDPIT_POOL", pool)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(entry.path());
+    }
+}
+
 impl Drop for Reservation {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.lock);
@@ -135,6 +174,7 @@ impl TestServer {
         bin: &Path,
         env: impl FnOnce(u32) -> Vec<(String, String)>,
     ) -> anyhow::Result<TestServer> {
+        reap_abandoned_servers(bin);
         let reservation = Reservation::take();
         let tmp = tempfile::Builder::new().prefix("sandpit-test-").tempdir()?;
         let mut server = TestServer {
@@ -150,6 +190,11 @@ impl TestServer {
             _tmp: tmp,
             _reservation: reservation,
         };
+        // Who owns this directory, for `reap_abandoned_servers` if this process is killed.
+        std::fs::write(
+            server._tmp.path().join("owner"),
+            format!("{} {} {}", std::process::id(), server.prefix, server.pool),
+        )?;
         server.spawn().await?;
         Ok(server)
     }
@@ -162,8 +207,12 @@ impl TestServer {
             .create(true)
             .append(true)
             .open(self._tmp.path().join("server.log"))?;
-        let mut cmd = Command::new(&self.bin);
-        cmd.arg("serve")
+        // The server dies with the test process (setpriv sets its parent-death signal), so a
+        // killed test leaves no server behind; its sandboxes are reaped by the next test.
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--pdeathsig", "KILL", "--"])
+            .arg(&self.bin)
+            .arg("serve")
             .env("SANDPIT_LISTEN", format!("127.0.0.1:{port}"))
             .env("SANDPIT_DATA_DIR", &self.data_dir)
             .env("SANDPIT_PREFIX", &self.prefix)
