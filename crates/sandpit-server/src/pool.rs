@@ -74,15 +74,12 @@ pub async fn take(
     Ok(Some(row))
 }
 
-/// Boot one sandbox into the pool.
-async fn fill_one(
-    server: &Arc<Server>,
-    template_id: &str,
-    template_name: &str,
-) -> Result<(), ServerError> {
+/// A row for a sandbox the server runs for itself (warm pool, template boot snapshot):
+/// owned by the system workspace, egress denied, not yet inserted.
+pub fn system_row(server: &Server, template_id: &str, template_name: &str) -> SandboxRow {
     let now = now_ms();
     let id = new_sandbox_id();
-    let mut row = SandboxRow {
+    SandboxRow {
         runtime_id: format!("{}-{}", server.cfg.prefix, id),
         id,
         workspace_id: POOL_WORKSPACE.into(),
@@ -103,7 +100,16 @@ async fn fill_one(
         created_at: now,
         updated_at: now,
         preview_privacy: "private".into(),
-    };
+    }
+}
+
+/// Boot one sandbox into the pool.
+async fn fill_one(
+    server: &Arc<Server>,
+    template_id: &str,
+    template_name: &str,
+) -> Result<(), ServerError> {
+    let mut row = system_row(server, template_id, template_name);
     let lock = server.lock_of(&row.id);
     let _guard = lock.write().await;
     insert_with_slot(server, &mut row).await?;

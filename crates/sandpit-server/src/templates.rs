@@ -210,30 +210,7 @@ pub async fn take_boot_snapshot(server: &std::sync::Arc<Server>) -> Result<(), S
         return Ok(());
     }
     let started = std::time::Instant::now();
-    let now = now_ms();
-    let id = crate::util::new_sandbox_id();
-    let mut row = crate::store::SandboxRow {
-        runtime_id: format!("{}-{}", server.cfg.prefix, id),
-        id,
-        workspace_id: crate::pool::POOL_WORKSPACE.into(),
-        template_id: BASE_TEMPLATE_ID.into(),
-        template_name: BASE_TEMPLATE_NAME.into(),
-        mode: "ephemeral".into(),
-        status: "creating".into(),
-        size: crate::pool::POOL_SIZE.into(),
-        env: "{}".into(),
-        metadata: "{}".into(),
-        egress: r#"{"mode":"deny_all"}"#.into(),
-        timeout_ms: None,
-        idle_timeout_ms: None,
-        expires_at: None,
-        last_active_at: now,
-        slot: None,
-        error: None,
-        created_at: now,
-        updated_at: now,
-        preview_privacy: "private".into(),
-    };
+    let mut row = crate::pool::system_row(server, BASE_TEMPLATE_ID, BASE_TEMPLATE_NAME);
     crate::lifecycle::insert_with_slot(server, &mut row).await?;
     let tmp = final_dir.with_extension("tmp");
     let _ = std::fs::remove_dir_all(&tmp);

@@ -399,6 +399,43 @@ async fn exec(
     }))
 }
 
+/// An exec output chunk as a stream event; `seq` numbers stdout and stderr together.
+fn output_event(item: ExecOutput, seq: &mut u64) -> ExecEvent {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    match item {
+        ExecOutput::Started(pid) => ExecEvent::Started { pid },
+        ExecOutput::Stdout(d) => {
+            *seq += 1;
+            ExecEvent::Stdout {
+                seq: *seq,
+                data: b64.encode(d),
+            }
+        }
+        ExecOutput::Stderr(d) => {
+            *seq += 1;
+            ExecEvent::Stderr {
+                seq: *seq,
+                data: b64.encode(d),
+            }
+        }
+    }
+}
+
+/// The SSE frame of an event; its event name equals its `type`.
+fn sse(ev: ExecEvent) -> Event {
+    let name = match &ev {
+        ExecEvent::Started { .. } => "started",
+        ExecEvent::Stdout { .. } => "stdout",
+        ExecEvent::Stderr { .. } => "stderr",
+        ExecEvent::Exit { .. } => "exit",
+        ExecEvent::Error { .. } => "error",
+    };
+    Event::default()
+        .event(name)
+        .json_data(&ev)
+        .expect("event serializes")
+}
+
 /// Run a command and stream its output as Server-Sent Events (`started`, `stdout`,
 /// `stderr`, `exit` or `error`). Closing the stream kills the command.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/exec/stream", tag = "sandboxes",
@@ -426,30 +463,11 @@ async fn exec_stream(
         let run = tokio::time::timeout(timeout + Duration::from_secs(10), agent.exec(req, tx));
         tokio::pin!(run);
         let mut seq = 0u64;
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let send = |ev: ExecEvent| {
-            let name = match &ev {
-                ExecEvent::Started { .. } => "started",
-                ExecEvent::Stdout { .. } => "stdout",
-                ExecEvent::Stderr { .. } => "stderr",
-                ExecEvent::Exit { .. } => "exit",
-                ExecEvent::Error { .. } => "error",
-            };
-            Event::default()
-                .event(name)
-                .json_data(&ev)
-                .expect("event serializes")
-        };
         let finished = loop {
             tokio::select! {
                 out = &mut run => break out,
                 Some(item) = rx.recv() => {
-                    let ev = match item {
-                        ExecOutput::Started(pid) => ExecEvent::Started { pid },
-                        ExecOutput::Stdout(d) => { seq += 1; ExecEvent::Stdout { seq, data: b64.encode(d) } }
-                        ExecOutput::Stderr(d) => { seq += 1; ExecEvent::Stderr { seq, data: b64.encode(d) } }
-                    };
-                    if events_tx.send(Ok(send(ev))).await.is_err() {
+                    if events_tx.send(Ok(sse(output_event(item, &mut seq)))).await.is_err() {
                         return; // client gone: dropping `run` resets the connection; the agent kills the command
                     }
                 }
@@ -457,24 +475,7 @@ async fn exec_stream(
         };
         // Output that arrived just before the exit frame.
         while let Ok(item) = rx.try_recv() {
-            let ev = match item {
-                ExecOutput::Started(pid) => ExecEvent::Started { pid },
-                ExecOutput::Stdout(d) => {
-                    seq += 1;
-                    ExecEvent::Stdout {
-                        seq,
-                        data: b64.encode(d),
-                    }
-                }
-                ExecOutput::Stderr(d) => {
-                    seq += 1;
-                    ExecEvent::Stderr {
-                        seq,
-                        data: b64.encode(d),
-                    }
-                }
-            };
-            let _ = events_tx.send(Ok(send(ev))).await;
+            let _ = events_tx.send(Ok(sse(output_event(item, &mut seq)))).await;
         }
         let last = match finished {
             Ok(Ok(s)) => ExecEvent::Exit {
@@ -494,7 +495,7 @@ async fn exec_stream(
                 message: "the agent stopped answering".into(),
             },
         };
-        let _ = events_tx.send(Ok(send(last))).await;
+        let _ = events_tx.send(Ok(sse(last))).await;
     });
     Ok(
         Sse::new(tokio_stream::wrappers::ReceiverStream::new(events_rx))
