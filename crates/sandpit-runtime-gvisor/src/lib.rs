@@ -1115,6 +1115,23 @@ impl Runtime for GvisorRuntime {
             .filter_map(|c| c["id"].as_str().map(str::to_string))
             .collect())
     }
+
+    async fn diagnose(&self, id: &str, state_dir: &Path) -> String {
+        let status = match self.status(id).await {
+            Ok(s) => format!("{s:?}"),
+            Err(e) => format!("unknown ({e})"),
+        };
+        let ps = match self.runsc(id, &["ps", "--format", "json", id]).await {
+            Ok(out) if out.success => out.stdout.trim().to_string(),
+            Ok(out) => format!("failed: {}", out.stderr.trim()),
+            Err(e) => format!("failed: {e}"),
+        };
+        let console = console_tail(&state_dir.join("console.log"), 0);
+        let console = console
+            .get(console.len().saturating_sub(1000)..)
+            .unwrap_or(&console);
+        format!("runtime status: {status}; processes: {ps}; console: {console}")
+    }
 }
 
 #[cfg(test)]

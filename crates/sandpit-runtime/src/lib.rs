@@ -143,4 +143,15 @@ pub trait Runtime: Send + Sync + 'static {
     /// Ids of every sandbox this backend instance holds (running or not), for reconciliation
     /// after a crash.
     async fn list(&self) -> Result<Vec<String>, RuntimeError>;
+
+    /// A short, human-readable account of a sandbox's state for an error report (is it
+    /// alive, what runs inside, its last console output). Never fails: what cannot be
+    /// read is said so.
+    async fn diagnose(&self, id: &str, state_dir: &Path) -> String {
+        let _ = state_dir;
+        match self.status(id).await {
+            Ok(s) => format!("runtime status: {s:?}"),
+            Err(e) => format!("runtime status unknown: {e}"),
+        }
+    }
 }

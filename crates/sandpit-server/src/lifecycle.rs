@@ -390,7 +390,14 @@ async fn boot_once(
             .map(|_| ()),
         Err(e) => Err(e.into()),
     };
-    if result.is_err() {
+    if let Err(e) = &result {
+        if matches!(e, ServerError::AgentTimeout { .. }) {
+            let state = server
+                .runtime
+                .diagnose(&row.runtime_id, &spec.state_dir)
+                .await;
+            tracing::warn!(sandbox = %row.id, restore = image.is_some(), %state, "the agent did not answer");
+        }
         let _ = server.runtime.stop(&row.runtime_id, &spec.state_dir).await;
         let _ = server.net.detach(slot).await;
     }
@@ -672,17 +679,32 @@ pub async fn wake(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiError
     let started = std::time::Instant::now();
     let image = server.checkpoint_dir(id);
     let has_image = image.join("checkpoint.img").exists();
+    let mut lost_memory = None;
     if let Err(e) = boot(server, &row, has_image.then_some(image.as_path())).await {
-        tracing::error!(sandbox = %id, error = %DisplayChain(&e), "wake failed");
-        return Err(e.into());
+        if !has_image {
+            tracing::error!(sandbox = %id, error = %DisplayChain(&e), "wake failed");
+            return Err(e.into());
+        }
+        // The memory image would not come back (twice). The files are intact: start the
+        // sandbox from them rather than leave it unusable, and say what was lost.
+        tracing::error!(sandbox = %id, error = %DisplayChain(&e), "restore failed; starting the sandbox from its files");
+        if let Err(e2) = boot(server, &row, None).await {
+            tracing::error!(sandbox = %id, error = %DisplayChain(&e2), "wake failed");
+            return Err(e2.into());
+        }
+        lost_memory = Some(format!(
+            "the memory snapshot could not be restored ({}); the sandbox was started from its files and its processes were lost",
+            DisplayChain(&e)
+        ));
     }
-    // The image is spent: keeping it would let a later crash restore stale memory over
-    // newer files.
     if has_image {
         let _ = std::fs::remove_dir_all(&image);
     }
     let now = now_ms();
-    server.store.set_status(id, "running", None, now).await?;
+    server
+        .store
+        .set_status(id, "running", lost_memory.as_deref(), now)
+        .await?;
     server.store.touch(id, now).await?;
     tracing::info!(sandbox = %id, elapsed_ms = started.elapsed().as_millis() as u64, restored = has_image, "woken");
     Ok(server.store.get_sandbox(id).await?.unwrap_or(row))

@@ -114,6 +114,34 @@ async fn persistent_sandbox_suspends_when_idle_and_wakes_with_memory_and_files()
     let after = crate::counter(&client, &id).await;
     assert!(after >= first, "{after} >= {first}");
 
+    // A memory image that will not restore (here: damaged on disk) does not leave the
+    // sandbox unusable: it starts from its files, and says that its processes were lost.
+    client.hibernate(&id).await.unwrap();
+    let image = srv
+        .data_dir
+        .join("checkpoints")
+        .join(&id)
+        .join("checkpoint.img");
+    std::fs::write(&image, b"not a memory image").unwrap();
+    let woken = client.wake(&id).await.unwrap();
+    assert_eq!(woken.status, SandboxStatus::Running);
+    let why = woken.error.unwrap_or_default();
+    assert!(
+        why.contains("memory snapshot could not be restored"),
+        "{why}"
+    );
+    let out = sh(
+        &client,
+        &id,
+        "cat /home/notes.txt; a=$(cat /tmp/count); sleep 0.5; b=$(cat /tmp/count); [ \"$a\" = \"$b\" ] && echo ' gone'",
+    )
+    .await;
+    assert_eq!(out.stdout, "kept across suspend gone\n", "{out:?}");
+    assert!(
+        !srv.data_dir.join("checkpoints").join(&id).exists(),
+        "the spent image is removed"
+    );
+
     // Shutdown: no memory kept; the next call boots afresh with the files.
     assert_eq!(
         client.shutdown(&id).await.unwrap().status,
