@@ -120,8 +120,12 @@ impl Tables {
     pub fn slot_rules(&self, slot: u32, rules: &EgressRules) -> Vec<String> {
         let t = format!("inet {}", self.table);
         let chain = Self::slot_chain(slot);
+        // The sandbox's own address: what a sandbox sends with any other source (it has raw
+        // sockets, for ping) is dropped, so it cannot pose as a neighbour.
+        let own = std::net::Ipv4Addr::from(u32::from(self.pool.network()) + 4 * slot + 2);
         let mut body = vec![
             "meta nfproto ipv6 drop".to_string(),
+            format!("ip saddr != {own} drop"),
             format!("ip daddr {LINK_LOCAL} goto deny"),
             format!("ip daddr {} goto deny", self.pool),
         ];
@@ -242,6 +246,7 @@ mod tests {
             r,
             vec![
                 "add rule inet sandpit_t1 slot_3 meta nfproto ipv6 drop",
+                "add rule inet sandpit_t1 slot_3 ip saddr != 10.88.0.14 drop",
                 "add rule inet sandpit_t1 slot_3 ip daddr 169.254.0.0/16 goto deny",
                 "add rule inet sandpit_t1 slot_3 ip daddr 10.88.0.0/16 goto deny",
                 "add rule inet sandpit_t1 slot_3 accept",

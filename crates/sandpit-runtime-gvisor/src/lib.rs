@@ -316,6 +316,10 @@ impl GvisorRuntime {
             format!("--root={}", self.cfg.root_dir.display()).into(),
             format!("--platform={}", self.cfg.platform).into(),
             "--overlay2=none".into(),
+            // ICMP (ping) needs raw sockets in gVisor's netstack. They stay inside it: what
+            // leaves the sandbox passes the slot's nftables chain, which drops spoofed
+            // sources.
+            "--net-raw".into(),
         ];
         if !network {
             a.push("--network=none".into());

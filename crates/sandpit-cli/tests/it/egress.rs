@@ -381,6 +381,14 @@ async fn tcp(client: &Client, id: &str, ip: Ipv4Addr, port: u16) -> Tcp {
     Tcp::Other(format!("{out:?}"))
 }
 
+/// Whether an ICMP echo from the sandbox (busybox `ping`, raw socket) to `ip` is answered.
+async fn ping(client: &Client, id: &str, ip: Ipv4Addr) -> bool {
+    sh(client, id, &format!("ping -c 1 -W 2 {ip}"))
+        .await
+        .exit_code
+        == 0
+}
+
 /// A DNS query over UDP from the sandbox (busybox `nslookup`, one try of one second) to
 /// `server:port`, or to the resolv.conf nameserver when `server` is `None`. Returns the
 /// address the answer holds.
@@ -486,6 +494,7 @@ async fn egress_policy_is_enforced_and_changes_live() {
     assert_eq!(dns(&client, &a, Some((t1, UDP_ALT))).await, Some(answer));
     assert_eq!(dns(&client, &a, None).await, Some(answer), "resolv.conf");
     assert!(target.udp(UDP_ALT) >= 1 && target.udp(DNS) >= 1);
+    assert!(ping(&client, &a, t1).await, "ICMP under allow_all");
 
     // ---- always blocked, even under allow_all ----
     // The metadata address: routed to a listener in the target namespace.
@@ -578,6 +587,7 @@ async fn egress_policy_is_enforced_and_changes_live() {
         (udp_before, dns_before),
         "UDP reached the target under deny_all"
     );
+    assert!(!ping(&client, &a, t1).await, "ICMP under deny_all");
 
     // ---- deny_all + allow_cidrs: that CIDR only (UDP included) ----
     let t1_cidr = format!("{t1}/32");
@@ -596,6 +606,11 @@ async fn egress_policy_is_enforced_and_changes_live() {
         Some(answer),
         "allowed resolver"
     );
+    assert!(ping(&client, &a, t1).await, "ICMP to an allowed CIDR");
+    assert!(
+        !ping(&client, &a, t2).await,
+        "ICMP outside the allowed CIDRs"
+    );
 
     // ---- allow_ports: only those TCP ports of the allowed CIDRs; no UDP ----
     client
@@ -613,6 +628,7 @@ async fn egress_policy_is_enforced_and_changes_live() {
     let dns_before = target.udp(DNS);
     assert_eq!(dns(&client, &a, None).await, None, "UDP with allow_ports");
     assert_eq!(target.udp(DNS), dns_before);
+    assert!(!ping(&client, &a, t1).await, "ICMP with allow_ports");
 
     // ---- deny_cidrs beat allow_cidrs, and apply under allow_all ----
     client
