@@ -6,7 +6,8 @@
 //! with a redirect that stores it in the cookie and drops it from the URL), header
 //! `csb-preview-token`, or cookie `csb_preview_token`. The token never reaches the sandbox.
 //!
-//! A request to a suspended sandbox wakes it. Proxied connections do not hold the sandbox's
+//! A request to a suspended sandbox wakes it (unless the server runs with `--preview-wake
+//! false`: 503 `sandbox_suspended`). Proxied connections do not hold the sandbox's
 //! lock (a long-lived WebSocket would block hibernation forever); instead every connection to
 //! a sandbox is registered in [`Previews`], and `lifecycle::suspend` cuts them all, with
 //! resets, before it checkpoints: gVisor refuses to checkpoint a sandbox holding a connected
@@ -534,6 +535,16 @@ async fn connect(
                         format!("port {port} of sandbox {id} did not answer"),
                     )),
                 };
+            }
+            "suspended" if !server.cfg.preview_wake => {
+                return Err((
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "sandbox_suspended",
+                    format!(
+                        "sandbox {id} is hibernated; wake it through the API \
+                         (previews do not wake sandboxes on this server)"
+                    ),
+                ));
             }
             "suspended" => {
                 if let Err(e) = crate::lifecycle::wake(server, id).await {

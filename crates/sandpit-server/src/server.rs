@@ -49,6 +49,8 @@ pub struct ServerConfig {
     pub dns: Option<Vec<std::net::Ipv4Addr>>,
     /// Previews are served at `<sandbox id>-<port>.<preview_domain>` (see [`crate::preview`]).
     pub preview_domain: String,
+    /// A preview request to a suspended sandbox wakes it; otherwise it gets 503.
+    pub preview_wake: bool,
 }
 
 impl ServerConfig {
@@ -70,6 +72,7 @@ impl ServerConfig {
             boot_snapshots: false,
             dns: None,
             preview_domain: "localhost".into(),
+            preview_wake: true,
         }
     }
 }

@@ -48,6 +48,10 @@ pub struct ServeArgs {
     /// (the names must resolve to this server: *.localhost does in browsers).
     #[arg(long, env = "SANDPIT_PREVIEW_DOMAIN", default_value = "localhost")]
     preview_domain: String,
+    /// Whether a preview request to a hibernated sandbox wakes it (`false`: such requests
+    /// get 503 `sandbox_suspended` until the sandbox is woken through the API).
+    #[arg(long, env = "SANDPIT_PREVIEW_WAKE", default_value_t = true, action = clap::ArgAction::Set)]
+    preview_wake: bool,
     /// Admin token to create on first start (otherwise one is generated and printed once).
     #[arg(long, env = "SANDPIT_BOOTSTRAP_TOKEN", hide_env_values = true)]
     bootstrap_token: Option<String>,
@@ -105,6 +109,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     cfg.boot_snapshots = args.boot_snapshots;
     cfg.dns = args.dns;
     cfg.preview_domain = args.preview_domain;
+    cfg.preview_wake = args.preview_wake;
     let (server, token) = Server::start(cfg, args.bootstrap_token.as_deref())
         .await
         .map_err(|e| anyhow::anyhow!("{}", sandpit_server::error::DisplayChain(&e)))

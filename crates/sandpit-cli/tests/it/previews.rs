@@ -606,3 +606,56 @@ async fn ports_and_previews_end_to_end() {
     let leaks = srv.leaks();
     assert!(leaks.is_empty(), "{leaks:?}");
 }
+
+/// With `--preview-wake false`, a preview request leaves a hibernated sandbox asleep (503
+/// `sandbox_suspended`) until the API wakes it.
+#[tokio::test]
+async fn previews_need_not_wake_sandboxes() {
+    let srv = TestServer::start_with(bin(), &[("SANDPIT_PREVIEW_WAKE", "false")])
+        .await
+        .unwrap();
+    let client = srv.client();
+    let sb = create(
+        &client,
+        CreateSandboxRequest {
+            template: "base".into(),
+            mode: SandboxMode::Persistent,
+            preview: Some(PreviewSettings {
+                privacy: PreviewPrivacy::Public,
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = sb.id;
+    sh(
+        &client,
+        &id,
+        "mkdir -p /www && echo awake > /www/index.html",
+    )
+    .await;
+    httpd(&client, &id, "8080", "/www").await;
+    client.wait_port(&id, 8080, Some("10s")).await.unwrap();
+    let http = preview_client(&srv, &id, &[8080]);
+    let get = || http.get(preview_url(&srv, &id, 8080, "/")).send();
+    assert_eq!(get().await.unwrap().status(), 200);
+
+    client.hibernate(&id).await.unwrap();
+    assert_eq!(
+        status_code(get().await.unwrap()).await,
+        (503, "sandbox_suspended".to_string())
+    );
+    assert_eq!(
+        client.get_sandbox(&id).await.unwrap().status,
+        SandboxStatus::Suspended,
+        "the preview request did not wake it"
+    );
+    client.wake(&id).await.unwrap();
+    let r = get().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "awake\n");
+
+    client.destroy_sandbox(&id).await.unwrap();
+    let leaks = srv.leaks();
+    assert!(leaks.is_empty(), "{leaks:?}");
+}
