@@ -265,7 +265,7 @@ async fn preview_get(
     client: &Client,
     id: &str,
     n: usize,
-) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+) -> anyhow::Result<PreviewFigures> {
     let setup = client
         .exec(
             id,
@@ -326,7 +326,62 @@ async fn preview_get(
             }
         }
     }
-    Ok((proxied, direct))
+    let secs = if n >= 50 { 5.0 } else { 2.0 };
+    let rps_proxied = requests_per_second(&http, &proxied_url, secs).await?;
+    let rps_direct = requests_per_second(&http, &direct_url, secs).await?;
+    Ok(PreviewFigures {
+        proxied,
+        direct,
+        rps_proxied,
+        rps_direct,
+    })
+}
+
+struct PreviewFigures {
+    proxied: Vec<Duration>,
+    direct: Vec<Duration>,
+    rps_proxied: f64,
+    rps_direct: f64,
+}
+
+/// Completed GETs per second of `url` with 16 clients for `secs` seconds.
+async fn requests_per_second(http: &reqwest::Client, url: &str, secs: f64) -> anyhow::Result<f64> {
+    let until = Instant::now() + Duration::from_secs_f64(secs);
+    let workers = (0..16).map(|_| async move {
+        let mut done = 0u64;
+        while Instant::now() < until {
+            http.get(url)
+                .send()
+                .await?
+                .error_for_status()?
+                .bytes()
+                .await?;
+            done += 1;
+        }
+        anyhow::Ok(done)
+    });
+    let mut total = 0;
+    for n in futures::future::join_all(workers).await {
+        total += n?;
+    }
+    Ok(total as f64 / secs)
+}
+
+/// `n` egress policy replacements on a running sandbox, alternating between two policies:
+/// the time until the API answers, by when the new rules are in force.
+async fn policy_updates(client: &Client, id: &str, n: usize) -> anyhow::Result<Vec<Duration>> {
+    let deny: sandpit_sdk::types::EgressPolicy = serde_json::from_value(
+        serde_json::json!({"mode": "deny_all", "allow_cidrs": ["192.0.2.0/24"]}),
+    )?;
+    let allow = sandpit_sdk::types::EgressPolicy::default();
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let policy = if i % 2 == 0 { &deny } else { &allow };
+        let t = Instant::now();
+        client.set_egress(id, policy).await?;
+        out.push(t.elapsed());
+    }
+    Ok(out)
 }
 
 fn print_table(rows: &[Row]) {
@@ -526,13 +581,28 @@ async fn main() -> anyhow::Result<()> {
     rows.push(row("fork 10 children", &fork10, None, "≤ 2 s"));
     // A small GET through the preview proxy vs straight to the sandbox's address (after the
     // hibernate rows: direct connections may leave endpoints a checkpoint refuses).
-    let (proxied, direct) = preview_get(&srv, &client, &sb.id, n_exec).await?;
+    let preview = preview_get(&srv, &client, &sb.id, n_exec).await?;
     rows.push(row(
         "preview GET (proxy, public)",
-        &proxied,
-        Some(("direct GET sandbox:8080", &direct)),
-        "",
+        &preview.proxied,
+        Some(("direct GET sandbox:8080", &preview.direct)),
+        "added p50 ≤ 1 ms",
     ));
+    let mut r = row(
+        "preview requests/s (16 clients)",
+        &[],
+        None,
+        "≥ 0.8× direct",
+    );
+    r.value = Some(preview.rps_proxied);
+    r.unit = Some(format!(
+        "req/s; direct {:.0} req/s ({:.2}×)",
+        preview.rps_direct,
+        preview.rps_proxied / preview.rps_direct
+    ));
+    rows.push(r);
+    let updates = policy_updates(&client, &sb.id, n_exec).await?;
+    rows.push(row("egress policy update (running)", &updates, None, ""));
     client.destroy_sandbox(&sb.id).await?;
 
     // 20 creates at once (empty pool): wall time of the batch.
