@@ -45,6 +45,12 @@ pub enum NetError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("reading {path}")]
     Read {
         path: PathBuf,

@@ -12,13 +12,16 @@
 //! never see them.
 
 mod cmd;
+pub mod domains;
 mod error;
 mod ipnet;
 pub mod rules;
+pub mod sniff;
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 pub use error::NetError;
 pub use ipnet::Ipv4Net;
@@ -38,6 +41,8 @@ pub struct NetConfig {
     pub prefix: String,
     /// Split into /30 slots. Default `10.88.0.0/16`.
     pub pool: Ipv4Net,
+    /// Where the domain filter resolves allowed names and forwards allowed queries.
+    pub nameservers: Vec<Ipv4Addr>,
 }
 
 impl Default for NetConfig {
@@ -48,6 +53,7 @@ impl Default for NetConfig {
                 addr: Ipv4Addr::new(10, 88, 0, 0),
                 prefix_len: 16,
             },
+            nameservers: Vec::new(),
         }
     }
 }
@@ -77,6 +83,8 @@ pub struct Network {
     cfg: NetConfig,
     tables: Tables,
     capacity: u32,
+    /// Started by [`Network::init`].
+    filter: Arc<OnceLock<Arc<domains::DomainFilter>>>,
 }
 
 /// Longest interface name Linux accepts (IFNAMSIZ - 1).
@@ -134,9 +142,11 @@ impl Network {
             cfg: NetConfig {
                 prefix: prefix.clone(),
                 pool,
+                nameservers: cfg.nameservers.clone(),
             },
             tables,
             capacity,
+            filter: Arc::default(),
         })
     }
 
@@ -188,7 +198,19 @@ impl Network {
                 key: key.into(),
                 source,
             })?;
-        nft_script(&self.tables.init_script()).await?;
+        let filter = match self.filter.get() {
+            Some(f) => f.clone(),
+            None => {
+                let f = domains::DomainFilter::start(self.cfg.pool, self.cfg.nameservers.clone())
+                    .await?;
+                self.filter.get_or_init(|| f).clone()
+            }
+        };
+        let ports = rules::FilterPorts {
+            tcp: filter.tcp_port,
+            dns: filter.dns_port,
+        };
+        nft_script(&self.tables.init_script(ports)).await?;
         tracing::debug!(table = %self.tables.table, "nftables table ready");
         Ok(())
     }
@@ -246,6 +268,7 @@ impl Network {
         rules: &EgressRules,
         done: &mut Done,
     ) -> Result<(), NetError> {
+        self.remember(slot, Some(rules))?;
         nft_script(&self.tables.attach_script(slot, &a.host_if, rules)).await?;
         done.nft = true;
         run("ip", &["netns", "add", &a.netns_name], None).await?;
@@ -302,6 +325,7 @@ impl Network {
     }
 
     async fn undo(&self, slot: u32, a: &SlotAddrs, done: &Done) {
+        let _ = self.remember(slot, None);
         if done.veth
             && let Err(e) = run("ip", &["link", "del", &a.host_if], None).await
         {
@@ -324,7 +348,9 @@ impl Network {
     pub async fn set_egress(&self, slot: u32, rules: &EgressRules) -> Result<(), NetError> {
         self.check_slot(slot)?;
         rules.validate()?;
-        match nft_script(&self.tables.replace_script(slot, rules)).await {
+        self.remember(slot, Some(rules))?;
+        let host_if = self.addrs(slot).host_if;
+        match nft_script(&self.tables.replace_script(slot, &host_if, rules)).await {
             Err(e) if stderr_contains(&e, "No such file or directory") => {
                 Err(NetError::NotAttached {
                     slot,
@@ -401,6 +427,7 @@ impl Network {
         if self.table_exists().await? {
             nft_script(&self.tables.detach_script(slot, &a.host_if)).await?;
         }
+        self.remember(slot, None)?;
         tracing::debug!(slot, "slot detached");
         Ok(())
     }
@@ -461,6 +488,21 @@ impl Network {
             }
         }
         first_err.map_or(Ok(()), Err)
+    }
+
+    /// Tells the domain filter the slot's rules (`None`: forget the slot).
+    fn remember(&self, slot: u32, rules: Option<&EgressRules>) -> Result<(), NetError> {
+        let addr = self.addrs(slot).sandbox_ip;
+        match self.filter.get() {
+            Some(f) => f.set(addr, rules),
+            None if rules.is_some_and(EgressRules::uses_domains) => {
+                return Err(NetError::NotInitialized {
+                    table: self.tables.table.clone(),
+                });
+            }
+            None => {}
+        }
+        Ok(())
     }
 
     fn check_slot(&self, slot: u32) -> Result<(), NetError> {
@@ -569,6 +611,7 @@ mod tests {
         Network::new(NetConfig {
             prefix: prefix.into(),
             pool: pool.parse().unwrap(),
+            nameservers: Vec::new(),
         })
     }
 

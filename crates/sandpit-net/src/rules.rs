@@ -33,6 +33,12 @@ pub struct EgressRules {
     pub deny_cidrs: Vec<Ipv4Net>,
     #[serde(default)]
     pub allow_ports: Vec<u16>,
+    /// Names (`example.com`) and wildcards (`*.example.com`) whose web traffic (TCP 80 and
+    /// 443, named by TLS SNI or HTTP `Host`) and DNS queries pass, checked on the connection
+    /// (see [`crate::domains`]). Without `allow_all` only; normalized by
+    /// [`crate::sniff::normalize_pattern`].
+    #[serde(default)]
+    pub allow_domains: Vec<String>,
 }
 
 impl EgressRules {
@@ -49,12 +55,19 @@ impl EgressRules {
         Self::default()
     }
 
-    /// Rejects port 0.
+    /// Rejects port 0 and domain patterns that are not normalized.
     pub fn validate(&self) -> Result<(), NetError> {
         if self.allow_ports.contains(&0) {
             return Err(NetError::InvalidRules {
                 reason: "port 0 in allow_ports".into(),
             });
+        }
+        for d in &self.allow_domains {
+            if crate::sniff::normalize_pattern(d).as_deref() != Ok(d.as_str()) {
+                return Err(NetError::InvalidRules {
+                    reason: format!("{d:?} is not a normalized domain pattern"),
+                });
+            }
         }
         Ok(())
     }
@@ -65,6 +78,13 @@ pub const LINK_LOCAL: Ipv4Net = Ipv4Net {
     addr: std::net::Ipv4Addr::new(169, 254, 0, 0),
     prefix_len: 16,
 };
+
+/// The host ports of the domain filter's listeners (see [`crate::domains`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FilterPorts {
+    pub tcp: u16,
+    pub dns: u16,
+}
 
 /// Names of the nft objects of one [`crate::Network`].
 #[derive(Debug, Clone)]
@@ -81,12 +101,14 @@ impl Tables {
 
     /// The idempotent script that creates the table, its set, map and base chains. Base chains
     /// are flushed and refilled in the same transaction, so running it again is harmless.
-    pub fn init_script(&self) -> String {
+    pub fn init_script(&self, filter: FilterPorts) -> String {
         let t = format!("inet {}", self.table);
         let pool = self.pool;
+        let FilterPorts { tcp, dns } = filter;
         [
             format!("add table {t}"),
             format!("add set {t} veths {{ type ifname; }}"),
+            format!("add set {t} domain_veths {{ type ifname; }}"),
             format!("add map {t} slots {{ type ifname : verdict; }}"),
             format!("add chain {t} deny"),
             format!("flush chain {t} deny"),
@@ -105,7 +127,21 @@ impl Tables {
             ),
             format!("flush chain {t} input"),
             format!("add rule {t} input iifname @veths ct state established,related accept"),
+            format!(
+                "add rule {t} input iifname @domain_veths ct status dnat tcp dport {tcp} accept"
+            ),
+            format!(
+                "add rule {t} input iifname @domain_veths ct status dnat udp dport {dns} accept"
+            ),
             format!("add rule {t} input iifname @veths goto deny"),
+            format!(
+                "add chain {t} prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}"
+            ),
+            format!("flush chain {t} prerouting"),
+            format!(
+                "add rule {t} prerouting iifname @domain_veths tcp dport {{ 80, 443 }} redirect to :{tcp}"
+            ),
+            format!("add rule {t} prerouting iifname @domain_veths udp dport 53 redirect to :{dns}"),
             format!(
                 "add chain {t} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}"
             ),
@@ -159,6 +195,19 @@ impl Tables {
             .collect()
     }
 
+    /// Puts the veth in or takes it out of the domain-filtered set (adding first, so the
+    /// delete never fails on a missing element).
+    fn domain_member(&self, host_if: &str, rules: Option<&EgressRules>) -> Vec<String> {
+        let t = format!("inet {}", self.table);
+        let mut lines = vec![format!("add element {t} domain_veths {{ \"{host_if}\" }}")];
+        if !rules.is_some_and(EgressRules::uses_domains) {
+            lines.push(format!(
+                "delete element {t} domain_veths {{ \"{host_if}\" }}"
+            ));
+        }
+        lines
+    }
+
     /// Creates the slot's chain with its rules and registers its veth: one transaction.
     pub fn attach_script(&self, slot: u32, host_if: &str, rules: &EgressRules) -> String {
         let t = format!("inet {}", self.table);
@@ -168,6 +217,7 @@ impl Tables {
             format!("flush chain {t} {chain}"),
         ];
         lines.extend(self.slot_rules(slot, rules));
+        lines.extend(self.domain_member(host_if, Some(rules)));
         lines.push(format!("add element {t} veths {{ \"{host_if}\" }}"));
         lines.push(format!(
             "add element {t} slots {{ \"{host_if}\" : goto {chain} }}"
@@ -177,11 +227,12 @@ impl Tables {
 
     /// Replaces the slot's rules: one transaction, so no packet sees a half-written policy.
     /// Fails if the chain does not exist.
-    pub fn replace_script(&self, slot: u32, rules: &EgressRules) -> String {
+    pub fn replace_script(&self, slot: u32, host_if: &str, rules: &EgressRules) -> String {
         let t = format!("inet {}", self.table);
         let chain = Self::slot_chain(slot);
         let mut lines = vec![format!("flush chain {t} {chain}")];
         lines.extend(self.slot_rules(slot, rules));
+        lines.extend(self.domain_member(host_if, Some(rules)));
         lines.join("\n") + "\n"
     }
 
@@ -194,6 +245,8 @@ impl Tables {
             format!("add chain {t} {chain}"),
             format!("add element {t} veths {{ \"{host_if}\" }}"),
             format!("add element {t} slots {{ \"{host_if}\" : goto {chain} }}"),
+            format!("add element {t} domain_veths {{ \"{host_if}\" }}"),
+            format!("delete element {t} domain_veths {{ \"{host_if}\" }}"),
             format!("delete element {t} slots {{ \"{host_if}\" }}"),
             format!("delete element {t} veths {{ \"{host_if}\" }}"),
             format!("flush chain {t} {chain}"),
@@ -271,6 +324,7 @@ mod tests {
             allow_cidrs: nets(&["10.0.0.0/8", "1.2.3.4"]),
             deny_cidrs: nets(&["10.1.0.0/16"]),
             allow_ports: vec![443, 80, 443],
+            allow_domains: Vec::new(),
         };
         let r = tables().slot_rules(7, &rules);
         let deny = r
@@ -331,8 +385,13 @@ mod tests {
     #[test]
     fn scripts() {
         let t = tables();
-        let init = t.init_script();
+        let init = t.init_script(FilterPorts { tcp: 4100, dns: 4101 });
         assert!(init.starts_with("add table inet sandpit_t1\n"));
+        assert!(init.contains(
+            "prerouting iifname @domain_veths tcp dport { 80, 443 } redirect to :4100"
+        ));
+        assert!(init.contains("prerouting iifname @domain_veths udp dport 53 redirect to :4101"));
+        assert!(init.contains("input iifname @domain_veths ct status dnat tcp dport 4100 accept"));
         assert!(init.contains("forward iifname vmap @slots"));
         assert!(init.contains("input iifname @veths goto deny"));
         assert!(init.contains("ip saddr 10.88.0.0/16 oifname != @veths masquerade"));
@@ -341,8 +400,15 @@ mod tests {
             a.starts_with("add chain inet sandpit_t1 slot_2\nflush chain inet sandpit_t1 slot_2\n")
         );
         assert!(a.ends_with("add element inet sandpit_t1 slots { \"t1h2\" : goto slot_2 }\n"));
-        let r = t.replace_script(2, &EgressRules::deny_all());
+        assert!(a.contains("delete element inet sandpit_t1 domain_veths { \"t1h2\" }"));
+        let r = t.replace_script(2, "t1h2", &EgressRules::deny_all());
         assert!(r.starts_with("flush chain inet sandpit_t1 slot_2\n"));
+        let with_domains = EgressRules {
+            allow_domains: vec!["example.com".into()],
+            ..EgressRules::deny_all()
+        };
+        let r = t.replace_script(2, "t1h2", &with_domains);
+        assert!(r.ends_with("add element inet sandpit_t1 domain_veths { \"t1h2\" }\n"));
         assert!(!r.contains("add chain"));
         let d = t.detach_script(2, "t1h2");
         assert!(d.ends_with("delete chain inet sandpit_t1 slot_2\n"));

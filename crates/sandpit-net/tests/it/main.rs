@@ -241,12 +241,14 @@ struct Fixture {
 impl Fixture {
     fn new(tag: &str) -> Self {
         let (prefix, pool, target) = pick(tag);
+        let base = u32::from(target.addr);
         let net = Network::new(NetConfig {
             prefix: prefix.clone(),
             pool,
+            // t1 answers DNS in the tests that use it.
+            nameservers: vec![Ipv4Addr::from(base + 2)],
         })
         .unwrap();
-        let base = u32::from(target.addr);
         let fx = Fixture {
             net,
             target_ns: format!("{prefix}tgt"),
@@ -629,4 +631,209 @@ async fn attach_refuses_busy_slots_and_cleans_up() {
     net.teardown().await.unwrap(); // idempotent
     fx.remove_target();
     fx.assert_clean();
+}
+
+
+/// A DNS responder on `t1:53` answering every A query with `answer`, and web listeners on
+/// ports 80 and 443 that record the first bytes they get and answer `hi <port>`.
+async fn serve_named(
+    ns: &str,
+    t1: Ipv4Addr,
+    answer: Ipv4Addr,
+    seen: Arc<Mutex<NamedSeen>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let (dns, web) = in_netns(ns, move || {
+        let dns = UdpSocket::bind((t1, 53)).unwrap();
+        let web: Vec<_> = [80u16, 443]
+            .into_iter()
+            .map(|p| std::net::TcpListener::bind(("0.0.0.0", p)).unwrap())
+            .collect();
+        (dns, web)
+    });
+    let mut tasks = Vec::new();
+    dns.set_nonblocking(true).unwrap();
+    let dns = tokio::net::UdpSocket::from_std(dns).unwrap();
+    let s = seen.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        loop {
+            let Ok((n, peer)) = dns.recv_from(&mut buf).await else {
+                return;
+            };
+            let Some((_, name, _, end)) = sandpit_net::sniff::dns_question(&buf[..n]) else {
+                continue;
+            };
+            s.lock().unwrap().queries.push(name);
+            let mut reply = buf[..end].to_vec();
+            reply[2] |= 0x80;
+            reply[7] = 1;
+            reply.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+            reply.extend_from_slice(&answer.octets());
+            let _ = dns.send_to(&reply, peer).await;
+        }
+    }));
+    for l in web {
+        l.set_nonblocking(true).unwrap();
+        let l = tokio::net::TcpListener::from_std(l).unwrap();
+        let seen = seen.clone();
+        tasks.push(tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    return;
+                };
+                let local = s.local_addr().unwrap();
+                let mut buf = [0u8; 2048];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                seen.lock().unwrap().web.push((local, buf[..n].to_vec()));
+                let _ = s.write_all(format!("hi {}", local.port()).as_bytes()).await;
+            }
+        }));
+    }
+    tasks
+}
+
+#[derive(Debug, Default)]
+struct NamedSeen {
+    /// Names the DNS responder was asked for.
+    queries: Vec<String>,
+    /// (local address, first bytes) of every web connection.
+    web: Vec<(SocketAddr, Vec<u8>)>,
+}
+
+/// Sends `request` to `ip:port` from namespace `ns` and reads the answer to the end.
+fn exchange(ns: &str, ip: Ipv4Addr, port: u16, request: Vec<u8>) -> Tcp {
+    in_netns(ns, move || {
+        use std::io::Write;
+        let addr = SocketAddr::V4(SocketAddrV4::new(ip, port));
+        let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
+            Ok(s) => s,
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => return Tcp::Refused,
+            Err(e) => return Tcp::Error(e.to_string()),
+        };
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(&request).unwrap();
+        let mut buf = Vec::new();
+        match s.read_to_end(&mut buf) {
+            Ok(_) => Tcp::Open(String::from_utf8_lossy(&buf).into_owned()),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => Tcp::Refused,
+            Err(e) => Tcp::Error(format!("read: {e}")),
+        }
+    })
+}
+
+/// An A query from namespace `ns` to `server:53`: the answer's addresses, or the rcode.
+fn lookup(ns: &str, server: Ipv4Addr, name: &str) -> Result<Vec<Ipv4Addr>, u8> {
+    let query = sandpit_net::sniff::dns_a_query(0x4242, name);
+    in_netns(ns, move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.send_to(&query, (server, 53)).unwrap();
+        let mut buf = [0u8; 512];
+        let n = s.recv(&mut buf).map_err(|_| 255u8)?;
+        match buf[3] & 0x0f {
+            0 => Ok(sandpit_net::sniff::dns_a_answers(&buf[..n], 0x4242)),
+            rcode => Err(rcode),
+        }
+    })
+}
+
+fn http_get(host: &str) -> Vec<u8> {
+    format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_domains_filter_web_and_dns_by_name() {
+    let fx = Fixture::new("td");
+    let net = &fx.net;
+    net.init().await.unwrap();
+    let (t1, t2) = (fx.t1, fx.t2);
+    let seen = Arc::new(Mutex::new(NamedSeen::default()));
+    // Every name resolves to t2.
+    let _servers = serve_named(&fx.target_ns, t1, t2, seen.clone()).await;
+    let others = Arc::new(Mutex::new(Seen::default()));
+    let _other = serve(&fx.target_ns, others.clone()).await;
+
+    let rules = EgressRules {
+        allow_domains: vec!["allowed.test".into(), "*.ok.test".into()],
+        ..EgressRules::deny_all()
+    };
+    let ns = net.attach(0, &rules).await.unwrap().netns_name;
+
+    // DNS: allowed names are forwarded (whatever server the sandbox asked), others refused
+    // without reaching the resolver.
+    assert_eq!(lookup(&ns, t1, "allowed.test"), Ok(vec![t2]));
+    assert_eq!(lookup(&ns, t2, "api.ok.test"), Ok(vec![t2]));
+    assert_eq!(lookup(&ns, t1, "secret-data.evil.test"), Err(5));
+    assert_eq!(lookup(&ns, t1, "ok.test"), Err(5), "a wildcard is for names below");
+    assert_eq!(
+        seen.lock().unwrap().queries,
+        vec!["allowed.test", "api.ok.test"],
+        "refused names never reach the resolver"
+    );
+
+    // HTTP: by Host, to the address the name resolves to (t2), not the one dialled (t1).
+    assert_eq!(
+        exchange(&ns, t1, 80, http_get("allowed.test")),
+        Tcp::Open("hi 80".into())
+    );
+    {
+        let seen = seen.lock().unwrap();
+        let (local, head) = seen.web.last().unwrap();
+        assert_eq!(*local, SocketAddr::from((t2, 80)));
+        assert!(head.starts_with(b"GET / HTTP/1.1\r\nHost: allowed.test\r\n"));
+    }
+    match exchange(&ns, t2, 80, http_get("evil.test")) {
+        Tcp::Open(r) => {
+            assert!(r.starts_with("HTTP/1.1 403 "), "{r}");
+            assert!(r.contains("evil.test is not in allow_domains"), "{r}");
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // TLS: by SNI.
+    let before = seen.lock().unwrap().web.len();
+    assert_eq!(
+        exchange(&ns, t1, 443, sandpit_net::sniff::client_hello("www.ok.test")),
+        Tcp::Open("hi 443".into())
+    );
+    assert_eq!(seen.lock().unwrap().web.len(), before + 1);
+    assert_eq!(
+        exchange(&ns, t1, 443, sandpit_net::sniff::client_hello("evil.test")),
+        Tcp::Refused
+    );
+    assert_eq!(
+        exchange(&ns, t1, 443, b"not tls at all\r\n\r\n".to_vec()),
+        Tcp::Refused
+    );
+    assert_eq!(seen.lock().unwrap().web.len(), before + 1, "nothing else got through");
+
+    // Other ports and UDP still follow the addresses of the policy: denied.
+    assert_denied(&ns, &others, t1, TCP_A, "allow_domains does not open other ports");
+    assert_udp_denied(&ns, &others, t1, "allow_domains does not open UDP");
+
+    // An allowed CIDR passes on its address, without a name.
+    let rules = EgressRules {
+        allow_cidrs: vec![cidr(t1, 32)],
+        ..rules
+    };
+    net.set_egress(0, &rules).await.unwrap();
+    assert_eq!(
+        exchange(&ns, t1, 80, b"GET / HTTP/1.1\r\n\r\n".to_vec()),
+        Tcp::Open("hi 80".into())
+    );
+    assert_eq!(seen.lock().unwrap().web.last().unwrap().0, SocketAddr::from((t1, 80)));
+
+    // Back to plain deny_all: nothing is filtered by name any more, everything is denied.
+    net.set_egress(0, &EgressRules::deny_all()).await.unwrap();
+    assert_eq!(lookup(&ns, t1, "allowed.test"), Err(255), "DNS is dropped");
+    assert!(matches!(
+        exchange(&ns, t2, 80, http_get("allowed.test")),
+        Tcp::Refused
+    ));
+
+    net.detach(0).await.unwrap();
+    net.teardown().await.unwrap();
+    fx.remove_target();
+    assert!(fx.leftovers().is_empty(), "{:?}", fx.leftovers());
 }
