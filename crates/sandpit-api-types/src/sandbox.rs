@@ -83,6 +83,12 @@ pub struct EgressPolicy {
     /// Restrict `allow_cidrs` to these destination TCP ports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow_ports: Vec<u32>,
+    /// With `deny_all`: domain names (`example.com`) and wildcards (`*.example.com`, the
+    /// names below it) whose web traffic (TCP 80 and 443) and DNS queries pass. Checked on
+    /// each connection by its TLS SNI or HTTP `Host`, and connected to the address the
+    /// server resolves, so DNS answers cannot be used to reach other hosts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_domains: Vec<String>,
 }
 
 impl Default for EgressPolicy {
@@ -92,8 +98,39 @@ impl Default for EgressPolicy {
             allow_cidrs: Vec::new(),
             deny_cidrs: Vec::new(),
             allow_ports: Vec::new(),
+            allow_domains: Vec::new(),
         }
     }
+}
+
+/// Most entries in `allow_domains`.
+pub const MAX_ALLOW_DOMAINS: usize = 256;
+
+/// A normalized `allow_domains` entry: lowercase, no trailing dot; `*.` only as a whole
+/// first label, and not over a top-level domain.
+pub fn normalize_domain_pattern(text: &str) -> Result<String, String> {
+    let bad = || format!("{text:?} is not a domain name or a *.<domain> wildcard");
+    let (wild, rest) = match text.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let name = rest.strip_suffix('.').unwrap_or(rest).to_ascii_lowercase();
+    let labels_ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            (1..=63).contains(&l.len())
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if !labels_ok {
+        return Err(bad());
+    }
+    if wild && !name.contains('.') {
+        return Err(format!("{text:?} would match a whole top-level domain"));
+    }
+    Ok(if wild { format!("*.{name}") } else { name })
 }
 
 /// An IPv4 network in CIDR notation, parsed.
@@ -135,6 +172,8 @@ pub struct ValidEgress {
     pub allow_cidrs: Vec<Cidr>,
     pub deny_cidrs: Vec<Cidr>,
     pub allow_ports: Vec<u16>,
+    /// Normalized (see [`normalize_domain_pattern`]), deduplicated.
+    pub allow_domains: Vec<String>,
 }
 
 /// Why a policy was refused: a stable code and a message.
@@ -142,7 +181,7 @@ pub type Invalid = (&'static str, String);
 
 impl EgressPolicy {
     /// Check the policy. Codes: `invalid_egress_mode`, `invalid_cidr`, `invalid_port`,
-    /// `invalid_egress_policy` (a list that means nothing in this mode).
+    /// `invalid_domain`, `invalid_egress_policy` (a list that means nothing in this mode).
     pub fn validate(&self) -> Result<ValidEgress, Invalid> {
         let allow_all = match self.mode.as_str() {
             "allow_all" => true,
@@ -180,6 +219,25 @@ impl EgressPolicy {
                 "allow_ports means nothing with mode allow_all".into(),
             ));
         }
+        if self.allow_domains.len() > MAX_ALLOW_DOMAINS {
+            return Err((
+                "invalid_domain",
+                format!("at most {MAX_ALLOW_DOMAINS} entries in allow_domains"),
+            ));
+        }
+        let mut allow_domains = Vec::with_capacity(self.allow_domains.len());
+        for d in &self.allow_domains {
+            let d = normalize_domain_pattern(d).map_err(|m| ("invalid_domain", m))?;
+            if !allow_domains.contains(&d) {
+                allow_domains.push(d);
+            }
+        }
+        if allow_all && !allow_domains.is_empty() {
+            return Err((
+                "invalid_egress_policy",
+                "allow_domains means nothing with mode allow_all (everything is allowed)".into(),
+            ));
+        }
         if !allow_ports.is_empty() && allow_cidrs.is_empty() {
             return Err((
                 "invalid_egress_policy",
@@ -191,6 +249,7 @@ impl EgressPolicy {
             allow_cidrs,
             deny_cidrs,
             allow_ports,
+            allow_domains,
         })
     }
 }
@@ -451,7 +510,52 @@ mod tests {
             allow_cidrs: allow.iter().map(|s| s.to_string()).collect(),
             deny_cidrs: deny.iter().map(|s| s.to_string()).collect(),
             allow_ports: ports.to_vec(),
+            allow_domains: Vec::new(),
         }
+    }
+
+    #[test]
+    fn allow_domains_validation() {
+        let with = |mode: &str, domains: &[&str]| EgressPolicy {
+            allow_domains: domains.iter().map(|s| s.to_string()).collect(),
+            ..policy(mode, &[], &[], &[])
+        };
+        let v = with("deny_all", &["Example.COM.", "*.github.com", "example.com"])
+            .validate()
+            .unwrap();
+        assert_eq!(v.allow_domains, vec!["example.com", "*.github.com"]);
+        for bad in [
+            "",
+            "*",
+            "*.com",
+            "a..b",
+            "-a.com",
+            "a b.com",
+            "*.*.a.com",
+            "a.com/x",
+            "10.0.0.1/8",
+        ] {
+            assert_eq!(
+                with("deny_all", &[bad]).validate().unwrap_err().0,
+                "invalid_domain",
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            with("allow_all", &["example.com"])
+                .validate()
+                .unwrap_err()
+                .0,
+            "invalid_egress_policy"
+        );
+        let many: Vec<String> = (0..=MAX_ALLOW_DOMAINS)
+            .map(|i| format!("d{i}.test"))
+            .collect();
+        let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert_eq!(
+            with("deny_all", &refs).validate().unwrap_err().0,
+            "invalid_domain"
+        );
     }
 
     #[test]
@@ -528,7 +632,7 @@ mod tests {
             deny in proptest::collection::vec("([0-9]{1,3}\\.){3}[0-9]{1,3}(/[0-9]{1,2})?|[a-z:/]{0,6}", 0..3),
             ports in proptest::collection::vec(0u32..70000, 0..3),
         ) {
-            let p = EgressPolicy { mode, allow_cidrs: allow, deny_cidrs: deny, allow_ports: ports };
+            let p = EgressPolicy { mode, allow_cidrs: allow, deny_cidrs: deny, allow_ports: ports, allow_domains: Vec::new() };
             if let Ok(v) = p.validate() {
                 proptest::prop_assert_eq!(p.validate().unwrap(), v.clone());
                 proptest::prop_assert!(v.allow_ports.iter().all(|&p| p > 0));

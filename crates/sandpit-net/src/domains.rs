@@ -54,8 +54,12 @@ impl DomainFilter {
             what: "binding the domain filter".into(),
             source: e,
         };
-        let tcp = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).await.map_err(io)?;
-        let udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await.map_err(io)?;
+        let tcp = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0))
+            .await
+            .map_err(io)?;
+        let udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+            .await
+            .map_err(io)?;
         let filter = Arc::new(DomainFilter {
             tcp_port: tcp.local_addr().map_err(io)?.port(),
             dns_port: udp.local_addr().map_err(io)?.port(),

@@ -385,11 +385,16 @@ mod tests {
     #[test]
     fn scripts() {
         let t = tables();
-        let init = t.init_script(FilterPorts { tcp: 4100, dns: 4101 });
+        let init = t.init_script(FilterPorts {
+            tcp: 4100,
+            dns: 4101,
+        });
         assert!(init.starts_with("add table inet sandpit_t1\n"));
-        assert!(init.contains(
-            "prerouting iifname @domain_veths tcp dport { 80, 443 } redirect to :4100"
-        ));
+        assert!(
+            init.contains(
+                "prerouting iifname @domain_veths tcp dport { 80, 443 } redirect to :4100"
+            )
+        );
         assert!(init.contains("prerouting iifname @domain_veths udp dport 53 redirect to :4101"));
         assert!(init.contains("input iifname @domain_veths ct status dnat tcp dport 4100 accept"));
         assert!(init.contains("forward iifname vmap @slots"));

@@ -160,7 +160,9 @@ pub fn http_host(buf: &[u8]) -> Sniff {
         .map(|rest| rest.split('/').next().unwrap_or_default().to_string());
     let header = lines.find_map(|l| {
         let (k, v) = l.split_once(':')?;
-        k.trim().eq_ignore_ascii_case("host").then(|| v.trim().to_string())
+        k.trim()
+            .eq_ignore_ascii_case("host")
+            .then(|| v.trim().to_string())
     });
     let Some(host) = authority.or(header) else {
         return Sniff::NoName;
@@ -352,7 +354,10 @@ mod tests {
             Sniff::Name("a.test".into())
         );
         assert_eq!(http_host(b"GET / HTTP/1.1\r\n\r\n"), Sniff::NoName);
-        assert_eq!(http_host(b"\x16\x03\x01\x00\x05hello\r\n\r\n"), Sniff::NoName);
+        assert_eq!(
+            http_host(b"\x16\x03\x01\x00\x05hello\r\n\r\n"),
+            Sniff::NoName
+        );
         assert_eq!(
             http_host(b"GET / HTTP/1.1\r\nHost: a..b\r\n\r\n"),
             Sniff::NoName
@@ -363,7 +368,16 @@ mod tests {
     fn patterns() {
         assert_eq!(normalize_pattern("Example.COM.").unwrap(), "example.com");
         assert_eq!(normalize_pattern("*.github.com").unwrap(), "*.github.com");
-        for bad in ["", "*", "*.com", "a..b", "-a.com", "exa mple.com", "*.*.a.com", "a.com/x"] {
+        for bad in [
+            "",
+            "*",
+            "*.com",
+            "a..b",
+            "-a.com",
+            "exa mple.com",
+            "*.*.a.com",
+            "a.com/x",
+        ] {
             assert!(normalize_pattern(bad).is_err(), "{bad:?}");
         }
         let p = vec!["example.com".to_string(), "*.github.com".to_string()];
@@ -392,7 +406,10 @@ mod tests {
         resp[2] |= 0x80;
         resp[7] = 1;
         resp.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 10, 1, 2, 3]);
-        assert_eq!(dns_a_answers(&resp, 0x1234), vec![Ipv4Addr::new(10, 1, 2, 3)]);
+        assert_eq!(
+            dns_a_answers(&resp, 0x1234),
+            vec![Ipv4Addr::new(10, 1, 2, 3)]
+        );
         assert!(dns_a_answers(&resp, 0x9999).is_empty(), "another id");
         assert!(dns_a_answers(&resp[..resp.len() - 1], 0x1234).is_empty());
         assert_eq!(dns_question(&q[..q.len() - 1]), None);

@@ -89,6 +89,7 @@ pub fn egress_rules(v: &ValidEgress) -> EgressRules {
         allow_cidrs: nets(&v.allow_cidrs),
         deny_cidrs: nets(&v.deny_cidrs),
         allow_ports: v.allow_ports.clone(),
+        allow_domains: v.allow_domains.clone(),
     }
 }
 

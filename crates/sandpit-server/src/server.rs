@@ -133,9 +133,11 @@ impl Server {
             .pool
             .parse()
             .map_err(|e| ServerError::Corrupt(format!("address pool {:?}: {e}", cfg.pool)))?;
+        let nameservers = crate::dns::sandbox_nameservers(cfg.dns.as_deref());
         let net = Network::new(NetConfig {
             prefix: cfg.prefix.clone(),
             pool,
+            nameservers: nameservers.clone(),
         })?;
         net.init().await?;
         let runtime = GvisorRuntime::new(GvisorConfig {
@@ -146,7 +148,6 @@ impl Server {
             debug_log_dir: None,
         })?;
         let agent_layer = templates::install_agent_layer(&cfg.data_dir, &cfg.agent_bin)?;
-        let nameservers = crate::dns::sandbox_nameservers(cfg.dns.as_deref());
         if nameservers.is_empty() {
             tracing::warn!(
                 "the host has no nameserver a sandbox can reach (only loopback ones?): sandboxes get no DNS; set --dns"
@@ -245,6 +246,13 @@ impl Server {
                             None => false,
                         };
                     if reachable {
+                        // Re-apply its policy: the rules survived, but the domain filter
+                        // of this process has not seen them yet.
+                        if let (Some(s), Ok(rules)) = (slot, crate::lifecycle::stored_rules(&row))
+                            && let Err(e) = self.net.set_egress(s, &rules).await
+                        {
+                            tracing::warn!(sandbox = %row.id, error = %e, "re-applying the egress policy");
+                        }
                         keep_runtime.insert(row.runtime_id.clone());
                         keep_net.extend(slot);
                         keep_dirs.insert(row.id.clone());

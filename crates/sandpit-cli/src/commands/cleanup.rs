@@ -46,6 +46,7 @@ pub async fn run(args: CleanupArgs) -> anyhow::Result<()> {
             .pool
             .parse()
             .map_err(|e| anyhow::anyhow!("--pool: {e}"))?,
+        nameservers: Vec::new(),
     })?;
     net.teardown().await.context("removing network objects")?;
     for dir in ["sandboxes", "checkpoints"] {

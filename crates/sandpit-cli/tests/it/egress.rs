@@ -180,7 +180,7 @@ impl Target {
         ]);
         run(&["ip", "link", "set", &t.host_if, "up"]);
         run(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-        for a in [t.t1, t.t2] {
+        for a in [t.t1, t.t2, dns_answer(index)] {
             run(&[
                 "ip",
                 "-n",
@@ -246,7 +246,7 @@ impl Target {
 
     fn serve(&mut self) {
         let (tcp, udp) = in_netns(&self.ns, || {
-            let tcp: Vec<_> = [TCP_A, TCP_B, TCP_SINK, DNS, 80]
+            let tcp: Vec<_> = [TCP_A, TCP_B, TCP_SINK, DNS, 80, 443]
                 .into_iter()
                 .map(|p| std::net::TcpListener::bind(("0.0.0.0", p)).unwrap())
                 .collect();
@@ -412,6 +412,7 @@ fn policy(mode: &str, allow: &[&str], deny: &[&str], ports: &[u32]) -> EgressPol
         allow_cidrs: allow.iter().map(|s| s.to_string()).collect(),
         deny_cidrs: deny.iter().map(|s| s.to_string()).collect(),
         allow_ports: ports.to_vec(),
+        allow_domains: Vec::new(),
     }
 }
 
@@ -658,6 +659,66 @@ async fn egress_policy_is_enforced_and_changes_live() {
         Tcp::Open("hi 7001".into())
     );
 
+    // ---- allow_domains: web traffic and DNS by name; connections go where the host
+    // resolves the name (the target's DNS answers `answer` for every name) ----
+    client
+        .set_egress(
+            &a,
+            &EgressPolicy {
+                allow_domains: vec!["probe.test".into(), "*.web.test".into()],
+                ..policy("deny_all", &[], &[], &[])
+            },
+        )
+        .await
+        .unwrap();
+    let dns_before = target.udp(DNS);
+    assert_eq!(
+        dns(&client, &a, None).await,
+        Some(answer),
+        "an allowed name"
+    );
+    assert!(target.udp(DNS) > dns_before);
+    let dns_before = target.udp(DNS);
+    let refused = sh(&client, &a, "nslookup -timeout=1 -retry=1 secret.evil.test").await;
+    assert_ne!(refused.exit_code, 0, "{refused:?}");
+    assert_eq!(
+        target.udp(DNS),
+        dns_before,
+        "a refused name never leaves the host"
+    );
+    let get = |host: &str| {
+        format!("printf 'GET / HTTP/1.1\\r\\nHost: {host}\\r\\n\\r\\n' | nc -w 3 {t1} 80")
+    };
+    assert_eq!(sh(&client, &a, &get("www.web.test")).await.stdout, "hi 80");
+    assert_eq!(
+        target.accepts(answer, 80),
+        1,
+        "connected to the resolved address"
+    );
+    assert_eq!(target.accepts(t1, 80), 0, "not to the dialled one");
+    let blocked = sh(&client, &a, &get("evil.test")).await.stdout;
+    assert!(blocked.starts_with("HTTP/1.1 403"), "{blocked}");
+    assert!(
+        blocked.contains("evil.test is not in allow_domains"),
+        "{blocked}"
+    );
+    client
+        .upload(
+            &a,
+            "/tmp/hello",
+            sandpit_net::sniff::client_hello("api.web.test"),
+        )
+        .await
+        .unwrap();
+    let tls = sh(&client, &a, &format!("nc -w 3 {t2} 443 < /tmp/hello")).await;
+    assert_eq!(tls.stdout, "hi 443", "{tls:?}");
+    assert_eq!(target.accepts(answer, 443), 1);
+    assert_eq!(
+        tcp(&client, &a, t1, TCP_A).await,
+        Tcp::Refused,
+        "other ports"
+    );
+
     // ---- the CLI ----
     let out = Command::new(bin())
         .args(["sandbox", "egress", &a, r#"{"mode":"deny_all"}"#])
@@ -676,6 +737,13 @@ async fn egress_policy_is_enforced_and_changes_live() {
         (bad("open", &[], &[]), "invalid_egress_mode"),
         (bad("deny_all", &["10.0.0.1/8"], &[]), "invalid_cidr"),
         (bad("deny_all", &["10.0.0.0/8"], &[0]), "invalid_port"),
+        (
+            EgressPolicy {
+                allow_domains: vec!["*.com".into()],
+                ..bad("deny_all", &[], &[])
+            },
+            "invalid_domain",
+        ),
         (
             bad("allow_all", &["10.0.0.0/8"], &[]),
             "invalid_egress_policy",

@@ -633,7 +633,6 @@ async fn attach_refuses_busy_slots_and_cleans_up() {
     fx.assert_clean();
 }
 
-
 /// A DNS responder on `t1:53` answering every A query with `answer`, and web listeners on
 /// ports 80 and 443 that record the first bytes they get and answer `hi <port>`.
 async fn serve_named(
@@ -765,7 +764,11 @@ async fn allow_domains_filter_web_and_dns_by_name() {
     assert_eq!(lookup(&ns, t1, "allowed.test"), Ok(vec![t2]));
     assert_eq!(lookup(&ns, t2, "api.ok.test"), Ok(vec![t2]));
     assert_eq!(lookup(&ns, t1, "secret-data.evil.test"), Err(5));
-    assert_eq!(lookup(&ns, t1, "ok.test"), Err(5), "a wildcard is for names below");
+    assert_eq!(
+        lookup(&ns, t1, "ok.test"),
+        Err(5),
+        "a wildcard is for names below"
+    );
     assert_eq!(
         seen.lock().unwrap().queries,
         vec!["allowed.test", "api.ok.test"],
@@ -794,7 +797,12 @@ async fn allow_domains_filter_web_and_dns_by_name() {
     // TLS: by SNI.
     let before = seen.lock().unwrap().web.len();
     assert_eq!(
-        exchange(&ns, t1, 443, sandpit_net::sniff::client_hello("www.ok.test")),
+        exchange(
+            &ns,
+            t1,
+            443,
+            sandpit_net::sniff::client_hello("www.ok.test")
+        ),
         Tcp::Open("hi 443".into())
     );
     assert_eq!(seen.lock().unwrap().web.len(), before + 1);
@@ -806,10 +814,20 @@ async fn allow_domains_filter_web_and_dns_by_name() {
         exchange(&ns, t1, 443, b"not tls at all\r\n\r\n".to_vec()),
         Tcp::Refused
     );
-    assert_eq!(seen.lock().unwrap().web.len(), before + 1, "nothing else got through");
+    assert_eq!(
+        seen.lock().unwrap().web.len(),
+        before + 1,
+        "nothing else got through"
+    );
 
     // Other ports and UDP still follow the addresses of the policy: denied.
-    assert_denied(&ns, &others, t1, TCP_A, "allow_domains does not open other ports");
+    assert_denied(
+        &ns,
+        &others,
+        t1,
+        TCP_A,
+        "allow_domains does not open other ports",
+    );
     assert_udp_denied(&ns, &others, t1, "allow_domains does not open UDP");
 
     // An allowed CIDR passes on its address, without a name.
@@ -822,7 +840,10 @@ async fn allow_domains_filter_web_and_dns_by_name() {
         exchange(&ns, t1, 80, b"GET / HTTP/1.1\r\n\r\n".to_vec()),
         Tcp::Open("hi 80".into())
     );
-    assert_eq!(seen.lock().unwrap().web.last().unwrap().0, SocketAddr::from((t1, 80)));
+    assert_eq!(
+        seen.lock().unwrap().web.last().unwrap().0,
+        SocketAddr::from((t1, 80))
+    );
 
     // Back to plain deny_all: nothing is filtered by name any more, everything is denied.
     net.set_egress(0, &EgressRules::deny_all()).await.unwrap();

@@ -303,6 +303,7 @@ async fn gvisor_lifecycle() {
     let net = Network::new(NetConfig {
         prefix: tag.clone(),
         pool: free_pool(),
+        nameservers: Vec::new(),
     })
     .unwrap();
     let fx = Fixture { rt, net, dir };
