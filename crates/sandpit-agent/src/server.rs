@@ -65,27 +65,66 @@ async fn run(addr: SocketAddr) -> ExitCode {
     let mut stdout = std::io::stdout();
     let _ = writeln!(stdout, "listening on {local}").and_then(|()| stdout.flush());
     let allow_loopback = std::env::var(ALLOW_LOOPBACK_ENV).is_ok_and(|v| v == "1");
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let allowed = stream
-                    .local_addr()
-                    .is_ok_and(|local| peer_allowed(local, peer, allow_loopback));
-                if allowed {
-                    tokio::spawn(handle(stream));
-                } else {
-                    log!("rejected connection from {peer}");
-                    // Reset, so no closing endpoint is left behind.
-                    let _ = stream.set_zero_linger();
-                    drop(stream);
+    // Accept with blocking calls on a thread of its own, not through the runtime's epoll:
+    // after a gVisor restore, a listener registered with epoll before the checkpoint was
+    // seen (rarely, under load) never to report readiness again, leaving the agent alive
+    // but deaf. A blocking accept registers anew on every call. Connections are all made
+    // after the restore (the host resets its connections before a checkpoint), so their
+    // epoll registrations are fresh.
+    let listener = match listener.into_std() {
+        Ok(l) => l,
+        Err(e) => {
+            log!("cannot take the listener: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = listener.set_nonblocking(false) {
+        log!("cannot make the listener blocking: {e}");
+        return ExitCode::FAILURE;
+    }
+    let rt = tokio::runtime::Handle::current();
+    let acceptor = tokio::task::spawn_blocking(move || {
+        loop {
+            match listener.accept() {
+                Ok((stream, peer)) => {
+                    rt.spawn(admit(stream, peer, allow_loopback));
+                }
+                Err(e) => {
+                    // EINTR after a gVisor restore, EMFILE, ECONNABORTED...: never give up.
+                    log!("accept: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
                 }
             }
-            Err(e) => {
-                // EINTR after a gVisor restore, EMFILE, ECONNABORTED...: never give up.
-                log!("accept: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
         }
+    });
+    let _ = acceptor.await;
+    log!("the accept loop ended");
+    ExitCode::FAILURE
+}
+
+/// Serve an accepted connection if it comes from the host; reset it otherwise.
+async fn admit(stream: std::net::TcpStream, peer: SocketAddr, allow_loopback: bool) {
+    if let Err(e) = stream.set_nonblocking(true) {
+        log!("connection from {peer}: {e}");
+        return;
+    }
+    let stream = match TcpStream::from_std(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            log!("connection from {peer}: {e}");
+            return;
+        }
+    };
+    let allowed = stream
+        .local_addr()
+        .is_ok_and(|local| peer_allowed(local, peer, allow_loopback));
+    if allowed {
+        handle(stream).await;
+    } else {
+        log!("rejected connection from {peer}");
+        // Reset, so no closing endpoint is left behind.
+        let _ = stream.set_zero_linger();
+        drop(stream);
     }
 }
 

@@ -133,13 +133,16 @@ impl AgentClient {
             // A short connect timeout: before the agent listens, gVisor's netstack answers
             // with a reset, so failures are fast.
             let attempt = tokio::time::timeout(Duration::from_millis(500), self.ping()).await;
-            if let Ok(Ok(reply)) = attempt {
-                return Ok(reply);
-            }
+            let last = match attempt {
+                Ok(Ok(reply)) => return Ok(reply),
+                Ok(Err(f)) => format!("{f:?}"),
+                Err(_) => "no answer within 500 ms".to_string(),
+            };
             if start.elapsed() >= limit {
                 return Err(ServerError::AgentTimeout {
                     sandbox: self.sandbox.clone(),
                     secs: limit.as_secs(),
+                    last,
                 });
             }
             tokio::time::sleep(delay).await;

@@ -28,8 +28,13 @@ pub enum ServerError {
     Gvisor(#[from] sandpit_runtime_gvisor::GvisorError),
     #[error("talking to the agent of {sandbox}: {what}")]
     Agent { sandbox: String, what: String },
-    #[error("agent of {sandbox} did not answer within {secs} s")]
-    AgentTimeout { sandbox: String, secs: u64 },
+    #[error("agent of {sandbox} did not answer within {secs} s (last attempt: {last})")]
+    AgentTimeout {
+        sandbox: String,
+        secs: u64,
+        /// How the last attempt failed (refused, no answer, ...), for diagnosis.
+        last: String,
+    },
     #[error("preparing {what}")]
     Files {
         what: String,

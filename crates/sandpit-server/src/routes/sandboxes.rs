@@ -387,6 +387,7 @@ async fn exec(
         .map_err(|_| ServerError::AgentTimeout {
             sandbox: id.clone(),
             secs: timeout.as_secs() + 10,
+            last: "the command's output did not end after its timeout".into(),
         })?
         .map_err(agent_failure)?;
     server.store.touch(&id, crate::util::now_ms()).await?;
