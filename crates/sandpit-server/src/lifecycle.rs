@@ -444,6 +444,11 @@ pub async fn create(
     req: &CreateSandboxRequest,
 ) -> Result<SandboxRow, ApiError> {
     let (mut row, snapshot) = validate_create(server, auth, req).await?;
+    // Held until the row is in the store, which then counts it as running.
+    let reservation = server
+        .limits
+        .admit(&server.store, &auth.workspace_id, 1)
+        .await?;
     if snapshot.is_none()
         && let Some(pooled) = crate::pool::take(server, &row).await?
     {
@@ -452,6 +457,7 @@ pub async fn create(
     let lock = server.lock_of(&row.id);
     let _guard = lock.write().await;
     insert_with_slot(server, &mut row).await?;
+    drop(reservation);
     let started = std::time::Instant::now();
     let booted = match &snapshot {
         Some(snap) => crate::fork::boot_from_snapshot(server, &row, snap).await,
@@ -502,6 +508,8 @@ pub async fn get_for(server: &Server, auth: &Auth, id: &str) -> Result<SandboxRo
 
 /// Destroy a sandbox: idempotent, works in every state.
 pub async fn destroy(server: &Arc<Server>, id: &str) -> Result<(), ApiError> {
+    // A running exec holds the read lock: end it rather than wait for it.
+    server.cancel_of(id).cancel();
     let guard = server.lock_of(id).write_owned().await;
     destroy_locked(server, id, guard).await
 }

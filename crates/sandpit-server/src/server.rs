@@ -49,6 +49,8 @@ pub struct ServerConfig {
     pub dns: Option<Vec<std::net::Ipv4Addr>>,
     /// Previews are served at `<sandbox id>-<port>.<preview_domain>` (see [`crate::preview`]).
     pub preview_domain: String,
+    /// Rate limits and quotas per workspace (see [`crate::limits`]).
+    pub limits: crate::limits::LimitsConfig,
 }
 
 impl ServerConfig {
@@ -70,6 +72,7 @@ impl ServerConfig {
             boot_snapshots: false,
             dns: None,
             preview_domain: "localhost".into(),
+            limits: Default::default(),
         }
     }
 }
@@ -88,6 +91,9 @@ pub struct Server {
     /// write side; exec and file operations hold the read side, so a checkpoint never runs
     /// while a connection to the agent is open. The std mutex guards only the map.
     locks: Mutex<HashMap<String, Arc<RwLock<()>>>>,
+    /// Per-sandbox cancellation of agent operations (exec): destroy cancels it so that a
+    /// running command ends at once instead of delaying the destroy. Guards only the map.
+    cancels: Mutex<HashMap<String, CancellationToken>>,
     /// Held while choosing a network slot and inserting the row that claims it.
     pub slot_lock: tokio::sync::Mutex<()>,
     /// Wakes the warm-pool refill task after a hand-out.
@@ -98,6 +104,8 @@ pub struct Server {
     pub egress_lock: tokio::sync::Mutex<()>,
     /// Live preview connections, cut before a checkpoint.
     pub previews: crate::preview::Previews,
+    /// Per-workspace rate limiters and the running-sandbox quota.
+    pub limits: crate::limits::Limits,
     pub shutdown: CancellationToken,
 }
 
@@ -152,6 +160,7 @@ impl Server {
             tracing::info!(?nameservers, "sandbox nameservers");
         }
         let resolv_conf = crate::dns::resolv_conf(&nameservers);
+        let cfg_limits = cfg.limits;
         let server = Arc::new(Server {
             cfg,
             store,
@@ -160,10 +169,12 @@ impl Server {
             agent_layer,
             resolv_conf,
             locks: Mutex::new(HashMap::new()),
+            cancels: Mutex::new(HashMap::new()),
             slot_lock: tokio::sync::Mutex::new(()),
             pool_refill: tokio::sync::Notify::new(),
             egress_lock: tokio::sync::Mutex::new(()),
             previews: Default::default(),
+            limits: crate::limits::Limits::new(cfg_limits),
             shutdown: CancellationToken::new(),
         });
         // Adopt and promptly reap the sandbox processes runsc leaves behind (see
@@ -172,6 +183,8 @@ impl Server {
         templates::ensure_base(&server).await?;
         let token = crate::auth::bootstrap(&server, bootstrap_token).await?;
         server.reconcile(&runtime).await?;
+        // Requests that held an idempotency key died with the last process: a retry runs.
+        server.store.idempotency_clear_pending().await?;
         Ok((server, token))
     }
 
@@ -183,6 +196,13 @@ impl Server {
 
     pub fn forget_lock(&self, id: &str) {
         self.locks.lock().expect("lock map poisoned").remove(id);
+        self.cancels.lock().expect("cancel map poisoned").remove(id);
+    }
+
+    /// Cancelled when the sandbox is being destroyed; agent operations select on it.
+    pub fn cancel_of(&self, id: &str) -> CancellationToken {
+        let mut map = self.cancels.lock().expect("cancel map poisoned");
+        map.entry(id.to_string()).or_default().clone()
     }
 
     pub fn state_dir(&self, id: &str) -> PathBuf {

@@ -60,6 +60,18 @@ pub struct ServeArgs {
     /// (see bench/); it pays off for templates with slow start-up.
     #[arg(long, env = "SANDPIT_BOOT_SNAPSHOTS")]
     boot_snapshots: bool,
+    /// API requests per workspace per hour, spendable in one burst and refilled evenly
+    /// (0: unlimited). Over it: 429 `rate_limited` with Retry-After.
+    #[arg(long, env = "SANDPIT_RATE_LIMIT_REQUESTS", default_value_t = 36_000)]
+    rate_limit_requests: u32,
+    /// Sandboxes created (a fork counts each child) per workspace per hour (0: unlimited).
+    /// Over it: 429 `sandbox_rate_limited`.
+    #[arg(long, env = "SANDPIT_RATE_LIMIT_SANDBOXES", default_value_t = 1_000)]
+    rate_limit_sandboxes: u32,
+    /// Sandboxes creating or running at once per workspace; hibernated ones do not count
+    /// (0: unlimited). Over it: 429 `running_quota_exceeded`.
+    #[arg(long, env = "SANDPIT_MAX_RUNNING", default_value_t = 200)]
+    max_running: u32,
     /// Log as JSON lines.
     #[arg(long, env = "SANDPIT_LOG_JSON")]
     log_json: bool,
@@ -105,6 +117,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     cfg.boot_snapshots = args.boot_snapshots;
     cfg.dns = args.dns;
     cfg.preview_domain = args.preview_domain;
+    cfg.limits = sandpit_server::limits::LimitsConfig {
+        requests_per_hour: args.rate_limit_requests,
+        sandboxes_per_hour: args.rate_limit_sandboxes,
+        max_running: args.max_running,
+    };
     let (server, token) = Server::start(cfg, args.bootstrap_token.as_deref())
         .await
         .map_err(|e| anyhow::anyhow!("{}", sandpit_server::error::DisplayChain(&e)))
