@@ -545,6 +545,57 @@ async fn destroy_locked(
     Ok(())
 }
 
+/// What a client is told about a sandbox that died under it.
+pub const STOPPED_REASON: &str =
+    "the sandbox stopped unexpectedly: it hit its memory or process limit, or was killed";
+
+/// After an agent operation failed: if the sandbox's runtime has stopped (killed by its
+/// memory or process limit, or from outside), settle its row the way a restart would
+/// (`Server::reconcile`): an ephemeral sandbox is torn down and failed with the reason, a
+/// persistent one is suspended with its files. Returns the error for the client, or `None`
+/// when the sandbox still runs. Takes the write lock: the caller must hold no guard.
+pub async fn settle_if_dead(server: &Arc<Server>, id: &str) -> Option<ApiError> {
+    let _guard = server.lock_of(id).write_owned().await;
+    let row = server.store.get_sandbox(id).await.ok()??;
+    if row.status != "running" {
+        return None;
+    }
+    match server.runtime.status(&row.runtime_id).await {
+        Ok(sandpit_runtime::RuntimeStatus::Running) => return None,
+        Err(e) => {
+            tracing::error!(sandbox = %id, error = %DisplayChain(&e), "checking whether the sandbox runs");
+            return None;
+        }
+        Ok(_) => {}
+    }
+    tracing::warn!(sandbox = %id, mode = %row.mode, "the sandbox died");
+    server.previews.cut(id).await;
+    let now = now_ms();
+    let settled = if row.mode == "persistent" {
+        // The files are on disk; the network namespace stays for the next wake.
+        if let Err(e) = server
+            .runtime
+            .stop(&row.runtime_id, &server.state_dir(id))
+            .await
+        {
+            tracing::error!(sandbox = %id, error = %DisplayChain(&e), "stopping a dead sandbox");
+        }
+        server
+            .store
+            .set_status(id, "suspended", Some(STOPPED_REASON), now)
+            .await
+    } else {
+        server
+            .teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
+            .await;
+        server.store.mark_failed(id, STOPPED_REASON, now).await
+    };
+    if let Err(e) = settled {
+        tracing::error!(sandbox = %id, error = %DisplayChain(&e), "recording a dead sandbox");
+    }
+    Some(ApiError::conflict("sandbox_stopped", STOPPED_REASON))
+}
+
 /// A sandbox by id, or 404 (callers have checked the workspace already).
 async fn existing(server: &Server, id: &str) -> Result<SandboxRow, ApiError> {
     server

@@ -2,6 +2,7 @@
 //! network namespaces and nftables, a real SQLite file. They need root and runsc (the README's
 //! test command installs it).
 
+mod abuse;
 mod api;
 mod crash;
 mod egress;

@@ -387,7 +387,7 @@ async fn exec(
 ) -> Result<Json<ExecResponse>, ApiError> {
     auth.require("sandbox_edit_code")?;
     let (mut req, timeout) = agent_exec(req)?;
-    let (agent, _guard, row) = lifecycle::running_agent(&server, &auth, &id).await?;
+    let (agent, guard, row) = lifecycle::running_agent(&server, &auth, &id).await?;
     req.env = lifecycle::exec_env(&row, std::mem::take(&mut req.env));
     let (tx, mut rx) = mpsc::channel(64);
     let collect = async {
@@ -412,13 +412,24 @@ async fn exec(
         }
     };
     let (result, (stdout, stderr)) = tokio::join!(run, collect);
-    let status = result
-        .ok_or_else(destroyed_during_exec)?
-        .map_err(|_| ServerError::AgentTimeout {
-            sandbox: id.clone(),
-            secs: timeout.as_secs() + 10,
-        })?
-        .map_err(agent_failure)?;
+    drop(guard);
+    let status = match result.ok_or_else(destroyed_during_exec)? {
+        Ok(Ok(status)) => status,
+        Ok(Err(AgentFailure::Refused(e))) => return Err(agent_failure(AgentFailure::Refused(e))),
+        // The agent is gone or silent: maybe the whole sandbox died (memory or process
+        // limit); if so, say so and settle it.
+        broken => {
+            if let Some(e) = lifecycle::settle_if_dead(&server, &id).await {
+                return Err(e);
+            }
+            broken
+                .map_err(|_| ServerError::AgentTimeout {
+                    sandbox: id.clone(),
+                    secs: timeout.as_secs() + 10,
+                })?
+                .map_err(agent_failure)?
+        }
+    };
     server.store.touch(&id, crate::util::now_ms()).await?;
     Ok(Json(ExecResponse {
         exit_code: status.exit_code,
@@ -513,7 +524,19 @@ async fn exec_stream(
         while let Ok(item) = rx.try_recv() {
             let _ = events_tx.send(Ok(sse(output_event(item, &mut seq)))).await;
         }
+        drop(_guard);
+        let dead = match &finished {
+            Ok(Ok(_)) | Ok(Err(AgentFailure::Refused(_))) => None,
+            _ => lifecycle::settle_if_dead(&server, &id).await,
+        };
         let last = match finished {
+            _ if dead.is_some() => {
+                let e = dead.expect("checked");
+                ExecEvent::Error {
+                    code: e.code.into(),
+                    message: e.message,
+                }
+            }
             Ok(Ok(s)) => ExecEvent::Exit {
                 exit_code: s.exit_code,
                 duration_ms: s.duration_ms,
