@@ -49,6 +49,8 @@ pub struct ServerConfig {
     pub dns: Option<Vec<std::net::Ipv4Addr>>,
     /// Previews are served at `<sandbox id>-<port>.<preview_domain>` (see [`crate::preview`]).
     pub preview_domain: String,
+    /// An upload whose body sends nothing for this long is aborted (and nothing is written).
+    pub body_idle_timeout: Duration,
     /// Rate limits and quotas per workspace (see [`crate::limits`]).
     pub limits: crate::limits::LimitsConfig,
 }
@@ -72,6 +74,7 @@ impl ServerConfig {
             boot_snapshots: false,
             dns: None,
             preview_domain: "localhost".into(),
+            body_idle_timeout: Duration::from_secs(30),
             limits: Default::default(),
         }
     }

@@ -36,6 +36,9 @@ pub struct ServeArgs {
     /// Largest upload in bytes.
     #[arg(long, env = "SANDPIT_UPLOAD_LIMIT", default_value_t = 100 * 1024 * 1024)]
     upload_limit: u64,
+    /// An upload whose body sends nothing for this long is aborted, e.g. 30s.
+    #[arg(long, env = "SANDPIT_BODY_IDLE_TIMEOUT", default_value = "30s")]
+    body_idle_timeout: String,
     /// How often expired and idle sandboxes are looked for, e.g. 1s.
     #[arg(long, env = "SANDPIT_REAPER_INTERVAL", default_value = "1s")]
     reaper_interval: String,
@@ -113,6 +116,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     cfg.runsc = args.runsc;
     cfg.upload_limit = args.upload_limit;
     cfg.reaper_interval = reaper_interval;
+    cfg.body_idle_timeout = sandpit_api_types::parse_duration(&args.body_idle_timeout)
+        .map_err(anyhow::Error::msg)
+        .context("--body-idle-timeout")?;
     cfg.warm_pool = args.warm_pool;
     cfg.boot_snapshots = args.boot_snapshots;
     cfg.dns = args.dns;

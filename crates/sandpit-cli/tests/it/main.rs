@@ -11,6 +11,7 @@ mod idempotency;
 mod lifecycle;
 mod limits;
 mod previews;
+mod reliability;
 mod security;
 mod soak;
 
