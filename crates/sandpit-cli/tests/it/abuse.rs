@@ -144,6 +144,14 @@ async fn abusive_sandboxes_are_contained_and_neighbours_stay_responsive() {
     );
 
     client.destroy_sandbox(&neighbour.id).await.unwrap();
+    // Destroy is idempotent for failed sandboxes too.
+    for id in [&abuser.id, &hog.id] {
+        client.destroy_sandbox(id).await.unwrap();
+        assert_eq!(
+            client.get_sandbox(id).await.unwrap().status.as_str(),
+            "destroyed"
+        );
+    }
     // Failed sandboxes were torn down when they were settled.
     let leaks = srv.leaks();
     assert!(leaks.is_empty(), "{leaks:?}");
