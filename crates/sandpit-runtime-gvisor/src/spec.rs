@@ -27,6 +27,13 @@ pub(crate) const DEFAULT_CAPS: &[&str] = &[
 pub(crate) const DEFAULT_PATH: &str =
     "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// Most host tasks (the Sentry's threads and the platform's stub processes) one sandbox may
+/// hold. gVisor backs each guest process with host tasks, so without this a fork bomb inside
+/// a sandbox exhausts the host's PIDs (measured: ~1000 new host tasks per second, unbounded).
+/// At the limit the Sentry cannot grow and the sandbox dies: contained, not throttled (root
+/// inside ignores `RLIMIT_NPROC`). An idle sandbox holds ~40.
+pub const PIDS_MAX: i64 = 4096;
+
 /// CFS period used for the CPU quota.
 pub(crate) const CPU_PERIOD_US: u64 = 100_000;
 
@@ -80,6 +87,7 @@ pub(crate) fn oci_config(spec: &SandboxSpec, p: &BundleParams<'_>) -> Value {
             json!({"quota": quota, "period": CPU_PERIOD_US}),
         );
     }
+    resources.insert("pids".into(), json!({"limit": PIDS_MAX}));
     json!({
         "ociVersion": "1.0.0",
         "process": {
@@ -180,7 +188,7 @@ mod tests {
         assert_eq!(c["linux"]["resources"]["memory"]["limit"], 512u64 << 20);
         assert_eq!(c["linux"]["resources"]["cpu"]["quota"], 150_000);
         assert_eq!(c["linux"]["resources"]["cpu"]["period"], 100_000);
-        assert!(c["linux"]["resources"].get("pids").is_none());
+        assert_eq!(c["linux"]["resources"]["pids"]["limit"], PIDS_MAX);
         let tmp = c["mounts"]
             .as_array()
             .unwrap()
@@ -205,7 +213,10 @@ mod tests {
         p.bind_tmp = false;
         let c = oci_config(&s, &p);
         assert_eq!(c["linux"]["namespaces"][1], json!({"type": "network"}));
-        assert_eq!(c["linux"]["resources"], json!({}));
+        assert_eq!(
+            c["linux"]["resources"],
+            json!({"pids": {"limit": PIDS_MAX}})
+        );
         assert_eq!(c["process"]["env"], json!(["PATH=/x"]));
         assert!(
             !c["mounts"]

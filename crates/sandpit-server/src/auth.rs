@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
+use axum::http::HeaderMap;
 use axum::http::request::Parts;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -63,35 +64,41 @@ impl FromRequestParts<Arc<Server>> for Auth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, server: &Arc<Server>) -> Result<Self, ApiError> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .ok_or_else(|| {
-                ApiError::unauthorized("missing Authorization: Bearer <token> header")
-            })?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| ApiError::unauthorized("Authorization header must be Bearer <token>"))?;
-        let found = server.store.token_by_hash(&hash_token(token)).await?;
-        let t = found.ok_or_else(|| ApiError::unauthorized("unknown or revoked token"))?;
-        if let Some(exp) = t.expires_at
-            && exp <= now_ms()
-        {
-            return Err(ApiError::unauthorized("token has expired"));
+        // `limits::enforce` resolved it already.
+        if let Some(auth) = parts.extensions.get::<Auth>() {
+            return Ok(auth.clone());
         }
-        let scopes: Vec<String> = serde_json::from_str(&t.scopes)
-            .map_err(|e| ServerError::Corrupt(format!("scopes of token {}: {e}", t.id)))?;
-        Ok(Auth {
-            token_id: t.id,
-            workspace_id: t.workspace_id,
-            org_id: t.org_id,
-            scopes,
-        })
+        resolve(server, &parts.headers).await
     }
+}
+
+/// The caller named by a request's `Authorization: Bearer` header, or 401.
+pub async fn resolve(server: &Server, headers: &HeaderMap) -> Result<Auth, ApiError> {
+    let header = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token> header"))?;
+    let token = header
+        .to_str()
+        .ok()
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| ApiError::unauthorized("Authorization header must be Bearer <token>"))?;
+    let found = server.store.token_by_hash(&hash_token(token)).await?;
+    let t = found.ok_or_else(|| ApiError::unauthorized("unknown or revoked token"))?;
+    if let Some(exp) = t.expires_at
+        && exp <= now_ms()
+    {
+        return Err(ApiError::unauthorized("token has expired"));
+    }
+    let scopes: Vec<String> = serde_json::from_str(&t.scopes)
+        .map_err(|e| ServerError::Corrupt(format!("scopes of token {}: {e}", t.id)))?;
+    Ok(Auth {
+        token_id: t.id,
+        workspace_id: t.workspace_id,
+        org_id: t.org_id,
+        scopes,
+    })
 }
 
 /// On first start (no organization yet): create the default organization, workspace and an

@@ -198,6 +198,11 @@ pub async fn fork(
         ));
     }
     get_for(server, auth, parent_id).await?;
+    // Held until the children's rows are in the store, which then counts them as running.
+    let reservation = server
+        .limits
+        .admit(&server.store, &auth.workspace_id, count)
+        .await?;
     let lock = server.lock_of(parent_id);
     let guard = lock.write().await;
     let parent = get_for(server, auth, parent_id).await?;
@@ -234,6 +239,7 @@ pub async fn fork(
             }
         }
     }
+    drop(reservation);
     let copied_ms = started.elapsed().as_millis() as u64;
 
     // The parent comes back while its children start: both restore from the same image.

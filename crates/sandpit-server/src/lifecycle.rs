@@ -452,6 +452,11 @@ pub async fn create(
     req: &CreateSandboxRequest,
 ) -> Result<SandboxRow, ApiError> {
     let (mut row, snapshot) = validate_create(server, auth, req).await?;
+    // Held until the row is in the store, which then counts it as running.
+    let reservation = server
+        .limits
+        .admit(&server.store, &auth.workspace_id, 1)
+        .await?;
     if snapshot.is_none()
         && let Some(pooled) = crate::pool::take(server, &row).await?
     {
@@ -460,6 +465,7 @@ pub async fn create(
     let lock = server.lock_of(&row.id);
     let _guard = lock.write().await;
     insert_with_slot(server, &mut row).await?;
+    drop(reservation);
     let started = std::time::Instant::now();
     let booted = match &snapshot {
         Some(snap) => crate::fork::boot_from_snapshot(server, &row, snap).await,
@@ -510,6 +516,8 @@ pub async fn get_for(server: &Server, auth: &Auth, id: &str) -> Result<SandboxRo
 
 /// Destroy a sandbox: idempotent, works in every state.
 pub async fn destroy(server: &Arc<Server>, id: &str) -> Result<(), ApiError> {
+    // A running exec holds the read lock: end it rather than wait for it.
+    server.cancel_of(id).cancel();
     let guard = server.lock_of(id).write_owned().await;
     destroy_locked(server, id, guard).await
 }
@@ -543,6 +551,57 @@ async fn destroy_locked(
     server.forget_lock(id);
     tracing::info!(sandbox = %id, "destroyed");
     Ok(())
+}
+
+/// What a client is told about a sandbox that died under it.
+pub const STOPPED_REASON: &str =
+    "the sandbox stopped unexpectedly: it hit its memory or process limit, or was killed";
+
+/// After an agent operation failed: if the sandbox's runtime has stopped (killed by its
+/// memory or process limit, or from outside), settle its row the way a restart would
+/// (`Server::reconcile`): an ephemeral sandbox is torn down and failed with the reason, a
+/// persistent one is suspended with its files. Returns the error for the client, or `None`
+/// when the sandbox still runs. Takes the write lock: the caller must hold no guard.
+pub async fn settle_if_dead(server: &Arc<Server>, id: &str) -> Option<ApiError> {
+    let _guard = server.lock_of(id).write_owned().await;
+    let row = server.store.get_sandbox(id).await.ok()??;
+    if row.status != "running" {
+        return None;
+    }
+    match server.runtime.status(&row.runtime_id).await {
+        Ok(sandpit_runtime::RuntimeStatus::Running) => return None,
+        Err(e) => {
+            tracing::error!(sandbox = %id, error = %DisplayChain(&e), "checking whether the sandbox runs");
+            return None;
+        }
+        Ok(_) => {}
+    }
+    tracing::warn!(sandbox = %id, mode = %row.mode, "the sandbox died");
+    server.previews.cut(id).await;
+    let now = now_ms();
+    let settled = if row.mode == "persistent" {
+        // The files are on disk; the network namespace stays for the next wake.
+        if let Err(e) = server
+            .runtime
+            .stop(&row.runtime_id, &server.state_dir(id))
+            .await
+        {
+            tracing::error!(sandbox = %id, error = %DisplayChain(&e), "stopping a dead sandbox");
+        }
+        server
+            .store
+            .set_status(id, "suspended", Some(STOPPED_REASON), now)
+            .await
+    } else {
+        server
+            .teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
+            .await;
+        server.store.mark_failed(id, STOPPED_REASON, now).await
+    };
+    if let Err(e) = settled {
+        tracing::error!(sandbox = %id, error = %DisplayChain(&e), "recording a dead sandbox");
+    }
+    Some(ApiError::conflict("sandbox_stopped", STOPPED_REASON))
 }
 
 /// A sandbox by id, or 404 (callers have checked the workspace already).

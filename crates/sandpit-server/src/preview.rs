@@ -800,6 +800,30 @@ mod tests {
 
     const ID: &str = "sb0123456789abcdef";
 
+    proptest::proptest! {
+        /// Whatever a Host header holds, a match names a well-formed sandbox id (lowercase
+        /// `sb` + 16 hex digits) and a nonzero port under the preview domain, and the
+        /// canonical host of that match parses to the same thing.
+        #[test]
+        fn preview_hosts_parse_only_to_well_formed_targets(
+            host in "(sb[0-9a-fA-F]{14,18}|[a-z.]{0,4}|)(-[0-9+]{0,6})?(\\.|)(localhost|evil|localhost\\.evil|)(:[0-9a-z]{0,5})?\\.?",
+            noise in ".{0,12}",
+        ) {
+            for h in [host.clone(), format!("{noise}{host}"), format!("{host}{noise}")] {
+                if let Some((id, port)) = parse_host(&h, "localhost") {
+                    proptest::prop_assert!(id.len() == 18 && id.starts_with("sb"));
+                    proptest::prop_assert!(id[2..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+                    proptest::prop_assert!(port > 0);
+                    proptest::prop_assert_eq!(
+                        parse_host(&format!("{id}-{port}.localhost"), "localhost"),
+                        Some((id.clone(), port))
+                    );
+                    proptest::prop_assert!(h.to_ascii_lowercase().contains(&id));
+                }
+            }
+        }
+    }
+
     #[test]
     fn parses_preview_hosts() {
         let ok = Some((ID.to_string(), 8080));

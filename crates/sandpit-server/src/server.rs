@@ -51,6 +51,10 @@ pub struct ServerConfig {
     pub preview_domain: String,
     /// A preview request to a suspended sandbox wakes it; otherwise it gets 503.
     pub preview_wake: bool,
+    /// An upload whose body sends nothing for this long is aborted (and nothing is written).
+    pub body_idle_timeout: Duration,
+    /// Rate limits and quotas per workspace (see [`crate::limits`]).
+    pub limits: crate::limits::LimitsConfig,
 }
 
 impl ServerConfig {
@@ -73,6 +77,8 @@ impl ServerConfig {
             dns: None,
             preview_domain: "localhost".into(),
             preview_wake: true,
+            body_idle_timeout: Duration::from_secs(30),
+            limits: Default::default(),
         }
     }
 }
@@ -91,6 +97,9 @@ pub struct Server {
     /// write side; exec and file operations hold the read side, so a checkpoint never runs
     /// while a connection to the agent is open. The std mutex guards only the map.
     locks: Mutex<HashMap<String, Arc<RwLock<()>>>>,
+    /// Per-sandbox cancellation of agent operations (exec): destroy cancels it so that a
+    /// running command ends at once instead of delaying the destroy. Guards only the map.
+    cancels: Mutex<HashMap<String, CancellationToken>>,
     /// Held while choosing a network slot and inserting the row that claims it.
     pub slot_lock: tokio::sync::Mutex<()>,
     /// Wakes the warm-pool refill task after a hand-out.
@@ -101,6 +110,8 @@ pub struct Server {
     pub egress_lock: tokio::sync::Mutex<()>,
     /// Live preview connections, cut before a checkpoint.
     pub previews: crate::preview::Previews,
+    /// Per-workspace rate limiters and the running-sandbox quota.
+    pub limits: crate::limits::Limits,
     pub shutdown: CancellationToken,
 }
 
@@ -156,6 +167,7 @@ impl Server {
             tracing::info!(?nameservers, "sandbox nameservers");
         }
         let resolv_conf = crate::dns::resolv_conf(&nameservers);
+        let cfg_limits = cfg.limits;
         let server = Arc::new(Server {
             cfg,
             store,
@@ -164,10 +176,12 @@ impl Server {
             agent_layer,
             resolv_conf,
             locks: Mutex::new(HashMap::new()),
+            cancels: Mutex::new(HashMap::new()),
             slot_lock: tokio::sync::Mutex::new(()),
             pool_refill: tokio::sync::Notify::new(),
             egress_lock: tokio::sync::Mutex::new(()),
             previews: Default::default(),
+            limits: crate::limits::Limits::new(cfg_limits),
             shutdown: CancellationToken::new(),
         });
         // Adopt and promptly reap the sandbox processes runsc leaves behind (see
@@ -176,6 +190,8 @@ impl Server {
         templates::ensure_base(&server).await?;
         let token = crate::auth::bootstrap(&server, bootstrap_token).await?;
         server.reconcile(&runtime).await?;
+        // Requests that held an idempotency key died with the last process: a retry runs.
+        server.store.idempotency_clear_pending().await?;
         Ok((server, token))
     }
 
@@ -187,6 +203,13 @@ impl Server {
 
     pub fn forget_lock(&self, id: &str) {
         self.locks.lock().expect("lock map poisoned").remove(id);
+        self.cancels.lock().expect("cancel map poisoned").remove(id);
+    }
+
+    /// Cancelled when the sandbox is being destroyed; agent operations select on it.
+    pub fn cancel_of(&self, id: &str) -> CancellationToken {
+        let mut map = self.cancels.lock().expect("cancel map poisoned");
+        map.entry(id.to_string()).or_default().clone()
     }
 
     pub fn state_dir(&self, id: &str) -> PathBuf {

@@ -110,6 +110,15 @@ pub struct WorkspaceRow {
     pub name: String,
 }
 
+/// What an earlier request with the same idempotency key left.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct IdempotencyRow {
+    pub request_hash: String,
+    /// `None` while that request still runs.
+    pub status: Option<i64>,
+    pub response: Option<String>,
+}
+
 #[derive(Clone)]
 pub struct Store {
     pool: SqlitePool,
@@ -732,7 +741,112 @@ impl Store {
         Ok(rows.iter().map(|r| r.get::<String, _>("id")).collect())
     }
 
+    // ---- idempotency keys ----
+
+    /// Claim `key` for a request with `hash`: `None` when this request owns it now (a
+    /// pending row was inserted), otherwise the row another request left. Expired rows are
+    /// deleted first.
+    pub async fn idempotency_begin(
+        &self,
+        workspace_id: &str,
+        key: &str,
+        hash: &str,
+        now: i64,
+        expires_at: i64,
+    ) -> Result<Option<IdempotencyRow>, ServerError> {
+        sqlx::query("DELETE FROM idempotency_keys WHERE expires_at <= ?")
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(q("expiring idempotency keys"))?;
+        let inserted = sqlx::query(
+            "INSERT OR IGNORE INTO idempotency_keys
+                (workspace_id, key, request_hash, status, response, created_at, expires_at)
+             VALUES (?, ?, ?, NULL, NULL, ?, ?)",
+        )
+        .bind(workspace_id)
+        .bind(key)
+        .bind(hash)
+        .bind(now)
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await
+        .map_err(q("claiming an idempotency key"))?;
+        if inserted.rows_affected() == 1 {
+            return Ok(None);
+        }
+        sqlx::query_as::<_, IdempotencyRow>(
+            "SELECT request_hash, status, response FROM idempotency_keys
+             WHERE workspace_id = ? AND key = ?",
+        )
+        .bind(workspace_id)
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(q("reading an idempotency key"))
+    }
+
+    /// Record the response of the request that owns `key`.
+    pub async fn idempotency_finish(
+        &self,
+        workspace_id: &str,
+        key: &str,
+        status: u16,
+        response: &str,
+    ) -> Result<(), ServerError> {
+        sqlx::query(
+            "UPDATE idempotency_keys SET status = ?, response = ? WHERE workspace_id = ? AND key = ?",
+        )
+        .bind(status as i64)
+        .bind(response)
+        .bind(workspace_id)
+        .bind(key)
+        .execute(&self.pool)
+        .await
+        .map_err(q("recording an idempotent response"))?;
+        Ok(())
+    }
+
+    /// Release a pending key (its request failed: a retry may run again).
+    pub async fn idempotency_abandon(
+        &self,
+        workspace_id: &str,
+        key: &str,
+    ) -> Result<(), ServerError> {
+        sqlx::query(
+            "DELETE FROM idempotency_keys WHERE workspace_id = ? AND key = ? AND status IS NULL",
+        )
+        .bind(workspace_id)
+        .bind(key)
+        .execute(&self.pool)
+        .await
+        .map_err(q("releasing an idempotency key"))?;
+        Ok(())
+    }
+
+    /// Server use, at start: no request is running, so no key is pending.
+    pub async fn idempotency_clear_pending(&self) -> Result<(), ServerError> {
+        sqlx::query("DELETE FROM idempotency_keys WHERE status IS NULL")
+            .execute(&self.pool)
+            .await
+            .map_err(q("releasing pending idempotency keys"))?;
+        Ok(())
+    }
+
     // ---- warm pool ----
+
+    /// How many of a workspace's sandboxes are creating or running (the running quota).
+    pub async fn count_running(&self, workspace_id: &str) -> Result<i64, ServerError> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM sandboxes
+             WHERE workspace_id = ? AND status IN ('creating', 'running')",
+        )
+        .bind(workspace_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(q("counting running sandboxes"))?;
+        Ok(row.get::<i64, _>("n"))
+    }
 
     /// Server use: how many pooled sandboxes each template has.
     pub async fn pooled_count(&self, template_id: &str) -> Result<i64, ServerError> {

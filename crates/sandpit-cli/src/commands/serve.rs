@@ -36,6 +36,9 @@ pub struct ServeArgs {
     /// Largest upload in bytes.
     #[arg(long, env = "SANDPIT_UPLOAD_LIMIT", default_value_t = 100 * 1024 * 1024)]
     upload_limit: u64,
+    /// An upload whose body sends nothing for this long is aborted, e.g. 30s.
+    #[arg(long, env = "SANDPIT_BODY_IDLE_TIMEOUT", default_value = "30s")]
+    body_idle_timeout: String,
     /// How often expired and idle sandboxes are looked for, e.g. 1s.
     #[arg(long, env = "SANDPIT_REAPER_INTERVAL", default_value = "1s")]
     reaper_interval: String,
@@ -64,6 +67,18 @@ pub struct ServeArgs {
     /// (see bench/); it pays off for templates with slow start-up.
     #[arg(long, env = "SANDPIT_BOOT_SNAPSHOTS")]
     boot_snapshots: bool,
+    /// API requests per workspace per hour, spendable in one burst and refilled evenly
+    /// (0: unlimited). Over it: 429 `rate_limited` with Retry-After.
+    #[arg(long, env = "SANDPIT_RATE_LIMIT_REQUESTS", default_value_t = 36_000)]
+    rate_limit_requests: u32,
+    /// Sandboxes created (a fork counts each child) per workspace per hour (0: unlimited).
+    /// Over it: 429 `sandbox_rate_limited`.
+    #[arg(long, env = "SANDPIT_RATE_LIMIT_SANDBOXES", default_value_t = 1_000)]
+    rate_limit_sandboxes: u32,
+    /// Sandboxes creating or running at once per workspace; hibernated ones do not count
+    /// (0: unlimited). Over it: 429 `running_quota_exceeded`.
+    #[arg(long, env = "SANDPIT_MAX_RUNNING", default_value_t = 200)]
+    max_running: u32,
     /// Log as JSON lines.
     #[arg(long, env = "SANDPIT_LOG_JSON")]
     log_json: bool,
@@ -105,11 +120,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     cfg.runsc = args.runsc;
     cfg.upload_limit = args.upload_limit;
     cfg.reaper_interval = reaper_interval;
+    cfg.body_idle_timeout = sandpit_api_types::parse_duration(&args.body_idle_timeout)
+        .map_err(anyhow::Error::msg)
+        .context("--body-idle-timeout")?;
     cfg.warm_pool = args.warm_pool;
     cfg.boot_snapshots = args.boot_snapshots;
     cfg.dns = args.dns;
     cfg.preview_domain = args.preview_domain;
     cfg.preview_wake = args.preview_wake;
+    cfg.limits = sandpit_server::limits::LimitsConfig {
+        requests_per_hour: args.rate_limit_requests,
+        sandboxes_per_hour: args.rate_limit_sandboxes,
+        max_running: args.max_running,
+    };
     let (server, token) = Server::start(cfg, args.bootstrap_token.as_deref())
         .await
         .map_err(|e| anyhow::anyhow!("{}", sandpit_server::error::DisplayChain(&e)))

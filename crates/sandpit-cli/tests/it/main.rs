@@ -2,12 +2,16 @@
 //! network namespaces and nftables, a real SQLite file. They need root and runsc (the README's
 //! test command installs it).
 
+mod abuse;
 mod api;
 mod crash;
 mod egress;
 mod fork;
+mod idempotency;
 mod lifecycle;
+mod limits;
 mod previews;
+mod reliability;
 mod security;
 mod soak;
 

@@ -93,7 +93,11 @@ async fn authorization_matrix_and_token_hygiene() {
         .unwrap();
     let no_scopes = narrowed.token.unwrap();
 
+    // Refused calls tried (each a bad input: no, forged, revoked, scopeless, foreign token,
+    // or a bad id), for the reliability figures.
+    let mut refused = 0;
     for (method, path, body) in sandbox_routes(&sb.id) {
+        refused += 5 + 4;
         let what = format!("{method} {path}");
         let (s, text) = call(&srv.url, None, &method, &path, body).await;
         assert_eq!(s, 401, "{what} without a token: {text}");
@@ -166,4 +170,8 @@ async fn authorization_matrix_and_token_hygiene() {
         );
     }
     admin.destroy_sandbox(&sb.id).await.unwrap();
+    println!(
+        "FIGURE bad_inputs authorization_matrix={refused} token_places_checked={}",
+        issued.len() * 3
+    );
 }

@@ -89,8 +89,22 @@ async fn upload_file(
         ));
     }
     let (agent, _guard, _) = lifecycle::running_agent(server, auth, id).await?;
+    // A stalled body would hold the sandbox (its read lock) forever: give up on it, and the
+    // agent discards its temporary file.
+    let idle = server.cfg.body_idle_timeout;
+    let body = futures::StreamExt::map(
+        tokio_stream::StreamExt::timeout(body.into_data_stream(), idle),
+        move |chunk| match chunk {
+            Ok(Ok(bytes)) => Ok(bytes),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "the body sent nothing for {} s",
+                idle.as_secs_f64()
+            )),
+        },
+    );
     agent
-        .write_file(&path, body.into_data_stream(), limit)
+        .write_file(&path, Box::pin(body), limit)
         .await
         .map_err(agent_failure)?;
     Ok(StatusCode::NO_CONTENT)

@@ -84,6 +84,11 @@ pub fn app(server: Arc<Server>) -> Router {
             "this route does not take that method",
         )
     })
+    // Rate limits per workspace, inside the preview router (previews carry no API token).
+    .layer(axum::middleware::from_fn_with_state(
+        server.clone(),
+        crate::limits::enforce,
+    ))
     // Preview hosts never reach the routes above (applied after the fallback, so it wraps
     // every route and the fallback).
     .layer(axum::middleware::from_fn_with_state(

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Path, State};
+use axum::http::HeaderMap;
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
 use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use sandpit_agent_proto as proto;
 use sandpit_api_types::{
@@ -26,6 +27,7 @@ use super::{ApiJson, ApiQuery, OptionalJson};
 use crate::agent::{AgentFailure, ExecOutput};
 use crate::auth::Auth;
 use crate::error::{ApiError, ServerError};
+use crate::idempotency;
 use crate::lifecycle::{self, to_api};
 use crate::server::Server;
 
@@ -48,22 +50,37 @@ pub fn router() -> OpenApiRouter<Arc<Server>> {
         .routes(routes!(delete_snapshot))
 }
 
-/// Create a sandbox and wait until it runs.
+/// Create a sandbox and wait until it runs. With an `Idempotency-Key` header, a repeat of
+/// the same request replays the first response instead of creating another sandbox.
 #[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes",
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes the request safe to retry: a repeat with the same key and body replays the first response (1-255 visible ASCII characters, kept 24 h)")),
     request_body = CreateSandboxRequest,
     responses(
         (status = 201, description = "Sandbox created and running", body = Sandbox),
-        (status = 400, description = "Invalid mode, size, timeout, or egress policy", body = ErrorBody),
+        (status = 400, description = "Invalid mode, size, timeout, egress policy or Idempotency-Key", body = ErrorBody),
         (status = 404, description = "Template not found", body = ErrorBody),
+        (status = 409, description = "A request with this Idempotency-Key is still running", body = ErrorBody),
+        (status = 422, description = "This Idempotency-Key was used with a different request", body = ErrorBody),
+        (status = 429, description = "Rate limit or running-sandbox quota reached (see Retry-After)", body = ErrorBody),
     ))]
 async fn create_sandbox(
     State(server): State<Arc<Server>>,
     auth: Auth,
+    headers: HeaderMap,
     ApiJson(req): ApiJson<CreateSandboxRequest>,
-) -> Result<(StatusCode, Json<Sandbox>), ApiError> {
+) -> Result<Response, ApiError> {
     auth.require("sandbox_create")?;
-    let row = lifecycle::create(&server, &auth, &req).await?;
-    Ok((StatusCode::CREATED, Json(to_api(&row))))
+    let key = idempotency::key_of(&headers)?;
+    let hash = idempotency::request_hash("create", &req);
+    let (s, a) = (server.clone(), auth.clone());
+    idempotency::once(&server, &auth, key, hash, async move {
+        let row = lifecycle::create(&s, &a, &req).await?;
+        Ok((
+            StatusCode::CREATED,
+            serde_json::to_value(to_api(&row)).expect("serializes"),
+        ))
+    })
+    .await
 }
 
 /// List the workspace's sandboxes: every one not destroyed, or those with `status`.
@@ -315,6 +332,13 @@ fn agent_exec(req: ExecRequest) -> Result<(proto::ExecRequest, Duration), ApiErr
     ))
 }
 
+fn destroyed_during_exec() -> ApiError {
+    ApiError::conflict(
+        "sandbox_destroyed",
+        "the sandbox was destroyed while the command ran",
+    )
+}
+
 /// Map an agent failure to what the client sees.
 pub fn agent_failure(f: AgentFailure) -> ApiError {
     match f {
@@ -363,7 +387,7 @@ async fn exec(
 ) -> Result<Json<ExecResponse>, ApiError> {
     auth.require("sandbox_edit_code")?;
     let (mut req, timeout) = agent_exec(req)?;
-    let (agent, _guard, row) = lifecycle::running_agent(&server, &auth, &id).await?;
+    let (agent, guard, row) = lifecycle::running_agent(&server, &auth, &id).await?;
     req.env = lifecycle::exec_env(&row, std::mem::take(&mut req.env));
     let (tx, mut rx) = mpsc::channel(64);
     let collect = async {
@@ -379,17 +403,34 @@ async fn exec(
         }
         (stdout, stderr)
     };
+    let cancel = server.cancel_of(&id);
     let run = async {
-        tokio::time::timeout(timeout + Duration::from_secs(10), agent.exec(req, tx)).await
+        tokio::select! {
+            r = tokio::time::timeout(timeout + Duration::from_secs(10), agent.exec(req, tx)) => Some(r),
+            // Dropping the exec resets the connection: the agent kills the command.
+            _ = cancel.cancelled() => None,
+        }
     };
     let (result, (stdout, stderr)) = tokio::join!(run, collect);
-    let status = result
-        .map_err(|_| ServerError::AgentTimeout {
-            sandbox: id.clone(),
-            secs: timeout.as_secs() + 10,
-            last: "the command's output did not end after its timeout".into(),
-        })?
-        .map_err(agent_failure)?;
+    drop(guard);
+    let status = match result.ok_or_else(destroyed_during_exec)? {
+        Ok(Ok(status)) => status,
+        Ok(Err(AgentFailure::Refused(e))) => return Err(agent_failure(AgentFailure::Refused(e))),
+        // The agent is gone or silent: maybe the whole sandbox died (memory or process
+        // limit); if so, say so and settle it.
+        broken => {
+            if let Some(e) = lifecycle::settle_if_dead(&server, &id).await {
+                return Err(e);
+            }
+            broken
+                .map_err(|_| ServerError::AgentTimeout {
+                    sandbox: id.clone(),
+                    secs: timeout.as_secs() + 10,
+                    last: "the command's output did not end after its timeout".into(),
+                })?
+                .map_err(agent_failure)?
+        }
+    };
     server.store.touch(&id, crate::util::now_ms()).await?;
     Ok(Json(ExecResponse {
         exit_code: status.exit_code,
@@ -458,6 +499,7 @@ async fn exec_stream(
     let (agent, guard, row) = lifecycle::running_agent(&server, &auth, &id).await?;
     req.env = lifecycle::exec_env(&row, std::mem::take(&mut req.env));
     let (events_tx, events_rx) = mpsc::channel::<Result<Event, Infallible>>(64);
+    let cancel = server.cancel_of(&id);
     tokio::spawn(async move {
         let _guard = guard; // the read lock lives as long as the command
         let (tx, mut rx) = mpsc::channel(64);
@@ -467,6 +509,11 @@ async fn exec_stream(
         let finished = loop {
             tokio::select! {
                 out = &mut run => break out,
+                _ = cancel.cancelled() => {
+                    let e = destroyed_during_exec();
+                    let _ = events_tx.send(Ok(sse(ExecEvent::Error { code: e.code.into(), message: e.message }))).await;
+                    return; // dropping `run` resets the connection; the agent kills the command
+                }
                 Some(item) = rx.recv() => {
                     if events_tx.send(Ok(sse(output_event(item, &mut seq)))).await.is_err() {
                         return; // client gone: dropping `run` resets the connection; the agent kills the command
@@ -478,7 +525,19 @@ async fn exec_stream(
         while let Ok(item) = rx.try_recv() {
             let _ = events_tx.send(Ok(sse(output_event(item, &mut seq)))).await;
         }
+        drop(_guard);
+        let dead = match &finished {
+            Ok(Ok(_)) | Ok(Err(AgentFailure::Refused(_))) => None,
+            _ => lifecycle::settle_if_dead(&server, &id).await,
+        };
         let last = match finished {
+            _ if dead.is_some() => {
+                let e = dead.expect("checked");
+                ExecEvent::Error {
+                    code: e.code.into(),
+                    message: e.message,
+                }
+            }
             Ok(Ok(s)) => ExecEvent::Exit {
                 exit_code: s.exit_code,
                 duration_ms: s.duration_ms,
@@ -505,27 +564,38 @@ async fn exec_stream(
 }
 
 /// Fork a running or suspended sandbox into `count` children with its files, memory and
-/// settings. The parent keeps running (it pauses briefly while its memory is saved).
+/// settings. The parent keeps running (it pauses briefly while its memory is saved). With an
+/// `Idempotency-Key` header, a repeat of the same request replays the first response.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/fork", tag = "sandboxes",
-    params(("id" = String, Path, description = "Parent sandbox id")),
+    params(("id" = String, Path, description = "Parent sandbox id"), ("Idempotency-Key" = Option<String>, Header, description = "Makes the request safe to retry: a repeat with the same key and body replays the first response (1-255 visible ASCII characters, kept 24 h)")),
     request_body = ForkRequest,
     responses(
         (status = 201, description = "One result per child: a sandbox or an error", body = ForkResponse),
-        (status = 400, description = "Invalid count", body = ErrorBody),
-        (status = 409, description = "The parent cannot be copied in its state", body = ErrorBody),
+        (status = 400, description = "Invalid count or Idempotency-Key", body = ErrorBody),
+        (status = 409, description = "The parent cannot be copied in its state, or a request with this Idempotency-Key is still running", body = ErrorBody),
+        (status = 422, description = "This Idempotency-Key was used with a different request", body = ErrorBody),
+        (status = 429, description = "Rate limit or running-sandbox quota reached (see Retry-After)", body = ErrorBody),
     ))]
 async fn fork(
     State(server): State<Arc<Server>>,
     auth: Auth,
     Path(id): Path<String>,
+    headers: HeaderMap,
     OptionalJson(req): OptionalJson<ForkRequest>,
-) -> Result<(StatusCode, Json<ForkResponse>), ApiError> {
+) -> Result<Response, ApiError> {
     auth.require("sandbox_create")?;
-    let results = crate::fork::fork(&server, &auth, &id, req.count.unwrap_or(1)).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(ForkResponse { sandboxes: results }),
-    ))
+    let key = idempotency::key_of(&headers)?;
+    let hash = idempotency::request_hash(&format!("fork {id}"), &req);
+    let (s, a) = (server.clone(), auth.clone());
+    idempotency::once(&server, &auth, key, hash, async move {
+        let results = crate::fork::fork(&s, &a, &id, req.count.unwrap_or(1)).await?;
+        let body = ForkResponse { sandboxes: results };
+        Ok((
+            StatusCode::CREATED,
+            serde_json::to_value(body).expect("serializes"),
+        ))
+    })
+    .await
 }
 
 /// Save the sandbox's files and memory as a named snapshot; create sandboxes from it with

@@ -1,0 +1,162 @@
+//! Rate limits and quotas under concurrency: never over-admitted, 429 with `Retry-After`, a
+//! code and the CodeSandbox SDK's headers; workspaces do not share allowances.
+
+use reqwest::{Method, StatusCode};
+use sandpit_sdk::Client;
+use sandpit_sdk::types::TokenCreateRequest;
+use sandpit_test_support::TestServer;
+
+use crate::{base, bin};
+
+/// A response's status, error code and headers.
+async fn send(rb: reqwest::RequestBuilder) -> (StatusCode, String, reqwest::header::HeaderMap) {
+    let resp = rb.send().await.expect("request is sent");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    let code = body["error"]["code"].as_str().unwrap_or("").to_string();
+    (status, code, headers)
+}
+
+fn num(h: &reqwest::header::HeaderMap, name: &str) -> i64 {
+    h.get(name)
+        .unwrap_or_else(|| panic!("header {name} missing in {h:?}"))
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("header {name} is not a number: {h:?}"))
+}
+
+#[tokio::test]
+async fn quotas_and_rates_are_never_over_admitted() {
+    let srv = TestServer::start_with(
+        bin(),
+        &[
+            ("SANDPIT_MAX_RUNNING", "3"),
+            ("SANDPIT_RATE_LIMIT_SANDBOXES", "6"),
+            ("SANDPIT_RATE_LIMIT_REQUESTS", "40"),
+        ],
+    )
+    .await
+    .expect("server starts");
+    let admin = srv.client();
+
+    // Running quota: six concurrent creates against a quota of three.
+    let attempts = futures::future::join_all(
+        (0..6).map(|_| send(admin.request(Method::POST, "/v1/sandboxes").json(&base()))),
+    )
+    .await;
+    let created = attempts
+        .iter()
+        .filter(|(s, _, _)| *s == StatusCode::CREATED)
+        .count();
+    assert_eq!(created, 3, "{attempts:?}");
+    for (status, code, h) in attempts.iter().filter(|a| a.0 != StatusCode::CREATED) {
+        assert_eq!(
+            (*status, code.as_str()),
+            (StatusCode::TOO_MANY_REQUESTS, "running_quota_exceeded")
+        );
+        assert!(num(h, "retry-after") >= 1);
+        assert_eq!(num(h, "x-csb-vms-remaining"), 0);
+        assert_eq!(num(h, "x-csb-vms-used"), 3);
+    }
+    let running = admin.list_sandboxes(Some("running")).await.unwrap();
+    assert_eq!(running.len(), 3);
+    // Refused creates changed nothing: no row, no sandbox.
+    assert_eq!(admin.list_sandboxes(None).await.unwrap().len(), 3);
+
+    // A fork needs room for all its children.
+    let (status, code, _) = send(
+        admin
+            .request(
+                Method::POST,
+                &format!("/v1/sandboxes/{}/fork", running[0].id),
+            )
+            .json(&serde_json::json!({"count": 1})),
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, "running_quota_exceeded")
+    );
+
+    // Destroying one makes room; hibernating one too (suspended ones do not count).
+    admin.destroy_sandbox(&running[0].id).await.unwrap();
+    admin.hibernate(&running[1].id).await.unwrap();
+    let (status, _, h) = send(admin.request(Method::POST, "/v1/sandboxes").json(&base())).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(num(&h, "x-csb-vms-used"), 2);
+    assert_eq!(num(&h, "x-csb-vms-remaining"), 1);
+    // Four of six hourly creations spent.
+    assert_eq!(num(&h, "x-csb-sandbox-hourly-used"), 4);
+    assert_eq!(num(&h, "x-csb-sandbox-hourly-remaining"), 2);
+    assert!(h.contains_key("x-csb-sandbox-hourly-reset"));
+
+    // Creation rate: two more fit, the third is refused with a wait of about one refill
+    // (3600 s / 6 = 10 min). Make room first so only the rate can refuse.
+    for s in admin.list_sandboxes(Some("running")).await.unwrap() {
+        admin.destroy_sandbox(&s.id).await.unwrap();
+    }
+    let attempts = futures::future::join_all(
+        (0..3).map(|_| send(admin.request(Method::POST, "/v1/sandboxes").json(&base()))),
+    )
+    .await;
+    let refused: Vec<_> = attempts
+        .iter()
+        .filter(|a| a.0 != StatusCode::CREATED)
+        .collect();
+    assert_eq!(refused.len(), 1, "{attempts:?}");
+    let (status, code, h) = refused[0];
+    assert_eq!(
+        (*status, code.as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, "sandbox_rate_limited")
+    );
+    assert!((60..=601).contains(&num(h, "retry-after")), "{h:?}");
+    assert_eq!(num(h, "x-csb-sandbox-hourly-remaining"), 0);
+
+    // Request rate, in a workspace of its own: 40 per hour, fired 50 at once.
+    let ws = admin.create_workspace("flood").await.unwrap();
+    let token = admin
+        .create_token(&ws.id, &TokenCreateRequest::default())
+        .await
+        .unwrap()
+        .token
+        .unwrap();
+    let flood = Client::new(&srv.url, &token);
+    let attempts = futures::future::join_all(
+        (0..50).map(|_| send(flood.request(Method::GET, "/v1/sandboxes"))),
+    )
+    .await;
+    let ok: Vec<_> = attempts.iter().filter(|a| a.0 == StatusCode::OK).collect();
+    assert_eq!(ok.len(), 40, "{attempts:?}");
+    let mut remaining: Vec<i64> = ok
+        .iter()
+        .map(|a| num(&a.2, "x-csb-rate-hourly-remaining"))
+        .collect();
+    remaining.sort();
+    assert_eq!(remaining, (0..40).collect::<Vec<_>>());
+    for (status, code, h) in attempts.iter().filter(|a| a.0 != StatusCode::OK) {
+        assert_eq!(
+            (*status, code.as_str()),
+            (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
+        );
+        assert!((60..=91).contains(&num(h, "retry-after")), "{h:?}");
+        assert_eq!(num(h, "x-csb-rate-hourly-remaining"), 0);
+        assert_eq!(num(h, "x-csb-rate-hourly-used"), 40);
+    }
+    // Other workspaces are unaffected; requests without a valid token get 401, not 429.
+    let (status, _, h) = send(admin.request(Method::GET, "/v1/sandboxes")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(num(&h, "x-csb-rate-hourly-remaining") > 0);
+    let (status, code, _) =
+        send(Client::new(&srv.url, "sp_wrong").request(Method::GET, "/v1/sandboxes")).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::UNAUTHORIZED, "unauthorized")
+    );
+    for s in admin.list_sandboxes(None).await.unwrap() {
+        admin.destroy_sandbox(&s.id).await.unwrap();
+    }
+    let leaks = srv.leaks();
+    assert!(leaks.is_empty(), "{leaks:?}");
+}
