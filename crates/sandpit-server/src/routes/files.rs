@@ -14,6 +14,7 @@ use utoipa_axum::routes;
 
 use super::ApiQuery;
 use super::sandboxes::agent_failure;
+use crate::agent::AgentFailure;
 use crate::auth::Auth;
 use crate::error::ApiError;
 use crate::lifecycle;
@@ -88,7 +89,7 @@ async fn upload_file(
             format!("file exceeds the upload limit of {limit} bytes"),
         ));
     }
-    let (agent, _guard, _) = lifecycle::running_agent(server, auth, id).await?;
+    let (agent, guard, _) = lifecycle::running_agent(server, auth, id).await?;
     // A stalled body would hold the sandbox (its read lock) forever: give up on it, and the
     // agent discards its temporary file.
     let idle = server.cfg.body_idle_timeout;
@@ -103,11 +104,16 @@ async fn upload_file(
             )),
         },
     );
-    agent
-        .write_file(&path, Box::pin(body), limit)
-        .await
-        .map_err(agent_failure)?;
-    Ok(StatusCode::NO_CONTENT)
+    let written = agent.write_file(&path, Box::pin(body), limit).await;
+    drop(guard);
+    match written {
+        Ok(_) => Ok(StatusCode::NO_CONTENT),
+        // The agent is gone: maybe the whole sandbox died; if so, say so and settle it.
+        Err(AgentFailure::Broken(e)) => Err(lifecycle::settle_if_dead(server, id)
+            .await
+            .unwrap_or_else(|| agent_failure(AgentFailure::Broken(e)))),
+        Err(f) => Err(agent_failure(f)),
+    }
 }
 
 /// Read a file as `application/octet-stream`, streamed.
