@@ -57,7 +57,8 @@ pub struct StepReport {
 /// A finished build.
 #[derive(Debug, Clone)]
 pub struct BuildOutcome {
-    pub layers: Vec<LayerId>,
+    /// Layer directories, lowest first.
+    pub layers: Vec<PathBuf>,
     pub config: ImageConfig,
     pub steps: Vec<StepReport>,
 }
@@ -79,7 +80,7 @@ pub struct RunStep {
 pub trait StepRunner: Send + Sync {
     /// The layers and config of the template `name`, if the builder's owner has one.
     async fn template(&self, name: &str)
-    -> Result<Option<(Vec<LayerId>, ImageConfig)>, ImageError>;
+    -> Result<Option<(Vec<PathBuf>, ImageConfig)>, ImageError>;
 
     /// Run a `RUN` step; returns its exit code. Output goes to `log` as it arrives.
     async fn run(
@@ -109,7 +110,7 @@ const FAILED_OUTPUT_TAIL: usize = 16 * 1024;
 
 struct State {
     key: CacheKey,
-    layers: Vec<LayerId>,
+    layers: Vec<PathBuf>,
     config: ImageConfig,
     args: BTreeMap<String, Option<String>>,
 }
@@ -232,7 +233,11 @@ impl Builder {
                 log(format!("FROM {image} ({})", pulled.digest));
                 st.key = CacheKey::root(&format!("image:{}", pulled.digest));
                 let cached = pulled.downloaded_bytes == 0;
-                st.layers = pulled.layers;
+                st.layers = pulled
+                    .layers
+                    .iter()
+                    .map(|l| self.store.layer_path(l))
+                    .collect();
                 st.config = pulled.config;
                 Ok(cached)
             }
@@ -255,10 +260,7 @@ impl Builder {
                     return self.apply(st, key, hit, true);
                 }
                 let exists = st.layers.iter().any(|l| {
-                    std::fs::symlink_metadata(
-                        self.store.layer_path(l).join(dir.trim_start_matches('/')),
-                    )
-                    .is_ok()
+                    std::fs::symlink_metadata(l.join(dir.trim_start_matches('/'))).is_ok()
                 });
                 if !exists {
                     let tmp = self.store.temp_path("workdir");
@@ -269,8 +271,7 @@ impl Builder {
                         return Err(e);
                     }
                     let id = LayerId::from_key(&key);
-                    self.store.publish_layer(&tmp, &id)?;
-                    st.layers.push(id);
+                    st.layers.push(self.store.publish_layer(&tmp, &id)?);
                 }
                 self.commit(st, key, false)
             }
@@ -385,11 +386,7 @@ impl Builder {
                     self.runner
                         .run(
                             RunStep {
-                                layers: st
-                                    .layers
-                                    .iter()
-                                    .map(|l| self.store.layer_path(l))
-                                    .collect(),
+                                layers: st.layers.to_vec(),
                                 argv,
                                 env,
                                 workdir: st.config.workdir.clone().unwrap_or_else(|| "/".into()),
@@ -417,8 +414,7 @@ impl Builder {
                     });
                 }
                 let id = LayerId::from_key(&key);
-                self.store.publish_layer(&out, &id)?;
-                st.layers.push(id);
+                st.layers.push(self.store.publish_layer(&out, &id)?);
                 self.commit(st, key, false)
             }
             Kind::Copy {
@@ -486,8 +482,7 @@ impl Builder {
                     }
                 }
                 let id = LayerId::from_key(&key);
-                self.store.publish_layer(&tmp, &id)?;
-                st.layers.push(id);
+                st.layers.push(self.store.publish_layer(&tmp, &id)?);
                 self.commit(st, key, false)
             }
         }
@@ -830,7 +825,7 @@ mod tests {
         async fn template(
             &self,
             name: &str,
-        ) -> Result<Option<(Vec<LayerId>, ImageConfig)>, ImageError> {
+        ) -> Result<Option<(Vec<PathBuf>, ImageConfig)>, ImageError> {
             Ok((name == "tpl").then(|| {
                 (
                     Vec::new(),
@@ -894,7 +889,7 @@ mod tests {
         assert_eq!(rec.runs.lock().unwrap().len(), 2);
         assert!(first.steps.iter().all(|s| s.index == 1 || !s.cached));
         assert_eq!(first.config.workdir.as_deref(), Some("/srv"));
-        let copy_layer = b.store.layer_path(&first.layers[1]);
+        let copy_layer = first.layers[1].clone();
         assert!(copy_layer.join("app/app.sh").is_file());
         assert!(
             !copy_layer.join("app/cache").exists(),
@@ -980,7 +975,7 @@ mod tests {
         };
         let (_ev, sink) = events();
         let out = b.build(&req, &sink).await.unwrap();
-        assert!(b.store.layer_path(&out.layers[0]).join("bin/hi").is_file());
+        assert!(out.layers[0].join("bin/hi").is_file());
         assert_eq!(out.config.start_command().unwrap(), vec!["/bin/hi"]);
         for bad in [
             "COPY ../x /x",

@@ -111,3 +111,77 @@ mod tests {
         assert!(!IgnoreRules::default().is_ignored("anything"));
     }
 }
+
+/// Pack a build context directory into a gzip tar for upload, leaving out what
+/// `.dockerignore` excludes (the Dockerfile and `.dockerignore` always go). Symlinks are
+/// packed as symlinks, never followed.
+pub fn pack_context(dir: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    let rules = IgnoreRules::load(dir);
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    tar.follow_symlinks(false);
+    fn walk(
+        tar: &mut tar::Builder<flate2::write::GzEncoder<Vec<u8>>>,
+        rules: &IgnoreRules,
+        root: &std::path::Path,
+        rel: &str,
+    ) -> std::io::Result<()> {
+        let mut entries: Vec<_> = std::fs::read_dir(root.join(rel))?.collect::<Result<_, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let name = e.file_name().to_string_lossy().to_string();
+            let r = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
+            let always = rel.is_empty() && (name == "Dockerfile" || name == ".dockerignore");
+            if !always && rules.is_ignored(&r) {
+                continue;
+            }
+            let ft = e.file_type()?;
+            if ft.is_dir() {
+                tar.append_dir(&r, e.path())?;
+                walk(tar, rules, root, &r)?;
+            } else if ft.is_file() || ft.is_symlink() {
+                tar.append_path_with_name(e.path(), &r)?;
+            }
+        }
+        Ok(())
+    }
+    walk(&mut tar, &rules, dir, "")?;
+    tar.into_inner()?.finish()
+}
+
+#[cfg(test)]
+mod pack_tests {
+    #[test]
+    fn packs_what_is_not_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("Dockerfile"), "FROM scratch\n").unwrap();
+        std::fs::write(dir.path().join(".dockerignore"), "*.log\nDockerfile\n").unwrap();
+        std::fs::create_dir(dir.path().join("src")).unwrap();
+        std::fs::write(dir.path().join("src/a"), "a").unwrap();
+        std::fs::write(dir.path().join("x.log"), "x").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("link")).unwrap();
+        let packed = super::pack_context(dir.path()).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let f = out.path().join("c.tgz");
+        std::fs::write(&f, packed).unwrap();
+        let unpacked = out.path().join("u");
+        std::fs::create_dir(&unpacked).unwrap();
+        crate::unpack::unpack(
+            crate::unpack::open_blob(&f).unwrap(),
+            &unpacked,
+            crate::unpack::Whiteouts::Plain,
+        )
+        .unwrap();
+        assert!(unpacked.join("Dockerfile").is_file());
+        assert!(unpacked.join("src/a").is_file());
+        assert!(!unpacked.join("x.log").exists());
+        assert_eq!(
+            std::fs::read_link(unpacked.join("link")).unwrap(),
+            std::path::Path::new("/etc/passwd")
+        );
+    }
+}

@@ -71,7 +71,8 @@ impl CacheKey {
 /// What a build step produced: the image after it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CacheEntry {
-    pub layers: Vec<LayerId>,
+    /// Layer directories, lowest first.
+    pub layers: Vec<PathBuf>,
     pub config: ImageConfig,
 }
 
@@ -131,11 +132,7 @@ impl LayerStore {
         let text = std::fs::read_to_string(self.root.join("cache").join(format!("{}.json", key.0)))
             .ok()?;
         let entry: CacheEntry = serde_json::from_str(&text).ok()?;
-        entry
-            .layers
-            .iter()
-            .all(|l| self.has_layer(l))
-            .then_some(entry)
+        entry.layers.iter().all(|l| l.is_dir()).then_some(entry)
     }
 
     pub fn put_cache(&self, key: &CacheKey, entry: &CacheEntry) -> Result<(), ImageError> {

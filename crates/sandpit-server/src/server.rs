@@ -49,6 +49,8 @@ pub struct ServerConfig {
     pub dns: Option<Vec<std::net::Ipv4Addr>>,
     /// Previews are served at `<sandbox id>-<port>.<preview_domain>` (see [`crate::preview`]).
     pub preview_domain: String,
+    /// Registries (`host:port`) template builds reach over plain HTTP; loopback ones always.
+    pub insecure_registries: Vec<String>,
 }
 
 impl ServerConfig {
@@ -70,6 +72,7 @@ impl ServerConfig {
             boot_snapshots: false,
             dns: None,
             preview_domain: "localhost".into(),
+            insecure_registries: Vec::new(),
         }
     }
 }
@@ -99,6 +102,10 @@ pub struct Server {
     /// Live preview connections, cut before a checkpoint.
     pub previews: crate::preview::Previews,
     pub shutdown: CancellationToken,
+    /// Image layers and the build cache (`<data dir>/images`).
+    pub images: sandpit_image::LayerStore,
+    /// Running template builds' event logs.
+    pub builds: crate::builds::Builds,
 }
 
 impl Server {
@@ -152,6 +159,10 @@ impl Server {
             tracing::info!(?nameservers, "sandbox nameservers");
         }
         let resolv_conf = crate::dns::resolv_conf(&nameservers);
+        let images = sandpit_image::LayerStore::open(cfg.data_dir.join("images"))
+            .map_err(|e| ServerError::Corrupt(format!("opening the layer store: {e}")))?;
+        images.clean_temp();
+        store.fail_interrupted_builds(crate::util::now_ms()).await?;
         let server = Arc::new(Server {
             cfg,
             store,
@@ -165,6 +176,8 @@ impl Server {
             egress_lock: tokio::sync::Mutex::new(()),
             previews: Default::default(),
             shutdown: CancellationToken::new(),
+            images,
+            builds: Default::default(),
         });
         // Adopt and promptly reap the sandbox processes runsc leaves behind (see
         // `sandpit_runtime_gvisor::spawn_reaper`); stopped with the server.

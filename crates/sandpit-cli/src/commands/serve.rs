@@ -60,6 +60,10 @@ pub struct ServeArgs {
     /// (see bench/); it pays off for templates with slow start-up.
     #[arg(long, env = "SANDPIT_BOOT_SNAPSHOTS")]
     boot_snapshots: bool,
+    /// Registries (host:port) that template builds reach over plain HTTP, comma-separated
+    /// (loopback registries always are).
+    #[arg(long, env = "SANDPIT_INSECURE_REGISTRIES", value_delimiter = ',')]
+    insecure_registries: Vec<String>,
     /// Log as JSON lines.
     #[arg(long, env = "SANDPIT_LOG_JSON")]
     log_json: bool,
@@ -105,6 +109,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     cfg.boot_snapshots = args.boot_snapshots;
     cfg.dns = args.dns;
     cfg.preview_domain = args.preview_domain;
+    cfg.insecure_registries = args.insecure_registries;
     let (server, token) = Server::start(cfg, args.bootstrap_token.as_deref())
         .await
         .map_err(|e| anyhow::anyhow!("{}", sandpit_server::error::DisplayChain(&e)))
