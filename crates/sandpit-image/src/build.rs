@@ -207,8 +207,8 @@ impl Builder {
                     .cloned()
                     .or_else(|| default.as_ref().map(|d| st.subst(d)));
                 st.args.insert(name.clone(), value);
-                st.key = st.key.child(&["ARG", name, &st.args_fingerprint()]);
-                Ok(false)
+                let key = st.key.child(&["ARG", name, &st.args_fingerprint()]);
+                self.metadata(st, key)
             }
             Kind::From { image } => {
                 let image = st.subst(image);
@@ -246,11 +246,11 @@ impl Builder {
                     let v = st.subst(v);
                     st.config.set_env(k, &v);
                 }
-                st.key = st.key.child(&[
+                let key = st.key.child(&[
                     "ENV",
                     &serde_json::to_string(&st.config.env).expect("serializes"),
                 ]);
-                Ok(false)
+                self.metadata(st, key)
             }
             Kind::Workdir(dir) => {
                 let dir = absolute(st.config.workdir.as_deref().unwrap_or("/"), &st.subst(dir));
@@ -277,10 +277,10 @@ impl Builder {
             }
             Kind::User(user) => {
                 st.config.user = Some(st.subst(user));
-                st.key = st
+                let key = st
                     .key
                     .child(&["USER", st.config.user.as_deref().unwrap_or_default()]);
-                Ok(false)
+                self.metadata(st, key)
             }
             Kind::Expose(ports) => {
                 for p in ports {
@@ -296,23 +296,23 @@ impl Builder {
                     }
                 }
                 st.config.exposed_ports.sort_unstable();
-                st.key = st
+                let key = st
                     .key
                     .child(&["EXPOSE", &format!("{:?}", st.config.exposed_ports)]);
-                Ok(false)
+                self.metadata(st, key)
             }
             Kind::Cmd(c) => {
                 st.config.cmd = Some(c.argv());
-                st.key = st.key.child(&["CMD", &format!("{:?}", st.config.cmd)]);
-                Ok(false)
+                let key = st.key.child(&["CMD", &format!("{:?}", st.config.cmd)]);
+                self.metadata(st, key)
             }
             Kind::Entrypoint(c) => {
                 st.config.entrypoint = Some(c.argv());
                 st.config.cmd = None; // Docker: a new ENTRYPOINT drops the inherited CMD
-                st.key = st
+                let key = st
                     .key
                     .child(&["ENTRYPOINT", &format!("{:?}", st.config.entrypoint)]);
-                Ok(false)
+                self.metadata(st, key)
             }
             Kind::Healthcheck(c) => {
                 st.config.ready = c.as_ref().map(|c| {
@@ -321,12 +321,15 @@ impl Builder {
                         Command::Exec(a) => shell_join(a),
                     })
                 });
-                st.key = st
+                let key = st
                     .key
                     .child(&["HEALTHCHECK", &format!("{:?}", st.config.ready)]);
-                Ok(false)
+                self.metadata(st, key)
             }
-            Kind::Label => Ok(false),
+            Kind::Label => {
+                let key = st.key.child(&["LABEL", &ins.text]);
+                self.metadata(st, key)
+            }
             Kind::Run(c) => {
                 let mut argv = c.argv();
                 if let Some(user) = st
@@ -499,6 +502,12 @@ impl Builder {
         st.config = hit.config;
         st.key = key;
         Ok(cached)
+    }
+
+    /// A step that changes only the config: a hit when it was seen before.
+    fn metadata(&self, st: &mut State, key: CacheKey) -> Result<bool, ImageError> {
+        let hit = self.store.cached(&key).is_some();
+        self.commit(st, key, hit)
     }
 
     fn commit(&self, st: &mut State, key: CacheKey, cached: bool) -> Result<bool, ImageError> {
@@ -909,14 +918,14 @@ mod tests {
         assert_eq!(runs.len(), 3);
         assert_eq!(runs[2], vec!["/bin/sh", "-c", "echo two"]);
         let cached: Vec<bool> = second.steps.iter().map(|s| s.cached).collect();
-        assert_eq!(cached, vec![true, false, true, true, false]);
+        assert_eq!(cached, vec![true, true, true, true, false]);
         assert_eq!(second.layers[..2], first.layers[..2]);
 
         // A changed context file invalidates the COPY and what follows it.
         std::fs::write(ctx.join("src/app.sh"), "echo changed").unwrap();
         let third = b.build(&req, &sink).await.unwrap();
         let cached: Vec<bool> = third.steps.iter().map(|s| s.cached).collect();
-        assert_eq!(cached, vec![true, false, true, false, false]);
+        assert_eq!(cached, vec![true, true, true, false, false]);
         // An ignored file's change does not.
         std::fs::write(ctx.join("src/cache/junk"), "y").unwrap();
         let fourth = b.build(&req, &sink).await.unwrap();

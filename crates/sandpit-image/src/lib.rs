@@ -74,3 +74,6 @@ impl ImageError {
         move |source| ImageError::Files { what, path, source }
     }
 }
+
+/// The OCI client this crate uses (for tests and tools that push images).
+pub use oci_client;

@@ -192,6 +192,16 @@ pub async fn run(cmd: TemplateCommand) -> anyhow::Result<u8> {
     }
 }
 
+/// Print a line above the progress bar, or to stderr when there is no bar (not a
+/// terminal: `println` of a hidden bar prints nothing).
+fn say(bar: &ProgressBar, line: impl AsRef<str>) {
+    if bar.is_hidden() {
+        eprintln!("{}", line.as_ref());
+    } else {
+        bar.println(line);
+    }
+}
+
 /// Start a build and follow it: a progress bar over the steps, each step's output printed
 /// as it comes, a summary per step (cached or how long it ran). 1 when the build fails.
 async fn build(client: Client, req: CreateTemplateRequest, no_wait: bool) -> anyhow::Result<u8> {
@@ -219,12 +229,12 @@ async fn build(client: Client, req: CreateTemplateRequest, no_wait: bool) -> any
                 bar.set_length(total as u64);
                 bar.set_position(index as u64 - 1);
                 current = format!("Step {index}/{total}: {instruction}");
-                bar.println(&current);
+                say(&bar, &current);
                 bar.set_message(instruction);
             }
             TemplateBuildEvent::Log { text, .. } => {
                 for line in text.lines() {
-                    bar.println(format!("  | {line}"));
+                    say(&bar, format!("  | {line}"));
                 }
             }
             TemplateBuildEvent::StepDone {
@@ -233,11 +243,14 @@ async fn build(client: Client, req: CreateTemplateRequest, no_wait: bool) -> any
                 elapsed_ms,
             } => {
                 bar.set_position(index as u64);
-                bar.println(if cached {
-                    format!("  -> cached ({elapsed_ms} ms)")
-                } else {
-                    format!("  -> done in {elapsed_ms} ms")
-                });
+                say(
+                    &bar,
+                    if cached {
+                        format!("  -> cached ({elapsed_ms} ms)")
+                    } else {
+                        format!("  -> done in {elapsed_ms} ms")
+                    },
+                );
             }
             TemplateBuildEvent::Finished {
                 status,

@@ -10,6 +10,7 @@ mod lifecycle;
 mod previews;
 mod security;
 mod soak;
+mod templates;
 
 use std::path::Path;
 
