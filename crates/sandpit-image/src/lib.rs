@@ -13,6 +13,7 @@ pub mod dockerfile;
 pub mod ignore;
 pub mod registry;
 pub mod store;
+pub mod toolchain;
 pub mod unpack;
 
 pub use build::{BuildEvent, BuildOutcome, Builder, StepRunner};

@@ -382,6 +382,12 @@ impl Client {
             .map(drop)
     }
 
+    /// Start the build of a built-in template built on demand (`toolchain`).
+    pub async fn build_builtin_template(&self, id: &str) -> Result<Template, SdkError> {
+        let path = format!("/v1/templates/{}/build", urlencode(id));
+        self.json(self.request(Method::POST, &path)).await
+    }
+
     /// A build's events from its start; ends after `finished`.
     pub async fn template_build_events(
         &self,

@@ -760,3 +760,148 @@ pub async fn delete(
     let _ = std::fs::remove_dir_all(crate::templates::boot_snapshot_dir(server, &t.name));
     Ok(())
 }
+
+/// The built-in `toolchain` template (Debian with bash, python3, node, git), built on
+/// demand by [`build_toolchain`] and cached as a layer.
+pub const TOOLCHAIN_ID: &str = "tpl_toolchain";
+pub const TOOLCHAIN_NAME: &str = "toolchain";
+
+fn toolchain_config() -> String {
+    let cfg = ImageConfig {
+        env: vec![
+            (
+                "PATH".into(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            ),
+            ("LANG".into(), "C.UTF-8".into()),
+            ("HOME".into(), "/root".into()),
+        ],
+        ..Default::default()
+    };
+    serde_json::to_string(&cfg).expect("serializes")
+}
+
+/// Register the toolchain template at start: `ready` when its layer exists (built before,
+/// same sources and packages), `not_built` otherwise.
+pub async fn register_toolchain(server: &Server) -> Result<(), ServerError> {
+    server
+        .store
+        .upsert_template(&TemplateRow::builtin(
+            TOOLCHAIN_ID,
+            TOOLCHAIN_NAME,
+            "Debian with bash, python3, node, git and common tools (built on demand from the host's apt sources)",
+            String::new(),
+            now_ms(),
+        ))
+        .await?;
+    let existing = match sandpit_image::toolchain::layer_id() {
+        Ok(id) if server.images.has_layer(&id) => Some(server.images.layer_path(&id)),
+        _ => None,
+    };
+    let (status, layers) = match existing {
+        Some(p) => ("ready", serde_json::to_string(&[p]).expect("serializes")),
+        None => ("not_built", "[]".to_string()),
+    };
+    server
+        .store
+        .finish_template_build(
+            TOOLCHAIN_ID,
+            status,
+            &layers,
+            &toolchain_config(),
+            None,
+            now_ms(),
+        )
+        .await
+}
+
+/// `POST /v1/templates/{id}/build` for a built-in template built on demand: start its
+/// build unless it is built or building. Returns the row as it is now.
+pub async fn build_builtin(
+    server: &Arc<Server>,
+    workspace_id: &str,
+    name_or_id: &str,
+) -> Result<TemplateRow, ApiError> {
+    let t = server
+        .store
+        .find_template(workspace_id, name_or_id)
+        .await?
+        .ok_or_else(|| {
+            ApiError::not_found("template_not_found", format!("no template {name_or_id:?}"))
+        })?;
+    if t.id != TOOLCHAIN_ID {
+        return Err(ApiError::bad_request(
+            "not_buildable",
+            "only built-in templates built on demand (toolchain) are built this way; create a new template to rebuild",
+        ));
+    }
+    if server
+        .store
+        .claim_build(TOOLCHAIN_ID, &["not_built", "failed"], now_ms())
+        .await?
+    {
+        let log = server
+            .builds
+            .open(TOOLCHAIN_ID, build_log_path(server, TOOLCHAIN_ID));
+        let _ = std::fs::create_dir_all(template_dir(server, TOOLCHAIN_ID));
+        let _ = std::fs::remove_file(build_log_path(server, TOOLCHAIN_ID));
+        let server2 = server.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            log.push(TemplateBuildEvent::Step {
+                index: 1,
+                total: 1,
+                line: 0,
+                instruction: format!(
+                    "mmdebstrap {} + {}",
+                    sandpit_image::toolchain::host_suite().unwrap_or_default(),
+                    sandpit_image::toolchain::PACKAGES.join(" ")
+                ),
+            });
+            let sink = {
+                let log = log.clone();
+                move |text: String| log.push(TemplateBuildEvent::Log { index: 1, text })
+            };
+            let built = sandpit_image::toolchain::ensure(&server2.images, &sink).await;
+            let (status, layers, error) = match built {
+                Ok(p) => (
+                    "ready",
+                    serde_json::to_string(&[p]).expect("serializes"),
+                    None,
+                ),
+                Err(e) => ("failed", "[]".into(), Some(e.to_string())),
+            };
+            let _ = server2
+                .store
+                .finish_template_build(
+                    TOOLCHAIN_ID,
+                    status,
+                    &layers,
+                    &toolchain_config(),
+                    error.as_deref(),
+                    now_ms(),
+                )
+                .await;
+            let elapsed_ms = started.elapsed().as_millis() as u64;
+            if error.is_none() {
+                log.push(TemplateBuildEvent::StepDone {
+                    index: 1,
+                    cached: false,
+                    elapsed_ms,
+                });
+            }
+            tracing::info!(status, elapsed_ms, "toolchain template build ended");
+            log.push(TemplateBuildEvent::Finished {
+                status: status.into(),
+                error,
+                elapsed_ms,
+            });
+            server2.builds.close(TOOLCHAIN_ID);
+        });
+    }
+    Ok(server
+        .store
+        .template_by_id(TOOLCHAIN_ID)
+        .await?
+        .expect("registered at start"))
+}

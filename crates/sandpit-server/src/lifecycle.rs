@@ -229,7 +229,14 @@ async fn validate_create(
     if template.status != "ready" {
         return Err(ApiError::conflict(
             "template_not_ready",
-            format!("template {:?} is {}", req.template, template.status),
+            if template.status == "not_built" {
+                format!(
+                    "template {:?} is built on demand: POST /v1/templates/{}/build (or `sandpit template build-builtin {}`) first",
+                    req.template, template.name, template.name
+                )
+            } else {
+                format!("template {:?} is {}", req.template, template.status)
+            },
         ));
     }
     let egress = match (&req.egress, &snapshot) {

@@ -183,6 +183,7 @@ impl Server {
         // `sandpit_runtime_gvisor::spawn_reaper`); stopped with the server.
         sandpit_runtime_gvisor::spawn_reaper(server.shutdown.clone().cancelled_owned());
         templates::ensure_base(&server).await?;
+        crate::builds::register_toolchain(&server).await?;
         let token = crate::auth::bootstrap(&server, bootstrap_token).await?;
         server.reconcile(&runtime).await?;
         Ok((server, token))

@@ -424,6 +424,30 @@ impl Store {
         Ok(())
     }
 
+    /// Server use: move a template into `building` if it is in one of `from`; false when
+    /// it is not (already building or built).
+    pub async fn claim_build(
+        &self,
+        id: &str,
+        from: &[&str],
+        now: i64,
+    ) -> Result<bool, ServerError> {
+        let mut done = 0;
+        for status in from {
+            done += sqlx::query(
+                "UPDATE templates SET status = 'building', error = NULL, updated_at = ? WHERE id = ? AND status = ?",
+            )
+            .bind(now)
+            .bind(id)
+            .bind(status)
+            .execute(&self.pool)
+            .await
+            .map_err(q("starting a template build"))?
+            .rows_affected();
+        }
+        Ok(done == 1)
+    }
+
     /// Server use: builds that a crash interrupted fail.
     pub async fn fail_interrupted_builds(&self, now: i64) -> Result<u64, ServerError> {
         let done = sqlx::query(

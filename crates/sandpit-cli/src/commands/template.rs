@@ -45,6 +45,13 @@ pub enum TemplateCommand {
         #[command(flatten)]
         opts: CommonOpts,
     },
+    /// Build a built-in template that is built on demand (`toolchain`), following its log.
+    BuildBuiltin {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(default_value = "toolchain")]
+        name: String,
+    },
     /// List templates.
     List {
         #[command(flatten)]
@@ -159,6 +166,15 @@ pub async fn run(cmd: TemplateCommand) -> anyhow::Result<u8> {
             opts.apply(&mut req);
             build(conn.client()?, req, opts.no_wait).await
         }
+        TemplateCommand::BuildBuiltin { conn, name } => {
+            let client = conn.client()?;
+            let t = client.build_builtin_template(&name).await?;
+            if t.status == "ready" {
+                eprintln!("template {} is built", t.name);
+                return Ok(0);
+            }
+            follow(&client, &t.id, &t.name).await
+        }
         TemplateCommand::List { conn } => {
             for t in conn.client()?.templates().await? {
                 println!(
@@ -211,7 +227,12 @@ async fn build(client: Client, req: CreateTemplateRequest, no_wait: bool) -> any
         println!("{}", t.id);
         return Ok(0);
     }
-    let mut events = Box::pin(client.template_build_events(&t.id).await?);
+    follow(&client, &t.id, &t.name).await
+}
+
+/// Follow a build's events until it ends.
+async fn follow(client: &Client, id: &str, name: &str) -> anyhow::Result<u8> {
+    let mut events = Box::pin(client.template_build_events(id).await?);
     let bar = ProgressBar::new(1);
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{pos}/{len}] {wide_msg} {elapsed}")
@@ -261,10 +282,10 @@ async fn build(client: Client, req: CreateTemplateRequest, no_wait: bool) -> any
                 if status == "ready" {
                     eprintln!(
                         "template {} ready in {:.1} s",
-                        t.name,
+                        name,
                         elapsed_ms as f64 / 1000.0
                     );
-                    println!("{}", t.id);
+                    println!("{id}");
                     return Ok(0);
                 }
                 eprintln!("build failed: {}", error.unwrap_or_default());

@@ -450,3 +450,36 @@ async fn scratch_template_and_failures() {
     let leaks = srv.leaks();
     assert!(leaks.is_empty(), "{leaks:?}");
 }
+
+/// The offline toolchain template: built on demand with mmdebstrap through the host's apt
+/// sources, then a sandbox with bash, python3, node and git. Minutes of downloads, so it
+/// runs only with `SANDPIT_TEST_TOOLCHAIN=1`.
+#[tokio::test]
+async fn toolchain_template_on_demand() {
+    if std::env::var_os("SANDPIT_TEST_TOOLCHAIN").is_none() {
+        eprintln!("skipped: set SANDPIT_TEST_TOOLCHAIN=1 to build the toolchain template");
+        return;
+    }
+    let srv = crate::server().await;
+    let client = srv.client();
+    assert_eq!(
+        client.get_template("toolchain").await.unwrap().status,
+        "not_built"
+    );
+    assert_api_err(
+        client.create_sandbox(&from("toolchain")).await,
+        409,
+        "template_not_ready",
+    );
+    let started = std::time::Instant::now();
+    let out = cli(&srv, &["template", "build-builtin", "toolchain"]);
+    assert!(out.status.success(), "{}", text(&out));
+    eprintln!("toolchain template built in {:?}", started.elapsed());
+    let sb = create(&client, from("toolchain")).await;
+    let out = sh(&client, &sb.id, "bash -c 'python3 -c \"print(6*7)\" && node -e \"console.log(6*7)\" && git --version | cut -d\" \" -f1-2 && echo $BASH_VERSION | cut -c1'").await;
+    assert_eq!(out.stdout, "42\n42\ngit version\n5\n", "{out:?}");
+    client.destroy_sandbox(&sb.id).await.unwrap();
+    // Cached: a second request finds it built.
+    let out = cli(&srv, &["template", "build-builtin", "toolchain"]);
+    assert!(text(&out).contains("is built"), "{}", text(&out));
+}

@@ -27,7 +27,7 @@ pub fn router() -> OpenApiRouter<Arc<Server>> {
     OpenApiRouter::new()
         .routes(routes!(list_templates, create_template))
         .routes(routes!(get_template, delete_template))
-        .routes(routes!(build_events))
+        .routes(routes!(build_events, build_builtin))
         .routes(routes!(set_alias, delete_alias))
 }
 
@@ -252,4 +252,25 @@ async fn delete_alias(
         .delete_alias(&auth.workspace_id, ns, name)
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Build a built-in template that is built on demand (`toolchain`: Debian with bash,
+/// python3, node and git from the host's apt sources). Starts the build unless it is built
+/// or building; follow it at `GET /v1/templates/{id}/build`.
+#[utoipa::path(post, path = "/v1/templates/{id}/build", tag = "templates",
+    params(("id" = String, Path, description = "Template id or name (toolchain)")),
+    responses(
+        (status = 202, description = "The template, building or already built", body = Template),
+        (status = 400, description = "Not a template built on demand", body = ErrorBody),
+        (status = 404, description = "No such template", body = ErrorBody),
+    ))]
+async fn build_builtin(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    auth.require("sandbox_create")?;
+    let row = builds::build_builtin(&server, &auth.workspace_id, &id).await?;
+    let view = builds::view(&server, &auth.workspace_id, row).await?;
+    Ok((StatusCode::ACCEPTED, Json(view)))
 }
