@@ -143,8 +143,10 @@ impl LayerStore {
         std::fs::rename(&tmp, &dest).map_err(ImageError::files("writing a cache entry", &dest))
     }
 
-    /// Remove what a crashed run left in `tmp/`.
+    /// Remove what a crashed run left in `tmp/` (a killed mmdebstrap leaves `/proc`, `/sys`
+    /// and `/dev` mounts in its target: they are detached first).
     pub fn clean_temp(&self) {
+        unmount_below(&self.root.join("tmp"));
         if let Ok(entries) = std::fs::read_dir(self.root.join("tmp")) {
             for e in entries.flatten() {
                 let p = e.path();
@@ -152,6 +154,48 @@ impl LayerStore {
             }
         }
     }
+}
+
+/// Detach every mount at or below `dir` (deepest first).
+pub fn unmount_below(dir: &Path) {
+    let Ok(dir) = std::fs::canonicalize(dir) else {
+        return;
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape_mountinfo)
+        .filter(|p| p.starts_with(&dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in points {
+        if let Err(e) = rustix::mount::unmount(&p, rustix::mount::UnmountFlags::DETACH) {
+            tracing::warn!(path = %p.display(), error = %e, "detaching a leftover mount");
+        }
+    }
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> PathBuf {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
+        {
+            out.push(v);
+            i += 4;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(out))
 }
 
 #[cfg(test)]
@@ -170,6 +214,12 @@ mod tests {
         assert_eq!(built.as_str().len(), 32);
         assert_eq!(LayerId::parse(built.as_str()), Some(built.clone()));
         assert_eq!(LayerId::parse("../../etc"), None);
+    }
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(unescape_mountinfo("/a\\040b/c"), PathBuf::from("/a b/c"));
+        assert_eq!(unescape_mountinfo("/plain"), PathBuf::from("/plain"));
     }
 
     #[test]

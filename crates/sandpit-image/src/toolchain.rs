@@ -149,6 +149,7 @@ pub async fn ensure(
         .await
         .map_err(|e| ImageError::Runner(format!("waiting for mmdebstrap: {e}")))?;
     if !status.success() {
+        crate::store::unmount_below(&tmp);
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(ImageError::Runner(format!(
             "mmdebstrap failed ({status}):\n{}",
