@@ -483,3 +483,53 @@ async fn toolchain_template_on_demand() {
     let out = cli(&srv, &["template", "build-builtin", "toolchain"]);
     assert!(text(&out).contains("is built"), "{}", text(&out));
 }
+
+/// With boot snapshots on, a built template's start command runs once at build time, the
+/// moment it is ready is checkpointed, and sandboxes restore it with the command running.
+#[tokio::test]
+async fn built_template_boot_snapshot_has_the_start_command_running() {
+    let srv = TestServer::start_with(crate::bin(), &[("SANDPIT_BOOT_SNAPSHOTS", "true")])
+        .await
+        .expect("server starts");
+    let client = srv.client();
+    let t = client
+        .create_template(&CreateTemplateRequest {
+            name: "ticker".into(),
+            dockerfile: Some(
+                "FROM base\nCMD [\"/bin/sh\", \"-c\", \"echo start >> /tmp/starts; i=0; while true; do i=$((i+1)); echo $i > /tmp/tick; sleep 0.1; done\"]\n".into(),
+            ),
+            ready: Some(sandpit_sdk::types::ReadyCheck::Command("test -s /tmp/tick".into())),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let events = follow(&client, &t.id).await;
+    assert!(
+        matches!(events.last(), Some(TemplateBuildEvent::Finished { status, .. }) if status == "ready"),
+        "{events:?}"
+    );
+    assert!(
+        client.get_template("ticker").await.unwrap().boot_snapshot,
+        "a boot snapshot was taken"
+    );
+    let sb = create(&client, from("ticker")).await;
+    let a = sh(&client, &sb.id, "cat /tmp/tick").await.stdout;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let out = sh(&client, &sb.id, "cat /tmp/tick; cat /tmp/starts")
+        .await
+        .stdout;
+    let mut lines = out.lines();
+    assert_ne!(
+        lines.next(),
+        Some(a.trim()),
+        "the restored loop keeps running"
+    );
+    assert_eq!(
+        lines.collect::<Vec<_>>(),
+        vec!["start"],
+        "started once, at build time: {out}"
+    );
+    client.destroy_sandbox(&sb.id).await.unwrap();
+    let leaks = srv.leaks();
+    assert!(leaks.is_empty(), "{leaks:?}");
+}
