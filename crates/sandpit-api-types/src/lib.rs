@@ -5,11 +5,13 @@ pub mod duration;
 pub mod org;
 pub mod preview;
 pub mod sandbox;
+pub mod templates;
 
 pub use duration::{format_duration, parse_duration};
 pub use org::*;
 pub use preview::*;
 pub use sandbox::*;
+pub use templates::*;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;

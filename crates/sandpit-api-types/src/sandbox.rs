@@ -448,6 +448,24 @@ pub struct Template {
     /// Whether a boot snapshot is ready (creates restore it instead of booting).
     #[serde(default)]
     pub boot_snapshot: bool,
+    /// `building`, `ready` (sandboxes can start from it) or `failed`.
+    #[serde(default = "crate::templates::ready")]
+    pub status: String,
+    /// Why the build failed (the failed step and its output).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// `builtin`, `image:<reference>` or `dockerfile`.
+    #[serde(default)]
+    pub source: String,
+    /// The command every new sandbox starts with (ENTRYPOINT + CMD), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_command: Option<Vec<String>>,
+    /// How many read-only layers the template stacks.
+    #[serde(default)]
+    pub layers: u32,
+    /// `namespace@alias` names that point at this template.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
 }
 
 /// `POST /v1/sandboxes/{id}/fork`.

@@ -13,6 +13,8 @@ use sandpit_sdk::types::{CreateSandboxRequest, ExecRequest, SandboxMode};
 use sandpit_test_support::TestServer;
 use serde::Serialize;
 
+mod templates;
+
 #[derive(Parser)]
 struct Args {
     /// The sandpit binary to benchmark.
@@ -27,6 +29,9 @@ struct Args {
     /// Fewer iterations (a smoke run).
     #[arg(long)]
     quick: bool,
+    /// Run only the template benchmarks (pull, build, cache, first sandbox).
+    #[arg(long)]
+    only_templates: bool,
 }
 
 #[derive(Serialize, Debug)]
@@ -418,6 +423,10 @@ fn print_table(rows: &[Row]) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.only_templates {
+        let rows = templates::bench(&args.sandpit, &args.platform, args.quick).await?;
+        return finish(&rows, &args.out);
+    }
     let (n_create, n_exec, n_files) = if args.quick { (3, 10, 1) } else { (10, 100, 3) };
     let srv = TestServer::start_with(
         &args.sandpit,
@@ -732,13 +741,19 @@ async fn main() -> anyhow::Result<()> {
         "≤ 1.0× runsc restore",
     ));
 
-    print_table(&rows);
-    if let Some(dir) = args.out.parent() {
+    drop(snap);
+    rows.extend(templates::bench(&args.sandpit, &args.platform, args.quick).await?);
+    finish(&rows, &args.out)
+}
+
+fn finish(rows: &[Row], out: &Path) -> anyhow::Result<()> {
+    print_table(rows);
+    if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let mut json = serde_json::to_vec_pretty(&rows)?;
+    let mut json = serde_json::to_vec_pretty(rows)?;
     json.push(b'\n');
-    std::fs::write(&args.out, json)?;
-    println!("\nwrote {}", args.out.display());
+    std::fs::write(out, json)?;
+    println!("\nwrote {}", out.display());
     Ok(())
 }

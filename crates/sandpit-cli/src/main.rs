@@ -22,6 +22,9 @@ enum Command {
     /// Manage sandboxes on a server.
     #[command(subcommand)]
     Sandbox(commands::sandbox::SandboxCommand),
+    /// Build and manage templates (from Dockerfiles or images).
+    #[command(subcommand)]
+    Template(commands::template::TemplateCommand),
     /// Print the OpenAPI document of the server's API.
     Openapi,
     /// Remove every sandbox and host object of one server (keeps the database).
@@ -35,6 +38,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Serve(args) => commands::serve::run(args).await.map(|_| 0),
             Command::Sandbox(cmd) => commands::sandbox::run(cmd).await,
+            Command::Template(cmd) => commands::template::run(cmd).await,
             Command::Cleanup(args) => commands::cleanup::run(args).await.map(|_| 0),
             Command::Openapi => {
                 println!("{}", sandpit_server::openapi().to_pretty_json()?);

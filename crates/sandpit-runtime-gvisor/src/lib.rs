@@ -1085,6 +1085,39 @@ impl Runtime for GvisorRuntime {
         Ok(())
     }
 
+    async fn export_layer(&self, state_dir: &Path, to_dir: &Path) -> Result<(), RuntimeError> {
+        let from = state_dir.join("upper");
+        let err = |detail: String| RuntimeError::CopyFiles {
+            from: from.clone(),
+            to: to_dir.to_path_buf(),
+            detail,
+        };
+        if to_dir.exists() {
+            return Err(err("the destination exists".into()));
+        }
+        if let Some(parent) = to_dir.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| err(e.to_string()))?;
+        }
+        match std::fs::rename(&from, to_dir) {
+            Ok(()) => Ok(()),
+            // Another file system: copy (keeps owners, modes, xattrs and whiteouts).
+            Err(_) => {
+                let out = tokio::process::Command::new("cp")
+                    .arg("-a")
+                    .arg(&from)
+                    .arg(to_dir)
+                    .output()
+                    .await
+                    .map_err(|e| err(format!("running cp: {e}")))?;
+                if !out.status.success() {
+                    let _ = std::fs::remove_dir_all(to_dir);
+                    return Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+                }
+                Ok(())
+            }
+        }
+    }
+
     async fn status(&self, id: &str) -> Result<RuntimeStatus, RuntimeError> {
         Ok(match self.state_json(id).await? {
             None => RuntimeStatus::Missing,

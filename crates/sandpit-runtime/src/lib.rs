@@ -140,6 +140,12 @@ pub trait Runtime: Send + Sync + 'static {
         to_state_dir: &Path,
     ) -> Result<(), RuntimeError>;
 
+    /// Move the files a stopped sandbox wrote (its writable layer) out of `state_dir` into
+    /// the missing directory `to_dir`, in overlayfs format (whiteouts are 0/0 character
+    /// devices, opaque directories carry `trusted.overlay.opaque`), so `to_dir` can serve as
+    /// a read-only layer of another sandbox. For template builds.
+    async fn export_layer(&self, state_dir: &Path, to_dir: &Path) -> Result<(), RuntimeError>;
+
     /// Ids of every sandbox this backend instance holds (running or not), for reconciliation
     /// after a crash.
     async fn list(&self) -> Result<Vec<String>, RuntimeError>;

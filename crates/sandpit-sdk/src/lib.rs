@@ -363,6 +363,67 @@ impl Client {
             .map(drop)
     }
 
+    /// Start a template build (from `req.image` or `req.dockerfile` + `req.context`).
+    pub async fn create_template(&self, req: &CreateTemplateRequest) -> Result<Template, SdkError> {
+        self.json(self.request(Method::POST, "/v1/templates").json(req))
+            .await
+    }
+
+    /// A template by id, name or `namespace@alias`.
+    pub async fn get_template(&self, id: &str) -> Result<Template, SdkError> {
+        self.json(self.request(Method::GET, &format!("/v1/templates/{}", urlencode(id))))
+            .await
+    }
+
+    pub async fn delete_template(&self, id: &str, force: bool) -> Result<(), SdkError> {
+        let path = format!("/v1/templates/{}?force={force}", urlencode(id));
+        self.send(self.request(Method::DELETE, &path))
+            .await
+            .map(drop)
+    }
+
+    /// Start the build of a built-in template built on demand (`toolchain`).
+    pub async fn build_builtin_template(&self, id: &str) -> Result<Template, SdkError> {
+        let path = format!("/v1/templates/{}/build", urlencode(id));
+        self.json(self.request(Method::POST, &path)).await
+    }
+
+    /// A build's events from its start; ends after `finished`.
+    pub async fn template_build_events(
+        &self,
+        id: &str,
+    ) -> Result<impl Stream<Item = Result<TemplateBuildEvent, SdkError>> + use<>, SdkError> {
+        let path = format!("/v1/templates/{}/build", urlencode(id));
+        let resp = self.send(self.request(Method::GET, &path)).await?;
+        let url = resp.url().to_string();
+        Ok(sse_events(resp.bytes_stream(), url))
+    }
+
+    /// Point `namespace@alias` at a template.
+    pub async fn set_template_alias(
+        &self,
+        id: &str,
+        alias: &str,
+    ) -> Result<TemplateAlias, SdkError> {
+        let path = format!(
+            "/v1/templates/{}/aliases/{}",
+            urlencode(id),
+            urlencode(alias)
+        );
+        self.json(self.request(Method::PUT, &path)).await
+    }
+
+    pub async fn delete_template_alias(&self, id: &str, alias: &str) -> Result<(), SdkError> {
+        let path = format!(
+            "/v1/templates/{}/aliases/{}",
+            urlencode(id),
+            urlencode(alias)
+        );
+        self.send(self.request(Method::DELETE, &path))
+            .await
+            .map(drop)
+    }
+
     pub async fn templates(&self) -> Result<Vec<Template>, SdkError> {
         let list: TemplateList = self
             .json(self.request(Method::GET, "/v1/templates"))
@@ -440,10 +501,10 @@ fn urlencode(segment: &str) -> String {
 }
 
 /// Parse a Server-Sent Events byte stream into exec events.
-fn sse_events(
+fn sse_events<T: DeserializeOwned>(
     bytes: impl Stream<Item = Result<Bytes, reqwest::Error>> + Unpin,
     url: String,
-) -> impl Stream<Item = Result<ExecEvent, SdkError>> {
+) -> impl Stream<Item = Result<T, SdkError>> {
     futures::stream::unfold(
         (bytes, Vec::<u8>::new(), url),
         |(mut bytes, mut buf, url)| async move {
@@ -460,11 +521,10 @@ fn sse_events(
                     if data.is_empty() {
                         continue; // keep-alive comment
                     }
-                    let item =
-                        serde_json::from_str::<ExecEvent>(&data).map_err(|e| SdkError::Decode {
-                            url: url.clone(),
-                            detail: format!("bad event {data:?}: {e}"),
-                        });
+                    let item = serde_json::from_str::<T>(&data).map_err(|e| SdkError::Decode {
+                        url: url.clone(),
+                        detail: format!("bad event {data:?}: {e}"),
+                    });
                     return Some((item, (bytes, buf, url)));
                 }
                 match bytes.next().await {

@@ -227,6 +227,19 @@ async fn validate_create(
                 format!("no template {:?}", req.template),
             )
         })?;
+    if template.status != "ready" {
+        return Err(ApiError::conflict(
+            "template_not_ready",
+            if template.status == "not_built" {
+                format!(
+                    "template {:?} is built on demand: POST /v1/templates/{}/build (or `sandpit template build-builtin {}`) first",
+                    req.template, template.name, template.name
+                )
+            } else {
+                format!("template {:?} is {}", req.template, template.status)
+            },
+        ));
+    }
     let egress = match (&req.egress, &snapshot) {
         (Some(p), _) => p.clone(),
         (None, Some(snap)) => serde_json::from_str(&snap.egress).unwrap_or_default(),
@@ -234,7 +247,12 @@ async fn validate_create(
     };
     let env: BTreeMap<String, String> = match &snapshot {
         Some(snap) if req.env.is_empty() => serde_json::from_str(&snap.env).unwrap_or_default(),
-        _ => req.env.clone(),
+        // The template's image environment (PATH and the like), then the request's.
+        _ => crate::templates::image_config(&template)
+            .env
+            .into_iter()
+            .chain(req.env.clone())
+            .collect(),
     };
     egress
         .validate()
@@ -281,7 +299,10 @@ pub(crate) async fn insert_with_slot(
 }
 
 /// The spec the runtime boots or restores a sandbox from.
-async fn spec_for(server: &Server, row: &SandboxRow) -> Result<SandboxSpec, ServerError> {
+pub(crate) async fn spec_for(
+    server: &Server,
+    row: &SandboxRow,
+) -> Result<SandboxSpec, ServerError> {
     let template = server
         .store
         .template_by_id(&row.template_id)
@@ -304,7 +325,10 @@ async fn spec_for(server: &Server, row: &SandboxRow) -> Result<SandboxSpec, Serv
     ];
     Ok(SandboxSpec {
         id: row.runtime_id.clone(),
-        layers: vec![template.rootfs.into(), server.agent_layer.clone()],
+        layers: crate::templates::layers_of(&template)
+            .into_iter()
+            .chain([server.agent_layer.clone()])
+            .collect(),
         state_dir: server.state_dir(&row.id),
         args: vec![AGENT_PATH_IN_SANDBOX.to_string()],
         env,
@@ -361,6 +385,16 @@ async fn boot_once(
     image: Option<&std::path::Path>,
 ) -> Result<(), ServerError> {
     let spec = spec_for(server, row).await?;
+    boot_spec(server, row, &spec, image).await
+}
+
+/// [`boot`] from a given spec (a template build boots over its own layers), without retry.
+pub(crate) async fn boot_spec(
+    server: &Server,
+    row: &SandboxRow,
+    spec: &SandboxSpec,
+    image: Option<&std::path::Path>,
+) -> Result<(), ServerError> {
     let slot = row.slot.expect("spec_for checked the slot") as u32;
     let rules = stored_rules(row)?;
     match server.net.attach(slot, &rules).await {
@@ -380,8 +414,8 @@ async fn boot_once(
         Err(e) => return Err(e.into()),
     }
     let started = match image {
-        Some(dir) => server.runtime.restore(&spec, dir).await,
-        None => server.runtime.start(&spec).await,
+        Some(dir) => server.runtime.restore(spec, dir).await,
+        None => server.runtime.start(spec).await,
     };
     let result = match started {
         Ok(()) => agent_of(server, row)
@@ -427,7 +461,8 @@ pub(crate) async fn write_resolv_conf(
 
 /// Start a new sandbox from its template: restore the template's boot snapshot when there is
 /// one (and they are enabled), otherwise boot cold.
-async fn boot_template(server: &Server, row: &SandboxRow) -> Result<(), ServerError> {
+/// Returns true when it restored (the template's start command then already runs).
+async fn boot_template(server: &Server, row: &SandboxRow) -> Result<bool, ServerError> {
     if server.cfg.boot_snapshots
         && let Some(dir) = crate::templates::boot_snapshot(server, &row.template_name)
     {
@@ -436,13 +471,13 @@ async fn boot_template(server: &Server, row: &SandboxRow) -> Result<(), ServerEr
             .copy_files(&dir.join("files"), &server.state_dir(&row.id))
             .await?;
         match boot(server, row, Some(&dir.join("memory"))).await {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(true),
             Err(e) => {
                 tracing::warn!(sandbox = %row.id, error = %DisplayChain(&e), "restoring the template's boot snapshot failed; booting cold");
             }
         }
     }
-    boot(server, row, None).await
+    boot(server, row, None).await.map(|()| false)
 }
 
 /// `POST /v1/sandboxes`: validate, claim a slot, boot, wait for the agent.
@@ -469,11 +504,21 @@ pub async fn create(
     let started = std::time::Instant::now();
     let booted = match &snapshot {
         Some(snap) => crate::fork::boot_from_snapshot(server, &row, snap).await,
-        None => boot_template(server, &row).await,
+        None => match boot_template(server, &row).await {
+            Ok(false) => {
+                // Booted cold: start the template's start command (if it has one).
+                match write_resolv_conf(server, &row).await {
+                    Ok(()) => crate::templates::start_and_wait(server, &row).await,
+                    Err(e) => Err(e),
+                }
+            }
+            Ok(true) => write_resolv_conf(server, &row).await,
+            Err(e) => Err(e),
+        },
     };
-    let booted = match booted {
-        Ok(()) => write_resolv_conf(server, &row).await,
-        Err(e) => Err(e),
+    let booted = match (booted, &snapshot) {
+        (Ok(()), Some(_)) => write_resolv_conf(server, &row).await,
+        (other, _) => other,
     };
     if let Err(e) = booted {
         tracing::error!(sandbox = %row.id, error = %DisplayChain(&e), "create failed");

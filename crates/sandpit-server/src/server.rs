@@ -55,6 +55,8 @@ pub struct ServerConfig {
     pub body_idle_timeout: Duration,
     /// Rate limits and quotas per workspace (see [`crate::limits`]).
     pub limits: crate::limits::LimitsConfig,
+    /// Registries (`host:port`) template builds reach over plain HTTP; loopback ones always.
+    pub insecure_registries: Vec<String>,
 }
 
 impl ServerConfig {
@@ -79,6 +81,7 @@ impl ServerConfig {
             preview_wake: true,
             body_idle_timeout: Duration::from_secs(30),
             limits: Default::default(),
+            insecure_registries: Vec::new(),
         }
     }
 }
@@ -113,6 +116,10 @@ pub struct Server {
     /// Per-workspace rate limiters and the running-sandbox quota.
     pub limits: crate::limits::Limits,
     pub shutdown: CancellationToken,
+    /// Image layers and the build cache (`<data dir>/images`).
+    pub images: sandpit_image::LayerStore,
+    /// Running template builds' event logs.
+    pub builds: crate::builds::Builds,
 }
 
 impl Server {
@@ -168,6 +175,10 @@ impl Server {
         }
         let resolv_conf = crate::dns::resolv_conf(&nameservers);
         let cfg_limits = cfg.limits;
+        let images = sandpit_image::LayerStore::open(cfg.data_dir.join("images"))
+            .map_err(|e| ServerError::Corrupt(format!("opening the layer store: {e}")))?;
+        images.clean_temp();
+        store.fail_interrupted_builds(crate::util::now_ms()).await?;
         let server = Arc::new(Server {
             cfg,
             store,
@@ -183,11 +194,14 @@ impl Server {
             previews: Default::default(),
             limits: crate::limits::Limits::new(cfg_limits),
             shutdown: CancellationToken::new(),
+            images,
+            builds: Default::default(),
         });
         // Adopt and promptly reap the sandbox processes runsc leaves behind (see
         // `sandpit_runtime_gvisor::spawn_reaper`); stopped with the server.
         sandpit_runtime_gvisor::spawn_reaper(server.shutdown.clone().cancelled_owned());
         templates::ensure_base(&server).await?;
+        crate::builds::register_toolchain(&server).await?;
         let token = crate::auth::bootstrap(&server, bootstrap_token).await?;
         server.reconcile(&runtime).await?;
         // Requests that held an idempotency key died with the last process: a retry runs.

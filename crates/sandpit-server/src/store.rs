@@ -68,6 +68,43 @@ pub struct TemplateRow {
     pub rootfs: String,
     pub default_egress: String,
     pub created_at: i64,
+    /// JSON array of layer directories, lowest first; `[]`: `rootfs` is the only layer.
+    pub layers: String,
+    /// JSON `sandpit_image::ImageConfig`.
+    pub config: String,
+    /// `building`, `ready`, `failed` or `deleted`.
+    pub status: String,
+    pub error: Option<String>,
+    /// `builtin`, `image:<reference>` or `dockerfile`.
+    pub source: String,
+    pub updated_at: i64,
+}
+
+impl TemplateRow {
+    /// A built-in template (ready, no build).
+    pub fn builtin(
+        id: &str,
+        name: &str,
+        description: &str,
+        rootfs: String,
+        now: i64,
+    ) -> TemplateRow {
+        TemplateRow {
+            id: id.into(),
+            name: name.into(),
+            workspace_id: None,
+            description: description.into(),
+            rootfs,
+            default_egress: r#"{"mode":"allow_all"}"#.into(),
+            created_at: now,
+            layers: "[]".into(),
+            config: "{}".into(),
+            status: "ready".into(),
+            error: None,
+            source: "builtin".into(),
+            updated_at: now,
+        }
+    }
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -294,19 +331,25 @@ impl Store {
         Ok(())
     }
 
-    /// A template by name or id that the workspace may use (its own or a built-in one).
+    /// A template by name, id or `namespace@alias` that the workspace may use (its own or a
+    /// built-in one), in any status but `deleted`.
     pub async fn find_template(
         &self,
         workspace_id: &str,
         name_or_id: &str,
     ) -> Result<Option<TemplateRow>, ServerError> {
+        let by_alias = match name_or_id.split_once('@') {
+            Some((ns, alias)) => self.resolve_alias(workspace_id, ns, alias).await?,
+            None => None,
+        };
+        let key = by_alias.as_deref().unwrap_or(name_or_id);
         sqlx::query_as(
-            "SELECT id, name, workspace_id, description, rootfs, default_egress, created_at
-             FROM templates
-             WHERE (id = ? OR name = ?) AND (workspace_id IS NULL OR workspace_id = ?)",
+            "SELECT * FROM templates
+             WHERE (id = ? OR name = ?) AND (workspace_id IS NULL OR workspace_id = ?)
+               AND status <> 'deleted'",
         )
-        .bind(name_or_id)
-        .bind(name_or_id)
+        .bind(key)
+        .bind(key)
         .bind(workspace_id)
         .fetch_optional(&self.pool)
         .await
@@ -315,14 +358,11 @@ impl Store {
 
     /// Server use: a template by id, whoever owns it.
     pub async fn template_by_id(&self, id: &str) -> Result<Option<TemplateRow>, ServerError> {
-        sqlx::query_as(
-            "SELECT id, name, workspace_id, description, rootfs, default_egress, created_at
-             FROM templates WHERE id = ?",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(q("reading a template"))
+        sqlx::query_as("SELECT * FROM templates WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("reading a template"))
     }
 
     pub async fn list_templates(
@@ -330,13 +370,236 @@ impl Store {
         workspace_id: &str,
     ) -> Result<Vec<TemplateRow>, ServerError> {
         sqlx::query_as(
-            "SELECT id, name, workspace_id, description, rootfs, default_egress, created_at
-             FROM templates WHERE workspace_id IS NULL OR workspace_id = ? ORDER BY name",
+            "SELECT * FROM templates
+             WHERE (workspace_id IS NULL OR workspace_id = ?) AND status <> 'deleted' ORDER BY name",
         )
         .bind(workspace_id)
         .fetch_all(&self.pool)
         .await
         .map_err(q("listing templates"))
+    }
+
+    /// Insert a new workspace template; `false` when the name is taken (names are unique
+    /// server-wide).
+    pub async fn insert_template(&self, t: &TemplateRow) -> Result<bool, ServerError> {
+        let done = sqlx::query(
+            "INSERT INTO templates (id, name, workspace_id, description, rootfs, default_egress,
+                created_at, layers, config, status, error, source, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT(name) DO NOTHING",
+        )
+        .bind(&t.id)
+        .bind(&t.name)
+        .bind(&t.workspace_id)
+        .bind(&t.description)
+        .bind(&t.rootfs)
+        .bind(&t.default_egress)
+        .bind(t.created_at)
+        .bind(&t.layers)
+        .bind(&t.config)
+        .bind(&t.status)
+        .bind(&t.error)
+        .bind(&t.source)
+        .bind(t.updated_at)
+        .execute(&self.pool)
+        .await
+        .map_err(q("creating a template"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Server use: record a build's result.
+    pub async fn finish_template_build(
+        &self,
+        id: &str,
+        status: &str,
+        layers: &str,
+        config: &str,
+        error: Option<&str>,
+        now: i64,
+    ) -> Result<(), ServerError> {
+        sqlx::query(
+            "UPDATE templates SET status = ?, layers = ?, config = ?, error = ?, updated_at = ?
+             WHERE id = ? AND status <> 'deleted'",
+        )
+        .bind(status)
+        .bind(layers)
+        .bind(config)
+        .bind(error)
+        .bind(now)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(q("finishing a template build"))?;
+        Ok(())
+    }
+
+    /// Server use: move a template into `building` if it is in one of `from`; false when
+    /// it is not (already building or built).
+    pub async fn claim_build(
+        &self,
+        id: &str,
+        from: &[&str],
+        now: i64,
+    ) -> Result<bool, ServerError> {
+        let mut done = 0;
+        for status in from {
+            done += sqlx::query(
+                "UPDATE templates SET status = 'building', error = NULL, updated_at = ? WHERE id = ? AND status = ?",
+            )
+            .bind(now)
+            .bind(id)
+            .bind(status)
+            .execute(&self.pool)
+            .await
+            .map_err(q("starting a template build"))?
+            .rows_affected();
+        }
+        Ok(done == 1)
+    }
+
+    /// Server use: builds that a crash interrupted fail.
+    pub async fn fail_interrupted_builds(&self, now: i64) -> Result<u64, ServerError> {
+        let done = sqlx::query(
+            "UPDATE templates SET status = 'failed', error = 'the server stopped during the build', updated_at = ?
+             WHERE status = 'building'",
+        )
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(q("failing interrupted builds"))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Delete a workspace's template: its row stays (sandboxes and snapshots refer to it)
+    /// with status `deleted` under a freed name; its aliases go.
+    pub async fn delete_template(
+        &self,
+        workspace_id: &str,
+        id: &str,
+        now: i64,
+    ) -> Result<bool, ServerError> {
+        let mut tx = self.pool.begin().await.map_err(q("deleting a template"))?;
+        sqlx::query("DELETE FROM template_aliases WHERE workspace_id = ? AND template_id = ?")
+            .bind(workspace_id)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(q("deleting a template's aliases"))?;
+        let done = sqlx::query(
+            "UPDATE templates SET status = 'deleted', name = name || '#deleted-' || id, updated_at = ?
+             WHERE id = ? AND workspace_id = ? AND status <> 'deleted'",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(workspace_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(q("deleting a template"))?;
+        tx.commit().await.map_err(q("deleting a template"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Sandboxes (not destroyed or failed) and snapshots that need the template.
+    pub async fn template_dependents(
+        &self,
+        template_id: &str,
+    ) -> Result<(Vec<SandboxRow>, i64), ServerError> {
+        let sandboxes: Vec<SandboxRow> = sqlx::query_as(
+            "SELECT * FROM sandboxes WHERE template_id = ? AND status NOT IN ('destroyed', 'failed')",
+        )
+        .bind(template_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("listing a template's sandboxes"))?;
+        let snapshots: (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM snapshots WHERE template_id = ?")
+                .bind(template_id)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(q("counting a template's snapshots"))?;
+        Ok((sandboxes, snapshots.0))
+    }
+
+    // ---- template aliases ----
+
+    /// Point `namespace@alias` at a template (creating or moving it).
+    pub async fn set_alias(
+        &self,
+        workspace_id: &str,
+        namespace: &str,
+        alias: &str,
+        template_id: &str,
+        now: i64,
+    ) -> Result<(), ServerError> {
+        sqlx::query(
+            "INSERT INTO template_aliases (workspace_id, namespace, alias, template_id, updated_at)
+             VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT(workspace_id, namespace, alias) DO UPDATE
+               SET template_id = excluded.template_id, updated_at = excluded.updated_at",
+        )
+        .bind(workspace_id)
+        .bind(namespace)
+        .bind(alias)
+        .bind(template_id)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(q("setting an alias"))?;
+        Ok(())
+    }
+
+    pub async fn delete_alias(
+        &self,
+        workspace_id: &str,
+        namespace: &str,
+        alias: &str,
+    ) -> Result<bool, ServerError> {
+        let done = sqlx::query(
+            "DELETE FROM template_aliases WHERE workspace_id = ? AND namespace = ? AND alias = ?",
+        )
+        .bind(workspace_id)
+        .bind(namespace)
+        .bind(alias)
+        .execute(&self.pool)
+        .await
+        .map_err(q("deleting an alias"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub async fn resolve_alias(
+        &self,
+        workspace_id: &str,
+        namespace: &str,
+        alias: &str,
+    ) -> Result<Option<String>, ServerError> {
+        let row: Option<(String,)> = sqlx::query_as(
+            "SELECT template_id FROM template_aliases WHERE workspace_id = ? AND namespace = ? AND alias = ?",
+        )
+        .bind(workspace_id)
+        .bind(namespace)
+        .bind(alias)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(q("reading an alias"))?;
+        Ok(row.map(|r| r.0))
+    }
+
+    /// `namespace@alias` names of a template in a workspace.
+    pub async fn aliases_of(
+        &self,
+        workspace_id: &str,
+        template_id: &str,
+    ) -> Result<Vec<String>, ServerError> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT namespace, alias FROM template_aliases WHERE workspace_id = ? AND template_id = ?
+             ORDER BY namespace, alias",
+        )
+        .bind(workspace_id)
+        .bind(template_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("listing aliases"))?;
+        Ok(rows.into_iter().map(|(n, a)| format!("{n}@{a}")).collect())
     }
 
     // ---- sandboxes ----

@@ -102,16 +102,202 @@ pub async fn ensure_base(server: &Server) -> Result<(), ServerError> {
     }
     server
         .store
-        .upsert_template(&TemplateRow {
-            id: BASE_TEMPLATE_ID.into(),
-            name: BASE_TEMPLATE_NAME.into(),
-            workspace_id: None,
-            description: "busybox (static) with a shell and the core utilities".into(),
-            rootfs: rootfs.display().to_string(),
-            default_egress: r#"{"mode":"allow_all"}"#.into(),
-            created_at: now_ms(),
-        })
+        .upsert_template(&TemplateRow::builtin(
+            BASE_TEMPLATE_ID,
+            BASE_TEMPLATE_NAME,
+            "busybox (static) with a shell and the core utilities",
+            rootfs.display().to_string(),
+            now_ms(),
+        ))
         .await
+}
+
+/// A template's image config (environment, start command, ready check); empty for the
+/// built-in ones.
+pub fn image_config(t: &TemplateRow) -> sandpit_image::ImageConfig {
+    serde_json::from_str(&t.config).unwrap_or_default()
+}
+
+/// A template's read-only layers, lowest first (the agent layer goes on top of them).
+pub fn layers_of(t: &TemplateRow) -> Vec<PathBuf> {
+    let layers: Vec<PathBuf> = serde_json::from_str(&t.layers).unwrap_or_default();
+    if layers.is_empty() {
+        vec![PathBuf::from(&t.rootfs)]
+    } else {
+        layers
+    }
+}
+
+/// Where a template's start command writes its output inside the sandbox.
+pub const START_LOG: &str = "/tmp/sandpit-start.log";
+
+/// How long a start command may take to become ready.
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Start the template's start command in a cold-booted sandbox (detached from the agent
+/// connection, output to [`START_LOG`]) and wait for its ready check. Nothing to do for a
+/// template without one.
+pub async fn start_and_wait(
+    server: &Server,
+    row: &crate::store::SandboxRow,
+) -> Result<(), ServerError> {
+    let Some(template) = server.store.template_by_id(&row.template_id).await? else {
+        return Ok(());
+    };
+    let cfg = image_config(&template);
+    if cfg.start_command().is_none() && cfg.ready.is_none() {
+        return Ok(());
+    }
+    let env = crate::lifecycle::exec_env(row, Vec::new());
+    start_command(server, row, &cfg, env).await?;
+    wait_ready(server, row, &cfg, READY_TIMEOUT).await
+}
+
+/// Launch `cfg`'s start command in the background of a running sandbox.
+pub(crate) async fn start_command(
+    server: &Server,
+    row: &crate::store::SandboxRow,
+    cfg: &sandpit_image::ImageConfig,
+    env: Vec<(String, String)>,
+) -> Result<(), ServerError> {
+    let Some(argv) = cfg.start_command() else {
+        return Ok(());
+    };
+    let mut command = sandpit_image::config::shell_join(&argv);
+    if let Some(user) = cfg
+        .user
+        .as_deref()
+        .filter(|u| !matches!(*u, "root" | "0" | "0:0"))
+    {
+        command = sandpit_image::config::shell_join(&[
+            "su".into(),
+            "-s".into(),
+            "/bin/sh".into(),
+            "-c".into(),
+            command,
+            user.into(),
+        ]);
+    }
+    // setsid (where the image has it) puts the command in its own session, so it outlives
+    // this exec's process group; its output goes to a file, so the exec ends at once.
+    let script = format!(
+        "cd \"$1\" 2>/dev/null; if command -v setsid >/dev/null 2>&1; then setsid /bin/sh -c \"$2\" >{START_LOG} 2>&1 </dev/null & else /bin/sh -c \"$2\" >{START_LOG} 2>&1 </dev/null & fi"
+    );
+    let req = sandpit_agent_proto::ExecRequest {
+        argv: Some(vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            script,
+            "start".into(),
+            cfg.workdir.clone().unwrap_or_else(|| "/".into()),
+            command,
+        ]),
+        env,
+        timeout_ms: Some(30_000),
+        ..Default::default()
+    };
+    let agent = crate::lifecycle::agent_of(server, row).expect("a booted sandbox has a slot");
+    let (tx, _rx) = tokio::sync::mpsc::channel(16);
+    let status = agent.exec(req, tx).await.map_err(|f| ServerError::Agent {
+        sandbox: row.id.clone(),
+        what: format!("starting the template's start command: {f:?}"),
+    })?;
+    if status.exit_code != 0 {
+        return Err(ServerError::Agent {
+            sandbox: row.id.clone(),
+            what: format!(
+                "the start command could not be launched (exit {})",
+                status.exit_code
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Wait until `cfg`'s ready check passes: its port listens, or its command exits 0. With no
+/// check, the first exposed port (if any) must listen.
+pub(crate) async fn wait_ready(
+    server: &Server,
+    row: &crate::store::SandboxRow,
+    cfg: &sandpit_image::ImageConfig,
+    limit: std::time::Duration,
+) -> Result<(), ServerError> {
+    use sandpit_image::ReadyCheck;
+    let check = match (&cfg.ready, cfg.exposed_ports.first()) {
+        (Some(c), _) => c.clone(),
+        (None, Some(p)) if cfg.start_command().is_some() => ReadyCheck::Port(*p),
+        _ => return Ok(()),
+    };
+    let agent = crate::lifecycle::agent_of(server, row).expect("a booted sandbox has a slot");
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let ready = match &check {
+            ReadyCheck::Port(p) => agent
+                .list_ports()
+                .await
+                .map(|l| l.ports.iter().any(|x| x.port == *p))
+                .unwrap_or(false),
+            ReadyCheck::Command(c) => {
+                let (tx, _rx) = tokio::sync::mpsc::channel(16);
+                let req = sandpit_agent_proto::ExecRequest {
+                    shell: Some(c.clone()),
+                    env: crate::lifecycle::exec_env(row, Vec::new()),
+                    timeout_ms: Some(10_000),
+                    ..Default::default()
+                };
+                agent
+                    .exec(req, tx)
+                    .await
+                    .map(|s| s.exit_code == 0)
+                    .unwrap_or(false)
+            }
+        };
+        if ready {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let log = read_start_log(server, row).await;
+            return Err(ServerError::Agent {
+                sandbox: row.id.clone(),
+                what: format!(
+                    "the start command was not ready ({check:?}) within {} s; its output:\n{log}",
+                    limit.as_secs()
+                ),
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// The start command's output so far (for errors).
+pub(crate) async fn read_start_log(server: &Server, row: &crate::store::SandboxRow) -> String {
+    let Some(agent) = crate::lifecycle::agent_of(server, row) else {
+        return String::new();
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let req = sandpit_agent_proto::ExecRequest {
+        argv: Some(vec![
+            "tail".into(),
+            "-c".into(),
+            "8192".into(),
+            START_LOG.into(),
+        ]),
+        timeout_ms: Some(5_000),
+        ..Default::default()
+    };
+    let run = agent.exec(req, tx);
+    let collect = async {
+        let mut out = Vec::new();
+        while let Some(item) = rx.recv().await {
+            if let crate::agent::ExecOutput::Stdout(b) | crate::agent::ExecOutput::Stderr(b) = item
+            {
+                out.extend_from_slice(&b);
+            }
+        }
+        out
+    };
+    let (_, out) = tokio::join!(run, collect);
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Find a static busybox on the host.

@@ -2,6 +2,8 @@
 //! address pool (so tests run in parallel without touching each other), kill and restart
 //! it, count what it left on the host, and poll with [`wait_until`].
 
+pub mod registry;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -3,3 +3,4 @@
 pub mod cleanup;
 pub mod sandbox;
 pub mod serve;
+pub mod template;

@@ -79,6 +79,10 @@ pub struct ServeArgs {
     /// (0: unlimited). Over it: 429 `running_quota_exceeded`.
     #[arg(long, env = "SANDPIT_MAX_RUNNING", default_value_t = 200)]
     max_running: u32,
+    /// Registries (host:port) that template builds reach over plain HTTP, comma-separated
+    /// (loopback registries always are).
+    #[arg(long, env = "SANDPIT_INSECURE_REGISTRIES", value_delimiter = ',')]
+    insecure_registries: Vec<String>,
     /// Log as JSON lines.
     #[arg(long, env = "SANDPIT_LOG_JSON")]
     log_json: bool,
@@ -133,6 +137,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         sandboxes_per_hour: args.rate_limit_sandboxes,
         max_running: args.max_running,
     };
+    cfg.insecure_registries = args.insecure_registries;
     let (server, token) = Server::start(cfg, args.bootstrap_token.as_deref())
         .await
         .map_err(|e| anyhow::anyhow!("{}", sandpit_server::error::DisplayChain(&e)))

@@ -14,6 +14,7 @@ mod previews;
 mod reliability;
 mod security;
 mod soak;
+mod templates;
 
 use std::path::Path;
 

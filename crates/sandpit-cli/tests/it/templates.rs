@@ -1,0 +1,535 @@
+//! Templates from OCI images and Dockerfiles, end to end: a local `docker-registry` on
+//! 127.0.0.1 holding an image made offline from the host's busybox, builds through the CLI
+//! (progress, streamed logs, exit codes), the layer cache, sandboxes that run the
+//! template's start command, aliases and deletion.
+
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use futures::StreamExt;
+use sandpit_sdk::Client;
+use sandpit_sdk::types::{
+    CreateSandboxRequest, CreateTemplateRequest, RegistryAuth, TemplateBuildEvent,
+};
+use sandpit_test_support::registry::{Registry, busybox_rootfs_tar, file};
+use sandpit_test_support::{TestServer, wait_until};
+
+use crate::{assert_api_err, create, sh};
+
+fn cli(srv: &TestServer, args: &[&str]) -> Output {
+    std::process::Command::new(crate::bin())
+        .args(args)
+        .env("SANDPIT_URL", &srv.url)
+        .env("SANDPIT_TOKEN", &srv.token)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn from(template: &str) -> CreateSandboxRequest {
+    CreateSandboxRequest {
+        template: template.into(),
+        timeout: Some("10m".into()),
+        ..Default::default()
+    }
+}
+
+/// Wait for a build started through the API; returns its events.
+async fn follow(client: &Client, id: &str) -> Vec<TemplateBuildEvent> {
+    let stream = client
+        .template_build_events(id)
+        .await
+        .expect("build events");
+    let events: Vec<_> = tokio::time::timeout(Duration::from_secs(300), stream.collect::<Vec<_>>())
+        .await
+        .expect("the build ends");
+    events
+        .into_iter()
+        .map(|e| e.expect("event decodes"))
+        .collect()
+}
+
+fn write(dir: &Path, rel: &str, body: &[u8]) {
+    let p = dir.join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, body).unwrap();
+}
+
+/// An image with two layers (the second deletes a file and makes a directory opaque) in a
+/// registry that wants basic auth; a template from it; a Dockerfile built FROM it through
+/// the CLI whose start command serves HTTP; a rebuild after changing the last step that
+/// re-runs only that step; aliases; delete refused while a sandbox uses the template.
+#[tokio::test]
+async fn registry_image_and_dockerfile_templates() {
+    let registry = Registry::start(Some(("builder", "s3cret")))
+        .await
+        .expect("registry starts");
+    let base = busybox_rootfs_tar(|t| {
+        file(t, "etc/removed", b"old\n", 0o644).unwrap();
+        file(t, "opq/old", b"old\n", 0o644).unwrap();
+        file(t, "etc/kept", b"kept\n", 0o600).unwrap();
+    })
+    .unwrap();
+    let mut top = tar::Builder::new(Vec::new());
+    file(&mut top, "etc/.wh.removed", b"", 0o644).unwrap();
+    file(&mut top, "opq/.wh..wh..opq", b"", 0o644).unwrap();
+    file(&mut top, "opq/new", b"new\n", 0o644).unwrap();
+    let top = top.into_inner().unwrap();
+    let image = registry
+        .push(
+            "sandpit/busybox",
+            "1",
+            &[base, top],
+            serde_json::json!({"Env": ["PATH=/bin", "GREETING=from-image"], "Cmd": ["/bin/sh"]}),
+        )
+        .await
+        .expect("push");
+
+    let srv = crate::server().await;
+    let client = srv.client();
+
+    // Pull without credentials: the build fails with the registry's answer.
+    let t = client
+        .create_template(&CreateTemplateRequest {
+            name: "noauth".into(),
+            image: Some(image.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let events = follow(&client, &t.id).await;
+    match events.last() {
+        Some(TemplateBuildEvent::Finished { status, error, .. }) => {
+            assert_eq!(status, "failed");
+            let e = error.as_deref().unwrap_or_default();
+            assert!(
+                e.to_lowercase().contains("not authorized") || e.contains("401"),
+                "{e}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        client.get_template("noauth").await.unwrap().status,
+        "failed"
+    );
+
+    // With basic auth: ready; a sandbox sees the union with whiteouts applied.
+    let t = client
+        .create_template(&CreateTemplateRequest {
+            name: "img".into(),
+            image: Some(image.clone()),
+            registry_auth: Some(RegistryAuth {
+                username: Some("builder".into()),
+                password: Some("s3cret".into()),
+                token: None,
+            }),
+            aliases: vec!["team@img".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(t.status, "building");
+    let events = follow(&client, &t.id).await;
+    assert!(
+        matches!(events.last(), Some(TemplateBuildEvent::Finished { status, .. }) if status == "ready"),
+        "{events:?}"
+    );
+    let t = client.get_template("team@img").await.unwrap();
+    assert_eq!((t.status.as_str(), t.layers), ("ready", 2));
+    assert_eq!(t.start_command, Some(vec!["/bin/sh".to_string()]));
+    let sb = create(&client, from("img")).await;
+    let out = sh(&client, &sb.id, "cat /etc/kept; ls /opq; test -e /etc/removed || echo removed-is-gone; echo $GREETING; stat -c %a /etc/kept").await;
+    assert_eq!(
+        out.stdout, "kept\nnew\nremoved-is-gone\nfrom-image\n600\n",
+        "{out:?}"
+    );
+    client.destroy_sandbox(&sb.id).await.unwrap();
+
+    // A Dockerfile FROM the registry image, built with the CLI.
+    let ctx = tempfile::tempdir().unwrap();
+    let dockerfile = format!(
+        "FROM {image}\nARG WHO=world\nENV GREETING=hello-$WHO\nRUN echo \"step output for $GREETING\" && mkdir -p /www && echo from-run > /www/run.txt\nCOPY site/ /www/\nWORKDIR /www\nEXPOSE 8080\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\nRUN echo last-step-one > /www/last.txt\n"
+    );
+    write(ctx.path(), "Dockerfile", dockerfile.as_bytes());
+    write(
+        ctx.path(),
+        "site/index.html",
+        b"<h1>from the context</h1>\n",
+    );
+    write(ctx.path(), "site/secret.key", b"never copied\n");
+    write(ctx.path(), ".dockerignore", b"**/*.key\n");
+    let dir = ctx.path().to_str().unwrap();
+    let auth_env = [
+        ("SANDPIT_REGISTRY_USER", "builder"),
+        ("SANDPIT_REGISTRY_PASSWORD", "s3cret"),
+    ];
+    let build = |name: &str| {
+        let mut c = std::process::Command::new(crate::bin());
+        c.args([
+            "template",
+            "build",
+            dir,
+            "--name",
+            name,
+            "--build-arg",
+            "WHO=tests",
+            "--alias",
+            "team@web",
+        ])
+        .env("SANDPIT_URL", &srv.url)
+        .env("SANDPIT_TOKEN", &srv.token);
+        for (k, v) in auth_env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    let started = std::time::Instant::now();
+    let out = build("web");
+    let cold = started.elapsed();
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("Step 4/9: RUN echo"), "{log}");
+    assert!(
+        log.contains("step output for hello-tests"),
+        "RUN output is streamed: {log}"
+    );
+    // Only FROM is a hit: its layers were pulled for `img` and are shared.
+    assert_eq!(
+        log.matches("-> cached").count(),
+        1,
+        "a cold build has no cache hits past FROM: {log}"
+    );
+    let sb = create(&client, from("team@web")).await;
+    // The start command runs (EXPOSE 8080 is the ready check) and exec answers.
+    let out = sh(&client, &sb.id, "wget -qO- http://127.0.0.1:8080/index.html; cat /www/run.txt /www/last.txt; test -e /www/secret.key || echo no-key; echo $GREETING; pwd").await;
+    assert_eq!(
+        out.stdout, "<h1>from the context</h1>\nfrom-run\nlast-step-one\nno-key\nhello-tests\n/\n",
+        "{out:?}"
+    );
+
+    // Change the last step: only it runs again.
+    write(
+        ctx.path(),
+        "Dockerfile",
+        dockerfile
+            .replace("last-step-one", "last-step-two")
+            .as_bytes(),
+    );
+    let started = std::time::Instant::now();
+    let out = build("web2");
+    let cached_time = started.elapsed();
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(
+        log.matches("-> cached").count(),
+        8,
+        "every step but the last is cached: {log}"
+    );
+    assert!(
+        !log.contains("step output for hello-tests"),
+        "the first RUN did not run again: {log}"
+    );
+    eprintln!("cold build {cold:?}, rebuild after changing the last step {cached_time:?}");
+    let web2 = client.get_template("web2").await.unwrap();
+    assert_eq!(
+        web2.aliases,
+        vec!["team@web".to_string()],
+        "the alias moved to the newest build"
+    );
+    let sb2 = create(&client, from("team@web")).await;
+    assert_eq!(
+        sh(&client, &sb2.id, "cat /www/last.txt").await.stdout,
+        "last-step-two\n"
+    );
+    client.destroy_sandbox(&sb2.id).await.unwrap();
+
+    // Delete: refused while a sandbox uses it, forced destroys the sandbox.
+    assert_api_err(
+        client.delete_template("web", false).await,
+        409,
+        "template_in_use",
+    );
+    assert_api_err(
+        client.delete_template("base", false).await,
+        403,
+        "template_builtin",
+    );
+    client.delete_template("web", true).await.unwrap();
+    assert_api_err(client.get_template("web").await, 404, "template_not_found");
+    wait_until(
+        Duration::from_secs(30),
+        "the sandbox to be destroyed",
+        || {
+            let (client, id) = (client.clone(), sb.id.clone());
+            async move {
+                (client.get_sandbox(&id).await.ok()?.status
+                    == sandpit_sdk::types::SandboxStatus::Destroyed)
+                    .then_some(())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let names: Vec<String> = client
+        .templates()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert!(
+        names.contains(&"web2".to_string()) && !names.contains(&"web".to_string()),
+        "{names:?}"
+    );
+    // The name is free again.
+    let t = client
+        .create_template(&CreateTemplateRequest {
+            name: "web".into(),
+            dockerfile: Some("FROM base\n".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    follow(&client, &t.id).await;
+    client.delete_template("web", false).await.unwrap();
+    client.delete_template("web2", false).await.unwrap();
+    client.delete_template("img", false).await.unwrap();
+    let leaks = srv.leaks();
+    assert!(leaks.is_empty(), "{leaks:?}");
+}
+
+/// `FROM scratch` + `ADD` of a local tarball with a ready command; `FROM` another
+/// template; a failing RUN (exit code and output, CLI exits 1); bad input refused.
+#[tokio::test]
+async fn scratch_template_and_failures() {
+    let srv = crate::server().await;
+    let client = srv.client();
+
+    let ctx = tempfile::tempdir().unwrap();
+    let rootfs =
+        busybox_rootfs_tar(|t| file(t, "etc/motd", b"scratch built\n", 0o644).unwrap()).unwrap();
+    write(ctx.path(), "rootfs.tar", &rootfs);
+    write(
+        ctx.path(),
+        "Dockerfile",
+        b"FROM scratch\nADD rootfs.tar /\nENV PATH=/bin\nCMD [\"/bin/sh\", \"-c\", \"sleep 0.5; echo started > /tmp/started; exec sleep 100000\"]\n",
+    );
+    let dir = ctx.path().to_str().unwrap();
+    let out = cli(
+        &srv,
+        &[
+            "template",
+            "build",
+            dir,
+            "--name",
+            "mini",
+            "--ready-command",
+            "test -f /tmp/started",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let sb = create(&client, from("mini")).await;
+    let out = sh(&client, &sb.id, "cat /etc/motd /tmp/started").await;
+    assert_eq!(out.stdout, "scratch built\nstarted\n", "{out:?}");
+
+    // FROM another template (a built one).
+    let child = tempfile::tempdir().unwrap();
+    write(
+        child.path(),
+        "Dockerfile",
+        b"FROM mini\nRUN echo child > /child && cat /etc/motd\n",
+    );
+    let out = cli(
+        &srv,
+        &[
+            "template",
+            "build",
+            child.path().to_str().unwrap(),
+            "--name",
+            "mini-child",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("scratch built"), "{}", text(&out));
+    let sb2 = create(&client, from("mini-child")).await;
+    let out = sh(&client, &sb2.id, "cat /child /tmp/started").await;
+    assert_eq!(
+        out.stdout, "child\nstarted\n",
+        "the start command is inherited: {out:?}"
+    );
+
+    // A failing RUN: its output and exit code, exit status 1, template failed.
+    let bad = tempfile::tempdir().unwrap();
+    write(
+        bad.path(),
+        "Dockerfile",
+        b"FROM base\nRUN echo about-to-fail && echo on-stderr >&2 && exit 7\n",
+    );
+    let out = cli(
+        &srv,
+        &[
+            "template",
+            "build",
+            bad.path().to_str().unwrap(),
+            "--name",
+            "broken",
+        ],
+    );
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("exit code 7") && log.contains("about-to-fail") && log.contains("on-stderr"),
+        "{log}"
+    );
+    let t = client.get_template("broken").await.unwrap();
+    assert_eq!(t.status, "failed");
+    assert!(t.error.unwrap_or_default().contains("line 2"));
+    assert_api_err(
+        client.create_sandbox(&from("broken")).await,
+        409,
+        "template_not_ready",
+    );
+
+    // Bad input: a clear 400 naming the line, nothing created.
+    let req = |name: &str, dockerfile: &str| CreateTemplateRequest {
+        name: name.into(),
+        dockerfile: Some(dockerfile.into()),
+        ..Default::default()
+    };
+    assert_api_err(
+        client
+            .create_template(&req("x", "FROM base\nVOLUME /data\n"))
+            .await,
+        400,
+        "invalid_dockerfile",
+    );
+    match client
+        .create_template(&req("x", "FROM base\nRUN true\nFETCH it\n"))
+        .await
+    {
+        Err(sandpit_sdk::SdkError::Api { message, .. }) => {
+            assert!(message.contains("line 3"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_api_err(
+        client
+            .create_template(&req("Bad Name", "FROM base\n"))
+            .await,
+        400,
+        "invalid_name",
+    );
+    assert_api_err(
+        client.create_template(&req("mini", "FROM base\n")).await,
+        409,
+        "template_exists",
+    );
+    let mut both = req("x", "FROM base\n");
+    both.image = Some("busybox".into());
+    assert_api_err(client.create_template(&both).await, 400, "invalid_source");
+    let mut ctx_bad = req("x", "FROM base\n");
+    ctx_bad.context = Some("bm90IGEgdGFy".into()); // "not a tar"
+    assert_api_err(
+        client.create_template(&ctx_bad).await,
+        400,
+        "invalid_context",
+    );
+    assert_api_err(client.get_template("x").await, 404, "template_not_found");
+
+    client.destroy_sandbox(&sb.id).await.unwrap();
+    client.destroy_sandbox(&sb2.id).await.unwrap();
+    let leaks = srv.leaks();
+    assert!(leaks.is_empty(), "{leaks:?}");
+}
+
+/// The offline toolchain template: built on demand with mmdebstrap through the host's apt
+/// sources, then a sandbox with bash, python3, node and git. Minutes of downloads, so it
+/// runs only with `SANDPIT_TEST_TOOLCHAIN=1`.
+#[tokio::test]
+async fn toolchain_template_on_demand() {
+    if std::env::var_os("SANDPIT_TEST_TOOLCHAIN").is_none() {
+        eprintln!("skipped: set SANDPIT_TEST_TOOLCHAIN=1 to build the toolchain template");
+        return;
+    }
+    let srv = crate::server().await;
+    let client = srv.client();
+    assert_eq!(
+        client.get_template("toolchain").await.unwrap().status,
+        "not_built"
+    );
+    assert_api_err(
+        client.create_sandbox(&from("toolchain")).await,
+        409,
+        "template_not_ready",
+    );
+    let started = std::time::Instant::now();
+    let out = cli(&srv, &["template", "build-builtin", "toolchain"]);
+    assert!(out.status.success(), "{}", text(&out));
+    eprintln!("toolchain template built in {:?}", started.elapsed());
+    let sb = create(&client, from("toolchain")).await;
+    let out = sh(&client, &sb.id, "bash -c 'python3 -c \"print(6*7)\" && node -e \"console.log(6*7)\" && git --version | cut -d\" \" -f1-2 && echo $BASH_VERSION | cut -c1'").await;
+    assert_eq!(out.stdout, "42\n42\ngit version\n5\n", "{out:?}");
+    client.destroy_sandbox(&sb.id).await.unwrap();
+    // Cached: a second request finds it built.
+    let out = cli(&srv, &["template", "build-builtin", "toolchain"]);
+    assert!(text(&out).contains("is built"), "{}", text(&out));
+}
+
+/// With boot snapshots on, a built template's start command runs once at build time, the
+/// moment it is ready is checkpointed, and sandboxes restore it with the command running.
+#[tokio::test]
+async fn built_template_boot_snapshot_has_the_start_command_running() {
+    let srv = TestServer::start_with(crate::bin(), &[("SANDPIT_BOOT_SNAPSHOTS", "true")])
+        .await
+        .expect("server starts");
+    let client = srv.client();
+    let t = client
+        .create_template(&CreateTemplateRequest {
+            name: "ticker".into(),
+            dockerfile: Some(
+                "FROM base\nCMD [\"/bin/sh\", \"-c\", \"echo start >> /tmp/starts; i=0; while true; do i=$((i+1)); echo $i > /tmp/tick; sleep 0.1; done\"]\n".into(),
+            ),
+            ready: Some(sandpit_sdk::types::ReadyCheck::Command("test -s /tmp/tick".into())),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let events = follow(&client, &t.id).await;
+    assert!(
+        matches!(events.last(), Some(TemplateBuildEvent::Finished { status, .. }) if status == "ready"),
+        "{events:?}"
+    );
+    assert!(
+        client.get_template("ticker").await.unwrap().boot_snapshot,
+        "a boot snapshot was taken"
+    );
+    let sb = create(&client, from("ticker")).await;
+    let a = sh(&client, &sb.id, "cat /tmp/tick").await.stdout;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let out = sh(&client, &sb.id, "cat /tmp/tick; cat /tmp/starts")
+        .await
+        .stdout;
+    let mut lines = out.lines();
+    assert_ne!(
+        lines.next(),
+        Some(a.trim()),
+        "the restored loop keeps running"
+    );
+    assert_eq!(
+        lines.collect::<Vec<_>>(),
+        vec!["start"],
+        "started once, at build time: {out}"
+    );
+    client.destroy_sandbox(&sb.id).await.unwrap();
+    let leaks = srv.leaks();
+    assert!(leaks.is_empty(), "{leaks:?}");
+}

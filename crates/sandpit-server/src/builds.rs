@@ -1,0 +1,907 @@
+//! The templates service: builds from an image reference or a Dockerfile (async, with a
+//! replayable event log per build), deletion, aliases. Routes (`routes/templates.rs`) and
+//! other API surfaces call these functions; `sandpit-image` does the pulling, unpacking and
+//! layer caching, and [`ServerRunner`] runs `RUN` steps in gVisor builder sandboxes.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use base64::Engine;
+use sandpit_api_types::{CreateTemplateRequest, EgressPolicy, Template, TemplateBuildEvent};
+use sandpit_image::build::{BuildRequest, RunStep};
+use sandpit_image::{BuildEvent, Builder, ImageConfig, ImageError, ReadyCheck, StepRunner};
+use tokio::sync::broadcast;
+
+use crate::error::{ApiError, DisplayChain, ServerError};
+use crate::server::Server;
+use crate::store::{SandboxRow, TemplateRow};
+use crate::util::{now_ms, random_hex, rfc3339};
+
+/// Largest build context (decoded), in bytes.
+pub const MAX_CONTEXT_BYTES: usize = 256 * 1024 * 1024;
+/// How long one `RUN` step may run.
+const RUN_STEP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// Events of a running build kept for replay beyond which `log` events are dropped (steps
+/// and the outcome are always kept).
+const MAX_REPLAY_LOG_BYTES: usize = 4 * 1024 * 1024;
+
+/// Live builds' event logs, by template id. A finished build's log is on disk
+/// (`templates/<id>/build.jsonl`) and leaves this map.
+#[derive(Default)]
+pub struct Builds {
+    /// Guards only the map.
+    live: Mutex<HashMap<String, Arc<BuildLog>>>,
+}
+
+/// One build's events: everything so far (for late subscribers) plus a live channel.
+pub struct BuildLog {
+    /// Guards the replay buffer; pushing and subscribing both hold it, so a subscriber
+    /// sees every event exactly once.
+    state: Mutex<LogState>,
+    tx: broadcast::Sender<TemplateBuildEvent>,
+    file: PathBuf,
+}
+
+struct LogState {
+    events: Vec<TemplateBuildEvent>,
+    log_bytes: usize,
+    finished: bool,
+}
+
+impl BuildLog {
+    fn push(&self, ev: TemplateBuildEvent) {
+        use std::io::Write;
+        let mut st = self.state.lock().expect("not poisoned");
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.file)
+        {
+            let _ = writeln!(
+                f,
+                "{}",
+                serde_json::to_string(&ev).expect("event serializes")
+            );
+        }
+        let keep = match &ev {
+            TemplateBuildEvent::Log { text, .. } => {
+                st.log_bytes += text.len();
+                st.log_bytes <= MAX_REPLAY_LOG_BYTES
+            }
+            TemplateBuildEvent::Finished { .. } => {
+                st.finished = true;
+                true
+            }
+            _ => true,
+        };
+        if keep {
+            st.events.push(ev.clone());
+        }
+        let _ = self.tx.send(ev);
+    }
+}
+
+/// Events so far and, while the build runs, a receiver for the rest.
+pub type Subscription = (
+    Vec<TemplateBuildEvent>,
+    Option<broadcast::Receiver<TemplateBuildEvent>>,
+);
+
+impl Builds {
+    fn open(&self, id: &str, file: PathBuf) -> Arc<BuildLog> {
+        let (tx, _) = broadcast::channel(1024);
+        let log = Arc::new(BuildLog {
+            state: Mutex::new(LogState {
+                events: Vec::new(),
+                log_bytes: 0,
+                finished: false,
+            }),
+            tx,
+            file,
+        });
+        self.live
+            .lock()
+            .expect("not poisoned")
+            .insert(id.to_string(), log.clone());
+        log
+    }
+
+    fn close(&self, id: &str) {
+        self.live.lock().expect("not poisoned").remove(id);
+    }
+
+    /// Subscribe to a build's events: live if it runs, else from its log file.
+    pub fn subscribe(&self, server: &Server, template_id: &str) -> Subscription {
+        if let Some(log) = self
+            .live
+            .lock()
+            .expect("not poisoned")
+            .get(template_id)
+            .cloned()
+        {
+            let st = log.state.lock().expect("not poisoned");
+            return (
+                st.events.clone(),
+                (!st.finished).then(|| log.tx.subscribe()),
+            );
+        }
+        let text = std::fs::read_to_string(build_log_path(server, template_id)).unwrap_or_default();
+        let events = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        (events, None)
+    }
+}
+
+fn template_dir(server: &Server, id: &str) -> PathBuf {
+    server.cfg.data_dir.join("templates").join(id)
+}
+
+fn build_log_path(server: &Server, id: &str) -> PathBuf {
+    template_dir(server, id).join("build.jsonl")
+}
+
+/// What clients see of a template.
+pub async fn view(
+    server: &Server,
+    workspace_id: &str,
+    t: TemplateRow,
+) -> Result<Template, ServerError> {
+    let warm = server.store.pooled_count(&t.id).await? as u32;
+    let cfg = crate::templates::image_config(&t);
+    let layers: Vec<PathBuf> = serde_json::from_str(&t.layers).unwrap_or_default();
+    Ok(Template {
+        warm,
+        boot_snapshot: server.cfg.boot_snapshots
+            && crate::templates::boot_snapshot(server, &t.name).is_some(),
+        aliases: server.store.aliases_of(workspace_id, &t.id).await?,
+        start_command: cfg.start_command(),
+        layers: layers.len().max(1) as u32,
+        status: t.status,
+        error: t.error,
+        source: t.source,
+        id: t.id,
+        name: t.name,
+        description: t.description,
+        created_at: rfc3339(t.created_at),
+        default_egress: serde_json::from_str(&t.default_egress).unwrap_or_default(),
+    })
+}
+
+fn valid_name(n: &str) -> bool {
+    (1..=64).contains(&n.len())
+        && n.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        && n.as_bytes()[0].is_ascii_alphanumeric()
+}
+
+/// Split and check `namespace@alias`.
+pub fn parse_alias(s: &str) -> Result<(&str, &str), ApiError> {
+    match s.split_once('@') {
+        Some((ns, a)) if valid_name(ns) && valid_name(a) => Ok((ns, a)),
+        _ => Err(ApiError::bad_request(
+            "invalid_alias",
+            format!("alias {s:?} must be namespace@alias, each 1–64 characters [a-z0-9._-]"),
+        )),
+    }
+}
+
+/// Validate a create request, register the template (status `building`) and start its
+/// build in the background. Nothing is changed when validation fails.
+pub async fn create(
+    server: &Arc<Server>,
+    workspace_id: &str,
+    req: CreateTemplateRequest,
+) -> Result<TemplateRow, ApiError> {
+    if !valid_name(&req.name) {
+        return Err(ApiError::bad_request(
+            "invalid_name",
+            "name must be 1–64 characters [a-z0-9._-], starting with a letter or digit",
+        ));
+    }
+    let dockerfile = match (&req.image, &req.dockerfile) {
+        (Some(image), None) => {
+            sandpit_image::registry::parse_reference(image)
+                .map_err(|e| ApiError::bad_request("invalid_image", e.to_string()))?;
+            format!("FROM {image}\n")
+        }
+        (None, Some(d)) => d.clone(),
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_source",
+                "give exactly one of image and dockerfile",
+            ));
+        }
+    };
+    // Parse now, so a bad Dockerfile is a 400 naming its line, not a failed build.
+    sandpit_image::dockerfile::parse(&dockerfile)
+        .map_err(|e| ApiError::bad_request("invalid_dockerfile", e.to_string()))?;
+    if req.context.is_some() && req.dockerfile.is_none() {
+        return Err(ApiError::bad_request(
+            "invalid_source",
+            "context goes with a dockerfile",
+        ));
+    }
+    let context = match &req.context {
+        Some(b64) => {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64.as_bytes())
+                .map_err(|e| {
+                    ApiError::bad_request("invalid_context", format!("context is not base64: {e}"))
+                })?;
+            if bytes.len() > MAX_CONTEXT_BYTES {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                    "context_too_large",
+                    format!("the build context exceeds {} MiB", MAX_CONTEXT_BYTES >> 20),
+                ));
+            }
+            Some(bytes)
+        }
+        None => None,
+    };
+    for p in [&req.default_egress, &req.build_egress]
+        .into_iter()
+        .flatten()
+    {
+        p.validate()
+            .map_err(|(code, m)| ApiError::bad_request(code, m))?;
+    }
+    for a in &req.aliases {
+        parse_alias(a)?;
+    }
+    if let Some(sandpit_api_types::ReadyCheck::Port(0)) = req.ready {
+        return Err(ApiError::bad_request(
+            "invalid_ready",
+            "ready port must be 1–65535",
+        ));
+    }
+    let credentials = match &req.registry_auth {
+        None => sandpit_image::RegistryCredentials::Anonymous,
+        Some(a) => match (&a.username, &a.password, &a.token) {
+            (Some(u), Some(p), None) => sandpit_image::RegistryCredentials::Basic {
+                username: u.clone(),
+                password: p.clone(),
+            },
+            (None, None, Some(t)) => sandpit_image::RegistryCredentials::Bearer(t.clone()),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_registry_auth",
+                    "registry_auth takes username and password, or token",
+                ));
+            }
+        },
+    };
+    // The context is unpacked before the row exists, so a bad archive changes nothing.
+    let images = server.images.clone();
+    let context_dir = images.temp_path("context");
+    {
+        let dir = context_dir.clone();
+        let tar = images.temp_path("context-tar");
+        let unpacked = tokio::task::spawn_blocking(move || -> Result<(), ImageError> {
+            std::fs::create_dir_all(&dir).map_err(|e| ImageError::Files {
+                what: "creating the context".into(),
+                path: dir.clone(),
+                source: e,
+            })?;
+            if let Some(bytes) = context {
+                std::fs::write(&tar, bytes).map_err(|e| ImageError::Files {
+                    what: "saving the context".into(),
+                    path: tar.clone(),
+                    source: e,
+                })?;
+                let r = sandpit_image::unpack::open_blob(&tar).and_then(|r| {
+                    sandpit_image::unpack::unpack(r, &dir, sandpit_image::unpack::Whiteouts::Plain)
+                });
+                let _ = std::fs::remove_file(&tar);
+                r?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| ServerError::Corrupt(format!("context task: {e}")))?;
+        if let Err(e) = unpacked {
+            let _ = std::fs::remove_dir_all(&context_dir);
+            return Err(ApiError::bad_request(
+                "invalid_context",
+                format!("the build context is not a readable tar archive: {e}"),
+            ));
+        }
+    }
+    let now = now_ms();
+    let row = TemplateRow {
+        id: format!("tpl_{}", random_hex(8)),
+        name: req.name.clone(),
+        workspace_id: Some(workspace_id.to_string()),
+        description: req.description.clone(),
+        rootfs: String::new(),
+        default_egress: serde_json::to_string(
+            &req.default_egress.clone().unwrap_or_else(allow_all),
+        )
+        .expect("serializes"),
+        created_at: now,
+        layers: "[]".into(),
+        config: "{}".into(),
+        status: "building".into(),
+        error: None,
+        source: match &req.image {
+            Some(i) => format!("image:{i}"),
+            None => "dockerfile".into(),
+        },
+        updated_at: now,
+    };
+    let inserted = server.store.insert_template(&row).await;
+    if !matches!(inserted, Ok(true)) {
+        let _ = std::fs::remove_dir_all(&context_dir);
+        inserted?;
+        return Err(ApiError::conflict(
+            "template_exists",
+            format!("a template named {:?} exists", req.name),
+        ));
+    }
+    let _ = std::fs::create_dir_all(template_dir(server, &row.id));
+    let log = server.builds.open(&row.id, build_log_path(server, &row.id));
+    let job = BuildJob {
+        server: server.clone(),
+        template: row.clone(),
+        request: BuildRequest {
+            context: context_dir,
+            dockerfile,
+            build_args: req.build_args.clone(),
+            pull: sandpit_image::PullOptions {
+                credentials,
+                insecure_registries: server.cfg.insecure_registries.clone(),
+            },
+        },
+        ready: req.ready.clone().map(|r| match r {
+            sandpit_api_types::ReadyCheck::Port(p) => ReadyCheck::Port(p),
+            sandpit_api_types::ReadyCheck::Command(c) => ReadyCheck::Command(c),
+        }),
+        build_egress: req.build_egress.clone().unwrap_or_else(allow_all),
+        aliases: req.aliases.clone(),
+        log,
+    };
+    tokio::spawn(job.run());
+    Ok(row)
+}
+
+fn allow_all() -> EgressPolicy {
+    serde_json::from_str(r#"{"mode":"allow_all"}"#).expect("valid policy")
+}
+
+struct BuildJob {
+    server: Arc<Server>,
+    template: TemplateRow,
+    request: BuildRequest,
+    ready: Option<ReadyCheck>,
+    build_egress: EgressPolicy,
+    aliases: Vec<String>,
+    log: Arc<BuildLog>,
+}
+
+impl BuildJob {
+    async fn run(self) {
+        let started = Instant::now();
+        let id = self.template.id.clone();
+        let result = self.build().await;
+        let (status, error) = match &result {
+            Ok(()) => ("ready", None),
+            Err(e) => ("failed", Some(e.clone())),
+        };
+        if let Some(e) = &error {
+            tracing::warn!(template = %id, error = %e, "template build failed");
+        } else {
+            tracing::info!(template = %id, elapsed_ms = started.elapsed().as_millis() as u64, "template built");
+        }
+        let _ = std::fs::remove_dir_all(&self.request.context);
+        self.log.push(TemplateBuildEvent::Finished {
+            status: status.into(),
+            error,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        });
+        self.server.builds.close(&id);
+    }
+
+    /// Build, verify, record. The error is what the client sees.
+    async fn build(&self) -> Result<(), String> {
+        let server = &self.server;
+        let runner = Arc::new(ServerRunner {
+            server: server.clone(),
+            workspace_id: self.template.workspace_id.clone().unwrap_or_default(),
+            template_id: self.template.id.clone(),
+            template_name: self.template.name.clone(),
+            egress: serde_json::to_string(&self.build_egress).expect("serializes"),
+        });
+        let builder = Builder {
+            store: server.images.clone(),
+            runner,
+        };
+        let log = self.log.clone();
+        let events = move |e: BuildEvent| log.push(event(e));
+        let outcome = builder.build(&self.request, &events).await;
+        let fail = |e: String| async move {
+            let _ = server
+                .store
+                .finish_template_build(&self.template.id, "failed", "[]", "{}", Some(&e), now_ms())
+                .await;
+            e
+        };
+        let mut outcome = match outcome {
+            Ok(o) => o,
+            Err(e) => return Err(fail(e.to_string()).await),
+        };
+        if self.ready.is_some() {
+            outcome.config.ready = self.ready.clone();
+        }
+        let layers = serde_json::to_string(&outcome.layers).expect("serializes");
+        let config = serde_json::to_string(&outcome.config).expect("serializes");
+        // Layers first (status still `building`): the verification sandbox boots from them.
+        server
+            .store
+            .finish_template_build(
+                &self.template.id,
+                "building",
+                &layers,
+                &config,
+                None,
+                now_ms(),
+            )
+            .await
+            .map_err(|e| DisplayChain(&e).to_string())?;
+        if let Err(e) = self.verify(&outcome.config).await {
+            return Err(fail(e).await);
+        }
+        server
+            .store
+            .finish_template_build(&self.template.id, "ready", &layers, &config, None, now_ms())
+            .await
+            .map_err(|e| DisplayChain(&e).to_string())?;
+        let ws = self.template.workspace_id.clone().unwrap_or_default();
+        for a in &self.aliases {
+            if let Ok((ns, alias)) = parse_alias(a) {
+                let _ = server
+                    .store
+                    .set_alias(&ws, ns, alias, &self.template.id, now_ms())
+                    .await;
+            }
+        }
+        Ok(())
+    }
+
+    /// With a start command or a ready check: boot the template once, start the command,
+    /// wait for the check and, when boot snapshots are on, keep that moment as the
+    /// template's boot snapshot (sandboxes then restore with the command already running).
+    async fn verify(&self, cfg: &ImageConfig) -> Result<(), String> {
+        if cfg.start_command().is_none() && cfg.ready.is_none() {
+            return Ok(());
+        }
+        let server = &self.server;
+        let index = u32::MAX;
+        self.log.push(TemplateBuildEvent::Log {
+            index,
+            text: "starting the template's start command and waiting until it is ready\n".into(),
+        });
+        let started = Instant::now();
+        let mut row = crate::pool::system_row(server, &self.template.id, &self.template.name);
+        row.egress = self.template.default_egress.clone();
+        let lock = server.lock_of(&row.id);
+        let _guard = lock.write().await;
+        crate::lifecycle::insert_with_slot(server, &mut row)
+            .await
+            .map_err(|e| DisplayChain(&e).to_string())?;
+        let snapshot_dir = crate::templates::boot_snapshot_dir(server, &self.template.name);
+        let tmp = snapshot_dir.with_extension("tmp");
+        let result = async {
+            crate::lifecycle::boot(server, &row, None).await?;
+            crate::lifecycle::write_resolv_conf(server, &row).await?;
+            crate::templates::start_command(
+                server,
+                &row,
+                cfg,
+                crate::lifecycle::exec_env(&row, cfg.env.clone()),
+            )
+            .await?;
+            crate::templates::wait_ready(server, &row, cfg, Duration::from_secs(60)).await?;
+            if server.cfg.boot_snapshots {
+                let _ = std::fs::remove_dir_all(&tmp);
+                server
+                    .runtime
+                    .checkpoint(&row.runtime_id, &tmp.join("memory"))
+                    .await?;
+                server
+                    .runtime
+                    .copy_files(&server.state_dir(&row.id), &tmp.join("files"))
+                    .await?;
+                let _ = std::fs::remove_dir_all(&snapshot_dir);
+                std::fs::rename(&tmp, &snapshot_dir).map_err(|source| ServerError::Files {
+                    what: "publishing a template's boot snapshot".into(),
+                    source,
+                })?;
+            }
+            Ok::<(), ServerError>(())
+        }
+        .await;
+        server
+            .teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
+            .await;
+        let _ = server.store.mark_destroyed(&row.id, now_ms()).await;
+        let _ = std::fs::remove_dir_all(&tmp);
+        match result {
+            Ok(()) => {
+                self.log.push(TemplateBuildEvent::Log {
+                    index,
+                    text: format!("ready after {} ms\n", started.elapsed().as_millis()),
+                });
+                Ok(())
+            }
+            Err(e) => Err(format!(
+                "the template's start command did not become ready: {}",
+                DisplayChain(&e)
+            )),
+        }
+    }
+}
+
+fn event(e: BuildEvent) -> TemplateBuildEvent {
+    match e {
+        BuildEvent::Step {
+            index,
+            total,
+            line,
+            instruction,
+        } => TemplateBuildEvent::Step {
+            index: index as u32,
+            total: total as u32,
+            line: line as u32,
+            instruction,
+        },
+        BuildEvent::Log { index, text } => TemplateBuildEvent::Log {
+            index: index as u32,
+            text,
+        },
+        BuildEvent::StepDone {
+            index,
+            cached,
+            elapsed_ms,
+        } => TemplateBuildEvent::StepDone {
+            index: index as u32,
+            cached,
+            elapsed_ms,
+        },
+    }
+}
+
+/// Runs a build's `RUN` steps in gVisor sandboxes owned by the server (system workspace),
+/// with the build's egress policy, and resolves `FROM <template>` in the owner's workspace.
+struct ServerRunner {
+    server: Arc<Server>,
+    workspace_id: String,
+    template_id: String,
+    template_name: String,
+    /// JSON egress policy of the builder sandboxes.
+    egress: String,
+}
+
+#[async_trait]
+impl StepRunner for ServerRunner {
+    async fn template(
+        &self,
+        name: &str,
+    ) -> Result<Option<(Vec<PathBuf>, ImageConfig)>, ImageError> {
+        let found = self
+            .server
+            .store
+            .find_template(&self.workspace_id, name)
+            .await
+            .map_err(|e| ImageError::Runner(DisplayChain(&e).to_string()))?;
+        Ok(found.filter(|t| t.status == "ready").map(|t| {
+            (
+                crate::templates::layers_of(&t),
+                crate::templates::image_config(&t),
+            )
+        }))
+    }
+
+    async fn run(
+        &self,
+        step: RunStep,
+        log: &(dyn Fn(String) + Send + Sync),
+    ) -> Result<i32, ImageError> {
+        let server = &self.server;
+        let fail = |e: ServerError| ImageError::Runner(DisplayChain(&e).to_string());
+        let mut row: SandboxRow =
+            crate::pool::system_row(server, &self.template_id, &self.template_name);
+        row.egress = self.egress.clone();
+        row.size = "large".into();
+        let lock = server.lock_of(&row.id);
+        let _guard = lock.write().await;
+        crate::lifecycle::insert_with_slot(server, &mut row)
+            .await
+            .map_err(fail)?;
+        let result = async {
+            let mut spec = crate::lifecycle::spec_for(server, &row).await?;
+            spec.layers = step
+                .layers
+                .iter()
+                .cloned()
+                .chain([server.agent_layer.clone()])
+                .collect();
+            crate::lifecycle::boot_spec(server, &row, &spec, None).await?;
+            crate::lifecycle::write_resolv_conf(server, &row).await?;
+            let agent = crate::lifecycle::agent_of(server, &row).expect("slot claimed");
+            let req = sandpit_agent_proto::ExecRequest {
+                argv: Some(step.argv.clone()),
+                cwd: Some(step.workdir.clone()),
+                env: step.env.clone(),
+                timeout_ms: Some(RUN_STEP_TIMEOUT.as_millis() as u64),
+                ..Default::default()
+            };
+            let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+            let exec = agent.exec(req, tx);
+            tokio::pin!(exec);
+            let status = loop {
+                tokio::select! {
+                    s = &mut exec => break s,
+                    Some(item) = rx.recv() => forward(item, log),
+                }
+            };
+            while let Ok(item) = rx.try_recv() {
+                forward(item, log);
+            }
+            let status = status.map_err(|f| ServerError::Agent {
+                sandbox: row.id.clone(),
+                what: format!("running a build step: {f:?}"),
+            })?;
+            if status.timed_out {
+                log(format!(
+                    "\n[timed out after {} s]\n",
+                    RUN_STEP_TIMEOUT.as_secs()
+                ));
+            }
+            server
+                .runtime
+                .stop(&row.runtime_id, &server.state_dir(&row.id))
+                .await?;
+            if status.exit_code == 0 {
+                server
+                    .runtime
+                    .export_layer(&server.state_dir(&row.id), &step.out)
+                    .await?;
+                clean_run_layer(&step.out);
+            }
+            Ok::<i32, ServerError>(status.exit_code)
+        }
+        .await;
+        server
+            .teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
+            .await;
+        let _ = server.store.mark_destroyed(&row.id, now_ms()).await;
+        result.map_err(fail)
+    }
+}
+
+fn forward(item: crate::agent::ExecOutput, log: &(dyn Fn(String) + Send + Sync)) {
+    match item {
+        crate::agent::ExecOutput::Stdout(b) | crate::agent::ExecOutput::Stderr(b) => {
+            log(String::from_utf8_lossy(&b).into_owned())
+        }
+        crate::agent::ExecOutput::Started(_) => {}
+    }
+}
+
+/// Drop what every builder sandbox writes whatever the step does: the resolver config the
+/// server wrote and the mount points the runtime created, when they are empty.
+fn clean_run_layer(layer: &Path) {
+    let _ = std::fs::remove_file(layer.join("etc/resolv.conf"));
+    let _ = std::fs::remove_dir(layer.join("etc"));
+    for d in ["proc", "sys", "dev"] {
+        let _ = std::fs::remove_dir(layer.join(d));
+    }
+}
+
+/// Delete a workspace's template. Refused (409) while sandboxes use it unless `force`,
+/// which destroys them first. Layers stay in the store (other templates may share them).
+pub async fn delete(
+    server: &Arc<Server>,
+    workspace_id: &str,
+    name_or_id: &str,
+    force: bool,
+) -> Result<(), ApiError> {
+    let t = server
+        .store
+        .find_template(workspace_id, name_or_id)
+        .await?
+        .ok_or_else(|| {
+            ApiError::not_found("template_not_found", format!("no template {name_or_id:?}"))
+        })?;
+    if t.workspace_id.as_deref() != Some(workspace_id) {
+        return Err(ApiError::forbidden(
+            "template_builtin",
+            "built-in templates cannot be deleted",
+        ));
+    }
+    if t.status == "building" {
+        return Err(ApiError::conflict(
+            "template_building",
+            "the template is being built; delete it when the build ends",
+        ));
+    }
+    let (sandboxes, _) = server.store.template_dependents(&t.id).await?;
+    let users: Vec<&SandboxRow> = sandboxes
+        .iter()
+        .filter(|s| s.workspace_id != crate::pool::POOL_WORKSPACE)
+        .collect();
+    if !users.is_empty() && !force {
+        return Err(ApiError::conflict(
+            "template_in_use",
+            format!(
+                "{} sandbox(es) use this template ({}); destroy them or delete with force=true",
+                users.len(),
+                users
+                    .iter()
+                    .take(5)
+                    .map(|s| s.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    for s in &sandboxes {
+        crate::lifecycle::destroy(server, &s.id).await?;
+    }
+    server
+        .store
+        .delete_template(workspace_id, &t.id, now_ms())
+        .await?;
+    let _ = std::fs::remove_dir_all(crate::templates::boot_snapshot_dir(server, &t.name));
+    Ok(())
+}
+
+/// The built-in `toolchain` template (Debian with bash, python3, node, git), built on
+/// demand by [`build_toolchain`] and cached as a layer.
+pub const TOOLCHAIN_ID: &str = "tpl_toolchain";
+pub const TOOLCHAIN_NAME: &str = "toolchain";
+
+fn toolchain_config() -> String {
+    let cfg = ImageConfig {
+        env: vec![
+            (
+                "PATH".into(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            ),
+            ("LANG".into(), "C.UTF-8".into()),
+            ("HOME".into(), "/root".into()),
+        ],
+        ..Default::default()
+    };
+    serde_json::to_string(&cfg).expect("serializes")
+}
+
+/// Register the toolchain template at start: `ready` when its layer exists (built before,
+/// same sources and packages), `not_built` otherwise.
+pub async fn register_toolchain(server: &Server) -> Result<(), ServerError> {
+    server
+        .store
+        .upsert_template(&TemplateRow::builtin(
+            TOOLCHAIN_ID,
+            TOOLCHAIN_NAME,
+            "Debian with bash, python3, node, git and common tools (built on demand from the host's apt sources)",
+            String::new(),
+            now_ms(),
+        ))
+        .await?;
+    let existing = match sandpit_image::toolchain::layer_id() {
+        Ok(id) if server.images.has_layer(&id) => Some(server.images.layer_path(&id)),
+        _ => None,
+    };
+    let (status, layers) = match existing {
+        Some(p) => ("ready", serde_json::to_string(&[p]).expect("serializes")),
+        None => ("not_built", "[]".to_string()),
+    };
+    server
+        .store
+        .finish_template_build(
+            TOOLCHAIN_ID,
+            status,
+            &layers,
+            &toolchain_config(),
+            None,
+            now_ms(),
+        )
+        .await
+}
+
+/// `POST /v1/templates/{id}/build` for a built-in template built on demand: start its
+/// build unless it is built or building. Returns the row as it is now.
+pub async fn build_builtin(
+    server: &Arc<Server>,
+    workspace_id: &str,
+    name_or_id: &str,
+) -> Result<TemplateRow, ApiError> {
+    let t = server
+        .store
+        .find_template(workspace_id, name_or_id)
+        .await?
+        .ok_or_else(|| {
+            ApiError::not_found("template_not_found", format!("no template {name_or_id:?}"))
+        })?;
+    if t.id != TOOLCHAIN_ID {
+        return Err(ApiError::bad_request(
+            "not_buildable",
+            "only built-in templates built on demand (toolchain) are built this way; create a new template to rebuild",
+        ));
+    }
+    if server
+        .store
+        .claim_build(TOOLCHAIN_ID, &["not_built", "failed"], now_ms())
+        .await?
+    {
+        let log = server
+            .builds
+            .open(TOOLCHAIN_ID, build_log_path(server, TOOLCHAIN_ID));
+        let _ = std::fs::create_dir_all(template_dir(server, TOOLCHAIN_ID));
+        let _ = std::fs::remove_file(build_log_path(server, TOOLCHAIN_ID));
+        let server2 = server.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            log.push(TemplateBuildEvent::Step {
+                index: 1,
+                total: 1,
+                line: 0,
+                instruction: format!(
+                    "mmdebstrap {} + {}",
+                    sandpit_image::toolchain::host_suite().unwrap_or_default(),
+                    sandpit_image::toolchain::PACKAGES.join(" ")
+                ),
+            });
+            let sink = {
+                let log = log.clone();
+                move |text: String| log.push(TemplateBuildEvent::Log { index: 1, text })
+            };
+            let built = sandpit_image::toolchain::ensure(&server2.images, &sink).await;
+            let (status, layers, error) = match built {
+                Ok(p) => (
+                    "ready",
+                    serde_json::to_string(&[p]).expect("serializes"),
+                    None,
+                ),
+                Err(e) => ("failed", "[]".into(), Some(e.to_string())),
+            };
+            let _ = server2
+                .store
+                .finish_template_build(
+                    TOOLCHAIN_ID,
+                    status,
+                    &layers,
+                    &toolchain_config(),
+                    error.as_deref(),
+                    now_ms(),
+                )
+                .await;
+            let elapsed_ms = started.elapsed().as_millis() as u64;
+            if error.is_none() {
+                log.push(TemplateBuildEvent::StepDone {
+                    index: 1,
+                    cached: false,
+                    elapsed_ms,
+                });
+            }
+            tracing::info!(status, elapsed_ms, "toolchain template build ended");
+            log.push(TemplateBuildEvent::Finished {
+                status: status.into(),
+                error,
+                elapsed_ms,
+            });
+            server2.builds.close(TOOLCHAIN_ID);
+        });
+    }
+    Ok(server
+        .store
+        .template_by_id(TOOLCHAIN_ID)
+        .await?
+        .expect("registered at start"))
+}

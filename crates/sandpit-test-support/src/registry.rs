@@ -1,0 +1,192 @@
+//! A local OCI registry for tests: Debian's `docker-registry` on 127.0.0.1 with a random
+//! port and a temporary storage directory (optionally behind basic auth), and images made
+//! offline from the host's static busybox, pushed with `oci-client`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use sandpit_image::oci_client::client::{Config, ImageLayer};
+use sandpit_image::oci_client::secrets::RegistryAuth;
+use sha2::{Digest, Sha256};
+
+/// A running registry; killed on drop.
+pub struct Registry {
+    /// `127.0.0.1:<port>`.
+    pub host: String,
+    pub auth: Option<(String, String)>,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Registry {
+    /// Start a registry; with `auth`, it requires basic auth with that user and password.
+    pub async fn start(auth: Option<(&str, &str)>) -> anyhow::Result<Registry> {
+        let bin = ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .context("docker-registry is not installed (scripts/install-deps installs it)")?;
+        let dir = tempfile::Builder::new()
+            .prefix("sandpit-registry-")
+            .tempdir()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let host = format!("127.0.0.1:{port}");
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n",
+            dir.path().join("data").display()
+        );
+        if let Some((user, password)) = auth {
+            let hash = bcrypt::hash(password, 4)?;
+            let file = dir.path().join("htpasswd");
+            std::fs::write(&file, format!("{user}:{hash}\n"))?;
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: sandpit-test\n    path: {}\n",
+                file.display()
+            ));
+        }
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config)?;
+        let log = std::fs::File::create(dir.path().join("registry.log"))?;
+        let child = Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "--"])
+            .arg(bin)
+            .arg("serve")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning docker-registry")?;
+        let registry = Registry {
+            host,
+            auth: auth.map(|(u, p)| (u.to_string(), p.to_string())),
+            child,
+            _dir: dir,
+        };
+        let url = format!("http://{}/v2/", registry.host);
+        let http = reqwest::Client::new();
+        crate::wait_until(Duration::from_secs(20), "the registry to answer", || {
+            let (http, url) = (http.clone(), url.clone());
+            async move { http.get(&url).send().await.ok().map(|_| ()) }
+        })
+        .await?;
+        Ok(registry)
+    }
+
+    fn registry_auth(&self) -> RegistryAuth {
+        match &self.auth {
+            Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
+            None => RegistryAuth::Anonymous,
+        }
+    }
+
+    /// Push an image of `layers` (uncompressed tarballs, lowest first) with `config` (the
+    /// image config's `config` object) as `<host>/<repo>:<tag>`; returns the reference.
+    pub async fn push(
+        &self,
+        repo: &str,
+        tag: &str,
+        layers: &[Vec<u8>],
+        config: serde_json::Value,
+    ) -> anyhow::Result<String> {
+        let reference = format!("{}/{repo}:{tag}", self.host);
+        let r = sandpit_image::registry::parse_reference(&reference)?;
+        let client = sandpit_image::registry::client_for(&r, &Default::default());
+        let mut diff_ids = Vec::new();
+        let mut image_layers = Vec::new();
+        for tar in layers {
+            diff_ids.push(format!("sha256:{}", hex::encode(Sha256::digest(tar))));
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            std::io::Write::write_all(&mut gz, tar)?;
+            image_layers.push(ImageLayer::new(
+                gz.finish()?,
+                "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+                None,
+            ));
+        }
+        let config = serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": config,
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        });
+        let config = Config::new(
+            serde_json::to_vec(&config)?,
+            "application/vnd.oci.image.config.v1+json".into(),
+            None::<BTreeMap<String, String>>,
+        );
+        client
+            .push(&r, &image_layers, config, &self.registry_auth(), None)
+            .await
+            .with_context(|| format!("pushing {reference}"))?;
+        Ok(reference)
+    }
+}
+
+/// An uncompressed tar of a busybox root file system: the host's static busybox with a
+/// symlink per applet, `/etc/passwd`, `/tmp`, plus whatever `extra` adds.
+pub fn busybox_rootfs_tar(
+    extra: impl FnOnce(&mut tar::Builder<Vec<u8>>),
+) -> anyhow::Result<Vec<u8>> {
+    let busybox = Path::new("/bin/busybox");
+    if !busybox.exists() {
+        bail!("no /bin/busybox (install busybox-static)");
+    }
+    let mut t = tar::Builder::new(Vec::new());
+    let dir = |t: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32| -> std::io::Result<()> {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(mode);
+        h.set_size(0);
+        t.append_data(&mut h, path, std::io::empty())
+    };
+    for d in ["bin/", "etc/", "root/", "proc/", "sys/", "dev/"] {
+        dir(&mut t, d, 0o755)?;
+    }
+    dir(&mut t, "tmp/", 0o1777)?;
+    t.append_path_with_name(busybox, "bin/busybox")?;
+    let list = Command::new(busybox).arg("--list").output()?;
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet.is_empty() || applet == "busybox" {
+            continue;
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        h.set_mode(0o777);
+        t.append_link(&mut h, format!("bin/{applet}"), "busybox")?;
+    }
+    file(
+        &mut t,
+        "etc/passwd",
+        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+        0o644,
+    )?;
+    file(&mut t, "etc/group", b"root:x:0:\nnogroup:x:65534:\n", 0o644)?;
+    extra(&mut t);
+    Ok(t.into_inner()?)
+}
+
+/// Append a regular file to a tar.
+pub fn file(
+    t: &mut tar::Builder<Vec<u8>>,
+    path: &str,
+    body: &[u8],
+    mode: u32,
+) -> std::io::Result<()> {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(body.len() as u64);
+    h.set_mode(mode);
+    t.append_data(&mut h, path, body)
+}
