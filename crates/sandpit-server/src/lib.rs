@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod auth;
+pub mod compat;
 pub mod dns;
 pub mod error;
 pub mod fork;

@@ -782,3 +782,204 @@ impl Store {
         Ok(row.map(|r| r.get::<String, _>("id")))
     }
 }
+
+/// What the CodeSandbox-compatible API shows of a sandbox beyond Sandpit's own row.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct CsbSandboxRow {
+    pub sandbox_id: String,
+    pub workspace_id: String,
+    pub title: Option<String>,
+    pub description: Option<String>,
+    /// JSON array of strings.
+    pub tags: String,
+    /// 0 public, 1 unlisted, 2 private.
+    pub privacy: i64,
+    pub tier: String,
+}
+
+/// An agent gateway token (without its hash).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct CsbAgentTokenRow {
+    pub sandbox_id: String,
+    pub workspace_id: String,
+    /// `read` or `write`.
+    pub permission: String,
+    pub expires_at: i64,
+}
+
+// ---- CodeSandbox compatibility (`crate::compat`) ----
+impl Store {
+    /// Change a persistent sandbox's inactivity timeout (`PUT /vm/{id}/hibernation_timeout`).
+    pub async fn set_idle_timeout(
+        &self,
+        workspace_id: &str,
+        id: &str,
+        idle_timeout_ms: i64,
+        now: i64,
+    ) -> Result<(), ServerError> {
+        sqlx::query(
+            "UPDATE sandboxes SET idle_timeout_ms = ?, updated_at = ? WHERE workspace_id = ? AND id = ?",
+        )
+        .bind(idle_timeout_ms)
+        .bind(now)
+        .bind(workspace_id)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(q("updating a sandbox's idle timeout"))?;
+        Ok(())
+    }
+
+    pub async fn upsert_csb_sandbox(&self, c: &CsbSandboxRow) -> Result<(), ServerError> {
+        sqlx::query(
+            "INSERT INTO csb_sandboxes (sandbox_id, workspace_id, title, description, tags, privacy, tier)
+             VALUES (?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (sandbox_id) DO UPDATE SET title = excluded.title,
+                description = excluded.description, tags = excluded.tags,
+                privacy = excluded.privacy, tier = excluded.tier
+             WHERE csb_sandboxes.workspace_id = excluded.workspace_id",
+        )
+        .bind(&c.sandbox_id)
+        .bind(&c.workspace_id)
+        .bind(&c.title)
+        .bind(&c.description)
+        .bind(&c.tags)
+        .bind(c.privacy)
+        .bind(&c.tier)
+        .execute(&self.pool)
+        .await
+        .map_err(q("storing a sandbox's CodeSandbox fields"))?;
+        Ok(())
+    }
+
+    pub async fn get_csb_sandbox(
+        &self,
+        workspace_id: &str,
+        sandbox_id: &str,
+    ) -> Result<Option<CsbSandboxRow>, ServerError> {
+        sqlx::query_as("SELECT * FROM csb_sandboxes WHERE workspace_id = ? AND sandbox_id = ?")
+            .bind(workspace_id)
+            .bind(sandbox_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("reading a sandbox's CodeSandbox fields"))
+    }
+
+    /// The workspace's CodeSandbox fields of every sandbox that has them.
+    pub async fn list_csb_sandboxes(
+        &self,
+        workspace_id: &str,
+    ) -> Result<Vec<CsbSandboxRow>, ServerError> {
+        sqlx::query_as("SELECT * FROM csb_sandboxes WHERE workspace_id = ?")
+            .bind(workspace_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("listing CodeSandbox fields"))
+    }
+
+    pub async fn insert_csb_agent_token(
+        &self,
+        hash: &str,
+        t: &CsbAgentTokenRow,
+    ) -> Result<(), ServerError> {
+        sqlx::query(
+            "INSERT INTO csb_agent_tokens (token_hash, sandbox_id, workspace_id, permission, expires_at)
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(hash)
+        .bind(&t.sandbox_id)
+        .bind(&t.workspace_id)
+        .bind(&t.permission)
+        .bind(t.expires_at)
+        .execute(&self.pool)
+        .await
+        .map_err(q("inserting an agent gateway token"))?;
+        Ok(())
+    }
+
+    /// An agent gateway token of the given sandbox by its hash (expired ones included; the
+    /// caller compares `expires_at`).
+    pub async fn csb_agent_token(
+        &self,
+        sandbox_id: &str,
+        hash: &str,
+    ) -> Result<Option<CsbAgentTokenRow>, ServerError> {
+        sqlx::query_as(
+            "SELECT sandbox_id, workspace_id, permission, expires_at FROM csb_agent_tokens
+             WHERE sandbox_id = ? AND token_hash = ?",
+        )
+        .bind(sandbox_id)
+        .bind(hash)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(q("looking up an agent gateway token"))
+    }
+
+    /// Drop a sandbox's expired gateway tokens.
+    pub async fn prune_csb_agent_tokens(
+        &self,
+        sandbox_id: &str,
+        now: i64,
+    ) -> Result<(), ServerError> {
+        sqlx::query("DELETE FROM csb_agent_tokens WHERE sandbox_id = ? AND expires_at <= ?")
+            .bind(sandbox_id)
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(q("pruning agent gateway tokens"))?;
+        Ok(())
+    }
+
+    pub async fn insert_csb_tag(
+        &self,
+        id: &str,
+        workspace_id: &str,
+        vm_ids: &str,
+        now: i64,
+    ) -> Result<(), ServerError> {
+        sqlx::query(
+            "INSERT INTO csb_tags (id, workspace_id, vm_ids, created_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(workspace_id)
+        .bind(vm_ids)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(q("inserting a VM tag"))?;
+        Ok(())
+    }
+
+    /// Whether the workspace has this tag.
+    pub async fn csb_tag_exists(&self, workspace_id: &str, id: &str) -> Result<bool, ServerError> {
+        let row =
+            sqlx::query("SELECT COUNT(*) AS n FROM csb_tags WHERE workspace_id = ? AND id = ?")
+                .bind(workspace_id)
+                .bind(id)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(q("reading a VM tag"))?;
+        Ok(row.get::<i64, _>("n") > 0)
+    }
+
+    pub async fn set_csb_alias(
+        &self,
+        workspace_id: &str,
+        namespace: &str,
+        alias: &str,
+        tag_id: &str,
+    ) -> Result<(), ServerError> {
+        sqlx::query(
+            "INSERT INTO csb_aliases (workspace_id, namespace, alias, tag_id) VALUES (?, ?, ?, ?)
+             ON CONFLICT (workspace_id, namespace, alias) DO UPDATE SET tag_id = excluded.tag_id",
+        )
+        .bind(workspace_id)
+        .bind(namespace)
+        .bind(alias)
+        .bind(tag_id)
+        .execute(&self.pool)
+        .await
+        .map_err(q("assigning a VM tag alias"))?;
+        Ok(())
+    }
+}

@@ -4,6 +4,7 @@
 
 mod api;
 mod crash;
+mod csb;
 mod egress;
 mod fork;
 mod lifecycle;

@@ -1,0 +1,232 @@
+// The unmodified @codesandbox/sdk against a live Sandpit server.
+// Env: CSB_BASE_URL (the server), CSB_API_KEY (a token), SANDPIT_ADDR (host:port the
+// preview hosts resolve to). Prints one JSON line of observations on success; throws
+// (exit 1) at the first expectation that fails. Run by tests/it/csb.rs.
+import http from "node:http";
+import { CodeSandbox, CommandError } from "@codesandbox/sdk";
+
+const baseUrl = process.env.CSB_BASE_URL;
+const sdk = new CodeSandbox(process.env.CSB_API_KEY, { baseUrl });
+const [addrHost, addrPort] = process.env.SANDPIT_ADDR.split(":");
+const seen = {};
+
+function expect(cond, what) {
+  if (!cond) throw new Error(`expectation failed: ${what}`);
+}
+
+async function until(what, fn, ms = 20000) {
+  const end = Date.now() + ms;
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+// GET a preview URL (https://<id>-<port>.csb.app/...) through the Sandpit listener: the host
+// name resolves to the server, the Host header stays as the SDK built it.
+function get(url) {
+  const u = new URL(url);
+  return new Promise((resolve, reject) => {
+    const req = http.get(
+      {
+        host: addrHost,
+        port: Number(addrPort),
+        path: u.pathname + u.search,
+        headers: { host: u.host },
+      },
+      (res) => {
+        let body = "";
+        res.on("data", (c) => (body += c));
+        res.on("end", () => resolve({ status: res.statusCode, headers: res.headers, body }));
+      },
+    );
+    req.on("error", reject);
+  });
+}
+
+const t0 = Date.now();
+function step(name) {
+  console.error(`[${((Date.now() - t0) / 1000).toFixed(1)}s] ${name}`);
+}
+
+// ---- create, connect, commands ----
+step('create, connect, commands');
+const sandbox = await sdk.sandboxes.create({
+  title: "csb-e2e",
+  tags: ["e2e", "sdk-test"],
+  privacy: "private",
+});
+seen.id = sandbox.id;
+const client = await sandbox.connect();
+expect(client.workspacePath === "/project/sandbox", `workspace path ${client.workspacePath}`);
+
+const hello = await client.commands.run("echo hello-$((6*7))");
+expect(hello.includes("hello-42"), `commands.run output ${JSON.stringify(hello)}`);
+seen.run = hello.trim();
+
+try {
+  await client.commands.run("echo oops; exit 3");
+  throw new Error("a failing command resolved");
+} catch (e) {
+  expect(e instanceof CommandError, `failure is a CommandError: ${e}`);
+  expect(e.exitCode === 3, `exit code ${e.exitCode}`);
+  expect(e.output.includes("oops"), `failure output ${e.output}`);
+  seen.failedExit = e.exitCode;
+}
+
+// ---- background command with output ----
+step('background command with output');
+const bg = await client.commands.runBackground(
+  "for i in 1 2 3; do echo tick-$i; sleep 0.2; done",
+);
+const ticks = [];
+bg.onOutput((o) => ticks.push(o));
+const bgOut = await bg.waitUntilComplete();
+expect(bgOut.includes("tick-3"), `background output ${JSON.stringify(bgOut)}`);
+expect(ticks.join("").includes("tick-1"), `streamed output ${JSON.stringify(ticks)}`);
+seen.ticks = ticks.join("").trim().split("\n").length;
+
+// ---- files ----
+step('files');
+await client.fs.writeTextFile("notes.txt", "kept across hibernation");
+expect((await client.fs.readTextFile("notes.txt")) === "kept across hibernation", "readTextFile");
+await client.fs.batchWrite([
+  { path: "site/index.html", content: "<h1>from the sdk</h1>" },
+  { path: "b.txt", content: "B" },
+]);
+expect((await client.fs.readTextFile("site/index.html")) === "<h1>from the sdk</h1>", "batchWrite");
+const entries = await client.fs.readdir(".");
+const names = entries.map((e) => e.name).sort();
+expect(names.includes("notes.txt") && names.includes("site") && names.includes("b.txt"), `readdir ${names}`);
+expect(entries.find((e) => e.name === "site").type === "directory", "site is a directory");
+const st = await client.fs.stat("b.txt");
+expect(st.type === "file" && st.size === 1, `stat ${JSON.stringify(st)}`);
+await client.fs.rename("b.txt", "c.txt");
+await client.fs.copy("c.txt", "d.txt");
+expect((await client.fs.readTextFile("d.txt")) === "B", "copy");
+await client.fs.mkdir("deep/er", true);
+await client.fs.remove("deep", true);
+try {
+  await client.fs.readTextFile("deep/er");
+  throw new Error("a removed path was read");
+} catch (e) {
+  expect(String(e).includes("2:"), `ENOENT after remove: ${e}`);
+}
+seen.files = names;
+
+// ---- terminals ----
+step('terminals');
+const term = await client.terminals.create();
+const termOut = [];
+term.onOutput((o) => termOut.push(o));
+await term.open();
+await term.run("echo term-$((2+3))");
+await until("terminal output", () => termOut.join("").includes("term-5"));
+const listed = await client.terminals.getAll();
+expect(listed.some((t) => t.id === term.id), "terminal is listed");
+await term.kill();
+seen.terminal = true;
+
+// ---- ports and previews (private: host tokens) ----
+step('ports and previews (private: host tokens)');
+const server = await client.commands.runBackground("busybox httpd -f -p 8080 -h /project/sandbox/site");
+const port = await client.ports.waitForPort(8080, { timeoutMs: 30000 });
+expect(port.port === 8080, `waitForPort ${JSON.stringify(port)}`);
+const url = client.hosts.getUrl(8080, "http");
+const denied = await get(url);
+expect(denied.status === 401 || denied.status === 403, `private preview without token: ${denied.status}`);
+const hostToken = await sdk.hosts.createToken(sandbox.id, {
+  expiresAt: new Date(Date.now() + 3600_000),
+});
+const tokenUrl = sdk.hosts.getUrl(hostToken, 8080, "http");
+let page = await get(tokenUrl);
+if (page.status === 307 || page.status === 302) {
+  // The token moved into a cookie; follow once with it.
+  const cookie = String(page.headers["set-cookie"]).split(";")[0];
+  page = await new Promise((resolve, reject) => {
+    const u = new URL(tokenUrl);
+    http
+      .get(
+        { host: addrHost, port: Number(addrPort), path: page.headers.location?.startsWith("/") ? page.headers.location : "/", headers: { host: u.host, cookie } },
+        (res) => {
+          let body = "";
+          res.on("data", (c) => (body += c));
+          res.on("end", () => resolve({ status: res.statusCode, body }));
+        },
+      )
+      .on("error", reject);
+  });
+}
+expect(page.status === 200 && page.body.includes("from the sdk"), `preview with host token: ${page.status} ${page.body}`);
+const tokens = await sdk.hosts.listTokens(sandbox.id);
+expect(tokens.some((t) => t.tokenId === hostToken.tokenId), "host token listed");
+await sdk.hosts.revokeToken(sandbox.id, hostToken.tokenId);
+const revoked = await get(tokenUrl);
+expect(revoked.status === 401 || revoked.status === 403, `revoked host token: ${revoked.status}`);
+await server.kill();
+seen.preview = page.status;
+
+// ---- hibernate and resume: a file and a process survive ----
+step('hibernate and resume: a file and a process survive');
+await client.commands.runBackground("echo $$ > /tmp/bg.pid; exec sleep 100000");
+await until("background pid", async () => {
+  try {
+    return (await client.fs.readTextFile("/tmp/bg.pid")).trim().length > 0;
+  } catch {
+    return false;
+  }
+});
+const pid = (await client.fs.readTextFile("/tmp/bg.pid")).trim();
+const hibernated = new Promise((resolve) =>
+  client.onStateChange((s) => s === "HIBERNATED" && resolve(s)),
+);
+await sdk.sandboxes.hibernate(sandbox.id);
+await hibernated;
+const resumed = await sdk.sandboxes.resume(sandbox.id);
+expect(resumed.bootupType === "RESUME", `bootup type ${resumed.bootupType}`);
+const client2 = await resumed.connect();
+expect((await client2.fs.readTextFile("notes.txt")) === "kept across hibernation", "file after resume");
+const alive = await client2.commands.run(`kill -0 ${pid} && echo alive-${pid}`);
+expect(alive.includes(`alive-${pid}`), `process after resume: ${alive}`);
+seen.resumed = { pid, bootupType: resumed.bootupType };
+
+// ---- list and get with tags ----
+step('list and get with tags');
+const info = await sdk.sandboxes.get(sandbox.id);
+expect(info.title === "csb-e2e" && info.tags.includes("e2e"), `get ${JSON.stringify(info)}`);
+const list = await sdk.sandboxes.list({ tags: ["e2e"] });
+expect(list.sandboxes.some((s) => s.id === sandbox.id), "list by tag");
+const none = await sdk.sandboxes.list({ tags: ["no-such-tag"] });
+expect(!none.sandboxes.some((s) => s.id === sandbox.id), "list by another tag");
+
+// ---- fork ----
+step('fork');
+const fork = await sdk.sandboxes.fork(sandbox.id, { title: "csb-e2e-fork" });
+expect(fork.id !== sandbox.id, "fork has its own id");
+const forkClient = await fork.connect();
+expect((await forkClient.fs.readTextFile("notes.txt")) === "kept across hibernation", "file in fork");
+seen.fork = fork.id;
+
+// ---- shutdown and delete ----
+step('shutdown and delete');
+// `disconnect` waits for pending calls (the SDK asks for the port list on its own when a
+// client is made, and disposing with that call pending is an unhandled rejection).
+for (const c of [forkClient, client2]) {
+  await c.disconnect();
+  c.dispose();
+}
+client.dispose();
+await sdk.sandboxes.shutdown(fork.id);
+await sdk.sandboxes.delete(fork.id);
+await sdk.sandboxes.delete(sandbox.id);
+try {
+  await sdk.sandboxes.get(sandbox.id);
+  throw new Error("a deleted sandbox was found");
+} catch (e) {
+  expect(String(e).includes("not found"), `get after delete: ${e}`);
+}
+
+console.log(JSON.stringify(seen));
+process.exit(0);
