@@ -116,6 +116,35 @@ try {
 }
 seen.files = names;
 
+// ---- a token without sandbox_edit_code gets a read-only session ----
+step("read-only session");
+const ro = new CodeSandbox(process.env.CSB_READONLY_KEY, { baseUrl });
+const roClient = await (await ro.sandboxes.resume(sandbox.id)).connect();
+expect((await roClient.fs.readTextFile("notes.txt")) === "kept across hibernation", "read-only read");
+for (const attempt of [
+  () => roClient.fs.writeTextFile("notes.txt", "overwritten"),
+  () => roClient.commands.run("echo no"),
+]) {
+  let refused = false;
+  try {
+    await attempt();
+  } catch {
+    refused = true;
+  }
+  expect(refused, "a read-only session cannot write or run");
+}
+expect((await client.fs.readTextFile("notes.txt")) === "kept across hibernation", "file unchanged");
+await roClient.disconnect();
+roClient.dispose();
+seen.readOnly = true;
+
+// ---- disconnect and reconnect (a fresh token from /vm/{id}/start) ----
+step("reconnect");
+await client.disconnect();
+await client.reconnect();
+expect(client.state === "CONNECTED", `state after reconnect ${client.state}`);
+expect((await client.commands.run("echo again")).includes("again"), "command after reconnect");
+
 // ---- terminals ----
 step('terminals');
 const term = await client.terminals.create();

@@ -41,12 +41,15 @@ async fn the_codesandbox_sdk_works_unmodified() {
         .strip_prefix("http://")
         .expect("http url")
         .to_string();
+    let http = reqwest::Client::new();
+    let read_only = token_with(&http, &srv, &["sandbox_read", "vm_manage"]).await;
     let run = tokio::process::Command::new("node")
         .arg("sdk-e2e.mjs")
         .current_dir(&dir)
         .env("CSB_BASE_URL", &srv.url)
         .env("CSB_API_KEY", &srv.token)
         .env("SANDPIT_ADDR", &addr)
+        .env("CSB_READONLY_KEY", &read_only)
         .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(Duration::from_secs(400), run)
@@ -66,6 +69,7 @@ async fn the_codesandbox_sdk_works_unmodified() {
     assert_eq!(seen["failedExit"], 3);
     assert_eq!(seen["ticks"], 3);
     assert_eq!(seen["preview"], 200);
+    assert_eq!(seen["readOnly"], true);
     assert_eq!(seen["resumed"]["bootupType"], "RESUME");
     // What the SDK did is what the native API sees: both sandboxes are gone.
     let client = srv.client();
