@@ -982,4 +982,59 @@ impl Store {
         .map_err(q("assigning a VM tag alias"))?;
         Ok(())
     }
+
+    /// The workspace's trusted preview hosts with when each was added, oldest first.
+    pub async fn list_csb_preview_hosts(
+        &self,
+        workspace_id: &str,
+    ) -> Result<Vec<(String, i64)>, ServerError> {
+        let rows = sqlx::query(
+            "SELECT host, inserted_at FROM csb_preview_hosts WHERE workspace_id = ?
+             ORDER BY inserted_at, host",
+        )
+        .bind(workspace_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("listing preview hosts"))?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<String, _>("host"), r.get::<i64, _>("inserted_at")))
+            .collect())
+    }
+
+    /// Add hosts (`replace`: make them the whole list), in one transaction.
+    pub async fn put_csb_preview_hosts(
+        &self,
+        workspace_id: &str,
+        hosts: &[String],
+        replace: bool,
+        now: i64,
+    ) -> Result<(), ServerError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(q("starting a transaction"))?;
+        if replace {
+            sqlx::query("DELETE FROM csb_preview_hosts WHERE workspace_id = ?")
+                .bind(workspace_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(q("clearing preview hosts"))?;
+        }
+        for h in hosts {
+            sqlx::query(
+                "INSERT INTO csb_preview_hosts (workspace_id, host, inserted_at) VALUES (?, ?, ?)
+                 ON CONFLICT (workspace_id, host) DO NOTHING",
+            )
+            .bind(workspace_id)
+            .bind(h)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(q("adding a preview host"))?;
+        }
+        tx.commit().await.map_err(q("committing preview hosts"))?;
+        Ok(())
+    }
 }

@@ -26,7 +26,7 @@ async function until(what, fn, ms = 20000) {
 
 // GET a preview URL (https://<id>-<port>.csb.app/...) through the Sandpit listener: the host
 // name resolves to the server, the Host header stays as the SDK built it.
-function get(url) {
+function get(url, extra = {}) {
   const u = new URL(url);
   return new Promise((resolve, reject) => {
     const req = http.get(
@@ -34,7 +34,7 @@ function get(url) {
         host: addrHost,
         port: Number(addrPort),
         path: u.pathname + u.search,
-        headers: { host: u.host },
+        headers: { host: u.host, ...extra },
       },
       (res) => {
         let body = "";
@@ -194,8 +194,20 @@ expect(tokens.some((t) => t.tokenId === hostToken.tokenId), "host token listed")
 await sdk.hosts.revokeToken(sandbox.id, hostToken.tokenId);
 const revoked = await get(tokenUrl);
 expect(revoked.status === 401 || revoked.status === 403, `revoked host token: ${revoked.status}`);
+// A page on a trusted preview host of the workspace needs no token.
+const hostsResp = await fetch(`${baseUrl}/workspace/preview_hosts`, {
+  method: "PUT",
+  headers: { authorization: `Bearer ${process.env.CSB_API_KEY}`, "content-type": "application/json" },
+  body: JSON.stringify({ hosts: ["app.example.test"] }),
+});
+expect(hostsResp.status === 201, `PUT preview_hosts: ${hostsResp.status}`);
+const trusted = await get(url, { origin: "http://app.example.test" });
+expect(trusted.status === 200 && trusted.body.includes("from the sdk"), `trusted origin: ${trusted.status}`);
+const untrusted = await get(url, { origin: "http://evil.example.test" });
+expect(untrusted.status === 401, `untrusted origin: ${untrusted.status}`);
 await server.kill();
 seen.preview = page.status;
+seen.trustedHost = trusted.status;
 
 // ---- hibernate and resume: a file and a process survive ----
 step('hibernate and resume: a file and a process survive');

@@ -70,6 +70,7 @@ async fn the_codesandbox_sdk_works_unmodified() {
     assert_eq!(seen["ticks"], 3);
     assert_eq!(seen["preview"], 200);
     assert_eq!(seen["readOnly"], true);
+    assert_eq!(seen["trustedHost"], 200);
     assert_eq!(seen["resumed"]["bootupType"], "RESUME");
     // What the SDK did is what the native API sees: both sandboxes are gone.
     let client = srv.client();
@@ -513,6 +514,62 @@ async fn seed_000_rest_surface() {
     )
     .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // Trusted preview hosts: validated, added, replaced; 201 as seed 000 says.
+    let (s, b) = call(
+        &http,
+        &srv,
+        &t,
+        M::POST,
+        "/workspace/preview_hosts",
+        Some(json!({"hosts": ["https://x.com"]})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    let (s, b) = call(
+        &http,
+        &srv,
+        &t,
+        M::POST,
+        "/workspace/preview_hosts",
+        Some(json!({"hosts": ["A.example.com", "*.example.org"]})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    assert_eq!(
+        b["data"]["preview_hosts"].as_array().unwrap().len(),
+        2,
+        "{b}"
+    );
+    let (s, b) = call(
+        &http,
+        &srv,
+        &t,
+        M::PUT,
+        "/workspace/preview_hosts",
+        Some(json!({"hosts": ["localhost:3000"]})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(
+        b["data"]["preview_hosts"][0]["host"], "localhost:3000",
+        "{b}"
+    );
+    let (s, b) = call(&http, &srv, &t, M::GET, "/workspace/preview_hosts", None).await;
+    assert_eq!(
+        (s, b["data"]["preview_hosts"].as_array().unwrap().len()),
+        (StatusCode::CREATED, 1)
+    );
+    let (s, _) = call(
+        &http,
+        &srv,
+        &reader,
+        M::GET,
+        "/workspace/preview_hosts",
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
 
     // Hibernate, start (resume), shutdown, start (clean), delete; then 404s.
     let (s, _) = call(

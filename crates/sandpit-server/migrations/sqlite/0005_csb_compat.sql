@@ -40,3 +40,12 @@ CREATE TABLE csb_aliases (
     tag_id            TEXT NOT NULL REFERENCES csb_tags(id),
     PRIMARY KEY (workspace_id, namespace, alias)
 );
+
+-- Trusted preview hosts (`/workspace/preview_hosts`): a browser page served from one of
+-- these hosts may load the workspace's private previews without a preview token.
+CREATE TABLE csb_preview_hosts (
+    workspace_id      TEXT NOT NULL REFERENCES workspaces(id),
+    host              TEXT NOT NULL,
+    inserted_at       INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, host)
+);

@@ -9,6 +9,7 @@
 //! token without it hands out a read-only agent token).
 
 pub mod gateway;
+pub mod preview_hosts;
 pub mod rest;
 pub mod shells;
 
@@ -21,7 +22,9 @@ use crate::server::Server;
 /// The compatibility routes, merged into the main router (not in the OpenAPI document:
 /// seed 000 is their specification).
 pub fn router() -> Router<Arc<Server>> {
-    rest::router().merge(gateway::router())
+    rest::router()
+        .merge(gateway::router())
+        .merge(preview_hosts::router())
 }
 
 /// The rate limits `/meta/info` reports. Rate limiting itself is another module's job
