@@ -114,7 +114,22 @@ try {
 } catch (e) {
   expect(String(e).includes("2:"), `ENOENT after remove: ${e}`);
 }
+const watcher = await client.fs.watch(".", { recursive: true, excludes: ["**/node_modules/**"] });
+const events = [];
+watcher.onEvent((e) => events.push(e));
+await client.fs.writeTextFile("watched/new.txt", "w");
+await client.fs.writeTextFile("node_modules/ignored.js", "x");
+await until("a watch event", () =>
+  events.some((e) => e.type === "add" && e.paths.some((p) => p.endsWith("/watched/new.txt"))),
+);
+await client.fs.remove("watched/new.txt");
+await until("a remove event", () =>
+  events.some((e) => e.type === "remove" && e.paths.some((p) => p.endsWith("/watched/new.txt"))),
+);
+expect(!events.some((e) => e.paths.some((p) => p.includes("node_modules"))), "excluded paths");
+watcher.dispose();
 seen.files = names;
+seen.watchEvents = events.length;
 
 // ---- a token without sandbox_edit_code gets a read-only session ----
 step("read-only session");

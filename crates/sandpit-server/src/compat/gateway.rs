@@ -26,6 +26,7 @@ use tokio::sync::{Mutex, OwnedRwLockReadGuard, mpsc};
 
 use super::rest::{GATEWAY_VERSION, WORKSPACE_PATH};
 use super::shells::{self, ShellMeta};
+use super::watch;
 use crate::agent::{AgentClient, AgentFailure};
 use crate::auth::hash_token;
 use crate::error::ApiError;
@@ -125,6 +126,7 @@ async fn connect(
 struct Follow {
     shells: HashMap<String, Followed>,
     ports: Option<Vec<u16>>,
+    watches: HashMap<String, super::watch::Watch>,
 }
 
 struct Followed {
@@ -182,9 +184,11 @@ async fn serve(server: Arc<Server>, session: Session, socket: WebSocket) {
 /// The poller: new shell output and exits, port changes, and the end of the sandbox's run.
 async fn poll(conn: Arc<Conn>) {
     let mut since_ports = Duration::ZERO;
+    let mut since_watch = Duration::ZERO;
     loop {
         tokio::time::sleep(shells::POLL).await;
         since_ports += shells::POLL;
+        since_watch += shells::POLL;
         let Some((agent, _guard)) = conn.agent(false).await else {
             conn.notify("system/hibernate", map(vec![])).await;
             let _ = conn.out.send(Message::Close(None)).await;
@@ -195,6 +199,10 @@ async fn poll(conn: Arc<Conn>) {
             if let Err(e) = conn.pump_shell(&agent, &id).await {
                 tracing::debug!(sandbox = %conn.session.sandbox, shell = %id, error = ?e, "polling a shell");
             }
+        }
+        if since_watch >= watch::WATCH_POLL {
+            since_watch = Duration::ZERO;
+            conn.pump_watches(&agent).await;
         }
         if since_ports >= PORT_POLL {
             since_ports = Duration::ZERO;
@@ -601,6 +609,57 @@ impl Conn {
         Ok(())
     }
 
+    /// List every watched tree and send what changed.
+    async fn pump_watches(&self, agent: &AgentClient) {
+        let watches: Vec<(String, watch::Watch)> = self
+            .follow
+            .lock()
+            .await
+            .watches
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (id, w) in watches {
+            let now = match watch::snapshot(agent, &w.path, w.recursive, &w.excludes).await {
+                Ok(n) => n,
+                Err(AgentFailure::Refused(_)) => Default::default(), // the root went away
+                Err(e) => {
+                    tracing::debug!(error = ?e, "listing a watched tree");
+                    continue;
+                }
+            };
+            let events = watch::diff(&w.seen, &now);
+            if let Some(entry) = self.follow.lock().await.watches.get_mut(&id) {
+                entry.seen = now;
+            } else {
+                continue; // unwatched meanwhile
+            }
+            if events.is_empty() {
+                continue;
+            }
+            let list = events
+                .into_iter()
+                .map(|e| {
+                    map(vec![
+                        (
+                            "paths",
+                            Value::Array(e.paths.into_iter().map(Value::from).collect()),
+                        ),
+                        ("type", Value::from(e.kind)),
+                    ])
+                })
+                .collect();
+            self.notify(
+                "fs/watchEvent",
+                map(vec![
+                    ("watchId", Value::from(id.as_str())),
+                    ("events", Value::Array(list)),
+                ]),
+            )
+            .await;
+        }
+    }
+
     async fn follow_shell(&self, id: &str, from: u64, exited: bool) {
         self.follow.lock().await.shells.insert(
             id.to_string(),
@@ -810,6 +869,35 @@ impl Conn {
                 agent
                     .remove(&path, get_bool(p, "recursive").unwrap_or(false))
                     .await?;
+                Ok(map(vec![]))
+            }
+            "fs/watch" => {
+                let path = resolve(&need_str(p, "path")?)?;
+                let recursive = get_bool(p, "recursive").unwrap_or(false);
+                let excludes: Vec<String> = get(p, "excludes")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|v| v.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let seen = watch::snapshot(&agent, &path, recursive, &excludes).await?;
+                let id = crate::util::random_hex(8);
+                self.follow.lock().await.watches.insert(
+                    id.clone(),
+                    watch::Watch {
+                        path,
+                        recursive,
+                        excludes,
+                        seen,
+                    },
+                );
+                Ok(map(vec![("watchId", Value::from(id))]))
+            }
+            "fs/unwatch" => {
+                let id = need_str(p, "watchId")?;
+                self.follow.lock().await.watches.remove(&id);
                 Ok(map(vec![]))
             }
             "fs/rename" | "fs/copy" => {
