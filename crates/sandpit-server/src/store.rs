@@ -805,6 +805,9 @@ pub struct CsbAgentTokenRow {
     /// `read` or `write`.
     pub permission: String,
     pub expires_at: i64,
+    /// A session's Linux user; `None`: root.
+    pub username: Option<String>,
+    pub single_use: bool,
 }
 
 // ---- CodeSandbox compatibility (`crate::compat`) ----
@@ -883,14 +886,17 @@ impl Store {
         t: &CsbAgentTokenRow,
     ) -> Result<(), ServerError> {
         sqlx::query(
-            "INSERT INTO csb_agent_tokens (token_hash, sandbox_id, workspace_id, permission, expires_at)
-             VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO csb_agent_tokens (token_hash, sandbox_id, workspace_id, permission, expires_at,
+                username, single_use)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(hash)
         .bind(&t.sandbox_id)
         .bind(&t.workspace_id)
         .bind(&t.permission)
         .bind(t.expires_at)
+        .bind(&t.username)
+        .bind(t.single_use)
         .execute(&self.pool)
         .await
         .map_err(q("inserting an agent gateway token"))?;
@@ -905,14 +911,25 @@ impl Store {
         hash: &str,
     ) -> Result<Option<CsbAgentTokenRow>, ServerError> {
         sqlx::query_as(
-            "SELECT sandbox_id, workspace_id, permission, expires_at FROM csb_agent_tokens
-             WHERE sandbox_id = ? AND token_hash = ?",
+            "SELECT sandbox_id, workspace_id, permission, expires_at, username, single_use
+             FROM csb_agent_tokens WHERE sandbox_id = ? AND token_hash = ?",
         )
         .bind(sandbox_id)
         .bind(hash)
         .fetch_optional(&self.pool)
         .await
         .map_err(q("looking up an agent gateway token"))
+    }
+
+    /// Use up a single-use gateway token: true for the one caller that deleted it.
+    pub async fn consume_csb_agent_token(&self, hash: &str) -> Result<bool, ServerError> {
+        let done =
+            sqlx::query("DELETE FROM csb_agent_tokens WHERE token_hash = ? AND single_use = 1")
+                .bind(hash)
+                .execute(&self.pool)
+                .await
+                .map_err(q("using up a session token"))?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Drop a sandbox's expired gateway tokens.

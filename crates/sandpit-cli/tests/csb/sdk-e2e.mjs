@@ -248,6 +248,29 @@ const alive = await client2.commands.run(`kill -0 ${pid} && echo alive-${pid}`);
 expect(alive.includes(`alive-${pid}`), `process after resume: ${alive}`);
 seen.resumed = { pid, bootupType: resumed.bootupType };
 
+// ---- sessions: a Linux user each, write or read, git identity ----
+const alice = await resumed.connect({
+  id: "alice",
+  permission: "write",
+  git: { provider: "github.com", accessToken: "t0k", email: "alice@example.test", name: "Alice" },
+});
+const who = await alice.commands.run("id -un; cat $HOME/.gitconfig; pwd");
+expect(who.includes("csb-alice") && who.includes("alice@example.test"), `session user: ${who}`);
+const bob = await resumed.connect({ id: "bob", permission: "read" });
+expect((await bob.fs.readTextFile("notes.txt")) === "kept across hibernation", "read session reads");
+let bobRan = true;
+try {
+  await bob.commands.run("echo no");
+} catch {
+  bobRan = false;
+}
+expect(!bobRan, "a read session cannot run commands");
+for (const c of [alice, bob]) {
+  await c.disconnect();
+  c.dispose();
+}
+seen.sessions = who.split("\n")[0];
+
 // ---- list and get with tags ----
 step('list and get with tags');
 const info = await sdk.sandboxes.get(sandbox.id);

@@ -71,6 +71,7 @@ async fn the_codesandbox_sdk_works_unmodified() {
     assert_eq!(seen["preview"], 200);
     assert_eq!(seen["readOnly"], true);
     assert_eq!(seen["trustedHost"], 200);
+    assert_eq!(seen["sessions"], "csb-alice");
     assert_eq!(seen["resumed"]["bootupType"], "RESUME");
     // What the SDK did is what the native API sees: both sandboxes are gone.
     let client = srv.client();
@@ -310,6 +311,70 @@ async fn seed_000_rest_surface() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+
+    // Sessions: validated; the token opens one connection only.
+    let (s, _) = call(
+        &http,
+        &srv,
+        &t,
+        M::POST,
+        &format!("/vm/{id}/sessions"),
+        Some(json!({"session_id": "way-too-long-for-a-session", "permission": "write"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _) = call(
+        &http,
+        &srv,
+        &t,
+        M::POST,
+        &format!("/vm/{id}/sessions"),
+        Some(json!({"session_id": "eve", "permission": "admin"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, sess) = call(
+        &http,
+        &srv,
+        &t,
+        M::POST,
+        &format!("/vm/{id}/sessions"),
+        Some(json!({"session_id": "Eve", "permission": "read"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{sess}");
+    assert_eq!(sess["data"]["username"], "csb-eve");
+    assert_eq!(
+        sess["data"]["user_workspace_path"],
+        "/home/csb-eve/workspace"
+    );
+    let upgrade = |token: String| {
+        let url = format!("{ws_http}?token={token}");
+        let http = http.clone();
+        async move {
+            http.get(url)
+                .header("connection", "Upgrade")
+                .header("upgrade", "websocket")
+                .header("sec-websocket-version", "13")
+                .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    let session_token = sess["data"]["pitcher_token"].as_str().unwrap().to_string();
+    assert_eq!(
+        upgrade(session_token.clone()).await,
+        StatusCode::SWITCHING_PROTOCOLS
+    );
+    assert_eq!(upgrade(session_token).await, StatusCode::UNAUTHORIZED);
+    let reusable = d["pitcher_token"].as_str().unwrap().to_string();
+    assert_eq!(
+        upgrade(reusable.clone()).await,
+        StatusCode::SWITCHING_PROTOCOLS
+    );
+    assert_eq!(upgrade(reusable).await, StatusCode::SWITCHING_PROTOCOLS);
 
     // Hibernation timeout and specs.
     let (s, b) = call(

@@ -19,7 +19,11 @@ CREATE TABLE csb_agent_tokens (
     workspace_id      TEXT NOT NULL,
     -- 'read' or 'write'.
     permission        TEXT NOT NULL,
-    expires_at        INTEGER NOT NULL
+    expires_at        INTEGER NOT NULL,
+    -- A session's Linux user (`POST /vm/{id}/sessions`); NULL: root.
+    username          TEXT,
+    -- Session tokens open one connection, then are gone.
+    single_use        INTEGER NOT NULL DEFAULT 0
 );
 
 CREATE INDEX csb_agent_tokens_by_sandbox ON csb_agent_tokens(sandbox_id);

@@ -75,6 +75,8 @@ struct Session {
     sandbox: String,
     write: bool,
     client_id: String,
+    /// A session's Linux user (`POST /vm/{id}/sessions`): its shells run as that user.
+    username: Option<String>,
 }
 
 async fn connect(
@@ -109,10 +111,22 @@ async fn connect(
     let ws = ws.map_err(|_| {
         ApiError::bad_request("websocket_required", "connect with a WebSocket upgrade")
     })?;
+    // A session token opens one connection (seed 000: single use).
+    if t.single_use
+        && !server
+            .store
+            .consume_csb_agent_token(&hash_token(&token))
+            .await?
+    {
+        return Err(ApiError::unauthorized(
+            "this session token was used already",
+        ));
+    }
     let session = Session {
         sandbox: id,
         write: t.permission == "write",
         client_id: new_id("client"),
+        username: t.username,
     };
     Ok(ws
         .max_message_size(64 << 20)
@@ -434,6 +448,10 @@ impl Conn {
         self.send_value(&reply).await;
     }
 
+    fn user(&self) -> &str {
+        self.session.username.as_deref().unwrap_or("root")
+    }
+
     fn need_write(&self) -> Result<(), RpcError> {
         if self.session.write {
             Ok(())
@@ -492,8 +510,8 @@ impl Conn {
                 "client",
                 map(vec![
                     ("clientId", Value::from(self.session.client_id.as_str())),
-                    ("username", Value::from("root")),
-                    ("name", Value::from("root")),
+                    ("username", Value::from(self.user())),
+                    ("name", Value::from(self.user())),
                     ("avatarUrl", Value::Nil),
                     ("color", Value::from("#4b9cd3")),
                     ("appId", Value::from(app.as_str())),
@@ -683,12 +701,17 @@ impl Conn {
                     Some("COMMAND") => "COMMAND",
                     _ => "TERMINAL",
                 };
+                // A session's shells run as its user, with its home and environment.
+                let run = match &self.session.username {
+                    Some(u) => format!("exec su -s /bin/sh {u} -c {}", sh_quote(&command)),
+                    None => command.clone(),
+                };
                 let meta = ShellMeta {
                     id: crate::util::random_hex(8),
                     name: command.clone(),
                     shell_type: shell_type.into(),
-                    command,
-                    owner: "root".into(),
+                    command: run,
+                    owner: self.user().into(),
                     is_system: get_bool(p, "isSystemShell").unwrap_or(false),
                 };
                 if !shells::start(&agent, &meta, &cwd).await? {
@@ -952,6 +975,11 @@ impl Conn {
     }
 }
 
+/// `text` as one single-quoted shell word.
+fn sh_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "'\\''"))
+}
+
 /// Setup has one finished step: Sandpit runs no `.codesandbox/tasks.json` setup (yet), and
 /// the SDK waits for a progress update when the step list is empty.
 fn setup_progress() -> Value {
@@ -982,6 +1010,11 @@ mod tests {
             resolve("/a/../../etc").is_ok_and(|p| !p.contains(".."))
                 || resolve("/a/../../etc").is_err()
         );
+    }
+
+    #[test]
+    fn shell_words_are_quoted() {
+        assert_eq!(sh_quote("echo 'a' b"), "'echo '\\''a'\\'' b'");
     }
 
     #[test]

@@ -71,6 +71,7 @@ pub fn router() -> Router<Arc<Server>> {
         .route("/vm/{id}", delete(delete_vm))
         .route("/vm/{id}/hibernation_timeout", put(hibernation_timeout))
         .route("/vm/{id}/specs", put(update_specs))
+        .route("/vm/{id}/sessions", post(create_session))
         .route("/vm/{id}/update_specs", post(update_specs))
         .route("/vm/tag", post(create_tag))
         .route("/vm/alias/{namespace}/{alias}", put(assign_alias))
@@ -638,7 +639,20 @@ pub async fn mint_agent_token(
     auth: &Auth,
     sandbox_id: &str,
 ) -> Result<String, ServerError> {
-    let permission = if auth.scopes.iter().any(|s| s == "sandbox_edit_code") {
+    mint_token(server, auth, sandbox_id, None, None).await
+}
+
+/// Mint a gateway token; a session's (`username`) is single-use, with the session's
+/// permission capped by the caller's scopes.
+async fn mint_token(
+    server: &Server,
+    auth: &Auth,
+    sandbox_id: &str,
+    username: Option<&str>,
+    want: Option<&str>,
+) -> Result<String, ServerError> {
+    let may_write = auth.scopes.iter().any(|s| s == "sandbox_edit_code");
+    let permission = if may_write && want != Some("read") {
         "write"
     } else {
         "read"
@@ -655,6 +669,8 @@ pub async fn mint_agent_token(
                 workspace_id: auth.workspace_id.clone(),
                 permission: permission.into(),
                 expires_at: now + AGENT_TOKEN_TTL_MS,
+                username: username.map(str::to_string),
+                single_use: username.is_some(),
             },
         )
         .await?;
@@ -944,6 +960,155 @@ async fn create_template(
     Ok(ok(
         StatusCode::CREATED,
         json!({"tag": row.id, "sandboxes": [{"id": row.id, "cluster": "sandpit"}]}),
+    ))
+}
+
+// ---- sessions ----
+
+#[derive(Debug, Deserialize)]
+struct SessionBody {
+    session_id: String,
+    permission: String,
+    git_access_token: Option<String>,
+    git_user_email: Option<String>,
+    git_user_name: Option<String>,
+}
+
+/// The Linux user of a session: `csb-` and the session id, lowercase.
+pub fn session_user(session_id: &str) -> Result<String, ApiError> {
+    let ok = !session_id.is_empty()
+        && session_id.len() <= 20
+        && session_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !ok {
+        return Err(ApiError::bad_request(
+            "invalid_session_id",
+            "session_id must be 1 to 20 of [A-Za-z0-9_-]",
+        ));
+    }
+    Ok(format!("csb-{}", session_id.to_ascii_lowercase()))
+}
+
+/// Make (or reuse) the session's user: home with the workspace linked in, the SDK's
+/// `.private/.env`, git identity and credentials; in the `csb-write` group (which may write
+/// the workspace) only for write sessions.
+const SESSION_SETUP: &str = r#"u=$1; perm=$2; name=$3; email=$4; tok=$5; ws=$6
+h=/home/$u
+# Users and groups are written to /etc/passwd and /etc/group directly: minimal images (busybox)
+# have no adduser.
+grep -q '^csb-write:' /etc/group || echo 'csb-write:x:1999:' >> /etc/group || exit 1
+if ! grep -q "^$u:" /etc/passwd; then
+  uid=$(awk -F: 'BEGIN{m=1999} $3>m && $3<60000 {m=$3} END{print m+1}' /etc/passwd)
+  echo "$u:x:$uid:$uid::$h:/bin/sh" >> /etc/passwd || exit 1
+  echo "$u:x:$uid:" >> /etc/group || exit 1
+fi
+mkdir -p "$h/.private" "$ws" || exit 1
+[ -e "$h/workspace" ] || ln -s "$ws" "$h/workspace"
+[ -e "$h/.private/.env" ] || : > "$h/.private/.env"
+if [ -n "$name$email" ]; then
+  printf '[user]\n\tname = %s\n\temail = %s\n' "$name" "$email" > "$h/.gitconfig"
+fi
+if [ -n "$tok" ]; then
+  printf 'https://x-access-token:%s@github.com\n' "$tok" > "$h/.private/.gitcredentials"
+  printf '[credential]\n\thelper = store --file %s/.private/.gitcredentials\n' "$h" >> "$h/.gitconfig"
+  chmod 600 "$h/.private/.gitcredentials"
+fi
+chown -R "$u:$u" "$h" || exit 1
+chgrp -R csb-write "$ws" && chmod -R g+rwX "$ws" && find "$ws" -type d -exec chmod g+s {} +
+# Membership of csb-write (the last field of its line) follows the session's permission.
+members=$(grep '^csb-write:' /etc/group | cut -d: -f4 | tr ',' '\n' | grep -vx "$u" | grep -v '^$' | tr '\n' ',')
+[ "$perm" = write ] && members="$members$u,"
+sed -i "s/^csb-write:.*/csb-write:x:1999:${members%,}/" /etc/group
+exit 0
+"#;
+
+async fn create_session(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    crate::routes::ApiJson(body): crate::routes::ApiJson<SessionBody>,
+) -> CsbResult {
+    auth.require("vm_manage")?;
+    let user = session_user(&body.session_id)?;
+    if !matches!(body.permission.as_str(), "read" | "write") {
+        return Err(ApiError::bad_request(
+            "invalid_permission",
+            "permission must be read or write",
+        )
+        .into());
+    }
+    let row = own_sandbox(&server, &auth, &id).await?;
+    if row.status != "running" {
+        return Err(ApiError::conflict(
+            "sandbox_not_running",
+            "start the VM before creating a session",
+        )
+        .into());
+    }
+    let (agent, _guard, _) = lifecycle::running_agent(&server, &auth, &id).await?;
+    let argv: Vec<String> = [
+        "sh",
+        "-c",
+        SESSION_SETUP,
+        "sh",
+        &user,
+        &body.permission,
+        body.git_user_name.as_deref().unwrap_or(""),
+        body.git_user_email.as_deref().unwrap_or(""),
+        body.git_access_token.as_deref().unwrap_or(""),
+        WORKSPACE_PATH,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let collect = tokio::spawn(async move {
+        let mut err = Vec::new();
+        while let Some(o) = rx.recv().await {
+            if let crate::agent::ExecOutput::Stderr(b) = o {
+                err.extend_from_slice(&b);
+            }
+        }
+        err
+    });
+    let status = agent
+        .exec(
+            sandpit_agent_proto::ExecRequest {
+                argv: Some(argv),
+                timeout_ms: Some(30_000),
+                ..Default::default()
+            },
+            tx,
+        )
+        .await
+        .map_err(|e| ServerError::Agent {
+            sandbox: id.clone(),
+            what: format!("creating session user: {e:?}"),
+        })?;
+    let err = collect.await.unwrap_or_default();
+    if status.exit_code != 0 {
+        tracing::warn!(sandbox = %id, stderr = %String::from_utf8_lossy(&err), "session setup failed");
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "session_setup_failed",
+            "the session's user could not be made in the sandbox (see the server log)",
+        )
+        .into());
+    }
+    let token = mint_token(&server, &auth, &id, Some(&user), Some(&body.permission)).await?;
+    let write = body.permission == "write" && auth.scopes.iter().any(|s| s == "sandbox_edit_code");
+    Ok(ok(
+        StatusCode::OK,
+        json!({
+            "username": user,
+            "pitcher_token": token,
+            "pitcher_url": format!("{}{}/{id}", ws_base(&headers), super::gateway::PATH_PREFIX),
+            "user_workspace_path": format!("/home/{user}/workspace"),
+            "capabilities": [],
+            "permissions": {"permission": if write { "write" } else { "read" }},
+        }),
     ))
 }
 
