@@ -288,11 +288,48 @@ const forkClient = await fork.connect();
 expect((await forkClient.fs.readTextFile("notes.txt")) === "kept across hibernation", "file in fork");
 seen.fork = fork.id;
 
+// ---- restart: a clean boot runs .codesandbox/tasks.json's setup and runAtStart tasks ----
+step("tasks and setup after restart");
+await forkClient.fs.writeTextFile(
+  ".codesandbox/tasks.json",
+  JSON.stringify({
+    setupTasks: ["echo one > /tmp/setup-one", { name: "Second", command: "echo two; exit 4" }],
+    tasks: {
+      dev: { name: "Dev", command: "echo dev-started; exec sleep 1000", runAtStart: true },
+      once: { name: "Once", command: "echo once-ran" },
+    },
+  }),
+);
+await forkClient.disconnect();
+forkClient.dispose();
+const restarted = await sdk.sandboxes.restart(fork.id);
+expect(restarted.bootupType === "CLEAN", `bootup after restart ${restarted.bootupType}`);
+const rc = await restarted.connect();
+const steps = await until("setup to finish", async () => {
+  const progress = await rc.setup.waitUntilComplete().then(() => rc.setup.getSteps());
+  return progress;
+}, 60000);
+expect(steps.length === 2, `setup steps ${steps.length}`);
+expect(steps[0].status === "SUCCEEDED" && steps[1].status === "FAILED", `step statuses ${steps.map((s) => s.status)}`);
+expect((await rc.fs.readTextFile("/tmp/setup-one")).trim() === "one", "setup step ran");
+const tasks = await rc.tasks.getAll();
+const dev = tasks.find((t) => t.id === "dev");
+expect(dev && dev.status === "RUNNING", `runAtStart task: ${dev?.status}`);
+const once = tasks.find((t) => t.id === "once");
+expect(once && once.status === "IDLE", `idle task: ${once?.status}`);
+await once.run();
+await until("the task's shell", () => once.shell);
+await until("the task's output", async () => (await once.open()).includes("once-ran"));
+await dev.stop();
+await rc.disconnect();
+rc.dispose();
+seen.setup = steps.map((s) => s.status);
+
 // ---- shutdown and delete ----
 step('shutdown and delete');
 // `disconnect` waits for pending calls (the SDK asks for the port list on its own when a
 // client is made, and disposing with that call pending is an unhandled rejection).
-for (const c of [forkClient, client2]) {
+for (const c of [client2]) {
   await c.disconnect();
   c.dispose();
 }

@@ -72,6 +72,7 @@ async fn the_codesandbox_sdk_works_unmodified() {
     assert_eq!(seen["readOnly"], true);
     assert_eq!(seen["trustedHost"], 200);
     assert_eq!(seen["sessions"], "csb-alice");
+    assert_eq!(seen["setup"], json!(["SUCCEEDED", "FAILED"]));
     assert_eq!(seen["resumed"]["bootupType"], "RESUME");
     // What the SDK did is what the native API sees: both sandboxes are gone.
     let client = srv.client();

@@ -26,6 +26,7 @@ use tokio::sync::{Mutex, OwnedRwLockReadGuard, mpsc};
 
 use super::rest::{GATEWAY_VERSION, WORKSPACE_PATH};
 use super::shells::{self, ShellMeta};
+use super::tasks;
 use super::watch;
 use crate::agent::{AgentClient, AgentFailure};
 use crate::auth::hash_token;
@@ -46,6 +47,7 @@ mod code {
     pub const INVALID_PATH: i64 = 101;
     pub const RAWFS_ERROR: i64 = 102;
     pub const SHELL_NOT_FOUND: i64 = 204;
+    pub const TASK_NOT_FOUND: i64 = 601;
 }
 
 /// How often the gateway compares the listening ports.
@@ -141,6 +143,9 @@ struct Follow {
     shells: HashMap<String, Followed>,
     ports: Option<Vec<u16>>,
     watches: HashMap<String, super::watch::Watch>,
+    /// Setup step results last reported; `setup_done` once setup finished (or has no steps).
+    setup_seen: Option<Vec<Option<i32>>>,
+    setup_done: bool,
 }
 
 struct Followed {
@@ -220,6 +225,7 @@ async fn poll(conn: Arc<Conn>) {
         }
         if since_ports >= PORT_POLL {
             since_ports = Duration::ZERO;
+            conn.pump_setup(&agent).await;
             if let Ok(list) = conn.ports(&agent).await {
                 let numbers: Vec<u16> = list.iter().map(|(p, _)| *p).collect();
                 let mut f = conn.follow.lock().await;
@@ -471,17 +477,24 @@ impl Conn {
 
     async fn call(&self, method: &str, p: &Value) -> RpcResult {
         match method {
-            "client/join" => Ok(self.join(p)),
+            "client/join" => {
+                if let Some((agent, _g)) = self.agent(true).await
+                    && let Err(e) = tasks::on_join(&agent).await
+                {
+                    tracing::warn!(sandbox = %self.session.sandbox, error = ?e, "starting setup and tasks");
+                }
+                Ok(self.join(p))
+            }
             "system/update" => {
                 let _ = self.live_agent().await?;
                 Ok(map(vec![]))
             }
-            "setup/get" | "setup/init" => Ok(setup_progress()),
-            "task/list" => Ok(map(vec![
-                ("tasks", map(vec![])),
-                ("setupTasks", Value::Array(vec![])),
-                ("validationErrors", Value::Array(vec![])),
-            ])),
+            "setup/get" | "setup/init" => {
+                let (agent, _g) = self.live_agent().await?;
+                let progress = setup_value(tasks::progress(&agent).await?.as_ref());
+                Ok(progress)
+            }
+            m if m.starts_with("task/") => self.task(m, p).await,
             "port/list" => {
                 let (agent, _g) = self.live_agent().await?;
                 let list = self.ports(&agent).await?;
@@ -627,6 +640,35 @@ impl Conn {
         Ok(())
     }
 
+    /// Send `setup/progress` when a setup step finished, until setup is done.
+    async fn pump_setup(&self, agent: &AgentClient) {
+        if self.follow.lock().await.setup_done {
+            return;
+        }
+        let progress = match tasks::progress(agent).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(error = ?e, "reading setup progress");
+                return;
+            }
+        };
+        let Some(p) = progress else {
+            self.follow.lock().await.setup_done = true;
+            return;
+        };
+        let codes: Vec<Option<i32>> = p.steps.iter().map(|s| s.2).collect();
+        let changed = {
+            let mut f = self.follow.lock().await;
+            let changed = f.setup_seen.as_ref() != Some(&codes);
+            f.setup_seen = Some(codes);
+            f.setup_done = p.finished;
+            changed
+        };
+        if changed {
+            self.notify("setup/progress", setup_value(Some(&p))).await;
+        }
+    }
+
     /// List every watched tree and send what changed.
     async fn pump_watches(&self, agent: &AgentClient) {
         let watches: Vec<(String, watch::Watch)> = self
@@ -687,6 +729,116 @@ impl Conn {
                 exited,
             },
         );
+    }
+
+    /// A task as the SDK shows it, with its shell if it ran.
+    async fn task_value(
+        &self,
+        agent: &AgentClient,
+        id: &str,
+        def: &tasks::TaskDef,
+    ) -> Result<Value, RpcError> {
+        let sid = tasks::shell_id(id);
+        let shell = match shells::state(agent, &sid).await? {
+            Some(s) => {
+                let code = if s.exited {
+                    shells::exit_code(agent, &sid).await?
+                } else {
+                    None
+                };
+                shell_dto(&s.meta, status_of(s.exited, code), code, None)
+            }
+            None => Value::Nil,
+        };
+        let mut pairs = vec![
+            ("id", Value::from(id)),
+            (
+                "name",
+                Value::from(def.name.clone().unwrap_or_else(|| id.to_string())),
+            ),
+            ("command", Value::from(def.command.as_str())),
+            ("runAtStart", Value::from(def.run_at_start)),
+            ("shell", shell),
+            ("ports", Value::Array(vec![])),
+        ];
+        if let Some(port) = def
+            .preview
+            .as_ref()
+            .and_then(|p| p.get("port"))
+            .and_then(|p| p.as_u64())
+        {
+            pairs.push(("preview", map(vec![("port", Value::from(port))])));
+        }
+        Ok(map(pairs))
+    }
+
+    async fn task(&self, method: &str, p: &Value) -> RpcResult {
+        let (agent, _g) = self.live_agent().await?;
+        let (config, errors) = tasks::load(&agent).await?;
+        let find = |p: &Value| -> Result<(String, tasks::TaskDef), RpcError> {
+            let id = need_str(p, "taskId")?;
+            let def =
+                config.tasks.get(&id).cloned().ok_or_else(|| {
+                    RpcError::new(code::TASK_NOT_FOUND, format!("no task {id:?}"))
+                })?;
+            Ok((id, def))
+        };
+        match method {
+            "task/list" => {
+                let mut list = Vec::new();
+                for (id, def) in &config.tasks {
+                    list.push((
+                        Value::from(id.as_str()),
+                        self.task_value(&agent, id, def).await?,
+                    ));
+                }
+                let setup = config
+                    .setup_tasks
+                    .iter()
+                    .map(|s| {
+                        map(vec![
+                            ("name", Value::from(s.name())),
+                            ("command", Value::from(s.command())),
+                        ])
+                    })
+                    .collect();
+                Ok(map(vec![
+                    ("tasks", Value::Map(list)),
+                    ("setupTasks", Value::Array(setup)),
+                    (
+                        "validationErrors",
+                        Value::Array(errors.into_iter().map(Value::from).collect()),
+                    ),
+                ]))
+            }
+            "task/run" => {
+                self.need_write()?;
+                let (id, def) = find(p)?;
+                if !tasks::start_task(&agent, &id, &def).await? {
+                    return Err(RpcError::new(
+                        code::CRITICAL_ERROR,
+                        "the task could not be started",
+                    ));
+                }
+                let sid = tasks::shell_id(&id);
+                self.follow_shell(&sid, 0, false).await;
+                let v = self.task_value(&agent, &id, &def).await?;
+                self.notify("task/update", v.clone()).await;
+                Ok(v)
+            }
+            "task/stop" => {
+                self.need_write()?;
+                let (id, def) = find(p)?;
+                shells::terminate(&agent, &tasks::shell_id(&id)).await?;
+                let v = self.task_value(&agent, &id, &def).await?;
+                self.notify("task/update", v.clone()).await;
+                Ok(v)
+            }
+            other => Err(RpcError::new(
+                code::FEATURE_UNAVAILABLE,
+                format!("{other} is not supported by Sandpit's agent gateway"),
+            )),
+        }
     }
 
     async fn shell(&self, method: &str, p: &Value) -> RpcResult {
@@ -980,21 +1132,58 @@ fn sh_quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', "'\\''"))
 }
 
-/// Setup has one finished step: Sandpit runs no `.codesandbox/tasks.json` setup (yet), and
-/// the SDK waits for a progress update when the step list is empty.
-fn setup_progress() -> Value {
+/// Setup progress as the SDK reads it. Without setup steps: one finished step, because the
+/// SDK waits for a progress notification when the step list is empty.
+fn setup_value(p: Option<&tasks::Progress>) -> Value {
+    let Some(p) = p else {
+        return map(vec![
+            ("state", Value::from("FINISHED")),
+            (
+                "steps",
+                Value::Array(vec![map(vec![
+                    ("name", Value::from("Sandpit")),
+                    ("command", Value::from("true")),
+                    ("shellId", Value::Nil),
+                    ("finishStatus", Value::from("SUCCEEDED")),
+                ])]),
+            ),
+            ("currentStepIndex", Value::from(0)),
+        ]);
+    };
+    let done = p.steps.iter().filter(|s| s.2.is_some()).count();
+    let steps = p
+        .steps
+        .iter()
+        .map(|(name, command, code)| {
+            map(vec![
+                ("name", Value::from(name.as_str())),
+                ("command", Value::from(command.as_str())),
+                ("shellId", Value::from(tasks::SETUP_SHELL)),
+                (
+                    "finishStatus",
+                    match code {
+                        None => Value::Nil,
+                        Some(0) => Value::from("SUCCEEDED"),
+                        Some(_) => Value::from("FAILED"),
+                    },
+                ),
+            ])
+        })
+        .collect();
     map(vec![
-        ("state", Value::from("FINISHED")),
         (
-            "steps",
-            Value::Array(vec![map(vec![
-                ("name", Value::from("Sandpit")),
-                ("command", Value::from("true")),
-                ("shellId", Value::Nil),
-                ("finishStatus", Value::from("SUCCEEDED")),
-            ])]),
+            "state",
+            Value::from(if p.finished {
+                "FINISHED"
+            } else {
+                "IN_PROGRESS"
+            }),
         ),
-        ("currentStepIndex", Value::from(0)),
+        ("steps", Value::Array(steps)),
+        (
+            "currentStepIndex",
+            Value::from(done.min(p.steps.len().saturating_sub(1))),
+        ),
     ])
 }
 

@@ -12,6 +12,7 @@ pub mod gateway;
 pub mod preview_hosts;
 pub mod rest;
 pub mod shells;
+pub mod tasks;
 pub mod watch;
 
 use std::sync::Arc;

@@ -98,6 +98,33 @@ fn sh(script: &str, args: &[&str]) -> Vec<String> {
     v
 }
 
+/// Run a shell script to its end; true when it exits 0.
+pub async fn script(agent: &AgentClient, text: &str) -> Result<bool, AgentFailure> {
+    Ok(run(agent, sh(text, &[]), None).await? == 0)
+}
+
+/// The integers stored one per file in `dir` (file name → value); empty if no such dir.
+pub async fn read_codes(
+    agent: &AgentClient,
+    dir: &str,
+) -> Result<std::collections::BTreeMap<String, i32>, AgentFailure> {
+    let listing = match agent.list_dir(dir).await {
+        Ok(l) => l,
+        Err(AgentFailure::Refused(_)) => return Ok(Default::default()),
+        Err(e) => return Err(e),
+    };
+    let mut out = std::collections::BTreeMap::new();
+    for e in listing.entries.iter().filter(|e| !e.name.ends_with(".tmp")) {
+        if let Some(code) = read_all(agent, &format!("{dir}/{}", e.name))
+            .await?
+            .and_then(|b| String::from_utf8_lossy(&b).trim().parse().ok())
+        {
+            out.insert(e.name.clone(), code);
+        }
+    }
+    Ok(out)
+}
+
 /// Start a shell. Returns false when the wrapper could not be set up.
 pub async fn start(agent: &AgentClient, meta: &ShellMeta, cwd: &str) -> Result<bool, AgentFailure> {
     let dir = dir_of(&meta.id);
