@@ -1054,4 +1054,46 @@ impl Store {
         tx.commit().await.map_err(q("committing preview hosts"))?;
         Ok(())
     }
+
+    pub async fn insert_csb_download_token(
+        &self,
+        hash: &str,
+        sandbox_id: &str,
+        path: &str,
+        expires_at: i64,
+    ) -> Result<(), ServerError> {
+        sqlx::query("DELETE FROM csb_download_tokens WHERE expires_at <= ?")
+            .bind(crate::util::now_ms())
+            .execute(&self.pool)
+            .await
+            .map_err(q("pruning download links"))?;
+        sqlx::query(
+            "INSERT INTO csb_download_tokens (token_hash, sandbox_id, path, expires_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(hash)
+        .bind(sandbox_id)
+        .bind(path)
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await
+        .map_err(q("inserting a download link"))?;
+        Ok(())
+    }
+
+    /// The sandbox and path of a download link that has not expired.
+    pub async fn csb_download_token(
+        &self,
+        hash: &str,
+        now: i64,
+    ) -> Result<Option<(String, String)>, ServerError> {
+        let row = sqlx::query(
+            "SELECT sandbox_id, path FROM csb_download_tokens WHERE token_hash = ? AND expires_at > ?",
+        )
+        .bind(hash)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(q("looking up a download link"))?;
+        Ok(row.map(|r| (r.get::<String, _>("sandbox_id"), r.get::<String, _>("path"))))
+    }
 }

@@ -247,6 +247,10 @@ expect((await client2.fs.readTextFile("notes.txt")) === "kept across hibernation
 const alive = await client2.commands.run(`kill -0 ${pid} && echo alive-${pid}`);
 expect(alive.includes(`alive-${pid}`), `process after resume: ${alive}`);
 seen.resumed = { pid, bootupType: resumed.bootupType };
+const { downloadUrl } = await client2.fs.download("site");
+const archive = new Uint8Array(await (await fetch(downloadUrl)).arrayBuffer());
+expect(archive[0] === 0x1f && archive[1] === 0x8b && archive.length > 40, `download is a gzip (${archive.length} bytes)`);
+seen.download = archive.length;
 
 // ---- sessions: a Linux user each, write or read, git identity ----
 const alice = await resumed.connect({

@@ -72,6 +72,7 @@ async fn the_codesandbox_sdk_works_unmodified() {
     assert_eq!(seen["readOnly"], true);
     assert_eq!(seen["trustedHost"], 200);
     assert_eq!(seen["sessions"], "csb-alice");
+    assert!(seen["download"].as_u64().unwrap_or(0) > 40, "{seen}");
     assert_eq!(seen["setup"], json!(["SUCCEEDED", "FAILED"]));
     assert_eq!(seen["resumed"]["bootupType"], "RESUME");
     // What the SDK did is what the native API sees: both sandboxes are gone.
@@ -376,6 +377,14 @@ async fn seed_000_rest_surface() {
         StatusCode::SWITCHING_PROTOCOLS
     );
     assert_eq!(upgrade(reusable).await, StatusCode::SWITCHING_PROTOCOLS);
+
+    // A download link that was never handed out.
+    let r = http
+        .get(format!("{}/csb/download/spd_nope", srv.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
 
     // Hibernation timeout and specs.
     let (s, b) = call(

@@ -53,3 +53,11 @@ CREATE TABLE csb_preview_hosts (
     inserted_at       INTEGER NOT NULL,
     PRIMARY KEY (workspace_id, host)
 );
+
+-- `fs/download` links: a path of one sandbox, for five minutes (SHA-256 hashes only).
+CREATE TABLE csb_download_tokens (
+    token_hash        TEXT PRIMARY KEY,
+    sandbox_id        TEXT NOT NULL,
+    path              TEXT NOT NULL,
+    expires_at        INTEGER NOT NULL
+);

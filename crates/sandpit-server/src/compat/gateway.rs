@@ -79,12 +79,15 @@ struct Session {
     client_id: String,
     /// A session's Linux user (`POST /vm/{id}/sessions`): its shells run as that user.
     username: Option<String>,
+    /// `http(s)://<host>` as the client reached the server (for download links).
+    http_base: String,
 }
 
 async fn connect(
     State(server): State<Arc<Server>>,
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<ConnectQuery>,
+    headers: axum::http::HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let token = q
@@ -129,6 +132,7 @@ async fn connect(
         write: t.permission == "write",
         client_id: new_id("client"),
         username: t.username,
+        http_base: super::rest::ws_base(&headers).replacen("ws", "http", 1),
     };
     Ok(ws
         .max_message_size(64 << 20)
@@ -1045,6 +1049,20 @@ impl Conn {
                     .remove(&path, get_bool(p, "recursive").unwrap_or(false))
                     .await?;
                 Ok(map(vec![]))
+            }
+            "fs/download" => {
+                let path = resolve(&get_str(p, "path").unwrap_or_else(|| WORKSPACE_PATH.into()))?;
+                agent.stat(&path).await?;
+                let link = super::download::mint(&self.server, &self.session.sandbox, &path)
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(error = %crate::error::DisplayChain(&e), "minting a download link");
+                        RpcError::new(code::CRITICAL_ERROR, "could not make a download link")
+                    })?;
+                Ok(map(vec![(
+                    "downloadUrl",
+                    Value::from(format!("{}{link}", self.session.http_base)),
+                )]))
             }
             "fs/watch" => {
                 let path = resolve(&need_str(p, "path")?)?;

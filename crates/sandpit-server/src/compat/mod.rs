@@ -8,6 +8,7 @@
 //! hibernate, shutdown, delete, specs, tags, tokens) and `sandbox_edit_code` (a start by a
 //! token without it hands out a read-only agent token).
 
+pub mod download;
 pub mod gateway;
 pub mod preview_hosts;
 pub mod rest;
@@ -27,6 +28,7 @@ pub fn router() -> Router<Arc<Server>> {
     rest::router()
         .merge(gateway::router())
         .merge(preview_hosts::router())
+        .merge(download::router())
 }
 
 /// The rate limits `/meta/info` reports. Rate limiting itself is another module's job

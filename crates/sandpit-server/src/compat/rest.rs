@@ -621,7 +621,7 @@ fn check_start(o: &StartOptions) -> Result<Option<u64>, ApiError> {
 
 /// The base URL of this server as the caller reached it (`Host`, and `X-Forwarded-Proto`
 /// behind a TLS proxy), for the WebSocket URL the SDK connects to.
-fn ws_base(headers: &HeaderMap) -> String {
+pub(crate) fn ws_base(headers: &HeaderMap) -> String {
     let host = headers
         .get(axum::http::header::HOST)
         .and_then(|h| h.to_str().ok())
