@@ -646,6 +646,44 @@ async fn seed_000_rest_surface() {
     .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
 
+    // Templates are snapshots: made from a template or a sandbox, then forked from.
+    let (s, b) = call(
+        &http,
+        &srv,
+        &t,
+        M::POST,
+        "/templates",
+        Some(json!({"forkOf": "no-such-template"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
+    let (s, tpl) = call(
+        &http,
+        &srv,
+        &t,
+        M::POST,
+        "/templates",
+        Some(json!({"forkOf": id, "title": "tpl"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{tpl}");
+    let tag = tpl["data"]["tag"].as_str().unwrap().to_string();
+    let (s, child) = call(
+        &http,
+        &srv,
+        &t,
+        M::POST,
+        &format!("/sandbox/{tag}/fork"),
+        Some(json!({"title": "from-tpl"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{child}");
+    let child_id = child["data"]["id"].as_str().unwrap().to_string();
+    let out = crate::sh(&srv.client(), &child_id, "cat /project/sandbox/hello.txt").await;
+    assert_eq!(out.stdout, "hi there", "{out:?}");
+    let (s, _) = call(&http, &srv, &t, M::DELETE, &format!("/vm/{child_id}"), None).await;
+    assert_eq!(s, StatusCode::OK);
+
     // Hibernate, start (resume), shutdown, start (clean), delete; then 404s.
     let (s, _) = call(
         &http,

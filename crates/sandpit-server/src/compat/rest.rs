@@ -398,8 +398,19 @@ async fn create_from_template(
     } else {
         template
     };
+    // A template made by `POST /templates` is a snapshot: boot from its files and memory.
+    let snapshot = server
+        .store
+        .get_snapshot(&auth.workspace_id, template)
+        .await?
+        .map(|s| s.id);
     let req = sandpit_api_types::CreateSandboxRequest {
-        template: template.to_string(),
+        template: if snapshot.is_some() {
+            String::new()
+        } else {
+            template.to_string()
+        },
+        snapshot,
         mode: sandpit_api_types::SandboxMode::Persistent,
         idle_timeout: fields.idle_timeout_secs.map(|s| format!("{s}s")),
         preview: Some(sandpit_api_types::PreviewSettings {
@@ -556,6 +567,11 @@ async fn fork_sandbox(
                 || server
                     .store
                     .find_template(&auth.workspace_id, &id)
+                    .await?
+                    .is_some()
+                || server
+                    .store
+                    .get_snapshot(&auth.workspace_id, &id)
                     .await?
                     .is_some();
             if !is_template {
@@ -940,8 +956,9 @@ struct TemplateBody {
     tags: Option<Vec<String>>,
 }
 
-/// `POST /templates`: a template is a sandbox forked from `forkOf` (a template or one of the
-/// caller's sandboxes), booted and then hibernated, so creating from it resumes its state.
+/// `POST /templates`: a template is a snapshot (files and memory) of `forkOf` — one of the
+/// caller's sandboxes, or a template booted for the purpose and destroyed after. Its id is
+/// the `tag`, which `POST /sandbox/{tag}/fork` (the SDK's `create({ id: tag })`) boots from.
 async fn create_template(
     State(server): State<Arc<Server>>,
     auth: Auth,
@@ -954,12 +971,28 @@ async fn create_template(
         tags: body.tags,
         ..Default::default()
     })?;
-    let row = create_from_template(&server, &auth, &body.fork_of, &fields).await?;
-    store_fields(&server, &row, &fields).await?;
-    lifecycle::suspend(&server, &row.id).await?;
+    let own = server
+        .store
+        .get_sandbox(&body.fork_of)
+        .await?
+        .filter(|r| r.workspace_id == auth.workspace_id && r.status != "destroyed");
+    let snapshot = match own {
+        Some(row) => crate::fork::take_snapshot(&server, &auth, &row.id).await?,
+        None => {
+            let row = create_from_template(&server, &auth, &body.fork_of, &fields).await?;
+            let made = async {
+                seed_files(&server, &auth, &row.id, Vec::new()).await?;
+                crate::fork::take_snapshot(&server, &auth, &row.id).await
+            }
+            .await;
+            // The sandbox was only the means to the snapshot.
+            let _ = lifecycle::destroy(&server, &row.id).await;
+            made?
+        }
+    };
     Ok(ok(
         StatusCode::CREATED,
-        json!({"tag": row.id, "sandboxes": [{"id": row.id, "cluster": "sandpit"}]}),
+        json!({"tag": snapshot.id, "sandboxes": [{"id": snapshot.id, "cluster": "sandpit"}]}),
     ))
 }
 
