@@ -271,6 +271,55 @@ async fn seed_000_rest_surface() {
     .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
 
+    // Another workspace sees none of it: 404, not 403, and nothing changes.
+    let (_, ws) = call(
+        &http,
+        &srv,
+        &t,
+        M::POST,
+        "/org/workspace",
+        Some(json!({"name": "other"})),
+    )
+    .await;
+    let other_ws = ws["data"]["id"].as_str().expect("workspace id").to_string();
+    let (s, tok) = call(
+        &http,
+        &srv,
+        &t,
+        M::POST,
+        &format!("/org/workspace/{other_ws}/tokens"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{tok}");
+    let other = tok["data"]["token"].as_str().unwrap().to_string();
+    for (m, p) in [
+        (M::GET, format!("/sandbox/{id}")),
+        (M::POST, format!("/vm/{id}/start")),
+        (M::POST, format!("/vm/{id}/hibernate")),
+        (M::DELETE, format!("/vm/{id}")),
+        (M::POST, format!("/sandbox/{id}/fork")),
+        (M::GET, format!("/sandbox/{id}/tokens")),
+        (M::POST, format!("/vm/{id}/sessions")),
+    ] {
+        let (s, b) = call(
+            &http,
+            &srv,
+            &other,
+            m,
+            &p,
+            Some(json!({"session_id": "x", "permission": "write"})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{p}: {b}");
+    }
+    let (_, l) = call(&http, &srv, &other, M::GET, "/sandbox", None).await;
+    assert_eq!(l["data"]["sandboxes"], json!([]), "{l}");
+    assert_eq!(
+        srv.client().get_sandbox(&id).await.unwrap().status,
+        SandboxStatus::Running
+    );
+
     // Start: the VMStartResponse of seed 004; invalid options are 400.
     let (s, start) = call(
         &http,

@@ -10,7 +10,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, patch, post, put};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::auth::{Auth, generate_token_with, hash_token};
@@ -145,7 +145,7 @@ fn view(row: &SandboxRow, c: &CsbSandboxRow) -> Value {
 
 // ---- meta ----
 
-async fn meta_info(State(server): State<Arc<Server>>, auth: Auth) -> CsbResult {
+async fn meta_info(auth: Auth) -> CsbResult {
     let mut info = json!({
         "api": {"latest_version": "2023-07-01", "name": "Sandpit (CodeSandbox-compatible)"},
         "auth": {"scopes": auth.scopes, "team": auth.workspace_id, "version": "2023-07-01"},
@@ -153,7 +153,6 @@ async fn meta_info(State(server): State<Arc<Server>>, auth: Auth) -> CsbResult {
     if let Some(limits) = super::rate_limits(&auth.workspace_id) {
         info["rate_limits"] = limits;
     }
-    let _ = &server;
     Ok((StatusCode::OK, Json(info)).into_response())
 }
 
@@ -1156,7 +1155,7 @@ fn token_view(t: &PreviewTokenRow) -> Value {
     })
 }
 
-#[derive(Debug, Default, Deserialize, Serialize)]
+#[derive(Debug, Default, Deserialize)]
 struct PreviewTokenBody {
     expires_at: Option<String>,
 }
