@@ -87,6 +87,15 @@ const bgOut = await bg.waitUntilComplete();
 expect(bgOut.includes("tick-3"), `background output ${JSON.stringify(bgOut)}`);
 expect(ticks.join("").includes("tick-1"), `streamed output ${JSON.stringify(ticks)}`);
 seen.ticks = ticks.join("").trim().split("\n").length;
+const again = await client.commands.runBackground(
+  "echo run-$(cat /tmp/runs 2>/dev/null | wc -l); echo x >> /tmp/runs; exec sleep 1000",
+);
+const againOut = [];
+again.onOutput((o) => againOut.push(o));
+await until("first run", () => againOut.join("").includes("run-0"));
+await again.restart();
+await until("restarted run", () => againOut.join("").includes("run-1"));
+await again.kill();
 
 // ---- files ----
 step('files');

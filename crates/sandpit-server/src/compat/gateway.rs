@@ -951,6 +951,27 @@ impl Conn {
                 }
                 Ok(Value::Nil)
             }
+            "shell/restart" => {
+                self.need_write()?;
+                let id = need_str(p, "shellId")?;
+                let s = shells::state(&agent, &id)
+                    .await?
+                    .ok_or_else(|| RpcError::new(code::SHELL_NOT_FOUND, "no such shell"))?;
+                shells::terminate(&agent, &id).await?;
+                if !shells::start(&agent, &s.meta, WORKSPACE_PATH).await? {
+                    return Err(RpcError::new(
+                        code::CRITICAL_ERROR,
+                        "the shell could not be restarted",
+                    ));
+                }
+                self.follow_shell(&id, 0, false).await;
+                self.notify(
+                    "shell/restart",
+                    map(vec![("shellId", Value::from(id.as_str()))]),
+                )
+                .await;
+                Ok(Value::Nil)
+            }
             "shell/resize" => Ok(Value::Nil),
             "shell/close" => {
                 let id = need_str(p, "shellId")?;
