@@ -578,6 +578,17 @@ impl Conn {
 
     /// Send what a followed shell wrote since last time, and its exit once.
     async fn pump_shell(&self, agent: &AgentClient, id: &str) -> Result<(), RpcError> {
+        // A shell whose exit was sent costs nothing more.
+        if self
+            .follow
+            .lock()
+            .await
+            .shells
+            .get(id)
+            .is_none_or(|f| f.exited)
+        {
+            return Ok(());
+        }
         let Some((len, exited)) = shells::progress(agent, id).await? else {
             self.follow.lock().await.shells.remove(id);
             return Ok(());
