@@ -180,6 +180,41 @@ impl AgentClient {
         }
     }
 
+    /// Like [`AgentClient::exec`], with `input` sent as the process's stdin (then closed).
+    pub async fn exec_with_input(
+        &self,
+        mut req: ExecRequest,
+        input: Vec<u8>,
+        out: mpsc::Sender<ExecOutput>,
+    ) -> Result<ExitStatus, AgentFailure> {
+        req.stdin = true;
+        let mut conn = self.open(Op::Exec(req)).await?;
+        for chunk in input.chunks(proto::DATA_CHUNK) {
+            proto::write_frame(&mut conn.stream, FrameKind::Stdin, chunk)
+                .await
+                .map_err(|e| self.broken(crate::error::DisplayChain(&e)))?;
+        }
+        proto::write_frame(&mut conn.stream, FrameKind::StdinClose, &[])
+            .await
+            .map_err(|e| self.broken(crate::error::DisplayChain(&e)))?;
+        loop {
+            let frame = self.read(&mut conn).await?;
+            let item = match frame.kind {
+                FrameKind::Started => continue,
+                FrameKind::Stdout => ExecOutput::Stdout(frame.payload),
+                FrameKind::Stderr => ExecOutput::Stderr(frame.payload),
+                FrameKind::Exit => return frame.parse().map_err(|e| self.broken(e).into()),
+                FrameKind::Error => {
+                    return Err(AgentFailure::Refused(
+                        frame.parse().map_err(|e| self.broken(e))?,
+                    ));
+                }
+                other => return Err(self.broken(format!("unexpected frame {other:?}")).into()),
+            };
+            let _ = out.send(item).await;
+        }
+    }
+
     /// Open a file for reading. Returns its metadata and a stream of its bytes; the stream
     /// ends with an error item if the connection breaks mid-way.
     pub async fn read_file(
@@ -311,6 +346,30 @@ impl AgentClient {
 
     pub async fn list_dir(&self, path: &str) -> Result<DirListing, AgentFailure> {
         self.simple(Op::ListDir { path: path.into() }).await
+    }
+
+    pub async fn stat(&self, path: &str) -> Result<FileInfo, AgentFailure> {
+        self.simple(Op::Stat { path: path.into() }).await
+    }
+
+    pub async fn make_dir(&self, path: &str, recursive: bool) -> Result<(), AgentFailure> {
+        let _: serde_json::Value = self
+            .simple(Op::MakeDir {
+                path: path.into(),
+                recursive,
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn remove(&self, path: &str, recursive: bool) -> Result<(), AgentFailure> {
+        let _: serde_json::Value = self
+            .simple(Op::Remove {
+                path: path.into(),
+                recursive,
+            })
+            .await?;
+        Ok(())
     }
 
     /// The TCP ports listening inside the sandbox (the agent's own included).

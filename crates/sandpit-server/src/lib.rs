@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod auth;
 pub mod builds;
+pub mod compat;
 pub mod dns;
 pub mod error;
 pub mod fork;

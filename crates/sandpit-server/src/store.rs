@@ -1159,3 +1159,318 @@ impl Store {
         Ok(row.map(|r| r.get::<String, _>("id")))
     }
 }
+
+/// What the CodeSandbox-compatible API shows of a sandbox beyond Sandpit's own row.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct CsbSandboxRow {
+    pub sandbox_id: String,
+    pub workspace_id: String,
+    pub title: Option<String>,
+    pub description: Option<String>,
+    /// JSON array of strings.
+    pub tags: String,
+    /// 0 public, 1 unlisted, 2 private.
+    pub privacy: i64,
+    pub tier: String,
+}
+
+/// An agent gateway token (without its hash).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct CsbAgentTokenRow {
+    pub sandbox_id: String,
+    pub workspace_id: String,
+    /// `read` or `write`.
+    pub permission: String,
+    pub expires_at: i64,
+    /// A session's Linux user; `None`: root.
+    pub username: Option<String>,
+    pub single_use: bool,
+}
+
+// ---- CodeSandbox compatibility (`crate::compat`) ----
+impl Store {
+    /// Change a persistent sandbox's inactivity timeout (`PUT /vm/{id}/hibernation_timeout`).
+    pub async fn set_idle_timeout(
+        &self,
+        workspace_id: &str,
+        id: &str,
+        idle_timeout_ms: i64,
+        now: i64,
+    ) -> Result<(), ServerError> {
+        sqlx::query(
+            "UPDATE sandboxes SET idle_timeout_ms = ?, updated_at = ? WHERE workspace_id = ? AND id = ?",
+        )
+        .bind(idle_timeout_ms)
+        .bind(now)
+        .bind(workspace_id)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(q("updating a sandbox's idle timeout"))?;
+        Ok(())
+    }
+
+    pub async fn upsert_csb_sandbox(&self, c: &CsbSandboxRow) -> Result<(), ServerError> {
+        sqlx::query(
+            "INSERT INTO csb_sandboxes (sandbox_id, workspace_id, title, description, tags, privacy, tier)
+             VALUES (?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (sandbox_id) DO UPDATE SET title = excluded.title,
+                description = excluded.description, tags = excluded.tags,
+                privacy = excluded.privacy, tier = excluded.tier
+             WHERE csb_sandboxes.workspace_id = excluded.workspace_id",
+        )
+        .bind(&c.sandbox_id)
+        .bind(&c.workspace_id)
+        .bind(&c.title)
+        .bind(&c.description)
+        .bind(&c.tags)
+        .bind(c.privacy)
+        .bind(&c.tier)
+        .execute(&self.pool)
+        .await
+        .map_err(q("storing a sandbox's CodeSandbox fields"))?;
+        Ok(())
+    }
+
+    pub async fn get_csb_sandbox(
+        &self,
+        workspace_id: &str,
+        sandbox_id: &str,
+    ) -> Result<Option<CsbSandboxRow>, ServerError> {
+        sqlx::query_as("SELECT * FROM csb_sandboxes WHERE workspace_id = ? AND sandbox_id = ?")
+            .bind(workspace_id)
+            .bind(sandbox_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("reading a sandbox's CodeSandbox fields"))
+    }
+
+    /// The workspace's CodeSandbox fields of every sandbox that has them.
+    pub async fn list_csb_sandboxes(
+        &self,
+        workspace_id: &str,
+    ) -> Result<Vec<CsbSandboxRow>, ServerError> {
+        sqlx::query_as("SELECT * FROM csb_sandboxes WHERE workspace_id = ?")
+            .bind(workspace_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("listing CodeSandbox fields"))
+    }
+
+    pub async fn insert_csb_agent_token(
+        &self,
+        hash: &str,
+        t: &CsbAgentTokenRow,
+    ) -> Result<(), ServerError> {
+        sqlx::query(
+            "INSERT INTO csb_agent_tokens (token_hash, sandbox_id, workspace_id, permission, expires_at,
+                username, single_use)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(hash)
+        .bind(&t.sandbox_id)
+        .bind(&t.workspace_id)
+        .bind(&t.permission)
+        .bind(t.expires_at)
+        .bind(&t.username)
+        .bind(t.single_use)
+        .execute(&self.pool)
+        .await
+        .map_err(q("inserting an agent gateway token"))?;
+        Ok(())
+    }
+
+    /// An agent gateway token of the given sandbox by its hash (expired ones included; the
+    /// caller compares `expires_at`).
+    pub async fn csb_agent_token(
+        &self,
+        sandbox_id: &str,
+        hash: &str,
+    ) -> Result<Option<CsbAgentTokenRow>, ServerError> {
+        sqlx::query_as(
+            "SELECT sandbox_id, workspace_id, permission, expires_at, username, single_use
+             FROM csb_agent_tokens WHERE sandbox_id = ? AND token_hash = ?",
+        )
+        .bind(sandbox_id)
+        .bind(hash)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(q("looking up an agent gateway token"))
+    }
+
+    /// Use up a single-use gateway token: true for the one caller that deleted it.
+    pub async fn consume_csb_agent_token(&self, hash: &str) -> Result<bool, ServerError> {
+        let done =
+            sqlx::query("DELETE FROM csb_agent_tokens WHERE token_hash = ? AND single_use = 1")
+                .bind(hash)
+                .execute(&self.pool)
+                .await
+                .map_err(q("using up a session token"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Drop a sandbox's expired gateway tokens.
+    pub async fn prune_csb_agent_tokens(
+        &self,
+        sandbox_id: &str,
+        now: i64,
+    ) -> Result<(), ServerError> {
+        sqlx::query("DELETE FROM csb_agent_tokens WHERE sandbox_id = ? AND expires_at <= ?")
+            .bind(sandbox_id)
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(q("pruning agent gateway tokens"))?;
+        Ok(())
+    }
+
+    pub async fn insert_csb_tag(
+        &self,
+        id: &str,
+        workspace_id: &str,
+        vm_ids: &str,
+        now: i64,
+    ) -> Result<(), ServerError> {
+        sqlx::query(
+            "INSERT INTO csb_tags (id, workspace_id, vm_ids, created_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(workspace_id)
+        .bind(vm_ids)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(q("inserting a VM tag"))?;
+        Ok(())
+    }
+
+    /// Whether the workspace has this tag.
+    pub async fn csb_tag_exists(&self, workspace_id: &str, id: &str) -> Result<bool, ServerError> {
+        let row =
+            sqlx::query("SELECT COUNT(*) AS n FROM csb_tags WHERE workspace_id = ? AND id = ?")
+                .bind(workspace_id)
+                .bind(id)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(q("reading a VM tag"))?;
+        Ok(row.get::<i64, _>("n") > 0)
+    }
+
+    pub async fn set_csb_alias(
+        &self,
+        workspace_id: &str,
+        namespace: &str,
+        alias: &str,
+        tag_id: &str,
+    ) -> Result<(), ServerError> {
+        sqlx::query(
+            "INSERT INTO csb_aliases (workspace_id, namespace, alias, tag_id) VALUES (?, ?, ?, ?)
+             ON CONFLICT (workspace_id, namespace, alias) DO UPDATE SET tag_id = excluded.tag_id",
+        )
+        .bind(workspace_id)
+        .bind(namespace)
+        .bind(alias)
+        .bind(tag_id)
+        .execute(&self.pool)
+        .await
+        .map_err(q("assigning a VM tag alias"))?;
+        Ok(())
+    }
+
+    /// The workspace's trusted preview hosts with when each was added, oldest first.
+    pub async fn list_csb_preview_hosts(
+        &self,
+        workspace_id: &str,
+    ) -> Result<Vec<(String, i64)>, ServerError> {
+        let rows = sqlx::query(
+            "SELECT host, inserted_at FROM csb_preview_hosts WHERE workspace_id = ?
+             ORDER BY inserted_at, host",
+        )
+        .bind(workspace_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("listing preview hosts"))?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<String, _>("host"), r.get::<i64, _>("inserted_at")))
+            .collect())
+    }
+
+    /// Add hosts (`replace`: make them the whole list), in one transaction.
+    pub async fn put_csb_preview_hosts(
+        &self,
+        workspace_id: &str,
+        hosts: &[String],
+        replace: bool,
+        now: i64,
+    ) -> Result<(), ServerError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(q("starting a transaction"))?;
+        if replace {
+            sqlx::query("DELETE FROM csb_preview_hosts WHERE workspace_id = ?")
+                .bind(workspace_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(q("clearing preview hosts"))?;
+        }
+        for h in hosts {
+            sqlx::query(
+                "INSERT INTO csb_preview_hosts (workspace_id, host, inserted_at) VALUES (?, ?, ?)
+                 ON CONFLICT (workspace_id, host) DO NOTHING",
+            )
+            .bind(workspace_id)
+            .bind(h)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(q("adding a preview host"))?;
+        }
+        tx.commit().await.map_err(q("committing preview hosts"))?;
+        Ok(())
+    }
+
+    pub async fn insert_csb_download_token(
+        &self,
+        hash: &str,
+        sandbox_id: &str,
+        path: &str,
+        expires_at: i64,
+    ) -> Result<(), ServerError> {
+        sqlx::query("DELETE FROM csb_download_tokens WHERE expires_at <= ?")
+            .bind(crate::util::now_ms())
+            .execute(&self.pool)
+            .await
+            .map_err(q("pruning download links"))?;
+        sqlx::query(
+            "INSERT INTO csb_download_tokens (token_hash, sandbox_id, path, expires_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(hash)
+        .bind(sandbox_id)
+        .bind(path)
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await
+        .map_err(q("inserting a download link"))?;
+        Ok(())
+    }
+
+    /// The sandbox and path of a download link that has not expired.
+    pub async fn csb_download_token(
+        &self,
+        hash: &str,
+        now: i64,
+    ) -> Result<Option<(String, String)>, ServerError> {
+        let row = sqlx::query(
+            "SELECT sandbox_id, path FROM csb_download_tokens WHERE token_hash = ? AND expires_at > ?",
+        )
+        .bind(hash)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(q("looking up a download link"))?;
+        Ok(row.map(|r| (r.get::<String, _>("sandbox_id"), r.get::<String, _>("path"))))
+    }
+}

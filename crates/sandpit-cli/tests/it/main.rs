@@ -5,6 +5,7 @@
 mod abuse;
 mod api;
 mod crash;
+mod csb;
 mod egress;
 mod fork;
 mod idempotency;

@@ -76,6 +76,8 @@ pub fn app(server: Arc<Server>) -> Router {
         }),
     )
     .route("/healthz", get(|| async { "ok" }))
+    // The CodeSandbox-compatible surface (seed 000 and the agent gateway).
+    .merge(crate::compat::router())
     .fallback(|| async { ApiError::not_found("route_not_found", "no such route") })
     .method_not_allowed_fallback(|| async {
         ApiError::new(

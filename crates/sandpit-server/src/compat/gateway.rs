@@ -1,0 +1,1275 @@
+//! The agent gateway at `pitcher_url`: a WebSocket speaking the CodeSandbox agent
+//! ("pitcher") protocol as `@codesandbox/sdk` does, msgpack frames of
+//! `{id, method, params}` answered by `{id, method, status, result}` or
+//! `{id, method, status, error: {code, message, data}}`, and notifications
+//! `{method, params}`. An empty text frame is the SDK's ping; it is answered in kind.
+//!
+//! The gateway runs in the server and turns each call into operations of our own agent
+//! (`crate::agent`), one short connection at a time under the sandbox's read lock, so a
+//! connected client never holds up hibernation. When the sandbox stops running (hibernated,
+//! shut down, deleted), the client gets a `system/hibernate` notification and the socket
+//! closes; `POST /vm/{id}/start` then hands out a fresh token to reconnect with.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use futures::{SinkExt, StreamExt};
+use rmpv::Value;
+use sandpit_agent_proto::{AgentErrorCode, EntryKind};
+use serde::Deserialize;
+use tokio::sync::{Mutex, OwnedRwLockReadGuard, mpsc};
+
+use super::rest::{GATEWAY_VERSION, WORKSPACE_PATH};
+use super::shells::{self, ShellMeta};
+use super::tasks;
+use super::watch;
+use crate::agent::{AgentClient, AgentFailure};
+use crate::auth::hash_token;
+use crate::error::ApiError;
+use crate::lifecycle;
+use crate::routes::ApiQuery;
+use crate::server::Server;
+use crate::util::{new_id, now_ms};
+
+/// Where the gateway listens: `<prefix>/<sandbox id>?token=…`.
+pub const PATH_PREFIX: &str = "/csb/agent";
+
+/// Pitcher error codes the gateway uses (`pitcher-protocol/errors`).
+mod code {
+    pub const CRITICAL_ERROR: i64 = 0;
+    pub const FEATURE_UNAVAILABLE: i64 = 1;
+    pub const NO_ACCESS: i64 = 2;
+    pub const INVALID_PATH: i64 = 101;
+    pub const RAWFS_ERROR: i64 = 102;
+    pub const SHELL_NOT_FOUND: i64 = 204;
+    pub const TASK_NOT_FOUND: i64 = 601;
+}
+
+/// How often the gateway compares the listening ports.
+const PORT_POLL: Duration = Duration::from_secs(1);
+
+pub fn router() -> Router<Arc<Server>> {
+    // The SDK connects to `<pitcher_url>/?token=…`: with the trailing slash.
+    Router::new()
+        .route(
+            &format!("{PATH_PREFIX}/{{id}}"),
+            axum::routing::get(connect),
+        )
+        .route(
+            &format!("{PATH_PREFIX}/{{id}}/"),
+            axum::routing::get(connect),
+        )
+}
+
+#[derive(Debug, Deserialize)]
+struct ConnectQuery {
+    token: Option<String>,
+}
+
+/// Who is connected: the sandbox and what the token allows.
+#[derive(Debug, Clone)]
+struct Session {
+    sandbox: String,
+    write: bool,
+    client_id: String,
+    /// A session's Linux user (`POST /vm/{id}/sessions`): its shells run as that user.
+    username: Option<String>,
+    /// `http(s)://<host>` as the client reached the server (for download links).
+    http_base: String,
+}
+
+async fn connect(
+    State(server): State<Arc<Server>>,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<ConnectQuery>,
+    headers: axum::http::HeaderMap,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let token = q
+        .token
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| ApiError::unauthorized("the token query parameter is required"))?;
+    let t = server
+        .store
+        .csb_agent_token(&id, &hash_token(&token))
+        .await?
+        .filter(|t| t.expires_at > now_ms())
+        .ok_or_else(|| ApiError::unauthorized("unknown or expired agent token"))?;
+    let row = server
+        .store
+        .get_sandbox(&id)
+        .await?
+        .filter(|r| r.workspace_id == t.workspace_id && r.status != "destroyed")
+        .ok_or_else(|| ApiError::not_found("sandbox_not_found", format!("no sandbox {id:?}")))?;
+    if row.status != "running" {
+        return Err(ApiError::conflict(
+            "sandbox_not_running",
+            "the sandbox is not running; start it with POST /vm/{id}/start",
+        ));
+    }
+    // The token is checked first, so a plain request learns nothing about the sandbox.
+    let ws = ws.map_err(|_| {
+        ApiError::bad_request("websocket_required", "connect with a WebSocket upgrade")
+    })?;
+    // A session token opens one connection (seed 000: single use).
+    if t.single_use
+        && !server
+            .store
+            .consume_csb_agent_token(&hash_token(&token))
+            .await?
+    {
+        return Err(ApiError::unauthorized(
+            "this session token was used already",
+        ));
+    }
+    let session = Session {
+        sandbox: id,
+        write: t.permission == "write",
+        client_id: new_id("client"),
+        username: t.username,
+        http_base: super::rest::ws_base(&headers).replacen("ws", "http", 1),
+    };
+    Ok(ws
+        .max_message_size(64 << 20)
+        .on_upgrade(move |socket| serve(server, session, socket))
+        .into_response())
+}
+
+/// What one connection follows: shells (and how much of their output it has sent) and the
+/// last port list it reported.
+#[derive(Default)]
+struct Follow {
+    shells: HashMap<String, Followed>,
+    ports: Option<Vec<u16>>,
+    watches: HashMap<String, super::watch::Watch>,
+    /// Setup step results last reported; `setup_done` once setup finished (or has no steps).
+    setup_seen: Option<Vec<Option<i32>>>,
+    setup_done: bool,
+}
+
+struct Followed {
+    sent: u64,
+    carry: Vec<u8>,
+    exited: bool,
+}
+
+struct Conn {
+    server: Arc<Server>,
+    session: Session,
+    out: mpsc::Sender<Message>,
+    follow: Mutex<Follow>,
+}
+
+async fn serve(server: Arc<Server>, session: Session, socket: WebSocket) {
+    let (mut sink, mut stream) = socket.split();
+    let (tx, mut rx) = mpsc::channel::<Message>(256);
+    let writer = tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            let close = matches!(m, Message::Close(_));
+            if sink.send(m).await.is_err() || close {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    let conn = Arc::new(Conn {
+        server,
+        session,
+        out: tx,
+        follow: Mutex::new(Follow::default()),
+    });
+    let poller = tokio::spawn(poll(conn.clone()));
+    while let Some(msg) = stream.next().await {
+        let Ok(msg) = msg else { break };
+        match msg {
+            Message::Binary(bytes) => {
+                let conn = conn.clone();
+                tokio::spawn(async move { conn.handle(&bytes).await });
+            }
+            // The SDK's ping is an empty text frame; any frame back counts as its pong.
+            Message::Text(_) => {
+                let _ = conn.out.send(Message::Text("".into())).await;
+            }
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    poller.abort();
+    drop(conn);
+    let _ = writer.await;
+}
+
+/// The poller: new shell output and exits, port changes, and the end of the sandbox's run.
+async fn poll(conn: Arc<Conn>) {
+    let mut since_ports = Duration::ZERO;
+    let mut since_watch = Duration::ZERO;
+    loop {
+        tokio::time::sleep(shells::POLL).await;
+        since_ports += shells::POLL;
+        since_watch += shells::POLL;
+        let Some((agent, _guard)) = conn.agent(false).await else {
+            conn.notify("system/hibernate", map(vec![])).await;
+            let _ = conn.out.send(Message::Close(None)).await;
+            return;
+        };
+        let ids: Vec<String> = conn.follow.lock().await.shells.keys().cloned().collect();
+        for id in ids {
+            if let Err(e) = conn.pump_shell(&agent, &id).await {
+                tracing::debug!(sandbox = %conn.session.sandbox, shell = %id, error = ?e, "polling a shell");
+            }
+        }
+        if since_watch >= watch::WATCH_POLL {
+            since_watch = Duration::ZERO;
+            conn.pump_watches(&agent).await;
+        }
+        if since_ports >= PORT_POLL {
+            since_ports = Duration::ZERO;
+            conn.pump_setup(&agent).await;
+            if let Ok(list) = conn.ports(&agent).await {
+                let numbers: Vec<u16> = list.iter().map(|(p, _)| *p).collect();
+                let mut f = conn.follow.lock().await;
+                let changed = f.ports.as_ref().is_some_and(|old| *old != numbers);
+                f.ports = Some(numbers);
+                drop(f);
+                if changed {
+                    conn.notify("port/changed", map(vec![("list", ports_value(&list))]))
+                        .await;
+                }
+            }
+        }
+    }
+}
+
+/// A pitcher error.
+#[derive(Debug)]
+struct RpcError {
+    code: i64,
+    message: String,
+    errno: Option<i64>,
+}
+
+impl RpcError {
+    fn new(code: i64, message: impl Into<String>) -> Self {
+        RpcError {
+            code,
+            message: message.into(),
+            errno: None,
+        }
+    }
+}
+
+impl From<AgentFailure> for RpcError {
+    fn from(f: AgentFailure) -> Self {
+        match f {
+            AgentFailure::Refused(e) => {
+                let errno = match e.code {
+                    AgentErrorCode::NotFound => 2,
+                    AgentErrorCode::PermissionDenied => 13,
+                    AgentErrorCode::AlreadyExists => 17,
+                    AgentErrorCode::NotDirectory => 20,
+                    AgentErrorCode::IsDirectory => 21,
+                    AgentErrorCode::InvalidPath => 22,
+                    AgentErrorCode::NotEmpty => 39,
+                    _ => 5,
+                };
+                RpcError {
+                    code: code::RAWFS_ERROR,
+                    message: e.message,
+                    errno: Some(errno),
+                }
+            }
+            AgentFailure::TooLarge { limit } => {
+                RpcError::new(code::RAWFS_ERROR, format!("larger than {limit} bytes"))
+            }
+            other => {
+                tracing::warn!(error = ?other, "agent gateway: agent operation failed");
+                RpcError::new(code::CRITICAL_ERROR, "the sandbox's agent did not answer")
+            }
+        }
+    }
+}
+
+fn rawfs(errno: i64, message: impl Into<String>) -> RpcError {
+    RpcError {
+        code: code::RAWFS_ERROR,
+        message: message.into(),
+        errno: Some(errno),
+    }
+}
+
+type RpcResult = Result<Value, RpcError>;
+
+fn map(pairs: Vec<(&str, Value)>) -> Value {
+    Value::Map(
+        pairs
+            .into_iter()
+            .map(|(k, v)| (Value::from(k), v))
+            .collect(),
+    )
+}
+
+fn get<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
+    v.as_map()?
+        .iter()
+        .find(|(k, _)| k.as_str() == Some(key))
+        .map(|(_, v)| v)
+}
+
+fn get_str(v: &Value, key: &str) -> Option<String> {
+    get(v, key).and_then(Value::as_str).map(str::to_string)
+}
+
+fn need_str(v: &Value, key: &str) -> Result<String, RpcError> {
+    get_str(v, key).ok_or_else(|| RpcError::new(code::CRITICAL_ERROR, format!("{key} is required")))
+}
+
+fn get_bool(v: &Value, key: &str) -> Option<bool> {
+    get(v, key).and_then(Value::as_bool)
+}
+
+/// A path as the SDK gives it: relative ones are in the workspace.
+fn resolve(path: &str) -> Result<String, RpcError> {
+    let full = if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("{WORKSPACE_PATH}/{path}")
+    };
+    sandpit_agent_proto::normalize_path(&full)
+        .map_err(|e| RpcError::new(code::INVALID_PATH, e.message))
+}
+
+fn kind_number(k: EntryKind) -> i64 {
+    if k == EntryKind::Dir { 1 } else { 0 }
+}
+
+fn ports_value(list: &[(u16, String)]) -> Value {
+    Value::Array(
+        list.iter()
+            .map(|(p, url)| {
+                map(vec![
+                    ("port", Value::from(*p)),
+                    ("url", Value::from(url.as_str())),
+                ])
+            })
+            .collect(),
+    )
+}
+
+fn shell_dto(s: &ShellMeta, status: &str, exit: Option<i32>, buffer: Option<Vec<String>>) -> Value {
+    let mut pairs = vec![
+        ("shellId", Value::from(s.id.as_str())),
+        ("name", Value::from(s.name.as_str())),
+        ("status", Value::from(status)),
+        ("shellType", Value::from(s.shell_type.as_str())),
+        ("startCommand", Value::from(s.command.as_str())),
+        ("ownerUsername", Value::from(s.owner.as_str())),
+        ("isSystemShell", Value::from(s.is_system)),
+    ];
+    if let Some(code) = exit {
+        pairs.push(("exitCode", Value::from(code)));
+    }
+    if let Some(b) = buffer {
+        pairs.push((
+            "buffer",
+            Value::Array(b.into_iter().map(Value::from).collect()),
+        ));
+    }
+    map(pairs)
+}
+
+fn status_of(exited: bool, code: Option<i32>) -> &'static str {
+    match (exited, code) {
+        (false, _) => "RUNNING",
+        (true, Some(0)) => "FINISHED",
+        (true, _) => "ERROR",
+    }
+}
+
+impl Conn {
+    /// The sandbox's agent with its read lock, while it runs; `None` once it does not.
+    /// `touch` records activity (client calls do; the poller does not, so an idle client
+    /// does not keep a sandbox awake: the SDK's keep-alive is `system/update`).
+    async fn agent(&self, touch: bool) -> Option<(AgentClient, OwnedRwLockReadGuard<()>)> {
+        let id = &self.session.sandbox;
+        let guard = self.server.lock_of(id).read_owned().await;
+        let row = self.server.store.get_sandbox(id).await.ok()??;
+        if row.status != "running" {
+            return None;
+        }
+        if touch {
+            let _ = self.server.store.touch(id, now_ms()).await;
+        }
+        lifecycle::agent_of(&self.server, &row).map(|a| (a, guard))
+    }
+
+    async fn send_value(&self, v: &Value) {
+        let mut buf = Vec::new();
+        if rmpv::encode::write_value(&mut buf, v).is_ok() {
+            let _ = self.out.send(Message::Binary(buf.into())).await;
+        }
+    }
+
+    async fn notify(&self, method: &str, params: Value) {
+        self.send_value(&map(vec![
+            ("method", Value::from(method)),
+            ("params", params),
+        ]))
+        .await;
+    }
+
+    async fn handle(&self, bytes: &[u8]) {
+        let Ok(msg) = rmpv::decode::read_value(&mut &bytes[..]) else {
+            tracing::debug!("agent gateway: undecodable frame");
+            return;
+        };
+        let Some(id) = get(&msg, "id").cloned() else {
+            return; // notifications from the client: none are needed
+        };
+        let method = get_str(&msg, "method").unwrap_or_default();
+        let params = get(&msg, "params").cloned().unwrap_or(Value::Nil);
+        let reply = match self.call(&method, &params).await {
+            Ok(result) => map(vec![
+                ("id", id),
+                ("method", Value::from(method.as_str())),
+                ("status", Value::from(0)),
+                ("result", result),
+            ]),
+            Err(e) => {
+                let mut err = vec![
+                    ("code", Value::from(e.code)),
+                    ("message", Value::from(e.message.as_str())),
+                ];
+                if let Some(errno) = e.errno {
+                    err.push(("data", map(vec![("errno", Value::from(errno))])));
+                }
+                map(vec![
+                    ("id", id),
+                    ("method", Value::from(method.as_str())),
+                    ("status", Value::from(1)),
+                    ("error", map(err)),
+                ])
+            }
+        };
+        self.send_value(&reply).await;
+    }
+
+    fn user(&self) -> &str {
+        self.session.username.as_deref().unwrap_or("root")
+    }
+
+    fn need_write(&self) -> Result<(), RpcError> {
+        if self.session.write {
+            Ok(())
+        } else {
+            Err(RpcError::new(
+                code::NO_ACCESS,
+                "this session is read-only (the token lacks sandbox_edit_code)",
+            ))
+        }
+    }
+
+    async fn live_agent(&self) -> Result<(AgentClient, OwnedRwLockReadGuard<()>), RpcError> {
+        self.agent(true)
+            .await
+            .ok_or_else(|| RpcError::new(code::CRITICAL_ERROR, "the sandbox is not running"))
+    }
+
+    async fn call(&self, method: &str, p: &Value) -> RpcResult {
+        match method {
+            "client/join" => {
+                if let Some((agent, _g)) = self.agent(true).await
+                    && let Err(e) = tasks::on_join(&agent).await
+                {
+                    tracing::warn!(sandbox = %self.session.sandbox, error = ?e, "starting setup and tasks");
+                }
+                Ok(self.join(p))
+            }
+            "system/update" => {
+                let _ = self.live_agent().await?;
+                Ok(map(vec![]))
+            }
+            "setup/get" | "setup/init" => {
+                let (agent, _g) = self.live_agent().await?;
+                let progress = setup_value(tasks::progress(&agent).await?.as_ref());
+                Ok(progress)
+            }
+            m if m.starts_with("task/") => self.task(m, p).await,
+            "port/list" => {
+                let (agent, _g) = self.live_agent().await?;
+                let list = self.ports(&agent).await?;
+                self.follow.lock().await.ports = Some(list.iter().map(|(p, _)| *p).collect());
+                Ok(map(vec![("list", ports_value(&list))]))
+            }
+            m if m.starts_with("shell/") => self.shell(m, p).await,
+            m if m.starts_with("fs/") => self.fs(m, p).await,
+            other => Err(RpcError::new(
+                code::FEATURE_UNAVAILABLE,
+                format!("{other} is not supported by Sandpit's agent gateway"),
+            )),
+        }
+    }
+
+    fn join(&self, p: &Value) -> Value {
+        let protocol = get(p, "clientInfo")
+            .and_then(|c| get_str(c, "protocolVersion"))
+            .unwrap_or_default();
+        let app = get(p, "clientInfo")
+            .and_then(|c| get_str(c, "appId"))
+            .unwrap_or_else(|| "sdk".into());
+        let permission = if self.session.write { "write" } else { "read" };
+        map(vec![
+            (
+                "client",
+                map(vec![
+                    ("clientId", Value::from(self.session.client_id.as_str())),
+                    ("username", Value::from(self.user())),
+                    ("name", Value::from(self.user())),
+                    ("avatarUrl", Value::Nil),
+                    ("color", Value::from("#4b9cd3")),
+                    ("appId", Value::from(app.as_str())),
+                ]),
+            ),
+            ("workspacePath", Value::from(WORKSPACE_PATH)),
+            ("version", Value::from(GATEWAY_VERSION)),
+            ("protocolVersion", Value::from(protocol.as_str())),
+            ("latestPitcherVersion", Value::from(GATEWAY_VERSION)),
+            ("capabilities", map(vec![])),
+            (
+                "permissions",
+                map(vec![("permission", Value::from(permission))]),
+            ),
+            ("isProtected", Value::from(false)),
+            // Reconnecting goes through `POST /vm/{id}/start`, which hands out a new token;
+            // this one names the client for the log.
+            (
+                "reconnectToken",
+                Value::from(self.session.client_id.as_str()),
+            ),
+        ])
+    }
+
+    /// Listening ports a client can reach (not the agent's, not loopback-only), with their
+    /// preview host.
+    async fn ports(&self, agent: &AgentClient) -> Result<Vec<(u16, String)>, RpcError> {
+        let list = agent.list_ports().await?;
+        let mut out: Vec<(u16, String)> = list
+            .ports
+            .iter()
+            .filter(|p| p.port != sandpit_agent_proto::AGENT_PORT)
+            .filter(|p| p.address != "127.0.0.1" && p.address != "::1")
+            .map(|p| {
+                (
+                    p.port,
+                    format!(
+                        "{}-{}.{}",
+                        self.session.sandbox, p.port, self.server.cfg.preview_domain
+                    ),
+                )
+            })
+            .collect();
+        out.dedup_by_key(|(p, _)| *p);
+        Ok(out)
+    }
+
+    /// Send what a followed shell wrote since last time, and its exit once.
+    async fn pump_shell(&self, agent: &AgentClient, id: &str) -> Result<(), RpcError> {
+        // A shell whose exit was sent costs nothing more.
+        if self
+            .follow
+            .lock()
+            .await
+            .shells
+            .get(id)
+            .is_none_or(|f| f.exited)
+        {
+            return Ok(());
+        }
+        let Some((len, exited)) = shells::progress(agent, id).await? else {
+            self.follow.lock().await.shells.remove(id);
+            return Ok(());
+        };
+        let sent = match self.follow.lock().await.shells.get(id) {
+            Some(f) if f.exited => return Ok(()),
+            Some(f) => f.sent,
+            None => return Ok(()),
+        };
+        if len > sent {
+            let bytes = shells::output_from(agent, id, sent).await?;
+            let text = {
+                let mut f = self.follow.lock().await;
+                let Some(entry) = f.shells.get_mut(id) else {
+                    return Ok(());
+                };
+                entry.sent = sent + bytes.len() as u64;
+                shells::utf8_chunk(&mut entry.carry, &bytes)
+            };
+            if !text.is_empty() {
+                self.notify(
+                    "shell/out",
+                    map(vec![
+                        ("shellId", Value::from(id)),
+                        ("out", Value::from(text)),
+                    ]),
+                )
+                .await;
+            }
+        }
+        if exited {
+            // Output written before the exit file appeared is in `out` already; send the rest
+            // first.
+            let (len, _) = shells::progress(agent, id).await?.unwrap_or((0, true));
+            let sent = self
+                .follow
+                .lock()
+                .await
+                .shells
+                .get(id)
+                .map(|f| f.sent)
+                .unwrap_or(len);
+            if len > sent {
+                return Ok(()); // the next round sends it, then the exit
+            }
+            let code = shells::exit_code(agent, id).await?.unwrap_or(1);
+            let shell_type = shells::state(agent, id)
+                .await?
+                .map(|s| s.meta.shell_type)
+                .unwrap_or_else(|| "TERMINAL".into());
+            if let Some(f) = self.follow.lock().await.shells.get_mut(id) {
+                f.exited = true;
+            }
+            self.notify(
+                "shell/exit",
+                map(vec![
+                    ("shellId", Value::from(id)),
+                    ("shellType", Value::from(shell_type.as_str())),
+                    ("exitCode", Value::from(code)),
+                ]),
+            )
+            .await;
+        }
+        Ok(())
+    }
+
+    /// Send `setup/progress` when a setup step finished, until setup is done.
+    async fn pump_setup(&self, agent: &AgentClient) {
+        if self.follow.lock().await.setup_done {
+            return;
+        }
+        let progress = match tasks::progress(agent).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(error = ?e, "reading setup progress");
+                return;
+            }
+        };
+        let Some(p) = progress else {
+            self.follow.lock().await.setup_done = true;
+            return;
+        };
+        let codes: Vec<Option<i32>> = p.steps.iter().map(|s| s.2).collect();
+        let changed = {
+            let mut f = self.follow.lock().await;
+            let changed = f.setup_seen.as_ref() != Some(&codes);
+            f.setup_seen = Some(codes);
+            f.setup_done = p.finished;
+            changed
+        };
+        if changed {
+            self.notify("setup/progress", setup_value(Some(&p))).await;
+        }
+    }
+
+    /// List every watched tree and send what changed.
+    async fn pump_watches(&self, agent: &AgentClient) {
+        let watches: Vec<(String, watch::Watch)> = self
+            .follow
+            .lock()
+            .await
+            .watches
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (id, w) in watches {
+            let now = match watch::snapshot(agent, &w.path, w.recursive, &w.excludes).await {
+                Ok(n) => n,
+                Err(AgentFailure::Refused(_)) => Default::default(), // the root went away
+                Err(e) => {
+                    tracing::debug!(error = ?e, "listing a watched tree");
+                    continue;
+                }
+            };
+            let events = watch::diff(&w.seen, &now);
+            if let Some(entry) = self.follow.lock().await.watches.get_mut(&id) {
+                entry.seen = now;
+            } else {
+                continue; // unwatched meanwhile
+            }
+            if events.is_empty() {
+                continue;
+            }
+            let list = events
+                .into_iter()
+                .map(|e| {
+                    map(vec![
+                        (
+                            "paths",
+                            Value::Array(e.paths.into_iter().map(Value::from).collect()),
+                        ),
+                        ("type", Value::from(e.kind)),
+                    ])
+                })
+                .collect();
+            self.notify(
+                "fs/watchEvent",
+                map(vec![
+                    ("watchId", Value::from(id.as_str())),
+                    ("events", Value::Array(list)),
+                ]),
+            )
+            .await;
+        }
+    }
+
+    async fn follow_shell(&self, id: &str, from: u64, exited: bool) {
+        self.follow.lock().await.shells.insert(
+            id.to_string(),
+            Followed {
+                sent: from,
+                carry: Vec::new(),
+                exited,
+            },
+        );
+    }
+
+    /// A task as the SDK shows it, with its shell if it ran.
+    async fn task_value(
+        &self,
+        agent: &AgentClient,
+        id: &str,
+        def: &tasks::TaskDef,
+    ) -> Result<Value, RpcError> {
+        let sid = tasks::shell_id(id);
+        let shell = match shells::state(agent, &sid).await? {
+            Some(s) => {
+                let code = if s.exited {
+                    shells::exit_code(agent, &sid).await?
+                } else {
+                    None
+                };
+                shell_dto(&s.meta, status_of(s.exited, code), code, None)
+            }
+            None => Value::Nil,
+        };
+        let mut pairs = vec![
+            ("id", Value::from(id)),
+            (
+                "name",
+                Value::from(def.name.clone().unwrap_or_else(|| id.to_string())),
+            ),
+            ("command", Value::from(def.command.as_str())),
+            ("runAtStart", Value::from(def.run_at_start)),
+            ("shell", shell),
+            ("ports", Value::Array(vec![])),
+        ];
+        if let Some(port) = def
+            .preview
+            .as_ref()
+            .and_then(|p| p.get("port"))
+            .and_then(|p| p.as_u64())
+        {
+            pairs.push(("preview", map(vec![("port", Value::from(port))])));
+        }
+        Ok(map(pairs))
+    }
+
+    async fn task(&self, method: &str, p: &Value) -> RpcResult {
+        let (agent, _g) = self.live_agent().await?;
+        let (config, errors) = tasks::load(&agent).await?;
+        let find = |p: &Value| -> Result<(String, tasks::TaskDef), RpcError> {
+            let id = need_str(p, "taskId")?;
+            let def =
+                config.tasks.get(&id).cloned().ok_or_else(|| {
+                    RpcError::new(code::TASK_NOT_FOUND, format!("no task {id:?}"))
+                })?;
+            Ok((id, def))
+        };
+        match method {
+            "task/list" => {
+                let mut list = Vec::new();
+                for (id, def) in &config.tasks {
+                    list.push((
+                        Value::from(id.as_str()),
+                        self.task_value(&agent, id, def).await?,
+                    ));
+                }
+                let setup = config
+                    .setup_tasks
+                    .iter()
+                    .map(|s| {
+                        map(vec![
+                            ("name", Value::from(s.name())),
+                            ("command", Value::from(s.command())),
+                        ])
+                    })
+                    .collect();
+                Ok(map(vec![
+                    ("tasks", Value::Map(list)),
+                    ("setupTasks", Value::Array(setup)),
+                    (
+                        "validationErrors",
+                        Value::Array(errors.into_iter().map(Value::from).collect()),
+                    ),
+                ]))
+            }
+            "task/run" => {
+                self.need_write()?;
+                let (id, def) = find(p)?;
+                if !tasks::start_task(&agent, &id, &def).await? {
+                    return Err(RpcError::new(
+                        code::CRITICAL_ERROR,
+                        "the task could not be started",
+                    ));
+                }
+                let sid = tasks::shell_id(&id);
+                self.follow_shell(&sid, 0, false).await;
+                let v = self.task_value(&agent, &id, &def).await?;
+                self.notify("task/update", v.clone()).await;
+                Ok(v)
+            }
+            "task/stop" => {
+                self.need_write()?;
+                let (id, def) = find(p)?;
+                shells::terminate(&agent, &tasks::shell_id(&id)).await?;
+                let v = self.task_value(&agent, &id, &def).await?;
+                self.notify("task/update", v.clone()).await;
+                Ok(v)
+            }
+            other => Err(RpcError::new(
+                code::FEATURE_UNAVAILABLE,
+                format!("{other} is not supported by Sandpit's agent gateway"),
+            )),
+        }
+    }
+
+    async fn shell(&self, method: &str, p: &Value) -> RpcResult {
+        let (agent, _g) = self.live_agent().await?;
+        match method {
+            "shell/create" => {
+                self.need_write()?;
+                let command = get_str(p, "command").unwrap_or_else(|| "bash".into());
+                let cwd = get_str(p, "cwd").unwrap_or_else(|| WORKSPACE_PATH.into());
+                let cwd = resolve(&cwd)?;
+                let shell_type = match get_str(p, "type").as_deref() {
+                    Some("COMMAND") => "COMMAND",
+                    _ => "TERMINAL",
+                };
+                // A session's shells run as its user, with its home and environment.
+                let run = match &self.session.username {
+                    Some(u) => format!("exec su -s /bin/sh {u} -c {}", sh_quote(&command)),
+                    None => command.clone(),
+                };
+                let meta = ShellMeta {
+                    id: crate::util::random_hex(8),
+                    name: command.clone(),
+                    shell_type: shell_type.into(),
+                    command: run,
+                    owner: self.user().into(),
+                    is_system: get_bool(p, "isSystemShell").unwrap_or(false),
+                };
+                if !shells::start(&agent, &meta, &cwd).await? {
+                    let _ = shells::terminate(&agent, &meta.id).await;
+                    return Err(RpcError::new(
+                        code::CRITICAL_ERROR,
+                        "the shell could not be started",
+                    ));
+                }
+                self.follow_shell(&meta.id, 0, false).await;
+                Ok(shell_dto(&meta, "RUNNING", None, Some(Vec::new())))
+            }
+            "shell/open" => {
+                let id = need_str(p, "shellId")?;
+                let s = shells::state(&agent, &id)
+                    .await?
+                    .ok_or_else(|| RpcError::new(code::SHELL_NOT_FOUND, "no such shell"))?;
+                let all = shells::output_from(&agent, &id, 0).await?;
+                let code = if s.exited {
+                    shells::exit_code(&agent, &id).await?
+                } else {
+                    None
+                };
+                self.follow_shell(&id, all.len() as u64, s.exited).await;
+                let text = String::from_utf8_lossy(&all).into_owned();
+                Ok(shell_dto(
+                    &s.meta,
+                    status_of(s.exited, code),
+                    code,
+                    Some(vec![text]),
+                ))
+            }
+            "shell/list" => {
+                let mut out = Vec::new();
+                for s in shells::list(&agent).await? {
+                    let code = if s.exited {
+                        shells::exit_code(&agent, &s.meta.id).await?
+                    } else {
+                        None
+                    };
+                    out.push(shell_dto(&s.meta, status_of(s.exited, code), code, None));
+                }
+                Ok(map(vec![("shells", Value::Array(out))]))
+            }
+            "shell/in" => {
+                self.need_write()?;
+                let id = need_str(p, "shellId")?;
+                let input = need_str(p, "input")?;
+                if !shells::input(&agent, &id, input.into_bytes()).await? {
+                    return Err(RpcError::new(
+                        code::SHELL_NOT_FOUND,
+                        "no such running shell",
+                    ));
+                }
+                Ok(Value::Nil)
+            }
+            "shell/terminate" => {
+                self.need_write()?;
+                let id = need_str(p, "shellId")?;
+                let s = shells::state(&agent, &id)
+                    .await?
+                    .ok_or_else(|| RpcError::new(code::SHELL_NOT_FOUND, "no such shell"))?;
+                shells::terminate(&agent, &id).await?;
+                self.follow.lock().await.shells.remove(&id);
+                self.notify(
+                    "shell/terminate",
+                    map(vec![
+                        ("shellId", Value::from(id.as_str())),
+                        ("author", Value::from(self.session.client_id.as_str())),
+                    ]),
+                )
+                .await;
+                Ok(shell_dto(&s.meta, "KILLED", None, None))
+            }
+            "shell/rename" => {
+                self.need_write()?;
+                let id = need_str(p, "shellId")?;
+                let name = need_str(p, "name")?;
+                if !shells::rename(&agent, &id, &name).await? {
+                    return Err(RpcError::new(code::SHELL_NOT_FOUND, "no such shell"));
+                }
+                Ok(Value::Nil)
+            }
+            "shell/restart" => {
+                self.need_write()?;
+                let id = need_str(p, "shellId")?;
+                let s = shells::state(&agent, &id)
+                    .await?
+                    .ok_or_else(|| RpcError::new(code::SHELL_NOT_FOUND, "no such shell"))?;
+                shells::terminate(&agent, &id).await?;
+                if !shells::start(&agent, &s.meta, WORKSPACE_PATH).await? {
+                    return Err(RpcError::new(
+                        code::CRITICAL_ERROR,
+                        "the shell could not be restarted",
+                    ));
+                }
+                self.follow_shell(&id, 0, false).await;
+                self.notify(
+                    "shell/restart",
+                    map(vec![("shellId", Value::from(id.as_str()))]),
+                )
+                .await;
+                Ok(Value::Nil)
+            }
+            "shell/resize" => Ok(Value::Nil),
+            "shell/close" => {
+                let id = need_str(p, "shellId")?;
+                self.follow.lock().await.shells.remove(&id);
+                Ok(Value::Nil)
+            }
+            other => Err(RpcError::new(
+                code::FEATURE_UNAVAILABLE,
+                format!("{other} is not supported by Sandpit's agent gateway"),
+            )),
+        }
+    }
+
+    async fn fs(&self, method: &str, p: &Value) -> RpcResult {
+        let (agent, _g) = self.live_agent().await?;
+        match method {
+            "fs/readFile" => {
+                let path = resolve(&need_str(p, "path")?)?;
+                let (_, mut stream) = agent.read_file(&path).await?;
+                let mut content = Vec::new();
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk.map_err(|e| rawfs(5, e.to_string()))?;
+                    content.extend_from_slice(&chunk);
+                }
+                Ok(map(vec![("content", Value::Binary(content))]))
+            }
+            "fs/writeFile" => {
+                self.need_write()?;
+                let path = resolve(&need_str(p, "path")?)?;
+                let content = match get(p, "content") {
+                    Some(Value::Binary(b)) => b.clone(),
+                    Some(Value::String(s)) => s.as_bytes().to_vec(),
+                    _ => return Err(RpcError::new(code::CRITICAL_ERROR, "content is required")),
+                };
+                let create = get_bool(p, "create").unwrap_or(true);
+                let overwrite = get_bool(p, "overwrite").unwrap_or(true);
+                let exists = match agent.stat(&path).await {
+                    Ok(_) => true,
+                    Err(AgentFailure::Refused(e)) if e.code == AgentErrorCode::NotFound => false,
+                    Err(e) => return Err(e.into()),
+                };
+                if exists && !overwrite {
+                    return Err(rawfs(17, format!("{path} exists")));
+                }
+                if !exists && !create {
+                    return Err(rawfs(2, format!("{path} does not exist")));
+                }
+                let body =
+                    futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(content))]);
+                agent
+                    .write_file(&path, body, self.server.cfg.upload_limit)
+                    .await?;
+                Ok(map(vec![]))
+            }
+            "fs/readdir" => {
+                let path = resolve(&need_str(p, "path")?)?;
+                let listing = agent.list_dir(&path).await?;
+                let entries = listing
+                    .entries
+                    .iter()
+                    .map(|e| {
+                        map(vec![
+                            ("name", Value::from(e.name.as_str())),
+                            ("type", Value::from(kind_number(e.info.kind))),
+                            ("isSymlink", Value::from(e.info.kind == EntryKind::Symlink)),
+                        ])
+                    })
+                    .collect();
+                Ok(map(vec![("entries", Value::Array(entries))]))
+            }
+            "fs/stat" => {
+                let path = resolve(&need_str(p, "path")?)?;
+                let info = agent.stat(&path).await?;
+                let ms = info.mtime * 1000;
+                Ok(map(vec![
+                    ("type", Value::from(kind_number(info.kind))),
+                    ("isSymlink", Value::from(info.kind == EntryKind::Symlink)),
+                    ("size", Value::from(info.size)),
+                    ("mtime", Value::from(ms)),
+                    ("ctime", Value::from(ms)),
+                    ("atime", Value::from(ms)),
+                ]))
+            }
+            "fs/mkdir" => {
+                self.need_write()?;
+                let path = resolve(&need_str(p, "path")?)?;
+                agent
+                    .make_dir(&path, get_bool(p, "recursive").unwrap_or(false))
+                    .await?;
+                Ok(map(vec![]))
+            }
+            "fs/remove" => {
+                self.need_write()?;
+                let path = resolve(&need_str(p, "path")?)?;
+                agent
+                    .remove(&path, get_bool(p, "recursive").unwrap_or(false))
+                    .await?;
+                Ok(map(vec![]))
+            }
+            "fs/download" => {
+                let path = resolve(&get_str(p, "path").unwrap_or_else(|| WORKSPACE_PATH.into()))?;
+                agent.stat(&path).await?;
+                let link = super::download::mint(&self.server, &self.session.sandbox, &path)
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(error = %crate::error::DisplayChain(&e), "minting a download link");
+                        RpcError::new(code::CRITICAL_ERROR, "could not make a download link")
+                    })?;
+                Ok(map(vec![(
+                    "downloadUrl",
+                    Value::from(format!("{}{link}", self.session.http_base)),
+                )]))
+            }
+            "fs/watch" => {
+                let path = resolve(&need_str(p, "path")?)?;
+                let recursive = get_bool(p, "recursive").unwrap_or(false);
+                let excludes: Vec<String> = get(p, "excludes")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|v| v.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let seen = watch::snapshot(&agent, &path, recursive, &excludes).await?;
+                let id = crate::util::random_hex(8);
+                self.follow.lock().await.watches.insert(
+                    id.clone(),
+                    watch::Watch {
+                        path,
+                        recursive,
+                        excludes,
+                        seen,
+                    },
+                );
+                Ok(map(vec![("watchId", Value::from(id))]))
+            }
+            "fs/unwatch" => {
+                let id = need_str(p, "watchId")?;
+                self.follow.lock().await.watches.remove(&id);
+                Ok(map(vec![]))
+            }
+            "fs/rename" | "fs/copy" => {
+                self.need_write()?;
+                let from = resolve(&need_str(p, "from")?)?;
+                let to = resolve(&need_str(p, "to")?)?;
+                let overwrite = get_bool(p, "overwrite").unwrap_or(false);
+                agent.stat(&from).await?;
+                match agent.stat(&to).await {
+                    Ok(_) if !overwrite => return Err(rawfs(17, format!("{to} exists"))),
+                    Ok(_) | Err(AgentFailure::Refused(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                let argv: Vec<String> = if method == "fs/rename" {
+                    vec!["mv".into(), "-f".into(), "--".into(), from, to]
+                } else if get_bool(p, "recursive").unwrap_or(false) {
+                    vec!["cp".into(), "-Rf".into(), "--".into(), from, to]
+                } else {
+                    vec!["cp".into(), "-f".into(), "--".into(), from, to]
+                };
+                let (tx, mut rx) = mpsc::channel(16);
+                let collect = tokio::spawn(async move {
+                    let mut err = Vec::new();
+                    while let Some(o) = rx.recv().await {
+                        if let crate::agent::ExecOutput::Stderr(b) = o {
+                            err.extend_from_slice(&b);
+                        }
+                    }
+                    err
+                });
+                let status = agent
+                    .exec(
+                        sandpit_agent_proto::ExecRequest {
+                            argv: Some(argv),
+                            timeout_ms: Some(60_000),
+                            ..Default::default()
+                        },
+                        tx,
+                    )
+                    .await?;
+                let err = collect.await.unwrap_or_default();
+                if status.exit_code != 0 {
+                    return Err(rawfs(5, String::from_utf8_lossy(&err).trim().to_string()));
+                }
+                Ok(map(vec![]))
+            }
+            other => Err(RpcError::new(
+                code::FEATURE_UNAVAILABLE,
+                format!("{other} is not supported by Sandpit's agent gateway"),
+            )),
+        }
+    }
+}
+
+/// `text` as one single-quoted shell word.
+fn sh_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "'\\''"))
+}
+
+/// Setup progress as the SDK reads it. Without setup steps: one finished step, because the
+/// SDK waits for a progress notification when the step list is empty.
+fn setup_value(p: Option<&tasks::Progress>) -> Value {
+    let Some(p) = p else {
+        return map(vec![
+            ("state", Value::from("FINISHED")),
+            (
+                "steps",
+                Value::Array(vec![map(vec![
+                    ("name", Value::from("Sandpit")),
+                    ("command", Value::from("true")),
+                    ("shellId", Value::Nil),
+                    ("finishStatus", Value::from("SUCCEEDED")),
+                ])]),
+            ),
+            ("currentStepIndex", Value::from(0)),
+        ]);
+    };
+    let done = p.steps.iter().filter(|s| s.2.is_some()).count();
+    let steps = p
+        .steps
+        .iter()
+        .map(|(name, command, code)| {
+            map(vec![
+                ("name", Value::from(name.as_str())),
+                ("command", Value::from(command.as_str())),
+                ("shellId", Value::from(tasks::SETUP_SHELL)),
+                (
+                    "finishStatus",
+                    match code {
+                        None => Value::Nil,
+                        Some(0) => Value::from("SUCCEEDED"),
+                        Some(_) => Value::from("FAILED"),
+                    },
+                ),
+            ])
+        })
+        .collect();
+    map(vec![
+        (
+            "state",
+            Value::from(if p.finished {
+                "FINISHED"
+            } else {
+                "IN_PROGRESS"
+            }),
+        ),
+        ("steps", Value::Array(steps)),
+        (
+            "currentStepIndex",
+            Value::from(done.min(p.steps.len().saturating_sub(1))),
+        ),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_are_in_the_workspace() {
+        assert_eq!(resolve("a/b.txt").unwrap(), "/project/sandbox/a/b.txt");
+        assert_eq!(resolve("/etc/x").unwrap(), "/etc/x");
+        assert!(
+            resolve("/a/../../etc").is_ok_and(|p| !p.contains(".."))
+                || resolve("/a/../../etc").is_err()
+        );
+    }
+
+    #[test]
+    fn shell_words_are_quoted() {
+        assert_eq!(sh_quote("echo 'a' b"), "'echo '\\''a'\\'' b'");
+    }
+
+    #[test]
+    fn messages_round_trip_through_msgpack() {
+        let v = map(vec![
+            ("id", Value::from(3)),
+            ("method", Value::from("fs/readFile")),
+            ("params", map(vec![("path", Value::from("x"))])),
+        ]);
+        let mut buf = Vec::new();
+        rmpv::encode::write_value(&mut buf, &v).unwrap();
+        let back = rmpv::decode::read_value(&mut &buf[..]).unwrap();
+        assert_eq!(get_str(&back, "method").as_deref(), Some("fs/readFile"));
+        assert_eq!(
+            get_str(get(&back, "params").unwrap(), "path").as_deref(),
+            Some("x")
+        );
+    }
+}

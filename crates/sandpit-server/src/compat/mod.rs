@@ -1,0 +1,38 @@
+//! CodeSandbox compatibility: the seed-000 REST surface (`rest`) and the agent gateway
+//! (`gateway`) at the `pitcher_url` that `POST /vm/{id}/start` hands out, so the unmodified
+//! `@codesandbox/sdk` works against a Sandpit server. Both sit on the server's one listener.
+//!
+//! Responses use the CodeSandbox envelope (`success`, `errors`, `data`); errors are
+//! [`crate::routes::org::CsbError`]. Scopes map one to one onto Sandpit's:
+//! `sandbox_create` (create, fork), `sandbox_read` (list, get), `vm_manage` (start,
+//! hibernate, shutdown, delete, specs, tags, tokens) and `sandbox_edit_code` (a start by a
+//! token without it hands out a read-only agent token).
+
+pub mod download;
+pub mod gateway;
+pub mod preview_hosts;
+pub mod rest;
+pub mod shells;
+pub mod tasks;
+pub mod watch;
+
+use std::sync::Arc;
+
+use axum::Router;
+
+use crate::server::Server;
+
+/// The compatibility routes, merged into the main router (not in the OpenAPI document:
+/// seed 000 is their specification).
+pub fn router() -> Router<Arc<Server>> {
+    rest::router()
+        .merge(gateway::router())
+        .merge(preview_hosts::router())
+        .merge(download::router())
+}
+
+/// The rate limits `/meta/info` reports. Rate limiting itself is another module's job
+/// (issue #8); until it is wired here, no limit is reported.
+pub fn rate_limits(_workspace_id: &str) -> Option<serde_json::Value> {
+    None
+}

@@ -1,0 +1,330 @@
+//! The agent gateway's shells, kept inside the sandbox so they outlive the WebSocket, a
+//! server restart and a hibernation (memory and files are checkpointed together).
+//!
+//! A shell is a directory `SHELLS_DIR/<shell id>/`: `meta` (JSON: name, type, command),
+//! `in` (a FIFO the process reads as stdin, held open read-write by the wrapper so it never
+//! sees end-of-file), `out` (stdout and stderr, merged as a terminal shows them), `pid` and,
+//! once it ended, `exit` (its exit code). The process runs in its own session (`setsid`), so
+//! no agent connection stays open while it runs and hibernation is never held up.
+//!
+//! Partial compared with CodeSandbox: there is no PTY (programs see a pipe, so no job
+//! control, no prompt, and resize is accepted but does nothing).
+
+use std::time::Duration;
+
+use sandpit_agent_proto::ExecRequest;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::agent::{AgentClient, AgentFailure};
+
+/// Where shells live inside the sandbox.
+pub const SHELLS_DIR: &str = "/tmp/.sandpit-shells";
+/// Directory with the `bash` shim (appended to `PATH`, so a real bash wins).
+pub const SHIM_DIR: &str = "/tmp/.sandpit-shells/.bin";
+
+/// What the gateway records about a shell.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShellMeta {
+    pub id: String,
+    pub name: String,
+    /// `TERMINAL` or `COMMAND`.
+    pub shell_type: String,
+    pub command: String,
+    pub owner: String,
+    pub is_system: bool,
+}
+
+/// A shell's state read from its directory.
+#[derive(Debug, Clone)]
+pub struct ShellState {
+    pub meta: ShellMeta,
+    pub out_len: u64,
+    pub exited: bool,
+}
+
+/// Start the wrapper: a session of its own running `command` in `cwd`, stdin from the FIFO,
+/// output to `out`, exit code to `exit` (written then renamed, so it is whole when seen).
+const START: &str = r#"d=$1; cmd=$2; cwd=$3; shim=$4
+mkdir -p "$d" "$shim" || exit 1
+if [ ! -x "$shim/bash" ] && ! command -v bash >/dev/null 2>&1; then
+  printf '#!/bin/sh\nexec sh "$@"\n' > "$shim/bash.tmp" && chmod 755 "$shim/bash.tmp" && mv "$shim/bash.tmp" "$shim/bash"
+fi
+# The SDK wraps commands in `source $HOME/.private/.env 2>/dev/null || true && …`; a POSIX
+# shell exits when `source` fails, so the file must exist.
+export HOME="${HOME:-/root}"
+mkdir -p "$HOME/.private" && { [ -e "$HOME/.private/.env" ] || : > "$HOME/.private/.env"; }
+mkfifo "$d/in" || exit 1
+: > "$d/out"
+cd "$cwd" 2>/dev/null || cd /
+PATH="$PATH:$shim" HOME="$HOME" setsid sh -c 'exec 3<>"$1/in"; sh -c "$2" <&3 >>"$1/out" 2>&1; echo $? > "$1/exit.tmp"; mv "$1/exit.tmp" "$1/exit"' sh "$d" "$cmd" </dev/null >/dev/null 2>&1 &
+echo $! > "$d/pid"
+"#;
+
+fn dir_of(id: &str) -> String {
+    format!("{SHELLS_DIR}/{id}")
+}
+
+/// Run a short helper script to its end (output discarded), with optional stdin.
+async fn run(
+    agent: &AgentClient,
+    argv: Vec<String>,
+    input: Option<Vec<u8>>,
+) -> Result<i32, AgentFailure> {
+    let req = ExecRequest {
+        argv: Some(argv),
+        timeout_ms: Some(30_000),
+        stdin: input.is_some(),
+        ..Default::default()
+    };
+    let (tx, mut rx) = mpsc::channel(16);
+    let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    let status = match input {
+        Some(bytes) => agent.exec_with_input(req, bytes, tx).await?,
+        None => agent.exec(req, tx).await?,
+    };
+    let _ = drain.await;
+    Ok(status.exit_code)
+}
+
+fn sh(script: &str, args: &[&str]) -> Vec<String> {
+    let mut v = vec![
+        "sh".to_string(),
+        "-c".to_string(),
+        script.to_string(),
+        "sh".to_string(),
+    ];
+    v.extend(args.iter().map(|s| s.to_string()));
+    v
+}
+
+/// Run a shell script to its end; true when it exits 0.
+pub async fn script(agent: &AgentClient, text: &str) -> Result<bool, AgentFailure> {
+    Ok(run(agent, sh(text, &[]), None).await? == 0)
+}
+
+/// The integers stored one per file in `dir` (file name → value); empty if no such dir.
+pub async fn read_codes(
+    agent: &AgentClient,
+    dir: &str,
+) -> Result<std::collections::BTreeMap<String, i32>, AgentFailure> {
+    let listing = match agent.list_dir(dir).await {
+        Ok(l) => l,
+        Err(AgentFailure::Refused(_)) => return Ok(Default::default()),
+        Err(e) => return Err(e),
+    };
+    let mut out = std::collections::BTreeMap::new();
+    for e in listing.entries.iter().filter(|e| !e.name.ends_with(".tmp")) {
+        if let Some(code) = read_all(agent, &format!("{dir}/{}", e.name))
+            .await?
+            .and_then(|b| String::from_utf8_lossy(&b).trim().parse().ok())
+        {
+            out.insert(e.name.clone(), code);
+        }
+    }
+    Ok(out)
+}
+
+/// Start a shell. Returns false when the wrapper could not be set up.
+pub async fn start(agent: &AgentClient, meta: &ShellMeta, cwd: &str) -> Result<bool, AgentFailure> {
+    let dir = dir_of(&meta.id);
+    // The metadata first: a shell without it would be invisible to `list`.
+    let meta_json = serde_json::to_vec(meta).expect("plain struct serializes");
+    let body = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(meta_json))]);
+    agent
+        .write_file(&format!("{dir}/meta"), body, 1 << 20)
+        .await?;
+    let code = run(
+        agent,
+        sh(START, &[&dir, &meta.command, cwd, SHIM_DIR]),
+        None,
+    )
+    .await?;
+    Ok(code == 0)
+}
+
+/// Send input to a shell's stdin.
+pub async fn input(agent: &AgentClient, id: &str, bytes: Vec<u8>) -> Result<bool, AgentFailure> {
+    let dir = dir_of(id);
+    let code = run(
+        agent,
+        sh(
+            r#"[ -p "$1/in" ] && [ ! -e "$1/exit" ] && cat > "$1/in""#,
+            &[&dir],
+        ),
+        Some(bytes),
+    )
+    .await?;
+    Ok(code == 0)
+}
+
+/// Kill a shell's session and forget it.
+pub async fn terminate(agent: &AgentClient, id: &str) -> Result<(), AgentFailure> {
+    let dir = dir_of(id);
+    run(
+        agent,
+        sh(
+            r#"p=$(cat "$1/pid" 2>/dev/null); [ -n "$p" ] && [ "$p" -gt 1 ] && kill -TERM -"$p" 2>/dev/null; rm -rf "$1""#,
+            &[&dir],
+        ),
+        None,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Rename a shell (its metadata).
+pub async fn rename(agent: &AgentClient, id: &str, name: &str) -> Result<bool, AgentFailure> {
+    let Some(mut meta) = read_meta(agent, id).await? else {
+        return Ok(false);
+    };
+    meta.name = name.to_string();
+    let body = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(
+        serde_json::to_vec(&meta).expect("plain struct serializes"),
+    ))]);
+    agent
+        .write_file(&format!("{}/meta", dir_of(id)), body, 1 << 20)
+        .await?;
+    Ok(true)
+}
+
+async fn read_all(agent: &AgentClient, path: &str) -> Result<Option<Vec<u8>>, AgentFailure> {
+    use futures::StreamExt;
+    match agent.read_file(path).await {
+        Ok((_, mut stream)) => {
+            let mut out = Vec::new();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| {
+                    AgentFailure::Broken(crate::error::ServerError::Agent {
+                        sandbox: agent.sandbox.clone(),
+                        what: format!("reading {path}: {e}"),
+                    })
+                })?;
+                out.extend_from_slice(&chunk);
+            }
+            Ok(Some(out))
+        }
+        Err(AgentFailure::Refused(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+async fn read_meta(agent: &AgentClient, id: &str) -> Result<Option<ShellMeta>, AgentFailure> {
+    Ok(read_all(agent, &format!("{}/meta", dir_of(id)))
+        .await?
+        .and_then(|b| serde_json::from_slice(&b).ok()))
+}
+
+/// The state of one shell, or `None` if there is no such shell.
+pub async fn state(agent: &AgentClient, id: &str) -> Result<Option<ShellState>, AgentFailure> {
+    let listing = match agent.list_dir(&dir_of(id)).await {
+        Ok(l) => l,
+        Err(AgentFailure::Refused(_)) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let Some(meta) = read_meta(agent, id).await? else {
+        return Ok(None);
+    };
+    let out_len = listing
+        .entries
+        .iter()
+        .find(|e| e.name == "out")
+        .map(|e| e.info.size)
+        .unwrap_or(0);
+    let exited = listing.entries.iter().any(|e| e.name == "exit");
+    Ok(Some(ShellState {
+        meta,
+        out_len,
+        exited,
+    }))
+}
+
+/// Sizes of a shell's output and whether it ended, in one listing (the poller's question).
+pub async fn progress(agent: &AgentClient, id: &str) -> Result<Option<(u64, bool)>, AgentFailure> {
+    let listing = match agent.list_dir(&dir_of(id)).await {
+        Ok(l) => l,
+        Err(AgentFailure::Refused(_)) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let out = listing
+        .entries
+        .iter()
+        .find(|e| e.name == "out")
+        .map(|e| e.info.size)
+        .unwrap_or(0);
+    Ok(Some((
+        out,
+        listing.entries.iter().any(|e| e.name == "exit"),
+    )))
+}
+
+/// Every shell in the sandbox.
+pub async fn list(agent: &AgentClient) -> Result<Vec<ShellState>, AgentFailure> {
+    let listing = match agent.list_dir(SHELLS_DIR).await {
+        Ok(l) => l,
+        Err(AgentFailure::Refused(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for e in listing.entries.iter().filter(|e| !e.name.starts_with('.')) {
+        if let Some(s) = state(agent, &e.name).await? {
+            out.push(s);
+        }
+    }
+    Ok(out)
+}
+
+/// Output from byte `from` on.
+pub async fn output_from(
+    agent: &AgentClient,
+    id: &str,
+    from: u64,
+) -> Result<Vec<u8>, AgentFailure> {
+    let all = read_all(agent, &format!("{}/out", dir_of(id)))
+        .await?
+        .unwrap_or_default();
+    Ok(all
+        .get(from as usize..)
+        .map(<[u8]>::to_vec)
+        .unwrap_or_default())
+}
+
+/// The exit code, once the shell ended.
+pub async fn exit_code(agent: &AgentClient, id: &str) -> Result<Option<i32>, AgentFailure> {
+    Ok(read_all(agent, &format!("{}/exit", dir_of(id)))
+        .await?
+        .and_then(|b| String::from_utf8_lossy(&b).trim().parse().ok()))
+}
+
+/// Turn bytes into text without splitting a UTF-8 sequence: returns the text and keeps an
+/// incomplete trailing sequence in `carry` for the next chunk.
+pub fn utf8_chunk(carry: &mut Vec<u8>, bytes: &[u8]) -> String {
+    carry.extend_from_slice(bytes);
+    let valid = match std::str::from_utf8(carry) {
+        Ok(_) => carry.len(),
+        Err(e) if e.error_len().is_none() => e.valid_up_to(),
+        Err(_) => carry.len(),
+    };
+    let rest = carry.split_off(valid);
+    let text = String::from_utf8_lossy(carry).into_owned();
+    *carry = rest;
+    text
+}
+
+/// How often the gateway looks for new output of the shells a client follows.
+pub const POLL: Duration = Duration::from_millis(150);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utf8_chunks_are_not_split() {
+        let mut carry = Vec::new();
+        let e = "é".as_bytes();
+        assert_eq!(utf8_chunk(&mut carry, &[b'a', e[0]]), "a");
+        assert_eq!(utf8_chunk(&mut carry, &[e[1], b'b']), "éb");
+        assert!(carry.is_empty());
+        assert_eq!(utf8_chunk(&mut carry, &[0xff, b'c']), "\u{fffd}c");
+    }
+}
