@@ -146,6 +146,15 @@ async fn seed_000_rest_surface() {
             .unwrap()
             .contains(&json!("vm_manage"))
     );
+    // The server's limits (defaults: 200 running at once, hourly allowances).
+    let limits = &meta["rate_limits"];
+    assert_eq!(limits["concurrent_vms"]["limit"], 200, "{meta}");
+    assert!(limits["requests_hourly"]["limit"].as_u64().unwrap() > 0, "{meta}");
+    assert!(
+        limits["requests_hourly"]["remaining"].as_u64().unwrap()
+            < limits["requests_hourly"]["limit"].as_u64().unwrap(),
+        "this call was counted: {meta}"
+    );
     let (s, _) = call(&http, &srv, "nope", M::GET, "/meta/info", None).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
 

@@ -31,8 +31,23 @@ pub fn router() -> Router<Arc<Server>> {
         .merge(download::router())
 }
 
-/// The rate limits `/meta/info` reports. Rate limiting itself is another module's job
-/// (issue #8); until it is wired here, no limit is reported.
-pub fn rate_limits(_workspace_id: &str) -> Option<serde_json::Value> {
-    None
+/// The rate limits `/meta/info` reports, in the SDK's shape (`limit` 0: unlimited; `reset`
+/// in Unix seconds), from [`crate::limits::usage`] (which spends nothing).
+pub async fn rate_limits(
+    server: &crate::server::Server,
+    workspace_id: &str,
+) -> Result<serde_json::Value, crate::error::ServerError> {
+    let u = crate::limits::usage(server, workspace_id).await?;
+    let hourly = |a: &crate::limits::Allowance| {
+        let mut v = serde_json::json!({"limit": a.limit, "remaining": a.remaining});
+        if let Some(ms) = a.reset.as_deref().and_then(crate::util::parse_rfc3339) {
+            v["reset"] = (ms / 1000).into();
+        }
+        v
+    };
+    Ok(serde_json::json!({
+        "concurrent_vms": {"limit": u.running.limit, "remaining": u.running.remaining},
+        "requests_hourly": hourly(&u.requests_hourly),
+        "sandboxes_hourly": hourly(&u.sandboxes_hourly),
+    }))
 }

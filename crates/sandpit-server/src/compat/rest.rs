@@ -145,14 +145,13 @@ fn view(row: &SandboxRow, c: &CsbSandboxRow) -> Value {
 
 // ---- meta ----
 
-async fn meta_info(auth: Auth) -> CsbResult {
-    let mut info = json!({
+async fn meta_info(State(server): State<Arc<Server>>, auth: Auth) -> CsbResult {
+    let rate_limits = super::rate_limits(&server, &auth.workspace_id).await?;
+    let info = json!({
         "api": {"latest_version": "2023-07-01", "name": "Sandpit (CodeSandbox-compatible)"},
         "auth": {"scopes": auth.scopes, "team": auth.workspace_id, "version": "2023-07-01"},
+        "rate_limits": rate_limits,
     });
-    if let Some(limits) = super::rate_limits(&auth.workspace_id) {
-        info["rate_limits"] = limits;
-    }
     Ok((StatusCode::OK, Json(info)).into_response())
 }
 
