@@ -212,7 +212,8 @@ async fn registry_image_and_dockerfile_templates() {
     // The start command runs (EXPOSE 8080 is the ready check) and exec answers.
     let out = sh(&client, &sb.id, "wget -qO- http://127.0.0.1:8080/index.html; cat /www/run.txt /www/last.txt; test -e /www/secret.key || echo no-key; echo $GREETING; pwd").await;
     assert_eq!(
-        out.stdout, "<h1>from the context</h1>\nfrom-run\nlast-step-one\nno-key\nhello-tests\n/\n",
+        out.stdout,
+        "<h1>from the context</h1>\nfrom-run\nlast-step-one\nno-key\nhello-tests\n/www\n",
         "{out:?}"
     );
 

@@ -365,6 +365,9 @@ async fn exec(
     let (mut req, timeout) = agent_exec(req)?;
     let (agent, _guard, row) = lifecycle::running_agent(&server, &auth, &id).await?;
     req.env = lifecycle::exec_env(&row, std::mem::take(&mut req.env));
+    if req.cwd.is_none() {
+        req.cwd = crate::templates::default_cwd(&server, &row).await;
+    }
     let (tx, mut rx) = mpsc::channel(64);
     let collect = async {
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
@@ -456,6 +459,9 @@ async fn exec_stream(
     let (mut req, timeout) = agent_exec(req)?;
     let (agent, guard, row) = lifecycle::running_agent(&server, &auth, &id).await?;
     req.env = lifecycle::exec_env(&row, std::mem::take(&mut req.env));
+    if req.cwd.is_none() {
+        req.cwd = crate::templates::default_cwd(&server, &row).await;
+    }
     let (events_tx, events_rx) = mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
         let _guard = guard; // the read lock lives as long as the command
