@@ -28,12 +28,25 @@ const RUN_STEP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// and the outcome are always kept).
 const MAX_REPLAY_LOG_BYTES: usize = 4 * 1024 * 1024;
 
+/// How many template builds run at once; later ones wait (status `building`, a log line
+/// says so) so builds cannot take every network slot and core.
+const CONCURRENT_BUILDS: usize = 2;
+
 /// Live builds' event logs, by template id. A finished build's log is on disk
 /// (`templates/<id>/build.jsonl`) and leaves this map.
-#[derive(Default)]
 pub struct Builds {
     /// Guards only the map.
     live: Mutex<HashMap<String, Arc<BuildLog>>>,
+    permits: tokio::sync::Semaphore,
+}
+
+impl Default for Builds {
+    fn default() -> Self {
+        Builds {
+            live: Mutex::new(HashMap::new()),
+            permits: tokio::sync::Semaphore::new(CONCURRENT_BUILDS),
+        }
+    }
 }
 
 /// One build's events: everything so far (for late subscribers) plus a live channel.
@@ -387,7 +400,15 @@ impl BuildJob {
     async fn run(self) {
         let started = Instant::now();
         let id = self.template.id.clone();
+        if self.server.builds.permits.available_permits() == 0 {
+            self.log.push(TemplateBuildEvent::Log {
+                index: 0,
+                text: format!("waiting: {CONCURRENT_BUILDS} other builds are running\n"),
+            });
+        }
+        let permit = self.server.builds.permits.acquire().await;
         let result = self.build().await;
+        drop(permit);
         let (status, error) = match &result {
             Ok(()) => ("ready", None),
             Err(e) => ("failed", Some(e.clone())),
@@ -529,6 +550,8 @@ impl BuildJob {
             .teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
             .await;
         let _ = server.store.mark_destroyed(&row.id, now_ms()).await;
+        drop(_guard);
+        server.forget_lock(&row.id);
         let _ = std::fs::remove_dir_all(&tmp);
         match result {
             Ok(()) => {
@@ -680,6 +703,8 @@ impl StepRunner for ServerRunner {
             .teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
             .await;
         let _ = server.store.mark_destroyed(&row.id, now_ms()).await;
+        drop(_guard);
+        server.forget_lock(&row.id);
         result.map_err(fail)
     }
 }

@@ -128,6 +128,16 @@ pub fn layers_of(t: &TemplateRow) -> Vec<PathBuf> {
     }
 }
 
+/// The working directory of an exec that names none: the template's `WORKDIR` (as
+/// `docker exec` does); `None` (the agent's `/`) for templates without one.
+pub async fn default_cwd(server: &Server, row: &crate::store::SandboxRow) -> Option<String> {
+    if row.template_id == BASE_TEMPLATE_ID {
+        return None;
+    }
+    let t = server.store.template_by_id(&row.template_id).await.ok()??;
+    image_config(&t).workdir
+}
+
 /// Where a template's start command writes its output inside the sandbox.
 pub const START_LOG: &str = "/tmp/sandpit-start.log";
 

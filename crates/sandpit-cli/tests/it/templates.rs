@@ -212,7 +212,8 @@ async fn registry_image_and_dockerfile_templates() {
     // The start command runs (EXPOSE 8080 is the ready check) and exec answers.
     let out = sh(&client, &sb.id, "wget -qO- http://127.0.0.1:8080/index.html; cat /www/run.txt /www/last.txt; test -e /www/secret.key || echo no-key; echo $GREETING; pwd").await;
     assert_eq!(
-        out.stdout, "<h1>from the context</h1>\nfrom-run\nlast-step-one\nno-key\nhello-tests\n/\n",
+        out.stdout,
+        "<h1>from the context</h1>\nfrom-run\nlast-step-one\nno-key\nhello-tests\n/www\n",
         "{out:?}"
     );
 
@@ -444,6 +445,44 @@ async fn scratch_template_and_failures() {
         "invalid_context",
     );
     assert_api_err(client.get_template("x").await, 404, "template_not_found");
+
+    // Another workspace sees none of it: not by name, id or alias. (`FROM mini` there would
+    // be a Docker Hub lookup, which tests do not make.)
+    client
+        .set_template_alias("mini", "team@mini")
+        .await
+        .unwrap();
+    let other_ws = client.create_workspace("other").await.unwrap();
+    let other = client
+        .create_token(
+            &other_ws.id,
+            &sandpit_sdk::types::TokenCreateRequest::default(),
+        )
+        .await
+        .unwrap();
+    let other = srv.client_with(&other.token.unwrap());
+    let mini = client.get_template("mini").await.unwrap();
+    for name in ["mini", mini.id.as_str(), "team@mini"] {
+        assert_api_err(other.get_template(name).await, 404, "template_not_found");
+        assert_api_err(
+            other.create_sandbox(&from(name)).await,
+            404,
+            "template_not_found",
+        );
+        assert_api_err(
+            other.delete_template(name, true).await,
+            404,
+            "template_not_found",
+        );
+    }
+    let names: Vec<String> = other
+        .templates()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(names, vec!["base", "toolchain"]);
 
     client.destroy_sandbox(&sb.id).await.unwrap();
     client.destroy_sandbox(&sb2.id).await.unwrap();

@@ -389,6 +389,9 @@ async fn exec(
     let (mut req, timeout) = agent_exec(req)?;
     let (agent, guard, row) = lifecycle::running_agent(&server, &auth, &id).await?;
     req.env = lifecycle::exec_env(&row, std::mem::take(&mut req.env));
+    if req.cwd.is_none() {
+        req.cwd = crate::templates::default_cwd(&server, &row).await;
+    }
     let (tx, mut rx) = mpsc::channel(64);
     let collect = async {
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
@@ -498,6 +501,9 @@ async fn exec_stream(
     let (mut req, timeout) = agent_exec(req)?;
     let (agent, guard, row) = lifecycle::running_agent(&server, &auth, &id).await?;
     req.env = lifecycle::exec_env(&row, std::mem::take(&mut req.env));
+    if req.cwd.is_none() {
+        req.cwd = crate::templates::default_cwd(&server, &row).await;
+    }
     let (events_tx, events_rx) = mpsc::channel::<Result<Event, Infallible>>(64);
     let cancel = server.cancel_of(&id);
     tokio::spawn(async move {
