@@ -149,7 +149,10 @@ async fn seed_000_rest_surface() {
     // The server's limits (defaults: 200 running at once, hourly allowances).
     let limits = &meta["rate_limits"];
     assert_eq!(limits["concurrent_vms"]["limit"], 200, "{meta}");
-    assert!(limits["requests_hourly"]["limit"].as_u64().unwrap() > 0, "{meta}");
+    assert!(
+        limits["requests_hourly"]["limit"].as_u64().unwrap() > 0,
+        "{meta}"
+    );
     assert!(
         limits["requests_hourly"]["remaining"].as_u64().unwrap()
             < limits["requests_hourly"]["limit"].as_u64().unwrap(),
