@@ -816,6 +816,21 @@ async fn reapply_address(id: &str, net: &NetworkAttachment) -> Result<(), Runtim
     Ok(())
 }
 
+/// PIDs of the processes named `comm` whose parent is PID 1, from `runsc ps`'s table
+/// (`UID PID PPID C TTY STIME TIME CMD`).
+fn init_children(table: &str, comm: &str) -> Vec<u32> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let pid: u32 = f.get(1)?.parse().ok()?;
+            let ppid: u32 = f.get(2)?.parse().ok()?;
+            (ppid == 1 && f.last() == Some(&comm)).then_some(pid)
+        })
+        .collect()
+}
+
 /// The end of `console.log` after `offset`: runsc's own error messages land there too.
 fn console_tail(path: &Path, offset: u64) -> String {
     let text = std::fs::read(path).unwrap_or_default();
@@ -1153,6 +1168,22 @@ impl Runtime for GvisorRuntime {
             .collect())
     }
 
+    async fn kill_init_children(&self, id: &str, comm: &str) -> Result<usize, RuntimeError> {
+        let out = self.runsc(id, &["ps", id]).await?;
+        if !out.success {
+            return Err(out.into_error(id));
+        }
+        let mut killed = 0;
+        for pid in init_children(&out.stdout, comm) {
+            let pid = pid.to_string();
+            let k = self.runsc(id, &["kill", "--pid", &pid, id, "KILL"]).await?;
+            if k.success {
+                killed += 1;
+            }
+        }
+        Ok(killed)
+    }
+
     async fn diagnose(&self, id: &str, state_dir: &Path) -> String {
         let status = match self.status(id).await {
             Ok(s) => format!("{s:?}"),
@@ -1163,17 +1194,47 @@ impl Runtime for GvisorRuntime {
             Ok(out) => format!("failed: {}", out.stderr.trim()),
             Err(e) => format!("failed: {e}"),
         };
+        // What the sandbox itself sees: its TCP sockets and the agent's threads (through
+        // the sentry, not the network).
+        let inside = match self
+            .runsc(
+                id,
+                &[
+                    "exec",
+                    id,
+                    "/bin/sh",
+                    "-c",
+                    "cat /proc/net/tcp; for t in /proc/*/task/*; do echo \"$t $(cat $t/stat 2>/dev/null | cut -d' ' -f2-3) $(cat $t/wchan 2>/dev/null)\"; done",
+                ],
+            )
+            .await
+        {
+            Ok(out) => format!("{}{}", out.stdout.trim(), out.stderr.trim()),
+            Err(e) => format!("failed: {e}"),
+        };
         let console = console_tail(&state_dir.join("console.log"), 0);
         let console = console
             .get(console.len().saturating_sub(1000)..)
             .unwrap_or(&console);
-        format!("runtime status: {status}; processes: {ps}; console: {console}")
+        format!("runtime status: {status}; processes: {ps}; console: {console}; inside: {inside}")
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn init_children_from_runsc_ps() {
+        let table = "UID       PID       PPID      C         TTY       STIME     TIME      CMD\n\
+                     0         1         0         18        ?         18:34     0s        agent\n\
+                     0         2         1         34        ?         18:34     0s        exe\n\
+                     0         9         2         0         ?         18:34     0s        sh\n\
+                     0         11        1         0         ?         18:35     0s        sleep\n";
+        assert_eq!(init_children(table, "exe"), vec![2]);
+        assert_eq!(init_children(table, "sleep"), vec![11]);
+        assert!(init_children("", "exe").is_empty());
+    }
 
     #[test]
     fn refused_reason_from_runsc_output() {

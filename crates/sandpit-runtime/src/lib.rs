@@ -150,6 +150,15 @@ pub trait Runtime: Send + Sync + 'static {
     /// after a crash.
     async fn list(&self) -> Result<Vec<String>, RuntimeError>;
 
+    /// Kill (SIGKILL) the direct children of the sandbox's init process whose command name
+    /// is `comm`, leaving init and everything else running. Returns how many were killed.
+    /// For an init that restarts its child (Sandpit's agent does), this restarts a wedged
+    /// service without losing the sandbox's memory. Backends that cannot do it return 0.
+    async fn kill_init_children(&self, id: &str, comm: &str) -> Result<usize, RuntimeError> {
+        let _ = (id, comm);
+        Ok(0)
+    }
+
     /// A short, human-readable account of a sandbox's state for an error report (is it
     /// alive, what runs inside, its last console output). Never fails: what cannot be
     /// read is said so.

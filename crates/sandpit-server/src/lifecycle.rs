@@ -418,6 +418,7 @@ pub(crate) async fn boot_spec(
         None => server.runtime.start(spec).await,
     };
     let result = match started {
+        Ok(()) if image.is_some() => wait_restored_agent(server, row, &spec).await,
         Ok(()) => agent_of(server, row)
             .expect("slot checked")
             .wait_ready(server.cfg.agent_ready_timeout)
@@ -437,6 +438,43 @@ pub(crate) async fn boot_spec(
         let _ = server.net.detach(slot).await;
     }
     result
+}
+
+/// The command name of the agent's server process (a re-exec of `/proc/self/exe`), the
+/// child its PID 1 restarts when it dies.
+const AGENT_SERVE_COMM: &str = "exe";
+
+/// Wait for a restored sandbox's agent. Seen under load: a restored sandbox, alive, whose
+/// agent never answers (the same image again restores deaf). Its init still works, so after
+/// half the wait the agent's server process is killed; init starts a new one and the
+/// sandbox's memory is kept.
+async fn wait_restored_agent(
+    server: &Server,
+    row: &SandboxRow,
+    spec: &SandboxSpec,
+) -> Result<(), ServerError> {
+    let agent = agent_of(server, row).expect("slot checked");
+    let half = server.cfg.agent_ready_timeout / 2;
+    let first = match agent.wait_ready(half).await {
+        Ok(_) => return Ok(()),
+        Err(e) => e,
+    };
+    let state = server
+        .runtime
+        .diagnose(&row.runtime_id, &spec.state_dir)
+        .await;
+    tracing::warn!(sandbox = %row.id, error = %DisplayChain(&first), %state, "restored agent does not answer; restarting it");
+    match server
+        .runtime
+        .kill_init_children(&row.runtime_id, AGENT_SERVE_COMM)
+        .await
+    {
+        Ok(0) | Err(_) => return Err(first),
+        Ok(_) => {}
+    }
+    agent.wait_ready(half).await?;
+    tracing::info!(sandbox = %row.id, "the restarted agent answers; memory kept");
+    Ok(())
 }
 
 /// Write a new sandbox's `/etc/resolv.conf` through its agent (only at create: a sandbox

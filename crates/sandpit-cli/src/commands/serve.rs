@@ -42,6 +42,10 @@ pub struct ServeArgs {
     /// How often expired and idle sandboxes are looked for, e.g. 1s.
     #[arg(long, env = "SANDPIT_REAPER_INTERVAL", default_value = "1s")]
     reaper_interval: String,
+    /// How long a booted or restored sandbox's agent may take to answer. A restored agent
+    /// silent for half of it is restarted (memory kept).
+    #[arg(long, env = "SANDPIT_AGENT_READY_TIMEOUT", default_value = "20s")]
+    agent_ready_timeout: String,
     /// Nameservers for sandboxes' /etc/resolv.conf, comma-separated IPv4 addresses
     /// (default: the host's, loopback ones excluded; queries follow each sandbox's egress
     /// policy).
@@ -117,7 +121,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let reaper_interval: Duration = sandpit_api_types::parse_duration(&args.reaper_interval)
         .map_err(anyhow::Error::msg)
         .context("--reaper-interval")?;
+    let agent_ready_timeout: Duration =
+        sandpit_api_types::parse_duration(&args.agent_ready_timeout)
+            .map_err(anyhow::Error::msg)
+            .context("--agent-ready-timeout")?;
     let mut cfg = ServerConfig::new(args.data_dir.clone(), agent_bin);
+    cfg.agent_ready_timeout = agent_ready_timeout;
     cfg.prefix = args.prefix;
     cfg.pool = args.pool;
     cfg.platform = args.platform;

@@ -307,3 +307,69 @@ async fn a_running_exec_keeps_a_persistent_sandbox_awake() {
     .unwrap();
     client.destroy_sandbox(&sb.id).await.unwrap();
 }
+
+/// A restored sandbox whose agent does not answer (here: stopped with SIGSTOP before the
+/// checkpoint, so it is restored stopped) gets its agent restarted by init, and keeps its memory.
+#[tokio::test]
+async fn a_deaf_restored_agent_is_restarted_and_memory_is_kept() {
+    let srv = sandpit_test_support::TestServer::start_with(
+        crate::bin(),
+        &[("SANDPIT_AGENT_READY_TIMEOUT", "6s")],
+    )
+    .await
+    .unwrap();
+    let client = srv.client();
+    let sb = create(
+        &client,
+        CreateSandboxRequest {
+            template: "base".into(),
+            mode: SandboxMode::Persistent,
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = sb.id;
+    sh(&client, &id, crate::COUNTER).await;
+    wait_until(Duration::from_secs(10), "the counter runs", || async {
+        (crate::counter(&client, &id).await >= 2).then_some(())
+    })
+    .await
+    .unwrap();
+    // Stop the agent's server process (the child of init named `exe`).
+    let root = srv.data_dir.join("runsc");
+    let runtime_id = format!("{}-{id}", srv.prefix);
+    let ps = std::process::Command::new("runsc")
+        .arg(format!("--root={}", root.display()))
+        .args(["ps", &runtime_id])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&ps.stdout).into_owned();
+    let serve = table
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"1") && f.last() == Some(&"exe")).then(|| f[1].to_string())
+        })
+        .unwrap_or_else(|| panic!("no agent server in {table}"));
+    let stopped = std::process::Command::new("runsc")
+        .arg(format!("--root={}", root.display()))
+        .args(["kill", "--pid", &serve, &runtime_id, "STOP"])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    // It is checkpointed stopped, and restored stopped: deaf.
+    client.hibernate(&id).await.unwrap();
+    client.wake(&id).await.unwrap();
+    let before = crate::counter(&client, &id).await;
+    let after_restart = client.get_sandbox(&id).await.unwrap();
+    assert_eq!(after_restart.status, SandboxStatus::Running);
+    assert_eq!(after_restart.error, None, "memory kept: {after_restart:?}");
+    wait_until(Duration::from_secs(10), "the counter goes on", || async {
+        (crate::counter(&client, &id).await > before).then_some(())
+    })
+    .await
+    .unwrap();
+    client.destroy_sandbox(&id).await.unwrap();
+    let leaks = srv.leaks();
+    assert!(leaks.is_empty(), "{leaks:?}");
+}
