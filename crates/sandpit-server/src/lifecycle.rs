@@ -418,7 +418,7 @@ pub(crate) async fn boot_spec(
         None => server.runtime.start(spec).await,
     };
     let result = match started {
-        Ok(()) if image.is_some() => wait_restored_agent(server, row, &spec).await,
+        Ok(()) if image.is_some() => wait_restored_agent(server, row, spec).await,
         Ok(()) => agent_of(server, row)
             .expect("slot checked")
             .wait_ready(server.cfg.agent_ready_timeout)
