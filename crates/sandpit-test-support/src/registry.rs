@@ -190,3 +190,140 @@ pub fn file(
     h.set_mode(mode);
     t.append_data(&mut h, path, body)
 }
+
+/// A front for a registry (started without auth) that speaks the Docker token flow: every
+/// `/v2/` request without `Authorization: Bearer <token>` gets a 401 whose
+/// `WWW-Authenticate: Bearer realm=…` names this front's `/token` endpoint, which hands out the
+/// token for the right basic credentials. Authorized requests are forwarded to the registry.
+pub struct BearerFront {
+    /// `127.0.0.1:<port>`: pull `<host>/<repo>:<tag>` from here.
+    pub host: String,
+    /// How many tokens `/token` handed out.
+    pub tokens_issued: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for BearerFront {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Front {
+    upstream: String,
+    realm: String,
+    basic: String,
+    token: String,
+    issued: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    http: reqwest::Client,
+}
+
+impl Registry {
+    /// Serve this registry behind the bearer-token flow, for `user`/`password`.
+    pub async fn bearer_front(&self, user: &str, password: &str) -> anyhow::Result<BearerFront> {
+        use base64::Engine;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let host = listener.local_addr()?.to_string();
+        let issued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let front = std::sync::Arc::new(Front {
+            upstream: self.host.clone(),
+            realm: format!("http://{host}/token"),
+            basic: format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+            ),
+            token: "sandpit-test-bearer-token".into(),
+            issued: issued.clone(),
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()?,
+        });
+        let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+            let front = front.clone();
+            async move { front.serve(req).await }
+        });
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(BearerFront {
+            host,
+            tokens_issued: issued,
+            task,
+        })
+    }
+}
+
+impl Front {
+    async fn serve(&self, req: axum::extract::Request) -> axum::response::Response {
+        use axum::http::{StatusCode, header};
+        use axum::response::IntoResponse;
+        let auth = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        if req.uri().path() == "/token" {
+            if auth != self.basic {
+                return StatusCode::UNAUTHORIZED.into_response();
+            }
+            self.issued
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            return axum::Json(serde_json::json!({
+                "token": self.token,
+                "access_token": self.token,
+                "expires_in": 300,
+            }))
+            .into_response();
+        }
+        if auth != format!("Bearer {}", self.token) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(
+                    header::WWW_AUTHENTICATE,
+                    format!(
+                        "Bearer realm=\"{}\",service=\"sandpit-test\",scope=\"repository:*:pull\"",
+                        self.realm
+                    ),
+                )],
+                axum::Json(serde_json::json!({"errors": [{"code": "UNAUTHORIZED"}]})),
+            )
+                .into_response();
+        }
+        let path_and_query = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_default();
+        let method = req.method().clone();
+        let mut headers = req.headers().clone();
+        headers.remove(header::AUTHORIZATION);
+        headers.remove(header::HOST);
+        let body = match axum::body::to_bytes(req.into_body(), 1 << 30).await {
+            Ok(b) => b,
+            Err(_) => return StatusCode::BAD_REQUEST.into_response(),
+        };
+        let upstream = self
+            .http
+            .request(method, format!("http://{}{path_and_query}", self.upstream))
+            .headers(headers)
+            .body(body)
+            .send()
+            .await;
+        match upstream {
+            Ok(r) => {
+                let status = r.status();
+                let headers = r.headers().clone();
+                let body = r.bytes().await.unwrap_or_default();
+                let mut resp = (status, body).into_response();
+                for (k, v) in &headers {
+                    if k != header::CONTENT_LENGTH && k != header::TRANSFER_ENCODING {
+                        resp.headers_mut().insert(k, v.clone());
+                    }
+                }
+                resp
+            }
+            Err(_) => StatusCode::BAD_GATEWAY.into_response(),
+        }
+    }
+}

@@ -572,3 +572,69 @@ async fn built_template_boot_snapshot_has_the_start_command_running() {
     let leaks = srv.leaks();
     assert!(leaks.is_empty(), "{leaks:?}");
 }
+
+/// A registry behind the Docker bearer-token flow: the pull follows the challenge to the
+/// token endpoint with the template's credentials, and fails without them.
+#[tokio::test]
+async fn registry_bearer_token_flow() {
+    let registry = Registry::start(None).await.expect("registry starts");
+    let rootfs =
+        busybox_rootfs_tar(|t| file(t, "etc/motd", b"behind a token\n", 0o644).unwrap()).unwrap();
+    registry
+        .push(
+            "sandpit/tok",
+            "1",
+            &[rootfs],
+            serde_json::json!({"Env": ["PATH=/bin"]}),
+        )
+        .await
+        .expect("push");
+    let front = registry.bearer_front("puller", "pw").await.unwrap();
+    let image = format!("{}/sandpit/tok:1", front.host);
+
+    let srv = crate::server().await;
+    let client = srv.client();
+    let build = |name: &str, password: &str| CreateTemplateRequest {
+        name: name.into(),
+        image: Some(image.clone()),
+        registry_auth: Some(RegistryAuth {
+            username: Some("puller".into()),
+            password: Some(password.into()),
+            token: None,
+        }),
+        ..Default::default()
+    };
+    let t = client
+        .create_template(&build("wrong", "nope"))
+        .await
+        .unwrap();
+    match follow(&client, &t.id).await.last() {
+        Some(TemplateBuildEvent::Finished { status, .. }) => assert_eq!(status, "failed"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        front
+            .tokens_issued
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+
+    let t = client.create_template(&build("tok", "pw")).await.unwrap();
+    let events = follow(&client, &t.id).await;
+    assert!(
+        matches!(events.last(), Some(TemplateBuildEvent::Finished { status, .. }) if status == "ready"),
+        "{events:?}"
+    );
+    assert!(
+        front
+            .tokens_issued
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 1
+    );
+    let sb = create(&client, from("tok")).await;
+    assert_eq!(
+        sh(&client, &sb.id, "cat /etc/motd").await.stdout,
+        "behind a token\n"
+    );
+    client.destroy_sandbox(&sb.id).await.unwrap();
+}
