@@ -379,14 +379,16 @@ impl Store {
         .map_err(q("listing templates"))
     }
 
-    /// Insert a new workspace template; `false` when the name is taken (names are unique
-    /// server-wide).
+    /// Insert a new workspace template; `false` when the name is taken in its workspace or by
+    /// a built-in template (names are unique per workspace; built-in ones are every
+    /// workspace's).
     pub async fn insert_template(&self, t: &TemplateRow) -> Result<bool, ServerError> {
         let done = sqlx::query(
             "INSERT INTO templates (id, name, workspace_id, description, rootfs, default_egress,
                 created_at, layers, config, status, error, source, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT(name) DO NOTHING",
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13
+             WHERE NOT EXISTS (SELECT 1 FROM templates WHERE workspace_id IS NULL AND name = ?2)
+             ON CONFLICT DO NOTHING",
         )
         .bind(&t.id)
         .bind(&t.name)

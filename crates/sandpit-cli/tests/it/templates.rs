@@ -483,6 +483,26 @@ async fn scratch_template_and_failures() {
         .map(|t| t.name)
         .collect();
     assert_eq!(names, vec!["base", "toolchain"]);
+    // Names are per workspace: "mini" is free there (nothing tells it exists here), a
+    // built-in name is taken everywhere.
+    let theirs = other
+        .create_template(&req("mini", "FROM base\nENV WHOSE=theirs\n"))
+        .await;
+    let theirs = theirs.expect("the same name in another workspace");
+    assert_ne!(theirs.id, mini.id);
+    assert!(
+        matches!(follow(&other, &theirs.id).await.last(), Some(TemplateBuildEvent::Finished { status, .. }) if status == "ready")
+    );
+    assert_eq!(
+        client.get_template("mini").await.unwrap().id,
+        mini.id,
+        "ours unchanged"
+    );
+    assert_api_err(
+        other.create_template(&req("base", "FROM base\n")).await,
+        409,
+        "template_exists",
+    );
 
     client.destroy_sandbox(&sb.id).await.unwrap();
     client.destroy_sandbox(&sb2.id).await.unwrap();
