@@ -203,6 +203,19 @@ async fn exec_true(client: &Client, id: &str) -> anyhow::Result<Duration> {
     Ok(t.elapsed())
 }
 
+/// Create a `base` sandbox and run `true` in it: its id and the time until `true` answered.
+async fn create_then_exec(client: &Client) -> anyhow::Result<(String, Duration)> {
+    let t = Instant::now();
+    let sb = client
+        .create_sandbox(&CreateSandboxRequest {
+            template: "base".into(),
+            ..Default::default()
+        })
+        .await?;
+    exec_true(client, &sb.id).await?;
+    Ok((sb.id, t.elapsed()))
+}
+
 /// Sum of the proportional set size of every runsc process of one server (its data dir is
 /// in their command lines).
 fn runsc_pss_bytes(data_dir: &Path) -> u64 {
@@ -375,9 +388,11 @@ async fn requests_per_second(http: &reqwest::Client, url: &str, secs: f64) -> an
 /// `n` egress policy replacements on a running sandbox, alternating between two policies:
 /// the time until the API answers, by when the new rules are in force.
 async fn policy_updates(client: &Client, id: &str, n: usize) -> anyhow::Result<Vec<Duration>> {
-    let deny: sandpit_sdk::types::EgressPolicy = serde_json::from_value(
-        serde_json::json!({"mode": "deny_all", "allow_cidrs": ["192.0.2.0/24"]}),
-    )?;
+    let deny = sandpit_sdk::types::EgressPolicy {
+        mode: "deny_all".into(),
+        allow_cidrs: vec!["192.0.2.0/24".into()],
+        ..Default::default()
+    };
     let allow = sandpit_sdk::types::EgressPolicy::default();
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
@@ -462,17 +477,10 @@ async fn main() -> anyhow::Result<()> {
     let mut create = Vec::new();
     let mut destroy = Vec::new();
     for _ in 0..n_create {
+        let (id, took) = create_then_exec(&client).await?;
+        create.push(took);
         let t = Instant::now();
-        let sb = client
-            .create_sandbox(&CreateSandboxRequest {
-                template: "base".into(),
-                ..Default::default()
-            })
-            .await?;
-        exec_true(&client, &sb.id).await?;
-        create.push(t.elapsed());
-        let t = Instant::now();
-        client.destroy_sandbox(&sb.id).await?;
+        client.destroy_sandbox(&id).await?;
         destroy.push(t.elapsed());
     }
     rows.push(row(
@@ -680,16 +688,9 @@ async fn main() -> anyhow::Result<()> {
     let mut hits = Vec::new();
     for _ in 0..n_create {
         wait_pool(&pclient, 2).await?;
-        let t = Instant::now();
-        let sb = pclient
-            .create_sandbox(&CreateSandboxRequest {
-                template: "base".into(),
-                ..Default::default()
-            })
-            .await?;
-        exec_true(&pclient, &sb.id).await?;
-        hits.push(t.elapsed());
-        pclient.destroy_sandbox(&sb.id).await?;
+        let (id, took) = create_then_exec(&pclient).await?;
+        hits.push(took);
+        pclient.destroy_sandbox(&id).await?;
     }
     rows.push(row(
         "create → first exec (pool hit)",
@@ -723,16 +724,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut restored = Vec::new();
     for _ in 0..n_create {
-        let t = Instant::now();
-        let sb = sclient
-            .create_sandbox(&CreateSandboxRequest {
-                template: "base".into(),
-                ..Default::default()
-            })
-            .await?;
-        exec_true(&sclient, &sb.id).await?;
-        restored.push(t.elapsed());
-        sclient.destroy_sandbox(&sb.id).await?;
+        let (id, took) = create_then_exec(&sclient).await?;
+        restored.push(took);
+        sclient.destroy_sandbox(&id).await?;
     }
     rows.push(row(
         "create → first exec (boot snapshot)",
