@@ -490,6 +490,13 @@ impl Network {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// Takes over a slot attached by an earlier process (its namespace and nft rules
+    /// survived): only this process's domain filter has to learn its rules. No host changes.
+    pub fn adopt(&self, slot: u32, rules: &EgressRules) -> Result<(), NetError> {
+        self.check_slot(slot)?;
+        self.remember(slot, Some(rules))
+    }
+
     /// Tells the domain filter the slot's rules (`None`: forget the slot).
     fn remember(&self, slot: u32, rules: Option<&EgressRules>) -> Result<(), NetError> {
         let addr = self.addrs(slot).sandbox_ip;

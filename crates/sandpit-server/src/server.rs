@@ -283,12 +283,11 @@ impl Server {
                             None => false,
                         };
                     if reachable {
-                        // Re-apply its policy: the rules survived, but the domain filter
-                        // of this process has not seen them yet.
+                        // Its nft rules survived; this process's domain filter learns them.
                         if let (Some(s), Ok(rules)) = (slot, crate::lifecycle::stored_rules(&row))
-                            && let Err(e) = self.net.set_egress(s, &rules).await
+                            && let Err(e) = self.net.adopt(s, &rules)
                         {
-                            tracing::warn!(sandbox = %row.id, error = %e, "re-applying the egress policy");
+                            tracing::warn!(sandbox = %row.id, error = %e, "adopting the egress policy");
                         }
                         keep_runtime.insert(row.runtime_id.clone());
                         keep_net.extend(slot);
