@@ -338,19 +338,22 @@ async fn a_deaf_restored_agent_is_restarted_and_memory_is_kept() {
     // Stop the agent's server process (the child of init named `exe`).
     let root = srv.data_dir.join("runsc");
     let runtime_id = format!("{}-{id}", srv.prefix);
-    let ps = std::process::Command::new("runsc")
-        .arg(format!("--root={}", root.display()))
-        .args(["ps", &runtime_id])
-        .output()
-        .unwrap();
-    let table = String::from_utf8_lossy(&ps.stdout).into_owned();
-    let serve = table
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(2) == Some(&"1") && f.last() == Some(&"exe")).then(|| f[1].to_string())
-        })
-        .unwrap_or_else(|| panic!("no agent server in {table}"));
+    let agent_server = || {
+        let ps = std::process::Command::new("runsc")
+            .arg(format!("--root={}", root.display()))
+            .args(["ps", &runtime_id])
+            .output()
+            .unwrap();
+        let table = String::from_utf8_lossy(&ps.stdout).into_owned();
+        table
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.get(2) == Some(&"1") && f.last() == Some(&"exe")).then(|| f[1].to_string())
+            })
+            .unwrap_or_else(|| panic!("no agent server in {table}"))
+    };
+    let serve = agent_server();
     let stopped = std::process::Command::new("runsc")
         .arg(format!("--root={}", root.display()))
         .args(["kill", "--pid", &serve, &runtime_id, "STOP"])
@@ -360,6 +363,7 @@ async fn a_deaf_restored_agent_is_restarted_and_memory_is_kept() {
     // It is checkpointed stopped, and restored stopped: deaf.
     client.hibernate(&id).await.unwrap();
     client.wake(&id).await.unwrap();
+    assert_ne!(agent_server(), serve, "the deaf agent server was replaced");
     let before = crate::counter(&client, &id).await;
     let after_restart = client.get_sandbox(&id).await.unwrap();
     assert_eq!(after_restart.status, SandboxStatus::Running);
