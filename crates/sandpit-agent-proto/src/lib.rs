@@ -294,6 +294,8 @@ pub enum AgentErrorCode {
     SpawnFailed,
     UnsupportedVersion,
     BadRequest,
+    /// The sandbox's disk is full (ENOSPC or EDQUOT).
+    NoSpace,
     Io,
 }
 

@@ -29,6 +29,7 @@ pub fn map_io(path: &str, e: &io::Error) -> AgentError {
         K::NotADirectory => AgentErrorCode::NotDirectory,
         K::IsADirectory => AgentErrorCode::IsDirectory,
         K::DirectoryNotEmpty => AgentErrorCode::NotEmpty,
+        K::StorageFull | K::QuotaExceeded => AgentErrorCode::NoSpace,
         _ => AgentErrorCode::Io,
     };
     agent_error(code, format!("{path}: {e}"))
@@ -348,7 +349,9 @@ mod tests {
         assert_eq!(code(20), AgentErrorCode::NotDirectory);
         assert_eq!(code(21), AgentErrorCode::IsDirectory);
         assert_eq!(code(39), AgentErrorCode::NotEmpty);
-        assert_eq!(code(28), AgentErrorCode::Io);
+        assert_eq!(code(28), AgentErrorCode::NoSpace);
+        assert_eq!(code(122), AgentErrorCode::NoSpace);
+        assert_eq!(code(5), AgentErrorCode::Io);
         assert!(
             map_io("/x", &io::Error::from_raw_os_error(2))
                 .message

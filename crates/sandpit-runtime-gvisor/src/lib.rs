@@ -1,10 +1,12 @@
 //! The gVisor backend of [`sandpit_runtime::Runtime`]: drives `runsc` through its OCI CLI.
 //!
-//! Per sandbox, `state_dir` holds `upper/` and `work/` (the writable overlay layer), `rootfs/`
-//! (the overlayfs mount over the read-only layers, runsc's root), `bundle/config.json` and
-//! `console.log` (stdout and stderr of the init process, appended). runsc runs with
-//! `--overlay2=none`, so files written inside the sandbox land in `upper/` and survive
-//! stop/start; `/tmp` is bind-mounted from the rootfs so it is on disk too.
+//! Per sandbox, `state_dir` holds the writable overlay layer, `rootfs/` (the overlayfs mount
+//! over the read-only layers, runsc's root), `bundle/config.json` and `console.log` (stdout
+//! and stderr of the init process, appended). The writable layer is `disk/upper` and
+//! `disk/work` on `disk.img`, an ext4 image of the sandbox's disk limit loop-mounted at
+//! `disk/` (see [`disk`]); without a limit it is `upper/` and `work/` directly. runsc runs
+//! with `--overlay2=none`, so files written inside the sandbox land in the upper layer and
+//! survive stop/start; `/tmp` is bind-mounted from the rootfs so it is on disk too.
 //!
 //! Quirks handled here (runsc 0.0~20240729, kernel ≥ 6.8):
 //! - `runsc run|restore` execute in a private mount namespace with a tmpfs over
@@ -16,6 +18,7 @@
 //!   [`RuntimeError::CheckpointRefused`].
 
 mod cgroup;
+mod disk;
 mod error;
 mod mounts;
 mod procs;
@@ -34,6 +37,7 @@ use sandpit_runtime::{NetworkAttachment, Runtime, RuntimeError, RuntimeStatus, S
 use tokio::process::Command;
 
 pub use cgroup::CgroupLimits;
+pub use disk::MIN_DISK_BYTES;
 pub use error::GvisorError;
 pub use reaper::{reap_adopted, spawn_reaper};
 
@@ -85,7 +89,7 @@ impl GvisorConfig {
 pub struct OrphanReport {
     /// runsc containers killed and deleted.
     pub removed: Vec<String>,
-    /// Overlay mounts unmounted.
+    /// Overlay and disk mounts unmounted.
     pub unmounted: Vec<PathBuf>,
 }
 
@@ -124,6 +128,19 @@ pub fn check_host(runsc: &Path) -> Result<String, GvisorError> {
         .unwrap_or_default()
         .trim()
         .to_string())
+}
+
+/// Checks that this host can give sandboxes disk limits: loop devices and `mkfs.ext4`.
+pub fn check_disk_support() -> Result<(), GvisorError> {
+    tool_output(Path::new("mkfs.ext4"), &["-V"])?;
+    if !Path::new("/dev/loop-control").exists() {
+        return Err(GvisorError::Host {
+            reason: "disk limits need loop devices and /dev/loop-control is missing \
+                     (modprobe loop), or turn disk limits off"
+                .into(),
+        });
+    }
+    Ok(())
 }
 
 fn tool_output(program: &Path, args: &[&str]) -> Result<String, GvisorError> {
@@ -244,8 +261,9 @@ impl GvisorRuntime {
     }
 
     /// Kills and deletes every runsc container under our root that is not in `keep`, then
-    /// unmounts every overlay mounted at `<dir>/rootfs` below `state_dirs_root` that does not
-    /// belong to a kept container. For server start-up after a crash.
+    /// unmounts every overlay mounted at `<dir>/rootfs` and every disk mounted at `<dir>/disk`
+    /// below `state_dirs_root` that does not belong to a kept container. For server start-up
+    /// after a crash.
     pub async fn cleanup_orphans(
         &self,
         keep: &HashSet<String>,
@@ -285,19 +303,30 @@ impl GvisorRuntime {
             path: "/proc/self/mountinfo".into(),
             source,
         })?;
-        for m in mounts {
+        // Overlays first: each holds its sandbox's disk busy.
+        let (overlays, disks): (Vec<_>, Vec<_>) = mounts
+            .into_iter()
+            .filter(|m| {
+                matches!(
+                    (m.fstype.as_str(), m.mount_point.file_name()),
+                    ("overlay", Some(n)) if n == "rootfs"
+                ) || matches!(
+                    (m.fstype.as_str(), m.mount_point.file_name()),
+                    ("ext4", Some(n)) if n == "disk"
+                )
+            })
+            .partition(|m| m.fstype == "overlay");
+        for m in overlays.into_iter().chain(disks) {
             let Some(state_dir) = m.mount_point.parent() else {
                 continue;
             };
-            if m.fstype != "overlay"
-                || m.mount_point.file_name() != Some("rootfs".as_ref())
-                || !m.mount_point.starts_with(&root)
+            if !m.mount_point.starts_with(&root)
                 || kept_state_dirs.contains(state_dir)
                 || report.unmounted.contains(&m.mount_point)
             {
                 continue;
             }
-            tracing::info!(path = %m.mount_point.display(), "unmounting orphaned rootfs");
+            tracing::info!(path = %m.mount_point.display(), "unmounting orphaned {}", m.fstype);
             let target = m.mount_point.clone();
             blocking(move || mounts::unmount(&target))
                 .await
@@ -569,13 +598,16 @@ impl GvisorRuntime {
         self.wait_processes_gone(id, bundle.as_deref()).await?;
         tracing::debug!(%id, delete_ms = t_delete.as_millis() as u64, wait_ms = (t0.elapsed() - t_delete).as_millis() as u64, "teardown");
         if let Some(state_dir) = state_dir {
-            let rootfs = rootfs_of(state_dir);
-            blocking(move || mounts::unmount(&rootfs))
-                .await
-                .map_err(|source| RuntimeError::Cleanup {
-                    id: id.into(),
-                    source,
-                })?;
+            let (rootfs, dir) = (rootfs_of(state_dir), state_dir.to_path_buf());
+            blocking(move || {
+                mounts::unmount(&rootfs)?;
+                disk::unmount(&dir)
+            })
+            .await
+            .map_err(|source| RuntimeError::Cleanup {
+                id: id.into(),
+                source,
+            })?;
         }
         let path = self.cgroups_path(id);
         let mut attempt = 0;
@@ -702,11 +734,17 @@ fn prepare_blocking(spec: &SandboxSpec, cgroups_path: &str) -> Result<Prepared, 
     };
     std::fs::create_dir_all(&spec.state_dir).map_err(rootfs_err)?;
     let state_dir = std::fs::canonicalize(&spec.state_dir).map_err(rootfs_err)?;
-    let (upper, work, rootfs) = (
-        state_dir.join("upper"),
-        state_dir.join("work"),
-        rootfs_of(&state_dir),
-    );
+    if let Some(bytes) = spec.resources.disk_bytes
+        && !disk::has_disk(&state_dir)
+        && !state_dir.join("upper").exists()
+    {
+        disk::create_image(&disk::image_of(&state_dir), bytes).map_err(rootfs_err)?;
+    }
+    if disk::has_disk(&state_dir) {
+        disk::mount(&state_dir).map_err(rootfs_err)?;
+    }
+    let (upper, work) = disk::layer_dirs(&state_dir);
+    let rootfs = rootfs_of(&state_dir);
     for d in [&upper, &work, &rootfs] {
         std::fs::create_dir_all(d).map_err(rootfs_err)?;
     }
@@ -849,6 +887,93 @@ fn refused_reason(stderr: &str) -> Option<String> {
         .find_map(|m| line.find(m))
         .unwrap_or(0);
     Some(line[start..].trim().trim_end_matches(':').to_string())
+}
+
+/// [`Runtime::copy_files`] for a sandbox with a disk: the whole image is copied (sparsely,
+/// with reflinks where the filesystem has them). The source must be stopped, so its disk is
+/// unmounted and clean.
+async fn copy_disk(from_state_dir: &Path, to_state_dir: &Path) -> Result<(), RuntimeError> {
+    let (from, to) = (disk::image_of(from_state_dir), disk::image_of(to_state_dir));
+    let err = |detail: String| RuntimeError::CopyFiles {
+        from: from.clone(),
+        to: to.clone(),
+        detail,
+    };
+    let mounted = mounts::mounted_fstype(&disk::mount_point_of(from_state_dir))
+        .map_err(|e| err(e.to_string()))?;
+    if mounted.is_some() {
+        return Err(err(
+            "the source disk is mounted: the sandbox must be stopped first".into(),
+        ));
+    }
+    std::fs::create_dir_all(to_state_dir).map_err(|e| err(e.to_string()))?;
+    if to.exists() || to_state_dir.join("upper").exists() {
+        return Err(err("the destination already has files".into()));
+    }
+    let tmp = to.with_extension("img.tmp");
+    let out = tokio::process::Command::new("cp")
+        .arg("--reflink=auto")
+        .arg("--sparse=always")
+        .arg(&from)
+        .arg(&tmp)
+        .output()
+        .await
+        .map_err(|e| err(format!("running cp: {e}")))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+    }
+    let (tmp2, to2) = (tmp.clone(), to.clone());
+    let published = blocking(move || {
+        std::fs::File::open(&tmp2)?.sync_all()?;
+        std::fs::rename(&tmp2, &to2)?;
+        std::fs::File::open(to2.parent().unwrap_or(Path::new("/")))?.sync_all()
+    })
+    .await;
+    if let Err(e) = published {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err(e.to_string()));
+    }
+    Ok(())
+}
+
+/// [`Runtime::export_layer`] for a sandbox with a disk: mounts it, copies `upper/` out and
+/// unmounts it again.
+async fn export_disk_layer(state_dir: &Path, to_dir: &Path) -> Result<(), RuntimeError> {
+    let from = disk::mount_point_of(state_dir).join("upper");
+    let err = |detail: String| RuntimeError::CopyFiles {
+        from: from.clone(),
+        to: to_dir.to_path_buf(),
+        detail,
+    };
+    if to_dir.exists() {
+        return Err(err("the destination exists".into()));
+    }
+    if let Some(parent) = to_dir.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| err(e.to_string()))?;
+    }
+    let dir = state_dir.to_path_buf();
+    blocking(move || disk::mount(&dir))
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    let out = tokio::process::Command::new("cp")
+        .arg("-a")
+        .arg(&from)
+        .arg(to_dir)
+        .output()
+        .await;
+    let dir = state_dir.to_path_buf();
+    let unmounted = blocking(move || disk::unmount(&dir)).await;
+    let copied = match out {
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(out) => Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string())),
+        Err(e) => Err(err(format!("running cp: {e}"))),
+    };
+    if copied.is_err() {
+        let _ = std::fs::remove_dir_all(to_dir);
+    }
+    copied?;
+    unmounted.map_err(|e| err(format!("unmounting the disk: {e}")))
 }
 
 /// Runs blocking file-system work off the async threads.
@@ -1073,6 +1198,9 @@ impl Runtime for GvisorRuntime {
         from_state_dir: &Path,
         to_state_dir: &Path,
     ) -> Result<(), RuntimeError> {
+        if disk::has_disk(from_state_dir) {
+            return copy_disk(from_state_dir, to_state_dir).await;
+        }
         let (from, to) = (from_state_dir.join("upper"), to_state_dir.join("upper"));
         let err = |detail: String| RuntimeError::CopyFiles {
             from: from.clone(),
@@ -1080,7 +1208,7 @@ impl Runtime for GvisorRuntime {
             detail,
         };
         std::fs::create_dir_all(to_state_dir).map_err(|e| err(e.to_string()))?;
-        if to.exists() {
+        if to.exists() || disk::has_disk(to_state_dir) {
             return Err(err("the destination already has files".into()));
         }
         // cp keeps owners, modes, times, hard links, xattrs (overlay whiteouts) and sparse
@@ -1101,6 +1229,9 @@ impl Runtime for GvisorRuntime {
     }
 
     async fn export_layer(&self, state_dir: &Path, to_dir: &Path) -> Result<(), RuntimeError> {
+        if disk::has_disk(state_dir) {
+            return export_disk_layer(state_dir, to_dir).await;
+        }
         let from = state_dir.join("upper");
         let err = |detail: String| RuntimeError::CopyFiles {
             from: from.clone(),
@@ -1131,6 +1262,42 @@ impl Runtime for GvisorRuntime {
                 Ok(())
             }
         }
+    }
+
+    async fn dead(&self, ids: &[String]) -> Result<Vec<String>, RuntimeError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One `runsc list` for all of them, then a look at each sentry process (runsc's own
+        // probe takes a zombie for alive).
+        let out = self.runsc("", &["list", "-format=json"]).await?;
+        if !out.success {
+            return Err(out.into_error(""));
+        }
+        // `null` when there are none.
+        let listed: Vec<serde_json::Value> =
+            serde_json::from_str::<Option<Vec<serde_json::Value>>>(out.stdout.trim())
+                .map_err(|e| RuntimeError::Command {
+                    id: String::new(),
+                    command: out.command.clone(),
+                    stderr: format!("unparsable output ({e}): {}", out.stdout),
+                })?
+                .unwrap_or_default();
+        Ok(ids
+            .iter()
+            .filter(|id| {
+                let alive = listed.iter().any(|c| {
+                    c["id"].as_str() == Some(id.as_str())
+                        && matches!(c["status"].as_str(), Some("running" | "paused"))
+                        && c["pid"]
+                            .as_i64()
+                            .and_then(|p| i32::try_from(p).ok())
+                            .is_some_and(|p| p > 0 && procs::is_alive(p))
+                });
+                !alive
+            })
+            .cloned()
+            .collect())
     }
 
     async fn status(&self, id: &str) -> Result<RuntimeStatus, RuntimeError> {
@@ -1297,6 +1464,7 @@ mod tests {
             resources: sandpit_runtime::Resources {
                 cpu_millis: 0,
                 memory_bytes: 0,
+                disk_bytes: None,
             },
         };
         assert!(matches!(validate(&spec), Err(RuntimeError::Bundle { .. })));

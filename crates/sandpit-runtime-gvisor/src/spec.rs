@@ -156,6 +156,7 @@ mod tests {
             resources: Resources {
                 cpu_millis: 1500,
                 memory_bytes: 512 << 20,
+                disk_bytes: None,
             },
         }
     }
@@ -206,6 +207,7 @@ mod tests {
         s.resources = Resources {
             cpu_millis: 0,
             memory_bytes: 0,
+            disk_bytes: None,
         };
         s.env = vec!["PATH=/x".into()];
         let rootfs = PathBuf::from("/r");

@@ -49,6 +49,11 @@ pub struct Resources {
     /// CPU quota in thousandths of a core.
     pub cpu_millis: u32,
     pub memory_bytes: u64,
+    /// Size of the disk that holds the files the sandbox writes; writes past it fail with
+    /// `ENOSPC` inside the sandbox. `None`: no bound (the host's free space). Applies when the
+    /// sandbox's files are first created; they keep their disk across stop, fork and
+    /// snapshots.
+    pub disk_bytes: Option<u64>,
 }
 
 /// What the backend knows of a sandbox.
@@ -130,6 +135,19 @@ pub trait Runtime: Send + Sync + 'static {
     async fn destroy(&self, id: &str, state_dir: &Path) -> Result<(), RuntimeError>;
 
     async fn status(&self, id: &str) -> Result<RuntimeStatus, RuntimeError>;
+
+    /// Of `ids`, believed running, those that no longer run (died, were killed, or are
+    /// gone). For a liveness watch over many sandboxes, so backends answer it with one
+    /// cheap look where they can.
+    async fn dead(&self, ids: &[String]) -> Result<Vec<String>, RuntimeError> {
+        let mut dead = Vec::new();
+        for id in ids {
+            if self.status(id).await? != RuntimeStatus::Running {
+                dead.push(id.clone());
+            }
+        }
+        Ok(dead)
+    }
 
     /// Copy the files a stopped sandbox wrote (its writable layer) from `from_state_dir` to
     /// the empty or missing `to_state_dir`, cheaply where the filesystem allows (reflinks).

@@ -44,7 +44,16 @@ pub fn size_resources(name: &str) -> Option<Resources> {
         .map(|&(_, cpu_millis, memory_bytes)| Resources {
             cpu_millis,
             memory_bytes,
+            disk_bytes: None,
         })
+}
+
+/// The disk a sandbox of `size` gets when its files are first made: the server's
+/// `disk_limit` for `small`, scaled by the size's memory for the others.
+pub fn size_disk(server: &Server, size: &str) -> Option<u64> {
+    let base = server.cfg.disk_limit?;
+    let memory = size_resources(size).map_or(1 << 30, |r| r.memory_bytes);
+    Some(base.saturating_mul((memory >> 30).max(1)))
 }
 
 /// The API view of a row.
@@ -340,10 +349,14 @@ pub(crate) async fn spec_for(
             prefix_len: addrs.prefix_len,
             gateway: addrs.host_ip,
         }),
-        resources: size_resources(&row.size).unwrap_or(Resources {
-            cpu_millis: 1000,
-            memory_bytes: 1 << 30,
-        }),
+        resources: Resources {
+            disk_bytes: size_disk(server, &row.size),
+            ..size_resources(&row.size).unwrap_or(Resources {
+                cpu_millis: 1000,
+                memory_bytes: 1 << 30,
+                disk_bytes: None,
+            })
+        },
     })
 }
 
@@ -684,7 +697,12 @@ pub async fn settle_if_dead(server: &Arc<Server>, id: &str) -> Option<ApiError> 
     if let Err(e) = settled {
         tracing::error!(sandbox = %id, error = %DisplayChain(&e), "recording a dead sandbox");
     }
-    Some(ApiError::conflict("sandbox_stopped", STOPPED_REASON))
+    Some(stopped_error())
+}
+
+/// 409 `sandbox_stopped`: the sandbox died under the request.
+pub fn stopped_error() -> ApiError {
+    ApiError::conflict("sandbox_stopped", STOPPED_REASON)
 }
 
 /// A sandbox by id, or 404 (callers have checked the workspace already).
@@ -819,6 +837,11 @@ pub async fn wake(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiError
             ));
         }
     }
+    // A woken sandbox runs again: it counts against the running quota like a new one.
+    let _room = server
+        .limits
+        .admit_wake(&server.store, &row.workspace_id)
+        .await?;
     let started = std::time::Instant::now();
     let image = server.checkpoint_dir(id);
     let has_image = image.join("checkpoint.img").exists();

@@ -44,6 +44,9 @@ pub struct LimitsConfig {
     pub sandboxes_per_hour: u32,
     /// Sandboxes creating or running at once (suspended ones do not count).
     pub max_running: u32,
+    /// Requests with an invalid, expired or revoked token per client address per hour; past
+    /// it they get 429 `auth_rate_limited` instead of 401. Valid tokens are never held back.
+    pub auth_failures_per_hour: u32,
 }
 
 impl Default for LimitsConfig {
@@ -52,6 +55,7 @@ impl Default for LimitsConfig {
             requests_per_hour: 36_000,
             sandboxes_per_hour: 1_000,
             max_running: 200,
+            auth_failures_per_hour: 1_000,
         }
     }
 }
@@ -94,6 +98,8 @@ pub struct Limits {
     pub cfg: LimitsConfig,
     requests: Option<Bucket>,
     sandboxes: Option<Bucket>,
+    /// Keyed by client address, not workspace.
+    auth_failures: Option<Bucket>,
     /// Last observed remaining allowance per (bucket, workspace); guards only the map.
     seen: Mutex<HashMap<(Kind, String), Seen>>,
     /// Creations admitted but whose rows are not yet inserted, per workspace. Guards only
@@ -107,6 +113,7 @@ pub struct Limits {
 enum Kind {
     Requests,
     Sandboxes,
+    AuthFailures,
 }
 
 fn bucket(per_hour: u32) -> Option<Bucket> {
@@ -147,6 +154,7 @@ impl Limits {
             cfg,
             requests: bucket(cfg.requests_per_hour),
             sandboxes: bucket(cfg.sandboxes_per_hour),
+            auth_failures: bucket(cfg.auth_failures_per_hour),
             seen: Mutex::new(HashMap::new()),
             reserved: Arc::new(Mutex::new(HashMap::new())),
             admission: tokio::sync::Mutex::new(()),
@@ -159,6 +167,7 @@ impl Limits {
         let (bucket, limit) = match kind {
             Kind::Requests => (&self.requests, self.cfg.requests_per_hour),
             Kind::Sandboxes => (&self.sandboxes, self.cfg.sandboxes_per_hour),
+            Kind::AuthFailures => (&self.auth_failures, self.cfg.auth_failures_per_hour),
         };
         let Some(bucket) = bucket else {
             return Ok(unlimited());
@@ -208,6 +217,7 @@ impl Limits {
         let limit = match kind {
             Kind::Requests => self.cfg.requests_per_hour,
             Kind::Sandboxes => self.cfg.sandboxes_per_hour,
+            Kind::AuthFailures => self.cfg.auth_failures_per_hour,
         };
         if limit == 0 {
             return unlimited();
@@ -238,6 +248,26 @@ impl Limits {
         workspace: &str,
         n: u32,
     ) -> Result<Reservation, ApiError> {
+        self.admit_as(store, workspace, n, true).await
+    }
+
+    /// Admit one suspended sandbox back to running: the running quota only (waking creates
+    /// nothing). The reservation must be held until its row says `running`.
+    pub async fn admit_wake(
+        &self,
+        store: &Store,
+        workspace: &str,
+    ) -> Result<Reservation, ApiError> {
+        self.admit_as(store, workspace, 1, false).await
+    }
+
+    async fn admit_as(
+        &self,
+        store: &Store,
+        workspace: &str,
+        n: u32,
+        creates: bool,
+    ) -> Result<Reservation, ApiError> {
         let _admission = self.admission.lock().await;
         let running = store.count_running(workspace).await? as u32;
         let reserved = self
@@ -260,11 +290,20 @@ impl Limits {
                 StatusCode::TOO_MANY_REQUESTS,
                 "running_quota_exceeded",
                 format!(
-                    "this workspace may run {max} sandboxes at once and has {in_use}; destroy or hibernate some"
+                    "this workspace may run {max} sandboxes at once and has {in_use}; destroy or hibernate some{}",
+                    if creates {
+                        ""
+                    } else {
+                        " before waking this one"
+                    }
                 ),
             ));
         }
-        match self.spend(Kind::Sandboxes, workspace, n) {
+        match if creates {
+            self.spend(Kind::Sandboxes, workspace, n)
+        } else {
+            Ok(self.peek(Kind::Sandboxes, workspace))
+        } {
             Ok(a) => add_headers(allowance_headers("sandbox", &a)),
             Err((a, wait)) => {
                 add_headers(allowance_headers("sandbox", &a));
@@ -414,11 +453,41 @@ pub async fn collecting_headers<F: std::future::Future>(
 
 /// Middleware: resolve the bearer token (the [`crate::auth::Auth`] extractor reuses it),
 /// spend one request of the workspace's hourly allowance, 429 when it is spent, and add the
-/// rate headers. Requests without a valid token pass untouched (the extractor answers 401).
+/// rate headers. Requests without a token pass untouched (public routes; the extractor
+/// answers 401 elsewhere). Requests with a bad token spend one of their client address's
+/// failures; past that allowance they get 429 `auth_rate_limited` instead of 401.
 pub async fn enforce(State(server): State<Arc<Server>>, mut req: Request, next: Next) -> Response {
     let auth = match crate::auth::resolve(&server, req.headers()).await {
         Ok(auth) => auth,
-        Err(_) => return next.run(req).await,
+        Err(_)
+            if !req
+                .headers()
+                .contains_key(axum::http::header::AUTHORIZATION) =>
+        {
+            return next.run(req).await;
+        }
+        Err(e) => {
+            let client = req
+                .extensions()
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|c| c.0.ip().to_string())
+                .unwrap_or_default();
+            return match server.limits.spend(Kind::AuthFailures, &client, 1) {
+                Ok(_) => e.into_response(),
+                Err((_, wait)) => {
+                    tracing::warn!(%client, "too many requests with bad tokens");
+                    let mut resp = ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "auth_rate_limited",
+                        format!("too many requests with an invalid token from this address; retry in {wait} s"),
+                    )
+                    .into_response();
+                    let (k, v) = retry_after(wait);
+                    resp.headers_mut().insert(k, v);
+                    resp
+                }
+            };
+        }
     };
     let workspace = auth.workspace_id.clone();
     req.extensions_mut().insert(auth);
@@ -462,6 +531,7 @@ mod tests {
             requests_per_hour: 5,
             sandboxes_per_hour: 3,
             max_running: 0,
+            auth_failures_per_hour: 0,
         });
         for i in 0..5u32 {
             let a = limits
@@ -492,6 +562,7 @@ mod tests {
             requests_per_hour: 0,
             sandboxes_per_hour: 0,
             max_running: 0,
+            auth_failures_per_hour: 0,
         });
         for _ in 0..10_000 {
             assert!(limits.spend(Kind::Requests, "ws", 1).is_ok());

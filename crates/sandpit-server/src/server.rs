@@ -57,6 +57,12 @@ pub struct ServerConfig {
     pub limits: crate::limits::LimitsConfig,
     /// Registries (`host:port`) template builds reach over plain HTTP; loopback ones always.
     pub insecure_registries: Vec<String>,
+    /// How often the reaper looks for running sandboxes that died (see
+    /// `Server::watch_liveness`).
+    pub liveness_interval: Duration,
+    /// Disk of a `small` sandbox (`medium` gets twice, `large` four times): the files it
+    /// writes live on an ext4 image of that size. `None`: no bound but the host's free space.
+    pub disk_limit: Option<u64>,
 }
 
 impl ServerConfig {
@@ -82,6 +88,8 @@ impl ServerConfig {
             body_idle_timeout: Duration::from_secs(30),
             limits: Default::default(),
             insecure_registries: Vec::new(),
+            disk_limit: Some(10 << 30),
+            liveness_interval: Duration::from_secs(2),
         }
     }
 }
@@ -103,6 +111,9 @@ pub struct Server {
     /// Per-sandbox cancellation of agent operations (exec): destroy cancels it so that a
     /// running command ends at once instead of delaying the destroy. Guards only the map.
     cancels: Mutex<HashMap<String, CancellationToken>>,
+    /// Sandboxes the liveness watch found dead and is settling; their cancellation token is
+    /// cancelled so operations in flight end at once. Guards only the set.
+    deaths: Mutex<std::collections::HashSet<String>>,
     /// Held while choosing a network slot and inserting the row that claims it.
     pub slot_lock: tokio::sync::Mutex<()>,
     /// Wakes the warm-pool refill task after a hand-out.
@@ -158,6 +169,9 @@ impl Server {
             nameservers: nameservers.clone(),
         })?;
         net.init().await?;
+        if cfg.disk_limit.is_some() {
+            sandpit_runtime_gvisor::check_disk_support()?;
+        }
         let runtime = GvisorRuntime::new(GvisorConfig {
             runsc: cfg.runsc.clone(),
             root_dir: cfg.data_dir.join("runsc"),
@@ -188,6 +202,7 @@ impl Server {
             resolv_conf,
             locks: Mutex::new(HashMap::new()),
             cancels: Mutex::new(HashMap::new()),
+            deaths: Mutex::new(Default::default()),
             slot_lock: tokio::sync::Mutex::new(()),
             pool_refill: tokio::sync::Notify::new(),
             egress_lock: tokio::sync::Mutex::new(()),
@@ -224,6 +239,34 @@ impl Server {
     pub fn cancel_of(&self, id: &str) -> CancellationToken {
         let mut map = self.cancels.lock().expect("cancel map poisoned");
         map.entry(id.to_string()).or_default().clone()
+    }
+
+    /// Record that sandbox `id` died and end the operations in flight on it. False if it
+    /// was recorded already.
+    pub fn note_death(&self, id: &str) -> bool {
+        if !self
+            .deaths
+            .lock()
+            .expect("death set poisoned")
+            .insert(id.to_string())
+        {
+            return false;
+        }
+        self.cancel_of(id).cancel();
+        true
+    }
+
+    /// Whether the liveness watch found `id` dead and has not settled it yet.
+    pub fn died(&self, id: &str) -> bool {
+        self.deaths.lock().expect("death set poisoned").contains(id)
+    }
+
+    /// After a death is settled: forget it, and give the sandbox a fresh cancellation token
+    /// (a woken sandbox's operations must not start cancelled).
+    pub fn forget_death(&self, id: &str) {
+        if self.deaths.lock().expect("death set poisoned").remove(id) {
+            self.cancels.lock().expect("cancel map poisoned").remove(id);
+        }
     }
 
     pub fn state_dir(&self, id: &str) -> PathBuf {
@@ -375,14 +418,56 @@ impl Server {
 
     /// Start the reaper: destroys ephemeral sandboxes whose timeout passed and suspends
     /// persistent ones idle for longer than their idle timeout. Stops with `shutdown`.
+    /// The liveness watch: finds running sandboxes whose runtime stopped (killed by a limit or
+    /// from outside), ends the operations in flight on them and settles them in the
+    /// background, so a death is noticed within `liveness_interval` rather than at the next
+    /// call. Sandboxes in a transition (their write lock taken or asked for) are left alone.
+    async fn watch_liveness(self: &Arc<Self>) {
+        let rows = match self.store.running().await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::error!(error = %DisplayChain(&e), "liveness watch: listing running sandboxes");
+                return;
+            }
+        };
+        let rows: Vec<(String, String)> = rows
+            .into_iter()
+            .filter(|(id, _)| self.lock_of(id).try_read().is_ok())
+            .collect();
+        let runtime_ids: Vec<String> = rows.iter().map(|r| r.1.clone()).collect();
+        let dead = match self.runtime.dead(&runtime_ids).await {
+            Ok(dead) => dead,
+            Err(e) => {
+                tracing::error!(error = %DisplayChain(&e), "liveness watch: asking the runtime");
+                return;
+            }
+        };
+        for (id, runtime_id) in rows {
+            if !dead.contains(&runtime_id) || !self.note_death(&id) {
+                continue;
+            }
+            tracing::warn!(sandbox = %id, "liveness watch: the sandbox no longer runs");
+            let server = self.clone();
+            tokio::spawn(async move {
+                crate::lifecycle::settle_if_dead(&server, &id).await;
+                server.forget_death(&id);
+            });
+        }
+    }
+
     pub fn spawn_reaper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let server = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(server.cfg.reaper_interval);
+            let mut last_watch = std::time::Instant::now();
             loop {
                 tokio::select! {
                     _ = server.shutdown.cancelled() => return,
                     _ = tick.tick() => {}
+                }
+                if last_watch.elapsed() >= server.cfg.liveness_interval {
+                    last_watch = std::time::Instant::now();
+                    server.watch_liveness().await;
                 }
                 let now = crate::util::now_ms();
                 match server.store.expired(now).await {

@@ -920,6 +920,18 @@ impl Store {
         Ok(rows.iter().map(|r| r.get::<String, _>("id")).collect())
     }
 
+    /// Server use: every running sandbox, as (id, runtime id), for the liveness watch.
+    pub async fn running(&self) -> Result<Vec<(String, String)>, ServerError> {
+        let rows = sqlx::query("SELECT id, runtime_id FROM sandboxes WHERE status = 'running'")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("listing running sandboxes"))?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<String, _>("id"), r.get::<String, _>("runtime_id")))
+            .collect())
+    }
+
     /// Server use: running persistent sandboxes idle for longer than their idle timeout.
     pub async fn idle(&self, now: i64) -> Result<Vec<String>, ServerError> {
         let rows = sqlx::query(

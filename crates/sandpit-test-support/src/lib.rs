@@ -37,6 +37,28 @@ pub fn workspace_root() -> PathBuf {
         .expect("workspace root")
 }
 
+/// A file a stopped or suspended sandbox wrote, read from the host (`path` is absolute in the
+/// sandbox): from its disk image with `debugfs` (the disk is not mounted then), or from the
+/// plain upper layer of a sandbox without a disk. `None` if it is not there.
+pub fn read_stopped_sandbox_file(sandbox_dir: &Path, path: &str) -> Option<String> {
+    let image = sandbox_dir.join("disk.img");
+    if !image.exists() {
+        return std::fs::read_to_string(
+            sandbox_dir.join("upper").join(path.trim_start_matches('/')),
+        )
+        .ok();
+    }
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("cat /upper{path}"))
+        .arg(&image)
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    (out.status.success() && !out.stdout.is_empty())
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// The static agent: `SANDPIT_AGENT_BIN`, or the output of `scripts/build-agent`.
 pub fn agent_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("SANDPIT_AGENT_BIN") {
@@ -224,6 +246,8 @@ impl TestServer {
             .env("SANDPIT_REAPER_INTERVAL", "200ms")
             // Tests count sandboxes and leaks; a test that wants the pool sets it.
             .env("SANDPIT_WARM_POOL", "0")
+            // Small disks keep a test's fill quick; sparse images cost nothing until written.
+            .env("SANDPIT_DISK_LIMIT", "256M")
             .env("RUST_LOG", "info,sandpit_server=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -367,6 +391,8 @@ pub struct Leaks {
     pub processes: Vec<String>,
     /// Per-sandbox nftables chains (`slot_<n>`) left in the server's table.
     pub nft_chains: Vec<String>,
+    /// Loop devices backed by a file in the data directory (sandbox disks).
+    pub loop_devices: Vec<String>,
 }
 
 impl Leaks {
@@ -406,6 +432,7 @@ impl Leaks {
             nft_chains: lines(sh(&format!(
                 "nft list table inet sandpit_{prefix} 2>/dev/null | grep -oE 'chain slot_[0-9]+' | cut -d' ' -f2 || true"
             ))),
+            loop_devices: lines(sh(&format!("losetup -a | grep '({data}/' || true"))),
         }
     }
 

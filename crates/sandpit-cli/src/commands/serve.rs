@@ -83,13 +83,71 @@ pub struct ServeArgs {
     /// (0: unlimited). Over it: 429 `running_quota_exceeded`.
     #[arg(long, env = "SANDPIT_MAX_RUNNING", default_value_t = 200)]
     max_running: u32,
+    /// API requests with an invalid, expired or revoked token per client address per hour
+    /// (0: unlimited). Past it: 429 `auth_rate_limited` instead of 401.
+    #[arg(
+        long,
+        env = "SANDPIT_RATE_LIMIT_AUTH_FAILURES",
+        default_value_t = 1_000
+    )]
+    rate_limit_auth_failures: u32,
     /// Registries (host:port) that template builds reach over plain HTTP, comma-separated
     /// (loopback registries always are).
     #[arg(long, env = "SANDPIT_INSECURE_REGISTRIES", value_delimiter = ',')]
     insecure_registries: Vec<String>,
+    /// Disk of a `small` sandbox, e.g. 10G or 512M (`medium` gets twice, `large` four
+    /// times). The files a sandbox writes live on a sparse ext4 image of that size, so a full
+    /// sandbox gets ENOSPC and the host's disk is safe. `off`: no bound.
+    #[arg(long, env = "SANDPIT_DISK_LIMIT", default_value = "10G", value_parser = parse_disk_limit)]
+    disk_limit: DiskLimit,
     /// Log as JSON lines.
     #[arg(long, env = "SANDPIT_LOG_JSON")]
     log_json: bool,
+}
+
+/// `--disk-limit`: bytes, or `None` for `off`.
+#[derive(Debug, Clone, Copy)]
+struct DiskLimit(Option<u64>);
+
+fn parse_disk_limit(text: &str) -> Result<DiskLimit, String> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(DiskLimit(None));
+    }
+    let (digits, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let shift = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => {
+            return Err(format!(
+                "{text:?}: expected a size such as 10G or 512M, or off"
+            ));
+        }
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a size such as 10G or 512M, or off"))?;
+    let bytes = n
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))?;
+    if bytes < sandpit_runtime_gvisor::MIN_DISK_BYTES {
+        return Err(format!(
+            "{text:?} is too small: a disk needs at least {} MiB",
+            sandpit_runtime_gvisor::MIN_DISK_BYTES >> 20
+        ));
+    }
+    Ok(DiskLimit(Some(bytes)))
 }
 
 fn find_agent() -> Option<PathBuf> {
@@ -145,8 +203,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         requests_per_hour: args.rate_limit_requests,
         sandboxes_per_hour: args.rate_limit_sandboxes,
         max_running: args.max_running,
+        auth_failures_per_hour: args.rate_limit_auth_failures,
     };
     cfg.insecure_registries = args.insecure_registries;
+    cfg.disk_limit = args.disk_limit.0;
     let (server, token) = Server::start(cfg, args.bootstrap_token.as_deref())
         .await
         .map_err(|e| anyhow::anyhow!("{}", sandpit_server::error::DisplayChain(&e)))
@@ -197,4 +257,22 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let _ = reaper.await;
     let _ = refill.await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_limits() {
+        let p = |t: &str| parse_disk_limit(t).map(|d| d.0);
+        assert_eq!(p("10G"), Ok(Some(10 << 30)));
+        assert_eq!(p("512M"), Ok(Some(512 << 20)));
+        assert_eq!(p("64MiB"), Ok(Some(64 << 20)));
+        assert_eq!(p("off"), Ok(None));
+        assert_eq!(p("1073741824"), Ok(Some(1 << 30)));
+        for bad in ["", "G", "10X", "-1G", "1M", "99999999999T"] {
+            assert!(p(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -1,4 +1,5 @@
-//! Resource abuse inside a sandbox: a CPU hog, an output flood, a fork bomb and a memory hog.
+//! Resource abuse inside a sandbox: a CPU hog, an output flood, a disk fill, a fork bomb and a
+//! memory hog.
 //! The abusive sandbox is contained (throttled, capped, or killed and settled with a reason);
 //! the server and a neighbour sandbox stay responsive. Prints the neighbour's exec p50
 //! inflation as a `FIGURE` line for `scripts/reliability`.
@@ -88,6 +89,56 @@ async fn abusive_sandboxes_are_contained_and_neighbours_stay_responsive() {
         "server RSS grew by {rss_growth} bytes"
     );
 
+    // Disk fill: the sandbox's disk (256 MiB for test servers) fills up. Writes inside get
+    // ENOSPC and an upload answers 507 `disk_full`; the host holds no more than the disk's
+    // size; the sandbox keeps running, and freeing space makes writes work again.
+    let fill = sh(
+        &client,
+        &abuser.id,
+        "dd if=/dev/zero of=/fill bs=1M count=400 2>&1; echo rc=$?",
+    )
+    .await;
+    assert!(
+        fill.stdout.contains("No space left") && !fill.stdout.contains("rc=0"),
+        "{fill:?}"
+    );
+    let upload = client
+        .upload(&abuser.id, "/more", vec![7u8; 4 << 20])
+        .await
+        .expect_err("an upload into a full disk fails");
+    assert_eq!(upload.code(), Some("disk_full"), "{upload:?}");
+    {
+        use std::os::unix::fs::MetadataExt;
+        let image = srv
+            .data_dir
+            .join("sandboxes")
+            .join(&abuser.id)
+            .join("disk.img");
+        let meta = std::fs::metadata(&image).expect("the sandbox has a disk image");
+        assert_eq!(meta.len(), 256 << 20);
+        assert!(
+            meta.blocks() * 512 <= 256 << 20,
+            "{} bytes",
+            meta.blocks() * 512
+        );
+    }
+    let neighbour_out = sh(&client, &neighbour.id, "echo ok > /x && cat /x").await;
+    assert_eq!(
+        neighbour_out.stdout, "ok\n",
+        "the neighbour's disk is its own"
+    );
+    let freed = sh(
+        &client,
+        &abuser.id,
+        "rm /fill && echo again > /after && cat /after",
+    )
+    .await;
+    assert_eq!(freed.stdout, "again\n", "{freed:?}");
+    client
+        .upload(&abuser.id, "/more", vec![7u8; 4 << 20])
+        .await
+        .expect("an upload fits once space is freed");
+
     // Fork bomb: the sandbox hits its process limit and dies; the server notices and fails
     // it with a reason (an ephemeral sandbox) and removes what it held.
     let t = Instant::now();
@@ -103,8 +154,14 @@ async fn abusive_sandboxes_are_contained_and_neighbours_stay_responsive() {
     let fork_bomb_settled = t.elapsed();
     let under_fork_bomb = exec_p50(&client, &neighbour.id, 5).await;
 
-    // Memory hog: tmpfs past the 1 GiB limit; the same outcome.
+    // Memory hog: tmpfs past the 1 GiB limit; the same outcome. Nobody calls the sandbox
+    // this time: the liveness watch notices the death, ends the command still running in it
+    // (409 `sandbox_stopped`, not a timeout 110 s later) and settles it.
     let hog = create(&client, base()).await;
+    let sleeper = {
+        let (client, id) = (client.clone(), hog.id.clone());
+        tokio::spawn(async move { client.exec(&id, &exec_req("sleep 100", "100s")).await })
+    };
     let t = Instant::now();
     let out = sh(
         &client,
@@ -113,8 +170,23 @@ async fn abusive_sandboxes_are_contained_and_neighbours_stay_responsive() {
     )
     .await;
     assert_eq!(out.stdout.trim(), "started");
-    wait_stopped(&client, &hog.id, "the memory hog's sandbox is settled").await;
+    wait_until(
+        Duration::from_secs(90),
+        "the liveness watch settles the memory hog's sandbox",
+        || async {
+            let sb = client.get_sandbox(&hog.id).await.unwrap();
+            (sb.status.as_str() == "failed").then_some(sb)
+        },
+    )
+    .await
+    .unwrap();
     let memory_hog_settled = t.elapsed();
+    let ended = sleeper
+        .await
+        .unwrap()
+        .expect_err("the command died with its sandbox");
+    assert_eq!(ended.code(), Some("sandbox_stopped"), "{ended:?}");
+    wait_stopped(&client, &hog.id, "the memory hog's sandbox is settled").await;
 
     // The neighbour and the server never noticed more than a slowdown.
     let after = exec_p50(&client, &neighbour.id, 15).await;

@@ -67,13 +67,11 @@ async fn persistent_sandbox_suspends_when_idle_and_wakes_with_memory_and_files()
     // Any call that needs it running wakes it: the file is there and the same process
     // continues counting from where it stopped (a fresh boot would start at 1).
     let suspended_at = {
-        let text = std::fs::read_to_string(
-            srv.data_dir
-                .join("sandboxes")
-                .join(&id)
-                .join("upper/tmp/count"),
+        let text = sandpit_test_support::read_stopped_sandbox_file(
+            &srv.data_dir.join("sandboxes").join(&id),
+            "/tmp/count",
         )
-        .unwrap();
+        .expect("the suspended sandbox's counter is on its disk");
         text.trim().parse::<u64>().unwrap()
     };
     let out = sh(&client, &id, "cat /home/notes.txt").await;

@@ -35,6 +35,7 @@ async fn quotas_and_rates_are_never_over_admitted() {
             ("SANDPIT_MAX_RUNNING", "3"),
             ("SANDPIT_RATE_LIMIT_SANDBOXES", "6"),
             ("SANDPIT_RATE_LIMIT_REQUESTS", "40"),
+            ("SANDPIT_RATE_LIMIT_AUTH_FAILURES", "12"),
         ],
     )
     .await
@@ -80,17 +81,51 @@ async fn quotas_and_rates_are_never_over_admitted() {
         (StatusCode::TOO_MANY_REQUESTS, "running_quota_exceeded")
     );
 
-    // Destroying one makes room; hibernating one too (suspended ones do not count).
-    admin.destroy_sandbox(&running[0].id).await.unwrap();
+    // Hibernating one makes room (suspended ones do not count).
     admin.hibernate(&running[1].id).await.unwrap();
     let (status, _, h) = send(admin.request(Method::POST, "/v1/sandboxes").json(&base())).await;
     assert_eq!(status, StatusCode::CREATED);
-    assert_eq!(num(&h, "x-csb-vms-used"), 2);
-    assert_eq!(num(&h, "x-csb-vms-remaining"), 1);
+    assert_eq!(num(&h, "x-csb-vms-used"), 3);
+    assert_eq!(num(&h, "x-csb-vms-remaining"), 0);
     // Four of six hourly creations spent.
     assert_eq!(num(&h, "x-csb-sandbox-hourly-used"), 4);
     assert_eq!(num(&h, "x-csb-sandbox-hourly-remaining"), 2);
     assert!(h.contains_key("x-csb-sandbox-hourly-reset"));
+
+    // Waking counts like creating: with three running, neither a wake nor a call that would
+    // wake the sandbox gets through, and the sandbox stays suspended.
+    let wake_path = format!("/v1/sandboxes/{}/wake", running[1].id);
+    let (status, code, h) = send(admin.request(Method::POST, &wake_path)).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, "running_quota_exceeded")
+    );
+    assert!(num(&h, "retry-after") >= 1);
+    let e = admin
+        .exec(
+            &running[1].id,
+            &sandpit_sdk::types::ExecRequest {
+                command: Some("true".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect_err("an exec that would wake the sandbox is refused");
+    assert_eq!(e.code(), Some("running_quota_exceeded"), "{e:?}");
+    let sb = admin.get_sandbox(&running[1].id).await.unwrap();
+    assert_eq!(sb.status.as_str(), "suspended");
+    assert_eq!(
+        admin.list_sandboxes(Some("running")).await.unwrap().len(),
+        3
+    );
+    // Destroying one makes room for the wake.
+    admin.destroy_sandbox(&running[0].id).await.unwrap();
+    let woken = admin.wake(&running[1].id).await.unwrap();
+    assert_eq!(woken.status.as_str(), "running");
+    assert_eq!(
+        admin.list_sandboxes(Some("running")).await.unwrap().len(),
+        3
+    );
 
     // Creation rate: two more fit, the third is refused with a wait of about one refill
     // (3600 s / 6 = 10 min). Make room first so only the rate can refuse.
@@ -154,6 +189,30 @@ async fn quotas_and_rates_are_never_over_admitted() {
         (status, code.as_str()),
         (StatusCode::UNAUTHORIZED, "unauthorized")
     );
+    // Guessing tokens: twelve bad-token requests per address per hour get their 401 (one
+    // was spent just above), the rest 429 `auth_rate_limited`; valid tokens from the same
+    // address are not held back, and requests with no token (public routes) never count.
+    let guesses = futures::future::join_all((0..20).map(|i| {
+        send(Client::new(&srv.url, &format!("sp_guess_{i}")).request(Method::GET, "/v1/sandboxes"))
+    }))
+    .await;
+    let unauthorized = guesses
+        .iter()
+        .filter(|g| g.0 == StatusCode::UNAUTHORIZED)
+        .count();
+    assert_eq!(unauthorized, 11, "{guesses:?}");
+    for (status, code, h) in guesses.iter().filter(|g| g.0 != StatusCode::UNAUTHORIZED) {
+        assert_eq!(
+            (*status, code.as_str()),
+            (StatusCode::TOO_MANY_REQUESTS, "auth_rate_limited")
+        );
+        assert!((60..=301).contains(&num(h, "retry-after")), "{h:?}");
+    }
+    let (status, _, _) = send(admin.request(Method::GET, "/v1/sandboxes")).await;
+    assert_eq!(status, StatusCode::OK);
+    let health = reqwest::get(format!("{}/healthz", srv.url)).await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+
     for s in admin.list_sandboxes(None).await.unwrap() {
         admin.destroy_sandbox(&s.id).await.unwrap();
     }

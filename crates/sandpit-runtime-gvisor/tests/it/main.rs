@@ -170,6 +170,7 @@ fn spec(id: &str, layers: &[PathBuf], state_dir: &Path, net: Option<&SlotAddrs>)
         resources: Resources {
             cpu_millis: CPU_MILLIS,
             memory_bytes: MEMORY,
+            disk_bytes: None,
         },
     }
 }
@@ -566,4 +567,150 @@ async fn gvisor_lifecycle() {
     assert!(!sh(&["ip", "-br", "link"]).contains(&tag));
     rt.remove_cgroup_parent();
     assert!(find_cgroup_files(&format!("sandpit-test-{tag}"), "cgroup.procs").is_empty());
+}
+
+/// Writes inside a sandbox with a disk limit stop at the limit (ENOSPC in the sandbox), the
+/// host keeps only what the sandbox holds, the files move with the disk to another sandbox,
+/// and nothing stays mounted or attached afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_limit_contains_a_fill() {
+    if which_runsc_missing("disk_limit_contains_a_fill") {
+        return;
+    }
+    let tag = format!("gd{:04x}", random() as u16);
+    let dir = tempfile::Builder::new()
+        .prefix("sandpit-gvisor-disk-")
+        .tempdir()
+        .unwrap();
+    let mut cfg = GvisorConfig::new(dir.path().join("runsc-root"));
+    cfg.cgroup_parent = format!("sandpit-test-{tag}");
+    let rt = GvisorRuntime::new(cfg).unwrap();
+    let net = Network::new(NetConfig {
+        prefix: tag.clone(),
+        pool: free_pool(),
+        nameservers: Vec::new(),
+    })
+    .unwrap();
+    let fx = Fixture { rt, net, dir };
+    let rt = &fx.rt;
+    let layers = build_layers(fx.dir.path());
+    const DISK: u64 = 48 << 20;
+    let (id_a, id_b) = (format!("{tag}-a"), format!("{tag}-b"));
+    let (state_a, state_b) = (fx.state("a"), fx.state("b"));
+    let mut spec_a = spec(&id_a, &layers, &state_a, None);
+    spec_a.resources.disk_bytes = Some(DISK);
+    spec_a.args = vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        "echo kept > /kept; dd if=/dev/zero of=/fill bs=1M count=200 2>/tmp/dd.err; \
+         echo $? > /tmp/dd.rc; sleep 1000"
+            .into(),
+    ];
+    rt.start(&spec_a).await.unwrap();
+    let rc_path = state_a.join("disk/upper/tmp/dd.rc");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !rc_path.exists() {
+        assert!(Instant::now() < deadline, "dd never finished");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let rc = std::fs::read_to_string(&rc_path).unwrap();
+    let err = std::fs::read_to_string(state_a.join("disk/upper/tmp/dd.err")).unwrap();
+    assert_ne!(
+        rc.trim(),
+        "0",
+        "dd of 200 MiB into a 48 MiB disk succeeded: {err}"
+    );
+    assert!(err.contains("No space left"), "{err}");
+    assert!(
+        !state_a.join("upper").exists(),
+        "the layer must live on the disk"
+    );
+    let filled = std::fs::metadata(state_a.join("disk/upper/fill"))
+        .unwrap()
+        .len();
+    assert!(filled > 16 << 20 && filled < DISK, "{filled}");
+    // The host holds at most the disk's size, whatever was tried.
+    use std::os::unix::fs::MetadataExt;
+    let img = std::fs::metadata(state_a.join("disk.img")).unwrap();
+    assert_eq!(img.len(), DISK);
+    assert!(
+        img.blocks() * 512 <= DISK,
+        "{} bytes allocated",
+        img.blocks() * 512
+    );
+
+    // Stopped: the disk is unmounted and its loop device released; the files move to
+    // another sandbox with the image, limit included.
+    rt.stop(&id_a, &state_a).await.unwrap();
+    assert!(
+        fx.mounts_below_dir().is_empty(),
+        "{:?}",
+        fx.mounts_below_dir()
+    );
+    let canon_a = std::fs::canonicalize(&state_a).unwrap();
+    assert!(!sh(&["losetup", "-a"]).contains(canon_a.to_str().unwrap()));
+    rt.copy_files(&state_a, &state_b).await.unwrap();
+    assert_eq!(
+        rt.copy_files(&state_a, &state_b)
+            .await
+            .unwrap_err()
+            .to_string(),
+        RuntimeError::CopyFiles {
+            from: state_a.join("disk.img"),
+            to: state_b.join("disk.img"),
+            detail: String::new()
+        }
+        .to_string()
+    );
+    let mut spec_b = spec(&id_b, &layers, &state_b, None);
+    spec_b.resources.disk_bytes = Some(DISK * 4); // ignored: the files keep their disk
+    spec_b.args = vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        "cat /kept > /tmp/seen; rm /fill; df -k / | tail -1 > /tmp/df; sleep 1000".into(),
+    ];
+    rt.start(&spec_b).await.unwrap();
+    let seen = state_b.join("disk/upper/tmp/df");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !seen.exists() {
+        assert!(Instant::now() < deadline, "the copy never ran");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        std::fs::read_to_string(state_b.join("disk/upper/tmp/seen"))
+            .unwrap()
+            .trim(),
+        "kept"
+    );
+    assert_eq!(
+        std::fs::metadata(state_b.join("disk.img")).unwrap().len(),
+        DISK
+    );
+    // Destroy leaves no mount, loop device or file.
+    for (id, state) in [(&id_a, &state_a), (&id_b, &state_b)] {
+        let canon = std::fs::canonicalize(state).unwrap();
+        rt.destroy(id, state).await.unwrap();
+        assert!(!state.exists());
+        assert!(!sh(&["losetup", "-a"]).contains(canon.to_str().unwrap()));
+    }
+    assert!(
+        fx.mounts_below_dir().is_empty(),
+        "{:?}",
+        fx.mounts_below_dir()
+    );
+    fx.rt.remove_cgroup_parent();
+}
+
+/// Whether runsc is missing (the test is then skipped with a message); panics if the host
+/// cannot run sandboxes for another reason.
+fn which_runsc_missing(test: &str) -> bool {
+    match sandpit_runtime_gvisor::check_host(Path::new("runsc")) {
+        Ok(_) => false,
+        Err(GvisorError::ToolMissing { program, source }) if program == Path::new("runsc") => {
+            eprintln!("SKIPPED {test}: runsc is not installed ({source})");
+            true
+        }
+        Err(e) => panic!("this host cannot run gVisor sandboxes: {e}"),
+    }
 }

@@ -275,6 +275,7 @@ impl From<AgentFailure> for RpcError {
                     AgentErrorCode::IsDirectory => 21,
                     AgentErrorCode::InvalidPath => 22,
                     AgentErrorCode::NotEmpty => 39,
+                    AgentErrorCode::NoSpace => 28,
                     _ => 5,
                 };
                 RpcError {

@@ -40,6 +40,7 @@ fn checked_path(path: &str) -> Result<String, ApiError> {
         (status = 204, description = "File uploaded"),
         (status = 400, description = "Invalid path (root, contains ..) or exceeds the size limit", body = ErrorBody),
         (status = 409, description = "Sandbox not running", body = ErrorBody),
+        (status = 507, description = "The sandbox's disk is full (`disk_full`); nothing was written", body = ErrorBody),
     ))]
 async fn upload(
     State(server): State<Arc<Server>>,

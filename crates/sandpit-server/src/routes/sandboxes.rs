@@ -224,6 +224,7 @@ async fn set_egress(
     responses(
         (status = 200, description = "Sandbox woken (or was already running)", body = Sandbox),
         (status = 409, description = "Sandbox is in a state that cannot be woken", body = ErrorBody),
+        (status = 429, description = "The workspace runs as many sandboxes as it may (`running_quota_exceeded`, with Retry-After)", body = ErrorBody),
     ))]
 async fn wake(
     State(server): State<Arc<Server>>,
@@ -363,6 +364,7 @@ pub fn agent_failure(f: AgentFailure) -> ApiError {
                 C::NotEmpty => (StatusCode::CONFLICT, "not_empty"),
                 C::SpawnFailed => (StatusCode::BAD_REQUEST, "spawn_failed"),
                 C::BadRequest => (StatusCode::BAD_REQUEST, "bad_request"),
+                C::NoSpace => (StatusCode::INSUFFICIENT_STORAGE, "disk_full"),
                 C::UnsupportedVersion | C::Io => (StatusCode::INTERNAL_SERVER_ERROR, "agent_error"),
             };
             ApiError::new(status, code, e.message)
@@ -415,8 +417,17 @@ async fn exec(
         }
     };
     let (result, (stdout, stderr)) = tokio::join!(run, collect);
+    // Cancelled by the liveness watch (the sandbox died) or by a destroy.
+    let died = server.died(&id);
     drop(guard);
-    let status = match result.ok_or_else(destroyed_during_exec)? {
+    let Some(result) = result else {
+        return Err(if died {
+            lifecycle::stopped_error()
+        } else {
+            destroyed_during_exec()
+        });
+    };
+    let status = match result {
         Ok(Ok(status)) => status,
         Ok(Err(AgentFailure::Refused(e))) => return Err(agent_failure(AgentFailure::Refused(e))),
         // The agent is gone or silent: maybe the whole sandbox died (memory or process
@@ -516,7 +527,11 @@ async fn exec_stream(
             tokio::select! {
                 out = &mut run => break out,
                 _ = cancel.cancelled() => {
-                    let e = destroyed_during_exec();
+                    let e = if server.died(&id) {
+                        lifecycle::stopped_error()
+                    } else {
+                        destroyed_during_exec()
+                    };
                     let _ = events_tx.send(Ok(sse(ExecEvent::Error { code: e.code.into(), message: e.message }))).await;
                     return; // dropping `run` resets the connection; the agent kills the command
                 }

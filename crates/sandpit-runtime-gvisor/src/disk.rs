@@ -1,0 +1,159 @@
+//! The sandbox's disk: where its writable layer lives, and the bound on its size.
+//!
+//! A sandbox with a disk limit keeps its writable layer in `disk.img`, a sparse ext4 image of
+//! exactly that size, loop-mounted at `disk/` while the sandbox runs (or while its files are
+//! copied out). The overlay's `upperdir` and `workdir` are `disk/upper` and `disk/work`, so a
+//! full disk is `ENOSPC` inside the sandbox and never the host's problem. The image is mounted
+//! with `discard`: deleting files inside punches holes in the image, so it takes on the host
+//! only what the sandbox holds.
+//!
+//! A state directory without `disk.img` (no limit, or written by an older version) keeps its
+//! layer in `upper/` and `work/` directly, as before.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::mounts;
+
+/// The image file of a sandbox's disk.
+pub(crate) fn image_of(state_dir: &Path) -> PathBuf {
+    state_dir.join("disk.img")
+}
+
+/// Where the disk is mounted.
+pub(crate) fn mount_point_of(state_dir: &Path) -> PathBuf {
+    state_dir.join("disk")
+}
+
+/// Whether the state directory keeps its writable layer on a disk image.
+pub(crate) fn has_disk(state_dir: &Path) -> bool {
+    image_of(state_dir).is_file()
+}
+
+/// The overlay's upper and work directories for `state_dir`.
+pub(crate) fn layer_dirs(state_dir: &Path) -> (PathBuf, PathBuf) {
+    if has_disk(state_dir) {
+        let m = mount_point_of(state_dir);
+        (m.join("upper"), m.join("work"))
+    } else {
+        (state_dir.join("upper"), state_dir.join("work"))
+    }
+}
+
+/// The smallest disk we make: ext4's journal and metadata need a few MiB of it.
+pub const MIN_DISK_BYTES: u64 = 16 << 20;
+
+/// Makes the sparse ext4 image of `bytes` bytes at `image` (atomically: a crash leaves no
+/// half-made image). Blocking.
+pub(crate) fn create_image(image: &Path, bytes: u64) -> io::Result<()> {
+    if bytes < MIN_DISK_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("a disk must be at least {MIN_DISK_BYTES} bytes, not {bytes}"),
+        ));
+    }
+    let tmp = image.with_extension("img.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let result = (|| {
+        let f = std::fs::File::create(&tmp)?;
+        f.set_len(bytes)?;
+        drop(f);
+        // -m 0: no blocks reserved for root (the sandbox's root writes through runsc, as host
+        // root). Lazy init keeps the image sparse and mkfs fast; `-E root_owner` leaves the
+        // root directory to root.
+        run(Command::new("mkfs.ext4")
+            .args([
+                "-q",
+                "-F",
+                "-m",
+                "0",
+                "-E",
+                "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0",
+                "-L",
+                "sandpit",
+            ])
+            .arg(&tmp))?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, image)?;
+        if let Some(parent) = image.parent() {
+            std::fs::File::open(parent)?.sync_all()?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Mounts the disk of `state_dir` at `disk/` unless it is mounted already, and makes sure
+/// `upper/` and `work/` exist on it. Blocking.
+pub(crate) fn mount(state_dir: &Path) -> io::Result<()> {
+    let target = mount_point_of(state_dir);
+    std::fs::create_dir_all(&target)?;
+    match mounts::mounted_fstype(&target)? {
+        Some(fs) if fs == "ext4" => {}
+        Some(fs) => {
+            return Err(io::Error::other(format!(
+                "{} is already mounted with {fs}",
+                target.display()
+            )));
+        }
+        None => {
+            // util-linux sets up the loop device with autoclear: it goes away with the mount.
+            run(Command::new("mount")
+                .args(["-t", "ext4", "-o", "loop,discard,noatime,nosuid,nodev"])
+                .arg(image_of(state_dir))
+                .arg(&target))?;
+        }
+    }
+    for d in ["upper", "work"] {
+        std::fs::create_dir_all(target.join(d))?;
+    }
+    Ok(())
+}
+
+/// Unmounts the disk of `state_dir` if it is mounted. Blocking.
+pub(crate) fn unmount(state_dir: &Path) -> io::Result<()> {
+    mounts::unmount(&mount_point_of(state_dir))
+}
+
+fn run(cmd: &mut Command) -> io::Result<()> {
+    let out = cmd.stdin(Stdio::null()).output()?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(io::Error::other(format!(
+        "{:?} failed ({}): {}",
+        cmd.get_program(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_follows_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let (upper, work) = layer_dirs(dir.path());
+        assert_eq!(upper, dir.path().join("upper"));
+        assert_eq!(work, dir.path().join("work"));
+        std::fs::write(image_of(dir.path()), b"").unwrap();
+        let (upper, work) = layer_dirs(dir.path());
+        assert_eq!(upper, dir.path().join("disk/upper"));
+        assert_eq!(work, dir.path().join("disk/work"));
+    }
+
+    #[test]
+    fn refuses_tiny_disks() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = image_of(dir.path());
+        let e = create_image(&image, 1 << 20).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(!image.exists());
+    }
+}
