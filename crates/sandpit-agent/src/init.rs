@@ -25,9 +25,47 @@ pub fn default_env() -> Vec<(&'static str, &'static str)> {
     out
 }
 
+/// Where init and serve log once init runs: a file on the sandbox's `/dev` tmpfs (its memory),
+/// so it never reaches the sandbox's disk, a template layer or the host.
+pub const LOG_PATH: &str = "/dev/.sandpit-agent.log";
+/// The agent stops logging to a file once it holds this much.
+pub const LOG_CAP: u64 = 1 << 20;
+
+/// Whether a log line may be written: stderr is not a file already [`LOG_CAP`] long.
+pub fn log_has_room() -> bool {
+    rustix::fs::fstat(rustix::stdio::stderr()).map_or(true, |st| {
+        (st.st_mode & 0o170000) != 0o100000 || (st.st_size as u64) < LOG_CAP
+    })
+}
+
+/// Leave the host's console: stdin becomes `/dev/null` and stdout and stderr [`LOG_PATH`].
+/// The console runsc hands init is a file on the host, and any root process in the sandbox
+/// can write to init's descriptors through `/proc/1/fd`; after this nothing in the sandbox
+/// holds a host file it could grow.
+fn leave_console() {
+    use rustix::fs::{Mode, OFlags};
+    let null = rustix::fs::open("/dev/null", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty());
+    let log = rustix::fs::open(
+        LOG_PATH,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::APPEND | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    );
+    let (Ok(null), out) = (null, log) else {
+        log!("init: no /dev/null; keeping the console");
+        return;
+    };
+    log!("init: logging to {LOG_PATH} from now on");
+    let out = out.as_ref().unwrap_or(&null);
+    // Failures leave that descriptor as it was; there is nowhere better to report them.
+    let _ = rustix::stdio::dup2_stdin(&null);
+    let _ = rustix::stdio::dup2_stdout(out);
+    let _ = rustix::stdio::dup2_stderr(out);
+}
+
 /// Run as init forever: spawn `/proc/self/exe serve`, reap all children with `waitpid(-1)`,
 /// and restart `serve` whenever it dies.
 pub fn run(listen: Option<SocketAddr>) -> ! {
+    leave_console();
     let arg0 = std::env::args_os().next();
     loop {
         let started = Instant::now();

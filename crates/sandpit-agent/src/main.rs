@@ -5,10 +5,13 @@
 //! `serve` answers the host over TCP (see `sandpit-agent-proto`).
 
 /// Log one line to stderr. Never panics: stderr may be a closed pipe inside the sandbox.
+/// Skipped once stderr is a file of [`init::LOG_CAP`] bytes or more.
 macro_rules! log {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), "sandpit-agent: {}", format_args!($($arg)*));
+        if crate::init::log_has_room() {
+            let _ = writeln!(std::io::stderr(), "sandpit-agent: {}", format_args!($($arg)*));
+        }
     }};
 }
 

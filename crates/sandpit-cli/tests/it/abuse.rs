@@ -89,6 +89,29 @@ async fn abusive_sandboxes_are_contained_and_neighbours_stay_responsive() {
         "server RSS grew by {rss_growth} bytes"
     );
 
+    // Console flood: init's descriptors (reachable through /proc/1/fd) no longer lead to a
+    // host file, so writing to them grows nothing on the host.
+    let console = srv
+        .data_dir
+        .join("sandboxes")
+        .join(&abuser.id)
+        .join("console.log");
+    let console_before = std::fs::metadata(&console).map_or(0, |m| m.len());
+    let out = sh(
+        &client,
+        &abuser.id,
+        "for fd in 0 1 2; do head -c 5000000 /dev/zero > /proc/1/fd/$fd; done; echo done",
+    )
+    .await;
+    assert_eq!(out.stdout, "done\n", "{out:?}");
+    let console_growth = std::fs::metadata(&console)
+        .map_or(0, |m| m.len())
+        .saturating_sub(console_before);
+    assert!(
+        console_growth < 4096,
+        "console.log grew by {console_growth} bytes"
+    );
+
     // Disk fill: the sandbox's disk (256 MiB for test servers) fills up. Writes inside get
     // ENOSPC and an upload answers 507 `disk_full`; the host holds no more than the disk's
     // size; the sandbox keeps running, and freeing space makes writes work again.

@@ -421,11 +421,13 @@ async fn exec(
     let died = server.died(&id);
     drop(guard);
     let Some(result) = result else {
-        return Err(if died {
-            lifecycle::stopped_error()
-        } else {
-            destroyed_during_exec()
-        });
+        if died {
+            // Answer once the sandbox is settled, so the client's next look agrees.
+            return Err(lifecycle::settle_if_dead(&server, &id)
+                .await
+                .unwrap_or_else(lifecycle::stopped_error));
+        }
+        return Err(destroyed_during_exec());
     };
     let status = match result {
         Ok(Ok(status)) => status,
@@ -528,7 +530,10 @@ async fn exec_stream(
                 out = &mut run => break out,
                 _ = cancel.cancelled() => {
                     let e = if server.died(&id) {
-                        lifecycle::stopped_error()
+                        drop(_guard);
+                        lifecycle::settle_if_dead(&server, &id)
+                            .await
+                            .unwrap_or_else(lifecycle::stopped_error)
                     } else {
                         destroyed_during_exec()
                     };
