@@ -937,43 +937,21 @@ async fn copy_disk(from_state_dir: &Path, to_state_dir: &Path) -> Result<(), Run
     Ok(())
 }
 
-/// [`Runtime::export_layer`] for a sandbox with a disk: mounts it, copies `upper/` out and
-/// unmounts it again.
-async fn export_disk_layer(state_dir: &Path, to_dir: &Path) -> Result<(), RuntimeError> {
-    let from = disk::mount_point_of(state_dir).join("upper");
-    let err = |detail: String| RuntimeError::CopyFiles {
-        from: from.clone(),
-        to: to_dir.to_path_buf(),
-        detail,
-    };
-    if to_dir.exists() {
-        return Err(err("the destination exists".into()));
-    }
-    if let Some(parent) = to_dir.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| err(e.to_string()))?;
-    }
-    let dir = state_dir.to_path_buf();
-    blocking(move || disk::mount(&dir))
-        .await
-        .map_err(|e| err(e.to_string()))?;
+/// `cp -a from to`: keeps owners, modes, times, xattrs and overlay whiteouts. On failure
+/// `to` is removed.
+async fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
     let out = tokio::process::Command::new("cp")
         .arg("-a")
-        .arg(&from)
-        .arg(to_dir)
+        .arg(from)
+        .arg(to)
         .output()
-        .await;
-    let dir = state_dir.to_path_buf();
-    let unmounted = blocking(move || disk::unmount(&dir)).await;
-    let copied = match out {
-        Ok(out) if out.status.success() => Ok(()),
-        Ok(out) => Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string())),
-        Err(e) => Err(err(format!("running cp: {e}"))),
-    };
-    if copied.is_err() {
-        let _ = std::fs::remove_dir_all(to_dir);
+        .await
+        .map_err(|e| format!("running cp: {e}"))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_dir_all(to);
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
     }
-    copied?;
-    unmounted.map_err(|e| err(format!("unmounting the disk: {e}")))
+    Ok(())
 }
 
 /// Runs blocking file-system work off the async threads.
@@ -1229,10 +1207,7 @@ impl Runtime for GvisorRuntime {
     }
 
     async fn export_layer(&self, state_dir: &Path, to_dir: &Path) -> Result<(), RuntimeError> {
-        if disk::has_disk(state_dir) {
-            return export_disk_layer(state_dir, to_dir).await;
-        }
-        let from = state_dir.join("upper");
+        let (from, _) = disk::layer_dirs(state_dir);
         let err = |detail: String| RuntimeError::CopyFiles {
             from: from.clone(),
             to: to_dir.to_path_buf(),
@@ -1244,24 +1219,23 @@ impl Runtime for GvisorRuntime {
         if let Some(parent) = to_dir.parent() {
             std::fs::create_dir_all(parent).map_err(|e| err(e.to_string()))?;
         }
-        match std::fs::rename(&from, to_dir) {
-            Ok(()) => Ok(()),
-            // Another file system: copy (keeps owners, modes, xattrs and whiteouts).
-            Err(_) => {
-                let out = tokio::process::Command::new("cp")
-                    .arg("-a")
-                    .arg(&from)
-                    .arg(to_dir)
-                    .output()
-                    .await
-                    .map_err(|e| err(format!("running cp: {e}")))?;
-                if !out.status.success() {
-                    let _ = std::fs::remove_dir_all(to_dir);
-                    return Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
-                }
-                Ok(())
+        if !disk::has_disk(state_dir) {
+            // Same file system: a rename; otherwise a copy.
+            if std::fs::rename(&from, to_dir).is_ok() {
+                return Ok(());
             }
+            return copy_tree(&from, to_dir).await.map_err(err);
         }
+        // On its disk: mounted for the copy, unmounted again whatever happens.
+        let dir = state_dir.to_path_buf();
+        blocking(move || disk::mount(&dir))
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let copied = copy_tree(&from, to_dir).await;
+        let dir = state_dir.to_path_buf();
+        let unmounted = blocking(move || disk::unmount(&dir)).await;
+        copied.map_err(err)?;
+        unmounted.map_err(|e| err(format!("unmounting the disk: {e}")))
     }
 
     async fn dead(&self, ids: &[String]) -> Result<Vec<String>, RuntimeError> {

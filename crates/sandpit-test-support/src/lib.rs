@@ -368,6 +368,20 @@ impl Drop for TestServer {
                 eprintln!("{line}");
             }
         }
+        // A create the server had under way goes on without it (`runsc run` outlives it) and
+        // could finish after the cleanup below: kill every runsc process of this data
+        // directory first (positive pids only), until none is left.
+        let pattern = format!("runsc.*{}/", self.data_dir.display());
+        for _ in 0..50 {
+            let found = Command::new("pkill")
+                .args(["-KILL", "-f", &pattern])
+                .status()
+                .is_ok_and(|s| s.success());
+            if !found {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         // Remove everything the server may have left, whatever state the test ended in.
         let _ = Command::new(&self.bin)
             .args(["cleanup", "--yes"])

@@ -175,3 +175,89 @@ async fn authorization_matrix_and_token_hygiene() {
         issued.len() * 3
     );
 }
+
+/// Symlink swaps racing the file API: while a process in the sandbox keeps turning
+/// `/tmp/race` and `/tmp/dir` into a file, a directory and symlinks to host paths, uploads,
+/// downloads and listings through the API never read or write outside the sandbox (paths
+/// resolve in the sandbox's own kernel). Nor does destroying a sandbox whose files point at
+/// host paths touch them.
+#[tokio::test]
+async fn symlink_swaps_racing_the_file_api_stay_inside() {
+    let srv = server().await;
+    let client = srv.client();
+    let sb = create(&client, base()).await;
+    // Host canaries the sandbox names by their host paths.
+    let canary_dir = tempfile::Builder::new()
+        .prefix("sandpit-canary-")
+        .tempdir()
+        .unwrap();
+    let canary = canary_dir.path().join("secret");
+    std::fs::write(&canary, "host only").unwrap();
+    let (host_file, host_dir) = (
+        canary.display().to_string(),
+        canary_dir.path().display().to_string(),
+    );
+    let swapper = format!(
+        "mkdir -p /tmp/realdir; setsid sh -c 'while :; do \
+           ln -sfn /../../../..{host_file} /tmp/race; ln -sfn /../../..{host_dir} /tmp/dir; \
+           rm -f /tmp/race; echo inside > /tmp/race; \
+           rm -f /tmp/dir; ln -sfn /tmp/realdir /tmp/dir; \
+           rm -f /tmp/dir; ln -sfn ../../..{host_dir}/ /tmp/dir; \
+         done' </dev/null >/dev/null 2>&1 & echo started"
+    );
+    assert_eq!(sh(&client, &sb.id, &swapper).await.stdout, "started\n");
+
+    const ROUNDS: usize = 60;
+    let (mut ops, mut refused) = (0usize, 0usize);
+    for i in 0..ROUNDS {
+        let (a, b, c, d, e) = tokio::join!(
+            client.upload(&sb.id, "/tmp/race", format!("api {i}")),
+            client.download(&sb.id, "/tmp/race"),
+            client.upload(&sb.id, "/tmp/dir/secret", format!("api {i}")),
+            client.download(&sb.id, "/tmp/dir/secret"),
+            client.list_files(&sb.id, "/tmp/dir"),
+        );
+        ops += 5;
+        for r in [a.err(), c.err(), e.err()].into_iter().flatten() {
+            let status = r.status().map_or(0, |s| s.as_u16());
+            assert!((400..500).contains(&status), "{r:?}");
+            refused += 1;
+        }
+        for r in [b, d] {
+            match r {
+                Ok(resp) => {
+                    let body = resp.text().await.unwrap_or_default();
+                    assert_ne!(body, "host only", "a download read the host's file");
+                }
+                Err(r) => {
+                    let status = r.status().map_or(0, |s| s.as_u16());
+                    assert!((400..500).contains(&status), "{r:?}");
+                    refused += 1;
+                }
+            }
+        }
+    }
+    let host_entries: Vec<_> = std::fs::read_dir(canary_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(host_entries, vec![std::ffi::OsString::from("secret")]);
+    assert_eq!(std::fs::read_to_string(&canary).unwrap(), "host only");
+
+    // Destroy with links to host paths in the sandbox's files.
+    sh(
+        &client,
+        &sb.id,
+        &format!(
+            "ln -s /../../..{host_dir} /home/dirlink; ln -s /../../../..{host_file} /home/filelink; \
+             ln -s {host_dir} /home/abslink"
+        ),
+    )
+    .await;
+    client.destroy_sandbox(&sb.id).await.unwrap();
+    assert_eq!(std::fs::read_to_string(&canary).unwrap(), "host only");
+    assert!(canary_dir.path().is_dir());
+    let leaks = srv.leaks();
+    assert!(leaks.is_empty(), "{leaks:?}");
+    println!("FIGURE bad_inputs symlink_races={ops} refused={refused}");
+}

@@ -96,6 +96,26 @@ struct Fixture {
 }
 
 impl Fixture {
+    /// A runtime and a network under a fresh tag (`<tag_prefix><4 hex digits>`, returned) and
+    /// a temporary directory named `<dir_prefix>…`.
+    fn new(tag_prefix: &str, dir_prefix: &str) -> (Fixture, String) {
+        let tag = format!("{tag_prefix}{:04x}", random() as u16);
+        let dir = tempfile::Builder::new()
+            .prefix(dir_prefix)
+            .tempdir()
+            .unwrap();
+        let mut cfg = GvisorConfig::new(dir.path().join("runsc-root"));
+        cfg.cgroup_parent = format!("sandpit-test-{tag}");
+        let rt = GvisorRuntime::new(cfg).unwrap();
+        let net = Network::new(NetConfig {
+            prefix: tag.clone(),
+            pool: free_pool(),
+            nameservers: Vec::new(),
+        })
+        .unwrap();
+        (Fixture { rt, net, dir }, tag)
+    }
+
     fn state(&self, name: &str) -> PathBuf {
         self.dir.path().join("sandboxes").join(name)
     }
@@ -293,21 +313,7 @@ async fn gvisor_lifecycle() {
         )
         .with_test_writer()
         .try_init();
-    let tag = format!("gv{:04x}", random() as u16);
-    let dir = tempfile::Builder::new()
-        .prefix("sandpit-gvisor-it-")
-        .tempdir()
-        .unwrap();
-    let mut cfg = GvisorConfig::new(dir.path().join("runsc-root"));
-    cfg.cgroup_parent = format!("sandpit-test-{tag}");
-    let rt = GvisorRuntime::new(cfg).unwrap();
-    let net = Network::new(NetConfig {
-        prefix: tag.clone(),
-        pool: free_pool(),
-        nameservers: Vec::new(),
-    })
-    .unwrap();
-    let fx = Fixture { rt, net, dir };
+    let (fx, tag) = Fixture::new("gv", "sandpit-gvisor-it-");
     let (rt, net) = (&fx.rt, &fx.net);
     assert_eq!(rt.name(), "gvisor");
     net.init().await.unwrap();
@@ -577,21 +583,7 @@ async fn disk_limit_contains_a_fill() {
     if which_runsc_missing("disk_limit_contains_a_fill") {
         return;
     }
-    let tag = format!("gd{:04x}", random() as u16);
-    let dir = tempfile::Builder::new()
-        .prefix("sandpit-gvisor-disk-")
-        .tempdir()
-        .unwrap();
-    let mut cfg = GvisorConfig::new(dir.path().join("runsc-root"));
-    cfg.cgroup_parent = format!("sandpit-test-{tag}");
-    let rt = GvisorRuntime::new(cfg).unwrap();
-    let net = Network::new(NetConfig {
-        prefix: tag.clone(),
-        pool: free_pool(),
-        nameservers: Vec::new(),
-    })
-    .unwrap();
-    let fx = Fixture { rt, net, dir };
+    let (fx, tag) = Fixture::new("gd", "sandpit-gvisor-disk-");
     let rt = &fx.rt;
     let layers = build_layers(fx.dir.path());
     const DISK: u64 = 48 << 20;
