@@ -241,10 +241,12 @@ pub async fn fork(
     }
     drop(reservation);
     let copied_ms = started.elapsed().as_millis() as u64;
+    crate::faults::point("fork.copied");
 
     // The parent comes back while its children start: both restore from the same image.
     let parent_back = async {
         let thawed = thaw(server, &parent, &frozen).await;
+        crate::faults::point("fork.parent_restored");
         drop(guard);
         thawed
     };

@@ -552,6 +552,7 @@ pub async fn create(
     let _guard = lock.write().await;
     insert_with_slot(server, &mut row).await?;
     drop(reservation);
+    crate::faults::point("create.inserted");
     let started = std::time::Instant::now();
     let booted = match &snapshot {
         Some(snap) => crate::fork::boot_from_snapshot(server, &row, snap).await,
@@ -588,6 +589,7 @@ pub async fn create(
             .await?;
         return Err(e.into());
     }
+    crate::faults::point("create.booted");
     let now = now_ms();
     server
         .store
@@ -642,6 +644,7 @@ async fn destroy_locked(
     server
         .teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
         .await;
+    crate::faults::point("destroy.torn_down");
     server.store.mark_destroyed(id, now_ms()).await?;
     drop(guard);
     server.forget_lock(id);
@@ -812,6 +815,7 @@ async fn suspend_locked(
             .await
             .map_err(ServerError::from)?;
     }
+    crate::faults::point("hibernate.checkpointed");
     // The network namespace stays (it holds no memory to speak of), so waking skips
     // rebuilding it; after a host reboot `boot` recreates it.
     server
@@ -863,6 +867,7 @@ pub async fn wake(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiError
             DisplayChain(&e)
         ));
     }
+    crate::faults::point("wake.restored");
     if has_image {
         let _ = std::fs::remove_dir_all(&image);
     }

@@ -331,6 +331,13 @@ impl TestServer {
         self.spawn().await
     }
 
+    /// Whether the server process has exited on its own (it was started and is gone).
+    pub fn has_exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_some())
+    }
+
     /// The server process's id while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())

@@ -108,7 +108,10 @@ async fn upload_file(
     let written = agent.write_file(&path, Box::pin(body), limit).await;
     drop(guard);
     match written {
-        Ok(_) => Ok(StatusCode::NO_CONTENT),
+        Ok(_) => {
+            crate::faults::point("upload.written");
+            Ok(StatusCode::NO_CONTENT)
+        }
         // The agent is gone: maybe the whole sandbox died; if so, say so and settle it.
         Err(AgentFailure::Broken(e)) => Err(lifecycle::settle_if_dead(server, id)
             .await
