@@ -365,10 +365,16 @@ async fn faults_at_every_named_step_lose_nothing() {
             "upload" => client.upload(&sb.id, "/home/unacked", "x").await.map(drop),
             other => panic!("no operation reaches {other}"),
         };
-        assert!(outcome.is_err(), "{point}: answered although the server crashed");
+        assert!(
+            outcome.is_err(),
+            "{point}: answered although the server crashed"
+        );
         let deadline = Instant::now() + Duration::from_secs(10);
         while !srv.has_exited() {
-            assert!(Instant::now() < deadline, "{point}: the server did not crash");
+            assert!(
+                Instant::now() < deadline,
+                "{point}: the server did not crash"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         crashed += 1;
