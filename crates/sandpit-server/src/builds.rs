@@ -257,6 +257,7 @@ pub async fn create(
         }
         None => None,
     };
+    server.ensure_free_disk()?;
     for p in [&req.default_egress, &req.build_egress]
         .into_iter()
         .flatten()

@@ -198,6 +198,7 @@ pub async fn fork(
         ));
     }
     get_for(server, auth, parent_id).await?;
+    server.ensure_free_disk()?;
     // Held until the children's rows are in the store, which then counts them as running.
     let reservation = server
         .limits
@@ -309,6 +310,7 @@ pub async fn take_snapshot(
     sandbox_id: &str,
 ) -> Result<SnapshotRow, ApiError> {
     get_for(server, auth, sandbox_id).await?;
+    server.ensure_free_disk()?;
     let lock = server.lock_of(sandbox_id);
     let _guard = lock.write().await;
     let row = get_for(server, auth, sandbox_id).await?;

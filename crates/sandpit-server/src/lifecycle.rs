@@ -538,6 +538,7 @@ pub async fn create(
     req: &CreateSandboxRequest,
 ) -> Result<SandboxRow, ApiError> {
     let (mut row, snapshot) = validate_create(server, auth, req).await?;
+    server.ensure_free_disk()?;
     // Held until the row is in the store, which then counts it as running.
     let reservation = server
         .limits

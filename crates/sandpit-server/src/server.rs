@@ -57,6 +57,10 @@ pub struct ServerConfig {
     pub limits: crate::limits::LimitsConfig,
     /// Registries (`host:port`) template builds reach over plain HTTP; loopback ones always.
     pub insecure_registries: Vec<String>,
+    /// Free space the host's data filesystem keeps: below it, creates, forks, snapshots and
+    /// template builds answer 507 `host_disk_full` (wakes and hibernates still run). Sandbox
+    /// disks are sparse, so their limits can add up to more than the host has. 0: no check.
+    pub min_free_disk: u64,
     /// How often the reaper looks for running sandboxes that died (see
     /// `Server::watch_liveness`).
     pub liveness_interval: Duration,
@@ -90,6 +94,7 @@ impl ServerConfig {
             insecure_registries: Vec::new(),
             disk_limit: Some(10 << 30),
             liveness_interval: Duration::from_secs(2),
+            min_free_disk: 2 << 30,
         }
     }
 }
@@ -267,6 +272,38 @@ impl Server {
         if self.deaths.lock().expect("death set poisoned").remove(id) {
             self.cancels.lock().expect("cancel map poisoned").remove(id);
         }
+    }
+
+    /// 507 `host_disk_full` when the data filesystem has less than `min_free_disk` free (for
+    /// what makes new files: creates, forks, snapshots, builds).
+    pub fn ensure_free_disk(&self) -> Result<(), crate::error::ApiError> {
+        if self.cfg.min_free_disk == 0 {
+            return Ok(());
+        }
+        let free = match rustix::fs::statvfs(&self.cfg.data_dir) {
+            Ok(st) => st.f_bavail.saturating_mul(st.f_frsize),
+            Err(e) => {
+                tracing::warn!(error = %e, "statvfs of the data directory");
+                return Ok(());
+            }
+        };
+        if free >= self.cfg.min_free_disk {
+            return Ok(());
+        }
+        tracing::warn!(
+            free,
+            reserve = self.cfg.min_free_disk,
+            "the host's data filesystem is low on space"
+        );
+        Err(crate::error::ApiError::new(
+            axum::http::StatusCode::INSUFFICIENT_STORAGE,
+            "host_disk_full",
+            format!(
+                "the host has {} MiB free for sandboxes, below its reserve of {} MiB; destroy sandboxes or snapshots, or ask the operator to free space",
+                free >> 20,
+                self.cfg.min_free_disk >> 20
+            ),
+        ))
     }
 
     pub fn state_dir(&self, id: &str) -> PathBuf {

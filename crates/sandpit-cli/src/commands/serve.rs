@@ -100,9 +100,21 @@ pub struct ServeArgs {
     /// sandbox gets ENOSPC and the host's disk is safe. `off`: no bound.
     #[arg(long, env = "SANDPIT_DISK_LIMIT", default_value = "10G", value_parser = parse_disk_limit)]
     disk_limit: DiskLimit,
+    /// Free space the data directory's filesystem keeps, e.g. 2G: below it creates, forks,
+    /// snapshots and template builds answer 507 `host_disk_full`. `off`: no check.
+    #[arg(long, env = "SANDPIT_MIN_FREE_DISK", default_value = "2G", value_parser = parse_min_free)]
+    min_free_disk: DiskLimit,
     /// Log as JSON lines.
     #[arg(long, env = "SANDPIT_LOG_JSON")]
     log_json: bool,
+}
+
+/// `--min-free-disk`: a size (any, 0 included) or `off`.
+fn parse_min_free(text: &str) -> Result<DiskLimit, String> {
+    match text.trim() {
+        "0" => Ok(DiskLimit(None)),
+        t => parse_size(t).map(DiskLimit),
+    }
 }
 
 /// `--disk-limit`: bytes, or `None` for `off`.
@@ -110,9 +122,23 @@ pub struct ServeArgs {
 struct DiskLimit(Option<u64>);
 
 fn parse_disk_limit(text: &str) -> Result<DiskLimit, String> {
+    let limit = parse_size(text)?;
+    if let Some(bytes) = limit
+        && bytes < sandpit_runtime_gvisor::MIN_DISK_BYTES
+    {
+        return Err(format!(
+            "{text:?} is too small: a disk needs at least {} MiB",
+            sandpit_runtime_gvisor::MIN_DISK_BYTES >> 20
+        ));
+    }
+    Ok(DiskLimit(limit))
+}
+
+/// A size such as `10G`, `512M`, `64MiB` or a number of bytes; `off` is `None`.
+fn parse_size(text: &str) -> Result<Option<u64>, String> {
     let text = text.trim();
     if text.eq_ignore_ascii_case("off") {
-        return Ok(DiskLimit(None));
+        return Ok(None);
     }
     let (digits, unit) = text.split_at(
         text.find(|c: char| !c.is_ascii_digit())
@@ -138,16 +164,9 @@ fn parse_disk_limit(text: &str) -> Result<DiskLimit, String> {
     let n: u64 = digits
         .parse()
         .map_err(|_| format!("{text:?}: expected a size such as 10G or 512M, or off"))?;
-    let bytes = n
-        .checked_mul(1 << shift)
-        .ok_or_else(|| format!("{text:?} is too large"))?;
-    if bytes < sandpit_runtime_gvisor::MIN_DISK_BYTES {
-        return Err(format!(
-            "{text:?} is too small: a disk needs at least {} MiB",
-            sandpit_runtime_gvisor::MIN_DISK_BYTES >> 20
-        ));
-    }
-    Ok(DiskLimit(Some(bytes)))
+    n.checked_mul(1 << shift)
+        .map(Some)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 fn find_agent() -> Option<PathBuf> {
@@ -207,6 +226,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     cfg.insecure_registries = args.insecure_registries;
     cfg.disk_limit = args.disk_limit.0;
+    cfg.min_free_disk = args.min_free_disk.0.unwrap_or(0);
     let (server, token) = Server::start(cfg, args.bootstrap_token.as_deref())
         .await
         .map_err(|e| anyhow::anyhow!("{}", sandpit_server::error::DisplayChain(&e)))
@@ -274,5 +294,11 @@ mod tests {
         for bad in ["", "G", "10X", "-1G", "1M", "99999999999T"] {
             assert!(p(bad).is_err(), "{bad}");
         }
+        let m = |t: &str| parse_min_free(t).map(|d| d.0);
+        assert_eq!(m("2G"), Ok(Some(2 << 30)));
+        assert_eq!(m("1M"), Ok(Some(1 << 20)));
+        assert_eq!(m("0"), Ok(None));
+        assert_eq!(m("off"), Ok(None));
+        assert!(m("lots").is_err());
     }
 }

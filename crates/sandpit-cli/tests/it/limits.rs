@@ -213,6 +213,39 @@ async fn quotas_and_rates_are_never_over_admitted() {
     let health = reqwest::get(format!("{}/healthz", srv.url)).await.unwrap();
     assert_eq!(health.status(), StatusCode::OK);
 
+    // The host's free-space reserve: with one larger than any disk, creates, forks and
+    // snapshots answer 507 `host_disk_full` and change nothing; running sandboxes go on.
+    let mut srv = srv;
+    srv.set_env("SANDPIT_MIN_FREE_DISK", "1000000T");
+    srv.restart().await.unwrap();
+    let admin = srv.client();
+    let rows_before = admin.list_sandboxes(None).await.unwrap().len();
+    let running = admin.list_sandboxes(Some("running")).await.unwrap();
+    let (status, code, _) = send(admin.request(Method::POST, "/v1/sandboxes").json(&base())).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::INSUFFICIENT_STORAGE, "host_disk_full")
+    );
+    for path in ["fork", "snapshots"] {
+        let (status, code, _) = send(
+            admin
+                .request(
+                    Method::POST,
+                    &format!("/v1/sandboxes/{}/{path}", running[0].id),
+                )
+                .json(&serde_json::json!({"count": 1})),
+        )
+        .await;
+        assert_eq!(
+            (status, code.as_str()),
+            (StatusCode::INSUFFICIENT_STORAGE, "host_disk_full"),
+            "{path}"
+        );
+    }
+    assert_eq!(admin.list_sandboxes(None).await.unwrap().len(), rows_before);
+    let out = crate::sh(&admin, &running[0].id, "echo still here").await;
+    assert_eq!(out.stdout, "still here\n");
+
     for s in admin.list_sandboxes(None).await.unwrap() {
         admin.destroy_sandbox(&s.id).await.unwrap();
     }

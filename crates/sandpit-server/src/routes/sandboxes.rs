@@ -62,6 +62,7 @@ pub fn router() -> OpenApiRouter<Arc<Server>> {
         (status = 409, description = "A request with this Idempotency-Key is still running", body = ErrorBody),
         (status = 422, description = "This Idempotency-Key was used with a different request", body = ErrorBody),
         (status = 429, description = "Rate limit or running-sandbox quota reached (see Retry-After)", body = ErrorBody),
+        (status = 507, description = "The host's data filesystem is below its free-space reserve (`host_disk_full`); nothing was made", body = ErrorBody),
     ))]
 async fn create_sandbox(
     State(server): State<Arc<Server>>,
@@ -601,6 +602,7 @@ async fn exec_stream(
         (status = 409, description = "The parent cannot be copied in its state, or a request with this Idempotency-Key is still running", body = ErrorBody),
         (status = 422, description = "This Idempotency-Key was used with a different request", body = ErrorBody),
         (status = 429, description = "Rate limit or running-sandbox quota reached (see Retry-After)", body = ErrorBody),
+        (status = 507, description = "The host's data filesystem is below its free-space reserve (`host_disk_full`); nothing was made", body = ErrorBody),
     ))]
 async fn fork(
     State(server): State<Arc<Server>>,
@@ -631,6 +633,7 @@ async fn fork(
     responses(
         (status = 201, description = "Snapshot taken", body = Snapshot),
         (status = 409, description = "The sandbox cannot be copied in its state", body = ErrorBody),
+        (status = 507, description = "The host's data filesystem is below its free-space reserve (`host_disk_full`); nothing was made", body = ErrorBody),
     ))]
 async fn create_snapshot(
     State(server): State<Arc<Server>>,

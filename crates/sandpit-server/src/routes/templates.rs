@@ -36,6 +36,7 @@ pub fn router() -> OpenApiRouter<Arc<Server>> {
     responses(
         (status = 200, description = "The templates", body = TemplateList),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 507, description = "The host's data filesystem is below its free-space reserve (`host_disk_full`); nothing was made", body = ErrorBody),
     ))]
 async fn list_templates(
     State(server): State<Arc<Server>>,
