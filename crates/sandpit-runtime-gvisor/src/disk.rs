@@ -13,6 +13,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use crate::mounts;
 
@@ -101,6 +102,8 @@ pub(crate) fn mount(state_dir: &Path) -> io::Result<()> {
             )));
         }
         None => {
+            // The image's last mount may still be shutting down (see `unmount`).
+            wait_released(&image_of(state_dir))?;
             // util-linux sets up the loop device with autoclear: it goes away with the mount.
             run(Command::new("mount")
                 .args(["-t", "ext4", "-o", "loop,discard,noatime,nosuid,nodev"])
@@ -114,9 +117,78 @@ pub(crate) fn mount(state_dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Unmounts the disk of `state_dir` if it is mounted. Blocking.
+/// How long [`unmount`] waits for the kernel to let go of the image.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Unmounts the disk of `state_dir` if it is mounted, and waits until no loop device holds
+/// its image any more. Blocking.
+///
+/// Unmounting our mount point is not enough: runsc's private mount namespace holds a copy of
+/// the mount until the kernel has torn that namespace down, and a lazily detached mount lives
+/// on while it is busy. Only when the filesystem is shut down is everything written to the
+/// image, and only then may the image be copied or mounted again (two live ext4 instances
+/// over one image would corrupt it). The filesystem is synced first, so the data is in the
+/// image even before that.
 pub(crate) fn unmount(state_dir: &Path) -> io::Result<()> {
-    mounts::unmount(&mount_point_of(state_dir))
+    let target = mount_point_of(state_dir);
+    if mounts::mounted_fstype(&target)?.is_some_and(|fs| fs == "ext4")
+        && let Ok(dir) = rustix::fs::open(
+            &target,
+            rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+    {
+        rustix::fs::syncfs(&dir)?;
+    }
+    mounts::unmount(&target)?;
+    wait_released(&image_of(state_dir))
+}
+
+/// Waits until no loop device holds `image` (see [`unmount`]). Blocking.
+pub(crate) fn wait_released(image: &Path) -> io::Result<()> {
+    if !image.exists() {
+        return Ok(());
+    }
+    let image = std::fs::canonicalize(image)?;
+    let started = Instant::now();
+    while let Some(dev) = loop_device_of(&image) {
+        if started.elapsed() > RELEASE_TIMEOUT {
+            return Err(io::Error::other(format!(
+                "{} still holds {} after {RELEASE_TIMEOUT:?}",
+                dev,
+                image.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if started.elapsed() > Duration::from_millis(1) {
+        tracing::debug!(
+            image = %image.display(),
+            waited_ms = started.elapsed().as_millis() as u64,
+            "the image's loop device was released"
+        );
+    }
+    Ok(())
+}
+
+/// The loop device (`loopN`) backed by `image`, if any, from sysfs.
+fn loop_device_of(image: &Path) -> Option<String> {
+    let want = image.as_os_str().as_encoded_bytes();
+    std::fs::read_dir("/sys/block")
+        .ok()?
+        .flatten()
+        .find_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with("loop") {
+                return None;
+            }
+            let backing = std::fs::read(e.path().join("loop/backing_file")).ok()?;
+            let backing = backing.strip_suffix(b"\n").unwrap_or(&backing);
+            // A deleted backing file reads as "<path> (deleted)".
+            (backing == want).then_some(name)
+        })
 }
 
 fn run(cmd: &mut Command) -> io::Result<()> {

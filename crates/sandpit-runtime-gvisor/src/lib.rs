@@ -906,6 +906,10 @@ async fn copy_disk(from_state_dir: &Path, to_state_dir: &Path) -> Result<(), Run
             "the source disk is mounted: the sandbox must be stopped first".into(),
         ));
     }
+    let image = from.clone();
+    blocking(move || disk::wait_released(&image))
+        .await
+        .map_err(|e| err(e.to_string()))?;
     std::fs::create_dir_all(to_state_dir).map_err(|e| err(e.to_string()))?;
     if to.exists() || to_state_dir.join("upper").exists() {
         return Err(err("the destination already has files".into()));

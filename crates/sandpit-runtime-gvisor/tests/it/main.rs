@@ -583,6 +583,13 @@ async fn disk_limit_contains_a_fill() {
     if which_runsc_missing("disk_limit_contains_a_fill") {
         return;
     }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "sandpit_runtime_gvisor=debug".into()),
+        )
+        .with_test_writer()
+        .try_init();
     let (fx, tag) = Fixture::new("gd", "sandpit-gvisor-disk-");
     let rt = &fx.rt;
     let layers = build_layers(fx.dir.path());

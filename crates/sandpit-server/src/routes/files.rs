@@ -105,8 +105,26 @@ async fn upload_file(
             )),
         },
     );
-    let written = agent.write_file(&path, Box::pin(body), limit).await;
+    // The liveness watch (or a destroy) cancels the sandbox's operations.
+    let cancel = server.cancel_of(id);
+    let written = tokio::select! {
+        w = agent.write_file(&path, Box::pin(body), limit) => Some(w),
+        _ = cancel.cancelled() => None,
+    };
+    let died = server.died(id);
     drop(guard);
+    let Some(written) = written else {
+        return Err(if died {
+            lifecycle::settle_if_dead(server, id)
+                .await
+                .unwrap_or_else(lifecycle::stopped_error)
+        } else {
+            ApiError::conflict(
+                "sandbox_destroyed",
+                "the sandbox was destroyed during the upload",
+            )
+        });
+    };
     match written {
         Ok(_) => {
             crate::faults::point("upload.written");
