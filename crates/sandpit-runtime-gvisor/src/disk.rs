@@ -88,6 +88,26 @@ pub(crate) fn create_image(image: &Path, bytes: u64) -> io::Result<()> {
     result
 }
 
+/// Grows the unmounted disk of `state_dir` to `bytes` if it is smaller (the image and its
+/// filesystem); a larger disk is left as it is. Blocking.
+pub(crate) fn grow(state_dir: &Path, bytes: u64) -> io::Result<()> {
+    let image = image_of(state_dir);
+    let size = std::fs::metadata(&image)?.len();
+    if size >= bytes || mounts::mounted_fstype(&mount_point_of(state_dir))?.is_some() {
+        return Ok(());
+    }
+    wait_released(&image)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)?
+        .set_len(bytes)?;
+    // -f: the filesystem was cleanly unmounted, no fsck needed first. On failure the image
+    // is only longer than its filesystem, which is harmless.
+    run(Command::new("resize2fs").arg("-f").arg(&image))?;
+    tracing::info!(image = %image.display(), from = size, to = bytes, "grew the sandbox's disk");
+    Ok(())
+}
+
 /// Mounts the disk of `state_dir` at `disk/` unless it is mounted already, and makes sure
 /// `upper/` and `work/` exist on it. Blocking.
 pub(crate) fn mount(state_dir: &Path) -> io::Result<()> {

@@ -741,6 +741,10 @@ fn prepare_blocking(spec: &SandboxSpec, cgroups_path: &str) -> Result<Prepared, 
         disk::create_image(&disk::image_of(&state_dir), bytes).map_err(rootfs_err)?;
     }
     if disk::has_disk(&state_dir) {
+        if let Some(bytes) = spec.resources.disk_bytes {
+            // Files made at a smaller size (a snapshot started larger): grow, never shrink.
+            disk::grow(&state_dir, bytes).map_err(rootfs_err)?;
+        }
         disk::mount(&state_dir).map_err(rootfs_err)?;
     }
     let (upper, work) = disk::layer_dirs(&state_dir);

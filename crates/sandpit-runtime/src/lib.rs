@@ -52,7 +52,7 @@ pub struct Resources {
     /// Size of the disk that holds the files the sandbox writes; writes past it fail with
     /// `ENOSPC` inside the sandbox. `None`: no bound (the host's free space). Applies when the
     /// sandbox's files are first created; they keep their disk across stop, fork and
-    /// snapshots.
+    /// snapshots, and it grows (never shrinks) when they start with a larger one.
     pub disk_bytes: Option<u64>,
 }
 

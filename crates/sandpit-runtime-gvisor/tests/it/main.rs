@@ -602,7 +602,7 @@ async fn disk_limit_contains_a_fill() {
         "/bin/sh".into(),
         "-c".into(),
         "echo kept > /kept; dd if=/dev/zero of=/fill bs=1M count=200 2>/tmp/dd.err; \
-         echo $? > /tmp/dd.rc; sleep 1000"
+         echo $? > /tmp/dd.rc.new; mv /tmp/dd.rc.new /tmp/dd.rc; sleep 1000"
             .into(),
     ];
     rt.start(&spec_a).await.unwrap();
@@ -612,7 +612,6 @@ async fn disk_limit_contains_a_fill() {
         assert!(Instant::now() < deadline, "dd never finished");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let rc = std::fs::read_to_string(&rc_path).unwrap();
     let err = std::fs::read_to_string(state_a.join("disk/upper/tmp/dd.err")).unwrap();
     assert_ne!(
@@ -663,11 +662,11 @@ async fn disk_limit_contains_a_fill() {
         .to_string()
     );
     let mut spec_b = spec(&id_b, &layers, &state_b, None);
-    spec_b.resources.disk_bytes = Some(DISK * 4); // ignored: the files keep their disk
+    spec_b.resources.disk_bytes = Some(DISK * 2); // a larger size grows the copy's disk
     spec_b.args = vec![
         "/bin/sh".into(),
         "-c".into(),
-        "cat /kept > /tmp/seen; rm /fill; df -k / | tail -1 > /tmp/df; sleep 1000".into(),
+        "cat /kept > /tmp/seen; rm /fill; df -k / | tail -1 > /tmp/df.new; mv /tmp/df.new /tmp/df; sleep 1000".into(),
     ];
     rt.start(&spec_b).await.unwrap();
     let seen = state_b.join("disk/upper/tmp/df");
@@ -684,8 +683,12 @@ async fn disk_limit_contains_a_fill() {
     );
     assert_eq!(
         std::fs::metadata(state_b.join("disk.img")).unwrap().len(),
-        DISK
+        DISK * 2
     );
+    // `df -k /` inside: the filesystem grew with the image (total KiB in the second field).
+    let df = std::fs::read_to_string(&seen).unwrap();
+    let total_kib: u64 = df.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(total_kib * 1024 > DISK * 3 / 2, "{df}");
     // Destroy leaves no mount, loop device or file.
     for (id, state) in [(&id_a, &state_a), (&id_b, &state_b)] {
         let canon = std::fs::canonicalize(state).unwrap();
