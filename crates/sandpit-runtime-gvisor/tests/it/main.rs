@@ -96,9 +96,16 @@ struct Fixture {
 }
 
 impl Fixture {
-    /// A runtime and a network under a fresh tag (`<tag_prefix><4 hex digits>`, returned) and
-    /// a temporary directory named `<dir_prefix>…`.
+    /// A runtime and a network under a fresh tag (`<tag_prefix><4 hex digits>`, returned), a
+    /// temporary directory named `<dir_prefix>…`, and the test's log output.
     fn new(tag_prefix: &str, dir_prefix: &str) -> (Fixture, String) {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "sandpit_runtime_gvisor=debug".into()),
+            )
+            .with_test_writer()
+            .try_init();
         let tag = format!("{tag_prefix}{:04x}", random() as u16);
         let dir = tempfile::Builder::new()
             .prefix(dir_prefix)
@@ -306,13 +313,6 @@ async fn gvisor_lifecycle() {
         }
         Err(e) => panic!("this host cannot run gVisor sandboxes: {e}"),
     }
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "sandpit_runtime_gvisor=debug".into()),
-        )
-        .with_test_writer()
-        .try_init();
     let (fx, tag) = Fixture::new("gv", "sandpit-gvisor-it-");
     let (rt, net) = (&fx.rt, &fx.net);
     assert_eq!(rt.name(), "gvisor");
@@ -583,13 +583,6 @@ async fn disk_limit_contains_a_fill() {
     if which_runsc_missing("disk_limit_contains_a_fill") {
         return;
     }
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "sandpit_runtime_gvisor=debug".into()),
-        )
-        .with_test_writer()
-        .try_init();
     let (fx, tag) = Fixture::new("gd", "sandpit-gvisor-disk-");
     let rt = &fx.rt;
     let layers = build_layers(fx.dir.path());
