@@ -200,7 +200,7 @@ pub async fn fork(
     get_for(server, auth, parent_id).await?;
     server.ensure_free_disk()?;
     // Held until the children's rows are in the store, which then counts them as running.
-    let reservation = server
+    let mut reservation = server
         .limits
         .admit(&server.store, &auth.workspace_id, count)
         .await?;
@@ -215,7 +215,15 @@ pub async fn fork(
     let mut pending: Vec<Result<SandboxRow, ApiError>> = Vec::with_capacity(count as usize);
     for _ in 0..count {
         let mut row = child_of(server, &parent);
-        if let Err(e) = insert_with_slot(server, &mut row).await {
+        let inserted = server
+            .limits
+            .fill(
+                &mut reservation,
+                insert_with_slot(server, &mut row),
+                |r: &Result<(), _>| r.is_ok() as u32,
+            )
+            .await;
+        if let Err(e) = inserted {
             pending.push(Err(e.into()));
             continue;
         }

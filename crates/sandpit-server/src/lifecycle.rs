@@ -540,18 +540,33 @@ pub async fn create(
     let (mut row, snapshot) = validate_create(server, auth, req).await?;
     server.ensure_free_disk()?;
     // Held until the row is in the store, which then counts it as running.
-    let reservation = server
+    let mut reservation = server
         .limits
         .admit(&server.store, &auth.workspace_id, 1)
         .await?;
-    if snapshot.is_none()
-        && let Some(pooled) = crate::pool::take(server, &row).await?
-    {
-        return Ok(pooled);
+    if snapshot.is_none() {
+        let taken = server
+            .limits
+            .fill(
+                &mut reservation,
+                crate::pool::take(server, &row),
+                |r: &Result<Option<SandboxRow>, _>| matches!(r, Ok(Some(_))) as u32,
+            )
+            .await;
+        if let Some(pooled) = taken? {
+            return Ok(pooled);
+        }
     }
     let lock = server.lock_of(&row.id);
     let _guard = lock.write().await;
-    insert_with_slot(server, &mut row).await?;
+    server
+        .limits
+        .fill(
+            &mut reservation,
+            insert_with_slot(server, &mut row),
+            |r: &Result<(), _>| r.is_ok() as u32,
+        )
+        .await?;
     drop(reservation);
     crate::faults::point("create.inserted");
     let started = std::time::Instant::now();
@@ -843,7 +858,7 @@ pub async fn wake(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiError
         }
     }
     // A woken sandbox runs again: it counts against the running quota like a new one.
-    let _room = server
+    let mut room = server
         .limits
         .admit_wake(&server.store, &row.workspace_id)
         .await?;
@@ -874,8 +889,14 @@ pub async fn wake(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiError
     }
     let now = now_ms();
     server
-        .store
-        .set_status(id, "running", lost_memory.as_deref(), now)
+        .limits
+        .fill(
+            &mut room,
+            server
+                .store
+                .set_status(id, "running", lost_memory.as_deref(), now),
+            |r: &Result<(), _>| r.is_ok() as u32,
+        )
         .await?;
     server.store.touch(id, now).await?;
     tracing::info!(sandbox = %id, elapsed_ms = started.elapsed().as_millis() as u64, restored = has_image, "woken");

@@ -133,6 +133,24 @@ pub struct Reservation {
     n: u32,
 }
 
+impl Reservation {
+    /// Give back `n` units of the room (the rows that took it are counted by the store now).
+    fn release(&mut self, n: u32) {
+        let n = n.min(self.n);
+        if n == 0 {
+            return;
+        }
+        let mut map = self.reserved.lock().expect("reservations poisoned");
+        if let Some(v) = map.get_mut(&self.workspace) {
+            *v = v.saturating_sub(n);
+            if *v == 0 {
+                map.remove(&self.workspace);
+            }
+        }
+        self.n -= n;
+    }
+}
+
 impl Drop for Reservation {
     fn drop(&mut self) {
         if self.n == 0 {
@@ -249,6 +267,22 @@ impl Limits {
         n: u32,
     ) -> Result<Reservation, ApiError> {
         self.admit_as(store, workspace, n, true).await
+    }
+
+    /// Run `make`, which makes rows the store counts as running (`made` says how many of the
+    /// reserved units its output took), and release that many units, all under the admission
+    /// lock: no admission sees a sandbox both in the store and in the reservation, which would
+    /// refuse a create that fits.
+    pub async fn fill<T>(
+        &self,
+        reservation: &mut Reservation,
+        make: impl std::future::Future<Output = T>,
+        made: impl FnOnce(&T) -> u32,
+    ) -> T {
+        let _admission = self.admission.lock().await;
+        let out = make.await;
+        reservation.release(made(&out));
+        out
     }
 
     /// Admit one suspended sandbox back to running: the running quota only (waking creates
@@ -554,6 +588,24 @@ mod tests {
             3600
         );
         assert_eq!(limits.peek(Kind::Sandboxes, "ws_b").remaining, 3);
+    }
+
+    #[test]
+    fn a_reservation_gives_back_only_its_own_room() {
+        // Five units reserved in the workspace: three by `r`, two by another admission.
+        let reserved = Arc::new(Mutex::new(HashMap::from([("ws".to_string(), 5)])));
+        let mut r = Reservation {
+            reserved: reserved.clone(),
+            workspace: "ws".into(),
+            n: 3,
+        };
+        let left = |m: &Arc<Mutex<HashMap<String, u32>>>| m.lock().unwrap().get("ws").copied();
+        r.release(1);
+        assert_eq!(left(&reserved), Some(4));
+        r.release(10);
+        assert_eq!(left(&reserved), Some(2));
+        drop(r);
+        assert_eq!(left(&reserved), Some(2));
     }
 
     #[test]
