@@ -500,14 +500,15 @@ pub async fn enforce(State(server): State<Arc<Server>>, mut req: Request, next: 
         {
             return next.run(req).await;
         }
-        Err(e) => {
+        Err(_) => {
             let client = req
                 .extensions()
                 .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
                 .map(|c| c.0.ip().to_string())
                 .unwrap_or_default();
             return match server.limits.spend(Kind::AuthFailures, &client, 1) {
-                Ok(_) => e.into_response(),
+                // The route decides: the `Auth` extractor answers 401, public routes serve.
+                Ok(_) => next.run(req).await,
                 Err((_, wait)) => {
                     tracing::warn!(%client, "too many requests with bad tokens");
                     let mut resp = ApiError::new(
