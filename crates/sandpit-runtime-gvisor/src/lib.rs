@@ -1343,8 +1343,8 @@ impl Runtime for GvisorRuntime {
             Ok(out) => format!("failed: {}", out.stderr.trim()),
             Err(e) => format!("failed: {e}"),
         };
-        // What the sandbox itself sees: its TCP sockets and the agent's threads (through
-        // the sentry, not the network).
+        // What the sandbox itself sees: its TCP sockets, the agent's threads and the end of
+        // init's stderr, wherever init sends it (through the sentry, not the network).
         let inside = match self
             .runsc(
                 id,
@@ -1353,7 +1353,7 @@ impl Runtime for GvisorRuntime {
                     id,
                     "/bin/sh",
                     "-c",
-                    "cat /proc/net/tcp; for t in /proc/*/task/*; do echo \"$t $(cat $t/stat 2>/dev/null | cut -d' ' -f2-3) $(cat $t/wchan 2>/dev/null)\"; done",
+                    "cat /proc/net/tcp; for t in /proc/*/task/*; do echo \"$t $(cat $t/stat 2>/dev/null | cut -d' ' -f2-3) $(cat $t/wchan 2>/dev/null)\"; done; echo '--- init stderr:'; tail -c 2000 /proc/1/fd/2 2>/dev/null",
                 ],
             )
             .await

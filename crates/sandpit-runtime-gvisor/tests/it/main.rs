@@ -659,7 +659,7 @@ async fn disk_limit_contains_a_fill() {
     spec_b.args = vec![
         "/bin/sh".into(),
         "-c".into(),
-        "cat /kept > /tmp/seen; rm /fill; df -k / | tail -1 > /tmp/df.new; mv /tmp/df.new /tmp/df; sleep 1000".into(),
+        "echo diagnose-me >&2; cat /kept > /tmp/seen; rm /fill; df -k / | tail -1 > /tmp/df.new; mv /tmp/df.new /tmp/df; sleep 1000".into(),
     ];
     rt.start(&spec_b).await.unwrap();
     let seen = state_b.join("disk/upper/tmp/df");
@@ -682,6 +682,19 @@ async fn disk_limit_contains_a_fill() {
     let df = std::fs::read_to_string(&seen).unwrap();
     let total_kib: u64 = df.split_whitespace().nth(1).unwrap().parse().unwrap();
     assert!(total_kib * 1024 > DISK * 3 / 2, "{df}");
+    // The diagnosis shows the runtime's view and, from inside, init's stderr.
+    let diagnosis = rt.diagnose(&id_b, &state_b).await;
+    assert!(
+        diagnosis.starts_with("runtime status: Running"),
+        "{diagnosis}"
+    );
+    assert!(
+        diagnosis
+            .split("--- init stderr:")
+            .nth(1)
+            .is_some_and(|inside| inside.contains("diagnose-me")),
+        "{diagnosis}"
+    );
     // Destroy leaves no mount, loop device or file.
     for (id, state) in [(&id_a, &state_a), (&id_b, &state_b)] {
         let canon = std::fs::canonicalize(state).unwrap();
