@@ -659,7 +659,7 @@ async fn disk_limit_contains_a_fill() {
     spec_b.args = vec![
         "/bin/sh".into(),
         "-c".into(),
-        "echo diagnose-me >&2; cat /kept > /tmp/seen; rm /fill; df -k / | tail -1 > /tmp/df.new; mv /tmp/df.new /tmp/df; sleep 1000".into(),
+        "exec 2>/dev/.init.log; echo diagnose-me >&2; cat /kept > /tmp/seen; rm /fill; df -k / | tail -1 > /tmp/df.new; mv /tmp/df.new /tmp/df; sleep 1000".into(),
     ];
     rt.start(&spec_b).await.unwrap();
     let seen = state_b.join("disk/upper/tmp/df");
@@ -682,7 +682,8 @@ async fn disk_limit_contains_a_fill() {
     let df = std::fs::read_to_string(&seen).unwrap();
     let total_kib: u64 = df.split_whitespace().nth(1).unwrap().parse().unwrap();
     assert!(total_kib * 1024 > DISK * 3 / 2, "{df}");
-    // The diagnosis shows the runtime's view and, from inside, init's stderr.
+    // The diagnosis shows the runtime's view and, read from inside, init's stderr (a file in
+    // the sandbox, as the agent keeps it).
     let diagnosis = rt.diagnose(&id_b, &state_b).await;
     assert!(
         diagnosis.starts_with("runtime status: Running"),
