@@ -159,25 +159,7 @@ impl AgentClient {
         out: mpsc::Sender<ExecOutput>,
     ) -> Result<ExitStatus, AgentFailure> {
         let mut conn = self.open(Op::Exec(req)).await?;
-        loop {
-            let frame = self.read(&mut conn).await?;
-            let item = match frame.kind {
-                FrameKind::Started => {
-                    let s: proto::ExecStarted = frame.parse().map_err(|e| self.broken(e))?;
-                    ExecOutput::Started(s.pid)
-                }
-                FrameKind::Stdout => ExecOutput::Stdout(frame.payload),
-                FrameKind::Stderr => ExecOutput::Stderr(frame.payload),
-                FrameKind::Exit => return frame.parse().map_err(|e| self.broken(e).into()),
-                FrameKind::Error => {
-                    return Err(AgentFailure::Refused(
-                        frame.parse().map_err(|e| self.broken(e))?,
-                    ));
-                }
-                other => return Err(self.broken(format!("unexpected frame {other:?}")).into()),
-            };
-            let _ = out.send(item).await;
-        }
+        self.relay_exec(&mut conn, out).await
     }
 
     /// Like [`AgentClient::exec`], with `input` sent as the process's stdin (then closed).
@@ -197,10 +179,48 @@ impl AgentClient {
         proto::write_frame(&mut conn.stream, FrameKind::StdinClose, &[])
             .await
             .map_err(|e| self.broken(crate::error::DisplayChain(&e)))?;
+        self.relay_exec(&mut conn, out).await
+    }
+
+    /// Run `argv` to its end (at most `timeout`), keeping only its stderr: for short helper
+    /// commands whose failure message is all that matters.
+    pub async fn run_for_stderr(
+        &self,
+        argv: Vec<String>,
+        timeout: Duration,
+    ) -> Result<(ExitStatus, Vec<u8>), AgentFailure> {
+        let (tx, mut rx) = mpsc::channel(16);
+        let collect = async move {
+            let mut err = Vec::new();
+            while let Some(o) = rx.recv().await {
+                if let ExecOutput::Stderr(b) = o {
+                    err.extend_from_slice(&b);
+                }
+            }
+            err
+        };
+        let req = ExecRequest {
+            argv: Some(argv),
+            timeout_ms: Some(timeout.as_millis() as u64),
+            ..Default::default()
+        };
+        let (status, err) = tokio::join!(self.exec(req, tx), collect);
+        Ok((status?, err))
+    }
+
+    /// Read an exec's frames to its exit, passing its output to `out`.
+    async fn relay_exec(
+        &self,
+        conn: &mut AgentConn,
+        out: mpsc::Sender<ExecOutput>,
+    ) -> Result<ExitStatus, AgentFailure> {
         loop {
-            let frame = self.read(&mut conn).await?;
+            let frame = self.read(conn).await?;
             let item = match frame.kind {
-                FrameKind::Started => continue,
+                FrameKind::Started => {
+                    let s: proto::ExecStarted = frame.parse().map_err(|e| self.broken(e))?;
+                    ExecOutput::Started(s.pid)
+                }
                 FrameKind::Stdout => ExecOutput::Stdout(frame.payload),
                 FrameKind::Stderr => ExecOutput::Stderr(frame.payload),
                 FrameKind::Exit => return frame.parse().map_err(|e| self.broken(e).into()),

@@ -1144,27 +1144,9 @@ impl Conn {
                 } else {
                     vec!["cp".into(), "-f".into(), "--".into(), from, to]
                 };
-                let (tx, mut rx) = mpsc::channel(16);
-                let collect = tokio::spawn(async move {
-                    let mut err = Vec::new();
-                    while let Some(o) = rx.recv().await {
-                        if let crate::agent::ExecOutput::Stderr(b) = o {
-                            err.extend_from_slice(&b);
-                        }
-                    }
-                    err
-                });
-                let status = agent
-                    .exec(
-                        sandpit_agent_proto::ExecRequest {
-                            argv: Some(argv),
-                            timeout_ms: Some(60_000),
-                            ..Default::default()
-                        },
-                        tx,
-                    )
+                let (status, err) = agent
+                    .run_for_stderr(argv, std::time::Duration::from_secs(60))
                     .await?;
-                let err = collect.await.unwrap_or_default();
                 if status.exit_code != 0 {
                     return Err(rawfs(5, String::from_utf8_lossy(&err).trim().to_string()));
                 }

@@ -1094,31 +1094,13 @@ async fn create_session(
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-    let collect = tokio::spawn(async move {
-        let mut err = Vec::new();
-        while let Some(o) = rx.recv().await {
-            if let crate::agent::ExecOutput::Stderr(b) = o {
-                err.extend_from_slice(&b);
-            }
-        }
-        err
-    });
-    let status = agent
-        .exec(
-            sandpit_agent_proto::ExecRequest {
-                argv: Some(argv),
-                timeout_ms: Some(30_000),
-                ..Default::default()
-            },
-            tx,
-        )
+    let (status, err) = agent
+        .run_for_stderr(argv, std::time::Duration::from_secs(30))
         .await
         .map_err(|e| ServerError::Agent {
             sandbox: id.clone(),
             what: format!("creating session user: {e:?}"),
         })?;
-    let err = collect.await.unwrap_or_default();
     if status.exit_code != 0 {
         tracing::warn!(sandbox = %id, stderr = %String::from_utf8_lossy(&err), "session setup failed");
         return Err(ApiError::new(
