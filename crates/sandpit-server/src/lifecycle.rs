@@ -544,18 +544,10 @@ pub async fn create(
         .limits
         .admit(&server.store, &auth.workspace_id, 1)
         .await?;
-    if snapshot.is_none() {
-        let taken = server
-            .limits
-            .fill(
-                &mut reservation,
-                crate::pool::take(server, &row),
-                |r: &Result<Option<SandboxRow>, _>| matches!(r, Ok(Some(_))) as u32,
-            )
-            .await;
-        if let Some(pooled) = taken? {
-            return Ok(pooled);
-        }
+    if snapshot.is_none()
+        && let Some(pooled) = crate::pool::take(server, &row, &mut reservation).await?
+    {
+        return Ok(pooled);
     }
     let lock = server.lock_of(&row.id);
     let _guard = lock.write().await;

@@ -28,11 +28,21 @@ const MIN_AVAILABLE_BYTES: u64 = 1 << 30;
 pub async fn take(
     server: &Arc<Server>,
     owner: &SandboxRow,
+    reservation: &mut crate::limits::Reservation,
 ) -> Result<Option<SandboxRow>, ServerError> {
     if server.cfg.warm_pool == 0 {
         return Ok(None);
     }
-    let Some(id) = server.store.take_pooled(&owner.template_id, owner).await? else {
+    // The owner's workspace counts the sandbox from here on: it takes the reserved room.
+    let taken = server
+        .limits
+        .fill(
+            reservation,
+            server.store.take_pooled(&owner.template_id, owner),
+            |r: &Result<Option<String>, _>| matches!(r, Ok(Some(_))) as u32,
+        )
+        .await?;
+    let Some(id) = taken else {
         return Ok(None);
     };
     server.pool_refill.notify_one();
