@@ -530,14 +530,7 @@ impl BuildJob {
             crate::templates::wait_ready(server, &row, cfg, Duration::from_secs(60)).await?;
             if server.cfg.boot_snapshots {
                 let _ = std::fs::remove_dir_all(&tmp);
-                server
-                    .runtime
-                    .checkpoint(&row.runtime_id, &tmp.join("memory"))
-                    .await?;
-                server
-                    .runtime
-                    .copy_files(&server.state_dir(&row.id), &tmp.join("files"))
-                    .await?;
+                crate::templates::save_boot_image(server, &row, &tmp).await?;
                 let _ = std::fs::remove_dir_all(&snapshot_dir);
                 std::fs::rename(&tmp, &snapshot_dir).map_err(|source| ServerError::Files {
                     what: "publishing a template's boot snapshot".into(),
@@ -547,12 +540,7 @@ impl BuildJob {
             Ok::<(), ServerError>(())
         }
         .await;
-        server
-            .teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
-            .await;
-        let _ = server.store.mark_destroyed(&row.id, now_ms()).await;
-        drop(_guard);
-        server.forget_lock(&row.id);
+        discard_system_sandbox(server, &row, _guard).await;
         let _ = std::fs::remove_dir_all(&tmp);
         match result {
             Ok(()) => {
@@ -568,6 +556,21 @@ impl BuildJob {
             )),
         }
     }
+}
+
+/// Tear down a build's system sandbox, mark it destroyed and forget its lock (held until
+/// then). Best effort: the build's outcome is already decided.
+async fn discard_system_sandbox(
+    server: &Server,
+    row: &SandboxRow,
+    guard: tokio::sync::RwLockWriteGuard<'_, ()>,
+) {
+    server
+        .teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
+        .await;
+    let _ = server.store.mark_destroyed(&row.id, now_ms()).await;
+    drop(guard);
+    server.forget_lock(&row.id);
 }
 
 fn event(e: BuildEvent) -> TemplateBuildEvent {
@@ -700,12 +703,7 @@ impl StepRunner for ServerRunner {
             Ok::<i32, ServerError>(status.exit_code)
         }
         .await;
-        server
-            .teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
-            .await;
-        let _ = server.store.mark_destroyed(&row.id, now_ms()).await;
-        drop(_guard);
-        server.forget_lock(&row.id);
+        discard_system_sandbox(server, &row, _guard).await;
         result.map_err(fail)
     }
 }

@@ -412,14 +412,7 @@ pub async fn take_boot_snapshot(server: &std::sync::Arc<Server>) -> Result<(), S
     let _ = std::fs::remove_dir_all(&tmp);
     let taken = async {
         crate::lifecycle::boot(server, &row, None).await?;
-        server
-            .runtime
-            .checkpoint(&row.runtime_id, &tmp.join("memory"))
-            .await?;
-        server
-            .runtime
-            .copy_files(&server.state_dir(&row.id), &tmp.join("files"))
-            .await?;
+        save_boot_image(server, &row, &tmp).await?;
         std::fs::rename(&tmp, &final_dir).map_err(io_err("publishing the boot snapshot"))
     }
     .await;
@@ -435,6 +428,24 @@ pub async fn take_boot_snapshot(server: &std::sync::Arc<Server>) -> Result<(), S
         elapsed_ms = started.elapsed().as_millis() as u64,
         "took the base template's boot snapshot"
     );
+    Ok(())
+}
+
+/// Checkpoint the running `row` into `dir/memory` and copy its files to `dir/files`: a boot
+/// snapshot, which sandboxes of its template restore instead of booting.
+pub(crate) async fn save_boot_image(
+    server: &Server,
+    row: &crate::store::SandboxRow,
+    dir: &Path,
+) -> Result<(), ServerError> {
+    server
+        .runtime
+        .checkpoint(&row.runtime_id, &dir.join("memory"))
+        .await?;
+    server
+        .runtime
+        .copy_files(&server.state_dir(&row.id), &dir.join("files"))
+        .await?;
     Ok(())
 }
 
