@@ -1150,20 +1150,8 @@ async fn create_preview_token(
     auth.require("vm_manage")?;
     own_sandbox(&server, &auth, &id).await?;
     let expires_at = body.expires_at.as_deref().map(parse_expiry).transpose()?;
-    let token = generate_token_with(crate::auth::PREVIEW_TOKEN_PREFIX);
-    let row = PreviewTokenRow {
-        id: new_id("ptk"),
-        sandbox_id: id.clone(),
-        workspace_id: auth.workspace_id.clone(),
-        token_prefix: token[..crate::auth::PREVIEW_TOKEN_PREFIX.len() + 6].to_string(),
-        expires_at,
-        revoked_at: None,
-        created_at: now_ms(),
-    };
-    server
-        .store
-        .insert_preview_token(&row, &hash_token(&token))
-        .await?;
+    let (row, token) =
+        crate::routes::previews::mint(&server, &id, &auth.workspace_id, expires_at).await?;
     let mut t = token_view(&row);
     t["token"] = json!(token);
     Ok(ok(

@@ -93,11 +93,23 @@ async fn create_preview_token(
     auth.require("vm_manage")?;
     let sandbox = live_sandbox(&server, &auth, &id).await?;
     let expires_at = req.expires_at.as_deref().map(parse_expiry).transpose()?;
+    let (row, token) = mint(&server, &sandbox.id, &sandbox.workspace_id, expires_at).await?;
+    Ok((StatusCode::CREATED, Json(view(&row, Some(token)))))
+}
+
+/// Make and store a preview token for a sandbox (only its hash is kept). Returns the row and
+/// the token, which is shown once. The REST surfaces (`/v1`, CodeSandbox's) call this.
+pub(crate) async fn mint(
+    server: &Server,
+    sandbox_id: &str,
+    workspace_id: &str,
+    expires_at: Option<i64>,
+) -> Result<(PreviewTokenRow, String), crate::error::ServerError> {
     let token = generate_token_with(PREVIEW_TOKEN_PREFIX);
     let row = PreviewTokenRow {
         id: new_id("ptok"),
-        sandbox_id: sandbox.id,
-        workspace_id: sandbox.workspace_id,
+        sandbox_id: sandbox_id.to_string(),
+        workspace_id: workspace_id.to_string(),
         token_prefix: token[..SHOWN_PREFIX].to_string(),
         expires_at,
         revoked_at: None,
@@ -107,7 +119,7 @@ async fn create_preview_token(
         .store
         .insert_preview_token(&row, &hash_token(&token))
         .await?;
-    Ok((StatusCode::CREATED, Json(view(&row, Some(token)))))
+    Ok((row, token))
 }
 
 /// The sandbox's preview tokens (not revoked), without their secrets.
