@@ -269,6 +269,24 @@ impl Limits {
         self.admit_as(store, workspace, n, true).await
     }
 
+    /// Forget limiter state that has refilled completely (whole buckets and their last
+    /// readings). The bad-token bucket is keyed by client address, which a client chooses:
+    /// without this its memory would grow with every address seen. For the reaper.
+    pub fn prune(&self) {
+        for bucket in [&self.requests, &self.sandboxes, &self.auth_failures]
+            .into_iter()
+            .flatten()
+        {
+            bucket.retain_recent();
+            bucket.shrink_to_fit();
+        }
+        let hour = Duration::from_secs(3600);
+        self.seen
+            .lock()
+            .expect("seen poisoned")
+            .retain(|_, s| s.at.elapsed() < hour);
+    }
+
     /// Run `make`, which makes rows the store counts as running (`made` says how many of the
     /// reserved units its output took), and release that many units, all under the admission
     /// lock: no admission sees a sandbox both in the store and in the reservation, which would
@@ -607,6 +625,31 @@ mod tests {
         assert_eq!(left(&reserved), Some(2));
         drop(r);
         assert_eq!(left(&reserved), Some(2));
+    }
+
+    #[test]
+    fn pruning_forgets_only_refilled_state() {
+        let limits = Limits::new(LimitsConfig {
+            requests_per_hour: 0,
+            sandboxes_per_hour: 0,
+            max_running: 0,
+            auth_failures_per_hour: 36_000,
+        });
+        // One cell refills every 100 ms: 99 addresses spend one (whole again within 200 ms),
+        // one spends 60 (whole again only after 6 s).
+        for i in 0..99 {
+            assert!(
+                limits
+                    .spend(Kind::AuthFailures, &format!("10.0.0.{i}"), 1)
+                    .is_ok()
+            );
+        }
+        assert!(limits.spend(Kind::AuthFailures, "10.0.1.1", 60).is_ok());
+        let bucket = limits.auth_failures.as_ref().unwrap();
+        assert_eq!(bucket.len(), 100);
+        std::thread::sleep(Duration::from_millis(500));
+        limits.prune();
+        assert_eq!(bucket.len(), 1);
     }
 
     #[test]

@@ -497,6 +497,7 @@ impl Server {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(server.cfg.reaper_interval);
             let mut last_watch = std::time::Instant::now();
+            let mut last_prune = std::time::Instant::now();
             loop {
                 tokio::select! {
                     _ = server.shutdown.cancelled() => return,
@@ -505,6 +506,10 @@ impl Server {
                 if last_watch.elapsed() >= server.cfg.liveness_interval {
                     last_watch = std::time::Instant::now();
                     server.watch_liveness().await;
+                }
+                if last_prune.elapsed() >= Duration::from_secs(60) {
+                    last_prune = std::time::Instant::now();
+                    server.limits.prune();
                 }
                 let now = crate::util::now_ms();
                 match server.store.expired(now).await {

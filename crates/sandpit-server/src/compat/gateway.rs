@@ -508,10 +508,7 @@ impl Conn {
             }
             m if m.starts_with("shell/") => self.shell(m, p).await,
             m if m.starts_with("fs/") => self.fs(m, p).await,
-            other => Err(RpcError::new(
-                code::FEATURE_UNAVAILABLE,
-                format!("{other} is not supported by Sandpit's agent gateway"),
-            )),
+            other => Err(unsupported(other)),
         }
     }
 
@@ -850,10 +847,7 @@ impl Conn {
                 self.notify("task/update", v.clone()).await;
                 Ok(v)
             }
-            other => Err(RpcError::new(
-                code::FEATURE_UNAVAILABLE,
-                format!("{other} is not supported by Sandpit's agent gateway"),
-            )),
+            other => Err(unsupported(other)),
         }
     }
 
@@ -990,10 +984,7 @@ impl Conn {
                 self.follow.lock().await.shells.remove(&id);
                 Ok(Value::Nil)
             }
-            other => Err(RpcError::new(
-                code::FEATURE_UNAVAILABLE,
-                format!("{other} is not supported by Sandpit's agent gateway"),
-            )),
+            other => Err(unsupported(other)),
         }
     }
 
@@ -1152,12 +1143,17 @@ impl Conn {
                 }
                 Ok(map(vec![]))
             }
-            other => Err(RpcError::new(
-                code::FEATURE_UNAVAILABLE,
-                format!("{other} is not supported by Sandpit's agent gateway"),
-            )),
+            other => Err(unsupported(other)),
         }
     }
+}
+
+/// The answer to a method the gateway does not implement.
+fn unsupported(method: &str) -> RpcError {
+    RpcError::new(
+        code::FEATURE_UNAVAILABLE,
+        format!("{method} is not supported by Sandpit's agent gateway"),
+    )
 }
 
 /// `text` as one single-quoted shell word.
