@@ -6,7 +6,6 @@
 //! boots a gVisor sandbox over the layers so far); `COPY`/`ADD` layers are written here.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -21,7 +20,8 @@ use crate::dockerfile::{self, Command, Instruction, Kind, substitute};
 use crate::ignore::{IgnoreRules, component_matches};
 use crate::registry::{PullOptions, pull};
 use crate::store::{CacheEntry, CacheKey, LayerId, LayerStore};
-use crate::unpack::{Whiteouts, open_blob, unpack};
+use crate::unpack::{UnpackLimits, Whiteouts, decompress, unpack_into};
+use sandpit_fs::{InTheWay, Kind as EntryKind, Meta, TreeDir};
 
 /// What a build reports as it goes.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -140,7 +140,15 @@ impl Builder {
         events: &(dyn Fn(BuildEvent) + Send + Sync),
     ) -> Result<BuildOutcome, ImageError> {
         let instructions = dockerfile::parse(&req.dockerfile)?;
-        let ignore = IgnoreRules::load(&req.context);
+        let ignore = TreeDir::open(&req.context)
+            .map_err(|e| e.to_string())
+            .and_then(|ctx| IgnoreRules::load(&ctx))
+            .map_err(|message| ImageError::Step {
+                step: 0,
+                line: 0,
+                instruction: "(build context)".into(),
+                message,
+            })?;
         let total = instructions.len();
         let mut state = State {
             key: CacheKey::root("empty"),
@@ -259,15 +267,23 @@ impl Builder {
                 if let Some(hit) = self.store.cached(&key) {
                     return self.apply(st, key, hit, true);
                 }
-                let exists = st.layers.iter().any(|l| {
-                    std::fs::symlink_metadata(l.join(dir.trim_start_matches('/'))).is_ok()
-                });
+                // Looked up beneath each layer without following symlinks: a layer's
+                // symlink on the way counts as "not there" (the new layer makes the dir).
+                let rel = Path::new(dir.trim_start_matches('/'));
+                let exists = st
+                    .layers
+                    .iter()
+                    .any(|l| TreeDir::open(l).is_ok_and(|t| t.lstat(rel).ok().flatten().is_some()));
                 if !exists {
                     let tmp = self.store.temp_path("workdir");
-                    let made = std::fs::create_dir_all(tmp.join(dir.trim_start_matches('/')))
-                        .map_err(ImageError::files("creating WORKDIR", &tmp));
+                    let made = TreeDir::create(&tmp)
+                        .and_then(|t| t.make_dirs(rel, 0o755, InTheWay::Replace))
+                        .map_err(|e| ImageError::Tree {
+                            what: "creating WORKDIR".into(),
+                            source: e,
+                        });
                     if let Err(e) = made {
-                        let _ = std::fs::remove_dir_all(&tmp);
+                        self.store.discard_temp(&tmp);
                         return Err(e);
                     }
                     let id = LayerId::from_key(&key);
@@ -402,12 +418,12 @@ impl Builder {
                 let code = match code {
                     Ok(c) => c,
                     Err(e) => {
-                        let _ = std::fs::remove_dir_all(&out);
+                        self.store.discard_temp(&out);
                         return Err(e);
                     }
                 };
                 if code != 0 {
-                    let _ = std::fs::remove_dir_all(&out);
+                    self.store.discard_temp(&out);
                     return Err(ImageError::RunFailed {
                         step: index,
                         line: ins.line,
@@ -447,8 +463,9 @@ impl Builder {
                             .map_err(|_| step_err(format!("invalid --chmod {m:?}")))
                     })
                     .transpose()?;
+                let ctx = TreeDir::open(&req.context).map_err(|e| step_err(e.to_string()))?;
                 let plan = plan_copy(
-                    &req.context,
+                    &ctx,
                     ignore,
                     &sources,
                     &absolute(&workdir, &dest),
@@ -458,7 +475,8 @@ impl Builder {
                 .map_err(step_err)?;
                 let content = {
                     let plan = plan.clone();
-                    tokio::task::spawn_blocking(move || hash_plan(&plan))
+                    let ctx = TreeDir::open(&req.context).map_err(|e| step_err(e.to_string()))?;
+                    tokio::task::spawn_blocking(move || hash_plan(&ctx, &plan))
                         .await
                         .map_err(|e| step_err(format!("hash task: {e}")))?
                         .map_err(step_err)?
@@ -473,14 +491,14 @@ impl Builder {
                 let tmp = self.store.temp_path("copy");
                 let written = {
                     let tmp = tmp.clone();
-                    tokio::task::spawn_blocking(move || write_plan(&plan, &tmp, owner, mode))
+                    tokio::task::spawn_blocking(move || write_plan(&ctx, &plan, &tmp, owner, mode))
                         .await
                         .map_err(|e| step_err(format!("copy task: {e}")))?
                 };
                 match written {
                     Ok(n) => log(format!("{n} files")),
                     Err(e) => {
-                        let _ = std::fs::remove_dir_all(&tmp);
+                        self.store.discard_temp(&tmp);
                         return Err(step_err(e));
                     }
                 }
@@ -559,35 +577,40 @@ fn parse_owner(s: &str) -> Result<(u32, u32), String> {
     }
 }
 
-/// One thing a COPY/ADD step writes.
+/// One thing a COPY/ADD step writes. `rel` is the source's path inside the context (empty
+/// for the context itself), read only through the context's handle.
 #[derive(Debug, Clone)]
 enum CopyItem {
     /// A context file, directory or symlink copied to an absolute image path.
-    Entry {
-        from: PathBuf,
-        rel: String,
-        to: String,
-    },
+    Entry { rel: PathBuf, to: String },
     /// A local tarball unpacked into an image directory (`ADD`).
-    Unpack {
-        from: PathBuf,
-        rel: String,
-        to: String,
-    },
+    Unpack { rel: PathBuf, to: String },
+}
+
+/// Messages for a context entry that cannot be read.
+fn ctx_err(rel: &Path) -> impl FnOnce(sandpit_fs::FsError) -> String + '_ {
+    move |e| match e {
+        sandpit_fs::FsError::Escape { .. } => format!(
+            "{} is a symlink or passes through one; sources are not read through symlinks",
+            rel.display()
+        ),
+        e => e.to_string(),
+    }
 }
 
 /// Resolve sources against the context: wildcards in the last component, directories
-/// walked, `.dockerignore` applied. Never follows a symlink inside the context (a symlink
-/// is copied as one), and refuses paths that leave it.
+/// walked, `.dockerignore` applied. Every look-up goes through the context's handle and
+/// never follows a symlink (a symlink is copied as one; a source through one is refused),
+/// and `..` is refused.
 fn plan_copy(
-    context: &Path,
+    ctx: &TreeDir,
     ignore: &IgnoreRules,
     sources: &[String],
     dest: &str,
     dest_is_dir: bool,
     add: bool,
 ) -> Result<Vec<CopyItem>, String> {
-    let mut matched: Vec<(PathBuf, String)> = Vec::new();
+    let mut matched: Vec<(PathBuf, Meta)> = Vec::new();
     let mut wildcard = false;
     for src in sources {
         let clean = crate::unpack::clean_path(src.as_bytes())
@@ -602,28 +625,18 @@ fn plan_copy(
         if last.contains(['*', '?']) {
             wildcard = true;
             let parent = clean.parent().unwrap_or(Path::new(""));
-            check_no_symlinks(context, parent)?;
-            let dir = context.join(parent);
-            let mut names: Vec<String> = std::fs::read_dir(&dir)
-                .map_err(|e| format!("reading {}: {e}", parent.display()))?
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().to_string())
-                .filter(|n| component_matches(&last, n))
-                .collect();
-            names.sort();
-            for n in names {
-                let r = parent.join(&n).to_string_lossy().to_string();
-                if !ignore.is_ignored(&r) {
-                    found.push((context.join(&r), r));
+            let dir = ctx.open_dir(parent).map_err(ctx_err(parent))?;
+            for (name, meta) in dir.entries().map_err(ctx_err(parent))? {
+                let n = name.to_string_lossy();
+                let r = parent.join(&*n);
+                if component_matches(&last, &n) && !ignore.is_ignored(&r.to_string_lossy()) {
+                    found.push((r, meta));
                 }
             }
-        } else {
-            check_no_symlinks(context, clean.parent().unwrap_or(Path::new("")))?;
-            let p = context.join(&clean);
-            if std::fs::symlink_metadata(&p).is_ok() && (rel.is_empty() || !ignore.is_ignored(&rel))
-            {
-                found.push((p, rel.clone()));
-            }
+        } else if let Some(meta) = ctx.lstat(&clean).map_err(ctx_err(&clean))?
+            && (rel.is_empty() || !ignore.is_ignored(&rel))
+        {
+            found.push((clean.clone(), meta));
         }
         if found.is_empty() {
             return Err(format!(
@@ -634,18 +647,17 @@ fn plan_copy(
     }
     let into_dir = dest_is_dir || matched.len() > 1 || wildcard;
     let mut items = Vec::new();
-    for (path, rel) in matched {
-        let meta = std::fs::symlink_metadata(&path).map_err(|e| format!("{rel}: {e}"))?;
-        if meta.is_dir() {
-            walk(context, ignore, &path, &rel, dest, &mut items)?;
-        } else if add && meta.is_file() && is_tarball(&rel) {
+    for (rel, meta) in matched {
+        let rel_text = rel.to_string_lossy().to_string();
+        if meta.kind == EntryKind::Dir {
+            walk(ctx, ignore, &rel, dest, &mut items)?;
+        } else if add && meta.kind == EntryKind::File && is_tarball(&rel_text) {
             items.push(CopyItem::Unpack {
-                from: path,
                 rel,
                 to: dest.to_string(),
             });
         } else {
-            let name = Path::new(&rel)
+            let name = rel
                 .file_name()
                 .map(|n| n.to_string_lossy().to_string())
                 .unwrap_or_default();
@@ -654,75 +666,38 @@ fn plan_copy(
             } else {
                 dest.to_string()
             };
-            items.push(CopyItem::Entry {
-                from: path,
-                rel,
-                to,
-            });
+            items.push(CopyItem::Entry { rel, to });
         }
     }
     Ok(items)
 }
 
-fn check_no_symlinks(context: &Path, rel: &Path) -> Result<(), String> {
-    let mut p = context.to_path_buf();
-    for c in rel.components() {
-        p.push(c);
-        match std::fs::symlink_metadata(&p) {
-            Ok(m) if m.file_type().is_symlink() => {
-                return Err(format!(
-                    "{} is a symlink; sources are not read through symlinks",
-                    rel.display()
-                ));
-            }
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
 /// Copy a directory's contents (not the directory itself, as Docker does) under `dest`.
 fn walk(
-    context: &Path,
+    ctx: &TreeDir,
     ignore: &IgnoreRules,
-    dir: &Path,
-    rel: &str,
+    rel: &Path,
     dest: &str,
     items: &mut Vec<CopyItem>,
 ) -> Result<(), String> {
     items.push(CopyItem::Entry {
-        from: dir.to_path_buf(),
-        rel: rel.to_string(),
+        rel: rel.to_path_buf(),
         to: dest.to_string(),
     });
-    let mut entries: Vec<_> = std::fs::read_dir(dir)
-        .map_err(|e| format!("reading {rel}: {e}"))?
-        .flatten()
-        .collect();
-    entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        let name = e.file_name().to_string_lossy().to_string();
-        let r = if rel.is_empty() {
-            name.clone()
-        } else {
-            format!("{rel}/{name}")
-        };
-        if ignore.is_ignored(&r) || (rel.is_empty() && name == ".dockerignore") {
+    let dir = ctx.open_dir(rel).map_err(ctx_err(rel))?;
+    for (name, meta) in dir.entries().map_err(ctx_err(rel))? {
+        let r = rel.join(&name);
+        let text = r.to_string_lossy();
+        if ignore.is_ignored(&text) || (rel.as_os_str().is_empty() && name == ".dockerignore") {
             continue;
         }
-        let to = absolute(dest, &name);
-        let ft = e.file_type().map_err(|e| format!("{r}: {e}"))?;
-        if ft.is_dir() {
-            walk(context, ignore, &e.path(), &r, &to, items)?;
+        let to = absolute(dest, &name.to_string_lossy());
+        if meta.kind == EntryKind::Dir {
+            walk(ctx, ignore, &r, &to, items)?;
         } else {
-            items.push(CopyItem::Entry {
-                from: e.path(),
-                rel: r,
-                to,
-            });
+            items.push(CopyItem::Entry { rel: r, to });
         }
     }
-    let _ = context;
     Ok(())
 }
 
@@ -733,86 +708,101 @@ fn is_tarball(name: &str) -> bool {
 }
 
 /// A digest of everything the plan reads: paths, modes and contents.
-fn hash_plan(items: &[CopyItem]) -> Result<String, String> {
+fn hash_plan(ctx: &TreeDir, items: &[CopyItem]) -> Result<String, String> {
     let mut h = Sha256::new();
     for item in items {
-        let (from, rel, to, kind) = match item {
-            CopyItem::Entry { from, rel, to } => (from, rel, to, "e"),
-            CopyItem::Unpack { from, rel, to } => (from, rel, to, "u"),
+        let (rel, to, kind) = match item {
+            CopyItem::Entry { rel, to } => (rel, to, "e"),
+            CopyItem::Unpack { rel, to } => (rel, to, "u"),
         };
-        let meta = std::fs::symlink_metadata(from).map_err(|e| format!("{rel}: {e}"))?;
-        h.update(format!("{kind}\0{rel}\0{to}\0{:o}\0", meta.mode()).as_bytes());
-        if meta.file_type().is_symlink() {
-            h.update(
-                std::fs::read_link(from)
-                    .map_err(|e| format!("{rel}: {e}"))?
-                    .as_os_str()
-                    .as_encoded_bytes(),
-            );
-        } else if meta.is_file() {
-            let mut f = std::fs::File::open(from).map_err(|e| format!("{rel}: {e}"))?;
-            std::io::copy(&mut f, &mut h).map_err(|e| format!("{rel}: {e}"))?;
+        let meta = ctx
+            .lstat(rel)
+            .map_err(ctx_err(rel))?
+            .ok_or_else(|| format!("{}: vanished from the context", rel.display()))?;
+        h.update(format!("{kind}\0{}\0{to}\0{:o}\0", rel.display(), meta.raw_mode).as_bytes());
+        match meta.kind {
+            EntryKind::Symlink => {
+                h.update(ctx.read_link(rel).map_err(ctx_err(rel))?.as_encoded_bytes())
+            }
+            EntryKind::File => {
+                let mut f = ctx.open_file(rel).map_err(ctx_err(rel))?;
+                std::io::copy(&mut f, &mut h).map_err(|e| format!("{}: {e}", rel.display()))?;
+            }
+            EntryKind::Dir | EntryKind::Other => {}
         }
         h.update(b"\n");
     }
     Ok(hex::encode(h.finalize()))
 }
 
-/// Write the plan into the new layer directory `layer`; returns how many entries.
+/// Write the plan into the new layer directory `layer` (a fresh host path); returns how
+/// many entries. Both trees are reached only through handles: a symlink the plan writes
+/// into the layer is never followed by a later item (it is replaced), and nothing is read
+/// from the context through one.
 fn write_plan(
+    ctx: &TreeDir,
     items: &[CopyItem],
     layer: &Path,
     owner: Option<(u32, u32)>,
     mode: Option<u32>,
 ) -> Result<usize, String> {
-    std::fs::create_dir_all(layer).map_err(|e| format!("creating the layer: {e}"))?;
-    let target = |to: &str| layer.join(to.trim_start_matches('/'));
-    let chown = |p: &Path, meta: &std::fs::Metadata| {
-        let (u, g) = owner.unwrap_or((0, 0));
-        let _ = meta;
-        std::os::unix::fs::lchown(p, Some(u), Some(g))
-            .map_err(|e| format!("chown {}: {e}", p.display()))
-    };
+    let out = TreeDir::create(layer).map_err(|e| format!("creating the layer: {e}"))?;
+    let (uid, gid) = owner.unwrap_or((0, 0));
     for item in items {
-        match item {
-            CopyItem::Entry { from, rel, to } => {
-                let dst = target(to);
-                if let Some(parent) = dst.parent() {
-                    std::fs::create_dir_all(parent).map_err(|e| format!("{to}: {e}"))?;
-                }
-                let meta = std::fs::symlink_metadata(from).map_err(|e| format!("{rel}: {e}"))?;
-                let ft = meta.file_type();
-                if ft.is_dir() {
-                    std::fs::create_dir_all(&dst).map_err(|e| format!("{to}: {e}"))?;
-                    std::fs::set_permissions(
-                        &dst,
-                        std::fs::Permissions::from_mode(mode.unwrap_or(meta.mode() & 0o7777)),
-                    )
-                    .map_err(|e| format!("{to}: {e}"))?;
-                } else if ft.is_symlink() {
-                    let link = std::fs::read_link(from).map_err(|e| format!("{rel}: {e}"))?;
-                    let _ = std::fs::remove_file(&dst);
-                    std::os::unix::fs::symlink(link, &dst).map_err(|e| format!("{to}: {e}"))?;
-                } else if ft.is_file() {
-                    let _ = std::fs::remove_file(&dst);
-                    std::fs::copy(from, &dst).map_err(|e| format!("{to}: {e}"))?;
-                    std::fs::set_permissions(
-                        &dst,
-                        std::fs::Permissions::from_mode(mode.unwrap_or(meta.mode() & 0o7777)),
-                    )
-                    .map_err(|e| format!("{to}: {e}"))?;
-                } else {
-                    continue; // sockets, fifos, devices in a context are not copied
-                }
-                chown(&dst, &meta)?;
+        let (rel, to) = match item {
+            CopyItem::Entry { rel, to } | CopyItem::Unpack { rel, to } => (rel, to),
+        };
+        let err = |e: sandpit_fs::FsError| format!("{to}: {e}");
+        let to_rel = Path::new(to.trim_start_matches('/'));
+        if let CopyItem::Unpack { .. } = item {
+            let dst = out
+                .make_dirs(to_rel, 0o755, InTheWay::Replace)
+                .map_err(err)?;
+            let file = ctx.open_file(rel).map_err(ctx_err(rel))?;
+            let reader = decompress(file).map_err(|e| format!("{}: {e}", rel.display()))?;
+            unpack_into(reader, &dst, Whiteouts::Plain, &UnpackLimits::current())
+                .map_err(|e| format!("unpacking {}: {e}", rel.display()))?;
+            continue;
+        }
+        let meta = ctx
+            .lstat(rel)
+            .map_err(ctx_err(rel))?
+            .ok_or_else(|| format!("{}: vanished from the context", rel.display()))?;
+        let mode = mode.unwrap_or(meta.mode);
+        let Some(name) = to_rel.file_name() else {
+            // The layer's root itself (`COPY dir /`).
+            if meta.kind == EntryKind::Dir {
+                out.set_attrs(Some((uid, gid)), mode, None).map_err(err)?;
             }
-            CopyItem::Unpack { from, rel, to } => {
-                let dst = target(to);
-                std::fs::create_dir_all(&dst).map_err(|e| format!("{to}: {e}"))?;
-                let reader = open_blob(from).map_err(|e| format!("{rel}: {e}"))?;
-                unpack(reader, &dst, Whiteouts::Plain)
-                    .map_err(|e| format!("unpacking {rel}: {e}"))?;
+            continue;
+        };
+        let parent = out
+            .make_dirs(
+                to_rel.parent().unwrap_or(Path::new("")),
+                0o755,
+                InTheWay::Replace,
+            )
+            .map_err(err)?;
+        match meta.kind {
+            EntryKind::Dir => {
+                let d = parent
+                    .make_dir(name, 0o755, InTheWay::Replace)
+                    .map_err(err)?;
+                d.set_attrs(Some((uid, gid)), mode, None).map_err(err)?;
             }
+            EntryKind::Symlink => {
+                let target = ctx.read_link(rel).map_err(ctx_err(rel))?;
+                parent.symlink(&target, name).map_err(err)?;
+                parent.chown(name, uid, gid).map_err(err)?;
+            }
+            EntryKind::File => {
+                let mut src = ctx.open_file(rel).map_err(ctx_err(rel))?;
+                let mut dst = parent.create_file(name).map_err(err)?;
+                std::io::copy(&mut src, &mut dst).map_err(|e| format!("{to}: {e}"))?;
+                sandpit_fs::set_attrs(&dst, Some((uid, gid)), mode, None)
+                    .map_err(|e| format!("{to}: {e}"))?;
+            }
+            EntryKind::Other => {} // sockets, fifos, devices in a context are not copied
         }
     }
     Ok(items.len())
@@ -821,6 +811,7 @@ fn write_plan(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     /// Runs `RUN` steps on the host against a copy of nothing: writes the command line
     /// into a file of the new layer, so tests can see which steps ran.
@@ -1000,6 +991,90 @@ mod tests {
             let e = b.build(&req, &sink).await.unwrap_err().to_string();
             assert!(e.contains("line 2"), "{bad}: {e}");
         }
+    }
+
+    #[tokio::test]
+    async fn copy_never_writes_through_a_symlink_it_copied() {
+        // Hole 1 of #12: `COPY d1 d2 /` where d1/x -> a host directory and d2/x/ holds a file.
+        let (b, _rec, dir) = builder(None);
+        let host = dir.path().join("host-dir");
+        std::fs::create_dir_all(&host).unwrap();
+        let ctx = dir.path().join("ctx");
+        std::fs::create_dir_all(ctx.join("d1")).unwrap();
+        std::fs::create_dir_all(ctx.join("d2/x")).unwrap();
+        std::os::unix::fs::symlink(&host, ctx.join("d1/x")).unwrap();
+        std::fs::write(ctx.join("d2/x/planted"), "pwned").unwrap();
+        std::fs::set_permissions(ctx.join("d2/x"), std::fs::Permissions::from_mode(0o4777))
+            .unwrap();
+        let req = BuildRequest {
+            context: ctx.clone(),
+            dockerfile: "FROM scratch\nCOPY d1 d2 /\n".into(),
+            ..Default::default()
+        };
+        let (_ev, sink) = events();
+        let out = b.build(&req, &sink).await.unwrap();
+        assert!(!host.join("planted").exists(), "written on the host");
+        assert_eq!(std::fs::read_dir(&host).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::metadata(&host).unwrap().permissions().mode() & 0o7777,
+            0o755
+        );
+        // The later directory replaced the symlink inside the layer.
+        let x = out.layers[0].join("x");
+        assert!(x.is_dir() && !x.is_symlink());
+        assert!(x.join("planted").is_file());
+    }
+
+    #[tokio::test]
+    async fn a_special_dockerignore_is_refused_not_read() {
+        // Hole 5 of #12: `.dockerignore` -> /dev/zero grew the server's memory without end.
+        let (b, _rec, dir) = builder(None);
+        let ctx = dir.path().join("ctx");
+        std::fs::create_dir_all(&ctx).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", ctx.join(".dockerignore")).unwrap();
+        let req = BuildRequest {
+            context: ctx.clone(),
+            dockerfile: "FROM scratch\n".into(),
+            ..Default::default()
+        };
+        let (_ev, sink) = events();
+        let e = b.build(&req, &sink).await.unwrap_err().to_string();
+        assert!(e.contains(".dockerignore"), "{e}");
+        // A FIFO in its place is refused without blocking; an oversized one too.
+        std::fs::remove_file(ctx.join(".dockerignore")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            ctx.join(".dockerignore"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        assert!(b.build(&req, &sink).await.is_err());
+        std::fs::remove_file(ctx.join(".dockerignore")).unwrap();
+        std::fs::write(
+            ctx.join(".dockerignore"),
+            vec![b'#'; crate::ignore::MAX_IGNORE_FILE as usize + 1],
+        )
+        .unwrap();
+        assert!(b.build(&req, &sink).await.is_err());
+        // A FIFO as a COPY source is skipped, never opened.
+        std::fs::remove_file(ctx.join(".dockerignore")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            ctx.join("pipe"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        let req = BuildRequest {
+            context: ctx.clone(),
+            dockerfile: "FROM scratch\nCOPY . /\n".into(),
+            ..Default::default()
+        };
+        let out = b.build(&req, &sink).await.unwrap();
+        assert!(!out.layers[0].join("pipe").exists());
     }
 
     #[test]

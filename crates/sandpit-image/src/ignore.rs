@@ -9,6 +9,9 @@ pub struct IgnoreRules {
     rules: Vec<(bool, Vec<String>)>,
 }
 
+/// The largest `.dockerignore` a build reads.
+pub const MAX_IGNORE_FILE: u64 = 1 << 20;
+
 impl IgnoreRules {
     pub fn parse(text: &str) -> IgnoreRules {
         let rules = text
@@ -32,11 +35,14 @@ impl IgnoreRules {
         IgnoreRules { rules }
     }
 
-    /// Read `<context>/.dockerignore` if there is one.
-    pub fn load(context: &std::path::Path) -> IgnoreRules {
-        std::fs::read_to_string(context.join(".dockerignore"))
-            .map(|t| IgnoreRules::parse(&t))
-            .unwrap_or_default()
+    /// Read the context's `.dockerignore` if there is one: a regular file of at most
+    /// [`MAX_IGNORE_FILE`] bytes (a symlink, FIFO or device in its place is refused).
+    pub fn load(context: &sandpit_fs::TreeDir) -> Result<IgnoreRules, String> {
+        match context.read_capped(std::path::Path::new(".dockerignore"), MAX_IGNORE_FILE) {
+            Ok(bytes) => Ok(IgnoreRules::parse(&String::from_utf8_lossy(&bytes))),
+            Err(e) if e.is_not_found() => Ok(IgnoreRules::default()),
+            Err(e) => Err(format!("reading .dockerignore: {e}")),
+        }
     }
 
     /// Whether the context-relative path `rel` (components joined with `/`) is excluded.
@@ -116,7 +122,10 @@ mod tests {
 /// `.dockerignore` excludes (the Dockerfile and `.dockerignore` always go). Symlinks are
 /// packed as symlinks, never followed.
 pub fn pack_context(dir: &std::path::Path) -> std::io::Result<Vec<u8>> {
-    let rules = IgnoreRules::load(dir);
+    // The client's own directory on its own machine: the tree is the user's, not a tenant's.
+    let rules = sandpit_fs::TreeDir::open(dir)
+        .map_err(std::io::Error::other)
+        .and_then(|d| IgnoreRules::load(&d).map_err(std::io::Error::other))?;
     let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     let mut tar = tar::Builder::new(gz);
     tar.follow_symlinks(false);

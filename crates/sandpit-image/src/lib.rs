@@ -34,6 +34,13 @@ pub enum ImageError {
     Unpack { layer: String, detail: String },
     #[error("archive entry {path:?} would escape the layer")]
     UnsafePath { path: String },
+    #[error("{what}: {source}")]
+    Tree {
+        what: String,
+        source: sandpit_fs::FsError,
+    },
+    #[error("the archive is over the limit of {limit} (archive_too_large)")]
+    ArchiveTooLarge { limit: String },
     #[error("{what} at {path}")]
     Files {
         what: String,

@@ -105,6 +105,14 @@ impl LayerStore {
         self.layer_path(id).is_dir()
     }
 
+    /// Remove a temporary file or directory [`LayerStore::temp_path`] handed out. What is in
+    /// it may be a tenant's: it goes through handles, symlinks unlinked, never followed.
+    pub fn discard_temp(&self, path: &Path) {
+        if let Err(e) = sandpit_fs::remove_tree(path) {
+            tracing::warn!(path = %path.display(), error = %e, "could not remove a temporary tree");
+        }
+    }
+
     /// A fresh temporary path (not created) on the same file system as the layers.
     pub fn temp_path(&self, what: &str) -> PathBuf {
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

@@ -1,19 +1,21 @@
 //! Unpacking a layer tarball into a directory in overlayfs format.
 //!
 //! OCI whiteouts become overlayfs ones: `.wh.<name>` a 0/0 character device `<name>`, and
-//! `.wh..wh..opq` the `trusted.overlay.opaque=y` attribute on its directory. Every entry's
-//! parent is opened with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` from the layer's
-//! root, so neither `..` nor a symlink planted by an earlier entry can make a later one land
-//! outside; hard links must name a file of the same layer. Owners, modes and times are
-//! kept; directory modes are applied last, so a read-only directory still gets its entries.
+//! `.wh..wh..opq` the `trusted.overlay.opaque=y` attribute on its directory. Everything goes
+//! through `sandpit-fs` handles: every entry's parent is opened with `openat2(RESOLVE_BENEATH
+//! | RESOLVE_NO_SYMLINKS)` from the layer's root, so neither `..` nor a symlink planted by an
+//! earlier entry can make a later one land outside; a later entry replaces an earlier one by
+//! unlinking it; hard links must name a file of the same layer. Owners, modes and times are
+//! kept and applied through handles; directory modes are applied last, so a read-only
+//! directory still gets its entries. [`UnpackLimits`] bound bytes, entries and depth.
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{BufReader, Read};
-use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
+use sandpit_fs::{InTheWay, Node, TreeDir};
 
 use crate::ImageError;
 
@@ -25,21 +27,33 @@ pub struct UnpackStats {
     pub whiteouts: u64,
 }
 
-/// Open a layer blob, undoing gzip or zstd compression (detected from its first bytes).
+/// Open a layer blob (a host-owned path in the layer store), undoing gzip or zstd
+/// compression (detected from its first bytes).
 pub fn open_blob(path: &Path) -> Result<Box<dyn Read + Send>, ImageError> {
-    let mut f = File::open(path).map_err(ImageError::files("opening a layer blob", path))?;
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "blobs live in the layer store under their digest: a host-owned path"
+    )]
+    let f = File::open(path).map_err(ImageError::files("opening a layer blob", path))?;
+    decompress(f)
+}
+
+/// A reader of `f` from its start, undoing gzip or zstd compression (detected from its
+/// first bytes).
+pub fn decompress(mut f: File) -> Result<Box<dyn Read + Send>, ImageError> {
+    use std::io::{Seek, SeekFrom};
     let mut magic = [0u8; 4];
     let n = f
         .read(&mut magic)
-        .map_err(ImageError::files("reading a layer blob", path))?;
-    let f = File::open(path).map_err(ImageError::files("opening a layer blob", path))?;
+        .and_then(|n| f.seek(SeekFrom::Start(0)).map(|_| n))
+        .map_err(ImageError::files("reading an archive", ""))?;
     let r = BufReader::with_capacity(1 << 20, f);
     Ok(if n >= 2 && magic[..2] == [0x1f, 0x8b] {
         Box::new(flate2::read::MultiGzDecoder::new(r))
     } else if n == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd] {
         Box::new(
             zstd::stream::read::Decoder::with_buffer(r)
-                .map_err(ImageError::files("reading a zstd layer", path))?,
+                .map_err(ImageError::files("reading a zstd archive", ""))?,
         )
     } else {
         Box::new(r)
@@ -55,26 +69,94 @@ pub enum Whiteouts {
     Plain,
 }
 
-/// Unpack the tar stream `reader` into the existing empty directory `dest`.
+/// Bounds on one archive. Exceeding one ends the unpack with
+/// [`ImageError::ArchiveTooLarge`] naming it (API code `archive_too_large`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnpackLimits {
+    /// Bytes of file content written (what a gzip bomb inflates to).
+    pub max_bytes: u64,
+    /// Archive entries of any kind.
+    pub max_entries: u64,
+    /// Path components of one entry.
+    pub max_depth: usize,
+}
+
+impl Default for UnpackLimits {
+    fn default() -> Self {
+        UnpackLimits {
+            max_bytes: 10 << 30,
+            max_entries: 1_000_000,
+            max_depth: 256,
+        }
+    }
+}
+
+static DEFAULT_LIMITS: std::sync::RwLock<Option<UnpackLimits>> = std::sync::RwLock::new(None);
+
+impl UnpackLimits {
+    /// The limits every unpack without explicit ones uses (the server sets them from its
+    /// configuration at start).
+    pub fn current() -> UnpackLimits {
+        DEFAULT_LIMITS
+            .read()
+            .map(|l| l.unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    /// Replace the process-wide limits [`UnpackLimits::current`] returns.
+    pub fn set_current(limits: UnpackLimits) {
+        if let Ok(mut l) = DEFAULT_LIMITS.write() {
+            *l = Some(limits);
+        }
+    }
+}
+
+/// Unpack the tar stream `reader` into the existing directory `dest` (a host-owned path:
+/// the layer's or context's fresh directory), with the current limits.
 pub fn unpack(
     reader: impl Read,
     dest: &Path,
     whiteouts: Whiteouts,
 ) -> Result<UnpackStats, ImageError> {
-    let layer = dest.display().to_string();
+    let root = TreeDir::open(dest).map_err(|e| ImageError::Tree {
+        what: "opening the layer directory".into(),
+        source: e,
+    })?;
+    unpack_into(reader, &root, whiteouts, &UnpackLimits::current())
+}
+
+/// Unpack the tar stream `reader` into the open directory `root`, the way containerd does:
+/// entries land in archive order and a later entry replaces an earlier one of the same name
+/// (the earlier one is unlinked, never written through, whatever the kinds); a symlink is
+/// never followed, in a parent or as the entry itself; hard links name a regular file of
+/// this archive; device nodes are skipped with a log line; modes (set-id bits included),
+/// owners and times are applied through handles to what this archive made. Directory modes
+/// are applied last (deepest first), re-opened beneath the root without following symlinks,
+/// so a directory replaced later by a symlink gets nothing.
+pub fn unpack_into(
+    reader: impl Read,
+    root: &TreeDir,
+    whiteouts: Whiteouts,
+    limits: &UnpackLimits,
+) -> Result<UnpackStats, ImageError> {
+    let layer = root.path().display().to_string();
     let bad = |detail: String| ImageError::Unpack {
         layer: layer.clone(),
         detail,
     };
-    let root = rustix::fs::open(
-        dest,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| ImageError::files("opening the layer directory", dest)(e.into()))?;
+    let tree = |what: &str| {
+        let what = what.to_string();
+        move |e: sandpit_fs::FsError| match e {
+            sandpit_fs::FsError::Escape { path } | sandpit_fs::FsError::BadPath { path } => {
+                ImageError::UnsafePath { path }
+            }
+            e => ImageError::Tree { what, source: e },
+        }
+    };
+    let too_large = |limit: String| ImageError::ArchiveTooLarge { limit };
     let mut archive = tar::Archive::new(reader);
     let mut stats = UnpackStats::default();
-    // Directory modes and times, applied at the end (deepest first).
+    // Directory modes, owners and times, applied at the end (deepest first).
     let mut dirs: Vec<(PathBuf, u32, u64)> = Vec::new();
     let entries = archive
         .entries()
@@ -82,20 +164,38 @@ pub fn unpack(
     for entry in entries {
         let mut entry = entry.map_err(|e| bad(format!("reading the archive: {e}")))?;
         stats.entries += 1;
+        if stats.entries > limits.max_entries {
+            return Err(too_large(format!("{} entries", limits.max_entries)));
+        }
         let raw = entry.path_bytes().into_owned();
         let Some(rel) = clean_path(&raw)? else {
             continue;
         }; // the root itself
+        if rel.components().count() > limits.max_depth {
+            return Err(too_large(format!("a path depth of {}", limits.max_depth)));
+        }
         let name = rel
             .file_name()
             .expect("clean paths have a last component")
             .to_owned();
         let parent_rel = rel.parent().unwrap_or(Path::new("")).to_path_buf();
-        let parent = ensure_parent(&root, dest, &parent_rel)?;
-        let target = dest.join(&rel);
         let header = entry.header().clone();
+        let kind = header.entry_type();
+        // Metadata entries carry no path of their own.
+        if matches!(
+            kind,
+            tar::EntryType::XGlobalHeader
+                | tar::EntryType::XHeader
+                | tar::EntryType::GNULongName
+                | tar::EntryType::GNULongLink
+        ) {
+            continue;
+        }
+        let parent = root
+            .make_dirs(&parent_rel, 0o755, InTheWay::Refuse)
+            .map_err(tree("creating a parent directory"))?;
         let mode = header.mode().unwrap_or(0o644) & 0o7777;
-        let (uid, gid) = (
+        let owner = (
             header.uid().unwrap_or(0) as u32,
             header.gid().unwrap_or(0) as u32,
         );
@@ -104,85 +204,59 @@ pub fn unpack(
         if whiteouts == Whiteouts::Overlay && name_str.starts_with(".wh.") {
             stats.whiteouts += 1;
             if name_str == ".wh..wh..opq" {
-                rustix::fs::lsetxattr(
-                    dest.join(&parent_rel),
-                    "trusted.overlay.opaque",
-                    b"y",
-                    rustix::fs::XattrFlags::empty(),
-                )
-                .map_err(|e| {
-                    ImageError::files("marking a directory opaque", dest.join(&parent_rel))(
-                        e.into(),
-                    )
-                })?;
+                parent
+                    .set_xattr("trusted.overlay.opaque", b"y")
+                    .map_err(tree("marking a directory opaque"))?;
             } else {
-                let hidden = &name_str[4..];
-                if hidden.is_empty() || hidden == "." || hidden == ".." {
+                let hidden = OsStr::new(&name_str[4..]);
+                if sandpit_fs::check_name(hidden).is_err() {
                     return Err(ImageError::UnsafePath {
                         path: String::from_utf8_lossy(&raw).into(),
                     });
                 }
-                remove_existing(&parent, hidden);
-                rustix::fs::mknodat(
-                    &parent,
-                    hidden,
-                    FileType::CharacterDevice,
-                    Mode::empty(),
-                    rustix::fs::makedev(0, 0),
-                )
-                .map_err(|e| {
-                    ImageError::files("writing a whiteout", parent_rel.join(hidden))(e.into())
-                })?;
+                parent
+                    .mknod(hidden, Node::Whiteout)
+                    .map_err(tree("writing a whiteout"))?;
             }
             continue;
         }
-        let kind = header.entry_type();
-        if !kind.is_dir() {
-            remove_existing(&parent, &name_str);
-        }
         match kind {
             tar::EntryType::Directory => {
-                match std::fs::symlink_metadata(&target) {
-                    Ok(m) if m.is_dir() => {}
-                    Ok(_) => {
-                        remove_existing(&parent, &name_str);
-                        mkdir(&parent, &name_str, &target)?;
-                    }
-                    Err(_) => mkdir(&parent, &name_str, &target)?,
-                }
-                chown(&parent, &name_str, uid, gid, &target)?;
-                dirs.push((target, mode, mtime));
-                continue;
+                parent
+                    .make_dir(&name, 0o755, InTheWay::Replace)
+                    .map_err(tree("creating a directory"))?;
+                dirs.push((rel, mode, mtime));
+                let (u, g) = owner;
+                parent
+                    .chown(&name, u, g)
+                    .map_err(tree("setting an owner"))?;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
-                let fd = rustix::fs::openat(
-                    &parent,
-                    &*name_str,
-                    OFlags::WRONLY
-                        | OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o600),
-                )
-                .map_err(|e| ImageError::files("creating a file", &target)(e.into()))?;
-                let mut file = File::from(fd);
-                stats.bytes += std::io::copy(&mut entry, &mut file)
-                    .map_err(ImageError::files("writing a file", &target))?;
-                chown(&parent, &name_str, uid, gid, &target)?;
-                // After chown, which clears set-id bits.
-                file.set_permissions(std::fs::Permissions::from_mode(mode))
-                    .map_err(ImageError::files("setting a file's mode", &target))?;
-                set_mtime(&parent, &name_str, mtime);
+                let size = header.size().unwrap_or(0);
+                if stats.bytes.saturating_add(size) > limits.max_bytes {
+                    return Err(too_large(format!("{} bytes unpacked", limits.max_bytes)));
+                }
+                let mut file = parent.create_file(&name).map_err(tree("creating a file"))?;
+                // Bounded by the header's size and by the limit, whatever the stream claims.
+                let room = limits.max_bytes - stats.bytes;
+                let written = std::io::copy(&mut (&mut entry).take(room.min(size)), &mut file)
+                    .map_err(ImageError::files("writing a file", &rel))?;
+                stats.bytes += written;
+                sandpit_fs::set_attrs(&file, Some(owner), mode, Some(mtime as i64))
+                    .map_err(ImageError::files("setting a file's owner and mode", &rel))?;
             }
             tar::EntryType::Symlink => {
                 let link = entry
                     .link_name_bytes()
                     .ok_or_else(|| bad(format!("symlink {} has no target", rel.display())))?;
-                rustix::fs::symlinkat(&*link, &parent, &*name_str)
-                    .map_err(|e| ImageError::files("creating a symlink", &target)(e.into()))?;
-                chown(&parent, &name_str, uid, gid, &target)?;
-                set_mtime(&parent, &name_str, mtime);
+                parent
+                    .symlink(OsStr::from_bytes(&link), &name)
+                    .map_err(tree("creating a symlink"))?;
+                let (u, g) = owner;
+                parent
+                    .chown(&name, u, g)
+                    .map_err(tree("setting an owner"))?;
+                parent.set_time(&name, mtime as i64);
             }
             tar::EntryType::Link => {
                 let link = entry
@@ -193,61 +267,53 @@ pub fn unpack(
                         path: String::from_utf8_lossy(&link).into(),
                     });
                 };
-                let src_parent =
-                    ensure_existing_parent(&root, dest, src_rel.parent().unwrap_or(Path::new("")))?;
+                let src_parent = root
+                    .open_dir(src_rel.parent().unwrap_or(Path::new("")))
+                    .map_err(|_| ImageError::UnsafePath {
+                        path: src_rel.display().to_string(),
+                    })?;
                 let src_name = src_rel.file_name().expect("clean").to_owned();
-                rustix::fs::linkat(
-                    &src_parent,
-                    &*src_name.to_string_lossy(),
-                    &parent,
-                    &*name_str,
-                    AtFlags::empty(),
-                )
-                .map_err(|e| {
-                    ImageError::files(
-                        format!(
-                            "hard-linking to {} (it must be in the same layer)",
+                parent
+                    .hard_link(&src_parent, &src_name, &name)
+                    .map_err(|e| ImageError::Tree {
+                        what: format!(
+                            "hard-linking {} to {} (it must be a file of the same layer)",
+                            rel.display(),
                             src_rel.display()
                         ),
-                        &target,
-                    )(e.into())
-                })?;
+                        source: e,
+                    })?;
             }
             tar::EntryType::Fifo => {
-                rustix::fs::mknodat(
-                    &parent,
-                    &*name_str,
-                    FileType::Fifo,
-                    Mode::from_raw_mode(mode),
-                    0,
-                )
-                .map_err(|e| ImageError::files("creating a fifo", &target)(e.into()))?;
-                chown(&parent, &name_str, uid, gid, &target)?;
+                parent
+                    .mknod(&name, Node::Fifo { mode: mode & 0o777 })
+                    .map_err(tree("creating a fifo"))?;
+                let (u, g) = owner;
+                parent
+                    .chown(&name, u, g)
+                    .map_err(tree("setting an owner"))?;
             }
             tar::EntryType::Char | tar::EntryType::Block => {
                 // Device nodes are the runtime's business (gVisor provides /dev); a layer
-                // carrying them gets nothing.
-                tracing::debug!(path = %rel.display(), "skipping a device node");
+                // carrying them gets nothing. What was there by that name is gone.
+                parent.remove(&name).map_err(tree("replacing an entry"))?;
+                tracing::info!(path = %rel.display(), "skipping a device node in an archive");
             }
-            tar::EntryType::XGlobalHeader
-            | tar::EntryType::XHeader
-            | tar::EntryType::GNULongName
-            | tar::EntryType::GNULongLink => {}
             other => {
-                tracing::debug!(path = %rel.display(), kind = ?other, "skipping an unknown entry type")
+                tracing::info!(path = %rel.display(), kind = ?other, "skipping an unknown archive entry type")
             }
         }
     }
+    // Deepest first; of two entries for one directory the later one (kept after the earlier
+    // by the stable sort) wins.
     dirs.sort_by_key(|(p, _, _)| std::cmp::Reverse(p.components().count()));
-    for (path, mode, mtime) in dirs {
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
-            .map_err(ImageError::files("setting a directory's mode", &path))?;
-        let _ = rustix::fs::utimensat(
-            rustix::fs::CWD,
-            &path,
-            &times(mtime),
-            AtFlags::SYMLINK_NOFOLLOW,
-        );
+    for (rel, mode, mtime) in dirs {
+        // Replaced by a symlink or a file since: it is not ours to chmod any more.
+        let Ok(dir) = root.open_dir(&rel) else {
+            continue;
+        };
+        dir.set_attrs(None, mode, Some(mtime as i64))
+            .map_err(tree("setting a directory's mode"))?;
     }
     Ok(stats)
 }
@@ -271,132 +337,11 @@ pub fn clean_path(raw: &[u8]) -> Result<Option<PathBuf>, ImageError> {
     Ok((!out.as_os_str().is_empty()).then_some(out))
 }
 
-/// Open `rel` (a directory path inside the layer) beneath `root`, creating missing
-/// directories; refuses symlinks on the way.
-fn ensure_parent(root: &OwnedFd, dest: &Path, rel: &Path) -> Result<OwnedFd, ImageError> {
-    let mut dir = rustix::fs::openat(
-        root,
-        ".",
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| ImageError::files("opening the layer directory", dest)(e.into()))?;
-    let mut so_far = PathBuf::new();
-    for c in rel.components() {
-        so_far.push(c);
-        let name = c.as_os_str().to_string_lossy().into_owned();
-        match open_beneath(&dir, &name) {
-            Ok(fd) => dir = fd,
-            Err(rustix::io::Errno::NOENT) => {
-                rustix::fs::mkdirat(&dir, &*name, Mode::from_raw_mode(0o755)).map_err(|e| {
-                    ImageError::files("creating a directory", dest.join(&so_far))(e.into())
-                })?;
-                dir = open_beneath(&dir, &name).map_err(|e| {
-                    ImageError::files("opening a directory", dest.join(&so_far))(e.into())
-                })?;
-            }
-            Err(_) => {
-                return Err(ImageError::UnsafePath {
-                    path: so_far.display().to_string(),
-                });
-            }
-        }
-    }
-    Ok(dir)
-}
-
-/// Like [`ensure_parent`] but creates nothing (hard-link sources must exist).
-fn ensure_existing_parent(root: &OwnedFd, dest: &Path, rel: &Path) -> Result<OwnedFd, ImageError> {
-    if rel.as_os_str().is_empty() {
-        return rustix::fs::openat(
-            root,
-            ".",
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| ImageError::files("opening the layer directory", dest)(e.into()));
-    }
-    open_beneath(root, &rel.to_string_lossy()).map_err(|_| ImageError::UnsafePath {
-        path: rel.display().to_string(),
-    })
-}
-
-fn open_beneath(dir: &impl AsFd, rel: &str) -> rustix::io::Result<OwnedFd> {
-    rustix::fs::openat2(
-        dir,
-        rel,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
-    )
-}
-
-fn mkdir(parent: &OwnedFd, name: &str, target: &Path) -> Result<(), ImageError> {
-    rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o755))
-        .map_err(|e| ImageError::files("creating a directory", target)(e.into()))
-}
-
-/// Remove whatever `name` is in `parent` (an earlier entry of the same layer).
-fn remove_existing(parent: &OwnedFd, name: &str) {
-    let Ok(st) = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) else {
-        return;
-    };
-    if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
-        if let Ok(fd) = rustix::fs::openat(
-            parent,
-            name,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        ) {
-            let path = PathBuf::from(format!(
-                "/proc/self/fd/{}",
-                std::os::fd::AsRawFd::as_raw_fd(&fd)
-            ));
-            if let Ok(real) = std::fs::read_link(&path) {
-                let _ = std::fs::remove_dir_all(real);
-            }
-        }
-    } else {
-        let _ = rustix::fs::unlinkat(parent, name, AtFlags::empty());
-    }
-}
-
-fn chown(
-    parent: &OwnedFd,
-    name: &str,
-    uid: u32,
-    gid: u32,
-    target: &Path,
-) -> Result<(), ImageError> {
-    rustix::fs::chownat(
-        parent,
-        name,
-        Some(rustix::fs::Uid::from_raw(uid)),
-        Some(rustix::fs::Gid::from_raw(gid)),
-        AtFlags::SYMLINK_NOFOLLOW,
-    )
-    .map_err(|e| ImageError::files("setting an owner", target)(e.into()))
-}
-
-fn times(mtime: u64) -> rustix::fs::Timestamps {
-    let t = rustix::fs::Timespec {
-        tv_sec: mtime as i64,
-        tv_nsec: 0,
-    };
-    rustix::fs::Timestamps {
-        last_access: t,
-        last_modification: t,
-    }
-}
-
-fn set_mtime(parent: &OwnedFd, name: &str, mtime: u64) {
-    let _ = rustix::fs::utimensat(parent, name, &times(mtime), AtFlags::SYMLINK_NOFOLLOW);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::MetadataExt;
+    use proptest::prelude::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     fn tarball(build: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());
@@ -569,6 +514,228 @@ mod tests {
             std::fs::read_link(dir.path().join("a")).unwrap(),
             Path::new("b")
         );
+    }
+
+    #[test]
+    fn a_directory_replaced_by_a_symlink_gets_no_mode_through_it() {
+        // Hole 2 of #12: `x/` with mode 4777, then `x` -> a host file; the directory mode
+        // applied at the end must not land on the host file.
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, "host").unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let tar = tarball(|b| {
+            let mut d = header(tar::EntryType::Directory, 0o4777, 0);
+            b.append_data(&mut d, "x/", std::io::empty()).unwrap();
+            add_raw(
+                b,
+                "x",
+                tar::EntryType::Symlink,
+                Some(&victim.display().to_string()),
+            );
+        });
+        let dir = tempfile::tempdir().unwrap();
+        unpack(&tar[..], dir.path(), Whiteouts::Plain).unwrap();
+        assert_eq!(std::fs::metadata(&victim).unwrap().mode() & 0o7777, 0o644);
+        assert!(dir.path().join("x").is_symlink());
+    }
+
+    #[test]
+    fn every_kind_replaces_every_kind() {
+        let tar = tarball(|b| {
+            let mut d = header(tar::EntryType::Directory, 0o755, 0);
+            b.append_data(&mut d, "a/", std::io::empty()).unwrap();
+            add_file(b, "a/inner", b"x", 0o644);
+            add_file(b, "a", b"file now", 0o600);
+            add_raw(b, "b", tar::EntryType::Symlink, Some("/etc"));
+            let mut d = header(tar::EntryType::Directory, 0o700, 0);
+            b.append_data(&mut d, "b/", std::io::empty()).unwrap();
+            add_file(b, "b/inside", b"y", 0o644);
+            add_file(b, "c", b"z", 0o644);
+            add_raw(b, "c", tar::EntryType::Char, None);
+        });
+        let dir = tempfile::tempdir().unwrap();
+        unpack(&tar[..], dir.path(), Whiteouts::Plain).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("a")).unwrap(), b"file now");
+        let b = std::fs::symlink_metadata(dir.path().join("b")).unwrap();
+        assert!(b.is_dir() && b.mode() & 0o777 == 0o700);
+        assert!(dir.path().join("b/inside").is_file());
+        assert!(
+            !dir.path().join("c").exists(),
+            "a device node replaces and is skipped"
+        );
+    }
+
+    #[test]
+    fn hard_links_name_only_regular_files_of_the_layer() {
+        let tar = tarball(|b| {
+            add_raw(b, "l", tar::EntryType::Symlink, Some("/etc/passwd"));
+            add_raw(b, "h", tar::EntryType::Link, Some("l"));
+        });
+        let dir = tempfile::tempdir().unwrap();
+        assert!(unpack(&tar[..], dir.path(), Whiteouts::Plain).is_err());
+        assert!(!dir.path().join("h").exists());
+    }
+
+    #[test]
+    fn limits_end_the_unpack_naming_the_limit() {
+        let small = UnpackLimits {
+            max_bytes: 1000,
+            max_entries: 5,
+            max_depth: 3,
+        };
+        let run = |tar: Vec<u8>| {
+            let dir = tempfile::tempdir().unwrap();
+            let root = TreeDir::open(dir.path()).unwrap();
+            unpack_into(&tar[..], &root, Whiteouts::Plain, &small)
+        };
+        let many = tarball(|b| (0..6).for_each(|i| add_file(b, &format!("f{i}"), b"", 0o644)));
+        assert!(
+            matches!(run(many), Err(ImageError::ArchiveTooLarge { limit }) if limit == "5 entries")
+        );
+        let deep = tarball(|b| add_file(b, "a/b/c/d", b"", 0o644));
+        assert!(
+            matches!(run(deep), Err(ImageError::ArchiveTooLarge { limit }) if limit.contains("depth"))
+        );
+        let big = tarball(|b| {
+            add_file(b, "a", &[0u8; 600], 0o644);
+            add_file(b, "b", &[0u8; 600], 0o644);
+        });
+        assert!(
+            matches!(run(big), Err(ImageError::ArchiveTooLarge { limit }) if limit.contains("bytes"))
+        );
+        // A gzip bomb: 64 MiB of zeros in about 64 KiB, stopped at the byte limit.
+        let bomb = tarball(|b| add_file(b, "zeros", &vec![0u8; 64 << 20], 0o644));
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        std::io::Write::write_all(&mut e, &bomb).unwrap();
+        let gz = e.finish().unwrap();
+        assert!(gz.len() < 1 << 20);
+        let dir = tempfile::tempdir().unwrap();
+        let root = TreeDir::open(dir.path()).unwrap();
+        let limits = UnpackLimits {
+            max_bytes: 1 << 20,
+            ..UnpackLimits::default()
+        };
+        let r = unpack_into(
+            flate2::read::GzDecoder::new(&gz[..]),
+            &root,
+            Whiteouts::Plain,
+            &limits,
+        );
+        assert!(matches!(r, Err(ImageError::ArchiveTooLarge { .. })));
+    }
+
+    /// One archive entry of the property test: names collide on purpose; symlinks point at
+    /// the canary (absolute and climbing).
+    #[derive(Debug, Clone)]
+    enum E {
+        Dir(&'static str, u32),
+        File(&'static str, u32),
+        Symlink(&'static str, &'static str),
+        Hard(&'static str, &'static str),
+        Whiteout(&'static str),
+    }
+
+    fn name() -> impl Strategy<Value = &'static str> {
+        prop_oneof![
+            Just("x"),
+            Just("y"),
+            Just("x/y"),
+            Just("x/y/z"),
+            Just("y/x"),
+            Just("x/.wh..wh..opq")
+        ]
+    }
+
+    fn entry() -> impl Strategy<Value = E> {
+        let mode = prop_oneof![
+            Just(0o4777u32),
+            Just(0o2755),
+            Just(0o777),
+            Just(0o000),
+            Just(0o644)
+        ];
+        let target = prop_oneof![
+            Just("CANARY"),
+            Just("CANARY/file"),
+            Just("../../canary"),
+            Just("../canary/file"),
+            Just("x")
+        ];
+        prop_oneof![
+            (name(), mode.clone()).prop_map(|(n, m)| E::Dir(n, m)),
+            (name(), mode).prop_map(|(n, m)| E::File(n, m)),
+            (name(), target).prop_map(|(n, t)| E::Symlink(n, t)),
+            (name(), name()).prop_map(|(n, t)| E::Hard(n, t)),
+            name().prop_map(E::Whiteout),
+        ]
+    }
+
+    fn canary_state(dir: &Path) -> Vec<(String, u32, u32, Vec<u8>)> {
+        let mut out = Vec::new();
+        for p in [dir.to_path_buf(), dir.join("file")] {
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let body = if m.is_file() {
+                std::fs::read(&p).unwrap()
+            } else {
+                Vec::new()
+            };
+            out.push((p.display().to_string(), m.mode(), m.uid(), body));
+        }
+        out.push((
+            "entries".into(),
+            std::fs::read_dir(dir).unwrap().count() as u32,
+            0,
+            Vec::new(),
+        ));
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+        /// Random entry sequences (dirs, files, symlinks, hard links, whiteouts; same names,
+        /// set-id modes) never create, modify, chmod or delete anything outside the layer.
+        #[test]
+        fn archives_never_touch_anything_outside(entries in proptest::collection::vec(entry(), 1..16), overlay in any::<bool>()) {
+            let top = tempfile::tempdir().unwrap();
+            let canary = top.path().join("canary");
+            std::fs::create_dir(&canary).unwrap();
+            std::fs::write(canary.join("file"), "canary").unwrap();
+            let layer = top.path().join("layer");
+            std::fs::create_dir(&layer).unwrap();
+            let before = canary_state(&canary);
+            let abs = canary.display().to_string();
+            let tar = tarball(|b| {
+                for e in &entries {
+                    match e {
+                        E::Dir(n, m) => {
+                            let mut h = header(tar::EntryType::Directory, *m, 0);
+                            b.append_data(&mut h, format!("{n}/"), std::io::empty()).unwrap();
+                        }
+                        E::File(n, m) => add_file(b, n, b"data", *m),
+                        E::Symlink(n, t) => {
+                            let t = t.replace("CANARY", &abs);
+                            let mut h = header(tar::EntryType::Symlink, 0o777, 0);
+                            b.append_link(&mut h, n, &t).unwrap();
+                        }
+                        E::Hard(n, t) => add_raw(b, n, tar::EntryType::Link, Some(t)),
+                        E::Whiteout(n) => {
+                            let p = Path::new(n);
+                            let w = match p.parent().filter(|p| !p.as_os_str().is_empty()) {
+                                Some(d) => format!("{}/.wh.{}", d.display(), p.file_name().unwrap().to_string_lossy()),
+                                None => format!(".wh.{n}"),
+                            };
+                            add_file(b, &w, b"", 0o644);
+                        }
+                    }
+                }
+            });
+            let mode = if overlay { Whiteouts::Overlay } else { Whiteouts::Plain };
+            let _ = unpack(&tar[..], &layer, mode);
+            prop_assert_eq!(canary_state(&canary), before);
+            prop_assert_eq!(std::fs::read_dir(top.path()).unwrap().count(), 2);
+        }
     }
 
     #[test]
