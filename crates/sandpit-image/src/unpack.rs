@@ -38,6 +38,23 @@ pub fn open_blob(path: &Path) -> Result<Box<dyn Read + Send>, ImageError> {
     decompress(f)
 }
 
+/// A reader of an archive held in memory (a build context from a request), undoing gzip or
+/// zstd compression.
+pub fn decompress_bytes(bytes: bytes::Bytes) -> Result<Box<dyn Read + Send>, ImageError> {
+    let magic: [u8; 4] = std::array::from_fn(|i| bytes.get(i).copied().unwrap_or(0));
+    let r = std::io::Cursor::new(bytes);
+    Ok(if magic[..2] == [0x1f, 0x8b] {
+        Box::new(flate2::read::MultiGzDecoder::new(r))
+    } else if magic == [0x28, 0xb5, 0x2f, 0xfd] {
+        Box::new(
+            zstd::stream::read::Decoder::new(r)
+                .map_err(ImageError::files("reading a zstd archive", ""))?,
+        )
+    } else {
+        Box::new(r)
+    })
+}
+
 /// A reader of `f` from its start, undoing gzip or zstd compression (detected from its
 /// first bytes).
 pub fn decompress(mut f: File) -> Result<Box<dyn Read + Send>, ImageError> {

@@ -290,40 +290,42 @@ pub async fn create(
             }
         },
     };
-    // The context is unpacked before the row exists, so a bad archive changes nothing.
+    // The context is unpacked before the row exists, so a bad archive changes nothing. It
+    // is the tenant's tree: unpacked through handles, within the archive limits.
     let images = server.images.clone();
     let context_dir = images.temp_path("context");
     {
         let dir = context_dir.clone();
-        let tar = images.temp_path("context-tar");
         let unpacked = tokio::task::spawn_blocking(move || -> Result<(), ImageError> {
-            std::fs::create_dir_all(&dir).map_err(|e| ImageError::Files {
+            let root = sandpit_fs::TreeDir::create(&dir).map_err(|e| ImageError::Tree {
                 what: "creating the context".into(),
-                path: dir.clone(),
                 source: e,
             })?;
             if let Some(bytes) = context {
-                std::fs::write(&tar, bytes).map_err(|e| ImageError::Files {
-                    what: "saving the context".into(),
-                    path: tar.clone(),
-                    source: e,
-                })?;
-                let r = sandpit_image::unpack::open_blob(&tar).and_then(|r| {
-                    sandpit_image::unpack::unpack(r, &dir, sandpit_image::unpack::Whiteouts::Plain)
-                });
-                let _ = std::fs::remove_file(&tar);
-                r?;
+                let reader = sandpit_image::unpack::decompress_bytes(bytes.into())?;
+                sandpit_image::unpack::unpack_into(
+                    reader,
+                    &root,
+                    sandpit_image::unpack::Whiteouts::Plain,
+                    &sandpit_image::unpack::UnpackLimits::current(),
+                )?;
             }
             Ok(())
         })
         .await
         .map_err(|e| ServerError::Corrupt(format!("context task: {e}")))?;
         if let Err(e) = unpacked {
-            let _ = std::fs::remove_dir_all(&context_dir);
-            return Err(ApiError::bad_request(
-                "invalid_context",
-                format!("the build context is not a readable tar archive: {e}"),
-            ));
+            images.discard_temp(&context_dir);
+            return Err(match e {
+                ImageError::ArchiveTooLarge { limit } => ApiError::bad_request(
+                    "archive_too_large",
+                    format!("the build context is over the limit of {limit}"),
+                ),
+                e => ApiError::bad_request(
+                    "invalid_context",
+                    format!("the build context is not a readable tar archive: {e}"),
+                ),
+            });
         }
     }
     let now = now_ms();
@@ -419,7 +421,7 @@ impl BuildJob {
         } else {
             tracing::info!(template = %id, elapsed_ms = started.elapsed().as_millis() as u64, "template built");
         }
-        let _ = std::fs::remove_dir_all(&self.request.context);
+        self.server.images.discard_temp(&self.request.context);
         self.log.push(TemplateBuildEvent::Finished {
             status: status.into(),
             error,
@@ -718,12 +720,18 @@ fn forward(item: crate::agent::ExecOutput, log: &(dyn Fn(String) + Send + Sync))
 }
 
 /// Drop what every builder sandbox writes whatever the step does: the resolver config the
-/// server wrote and the mount points the runtime created, when they are empty.
+/// server wrote and the mount points the runtime created, when they are empty. The layer is
+/// the step's own output (a tenant's tree): `etc` is opened beneath it without following a
+/// symlink, so a step that made `/etc` a link to a host directory gets nothing removed there.
 fn clean_run_layer(layer: &Path) {
-    let _ = std::fs::remove_file(layer.join("etc/resolv.conf"));
-    let _ = std::fs::remove_dir(layer.join("etc"));
-    for d in ["proc", "sys", "dev"] {
-        let _ = std::fs::remove_dir(layer.join(d));
+    let Ok(root) = sandpit_fs::TreeDir::open(layer) else {
+        return;
+    };
+    if let Ok(etc) = root.open_dir(Path::new("etc")) {
+        let _ = etc.remove_file(std::ffi::OsStr::new("resolv.conf"));
+    }
+    for d in ["etc", "proc", "sys", "dev"] {
+        root.remove_empty_dir(std::ffi::OsStr::new(d));
     }
 }
 

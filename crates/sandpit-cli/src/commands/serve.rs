@@ -104,9 +104,24 @@ pub struct ServeArgs {
     /// snapshots and template builds answer 507 `host_disk_full`. `off`: no check.
     #[arg(long, env = "SANDPIT_MIN_FREE_DISK", default_value = "2G", value_parser = parse_min_free)]
     min_free_disk: DiskLimit,
+    /// Largest unpacked size of one archive a tenant hands in (build context, `ADD`ed
+    /// tarball, image layer), e.g. 10G: past it the build fails with `archive_too_large`.
+    #[arg(long, env = "SANDPIT_ARCHIVE_MAX_BYTES", default_value = "10G", value_parser = parse_size_required)]
+    archive_max_bytes: u64,
+    /// Most entries of one such archive.
+    #[arg(long, env = "SANDPIT_ARCHIVE_MAX_ENTRIES", default_value_t = 1_000_000)]
+    archive_max_entries: u64,
+    /// Deepest path (in components) of one such archive's entries.
+    #[arg(long, env = "SANDPIT_ARCHIVE_MAX_DEPTH", default_value_t = 256)]
+    archive_max_depth: usize,
     /// Log as JSON lines.
     #[arg(long, env = "SANDPIT_LOG_JSON")]
     log_json: bool,
+}
+
+/// A size that must be given (no `off`).
+fn parse_size_required(text: &str) -> Result<u64, String> {
+    parse_size(text)?.ok_or_else(|| format!("{text:?}: give a size, e.g. 10G"))
 }
 
 /// `--min-free-disk`: a size (any, 0 included) or `off`.
@@ -226,6 +241,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     cfg.insecure_registries = args.insecure_registries;
     cfg.disk_limit = args.disk_limit.0;
+    sandpit_image::unpack::UnpackLimits::set_current(sandpit_image::unpack::UnpackLimits {
+        max_bytes: args.archive_max_bytes,
+        max_entries: args.archive_max_entries,
+        max_depth: args.archive_max_depth,
+    });
     cfg.min_free_disk = args.min_free_disk.0.unwrap_or(0);
     let (server, token) = Server::start(cfg, args.bootstrap_token.as_deref())
         .await

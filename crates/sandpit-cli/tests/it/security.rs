@@ -261,3 +261,7 @@ async fn symlink_swaps_racing_the_file_api_stay_inside() {
     assert!(leaks.is_empty(), "{leaks:?}");
     println!("FIGURE bad_inputs symlink_races={ops} refused={refused}");
 }
+
+/// Hostile template builds (#12): contexts, RUN layers and archives aimed at the host.
+#[path = "security_builds.rs"]
+mod builds;
