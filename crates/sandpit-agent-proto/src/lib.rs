@@ -15,6 +15,13 @@
 //! whose version is ≤ its own and answers in that version's shape, so a sandbox restored from
 //! a snapshot taken with an older agent keeps working with a newer server as long as the
 //! server still speaks the old version. New fields are added as optional.
+#![cfg_attr(
+    test,
+    allow(
+        clippy::disallowed_methods,
+        reason = "unit tests build host-side fixtures by path"
+    )
+)]
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};

@@ -1,5 +1,12 @@
 //! Request and response types of the Sandpit HTTP API, shared by the server, the Rust SDK and
 //! the CLI. Pure data: serde + OpenAPI schemas, no I/O.
+#![cfg_attr(
+    test,
+    allow(
+        clippy::disallowed_methods,
+        reason = "unit tests build host-side fixtures by path"
+    )
+)]
 
 pub mod duration;
 pub mod org;

@@ -1,5 +1,9 @@
 //! `sandpit-bench`: measures Sandpit against raw runsc on the same machine in the same run,
 //! prints a table and writes JSON (`[{name, n, p50_ms, p95_ms, baseline, baseline_p50_ms, ...}]`).
+#![expect(
+    clippy::disallowed_methods,
+    reason = "an operator's benchmark tool: it reads and writes the operator's own files"
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

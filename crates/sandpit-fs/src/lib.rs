@@ -14,6 +14,13 @@
 //!
 //! The guarantee is tested with property tests that throw random sequences of operations
 //! with hostile names and symlinks at a tree next to a canary directory.
+#![cfg_attr(
+    test,
+    allow(
+        clippy::disallowed_methods,
+        reason = "unit tests build host-side fixtures by path"
+    )
+)]
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;

@@ -121,6 +121,10 @@ mod tests {
 /// Pack a build context directory into a gzip tar for upload, leaving out what
 /// `.dockerignore` excludes (the Dockerfile and `.dockerignore` always go). Symlinks are
 /// packed as symlinks, never followed.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "runs in the CLI on the user's own directory, not on the server"
+)]
 pub fn pack_context(dir: &std::path::Path) -> std::io::Result<Vec<u8>> {
     // The client's own directory on its own machine: the tree is the user's, not a tenant's.
     let rules = sandpit_fs::TreeDir::open(dir)

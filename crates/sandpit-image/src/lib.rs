@@ -6,6 +6,13 @@
 //! opaque directories carry `trusted.overlay.opaque=y`), so a runtime stacks them as
 //! overlay lower directories as they are. Nothing here boots a sandbox: a build's `RUN`
 //! steps go through a [`build::StepRunner`] the server implements.
+#![cfg_attr(
+    test,
+    allow(
+        clippy::disallowed_methods,
+        reason = "unit tests build host-side fixtures by path"
+    )
+)]
 
 pub mod build;
 pub mod config;

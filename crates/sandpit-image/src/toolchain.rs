@@ -2,6 +2,10 @@
 //! common tools, made by `mmdebstrap` through the host's own apt sources (no Docker Hub,
 //! no registry). The layer is named by what goes into it (suite, packages, sources), so it
 //! is built once and reused until one of them changes.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "the host's apt configuration and the mmdebstrap root the server builds itself"
+)]
 
 use std::path::{Path, PathBuf};
 

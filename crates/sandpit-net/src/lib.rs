@@ -10,6 +10,17 @@
 //! Rules match packets entering the root namespace from a slot's host-side veth: with gVisor the
 //! sandbox's packets come from its user-space netstack, so rules inside the namespace would
 //! never see them.
+#![cfg_attr(
+    test,
+    allow(
+        clippy::disallowed_methods,
+        reason = "unit tests build host-side fixtures by path"
+    )
+)]
+#![expect(
+    clippy::disallowed_methods,
+    reason = "/proc/sys and /run/netns are the kernel's and iproute2's"
+)]
 
 mod cmd;
 pub mod domains;

@@ -3,6 +3,10 @@
 //! A relative `cgroupsPath` is resolved by runsc against the cgroup of the calling process (the
 //! server), per hierarchy; an absolute one against the hierarchy root. Both cgroup v1 (one
 //! hierarchy per controller, as on hosts with a hybrid layout) and v2 are handled.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "cgroupfs and /proc are the kernel's"
+)]
 
 use std::path::{Component, Path, PathBuf};
 

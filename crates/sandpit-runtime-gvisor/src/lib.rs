@@ -16,6 +16,17 @@
 //!   interface before every start and restore.
 //! - A checkpoint with a connected TCP endpoint fails and kills the sandbox: reported as
 //!   [`RuntimeError::CheckpointRefused`].
+#![cfg_attr(
+    test,
+    allow(
+        clippy::disallowed_methods,
+        reason = "unit tests build host-side fixtures by path"
+    )
+)]
+#![expect(
+    clippy::disallowed_methods,
+    reason = "state dirs, bundles, checkpoint images and the runsc root are host-owned paths; the sandbox's own files are reached only by runsc, or by `cp -a` (no symlink followed) on a stopped disk"
+)]
 
 mod cgroup;
 mod disk;

@@ -1,4 +1,5 @@
 //! Finding the host processes of one runsc sandbox (`runsc-sandbox` and `runsc-gofer`).
+#![expect(clippy::disallowed_methods, reason = "/proc is the kernel's")]
 
 use std::path::Path;
 

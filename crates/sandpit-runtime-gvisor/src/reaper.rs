@@ -9,6 +9,7 @@
 //! Only zombies named `exe` are reaped: runsc re-executes `/proc/self/exe`, so that is the
 //! kernel's name for the sentry and gofer, while every child the server spawns itself
 //! (`runsc`, `ip`, `nft`, `unshare`) keeps its own name and is left to tokio to wait for.
+#![expect(clippy::disallowed_methods, reason = "/proc is the kernel's")]
 
 use std::time::Duration;
 

@@ -3,6 +3,13 @@
 //! The server never runs `runsc` (or, later, Firecracker) itself; it calls a [`Runtime`].
 //! A backend owns everything below this trait: bundles, root filesystem mounts, the runtime's
 //! own state directory, and any quirk workarounds.
+#![cfg_attr(
+    test,
+    allow(
+        clippy::disallowed_methods,
+        reason = "unit tests build host-side fixtures by path"
+    )
+)]
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};

@@ -9,6 +9,13 @@
 //! assert_eq!(out.stdout, "hi\n");
 //! # Ok(()) }
 //! ```
+#![cfg_attr(
+    test,
+    allow(
+        clippy::disallowed_methods,
+        reason = "unit tests build host-side fixtures by path"
+    )
+)]
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};

@@ -4,6 +4,10 @@
 //! The nameservers are ordinary destinations of the egress policy: under `deny_all` a query
 //! to them is rejected like any other packet unless `allow_cidrs` lets it through, so a
 //! resolver cannot become an exfiltration channel the policy does not see.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "the host's resolver configuration"
+)]
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;

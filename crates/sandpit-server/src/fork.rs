@@ -4,6 +4,10 @@
 //! What the parent of a running fork sees: it is checkpointed and restored in place, so its
 //! processes pause for a few hundred milliseconds and blocking system calls return EINTR once;
 //! open TCP connections through previews are cut (gVisor cannot checkpoint them).
+#![expect(
+    clippy::disallowed_methods,
+    reason = "checkpoint images and snapshot dirs are written by runsc and the server under the data dir (a sandbox's files travel inside its disk image)"
+)]
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

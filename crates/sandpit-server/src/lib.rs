@@ -1,4 +1,11 @@
 //! The Sandpit server: HTTP API, auth, sandbox lifecycle and the store.
+#![cfg_attr(
+    test,
+    allow(
+        clippy::disallowed_methods,
+        reason = "unit tests build host-side fixtures by path"
+    )
+)]
 
 pub mod agent;
 pub mod auth;

@@ -8,6 +8,10 @@
 //!                 ▼            ▼             ▼
 //!               failed ──────► destroyed ◄───┘
 //! ```
+#![expect(
+    clippy::disallowed_methods,
+    reason = "checkpoint images and netns paths are host-owned"
+)]
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -5,6 +5,7 @@
 //! A pooled sandbox is used once: it is never returned to the pool, so owners never share
 //! state. Its environment is sent with each exec (see `lifecycle::exec_env`), and it boots
 //! with egress denied until its owner's policy is applied at hand-out.
+#![expect(clippy::disallowed_methods, reason = "/proc/meminfo is the kernel's")]
 
 use std::sync::Arc;
 use std::time::Duration;

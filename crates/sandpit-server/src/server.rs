@@ -1,5 +1,9 @@
 //! The server's state and start-up: configuration, the store, the runtime and network
 //! backends, per-sandbox locks, bootstrap, crash reconciliation and the reaper task.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "the data dir's own layout (state dirs hold disk images; tenant trees in them are removed through sandpit_fs)"
+)]
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -562,7 +566,7 @@ fn remove_unknown_dirs(root: &Path, keep: &HashSet<String>) {
         let name = entry.file_name().to_string_lossy().to_string();
         if !keep.contains(&name) {
             tracing::info!(path = %entry.path().display(), "removing orphaned directory");
-            if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+            if let Err(e) = sandpit_fs::remove_tree(&entry.path()) {
                 tracing::error!(path = %entry.path().display(), error = %e, "removing orphaned directory");
             }
         }

@@ -1,5 +1,9 @@
 //! Templates: the built-in `base` root filesystem (busybox, built offline in a second) and
 //! the agent layer stacked over every template.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "the base rootfs, the agent layer and boot snapshots are written by the server itself under the data dir"
+)]
 
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;

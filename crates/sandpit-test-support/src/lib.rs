@@ -1,6 +1,17 @@
 //! Test fixtures: start a real `sandpit serve` with its own data directory, prefix and
 //! address pool (so tests run in parallel without touching each other), kill and restart
 //! it, count what it left on the host, and poll with [`wait_until`].
+#![cfg_attr(
+    test,
+    allow(
+        clippy::disallowed_methods,
+        reason = "unit tests build host-side fixtures by path"
+    )
+)]
+#![expect(
+    clippy::disallowed_methods,
+    reason = "the test harness's own temp dirs and host state"
+)]
 
 pub mod registry;
 

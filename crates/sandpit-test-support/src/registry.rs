@@ -1,6 +1,10 @@
 //! A local OCI registry for tests: Debian's `docker-registry` on 127.0.0.1 with a random
 //! port and a temporary storage directory (optionally behind basic auth), and images made
 //! offline from the host's static busybox, pushed with `oci-client`.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "the test registry's own temp dirs"
+)]
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -1,4 +1,8 @@
 //! Integration tests: run the real agent binary on loopback and drive it with the wire codec.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "integration tests build host-side fixtures and read host state by path"
+)]
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

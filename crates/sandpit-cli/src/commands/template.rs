@@ -1,5 +1,6 @@
 //! `sandpit template ...`: build templates from Dockerfiles or images, list, show, delete,
 //! alias them.
+#![expect(clippy::disallowed_methods, reason = "the CLI user's own Dockerfile")]
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -1,6 +1,10 @@
 //! End-to-end tests: a real `sandpit serve` over a real socket, real gVisor sandboxes, real
 //! network namespaces and nftables, a real SQLite file. They need root and runsc (the README's
 //! test command installs it).
+#![allow(
+    clippy::disallowed_methods,
+    reason = "integration tests build host-side fixtures and read host state by path"
+)]
 
 mod abuse;
 mod api;

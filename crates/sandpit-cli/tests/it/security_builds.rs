@@ -255,8 +255,12 @@ async fn special_files_and_archive_bombs_are_refused_with_bounded_memory() {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
         let mut b = tar::Builder::new(&mut gz);
         let mut h = header(tar::EntryType::Regular, 0o644, 256 << 20);
-        b.append_data(&mut h, "zeros", std::io::Read::take(std::io::repeat(0), 256 << 20))
-            .unwrap();
+        b.append_data(
+            &mut h,
+            "zeros",
+            std::io::Read::take(std::io::repeat(0), 256 << 20),
+        )
+        .unwrap();
         b.finish().unwrap();
         drop(b);
         gz.finish().unwrap()

@@ -2,6 +2,10 @@
 //! and sandpit-net namespaces. Needs root; skipped (with a message) if runsc is missing.
 //!
 //! Traffic only goes from the host to sandbox addresses inside namespaces this test creates.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "integration tests build host-side fixtures and read host state by path"
+)]
 
 use std::collections::HashSet;
 use std::hash::{BuildHasher, Hasher};
