@@ -262,8 +262,7 @@ pub async fn create(
         .into_iter()
         .flatten()
     {
-        p.validate()
-            .map_err(|(code, m)| ApiError::bad_request(code, m))?;
+        crate::lifecycle::validate_egress(server, p)?;
     }
     for a in &req.aliases {
         parse_alias(a)?;
