@@ -368,6 +368,12 @@ pub async fn create(
             pull: sandpit_image::PullOptions {
                 credentials,
                 insecure_registries: server.cfg.insecure_registries.clone(),
+                dialer: Some(
+                    server
+                        .net
+                        .dialer()
+                        .with_exceptions(server.cfg.allowed_registries.clone()),
+                ),
             },
         },
         ready: req.ready.clone().map(|r| match r {

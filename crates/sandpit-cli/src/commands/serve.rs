@@ -95,6 +95,11 @@ pub struct ServeArgs {
     /// (loopback registries always are).
     #[arg(long, env = "SANDPIT_INSECURE_REGISTRIES", value_delimiter = ',')]
     insecure_registries: Vec<String>,
+    /// Registries (host or host:port, comma-separated) that template builds may pull from on
+    /// loopback, private or this host's addresses; pulls to such addresses are refused
+    /// otherwise. Never opens the sandbox pool or link-local (metadata) addresses.
+    #[arg(long, env = "SANDPIT_ALLOWED_REGISTRIES", value_delimiter = ',')]
+    allowed_registries: Vec<sandpit_net::Endpoint>,
     /// Disk of a `small` sandbox, e.g. 10G or 512M (`medium` gets twice, `large` four
     /// times). The files a sandbox writes live on a sparse ext4 image of that size, so a full
     /// sandbox gets ENOSPC and the host's disk is safe. `off`: no bound.
@@ -225,6 +230,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         auth_failures_per_hour: args.rate_limit_auth_failures,
     };
     cfg.insecure_registries = args.insecure_registries;
+    cfg.allowed_registries = args.allowed_registries;
     cfg.disk_limit = args.disk_limit.0;
     cfg.min_free_disk = args.min_free_disk.0.unwrap_or(0);
     let (server, token) = Server::start(cfg, args.bootstrap_token.as_deref())
