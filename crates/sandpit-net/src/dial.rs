@@ -972,7 +972,10 @@ mod tests {
             .iter()
             .map(|(c, _)| c.to_string())
             .collect();
-        let here: Vec<String> = ALWAYS_DENIED_V4.iter().map(|(n, _)| n.to_string()).collect();
+        let here: Vec<String> = ALWAYS_DENIED_V4
+            .iter()
+            .map(|(n, _)| n.to_string())
+            .collect();
         assert_eq!(api, here);
     }
 
