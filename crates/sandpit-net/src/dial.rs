@@ -459,7 +459,19 @@ impl Dialer {
 
     /// Reads the host's addresses now.
     pub fn refresh_host_addrs(&self) -> Result<(), NetError> {
-        let nets = read_host_addrs()?;
+        let pool = self.shared.pool;
+        // The host side of every slot's veth is a host address inside the pool, which is
+        // denied as a whole first: no need to keep thousands of them.
+        let nets: Vec<HostNet> = read_host_addrs()?
+            .into_iter()
+            .filter(|n| match n.addr {
+                IpAddr::V4(a) => !pool.contains_net(&Ipv4Net {
+                    addr: a,
+                    prefix_len: n.prefix_len.min(32),
+                }),
+                IpAddr::V6(_) => true,
+            })
+            .collect();
         let mut h = self.shared.host.lock().expect("not poisoned");
         h.nets = nets;
         h.read_at = Some(Instant::now());
@@ -963,6 +975,15 @@ mod tests {
         assert!(nets.iter().any(|n| n.contains(ip("127.0.0.1"))));
         let d = Dialer::new(POOL, Vec::new());
         assert!(d.check(Purpose::Pull, "x", 80, ip("127.0.0.1")).is_err());
+        let kept = d.shared.host.lock().unwrap().nets.clone();
+        assert!(kept.iter().any(|n| n.contains(ip("127.0.0.1"))));
+        assert!(
+            !kept.iter().any(|n| match n.addr {
+                IpAddr::V4(a) => POOL.contains(a),
+                IpAddr::V6(_) => false,
+            }),
+            "addresses inside the pool are not kept: {kept:?}"
+        );
     }
 
     /// The API's validation refuses `allow_cidrs` inside the same fixed ranges.
