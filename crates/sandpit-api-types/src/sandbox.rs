@@ -74,7 +74,10 @@ impl SandboxStatus {
 pub struct EgressPolicy {
     /// `allow_all` or `deny_all`.
     pub mode: String,
-    /// CIDRs to allow when mode is `deny_all`.
+    /// CIDRs to allow when mode is `deny_all`. Never opens the always-denied set (the sandbox
+    /// pool, the host's addresses, loopback, link-local with the metadata address, multicast,
+    /// broadcast): an entry entirely inside it is refused (400 `invalid_egress_policy`), a wider
+    /// one (`0.0.0.0/0`, `10.0.0.0/8`) is accepted and that part is cut out of it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow_cidrs: Vec<String>,
     /// CIDRs to block, evaluated before the allows.
@@ -165,6 +168,83 @@ pub fn parse_cidr(text: &str) -> Result<Cidr, String> {
     Ok(Cidr { addr, prefix_len })
 }
 
+/// The fixed part of the set of destinations no sandbox ever reaches, whatever its policy
+/// says (`sandpit_net::dial::ALWAYS_DENIED_V4` enforces the same ranges; a test there keeps
+/// the lists equal). The sandbox pool and the host's own addresses belong to the set too.
+pub const ALWAYS_DENIED: [(Cidr, &str); 5] = [
+    (cidr(0, 0, 0, 0, 8), "unspecified addresses (0.0.0.0/8)"),
+    (cidr(127, 0, 0, 0, 8), "loopback (127.0.0.0/8)"),
+    (
+        cidr(169, 254, 0, 0, 16),
+        "link-local addresses with the metadata service (169.254.0.0/16)",
+    ),
+    (cidr(224, 0, 0, 0, 4), "multicast (224.0.0.0/4)"),
+    (
+        cidr(240, 0, 0, 0, 4),
+        "reserved and broadcast addresses (240.0.0.0/4)",
+    ),
+];
+
+const fn cidr(a: u8, b: u8, c: u8, d: u8, prefix_len: u8) -> Cidr {
+    Cidr {
+        addr: Ipv4Addr::new(a, b, c, d),
+        prefix_len,
+    }
+}
+
+impl Cidr {
+    fn bits(&self) -> (u32, u32) {
+        let mask = if self.prefix_len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.prefix_len))
+        };
+        (u32::from(self.addr) & mask, mask)
+    }
+
+    /// Whether `other` lies entirely inside `self`.
+    pub fn contains(&self, other: &Cidr) -> bool {
+        let (net, mask) = self.bits();
+        other.prefix_len >= self.prefix_len && u32::from(other.addr) & mask == net
+    }
+
+    pub fn overlaps(&self, other: &Cidr) -> bool {
+        self.contains(other) || other.contains(self)
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// Whether `net` lies entirely inside the union of `ranges` (halving it where a range covers
+/// part of it).
+fn covered_by(net: Cidr, ranges: &[Cidr]) -> bool {
+    if ranges.iter().any(|r| r.contains(&net)) {
+        return true;
+    }
+    if net.prefix_len == 32 || !ranges.iter().any(|r| r.overlaps(&net)) {
+        return false;
+    }
+    let len = net.prefix_len + 1;
+    let high = Ipv4Addr::from(u32::from(net.addr) | (1u32 << (32 - u32::from(len))));
+    covered_by(
+        Cidr {
+            addr: net.addr,
+            prefix_len: len,
+        },
+        ranges,
+    ) && covered_by(
+        Cidr {
+            addr: high,
+            prefix_len: len,
+        },
+        ranges,
+    )
+}
+
 /// The egress policy, validated and parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValidEgress {
@@ -181,8 +261,47 @@ pub type Invalid = (&'static str, String);
 
 impl EgressPolicy {
     /// Check the policy. Codes: `invalid_egress_mode`, `invalid_cidr`, `invalid_port`,
-    /// `invalid_domain`, `invalid_egress_policy` (a list that means nothing in this mode).
+    /// `invalid_domain`, `invalid_egress_policy` (a list that means nothing in this mode, or
+    /// an `allow_cidrs` entry entirely inside the always-denied set: see [`ALWAYS_DENIED`]).
     pub fn validate(&self) -> Result<ValidEgress, Invalid> {
+        self.validate_within(None)
+    }
+
+    /// [`EgressPolicy::validate`], with the server's sandbox pool counted in the always-denied
+    /// set.
+    pub fn validate_within(&self, pool: Option<Cidr>) -> Result<ValidEgress, Invalid> {
+        let valid = self.validate_stored()?;
+        let mut denied: Vec<(Cidr, String)> = ALWAYS_DENIED
+            .iter()
+            .map(|(c, what)| (*c, what.to_string()))
+            .collect();
+        if let Some(pool) = pool {
+            denied.push((pool, format!("the sandbox pool ({pool})")));
+        }
+        let ranges: Vec<Cidr> = denied.iter().map(|(c, _)| *c).collect();
+        for (entry, text) in valid.allow_cidrs.iter().zip(&self.allow_cidrs) {
+            if covered_by(*entry, &ranges) {
+                let names: Vec<&str> = denied
+                    .iter()
+                    .filter(|(c, _)| c.overlaps(entry))
+                    .map(|(_, what)| what.as_str())
+                    .collect();
+                return Err((
+                    "invalid_egress_policy",
+                    format!(
+                        "allow_cidrs entry {text:?} lies inside {}, which sandboxes never reach",
+                        names.join(" and ")
+                    ),
+                ));
+            }
+        }
+        Ok(valid)
+    }
+
+    /// The checks of [`EgressPolicy::validate`] but the always-denied one: for policies read
+    /// back from the store, so that one stored before that rule keeps working (nftables and
+    /// the server's dialer cut those entries out anyway).
+    pub fn validate_stored(&self) -> Result<ValidEgress, Invalid> {
         let allow_all = match self.mode.as_str() {
             "allow_all" => true,
             "deny_all" => false,
@@ -631,6 +750,68 @@ mod tests {
         );
     }
 
+    /// Entries entirely inside the always-denied set are refused and named; wider ones pass
+    /// (nftables and the dialer cut the denied part out); deny_cidrs may name anything.
+    #[test]
+    fn allow_cidrs_inside_the_always_denied_set() {
+        let pool = parse_cidr("10.88.0.0/16").unwrap();
+        let check =
+            |allow: &[&str]| policy("deny_all", allow, &[], &[]).validate_within(Some(pool));
+        for (entry, named) in [
+            ("127.0.0.1", "loopback"),
+            ("127.0.0.0/8", "loopback"),
+            ("169.254.169.254/32", "metadata"),
+            ("169.254.0.0/16", "link-local"),
+            ("224.0.0.0/4", "multicast"),
+            ("239.1.2.3", "multicast"),
+            ("255.255.255.255", "broadcast"),
+            ("0.0.0.0/8", "unspecified"),
+            ("0.0.0.0", "unspecified"),
+            ("10.88.0.0/16", "sandbox pool (10.88.0.0/16)"),
+            ("10.88.4.0/30", "sandbox pool"),
+            ("224.0.0.0/3", "multicast (224.0.0.0/4) and reserved"),
+        ] {
+            let (code, message) = check(&["1.2.3.4", entry]).unwrap_err();
+            assert_eq!(code, "invalid_egress_policy", "{entry}");
+            assert!(message.contains(named), "{entry}: {message}");
+            assert!(message.contains(entry), "{entry}: {message}");
+        }
+        for wide in [
+            "0.0.0.0/0",
+            "10.0.0.0/8",
+            "10.88.0.0/15",
+            "126.0.0.0/7",
+            "169.254.0.0/15",
+            "192.168.0.0/16",
+            "128.0.0.0/1",
+        ] {
+            assert!(check(&[wide]).is_ok(), "{wide}");
+        }
+        // Without the pool only the fixed ranges count; stored policies are not checked.
+        assert!(
+            policy("deny_all", &["10.88.0.0/16"], &[], &[])
+                .validate()
+                .is_ok()
+        );
+        assert_eq!(
+            policy("deny_all", &["127.0.0.1"], &[], &[])
+                .validate()
+                .unwrap_err()
+                .0,
+            "invalid_egress_policy"
+        );
+        assert!(
+            policy("deny_all", &["127.0.0.1"], &[], &[])
+                .validate_stored()
+                .is_ok()
+        );
+        assert!(
+            policy("allow_all", &[], &["169.254.169.254", "10.88.0.0/16"], &[])
+                .validate_within(Some(pool))
+                .is_ok()
+        );
+    }
+
     #[test]
     fn unknown_fields_are_rejected() {
         assert!(
@@ -653,8 +834,39 @@ mod tests {
             let p = EgressPolicy { mode, allow_cidrs: allow, deny_cidrs: deny, allow_ports: ports, allow_domains: Vec::new() };
             if let Ok(v) = p.validate() {
                 proptest::prop_assert_eq!(p.validate().unwrap(), v.clone());
+                proptest::prop_assert_eq!(p.validate_stored().unwrap(), v.clone());
                 proptest::prop_assert!(v.allow_ports.iter().all(|&p| p > 0));
                 proptest::prop_assert!(v.allow_cidrs.iter().chain(&v.deny_cidrs).all(|c| c.prefix_len <= 32));
+            }
+        }
+
+        /// An accepted `allow_cidrs` entry always has an address outside the always-denied
+        /// set; a refused one has none.
+        #[test]
+        fn accepted_entries_reach_something(a in proptest::num::u32::ANY, len in 0u8..=32, probe in proptest::num::u32::ANY) {
+            let pool = parse_cidr("10.88.0.0/16").unwrap();
+            let entry = Cidr { addr: Ipv4Addr::from(a), prefix_len: len };
+            let (net, mask) = entry.bits();
+            let entry = Cidr { addr: Ipv4Addr::from(net), prefix_len: len };
+            let text = entry.to_string();
+            let accepted = policy("deny_all", &[&text], &[], &[]).validate_within(Some(pool)).is_ok();
+            let denied = |ip: u32| {
+                let one = Cidr { addr: Ipv4Addr::from(ip), prefix_len: 32 };
+                ALWAYS_DENIED.iter().any(|(c, _)| c.contains(&one)) || pool.contains(&one)
+            };
+            // A random address of the entry: outside the set means the entry is accepted.
+            let inside = net | (probe & !mask);
+            if !denied(inside) {
+                proptest::prop_assert!(accepted, "{} refused though {} is reachable", text, Ipv4Addr::from(inside));
+            } else if !accepted {
+                proptest::prop_assert!(denied(inside));
+            }
+            if !accepted {
+                proptest::prop_assert!(denied(net) && denied(net | !mask), "{} refused", text);
+            }
+            // Single addresses and whole covered blocks: refused exactly when denied.
+            if len == 32 {
+                proptest::prop_assert_eq!(accepted, !denied(net));
             }
         }
 

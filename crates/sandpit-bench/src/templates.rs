@@ -61,7 +61,14 @@ fn context_tar(files: &[(&str, &[u8])]) -> anyhow::Result<String> {
 pub async fn bench(sandpit: &Path, platform: &str, quick: bool) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
     let registry = Registry::start(None).await?;
-    let srv = TestServer::start_with(sandpit, &[("SANDPIT_PLATFORM", platform)]).await?;
+    let srv = TestServer::start_with(
+        sandpit,
+        &[
+            ("SANDPIT_PLATFORM", platform),
+            ("SANDPIT_ALLOWED_REGISTRIES", &registry.host),
+        ],
+    )
+    .await?;
     let client = srv.client();
 
     // Pull + unpack: a busybox layer plus a 64 MiB layer of 256 KiB files, new content each

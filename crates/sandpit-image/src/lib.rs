@@ -18,6 +18,7 @@ pub mod build;
 pub mod config;
 pub mod dockerfile;
 pub mod ignore;
+mod proxy;
 pub mod registry;
 pub mod store;
 pub mod toolchain;

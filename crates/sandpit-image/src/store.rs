@@ -1,5 +1,6 @@
-//! The layer store under `<data dir>/images`: unpacked layers (`layers/<id>/`), build cache
-//! entries (`cache/<key>.json`) and temporary downloads (`tmp/`). Layers are named by
+//! The layer store under `<data dir>/images`: unpacked layers (`layers/<id>/`), where pulled
+//! layers came from (`sources/<id>`: one `registry/repository` a line), build cache entries
+//! (`cache/<key>.json`) and temporary downloads (`tmp/`). Layers are named by
 //! content (the compressed blob's digest for pulled layers, the step's cache key for built
 //! ones), so templates share them; each is published by renaming a finished temporary
 //! directory, so a crash never leaves half a layer under its final name.
@@ -89,7 +90,7 @@ impl LayerStore {
     /// Open (create) the store at `root` (`<data dir>/images`).
     pub fn open(root: impl Into<PathBuf>) -> Result<LayerStore, ImageError> {
         let root = root.into();
-        for d in ["layers", "cache", "tmp"] {
+        for d in ["layers", "sources", "cache", "tmp"] {
             let p = root.join(d);
             std::fs::create_dir_all(&p)
                 .map_err(ImageError::files("creating the layer store", &p))?;
@@ -115,6 +116,31 @@ impl LayerStore {
         if let Err(e) = sandpit_fs::remove_tree(path) {
             tracing::warn!(path = %path.display(), error = %e, "could not remove a temporary tree");
         }
+    }
+
+    /// Records that `source` (`registry/repository`) served pulled layer `id` (its blob
+    /// verified against the digest), so a later pull from there may reuse the layer once the
+    /// registry confirms that pull's access (see [`crate::registry`]).
+    pub fn add_layer_source(&self, id: &LayerId, source: &str) -> Result<(), ImageError> {
+        use std::io::Write;
+        if self.layer_has_source(id, source) {
+            return Ok(());
+        }
+        let path = self.root.join("sources").join(id.as_str());
+        // One short append per line: concurrent pulls interleave whole lines, and a lost line
+        // only costs a download.
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(format!("{source}\n").as_bytes()))
+            .map_err(ImageError::files("recording a layer's source", &path))
+    }
+
+    /// Whether pulled layer `id` was stored from `source` before.
+    pub fn layer_has_source(&self, id: &LayerId, source: &str) -> bool {
+        std::fs::read_to_string(self.root.join("sources").join(id.as_str()))
+            .is_ok_and(|text| text.lines().any(|l| l == source))
     }
 
     /// A fresh temporary path (not created) on the same file system as the layers.
@@ -226,6 +252,24 @@ mod tests {
         assert_eq!(built.as_str().len(), 32);
         assert_eq!(LayerId::parse(built.as_str()), Some(built.clone()));
         assert_eq!(LayerId::parse("../../etc"), None);
+    }
+
+    #[test]
+    fn layer_sources_are_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LayerStore::open(dir.path()).unwrap();
+        let id = LayerId::from_digest(&format!("sha256:{}", "cd".repeat(32))).unwrap();
+        assert!(!store.layer_has_source(&id, "127.0.0.1:5000/app"));
+        store.add_layer_source(&id, "127.0.0.1:5000/app").unwrap();
+        store.add_layer_source(&id, "127.0.0.1:5000/app").unwrap();
+        store
+            .add_layer_source(&id, "docker.io/library/busybox")
+            .unwrap();
+        assert!(store.layer_has_source(&id, "127.0.0.1:5000/app"));
+        assert!(store.layer_has_source(&id, "docker.io/library/busybox"));
+        assert!(!store.layer_has_source(&id, "127.0.0.1:5000/ap"));
+        let text = std::fs::read_to_string(dir.path().join("sources").join(id.as_str())).unwrap();
+        assert_eq!(text.lines().count(), 2);
     }
 
     #[test]

@@ -4,32 +4,37 @@
 //! For a slot whose policy lists domains, nftables redirects the sandbox's TCP connections to
 //! ports 80 and 443 and its DNS queries (UDP 53) to this module's listeners on the host:
 //!
-//! - **TCP**: the first bytes name the destination (TLS SNI, or the HTTP `Host`). A name the
+//! - **TCP**: a connection to an address the policy allows on its own (`allow_cidrs`,
+//!   `allow_ports`, minus `deny_cidrs` and the always-denied set) passes without a name.
+//!   Otherwise the first bytes name the destination (TLS SNI, or the HTTP `Host`): a name the
 //!   policy allows is resolved *here*, through the server's nameservers, and the connection
-//!   goes to that address at the original port, never to the address the sandbox chose. A
-//!   connection to an address in `allow_cidrs` passes without a name. Anything else is
-//!   refused (HTTP gets a 403 that says why, TLS a reset).
+//!   goes to that address at the original port, never to the address the sandbox chose.
+//!   Anything else is refused (HTTP gets a 403 that says why, TLS a reset).
 //! - **DNS**: queries for allowed names are forwarded to the nameservers; others get
 //!   REFUSED, so names outside the list cannot carry data out.
 //!
-//! Resolved addresses get the same protection as packets: link-local (metadata), loopback,
-//! the sandbox pool, the host's own addresses and `deny_cidrs` are refused.
+//! Every outbound connection goes through the server's [`Dialer`], so whatever the policy
+//! says, the filter never connects into the always-denied set (the sandbox pool, the host's
+//! addresses, loopback, link-local with the metadata address, multicast, broadcast): a
+//! policy whose `allow_cidrs` cover the pool does not let a sandbox reach its neighbours
+//! through the filter, as nftables does not let it reach them directly.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
-use crate::rules::{EgressRules, LINK_LOCAL};
+use crate::NetError;
+use crate::dial::{Dialer, Purpose};
+use crate::rules::EgressRules;
 use crate::sniff::{self, Sniff};
-use crate::{Ipv4Net, NetError};
 
 /// How long a sandbox has to send the bytes that name its destination.
 const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
-/// Upstream DNS answer and outbound connect limits.
+/// Upstream DNS answer limit.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most of a stream read before giving up on finding a name.
 const SNIFF_LIMIT: usize = 16 * 1024;
@@ -39,7 +44,8 @@ const SNIFF_LIMIT: usize = 16 * 1024;
 pub(crate) struct DomainFilter {
     pub tcp_port: u16,
     pub dns_port: u16,
-    pool: Ipv4Net,
+    /// Every connection the filter makes goes through it.
+    dialer: Dialer,
     nameservers: Vec<Ipv4Addr>,
     /// Sandbox address → its rules (only slots whose rules list domains).
     policies: Mutex<HashMap<Ipv4Addr, Arc<EgressRules>>>,
@@ -49,7 +55,7 @@ impl DomainFilter {
     /// Binds the listeners (any address, ephemeral ports: nftables sends only redirected
     /// sandbox traffic there, and connections from anything but a listed sandbox are
     /// dropped) and serves them until the process ends.
-    pub async fn start(pool: Ipv4Net, nameservers: Vec<Ipv4Addr>) -> Result<Arc<Self>, NetError> {
+    pub async fn start(dialer: Dialer, nameservers: Vec<Ipv4Addr>) -> Result<Arc<Self>, NetError> {
         let io = |e: std::io::Error| NetError::Io {
             what: "binding the domain filter".into(),
             source: e,
@@ -63,7 +69,7 @@ impl DomainFilter {
         let filter = Arc::new(DomainFilter {
             tcp_port: tcp.local_addr().map_err(io)?.port(),
             dns_port: udp.local_addr().map_err(io)?.port(),
-            pool,
+            dialer,
             nameservers,
             policies: Mutex::default(),
         });
@@ -119,7 +125,8 @@ impl DomainFilter {
         }
     }
 
-    /// One redirected connection: name it, check it, connect it.
+    /// One redirected connection: pass it on its address, or name it, check the name and
+    /// connect to where the name resolves.
     async fn serve(&self, mut inbound: TcpStream, rules: &EgressRules) -> Result<(), String> {
         let original = socket2::SockRef::from(&inbound)
             .original_dst_v4()
@@ -127,8 +134,19 @@ impl DomainFilter {
             .and_then(|a| a.as_socket_ipv4())
             .ok_or("no original destination")?;
         let port = original.port();
-        let (target, head) = if rules.allows_addr(*original.ip(), port) {
-            (original, Vec::new())
+        let dialled = IpAddr::V4(*original.ip()).to_string();
+        let by_address = Purpose::SandboxAddr(rules);
+        let passes = self
+            .dialer
+            .check(by_address, &dialled, port, IpAddr::V4(*original.ip()))
+            .is_ok();
+        let (mut outbound, head) = if passes {
+            let s = self
+                .dialer
+                .dial(&dialled, port, by_address)
+                .await
+                .map_err(|e| error_text(&e))?;
+            (s, Vec::new())
         } else {
             let (name, head) = match read_name(&mut inbound, port).await {
                 Ok(x) => x,
@@ -137,24 +155,29 @@ impl DomainFilter {
                     return Err(why);
                 }
             };
-            let refused = if !sniff::name_allowed(&rules.allow_domains, &name) {
-                Err(format!("{name} is not in allow_domains"))
+            let connected = if sniff::name_allowed(&rules.allow_domains, &name) {
+                self.dialer
+                    .dial(&name, port, Purpose::SandboxName(rules))
+                    .await
+                    .map_err(|e| match e {
+                        NetError::Refused(r) => format!("{r}, which the policy blocks"),
+                        NetError::Resolve { .. } => format!("{name} does not resolve"),
+                        other => error_text(&other),
+                    })
             } else {
-                match self.resolve(&name).await {
-                    Some(a) if self.reachable(a, rules) => Ok(a),
-                    Some(a) => Err(format!("{name} resolves to {a}, which the policy blocks")),
-                    None => Err(format!("{name} does not resolve")),
-                }
+                Err(format!("{name} is not in allow_domains"))
             };
-            match refused {
-                Ok(addr) => (SocketAddrV4::new(addr, port), head),
+            match connected {
+                Ok(s) => (s, head),
                 Err(why) => {
                     refuse(inbound, port, &why).await;
                     return Err(why);
                 }
             }
         };
-        let mut outbound = connect(target).await?;
+        let target = outbound
+            .peer_addr()
+            .map_or_else(|_| "?".to_string(), |a| a.to_string());
         outbound
             .write_all(&head)
             .await
@@ -162,49 +185,6 @@ impl DomainFilter {
         tracing::debug!(%target, "domain filter: connected");
         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
         Ok(())
-    }
-
-    /// Not always blocked, not denied by the policy.
-    fn reachable(&self, addr: Ipv4Addr, rules: &EgressRules) -> bool {
-        let net = |n: &Ipv4Net| n.contains(addr);
-        !(addr.is_loopback()
-            || addr.is_unspecified()
-            || addr.is_broadcast()
-            || addr.is_multicast()
-            || net(&LINK_LOCAL)
-            || net(&self.pool)
-            || rules.deny_cidrs.iter().any(net)
-            || is_local_address(addr))
-    }
-
-    /// The first A record of `name`, asked of each nameserver in turn.
-    async fn resolve(&self, name: &str) -> Option<Ipv4Addr> {
-        for ns in &self.nameservers {
-            let Ok(sock) = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await else {
-                continue;
-            };
-            let id: u16 = rand_id();
-            let query = sniff::dns_a_query(id, name);
-            if sock.send_to(&query, (*ns, 53)).await.is_err() {
-                continue;
-            }
-            let mut buf = [0u8; 1500];
-            let answer = tokio::time::timeout(UPSTREAM_TIMEOUT, async {
-                loop {
-                    let (n, from) = sock.recv_from(&mut buf).await.ok()?;
-                    if from == SocketAddr::from((*ns, 53)) {
-                        return Some(sniff::dns_a_answers(&buf[..n], id));
-                    }
-                }
-            })
-            .await;
-            if let Ok(Some(addrs)) = answer
-                && let Some(a) = addrs.first()
-            {
-                return Some(*a);
-            }
-        }
-        None
     }
 
     async fn dns_loop(self: Arc<Self>, sock: Arc<UdpSocket>) {
@@ -262,14 +242,6 @@ impl EgressRules {
     pub fn uses_domains(&self) -> bool {
         !self.allow_all && !self.allow_domains.is_empty()
     }
-
-    /// Whether a packet to `addr:port` (TCP) passes on its address alone.
-    fn allows_addr(&self, addr: Ipv4Addr, port: u16) -> bool {
-        let denied = self.deny_cidrs.iter().any(|n| n.contains(addr));
-        let allowed = self.allow_cidrs.iter().any(|n| n.contains(addr))
-            && (self.allow_ports.is_empty() || self.allow_ports.contains(&port));
-        !denied && (self.allow_all || allowed)
-    }
 }
 
 /// Reads until the stream names its destination (TLS on 443, HTTP otherwise).
@@ -303,12 +275,16 @@ async fn read_name(s: &mut TcpStream, port: u16) -> Result<(String, Vec<u8>), St
     Ok((found, buf))
 }
 
-async fn connect(target: SocketAddrV4) -> Result<TcpStream, String> {
-    match tokio::time::timeout(UPSTREAM_TIMEOUT, TcpStream::connect(target)).await {
-        Ok(Ok(s)) => Ok(s),
-        Ok(Err(e)) => Err(format!("connecting to {target}: {e}")),
-        Err(_) => Err(format!("connecting to {target}: timed out")),
+/// The error and its sources, for the log.
+fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
     }
+    s
 }
 
 /// Refuses a connection: an HTTP 403 that says why on plain HTTP, a reset otherwise.
@@ -335,21 +311,4 @@ async fn refuse(mut s: TcpStream, port: u16, why: &str) {
 fn reset(s: TcpStream) {
     let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
     drop(s);
-}
-
-/// Whether `addr` is one of this host's own addresses (binding to it works).
-fn is_local_address(addr: Ipv4Addr) -> bool {
-    std::net::UdpSocket::bind((addr, 0)).is_ok()
-}
-
-fn rand_id() -> u16 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default(),
-    );
-    h.finish() as u16
 }

@@ -51,6 +51,17 @@ pub enum NetError {
         #[source]
         source: std::io::Error,
     },
+    /// The dialer would not connect there (see [`crate::dial`]).
+    #[error("{0}")]
+    Refused(crate::dial::Refusal),
+    #[error("resolving {host}: {reason}")]
+    Resolve { host: String, reason: String },
+    #[error("connecting to {target}")]
+    Connect {
+        target: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("reading {path}")]
     Read {
         path: PathBuf,

@@ -23,6 +23,7 @@
 )]
 
 mod cmd;
+pub mod dial;
 pub mod domains;
 mod error;
 mod ipnet;
@@ -34,6 +35,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
+pub use dial::{Dialer, Endpoint};
 pub use error::NetError;
 pub use ipnet::Ipv4Net;
 pub use rules::EgressRules;
@@ -94,6 +96,9 @@ pub struct Network {
     cfg: NetConfig,
     tables: Tables,
     capacity: u32,
+    /// Every connection the host makes for a sandbox or a tenant (the domain filter here;
+    /// pulls through [`Network::dialer`]).
+    dialer: Dialer,
     /// Started by [`Network::init`].
     filter: Arc<OnceLock<Arc<domains::DomainFilter>>>,
 }
@@ -157,12 +162,20 @@ impl Network {
             },
             tables,
             capacity,
+            dialer: Dialer::new(pool, cfg.nameservers.clone()),
             filter: Arc::default(),
         })
     }
 
     pub fn config(&self) -> &NetConfig {
         &self.cfg
+    }
+
+    /// The dialer for connections the host makes on a tenant's behalf: it knows this
+    /// instance's pool and the host's addresses (see [`dial`]). Add the operator's exceptions
+    /// for pulls with [`Dialer::with_exceptions`].
+    pub fn dialer(&self) -> &Dialer {
+        &self.dialer
     }
 
     /// The nftables table (family `inet`) this instance owns.
@@ -212,8 +225,9 @@ impl Network {
         let filter = match self.filter.get() {
             Some(f) => f.clone(),
             None => {
-                let f = domains::DomainFilter::start(self.cfg.pool, self.cfg.nameservers.clone())
-                    .await?;
+                let f =
+                    domains::DomainFilter::start(self.dialer.clone(), self.cfg.nameservers.clone())
+                        .await?;
                 self.filter.get_or_init(|| f).clone()
             }
         };

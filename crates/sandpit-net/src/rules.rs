@@ -22,8 +22,11 @@ use crate::{Ipv4Net, NetError};
 /// `deny_cidrs` are rejected first. Then `allow_all` accepts everything else; otherwise only
 /// destinations in `allow_cidrs` are accepted, and when `allow_ports` is non-empty only TCP to
 /// those destination ports (UDP and ICMP to the allowed CIDRs are then rejected too).
-/// `allow_ports` has no effect with `allow_all`. Link-local addresses (the metadata service),
-/// the address pool (other sandboxes) and the host itself are always rejected.
+/// `allow_ports` has no effect with `allow_all`. The always-denied set is rejected whatever the
+/// policy says, however wide its `allow_cidrs`: the fixed ranges of
+/// [`crate::dial::ALWAYS_DENIED_V4`] (unspecified, loopback, link-local with the metadata
+/// service, multicast, reserved and broadcast) and the address pool (other sandboxes) in each
+/// slot chain, the host itself in the `input` chain.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EgressRules {
     pub allow_all: bool,
@@ -72,12 +75,6 @@ impl EgressRules {
         Ok(())
     }
 }
-
-/// Link-local addresses, including the cloud metadata service 169.254.169.254.
-pub const LINK_LOCAL: Ipv4Net = Ipv4Net {
-    addr: std::net::Ipv4Addr::new(169, 254, 0, 0),
-    prefix_len: 16,
-};
 
 /// The host ports of the domain filter's listeners (see [`crate::domains`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,7 +159,7 @@ impl Tables {
         let mut body = vec![
             "meta nfproto ipv6 drop".to_string(),
             format!("ip saddr != {own} drop"),
-            format!("ip daddr {LINK_LOCAL} goto deny"),
+            format!("ip daddr {} goto deny", cidr_set(&fixed_denied())),
             format!("ip daddr {} goto deny", self.pool),
         ];
         let deny = normalize_cidrs(&rules.deny_cidrs);
@@ -272,6 +269,14 @@ pub(crate) fn normalize_cidrs(cidrs: &[Ipv4Net]) -> Vec<Ipv4Net> {
     kept
 }
 
+/// The fixed ranges of the always-denied set (see [`crate::dial`]).
+fn fixed_denied() -> Vec<Ipv4Net> {
+    crate::dial::ALWAYS_DENIED_V4
+        .iter()
+        .map(|(n, _)| *n)
+        .collect()
+}
+
 fn cidr_set(cidrs: &[Ipv4Net]) -> String {
     let items: Vec<String> = cidrs.iter().map(Ipv4Net::to_string).collect();
     format!("{{ {} }}", items.join(", "))
@@ -300,7 +305,7 @@ mod tests {
             vec![
                 "add rule inet sandpit_t1 slot_3 meta nfproto ipv6 drop",
                 "add rule inet sandpit_t1 slot_3 ip saddr != 10.88.0.14 drop",
-                "add rule inet sandpit_t1 slot_3 ip daddr 169.254.0.0/16 goto deny",
+                "add rule inet sandpit_t1 slot_3 ip daddr { 0.0.0.0/8, 127.0.0.0/8, 169.254.0.0/16, 224.0.0.0/4, 240.0.0.0/4 } goto deny",
                 "add rule inet sandpit_t1 slot_3 ip daddr 10.88.0.0/16 goto deny",
                 "add rule inet sandpit_t1 slot_3 accept",
             ]
@@ -367,6 +372,43 @@ mod tests {
             r.last().unwrap(),
             "add rule inet sandpit_t1 slot_1 goto deny"
         );
+    }
+
+    /// However wide `allow_cidrs` are, the always-denied ranges and the pool are rejected
+    /// before any accept.
+    #[test]
+    fn wide_allow_cidrs_never_accept_the_always_denied_set() {
+        for allow in [
+            &["0.0.0.0/0"][..],
+            &["10.0.0.0/8", "128.0.0.0/1"],
+            &["10.88.0.0/16"],
+        ] {
+            let rules = EgressRules {
+                allow_cidrs: nets(allow),
+                allow_ports: vec![80],
+                ..EgressRules::deny_all()
+            };
+            let r = tables().slot_rules(4, &rules);
+            let first_accept = r.iter().position(|l| l.ends_with(" accept")).unwrap();
+            let denied = |what: &str| {
+                r.iter()
+                    .position(|l| l.contains(&format!("ip daddr {what} goto deny")))
+                    .unwrap_or_else(|| panic!("no deny of {what}: {r:?}"))
+            };
+            let fixed = denied(&cidr_set(&fixed_denied()));
+            let pool = denied("10.88.0.0/16");
+            assert!(fixed < first_accept && pool < first_accept, "{r:?}");
+        }
+        let fixed: Vec<String> = fixed_denied().iter().map(|n| n.to_string()).collect();
+        for range in [
+            "0.0.0.0/8",
+            "127.0.0.0/8",
+            "169.254.0.0/16",
+            "224.0.0.0/4",
+            "240.0.0.0/4",
+        ] {
+            assert!(fixed.contains(&range.to_string()), "{range}");
+        }
     }
 
     #[test]

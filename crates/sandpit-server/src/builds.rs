@@ -266,8 +266,7 @@ pub async fn create(
         .into_iter()
         .flatten()
     {
-        p.validate()
-            .map_err(|(code, m)| ApiError::bad_request(code, m))?;
+        crate::lifecycle::validate_egress(server, p)?;
     }
     for a in &req.aliases {
         parse_alias(a)?;
@@ -375,6 +374,12 @@ pub async fn create(
             pull: sandpit_image::PullOptions {
                 credentials,
                 insecure_registries: server.cfg.insecure_registries.clone(),
+                dialer: Some(
+                    server
+                        .net
+                        .dialer()
+                        .with_exceptions(server.cfg.allowed_registries.clone()),
+                ),
             },
         },
         ready: req.ready.clone().map(|r| match r {

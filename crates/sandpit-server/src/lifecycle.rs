@@ -106,11 +106,25 @@ pub fn egress_rules(v: &ValidEgress) -> EgressRules {
     }
 }
 
+/// A policy from a request: checked, with the server's pool in the always-denied set.
+pub(crate) fn validate_egress(
+    server: &Server,
+    policy: &EgressPolicy,
+) -> Result<ValidEgress, ApiError> {
+    let pool = server.net.config().pool;
+    policy
+        .validate_within(Some(sandpit_api_types::Cidr {
+            addr: pool.addr,
+            prefix_len: pool.prefix_len,
+        }))
+        .map_err(|(code, m)| ApiError::bad_request(code, m))
+}
+
 pub(crate) fn stored_rules(row: &SandboxRow) -> Result<EgressRules, ServerError> {
     let policy: EgressPolicy = serde_json::from_str(&row.egress)
         .map_err(|e| ServerError::Corrupt(format!("egress of {}: {e}", row.id)))?;
     let valid = policy
-        .validate()
+        .validate_stored()
         .map_err(|(_, m)| ServerError::Corrupt(format!("egress of {}: {m}", row.id)))?;
     Ok(egress_rules(&valid))
 }
@@ -267,9 +281,7 @@ async fn validate_create(
             .chain(req.env.clone())
             .collect(),
     };
-    egress
-        .validate()
-        .map_err(|(code, m)| ApiError::bad_request(code, m))?;
+    validate_egress(server, &egress)?;
     let id = new_sandbox_id();
     let row = SandboxRow {
         runtime_id: format!("{}-{}", server.cfg.prefix, id),
@@ -952,9 +964,7 @@ pub async fn set_egress(
     policy: &EgressPolicy,
 ) -> Result<SandboxRow, ApiError> {
     get_for(server, auth, id).await?;
-    let valid = policy
-        .validate()
-        .map_err(|(code, m)| ApiError::bad_request(code, m))?;
+    let valid = validate_egress(server, policy)?;
     let lock = server.lock_of(id);
     let _guard = lock.read().await;
     let _serial = server.egress_lock.lock().await;

@@ -61,6 +61,9 @@ pub struct ServerConfig {
     pub limits: crate::limits::LimitsConfig,
     /// Registries (`host:port`) template builds reach over plain HTTP; loopback ones always.
     pub insecure_registries: Vec<String>,
+    /// Registries pulls may reach on loopback, private or host addresses (otherwise refused,
+    /// see `sandpit_net::dial`).
+    pub allowed_registries: Vec<sandpit_net::Endpoint>,
     /// Free space the host's data filesystem keeps: below it, creates, forks, snapshots and
     /// template builds answer 507 `host_disk_full` (wakes and hibernates still run). Sandbox
     /// disks are sparse, so their limits can add up to more than the host has. 0: no check.
@@ -96,6 +99,7 @@ impl ServerConfig {
             body_idle_timeout: Duration::from_secs(30),
             limits: Default::default(),
             insecure_registries: Vec::new(),
+            allowed_registries: Vec::new(),
             disk_limit: Some(10 << 30),
             liveness_interval: Duration::from_secs(2),
             min_free_disk: 2 << 30,

@@ -106,7 +106,7 @@ impl Registry {
     ) -> anyhow::Result<String> {
         let reference = format!("{}/{repo}:{tag}", self.host);
         let r = sandpit_image::registry::parse_reference(&reference)?;
-        let client = sandpit_image::registry::client_for(&r, &Default::default());
+        let client = sandpit_image::registry::push_client(&r, &[]);
         let mut diff_ids = Vec::new();
         let mut image_layers = Vec::new();
         for tar in layers {

@@ -99,6 +99,11 @@ pub struct ServeArgs {
     /// (loopback registries always are).
     #[arg(long, env = "SANDPIT_INSECURE_REGISTRIES", value_delimiter = ',')]
     insecure_registries: Vec<String>,
+    /// Registries (host or host:port, comma-separated) that template builds may pull from on
+    /// loopback, private or this host's addresses; pulls to such addresses are refused
+    /// otherwise. Never opens the sandbox pool or link-local (metadata) addresses.
+    #[arg(long, env = "SANDPIT_ALLOWED_REGISTRIES", value_delimiter = ',')]
+    allowed_registries: Vec<sandpit_net::Endpoint>,
     /// Disk of a `small` sandbox, e.g. 10G or 512M (`medium` gets twice, `large` four
     /// times). The files a sandbox writes live on a sparse ext4 image of that size, so a full
     /// sandbox gets ENOSPC and the host's disk is safe. `off`: no bound.
@@ -244,6 +249,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         auth_failures_per_hour: args.rate_limit_auth_failures,
     };
     cfg.insecure_registries = args.insecure_registries;
+    cfg.allowed_registries = args.allowed_registries;
     cfg.disk_limit = args.disk_limit.0;
     sandpit_image::unpack::UnpackLimits::set_current(sandpit_image::unpack::UnpackLimits {
         max_bytes: args.archive_max_bytes,

@@ -809,3 +809,137 @@ async fn egress_policy_is_enforced_and_changes_live() {
     let leaks = srv.leaks();
     assert!(leaks.is_empty(), "{leaks:?}");
 }
+
+/// Issue #12, hole 4: with `deny_all` + `allow_cidrs` covering the sandbox pool (or
+/// everything) + `allow_domains`, a sandbox's web traffic goes through the domain filter,
+/// which connects from the host. It must not read another tenant's sandbox web server, or the
+/// host's, that way: such a connection goes where the name in its `Host` resolves, or is
+/// refused. Entries that lie entirely inside the always-denied set are refused outright.
+#[tokio::test]
+async fn allow_domains_with_wide_allow_cidrs_never_reach_other_sandboxes() {
+    let srv = TestServer::start_with_index_env(bin(), |index| {
+        vec![("SANDPIT_DNS".to_string(), format!("10.215.{index}.2"))]
+    })
+    .await
+    .expect("server starts");
+    let mut target = Target::new(&srv).await;
+    let answer = dns_answer(target.index);
+    let client = srv.client();
+
+    // B: another tenant's web server on port 80, with a page only B should serve.
+    let ws = client.create_workspace("tenant-b").await.unwrap();
+    let b_token = client
+        .create_token(&ws.id, &Default::default())
+        .await
+        .unwrap();
+    let tenant_b = srv.client_with(b_token.token.as_deref().unwrap());
+    let b = create(&tenant_b, base()).await.id;
+    sh(
+        &tenant_b,
+        &b,
+        &format!(
+            "mkdir -p /tmp/www && echo tenant-b-secret > /tmp/www/index.html && httpd -p 80 -h /tmp/www && httpd -p {SANDBOX_PORT} -h /tmp/www"
+        ),
+    )
+    .await;
+    let (b_ip, _) = addrs_of(&tenant_b, &b).await;
+    wait_until(Duration::from_secs(10), "B's web server", || async {
+        tokio::net::TcpStream::connect((b_ip, 80))
+            .await
+            .ok()
+            .map(drop)
+    })
+    .await
+    .unwrap();
+
+    // A: the attacker; the host listens on A's gateway and on another host address.
+    let a = create(&client, base()).await.id;
+    let (_, a_gw) = addrs_of(&client, &a).await;
+    let target_gw = target.gw;
+    target.listen_on_host(a_gw, 80).await;
+    target.listen_on_host(target_gw, 80).await;
+    let get = |host: &str, ip: Ipv4Addr| {
+        format!(
+            "printf 'GET /index.html HTTP/1.1\\r\\nHost: {host}\\r\\nConnection: close\\r\\n\\r\\n' | nc -w 3 {ip} 80"
+        )
+    };
+    // A /16 over every test pool (the server's own pool alone is refused, see below), and
+    // everything.
+    for wide in ["10.213.0.0/16", "0.0.0.0/0"] {
+        client
+            .set_egress(
+                &a,
+                &EgressPolicy {
+                    allow_domains: vec!["probe.test".into()],
+                    ..policy("deny_all", &[wide], &[], &[])
+                },
+            )
+            .await
+            .unwrap();
+        for (ip, what) in [
+            (b_ip, "another sandbox"),
+            (a_gw, "the host (A's gateway)"),
+            (target_gw, "the host (another address)"),
+        ] {
+            // An allowed name: the connection goes where the name resolves.
+            let before = target.accepts(answer, 80);
+            let out = sh(&client, &a, &get("probe.test", ip)).await;
+            assert!(
+                !out.stdout.contains("tenant-b-secret"),
+                "{wide}: {what} read through the filter: {out:?}"
+            );
+            assert_eq!(out.stdout, "hi 80", "{wide}: {what}: {out:?}");
+            assert_eq!(target.accepts(answer, 80), before + 1, "{wide}: {what}");
+            // Another name: refused by the filter.
+            let out = sh(&client, &a, &get("evil.test", ip)).await;
+            assert!(
+                out.stdout.starts_with("HTTP/1.1 403")
+                    && out.stdout.contains("evil.test is not in allow_domains"),
+                "{wide}: {what}: {out:?}"
+            );
+            assert_eq!(target.accepts(ip, 80), 0, "{wide}: {what} was reached");
+        }
+        // Other ports are nftables' business: the neighbour is unreachable there too.
+        assert_eq!(tcp(&client, &a, b_ip, SANDBOX_PORT).await, Tcp::Refused);
+    }
+    // Addresses outside the always-denied set still pass on the address alone.
+    assert_eq!(
+        tcp(&client, &a, target.t1, TCP_A).await,
+        Tcp::Open("hi 7001".into())
+    );
+
+    // Entries entirely inside the always-denied set are refused, naming the range; nothing
+    // changes.
+    for (entry, named) in [
+        (srv.pool.as_str(), "sandbox pool"),
+        ("169.254.169.254/32", "metadata"),
+        ("127.0.0.0/8", "loopback"),
+    ] {
+        match client
+            .set_egress(&a, &policy("deny_all", &[entry], &[], &[]))
+            .await
+        {
+            Err(sandpit_sdk::SdkError::Api {
+                status,
+                code,
+                message,
+            }) => {
+                assert_eq!(
+                    (status.as_u16(), code.as_str()),
+                    (400, "invalid_egress_policy")
+                );
+                assert!(message.contains(named), "{entry}: {message}");
+            }
+            other => panic!("{entry}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        client.get_sandbox(&a).await.unwrap().egress.allow_cidrs,
+        vec!["0.0.0.0/0".to_string()]
+    );
+
+    client.destroy_sandbox(&a).await.unwrap();
+    tenant_b.destroy_sandbox(&b).await.unwrap();
+    let leaks = srv.leaks();
+    assert!(leaks.is_empty(), "{leaks:?}");
+}

@@ -1,7 +1,8 @@
 //! Templates from OCI images and Dockerfiles, end to end: a local `docker-registry` on
 //! 127.0.0.1 holding an image made offline from the host's busybox, builds through the CLI
 //! (progress, streamed logs, exit codes), the layer cache, sandboxes that run the
-//! template's start command, aliases and deletion.
+//! template's start command, aliases and deletion. Pulls from loopback work only for
+//! registries the server lists in `--allowed-registries`.
 
 use std::path::Path;
 use std::process::Output;
@@ -40,6 +41,16 @@ fn from(template: &str) -> CreateSandboxRequest {
         timeout: Some("10m".into()),
         ..Default::default()
     }
+}
+
+/// A server whose pulls may reach these loopback registries (`host:port`).
+async fn server_allowing(registries: &[&str]) -> TestServer {
+    TestServer::start_with(
+        crate::bin(),
+        &[("SANDPIT_ALLOWED_REGISTRIES", &registries.join(","))],
+    )
+    .await
+    .expect("server starts")
 }
 
 /// Wait for a build started through the API; returns its events.
@@ -93,7 +104,7 @@ async fn registry_image_and_dockerfile_templates() {
         .await
         .expect("push");
 
-    let srv = crate::server().await;
+    let srv = server_allowing(&[&registry.host]).await;
     let client = srv.client();
 
     // Pull without credentials: the build fails with the registry's answer.
@@ -612,7 +623,7 @@ async fn registry_bearer_token_flow() {
     let front = registry.bearer_front("puller", "pw").await.unwrap();
     let image = format!("{}/sandpit/tok:1", front.host);
 
-    let srv = crate::server().await;
+    let srv = server_allowing(&[&front.host]).await;
     let client = srv.client();
     let build = |name: &str, password: &str| CreateTemplateRequest {
         name: name.into(),
@@ -657,4 +668,44 @@ async fn registry_bearer_token_flow() {
         "behind a token\n"
     );
     client.destroy_sandbox(&sb.id).await.unwrap();
+}
+
+/// A pull from a loopback registry the server does not list is refused (before any request
+/// reaches it: see sandpit-image's tests) with an error that names the range and the flag.
+#[tokio::test]
+async fn pulls_from_unlisted_registries_are_refused() {
+    let registry = Registry::start(None).await.expect("registry starts");
+    let rootfs = busybox_rootfs_tar(|_| {}).unwrap();
+    let image = registry
+        .push(
+            "sandpit/unlisted",
+            "1",
+            &[rootfs],
+            serde_json::json!({"Env": ["PATH=/bin"]}),
+        )
+        .await
+        .expect("push");
+    // Allowed: another port of loopback only.
+    let srv = server_allowing(&["127.0.0.1:1"]).await;
+    let client = srv.client();
+    let t = client
+        .create_template(&CreateTemplateRequest {
+            name: "unlisted".into(),
+            image: Some(image.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let events = follow(&client, &t.id).await;
+    let Some(TemplateBuildEvent::Finished { status, error, .. }) = events.last() else {
+        panic!("{events:?}");
+    };
+    assert_eq!(status, "failed");
+    let e = error.as_deref().unwrap_or_default();
+    assert!(
+        e.contains(&format!("{} is in loopback (127.0.0.0/8)", registry.host)),
+        "{e}"
+    );
+    assert!(e.contains("--allowed-registries"), "{e}");
+    client.delete_template("unlisted", false).await.unwrap();
 }

@@ -645,15 +645,8 @@ async fn serve_named(
     answer: Ipv4Addr,
     seen: Arc<Mutex<NamedSeen>>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let (dns, web) = in_netns(ns, move || {
-        let dns = UdpSocket::bind((t1, 53)).unwrap();
-        let web: Vec<_> = [80u16, 443]
-            .into_iter()
-            .map(|p| std::net::TcpListener::bind(("0.0.0.0", p)).unwrap())
-            .collect();
-        (dns, web)
-    });
-    let mut tasks = Vec::new();
+    let dns = in_netns(ns, move || UdpSocket::bind((t1, 53)).unwrap());
+    let mut tasks = serve_web(ns, seen.clone());
     dns.set_nonblocking(true).unwrap();
     let dns = tokio::net::UdpSocket::from_std(dns).unwrap();
     let s = seen.clone();
@@ -675,25 +668,37 @@ async fn serve_named(
             let _ = dns.send_to(&reply, peer).await;
         }
     }));
-    for l in web {
-        l.set_nonblocking(true).unwrap();
-        let l = tokio::net::TcpListener::from_std(l).unwrap();
-        let seen = seen.clone();
-        tasks.push(tokio::spawn(async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            loop {
-                let Ok((mut s, _)) = l.accept().await else {
-                    return;
-                };
-                let local = s.local_addr().unwrap();
-                let mut buf = [0u8; 2048];
-                let n = s.read(&mut buf).await.unwrap_or(0);
-                seen.lock().unwrap().web.push((local, buf[..n].to_vec()));
-                let _ = s.write_all(format!("hi {}", local.port()).as_bytes()).await;
-            }
-        }));
-    }
     tasks
+}
+
+/// Web listeners on ports 80 and 443 of every address of namespace `ns` that record the
+/// first bytes they get and answer `hi <port>`.
+fn serve_web(ns: &str, seen: Arc<Mutex<NamedSeen>>) -> Vec<tokio::task::JoinHandle<()>> {
+    let web: Vec<_> = in_netns(ns, move || {
+        [80u16, 443]
+            .into_iter()
+            .map(|p| std::net::TcpListener::bind(("0.0.0.0", p)).unwrap())
+            .collect()
+    });
+    web.into_iter().map(|l| web_loop(l, seen.clone())).collect()
+}
+
+fn web_loop(l: std::net::TcpListener, seen: Arc<Mutex<NamedSeen>>) -> tokio::task::JoinHandle<()> {
+    l.set_nonblocking(true).unwrap();
+    let l = tokio::net::TcpListener::from_std(l).unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let local = s.local_addr().unwrap();
+            let mut buf = [0u8; 2048];
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            seen.lock().unwrap().web.push((local, buf[..n].to_vec()));
+            let _ = s.write_all(format!("hi {}", local.port()).as_bytes()).await;
+        }
+    })
 }
 
 #[derive(Debug, Default)]
@@ -858,6 +863,106 @@ async fn allow_domains_filter_web_and_dns_by_name() {
     ));
 
     net.detach(0).await.unwrap();
+    net.teardown().await.unwrap();
+    fx.remove_target();
+    assert!(fx.leftovers().is_empty(), "{:?}", fx.leftovers());
+}
+
+/// Hole 4 of issue #12: a policy whose `allow_cidrs` cover the pool, the host and everything
+/// else (plus `allow_domains`, so web traffic goes through the domain filter) must not let a
+/// sandbox reach a neighbour's or the host's web server through the filter, which connects
+/// from the host. Connections the address does not pass fall back to the name they carry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn domain_filter_never_connects_into_the_always_denied_set() {
+    let fx = Fixture::new("tf");
+    let net = &fx.net;
+    net.init().await.unwrap();
+    let (t1, t2) = (fx.t1, fx.t2);
+    let target = Arc::new(Mutex::new(NamedSeen::default()));
+    // Every name resolves to t2.
+    let _servers = serve_named(&fx.target_ns, t1, t2, target.clone()).await;
+
+    // The neighbour: slot 2, serving web on its address.
+    let s2 = net.attach(2, &EgressRules::deny_all()).await.unwrap();
+    let neighbour = Arc::new(Mutex::new(NamedSeen::default()));
+    let _web2 = serve_web(&s2.netns_name, neighbour.clone());
+    // The host: a web server on an address of its own (the target link).
+    let host_seen = Arc::new(Mutex::new(NamedSeen::default()));
+    let _host_web = web_loop(
+        std::net::TcpListener::bind((fx.target_gw, 80)).unwrap(),
+        host_seen.clone(),
+    );
+
+    let rules = EgressRules {
+        allow_cidrs: vec![cidr(Ipv4Addr::UNSPECIFIED, 0)],
+        allow_domains: vec!["allowed.test".into()],
+        ..EgressRules::deny_all()
+    };
+    let s1 = net.attach(1, &rules).await.unwrap();
+    let ns = s1.netns_name.clone();
+    let nothing_reached = |what: &str| {
+        assert!(
+            neighbour.lock().unwrap().web.is_empty(),
+            "{what}: the neighbour was reached"
+        );
+        assert!(
+            host_seen.lock().unwrap().web.is_empty(),
+            "{what}: the host was reached"
+        );
+    };
+
+    for (ip, what) in [
+        (s2.sandbox_ip, "another sandbox"),
+        (s1.host_ip, "the host side of the own veth"),
+        (s2.host_ip, "the host side of another veth"),
+        (fx.target_gw, "a host address"),
+    ] {
+        // A name outside the list: refused, and nothing was connected to.
+        match exchange(&ns, ip, 80, http_get("evil.test")) {
+            Tcp::Open(r) => {
+                assert!(r.starts_with("HTTP/1.1 403 "), "{what}: {r}");
+                assert!(
+                    r.contains("evil.test is not in allow_domains"),
+                    "{what}: {r}"
+                );
+            }
+            other => panic!("{what}: {other:?}"),
+        }
+        nothing_reached(what);
+        // An allowed name: it goes where the name resolves, never to the address dialled.
+        let before = target.lock().unwrap().web.len();
+        assert_eq!(
+            exchange(&ns, ip, 80, http_get("allowed.test")),
+            Tcp::Open("hi 80".into()),
+            "{what}"
+        );
+        assert_eq!(
+            target.lock().unwrap().web[before].0,
+            SocketAddr::from((t2, 80)),
+            "{what}"
+        );
+        nothing_reached(what);
+        // TLS without an allowed name: reset.
+        assert_eq!(
+            exchange(&ns, ip, 443, sandpit_net::sniff::client_hello("evil.test")),
+            Tcp::Refused,
+            "{what}"
+        );
+        nothing_reached(what);
+    }
+
+    // Elsewhere the wide allow_cidrs still pass on the address alone.
+    assert_eq!(
+        exchange(&ns, t1, 80, b"GET / HTTP/1.1\r\n\r\n".to_vec()),
+        Tcp::Open("hi 80".into())
+    );
+    assert_eq!(
+        target.lock().unwrap().web.last().unwrap().0,
+        SocketAddr::from((t1, 80))
+    );
+
+    net.detach(1).await.unwrap();
+    net.detach(2).await.unwrap();
     net.teardown().await.unwrap();
     fx.remove_target();
     assert!(fx.leftovers().is_empty(), "{:?}", fx.leftovers());
