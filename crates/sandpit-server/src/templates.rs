@@ -314,9 +314,16 @@ pub(crate) async fn read_start_log(server: &Server, row: &crate::store::SandboxR
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Find a static busybox on the host.
+/// Find a static busybox on the host. First the one scripts/install-deps fetches on bookworm,
+/// whose own busybox-static is built without wget's `-T` (and segfaults on it, busybox sh
+/// running its applet whatever `wget` is on PATH).
 fn find_busybox() -> Result<PathBuf, ServerError> {
-    for candidate in ["/bin/busybox", "/usr/bin/busybox", "/usr/local/bin/busybox"] {
+    for candidate in [
+        "/usr/local/lib/sandpit/busybox",
+        "/bin/busybox",
+        "/usr/bin/busybox",
+        "/usr/local/bin/busybox",
+    ] {
         let p = Path::new(candidate);
         if p.exists() && is_static_elf(p).unwrap_or(false) {
             return Ok(p.to_path_buf());

@@ -575,3 +575,34 @@ async fn ephemeral_sandbox_is_destroyed_when_its_timeout_passes() {
     let leaks = srv.leaks();
     assert!(leaks.is_empty(), "{leaks:?}");
 }
+
+/// The base template's `wget -T SEC`. bookworm's busybox-static is built without it and
+/// segfaults on it, so scripts/install-deps fetches trixie's for the base template: a served
+/// file comes back, and a server that accepts but never answers is given up on after SEC.
+#[tokio::test]
+async fn base_template_wget_takes_a_timeout() {
+    let srv = server().await;
+    let client = srv.client();
+    let sb = create(&client, base()).await;
+    let out = sh(
+        &client,
+        &sb.id,
+        "mkdir -p /tmp/www && echo hello >/tmp/www/index.html && httpd -p 127.0.0.1:8080 -h /tmp/www \
+         && (sleep 60 | nc -l -p 8081 >/dev/null 2>&1 &) && sleep 1; \
+         wget -T 5 -qO- http://127.0.0.1:8080/index.html; echo served=$?; \
+         s=$(date +%s); wget -T 2 -qO- http://127.0.0.1:8081/; echo silent=$? took=$(($(date +%s) - s))",
+    )
+    .await;
+    assert!(out.stdout.contains("hello\nserved=0\n"), "{out:?}");
+    let silent = out.stdout.split("silent=").nth(1).expect("second wget ran");
+    let (code, took) = silent.trim().split_once(" took=").expect("status and time");
+    assert_eq!(
+        code, "1",
+        "wget -T on a silent server fails, not crashes: {out:?}"
+    );
+    let took: u64 = took.parse().unwrap();
+    assert!((2..=5).contains(&took), "gave up after {took} s: {out:?}");
+    client.destroy_sandbox(&sb.id).await.unwrap();
+    let leaks = srv.leaks();
+    assert!(leaks.is_empty(), "{leaks:?}");
+}
