@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 
 use crate::auth::{Auth, generate_token_with, hash_token};
 use crate::error::{ApiError, ServerError};
+use crate::extract::{CsbSandbox, OwnedSandbox};
 use crate::lifecycle;
 use crate::routes::org::{CsbError, parse_expiry};
 use crate::routes::{ApiQuery, OptionalJson};
@@ -94,12 +95,9 @@ fn not_found(id: &str) -> ApiError {
 }
 
 /// The caller's sandbox, not destroyed: 404 otherwise (another workspace's sandbox is not
-/// revealed).
-async fn own_sandbox(server: &Server, auth: &Auth, id: &str) -> Result<SandboxRow, ApiError> {
-    match server.store.get_sandbox(id).await? {
-        Some(row) if row.workspace_id == auth.workspace_id && row.status != "destroyed" => Ok(row),
-        _ => Err(not_found(id)),
-    }
+/// revealed). For sandboxes named in a body; routes take a [`CsbSandbox`].
+async fn own_sandbox(server: &Server, auth: &Auth, id: &str) -> Result<OwnedSandbox, ApiError> {
+    OwnedSandbox::load_csb(server, auth, id).await
 }
 
 /// The CodeSandbox fields of a sandbox; defaults for one made through `/v1`.
@@ -294,13 +292,9 @@ async fn list_sandboxes(
     ))
 }
 
-async fn get_sandbox(
-    State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
-) -> CsbResult {
-    auth.require("sandbox_read")?;
-    let row = own_sandbox(&server, &auth, &id).await?;
+async fn get_sandbox(State(server): State<Arc<Server>>, sb: CsbSandbox) -> CsbResult {
+    sb.auth().require("sandbox_read")?;
+    let row = sb.row().clone();
     let c = csb_of(&server, &row).await?;
     Ok(ok(StatusCode::OK, view(&row, &c)))
 }
@@ -441,11 +435,11 @@ async fn store_fields(server: &Server, row: &SandboxRow, f: &Fields) -> Result<(
 /// Make the workspace directory (and the files of `POST /sandbox`) in a new sandbox.
 async fn seed_files(
     server: &Arc<Server>,
-    auth: &Auth,
-    id: &str,
+    sb: &OwnedSandbox,
     files: Vec<(String, Vec<u8>)>,
 ) -> Result<(), ApiError> {
-    let (agent, _guard, _) = lifecycle::running_agent(server, auth, id).await?;
+    let id = sb.id();
+    let (agent, _guard, _) = lifecycle::running_agent(server, sb).await?;
     let failed = |e: crate::agent::AgentFailure| -> ApiError {
         ServerError::Agent {
             sandbox: id.to_string(),
@@ -504,7 +498,7 @@ async fn create_sandbox(
     let row = create_from_template(&server, &auth, &template, &fields).await?;
     let seeded = async {
         store_fields(&server, &row, &fields).await?;
-        seed_files(&server, &auth, &row.id, files).await
+        seed_files(&server, &OwnedSandbox::made_for(&auth, row.clone())?, files).await
     }
     .await;
     if let Err(e) = seeded {
@@ -524,16 +518,15 @@ async fn fork_sandbox(
     Path(id): Path<String>,
     OptionalJson(body): OptionalJson<SandboxFields>,
 ) -> CsbResult {
+    // Either one of the caller's sandboxes (checked first, before anything else) or a
+    // template the workspace may use.
+    let own = own_sandbox(&server, &auth, &id).await.ok();
     auth.require("sandbox_create")?;
     let fields = check_fields(body)?;
-    let own = server
-        .store
-        .get_sandbox(&id)
-        .await?
-        .filter(|r| r.workspace_id == auth.workspace_id && r.status != "destroyed");
     let row = match own {
-        Some(parent) => {
-            let mut results = crate::fork::fork(&server, &auth, &parent.id, 1).await?;
+        Some(parent_sb) => {
+            let parent = parent_sb.row().clone();
+            let mut results = crate::fork::fork(&server, &parent_sb, 1).await?;
             let child = match results.pop() {
                 Some(sandpit_api_types::ForkResult::Ok(s)) => s.id,
                 Some(sandpit_api_types::ForkResult::Err(e)) => {
@@ -546,7 +539,7 @@ async fn fork_sandbox(
                 }
                 None => return Err(ApiError::bad_request("fork_failed", "no child").into()),
             };
-            let row = own_sandbox(&server, &auth, &child).await?;
+            let row = own_sandbox(&server, &auth, &child).await?.row().clone();
             // A fork inherits the parent's fields unless the request names them.
             let parent_c = csb_of(&server, &parent).await?;
             let fields = Fields {
@@ -580,7 +573,12 @@ async fn fork_sandbox(
     };
     let seeded = async {
         store_fields(&server, &row, &fields).await?;
-        seed_files(&server, &auth, &row.id, Vec::new()).await
+        seed_files(
+            &server,
+            &OwnedSandbox::made_for(&auth, row.clone())?,
+            Vec::new(),
+        )
+        .await
     }
     .await;
     if let Err(e) = seeded {
@@ -693,14 +691,14 @@ async fn mint_token(
 
 async fn start_vm(
     State(server): State<Arc<Server>>,
-    auth: Auth,
+    sb: CsbSandbox,
     headers: HeaderMap,
-    Path(id): Path<String>,
     OptionalJson(opts): OptionalJson<StartOptions>,
 ) -> CsbResult {
+    let (auth, id) = (sb.auth().clone(), sb.id().to_string());
     auth.require("vm_manage")?;
     let timeout = check_start(&opts)?;
-    let row = own_sandbox(&server, &auth, &id).await?;
+    let row = sb.row().clone();
     let bootup_type = match row.status.as_str() {
         "running" => "RUNNING",
         "suspended" if server.checkpoint_dir(&id).join("checkpoint.img").exists() => "RESUME",
@@ -747,35 +745,25 @@ async fn start_vm(
     ))
 }
 
-async fn hibernate_vm(
-    State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
-) -> CsbResult {
+async fn hibernate_vm(State(server): State<Arc<Server>>, sb: CsbSandbox) -> CsbResult {
+    let (auth, id) = (sb.auth().clone(), sb.id().to_string());
     auth.require("vm_manage")?;
-    own_sandbox(&server, &auth, &id).await?;
+    lifecycle::check_may_suspend(&server, &sb).await?;
     lifecycle::suspend(&server, &id).await?;
     Ok(ok(StatusCode::OK, json!({"id": id})))
 }
 
-async fn shutdown_vm(
-    State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
-) -> CsbResult {
+async fn shutdown_vm(State(server): State<Arc<Server>>, sb: CsbSandbox) -> CsbResult {
+    let (auth, id) = (sb.auth().clone(), sb.id().to_string());
     auth.require("vm_manage")?;
-    own_sandbox(&server, &auth, &id).await?;
+    lifecycle::check_may_suspend(&server, &sb).await?;
     lifecycle::shutdown(&server, &id).await?;
     Ok(ok(StatusCode::OK, json!({"id": id})))
 }
 
-async fn delete_vm(
-    State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
-) -> CsbResult {
+async fn delete_vm(State(server): State<Arc<Server>>, sb: CsbSandbox) -> CsbResult {
+    let (auth, id) = (sb.auth().clone(), sb.id().to_string());
     auth.require("vm_manage")?;
-    own_sandbox(&server, &auth, &id).await?;
     lifecycle::destroy(&server, &id).await?;
     Ok(ok(StatusCode::OK, json!({"id": id})))
 }
@@ -787,13 +775,12 @@ struct HibernationTimeoutBody {
 
 async fn hibernation_timeout(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
+    sb: CsbSandbox,
     crate::routes::ApiJson(body): crate::routes::ApiJson<HibernationTimeoutBody>,
 ) -> CsbResult {
+    let (auth, id) = (sb.auth().clone(), sb.id().to_string());
     auth.require("vm_manage")?;
     let secs = check_timeout(body.hibernation_timeout_seconds)?;
-    own_sandbox(&server, &auth, &id).await?;
     server
         .store
         .set_idle_timeout(&auth.workspace_id, &id, secs as i64 * 1000, now_ms())
@@ -813,13 +800,13 @@ struct SpecsBody {
 /// next clean boot (gVisor's cgroup limits are set at start).
 async fn update_specs(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
+    sb: CsbSandbox,
     crate::routes::ApiJson(body): crate::routes::ApiJson<SpecsBody>,
 ) -> CsbResult {
+    let (auth, id) = (sb.auth().clone(), sb.id().to_string());
     auth.require("vm_manage")?;
     let tier = check_tier(&body.tier)?;
-    let row = own_sandbox(&server, &auth, &id).await?;
+    let row = sb.row().clone();
     let mut c = csb_of(&server, &row).await?;
     c.tier = tier.0.to_string();
     server.store.upsert_csb_sandbox(&c).await?;
@@ -969,18 +956,15 @@ async fn create_template(
         tags: body.tags,
         ..Default::default()
     })?;
-    let own = server
-        .store
-        .get_sandbox(&body.fork_of)
-        .await?
-        .filter(|r| r.workspace_id == auth.workspace_id && r.status != "destroyed");
+    let own = own_sandbox(&server, &auth, &body.fork_of).await.ok();
     let snapshot = match own {
-        Some(row) => crate::fork::take_snapshot(&server, &auth, &row.id).await?,
+        Some(sb) => crate::fork::take_snapshot(&server, &sb).await?,
         None => {
             let row = create_from_template(&server, &auth, &body.fork_of, &fields).await?;
             let made = async {
-                seed_files(&server, &auth, &row.id, Vec::new()).await?;
-                crate::fork::take_snapshot(&server, &auth, &row.id).await
+                let sb = OwnedSandbox::made_for(&auth, row.clone())?;
+                seed_files(&server, &sb, Vec::new()).await?;
+                crate::fork::take_snapshot(&server, &sb).await
             }
             .await;
             // The sandbox was only the means to the snapshot.
@@ -1056,11 +1040,11 @@ exit 0
 
 async fn create_session(
     State(server): State<Arc<Server>>,
-    auth: Auth,
+    sb: CsbSandbox,
     headers: HeaderMap,
-    Path(id): Path<String>,
     crate::routes::ApiJson(body): crate::routes::ApiJson<SessionBody>,
 ) -> CsbResult {
+    let (auth, id) = (sb.auth().clone(), sb.id().to_string());
     auth.require("vm_manage")?;
     let user = session_user(&body.session_id)?;
     if !matches!(body.permission.as_str(), "read" | "write") {
@@ -1070,7 +1054,7 @@ async fn create_session(
         )
         .into());
     }
-    let row = own_sandbox(&server, &auth, &id).await?;
+    let row = sb.row().clone();
     if row.status != "running" {
         return Err(ApiError::conflict(
             "sandbox_not_running",
@@ -1078,7 +1062,7 @@ async fn create_session(
         )
         .into());
     }
-    let (agent, _guard, _) = lifecycle::running_agent(&server, &auth, &id).await?;
+    let (agent, _guard, _) = lifecycle::running_agent(&server, &sb).await?;
     let argv: Vec<String> = [
         "sh",
         "-c",
@@ -1143,12 +1127,11 @@ struct PreviewTokenBody {
 
 async fn create_preview_token(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
+    sb: CsbSandbox,
     OptionalJson(body): OptionalJson<PreviewTokenBody>,
 ) -> CsbResult {
+    let (auth, id) = (sb.auth().clone(), sb.id().to_string());
     auth.require("vm_manage")?;
-    own_sandbox(&server, &auth, &id).await?;
     let expires_at = body.expires_at.as_deref().map(parse_expiry).transpose()?;
     let (row, token) =
         crate::routes::previews::mint(&server, &id, &auth.workspace_id, expires_at).await?;
@@ -1160,13 +1143,9 @@ async fn create_preview_token(
     ))
 }
 
-async fn list_preview_tokens(
-    State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
-) -> CsbResult {
+async fn list_preview_tokens(State(server): State<Arc<Server>>, sb: CsbSandbox) -> CsbResult {
+    let (auth, id) = (sb.auth().clone(), sb.id().to_string());
     auth.require("vm_manage")?;
-    own_sandbox(&server, &auth, &id).await?;
     let now = now_ms();
     let tokens: Vec<Value> = server
         .store
@@ -1186,12 +1165,12 @@ async fn list_preview_tokens(
 /// `revokeToken` works).
 async fn update_preview_token(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path((id, token_id)): Path<(String, String)>,
+    sb: CsbSandbox,
+    Path((_sandbox, token_id)): Path<(String, String)>,
     OptionalJson(body): OptionalJson<PreviewTokenBody>,
 ) -> CsbResult {
+    let (auth, id) = (sb.auth().clone(), sb.id().to_string());
     auth.require("vm_manage")?;
-    own_sandbox(&server, &auth, &id).await?;
     let mut row = server
         .store
         .get_preview_token(&auth.workspace_id, &id, &token_id)
@@ -1230,13 +1209,9 @@ async fn update_preview_token(
     ))
 }
 
-async fn revoke_all_preview_tokens(
-    State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
-) -> CsbResult {
+async fn revoke_all_preview_tokens(State(server): State<Arc<Server>>, sb: CsbSandbox) -> CsbResult {
+    let (auth, id) = (sb.auth().clone(), sb.id().to_string());
     auth.require("vm_manage")?;
-    own_sandbox(&server, &auth, &id).await?;
     let now = now_ms();
     for t in server
         .store
