@@ -168,7 +168,14 @@ async fn start_child(server: &Arc<Server>, row: SandboxRow, image: Option<&Path>
     match boot(server, &row, image).await {
         Ok(()) => {
             let now = now_ms();
-            if let Err(e) = server.store.set_status(&row.id, "running", None, now).await {
+            let note = crate::lifecycle::running_note(server, &row.id, None)
+                .await
+                .unwrap_or_default();
+            if let Err(e) = server
+                .store
+                .set_status(&row.id, "running", note.as_deref(), now)
+                .await
+            {
                 return error_result(e.into());
             }
             let mut row = row;

@@ -113,6 +113,29 @@ pub(crate) fn stored_rules(row: &SandboxRow) -> Result<EgressRules, ServerError>
     Ok(egress_rules(&valid))
 }
 
+/// How the `error` of a sandbox whose stored egress policy was replaced starts.
+const EGRESS_RESET_NOTE: &str = "the stored egress policy could not be read";
+
+/// The note a sandbox that has just (re)started keeps in its `error`: `note`, and the reason
+/// its egress policy was reset to `deny_all` if that happened during the boot (the status
+/// update that follows a boot would otherwise erase it).
+pub(crate) async fn running_note(
+    server: &Server,
+    id: &str,
+    note: Option<String>,
+) -> Result<Option<String>, ServerError> {
+    let reset = server
+        .store
+        .get_sandbox(id)
+        .await?
+        .and_then(|r| r.error)
+        .filter(|e| e.starts_with(EGRESS_RESET_NOTE));
+    Ok(match (note, reset) {
+        (Some(n), Some(r)) => Some(format!("{n}; {r}")),
+        (n, r) => n.or(r),
+    })
+}
+
 /// The `deny_all` policy.
 pub fn deny_all() -> EgressPolicy {
     serde_json::from_str(r#"{"mode":"deny_all"}"#).expect("valid policy")
@@ -129,7 +152,7 @@ pub(crate) async fn rules_or_deny(
         Ok(rules) => Ok(rules),
         Err(e) => {
             let why = format!(
-                "the stored egress policy could not be read ({}); it was set to deny_all",
+                "{EGRESS_RESET_NOTE} ({}); it was set to deny_all",
                 DisplayChain(&e)
             );
             tracing::error!(sandbox = %row.id, error = %DisplayChain(&e), "egress policy does not decode: denying all egress");
@@ -997,13 +1020,12 @@ pub async fn wake(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiError
         let _ = std::fs::remove_dir_all(&image);
     }
     let now = now_ms();
+    let note = running_note(server, id, lost_memory).await?;
     server
         .limits
         .fill(
             &mut room,
-            server
-                .store
-                .set_status(id, "running", lost_memory.as_deref(), now),
+            server.store.set_status(id, "running", note.as_deref(), now),
             |r: &Result<(), _>| r.is_ok() as u32,
         )
         .await?;
