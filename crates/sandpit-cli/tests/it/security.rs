@@ -643,12 +643,6 @@ async fn suspended_sandboxes_hold_no_network_slot() {
     )
     .await
     .unwrap();
-    let leaks = srv.leaks();
-    assert!(
-        leaks.netns.is_empty(),
-        "suspended sandboxes keep namespaces: {leaks:?}"
-    );
-
     // Every slot is free for the other workspace.
     let mut others = Vec::new();
     for i in 0..4 {
@@ -657,6 +651,14 @@ async fn suspended_sandboxes_hold_no_network_slot() {
             r.unwrap_or_else(|e| panic!("create {i} while the hoarder sleeps: {e:?}"))
                 .id,
         );
+        if i == 0 {
+            let leaks = srv.leaks();
+            assert_eq!(
+                leaks.netns.len(),
+                1,
+                "suspended sandboxes keep namespaces: {leaks:?}"
+            );
+        }
     }
     // No slot left: the wake is refused and the sandbox stays as it was.
     let mut refused = 0;
@@ -732,7 +734,7 @@ async fn per_workspace_quotas_and_the_build_log_cap() {
     let srv = TestServer::start_with(
         crate::bin(),
         &[
-            ("SANDPIT_MAX_TEMPLATES", "2"),
+            ("SANDPIT_MAX_TEMPLATES", "3"),
             ("SANDPIT_MAX_SNAPSHOTS", "1"),
             ("SANDPIT_MAX_BUILDS", "1"),
             ("SANDPIT_MAX_SUSPENDED", "2"),
@@ -759,29 +761,14 @@ async fn per_workspace_quotas_and_the_build_log_cap() {
     };
     let mut refused = 0;
 
-    // Builds: one at a time for this workspace; the build floods its log.
+    // A build that floods its log: the file stops at the cap, with a marker line.
     let flood = tenant_a
         .create_template(&dockerfile(
             "flood",
-            "FROM base\nRUN sleep 3; head -c 20000000 /dev/zero | tr '\\0' y\n",
+            "FROM base\nRUN head -c 20000000 /dev/zero | tr '\\0' y\n",
         ))
         .await
         .unwrap();
-    quota(
-        tenant_a
-            .create_template(&dockerfile("second", "FROM base\n"))
-            .await
-            .map(drop),
-        429,
-        "max_builds",
-    );
-    refused += 1;
-    // Another workspace builds meanwhile.
-    let theirs = admin
-        .create_template(&dockerfile("theirs", "FROM base\n"))
-        .await
-        .unwrap();
-    assert_eq!(built(&admin, &theirs.id).await, "ready");
     assert_eq!(built(&tenant_a, &flood.id).await, "ready");
     let log_file = srv
         .data_dir
@@ -800,15 +787,36 @@ async fn per_workspace_quotas_and_the_build_log_cap() {
         "the outcome is still written"
     );
     refused += 1;
-    // Templates: two per workspace.
-    let second = tenant_a
-        .create_template(&dockerfile("second", "FROM base\n"))
+
+    // Builds: one at a time for this workspace, while another workspace builds.
+    let slow = tenant_a
+        .create_template(&dockerfile("slow", "FROM base\nRUN sleep 3\n"))
         .await
         .unwrap();
-    assert_eq!(built(&tenant_a, &second.id).await, "ready");
     quota(
         tenant_a
             .create_template(&dockerfile("third", "FROM base\n"))
+            .await
+            .map(drop),
+        429,
+        "max_builds",
+    );
+    refused += 1;
+    let theirs = admin
+        .create_template(&dockerfile("theirs", "FROM base\n"))
+        .await
+        .unwrap();
+    assert_eq!(built(&admin, &theirs.id).await, "ready");
+    assert_eq!(built(&tenant_a, &slow.id).await, "ready");
+    // Templates: three per workspace.
+    let third = tenant_a
+        .create_template(&dockerfile("third", "FROM base\n"))
+        .await
+        .unwrap();
+    assert_eq!(built(&tenant_a, &third.id).await, "ready");
+    quota(
+        tenant_a
+            .create_template(&dockerfile("fourth", "FROM base\n"))
             .await
             .map(drop),
         507,
