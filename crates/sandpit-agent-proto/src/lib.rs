@@ -170,8 +170,8 @@ pub enum Op {
     /// bump: an older agent refuses it with `bad_request` (unknown operation).
     ListPorts,
     /// Version 2. Like `ReadFile`, for reads the host keeps in memory: refuses anything but
-    /// a regular file (a FIFO, device, socket or directory is refused with
-    /// `not_regular_file`, without blocking on it), starts at byte `offset` and sends at most
+    /// a regular file (a directory is refused with `is_directory`, a FIFO, device or socket
+    /// with `not_regular_file`, without blocking on it), starts at byte `offset` and sends at most
     /// `limit` bytes before `End`. The `Ok` frame's [`FileInfo`] has the whole file's size.
     /// An agent of version 1 refuses it with `unsupported_version`.
     ReadRegular {
@@ -322,8 +322,8 @@ pub enum AgentErrorCode {
     BadRequest,
     /// The sandbox's disk is full (ENOSPC or EDQUOT).
     NoSpace,
-    /// A read that needs a regular file found a FIFO, device, socket or directory (version 2;
-    /// only `ReadRegular` answers with it).
+    /// A read that needs a regular file found a FIFO, device or socket (version 2; only
+    /// `ReadRegular` answers with it).
     NotRegularFile,
     Io,
 }

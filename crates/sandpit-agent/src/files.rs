@@ -121,6 +121,9 @@ async fn open_regular(path: &str, offset: u64) -> Result<(String, fs::File, File
         .open(&path)
         .map_err(|e| map_io(&path, &e))?;
     let meta = file.metadata().map_err(|e| map_io(&path, &e))?;
+    if meta.is_dir() {
+        return Err(is_directory(&path));
+    }
     if !meta.file_type().is_file() {
         return Err(agent_error(
             AgentErrorCode::NotRegularFile,
@@ -446,7 +449,7 @@ mod tests {
         let e = open_regular("/dev/zero", 0).await.err().unwrap();
         assert_eq!(e.code, AgentErrorCode::NotRegularFile);
         let e = open_regular(&base, 0).await.err().unwrap();
-        assert_eq!(e.code, AgentErrorCode::NotRegularFile);
+        assert_eq!(e.code, AgentErrorCode::IsDirectory);
         std::fs::write(format!("{base}/f"), b"0123456789").unwrap();
         std::os::unix::fs::symlink("f", format!("{base}/l")).unwrap();
         let (_, mut f, info) = open_regular(&format!("{base}/l"), 4).await.unwrap();

@@ -278,8 +278,15 @@ impl AgentClient {
         match opened {
             Ok((info, conn)) => Ok((info, conn, 0)),
             Err(AgentFailure::Refused(e)) if e.code == AgentErrorCode::UnsupportedVersion => {
-                if self.stat(path).await?.kind != EntryKind::File {
-                    return Err(not_regular(path));
+                match self.stat(path).await?.kind {
+                    EntryKind::File => {}
+                    EntryKind::Dir => {
+                        return Err(AgentFailure::Refused(AgentError {
+                            code: AgentErrorCode::IsDirectory,
+                            message: format!("{path}: is a directory"),
+                        }));
+                    }
+                    _ => return Err(not_regular(path)),
                 }
                 let (info, conn) = first(Op::ReadFile { path: path.into() }).await?;
                 if info.kind != EntryKind::File {

@@ -538,7 +538,17 @@ async fn read_regular_reads_a_window_and_refuses_special_files() {
             .unwrap()
             .success()
     );
-    for special in [fifo.as_str(), "/dev/zero", &p(dir.path())] {
+    assert_eq!(
+        agent
+            .err(Op::ReadRegular {
+                path: p(dir.path()),
+                offset: 0,
+                limit: 10,
+            })
+            .await,
+        AgentErrorCode::IsDirectory
+    );
+    for special in [fifo.as_str(), "/dev/zero"] {
         assert_eq!(
             agent
                 .err(Op::ReadRegular {
