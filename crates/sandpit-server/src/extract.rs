@@ -2,12 +2,15 @@
 //! check the caller's workspace before the handler runs, so no lock is taken, no sandbox is
 //! woken and nothing is changed for a caller who may not touch it.
 //!
-//! Every route that names a sandbox takes one of them: [`OwnedSandbox`] on `/v1` (404 for an
-//! unknown sandbox, 403 for another workspace's, as seed 003 asks), [`CsbSandbox`] on the
-//! CodeSandbox surface (404 for both, and for a destroyed one: seed 000 reveals nothing) and
-//! [`GatewaySandbox`] on the agent gateway (its agent token names the sandbox and workspace).
-//! Functions that act on a tenant's sandbox (`lifecycle`, `fork`) take an `&OwnedSandbox`,
-//! which only this module makes: holding one is the proof that the check ran.
+//! Every route that names a sandbox takes one of them: [`OwnedSandbox`] on `/v1` (the
+//! route's scope, 403 `missing_scope`; then 404 for an unknown sandbox, 403 for another
+//! workspace's, as seed 003 asks), [`CsbSandbox`] on the CodeSandbox surface (the scope,
+//! then 404 for an unknown, destroyed or another workspace's sandbox: seed 000 reveals
+//! nothing) and [`GatewaySandbox`] on the agent gateway (its agent token names the sandbox
+//! and workspace). The scope is checked first, so a token without it learns nothing about
+//! the sandbox. Both REST extractors dereference to an [`Authorized`], which functions that
+//! act on a tenant's sandbox (`lifecycle`, `fork`) take and which only this module makes:
+//! holding one is the proof that the checks ran.
 //!
 //! The check runs before the request body is read (axum runs `FromRequestParts` extractors
 //! before the body extractor), and the workspace of a sandbox never changes once a tenant
@@ -15,6 +18,7 @@
 //! row checked here stays the caller's for the whole request.
 
 use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 use axum::extract::{FromRequestParts, Path};
@@ -27,14 +31,38 @@ use crate::server::Server;
 use crate::store::{CsbAgentTokenRow, SandboxRow};
 use crate::util::now_ms;
 
+/// The API token scopes a route may require ([`OwnedSandbox`]'s parameter).
+pub trait Scope {
+    const NAME: &'static str;
+}
+
+/// The scopes, as types.
+pub mod scope {
+    macro_rules! scopes {
+        ($($ty:ident = $name:literal),* $(,)?) => {$(
+            #[derive(Debug, Clone, Copy)]
+            pub struct $ty;
+            impl super::Scope for $ty {
+                const NAME: &'static str = $name;
+            }
+        )*};
+    }
+    scopes!(
+        SandboxRead = "sandbox_read",
+        SandboxEditCode = "sandbox_edit_code",
+        SandboxCreate = "sandbox_create",
+        VmManage = "vm_manage",
+    );
+}
+
 /// A sandbox of the caller's workspace, as it was when the check ran.
 #[derive(Debug, Clone)]
-pub struct OwnedSandbox {
+pub struct Authorized {
     auth: Auth,
     row: SandboxRow,
 }
 
-impl OwnedSandbox {
+impl Authorized {
     /// The caller.
     pub fn auth(&self) -> &Auth {
         &self.auth
@@ -68,7 +96,7 @@ impl OwnedSandbox {
                 "this sandbox belongs to another workspace",
             ));
         }
-        Ok(OwnedSandbox {
+        Ok(Authorized {
             auth: auth.clone(),
             row,
         })
@@ -78,7 +106,7 @@ impl OwnedSandbox {
     pub async fn load_csb(server: &Server, auth: &Auth, id: &str) -> Result<Self, ApiError> {
         match server.store.get_sandbox(id).await? {
             Some(row) if row.workspace_id == auth.workspace_id && row.status != "destroyed" => {
-                Ok(OwnedSandbox {
+                Ok(Authorized {
                     auth: auth.clone(),
                     row,
                 })
@@ -97,7 +125,7 @@ impl OwnedSandbox {
             ))
             .into());
         }
-        Ok(OwnedSandbox {
+        Ok(Authorized {
             auth: auth.clone(),
             row,
         })
@@ -119,36 +147,54 @@ async fn path_id(parts: &mut Parts, server: &Arc<Server>) -> Result<String, ApiE
         .ok_or_else(|| ApiError::not_found("route_not_found", "no such route"))
 }
 
-impl FromRequestParts<Arc<Server>> for OwnedSandbox {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, server: &Arc<Server>) -> Result<Self, ApiError> {
-        let auth = Auth::from_request_parts(parts, server).await?;
-        let id = path_id(parts, server).await?;
-        OwnedSandbox::load(server, &auth, &id).await
-    }
-}
-
-/// [`OwnedSandbox`] with the CodeSandbox surface's answers (404 whatever the reason, in the
-/// CodeSandbox envelope).
+/// The `/v1` extractor: the token's scope `S`, then the sandbox's workspace (see the module
+/// docs). Dereferences to the [`Authorized`] sandbox.
 #[derive(Debug, Clone)]
-pub struct CsbSandbox(pub OwnedSandbox);
+pub struct OwnedSandbox<S: Scope>(Authorized, PhantomData<S>);
 
-impl std::ops::Deref for CsbSandbox {
-    type Target = OwnedSandbox;
-    fn deref(&self) -> &OwnedSandbox {
+impl<S: Scope> std::ops::Deref for OwnedSandbox<S> {
+    type Target = Authorized;
+    fn deref(&self) -> &Authorized {
         &self.0
     }
 }
 
-impl FromRequestParts<Arc<Server>> for CsbSandbox {
+impl<S: Scope + Send + Sync> FromRequestParts<Arc<Server>> for OwnedSandbox<S> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, server: &Arc<Server>) -> Result<Self, ApiError> {
+        let auth = Auth::from_request_parts(parts, server).await?;
+        auth.require(S::NAME)?;
+        let id = path_id(parts, server).await?;
+        Ok(OwnedSandbox(
+            Authorized::load(server, &auth, &id).await?,
+            PhantomData,
+        ))
+    }
+}
+
+/// The CodeSandbox surface's extractor: the token's scope `S`, then 404 whatever the
+/// reason, in the CodeSandbox envelope.
+#[derive(Debug, Clone)]
+pub struct CsbSandbox<S: Scope>(Authorized, PhantomData<S>);
+
+impl<S: Scope> std::ops::Deref for CsbSandbox<S> {
+    type Target = Authorized;
+    fn deref(&self) -> &Authorized {
+        &self.0
+    }
+}
+
+impl<S: Scope + Send + Sync> FromRequestParts<Arc<Server>> for CsbSandbox<S> {
     type Rejection = CsbError;
 
     async fn from_request_parts(parts: &mut Parts, server: &Arc<Server>) -> Result<Self, CsbError> {
         let auth = Auth::from_request_parts(parts, server).await?;
+        auth.require(S::NAME)?;
         let id = path_id(parts, server).await?;
         Ok(CsbSandbox(
-            OwnedSandbox::load_csb(server, &auth, &id).await?,
+            Authorized::load_csb(server, &auth, &id).await?,
+            PhantomData,
         ))
     }
 }

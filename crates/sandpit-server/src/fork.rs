@@ -13,7 +13,7 @@ use sandpit_api_types::{ErrorBodyRef, ErrorDetail, ForkResult, Snapshot};
 
 use crate::auth::Auth;
 use crate::error::{ApiError, DisplayChain, ServerError};
-use crate::extract::OwnedSandbox;
+use crate::extract::Authorized;
 use crate::lifecycle::{boot, current, insert_with_slot, to_api};
 use crate::server::Server;
 use crate::store::{SandboxRow, SnapshotRow};
@@ -195,7 +195,7 @@ async fn start_child(server: &Arc<Server>, row: SandboxRow, image: Option<&Path>
 /// settings, each in its own network slot. Returns one result per child, in order.
 pub async fn fork(
     server: &Arc<Server>,
-    sb: &OwnedSandbox,
+    sb: &Authorized,
     count: u32,
 ) -> Result<Vec<ForkResult>, ApiError> {
     let parent_id = sb.id();
@@ -324,10 +324,7 @@ pub fn snapshot_to_api(s: &SnapshotRow) -> Snapshot {
 
 /// `POST /v1/sandboxes/{id}/snapshots`: save the sandbox's files and memory under a new
 /// snapshot id. A running sandbox keeps running (see the module docs for what it sees).
-pub async fn take_snapshot(
-    server: &Arc<Server>,
-    sb: &OwnedSandbox,
-) -> Result<SnapshotRow, ApiError> {
+pub async fn take_snapshot(server: &Arc<Server>, sb: &Authorized) -> Result<SnapshotRow, ApiError> {
     let sandbox_id = sb.id();
     server.ensure_free_disk()?;
     // Refused early when the workspace keeps its limit already; the insert checks again

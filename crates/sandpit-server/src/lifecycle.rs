@@ -25,7 +25,7 @@ use tokio::sync::OwnedRwLockReadGuard;
 use crate::agent::AgentClient;
 use crate::auth::Auth;
 use crate::error::{ApiError, DisplayChain, ServerError, decode};
-use crate::extract::OwnedSandbox;
+use crate::extract::Authorized;
 use crate::server::Server;
 use crate::store::{SandboxRow, SnapshotRow};
 use crate::templates::AGENT_PATH_IN_SANDBOX;
@@ -708,9 +708,9 @@ pub async fn create(
     Ok(row)
 }
 
-/// The current row of a sandbox the caller was authorized for (see [`OwnedSandbox`]); 404 if
+/// The current row of a sandbox the caller was authorized for (see [`Authorized`]); 404 if
 /// it is gone.
-pub async fn current(server: &Server, sb: &OwnedSandbox) -> Result<SandboxRow, ApiError> {
+pub async fn current(server: &Server, sb: &Authorized) -> Result<SandboxRow, ApiError> {
     let row = existing(server, sb.id()).await?;
     if row.workspace_id != sb.workspace_id() {
         // A tenant's sandbox never changes workspace; never act on one that did.
@@ -874,7 +874,7 @@ pub async fn shutdown(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiE
 
 /// 507 `quota_exceeded` when hibernating or shutting down `sb` would pass its workspace's
 /// `max_suspended` (a running ephemeral sandbox; persistent ones count from their create).
-pub async fn check_may_suspend(server: &Server, sb: &OwnedSandbox) -> Result<(), ApiError> {
+pub async fn check_may_suspend(server: &Server, sb: &Authorized) -> Result<(), ApiError> {
     let row = current(server, sb).await?;
     if row.mode == "persistent" || row.status != "running" {
         return Ok(());
@@ -1038,7 +1038,7 @@ pub async fn wake(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiError
 /// suspended sandbox first; 409 for sandboxes that cannot run.
 pub async fn running_agent(
     server: &Arc<Server>,
-    sb: &OwnedSandbox,
+    sb: &Authorized,
 ) -> Result<(AgentClient, OwnedRwLockReadGuard<()>, SandboxRow), ApiError> {
     let id = sb.id();
     for _ in 0..3 {
@@ -1082,7 +1082,7 @@ pub async fn running_agent(
 /// with the rules it read) runs in between, while execs and file transfers continue.
 pub async fn set_egress(
     server: &Arc<Server>,
-    sb: &OwnedSandbox,
+    sb: &Authorized,
     policy: &EgressPolicy,
 ) -> Result<SandboxRow, ApiError> {
     let id = sb.id();
@@ -1123,7 +1123,7 @@ pub async fn set_egress(
 /// connections are not cut.
 pub async fn set_preview(
     server: &Arc<Server>,
-    sb: &OwnedSandbox,
+    sb: &Authorized,
     preview: PreviewSettings,
 ) -> Result<SandboxRow, ApiError> {
     let id = sb.id();
@@ -1147,7 +1147,7 @@ pub async fn set_preview(
 /// every exec after it.
 pub async fn keepalive(
     server: &Arc<Server>,
-    sb: &OwnedSandbox,
+    sb: &Authorized,
     timeout: &str,
 ) -> Result<SandboxRow, ApiError> {
     let id = sb.id();

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::auth::{Auth, generate_token_with, hash_token};
 use crate::error::{ApiError, ServerError};
-use crate::extract::{CsbSandbox, OwnedSandbox};
+use crate::extract::{Authorized, CsbSandbox, scope};
 use crate::lifecycle;
 use crate::routes::org::{CsbError, parse_expiry};
 use crate::routes::{ApiQuery, OptionalJson};
@@ -96,8 +96,8 @@ fn not_found(id: &str) -> ApiError {
 
 /// The caller's sandbox, not destroyed: 404 otherwise (another workspace's sandbox is not
 /// revealed). For sandboxes named in a body; routes take a [`CsbSandbox`].
-async fn own_sandbox(server: &Server, auth: &Auth, id: &str) -> Result<OwnedSandbox, ApiError> {
-    OwnedSandbox::load_csb(server, auth, id).await
+async fn own_sandbox(server: &Server, auth: &Auth, id: &str) -> Result<Authorized, ApiError> {
+    Authorized::load_csb(server, auth, id).await
 }
 
 /// The CodeSandbox fields of a sandbox; defaults for one made through `/v1`.
@@ -292,8 +292,10 @@ async fn list_sandboxes(
     ))
 }
 
-async fn get_sandbox(State(server): State<Arc<Server>>, sb: CsbSandbox) -> CsbResult {
-    sb.auth().require("sandbox_read")?;
+async fn get_sandbox(
+    State(server): State<Arc<Server>>,
+    sb: CsbSandbox<scope::SandboxRead>,
+) -> CsbResult {
     let row = sb.row().clone();
     let c = csb_of(&server, &row).await?;
     Ok(ok(StatusCode::OK, view(&row, &c)))
@@ -435,7 +437,7 @@ async fn store_fields(server: &Server, row: &SandboxRow, f: &Fields) -> Result<(
 /// Make the workspace directory (and the files of `POST /sandbox`) in a new sandbox.
 async fn seed_files(
     server: &Arc<Server>,
-    sb: &OwnedSandbox,
+    sb: &Authorized,
     files: Vec<(String, Vec<u8>)>,
 ) -> Result<(), ApiError> {
     let id = sb.id();
@@ -498,7 +500,7 @@ async fn create_sandbox(
     let row = create_from_template(&server, &auth, &template, &fields).await?;
     let seeded = async {
         store_fields(&server, &row, &fields).await?;
-        seed_files(&server, &OwnedSandbox::made_for(&auth, row.clone())?, files).await
+        seed_files(&server, &Authorized::made_for(&auth, row.clone())?, files).await
     }
     .await;
     if let Err(e) = seeded {
@@ -518,10 +520,10 @@ async fn fork_sandbox(
     Path(id): Path<String>,
     OptionalJson(body): OptionalJson<SandboxFields>,
 ) -> CsbResult {
-    // Either one of the caller's sandboxes (checked first, before anything else) or a
-    // template the workspace may use.
-    let own = own_sandbox(&server, &auth, &id).await.ok();
     auth.require("sandbox_create")?;
+    // Either one of the caller's sandboxes (checked before anything else) or a template the
+    // workspace may use.
+    let own = own_sandbox(&server, &auth, &id).await.ok();
     let fields = check_fields(body)?;
     let row = match own {
         Some(parent_sb) => {
@@ -575,7 +577,7 @@ async fn fork_sandbox(
         store_fields(&server, &row, &fields).await?;
         seed_files(
             &server,
-            &OwnedSandbox::made_for(&auth, row.clone())?,
+            &Authorized::made_for(&auth, row.clone())?,
             Vec::new(),
         )
         .await
@@ -691,12 +693,11 @@ async fn mint_token(
 
 async fn start_vm(
     State(server): State<Arc<Server>>,
-    sb: CsbSandbox,
+    sb: CsbSandbox<scope::VmManage>,
     headers: HeaderMap,
     OptionalJson(opts): OptionalJson<StartOptions>,
 ) -> CsbResult {
     let (auth, id) = (sb.auth().clone(), sb.id().to_string());
-    auth.require("vm_manage")?;
     let timeout = check_start(&opts)?;
     let row = sb.row().clone();
     let bootup_type = match row.status.as_str() {
@@ -745,25 +746,31 @@ async fn start_vm(
     ))
 }
 
-async fn hibernate_vm(State(server): State<Arc<Server>>, sb: CsbSandbox) -> CsbResult {
-    let (auth, id) = (sb.auth().clone(), sb.id().to_string());
-    auth.require("vm_manage")?;
+async fn hibernate_vm(
+    State(server): State<Arc<Server>>,
+    sb: CsbSandbox<scope::VmManage>,
+) -> CsbResult {
+    let id = sb.id().to_string();
     lifecycle::check_may_suspend(&server, &sb).await?;
     lifecycle::suspend(&server, &id).await?;
     Ok(ok(StatusCode::OK, json!({"id": id})))
 }
 
-async fn shutdown_vm(State(server): State<Arc<Server>>, sb: CsbSandbox) -> CsbResult {
-    let (auth, id) = (sb.auth().clone(), sb.id().to_string());
-    auth.require("vm_manage")?;
+async fn shutdown_vm(
+    State(server): State<Arc<Server>>,
+    sb: CsbSandbox<scope::VmManage>,
+) -> CsbResult {
+    let id = sb.id().to_string();
     lifecycle::check_may_suspend(&server, &sb).await?;
     lifecycle::shutdown(&server, &id).await?;
     Ok(ok(StatusCode::OK, json!({"id": id})))
 }
 
-async fn delete_vm(State(server): State<Arc<Server>>, sb: CsbSandbox) -> CsbResult {
-    let (auth, id) = (sb.auth().clone(), sb.id().to_string());
-    auth.require("vm_manage")?;
+async fn delete_vm(
+    State(server): State<Arc<Server>>,
+    sb: CsbSandbox<scope::VmManage>,
+) -> CsbResult {
+    let id = sb.id().to_string();
     lifecycle::destroy(&server, &id).await?;
     Ok(ok(StatusCode::OK, json!({"id": id})))
 }
@@ -775,11 +782,10 @@ struct HibernationTimeoutBody {
 
 async fn hibernation_timeout(
     State(server): State<Arc<Server>>,
-    sb: CsbSandbox,
+    sb: CsbSandbox<scope::VmManage>,
     crate::routes::ApiJson(body): crate::routes::ApiJson<HibernationTimeoutBody>,
 ) -> CsbResult {
     let (auth, id) = (sb.auth().clone(), sb.id().to_string());
-    auth.require("vm_manage")?;
     let secs = check_timeout(body.hibernation_timeout_seconds)?;
     server
         .store
@@ -800,11 +806,10 @@ struct SpecsBody {
 /// next clean boot (gVisor's cgroup limits are set at start).
 async fn update_specs(
     State(server): State<Arc<Server>>,
-    sb: CsbSandbox,
+    sb: CsbSandbox<scope::VmManage>,
     crate::routes::ApiJson(body): crate::routes::ApiJson<SpecsBody>,
 ) -> CsbResult {
-    let (auth, id) = (sb.auth().clone(), sb.id().to_string());
-    auth.require("vm_manage")?;
+    let id = sb.id().to_string();
     let tier = check_tier(&body.tier)?;
     let row = sb.row().clone();
     let mut c = csb_of(&server, &row).await?;
@@ -962,7 +967,7 @@ async fn create_template(
         None => {
             let row = create_from_template(&server, &auth, &body.fork_of, &fields).await?;
             let made = async {
-                let sb = OwnedSandbox::made_for(&auth, row.clone())?;
+                let sb = Authorized::made_for(&auth, row.clone())?;
                 seed_files(&server, &sb, Vec::new()).await?;
                 crate::fork::take_snapshot(&server, &sb).await
             }
@@ -1040,12 +1045,11 @@ exit 0
 
 async fn create_session(
     State(server): State<Arc<Server>>,
-    sb: CsbSandbox,
+    sb: CsbSandbox<scope::VmManage>,
     headers: HeaderMap,
     crate::routes::ApiJson(body): crate::routes::ApiJson<SessionBody>,
 ) -> CsbResult {
     let (auth, id) = (sb.auth().clone(), sb.id().to_string());
-    auth.require("vm_manage")?;
     let user = session_user(&body.session_id)?;
     if !matches!(body.permission.as_str(), "read" | "write") {
         return Err(ApiError::bad_request(
@@ -1127,11 +1131,10 @@ struct PreviewTokenBody {
 
 async fn create_preview_token(
     State(server): State<Arc<Server>>,
-    sb: CsbSandbox,
+    sb: CsbSandbox<scope::VmManage>,
     OptionalJson(body): OptionalJson<PreviewTokenBody>,
 ) -> CsbResult {
     let (auth, id) = (sb.auth().clone(), sb.id().to_string());
-    auth.require("vm_manage")?;
     let expires_at = body.expires_at.as_deref().map(parse_expiry).transpose()?;
     let (row, token) =
         crate::routes::previews::mint(&server, &id, &auth.workspace_id, expires_at).await?;
@@ -1143,9 +1146,11 @@ async fn create_preview_token(
     ))
 }
 
-async fn list_preview_tokens(State(server): State<Arc<Server>>, sb: CsbSandbox) -> CsbResult {
+async fn list_preview_tokens(
+    State(server): State<Arc<Server>>,
+    sb: CsbSandbox<scope::VmManage>,
+) -> CsbResult {
     let (auth, id) = (sb.auth().clone(), sb.id().to_string());
-    auth.require("vm_manage")?;
     let now = now_ms();
     let tokens: Vec<Value> = server
         .store
@@ -1165,12 +1170,11 @@ async fn list_preview_tokens(State(server): State<Arc<Server>>, sb: CsbSandbox) 
 /// `revokeToken` works).
 async fn update_preview_token(
     State(server): State<Arc<Server>>,
-    sb: CsbSandbox,
+    sb: CsbSandbox<scope::VmManage>,
     Path((_sandbox, token_id)): Path<(String, String)>,
     OptionalJson(body): OptionalJson<PreviewTokenBody>,
 ) -> CsbResult {
     let (auth, id) = (sb.auth().clone(), sb.id().to_string());
-    auth.require("vm_manage")?;
     let mut row = server
         .store
         .get_preview_token(&auth.workspace_id, &id, &token_id)
@@ -1209,9 +1213,11 @@ async fn update_preview_token(
     ))
 }
 
-async fn revoke_all_preview_tokens(State(server): State<Arc<Server>>, sb: CsbSandbox) -> CsbResult {
+async fn revoke_all_preview_tokens(
+    State(server): State<Arc<Server>>,
+    sb: CsbSandbox<scope::VmManage>,
+) -> CsbResult {
     let (auth, id) = (sb.auth().clone(), sb.id().to_string());
-    auth.require("vm_manage")?;
     let now = now_ms();
     for t in server
         .store

@@ -16,7 +16,7 @@ use super::ApiQuery;
 use super::sandboxes::agent_failure;
 use crate::agent::AgentFailure;
 use crate::error::ApiError;
-use crate::extract::OwnedSandbox;
+use crate::extract::{Authorized, OwnedSandbox, scope};
 use crate::lifecycle;
 use crate::server::Server;
 use crate::util::rfc3339;
@@ -46,7 +46,7 @@ fn checked_path(path: &str) -> Result<String, ApiError> {
     ))]
 async fn upload(
     State(server): State<Arc<Server>>,
-    sb: OwnedSandbox,
+    sb: OwnedSandbox<scope::SandboxEditCode>,
     ApiQuery(q): ApiQuery<PathQuery>,
     headers: HeaderMap,
     body: Body,
@@ -66,12 +66,11 @@ async fn upload(
 
 async fn upload_file(
     server: &Arc<Server>,
-    sb: &OwnedSandbox,
+    sb: &Authorized,
     path: &str,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<StatusCode, ApiError> {
-    sb.auth().require("sandbox_edit_code")?;
     let id = sb.id();
     let path = checked_path(path)?;
     if path == "/" {
@@ -151,10 +150,9 @@ async fn upload_file(
     ))]
 async fn download(
     State(server): State<Arc<Server>>,
-    sb: OwnedSandbox,
+    sb: OwnedSandbox<scope::SandboxRead>,
     ApiQuery(q): ApiQuery<PathQuery>,
 ) -> Result<Response, ApiError> {
-    sb.auth().require("sandbox_read")?;
     let path = checked_path(&q.path)?;
     let (agent, guard, _) = lifecycle::running_agent(&server, &sb).await?;
     let (info, stream) = agent.read_file(&path).await.map_err(agent_failure)?;
@@ -185,10 +183,9 @@ async fn download(
     ))]
 async fn list_dir(
     State(server): State<Arc<Server>>,
-    sb: OwnedSandbox,
+    sb: OwnedSandbox<scope::SandboxRead>,
     ApiQuery(q): ApiQuery<PathQuery>,
 ) -> Result<Json<FileList>, ApiError> {
-    sb.auth().require("sandbox_read")?;
     let path = checked_path(&q.path)?;
     let (agent, _guard, _) = lifecycle::running_agent(&server, &sb).await?;
     let listing = agent.list_dir(&path).await.map_err(agent_failure)?;

@@ -15,7 +15,7 @@ use utoipa_axum::routes;
 use super::ApiQuery;
 use crate::agent::AgentFailure;
 use crate::error::ApiError;
-use crate::extract::OwnedSandbox;
+use crate::extract::{Authorized, OwnedSandbox, scope};
 use crate::lifecycle;
 use crate::server::Server;
 
@@ -50,7 +50,7 @@ pub fn parse_port(text: &str) -> Result<u16, ApiError> {
 }
 
 /// The sandbox's listening ports, the agent's own left out. Wakes a suspended sandbox.
-async fn ports_of(server: &Arc<Server>, sb: &OwnedSandbox) -> Result<Vec<Port>, ApiError> {
+async fn ports_of(server: &Arc<Server>, sb: &Authorized) -> Result<Vec<Port>, ApiError> {
     let (agent, _guard, _) = lifecycle::running_agent(server, sb).await?;
     let list = agent.list_ports().await.map_err(|f| match f {
         AgentFailure::Refused(e) if e.code == proto::AgentErrorCode::BadRequest => ApiError::new(
@@ -85,9 +85,8 @@ async fn ports_of(server: &Arc<Server>, sb: &OwnedSandbox) -> Result<Vec<Port>, 
     ))]
 async fn list_ports(
     State(server): State<Arc<Server>>,
-    sb: OwnedSandbox,
+    sb: OwnedSandbox<scope::SandboxRead>,
 ) -> Result<Json<PortList>, ApiError> {
-    sb.auth().require("sandbox_read")?;
     Ok(Json(PortList {
         ports: ports_of(&server, &sb).await?,
     }))
@@ -111,11 +110,10 @@ async fn list_ports(
     ))]
 async fn wait_port(
     State(server): State<Arc<Server>>,
-    sb: OwnedSandbox,
+    sb: OwnedSandbox<scope::SandboxRead>,
     Path((_sandbox, port)): Path<(String, String)>,
     ApiQuery(q): ApiQuery<PortWaitQuery>,
 ) -> Result<Json<PortList>, ApiError> {
-    sb.auth().require("sandbox_read")?;
     let port = parse_port(&port)?;
     let timeout = match &q.timeout {
         Some(t) => parse_duration(t).map_err(|m| ApiError::bad_request("invalid_timeout", m))?,

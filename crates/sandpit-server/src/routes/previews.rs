@@ -16,7 +16,7 @@ use super::org::parse_expiry;
 use super::{ApiJson, OptionalJson};
 use crate::auth::{Auth, PREVIEW_TOKEN_PREFIX, generate_token_with, hash_token};
 use crate::error::ApiError;
-use crate::extract::OwnedSandbox;
+use crate::extract::{Authorized, OwnedSandbox, scope};
 use crate::lifecycle;
 use crate::server::Server;
 use crate::store::{PreviewTokenRow, SandboxRow};
@@ -43,7 +43,7 @@ fn view(t: &PreviewTokenRow, token: Option<String>) -> PreviewToken {
 }
 
 /// The caller's sandbox, which must not be destroyed or failed (409).
-async fn live_sandbox(server: &Server, sb: &OwnedSandbox) -> Result<SandboxRow, ApiError> {
+async fn live_sandbox(server: &Server, sb: &Authorized) -> Result<SandboxRow, ApiError> {
     let row = lifecycle::current(server, sb).await?;
     if matches!(row.status.as_str(), "destroyed" | "failed") {
         return Err(ApiError::conflict(
@@ -87,10 +87,9 @@ async fn token_of(
     ))]
 async fn create_preview_token(
     State(server): State<Arc<Server>>,
-    sb: OwnedSandbox,
+    sb: OwnedSandbox<scope::VmManage>,
     OptionalJson(req): OptionalJson<PreviewTokenCreateRequest>,
 ) -> Result<(StatusCode, Json<PreviewToken>), ApiError> {
-    sb.auth().require("vm_manage")?;
     let sandbox = live_sandbox(&server, &sb).await?;
     let expires_at = req.expires_at.as_deref().map(parse_expiry).transpose()?;
     let (row, token) = mint(&server, &sandbox.id, &sandbox.workspace_id, expires_at).await?;
@@ -132,9 +131,8 @@ pub(crate) async fn mint(
     ))]
 async fn list_preview_tokens(
     State(server): State<Arc<Server>>,
-    sb: OwnedSandbox,
+    sb: OwnedSandbox<scope::SandboxRead>,
 ) -> Result<Json<PreviewTokenList>, ApiError> {
-    sb.auth().require("sandbox_read")?;
     let rows = server
         .store
         .list_preview_tokens(sb.workspace_id(), sb.id())
@@ -156,11 +154,10 @@ async fn list_preview_tokens(
     ))]
 async fn update_preview_token(
     State(server): State<Arc<Server>>,
-    sb: OwnedSandbox,
+    sb: OwnedSandbox<scope::VmManage>,
     Path((_sandbox, token_id)): Path<(String, String)>,
     ApiJson(req): ApiJson<PreviewTokenUpdateRequest>,
 ) -> Result<Json<PreviewToken>, ApiError> {
-    sb.auth().require("vm_manage")?;
     let auth = sb.auth();
     live_sandbox(&server, &sb).await?;
     let mut row = token_of(&server, auth, sb.id(), &token_id).await?;
@@ -184,10 +181,9 @@ async fn update_preview_token(
     ))]
 async fn revoke_preview_token(
     State(server): State<Arc<Server>>,
-    sb: OwnedSandbox,
+    sb: OwnedSandbox<scope::VmManage>,
     Path((_sandbox, token_id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    sb.auth().require("vm_manage")?;
     let auth = sb.auth();
     let row = token_of(&server, auth, sb.id(), &token_id).await?;
     server

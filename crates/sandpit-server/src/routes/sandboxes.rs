@@ -27,7 +27,7 @@ use super::{ApiJson, ApiQuery, OptionalJson};
 use crate::agent::{AgentFailure, ExecOutput};
 use crate::auth::Auth;
 use crate::error::{ApiError, ServerError};
-use crate::extract::OwnedSandbox;
+use crate::extract::{OwnedSandbox, scope};
 use crate::idempotency;
 use crate::lifecycle::{self, to_api};
 use crate::server::Server;
@@ -124,8 +124,7 @@ async fn list_sandboxes(
         (status = 403, description = "Sandbox belongs to another workspace", body = ErrorBody),
         (status = 404, description = "Sandbox not found", body = ErrorBody),
     ))]
-async fn get_sandbox(sb: OwnedSandbox) -> Result<Json<Sandbox>, ApiError> {
-    sb.auth().require("sandbox_read")?;
+async fn get_sandbox(sb: OwnedSandbox<scope::SandboxRead>) -> Result<Json<Sandbox>, ApiError> {
     Ok(Json(to_api(sb.row())))
 }
 
@@ -143,10 +142,9 @@ async fn get_sandbox(sb: OwnedSandbox) -> Result<Json<Sandbox>, ApiError> {
     ))]
 async fn update_sandbox(
     State(server): State<Arc<Server>>,
-    sb: OwnedSandbox,
+    sb: OwnedSandbox<scope::VmManage>,
     ApiJson(req): ApiJson<UpdateSandboxRequest>,
 ) -> Result<Json<Sandbox>, ApiError> {
-    sb.auth().require("vm_manage")?;
     let row = match req.preview {
         Some(preview) => lifecycle::set_preview(&server, &sb, preview).await?,
         None => lifecycle::current(&server, &sb).await?,
@@ -164,9 +162,8 @@ async fn update_sandbox(
     ))]
 async fn destroy_sandbox(
     State(server): State<Arc<Server>>,
-    sb: OwnedSandbox,
+    sb: OwnedSandbox<scope::VmManage>,
 ) -> Result<StatusCode, ApiError> {
-    sb.auth().require("vm_manage")?;
     lifecycle::destroy(&server, sb.id()).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -184,10 +181,9 @@ async fn destroy_sandbox(
     ))]
 async fn keepalive(
     State(server): State<Arc<Server>>,
-    sb: OwnedSandbox,
+    sb: OwnedSandbox<scope::VmManage>,
     ApiJson(req): ApiJson<KeepaliveRequest>,
 ) -> Result<Json<Sandbox>, ApiError> {
-    sb.auth().require("vm_manage")?;
     let row = lifecycle::keepalive(&server, &sb, &req.timeout).await?;
     Ok(Json(to_api(&row)))
 }
@@ -206,10 +202,9 @@ async fn keepalive(
     ))]
 async fn set_egress(
     State(server): State<Arc<Server>>,
-    sb: OwnedSandbox,
+    sb: OwnedSandbox<scope::VmManage>,
     ApiJson(policy): ApiJson<EgressPolicy>,
 ) -> Result<Json<Sandbox>, ApiError> {
-    sb.auth().require("vm_manage")?;
     let row = lifecycle::set_egress(&server, &sb, &policy).await?;
     Ok(Json(to_api(&row)))
 }
@@ -227,9 +222,8 @@ async fn set_egress(
     ))]
 async fn wake(
     State(server): State<Arc<Server>>,
-    sb: OwnedSandbox,
+    sb: OwnedSandbox<scope::VmManage>,
 ) -> Result<Json<Sandbox>, ApiError> {
-    sb.auth().require("vm_manage")?;
     let row = lifecycle::wake(&server, sb.id()).await?;
     Ok(Json(to_api(&row)))
 }
@@ -246,9 +240,8 @@ async fn wake(
     ))]
 async fn hibernate(
     State(server): State<Arc<Server>>,
-    sb: OwnedSandbox,
+    sb: OwnedSandbox<scope::VmManage>,
 ) -> Result<Json<Sandbox>, ApiError> {
-    sb.auth().require("vm_manage")?;
     lifecycle::check_may_suspend(&server, &sb).await?;
     let row = lifecycle::suspend(&server, sb.id()).await?;
     Ok(Json(to_api(&row)))
@@ -267,9 +260,8 @@ async fn hibernate(
     ))]
 async fn shutdown(
     State(server): State<Arc<Server>>,
-    sb: OwnedSandbox,
+    sb: OwnedSandbox<scope::VmManage>,
 ) -> Result<Json<Sandbox>, ApiError> {
-    sb.auth().require("vm_manage")?;
     lifecycle::check_may_suspend(&server, &sb).await?;
     let row = lifecycle::shutdown(&server, sb.id()).await?;
     Ok(Json(to_api(&row)))
@@ -387,10 +379,9 @@ pub fn agent_failure(f: AgentFailure) -> ApiError {
     ))]
 async fn exec(
     State(server): State<Arc<Server>>,
-    sb: OwnedSandbox,
+    sb: OwnedSandbox<scope::SandboxEditCode>,
     ApiJson(req): ApiJson<ExecRequest>,
 ) -> Result<Json<ExecResponse>, ApiError> {
-    sb.auth().require("sandbox_edit_code")?;
     let id = sb.id().to_string();
     let (mut req, timeout) = agent_exec(req)?;
     let (agent, guard, row) = lifecycle::running_agent(&server, &sb).await?;
@@ -512,10 +503,9 @@ fn sse(ev: ExecEvent) -> Event {
     ))]
 async fn exec_stream(
     State(server): State<Arc<Server>>,
-    sb: OwnedSandbox,
+    sb: OwnedSandbox<scope::SandboxEditCode>,
     ApiJson(req): ApiJson<ExecRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
-    sb.auth().require("sandbox_edit_code")?;
     let id = sb.id().to_string();
     let (mut req, timeout) = agent_exec(req)?;
     let (agent, guard, row) = lifecycle::running_agent(&server, &sb).await?;
@@ -613,11 +603,10 @@ async fn exec_stream(
     ))]
 async fn fork(
     State(server): State<Arc<Server>>,
-    sb: OwnedSandbox,
+    sb: OwnedSandbox<scope::SandboxCreate>,
     headers: HeaderMap,
     OptionalJson(req): OptionalJson<ForkRequest>,
 ) -> Result<Response, ApiError> {
-    sb.auth().require("sandbox_create")?;
     let key = idempotency::key_of(&headers)?;
     let hash = idempotency::request_hash(&format!("fork {}", sb.id()), &req);
     let (s, owned) = (server.clone(), sb.clone());
@@ -645,9 +634,8 @@ async fn fork(
     ))]
 async fn create_snapshot(
     State(server): State<Arc<Server>>,
-    sb: OwnedSandbox,
+    sb: OwnedSandbox<scope::VmManage>,
 ) -> Result<(StatusCode, Json<Snapshot>), ApiError> {
-    sb.auth().require("vm_manage")?;
     let snap = crate::fork::take_snapshot(&server, &sb).await?;
     Ok((
         StatusCode::CREATED,
@@ -665,9 +653,8 @@ async fn create_snapshot(
     ))]
 async fn list_snapshots(
     State(server): State<Arc<Server>>,
-    sb: OwnedSandbox,
+    sb: OwnedSandbox<scope::SandboxRead>,
 ) -> Result<Json<SnapshotList>, ApiError> {
-    sb.auth().require("sandbox_read")?;
     let rows = server
         .store
         .list_snapshots(sb.workspace_id(), sb.id())
