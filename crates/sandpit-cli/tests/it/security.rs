@@ -405,7 +405,7 @@ async fn another_workspace_is_refused_before_any_lock() {
     );
     assert_eq!(after.egress, sb.egress);
     owner.destroy_sandbox(id).await.unwrap();
-    println!("FIGURE bad_inputs foreign_calls_during_exec={refused}");
+    println!("FIGURE bad_inputs tenant_isolation={refused} foreign_calls_during_exec={refused}");
 }
 
 /// Hole 7 and the preview cookie: a crafted path with a query token is redirected to a
@@ -599,7 +599,7 @@ async fn previews_stay_on_their_own_host() {
         .unwrap();
     assert_eq!(status_code(r).await.0, 401, "still private");
     client.destroy_sandbox(&id).await.unwrap();
-    println!("FIGURE bad_inputs preview_host_escapes={bad}");
+    println!("FIGURE bad_inputs tenant_isolation={bad} preview_host_escapes={bad}");
 }
 
 /// Hole 8: a suspended sandbox holds no network slot. One workspace's hibernated sandboxes
@@ -693,7 +693,7 @@ async fn suspended_sandboxes_hold_no_network_slot() {
     }
     let leaks = srv.leaks();
     assert!(leaks.is_empty(), "{leaks:?}");
-    println!("FIGURE bad_inputs slot_hoarding={refused}");
+    println!("FIGURE bad_inputs tenant_isolation={refused} slot_hoarding={refused}");
 }
 
 /// Follow a template build to its end; its final status.
@@ -871,7 +871,7 @@ async fn per_workspace_quotas_and_the_build_log_cap() {
     admin.destroy_sandbox(&mine.id).await.unwrap();
     let leaks = srv.leaks();
     assert!(leaks.is_empty(), "{leaks:?}");
-    println!("FIGURE bad_inputs tenant_quotas={refused}");
+    println!("FIGURE bad_inputs tenant_isolation={refused} tenant_quotas={refused}");
 }
 
 /// Boot snapshots are keyed by template id: two workspaces' templates of the same name
@@ -922,7 +922,7 @@ async fn boot_snapshots_are_keyed_by_template_id() {
     // Deleting one tenant's template leaves the other's snapshot alone.
     tenant_b.delete_template("web", false).await.unwrap();
     assert!(admin.get_template("web").await.unwrap().boot_snapshot);
-    println!("FIGURE bad_inputs cross_tenant_snapshot_probes=2");
+    println!("FIGURE bad_inputs tenant_isolation=2 cross_tenant_snapshot_probes=2");
 }
 
 /// The agent gateway spoken directly: msgpack RPC over its WebSocket.
@@ -1129,7 +1129,7 @@ async fn host_reads_of_tenant_files_are_bounded() {
     client.destroy_sandbox(&id).await.unwrap();
     let leaks = srv.leaks();
     assert!(leaks.is_empty(), "{leaks:?}");
-    println!("FIGURE bad_inputs special_file_reads={refused}");
+    println!("FIGURE bad_inputs tenant_isolation={refused} special_file_reads={refused}");
 }
 
 /// Stored records fail closed. A template's or snapshot's egress policy or environment that
@@ -1261,5 +1261,5 @@ async fn undecodable_records_fail_closed() {
     client.delete_snapshot(&snap.id).await.unwrap();
     let leaks = srv.leaks();
     assert!(leaks.is_empty(), "{leaks:?}");
-    println!("FIGURE bad_inputs undecodable_records={refused}");
+    println!("FIGURE bad_inputs tenant_isolation={refused} undecodable_records={refused}");
 }
