@@ -387,6 +387,30 @@ async fn claim_slot(server: &Server, row: &mut SandboxRow) -> Result<(), ServerE
     Ok(())
 }
 
+/// Record a stopped sandbox as suspended, with `note` in its `error`, and give its network
+/// slot back (namespace, veth and nftables chain go): a suspended sandbox holds no slot,
+/// otherwise one tenant's hibernated sandboxes could hold every slot and starve every other
+/// tenant's creates. The wake claims a free slot and restores into it. If the namespace
+/// cannot be removed now, the sandbox keeps its slot (the wake reuses it; a restart's
+/// reconciliation removes it). The caller holds the sandbox's write lock.
+async fn mark_suspended(
+    server: &Server,
+    row: &SandboxRow,
+    note: Option<&str>,
+) -> Result<(), ServerError> {
+    let now = now_ms();
+    if let Some(slot) = row.slot
+        && let Err(e) = server.net.detach(slot as u32).await
+    {
+        tracing::error!(sandbox = %row.id, error = %DisplayChain(&e), "removing a suspended sandbox's network slot; it keeps the slot");
+        return server
+            .store
+            .set_status(&row.id, "suspended", note, now)
+            .await;
+    }
+    server.store.mark_suspended(&row.id, note, now).await
+}
+
 /// Give a stopped sandbox's network slot back: its namespace goes and its row holds none.
 /// A suspended sandbox holds no slot; waking claims one ([`wake`]).
 async fn release_slot(server: &Server, row: &SandboxRow) -> Result<(), ServerError> {
@@ -794,15 +818,7 @@ pub async fn settle_if_dead(server: &Arc<Server>, id: &str) -> Option<ApiError> 
         {
             tracing::error!(sandbox = %id, error = %DisplayChain(&e), "stopping a dead sandbox");
         }
-        if let Some(slot) = row.slot
-            && let Err(e) = server.net.detach(slot as u32).await
-        {
-            tracing::error!(sandbox = %id, error = %DisplayChain(&e), "removing a dead sandbox's network slot");
-        }
-        server
-            .store
-            .mark_suspended(id, Some(STOPPED_REASON), now)
-            .await
+        mark_suspended(server, &row, Some(STOPPED_REASON)).await
     } else {
         server
             .teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
@@ -853,21 +869,12 @@ pub async fn shutdown(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiE
             source,
         })?;
     }
-    if let Some(slot) = row.slot {
-        server
-            .net
-            .detach(slot as u32)
-            .await
-            .map_err(ServerError::from)?;
-    }
-    server
-        .store
-        .mark_suspended(
-            id,
-            Some("shut down: the next start boots afresh with its files"),
-            now_ms(),
-        )
-        .await?;
+    mark_suspended(
+        server,
+        &row,
+        Some("shut down: the next start boots afresh with its files"),
+    )
+    .await?;
     tracing::info!(sandbox = %id, "shut down");
     existing(server, id).await
 }
@@ -947,20 +954,7 @@ async fn suspend_locked(
             .map_err(ServerError::from)?;
     }
     crate::faults::point("hibernate.checkpointed");
-    // A suspended sandbox holds no network slot: otherwise one tenant's hibernated
-    // sandboxes could hold every slot and starve every other tenant's creates. The wake
-    // claims a free slot and restores into it.
-    if let Some(slot) = row.slot {
-        server
-            .net
-            .detach(slot as u32)
-            .await
-            .map_err(ServerError::from)?;
-    }
-    server
-        .store
-        .mark_suspended(id, note.as_deref(), now_ms())
-        .await?;
+    mark_suspended(server, &row, note.as_deref()).await?;
     tracing::info!(sandbox = %id, elapsed_ms = started.elapsed().as_millis() as u64, "suspended");
     Ok(server.store.get_sandbox(id).await?.unwrap_or(row))
 }
