@@ -11,10 +11,15 @@
 //! Frame layout: `kind: u8`, `len: u32` big-endian, `len` bytes of payload (at most
 //! [`MAX_FRAME_LEN`]). Control payloads are JSON; data payloads are raw bytes.
 //!
-//! Versioning: [`PROTOCOL_VERSION`] is sent in every request. The agent accepts any request
-//! whose version is ≤ its own and answers in that version's shape, so a sandbox restored from
-//! a snapshot taken with an older agent keeps working with a newer server as long as the
-//! server still speaks the old version. New fields are added as optional.
+//! Versioning: every request carries the lowest protocol version that has its operation
+//! ([`Op::version`]), so requests an older agent knows stay in that agent's version. The agent
+//! accepts any request whose version is ≤ its own ([`PROTOCOL_VERSION`]) and answers in that
+//! version's shape, so a sandbox restored from a snapshot taken with an older agent keeps
+//! working with a newer server: an operation the agent is too old for is refused with
+//! `unsupported_version`, and the host falls back to the older operations. New fields are
+//! added as optional.
+//!
+//! Version 2 added [`Op::ReadRegular`] (a bounded read of a regular file).
 #![cfg_attr(
     test,
     allow(
@@ -27,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The TCP port the agent listens on inside the sandbox.
 pub const AGENT_PORT: u16 = 49983;
@@ -124,10 +129,11 @@ pub struct Request {
 }
 
 impl Request {
-    /// A request in this crate's protocol version.
+    /// A request for `op`, in the lowest protocol version that has it (so an older agent
+    /// answers every operation it knows).
     pub fn new(op: Op) -> Self {
         Request {
-            v: PROTOCOL_VERSION,
+            v: op.version(),
             op,
         }
     }
@@ -170,6 +176,26 @@ pub enum Op {
     /// `/proc/net/tcp` and `/proc/net/tcp6`, which gVisor provides). Added without a version
     /// bump: an older agent refuses it with `bad_request` (unknown operation).
     ListPorts,
+    /// Version 2. Like `ReadFile`, for reads the host keeps in memory: refuses anything but
+    /// a regular file (a directory is refused with `is_directory`, a FIFO, device or socket
+    /// with `not_regular_file`, without blocking on it), starts at byte `offset` and sends at most
+    /// `limit` bytes before `End`. The `Ok` frame's [`FileInfo`] has the whole file's size.
+    /// An agent of version 1 refuses it with `unsupported_version`.
+    ReadRegular {
+        path: String,
+        offset: u64,
+        limit: u64,
+    },
+}
+
+impl Op {
+    /// The protocol version that introduced this operation.
+    pub fn version(&self) -> u32 {
+        match self {
+            Op::ReadRegular { .. } => 2,
+            _ => 1,
+        }
+    }
 }
 
 /// Run a process.
@@ -303,6 +329,9 @@ pub enum AgentErrorCode {
     BadRequest,
     /// The sandbox's disk is full (ENOSPC or EDQUOT).
     NoSpace,
+    /// A read that needs a regular file found a FIFO, device or socket (version 2; only
+    /// `ReadRegular` answers with it).
+    NotRegularFile,
     Io,
 }
 
@@ -474,6 +503,32 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&req).unwrap(),
             r#"{"v":1,"op":"read_file","path":"/etc/hostname"}"#
+        );
+    }
+
+    #[test]
+    fn requests_carry_the_version_of_their_operation() {
+        let req = Request::new(Op::ReadRegular {
+            path: "/x".into(),
+            offset: 3,
+            limit: 10,
+        });
+        assert_eq!(
+            serde_json::to_string(&req).unwrap(),
+            r#"{"v":2,"op":"read_regular","path":"/x","offset":3,"limit":10}"#
+        );
+        // Version-1 operations stay version 1, so an older agent still answers them.
+        for op in [
+            Op::Ping,
+            Op::ListPorts,
+            Op::Stat { path: "/".into() },
+            Op::ReadFile { path: "/".into() },
+        ] {
+            assert_eq!(Request::new(op).v, 1);
+        }
+        assert_eq!(
+            serde_json::to_string(&AgentErrorCode::NotRegularFile).unwrap(),
+            r#""not_regular_file""#
         );
     }
 

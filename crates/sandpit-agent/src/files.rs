@@ -80,6 +80,66 @@ pub async fn read_file(conn: &mut Conn, path: &str) -> Result<(), ProtoError> {
     conn.send(FrameKind::End, &[]).await
 }
 
+/// `ReadRegular` (version 2): like [`read_file`] for a regular file only, from byte `offset`,
+/// at most `limit` bytes. The file is opened without blocking (a FIFO with no writer would
+/// otherwise hold the connection forever) and checked through its handle, so a path swapped
+/// for a FIFO or device between a check and the open is refused too.
+pub async fn read_regular(
+    conn: &mut Conn,
+    path: &str,
+    offset: u64,
+    limit: u64,
+) -> Result<(), ProtoError> {
+    let (path, mut file, info) = match open_regular(path, offset).await {
+        Ok(x) => x,
+        Err(e) => return conn.send_error(&e).await,
+    };
+    conn.send_json(FrameKind::Ok, &info).await?;
+    let mut buf = vec![0u8; DATA_CHUNK];
+    let mut left = limit;
+    while left > 0 {
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        match file.read(&mut buf[..want]).await {
+            Ok(0) => break,
+            Ok(n) => {
+                conn.send(FrameKind::Data, &buf[..n]).await?;
+                left -= n as u64;
+            }
+            Err(e) => return conn.send_error(&map_io(&path, &e)).await,
+        }
+    }
+    conn.send(FrameKind::End, &[]).await
+}
+
+async fn open_regular(path: &str, offset: u64) -> Result<(String, fs::File, FileInfo), AgentError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use tokio::io::AsyncSeekExt;
+    let path = normalize_path(path)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(&path)
+        .map_err(|e| map_io(&path, &e))?;
+    let meta = file.metadata().map_err(|e| map_io(&path, &e))?;
+    if meta.is_dir() {
+        return Err(is_directory(&path));
+    }
+    if !meta.file_type().is_file() {
+        return Err(agent_error(
+            AgentErrorCode::NotRegularFile,
+            format!("{path}: not a regular file"),
+        ));
+    }
+    let info = file_info(&meta);
+    let mut file = fs::File::from_std(file);
+    if offset > 0 {
+        file.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(|e| map_io(&path, &e))?;
+    }
+    Ok((path, file, info))
+}
+
 async fn open_for_read(path: &str) -> Result<(String, fs::File, FileInfo), AgentError> {
     let path = normalize_path(path)?;
     let meta = fs::metadata(&path).await.map_err(|e| map_io(&path, &e))?;
@@ -367,6 +427,36 @@ mod tests {
         assert!(t.starts_with(".file.txt.sandpit-tmp-"), "{t}");
         assert_ne!(t, temp_name("file.txt"));
         assert!(temp_name(&"é".repeat(200)).len() < 255);
+    }
+
+    #[tokio::test]
+    async fn regular_reads_refuse_special_files_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().to_str().unwrap().to_string();
+        let fifo = format!("{base}/fifo");
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            fifo.as_str(),
+            rustix::fs::Mode::from_raw_mode(0o644),
+        )
+        .unwrap();
+        let e = tokio::time::timeout(std::time::Duration::from_secs(5), open_regular(&fifo, 0))
+            .await
+            .expect("a FIFO is refused at once")
+            .err()
+            .unwrap();
+        assert_eq!(e.code, AgentErrorCode::NotRegularFile);
+        let e = open_regular("/dev/zero", 0).await.err().unwrap();
+        assert_eq!(e.code, AgentErrorCode::NotRegularFile);
+        let e = open_regular(&base, 0).await.err().unwrap();
+        assert_eq!(e.code, AgentErrorCode::IsDirectory);
+        std::fs::write(format!("{base}/f"), b"0123456789").unwrap();
+        std::os::unix::fs::symlink("f", format!("{base}/l")).unwrap();
+        let (_, mut f, info) = open_regular(&format!("{base}/l"), 4).await.unwrap();
+        assert_eq!((info.kind, info.size), (EntryKind::File, 10));
+        let mut rest = String::new();
+        f.read_to_string(&mut rest).await.unwrap();
+        assert_eq!(rest, "456789");
     }
 
     #[tokio::test]

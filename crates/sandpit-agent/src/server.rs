@@ -195,6 +195,11 @@ async fn dispatch(conn: &mut Conn, op: Op) -> Result<(), ProtoError> {
         })),
         Op::Exec(req) => return exec::run(conn, req).await,
         Op::ReadFile { path } => return files::read_file(conn, &path).await,
+        Op::ReadRegular {
+            path,
+            offset,
+            limit,
+        } => return files::read_regular(conn, &path, offset, limit).await,
         Op::WriteFile {
             path,
             mode,
@@ -275,9 +280,22 @@ mod tests {
         assert_eq!(req.op, Op::Ping);
         let code = |f: &Frame| parse_request(f).unwrap_err().code;
         assert_eq!(
-            code(&frame(FrameKind::Request, r#"{"v":2,"op":"teleport"}"#)),
+            code(&frame(FrameKind::Request, r#"{"v":3,"op":"teleport"}"#)),
             AgentErrorCode::UnsupportedVersion
         );
+        // Version 2 is this agent's: its operation parses, and version-1 requests still do.
+        let req = parse_request(&frame(
+            FrameKind::Request,
+            r#"{"v":2,"op":"read_regular","path":"/x","offset":0,"limit":5}"#,
+        ))
+        .unwrap();
+        assert!(matches!(req.op, Op::ReadRegular { limit: 5, .. }));
+        let req = parse_request(&frame(
+            FrameKind::Request,
+            r#"{"v":1,"op":"read_file","path":"/x"}"#,
+        ))
+        .unwrap();
+        assert!(matches!(req.op, Op::ReadFile { .. }));
         assert_eq!(
             code(&frame(FrameKind::Request, r#"{"v":1,"op":"teleport"}"#)),
             AgentErrorCode::BadRequest

@@ -11,13 +11,17 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use sandpit_agent_proto::{
-    self as proto, AgentError, DirListing, ExecRequest, ExitStatus, FileInfo, FrameKind, Op,
-    PingReply, PortList, Request, WriteReply,
+    self as proto, AgentError, AgentErrorCode, DirListing, EntryKind, ExecRequest, ExitStatus,
+    FileInfo, FrameKind, Op, PingReply, PortList, Request, WriteReply,
 };
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::error::ServerError;
+
+/// How long a read of tenant bytes into the server's memory ([`AgentClient::read_bounded`]) or
+/// the opening of a streamed read may take: an agent of protocol 1 would block on a FIFO.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// An agent operation's failure: the agent refused (its error code says why), or the
 /// connection broke.
@@ -37,6 +41,17 @@ impl From<ServerError> for AgentFailure {
     fn from(e: ServerError) -> Self {
         AgentFailure::Broken(e)
     }
+}
+
+/// Most stderr [`AgentClient::run_for_stderr`] keeps.
+pub const MAX_HELPER_STDERR: usize = 64 * 1024;
+
+/// The refusal of a read that needs a regular file.
+fn not_regular(path: &str) -> AgentFailure {
+    AgentFailure::Refused(AgentError {
+        code: AgentErrorCode::NotRegularFile,
+        message: format!("{path}: not a regular file"),
+    })
 }
 
 /// Output of a running exec, as it arrives.
@@ -182,8 +197,10 @@ impl AgentClient {
         self.relay_exec(&mut conn, out).await
     }
 
-    /// Run `argv` to its end (at most `timeout`), keeping only its stderr: for short helper
-    /// commands whose failure message is all that matters.
+    /// Run `argv` to its end (at most `timeout`), keeping only the first
+    /// [`MAX_HELPER_STDERR`] bytes of its stderr: for short helper commands whose failure
+    /// message is all that matters (the command runs in the tenant's sandbox, so its output
+    /// is the tenant's to make as large as it likes).
     pub async fn run_for_stderr(
         &self,
         argv: Vec<String>,
@@ -194,7 +211,8 @@ impl AgentClient {
             let mut err = Vec::new();
             while let Some(o) = rx.recv().await {
                 if let ExecOutput::Stderr(b) = o {
-                    err.extend_from_slice(&b);
+                    let room = MAX_HELPER_STDERR.saturating_sub(err.len());
+                    err.extend_from_slice(&b[..b.len().min(room)]);
                 }
             }
             err
@@ -235,8 +253,102 @@ impl AgentClient {
         }
     }
 
-    /// Open a file for reading. Returns its metadata and a stream of its bytes; the stream
-    /// ends with an error item if the connection breaks mid-way.
+    /// Open a regular file for a read: `ReadRegular` from `offset` (at most `limit` bytes),
+    /// or, with an agent of protocol 1, a `stat` (which must say "file") and `ReadFile` from
+    /// the start (the caller skips `offset` bytes and stops after `limit`). Returns the
+    /// file's metadata, the connection positioned at its first data frame, and how many
+    /// leading bytes the caller must skip. Refuses anything but a regular file.
+    async fn open_regular(
+        &self,
+        path: &str,
+        offset: u64,
+        limit: u64,
+    ) -> Result<(FileInfo, AgentConn, u64), AgentFailure> {
+        let first = async |op: Op| -> Result<(FileInfo, AgentConn), AgentFailure> {
+            let mut conn = self.open(op).await?;
+            let frame = self.read(&mut conn).await?;
+            Ok((self.ok_or_refused(&frame)?, conn))
+        };
+        let opened = first(Op::ReadRegular {
+            path: path.into(),
+            offset,
+            limit,
+        })
+        .await;
+        match opened {
+            Ok((info, conn)) => Ok((info, conn, 0)),
+            Err(AgentFailure::Refused(e)) if e.code == AgentErrorCode::UnsupportedVersion => {
+                match self.stat(path).await?.kind {
+                    EntryKind::File => {}
+                    EntryKind::Dir => {
+                        return Err(AgentFailure::Refused(AgentError {
+                            code: AgentErrorCode::IsDirectory,
+                            message: format!("{path}: is a directory"),
+                        }));
+                    }
+                    _ => return Err(not_regular(path)),
+                }
+                let (info, conn) = first(Op::ReadFile { path: path.into() }).await?;
+                if info.kind != EntryKind::File {
+                    return Err(not_regular(path));
+                }
+                Ok((info, conn, offset))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Read at most `limit` bytes of the regular file `path`, from byte `offset`, into
+    /// memory: for every read of tenant bytes the server keeps. Returns the file's metadata
+    /// (its whole size) and the bytes. Anything but a regular file is refused with
+    /// `not_regular_file`; the whole read is bounded by [`READ_TIMEOUT`].
+    pub async fn read_bounded(
+        &self,
+        path: &str,
+        offset: u64,
+        limit: u64,
+    ) -> Result<(FileInfo, Vec<u8>), AgentFailure> {
+        let read = async {
+            let (info, mut conn, mut skip) = self.open_regular(path, offset, limit).await?;
+            let mut out = Vec::new();
+            loop {
+                let frame = self.read(&mut conn).await?;
+                match frame.kind {
+                    FrameKind::Data => {
+                        let mut data = &frame.payload[..];
+                        let skipped = data.len().min(usize::try_from(skip).unwrap_or(usize::MAX));
+                        data = &data[skipped..];
+                        skip -= skipped as u64;
+                        let room = usize::try_from(limit)
+                            .unwrap_or(usize::MAX)
+                            .saturating_sub(out.len());
+                        out.extend_from_slice(&data[..data.len().min(room)]);
+                        // Enough: dropping the connection resets it and the agent stops.
+                        if out.len() as u64 >= limit {
+                            return Ok((info, out));
+                        }
+                    }
+                    FrameKind::End => return Ok((info, out)),
+                    FrameKind::Error => {
+                        return Err(AgentFailure::Refused(
+                            frame.parse().map_err(|e| self.broken(e))?,
+                        ));
+                    }
+                    other => {
+                        return Err(self.broken(format!("unexpected frame {other:?}")).into());
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(READ_TIMEOUT, read)
+            .await
+            .map_err(|_| self.broken(format!("reading {path} took longer than {READ_TIMEOUT:?}")))?
+    }
+
+    /// Open a regular file for a streamed read (downloads). Returns its metadata and a
+    /// stream of its bytes; the stream ends with an error item if the connection breaks
+    /// mid-way. Anything but a regular file is refused with `not_regular_file` (a device
+    /// never ends, a FIFO may never open).
     pub async fn read_file(
         &self,
         path: &str,
@@ -247,9 +359,12 @@ impl AgentClient {
         ),
         AgentFailure,
     > {
-        let mut conn = self.open(Op::ReadFile { path: path.into() }).await?;
-        let first = self.read(&mut conn).await?;
-        let info: FileInfo = self.ok_or_refused(&first)?;
+        let (info, mut conn, _) =
+            tokio::time::timeout(READ_TIMEOUT, self.open_regular(path, 0, u64::MAX))
+                .await
+                .map_err(|_| {
+                    self.broken(format!("opening {path} took longer than {READ_TIMEOUT:?}"))
+                })??;
         let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(8);
         let me = self.clone();
         tokio::spawn(async move {
@@ -395,5 +510,85 @@ impl AgentClient {
     /// The TCP ports listening inside the sandbox (the agent's own included).
     pub async fn list_ports(&self) -> Result<PortList, AgentFailure> {
         self.simple(Op::ListPorts).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A protocol-1 agent on `127.0.0.<n>`:49983 that knows `stat` and `read_file` of one
+    /// file (`kind` as given) and refuses newer requests, as an agent in a sandbox restored
+    /// from an old snapshot does.
+    async fn old_agent(
+        ip: Ipv4Addr,
+        kind: EntryKind,
+        data: Vec<u8>,
+    ) -> tokio::task::JoinHandle<()> {
+        let listener = tokio::net::TcpListener::bind((ip, proto::AGENT_PORT))
+            .await
+            .expect("bind the fake agent");
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                let data = data.clone();
+                tokio::spawn(async move {
+                    let Ok(frame) = proto::read_frame(&mut s).await else {
+                        return;
+                    };
+                    let v: serde_json::Value = serde_json::from_slice(&frame.payload).unwrap();
+                    let info = FileInfo {
+                        kind,
+                        size: data.len() as u64,
+                        mode: 0o644,
+                        mtime: 0,
+                    };
+                    if v["v"].as_u64() != Some(1) {
+                        let e = AgentError {
+                            code: AgentErrorCode::UnsupportedVersion,
+                            message: "agent speaks protocol version 1".into(),
+                        };
+                        let _ = proto::write_json(&mut s, FrameKind::Error, &e).await;
+                        return;
+                    }
+                    let _ = proto::write_json(&mut s, FrameKind::Ok, &info).await;
+                    if v["op"] == "read_file" {
+                        for chunk in data.chunks(1000) {
+                            let _ = proto::write_frame(&mut s, FrameKind::Data, chunk).await;
+                        }
+                        let _ = proto::write_frame(&mut s, FrameKind::End, &[]).await;
+                    }
+                });
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn bounded_reads_fall_back_for_old_agents() {
+        let n = 10 + (std::process::id() % 200) as u8;
+        let ip = Ipv4Addr::new(127, 0, 77, n);
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 256) as u8).collect();
+        let fake = old_agent(ip, EntryKind::File, data.clone()).await;
+        let agent = AgentClient::new("sbtest", ip);
+        // A window: the host skips and stops itself.
+        let (info, got) = agent.read_bounded("/f", 2500, 3000).await.unwrap();
+        assert_eq!(info.size, 10_000);
+        assert_eq!(got, data[2500..5500]);
+        // The limit holds whatever the agent sends.
+        let (_, got) = agent.read_bounded("/f", 0, 10).await.unwrap();
+        assert_eq!(got, data[..10]);
+        fake.abort();
+
+        // A FIFO (as `stat` reports it) is refused before it is opened.
+        let ip = Ipv4Addr::new(127, 0, 78, n);
+        let fake = old_agent(ip, EntryKind::Other, Vec::new()).await;
+        let agent = AgentClient::new("sbtest", ip);
+        match agent.read_bounded("/fifo", 0, 10).await {
+            Err(AgentFailure::Refused(e)) => assert_eq!(e.code, AgentErrorCode::NotRegularFile),
+            other => panic!("expected not_regular_file, got {other:?}"),
+        }
+        fake.abort();
     }
 }

@@ -21,7 +21,7 @@ use tokio::sync::broadcast;
 
 use crate::error::{ApiError, DisplayChain, ServerError};
 use crate::server::Server;
-use crate::store::{SandboxRow, TemplateRow};
+use crate::store::{SandboxRow, TemplateInsert, TemplateRow};
 use crate::util::{now_ms, random_hex, rfc3339};
 
 /// Largest build context (decoded), in bytes.
@@ -32,9 +32,19 @@ const RUN_STEP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// and the outcome are always kept).
 const MAX_REPLAY_LOG_BYTES: usize = 4 * 1024 * 1024;
 
-/// How many template builds run at once; later ones wait (status `building`, a log line
-/// says so) so builds cannot take every network slot and core.
-const CONCURRENT_BUILDS: usize = 2;
+/// Most bytes of build output kept in a build's log file (`build.jsonl`); past it one marker
+/// line says so and the rest of the output is dropped (steps and the outcome are still
+/// written). A `RUN yes` must not fill the host's disk.
+pub const MAX_LOG_FILE_BYTES: u64 = 16 << 20;
+/// The line that ends a capped build log's output.
+pub const LOG_CAPPED_MARKER: &str =
+    "\n[sandpit: build output past 16 MiB is not kept; the step still runs to its end]\n";
+
+/// How many template builds run at once on the server; later ones wait (status
+/// `building`, a log line says so) so builds cannot take every network slot and core. One
+/// workspace has at most `--max-builds` (default 2) builds under way, refused past it, so
+/// with the defaults no tenant holds every slot.
+const CONCURRENT_BUILDS: usize = 4;
 
 /// Live builds' event logs, by template id. A finished build's log is on disk
 /// (`templates/<id>/build.jsonl`) and leaves this map.
@@ -65,6 +75,9 @@ pub struct BuildLog {
 struct LogState {
     events: Vec<TemplateBuildEvent>,
     log_bytes: usize,
+    /// Output bytes written to the log file, and whether the cap was reached.
+    file_log_bytes: u64,
+    file_capped: bool,
     finished: bool,
 }
 
@@ -72,16 +85,36 @@ impl BuildLog {
     fn push(&self, ev: TemplateBuildEvent) {
         use std::io::Write;
         let mut st = self.state.lock().expect("not poisoned");
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.file)
+        let mut lines = Vec::new();
+        match &ev {
+            TemplateBuildEvent::Log { .. } if st.file_capped => {}
+            TemplateBuildEvent::Log { index, text } => {
+                st.file_log_bytes += text.len() as u64;
+                if st.file_log_bytes <= MAX_LOG_FILE_BYTES {
+                    lines.push(ev.clone());
+                } else {
+                    st.file_capped = true;
+                    lines.push(TemplateBuildEvent::Log {
+                        index: *index,
+                        text: LOG_CAPPED_MARKER.into(),
+                    });
+                }
+            }
+            _ => lines.push(ev.clone()),
+        }
+        if !lines.is_empty()
+            && let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.file)
         {
-            let _ = writeln!(
-                f,
-                "{}",
-                serde_json::to_string(&ev).expect("event serializes")
-            );
+            for line in &lines {
+                let _ = writeln!(
+                    f,
+                    "{}",
+                    serde_json::to_string(line).expect("event serializes")
+                );
+            }
         }
         let keep = match &ev {
             TemplateBuildEvent::Log { text, .. } => {
@@ -114,6 +147,8 @@ impl Builds {
             state: Mutex::new(LogState {
                 events: Vec::new(),
                 log_bytes: 0,
+                file_log_bytes: 0,
+                file_capped: false,
                 finished: false,
             }),
             tx,
@@ -145,8 +180,16 @@ impl Builds {
                 (!st.finished).then(|| log.tx.subscribe()),
             );
         }
-        let text = std::fs::read_to_string(build_log_path(server, template_id)).unwrap_or_default();
-        let events = text
+        // Bounded: the file's output is capped (a log written before the cap existed is read
+        // only so far).
+        let mut text = Vec::new();
+        if let Ok(f) = std::fs::File::open(build_log_path(server, template_id)) {
+            use std::io::Read;
+            let _ = f
+                .take(MAX_LOG_FILE_BYTES + (4 << 20))
+                .read_to_end(&mut text);
+        }
+        let events = String::from_utf8_lossy(&text)
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect();
@@ -169,12 +212,14 @@ pub async fn view(
     t: TemplateRow,
 ) -> Result<Template, ServerError> {
     let warm = server.store.pooled_count(&t.id).await? as u32;
-    let cfg = crate::templates::image_config(&t);
+    // Shown as far as it decodes; creating from a template whose records do not decode
+    // fails with `corrupt_record`.
+    let cfg = crate::templates::image_config(&t).unwrap_or_default();
     let layers: Vec<PathBuf> = serde_json::from_str(&t.layers).unwrap_or_default();
     Ok(Template {
         warm,
         boot_snapshot: server.cfg.boot_snapshots
-            && crate::templates::boot_snapshot(server, &t.name).is_some(),
+            && crate::templates::boot_snapshot(server, &t.id).is_some(),
         aliases: server.store.aliases_of(workspace_id, &t.id).await?,
         start_command: cfg.start_command(),
         layers: layers.len().max(1) as u32,
@@ -185,7 +230,8 @@ pub async fn view(
         name: t.name,
         description: t.description,
         created_at: rfc3339(t.created_at),
-        default_egress: serde_json::from_str(&t.default_egress).unwrap_or_default(),
+        default_egress: serde_json::from_str(&t.default_egress)
+            .unwrap_or_else(|_| crate::lifecycle::deny_all()),
     })
 }
 
@@ -262,6 +308,7 @@ pub async fn create(
         None => None,
     };
     server.ensure_free_disk()?;
+    check_template_quotas(server, workspace_id).await?;
     for p in [&req.default_egress, &req.build_egress]
         .into_iter()
         .flatten()
@@ -353,14 +400,21 @@ pub async fn create(
         },
         updated_at: now,
     };
-    let inserted = server.store.insert_template(&row).await;
-    if !matches!(inserted, Ok(true)) {
+    let limits = &server.limits.cfg;
+    let inserted = server
+        .store
+        .insert_template(&row, limits.max_templates, limits.max_builds)
+        .await;
+    if !matches!(inserted, Ok(TemplateInsert::Inserted)) {
         images.discard_temp(&context_dir);
-        inserted?;
-        return Err(ApiError::conflict(
-            "template_exists",
-            format!("a template named {:?} exists", req.name),
-        ));
+        return Err(match inserted? {
+            TemplateInsert::TooManyTemplates => templates_quota(limits.max_templates),
+            TemplateInsert::TooManyBuilds => builds_quota(limits.max_builds),
+            _ => ApiError::conflict(
+                "template_exists",
+                format!("a template named {:?} exists", req.name),
+            ),
+        });
     }
     let _ = std::fs::create_dir_all(template_dir(server, &row.id));
     let log = server.builds.open(&row.id, build_log_path(server, &row.id));
@@ -392,6 +446,42 @@ pub async fn create(
     };
     tokio::spawn(job.run());
     Ok(row)
+}
+
+fn templates_quota(max: u32) -> ApiError {
+    ApiError::quota(
+        axum::http::StatusCode::INSUFFICIENT_STORAGE,
+        "max_templates",
+        max,
+        "delete templates this workspace no longer needs",
+    )
+}
+
+fn builds_quota(max: u32) -> ApiError {
+    crate::limits::add_headers([(
+        axum::http::header::RETRY_AFTER,
+        axum::http::HeaderValue::from_static("30"),
+    )]);
+    ApiError::quota(
+        axum::http::StatusCode::TOO_MANY_REQUESTS,
+        "max_builds",
+        max,
+        "this workspace has that many template builds under way; retry when one ends",
+    )
+}
+
+/// Refuse early (before the context is unpacked) a template the workspace's limits would
+/// refuse at insert anyway.
+async fn check_template_quotas(server: &Server, workspace_id: &str) -> Result<(), ApiError> {
+    let limits = &server.limits.cfg;
+    let (templates, builds) = server.store.count_templates(workspace_id).await?;
+    if limits.max_templates > 0 && templates >= i64::from(limits.max_templates) {
+        return Err(templates_quota(limits.max_templates));
+    }
+    if limits.max_builds > 0 && builds >= i64::from(limits.max_builds) {
+        return Err(builds_quota(limits.max_builds));
+    }
+    Ok(())
 }
 
 fn allow_all() -> EgressPolicy {
@@ -526,7 +616,7 @@ impl BuildJob {
         crate::lifecycle::insert_with_slot(server, &mut row)
             .await
             .map_err(|e| DisplayChain(&e).to_string())?;
-        let snapshot_dir = crate::templates::boot_snapshot_dir(server, &self.template.name);
+        let snapshot_dir = crate::templates::boot_snapshot_dir(server, &self.template.id);
         let tmp = snapshot_dir.with_extension("tmp");
         let result = async {
             crate::lifecycle::boot(server, &row, None).await?;
@@ -535,7 +625,7 @@ impl BuildJob {
                 server,
                 &row,
                 cfg,
-                crate::lifecycle::exec_env(&row, cfg.env.clone()),
+                crate::lifecycle::exec_env(&row, cfg.env.clone())?,
             )
             .await?;
             crate::templates::wait_ready(server, &row, cfg, Duration::from_secs(60)).await?;
@@ -636,12 +726,14 @@ impl StepRunner for ServerRunner {
             .find_template(&self.workspace_id, name)
             .await
             .map_err(|e| ImageError::Runner(DisplayChain(&e).to_string()))?;
-        Ok(found.filter(|t| t.status == "ready").map(|t| {
-            (
-                crate::templates::layers_of(&t),
-                crate::templates::image_config(&t),
-            )
-        }))
+        let Some(t) = found.filter(|t| t.status == "ready") else {
+            return Ok(None);
+        };
+        let decoded = crate::templates::layers_of(&t)
+            .and_then(|layers| Ok((layers, crate::templates::image_config(&t)?)));
+        decoded
+            .map(Some)
+            .map_err(|e| ImageError::Runner(DisplayChain(&e).to_string()))
     }
 
     async fn run(
@@ -798,7 +890,7 @@ pub async fn delete(
         .store
         .delete_template(workspace_id, &t.id, now_ms())
         .await?;
-    let _ = std::fs::remove_dir_all(crate::templates::boot_snapshot_dir(server, &t.name));
+    let _ = std::fs::remove_dir_all(crate::templates::boot_snapshot_dir(server, &t.id));
     Ok(())
 }
 

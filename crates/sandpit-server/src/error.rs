@@ -45,6 +45,26 @@ pub enum ServerError {
     NoSlot,
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// A stored record (a policy, an environment, a template's spec) does not decode:
+    /// operations that need it fail closed with 500 `corrupt_record`, never with a default.
+    #[error("the stored {what} does not decode")]
+    Undecodable {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Decode a stored JSON record, failing closed: a record that does not decode is an error
+/// naming `what`, never a default.
+pub fn decode<T: serde::de::DeserializeOwned>(
+    what: impl FnOnce() -> String,
+    json: &str,
+) -> Result<T, ServerError> {
+    serde_json::from_str(json).map_err(|source| ServerError::Undecodable {
+        what: what(),
+        source,
+    })
 }
 
 /// An error a client sees: `{"error":{"code","message"}}` with an HTTP status.
@@ -78,6 +98,16 @@ impl ApiError {
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
     }
+    /// A per-workspace limit is reached: `quota_exceeded`, with the limit's name (its
+    /// `sandpit serve` flag) and value in the message. 429 for limits that free themselves
+    /// (concurrent builds), 507 for those held until the tenant deletes something.
+    pub fn quota(status: StatusCode, limit: &str, value: u32, what: &str) -> Self {
+        Self::new(
+            status,
+            "quota_exceeded",
+            format!("workspace limit {limit} = {value} reached: {what}"),
+        )
+    }
 }
 
 impl From<ServerError> for ApiError {
@@ -89,6 +119,11 @@ impl From<ServerError> for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "capacity_exhausted",
                 "no network slot is free; destroy sandboxes or enlarge the address pool",
+            ),
+            ServerError::Undecodable { .. } => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "corrupt_record",
+                "a stored record this operation needs does not decode; nothing was done (see the server log)",
             ),
             ServerError::AgentTimeout { .. } => ApiError::new(
                 StatusCode::BAD_GATEWAY,

@@ -17,7 +17,8 @@ use sandpit_api_types::{ErrorBodyRef, ErrorDetail, ForkResult, Snapshot};
 
 use crate::auth::Auth;
 use crate::error::{ApiError, DisplayChain, ServerError};
-use crate::lifecycle::{boot, get_for, insert_with_slot, to_api};
+use crate::extract::Authorized;
+use crate::lifecycle::{boot, current, insert_with_slot, to_api};
 use crate::server::Server;
 use crate::store::{SandboxRow, SnapshotRow};
 use crate::util::{new_id, new_sandbox_id, now_ms, random_hex, rfc3339};
@@ -82,7 +83,7 @@ async fn freeze(server: &Arc<Server>, row: &SandboxRow) -> Result<Frozen, ApiErr
                     ),
                 ));
             }
-            // The checkpoint stopped it; its network namespace stays for the restore.
+            // The checkpoint stopped it; its network slot stays for the restore.
             Ok(Frozen {
                 image: Some(image),
                 temporary: true,
@@ -171,7 +172,14 @@ async fn start_child(server: &Arc<Server>, row: SandboxRow, image: Option<&Path>
     match boot(server, &row, image).await {
         Ok(()) => {
             let now = now_ms();
-            if let Err(e) = server.store.set_status(&row.id, "running", None, now).await {
+            let note = crate::lifecycle::running_note(server, &row.id, None)
+                .await
+                .unwrap_or_default();
+            if let Err(e) = server
+                .store
+                .set_status(&row.id, "running", note.as_deref(), now)
+                .await
+            {
                 return error_result(e.into());
             }
             let mut row = row;
@@ -191,26 +199,30 @@ async fn start_child(server: &Arc<Server>, row: SandboxRow, image: Option<&Path>
 /// settings, each in its own network slot. Returns one result per child, in order.
 pub async fn fork(
     server: &Arc<Server>,
-    auth: &Auth,
-    parent_id: &str,
+    sb: &Authorized,
     count: u32,
 ) -> Result<Vec<ForkResult>, ApiError> {
+    let parent_id = sb.id();
     if !(1..=MAX_FORK).contains(&count) {
         return Err(ApiError::bad_request(
             "invalid_count",
             format!("count must be between 1 and {MAX_FORK}"),
         ));
     }
-    get_for(server, auth, parent_id).await?;
     server.ensure_free_disk()?;
     // Held until the children's rows are in the store, which then counts them as running.
     let mut reservation = server
         .limits
-        .admit(&server.store, &auth.workspace_id, count)
+        .admit(
+            &server.store,
+            sb.workspace_id(),
+            count,
+            sb.row().mode == "persistent",
+        )
         .await?;
     let lock = server.lock_of(parent_id);
     let guard = lock.write().await;
-    let parent = get_for(server, auth, parent_id).await?;
+    let parent = current(server, sb).await?;
     let started = std::time::Instant::now();
     let frozen = freeze(server, &parent).await?;
 
@@ -316,16 +328,18 @@ pub fn snapshot_to_api(s: &SnapshotRow) -> Snapshot {
 
 /// `POST /v1/sandboxes/{id}/snapshots`: save the sandbox's files and memory under a new
 /// snapshot id. A running sandbox keeps running (see the module docs for what it sees).
-pub async fn take_snapshot(
-    server: &Arc<Server>,
-    auth: &Auth,
-    sandbox_id: &str,
-) -> Result<SnapshotRow, ApiError> {
-    get_for(server, auth, sandbox_id).await?;
+pub async fn take_snapshot(server: &Arc<Server>, sb: &Authorized) -> Result<SnapshotRow, ApiError> {
+    let sandbox_id = sb.id();
     server.ensure_free_disk()?;
+    // Refused early when the workspace keeps its limit already; the insert checks again
+    // (atomically), for snapshots taken at the same time.
+    let max = server.limits.cfg.max_snapshots;
+    if max > 0 && server.store.count_snapshots(sb.workspace_id()).await? >= i64::from(max) {
+        return Err(snapshots_quota(max));
+    }
     let lock = server.lock_of(sandbox_id);
     let _guard = lock.write().await;
-    let row = get_for(server, auth, sandbox_id).await?;
+    let row = current(server, sb).await?;
     let frozen = freeze(server, &row).await?;
     let id = new_id("snap");
     let dir = snapshot_dir(server, &id);
@@ -365,8 +379,20 @@ pub async fn take_snapshot(
         size_bytes: disk_usage(&dir) as i64,
         created_at: now_ms(),
     };
-    server.store.insert_snapshot(&snap).await?;
+    if !server.store.insert_snapshot(&snap, max).await? {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(snapshots_quota(max));
+    }
     Ok(snap)
+}
+
+fn snapshots_quota(max: u32) -> ApiError {
+    ApiError::quota(
+        axum::http::StatusCode::INSUFFICIENT_STORAGE,
+        "max_snapshots",
+        max,
+        "delete snapshots this workspace no longer needs",
+    )
 }
 
 /// Copy the frozen sandbox's files (and, for a suspended one, its image) into `dir`.

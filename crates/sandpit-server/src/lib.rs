@@ -13,6 +13,7 @@ pub mod builds;
 pub mod compat;
 pub mod dns;
 pub mod error;
+pub mod extract;
 pub mod faults;
 pub mod fork;
 pub mod idempotency;

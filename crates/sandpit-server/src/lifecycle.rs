@@ -28,7 +28,8 @@ use tokio::sync::OwnedRwLockReadGuard;
 
 use crate::agent::AgentClient;
 use crate::auth::Auth;
-use crate::error::{ApiError, DisplayChain, ServerError};
+use crate::error::{ApiError, DisplayChain, ServerError, decode};
+use crate::extract::Authorized;
 use crate::server::Server;
 use crate::store::{SandboxRow, SnapshotRow};
 use crate::templates::AGENT_PATH_IN_SANDBOX;
@@ -80,7 +81,9 @@ pub fn to_api(row: &SandboxRow) -> Sandbox {
             .map(|ms| format_duration(Duration::from_millis(ms as u64))),
         metadata: serde_json::from_str(&row.metadata).unwrap_or_default(),
         env_keys: env.into_keys().collect(),
-        egress: serde_json::from_str(&row.egress).unwrap_or_default(),
+        // What is enforced: a policy that does not decode is treated as `deny_all` (see
+        // [`rules_or_deny`]), never as the default `allow_all`.
+        egress: serde_json::from_str(&row.egress).unwrap_or_else(|_| deny_all()),
         preview: PreviewSettings {
             privacy: PreviewPrivacy::parse(&row.preview_privacy).unwrap_or_default(),
         },
@@ -121,12 +124,65 @@ pub(crate) fn validate_egress(
 }
 
 pub(crate) fn stored_rules(row: &SandboxRow) -> Result<EgressRules, ServerError> {
-    let policy: EgressPolicy = serde_json::from_str(&row.egress)
-        .map_err(|e| ServerError::Corrupt(format!("egress of {}: {e}", row.id)))?;
+    let policy: EgressPolicy = decode(|| format!("egress policy of {}", row.id), &row.egress)?;
     let valid = policy
         .validate_stored()
         .map_err(|(_, m)| ServerError::Corrupt(format!("egress of {}: {m}", row.id)))?;
     Ok(egress_rules(&valid))
+}
+
+/// How the `error` of a sandbox whose stored egress policy was replaced starts.
+const EGRESS_RESET_NOTE: &str = "the stored egress policy could not be read";
+
+/// The note a sandbox that has just (re)started keeps in its `error`: `note`, and the reason
+/// its egress policy was reset to `deny_all` if that happened during the boot (the status
+/// update that follows a boot would otherwise erase it).
+pub(crate) async fn running_note(
+    server: &Server,
+    id: &str,
+    note: Option<String>,
+) -> Result<Option<String>, ServerError> {
+    let reset = server
+        .store
+        .get_sandbox(id)
+        .await?
+        .and_then(|r| r.error)
+        .filter(|e| e.starts_with(EGRESS_RESET_NOTE));
+    Ok(match (note, reset) {
+        (Some(n), Some(r)) => Some(format!("{n}; {r}")),
+        (n, r) => n.or(r),
+    })
+}
+
+/// The `deny_all` policy.
+pub fn deny_all() -> EgressPolicy {
+    serde_json::from_str(r#"{"mode":"deny_all"}"#).expect("valid policy")
+}
+
+/// The rules of a sandbox's stored policy, failing closed: a policy that does not decode (or
+/// no longer validates) is replaced in the store by `deny_all`, and the sandbox's `error`
+/// says why, so what runs, what is stored and what the API shows agree.
+pub(crate) async fn rules_or_deny(
+    server: &Server,
+    row: &SandboxRow,
+) -> Result<EgressRules, ServerError> {
+    match stored_rules(row) {
+        Ok(rules) => Ok(rules),
+        Err(e) => {
+            let why = format!(
+                "{EGRESS_RESET_NOTE} ({}); it was set to deny_all",
+                DisplayChain(&e)
+            );
+            tracing::error!(sandbox = %row.id, error = %DisplayChain(&e), "egress policy does not decode: denying all egress");
+            let deny = serde_json::to_string(&deny_all()).expect("policy serializes");
+            server
+                .store
+                .replace_egress(&row.id, &deny, &why, now_ms())
+                .await?;
+            let valid = deny_all().validate().expect("deny_all is valid");
+            Ok(egress_rules(&valid))
+        }
+    }
 }
 
 /// Validate a create request into a row (not yet inserted). Changes nothing.
@@ -267,15 +323,25 @@ async fn validate_create(
             },
         ));
     }
+    // Stored records fail closed: one that does not decode is a 500 `corrupt_record`, never
+    // a default (the default policy is `allow_all`).
     let egress = match (&req.egress, &snapshot) {
         (Some(p), _) => p.clone(),
-        (None, Some(snap)) => serde_json::from_str(&snap.egress).unwrap_or_default(),
-        (None, None) => serde_json::from_str(&template.default_egress).unwrap_or_default(),
+        (None, Some(snap)) => decode(
+            || format!("egress policy of snapshot {}", snap.id),
+            &snap.egress,
+        )?,
+        (None, None) => decode(
+            || format!("default egress policy of template {}", template.id),
+            &template.default_egress,
+        )?,
     };
     let env: BTreeMap<String, String> = match &snapshot {
-        Some(snap) if req.env.is_empty() => serde_json::from_str(&snap.env).unwrap_or_default(),
+        Some(snap) if req.env.is_empty() => {
+            decode(|| format!("environment of snapshot {}", snap.id), &snap.env)?
+        }
         // The template's image environment (PATH and the like), then the request's.
-        _ => crate::templates::image_config(&template)
+        _ => crate::templates::image_config(&template)?
             .env
             .into_iter()
             .chain(req.env.clone())
@@ -323,6 +389,53 @@ pub(crate) async fn insert_with_slot(
     server.store.insert_sandbox(row).await
 }
 
+/// Claim the lowest free network slot for an existing row that holds none (a suspended
+/// sandbox waking). `NoSlot` (503 `capacity_exhausted`) when every slot is taken.
+async fn claim_slot(server: &Server, row: &mut SandboxRow) -> Result<(), ServerError> {
+    let _guard = server.slot_lock.lock().await;
+    let used: std::collections::HashSet<i64> =
+        server.store.used_slots().await?.into_iter().collect();
+    let slot = (0..server.net.capacity() as i64)
+        .find(|s| !used.contains(s))
+        .ok_or(ServerError::NoSlot)?;
+    server.store.set_slot(&row.id, slot, now_ms()).await?;
+    row.slot = Some(slot);
+    Ok(())
+}
+
+/// Record a stopped sandbox as suspended, with `note` in its `error`, and give its network
+/// slot back (namespace, veth and nftables chain go): a suspended sandbox holds no slot,
+/// otherwise one tenant's hibernated sandboxes could hold every slot and starve every other
+/// tenant's creates. The wake claims a free slot and restores into it. If the namespace
+/// cannot be removed now, the sandbox keeps its slot (the wake reuses it; a restart's
+/// reconciliation removes it). The caller holds the sandbox's write lock.
+async fn mark_suspended(
+    server: &Server,
+    row: &SandboxRow,
+    note: Option<&str>,
+) -> Result<(), ServerError> {
+    let now = now_ms();
+    if let Some(slot) = row.slot
+        && let Err(e) = server.net.detach(slot as u32).await
+    {
+        tracing::error!(sandbox = %row.id, error = %DisplayChain(&e), "removing a suspended sandbox's network slot; it keeps the slot");
+        return server
+            .store
+            .set_status(&row.id, "suspended", note, now)
+            .await;
+    }
+    server.store.mark_suspended(&row.id, note, now).await
+}
+
+/// Give a stopped sandbox's network slot back: its namespace goes and its row holds none.
+/// A suspended sandbox holds no slot; waking claims one ([`wake`]).
+async fn release_slot(server: &Server, row: &SandboxRow) -> Result<(), ServerError> {
+    if let Some(slot) = row.slot {
+        server.net.detach(slot as u32).await?;
+    }
+    server.store.release_slot(&row.id, now_ms()).await
+}
+
 /// The spec the runtime boots or restores a sandbox from.
 pub(crate) async fn spec_for(
     server: &Server,
@@ -350,7 +463,7 @@ pub(crate) async fn spec_for(
     ];
     Ok(SandboxSpec {
         id: row.runtime_id.clone(),
-        layers: crate::templates::layers_of(&template)
+        layers: crate::templates::layers_of(&template)?
             .into_iter()
             .chain([server.agent_layer.clone()])
             .collect(),
@@ -377,11 +490,17 @@ pub(crate) async fn spec_for(
 }
 
 /// The environment of an exec: the sandbox's own (set at create) with the request's on top.
-pub fn exec_env(row: &SandboxRow, request: Vec<(String, String)>) -> Vec<(String, String)> {
-    let mut env: BTreeMap<String, String> = serde_json::from_str(&row.env).unwrap_or_default();
+/// A stored environment that does not decode fails the exec (`corrupt_record`) rather than
+/// run it without the variables its owner set.
+pub fn exec_env(
+    row: &SandboxRow,
+    request: Vec<(String, String)>,
+) -> Result<Vec<(String, String)>, ServerError> {
+    let mut env: BTreeMap<String, String> =
+        decode(|| format!("environment of {}", row.id), &row.env)?;
     env.insert("SANDPIT_SANDBOX_ID".into(), row.id.clone());
     env.extend(request);
-    env.into_iter().collect()
+    Ok(env.into_iter().collect())
 }
 
 pub fn agent_of(server: &Server, row: &SandboxRow) -> Option<AgentClient> {
@@ -425,7 +544,7 @@ pub(crate) async fn boot_spec(
     image: Option<&std::path::Path>,
 ) -> Result<(), ServerError> {
     let slot = row.slot.expect("spec_for checked the slot") as u32;
-    let rules = stored_rules(row)?;
+    let rules = rules_or_deny(server, row).await?;
     match server.net.attach(slot, &rules).await {
         Ok(_) => {}
         // Kept from before a suspend: make sure it carries the current policy.
@@ -531,7 +650,7 @@ pub(crate) async fn write_resolv_conf(
 /// Returns true when it restored (the template's start command then already runs).
 async fn boot_template(server: &Server, row: &SandboxRow) -> Result<bool, ServerError> {
     if server.cfg.boot_snapshots
-        && let Some(dir) = crate::templates::boot_snapshot(server, &row.template_name)
+        && let Some(dir) = crate::templates::boot_snapshot(server, &row.template_id)
     {
         server
             .runtime
@@ -558,7 +677,12 @@ pub async fn create(
     // Held until the row is in the store, which then counts it as running.
     let mut reservation = server
         .limits
-        .admit(&server.store, &auth.workspace_id, 1)
+        .admit(
+            &server.store,
+            &auth.workspace_id,
+            1,
+            req.mode == SandboxMode::Persistent,
+        )
         .await?;
     if snapshot.is_none()
         && let Some(pooled) = crate::pool::take(server, &row, &mut reservation).await?
@@ -624,14 +748,13 @@ pub async fn create(
     Ok(row)
 }
 
-/// Look up a sandbox for a caller: 404 if unknown, 403 if another workspace's.
-pub async fn get_for(server: &Server, auth: &Auth, id: &str) -> Result<SandboxRow, ApiError> {
-    let row = existing(server, id).await?;
-    if row.workspace_id != auth.workspace_id {
-        return Err(ApiError::forbidden(
-            "forbidden",
-            "this sandbox belongs to another workspace",
-        ));
+/// The current row of a sandbox the caller was authorized for (see [`Authorized`]); 404 if
+/// it is gone.
+pub async fn current(server: &Server, sb: &Authorized) -> Result<SandboxRow, ApiError> {
+    let row = existing(server, sb.id()).await?;
+    if row.workspace_id != sb.workspace_id() {
+        // A tenant's sandbox never changes workspace; never act on one that did.
+        return Err(ServerError::Corrupt(format!("sandbox {} changed workspace", row.id)).into());
     }
     Ok(row)
 }
@@ -703,7 +826,7 @@ pub async fn settle_if_dead(server: &Arc<Server>, id: &str) -> Option<ApiError> 
     server.previews.cut(id).await;
     let now = now_ms();
     let settled = if row.mode == "persistent" {
-        // The files are on disk; the network namespace stays for the next wake.
+        // The files are on disk; the network slot goes (a suspended sandbox holds none).
         if let Err(e) = server
             .runtime
             .stop(&row.runtime_id, &server.state_dir(id))
@@ -711,10 +834,7 @@ pub async fn settle_if_dead(server: &Arc<Server>, id: &str) -> Option<ApiError> 
         {
             tracing::error!(sandbox = %id, error = %DisplayChain(&e), "stopping a dead sandbox");
         }
-        server
-            .store
-            .set_status(id, "suspended", Some(STOPPED_REASON), now)
-            .await
+        mark_suspended(server, &row, Some(STOPPED_REASON)).await
     } else {
         server
             .teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
@@ -765,17 +885,27 @@ pub async fn shutdown(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiE
             source,
         })?;
     }
-    server
-        .store
-        .set_status(
-            id,
-            "suspended",
-            Some("shut down: the next start boots afresh with its files"),
-            now_ms(),
-        )
-        .await?;
+    mark_suspended(
+        server,
+        &row,
+        Some("shut down: the next start boots afresh with its files"),
+    )
+    .await?;
     tracing::info!(sandbox = %id, "shut down");
     existing(server, id).await
+}
+
+/// 507 `quota_exceeded` when hibernating or shutting down `sb` would pass its workspace's
+/// `max_suspended` (a running ephemeral sandbox; persistent ones count from their create).
+pub async fn check_may_suspend(server: &Server, sb: &Authorized) -> Result<(), ApiError> {
+    let row = current(server, sb).await?;
+    if row.mode == "persistent" || row.status != "running" {
+        return Ok(());
+    }
+    server
+        .limits
+        .check_suspendable(&server.store, sb.workspace_id(), 1)
+        .await
 }
 
 /// Save a running sandbox's memory to disk and stop it, freeing its RAM.
@@ -840,12 +970,7 @@ async fn suspend_locked(
             .map_err(ServerError::from)?;
     }
     crate::faults::point("hibernate.checkpointed");
-    // The network namespace stays (it holds no memory to speak of), so waking skips
-    // rebuilding it; after a host reboot `boot` recreates it.
-    server
-        .store
-        .set_status(id, "suspended", note.as_deref(), now_ms())
-        .await?;
+    mark_suspended(server, &row, note.as_deref()).await?;
     tracing::info!(sandbox = %id, elapsed_ms = started.elapsed().as_millis() as u64, "suspended");
     Ok(server.store.get_sandbox(id).await?.unwrap_or(row))
 }
@@ -870,6 +995,13 @@ pub async fn wake(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiError
         .limits
         .admit_wake(&server.store, &row.workspace_id)
         .await?;
+    let mut row = row;
+    // Suspended sandboxes hold no network slot: claim a free one (503 `capacity_exhausted`
+    // when none is, and the sandbox stays suspended, intact). A row from before slots were
+    // released on suspend may still hold one.
+    if row.slot.is_none() {
+        claim_slot(server, &mut row).await?;
+    }
     let started = std::time::Instant::now();
     let image = server.checkpoint_dir(id);
     let has_image = image.join("checkpoint.img").exists();
@@ -877,6 +1009,7 @@ pub async fn wake(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiError
     if let Err(e) = boot(server, &row, has_image.then_some(image.as_path())).await {
         if !has_image {
             tracing::error!(sandbox = %id, error = %DisplayChain(&e), "wake failed");
+            release_slot(server, &row).await?;
             return Err(e.into());
         }
         // The memory image would not come back (twice). The files are intact: start the
@@ -884,6 +1017,7 @@ pub async fn wake(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiError
         tracing::error!(sandbox = %id, error = %DisplayChain(&e), "restore failed; starting the sandbox from its files");
         if let Err(e2) = boot(server, &row, None).await {
             tracing::error!(sandbox = %id, error = %DisplayChain(&e2), "wake failed");
+            release_slot(server, &row).await?;
             return Err(e2.into());
         }
         lost_memory = Some(format!(
@@ -896,13 +1030,12 @@ pub async fn wake(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiError
         let _ = std::fs::remove_dir_all(&image);
     }
     let now = now_ms();
+    let note = running_note(server, id, lost_memory).await?;
     server
         .limits
         .fill(
             &mut room,
-            server
-                .store
-                .set_status(id, "running", lost_memory.as_deref(), now),
+            server.store.set_status(id, "running", note.as_deref(), now),
             |r: &Result<(), _>| r.is_ok() as u32,
         )
         .await?;
@@ -915,16 +1048,16 @@ pub async fn wake(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiError
 /// suspended sandbox first; 409 for sandboxes that cannot run.
 pub async fn running_agent(
     server: &Arc<Server>,
-    auth: &Auth,
-    id: &str,
+    sb: &Authorized,
 ) -> Result<(AgentClient, OwnedRwLockReadGuard<()>, SandboxRow), ApiError> {
+    let id = sb.id();
     for _ in 0..3 {
-        let row = get_for(server, auth, id).await?;
+        let row = current(server, sb).await?;
         match row.status.as_str() {
             "running" => {
                 let guard = server.lock_of(id).read_owned().await;
                 // Re-check under the lock: a transition may have run meanwhile.
-                let row = get_for(server, auth, id).await?;
+                let row = current(server, sb).await?;
                 if row.status != "running" {
                     continue;
                 }
@@ -959,16 +1092,15 @@ pub async fn running_agent(
 /// with the rules it read) runs in between, while execs and file transfers continue.
 pub async fn set_egress(
     server: &Arc<Server>,
-    auth: &Auth,
-    id: &str,
+    sb: &Authorized,
     policy: &EgressPolicy,
 ) -> Result<SandboxRow, ApiError> {
-    get_for(server, auth, id).await?;
+    let id = sb.id();
     let valid = validate_egress(server, policy)?;
     let lock = server.lock_of(id);
     let _guard = lock.read().await;
     let _serial = server.egress_lock.lock().await;
-    let row = get_for(server, auth, id).await?;
+    let row = current(server, sb).await?;
     if !matches!(row.status.as_str(), "running" | "suspended") {
         return Err(ApiError::conflict(
             "invalid_state",
@@ -999,11 +1131,11 @@ pub async fn set_egress(
 /// connections are not cut.
 pub async fn set_preview(
     server: &Arc<Server>,
-    auth: &Auth,
-    id: &str,
+    sb: &Authorized,
     preview: PreviewSettings,
 ) -> Result<SandboxRow, ApiError> {
-    let row = get_for(server, auth, id).await?;
+    let id = sb.id();
+    let row = current(server, sb).await?;
     if matches!(row.status.as_str(), "destroyed" | "failed") {
         return Err(ApiError::conflict(
             "invalid_state",
@@ -1017,13 +1149,16 @@ pub async fn set_preview(
     Ok(server.store.get_sandbox(id).await?.unwrap_or(row))
 }
 
-/// Extend an ephemeral running sandbox's expiry.
+/// Extend an ephemeral running sandbox's expiry. Holds the sandbox's read lock (no
+/// transition runs in between, so "running" stays true until the expiry is stored), not
+/// its write lock: an exec in progress must not hold up a keepalive, nor a queued keepalive
+/// every exec after it.
 pub async fn keepalive(
     server: &Arc<Server>,
-    auth: &Auth,
-    id: &str,
+    sb: &Authorized,
     timeout: &str,
 ) -> Result<SandboxRow, ApiError> {
+    let id = sb.id();
     let t = parse_duration(timeout).map_err(|m| ApiError::bad_request("invalid_timeout", m))?;
     if t.is_zero() || t > Duration::from_secs(MAX_EPHEMERAL_TIMEOUT_SECS) {
         return Err(ApiError::bad_request(
@@ -1032,8 +1167,8 @@ pub async fn keepalive(
         ));
     }
     let lock = server.lock_of(id);
-    let _guard = lock.write().await;
-    let row = get_for(server, auth, id).await?;
+    let _guard = lock.read().await;
+    let row = current(server, sb).await?;
     if row.mode != "ephemeral" || row.status != "running" {
         return Err(ApiError::conflict(
             "invalid_state",

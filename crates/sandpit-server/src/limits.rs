@@ -12,6 +12,13 @@
 //! `x-csb-sandbox-hourly-{remaining,reset,used}` and `x-csb-vms-{remaining,used}`. A refusal
 //! is a 429 with `Retry-After` and a code: `rate_limited`, `sandbox_rate_limited` or
 //! `running_quota_exceeded`.
+//!
+//! What a workspace keeps is bounded too ([`LimitsConfig::max_templates`], `max_snapshots`,
+//! `max_builds`, `max_suspended`): past one, the call is refused with `quota_exceeded`
+//! naming the limit, 429 for concurrent builds (they end on their own), 507 for what stays
+//! until the tenant deletes it. Templates and snapshots are counted in the statement that
+//! inserts them, so concurrent requests never pass the limit; suspended sandboxes at
+//! admission (under the admission lock, like the running quota).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -47,6 +54,16 @@ pub struct LimitsConfig {
     /// Requests with an invalid, expired or revoked token per client address per hour; past
     /// it they get 429 `auth_rate_limited` instead of 401. Valid tokens are never held back.
     pub auth_failures_per_hour: u32,
+    /// Templates a workspace keeps (built, building or failed; deleted ones do not count).
+    pub max_templates: u32,
+    /// Snapshots a workspace keeps.
+    pub max_snapshots: u32,
+    /// Template builds of one workspace running or waiting at once.
+    pub max_builds: u32,
+    /// Sandboxes a workspace keeps suspended, counting its persistent sandboxes that run
+    /// (an idle one is suspended by the reaper, which cannot refuse). A suspended sandbox
+    /// holds no network slot, but it holds its disk and memory image.
+    pub max_suspended: u32,
 }
 
 impl Default for LimitsConfig {
@@ -56,6 +73,10 @@ impl Default for LimitsConfig {
             sandboxes_per_hour: 1_000,
             max_running: 200,
             auth_failures_per_hour: 1_000,
+            max_templates: 100,
+            max_snapshots: 500,
+            max_builds: 2,
+            max_suspended: 500,
         }
     }
 }
@@ -257,16 +278,45 @@ impl Limits {
         allowance(limit, remaining, per_cell)
     }
 
-    /// Admit `n` new sandboxes for `workspace`: the running quota, then the creation rate.
-    /// Adds the SDK's `x-csb-sandbox-hourly-*` and `x-csb-vms-*` headers to the response.
-    /// The reservation must be held until the sandboxes' rows are inserted.
+    /// Admit `n` new sandboxes for `workspace`: the suspended quota (for `persistent`
+    /// ones, which suspend when idle), the running quota, then the creation rate. Adds the
+    /// SDK's `x-csb-sandbox-hourly-*` and `x-csb-vms-*` headers to the response. The
+    /// reservation must be held until the sandboxes' rows are inserted.
     pub async fn admit(
         &self,
         store: &Store,
         workspace: &str,
         n: u32,
+        persistent: bool,
     ) -> Result<Reservation, ApiError> {
-        self.admit_as(store, workspace, n, true).await
+        self.admit_as(store, workspace, n, true, persistent).await
+    }
+
+    /// 507 `quota_exceeded` when `workspace` may not have `n` more sandboxes that are or
+    /// will be suspended ([`LimitsConfig::max_suspended`]). For hibernating an ephemeral
+    /// sandbox (persistent ones are counted from their creation).
+    pub async fn check_suspendable(
+        &self,
+        store: &Store,
+        workspace: &str,
+        n: u32,
+    ) -> Result<(), ApiError> {
+        let max = self.cfg.max_suspended;
+        if max == 0 {
+            return Ok(());
+        }
+        let held = store.count_suspendable(workspace).await? as u32;
+        if held + n > max {
+            return Err(ApiError::quota(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "max_suspended",
+                max,
+                &format!(
+                    "this workspace keeps {held} sandboxes that are or will be suspended (persistent or hibernated); destroy some"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Forget limiter state that has refilled completely (whole buckets and their last
@@ -310,7 +360,7 @@ impl Limits {
         store: &Store,
         workspace: &str,
     ) -> Result<Reservation, ApiError> {
-        self.admit_as(store, workspace, 1, false).await
+        self.admit_as(store, workspace, 1, false, false).await
     }
 
     async fn admit_as(
@@ -319,8 +369,12 @@ impl Limits {
         workspace: &str,
         n: u32,
         creates: bool,
+        persistent: bool,
     ) -> Result<Reservation, ApiError> {
         let _admission = self.admission.lock().await;
+        if persistent {
+            self.check_suspendable(store, workspace, n).await?;
+        }
         let running = store.count_running(workspace).await? as u32;
         let reserved = self
             .reserved
@@ -585,6 +639,7 @@ mod tests {
             sandboxes_per_hour: 3,
             max_running: 0,
             auth_failures_per_hour: 0,
+            ..LimitsConfig::default()
         });
         for i in 0..5u32 {
             let a = limits
@@ -634,6 +689,7 @@ mod tests {
             sandboxes_per_hour: 0,
             max_running: 0,
             auth_failures_per_hour: 36_000,
+            ..LimitsConfig::default()
         });
         // One cell refills every 100 ms: 99 addresses spend one (whole again within 200 ms),
         // one spends 60 (whole again only after 6 s).
@@ -659,6 +715,7 @@ mod tests {
             sandboxes_per_hour: 0,
             max_running: 0,
             auth_failures_per_hour: 0,
+            ..LimitsConfig::default()
         });
         for _ in 0..10_000 {
             assert!(limits.spend(Kind::Requests, "ws", 1).is_ok());

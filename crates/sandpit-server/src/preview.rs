@@ -5,6 +5,20 @@
 //! Private sandboxes need a preview token of that sandbox: query `preview_token` (answered
 //! with a redirect that stores it in the cookie and drops it from the URL), header
 //! `csb-preview-token`, or cookie `csb_preview_token`. The token never reaches the sandbox.
+//! The check (token, or public) comes before anything else: no touch, wake, lock or
+//! connection for a request that fails it.
+//!
+//! Every preview host is another tenant's origin under one shared domain, so:
+//! - the redirect that stores a query token goes to a path on the same host, never to a
+//!   host a crafted path names (`//evil.example/` is not a path, [`same_host_location`]);
+//! - the token cookie is host-only (no `Domain`): it reaches the one preview host that set
+//!   it, and a sandbox's own `Set-Cookie` is made host-only too ([`host_only_set_cookie`]),
+//!   so no preview can plant or read cookies of its neighbours; when several token cookies
+//!   arrive (a sibling planted one anyway), each is tried;
+//! - an upgrade (WebSocket) to a private preview authorized by the cookie must come from a
+//!   page of that preview host ([`upgrade_origin_allowed`]): browsers attach cookies to
+//!   cross-site WebSocket handshakes, so without it any page could open the socket with the
+//!   victim's cookie.
 //!
 //! A request to a suspended sandbox wakes it (unless the server runs with `--preview-wake
 //! false`: 503 `sandbox_suspended`). Proxied connections do not hold the sandbox's
@@ -202,6 +216,20 @@ impl Previews {
     }
 }
 
+/// The host a request names: its URI's authority (HTTP/2) or its `Host` header.
+fn host_of(req: &Request) -> String {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
+}
+
 /// Middleware: preview hosts go to the proxy, everything else to `next` (the API).
 pub async fn route_by_host(
     State(server): State<Arc<Server>>,
@@ -279,21 +307,111 @@ fn split_query(query: Option<&str>) -> (Option<String>, String) {
     (token, rest.join("&"))
 }
 
-/// The preview token from a cookie header, and the header without it.
-fn split_cookies(headers: &HeaderMap) -> (Option<String>, Option<String>) {
-    let mut token = None;
+/// Most token cookies tried on one request (a browser sends one per matching cookie).
+const MAX_COOKIE_TOKENS: usize = 4;
+
+/// The preview tokens from the cookie headers (every cookie of that name, non-empty), and
+/// the header without them.
+fn split_cookies(headers: &HeaderMap) -> (Vec<String>, Option<String>) {
+    let mut tokens = Vec::new();
     let mut rest = Vec::new();
     for value in headers.get_all(header::COOKIE) {
         let Ok(value) = value.to_str() else { continue };
         for pair in value.split(';').map(str::trim).filter(|p| !p.is_empty()) {
             match pair.split_once('=') {
-                Some((k, v)) if k.trim() == TOKEN_COOKIE => token = Some(v.trim().to_string()),
+                Some((k, v)) if k.trim() == TOKEN_COOKIE => {
+                    let v = v.trim();
+                    if !v.is_empty() && tokens.len() < MAX_COOKIE_TOKENS {
+                        tokens.push(v.to_string());
+                    }
+                }
                 _ => rest.push(pair),
             }
         }
     }
     let rest = (!rest.is_empty()).then(|| rest.join("; "));
-    (token, rest)
+    (tokens, rest)
+}
+
+/// Where the redirect that stores a query token sends the browser: the request's path and
+/// the rest of its query, on the same host. A path that starts with `//` or `/\` would be
+/// read by a browser as another host (`//evil.example/` is protocol-relative), so leading
+/// slashes and backslashes collapse into one `/`.
+pub fn same_host_location(path: &str, query: &str) -> String {
+    let rest = path.trim_start_matches(['/', '\\']);
+    let mut location = format!("/{rest}");
+    if !query.is_empty() {
+        location.push('?');
+        location.push_str(query);
+    }
+    location
+}
+
+/// The `Set-Cookie` value that stores a preview token: host-only (no `Domain`, so it goes
+/// back to this one preview host and to no sibling under the preview domain), for every
+/// path, out of scripts' reach, not sent on cross-site subrequests, `Secure` when the
+/// client came over TLS, and no longer lived than the token.
+pub fn token_cookie(token: &str, max_age_secs: Option<i64>, secure: bool) -> String {
+    let mut cookie = format!("{TOKEN_COOKIE}={token}; Path=/; HttpOnly; SameSite=Lax");
+    if secure {
+        cookie.push_str("; Secure");
+    }
+    if let Some(secs) = max_age_secs {
+        cookie.push_str(&format!("; Max-Age={}", secs.max(1)));
+    }
+    cookie
+}
+
+/// A sandbox's `Set-Cookie`, made host-only: its `Domain` attribute is dropped, so a preview
+/// cannot set cookies for its neighbours under the preview domain. `None` (the header is
+/// dropped) for a cookie named like the preview token cookie.
+pub fn host_only_set_cookie(value: &str) -> Option<String> {
+    let mut parts = value.split(';');
+    let first = parts.next()?.trim();
+    let name = first.split_once('=').map_or(first, |(k, _)| k).trim();
+    if name.eq_ignore_ascii_case(TOKEN_COOKIE) {
+        return None;
+    }
+    let kept: Vec<&str> = std::iter::once(first)
+        .chain(parts.map(str::trim).filter(|attr| {
+            let key = attr.split_once('=').map_or(*attr, |(k, _)| k).trim();
+            !attr.is_empty() && !key.eq_ignore_ascii_case("domain")
+        }))
+        .collect();
+    Some(kept.join("; "))
+}
+
+/// Whether an upgrade to a private preview authorized by the token cookie may proceed: a
+/// browser names the page that opens a WebSocket in `Origin` and attaches the cookie even
+/// when that page is another site (or another tenant's preview), so the page must be on the
+/// preview's own host. No `Origin` (not a browser): allowed, the client presented the
+/// cookie itself.
+pub fn upgrade_origin_allowed(headers: &HeaderMap, host: &str) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    let Some((scheme, authority)) = origin.split_once("://") else {
+        return false; // `null` (sandboxed frames, file pages) and garbage
+    };
+    if !matches!(scheme.to_ascii_lowercase().as_str(), "http" | "https") {
+        return false;
+    }
+    let normalize = |h: &str| h.trim().trim_end_matches('/').to_ascii_lowercase();
+    let (o, h) = (normalize(authority), normalize(host));
+    if o == h {
+        return true;
+    }
+    // An origin omits the scheme's default port; the Host header may name it.
+    let strip_default = |a: &str| {
+        a.strip_suffix(":80")
+            .or_else(|| a.strip_suffix(":443"))
+            .map(str::to_string)
+            .unwrap_or_else(|| a.to_string())
+    };
+    strip_default(&o) == strip_default(&h)
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
@@ -308,6 +426,29 @@ const HOP_BY_HOP: &[&str] = &[
     "transfer-encoding",
     "upgrade",
 ];
+
+/// Make every cookie a sandbox sets host-only (see [`host_only_set_cookie`]).
+fn host_only_cookies(headers: &mut HeaderMap) {
+    let cookies: Vec<HeaderValue> = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .cloned()
+        .collect();
+    if cookies.is_empty() {
+        return;
+    }
+    headers.remove(header::SET_COOKIE);
+    for c in cookies {
+        if let Some(v) = c
+            .to_str()
+            .ok()
+            .and_then(host_only_set_cookie)
+            .and_then(|v| HeaderValue::from_str(&v).ok())
+        {
+            headers.append(header::SET_COOKIE, v);
+        }
+    }
+}
 
 /// Remove hop-by-hop headers, including those the Connection header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -415,18 +556,20 @@ async fn proxy(server: Arc<Server>, req: Request, id: &str, port: u16) -> Respon
         .get(TOKEN_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let (cookie_token, other_cookies) = split_cookies(req.headers());
+    let (cookie_tokens, other_cookies) = split_cookies(req.headers());
     // A page on one of the workspace's trusted preview hosts needs no token (seed 000).
     if row.preview_privacy != "public"
         && !crate::compat::preview_hosts::trusted_origin(&server, &row.workspace_id, req.headers())
             .await
     {
-        let Some(token) = query_token
-            .clone()
-            .or(header_token)
-            .or(cookie_token)
-            .filter(|t| !t.is_empty())
-        else {
+        // The query's token, else the header's, else each cookie's until one is valid.
+        let (candidates, from_cookie): (Vec<String>, bool) =
+            match (query_token.clone(), header_token) {
+                (Some(t), _) | (None, Some(t)) => (vec![t], false),
+                (None, None) => (cookie_tokens, true),
+            };
+        let candidates: Vec<String> = candidates.into_iter().filter(|t| !t.is_empty()).collect();
+        if candidates.is_empty() {
             return refuse((
                 StatusCode::UNAUTHORIZED,
                 "preview_token_required",
@@ -435,22 +578,48 @@ async fn proxy(server: Arc<Server>, req: Request, id: &str, port: u16) -> Respon
                      or send the {TOKEN_HEADER} header"
                 ),
             ));
-        };
-        let expires_at = match check_token(&server, &row, &token).await {
-            Ok(e) => e,
+        }
+        let mut checked = None;
+        for candidate in &candidates {
+            match check_token(&server, &row, candidate).await {
+                Ok(expiry) => {
+                    checked = Some(Ok((candidate.clone(), expiry)));
+                    break;
+                }
+                Err(r) => {
+                    if checked.is_none() {
+                        checked = Some(Err(r));
+                    }
+                }
+            }
+        }
+        let (token, expires_at) = match checked.expect("at least one candidate") {
+            Ok(found) => found,
             Err(r) => return refuse(r),
         };
+        if from_cookie
+            && upgrade_of(req.headers()).is_some()
+            && !upgrade_origin_allowed(req.headers(), &host_of(&req))
+        {
+            tracing::warn!(sandbox = id, origin = ?req.headers().get(header::ORIGIN), "preview: cross-origin upgrade refused");
+            return refuse((
+                StatusCode::FORBIDDEN,
+                "preview_origin_forbidden",
+                "a WebSocket to a private preview authorized by its cookie must be opened by a \
+                 page of the same preview host (or send the preview token in the \
+                 csb-preview-token header)"
+                    .to_string(),
+            ));
+        }
         if query_token.is_some() {
             // Keep the token in a cookie and out of the address bar, history and logs.
-            let location = if rest_query.is_empty() {
-                req.uri().path().to_string()
-            } else {
-                format!("{}?{rest_query}", req.uri().path())
-            };
-            let mut cookie = format!("{TOKEN_COOKIE}={token}; Path=/; HttpOnly; SameSite=Lax");
-            if let Some(at) = expires_at {
-                cookie.push_str(&format!("; Max-Age={}", ((at - now_ms()) / 1000).max(1)));
-            }
+            let location = same_host_location(req.uri().path(), &rest_query);
+            let secure = req
+                .headers()
+                .get("x-forwarded-proto")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|p| p.eq_ignore_ascii_case("https"));
+            let cookie = token_cookie(&token, expires_at.map(|at| (at - now_ms()) / 1000), secure);
             let mut resp = StatusCode::TEMPORARY_REDIRECT.into_response();
             let h = resp.headers_mut();
             if let Ok(v) = HeaderValue::from_str(&location) {
@@ -704,12 +873,14 @@ async fn forward(
             )
             .await;
         });
-        let (parts, _) = resp.into_parts();
+        let (mut parts, _) = resp.into_parts();
+        host_only_cookies(&mut parts.headers);
         return Ok(Response::from_parts(parts, Body::empty()));
     }
     drop(guard);
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    host_only_cookies(&mut parts.headers);
     Ok(Response::from_parts(parts, Body::new(body)))
 }
 
@@ -882,14 +1053,134 @@ mod tests {
         h.append(header::COOKIE, HeaderValue::from_static("b=2"));
         assert_eq!(
             split_cookies(&h),
-            (Some("spp_y".into()), Some("a=1; b=2".into()))
+            (vec!["spp_y".to_string()], Some("a=1; b=2".into()))
         );
         let mut h = HeaderMap::new();
         h.insert(
             header::COOKIE,
             HeaderValue::from_static("csb_preview_token=t"),
         );
-        assert_eq!(split_cookies(&h), (Some("t".into()), None));
+        assert_eq!(split_cookies(&h), (vec!["t".to_string()], None));
+        // A cookie a sibling planted does not hide the real one: both are kept (in order).
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("csb_preview_token=planted; csb_preview_token=mine; x=1"),
+        );
+        assert_eq!(
+            split_cookies(&h),
+            (
+                vec!["planted".to_string(), "mine".to_string()],
+                Some("x=1".into())
+            )
+        );
+    }
+
+    #[test]
+    fn redirects_stay_on_the_preview_host() {
+        assert_eq!(same_host_location("/", ""), "/");
+        assert_eq!(same_host_location("/a/b", "x=1"), "/a/b?x=1");
+        for evil in [
+            "//evil.example/",
+            "///evil.example/",
+            "/\\evil.example/",
+            "/\\/evil.example",
+            "\\\\evil.example",
+        ] {
+            let loc = same_host_location(evil, "");
+            assert!(loc.starts_with('/'), "{evil}: {loc}");
+            assert!(
+                !loc.starts_with("//") && !loc.starts_with("/\\"),
+                "{evil} -> {loc} names another host"
+            );
+            assert!(loc.ends_with("evil.example/") || loc.ends_with("evil.example"));
+        }
+        // Parsed as a URI reference against the preview host, it stays there.
+        let loc = same_host_location("//evil.example/x", "a=1");
+        let uri: axum::http::Uri = loc.parse().unwrap();
+        assert!(uri.authority().is_none(), "{loc}");
+        assert_eq!(loc, "/evil.example/x?a=1");
+    }
+
+    #[test]
+    fn the_token_cookie_is_host_only() {
+        let c = token_cookie("spp_t", Some(60), false);
+        assert_eq!(
+            c,
+            "csb_preview_token=spp_t; Path=/; HttpOnly; SameSite=Lax; Max-Age=60"
+        );
+        assert!(!c.to_ascii_lowercase().contains("domain"));
+        let c = token_cookie("spp_t", None, true);
+        assert!(c.contains("; Secure") && !c.contains("Max-Age"));
+        assert!(token_cookie("t", Some(-5), false).ends_with("Max-Age=1"));
+    }
+
+    #[test]
+    fn sandbox_cookies_are_made_host_only() {
+        assert_eq!(
+            host_only_set_cookie("sid=1; Domain=localhost; Path=/; HttpOnly").as_deref(),
+            Some("sid=1; Path=/; HttpOnly")
+        );
+        assert_eq!(
+            host_only_set_cookie("sid=1;domain=.preview.example.com").as_deref(),
+            Some("sid=1")
+        );
+        assert_eq!(host_only_set_cookie("a=b").as_deref(), Some("a=b"));
+        // A sandbox cannot set (or shadow) the preview token cookie.
+        assert_eq!(
+            host_only_set_cookie("csb_preview_token=x; Domain=localhost"),
+            None
+        );
+        let mut h = HeaderMap::new();
+        h.append(
+            header::SET_COOKIE,
+            HeaderValue::from_static("a=1; Domain=localhost"),
+        );
+        h.append(header::SET_COOKIE, HeaderValue::from_static("b=2"));
+        h.append(
+            header::SET_COOKIE,
+            HeaderValue::from_static("csb_preview_token=x"),
+        );
+        host_only_cookies(&mut h);
+        let got: Vec<_> = h.get_all(header::SET_COOKIE).iter().collect();
+        assert_eq!(got, ["a=1", "b=2"]);
+    }
+
+    #[test]
+    fn upgrades_need_the_preview_hosts_own_origin() {
+        let host = format!("{ID}-8080.localhost:7878");
+        let with = |origin: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::ORIGIN, HeaderValue::from_static(origin));
+            h
+        };
+        assert!(upgrade_origin_allowed(&HeaderMap::new(), &host));
+        let same = format!("http://{ID}-8080.localhost:7878");
+        let mut h = HeaderMap::new();
+        h.insert(header::ORIGIN, HeaderValue::from_str(&same).unwrap());
+        assert!(upgrade_origin_allowed(&h, &host));
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_str(&same.to_uppercase().replace("HTTP", "http")).unwrap(),
+        );
+        assert!(upgrade_origin_allowed(&h, &host));
+        for bad in [
+            "http://evil.example",
+            "http://sb0123456789abcdee-8080.localhost:7878",
+            "http://sb0123456789abcdef-8081.localhost:7878",
+            "http://sb0123456789abcdef-8080.localhost:7879",
+            "null",
+            "file://",
+            "chrome-extension://sb0123456789abcdef-8080.localhost:7878",
+        ] {
+            assert!(!upgrade_origin_allowed(&with(bad), &host), "{bad}");
+        }
+        // Default ports: an origin omits them, a Host header may not.
+        assert!(upgrade_origin_allowed(
+            &with("https://sb0123456789abcdef-8080.preview.example.com"),
+            "sb0123456789abcdef-8080.preview.example.com:443"
+        ));
     }
 
     #[test]

@@ -372,10 +372,23 @@ impl Server {
                         };
                     if reachable {
                         // Its nft rules survived; this process's domain filter learns them.
-                        if let (Some(s), Ok(rules)) = (slot, crate::lifecycle::stored_rules(&row))
-                            && let Err(e) = self.net.adopt(s, &rules)
-                        {
-                            tracing::warn!(sandbox = %row.id, error = %e, "adopting the egress policy");
+                        if let Some(s) = slot {
+                            // A stored policy that does not decode becomes deny_all (and is
+                            // applied: the surviving rules were made from the old one).
+                            let adopted = match crate::lifecycle::stored_rules(&row) {
+                                Ok(rules) => self.net.adopt(s, &rules).map_err(ServerError::from),
+                                Err(_) => match crate::lifecycle::rules_or_deny(self, &row).await {
+                                    Ok(rules) => self
+                                        .net
+                                        .set_egress(s, &rules)
+                                        .await
+                                        .map_err(ServerError::from),
+                                    Err(e) => Err(e),
+                                },
+                            };
+                            if let Err(e) = adopted {
+                                tracing::warn!(sandbox = %row.id, error = %DisplayChain(&e), "adopting the egress policy");
+                            }
                         }
                         keep_runtime.insert(row.runtime_id.clone());
                         keep_net.extend(slot);
@@ -393,7 +406,7 @@ impl Server {
                             let _ = self.net.detach(s).await;
                         }
                         self.store
-                            .set_status(&row.id, "suspended", Some("stopped while the server was down; memory was lost, files were kept"), now)
+                            .mark_suspended(&row.id, Some("stopped while the server was down; memory was lost, files were kept"), now)
                             .await?;
                         keep_dirs.insert(row.id.clone());
                     } else {
@@ -409,12 +422,16 @@ impl Server {
                     }
                 }
                 _ => {
-                    // Suspended: nothing may run; files, image and namespace are kept.
+                    // Suspended: nothing may run; files and image are kept. A suspended
+                    // sandbox holds no network slot (one suspended by an older server may
+                    // still: its namespace goes below, with the other orphans).
                     let _ = self
                         .runtime
                         .stop(&row.runtime_id, &self.state_dir(&row.id))
                         .await;
-                    keep_net.extend(slot);
+                    if slot.is_some() {
+                        self.store.release_slot(&row.id, now).await?;
+                    }
                     keep_dirs.insert(row.id.clone());
                 }
             }
@@ -426,7 +443,7 @@ impl Server {
         {
             tracing::error!(error = %DisplayChain(&e), "cleaning up orphaned sandboxes");
         }
-        // Running and suspended sandboxes hold a namespace.
+        // Running sandboxes hold a namespace; suspended ones do not.
         for slot in self.net.list_slots().await? {
             if !keep_net.contains(&slot) {
                 tracing::info!(slot, "removing orphaned network slot");

@@ -107,6 +107,15 @@ impl TemplateRow {
     }
 }
 
+/// What [`Store::insert_template`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TemplateInsert {
+    Inserted,
+    NameTaken,
+    TooManyTemplates,
+    TooManyBuilds,
+}
+
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct TokenRow {
     pub id: String,
@@ -379,15 +388,26 @@ impl Store {
         .map_err(q("listing templates"))
     }
 
-    /// Insert a new workspace template; `false` when the name is taken in its workspace or by
-    /// a built-in template (names are unique per workspace; built-in ones are every
-    /// workspace's).
-    pub async fn insert_template(&self, t: &TemplateRow) -> Result<bool, ServerError> {
+    /// Insert a new workspace template (status `building`) unless its name is taken in its
+    /// workspace or by a built-in template (names are unique per workspace; built-in ones
+    /// are every workspace's), or the workspace has `max_templates` templates (deleted ones
+    /// aside) or `max_builds` builds under way (0: no limit). The limits are checked in the
+    /// inserting statement, so concurrent creates never pass them.
+    pub async fn insert_template(
+        &self,
+        t: &TemplateRow,
+        max_templates: u32,
+        max_builds: u32,
+    ) -> Result<TemplateInsert, ServerError> {
         let done = sqlx::query(
             "INSERT INTO templates (id, name, workspace_id, description, rootfs, default_egress,
                 created_at, layers, config, status, error, source, updated_at)
              SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13
              WHERE NOT EXISTS (SELECT 1 FROM templates WHERE workspace_id IS NULL AND name = ?2)
+               AND (?14 = 0 OR (SELECT COUNT(*) FROM templates
+                                WHERE workspace_id = ?3 AND status <> 'deleted') < ?14)
+               AND (?15 = 0 OR (SELECT COUNT(*) FROM templates
+                                WHERE workspace_id = ?3 AND status = 'building') < ?15)
              ON CONFLICT DO NOTHING",
         )
         .bind(&t.id)
@@ -403,10 +423,39 @@ impl Store {
         .bind(&t.error)
         .bind(&t.source)
         .bind(t.updated_at)
+        .bind(max_templates)
+        .bind(max_builds)
         .execute(&self.pool)
         .await
         .map_err(q("creating a template"))?;
-        Ok(done.rows_affected() == 1)
+        if done.rows_affected() == 1 {
+            return Ok(TemplateInsert::Inserted);
+        }
+        // Why not (for the answer only; the decision above was atomic).
+        let ws = t.workspace_id.as_deref().unwrap_or_default();
+        let (templates, builds) = self.count_templates(ws).await?;
+        Ok(
+            if max_templates > 0 && templates >= i64::from(max_templates) {
+                TemplateInsert::TooManyTemplates
+            } else if max_builds > 0 && builds >= i64::from(max_builds) {
+                TemplateInsert::TooManyBuilds
+            } else {
+                TemplateInsert::NameTaken
+            },
+        )
+    }
+
+    /// A workspace's templates (deleted ones aside) and how many of them are building.
+    pub async fn count_templates(&self, workspace_id: &str) -> Result<(i64, i64), ServerError> {
+        let row: (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), COALESCE(SUM(status = 'building'), 0) FROM templates
+             WHERE workspace_id = ? AND status <> 'deleted'",
+        )
+        .bind(workspace_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(q("counting templates"))?;
+        Ok(row)
     }
 
     /// Server use: record a build's result.
@@ -716,6 +765,71 @@ impl Store {
         Ok(())
     }
 
+    /// Mark suspended (with a note in `error`, or none) and give the network slot back: a
+    /// suspended sandbox holds no slot.
+    pub async fn mark_suspended(
+        &self,
+        id: &str,
+        error: Option<&str>,
+        now: i64,
+    ) -> Result<(), ServerError> {
+        sqlx::query(
+            "UPDATE sandboxes SET status = 'suspended', error = ?, slot = NULL, updated_at = ?
+             WHERE id = ?",
+        )
+        .bind(error)
+        .bind(now)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(q("marking a sandbox suspended"))?;
+        Ok(())
+    }
+
+    /// Server use: give a sandbox's network slot back (a suspended sandbox holds none).
+    pub async fn release_slot(&self, id: &str, now: i64) -> Result<(), ServerError> {
+        sqlx::query("UPDATE sandboxes SET slot = NULL, updated_at = ? WHERE id = ?")
+            .bind(now)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("releasing a sandbox's network slot"))?;
+        Ok(())
+    }
+
+    /// Server use: record the slot a sandbox claimed (the caller holds the server's slot
+    /// lock and chose a free one).
+    pub async fn set_slot(&self, id: &str, slot: i64, now: i64) -> Result<(), ServerError> {
+        sqlx::query("UPDATE sandboxes SET slot = ?, updated_at = ? WHERE id = ?")
+            .bind(slot)
+            .bind(now)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("claiming a network slot"))?;
+        Ok(())
+    }
+
+    /// Server use: replace a sandbox's egress policy and say why in its `error` (a stored
+    /// policy that no longer decodes is replaced by `deny_all`).
+    pub async fn replace_egress(
+        &self,
+        id: &str,
+        egress: &str,
+        error: &str,
+        now: i64,
+    ) -> Result<(), ServerError> {
+        sqlx::query("UPDATE sandboxes SET egress = ?, error = ?, updated_at = ? WHERE id = ?")
+            .bind(egress)
+            .bind(error)
+            .bind(now)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("replacing a sandbox's egress policy"))?;
+        Ok(())
+    }
+
     /// Mark destroyed and give the network slot back.
     pub async fn mark_destroyed(&self, id: &str, now: i64) -> Result<(), ServerError> {
         sqlx::query(
@@ -947,11 +1061,14 @@ impl Store {
 
     // ---- snapshots ----
 
-    pub async fn insert_snapshot(&self, s: &SnapshotRow) -> Result<(), ServerError> {
-        sqlx::query(
+    /// Insert a snapshot unless its workspace keeps `max` snapshots already (0: no limit);
+    /// false then. The limit is checked in the inserting statement.
+    pub async fn insert_snapshot(&self, s: &SnapshotRow, max: u32) -> Result<bool, ServerError> {
+        let done = sqlx::query(
             "INSERT INTO snapshots (id, workspace_id, sandbox_id, template_id, template_name, size, env,
                 egress, has_memory, size_bytes, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11
+             WHERE ?12 = 0 OR (SELECT COUNT(*) FROM snapshots WHERE workspace_id = ?2) < ?12",
         )
         .bind(&s.id)
         .bind(&s.workspace_id)
@@ -964,10 +1081,21 @@ impl Store {
         .bind(s.has_memory)
         .bind(s.size_bytes)
         .bind(s.created_at)
+        .bind(max)
         .execute(&self.pool)
         .await
         .map_err(q("inserting a snapshot"))?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// How many snapshots a workspace keeps.
+    pub async fn count_snapshots(&self, workspace_id: &str) -> Result<i64, ServerError> {
+        let row: (i64,) = sqlx::query_as("SELECT COUNT(*) FROM snapshots WHERE workspace_id = ?")
+            .bind(workspace_id)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(q("counting snapshots"))?;
+        Ok(row.0)
     }
 
     /// A snapshot of the given workspace.
@@ -1123,6 +1251,21 @@ impl Store {
         .await
         .map_err(q("counting running sandboxes"))?;
         Ok(row.get::<i64, _>("n"))
+    }
+
+    /// How many of a workspace's sandboxes are suspended or will be when idle (persistent
+    /// ones creating or running): the `max_suspended` quota.
+    pub async fn count_suspendable(&self, workspace_id: &str) -> Result<i64, ServerError> {
+        let row: (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM sandboxes WHERE workspace_id = ?
+               AND (status = 'suspended'
+                    OR (mode = 'persistent' AND status IN ('creating', 'running')))",
+        )
+        .bind(workspace_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(q("counting suspended sandboxes"))?;
+        Ok(row.0)
     }
 
     /// Server use: how many pooled sandboxes each template has.

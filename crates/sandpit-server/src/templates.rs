@@ -117,19 +117,21 @@ pub async fn ensure_base(server: &Server) -> Result<(), ServerError> {
 }
 
 /// A template's image config (environment, start command, ready check); empty for the
-/// built-in ones.
-pub fn image_config(t: &TemplateRow) -> sandpit_image::ImageConfig {
-    serde_json::from_str(&t.config).unwrap_or_default()
+/// built-in ones. Fails closed: a stored config that does not decode is an error, never an
+/// empty config (which would drop the image's environment and user).
+pub fn image_config(t: &TemplateRow) -> Result<sandpit_image::ImageConfig, ServerError> {
+    crate::error::decode(|| format!("image config of template {}", t.id), &t.config)
 }
 
 /// A template's read-only layers, lowest first (the agent layer goes on top of them).
-pub fn layers_of(t: &TemplateRow) -> Vec<PathBuf> {
-    let layers: Vec<PathBuf> = serde_json::from_str(&t.layers).unwrap_or_default();
-    if layers.is_empty() {
+pub fn layers_of(t: &TemplateRow) -> Result<Vec<PathBuf>, ServerError> {
+    let layers: Vec<PathBuf> =
+        crate::error::decode(|| format!("layers of template {}", t.id), &t.layers)?;
+    Ok(if layers.is_empty() {
         vec![PathBuf::from(&t.rootfs)]
     } else {
         layers
-    }
+    })
 }
 
 /// The working directory of an exec that names none: the template's `WORKDIR` (as
@@ -139,7 +141,7 @@ pub async fn default_cwd(server: &Server, row: &crate::store::SandboxRow) -> Opt
         return None;
     }
     let t = server.store.template_by_id(&row.template_id).await.ok()??;
-    image_config(&t).workdir
+    image_config(&t).ok()?.workdir
 }
 
 /// Where a template's start command writes its output inside the sandbox.
@@ -158,11 +160,11 @@ pub async fn start_and_wait(
     let Some(template) = server.store.template_by_id(&row.template_id).await? else {
         return Ok(());
     };
-    let cfg = image_config(&template);
+    let cfg = image_config(&template)?;
     if cfg.start_command().is_none() && cfg.ready.is_none() {
         return Ok(());
     }
-    let env = crate::lifecycle::exec_env(row, Vec::new());
+    let env = crate::lifecycle::exec_env(row, Vec::new())?;
     start_command(server, row, &cfg, env).await?;
     wait_ready(server, row, &cfg, READY_TIMEOUT).await
 }
@@ -255,7 +257,7 @@ pub(crate) async fn wait_ready(
                 let (tx, _rx) = tokio::sync::mpsc::channel(16);
                 let req = sandpit_agent_proto::ExecRequest {
                     shell: Some(c.clone()),
-                    env: crate::lifecycle::exec_env(row, Vec::new()),
+                    env: crate::lifecycle::exec_env(row, Vec::new())?,
                     timeout_ms: Some(10_000),
                     ..Default::default()
                 };
@@ -301,11 +303,13 @@ pub(crate) async fn read_start_log(server: &Server, row: &crate::store::SandboxR
     };
     let run = agent.exec(req, tx);
     let collect = async {
+        // `tail -c` bounds it, unless the image's `tail` does not: keep at most 16 KiB.
         let mut out = Vec::new();
         while let Some(item) = rx.recv().await {
             if let crate::agent::ExecOutput::Stdout(b) | crate::agent::ExecOutput::Stderr(b) = item
             {
-                out.extend_from_slice(&b);
+                let room = (16usize << 10).saturating_sub(out.len());
+                out.extend_from_slice(&b[..b.len().min(room)]);
             }
         }
         out
@@ -386,9 +390,12 @@ fn build_busybox_rootfs(dir: &Path, rootfs: &Path) -> Result<(), ServerError> {
 }
 
 /// Where a template's boot snapshot lives: its writable layer (`files/upper`) and memory
-/// image (`memory/`) right after its agent answered. Keyed by the agent layer, so a new agent
-/// gets a new snapshot instead of restoring an old agent's memory.
-pub fn boot_snapshot_dir(server: &Server, template_name: &str) -> PathBuf {
+/// image (`memory/`) right after its agent answered (and its start command was ready).
+/// Keyed by the template's id, never its name: names are unique only within a workspace, and
+/// a snapshot holds what the template's start command made (memory and files), which only
+/// its own workspace may see. Keyed by the agent layer too, so a new agent gets a new
+/// snapshot instead of restoring an old agent's memory.
+pub fn boot_snapshot_dir(server: &Server, template_id: &str) -> PathBuf {
     let agent = server
         .agent_layer
         .file_name()
@@ -398,13 +405,13 @@ pub fn boot_snapshot_dir(server: &Server, template_name: &str) -> PathBuf {
         .cfg
         .data_dir
         .join("templates")
-        .join(template_name)
+        .join(template_id)
         .join(format!("boot-snapshot-{agent}"))
 }
 
 /// The template's boot snapshot, if it has been taken.
-pub fn boot_snapshot(server: &Server, template_name: &str) -> Option<PathBuf> {
-    let dir = boot_snapshot_dir(server, template_name);
+pub fn boot_snapshot(server: &Server, template_id: &str) -> Option<PathBuf> {
+    let dir = boot_snapshot_dir(server, template_id);
     dir.join("memory/checkpoint.img").exists().then_some(dir)
 }
 
@@ -412,11 +419,15 @@ pub fn boot_snapshot(server: &Server, template_name: &str) -> Option<PathBuf> {
 /// memory as the template's boot snapshot; creates then restore it instead of booting.
 /// Runs in the background at start; does nothing if the snapshot exists.
 pub async fn take_boot_snapshot(server: &std::sync::Arc<Server>) -> Result<(), ServerError> {
-    let final_dir = boot_snapshot_dir(server, BASE_TEMPLATE_NAME);
-    if boot_snapshot(server, BASE_TEMPLATE_NAME).is_some() {
+    let final_dir = boot_snapshot_dir(server, BASE_TEMPLATE_ID);
+    if boot_snapshot(server, BASE_TEMPLATE_ID).is_some() {
         return Ok(());
     }
     let started = std::time::Instant::now();
+    if let Some(parent) = final_dir.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(io_err("creating the boot snapshot's directory"))?;
+    }
     let mut row = crate::pool::system_row(server, BASE_TEMPLATE_ID, BASE_TEMPLATE_NAME);
     crate::lifecycle::insert_with_slot(server, &mut row).await?;
     let tmp = final_dir.with_extension("tmp");

@@ -55,7 +55,7 @@ impl Agent {
 
     /// Send `op`, collect frames up to the terminal one, close like the host does.
     async fn call(&self, op: Op) -> Vec<Frame> {
-        let read_file = matches!(op, Op::ReadFile { .. });
+        let read_file = matches!(op, Op::ReadFile { .. } | Op::ReadRegular { .. });
         let mut s = self.open(op).await;
         let frames = read_until_terminal(&mut s, read_file).await;
         close(s);
@@ -498,6 +498,85 @@ async fn write_then_read_5mb() {
         err_of(&frames[0]).unwrap().code,
         AgentErrorCode::InvalidPath
     );
+}
+
+/// Version 2's bounded read: a window of a regular file, and a FIFO or device refused at
+/// once (a version-1 `ReadFile` of a FIFO would block until a writer came).
+#[tokio::test]
+async fn read_regular_reads_a_window_and_refuses_special_files() {
+    let agent = Agent::start();
+    let dir = tempfile::tempdir().unwrap();
+    let path = format!("{}/f.bin", p(dir.path()));
+    let data: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&path, &data).unwrap();
+    let frames = agent
+        .call(Op::ReadRegular {
+            path: path.clone(),
+            offset: 1000,
+            limit: 300_000,
+        })
+        .await;
+    let info: FileInfo = frames[0].parse().unwrap();
+    assert_eq!((info.kind, info.size), (EntryKind::File, 600_000));
+    assert_eq!(frames.last().unwrap().kind, FrameKind::End);
+    let got: Vec<u8> = frames[1..frames.len() - 1]
+        .iter()
+        .flat_map(|f| f.payload.clone())
+        .collect();
+    assert_eq!(got, data[1000..301_000]);
+    // Past the end: nothing, then End.
+    let frames = agent
+        .call(Op::ReadRegular {
+            path: path.clone(),
+            offset: 700_000,
+            limit: 10,
+        })
+        .await;
+    assert_eq!(frames.len(), 2, "{frames:?}");
+
+    let fifo = format!("{}/fifo", p(dir.path()));
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(
+        agent
+            .err(Op::ReadRegular {
+                path: p(dir.path()),
+                offset: 0,
+                limit: 10,
+            })
+            .await,
+        AgentErrorCode::IsDirectory
+    );
+    for special in [fifo.as_str(), "/dev/zero"] {
+        assert_eq!(
+            agent
+                .err(Op::ReadRegular {
+                    path: special.to_string(),
+                    offset: 0,
+                    limit: 10,
+                })
+                .await,
+            AgentErrorCode::NotRegularFile,
+            "{special}"
+        );
+    }
+    // The request carries version 2; version-1 requests are still answered.
+    assert_eq!(
+        Request::new(Op::ReadRegular {
+            path: path.clone(),
+            offset: 0,
+            limit: 1
+        })
+        .v,
+        2
+    );
+    let frames = agent.call(Op::ReadFile { path }).await;
+    assert_eq!(frames.last().unwrap().kind, FrameKind::End);
 }
 
 #[tokio::test]

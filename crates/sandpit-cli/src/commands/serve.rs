@@ -95,6 +95,22 @@ pub struct ServeArgs {
         default_value_t = 1_000
     )]
     rate_limit_auth_failures: u32,
+    /// Templates a workspace keeps, deleted ones aside (0: unlimited). Past it: 507
+    /// `quota_exceeded`.
+    #[arg(long, env = "SANDPIT_MAX_TEMPLATES", default_value_t = 100)]
+    max_templates: u32,
+    /// Snapshots a workspace keeps (0: unlimited). Past it: 507 `quota_exceeded`.
+    #[arg(long, env = "SANDPIT_MAX_SNAPSHOTS", default_value_t = 500)]
+    max_snapshots: u32,
+    /// Template builds one workspace runs or queues at once (0: unlimited); the server runs
+    /// 4 at a time in all. Past it: 429 `quota_exceeded` with Retry-After.
+    #[arg(long, env = "SANDPIT_MAX_BUILDS", default_value_t = 2)]
+    max_builds: u32,
+    /// Sandboxes a workspace keeps suspended, counting its running persistent ones, which
+    /// suspend when idle (0: unlimited). Suspended sandboxes hold no network slot, but they
+    /// hold disk. Past it: 507 `quota_exceeded` on create, fork or hibernate.
+    #[arg(long, env = "SANDPIT_MAX_SUSPENDED", default_value_t = 500)]
+    max_suspended: u32,
     /// Registries (host:port) that template builds reach over plain HTTP, comma-separated
     /// (loopback registries always are).
     #[arg(long, env = "SANDPIT_INSECURE_REGISTRIES", value_delimiter = ',')]
@@ -247,6 +263,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         sandboxes_per_hour: args.rate_limit_sandboxes,
         max_running: args.max_running,
         auth_failures_per_hour: args.rate_limit_auth_failures,
+        max_templates: args.max_templates,
+        max_snapshots: args.max_snapshots,
+        max_builds: args.max_builds,
+        max_suspended: args.max_suspended,
     };
     cfg.insecure_registries = args.insecure_registries;
     cfg.allowed_registries = args.allowed_registries;

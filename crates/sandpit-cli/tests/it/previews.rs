@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::{assert_api_err, bin, create, server, sh};
 
 /// The server's address (every preview host resolves to it).
-fn server_addr(srv: &TestServer) -> SocketAddr {
+pub(crate) fn server_addr(srv: &TestServer) -> SocketAddr {
     srv.url
         .strip_prefix("http://")
         .unwrap()
@@ -28,12 +28,12 @@ fn server_addr(srv: &TestServer) -> SocketAddr {
         .expect("server address")
 }
 
-fn preview_host(id: &str, port: u16) -> String {
+pub(crate) fn preview_host(id: &str, port: u16) -> String {
     format!("{id}-{port}.localhost")
 }
 
 /// `http://<id>-<port>.localhost:<server port><path>`.
-fn preview_url(srv: &TestServer, id: &str, port: u16, path: &str) -> String {
+pub(crate) fn preview_url(srv: &TestServer, id: &str, port: u16, path: &str) -> String {
     format!(
         "http://{}:{}{path}",
         preview_host(id, port),
@@ -43,7 +43,7 @@ fn preview_url(srv: &TestServer, id: &str, port: u16, path: &str) -> String {
 
 /// A client that resolves the preview hosts of `id` to the server and does not follow
 /// redirects.
-fn preview_client(srv: &TestServer, id: &str, ports: &[u16]) -> reqwest::Client {
+pub(crate) fn preview_client(srv: &TestServer, id: &str, ports: &[u16]) -> reqwest::Client {
     let mut b = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none());
     for p in ports {
         b = b.resolve(&preview_host(id, *p), server_addr(srv));
@@ -52,7 +52,7 @@ fn preview_client(srv: &TestServer, id: &str, ports: &[u16]) -> reqwest::Client 
 }
 
 /// Status and the `error.code` of a JSON error body (or the body itself).
-async fn status_code(r: reqwest::Response) -> (u16, String) {
+pub(crate) async fn status_code(r: reqwest::Response) -> (u16, String) {
     let status = r.status().as_u16();
     let text = r.text().await.unwrap();
     let code = serde_json::from_str::<serde_json::Value>(&text)
@@ -70,7 +70,7 @@ fn port(port: u16, address: &str) -> Port {
 }
 
 /// Start `busybox httpd` in the background serving `dir` on `listen` (`[ip:]port`).
-async fn httpd(client: &Client, id: &str, listen: &str, dir: &str) {
+pub(crate) async fn httpd(client: &Client, id: &str, listen: &str, dir: &str) {
     let out = sh(client, id, &format!("httpd -p {listen} -h {dir}")).await;
     assert_eq!(out.exit_code, 0, "{out:?}");
 }
@@ -166,10 +166,10 @@ const CGI_ECHO: &str =
     "#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\nhead -c \"$CONTENT_LENGTH\"\n";
 /// A minimal upgrade server for `nc -ll -e`: reads the request head, answers 101, then
 /// echoes every byte.
-const WS_ECHO: &str = "#!/bin/sh\nwhile read -r line; do\n  case \"$line\" in \"\"|\"$(printf '\\r')\") break ;; esac\ndone\nprintf 'HTTP/1.1 101 Switching Protocols\\r\\nUpgrade: websocket\\r\\nConnection: Upgrade\\r\\n\\r\\n'\nexec cat\n";
+pub(crate) const WS_ECHO: &str = "#!/bin/sh\nwhile read -r line; do\n  case \"$line\" in \"\"|\"$(printf '\\r')\") break ;; esac\ndone\nprintf 'HTTP/1.1 101 Switching Protocols\\r\\nUpgrade: websocket\\r\\nConnection: Upgrade\\r\\n\\r\\n'\nexec cat\n";
 
 /// Read from `s` until `needle` has arrived (or fail after 10 s). Returns what was read.
-async fn read_until(s: &mut tokio::net::TcpStream, needle: &str) -> String {
+pub(crate) async fn read_until(s: &mut tokio::net::TcpStream, needle: &str) -> String {
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     let deadline = Instant::now() + Duration::from_secs(10);

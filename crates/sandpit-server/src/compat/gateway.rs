@@ -15,13 +15,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::State;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
 use rmpv::Value;
 use sandpit_agent_proto::{AgentErrorCode, EntryKind};
-use serde::Deserialize;
 use tokio::sync::{Mutex, OwnedRwLockReadGuard, mpsc};
 
 use super::rest::{GATEWAY_VERSION, WORKSPACE_PATH};
@@ -31,8 +30,8 @@ use super::watch;
 use crate::agent::{AgentClient, AgentFailure};
 use crate::auth::hash_token;
 use crate::error::ApiError;
+use crate::extract::GatewaySandbox;
 use crate::lifecycle;
-use crate::routes::ApiQuery;
 use crate::server::Server;
 use crate::util::{new_id, now_ms};
 
@@ -50,6 +49,9 @@ mod code {
     pub const TASK_NOT_FOUND: i64 = 601;
 }
 
+/// Largest file `fs/readFile` returns (it is held in memory, then sent in one message).
+pub const MAX_READ_FILE_BYTES: u64 = 32 << 20;
+
 /// How often the gateway compares the listening ports.
 const PORT_POLL: Duration = Duration::from_secs(1);
 
@@ -66,11 +68,6 @@ pub fn router() -> Router<Arc<Server>> {
         )
 }
 
-#[derive(Debug, Deserialize)]
-struct ConnectQuery {
-    token: Option<String>,
-}
-
 /// Who is connected: the sandbox and what the token allows.
 #[derive(Debug, Clone)]
 struct Session {
@@ -85,27 +82,17 @@ struct Session {
 
 async fn connect(
     State(server): State<Arc<Server>>,
-    Path(id): Path<String>,
-    ApiQuery(q): ApiQuery<ConnectQuery>,
+    // The token and the sandbox are checked before anything else (see `crate::extract`).
+    gw: GatewaySandbox,
     headers: axum::http::HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let token = q
-        .token
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| ApiError::unauthorized("the token query parameter is required"))?;
-    let t = server
-        .store
-        .csb_agent_token(&id, &hash_token(&token))
-        .await?
-        .filter(|t| t.expires_at > now_ms())
-        .ok_or_else(|| ApiError::unauthorized("unknown or expired agent token"))?;
-    let row = server
-        .store
-        .get_sandbox(&id)
-        .await?
-        .filter(|r| r.workspace_id == t.workspace_id && r.status != "destroyed")
-        .ok_or_else(|| ApiError::not_found("sandbox_not_found", format!("no sandbox {id:?}")))?;
+    let GatewaySandbox {
+        token,
+        grant: t,
+        row,
+    } = gw;
+    let id = row.id.clone();
     if row.status != "running" {
         return Err(ApiError::conflict(
             "sandbox_not_running",
@@ -276,6 +263,7 @@ impl From<AgentFailure> for RpcError {
                     AgentErrorCode::InvalidPath => 22,
                     AgentErrorCode::NotEmpty => 39,
                     AgentErrorCode::NoSpace => 28,
+                    AgentErrorCode::NotRegularFile => 22,
                     _ => 5,
                 };
                 RpcError {
@@ -891,13 +879,17 @@ impl Conn {
                 let s = shells::state(&agent, &id)
                     .await?
                     .ok_or_else(|| RpcError::new(code::SHELL_NOT_FOUND, "no such shell"))?;
-                let all = shells::output_from(&agent, &id, 0).await?;
+                // The end of its output (a shell may have written gigabytes); the poller
+                // follows from there.
+                let start = s.out_len.saturating_sub(shells::MAX_OUTPUT_READ);
+                let all = shells::output_from(&agent, &id, start).await?;
                 let code = if s.exited {
                     shells::exit_code(&agent, &id).await?
                 } else {
                     None
                 };
-                self.follow_shell(&id, all.len() as u64, s.exited).await;
+                self.follow_shell(&id, start + all.len() as u64, s.exited)
+                    .await;
                 let text = String::from_utf8_lossy(&all).into_owned();
                 Ok(shell_dto(
                     &s.meta,
@@ -993,11 +985,18 @@ impl Conn {
         match method {
             "fs/readFile" => {
                 let path = resolve(&need_str(p, "path")?)?;
-                let (_, mut stream) = agent.read_file(&path).await?;
-                let mut content = Vec::new();
-                while let Some(chunk) = stream.next().await {
-                    let chunk = chunk.map_err(|e| rawfs(5, e.to_string()))?;
-                    content.extend_from_slice(&chunk);
+                // Into the server's memory: bounded, and only a regular file (a device or a
+                // FIFO never ends).
+                let (info, content) = agent
+                    .read_bounded(&path, 0, MAX_READ_FILE_BYTES + 1)
+                    .await?;
+                if info.size > MAX_READ_FILE_BYTES || content.len() as u64 > MAX_READ_FILE_BYTES {
+                    return Err(rawfs(
+                        27,
+                        format!(
+                            "{path} is larger than {MAX_READ_FILE_BYTES} bytes; download it instead"
+                        ),
+                    ));
                 }
                 Ok(map(vec![("content", Value::Binary(content))]))
             }

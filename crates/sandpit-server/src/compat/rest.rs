@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 
 use crate::auth::{Auth, generate_token_with, hash_token};
 use crate::error::{ApiError, ServerError};
+use crate::extract::{Authorized, CsbSandbox, scope};
 use crate::lifecycle;
 use crate::routes::org::{CsbError, parse_expiry};
 use crate::routes::{ApiQuery, OptionalJson};
@@ -98,12 +99,9 @@ fn not_found(id: &str) -> ApiError {
 }
 
 /// The caller's sandbox, not destroyed: 404 otherwise (another workspace's sandbox is not
-/// revealed).
-async fn own_sandbox(server: &Server, auth: &Auth, id: &str) -> Result<SandboxRow, ApiError> {
-    match server.store.get_sandbox(id).await? {
-        Some(row) if row.workspace_id == auth.workspace_id && row.status != "destroyed" => Ok(row),
-        _ => Err(not_found(id)),
-    }
+/// revealed). For sandboxes named in a body; routes take a [`CsbSandbox`].
+async fn own_sandbox(server: &Server, auth: &Auth, id: &str) -> Result<Authorized, ApiError> {
+    Authorized::load_csb(server, auth, id).await
 }
 
 /// The CodeSandbox fields of a sandbox; defaults for one made through `/v1`.
@@ -300,11 +298,9 @@ async fn list_sandboxes(
 
 async fn get_sandbox(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
+    sb: CsbSandbox<scope::SandboxRead>,
 ) -> CsbResult {
-    auth.require("sandbox_read")?;
-    let row = own_sandbox(&server, &auth, &id).await?;
+    let row = sb.row().clone();
     let c = csb_of(&server, &row).await?;
     Ok(ok(StatusCode::OK, view(&row, &c)))
 }
@@ -445,11 +441,11 @@ async fn store_fields(server: &Server, row: &SandboxRow, f: &Fields) -> Result<(
 /// Make the workspace directory (and the files of `POST /sandbox`) in a new sandbox.
 async fn seed_files(
     server: &Arc<Server>,
-    auth: &Auth,
-    id: &str,
+    sb: &Authorized,
     files: Vec<(String, Vec<u8>)>,
 ) -> Result<(), ApiError> {
-    let (agent, _guard, _) = lifecycle::running_agent(server, auth, id).await?;
+    let id = sb.id();
+    let (agent, _guard, _) = lifecycle::running_agent(server, sb).await?;
     let failed = |e: crate::agent::AgentFailure| -> ApiError {
         ServerError::Agent {
             sandbox: id.to_string(),
@@ -508,7 +504,7 @@ async fn create_sandbox(
     let row = create_from_template(&server, &auth, &template, &fields).await?;
     let seeded = async {
         store_fields(&server, &row, &fields).await?;
-        seed_files(&server, &auth, &row.id, files).await
+        seed_files(&server, &Authorized::made_for(&auth, row.clone())?, files).await
     }
     .await;
     if let Err(e) = seeded {
@@ -529,15 +525,14 @@ async fn fork_sandbox(
     OptionalJson(body): OptionalJson<SandboxFields>,
 ) -> CsbResult {
     auth.require("sandbox_create")?;
+    // Either one of the caller's sandboxes (checked before anything else) or a template the
+    // workspace may use.
+    let own = own_sandbox(&server, &auth, &id).await.ok();
     let fields = check_fields(body)?;
-    let own = server
-        .store
-        .get_sandbox(&id)
-        .await?
-        .filter(|r| r.workspace_id == auth.workspace_id && r.status != "destroyed");
     let row = match own {
-        Some(parent) => {
-            let mut results = crate::fork::fork(&server, &auth, &parent.id, 1).await?;
+        Some(parent_sb) => {
+            let parent = parent_sb.row().clone();
+            let mut results = crate::fork::fork(&server, &parent_sb, 1).await?;
             let child = match results.pop() {
                 Some(sandpit_api_types::ForkResult::Ok(s)) => s.id,
                 Some(sandpit_api_types::ForkResult::Err(e)) => {
@@ -550,7 +545,7 @@ async fn fork_sandbox(
                 }
                 None => return Err(ApiError::bad_request("fork_failed", "no child").into()),
             };
-            let row = own_sandbox(&server, &auth, &child).await?;
+            let row = own_sandbox(&server, &auth, &child).await?.row().clone();
             // A fork inherits the parent's fields unless the request names them.
             let parent_c = csb_of(&server, &parent).await?;
             let fields = Fields {
@@ -584,7 +579,12 @@ async fn fork_sandbox(
     };
     let seeded = async {
         store_fields(&server, &row, &fields).await?;
-        seed_files(&server, &auth, &row.id, Vec::new()).await
+        seed_files(
+            &server,
+            &Authorized::made_for(&auth, row.clone())?,
+            Vec::new(),
+        )
+        .await
     }
     .await;
     if let Err(e) = seeded {
@@ -697,14 +697,13 @@ async fn mint_token(
 
 async fn start_vm(
     State(server): State<Arc<Server>>,
-    auth: Auth,
+    sb: CsbSandbox<scope::VmManage>,
     headers: HeaderMap,
-    Path(id): Path<String>,
     OptionalJson(opts): OptionalJson<StartOptions>,
 ) -> CsbResult {
-    auth.require("vm_manage")?;
+    let (auth, id) = (sb.auth().clone(), sb.id().to_string());
     let timeout = check_start(&opts)?;
-    let row = own_sandbox(&server, &auth, &id).await?;
+    let row = sb.row().clone();
     let bootup_type = match row.status.as_str() {
         "running" => "RUNNING",
         "suspended" if server.checkpoint_dir(&id).join("checkpoint.img").exists() => "RESUME",
@@ -753,33 +752,29 @@ async fn start_vm(
 
 async fn hibernate_vm(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
+    sb: CsbSandbox<scope::VmManage>,
 ) -> CsbResult {
-    auth.require("vm_manage")?;
-    own_sandbox(&server, &auth, &id).await?;
+    let id = sb.id().to_string();
+    lifecycle::check_may_suspend(&server, &sb).await?;
     lifecycle::suspend(&server, &id).await?;
     Ok(ok(StatusCode::OK, json!({"id": id})))
 }
 
 async fn shutdown_vm(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
+    sb: CsbSandbox<scope::VmManage>,
 ) -> CsbResult {
-    auth.require("vm_manage")?;
-    own_sandbox(&server, &auth, &id).await?;
+    let id = sb.id().to_string();
+    lifecycle::check_may_suspend(&server, &sb).await?;
     lifecycle::shutdown(&server, &id).await?;
     Ok(ok(StatusCode::OK, json!({"id": id})))
 }
 
 async fn delete_vm(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
+    sb: CsbSandbox<scope::VmManage>,
 ) -> CsbResult {
-    auth.require("vm_manage")?;
-    own_sandbox(&server, &auth, &id).await?;
+    let id = sb.id().to_string();
     lifecycle::destroy(&server, &id).await?;
     Ok(ok(StatusCode::OK, json!({"id": id})))
 }
@@ -791,13 +786,11 @@ struct HibernationTimeoutBody {
 
 async fn hibernation_timeout(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
+    sb: CsbSandbox<scope::VmManage>,
     crate::routes::ApiJson(body): crate::routes::ApiJson<HibernationTimeoutBody>,
 ) -> CsbResult {
-    auth.require("vm_manage")?;
+    let (auth, id) = (sb.auth().clone(), sb.id().to_string());
     let secs = check_timeout(body.hibernation_timeout_seconds)?;
-    own_sandbox(&server, &auth, &id).await?;
     server
         .store
         .set_idle_timeout(&auth.workspace_id, &id, secs as i64 * 1000, now_ms())
@@ -817,13 +810,12 @@ struct SpecsBody {
 /// next clean boot (gVisor's cgroup limits are set at start).
 async fn update_specs(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
+    sb: CsbSandbox<scope::VmManage>,
     crate::routes::ApiJson(body): crate::routes::ApiJson<SpecsBody>,
 ) -> CsbResult {
-    auth.require("vm_manage")?;
+    let id = sb.id().to_string();
     let tier = check_tier(&body.tier)?;
-    let row = own_sandbox(&server, &auth, &id).await?;
+    let row = sb.row().clone();
     let mut c = csb_of(&server, &row).await?;
     c.tier = tier.0.to_string();
     server.store.upsert_csb_sandbox(&c).await?;
@@ -973,18 +965,15 @@ async fn create_template(
         tags: body.tags,
         ..Default::default()
     })?;
-    let own = server
-        .store
-        .get_sandbox(&body.fork_of)
-        .await?
-        .filter(|r| r.workspace_id == auth.workspace_id && r.status != "destroyed");
+    let own = own_sandbox(&server, &auth, &body.fork_of).await.ok();
     let snapshot = match own {
-        Some(row) => crate::fork::take_snapshot(&server, &auth, &row.id).await?,
+        Some(sb) => crate::fork::take_snapshot(&server, &sb).await?,
         None => {
             let row = create_from_template(&server, &auth, &body.fork_of, &fields).await?;
             let made = async {
-                seed_files(&server, &auth, &row.id, Vec::new()).await?;
-                crate::fork::take_snapshot(&server, &auth, &row.id).await
+                let sb = Authorized::made_for(&auth, row.clone())?;
+                seed_files(&server, &sb, Vec::new()).await?;
+                crate::fork::take_snapshot(&server, &sb).await
             }
             .await;
             // The sandbox was only the means to the snapshot.
@@ -1060,12 +1049,11 @@ exit 0
 
 async fn create_session(
     State(server): State<Arc<Server>>,
-    auth: Auth,
+    sb: CsbSandbox<scope::VmManage>,
     headers: HeaderMap,
-    Path(id): Path<String>,
     crate::routes::ApiJson(body): crate::routes::ApiJson<SessionBody>,
 ) -> CsbResult {
-    auth.require("vm_manage")?;
+    let (auth, id) = (sb.auth().clone(), sb.id().to_string());
     let user = session_user(&body.session_id)?;
     if !matches!(body.permission.as_str(), "read" | "write") {
         return Err(ApiError::bad_request(
@@ -1074,7 +1062,7 @@ async fn create_session(
         )
         .into());
     }
-    let row = own_sandbox(&server, &auth, &id).await?;
+    let row = sb.row().clone();
     if row.status != "running" {
         return Err(ApiError::conflict(
             "sandbox_not_running",
@@ -1082,7 +1070,7 @@ async fn create_session(
         )
         .into());
     }
-    let (agent, _guard, _) = lifecycle::running_agent(&server, &auth, &id).await?;
+    let (agent, _guard, _) = lifecycle::running_agent(&server, &sb).await?;
     let argv: Vec<String> = [
         "sh",
         "-c",
@@ -1147,12 +1135,10 @@ struct PreviewTokenBody {
 
 async fn create_preview_token(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
+    sb: CsbSandbox<scope::VmManage>,
     OptionalJson(body): OptionalJson<PreviewTokenBody>,
 ) -> CsbResult {
-    auth.require("vm_manage")?;
-    own_sandbox(&server, &auth, &id).await?;
+    let (auth, id) = (sb.auth().clone(), sb.id().to_string());
     let expires_at = body.expires_at.as_deref().map(parse_expiry).transpose()?;
     let (row, token) =
         crate::routes::previews::mint(&server, &id, &auth.workspace_id, expires_at).await?;
@@ -1166,11 +1152,9 @@ async fn create_preview_token(
 
 async fn list_preview_tokens(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
+    sb: CsbSandbox<scope::VmManage>,
 ) -> CsbResult {
-    auth.require("vm_manage")?;
-    own_sandbox(&server, &auth, &id).await?;
+    let (auth, id) = (sb.auth().clone(), sb.id().to_string());
     let now = now_ms();
     let tokens: Vec<Value> = server
         .store
@@ -1190,12 +1174,11 @@ async fn list_preview_tokens(
 /// `revokeToken` works).
 async fn update_preview_token(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path((id, token_id)): Path<(String, String)>,
+    sb: CsbSandbox<scope::VmManage>,
+    Path((_sandbox, token_id)): Path<(String, String)>,
     OptionalJson(body): OptionalJson<PreviewTokenBody>,
 ) -> CsbResult {
-    auth.require("vm_manage")?;
-    own_sandbox(&server, &auth, &id).await?;
+    let (auth, id) = (sb.auth().clone(), sb.id().to_string());
     let mut row = server
         .store
         .get_preview_token(&auth.workspace_id, &id, &token_id)
@@ -1236,11 +1219,9 @@ async fn update_preview_token(
 
 async fn revoke_all_preview_tokens(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
+    sb: CsbSandbox<scope::VmManage>,
 ) -> CsbResult {
-    auth.require("vm_manage")?;
-    own_sandbox(&server, &auth, &id).await?;
+    let (auth, id) = (sb.auth().clone(), sb.id().to_string());
     let now = now_ms();
     for t in server
         .store

@@ -23,6 +23,12 @@ pub const SHELLS_DIR: &str = "/tmp/.sandpit-shells";
 /// Directory with the `bash` shim (appended to `PATH`, so a real bash wins).
 pub const SHIM_DIR: &str = "/tmp/.sandpit-shells/.bin";
 
+/// Most output read from a shell's `out` file at once (the poller sends the rest on its next
+/// rounds; opening a shell shows this much of its end).
+pub const MAX_OUTPUT_READ: u64 = 1 << 20;
+/// Most bytes read from a shell's small files (`meta`, `exit`, setup exit codes).
+const MAX_SMALL_FILE: u64 = 64 << 10;
+
 /// What the gateway records about a shell.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ShellMeta {
@@ -188,22 +194,12 @@ pub async fn rename(agent: &AgentClient, id: &str, name: &str) -> Result<bool, A
     Ok(true)
 }
 
+/// A small file the gateway keeps in the sandbox, at most [`MAX_SMALL_FILE`] bytes of it;
+/// `None` when it is missing or not a regular file (the sandbox's code can replace these
+/// files with anything: a FIFO, a device, a huge file).
 async fn read_all(agent: &AgentClient, path: &str) -> Result<Option<Vec<u8>>, AgentFailure> {
-    use futures::StreamExt;
-    match agent.read_file(path).await {
-        Ok((_, mut stream)) => {
-            let mut out = Vec::new();
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(|e| {
-                    AgentFailure::Broken(crate::error::ServerError::Agent {
-                        sandbox: agent.sandbox.clone(),
-                        what: format!("reading {path}: {e}"),
-                    })
-                })?;
-                out.extend_from_slice(&chunk);
-            }
-            Ok(Some(out))
-        }
+    match agent.read_bounded(path, 0, MAX_SMALL_FILE).await {
+        Ok((_, bytes)) => Ok(Some(bytes)),
         Err(AgentFailure::Refused(_)) => Ok(None),
         Err(e) => Err(e),
     }
@@ -274,19 +270,21 @@ pub async fn list(agent: &AgentClient) -> Result<Vec<ShellState>, AgentFailure> 
     Ok(out)
 }
 
-/// Output from byte `from` on.
+/// Output from byte `from` on, at most [`MAX_OUTPUT_READ`] bytes of it (empty when the file
+/// is missing or not a regular file).
 pub async fn output_from(
     agent: &AgentClient,
     id: &str,
     from: u64,
 ) -> Result<Vec<u8>, AgentFailure> {
-    let all = read_all(agent, &format!("{}/out", dir_of(id)))
-        .await?
-        .unwrap_or_default();
-    Ok(all
-        .get(from as usize..)
-        .map(<[u8]>::to_vec)
-        .unwrap_or_default())
+    match agent
+        .read_bounded(&format!("{}/out", dir_of(id)), from, MAX_OUTPUT_READ)
+        .await
+    {
+        Ok((_, bytes)) => Ok(bytes),
+        Err(AgentFailure::Refused(_)) => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
 }
 
 /// The exit code, once the shell ended.

@@ -64,22 +64,36 @@ pub struct TaskDef {
     pub preview: Option<serde_json::Value>,
 }
 
-/// The config, and why it could not be read (`validationErrors`). No file: empty config.
+/// Largest `tasks.json` read (it is parsed in the server's memory).
+pub const MAX_TASKS_FILE: u64 = 1 << 20;
+
+/// The config, and why it could not be read (`validationErrors`). No file: empty config. A
+/// file larger than [`MAX_TASKS_FILE`] or not a regular file is refused (as a validation
+/// error), never read whole.
 pub async fn load(agent: &AgentClient) -> Result<(Config, Vec<String>), AgentFailure> {
-    use futures::StreamExt;
     let path = format!("{WORKSPACE_PATH}/.codesandbox/tasks.json");
-    let mut stream = match agent.read_file(&path).await {
-        Ok((_, s)) => s,
+    let bytes = match agent.read_bounded(&path, 0, MAX_TASKS_FILE + 1).await {
+        Ok((info, _)) if info.size > MAX_TASKS_FILE => {
+            return Ok((
+                Config::default(),
+                vec![format!("{path} is larger than {MAX_TASKS_FILE} bytes")],
+            ));
+        }
+        Ok((_, bytes)) if bytes.len() as u64 > MAX_TASKS_FILE => {
+            return Ok((
+                Config::default(),
+                vec![format!("{path} is larger than {MAX_TASKS_FILE} bytes")],
+            ));
+        }
+        Ok((_, bytes)) => bytes,
+        Err(AgentFailure::Refused(e))
+            if e.code == sandpit_agent_proto::AgentErrorCode::NotRegularFile =>
+        {
+            return Ok((Config::default(), vec![e.message]));
+        }
         Err(AgentFailure::Refused(_)) => return Ok((Config::default(), Vec::new())),
         Err(e) => return Err(e),
     };
-    let mut bytes = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        match chunk {
-            Ok(c) => bytes.extend_from_slice(&c),
-            Err(e) => return Ok((Config::default(), vec![format!("reading {path}: {e}")])),
-        }
-    }
     Ok(match serde_json::from_slice::<Config>(&bytes) {
         Ok(c) => (c, Vec::new()),
         Err(e) => (Config::default(), vec![format!("{path}: {e}")]),

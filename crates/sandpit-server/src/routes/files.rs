@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use sandpit_agent_proto as proto;
@@ -15,8 +15,8 @@ use utoipa_axum::routes;
 use super::ApiQuery;
 use super::sandboxes::agent_failure;
 use crate::agent::AgentFailure;
-use crate::auth::Auth;
 use crate::error::ApiError;
+use crate::extract::{Authorized, OwnedSandbox, scope};
 use crate::lifecycle;
 use crate::server::Server;
 use crate::util::rfc3339;
@@ -39,18 +39,19 @@ fn checked_path(path: &str) -> Result<String, ApiError> {
     responses(
         (status = 204, description = "File uploaded"),
         (status = 400, description = "Invalid path (root, contains ..) or exceeds the size limit", body = ErrorBody),
+        (status = 403, description = "Sandbox belongs to another workspace", body = ErrorBody),
+        (status = 404, description = "Sandbox not found", body = ErrorBody),
         (status = 409, description = "Sandbox not running", body = ErrorBody),
         (status = 507, description = "The sandbox's disk is full (`disk_full`); nothing was written", body = ErrorBody),
     ))]
 async fn upload(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
+    sb: OwnedSandbox<scope::SandboxEditCode>,
     ApiQuery(q): ApiQuery<PathQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    match upload_file(&server, &auth, &id, &q.path, &headers, body).await {
+    match upload_file(&server, &sb, &q.path, &headers, body).await {
         Ok(status) => status.into_response(),
         Err(e) => {
             // The body may be partly unread, so this connection is closed after the answer:
@@ -65,13 +66,12 @@ async fn upload(
 
 async fn upload_file(
     server: &Arc<Server>,
-    auth: &Auth,
-    id: &str,
+    sb: &Authorized,
     path: &str,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<StatusCode, ApiError> {
-    auth.require("sandbox_edit_code")?;
+    let id = sb.id();
     let path = checked_path(path)?;
     if path == "/" {
         return Err(ApiError::bad_request(
@@ -90,7 +90,7 @@ async fn upload_file(
             format!("file exceeds the upload limit of {limit} bytes"),
         ));
     }
-    let (agent, guard, _) = lifecycle::running_agent(server, auth, id).await?;
+    let (agent, guard, _) = lifecycle::running_agent(server, sb).await?;
     // A stalled body would hold the sandbox (its read lock) forever: give up on it, and the
     // agent discards its temporary file.
     let idle = server.cfg.body_idle_timeout;
@@ -143,18 +143,18 @@ async fn upload_file(
     params(("id" = String, Path, description = "Sandbox id"), PathQuery),
     responses(
         (status = 200, description = "File contents", content_type = "application/octet-stream", body = Vec<u8>),
-        (status = 404, description = "File not found", body = ErrorBody),
+        (status = 400, description = "Invalid path, or not a regular file (`not_regular_file`: a directory, FIFO, device or socket)", body = ErrorBody),
+        (status = 403, description = "Sandbox belongs to another workspace", body = ErrorBody),
+        (status = 404, description = "Sandbox or file not found", body = ErrorBody),
         (status = 409, description = "Sandbox not running", body = ErrorBody),
     ))]
 async fn download(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
+    sb: OwnedSandbox<scope::SandboxRead>,
     ApiQuery(q): ApiQuery<PathQuery>,
 ) -> Result<Response, ApiError> {
-    auth.require("sandbox_read")?;
     let path = checked_path(&q.path)?;
-    let (agent, guard, _) = lifecycle::running_agent(&server, &auth, &id).await?;
+    let (agent, guard, _) = lifecycle::running_agent(&server, &sb).await?;
     let (info, stream) = agent.read_file(&path).await.map_err(agent_failure)?;
     // The read lock must outlive the response body: a checkpoint must not start while the
     // agent connection is open.
@@ -177,18 +177,17 @@ async fn download(
     params(("id" = String, Path, description = "Sandbox id"), PathQuery),
     responses(
         (status = 200, description = "Directory entries, sorted by name", body = FileList),
-        (status = 404, description = "Directory not found", body = ErrorBody),
+        (status = 403, description = "Sandbox belongs to another workspace", body = ErrorBody),
+        (status = 404, description = "Sandbox or directory not found", body = ErrorBody),
         (status = 409, description = "Sandbox not running", body = ErrorBody),
     ))]
 async fn list_dir(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
+    sb: OwnedSandbox<scope::SandboxRead>,
     ApiQuery(q): ApiQuery<PathQuery>,
 ) -> Result<Json<FileList>, ApiError> {
-    auth.require("sandbox_read")?;
     let path = checked_path(&q.path)?;
-    let (agent, _guard, _) = lifecycle::running_agent(&server, &auth, &id).await?;
+    let (agent, _guard, _) = lifecycle::running_agent(&server, &sb).await?;
     let listing = agent.list_dir(&path).await.map_err(agent_failure)?;
     let entries = listing
         .entries

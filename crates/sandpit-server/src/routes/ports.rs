@@ -14,8 +14,8 @@ use utoipa_axum::routes;
 
 use super::ApiQuery;
 use crate::agent::AgentFailure;
-use crate::auth::Auth;
 use crate::error::ApiError;
+use crate::extract::{Authorized, OwnedSandbox, scope};
 use crate::lifecycle;
 use crate::server::Server;
 
@@ -50,8 +50,8 @@ pub fn parse_port(text: &str) -> Result<u16, ApiError> {
 }
 
 /// The sandbox's listening ports, the agent's own left out. Wakes a suspended sandbox.
-async fn ports_of(server: &Arc<Server>, auth: &Auth, id: &str) -> Result<Vec<Port>, ApiError> {
-    let (agent, _guard, _) = lifecycle::running_agent(server, auth, id).await?;
+async fn ports_of(server: &Arc<Server>, sb: &Authorized) -> Result<Vec<Port>, ApiError> {
+    let (agent, _guard, _) = lifecycle::running_agent(server, sb).await?;
     let list = agent.list_ports().await.map_err(|f| match f {
         AgentFailure::Refused(e) if e.code == proto::AgentErrorCode::BadRequest => ApiError::new(
             StatusCode::NOT_IMPLEMENTED,
@@ -85,12 +85,10 @@ async fn ports_of(server: &Arc<Server>, auth: &Auth, id: &str) -> Result<Vec<Por
     ))]
 async fn list_ports(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
+    sb: OwnedSandbox<scope::SandboxRead>,
 ) -> Result<Json<PortList>, ApiError> {
-    auth.require("sandbox_read")?;
     Ok(Json(PortList {
-        ports: ports_of(&server, &auth, &id).await?,
+        ports: ports_of(&server, &sb).await?,
     }))
 }
 
@@ -112,11 +110,10 @@ async fn list_ports(
     ))]
 async fn wait_port(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path((id, port)): Path<(String, String)>,
+    sb: OwnedSandbox<scope::SandboxRead>,
+    Path((_sandbox, port)): Path<(String, String)>,
     ApiQuery(q): ApiQuery<PortWaitQuery>,
 ) -> Result<Json<PortList>, ApiError> {
-    auth.require("sandbox_read")?;
     let port = parse_port(&port)?;
     let timeout = match &q.timeout {
         Some(t) => parse_duration(t).map_err(|m| ApiError::bad_request("invalid_timeout", m))?,
@@ -131,7 +128,7 @@ async fn wait_port(
     let deadline = Instant::now() + timeout;
     loop {
         // The sandbox's lock is held only while asking, so a wait never delays a suspend.
-        let open: Vec<Port> = ports_of(&server, &auth, &id)
+        let open: Vec<Port> = ports_of(&server, &sb)
             .await?
             .into_iter()
             .filter(|p| p.port == port)

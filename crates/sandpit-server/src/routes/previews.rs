@@ -16,6 +16,7 @@ use super::org::parse_expiry;
 use super::{ApiJson, OptionalJson};
 use crate::auth::{Auth, PREVIEW_TOKEN_PREFIX, generate_token_with, hash_token};
 use crate::error::ApiError;
+use crate::extract::{Authorized, OwnedSandbox, scope};
 use crate::lifecycle;
 use crate::server::Server;
 use crate::store::{PreviewTokenRow, SandboxRow};
@@ -42,8 +43,8 @@ fn view(t: &PreviewTokenRow, token: Option<String>) -> PreviewToken {
 }
 
 /// The caller's sandbox, which must not be destroyed or failed (409).
-async fn live_sandbox(server: &Server, auth: &Auth, id: &str) -> Result<SandboxRow, ApiError> {
-    let row = lifecycle::get_for(server, auth, id).await?;
+async fn live_sandbox(server: &Server, sb: &Authorized) -> Result<SandboxRow, ApiError> {
+    let row = lifecycle::current(server, sb).await?;
     if matches!(row.status.as_str(), "destroyed" | "failed") {
         return Err(ApiError::conflict(
             "invalid_state",
@@ -86,12 +87,10 @@ async fn token_of(
     ))]
 async fn create_preview_token(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
+    sb: OwnedSandbox<scope::VmManage>,
     OptionalJson(req): OptionalJson<PreviewTokenCreateRequest>,
 ) -> Result<(StatusCode, Json<PreviewToken>), ApiError> {
-    auth.require("vm_manage")?;
-    let sandbox = live_sandbox(&server, &auth, &id).await?;
+    let sandbox = live_sandbox(&server, &sb).await?;
     let expires_at = req.expires_at.as_deref().map(parse_expiry).transpose()?;
     let (row, token) = mint(&server, &sandbox.id, &sandbox.workspace_id, expires_at).await?;
     Ok((StatusCode::CREATED, Json(view(&row, Some(token)))))
@@ -132,14 +131,11 @@ pub(crate) async fn mint(
     ))]
 async fn list_preview_tokens(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
+    sb: OwnedSandbox<scope::SandboxRead>,
 ) -> Result<Json<PreviewTokenList>, ApiError> {
-    auth.require("sandbox_read")?;
-    let sandbox = lifecycle::get_for(&server, &auth, &id).await?;
     let rows = server
         .store
-        .list_preview_tokens(&auth.workspace_id, &sandbox.id)
+        .list_preview_tokens(sb.workspace_id(), sb.id())
         .await?;
     Ok(Json(PreviewTokenList {
         tokens: rows.iter().map(|t| view(t, None)).collect(),
@@ -158,13 +154,13 @@ async fn list_preview_tokens(
     ))]
 async fn update_preview_token(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path((id, token_id)): Path<(String, String)>,
+    sb: OwnedSandbox<scope::VmManage>,
+    Path((_sandbox, token_id)): Path<(String, String)>,
     ApiJson(req): ApiJson<PreviewTokenUpdateRequest>,
 ) -> Result<Json<PreviewToken>, ApiError> {
-    auth.require("vm_manage")?;
-    live_sandbox(&server, &auth, &id).await?;
-    let mut row = token_of(&server, &auth, &id, &token_id).await?;
+    let auth = sb.auth();
+    live_sandbox(&server, &sb).await?;
+    let mut row = token_of(&server, auth, sb.id(), &token_id).await?;
     if let Some(expiry) = req.expires_at {
         row.expires_at = expiry.as_deref().map(parse_expiry).transpose()?;
         server
@@ -185,12 +181,11 @@ async fn update_preview_token(
     ))]
 async fn revoke_preview_token(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path((id, token_id)): Path<(String, String)>,
+    sb: OwnedSandbox<scope::VmManage>,
+    Path((_sandbox, token_id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    auth.require("vm_manage")?;
-    lifecycle::get_for(&server, &auth, &id).await?;
-    let row = token_of(&server, &auth, &id, &token_id).await?;
+    let auth = sb.auth();
+    let row = token_of(&server, auth, sb.id(), &token_id).await?;
     server
         .store
         .revoke_preview_token(&auth.workspace_id, &row.id, now_ms())

@@ -27,6 +27,7 @@ use super::{ApiJson, ApiQuery, OptionalJson};
 use crate::agent::{AgentFailure, ExecOutput};
 use crate::auth::Auth;
 use crate::error::{ApiError, ServerError};
+use crate::extract::{OwnedSandbox, scope};
 use crate::idempotency;
 use crate::lifecycle::{self, to_api};
 use crate::server::Server;
@@ -62,7 +63,9 @@ pub fn router() -> OpenApiRouter<Arc<Server>> {
         (status = 409, description = "A request with this Idempotency-Key is still running", body = ErrorBody),
         (status = 422, description = "This Idempotency-Key was used with a different request", body = ErrorBody),
         (status = 429, description = "Rate limit or running-sandbox quota reached (see Retry-After)", body = ErrorBody),
-        (status = 507, description = "The host's data filesystem is below its free-space reserve (`host_disk_full`); nothing was made", body = ErrorBody),
+        (status = 500, description = "A stored record the sandbox needs (the snapshot's or template's policy, environment or spec) does not decode (`corrupt_record`); nothing was made", body = ErrorBody),
+        (status = 503, description = "No network slot is free (`capacity_exhausted`)", body = ErrorBody),
+        (status = 507, description = "The host's data filesystem is below its free-space reserve (`host_disk_full`), or a persistent sandbox would pass the workspace's max_suspended (`quota_exceeded`); nothing was made", body = ErrorBody),
     ))]
 async fn create_sandbox(
     State(server): State<Arc<Server>>,
@@ -121,14 +124,8 @@ async fn list_sandboxes(
         (status = 403, description = "Sandbox belongs to another workspace", body = ErrorBody),
         (status = 404, description = "Sandbox not found", body = ErrorBody),
     ))]
-async fn get_sandbox(
-    State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
-) -> Result<Json<Sandbox>, ApiError> {
-    auth.require("sandbox_read")?;
-    let row = lifecycle::get_for(&server, &auth, &id).await?;
-    Ok(Json(to_api(&row)))
+async fn get_sandbox(sb: OwnedSandbox<scope::SandboxRead>) -> Result<Json<Sandbox>, ApiError> {
+    Ok(Json(to_api(sb.row())))
 }
 
 /// Change a sandbox's settings: for now its preview privacy (`{"preview":{"privacy":"public"}}`).
@@ -145,14 +142,12 @@ async fn get_sandbox(
     ))]
 async fn update_sandbox(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
+    sb: OwnedSandbox<scope::VmManage>,
     ApiJson(req): ApiJson<UpdateSandboxRequest>,
 ) -> Result<Json<Sandbox>, ApiError> {
-    auth.require("vm_manage")?;
     let row = match req.preview {
-        Some(preview) => lifecycle::set_preview(&server, &auth, &id, preview).await?,
-        None => lifecycle::get_for(&server, &auth, &id).await?,
+        Some(preview) => lifecycle::set_preview(&server, &sb, preview).await?,
+        None => lifecycle::current(&server, &sb).await?,
     };
     Ok(Json(to_api(&row)))
 }
@@ -167,12 +162,9 @@ async fn update_sandbox(
     ))]
 async fn destroy_sandbox(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
+    sb: OwnedSandbox<scope::VmManage>,
 ) -> Result<StatusCode, ApiError> {
-    auth.require("vm_manage")?;
-    lifecycle::get_for(&server, &auth, &id).await?;
-    lifecycle::destroy(&server, &id).await?;
+    lifecycle::destroy(&server, sb.id()).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -183,16 +175,16 @@ async fn destroy_sandbox(
     responses(
         (status = 200, description = "Timeout extended", body = Sandbox),
         (status = 400, description = "Invalid timeout", body = ErrorBody),
+        (status = 403, description = "Sandbox belongs to another workspace", body = ErrorBody),
+        (status = 404, description = "Sandbox not found", body = ErrorBody),
         (status = 409, description = "Not ephemeral, or not running", body = ErrorBody),
     ))]
 async fn keepalive(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
+    sb: OwnedSandbox<scope::VmManage>,
     ApiJson(req): ApiJson<KeepaliveRequest>,
 ) -> Result<Json<Sandbox>, ApiError> {
-    auth.require("vm_manage")?;
-    let row = lifecycle::keepalive(&server, &auth, &id, &req.timeout).await?;
+    let row = lifecycle::keepalive(&server, &sb, &req.timeout).await?;
     Ok(Json(to_api(&row)))
 }
 
@@ -210,12 +202,10 @@ async fn keepalive(
     ))]
 async fn set_egress(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
+    sb: OwnedSandbox<scope::VmManage>,
     ApiJson(policy): ApiJson<EgressPolicy>,
 ) -> Result<Json<Sandbox>, ApiError> {
-    auth.require("vm_manage")?;
-    let row = lifecycle::set_egress(&server, &auth, &id, &policy).await?;
+    let row = lifecycle::set_egress(&server, &sb, &policy).await?;
     Ok(Json(to_api(&row)))
 }
 
@@ -224,17 +214,17 @@ async fn set_egress(
     params(("id" = String, Path, description = "Sandbox id")),
     responses(
         (status = 200, description = "Sandbox woken (or was already running)", body = Sandbox),
+        (status = 403, description = "Sandbox belongs to another workspace", body = ErrorBody),
+        (status = 404, description = "Sandbox not found", body = ErrorBody),
         (status = 409, description = "Sandbox is in a state that cannot be woken", body = ErrorBody),
         (status = 429, description = "The workspace runs as many sandboxes as it may (`running_quota_exceeded`, with Retry-After)", body = ErrorBody),
+        (status = 503, description = "No network slot is free (`capacity_exhausted`); the sandbox stays suspended", body = ErrorBody),
     ))]
 async fn wake(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
+    sb: OwnedSandbox<scope::VmManage>,
 ) -> Result<Json<Sandbox>, ApiError> {
-    auth.require("vm_manage")?;
-    lifecycle::get_for(&server, &auth, &id).await?;
-    let row = lifecycle::wake(&server, &id).await?;
+    let row = lifecycle::wake(&server, sb.id()).await?;
     Ok(Json(to_api(&row)))
 }
 
@@ -243,16 +233,17 @@ async fn wake(
     params(("id" = String, Path, description = "Sandbox id")),
     responses(
         (status = 200, description = "Sandbox suspended (or already was)", body = Sandbox),
+        (status = 403, description = "Sandbox belongs to another workspace", body = ErrorBody),
+        (status = 404, description = "Sandbox not found", body = ErrorBody),
         (status = 409, description = "Sandbox is in a state that cannot be suspended", body = ErrorBody),
+        (status = 507, description = "The workspace keeps as many suspended sandboxes as it may (`quota_exceeded`, max_suspended)", body = ErrorBody),
     ))]
 async fn hibernate(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
+    sb: OwnedSandbox<scope::VmManage>,
 ) -> Result<Json<Sandbox>, ApiError> {
-    auth.require("vm_manage")?;
-    lifecycle::get_for(&server, &auth, &id).await?;
-    let row = lifecycle::suspend(&server, &id).await?;
+    lifecycle::check_may_suspend(&server, &sb).await?;
+    let row = lifecycle::suspend(&server, sb.id()).await?;
     Ok(Json(to_api(&row)))
 }
 
@@ -262,16 +253,17 @@ async fn hibernate(
     params(("id" = String, Path, description = "Sandbox id")),
     responses(
         (status = 200, description = "Sandbox stopped, files kept", body = Sandbox),
+        (status = 403, description = "Sandbox belongs to another workspace", body = ErrorBody),
+        (status = 404, description = "Sandbox not found", body = ErrorBody),
         (status = 409, description = "Sandbox is destroyed, failed or still being created", body = ErrorBody),
+        (status = 507, description = "The workspace keeps as many suspended sandboxes as it may (`quota_exceeded`, max_suspended)", body = ErrorBody),
     ))]
 async fn shutdown(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
+    sb: OwnedSandbox<scope::VmManage>,
 ) -> Result<Json<Sandbox>, ApiError> {
-    auth.require("vm_manage")?;
-    lifecycle::get_for(&server, &auth, &id).await?;
-    let row = lifecycle::shutdown(&server, &id).await?;
+    lifecycle::check_may_suspend(&server, &sb).await?;
+    let row = lifecycle::shutdown(&server, sb.id()).await?;
     Ok(Json(to_api(&row)))
 }
 
@@ -366,6 +358,7 @@ pub fn agent_failure(f: AgentFailure) -> ApiError {
                 C::SpawnFailed => (StatusCode::BAD_REQUEST, "spawn_failed"),
                 C::BadRequest => (StatusCode::BAD_REQUEST, "bad_request"),
                 C::NoSpace => (StatusCode::INSUFFICIENT_STORAGE, "disk_full"),
+                C::NotRegularFile => (StatusCode::BAD_REQUEST, "not_regular_file"),
                 C::UnsupportedVersion | C::Io => (StatusCode::INTERNAL_SERVER_ERROR, "agent_error"),
             };
             ApiError::new(status, code, e.message)
@@ -380,18 +373,19 @@ pub fn agent_failure(f: AgentFailure) -> ApiError {
     responses(
         (status = 200, description = "Command completed (check exit_code)", body = ExecResponse),
         (status = 400, description = "Missing command or invalid timeout", body = ErrorBody),
+        (status = 403, description = "Sandbox belongs to another workspace", body = ErrorBody),
+        (status = 404, description = "Sandbox not found", body = ErrorBody),
         (status = 409, description = "Sandbox not running", body = ErrorBody),
     ))]
 async fn exec(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
+    sb: OwnedSandbox<scope::SandboxEditCode>,
     ApiJson(req): ApiJson<ExecRequest>,
 ) -> Result<Json<ExecResponse>, ApiError> {
-    auth.require("sandbox_edit_code")?;
+    let id = sb.id().to_string();
     let (mut req, timeout) = agent_exec(req)?;
-    let (agent, guard, row) = lifecycle::running_agent(&server, &auth, &id).await?;
-    req.env = lifecycle::exec_env(&row, std::mem::take(&mut req.env));
+    let (agent, guard, row) = lifecycle::running_agent(&server, &sb).await?;
+    req.env = lifecycle::exec_env(&row, std::mem::take(&mut req.env))?;
     if req.cwd.is_none() {
         req.cwd = crate::templates::default_cwd(&server, &row).await;
     }
@@ -503,18 +497,19 @@ fn sse(ev: ExecEvent) -> Event {
     responses(
         (status = 200, description = "An event stream of ExecEvent objects", body = ExecEvent, content_type = "text/event-stream"),
         (status = 400, description = "Missing command or invalid timeout", body = ErrorBody),
+        (status = 403, description = "Sandbox belongs to another workspace", body = ErrorBody),
+        (status = 404, description = "Sandbox not found", body = ErrorBody),
         (status = 409, description = "Sandbox not running", body = ErrorBody),
     ))]
 async fn exec_stream(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
+    sb: OwnedSandbox<scope::SandboxEditCode>,
     ApiJson(req): ApiJson<ExecRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
-    auth.require("sandbox_edit_code")?;
+    let id = sb.id().to_string();
     let (mut req, timeout) = agent_exec(req)?;
-    let (agent, guard, row) = lifecycle::running_agent(&server, &auth, &id).await?;
-    req.env = lifecycle::exec_env(&row, std::mem::take(&mut req.env));
+    let (agent, guard, row) = lifecycle::running_agent(&server, &sb).await?;
+    req.env = lifecycle::exec_env(&row, std::mem::take(&mut req.env))?;
     if req.cwd.is_none() {
         req.cwd = crate::templates::default_cwd(&server, &row).await;
     }
@@ -599,24 +594,24 @@ async fn exec_stream(
     responses(
         (status = 201, description = "One result per child: a sandbox or an error", body = ForkResponse),
         (status = 400, description = "Invalid count or Idempotency-Key", body = ErrorBody),
+        (status = 403, description = "Sandbox belongs to another workspace", body = ErrorBody),
+        (status = 404, description = "Sandbox not found", body = ErrorBody),
         (status = 409, description = "The parent cannot be copied in its state, or a request with this Idempotency-Key is still running", body = ErrorBody),
         (status = 422, description = "This Idempotency-Key was used with a different request", body = ErrorBody),
         (status = 429, description = "Rate limit or running-sandbox quota reached (see Retry-After)", body = ErrorBody),
-        (status = 507, description = "The host's data filesystem is below its free-space reserve (`host_disk_full`); nothing was made", body = ErrorBody),
+        (status = 507, description = "The host's data filesystem is below its free-space reserve (`host_disk_full`), or the workspace keeps as many suspended sandboxes as it may (`quota_exceeded`, max_suspended); nothing was made", body = ErrorBody),
     ))]
 async fn fork(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
+    sb: OwnedSandbox<scope::SandboxCreate>,
     headers: HeaderMap,
     OptionalJson(req): OptionalJson<ForkRequest>,
 ) -> Result<Response, ApiError> {
-    auth.require("sandbox_create")?;
     let key = idempotency::key_of(&headers)?;
-    let hash = idempotency::request_hash(&format!("fork {id}"), &req);
-    let (s, a) = (server.clone(), auth.clone());
-    idempotency::once(&server, &auth, key, hash, async move {
-        let results = crate::fork::fork(&s, &a, &id, req.count.unwrap_or(1)).await?;
+    let hash = idempotency::request_hash(&format!("fork {}", sb.id()), &req);
+    let (s, owned) = (server.clone(), sb.clone());
+    idempotency::once(&server, sb.auth(), key, hash, async move {
+        let results = crate::fork::fork(&s, &owned, req.count.unwrap_or(1)).await?;
         let body = ForkResponse { sandboxes: results };
         Ok((
             StatusCode::CREATED,
@@ -632,16 +627,16 @@ async fn fork(
     params(("id" = String, Path, description = "Sandbox id")),
     responses(
         (status = 201, description = "Snapshot taken", body = Snapshot),
+        (status = 403, description = "Sandbox belongs to another workspace", body = ErrorBody),
+        (status = 404, description = "Sandbox not found", body = ErrorBody),
         (status = 409, description = "The sandbox cannot be copied in its state", body = ErrorBody),
-        (status = 507, description = "The host's data filesystem is below its free-space reserve (`host_disk_full`); nothing was made", body = ErrorBody),
+        (status = 507, description = "The host's data filesystem is below its free-space reserve (`host_disk_full`), or the workspace keeps as many snapshots as it may (`quota_exceeded`, max_snapshots); nothing was made", body = ErrorBody),
     ))]
 async fn create_snapshot(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
+    sb: OwnedSandbox<scope::VmManage>,
 ) -> Result<(StatusCode, Json<Snapshot>), ApiError> {
-    auth.require("vm_manage")?;
-    let snap = crate::fork::take_snapshot(&server, &auth, &id).await?;
+    let snap = crate::fork::take_snapshot(&server, &sb).await?;
     Ok((
         StatusCode::CREATED,
         Json(crate::fork::snapshot_to_api(&snap)),
@@ -658,12 +653,12 @@ async fn create_snapshot(
     ))]
 async fn list_snapshots(
     State(server): State<Arc<Server>>,
-    auth: Auth,
-    Path(id): Path<String>,
+    sb: OwnedSandbox<scope::SandboxRead>,
 ) -> Result<Json<SnapshotList>, ApiError> {
-    auth.require("sandbox_read")?;
-    lifecycle::get_for(&server, &auth, &id).await?;
-    let rows = server.store.list_snapshots(&auth.workspace_id, &id).await?;
+    let rows = server
+        .store
+        .list_snapshots(sb.workspace_id(), sb.id())
+        .await?;
     Ok(Json(SnapshotList {
         snapshots: rows.iter().map(crate::fork::snapshot_to_api).collect(),
     }))
