@@ -27,6 +27,7 @@ fuzz_target!(|data: &[u8]| {
         allow_cidrs: nets(&valid.allow_cidrs),
         deny_cidrs: nets(&valid.deny_cidrs),
         allow_ports: valid.allow_ports.clone(),
+        allow_domains: valid.allow_domains.clone(),
     };
     if let Err(e) = rules.validate() {
         panic!("the API accepted {policy:?} but the network layer refuses it: {e}");
