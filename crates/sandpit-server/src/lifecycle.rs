@@ -380,24 +380,25 @@ pub(crate) async fn insert_with_slot(
     row: &mut SandboxRow,
 ) -> Result<(), ServerError> {
     let _guard = server.slot_lock.lock().await;
+    row.slot = Some(lowest_free_slot(server).await?);
+    server.store.insert_sandbox(row).await
+}
+
+/// The lowest network slot no row holds; `NoSlot` when every one is taken. Call with
+/// `slot_lock` held, up to the store write that takes the slot.
+async fn lowest_free_slot(server: &Server) -> Result<i64, ServerError> {
     let used: std::collections::HashSet<i64> =
         server.store.used_slots().await?.into_iter().collect();
-    let slot = (0..server.net.capacity() as i64)
+    (0..server.net.capacity() as i64)
         .find(|s| !used.contains(s))
-        .ok_or(ServerError::NoSlot)?;
-    row.slot = Some(slot);
-    server.store.insert_sandbox(row).await
+        .ok_or(ServerError::NoSlot)
 }
 
 /// Claim the lowest free network slot for an existing row that holds none (a suspended
 /// sandbox waking). `NoSlot` (503 `capacity_exhausted`) when every slot is taken.
 async fn claim_slot(server: &Server, row: &mut SandboxRow) -> Result<(), ServerError> {
     let _guard = server.slot_lock.lock().await;
-    let used: std::collections::HashSet<i64> =
-        server.store.used_slots().await?.into_iter().collect();
-    let slot = (0..server.net.capacity() as i64)
-        .find(|s| !used.contains(s))
-        .ok_or(ServerError::NoSlot)?;
+    let slot = lowest_free_slot(server).await?;
     server.store.set_slot(&row.id, slot, now_ms()).await?;
     row.slot = Some(slot);
     Ok(())
