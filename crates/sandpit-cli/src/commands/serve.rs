@@ -119,7 +119,7 @@ pub struct ServeArgs {
     /// loopback, private or this host's addresses; pulls to such addresses are refused
     /// otherwise. Never opens the sandbox pool or link-local (metadata) addresses.
     #[arg(long, env = "SANDPIT_ALLOWED_REGISTRIES", value_delimiter = ',')]
-    allowed_registries: Vec<sandpit_net::Endpoint>,
+    allowed_registries: Vec<String>,
     /// Disk of a `small` sandbox, e.g. 10G or 512M (`medium` gets twice, `large` four
     /// times). The files a sandbox writes live on a sparse ext4 image of that size, so a full
     /// sandbox gets ENOSPC and the host's disk is safe. `off`: no bound.
@@ -269,7 +269,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_suspended: args.max_suspended,
     };
     cfg.insecure_registries = args.insecure_registries;
-    cfg.allowed_registries = args.allowed_registries;
+    // Empty items (`SANDPIT_ALLOWED_REGISTRIES=` or a trailing comma) name nothing.
+    cfg.allowed_registries = args
+        .allowed_registries
+        .iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<sandpit_net::Endpoint>()
+                .map_err(|e| anyhow::anyhow!("--allowed-registries {s:?}: {e}"))
+        })
+        .collect::<anyhow::Result<_>>()?;
     cfg.disk_limit = args.disk_limit.0;
     sandpit_image::unpack::UnpackLimits::set_current(sandpit_image::unpack::UnpackLimits {
         max_bytes: args.archive_max_bytes,
