@@ -437,9 +437,11 @@ pub struct SandboxList {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, IntoParams, Default)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// creating, running, suspended, destroyed or failed. Without it, every sandbox that is
     /// not destroyed.
+    #[param(value_type = Option<SandboxStatus>)]
     pub status: Option<String>,
 }
 
@@ -511,6 +513,7 @@ pub enum ExecEvent {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PathQuery {
     /// Absolute path inside the sandbox.
     pub path: String,
@@ -549,6 +552,7 @@ pub struct PortList {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, IntoParams, Default)]
+#[into_params(parameter_in = Query)]
 pub struct PortWaitQuery {
     /// How long to wait, e.g. `30s` (default), at most 5m.
     pub timeout: Option<String>,

@@ -590,7 +590,7 @@ async fn exec_stream(
 /// `Idempotency-Key` header, a repeat of the same request replays the first response.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/fork", tag = "sandboxes",
     params(("id" = String, Path, description = "Parent sandbox id"), ("Idempotency-Key" = Option<String>, Header, description = "Makes the request safe to retry: a repeat with the same key and body replays the first response (1-255 visible ASCII characters, kept 24 h)")),
-    request_body = ForkRequest,
+    request_body = Option<ForkRequest>,
     responses(
         (status = 201, description = "One result per child: a sandbox or an error", body = ForkResponse),
         (status = 400, description = "Invalid count or Idempotency-Key", body = ErrorBody),
