@@ -43,6 +43,7 @@ impl<T> Envelope<T> {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
 pub struct WorkspaceCreateRequest {
     /// Name for the new workspace, at most 64 characters.
+    #[schema(min_length = 1, max_length = 64)]
     pub name: String,
 }
 

@@ -387,9 +387,11 @@ pub struct CreateSandboxRequest {
     pub mode: SandboxMode,
     /// Until auto-destroy (ephemeral only), e.g. `10m`. Max 24h, default 15m.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = r"^\s*([0-9]+(ms|s|m|h|d))+\s*$")]
     pub timeout: Option<String>,
     /// Inactivity before auto-suspend (persistent only), e.g. `30m`. Default 30m.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = r"^\s*([0-9]+(ms|s|m|h|d))+\s*$")]
     pub idle_timeout: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
@@ -400,6 +402,7 @@ pub struct CreateSandboxRequest {
     pub egress: Option<EgressPolicy>,
     /// `small` (default), `medium` or `large`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^(small|medium|large)$")]
     pub size: Option<String>,
     /// Preview settings; omitted: private previews (preview tokens needed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -450,6 +453,7 @@ pub struct ListQuery {
 #[serde(deny_unknown_fields)]
 pub struct KeepaliveRequest {
     /// New timeout from now, max 24h.
+    #[schema(pattern = r"^\s*([0-9]+(ms|s|m|h|d))+\s*$")]
     pub timeout: String,
 }
 
@@ -555,6 +559,7 @@ pub struct PortList {
 #[into_params(parameter_in = Query)]
 pub struct PortWaitQuery {
     /// How long to wait, e.g. `30s` (default), at most 5m.
+    #[param(pattern = r"^\s*([0-9]+(ms|s|m|h|d))+\s*$")]
     pub timeout: Option<String>,
 }
 
@@ -597,6 +602,7 @@ pub struct Template {
 pub struct ForkRequest {
     /// How many children, 1–100 (default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 100)]
     pub count: Option<u32>,
 }
 
