@@ -57,8 +57,8 @@ struct CommonResponses;
 
 impl utoipa::Modify for CommonResponses {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::path::ParameterIn;
         use utoipa::openapi::RefOr;
+        use utoipa::openapi::path::ParameterIn;
         for item in openapi.paths.paths.values_mut() {
             for op in [
                 &mut item.get,
