@@ -59,6 +59,7 @@ pub struct TokenCreateRequest {
     pub description: Option<String>,
     /// RFC 3339 timestamp; omitted means the token never expires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
     pub expires_at: Option<String>,
     /// Defaults to every sandbox scope.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -73,6 +73,7 @@ impl SandboxStatus {
 #[serde(deny_unknown_fields)]
 pub struct EgressPolicy {
     /// `allow_all` or `deny_all`.
+    #[schema(pattern = "^(allow_all|deny_all)$")]
     pub mode: String,
     /// CIDRs to allow when mode is `deny_all`. Never opens the always-denied set (the sandbox
     /// pool, the host's addresses, loopback, link-local with the metadata address, multicast,
@@ -469,6 +470,7 @@ pub struct ExecRequest {
     pub argv: Option<Vec<String>>,
     /// Max 5m, default 60s. The whole process group is killed when it passes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = r"^\s*([0-9]+(ms|s|m|h|d))+\s*$")]
     pub timeout: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
@@ -519,7 +521,8 @@ pub enum ExecEvent {
 #[derive(Debug, Clone, Serialize, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct PathQuery {
-    /// Absolute path inside the sandbox.
+    /// Absolute path inside the sandbox (no `..`, at most 4096 bytes).
+    #[param(pattern = "^/", max_length = 4096)]
     pub path: String,
 }
 
