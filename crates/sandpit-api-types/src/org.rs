@@ -43,6 +43,7 @@ impl<T> Envelope<T> {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
 pub struct WorkspaceCreateRequest {
     /// Name for the new workspace, at most 64 characters.
+    #[schema(min_length = 1, max_length = 64)]
     pub name: String,
 }
 
@@ -58,6 +59,7 @@ pub struct TokenCreateRequest {
     pub description: Option<String>,
     /// RFC 3339 timestamp; omitted means the token never expires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
     pub expires_at: Option<String>,
     /// Defaults to every sandbox scope.
     #[serde(default, skip_serializing_if = "Option::is_none")]

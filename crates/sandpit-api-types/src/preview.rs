@@ -55,6 +55,7 @@ pub struct UpdateSandboxRequest {
 pub struct PreviewTokenCreateRequest {
     /// RFC 3339; omitted: the token never expires (revoke it instead).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
     pub expires_at: Option<String>,
 }
 

@@ -73,6 +73,7 @@ impl SandboxStatus {
 #[serde(deny_unknown_fields)]
 pub struct EgressPolicy {
     /// `allow_all` or `deny_all`.
+    #[schema(pattern = "^(allow_all|deny_all)$")]
     pub mode: String,
     /// CIDRs to allow when mode is `deny_all`. Never opens the always-denied set (the sandbox
     /// pool, the host's addresses, loopback, link-local with the metadata address, multicast,
@@ -387,9 +388,11 @@ pub struct CreateSandboxRequest {
     pub mode: SandboxMode,
     /// Until auto-destroy (ephemeral only), e.g. `10m`. Max 24h, default 15m.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = r"^\s*([0-9]+(ms|s|m|h|d))+\s*$")]
     pub timeout: Option<String>,
     /// Inactivity before auto-suspend (persistent only), e.g. `30m`. Default 30m.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = r"^\s*([0-9]+(ms|s|m|h|d))+\s*$")]
     pub idle_timeout: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
@@ -400,6 +403,7 @@ pub struct CreateSandboxRequest {
     pub egress: Option<EgressPolicy>,
     /// `small` (default), `medium` or `large`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^(small|medium|large)$")]
     pub size: Option<String>,
     /// Preview settings; omitted: private previews (preview tokens needed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -437,9 +441,11 @@ pub struct SandboxList {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, IntoParams, Default)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// creating, running, suspended, destroyed or failed. Without it, every sandbox that is
     /// not destroyed.
+    #[param(value_type = Option<SandboxStatus>)]
     pub status: Option<String>,
 }
 
@@ -448,6 +454,7 @@ pub struct ListQuery {
 #[serde(deny_unknown_fields)]
 pub struct KeepaliveRequest {
     /// New timeout from now, max 24h.
+    #[schema(pattern = r"^\s*([0-9]+(ms|s|m|h|d))+\s*$")]
     pub timeout: String,
 }
 
@@ -463,6 +470,7 @@ pub struct ExecRequest {
     pub argv: Option<Vec<String>>,
     /// Max 5m, default 60s. The whole process group is killed when it passes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = r"^\s*([0-9]+(ms|s|m|h|d))+\s*$")]
     pub timeout: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
@@ -511,8 +519,10 @@ pub enum ExecEvent {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PathQuery {
-    /// Absolute path inside the sandbox.
+    /// Absolute path inside the sandbox (no `..`, at most 4096 bytes).
+    #[param(pattern = "^/", max_length = 4096)]
     pub path: String,
 }
 
@@ -549,8 +559,10 @@ pub struct PortList {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, IntoParams, Default)]
+#[into_params(parameter_in = Query)]
 pub struct PortWaitQuery {
     /// How long to wait, e.g. `30s` (default), at most 5m.
+    #[param(pattern = r"^\s*([0-9]+(ms|s|m|h|d))+\s*$")]
     pub timeout: Option<String>,
 }
 
@@ -593,6 +605,7 @@ pub struct Template {
 pub struct ForkRequest {
     /// How many children, 1–100 (default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 100)]
     pub count: Option<u32>,
 }
 

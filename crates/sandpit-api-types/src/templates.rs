@@ -110,6 +110,7 @@ pub enum TemplateBuildEvent {
 
 /// `DELETE /v1/templates/{id}` options.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::IntoParams, Default)]
+#[into_params(parameter_in = Query)]
 pub struct DeleteTemplateQuery {
     /// Also destroy the sandboxes and snapshots that use it (refused with 409 otherwise).
     #[serde(default)]

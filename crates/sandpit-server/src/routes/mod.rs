@@ -49,6 +49,86 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// The responses every route can give whatever its handler does, added to each operation
+/// that does not describe them itself: the token check (401) and scope check (403), the
+/// per-workspace rate limit (429), the JSON body and query extractors (400, 413), and an
+/// unknown id in the path (404). Documented here once so no route can forget them.
+struct CommonResponses;
+
+impl utoipa::Modify for CommonResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::RefOr;
+        use utoipa::openapi::path::ParameterIn;
+        for item in openapi.paths.paths.values_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let params = op.parameters.iter().flatten().filter_map(|p| match p {
+                    RefOr::T(p) => Some(p),
+                    RefOr::Ref(_) => None,
+                });
+                let (mut has_query, mut has_path) = (false, false);
+                for p in params {
+                    has_query |= p.parameter_in == ParameterIn::Query;
+                    has_path |= p.parameter_in == ParameterIn::Path;
+                }
+                let json_body = match &op.request_body {
+                    Some(RefOr::T(b)) => b.content.contains_key("application/json"),
+                    _ => false,
+                };
+                let mut add = |status: &str, description: &str| {
+                    op.responses
+                        .responses
+                        .entry(status.to_string())
+                        .or_insert_with(|| RefOr::T(error_response(description)));
+                };
+                add(
+                    "401",
+                    "Missing, malformed, unknown, revoked or expired token (`unauthorized`)",
+                );
+                add("403", "The token lacks the scope this operation needs");
+                add(
+                    "429",
+                    "The workspace's rate limit is reached (`rate_limited`, with Retry-After)",
+                );
+                if json_body {
+                    add(
+                        "400",
+                        "The body is not a JSON object of this operation's shape (`invalid_json`)",
+                    );
+                    add("413", "The body exceeds 1 MiB (`body_too_large`)");
+                }
+                if has_query {
+                    add("400", "Invalid query string (`invalid_query`)");
+                }
+                if has_path {
+                    add("404", "Not found");
+                }
+            }
+        }
+    }
+}
+
+fn error_response(description: &str) -> utoipa::openapi::Response {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    ResponseBuilder::new()
+        .description(description)
+        .content(
+            "application/json",
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                .build(),
+        )
+        .build()
+}
+
 fn router() -> OpenApiRouter<Arc<Server>> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(sandboxes::router())
@@ -61,12 +141,20 @@ fn router() -> OpenApiRouter<Arc<Server>> {
 
 /// The OpenAPI document of every route.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    router().split_for_parts().1
+    router_and_doc().1
+}
+
+/// The routes and their document, with the responses common to all of them added (a
+/// modifier in `#[openapi(...)]` would run before the routes are merged).
+fn router_and_doc() -> (Router<Arc<Server>>, utoipa::openapi::OpenApi) {
+    let (api, mut doc) = router().split_for_parts();
+    utoipa::Modify::modify(&CommonResponses, &mut doc);
+    (api, doc)
 }
 
 /// The whole HTTP application.
 pub fn app(server: Arc<Server>) -> Router {
-    let (api, doc) = router().split_for_parts();
+    let (api, doc) = router_and_doc();
     let doc = Arc::new(doc);
     api.route(
         "/openapi.json",
@@ -140,7 +228,16 @@ async fn read_body(req: Request) -> Result<Bytes, ApiError> {
         })
 }
 
+/// Every JSON body of the API is an object. serde's derived structs would also take an
+/// array of the fields in order (`["x"]` for `{"name":"x"}`), which the API document never
+/// allowed, so anything but an object is refused here, for every JSON route at once.
 fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "invalid request body: expected a JSON object",
+        ));
+    }
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid request body: {e}")))
 }
@@ -163,6 +260,24 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
 
 #[cfg(test)]
 mod tests {
+    use axum::body::Bytes;
+    use sandpit_api_types::WorkspaceCreateRequest;
+
+    /// An array (or any other non-object) is refused even where serde would read it as the
+    /// struct's fields in order: `["x"]` once created a workspace named x.
+    #[test]
+    fn json_bodies_must_be_objects() {
+        for body in [r#"["x"]"#, " [\"x\"]", r#""x""#, "1", "null", "true"] {
+            let err = super::parse_json::<WorkspaceCreateRequest>(&Bytes::from(body))
+                .err()
+                .unwrap_or_else(|| panic!("{body} was accepted"));
+            assert_eq!(err.status, axum::http::StatusCode::BAD_REQUEST, "{body}");
+            assert_eq!(err.code, "invalid_json", "{body}");
+        }
+        let ok = super::parse_json::<WorkspaceCreateRequest>(&Bytes::from(" {\"name\":\"x\"}"));
+        assert!(ok.is_ok());
+    }
+
     /// The checked-in OpenAPI document matches the code. To refresh it:
     /// `SANDPIT_UPDATE_OPENAPI=1 cargo test -p sandpit-server openapi`.
     #[test]

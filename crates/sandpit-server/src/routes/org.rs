@@ -155,7 +155,7 @@ async fn workspace_in_org(
 /// Create an API token for a workspace. The token is in this response only.
 #[utoipa::path(post, path = "/org/workspace/{team_id}/tokens", tag = "token",
     params(("team_id" = String, Path, description = "Workspace id")),
-    request_body = TokenCreateRequest,
+    request_body = Option<TokenCreateRequest>,
     responses(
         (status = 201, description = "Token Create Response", body = Envelope<TokenInfo>),
         (status = 400, description = "Invalid scope or expiry", body = ErrorBody),

@@ -97,7 +97,7 @@ async fn list_ports(
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/ports/{port}/wait", tag = "ports",
     params(
         ("id" = String, Path, description = "Sandbox id"),
-        ("port" = u16, Path, description = "TCP port"),
+        ("port" = u16, Path, minimum = 1, maximum = 65535, description = "TCP port (not the agent's, 49983)"),
         PortWaitQuery
     ),
     responses(

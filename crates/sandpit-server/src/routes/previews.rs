@@ -77,7 +77,7 @@ async fn token_of(
 /// Create a preview token. The token is in this response only.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/preview-tokens", tag = "previews",
     params(("id" = String, Path, description = "Sandbox id")),
-    request_body = PreviewTokenCreateRequest,
+    request_body = Option<PreviewTokenCreateRequest>,
     responses(
         (status = 201, description = "Token created; `token` is shown once", body = PreviewToken),
         (status = 400, description = "Invalid expiry", body = ErrorBody),

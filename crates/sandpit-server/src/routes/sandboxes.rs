@@ -54,7 +54,7 @@ pub fn router() -> OpenApiRouter<Arc<Server>> {
 /// Create a sandbox and wait until it runs. With an `Idempotency-Key` header, a repeat of
 /// the same request replays the first response instead of creating another sandbox.
 #[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes",
-    params(("Idempotency-Key" = Option<String>, Header, description = "Makes the request safe to retry: a repeat with the same key and body replays the first response (1-255 visible ASCII characters, kept 24 h)")),
+    params(("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,255}$", description = "Makes the request safe to retry: a repeat with the same key and body replays the first response (1-255 visible ASCII characters, kept 24 h)")),
     request_body = CreateSandboxRequest,
     responses(
         (status = 201, description = "Sandbox created and running", body = Sandbox),
@@ -589,8 +589,8 @@ async fn exec_stream(
 /// settings. The parent keeps running (it pauses briefly while its memory is saved). With an
 /// `Idempotency-Key` header, a repeat of the same request replays the first response.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/fork", tag = "sandboxes",
-    params(("id" = String, Path, description = "Parent sandbox id"), ("Idempotency-Key" = Option<String>, Header, description = "Makes the request safe to retry: a repeat with the same key and body replays the first response (1-255 visible ASCII characters, kept 24 h)")),
-    request_body = ForkRequest,
+    params(("id" = String, Path, description = "Parent sandbox id"), ("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,255}$", description = "Makes the request safe to retry: a repeat with the same key and body replays the first response (1-255 visible ASCII characters, kept 24 h)")),
+    request_body = Option<ForkRequest>,
     responses(
         (status = 201, description = "One result per child: a sandbox or an error", body = ForkResponse),
         (status = 400, description = "Invalid count or Idempotency-Key", body = ErrorBody),

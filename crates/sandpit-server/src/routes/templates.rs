@@ -193,7 +193,7 @@ async fn build_events(
 #[utoipa::path(put, path = "/v1/templates/{id}/aliases/{alias}", tag = "templates",
     params(
         ("id" = String, Path, description = "Template id or name"),
-        ("alias" = String, Path, description = "namespace@alias"),
+        ("alias" = String, Path, description = "namespace@alias, each 1–64 characters [a-z0-9._-] starting with a letter or digit", pattern = r"^[a-z0-9][a-z0-9._-]{0,63}@[a-z0-9][a-z0-9._-]{0,63}$"),
     ),
     responses(
         (status = 200, description = "The alias now points here", body = TemplateAlias),
@@ -222,10 +222,11 @@ async fn set_alias(
 #[utoipa::path(delete, path = "/v1/templates/{id}/aliases/{alias}", tag = "templates",
     params(
         ("id" = String, Path, description = "Template id or name"),
-        ("alias" = String, Path, description = "namespace@alias"),
+        ("alias" = String, Path, description = "namespace@alias, each 1–64 characters [a-z0-9._-] starting with a letter or digit", pattern = r"^[a-z0-9][a-z0-9._-]{0,63}@[a-z0-9][a-z0-9._-]{0,63}$"),
     ),
     responses(
         (status = 204, description = "Removed"),
+        (status = 400, description = "Invalid alias (`invalid_alias`)", body = ErrorBody),
         (status = 404, description = "No such alias on this template", body = ErrorBody),
     ))]
 async fn delete_alias(
