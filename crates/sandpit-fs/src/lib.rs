@@ -207,10 +207,13 @@ impl TreeDir {
     fn io(&self, what: &'static str, rel: impl AsRef<Path>, e: impl Into<io::Error>) -> FsError {
         let source: io::Error = e.into();
         let path = self.show(rel);
-        match source.raw_os_error() {
-            // ELOOP: a symlink on the way; EXDEV: a path leaving the tree.
-            Some(40) | Some(18) => FsError::Escape { path },
-            _ => FsError::Io { what, path, source },
+        // ELOOP: a symlink on the way; EXDEV: a path leaving the tree.
+        let escape =
+            [rustix::io::Errno::LOOP, rustix::io::Errno::XDEV].map(|e| Some(e.raw_os_error()));
+        if escape.contains(&source.raw_os_error()) {
+            FsError::Escape { path }
+        } else {
+            FsError::Io { what, path, source }
         }
     }
 

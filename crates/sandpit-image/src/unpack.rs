@@ -42,17 +42,7 @@ pub fn open_blob(path: &Path) -> Result<Box<dyn Read + Send>, ImageError> {
 /// zstd compression.
 pub fn decompress_bytes(bytes: bytes::Bytes) -> Result<Box<dyn Read + Send>, ImageError> {
     let magic: [u8; 4] = std::array::from_fn(|i| bytes.get(i).copied().unwrap_or(0));
-    let r = std::io::Cursor::new(bytes);
-    Ok(if magic[..2] == [0x1f, 0x8b] {
-        Box::new(flate2::read::MultiGzDecoder::new(r))
-    } else if magic == [0x28, 0xb5, 0x2f, 0xfd] {
-        Box::new(
-            zstd::stream::read::Decoder::new(r)
-                .map_err(ImageError::files("reading a zstd archive", ""))?,
-        )
-    } else {
-        Box::new(r)
-    })
+    decompressor(magic, std::io::Cursor::new(bytes))
 }
 
 /// A reader of `f` from its start, undoing gzip or zstd compression (detected from its
@@ -64,10 +54,19 @@ pub fn decompress(mut f: File) -> Result<Box<dyn Read + Send>, ImageError> {
         .read(&mut magic)
         .and_then(|n| f.seek(SeekFrom::Start(0)).map(|_| n))
         .map_err(ImageError::files("reading an archive", ""))?;
-    let r = BufReader::with_capacity(1 << 20, f);
-    Ok(if n >= 2 && magic[..2] == [0x1f, 0x8b] {
+    magic[n..].fill(0);
+    decompressor(magic, BufReader::with_capacity(1 << 20, f))
+}
+
+/// `r` (at the archive's start, whose first bytes are `magic`, zero-padded) read through
+/// the decoder those bytes name: gzip, zstd, or none.
+fn decompressor(
+    magic: [u8; 4],
+    r: impl std::io::BufRead + Send + 'static,
+) -> Result<Box<dyn Read + Send>, ImageError> {
+    Ok(if magic[..2] == [0x1f, 0x8b] {
         Box::new(flate2::read::MultiGzDecoder::new(r))
-    } else if n == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd] {
+    } else if magic == [0x28, 0xb5, 0x2f, 0xfd] {
         Box::new(
             zstd::stream::read::Decoder::with_buffer(r)
                 .map_err(ImageError::files("reading a zstd archive", ""))?,
