@@ -18,7 +18,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server.
-    Serve(commands::serve::ServeArgs),
+    Serve(Box<commands::serve::ServeArgs>),
     /// Manage sandboxes on a server.
     #[command(subcommand)]
     Sandbox(commands::sandbox::SandboxCommand),
@@ -36,7 +36,7 @@ fn main() -> std::process::ExitCode {
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = rt.block_on(async {
         match cli.command {
-            Command::Serve(args) => commands::serve::run(args).await.map(|_| 0),
+            Command::Serve(args) => commands::serve::run(*args).await.map(|_| 0),
             Command::Sandbox(cmd) => commands::sandbox::run(cmd).await,
             Command::Template(cmd) => commands::template::run(cmd).await,
             Command::Cleanup(args) => commands::cleanup::run(args).await.map(|_| 0),

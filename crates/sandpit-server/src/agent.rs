@@ -43,6 +43,12 @@ impl From<ServerError> for AgentFailure {
     }
 }
 
+impl From<sandpit_control::ControlError> for AgentFailure {
+    fn from(e: sandpit_control::ControlError) -> Self {
+        AgentFailure::Broken(e.into())
+    }
+}
+
 /// Most stderr [`AgentClient::run_for_stderr`] keeps.
 pub const MAX_HELPER_STDERR: usize = 64 * 1024;
 

@@ -84,7 +84,11 @@ pub async fn resolve(server: &Server, headers: &HeaderMap) -> Result<Auth, ApiEr
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| ApiError::unauthorized("Authorization header must be Bearer <token>"))?;
-    let found = server.store.token_by_hash(&hash_token(token)).await?;
+    let found = server
+        .store
+        .tenants
+        .token_by_hash(&hash_token(token))
+        .await?;
     let t = found.ok_or_else(|| ApiError::unauthorized("unknown or revoked token"))?;
     if let Some(exp) = t.expires_at
         && exp <= now_ms()
@@ -109,18 +113,22 @@ pub async fn bootstrap(
     server: &Server,
     preset: Option<&str>,
 ) -> Result<Option<String>, ServerError> {
-    if server.store.count_orgs().await? > 0 {
+    if server.store.tenants.count_orgs().await? > 0 {
         return Ok(None);
     }
     let now = now_ms();
     let org_id = new_id("org");
-    server.store.insert_org(&org_id, "default", now).await?;
+    server
+        .store
+        .tenants
+        .insert_org(&org_id, "default", now)
+        .await?;
     let ws = WorkspaceRow {
         id: new_id("ws"),
         org_id,
         name: "default".into(),
     };
-    server.store.insert_workspace(&ws, now).await?;
+    server.store.tenants.insert_workspace(&ws, now).await?;
     let token = preset.map(str::to_string).unwrap_or_else(generate_token);
     let row = TokenRow {
         id: new_id("tok"),
@@ -130,7 +138,11 @@ pub async fn bootstrap(
         expires_at: None,
         created_at: now,
     };
-    server.store.insert_token(&row, &hash_token(&token)).await?;
+    server
+        .store
+        .tenants
+        .insert_token(&row, &hash_token(&token))
+        .await?;
     tracing::info!(workspace = %ws.id, "created the default workspace and its admin token");
     Ok(if preset.is_some() { None } else { Some(token) })
 }

@@ -7,6 +7,8 @@
     reason = "build logs, template dirs and boot snapshots are the server's own files; build contexts and RUN layers (tenant trees) go only through sandpit_fs"
 )]
 
+use crate::store::TemplateStatus;
+use sandpit_control::Stored;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -21,7 +23,7 @@ use tokio::sync::broadcast;
 
 use crate::error::{ApiError, DisplayChain, ServerError};
 use crate::server::Server;
-use crate::store::{SandboxRow, TemplateInsert, TemplateRow};
+use crate::store::{Sandbox, TemplateInsert, TemplateRow};
 use crate::util::{now_ms, random_hex, rfc3339};
 
 /// Largest build context (decoded), in bytes.
@@ -211,7 +213,7 @@ pub async fn view(
     workspace_id: &str,
     t: TemplateRow,
 ) -> Result<Template, ServerError> {
-    let warm = server.store.pooled_count(&t.id).await? as u32;
+    let warm = server.store.sandboxes.pooled_count(&t.id).await? as u32;
     // Shown as far as it decodes; creating from a template whose records do not decode
     // fails with `corrupt_record`.
     let cfg = crate::templates::image_config(&t).unwrap_or_default();
@@ -220,10 +222,14 @@ pub async fn view(
         warm,
         boot_snapshot: server.cfg.boot_snapshots
             && crate::templates::boot_snapshot(server, &t.id).is_some(),
-        aliases: server.store.aliases_of(workspace_id, &t.id).await?,
+        aliases: server
+            .store
+            .templates
+            .aliases_of(workspace_id, &t.id)
+            .await?,
         start_command: cfg.start_command(),
         layers: layers.len().max(1) as u32,
-        status: t.status,
+        status: t.status.to_string(),
         error: t.error,
         source: t.source,
         id: t.id,
@@ -392,7 +398,7 @@ pub async fn create(
         created_at: now,
         layers: "[]".into(),
         config: "{}".into(),
-        status: "building".into(),
+        status: TemplateStatus::Building,
         error: None,
         source: match &req.image {
             Some(i) => format!("image:{i}"),
@@ -403,7 +409,8 @@ pub async fn create(
     let limits = &server.limits.cfg;
     let inserted = server
         .store
-        .insert_template(&row, limits.max_templates, limits.max_builds)
+        .templates
+        .insert(&row, limits.max_templates, limits.max_builds)
         .await;
     if !matches!(inserted, Ok(TemplateInsert::Inserted)) {
         images.discard_temp(&context_dir);
@@ -474,7 +481,7 @@ fn builds_quota(max: u32) -> ApiError {
 /// refuse at insert anyway.
 async fn check_template_quotas(server: &Server, workspace_id: &str) -> Result<(), ApiError> {
     let limits = &server.limits.cfg;
-    let (templates, builds) = server.store.count_templates(workspace_id).await?;
+    let (templates, builds) = server.store.templates.count(workspace_id).await?;
     if limits.max_templates > 0 && templates >= i64::from(limits.max_templates) {
         return Err(templates_quota(limits.max_templates));
     }
@@ -549,7 +556,15 @@ impl BuildJob {
         let fail = |e: String| async move {
             let _ = server
                 .store
-                .finish_template_build(&self.template.id, "failed", "[]", "{}", Some(&e), now_ms())
+                .templates
+                .finish_build(
+                    &self.template.id,
+                    TemplateStatus::Failed,
+                    "[]",
+                    "{}",
+                    Some(&e),
+                    now_ms(),
+                )
                 .await;
             e
         };
@@ -565,9 +580,10 @@ impl BuildJob {
         // Layers first (status still `building`): the verification sandbox boots from them.
         server
             .store
-            .finish_template_build(
+            .templates
+            .finish_build(
                 &self.template.id,
-                "building",
+                TemplateStatus::Building,
                 &layers,
                 &config,
                 None,
@@ -580,7 +596,15 @@ impl BuildJob {
         }
         server
             .store
-            .finish_template_build(&self.template.id, "ready", &layers, &config, None, now_ms())
+            .templates
+            .finish_build(
+                &self.template.id,
+                TemplateStatus::Ready,
+                &layers,
+                &config,
+                None,
+                now_ms(),
+            )
             .await
             .map_err(|e| DisplayChain(&e).to_string())?;
         let ws = self.template.workspace_id.clone().unwrap_or_default();
@@ -588,6 +612,7 @@ impl BuildJob {
             if let Ok((ns, alias)) = parse_alias(a) {
                 let _ = server
                     .store
+                    .templates
                     .set_alias(&ws, ns, alias, &self.template.id, now_ms())
                     .await;
             }
@@ -610,7 +635,7 @@ impl BuildJob {
         });
         let started = Instant::now();
         let mut row = crate::pool::system_row(server, &self.template.id, &self.template.name);
-        row.egress = self.template.default_egress.clone();
+        row.egress = Stored::from_raw(self.template.default_egress.clone());
         let lock = server.lock_of(&row.id);
         let _guard = lock.write().await;
         crate::lifecycle::insert_with_slot(server, &mut row)
@@ -663,13 +688,17 @@ impl BuildJob {
 /// then). Best effort: the build's outcome is already decided.
 async fn discard_system_sandbox(
     server: &Server,
-    row: &SandboxRow,
+    row: &Sandbox,
     guard: tokio::sync::RwLockWriteGuard<'_, ()>,
 ) {
     server
         .teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
         .await;
-    let _ = server.store.mark_destroyed(&row.id, now_ms()).await;
+    let _ = server
+        .store
+        .sandboxes
+        .mark_destroyed(&row.id, now_ms())
+        .await;
     drop(guard);
     server.forget_lock(&row.id);
 }
@@ -723,10 +752,11 @@ impl StepRunner for ServerRunner {
         let found = self
             .server
             .store
-            .find_template(&self.workspace_id, name)
+            .templates
+            .find(&self.workspace_id, name)
             .await
             .map_err(|e| ImageError::Runner(DisplayChain(&e).to_string()))?;
-        let Some(t) = found.filter(|t| t.status == "ready") else {
+        let Some(t) = found.filter(|t| t.status == TemplateStatus::Ready) else {
             return Ok(None);
         };
         let decoded = crate::templates::layers_of(&t)
@@ -743,9 +773,9 @@ impl StepRunner for ServerRunner {
     ) -> Result<i32, ImageError> {
         let server = &self.server;
         let fail = |e: ServerError| ImageError::Runner(DisplayChain(&e).to_string());
-        let mut row: SandboxRow =
+        let mut row: Sandbox =
             crate::pool::system_row(server, &self.template_id, &self.template_name);
-        row.egress = self.egress.clone();
+        row.egress = Stored::from_raw(self.egress.clone());
         row.size = "large".into();
         let lock = server.lock_of(&row.id);
         let _guard = lock.write().await;
@@ -846,7 +876,8 @@ pub async fn delete(
 ) -> Result<(), ApiError> {
     let t = server
         .store
-        .find_template(workspace_id, name_or_id)
+        .templates
+        .find(workspace_id, name_or_id)
         .await?
         .ok_or_else(|| {
             ApiError::not_found("template_not_found", format!("no template {name_or_id:?}"))
@@ -857,14 +888,14 @@ pub async fn delete(
             "built-in templates cannot be deleted",
         ));
     }
-    if t.status == "building" {
+    if t.status == TemplateStatus::Building {
         return Err(ApiError::conflict(
             "template_building",
             "the template is being built; delete it when the build ends",
         ));
     }
-    let (sandboxes, _) = server.store.template_dependents(&t.id).await?;
-    let users: Vec<&SandboxRow> = sandboxes
+    let (sandboxes, _) = server.store.templates.dependents(&t.id).await?;
+    let users: Vec<&Sandbox> = sandboxes
         .iter()
         .filter(|s| s.workspace_id != crate::pool::POOL_WORKSPACE)
         .collect();
@@ -888,7 +919,8 @@ pub async fn delete(
     }
     server
         .store
-        .delete_template(workspace_id, &t.id, now_ms())
+        .templates
+        .delete(workspace_id, &t.id, now_ms())
         .await?;
     let _ = std::fs::remove_dir_all(crate::templates::boot_snapshot_dir(server, &t.id));
     Ok(())
@@ -919,7 +951,7 @@ fn toolchain_config() -> String {
 pub async fn register_toolchain(server: &Server) -> Result<(), ServerError> {
     server
         .store
-        .upsert_template(&TemplateRow::builtin(
+        .templates.upsert(&TemplateRow::builtin(
             TOOLCHAIN_ID,
             TOOLCHAIN_NAME,
             "Debian with bash, python3, node, git and common tools (built on demand from the host's apt sources)",
@@ -932,12 +964,16 @@ pub async fn register_toolchain(server: &Server) -> Result<(), ServerError> {
         _ => None,
     };
     let (status, layers) = match existing {
-        Some(p) => ("ready", serde_json::to_string(&[p]).expect("serializes")),
-        None => ("not_built", "[]".to_string()),
+        Some(p) => (
+            TemplateStatus::Ready,
+            serde_json::to_string(&[p]).expect("serializes"),
+        ),
+        None => (TemplateStatus::NotBuilt, "[]".to_string()),
     };
-    server
+    Ok(server
         .store
-        .finish_template_build(
+        .templates
+        .finish_build(
             TOOLCHAIN_ID,
             status,
             &layers,
@@ -945,7 +981,7 @@ pub async fn register_toolchain(server: &Server) -> Result<(), ServerError> {
             None,
             now_ms(),
         )
-        .await
+        .await?)
 }
 
 /// `POST /v1/templates/{id}/build` for a built-in template built on demand: start its
@@ -957,7 +993,8 @@ pub async fn build_builtin(
 ) -> Result<TemplateRow, ApiError> {
     let t = server
         .store
-        .find_template(workspace_id, name_or_id)
+        .templates
+        .find(workspace_id, name_or_id)
         .await?
         .ok_or_else(|| {
             ApiError::not_found("template_not_found", format!("no template {name_or_id:?}"))
@@ -970,7 +1007,12 @@ pub async fn build_builtin(
     }
     if server
         .store
-        .claim_build(TOOLCHAIN_ID, &["not_built", "failed"], now_ms())
+        .templates
+        .claim_build(
+            TOOLCHAIN_ID,
+            &[TemplateStatus::NotBuilt, TemplateStatus::Failed],
+            now_ms(),
+        )
         .await?
     {
         let log = server
@@ -998,15 +1040,16 @@ pub async fn build_builtin(
             let built = sandpit_image::toolchain::ensure(&server2.images, &sink).await;
             let (status, layers, error) = match built {
                 Ok(p) => (
-                    "ready",
+                    TemplateStatus::Ready,
                     serde_json::to_string(&[p]).expect("serializes"),
                     None,
                 ),
-                Err(e) => ("failed", "[]".into(), Some(e.to_string())),
+                Err(e) => (TemplateStatus::Failed, "[]".into(), Some(e.to_string())),
             };
             let _ = server2
                 .store
-                .finish_template_build(
+                .templates
+                .finish_build(
                     TOOLCHAIN_ID,
                     status,
                     &layers,
@@ -1023,9 +1066,13 @@ pub async fn build_builtin(
                     elapsed_ms,
                 });
             }
-            tracing::info!(status, elapsed_ms, "toolchain template build ended");
+            tracing::info!(
+                status = status.as_str(),
+                elapsed_ms,
+                "toolchain template build ended"
+            );
             log.push(TemplateBuildEvent::Finished {
-                status: status.into(),
+                status: status.as_str().into(),
                 error,
                 elapsed_ms,
             });
@@ -1034,7 +1081,8 @@ pub async fn build_builtin(
     }
     Ok(server
         .store
-        .template_by_id(TOOLCHAIN_ID)
+        .templates
+        .by_id(TOOLCHAIN_ID)
         .await?
         .expect("registered at start"))
 }

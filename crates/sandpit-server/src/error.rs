@@ -9,17 +9,9 @@ use sandpit_api_types::{ErrorBody, ErrorDetail};
 /// What failed inside the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("store: {op}")]
-    Store {
-        op: &'static str,
-        #[source]
-        source: sqlx::Error,
-    },
-    #[error("applying database migrations")]
-    Migrate {
-        #[source]
-        source: sqlx::migrate::MigrateError,
-    },
+    /// The control layer (its store, its domain rules).
+    #[error("control")]
+    Control(#[from] sandpit_control::ControlError),
     #[error("runtime")]
     Runtime(#[from] sandpit_runtime::RuntimeError),
     #[error("network")]
@@ -112,6 +104,11 @@ impl ApiError {
 
 impl From<ServerError> for ApiError {
     fn from(e: ServerError) -> Self {
+        // The control layer's errors map (and log) in one place.
+        let e = match e {
+            ServerError::Control(c) => return ApiError::from(c),
+            e => e,
+        };
         // The chain goes to the log; the client gets a code it can act on.
         tracing::error!(error = %DisplayChain(&e), "internal error");
         match e {
@@ -135,6 +132,43 @@ impl From<ServerError> for ApiError {
                 "internal",
                 "internal server error; see the server log",
             ),
+        }
+    }
+}
+
+/// The one place the control layer's errors become HTTP answers.
+impl From<sandpit_control::ControlError> for ApiError {
+    fn from(e: sandpit_control::ControlError) -> Self {
+        use sandpit_control::ControlError as C;
+        match e {
+            C::NotFound { what } => ApiError::not_found("not_found", format!("{what} not found")),
+            C::Forbidden { message } => ApiError::forbidden("forbidden", message),
+            C::Conflict { code, message } => ApiError::conflict(code, message),
+            C::Invalid { code, message } => ApiError::bad_request(code, message),
+            C::Quota { code, message } => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message)
+            }
+            C::DiskFull => ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "host_disk_full",
+                "the host's free-space reserve is reached; nothing was done",
+            ),
+            e @ C::Corrupt { .. } => {
+                tracing::error!(error = %DisplayChain(&e), "corrupt record");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "corrupt_record",
+                    "a stored record this operation needs does not decode; nothing was done (see the server log)",
+                )
+            }
+            e => {
+                tracing::error!(error = %DisplayChain(&e), "internal error");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal server error; see the server log",
+                )
+            }
         }
     }
 }

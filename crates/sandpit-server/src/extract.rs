@@ -17,6 +17,7 @@
 //! can name it (only pooled sandboxes, owned by the system workspace, are re-keyed), so the
 //! row checked here stays the caller's for the whole request.
 
+use sandpit_control::Status;
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -25,10 +26,11 @@ use axum::extract::{FromRequestParts, Path};
 use axum::http::request::Parts;
 
 use crate::auth::{Auth, hash_token};
+use crate::compat::store::{CsbAgentTokenRow, CsbTables};
 use crate::error::ApiError;
 use crate::routes::org::CsbError;
 use crate::server::Server;
-use crate::store::{CsbAgentTokenRow, SandboxRow};
+use crate::store::Sandbox;
 use crate::util::now_ms;
 
 /// The API token scopes a route may require ([`OwnedSandbox`]'s parameter).
@@ -59,7 +61,7 @@ pub mod scope {
 #[derive(Debug, Clone)]
 pub struct Authorized {
     auth: Auth,
-    row: SandboxRow,
+    row: Sandbox,
 }
 
 impl Authorized {
@@ -70,7 +72,7 @@ impl Authorized {
 
     /// The sandbox's row when it was checked (re-read it under the sandbox's lock before
     /// acting on its status).
-    pub fn row(&self) -> &SandboxRow {
+    pub fn row(&self) -> &Sandbox {
         &self.row
     }
 
@@ -87,7 +89,8 @@ impl Authorized {
     pub async fn load(server: &Server, auth: &Auth, id: &str) -> Result<Self, ApiError> {
         let row = server
             .store
-            .get_sandbox(id)
+            .sandboxes
+            .get(id)
             .await?
             .ok_or_else(|| not_found(id))?;
         if row.workspace_id != auth.workspace_id {
@@ -104,8 +107,10 @@ impl Authorized {
 
     /// The CodeSandbox check: 404 for an unknown, destroyed or another workspace's sandbox.
     pub async fn load_csb(server: &Server, auth: &Auth, id: &str) -> Result<Self, ApiError> {
-        match server.store.get_sandbox(id).await? {
-            Some(row) if row.workspace_id == auth.workspace_id && row.status != "destroyed" => {
+        match server.store.sandboxes.get(id).await? {
+            Some(row)
+                if row.workspace_id == auth.workspace_id && row.status != Status::Destroyed =>
+            {
                 Ok(Authorized {
                     auth: auth.clone(),
                     row,
@@ -117,7 +122,7 @@ impl Authorized {
 
     /// A sandbox the server has just made for `auth` (create, fork): its row names the
     /// caller's workspace by construction.
-    pub(crate) fn made_for(auth: &Auth, row: SandboxRow) -> Result<Self, ApiError> {
+    pub(crate) fn made_for(auth: &Auth, row: Sandbox) -> Result<Self, ApiError> {
         if row.workspace_id != auth.workspace_id {
             return Err(crate::error::ServerError::Corrupt(format!(
                 "sandbox {} was made for another workspace",
@@ -208,7 +213,7 @@ pub struct GatewaySandbox {
     /// The token as presented (to spend it).
     pub token: String,
     pub grant: CsbAgentTokenRow,
-    pub row: SandboxRow,
+    pub row: Sandbox,
 }
 
 impl FromRequestParts<Arc<Server>> for GatewaySandbox {
@@ -227,15 +232,17 @@ impl FromRequestParts<Arc<Server>> for GatewaySandbox {
             .ok_or_else(|| ApiError::unauthorized("the token query parameter is required"))?;
         let grant = server
             .store
-            .csb_agent_token(&id, &hash_token(&token))
+            .csb()
+            .agent_token(&id, &hash_token(&token))
             .await?
             .filter(|t| t.expires_at > now_ms())
             .ok_or_else(|| ApiError::unauthorized("unknown or expired agent token"))?;
         let row = server
             .store
-            .get_sandbox(&id)
+            .sandboxes
+            .get(&id)
             .await?
-            .filter(|r| r.workspace_id == grant.workspace_id && r.status != "destroyed")
+            .filter(|r| r.workspace_id == grant.workspace_id && r.status != Status::Destroyed)
             .ok_or_else(|| not_found(&id))?;
         Ok(GatewaySandbox { token, grant, row })
     }

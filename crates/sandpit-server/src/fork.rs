@@ -9,6 +9,7 @@
     reason = "checkpoint images and snapshot dirs are written by runsc and the server under the data dir (a sandbox's files travel inside its disk image)"
 )]
 
+use sandpit_control::Status;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -20,7 +21,7 @@ use crate::error::{ApiError, DisplayChain, ServerError};
 use crate::extract::Authorized;
 use crate::lifecycle::{boot, current, insert_with_slot, to_api};
 use crate::server::Server;
-use crate::store::{SandboxRow, SnapshotRow};
+use crate::store::{Sandbox, SnapshotRow};
 use crate::util::{new_id, new_sandbox_id, now_ms, random_hex, rfc3339};
 
 /// Most children one fork call makes.
@@ -48,9 +49,9 @@ fn temp_image_dir(server: &Server) -> PathBuf {
 
 /// Stop `row` with its memory saved (if running) so its files can be copied. The caller
 /// holds the sandbox's write lock.
-async fn freeze(server: &Arc<Server>, row: &SandboxRow) -> Result<Frozen, ApiError> {
-    match row.status.as_str() {
-        "running" => {
+async fn freeze(server: &Arc<Server>, row: &Sandbox) -> Result<Frozen, ApiError> {
+    match row.status {
+        Status::Running => {
             // Open preview connections would make gVisor refuse the checkpoint.
             server.previews.cut(&row.id).await;
             let image = temp_image_dir(server);
@@ -69,6 +70,7 @@ async fn freeze(server: &Arc<Server>, row: &SandboxRow) -> Result<Frozen, ApiErr
                 if let Err(e) = boot(server, row, None).await {
                     server
                         .store
+                        .sandboxes
                         .mark_failed(
                             &row.id,
                             &format!("lost after a failed checkpoint: {}", DisplayChain(&e)),
@@ -90,7 +92,7 @@ async fn freeze(server: &Arc<Server>, row: &SandboxRow) -> Result<Frozen, ApiErr
                 was_running: true,
             })
         }
-        "suspended" => {
+        Status::Suspended => {
             let image = server.checkpoint_dir(&row.id);
             Ok(Frozen {
                 image: image.join("checkpoint.img").exists().then_some(image),
@@ -107,7 +109,7 @@ async fn freeze(server: &Arc<Server>, row: &SandboxRow) -> Result<Frozen, ApiErr
 
 /// Bring a frozen sandbox back as it was. If its memory cannot be restored it boots with its
 /// files, and if even that fails it is marked failed.
-async fn thaw(server: &Arc<Server>, row: &SandboxRow, frozen: &Frozen) -> Result<(), ServerError> {
+async fn thaw(server: &Arc<Server>, row: &Sandbox, frozen: &Frozen) -> Result<(), ServerError> {
     if !frozen.was_running {
         return Ok(());
     }
@@ -118,6 +120,7 @@ async fn thaw(server: &Arc<Server>, row: &SandboxRow, frozen: &Frozen) -> Result
     if let Err(e) = boot(server, row, None).await {
         server
             .store
+            .sandboxes
             .mark_failed(
                 &row.id,
                 &format!("could not be restarted after a copy: {}", DisplayChain(&e)),
@@ -128,13 +131,15 @@ async fn thaw(server: &Arc<Server>, row: &SandboxRow, frozen: &Frozen) -> Result
     }
     server
         .store
+        .sandboxes
         .set_status(
             &row.id,
-            "running",
+            Status::Running,
             Some("memory was lost while copying; files were kept"),
             now_ms(),
         )
-        .await
+        .await?;
+    Ok(())
 }
 
 fn error_result(e: ApiError) -> ForkResult {
@@ -147,13 +152,13 @@ fn error_result(e: ApiError) -> ForkResult {
 }
 
 /// A new row that copies `parent`'s settings.
-fn child_of(server: &Server, parent: &SandboxRow) -> SandboxRow {
+fn child_of(server: &Server, parent: &Sandbox) -> Sandbox {
     let now = now_ms();
     let id = new_sandbox_id();
-    SandboxRow {
+    Sandbox {
         runtime_id: format!("{}-{}", server.cfg.prefix, id),
         id,
-        status: "creating".into(),
+        status: Status::Creating,
         expires_at: parent.timeout_ms.map(|t| now + t),
         last_active_at: now,
         slot: None,
@@ -166,7 +171,7 @@ fn child_of(server: &Server, parent: &SandboxRow) -> SandboxRow {
 
 /// Boot a child from the parent's image (or cold, when there is none) and mark it running;
 /// on failure tear it down and mark it failed.
-async fn start_child(server: &Arc<Server>, row: SandboxRow, image: Option<&Path>) -> ForkResult {
+async fn start_child(server: &Arc<Server>, row: Sandbox, image: Option<&Path>) -> ForkResult {
     let lock = server.lock_of(&row.id);
     let _guard = lock.write().await;
     match boot(server, &row, image).await {
@@ -177,19 +182,24 @@ async fn start_child(server: &Arc<Server>, row: SandboxRow, image: Option<&Path>
                 .unwrap_or_default();
             if let Err(e) = server
                 .store
-                .set_status(&row.id, "running", note.as_deref(), now)
+                .sandboxes
+                .set_status(&row.id, Status::Running, note.as_deref(), now)
                 .await
             {
                 return error_result(e.into());
             }
             let mut row = row;
-            row.status = "running".into();
+            row.status = Status::Running;
             ForkResult::Ok(Box::new(to_api(&row)))
         }
         Err(e) => {
             let message = format!("could not start: {}", DisplayChain(&e));
             server.teardown(&row.id, &row.runtime_id, None).await;
-            let _ = server.store.mark_failed(&row.id, &message, now_ms()).await;
+            let _ = server
+                .store
+                .sandboxes
+                .mark_failed(&row.id, &message, now_ms())
+                .await;
             error_result(e.into())
         }
     }
@@ -217,7 +227,7 @@ pub async fn fork(
             &server.store,
             sb.workspace_id(),
             count,
-            sb.row().mode == "persistent",
+            sb.row().mode == sandpit_api_types::SandboxMode::Persistent,
         )
         .await?;
     let lock = server.lock_of(parent_id);
@@ -228,7 +238,7 @@ pub async fn fork(
 
     // Claim slots and copy files while the parent is stopped, so every child sees the same
     // files as the memory image.
-    let mut pending: Vec<Result<SandboxRow, ApiError>> = Vec::with_capacity(count as usize);
+    let mut pending: Vec<Result<Sandbox, ApiError>> = Vec::with_capacity(count as usize);
     for _ in 0..count {
         let mut row = child_of(server, &parent);
         let inserted = server
@@ -254,6 +264,7 @@ pub async fn fork(
                 server.teardown(&row.id, &row.runtime_id, None).await;
                 let _ = server
                     .store
+                    .sandboxes
                     .mark_failed(
                         &row.id,
                         &format!("copying files: {}", DisplayChain(&e)),
@@ -334,7 +345,7 @@ pub async fn take_snapshot(server: &Arc<Server>, sb: &Authorized) -> Result<Snap
     // Refused early when the workspace keeps its limit already; the insert checks again
     // (atomically), for snapshots taken at the same time.
     let max = server.limits.cfg.max_snapshots;
-    if max > 0 && server.store.count_snapshots(sb.workspace_id()).await? >= i64::from(max) {
+    if max > 0 && server.store.snapshots.count(sb.workspace_id()).await? >= i64::from(max) {
         return Err(snapshots_quota(max));
     }
     let lock = server.lock_of(sandbox_id);
@@ -373,13 +384,13 @@ pub async fn take_snapshot(server: &Arc<Server>, sb: &Authorized) -> Result<Snap
         template_id: row.template_id.clone(),
         template_name: row.template_name.clone(),
         size: row.size.clone(),
-        env: row.env.clone(),
-        egress: row.egress.clone(),
+        env: row.env.raw().to_string(),
+        egress: row.egress.raw().to_string(),
         has_memory,
         size_bytes: disk_usage(&dir) as i64,
         created_at: now_ms(),
     };
-    if !server.store.insert_snapshot(&snap, max).await? {
+    if !server.store.snapshots.insert(&snap, max).await? {
         let _ = std::fs::remove_dir_all(&dir);
         return Err(snapshots_quota(max));
     }
@@ -399,7 +410,7 @@ fn snapshots_quota(max: u32) -> ApiError {
 /// Returns whether the snapshot has memory.
 async fn save_snapshot(
     server: &Server,
-    row: &SandboxRow,
+    row: &Sandbox,
     frozen: &Frozen,
     dir: &Path,
 ) -> Result<bool, ServerError> {
@@ -442,7 +453,7 @@ fn copy_dir(from: &Path, to: &Path) -> Result<(), ServerError> {
 /// Start a new sandbox (row inserted, slot claimed) from a snapshot's files and memory.
 pub async fn boot_from_snapshot(
     server: &Server,
-    row: &SandboxRow,
+    row: &Sandbox,
     snap: &SnapshotRow,
 ) -> Result<(), ServerError> {
     let dir = snapshot_dir(server, &snap.id);
@@ -457,7 +468,12 @@ pub async fn boot_from_snapshot(
 /// `DELETE /v1/snapshots/{id}`: the snapshot and its files go; sandboxes started from it are
 /// unaffected (they have their own copies).
 pub async fn delete_snapshot(server: &Server, auth: &Auth, id: &str) -> Result<(), ApiError> {
-    if !server.store.delete_snapshot(&auth.workspace_id, id).await? {
+    if !server
+        .store
+        .snapshots
+        .delete(&auth.workspace_id, id)
+        .await?
+    {
         return Err(ApiError::not_found(
             "snapshot_not_found",
             format!("no snapshot {id:?}"),

@@ -72,7 +72,8 @@ where
         let now = now_ms();
         let earlier = server
             .store
-            .idempotency_begin(&ws, &key, &hash, now, now + KEEP.as_millis() as i64)
+            .idempotency
+            .begin(&ws, &key, &hash, now, now + KEEP.as_millis() as i64)
             .await?;
         match earlier {
             None => break,
@@ -106,10 +107,11 @@ where
             Ok((status, body)) => {
                 owner
                     .store
-                    .idempotency_finish(&ws, &key, status.as_u16(), &body.to_string())
+                    .idempotency
+                    .finish(&ws, &key, status.as_u16(), &body.to_string())
                     .await
             }
-            Err(_) => owner.store.idempotency_abandon(&ws, &key).await,
+            Err(_) => owner.store.idempotency.abandon(&ws, &key).await,
         };
         if let Err(e) = recorded {
             tracing::error!(error = %DisplayChain(&e), "recording an idempotent response");

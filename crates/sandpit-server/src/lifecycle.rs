@@ -13,14 +13,15 @@
     reason = "checkpoint images and netns paths are host-owned"
 )]
 
+use crate::store::TemplateStatus;
+use sandpit_control::{Status, Stored};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sandpit_api_types::{
-    CreateSandboxRequest, EgressPolicy, MAX_EPHEMERAL_TIMEOUT_SECS, PreviewPrivacy,
-    PreviewSettings, Sandbox, SandboxMode, SandboxStatus, ValidEgress, format_duration,
-    parse_duration,
+    CreateSandboxRequest, EgressPolicy, MAX_EPHEMERAL_TIMEOUT_SECS, PreviewSettings, SandboxMode,
+    ValidEgress, format_duration, parse_duration,
 };
 use sandpit_net::{EgressRules, Ipv4Net};
 use sandpit_runtime::{NetworkAttachment, Resources, SandboxSpec};
@@ -31,7 +32,7 @@ use crate::auth::Auth;
 use crate::error::{ApiError, DisplayChain, ServerError, decode};
 use crate::extract::Authorized;
 use crate::server::Server;
-use crate::store::{SandboxRow, SnapshotRow};
+use crate::store::{Sandbox, SnapshotRow};
 use crate::templates::AGENT_PATH_IN_SANDBOX;
 use crate::util::{new_sandbox_id, now_ms, rfc3339};
 
@@ -62,30 +63,31 @@ pub fn size_disk(server: &Server, size: &str) -> Option<u64> {
 }
 
 /// The API view of a row.
-pub fn to_api(row: &SandboxRow) -> Sandbox {
-    let env: BTreeMap<String, String> = serde_json::from_str(&row.env).unwrap_or_default();
-    Sandbox {
+pub fn to_api(row: &Sandbox) -> sandpit_api_types::Sandbox {
+    // Display only: what a corrupt record shows is no default anything acts on (the
+    // operations that need these records decode them fail-closed).
+    let env: BTreeMap<String, String> = row.env.decode(String::new).unwrap_or_default();
+    sandpit_api_types::Sandbox {
         id: row.id.clone(),
-        status: SandboxStatus::parse(&row.status).unwrap_or(SandboxStatus::Failed),
+        status: row.status.to_api(),
         template: row.template_name.clone(),
-        mode: if row.mode == "persistent" {
-            SandboxMode::Persistent
-        } else {
-            SandboxMode::Ephemeral
-        },
+        mode: row.mode,
         size: row.size.clone(),
         created_at: rfc3339(row.created_at),
         expires_at: row.expires_at.map(rfc3339),
         idle_timeout: row
             .idle_timeout_ms
             .map(|ms| format_duration(Duration::from_millis(ms as u64))),
-        metadata: serde_json::from_str(&row.metadata).unwrap_or_default(),
+        metadata: row.metadata.decode(String::new).unwrap_or_default(),
         env_keys: env.into_keys().collect(),
         // What is enforced: a policy that does not decode is treated as `deny_all` (see
         // [`rules_or_deny`]), never as the default `allow_all`.
-        egress: serde_json::from_str(&row.egress).unwrap_or_else(|_| deny_all()),
+        egress: row
+            .egress
+            .decode(String::new)
+            .unwrap_or_else(|_| deny_all()),
         preview: PreviewSettings {
-            privacy: PreviewPrivacy::parse(&row.preview_privacy).unwrap_or_default(),
+            privacy: row.preview_privacy,
         },
         error: row.error.clone(),
     }
@@ -123,8 +125,10 @@ pub(crate) fn validate_egress(
         .map_err(|(code, m)| ApiError::bad_request(code, m))
 }
 
-pub(crate) fn stored_rules(row: &SandboxRow) -> Result<EgressRules, ServerError> {
-    let policy: EgressPolicy = decode(|| format!("egress policy of {}", row.id), &row.egress)?;
+pub(crate) fn stored_rules(row: &Sandbox) -> Result<EgressRules, ServerError> {
+    let policy: EgressPolicy = row
+        .egress
+        .decode(|| format!("egress policy of {}", row.id))?;
     let valid = policy
         .validate_stored()
         .map_err(|(_, m)| ServerError::Corrupt(format!("egress of {}: {m}", row.id)))?;
@@ -144,7 +148,8 @@ pub(crate) async fn running_note(
 ) -> Result<Option<String>, ServerError> {
     let reset = server
         .store
-        .get_sandbox(id)
+        .sandboxes
+        .get(id)
         .await?
         .and_then(|r| r.error)
         .filter(|e| e.starts_with(EGRESS_RESET_NOTE));
@@ -164,7 +169,7 @@ pub fn deny_all() -> EgressPolicy {
 /// says why, so what runs, what is stored and what the API shows agree.
 pub(crate) async fn rules_or_deny(
     server: &Server,
-    row: &SandboxRow,
+    row: &Sandbox,
 ) -> Result<EgressRules, ServerError> {
     match stored_rules(row) {
         Ok(rules) => Ok(rules),
@@ -174,9 +179,10 @@ pub(crate) async fn rules_or_deny(
                 DisplayChain(&e)
             );
             tracing::error!(sandbox = %row.id, error = %DisplayChain(&e), "egress policy does not decode: denying all egress");
-            let deny = serde_json::to_string(&deny_all()).expect("policy serializes");
+            let deny = Stored::encode(&deny_all());
             server
                 .store
+                .sandboxes
                 .replace_egress(&row.id, &deny, &why, now_ms())
                 .await?;
             let valid = deny_all().validate().expect("deny_all is valid");
@@ -190,12 +196,13 @@ async fn validate_create(
     server: &Server,
     auth: &Auth,
     req: &CreateSandboxRequest,
-) -> Result<(SandboxRow, Option<SnapshotRow>), ApiError> {
+) -> Result<(Sandbox, Option<SnapshotRow>), ApiError> {
     let snapshot = match &req.snapshot {
         Some(snap_id) => Some(
             server
                 .store
-                .get_snapshot(&auth.workspace_id, snap_id)
+                .snapshots
+                .get(&auth.workspace_id, snap_id)
                 .await?
                 .ok_or_else(|| {
                     ApiError::not_found("snapshot_not_found", format!("no snapshot {snap_id:?}"))
@@ -296,7 +303,8 @@ async fn validate_create(
     }
     let template = server
         .store
-        .find_template(
+        .templates
+        .find(
             &auth.workspace_id,
             snapshot
                 .as_ref()
@@ -310,10 +318,10 @@ async fn validate_create(
                 format!("no template {:?}", req.template),
             )
         })?;
-    if template.status != "ready" {
+    if template.status != TemplateStatus::Ready {
         return Err(ApiError::conflict(
             "template_not_ready",
-            if template.status == "not_built" {
+            if template.status == TemplateStatus::NotBuilt {
                 format!(
                     "template {:?} is built on demand: POST /v1/templates/{}/build (or `sandpit template build-builtin {}`) first",
                     req.template, template.name, template.name
@@ -349,18 +357,18 @@ async fn validate_create(
     };
     validate_egress(server, &egress)?;
     let id = new_sandbox_id();
-    let row = SandboxRow {
+    let row = Sandbox {
         runtime_id: format!("{}-{}", server.cfg.prefix, id),
         id,
         workspace_id: auth.workspace_id.clone(),
         template_id: template.id,
         template_name: template.name,
-        mode: req.mode.as_str().into(),
-        status: "creating".into(),
+        mode: req.mode,
+        status: Status::Creating,
         size,
-        env: serde_json::to_string(&env).expect("map serializes"),
-        metadata: serde_json::to_string(&req.metadata).expect("map serializes"),
-        egress: serde_json::to_string(&egress).expect("policy serializes"),
+        env: Stored::encode(&env),
+        metadata: Stored::encode(&req.metadata),
+        egress: Stored::encode(&egress),
         timeout_ms,
         idle_timeout_ms,
         expires_at,
@@ -369,7 +377,7 @@ async fn validate_create(
         error: None,
         created_at: now,
         updated_at: now,
-        preview_privacy: req.preview.unwrap_or_default().privacy.as_str().to_string(),
+        preview_privacy: req.preview.unwrap_or_default().privacy,
     };
     Ok((row, snapshot))
 }
@@ -377,18 +385,23 @@ async fn validate_create(
 /// Claim the lowest free network slot by inserting the row that holds it.
 pub(crate) async fn insert_with_slot(
     server: &Server,
-    row: &mut SandboxRow,
+    row: &mut Sandbox,
 ) -> Result<(), ServerError> {
     let _guard = server.slot_lock.lock().await;
     row.slot = Some(lowest_free_slot(server).await?);
-    server.store.insert_sandbox(row).await
+    Ok(server.store.sandboxes.insert(row).await?)
 }
 
 /// The lowest network slot no row holds; `NoSlot` when every one is taken. Call with
 /// `slot_lock` held, up to the store write that takes the slot.
 async fn lowest_free_slot(server: &Server) -> Result<i64, ServerError> {
-    let used: std::collections::HashSet<i64> =
-        server.store.used_slots().await?.into_iter().collect();
+    let used: std::collections::HashSet<i64> = server
+        .store
+        .sandboxes
+        .used_slots()
+        .await?
+        .into_iter()
+        .collect();
     (0..server.net.capacity() as i64)
         .find(|s| !used.contains(s))
         .ok_or(ServerError::NoSlot)
@@ -396,10 +409,14 @@ async fn lowest_free_slot(server: &Server) -> Result<i64, ServerError> {
 
 /// Claim the lowest free network slot for an existing row that holds none (a suspended
 /// sandbox waking). `NoSlot` (503 `capacity_exhausted`) when every slot is taken.
-async fn claim_slot(server: &Server, row: &mut SandboxRow) -> Result<(), ServerError> {
+async fn claim_slot(server: &Server, row: &mut Sandbox) -> Result<(), ServerError> {
     let _guard = server.slot_lock.lock().await;
     let slot = lowest_free_slot(server).await?;
-    server.store.set_slot(&row.id, slot, now_ms()).await?;
+    server
+        .store
+        .sandboxes
+        .set_slot(&row.id, slot, now_ms())
+        .await?;
     row.slot = Some(slot);
     Ok(())
 }
@@ -412,7 +429,7 @@ async fn claim_slot(server: &Server, row: &mut SandboxRow) -> Result<(), ServerE
 /// reconciliation removes it). The caller holds the sandbox's write lock.
 async fn mark_suspended(
     server: &Server,
-    row: &SandboxRow,
+    row: &Sandbox,
     note: Option<&str>,
 ) -> Result<(), ServerError> {
     let now = now_ms();
@@ -420,31 +437,38 @@ async fn mark_suspended(
         && let Err(e) = server.net.detach(slot as u32).await
     {
         tracing::error!(sandbox = %row.id, error = %DisplayChain(&e), "removing a suspended sandbox's network slot; it keeps the slot");
-        return server
+        return Ok(server
             .store
-            .set_status(&row.id, "suspended", note, now)
-            .await;
+            .sandboxes
+            .set_status(&row.id, Status::Suspended, note, now)
+            .await?);
     }
-    server.store.mark_suspended(&row.id, note, now).await
+    Ok(server
+        .store
+        .sandboxes
+        .mark_suspended(&row.id, note, now)
+        .await?)
 }
 
 /// Give a stopped sandbox's network slot back: its namespace goes and its row holds none.
 /// A suspended sandbox holds no slot; waking claims one ([`wake`]).
-async fn release_slot(server: &Server, row: &SandboxRow) -> Result<(), ServerError> {
+async fn release_slot(server: &Server, row: &Sandbox) -> Result<(), ServerError> {
     if let Some(slot) = row.slot {
         server.net.detach(slot as u32).await?;
     }
-    server.store.release_slot(&row.id, now_ms()).await
+    Ok(server
+        .store
+        .sandboxes
+        .release_slot(&row.id, now_ms())
+        .await?)
 }
 
 /// The spec the runtime boots or restores a sandbox from.
-pub(crate) async fn spec_for(
-    server: &Server,
-    row: &SandboxRow,
-) -> Result<SandboxSpec, ServerError> {
+pub(crate) async fn spec_for(server: &Server, row: &Sandbox) -> Result<SandboxSpec, ServerError> {
     let template = server
         .store
-        .template_by_id(&row.template_id)
+        .templates
+        .by_id(&row.template_id)
         .await?
         .ok_or_else(|| {
             ServerError::Corrupt(format!(
@@ -494,17 +518,17 @@ pub(crate) async fn spec_for(
 /// A stored environment that does not decode fails the exec (`corrupt_record`) rather than
 /// run it without the variables its owner set.
 pub fn exec_env(
-    row: &SandboxRow,
+    row: &Sandbox,
     request: Vec<(String, String)>,
 ) -> Result<Vec<(String, String)>, ServerError> {
     let mut env: BTreeMap<String, String> =
-        decode(|| format!("environment of {}", row.id), &row.env)?;
+        row.env.decode(|| format!("environment of {}", row.id))?;
     env.insert("SANDPIT_SANDBOX_ID".into(), row.id.clone());
     env.extend(request);
     Ok(env.into_iter().collect())
 }
 
-pub fn agent_of(server: &Server, row: &SandboxRow) -> Option<AgentClient> {
+pub fn agent_of(server: &Server, row: &Sandbox) -> Option<AgentClient> {
     row.slot
         .map(|s| AgentClient::new(&row.id, server.net.addrs(s as u32).sandbox_ip))
 }
@@ -513,7 +537,7 @@ pub fn agent_of(server: &Server, row: &SandboxRow) -> Option<AgentClient> {
 /// claimed, and wait for its agent. On failure, releases what it took (runtime, network).
 pub(crate) async fn boot(
     server: &Server,
-    row: &SandboxRow,
+    row: &Sandbox,
     image: Option<&std::path::Path>,
 ) -> Result<(), ServerError> {
     match boot_once(server, row, image).await {
@@ -530,7 +554,7 @@ pub(crate) async fn boot(
 
 async fn boot_once(
     server: &Server,
-    row: &SandboxRow,
+    row: &Sandbox,
     image: Option<&std::path::Path>,
 ) -> Result<(), ServerError> {
     let spec = spec_for(server, row).await?;
@@ -540,7 +564,7 @@ async fn boot_once(
 /// [`boot`] from a given spec (a template build boots over its own layers), without retry.
 pub(crate) async fn boot_spec(
     server: &Server,
-    row: &SandboxRow,
+    row: &Sandbox,
     spec: &SandboxSpec,
     image: Option<&std::path::Path>,
 ) -> Result<(), ServerError> {
@@ -599,7 +623,7 @@ const AGENT_SERVE_COMM: &str = "exe";
 /// sandbox's memory is kept.
 async fn wait_restored_agent(
     server: &Server,
-    row: &SandboxRow,
+    row: &Sandbox,
     spec: &SandboxSpec,
 ) -> Result<(), ServerError> {
     let agent = agent_of(server, row).expect("slot checked");
@@ -628,10 +652,7 @@ async fn wait_restored_agent(
 
 /// Write a new sandbox's `/etc/resolv.conf` through its agent (only at create: a sandbox
 /// that later boots again keeps whatever it has, edits included).
-pub(crate) async fn write_resolv_conf(
-    server: &Server,
-    row: &SandboxRow,
-) -> Result<(), ServerError> {
+pub(crate) async fn write_resolv_conf(server: &Server, row: &Sandbox) -> Result<(), ServerError> {
     let body = futures::stream::iter([Ok::<_, std::convert::Infallible>(bytes::Bytes::from(
         server.resolv_conf.clone(),
     ))]);
@@ -649,7 +670,7 @@ pub(crate) async fn write_resolv_conf(
 /// Start a new sandbox from its template: restore the template's boot snapshot when there is
 /// one (and they are enabled), otherwise boot cold.
 /// Returns true when it restored (the template's start command then already runs).
-async fn boot_template(server: &Server, row: &SandboxRow) -> Result<bool, ServerError> {
+async fn boot_template(server: &Server, row: &Sandbox) -> Result<bool, ServerError> {
     if server.cfg.boot_snapshots
         && let Some(dir) = crate::templates::boot_snapshot(server, &row.template_id)
     {
@@ -672,7 +693,7 @@ pub async fn create(
     server: &Arc<Server>,
     auth: &Auth,
     req: &CreateSandboxRequest,
-) -> Result<SandboxRow, ApiError> {
+) -> Result<Sandbox, ApiError> {
     let (mut row, snapshot) = validate_create(server, auth, req).await?;
     server.ensure_free_disk()?;
     // Held until the row is in the store, which then counts it as running.
@@ -730,6 +751,7 @@ pub async fn create(
             .await;
         server
             .store
+            .sandboxes
             .mark_failed(
                 &row.id,
                 &format!("could not start: {}", DisplayChain(&e)),
@@ -742,16 +764,17 @@ pub async fn create(
     let now = now_ms();
     server
         .store
-        .set_status(&row.id, "running", None, now)
+        .sandboxes
+        .set_status(&row.id, Status::Running, None, now)
         .await?;
     tracing::info!(sandbox = %row.id, elapsed_ms = started.elapsed().as_millis() as u64, "sandbox running");
-    row.status = "running".into();
+    row.status = Status::Running;
     Ok(row)
 }
 
 /// The current row of a sandbox the caller was authorized for (see [`Authorized`]); 404 if
 /// it is gone.
-pub async fn current(server: &Server, sb: &Authorized) -> Result<SandboxRow, ApiError> {
+pub async fn current(server: &Server, sb: &Authorized) -> Result<Sandbox, ApiError> {
     let row = existing(server, sb.id()).await?;
     if row.workspace_id != sb.workspace_id() {
         // A tenant's sandbox never changes workspace; never act on one that did.
@@ -782,10 +805,10 @@ async fn destroy_locked(
     id: &str,
     guard: tokio::sync::OwnedRwLockWriteGuard<()>,
 ) -> Result<(), ApiError> {
-    let Some(row) = server.store.get_sandbox(id).await? else {
+    let Some(row) = server.store.sandboxes.get(id).await? else {
         return Ok(());
     };
-    if row.status == "destroyed" {
+    if row.status == Status::Destroyed {
         return Ok(());
     }
     server.previews.cut(id).await;
@@ -793,7 +816,7 @@ async fn destroy_locked(
         .teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
         .await;
     crate::faults::point("destroy.torn_down");
-    server.store.mark_destroyed(id, now_ms()).await?;
+    server.store.sandboxes.mark_destroyed(id, now_ms()).await?;
     drop(guard);
     server.forget_lock(id);
     tracing::info!(sandbox = %id, "destroyed");
@@ -811,8 +834,8 @@ pub const STOPPED_REASON: &str =
 /// when the sandbox still runs. Takes the write lock: the caller must hold no guard.
 pub async fn settle_if_dead(server: &Arc<Server>, id: &str) -> Option<ApiError> {
     let _guard = server.lock_of(id).write_owned().await;
-    let row = server.store.get_sandbox(id).await.ok()??;
-    if row.status != "running" {
+    let row = server.store.sandboxes.get(id).await.ok()??;
+    if row.status != Status::Running {
         return None;
     }
     match server.runtime.status(&row.runtime_id).await {
@@ -823,10 +846,10 @@ pub async fn settle_if_dead(server: &Arc<Server>, id: &str) -> Option<ApiError> 
         }
         Ok(_) => {}
     }
-    tracing::warn!(sandbox = %id, mode = %row.mode, "the sandbox died");
+    tracing::warn!(sandbox = %id, mode = row.mode.as_str(), "the sandbox died");
     server.previews.cut(id).await;
     let now = now_ms();
-    let settled = if row.mode == "persistent" {
+    let settled = if row.mode == SandboxMode::Persistent {
         // The files are on disk; the network slot goes (a suspended sandbox holds none).
         if let Err(e) = server
             .runtime
@@ -840,7 +863,12 @@ pub async fn settle_if_dead(server: &Arc<Server>, id: &str) -> Option<ApiError> 
         server
             .teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
             .await;
-        server.store.mark_failed(id, STOPPED_REASON, now).await
+        server
+            .store
+            .sandboxes
+            .mark_failed(id, STOPPED_REASON, now)
+            .await
+            .map_err(ServerError::from)
     };
     if let Err(e) = settled {
         tracing::error!(sandbox = %id, error = %DisplayChain(&e), "recording a dead sandbox");
@@ -854,21 +882,22 @@ pub fn stopped_error() -> ApiError {
 }
 
 /// A sandbox by id, or 404 (callers have checked the workspace already).
-async fn existing(server: &Server, id: &str) -> Result<SandboxRow, ApiError> {
+async fn existing(server: &Server, id: &str) -> Result<Sandbox, ApiError> {
     server
         .store
-        .get_sandbox(id)
+        .sandboxes
+        .get(id)
         .await?
         .ok_or_else(|| ApiError::not_found("sandbox_not_found", format!("no sandbox {id:?}")))
 }
 
 /// Stop a sandbox without saving its memory (status `suspended`): the next wake boots it
 /// afresh with its files. A memory image from an earlier suspend is discarded.
-pub async fn shutdown(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiError> {
+pub async fn shutdown(server: &Arc<Server>, id: &str) -> Result<Sandbox, ApiError> {
     let lock = server.lock_of(id);
     let _guard = lock.write().await;
     let row = existing(server, id).await?;
-    if !matches!(row.status.as_str(), "running" | "suspended") {
+    if !matches!(row.status, Status::Running | Status::Suspended) {
         return Err(ApiError::conflict(
             "invalid_state",
             format!("a {} sandbox cannot be shut down", row.status),
@@ -900,7 +929,7 @@ pub async fn shutdown(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiE
 /// `max_suspended` (a running ephemeral sandbox; persistent ones count from their create).
 pub async fn check_may_suspend(server: &Server, sb: &Authorized) -> Result<(), ApiError> {
     let row = current(server, sb).await?;
-    if row.mode == "persistent" || row.status != "running" {
+    if row.mode == SandboxMode::Persistent || row.status != Status::Running {
         return Ok(());
     }
     server
@@ -910,7 +939,7 @@ pub async fn check_may_suspend(server: &Server, sb: &Authorized) -> Result<(), A
 }
 
 /// Save a running sandbox's memory to disk and stop it, freeing its RAM.
-pub async fn suspend(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiError> {
+pub async fn suspend(server: &Arc<Server>, id: &str) -> Result<Sandbox, ApiError> {
     let lock = server.lock_of(id);
     let guard = lock.write_owned().await;
     suspend_locked(server, id, guard).await
@@ -920,12 +949,12 @@ pub async fn suspend(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiEr
 /// exec or file transfer counts as activity). Returns whether it was suspended.
 pub async fn suspend_if_idle(server: &Arc<Server>, id: &str) -> Result<bool, ApiError> {
     let Ok(guard) = server.lock_of(id).try_write_owned() else {
-        server.store.touch(id, now_ms()).await?;
+        server.store.sandboxes.touch(id, now_ms()).await?;
         return Ok(false);
     };
     let row = existing(server, id).await?;
     let idle_for = now_ms() - row.last_active_at;
-    if row.status != "running" || row.idle_timeout_ms.is_none_or(|t| idle_for < t) {
+    if row.status != Status::Running || row.idle_timeout_ms.is_none_or(|t| idle_for < t) {
         return Ok(false);
     }
     suspend_locked(server, id, guard).await.map(|_| true)
@@ -935,11 +964,11 @@ async fn suspend_locked(
     server: &Arc<Server>,
     id: &str,
     _guard: tokio::sync::OwnedRwLockWriteGuard<()>,
-) -> Result<SandboxRow, ApiError> {
+) -> Result<Sandbox, ApiError> {
     let row = existing(server, id).await?;
-    match row.status.as_str() {
-        "suspended" => return Ok(row),
-        "running" => {}
+    match row.status {
+        Status::Suspended => return Ok(row),
+        Status::Running => {}
         other => {
             return Err(ApiError::conflict(
                 "invalid_state",
@@ -973,17 +1002,17 @@ async fn suspend_locked(
     crate::faults::point("hibernate.checkpointed");
     mark_suspended(server, &row, note.as_deref()).await?;
     tracing::info!(sandbox = %id, elapsed_ms = started.elapsed().as_millis() as u64, "suspended");
-    Ok(server.store.get_sandbox(id).await?.unwrap_or(row))
+    Ok(server.store.sandboxes.get(id).await?.unwrap_or(row))
 }
 
 /// Restore a suspended sandbox (or boot it with its files if no memory image exists).
-pub async fn wake(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiError> {
+pub async fn wake(server: &Arc<Server>, id: &str) -> Result<Sandbox, ApiError> {
     let lock = server.lock_of(id);
     let _guard = lock.write().await;
     let row = existing(server, id).await?;
-    match row.status.as_str() {
-        "running" => return Ok(row),
-        "suspended" => {}
+    match row.status {
+        Status::Running => return Ok(row),
+        Status::Suspended => {}
         other => {
             return Err(ApiError::conflict(
                 "invalid_state",
@@ -1036,13 +1065,16 @@ pub async fn wake(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiError
         .limits
         .fill(
             &mut room,
-            server.store.set_status(id, "running", note.as_deref(), now),
+            server
+                .store
+                .sandboxes
+                .set_status(id, Status::Running, note.as_deref(), now),
             |r: &Result<(), _>| r.is_ok() as u32,
         )
         .await?;
-    server.store.touch(id, now).await?;
+    server.store.sandboxes.touch(id, now).await?;
     tracing::info!(sandbox = %id, elapsed_ms = started.elapsed().as_millis() as u64, restored = has_image, "woken");
-    Ok(server.store.get_sandbox(id).await?.unwrap_or(row))
+    Ok(server.store.sandboxes.get(id).await?.unwrap_or(row))
 }
 
 /// A running sandbox's agent, with the sandbox's read lock held for the operation. Wakes a
@@ -1050,25 +1082,25 @@ pub async fn wake(server: &Arc<Server>, id: &str) -> Result<SandboxRow, ApiError
 pub async fn running_agent(
     server: &Arc<Server>,
     sb: &Authorized,
-) -> Result<(AgentClient, OwnedRwLockReadGuard<()>, SandboxRow), ApiError> {
+) -> Result<(AgentClient, OwnedRwLockReadGuard<()>, Sandbox), ApiError> {
     let id = sb.id();
     for _ in 0..3 {
         let row = current(server, sb).await?;
-        match row.status.as_str() {
-            "running" => {
+        match row.status {
+            Status::Running => {
                 let guard = server.lock_of(id).read_owned().await;
                 // Re-check under the lock: a transition may have run meanwhile.
                 let row = current(server, sb).await?;
-                if row.status != "running" {
+                if row.status != Status::Running {
                     continue;
                 }
-                server.store.touch(id, now_ms()).await?;
+                server.store.sandboxes.touch(id, now_ms()).await?;
                 let agent = agent_of(server, &row).ok_or_else(|| {
                     ServerError::Corrupt(format!("running sandbox {id} has no slot"))
                 })?;
                 return Ok((agent, guard, row));
             }
-            "suspended" => {
+            Status::Suspended => {
                 wake(server, id).await?;
             }
             other => {
@@ -1095,14 +1127,14 @@ pub async fn set_egress(
     server: &Arc<Server>,
     sb: &Authorized,
     policy: &EgressPolicy,
-) -> Result<SandboxRow, ApiError> {
+) -> Result<Sandbox, ApiError> {
     let id = sb.id();
     let valid = validate_egress(server, policy)?;
     let lock = server.lock_of(id);
     let _guard = lock.read().await;
     let _serial = server.egress_lock.lock().await;
     let row = current(server, sb).await?;
-    if !matches!(row.status.as_str(), "running" | "suspended") {
+    if !matches!(row.status, Status::Running | Status::Suspended) {
         return Err(ApiError::conflict(
             "invalid_state",
             format!(
@@ -1112,9 +1144,10 @@ pub async fn set_egress(
         ));
     }
     let now = now_ms();
-    let json = serde_json::to_string(policy).expect("policy serializes");
-    server.store.set_egress(id, &json, now).await?;
-    if row.status == "running" {
+    let stored = Stored::encode(policy);
+    server.store.sandboxes.set_egress(id, &stored, now).await?;
+    let json = stored.raw();
+    if row.status == Status::Running {
         let slot = row
             .slot
             .ok_or_else(|| ServerError::Corrupt(format!("running sandbox {id} has no slot")))?;
@@ -1124,8 +1157,8 @@ pub async fn set_egress(
             .await
             .map_err(ServerError::from)?;
     }
-    tracing::info!(sandbox = %id, egress = %json, applied = row.status == "running", "egress policy changed");
-    Ok(server.store.get_sandbox(id).await?.unwrap_or(row))
+    tracing::info!(sandbox = %id, egress = %json, applied = row.status == Status::Running, "egress policy changed");
+    Ok(server.store.sandboxes.get(id).await?.unwrap_or(row))
 }
 
 /// Change a sandbox's preview privacy. Applies to the next request: open preview
@@ -1134,10 +1167,10 @@ pub async fn set_preview(
     server: &Arc<Server>,
     sb: &Authorized,
     preview: PreviewSettings,
-) -> Result<SandboxRow, ApiError> {
+) -> Result<Sandbox, ApiError> {
     let id = sb.id();
     let row = current(server, sb).await?;
-    if matches!(row.status.as_str(), "destroyed" | "failed") {
+    if matches!(row.status, Status::Destroyed | Status::Failed) {
         return Err(ApiError::conflict(
             "invalid_state",
             format!("a {} sandbox cannot change", row.status),
@@ -1145,9 +1178,10 @@ pub async fn set_preview(
     }
     server
         .store
-        .set_preview_privacy(id, preview.privacy.as_str(), now_ms())
+        .sandboxes
+        .set_preview_privacy(id, preview.privacy, now_ms())
         .await?;
-    Ok(server.store.get_sandbox(id).await?.unwrap_or(row))
+    Ok(server.store.sandboxes.get(id).await?.unwrap_or(row))
 }
 
 /// Extend an ephemeral running sandbox's expiry. Holds the sandbox's read lock (no
@@ -1158,7 +1192,7 @@ pub async fn keepalive(
     server: &Arc<Server>,
     sb: &Authorized,
     timeout: &str,
-) -> Result<SandboxRow, ApiError> {
+) -> Result<Sandbox, ApiError> {
     let id = sb.id();
     let t = parse_duration(timeout).map_err(|m| ApiError::bad_request("invalid_timeout", m))?;
     if t.is_zero() || t > Duration::from_secs(MAX_EPHEMERAL_TIMEOUT_SECS) {
@@ -1170,21 +1204,23 @@ pub async fn keepalive(
     let lock = server.lock_of(id);
     let _guard = lock.read().await;
     let row = current(server, sb).await?;
-    if row.mode != "ephemeral" || row.status != "running" {
+    if row.mode != SandboxMode::Ephemeral || row.status != Status::Running {
         return Err(ApiError::conflict(
             "invalid_state",
             format!(
                 "keepalive needs a running ephemeral sandbox; this one is {} and {}",
-                row.mode, row.status
+                row.mode.as_str(),
+                row.status
             ),
         ));
     }
     let now = now_ms();
     server
         .store
+        .sandboxes
         .set_expiry(id, now + t.as_millis() as i64, now)
         .await?;
-    Ok(server.store.get_sandbox(id).await?.unwrap_or(row))
+    Ok(server.store.sandboxes.get(id).await?.unwrap_or(row))
 }
 
 #[cfg(test)]

@@ -305,7 +305,7 @@ impl Limits {
         if max == 0 {
             return Ok(());
         }
-        let held = store.count_suspendable(workspace).await? as u32;
+        let held = store.sandboxes.count_suspendable(workspace).await? as u32;
         if held + n > max {
             return Err(ApiError::quota(
                 StatusCode::INSUFFICIENT_STORAGE,
@@ -375,7 +375,7 @@ impl Limits {
         if persistent {
             self.check_suspendable(store, workspace, n).await?;
         }
-        let running = store.count_running(workspace).await? as u32;
+        let running = store.sandboxes.count_running(workspace).await? as u32;
         let reserved = self
             .reserved
             .lock()
@@ -443,7 +443,7 @@ impl Limits {
 /// A workspace's limits and usage, spending nothing (for `/meta/info`).
 pub async fn usage(server: &Server, workspace: &str) -> Result<WorkspaceUsage, ServerError> {
     let limits = &server.limits;
-    let running = server.store.count_running(workspace).await? as u32;
+    let running = server.store.sandboxes.count_running(workspace).await? as u32;
     let max = limits.cfg.max_running;
     Ok(WorkspaceUsage {
         requests_hourly: limits.peek(Kind::Requests, workspace),

@@ -7,13 +7,14 @@
 //! with egress denied until its owner's policy is applied at hand-out.
 #![expect(clippy::disallowed_methods, reason = "/proc/meminfo is the kernel's")]
 
+use sandpit_control::{Status, Stored};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{DisplayChain, ServerError};
 use crate::lifecycle::{boot, insert_with_slot, stored_rules};
 use crate::server::Server;
-use crate::store::SandboxRow;
+use crate::store::Sandbox;
 use crate::templates::BASE_TEMPLATE_ID;
 use crate::util::{new_sandbox_id, now_ms};
 
@@ -28,9 +29,9 @@ const MIN_AVAILABLE_BYTES: u64 = 1 << 30;
 /// row). `None` when the pool has none (or is disabled): the caller boots one instead.
 pub async fn take(
     server: &Arc<Server>,
-    owner: &SandboxRow,
+    owner: &Sandbox,
     reservation: &mut crate::limits::Reservation,
-) -> Result<Option<SandboxRow>, ServerError> {
+) -> Result<Option<Sandbox>, ServerError> {
     if server.cfg.warm_pool == 0 {
         return Ok(None);
     }
@@ -39,7 +40,10 @@ pub async fn take(
         .limits
         .fill(
             reservation,
-            server.store.take_pooled(&owner.template_id, owner),
+            server
+                .store
+                .sandboxes
+                .take_pooled(&owner.template_id, owner),
             |r: &Result<Option<String>, _>| matches!(r, Ok(Some(_))) as u32,
         )
         .await?;
@@ -51,7 +55,8 @@ pub async fn take(
     let _guard = lock.write().await;
     let row = server
         .store
-        .get_sandbox(&id)
+        .sandboxes
+        .get(&id)
         .await?
         .ok_or_else(|| ServerError::Corrupt(format!("pooled sandbox {id} vanished")))?;
     let applied = match row.slot {
@@ -77,6 +82,7 @@ pub async fn take(
             .await;
         server
             .store
+            .sandboxes
             .mark_failed(&row.id, &format!("{what}: {}", DisplayChain(&e)), now_ms())
             .await?;
         return Err(e);
@@ -87,21 +93,21 @@ pub async fn take(
 
 /// A row for a sandbox the server runs for itself (warm pool, template boot snapshot):
 /// owned by the system workspace, egress denied, not yet inserted.
-pub fn system_row(server: &Server, template_id: &str, template_name: &str) -> SandboxRow {
+pub fn system_row(server: &Server, template_id: &str, template_name: &str) -> Sandbox {
     let now = now_ms();
     let id = new_sandbox_id();
-    SandboxRow {
+    Sandbox {
         runtime_id: format!("{}-{}", server.cfg.prefix, id),
         id,
         workspace_id: POOL_WORKSPACE.into(),
         template_id: template_id.into(),
         template_name: template_name.into(),
-        mode: "ephemeral".into(),
-        status: "creating".into(),
+        mode: sandpit_api_types::SandboxMode::Ephemeral,
+        status: Status::Creating,
         size: POOL_SIZE.into(),
-        env: "{}".into(),
-        metadata: "{}".into(),
-        egress: r#"{"mode":"deny_all"}"#.into(),
+        env: Stored::encode(&Default::default()),
+        metadata: Stored::encode(&Default::default()),
+        egress: Stored::from_raw(r#"{"mode":"deny_all"}"#.into()),
         timeout_ms: None,
         idle_timeout_ms: None,
         expires_at: None,
@@ -110,7 +116,7 @@ pub fn system_row(server: &Server, template_id: &str, template_name: &str) -> Sa
         error: None,
         created_at: now,
         updated_at: now,
-        preview_privacy: "private".into(),
+        preview_privacy: sandpit_api_types::PreviewPrivacy::Private,
     }
 }
 
@@ -126,13 +132,19 @@ async fn fill_one(
     insert_with_slot(server, &mut row).await?;
     if let Err(e) = boot(server, &row, None).await {
         server.teardown(&row.id, &row.runtime_id, None).await;
-        server.store.mark_destroyed(&row.id, now_ms()).await?;
+        server
+            .store
+            .sandboxes
+            .mark_destroyed(&row.id, now_ms())
+            .await?;
         return Err(e);
     }
     server
         .store
-        .set_status(&row.id, "pooled", None, now_ms())
-        .await
+        .sandboxes
+        .set_status(&row.id, Status::Pooled, None, now_ms())
+        .await?;
+    Ok(())
 }
 
 /// Free memory the kernel reports (`MemAvailable`), if it can be read.
@@ -154,7 +166,7 @@ pub fn spawn_refill(server: &Arc<Server>) -> tokio::task::JoinHandle<()> {
         }
         loop {
             loop {
-                let have = match server.store.pooled_count(BASE_TEMPLATE_ID).await {
+                let have = match server.store.sandboxes.pooled_count(BASE_TEMPLATE_ID).await {
                     Ok(n) => n,
                     Err(e) => {
                         tracing::error!(error = %DisplayChain(&e), "warm pool: counting");

@@ -30,6 +30,7 @@
 //! Invariant: every socket to a sandbox is closed with a reset (`SO_LINGER` 0, never
 //! `shutdown`), like agent connections.
 
+use sandpit_control::Status;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -52,7 +53,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::hash_token;
 use crate::error::DisplayChain;
 use crate::server::Server;
-use crate::store::{SandboxRow, Store};
+use crate::store::{Sandbox, Store};
 use crate::util::now_ms;
 
 /// Query parameter carrying a preview token.
@@ -209,7 +210,7 @@ impl Previews {
         let store = store.clone();
         let sandbox = sandbox.to_string();
         tokio::spawn(async move {
-            if let Err(e) = store.touch(&sandbox, now_ms()).await {
+            if let Err(e) = store.sandboxes.touch(&sandbox, now_ms()).await {
                 tracing::warn!(sandbox, error = %DisplayChain(&e), "recording preview activity");
             }
         });
@@ -485,15 +486,12 @@ fn upgrade_of(headers: &HeaderMap) -> Option<HeaderValue> {
 type Refusal = (StatusCode, &'static str, String);
 
 /// Check a preview token against the sandbox. Returns its expiry.
-async fn check_token(
-    server: &Server,
-    row: &SandboxRow,
-    token: &str,
-) -> Result<Option<i64>, Refusal> {
+async fn check_token(server: &Server, row: &Sandbox, token: &str) -> Result<Option<i64>, Refusal> {
     let unauthorized = |code, message: &str| (StatusCode::UNAUTHORIZED, code, message.to_string());
     let found = server
         .store
-        .preview_token_by_hash(&row.id, &hash_token(token))
+        .previews
+        .token_by_hash(&row.id, &hash_token(token))
         .await
         .map_err(|e| {
             tracing::error!(error = %DisplayChain(&e), "looking up a preview token");
@@ -537,8 +535,8 @@ async fn proxy(server: Arc<Server>, req: Request, id: &str, port: u16) -> Respon
     if port == sandpit_agent_proto::AGENT_PORT {
         return not_found();
     }
-    let row = match server.store.get_sandbox(id).await {
-        Ok(Some(row)) if !matches!(row.status.as_str(), "destroyed" | "failed") => row,
+    let row = match server.store.sandboxes.get(id).await {
+        Ok(Some(row)) if !matches!(row.status, Status::Destroyed | Status::Failed) => row,
         Ok(_) => return not_found(),
         Err(e) => {
             tracing::error!(error = %DisplayChain(&e), "preview: reading the sandbox");
@@ -558,7 +556,7 @@ async fn proxy(server: Arc<Server>, req: Request, id: &str, port: u16) -> Respon
         .map(str::to_string);
     let (cookie_tokens, other_cookies) = split_cookies(req.headers());
     // A page on one of the workspace's trusted preview hosts needs no token (seed 000).
-    if row.preview_privacy != "public"
+    if row.preview_privacy != sandpit_api_types::PreviewPrivacy::Public
         && !crate::compat::preview_hosts::trusted_origin(&server, &row.workspace_id, req.headers())
             .await
     {
@@ -661,17 +659,17 @@ async fn connect(
         )
     };
     for _ in 0..3 {
-        let row = match server.store.get_sandbox(id).await {
+        let row = match server.store.sandboxes.get(id).await {
             Ok(Some(row)) => row,
             Ok(None) => break,
             Err(e) => return Err(internal(&e)),
         };
-        match row.status.as_str() {
-            "running" => {
+        match row.status {
+            Status::Running => {
                 let lock = server.lock_of(id);
                 let _read = lock.read().await;
-                let row = match server.store.get_sandbox(id).await {
-                    Ok(Some(row)) if row.status == "running" => row,
+                let row = match server.store.sandboxes.get(id).await {
+                    Ok(Some(row)) if row.status == Status::Running => row,
                     Ok(_) => continue,
                     Err(e) => return Err(internal(&e)),
                 };
@@ -709,7 +707,7 @@ async fn connect(
                     )),
                 };
             }
-            "suspended" if !server.cfg.preview_wake => {
+            Status::Suspended if !server.cfg.preview_wake => {
                 return Err((
                     StatusCode::SERVICE_UNAVAILABLE,
                     "sandbox_suspended",
@@ -719,7 +717,7 @@ async fn connect(
                     ),
                 ));
             }
-            "suspended" => {
+            Status::Suspended => {
                 if let Err(e) = crate::lifecycle::wake(server, id).await {
                     tracing::warn!(sandbox = id, code = e.code, message = %e.message, "preview: wake failed");
                     return Err((
@@ -729,7 +727,7 @@ async fn connect(
                     ));
                 }
             }
-            "creating" => {
+            Status::Creating => {
                 return Err((
                     StatusCode::SERVICE_UNAVAILABLE,
                     "sandbox_starting",

@@ -5,6 +5,7 @@
     reason = "the data dir's own layout (state dirs hold disk images; tenant trees in them are removed through sandpit_fs)"
 )]
 
+use sandpit_control::Status;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -24,6 +25,9 @@ use crate::templates;
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub data_dir: PathBuf,
+    /// The database: `sqlite://<path>` or `postgres://…`; `None`: the SQLite file
+    /// `<data_dir>/sandpit.db`.
+    pub database: Option<String>,
     /// Names this server's netns, veths, nftables table, cgroups and runsc containers, so
     /// several servers coexist on one host. 1–6 characters `[a-z0-9]`.
     pub prefix: String,
@@ -81,6 +85,7 @@ impl ServerConfig {
     pub fn new(data_dir: PathBuf, agent_bin: PathBuf) -> Self {
         ServerConfig {
             data_dir,
+            database: None,
             prefix: "sp".into(),
             pool: "10.88.0.0/16".into(),
             runsc: "runsc".into(),
@@ -170,7 +175,10 @@ impl Server {
                 source,
             })?;
         }
-        let store = Store::open(&cfg.data_dir.join("sandpit.db")).await?;
+        let store = match &cfg.database {
+            Some(url) => Store::connect(url).await?,
+            None => Store::open_sqlite(&cfg.data_dir.join("sandpit.db")).await?,
+        };
         let pool = cfg
             .pool
             .parse()
@@ -205,7 +213,10 @@ impl Server {
         let images = sandpit_image::LayerStore::open(cfg.data_dir.join("images"))
             .map_err(|e| ServerError::Corrupt(format!("opening the layer store: {e}")))?;
         images.clean_temp();
-        store.fail_interrupted_builds(crate::util::now_ms()).await?;
+        store
+            .templates
+            .fail_interrupted_builds(crate::util::now_ms())
+            .await?;
         let server = Arc::new(Server {
             cfg,
             store,
@@ -233,7 +244,7 @@ impl Server {
         let token = crate::auth::bootstrap(&server, bootstrap_token).await?;
         server.reconcile(&runtime).await?;
         // Requests that held an idempotency key died with the last process: a retry runs.
-        server.store.idempotency_clear_pending().await?;
+        server.store.idempotency.clear_pending().await?;
         Ok((server, token))
     }
 
@@ -329,7 +340,13 @@ impl Server {
     async fn reconcile(self: &Arc<Self>, runtime: &GvisorRuntime) -> Result<(), ServerError> {
         let rows = self
             .store
-            .sandboxes_with_status(&["creating", "running", "suspended", "pooled"])
+            .sandboxes
+            .with_status(&[
+                Status::Creating,
+                Status::Running,
+                Status::Suspended,
+                Status::Pooled,
+            ])
             .await?;
         let now = crate::util::now_ms();
         let mut keep_runtime = HashSet::new();
@@ -337,16 +354,17 @@ impl Server {
         let mut keep_dirs = HashSet::new();
         for row in rows {
             let slot = row.slot.map(|s| s as u32);
-            match row.status.as_str() {
-                "pooled" => {
+            match row.status {
+                Status::Pooled => {
                     // The pool is refilled fresh after a restart.
                     self.teardown(&row.id, &row.runtime_id, slot).await;
-                    self.store.mark_destroyed(&row.id, now).await?;
+                    self.store.sandboxes.mark_destroyed(&row.id, now).await?;
                 }
-                "creating" => {
+                Status::Creating => {
                     tracing::warn!(sandbox = %row.id, "server stopped during create: cleaning up");
                     self.teardown(&row.id, &row.runtime_id, slot).await;
                     self.store
+                        .sandboxes
                         .mark_failed(
                             &row.id,
                             "the server stopped while this sandbox was being created",
@@ -354,7 +372,7 @@ impl Server {
                         )
                         .await?;
                 }
-                "running" => {
+                Status::Running => {
                     let alive = matches!(
                         self.runtime.status(&row.runtime_id).await,
                         Ok(sandpit_runtime::RuntimeStatus::Running)
@@ -395,7 +413,7 @@ impl Server {
                         keep_dirs.insert(row.id.clone());
                         continue;
                     }
-                    if row.mode == "persistent" {
+                    if row.mode == sandpit_api_types::SandboxMode::Persistent {
                         // Its files are on disk; its memory is gone unless a checkpoint exists.
                         tracing::warn!(sandbox = %row.id, "persistent sandbox stopped while the server was down: suspending it");
                         let _ = self
@@ -406,13 +424,14 @@ impl Server {
                             let _ = self.net.detach(s).await;
                         }
                         self.store
-                            .mark_suspended(&row.id, Some("stopped while the server was down; memory was lost, files were kept"), now)
+                            .sandboxes.mark_suspended(&row.id, Some("stopped while the server was down; memory was lost, files were kept"), now)
                             .await?;
                         keep_dirs.insert(row.id.clone());
                     } else {
                         tracing::warn!(sandbox = %row.id, "ephemeral sandbox stopped while the server was down: failing it");
                         self.teardown(&row.id, &row.runtime_id, slot).await;
                         self.store
+                            .sandboxes
                             .mark_failed(
                                 &row.id,
                                 "the sandbox stopped while the server was down",
@@ -430,7 +449,7 @@ impl Server {
                         .stop(&row.runtime_id, &self.state_dir(&row.id))
                         .await;
                     if slot.is_some() {
-                        self.store.release_slot(&row.id, now).await?;
+                        self.store.sandboxes.release_slot(&row.id, now).await?;
                     }
                     keep_dirs.insert(row.id.clone());
                 }
@@ -454,7 +473,7 @@ impl Server {
             remove_unknown_dirs(&self.cfg.data_dir.join(dir), &keep_dirs);
         }
         // Snapshot directories whose row is gone (a crash between the two) are garbage.
-        let snapshots: HashSet<String> = self.store.snapshot_ids().await?.into_iter().collect();
+        let snapshots: HashSet<String> = self.store.snapshots.ids().await?.into_iter().collect();
         remove_unknown_dirs(&self.cfg.data_dir.join("snapshots"), &snapshots);
         Ok(())
     }
@@ -485,7 +504,7 @@ impl Server {
     /// background, so a death is noticed within `liveness_interval` rather than at the next
     /// call. Sandboxes in a transition (their write lock taken or asked for) are left alone.
     async fn watch_liveness(self: &Arc<Self>) {
-        let rows = match self.store.running().await {
+        let rows = match self.store.sandboxes.running().await {
             Ok(rows) => rows,
             Err(e) => {
                 tracing::error!(error = %DisplayChain(&e), "liveness watch: listing running sandboxes");
@@ -537,7 +556,7 @@ impl Server {
                     server.limits.prune();
                 }
                 let now = crate::util::now_ms();
-                match server.store.expired(now).await {
+                match server.store.sandboxes.expired(now).await {
                     Ok(ids) => {
                         for id in ids {
                             match crate::lifecycle::destroy_if_free(&server, &id).await {
@@ -555,7 +574,7 @@ impl Server {
                         tracing::error!(error = %DisplayChain(&e), "reaper: listing expired sandboxes")
                     }
                 }
-                match server.store.idle(now).await {
+                match server.store.sandboxes.idle(now).await {
                     Ok(ids) => {
                         for id in ids {
                             match crate::lifecycle::suspend_if_idle(&server, &id).await {

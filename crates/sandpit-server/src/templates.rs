@@ -106,14 +106,16 @@ pub async fn ensure_base(server: &Server) -> Result<(), ServerError> {
     }
     server
         .store
-        .upsert_template(&TemplateRow::builtin(
+        .templates
+        .upsert(&TemplateRow::builtin(
             BASE_TEMPLATE_ID,
             BASE_TEMPLATE_NAME,
             "busybox (static) with a shell and the core utilities",
             rootfs.display().to_string(),
             now_ms(),
         ))
-        .await
+        .await?;
+    Ok(())
 }
 
 /// A template's image config (environment, start command, ready check); empty for the
@@ -136,11 +138,16 @@ pub fn layers_of(t: &TemplateRow) -> Result<Vec<PathBuf>, ServerError> {
 
 /// The working directory of an exec that names none: the template's `WORKDIR` (as
 /// `docker exec` does); `None` (the agent's `/`) for templates without one.
-pub async fn default_cwd(server: &Server, row: &crate::store::SandboxRow) -> Option<String> {
+pub async fn default_cwd(server: &Server, row: &crate::store::Sandbox) -> Option<String> {
     if row.template_id == BASE_TEMPLATE_ID {
         return None;
     }
-    let t = server.store.template_by_id(&row.template_id).await.ok()??;
+    let t = server
+        .store
+        .templates
+        .by_id(&row.template_id)
+        .await
+        .ok()??;
     image_config(&t).ok()?.workdir
 }
 
@@ -155,9 +162,9 @@ const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// template without one.
 pub async fn start_and_wait(
     server: &Server,
-    row: &crate::store::SandboxRow,
+    row: &crate::store::Sandbox,
 ) -> Result<(), ServerError> {
-    let Some(template) = server.store.template_by_id(&row.template_id).await? else {
+    let Some(template) = server.store.templates.by_id(&row.template_id).await? else {
         return Ok(());
     };
     let cfg = image_config(&template)?;
@@ -172,7 +179,7 @@ pub async fn start_and_wait(
 /// Launch `cfg`'s start command in the background of a running sandbox.
 pub(crate) async fn start_command(
     server: &Server,
-    row: &crate::store::SandboxRow,
+    row: &crate::store::Sandbox,
     cfg: &sandpit_image::ImageConfig,
     env: Vec<(String, String)>,
 ) -> Result<(), ServerError> {
@@ -234,7 +241,7 @@ pub(crate) async fn start_command(
 /// check, the first exposed port (if any) must listen.
 pub(crate) async fn wait_ready(
     server: &Server,
-    row: &crate::store::SandboxRow,
+    row: &crate::store::Sandbox,
     cfg: &sandpit_image::ImageConfig,
     limit: std::time::Duration,
 ) -> Result<(), ServerError> {
@@ -286,7 +293,7 @@ pub(crate) async fn wait_ready(
 }
 
 /// The start command's output so far (for errors).
-pub(crate) async fn read_start_log(server: &Server, row: &crate::store::SandboxRow) -> String {
+pub(crate) async fn read_start_log(server: &Server, row: &crate::store::Sandbox) -> String {
     let Some(agent) = crate::lifecycle::agent_of(server, row) else {
         return String::new();
     };
@@ -441,7 +448,11 @@ pub async fn take_boot_snapshot(server: &std::sync::Arc<Server>) -> Result<(), S
     server
         .teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
         .await;
-    server.store.mark_destroyed(&row.id, now_ms()).await?;
+    server
+        .store
+        .sandboxes
+        .mark_destroyed(&row.id, now_ms())
+        .await?;
     if taken.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
@@ -457,7 +468,7 @@ pub async fn take_boot_snapshot(server: &std::sync::Arc<Server>) -> Result<(), S
 /// snapshot, which sandboxes of its template restore instead of booting.
 pub(crate) async fn save_boot_image(
     server: &Server,
-    row: &crate::store::SandboxRow,
+    row: &crate::store::Sandbox,
     dir: &Path,
 ) -> Result<(), ServerError> {
     server

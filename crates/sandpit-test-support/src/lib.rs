@@ -170,6 +170,55 @@ impl Drop for Reservation {
     }
 }
 
+/// A PostgreSQL database made for one test server. `SANDPIT_E2E_POSTGRES` names the
+/// server (a base URL without a database, e.g. `postgres://postgres@127.0.0.1:54329`, as
+/// `scripts/lib/postgres.sh` exports for the store suite); each test server gets its own
+/// database, dropped with it, so parallel tests never share rows.
+pub struct TestDatabase {
+    pub url: String,
+    base: String,
+    name: String,
+}
+
+impl TestDatabase {
+    fn create_if_asked() -> anyhow::Result<Option<TestDatabase>> {
+        let Ok(base) = std::env::var("SANDPIT_E2E_POSTGRES") else {
+            return Ok(None);
+        };
+        let base = base.trim_end_matches('/').to_string();
+        let name = format!("sandpit_e2e_{}", uuid::Uuid::new_v4().simple());
+        psql(&base, &format!("CREATE DATABASE {name}"))?;
+        Ok(Some(TestDatabase {
+            url: format!("{base}/{name}"),
+            base,
+            name,
+        }))
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let _ = psql(
+            &self.base,
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
+    }
+}
+
+/// Run one statement on the PostgreSQL server's `postgres` database.
+fn psql(base: &str, sql: &str) -> anyhow::Result<()> {
+    let out = Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
+        .arg(format!("{base}/postgres"))
+        .args(["-c", sql])
+        .output()
+        .context("running psql (the postgresql-client package)")?;
+    if !out.status.success() {
+        bail!("psql {sql:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
 /// A running server for one test.
 pub struct TestServer {
     /// The reservation index: the pool is `10.213.<index>.0/24`, the prefix `t<index>`.
@@ -183,6 +232,9 @@ pub struct TestServer {
     pub data_dir: PathBuf,
     bin: PathBuf,
     extra_env: Vec<(String, String)>,
+    /// The PostgreSQL database of this server (created for it, dropped with it) when the
+    /// tests run on PostgreSQL (`SANDPIT_E2E_POSTGRES`); `None`: the SQLite default.
+    pub database: Option<TestDatabase>,
     child: Option<Child>,
     _tmp: tempfile::TempDir,
     _reservation: Reservation,
@@ -212,6 +264,7 @@ impl TestServer {
         reap_abandoned_servers(bin);
         let reservation = Reservation::take();
         let tmp = tempfile::Builder::new().prefix("sandpit-test-").tempdir()?;
+        let database = TestDatabase::create_if_asked()?;
         let mut server = TestServer {
             index: reservation.index,
             url: String::new(),
@@ -221,6 +274,7 @@ impl TestServer {
             data_dir: tmp.path().join("data"),
             bin: bin.to_path_buf(),
             extra_env: env(reservation.index),
+            database,
             child: None,
             _tmp: tmp,
             _reservation: reservation,
@@ -266,6 +320,9 @@ impl TestServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
+        if let Some(db) = &self.database {
+            cmd.env("SANDPIT_DATABASE", &db.url);
+        }
         for (k, v) in &self.extra_env {
             cmd.env(k, v);
         }

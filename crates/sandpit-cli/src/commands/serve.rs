@@ -19,6 +19,11 @@ pub struct ServeArgs {
     /// Where the database, templates and sandboxes live.
     #[arg(long, env = "SANDPIT_DATA_DIR", default_value = "./.sandpit")]
     data_dir: PathBuf,
+    /// The database: `postgres://user:password@host/db` (the database must exist; the
+    /// schema is created) or `sqlite://<path>`. Default: the SQLite file
+    /// `<data dir>/sandpit.db`.
+    #[arg(long, env = "SANDPIT_DATABASE")]
+    database: Option<String>,
     /// Prefix for every host object this server creates (netns, veths, nftables table,
     /// cgroups, runsc containers): 1-6 characters [a-z0-9]. Servers sharing a host need
     /// different prefixes and pools.
@@ -243,6 +248,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)
             .context("--agent-ready-timeout")?;
     let mut cfg = ServerConfig::new(args.data_dir.clone(), agent_bin);
+    cfg.database = args.database;
     cfg.agent_ready_timeout = agent_ready_timeout;
     cfg.prefix = args.prefix;
     cfg.pool = args.pool;

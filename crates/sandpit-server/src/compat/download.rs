@@ -3,6 +3,8 @@
 //! Partial compared with CodeSandbox: a `.tar.gz` rather than a zip (minimal images have
 //! `tar` but no `zip`), and `excludes` are not applied.
 
+use crate::compat::store::CsbTables;
+use sandpit_control::Status;
 use std::sync::Arc;
 
 use axum::Router;
@@ -40,7 +42,8 @@ pub async fn mint(server: &Server, sandbox_id: &str, path: &str) -> Result<Strin
     let token = generate_token_with(TOKEN_PREFIX);
     server
         .store
-        .insert_csb_download_token(&hash_token(&token), sandbox_id, path, now_ms() + TTL_MS)
+        .csb()
+        .insert_download_token(&hash_token(&token), sandbox_id, path, now_ms() + TTL_MS)
         .await?;
     Ok(format!("{PATH_PREFIX}/{token}"))
 }
@@ -60,7 +63,8 @@ async fn download(
 ) -> Result<Response, ApiError> {
     let (sandbox, path) = server
         .store
-        .csb_download_token(&hash_token(&token), now_ms())
+        .csb()
+        .download_token(&hash_token(&token), now_ms())
         .await?
         .ok_or_else(|| {
             ApiError::not_found("download_not_found", "unknown or expired download link")
@@ -68,9 +72,10 @@ async fn download(
     let guard = server.lock_of(&sandbox).read_owned().await;
     let row = server
         .store
-        .get_sandbox(&sandbox)
+        .sandboxes
+        .get(&sandbox)
         .await?
-        .filter(|r| r.status == "running")
+        .filter(|r| r.status == Status::Running)
         .ok_or_else(|| ApiError::conflict("sandbox_not_running", "the sandbox is not running"))?;
     let agent = lifecycle::agent_of(&server, &row)
         .ok_or_else(|| ServerError::Corrupt(format!("running sandbox {sandbox} has no slot")))?;

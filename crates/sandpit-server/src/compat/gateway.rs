@@ -10,6 +10,8 @@
 //! shut down, deleted), the client gets a `system/hibernate` notification and the socket
 //! closes; `POST /vm/{id}/start` then hands out a fresh token to reconnect with.
 
+use crate::compat::store::CsbTables;
+use sandpit_control::Status;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -93,7 +95,7 @@ async fn connect(
         row,
     } = gw;
     let id = row.id.clone();
-    if row.status != "running" {
+    if row.status != Status::Running {
         return Err(ApiError::conflict(
             "sandbox_not_running",
             "the sandbox is not running; start it with POST /vm/{id}/start",
@@ -107,7 +109,8 @@ async fn connect(
     if t.single_use
         && !server
             .store
-            .consume_csb_agent_token(&hash_token(&token))
+            .csb()
+            .consume_agent_token(&hash_token(&token))
             .await?
     {
         return Err(ApiError::unauthorized(
@@ -386,12 +389,12 @@ impl Conn {
     async fn agent(&self, touch: bool) -> Option<(AgentClient, OwnedRwLockReadGuard<()>)> {
         let id = &self.session.sandbox;
         let guard = self.server.lock_of(id).read_owned().await;
-        let row = self.server.store.get_sandbox(id).await.ok()??;
-        if row.status != "running" {
+        let row = self.server.store.sandboxes.get(id).await.ok()??;
+        if row.status != Status::Running {
             return None;
         }
         if touch {
-            let _ = self.server.store.touch(id, now_ms()).await;
+            let _ = self.server.store.sandboxes.touch(id, now_ms()).await;
         }
         lifecycle::agent_of(&self.server, &row).map(|a| (a, guard))
     }

@@ -13,6 +13,7 @@ pub mod gateway;
 pub mod preview_hosts;
 pub mod rest;
 pub mod shells;
+pub mod store;
 pub mod tasks;
 pub mod watch;
 

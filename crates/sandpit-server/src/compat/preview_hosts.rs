@@ -7,6 +7,7 @@
 //! header, so a workspace that lists hosts accepts that its private previews are as open as
 //! those hosts' pages make them.
 
+use crate::compat::store::CsbTables;
 use std::sync::Arc;
 
 use axum::Json;
@@ -85,7 +86,8 @@ fn check(hosts: &[String]) -> Result<Vec<String>, ApiError> {
 async fn view(server: &Server, workspace_id: &str) -> Result<Response, CsbError> {
     let hosts: Vec<serde_json::Value> = server
         .store
-        .list_csb_preview_hosts(workspace_id)
+        .csb()
+        .list_preview_hosts(workspace_id)
         .await?
         .into_iter()
         .map(|(host, at)| json!({"host": host, "inserted_at": rfc3339(at)}))
@@ -112,7 +114,8 @@ async fn add(
     let hosts = check(&body.hosts)?;
     let existing = server
         .store
-        .list_csb_preview_hosts(&auth.workspace_id)
+        .csb()
+        .list_preview_hosts(&auth.workspace_id)
         .await?;
     let total = existing.len()
         + hosts
@@ -128,7 +131,8 @@ async fn add(
     }
     server
         .store
-        .put_csb_preview_hosts(&auth.workspace_id, &hosts, false, now_ms())
+        .csb()
+        .put_preview_hosts(&auth.workspace_id, &hosts, false, now_ms())
         .await?;
     view(&server, &auth.workspace_id).await
 }
@@ -142,7 +146,8 @@ async fn replace(
     let hosts = check(&body.hosts)?;
     server
         .store
-        .put_csb_preview_hosts(&auth.workspace_id, &hosts, true, now_ms())
+        .csb()
+        .put_preview_hosts(&auth.workspace_id, &hosts, true, now_ms())
         .await?;
     view(&server, &auth.workspace_id).await
 }
@@ -187,7 +192,7 @@ pub async fn trusted_origin(server: &Server, workspace_id: &str, headers: &Heade
     let Some(host) = requesting_host(headers) else {
         return false;
     };
-    match server.store.list_csb_preview_hosts(workspace_id).await {
+    match server.store.csb().list_preview_hosts(workspace_id).await {
         Ok(list) => list.iter().any(|(entry, _)| matches(entry, &host)),
         Err(e) => {
             tracing::error!(error = %crate::error::DisplayChain(&e), "reading preview hosts");

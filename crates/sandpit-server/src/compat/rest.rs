@@ -5,6 +5,7 @@
     reason = "checkpoint images are host-owned"
 )]
 
+use sandpit_control::Status;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -18,13 +19,14 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::auth::{Auth, generate_token_with, hash_token};
+use crate::compat::store::{CsbAgentTokenRow, CsbSandboxRow, CsbTables};
 use crate::error::{ApiError, ServerError};
 use crate::extract::{Authorized, CsbSandbox, scope};
 use crate::lifecycle;
 use crate::routes::org::{CsbError, parse_expiry};
 use crate::routes::{ApiQuery, OptionalJson};
 use crate::server::Server;
-use crate::store::{CsbAgentTokenRow, CsbSandboxRow, PreviewTokenRow, SandboxRow};
+use crate::store::{PreviewTokenRow, Sandbox};
 use crate::util::{new_id, now_ms, rfc3339};
 
 /// The template the SDK forks when it names none (`getDefaultTemplateTag`): served by `base`.
@@ -105,22 +107,23 @@ async fn own_sandbox(server: &Server, auth: &Auth, id: &str) -> Result<Authorize
 }
 
 /// The CodeSandbox fields of a sandbox; defaults for one made through `/v1`.
-async fn csb_of(server: &Server, row: &SandboxRow) -> Result<CsbSandboxRow, ServerError> {
+async fn csb_of(server: &Server, row: &Sandbox) -> Result<CsbSandboxRow, ServerError> {
     Ok(server
         .store
-        .get_csb_sandbox(&row.workspace_id, &row.id)
+        .csb()
+        .get_sandbox(&row.workspace_id, &row.id)
         .await?
         .unwrap_or_else(|| default_csb(row)))
 }
 
-fn default_csb(row: &SandboxRow) -> CsbSandboxRow {
+fn default_csb(row: &Sandbox) -> CsbSandboxRow {
     CsbSandboxRow {
         sandbox_id: row.id.clone(),
         workspace_id: row.workspace_id.clone(),
         title: None,
         description: None,
         tags: "[]".into(),
-        privacy: if row.preview_privacy == "public" {
+        privacy: if row.preview_privacy == sandpit_api_types::PreviewPrivacy::Public {
             1
         } else {
             2
@@ -130,7 +133,7 @@ fn default_csb(row: &SandboxRow) -> CsbSandboxRow {
 }
 
 /// A sandbox as seed 000 shows it.
-fn view(row: &SandboxRow, c: &CsbSandboxRow) -> Value {
+fn view(row: &Sandbox, c: &CsbSandboxRow) -> Value {
     let tags: Vec<String> = serde_json::from_str(&c.tags).unwrap_or_default();
     json!({
         "id": row.id,
@@ -220,7 +223,7 @@ async fn list_sandboxes(
     };
     let status = match q.status.as_deref() {
         None => None,
-        Some("running") => Some("running"),
+        Some("running") => Some(Status::Running),
         Some(s) => {
             return Err(ApiError::bad_request(
                 "invalid_query",
@@ -241,18 +244,20 @@ async fn list_sandboxes(
         .unwrap_or_default();
     let rows = server
         .store
-        .list_sandboxes(&auth.workspace_id, status)
+        .sandboxes
+        .list(&auth.workspace_id, status)
         .await?;
     let csb: BTreeMap<String, CsbSandboxRow> = server
         .store
-        .list_csb_sandboxes(&auth.workspace_id)
+        .csb()
+        .list_sandboxes(&auth.workspace_id)
         .await?
         .into_iter()
         .map(|c| (c.sandbox_id.clone(), c))
         .collect();
-    let mut items: Vec<(SandboxRow, CsbSandboxRow)> = rows
+    let mut items: Vec<(Sandbox, CsbSandboxRow)> = rows
         .into_iter()
-        .filter(|r| r.status != "failed")
+        .filter(|r| r.status != Status::Failed)
         .map(|r| {
             let c = csb.get(&r.id).cloned().unwrap_or_else(|| default_csb(&r));
             (r, c)
@@ -390,7 +395,7 @@ async fn create_from_template(
     auth: &Auth,
     template: &str,
     fields: &Fields,
-) -> Result<SandboxRow, ApiError> {
+) -> Result<Sandbox, ApiError> {
     let template = if SDK_DEFAULT_TEMPLATES.contains(&template) {
         crate::templates::BASE_TEMPLATE_NAME
     } else {
@@ -399,7 +404,8 @@ async fn create_from_template(
     // A template made by `POST /templates` is a snapshot: boot from its files and memory.
     let snapshot = server
         .store
-        .get_snapshot(&auth.workspace_id, template)
+        .snapshots
+        .get(&auth.workspace_id, template)
         .await?
         .map(|s| s.id);
     let req = sandpit_api_types::CreateSandboxRequest {
@@ -423,10 +429,11 @@ async fn create_from_template(
     lifecycle::create(server, auth, &req).await
 }
 
-async fn store_fields(server: &Server, row: &SandboxRow, f: &Fields) -> Result<(), ServerError> {
+async fn store_fields(server: &Server, row: &Sandbox, f: &Fields) -> Result<(), ServerError> {
     server
         .store
-        .upsert_csb_sandbox(&CsbSandboxRow {
+        .csb()
+        .upsert_sandbox(&CsbSandboxRow {
             sandbox_id: row.id.clone(),
             workspace_id: row.workspace_id.clone(),
             title: f.title.clone(),
@@ -435,7 +442,8 @@ async fn store_fields(server: &Server, row: &SandboxRow, f: &Fields) -> Result<(
             privacy: f.privacy,
             tier: "Micro".into(),
         })
-        .await
+        .await?;
+    Ok(())
 }
 
 /// Make the workspace directory (and the files of `POST /sandbox`) in a new sandbox.
@@ -563,12 +571,14 @@ async fn fork_sandbox(
             let is_template = SDK_DEFAULT_TEMPLATES.contains(&id.as_str())
                 || server
                     .store
-                    .find_template(&auth.workspace_id, &id)
+                    .templates
+                    .find(&auth.workspace_id, &id)
                     .await?
                     .is_some()
                 || server
                     .store
-                    .get_snapshot(&auth.workspace_id, &id)
+                    .snapshots
+                    .get(&auth.workspace_id, &id)
                     .await?
                     .is_some();
             if !is_template {
@@ -677,10 +687,15 @@ async fn mint_token(
     };
     let token = generate_token_with(AGENT_TOKEN_PREFIX);
     let now = now_ms();
-    server.store.prune_csb_agent_tokens(sandbox_id, now).await?;
     server
         .store
-        .insert_csb_agent_token(
+        .csb()
+        .prune_agent_tokens(sandbox_id, now)
+        .await?;
+    server
+        .store
+        .csb()
+        .insert_agent_token(
             &hash_token(&token),
             &CsbAgentTokenRow {
                 sandbox_id: sandbox_id.to_string(),
@@ -704,10 +719,10 @@ async fn start_vm(
     let (auth, id) = (sb.auth().clone(), sb.id().to_string());
     let timeout = check_start(&opts)?;
     let row = sb.row().clone();
-    let bootup_type = match row.status.as_str() {
-        "running" => "RUNNING",
-        "suspended" if server.checkpoint_dir(&id).join("checkpoint.img").exists() => "RESUME",
-        "suspended" => "CLEAN",
+    let bootup_type = match row.status {
+        Status::Running => "RUNNING",
+        Status::Suspended if server.checkpoint_dir(&id).join("checkpoint.img").exists() => "RESUME",
+        Status::Suspended => "CLEAN",
         other => {
             return Err(ApiError::conflict(
                 "invalid_state",
@@ -719,16 +734,17 @@ async fn start_vm(
     if let Some(secs) = timeout {
         server
             .store
+            .sandboxes
             .set_idle_timeout(&auth.workspace_id, &id, secs as i64 * 1000, now_ms())
             .await?;
     }
     if let Some(tier) = &opts.tier {
         let mut c = csb_of(&server, &row).await?;
         c.tier = tier.clone();
-        server.store.upsert_csb_sandbox(&c).await?;
+        server.store.csb().upsert_sandbox(&c).await?;
     }
     lifecycle::wake(&server, &id).await?;
-    server.store.touch(&id, now_ms()).await?;
+    server.store.sandboxes.touch(&id, now_ms()).await?;
     let pitcher_token = mint_agent_token(&server, &auth, &id).await?;
     let reconnect_token = mint_agent_token(&server, &auth, &id).await?;
     Ok(ok(
@@ -793,6 +809,7 @@ async fn hibernation_timeout(
     let secs = check_timeout(body.hibernation_timeout_seconds)?;
     server
         .store
+        .sandboxes
         .set_idle_timeout(&auth.workspace_id, &id, secs as i64 * 1000, now_ms())
         .await?;
     Ok(ok(
@@ -818,7 +835,7 @@ async fn update_specs(
     let row = sb.row().clone();
     let mut c = csb_of(&server, &row).await?;
     c.tier = tier.0.to_string();
-    server.store.upsert_csb_sandbox(&c).await?;
+    server.store.csb().upsert_sandbox(&c).await?;
     Ok(ok(StatusCode::OK, json!({"id": id, "tier": tier.0})))
 }
 
@@ -843,7 +860,8 @@ async fn create_tag(
     let ids = serde_json::to_string(&body.vm_ids).expect("strings serialize");
     server
         .store
-        .insert_csb_tag(&tag_id, &auth.workspace_id, &ids, now_ms())
+        .csb()
+        .insert_tag(&tag_id, &auth.workspace_id, &ids, now_ms())
         .await?;
     Ok(ok(StatusCode::OK, json!({"tag_id": tag_id})))
 }
@@ -875,7 +893,8 @@ async fn assign_alias(
     }
     if !server
         .store
-        .csb_tag_exists(&auth.workspace_id, &body.tag_id)
+        .csb()
+        .tag_exists(&auth.workspace_id, &body.tag_id)
         .await?
     {
         return Err(
@@ -884,7 +903,8 @@ async fn assign_alias(
     }
     server
         .store
-        .set_csb_alias(&auth.workspace_id, &namespace, &alias, &body.tag_id)
+        .csb()
+        .set_alias(&auth.workspace_id, &namespace, &alias, &body.tag_id)
         .await?;
     Ok(ok(
         StatusCode::OK,
@@ -915,7 +935,8 @@ async fn list_running(State(server): State<Arc<Server>>, auth: Auth) -> CsbResul
     auth.require("sandbox_read")?;
     let rows = server
         .store
-        .list_sandboxes(&auth.workspace_id, Some("running"))
+        .sandboxes
+        .list(&auth.workspace_id, Some(Status::Running))
         .await?;
     let vms: Vec<Value> = rows
         .iter()
@@ -1063,7 +1084,7 @@ async fn create_session(
         .into());
     }
     let row = sb.row().clone();
-    if row.status != "running" {
+    if row.status != Status::Running {
         return Err(ApiError::conflict(
             "sandbox_not_running",
             "start the VM before creating a session",
@@ -1158,7 +1179,8 @@ async fn list_preview_tokens(
     let now = now_ms();
     let tokens: Vec<Value> = server
         .store
-        .list_preview_tokens(&auth.workspace_id, &id)
+        .previews
+        .list_tokens(&auth.workspace_id, &id)
         .await?
         .iter()
         .filter(|t| t.expires_at.is_none_or(|e| e > now))
@@ -1181,7 +1203,8 @@ async fn update_preview_token(
     let (auth, id) = (sb.auth().clone(), sb.id().to_string());
     let mut row = server
         .store
-        .get_preview_token(&auth.workspace_id, &id, &token_id)
+        .previews
+        .get_token(&auth.workspace_id, &id, &token_id)
         .await?
         .filter(|t| t.revoked_at.is_none())
         .ok_or_else(|| {
@@ -1203,12 +1226,14 @@ async fn update_preview_token(
     if row.expires_at.is_some_and(|at| at <= now) {
         server
             .store
-            .revoke_preview_token(&auth.workspace_id, &token_id, now)
+            .previews
+            .revoke_token(&auth.workspace_id, &token_id, now)
             .await?;
     } else {
         server
             .store
-            .set_preview_token_expiry(&auth.workspace_id, &token_id, row.expires_at)
+            .previews
+            .set_token_expiry(&auth.workspace_id, &token_id, row.expires_at)
             .await?;
     }
     Ok(ok(
@@ -1225,12 +1250,14 @@ async fn revoke_all_preview_tokens(
     let now = now_ms();
     for t in server
         .store
-        .list_preview_tokens(&auth.workspace_id, &id)
+        .previews
+        .list_tokens(&auth.workspace_id, &id)
         .await?
     {
         server
             .store
-            .revoke_preview_token(&auth.workspace_id, &t.id, now)
+            .previews
+            .revoke_token(&auth.workspace_id, &t.id, now)
             .await?;
     }
     Ok(ok(StatusCode::OK, json!({})))

@@ -44,6 +44,12 @@ impl From<crate::error::ServerError> for CsbError {
     }
 }
 
+impl From<sandpit_control::ControlError> for CsbError {
+    fn from(e: sandpit_control::ControlError) -> Self {
+        CsbError(e.into())
+    }
+}
+
 impl IntoResponse for CsbError {
     fn into_response(self) -> Response {
         let e = self.0;
@@ -83,7 +89,7 @@ async fn create_workspace(
         org_id: auth.org_id.clone(),
         name,
     };
-    server.store.insert_workspace(&ws, now_ms()).await?;
+    server.store.tenants.insert_workspace(&ws, now_ms()).await?;
     Ok((
         StatusCode::CREATED,
         Json(Envelope::ok(Workspace {
@@ -145,6 +151,7 @@ async fn workspace_in_org(
 ) -> Result<WorkspaceRow, ApiError> {
     server
         .store
+        .tenants
         .get_workspace(&auth.org_id, team_id)
         .await?
         .ok_or_else(|| {
@@ -184,7 +191,11 @@ async fn create_token(
         expires_at,
         created_at: now_ms(),
     };
-    server.store.insert_token(&row, &hash_token(&token)).await?;
+    server
+        .store
+        .tenants
+        .insert_token(&row, &hash_token(&token))
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(Envelope::ok(info(&row, Some(token)))),
@@ -210,6 +221,7 @@ async fn update_token(
     let ws = workspace_in_org(&server, &auth, &team_id).await?;
     let mut row = server
         .store
+        .tenants
         .get_token(&ws.id, &token_id)
         .await?
         .ok_or_else(|| ApiError::not_found("token_not_found", format!("no token {token_id:?}")))?;
@@ -230,7 +242,7 @@ async fn update_token(
         check_scopes(&scopes)?;
         row.scopes = serde_json::to_string(&scopes).expect("strings serialize");
     }
-    server.store.update_token(&row).await?;
+    server.store.tenants.update_token(&row).await?;
     Ok((StatusCode::CREATED, Json(Envelope::ok(info(&row, None)))))
 }
 
@@ -248,7 +260,7 @@ async fn revoke_token(
 ) -> Result<StatusCode, CsbError> {
     auth.require("token:manage")?;
     let ws = workspace_in_org(&server, &auth, &team_id).await?;
-    if !server.store.delete_token(&ws.id, &token_id).await? {
+    if !server.store.tenants.delete_token(&ws.id, &token_id).await? {
         return Err(
             ApiError::not_found("token_not_found", format!("no token {token_id:?}")).into(),
         );

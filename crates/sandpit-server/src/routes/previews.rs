@@ -1,6 +1,7 @@
 //! `/v1/sandboxes/{id}/preview-tokens`: the tokens that open a private sandbox's previews.
 //! Shown once, stored hashed, scoped to one sandbox (and its workspace).
 
+use sandpit_control::Status;
 use std::sync::Arc;
 
 use axum::Json;
@@ -19,7 +20,7 @@ use crate::error::ApiError;
 use crate::extract::{Authorized, OwnedSandbox, scope};
 use crate::lifecycle;
 use crate::server::Server;
-use crate::store::{PreviewTokenRow, SandboxRow};
+use crate::store::{PreviewTokenRow, Sandbox};
 use crate::util::{new_id, now_ms, rfc3339};
 
 /// Characters of a token kept (in clear) to tell tokens apart: the prefix and 8 hex digits.
@@ -43,9 +44,9 @@ fn view(t: &PreviewTokenRow, token: Option<String>) -> PreviewToken {
 }
 
 /// The caller's sandbox, which must not be destroyed or failed (409).
-async fn live_sandbox(server: &Server, sb: &Authorized) -> Result<SandboxRow, ApiError> {
+async fn live_sandbox(server: &Server, sb: &Authorized) -> Result<Sandbox, ApiError> {
     let row = lifecycle::current(server, sb).await?;
-    if matches!(row.status.as_str(), "destroyed" | "failed") {
+    if matches!(row.status, Status::Destroyed | Status::Failed) {
         return Err(ApiError::conflict(
             "invalid_state",
             format!("a {} sandbox has no previews", row.status),
@@ -63,7 +64,8 @@ async fn token_of(
 ) -> Result<PreviewTokenRow, ApiError> {
     server
         .store
-        .get_preview_token(&auth.workspace_id, id, token_id)
+        .previews
+        .get_token(&auth.workspace_id, id, token_id)
         .await?
         .filter(|t| t.revoked_at.is_none())
         .ok_or_else(|| {
@@ -116,7 +118,8 @@ pub(crate) async fn mint(
     };
     server
         .store
-        .insert_preview_token(&row, &hash_token(&token))
+        .previews
+        .insert_token(&row, &hash_token(&token))
         .await?;
     Ok((row, token))
 }
@@ -135,7 +138,8 @@ async fn list_preview_tokens(
 ) -> Result<Json<PreviewTokenList>, ApiError> {
     let rows = server
         .store
-        .list_preview_tokens(sb.workspace_id(), sb.id())
+        .previews
+        .list_tokens(sb.workspace_id(), sb.id())
         .await?;
     Ok(Json(PreviewTokenList {
         tokens: rows.iter().map(|t| view(t, None)).collect(),
@@ -165,7 +169,8 @@ async fn update_preview_token(
         row.expires_at = expiry.as_deref().map(parse_expiry).transpose()?;
         server
             .store
-            .set_preview_token_expiry(&auth.workspace_id, &row.id, row.expires_at)
+            .previews
+            .set_token_expiry(&auth.workspace_id, &row.id, row.expires_at)
             .await?;
     }
     Ok(Json(view(&row, None)))
@@ -188,7 +193,8 @@ async fn revoke_preview_token(
     let row = token_of(&server, auth, sb.id(), &token_id).await?;
     server
         .store
-        .revoke_preview_token(&auth.workspace_id, &row.id, now_ms())
+        .previews
+        .revoke_token(&auth.workspace_id, &row.id, now_ms())
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }

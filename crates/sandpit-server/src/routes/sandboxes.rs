@@ -100,17 +100,22 @@ async fn list_sandboxes(
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<SandboxList>, ApiError> {
     auth.require("sandbox_read")?;
-    if let Some(s) = &q.status
-        && SandboxStatus::parse(s).is_none()
-    {
-        return Err(ApiError::bad_request(
-            "invalid_status",
-            format!("status must be creating, running, suspended, destroyed or failed, not {s:?}"),
-        ));
-    }
+    let status = match q.status.as_deref().map(|s| (s, SandboxStatus::parse(s))) {
+        None => None,
+        Some((_, Some(s))) => Some(s.into()),
+        Some((s, None)) => {
+            return Err(ApiError::bad_request(
+                "invalid_status",
+                format!(
+                    "status must be creating, running, suspended, destroyed or failed, not {s:?}"
+                ),
+            ));
+        }
+    };
     let rows = server
         .store
-        .list_sandboxes(&auth.workspace_id, q.status.as_deref())
+        .sandboxes
+        .list(&auth.workspace_id, status)
         .await?;
     Ok(Json(SandboxList {
         sandboxes: rows.iter().map(to_api).collect(),
@@ -442,7 +447,11 @@ async fn exec(
                 .map_err(agent_failure)?
         }
     };
-    server.store.touch(&id, crate::util::now_ms()).await?;
+    server
+        .store
+        .sandboxes
+        .touch(&id, crate::util::now_ms())
+        .await?;
     Ok(Json(ExecResponse {
         exit_code: status.exit_code,
         stdout: String::from_utf8_lossy(&stdout).into_owned(),
@@ -657,7 +666,8 @@ async fn list_snapshots(
 ) -> Result<Json<SnapshotList>, ApiError> {
     let rows = server
         .store
-        .list_snapshots(sb.workspace_id(), sb.id())
+        .snapshots
+        .list(sb.workspace_id(), sb.id())
         .await?;
     Ok(Json(SnapshotList {
         snapshots: rows.iter().map(crate::fork::snapshot_to_api).collect(),

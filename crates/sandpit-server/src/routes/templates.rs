@@ -43,7 +43,7 @@ async fn list_templates(
     auth: Auth,
 ) -> Result<Json<TemplateList>, ApiError> {
     auth.require("sandbox_read")?;
-    let rows = server.store.list_templates(&auth.workspace_id).await?;
+    let rows = server.store.templates.list(&auth.workspace_id).await?;
     let mut templates = Vec::with_capacity(rows.len());
     for t in rows {
         templates.push(builds::view(&server, &auth.workspace_id, t).await?);
@@ -95,7 +95,8 @@ async fn find(
 ) -> Result<crate::store::TemplateRow, ApiError> {
     server
         .store
-        .find_template(&auth.workspace_id, id)
+        .templates
+        .find(&auth.workspace_id, id)
         .await?
         .ok_or_else(|| ApiError::not_found("template_not_found", format!("no template {id:?}")))
 }
@@ -210,6 +211,7 @@ async fn set_alias(
     let t = find(&server, &auth, &id).await?;
     server
         .store
+        .templates
         .set_alias(&auth.workspace_id, ns, name, &t.id, now_ms())
         .await?;
     Ok(Json(TemplateAlias {
@@ -239,6 +241,7 @@ async fn delete_alias(
     let t = find(&server, &auth, &id).await?;
     if server
         .store
+        .templates
         .resolve_alias(&auth.workspace_id, ns, name)
         .await?
         .as_deref()
@@ -251,6 +254,7 @@ async fn delete_alias(
     }
     server
         .store
+        .templates
         .delete_alias(&auth.workspace_id, ns, name)
         .await?;
     Ok(StatusCode::NO_CONTENT)

@@ -1,0 +1,14 @@
+//! Sandpit's control layer: the typed domain (a sandbox's [`Status`] and its allowed
+//! transitions, stored records that decode fail-closed) and the [`Store`], split by
+//! aggregate, on SQLite or PostgreSQL behind one interface.
+//!
+//! Invariant: this crate knows no HTTP (no axum, hyper or status codes; checked by
+//! `tests/no_http.rs`). The HTTP edge (`sandpit-server`) maps [`ControlError`] once.
+
+pub mod domain;
+pub mod error;
+pub mod store;
+
+pub use domain::{Status, Stored, Transition};
+pub use error::ControlError;
+pub use store::{Backend, Db, Store};

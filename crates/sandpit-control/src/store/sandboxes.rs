@@ -1,0 +1,551 @@
+//! Sandboxes: one row per sandbox ever made (destroyed ones stay, so ids are never reused).
+
+use std::collections::BTreeMap;
+
+use sandpit_api_types::{EgressPolicy, PreviewPrivacy, SandboxMode};
+
+use super::{Backend, Db, q};
+use crate::domain::{Status, Stored};
+use crate::error::ControlError;
+use crate::with_db;
+
+/// A sandbox as stored, decoded: status, mode and privacy are checked at the store edge;
+/// the environment, metadata and egress policy stay [`Stored`] until needed.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    pub id: String,
+    pub workspace_id: String,
+    pub template_id: String,
+    pub template_name: String,
+    pub mode: SandboxMode,
+    pub status: Status,
+    pub size: String,
+    pub env: Stored<BTreeMap<String, String>>,
+    pub metadata: Stored<BTreeMap<String, String>>,
+    pub egress: Stored<EgressPolicy>,
+    pub timeout_ms: Option<i64>,
+    pub idle_timeout_ms: Option<i64>,
+    pub expires_at: Option<i64>,
+    pub last_active_at: i64,
+    pub slot: Option<i64>,
+    pub runtime_id: String,
+    pub error: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub preview_privacy: PreviewPrivacy,
+}
+
+/// The row as the database holds it.
+#[derive(sqlx::FromRow)]
+pub(super) struct SandboxRecord {
+    id: String,
+    workspace_id: String,
+    template_id: String,
+    template_name: String,
+    mode: String,
+    status: String,
+    size: String,
+    env: String,
+    metadata: String,
+    egress: String,
+    timeout_ms: Option<i64>,
+    idle_timeout_ms: Option<i64>,
+    expires_at: Option<i64>,
+    last_active_at: i64,
+    slot: Option<i64>,
+    runtime_id: String,
+    error: Option<String>,
+    created_at: i64,
+    updated_at: i64,
+    preview_privacy: String,
+}
+
+fn parse_mode(s: &str) -> Option<SandboxMode> {
+    match s {
+        "ephemeral" => Some(SandboxMode::Ephemeral),
+        "persistent" => Some(SandboxMode::Persistent),
+        _ => None,
+    }
+}
+
+impl TryFrom<SandboxRecord> for Sandbox {
+    type Error = ControlError;
+    fn try_from(r: SandboxRecord) -> Result<Sandbox, ControlError> {
+        let what = |field: &str| format!("{field} of sandbox {}", r.id);
+        let bad = |field: &str, v: &str| ControlError::corrupt(what(field), format!("{v:?}"));
+        Ok(Sandbox {
+            status: Status::parse(&r.status).ok_or_else(|| bad("status", &r.status))?,
+            mode: parse_mode(&r.mode).ok_or_else(|| bad("mode", &r.mode))?,
+            preview_privacy: PreviewPrivacy::parse(&r.preview_privacy)
+                .ok_or_else(|| bad("preview privacy", &r.preview_privacy))?,
+            id: r.id,
+            workspace_id: r.workspace_id,
+            template_id: r.template_id,
+            template_name: r.template_name,
+            size: r.size,
+            env: Stored::from_raw(r.env),
+            metadata: Stored::from_raw(r.metadata),
+            egress: Stored::from_raw(r.egress),
+            timeout_ms: r.timeout_ms,
+            idle_timeout_ms: r.idle_timeout_ms,
+            expires_at: r.expires_at,
+            last_active_at: r.last_active_at,
+            slot: r.slot,
+            runtime_id: r.runtime_id,
+            error: r.error,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        })
+    }
+}
+
+pub(super) fn decode_all(rows: Vec<SandboxRecord>) -> Result<Vec<Sandbox>, ControlError> {
+    rows.into_iter().map(Sandbox::try_from).collect()
+}
+
+fn decode_one(row: Option<SandboxRecord>) -> Result<Option<Sandbox>, ControlError> {
+    row.map(Sandbox::try_from).transpose()
+}
+
+fn ids(rows: Vec<(String,)>) -> Vec<String> {
+    rows.into_iter().map(|r| r.0).collect()
+}
+
+/// The sandboxes aggregate.
+#[derive(Clone, Debug)]
+pub struct Sandboxes {
+    pub(super) db: Db,
+}
+
+impl Sandboxes {
+    pub async fn insert(&self, s: &Sandbox) -> Result<(), ControlError> {
+        with_db!(self.db, p => sqlx::query(
+            "INSERT INTO sandboxes (id, workspace_id, template_id, template_name, mode, status, size,
+                env, metadata, egress, timeout_ms, idle_timeout_ms, expires_at, last_active_at, slot,
+                runtime_id, error, created_at, updated_at, preview_privacy)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
+                $18, $19, $20)",
+        )
+        .bind(&s.id)
+        .bind(&s.workspace_id)
+        .bind(&s.template_id)
+        .bind(&s.template_name)
+        .bind(s.mode.as_str())
+        .bind(s.status.as_str())
+        .bind(&s.size)
+        .bind(s.env.raw())
+        .bind(s.metadata.raw())
+        .bind(s.egress.raw())
+        .bind(s.timeout_ms)
+        .bind(s.idle_timeout_ms)
+        .bind(s.expires_at)
+        .bind(s.last_active_at)
+        .bind(s.slot)
+        .bind(&s.runtime_id)
+        .bind(&s.error)
+        .bind(s.created_at)
+        .bind(s.updated_at)
+        .bind(s.preview_privacy.as_str())
+        .execute(p).await.map(|r| r.rows_affected()))
+        .map_err(q("inserting a sandbox"))?;
+        Ok(())
+    }
+
+    /// Server use: a sandbox by id, whatever its workspace. Callers authorize by comparing
+    /// the workspace (the HTTP edge's extractor does, before anything else).
+    pub async fn get(&self, id: &str) -> Result<Option<Sandbox>, ControlError> {
+        let row = with_db!(self.db, p => sqlx::query_as("SELECT * FROM sandboxes WHERE id = $1")
+            .bind(id)
+            .fetch_optional(p).await)
+        .map_err(q("reading a sandbox"))?;
+        decode_one(row)
+    }
+
+    /// The workspace's sandboxes with the given status, or every one not destroyed.
+    pub async fn list(
+        &self,
+        workspace_id: &str,
+        status: Option<Status>,
+    ) -> Result<Vec<Sandbox>, ControlError> {
+        let rows = match status {
+            Some(s) => with_db!(self.db, p => sqlx::query_as(
+                "SELECT * FROM sandboxes WHERE workspace_id = $1 AND status = $2
+                 ORDER BY created_at, id",
+            )
+            .bind(workspace_id)
+            .bind(s.as_str())
+            .fetch_all(p).await),
+            None => with_db!(self.db, p => sqlx::query_as(
+                "SELECT * FROM sandboxes WHERE workspace_id = $1 AND status <> 'destroyed'
+                 ORDER BY created_at, id",
+            )
+            .bind(workspace_id)
+            .fetch_all(p).await),
+        }
+        .map_err(q("listing sandboxes"))?;
+        decode_all(rows)
+    }
+
+    /// Server use: every sandbox in one of the given states, oldest first.
+    pub async fn with_status(&self, statuses: &[Status]) -> Result<Vec<Sandbox>, ControlError> {
+        // Always six parameters (there are six statuses), padded with the first, so the
+        // SQL text is constant; none at all matches nothing.
+        let mut names: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
+        let pad = names.first().copied().unwrap_or("");
+        names.resize(Status::ALL.len(), pad);
+        let rows = with_db!(self.db, p => {
+            let mut qy = sqlx::query_as(
+                "SELECT * FROM sandboxes WHERE status IN ($1, $2, $3, $4, $5, $6)
+                 ORDER BY created_at, id",
+            );
+            for n in &names {
+                qy = qy.bind(*n);
+            }
+            qy.fetch_all(p).await
+        })
+        .map_err(q("listing sandboxes by status"))?;
+        decode_all(rows)
+    }
+
+    /// Server use: slots held by any sandbox.
+    pub async fn used_slots(&self) -> Result<Vec<i64>, ControlError> {
+        let rows: Vec<(i64,)> = with_db!(self.db, p => sqlx::query_as(
+            "SELECT slot FROM sandboxes WHERE slot IS NOT NULL"
+        ).fetch_all(p).await)
+        .map_err(q("listing slots"))?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
+    pub async fn set_status(
+        &self,
+        id: &str,
+        status: Status,
+        error: Option<&str>,
+        now: i64,
+    ) -> Result<(), ControlError> {
+        self.update(
+            "updating a sandbox's status",
+            "UPDATE sandboxes SET status = $1, error = $2, updated_at = $3 WHERE id = $4",
+            |qy| qy.text(status.as_str()).opt_text(error).int(now).text(id),
+        )
+        .await
+    }
+
+    /// Mark suspended (with a note in `error`, or none) and give the network slot back: a
+    /// suspended sandbox holds no slot.
+    pub async fn mark_suspended(
+        &self,
+        id: &str,
+        error: Option<&str>,
+        now: i64,
+    ) -> Result<(), ControlError> {
+        self.update(
+            "marking a sandbox suspended",
+            "UPDATE sandboxes SET status = 'suspended', error = $1, slot = NULL, updated_at = $2
+             WHERE id = $3",
+            |qy| qy.opt_text(error).int(now).text(id),
+        )
+        .await
+    }
+
+    /// Server use: give a sandbox's network slot back (a suspended sandbox holds none).
+    pub async fn release_slot(&self, id: &str, now: i64) -> Result<(), ControlError> {
+        self.update(
+            "releasing a sandbox's network slot",
+            "UPDATE sandboxes SET slot = NULL, updated_at = $1 WHERE id = $2",
+            |qy| qy.int(now).text(id),
+        )
+        .await
+    }
+
+    /// Server use: record the slot a sandbox claimed (the caller holds the node's slot lock
+    /// and chose a free one; slots are per node).
+    pub async fn set_slot(&self, id: &str, slot: i64, now: i64) -> Result<(), ControlError> {
+        self.update(
+            "claiming a network slot",
+            "UPDATE sandboxes SET slot = $1, updated_at = $2 WHERE id = $3",
+            |qy| qy.int(slot).int(now).text(id),
+        )
+        .await
+    }
+
+    /// Server use: replace a sandbox's egress policy and say why in its `error` (a stored
+    /// policy that no longer decodes is replaced by `deny_all`).
+    pub async fn replace_egress(
+        &self,
+        id: &str,
+        egress: &Stored<EgressPolicy>,
+        error: &str,
+        now: i64,
+    ) -> Result<(), ControlError> {
+        self.update(
+            "replacing a sandbox's egress policy",
+            "UPDATE sandboxes SET egress = $1, error = $2, updated_at = $3 WHERE id = $4",
+            |qy| qy.text(egress.raw()).text(error).int(now).text(id),
+        )
+        .await
+    }
+
+    /// Mark destroyed and give the network slot back.
+    pub async fn mark_destroyed(&self, id: &str, now: i64) -> Result<(), ControlError> {
+        self.update(
+            "marking a sandbox destroyed",
+            "UPDATE sandboxes SET status = 'destroyed', slot = NULL, updated_at = $1 WHERE id = $2",
+            |qy| qy.int(now).text(id),
+        )
+        .await
+    }
+
+    /// Mark failed with a reason and give the network slot back.
+    pub async fn mark_failed(&self, id: &str, reason: &str, now: i64) -> Result<(), ControlError> {
+        self.update(
+            "marking a sandbox failed",
+            "UPDATE sandboxes SET status = 'failed', error = $1, slot = NULL, updated_at = $2
+             WHERE id = $3",
+            |qy| qy.text(reason).int(now).text(id),
+        )
+        .await
+    }
+
+    pub async fn set_expiry(
+        &self,
+        id: &str,
+        expires_at: i64,
+        now: i64,
+    ) -> Result<(), ControlError> {
+        self.update(
+            "updating a sandbox's expiry",
+            "UPDATE sandboxes SET expires_at = $1, updated_at = $2 WHERE id = $3",
+            |qy| qy.int(expires_at).int(now).text(id),
+        )
+        .await
+    }
+
+    /// Replace a sandbox's egress policy.
+    pub async fn set_egress(
+        &self,
+        id: &str,
+        egress: &Stored<EgressPolicy>,
+        now: i64,
+    ) -> Result<(), ControlError> {
+        self.update(
+            "updating a sandbox's egress policy",
+            "UPDATE sandboxes SET egress = $1, updated_at = $2 WHERE id = $3",
+            |qy| qy.text(egress.raw()).int(now).text(id),
+        )
+        .await
+    }
+
+    pub async fn set_preview_privacy(
+        &self,
+        id: &str,
+        privacy: PreviewPrivacy,
+        now: i64,
+    ) -> Result<(), ControlError> {
+        self.update(
+            "updating a sandbox's preview privacy",
+            "UPDATE sandboxes SET preview_privacy = $1, updated_at = $2 WHERE id = $3",
+            |qy| qy.text(privacy.as_str()).int(now).text(id),
+        )
+        .await
+    }
+
+    /// Change a persistent sandbox's inactivity timeout.
+    pub async fn set_idle_timeout(
+        &self,
+        workspace_id: &str,
+        id: &str,
+        idle_timeout_ms: i64,
+        now: i64,
+    ) -> Result<(), ControlError> {
+        self.update(
+            "updating a sandbox's idle timeout",
+            "UPDATE sandboxes SET idle_timeout_ms = $1, updated_at = $2
+             WHERE workspace_id = $3 AND id = $4",
+            |qy| qy.int(idle_timeout_ms).int(now).text(workspace_id).text(id),
+        )
+        .await
+    }
+
+    /// Record activity (resets the idle clock of persistent sandboxes).
+    pub async fn touch(&self, id: &str, now: i64) -> Result<(), ControlError> {
+        self.update(
+            "recording activity",
+            "UPDATE sandboxes SET last_active_at = $1 WHERE id = $2",
+            |qy| qy.int(now).text(id),
+        )
+        .await
+    }
+
+    /// Server use: ephemeral sandboxes (running or suspended) whose timeout has passed.
+    pub async fn expired(&self, now: i64) -> Result<Vec<String>, ControlError> {
+        let rows = with_db!(self.db, p => sqlx::query_as(
+            "SELECT id FROM sandboxes WHERE mode = 'ephemeral' AND status IN ('running', 'suspended')
+             AND expires_at IS NOT NULL AND expires_at <= $1",
+        )
+        .bind(now)
+        .fetch_all(p).await)
+        .map_err(q("finding expired sandboxes"))?;
+        Ok(ids(rows))
+    }
+
+    /// Server use: every running sandbox, as (id, runtime id), for the liveness watch.
+    pub async fn running(&self) -> Result<Vec<(String, String)>, ControlError> {
+        with_db!(self.db, p => sqlx::query_as(
+            "SELECT id, runtime_id FROM sandboxes WHERE status = 'running'"
+        ).fetch_all(p).await)
+        .map_err(q("listing running sandboxes"))
+    }
+
+    /// Server use: running persistent sandboxes idle for longer than their idle timeout.
+    pub async fn idle(&self, now: i64) -> Result<Vec<String>, ControlError> {
+        let rows = with_db!(self.db, p => sqlx::query_as(
+            "SELECT id FROM sandboxes WHERE mode = 'persistent' AND status = 'running'
+             AND idle_timeout_ms IS NOT NULL AND last_active_at + idle_timeout_ms <= $1",
+        )
+        .bind(now)
+        .fetch_all(p).await)
+        .map_err(q("finding idle sandboxes"))?;
+        Ok(ids(rows))
+    }
+
+    /// How many of a workspace's sandboxes are creating or running (the running quota).
+    pub async fn count_running(&self, workspace_id: &str) -> Result<i64, ControlError> {
+        self.count(
+            "counting running sandboxes",
+            "SELECT COUNT(*) FROM sandboxes
+             WHERE workspace_id = $1 AND status IN ('creating', 'running')",
+            workspace_id,
+        )
+        .await
+    }
+
+    /// How many of a workspace's sandboxes are suspended or will be when idle (persistent
+    /// ones creating or running): the `max_suspended` quota.
+    pub async fn count_suspendable(&self, workspace_id: &str) -> Result<i64, ControlError> {
+        self.count(
+            "counting suspended sandboxes",
+            "SELECT COUNT(*) FROM sandboxes WHERE workspace_id = $1
+               AND (status = 'suspended'
+                    OR (mode = 'persistent' AND status IN ('creating', 'running')))",
+            workspace_id,
+        )
+        .await
+    }
+
+    /// Server use: how many pooled sandboxes a template has.
+    pub async fn pooled_count(&self, template_id: &str) -> Result<i64, ControlError> {
+        self.count(
+            "counting pooled sandboxes",
+            "SELECT COUNT(*) FROM sandboxes WHERE status = 'pooled' AND template_id = $1",
+            template_id,
+        )
+        .await
+    }
+
+    /// Server use: hand the oldest pooled sandbox of a template to `owner` (its workspace and
+    /// settings; id, slot and runtime stay). Returns the sandbox's id, or `None` when the
+    /// pool is empty. One statement; on PostgreSQL the candidate row is locked (`SKIP
+    /// LOCKED`), so two creates, in one process or several, never get the same sandbox.
+    pub async fn take_pooled(
+        &self,
+        template_id: &str,
+        owner: &Sandbox,
+    ) -> Result<Option<String>, ControlError> {
+        let lock = match self.db.backend() {
+            Backend::Sqlite => "",
+            Backend::Postgres => "FOR UPDATE SKIP LOCKED",
+        };
+        let sql = format!(
+            "UPDATE sandboxes SET workspace_id = $1, mode = $2, status = 'running', env = $3,
+                metadata = $4, egress = $5, timeout_ms = $6, idle_timeout_ms = $7, expires_at = $8,
+                last_active_at = $9, created_at = $10, updated_at = $11, preview_privacy = $12
+             WHERE status = 'pooled'
+               AND id = (SELECT id FROM sandboxes WHERE status = 'pooled' AND template_id = $13
+                         AND size = $14 ORDER BY created_at LIMIT 1 {lock})
+             RETURNING id"
+        );
+        let row: Option<(String,)> = with_db!(self.db, p => sqlx::query_as(
+            // The only interpolation is one of the two constant lock clauses above.
+            sqlx::AssertSqlSafe(sql.clone()),
+        )
+        .bind(&owner.workspace_id)
+        .bind(owner.mode.as_str())
+        .bind(owner.env.raw())
+        .bind(owner.metadata.raw())
+        .bind(owner.egress.raw())
+        .bind(owner.timeout_ms)
+        .bind(owner.idle_timeout_ms)
+        .bind(owner.expires_at)
+        .bind(owner.last_active_at)
+        .bind(owner.created_at)
+        .bind(owner.updated_at)
+        .bind(owner.preview_privacy.as_str())
+        .bind(template_id)
+        .bind(&owner.size)
+        .fetch_optional(p).await)
+        .map_err(q("taking a pooled sandbox"))?;
+        Ok(row.map(|r| r.0))
+    }
+
+    // ---- helpers ----
+
+    async fn count(
+        &self,
+        op: &'static str,
+        sql: &'static str,
+        key: &str,
+    ) -> Result<i64, ControlError> {
+        let n: (i64,) = with_db!(self.db, p => sqlx::query_as(sql).bind(key).fetch_one(p).await)
+            .map_err(q(op))?;
+        Ok(n.0)
+    }
+
+    /// Run one UPDATE whose parameters `bind` lists in order.
+    async fn update(
+        &self,
+        op: &'static str,
+        sql: &'static str,
+        bind: impl FnOnce(Params) -> Params,
+    ) -> Result<(), ControlError> {
+        let params = bind(Params::default()).0;
+        with_db!(self.db, p => {
+            let mut qy = sqlx::query(sql);
+            for v in &params {
+                qy = match v {
+                    Param::Text(s) => qy.bind(s.clone()),
+                    Param::OptText(s) => qy.bind(s.clone()),
+                    Param::Int(i) => qy.bind(*i),
+                };
+            }
+            qy.execute(p).await.map(|r| r.rows_affected())
+        })
+        .map_err(q(op))?;
+        Ok(())
+    }
+}
+
+/// Parameters of a one-statement update, in order.
+#[derive(Default)]
+struct Params(Vec<Param>);
+
+enum Param {
+    Text(String),
+    OptText(Option<String>),
+    Int(i64),
+}
+
+impl Params {
+    fn text(mut self, s: &str) -> Params {
+        self.0.push(Param::Text(s.to_string()));
+        self
+    }
+    fn opt_text(mut self, s: Option<&str>) -> Params {
+        self.0.push(Param::OptText(s.map(str::to_string)));
+        self
+    }
+    fn int(mut self, i: i64) -> Params {
+        self.0.push(Param::Int(i));
+        self
+    }
+}

@@ -1,0 +1,763 @@
+//! One store suite, run against SQLite (a temp file) and PostgreSQL (a fresh database on the
+//! server named by `SANDPIT_TEST_POSTGRES`, e.g. `postgres://postgres@127.0.0.1:54329`;
+//! `scripts/test` starts one from Debian's package). Without that variable the PostgreSQL
+//! half is skipped with a note, unless `SANDPIT_REQUIRE_POSTGRES=1` (set by `scripts/test`)
+//! makes its absence a failure.
+
+use std::collections::BTreeMap;
+
+use sandpit_api_types::{EgressPolicy, PreviewPrivacy, SandboxMode};
+
+use super::*;
+use crate::domain::{Status, Stored};
+
+/// A database for one test, dropped (PostgreSQL) or deleted (SQLite) with it.
+struct TestDb {
+    store: Store,
+    url: String,
+    _dir: Option<tempfile::TempDir>,
+    pg: Option<(String, String)>,
+}
+
+impl TestDb {
+    async fn sqlite() -> TestDb {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        TestDb {
+            store: Store::connect(&url).await.unwrap(),
+            url,
+            _dir: Some(dir),
+            pg: None,
+        }
+    }
+
+    async fn postgres() -> Option<TestDb> {
+        let Ok(base) = std::env::var("SANDPIT_TEST_POSTGRES") else {
+            assert!(
+                std::env::var("SANDPIT_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                "SANDPIT_REQUIRE_POSTGRES=1 but SANDPIT_TEST_POSTGRES is not set"
+            );
+            eprintln!("SKIPPED the PostgreSQL half: SANDPIT_TEST_POSTGRES is not set");
+            return None;
+        };
+        let base = base.trim_end_matches('/').to_string();
+        let name = format!("sandpit_t_{}", uuid::Uuid::new_v4().simple());
+        let admin = sqlx::PgPool::connect(&format!("{base}/postgres"))
+            .await
+            .unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await
+            .unwrap();
+        admin.close().await;
+        let url = format!("{base}/{name}");
+        Some(TestDb {
+            store: Store::connect(&url).await.unwrap(),
+            url,
+            _dir: None,
+            pg: Some((base, name)),
+        })
+    }
+
+    /// A second, independent connection pool on the same database: another process.
+    async fn another_process(&self) -> Store {
+        Store::connect(&self.url).await.unwrap()
+    }
+
+    async fn drop_db(self) {
+        self.store.db().close().await;
+        if let Some((base, name)) = self.pg {
+            let admin = sqlx::PgPool::connect(&format!("{base}/postgres"))
+                .await
+                .unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
+            .execute(&admin)
+            .await
+            .unwrap();
+        }
+    }
+}
+
+/// Run a suite function against both databases.
+macro_rules! both {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                let db = super::TestDb::sqlite().await;
+                super::$name(&db).await;
+                db.drop_db().await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                if let Some(db) = super::TestDb::postgres().await {
+                    super::$name(&db).await;
+                    db.drop_db().await;
+                }
+            }
+        }
+    };
+}
+
+async fn workspace(s: &Store, id: &str) {
+    let org = format!("org_{id}");
+    s.tenants.insert_org(&org, "o", 1).await.unwrap();
+    s.tenants
+        .insert_workspace(
+            &WorkspaceRow {
+                id: id.into(),
+                org_id: org,
+                name: "w".into(),
+            },
+            1,
+        )
+        .await
+        .unwrap();
+}
+
+fn template(id: &str, name: &str, ws: &str) -> TemplateRow {
+    TemplateRow {
+        workspace_id: Some(ws.into()),
+        status: TemplateStatus::Building,
+        source: "dockerfile".into(),
+        ..TemplateRow::builtin(id, name, "t", "/rootfs".into(), 5)
+    }
+}
+
+fn sandbox(id: &str, ws: &str, status: Status, slot: Option<i64>) -> Sandbox {
+    let env: BTreeMap<String, String> = [("A".to_string(), "1".to_string())].into();
+    Sandbox {
+        id: id.into(),
+        workspace_id: ws.into(),
+        template_id: "tpl_base".into(),
+        template_name: "base".into(),
+        mode: SandboxMode::Ephemeral,
+        status,
+        size: "small".into(),
+        env: Stored::encode(&env),
+        metadata: Stored::encode(&BTreeMap::new()),
+        egress: Stored::encode(&EgressPolicy::default()),
+        timeout_ms: Some(1000),
+        idle_timeout_ms: None,
+        expires_at: Some(2000),
+        last_active_at: 10,
+        slot,
+        runtime_id: format!("rt-{id}"),
+        error: None,
+        created_at: 10,
+        updated_at: 10,
+        preview_privacy: PreviewPrivacy::Private,
+    }
+}
+
+async fn base_template(s: &Store) {
+    s.templates
+        .upsert(&TemplateRow::builtin(
+            "tpl_base",
+            "base",
+            "b",
+            "/r".into(),
+            1,
+        ))
+        .await
+        .unwrap();
+}
+
+async fn tenants_and_tokens(db: &TestDb) {
+    let s = &db.store;
+    assert_eq!(
+        s.tenants.count_orgs().await.unwrap(),
+        0,
+        "the system org is not counted"
+    );
+    workspace(s, "ws_a").await;
+    assert_eq!(s.tenants.count_orgs().await.unwrap(), 1);
+    let ws = s
+        .tenants
+        .get_workspace("org_ws_a", "ws_a")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ws.name, "w");
+    assert!(
+        s.tenants
+            .get_workspace("org_other", "ws_a")
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    let mut t = TokenRow {
+        id: "tok_1".into(),
+        workspace_id: "ws_a".into(),
+        description: Some("d".into()),
+        scopes: r#"["sandboxes"]"#.into(),
+        expires_at: None,
+        created_at: 3,
+    };
+    s.tenants.insert_token(&t, "hash1").await.unwrap();
+    let auth = s.tenants.token_by_hash("hash1").await.unwrap().unwrap();
+    assert_eq!(
+        (auth.workspace_id.as_str(), auth.org_id.as_str()),
+        ("ws_a", "org_ws_a")
+    );
+    assert!(s.tenants.token_by_hash("hash2").await.unwrap().is_none());
+    // The same hash twice is refused (tokens are unique).
+    assert!(
+        s.tenants
+            .insert_token(
+                &TokenRow {
+                    id: "tok_2".into(),
+                    ..t.clone()
+                },
+                "hash1"
+            )
+            .await
+            .is_err()
+    );
+    t.expires_at = Some(99);
+    s.tenants.update_token(&t).await.unwrap();
+    assert_eq!(
+        s.tenants
+            .get_token("ws_a", "tok_1")
+            .await
+            .unwrap()
+            .unwrap()
+            .expires_at,
+        Some(99)
+    );
+    assert!(
+        s.tenants
+            .get_token("ws_b", "tok_1")
+            .await
+            .unwrap()
+            .is_none(),
+        "scoped by workspace"
+    );
+    assert!(!s.tenants.delete_token("ws_b", "tok_1").await.unwrap());
+    assert!(s.tenants.delete_token("ws_a", "tok_1").await.unwrap());
+    assert!(s.tenants.token_by_hash("hash1").await.unwrap().is_none());
+}
+both!(tenants_and_tokens);
+
+async fn templates_names_limits_and_aliases(db: &TestDb) {
+    let s = &db.store;
+    workspace(s, "ws_a").await;
+    workspace(s, "ws_b").await;
+    base_template(s).await;
+    use TemplateInsert::*;
+    assert_eq!(
+        s.templates
+            .insert(&template("t1", "web", "ws_a"), 3, 2)
+            .await
+            .unwrap(),
+        Inserted
+    );
+    assert_eq!(
+        s.templates
+            .insert(&template("t2", "web", "ws_a"), 3, 2)
+            .await
+            .unwrap(),
+        NameTaken
+    );
+    assert_eq!(
+        s.templates
+            .insert(&template("t3", "base", "ws_a"), 3, 2)
+            .await
+            .unwrap(),
+        NameTaken,
+        "a built-in name"
+    );
+    assert_eq!(
+        s.templates
+            .insert(&template("t4", "web", "ws_b"), 3, 2)
+            .await
+            .unwrap(),
+        Inserted,
+        "names are per workspace"
+    );
+    assert_eq!(
+        s.templates
+            .insert(&template("t5", "api", "ws_a"), 3, 2)
+            .await
+            .unwrap(),
+        Inserted
+    );
+    assert_eq!(
+        s.templates
+            .insert(&template("t6", "db", "ws_a"), 3, 2)
+            .await
+            .unwrap(),
+        TooManyBuilds
+    );
+    assert_eq!(s.templates.count("ws_a").await.unwrap(), (2, 2));
+
+    assert!(
+        s.templates
+            .claim_build("t1", &[TemplateStatus::Ready], 6)
+            .await
+            .is_ok_and(|won| !won)
+    );
+    s.templates
+        .finish_build("t1", TemplateStatus::Ready, "[]", "{}", None, 7)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.templates
+            .insert(&template("t6", "db", "ws_a"), 3, 2)
+            .await
+            .unwrap(),
+        Inserted
+    );
+    assert_eq!(
+        s.templates
+            .insert(&template("t7", "x", "ws_a"), 3, 0)
+            .await
+            .unwrap(),
+        TooManyTemplates
+    );
+
+    let found = s.templates.find("ws_a", "web").await.unwrap().unwrap();
+    assert_eq!(
+        (found.id.as_str(), found.status),
+        ("t1", TemplateStatus::Ready)
+    );
+    assert!(
+        s.templates.find("ws_b", "t1").await.unwrap().is_none(),
+        "another workspace's id"
+    );
+    assert!(
+        s.templates.find("ws_b", "base").await.unwrap().is_some(),
+        "built-in ones are everyone's"
+    );
+    let names: Vec<String> = s
+        .templates
+        .list("ws_a")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(names, ["api", "base", "db", "web"]);
+
+    s.templates
+        .set_alias("ws_a", "me", "prod", "t1", 8)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.templates
+            .find("ws_a", "me@prod")
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        "t1"
+    );
+    assert!(s.templates.find("ws_b", "me@prod").await.unwrap().is_none());
+    s.templates
+        .set_alias("ws_a", "me", "prod", "t5", 9)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.templates.aliases_of("ws_a", "t5").await.unwrap(),
+        ["me@prod"]
+    );
+
+    // Delete frees the name, drops the aliases, keeps the row.
+    assert!(
+        !s.templates.delete("ws_b", "t5", 10).await.unwrap(),
+        "not ws_b's"
+    );
+    assert!(s.templates.delete("ws_a", "t5", 10).await.unwrap());
+    assert!(
+        s.templates
+            .resolve_alias("ws_a", "me", "prod")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        s.templates.by_id("t5").await.unwrap().unwrap().status,
+        TemplateStatus::Deleted
+    );
+    assert_eq!(
+        s.templates
+            .insert(&template("t8", "api", "ws_a"), 3, 0)
+            .await
+            .unwrap(),
+        Inserted
+    );
+
+    assert_eq!(
+        s.templates.fail_interrupted_builds(11).await.unwrap(),
+        3,
+        "t4, t6, t8"
+    );
+    assert_eq!(
+        s.templates.by_id("t8").await.unwrap().unwrap().status,
+        TemplateStatus::Failed
+    );
+    assert!(
+        s.templates
+            .claim_build(
+                "t8",
+                &[TemplateStatus::NotBuilt, TemplateStatus::Failed],
+                12
+            )
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.templates
+            .claim_build(
+                "t8",
+                &[TemplateStatus::NotBuilt, TemplateStatus::Failed],
+                12
+            )
+            .await
+            .unwrap()
+    );
+}
+both!(templates_names_limits_and_aliases);
+
+/// Quotas hold across processes: two stores (two pools, as two API replicas would have)
+/// race 24 template creates with a limit of 5; exactly 5 are made.
+async fn template_quota_holds_across_processes(db: &TestDb) {
+    let s = &db.store;
+    workspace(s, "ws_a").await;
+    let other = db.another_process().await;
+    let mut tasks = Vec::new();
+    for i in 0..24 {
+        let st = if i % 2 == 0 { s.clone() } else { other.clone() };
+        tasks.push(tokio::spawn(async move {
+            st.templates
+                .insert(&template(&format!("t{i}"), &format!("n{i}"), "ws_a"), 5, 0)
+                .await
+                .unwrap()
+        }));
+    }
+    let mut inserted = 0;
+    for t in tasks {
+        if t.await.unwrap() == TemplateInsert::Inserted {
+            inserted += 1;
+        }
+    }
+    assert_eq!(inserted, 5);
+    assert_eq!(s.templates.count("ws_a").await.unwrap().0, 5);
+    other.db().close().await;
+}
+both!(template_quota_holds_across_processes);
+
+async fn sandboxes_typed_rows_and_transitions(db: &TestDb) {
+    let s = &db.store;
+    workspace(s, "ws_a").await;
+    base_template(s).await;
+    s.sandboxes
+        .insert(&sandbox("sb_1", "ws_a", Status::Creating, Some(1)))
+        .await
+        .unwrap();
+    s.sandboxes
+        .insert(&sandbox("sb_2", "ws_a", Status::Running, Some(2)))
+        .await
+        .unwrap();
+    assert!(
+        s.sandboxes
+            .insert(&sandbox("sb_3", "ws_a", Status::Running, Some(2)))
+            .await
+            .is_err(),
+        "a slot is held once"
+    );
+
+    let got = s.sandboxes.get("sb_1").await.unwrap().unwrap();
+    assert_eq!(
+        (got.status, got.mode, got.slot),
+        (Status::Creating, SandboxMode::Ephemeral, Some(1))
+    );
+    let env = got.env.decode(|| "env".into()).unwrap();
+    assert_eq!(env.get("A").map(String::as_str), Some("1"));
+    assert_eq!(s.sandboxes.count_running("ws_a").await.unwrap(), 2);
+
+    s.sandboxes
+        .set_status("sb_1", Status::Running, None, 20)
+        .await
+        .unwrap();
+    s.sandboxes
+        .mark_suspended("sb_2", Some("idle"), 21)
+        .await
+        .unwrap();
+    let sb2 = s.sandboxes.get("sb_2").await.unwrap().unwrap();
+    assert_eq!(
+        (sb2.status, sb2.slot, sb2.error.as_deref()),
+        (Status::Suspended, None, Some("idle"))
+    );
+    assert_eq!(s.sandboxes.used_slots().await.unwrap(), [1]);
+    s.sandboxes.set_slot("sb_2", 7, 22).await.unwrap();
+    s.sandboxes
+        .set_status("sb_2", Status::Running, None, 22)
+        .await
+        .unwrap();
+    let mut slots = s.sandboxes.used_slots().await.unwrap();
+    slots.sort();
+    assert_eq!(slots, [1, 7]);
+
+    let listed = s
+        .sandboxes
+        .list("ws_a", Some(Status::Running))
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(s.sandboxes.list("ws_b", None).await.unwrap().is_empty());
+    let some = s
+        .sandboxes
+        .with_status(&[Status::Suspended, Status::Running])
+        .await
+        .unwrap();
+    assert_eq!(some.len(), 2);
+    assert!(s.sandboxes.with_status(&[]).await.unwrap().is_empty());
+    assert_eq!(s.sandboxes.running().await.unwrap().len(), 2);
+    assert_eq!(s.sandboxes.expired(2000).await.unwrap().len(), 2);
+    assert!(s.sandboxes.expired(1999).await.unwrap().is_empty());
+
+    let deny = Stored::encode(&EgressPolicy {
+        mode: "deny_all".into(),
+        ..EgressPolicy::default()
+    });
+    s.sandboxes.set_egress("sb_1", &deny, 23).await.unwrap();
+    assert_eq!(s.sandboxes.get("sb_1").await.unwrap().unwrap().egress, deny);
+    s.sandboxes
+        .set_preview_privacy("sb_1", PreviewPrivacy::Public, 24)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.sandboxes
+            .get("sb_1")
+            .await
+            .unwrap()
+            .unwrap()
+            .preview_privacy,
+        PreviewPrivacy::Public
+    );
+
+    s.sandboxes.mark_failed("sb_1", "boom", 25).await.unwrap();
+    s.sandboxes.mark_destroyed("sb_2", 26).await.unwrap();
+    assert!(
+        s.sandboxes.used_slots().await.unwrap().is_empty(),
+        "final states hold no slot"
+    );
+    let l = s.sandboxes.list("ws_a", None).await.unwrap();
+    assert_eq!(
+        l.iter().map(|x| x.status).collect::<Vec<_>>(),
+        [Status::Failed],
+        "destroyed ones are not listed"
+    );
+}
+both!(sandboxes_typed_rows_and_transitions);
+
+/// A value no version wrote fails closed at the store edge, naming the row and field; a
+/// JSON record that does not decode fails only when it is needed.
+async fn corrupt_rows_fail_closed(db: &TestDb) {
+    let s = &db.store;
+    workspace(s, "ws_a").await;
+    base_template(s).await;
+    s.sandboxes
+        .insert(&sandbox("sb_1", "ws_a", Status::Running, Some(1)))
+        .await
+        .unwrap();
+    with_db!(s.db(), p => sqlx::query("UPDATE sandboxes SET egress = 'allow_all?' WHERE id = 'sb_1'")
+        .execute(p).await.map(|_| ())).unwrap();
+    let sb = s.sandboxes.get("sb_1").await.unwrap().unwrap();
+    let e = sb
+        .egress
+        .decode(|| "egress policy of sb_1".into())
+        .unwrap_err();
+    assert!(matches!(e, ControlError::Corrupt { .. }), "{e}");
+
+    with_db!(s.db(), p => sqlx::query("UPDATE sandboxes SET status = 'zombie' WHERE id = 'sb_1'")
+        .execute(p).await.map(|_| ()))
+    .unwrap();
+    let e = s.sandboxes.get("sb_1").await.unwrap_err();
+    assert!(e.to_string().contains("status of sandbox sb_1"), "{e}");
+    assert!(
+        s.sandboxes.list("ws_a", None).await.is_err(),
+        "no default stands in"
+    );
+
+    with_db!(s.db(), p => sqlx::query("UPDATE templates SET status = 'half' WHERE id = 'tpl_base'")
+        .execute(p).await.map(|_| ()))
+    .unwrap();
+    assert!(matches!(
+        s.templates.by_id("tpl_base").await,
+        Err(ControlError::Corrupt { .. })
+    ));
+}
+both!(corrupt_rows_fail_closed);
+
+/// Ten pooled sandboxes, twenty creates from two processes: each pooled sandbox goes to
+/// exactly one create.
+async fn pooled_sandboxes_go_to_one_create_each(db: &TestDb) {
+    let s = &db.store;
+    workspace(s, "ws_a").await;
+    base_template(s).await;
+    for i in 0..10 {
+        let mut sb = sandbox(&format!("pool{i}"), "ws_system", Status::Pooled, Some(i));
+        sb.created_at = i;
+        s.sandboxes.insert(&sb).await.unwrap();
+    }
+    assert_eq!(s.sandboxes.pooled_count("tpl_base").await.unwrap(), 10);
+    let other = db.another_process().await;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let st = if i % 2 == 0 { s.clone() } else { other.clone() };
+        tasks.push(tokio::spawn(async move {
+            let owner = sandbox(&format!("req{i}"), "ws_a", Status::Running, None);
+            st.sandboxes.take_pooled("tpl_base", &owner).await.unwrap()
+        }));
+    }
+    let mut got: Vec<String> = Vec::new();
+    for t in tasks {
+        got.extend(t.await.unwrap());
+    }
+    got.sort();
+    got.dedup();
+    assert_eq!(got.len(), 10, "{got:?}");
+    assert_eq!(s.sandboxes.pooled_count("tpl_base").await.unwrap(), 0);
+    assert_eq!(
+        s.sandboxes
+            .list("ws_a", Some(Status::Running))
+            .await
+            .unwrap()
+            .len(),
+        10
+    );
+    other.db().close().await;
+}
+both!(pooled_sandboxes_go_to_one_create_each);
+
+async fn previews_snapshots_and_idempotency(db: &TestDb) {
+    let s = &db.store;
+    workspace(s, "ws_a").await;
+    base_template(s).await;
+    s.sandboxes
+        .insert(&sandbox("sb_1", "ws_a", Status::Running, Some(1)))
+        .await
+        .unwrap();
+
+    let t = PreviewTokenRow {
+        id: "pt_1".into(),
+        sandbox_id: "sb_1".into(),
+        workspace_id: "ws_a".into(),
+        token_prefix: "abc".into(),
+        expires_at: None,
+        revoked_at: None,
+        created_at: 1,
+    };
+    s.previews.insert_token(&t, "h").await.unwrap();
+    assert!(
+        s.previews
+            .token_by_hash("sb_1", "h")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        s.previews
+            .token_by_hash("sb_2", "h")
+            .await
+            .unwrap()
+            .is_none(),
+        "scoped by sandbox"
+    );
+    s.previews
+        .set_token_expiry("ws_a", "pt_1", Some(50))
+        .await
+        .unwrap();
+    s.previews.revoke_token("ws_a", "pt_1", 60).await.unwrap();
+    assert!(
+        s.previews
+            .list_tokens("ws_a", "sb_1")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let revoked = s
+        .previews
+        .get_token("ws_a", "sb_1", "pt_1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (revoked.expires_at, revoked.revoked_at),
+        (Some(50), Some(60))
+    );
+
+    let snap = |id: &str| SnapshotRow {
+        id: id.into(),
+        workspace_id: "ws_a".into(),
+        sandbox_id: "sb_1".into(),
+        template_id: "tpl_base".into(),
+        template_name: "base".into(),
+        size: "small".into(),
+        env: "{}".into(),
+        egress: "{}".into(),
+        has_memory: true,
+        size_bytes: 42,
+        created_at: 1,
+    };
+    assert!(s.snapshots.insert(&snap("sn_1"), 2).await.unwrap());
+    assert!(s.snapshots.insert(&snap("sn_2"), 2).await.unwrap());
+    assert!(
+        !s.snapshots.insert(&snap("sn_3"), 2).await.unwrap(),
+        "the limit"
+    );
+    let got = s.snapshots.get("ws_a", "sn_1").await.unwrap().unwrap();
+    assert!(got.has_memory);
+    assert_eq!(s.snapshots.list("ws_a", "sb_1").await.unwrap().len(), 2);
+    assert!(s.snapshots.get("ws_b", "sn_1").await.unwrap().is_none());
+    assert!(s.snapshots.delete("ws_a", "sn_1").await.unwrap());
+    assert_eq!(s.snapshots.ids().await.unwrap(), ["sn_2"]);
+
+    let i = &s.idempotency;
+    assert!(
+        i.begin("ws_a", "k", "h1", 1, 100).await.unwrap().is_none(),
+        "first owns it"
+    );
+    let pending = i.begin("ws_a", "k", "h1", 2, 100).await.unwrap().unwrap();
+    assert_eq!(pending.status, None);
+    i.finish("ws_a", "k", 201, "{}").await.unwrap();
+    let done = i.begin("ws_a", "k", "h2", 3, 100).await.unwrap().unwrap();
+    assert_eq!((done.request_hash.as_str(), done.status), ("h1", Some(201)));
+    assert!(
+        i.begin("ws_a", "k", "h1", 100, 200)
+            .await
+            .unwrap()
+            .is_none(),
+        "expired keys go"
+    );
+    i.abandon("ws_a", "k").await.unwrap();
+    assert!(
+        i.begin("ws_a", "k", "h3", 101, 200)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    i.clear_pending().await.unwrap();
+    assert!(
+        i.begin("ws_a", "k", "h4", 102, 200)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+both!(previews_snapshots_and_idempotency);
+
+#[tokio::test]
+async fn unknown_database_urls_are_refused_without_echoing_them() {
+    let e = Store::connect("mysql://user:secret@db/x")
+        .await
+        .unwrap_err();
+    let text = e.to_string();
+    assert!(matches!(e, ControlError::UnsupportedDatabase { .. }));
+    assert!(!text.contains("secret"), "{text}");
+}
