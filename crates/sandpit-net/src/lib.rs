@@ -28,7 +28,10 @@ pub mod domains;
 mod error;
 mod ipnet;
 pub mod rules;
+mod seam;
 pub mod sniff;
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -39,6 +42,7 @@ pub use dial::{Dialer, Endpoint};
 pub use error::NetError;
 pub use ipnet::Ipv4Net;
 pub use rules::EgressRules;
+pub use seam::SandboxNetwork;
 
 use cmd::{nft_script, run, stderr_contains};
 use rules::Tables;
