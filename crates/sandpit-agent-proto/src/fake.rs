@@ -35,11 +35,19 @@ pub struct FakeAgent {
 
 impl FakeAgent {
     /// Listen on `addr` (port 0: any) and serve requests with `root` as the sandbox's files.
-    /// Call within a tokio runtime.
-    pub fn spawn(addr: SocketAddr, root: PathBuf) -> std::io::Result<FakeAgent> {
-        let std_listener = std::net::TcpListener::bind(addr)?;
-        std_listener.set_nonblocking(true)?;
-        let listener = TcpListener::from_std(std_listener)?;
+    /// An address in use is retried for a second: the agent of the sandbox's last run may
+    /// still be letting go of it (dropping an agent stops it at its task's next turn).
+    pub async fn spawn(addr: SocketAddr, root: PathBuf) -> std::io::Result<FakeAgent> {
+        let mut tries = 0;
+        let listener = loop {
+            match TcpListener::bind(addr).await {
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 200 => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                other => break other?,
+            }
+        };
         let addr = listener.local_addr()?;
         let served = Arc::new(AtomicU64::new(0));
         let counter = served.clone();
@@ -243,7 +251,9 @@ async fn read_file(
     };
     write_json(s, FrameKind::Ok, &info).await?;
     let start = (offset as usize).min(bytes.len());
-    let end = start.saturating_add(limit.min(usize::MAX as u64) as usize).min(bytes.len());
+    let end = start
+        .saturating_add(limit.min(usize::MAX as u64) as usize)
+        .min(bytes.len());
     for chunk in bytes[start..end].chunks(crate::DATA_CHUNK) {
         write_frame(s, FrameKind::Data, chunk).await?;
     }
@@ -257,7 +267,9 @@ mod tests {
     #[tokio::test]
     async fn ping_and_write() {
         let dir = std::env::temp_dir().join(format!("fake-agent-{}", std::process::id()));
-        let agent = FakeAgent::spawn("127.0.0.1:0".parse().unwrap(), dir.clone()).unwrap();
+        let agent = FakeAgent::spawn("127.0.0.1:0".parse().unwrap(), dir.clone())
+            .await
+            .unwrap();
         let mut s = TcpStream::connect(agent.addr()).await.unwrap();
         write_json(&mut s, FrameKind::Request, &Request::new(Op::Ping))
             .await

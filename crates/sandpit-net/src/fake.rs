@@ -354,7 +354,10 @@ mod tests {
         let deny = EgressRules::default();
         let a = n.attach(1, &deny).await.unwrap();
         assert!(a.sandbox_ip.is_loopback() && a.host_ip.is_loopback());
-        assert_eq!(u32::from(a.sandbox_ip) - u32::from(n.addrs(0).sandbox_ip), 4);
+        assert_eq!(
+            u32::from(a.sandbox_ip) - u32::from(n.addrs(0).sandbox_ip),
+            4
+        );
         assert!(matches!(
             n.attach(1, &deny).await,
             Err(NetError::SlotBusy { .. })

@@ -26,12 +26,12 @@ mod cmd;
 pub mod dial;
 pub mod domains;
 mod error;
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
 mod ipnet;
 pub mod rules;
 mod seam;
 pub mod sniff;
-#[cfg(any(test, feature = "fake"))]
-pub mod fake;
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;

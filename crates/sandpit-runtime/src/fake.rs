@@ -23,8 +23,10 @@
 
 use std::any::Any;
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -34,8 +36,11 @@ use crate::{Runtime, RuntimeError, RuntimeStatus, SandboxSpec};
 /// What a started init leaves behind; dropped when the init ends.
 pub type InitGuard = Box<dyn Any + Send + Sync>;
 
+/// What an init function returns: it may wait (an address still held by a stopping init).
+pub type InitFuture = Pin<Box<dyn Future<Output = Result<InitGuard, String>> + Send>>;
+
 /// Called when a sandbox's init starts; an error fails the start (or restore).
-pub type InitFn = dyn Fn(&SandboxSpec) -> Result<InitGuard, String> + Send + Sync;
+pub type InitFn = dyn Fn(&SandboxSpec) -> InitFuture + Send + Sync;
 
 /// The file a fake memory image consists of (its content: the id checkpointed).
 pub const IMAGE_FILE: &str = "fake-image";
@@ -191,9 +196,7 @@ impl FakeRuntime {
     }
 
     /// A fake that calls `init` whenever a sandbox's init process would start.
-    pub fn with_init(
-        init: impl Fn(&SandboxSpec) -> Result<InitGuard, String> + Send + Sync + 'static,
-    ) -> Self {
+    pub fn with_init(init: impl Fn(&SandboxSpec) -> InitFuture + Send + Sync + 'static) -> Self {
         FakeRuntime {
             state: Mutex::default(),
             init: Some(Arc::new(init)),
@@ -284,7 +287,7 @@ impl FakeRuntime {
 
     /// Start (or restore) `spec`: refuse a running id, run init outside the lock, then hold
     /// the sandbox. Nothing is held on error.
-    fn launch(&self, spec: &SandboxSpec, op: FakeOp) -> Result<(), RuntimeError> {
+    async fn launch(&self, spec: &SandboxSpec, op: FakeOp) -> Result<(), RuntimeError> {
         let name = if op == FakeOp::Start {
             "start"
         } else {
@@ -314,7 +317,7 @@ impl FakeRuntime {
             }
         })?;
         let init = match &self.init {
-            Some(f) => Some(f(spec).map_err(|stderr| RuntimeError::Command {
+            Some(f) => Some(f(spec).await.map_err(|stderr| RuntimeError::Command {
                 id: spec.id.clone(),
                 command: format!("fake {name} (init)"),
                 stderr,
@@ -352,7 +355,7 @@ impl Runtime for FakeRuntime {
             state_dir: spec.state_dir.clone(),
             address: spec.network.as_ref().map(|n| n.address),
         });
-        self.launch(spec, FakeOp::Start)
+        self.launch(spec, FakeOp::Start).await
     }
 
     async fn checkpoint(&self, id: &str, image_dir: &Path) -> Result<(), RuntimeError> {
@@ -427,7 +430,7 @@ impl Runtime for FakeRuntime {
                 stderr: format!("no image in {}", image_dir.display()),
             });
         }
-        self.launch(spec, FakeOp::Restore)
+        self.launch(spec, FakeOp::Restore).await
     }
 
     async fn stop(&self, id: &str, _state_dir: &Path) -> Result<(), RuntimeError> {
@@ -543,10 +546,7 @@ impl Runtime for FakeRuntime {
                 .filter(|id| !keep.contains(*id))
                 .cloned()
                 .collect();
-            orphans
-                .iter()
-                .filter_map(|id| st.held.remove(id))
-                .collect()
+            orphans.iter().filter_map(|id| st.held.remove(id)).collect()
         };
         drop(removed);
         Ok(())
@@ -571,7 +571,7 @@ impl Runtime for FakeRuntime {
         let Some(f) = &self.init else {
             return Ok(0);
         };
-        let init = f(&spec).map_err(|stderr| RuntimeError::Command {
+        let init = f(&spec).await.map_err(|stderr| RuntimeError::Command {
             id: id.into(),
             command: "fake kill_init_children (init)".into(),
             stderr,
@@ -639,7 +639,8 @@ mod tests {
         let l = live.clone();
         let rt = FakeRuntime::with_init(move |_| {
             l.fetch_add(1, Ordering::SeqCst);
-            Ok(Box::new(Live(l.clone())) as InitGuard)
+            let guard = Box::new(Live(l.clone())) as InitGuard;
+            Box::pin(async move { Ok(guard) })
         });
         (rt, live)
     }
@@ -712,7 +713,11 @@ mod tests {
         assert!(!rt.has_image(&image));
         assert_eq!(rt.status_of("a"), RuntimeStatus::Stopped, "killed by it");
         assert_eq!(live.load(Ordering::SeqCst), 0);
-        assert_eq!(rt.pending_failures(), 1, "the other sandbox's is still armed");
+        assert_eq!(
+            rt.pending_failures(),
+            1,
+            "the other sandbox's is still armed"
+        );
 
         rt.stop("a", &s.state_dir).await.unwrap();
         rt.start(&s).await.unwrap();

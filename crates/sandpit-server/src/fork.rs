@@ -93,7 +93,7 @@ async fn freeze(server: &Arc<Server>, row: &SandboxRow) -> Result<Frozen, ApiErr
         "suspended" => {
             let image = server.checkpoint_dir(&row.id);
             Ok(Frozen {
-                image: image.join("checkpoint.img").exists().then_some(image),
+                image: server.runtime.has_image(&image).then_some(image),
                 temporary: false,
                 was_running: false,
             })

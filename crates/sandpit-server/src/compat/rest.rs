@@ -706,7 +706,7 @@ async fn start_vm(
     let row = sb.row().clone();
     let bootup_type = match row.status.as_str() {
         "running" => "RUNNING",
-        "suspended" if server.checkpoint_dir(&id).join("checkpoint.img").exists() => "RESUME",
+        "suspended" if server.runtime.has_image(&server.checkpoint_dir(&id)) => "RESUME",
         "suspended" => "CLEAN",
         other => {
             return Err(ApiError::conflict(
