@@ -138,9 +138,10 @@ impl Server {
     /// Open everything, bootstrap on first start, reconcile what a crash may have left.
     /// Returns the server and, on first start without a preset, the generated admin token.
     ///
-    /// The caller builds the backends: the `runtime` (its state under
-    /// `<data dir>/runsc` if it keeps any) and the `net`work, whose nameservers go into every
-    /// sandbox's `/etc/resolv.conf`. The server only calls their traits.
+    /// The caller builds the backends: the `runtime` (`sandpit serve`: gVisor, its state under
+    /// `<data dir>/runsc`; tests: `FakeRuntime`) and the `net`work (`Network`; tests:
+    /// `FakeNetwork`), whose nameservers go into every sandbox's `/etc/resolv.conf`. The
+    /// server only calls their traits.
     pub async fn start(
         cfg: ServerConfig,
         runtime: Arc<dyn Runtime>,
@@ -156,7 +157,6 @@ impl Server {
             "snapshots",
             "images-tmp",
             "templates",
-            "runsc",
         ] {
             let p = cfg.data_dir.join(dir);
             std::fs::create_dir_all(&p).map_err(|source| ServerError::Files {

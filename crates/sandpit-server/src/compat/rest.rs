@@ -1,9 +1,5 @@
 //! The seed-000 REST routes: `/meta/info`, `/sandbox…`, `/vm/…`, `/templates`, with the
 //! CodeSandbox envelope and status codes.
-#![expect(
-    clippy::disallowed_methods,
-    reason = "checkpoint images are host-owned"
-)]
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

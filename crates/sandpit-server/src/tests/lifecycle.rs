@@ -419,7 +419,7 @@ async fn reconcile_removes_what_the_store_does_not_know() {
         .unwrap();
     h.rt.clear_calls();
     h.restart().await;
-    assert_eq!(h.rt.held(), [kept.runtime_id.clone()]);
+    assert_eq!(h.rt.held(), std::slice::from_ref(&kept.runtime_id));
     let removal =
         h.rt.calls()
             .into_iter()
@@ -451,7 +451,7 @@ async fn a_sandbox_that_dies_is_settled() {
     assert!(h.rt.kill(&ephemeral.runtime_id));
     assert!(h.rt.kill(&persistent.runtime_id));
     assert!(
-        h.rt.dead(&[ephemeral.runtime_id.clone()])
+        h.rt.dead(std::slice::from_ref(&ephemeral.runtime_id))
             .await
             .unwrap()
             .contains(&ephemeral.runtime_id)
