@@ -495,3 +495,24 @@ async fn fakes_keep_apart_in_one_process() {
     assert!(agent_answers(&a, &ra.id).await);
     assert!(agent_answers(&b, &rb.id).await);
 }
+
+#[tokio::test]
+async fn reconcile_after_a_crash_between_checkpoint_and_store_write() {
+    let mut h = Harness::new().await;
+    let row = h.create(SandboxMode::Persistent).await.unwrap();
+    let image = h.server.checkpoint_dir(&row.id);
+    // The server died after the checkpoint (`hibernate.checkpointed`), before the row said
+    // suspended: the runtime no longer holds it, its slot is still attached.
+    h.rt.checkpoint(&row.runtime_id, &image).await.unwrap();
+    h.restart().await;
+    let stored = h.row(&row.id).await;
+    assert_eq!(stored.status, "suspended");
+    assert_eq!(stored.slot, None);
+    assert!(h.net.attached().is_empty());
+    assert!(h.rt.has_image(&image), "the image is kept");
+    // The wake restores it: its memory was not lost after all.
+    let woken = lifecycle::wake(&h.server, &row.id).await.unwrap();
+    assert_eq!(woken.status, "running");
+    assert_eq!(h.rt.ops_of(&row.runtime_id).last(), Some(&"restore"));
+    assert!(agent_answers(&h, &row.id).await);
+}
