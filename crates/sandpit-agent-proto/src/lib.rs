@@ -28,6 +28,9 @@
     )
 )]
 
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
+
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 

@@ -26,8 +26,11 @@ mod cmd;
 pub mod dial;
 pub mod domains;
 mod error;
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
 mod ipnet;
 pub mod rules;
+mod seam;
 pub mod sniff;
 
 use std::collections::BTreeSet;
@@ -39,6 +42,7 @@ pub use dial::{Dialer, Endpoint};
 pub use error::NetError;
 pub use ipnet::Ipv4Net;
 pub use rules::EgressRules;
+pub use seam::SandboxNetwork;
 
 use cmd::{nft_script, run, stderr_contains};
 use rules::Tables;

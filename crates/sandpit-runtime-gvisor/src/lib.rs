@@ -1137,6 +1137,31 @@ impl Runtime for GvisorRuntime {
         Ok(())
     }
 
+    fn has_image(&self, image_dir: &Path) -> bool {
+        image_dir.join("checkpoint.img").is_file()
+    }
+
+    async fn remove_orphans(
+        &self,
+        keep: &HashSet<String>,
+        state_dirs_root: &Path,
+    ) -> Result<(), RuntimeError> {
+        match self.cleanup_orphans(keep, state_dirs_root).await {
+            Ok(report) => {
+                if !report.removed.is_empty() || !report.unmounted.is_empty() {
+                    tracing::info!(removed = ?report.removed, unmounted = ?report.unmounted, "orphaned sandboxes removed");
+                }
+                Ok(())
+            }
+            Err(GvisorError::Runtime(e)) => Err(e),
+            Err(other) => Err(RuntimeError::Backend {
+                backend: "gvisor",
+                what: "removing orphaned sandboxes".into(),
+                source: Box::new(other),
+            }),
+        }
+    }
+
     async fn restore(&self, spec: &SandboxSpec, image_dir: &Path) -> Result<(), RuntimeError> {
         let image = std::fs::canonicalize(image_dir).map_err(|source| RuntimeError::Rootfs {
             id: spec.id.clone(),

@@ -11,6 +11,10 @@
     )
 )]
 
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
+
+use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
@@ -114,6 +118,15 @@ pub enum RuntimeError {
         #[source]
         source: std::io::Error,
     },
+    /// A backend's own failure outside the operations above (its host checks, its
+    /// maintenance), with the backend's error as the source.
+    #[error("{backend} backend: {what}")]
+    Backend {
+        backend: &'static str,
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// A sandbox backend.
@@ -129,6 +142,11 @@ pub trait Runtime: Send + Sync + 'static {
     /// Save memory and process state to `image_dir` and stop the sandbox. The image is
     /// complete and durable (fsynced) when this returns. Files stay in `state_dir`.
     async fn checkpoint(&self, id: &str, image_dir: &Path) -> Result<(), RuntimeError>;
+
+    /// Whether `image_dir` holds a complete image written by [`Runtime::checkpoint`] (one
+    /// [`Runtime::restore`] can start from). The caller never looks inside an image: what
+    /// makes one complete is the backend's business.
+    fn has_image(&self, image_dir: &Path) -> bool;
 
     /// Start a sandbox from an image written by [`Runtime::checkpoint`]. `spec.id` may differ
     /// from the id that was checkpointed, and the network attachment may be another one.
@@ -174,6 +192,17 @@ pub trait Runtime: Send + Sync + 'static {
     /// Ids of every sandbox this backend instance holds (running or not), for reconciliation
     /// after a crash.
     async fn list(&self) -> Result<Vec<String>, RuntimeError>;
+
+    /// Stop and forget every sandbox this backend instance holds whose id is not in `keep`,
+    /// and release what is left of sandboxes not kept below `state_dirs_root` (the parent of
+    /// their `state_dir`s: mounts and the like). Files stay; the caller removes the
+    /// directories it does not know. For reconciliation after a crash (`keep`: the sandboxes
+    /// the store still runs) and for uninstalling (`keep` empty). Idempotent.
+    async fn remove_orphans(
+        &self,
+        keep: &HashSet<String>,
+        state_dirs_root: &Path,
+    ) -> Result<(), RuntimeError>;
 
     /// Kill (SIGKILL) the direct children of the sandbox's init process whose command name
     /// is `comm`, leaving init and everything else running. Returns how many were killed.

@@ -16,8 +16,6 @@ pub enum ServerError {
     Runtime(#[from] sandpit_runtime::RuntimeError),
     #[error("network")]
     Net(#[from] sandpit_net::NetError),
-    #[error("gVisor backend")]
-    Gvisor(#[from] sandpit_runtime_gvisor::GvisorError),
     #[error("talking to the agent of {sandbox}: {what}")]
     Agent { sandbox: String, what: String },
     #[error("agent of {sandbox} did not answer within {secs} s (last attempt: {last})")]

@@ -95,7 +95,7 @@ async fn freeze(server: &Arc<Server>, row: &Sandbox) -> Result<Frozen, ApiError>
         Status::Suspended => {
             let image = server.checkpoint_dir(&row.id);
             Ok(Frozen {
-                image: image.join("checkpoint.img").exists().then_some(image),
+                image: server.runtime.has_image(&image).then_some(image),
                 temporary: false,
                 was_running: false,
             })

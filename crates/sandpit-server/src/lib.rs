@@ -27,5 +27,8 @@ pub mod store;
 pub mod templates;
 pub mod util;
 
+#[cfg(test)]
+mod tests;
+
 pub use routes::{app, openapi};
 pub use server::{Server, ServerConfig};

@@ -1034,7 +1034,7 @@ pub async fn wake(server: &Arc<Server>, id: &str) -> Result<Sandbox, ApiError> {
     }
     let started = std::time::Instant::now();
     let image = server.checkpoint_dir(id);
-    let has_image = image.join("checkpoint.img").exists();
+    let has_image = server.runtime.has_image(&image);
     let mut lost_memory = None;
     if let Err(e) = boot(server, &row, has_image.then_some(image.as_path())).await {
         if !has_image {

@@ -11,9 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sandpit_net::{NetConfig, Network};
+use sandpit_net::SandboxNetwork;
 use sandpit_runtime::Runtime;
-use sandpit_runtime_gvisor::{GvisorConfig, GvisorRuntime};
 use tokio::sync::RwLock;
 use tokio_util::sync::CancellationToken;
 
@@ -28,14 +27,10 @@ pub struct ServerConfig {
     /// The database: `sqlite://<path>` or `postgres://…`; `None`: the SQLite file
     /// `<data_dir>/sandpit.db`.
     pub database: Option<String>,
-    /// Names this server's netns, veths, nftables table, cgroups and runsc containers, so
-    /// several servers coexist on one host. 1–6 characters `[a-z0-9]`.
+    /// Starts the runtime ids of this server's sandboxes (`<prefix>-<sandbox id>`), so
+    /// several servers coexist on one host. 1–6 characters `[a-z0-9]`; the network and the
+    /// runtime the caller builds carry the same prefix in their own names.
     pub prefix: String,
-    /// Address pool, split into /30 slots.
-    pub pool: String,
-    pub runsc: PathBuf,
-    /// gVisor platform: `ptrace`, `systrap` or `kvm`.
-    pub platform: String,
     /// The static `sandpit-agent` binary to inject into every sandbox.
     pub agent_bin: PathBuf,
     /// Largest upload, in bytes (seed 003: 100 MB).
@@ -52,9 +47,6 @@ pub struct ServerConfig {
     pub warm_pool: u32,
     /// Take a boot snapshot of the base template and start sandboxes by restoring it.
     pub boot_snapshots: bool,
-    /// Nameservers written into sandboxes' `/etc/resolv.conf`; `None`: the host's own,
-    /// loopback ones excluded (see [`crate::dns`]).
-    pub dns: Option<Vec<std::net::Ipv4Addr>>,
     /// Previews are served at `<sandbox id>-<port>.<preview_domain>` (see [`crate::preview`]).
     pub preview_domain: String,
     /// A preview request to a suspended sandbox wakes it; otherwise it gets 503.
@@ -87,9 +79,6 @@ impl ServerConfig {
             data_dir,
             database: None,
             prefix: "sp".into(),
-            pool: "10.88.0.0/16".into(),
-            runsc: "runsc".into(),
-            platform: "ptrace".into(),
             agent_bin,
             upload_limit: 100 * 1024 * 1024,
             reaper_interval: Duration::from_secs(1),
@@ -98,7 +87,6 @@ impl ServerConfig {
             default_idle_timeout: Duration::from_secs(30 * 60),
             warm_pool: 2,
             boot_snapshots: false,
-            dns: None,
             preview_domain: "localhost".into(),
             preview_wake: true,
             body_idle_timeout: Duration::from_secs(30),
@@ -117,7 +105,7 @@ pub struct Server {
     pub cfg: ServerConfig,
     pub store: Store,
     pub runtime: Arc<dyn Runtime>,
-    pub net: Network,
+    pub net: Arc<dyn SandboxNetwork>,
     /// The read-only layer holding `/.sandpit/agent`, stacked over every template.
     pub agent_layer: PathBuf,
     /// What every new sandbox gets as `/etc/resolv.conf`.
@@ -154,8 +142,15 @@ pub struct Server {
 impl Server {
     /// Open everything, bootstrap on first start, reconcile what a crash may have left.
     /// Returns the server and, on first start without a preset, the generated admin token.
+    ///
+    /// The caller builds the backends: the `runtime` (`sandpit serve`: gVisor, its state under
+    /// `<data dir>/runsc`; tests: `FakeRuntime`) and the `net`work (`Network`; tests:
+    /// `FakeNetwork`), whose nameservers go into every sandbox's `/etc/resolv.conf`. The
+    /// server only calls their traits.
     pub async fn start(
         cfg: ServerConfig,
+        runtime: Arc<dyn Runtime>,
+        net: Arc<dyn SandboxNetwork>,
         bootstrap_token: Option<&str>,
     ) -> Result<(Arc<Server>, Option<String>), ServerError> {
         // A crash may leave temporary memory images behind; nothing refers to them.
@@ -167,7 +162,6 @@ impl Server {
             "snapshots",
             "images-tmp",
             "templates",
-            "runsc",
         ] {
             let p = cfg.data_dir.join(dir);
             std::fs::create_dir_all(&p).map_err(|source| ServerError::Files {
@@ -179,27 +173,8 @@ impl Server {
             Some(url) => Store::connect(url).await?,
             None => Store::open_sqlite(&cfg.data_dir.join("sandpit.db")).await?,
         };
-        let pool = cfg
-            .pool
-            .parse()
-            .map_err(|e| ServerError::Corrupt(format!("address pool {:?}: {e}", cfg.pool)))?;
-        let nameservers = crate::dns::sandbox_nameservers(cfg.dns.as_deref());
-        let net = Network::new(NetConfig {
-            prefix: cfg.prefix.clone(),
-            pool,
-            nameservers: nameservers.clone(),
-        })?;
+        let nameservers = net.config().nameservers.clone();
         net.init().await?;
-        if cfg.disk_limit.is_some() {
-            sandpit_runtime_gvisor::check_disk_support()?;
-        }
-        let runtime = GvisorRuntime::new(GvisorConfig {
-            runsc: cfg.runsc.clone(),
-            root_dir: cfg.data_dir.join("runsc"),
-            platform: cfg.platform.clone(),
-            cgroup_parent: format!("sandpit-{}", cfg.prefix),
-            debug_log_dir: None,
-        })?;
         let agent_layer = templates::install_agent_layer(&cfg.data_dir, &cfg.agent_bin)?;
         if nameservers.is_empty() {
             tracing::warn!(
@@ -220,7 +195,7 @@ impl Server {
         let server = Arc::new(Server {
             cfg,
             store,
-            runtime: Arc::new(runtime.clone()),
+            runtime,
             net,
             agent_layer,
             resolv_conf,
@@ -236,13 +211,10 @@ impl Server {
             images,
             builds: Default::default(),
         });
-        // Adopt and promptly reap the sandbox processes runsc leaves behind (see
-        // `sandpit_runtime_gvisor::spawn_reaper`); stopped with the server.
-        sandpit_runtime_gvisor::spawn_reaper(server.shutdown.clone().cancelled_owned());
         templates::ensure_base(&server).await?;
         crate::builds::register_toolchain(&server).await?;
         let token = crate::auth::bootstrap(&server, bootstrap_token).await?;
-        server.reconcile(&runtime).await?;
+        server.reconcile().await?;
         // Requests that held an idempotency key died with the last process: a retry runs.
         server.store.idempotency.clear_pending().await?;
         Ok((server, token))
@@ -337,7 +309,7 @@ impl Server {
     /// a crash or a host reboot. Afterwards every sandbox the store knows is running,
     /// suspended with its files (and memory image, if one was taken) or failed with a reason,
     /// and nothing exists that the store does not know.
-    async fn reconcile(self: &Arc<Self>, runtime: &GvisorRuntime) -> Result<(), ServerError> {
+    async fn reconcile(self: &Arc<Self>) -> Result<(), ServerError> {
         let rows = self
             .store
             .sandboxes
@@ -456,8 +428,9 @@ impl Server {
             }
         }
         // Orphans: anything under our names that the store does not account for.
-        if let Err(e) = runtime
-            .cleanup_orphans(&keep_runtime, &self.cfg.data_dir.join("sandboxes"))
+        if let Err(e) = self
+            .runtime
+            .remove_orphans(&keep_runtime, &self.cfg.data_dir.join("sandboxes"))
             .await
         {
             tracing::error!(error = %DisplayChain(&e), "cleaning up orphaned sandboxes");

@@ -419,7 +419,7 @@ pub fn boot_snapshot_dir(server: &Server, template_id: &str) -> PathBuf {
 /// The template's boot snapshot, if it has been taken.
 pub fn boot_snapshot(server: &Server, template_id: &str) -> Option<PathBuf> {
     let dir = boot_snapshot_dir(server, template_id);
-    dir.join("memory/checkpoint.img").exists().then_some(dir)
+    server.runtime.has_image(&dir.join("memory")).then_some(dir)
 }
 
 /// Boot the base template once, wait for its agent, checkpoint it and keep its files and

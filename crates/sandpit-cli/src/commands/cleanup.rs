@@ -7,7 +7,8 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use sandpit_net::{NetConfig, Network};
+use sandpit_net::{NetConfig, Network, SandboxNetwork};
+use sandpit_runtime::Runtime;
 use sandpit_runtime_gvisor::{GvisorConfig, GvisorRuntime};
 
 #[derive(clap::Args)]
@@ -20,6 +21,9 @@ pub struct CleanupArgs {
     pool: String,
     #[arg(long, env = "SANDPIT_RUNSC", default_value = "runsc")]
     runsc: PathBuf,
+    /// gVisor platform (as given to `serve`).
+    #[arg(long, env = "SANDPIT_PLATFORM", default_value = "ptrace")]
+    platform: String,
     /// Required: this stops every sandbox of the server.
     #[arg(long)]
     yes: bool,
@@ -33,14 +37,10 @@ pub async fn run(args: CleanupArgs) -> anyhow::Result<()> {
     let runtime = GvisorRuntime::new(GvisorConfig {
         runsc: args.runsc,
         root_dir: args.data_dir.join("runsc"),
-        platform: "ptrace".into(),
+        platform: args.platform,
         cgroup_parent: format!("sandpit-{}", args.prefix),
         debug_log_dir: None,
     })?;
-    runtime
-        .cleanup_orphans(&HashSet::new(), &args.data_dir.join("sandboxes"))
-        .await
-        .context("stopping sandboxes")?;
     let net = Network::new(NetConfig {
         prefix: args.prefix,
         pool: args
@@ -49,13 +49,28 @@ pub async fn run(args: CleanupArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("--pool: {e}"))?,
         nameservers: Vec::new(),
     })?;
+    remove_everything(&runtime, &net, &args.data_dir).await?;
+    eprintln!("removed every sandbox and network object of this server");
+    Ok(())
+}
+
+/// Stop every sandbox the runtime holds and remove every network object, then the sandboxes'
+/// files and memory images. Through the backends' traits only.
+async fn remove_everything(
+    runtime: &dyn Runtime,
+    net: &dyn SandboxNetwork,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    runtime
+        .remove_orphans(&HashSet::new(), &data_dir.join("sandboxes"))
+        .await
+        .context("stopping sandboxes")?;
     net.teardown().await.context("removing network objects")?;
     for dir in ["sandboxes", "checkpoints"] {
-        let p = args.data_dir.join(dir);
+        let p = data_dir.join(dir);
         if p.exists() {
             std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
         }
     }
-    eprintln!("removed every sandbox and network object of this server");
     Ok(())
 }

@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -250,10 +251,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut cfg = ServerConfig::new(args.data_dir.clone(), agent_bin);
     cfg.database = args.database;
     cfg.agent_ready_timeout = agent_ready_timeout;
-    cfg.prefix = args.prefix;
-    cfg.pool = args.pool;
-    cfg.platform = args.platform;
-    cfg.runsc = args.runsc;
+    cfg.prefix = args.prefix.clone();
     cfg.upload_limit = args.upload_limit;
     cfg.reaper_interval = reaper_interval;
     cfg.body_idle_timeout = sandpit_api_types::parse_duration(&args.body_idle_timeout)
@@ -261,7 +259,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .context("--body-idle-timeout")?;
     cfg.warm_pool = args.warm_pool;
     cfg.boot_snapshots = args.boot_snapshots;
-    cfg.dns = args.dns;
     cfg.preview_domain = args.preview_domain;
     cfg.preview_wake = args.preview_wake;
     cfg.limits = sandpit_server::limits::LimitsConfig {
@@ -293,10 +290,42 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_depth: args.archive_max_depth,
     });
     cfg.min_free_disk = args.min_free_disk.0.unwrap_or(0);
-    let (server, token) = Server::start(cfg, args.bootstrap_token.as_deref())
-        .await
-        .map_err(|e| anyhow::anyhow!("{}", sandpit_server::error::DisplayChain(&e)))
-        .context("starting the server")?;
+    // The backends: the gVisor runtime and the host's network. The server sees only their
+    // traits.
+    let net = sandpit_net::Network::new(sandpit_net::NetConfig {
+        prefix: args.prefix.clone(),
+        pool: args
+            .pool
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--pool {:?}: {e}", args.pool))?,
+        nameservers: sandpit_server::dns::sandbox_nameservers(args.dns.as_deref()),
+    })?;
+    if cfg.disk_limit.is_some() {
+        sandpit_runtime_gvisor::check_disk_support()?;
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let runtime =
+        sandpit_runtime_gvisor::GvisorRuntime::new(sandpit_runtime_gvisor::GvisorConfig {
+            runsc: args.runsc,
+            root_dir: args.data_dir.join("runsc"),
+            platform: args.platform,
+            cgroup_parent: format!("sandpit-{}", args.prefix),
+            debug_log_dir: None,
+        })?;
+    // Adopt and promptly reap the sandbox processes runsc leaves behind (see
+    // `sandpit_runtime_gvisor::spawn_reaper`); stopped after the server.
+    let reaper_stop = tokio_util::sync::CancellationToken::new();
+    let runsc_reaper = sandpit_runtime_gvisor::spawn_reaper(reaper_stop.clone().cancelled_owned());
+    let (server, token) = Server::start(
+        cfg,
+        Arc::new(runtime),
+        Arc::new(net),
+        args.bootstrap_token.as_deref(),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{}", sandpit_server::error::DisplayChain(&e)))
+    .context("starting the server")?;
     if let Some(token) = token {
         // Shown once: only its hash is stored.
         eprintln!("\n  Admin token (shown once, store it now):\n\n    {token}\n");
@@ -342,6 +371,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     .context("serving")?;
     let _ = reaper.await;
     let _ = refill.await;
+    reaper_stop.cancel();
+    let _ = runsc_reaper.await;
     Ok(())
 }
 

@@ -1,9 +1,5 @@
 //! The seed-000 REST routes: `/meta/info`, `/sandbox…`, `/vm/…`, `/templates`, with the
 //! CodeSandbox envelope and status codes.
-#![expect(
-    clippy::disallowed_methods,
-    reason = "checkpoint images are host-owned"
-)]
 
 use sandpit_control::Status;
 use std::collections::BTreeMap;
@@ -721,7 +717,7 @@ async fn start_vm(
     let row = sb.row().clone();
     let bootup_type = match row.status {
         Status::Running => "RUNNING",
-        Status::Suspended if server.checkpoint_dir(&id).join("checkpoint.img").exists() => "RESUME",
+        Status::Suspended if server.runtime.has_image(&server.checkpoint_dir(&id)) => "RESUME",
         Status::Suspended => "CLEAN",
         other => {
             return Err(ApiError::conflict(
