@@ -157,7 +157,30 @@ impl Db {
 
 /// The SQL that takes a transaction-scoped lock on one workspace's admission decisions
 /// (PostgreSQL; on SQLite the single writer already serializes them).
-const PG_WORKSPACE_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))";
+pub(crate) const PG_WORKSPACE_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))";
+
+/// Run `$body` in a transaction that holds the workspace's admission lock (PostgreSQL: a
+/// transaction-scoped advisory lock, so replicas sharing the database decide one at a time;
+/// SQLite: its single writer already serializes). `$tx` names the transaction in the body;
+/// the result is the body's value, committed, or the first error.
+macro_rules! in_admission {
+    ($db:expr, $workspace:expr, $tx:ident => $body:expr) => {
+        $crate::with_db!($db, p => async {
+            let mut $tx = p.begin().await?;
+            if $db.backend() == $crate::store::Backend::Postgres {
+                sqlx::query($crate::store::PG_WORKSPACE_LOCK)
+                    .bind($workspace)
+                    .execute(&mut *$tx)
+                    .await?;
+            }
+            let out = $body;
+            $tx.commit().await?;
+            Ok::<_, sqlx::Error>(out)
+        }
+        .await)
+    };
+}
+pub(crate) use in_admission;
 
 /// The store: one handle per aggregate, all on the same [`Db`].
 #[derive(Clone, Debug)]

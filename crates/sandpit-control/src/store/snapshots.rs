@@ -1,6 +1,6 @@
 //! Named snapshots: a sandbox's files and memory image, kept under `snapshots/<id>/`.
 
-use super::{Backend, Db, PG_WORKSPACE_LOCK, q};
+use super::{Db, in_admission, q};
 use crate::error::ControlError;
 use crate::with_db;
 
@@ -30,36 +30,27 @@ impl Snapshots {
     /// Insert a snapshot unless its workspace keeps `max` snapshots already (0: no limit);
     /// false then. Checked and inserted under the workspace's admission lock.
     pub async fn insert(&self, s: &SnapshotRow, max: u32) -> Result<bool, ControlError> {
-        let backend = self.db.backend();
-        let done = with_db!(self.db, p => async {
-            let mut tx = p.begin().await?;
-            if backend == Backend::Postgres {
-                sqlx::query(PG_WORKSPACE_LOCK).bind(&s.workspace_id).execute(&mut *tx).await?;
-            }
-            let n = sqlx::query(
-                "INSERT INTO snapshots (id, workspace_id, sandbox_id, template_id, template_name,
-                    size, env, egress, has_memory, size_bytes, created_at)
-                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11
-                 WHERE $12 = 0 OR (SELECT COUNT(*) FROM snapshots WHERE workspace_id = $2) < $12",
-            )
-            .bind(&s.id)
-            .bind(&s.workspace_id)
-            .bind(&s.sandbox_id)
-            .bind(&s.template_id)
-            .bind(&s.template_name)
-            .bind(&s.size)
-            .bind(&s.env)
-            .bind(&s.egress)
-            .bind(s.has_memory)
-            .bind(s.size_bytes)
-            .bind(s.created_at)
-            .bind(i64::from(max))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            tx.commit().await?;
-            Ok::<u64, sqlx::Error>(n)
-        }.await)
+        let done = in_admission!(self.db, &s.workspace_id, tx => sqlx::query(
+            "INSERT INTO snapshots (id, workspace_id, sandbox_id, template_id, template_name,
+                size, env, egress, has_memory, size_bytes, created_at)
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11
+             WHERE $12 = 0 OR (SELECT COUNT(*) FROM snapshots WHERE workspace_id = $2) < $12",
+        )
+        .bind(&s.id)
+        .bind(&s.workspace_id)
+        .bind(&s.sandbox_id)
+        .bind(&s.template_id)
+        .bind(&s.template_name)
+        .bind(&s.size)
+        .bind(&s.env)
+        .bind(&s.egress)
+        .bind(s.has_memory)
+        .bind(s.size_bytes)
+        .bind(s.created_at)
+        .bind(i64::from(max))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected())
         .map_err(q("inserting a snapshot"))?;
         Ok(done == 1)
     }

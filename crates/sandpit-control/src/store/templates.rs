@@ -1,6 +1,6 @@
 //! Templates (built-in, pulled, built from Dockerfiles) and their `namespace@alias` names.
 
-use super::{Db, PG_WORKSPACE_LOCK, Sandbox, q};
+use super::{Db, Sandbox, in_admission, q};
 use crate::domain::parse_column;
 use crate::error::ControlError;
 use crate::store::sandboxes::SandboxRecord;
@@ -238,33 +238,25 @@ impl Templates {
                                 WHERE workspace_id = $3 AND status = 'building') < $15)
              ON CONFLICT DO NOTHING";
         let ws = t.workspace_id.clone().unwrap_or_default();
-        let done = with_db!(self.db, p => async {
-            let mut tx = p.begin().await?;
-            if self.db.backend() == super::Backend::Postgres {
-                sqlx::query(PG_WORKSPACE_LOCK).bind(&ws).execute(&mut *tx).await?;
-            }
-            let n = sqlx::query(INSERT)
-                .bind(&t.id)
-                .bind(&t.name)
-                .bind(&t.workspace_id)
-                .bind(&t.description)
-                .bind(&t.rootfs)
-                .bind(&t.default_egress)
-                .bind(t.created_at)
-                .bind(&t.layers)
-                .bind(&t.config)
-                .bind(t.status.as_str())
-                .bind(&t.error)
-                .bind(&t.source)
-                .bind(t.updated_at)
-                .bind(i64::from(max_templates))
-                .bind(i64::from(max_builds))
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-            tx.commit().await?;
-            Ok::<u64, sqlx::Error>(n)
-        }.await)
+        let done = in_admission!(self.db, &ws, tx => sqlx::query(INSERT)
+            .bind(&t.id)
+            .bind(&t.name)
+            .bind(&t.workspace_id)
+            .bind(&t.description)
+            .bind(&t.rootfs)
+            .bind(&t.default_egress)
+            .bind(t.created_at)
+            .bind(&t.layers)
+            .bind(&t.config)
+            .bind(t.status.as_str())
+            .bind(&t.error)
+            .bind(&t.source)
+            .bind(t.updated_at)
+            .bind(i64::from(max_templates))
+            .bind(i64::from(max_builds))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected())
         .map_err(q("creating a template"))?;
         if done == 1 {
             return Ok(TemplateInsert::Inserted);
