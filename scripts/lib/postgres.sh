@@ -24,10 +24,19 @@ pg_start() {
   runuser -u postgres -- "$bin/initdb" -D "$dir/data" -U postgres --auth=trust \
     --encoding=UTF8 --locale=C.UTF-8 >"$dir/initdb.log" 2>&1 \
     || { cat "$dir/initdb.log" >&2; return 1; }
-  # fsync off: a test server's data need not survive a power loss.
-  runuser -u postgres -- "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
+  # fsync off: a test server's data need not survive a power loss. The first free port from
+  # $port on (another run on this machine may hold one).
+  local tries=0
+  until runuser -u postgres -- "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
     -o "-p $port -k $dir/sock -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=400" \
-    start >/dev/null || { cat "$dir/server.log" >&2; return 1; }
+    start >/dev/null 2>&1; do
+    tries=$((tries + 1))
+    if [ "$tries" -ge 10 ] || ! grep -q 'Address already in use' "$dir/server.log"; then
+      cat "$dir/server.log" >&2
+      return 1
+    fi
+    port=$((port + 1))
+  done
   PG_TEST_DIR=$dir
   PG_TEST_BIN=$bin
   export SANDPIT_TEST_POSTGRES="postgres://postgres@127.0.0.1:$port"

@@ -382,14 +382,28 @@ async fn validate_create(
     Ok((row, snapshot))
 }
 
-/// Claim the lowest free network slot by inserting the row that holds it.
+/// The running quota a workspace's rows are held to in the store: the configured one for
+/// tenants, none for the server's own sandboxes (warm pool, builds, boot snapshots).
+pub(crate) fn running_quota(server: &Server, workspace: &str) -> u32 {
+    if workspace == crate::pool::POOL_WORKSPACE {
+        0
+    } else {
+        server.limits.cfg.max_running
+    }
+}
+
+/// Claim the lowest free network slot by inserting the row that holds it. The insert is the
+/// authoritative running-quota check (`Sandboxes::insert_admitted`: under the workspace's
+/// admission lock in the store, so it holds across servers sharing a database); the
+/// in-process `Limits::admit` before it answers early, with the SDK's headers.
 pub(crate) async fn insert_with_slot(
     server: &Server,
     row: &mut Sandbox,
 ) -> Result<(), ServerError> {
     let _guard = server.slot_lock.lock().await;
     row.slot = Some(lowest_free_slot(server).await?);
-    Ok(server.store.sandboxes.insert(row).await?)
+    let quota = running_quota(server, &row.workspace_id);
+    Ok(server.store.sandboxes.insert_admitted(row, quota).await?)
 }
 
 /// The lowest network slot no row holds; `NoSlot` when every one is taken. Call with
@@ -412,10 +426,11 @@ async fn lowest_free_slot(server: &Server) -> Result<i64, ServerError> {
 async fn claim_slot(server: &Server, row: &mut Sandbox) -> Result<(), ServerError> {
     let _guard = server.slot_lock.lock().await;
     let slot = lowest_free_slot(server).await?;
+    let quota = running_quota(server, &row.workspace_id);
     server
         .store
         .sandboxes
-        .set_slot(&row.id, slot, now_ms())
+        .claim_slot_admitted(row, slot, quota, now_ms())
         .await?;
     row.slot = Some(slot);
     Ok(())

@@ -40,10 +40,11 @@ pub async fn take(
         .limits
         .fill(
             reservation,
-            server
-                .store
-                .sandboxes
-                .take_pooled(&owner.template_id, owner),
+            server.store.sandboxes.take_pooled(
+                &owner.template_id,
+                owner,
+                crate::lifecycle::running_quota(server, &owner.workspace_id),
+            ),
             |r: &Result<Option<String>, _>| matches!(r, Ok(Some(_))) as u32,
         )
         .await?;

@@ -161,12 +161,18 @@ pub(crate) const PG_WORKSPACE_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtex
 
 /// Run `$body` in a transaction that holds the workspace's admission lock (PostgreSQL: a
 /// transaction-scoped advisory lock, so replicas sharing the database decide one at a time;
-/// SQLite: its single writer already serializes). `$tx` names the transaction in the body;
+/// SQLite: the database's write lock, taken at `BEGIN IMMEDIATE`). `$tx` names the transaction in the body;
 /// the result is the body's value, committed, or the first error.
 macro_rules! in_admission {
     ($db:expr, $workspace:expr, $tx:ident => $body:expr) => {
         $crate::with_db!($db, p => async {
-            let mut $tx = p.begin().await?;
+            // SQLite: take the write lock first (`BEGIN IMMEDIATE`); a read that later
+            // writes would fail with SQLITE_BUSY_SNAPSHOT when another writer came between.
+            let mut $tx = if $db.backend() == $crate::store::Backend::Sqlite {
+                p.begin_with("BEGIN IMMEDIATE").await?
+            } else {
+                p.begin().await?
+            };
             if $db.backend() == $crate::store::Backend::Postgres {
                 sqlx::query($crate::store::PG_WORKSPACE_LOCK)
                     .bind($workspace)

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use sandpit_api_types::{EgressPolicy, PreviewPrivacy, SandboxMode};
 
-use super::{Backend, Db, q};
+use super::{Backend, Db, in_admission, q};
 use crate::domain::{Status, Stored};
 use crate::error::ControlError;
 use crate::with_db;
@@ -33,6 +33,60 @@ pub struct Sandbox {
     pub created_at: i64,
     pub updated_at: i64,
     pub preview_privacy: PreviewPrivacy,
+}
+
+const INSERT_SANDBOX: &str = "INSERT INTO sandboxes (id, workspace_id, template_id, template_name,
+        mode, status, size, env, metadata, egress, timeout_ms, idle_timeout_ms, expires_at,
+        last_active_at, slot, runtime_id, error, created_at, updated_at, preview_privacy)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
+        $19, $20)";
+
+/// What counts against a workspace's running quota, besides the row `$2` itself: creating
+/// and running sandboxes, and suspended ones holding a network slot (being woken).
+const RUNNING_UNITS: &str = "SELECT COUNT(*) FROM sandboxes
+     WHERE workspace_id = $1 AND id <> $2
+       AND (status IN ('creating', 'running') OR (status = 'suspended' AND slot IS NOT NULL))";
+
+/// Bind a [`Sandbox`]'s columns in [`INSERT_SANDBOX`]'s order.
+macro_rules! bind_sandbox {
+    ($q:expr, $s:expr) => {
+        $q.bind(&$s.id)
+            .bind(&$s.workspace_id)
+            .bind(&$s.template_id)
+            .bind(&$s.template_name)
+            .bind($s.mode.as_str())
+            .bind($s.status.as_str())
+            .bind(&$s.size)
+            .bind($s.env.raw())
+            .bind($s.metadata.raw())
+            .bind($s.egress.raw())
+            .bind($s.timeout_ms)
+            .bind($s.idle_timeout_ms)
+            .bind($s.expires_at)
+            .bind($s.last_active_at)
+            .bind($s.slot)
+            .bind(&$s.runtime_id)
+            .bind(&$s.error)
+            .bind($s.created_at)
+            .bind($s.updated_at)
+            .bind($s.preview_privacy.as_str())
+    };
+}
+
+fn over(held: i64, max_running: u32) -> bool {
+    max_running > 0 && held >= i64::from(max_running)
+}
+
+fn quota_check(held: i64, max_running: u32, what: &str) -> Result<(), ControlError> {
+    if over(held, max_running) {
+        return Err(ControlError::Quota {
+            code: "running_quota_exceeded",
+            message: format!(
+                "this workspace may run {max_running} sandboxes at once and has {held}; destroy or hibernate some{what}"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// The row as the database holds it.
@@ -118,37 +172,65 @@ pub struct Sandboxes {
 }
 
 impl Sandboxes {
+    /// Insert a row without a quota check (the server's own sandboxes: warm pool, builds).
     pub async fn insert(&self, s: &Sandbox) -> Result<(), ControlError> {
-        with_db!(self.db, p => sqlx::query(
-            "INSERT INTO sandboxes (id, workspace_id, template_id, template_name, mode, status, size,
-                env, metadata, egress, timeout_ms, idle_timeout_ms, expires_at, last_active_at, slot,
-                runtime_id, error, created_at, updated_at, preview_privacy)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-                $18, $19, $20)",
-        )
-        .bind(&s.id)
-        .bind(&s.workspace_id)
-        .bind(&s.template_id)
-        .bind(&s.template_name)
-        .bind(s.mode.as_str())
-        .bind(s.status.as_str())
-        .bind(&s.size)
-        .bind(s.env.raw())
-        .bind(s.metadata.raw())
-        .bind(s.egress.raw())
-        .bind(s.timeout_ms)
-        .bind(s.idle_timeout_ms)
-        .bind(s.expires_at)
-        .bind(s.last_active_at)
-        .bind(s.slot)
-        .bind(&s.runtime_id)
-        .bind(&s.error)
-        .bind(s.created_at)
-        .bind(s.updated_at)
-        .bind(s.preview_privacy.as_str())
-        .execute(p).await.map(|r| r.rows_affected()))
+        with_db!(self.db, p => bind_sandbox!(sqlx::query(INSERT_SANDBOX), s)
+            .execute(p).await.map(|r| r.rows_affected()))
         .map_err(q("inserting a sandbox"))?;
         Ok(())
+    }
+
+    /// Insert a tenant's new row (status creating, which counts as running) if its
+    /// workspace holds fewer than `max_running` running units (0: no limit); otherwise
+    /// `Quota{running_quota_exceeded}` and nothing changes. Counted and inserted under the
+    /// workspace's admission lock, so creates on several servers sharing a PostgreSQL
+    /// database never pass the limit together.
+    pub async fn insert_admitted(&self, s: &Sandbox, max_running: u32) -> Result<(), ControlError> {
+        let held = in_admission!(self.db, &s.workspace_id, tx => {
+            let held: (i64,) = sqlx::query_as(RUNNING_UNITS)
+                .bind(&s.workspace_id)
+                .bind(&s.id)
+                .fetch_one(&mut *tx)
+                .await?;
+            if !over(held.0, max_running) {
+                bind_sandbox!(sqlx::query(INSERT_SANDBOX), s).execute(&mut *tx).await?;
+            }
+            held.0
+        })
+        .map_err(q("inserting a sandbox"))?;
+        quota_check(held, max_running, "")
+    }
+
+    /// Record the slot a waking sandbox claimed, if its workspace has room for one more
+    /// running unit (a suspended sandbox holding a slot is one being woken, and counts);
+    /// otherwise `Quota{running_quota_exceeded}` and nothing changes. Under the workspace's
+    /// admission lock, like [`Sandboxes::insert_admitted`]. The caller holds the node's
+    /// slot lock and chose a free slot.
+    pub async fn claim_slot_admitted(
+        &self,
+        s: &Sandbox,
+        slot: i64,
+        max_running: u32,
+        now: i64,
+    ) -> Result<(), ControlError> {
+        let held = in_admission!(self.db, &s.workspace_id, tx => {
+            let held: (i64,) = sqlx::query_as(RUNNING_UNITS)
+                .bind(&s.workspace_id)
+                .bind(&s.id)
+                .fetch_one(&mut *tx)
+                .await?;
+            if !over(held.0, max_running) {
+                sqlx::query("UPDATE sandboxes SET slot = $1, updated_at = $2 WHERE id = $3")
+                    .bind(slot)
+                    .bind(now)
+                    .bind(&s.id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            held.0
+        })
+        .map_err(q("claiming a network slot"))?;
+        quota_check(held, max_running, " before waking this one")
     }
 
     /// Server use: a sandbox by id, whatever its workspace. Callers authorize by comparing
@@ -451,6 +533,7 @@ impl Sandboxes {
         &self,
         template_id: &str,
         owner: &Sandbox,
+        max_running: u32,
     ) -> Result<Option<String>, ControlError> {
         let lock = match self.db.backend() {
             Backend::Sqlite => "",
@@ -465,26 +548,38 @@ impl Sandboxes {
                          AND size = $14 ORDER BY created_at LIMIT 1 {lock})
              RETURNING id"
         );
-        let row: Option<(String,)> = with_db!(self.db, p => sqlx::query_as(
-            // The only interpolation is one of the two constant lock clauses above.
-            sqlx::AssertSqlSafe(sql.clone()),
-        )
-        .bind(&owner.workspace_id)
-        .bind(owner.mode.as_str())
-        .bind(owner.env.raw())
-        .bind(owner.metadata.raw())
-        .bind(owner.egress.raw())
-        .bind(owner.timeout_ms)
-        .bind(owner.idle_timeout_ms)
-        .bind(owner.expires_at)
-        .bind(owner.last_active_at)
-        .bind(owner.created_at)
-        .bind(owner.updated_at)
-        .bind(owner.preview_privacy.as_str())
-        .bind(template_id)
-        .bind(&owner.size)
-        .fetch_optional(p).await)
+        let (held, row) = in_admission!(self.db, &owner.workspace_id, tx => {
+            let held: (i64,) = sqlx::query_as(RUNNING_UNITS)
+                .bind(&owner.workspace_id)
+                .bind(&owner.id)
+                .fetch_one(&mut *tx)
+                .await?;
+            let row: Option<(String,)> = if over(held.0, max_running) {
+                None
+            } else {
+                // The only interpolation is one of the two constant lock clauses above.
+                sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()))
+                    .bind(&owner.workspace_id)
+                    .bind(owner.mode.as_str())
+                    .bind(owner.env.raw())
+                    .bind(owner.metadata.raw())
+                    .bind(owner.egress.raw())
+                    .bind(owner.timeout_ms)
+                    .bind(owner.idle_timeout_ms)
+                    .bind(owner.expires_at)
+                    .bind(owner.last_active_at)
+                    .bind(owner.created_at)
+                    .bind(owner.updated_at)
+                    .bind(owner.preview_privacy.as_str())
+                    .bind(template_id)
+                    .bind(&owner.size)
+                    .fetch_optional(&mut *tx)
+                    .await?
+            };
+            (held.0, row)
+        })
         .map_err(q("taking a pooled sandbox"))?;
+        quota_check(held, max_running, "")?;
         Ok(row.map(|r| r.0))
     }
 

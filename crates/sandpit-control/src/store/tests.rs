@@ -612,7 +612,10 @@ async fn pooled_sandboxes_go_to_one_create_each(db: &TestDb) {
         let st = if i % 2 == 0 { s.clone() } else { other.clone() };
         tasks.push(tokio::spawn(async move {
             let owner = sandbox(&format!("req{i}"), "ws_a", Status::Running, None);
-            st.sandboxes.take_pooled("tpl_base", &owner).await.unwrap()
+            st.sandboxes
+                .take_pooled("tpl_base", &owner, 0)
+                .await
+                .unwrap()
         }));
     }
     let mut got: Vec<String> = Vec::new();
@@ -761,3 +764,87 @@ async fn unknown_database_urls_are_refused_without_echoing_them() {
     assert!(matches!(e, ControlError::UnsupportedDatabase { .. }));
     assert!(!text.contains("secret"), "{text}");
 }
+
+/// The running quota holds across processes: 16 creates from two stores race for a limit of
+/// 5; exactly 5 rows are made, the rest are `running_quota_exceeded` and change nothing. A
+/// suspended sandbox being woken (holding a slot) counts; a pooled take over the quota
+/// leaves the pool as it was.
+async fn running_quota_holds_across_processes(db: &TestDb) {
+    let s = &db.store;
+    workspace(s, "ws_a").await;
+    base_template(s).await;
+    let other = db.another_process().await;
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let st = if i % 2 == 0 { s.clone() } else { other.clone() };
+        tasks.push(tokio::spawn(async move {
+            let sb = sandbox(&format!("sb_{i}"), "ws_a", Status::Creating, Some(i));
+            st.sandboxes.insert_admitted(&sb, 5).await
+        }));
+    }
+    let mut made = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => made += 1,
+            Err(ControlError::Quota { code, .. }) => assert_eq!(code, "running_quota_exceeded"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(made, 5);
+    assert_eq!(s.sandboxes.count_running("ws_a").await.unwrap(), 5);
+
+    // Free two: one destroyed, one suspended (no slot). Waking the suspended one claims a
+    // slot and counts; then one create fits, a second does not.
+    let rows = s.sandboxes.list("ws_a", None).await.unwrap();
+    s.sandboxes.mark_destroyed(&rows[0].id, 30).await.unwrap();
+    s.sandboxes
+        .mark_suspended(&rows[1].id, None, 30)
+        .await
+        .unwrap();
+    let suspended = s.sandboxes.get(&rows[1].id).await.unwrap().unwrap();
+    s.sandboxes
+        .claim_slot_admitted(&suspended, 40, 5, 31)
+        .await
+        .unwrap();
+    s.sandboxes
+        .insert_admitted(&sandbox("sb_x", "ws_a", Status::Creating, Some(41)), 5)
+        .await
+        .unwrap();
+    let e = s
+        .sandboxes
+        .insert_admitted(&sandbox("sb_y", "ws_a", Status::Creating, Some(42)), 5)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ControlError::Quota { .. }), "{e}");
+    assert!(
+        s.sandboxes.get("sb_y").await.unwrap().is_none(),
+        "nothing was made"
+    );
+
+    let mut pooled = sandbox("pool0", "ws_system", Status::Pooled, Some(50));
+    pooled.created_at = 1;
+    s.sandboxes.insert(&pooled).await.unwrap();
+    let owner = sandbox("req", "ws_a", Status::Running, None);
+    let e = s
+        .sandboxes
+        .take_pooled("tpl_base", &owner, 5)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ControlError::Quota { .. }), "{e}");
+    assert_eq!(
+        s.sandboxes.pooled_count("tpl_base").await.unwrap(),
+        1,
+        "the pool is intact"
+    );
+    assert_eq!(
+        s.sandboxes
+            .take_pooled("tpl_base", &owner, 0)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("pool0"),
+        "without a limit it is taken"
+    );
+    other.db().close().await;
+}
+both!(running_quota_holds_across_processes);
