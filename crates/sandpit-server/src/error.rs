@@ -197,3 +197,36 @@ impl std::fmt::Display for DisplayChain<'_> {
         Ok(())
     }
 }
+
+/// An [`ApiError`] in the CodeSandbox envelope.
+pub struct CsbError(pub ApiError);
+
+impl From<ApiError> for CsbError {
+    fn from(e: ApiError) -> Self {
+        CsbError(e)
+    }
+}
+
+impl From<crate::error::ServerError> for CsbError {
+    fn from(e: crate::error::ServerError) -> Self {
+        CsbError(e.into())
+    }
+}
+
+impl From<sandpit_control::ControlError> for CsbError {
+    fn from(e: sandpit_control::ControlError) -> Self {
+        CsbError(e.into())
+    }
+}
+
+impl IntoResponse for CsbError {
+    fn into_response(self) -> Response {
+        let e = self.0;
+        let body = serde_json::json!({
+            "success": false,
+            "errors": [e.message.clone()],
+            "error": {"code": e.code, "message": e.message},
+        });
+        (e.status, Json(body)).into_response()
+    }
+}

@@ -22,11 +22,13 @@ use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use axum::extract::{FromRequestParts, Path};
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
 
 use crate::auth::{Auth, hash_token};
-use crate::compat::store::{CsbAgentTokenRow, CsbTables};
+use crate::csb_store::{CsbAgentTokenRow, CsbTables};
 use crate::error::ApiError;
 use crate::routes::org::CsbError;
 use crate::server::Server;
@@ -245,5 +247,80 @@ impl FromRequestParts<Arc<Server>> for GatewaySandbox {
             .filter(|r| r.workspace_id == grant.workspace_id && r.status != Status::Destroyed)
             .ok_or_else(|| not_found(&id))?;
         Ok(GatewaySandbox { token, grant, row })
+    }
+}
+
+// ---- bodies and queries, with errors in the API's shape ----
+
+/// The largest JSON body any route reads.
+pub(crate) const MAX_JSON_BODY: usize = 1 << 20;
+
+/// A JSON body, parsed whatever the Content-Type says (so `curl -d` works), with errors in
+/// the API's shape.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
+        let body = read_body(req).await?;
+        parse_json(&body).map(ApiJson)
+    }
+}
+
+/// An optional JSON body: empty means `T::default()`.
+pub struct OptionalJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
+        let body = read_body(req).await?;
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJson(T::default()));
+        }
+        parse_json(&body).map(OptionalJson)
+    }
+}
+
+async fn read_body(req: Request) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(req.into_body(), MAX_JSON_BODY)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                "request body exceeds 1 MiB",
+            )
+        })
+}
+
+/// Every JSON body of the API is an object. serde's derived structs would also take an
+/// array of the fields in order (`["x"]` for `{"name":"x"}`), which the API document never
+/// allowed, so anything but an object is refused here, for every JSON route at once.
+pub(crate) fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "invalid request body: expected a JSON object",
+        ));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid request body: {e}")))
+}
+
+/// Query parameters with errors in the API's shape.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        let query = parts.uri.query().unwrap_or("");
+        serde_urlencoded::from_str(query)
+            .map(ApiQuery)
+            .map_err(|e| {
+                ApiError::bad_request("invalid_query", format!("invalid query string: {e}"))
+            })
     }
 }

@@ -11,6 +11,7 @@ pub mod agent;
 pub mod auth;
 pub mod builds;
 pub mod compat;
+pub mod csb_store;
 pub mod dns;
 pub mod error;
 pub mod extract;

@@ -30,6 +30,7 @@
 //! Invariant: every socket to a sandbox is closed with a reset (`SO_LINGER` 0, never
 //! `shutdown`), like agent connections.
 
+use crate::csb_store::CsbTables;
 use sandpit_control::Status;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -557,8 +558,7 @@ async fn proxy(server: Arc<Server>, req: Request, id: &str, port: u16) -> Respon
     let (cookie_tokens, other_cookies) = split_cookies(req.headers());
     // A page on one of the workspace's trusted preview hosts needs no token (seed 000).
     if row.preview_privacy != sandpit_api_types::PreviewPrivacy::Public
-        && !crate::compat::preview_hosts::trusted_origin(&server, &row.workspace_id, req.headers())
-            .await
+        && !trusted_origin(&server, &row.workspace_id, req.headers()).await
     {
         // The query's token, else the header's, else each cookie's until one is valid.
         let (candidates, from_cookie): (Vec<String>, bool) =
@@ -967,6 +967,87 @@ impl AsyncWrite for ResetStream {
     }
 }
 
+/// Make and store a preview token for a sandbox (only its hash is kept). Returns the row and
+/// the token, which is shown once. The REST surfaces (`/v1`, CodeSandbox's) call this.
+/// Characters of a preview token kept (in clear) to tell tokens apart: the prefix and 8
+/// hex digits.
+const SHOWN_PREFIX: usize = crate::auth::PREVIEW_TOKEN_PREFIX.len() + 8;
+
+pub(crate) async fn mint_token(
+    server: &Server,
+    sandbox_id: &str,
+    workspace_id: &str,
+    expires_at: Option<i64>,
+) -> Result<(crate::store::PreviewTokenRow, String), crate::error::ServerError> {
+    let token = crate::auth::generate_token_with(crate::auth::PREVIEW_TOKEN_PREFIX);
+    let row = crate::store::PreviewTokenRow {
+        id: crate::util::new_id("ptok"),
+        sandbox_id: sandbox_id.to_string(),
+        workspace_id: workspace_id.to_string(),
+        token_prefix: token[..SHOWN_PREFIX].to_string(),
+        expires_at,
+        revoked_at: None,
+        created_at: now_ms(),
+    };
+    server
+        .store
+        .previews
+        .insert_token(&row, &hash_token(&token))
+        .await?;
+    Ok((row, token))
+}
+
+// ---- trusted preview hosts (stored with the CodeSandbox tables, `/workspace/preview_hosts`) ----
+
+/// The host (with port, if any) of the page a browser request comes from: `Origin`, or the
+/// `Referer`'s authority.
+pub(crate) fn requesting_host(headers: &HeaderMap) -> Option<String> {
+    let url = headers
+        .get(header::ORIGIN)
+        .or_else(|| headers.get(header::REFERER))?
+        .to_str()
+        .ok()?;
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let authority = authority.rsplit('@').next()?;
+    (!authority.is_empty()).then(|| authority.to_ascii_lowercase())
+}
+
+/// Whether `host` matches a trusted entry: exactly, or under a `*.` wildcard; an entry
+/// without a port matches any port.
+pub fn matches(entry: &str, host: &str) -> bool {
+    let (e_name, e_port) = split_port(entry);
+    let (h_name, h_port) = split_port(host);
+    if e_port.is_some() && e_port != h_port {
+        return false;
+    }
+    match e_name.strip_prefix("*.") {
+        Some(suffix) => h_name.len() > suffix.len() && h_name.ends_with(&format!(".{suffix}")),
+        None => e_name == h_name,
+    }
+}
+
+fn split_port(h: &str) -> (&str, Option<&str>) {
+    match h.rsplit_once(':') {
+        Some((n, p)) if p.chars().all(|c| c.is_ascii_digit()) => (n, Some(p)),
+        _ => (h, None),
+    }
+}
+
+/// Whether a preview request comes from a page on one of the workspace's trusted hosts.
+pub async fn trusted_origin(server: &Server, workspace_id: &str, headers: &HeaderMap) -> bool {
+    let Some(host) = requesting_host(headers) else {
+        return false;
+    };
+    match server.store.csb().list_preview_hosts(workspace_id).await {
+        Ok(list) => list.iter().any(|(entry, _)| matches(entry, &host)),
+        Err(e) => {
+            tracing::error!(error = %crate::error::DisplayChain(&e), "reading preview hosts");
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1227,5 +1308,23 @@ mod tests {
         holder.await.unwrap();
         // A new registration after the cut is not cancelled.
         assert!(!p.register("sbx").cancel_token().is_cancelled());
+    }
+
+    #[test]
+    fn origins_match_entries() {
+        assert!(matches("app.example.com", "app.example.com"));
+        assert!(matches("app.example.com", "app.example.com:8443"));
+        assert!(!matches("app.example.com:3000", "app.example.com:8443"));
+        assert!(matches("*.example.com", "a.b.example.com"));
+        assert!(!matches("*.example.com", "example.com"));
+        assert!(!matches("*.example.com", "evilexample.com"));
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::REFERER,
+            "https://u@App.example.com:8443/x?y".parse().unwrap(),
+        );
+        assert_eq!(requesting_host(&h).as_deref(), Some("app.example.com:8443"));
+        h.insert(header::ORIGIN, "http://localhost:3000".parse().unwrap());
+        assert_eq!(requesting_host(&h).as_deref(), Some("localhost:3000"));
     }
 }

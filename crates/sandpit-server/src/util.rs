@@ -43,6 +43,23 @@ pub fn parse_rfc3339(text: &str) -> Option<i64> {
         .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
 }
 
+/// An `expires_at` a client set: RFC 3339, in the future.
+pub(crate) fn parse_expiry(text: &str) -> Result<i64, crate::error::ApiError> {
+    let at = parse_rfc3339(text).ok_or_else(|| {
+        crate::error::ApiError::bad_request(
+            "invalid_expires_at",
+            "expires_at must be an RFC 3339 timestamp",
+        )
+    })?;
+    if at <= now_ms() {
+        return Err(crate::error::ApiError::bad_request(
+            "invalid_expires_at",
+            "expires_at cannot be in the past",
+        ));
+    }
+    Ok(at)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

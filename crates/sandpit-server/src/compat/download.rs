@@ -3,7 +3,7 @@
 //! Partial compared with CodeSandbox: a `.tar.gz` rather than a zip (minimal images have
 //! `tar` but no `zip`), and `excludes` are not applied.
 
-use crate::compat::store::CsbTables;
+use crate::csb_store::CsbTables;
 use sandpit_control::Status;
 use std::sync::Arc;
 

@@ -10,7 +10,7 @@
 //! shut down, deleted), the client gets a `system/hibernate` notification and the socket
 //! closes; `POST /vm/{id}/start` then hands out a fresh token to reconnect with.
 
-use crate::compat::store::CsbTables;
+use crate::csb_store::CsbTables;
 use sandpit_control::Status;
 use std::collections::HashMap;
 use std::sync::Arc;

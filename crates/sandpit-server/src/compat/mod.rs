@@ -3,7 +3,7 @@
 //! `@codesandbox/sdk` works against a Sandpit server. Both sit on the server's one listener.
 //!
 //! Responses use the CodeSandbox envelope (`success`, `errors`, `data`); errors are
-//! [`crate::routes::org::CsbError`]. Scopes map one to one onto Sandpit's:
+//! [`crate::error::CsbError`]. Scopes map one to one onto Sandpit's:
 //! `sandbox_create` (create, fork), `sandbox_read` (list, get), `vm_manage` (start,
 //! hibernate, shutdown, delete, specs, tags, tokens) and `sandbox_edit_code` (a start by a
 //! token without it hands out a read-only agent token).
@@ -13,7 +13,6 @@ pub mod gateway;
 pub mod preview_hosts;
 pub mod rest;
 pub mod shells;
-pub mod store;
 pub mod tasks;
 pub mod watch;
 

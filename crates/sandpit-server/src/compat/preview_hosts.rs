@@ -1,19 +1,19 @@
 //! Trusted preview hosts (seed 000 `/workspace/preview_hosts`): a browser page served from
 //! one of a workspace's trusted hosts may load that workspace's private previews without a
-//! preview token. The preview proxy asks [`trusted_origin`] before it asks for a token.
+//! preview token. The preview proxy asks `crate::preview::trusted_origin` before it asks for a token.
 //!
 //! This is a browser-side grant (it trusts the `Origin`, or failing that the `Referer`,
 //! header that browsers set and pages cannot forge); a non-browser client can send any
 //! header, so a workspace that lists hosts accepts that its private previews are as open as
 //! those hosts' pages make them.
 
-use crate::compat::store::CsbTables;
+use crate::csb_store::CsbTables;
 use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
@@ -21,8 +21,8 @@ use serde_json::json;
 
 use crate::auth::Auth;
 use crate::error::ApiError;
-use crate::routes::OptionalJson;
-use crate::routes::org::CsbError;
+use crate::error::CsbError;
+use crate::extract::OptionalJson;
 use crate::server::Server;
 use crate::util::{now_ms, rfc3339};
 
@@ -152,55 +152,6 @@ async fn replace(
     view(&server, &auth.workspace_id).await
 }
 
-/// The host (with port, if any) of the page a browser request comes from: `Origin`, or the
-/// `Referer`'s authority.
-fn requesting_host(headers: &HeaderMap) -> Option<String> {
-    let url = headers
-        .get(header::ORIGIN)
-        .or_else(|| headers.get(header::REFERER))?
-        .to_str()
-        .ok()?;
-    let rest = url.split_once("://")?.1;
-    let authority = rest.split(['/', '?', '#']).next()?;
-    let authority = authority.rsplit('@').next()?;
-    (!authority.is_empty()).then(|| authority.to_ascii_lowercase())
-}
-
-/// Whether `host` matches a trusted entry: exactly, or under a `*.` wildcard; an entry
-/// without a port matches any port.
-pub fn matches(entry: &str, host: &str) -> bool {
-    let (e_name, e_port) = split_port(entry);
-    let (h_name, h_port) = split_port(host);
-    if e_port.is_some() && e_port != h_port {
-        return false;
-    }
-    match e_name.strip_prefix("*.") {
-        Some(suffix) => h_name.len() > suffix.len() && h_name.ends_with(&format!(".{suffix}")),
-        None => e_name == h_name,
-    }
-}
-
-fn split_port(h: &str) -> (&str, Option<&str>) {
-    match h.rsplit_once(':') {
-        Some((n, p)) if p.chars().all(|c| c.is_ascii_digit()) => (n, Some(p)),
-        _ => (h, None),
-    }
-}
-
-/// Whether a preview request comes from a page on one of the workspace's trusted hosts.
-pub async fn trusted_origin(server: &Server, workspace_id: &str, headers: &HeaderMap) -> bool {
-    let Some(host) = requesting_host(headers) else {
-        return false;
-    };
-    match server.store.csb().list_preview_hosts(workspace_id).await {
-        Ok(list) => list.iter().any(|(entry, _)| matches(entry, &host)),
-        Err(e) => {
-            tracing::error!(error = %crate::error::DisplayChain(&e), "reading preview hosts");
-            false
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,23 +175,5 @@ mod tests {
         ] {
             assert!(normalize_host(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn origins_match_entries() {
-        assert!(matches("app.example.com", "app.example.com"));
-        assert!(matches("app.example.com", "app.example.com:8443"));
-        assert!(!matches("app.example.com:3000", "app.example.com:8443"));
-        assert!(matches("*.example.com", "a.b.example.com"));
-        assert!(!matches("*.example.com", "example.com"));
-        assert!(!matches("*.example.com", "evilexample.com"));
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::REFERER,
-            "https://u@App.example.com:8443/x?y".parse().unwrap(),
-        );
-        assert_eq!(requesting_host(&h).as_deref(), Some("app.example.com:8443"));
-        h.insert(header::ORIGIN, "http://localhost:3000".parse().unwrap());
-        assert_eq!(requesting_host(&h).as_deref(), Some("localhost:3000"));
     }
 }

@@ -15,14 +15,15 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::auth::{Auth, generate_token_with, hash_token};
-use crate::compat::store::{CsbAgentTokenRow, CsbSandboxRow, CsbTables};
+use crate::csb_store::{CsbAgentTokenRow, CsbSandboxRow, CsbTables};
+use crate::error::CsbError;
 use crate::error::{ApiError, ServerError};
+use crate::extract::{ApiQuery, OptionalJson};
 use crate::extract::{Authorized, CsbSandbox, scope};
 use crate::lifecycle;
-use crate::routes::org::{CsbError, parse_expiry};
-use crate::routes::{ApiQuery, OptionalJson};
 use crate::server::Server;
 use crate::store::{PreviewTokenRow, Sandbox};
+use crate::util::parse_expiry;
 use crate::util::{new_id, now_ms, rfc3339};
 
 /// The template the SDK forks when it names none (`getDefaultTemplateTag`): served by `base`.
@@ -799,7 +800,7 @@ struct HibernationTimeoutBody {
 async fn hibernation_timeout(
     State(server): State<Arc<Server>>,
     sb: CsbSandbox<scope::VmManage>,
-    crate::routes::ApiJson(body): crate::routes::ApiJson<HibernationTimeoutBody>,
+    crate::extract::ApiJson(body): crate::extract::ApiJson<HibernationTimeoutBody>,
 ) -> CsbResult {
     let (auth, id) = (sb.auth().clone(), sb.id().to_string());
     let secs = check_timeout(body.hibernation_timeout_seconds)?;
@@ -824,7 +825,7 @@ struct SpecsBody {
 async fn update_specs(
     State(server): State<Arc<Server>>,
     sb: CsbSandbox<scope::VmManage>,
-    crate::routes::ApiJson(body): crate::routes::ApiJson<SpecsBody>,
+    crate::extract::ApiJson(body): crate::extract::ApiJson<SpecsBody>,
 ) -> CsbResult {
     let id = sb.id().to_string();
     let tier = check_tier(&body.tier)?;
@@ -843,7 +844,7 @@ struct TagBody {
 async fn create_tag(
     State(server): State<Arc<Server>>,
     auth: Auth,
-    crate::routes::ApiJson(body): crate::routes::ApiJson<TagBody>,
+    crate::extract::ApiJson(body): crate::extract::ApiJson<TagBody>,
 ) -> CsbResult {
     auth.require("vm_manage")?;
     if body.vm_ids.is_empty() {
@@ -871,7 +872,7 @@ async fn assign_alias(
     State(server): State<Arc<Server>>,
     auth: Auth,
     Path((namespace, alias)): Path<(String, String)>,
-    crate::routes::ApiJson(body): crate::routes::ApiJson<AliasBody>,
+    crate::extract::ApiJson(body): crate::extract::ApiJson<AliasBody>,
 ) -> CsbResult {
     auth.require("vm_manage")?;
     let valid = |s: &str| {
@@ -973,7 +974,7 @@ struct TemplateBody {
 async fn create_template(
     State(server): State<Arc<Server>>,
     auth: Auth,
-    crate::routes::ApiJson(body): crate::routes::ApiJson<TemplateBody>,
+    crate::extract::ApiJson(body): crate::extract::ApiJson<TemplateBody>,
 ) -> CsbResult {
     auth.require("sandbox_create")?;
     let fields = check_fields(SandboxFields {
@@ -1068,7 +1069,7 @@ async fn create_session(
     State(server): State<Arc<Server>>,
     sb: CsbSandbox<scope::VmManage>,
     headers: HeaderMap,
-    crate::routes::ApiJson(body): crate::routes::ApiJson<SessionBody>,
+    crate::extract::ApiJson(body): crate::extract::ApiJson<SessionBody>,
 ) -> CsbResult {
     let (auth, id) = (sb.auth().clone(), sb.id().to_string());
     let user = session_user(&body.session_id)?;
@@ -1158,7 +1159,7 @@ async fn create_preview_token(
     let (auth, id) = (sb.auth().clone(), sb.id().to_string());
     let expires_at = body.expires_at.as_deref().map(parse_expiry).transpose()?;
     let (row, token) =
-        crate::routes::previews::mint(&server, &id, &auth.workspace_id, expires_at).await?;
+        crate::preview::mint_token(&server, &id, &auth.workspace_id, expires_at).await?;
     let mut t = token_view(&row);
     t["token"] = json!(token);
     Ok(ok(

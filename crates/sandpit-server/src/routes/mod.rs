@@ -10,11 +10,7 @@ pub mod templates;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Request};
-use axum::http::request::Parts;
 use axum::routing::get;
-use serde::de::DeserializeOwned;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
@@ -22,7 +18,6 @@ use crate::error::ApiError;
 use crate::server::Server;
 
 /// Largest JSON request body.
-const MAX_JSON_BODY: usize = 1 << 20;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -140,6 +135,8 @@ fn router() -> OpenApiRouter<Arc<Server>> {
 }
 
 /// The OpenAPI document of every route.
+pub use crate::extract::{ApiJson, ApiQuery, OptionalJson};
+
 pub fn openapi() -> utoipa::openapi::OpenApi {
     router_and_doc().1
 }
@@ -188,76 +185,6 @@ pub fn app(server: Arc<Server>) -> Router {
     .with_state(server)
 }
 
-/// A JSON body, parsed whatever the Content-Type says (so `curl -d` works), with errors in
-/// the API's shape.
-pub struct ApiJson<T>(pub T);
-
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
-        let body = read_body(req).await?;
-        parse_json(&body).map(ApiJson)
-    }
-}
-
-/// An optional JSON body: empty means `T::default()`.
-pub struct OptionalJson<T>(pub T);
-
-impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJson<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
-        let body = read_body(req).await?;
-        if body.iter().all(u8::is_ascii_whitespace) {
-            return Ok(OptionalJson(T::default()));
-        }
-        parse_json(&body).map(OptionalJson)
-    }
-}
-
-async fn read_body(req: Request) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(req.into_body(), MAX_JSON_BODY)
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                "request body exceeds 1 MiB",
-            )
-        })
-}
-
-/// Every JSON body of the API is an object. serde's derived structs would also take an
-/// array of the fields in order (`["x"]` for `{"name":"x"}`), which the API document never
-/// allowed, so anything but an object is refused here, for every JSON route at once.
-fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(ApiError::bad_request(
-            "invalid_json",
-            "invalid request body: expected a JSON object",
-        ));
-    }
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid request body: {e}")))
-}
-
-/// Query parameters with errors in the API's shape.
-pub struct ApiQuery<T>(pub T);
-
-impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
-        let query = parts.uri.query().unwrap_or("");
-        serde_urlencoded::from_str(query)
-            .map(ApiQuery)
-            .map_err(|e| {
-                ApiError::bad_request("invalid_query", format!("invalid query string: {e}"))
-            })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use axum::body::Bytes;
@@ -268,13 +195,14 @@ mod tests {
     #[test]
     fn json_bodies_must_be_objects() {
         for body in [r#"["x"]"#, " [\"x\"]", r#""x""#, "1", "null", "true"] {
-            let err = super::parse_json::<WorkspaceCreateRequest>(&Bytes::from(body))
+            let err = crate::extract::parse_json::<WorkspaceCreateRequest>(&Bytes::from(body))
                 .err()
                 .unwrap_or_else(|| panic!("{body} was accepted"));
             assert_eq!(err.status, axum::http::StatusCode::BAD_REQUEST, "{body}");
             assert_eq!(err.code, "invalid_json", "{body}");
         }
-        let ok = super::parse_json::<WorkspaceCreateRequest>(&Bytes::from(" {\"name\":\"x\"}"));
+        let ok =
+            crate::extract::parse_json::<WorkspaceCreateRequest>(&Bytes::from(" {\"name\":\"x\"}"));
         assert!(ok.is_ok());
     }
 

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use sandpit_api_types::{
     ALL_SCOPES, Envelope, ErrorBody, SANDBOX_SCOPES, TokenCreateRequest, TokenInfo,
     TokenUpdateRequest, Workspace, WorkspaceCreateRequest,
@@ -20,7 +19,7 @@ use crate::auth::{Auth, generate_token, hash_token};
 use crate::error::ApiError;
 use crate::server::Server;
 use crate::store::{TokenRow, WorkspaceRow};
-use crate::util::{new_id, now_ms, parse_rfc3339, rfc3339};
+use crate::util::{new_id, now_ms, rfc3339};
 
 pub fn router() -> OpenApiRouter<Arc<Server>> {
     OpenApiRouter::new()
@@ -29,38 +28,7 @@ pub fn router() -> OpenApiRouter<Arc<Server>> {
         .routes(routes!(update_token, revoke_token))
 }
 
-/// An [`ApiError`] in the CodeSandbox envelope.
-pub struct CsbError(pub ApiError);
-
-impl From<ApiError> for CsbError {
-    fn from(e: ApiError) -> Self {
-        CsbError(e)
-    }
-}
-
-impl From<crate::error::ServerError> for CsbError {
-    fn from(e: crate::error::ServerError) -> Self {
-        CsbError(e.into())
-    }
-}
-
-impl From<sandpit_control::ControlError> for CsbError {
-    fn from(e: sandpit_control::ControlError) -> Self {
-        CsbError(e.into())
-    }
-}
-
-impl IntoResponse for CsbError {
-    fn into_response(self) -> Response {
-        let e = self.0;
-        let body = serde_json::json!({
-            "success": false,
-            "errors": [e.message.clone()],
-            "error": {"code": e.code, "message": e.message},
-        });
-        (e.status, Json(body)).into_response()
-    }
-}
+pub use crate::error::CsbError;
 
 /// Create a workspace in the caller's organization.
 #[utoipa::path(post, path = "/org/workspace", tag = "workspace",
@@ -116,21 +84,7 @@ fn check_scopes(scopes: &[String]) -> Result<(), ApiError> {
     Ok(())
 }
 
-pub(crate) fn parse_expiry(text: &str) -> Result<i64, ApiError> {
-    let at = parse_rfc3339(text).ok_or_else(|| {
-        ApiError::bad_request(
-            "invalid_expires_at",
-            "expires_at must be an RFC 3339 timestamp",
-        )
-    })?;
-    if at <= now_ms() {
-        return Err(ApiError::bad_request(
-            "invalid_expires_at",
-            "expires_at cannot be in the past",
-        ));
-    }
-    Ok(at)
-}
+use crate::util::parse_expiry;
 
 fn info(t: &TokenRow, token: Option<String>) -> TokenInfo {
     TokenInfo {

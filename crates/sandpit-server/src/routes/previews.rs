@@ -13,18 +13,15 @@ use sandpit_api_types::{
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::org::parse_expiry;
 use super::{ApiJson, OptionalJson};
-use crate::auth::{Auth, PREVIEW_TOKEN_PREFIX, generate_token_with, hash_token};
+use crate::auth::Auth;
 use crate::error::ApiError;
 use crate::extract::{Authorized, OwnedSandbox, scope};
 use crate::lifecycle;
 use crate::server::Server;
 use crate::store::{PreviewTokenRow, Sandbox};
-use crate::util::{new_id, now_ms, rfc3339};
-
-/// Characters of a token kept (in clear) to tell tokens apart: the prefix and 8 hex digits.
-const SHOWN_PREFIX: usize = PREVIEW_TOKEN_PREFIX.len() + 8;
+use crate::util::parse_expiry;
+use crate::util::{now_ms, rfc3339};
 
 pub fn router() -> OpenApiRouter<Arc<Server>> {
     OpenApiRouter::new()
@@ -94,34 +91,9 @@ async fn create_preview_token(
 ) -> Result<(StatusCode, Json<PreviewToken>), ApiError> {
     let sandbox = live_sandbox(&server, &sb).await?;
     let expires_at = req.expires_at.as_deref().map(parse_expiry).transpose()?;
-    let (row, token) = mint(&server, &sandbox.id, &sandbox.workspace_id, expires_at).await?;
+    let (row, token) =
+        crate::preview::mint_token(&server, &sandbox.id, &sandbox.workspace_id, expires_at).await?;
     Ok((StatusCode::CREATED, Json(view(&row, Some(token)))))
-}
-
-/// Make and store a preview token for a sandbox (only its hash is kept). Returns the row and
-/// the token, which is shown once. The REST surfaces (`/v1`, CodeSandbox's) call this.
-pub(crate) async fn mint(
-    server: &Server,
-    sandbox_id: &str,
-    workspace_id: &str,
-    expires_at: Option<i64>,
-) -> Result<(PreviewTokenRow, String), crate::error::ServerError> {
-    let token = generate_token_with(PREVIEW_TOKEN_PREFIX);
-    let row = PreviewTokenRow {
-        id: new_id("ptok"),
-        sandbox_id: sandbox_id.to_string(),
-        workspace_id: workspace_id.to_string(),
-        token_prefix: token[..SHOWN_PREFIX].to_string(),
-        expires_at,
-        revoked_at: None,
-        created_at: now_ms(),
-    };
-    server
-        .store
-        .previews
-        .insert_token(&row, &hash_token(&token))
-        .await?;
-    Ok((row, token))
 }
 
 /// The sandbox's preview tokens (not revoked), without their secrets.

@@ -1,6 +1,7 @@
 //! Lifecycle tests over the recording fakes (`FakeRuntime`, `FakeNetwork`, `FakeAgent`): no
 //! root, no runsc, a temporary data dir; each runs in milliseconds.
 
+mod architecture;
 mod lifecycle;
 
 use std::net::SocketAddr;

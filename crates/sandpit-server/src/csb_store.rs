@@ -1,4 +1,5 @@
-//! The CodeSandbox tables (seed 000), beside the compat surface that uses them: what the
+//! The CodeSandbox tables (seed 000), beside the compat surface (`crate::compat`) that uses
+//! them, outside it so the shared extractors and the preview proxy need not import it: what the
 //! CSB API shows of a sandbox beyond Sandpit's own row, agent gateway tokens, VM tags and
 //! aliases, trusted preview hosts and download links. On the control layer's [`Db`], so
 //! they live in the same database (SQLite or PostgreSQL) as everything else.

@@ -1,0 +1,53 @@
+//! The surfaces are not knotted together: the CodeSandbox surface (`compat/`) builds on the
+//! shared modules (extractors, errors, lifecycle, stores) and never on the `/v1` routes; no
+//! shared module reaches into `compat/`; only the app's assembly (`routes/mod.rs`, which
+//! merges the surfaces' routers) names both.
+
+use std::path::{Path, PathBuf};
+
+fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("src dir") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            sources(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// The code of a file without its comments (doc comments may name any module).
+fn code(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .expect("source")
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn compat_and_the_shared_modules_do_not_import_each_other_in_a_circle() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    sources(&src, &mut files);
+    assert!(files.len() > 20, "found the sources");
+    let mut seen_compat = 0;
+    for file in &files {
+        let rel = file.strip_prefix(&src).expect("under src");
+        let rel = rel.to_string_lossy();
+        let text = code(file);
+        if rel.starts_with("compat/") {
+            seen_compat += 1;
+            for banned in ["crate::routes", "super::super::routes"] {
+                assert!(!text.contains(banned), "{rel} names {banned}");
+            }
+        } else if rel != "routes/mod.rs" && rel != "lib.rs" && !rel.starts_with("tests/") {
+            assert!(
+                !text.contains("crate::compat"),
+                "{rel} reaches into compat/; move what it needs to a shared module"
+            );
+        }
+    }
+    assert!(seen_compat >= 5, "found compat/");
+}
