@@ -35,6 +35,8 @@ pub enum Status {
 pub enum Transition {
     /// The runtime answered: creating → running, or a pooled sandbox's boot done.
     Started,
+    /// A warm-pool sandbox finished booting and waits for a create: creating → pooled.
+    Parked,
     /// A create hands out a pooled sandbox.
     TakenFromPool,
     Suspend,
@@ -82,12 +84,32 @@ impl Status {
         )
     }
 
+    /// The status every allowed use of `t` lands on.
+    pub fn target_of(t: Transition) -> Status {
+        match t {
+            Transition::Started | Transition::TakenFromPool | Transition::Wake => Status::Running,
+            Transition::Parked => Status::Pooled,
+            Transition::Suspend => Status::Suspended,
+            Transition::Destroy => Status::Destroyed,
+            Transition::Fail => Status::Failed,
+        }
+    }
+
+    /// The statuses `t` is allowed from.
+    pub fn sources_of(t: Transition) -> Vec<Status> {
+        Status::ALL
+            .into_iter()
+            .filter(|s| s.apply(t).is_some())
+            .collect()
+    }
+
     /// The status after `t`, or `None` when `t` is not allowed from here.
     pub fn apply(self, t: Transition) -> Option<Status> {
         use Status::*;
         use Transition::*;
         Some(match (self, t) {
             (Creating, Started) => Running,
+            (Creating, Parked) => Pooled,
             (Pooled, TakenFromPool) => Running,
             (Running, Suspend) => Suspended,
             (Suspended, Wake) => Running,
@@ -199,8 +221,9 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const TRANSITIONS: [Transition; 6] = [
+    const TRANSITIONS: [Transition; 7] = [
         Transition::Started,
+        Transition::Parked,
         Transition::TakenFromPool,
         Transition::Suspend,
         Transition::Wake,
@@ -235,7 +258,7 @@ mod tests {
         /// Nothing leaves `destroyed`; `failed` only becomes `destroyed`; every allowed
         /// transition lands on a status that `parse` knows.
         #[test]
-        fn final_states_stay_final(from in 0..6usize, t in 0..6usize) {
+        fn final_states_stay_final(from in 0..6usize, t in 0..7usize) {
             let from = Status::ALL[from];
             let t = TRANSITIONS[t];
             if let Some(to) = from.apply(t) {
@@ -245,6 +268,8 @@ mod tests {
                 }
                 prop_assert_eq!(Status::parse(to.as_str()), Some(to));
                 prop_assert!(to != from, "a transition changes the status");
+                prop_assert_eq!(to, Status::target_of(t), "one target per transition");
+                prop_assert!(Status::sources_of(t).contains(&from));
             }
         }
 

@@ -9,7 +9,7 @@
     reason = "checkpoint images and snapshot dirs are written by runsc and the server under the data dir (a sandbox's files travel inside its disk image)"
 )]
 
-use sandpit_control::Status;
+use sandpit_control::{Status, Transition};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -132,9 +132,8 @@ async fn thaw(server: &Arc<Server>, row: &Sandbox, frozen: &Frozen) -> Result<()
     server
         .store
         .sandboxes
-        .set_status(
+        .note_running(
             &row.id,
-            Status::Running,
             Some("memory was lost while copying; files were kept"),
             now_ms(),
         )
@@ -183,7 +182,7 @@ async fn start_child(server: &Arc<Server>, row: Sandbox, image: Option<&Path>) -
             if let Err(e) = server
                 .store
                 .sandboxes
-                .set_status(&row.id, Status::Running, note.as_deref(), now)
+                .transition(&row.id, Transition::Started, note.as_deref(), now)
                 .await
             {
                 return error_result(e.into());

@@ -14,7 +14,7 @@
 )]
 
 use crate::store::TemplateStatus;
-use sandpit_control::{Status, Stored};
+use sandpit_control::{Status, Stored, Transition};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -455,7 +455,7 @@ async fn mark_suspended(
         return Ok(server
             .store
             .sandboxes
-            .set_status(&row.id, Status::Suspended, note, now)
+            .transition(&row.id, Transition::Suspend, note, now)
             .await?);
     }
     Ok(server
@@ -780,7 +780,7 @@ pub async fn create(
     server
         .store
         .sandboxes
-        .set_status(&row.id, Status::Running, None, now)
+        .transition(&row.id, Transition::Started, None, now)
         .await?;
     tracing::info!(sandbox = %row.id, elapsed_ms = started.elapsed().as_millis() as u64, "sandbox running");
     row.status = Status::Running;
@@ -1083,7 +1083,7 @@ pub async fn wake(server: &Arc<Server>, id: &str) -> Result<Sandbox, ApiError> {
             server
                 .store
                 .sandboxes
-                .set_status(id, Status::Running, note.as_deref(), now),
+                .transition(id, Transition::Wake, note.as_deref(), now),
             |r: &Result<(), _>| r.is_ok() as u32,
         )
         .await?;

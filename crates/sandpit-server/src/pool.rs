@@ -7,7 +7,7 @@
 //! with egress denied until its owner's policy is applied at hand-out.
 #![expect(clippy::disallowed_methods, reason = "/proc/meminfo is the kernel's")]
 
-use sandpit_control::{Status, Stored};
+use sandpit_control::{Status, Stored, Transition};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -143,7 +143,7 @@ async fn fill_one(
     server
         .store
         .sandboxes
-        .set_status(&row.id, Status::Pooled, None, now_ms())
+        .transition(&row.id, Transition::Parked, None, now_ms())
         .await?;
     Ok(())
 }

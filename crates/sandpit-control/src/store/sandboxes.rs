@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use sandpit_api_types::{EgressPolicy, PreviewPrivacy, SandboxMode};
 
 use super::{Backend, Db, in_admission, q};
-use crate::domain::{Status, Stored};
+use crate::domain::{Status, Stored, Transition};
 use crate::error::ControlError;
 use crate::with_db;
 
@@ -298,7 +298,67 @@ impl Sandboxes {
         Ok(rows.into_iter().map(|r| r.0).collect())
     }
 
-    pub async fn set_status(
+    /// Move a sandbox along the lifecycle: `t` from one of the statuses it is allowed from
+    /// ([`Status::apply`]) to its target, with `note` as the sandbox's `error`. One
+    /// conditional statement: if the sandbox is in another status (a destroy came first, say)
+    /// nothing changes and the answer is `Conflict{invalid_state}` naming the status it is in.
+    pub async fn transition(
+        &self,
+        id: &str,
+        t: Transition,
+        note: Option<&str>,
+        now: i64,
+    ) -> Result<(), ControlError> {
+        let mut from: Vec<&str> = Status::sources_of(t).iter().map(|s| s.as_str()).collect();
+        let pad = from[0];
+        from.resize(Status::ALL.len(), pad);
+        let changed = with_db!(self.db, p => {
+            let mut qy = sqlx::query(
+                "UPDATE sandboxes SET status = $1, error = $2, updated_at = $3
+                 WHERE id = $4 AND status IN ($5, $6, $7, $8, $9, $10)",
+            )
+            .bind(Status::target_of(t).as_str())
+            .bind(note)
+            .bind(now)
+            .bind(id);
+            for f in &from {
+                qy = qy.bind(*f);
+            }
+            qy.execute(p).await.map(|r| r.rows_affected())
+        })
+        .map_err(q("changing a sandbox's status"))?;
+        if changed == 1 {
+            return Ok(());
+        }
+        let now_in = self.get(id).await?.map(|s| s.status.to_string());
+        Err(ControlError::Conflict {
+            code: "invalid_state",
+            message: match now_in {
+                Some(st) => format!("sandbox {id} is {st}: {t:?} is not allowed from there"),
+                None => format!("sandbox {id} does not exist"),
+            },
+        })
+    }
+
+    /// Change the note (`error`) of a running sandbox, e.g. what a restart lost.
+    pub async fn note_running(
+        &self,
+        id: &str,
+        note: Option<&str>,
+        now: i64,
+    ) -> Result<(), ControlError> {
+        self.update(
+            "noting on a sandbox",
+            "UPDATE sandboxes SET error = $1, updated_at = $2 WHERE id = $3 AND status = 'running'",
+            |qy| qy.opt_text(note).int(now).text(id),
+        )
+        .await
+    }
+
+    /// Set a status outside the lifecycle's edges. For tests that build the state a crash
+    /// would leave; the server itself moves sandboxes with [`Sandboxes::transition`] and the
+    /// `mark_*` settlements.
+    pub async fn force_status(
         &self,
         id: &str,
         status: Status,

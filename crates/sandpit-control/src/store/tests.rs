@@ -480,7 +480,7 @@ async fn sandboxes_typed_rows_and_transitions(db: &TestDb) {
     assert_eq!(s.sandboxes.count_running("ws_a").await.unwrap(), 2);
 
     s.sandboxes
-        .set_status("sb_1", Status::Running, None, 20)
+        .transition("sb_1", crate::Transition::Started, None, 20)
         .await
         .unwrap();
     s.sandboxes
@@ -495,7 +495,7 @@ async fn sandboxes_typed_rows_and_transitions(db: &TestDb) {
     assert_eq!(s.sandboxes.used_slots().await.unwrap(), [1]);
     s.sandboxes.set_slot("sb_2", 7, 22).await.unwrap();
     s.sandboxes
-        .set_status("sb_2", Status::Running, None, 22)
+        .transition("sb_2", crate::Transition::Wake, None, 22)
         .await
         .unwrap();
     let mut slots = s.sandboxes.used_slots().await.unwrap();

@@ -379,7 +379,7 @@ async fn reconcile_fails_a_create_interrupted_after_boot() {
     h.server
         .store
         .sandboxes
-        .set_status(&row.id, Status::Creating, None, crate::util::now_ms())
+        .force_status(&row.id, Status::Creating, None, crate::util::now_ms())
         .await
         .unwrap();
     h.restart().await;
