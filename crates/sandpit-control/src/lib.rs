@@ -5,6 +5,7 @@
 //! Invariant: this crate knows no HTTP (no axum, hyper or status codes; checked by
 //! `tests/no_http.rs`). The HTTP edge (`sandpit-server`) maps [`ControlError`] once.
 
+pub mod create;
 pub mod domain;
 pub mod error;
 pub mod store;

@@ -27,6 +27,8 @@ use sandpit_net::{EgressRules, Ipv4Net};
 use sandpit_runtime::{NetworkAttachment, Resources, SandboxSpec};
 use tokio::sync::OwnedRwLockReadGuard;
 
+use sandpit_control::create::{self, Size};
+
 use crate::agent::AgentClient;
 use crate::auth::Auth;
 use crate::error::{ApiError, DisplayChain, ServerError, decode};
@@ -36,22 +38,13 @@ use crate::store::{Sandbox, SnapshotRow};
 use crate::templates::AGENT_PATH_IN_SANDBOX;
 use crate::util::{new_sandbox_id, now_ms, rfc3339};
 
-/// Size presets: CPU (thousandths of a core) and memory.
-pub const SIZES: &[(&str, u32, u64)] = &[
-    ("small", 1000, 1 << 30),
-    ("medium", 2000, 2 << 30),
-    ("large", 4000, 4 << 30),
-];
-
+/// The runtime's resources for a size preset (`sandpit_control::create::SIZES`).
 pub fn size_resources(name: &str) -> Option<Resources> {
-    SIZES
-        .iter()
-        .find(|(n, _, _)| *n == name)
-        .map(|&(_, cpu_millis, memory_bytes)| Resources {
-            cpu_millis,
-            memory_bytes,
-            disk_bytes: None,
-        })
+    Size::parse(name).map(|s| Resources {
+        cpu_millis: s.cpu_millis,
+        memory_bytes: s.memory_bytes,
+        disk_bytes: None,
+    })
 }
 
 /// The disk a sandbox of `size` gets when its files are first made: the server's
@@ -197,6 +190,17 @@ async fn validate_create(
     auth: &Auth,
     req: &CreateSandboxRequest,
 ) -> Result<(Sandbox, Option<SnapshotRow>), ApiError> {
+    // What the request alone decides, before any lookup.
+    let now = now_ms();
+    let defaults = create::Defaults {
+        timeout: server.cfg.default_timeout,
+        idle_timeout: server.cfg.default_idle_timeout,
+    };
+    let create::Lifetimes {
+        timeout_ms,
+        idle_timeout_ms,
+        expires_at,
+    } = create::check_request(req, &defaults, now)?;
     let snapshot = match &req.snapshot {
         Some(snap_id) => Some(
             server
@@ -210,97 +214,13 @@ async fn validate_create(
         ),
         None => None,
     };
-    if snapshot.is_none() && req.template.trim().is_empty() {
-        return Err(ApiError::bad_request(
-            "missing_template",
-            "template (or snapshot) is required",
-        ));
-    }
     let size = req
         .size
         .clone()
         .or_else(|| snapshot.as_ref().map(|s| s.size.clone()))
         .unwrap_or_else(|| "small".into());
-    if size_resources(&size).is_none() {
-        let names: Vec<_> = SIZES.iter().map(|s| s.0).collect();
-        return Err(ApiError::bad_request(
-            "invalid_size",
-            format!("size must be one of {names:?}, not {size:?}"),
-        ));
-    }
-    let now = now_ms();
-    let (timeout_ms, idle_timeout_ms, expires_at) =
-        match req.mode {
-            SandboxMode::Ephemeral => {
-                if req.idle_timeout.is_some() {
-                    return Err(ApiError::bad_request(
-                        "invalid_timeout",
-                        "idle_timeout applies to persistent sandboxes only",
-                    ));
-                }
-                let t = match &req.timeout {
-                    Some(text) => parse_duration(text)
-                        .map_err(|m| ApiError::bad_request("invalid_timeout", m))?,
-                    None => server.cfg.default_timeout,
-                };
-                if t.is_zero() || t > Duration::from_secs(MAX_EPHEMERAL_TIMEOUT_SECS) {
-                    return Err(ApiError::bad_request(
-                        "invalid_timeout",
-                        "timeout must be between 1s and 24h",
-                    ));
-                }
-                (
-                    Some(t.as_millis() as i64),
-                    None,
-                    Some(now + t.as_millis() as i64),
-                )
-            }
-            SandboxMode::Persistent => {
-                if req.timeout.is_some() {
-                    return Err(ApiError::bad_request(
-                        "invalid_timeout",
-                        "timeout applies to ephemeral sandboxes only; use idle_timeout",
-                    ));
-                }
-                let t = match &req.idle_timeout {
-                    Some(text) => parse_duration(text)
-                        .map_err(|m| ApiError::bad_request("invalid_timeout", m))?,
-                    None => server.cfg.default_idle_timeout,
-                };
-                if t < Duration::from_secs(1) || t > Duration::from_secs(7 * 24 * 3600) {
-                    return Err(ApiError::bad_request(
-                        "invalid_timeout",
-                        "idle_timeout must be between 1s and 7d",
-                    ));
-                }
-                (None, Some(t.as_millis() as i64), None)
-            }
-        };
-    for key in req.env.keys() {
-        if key.is_empty() || key.contains('=') || key.contains('\0') {
-            return Err(ApiError::bad_request(
-                "invalid_env",
-                format!("invalid environment variable name {key:?}"),
-            ));
-        }
-    }
-    if req.env.values().any(|v| v.contains('\0')) {
-        return Err(ApiError::bad_request(
-            "invalid_env",
-            "environment values must not contain NUL",
-        ));
-    }
-    if req.metadata.len() > 64
-        || req
-            .metadata
-            .iter()
-            .any(|(k, v)| k.len() > 256 || v.len() > 4096)
-    {
-        return Err(ApiError::bad_request(
-            "invalid_metadata",
-            "metadata holds at most 64 entries, keys up to 256 and values up to 4096 bytes",
-        ));
-    }
+    // A snapshot's own size, checked like a request's.
+    Size::checked(&size)?;
     let template = server
         .store
         .templates
