@@ -8,6 +8,7 @@
 pub mod create;
 pub mod domain;
 pub mod error;
+pub mod live;
 pub mod store;
 
 pub use domain::{Status, Stored, Transition};

@@ -32,12 +32,12 @@
 
 use crate::csb_store::CsbTables;
 use sandpit_control::Status;
-use std::collections::HashMap;
+use sandpit_control::live::ConnGuard;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
@@ -48,13 +48,12 @@ use hyper_util::rt::TokioIo;
 use sandpit_api_types::{ErrorBody, ErrorDetail};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::hash_token;
 use crate::error::DisplayChain;
 use crate::server::Server;
-use crate::store::{Sandbox, Store};
+use crate::store::Sandbox;
 use crate::util::now_ms;
 
 /// Query parameter carrying a preview token.
@@ -67,10 +66,6 @@ pub const TOKEN_COOKIE: &str = "csb_preview_token";
 /// How long connecting to a sandbox port may take (a closed port answers with a reset at
 /// once; this bounds a sandbox that does not answer at all).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long `cut` waits for cancelled connections to be gone.
-const CUT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Preview traffic resets the idle clock at most this often per sandbox.
-const TOUCH_EVERY: Duration = Duration::from_secs(1);
 /// After one side of an upgraded connection ends, how long the other may still drain.
 const DRAIN: Duration = Duration::from_secs(2);
 
@@ -98,124 +93,6 @@ pub fn parse_host(host: &str, domain: &str) -> Option<(String, u16)> {
     }
     let port: u16 = port.parse().ok().filter(|p| *p > 0)?;
     Some((id.to_string(), port))
-}
-
-/// Live proxied connections per sandbox, so a suspend can cut them first.
-#[derive(Default)]
-pub struct Previews {
-    /// Per sandbox: the token that cancels its current connections, and how many are live.
-    /// The std mutex guards only the map.
-    conns: Mutex<HashMap<String, Generation>>,
-    /// Per sandbox: when preview traffic last reset its idle clock.
-    touched: Mutex<HashMap<String, Instant>>,
-}
-
-#[derive(Clone)]
-struct Generation {
-    cancel: CancellationToken,
-    live: Arc<watch::Sender<usize>>,
-}
-
-/// One registered connection (or a part of one: a clone counts separately). Holders stop
-/// when [`ConnGuard::cancelled`] fires and drop the guard once their socket is gone.
-pub struct ConnGuard {
-    gen_: Generation,
-}
-
-impl ConnGuard {
-    fn new(gen_: Generation) -> Self {
-        gen_.live.send_modify(|n| *n += 1);
-        ConnGuard { gen_ }
-    }
-
-    pub fn cancel_token(&self) -> CancellationToken {
-        self.gen_.cancel.clone()
-    }
-}
-
-impl Clone for ConnGuard {
-    fn clone(&self) -> Self {
-        ConnGuard::new(self.gen_.clone())
-    }
-}
-
-impl Drop for ConnGuard {
-    fn drop(&mut self) {
-        self.gen_.live.send_modify(|n| *n -= 1);
-    }
-}
-
-impl Previews {
-    /// Register a connection to `sandbox`. Call with the sandbox's read lock held, so it
-    /// cannot race a suspend's [`Previews::cut`].
-    pub fn register(&self, sandbox: &str) -> ConnGuard {
-        let mut map = self.conns.lock().expect("preview map poisoned");
-        let gen_ = map
-            .entry(sandbox.to_string())
-            .or_insert_with(|| Generation {
-                cancel: CancellationToken::new(),
-                live: Arc::new(watch::channel(0).0),
-            })
-            .clone();
-        ConnGuard::new(gen_)
-    }
-
-    /// Cancel every proxied connection of `sandbox` and wait (at most [`CUT_TIMEOUT`]) until
-    /// their sockets are closed. Call with the sandbox's write lock held, so none starts
-    /// meanwhile. Returns how many were open.
-    pub async fn cut(&self, sandbox: &str) -> usize {
-        self.touched
-            .lock()
-            .expect("preview map poisoned")
-            .remove(sandbox);
-        let Some(gen_) = self
-            .conns
-            .lock()
-            .expect("preview map poisoned")
-            .remove(sandbox)
-        else {
-            return 0;
-        };
-        let open = *gen_.live.borrow();
-        gen_.cancel.cancel();
-        let mut rx = gen_.live.subscribe();
-        if tokio::time::timeout(CUT_TIMEOUT, rx.wait_for(|n| *n == 0))
-            .await
-            .is_err()
-        {
-            tracing::error!(
-                sandbox,
-                left = *gen_.live.borrow(),
-                "preview connections outlived their cancellation"
-            );
-        }
-        if open > 0 {
-            tracing::info!(sandbox, open, "cut preview connections");
-        }
-        open
-    }
-
-    /// Record preview traffic as activity, at most once per [`TOUCH_EVERY`].
-    pub fn touch(&self, store: &Store, sandbox: &str) {
-        let now = Instant::now();
-        {
-            let mut touched = self.touched.lock().expect("preview map poisoned");
-            if touched
-                .get(sandbox)
-                .is_some_and(|t| now.duration_since(*t) < TOUCH_EVERY)
-            {
-                return;
-            }
-            touched.insert(sandbox.to_string(), now);
-        }
-        let store = store.clone();
-        let sandbox = sandbox.to_string();
-        tokio::spawn(async move {
-            if let Err(e) = store.sandboxes.touch(&sandbox, now_ms()).await {
-                tracing::warn!(sandbox, error = %DisplayChain(&e), "recording preview activity");
-            }
-        });
-    }
 }
 
 /// The host a request names: its URI's authority (HTTP/2) or its `Host` header.
@@ -1287,27 +1164,6 @@ mod tests {
         assert_eq!(upgrade_of(&h).unwrap(), "websocket");
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         assert!(upgrade_of(&h).is_none());
-    }
-
-    #[tokio::test]
-    async fn cut_waits_for_registered_connections() {
-        let p = Previews::default();
-        assert_eq!(p.cut("sbx").await, 0);
-        let g = p.register("sbx");
-        let g2 = g.clone();
-        let token = g.cancel_token();
-        let holder = tokio::spawn(async move {
-            token.cancelled().await;
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            drop(g);
-            drop(g2);
-        });
-        let started = Instant::now();
-        assert_eq!(p.cut("sbx").await, 2);
-        assert!(started.elapsed() >= Duration::from_millis(50));
-        holder.await.unwrap();
-        // A new registration after the cut is not cancelled.
-        assert!(!p.register("sbx").cancel_token().is_cancelled());
     }
 
     #[test]

@@ -129,7 +129,7 @@ pub struct Server {
     /// delay them; two of them must still not interleave.)
     pub egress_lock: tokio::sync::Mutex<()>,
     /// Live preview connections, cut before a checkpoint.
-    pub previews: crate::preview::Previews,
+    pub previews: sandpit_control::live::LiveConnections,
     /// Per-workspace rate limiters and the running-sandbox quota.
     pub limits: crate::limits::Limits,
     pub shutdown: CancellationToken,
