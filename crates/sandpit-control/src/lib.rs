@@ -10,6 +10,7 @@ pub mod domain;
 pub mod error;
 pub mod live;
 pub mod store;
+pub mod tokens;
 
 pub use domain::{Status, Stored, Transition};
 pub use error::ControlError;

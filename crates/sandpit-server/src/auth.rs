@@ -1,41 +1,21 @@
-//! API tokens: generation, hashing, the bootstrap token, and the [`Auth`] extractor that
-//! turns a bearer token into the workspace and scopes a request acts with.
+//! API tokens: the bootstrap token and the [`Auth`] extractor that
+//! turns a bearer token into the workspace and scopes a request acts with (generation and
+//! hashing are `sandpit_control::tokens`).
 
 use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
 use axum::http::HeaderMap;
 use axum::http::request::Parts;
-use rand::RngCore;
-use sha2::{Digest, Sha256};
 
 use crate::error::{ApiError, ServerError};
 use crate::server::Server;
 use crate::store::{TokenRow, WorkspaceRow};
 use crate::util::{new_id, now_ms};
 
-/// Tokens start with this, so leaked ones are easy to find with secret scanners.
-pub const TOKEN_PREFIX: &str = "sp_";
-
-/// Preview tokens start with this (they open previews, nothing else).
-pub const PREVIEW_TOKEN_PREFIX: &str = "spp_";
-
-/// A fresh random API token: the prefix and 256 random bits in hex.
-pub fn generate_token() -> String {
-    generate_token_with(TOKEN_PREFIX)
-}
-
-/// A fresh random token with the given prefix and 256 random bits in hex.
-pub fn generate_token_with(prefix: &str) -> String {
-    let mut bytes = [0u8; 32];
-    rand::rng().fill_bytes(&mut bytes);
-    format!("{prefix}{}", hex::encode(bytes))
-}
-
-/// What the store keeps instead of the token.
-pub fn hash_token(token: &str) -> String {
-    hex::encode(Sha256::digest(token.as_bytes()))
-}
+pub use sandpit_control::tokens::{
+    PREVIEW_TOKEN_PREFIX, TOKEN_PREFIX, generate_token, generate_token_with, hash_token,
+};
 
 /// The caller of a request, from its bearer token.
 #[derive(Debug, Clone)]
