@@ -16,7 +16,6 @@ use std::sync::Arc;
 use futures::StreamExt;
 use sandpit_api_types::{ErrorBodyRef, ErrorDetail, ForkResult, Snapshot};
 
-use crate::auth::Auth;
 use crate::error::{ApiError, DisplayChain, ServerError};
 use crate::extract::Authorized;
 use crate::lifecycle::{boot, current, insert_with_slot, to_api};
@@ -466,13 +465,12 @@ pub async fn boot_from_snapshot(
 
 /// `DELETE /v1/snapshots/{id}`: the snapshot and its files go; sandboxes started from it are
 /// unaffected (they have their own copies).
-pub async fn delete_snapshot(server: &Server, auth: &Auth, id: &str) -> Result<(), ApiError> {
-    if !server
-        .store
-        .snapshots
-        .delete(&auth.workspace_id, id)
-        .await?
-    {
+pub async fn delete_snapshot(
+    server: &Server,
+    workspace_id: &str,
+    id: &str,
+) -> Result<(), ApiError> {
+    if !server.store.snapshots.delete(workspace_id, id).await? {
         return Err(ApiError::not_found(
             "snapshot_not_found",
             format!("no snapshot {id:?}"),

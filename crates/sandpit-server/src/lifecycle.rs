@@ -30,7 +30,6 @@ use tokio::sync::OwnedRwLockReadGuard;
 use sandpit_control::create::{self, Size};
 
 use crate::agent::AgentClient;
-use crate::auth::Auth;
 use crate::error::{ApiError, DisplayChain, ServerError, decode};
 use crate::extract::Authorized;
 use crate::server::Server;
@@ -187,7 +186,7 @@ pub(crate) async fn rules_or_deny(
 /// Validate a create request into a row (not yet inserted). Changes nothing.
 async fn validate_create(
     server: &Server,
-    auth: &Auth,
+    workspace_id: &str,
     req: &CreateSandboxRequest,
 ) -> Result<(Sandbox, Option<SnapshotRow>), ApiError> {
     // What the request alone decides, before any lookup.
@@ -206,7 +205,7 @@ async fn validate_create(
             server
                 .store
                 .snapshots
-                .get(&auth.workspace_id, snap_id)
+                .get(workspace_id, snap_id)
                 .await?
                 .ok_or_else(|| {
                     ApiError::not_found("snapshot_not_found", format!("no snapshot {snap_id:?}"))
@@ -225,7 +224,7 @@ async fn validate_create(
         .store
         .templates
         .find(
-            &auth.workspace_id,
+            workspace_id,
             snapshot
                 .as_ref()
                 .map(|s| s.template_id.as_str())
@@ -280,7 +279,7 @@ async fn validate_create(
     let row = Sandbox {
         runtime_id: format!("{}-{}", server.cfg.prefix, id),
         id,
-        workspace_id: auth.workspace_id.clone(),
+        workspace_id: workspace_id.to_string(),
         template_id: template.id,
         template_name: template.name,
         mode: req.mode,
@@ -626,17 +625,17 @@ async fn boot_template(server: &Server, row: &Sandbox) -> Result<bool, ServerErr
 /// `POST /v1/sandboxes`: validate, claim a slot, boot, wait for the agent.
 pub async fn create(
     server: &Arc<Server>,
-    auth: &Auth,
+    workspace_id: &str,
     req: &CreateSandboxRequest,
 ) -> Result<Sandbox, ApiError> {
-    let (mut row, snapshot) = validate_create(server, auth, req).await?;
+    let (mut row, snapshot) = validate_create(server, workspace_id, req).await?;
     server.ensure_free_disk()?;
     // Held until the row is in the store, which then counts it as running.
     let mut reservation = server
         .limits
         .admit(
             &server.store,
-            &auth.workspace_id,
+            workspace_id,
             1,
             req.mode == SandboxMode::Persistent,
         )

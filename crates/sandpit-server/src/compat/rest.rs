@@ -423,7 +423,7 @@ async fn create_from_template(
         }),
         ..Default::default()
     };
-    lifecycle::create(server, auth, &req).await
+    lifecycle::create(server, &auth.workspace_id, &req).await
 }
 
 async fn store_fields(server: &Server, row: &Sandbox, f: &Fields) -> Result<(), ServerError> {

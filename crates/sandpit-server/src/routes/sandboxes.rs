@@ -78,7 +78,7 @@ async fn create_sandbox(
     let hash = idempotency::request_hash("create", &req);
     let (s, a) = (server.clone(), auth.clone());
     idempotency::once(&server, &auth, key, hash, async move {
-        let row = lifecycle::create(&s, &a, &req).await?;
+        let row = lifecycle::create(&s, &a.workspace_id, &req).await?;
         Ok((
             StatusCode::CREATED,
             serde_json::to_value(to_api(&row)).expect("serializes"),
@@ -687,6 +687,6 @@ async fn delete_snapshot(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     auth.require("vm_manage")?;
-    crate::fork::delete_snapshot(&server, &auth, &id).await?;
+    crate::fork::delete_snapshot(&server, &auth.workspace_id, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -51,3 +51,17 @@ fn compat_and_the_shared_modules_do_not_import_each_other_in_a_circle() {
     }
     assert!(seen_compat >= 5, "found compat/");
 }
+
+/// The service modules act for a tenant through an `Authorized` (made only by the
+/// extractors) or a workspace id, never through the HTTP layer's `Auth` extractor.
+#[test]
+fn services_take_no_http_extractor() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    for service in ["lifecycle.rs", "fork.rs", "builds.rs", "pool.rs", "templates.rs"] {
+        let text = code(&src.join(service));
+        let names_auth = text
+            .split(|c: char| !c.is_alphanumeric() && c != '_')
+            .any(|word| word == "Auth");
+        assert!(!names_auth, "{service} names the Auth extractor");
+    }
+}

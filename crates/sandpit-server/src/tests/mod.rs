@@ -118,7 +118,7 @@ impl Harness {
             mode,
             ..Default::default()
         };
-        crate::lifecycle::create(&self.server, &self.auth, &req).await
+        crate::lifecycle::create(&self.server, &self.auth.workspace_id, &req).await
     }
 
     pub async fn row(&self, id: &str) -> Sandbox {
