@@ -9,6 +9,7 @@ pub mod create;
 pub mod domain;
 pub mod error;
 pub mod live;
+pub mod recovery;
 pub mod store;
 pub mod tokens;
 

@@ -783,7 +783,9 @@ pub async fn settle_if_dead(server: &Arc<Server>, id: &str) -> Option<ApiError> 
     tracing::warn!(sandbox = %id, mode = row.mode.as_str(), "the sandbox died");
     server.previews.cut(id).await;
     let now = now_ms();
-    let settled = if row.mode == SandboxMode::Persistent {
+    let settled = if sandpit_control::recovery::after_death(row.mode)
+        == sandpit_control::recovery::Recovery::SuspendLost
+    {
         // The files are on disk; the network slot goes (a suspended sandbox holds none).
         if let Err(e) = server
             .runtime

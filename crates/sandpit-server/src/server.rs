@@ -6,6 +6,7 @@
 )]
 
 use sandpit_control::Status;
+use sandpit_control::recovery::{self, Recovery};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -326,30 +327,14 @@ impl Server {
         let mut keep_dirs = HashSet::new();
         for row in rows {
             let slot = row.slot.map(|s| s as u32);
-            match row.status {
-                Status::Pooled => {
-                    // The pool is refilled fresh after a restart.
-                    self.teardown(&row.id, &row.runtime_id, slot).await;
-                    self.store.sandboxes.mark_destroyed(&row.id, now).await?;
-                }
-                Status::Creating => {
-                    tracing::warn!(sandbox = %row.id, "server stopped during create: cleaning up");
-                    self.teardown(&row.id, &row.runtime_id, slot).await;
-                    self.store
-                        .sandboxes
-                        .mark_failed(
-                            &row.id,
-                            "the server stopped while this sandbox was being created",
-                            now,
-                        )
-                        .await?;
-                }
-                Status::Running => {
-                    let alive = matches!(
-                        self.runtime.status(&row.runtime_id).await,
-                        Ok(sandpit_runtime::RuntimeStatus::Running)
-                    );
-                    let reachable = alive
+            // Only a running sandbox is asked whether it still runs and answers.
+            let answers = if row.status == Status::Running {
+                let alive = matches!(
+                    self.runtime.status(&row.runtime_id).await,
+                    Ok(sandpit_runtime::RuntimeStatus::Running)
+                );
+                Some(
+                    alive
                         && match slot {
                             Some(s) => crate::agent::AgentClient::new(
                                 &row.id,
@@ -359,72 +344,87 @@ impl Server {
                             .await
                             .is_ok(),
                             None => false,
-                        };
-                    if reachable {
-                        // Its nft rules survived; this process's domain filter learns them.
-                        if let Some(s) = slot {
-                            // A stored policy that does not decode becomes deny_all (and is
-                            // applied: the surviving rules were made from the old one).
-                            let adopted = match crate::lifecycle::stored_rules(&row) {
-                                Ok(rules) => self.net.adopt(s, &rules).map_err(ServerError::from),
-                                Err(_) => match crate::lifecycle::rules_or_deny(self, &row).await {
-                                    Ok(rules) => self
-                                        .net
-                                        .set_egress(s, &rules)
-                                        .await
-                                        .map_err(ServerError::from),
-                                    Err(e) => Err(e),
-                                },
-                            };
-                            if let Err(e) = adopted {
-                                tracing::warn!(sandbox = %row.id, error = %DisplayChain(&e), "adopting the egress policy");
-                            }
-                        }
-                        keep_runtime.insert(row.runtime_id.clone());
-                        keep_net.extend(slot);
-                        keep_dirs.insert(row.id.clone());
-                        continue;
-                    }
-                    if row.mode == sandpit_api_types::SandboxMode::Persistent {
-                        // Its files are on disk; its memory is gone unless a checkpoint exists.
-                        tracing::warn!(sandbox = %row.id, "persistent sandbox stopped while the server was down: suspending it");
-                        let _ = self
-                            .runtime
-                            .stop(&row.runtime_id, &self.state_dir(&row.id))
-                            .await;
-                        if let Some(s) = slot {
-                            let _ = self.net.detach(s).await;
-                        }
-                        self.store
-                            .sandboxes.mark_suspended(&row.id, Some("stopped while the server was down; memory was lost, files were kept"), now)
-                            .await?;
-                        keep_dirs.insert(row.id.clone());
-                    } else {
-                        tracing::warn!(sandbox = %row.id, "ephemeral sandbox stopped while the server was down: failing it");
-                        self.teardown(&row.id, &row.runtime_id, slot).await;
-                        self.store
-                            .sandboxes
-                            .mark_failed(
-                                &row.id,
-                                "the sandbox stopped while the server was down",
-                                now,
-                            )
-                            .await?;
-                    }
+                        },
+                )
+            } else {
+                None
+            };
+            match recovery::after_restart(row.status, row.mode, answers, slot.is_some()) {
+                Recovery::DiscardPooled => {
+                    // The pool is refilled fresh after a restart.
+                    self.teardown(&row.id, &row.runtime_id, slot).await;
+                    self.store.sandboxes.mark_destroyed(&row.id, now).await?;
                 }
-                _ => {
-                    // Suspended: nothing may run; files and image are kept. A suspended
-                    // sandbox holds no network slot (one suspended by an older server may
-                    // still: its namespace goes below, with the other orphans).
+                Recovery::FailInterruptedCreate => {
+                    tracing::warn!(sandbox = %row.id, "server stopped during create: cleaning up");
+                    self.teardown(&row.id, &row.runtime_id, slot).await;
+                    self.store
+                        .sandboxes
+                        .mark_failed(&row.id, recovery::INTERRUPTED_CREATE, now)
+                        .await?;
+                }
+                Recovery::Adopt => {
+                    // Its nft rules survived; this process's domain filter learns them.
+                    if let Some(s) = slot {
+                        // A stored policy that does not decode becomes deny_all (and is
+                        // applied: the surviving rules were made from the old one).
+                        let adopted = match crate::lifecycle::stored_rules(&row) {
+                            Ok(rules) => self.net.adopt(s, &rules).map_err(ServerError::from),
+                            Err(_) => match crate::lifecycle::rules_or_deny(self, &row).await {
+                                Ok(rules) => self
+                                    .net
+                                    .set_egress(s, &rules)
+                                    .await
+                                    .map_err(ServerError::from),
+                                Err(e) => Err(e),
+                            },
+                        };
+                        if let Err(e) = adopted {
+                            tracing::warn!(sandbox = %row.id, error = %DisplayChain(&e), "adopting the egress policy");
+                        }
+                    }
+                    keep_runtime.insert(row.runtime_id.clone());
+                    keep_net.extend(slot);
+                    keep_dirs.insert(row.id.clone());
+                }
+                Recovery::SuspendLost => {
+                    // Its files are on disk; its memory is gone unless a checkpoint exists.
+                    tracing::warn!(sandbox = %row.id, "persistent sandbox stopped while the server was down: suspending it");
                     let _ = self
                         .runtime
                         .stop(&row.runtime_id, &self.state_dir(&row.id))
                         .await;
-                    if slot.is_some() {
+                    if let Some(s) = slot {
+                        let _ = self.net.detach(s).await;
+                    }
+                    self.store
+                        .sandboxes
+                        .mark_suspended(&row.id, Some(recovery::LOST_WHILE_DOWN), now)
+                        .await?;
+                    keep_dirs.insert(row.id.clone());
+                }
+                Recovery::FailLost => {
+                    tracing::warn!(sandbox = %row.id, "ephemeral sandbox stopped while the server was down: failing it");
+                    self.teardown(&row.id, &row.runtime_id, slot).await;
+                    self.store
+                        .sandboxes
+                        .mark_failed(&row.id, recovery::EPHEMERAL_LOST_WHILE_DOWN, now)
+                        .await?;
+                }
+                Recovery::KeepSuspended { release_slot } => {
+                    // Nothing may run; files and image are kept. A suspended sandbox holds
+                    // no network slot (one suspended by an older server may still: its
+                    // namespace goes below, with the other orphans).
+                    let _ = self
+                        .runtime
+                        .stop(&row.runtime_id, &self.state_dir(&row.id))
+                        .await;
+                    if release_slot {
                         self.store.sandboxes.release_slot(&row.id, now).await?;
                     }
                     keep_dirs.insert(row.id.clone());
                 }
+                Recovery::Nothing => {}
             }
         }
         // Orphans: anything under our names that the store does not account for.

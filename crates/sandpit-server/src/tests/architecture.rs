@@ -57,7 +57,13 @@ fn compat_and_the_shared_modules_do_not_import_each_other_in_a_circle() {
 #[test]
 fn services_take_no_http_extractor() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    for service in ["lifecycle.rs", "fork.rs", "builds.rs", "pool.rs", "templates.rs"] {
+    for service in [
+        "lifecycle.rs",
+        "fork.rs",
+        "builds.rs",
+        "pool.rs",
+        "templates.rs",
+    ] {
         let text = code(&src.join(service));
         let names_auth = text
             .split(|c: char| !c.is_alphanumeric() && c != '_')
