@@ -400,17 +400,6 @@ impl Sandboxes {
         .await
     }
 
-    /// Server use: record the slot a sandbox claimed (the caller holds the node's slot lock
-    /// and chose a free one; slots are per node).
-    pub async fn set_slot(&self, id: &str, slot: i64, now: i64) -> Result<(), ControlError> {
-        self.update(
-            "claiming a network slot",
-            "UPDATE sandboxes SET slot = $1, updated_at = $2 WHERE id = $3",
-            |qy| qy.int(slot).int(now).text(id),
-        )
-        .await
-    }
-
     /// Server use: replace a sandbox's egress policy and say why in its `error` (a stored
     /// policy that no longer decodes is replaced by `deny_all`).
     pub async fn replace_egress(

@@ -493,7 +493,10 @@ async fn sandboxes_typed_rows_and_transitions(db: &TestDb) {
         (Status::Suspended, None, Some("idle"))
     );
     assert_eq!(s.sandboxes.used_slots().await.unwrap(), [1]);
-    s.sandboxes.set_slot("sb_2", 7, 22).await.unwrap();
+    s.sandboxes
+        .claim_slot_admitted(&sb2, 7, 0, 22)
+        .await
+        .unwrap();
     s.sandboxes
         .transition("sb_2", crate::Transition::Wake, None, 22)
         .await
