@@ -47,6 +47,19 @@ const RUNNING_UNITS: &str = "SELECT COUNT(*) FROM sandboxes
      WHERE workspace_id = $1 AND id <> $2
        AND (status IN ('creating', 'running') OR (status = 'suspended' AND slot IS NOT NULL))";
 
+/// Inside an admission transaction `$tx`: how many running units `$s`'s workspace holds
+/// besides `$s` ([`RUNNING_UNITS`]).
+macro_rules! running_units {
+    ($tx:ident, $s:expr) => {{
+        let held: (i64,) = sqlx::query_as(RUNNING_UNITS)
+            .bind(&$s.workspace_id)
+            .bind(&$s.id)
+            .fetch_one(&mut *$tx)
+            .await?;
+        held.0
+    }};
+}
+
 /// Bind a [`Sandbox`]'s columns in [`INSERT_SANDBOX`]'s order.
 macro_rules! bind_sandbox {
     ($q:expr, $s:expr) => {
@@ -187,15 +200,11 @@ impl Sandboxes {
     /// database never pass the limit together.
     pub async fn insert_admitted(&self, s: &Sandbox, max_running: u32) -> Result<(), ControlError> {
         let held = in_admission!(self.db, &s.workspace_id, tx => {
-            let held: (i64,) = sqlx::query_as(RUNNING_UNITS)
-                .bind(&s.workspace_id)
-                .bind(&s.id)
-                .fetch_one(&mut *tx)
-                .await?;
-            if !over(held.0, max_running) {
+            let held = running_units!(tx, s);
+            if !over(held, max_running) {
                 bind_sandbox!(sqlx::query(INSERT_SANDBOX), s).execute(&mut *tx).await?;
             }
-            held.0
+            held
         })
         .map_err(q("inserting a sandbox"))?;
         quota_check(held, max_running, "")
@@ -214,12 +223,8 @@ impl Sandboxes {
         now: i64,
     ) -> Result<(), ControlError> {
         let held = in_admission!(self.db, &s.workspace_id, tx => {
-            let held: (i64,) = sqlx::query_as(RUNNING_UNITS)
-                .bind(&s.workspace_id)
-                .bind(&s.id)
-                .fetch_one(&mut *tx)
-                .await?;
-            if !over(held.0, max_running) {
+            let held = running_units!(tx, s);
+            if !over(held, max_running) {
                 sqlx::query("UPDATE sandboxes SET slot = $1, updated_at = $2 WHERE id = $3")
                     .bind(slot)
                     .bind(now)
@@ -227,7 +232,7 @@ impl Sandboxes {
                     .execute(&mut *tx)
                     .await?;
             }
-            held.0
+            held
         })
         .map_err(q("claiming a network slot"))?;
         quota_check(held, max_running, " before waking this one")
@@ -598,12 +603,8 @@ impl Sandboxes {
              RETURNING id"
         );
         let (held, row) = in_admission!(self.db, &owner.workspace_id, tx => {
-            let held: (i64,) = sqlx::query_as(RUNNING_UNITS)
-                .bind(&owner.workspace_id)
-                .bind(&owner.id)
-                .fetch_one(&mut *tx)
-                .await?;
-            let row: Option<(String,)> = if over(held.0, max_running) {
+            let held = running_units!(tx, owner);
+            let row: Option<(String,)> = if over(held, max_running) {
                 None
             } else {
                 // The only interpolation is one of the two constant lock clauses above.
@@ -625,7 +626,7 @@ impl Sandboxes {
                     .fetch_optional(&mut *tx)
                     .await?
             };
-            (held.0, row)
+            (held, row)
         })
         .map_err(q("taking a pooled sandbox"))?;
         quota_check(held, max_running, "")?;
