@@ -5,6 +5,7 @@
 //! Invariant: this crate knows no HTTP (no axum, hyper or status codes; checked by
 //! `tests/no_http.rs`). The HTTP edge (`sandpit-server`) maps [`ControlError`] once.
 
+pub mod agent;
 pub mod create;
 pub mod domain;
 pub mod error;
@@ -14,5 +15,5 @@ pub mod store;
 pub mod tokens;
 
 pub use domain::{Status, Stored, Transition};
-pub use error::ControlError;
+pub use error::{ControlError, DisplayChain, decode};
 pub use store::{Backend, Db, Store};

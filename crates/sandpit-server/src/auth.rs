@@ -8,7 +8,7 @@ use axum::extract::FromRequestParts;
 use axum::http::HeaderMap;
 use axum::http::request::Parts;
 
-use crate::error::{ApiError, ServerError};
+use crate::error::{ApiError, ControlError};
 use crate::server::Server;
 use crate::store::{TokenRow, WorkspaceRow};
 use crate::util::{new_id, now_ms};
@@ -76,7 +76,7 @@ pub async fn resolve(server: &Server, headers: &HeaderMap) -> Result<Auth, ApiEr
         return Err(ApiError::unauthorized("token has expired"));
     }
     let scopes: Vec<String> = serde_json::from_str(&t.scopes)
-        .map_err(|e| ServerError::Corrupt(format!("scopes of token {}: {e}", t.id)))?;
+        .map_err(|e| ControlError::Internal(format!("scopes of token {}: {e}", t.id)))?;
     Ok(Auth {
         token_id: t.id,
         workspace_id: t.workspace_id,
@@ -92,7 +92,7 @@ pub async fn resolve(server: &Server, headers: &HeaderMap) -> Result<Auth, ApiEr
 pub async fn bootstrap(
     server: &Server,
     preset: Option<&str>,
-) -> Result<Option<String>, ServerError> {
+) -> Result<Option<String>, ControlError> {
     if server.store.tenants.count_orgs().await? > 0 {
         return Ok(None);
     }

@@ -21,7 +21,7 @@ use sandpit_image::build::{BuildRequest, RunStep};
 use sandpit_image::{BuildEvent, Builder, ImageConfig, ImageError, ReadyCheck, StepRunner};
 use tokio::sync::broadcast;
 
-use crate::error::{ApiError, DisplayChain, ServerError};
+use crate::error::{ApiError, ControlError, DisplayChain};
 use crate::server::Server;
 use crate::store::{Sandbox, TemplateInsert, TemplateRow};
 use crate::util::{now_ms, random_hex, rfc3339};
@@ -212,7 +212,7 @@ pub async fn view(
     server: &Server,
     workspace_id: &str,
     t: TemplateRow,
-) -> Result<Template, ServerError> {
+) -> Result<Template, ControlError> {
     let warm = server.store.sandboxes.pooled_count(&t.id).await? as u32;
     // Shown as far as it decodes; creating from a template whose records do not decode
     // fails with `corrupt_record`.
@@ -369,7 +369,7 @@ pub async fn create(
             Ok(())
         })
         .await
-        .map_err(|e| ServerError::Corrupt(format!("context task: {e}")))?;
+        .map_err(|e| ControlError::Internal(format!("context task: {e}")))?;
         if let Err(e) = unpacked {
             images.discard_temp(&context_dir);
             return Err(match e {
@@ -658,12 +658,12 @@ impl BuildJob {
                 let _ = std::fs::remove_dir_all(&tmp);
                 crate::templates::save_boot_image(server, &row, &tmp).await?;
                 let _ = std::fs::remove_dir_all(&snapshot_dir);
-                std::fs::rename(&tmp, &snapshot_dir).map_err(|source| ServerError::Files {
+                std::fs::rename(&tmp, &snapshot_dir).map_err(|source| ControlError::Files {
                     what: "publishing a template's boot snapshot".into(),
                     source,
                 })?;
             }
-            Ok::<(), ServerError>(())
+            Ok::<(), ControlError>(())
         }
         .await;
         discard_system_sandbox(server, &row, _guard).await;
@@ -772,7 +772,7 @@ impl StepRunner for ServerRunner {
         log: &(dyn Fn(String) + Send + Sync),
     ) -> Result<i32, ImageError> {
         let server = &self.server;
-        let fail = |e: ServerError| ImageError::Runner(DisplayChain(&e).to_string());
+        let fail = |e: ControlError| ImageError::Runner(DisplayChain(&e).to_string());
         let mut row: Sandbox =
             crate::pool::system_row(server, &self.template_id, &self.template_name);
         row.egress = Stored::from_raw(self.egress.clone());
@@ -812,7 +812,7 @@ impl StepRunner for ServerRunner {
             while let Ok(item) = rx.try_recv() {
                 forward(item, log);
             }
-            let status = status.map_err(|f| ServerError::Agent {
+            let status = status.map_err(|f| ControlError::Agent {
                 sandbox: row.id.clone(),
                 what: format!("running a build step: {f:?}"),
             })?;
@@ -833,7 +833,7 @@ impl StepRunner for ServerRunner {
                     .await?;
                 clean_run_layer(&step.out);
             }
-            Ok::<i32, ServerError>(status.exit_code)
+            Ok::<i32, ControlError>(status.exit_code)
         }
         .await;
         discard_system_sandbox(server, &row, _guard).await;
@@ -841,12 +841,13 @@ impl StepRunner for ServerRunner {
     }
 }
 
-fn forward(item: crate::agent::ExecOutput, log: &(dyn Fn(String) + Send + Sync)) {
+fn forward(item: sandpit_control::agent::ExecOutput, log: &(dyn Fn(String) + Send + Sync)) {
     match item {
-        crate::agent::ExecOutput::Stdout(b) | crate::agent::ExecOutput::Stderr(b) => {
+        sandpit_control::agent::ExecOutput::Stdout(b)
+        | sandpit_control::agent::ExecOutput::Stderr(b) => {
             log(String::from_utf8_lossy(&b).into_owned())
         }
-        crate::agent::ExecOutput::Started(_) => {}
+        sandpit_control::agent::ExecOutput::Started(_) => {}
     }
 }
 
@@ -948,7 +949,7 @@ fn toolchain_config() -> String {
 
 /// Register the toolchain template at start: `ready` when its layer exists (built before,
 /// same sources and packages), `not_built` otherwise.
-pub async fn register_toolchain(server: &Server) -> Result<(), ServerError> {
+pub async fn register_toolchain(server: &Server) -> Result<(), ControlError> {
     server
         .store
         .templates.upsert(&TemplateRow::builtin(
@@ -970,7 +971,7 @@ pub async fn register_toolchain(server: &Server) -> Result<(), ServerError> {
         ),
         None => (TemplateStatus::NotBuilt, "[]".to_string()),
     };
-    Ok(server
+    server
         .store
         .templates
         .finish_build(
@@ -981,7 +982,7 @@ pub async fn register_toolchain(server: &Server) -> Result<(), ServerError> {
             None,
             now_ms(),
         )
-        .await?)
+        .await
 }
 
 /// `POST /v1/templates/{id}/build` for a built-in template built on demand: start its

@@ -1,4 +1,4 @@
-//! Errors: [`ServerError`] for what failed inside the server, [`ApiError`] for what a client is
+//! Errors: [`ControlError`] for what failed inside the server, [`ApiError`] for what a client is
 //! told (a stable code and an HTTP status; internal details are logged, never returned).
 
 use axum::Json;
@@ -6,56 +6,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use sandpit_api_types::{ErrorBody, ErrorDetail};
 
-/// What failed inside the server.
-#[derive(Debug, thiserror::Error)]
-pub enum ServerError {
-    /// The control layer (its store, its domain rules).
-    #[error("control")]
-    Control(#[from] sandpit_control::ControlError),
-    #[error("runtime")]
-    Runtime(#[from] sandpit_runtime::RuntimeError),
-    #[error("network")]
-    Net(#[from] sandpit_net::NetError),
-    #[error("talking to the agent of {sandbox}: {what}")]
-    Agent { sandbox: String, what: String },
-    #[error("agent of {sandbox} did not answer within {secs} s (last attempt: {last})")]
-    AgentTimeout {
-        sandbox: String,
-        secs: u64,
-        /// How the last attempt failed (refused, no answer, ...), for diagnosis.
-        last: String,
-    },
-    #[error("preparing {what}")]
-    Files {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("no free network slot (pool exhausted)")]
-    NoSlot,
-    #[error("stored data is corrupt: {0}")]
-    Corrupt(String),
-    /// A stored record (a policy, an environment, a template's spec) does not decode:
-    /// operations that need it fail closed with 500 `corrupt_record`, never with a default.
-    #[error("the stored {what} does not decode")]
-    Undecodable {
-        what: String,
-        #[source]
-        source: serde_json::Error,
-    },
-}
-
-/// Decode a stored JSON record, failing closed: a record that does not decode is an error
-/// naming `what`, never a default.
-pub fn decode<T: serde::de::DeserializeOwned>(
-    what: impl FnOnce() -> String,
-    json: &str,
-) -> Result<T, ServerError> {
-    serde_json::from_str(json).map_err(|source| ServerError::Undecodable {
-        what: what(),
-        source,
-    })
-}
+pub use sandpit_control::{ControlError, DisplayChain, decode};
 
 /// An error a client sees: `{"error":{"code","message"}}` with an HTTP status.
 #[derive(Debug)]
@@ -100,57 +51,34 @@ impl ApiError {
     }
 }
 
-impl From<ServerError> for ApiError {
-    fn from(e: ServerError) -> Self {
-        // The control layer's errors map (and log) in one place.
-        let e = match e {
-            ServerError::Control(c) => return ApiError::from(c),
-            e => e,
-        };
-        // The chain goes to the log; the client gets a code it can act on.
-        tracing::error!(error = %DisplayChain(&e), "internal error");
-        match e {
-            ServerError::NoSlot => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "capacity_exhausted",
-                "no network slot is free; destroy sandboxes or enlarge the address pool",
-            ),
-            ServerError::Undecodable { .. } => ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "corrupt_record",
-                "a stored record this operation needs does not decode; nothing was done (see the server log)",
-            ),
-            ServerError::AgentTimeout { .. } => ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "agent_unreachable",
-                "the sandbox's agent did not answer",
-            ),
-            _ => ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "internal server error; see the server log",
-            ),
-        }
-    }
-}
-
 /// The one place the control layer's errors become HTTP answers.
 impl From<sandpit_control::ControlError> for ApiError {
     fn from(e: sandpit_control::ControlError) -> Self {
         use sandpit_control::ControlError as C;
         match e {
-            C::NotFound { what } => ApiError::not_found("not_found", format!("{what} not found")),
+            C::NotFound { code, message } => ApiError::not_found(code, message),
             C::Forbidden { message } => ApiError::forbidden("forbidden", message),
             C::Conflict { code, message } => ApiError::conflict(code, message),
             C::Invalid { code, message } => ApiError::bad_request(code, message),
             C::Quota { code, message } => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message)
             }
-            C::DiskFull => ApiError::new(
-                StatusCode::INSUFFICIENT_STORAGE,
-                "host_disk_full",
-                "the host's free-space reserve is reached; nothing was done",
+            C::DiskFull { message } => {
+                ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "host_disk_full", message)
+            }
+            C::NoSlot => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "capacity_exhausted",
+                "no network slot is free; destroy sandboxes or enlarge the address pool",
             ),
+            e @ C::AgentTimeout { .. } => {
+                tracing::error!(error = %DisplayChain(&e), "agent unreachable");
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "agent_unreachable",
+                    "the sandbox's agent did not answer",
+                )
+            }
             e @ C::Corrupt { .. } => {
                 tracing::error!(error = %DisplayChain(&e), "corrupt record");
                 ApiError::new(
@@ -183,33 +111,12 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Formats an error with its whole `source()` chain: `a: b: c`.
-pub struct DisplayChain<'a>(pub &'a dyn std::error::Error);
-
-impl std::fmt::Display for DisplayChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut cur = self.0.source();
-        while let Some(e) = cur {
-            write!(f, ": {e}")?;
-            cur = e.source();
-        }
-        Ok(())
-    }
-}
-
 /// An [`ApiError`] in the CodeSandbox envelope.
 pub struct CsbError(pub ApiError);
 
 impl From<ApiError> for CsbError {
     fn from(e: ApiError) -> Self {
         CsbError(e)
-    }
-}
-
-impl From<crate::error::ServerError> for CsbError {
-    fn from(e: crate::error::ServerError) -> Self {
-        CsbError(e.into())
     }
 }
 

@@ -126,7 +126,7 @@ impl Authorized {
     /// caller's workspace by construction.
     pub(crate) fn made_for(auth: &Auth, row: Sandbox) -> Result<Self, ApiError> {
         if row.workspace_id != auth.workspace_id {
-            return Err(crate::error::ServerError::Corrupt(format!(
+            return Err(crate::error::ControlError::Internal(format!(
                 "sandbox {} was made for another workspace",
                 row.id
             ))

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use sandpit_api_types::{ErrorBodyRef, ErrorDetail, ForkResult, Snapshot};
 
-use crate::error::{ApiError, DisplayChain, ServerError};
+use crate::error::{ApiError, ControlError, DisplayChain};
 use crate::extract::Authorized;
 use crate::lifecycle::{boot, current, insert_with_slot, to_api};
 use crate::server::Server;
@@ -108,7 +108,7 @@ async fn freeze(server: &Arc<Server>, row: &Sandbox) -> Result<Frozen, ApiError>
 
 /// Bring a frozen sandbox back as it was. If its memory cannot be restored it boots with its
 /// files, and if even that fails it is marked failed.
-async fn thaw(server: &Arc<Server>, row: &Sandbox, frozen: &Frozen) -> Result<(), ServerError> {
+async fn thaw(server: &Arc<Server>, row: &Sandbox, frozen: &Frozen) -> Result<(), ControlError> {
     if !frozen.was_running {
         return Ok(());
     }
@@ -258,7 +258,7 @@ pub async fn fork(
         match copied {
             Ok(()) => pending.push(Ok(row)),
             Err(e) => {
-                let e = ServerError::from(e);
+                let e = ControlError::from(e);
                 server.teardown(&row.id, &row.runtime_id, None).await;
                 let _ = server
                     .store
@@ -370,7 +370,7 @@ pub async fn take_snapshot(server: &Arc<Server>, sb: &Authorized) -> Result<Snap
     if frozen.temporary
         && let Some(image) = &frozen.image
     {
-        std::fs::rename(image, dir.join("memory")).map_err(|source| ServerError::Files {
+        std::fs::rename(image, dir.join("memory")).map_err(|source| ControlError::Files {
             what: format!("moving the memory image into snapshot {id}"),
             source,
         })?;
@@ -411,8 +411,8 @@ async fn save_snapshot(
     row: &Sandbox,
     frozen: &Frozen,
     dir: &Path,
-) -> Result<bool, ServerError> {
-    std::fs::create_dir_all(dir).map_err(|source| ServerError::Files {
+) -> Result<bool, ControlError> {
+    std::fs::create_dir_all(dir).map_err(|source| ControlError::Files {
         what: format!("snapshot directory {}", dir.display()),
         source,
     })?;
@@ -431,8 +431,8 @@ async fn save_snapshot(
     }
 }
 
-fn copy_dir(from: &Path, to: &Path) -> Result<(), ServerError> {
-    let err = |source| ServerError::Files {
+fn copy_dir(from: &Path, to: &Path) -> Result<(), ControlError> {
+    let err = |source| ControlError::Files {
         what: format!("copying {} to {}", from.display(), to.display()),
         source,
     };
@@ -453,7 +453,7 @@ pub async fn boot_from_snapshot(
     server: &Server,
     row: &Sandbox,
     snap: &SnapshotRow,
-) -> Result<(), ServerError> {
+) -> Result<(), ControlError> {
     let dir = snapshot_dir(server, &snap.id);
     server
         .runtime

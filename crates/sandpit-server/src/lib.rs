@@ -7,7 +7,6 @@
     )
 )]
 
-pub mod agent;
 pub mod auth;
 pub mod builds;
 pub mod compat;

@@ -29,13 +29,13 @@ use tokio::sync::OwnedRwLockReadGuard;
 
 use sandpit_control::create::{self, Size};
 
-use crate::agent::AgentClient;
-use crate::error::{ApiError, DisplayChain, ServerError, decode};
+use crate::error::{ApiError, ControlError, DisplayChain, decode};
 use crate::extract::Authorized;
 use crate::server::Server;
 use crate::store::{Sandbox, SnapshotRow};
 use crate::templates::AGENT_PATH_IN_SANDBOX;
 use crate::util::{new_sandbox_id, now_ms, rfc3339};
+use sandpit_control::agent::AgentClient;
 
 /// The runtime's resources for a size preset (`sandpit_control::create::SIZES`).
 pub fn size_resources(name: &str) -> Option<Resources> {
@@ -117,13 +117,13 @@ pub(crate) fn validate_egress(
         .map_err(|(code, m)| ApiError::bad_request(code, m))
 }
 
-pub(crate) fn stored_rules(row: &Sandbox) -> Result<EgressRules, ServerError> {
+pub(crate) fn stored_rules(row: &Sandbox) -> Result<EgressRules, ControlError> {
     let policy: EgressPolicy = row
         .egress
         .decode(|| format!("egress policy of {}", row.id))?;
     let valid = policy
         .validate_stored()
-        .map_err(|(_, m)| ServerError::Corrupt(format!("egress of {}: {m}", row.id)))?;
+        .map_err(|(_, m)| ControlError::Internal(format!("egress of {}: {m}", row.id)))?;
     Ok(egress_rules(&valid))
 }
 
@@ -137,7 +137,7 @@ pub(crate) async fn running_note(
     server: &Server,
     id: &str,
     note: Option<String>,
-) -> Result<Option<String>, ServerError> {
+) -> Result<Option<String>, ControlError> {
     let reset = server
         .store
         .sandboxes
@@ -162,7 +162,7 @@ pub fn deny_all() -> EgressPolicy {
 pub(crate) async fn rules_or_deny(
     server: &Server,
     row: &Sandbox,
-) -> Result<EgressRules, ServerError> {
+) -> Result<EgressRules, ControlError> {
     match stored_rules(row) {
         Ok(rules) => Ok(rules),
         Err(e) => {
@@ -318,16 +318,16 @@ pub(crate) fn running_quota(server: &Server, workspace: &str) -> u32 {
 pub(crate) async fn insert_with_slot(
     server: &Server,
     row: &mut Sandbox,
-) -> Result<(), ServerError> {
+) -> Result<(), ControlError> {
     let _guard = server.slot_lock.lock().await;
     row.slot = Some(lowest_free_slot(server).await?);
     let quota = running_quota(server, &row.workspace_id);
-    Ok(server.store.sandboxes.insert_admitted(row, quota).await?)
+    server.store.sandboxes.insert_admitted(row, quota).await
 }
 
 /// The lowest network slot no row holds; `NoSlot` when every one is taken. Call with
 /// `slot_lock` held, up to the store write that takes the slot.
-async fn lowest_free_slot(server: &Server) -> Result<i64, ServerError> {
+async fn lowest_free_slot(server: &Server) -> Result<i64, ControlError> {
     let used: std::collections::HashSet<i64> = server
         .store
         .sandboxes
@@ -337,12 +337,12 @@ async fn lowest_free_slot(server: &Server) -> Result<i64, ServerError> {
         .collect();
     (0..server.net.capacity() as i64)
         .find(|s| !used.contains(s))
-        .ok_or(ServerError::NoSlot)
+        .ok_or(ControlError::NoSlot)
 }
 
 /// Claim the lowest free network slot for an existing row that holds none (a suspended
 /// sandbox waking). `NoSlot` (503 `capacity_exhausted`) when every slot is taken.
-async fn claim_slot(server: &Server, row: &mut Sandbox) -> Result<(), ServerError> {
+async fn claim_slot(server: &Server, row: &mut Sandbox) -> Result<(), ControlError> {
     let _guard = server.slot_lock.lock().await;
     let slot = lowest_free_slot(server).await?;
     let quota = running_quota(server, &row.workspace_id);
@@ -365,54 +365,50 @@ async fn mark_suspended(
     server: &Server,
     row: &Sandbox,
     note: Option<&str>,
-) -> Result<(), ServerError> {
+) -> Result<(), ControlError> {
     let now = now_ms();
     if let Some(slot) = row.slot
         && let Err(e) = server.net.detach(slot as u32).await
     {
         tracing::error!(sandbox = %row.id, error = %DisplayChain(&e), "removing a suspended sandbox's network slot; it keeps the slot");
-        return Ok(server
+        return server
             .store
             .sandboxes
             .transition(&row.id, Transition::Suspend, note, now)
-            .await?);
+            .await;
     }
-    Ok(server
+    server
         .store
         .sandboxes
         .mark_suspended(&row.id, note, now)
-        .await?)
+        .await
 }
 
 /// Give a stopped sandbox's network slot back: its namespace goes and its row holds none.
 /// A suspended sandbox holds no slot; waking claims one ([`wake`]).
-async fn release_slot(server: &Server, row: &Sandbox) -> Result<(), ServerError> {
+async fn release_slot(server: &Server, row: &Sandbox) -> Result<(), ControlError> {
     if let Some(slot) = row.slot {
         server.net.detach(slot as u32).await?;
     }
-    Ok(server
-        .store
-        .sandboxes
-        .release_slot(&row.id, now_ms())
-        .await?)
+    server.store.sandboxes.release_slot(&row.id, now_ms()).await
 }
 
 /// The spec the runtime boots or restores a sandbox from.
-pub(crate) async fn spec_for(server: &Server, row: &Sandbox) -> Result<SandboxSpec, ServerError> {
+pub(crate) async fn spec_for(server: &Server, row: &Sandbox) -> Result<SandboxSpec, ControlError> {
     let template = server
         .store
         .templates
         .by_id(&row.template_id)
         .await?
         .ok_or_else(|| {
-            ServerError::Corrupt(format!(
+            ControlError::Internal(format!(
                 "template {} of {} is gone",
                 row.template_id, row.id
             ))
         })?;
     let slot = row
         .slot
-        .ok_or_else(|| ServerError::Corrupt(format!("sandbox {} has no network slot", row.id)))?;
+        .ok_or_else(|| ControlError::Internal(format!("sandbox {} has no network slot", row.id)))?;
     let addrs = server.net.addrs(slot as u32);
     // The sandbox's own environment is sent with every exec (see `exec_env`), not baked
     // into the init process: a memory image or a pooled sandbox can then serve any owner.
@@ -454,7 +450,7 @@ pub(crate) async fn spec_for(server: &Server, row: &Sandbox) -> Result<SandboxSp
 pub fn exec_env(
     row: &Sandbox,
     request: Vec<(String, String)>,
-) -> Result<Vec<(String, String)>, ServerError> {
+) -> Result<Vec<(String, String)>, ControlError> {
     let mut env: BTreeMap<String, String> =
         row.env.decode(|| format!("environment of {}", row.id))?;
     env.insert("SANDPIT_SANDBOX_ID".into(), row.id.clone());
@@ -473,7 +469,7 @@ pub(crate) async fn boot(
     server: &Server,
     row: &Sandbox,
     image: Option<&std::path::Path>,
-) -> Result<(), ServerError> {
+) -> Result<(), ControlError> {
     match boot_once(server, row, image).await {
         // Seen once under heavy load: a restore whose agent never answered over the
         // namespace kept from before the suspend. The failed attempt removed the namespace;
@@ -490,7 +486,7 @@ async fn boot_once(
     server: &Server,
     row: &Sandbox,
     image: Option<&std::path::Path>,
-) -> Result<(), ServerError> {
+) -> Result<(), ControlError> {
     let spec = spec_for(server, row).await?;
     boot_spec(server, row, &spec, image).await
 }
@@ -501,7 +497,7 @@ pub(crate) async fn boot_spec(
     row: &Sandbox,
     spec: &SandboxSpec,
     image: Option<&std::path::Path>,
-) -> Result<(), ServerError> {
+) -> Result<(), ControlError> {
     let slot = row.slot.expect("spec_for checked the slot") as u32;
     let rules = rules_or_deny(server, row).await?;
     match server.net.attach(slot, &rules).await {
@@ -534,7 +530,7 @@ pub(crate) async fn boot_spec(
         Err(e) => Err(e.into()),
     };
     if let Err(e) = &result {
-        if matches!(e, ServerError::AgentTimeout { .. }) {
+        if matches!(e, ControlError::AgentTimeout { .. }) {
             let state = server
                 .runtime
                 .diagnose(&row.runtime_id, &spec.state_dir)
@@ -559,7 +555,7 @@ async fn wait_restored_agent(
     server: &Server,
     row: &Sandbox,
     spec: &SandboxSpec,
-) -> Result<(), ServerError> {
+) -> Result<(), ControlError> {
     let agent = agent_of(server, row).expect("slot checked");
     let half = server.cfg.agent_ready_timeout / 2;
     let first = match agent.wait_ready(half).await {
@@ -586,7 +582,7 @@ async fn wait_restored_agent(
 
 /// Write a new sandbox's `/etc/resolv.conf` through its agent (only at create: a sandbox
 /// that later boots again keeps whatever it has, edits included).
-pub(crate) async fn write_resolv_conf(server: &Server, row: &Sandbox) -> Result<(), ServerError> {
+pub(crate) async fn write_resolv_conf(server: &Server, row: &Sandbox) -> Result<(), ControlError> {
     let body = futures::stream::iter([Ok::<_, std::convert::Infallible>(bytes::Bytes::from(
         server.resolv_conf.clone(),
     ))]);
@@ -595,7 +591,7 @@ pub(crate) async fn write_resolv_conf(server: &Server, row: &Sandbox) -> Result<
         .write_file("/etc/resolv.conf", body, 1 << 16)
         .await
         .map(drop)
-        .map_err(|f| ServerError::Agent {
+        .map_err(|f| ControlError::Agent {
             sandbox: row.id.clone(),
             what: format!("writing /etc/resolv.conf: {f:?}"),
         })
@@ -604,7 +600,7 @@ pub(crate) async fn write_resolv_conf(server: &Server, row: &Sandbox) -> Result<
 /// Start a new sandbox from its template: restore the template's boot snapshot when there is
 /// one (and they are enabled), otherwise boot cold.
 /// Returns true when it restored (the template's start command then already runs).
-async fn boot_template(server: &Server, row: &Sandbox) -> Result<bool, ServerError> {
+async fn boot_template(server: &Server, row: &Sandbox) -> Result<bool, ControlError> {
     if server.cfg.boot_snapshots
         && let Some(dir) = crate::templates::boot_snapshot(server, &row.template_id)
     {
@@ -712,7 +708,7 @@ pub async fn current(server: &Server, sb: &Authorized) -> Result<Sandbox, ApiErr
     let row = existing(server, sb.id()).await?;
     if row.workspace_id != sb.workspace_id() {
         // A tenant's sandbox never changes workspace; never act on one that did.
-        return Err(ServerError::Corrupt(format!("sandbox {} changed workspace", row.id)).into());
+        return Err(ControlError::Internal(format!("sandbox {} changed workspace", row.id)).into());
     }
     Ok(row)
 }
@@ -804,7 +800,6 @@ pub async fn settle_if_dead(server: &Arc<Server>, id: &str) -> Option<ApiError> 
             .sandboxes
             .mark_failed(id, STOPPED_REASON, now)
             .await
-            .map_err(ServerError::from)
     };
     if let Err(e) = settled {
         tracing::error!(sandbox = %id, error = %DisplayChain(&e), "recording a dead sandbox");
@@ -843,10 +838,10 @@ pub async fn shutdown(server: &Arc<Server>, id: &str) -> Result<Sandbox, ApiErro
         .runtime
         .stop(&row.runtime_id, &server.state_dir(id))
         .await
-        .map_err(ServerError::from)?;
+        .map_err(ControlError::from)?;
     let image = server.checkpoint_dir(id);
     if image.exists() {
-        std::fs::remove_dir_all(&image).map_err(|source| ServerError::Files {
+        std::fs::remove_dir_all(&image).map_err(|source| ControlError::Files {
             what: format!("removing the memory image of {id}"),
             source,
         })?;
@@ -933,7 +928,7 @@ async fn suspend_locked(
             .runtime
             .stop(&row.runtime_id, &state_dir)
             .await
-            .map_err(ServerError::from)?;
+            .map_err(ControlError::from)?;
     }
     crate::faults::point("hibernate.checkpointed");
     mark_suspended(server, &row, note.as_deref()).await?;
@@ -1032,7 +1027,7 @@ pub async fn running_agent(
                 }
                 server.store.sandboxes.touch(id, now_ms()).await?;
                 let agent = agent_of(server, &row).ok_or_else(|| {
-                    ServerError::Corrupt(format!("running sandbox {id} has no slot"))
+                    ControlError::Internal(format!("running sandbox {id} has no slot"))
                 })?;
                 return Ok((agent, guard, row));
             }
@@ -1086,12 +1081,12 @@ pub async fn set_egress(
     if row.status == Status::Running {
         let slot = row
             .slot
-            .ok_or_else(|| ServerError::Corrupt(format!("running sandbox {id} has no slot")))?;
+            .ok_or_else(|| ControlError::Internal(format!("running sandbox {id} has no slot")))?;
         server
             .net
             .set_egress(slot as u32, &egress_rules(&valid))
             .await
-            .map_err(ServerError::from)?;
+            .map_err(ControlError::from)?;
     }
     tracing::info!(sandbox = %id, egress = %json, applied = row.status == Status::Running, "egress policy changed");
     Ok(server.store.sandboxes.get(id).await?.unwrap_or(row))

@@ -33,7 +33,7 @@ use axum::response::{IntoResponse, Response};
 use governor::middleware::StateInformationMiddleware;
 use governor::{Quota, RateLimiter};
 
-use crate::error::{ApiError, ServerError};
+use crate::error::{ApiError, ControlError};
 use crate::server::Server;
 use crate::store::Store;
 use crate::util::{now_ms, rfc3339};
@@ -441,7 +441,7 @@ impl Limits {
 }
 
 /// A workspace's limits and usage, spending nothing (for `/meta/info`).
-pub async fn usage(server: &Server, workspace: &str) -> Result<WorkspaceUsage, ServerError> {
+pub async fn usage(server: &Server, workspace: &str) -> Result<WorkspaceUsage, ControlError> {
     let limits = &server.limits;
     let running = server.store.sandboxes.count_running(workspace).await? as u32;
     let max = limits.cfg.max_running;

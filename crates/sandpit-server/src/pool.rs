@@ -11,7 +11,7 @@ use sandpit_control::{Status, Stored, Transition};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::error::{DisplayChain, ServerError};
+use crate::error::{ControlError, DisplayChain};
 use crate::lifecycle::{boot, insert_with_slot, stored_rules};
 use crate::server::Server;
 use crate::store::Sandbox;
@@ -31,7 +31,7 @@ pub async fn take(
     server: &Arc<Server>,
     owner: &Sandbox,
     reservation: &mut crate::limits::Reservation,
-) -> Result<Option<Sandbox>, ServerError> {
+) -> Result<Option<Sandbox>, ControlError> {
     if server.cfg.warm_pool == 0 {
         return Ok(None);
     }
@@ -59,14 +59,14 @@ pub async fn take(
         .sandboxes
         .get(&id)
         .await?
-        .ok_or_else(|| ServerError::Corrupt(format!("pooled sandbox {id} vanished")))?;
+        .ok_or_else(|| ControlError::Internal(format!("pooled sandbox {id} vanished")))?;
     let applied = match row.slot {
         Some(slot) => server
             .net
             .set_egress(slot as u32, &stored_rules(&row)?)
             .await
-            .map_err(ServerError::from),
-        None => Err(ServerError::Corrupt(format!(
+            .map_err(ControlError::from),
+        None => Err(ControlError::Internal(format!(
             "pooled sandbox {id} has no slot"
         ))),
     };
@@ -126,7 +126,7 @@ async fn fill_one(
     server: &Arc<Server>,
     template_id: &str,
     template_name: &str,
-) -> Result<(), ServerError> {
+) -> Result<(), ControlError> {
     let mut row = system_row(server, template_id, template_name);
     let lock = server.lock_of(&row.id);
     let _guard = lock.write().await;

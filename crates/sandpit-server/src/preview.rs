@@ -855,7 +855,7 @@ pub(crate) async fn mint_token(
     sandbox_id: &str,
     workspace_id: &str,
     expires_at: Option<i64>,
-) -> Result<(crate::store::PreviewTokenRow, String), crate::error::ServerError> {
+) -> Result<(crate::store::PreviewTokenRow, String), sandpit_control::ControlError> {
     let token = crate::auth::generate_token_with(crate::auth::PREVIEW_TOKEN_PREFIX);
     let row = crate::store::PreviewTokenRow {
         id: crate::util::new_id("ptok"),

@@ -17,7 +17,7 @@ use sandpit_runtime::Runtime;
 use tokio::sync::RwLock;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{DisplayChain, ServerError};
+use crate::error::{ControlError, DisplayChain};
 use crate::store::Store;
 use crate::templates;
 
@@ -153,7 +153,7 @@ impl Server {
         runtime: Arc<dyn Runtime>,
         net: Arc<dyn SandboxNetwork>,
         bootstrap_token: Option<&str>,
-    ) -> Result<(Arc<Server>, Option<String>), ServerError> {
+    ) -> Result<(Arc<Server>, Option<String>), ControlError> {
         // A crash may leave temporary memory images behind; nothing refers to them.
         let _ = std::fs::remove_dir_all(cfg.data_dir.join("images-tmp"));
         for dir in [
@@ -165,7 +165,7 @@ impl Server {
             "templates",
         ] {
             let p = cfg.data_dir.join(dir);
-            std::fs::create_dir_all(&p).map_err(|source| ServerError::Files {
+            std::fs::create_dir_all(&p).map_err(|source| ControlError::Files {
                 what: format!("directory {}", p.display()),
                 source,
             })?;
@@ -187,7 +187,7 @@ impl Server {
         let resolv_conf = crate::dns::resolv_conf(&nameservers);
         let cfg_limits = cfg.limits;
         let images = sandpit_image::LayerStore::open(cfg.data_dir.join("images"))
-            .map_err(|e| ServerError::Corrupt(format!("opening the layer store: {e}")))?;
+            .map_err(|e| ControlError::Internal(format!("opening the layer store: {e}")))?;
         images.clean_temp();
         store
             .templates
@@ -310,7 +310,7 @@ impl Server {
     /// a crash or a host reboot. Afterwards every sandbox the store knows is running,
     /// suspended with its files (and memory image, if one was taken) or failed with a reason,
     /// and nothing exists that the store does not know.
-    async fn reconcile(self: &Arc<Self>) -> Result<(), ServerError> {
+    async fn reconcile(self: &Arc<Self>) -> Result<(), ControlError> {
         let rows = self
             .store
             .sandboxes
@@ -336,7 +336,7 @@ impl Server {
                 Some(
                     alive
                         && match slot {
-                            Some(s) => crate::agent::AgentClient::new(
+                            Some(s) => sandpit_control::agent::AgentClient::new(
                                 &row.id,
                                 self.net.addrs(s).sandbox_ip,
                             )
@@ -369,13 +369,13 @@ impl Server {
                         // A stored policy that does not decode becomes deny_all (and is
                         // applied: the surviving rules were made from the old one).
                         let adopted = match crate::lifecycle::stored_rules(&row) {
-                            Ok(rules) => self.net.adopt(s, &rules).map_err(ServerError::from),
+                            Ok(rules) => self.net.adopt(s, &rules).map_err(ControlError::from),
                             Err(_) => match crate::lifecycle::rules_or_deny(self, &row).await {
                                 Ok(rules) => self
                                     .net
                                     .set_egress(s, &rules)
                                     .await
-                                    .map_err(ServerError::from),
+                                    .map_err(ControlError::from),
                                 Err(e) => Err(e),
                             },
                         };

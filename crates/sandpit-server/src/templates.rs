@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::error::ServerError;
 use crate::server::Server;
 use crate::store::TemplateRow;
 use crate::util::now_ms;
+use sandpit_control::ControlError;
 
 /// Where the agent sits inside every sandbox.
 pub const AGENT_PATH_IN_SANDBOX: &str = "/.sandpit/agent";
@@ -22,9 +22,9 @@ pub const AGENT_PATH_IN_SANDBOX: &str = "/.sandpit/agent";
 pub const BASE_TEMPLATE_ID: &str = "tpl_base";
 pub const BASE_TEMPLATE_NAME: &str = "base";
 
-fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ControlError {
     let what = what.into();
-    move |source| ServerError::Files { what, source }
+    move |source| ControlError::Files { what, source }
 }
 
 /// True when `path` is an ELF executable without a program interpreter, i.e. it runs in a
@@ -55,13 +55,13 @@ pub fn is_static_elf(path: &Path) -> std::io::Result<bool> {
 
 /// Copy the agent binary into a content-addressed layer `agent/<hash>/.sandpit/agent` and
 /// return the layer's directory. Refuses a binary that is not static.
-pub fn install_agent_layer(data_dir: &Path, agent_bin: &Path) -> Result<PathBuf, ServerError> {
+pub fn install_agent_layer(data_dir: &Path, agent_bin: &Path) -> Result<PathBuf, ControlError> {
     let is_static = is_static_elf(agent_bin).map_err(io_err(format!(
         "reading the agent binary {} (build it with `scripts/build-agent` or set SANDPIT_AGENT_BIN)",
         agent_bin.display()
     )))?;
     if !is_static {
-        return Err(ServerError::Files {
+        return Err(ControlError::Files {
             what: format!("the agent binary {}", agent_bin.display()),
             source: std::io::Error::other(
                 "it is not a static executable; build it with scripts/build-agent",
@@ -89,7 +89,7 @@ pub fn install_agent_layer(data_dir: &Path, agent_bin: &Path) -> Result<PathBuf,
 
 /// Build the `base` template (busybox and a minimal `/etc`) if it does not exist yet, and
 /// register it.
-pub async fn ensure_base(server: &Server) -> Result<(), ServerError> {
+pub async fn ensure_base(server: &Server) -> Result<(), ControlError> {
     let dir = server
         .cfg
         .data_dir
@@ -121,12 +121,12 @@ pub async fn ensure_base(server: &Server) -> Result<(), ServerError> {
 /// A template's image config (environment, start command, ready check); empty for the
 /// built-in ones. Fails closed: a stored config that does not decode is an error, never an
 /// empty config (which would drop the image's environment and user).
-pub fn image_config(t: &TemplateRow) -> Result<sandpit_image::ImageConfig, ServerError> {
+pub fn image_config(t: &TemplateRow) -> Result<sandpit_image::ImageConfig, ControlError> {
     crate::error::decode(|| format!("image config of template {}", t.id), &t.config)
 }
 
 /// A template's read-only layers, lowest first (the agent layer goes on top of them).
-pub fn layers_of(t: &TemplateRow) -> Result<Vec<PathBuf>, ServerError> {
+pub fn layers_of(t: &TemplateRow) -> Result<Vec<PathBuf>, ControlError> {
     let layers: Vec<PathBuf> =
         crate::error::decode(|| format!("layers of template {}", t.id), &t.layers)?;
     Ok(if layers.is_empty() {
@@ -163,7 +163,7 @@ const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 pub async fn start_and_wait(
     server: &Server,
     row: &crate::store::Sandbox,
-) -> Result<(), ServerError> {
+) -> Result<(), ControlError> {
     let Some(template) = server.store.templates.by_id(&row.template_id).await? else {
         return Ok(());
     };
@@ -182,7 +182,7 @@ pub(crate) async fn start_command(
     row: &crate::store::Sandbox,
     cfg: &sandpit_image::ImageConfig,
     env: Vec<(String, String)>,
-) -> Result<(), ServerError> {
+) -> Result<(), ControlError> {
     let Some(argv) = cfg.start_command() else {
         return Ok(());
     };
@@ -221,12 +221,12 @@ pub(crate) async fn start_command(
     };
     let agent = crate::lifecycle::agent_of(server, row).expect("a booted sandbox has a slot");
     let (tx, _rx) = tokio::sync::mpsc::channel(16);
-    let status = agent.exec(req, tx).await.map_err(|f| ServerError::Agent {
+    let status = agent.exec(req, tx).await.map_err(|f| ControlError::Agent {
         sandbox: row.id.clone(),
         what: format!("starting the template's start command: {f:?}"),
     })?;
     if status.exit_code != 0 {
-        return Err(ServerError::Agent {
+        return Err(ControlError::Agent {
             sandbox: row.id.clone(),
             what: format!(
                 "the start command could not be launched (exit {})",
@@ -244,7 +244,7 @@ pub(crate) async fn wait_ready(
     row: &crate::store::Sandbox,
     cfg: &sandpit_image::ImageConfig,
     limit: std::time::Duration,
-) -> Result<(), ServerError> {
+) -> Result<(), ControlError> {
     use sandpit_image::ReadyCheck;
     let check = match (&cfg.ready, cfg.exposed_ports.first()) {
         (Some(c), _) => c.clone(),
@@ -280,7 +280,7 @@ pub(crate) async fn wait_ready(
         }
         if tokio::time::Instant::now() >= deadline {
             let log = read_start_log(server, row).await;
-            return Err(ServerError::Agent {
+            return Err(ControlError::Agent {
                 sandbox: row.id.clone(),
                 what: format!(
                     "the start command was not ready ({check:?}) within {} s; its output:\n{log}",
@@ -313,7 +313,8 @@ pub(crate) async fn read_start_log(server: &Server, row: &crate::store::Sandbox)
         // `tail -c` bounds it, unless the image's `tail` does not: keep at most 16 KiB.
         let mut out = Vec::new();
         while let Some(item) = rx.recv().await {
-            if let crate::agent::ExecOutput::Stdout(b) | crate::agent::ExecOutput::Stderr(b) = item
+            if let sandpit_control::agent::ExecOutput::Stdout(b)
+            | sandpit_control::agent::ExecOutput::Stderr(b) = item
             {
                 let room = (16usize << 10).saturating_sub(out.len());
                 out.extend_from_slice(&b[..b.len().min(room)]);
@@ -328,7 +329,7 @@ pub(crate) async fn read_start_log(server: &Server, row: &crate::store::Sandbox)
 /// Find a static busybox on the host. First the one scripts/install-deps fetches on bookworm,
 /// whose own busybox-static is built without wget's `-T` (and segfaults on it, busybox sh
 /// running its applet whatever `wget` is on PATH).
-fn find_busybox() -> Result<PathBuf, ServerError> {
+fn find_busybox() -> Result<PathBuf, ControlError> {
     for candidate in [
         "/usr/local/lib/sandpit/busybox",
         "/bin/busybox",
@@ -340,7 +341,7 @@ fn find_busybox() -> Result<PathBuf, ServerError> {
             return Ok(p.to_path_buf());
         }
     }
-    Err(ServerError::Files {
+    Err(ControlError::Files {
         what: "the base template".into(),
         source: std::io::Error::other(
             "no static busybox found; install it with `apt-get install busybox-static`",
@@ -348,7 +349,7 @@ fn find_busybox() -> Result<PathBuf, ServerError> {
     })
 }
 
-fn build_busybox_rootfs(dir: &Path, rootfs: &Path) -> Result<(), ServerError> {
+fn build_busybox_rootfs(dir: &Path, rootfs: &Path) -> Result<(), ControlError> {
     let busybox = find_busybox()?;
     let tmp = dir.join(format!(".tmp-rootfs-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
@@ -425,7 +426,7 @@ pub fn boot_snapshot(server: &Server, template_id: &str) -> Option<PathBuf> {
 /// Boot the base template once, wait for its agent, checkpoint it and keep its files and
 /// memory as the template's boot snapshot; creates then restore it instead of booting.
 /// Runs in the background at start; does nothing if the snapshot exists.
-pub async fn take_boot_snapshot(server: &std::sync::Arc<Server>) -> Result<(), ServerError> {
+pub async fn take_boot_snapshot(server: &std::sync::Arc<Server>) -> Result<(), ControlError> {
     let final_dir = boot_snapshot_dir(server, BASE_TEMPLATE_ID);
     if boot_snapshot(server, BASE_TEMPLATE_ID).is_some() {
         return Ok(());
@@ -470,7 +471,7 @@ pub(crate) async fn save_boot_image(
     server: &Server,
     row: &crate::store::Sandbox,
     dir: &Path,
-) -> Result<(), ServerError> {
+) -> Result<(), ControlError> {
     server
         .runtime
         .checkpoint(&row.runtime_id, &dir.join("memory"))

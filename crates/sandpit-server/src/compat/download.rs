@@ -14,12 +14,12 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use tokio::sync::mpsc;
 
-use crate::agent::ExecOutput;
 use crate::auth::{generate_token_with, hash_token};
-use crate::error::{ApiError, ServerError};
+use crate::error::{ApiError, ControlError};
 use crate::lifecycle;
 use crate::server::Server;
 use crate::util::now_ms;
+use sandpit_control::agent::ExecOutput;
 
 /// Where links point.
 pub const PATH_PREFIX: &str = "/csb/download";
@@ -38,7 +38,7 @@ pub fn router() -> Router<Arc<Server>> {
 }
 
 /// A link to `path` of `sandbox_id`, relative to the server (`{PATH_PREFIX}/<token>`).
-pub async fn mint(server: &Server, sandbox_id: &str, path: &str) -> Result<String, ServerError> {
+pub async fn mint(server: &Server, sandbox_id: &str, path: &str) -> Result<String, ControlError> {
     let token = generate_token_with(TOKEN_PREFIX);
     server
         .store
@@ -78,7 +78,7 @@ async fn download(
         .filter(|r| r.status == Status::Running)
         .ok_or_else(|| ApiError::conflict("sandbox_not_running", "the sandbox is not running"))?;
     let agent = lifecycle::agent_of(&server, &row)
-        .ok_or_else(|| ServerError::Corrupt(format!("running sandbox {sandbox} has no slot")))?;
+        .ok_or_else(|| ControlError::Internal(format!("running sandbox {sandbox} has no slot")))?;
     let (parent, name) = split(&path);
     let req = sandpit_agent_proto::ExecRequest {
         argv: Some(vec![

@@ -29,13 +29,13 @@ use super::rest::{GATEWAY_VERSION, WORKSPACE_PATH};
 use super::shells::{self, ShellMeta};
 use super::tasks;
 use super::watch;
-use crate::agent::{AgentClient, AgentFailure};
 use crate::auth::hash_token;
 use crate::error::ApiError;
 use crate::extract::GatewaySandbox;
 use crate::lifecycle;
 use crate::server::Server;
 use crate::util::{new_id, now_ms};
+use sandpit_control::agent::{AgentClient, AgentFailure};
 
 /// Where the gateway listens: `<prefix>/<sandbox id>?token=…`.
 pub const PATH_PREFIX: &str = "/csb/agent";

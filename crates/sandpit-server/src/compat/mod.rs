@@ -36,7 +36,7 @@ pub fn router() -> Router<Arc<Server>> {
 pub async fn rate_limits(
     server: &crate::server::Server,
     workspace_id: &str,
-) -> Result<serde_json::Value, crate::error::ServerError> {
+) -> Result<serde_json::Value, sandpit_control::ControlError> {
     let u = crate::limits::usage(server, workspace_id).await?;
     let hourly = |a: &crate::limits::Allowance| {
         let mut v = serde_json::json!({"limit": a.limit, "remaining": a.remaining});

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use crate::auth::{Auth, generate_token_with, hash_token};
 use crate::csb_store::{CsbAgentTokenRow, CsbSandboxRow, CsbTables};
 use crate::error::CsbError;
-use crate::error::{ApiError, ServerError};
+use crate::error::{ApiError, ControlError};
 use crate::extract::{ApiQuery, OptionalJson};
 use crate::extract::{Authorized, CsbSandbox, scope};
 use crate::lifecycle;
@@ -104,7 +104,7 @@ async fn own_sandbox(server: &Server, auth: &Auth, id: &str) -> Result<Authorize
 }
 
 /// The CodeSandbox fields of a sandbox; defaults for one made through `/v1`.
-async fn csb_of(server: &Server, row: &Sandbox) -> Result<CsbSandboxRow, ServerError> {
+async fn csb_of(server: &Server, row: &Sandbox) -> Result<CsbSandboxRow, ControlError> {
     Ok(server
         .store
         .csb()
@@ -426,7 +426,7 @@ async fn create_from_template(
     lifecycle::create(server, &auth.workspace_id, &req).await
 }
 
-async fn store_fields(server: &Server, row: &Sandbox, f: &Fields) -> Result<(), ServerError> {
+async fn store_fields(server: &Server, row: &Sandbox, f: &Fields) -> Result<(), ControlError> {
     server
         .store
         .csb()
@@ -451,8 +451,8 @@ async fn seed_files(
 ) -> Result<(), ApiError> {
     let id = sb.id();
     let (agent, _guard, _) = lifecycle::running_agent(server, sb).await?;
-    let failed = |e: crate::agent::AgentFailure| -> ApiError {
-        ServerError::Agent {
+    let failed = |e: sandpit_control::agent::AgentFailure| -> ApiError {
+        ControlError::Agent {
             sandbox: id.to_string(),
             what: format!("seeding files: {e:?}"),
         }
@@ -663,7 +663,7 @@ pub async fn mint_agent_token(
     server: &Server,
     auth: &Auth,
     sandbox_id: &str,
-) -> Result<String, ServerError> {
+) -> Result<String, ControlError> {
     mint_token(server, auth, sandbox_id, None, None).await
 }
 
@@ -675,7 +675,7 @@ async fn mint_token(
     sandbox_id: &str,
     username: Option<&str>,
     want: Option<&str>,
-) -> Result<String, ServerError> {
+) -> Result<String, ControlError> {
     let may_write = auth.scopes.iter().any(|s| s == "sandbox_edit_code");
     let permission = if may_write && want != Some("read") {
         "write"
@@ -1107,7 +1107,7 @@ async fn create_session(
     let (status, err) = agent
         .run_for_stderr(argv, std::time::Duration::from_secs(30))
         .await
-        .map_err(|e| ServerError::Agent {
+        .map_err(|e| ControlError::Agent {
             sandbox: id.clone(),
             what: format!("creating session user: {e:?}"),
         })?;

@@ -16,7 +16,7 @@ use sandpit_agent_proto::ExecRequest;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::agent::{AgentClient, AgentFailure};
+use sandpit_control::agent::{AgentClient, AgentFailure};
 
 /// Where shells live inside the sandbox.
 pub const SHELLS_DIR: &str = "/tmp/.sandpit-shells";

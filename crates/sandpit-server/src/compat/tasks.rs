@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use super::rest::WORKSPACE_PATH;
 use super::shells::{self, ShellMeta};
-use crate::agent::{AgentClient, AgentFailure};
+use sandpit_control::agent::{AgentClient, AgentFailure};
 
 /// Where per-boot state lives (memory).
 pub const BOOT_DIR: &str = "/dev/shm/.sandpit-csb";

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use sandpit_agent_proto::{AgentErrorCode, EntryKind};
 
-use crate::agent::{AgentClient, AgentFailure};
+use sandpit_control::agent::{AgentClient, AgentFailure};
 
 /// How often watched trees are listed.
 pub const WATCH_POLL: Duration = Duration::from_millis(450);

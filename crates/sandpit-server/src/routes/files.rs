@@ -14,12 +14,12 @@ use utoipa_axum::routes;
 
 use super::ApiQuery;
 use super::sandboxes::agent_failure;
-use crate::agent::AgentFailure;
 use crate::error::ApiError;
 use crate::extract::{Authorized, OwnedSandbox, scope};
 use crate::lifecycle;
 use crate::server::Server;
 use crate::util::rfc3339;
+use sandpit_control::agent::AgentFailure;
 
 pub fn router() -> OpenApiRouter<Arc<Server>> {
     OpenApiRouter::new()

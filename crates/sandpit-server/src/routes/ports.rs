@@ -13,11 +13,11 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::ApiQuery;
-use crate::agent::AgentFailure;
 use crate::error::ApiError;
 use crate::extract::{Authorized, OwnedSandbox, scope};
 use crate::lifecycle;
 use crate::server::Server;
+use sandpit_control::agent::AgentFailure;
 
 /// Longest `wait`.
 const MAX_WAIT: Duration = Duration::from_secs(300);

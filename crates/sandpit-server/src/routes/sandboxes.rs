@@ -24,13 +24,13 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::{ApiJson, ApiQuery, OptionalJson};
-use crate::agent::{AgentFailure, ExecOutput};
 use crate::auth::Auth;
-use crate::error::{ApiError, ServerError};
+use crate::error::{ApiError, ControlError};
 use crate::extract::{OwnedSandbox, scope};
 use crate::idempotency;
 use crate::lifecycle::{self, to_api};
 use crate::server::Server;
+use sandpit_control::agent::{AgentFailure, ExecOutput};
 
 /// Most output kept per stream by the non-streaming exec; the rest is dropped and noted.
 const MAX_CAPTURE: usize = 16 << 20;
@@ -439,7 +439,7 @@ async fn exec(
                 return Err(e);
             }
             broken
-                .map_err(|_| ServerError::AgentTimeout {
+                .map_err(|_| ControlError::AgentTimeout {
                     sandbox: id.clone(),
                     secs: timeout.as_secs() + 10,
                     last: "the command's output did not end after its timeout".into(),

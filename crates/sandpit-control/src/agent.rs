@@ -17,7 +17,7 @@ use sandpit_agent_proto::{
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::error::ServerError;
+use crate::error::{ControlError, DisplayChain};
 
 /// How long a read of tenant bytes into the server's memory ([`AgentClient::read_bounded`]) or
 /// the opening of a streamed read may take: an agent of protocol 1 would block on a FIFO.
@@ -28,7 +28,7 @@ const READ_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub enum AgentFailure {
     Refused(AgentError),
-    Broken(ServerError),
+    Broken(ControlError),
     /// An upload went past the size limit.
     TooLarge {
         limit: u64,
@@ -37,15 +37,9 @@ pub enum AgentFailure {
     Body(String),
 }
 
-impl From<ServerError> for AgentFailure {
-    fn from(e: ServerError) -> Self {
+impl From<ControlError> for AgentFailure {
+    fn from(e: ControlError) -> Self {
         AgentFailure::Broken(e)
-    }
-}
-
-impl From<sandpit_control::ControlError> for AgentFailure {
-    fn from(e: sandpit_control::ControlError) -> Self {
-        AgentFailure::Broken(e.into())
     }
 }
 
@@ -95,15 +89,15 @@ impl AgentClient {
         }
     }
 
-    fn broken(&self, what: impl std::fmt::Display) -> ServerError {
-        ServerError::Agent {
+    fn broken(&self, what: impl std::fmt::Display) -> ControlError {
+        ControlError::Agent {
             sandbox: self.sandbox.clone(),
             what: what.to_string(),
         }
     }
 
     /// Open a connection and send the request frame.
-    async fn open(&self, op: Op) -> Result<AgentConn, ServerError> {
+    async fn open(&self, op: Op) -> Result<AgentConn, ControlError> {
         let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(self.addr))
             .await
             .map_err(|_| self.broken("connect timed out"))?
@@ -112,14 +106,14 @@ impl AgentClient {
         let mut conn = AgentConn { stream };
         proto::write_json(&mut conn.stream, FrameKind::Request, &Request::new(op))
             .await
-            .map_err(|e| self.broken(crate::error::DisplayChain(&e)))?;
+            .map_err(|e| self.broken(DisplayChain(&e)))?;
         Ok(conn)
     }
 
-    async fn read(&self, conn: &mut AgentConn) -> Result<proto::Frame, ServerError> {
+    async fn read(&self, conn: &mut AgentConn) -> Result<proto::Frame, ControlError> {
         proto::read_frame(&mut conn.stream)
             .await
-            .map_err(|e| self.broken(crate::error::DisplayChain(&e)))
+            .map_err(|e| self.broken(DisplayChain(&e)))
     }
 
     /// Read the terminal `Ok` reply of a simple operation.
@@ -147,7 +141,7 @@ impl AgentClient {
     }
 
     /// Poll until the agent answers a ping or `limit` passes.
-    pub async fn wait_ready(&self, limit: Duration) -> Result<PingReply, ServerError> {
+    pub async fn wait_ready(&self, limit: Duration) -> Result<PingReply, ControlError> {
         let start = std::time::Instant::now();
         let mut delay = Duration::from_millis(2);
         loop {
@@ -160,7 +154,7 @@ impl AgentClient {
                 Err(_) => "no answer within 500 ms".to_string(),
             };
             if start.elapsed() >= limit {
-                return Err(ServerError::AgentTimeout {
+                return Err(ControlError::AgentTimeout {
                     sandbox: self.sandbox.clone(),
                     secs: limit.as_secs(),
                     last,
@@ -195,11 +189,11 @@ impl AgentClient {
         for chunk in input.chunks(proto::DATA_CHUNK) {
             proto::write_frame(&mut conn.stream, FrameKind::Stdin, chunk)
                 .await
-                .map_err(|e| self.broken(crate::error::DisplayChain(&e)))?;
+                .map_err(|e| self.broken(DisplayChain(&e)))?;
         }
         proto::write_frame(&mut conn.stream, FrameKind::StdinClose, &[])
             .await
-            .map_err(|e| self.broken(crate::error::DisplayChain(&e)))?;
+            .map_err(|e| self.broken(DisplayChain(&e)))?;
         self.relay_exec(&mut conn, out).await
     }
 
@@ -452,13 +446,13 @@ impl AgentClient {
         }
         proto::write_frame(&mut conn.stream, FrameKind::End, &[])
             .await
-            .map_err(|e| self.broken(crate::error::DisplayChain(&e)))?;
+            .map_err(|e| self.broken(DisplayChain(&e)))?;
         let frame = self.read(&mut conn).await?;
         self.ok_or_refused(&frame)
     }
 
     /// One `Data` frame, header and payload in a single write.
-    async fn send_data(&self, conn: &mut AgentConn, payload: &[u8]) -> Result<(), ServerError> {
+    async fn send_data(&self, conn: &mut AgentConn, payload: &[u8]) -> Result<(), ControlError> {
         use tokio::io::AsyncWriteExt;
         let mut buf = Vec::with_capacity(5 + payload.len());
         buf.push(FrameKind::Data as u8);
