@@ -45,6 +45,8 @@ const INPUT_QUEUE: usize = 8;
 const PEER_CHECK: Duration = Duration::from_millis(500);
 /// Bytes the supervisor reads from the master at once.
 const READ_CHUNK: usize = 16 * 1024;
+/// How often the supervisor looks at the pty and the process without epoll.
+const POKE: Duration = Duration::from_secs(1);
 /// Most bytes of argv a [`TerminalInfo`] shows, so that a list of [`MAX_TERMINALS`] always
 /// fits in one frame.
 pub const MAX_ARGV_SHOWN: usize = 4 * 1024;
@@ -390,6 +392,13 @@ impl Terminal {
         Ok(())
     }
 
+    /// Read what the master holds now, without waiting (and without epoll).
+    fn read_now(&self, buf: &mut [u8]) -> Option<usize> {
+        let st = self.lock();
+        let master = st.master.as_ref()?;
+        rustix::io::read(master, buf).ok().filter(|n| *n > 0)
+    }
+
     fn push(&self, data: &[u8]) {
         self.lock().scrollback.push(data);
         self.events.send_modify(|_| {});
@@ -403,31 +412,49 @@ async fn supervise(term: Arc<Terminal>, mut pty: OwnedReadPty, mut child: Child)
     let mut reading = true;
     let mut status: Option<ExitStatus> = None;
     let mut grace_end = tokio::time::Instant::now();
+    let mut poke = tokio::time::interval(POKE);
+    poke.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     while reading || status.is_none() {
-        tokio::select! {
-            r = pty.read(&mut buf), if reading => match r {
-                Ok(n) if n > 0 => term.push(&buf[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                // EIO once no process holds the pty any more.
-                _ => reading = false,
-            },
-            r = child.wait(), if status.is_none() => {
-                term.lock().pgid = None;
-                status = Some(match r {
-                    Ok(st) => exit_status(st, false, term.started.elapsed()),
-                    Err(e) => {
-                        log!("terminal {}: wait: {e}", term.id);
-                        ExitStatus {
-                            exit_code: -1,
-                            signal: None,
-                            timed_out: false,
-                            duration_ms: term.started.elapsed().as_millis() as u64,
-                        }
-                    }
-                });
-                grace_end = tokio::time::Instant::now() + PIPE_GRACE;
+        let reaped = tokio::select! {
+            r = pty.read(&mut buf), if reading => {
+                match r {
+                    Ok(n) if n > 0 => term.push(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    // EIO once no process holds the pty any more.
+                    _ => reading = false,
+                }
+                None
+            }
+            r = child.wait(), if status.is_none() => Some(r),
+            _ = poke.tick() => {
+                // A terminal lives across checkpoints, and after a gVisor restore a
+                // descriptor registered with epoll before the checkpoint was seen never to
+                // report readiness again (see `server.rs`): look without epoll now and then.
+                if reading && let Some(n) = term.read_now(&mut buf) {
+                    term.push(&buf[..n]);
+                }
+                match child.try_wait() {
+                    Ok(Some(st)) if status.is_none() => Some(Ok(st)),
+                    _ => None,
+                }
             }
             _ = sleep_until(grace_end), if status.is_some() => break,
+        };
+        if let Some(r) = reaped {
+            term.lock().pgid = None;
+            status = Some(match r {
+                Ok(st) => exit_status(st, false, term.started.elapsed()),
+                Err(e) => {
+                    log!("terminal {}: wait: {e}", term.id);
+                    ExitStatus {
+                        exit_code: -1,
+                        signal: None,
+                        timed_out: false,
+                        duration_ms: term.started.elapsed().as_millis() as u64,
+                    }
+                }
+            });
+            grace_end = tokio::time::Instant::now() + PIPE_GRACE;
         }
     }
     {
