@@ -159,9 +159,11 @@ impl Terminals {
         if let Some(arg0) = &arg0 {
             cmd = cmd.arg0(arg0);
         }
-        let child = cmd
-            .spawn(pts)
-            .map_err(|e| spawn_failed(&format!("cannot run {program}"), &e))?;
+        let child = cmd.spawn(pts).map_err(|e| {
+            // `program` may be most of a frame long: name its first bytes only.
+            let name = &shown_argv(std::iter::once(program.as_str()))[0];
+            spawn_failed(&format!("cannot run {name}"), &e)
+        })?;
         let pid = child.id().unwrap_or(0);
         let (reader, writer) = pty.into_split();
         let (input, input_rx) = mpsc::channel(INPUT_QUEUE);
