@@ -5,7 +5,10 @@
 //! made as needed: they stand for the template's): `WriteFile`, `ReadFile`,
 //! `ReadRegular`, `Stat`, `MakeDir`, `Remove` work there (paths checked with
 //! [`crate::normalize_path`], so nothing leaves it). `ListPorts` lists nothing; `Exec` and
-//! `ListDir` are refused with `bad_request` (it runs no processes).
+//! `ListDir` are refused with `bad_request` (it runs no processes). Terminals run nothing
+//! either: a fake terminal echoes what an attachment types back to that attachment and keeps
+//! it for replay; create, list, resize and kill (which removes it, with or without a signal)
+//! keep the bookkeeping the real agent does.
 //!
 //! Dropping it stops listening and resets the connections it serves, as a sandbox that stops.
 #![expect(
@@ -13,18 +16,25 @@
     reason = "the fake's files live in a directory the test chose (a temporary one)"
 )]
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
 use crate::{
-    AgentError, AgentErrorCode, EntryKind, FileInfo, FrameKind, Op, PROTOCOL_VERSION, PingReply,
-    PortList, Request, WriteReply, normalize_path, read_frame, write_frame, write_json,
+    AgentError, AgentErrorCode, EntryKind, FileInfo, FrameKind, MAX_TERMINALS, Op,
+    PROTOCOL_VERSION, PingReply, PortList, Request, TerminalCreate, TerminalInfo, TerminalList,
+    TerminalSize, WriteReply, normalize_path, read_frame, validate_terminal_id, write_frame,
+    write_json,
 };
+
+/// The fake terminals, by id, with what was typed into each (their scrollback). The lock is
+/// never held across an await.
+type Terminals = Mutex<BTreeMap<String, (TerminalInfo, Vec<u8>)>>;
 
 /// A running fake agent; stops when dropped.
 pub struct FakeAgent {
@@ -52,6 +62,7 @@ impl FakeAgent {
         let served = Arc::new(AtomicU64::new(0));
         let counter = served.clone();
         let root = Arc::new(root);
+        let terminals: Arc<Terminals> = Arc::default();
         let task = tokio::spawn(async move {
             // Owns the connections: they end with the agent.
             let mut conns = JoinSet::new();
@@ -61,7 +72,8 @@ impl FakeAgent {
                         let Ok((stream, _)) = accepted else { continue };
                         counter.fetch_add(1, Ordering::Relaxed);
                         let root = root.clone();
-                        conns.spawn(async move { serve(stream, &root).await });
+                        let terminals = terminals.clone();
+                        conns.spawn(async move { serve(stream, &root, &terminals).await });
                     }
                     Some(_) = conns.join_next(), if !conns.is_empty() => {}
                 }
@@ -130,7 +142,11 @@ fn info(meta: &std::fs::Metadata) -> FileInfo {
 }
 
 /// One connection: one request, its answer.
-async fn serve(mut s: TcpStream, root: &Path) -> Result<(), crate::ProtoError> {
+async fn serve(
+    mut s: TcpStream,
+    root: &Path,
+    terminals: &Terminals,
+) -> Result<(), crate::ProtoError> {
     let first = read_frame(&mut s).await?;
     let req: Request = match first.parse() {
         Ok(r) => r,
@@ -181,6 +197,32 @@ async fn serve(mut s: TcpStream, root: &Path) -> Result<(), crate::ProtoError> {
             offset,
             limit,
         } => return read_file(&mut s, root, &path, offset, limit).await,
+        Op::TerminalCreate(req) => terminal_create(terminals, req).map(|i| serde_json::json!(i)),
+        Op::TerminalList => {
+            let terminals = terminals.lock().expect("fake terminals lock");
+            let terminals = terminals.values().map(|(info, _)| info.clone()).collect();
+            Ok(serde_json::json!(TerminalList { terminals }))
+        }
+        Op::TerminalResize { id, cols, rows } => {
+            TerminalSize { cols, rows }.validate().and_then(|size| {
+                let mut terminals = terminals.lock().expect("fake terminals lock");
+                let (info, _) = terminals
+                    .get_mut(&id)
+                    .ok_or_else(|| unknown_terminal(&id))?;
+                (info.cols, info.rows) = (size.cols, size.rows);
+                Ok(serde_json::json!({}))
+            })
+        }
+        Op::TerminalKill { id, .. } => {
+            let removed = terminals.lock().expect("fake terminals lock").remove(&id);
+            match removed {
+                Some(_) => Ok(serde_json::json!({})),
+                None => Err(unknown_terminal(&id)),
+            }
+        }
+        Op::TerminalAttach { id, replay } => {
+            return terminal_attach(&mut s, terminals, &id, replay).await;
+        }
         Op::Exec(_) | Op::ListDir { .. } => Err(refuse(
             AgentErrorCode::BadRequest,
             "the fake agent does not implement this operation",
@@ -189,6 +231,100 @@ async fn serve(mut s: TcpStream, root: &Path) -> Result<(), crate::ProtoError> {
     match answer {
         Ok(v) => write_json(&mut s, FrameKind::Ok, &v).await,
         Err(e) => write_json(&mut s, FrameKind::Error, &e).await,
+    }
+}
+
+fn unknown_terminal(id: &str) -> AgentError {
+    refuse(AgentErrorCode::NotFound, format!("no terminal {id:?}"))
+}
+
+fn terminal_create(terminals: &Terminals, req: TerminalCreate) -> Result<TerminalInfo, AgentError> {
+    let size = TerminalSize {
+        cols: req.cols,
+        rows: req.rows,
+    }
+    .validate()?;
+    let mut terminals = terminals.lock().expect("fake terminals lock");
+    if terminals.len() >= MAX_TERMINALS {
+        return Err(refuse(
+            AgentErrorCode::TooManyTerminals,
+            "too many terminals",
+        ));
+    }
+    let id = match req.id {
+        Some(id) => {
+            validate_terminal_id(&id)?;
+            if terminals.contains_key(&id) {
+                return Err(refuse(AgentErrorCode::AlreadyExists, id));
+            }
+            id
+        }
+        None => (1..)
+            .map(|n| format!("t{n}"))
+            .find(|id| !terminals.contains_key(id))
+            .expect("fewer than MAX_TERMINALS ids are taken"),
+    };
+    let argv = match (req.argv, req.shell) {
+        (Some(argv), None) if !argv.is_empty() => argv,
+        (None, Some(shell)) => vec!["/bin/sh".into(), "-c".into(), shell],
+        (None, None) => vec!["-sh".into()],
+        _ => return Err(refuse(AgentErrorCode::BadRequest, "bad argv or shell")),
+    };
+    let info = TerminalInfo {
+        id: id.clone(),
+        pid: 1000 + terminals.len() as u32,
+        argv,
+        cols: size.cols,
+        rows: size.rows,
+        exit_code: None,
+        created_at: 0,
+    };
+    terminals.insert(id, (info.clone(), Vec::new()));
+    Ok(info)
+}
+
+/// Echo what the host types back to it, until it closes.
+async fn terminal_attach(
+    s: &mut TcpStream,
+    terminals: &Terminals,
+    id: &str,
+    replay: bool,
+) -> Result<(), crate::ProtoError> {
+    let found = terminals
+        .lock()
+        .expect("fake terminals lock")
+        .get(id)
+        .cloned();
+    let Some((info, scrollback)) = found else {
+        return write_json(s, FrameKind::Error, &unknown_terminal(id)).await;
+    };
+    write_json(s, FrameKind::Started, &info).await?;
+    if replay && !scrollback.is_empty() {
+        write_frame(s, FrameKind::Stdout, &scrollback).await?;
+    }
+    loop {
+        let f = read_frame(s).await?;
+        match f.kind {
+            FrameKind::Stdin => {
+                if let Some((_, kept)) = terminals.lock().expect("fake terminals lock").get_mut(id)
+                {
+                    kept.extend_from_slice(&f.payload);
+                    let over = kept
+                        .len()
+                        .saturating_sub(crate::DEFAULT_SCROLLBACK as usize);
+                    kept.drain(..over);
+                }
+                write_frame(s, FrameKind::Stdout, &f.payload).await?;
+            }
+            FrameKind::Resize => {
+                let size: TerminalSize = f.parse()?;
+                if let Some((info, _)) = terminals.lock().expect("fake terminals lock").get_mut(id)
+                {
+                    (info.cols, info.rows) = (size.cols, size.rows);
+                }
+            }
+            _ => {}
+        }
     }
 }
 
@@ -293,6 +429,81 @@ mod tests {
         assert_eq!(read_frame(&mut s).await.unwrap().kind, FrameKind::Ok);
         assert_eq!(std::fs::read(dir.join("etc/x")).unwrap(), b"hi");
         assert_eq!(agent.connections(), 2);
+        drop(agent);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn terminals_echo_and_replay() {
+        use crate::client::{self, TerminalEvent};
+        let dir = std::env::temp_dir().join(format!("fake-agent-t-{}", std::process::id()));
+        let agent = FakeAgent::spawn("127.0.0.1:0".parse().unwrap(), dir.clone())
+            .await
+            .unwrap();
+        let conn = || TcpStream::connect(agent.addr());
+        let req = TerminalCreate {
+            id: Some("main".into()),
+            cols: 80,
+            rows: 24,
+            ..Default::default()
+        };
+        let info = client::terminal_create(&mut conn().await.unwrap(), req.clone())
+            .await
+            .unwrap();
+        assert_eq!(
+            (info.id.as_str(), info.cols, info.exit_code),
+            ("main", 80, None)
+        );
+        match client::terminal_create(&mut conn().await.unwrap(), req).await {
+            Err(crate::ProtoError::Refused(e)) => assert_eq!(e.code, AgentErrorCode::AlreadyExists),
+            other => panic!("{other:?}"),
+        }
+
+        let mut s = conn().await.unwrap();
+        client::terminal_attach(&mut s, "main", false)
+            .await
+            .unwrap();
+        client::send_input(&mut s, b"ls\n").await.unwrap();
+        assert_eq!(
+            client::read_terminal_event(&mut s).await.unwrap(),
+            TerminalEvent::Output(b"ls\n".to_vec())
+        );
+        client::send_resize(
+            &mut s,
+            TerminalSize {
+                cols: 100,
+                rows: 30,
+            },
+        )
+        .await
+        .unwrap();
+        // Frames are handled in order: once this echo is back, the resize was applied.
+        client::send_input(&mut s, b"x").await.unwrap();
+        assert_eq!(
+            client::read_terminal_event(&mut s).await.unwrap(),
+            TerminalEvent::Output(b"x".to_vec())
+        );
+        drop(s);
+
+        let mut s = conn().await.unwrap();
+        client::terminal_attach(&mut s, "main", true).await.unwrap();
+        assert_eq!(
+            client::read_terminal_event(&mut s).await.unwrap(),
+            TerminalEvent::Output(b"ls\nx".to_vec())
+        );
+        let list = client::terminal_list(&mut conn().await.unwrap())
+            .await
+            .unwrap();
+        assert_eq!((list.len(), list[0].cols, list[0].rows), (1, 100, 30));
+        client::terminal_kill(&mut conn().await.unwrap(), "main", None)
+            .await
+            .unwrap();
+        assert!(
+            client::terminal_list(&mut conn().await.unwrap())
+                .await
+                .unwrap()
+                .is_empty()
+        );
         drop(agent);
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -20,6 +20,20 @@
 //! added as optional.
 //!
 //! Version 2 added [`Op::ReadRegular`] (a bounded read of a regular file).
+//!
+//! Version 3 added terminals: processes on a pseudo-terminal that live in the agent, not in a
+//! connection, so they survive the host cutting every connection before a checkpoint.
+//! [`Op::TerminalCreate`] starts one, [`Op::TerminalAttach`] streams its output (optionally
+//! replaying its scrollback first) and takes its input, [`Op::TerminalList`],
+//! [`Op::TerminalResize`] and [`Op::TerminalKill`] manage it. Any number of attachments may
+//! view one terminal at once: each sees all output and each may type. Closing an attachment
+//! (the host's reset) leaves the terminal running. An exited terminal stays listed, with its
+//! exit code and scrollback, until `TerminalKill` without a signal removes it; an agent holds
+//! at most [`MAX_TERMINALS`] (`too_many_terminals` past that). During an attachment the host
+//! sends `Stdin` (bytes typed), [`FrameKind::Resize`] (new in version 3, only ever sent on a
+//! version-3 operation, so an older agent never sees it) and `Signal`. An agent of version 2
+//! refuses every terminal operation with `unsupported_version`. [`client`] has typed helpers
+//! for the host.
 #![cfg_attr(
     test,
     allow(
@@ -28,6 +42,7 @@
     )
 )]
 
+pub mod client;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
 
@@ -35,7 +50,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The TCP port the agent listens on inside the sandbox.
 pub const AGENT_PORT: u16 = 49983;
@@ -45,6 +60,19 @@ pub const MAX_FRAME_LEN: usize = 1 << 20;
 
 /// Size of file data chunks the agent and server send.
 pub const DATA_CHUNK: usize = 256 * 1024;
+
+/// Most terminals (running or exited, not yet removed) one agent holds.
+pub const MAX_TERMINALS: usize = 64;
+/// Scrollback of a terminal when [`TerminalCreate::scrollback_bytes`] is absent.
+pub const DEFAULT_SCROLLBACK: u64 = 256 * 1024;
+/// Smallest scrollback a terminal may ask for.
+pub const MIN_SCROLLBACK: u64 = 64 * 1024;
+/// Largest scrollback a terminal may ask for.
+pub const MAX_SCROLLBACK: u64 = 4 * 1024 * 1024;
+/// Largest terminal width and height (in characters).
+pub const MAX_TERMINAL_DIM: u16 = 1000;
+/// Longest terminal id.
+pub const MAX_TERMINAL_ID_LEN: usize = 64;
 
 /// What a frame carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +102,10 @@ pub enum FrameKind {
     Ok = 11,
     /// agent → host: JSON [`AgentError`]. Terminal. host → agent during `WriteFile`: abort.
     Error = 12,
+    /// host → agent (version 3), during `TerminalAttach` only: JSON [`TerminalSize`], the new
+    /// window size. A frame kind of its own rather than a variant of `Signal`'s payload, so
+    /// that `Signal` keeps its one shape.
+    Resize = 13,
 }
 
 impl FrameKind {
@@ -93,6 +125,7 @@ impl FrameKind {
             10 => Exit,
             11 => Ok,
             12 => Error,
+            13 => Resize,
             _ => return None,
         })
     }
@@ -189,6 +222,40 @@ pub enum Op {
         offset: u64,
         limit: u64,
     },
+    /// Version 3. Start a process on a new pseudo-terminal, owned by the agent. Answered with
+    /// `Ok` + [`TerminalInfo`]; `already_exists` if the id is taken, `too_many_terminals`
+    /// past [`MAX_TERMINALS`], `bad_request` for a malformed id, size or scrollback,
+    /// `spawn_failed` if the process could not start.
+    TerminalCreate(TerminalCreate),
+    /// Version 3. Answered with `Started` + [`TerminalInfo`], then (when `replay`) the
+    /// scrollback as `Stdout` frames, then live output as `Stdout` frames, then `Exit` +
+    /// [`ExitStatus`] once the process exited (at once if it already had). `not_found` for
+    /// an unknown id. The host may send `Stdin` (input bytes), [`FrameKind::Resize`] (JSON
+    /// [`TerminalSize`]) and `Signal` (JSON [`SignalRequest`], for the terminal's process
+    /// group); `StdinClose` is ignored (send the terminal's EOF character, `\x04`,
+    /// instead). A malformed frame ends the attachment with `Error`; the terminal goes on.
+    /// Closing the connection detaches. A viewer that falls more than the scrollback behind
+    /// skips the output it missed.
+    TerminalAttach {
+        id: String,
+        /// Send the scrollback before live output.
+        #[serde(default)]
+        replay: bool,
+    },
+    /// Version 3. Answered with `Ok` + [`TerminalList`].
+    TerminalList,
+    /// Version 3. With `signal`: send it to the terminal's process group (nothing if it
+    /// exited); the terminal stays listed. Without: kill the group with SIGKILL if it still
+    /// runs and remove the terminal (attached viewers still get `Exit`). Answered with `Ok` +
+    /// `{}`; `not_found` for an unknown id.
+    TerminalKill {
+        id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signal: Option<i32>,
+    },
+    /// Version 3. Set the window size (the foreground process group gets SIGWINCH). Answered
+    /// with `Ok` + `{}`; `not_found` for an unknown id.
+    TerminalResize { id: String, cols: u16, rows: u16 },
 }
 
 impl Op {
@@ -196,8 +263,113 @@ impl Op {
     pub fn version(&self) -> u32 {
         match self {
             Op::ReadRegular { .. } => 2,
+            Op::TerminalCreate(_)
+            | Op::TerminalAttach { .. }
+            | Op::TerminalList
+            | Op::TerminalKill { .. }
+            | Op::TerminalResize { .. } => 3,
             _ => 1,
         }
+    }
+}
+
+/// Start a terminal (version 3).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct TerminalCreate {
+    /// `[A-Za-z0-9_-]{1,64}`; the agent picks one when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// argv; `argv[0]` is looked up in `PATH`. At most one of `argv` and `shell` is set;
+    /// with neither, the user's login shell (from `/etc/passwd`, else `/bin/sh`) runs as a
+    /// login shell (`argv[0]` `-<name>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub argv: Option<Vec<String>>,
+    /// A shell command line, run as `/bin/sh -c <shell>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shell: Option<String>,
+    /// Working directory (default: `HOME` if it is a directory, else `/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Environment added to the agent's base environment and `TERM=xterm-256color` (which
+    /// an entry here overrides).
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// Width, 1 to [`MAX_TERMINAL_DIM`].
+    pub cols: u16,
+    /// Height, 1 to [`MAX_TERMINAL_DIM`].
+    pub rows: u16,
+    /// Bytes of output kept for replay, [`MIN_SCROLLBACK`] to [`MAX_SCROLLBACK`] (default
+    /// [`DEFAULT_SCROLLBACK`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scrollback_bytes: Option<u64>,
+}
+
+/// A terminal's window size (version 3): the payload of [`FrameKind::Resize`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TerminalSize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+impl TerminalSize {
+    /// Both dimensions within 1 to [`MAX_TERMINAL_DIM`], or `bad_request`.
+    pub fn validate(self) -> Result<TerminalSize, AgentError> {
+        let ok = |d: u16| (1..=MAX_TERMINAL_DIM).contains(&d);
+        if ok(self.cols) && ok(self.rows) {
+            Ok(self)
+        } else {
+            Err(AgentError {
+                code: AgentErrorCode::BadRequest,
+                message: format!(
+                    "terminal size {}x{} is outside 1x1 to {MAX_TERMINAL_DIM}x{MAX_TERMINAL_DIM}",
+                    self.cols, self.rows
+                ),
+            })
+        }
+    }
+}
+
+/// One terminal (version 3).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TerminalInfo {
+    pub id: String,
+    /// PID of the process inside the sandbox (also its session and process group id).
+    pub pid: u32,
+    /// What runs (as given, or the login shell chosen), cut to its first 4 KiB so that a
+    /// [`TerminalList`] always fits in one frame.
+    pub argv: Vec<String>,
+    pub cols: u16,
+    pub rows: u16,
+    /// Set once the process exited: its exit code, `128 + signal` when killed by a signal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_at: i64,
+}
+
+/// Reply to [`Op::TerminalList`], sorted by id.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TerminalList {
+    pub terminals: Vec<TerminalInfo>,
+}
+
+/// Check a terminal id the host sends: `[A-Za-z0-9_-]{1,64}`, or `bad_request`.
+pub fn validate_terminal_id(id: &str) -> Result<(), AgentError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_TERMINAL_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(AgentError {
+            code: AgentErrorCode::BadRequest,
+            message: format!(
+                "terminal id must be 1 to {MAX_TERMINAL_ID_LEN} of [A-Za-z0-9_-], got {:?}",
+                id.chars().take(MAX_TERMINAL_ID_LEN + 1).collect::<String>()
+            ),
+        })
     }
 }
 
@@ -335,6 +507,9 @@ pub enum AgentErrorCode {
     /// A read that needs a regular file found a FIFO, device or socket (version 2; only
     /// `ReadRegular` answers with it).
     NotRegularFile,
+    /// The agent holds [`MAX_TERMINALS`] terminals already (version 3; only
+    /// `TerminalCreate` answers with it).
+    TooManyTerminals,
     Io,
 }
 
@@ -364,6 +539,12 @@ pub enum ProtoError {
         #[source]
         source: serde_json::Error,
     },
+    /// The agent answered with an `Error` frame ([`client`] helpers only).
+    #[error("the agent refused: {} ({:?})", .0.message, .0.code)]
+    Refused(AgentError),
+    /// A frame the operation does not allow at this point ([`client`] helpers only).
+    #[error("unexpected frame of kind {0}")]
+    UnexpectedFrame(u8),
 }
 
 /// Validate a path the host sends: absolute, no `..` component, no NUL, not longer than
@@ -533,6 +714,88 @@ mod tests {
             serde_json::to_string(&AgentErrorCode::NotRegularFile).unwrap(),
             r#""not_regular_file""#
         );
+    }
+
+    #[test]
+    fn terminal_json_shapes_are_stable() {
+        let req = Request::new(Op::TerminalCreate(TerminalCreate {
+            id: Some("main".into()),
+            argv: Some(vec!["/bin/sh".into()]),
+            cols: 80,
+            rows: 24,
+            ..Default::default()
+        }));
+        assert_eq!(
+            serde_json::to_string(&req).unwrap(),
+            r#"{"v":3,"op":"terminal_create","id":"main","argv":["/bin/sh"],"env":[],"cols":80,"rows":24}"#
+        );
+        let ops = [
+            (
+                Op::TerminalAttach {
+                    id: "t1".into(),
+                    replay: true,
+                },
+                r#"{"v":3,"op":"terminal_attach","id":"t1","replay":true}"#,
+            ),
+            (Op::TerminalList, r#"{"v":3,"op":"terminal_list"}"#),
+            (
+                Op::TerminalKill {
+                    id: "t1".into(),
+                    signal: Some(15),
+                },
+                r#"{"v":3,"op":"terminal_kill","id":"t1","signal":15}"#,
+            ),
+            (
+                Op::TerminalResize {
+                    id: "t1".into(),
+                    cols: 120,
+                    rows: 50,
+                },
+                r#"{"v":3,"op":"terminal_resize","id":"t1","cols":120,"rows":50}"#,
+            ),
+        ];
+        for (op, json) in ops {
+            assert_eq!(serde_json::to_string(&Request::new(op)).unwrap(), json);
+        }
+        let info = TerminalInfo {
+            id: "t1".into(),
+            pid: 42,
+            argv: vec!["-bash".into()],
+            cols: 80,
+            rows: 24,
+            exit_code: Some(3),
+            created_at: 1_700_000_000,
+        };
+        assert_eq!(
+            serde_json::to_string(&info).unwrap(),
+            r#"{"id":"t1","pid":42,"argv":["-bash"],"cols":80,"rows":24,"exit_code":3,"created_at":1700000000}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&TerminalSize { cols: 1, rows: 2 }).unwrap(),
+            r#"{"cols":1,"rows":2}"#
+        );
+        assert_eq!(FrameKind::from_u8(13), Some(FrameKind::Resize));
+        assert_eq!(
+            serde_json::to_string(&AgentErrorCode::TooManyTerminals).unwrap(),
+            r#""too_many_terminals""#
+        );
+    }
+
+    #[test]
+    fn validates_terminal_ids_and_sizes() {
+        for good in ["t1", "a", "A-b_9", &"x".repeat(64)] {
+            assert!(validate_terminal_id(good).is_ok(), "{good:?}");
+        }
+        for bad in ["", "../x", "a/b", "a b", "é", "a\0", &"x".repeat(65)] {
+            assert_eq!(
+                validate_terminal_id(bad).unwrap_err().code,
+                AgentErrorCode::BadRequest,
+                "{bad:?}"
+            );
+        }
+        let size = |cols, rows| TerminalSize { cols, rows }.validate().is_ok();
+        assert!(size(1, 1) && size(1000, 1000) && size(80, 24));
+        assert!(!size(0, 24) && !size(80, 0) && !size(1001, 24) && !size(80, u16::MAX));
     }
 
     #[test]

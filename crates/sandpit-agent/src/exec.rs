@@ -39,27 +39,8 @@ pub fn build_command(req: &ExecRequest) -> Result<Command, AgentError> {
         (None, Some(shell)) => ("/bin/sh", std::slice::from_ref(shell)),
         _ => return Err(bad("exactly one of argv and shell must be set")),
     };
-    if req.env.iter().any(|(k, _)| k.is_empty() || k.contains('=')) {
-        return Err(bad(
-            "environment variable names must be non-empty and not contain '='",
-        ));
-    }
-    let cwd = normalize_path(req.cwd.as_deref().unwrap_or("/"))?;
-    match std::fs::metadata(&cwd) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => {
-            return Err(agent_error(
-                AgentErrorCode::SpawnFailed,
-                format!("working directory {cwd} is not a directory"),
-            ));
-        }
-        Err(e) => {
-            return Err(agent_error(
-                AgentErrorCode::SpawnFailed,
-                format!("working directory {cwd}: {e}"),
-            ));
-        }
-    }
+    check_env(&req.env)?;
+    let cwd = check_cwd(req.cwd.as_deref().unwrap_or("/"))?;
     let mut cmd = Command::new(program);
     if req.shell.is_some() {
         cmd.arg("-c");
@@ -77,6 +58,39 @@ pub fn build_command(req: &ExecRequest) -> Result<Command, AgentError> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     Ok(cmd)
+}
+
+/// Refuse environment variable names that are empty or contain `=`.
+pub fn check_env(env: &[(String, String)]) -> Result<(), AgentError> {
+    if env.iter().any(|(k, _)| k.is_empty() || k.contains('=')) {
+        return Err(agent_error(
+            AgentErrorCode::BadRequest,
+            "environment variable names must be non-empty and not contain '='",
+        ));
+    }
+    Ok(())
+}
+
+/// The normalized working directory `cwd`, which must be a directory.
+pub fn check_cwd(cwd: &str) -> Result<String, AgentError> {
+    let cwd = normalize_path(cwd)?;
+    match std::fs::metadata(&cwd) {
+        Ok(m) if m.is_dir() => Ok(cwd),
+        Ok(_) => Err(agent_error(
+            AgentErrorCode::SpawnFailed,
+            format!("working directory {cwd} is not a directory"),
+        )),
+        Err(e) => Err(agent_error(
+            AgentErrorCode::SpawnFailed,
+            format!("working directory {cwd}: {e}"),
+        )),
+    }
+}
+
+/// The signal numbered `raw`, or `bad_request`.
+pub fn signal_from_raw(raw: i32) -> Result<Signal, AgentError> {
+    Signal::from_named_raw(raw)
+        .ok_or_else(|| agent_error(AgentErrorCode::BadRequest, format!("unknown signal {raw}")))
 }
 
 /// Kills the process group on drop unless the process was reaped, so neither an early

@@ -25,6 +25,7 @@ mod files;
 mod init;
 mod ports;
 mod server;
+mod terminal;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::process::ExitCode;

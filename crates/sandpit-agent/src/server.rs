@@ -3,15 +3,17 @@
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sandpit_agent_proto::{
     AgentError, AgentErrorCode, Frame, FrameKind, Op, PROTOCOL_VERSION, PingReply, ProtoError,
-    Request,
+    Request, TerminalSize,
 };
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::conn::{Conn, agent_error};
+use crate::terminal::{self, Terminals};
 use crate::{exec, files, ports};
 
 /// How long a new connection may take to send its request.
@@ -82,12 +84,14 @@ async fn run(addr: SocketAddr) -> ExitCode {
         log!("cannot make the listener blocking: {e}");
         return ExitCode::FAILURE;
     }
+    // The terminals live as long as this process, whatever happens to connections.
+    let terminals = Arc::new(Terminals::new());
     let rt = tokio::runtime::Handle::current();
     let acceptor = tokio::task::spawn_blocking(move || {
         loop {
             match listener.accept() {
                 Ok((stream, peer)) => {
-                    rt.spawn(admit(stream, peer, allow_loopback));
+                    rt.spawn(admit(stream, peer, allow_loopback, terminals.clone()));
                 }
                 Err(e) => {
                     // EINTR after a gVisor restore, EMFILE, ECONNABORTED...: never give up.
@@ -103,7 +107,12 @@ async fn run(addr: SocketAddr) -> ExitCode {
 }
 
 /// Serve an accepted connection if it comes from the host; reset it otherwise.
-async fn admit(stream: std::net::TcpStream, peer: SocketAddr, allow_loopback: bool) {
+async fn admit(
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    allow_loopback: bool,
+    terminals: Arc<Terminals>,
+) {
     if let Err(e) = stream.set_nonblocking(true) {
         log!("connection from {peer}: {e}");
         return;
@@ -119,7 +128,7 @@ async fn admit(stream: std::net::TcpStream, peer: SocketAddr, allow_loopback: bo
         .local_addr()
         .is_ok_and(|local| peer_allowed(local, peer, allow_loopback));
     if allowed {
-        handle(stream).await;
+        handle(stream, &terminals).await;
     } else {
         log!("rejected connection from {peer}");
         // Reset, so no closing endpoint is left behind.
@@ -143,7 +152,7 @@ pub fn peer_allowed(local: SocketAddr, peer: SocketAddr, allow_loopback: bool) -
     u32::from(peer) == host
 }
 
-async fn handle(stream: TcpStream) {
+async fn handle(stream: TcpStream, terminals: &Terminals) {
     let mut conn = Conn::new(stream);
     let first = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, conn.recv()).await {
         // Silent host: reset.
@@ -153,7 +162,7 @@ async fn handle(stream: TcpStream) {
         Ok(Ok(frame)) => parse_request(&frame),
     };
     let result = match first {
-        Ok(req) => dispatch(&mut conn, req.op).await,
+        Ok(req) => dispatch(&mut conn, req.op, terminals).await,
         Err(err) => conn.send_error(&err).await,
     };
     match result {
@@ -187,7 +196,7 @@ pub fn parse_request(frame: &Frame) -> Result<Request, AgentError> {
     serde_json::from_value(value).map_err(|e| bad(format!("bad request: {e}")))
 }
 
-async fn dispatch(conn: &mut Conn, op: Op) -> Result<(), ProtoError> {
+async fn dispatch(conn: &mut Conn, op: Op, terminals: &Terminals) -> Result<(), ProtoError> {
     let reply = match op {
         Op::Ping => Ok(to_value(&PingReply {
             protocol: PROTOCOL_VERSION,
@@ -212,6 +221,15 @@ async fn dispatch(conn: &mut Conn, op: Op) -> Result<(), ProtoError> {
         }
         Op::Remove { path, recursive } => files::remove(&path, recursive).await.map(|()| empty()),
         Op::ListPorts => ports::list().await.map(|r| to_value(&r)),
+        Op::TerminalCreate(req) => terminals.create(req).map(|r| to_value(&r)),
+        Op::TerminalAttach { id, replay } => {
+            return terminal::attach(conn, terminals, &id, replay).await;
+        }
+        Op::TerminalList => Ok(to_value(&terminals.list())),
+        Op::TerminalKill { id, signal } => terminals.kill(&id, signal).map(|()| empty()),
+        Op::TerminalResize { id, cols, rows } => terminals
+            .resize(&id, TerminalSize { cols, rows })
+            .map(|()| empty()),
     };
     match reply {
         Ok(value) => {
@@ -280,10 +298,22 @@ mod tests {
         assert_eq!(req.op, Op::Ping);
         let code = |f: &Frame| parse_request(f).unwrap_err().code;
         assert_eq!(
-            code(&frame(FrameKind::Request, r#"{"v":3,"op":"teleport"}"#)),
+            code(&frame(FrameKind::Request, r#"{"v":4,"op":"teleport"}"#)),
             AgentErrorCode::UnsupportedVersion
         );
-        // Version 2 is this agent's: its operation parses, and version-1 requests still do.
+        // Version 3 is this agent's: its operations parse, and older requests still do.
+        let req = parse_request(&frame(
+            FrameKind::Request,
+            r#"{"v":3,"op":"terminal_attach","id":"t1"}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            req.op,
+            Op::TerminalAttach {
+                id: "t1".into(),
+                replay: false
+            }
+        );
         let req = parse_request(&frame(
             FrameKind::Request,
             r#"{"v":2,"op":"read_regular","path":"/x","offset":0,"limit":5}"#,

@@ -17,6 +17,8 @@ use sandpit_agent_proto::{
 use sha2::{Digest, Sha256};
 use tokio::net::TcpStream;
 
+mod terminal;
+
 /// A running agent, killed on drop.
 struct Agent {
     child: Child,
