@@ -364,6 +364,7 @@ pub fn agent_failure(f: AgentFailure) -> ApiError {
                 C::BadRequest => (StatusCode::BAD_REQUEST, "bad_request"),
                 C::NoSpace => (StatusCode::INSUFFICIENT_STORAGE, "disk_full"),
                 C::NotRegularFile => (StatusCode::BAD_REQUEST, "not_regular_file"),
+                C::TooManyTerminals => (StatusCode::CONFLICT, "too_many_terminals"),
                 C::UnsupportedVersion | C::Io => (StatusCode::INTERNAL_SERVER_ERROR, "agent_error"),
             };
             ApiError::new(status, code, e.message)
