@@ -23,6 +23,14 @@ pub enum ControlError {
     /// A per-workspace limit is reached.
     #[error("{code}: {message}")]
     Quota { code: &'static str, message: String },
+    /// A per-workspace limit on what a workspace keeps (templates, snapshots, suspended
+    /// sandboxes) is reached: nothing frees it but the tenant deleting something.
+    #[error("workspace limit {limit} = {value} reached: {what}")]
+    Kept {
+        limit: &'static str,
+        value: u32,
+        what: String,
+    },
     /// The host keeps a free-space reserve and it is reached (`message` says how much is
     /// free and what to do).
     #[error("host disk reserve reached: {message}")]

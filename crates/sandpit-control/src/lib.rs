@@ -9,11 +9,15 @@ pub mod agent;
 pub mod create;
 pub mod domain;
 pub mod error;
+pub mod faults;
 pub mod live;
+pub mod node;
 pub mod recovery;
 pub mod store;
 pub mod tokens;
+pub mod util;
 
 pub use domain::{Status, Stored, Transition};
 pub use error::{ControlError, DisplayChain, decode};
+pub use node::{Node, NodeConfig};
 pub use store::{Backend, Db, Store};

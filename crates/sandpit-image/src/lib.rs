@@ -15,7 +15,9 @@
 )]
 
 pub mod build;
-pub mod config;
+/// The image config format (its own crate, so the control layer reads it without the
+/// registry client).
+pub use sandpit_image_config as config;
 pub mod dockerfile;
 pub mod ignore;
 mod proxy;

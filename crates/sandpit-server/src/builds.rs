@@ -216,12 +216,12 @@ pub async fn view(
     let warm = server.store.sandboxes.pooled_count(&t.id).await? as u32;
     // Shown as far as it decodes; creating from a template whose records do not decode
     // fails with `corrupt_record`.
-    let cfg = crate::templates::image_config(&t).unwrap_or_default();
+    let cfg = sandpit_control::node::templates::image_config(&t).unwrap_or_default();
     let layers: Vec<PathBuf> = serde_json::from_str(&t.layers).unwrap_or_default();
     Ok(Template {
         warm,
         boot_snapshot: server.cfg.boot_snapshots
-            && crate::templates::boot_snapshot(server, &t.id).is_some(),
+            && sandpit_control::node::templates::boot_snapshot(server, &t.id).is_some(),
         aliases: server
             .store
             .templates
@@ -319,7 +319,7 @@ pub async fn create(
         .into_iter()
         .flatten()
     {
-        crate::lifecycle::validate_egress(server, p)?;
+        sandpit_control::node::lifecycle::validate_egress(server, p)?;
     }
     for a in &req.aliases {
         parse_alias(a)?;
@@ -634,29 +634,37 @@ impl BuildJob {
             text: "starting the template's start command and waiting until it is ready\n".into(),
         });
         let started = Instant::now();
-        let mut row = crate::pool::system_row(server, &self.template.id, &self.template.name);
+        let mut row =
+            sandpit_control::node::pool::system_row(server, &self.template.id, &self.template.name);
         row.egress = Stored::from_raw(self.template.default_egress.clone());
         let lock = server.lock_of(&row.id);
         let _guard = lock.write().await;
-        crate::lifecycle::insert_with_slot(server, &mut row)
+        sandpit_control::node::lifecycle::insert_with_slot(server, &mut row)
             .await
             .map_err(|e| DisplayChain(&e).to_string())?;
-        let snapshot_dir = crate::templates::boot_snapshot_dir(server, &self.template.id);
+        let snapshot_dir =
+            sandpit_control::node::templates::boot_snapshot_dir(server, &self.template.id);
         let tmp = snapshot_dir.with_extension("tmp");
         let result = async {
-            crate::lifecycle::boot(server, &row, None).await?;
-            crate::lifecycle::write_resolv_conf(server, &row).await?;
-            crate::templates::start_command(
+            sandpit_control::node::lifecycle::boot(server, &row, None).await?;
+            sandpit_control::node::lifecycle::write_resolv_conf(server, &row).await?;
+            sandpit_control::node::templates::start_command(
                 server,
                 &row,
                 cfg,
                 crate::lifecycle::exec_env(&row, cfg.env.clone())?,
             )
             .await?;
-            crate::templates::wait_ready(server, &row, cfg, Duration::from_secs(60)).await?;
+            sandpit_control::node::templates::wait_ready(
+                server,
+                &row,
+                cfg,
+                Duration::from_secs(60),
+            )
+            .await?;
             if server.cfg.boot_snapshots {
                 let _ = std::fs::remove_dir_all(&tmp);
-                crate::templates::save_boot_image(server, &row, &tmp).await?;
+                sandpit_control::node::templates::save_boot_image(server, &row, &tmp).await?;
                 let _ = std::fs::remove_dir_all(&snapshot_dir);
                 std::fs::rename(&tmp, &snapshot_dir).map_err(|source| ControlError::Files {
                     what: "publishing a template's boot snapshot".into(),
@@ -759,8 +767,8 @@ impl StepRunner for ServerRunner {
         let Some(t) = found.filter(|t| t.status == TemplateStatus::Ready) else {
             return Ok(None);
         };
-        let decoded = crate::templates::layers_of(&t)
-            .and_then(|layers| Ok((layers, crate::templates::image_config(&t)?)));
+        let decoded = sandpit_control::node::templates::layers_of(&t)
+            .and_then(|layers| Ok((layers, sandpit_control::node::templates::image_config(&t)?)));
         decoded
             .map(Some)
             .map_err(|e| ImageError::Runner(DisplayChain(&e).to_string()))
@@ -774,24 +782,24 @@ impl StepRunner for ServerRunner {
         let server = &self.server;
         let fail = |e: ControlError| ImageError::Runner(DisplayChain(&e).to_string());
         let mut row: Sandbox =
-            crate::pool::system_row(server, &self.template_id, &self.template_name);
+            sandpit_control::node::pool::system_row(server, &self.template_id, &self.template_name);
         row.egress = Stored::from_raw(self.egress.clone());
         row.size = "large".into();
         let lock = server.lock_of(&row.id);
         let _guard = lock.write().await;
-        crate::lifecycle::insert_with_slot(server, &mut row)
+        sandpit_control::node::lifecycle::insert_with_slot(server, &mut row)
             .await
             .map_err(fail)?;
         let result = async {
-            let mut spec = crate::lifecycle::spec_for(server, &row).await?;
+            let mut spec = sandpit_control::node::lifecycle::spec_for(server, &row).await?;
             spec.layers = step
                 .layers
                 .iter()
                 .cloned()
                 .chain([server.agent_layer.clone()])
                 .collect();
-            crate::lifecycle::boot_spec(server, &row, &spec, None).await?;
-            crate::lifecycle::write_resolv_conf(server, &row).await?;
+            sandpit_control::node::lifecycle::boot_spec(server, &row, &spec, None).await?;
+            sandpit_control::node::lifecycle::write_resolv_conf(server, &row).await?;
             let agent = crate::lifecycle::agent_of(server, &row).expect("slot claimed");
             let req = sandpit_agent_proto::ExecRequest {
                 argv: Some(step.argv.clone()),
@@ -898,7 +906,7 @@ pub async fn delete(
     let (sandboxes, _) = server.store.templates.dependents(&t.id).await?;
     let users: Vec<&Sandbox> = sandboxes
         .iter()
-        .filter(|s| s.workspace_id != crate::pool::POOL_WORKSPACE)
+        .filter(|s| s.workspace_id != sandpit_control::node::pool::POOL_WORKSPACE)
         .collect();
     if !users.is_empty() && !force {
         return Err(ApiError::conflict(
@@ -923,7 +931,9 @@ pub async fn delete(
         .templates
         .delete(workspace_id, &t.id, now_ms())
         .await?;
-    let _ = std::fs::remove_dir_all(crate::templates::boot_snapshot_dir(server, &t.id));
+    let _ = std::fs::remove_dir_all(sandpit_control::node::templates::boot_snapshot_dir(
+        server, &t.id,
+    ));
     Ok(())
 }
 

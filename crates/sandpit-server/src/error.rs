@@ -63,6 +63,9 @@ impl From<sandpit_control::ControlError> for ApiError {
             C::Quota { code, message } => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message)
             }
+            C::Kept { limit, value, what } => {
+                ApiError::quota(StatusCode::INSUFFICIENT_STORAGE, limit, value, &what)
+            }
             C::DiskFull { message } => {
                 ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "host_disk_full", message)
             }

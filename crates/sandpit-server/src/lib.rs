@@ -14,17 +14,14 @@ pub mod csb_store;
 pub mod dns;
 pub mod error;
 pub mod extract;
-pub mod faults;
 pub mod fork;
 pub mod idempotency;
 pub mod lifecycle;
 pub mod limits;
-pub mod pool;
 pub mod preview;
 pub mod routes;
 pub mod server;
 pub mod store;
-pub mod templates;
 pub mod util;
 
 #[cfg(test)]

@@ -2,10 +2,13 @@
 //! and concurrently running sandboxes.
 //!
 //! The two rates are GCRA buckets (`governor`): a workspace may spend its hourly allowance
-//! in one burst, and it refills evenly over the hour. The running quota counts the
-//! workspace's `creating` and `running` rows plus creations admitted but not yet inserted
-//! ([`Reservation`]); the count and the reservation happen under one mutex, so concurrent
-//! creates are never over-admitted.
+//! in one burst, and it refills evenly over the hour. The running quota is decided by the
+//! store, in the transaction that inserts a row or claims a waking sandbox's slot, under the
+//! workspace's admission lock (`sandpit_control::store::Sandboxes::insert_admitted`), so
+//! creates on several servers sharing a database never pass it. In front of it this edge
+//! answers early, with the SDK's headers and before the creation rate is spent: it counts the
+//! workspace's running units plus the room admitted here but not yet counted by the store
+//! ([`Reservation`], handed back as the store counts each new row), under one mutex.
 //!
 //! Every authenticated response carries `x-csb-rate-hourly-{remaining,reset,used}` (the
 //! headers the CodeSandbox SDK reads); creates and forks add
@@ -35,8 +38,8 @@ use governor::{Quota, RateLimiter};
 
 use crate::error::{ApiError, ControlError};
 use crate::server::Server;
-use crate::store::Store;
 use crate::util::{now_ms, rfc3339};
+use sandpit_control::Node;
 
 /// How long a client refused by the running quota is told to wait: nothing refills that
 /// quota on a clock, a destroy or hibernate does.
@@ -156,7 +159,7 @@ pub struct Reservation {
 
 impl Reservation {
     /// Give back `n` units of the room (the rows that took it are counted by the store now).
-    fn release(&mut self, n: u32) {
+    pub fn release(&mut self, n: u32) {
         let n = n.min(self.n);
         if n == 0 {
             return;
@@ -284,39 +287,12 @@ impl Limits {
     /// reservation must be held until the sandboxes' rows are inserted.
     pub async fn admit(
         &self,
-        store: &Store,
+        node: &Node,
         workspace: &str,
         n: u32,
         persistent: bool,
     ) -> Result<Reservation, ApiError> {
-        self.admit_as(store, workspace, n, true, persistent).await
-    }
-
-    /// 507 `quota_exceeded` when `workspace` may not have `n` more sandboxes that are or
-    /// will be suspended ([`LimitsConfig::max_suspended`]). For hibernating an ephemeral
-    /// sandbox (persistent ones are counted from their creation).
-    pub async fn check_suspendable(
-        &self,
-        store: &Store,
-        workspace: &str,
-        n: u32,
-    ) -> Result<(), ApiError> {
-        let max = self.cfg.max_suspended;
-        if max == 0 {
-            return Ok(());
-        }
-        let held = store.sandboxes.count_suspendable(workspace).await? as u32;
-        if held + n > max {
-            return Err(ApiError::quota(
-                StatusCode::INSUFFICIENT_STORAGE,
-                "max_suspended",
-                max,
-                &format!(
-                    "this workspace keeps {held} sandboxes that are or will be suspended (persistent or hibernated); destroy some"
-                ),
-            ));
-        }
-        Ok(())
+        self.admit_as(node, workspace, n, true, persistent).await
     }
 
     /// Forget limiter state that has refilled completely (whole buckets and their last
@@ -337,35 +313,15 @@ impl Limits {
             .retain(|_, s| s.at.elapsed() < hour);
     }
 
-    /// Run `make`, which makes rows the store counts as running (`made` says how many of the
-    /// reserved units its output took), and release that many units, all under the admission
-    /// lock: no admission sees a sandbox both in the store and in the reservation, which would
-    /// refuse a create that fits.
-    pub async fn fill<T>(
-        &self,
-        reservation: &mut Reservation,
-        make: impl std::future::Future<Output = T>,
-        made: impl FnOnce(&T) -> u32,
-    ) -> T {
-        let _admission = self.admission.lock().await;
-        let out = make.await;
-        reservation.release(made(&out));
-        out
-    }
-
     /// Admit one suspended sandbox back to running: the running quota only (waking creates
     /// nothing). The reservation must be held until its row says `running`.
-    pub async fn admit_wake(
-        &self,
-        store: &Store,
-        workspace: &str,
-    ) -> Result<Reservation, ApiError> {
-        self.admit_as(store, workspace, 1, false, false).await
+    pub async fn admit_wake(&self, node: &Node, workspace: &str) -> Result<Reservation, ApiError> {
+        self.admit_as(node, workspace, 1, false, false).await
     }
 
     async fn admit_as(
         &self,
-        store: &Store,
+        node: &Node,
         workspace: &str,
         n: u32,
         creates: bool,
@@ -373,9 +329,9 @@ impl Limits {
     ) -> Result<Reservation, ApiError> {
         let _admission = self.admission.lock().await;
         if persistent {
-            self.check_suspendable(store, workspace, n).await?;
+            sandpit_control::node::lifecycle::check_suspendable(node, workspace, n).await?;
         }
-        let running = store.sandboxes.count_running(workspace).await? as u32;
+        let running = node.store.sandboxes.count_running(workspace).await? as u32;
         let reserved = self
             .reserved
             .lock()

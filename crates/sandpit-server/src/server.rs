@@ -1,25 +1,22 @@
-//! The server's state and start-up: configuration, the store, the runtime and network
-//! backends, per-sandbox locks, bootstrap, crash reconciliation and the reaper task.
+//! The server's configuration and start-up: it opens the store, builds the control layer's
+//! [`Node`] over the backends the caller made, bootstraps on first start and reconciles
+//! what a crash left. [`Server`] adds what only the HTTP edge needs (rate limits, the
+//! template build logs) and derefs to its node.
 #![expect(
     clippy::disallowed_methods,
-    reason = "the data dir's own layout (state dirs hold disk images; tenant trees in them are removed through sandpit_fs)"
+    reason = "the data dir's own layout (the directories a node keeps under it)"
 )]
 
-use sandpit_control::Status;
-use sandpit_control::recovery::{self, Recovery};
-use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use sandpit_control::node::{NodeConfig, Quotas, templates};
+use sandpit_control::{ControlError, Node};
 use sandpit_net::SandboxNetwork;
 use sandpit_runtime::Runtime;
-use tokio::sync::RwLock;
-use tokio_util::sync::CancellationToken;
 
-use crate::error::{ControlError, DisplayChain};
 use crate::store::Store;
-use crate::templates;
 
 /// Everything `sandpit serve` can be told.
 #[derive(Debug, Clone)]
@@ -101,43 +98,49 @@ impl ServerConfig {
     }
 }
 
-/// The running server. Shared as `Arc<Server>` by routes and background tasks.
+/// The running server: the control layer's node plus the HTTP edge's own state. Shared as
+/// `Arc<Server>` by routes and background tasks; derefs to its [`Node`] (store, backends,
+/// locks).
 pub struct Server {
     pub cfg: ServerConfig,
-    pub store: Store,
-    pub runtime: Arc<dyn Runtime>,
-    pub net: Arc<dyn SandboxNetwork>,
-    /// The read-only layer holding `/.sandpit/agent`, stacked over every template.
-    pub agent_layer: PathBuf,
-    /// What every new sandbox gets as `/etc/resolv.conf`.
-    pub resolv_conf: String,
-    /// Per-sandbox lifecycle locks. Transitions (create, suspend, wake, destroy) hold the
-    /// write side; exec and file operations hold the read side, so a checkpoint never runs
-    /// while a connection to the agent is open. The std mutex guards only the map.
-    locks: Mutex<HashMap<String, Arc<RwLock<()>>>>,
-    /// Per-sandbox cancellation of agent operations (exec): destroy cancels it so that a
-    /// running command ends at once instead of delaying the destroy. Guards only the map.
-    cancels: Mutex<HashMap<String, CancellationToken>>,
-    /// Sandboxes the liveness watch found dead and is settling; their cancellation token is
-    /// cancelled so operations in flight end at once. Guards only the set.
-    deaths: Mutex<std::collections::HashSet<String>>,
-    /// Held while choosing a network slot and inserting the row that claims it.
-    pub slot_lock: tokio::sync::Mutex<()>,
-    /// Wakes the warm-pool refill task after a hand-out.
-    pub pool_refill: tokio::sync::Notify,
-    /// Serializes egress policy updates, so the policy stored last is the one applied last.
-    /// (They hold a sandbox's read lock, not its write lock, so a running exec does not
-    /// delay them; two of them must still not interleave.)
-    pub egress_lock: tokio::sync::Mutex<()>,
-    /// Live preview connections, cut before a checkpoint.
-    pub previews: sandpit_control::live::LiveConnections,
-    /// Per-workspace rate limiters and the running-sandbox quota.
+    pub node: Arc<Node>,
+    /// Per-workspace rate limiters and the early answers of the quotas.
     pub limits: crate::limits::Limits,
-    pub shutdown: CancellationToken,
     /// Image layers and the build cache (`<data dir>/images`).
     pub images: sandpit_image::LayerStore,
     /// Running template builds' event logs.
     pub builds: crate::builds::Builds,
+}
+
+impl std::ops::Deref for Server {
+    type Target = Node;
+    fn deref(&self) -> &Node {
+        &self.node
+    }
+}
+
+impl ServerConfig {
+    /// What the control layer's node is told.
+    pub fn node_config(&self) -> NodeConfig {
+        NodeConfig {
+            data_dir: self.data_dir.clone(),
+            prefix: self.prefix.clone(),
+            reaper_interval: self.reaper_interval,
+            agent_ready_timeout: self.agent_ready_timeout,
+            default_timeout: self.default_timeout,
+            default_idle_timeout: self.default_idle_timeout,
+            warm_pool: self.warm_pool,
+            boot_snapshots: self.boot_snapshots,
+            min_free_disk: self.min_free_disk,
+            liveness_interval: self.liveness_interval,
+            disk_limit: self.disk_limit,
+            quotas: Quotas {
+                max_running: self.limits.max_running,
+                max_suspended: self.limits.max_suspended,
+                max_snapshots: self.limits.max_snapshots,
+            },
+        }
+    }
 }
 
 impl Server {
@@ -165,10 +168,8 @@ impl Server {
             "templates",
         ] {
             let p = cfg.data_dir.join(dir);
-            std::fs::create_dir_all(&p).map_err(|source| ControlError::Files {
-                what: format!("directory {}", p.display()),
-                source,
-            })?;
+            std::fs::create_dir_all(&p)
+                .map_err(ControlError::files(format!("directory {}", p.display())))?;
         }
         let store = match &cfg.database {
             Some(url) => Store::connect(url).await?,
@@ -185,7 +186,6 @@ impl Server {
             tracing::info!(?nameservers, "sandbox nameservers");
         }
         let resolv_conf = crate::dns::resolv_conf(&nameservers);
-        let cfg_limits = cfg.limits;
         let images = sandpit_image::LayerStore::open(cfg.data_dir.join("images"))
             .map_err(|e| ControlError::Internal(format!("opening the layer store: {e}")))?;
         images.clean_temp();
@@ -193,395 +193,44 @@ impl Server {
             .templates
             .fail_interrupted_builds(crate::util::now_ms())
             .await?;
-        let server = Arc::new(Server {
-            cfg,
+        let node = Node::new(
+            cfg.node_config(),
             store,
             runtime,
             net,
             agent_layer,
             resolv_conf,
-            locks: Mutex::new(HashMap::new()),
-            cancels: Mutex::new(HashMap::new()),
-            deaths: Mutex::new(Default::default()),
-            slot_lock: tokio::sync::Mutex::new(()),
-            pool_refill: tokio::sync::Notify::new(),
-            egress_lock: tokio::sync::Mutex::new(()),
-            previews: Default::default(),
-            limits: crate::limits::Limits::new(cfg_limits),
-            shutdown: CancellationToken::new(),
+        );
+        let server = Arc::new(Server {
+            limits: crate::limits::Limits::new(cfg.limits),
+            cfg,
+            node,
             images,
             builds: Default::default(),
         });
-        templates::ensure_base(&server).await?;
+        templates::ensure_base(&server.node).await?;
         crate::builds::register_toolchain(&server).await?;
         let token = crate::auth::bootstrap(&server, bootstrap_token).await?;
-        server.reconcile().await?;
+        server.node.reconcile().await?;
         // Requests that held an idempotency key died with the last process: a retry runs.
         server.store.idempotency.clear_pending().await?;
         Ok((server, token))
     }
 
-    /// The lifecycle lock of one sandbox.
-    pub fn lock_of(&self, id: &str) -> Arc<RwLock<()>> {
-        let mut map = self.locks.lock().expect("lock map poisoned");
-        map.entry(id.to_string()).or_default().clone()
-    }
-
-    pub fn forget_lock(&self, id: &str) {
-        self.locks.lock().expect("lock map poisoned").remove(id);
-        self.cancels.lock().expect("cancel map poisoned").remove(id);
-    }
-
-    /// Cancelled when the sandbox is being destroyed; agent operations select on it.
-    pub fn cancel_of(&self, id: &str) -> CancellationToken {
-        let mut map = self.cancels.lock().expect("cancel map poisoned");
-        map.entry(id.to_string()).or_default().clone()
-    }
-
-    /// Record that sandbox `id` died and end the operations in flight on it. False if it
-    /// was recorded already.
-    pub fn note_death(&self, id: &str) -> bool {
-        if !self
-            .deaths
-            .lock()
-            .expect("death set poisoned")
-            .insert(id.to_string())
-        {
-            return false;
-        }
-        self.cancel_of(id).cancel();
-        true
-    }
-
-    /// Whether the liveness watch found `id` dead and has not settled it yet.
-    pub fn died(&self, id: &str) -> bool {
-        self.deaths.lock().expect("death set poisoned").contains(id)
-    }
-
-    /// After a death is settled: forget it, and give the sandbox a fresh cancellation token
-    /// (a woken sandbox's operations must not start cancelled).
-    pub fn forget_death(&self, id: &str) {
-        if self.deaths.lock().expect("death set poisoned").remove(id) {
-            self.cancels.lock().expect("cancel map poisoned").remove(id);
-        }
-    }
-
-    /// 507 `host_disk_full` when the data filesystem has less than `min_free_disk` free (for
-    /// what makes new files: creates, forks, snapshots, builds).
-    pub fn ensure_free_disk(&self) -> Result<(), crate::error::ApiError> {
-        if self.cfg.min_free_disk == 0 {
-            return Ok(());
-        }
-        let free = match rustix::fs::statvfs(&self.cfg.data_dir) {
-            Ok(st) => st.f_bavail.saturating_mul(st.f_frsize),
-            Err(e) => {
-                tracing::warn!(error = %e, "statvfs of the data directory");
-                return Ok(());
-            }
-        };
-        if free >= self.cfg.min_free_disk {
-            return Ok(());
-        }
-        tracing::warn!(
-            free,
-            reserve = self.cfg.min_free_disk,
-            "the host's data filesystem is low on space"
-        );
-        Err(crate::error::ApiError::new(
-            axum::http::StatusCode::INSUFFICIENT_STORAGE,
-            "host_disk_full",
-            format!(
-                "the host has {} MiB free for sandboxes, below its reserve of {} MiB; destroy sandboxes or snapshots, or ask the operator to free space",
-                free >> 20,
-                self.cfg.min_free_disk >> 20
-            ),
-        ))
-    }
-
-    pub fn state_dir(&self, id: &str) -> PathBuf {
-        self.cfg.data_dir.join("sandboxes").join(id)
-    }
-
-    pub fn checkpoint_dir(&self, id: &str) -> PathBuf {
-        self.cfg.data_dir.join("checkpoints").join(id)
-    }
-
-    /// Bring the store, the runtime, the network and the data directory into agreement after
-    /// a crash or a host reboot. Afterwards every sandbox the store knows is running,
-    /// suspended with its files (and memory image, if one was taken) or failed with a reason,
-    /// and nothing exists that the store does not know.
-    async fn reconcile(self: &Arc<Self>) -> Result<(), ControlError> {
-        let rows = self
-            .store
-            .sandboxes
-            .with_status(&[
-                Status::Creating,
-                Status::Running,
-                Status::Suspended,
-                Status::Pooled,
-            ])
-            .await?;
-        let now = crate::util::now_ms();
-        let mut keep_runtime = HashSet::new();
-        let mut keep_net = HashSet::new();
-        let mut keep_dirs = HashSet::new();
-        for row in rows {
-            let slot = row.slot.map(|s| s as u32);
-            // Only a running sandbox is asked whether it still runs and answers.
-            let answers = if row.status == Status::Running {
-                let alive = matches!(
-                    self.runtime.status(&row.runtime_id).await,
-                    Ok(sandpit_runtime::RuntimeStatus::Running)
-                );
-                Some(
-                    alive
-                        && match slot {
-                            Some(s) => sandpit_control::agent::AgentClient::new(
-                                &row.id,
-                                self.net.addrs(s).sandbox_ip,
-                            )
-                            .wait_ready(Duration::from_secs(3))
-                            .await
-                            .is_ok(),
-                            None => false,
-                        },
-                )
-            } else {
-                None
-            };
-            match recovery::after_restart(row.status, row.mode, answers, slot.is_some()) {
-                Recovery::DiscardPooled => {
-                    // The pool is refilled fresh after a restart.
-                    self.teardown(&row.id, &row.runtime_id, slot).await;
-                    self.store.sandboxes.mark_destroyed(&row.id, now).await?;
-                }
-                Recovery::FailInterruptedCreate => {
-                    tracing::warn!(sandbox = %row.id, "server stopped during create: cleaning up");
-                    self.teardown(&row.id, &row.runtime_id, slot).await;
-                    self.store
-                        .sandboxes
-                        .mark_failed(&row.id, recovery::INTERRUPTED_CREATE, now)
-                        .await?;
-                }
-                Recovery::Adopt => {
-                    // Its nft rules survived; this process's domain filter learns them.
-                    if let Some(s) = slot {
-                        // A stored policy that does not decode becomes deny_all (and is
-                        // applied: the surviving rules were made from the old one).
-                        let adopted = match crate::lifecycle::stored_rules(&row) {
-                            Ok(rules) => self.net.adopt(s, &rules).map_err(ControlError::from),
-                            Err(_) => match crate::lifecycle::rules_or_deny(self, &row).await {
-                                Ok(rules) => self
-                                    .net
-                                    .set_egress(s, &rules)
-                                    .await
-                                    .map_err(ControlError::from),
-                                Err(e) => Err(e),
-                            },
-                        };
-                        if let Err(e) = adopted {
-                            tracing::warn!(sandbox = %row.id, error = %DisplayChain(&e), "adopting the egress policy");
-                        }
-                    }
-                    keep_runtime.insert(row.runtime_id.clone());
-                    keep_net.extend(slot);
-                    keep_dirs.insert(row.id.clone());
-                }
-                Recovery::SuspendLost => {
-                    // Its files are on disk; its memory is gone unless a checkpoint exists.
-                    tracing::warn!(sandbox = %row.id, "persistent sandbox stopped while the server was down: suspending it");
-                    let _ = self
-                        .runtime
-                        .stop(&row.runtime_id, &self.state_dir(&row.id))
-                        .await;
-                    if let Some(s) = slot {
-                        let _ = self.net.detach(s).await;
-                    }
-                    self.store
-                        .sandboxes
-                        .mark_suspended(&row.id, Some(recovery::LOST_WHILE_DOWN), now)
-                        .await?;
-                    keep_dirs.insert(row.id.clone());
-                }
-                Recovery::FailLost => {
-                    tracing::warn!(sandbox = %row.id, "ephemeral sandbox stopped while the server was down: failing it");
-                    self.teardown(&row.id, &row.runtime_id, slot).await;
-                    self.store
-                        .sandboxes
-                        .mark_failed(&row.id, recovery::EPHEMERAL_LOST_WHILE_DOWN, now)
-                        .await?;
-                }
-                Recovery::KeepSuspended { release_slot } => {
-                    // Nothing may run; files and image are kept. A suspended sandbox holds
-                    // no network slot (one suspended by an older server may still: its
-                    // namespace goes below, with the other orphans).
-                    let _ = self
-                        .runtime
-                        .stop(&row.runtime_id, &self.state_dir(&row.id))
-                        .await;
-                    if release_slot {
-                        self.store.sandboxes.release_slot(&row.id, now).await?;
-                    }
-                    keep_dirs.insert(row.id.clone());
-                }
-                Recovery::Nothing => {}
-            }
-        }
-        // Orphans: anything under our names that the store does not account for.
-        if let Err(e) = self
-            .runtime
-            .remove_orphans(&keep_runtime, &self.cfg.data_dir.join("sandboxes"))
-            .await
-        {
-            tracing::error!(error = %DisplayChain(&e), "cleaning up orphaned sandboxes");
-        }
-        // Running sandboxes hold a namespace; suspended ones do not.
-        for slot in self.net.list_slots().await? {
-            if !keep_net.contains(&slot) {
-                tracing::info!(slot, "removing orphaned network slot");
-                self.net.detach(slot).await?;
-            }
-        }
-        for dir in ["sandboxes", "checkpoints"] {
-            remove_unknown_dirs(&self.cfg.data_dir.join(dir), &keep_dirs);
-        }
-        // Snapshot directories whose row is gone (a crash between the two) are garbage.
-        let snapshots: HashSet<String> = self.store.snapshots.ids().await?.into_iter().collect();
-        remove_unknown_dirs(&self.cfg.data_dir.join("snapshots"), &snapshots);
-        Ok(())
-    }
-
-    /// Best-effort removal of everything a sandbox holds outside the store: runtime, files,
-    /// memory image, network. Logs what fails; never panics.
-    pub async fn teardown(&self, id: &str, runtime_id: &str, slot: Option<u32>) {
-        if let Err(e) = self.runtime.destroy(runtime_id, &self.state_dir(id)).await {
-            tracing::error!(sandbox = %id, error = %DisplayChain(&e), "destroying the runtime sandbox");
-        }
-        let ckpt = self.checkpoint_dir(id);
-        if ckpt.exists()
-            && let Err(e) = std::fs::remove_dir_all(&ckpt)
-        {
-            tracing::error!(sandbox = %id, error = %e, "removing the memory image");
-        }
-        if let Some(s) = slot
-            && let Err(e) = self.net.detach(s).await
-        {
-            tracing::error!(sandbox = %id, error = %DisplayChain(&e), "removing the network slot");
-        }
-    }
-
-    /// Start the reaper: destroys ephemeral sandboxes whose timeout passed and suspends
-    /// persistent ones idle for longer than their idle timeout. Stops with `shutdown`.
-    /// The liveness watch: finds running sandboxes whose runtime stopped (killed by a limit or
-    /// from outside), ends the operations in flight on them and settles them in the
-    /// background, so a death is noticed within `liveness_interval` rather than at the next
-    /// call. Sandboxes in a transition (their write lock taken or asked for) are left alone.
-    async fn watch_liveness(self: &Arc<Self>) {
-        let rows = match self.store.sandboxes.running().await {
-            Ok(rows) => rows,
-            Err(e) => {
-                tracing::error!(error = %DisplayChain(&e), "liveness watch: listing running sandboxes");
-                return;
-            }
-        };
-        let rows: Vec<(String, String)> = rows
-            .into_iter()
-            .filter(|(id, _)| self.lock_of(id).try_read().is_ok())
-            .collect();
-        let runtime_ids: Vec<String> = rows.iter().map(|r| r.1.clone()).collect();
-        let dead = match self.runtime.dead(&runtime_ids).await {
-            Ok(dead) => dead,
-            Err(e) => {
-                tracing::error!(error = %DisplayChain(&e), "liveness watch: asking the runtime");
-                return;
-            }
-        };
-        for (id, runtime_id) in rows {
-            if !dead.contains(&runtime_id) || !self.note_death(&id) {
-                continue;
-            }
-            tracing::warn!(sandbox = %id, "liveness watch: the sandbox no longer runs");
-            let server = self.clone();
-            tokio::spawn(async move {
-                crate::lifecycle::settle_if_dead(&server, &id).await;
-                server.forget_death(&id);
-            });
-        }
-    }
-
+    /// Start the node's reaper (timeouts, idle suspends, the liveness watch) and the edge's
+    /// own housekeeping (forgetting refilled rate-limit state). Both stop with `shutdown`.
     pub fn spawn_reaper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let reaper = self.node.spawn_reaper();
         let server = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(server.cfg.reaper_interval);
-            let mut last_watch = std::time::Instant::now();
-            let mut last_prune = std::time::Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
             loop {
                 tokio::select! {
-                    _ = server.shutdown.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                if last_watch.elapsed() >= server.cfg.liveness_interval {
-                    last_watch = std::time::Instant::now();
-                    server.watch_liveness().await;
-                }
-                if last_prune.elapsed() >= Duration::from_secs(60) {
-                    last_prune = std::time::Instant::now();
-                    server.limits.prune();
-                }
-                let now = crate::util::now_ms();
-                match server.store.sandboxes.expired(now).await {
-                    Ok(ids) => {
-                        for id in ids {
-                            match crate::lifecycle::destroy_if_free(&server, &id).await {
-                                Ok(true) => {
-                                    tracing::info!(sandbox = %id, "timeout passed: destroyed")
-                                }
-                                Ok(false) => {}
-                                Err(e) => {
-                                    tracing::error!(sandbox = %id, error = ?e, "reaper: destroy failed")
-                                }
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %DisplayChain(&e), "reaper: listing expired sandboxes")
-                    }
-                }
-                match server.store.sandboxes.idle(now).await {
-                    Ok(ids) => {
-                        for id in ids {
-                            match crate::lifecycle::suspend_if_idle(&server, &id).await {
-                                Ok(true) => {
-                                    tracing::info!(sandbox = %id, "idle timeout passed: suspended")
-                                }
-                                Ok(false) => {}
-                                Err(e) => {
-                                    tracing::error!(sandbox = %id, error = ?e, "reaper: suspend failed")
-                                }
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %DisplayChain(&e), "reaper: listing idle sandboxes")
-                    }
+                    _ = server.shutdown.cancelled() => break,
+                    _ = tick.tick() => server.limits.prune(),
                 }
             }
+            let _ = reaper.await;
         })
-    }
-}
-
-/// Remove every subdirectory of `root` whose name is not in `keep`.
-fn remove_unknown_dirs(root: &Path, keep: &HashSet<String>) {
-    let Ok(entries) = std::fs::read_dir(root) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().to_string();
-        if !keep.contains(&name) {
-            tracing::info!(path = %entry.path().display(), "removing orphaned directory");
-            if let Err(e) = sandpit_fs::remove_tree(&entry.path()) {
-                tracing::error!(path = %entry.path().display(), error = %e, "removing orphaned directory");
-            }
-        }
     }
 }

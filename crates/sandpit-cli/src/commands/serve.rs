@@ -331,11 +331,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         eprintln!("\n  Admin token (shown once, store it now):\n\n    {token}\n");
     }
     let reaper = server.spawn_reaper();
-    let refill = sandpit_server::pool::spawn_refill(&server);
+    let refill = sandpit_control::node::pool::spawn_refill(&server.node);
     if server.cfg.boot_snapshots {
         let s = server.clone();
         tokio::spawn(async move {
-            if let Err(e) = sandpit_server::templates::take_boot_snapshot(&s).await {
+            if let Err(e) = sandpit_control::node::templates::take_boot_snapshot(&s.node).await {
                 tracing::error!(error = %sandpit_server::error::DisplayChain(&e), "taking the base template's boot snapshot; creates boot cold");
             }
         });

@@ -342,7 +342,7 @@ async fn faults_at_every_named_step_lose_nothing() {
     };
     let (mut crashed, mut checked, mut failed_with_reason) = (0, 0, 0);
     let mut lost = Vec::new();
-    for &point in sandpit_server::faults::POINTS {
+    for &point in sandpit_control::faults::POINTS {
         let client = srv.client();
         let sb = create(&client, persistent()).await;
         let content = format!("acknowledged before {point}");

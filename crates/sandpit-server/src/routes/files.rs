@@ -127,7 +127,7 @@ async fn upload_file(
     };
     match written {
         Ok(_) => {
-            crate::faults::point("upload.written");
+            sandpit_control::faults::point("upload.written");
             Ok(StatusCode::NO_CONTENT)
         }
         // The agent is gone: maybe the whole sandbox died; if so, say so and settle it.

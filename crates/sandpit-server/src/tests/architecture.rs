@@ -57,17 +57,48 @@ fn compat_and_the_shared_modules_do_not_import_each_other_in_a_circle() {
 #[test]
 fn services_take_no_http_extractor() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    for service in [
-        "lifecycle.rs",
-        "fork.rs",
-        "builds.rs",
-        "pool.rs",
-        "templates.rs",
-    ] {
+    for service in ["lifecycle.rs", "fork.rs", "builds.rs"] {
         let text = code(&src.join(service));
         let names_auth = text
             .split(|c: char| !c.is_alphanumeric() && c != '_')
             .any(|word| word == "Auth");
         assert!(!names_auth, "{service} names the Auth extractor");
     }
+}
+
+/// The edge holds no orchestration: outside the template builder (whose build steps run in
+/// sandboxes it boots through the control layer, then stops and exports), no module of
+/// the server drives a backend's transitions itself; the control layer's node does.
+#[test]
+fn the_edge_drives_no_backend_transition() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    sources(&src, &mut files);
+    let mut checked = 0;
+    for file in &files {
+        let rel = file.strip_prefix(&src).expect("under src");
+        let rel = rel.to_string_lossy();
+        if rel == "builds.rs" || rel.starts_with("tests/") {
+            continue;
+        }
+        checked += 1;
+        let flat: String = code(file).chars().filter(|c| !c.is_whitespace()).collect();
+        for call in [
+            ".runtime.start(",
+            ".runtime.restore(",
+            ".runtime.checkpoint(",
+            ".runtime.stop(",
+            ".runtime.destroy(",
+            ".runtime.copy_files(",
+            ".net.attach(",
+            ".net.detach(",
+            ".net.set_egress(",
+        ] {
+            assert!(
+                !flat.contains(call),
+                "{rel} calls {call}: orchestration belongs in sandpit_control::node"
+            );
+        }
+    }
+    assert!(checked > 20, "found the sources");
 }

@@ -1,4 +1,4 @@
-//! The warm pool: sandboxes booted ahead of demand, idle, owned by the server's own
+//! The warm pool: sandboxes booted ahead of demand, idle, owned by the node's own
 //! workspace, and handed out by create, which then only re-keys them for their owner
 //! (workspace, settings, egress policy) instead of booting.
 //!
@@ -7,15 +7,15 @@
 //! with egress denied until its owner's policy is applied at hand-out.
 #![expect(clippy::disallowed_methods, reason = "/proc/meminfo is the kernel's")]
 
-use sandpit_control::{Status, Stored, Transition};
+use crate::{Status, Stored, Transition};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::Node;
+use super::lifecycle::{boot, insert_with_slot, stored_rules};
+use super::templates::BASE_TEMPLATE_ID;
 use crate::error::{ControlError, DisplayChain};
-use crate::lifecycle::{boot, insert_with_slot, stored_rules};
-use crate::server::Server;
 use crate::store::Sandbox;
-use crate::templates::BASE_TEMPLATE_ID;
 use crate::util::{new_sandbox_id, now_ms};
 
 /// The workspace that owns pooled sandboxes (created by a migration; no token exists for it).
@@ -28,40 +28,39 @@ const MIN_AVAILABLE_BYTES: u64 = 1 << 30;
 /// Hand a pooled sandbox of `owner.template_id` to `owner` (a validated, not yet inserted
 /// row). `None` when the pool has none (or is disabled): the caller boots one instead.
 pub async fn take(
-    server: &Arc<Server>,
+    node: &Arc<Node>,
     owner: &Sandbox,
-    reservation: &mut crate::limits::Reservation,
+    counted: super::lifecycle::Counted<'_>,
 ) -> Result<Option<Sandbox>, ControlError> {
-    if server.cfg.warm_pool == 0 {
+    if node.cfg.warm_pool == 0 {
         return Ok(None);
     }
-    // The owner's workspace counts the sandbox from here on: it takes the reserved room.
-    let taken = server
-        .limits
-        .fill(
-            reservation,
-            server.store.sandboxes.take_pooled(
-                &owner.template_id,
-                owner,
-                crate::lifecycle::running_quota(server, &owner.workspace_id),
-            ),
-            |r: &Result<Option<String>, _>| matches!(r, Ok(Some(_))) as u32,
+    // The owner's workspace counts the sandbox from here on (the store checks its running
+    // quota in the same transaction).
+    let taken = node
+        .store
+        .sandboxes
+        .take_pooled(
+            &owner.template_id,
+            owner,
+            super::lifecycle::running_quota(node, &owner.workspace_id),
         )
         .await?;
     let Some(id) = taken else {
         return Ok(None);
     };
-    server.pool_refill.notify_one();
-    let lock = server.lock_of(&id);
+    counted(1);
+    node.pool_refill.notify_one();
+    let lock = node.lock_of(&id);
     let _guard = lock.write().await;
-    let row = server
+    let row = node
         .store
         .sandboxes
         .get(&id)
         .await?
         .ok_or_else(|| ControlError::Internal(format!("pooled sandbox {id} vanished")))?;
     let applied = match row.slot {
-        Some(slot) => server
+        Some(slot) => node
             .net
             .set_egress(slot as u32, &stored_rules(&row)?)
             .await
@@ -72,17 +71,15 @@ pub async fn take(
     };
     // Never hand out a sandbox whose policy or resolver is not the owner's.
     let ready = match applied {
-        Ok(()) => crate::lifecycle::write_resolv_conf(server, &row)
+        Ok(()) => super::lifecycle::write_resolv_conf(node, &row)
             .await
             .map_err(|e| ("writing resolv.conf", e)),
         Err(e) => Err(("applying the egress policy", e)),
     };
     if let Err((what, e)) = ready {
-        server
-            .teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
+        node.teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
             .await;
-        server
-            .store
+        node.store
             .sandboxes
             .mark_failed(&row.id, &format!("{what}: {}", DisplayChain(&e)), now_ms())
             .await?;
@@ -92,13 +89,13 @@ pub async fn take(
     Ok(Some(row))
 }
 
-/// A row for a sandbox the server runs for itself (warm pool, template boot snapshot):
+/// A row for a sandbox the node runs for itself (warm pool, template boot snapshot):
 /// owned by the system workspace, egress denied, not yet inserted.
-pub fn system_row(server: &Server, template_id: &str, template_name: &str) -> Sandbox {
+pub fn system_row(node: &Node, template_id: &str, template_name: &str) -> Sandbox {
     let now = now_ms();
     let id = new_sandbox_id();
     Sandbox {
-        runtime_id: format!("{}-{}", server.cfg.prefix, id),
+        runtime_id: format!("{}-{}", node.cfg.prefix, id),
         id,
         workspace_id: POOL_WORKSPACE.into(),
         template_id: template_id.into(),
@@ -123,25 +120,23 @@ pub fn system_row(server: &Server, template_id: &str, template_name: &str) -> Sa
 
 /// Boot one sandbox into the pool.
 async fn fill_one(
-    server: &Arc<Server>,
+    node: &Arc<Node>,
     template_id: &str,
     template_name: &str,
 ) -> Result<(), ControlError> {
-    let mut row = system_row(server, template_id, template_name);
-    let lock = server.lock_of(&row.id);
+    let mut row = system_row(node, template_id, template_name);
+    let lock = node.lock_of(&row.id);
     let _guard = lock.write().await;
-    insert_with_slot(server, &mut row).await?;
-    if let Err(e) = boot(server, &row, None).await {
-        server.teardown(&row.id, &row.runtime_id, None).await;
-        server
-            .store
+    insert_with_slot(node, &mut row).await?;
+    if let Err(e) = boot(node, &row, None).await {
+        node.teardown(&row.id, &row.runtime_id, None).await;
+        node.store
             .sandboxes
             .mark_destroyed(&row.id, now_ms())
             .await?;
         return Err(e);
     }
-    server
-        .store
+    node.store
         .sandboxes
         .transition(&row.id, Transition::Parked, None, now_ms())
         .await?;
@@ -157,24 +152,24 @@ fn mem_available() -> Option<u64> {
 }
 
 /// Keep `warm_pool` sandboxes of the base template ready: refill after each hand-out and
-/// on a timer, one at a time, while memory allows. Stops with the server.
-pub fn spawn_refill(server: &Arc<Server>) -> tokio::task::JoinHandle<()> {
-    let server = server.clone();
+/// on a timer, one at a time, while memory allows. Stops with the node.
+pub fn spawn_refill(node: &Arc<Node>) -> tokio::task::JoinHandle<()> {
+    let node = node.clone();
     tokio::spawn(async move {
-        let target = server.cfg.warm_pool as i64;
+        let target = node.cfg.warm_pool as i64;
         if target == 0 {
             return;
         }
         loop {
             loop {
-                let have = match server.store.sandboxes.pooled_count(BASE_TEMPLATE_ID).await {
+                let have = match node.store.sandboxes.pooled_count(BASE_TEMPLATE_ID).await {
                     Ok(n) => n,
                     Err(e) => {
                         tracing::error!(error = %DisplayChain(&e), "warm pool: counting");
                         break;
                     }
                 };
-                if have >= target || server.shutdown.is_cancelled() {
+                if have >= target || node.shutdown.is_cancelled() {
                     break;
                 }
                 if mem_available().is_some_and(|m| m < MIN_AVAILABLE_BYTES) {
@@ -182,9 +177,9 @@ pub fn spawn_refill(server: &Arc<Server>) -> tokio::task::JoinHandle<()> {
                     break;
                 }
                 if let Err(e) = fill_one(
-                    &server,
+                    &node,
                     BASE_TEMPLATE_ID,
-                    crate::templates::BASE_TEMPLATE_NAME,
+                    super::templates::BASE_TEMPLATE_NAME,
                 )
                 .await
                 {
@@ -193,8 +188,8 @@ pub fn spawn_refill(server: &Arc<Server>) -> tokio::task::JoinHandle<()> {
                 }
             }
             tokio::select! {
-                _ = server.shutdown.cancelled() => return,
-                _ = server.pool_refill.notified() => {}
+                _ = node.shutdown.cancelled() => return,
+                _ = node.pool_refill.notified() => {}
                 _ = tokio::time::sleep(Duration::from_secs(5)) => {}
             }
         }

@@ -2,7 +2,7 @@
 //! the agent layer stacked over every template.
 #![expect(
     clippy::disallowed_methods,
-    reason = "the base rootfs, the agent layer and boot snapshots are written by the server itself under the data dir"
+    reason = "the base rootfs, the agent layer and boot snapshots are written by the node itself under the data dir"
 )]
 
 use std::io::Read;
@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::server::Server;
+use super::Node;
+use crate::ControlError;
 use crate::store::TemplateRow;
 use crate::util::now_ms;
-use sandpit_control::ControlError;
 
 /// Where the agent sits inside every sandbox.
 pub const AGENT_PATH_IN_SANDBOX: &str = "/.sandpit/agent";
@@ -89,12 +89,8 @@ pub fn install_agent_layer(data_dir: &Path, agent_bin: &Path) -> Result<PathBuf,
 
 /// Build the `base` template (busybox and a minimal `/etc`) if it does not exist yet, and
 /// register it.
-pub async fn ensure_base(server: &Server) -> Result<(), ControlError> {
-    let dir = server
-        .cfg
-        .data_dir
-        .join("templates")
-        .join(BASE_TEMPLATE_NAME);
+pub async fn ensure_base(node: &Node) -> Result<(), ControlError> {
+    let dir = node.cfg.data_dir.join("templates").join(BASE_TEMPLATE_NAME);
     let rootfs = dir.join("rootfs");
     if !rootfs.join("bin/busybox").exists() {
         let started = std::time::Instant::now();
@@ -104,8 +100,7 @@ pub async fn ensure_base(server: &Server) -> Result<(), ControlError> {
             "built the base template"
         );
     }
-    server
-        .store
+    node.store
         .templates
         .upsert(&TemplateRow::builtin(
             BASE_TEMPLATE_ID,
@@ -121,7 +116,7 @@ pub async fn ensure_base(server: &Server) -> Result<(), ControlError> {
 /// A template's image config (environment, start command, ready check); empty for the
 /// built-in ones. Fails closed: a stored config that does not decode is an error, never an
 /// empty config (which would drop the image's environment and user).
-pub fn image_config(t: &TemplateRow) -> Result<sandpit_image::ImageConfig, ControlError> {
+pub fn image_config(t: &TemplateRow) -> Result<sandpit_image_config::ImageConfig, ControlError> {
     crate::error::decode(|| format!("image config of template {}", t.id), &t.config)
 }
 
@@ -138,16 +133,11 @@ pub fn layers_of(t: &TemplateRow) -> Result<Vec<PathBuf>, ControlError> {
 
 /// The working directory of an exec that names none: the template's `WORKDIR` (as
 /// `docker exec` does); `None` (the agent's `/`) for templates without one.
-pub async fn default_cwd(server: &Server, row: &crate::store::Sandbox) -> Option<String> {
+pub async fn default_cwd(node: &Node, row: &crate::store::Sandbox) -> Option<String> {
     if row.template_id == BASE_TEMPLATE_ID {
         return None;
     }
-    let t = server
-        .store
-        .templates
-        .by_id(&row.template_id)
-        .await
-        .ok()??;
+    let t = node.store.templates.by_id(&row.template_id).await.ok()??;
     image_config(&t).ok()?.workdir
 }
 
@@ -160,39 +150,36 @@ const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Start the template's start command in a cold-booted sandbox (detached from the agent
 /// connection, output to [`START_LOG`]) and wait for its ready check. Nothing to do for a
 /// template without one.
-pub async fn start_and_wait(
-    server: &Server,
-    row: &crate::store::Sandbox,
-) -> Result<(), ControlError> {
-    let Some(template) = server.store.templates.by_id(&row.template_id).await? else {
+pub async fn start_and_wait(node: &Node, row: &crate::store::Sandbox) -> Result<(), ControlError> {
+    let Some(template) = node.store.templates.by_id(&row.template_id).await? else {
         return Ok(());
     };
     let cfg = image_config(&template)?;
     if cfg.start_command().is_none() && cfg.ready.is_none() {
         return Ok(());
     }
-    let env = crate::lifecycle::exec_env(row, Vec::new())?;
-    start_command(server, row, &cfg, env).await?;
-    wait_ready(server, row, &cfg, READY_TIMEOUT).await
+    let env = super::lifecycle::exec_env(row, Vec::new())?;
+    start_command(node, row, &cfg, env).await?;
+    wait_ready(node, row, &cfg, READY_TIMEOUT).await
 }
 
 /// Launch `cfg`'s start command in the background of a running sandbox.
-pub(crate) async fn start_command(
-    server: &Server,
+pub async fn start_command(
+    node: &Node,
     row: &crate::store::Sandbox,
-    cfg: &sandpit_image::ImageConfig,
+    cfg: &sandpit_image_config::ImageConfig,
     env: Vec<(String, String)>,
 ) -> Result<(), ControlError> {
     let Some(argv) = cfg.start_command() else {
         return Ok(());
     };
-    let mut command = sandpit_image::config::shell_join(&argv);
+    let mut command = sandpit_image_config::shell_join(&argv);
     if let Some(user) = cfg
         .user
         .as_deref()
         .filter(|u| !matches!(*u, "root" | "0" | "0:0"))
     {
-        command = sandpit_image::config::shell_join(&[
+        command = sandpit_image_config::shell_join(&[
             "su".into(),
             "-s".into(),
             "/bin/sh".into(),
@@ -219,7 +206,7 @@ pub(crate) async fn start_command(
         timeout_ms: Some(30_000),
         ..Default::default()
     };
-    let agent = crate::lifecycle::agent_of(server, row).expect("a booted sandbox has a slot");
+    let agent = super::lifecycle::agent_of(node, row).expect("a booted sandbox has a slot");
     let (tx, _rx) = tokio::sync::mpsc::channel(16);
     let status = agent.exec(req, tx).await.map_err(|f| ControlError::Agent {
         sandbox: row.id.clone(),
@@ -239,19 +226,19 @@ pub(crate) async fn start_command(
 
 /// Wait until `cfg`'s ready check passes: its port listens, or its command exits 0. With no
 /// check, the first exposed port (if any) must listen.
-pub(crate) async fn wait_ready(
-    server: &Server,
+pub async fn wait_ready(
+    node: &Node,
     row: &crate::store::Sandbox,
-    cfg: &sandpit_image::ImageConfig,
+    cfg: &sandpit_image_config::ImageConfig,
     limit: std::time::Duration,
 ) -> Result<(), ControlError> {
-    use sandpit_image::ReadyCheck;
+    use sandpit_image_config::ReadyCheck;
     let check = match (&cfg.ready, cfg.exposed_ports.first()) {
         (Some(c), _) => c.clone(),
         (None, Some(p)) if cfg.start_command().is_some() => ReadyCheck::Port(*p),
         _ => return Ok(()),
     };
-    let agent = crate::lifecycle::agent_of(server, row).expect("a booted sandbox has a slot");
+    let agent = super::lifecycle::agent_of(node, row).expect("a booted sandbox has a slot");
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         let ready = match &check {
@@ -264,7 +251,7 @@ pub(crate) async fn wait_ready(
                 let (tx, _rx) = tokio::sync::mpsc::channel(16);
                 let req = sandpit_agent_proto::ExecRequest {
                     shell: Some(c.clone()),
-                    env: crate::lifecycle::exec_env(row, Vec::new())?,
+                    env: super::lifecycle::exec_env(row, Vec::new())?,
                     timeout_ms: Some(10_000),
                     ..Default::default()
                 };
@@ -279,7 +266,7 @@ pub(crate) async fn wait_ready(
             return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
-            let log = read_start_log(server, row).await;
+            let log = read_start_log(node, row).await;
             return Err(ControlError::Agent {
                 sandbox: row.id.clone(),
                 what: format!(
@@ -293,8 +280,8 @@ pub(crate) async fn wait_ready(
 }
 
 /// The start command's output so far (for errors).
-pub(crate) async fn read_start_log(server: &Server, row: &crate::store::Sandbox) -> String {
-    let Some(agent) = crate::lifecycle::agent_of(server, row) else {
+pub async fn read_start_log(node: &Node, row: &crate::store::Sandbox) -> String {
+    let Some(agent) = super::lifecycle::agent_of(node, row) else {
         return String::new();
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
@@ -313,8 +300,7 @@ pub(crate) async fn read_start_log(server: &Server, row: &crate::store::Sandbox)
         // `tail -c` bounds it, unless the image's `tail` does not: keep at most 16 KiB.
         let mut out = Vec::new();
         while let Some(item) = rx.recv().await {
-            if let sandpit_control::agent::ExecOutput::Stdout(b)
-            | sandpit_control::agent::ExecOutput::Stderr(b) = item
+            if let crate::agent::ExecOutput::Stdout(b) | crate::agent::ExecOutput::Stderr(b) = item
             {
                 let room = (16usize << 10).saturating_sub(out.len());
                 out.extend_from_slice(&b[..b.len().min(room)]);
@@ -403,14 +389,13 @@ fn build_busybox_rootfs(dir: &Path, rootfs: &Path) -> Result<(), ControlError> {
 /// a snapshot holds what the template's start command made (memory and files), which only
 /// its own workspace may see. Keyed by the agent layer too, so a new agent gets a new
 /// snapshot instead of restoring an old agent's memory.
-pub fn boot_snapshot_dir(server: &Server, template_id: &str) -> PathBuf {
-    let agent = server
+pub fn boot_snapshot_dir(node: &Node, template_id: &str) -> PathBuf {
+    let agent = node
         .agent_layer
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
-    server
-        .cfg
+    node.cfg
         .data_dir
         .join("templates")
         .join(template_id)
@@ -418,17 +403,17 @@ pub fn boot_snapshot_dir(server: &Server, template_id: &str) -> PathBuf {
 }
 
 /// The template's boot snapshot, if it has been taken.
-pub fn boot_snapshot(server: &Server, template_id: &str) -> Option<PathBuf> {
-    let dir = boot_snapshot_dir(server, template_id);
-    server.runtime.has_image(&dir.join("memory")).then_some(dir)
+pub fn boot_snapshot(node: &Node, template_id: &str) -> Option<PathBuf> {
+    let dir = boot_snapshot_dir(node, template_id);
+    node.runtime.has_image(&dir.join("memory")).then_some(dir)
 }
 
 /// Boot the base template once, wait for its agent, checkpoint it and keep its files and
 /// memory as the template's boot snapshot; creates then restore it instead of booting.
 /// Runs in the background at start; does nothing if the snapshot exists.
-pub async fn take_boot_snapshot(server: &std::sync::Arc<Server>) -> Result<(), ControlError> {
-    let final_dir = boot_snapshot_dir(server, BASE_TEMPLATE_ID);
-    if boot_snapshot(server, BASE_TEMPLATE_ID).is_some() {
+pub async fn take_boot_snapshot(node: &std::sync::Arc<Node>) -> Result<(), ControlError> {
+    let final_dir = boot_snapshot_dir(node, BASE_TEMPLATE_ID);
+    if boot_snapshot(node, BASE_TEMPLATE_ID).is_some() {
         return Ok(());
     }
     let started = std::time::Instant::now();
@@ -436,21 +421,19 @@ pub async fn take_boot_snapshot(server: &std::sync::Arc<Server>) -> Result<(), C
         std::fs::create_dir_all(parent)
             .map_err(io_err("creating the boot snapshot's directory"))?;
     }
-    let mut row = crate::pool::system_row(server, BASE_TEMPLATE_ID, BASE_TEMPLATE_NAME);
-    crate::lifecycle::insert_with_slot(server, &mut row).await?;
+    let mut row = super::pool::system_row(node, BASE_TEMPLATE_ID, BASE_TEMPLATE_NAME);
+    super::lifecycle::insert_with_slot(node, &mut row).await?;
     let tmp = final_dir.with_extension("tmp");
     let _ = std::fs::remove_dir_all(&tmp);
     let taken = async {
-        crate::lifecycle::boot(server, &row, None).await?;
-        save_boot_image(server, &row, &tmp).await?;
+        super::lifecycle::boot(node, &row, None).await?;
+        save_boot_image(node, &row, &tmp).await?;
         std::fs::rename(&tmp, &final_dir).map_err(io_err("publishing the boot snapshot"))
     }
     .await;
-    server
-        .teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
+    node.teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
         .await;
-    server
-        .store
+    node.store
         .sandboxes
         .mark_destroyed(&row.id, now_ms())
         .await?;
@@ -467,18 +450,16 @@ pub async fn take_boot_snapshot(server: &std::sync::Arc<Server>) -> Result<(), C
 
 /// Checkpoint the running `row` into `dir/memory` and copy its files to `dir/files`: a boot
 /// snapshot, which sandboxes of its template restore instead of booting.
-pub(crate) async fn save_boot_image(
-    server: &Server,
+pub async fn save_boot_image(
+    node: &Node,
     row: &crate::store::Sandbox,
     dir: &Path,
 ) -> Result<(), ControlError> {
-    server
-        .runtime
+    node.runtime
         .checkpoint(&row.runtime_id, &dir.join("memory"))
         .await?;
-    server
-        .runtime
-        .copy_files(&server.state_dir(&row.id), &dir.join("files"))
+    node.runtime
+        .copy_files(&node.state_dir(&row.id), &dir.join("files"))
         .await?;
     Ok(())
 }

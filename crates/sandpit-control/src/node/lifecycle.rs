@@ -1,0 +1,1091 @@
+//! The sandbox state machine: create, suspend, wake, destroy, and access to a running
+//! sandbox's agent. Every transition holds the sandbox's write lock; every agent operation
+//! holds its read lock (see [`Node`]).
+//!
+//! ```text
+//!   create ──► creating ──► running ◄──► suspended
+//!                 │            │             │
+//!                 ▼            ▼             ▼
+//!               failed ──────► destroyed ◄───┘
+//! ```
+#![expect(
+    clippy::disallowed_methods,
+    reason = "checkpoint images and netns paths are host-owned"
+)]
+
+use crate::store::TemplateStatus;
+use crate::{Status, Stored, Transition};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sandpit_api_types::{
+    CreateSandboxRequest, EgressPolicy, MAX_EPHEMERAL_TIMEOUT_SECS, PreviewSettings, SandboxMode,
+    ValidEgress, format_duration, parse_duration,
+};
+use sandpit_net::{EgressRules, Ipv4Net};
+use sandpit_runtime::{NetworkAttachment, Resources, SandboxSpec};
+
+use crate::create::{self, Size};
+
+use super::Node;
+use crate::agent::AgentClient;
+use crate::error::{ControlError, DisplayChain, decode};
+use crate::node::templates::AGENT_PATH_IN_SANDBOX;
+use crate::store::{Sandbox, SnapshotRow};
+use crate::util::{new_sandbox_id, now_ms, rfc3339};
+
+/// The runtime's resources for a size preset (`crate::create::SIZES`).
+pub fn size_resources(name: &str) -> Option<Resources> {
+    Size::parse(name).map(|s| Resources {
+        cpu_millis: s.cpu_millis,
+        memory_bytes: s.memory_bytes,
+        disk_bytes: None,
+    })
+}
+
+/// The disk a sandbox of `size` gets when its files are first made: the node's
+/// `disk_limit` for `small`, scaled by the size's memory for the others.
+pub fn size_disk(node: &Node, size: &str) -> Option<u64> {
+    let base = node.cfg.disk_limit?;
+    let memory = size_resources(size).map_or(1 << 30, |r| r.memory_bytes);
+    Some(base.saturating_mul((memory >> 30).max(1)))
+}
+
+/// The API view of a row.
+pub fn to_api(row: &Sandbox) -> sandpit_api_types::Sandbox {
+    // Display only: what a corrupt record shows is no default anything acts on (the
+    // operations that need these records decode them fail-closed).
+    let env: BTreeMap<String, String> = row.env.decode(String::new).unwrap_or_default();
+    sandpit_api_types::Sandbox {
+        id: row.id.clone(),
+        status: row.status.to_api(),
+        template: row.template_name.clone(),
+        mode: row.mode,
+        size: row.size.clone(),
+        created_at: rfc3339(row.created_at),
+        expires_at: row.expires_at.map(rfc3339),
+        idle_timeout: row
+            .idle_timeout_ms
+            .map(|ms| format_duration(Duration::from_millis(ms as u64))),
+        metadata: row.metadata.decode(String::new).unwrap_or_default(),
+        env_keys: env.into_keys().collect(),
+        // What is enforced: a policy that does not decode is treated as `deny_all` (see
+        // [`rules_or_deny`]), never as the default `allow_all`.
+        egress: row
+            .egress
+            .decode(String::new)
+            .unwrap_or_else(|_| deny_all()),
+        preview: PreviewSettings {
+            privacy: row.preview_privacy,
+        },
+        error: row.error.clone(),
+    }
+}
+
+pub fn egress_rules(v: &ValidEgress) -> EgressRules {
+    let nets = |list: &[sandpit_api_types::Cidr]| {
+        list.iter()
+            .map(|c| Ipv4Net {
+                addr: c.addr,
+                prefix_len: c.prefix_len,
+            })
+            .collect()
+    };
+    EgressRules {
+        allow_all: v.allow_all,
+        allow_cidrs: nets(&v.allow_cidrs),
+        deny_cidrs: nets(&v.deny_cidrs),
+        allow_ports: v.allow_ports.clone(),
+        allow_domains: v.allow_domains.clone(),
+    }
+}
+
+/// A policy from a request: checked, with the node's pool in the always-denied set.
+pub fn validate_egress(node: &Node, policy: &EgressPolicy) -> Result<ValidEgress, ControlError> {
+    let pool = node.net.config().pool;
+    policy
+        .validate_within(Some(sandpit_api_types::Cidr {
+            addr: pool.addr,
+            prefix_len: pool.prefix_len,
+        }))
+        .map_err(|(code, m)| ControlError::invalid(code, m))
+}
+
+pub fn stored_rules(row: &Sandbox) -> Result<EgressRules, ControlError> {
+    let policy: EgressPolicy = row
+        .egress
+        .decode(|| format!("egress policy of {}", row.id))?;
+    let valid = policy
+        .validate_stored()
+        .map_err(|(_, m)| ControlError::Internal(format!("egress of {}: {m}", row.id)))?;
+    Ok(egress_rules(&valid))
+}
+
+/// How the `error` of a sandbox whose stored egress policy was replaced starts.
+const EGRESS_RESET_NOTE: &str = "the stored egress policy could not be read";
+
+/// The note a sandbox that has just (re)started keeps in its `error`: `note`, and the reason
+/// its egress policy was reset to `deny_all` if that happened during the boot (the status
+/// update that follows a boot would otherwise erase it).
+pub async fn running_note(
+    node: &Node,
+    id: &str,
+    note: Option<String>,
+) -> Result<Option<String>, ControlError> {
+    let reset = node
+        .store
+        .sandboxes
+        .get(id)
+        .await?
+        .and_then(|r| r.error)
+        .filter(|e| e.starts_with(EGRESS_RESET_NOTE));
+    Ok(match (note, reset) {
+        (Some(n), Some(r)) => Some(format!("{n}; {r}")),
+        (n, r) => n.or(r),
+    })
+}
+
+/// The `deny_all` policy.
+pub fn deny_all() -> EgressPolicy {
+    serde_json::from_str(r#"{"mode":"deny_all"}"#).expect("valid policy")
+}
+
+/// The rules of a sandbox's stored policy, failing closed: a policy that does not decode (or
+/// no longer validates) is replaced in the store by `deny_all`, and the sandbox's `error`
+/// says why, so what runs, what is stored and what the API shows agree.
+pub async fn rules_or_deny(node: &Node, row: &Sandbox) -> Result<EgressRules, ControlError> {
+    match stored_rules(row) {
+        Ok(rules) => Ok(rules),
+        Err(e) => {
+            let why = format!(
+                "{EGRESS_RESET_NOTE} ({}); it was set to deny_all",
+                DisplayChain(&e)
+            );
+            tracing::error!(sandbox = %row.id, error = %DisplayChain(&e), "egress policy does not decode: denying all egress");
+            let deny = Stored::encode(&deny_all());
+            node.store
+                .sandboxes
+                .replace_egress(&row.id, &deny, &why, now_ms())
+                .await?;
+            let valid = deny_all().validate().expect("deny_all is valid");
+            Ok(egress_rules(&valid))
+        }
+    }
+}
+
+/// Validate a create request into a row (not yet inserted) and the snapshot it starts
+/// from, if any. Changes nothing.
+pub async fn prepare_create(
+    node: &Node,
+    workspace_id: &str,
+    req: &CreateSandboxRequest,
+) -> Result<(Sandbox, Option<SnapshotRow>), ControlError> {
+    // What the request alone decides, before any lookup.
+    let now = now_ms();
+    let defaults = create::Defaults {
+        timeout: node.cfg.default_timeout,
+        idle_timeout: node.cfg.default_idle_timeout,
+    };
+    let create::Lifetimes {
+        timeout_ms,
+        idle_timeout_ms,
+        expires_at,
+    } = create::check_request(req, &defaults, now)?;
+    let snapshot = match &req.snapshot {
+        Some(snap_id) => Some(
+            node.store
+                .snapshots
+                .get(workspace_id, snap_id)
+                .await?
+                .ok_or_else(|| {
+                    ControlError::not_found(
+                        "snapshot_not_found",
+                        format!("no snapshot {snap_id:?}"),
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    let size = req
+        .size
+        .clone()
+        .or_else(|| snapshot.as_ref().map(|s| s.size.clone()))
+        .unwrap_or_else(|| "small".into());
+    // A snapshot's own size, checked like a request's.
+    Size::checked(&size)?;
+    let template = node
+        .store
+        .templates
+        .find(
+            workspace_id,
+            snapshot
+                .as_ref()
+                .map(|s| s.template_id.as_str())
+                .unwrap_or(&req.template),
+        )
+        .await?
+        .ok_or_else(|| {
+            ControlError::not_found(
+                "template_not_found",
+                format!("no template {:?}", req.template),
+            )
+        })?;
+    if template.status != TemplateStatus::Ready {
+        return Err(ControlError::conflict(
+            "template_not_ready",
+            if template.status == TemplateStatus::NotBuilt {
+                format!(
+                    "template {:?} is built on demand: POST /v1/templates/{}/build (or `sandpit template build-builtin {}`) first",
+                    req.template, template.name, template.name
+                )
+            } else {
+                format!("template {:?} is {}", req.template, template.status)
+            },
+        ));
+    }
+    // Stored records fail closed: one that does not decode is a 500 `corrupt_record`, never
+    // a default (the default policy is `allow_all`).
+    let egress = match (&req.egress, &snapshot) {
+        (Some(p), _) => p.clone(),
+        (None, Some(snap)) => decode(
+            || format!("egress policy of snapshot {}", snap.id),
+            &snap.egress,
+        )?,
+        (None, None) => decode(
+            || format!("default egress policy of template {}", template.id),
+            &template.default_egress,
+        )?,
+    };
+    let env: BTreeMap<String, String> = match &snapshot {
+        Some(snap) if req.env.is_empty() => {
+            decode(|| format!("environment of snapshot {}", snap.id), &snap.env)?
+        }
+        // The template's image environment (PATH and the like), then the request's.
+        _ => crate::node::templates::image_config(&template)?
+            .env
+            .into_iter()
+            .chain(req.env.clone())
+            .collect(),
+    };
+    validate_egress(node, &egress)?;
+    let id = new_sandbox_id();
+    let row = Sandbox {
+        runtime_id: format!("{}-{}", node.cfg.prefix, id),
+        id,
+        workspace_id: workspace_id.to_string(),
+        template_id: template.id,
+        template_name: template.name,
+        mode: req.mode,
+        status: Status::Creating,
+        size,
+        env: Stored::encode(&env),
+        metadata: Stored::encode(&req.metadata),
+        egress: Stored::encode(&egress),
+        timeout_ms,
+        idle_timeout_ms,
+        expires_at,
+        last_active_at: now,
+        slot: None,
+        error: None,
+        created_at: now,
+        updated_at: now,
+        preview_privacy: req.preview.unwrap_or_default().privacy,
+    };
+    Ok((row, snapshot))
+}
+
+/// Told how many of a call's new sandboxes the store now counts as running, as soon as it
+/// does: a caller that holds room for them in front of the store (the HTTP edge's early
+/// quota answer) hands that room back then, so nothing is counted twice for longer than a
+/// moment, nor not at all.
+pub type Counted<'a> = &'a (dyn Fn(u32) + Send + Sync);
+
+/// The running quota a workspace's rows are held to in the store: the configured one for
+/// tenants, none for the node's own sandboxes (warm pool, builds, boot snapshots).
+pub fn running_quota(node: &Node, workspace: &str) -> u32 {
+    if workspace == super::pool::POOL_WORKSPACE {
+        0
+    } else {
+        node.cfg.quotas.max_running
+    }
+}
+
+/// Claim the lowest free network slot by inserting the row that holds it. The insert is the
+/// authoritative running-quota check (`Sandboxes::insert_admitted`: under the workspace's
+/// admission lock in the store, so it holds across servers sharing a database); the
+/// in-process `Limits::admit` before it answers early, with the SDK's headers.
+pub async fn insert_with_slot(node: &Node, row: &mut Sandbox) -> Result<(), ControlError> {
+    let _guard = node.slot_lock.lock().await;
+    row.slot = Some(lowest_free_slot(node).await?);
+    let quota = running_quota(node, &row.workspace_id);
+    node.store.sandboxes.insert_admitted(row, quota).await
+}
+
+/// The lowest network slot no row holds; `NoSlot` when every one is taken. Call with
+/// `slot_lock` held, up to the store write that takes the slot.
+async fn lowest_free_slot(node: &Node) -> Result<i64, ControlError> {
+    let used: std::collections::HashSet<i64> = node
+        .store
+        .sandboxes
+        .used_slots()
+        .await?
+        .into_iter()
+        .collect();
+    (0..node.net.capacity() as i64)
+        .find(|s| !used.contains(s))
+        .ok_or(ControlError::NoSlot)
+}
+
+/// Claim the lowest free network slot for an existing row that holds none (a suspended
+/// sandbox waking). `NoSlot` (503 `capacity_exhausted`) when every slot is taken.
+async fn claim_slot(node: &Node, row: &mut Sandbox) -> Result<(), ControlError> {
+    let _guard = node.slot_lock.lock().await;
+    let slot = lowest_free_slot(node).await?;
+    let quota = running_quota(node, &row.workspace_id);
+    node.store
+        .sandboxes
+        .claim_slot_admitted(row, slot, quota, now_ms())
+        .await?;
+    row.slot = Some(slot);
+    Ok(())
+}
+
+/// Record a stopped sandbox as suspended, with `note` in its `error`, and give its network
+/// slot back (namespace, veth and nftables chain go): a suspended sandbox holds no slot,
+/// otherwise one tenant's hibernated sandboxes could hold every slot and starve every other
+/// tenant's creates. The wake claims a free slot and restores into it. If the namespace
+/// cannot be removed now, the sandbox keeps its slot (the wake reuses it; a restart's
+/// reconciliation removes it). The caller holds the sandbox's write lock.
+async fn mark_suspended(
+    node: &Node,
+    row: &Sandbox,
+    note: Option<&str>,
+) -> Result<(), ControlError> {
+    let now = now_ms();
+    if let Some(slot) = row.slot
+        && let Err(e) = node.net.detach(slot as u32).await
+    {
+        tracing::error!(sandbox = %row.id, error = %DisplayChain(&e), "removing a suspended sandbox's network slot; it keeps the slot");
+        return node
+            .store
+            .sandboxes
+            .transition(&row.id, Transition::Suspend, note, now)
+            .await;
+    }
+    node.store
+        .sandboxes
+        .mark_suspended(&row.id, note, now)
+        .await
+}
+
+/// Give a stopped sandbox's network slot back: its namespace goes and its row holds none.
+/// A suspended sandbox holds no slot; waking claims one ([`wake`]).
+async fn release_slot(node: &Node, row: &Sandbox) -> Result<(), ControlError> {
+    if let Some(slot) = row.slot {
+        node.net.detach(slot as u32).await?;
+    }
+    node.store.sandboxes.release_slot(&row.id, now_ms()).await
+}
+
+/// The spec the runtime boots or restores a sandbox from.
+pub async fn spec_for(node: &Node, row: &Sandbox) -> Result<SandboxSpec, ControlError> {
+    let template = node
+        .store
+        .templates
+        .by_id(&row.template_id)
+        .await?
+        .ok_or_else(|| {
+            ControlError::Internal(format!(
+                "template {} of {} is gone",
+                row.template_id, row.id
+            ))
+        })?;
+    let slot = row
+        .slot
+        .ok_or_else(|| ControlError::Internal(format!("sandbox {} has no network slot", row.id)))?;
+    let addrs = node.net.addrs(slot as u32);
+    // The sandbox's own environment is sent with every exec (see `exec_env`), not baked
+    // into the init process: a memory image or a pooled sandbox can then serve any owner.
+    let env = vec![
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        "HOME=/root".to_string(),
+    ];
+    Ok(SandboxSpec {
+        id: row.runtime_id.clone(),
+        layers: crate::node::templates::layers_of(&template)?
+            .into_iter()
+            .chain([node.agent_layer.clone()])
+            .collect(),
+        state_dir: node.state_dir(&row.id),
+        args: vec![AGENT_PATH_IN_SANDBOX.to_string()],
+        env,
+        hostname: "sandbox".into(),
+        network: Some(NetworkAttachment {
+            netns_path: addrs.netns_path.clone(),
+            ifname: addrs.sandbox_if.clone(),
+            address: addrs.sandbox_ip,
+            prefix_len: addrs.prefix_len,
+            gateway: addrs.host_ip,
+        }),
+        resources: Resources {
+            disk_bytes: size_disk(node, &row.size),
+            ..size_resources(&row.size).unwrap_or(Resources {
+                cpu_millis: 1000,
+                memory_bytes: 1 << 30,
+                disk_bytes: None,
+            })
+        },
+    })
+}
+
+/// The environment of an exec: the sandbox's own (set at create) with the request's on top.
+/// A stored environment that does not decode fails the exec (`corrupt_record`) rather than
+/// run it without the variables its owner set.
+pub fn exec_env(
+    row: &Sandbox,
+    request: Vec<(String, String)>,
+) -> Result<Vec<(String, String)>, ControlError> {
+    let mut env: BTreeMap<String, String> =
+        row.env.decode(|| format!("environment of {}", row.id))?;
+    env.insert("SANDPIT_SANDBOX_ID".into(), row.id.clone());
+    env.extend(request);
+    Ok(env.into_iter().collect())
+}
+
+pub fn agent_of(node: &Node, row: &Sandbox) -> Option<AgentClient> {
+    row.slot
+        .map(|s| AgentClient::new(&row.id, node.net.addrs(s as u32).sandbox_ip))
+}
+
+/// Boot (or restore, when `image` is given) a sandbox whose row exists and whose slot is
+/// claimed, and wait for its agent. On failure, releases what it took (runtime, network).
+pub async fn boot(
+    node: &Node,
+    row: &Sandbox,
+    image: Option<&std::path::Path>,
+) -> Result<(), ControlError> {
+    match boot_once(node, row, image).await {
+        // Seen once under heavy load: a restore whose agent never answered over the
+        // namespace kept from before the suspend. The failed attempt removed the namespace;
+        // a second restore gets a fresh one.
+        Err(e) if image.is_some() => {
+            tracing::warn!(sandbox = %row.id, error = %DisplayChain(&e), "restore failed; retrying once with a rebuilt network");
+            boot_once(node, row, image).await
+        }
+        other => other,
+    }
+}
+
+async fn boot_once(
+    node: &Node,
+    row: &Sandbox,
+    image: Option<&std::path::Path>,
+) -> Result<(), ControlError> {
+    let spec = spec_for(node, row).await?;
+    boot_spec(node, row, &spec, image).await
+}
+
+/// [`boot`] from a given spec (a template build boots over its own layers), without retry.
+pub async fn boot_spec(
+    node: &Node,
+    row: &Sandbox,
+    spec: &SandboxSpec,
+    image: Option<&std::path::Path>,
+) -> Result<(), ControlError> {
+    let slot = row.slot.expect("spec_for checked the slot") as u32;
+    let rules = rules_or_deny(node, row).await?;
+    match node.net.attach(slot, &rules).await {
+        Ok(_) => {}
+        // Kept from before a suspend: make sure it carries the current policy.
+        Err(sandpit_net::NetError::SlotBusy { .. }) if node.net.addrs(slot).netns_path.exists() => {
+            node.net.set_egress(slot, &rules).await?
+        }
+        // Half of it is gone (a host reboot takes the namespace but the store remembers
+        // the slot): rebuild it.
+        Err(sandpit_net::NetError::SlotBusy { .. }) => {
+            node.net.detach(slot).await?;
+            node.net.attach(slot, &rules).await?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let started = match image {
+        Some(dir) => node.runtime.restore(spec, dir).await,
+        None => node.runtime.start(spec).await,
+    };
+    let result = match started {
+        Ok(()) if image.is_some() => wait_restored_agent(node, row, spec).await,
+        Ok(()) => agent_of(node, row)
+            .expect("slot checked")
+            .wait_ready(node.cfg.agent_ready_timeout)
+            .await
+            .map(|_| ()),
+        Err(e) => Err(e.into()),
+    };
+    if let Err(e) = &result {
+        if matches!(e, ControlError::AgentTimeout { .. }) {
+            let state = node
+                .runtime
+                .diagnose(&row.runtime_id, &spec.state_dir)
+                .await;
+            tracing::warn!(sandbox = %row.id, restore = image.is_some(), %state, "the agent did not answer");
+        }
+        let _ = node.runtime.stop(&row.runtime_id, &spec.state_dir).await;
+        let _ = node.net.detach(slot).await;
+    }
+    result
+}
+
+/// The command name of the agent's node process (a re-exec of `/proc/self/exe`), the
+/// child its PID 1 restarts when it dies.
+const AGENT_SERVE_COMM: &str = "exe";
+
+/// Wait for a restored sandbox's agent. Seen under load: a restored sandbox, alive, whose
+/// agent never answers (the same image again restores deaf). Its init still works, so after
+/// half the wait the agent's node process is killed; init starts a new one and the
+/// sandbox's memory is kept.
+async fn wait_restored_agent(
+    node: &Node,
+    row: &Sandbox,
+    spec: &SandboxSpec,
+) -> Result<(), ControlError> {
+    let agent = agent_of(node, row).expect("slot checked");
+    let half = node.cfg.agent_ready_timeout / 2;
+    let first = match agent.wait_ready(half).await {
+        Ok(_) => return Ok(()),
+        Err(e) => e,
+    };
+    let state = node
+        .runtime
+        .diagnose(&row.runtime_id, &spec.state_dir)
+        .await;
+    tracing::warn!(sandbox = %row.id, error = %DisplayChain(&first), %state, "restored agent does not answer; restarting it");
+    match node
+        .runtime
+        .kill_init_children(&row.runtime_id, AGENT_SERVE_COMM)
+        .await
+    {
+        Ok(0) | Err(_) => return Err(first),
+        Ok(_) => {}
+    }
+    agent.wait_ready(half).await?;
+    tracing::info!(sandbox = %row.id, "the restarted agent answers; memory kept");
+    Ok(())
+}
+
+/// Write a new sandbox's `/etc/resolv.conf` through its agent (only at create: a sandbox
+/// that later boots again keeps whatever it has, edits included).
+pub async fn write_resolv_conf(node: &Node, row: &Sandbox) -> Result<(), ControlError> {
+    let body = futures::stream::iter([Ok::<_, std::convert::Infallible>(bytes::Bytes::from(
+        node.resolv_conf.clone(),
+    ))]);
+    agent_of(node, row)
+        .expect("slot checked")
+        .write_file("/etc/resolv.conf", body, 1 << 16)
+        .await
+        .map(drop)
+        .map_err(|f| ControlError::Agent {
+            sandbox: row.id.clone(),
+            what: format!("writing /etc/resolv.conf: {f:?}"),
+        })
+}
+
+/// Start a new sandbox from its template: restore the template's boot snapshot when there is
+/// one (and they are enabled), otherwise boot cold.
+/// Returns true when it restored (the template's start command then already runs).
+async fn boot_template(node: &Node, row: &Sandbox) -> Result<bool, ControlError> {
+    if node.cfg.boot_snapshots
+        && let Some(dir) = crate::node::templates::boot_snapshot(node, &row.template_id)
+    {
+        node.runtime
+            .copy_files(&dir.join("files"), &node.state_dir(&row.id))
+            .await?;
+        match boot(node, row, Some(&dir.join("memory"))).await {
+            Ok(()) => return Ok(true),
+            Err(e) => {
+                tracing::warn!(sandbox = %row.id, error = %DisplayChain(&e), "restoring the template's boot snapshot failed; booting cold");
+            }
+        }
+    }
+    boot(node, row, None).await.map(|()| false)
+}
+
+/// Start a validated, admitted create ([`prepare_create`]; the caller checked its rates):
+/// hand out a pooled sandbox, or claim a slot (the store checks the running quota) and
+/// restore the snapshot, the template's boot snapshot, or boot cold; then wait for the
+/// agent. The one place that chooses how a sandbox starts. On failure the sandbox is torn
+/// down and its row says why.
+pub async fn create(
+    node: &Arc<Node>,
+    mut row: Sandbox,
+    snapshot: Option<SnapshotRow>,
+    counted: Counted<'_>,
+) -> Result<Sandbox, ControlError> {
+    if snapshot.is_none()
+        && let Some(pooled) = crate::node::pool::take(node, &row, counted).await?
+    {
+        return Ok(pooled);
+    }
+    let lock = node.lock_of(&row.id);
+    let _guard = lock.write().await;
+    insert_with_slot(node, &mut row).await?;
+    counted(1);
+    crate::faults::point("create.inserted");
+    let started = std::time::Instant::now();
+    let booted = match &snapshot {
+        Some(snap) => crate::node::fork::boot_from_snapshot(node, &row, snap).await,
+        None => match boot_template(node, &row).await {
+            Ok(false) => {
+                // Booted cold: start the template's start command (if it has one).
+                match write_resolv_conf(node, &row).await {
+                    Ok(()) => crate::node::templates::start_and_wait(node, &row).await,
+                    Err(e) => Err(e),
+                }
+            }
+            Ok(true) => write_resolv_conf(node, &row).await,
+            Err(e) => Err(e),
+        },
+    };
+    let booted = match (booted, &snapshot) {
+        (Ok(()), Some(_)) => write_resolv_conf(node, &row).await,
+        (other, _) => other,
+    };
+    if let Err(e) = booted {
+        tracing::error!(sandbox = %row.id, error = %DisplayChain(&e), "create failed");
+        // The slot too: boot releases it on its own failures, not when a later step fails
+        // (detach is idempotent).
+        node.teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
+            .await;
+        node.store
+            .sandboxes
+            .mark_failed(
+                &row.id,
+                &format!("could not start: {}", DisplayChain(&e)),
+                now_ms(),
+            )
+            .await?;
+        return Err(e);
+    }
+    crate::faults::point("create.booted");
+    let now = now_ms();
+    node.store
+        .sandboxes
+        .transition(&row.id, Transition::Started, None, now)
+        .await?;
+    tracing::info!(sandbox = %row.id, elapsed_ms = started.elapsed().as_millis() as u64, "sandbox running");
+    row.status = Status::Running;
+    Ok(row)
+}
+
+/// Destroy a sandbox: idempotent, works in every state.
+pub async fn destroy(node: &Arc<Node>, id: &str) -> Result<(), ControlError> {
+    // A running exec holds the read lock: end it rather than wait for it.
+    node.cancel_of(id).cancel();
+    let guard = node.lock_of(id).write_owned().await;
+    destroy_locked(node, id, guard).await
+}
+
+/// The reaper's destroy: skipped (until its next round) while an exec or file transfer holds
+/// the sandbox, so one busy sandbox never stalls the reaper.
+pub async fn destroy_if_free(node: &Arc<Node>, id: &str) -> Result<bool, ControlError> {
+    let Ok(guard) = node.lock_of(id).try_write_owned() else {
+        return Ok(false);
+    };
+    destroy_locked(node, id, guard).await.map(|()| true)
+}
+
+async fn destroy_locked(
+    node: &Arc<Node>,
+    id: &str,
+    guard: tokio::sync::OwnedRwLockWriteGuard<()>,
+) -> Result<(), ControlError> {
+    let Some(row) = node.store.sandboxes.get(id).await? else {
+        return Ok(());
+    };
+    if row.status == Status::Destroyed {
+        return Ok(());
+    }
+    node.previews.cut(id).await;
+    node.teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
+        .await;
+    crate::faults::point("destroy.torn_down");
+    node.store.sandboxes.mark_destroyed(id, now_ms()).await?;
+    drop(guard);
+    node.forget_lock(id);
+    tracing::info!(sandbox = %id, "destroyed");
+    Ok(())
+}
+
+/// What a client is told about a sandbox that died under it.
+pub const STOPPED_REASON: &str =
+    "the sandbox stopped unexpectedly: it hit its memory or process limit, or was killed";
+
+/// After an agent operation failed: if the sandbox's runtime has stopped (killed by its
+/// memory or process limit, or from outside), settle its row the way a restart would
+/// (`Node::reconcile`): an ephemeral sandbox is torn down and failed with the reason, a
+/// persistent one is suspended with its files. Returns whether it had died (the client is
+/// then told [`STOPPED_REASON`], 409 `sandbox_stopped`). Takes the write lock: the caller must hold no guard.
+pub async fn settle_if_dead(node: &Arc<Node>, id: &str) -> bool {
+    let _guard = node.lock_of(id).write_owned().await;
+    let Ok(Some(row)) = node.store.sandboxes.get(id).await else {
+        return false;
+    };
+    if row.status != Status::Running {
+        return false;
+    }
+    match node.runtime.status(&row.runtime_id).await {
+        Ok(sandpit_runtime::RuntimeStatus::Running) => return false,
+        Err(e) => {
+            tracing::error!(sandbox = %id, error = %DisplayChain(&e), "checking whether the sandbox runs");
+            return false;
+        }
+        Ok(_) => {}
+    }
+    tracing::warn!(sandbox = %id, mode = row.mode.as_str(), "the sandbox died");
+    node.previews.cut(id).await;
+    let now = now_ms();
+    let settled = if crate::recovery::after_death(row.mode)
+        == crate::recovery::Recovery::SuspendLost
+    {
+        // The files are on disk; the network slot goes (a suspended sandbox holds none).
+        if let Err(e) = node
+            .runtime
+            .stop(&row.runtime_id, &node.state_dir(id))
+            .await
+        {
+            tracing::error!(sandbox = %id, error = %DisplayChain(&e), "stopping a dead sandbox");
+        }
+        mark_suspended(node, &row, Some(STOPPED_REASON)).await
+    } else {
+        node.teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
+            .await;
+        node.store
+            .sandboxes
+            .mark_failed(id, STOPPED_REASON, now)
+            .await
+    };
+    if let Err(e) = settled {
+        tracing::error!(sandbox = %id, error = %DisplayChain(&e), "recording a dead sandbox");
+    }
+    true
+}
+
+/// The current row of sandbox `id` of `workspace_id` (the caller authorized the request
+/// for it); `NotFound` if it is gone. A sandbox never changes workspace: one that did is
+/// never acted on.
+pub async fn owned(node: &Node, workspace_id: &str, id: &str) -> Result<Sandbox, ControlError> {
+    let row = existing(node, id).await?;
+    if row.workspace_id != workspace_id {
+        return Err(ControlError::Internal(format!(
+            "sandbox {} changed workspace",
+            row.id
+        )));
+    }
+    Ok(row)
+}
+
+/// A sandbox by id, or `NotFound` (callers have checked the workspace already).
+async fn existing(node: &Node, id: &str) -> Result<Sandbox, ControlError> {
+    node.store
+        .sandboxes
+        .get(id)
+        .await?
+        .ok_or_else(|| ControlError::not_found("sandbox_not_found", format!("no sandbox {id:?}")))
+}
+
+/// Stop a sandbox without saving its memory (status `suspended`): the next wake boots it
+/// afresh with its files. A memory image from an earlier suspend is discarded.
+pub async fn shutdown(node: &Arc<Node>, id: &str) -> Result<Sandbox, ControlError> {
+    let lock = node.lock_of(id);
+    let _guard = lock.write().await;
+    let row = existing(node, id).await?;
+    if !matches!(row.status, Status::Running | Status::Suspended) {
+        return Err(ControlError::conflict(
+            "invalid_state",
+            format!("a {} sandbox cannot be shut down", row.status),
+        ));
+    }
+    node.runtime
+        .stop(&row.runtime_id, &node.state_dir(id))
+        .await?;
+    let image = node.checkpoint_dir(id);
+    if image.exists() {
+        std::fs::remove_dir_all(&image).map_err(|source| ControlError::Files {
+            what: format!("removing the memory image of {id}"),
+            source,
+        })?;
+    }
+    mark_suspended(
+        node,
+        &row,
+        Some("shut down: the next start boots afresh with its files"),
+    )
+    .await?;
+    tracing::info!(sandbox = %id, "shut down");
+    existing(node, id).await
+}
+
+/// `Kept{max_suspended}` when `workspace` may not have `n` more sandboxes that are or will
+/// be suspended ([`super::Quotas::max_suspended`]): for creating persistent sandboxes (which
+/// suspend when idle) and for hibernating or shutting down a running ephemeral one.
+pub async fn check_suspendable(node: &Node, workspace: &str, n: u32) -> Result<(), ControlError> {
+    let max = node.cfg.quotas.max_suspended;
+    if max == 0 {
+        return Ok(());
+    }
+    let held = node.store.sandboxes.count_suspendable(workspace).await? as u32;
+    if held + n > max {
+        return Err(ControlError::Kept {
+            limit: "max_suspended",
+            value: max,
+            what: format!(
+                "this workspace keeps {held} sandboxes that are or will be suspended (persistent or hibernated); destroy some"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Save a running sandbox's memory to disk and stop it, freeing its RAM.
+pub async fn suspend(node: &Arc<Node>, id: &str) -> Result<Sandbox, ControlError> {
+    let lock = node.lock_of(id);
+    let guard = lock.write_owned().await;
+    suspend_locked(node, id, guard).await
+}
+
+/// The reaper's suspend: only if the sandbox is still idle and nothing holds it (a running
+/// exec or file transfer counts as activity). Returns whether it was suspended.
+pub async fn suspend_if_idle(node: &Arc<Node>, id: &str) -> Result<bool, ControlError> {
+    let Ok(guard) = node.lock_of(id).try_write_owned() else {
+        node.store.sandboxes.touch(id, now_ms()).await?;
+        return Ok(false);
+    };
+    let row = existing(node, id).await?;
+    let idle_for = now_ms() - row.last_active_at;
+    if row.status != Status::Running || row.idle_timeout_ms.is_none_or(|t| idle_for < t) {
+        return Ok(false);
+    }
+    suspend_locked(node, id, guard).await.map(|_| true)
+}
+
+async fn suspend_locked(
+    node: &Arc<Node>,
+    id: &str,
+    _guard: tokio::sync::OwnedRwLockWriteGuard<()>,
+) -> Result<Sandbox, ControlError> {
+    let row = existing(node, id).await?;
+    match row.status {
+        Status::Suspended => return Ok(row),
+        Status::Running => {}
+        other => {
+            return Err(ControlError::conflict(
+                "invalid_state",
+                format!("a {other} sandbox cannot be suspended"),
+            ));
+        }
+    }
+    let started = std::time::Instant::now();
+    // Preview connections hold no lock (see `crate::preview`); cut them so no connected TCP
+    // endpoint makes the checkpoint fail.
+    node.previews.cut(id).await;
+    let image = node.checkpoint_dir(id);
+    let state_dir = node.state_dir(id);
+    let mut note = None;
+    if let Err(e) = node.runtime.checkpoint(&row.runtime_id, &image).await {
+        // The runtime may have killed the sandbox; its files are on disk either way. The
+        // next wake boots it afresh.
+        tracing::error!(sandbox = %id, error = %DisplayChain(&e), "checkpoint failed; suspending without memory");
+        let _ = std::fs::remove_dir_all(&image);
+        note = Some(format!(
+            "memory snapshot failed ({}); files were kept",
+            DisplayChain(&e)
+        ));
+        // A successful checkpoint has stopped the sandbox already; a failed one may not have.
+        node.runtime.stop(&row.runtime_id, &state_dir).await?;
+    }
+    crate::faults::point("hibernate.checkpointed");
+    mark_suspended(node, &row, note.as_deref()).await?;
+    tracing::info!(sandbox = %id, elapsed_ms = started.elapsed().as_millis() as u64, "suspended");
+    Ok(node.store.sandboxes.get(id).await?.unwrap_or(row))
+}
+
+/// Restore a suspended sandbox (or boot it with its files if no memory image exists).
+pub async fn wake(
+    node: &Arc<Node>,
+    id: &str,
+    counted: Counted<'_>,
+) -> Result<Sandbox, ControlError> {
+    let lock = node.lock_of(id);
+    let _guard = lock.write().await;
+    let row = existing(node, id).await?;
+    match row.status {
+        Status::Running => return Ok(row),
+        Status::Suspended => {}
+        other => {
+            return Err(ControlError::conflict(
+                "invalid_state",
+                format!("a {other} sandbox cannot be woken"),
+            ));
+        }
+    }
+    // A woken sandbox runs again: it counts against the running quota like a new one (the
+    // slot claim below checks it in the store).
+    let mut row = row;
+    // Suspended sandboxes hold no network slot: claim a free one (503 `capacity_exhausted`
+    // when none is, and the sandbox stays suspended, intact). A row from before slots were
+    // released on suspend may still hold one.
+    if row.slot.is_none() {
+        claim_slot(node, &mut row).await?;
+    }
+    // From here the store counts it (a suspended sandbox holding a slot is being woken).
+    counted(1);
+    let started = std::time::Instant::now();
+    let image = node.checkpoint_dir(id);
+    let has_image = node.runtime.has_image(&image);
+    let mut lost_memory = None;
+    if let Err(e) = boot(node, &row, has_image.then_some(image.as_path())).await {
+        if !has_image {
+            tracing::error!(sandbox = %id, error = %DisplayChain(&e), "wake failed");
+            release_slot(node, &row).await?;
+            return Err(e);
+        }
+        // The memory image would not come back (twice). The files are intact: start the
+        // sandbox from them rather than leave it unusable, and say what was lost.
+        tracing::error!(sandbox = %id, error = %DisplayChain(&e), "restore failed; starting the sandbox from its files");
+        if let Err(e2) = boot(node, &row, None).await {
+            tracing::error!(sandbox = %id, error = %DisplayChain(&e2), "wake failed");
+            release_slot(node, &row).await?;
+            return Err(e2);
+        }
+        lost_memory = Some(format!(
+            "the memory snapshot could not be restored ({}); the sandbox was started from its files and its processes were lost",
+            DisplayChain(&e)
+        ));
+    }
+    crate::faults::point("wake.restored");
+    if has_image {
+        let _ = std::fs::remove_dir_all(&image);
+    }
+    let now = now_ms();
+    let note = running_note(node, id, lost_memory).await?;
+    node.store
+        .sandboxes
+        .transition(id, Transition::Wake, note.as_deref(), now)
+        .await?;
+    node.store.sandboxes.touch(id, now).await?;
+    tracing::info!(sandbox = %id, elapsed_ms = started.elapsed().as_millis() as u64, restored = has_image, "woken");
+    Ok(node.store.sandboxes.get(id).await?.unwrap_or(row))
+}
+
+/// Replace a sandbox's egress policy: validated like at create (400, nothing changed), then
+/// stored; applied at once to a running sandbox, and on wake to a suspended one (wake attaches
+/// the network with the stored rules). 409 for sandboxes that will never run again.
+///
+/// Holds the sandbox's read lock, so no transition (which would attach or detach the network
+/// with the rules it read) runs in between, while execs and file transfers continue.
+pub async fn set_egress(
+    node: &Node,
+    workspace_id: &str,
+    id: &str,
+    policy: &EgressPolicy,
+) -> Result<Sandbox, ControlError> {
+    let valid = validate_egress(node, policy)?;
+    let lock = node.lock_of(id);
+    let _guard = lock.read().await;
+    let _serial = node.egress_lock.lock().await;
+    let row = owned(node, workspace_id, id).await?;
+    if !matches!(row.status, Status::Running | Status::Suspended) {
+        return Err(ControlError::conflict(
+            "invalid_state",
+            format!(
+                "the egress policy of a {} sandbox cannot change",
+                row.status
+            ),
+        ));
+    }
+    let now = now_ms();
+    let stored = Stored::encode(policy);
+    node.store.sandboxes.set_egress(id, &stored, now).await?;
+    let json = stored.raw();
+    if row.status == Status::Running {
+        let slot = row
+            .slot
+            .ok_or_else(|| ControlError::Internal(format!("running sandbox {id} has no slot")))?;
+        node.net
+            .set_egress(slot as u32, &egress_rules(&valid))
+            .await?;
+    }
+    tracing::info!(sandbox = %id, egress = %json, applied = row.status == Status::Running, "egress policy changed");
+    Ok(node.store.sandboxes.get(id).await?.unwrap_or(row))
+}
+
+/// Change a sandbox's preview privacy. Applies to the next request: open preview
+/// connections are not cut.
+pub async fn set_preview(
+    node: &Node,
+    workspace_id: &str,
+    id: &str,
+    preview: PreviewSettings,
+) -> Result<Sandbox, ControlError> {
+    let row = owned(node, workspace_id, id).await?;
+    if matches!(row.status, Status::Destroyed | Status::Failed) {
+        return Err(ControlError::conflict(
+            "invalid_state",
+            format!("a {} sandbox cannot change", row.status),
+        ));
+    }
+    node.store
+        .sandboxes
+        .set_preview_privacy(id, preview.privacy, now_ms())
+        .await?;
+    Ok(node.store.sandboxes.get(id).await?.unwrap_or(row))
+}
+
+/// Extend an ephemeral running sandbox's expiry. Holds the sandbox's read lock (no
+/// transition runs in between, so "running" stays true until the expiry is stored), not
+/// its write lock: an exec in progress must not hold up a keepalive, nor a queued keepalive
+/// every exec after it.
+pub async fn keepalive(
+    node: &Node,
+    workspace_id: &str,
+    id: &str,
+    timeout: &str,
+) -> Result<Sandbox, ControlError> {
+    let t = parse_duration(timeout).map_err(|m| ControlError::invalid("invalid_timeout", m))?;
+    if t.is_zero() || t > Duration::from_secs(MAX_EPHEMERAL_TIMEOUT_SECS) {
+        return Err(ControlError::invalid(
+            "invalid_timeout",
+            "timeout must be between 1s and 24h",
+        ));
+    }
+    let lock = node.lock_of(id);
+    let _guard = lock.read().await;
+    let row = owned(node, workspace_id, id).await?;
+    if row.mode != SandboxMode::Ephemeral || row.status != Status::Running {
+        return Err(ControlError::conflict(
+            "invalid_state",
+            format!(
+                "keepalive needs a running ephemeral sandbox; this one is {} and {}",
+                row.mode.as_str(),
+                row.status
+            ),
+        ));
+    }
+    let now = now_ms();
+    node.store
+        .sandboxes
+        .set_expiry(id, now + t.as_millis() as i64, now)
+        .await?;
+    Ok(node.store.sandboxes.get(id).await?.unwrap_or(row))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_resolve() {
+        assert_eq!(size_resources("small").unwrap().cpu_millis, 1000);
+        assert!(size_resources("huge").is_none());
+    }
+}
