@@ -40,8 +40,11 @@ pub async fn fork(
         )
         .await?;
     let room = std::sync::Mutex::new(room);
-    let counted = |n| room.lock().expect("room poisoned").release(n);
-    let children = node::fork(&server.node, sb.workspace_id(), sb.id(), count, &counted).await?;
+    let admitted = sandpit_control::node::lifecycle::Admitted {
+        lock: &server.limits.admission,
+        hand_back: &|n| room.lock().expect("room poisoned").release(n),
+    };
+    let children = node::fork(&server.node, sb.workspace_id(), sb.id(), count, &admitted).await?;
     Ok(children
         .into_iter()
         .map(|child| match child {

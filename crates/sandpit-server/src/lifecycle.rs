@@ -41,8 +41,11 @@ pub async fn create(
         )
         .await?;
     let room = std::sync::Mutex::new(room);
-    let counted = |n| room.lock().expect("room poisoned").release(n);
-    Ok(node::create(&server.node, row, snapshot, &counted).await?)
+    let admitted = node::Admitted {
+        lock: &server.limits.admission,
+        hand_back: &|n| room.lock().expect("room poisoned").release(n),
+    };
+    Ok(node::create(&server.node, row, snapshot, &admitted).await?)
 }
 
 /// The current row of a sandbox the caller was authorized for (see [`Authorized`]); 404 if
@@ -79,12 +82,15 @@ pub async fn wake(server: &Arc<Server>, id: &str) -> Result<Sandbox, ApiError> {
         _ => None,
     };
     let room = std::sync::Mutex::new(room);
-    let counted = |n| {
-        if let Some(r) = room.lock().expect("room poisoned").as_mut() {
-            r.release(n)
-        }
+    let admitted = node::Admitted {
+        lock: &server.limits.admission,
+        hand_back: &|n| {
+            if let Some(r) = room.lock().expect("room poisoned").as_mut() {
+                r.release(n)
+            }
+        },
     };
-    Ok(node::wake(&server.node, id, &counted).await?)
+    Ok(node::wake(&server.node, id, &admitted).await?)
 }
 
 /// After an agent operation failed: settle the sandbox if it died (`node::settle_if_dead`);

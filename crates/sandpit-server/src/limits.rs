@@ -129,8 +129,10 @@ pub struct Limits {
     /// Creations admitted but whose rows are not yet inserted, per workspace. Guards only
     /// the map; changed under `admission`.
     reserved: Arc<Mutex<HashMap<String, u32>>>,
-    /// Held while counting a workspace's running sandboxes and reserving room for new ones.
-    admission: tokio::sync::Mutex<()>,
+    /// Held while counting a workspace's running sandboxes and reserving room for new ones,
+    /// and (lent to the control layer as `Admitted::lock`) while a store write makes
+    /// reserved sandboxes count and their room is handed back.
+    pub admission: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -197,7 +197,7 @@ pub async fn fork(
     workspace_id: &str,
     parent_id: &str,
     count: u32,
-    counted: super::lifecycle::Counted<'_>,
+    admitted: &super::lifecycle::Admitted<'_>,
 ) -> Result<Vec<Result<Sandbox, ControlError>>, ControlError> {
     if !(1..=MAX_FORK).contains(&count) {
         return Err(ControlError::invalid(
@@ -218,11 +218,13 @@ pub async fn fork(
     let mut pending: Vec<Result<Sandbox, ControlError>> = Vec::with_capacity(count as usize);
     for _ in 0..count {
         let mut row = child_of(node, &parent);
-        if let Err(e) = insert_with_slot(node, &mut row).await {
+        if let Err(e) = admitted
+            .count(insert_with_slot(node, &mut row), |_| 1)
+            .await
+        {
             pending.push(Err(e));
             continue;
         }
-        counted(1);
         let copied = node
             .runtime
             .copy_files(&node.state_dir(&parent.id), &node.state_dir(&row.id))

@@ -295,11 +295,35 @@ pub async fn prepare_create(
     Ok((row, snapshot))
 }
 
-/// Told how many of a call's new sandboxes the store now counts as running, as soon as it
-/// does: a caller that holds room for them in front of the store (the HTTP edge's early
-/// quota answer) hands that room back then, so nothing is counted twice for longer than a
-/// moment, nor not at all.
-pub type Counted<'a> = &'a (dyn Fn(u32) + Send + Sync);
+/// Room a caller holds for new sandboxes in front of the store (the HTTP edge's early quota
+/// answer, which counts the store's running units plus the room it handed out). The store
+/// write that starts counting a sandbox runs under the caller's `lock`, and `hand_back`
+/// returns that much room in the same critical section, so the caller's count never sees a
+/// sandbox twice, nor misses it. The store's own check (under the workspace's admission
+/// lock) decides; this only keeps the early answer exact.
+pub struct Admitted<'a> {
+    /// Held by the caller while it counts and hands out room.
+    pub lock: &'a tokio::sync::Mutex<()>,
+    /// Give back room for this many sandboxes (the store counts them now).
+    pub hand_back: &'a (dyn Fn(u32) + Send + Sync),
+}
+
+impl Admitted<'_> {
+    /// Run `write`, a store write that makes `made(&output)` sandboxes count as running,
+    /// and hand that much room back, under the caller's lock.
+    pub async fn count<T>(
+        &self,
+        write: impl std::future::Future<Output = Result<T, ControlError>>,
+        made: impl FnOnce(&T) -> u32,
+    ) -> Result<T, ControlError> {
+        let _counting = self.lock.lock().await;
+        let out = write.await;
+        if let Ok(v) = &out {
+            (self.hand_back)(made(v));
+        }
+        out
+    }
+}
 
 /// The running quota a workspace's rows are held to in the store: the configured one for
 /// tenants, none for the node's own sandboxes (warm pool, builds, boot snapshots).
@@ -619,17 +643,18 @@ pub async fn create(
     node: &Arc<Node>,
     mut row: Sandbox,
     snapshot: Option<SnapshotRow>,
-    counted: Counted<'_>,
+    admitted: &Admitted<'_>,
 ) -> Result<Sandbox, ControlError> {
     if snapshot.is_none()
-        && let Some(pooled) = crate::node::pool::take(node, &row, counted).await?
+        && let Some(pooled) = crate::node::pool::take(node, &row, admitted).await?
     {
         return Ok(pooled);
     }
     let lock = node.lock_of(&row.id);
     let _guard = lock.write().await;
-    insert_with_slot(node, &mut row).await?;
-    counted(1);
+    admitted
+        .count(insert_with_slot(node, &mut row), |_| 1)
+        .await?;
     crate::faults::point("create.inserted");
     let started = std::time::Instant::now();
     let booted = match &snapshot {
@@ -913,7 +938,7 @@ async fn suspend_locked(
 pub async fn wake(
     node: &Arc<Node>,
     id: &str,
-    counted: Counted<'_>,
+    admitted: &Admitted<'_>,
 ) -> Result<Sandbox, ControlError> {
     let lock = node.lock_of(id);
     let _guard = lock.write().await;
@@ -935,10 +960,11 @@ pub async fn wake(
     // when none is, and the sandbox stays suspended, intact). A row from before slots were
     // released on suspend may still hold one.
     if row.slot.is_none() {
-        claim_slot(node, &mut row).await?;
+        admitted.count(claim_slot(node, &mut row), |_| 1).await?;
+    } else {
+        // The store counts it already: a suspended sandbox holding a slot is being woken.
+        admitted.count(async { Ok(()) }, |_| 1).await?;
     }
-    // From here the store counts it (a suspended sandbox holding a slot is being woken).
-    counted(1);
     let started = std::time::Instant::now();
     let image = node.checkpoint_dir(id);
     let has_image = node.runtime.has_image(&image);

@@ -30,26 +30,26 @@ const MIN_AVAILABLE_BYTES: u64 = 1 << 30;
 pub async fn take(
     node: &Arc<Node>,
     owner: &Sandbox,
-    counted: super::lifecycle::Counted<'_>,
+    admitted: &super::lifecycle::Admitted<'_>,
 ) -> Result<Option<Sandbox>, ControlError> {
     if node.cfg.warm_pool == 0 {
         return Ok(None);
     }
     // The owner's workspace counts the sandbox from here on (the store checks its running
     // quota in the same transaction).
-    let taken = node
-        .store
-        .sandboxes
-        .take_pooled(
-            &owner.template_id,
-            owner,
-            super::lifecycle::running_quota(node, &owner.workspace_id),
+    let taken = admitted
+        .count(
+            node.store.sandboxes.take_pooled(
+                &owner.template_id,
+                owner,
+                super::lifecycle::running_quota(node, &owner.workspace_id),
+            ),
+            |t| t.is_some() as u32,
         )
         .await?;
     let Some(id) = taken else {
         return Ok(None);
     };
-    counted(1);
     node.pool_refill.notify_one();
     let lock = node.lock_of(&id);
     let _guard = lock.write().await;
