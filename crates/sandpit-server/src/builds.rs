@@ -8,9 +8,8 @@
 )]
 
 use crate::store::TemplateStatus;
-use sandpit_control::Stored;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -634,48 +633,8 @@ impl BuildJob {
             text: "starting the template's start command and waiting until it is ready\n".into(),
         });
         let started = Instant::now();
-        let mut row =
-            sandpit_control::node::pool::system_row(server, &self.template.id, &self.template.name);
-        row.egress = Stored::from_raw(self.template.default_egress.clone());
-        let lock = server.lock_of(&row.id);
-        let _guard = lock.write().await;
-        sandpit_control::node::lifecycle::insert_with_slot(server, &mut row)
-            .await
-            .map_err(|e| DisplayChain(&e).to_string())?;
-        let snapshot_dir =
-            sandpit_control::node::templates::boot_snapshot_dir(server, &self.template.id);
-        let tmp = snapshot_dir.with_extension("tmp");
-        let result = async {
-            sandpit_control::node::lifecycle::boot(server, &row, None).await?;
-            sandpit_control::node::lifecycle::write_resolv_conf(server, &row).await?;
-            sandpit_control::node::templates::start_command(
-                server,
-                &row,
-                cfg,
-                crate::lifecycle::exec_env(&row, cfg.env.clone())?,
-            )
-            .await?;
-            sandpit_control::node::templates::wait_ready(
-                server,
-                &row,
-                cfg,
-                Duration::from_secs(60),
-            )
-            .await?;
-            if server.cfg.boot_snapshots {
-                let _ = std::fs::remove_dir_all(&tmp);
-                sandpit_control::node::templates::save_boot_image(server, &row, &tmp).await?;
-                let _ = std::fs::remove_dir_all(&snapshot_dir);
-                std::fs::rename(&tmp, &snapshot_dir).map_err(|source| ControlError::Files {
-                    what: "publishing a template's boot snapshot".into(),
-                    source,
-                })?;
-            }
-            Ok::<(), ControlError>(())
-        }
-        .await;
-        discard_system_sandbox(server, &row, _guard).await;
-        let _ = std::fs::remove_dir_all(&tmp);
+        let result =
+            sandpit_control::node::templates::verify_start(&server.node, &self.template, cfg).await;
         match result {
             Ok(()) => {
                 self.log.push(TemplateBuildEvent::Log {
@@ -690,25 +649,6 @@ impl BuildJob {
             )),
         }
     }
-}
-
-/// Tear down a build's system sandbox, mark it destroyed and forget its lock (held until
-/// then). Best effort: the build's outcome is already decided.
-async fn discard_system_sandbox(
-    server: &Server,
-    row: &Sandbox,
-    guard: tokio::sync::RwLockWriteGuard<'_, ()>,
-) {
-    server
-        .teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
-        .await;
-    let _ = server
-        .store
-        .sandboxes
-        .mark_destroyed(&row.id, now_ms())
-        .await;
-    drop(guard);
-    server.forget_lock(&row.id);
 }
 
 fn event(e: BuildEvent) -> TemplateBuildEvent {
@@ -779,99 +719,20 @@ impl StepRunner for ServerRunner {
         step: RunStep,
         log: &(dyn Fn(String) + Send + Sync),
     ) -> Result<i32, ImageError> {
-        let server = &self.server;
-        let fail = |e: ControlError| ImageError::Runner(DisplayChain(&e).to_string());
-        let mut row: Sandbox =
-            sandpit_control::node::pool::system_row(server, &self.template_id, &self.template_name);
-        row.egress = Stored::from_raw(self.egress.clone());
-        row.size = "large".into();
-        let lock = server.lock_of(&row.id);
-        let _guard = lock.write().await;
-        sandpit_control::node::lifecycle::insert_with_slot(server, &mut row)
+        let step = sandpit_control::node::templates::BuildStep {
+            template_id: &self.template_id,
+            template_name: &self.template_name,
+            egress: &self.egress,
+            layers: &step.layers,
+            argv: &step.argv,
+            workdir: &step.workdir,
+            env: &step.env,
+            out: &step.out,
+            timeout: RUN_STEP_TIMEOUT,
+        };
+        sandpit_control::node::templates::run_build_step(&self.server.node, step, log)
             .await
-            .map_err(fail)?;
-        let result = async {
-            let mut spec = sandpit_control::node::lifecycle::spec_for(server, &row).await?;
-            spec.layers = step
-                .layers
-                .iter()
-                .cloned()
-                .chain([server.agent_layer.clone()])
-                .collect();
-            sandpit_control::node::lifecycle::boot_spec(server, &row, &spec, None).await?;
-            sandpit_control::node::lifecycle::write_resolv_conf(server, &row).await?;
-            let agent = crate::lifecycle::agent_of(server, &row).expect("slot claimed");
-            let req = sandpit_agent_proto::ExecRequest {
-                argv: Some(step.argv.clone()),
-                cwd: Some(step.workdir.clone()),
-                env: step.env.clone(),
-                timeout_ms: Some(RUN_STEP_TIMEOUT.as_millis() as u64),
-                ..Default::default()
-            };
-            let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-            let exec = agent.exec(req, tx);
-            tokio::pin!(exec);
-            let status = loop {
-                tokio::select! {
-                    s = &mut exec => break s,
-                    Some(item) = rx.recv() => forward(item, log),
-                }
-            };
-            while let Ok(item) = rx.try_recv() {
-                forward(item, log);
-            }
-            let status = status.map_err(|f| ControlError::Agent {
-                sandbox: row.id.clone(),
-                what: format!("running a build step: {f:?}"),
-            })?;
-            if status.timed_out {
-                log(format!(
-                    "\n[timed out after {} s]\n",
-                    RUN_STEP_TIMEOUT.as_secs()
-                ));
-            }
-            server
-                .runtime
-                .stop(&row.runtime_id, &server.state_dir(&row.id))
-                .await?;
-            if status.exit_code == 0 {
-                server
-                    .runtime
-                    .export_layer(&server.state_dir(&row.id), &step.out)
-                    .await?;
-                clean_run_layer(&step.out);
-            }
-            Ok::<i32, ControlError>(status.exit_code)
-        }
-        .await;
-        discard_system_sandbox(server, &row, _guard).await;
-        result.map_err(fail)
-    }
-}
-
-fn forward(item: sandpit_control::agent::ExecOutput, log: &(dyn Fn(String) + Send + Sync)) {
-    match item {
-        sandpit_control::agent::ExecOutput::Stdout(b)
-        | sandpit_control::agent::ExecOutput::Stderr(b) => {
-            log(String::from_utf8_lossy(&b).into_owned())
-        }
-        sandpit_control::agent::ExecOutput::Started(_) => {}
-    }
-}
-
-/// Drop what every builder sandbox writes whatever the step does: the resolver config the
-/// server wrote and the mount points the runtime created, when they are empty. The layer is
-/// the step's own output (a tenant's tree): `etc` is opened beneath it without following a
-/// symlink, so a step that made `/etc` a link to a host directory gets nothing removed there.
-fn clean_run_layer(layer: &Path) {
-    let Ok(root) = sandpit_fs::TreeDir::open(layer) else {
-        return;
-    };
-    if let Ok(etc) = root.open_dir(Path::new("etc")) {
-        let _ = etc.remove_file(std::ffi::OsStr::new("resolv.conf"));
-    }
-    for d in ["etc", "proc", "sys", "dev"] {
-        root.remove_empty_dir(std::ffi::OsStr::new(d));
+            .map_err(|e| ImageError::Runner(DisplayChain(&e).to_string()))
     }
 }
 

@@ -15,6 +15,7 @@ use super::Node;
 use crate::ControlError;
 use crate::store::TemplateRow;
 use crate::util::now_ms;
+use sandpit_image_config::ImageConfig;
 
 /// Where the agent sits inside every sandbox.
 pub const AGENT_PATH_IN_SANDBOX: &str = "/.sandpit/agent";
@@ -116,7 +117,7 @@ pub async fn ensure_base(node: &Node) -> Result<(), ControlError> {
 /// A template's image config (environment, start command, ready check); empty for the
 /// built-in ones. Fails closed: a stored config that does not decode is an error, never an
 /// empty config (which would drop the image's environment and user).
-pub fn image_config(t: &TemplateRow) -> Result<sandpit_image_config::ImageConfig, ControlError> {
+pub fn image_config(t: &TemplateRow) -> Result<ImageConfig, ControlError> {
     crate::error::decode(|| format!("image config of template {}", t.id), &t.config)
 }
 
@@ -167,7 +168,7 @@ pub async fn start_and_wait(node: &Node, row: &crate::store::Sandbox) -> Result<
 pub async fn start_command(
     node: &Node,
     row: &crate::store::Sandbox,
-    cfg: &sandpit_image_config::ImageConfig,
+    cfg: &ImageConfig,
     env: Vec<(String, String)>,
 ) -> Result<(), ControlError> {
     let Some(argv) = cfg.start_command() else {
@@ -229,7 +230,7 @@ pub async fn start_command(
 pub async fn wait_ready(
     node: &Node,
     row: &crate::store::Sandbox,
-    cfg: &sandpit_image_config::ImageConfig,
+    cfg: &ImageConfig,
     limit: std::time::Duration,
 ) -> Result<(), ControlError> {
     use sandpit_image_config::ReadyCheck;
@@ -462,6 +463,167 @@ pub async fn save_boot_image(
         .copy_files(&node.state_dir(&row.id), &dir.join("files"))
         .await?;
     Ok(())
+}
+
+/// Boot a template once in a system sandbox, start its start command, wait for its ready
+/// check and, when boot snapshots are on, keep that moment as the template's boot snapshot
+/// (sandboxes then restore with the command already running). The sandbox is torn down
+/// whatever happens. For a build whose image has a start command or a ready check.
+pub async fn verify_start(
+    node: &Node,
+    template: &TemplateRow,
+    cfg: &ImageConfig,
+) -> Result<(), ControlError> {
+    let mut row = super::pool::system_row(node, &template.id, &template.name);
+    row.egress = crate::Stored::from_raw(template.default_egress.clone());
+    let lock = node.lock_of(&row.id);
+    let guard = lock.write().await;
+    super::lifecycle::insert_with_slot(node, &mut row).await?;
+    let snapshot_dir = boot_snapshot_dir(node, &template.id);
+    let tmp = snapshot_dir.with_extension("tmp");
+    let result = async {
+        super::lifecycle::boot(node, &row, None).await?;
+        super::lifecycle::write_resolv_conf(node, &row).await?;
+        let env = super::lifecycle::exec_env(&row, cfg.env.clone())?;
+        start_command(node, &row, cfg, env).await?;
+        wait_ready(node, &row, cfg, READY_TIMEOUT).await?;
+        if node.cfg.boot_snapshots {
+            let _ = std::fs::remove_dir_all(&tmp);
+            save_boot_image(node, &row, &tmp).await?;
+            let _ = std::fs::remove_dir_all(&snapshot_dir);
+            std::fs::rename(&tmp, &snapshot_dir)
+                .map_err(io_err("publishing a template's boot snapshot"))?;
+        }
+        Ok::<(), ControlError>(())
+    }
+    .await;
+    discard_system_sandbox(node, &row, guard).await;
+    let _ = std::fs::remove_dir_all(&tmp);
+    result
+}
+
+/// A build's `RUN` step, run in a system sandbox of its own over the step's layers.
+pub struct BuildStep<'a> {
+    pub template_id: &'a str,
+    pub template_name: &'a str,
+    /// The egress policy the build runs under (stored JSON).
+    pub egress: &'a str,
+    /// The layers to run over, lowest first (the agent layer goes on top).
+    pub layers: &'a [PathBuf],
+    pub argv: &'a [String],
+    pub workdir: &'a str,
+    pub env: &'a [(String, String)],
+    /// Where the step's writable layer is exported when it succeeds.
+    pub out: &'a Path,
+    pub timeout: std::time::Duration,
+}
+
+/// Run one build step: boot a large system sandbox over `step.layers`, run the command
+/// with its output to `log` as it arrives, stop it and, when it exited 0, export its
+/// writable layer to `step.out`. Returns the exit code. The sandbox is torn down whatever
+/// happens.
+pub async fn run_build_step(
+    node: &Node,
+    step: BuildStep<'_>,
+    log: &(dyn Fn(String) + Send + Sync),
+) -> Result<i32, ControlError> {
+    let mut row = super::pool::system_row(node, step.template_id, step.template_name);
+    row.egress = crate::Stored::from_raw(step.egress.to_string());
+    row.size = "large".into();
+    let lock = node.lock_of(&row.id);
+    let guard = lock.write().await;
+    super::lifecycle::insert_with_slot(node, &mut row).await?;
+    let result = async {
+        let mut spec = super::lifecycle::spec_for(node, &row).await?;
+        spec.layers = step
+            .layers
+            .iter()
+            .cloned()
+            .chain([node.agent_layer.clone()])
+            .collect();
+        super::lifecycle::boot_spec(node, &row, &spec, None).await?;
+        super::lifecycle::write_resolv_conf(node, &row).await?;
+        let agent = super::lifecycle::agent_of(node, &row).expect("slot claimed");
+        let req = sandpit_agent_proto::ExecRequest {
+            argv: Some(step.argv.to_vec()),
+            cwd: Some(step.workdir.to_string()),
+            env: step.env.to_vec(),
+            timeout_ms: Some(step.timeout.as_millis() as u64),
+            ..Default::default()
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let exec = agent.exec(req, tx);
+        tokio::pin!(exec);
+        let status = loop {
+            tokio::select! {
+                s = &mut exec => break s,
+                Some(item) = rx.recv() => forward(item, log),
+            }
+        };
+        while let Ok(item) = rx.try_recv() {
+            forward(item, log);
+        }
+        let status = status.map_err(|f| ControlError::Agent {
+            sandbox: row.id.clone(),
+            what: format!("running a build step: {f:?}"),
+        })?;
+        if status.timed_out {
+            log(format!(
+                "\n[timed out after {} s]\n",
+                step.timeout.as_secs()
+            ));
+        }
+        node.runtime
+            .stop(&row.runtime_id, &node.state_dir(&row.id))
+            .await?;
+        if status.exit_code == 0 {
+            node.runtime
+                .export_layer(&node.state_dir(&row.id), step.out)
+                .await?;
+            clean_run_layer(step.out);
+        }
+        Ok::<i32, ControlError>(status.exit_code)
+    }
+    .await;
+    discard_system_sandbox(node, &row, guard).await;
+    result
+}
+
+fn forward(item: crate::agent::ExecOutput, log: &(dyn Fn(String) + Send + Sync)) {
+    match item {
+        crate::agent::ExecOutput::Stdout(b) | crate::agent::ExecOutput::Stderr(b) => {
+            log(String::from_utf8_lossy(&b).into_owned())
+        }
+        crate::agent::ExecOutput::Started(_) => {}
+    }
+}
+
+/// What a `RUN` step's exported layer must not keep: the resolver the server wrote, and
+/// the mount points the runtime made (empty directories only).
+fn clean_run_layer(layer: &Path) {
+    let Ok(root) = sandpit_fs::TreeDir::open(layer) else {
+        return;
+    };
+    if let Ok(etc) = root.open_dir(Path::new("etc")) {
+        let _ = etc.remove_file(std::ffi::OsStr::new("resolv.conf"));
+    }
+    for d in ["etc", "proc", "sys", "dev"] {
+        root.remove_empty_dir(std::ffi::OsStr::new(d));
+    }
+}
+
+/// Tear down a system sandbox, mark it destroyed and forget its lock (held until then).
+/// Best effort: the outcome of what it ran is already decided.
+async fn discard_system_sandbox(
+    node: &Node,
+    row: &crate::store::Sandbox,
+    guard: tokio::sync::RwLockWriteGuard<'_, ()>,
+) {
+    node.teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
+        .await;
+    let _ = node.store.sandboxes.mark_destroyed(&row.id, now_ms()).await;
+    drop(guard);
+    node.forget_lock(&row.id);
 }
 
 #[cfg(test)]
