@@ -14,6 +14,8 @@ pub mod live;
 pub mod node;
 pub mod recovery;
 pub mod store;
+#[cfg(any(test, feature = "fake"))]
+pub mod testing;
 pub mod tokens;
 pub mod util;
 

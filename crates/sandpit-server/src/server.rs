@@ -2,10 +2,6 @@
 //! [`Node`] over the backends the caller made, bootstraps on first start and reconciles
 //! what a crash left. [`Server`] adds what only the HTTP edge needs (rate limits, the
 //! template build logs) and derefs to its node.
-#![expect(
-    clippy::disallowed_methods,
-    reason = "the data dir's own layout (the directories a node keeps under it)"
-)]
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -157,20 +153,7 @@ impl Server {
         net: Arc<dyn SandboxNetwork>,
         bootstrap_token: Option<&str>,
     ) -> Result<(Arc<Server>, Option<String>), ControlError> {
-        // A crash may leave temporary memory images behind; nothing refers to them.
-        let _ = std::fs::remove_dir_all(cfg.data_dir.join("images-tmp"));
-        for dir in [
-            "",
-            "sandboxes",
-            "checkpoints",
-            "snapshots",
-            "images-tmp",
-            "templates",
-        ] {
-            let p = cfg.data_dir.join(dir);
-            std::fs::create_dir_all(&p)
-                .map_err(ControlError::files(format!("directory {}", p.display())))?;
-        }
+        sandpit_control::node::make_data_dirs(&cfg.data_dir)?;
         let store = match &cfg.database {
             Some(url) => Store::connect(url).await?,
             None => Store::open_sqlite(&cfg.data_dir.join("sandpit.db")).await?,

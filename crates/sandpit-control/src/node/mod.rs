@@ -14,6 +14,9 @@ pub mod lifecycle;
 pub mod pool;
 pub mod templates;
 
+#[cfg(test)]
+mod tests;
+
 use crate::Status;
 use crate::recovery::{self, Recovery};
 use std::collections::{HashMap, HashSet};
@@ -29,6 +32,25 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{ControlError, DisplayChain};
 use crate::store::Store;
 use crate::util::now_ms;
+
+/// Make the directories a node keeps under its data dir (idempotent), and remove the
+/// temporary memory images a crash may have left (nothing refers to them).
+pub fn make_data_dirs(data_dir: &Path) -> Result<(), ControlError> {
+    let _ = std::fs::remove_dir_all(data_dir.join("images-tmp"));
+    for dir in [
+        "",
+        "sandboxes",
+        "checkpoints",
+        "snapshots",
+        "images-tmp",
+        "templates",
+    ] {
+        let p = data_dir.join(dir);
+        std::fs::create_dir_all(&p)
+            .map_err(ControlError::files(format!("directory {}", p.display())))?;
+    }
+    Ok(())
+}
 
 /// What a node is told (the server builds it from its own configuration).
 #[derive(Debug, Clone)]

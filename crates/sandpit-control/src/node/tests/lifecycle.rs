@@ -2,7 +2,7 @@
 //! failure paths. Assertions are on the store, the calls the fakes recorded and what they
 //! hold afterwards.
 
-use sandpit_control::Status;
+use crate::Status;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +14,7 @@ use sandpit_runtime::fake::{FakeOp, FakeRuntime};
 use sandpit_runtime::{Runtime, RuntimeStatus};
 
 use super::{Harness, runtime_with_agents};
-use crate::lifecycle;
+use crate::node::lifecycle;
 
 /// The slot a row holds (it must hold one).
 fn slot(row: &crate::store::Sandbox) -> u32 {
@@ -23,7 +23,7 @@ fn slot(row: &crate::store::Sandbox) -> u32 {
 
 async fn agent_answers(h: &Harness, id: &str) -> bool {
     let row = h.row(id).await;
-    match lifecycle::agent_of(&h.server, &row) {
+    match lifecycle::agent_of(&h.node, &row) {
         Some(agent) => agent.ping().await.is_ok(),
         None => false,
     }
@@ -39,7 +39,7 @@ async fn create_boots_attaches_and_writes_resolv_conf() {
     assert_eq!(h.rt.ops_of(&row.runtime_id), ["start"]);
     assert_eq!(h.rt.status_of(&row.runtime_id), RuntimeStatus::Running);
     let spec = h.rt.spec_of(&row.runtime_id).unwrap();
-    assert_eq!(spec.state_dir, h.server.state_dir(&row.id));
+    assert_eq!(spec.state_dir, h.node.state_dir(&row.id));
     assert_eq!(
         spec.network.unwrap().address,
         h.net.addrs(0).sandbox_ip,
@@ -48,7 +48,7 @@ async fn create_boots_attaches_and_writes_resolv_conf() {
     assert_eq!(h.net.attached(), [0]);
     assert_eq!(h.net.ops_of(0), ["attach"]);
     let resolv = std::fs::read_to_string(spec.state_dir.join("upper/etc/resolv.conf")).unwrap();
-    assert_eq!(resolv, h.server.resolv_conf, "written through the agent");
+    assert_eq!(resolv, h.node.resolv_conf, "written through the agent");
     assert!(agent_answers(&h, &row.id).await);
     // A second sandbox takes the next slot.
     let second = h.create(SandboxMode::Ephemeral).await.unwrap();
@@ -61,30 +61,30 @@ async fn suspend_then_wake_restores_from_the_image() {
     let row = h.create(SandboxMode::Persistent).await.unwrap();
     let rid = row.runtime_id.clone();
 
-    let suspended = lifecycle::suspend(&h.server, &row.id).await.unwrap();
+    let suspended = lifecycle::suspend(&h.node, &row.id).await.unwrap();
     assert_eq!(suspended.status, Status::Suspended);
     assert_eq!(suspended.slot, None, "a suspended sandbox holds no slot");
     assert_eq!(suspended.error, None);
     assert_eq!(h.rt.ops_of(&rid), ["start", "checkpoint"]);
     assert_eq!(h.rt.status_of(&rid), RuntimeStatus::Missing);
-    assert!(h.rt.has_image(&h.server.checkpoint_dir(&row.id)));
+    assert!(h.rt.has_image(&h.node.checkpoint_dir(&row.id)));
     assert!(h.net.attached().is_empty());
     assert_eq!(h.net.ops_of(0), ["attach", "detach"]);
-    assert!(h.server.state_dir(&row.id).exists(), "files kept");
+    assert!(h.node.state_dir(&row.id).exists(), "files kept");
 
-    let woken = lifecycle::wake(&h.server, &row.id).await.unwrap();
+    let woken = h.wake(&row.id).await.unwrap();
     assert_eq!(woken.status, Status::Running);
     assert_eq!(woken.slot, Some(0));
     assert_eq!(woken.error, None);
     assert_eq!(h.rt.ops_of(&rid), ["start", "checkpoint", "restore"]);
     assert!(
-        !h.server.checkpoint_dir(&row.id).exists(),
+        !h.node.checkpoint_dir(&row.id).exists(),
         "the image is removed once restored"
     );
     assert_eq!(h.net.attached(), [0]);
     assert!(agent_answers(&h, &row.id).await);
     // Waking a running sandbox does nothing.
-    lifecycle::wake(&h.server, &row.id).await.unwrap();
+    h.wake(&row.id).await.unwrap();
     assert_eq!(h.rt.ops_of(&rid).len(), 3);
 }
 
@@ -92,16 +92,16 @@ async fn suspend_then_wake_restores_from_the_image() {
 async fn destroy_releases_runtime_network_and_files() {
     let h = Harness::new().await;
     let row = h.create(SandboxMode::Ephemeral).await.unwrap();
-    lifecycle::destroy(&h.server, &row.id).await.unwrap();
+    lifecycle::destroy(&h.node, &row.id).await.unwrap();
     let stored = h.row(&row.id).await;
     assert_eq!(stored.status, Status::Destroyed);
     assert_eq!(stored.slot, None);
     assert_eq!(h.rt.ops_of(&row.runtime_id), ["start", "destroy"]);
     assert!(h.rt.held().is_empty());
     assert!(h.net.attached().is_empty());
-    assert!(!h.server.state_dir(&row.id).exists());
+    assert!(!h.node.state_dir(&row.id).exists());
     assert!(
-        h.server
+        h.node
             .store
             .sandboxes
             .used_slots()
@@ -110,7 +110,7 @@ async fn destroy_releases_runtime_network_and_files() {
             .is_empty()
     );
     // Idempotent: a second destroy touches nothing.
-    lifecycle::destroy(&h.server, &row.id).await.unwrap();
+    lifecycle::destroy(&h.node, &row.id).await.unwrap();
     assert_eq!(h.rt.ops_of(&row.runtime_id), ["start", "destroy"]);
 }
 
@@ -119,9 +119,9 @@ async fn runtime_start_failure_fails_the_row_and_leaves_nothing() {
     let h = Harness::new().await;
     h.rt.fail_next(FakeOp::Start, None);
     let err = h.create(SandboxMode::Ephemeral).await.unwrap_err();
-    assert_eq!(err.status, axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(matches!(err, crate::ControlError::Runtime(_)), "{err:?}");
     let rows = h
-        .server
+        .node
         .store
         .sandboxes
         .with_status(&[Status::Failed])
@@ -139,7 +139,7 @@ async fn runtime_start_failure_fails_the_row_and_leaves_nothing() {
     assert!(h.rt.held().is_empty());
     assert!(h.net.attached().is_empty(), "network detached");
     assert_eq!(h.net.ops_of(0), ["attach", "detach", "detach"]);
-    assert!(!h.server.state_dir(&row.id).exists());
+    assert!(!h.node.state_dir(&row.id).exists());
     // The next create gets the slot back and works.
     let next = h.create(SandboxMode::Ephemeral).await.unwrap();
     assert_eq!(h.row(&next.id).await.slot, Some(0));
@@ -151,7 +151,7 @@ async fn network_attach_failure_never_starts_the_runtime() {
     h.net.fail_next(NetOp::Attach, None);
     assert!(h.create(SandboxMode::Ephemeral).await.is_err());
     let rows = h
-        .server
+        .node
         .store
         .sandboxes
         .with_status(&[Status::Failed])
@@ -162,7 +162,7 @@ async fn network_attach_failure_never_starts_the_runtime() {
     assert!(!ops.contains(&"start"), "{ops:?}");
     assert!(h.net.attached().is_empty());
     assert!(
-        h.server
+        h.node
             .store
             .sandboxes
             .used_slots()
@@ -177,13 +177,11 @@ async fn silent_agent_times_out_and_is_torn_down() {
     // The runtime starts, but nothing inside answers.
     let rt = Arc::new(FakeRuntime::new());
     let mut h = Harness::with(rt, Arc::new(FakeNetwork::new(4))).await;
-    let mut cfg = h.server.cfg.clone();
-    cfg.agent_ready_timeout = Duration::from_millis(200);
-    h.server.shutdown.cancel();
-    h.server = super::start(cfg, &h.rt, &h.net).await;
+    h.cfg.agent_ready_timeout = Duration::from_millis(200);
+    h.restart().await;
     assert!(h.create(SandboxMode::Ephemeral).await.is_err());
     let rows = h
-        .server
+        .node
         .store
         .sandboxes
         .with_status(&[Status::Failed])
@@ -202,7 +200,7 @@ async fn checkpoint_failure_suspends_without_memory() {
     let row = h.create(SandboxMode::Persistent).await.unwrap();
     let rid = row.runtime_id.clone();
     h.rt.fail_next(FakeOp::Checkpoint, Some(&rid));
-    let suspended = lifecycle::suspend(&h.server, &row.id).await.unwrap();
+    let suspended = lifecycle::suspend(&h.node, &row.id).await.unwrap();
     assert_eq!(suspended.status, Status::Suspended);
     assert_eq!(suspended.slot, None);
     assert!(
@@ -217,10 +215,10 @@ async fn checkpoint_failure_suspends_without_memory() {
     // The failed checkpoint killed it; the server stopped what was left.
     assert_eq!(h.rt.ops_of(&rid), ["start", "checkpoint", "stop"]);
     assert!(h.rt.held().is_empty());
-    assert!(!h.server.checkpoint_dir(&row.id).exists(), "no image");
+    assert!(!h.node.checkpoint_dir(&row.id).exists(), "no image");
     assert!(h.net.attached().is_empty());
     // The wake boots it afresh from its files.
-    let woken = lifecycle::wake(&h.server, &row.id).await.unwrap();
+    let woken = h.wake(&row.id).await.unwrap();
     assert_eq!(woken.status, Status::Running);
     assert_eq!(h.rt.ops_of(&rid), ["start", "checkpoint", "stop", "start"]);
     assert!(agent_answers(&h, &row.id).await);
@@ -231,11 +229,11 @@ async fn restore_failure_falls_back_to_a_boot_from_files() {
     let h = Harness::new().await;
     let row = h.create(SandboxMode::Persistent).await.unwrap();
     let rid = row.runtime_id.clone();
-    lifecycle::suspend(&h.server, &row.id).await.unwrap();
+    lifecycle::suspend(&h.node, &row.id).await.unwrap();
     // The wake retries a failed restore once, then boots from the files.
     h.rt.fail_next(FakeOp::Restore, Some(&rid));
     h.rt.fail_next(FakeOp::Restore, Some(&rid));
-    let woken = lifecycle::wake(&h.server, &row.id).await.unwrap();
+    let woken = h.wake(&row.id).await.unwrap();
     assert_eq!(woken.status, Status::Running);
     assert!(
         woken
@@ -260,7 +258,7 @@ async fn restore_failure_falls_back_to_a_boot_from_files() {
     );
     assert_eq!(h.rt.pending_failures(), 0);
     assert_eq!(h.net.attached(), [slot(&woken)]);
-    assert!(!h.server.checkpoint_dir(&row.id).exists());
+    assert!(!h.node.checkpoint_dir(&row.id).exists());
     assert!(agent_answers(&h, &row.id).await);
 }
 
@@ -269,17 +267,17 @@ async fn wake_that_cannot_start_stays_suspended_without_a_slot() {
     let h = Harness::new().await;
     let row = h.create(SandboxMode::Persistent).await.unwrap();
     let rid = row.runtime_id.clone();
-    lifecycle::suspend(&h.server, &row.id).await.unwrap();
+    lifecycle::suspend(&h.node, &row.id).await.unwrap();
     h.rt.fail_next(FakeOp::Restore, Some(&rid));
     h.rt.fail_next(FakeOp::Restore, Some(&rid));
     h.rt.fail_next(FakeOp::Start, Some(&rid));
-    assert!(lifecycle::wake(&h.server, &row.id).await.is_err());
+    assert!(h.wake(&row.id).await.is_err());
     let stored = h.row(&row.id).await;
     assert_eq!(stored.status, Status::Suspended);
     assert_eq!(stored.slot, None, "the claimed slot is given back");
     assert!(h.rt.held().is_empty());
     assert!(h.net.attached().is_empty());
-    assert!(h.server.state_dir(&row.id).exists(), "files kept");
+    assert!(h.node.state_dir(&row.id).exists(), "files kept");
 }
 
 #[tokio::test]
@@ -287,14 +285,13 @@ async fn fork_copies_files_and_restores_parent_and_children() {
     let h = Harness::new().await;
     let parent = h.create(SandboxMode::Ephemeral).await.unwrap();
     let prid = parent.runtime_id.clone();
-    let sb = h.authorized(h.row(&parent.id).await);
-    let results = crate::fork::fork(&h.server, &sb, 2).await.unwrap();
+    let results = h.fork(&parent.id, 2).await.unwrap();
     assert_eq!(results.len(), 2);
     let children: Vec<String> = results
         .iter()
         .map(|r| match r {
-            sandpit_api_types::ForkResult::Ok(sb) => sb.id.clone(),
-            other => panic!("{other:?}"),
+            Ok(child) => child.id.clone(),
+            Err(e) => panic!("{e:?}"),
         })
         .collect();
     assert_eq!(h.rt.ops_of(&prid), ["start", "checkpoint", "restore"]);
@@ -307,12 +304,7 @@ async fn fork_copies_files_and_restores_parent_and_children() {
         assert_eq!(h.rt.ops_of(&row.runtime_id), ["restore"]);
         assert!(slots.insert(slot(&row)), "each child its own slot");
         // The parent's files travelled (its resolv.conf, written at its create).
-        assert!(
-            h.server
-                .state_dir(id)
-                .join("upper/etc/resolv.conf")
-                .exists()
-        );
+        assert!(h.node.state_dir(id).join("upper/etc/resolv.conf").exists());
         assert!(agent_answers(&h, id).await);
     }
     let copies =
@@ -322,7 +314,7 @@ async fn fork_copies_files_and_restores_parent_and_children() {
             .count();
     assert_eq!(copies, 2);
     assert_eq!(h.net.attached().len(), 3);
-    let tmp = std::fs::read_dir(h.server.cfg.data_dir.join("images-tmp")).unwrap();
+    let tmp = std::fs::read_dir(h.cfg.data_dir.join("images-tmp")).unwrap();
     assert_eq!(tmp.count(), 0, "the temporary image is removed");
 }
 
@@ -332,17 +324,22 @@ async fn fork_with_a_failed_checkpoint_restarts_the_parent_from_files() {
     let parent = h.create(SandboxMode::Ephemeral).await.unwrap();
     let prid = parent.runtime_id.clone();
     h.rt.fail_next(FakeOp::Checkpoint, Some(&prid));
-    let sb = h.authorized(h.row(&parent.id).await);
-    let err = crate::fork::fork(&h.server, &sb, 1).await.unwrap_err();
-    assert_eq!(err.code, "checkpoint_refused");
+    let err = h.fork(&parent.id, 1).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            crate::ControlError::Conflict {
+                code: "checkpoint_refused",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     assert_eq!(h.rt.ops_of(&prid), ["start", "checkpoint", "stop", "start"]);
     assert_eq!(h.row(&parent.id).await.status, Status::Running);
     assert!(agent_answers(&h, &parent.id).await);
     // No child row was made; only the parent holds a slot.
-    assert_eq!(
-        h.server.store.sandboxes.used_slots().await.unwrap().len(),
-        1
-    );
+    assert_eq!(h.node.store.sandboxes.used_slots().await.unwrap().len(), 1);
     assert_eq!(h.rt.held(), [prid]);
 }
 
@@ -368,7 +365,7 @@ async fn reconcile_adopts_a_running_sandbox() {
         "its rules learnt, nothing rebuilt"
     );
     assert!(agent_answers(&h, &row.id).await);
-    assert!(h.server.state_dir(&row.id).exists());
+    assert!(h.node.state_dir(&row.id).exists());
 }
 
 #[tokio::test]
@@ -376,7 +373,7 @@ async fn reconcile_fails_a_create_interrupted_after_boot() {
     let mut h = Harness::new().await;
     let row = h.create(SandboxMode::Ephemeral).await.unwrap();
     // The crash came between the boot and the store write that marks it running.
-    h.server
+    h.node
         .store
         .sandboxes
         .force_status(&row.id, Status::Creating, None, crate::util::now_ms())
@@ -390,7 +387,7 @@ async fn reconcile_fails_a_create_interrupted_after_boot() {
     assert_eq!(h.rt.ops_of(&row.runtime_id), ["start", "destroy"]);
     assert!(h.rt.held().is_empty());
     assert!(h.net.attached().is_empty());
-    assert!(!h.server.state_dir(&row.id).exists());
+    assert!(!h.node.state_dir(&row.id).exists());
 }
 
 #[tokio::test]
@@ -407,16 +404,16 @@ async fn reconcile_after_a_host_reboot_suspends_persistent_and_fails_ephemeral()
     assert_eq!(p.status, Status::Suspended);
     assert_eq!(p.slot, None);
     assert!(p.error.as_deref().unwrap().contains("memory was lost"));
-    assert!(h.server.state_dir(&persistent.id).exists(), "files kept");
+    assert!(h.node.state_dir(&persistent.id).exists(), "files kept");
 
     let e = h.row(&ephemeral.id).await;
     assert_eq!(e.status, Status::Failed);
-    assert!(!h.server.state_dir(&ephemeral.id).exists());
+    assert!(!h.node.state_dir(&ephemeral.id).exists());
 
     assert!(h.rt.held().is_empty());
     assert!(h.net.attached().is_empty(), "both slots released");
     // The persistent one boots from its files again.
-    let woken = lifecycle::wake(&h.server, &persistent.id).await.unwrap();
+    let woken = h.wake(&persistent.id).await.unwrap();
     assert_eq!(woken.status, Status::Running);
     assert_eq!(
         h.rt.ops_of(&persistent.runtime_id).last(),
@@ -432,7 +429,7 @@ async fn reconcile_removes_what_the_store_does_not_know() {
     // Left by a crash: a runtime sandbox, a network slot and a directory no row accounts for.
     let mut stray = h.rt.spec_of(&kept.runtime_id).unwrap();
     stray.id = "t-stray".into();
-    stray.state_dir = h.server.state_dir("sb_stray");
+    stray.state_dir = h.node.state_dir("sb_stray");
     if let Some(n) = stray.network.as_mut() {
         n.address = h.net.addrs(3).sandbox_ip;
     }
@@ -456,8 +453,8 @@ async fn reconcile_removes_what_the_store_does_not_know() {
         }
     );
     assert_eq!(h.net.attached(), [0], "the stray slot is detached");
-    assert!(!h.server.state_dir("sb_stray").exists());
-    assert!(h.server.state_dir(&kept.id).exists());
+    assert!(!h.node.state_dir("sb_stray").exists());
+    assert!(h.node.state_dir(&kept.id).exists());
     assert_eq!(h.row(&kept.id).await.status, Status::Running);
 }
 
@@ -467,9 +464,7 @@ async fn a_sandbox_that_dies_is_settled() {
     let ephemeral = h.create(SandboxMode::Ephemeral).await.unwrap();
     let persistent = h.create(SandboxMode::Persistent).await.unwrap();
     assert!(
-        lifecycle::settle_if_dead(&h.server, &ephemeral.id)
-            .await
-            .is_none(),
+        !lifecycle::settle_if_dead(&h.node, &ephemeral.id).await,
         "alive: nothing to settle"
     );
     assert!(h.rt.kill(&ephemeral.runtime_id));
@@ -480,16 +475,8 @@ async fn a_sandbox_that_dies_is_settled() {
             .unwrap()
             .contains(&ephemeral.runtime_id)
     );
-    assert!(
-        lifecycle::settle_if_dead(&h.server, &ephemeral.id)
-            .await
-            .is_some()
-    );
-    assert!(
-        lifecycle::settle_if_dead(&h.server, &persistent.id)
-            .await
-            .is_some()
-    );
+    assert!(lifecycle::settle_if_dead(&h.node, &ephemeral.id).await);
+    assert!(lifecycle::settle_if_dead(&h.node, &persistent.id).await);
     let e = h.row(&ephemeral.id).await;
     assert_eq!(e.status, Status::Failed);
     assert_eq!(e.error.as_deref(), Some(lifecycle::STOPPED_REASON));
@@ -524,7 +511,7 @@ async fn fakes_keep_apart_in_one_process() {
 async fn reconcile_after_a_crash_between_checkpoint_and_store_write() {
     let mut h = Harness::new().await;
     let row = h.create(SandboxMode::Persistent).await.unwrap();
-    let image = h.server.checkpoint_dir(&row.id);
+    let image = h.node.checkpoint_dir(&row.id);
     // The server died after the checkpoint (`hibernate.checkpointed`), before the row said
     // suspended: the runtime no longer holds it, its slot is still attached.
     h.rt.checkpoint(&row.runtime_id, &image).await.unwrap();
@@ -535,7 +522,7 @@ async fn reconcile_after_a_crash_between_checkpoint_and_store_write() {
     assert!(h.net.attached().is_empty());
     assert!(h.rt.has_image(&image), "the image is kept");
     // The wake restores it: its memory was not lost after all.
-    let woken = lifecycle::wake(&h.server, &row.id).await.unwrap();
+    let woken = h.wake(&row.id).await.unwrap();
     assert_eq!(woken.status, Status::Running);
     assert_eq!(h.rt.ops_of(&row.runtime_id).last(), Some(&"restore"));
     assert!(agent_answers(&h, &row.id).await);
