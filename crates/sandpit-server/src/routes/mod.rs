@@ -4,6 +4,7 @@ pub mod files;
 pub mod org;
 pub mod ports;
 pub mod previews;
+mod schema_rules;
 pub mod sandboxes;
 pub mod templates;
 
@@ -146,6 +147,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 fn router_and_doc() -> (Router<Arc<Server>>, utoipa::openapi::OpenApi) {
     let (api, mut doc) = router().split_for_parts();
     utoipa::Modify::modify(&CommonResponses, &mut doc);
+    // A rule without a target fails `every_schema_rule_has_a_target`.
+    let _missing = schema_rules::apply(&mut doc);
     (api, doc)
 }
 
@@ -187,6 +190,13 @@ pub fn app(server: Arc<Server>) -> Router {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_schema_rule_has_a_target() {
+        let (_, mut doc) = super::router().split_for_parts();
+        let missing = super::schema_rules::apply(&mut doc);
+        assert!(missing.is_empty(), "schema rules without a target: {missing:?}");
+    }
+
     use axum::body::Bytes;
     use sandpit_api_types::WorkspaceCreateRequest;
 
