@@ -215,12 +215,12 @@ pub async fn view(
     let warm = server.store.sandboxes.pooled_count(&t.id).await? as u32;
     // Shown as far as it decodes; creating from a template whose records do not decode
     // fails with `corrupt_record`.
-    let cfg = sandpit_control::node::templates::image_config(&t).unwrap_or_default();
+    let cfg = sandpit_control::node::images::image_config(&t).unwrap_or_default();
     let layers: Vec<PathBuf> = serde_json::from_str(&t.layers).unwrap_or_default();
     Ok(Template {
         warm,
         boot_snapshot: server.cfg.boot_snapshots
-            && sandpit_control::node::templates::boot_snapshot(server, &t.id).is_some(),
+            && sandpit_control::node::images::boot_snapshot(server, &t.id).is_some(),
         aliases: server
             .store
             .templates
@@ -318,7 +318,7 @@ pub async fn create(
         .into_iter()
         .flatten()
     {
-        sandpit_control::node::lifecycle::validate_egress(server, p)?;
+        sandpit_control::node::boot::validate_egress(server, p)?;
     }
     for a in &req.aliases {
         parse_alias(a)?;
@@ -707,8 +707,8 @@ impl StepRunner for ServerRunner {
         let Some(t) = found.filter(|t| t.status == TemplateStatus::Ready) else {
             return Ok(None);
         };
-        let decoded = sandpit_control::node::templates::layers_of(&t)
-            .and_then(|layers| Ok((layers, sandpit_control::node::templates::image_config(&t)?)));
+        let decoded = sandpit_control::node::images::layers_of(&t)
+            .and_then(|layers| Ok((layers, sandpit_control::node::images::image_config(&t)?)));
         decoded
             .map(Some)
             .map_err(|e| ImageError::Runner(DisplayChain(&e).to_string()))
@@ -767,7 +767,7 @@ pub async fn delete(
     let (sandboxes, _) = server.store.templates.dependents(&t.id).await?;
     let users: Vec<&Sandbox> = sandboxes
         .iter()
-        .filter(|s| s.workspace_id != sandpit_control::node::pool::POOL_WORKSPACE)
+        .filter(|s| s.workspace_id != sandpit_control::node::boot::POOL_WORKSPACE)
         .collect();
     if !users.is_empty() && !force {
         return Err(ApiError::conflict(
@@ -792,7 +792,7 @@ pub async fn delete(
         .templates
         .delete(workspace_id, &t.id, now_ms())
         .await?;
-    let _ = std::fs::remove_dir_all(sandpit_control::node::templates::boot_snapshot_dir(
+    let _ = std::fs::remove_dir_all(sandpit_control::node::images::boot_snapshot_dir(
         server, &t.id,
     ));
     Ok(())

@@ -40,7 +40,7 @@ pub async fn fork(
         )
         .await?;
     let room = std::sync::Mutex::new(room);
-    let admitted = sandpit_control::node::lifecycle::Admitted {
+    let admitted = sandpit_control::node::boot::Admitted {
         lock: &server.limits.admission,
         hand_back: &|n| room.lock().expect("room poisoned").release(n),
     };

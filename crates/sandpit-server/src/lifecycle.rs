@@ -7,13 +7,15 @@ use std::sync::Arc;
 
 use sandpit_api_types::{CreateSandboxRequest, EgressPolicy, PreviewSettings, SandboxMode};
 use sandpit_control::agent::AgentClient;
+use sandpit_control::node::boot::{Admitted, owned};
 use sandpit_control::node::lifecycle as node;
 use sandpit_control::{ControlError, Status};
 use tokio::sync::OwnedRwLockReadGuard;
 
-pub use sandpit_control::node::lifecycle::{
-    STOPPED_REASON, agent_of, deny_all, egress_rules, exec_env, size_resources, to_api,
+pub use sandpit_control::node::boot::{
+    agent_of, deny_all, egress_rules, exec_env, size_resources, to_api,
 };
+pub use sandpit_control::node::lifecycle::STOPPED_REASON;
 
 use crate::error::ApiError;
 use crate::extract::Authorized;
@@ -41,7 +43,7 @@ pub async fn create(
         )
         .await?;
     let room = std::sync::Mutex::new(room);
-    let admitted = node::Admitted {
+    let admitted = Admitted {
         lock: &server.limits.admission,
         hand_back: &|n| room.lock().expect("room poisoned").release(n),
     };
@@ -51,7 +53,7 @@ pub async fn create(
 /// The current row of a sandbox the caller was authorized for (see [`Authorized`]); 404 if
 /// it is gone.
 pub async fn current(server: &Server, sb: &Authorized) -> Result<Sandbox, ApiError> {
-    Ok(node::owned(&server.node, sb.workspace_id(), sb.id()).await?)
+    Ok(owned(&server.node, sb.workspace_id(), sb.id()).await?)
 }
 
 /// Destroy a sandbox: idempotent, works in every state.
@@ -82,7 +84,7 @@ pub async fn wake(server: &Arc<Server>, id: &str) -> Result<Sandbox, ApiError> {
         _ => None,
     };
     let room = std::sync::Mutex::new(room);
-    let admitted = node::Admitted {
+    let admitted = Admitted {
         lock: &server.limits.admission,
         hand_back: &|n| {
             if let Some(r) = room.lock().expect("room poisoned").as_mut() {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sandpit_control::node::{NodeConfig, Quotas, templates};
+use sandpit_control::node::{NodeConfig, Quotas, images};
 use sandpit_control::{ControlError, Node};
 use sandpit_net::SandboxNetwork;
 use sandpit_runtime::Runtime;
@@ -160,7 +160,7 @@ impl Server {
         };
         let nameservers = net.config().nameservers.clone();
         net.init().await?;
-        let agent_layer = templates::install_agent_layer(&cfg.data_dir, &cfg.agent_bin)?;
+        let agent_layer = images::install_agent_layer(&cfg.data_dir, &cfg.agent_bin)?;
         if nameservers.is_empty() {
             tracing::warn!(
                 "the host has no nameserver a sandbox can reach (only loopback ones?): sandboxes get no DNS; set --dns"
@@ -191,7 +191,7 @@ impl Server {
             images,
             builds: Default::default(),
         });
-        templates::ensure_base(&server.node).await?;
+        images::ensure_base(&server.node).await?;
         crate::builds::register_toolchain(&server).await?;
         let token = crate::auth::bootstrap(&server, bootstrap_token).await?;
         server.node.reconcile().await?;

@@ -17,7 +17,7 @@ use futures::StreamExt;
 use sandpit_api_types::Snapshot;
 
 use super::Node;
-use super::lifecycle::{boot, insert_with_slot};
+use super::boot::{boot, insert_with_slot};
 use crate::error::{ControlError, DisplayChain};
 use crate::store::{Sandbox, SnapshotRow};
 use crate::util::{new_id, new_sandbox_id, now_ms, random_hex, rfc3339};
@@ -166,7 +166,7 @@ async fn start_child(
     match boot(node, &row, image).await {
         Ok(()) => {
             let now = now_ms();
-            let note = super::lifecycle::running_note(node, &row.id, None)
+            let note = super::boot::running_note(node, &row.id, None)
                 .await
                 .unwrap_or_default();
             node.store
@@ -197,7 +197,7 @@ pub async fn fork(
     workspace_id: &str,
     parent_id: &str,
     count: u32,
-    admitted: &super::lifecycle::Admitted<'_>,
+    admitted: &super::boot::Admitted<'_>,
 ) -> Result<Vec<Result<Sandbox, ControlError>>, ControlError> {
     if !(1..=MAX_FORK).contains(&count) {
         return Err(ControlError::invalid(
@@ -208,7 +208,7 @@ pub async fn fork(
     node.ensure_free_disk()?;
     let lock = node.lock_of(parent_id);
     let guard = lock.write().await;
-    let parent = super::lifecycle::owned(node, workspace_id, parent_id).await?;
+    let parent = super::boot::owned(node, workspace_id, parent_id).await?;
     let started = std::time::Instant::now();
     let frozen = freeze(node, &parent).await?;
 
@@ -324,7 +324,7 @@ pub async fn take_snapshot(
     }
     let lock = node.lock_of(sandbox_id);
     let _guard = lock.write().await;
-    let row = super::lifecycle::owned(node, workspace_id, sandbox_id).await?;
+    let row = super::boot::owned(node, workspace_id, sandbox_id).await?;
     let frozen = freeze(node, &row).await?;
     let id = new_id("snap");
     let dir = snapshot_dir(node, &id);

@@ -7,21 +7,16 @@
 //! with egress denied until its owner's policy is applied at hand-out.
 #![expect(clippy::disallowed_methods, reason = "/proc/meminfo is the kernel's")]
 
-use crate::{Status, Stored, Transition};
+use crate::Transition;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::Node;
-use super::lifecycle::{boot, insert_with_slot, stored_rules};
-use super::templates::BASE_TEMPLATE_ID;
+use super::boot::{boot, insert_with_slot, stored_rules, system_row};
+use super::images::BASE_TEMPLATE_ID;
 use crate::error::{ControlError, DisplayChain};
 use crate::store::Sandbox;
-use crate::util::{new_sandbox_id, now_ms};
-
-/// The workspace that owns pooled sandboxes (created by a migration; no token exists for it).
-pub const POOL_WORKSPACE: &str = "ws_system";
-/// The size pooled sandboxes boot with; requests for another size bypass the pool.
-pub const POOL_SIZE: &str = "small";
+use crate::util::now_ms;
 /// Refilling stops while the host has less memory available than this.
 const MIN_AVAILABLE_BYTES: u64 = 1 << 30;
 
@@ -30,7 +25,7 @@ const MIN_AVAILABLE_BYTES: u64 = 1 << 30;
 pub async fn take(
     node: &Arc<Node>,
     owner: &Sandbox,
-    admitted: &super::lifecycle::Admitted<'_>,
+    admitted: &super::boot::Admitted<'_>,
 ) -> Result<Option<Sandbox>, ControlError> {
     if node.cfg.warm_pool == 0 {
         return Ok(None);
@@ -42,7 +37,7 @@ pub async fn take(
             node.store.sandboxes.take_pooled(
                 &owner.template_id,
                 owner,
-                super::lifecycle::running_quota(node, &owner.workspace_id),
+                super::boot::running_quota(node, &owner.workspace_id),
             ),
             |t| t.is_some() as u32,
         )
@@ -71,7 +66,7 @@ pub async fn take(
     };
     // Never hand out a sandbox whose policy or resolver is not the owner's.
     let ready = match applied {
-        Ok(()) => super::lifecycle::write_resolv_conf(node, &row)
+        Ok(()) => super::boot::write_resolv_conf(node, &row)
             .await
             .map_err(|e| ("writing resolv.conf", e)),
         Err(e) => Err(("applying the egress policy", e)),
@@ -87,35 +82,6 @@ pub async fn take(
     }
     tracing::info!(sandbox = %id, workspace = %row.workspace_id, "handed out from the warm pool");
     Ok(Some(row))
-}
-
-/// A row for a sandbox the node runs for itself (warm pool, template boot snapshot):
-/// owned by the system workspace, egress denied, not yet inserted.
-pub fn system_row(node: &Node, template_id: &str, template_name: &str) -> Sandbox {
-    let now = now_ms();
-    let id = new_sandbox_id();
-    Sandbox {
-        runtime_id: format!("{}-{}", node.cfg.prefix, id),
-        id,
-        workspace_id: POOL_WORKSPACE.into(),
-        template_id: template_id.into(),
-        template_name: template_name.into(),
-        mode: sandpit_api_types::SandboxMode::Ephemeral,
-        status: Status::Creating,
-        size: POOL_SIZE.into(),
-        env: Stored::encode(&Default::default()),
-        metadata: Stored::encode(&Default::default()),
-        egress: Stored::from_raw(r#"{"mode":"deny_all"}"#.into()),
-        timeout_ms: None,
-        idle_timeout_ms: None,
-        expires_at: None,
-        last_active_at: now,
-        slot: None,
-        error: None,
-        created_at: now,
-        updated_at: now,
-        preview_privacy: sandpit_api_types::PreviewPrivacy::Private,
-    }
 }
 
 /// Boot one sandbox into the pool.
@@ -176,12 +142,8 @@ pub fn spawn_refill(node: &Arc<Node>) -> tokio::task::JoinHandle<()> {
                     tracing::warn!("warm pool: less than 1 GiB of memory available; not refilling");
                     break;
                 }
-                if let Err(e) = fill_one(
-                    &node,
-                    BASE_TEMPLATE_ID,
-                    super::templates::BASE_TEMPLATE_NAME,
-                )
-                .await
+                if let Err(e) =
+                    fill_one(&node, BASE_TEMPLATE_ID, super::images::BASE_TEMPLATE_NAME).await
                 {
                     tracing::error!(error = %DisplayChain(&e), "warm pool: booting a sandbox");
                     break;

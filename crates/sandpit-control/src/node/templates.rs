@@ -1,145 +1,25 @@
-//! Templates: the built-in `base` root filesystem (busybox, built offline in a second) and
-//! the agent layer stacked over every template.
+//! A template's start-up in a sandbox: its start command and ready check, its boot
+//! snapshot, and the sandboxes a template build runs its steps in (system sandboxes over
+//! explicit layers, torn down afterwards).
 #![expect(
     clippy::disallowed_methods,
-    reason = "the base rootfs, the agent layer and boot snapshots are written by the node itself under the data dir"
+    reason = "boot snapshots are written by the node itself under the data dir"
 )]
 
-use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-
 use super::Node;
+use super::images::{
+    BASE_TEMPLATE_ID, BASE_TEMPLATE_NAME, boot_snapshot, boot_snapshot_dir, image_config,
+};
 use crate::ControlError;
 use crate::store::TemplateRow;
 use crate::util::now_ms;
 use sandpit_image_config::ImageConfig;
 
-/// Where the agent sits inside every sandbox.
-pub const AGENT_PATH_IN_SANDBOX: &str = "/.sandpit/agent";
-
-pub const BASE_TEMPLATE_ID: &str = "tpl_base";
-pub const BASE_TEMPLATE_NAME: &str = "base";
-
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ControlError {
     let what = what.into();
     move |source| ControlError::Files { what, source }
-}
-
-/// True when `path` is an ELF executable without a program interpreter, i.e. it runs in a
-/// root filesystem that has no C library.
-pub fn is_static_elf(path: &Path) -> std::io::Result<bool> {
-    let mut head = Vec::new();
-    std::fs::File::open(path)?
-        .take(64 * 1024)
-        .read_to_end(&mut head)?;
-    if head.len() < 64 || &head[..4] != b"\x7fELF" || head[4] != 2 {
-        return Ok(false); // not a 64-bit ELF
-    }
-    let u16_at = |o: usize| u16::from_le_bytes([head[o], head[o + 1]]) as usize;
-    let phoff = u64::from_le_bytes(head[0x20..0x28].try_into().expect("8 bytes")) as usize;
-    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
-    for i in 0..phnum {
-        let off = phoff + i * phentsize;
-        if off + 4 > head.len() {
-            return Ok(false);
-        }
-        let p_type = u32::from_le_bytes(head[off..off + 4].try_into().expect("4 bytes"));
-        if p_type == 3 {
-            return Ok(false); // PT_INTERP: dynamically linked
-        }
-    }
-    Ok(true)
-}
-
-/// Copy the agent binary into a content-addressed layer `agent/<hash>/.sandpit/agent` and
-/// return the layer's directory. Refuses a binary that is not static.
-pub fn install_agent_layer(data_dir: &Path, agent_bin: &Path) -> Result<PathBuf, ControlError> {
-    let is_static = is_static_elf(agent_bin).map_err(io_err(format!(
-        "reading the agent binary {} (build it with `scripts/build-agent` or set SANDPIT_AGENT_BIN)",
-        agent_bin.display()
-    )))?;
-    if !is_static {
-        return Err(ControlError::Files {
-            what: format!("the agent binary {}", agent_bin.display()),
-            source: std::io::Error::other(
-                "it is not a static executable; build it with scripts/build-agent",
-            ),
-        });
-    }
-    let bytes = std::fs::read(agent_bin).map_err(io_err("reading the agent binary"))?;
-    let hash = hex::encode(&Sha256::digest(&bytes)[..8]);
-    let layer = data_dir.join("agent").join(&hash);
-    if layer.join(".sandpit/agent").exists() {
-        return Ok(layer);
-    }
-    let tmp = data_dir
-        .join("agent")
-        .join(format!(".tmp-{hash}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(tmp.join(".sandpit")).map_err(io_err("creating the agent layer"))?;
-    let dest = tmp.join(".sandpit/agent");
-    std::fs::write(&dest, &bytes).map_err(io_err("writing the agent layer"))?;
-    std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755))
-        .map_err(io_err("making the agent executable"))?;
-    std::fs::rename(&tmp, &layer).map_err(io_err("publishing the agent layer"))?;
-    Ok(layer)
-}
-
-/// Build the `base` template (busybox and a minimal `/etc`) if it does not exist yet, and
-/// register it.
-pub async fn ensure_base(node: &Node) -> Result<(), ControlError> {
-    let dir = node.cfg.data_dir.join("templates").join(BASE_TEMPLATE_NAME);
-    let rootfs = dir.join("rootfs");
-    if !rootfs.join("bin/busybox").exists() {
-        let started = std::time::Instant::now();
-        build_busybox_rootfs(&dir, &rootfs)?;
-        tracing::info!(
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "built the base template"
-        );
-    }
-    node.store
-        .templates
-        .upsert(&TemplateRow::builtin(
-            BASE_TEMPLATE_ID,
-            BASE_TEMPLATE_NAME,
-            "busybox (static) with a shell and the core utilities",
-            rootfs.display().to_string(),
-            now_ms(),
-        ))
-        .await?;
-    Ok(())
-}
-
-/// A template's image config (environment, start command, ready check); empty for the
-/// built-in ones. Fails closed: a stored config that does not decode is an error, never an
-/// empty config (which would drop the image's environment and user).
-pub fn image_config(t: &TemplateRow) -> Result<ImageConfig, ControlError> {
-    crate::error::decode(|| format!("image config of template {}", t.id), &t.config)
-}
-
-/// A template's read-only layers, lowest first (the agent layer goes on top of them).
-pub fn layers_of(t: &TemplateRow) -> Result<Vec<PathBuf>, ControlError> {
-    let layers: Vec<PathBuf> =
-        crate::error::decode(|| format!("layers of template {}", t.id), &t.layers)?;
-    Ok(if layers.is_empty() {
-        vec![PathBuf::from(&t.rootfs)]
-    } else {
-        layers
-    })
-}
-
-/// The working directory of an exec that names none: the template's `WORKDIR` (as
-/// `docker exec` does); `None` (the agent's `/`) for templates without one.
-pub async fn default_cwd(node: &Node, row: &crate::store::Sandbox) -> Option<String> {
-    if row.template_id == BASE_TEMPLATE_ID {
-        return None;
-    }
-    let t = node.store.templates.by_id(&row.template_id).await.ok()??;
-    image_config(&t).ok()?.workdir
 }
 
 /// Where a template's start command writes its output inside the sandbox.
@@ -159,7 +39,7 @@ pub async fn start_and_wait(node: &Node, row: &crate::store::Sandbox) -> Result<
     if cfg.start_command().is_none() && cfg.ready.is_none() {
         return Ok(());
     }
-    let env = super::lifecycle::exec_env(row, Vec::new())?;
+    let env = super::boot::exec_env(row, Vec::new())?;
     start_command(node, row, &cfg, env).await?;
     wait_ready(node, row, &cfg, READY_TIMEOUT).await
 }
@@ -207,7 +87,7 @@ pub async fn start_command(
         timeout_ms: Some(30_000),
         ..Default::default()
     };
-    let agent = super::lifecycle::agent_of(node, row).expect("a booted sandbox has a slot");
+    let agent = super::boot::agent_of(node, row).expect("a booted sandbox has a slot");
     let (tx, _rx) = tokio::sync::mpsc::channel(16);
     let status = agent.exec(req, tx).await.map_err(|f| ControlError::Agent {
         sandbox: row.id.clone(),
@@ -239,7 +119,7 @@ pub async fn wait_ready(
         (None, Some(p)) if cfg.start_command().is_some() => ReadyCheck::Port(*p),
         _ => return Ok(()),
     };
-    let agent = super::lifecycle::agent_of(node, row).expect("a booted sandbox has a slot");
+    let agent = super::boot::agent_of(node, row).expect("a booted sandbox has a slot");
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         let ready = match &check {
@@ -252,7 +132,7 @@ pub async fn wait_ready(
                 let (tx, _rx) = tokio::sync::mpsc::channel(16);
                 let req = sandpit_agent_proto::ExecRequest {
                     shell: Some(c.clone()),
-                    env: super::lifecycle::exec_env(row, Vec::new())?,
+                    env: super::boot::exec_env(row, Vec::new())?,
                     timeout_ms: Some(10_000),
                     ..Default::default()
                 };
@@ -282,7 +162,7 @@ pub async fn wait_ready(
 
 /// The start command's output so far (for errors).
 pub async fn read_start_log(node: &Node, row: &crate::store::Sandbox) -> String {
-    let Some(agent) = super::lifecycle::agent_of(node, row) else {
+    let Some(agent) = super::boot::agent_of(node, row) else {
         return String::new();
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
@@ -313,102 +193,6 @@ pub async fn read_start_log(node: &Node, row: &crate::store::Sandbox) -> String 
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Find a static busybox on the host. First the one scripts/install-deps fetches on bookworm,
-/// whose own busybox-static is built without wget's `-T` (and segfaults on it, busybox sh
-/// running its applet whatever `wget` is on PATH).
-fn find_busybox() -> Result<PathBuf, ControlError> {
-    for candidate in [
-        "/usr/local/lib/sandpit/busybox",
-        "/bin/busybox",
-        "/usr/bin/busybox",
-        "/usr/local/bin/busybox",
-    ] {
-        let p = Path::new(candidate);
-        if p.exists() && is_static_elf(p).unwrap_or(false) {
-            return Ok(p.to_path_buf());
-        }
-    }
-    Err(ControlError::Files {
-        what: "the base template".into(),
-        source: std::io::Error::other(
-            "no static busybox found; install it with `apt-get install busybox-static`",
-        ),
-    })
-}
-
-fn build_busybox_rootfs(dir: &Path, rootfs: &Path) -> Result<(), ControlError> {
-    let busybox = find_busybox()?;
-    let tmp = dir.join(format!(".tmp-rootfs-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    for d in [
-        "bin", "sbin", "usr/bin", "usr/sbin", "etc", "root", "home", "proc", "sys", "dev", "tmp",
-        "var/tmp", "run",
-    ] {
-        std::fs::create_dir_all(tmp.join(d)).map_err(io_err("creating the base rootfs"))?;
-    }
-    for d in ["tmp", "var/tmp"] {
-        std::fs::set_permissions(tmp.join(d), std::fs::Permissions::from_mode(0o1777))
-            .map_err(io_err("setting /tmp permissions"))?;
-    }
-    std::fs::copy(&busybox, tmp.join("bin/busybox")).map_err(io_err("copying busybox"))?;
-    let list = std::process::Command::new(&busybox)
-        .arg("--list")
-        .output()
-        .map_err(io_err("listing busybox applets"))?;
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        let applet = applet.trim();
-        // `busybox --list` names busybox itself; linking it would replace the binary.
-        if applet.is_empty() || applet == "busybox" || applet.contains('/') {
-            continue;
-        }
-        std::os::unix::fs::symlink("busybox", tmp.join("bin").join(applet))
-            .map_err(io_err(format!("linking applet {applet}")))?;
-    }
-    let files = [
-        (
-            "etc/passwd",
-            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
-        ),
-        ("etc/group", "root:x:0:\nnogroup:x:65534:\n"),
-        ("etc/hosts", "127.0.0.1 localhost\n::1 localhost\n"),
-        ("etc/hostname", "sandbox\n"),
-        ("etc/resolv.conf", ""),
-    ];
-    for (path, text) in files {
-        std::fs::write(tmp.join(path), text).map_err(io_err(format!("writing {path}")))?;
-    }
-    if rootfs.exists() {
-        std::fs::remove_dir_all(rootfs).map_err(io_err("replacing an incomplete base rootfs"))?;
-    }
-    std::fs::rename(&tmp, rootfs).map_err(io_err("publishing the base rootfs"))?;
-    Ok(())
-}
-
-/// Where a template's boot snapshot lives: its writable layer (`files/upper`) and memory
-/// image (`memory/`) right after its agent answered (and its start command was ready).
-/// Keyed by the template's id, never its name: names are unique only within a workspace, and
-/// a snapshot holds what the template's start command made (memory and files), which only
-/// its own workspace may see. Keyed by the agent layer too, so a new agent gets a new
-/// snapshot instead of restoring an old agent's memory.
-pub fn boot_snapshot_dir(node: &Node, template_id: &str) -> PathBuf {
-    let agent = node
-        .agent_layer
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    node.cfg
-        .data_dir
-        .join("templates")
-        .join(template_id)
-        .join(format!("boot-snapshot-{agent}"))
-}
-
-/// The template's boot snapshot, if it has been taken.
-pub fn boot_snapshot(node: &Node, template_id: &str) -> Option<PathBuf> {
-    let dir = boot_snapshot_dir(node, template_id);
-    node.runtime.has_image(&dir.join("memory")).then_some(dir)
-}
-
 /// Boot the base template once, wait for its agent, checkpoint it and keep its files and
 /// memory as the template's boot snapshot; creates then restore it instead of booting.
 /// Runs in the background at start; does nothing if the snapshot exists.
@@ -422,12 +206,12 @@ pub async fn take_boot_snapshot(node: &std::sync::Arc<Node>) -> Result<(), Contr
         std::fs::create_dir_all(parent)
             .map_err(io_err("creating the boot snapshot's directory"))?;
     }
-    let mut row = super::pool::system_row(node, BASE_TEMPLATE_ID, BASE_TEMPLATE_NAME);
-    super::lifecycle::insert_with_slot(node, &mut row).await?;
+    let mut row = super::boot::system_row(node, BASE_TEMPLATE_ID, BASE_TEMPLATE_NAME);
+    super::boot::insert_with_slot(node, &mut row).await?;
     let tmp = final_dir.with_extension("tmp");
     let _ = std::fs::remove_dir_all(&tmp);
     let taken = async {
-        super::lifecycle::boot(node, &row, None).await?;
+        super::boot::boot(node, &row, None).await?;
         save_boot_image(node, &row, &tmp).await?;
         std::fs::rename(&tmp, &final_dir).map_err(io_err("publishing the boot snapshot"))
     }
@@ -474,17 +258,17 @@ pub async fn verify_start(
     template: &TemplateRow,
     cfg: &ImageConfig,
 ) -> Result<(), ControlError> {
-    let mut row = super::pool::system_row(node, &template.id, &template.name);
+    let mut row = super::boot::system_row(node, &template.id, &template.name);
     row.egress = crate::Stored::from_raw(template.default_egress.clone());
     let lock = node.lock_of(&row.id);
     let guard = lock.write().await;
-    super::lifecycle::insert_with_slot(node, &mut row).await?;
+    super::boot::insert_with_slot(node, &mut row).await?;
     let snapshot_dir = boot_snapshot_dir(node, &template.id);
     let tmp = snapshot_dir.with_extension("tmp");
     let result = async {
-        super::lifecycle::boot(node, &row, None).await?;
-        super::lifecycle::write_resolv_conf(node, &row).await?;
-        let env = super::lifecycle::exec_env(&row, cfg.env.clone())?;
+        super::boot::boot(node, &row, None).await?;
+        super::boot::write_resolv_conf(node, &row).await?;
+        let env = super::boot::exec_env(&row, cfg.env.clone())?;
         start_command(node, &row, cfg, env).await?;
         wait_ready(node, &row, cfg, READY_TIMEOUT).await?;
         if node.cfg.boot_snapshots {
@@ -527,23 +311,23 @@ pub async fn run_build_step(
     step: BuildStep<'_>,
     log: &(dyn Fn(String) + Send + Sync),
 ) -> Result<i32, ControlError> {
-    let mut row = super::pool::system_row(node, step.template_id, step.template_name);
+    let mut row = super::boot::system_row(node, step.template_id, step.template_name);
     row.egress = crate::Stored::from_raw(step.egress.to_string());
     row.size = "large".into();
     let lock = node.lock_of(&row.id);
     let guard = lock.write().await;
-    super::lifecycle::insert_with_slot(node, &mut row).await?;
+    super::boot::insert_with_slot(node, &mut row).await?;
     let result = async {
-        let mut spec = super::lifecycle::spec_for(node, &row).await?;
+        let mut spec = super::boot::spec_for(node, &row).await?;
         spec.layers = step
             .layers
             .iter()
             .cloned()
             .chain([node.agent_layer.clone()])
             .collect();
-        super::lifecycle::boot_spec(node, &row, &spec, None).await?;
-        super::lifecycle::write_resolv_conf(node, &row).await?;
-        let agent = super::lifecycle::agent_of(node, &row).expect("slot claimed");
+        super::boot::boot_spec(node, &row, &spec, None).await?;
+        super::boot::write_resolv_conf(node, &row).await?;
+        let agent = super::boot::agent_of(node, &row).expect("slot claimed");
         let req = sandpit_agent_proto::ExecRequest {
             argv: Some(step.argv.to_vec()),
             cwd: Some(step.workdir.to_string()),
@@ -624,19 +408,4 @@ async fn discard_system_sandbox(
     let _ = node.store.sandboxes.mark_destroyed(&row.id, now_ms()).await;
     drop(guard);
     node.forget_lock(&row.id);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn detects_static_and_dynamic_binaries() {
-        // /bin/sh on Debian is dynamically linked.
-        assert!(!is_static_elf(Path::new("/bin/sh")).unwrap());
-        let dir = tempfile::tempdir().unwrap();
-        let not_elf = dir.path().join("x");
-        std::fs::write(&not_elf, b"#!/bin/sh\n").unwrap();
-        assert!(!is_static_elf(&not_elf).unwrap());
-    }
 }

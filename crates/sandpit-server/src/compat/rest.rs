@@ -394,7 +394,7 @@ async fn create_from_template(
     fields: &Fields,
 ) -> Result<Sandbox, ApiError> {
     let template = if SDK_DEFAULT_TEMPLATES.contains(&template) {
-        sandpit_control::node::templates::BASE_TEMPLATE_NAME
+        sandpit_control::node::images::BASE_TEMPLATE_NAME
     } else {
         template
     };
@@ -505,7 +505,7 @@ async fn create_sandbox(
     let files = decode_files(body.files)?;
     let template = body
         .template
-        .unwrap_or_else(|| sandpit_control::node::templates::BASE_TEMPLATE_NAME.into());
+        .unwrap_or_else(|| sandpit_control::node::images::BASE_TEMPLATE_NAME.into());
     let row = create_from_template(&server, &auth, &template, &fields).await?;
     let seeded = async {
         store_fields(&server, &row, &fields).await?;

@@ -4,8 +4,8 @@ pub mod files;
 pub mod org;
 pub mod ports;
 pub mod previews;
-mod schema_rules;
 pub mod sandboxes;
+mod schema_rules;
 pub mod templates;
 
 use std::sync::Arc;
@@ -194,7 +194,10 @@ mod tests {
     fn every_schema_rule_has_a_target() {
         let (_, mut doc) = super::router().split_for_parts();
         let missing = super::schema_rules::apply(&mut doc);
-        assert!(missing.is_empty(), "schema rules without a target: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "schema rules without a target: {missing:?}"
+        );
     }
 
     use axum::body::Bytes;

@@ -393,7 +393,7 @@ async fn exec(
     let (agent, guard, row) = lifecycle::running_agent(&server, &sb).await?;
     req.env = lifecycle::exec_env(&row, std::mem::take(&mut req.env))?;
     if req.cwd.is_none() {
-        req.cwd = sandpit_control::node::templates::default_cwd(&server, &row).await;
+        req.cwd = sandpit_control::node::images::default_cwd(&server, &row).await;
     }
     let (tx, mut rx) = mpsc::channel(64);
     let collect = async {
@@ -521,7 +521,7 @@ async fn exec_stream(
     let (agent, guard, row) = lifecycle::running_agent(&server, &sb).await?;
     req.env = lifecycle::exec_env(&row, std::mem::take(&mut req.env))?;
     if req.cwd.is_none() {
-        req.cwd = sandpit_control::node::templates::default_cwd(&server, &row).await;
+        req.cwd = sandpit_control::node::images::default_cwd(&server, &row).await;
     }
     let (events_tx, events_rx) = mpsc::channel::<Result<Event, Infallible>>(64);
     let cancel = server.cancel_of(&id);

@@ -23,7 +23,7 @@ fn slot(row: &crate::store::Sandbox) -> u32 {
 
 async fn agent_answers(h: &Harness, id: &str) -> bool {
     let row = h.row(id).await;
-    match lifecycle::agent_of(&h.node, &row) {
+    match crate::node::boot::agent_of(&h.node, &row) {
         Some(agent) => agent.ping().await.is_ok(),
         None => false,
     }

@@ -15,8 +15,8 @@ use sandpit_runtime::fake::FakeRuntime;
 
 use crate::testing::{prepare_data_dir, runtime_with_agents};
 
-use super::lifecycle::Admitted;
-use super::{Node, NodeConfig, Quotas, templates};
+use super::boot::Admitted;
+use super::{Node, NodeConfig, Quotas, images};
 use crate::ControlError;
 use crate::store::{Sandbox, Store, WorkspaceRow};
 
@@ -153,7 +153,7 @@ async fn open(
     let store = Store::open_sqlite(&cfg.data_dir.join("sandpit.db"))
         .await
         .unwrap();
-    let agent_layer = templates::install_agent_layer(&cfg.data_dir, agent_bin).unwrap();
+    let agent_layer = images::install_agent_layer(&cfg.data_dir, agent_bin).unwrap();
     let node = Node::new(
         cfg.clone(),
         store,
@@ -162,7 +162,7 @@ async fn open(
         agent_layer,
         RESOLV_CONF.into(),
     );
-    templates::ensure_base(&node).await.unwrap();
+    images::ensure_base(&node).await.unwrap();
     node.reconcile().await.unwrap();
     node
 }

@@ -1,0 +1,276 @@
+//! What keeps a node true to its store: reconciliation at start (after a crash or a host
+//! reboot), the liveness watch (sandboxes that died under a limit or from outside) and the
+//! reaper (timeouts and idle suspends).
+#![expect(
+    clippy::disallowed_methods,
+    reason = "the data dir's own layout (state dirs hold disk images; tenant trees in them are removed through sandpit_fs)"
+)]
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::Node;
+use super::{boot, lifecycle};
+use crate::Status;
+use crate::error::{ControlError, DisplayChain};
+use crate::recovery::{self, Recovery};
+use crate::util::now_ms;
+
+impl Node {
+    /// Bring the store, the runtime, the network and the data directory into agreement after
+    /// a crash or a host reboot. Afterwards every sandbox the store knows is running,
+    /// suspended with its files (and memory image, if one was taken) or failed with a reason,
+    /// and nothing exists that the store does not know.
+    pub async fn reconcile(self: &Arc<Self>) -> Result<(), ControlError> {
+        let rows = self
+            .store
+            .sandboxes
+            .with_status(&[
+                Status::Creating,
+                Status::Running,
+                Status::Suspended,
+                Status::Pooled,
+            ])
+            .await?;
+        let now = now_ms();
+        let mut keep_runtime = HashSet::new();
+        let mut keep_net = HashSet::new();
+        let mut keep_dirs = HashSet::new();
+        for row in rows {
+            let slot = row.slot.map(|s| s as u32);
+            // Only a running sandbox is asked whether it still runs and answers.
+            let answers = if row.status == Status::Running {
+                let alive = matches!(
+                    self.runtime.status(&row.runtime_id).await,
+                    Ok(sandpit_runtime::RuntimeStatus::Running)
+                );
+                Some(
+                    alive
+                        && match slot {
+                            Some(s) => crate::agent::AgentClient::new(
+                                &row.id,
+                                self.net.addrs(s).sandbox_ip,
+                            )
+                            .wait_ready(Duration::from_secs(3))
+                            .await
+                            .is_ok(),
+                            None => false,
+                        },
+                )
+            } else {
+                None
+            };
+            match recovery::after_restart(row.status, row.mode, answers, slot.is_some()) {
+                Recovery::DiscardPooled => {
+                    // The pool is refilled fresh after a restart.
+                    self.teardown(&row.id, &row.runtime_id, slot).await;
+                    self.store.sandboxes.mark_destroyed(&row.id, now).await?;
+                }
+                Recovery::FailInterruptedCreate => {
+                    tracing::warn!(sandbox = %row.id, "server stopped during create: cleaning up");
+                    self.teardown(&row.id, &row.runtime_id, slot).await;
+                    self.store
+                        .sandboxes
+                        .mark_failed(&row.id, recovery::INTERRUPTED_CREATE, now)
+                        .await?;
+                }
+                Recovery::Adopt => {
+                    // Its nft rules survived; this process's domain filter learns them.
+                    if let Some(s) = slot {
+                        // A stored policy that does not decode becomes deny_all (and is
+                        // applied: the surviving rules were made from the old one).
+                        let adopted = match boot::stored_rules(&row) {
+                            Ok(rules) => self.net.adopt(s, &rules).map_err(ControlError::from),
+                            Err(_) => match boot::rules_or_deny(self, &row).await {
+                                Ok(rules) => self
+                                    .net
+                                    .set_egress(s, &rules)
+                                    .await
+                                    .map_err(ControlError::from),
+                                Err(e) => Err(e),
+                            },
+                        };
+                        if let Err(e) = adopted {
+                            tracing::warn!(sandbox = %row.id, error = %DisplayChain(&e), "adopting the egress policy");
+                        }
+                    }
+                    keep_runtime.insert(row.runtime_id.clone());
+                    keep_net.extend(slot);
+                    keep_dirs.insert(row.id.clone());
+                }
+                Recovery::SuspendLost => {
+                    // Its files are on disk; its memory is gone unless a checkpoint exists.
+                    tracing::warn!(sandbox = %row.id, "persistent sandbox stopped while the server was down: suspending it");
+                    let _ = self
+                        .runtime
+                        .stop(&row.runtime_id, &self.state_dir(&row.id))
+                        .await;
+                    if let Some(s) = slot {
+                        let _ = self.net.detach(s).await;
+                    }
+                    self.store
+                        .sandboxes
+                        .mark_suspended(&row.id, Some(recovery::LOST_WHILE_DOWN), now)
+                        .await?;
+                    keep_dirs.insert(row.id.clone());
+                }
+                Recovery::FailLost => {
+                    tracing::warn!(sandbox = %row.id, "ephemeral sandbox stopped while the server was down: failing it");
+                    self.teardown(&row.id, &row.runtime_id, slot).await;
+                    self.store
+                        .sandboxes
+                        .mark_failed(&row.id, recovery::EPHEMERAL_LOST_WHILE_DOWN, now)
+                        .await?;
+                }
+                Recovery::KeepSuspended { release_slot } => {
+                    // Nothing may run; files and image are kept. A suspended sandbox holds
+                    // no network slot (one suspended by an older server may still: its
+                    // namespace goes below, with the other orphans).
+                    let _ = self
+                        .runtime
+                        .stop(&row.runtime_id, &self.state_dir(&row.id))
+                        .await;
+                    if release_slot {
+                        self.store.sandboxes.release_slot(&row.id, now).await?;
+                    }
+                    keep_dirs.insert(row.id.clone());
+                }
+                Recovery::Nothing => {}
+            }
+        }
+        // Orphans: anything under our names that the store does not account for.
+        if let Err(e) = self
+            .runtime
+            .remove_orphans(&keep_runtime, &self.cfg.data_dir.join("sandboxes"))
+            .await
+        {
+            tracing::error!(error = %DisplayChain(&e), "cleaning up orphaned sandboxes");
+        }
+        // Running sandboxes hold a namespace; suspended ones do not.
+        for slot in self.net.list_slots().await? {
+            if !keep_net.contains(&slot) {
+                tracing::info!(slot, "removing orphaned network slot");
+                self.net.detach(slot).await?;
+            }
+        }
+        for dir in ["sandboxes", "checkpoints"] {
+            remove_unknown_dirs(&self.cfg.data_dir.join(dir), &keep_dirs);
+        }
+        // Snapshot directories whose row is gone (a crash between the two) are garbage.
+        let snapshots: HashSet<String> = self.store.snapshots.ids().await?.into_iter().collect();
+        remove_unknown_dirs(&self.cfg.data_dir.join("snapshots"), &snapshots);
+        Ok(())
+    }
+
+    /// Start the reaper: destroys ephemeral sandboxes whose timeout passed and suspends
+    /// persistent ones idle for longer than their idle timeout. Stops with `shutdown`.
+    /// The liveness watch: finds running sandboxes whose runtime stopped (killed by a limit or
+    /// from outside), ends the operations in flight on them and settles them in the
+    /// background, so a death is noticed within `liveness_interval` rather than at the next
+    /// call. Sandboxes in a transition (their write lock taken or asked for) are left alone.
+    async fn watch_liveness(self: &Arc<Self>) {
+        let rows = match self.store.sandboxes.running().await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::error!(error = %DisplayChain(&e), "liveness watch: listing running sandboxes");
+                return;
+            }
+        };
+        let rows: Vec<(String, String)> = rows
+            .into_iter()
+            .filter(|(id, _)| self.lock_of(id).try_read().is_ok())
+            .collect();
+        let runtime_ids: Vec<String> = rows.iter().map(|r| r.1.clone()).collect();
+        let dead = match self.runtime.dead(&runtime_ids).await {
+            Ok(dead) => dead,
+            Err(e) => {
+                tracing::error!(error = %DisplayChain(&e), "liveness watch: asking the runtime");
+                return;
+            }
+        };
+        for (id, runtime_id) in rows {
+            if !dead.contains(&runtime_id) || !self.note_death(&id) {
+                continue;
+            }
+            tracing::warn!(sandbox = %id, "liveness watch: the sandbox no longer runs");
+            let node = self.clone();
+            tokio::spawn(async move {
+                lifecycle::settle_if_dead(&node, &id).await;
+                node.forget_death(&id);
+            });
+        }
+    }
+
+    pub fn spawn_reaper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let node = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(node.cfg.reaper_interval);
+            let mut last_watch = std::time::Instant::now();
+            loop {
+                tokio::select! {
+                    _ = node.shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                if last_watch.elapsed() >= node.cfg.liveness_interval {
+                    last_watch = std::time::Instant::now();
+                    node.watch_liveness().await;
+                }
+                let now = now_ms();
+                match node.store.sandboxes.expired(now).await {
+                    Ok(ids) => {
+                        for id in ids {
+                            match lifecycle::destroy_if_free(&node, &id).await {
+                                Ok(true) => {
+                                    tracing::info!(sandbox = %id, "timeout passed: destroyed")
+                                }
+                                Ok(false) => {}
+                                Err(e) => {
+                                    tracing::error!(sandbox = %id, error = ?e, "reaper: destroy failed")
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %DisplayChain(&e), "reaper: listing expired sandboxes")
+                    }
+                }
+                match node.store.sandboxes.idle(now).await {
+                    Ok(ids) => {
+                        for id in ids {
+                            match lifecycle::suspend_if_idle(&node, &id).await {
+                                Ok(true) => {
+                                    tracing::info!(sandbox = %id, "idle timeout passed: suspended")
+                                }
+                                Ok(false) => {}
+                                Err(e) => {
+                                    tracing::error!(sandbox = %id, error = ?e, "reaper: suspend failed")
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %DisplayChain(&e), "reaper: listing idle sandboxes")
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// Remove every subdirectory of `root` whose name is not in `keep`.
+fn remove_unknown_dirs(root: &Path, keep: &HashSet<String>) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if !keep.contains(&name) {
+            tracing::info!(path = %entry.path().display(), "removing orphaned directory");
+            if let Err(e) = sandpit_fs::remove_tree(&entry.path()) {
+                tracing::error!(path = %entry.path().display(), error = %e, "removing orphaned directory");
+            }
+        }
+    }
+}
