@@ -6,6 +6,7 @@ pub mod ports;
 pub mod previews;
 pub mod sandboxes;
 pub mod templates;
+pub mod terminals;
 
 use std::sync::Arc;
 
@@ -131,6 +132,7 @@ fn router() -> OpenApiRouter<Arc<Server>> {
         .merge(ports::router())
         .merge(previews::router())
         .merge(templates::router())
+        .merge(terminals::router())
         .merge(org::router())
 }
 
