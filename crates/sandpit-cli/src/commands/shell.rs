@@ -134,7 +134,7 @@ async fn session(
                     }
                     match frame {
                         Some(f) if u16::from(f.code) == CLOSE_SUSPENDED => {
-                            notice(interactive, "the sandbox was suspended; type to wake it and reattach");
+                            notice(interactive, "the sandbox was suspended (or forked); type to reattach, which wakes it");
                             ws = None;
                         }
                         Some(f) => bail!("the server closed the terminal: {} ({})", f.reason, u16::from(f.code)),

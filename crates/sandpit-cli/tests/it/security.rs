@@ -35,6 +35,15 @@ fn sandbox_routes(id: &str) -> Vec<(Method, String, Option<&'static str>)> {
         (Method::GET, p("/files?path=/etc/hostname"), None),
         (Method::GET, p("/files/list?path=/"), None),
         (Method::GET, p("/snapshots"), None),
+        (Method::GET, p("/terminals"), None),
+        (Method::POST, p("/terminals"), Some(r#"{"argv":["true"]}"#)),
+        (
+            Method::POST,
+            p("/terminals/t1/resize"),
+            Some(r#"{"cols":80,"rows":24}"#),
+        ),
+        (Method::GET, p("/terminals/t1/attach"), None),
+        (Method::DELETE, p("/terminals/t1"), None),
         (Method::POST, p("/wake"), None),
         // Last: these change the sandbox's state when allowed.
         (Method::POST, p("/fork"), Some(r#"{"count":1}"#)),

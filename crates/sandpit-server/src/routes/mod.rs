@@ -28,6 +28,8 @@ use crate::server::Server;
         license(name = "Apache-2.0", identifier = "Apache-2.0")
     ),
     modifiers(&BearerAuth),
+    // The JSON messages of a terminal's WebSocket, which no route body names.
+    components(schemas(sandpit_api_types::TerminalMessage)),
     security(("bearer" = []))
 )]
 struct ApiDoc;

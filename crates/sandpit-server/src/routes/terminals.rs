@@ -8,7 +8,7 @@
 //! lock, while the agent connection is made; the lock is then released. A suspend (or a
 //! destroy, or a fork's checkpoint) cuts it: the agent connection is reset (the terminal
 //! goes on in the agent and is checkpointed with it) and the client gets close code 1012;
-//! it reconnects, which wakes the sandbox, and asks for a replay to redraw.
+//! it reconnects, which wakes the sandbox, with `replay=true` to redraw.
 //!
 //! On the WebSocket, binary messages are terminal bytes both ways; text messages are JSON
 //! [`TerminalMessage`]s: `resize` from the client, `exit` (before the close) and `error` (a
@@ -439,7 +439,7 @@ async fn relay(
         )],
         End::Cut => vec![close(
             close_code::RESTART,
-            "the sandbox is suspending; reconnect with replay=true to resume",
+            "the sandbox is being suspended, forked or destroyed; reconnect to go on",
         )],
     };
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
