@@ -546,6 +546,93 @@ mod tests {
         }
     }
 
+    /// Over the fakes (no root): an attachment streams both ways and holds no lock, so a
+    /// suspend goes through while it is open, cutting it with 1012; the sandbox then wakes
+    /// for the next attach.
+    #[tokio::test]
+    async fn an_attachment_never_holds_off_a_suspend() {
+        use tokio_tungstenite::tungstenite::{Message as WsMessage, client::IntoClientRequest};
+
+        let h = crate::tests::Harness::new().await;
+        let row = h
+            .create(sandpit_api_types::SandboxMode::Persistent)
+            .await
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = crate::routes::app(h.server.clone());
+        let serving = tokio::spawn(async move {
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .await
+        });
+        let http = reqwest::Client::new();
+        let base = format!("http://{addr}/v1/sandboxes/{}", row.id);
+        let made = http
+            .post(format!("{base}/terminals"))
+            .bearer_auth(crate::tests::TOKEN)
+            .json(&serde_json::json!({"id": "t1"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(made.status().as_u16(), 201);
+        let attach = || async {
+            let mut req = format!("ws://{addr}/v1/sandboxes/{}/terminals/t1/attach", row.id)
+                .into_client_request()
+                .unwrap();
+            req.headers_mut().insert(
+                "authorization",
+                format!("Bearer {}", crate::tests::TOKEN).parse().unwrap(),
+            );
+            tokio_tungstenite::connect_async(req)
+                .await
+                .map(|(ws, _)| ws)
+        };
+        let mut ws = attach().await.unwrap();
+        ws.send(WsMessage::Binary(b"hello".to_vec().into()))
+            .await
+            .unwrap();
+        // The fake terminal echoes what is typed.
+        match ws.next().await {
+            Some(Ok(WsMessage::Binary(b))) => assert_eq!(&b[..], b"hello"),
+            other => panic!("{other:?}"),
+        }
+
+        // The suspend runs with the attachment open and cuts it.
+        let suspended = tokio::time::timeout(
+            Duration::from_secs(10),
+            crate::lifecycle::suspend(&h.server, &row.id),
+        )
+        .await
+        .expect("the suspend is not held off by the attachment")
+        .unwrap();
+        assert_eq!(suspended.status, sandpit_control::Status::Suspended);
+        let code = loop {
+            match ws.next().await {
+                Some(Ok(WsMessage::Close(f))) => break f.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => {}
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(code, Some(close_code::RESTART));
+
+        // The next attach wakes the sandbox (the fake agent of the restored sandbox has no
+        // terminals: a 404 from a running sandbox).
+        match attach().await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                assert_eq!(resp.status().as_u16(), 404)
+            }
+            other => panic!("{:?}", other.map(drop)),
+        }
+        assert_eq!(
+            h.row(&row.id).await.status,
+            sandpit_control::Status::Running
+        );
+        serving.abort();
+    }
+
     #[test]
     fn control_messages_are_checked() {
         assert_eq!(
