@@ -1063,14 +1063,18 @@ async fn host_reads_of_tenant_files_are_bounded() {
     // tasks.json as a FIFO: setup answers (no steps), with the reason, instead of hanging.
     gw.call("setup/get", vec![]).await.unwrap();
     refused += 1;
-    // A shell that writes 3 MB: opening it shows at most the last MiB.
+    // A pipe shell that writes 3 MB: opening it shows at most the last MiB. (A terminal
+    // shell's output is the agent's bounded scrollback, streamed as notifications.)
     let shell = gw
         .call(
             "shell/create",
-            vec![(
-                "command",
-                Value::from("head -c 3000000 /dev/zero | tr '\\0' x; exec sleep 100000"),
-            )],
+            vec![
+                (
+                    "command",
+                    Value::from("head -c 3000000 /dev/zero | tr '\\0' x; exec sleep 100000"),
+                ),
+                ("type", Value::from("COMMAND")),
+            ],
         )
         .await
         .unwrap();
