@@ -8,7 +8,8 @@
 //! bytes are passed through as typed (the remote terminal echoes them) and its end is sent
 //! as the terminal's EOF character (Ctrl-D).
 //!
-//! The exit code is the remote process's. If the sandbox is suspended meanwhile the server
+//! The exit code is the remote process's; a terminal this command started is removed once
+//! its process exited (one it left running, killed by a signal, stays for `--terminal`). If the sandbox is suspended meanwhile the server
 //! closes the socket (1012); the shell reattaches at the next key, which wakes the sandbox,
 //! and the terminal is where it was.
 
@@ -45,6 +46,7 @@ pub async fn run(client: Client, args: ShellArgs) -> anyhow::Result<u8> {
     let stdin = std::io::stdin();
     let interactive = termios::isatty(stdin.as_fd());
     let (cols, rows) = window_size().unwrap_or((80, 24));
+    let created = args.terminal.is_none();
     let tid = match args.terminal {
         Some(t) => t,
         None => {
@@ -63,12 +65,32 @@ pub async fn run(client: Client, args: ShellArgs) -> anyhow::Result<u8> {
         send_size(&mut ws).await?;
     }
     // Restores the local terminal when dropped, whichever way this function returns.
-    let _raw = if interactive {
+    let raw_mode = if interactive {
         Some(RawMode::enter()?)
     } else {
         None
     };
-    session(&client, &args.id, &tid, ws, interactive).await
+    let end = session(&client, &args.id, &tid, ws, interactive).await?;
+    drop(raw_mode);
+    match end {
+        End::Exited(code) => {
+            // A terminal this command started and saw end is of no more use: remove it (an
+            // agent holds at most 64). One it attached to, or left running, stays.
+            if created {
+                let _ = client.kill_terminal(&args.id, &tid).await;
+            }
+            Ok(code.clamp(0, 255) as u8)
+        }
+        End::Signalled(code) => Ok(code),
+    }
+}
+
+/// How a session ended.
+enum End {
+    /// The remote process exited with this code.
+    Exited(i32),
+    /// A signal ended this command (the exit status to give); the terminal runs on.
+    Signalled(u8),
 }
 
 async fn session(
@@ -77,7 +99,7 @@ async fn session(
     tid: &str,
     ws: Ws,
     interactive: bool,
-) -> anyhow::Result<u8> {
+) -> anyhow::Result<End> {
     let mut input = stdin_reader();
     let mut winch = signal(SignalKind::window_change())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -98,9 +120,9 @@ async fn session(
                         stdin_open = false;
                         vec![0x04]
                     })),
-                    _ = term.recv() => return Ok(128 + 15),
-                    _ = hup.recv() => return Ok(128 + 1),
-                    _ = quit.recv() => return Ok(128 + 3),
+                    _ = term.recv() => return Ok(End::Signalled(128 + 15)),
+                    _ = hup.recv() => return Ok(End::Signalled(128 + 1)),
+                    _ = quit.recv() => return Ok(End::Signalled(128 + 3)),
                 }
             } else {
                 None
@@ -130,7 +152,7 @@ async fn session(
                 },
                 Some(Ok(Message::Close(frame))) => {
                     if let Some(code) = exit_code {
-                        return Ok(code.clamp(0, 255) as u8);
+                        return Ok(End::Exited(code));
                     }
                     match frame {
                         Some(f) if u16::from(f.code) == CLOSE_SUSPENDED => {
@@ -144,12 +166,12 @@ async fn session(
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
                     if let Some(code) = exit_code {
-                        return Ok(code.clamp(0, 255) as u8);
+                        return Ok(End::Exited(code));
                     }
                     return Err(e).context("the terminal's connection broke");
                 }
                 None => match exit_code {
-                    Some(code) => return Ok(code.clamp(0, 255) as u8),
+                    Some(code) => return Ok(End::Exited(code)),
                     None => bail!("the terminal's connection ended"),
                 },
             },
@@ -166,9 +188,9 @@ async fn session(
                     send_size(socket).await?;
                 }
             }
-            _ = term.recv() => return Ok(128 + 15),
-            _ = hup.recv() => return Ok(128 + 1),
-            _ = quit.recv() => return Ok(128 + 3),
+            _ = term.recv() => return Ok(End::Signalled(128 + 15)),
+            _ = hup.recv() => return Ok(End::Signalled(128 + 1)),
+            _ = quit.recv() => return Ok(End::Signalled(128 + 3)),
         }
     }
 }

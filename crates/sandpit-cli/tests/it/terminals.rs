@@ -624,6 +624,10 @@ async fn cli_shell_in_a_real_terminal() {
     // `exit 7` ends the CLI with status 7, and the local terminal is as it was.
     tmux.keys("exit 7");
     tmux.wait_exit(7).await;
+    assert!(
+        client.list_terminals(&id).await.unwrap().is_empty(),
+        "the CLI removes the terminal it started once it exited"
+    );
     let restored = format!(
         "stty -g | cmp -s - {} && echo tty-restored",
         before.display()
