@@ -13,12 +13,14 @@ pub mod org;
 pub mod preview;
 pub mod sandbox;
 pub mod templates;
+pub mod terminal;
 
 pub use duration::{format_duration, parse_duration};
 pub use org::*;
 pub use preview::*;
 pub use sandbox::*;
 pub use templates::*;
+pub use terminal::*;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;

@@ -6,6 +6,7 @@
 //! `tests/no_http.rs`). The HTTP edge (`sandpit-server`) maps [`ControlError`] once.
 
 pub mod agent;
+pub mod agent_terminal;
 pub mod create;
 pub mod domain;
 pub mod error;

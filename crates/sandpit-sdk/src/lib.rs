@@ -316,6 +316,75 @@ impl Client {
         Ok(list.ports)
     }
 
+    /// The sandbox's terminals, running and exited.
+    pub async fn list_terminals(&self, id: &str) -> Result<Vec<Terminal>, SdkError> {
+        let list: TerminalList = self
+            .json(self.request(Method::GET, &Self::sandbox_path(id, "/terminals")))
+            .await?;
+        Ok(list.terminals)
+    }
+
+    /// Start a process on a pseudo-terminal (the login shell unless `command` or `argv`).
+    pub async fn create_terminal(
+        &self,
+        id: &str,
+        req: &TerminalCreateRequest,
+    ) -> Result<Terminal, SdkError> {
+        self.json(
+            self.request(Method::POST, &Self::sandbox_path(id, "/terminals"))
+                .json(req),
+        )
+        .await
+    }
+
+    /// Kill a terminal's processes and forget it.
+    pub async fn kill_terminal(&self, id: &str, terminal: &str) -> Result<(), SdkError> {
+        let path = Self::sandbox_path(id, &format!("/terminals/{}", urlencode(terminal)));
+        self.send(self.request(Method::DELETE, &path))
+            .await
+            .map(drop)
+    }
+
+    /// Change a terminal's window size.
+    pub async fn resize_terminal(
+        &self,
+        id: &str,
+        terminal: &str,
+        cols: u32,
+        rows: u32,
+    ) -> Result<(), SdkError> {
+        let path = Self::sandbox_path(id, &format!("/terminals/{}/resize", urlencode(terminal)));
+        self.send(
+            self.request(Method::POST, &path)
+                .json(&TerminalResizeRequest { cols, rows }),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// The WebSocket URL (`ws://` or `wss://`) that attaches to a terminal; connect with
+    /// this client's token as a bearer `Authorization` header ([`Client::token`]). Binary
+    /// messages are the terminal's bytes both ways; text messages are JSON
+    /// [`TerminalMessage`]s.
+    pub fn terminal_attach_url(&self, id: &str, terminal: &str, replay: bool) -> String {
+        let base = if let Some(rest) = self.base.strip_prefix("https://") {
+            format!("wss://{rest}")
+        } else if let Some(rest) = self.base.strip_prefix("http://") {
+            format!("ws://{rest}")
+        } else {
+            self.base.clone()
+        };
+        format!(
+            "{base}{}?replay={replay}",
+            Self::sandbox_path(id, &format!("/terminals/{}/attach", urlencode(terminal)))
+        )
+    }
+
+    /// The API token this client sends.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
     /// Change a sandbox's settings (preview privacy).
     pub async fn update_sandbox(
         &self,

@@ -3,4 +3,5 @@
 pub mod cleanup;
 pub mod sandbox;
 pub mod serve;
+pub mod shell;
 pub mod template;

@@ -93,6 +93,19 @@ pub enum SandboxCommand {
         #[arg(required = true, trailing_var_arg = true)]
         command: Vec<String>,
     },
+    /// Open an interactive terminal in a sandbox (the login shell, or the command after
+    /// `--`); its exit code becomes this command's.
+    Shell {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        /// Attach to this existing terminal instead of starting one.
+        #[arg(long)]
+        terminal: Option<String>,
+        /// The program and its arguments (default: the login shell).
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
     /// Upload a local file.
     Upload {
         #[command(flatten)]
@@ -350,6 +363,19 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<u8> {
                 }
             }
             anyhow::bail!("the stream ended before the command did");
+        }
+        SandboxCommand::Shell {
+            conn,
+            id,
+            terminal,
+            command,
+        } => {
+            let args = super::shell::ShellArgs {
+                id,
+                terminal,
+                command,
+            };
+            return super::shell::run(conn.client()?, args).await;
         }
         SandboxCommand::Upload {
             conn,

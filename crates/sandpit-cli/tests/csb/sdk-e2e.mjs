@@ -177,6 +177,13 @@ term.onOutput((o) => termOut.push(o));
 await term.open();
 await term.run("echo term-$((2+3))");
 await until("terminal output", () => termOut.join("").includes("term-5"));
+// A real pty: what is typed is echoed, `tty` names a pts, and the size sent with input
+// (the SDK's `dimensions`) reaches the terminal.
+expect(termOut.join("").includes("echo term-$((2+3))"), "typed input is echoed");
+await term.run("tty");
+await until("a pty", () => termOut.join("").includes("/dev/pts/"));
+await term.run("echo size $(stty size)", { cols: 120, rows: 40 });
+await until("the new size", () => termOut.join("").includes("size 40 120"));
 const listed = await client.terminals.getAll();
 expect(listed.some((t) => t.id === term.id), "terminal is listed");
 await term.kill();
@@ -282,7 +289,8 @@ for (const c of [alice, bob]) {
   await c.disconnect();
   c.dispose();
 }
-seen.sessions = who.split("\n")[0];
+// Commands run on a pty, as on CodeSandbox: lines end in "\r\n".
+seen.sessions = who.split("\n")[0].trimEnd();
 
 // ---- list and get with tags ----
 step('list and get with tags');

@@ -20,6 +20,7 @@ mod reliability;
 mod security;
 mod soak;
 mod templates;
+mod terminals;
 
 use std::path::Path;
 

@@ -35,6 +35,15 @@ fn sandbox_routes(id: &str) -> Vec<(Method, String, Option<&'static str>)> {
         (Method::GET, p("/files?path=/etc/hostname"), None),
         (Method::GET, p("/files/list?path=/"), None),
         (Method::GET, p("/snapshots"), None),
+        (Method::GET, p("/terminals"), None),
+        (Method::POST, p("/terminals"), Some(r#"{"argv":["true"]}"#)),
+        (
+            Method::POST,
+            p("/terminals/t1/resize"),
+            Some(r#"{"cols":80,"rows":24}"#),
+        ),
+        (Method::GET, p("/terminals/t1/attach"), None),
+        (Method::DELETE, p("/terminals/t1"), None),
         (Method::POST, p("/wake"), None),
         // Last: these change the sandbox's state when allowed.
         (Method::POST, p("/fork"), Some(r#"{"count":1}"#)),
@@ -1054,14 +1063,18 @@ async fn host_reads_of_tenant_files_are_bounded() {
     // tasks.json as a FIFO: setup answers (no steps), with the reason, instead of hanging.
     gw.call("setup/get", vec![]).await.unwrap();
     refused += 1;
-    // A shell that writes 3 MB: opening it shows at most the last MiB.
+    // A pipe shell that writes 3 MB: opening it shows at most the last MiB. (A terminal
+    // shell's output is the agent's bounded scrollback, streamed as notifications.)
     let shell = gw
         .call(
             "shell/create",
-            vec![(
-                "command",
-                Value::from("head -c 3000000 /dev/zero | tr '\\0' x; exec sleep 100000"),
-            )],
+            vec![
+                (
+                    "command",
+                    Value::from("head -c 3000000 /dev/zero | tr '\\0' x; exec sleep 100000"),
+                ),
+                ("type", Value::from("COMMAND")),
+            ],
         )
         .await
         .unwrap();

@@ -5,8 +5,11 @@
 //! `{method, params}`. An empty text frame is the SDK's ping; it is answered in kind.
 //!
 //! The gateway runs in the server and turns each call into operations of our own agent
-//! (`crate::agent`), one short connection at a time under the sandbox's read lock, so a
-//! connected client never holds up hibernation. When the sandbox stops running (hibernated,
+//! (`sandpit_control::agent`), one short connection at a time under the sandbox's read lock,
+//! so a connected client never holds up hibernation. The one long-lived agent connection is
+//! the attachment to a `TERMINAL` shell (a pty in the agent) the client opened or typed into:
+//! it is registered in the sandbox's live connections, like a preview connection, so a
+//! suspend cuts it instead of waiting for it. When the sandbox stops running (hibernated,
 //! shut down, deleted), the client gets a `system/hibernate` notification and the socket
 //! closes; `POST /vm/{id}/start` then hands out a fresh token to reconnect with.
 
@@ -22,7 +25,10 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
 use rmpv::Value;
-use sandpit_agent_proto::{AgentErrorCode, EntryKind};
+use sandpit_agent_proto::client::TerminalEvent;
+use sandpit_agent_proto::{AgentErrorCode, EntryKind, TerminalSize};
+use sandpit_control::agent_terminal::TerminalAttachment;
+use sandpit_control::live::ConnGuard;
 use tokio::sync::{Mutex, OwnedRwLockReadGuard, mpsc};
 
 use super::rest::{GATEWAY_VERSION, WORKSPACE_PATH};
@@ -140,6 +146,40 @@ struct Follow {
     /// Setup step results last reported; `setup_done` once setup finished (or has no steps).
     setup_seen: Option<Vec<Option<i32>>>,
     setup_done: bool,
+    /// `TERMINAL` shells this connection is attached to (see [`relay_terminal`]).
+    terminals: HashMap<String, Attached>,
+}
+
+/// An attachment to a terminal shell: its relay task takes input from `tx` and ends when
+/// `tx` is dropped.
+struct Attached {
+    tx: mpsc::Sender<TermInput>,
+    /// The size last sent through it.
+    size: Option<TerminalSize>,
+    relay: tokio::task::JoinHandle<()>,
+}
+
+enum TermInput {
+    Bytes(Vec<u8>),
+    Resize(TerminalSize),
+}
+
+/// What waits for a call's reply to be sent: the relays of terminals the call attached.
+#[derive(Default)]
+struct Gate(std::sync::Mutex<Vec<tokio::sync::oneshot::Sender<()>>>);
+
+impl Gate {
+    fn wait(&self) -> tokio::sync::oneshot::Receiver<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.0.lock().expect("gate poisoned").push(tx);
+        rx
+    }
+
+    fn open(&self) {
+        for tx in self.0.lock().expect("gate poisoned").drain(..) {
+            let _ = tx.send(());
+        }
+    }
 }
 
 struct Followed {
@@ -352,6 +392,123 @@ fn ports_value(list: &[(u16, String)]) -> Value {
     )
 }
 
+async fn send_value(out: &mpsc::Sender<Message>, v: &Value) -> bool {
+    let mut buf = Vec::new();
+    rmpv::encode::write_value(&mut buf, v).is_ok()
+        && out.send(Message::Binary(buf.into())).await.is_ok()
+}
+
+/// Send a notification; false once the connection's writer is gone.
+async fn notify(out: &mpsc::Sender<Message>, method: &str, params: Value) -> bool {
+    send_value(
+        out,
+        &map(vec![("method", Value::from(method)), ("params", params)]),
+    )
+    .await
+}
+
+/// A shell's `size` parameter (`{cols, rows}`), checked; `None` when absent.
+fn size_param(p: &Value) -> Result<Option<TerminalSize>, RpcError> {
+    let Some(size) = get(p, "size").filter(|v| !v.is_nil()) else {
+        return Ok(None);
+    };
+    let dim = |key: &str| {
+        get(size, key)
+            .and_then(Value::as_u64)
+            .and_then(|d| u16::try_from(d).ok())
+            .unwrap_or(0)
+    };
+    TerminalSize {
+        cols: dim("cols"),
+        rows: dim("rows"),
+    }
+    .validate()
+    .map(Some)
+    .map_err(|e| RpcError::new(code::CRITICAL_ERROR, e.message))
+}
+
+/// A terminal operation's failure: an unknown terminal is an unknown shell.
+fn shell_failure(f: AgentFailure) -> RpcError {
+    match f {
+        AgentFailure::Refused(e) if e.code == AgentErrorCode::NotFound => {
+            RpcError::new(code::SHELL_NOT_FOUND, "no such shell")
+        }
+        f => f.into(),
+    }
+}
+
+/// Relay one terminal shell's attachment: output as `shell/out` (whole UTF-8 sequences),
+/// its exit as `shell/exit`, input and resizes from `input`. Ends at the exit, when `input`
+/// is dropped (the client closed the shell or went away), when either connection breaks, or
+/// when a suspend cuts the sandbox's live connections; the agent connection is reset before
+/// the registration goes, and the terminal itself goes on in the agent.
+async fn relay_terminal(
+    out: mpsc::Sender<Message>,
+    id: String,
+    mut attachment: TerminalAttachment,
+    live: ConnGuard,
+    mut input: mpsc::Receiver<TermInput>,
+    gate: tokio::sync::oneshot::Receiver<()>,
+) {
+    let cancel = live.cancel_token();
+    // Opened or dropped once the call that attached has answered.
+    tokio::select! {
+        _ = gate => {}
+        _ = cancel.cancelled() => return,
+    }
+    {
+        let (mut reader, mut writer) = attachment.split();
+        let reading = async {
+            let mut carry = Vec::new();
+            loop {
+                match reader.next().await {
+                    Ok(TerminalEvent::Output(bytes)) => {
+                        let text = shells::utf8_chunk(&mut carry, &bytes);
+                        let params = map(vec![
+                            ("shellId", Value::from(id.as_str())),
+                            ("out", Value::from(text)),
+                        ]);
+                        if !notify(&out, "shell/out", params).await {
+                            return;
+                        }
+                    }
+                    Ok(TerminalEvent::Exit(status)) => {
+                        let params = map(vec![
+                            ("shellId", Value::from(id.as_str())),
+                            ("shellType", Value::from("TERMINAL")),
+                            ("exitCode", Value::from(status.exit_code)),
+                        ]);
+                        notify(&out, "shell/exit", params).await;
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(shell = %id, error = ?e, "agent gateway: terminal attachment ended");
+                        return;
+                    }
+                }
+            }
+        };
+        let writing = async {
+            while let Some(cmd) = input.recv().await {
+                let sent = match cmd {
+                    TermInput::Bytes(b) => writer.input(&b).await,
+                    TermInput::Resize(size) => writer.resize(size).await,
+                };
+                if sent.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            _ = reading => {}
+            _ = writing => {}
+            _ = cancel.cancelled() => {}
+        }
+    }
+    drop(attachment);
+    drop(live);
+}
+
 fn shell_dto(s: &ShellMeta, status: &str, exit: Option<i32>, buffer: Option<Vec<String>>) -> Value {
     let mut pairs = vec![
         ("shellId", Value::from(s.id.as_str())),
@@ -400,18 +557,91 @@ impl Conn {
     }
 
     async fn send_value(&self, v: &Value) {
-        let mut buf = Vec::new();
-        if rmpv::encode::write_value(&mut buf, v).is_ok() {
-            let _ = self.out.send(Message::Binary(buf.into())).await;
-        }
+        send_value(&self.out, v).await;
     }
 
     async fn notify(&self, method: &str, params: Value) {
-        self.send_value(&map(vec![
-            ("method", Value::from(method)),
-            ("params", params),
-        ]))
-        .await;
+        notify(&self.out, method, params).await;
+    }
+
+    /// Attach this connection to terminal shell `id` (once), replaying its scrollback: its
+    /// output and exit then reach the client as `shell/out` and `shell/exit`, once `gate`
+    /// opens (after the reply to the call that attached, so the SDK knows the shell before
+    /// its output arrives). Call with the sandbox's read lock held (the attachment is
+    /// registered as a live connection, which must not race a suspend).
+    async fn attach_terminal(
+        &self,
+        agent: &AgentClient,
+        id: &str,
+        gate: &Gate,
+    ) -> Result<(), RpcError> {
+        // Held across the attach so that two calls never attach twice.
+        let mut follow = self.follow.lock().await;
+        if follow.terminals.get(id).is_some_and(|a| !a.tx.is_closed()) {
+            return Ok(());
+        }
+        let live = self.server.previews.register(&self.session.sandbox);
+        let (_, attachment) = agent
+            .terminal_attach(id, true)
+            .await
+            .map_err(shell_failure)?;
+        let (tx, rx) = mpsc::channel(64);
+        let relay = tokio::spawn(relay_terminal(
+            self.out.clone(),
+            id.to_string(),
+            attachment,
+            live,
+            rx,
+            gate.wait(),
+        ));
+        follow.terminals.insert(
+            id.to_string(),
+            Attached {
+                tx,
+                size: None,
+                relay,
+            },
+        );
+        Ok(())
+    }
+
+    /// Stop following terminal shell `id` and wait until its relay ended, so a kill that
+    /// follows is not reported to the client as the shell's exit.
+    async fn detach_terminal(&self, id: &str) {
+        let attached = self.follow.lock().await.terminals.remove(id);
+        if let Some(Attached { tx, relay, .. }) = attached {
+            drop(tx);
+            let _ = tokio::time::timeout(Duration::from_secs(5), relay).await;
+        }
+    }
+
+    /// Send to an attached terminal shell, resizing it first if `size` is new. False when
+    /// its attachment has ended (the process exited, or the connection was cut).
+    async fn to_terminal(
+        &self,
+        id: &str,
+        input: Option<Vec<u8>>,
+        size: Option<TerminalSize>,
+    ) -> bool {
+        let mut follow = self.follow.lock().await;
+        let Some(att) = follow.terminals.get_mut(id) else {
+            return false;
+        };
+        let mut sends = Vec::new();
+        if let Some(size) = size.filter(|s| att.size != Some(*s)) {
+            att.size = Some(size);
+            sends.push(TermInput::Resize(size));
+        }
+        sends.extend(input.map(TermInput::Bytes));
+        let tx = att.tx.clone();
+        drop(follow);
+        for s in sends {
+            if tx.send(s).await.is_err() {
+                self.follow.lock().await.terminals.remove(id);
+                return false;
+            }
+        }
+        true
     }
 
     async fn handle(&self, bytes: &[u8]) {
@@ -424,7 +654,8 @@ impl Conn {
         };
         let method = get_str(&msg, "method").unwrap_or_default();
         let params = get(&msg, "params").cloned().unwrap_or(Value::Nil);
-        let reply = match self.call(&method, &params).await {
+        let gate = Gate::default();
+        let reply = match self.call(&method, &params, &gate).await {
             Ok(result) => map(vec![
                 ("id", id),
                 ("method", Value::from(method.as_str())),
@@ -448,6 +679,7 @@ impl Conn {
             }
         };
         self.send_value(&reply).await;
+        gate.open();
     }
 
     fn user(&self) -> &str {
@@ -471,7 +703,7 @@ impl Conn {
             .ok_or_else(|| RpcError::new(code::CRITICAL_ERROR, "the sandbox is not running"))
     }
 
-    async fn call(&self, method: &str, p: &Value) -> RpcResult {
+    async fn call(&self, method: &str, p: &Value, gate: &Gate) -> RpcResult {
         match method {
             "client/join" => {
                 if let Some((agent, _g)) = self.agent(true).await
@@ -497,7 +729,7 @@ impl Conn {
                 self.follow.lock().await.ports = Some(list.iter().map(|(p, _)| *p).collect());
                 Ok(map(vec![("list", ports_value(&list))]))
             }
-            m if m.starts_with("shell/") => self.shell(m, p).await,
+            m if m.starts_with("shell/") => self.shell(m, p, gate).await,
             m if m.starts_with("fs/") => self.fs(m, p).await,
             other => Err(unsupported(other)),
         }
@@ -842,7 +1074,7 @@ impl Conn {
         }
     }
 
-    async fn shell(&self, method: &str, p: &Value) -> RpcResult {
+    async fn shell(&self, method: &str, p: &Value, gate: &Gate) -> RpcResult {
         let (agent, _g) = self.live_agent().await?;
         match method {
             "shell/create" => {
@@ -866,7 +1098,24 @@ impl Conn {
                     command: run,
                     owner: self.user().into(),
                     is_system: get_bool(p, "isSystemShell").unwrap_or(false),
+                    pty: shell_type == "TERMINAL",
                 };
+                if meta.pty {
+                    let size = size_param(p)?.unwrap_or(TerminalSize { cols: 80, rows: 24 });
+                    let started = shells::start_terminal(&agent, &meta, &cwd, size).await;
+                    if !matches!(started, Ok(true)) {
+                        let _ = shells::terminate(&agent, &meta.id).await;
+                        started.map_err(shell_failure)?;
+                        return Err(RpcError::new(
+                            code::CRITICAL_ERROR,
+                            "the terminal could not be started",
+                        ));
+                    }
+                    // Followed from the start (commands run on terminals too, and wait for
+                    // their output and exit); nothing is sent before this reply.
+                    self.attach_terminal(&agent, &meta.id, gate).await?;
+                    return Ok(shell_dto(&meta, "RUNNING", None, Some(Vec::new())));
+                }
                 if !shells::start(&agent, &meta, &cwd).await? {
                     let _ = shells::terminate(&agent, &meta.id).await;
                     return Err(RpcError::new(
@@ -882,6 +1131,27 @@ impl Conn {
                 let s = shells::state(&agent, &id)
                     .await?
                     .ok_or_else(|| RpcError::new(code::SHELL_NOT_FOUND, "no such shell"))?;
+                if s.meta.pty {
+                    if let Some(size) = size_param(p)? {
+                        agent
+                            .terminal_resize(&id, size)
+                            .await
+                            .map_err(shell_failure)?;
+                    }
+                    let code = if s.exited {
+                        shells::exit_code(&agent, &id).await?
+                    } else {
+                        None
+                    };
+                    // Its scrollback follows as `shell/out` (the attachment replays it).
+                    self.attach_terminal(&agent, &id, gate).await?;
+                    return Ok(shell_dto(
+                        &s.meta,
+                        status_of(s.exited, code),
+                        code,
+                        Some(Vec::new()),
+                    ));
+                }
                 // The end of its output (a shell may have written gigabytes); the poller
                 // follows from there.
                 let start = s.out_len.saturating_sub(shells::MAX_OUTPUT_READ);
@@ -917,6 +1187,31 @@ impl Conn {
                 self.need_write()?;
                 let id = need_str(p, "shellId")?;
                 let input = need_str(p, "input")?;
+                let size = size_param(p)?;
+                if self
+                    .to_terminal(&id, Some(input.as_bytes().to_vec()), size)
+                    .await
+                {
+                    return Ok(Value::Nil);
+                }
+                if let Some(s) = shells::state(&agent, &id).await?
+                    && s.meta.pty
+                {
+                    if s.exited {
+                        return Err(RpcError::new(
+                            code::SHELL_NOT_FOUND,
+                            "no such running shell",
+                        ));
+                    }
+                    self.attach_terminal(&agent, &id, gate).await?;
+                    if !self.to_terminal(&id, Some(input.into_bytes()), size).await {
+                        return Err(RpcError::new(
+                            code::SHELL_NOT_FOUND,
+                            "no such running shell",
+                        ));
+                    }
+                    return Ok(Value::Nil);
+                }
                 if !shells::input(&agent, &id, input.into_bytes()).await? {
                     return Err(RpcError::new(
                         code::SHELL_NOT_FOUND,
@@ -931,6 +1226,7 @@ impl Conn {
                 let s = shells::state(&agent, &id)
                     .await?
                     .ok_or_else(|| RpcError::new(code::SHELL_NOT_FOUND, "no such shell"))?;
+                self.detach_terminal(&id).await;
                 shells::terminate(&agent, &id).await?;
                 self.follow.lock().await.shells.remove(&id);
                 self.notify(
@@ -958,14 +1254,25 @@ impl Conn {
                 let s = shells::state(&agent, &id)
                     .await?
                     .ok_or_else(|| RpcError::new(code::SHELL_NOT_FOUND, "no such shell"))?;
+                self.detach_terminal(&id).await;
                 shells::terminate(&agent, &id).await?;
-                if !shells::start(&agent, &s.meta, WORKSPACE_PATH).await? {
+                let started = if s.meta.pty {
+                    let size = TerminalSize { cols: 80, rows: 24 };
+                    shells::start_terminal(&agent, &s.meta, WORKSPACE_PATH, size).await?
+                } else {
+                    shells::start(&agent, &s.meta, WORKSPACE_PATH).await?
+                };
+                if !started {
                     return Err(RpcError::new(
                         code::CRITICAL_ERROR,
                         "the shell could not be restarted",
                     ));
                 }
-                self.follow_shell(&id, 0, false).await;
+                if s.meta.pty {
+                    self.attach_terminal(&agent, &id, gate).await?;
+                } else {
+                    self.follow_shell(&id, 0, false).await;
+                }
                 self.notify(
                     "shell/restart",
                     map(vec![("shellId", Value::from(id.as_str()))]),
@@ -973,10 +1280,33 @@ impl Conn {
                 .await;
                 Ok(Value::Nil)
             }
-            "shell/resize" => Ok(Value::Nil),
+            "shell/resize" => {
+                let id = need_str(p, "shellId")?;
+                let Some(size) = size_param(p)? else {
+                    return Err(RpcError::new(code::CRITICAL_ERROR, "size is required"));
+                };
+                if self.to_terminal(&id, None, Some(size)).await {
+                    return Ok(Value::Nil);
+                }
+                // Not attached here: a terminal shell is resized directly; a pipe shell has
+                // no size.
+                match shells::state(&agent, &id).await? {
+                    Some(s) if s.meta.pty => {
+                        agent
+                            .terminal_resize(&id, size)
+                            .await
+                            .map_err(shell_failure)?;
+                        Ok(Value::Nil)
+                    }
+                    Some(_) => Ok(Value::Nil),
+                    None => Err(RpcError::new(code::SHELL_NOT_FOUND, "no such shell")),
+                }
+            }
             "shell/close" => {
                 let id = need_str(p, "shellId")?;
-                self.follow.lock().await.shells.remove(&id);
+                let mut f = self.follow.lock().await;
+                f.shells.remove(&id);
+                f.terminals.remove(&id);
                 Ok(Value::Nil)
             }
             other => Err(unsupported(other)),

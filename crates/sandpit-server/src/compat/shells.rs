@@ -7,12 +7,16 @@
 //! once it ended, `exit` (its exit code). The process runs in its own session (`setsid`), so
 //! no agent connection stays open while it runs and hibernation is never held up.
 //!
-//! Partial compared with CodeSandbox: there is no PTY (programs see a pipe, so no job
-//! control, no prompt, and resize is accepted but does nothing).
+//! `COMMAND` shells run that way: programs see a pipe. `TERMINAL` shells run on a
+//! pseudo-terminal the agent keeps (`pty` in their metadata: prompt, echo, job control,
+//! resize), created here with `TerminalCreate` under the shell's id; their directory holds
+//! only `meta`, and their output, input and exit go through agent attachments (the gateway
+//! holds one per terminal a client follows, registered as a live connection so a suspend
+//! cuts it).
 
 use std::time::Duration;
 
-use sandpit_agent_proto::ExecRequest;
+use sandpit_agent_proto::{ExecRequest, TerminalCreate, TerminalSize};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -39,6 +43,9 @@ pub struct ShellMeta {
     pub command: String,
     pub owner: String,
     pub is_system: bool,
+    /// Runs on an agent terminal (a pty) rather than on pipes.
+    #[serde(default)]
+    pub pty: bool,
 }
 
 /// A shell's state read from its directory.
@@ -49,10 +56,11 @@ pub struct ShellState {
     pub exited: bool,
 }
 
-/// Start the wrapper: a session of its own running `command` in `cwd`, stdin from the FIFO,
-/// output to `out`, exit code to `exit` (written then renamed, so it is whole when seen).
-const START: &str = r#"d=$1; cmd=$2; cwd=$3; shim=$4
-mkdir -p "$d" "$shim" || exit 1
+/// What every shell needs before it starts (a script fragment over `$d` and `$shim`): its
+/// directory, the `bash` shim, and the file the SDK's wrapper sources.
+macro_rules! prepare {
+    () => {
+        r#"mkdir -p "$d" "$shim" || exit 1
 if [ ! -x "$shim/bash" ] && ! command -v bash >/dev/null 2>&1; then
   printf '#!/bin/sh\nexec sh "$@"\n' > "$shim/bash.tmp" && chmod 755 "$shim/bash.tmp" && mv "$shim/bash.tmp" "$shim/bash"
 fi
@@ -60,12 +68,31 @@ fi
 # shell exits when `source` fails, so the file must exist.
 export HOME="${HOME:-/root}"
 mkdir -p "$HOME/.private" && { [ -e "$HOME/.private/.env" ] || : > "$HOME/.private/.env"; }
-mkfifo "$d/in" || exit 1
+"#
+    };
+}
+
+/// Start the wrapper: a session of its own running `command` in `cwd`, stdin from the FIFO,
+/// output to `out`, exit code to `exit` (written then renamed, so it is whole when seen).
+const START: &str = concat!(
+    r#"d=$1; cmd=$2; cwd=$3; shim=$4
+"#,
+    prepare!(),
+    r#"mkfifo "$d/in" || exit 1
 : > "$d/out"
 cd "$cwd" 2>/dev/null || cd /
 PATH="$PATH:$shim" HOME="$HOME" setsid sh -c 'exec 3<>"$1/in"; sh -c "$2" <&3 >>"$1/out" 2>&1; echo $? > "$1/exit.tmp"; mv "$1/exit.tmp" "$1/exit"' sh "$d" "$cmd" </dev/null >/dev/null 2>&1 &
 echo $! > "$d/pid"
-"#;
+"#
+);
+
+/// Prepare a terminal shell's surroundings (the same as [`START`]'s): `$1` its directory,
+/// `$2` the shim directory.
+const PREPARE_TERMINAL: &str = concat!(
+    r#"d=$1; shim=$2
+"#,
+    prepare!()
+);
 
 fn dir_of(id: &str) -> String {
     format!("{SHELLS_DIR}/{id}")
@@ -149,6 +176,74 @@ pub async fn start(agent: &AgentClient, meta: &ShellMeta, cwd: &str) -> Result<b
     Ok(code == 0)
 }
 
+/// Start a `TERMINAL` shell on an agent terminal whose id is the shell's. Returns false when
+/// its surroundings could not be set up.
+pub async fn start_terminal(
+    agent: &AgentClient,
+    meta: &ShellMeta,
+    cwd: &str,
+    size: TerminalSize,
+) -> Result<bool, AgentFailure> {
+    let dir = dir_of(&meta.id);
+    prune_terminals(agent).await?;
+    if run(agent, sh(PREPARE_TERMINAL, &[&dir, SHIM_DIR]), None).await? != 0 {
+        return Ok(false);
+    }
+    let meta_json = serde_json::to_vec(meta).expect("plain struct serializes");
+    let body = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(meta_json))]);
+    agent
+        .write_file(&format!("{dir}/meta"), body, 1 << 20)
+        .await?;
+    // `cd` in the line rather than the terminal's cwd: a missing workspace falls back to /,
+    // as pipe shells do.
+    let line = format!(
+        "cd {} 2>/dev/null || cd /; PATH=\"$PATH:{SHIM_DIR}\"; export PATH; {}",
+        sh_quote(cwd),
+        meta.command
+    );
+    agent
+        .terminal_create(TerminalCreate {
+            id: Some(meta.id.clone()),
+            shell: Some(line),
+            cols: size.cols,
+            rows: size.rows,
+            ..Default::default()
+        })
+        .await?;
+    Ok(true)
+}
+
+/// Exited terminal shells stay in the agent (with their exit code and scrollback) until
+/// removed, and an agent holds at most `MAX_TERMINALS`: past [`KEEP_EXITED`] exited ones,
+/// the oldest shells of this gateway (terminals with a shell directory; the v1 API's are
+/// left alone) are removed.
+async fn prune_terminals(agent: &AgentClient) -> Result<(), AgentFailure> {
+    let mut exited: Vec<_> = match agent.terminal_list().await {
+        Ok(list) => list.into_iter().filter(|t| t.exit_code.is_some()).collect(),
+        Err(AgentFailure::Refused(_)) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if exited.len() <= KEEP_EXITED {
+        return Ok(());
+    }
+    exited.sort_by_key(|t| t.created_at);
+    let excess = exited.len() - KEEP_EXITED;
+    for t in exited.into_iter().take(excess) {
+        if read_meta(agent, &t.id).await?.is_some_and(|m| m.pty) {
+            terminate(agent, &t.id).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Exited terminal shells kept for their exit code (see [`prune_terminals`]).
+const KEEP_EXITED: usize = 32;
+
+/// `text` as one single-quoted shell word.
+fn sh_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
 /// Send input to a shell's stdin.
 pub async fn input(agent: &AgentClient, id: &str, bytes: Vec<u8>) -> Result<bool, AgentFailure> {
     let dir = dir_of(id);
@@ -167,6 +262,13 @@ pub async fn input(agent: &AgentClient, id: &str, bytes: Vec<u8>) -> Result<bool
 /// Kill a shell's session and forget it.
 pub async fn terminate(agent: &AgentClient, id: &str) -> Result<(), AgentFailure> {
     let dir = dir_of(id);
+    if sandpit_agent_proto::validate_terminal_id(id).is_ok() {
+        match agent.terminal_kill(id, None).await {
+            // Not a terminal shell, or an agent without terminals: nothing to kill there.
+            Ok(()) | Err(AgentFailure::Refused(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
     run(
         agent,
         sh(
@@ -221,6 +323,14 @@ pub async fn state(agent: &AgentClient, id: &str) -> Result<Option<ShellState>, 
     let Some(meta) = read_meta(agent, id).await? else {
         return Ok(None);
     };
+    if meta.pty {
+        // The agent knows whether it runs; a terminal of an earlier boot is gone.
+        return Ok(terminal_exit(agent, id).await?.map(|exit| ShellState {
+            meta,
+            out_len: 0,
+            exited: exit.is_some(),
+        }));
+    }
     let out_len = listing
         .entries
         .iter()
@@ -287,8 +397,21 @@ pub async fn output_from(
     }
 }
 
+/// A terminal shell as the agent has it: `None` if the agent has no such terminal, else its
+/// exit code once it exited.
+async fn terminal_exit(agent: &AgentClient, id: &str) -> Result<Option<Option<i32>>, AgentFailure> {
+    match agent.terminal_list().await {
+        Ok(list) => Ok(list.into_iter().find(|t| t.id == id).map(|t| t.exit_code)),
+        Err(AgentFailure::Refused(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// The exit code, once the shell ended.
 pub async fn exit_code(agent: &AgentClient, id: &str) -> Result<Option<i32>, AgentFailure> {
+    if let Some(Some(code)) = terminal_exit(agent, id).await? {
+        return Ok(Some(code));
+    }
     Ok(read_all(agent, &format!("{}/exit", dir_of(id)))
         .await?
         .and_then(|b| String::from_utf8_lossy(&b).trim().parse().ok()))

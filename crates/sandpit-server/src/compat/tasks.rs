@@ -148,6 +148,7 @@ pub async fn start_task(
         command: def.command.clone(),
         owner: "root".into(),
         is_system: false,
+        pty: false,
     };
     shells::start(agent, &meta, WORKSPACE_PATH).await
 }
@@ -171,6 +172,7 @@ pub async fn on_join(agent: &AgentClient) -> Result<(), AgentFailure> {
             command: setup_script(&config.setup_tasks),
             owner: "root".into(),
             is_system: true,
+            pty: false,
         };
         shells::start(agent, &meta, WORKSPACE_PATH).await?;
     }

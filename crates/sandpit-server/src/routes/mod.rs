@@ -7,6 +7,7 @@ pub mod previews;
 pub mod sandboxes;
 mod schema_rules;
 pub mod templates;
+pub mod terminals;
 
 use std::sync::Arc;
 
@@ -28,6 +29,8 @@ use crate::server::Server;
         license(name = "Apache-2.0", identifier = "Apache-2.0")
     ),
     modifiers(&BearerAuth),
+    // The JSON messages of a terminal's WebSocket, which no route body names.
+    components(schemas(sandpit_api_types::TerminalMessage)),
     security(("bearer" = []))
 )]
 struct ApiDoc;
@@ -132,6 +135,7 @@ fn router() -> OpenApiRouter<Arc<Server>> {
         .merge(ports::router())
         .merge(previews::router())
         .merge(templates::router())
+        .merge(terminals::router())
         .merge(org::router())
 }
 

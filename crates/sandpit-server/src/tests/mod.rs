@@ -19,7 +19,7 @@ use crate::auth::Auth;
 use crate::server::{Server, ServerConfig};
 use crate::store::Sandbox;
 
-const TOKEN: &str = "sp_test_token_for_the_fake_lifecycle";
+pub(crate) const TOKEN: &str = "sp_test_token_for_the_fake_lifecycle";
 
 /// A server over fakes in a temporary data dir.
 pub(crate) struct Harness {
