@@ -20,7 +20,7 @@ pub mod testing;
 pub mod tokens;
 pub mod util;
 
-pub use domain::{Status, Stored, Transition};
+pub use domain::{SandboxId, Status, Stored, Transition, WorkspaceId};
 pub use error::{ControlError, DisplayChain, decode};
 pub use node::{Node, NodeConfig};
 pub use store::{Backend, Db, Store};

@@ -49,7 +49,7 @@ pub fn to_api(row: &Sandbox) -> sandpit_api_types::Sandbox {
     // operations that need these records decode them fail-closed).
     let env: BTreeMap<String, String> = row.env.decode(String::new).unwrap_or_default();
     sandpit_api_types::Sandbox {
-        id: row.id.clone(),
+        id: row.id.to_string(),
         status: row.status.to_api(),
         template: row.template_name.clone(),
         mode: row.mode,
@@ -342,7 +342,7 @@ pub fn exec_env(
 ) -> Result<Vec<(String, String)>, ControlError> {
     let mut env: BTreeMap<String, String> =
         row.env.decode(|| format!("environment of {}", row.id))?;
-    env.insert("SANDPIT_SANDBOX_ID".into(), row.id.clone());
+    env.insert("SANDPIT_SANDBOX_ID".into(), row.id.to_string());
     env.extend(request);
     Ok(env.into_iter().collect())
 }
@@ -479,7 +479,7 @@ pub async fn write_resolv_conf(node: &Node, row: &Sandbox) -> Result<(), Control
         .await
         .map(drop)
         .map_err(|f| ControlError::Agent {
-            sandbox: row.id.clone(),
+            sandbox: row.id.to_string(),
             what: format!("writing /etc/resolv.conf: {f:?}"),
         })
 }
@@ -514,7 +514,7 @@ pub fn system_row(node: &Node, template_id: &str, template_name: &str) -> Sandbo
     let id = new_sandbox_id();
     Sandbox {
         runtime_id: format!("{}-{}", node.cfg.prefix, id),
-        id,
+        id: id.into(),
         workspace_id: POOL_WORKSPACE.into(),
         template_id: template_id.into(),
         template_name: template_name.into(),

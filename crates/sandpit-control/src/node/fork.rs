@@ -142,7 +142,7 @@ fn child_of(node: &Node, parent: &Sandbox) -> Sandbox {
     let id = new_sandbox_id();
     Sandbox {
         runtime_id: format!("{}-{}", node.cfg.prefix, id),
-        id,
+        id: id.into(),
         status: Status::Creating,
         expires_at: parent.timeout_ms.map(|t| now + t),
         last_active_at: now,
@@ -353,8 +353,8 @@ pub async fn take_snapshot(
     }
     let snap = SnapshotRow {
         id,
-        workspace_id: row.workspace_id.clone(),
-        sandbox_id: row.id.clone(),
+        workspace_id: row.workspace_id.to_string(),
+        sandbox_id: row.id.to_string(),
         template_id: row.template_id.clone(),
         template_name: row.template_name.clone(),
         size: row.size.clone(),

@@ -27,7 +27,7 @@ use crate::create::{self, Size};
 use crate::error::{ControlError, DisplayChain, decode};
 use crate::store::{Sandbox, SnapshotRow, TemplateStatus};
 use crate::util::{new_sandbox_id, now_ms};
-use crate::{Status, Stored, Transition};
+use crate::{SandboxId, Status, Stored, Transition, WorkspaceId};
 
 use super::boot::{
     Admitted, boot, claim_slot, egress_rules, existing, insert_with_slot, mark_suspended, owned,
@@ -132,8 +132,8 @@ pub async fn prepare_create(
     let id = new_sandbox_id();
     let row = Sandbox {
         runtime_id: format!("{}-{}", node.cfg.prefix, id),
-        id,
-        workspace_id: workspace_id.to_string(),
+        id: SandboxId::new(id),
+        workspace_id: WorkspaceId::from(workspace_id),
         template_id: template.id,
         template_name: template.name,
         mode: req.mode,

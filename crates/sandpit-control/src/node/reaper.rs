@@ -98,7 +98,7 @@ impl Node {
                     }
                     keep_runtime.insert(row.runtime_id.clone());
                     keep_net.extend(slot);
-                    keep_dirs.insert(row.id.clone());
+                    keep_dirs.insert(row.id.to_string());
                 }
                 Recovery::SuspendLost => {
                     // Its files are on disk; its memory is gone unless a checkpoint exists.
@@ -114,7 +114,7 @@ impl Node {
                         .sandboxes
                         .mark_suspended(&row.id, Some(recovery::LOST_WHILE_DOWN), now)
                         .await?;
-                    keep_dirs.insert(row.id.clone());
+                    keep_dirs.insert(row.id.to_string());
                 }
                 Recovery::FailLost => {
                     tracing::warn!(sandbox = %row.id, "ephemeral sandbox stopped while the server was down: failing it");
@@ -135,7 +135,7 @@ impl Node {
                     if release_slot {
                         self.store.sandboxes.release_slot(&row.id, now).await?;
                     }
-                    keep_dirs.insert(row.id.clone());
+                    keep_dirs.insert(row.id.to_string());
                 }
                 Recovery::Nothing => {}
             }

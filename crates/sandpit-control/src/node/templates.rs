@@ -90,12 +90,12 @@ pub async fn start_command(
     let agent = super::boot::agent_of(node, row).expect("a booted sandbox has a slot");
     let (tx, _rx) = tokio::sync::mpsc::channel(16);
     let status = agent.exec(req, tx).await.map_err(|f| ControlError::Agent {
-        sandbox: row.id.clone(),
+        sandbox: row.id.to_string(),
         what: format!("starting the template's start command: {f:?}"),
     })?;
     if status.exit_code != 0 {
         return Err(ControlError::Agent {
-            sandbox: row.id.clone(),
+            sandbox: row.id.to_string(),
             what: format!(
                 "the start command could not be launched (exit {})",
                 status.exit_code
@@ -149,7 +149,7 @@ pub async fn wait_ready(
         if tokio::time::Instant::now() >= deadline {
             let log = read_start_log(node, row).await;
             return Err(ControlError::Agent {
-                sandbox: row.id.clone(),
+                sandbox: row.id.to_string(),
                 what: format!(
                     "the start command was not ready ({check:?}) within {} s; its output:\n{log}",
                     limit.as_secs()
@@ -348,7 +348,7 @@ pub async fn run_build_step(
             forward(item, log);
         }
         let status = status.map_err(|f| ControlError::Agent {
-            sandbox: row.id.clone(),
+            sandbox: row.id.to_string(),
             what: format!("running a build step: {f:?}"),
         })?;
         if status.timed_out {

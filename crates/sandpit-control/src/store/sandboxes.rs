@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use sandpit_api_types::{EgressPolicy, PreviewPrivacy, SandboxMode};
 
 use super::{Backend, Db, in_admission, q};
-use crate::domain::{Status, Stored, Transition};
+use crate::domain::{SandboxId, Status, Stored, Transition, WorkspaceId};
 use crate::error::ControlError;
 use crate::with_db;
 
@@ -13,8 +13,8 @@ use crate::with_db;
 /// the environment, metadata and egress policy stay [`Stored`] until needed.
 #[derive(Debug, Clone)]
 pub struct Sandbox {
-    pub id: String,
-    pub workspace_id: String,
+    pub id: SandboxId,
+    pub workspace_id: WorkspaceId,
     pub template_id: String,
     pub template_name: String,
     pub mode: SandboxMode,
@@ -52,8 +52,8 @@ const RUNNING_UNITS: &str = "SELECT COUNT(*) FROM sandboxes
 macro_rules! running_units {
     ($tx:ident, $s:expr) => {{
         let held: (i64,) = sqlx::query_as(RUNNING_UNITS)
-            .bind(&$s.workspace_id)
-            .bind(&$s.id)
+            .bind($s.workspace_id.as_str())
+            .bind($s.id.as_str())
             .fetch_one(&mut *$tx)
             .await?;
         held.0
@@ -63,8 +63,8 @@ macro_rules! running_units {
 /// Bind a [`Sandbox`]'s columns in [`INSERT_SANDBOX`]'s order.
 macro_rules! bind_sandbox {
     ($q:expr, $s:expr) => {
-        $q.bind(&$s.id)
-            .bind(&$s.workspace_id)
+        $q.bind($s.id.as_str())
+            .bind($s.workspace_id.as_str())
             .bind(&$s.template_id)
             .bind(&$s.template_name)
             .bind($s.mode.as_str())
@@ -145,8 +145,8 @@ impl TryFrom<SandboxRecord> for Sandbox {
             mode: parse_mode(&r.mode).ok_or_else(|| bad("mode", &r.mode))?,
             preview_privacy: PreviewPrivacy::parse(&r.preview_privacy)
                 .ok_or_else(|| bad("preview privacy", &r.preview_privacy))?,
-            id: r.id,
-            workspace_id: r.workspace_id,
+            id: SandboxId::from(r.id),
+            workspace_id: WorkspaceId::from(r.workspace_id),
             template_id: r.template_id,
             template_name: r.template_name,
             size: r.size,
@@ -199,7 +199,7 @@ impl Sandboxes {
     /// workspace's admission lock, so creates on several servers sharing a PostgreSQL
     /// database never pass the limit together.
     pub async fn insert_admitted(&self, s: &Sandbox, max_running: u32) -> Result<(), ControlError> {
-        let held = in_admission!(self.db, &s.workspace_id, tx => {
+        let held = in_admission!(self.db, s.workspace_id.as_str(), tx => {
             let held = running_units!(tx, s);
             if !over(held, max_running) {
                 bind_sandbox!(sqlx::query(INSERT_SANDBOX), s).execute(&mut *tx).await?;
@@ -222,13 +222,13 @@ impl Sandboxes {
         max_running: u32,
         now: i64,
     ) -> Result<(), ControlError> {
-        let held = in_admission!(self.db, &s.workspace_id, tx => {
+        let held = in_admission!(self.db, s.workspace_id.as_str(), tx => {
             let held = running_units!(tx, s);
             if !over(held, max_running) {
                 sqlx::query("UPDATE sandboxes SET slot = $1, updated_at = $2 WHERE id = $3")
                     .bind(slot)
                     .bind(now)
-                    .bind(&s.id)
+                    .bind(s.id.as_str())
                     .execute(&mut *tx)
                     .await?;
             }
@@ -602,14 +602,14 @@ impl Sandboxes {
                          AND size = $14 ORDER BY created_at LIMIT 1 {lock})
              RETURNING id"
         );
-        let (held, row) = in_admission!(self.db, &owner.workspace_id, tx => {
+        let (held, row) = in_admission!(self.db, owner.workspace_id.as_str(), tx => {
             let held = running_units!(tx, owner);
             let row: Option<(String,)> = if over(held, max_running) {
                 None
             } else {
                 // The only interpolation is one of the two constant lock clauses above.
                 sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()))
-                    .bind(&owner.workspace_id)
+                    .bind(owner.workspace_id.as_str())
                     .bind(owner.mode.as_str())
                     .bind(owner.env.raw())
                     .bind(owner.metadata.raw())

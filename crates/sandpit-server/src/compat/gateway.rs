@@ -124,7 +124,7 @@ async fn connect(
         ));
     }
     let session = Session {
-        sandbox: id,
+        sandbox: id.to_string(),
         write: t.permission == "write",
         client_id: new_id("client"),
         username: t.username,

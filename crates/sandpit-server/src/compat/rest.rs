@@ -115,8 +115,8 @@ async fn csb_of(server: &Server, row: &Sandbox) -> Result<CsbSandboxRow, Control
 
 fn default_csb(row: &Sandbox) -> CsbSandboxRow {
     CsbSandboxRow {
-        sandbox_id: row.id.clone(),
-        workspace_id: row.workspace_id.clone(),
+        sandbox_id: row.id.to_string(),
+        workspace_id: row.workspace_id.to_string(),
         title: None,
         description: None,
         tags: "[]".into(),
@@ -256,7 +256,10 @@ async fn list_sandboxes(
         .into_iter()
         .filter(|r| r.status != Status::Failed)
         .map(|r| {
-            let c = csb.get(&r.id).cloned().unwrap_or_else(|| default_csb(&r));
+            let c = csb
+                .get(r.id.as_str())
+                .cloned()
+                .unwrap_or_else(|| default_csb(&r));
             (r, c)
         })
         .filter(|(_, c)| {
@@ -431,8 +434,8 @@ async fn store_fields(server: &Server, row: &Sandbox, f: &Fields) -> Result<(), 
         .store
         .csb()
         .upsert_sandbox(&CsbSandboxRow {
-            sandbox_id: row.id.clone(),
-            workspace_id: row.workspace_id.clone(),
+            sandbox_id: row.id.to_string(),
+            workspace_id: row.workspace_id.to_string(),
             title: f.title.clone(),
             description: f.description.clone(),
             tags: serde_json::to_string(&f.tags).expect("strings serialize"),

@@ -290,7 +290,7 @@ async fn fork_copies_files_and_restores_parent_and_children() {
     let children: Vec<String> = results
         .iter()
         .map(|r| match r {
-            Ok(child) => child.id.clone(),
+            Ok(child) => child.id.to_string(),
             Err(e) => panic!("{e:?}"),
         })
         .collect();
