@@ -165,7 +165,9 @@ seen.readOnly = true;
 // ---- disconnect and reconnect (a fresh token from /vm/{id}/start) ----
 step("reconnect");
 await client.disconnect();
+step("reconnect: disconnected");
 await client.reconnect();
+step("reconnect: connected");
 expect(client.state === "CONNECTED", `state after reconnect ${client.state}`);
 expect((await client.commands.run("echo again")).includes("again"), "command after reconnect");
 

@@ -43,23 +43,34 @@ async fn the_codesandbox_sdk_works_unmodified() {
         .to_string();
     let http = reqwest::Client::new();
     let read_only = token_with(&http, &srv, &["sandbox_read", "vm_manage"]).await;
-    let run = tokio::process::Command::new("node")
+    // The script's output goes to files, so a hang still shows how far it got (nextest
+    // ends the test at 300 s; the script gets 240).
+    let logs = tempfile::tempdir().expect("temp dir");
+    let (out_path, err_path) = (logs.path().join("stdout"), logs.path().join("stderr"));
+    let mut child = tokio::process::Command::new("node")
         .arg("sdk-e2e.mjs")
         .current_dir(&dir)
         .env("CSB_BASE_URL", &srv.url)
         .env("CSB_API_KEY", &srv.token)
         .env("SANDPIT_ADDR", &addr)
         .env("CSB_READONLY_KEY", &read_only)
+        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
+        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
         .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(400), run)
-        .await
-        .expect("the SDK script finishes within 400 s")
+        .spawn()
         .expect("node runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let status = tokio::time::timeout(Duration::from_secs(240), child.wait()).await;
+    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+    let status = match status {
+        Ok(status) => status.expect("node runs"),
+        Err(_) => panic!(
+            "the SDK script did not finish within 240 s\nstdout:\n{stdout}\nstderr:\n{stderr}\nserver log:\n{}",
+            srv.log()
+        ),
+    };
     assert!(
-        out.status.success(),
+        status.success(),
         "SDK script failed\nstdout:\n{stdout}\nstderr:\n{stderr}\nserver log:\n{}",
         srv.log()
     );

@@ -193,6 +193,9 @@ struct Conn {
     session: Session,
     out: mpsc::Sender<Message>,
     follow: Mutex<Follow>,
+    /// Counts the client's messages: a terminal's relay waits for the next one after the
+    /// reply that attached it (see [`relay_terminal`]).
+    inbound: tokio::sync::watch::Sender<u64>,
 }
 
 async fn serve(server: Arc<Server>, session: Session, socket: WebSocket) {
@@ -210,6 +213,7 @@ async fn serve(server: Arc<Server>, session: Session, socket: WebSocket) {
     let conn = Arc::new(Conn {
         server,
         session,
+        inbound: tokio::sync::watch::Sender::new(0),
         out: tx,
         follow: Mutex::new(Follow::default()),
     });
@@ -218,6 +222,7 @@ async fn serve(server: Arc<Server>, session: Session, socket: WebSocket) {
         let Ok(msg) = msg else { break };
         match msg {
             Message::Binary(bytes) => {
+                conn.inbound.send_modify(|n| *n += 1);
                 let conn = conn.clone();
                 tokio::spawn(async move { conn.handle(&bytes).await });
             }
@@ -437,6 +442,10 @@ fn shell_failure(f: AgentFailure) -> RpcError {
     }
 }
 
+/// How long a terminal's relay waits for the client's next message after the reply that
+/// attached it (see [`relay_terminal`]).
+const RELAY_AFTER_REPLY: Duration = Duration::from_millis(500);
+
 /// Relay one terminal shell's attachment: output as `shell/out` (whole UTF-8 sequences),
 /// its exit as `shell/exit`, input and resizes from `input`. Ends at the exit, when `input`
 /// is dropped (the client closed the shell or went away), when either connection breaks, or
@@ -449,11 +458,23 @@ async fn relay_terminal(
     live: ConnGuard,
     mut input: mpsc::Receiver<TermInput>,
     gate: tokio::sync::oneshot::Receiver<()>,
+    mut inbound: tokio::sync::watch::Receiver<u64>,
 ) {
     let cancel = live.cancel_token();
     // Opened or dropped once the call that attached has answered.
     tokio::select! {
         _ = gate => {}
+        _ = cancel.cancelled() => return,
+    }
+    // The SDK registers its listeners for a new shell only after it has read the reply, and
+    // its WebSocket library hands over every message of one read at once, synchronously: a
+    // command's output and exit that arrive with the reply are lost and `commands.run`
+    // never returns. After reading the reply the SDK sends a message of its own
+    // (`shell/rename`, `shell/open`), so the relay starts at the client's next message, or
+    // after half a second.
+    inbound.borrow_and_update();
+    tokio::select! {
+        _ = tokio::time::timeout(RELAY_AFTER_REPLY, inbound.changed()) => {}
         _ = cancel.cancelled() => return,
     }
     {
@@ -593,6 +614,7 @@ impl Conn {
             live,
             rx,
             gate.wait(),
+            self.inbound.subscribe(),
         ));
         follow.terminals.insert(
             id.to_string(),
