@@ -59,7 +59,7 @@ pub struct ServerConfig {
     /// disks are sparse, so their limits can add up to more than the host has. 0: no check.
     pub min_free_disk: u64,
     /// How often the reaper looks for running sandboxes that died (see
-    /// `Server::watch_liveness`).
+    /// `Node::watch_liveness`).
     pub liveness_interval: Duration,
     /// Disk of a `small` sandbox (`medium` gets twice, `large` four times): the files it
     /// writes live on an ext4 image of that size. `None`: no bound but the host's free space.

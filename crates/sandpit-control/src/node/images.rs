@@ -24,11 +24,6 @@ pub const AGENT_PATH_IN_SANDBOX: &str = "/.sandpit/agent";
 pub const BASE_TEMPLATE_ID: &str = "tpl_base";
 pub const BASE_TEMPLATE_NAME: &str = "base";
 
-fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ControlError {
-    let what = what.into();
-    move |source| ControlError::Files { what, source }
-}
-
 /// True when `path` is an ELF executable without a program interpreter, i.e. it runs in a
 /// root filesystem that has no C library.
 pub fn is_static_elf(path: &Path) -> std::io::Result<bool> {
@@ -58,7 +53,7 @@ pub fn is_static_elf(path: &Path) -> std::io::Result<bool> {
 /// Copy the agent binary into a content-addressed layer `agent/<hash>/.sandpit/agent` and
 /// return the layer's directory. Refuses a binary that is not static.
 pub fn install_agent_layer(data_dir: &Path, agent_bin: &Path) -> Result<PathBuf, ControlError> {
-    let is_static = is_static_elf(agent_bin).map_err(io_err(format!(
+    let is_static = is_static_elf(agent_bin).map_err(ControlError::files(format!(
         "reading the agent binary {} (build it with `scripts/build-agent` or set SANDPIT_AGENT_BIN)",
         agent_bin.display()
     )))?;
@@ -70,7 +65,8 @@ pub fn install_agent_layer(data_dir: &Path, agent_bin: &Path) -> Result<PathBuf,
             ),
         });
     }
-    let bytes = std::fs::read(agent_bin).map_err(io_err("reading the agent binary"))?;
+    let bytes =
+        std::fs::read(agent_bin).map_err(ControlError::files("reading the agent binary"))?;
     let hash = hex::encode(&Sha256::digest(&bytes)[..8]);
     let layer = data_dir.join("agent").join(&hash);
     if layer.join(".sandpit/agent").exists() {
@@ -80,12 +76,13 @@ pub fn install_agent_layer(data_dir: &Path, agent_bin: &Path) -> Result<PathBuf,
         .join("agent")
         .join(format!(".tmp-{hash}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(tmp.join(".sandpit")).map_err(io_err("creating the agent layer"))?;
+    std::fs::create_dir_all(tmp.join(".sandpit"))
+        .map_err(ControlError::files("creating the agent layer"))?;
     let dest = tmp.join(".sandpit/agent");
-    std::fs::write(&dest, &bytes).map_err(io_err("writing the agent layer"))?;
+    std::fs::write(&dest, &bytes).map_err(ControlError::files("writing the agent layer"))?;
     std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755))
-        .map_err(io_err("making the agent executable"))?;
-    std::fs::rename(&tmp, &layer).map_err(io_err("publishing the agent layer"))?;
+        .map_err(ControlError::files("making the agent executable"))?;
+    std::fs::rename(&tmp, &layer).map_err(ControlError::files("publishing the agent layer"))?;
     Ok(layer)
 }
 
@@ -174,17 +171,19 @@ fn build_busybox_rootfs(dir: &Path, rootfs: &Path) -> Result<(), ControlError> {
         "bin", "sbin", "usr/bin", "usr/sbin", "etc", "root", "home", "proc", "sys", "dev", "tmp",
         "var/tmp", "run",
     ] {
-        std::fs::create_dir_all(tmp.join(d)).map_err(io_err("creating the base rootfs"))?;
+        std::fs::create_dir_all(tmp.join(d))
+            .map_err(ControlError::files("creating the base rootfs"))?;
     }
     for d in ["tmp", "var/tmp"] {
         std::fs::set_permissions(tmp.join(d), std::fs::Permissions::from_mode(0o1777))
-            .map_err(io_err("setting /tmp permissions"))?;
+            .map_err(ControlError::files("setting /tmp permissions"))?;
     }
-    std::fs::copy(&busybox, tmp.join("bin/busybox")).map_err(io_err("copying busybox"))?;
+    std::fs::copy(&busybox, tmp.join("bin/busybox"))
+        .map_err(ControlError::files("copying busybox"))?;
     let list = std::process::Command::new(&busybox)
         .arg("--list")
         .output()
-        .map_err(io_err("listing busybox applets"))?;
+        .map_err(ControlError::files("listing busybox applets"))?;
     for applet in String::from_utf8_lossy(&list.stdout).lines() {
         let applet = applet.trim();
         // `busybox --list` names busybox itself; linking it would replace the binary.
@@ -192,7 +191,7 @@ fn build_busybox_rootfs(dir: &Path, rootfs: &Path) -> Result<(), ControlError> {
             continue;
         }
         std::os::unix::fs::symlink("busybox", tmp.join("bin").join(applet))
-            .map_err(io_err(format!("linking applet {applet}")))?;
+            .map_err(ControlError::files(format!("linking applet {applet}")))?;
     }
     let files = [
         (
@@ -205,12 +204,14 @@ fn build_busybox_rootfs(dir: &Path, rootfs: &Path) -> Result<(), ControlError> {
         ("etc/resolv.conf", ""),
     ];
     for (path, text) in files {
-        std::fs::write(tmp.join(path), text).map_err(io_err(format!("writing {path}")))?;
+        std::fs::write(tmp.join(path), text)
+            .map_err(ControlError::files(format!("writing {path}")))?;
     }
     if rootfs.exists() {
-        std::fs::remove_dir_all(rootfs).map_err(io_err("replacing an incomplete base rootfs"))?;
+        std::fs::remove_dir_all(rootfs)
+            .map_err(ControlError::files("replacing an incomplete base rootfs"))?;
     }
-    std::fs::rename(&tmp, rootfs).map_err(io_err("publishing the base rootfs"))?;
+    std::fs::rename(&tmp, rootfs).map_err(ControlError::files("publishing the base rootfs"))?;
     Ok(())
 }
 

@@ -17,11 +17,6 @@ use crate::store::TemplateRow;
 use crate::util::now_ms;
 use sandpit_image_config::ImageConfig;
 
-fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ControlError {
-    let what = what.into();
-    move |source| ControlError::Files { what, source }
-}
-
 /// Where a template's start command writes its output inside the sandbox.
 pub const START_LOG: &str = "/tmp/sandpit-start.log";
 
@@ -203,8 +198,9 @@ pub async fn take_boot_snapshot(node: &std::sync::Arc<Node>) -> Result<(), Contr
     }
     let started = std::time::Instant::now();
     if let Some(parent) = final_dir.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(io_err("creating the boot snapshot's directory"))?;
+        std::fs::create_dir_all(parent).map_err(ControlError::files(
+            "creating the boot snapshot's directory",
+        ))?;
     }
     let mut row = super::boot::system_row(node, BASE_TEMPLATE_ID, BASE_TEMPLATE_NAME);
     super::boot::insert_with_slot(node, &mut row).await?;
@@ -213,7 +209,8 @@ pub async fn take_boot_snapshot(node: &std::sync::Arc<Node>) -> Result<(), Contr
     let taken = async {
         super::boot::boot(node, &row, None).await?;
         save_boot_image(node, &row, &tmp).await?;
-        std::fs::rename(&tmp, &final_dir).map_err(io_err("publishing the boot snapshot"))
+        std::fs::rename(&tmp, &final_dir)
+            .map_err(ControlError::files("publishing the boot snapshot"))
     }
     .await;
     node.teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
@@ -276,7 +273,7 @@ pub async fn verify_start(
             save_boot_image(node, &row, &tmp).await?;
             let _ = std::fs::remove_dir_all(&snapshot_dir);
             std::fs::rename(&tmp, &snapshot_dir)
-                .map_err(io_err("publishing a template's boot snapshot"))?;
+                .map_err(ControlError::files("publishing a template's boot snapshot"))?;
         }
         Ok::<(), ControlError>(())
     }
