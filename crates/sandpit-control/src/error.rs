@@ -11,9 +11,9 @@ pub enum ControlError {
     /// No such object in the caller's scope (`code`: e.g. `sandbox_not_found`).
     #[error("{code}: {message}")]
     NotFound { code: &'static str, message: String },
-    /// The object exists but belongs to someone else, or the token lacks a scope.
-    #[error("forbidden: {message}")]
-    Forbidden { message: String },
+    /// The caller may not do this to an object it sees (`code`: e.g. `template_builtin`).
+    #[error("{code}: {message}")]
+    Forbidden { code: &'static str, message: String },
     /// The object's state does not allow the operation (e.g. `sandbox_not_running`).
     #[error("{code}: {message}")]
     Conflict { code: &'static str, message: String },
@@ -27,6 +27,14 @@ pub enum ControlError {
     /// sandboxes) is reached: nothing frees it but the tenant deleting something.
     #[error("workspace limit {limit} = {value} reached: {what}")]
     Kept {
+        limit: &'static str,
+        value: u32,
+        what: String,
+    },
+    /// A per-workspace limit on work under way (concurrent template builds) is reached: it
+    /// frees itself when the work ends, so the caller may retry.
+    #[error("workspace limit {limit} = {value} reached: {what}")]
+    Underway {
         limit: &'static str,
         value: u32,
         what: String,

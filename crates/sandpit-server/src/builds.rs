@@ -1,7 +1,9 @@
-//! The templates service: builds from an image reference or a Dockerfile (async, with a
-//! replayable event log per build), deletion, aliases. Routes (`routes/templates.rs`) and
-//! other API surfaces call these functions; `sandpit-image` does the pulling, unpacking and
-//! layer caching, and [`ServerRunner`] runs `RUN` steps in gVisor builder sandboxes.
+//! Template builds: from an image reference or a Dockerfile (async, with a replayable event
+//! log per build). The rules on names, aliases, quotas and deletion are the control layer's
+//! ([`sandpit_control::node::catalog`]); this module checks the request's build inputs,
+//! registers the template there and drives the build: `sandpit-image` does the pulling
+//! (over HTTP, which the control layer does not speak), unpacking and layer caching, and
+//! [`ServerRunner`] runs `RUN` steps in builder sandboxes through the node.
 #![expect(
     clippy::disallowed_methods,
     reason = "build logs, template dirs and boot snapshots are the server's own files; build contexts and RUN layers (tenant trees) go only through sandpit_fs"
@@ -22,8 +24,9 @@ use tokio::sync::broadcast;
 
 use crate::error::{ApiError, ControlError, DisplayChain};
 use crate::server::Server;
-use crate::store::{Sandbox, TemplateInsert, TemplateRow};
+use crate::store::TemplateRow;
 use crate::util::{now_ms, random_hex, rfc3339};
+use sandpit_control::node::catalog;
 
 /// Largest build context (decoded), in bytes.
 pub const MAX_CONTEXT_BYTES: usize = 256 * 1024 * 1024;
@@ -240,24 +243,6 @@ pub async fn view(
     })
 }
 
-fn valid_name(n: &str) -> bool {
-    (1..=64).contains(&n.len())
-        && n.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
-        && n.as_bytes()[0].is_ascii_alphanumeric()
-}
-
-/// Split and check `namespace@alias`.
-pub fn parse_alias(s: &str) -> Result<(&str, &str), ApiError> {
-    match s.split_once('@') {
-        Some((ns, a)) if valid_name(ns) && valid_name(a) => Ok((ns, a)),
-        _ => Err(ApiError::bad_request(
-            "invalid_alias",
-            format!("alias {s:?} must be namespace@alias, each 1–64 characters [a-z0-9._-]"),
-        )),
-    }
-}
-
 /// Validate a create request, register the template (status `building`) and start its
 /// build in the background. Nothing is changed when validation fails.
 pub async fn create(
@@ -265,12 +250,7 @@ pub async fn create(
     workspace_id: &str,
     req: CreateTemplateRequest,
 ) -> Result<TemplateRow, ApiError> {
-    if !valid_name(&req.name) {
-        return Err(ApiError::bad_request(
-            "invalid_name",
-            "name must be 1–64 characters [a-z0-9._-], starting with a letter or digit",
-        ));
-    }
+    catalog::check_name(&req.name)?;
     let dockerfile = match (&req.image, &req.dockerfile) {
         (Some(image), None) => {
             sandpit_image::registry::parse_reference(image)
@@ -313,7 +293,7 @@ pub async fn create(
         None => None,
     };
     server.ensure_free_disk()?;
-    check_template_quotas(server, workspace_id).await?;
+    catalog::check_quotas(server, workspace_id).await?;
     for p in [&req.default_egress, &req.build_egress]
         .into_iter()
         .flatten()
@@ -321,7 +301,7 @@ pub async fn create(
         sandpit_control::node::boot::validate_egress(server, p)?;
     }
     for a in &req.aliases {
-        parse_alias(a)?;
+        catalog::parse_alias(a)?;
     }
     if let Some(sandpit_api_types::ReadyCheck::Port(0)) = req.ready {
         return Err(ApiError::bad_request(
@@ -405,22 +385,9 @@ pub async fn create(
         },
         updated_at: now,
     };
-    let limits = &server.limits.cfg;
-    let inserted = server
-        .store
-        .templates
-        .insert(&row, limits.max_templates, limits.max_builds)
-        .await;
-    if !matches!(inserted, Ok(TemplateInsert::Inserted)) {
+    if let Err(e) = catalog::register(server, &row).await {
         images.discard_temp(&context_dir);
-        return Err(match inserted? {
-            TemplateInsert::TooManyTemplates => templates_quota(limits.max_templates),
-            TemplateInsert::TooManyBuilds => builds_quota(limits.max_builds),
-            _ => ApiError::conflict(
-                "template_exists",
-                format!("a template named {:?} exists", req.name),
-            ),
-        });
+        return Err(e.into());
     }
     let _ = std::fs::create_dir_all(template_dir(server, &row.id));
     let log = server.builds.open(&row.id, build_log_path(server, &row.id));
@@ -452,42 +419,6 @@ pub async fn create(
     };
     tokio::spawn(job.run());
     Ok(row)
-}
-
-fn templates_quota(max: u32) -> ApiError {
-    ApiError::quota(
-        axum::http::StatusCode::INSUFFICIENT_STORAGE,
-        "max_templates",
-        max,
-        "delete templates this workspace no longer needs",
-    )
-}
-
-fn builds_quota(max: u32) -> ApiError {
-    crate::limits::add_headers([(
-        axum::http::header::RETRY_AFTER,
-        axum::http::HeaderValue::from_static("30"),
-    )]);
-    ApiError::quota(
-        axum::http::StatusCode::TOO_MANY_REQUESTS,
-        "max_builds",
-        max,
-        "this workspace has that many template builds under way; retry when one ends",
-    )
-}
-
-/// Refuse early (before the context is unpacked) a template the workspace's limits would
-/// refuse at insert anyway.
-async fn check_template_quotas(server: &Server, workspace_id: &str) -> Result<(), ApiError> {
-    let limits = &server.limits.cfg;
-    let (templates, builds) = server.store.templates.count(workspace_id).await?;
-    if limits.max_templates > 0 && templates >= i64::from(limits.max_templates) {
-        return Err(templates_quota(limits.max_templates));
-    }
-    if limits.max_builds > 0 && builds >= i64::from(limits.max_builds) {
-        return Err(builds_quota(limits.max_builds));
-    }
-    Ok(())
 }
 
 fn allow_all() -> EgressPolicy {
@@ -608,7 +539,7 @@ impl BuildJob {
             .map_err(|e| DisplayChain(&e).to_string())?;
         let ws = self.template.workspace_id.clone().unwrap_or_default();
         for a in &self.aliases {
-            if let Ok((ns, alias)) = parse_alias(a) {
+            if let Ok((ns, alias)) = catalog::parse_alias(a) {
                 let _ = server
                     .store
                     .templates
@@ -736,68 +667,6 @@ impl StepRunner for ServerRunner {
     }
 }
 
-/// Delete a workspace's template. Refused (409) while sandboxes use it unless `force`,
-/// which destroys them first. Layers stay in the store (other templates may share them).
-pub async fn delete(
-    server: &Arc<Server>,
-    workspace_id: &str,
-    name_or_id: &str,
-    force: bool,
-) -> Result<(), ApiError> {
-    let t = server
-        .store
-        .templates
-        .find(workspace_id, name_or_id)
-        .await?
-        .ok_or_else(|| {
-            ApiError::not_found("template_not_found", format!("no template {name_or_id:?}"))
-        })?;
-    if t.workspace_id.as_deref() != Some(workspace_id) {
-        return Err(ApiError::forbidden(
-            "template_builtin",
-            "built-in templates cannot be deleted",
-        ));
-    }
-    if t.status == TemplateStatus::Building {
-        return Err(ApiError::conflict(
-            "template_building",
-            "the template is being built; delete it when the build ends",
-        ));
-    }
-    let (sandboxes, _) = server.store.templates.dependents(&t.id).await?;
-    let users: Vec<&Sandbox> = sandboxes
-        .iter()
-        .filter(|s| s.workspace_id != sandpit_control::node::boot::POOL_WORKSPACE)
-        .collect();
-    if !users.is_empty() && !force {
-        return Err(ApiError::conflict(
-            "template_in_use",
-            format!(
-                "{} sandbox(es) use this template ({}); destroy them or delete with force=true",
-                users.len(),
-                users
-                    .iter()
-                    .take(5)
-                    .map(|s| s.id.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        ));
-    }
-    for s in &sandboxes {
-        crate::lifecycle::destroy(server, &s.id).await?;
-    }
-    server
-        .store
-        .templates
-        .delete(workspace_id, &t.id, now_ms())
-        .await?;
-    let _ = std::fs::remove_dir_all(sandpit_control::node::images::boot_snapshot_dir(
-        server, &t.id,
-    ));
-    Ok(())
-}
-
 /// The built-in `toolchain` template (Debian with bash, python3, node, git), built on
 /// demand by [`build_toolchain`] and cached as a layer.
 pub const TOOLCHAIN_ID: &str = "tpl_toolchain";
@@ -863,14 +732,7 @@ pub async fn build_builtin(
     workspace_id: &str,
     name_or_id: &str,
 ) -> Result<TemplateRow, ApiError> {
-    let t = server
-        .store
-        .templates
-        .find(workspace_id, name_or_id)
-        .await?
-        .ok_or_else(|| {
-            ApiError::not_found("template_not_found", format!("no template {name_or_id:?}"))
-        })?;
+    let t = catalog::find(server, workspace_id, name_or_id).await?;
     if t.id != TOOLCHAIN_ID {
         return Err(ApiError::bad_request(
             "not_buildable",

@@ -57,7 +57,7 @@ impl From<sandpit_control::ControlError> for ApiError {
         use sandpit_control::ControlError as C;
         match e {
             C::NotFound { code, message } => ApiError::not_found(code, message),
-            C::Forbidden { message } => ApiError::forbidden("forbidden", message),
+            C::Forbidden { code, message } => ApiError::forbidden(code, message),
             C::Conflict { code, message } => ApiError::conflict(code, message),
             C::Invalid { code, message } => ApiError::bad_request(code, message),
             C::Quota { code, message } => {
@@ -65,6 +65,13 @@ impl From<sandpit_control::ControlError> for ApiError {
             }
             C::Kept { limit, value, what } => {
                 ApiError::quota(StatusCode::INSUFFICIENT_STORAGE, limit, value, &what)
+            }
+            C::Underway { limit, value, what } => {
+                crate::limits::add_headers([(
+                    axum::http::header::RETRY_AFTER,
+                    axum::http::HeaderValue::from_static("30"),
+                )]);
+                ApiError::quota(StatusCode::TOO_MANY_REQUESTS, limit, value, &what)
             }
             C::DiskFull { message } => {
                 ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "host_disk_full", message)

@@ -134,6 +134,8 @@ impl ServerConfig {
                 max_running: self.limits.max_running,
                 max_suspended: self.limits.max_suspended,
                 max_snapshots: self.limits.max_snapshots,
+                max_templates: self.limits.max_templates,
+                max_builds: self.limits.max_builds,
             },
         }
     }

@@ -193,6 +193,13 @@ impl Admitted<'_> {
         }
         out
     }
+
+    /// Hand back room for one sandbox the store already counts as running (a sandbox being
+    /// woken that still holds its slot), under the caller's lock.
+    pub async fn counted_already(&self) {
+        let _counting = self.lock.lock().await;
+        (self.hand_back)(1);
+    }
 }
 
 /// The running quota a workspace's rows are held to in the store: the configured one for

@@ -481,7 +481,7 @@ pub async fn wake(
         admitted.count(claim_slot(node, &mut row), |_| 1).await?;
     } else {
         // The store counts it already: a suspended sandbox holding a slot is being woken.
-        admitted.count(async { Ok(()) }, |_| 1).await?;
+        admitted.counted_already().await;
     }
     let started = std::time::Instant::now();
     let image = node.checkpoint_dir(id);

@@ -10,6 +10,7 @@
 )]
 
 pub mod boot;
+pub mod catalog;
 pub mod fork;
 pub mod images;
 pub mod lifecycle;
@@ -89,6 +90,10 @@ pub struct Quotas {
     pub max_suspended: u32,
     /// Named snapshots kept.
     pub max_snapshots: u32,
+    /// Templates kept (deleted ones aside).
+    pub max_templates: u32,
+    /// Template builds under way at once.
+    pub max_builds: u32,
 }
 
 /// A running node. Shared as `Arc<Node>` by the server and background tasks.

@@ -135,7 +135,7 @@ async fn delete_template(
     ApiQuery(q): ApiQuery<DeleteTemplateQuery>,
 ) -> Result<StatusCode, ApiError> {
     auth.require("sandbox_create")?;
-    builds::delete(&server, &auth.workspace_id, &id, q.force).await?;
+    sandpit_control::node::catalog::delete(&server.node, &auth.workspace_id, &id, q.force).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -207,7 +207,7 @@ async fn set_alias(
     Path((id, alias)): Path<(String, String)>,
 ) -> Result<Json<TemplateAlias>, ApiError> {
     auth.require("sandbox_create")?;
-    let (ns, name) = builds::parse_alias(&alias)?;
+    let (ns, name) = sandpit_control::node::catalog::parse_alias(&alias)?;
     let t = find(&server, &auth, &id).await?;
     server
         .store
@@ -237,7 +237,7 @@ async fn delete_alias(
     Path((id, alias)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     auth.require("sandbox_create")?;
-    let (ns, name) = builds::parse_alias(&alias)?;
+    let (ns, name) = sandpit_control::node::catalog::parse_alias(&alias)?;
     let t = find(&server, &auth, &id).await?;
     if server
         .store

@@ -3,6 +3,7 @@
 //! reconciliation, with their failure paths. No root, no runsc, no HTTP: a temporary data
 //! dir and a SQLite store; each test runs in milliseconds.
 
+mod catalog;
 mod lifecycle;
 
 use std::path::{Path, PathBuf};
@@ -70,9 +71,19 @@ impl Harness {
     }
 
     pub async fn with(rt: Arc<FakeRuntime>, net: Arc<FakeNetwork>) -> Harness {
+        Self::configured(rt, net, |_| {}).await
+    }
+
+    /// A node whose configuration `change` adjusts first (quotas, say).
+    pub async fn configured(
+        rt: Arc<FakeRuntime>,
+        net: Arc<FakeNetwork>,
+        change: impl FnOnce(&mut NodeConfig),
+    ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let agent_bin = prepare_data_dir(dir.path());
-        let cfg = config(dir.path());
+        let mut cfg = config(dir.path());
+        change(&mut cfg);
         let node = open(&cfg, &agent_bin, &rt, &net).await;
         let workspace = "ws_test".to_string();
         node.store
@@ -111,8 +122,16 @@ impl Harness {
     }
 
     pub async fn create(&self, mode: SandboxMode) -> Result<Sandbox, ControlError> {
+        self.create_from("base", mode).await
+    }
+
+    pub async fn create_from(
+        &self,
+        template: &str,
+        mode: SandboxMode,
+    ) -> Result<Sandbox, ControlError> {
         let req = CreateSandboxRequest {
-            template: "base".into(),
+            template: template.into(),
             mode,
             ..Default::default()
         };
