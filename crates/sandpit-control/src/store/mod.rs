@@ -1,5 +1,5 @@
 //! The persistent store, split by aggregate ([`Tenants`], [`Templates`], [`Sandboxes`],
-//! [`Previews`], [`Snapshots`], [`Idempotency`]), on SQLite (the default, one file) or
+//! [`Previews`], [`Snapshots`], [`Idempotency`], [`Nodes`]), on SQLite (the default, one file) or
 //! PostgreSQL (`--database postgres://…`, for several API replicas), behind one interface.
 //!
 //! Each query is written once in SQL both databases accept (`$N` parameters, `ON CONFLICT`,
@@ -25,6 +25,7 @@ use sqlx::sqlite::{
 use crate::error::ControlError;
 
 mod idempotency;
+mod nodes;
 mod previews;
 mod sandboxes;
 mod snapshots;
@@ -32,6 +33,7 @@ mod templates;
 mod tenants;
 
 pub use idempotency::{Idempotency, IdempotencyRow};
+pub use nodes::{Heartbeat, NodeInfo, NodeLoad, NodeRow, NodeStatus, Nodes, valid_node_id};
 pub use previews::{PreviewTokenRow, Previews};
 pub use sandboxes::{Sandbox, Sandboxes};
 pub use snapshots::{SnapshotRow, Snapshots};
@@ -198,6 +200,7 @@ pub struct Store {
     pub previews: Previews,
     pub snapshots: Snapshots,
     pub idempotency: Idempotency,
+    pub nodes: Nodes,
 }
 
 impl Store {
@@ -219,6 +222,7 @@ impl Store {
             previews: Previews { db: db.clone() },
             snapshots: Snapshots { db: db.clone() },
             idempotency: Idempotency { db: db.clone() },
+            nodes: Nodes { db: db.clone() },
             db,
         }
     }

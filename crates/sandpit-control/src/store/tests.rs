@@ -851,3 +851,135 @@ async fn running_quota_holds_across_processes(db: &TestDb) {
     other.db().close().await;
 }
 both!(running_quota_holds_across_processes);
+
+fn node(id: &str) -> NodeInfo {
+    NodeInfo {
+        id: id.into(),
+        address: format!("http://{id}.internal:7879"),
+        runsc_build: "release-20250101".into(),
+        memory_mib: 16_384,
+        slots: 200,
+    }
+}
+
+/// Leases: registration fences the earlier epoch, heartbeats renew and report load, a
+/// lapsed lease is declared lost once (even with two replicas expiring at the same time),
+/// a lost node's heartbeat is refused until it registers again, drains survive a restart,
+/// and the database's clock is the one leases are measured by.
+async fn nodes_leases_epochs_and_loss(db: &TestDb) {
+    let s = &db.store;
+    let now = s.nodes.now().await.unwrap();
+    let local = crate::util::now_ms();
+    assert!(
+        (now - local).abs() < 60_000,
+        "the database clock ({now}) is far from this host's ({local})"
+    );
+
+    let bad = NodeInfo {
+        id: "../a".into(),
+        ..node("a")
+    };
+    assert!(matches!(
+        s.nodes.register(&bad, now, 10_000).await,
+        Err(ControlError::Invalid {
+            code: "invalid_node_id",
+            ..
+        })
+    ));
+    for id in ["", "-a", "a-", "A", "a_b", "a.b", &"a".repeat(64)] {
+        assert!(!valid_node_id(id), "{id:?}");
+    }
+    assert!(s.nodes.list().await.unwrap().is_empty());
+
+    let a1 = s.nodes.register(&node("a"), now, 10_000).await.unwrap();
+    let b1 = s.nodes.register(&node("b"), now, 10_000).await.unwrap();
+    assert_eq!((a1, b1), (1, 1));
+    let load = NodeLoad {
+        free_memory_mib: 8_000,
+        free_slots: 150,
+        templates: vec!["tpl_base".into()],
+        images: vec!["sha256:aa".into()],
+    };
+    assert_eq!(
+        s.nodes.heartbeat("a", a1, &load, now + 1, 10_000).await.unwrap(),
+        Heartbeat::Renewed(NodeStatus::Live)
+    );
+    let a = s.nodes.get("a").await.unwrap().unwrap();
+    assert_eq!(a.load, load);
+    assert_eq!(a.lease_until, now + 10_001);
+
+    // A restart registers again: the old process's heartbeats are fenced.
+    let a2 = s.nodes.register(&node("a"), now + 2, 10_000).await.unwrap();
+    assert_eq!(a2, 2);
+    assert_eq!(
+        s.nodes.heartbeat("a", a1, &load, now + 3, 10_000).await.unwrap(),
+        Heartbeat::Fenced
+    );
+    assert_eq!(
+        s.nodes.get("a").await.unwrap().unwrap().load.templates,
+        Vec::<String>::new(),
+        "a fenced heartbeat changed nothing"
+    );
+
+    // b stops heartbeating; at its lease's end two replicas expire at once: one declares it.
+    let other = db.another_process().await;
+    let at = now + 10_000;
+    let (x, y) = tokio::join!(s.nodes.expire(at), other.nodes.expire(at));
+    let (mut x, y) = (x.unwrap(), y.unwrap());
+    x.extend(y);
+    assert_eq!(x, vec!["b".to_string()], "declared exactly once");
+    let alive: Vec<String> = s
+        .nodes
+        .alive(at)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| n.info.id)
+        .collect();
+    assert_eq!(alive, vec!["a".to_string()]);
+    assert_eq!(
+        s.nodes.heartbeat("b", b1, &load, at + 1, 10_000).await.unwrap(),
+        Heartbeat::Fenced,
+        "a lost node's lease is not renewed"
+    );
+    let b2 = s.nodes.register(&node("b"), at + 2, 10_000).await.unwrap();
+    assert_eq!(
+        s.nodes.heartbeat("b", b2, &load, at + 3, 10_000).await.unwrap(),
+        Heartbeat::Renewed(NodeStatus::Live)
+    );
+
+    // Drain: the node learns it from its heartbeat, a restart keeps it, undrain ends it.
+    assert!(s.nodes.set_draining("a", true).await.unwrap());
+    assert_eq!(
+        s.nodes.heartbeat("a", a2, &load, now + 4, 10_000).await.unwrap(),
+        Heartbeat::Renewed(NodeStatus::Draining)
+    );
+    let a3 = s.nodes.register(&node("a"), now + 5, 10_000).await.unwrap();
+    assert_eq!(
+        s.nodes.get("a").await.unwrap().unwrap().status,
+        NodeStatus::Draining
+    );
+    assert!(s.nodes.set_draining("a", false).await.unwrap());
+    assert_eq!(
+        s.nodes.heartbeat("a", a3, &load, now + 6, 10_000).await.unwrap(),
+        Heartbeat::Renewed(NodeStatus::Live)
+    );
+    assert!(!s.nodes.set_draining("nobody", true).await.unwrap());
+
+    // Only a lost node can be forgotten.
+    assert!(!s.nodes.forget("a").await.unwrap());
+    s.nodes.expire(now + 1_000_000).await.unwrap();
+    assert!(s.nodes.forget("a").await.unwrap());
+    assert!(s.nodes.get("a").await.unwrap().is_none());
+
+    // A row no version wrote fails closed.
+    with_db!(s.db(), p => sqlx::query("UPDATE nodes SET images = 'nope' WHERE id = 'b'")
+        .execute(p).await.map(|_| ()))
+    .unwrap();
+    assert!(matches!(
+        s.nodes.get("b").await,
+        Err(ControlError::Corrupt { .. })
+    ));
+    other.db().close().await;
+}
+both!(nodes_leases_epochs_and_loss);
