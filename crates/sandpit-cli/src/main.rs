@@ -29,6 +29,8 @@ enum Command {
     Openapi,
     /// Remove every sandbox and host object of one server (keeps the database).
     Cleanup(commands::cleanup::CleanupArgs),
+    /// The fleet's nodes (leases, free room) from the database; drain one.
+    Nodes(commands::nodes::NodesArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -40,6 +42,7 @@ fn main() -> std::process::ExitCode {
             Command::Sandbox(cmd) => commands::sandbox::run(cmd).await,
             Command::Template(cmd) => commands::template::run(cmd).await,
             Command::Cleanup(args) => commands::cleanup::run(args).await.map(|_| 0),
+            Command::Nodes(args) => commands::nodes::run(args).await,
             Command::Openapi => {
                 println!("{}", sandpit_server::openapi().to_pretty_json()?);
                 Ok(0)

@@ -12,6 +12,7 @@ pub mod domain;
 pub mod error;
 pub mod faults;
 pub mod live;
+pub mod membership;
 pub mod node;
 pub mod recovery;
 pub mod store;

@@ -30,6 +30,14 @@ pub struct ServeArgs {
     /// different prefixes and pools.
     #[arg(long, env = "SANDPIT_PREFIX", default_value = "sp")]
     prefix: String,
+    /// This node's name in the fleet (`sandpit nodes`): 1-63 characters [a-z0-9-]. Default:
+    /// the host name, lowercased, other characters as `-`.
+    #[arg(long, env = "SANDPIT_NODE_NAME")]
+    node_name: Option<String>,
+    /// How long the node's fleet lease lasts without a heartbeat (it beats every third of
+    /// it), e.g. 15s; at least 3s.
+    #[arg(long, env = "SANDPIT_NODE_LEASE", default_value = "15s")]
+    node_lease: String,
     /// Address pool for sandboxes, split into /30 slots.
     #[arg(long, env = "SANDPIT_POOL", default_value = "10.88.0.0/16")]
     pool: String,
@@ -241,6 +249,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let agent_bin = args.agent_bin.or_else(find_agent).context(
         "no sandpit-agent binary found: run scripts/build-agent or set SANDPIT_AGENT_BIN",
     )?;
+    let node_name = match args.node_name.clone() {
+        Some(n) if sandpit_control::store::valid_node_id(&n) => n,
+        Some(n) => anyhow::bail!(
+            "--node-name {n:?}: 1-63 characters [a-z0-9-], not starting or ending with '-'"
+        ),
+        None => default_node_name(),
+    };
+    let node_lease: Duration = sandpit_api_types::parse_duration(&args.node_lease)
+        .map_err(anyhow::Error::msg)
+        .context("--node-lease")?;
     let reaper_interval: Duration = sandpit_api_types::parse_duration(&args.reaper_interval)
         .map_err(anyhow::Error::msg)
         .context("--reaper-interval")?;
@@ -303,6 +321,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if cfg.disk_limit.is_some() {
         sandpit_runtime_gvisor::check_disk_support()?;
     }
+    // The runsc build this node runs (a memory image restores only on the same build).
+    let runsc_build = sandpit_runtime_gvisor::check_host(&args.runsc)
+        .unwrap_or_else(|e| format!("unknown ({e})"));
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let runtime =
@@ -332,6 +353,35 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let reaper = server.spawn_reaper();
     let refill = sandpit_control::node::pool::spawn_refill(&server.node);
+    // This node's place in the fleet: a lease it renews with its load (`sandpit nodes`).
+    let membership = sandpit_control::membership::Membership::join(
+        server.store.clone(),
+        sandpit_control::store::NodeInfo {
+            id: node_name,
+            address: format!("http://{}", args.listen),
+            runsc_build: runsc_build.clone(),
+            memory_mib: sandpit_control::membership::total_memory_mib().unwrap_or(0),
+            slots: i64::from(server.net.capacity()),
+        },
+        node_lease,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{}", sandpit_server::error::DisplayChain(&e)))
+    .context("joining the fleet")?;
+    let heartbeat = {
+        let node = server.node.clone();
+        membership.spawn(
+            move || {
+                let node = node.clone();
+                async move {
+                    sandpit_control::membership::local_load(&node)
+                        .await
+                        .unwrap_or_default()
+                }
+            },
+            server.shutdown.clone(),
+        )
+    };
     if server.cfg.boot_snapshots {
         let s = server.clone();
         tokio::spawn(async move {
@@ -371,14 +421,56 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     .context("serving")?;
     let _ = reaper.await;
     let _ = refill.await;
+    let _ = heartbeat.await;
     reaper_stop.cancel();
     let _ = runsc_reaper.await;
     Ok(())
 }
 
+/// The host name as a node name: lowercased, other characters as `-`, at most 63; `local`
+/// when nothing is left.
+fn default_node_name() -> String {
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the kernel's host name file, not a tenant's"
+    )]
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    node_name_from_host(&host)
+}
+
+fn node_name_from_host(host: &str) -> String {
+    let mapped: String = host
+        .trim()
+        .chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9') => c,
+            _ => '-',
+        })
+        .take(63)
+        .collect();
+    let name = mapped.trim_matches('-').to_string();
+    if sandpit_control::store::valid_node_id(&name) {
+        name
+    } else {
+        "local".into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_names_from_host_names() {
+        assert_eq!(
+            node_name_from_host("Box-1.example.com\n"),
+            "box-1-example-com"
+        );
+        assert_eq!(node_name_from_host("---"), "local");
+        assert_eq!(node_name_from_host(""), "local");
+        assert_eq!(node_name_from_host("héllo"), "h-llo");
+        assert_eq!(node_name_from_host(&"a".repeat(100)).len(), 63);
+    }
 
     #[test]
     fn disk_limits() {

@@ -11,6 +11,7 @@ mod api;
 mod crash;
 mod csb;
 mod egress;
+mod fleet;
 mod fork;
 mod idempotency;
 mod lifecycle;

@@ -901,7 +901,10 @@ async fn nodes_leases_epochs_and_loss(db: &TestDb) {
         images: vec!["sha256:aa".into()],
     };
     assert_eq!(
-        s.nodes.heartbeat("a", a1, &load, now + 1, 10_000).await.unwrap(),
+        s.nodes
+            .heartbeat("a", a1, &load, now + 1, 10_000)
+            .await
+            .unwrap(),
         Heartbeat::Renewed(NodeStatus::Live)
     );
     let a = s.nodes.get("a").await.unwrap().unwrap();
@@ -912,7 +915,10 @@ async fn nodes_leases_epochs_and_loss(db: &TestDb) {
     let a2 = s.nodes.register(&node("a"), now + 2, 10_000).await.unwrap();
     assert_eq!(a2, 2);
     assert_eq!(
-        s.nodes.heartbeat("a", a1, &load, now + 3, 10_000).await.unwrap(),
+        s.nodes
+            .heartbeat("a", a1, &load, now + 3, 10_000)
+            .await
+            .unwrap(),
         Heartbeat::Fenced
     );
     assert_eq!(
@@ -938,20 +944,29 @@ async fn nodes_leases_epochs_and_loss(db: &TestDb) {
         .collect();
     assert_eq!(alive, vec!["a".to_string()]);
     assert_eq!(
-        s.nodes.heartbeat("b", b1, &load, at + 1, 10_000).await.unwrap(),
+        s.nodes
+            .heartbeat("b", b1, &load, at + 1, 10_000)
+            .await
+            .unwrap(),
         Heartbeat::Fenced,
         "a lost node's lease is not renewed"
     );
     let b2 = s.nodes.register(&node("b"), at + 2, 10_000).await.unwrap();
     assert_eq!(
-        s.nodes.heartbeat("b", b2, &load, at + 3, 10_000).await.unwrap(),
+        s.nodes
+            .heartbeat("b", b2, &load, at + 3, 10_000)
+            .await
+            .unwrap(),
         Heartbeat::Renewed(NodeStatus::Live)
     );
 
     // Drain: the node learns it from its heartbeat, a restart keeps it, undrain ends it.
     assert!(s.nodes.set_draining("a", true).await.unwrap());
     assert_eq!(
-        s.nodes.heartbeat("a", a2, &load, now + 4, 10_000).await.unwrap(),
+        s.nodes
+            .heartbeat("a", a2, &load, now + 4, 10_000)
+            .await
+            .unwrap(),
         Heartbeat::Renewed(NodeStatus::Draining)
     );
     let a3 = s.nodes.register(&node("a"), now + 5, 10_000).await.unwrap();
@@ -961,7 +976,10 @@ async fn nodes_leases_epochs_and_loss(db: &TestDb) {
     );
     assert!(s.nodes.set_draining("a", false).await.unwrap());
     assert_eq!(
-        s.nodes.heartbeat("a", a3, &load, now + 6, 10_000).await.unwrap(),
+        s.nodes
+            .heartbeat("a", a3, &load, now + 6, 10_000)
+            .await
+            .unwrap(),
         Heartbeat::Renewed(NodeStatus::Live)
     );
     assert!(!s.nodes.set_draining("nobody", true).await.unwrap());

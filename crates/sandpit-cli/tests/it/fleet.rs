@@ -1,0 +1,121 @@
+//! The fleet registry as an operator sees it (`sandpit nodes`): a server joins as a node,
+//! its heartbeats carry its free slots, a drain reaches it, a killed node's lease lapses and
+//! a restart registers it again under a new epoch.
+
+use std::time::Duration;
+
+use sandpit_api_types::SandboxMode;
+use sandpit_sdk::types::CreateSandboxRequest;
+use sandpit_test_support::{TestServer, wait_until};
+
+use crate::{base, bin, create};
+
+fn nodes(srv: &TestServer, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = std::process::Command::new(bin());
+    cmd.arg("nodes");
+    match &srv.database {
+        Some(db) => cmd.args(["--database", &db.url]),
+        None => cmd.arg("--data-dir").arg(&srv.data_dir),
+    };
+    let out = cmd.args(args).output().expect("sandpit nodes runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn this_node(srv: &TestServer, name: &str) -> serde_json::Value {
+    let (ok, out, err) = nodes(srv, &["--json"]);
+    assert!(ok, "sandpit nodes --json: {err}");
+    let all: Vec<serde_json::Value> = serde_json::from_str(&out).expect("JSON");
+    all.into_iter()
+        .find(|n| n["name"] == name)
+        .unwrap_or_else(|| panic!("{name} is not in {out}"))
+}
+
+#[tokio::test]
+async fn a_server_is_a_node_with_a_lease_its_load_and_a_drain() {
+    let mut srv = TestServer::start_with_index_env(bin(), |i| {
+        vec![
+            ("SANDPIT_NODE_NAME".into(), format!("node-{i}")),
+            ("SANDPIT_NODE_LEASE".into(), "3s".into()),
+        ]
+    })
+    .await
+    .unwrap();
+    let name = format!("node-{}", srv.index);
+    let n = this_node(&srv, &name);
+    assert_eq!(n["status"], "live", "{n}");
+    assert_eq!(n["epoch"], 1);
+    // A /24 pool is 64 slots of /30.
+    assert_eq!(n["slots"], 64, "{n}");
+    assert!(n["memory_mib"].as_i64().unwrap() > 0, "{n}");
+
+    // The heartbeat reports the slot a new sandbox holds.
+    let before = n["free_slots"].as_i64().unwrap();
+    let client = srv.client();
+    let sb = create(
+        &client,
+        CreateSandboxRequest {
+            mode: SandboxMode::Ephemeral,
+            ..base()
+        },
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(20),
+        "a heartbeat with one slot fewer",
+        || async {
+            let n = this_node(&srv, &name);
+            (n["free_slots"].as_i64() < Some(before)).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+
+    // An operator's drain reaches the node at its next beat; undrain ends it.
+    let (ok, _, err) = nodes(&srv, &["drain", &name]);
+    assert!(ok, "{err}");
+    assert_eq!(this_node(&srv, &name)["status"], "draining");
+    wait_until(
+        Duration::from_secs(20),
+        "the node hears of its drain",
+        || async {
+            let log = srv.log();
+            log.lines()
+                .any(|l| l.contains("fleet status changed") && l.contains("draining"))
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    let (ok, _, err) = nodes(&srv, &["undrain", &name]);
+    assert!(ok, "{err}");
+    // Bad names and unknown nodes: a clear error, nothing changed.
+    let (ok, _, err) = nodes(&srv, &["drain", "nobody"]);
+    assert!(!ok && err.contains("nobody"), "{err}");
+    let (ok, _, err) = nodes(&srv, &["forget", &name]);
+    assert!(!ok, "a live node cannot be forgotten: {err}");
+    client.destroy_sandbox(&sb.id).await.unwrap();
+
+    // Killed, the node stops beating and its lease lapses; restarted, it registers again.
+    srv.kill9();
+    wait_until(Duration::from_secs(30), "the lease lapses", || async {
+        (this_node(&srv, &name)["status"] == "lapsed").then_some(())
+    })
+    .await
+    .unwrap();
+    srv.restart().await.unwrap();
+    let n = this_node(&srv, &name);
+    assert_eq!(
+        (n["status"].as_str(), n["epoch"].as_i64()),
+        (Some("live"), Some(2)),
+        "{n}"
+    );
+    let (ok, table, _) = nodes(&srv, &[]);
+    assert!(
+        ok && table.contains(&name) && table.contains("live"),
+        "{table}"
+    );
+}

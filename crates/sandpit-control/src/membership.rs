@@ -1,0 +1,288 @@
+//! A node's membership in the fleet: it registers ([`Membership::join`]), renews its lease
+//! by heartbeat with its load ([`Membership::beat`]), learns from the answer whether an
+//! operator set it draining, and, at each beat, declares lost any node whose lease lapsed
+//! ([`sweep`]; one statement, so each loss is declared once however many nodes sweep).
+//!
+//! A heartbeat that comes back [`Heartbeat::Fenced`] means the fleet no longer trusts this
+//! registration (the lease lapsed and the node was declared lost, or another process
+//! registered under the same name). The member registers again under a new epoch and says
+//! so in the log. (Once sandboxes are owned by nodes, a fenced node must first give up what
+//! the fleet settled while it was away; today every sandbox is the local node's.)
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{ControlError, DisplayChain};
+use crate::node::Node;
+use crate::store::{Heartbeat, NodeInfo, NodeLoad, NodeStatus, Store};
+
+/// Shortest lease a member takes: below it, a busy database would fence healthy nodes.
+pub const MIN_LEASE: Duration = Duration::from_secs(3);
+
+/// This process's registration as one node of the fleet.
+pub struct Membership {
+    store: Store,
+    info: NodeInfo,
+    lease: Duration,
+    epoch: AtomicI64,
+    status: Mutex<NodeStatus>,
+}
+
+fn lease_ms(lease: Duration) -> i64 {
+    i64::try_from(lease.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Membership {
+    /// Register `info` for a lease of `lease` (at least [`MIN_LEASE`]), measured by the
+    /// database's clock.
+    pub async fn join(
+        store: Store,
+        info: NodeInfo,
+        lease: Duration,
+    ) -> Result<Arc<Membership>, ControlError> {
+        let lease = lease.max(MIN_LEASE);
+        let now = store.nodes.now().await?;
+        let epoch = store.nodes.register(&info, now, lease_ms(lease)).await?;
+        let status = store
+            .nodes
+            .get(&info.id)
+            .await?
+            .map_or(NodeStatus::Live, |n| n.status);
+        tracing::info!(node = %info.id, epoch, status = status.as_str(), "joined the fleet");
+        Ok(Arc::new(Membership {
+            store,
+            info,
+            lease,
+            epoch: AtomicI64::new(epoch),
+            status: Mutex::new(status),
+        }))
+    }
+
+    pub fn id(&self) -> &str {
+        &self.info.id
+    }
+
+    /// The current registration's epoch.
+    pub fn epoch(&self) -> i64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// What the last answered heartbeat said: live, or draining (take no new sandboxes).
+    pub fn status(&self) -> NodeStatus {
+        *self.status.lock().expect("status poisoned")
+    }
+
+    /// How often [`Membership::spawn`] beats: a third of the lease, so two beats may fail
+    /// before the lease lapses.
+    pub fn interval(&self) -> Duration {
+        self.lease / 3
+    }
+
+    /// One heartbeat with `load`. Fenced: registers again (a new epoch) and returns
+    /// `Fenced`, so the caller knows the fleet saw this node as gone.
+    pub async fn beat(&self, load: &NodeLoad) -> Result<Heartbeat, ControlError> {
+        let now = self.store.nodes.now().await?;
+        let answer = self
+            .store
+            .nodes
+            .heartbeat(&self.info.id, self.epoch(), load, now, lease_ms(self.lease))
+            .await?;
+        match answer {
+            Heartbeat::Renewed(status) => {
+                let mut was = self.status.lock().expect("status poisoned");
+                if *was != status {
+                    tracing::info!(node = %self.info.id, status = status.as_str(), "fleet status changed");
+                }
+                *was = status;
+            }
+            Heartbeat::Fenced => {
+                let epoch = self
+                    .store
+                    .nodes
+                    .register(&self.info, now, lease_ms(self.lease))
+                    .await?;
+                tracing::warn!(
+                    node = %self.info.id,
+                    old_epoch = self.epoch(),
+                    epoch,
+                    "the fleet no longer trusted this node's lease (declared lost, or registered again elsewhere); registered anew"
+                );
+                self.epoch.store(epoch, Ordering::SeqCst);
+            }
+        }
+        Ok(answer)
+    }
+
+    /// Beat every [`Membership::interval`] with the load `load` measures, sweeping lost
+    /// nodes after each beat, until `stop`. Store errors are logged and retried at the next
+    /// beat (the lease covers two missed ones).
+    pub fn spawn<F, Fut>(
+        self: &Arc<Self>,
+        load: F,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<()>
+    where
+        F: Fn() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = NodeLoad> + Send,
+    {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(me.interval());
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                let l = load().await;
+                if let Err(e) = me.beat(&l).await {
+                    tracing::error!(node = %me.info.id, error = %DisplayChain(&e), "heartbeat failed");
+                    continue;
+                }
+                match sweep(&me.store).await {
+                    Ok(lost) if !lost.is_empty() => {
+                        tracing::warn!(nodes = ?lost, "declared nodes lost: their leases lapsed");
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(error = %DisplayChain(&e), "sweeping lost nodes failed");
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// Declare lost every node whose lease lapsed by the database's clock; the ids this call
+/// declared.
+pub async fn sweep(store: &Store) -> Result<Vec<String>, ControlError> {
+    let now = store.nodes.now().await?;
+    store.nodes.expire(now).await
+}
+
+/// What this host has free for sandboxes: network slots no sandbox holds, and the host's
+/// available memory (`MemAvailable`). Template and image locality is not reported yet:
+/// every template and image is on the one node's disk until they move through object
+/// storage.
+pub async fn local_load(node: &Node) -> Result<NodeLoad, ControlError> {
+    let used = node.store.sandboxes.used_slots().await?.len() as i64;
+    let capacity = i64::from(node.net.capacity());
+    Ok(NodeLoad {
+        free_memory_mib: available_memory_mib().unwrap_or(0),
+        free_slots: (capacity - used).max(0),
+        templates: Vec::new(),
+        images: Vec::new(),
+    })
+}
+
+/// `MemAvailable` from `/proc/meminfo`, MiB.
+pub fn available_memory_mib() -> Option<i64> {
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "/proc/meminfo is the kernel's, not a tenant's"
+    )]
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_mem_available(&text)
+}
+
+/// Total memory (`MemTotal`), MiB.
+pub fn total_memory_mib() -> Option<i64> {
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "/proc/meminfo is the kernel's, not a tenant's"
+    )]
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    meminfo_field(&text, "MemTotal:")
+}
+
+fn parse_mem_available(text: &str) -> Option<i64> {
+    meminfo_field(text, "MemAvailable:")
+}
+
+fn meminfo_field(text: &str, key: &str) -> Option<i64> {
+    let kib: i64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(key))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: &str) -> NodeInfo {
+        NodeInfo {
+            id: id.into(),
+            address: "http://127.0.0.1:7879".into(),
+            runsc_build: "test".into(),
+            memory_mib: 1024,
+            slots: 8,
+        }
+    }
+
+    #[test]
+    fn meminfo_is_read_in_mib_and_garbage_is_none() {
+        let text = "MemTotal:       24576000 kB\nMemFree:  100 kB\nMemAvailable:   20480000 kB\n";
+        assert_eq!(parse_mem_available(text), Some(20_000));
+        assert_eq!(meminfo_field(text, "MemTotal:"), Some(24_000));
+        assert_eq!(parse_mem_available("MemAvailable: lots kB\n"), None);
+        assert_eq!(parse_mem_available(""), None);
+        assert!(available_memory_mib().is_some_and(|m| m > 0));
+    }
+
+    /// A member that the fleet declared lost finds out at its next beat and joins again
+    /// under a new epoch; a drain set by an operator reaches it through the beat.
+    #[tokio::test]
+    async fn a_lost_member_is_fenced_then_registers_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("t.db")).await.unwrap();
+        let me = Membership::join(store.clone(), info("n1"), Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!((me.epoch(), me.status()), (1, NodeStatus::Live));
+        assert_eq!(me.interval(), Duration::from_secs(10));
+        let load = NodeLoad {
+            free_memory_mib: 100,
+            free_slots: 3,
+            ..Default::default()
+        };
+        assert_eq!(
+            me.beat(&load).await.unwrap(),
+            Heartbeat::Renewed(NodeStatus::Live)
+        );
+        assert!(sweep(&store).await.unwrap().is_empty(), "its lease holds");
+
+        // Another replica, long after the lease, declares it lost.
+        let later = store.nodes.now().await.unwrap() + 31_000;
+        assert_eq!(store.nodes.expire(later).await.unwrap(), vec!["n1"]);
+        assert_eq!(me.beat(&load).await.unwrap(), Heartbeat::Fenced);
+        assert_eq!(me.epoch(), 2);
+        assert_eq!(
+            me.beat(&load).await.unwrap(),
+            Heartbeat::Renewed(NodeStatus::Live)
+        );
+        let row = store.nodes.get("n1").await.unwrap().unwrap();
+        assert_eq!(
+            (row.status, row.epoch, row.load.free_slots),
+            (NodeStatus::Live, 2, 3)
+        );
+
+        assert!(store.nodes.set_draining("n1", true).await.unwrap());
+        me.beat(&load).await.unwrap();
+        assert_eq!(me.status(), NodeStatus::Draining);
+        // A lease shorter than the floor is raised to it.
+        let short = Membership::join(store, info("n2"), Duration::from_millis(10))
+            .await
+            .unwrap();
+        assert_eq!(short.interval(), MIN_LEASE / 3);
+    }
+}
