@@ -43,6 +43,9 @@ pub enum ControlError {
     /// free and what to do).
     #[error("host disk reserve reached: {message}")]
     DiskFull { message: String },
+    /// The node cannot take this now (draining); the caller may retry later or elsewhere.
+    #[error("{code}: {message}")]
+    Unavailable { code: &'static str, message: String },
     /// Every network slot of this node is taken.
     #[error("no free network slot (pool exhausted)")]
     NoSlot,

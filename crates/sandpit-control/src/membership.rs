@@ -117,12 +117,15 @@ impl Membership {
         Ok(answer)
     }
 
-    /// Beat every [`Membership::interval`] with the load `load` measures, sweeping lost
-    /// nodes after each beat, until `stop`. Store errors are logged and retried at the next
-    /// beat (the lease covers two missed ones).
+    /// Beat every [`Membership::interval`] with the load `load` measures, telling
+    /// `on_status` the status each answered beat gives (the node stops taking new
+    /// sandboxes while draining), and sweeping lost nodes after each beat, until `stop`.
+    /// Store errors are logged and retried at the next beat (the lease covers two missed
+    /// ones).
     pub fn spawn<F, Fut>(
         self: &Arc<Self>,
         load: F,
+        on_status: impl Fn(NodeStatus) + Send + 'static,
         stop: CancellationToken,
     ) -> tokio::task::JoinHandle<()>
     where
@@ -130,6 +133,7 @@ impl Membership {
         Fut: std::future::Future<Output = NodeLoad> + Send,
     {
         let me = self.clone();
+        on_status(me.status());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(me.interval());
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -143,6 +147,7 @@ impl Membership {
                     tracing::error!(node = %me.info.id, error = %DisplayChain(&e), "heartbeat failed");
                     continue;
                 }
+                on_status(me.status());
                 match sweep(&me.store).await {
                     Ok(lost) if !lost.is_empty() => {
                         tracing::warn!(nodes = ?lost, "declared nodes lost: their leases lapsed");

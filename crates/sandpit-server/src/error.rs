@@ -76,6 +76,9 @@ impl From<sandpit_control::ControlError> for ApiError {
             C::DiskFull { message } => {
                 ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "host_disk_full", message)
             }
+            C::Unavailable { code, message } => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
+            }
             C::NoSlot => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "capacity_exhausted",

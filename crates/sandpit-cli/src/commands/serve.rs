@@ -379,6 +379,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                         .unwrap_or_default()
                 }
             },
+            {
+                let node = server.node.clone();
+                move |status| {
+                    node.set_draining(status == sandpit_control::store::NodeStatus::Draining)
+                }
+            },
             server.shutdown.clone(),
         )
     };

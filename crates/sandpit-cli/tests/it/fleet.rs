@@ -1,5 +1,5 @@
 //! The fleet registry as an operator sees it (`sandpit nodes`): a server joins as a node,
-//! its heartbeats carry its free slots, a drain reaches it, a killed node's lease lapses and
+//! its heartbeats carry its free slots, a drain reaches it (creates and forks answer 503 while it lasts), a killed node's lease lapses and
 //! a restart registers it again under a new epoch.
 
 use std::time::Duration;
@@ -90,8 +90,19 @@ async fn a_server_is_a_node_with_a_lease_its_load_and_a_drain() {
     )
     .await
     .unwrap();
+    // Draining, it takes no new sandboxes; its own keep running.
+    crate::assert_api_err(client.create_sandbox(&base()).await, 503, "node_draining");
+    crate::assert_api_err(client.fork(&sb.id, 1).await, 503, "node_draining");
+    assert_eq!(crate::sh(&client, &sb.id, "echo up").await.stdout, "up\n");
     let (ok, _, err) = nodes(&srv, &["undrain", &name]);
     assert!(ok, "{err}");
+    wait_until(
+        Duration::from_secs(20),
+        "creates are taken again",
+        || async { client.create_sandbox(&base()).await.ok() },
+    )
+    .await
+    .unwrap();
     // Bad names and unknown nodes: a clear error, nothing changed.
     let (ok, _, err) = nodes(&srv, &["drain", "nobody"]);
     assert!(!ok && err.contains("nobody"), "{err}");

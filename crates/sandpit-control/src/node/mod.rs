@@ -127,6 +127,8 @@ pub struct Node {
     /// Live preview connections, cut before a checkpoint.
     pub previews: crate::live::LiveConnections,
     pub shutdown: CancellationToken,
+    /// Set while the fleet has this node draining: it takes no new sandboxes.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Node {
@@ -157,6 +159,7 @@ impl Node {
             egress_lock: tokio::sync::Mutex::new(()),
             previews: Default::default(),
             shutdown: CancellationToken::new(),
+            draining: Default::default(),
         })
     }
 
@@ -207,6 +210,24 @@ impl Node {
 
     /// `DiskFull` when the data filesystem has less than `min_free_disk` free (for what
     /// makes new files: creates, forks, snapshots, builds).
+    /// Take new sandboxes (false) or not (true): what the fleet's drain status says.
+    pub fn set_draining(&self, draining: bool) {
+        self.draining
+            .store(draining, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// 503 `node_draining` while the node is draining: creates and forks are refused (its
+    /// own sandboxes keep running, suspend and wake).
+    pub fn ensure_taking_new(&self) -> Result<(), ControlError> {
+        if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ControlError::Unavailable {
+                code: "node_draining",
+                message: "this node is draining and takes no new sandboxes (sandpit nodes undrain ends it)".into(),
+            });
+        }
+        Ok(())
+    }
+
     pub fn ensure_free_disk(&self) -> Result<(), ControlError> {
         if self.cfg.min_free_disk == 0 {
             return Ok(());

@@ -64,7 +64,7 @@ pub fn router() -> OpenApiRouter<Arc<Server>> {
         (status = 422, description = "This Idempotency-Key was used with a different request", body = ErrorBody),
         (status = 429, description = "Rate limit or running-sandbox quota reached (see Retry-After)", body = ErrorBody),
         (status = 500, description = "A stored record the sandbox needs (the snapshot's or template's policy, environment or spec) does not decode (`corrupt_record`); nothing was made", body = ErrorBody),
-        (status = 503, description = "No network slot is free (`capacity_exhausted`)", body = ErrorBody),
+        (status = 503, description = "No network slot is free (`capacity_exhausted`), or the node is draining (`node_draining`)", body = ErrorBody),
         (status = 507, description = "The host's data filesystem is below its free-space reserve (`host_disk_full`), or a persistent sandbox would pass the workspace's max_suspended (`quota_exceeded`); nothing was made", body = ErrorBody),
     ))]
 async fn create_sandbox(
@@ -609,6 +609,7 @@ async fn exec_stream(
         (status = 409, description = "The parent cannot be copied in its state, or a request with this Idempotency-Key is still running", body = ErrorBody),
         (status = 422, description = "This Idempotency-Key was used with a different request", body = ErrorBody),
         (status = 429, description = "Rate limit or running-sandbox quota reached (see Retry-After)", body = ErrorBody),
+        (status = 503, description = "The node is draining (`node_draining`); nothing was made", body = ErrorBody),
         (status = 507, description = "The host's data filesystem is below its free-space reserve (`host_disk_full`), or the workspace keeps as many suspended sandboxes as it may (`quota_exceeded`, max_suspended); nothing was made", body = ErrorBody),
     ))]
 async fn fork(

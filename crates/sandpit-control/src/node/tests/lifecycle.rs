@@ -527,3 +527,32 @@ async fn reconcile_after_a_crash_between_checkpoint_and_store_write() {
     assert_eq!(h.rt.ops_of(&row.runtime_id).last(), Some(&"restore"));
     assert!(agent_answers(&h, &row.id).await);
 }
+
+/// A draining node takes no new sandboxes (creates and forks: 503 `node_draining`, nothing
+/// made) but keeps serving its own: they still suspend and wake.
+#[tokio::test]
+async fn a_draining_node_refuses_creates_and_forks_but_wakes_its_own() {
+    let h = Harness::new().await;
+    let row = h.create(SandboxMode::Persistent).await.unwrap();
+    h.node.set_draining(true);
+    for e in [
+        h.create(SandboxMode::Ephemeral).await.unwrap_err(),
+        h.fork(&row.id, 1).await.unwrap_err(),
+    ] {
+        assert!(
+            matches!(
+                e,
+                crate::ControlError::Unavailable {
+                    code: "node_draining",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+    assert_eq!(h.rt.held().len(), 1, "nothing was made");
+    lifecycle::suspend(&h.node, &row.id).await.unwrap();
+    assert_eq!(h.wake(&row.id).await.unwrap().status, Status::Running);
+    h.node.set_draining(false);
+    h.create(SandboxMode::Ephemeral).await.unwrap();
+}
