@@ -174,7 +174,12 @@ pub async fn sweep(store: &Store) -> Result<Vec<String>, ControlError> {
 /// every template and image is on the one node's disk until they move through object
 /// storage.
 pub async fn local_load(node: &Node) -> Result<NodeLoad, ControlError> {
-    let used = node.store.sandboxes.used_slots().await?.len() as i64;
+    let used = node
+        .store
+        .sandboxes
+        .used_slots(&node.cfg.node_id)
+        .await?
+        .len() as i64;
     let capacity = i64::from(node.net.capacity());
     Ok(NodeLoad {
         free_memory_mib: available_memory_mib().unwrap_or(0),

@@ -215,7 +215,11 @@ pub async fn view(
     workspace_id: &str,
     t: TemplateRow,
 ) -> Result<Template, ControlError> {
-    let warm = server.store.sandboxes.pooled_count(&t.id).await? as u32;
+    let warm = server
+        .store
+        .sandboxes
+        .pooled_count(&server.node.cfg.node_id, &t.id)
+        .await? as u32;
     // Shown as far as it decodes; creating from a template whose records do not decode
     // fails with `corrupt_record`.
     let cfg = sandpit_control::node::images::image_config(&t).unwrap_or_default();

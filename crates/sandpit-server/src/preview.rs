@@ -541,6 +541,17 @@ async fn connect(
             Ok(None) => break,
             Err(e) => return Err(internal(&e)),
         };
+        // Another node's slot numbers name other addresses: never connect to them here.
+        if !server.is_mine(&row) {
+            return Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                "sandbox_on_another_node",
+                format!(
+                    "this preview's sandbox runs on node {:?}; this server does not reach it",
+                    row.node_id
+                ),
+            ));
+        }
         match row.status {
             Status::Running => {
                 let lock = server.lock_of(id);

@@ -25,6 +25,9 @@ pub struct ServerConfig {
     /// several servers coexist on one host. 1–6 characters `[a-z0-9]`; the network and the
     /// runtime the caller builds carry the same prefix in their own names.
     pub prefix: String,
+    /// This server's node name in the fleet (`sandpit serve --node-name`): the owner of the
+    /// sandboxes it runs.
+    pub node_id: String,
     /// The static `sandpit-agent` binary to inject into every sandbox.
     pub agent_bin: PathBuf,
     /// Largest upload, in bytes (seed 003: 100 MB).
@@ -73,6 +76,7 @@ impl ServerConfig {
             data_dir,
             database: None,
             prefix: "sp".into(),
+            node_id: "local".into(),
             agent_bin,
             upload_limit: 100 * 1024 * 1024,
             reaper_interval: Duration::from_secs(1),
@@ -120,6 +124,7 @@ impl ServerConfig {
     pub fn node_config(&self) -> NodeConfig {
         NodeConfig {
             data_dir: self.data_dir.clone(),
+            node_id: self.node_id.clone(),
             prefix: self.prefix.clone(),
             reaper_interval: self.reaper_interval,
             agent_ready_timeout: self.agent_ready_timeout,

@@ -270,6 +270,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     cfg.database = args.database;
     cfg.agent_ready_timeout = agent_ready_timeout;
     cfg.prefix = args.prefix.clone();
+    cfg.node_id = node_name.clone();
     cfg.upload_limit = args.upload_limit;
     cfg.reaper_interval = reaper_interval;
     cfg.body_idle_timeout = sandpit_api_types::parse_duration(&args.body_idle_timeout)
@@ -357,7 +358,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let membership = sandpit_control::membership::Membership::join(
         server.store.clone(),
         sandpit_control::store::NodeInfo {
-            id: node_name,
+            id: server.node.cfg.node_id.clone(),
             address: format!("http://{}", args.listen),
             runsc_build: runsc_build.clone(),
             memory_mib: sandpit_control::membership::total_memory_mib().unwrap_or(0),

@@ -130,3 +130,82 @@ async fn a_server_is_a_node_with_a_lease_its_load_and_a_drain() {
         "{table}"
     );
 }
+
+/// Two servers on one database (the shape of a fleet before routing): each is a node that
+/// sees and settles only its own sandboxes. A restart of one reconciles without failing the
+/// other's running sandbox; a call that would touch the other's sandbox answers 503
+/// `sandbox_on_another_node` instead of reaching an address that is not its to reach.
+#[tokio::test]
+async fn servers_sharing_a_database_leave_each_others_sandboxes_alone() {
+    let a = TestServer::start_with_index_env(bin(), |i| {
+        vec![("SANDPIT_NODE_NAME".into(), format!("node-{i}"))]
+    })
+    .await
+    .unwrap();
+    let shared = match &a.database {
+        Some(db) => db.url.clone(),
+        None => format!("sqlite://{}", a.data_dir.join("sandpit.db").display()),
+    };
+    let mut b = TestServer::start_with_index_env(bin(), |i| {
+        vec![
+            ("SANDPIT_NODE_NAME".into(), format!("node-{i}")),
+            ("SANDPIT_DATABASE".into(), shared.clone()),
+        ]
+    })
+    .await
+    .unwrap();
+    let (ca, cb) = (a.client(), b.client_with(&a.token));
+    let on_a = create(&ca, base()).await;
+    let on_b = create(&cb, base()).await;
+    // Each pool's first slot: the same number on two nodes.
+    assert_eq!(crate::sh(&ca, &on_a.id, "echo a").await.stdout, "a\n");
+    assert_eq!(crate::sh(&cb, &on_b.id, "echo b").await.stdout, "b\n");
+
+    // B restarts (kill -9): its reconciliation sees only its own rows.
+    b.kill9();
+    b.restart().await.unwrap();
+    let cb = b.client_with(&a.token);
+    assert_eq!(
+        crate::sh(&ca, &on_a.id, "echo still").await.stdout,
+        "still\n"
+    );
+    assert_eq!(crate::sh(&cb, &on_b.id, "echo b").await.stdout, "b\n");
+    assert_eq!(
+        ca.get_sandbox(&on_a.id).await.unwrap().status,
+        sandpit_api_types::SandboxStatus::Running
+    );
+
+    // Through the other server: read, yes; touch, no (and nothing changes).
+    assert_eq!(cb.get_sandbox(&on_a.id).await.unwrap().id, on_a.id);
+    crate::assert_api_err(
+        cb.exec(
+            &on_a.id,
+            &sandpit_sdk::types::ExecRequest {
+                command: Some("echo no".into()),
+                ..Default::default()
+            },
+        )
+        .await,
+        503,
+        "sandbox_on_another_node",
+    );
+    crate::assert_api_err(cb.hibernate(&on_a.id).await, 503, "sandbox_on_another_node");
+    crate::assert_api_err(
+        cb.destroy_sandbox(&on_a.id).await,
+        503,
+        "sandbox_on_another_node",
+    );
+    assert_eq!(
+        crate::sh(&ca, &on_a.id, "echo alive").await.stdout,
+        "alive\n"
+    );
+
+    // Both nodes are in the fleet.
+    let (ok, out, err) = nodes(&a, &["--json"]);
+    assert!(ok, "{err}");
+    for i in [a.index, b.index] {
+        assert!(out.contains(&format!("\"node-{i}\"")), "{out}");
+    }
+    ca.destroy_sandbox(&on_a.id).await.unwrap();
+    cb.destroy_sandbox(&on_b.id).await.unwrap();
+}

@@ -229,7 +229,7 @@ pub(super) async fn lowest_free_slot(node: &Node) -> Result<i64, ControlError> {
     let used: std::collections::HashSet<i64> = node
         .store
         .sandboxes
-        .used_slots()
+        .used_slots(&node.cfg.node_id)
         .await?
         .into_iter()
         .collect();
@@ -355,6 +355,9 @@ pub fn exec_env(
 }
 
 pub fn agent_of(node: &Node, row: &Sandbox) -> Option<AgentClient> {
+    if !node.is_mine(row) {
+        return None;
+    }
     row.slot
         .map(|s| AgentClient::new(&row.id, node.net.addrs(s as u32).sandbox_ip))
 }
@@ -506,12 +509,13 @@ pub async fn owned(node: &Node, workspace_id: &str, id: &str) -> Result<Sandbox,
 }
 
 /// A sandbox by id, or `NotFound` (callers have checked the workspace already).
+/// 503 `sandbox_on_another_node` if another node runs it.
 pub(super) async fn existing(node: &Node, id: &str) -> Result<Sandbox, ControlError> {
-    node.store
-        .sandboxes
-        .get(id)
-        .await?
-        .ok_or_else(|| ControlError::not_found("sandbox_not_found", format!("no sandbox {id:?}")))
+    let row = node.store.sandboxes.get(id).await?.ok_or_else(|| {
+        ControlError::not_found("sandbox_not_found", format!("no sandbox {id:?}"))
+    })?;
+    node.ensure_mine(&row)?;
+    Ok(row)
 }
 
 /// A row for a sandbox the node runs for itself (warm pool, template boot snapshot):
@@ -540,6 +544,7 @@ pub fn system_row(node: &Node, template_id: &str, template_name: &str) -> Sandbo
         created_at: now,
         updated_at: now,
         preview_privacy: sandpit_api_types::PreviewPrivacy::Private,
+        node_id: node.cfg.node_id.clone(),
     }
 }
 

@@ -152,6 +152,7 @@ pub async fn prepare_create(
         created_at: now,
         updated_at: now,
         preview_privacy: req.preview.unwrap_or_default().privacy,
+        node_id: node.cfg.node_id.clone(),
     };
     Ok((row, snapshot))
 }
@@ -272,6 +273,7 @@ async fn destroy_locked(
     if row.status == Status::Destroyed {
         return Ok(());
     }
+    node.ensure_mine(&row)?;
     node.previews.cut(id).await;
     node.teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
         .await;
@@ -297,7 +299,7 @@ pub async fn settle_if_dead(node: &Arc<Node>, id: &str) -> bool {
     let Ok(Some(row)) = node.store.sandboxes.get(id).await else {
         return false;
     };
-    if row.status != Status::Running {
+    if row.status != Status::Running || !node.is_mine(&row) {
         return false;
     }
     match node.runtime.status(&row.runtime_id).await {

@@ -32,7 +32,7 @@ use tokio::sync::RwLock;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{ControlError, DisplayChain};
-use crate::store::Store;
+use crate::store::{Sandbox, Store};
 
 /// Make the directories a node keeps under its data dir (idempotent), and remove the
 /// temporary memory images a crash may have left (nothing refers to them).
@@ -56,6 +56,8 @@ pub fn make_data_dirs(data_dir: &Path) -> Result<(), ControlError> {
 /// What a node is told (the server builds it from its own configuration).
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
+    /// This node's name in the fleet (`store::Nodes`): the owner recorded on its sandboxes.
+    pub node_id: String,
     pub data_dir: PathBuf,
     /// Starts the runtime ids of this node's sandboxes (`<prefix>-<sandbox id>`).
     pub prefix: String,
@@ -210,6 +212,27 @@ impl Node {
 
     /// `DiskFull` when the data filesystem has less than `min_free_disk` free (for what
     /// makes new files: creates, forks, snapshots, builds).
+    /// Whether this node runs `row`'s sandbox. Only the owner boots, stops, tears down,
+    /// settles or talks to a sandbox: another node's slot numbers name other addresses (on
+    /// another host, maybe one of this node's own sandboxes).
+    pub fn is_mine(&self, row: &Sandbox) -> bool {
+        row.node_id == self.cfg.node_id
+    }
+
+    /// 503 `sandbox_on_another_node` unless this node runs `row`'s sandbox.
+    pub fn ensure_mine(&self, row: &Sandbox) -> Result<(), ControlError> {
+        if self.is_mine(row) {
+            return Ok(());
+        }
+        Err(ControlError::Unavailable {
+            code: "sandbox_on_another_node",
+            message: format!(
+                "sandbox {} runs on node {:?}, which this server does not reach (routing between nodes is not built yet): send the request to that node's server",
+                row.id, row.node_id
+            ),
+        })
+    }
+
     /// Take new sandboxes (false) or not (true): what the fleet's drain status says.
     pub fn set_draining(&self, draining: bool) {
         self.draining

@@ -128,7 +128,12 @@ pub fn spawn_refill(node: &Arc<Node>) -> tokio::task::JoinHandle<()> {
         }
         loop {
             loop {
-                let have = match node.store.sandboxes.pooled_count(BASE_TEMPLATE_ID).await {
+                let have = match node
+                    .store
+                    .sandboxes
+                    .pooled_count(&node.cfg.node_id, BASE_TEMPLATE_ID)
+                    .await
+                {
                     Ok(n) => n,
                     Err(e) => {
                         tracing::error!(error = %DisplayChain(&e), "warm pool: counting");

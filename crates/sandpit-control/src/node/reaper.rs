@@ -24,15 +24,27 @@ impl Node {
     /// suspended with its files (and memory image, if one was taken) or failed with a reason,
     /// and nothing exists that the store does not know.
     pub async fn reconcile(self: &Arc<Self>) -> Result<(), ControlError> {
+        // Rows from before sandboxes had owners were one server's: this node's now.
+        let adopted = self
+            .store
+            .sandboxes
+            .adopt_unowned(&self.cfg.node_id)
+            .await?;
+        if adopted > 0 {
+            tracing::info!(adopted, node = %self.cfg.node_id, "adopted sandboxes recorded without a node");
+        }
         let rows = self
             .store
             .sandboxes
-            .with_status(&[
-                Status::Creating,
-                Status::Running,
-                Status::Suspended,
-                Status::Pooled,
-            ])
+            .with_status(
+                &self.cfg.node_id,
+                &[
+                    Status::Creating,
+                    Status::Running,
+                    Status::Suspended,
+                    Status::Pooled,
+                ],
+            )
             .await?;
         let now = now_ms();
         let mut keep_runtime = HashSet::new();
@@ -171,7 +183,7 @@ impl Node {
     /// background, so a death is noticed within `liveness_interval` rather than at the next
     /// call. Sandboxes in a transition (their write lock taken or asked for) are left alone.
     async fn watch_liveness(self: &Arc<Self>) {
-        let rows = match self.store.sandboxes.running().await {
+        let rows = match self.store.sandboxes.running(&self.cfg.node_id).await {
             Ok(rows) => rows,
             Err(e) => {
                 tracing::error!(error = %DisplayChain(&e), "liveness watch: listing running sandboxes");
@@ -218,7 +230,7 @@ impl Node {
                     node.watch_liveness().await;
                 }
                 let now = now_ms();
-                match node.store.sandboxes.expired(now).await {
+                match node.store.sandboxes.expired(&node.cfg.node_id, now).await {
                     Ok(ids) => {
                         for id in ids {
                             match lifecycle::destroy_if_free(&node, &id).await {
@@ -236,7 +248,7 @@ impl Node {
                         tracing::error!(error = %DisplayChain(&e), "reaper: listing expired sandboxes")
                     }
                 }
-                match node.store.sandboxes.idle(now).await {
+                match node.store.sandboxes.idle(&node.cfg.node_id, now).await {
                     Ok(ids) => {
                         for id in ids {
                             match lifecycle::suspend_if_idle(&node, &id).await {

@@ -33,13 +33,17 @@ pub struct Sandbox {
     pub created_at: i64,
     pub updated_at: i64,
     pub preview_privacy: PreviewPrivacy,
+    /// The node that runs it (its name in the fleet, `store::Nodes`): only that node boots,
+    /// suspends, wakes, reaps or reconciles it, and its `slot` is that node's.
+    pub node_id: String,
 }
 
 const INSERT_SANDBOX: &str = "INSERT INTO sandboxes (id, workspace_id, template_id, template_name,
         mode, status, size, env, metadata, egress, timeout_ms, idle_timeout_ms, expires_at,
-        last_active_at, slot, runtime_id, error, created_at, updated_at, preview_privacy)
+        last_active_at, slot, runtime_id, error, created_at, updated_at, preview_privacy,
+        node_id)
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
-        $19, $20)";
+        $19, $20, $21)";
 
 /// What counts against a workspace's running quota, besides the row `$2` itself: creating
 /// and running sandboxes, and suspended ones holding a network slot (being woken).
@@ -83,6 +87,7 @@ macro_rules! bind_sandbox {
             .bind($s.created_at)
             .bind($s.updated_at)
             .bind($s.preview_privacy.as_str())
+            .bind(&$s.node_id)
     };
 }
 
@@ -125,6 +130,7 @@ pub(super) struct SandboxRecord {
     created_at: i64,
     updated_at: i64,
     preview_privacy: String,
+    node_id: String,
 }
 
 fn parse_mode(s: &str) -> Option<SandboxMode> {
@@ -162,6 +168,7 @@ impl TryFrom<SandboxRecord> for Sandbox {
             error: r.error,
             created_at: r.created_at,
             updated_at: r.updated_at,
+            node_id: r.node_id,
         })
     }
 }
@@ -273,8 +280,12 @@ impl Sandboxes {
         decode_all(rows)
     }
 
-    /// Server use: every sandbox in one of the given states, oldest first.
-    pub async fn with_status(&self, statuses: &[Status]) -> Result<Vec<Sandbox>, ControlError> {
+    /// Node use: every sandbox of node `node` in one of the given states, oldest first.
+    pub async fn with_status(
+        &self,
+        node: &str,
+        statuses: &[Status],
+    ) -> Result<Vec<Sandbox>, ControlError> {
         // Always six parameters (there are six statuses), padded with the first, so the
         // SQL text is constant; none at all matches nothing.
         let mut names: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
@@ -283,22 +294,24 @@ impl Sandboxes {
         let rows = with_db!(self.db, p => {
             let mut qy = sqlx::query_as(
                 "SELECT * FROM sandboxes WHERE status IN ($1, $2, $3, $4, $5, $6)
+                   AND node_id = $7
                  ORDER BY created_at, id",
             );
             for n in &names {
                 qy = qy.bind(*n);
             }
+            qy = qy.bind(node);
             qy.fetch_all(p).await
         })
         .map_err(q("listing sandboxes by status"))?;
         decode_all(rows)
     }
 
-    /// Server use: slots held by any sandbox.
-    pub async fn used_slots(&self) -> Result<Vec<i64>, ControlError> {
+    /// Node use: the slots of node `node` that its sandboxes hold.
+    pub async fn used_slots(&self, node: &str) -> Result<Vec<i64>, ControlError> {
         let rows: Vec<(i64,)> = with_db!(self.db, p => sqlx::query_as(
-            "SELECT slot FROM sandboxes WHERE slot IS NOT NULL"
-        ).fetch_all(p).await)
+            "SELECT slot FROM sandboxes WHERE slot IS NOT NULL AND node_id = $1"
+        ).bind(node).fetch_all(p).await)
         .map_err(q("listing slots"))?;
         Ok(rows.into_iter().map(|r| r.0).collect())
     }
@@ -513,33 +526,39 @@ impl Sandboxes {
         .await
     }
 
-    /// Server use: ephemeral sandboxes (running or suspended) whose timeout has passed.
-    pub async fn expired(&self, now: i64) -> Result<Vec<String>, ControlError> {
+    /// Node use: node `node`'s ephemeral sandboxes (running or suspended) whose timeout
+    /// has passed.
+    pub async fn expired(&self, node: &str, now: i64) -> Result<Vec<String>, ControlError> {
         let rows = with_db!(self.db, p => sqlx::query_as(
             "SELECT id FROM sandboxes WHERE mode = 'ephemeral' AND status IN ('running', 'suspended')
-             AND expires_at IS NOT NULL AND expires_at <= $1",
+             AND expires_at IS NOT NULL AND expires_at <= $1 AND node_id = $2",
         )
         .bind(now)
+        .bind(node)
         .fetch_all(p).await)
         .map_err(q("finding expired sandboxes"))?;
         Ok(ids(rows))
     }
 
-    /// Server use: every running sandbox, as (id, runtime id), for the liveness watch.
-    pub async fn running(&self) -> Result<Vec<(String, String)>, ControlError> {
+    /// Node use: node `node`'s running sandboxes, as (id, runtime id), for the liveness
+    /// watch.
+    pub async fn running(&self, node: &str) -> Result<Vec<(String, String)>, ControlError> {
         with_db!(self.db, p => sqlx::query_as(
-            "SELECT id, runtime_id FROM sandboxes WHERE status = 'running'"
-        ).fetch_all(p).await)
+            "SELECT id, runtime_id FROM sandboxes WHERE status = 'running' AND node_id = $1"
+        ).bind(node).fetch_all(p).await)
         .map_err(q("listing running sandboxes"))
     }
 
-    /// Server use: running persistent sandboxes idle for longer than their idle timeout.
-    pub async fn idle(&self, now: i64) -> Result<Vec<String>, ControlError> {
+    /// Node use: node `node`'s running persistent sandboxes idle for longer than their
+    /// idle timeout.
+    pub async fn idle(&self, node: &str, now: i64) -> Result<Vec<String>, ControlError> {
         let rows = with_db!(self.db, p => sqlx::query_as(
             "SELECT id FROM sandboxes WHERE mode = 'persistent' AND status = 'running'
-             AND idle_timeout_ms IS NOT NULL AND last_active_at + idle_timeout_ms <= $1",
+             AND idle_timeout_ms IS NOT NULL AND last_active_at + idle_timeout_ms <= $1
+             AND node_id = $2",
         )
         .bind(now)
+        .bind(node)
         .fetch_all(p).await)
         .map_err(q("finding idle sandboxes"))?;
         Ok(ids(rows))
@@ -569,18 +588,30 @@ impl Sandboxes {
         .await
     }
 
-    /// Server use: how many pooled sandboxes a template has.
-    pub async fn pooled_count(&self, template_id: &str) -> Result<i64, ControlError> {
-        self.count(
-            "counting pooled sandboxes",
-            "SELECT COUNT(*) FROM sandboxes WHERE status = 'pooled' AND template_id = $1",
-            template_id,
+    /// Node use: how many pooled sandboxes of a template node `node` holds.
+    pub async fn pooled_count(&self, node: &str, template_id: &str) -> Result<i64, ControlError> {
+        let n: (i64,) = with_db!(self.db, p => sqlx::query_as(
+            "SELECT COUNT(*) FROM sandboxes WHERE status = 'pooled' AND template_id = $1
+               AND node_id = $2",
         )
-        .await
+        .bind(template_id)
+        .bind(node)
+        .fetch_one(p).await)
+        .map_err(q("counting pooled sandboxes"))?;
+        Ok(n.0)
     }
 
-    /// Server use: hand the oldest pooled sandbox of a template to `owner` (its workspace and
-    /// settings; id, slot and runtime stay). Returns the sandbox's id, or `None` when the
+    /// Node use: give node `node` every sandbox no node owns (rows written before sandboxes
+    /// had owners: a single server's, now this node's). How many it took.
+    pub async fn adopt_unowned(&self, node: &str) -> Result<u64, ControlError> {
+        with_db!(self.db, p => sqlx::query("UPDATE sandboxes SET node_id = $1 WHERE node_id = ''")
+            .bind(node)
+            .execute(p).await.map(|r| r.rows_affected()))
+        .map_err(q("adopting unowned sandboxes"))
+    }
+
+    /// Node use: hand the oldest pooled sandbox of a template on `owner.node_id` to `owner`
+    /// (its workspace and settings; id, slot, node and runtime stay). Returns the sandbox's id, or `None` when the
     /// pool is empty. One statement; on PostgreSQL the candidate row is locked (`SKIP
     /// LOCKED`), so two creates, in one process or several, never get the same sandbox.
     pub async fn take_pooled(
@@ -599,7 +630,7 @@ impl Sandboxes {
                 last_active_at = $9, created_at = $10, updated_at = $11, preview_privacy = $12
              WHERE status = 'pooled'
                AND id = (SELECT id FROM sandboxes WHERE status = 'pooled' AND template_id = $13
-                         AND size = $14 ORDER BY created_at LIMIT 1 {lock})
+                         AND size = $14 AND node_id = $15 ORDER BY created_at LIMIT 1 {lock})
              RETURNING id"
         );
         let (held, row) = in_admission!(self.db, owner.workspace_id.as_str(), tx => {
@@ -623,6 +654,7 @@ impl Sandboxes {
                     .bind(owner.preview_privacy.as_str())
                     .bind(template_id)
                     .bind(&owner.size)
+                    .bind(&owner.node_id)
                     .fetch_optional(&mut *tx)
                     .await?
             };

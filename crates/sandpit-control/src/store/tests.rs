@@ -149,6 +149,7 @@ fn sandbox(id: &str, ws: &str, status: Status, slot: Option<i64>) -> Sandbox {
         created_at: 10,
         updated_at: 10,
         preview_privacy: PreviewPrivacy::Private,
+        node_id: "n1".into(),
     }
 }
 
@@ -492,7 +493,7 @@ async fn sandboxes_typed_rows_and_transitions(db: &TestDb) {
         (sb2.status, sb2.slot, sb2.error.as_deref()),
         (Status::Suspended, None, Some("idle"))
     );
-    assert_eq!(s.sandboxes.used_slots().await.unwrap(), [1]);
+    assert_eq!(s.sandboxes.used_slots("n1").await.unwrap(), [1]);
     s.sandboxes
         .claim_slot_admitted(&sb2, 7, 0, 22)
         .await
@@ -501,7 +502,7 @@ async fn sandboxes_typed_rows_and_transitions(db: &TestDb) {
         .transition("sb_2", crate::Transition::Wake, None, 22)
         .await
         .unwrap();
-    let mut slots = s.sandboxes.used_slots().await.unwrap();
+    let mut slots = s.sandboxes.used_slots("n1").await.unwrap();
     slots.sort();
     assert_eq!(slots, [1, 7]);
 
@@ -514,14 +515,14 @@ async fn sandboxes_typed_rows_and_transitions(db: &TestDb) {
     assert!(s.sandboxes.list("ws_b", None).await.unwrap().is_empty());
     let some = s
         .sandboxes
-        .with_status(&[Status::Suspended, Status::Running])
+        .with_status("n1", &[Status::Suspended, Status::Running])
         .await
         .unwrap();
     assert_eq!(some.len(), 2);
-    assert!(s.sandboxes.with_status(&[]).await.unwrap().is_empty());
-    assert_eq!(s.sandboxes.running().await.unwrap().len(), 2);
-    assert_eq!(s.sandboxes.expired(2000).await.unwrap().len(), 2);
-    assert!(s.sandboxes.expired(1999).await.unwrap().is_empty());
+    assert!(s.sandboxes.with_status("n1", &[]).await.unwrap().is_empty());
+    assert_eq!(s.sandboxes.running("n1").await.unwrap().len(), 2);
+    assert_eq!(s.sandboxes.expired("n1", 2000).await.unwrap().len(), 2);
+    assert!(s.sandboxes.expired("n1", 1999).await.unwrap().is_empty());
 
     let deny = Stored::encode(&EgressPolicy {
         mode: "deny_all".into(),
@@ -546,7 +547,7 @@ async fn sandboxes_typed_rows_and_transitions(db: &TestDb) {
     s.sandboxes.mark_failed("sb_1", "boom", 25).await.unwrap();
     s.sandboxes.mark_destroyed("sb_2", 26).await.unwrap();
     assert!(
-        s.sandboxes.used_slots().await.unwrap().is_empty(),
+        s.sandboxes.used_slots("n1").await.unwrap().is_empty(),
         "final states hold no slot"
     );
     let l = s.sandboxes.list("ws_a", None).await.unwrap();
@@ -608,7 +609,10 @@ async fn pooled_sandboxes_go_to_one_create_each(db: &TestDb) {
         sb.created_at = i;
         s.sandboxes.insert(&sb).await.unwrap();
     }
-    assert_eq!(s.sandboxes.pooled_count("tpl_base").await.unwrap(), 10);
+    assert_eq!(
+        s.sandboxes.pooled_count("n1", "tpl_base").await.unwrap(),
+        10
+    );
     let other = db.another_process().await;
     let mut tasks = Vec::new();
     for i in 0..20 {
@@ -628,7 +632,7 @@ async fn pooled_sandboxes_go_to_one_create_each(db: &TestDb) {
     got.sort();
     got.dedup();
     assert_eq!(got.len(), 10, "{got:?}");
-    assert_eq!(s.sandboxes.pooled_count("tpl_base").await.unwrap(), 0);
+    assert_eq!(s.sandboxes.pooled_count("n1", "tpl_base").await.unwrap(), 0);
     assert_eq!(
         s.sandboxes
             .list("ws_a", Some(Status::Running))
@@ -835,7 +839,7 @@ async fn running_quota_holds_across_processes(db: &TestDb) {
         .unwrap_err();
     assert!(matches!(e, ControlError::Quota { .. }), "{e}");
     assert_eq!(
-        s.sandboxes.pooled_count("tpl_base").await.unwrap(),
+        s.sandboxes.pooled_count("n1", "tpl_base").await.unwrap(),
         1,
         "the pool is intact"
     );
@@ -1001,3 +1005,85 @@ async fn nodes_leases_epochs_and_loss(db: &TestDb) {
     other.db().close().await;
 }
 both!(nodes_leases_epochs_and_loss);
+
+/// Every sandbox belongs to one node: slots are unique per node (the same number on two
+/// nodes is two slots), every node-side query sees only its own rows, and rows written
+/// before owners existed are adopted by the first node that asks.
+async fn sandboxes_belong_to_one_node(db: &TestDb) {
+    let s = &db.store;
+    workspace(s, "ws_a").await;
+    base_template(s).await;
+    let on = |id: &str, node: &str, status: Status, slot: Option<i64>| Sandbox {
+        node_id: node.into(),
+        ..sandbox(id, "ws_a", status, slot)
+    };
+    s.sandboxes
+        .insert(&on("a1", "n1", Status::Running, Some(0)))
+        .await
+        .unwrap();
+    s.sandboxes
+        .insert(&on("b1", "n2", Status::Running, Some(0)))
+        .await
+        .unwrap();
+    let e = s
+        .sandboxes
+        .insert(&on("a2", "n1", Status::Running, Some(0)))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ControlError::Store { .. }), "{e}");
+    s.sandboxes
+        .insert(&on("a3", "n1", Status::Pooled, Some(1)))
+        .await
+        .unwrap();
+    s.sandboxes
+        .insert(&on("b3", "n2", Status::Pooled, Some(1)))
+        .await
+        .unwrap();
+
+    assert_eq!(s.sandboxes.used_slots("n1").await.unwrap().len(), 2);
+    let running: Vec<String> = s
+        .sandboxes
+        .running("n2")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(running, ["b1"]);
+    assert_eq!(s.sandboxes.expired("n1", 2000).await.unwrap(), ["a1"]);
+    assert_eq!(s.sandboxes.pooled_count("n1", "tpl_base").await.unwrap(), 1);
+    let listed = s.sandboxes.with_status("n2", &Status::ALL).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(listed.iter().all(|r| r.node_id == "n2"));
+    // A pooled sandbox goes only to a create on its own node.
+    let owner = Sandbox {
+        node_id: "n2".into(),
+        ..sandbox("req", "ws_a", Status::Running, None)
+    };
+    assert_eq!(
+        s.sandboxes
+            .take_pooled("tpl_base", &owner, 0)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("b3")
+    );
+    assert_eq!(
+        s.sandboxes
+            .take_pooled("tpl_base", &owner, 0)
+            .await
+            .unwrap(),
+        None,
+        "n1's pooled sandbox is not n2's to hand out"
+    );
+
+    // A row no node owns (written by a version before owners) is adopted once.
+    s.sandboxes
+        .insert(&on("old", "", Status::Suspended, None))
+        .await
+        .unwrap();
+    assert_eq!(s.sandboxes.adopt_unowned("n1").await.unwrap(), 1);
+    assert_eq!(s.sandboxes.adopt_unowned("n2").await.unwrap(), 0);
+    assert_eq!(s.sandboxes.get("old").await.unwrap().unwrap().node_id, "n1");
+}
+both!(sandboxes_belong_to_one_node);

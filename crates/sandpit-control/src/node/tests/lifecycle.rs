@@ -104,7 +104,7 @@ async fn destroy_releases_runtime_network_and_files() {
         h.node
             .store
             .sandboxes
-            .used_slots()
+            .used_slots("node-t")
             .await
             .unwrap()
             .is_empty()
@@ -124,7 +124,7 @@ async fn runtime_start_failure_fails_the_row_and_leaves_nothing() {
         .node
         .store
         .sandboxes
-        .with_status(&[Status::Failed])
+        .with_status("node-t", &[Status::Failed])
         .await
         .unwrap();
     assert_eq!(rows.len(), 1);
@@ -154,7 +154,7 @@ async fn network_attach_failure_never_starts_the_runtime() {
         .node
         .store
         .sandboxes
-        .with_status(&[Status::Failed])
+        .with_status("node-t", &[Status::Failed])
         .await
         .unwrap();
     assert_eq!(rows.len(), 1);
@@ -165,7 +165,7 @@ async fn network_attach_failure_never_starts_the_runtime() {
         h.node
             .store
             .sandboxes
-            .used_slots()
+            .used_slots("node-t")
             .await
             .unwrap()
             .is_empty()
@@ -184,7 +184,7 @@ async fn silent_agent_times_out_and_is_torn_down() {
         .node
         .store
         .sandboxes
-        .with_status(&[Status::Failed])
+        .with_status("node-t", &[Status::Failed])
         .await
         .unwrap();
     let row = &rows[0];
@@ -339,7 +339,16 @@ async fn fork_with_a_failed_checkpoint_restarts_the_parent_from_files() {
     assert_eq!(h.row(&parent.id).await.status, Status::Running);
     assert!(agent_answers(&h, &parent.id).await);
     // No child row was made; only the parent holds a slot.
-    assert_eq!(h.node.store.sandboxes.used_slots().await.unwrap().len(), 1);
+    assert_eq!(
+        h.node
+            .store
+            .sandboxes
+            .used_slots("node-t")
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
     assert_eq!(h.rt.held(), [prid]);
 }
 
@@ -555,4 +564,71 @@ async fn a_draining_node_refuses_creates_and_forks_but_wakes_its_own() {
     assert_eq!(h.wake(&row.id).await.unwrap().status, Status::Running);
     h.node.set_draining(false);
     h.create(SandboxMode::Ephemeral).await.unwrap();
+}
+
+/// A sandbox another node runs (its row in the shared store, on the same slot number as
+/// one of ours) is never touched here: restart reconciliation, the reaper's lists, destroy,
+/// suspend, wake and the agent all leave it to its node; ours on the same slot number is
+/// unharmed.
+#[tokio::test]
+async fn another_nodes_sandbox_is_left_to_its_node() {
+    let mut h = Harness::new().await;
+    let mine = h.create(SandboxMode::Persistent).await.unwrap();
+    assert_eq!(mine.slot, Some(0));
+    let theirs = crate::store::Sandbox {
+        id: "sb_elsewhere".into(),
+        runtime_id: "t-sb_elsewhere".into(),
+        node_id: "node-other".into(),
+        expires_at: Some(1),
+        ..mine.clone()
+    };
+    h.node.store.sandboxes.insert(&theirs).await.unwrap();
+
+    // A restart reconciles only its own rows: the other node's running row is not failed
+    // for want of a runtime here.
+    h.restart().await;
+    assert_eq!(h.row("sb_elsewhere").await.status, Status::Running);
+    assert_eq!(h.row(&mine.id).await.status, Status::Running);
+    assert!(crate::node::boot::agent_of(&h.node, &theirs).is_none());
+    assert!(!lifecycle::settle_if_dead(&h.node, "sb_elsewhere").await);
+    let refused = |e: crate::ControlError| {
+        assert!(
+            matches!(
+                e,
+                crate::ControlError::Unavailable {
+                    code: "sandbox_on_another_node",
+                    ..
+                }
+            ),
+            "{e}"
+        )
+    };
+    refused(
+        lifecycle::destroy(&h.node, "sb_elsewhere")
+            .await
+            .unwrap_err(),
+    );
+    refused(
+        lifecycle::suspend(&h.node, "sb_elsewhere")
+            .await
+            .unwrap_err(),
+    );
+    refused(h.wake("sb_elsewhere").await.unwrap_err());
+    assert_eq!(h.row("sb_elsewhere").await.status, Status::Running);
+    assert_eq!(
+        h.rt.held(),
+        vec![mine.runtime_id.clone()],
+        "ours is unharmed"
+    );
+    assert!(agent_answers(&h, &mine.id).await);
+    assert!(
+        h.node
+            .store
+            .sandboxes
+            .expired("node-t", i64::MAX)
+            .await
+            .unwrap()
+            .is_empty(),
+        "the reaper does not see the other node's expired sandbox"
+    );
 }

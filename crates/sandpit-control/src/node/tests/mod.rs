@@ -38,6 +38,7 @@ pub(crate) struct Harness {
 
 pub(crate) fn config(dir: &Path) -> NodeConfig {
     NodeConfig {
+        node_id: "node-t".into(),
         data_dir: dir.join("data"),
         prefix: "t".into(),
         reaper_interval: Duration::from_secs(1),
