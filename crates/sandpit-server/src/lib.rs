@@ -15,6 +15,7 @@ pub mod dns;
 pub mod error;
 pub mod extract;
 pub mod fork;
+pub mod forward;
 pub mod idempotency;
 pub mod lifecycle;
 pub mod limits;

@@ -330,7 +330,7 @@ fn host_only_cookies(headers: &mut HeaderMap) {
 }
 
 /// Remove hop-by-hop headers, including those the Connection header names.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<String> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -348,7 +348,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn upgrade_of(headers: &HeaderMap) -> Option<HeaderValue> {
+pub(crate) fn upgrade_of(headers: &HeaderMap) -> Option<HeaderValue> {
     let connection_upgrade = headers
         .get_all(header::CONNECTION)
         .iter()

@@ -28,6 +28,9 @@ pub struct ServerConfig {
     /// This server's node name in the fleet (`sandpit serve --node-name`): the owner of the
     /// sandboxes it runs.
     pub node_id: String,
+    /// The fleet's shared secret: with it, requests about another node's sandbox are
+    /// relayed to that node (signed with it); without it, they answer 503.
+    pub node_secret: Option<String>,
     /// The static `sandpit-agent` binary to inject into every sandbox.
     pub agent_bin: PathBuf,
     /// Largest upload, in bytes (seed 003: 100 MB).
@@ -77,6 +80,7 @@ impl ServerConfig {
             database: None,
             prefix: "sp".into(),
             node_id: "local".into(),
+            node_secret: None,
             agent_bin,
             upload_limit: 100 * 1024 * 1024,
             reaper_interval: Duration::from_secs(1),

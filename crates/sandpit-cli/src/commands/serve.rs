@@ -38,6 +38,15 @@ pub struct ServeArgs {
     /// it), e.g. 15s; at least 3s.
     #[arg(long, env = "SANDPIT_NODE_LEASE", default_value = "15s")]
     node_lease: String,
+    /// The secret the fleet's servers share (at least 16 characters): with it, a request
+    /// about a sandbox that another server runs is relayed to that server, signed with it.
+    /// Without it, such requests answer 503 `sandbox_on_another_node`.
+    #[arg(long, env = "SANDPIT_NODE_SECRET", hide_env_values = true)]
+    node_secret: Option<String>,
+    /// Where the fleet's other servers reach this one (`http://host:port`). Default:
+    /// `http://` and the listen address.
+    #[arg(long, env = "SANDPIT_NODE_ADDRESS")]
+    node_address: Option<String>,
     /// Address pool for sandboxes, split into /30 slots.
     #[arg(long, env = "SANDPIT_POOL", default_value = "10.88.0.0/16")]
     pool: String,
@@ -256,6 +265,23 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ),
         None => default_node_name(),
     };
+    if let Some(s) = &args.node_secret {
+        anyhow::ensure!(
+            s.len() >= sandpit_server::forward::MIN_SECRET_LEN,
+            "--node-secret must be at least {} characters",
+            sandpit_server::forward::MIN_SECRET_LEN
+        );
+    }
+    let node_address = args
+        .node_address
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", args.listen));
+    anyhow::ensure!(
+        node_address.starts_with("http://")
+            && node_address.len() > "http://".len()
+            && !node_address["http://".len()..].contains('/'),
+        "--node-address {node_address:?}: give http://host:port"
+    );
     let node_lease: Duration = sandpit_api_types::parse_duration(&args.node_lease)
         .map_err(anyhow::Error::msg)
         .context("--node-lease")?;
@@ -271,6 +297,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     cfg.agent_ready_timeout = agent_ready_timeout;
     cfg.prefix = args.prefix.clone();
     cfg.node_id = node_name.clone();
+    cfg.node_secret = args.node_secret.clone();
     cfg.upload_limit = args.upload_limit;
     cfg.reaper_interval = reaper_interval;
     cfg.body_idle_timeout = sandpit_api_types::parse_duration(&args.body_idle_timeout)
@@ -359,7 +386,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         server.store.clone(),
         sandpit_control::store::NodeInfo {
             id: server.node.cfg.node_id.clone(),
-            address: format!("http://{}", args.listen),
+            address: node_address,
             runsc_build: runsc_build.clone(),
             memory_mib: sandpit_control::membership::total_memory_mib().unwrap_or(0),
             slots: i64::from(server.net.capacity()),

@@ -209,3 +209,160 @@ async fn servers_sharing_a_database_leave_each_others_sandboxes_alone() {
     ca.destroy_sandbox(&on_a.id).await.unwrap();
     cb.destroy_sandbox(&on_b.id).await.unwrap();
 }
+
+/// Two servers, one database, a shared node secret: a sandbox one server runs is used
+/// through the other as if it were local (exec, streams, files, a terminal over a relayed
+/// WebSocket, hibernate, wake, destroy), and headers that claim a relay without the
+/// secret's signature gain nothing.
+#[tokio::test]
+async fn the_other_server_relays_everything_about_a_sandbox_to_its_node() {
+    const SECRET: &str = "fleet-secret-for-tests";
+    let a = TestServer::start_with_index_env(bin(), |i| {
+        vec![
+            ("SANDPIT_NODE_NAME".into(), format!("node-{i}")),
+            ("SANDPIT_NODE_SECRET".into(), SECRET.into()),
+        ]
+    })
+    .await
+    .unwrap();
+    let shared = match &a.database {
+        Some(db) => db.url.clone(),
+        None => format!("sqlite://{}", a.data_dir.join("sandpit.db").display()),
+    };
+    let b = TestServer::start_with_index_env(bin(), |i| {
+        vec![
+            ("SANDPIT_NODE_NAME".into(), format!("node-{i}")),
+            ("SANDPIT_DATABASE".into(), shared.clone()),
+            ("SANDPIT_NODE_SECRET".into(), SECRET.into()),
+        ]
+    })
+    .await
+    .unwrap();
+    let (ca, cb) = (a.client(), b.client_with(&a.token));
+    let sb = create(
+        &ca,
+        sandpit_sdk::types::CreateSandboxRequest {
+            mode: SandboxMode::Persistent,
+            timeout: None,
+            ..base()
+        },
+    )
+    .await;
+    let id = sb.id.as_str();
+
+    // Exec, and a streamed exec, through B.
+    assert_eq!(
+        crate::sh(&cb, id, "echo via-b; hostname").await.stdout,
+        "via-b\nsandbox\n"
+    );
+    let mut stream = Box::pin(
+        cb.exec_stream(
+            id,
+            &sandpit_sdk::types::ExecRequest {
+                command: Some("for i in 1 2 3; do echo $i; done".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    let mut out = String::new();
+    let mut exit = None;
+    while let Some(ev) = futures::StreamExt::next(&mut stream).await {
+        match ev.unwrap() {
+            sandpit_sdk::types::ExecEvent::Stdout { data, .. } => {
+                use base64::Engine;
+                out.push_str(&String::from_utf8_lossy(
+                    &base64::engine::general_purpose::STANDARD
+                        .decode(data)
+                        .unwrap(),
+                ));
+            }
+            sandpit_sdk::types::ExecEvent::Exit { exit_code, .. } => exit = Some(exit_code),
+            _ => {}
+        }
+    }
+    assert_eq!((out.as_str(), exit), ("1\n2\n3\n", Some(0)));
+
+    // Files both ways through B (2 MiB, so the body streams).
+    let data: Vec<u8> = (0..2u32 << 20).map(|i| (i % 251) as u8).collect();
+    cb.upload(id, "/tmp/big.bin", data.clone()).await.unwrap();
+    let back = cb
+        .download(id, "/tmp/big.bin")
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(back.len(), data.len());
+    assert!(back[..] == data[..], "the file came back changed");
+
+    // A terminal attached through B: a WebSocket relayed to A.
+    let t = cb
+        .create_terminal(
+            id,
+            &sandpit_sdk::types::TerminalCreateRequest {
+                command: Some("read line; exit $line".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut v = crate::terminals::Viewer::attach(&cb, id, &t.id, true).await;
+    v.type_("7\r").await;
+    assert_eq!(v.closed().await, 1000);
+    assert_eq!(v.exit, Some(7));
+
+    // Hibernate through B; the next exec through B wakes it on A with its files.
+    assert_eq!(
+        cb.hibernate(id).await.unwrap().status,
+        sandpit_api_types::SandboxStatus::Suspended
+    );
+    assert_eq!(
+        crate::sh(&cb, id, "wc -c < /tmp/big.bin")
+            .await
+            .stdout
+            .trim(),
+        (2u32 << 20).to_string()
+    );
+    assert_eq!(
+        ca.get_sandbox(id).await.unwrap().status,
+        sandpit_api_types::SandboxStatus::Running
+    );
+
+    // Relay headers without the secret's signature are dropped, not trusted: the request
+    // is relayed as any other (and answered), not taken as already relayed (a 503).
+    let forged = reqwest::Client::new()
+        .post(format!("{}/v1/sandboxes/{id}/exec", b.url))
+        .bearer_auth(&a.token)
+        .header("x-sandpit-forwarded-by", "node-x")
+        .header("x-sandpit-node-auth", "00")
+        .json(&serde_json::json!({"command": "echo forged"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 200);
+    // Another workspace's token gets B's own answer, and nothing reaches A.
+    let admin = b.client_with(&a.token);
+    let ws = admin.create_workspace("other").await.unwrap();
+    let other_token = admin
+        .create_token(&ws.id, &Default::default())
+        .await
+        .unwrap()
+        .token
+        .unwrap();
+    crate::assert_api_err(
+        b.client_with(&other_token)
+            .exec(id, &Default::default())
+            .await,
+        403,
+        "forbidden",
+    );
+
+    cb.destroy_sandbox(id).await.unwrap();
+    assert_eq!(
+        ca.get_sandbox(id).await.unwrap().status,
+        sandpit_api_types::SandboxStatus::Destroyed
+    );
+    assert!(a.leaks().is_empty(), "{:?}", a.leaks());
+}

@@ -23,16 +23,16 @@ type Ws =
 const WAIT: Duration = Duration::from_secs(30);
 
 /// One attached client: everything it received so far.
-struct Viewer {
+pub(crate) struct Viewer {
     ws: Ws,
     seen: Vec<u8>,
-    exit: Option<i32>,
+    pub(crate) exit: Option<i32>,
     errors: Vec<String>,
     close: Option<(u16, String)>,
 }
 
 impl Viewer {
-    async fn attach(client: &Client, id: &str, tid: &str, replay: bool) -> Viewer {
+    pub(crate) async fn attach(client: &Client, id: &str, tid: &str, replay: bool) -> Viewer {
         Viewer::try_attach(client, id, tid, replay)
             .await
             .unwrap_or_else(|e| panic!("attach {tid}: {e}"))
@@ -70,7 +70,7 @@ impl Viewer {
         }
     }
 
-    async fn type_(&mut self, text: &str) {
+    pub(crate) async fn type_(&mut self, text: &str) {
         self.ws
             .send(Message::Binary(text.as_bytes().to_vec().into()))
             .await
@@ -129,7 +129,7 @@ impl Viewer {
     }
 
     /// Read until the socket closes; its close code.
-    async fn closed(&mut self) -> u16 {
+    pub(crate) async fn closed(&mut self) -> u16 {
         let deadline = tokio::time::Instant::now() + WAIT;
         while self.close.is_none() {
             match tokio::time::timeout_at(deadline, self.ws.next()).await {

@@ -178,6 +178,11 @@ pub fn app(server: Arc<Server>) -> Router {
             "this route does not take that method",
         )
     })
+    // Requests about another node's sandbox go to that node, once the token is resolved.
+    .layer(axum::middleware::from_fn_with_state(
+        server.clone(),
+        crate::forward::to_owner,
+    ))
     // Rate limits per workspace, inside the preview router (previews carry no API token).
     .layer(axum::middleware::from_fn_with_state(
         server.clone(),

@@ -1,0 +1,379 @@
+//! Routing between nodes: a request about a sandbox that another node runs is relayed to
+//! that node's server, whichever server received it.
+//!
+//! Only after the receiving server authorized it: the middleware runs behind the rate
+//! limits, which resolve the token, and relays only a request whose token's workspace owns
+//! the sandbox (anything else goes to the local route, which answers 401, 403 or 404 with
+//! no side effect). The owner node checks the token again itself.
+//!
+//! The internal channel is authenticated with the fleet's shared node secret
+//! (`sandpit serve --node-secret`): a relayed request carries the relaying node's name and
+//! an HMAC-SHA256 over it, the method and the path, so a node handles it locally and never
+//! relays it again. Without a secret nothing is relayed (another node's sandbox answers
+//! 503 `sandbox_on_another_node`). Headers claiming a relay that do not verify are dropped.
+//!
+//! Relayed: the `/v1/sandboxes/{id}/…` routes and the CodeSandbox `/sandbox/{id}/…` and
+//! `/vm/{id}/…` routes, streams and WebSocket upgrades (terminals) included.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::TokioIo;
+use sha2::{Digest, Sha256};
+
+use crate::auth::Auth;
+use crate::error::{ApiError, DisplayChain};
+use crate::server::Server;
+
+/// The relaying node's name.
+pub const FORWARDED_BY: &str = "x-sandpit-forwarded-by";
+/// HMAC-SHA256(node secret, "<node>\n<method>\n<path and query>"), hex.
+pub const NODE_AUTH: &str = "x-sandpit-node-auth";
+
+/// How long connecting to another node may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Shortest node secret `sandpit serve` takes.
+pub const MIN_SECRET_LEN: usize = 16;
+
+/// The sandbox id a path is about, for the routes that act on one sandbox.
+pub fn sandbox_of_path(path: &str) -> Option<&str> {
+    let rest = path
+        .strip_prefix("/v1/sandboxes/")
+        .or_else(|| path.strip_prefix("/sandbox/"))
+        .or_else(|| path.strip_prefix("/vm/"))?;
+    let id = rest.split('/').next()?;
+    // Sandbox ids are `sb` + hex; the CodeSandbox `/vm/tag`, `/vm/running`, … are not.
+    (id.len() > 2
+        && id.starts_with("sb")
+        && id.len() <= 64
+        && id[2..].bytes().all(|b| b.is_ascii_hexdigit()))
+    .then_some(id)
+}
+
+/// HMAC-SHA256 (RFC 2104) of `message` under `key`.
+fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    const BLOCK: usize = 64;
+    let mut k = [0u8; BLOCK];
+    if key.len() > BLOCK {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let pad = |byte: u8| k.map(|b| b ^ byte);
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(message)
+        .finalize();
+    Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize()
+        .into()
+}
+
+fn signature(secret: &str, node: &str, method: &str, path_and_query: &str) -> String {
+    hex::encode(hmac_sha256(
+        secret.as_bytes(),
+        format!("{node}\n{method}\n{path_and_query}").as_bytes(),
+    ))
+}
+
+/// Equal in time independent of where they differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Whether `headers` carry a relay signed with `secret` for this method and path; the
+/// relaying node's name if so.
+fn verified(
+    secret: &str,
+    headers: &HeaderMap,
+    method: &str,
+    path_and_query: &str,
+) -> Option<String> {
+    let node = headers.get(FORWARDED_BY)?.to_str().ok()?;
+    let given = headers.get(NODE_AUTH)?.to_str().ok()?;
+    let want = signature(secret, node, method, path_and_query);
+    same(given.as_bytes(), want.as_bytes()).then(|| node.to_string())
+}
+
+/// The middleware: relay a request about another node's sandbox to that node (see the
+/// module docs); everything else goes on to the local routes.
+pub async fn to_owner(State(server): State<Arc<Server>>, mut req: Request, next: Next) -> Response {
+    let Some(secret) = server.cfg.node_secret.clone() else {
+        return next.run(req).await;
+    };
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    if req.headers().contains_key(FORWARDED_BY) || req.headers().contains_key(NODE_AUTH) {
+        if verified(&secret, req.headers(), req.method().as_str(), &pq).is_some() {
+            // Relayed to us: ours to answer, never to relay again.
+            return next.run(req).await;
+        }
+        req.headers_mut().remove(FORWARDED_BY);
+        req.headers_mut().remove(NODE_AUTH);
+    }
+    let Some(id) = sandbox_of_path(req.uri().path()).map(str::to_string) else {
+        return next.run(req).await;
+    };
+    let Some(workspace) = req
+        .extensions()
+        .get::<Auth>()
+        .map(|a| a.workspace_id.clone())
+    else {
+        return next.run(req).await;
+    };
+    let row = match server.store.sandboxes.get(&id).await {
+        Ok(Some(row)) => row,
+        Ok(None) => return next.run(req).await,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    if server.is_mine(&row) || *row.workspace_id != workspace {
+        return next.run(req).await;
+    }
+    let owner = match alive_node(&server, &row.node_id).await {
+        Ok(Some(address)) => address,
+        Ok(None) => {
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "node_unreachable",
+                format!(
+                    "sandbox {id} runs on node {:?}, whose lease has lapsed; retry when it is back",
+                    row.node_id
+                ),
+            )
+            .into_response();
+        }
+        Err(e) => return e.into_response(),
+    };
+    relay(&server, &secret, req, &owner, &pq)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// The address of node `id` if its lease holds.
+async fn alive_node(server: &Server, id: &str) -> Result<Option<String>, ApiError> {
+    let now = server.store.nodes.now().await?;
+    Ok(server
+        .store
+        .nodes
+        .get(id)
+        .await?
+        .filter(|n| n.status != sandpit_control::store::NodeStatus::Lost && n.lease_until > now)
+        .map(|n| n.info.address))
+}
+
+/// Send `req` to the node at `address` (`http://host:port`) as a signed relay and hand
+/// back its answer; for an accepted upgrade, relay bytes both ways.
+pub async fn relay(
+    server: &Server,
+    secret: &str,
+    req: Request,
+    address: &str,
+    path_and_query: &str,
+) -> Result<Response, ApiError> {
+    let unreachable = |what: &str, e: &dyn std::error::Error| {
+        tracing::warn!(node = address, error = %DisplayChain(e), "relay to another node: {what}");
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "node_unreachable",
+            format!("the node running this sandbox did not answer ({what})"),
+        )
+    };
+    let authority = address
+        .strip_prefix("http://")
+        .unwrap_or(address)
+        .trim_end_matches('/');
+    let stream = match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio::net::TcpStream::connect(authority),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(unreachable("connecting", &e)),
+        Err(e) => return Err(unreachable("connecting", &e)),
+    };
+    let _ = stream.set_nodelay(true);
+    let (mut parts, body) = req.into_parts();
+    let upgrade = crate::preview::upgrade_of(&parts.headers);
+    let client_upgrade = upgrade
+        .as_ref()
+        .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
+    let mut headers = std::mem::take(&mut parts.headers);
+    crate::preview::strip_hop_by_hop(&mut headers);
+    if let Some(proto) = &upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, proto.clone());
+    }
+    let me = &server.node.cfg.node_id;
+    let sig = signature(secret, me, parts.method.as_str(), path_and_query);
+    headers.insert(
+        FORWARDED_BY,
+        HeaderValue::from_str(me).map_err(|e| unreachable("naming this node", &e))?,
+    );
+    headers.insert(
+        NODE_AUTH,
+        HeaderValue::from_str(&sig).map_err(|e| unreachable("signing", &e))?,
+    );
+    let mut upstream = axum::http::Request::new(body);
+    *upstream.method_mut() = parts.method.clone();
+    *upstream.uri_mut() = path_and_query
+        .parse()
+        .map_err(|e: axum::http::uri::InvalidUri| unreachable("building the request", &e))?;
+    *upstream.headers_mut() = headers;
+
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| unreachable("handshake", &e))?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    let mut resp = sender
+        .send_request(upstream)
+        .await
+        .map_err(|e| unreachable("sending the request", &e))?;
+    drop(sender);
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client_upgrade) = client_upgrade else {
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "node_unreachable",
+                "the node switched protocols unasked",
+            ));
+        };
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok((client, upstream)) => {
+                    let _ = tokio::io::copy_bidirectional(
+                        &mut TokioIo::new(client),
+                        &mut TokioIo::new(upstream),
+                    )
+                    .await;
+                }
+                Err(e) => tracing::info!(error = %e, "relay to another node: upgrade failed"),
+            }
+        });
+        let (parts, _) = resp.into_parts();
+        return Ok(Response::from_parts(parts, Body::empty()));
+    }
+    let (mut parts, body) = resp.into_parts();
+    crate::preview::strip_hop_by_hop(&mut parts.headers);
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hmac_matches_rfc_4231() {
+        // Test case 2.
+        assert_eq!(
+            hex::encode(hmac_sha256(b"Jefe", b"what do ya want for nothing?")),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        // Test case 6: a key longer than the block is hashed first.
+        assert_eq!(
+            hex::encode(hmac_sha256(
+                &[0xaa; 131],
+                b"Test Using Larger Than Block-Size Key - Hash Key First"
+            )),
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+        );
+    }
+
+    #[test]
+    fn only_single_sandbox_paths_are_relayed() {
+        let id = "sb0123456789abcdef";
+        for p in [
+            format!("/v1/sandboxes/{id}"),
+            format!("/v1/sandboxes/{id}/exec"),
+            format!("/v1/sandboxes/{id}/terminals/t1/attach"),
+            format!("/vm/{id}/hibernate"),
+            format!("/sandbox/{id}/fork"),
+        ] {
+            assert_eq!(sandbox_of_path(&p), Some(id), "{p}");
+        }
+        for p in [
+            "/v1/sandboxes",
+            "/v1/sandboxes/",
+            "/v1/templates/sb01",
+            "/vm/tag",
+            "/vm/running",
+            "/vm/alias/a/b",
+            "/sandbox",
+            "/v1/sandboxes/sb",
+            "/v1/sandboxes/sbXYZ/exec",
+            "/v1/sandboxes/../x",
+        ] {
+            assert_eq!(sandbox_of_path(p), None, "{p}");
+        }
+    }
+
+    #[test]
+    fn a_relay_verifies_only_with_the_secret_node_method_and_path() {
+        let mut h = HeaderMap::new();
+        let sig = signature(
+            "s3cret-s3cret-s3cret",
+            "node-a",
+            "POST",
+            "/v1/sandboxes/sb01/exec",
+        );
+        h.insert(FORWARDED_BY, HeaderValue::from_static("node-a"));
+        h.insert(NODE_AUTH, HeaderValue::from_str(&sig).unwrap());
+        let ok = |secret: &str, method: &str, pq: &str, h: &HeaderMap| {
+            verified(secret, h, method, pq).is_some()
+        };
+        assert!(ok(
+            "s3cret-s3cret-s3cret",
+            "POST",
+            "/v1/sandboxes/sb01/exec",
+            &h
+        ));
+        assert!(!ok(
+            "another-secret-xx",
+            "POST",
+            "/v1/sandboxes/sb01/exec",
+            &h
+        ));
+        assert!(!ok(
+            "s3cret-s3cret-s3cret",
+            "GET",
+            "/v1/sandboxes/sb01/exec",
+            &h
+        ));
+        assert!(!ok(
+            "s3cret-s3cret-s3cret",
+            "POST",
+            "/v1/sandboxes/sb02/exec",
+            &h
+        ));
+        let mut other = h.clone();
+        other.insert(FORWARDED_BY, HeaderValue::from_static("node-b"));
+        assert!(!ok(
+            "s3cret-s3cret-s3cret",
+            "POST",
+            "/v1/sandboxes/sb01/exec",
+            &other
+        ));
+        let mut none = h.clone();
+        none.remove(NODE_AUTH);
+        assert!(!ok(
+            "s3cret-s3cret-s3cret",
+            "POST",
+            "/v1/sandboxes/sb01/exec",
+            &none
+        ));
+    }
+}
