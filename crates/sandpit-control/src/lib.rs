@@ -13,6 +13,7 @@ pub mod error;
 pub mod faults;
 pub mod live;
 pub mod node;
+pub mod placement;
 pub mod recovery;
 pub mod store;
 #[cfg(any(test, feature = "fake"))]
