@@ -17,13 +17,14 @@ use sandpit_sdk::types::{CreateSandboxRequest, ExecRequest, SandboxMode};
 use sandpit_test_support::TestServer;
 use serde::Serialize;
 
+mod placement;
 mod templates;
 
 #[derive(Parser)]
 struct Args {
-    /// The sandpit binary to benchmark.
-    #[arg(long)]
-    sandpit: PathBuf,
+    /// The sandpit binary to benchmark (not needed with --only-placement).
+    #[arg(long, required_unless_present = "only_placement")]
+    sandpit: Option<PathBuf>,
     /// Where to write the JSON results.
     #[arg(long, default_value = "bench/out/latest.json")]
     out: PathBuf,
@@ -36,6 +37,10 @@ struct Args {
     /// Run only the template benchmarks (pull, build, cache, first sandbox).
     #[arg(long)]
     only_templates: bool,
+    /// Run only the placement benchmarks (one decision over 1,000 simulated nodes,
+    /// best-of-3 against a full scan). Needs neither root, runsc nor --sandpit.
+    #[arg(long, conflicts_with = "only_templates")]
+    only_placement: bool,
 }
 
 #[derive(Serialize, Debug)]
@@ -44,6 +49,8 @@ struct Row {
     n: usize,
     p50_ms: f64,
     p95_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    p99_ms: Option<f64>,
     baseline: Option<String>,
     baseline_p50_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -78,6 +85,7 @@ fn row(
         n: samples.len(),
         p50_ms: percentile(samples, 0.5),
         p95_ms: percentile(samples, 0.95),
+        p99_ms: None,
         baseline: baseline.map(|(n, _)| n.to_string()),
         baseline_p50_ms: baseline.map(|(_, s)| percentile(s, 0.5)),
         mb_per_s: None,
@@ -408,6 +416,15 @@ async fn policy_updates(client: &Client, id: &str, n: usize) -> anyhow::Result<V
     Ok(out)
 }
 
+/// Milliseconds for the table: two decimals, four below 0.1 ms (placement decisions take µs).
+fn ms(v: f64) -> String {
+    if v < 0.1 {
+        format!("{v:.4}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
 fn print_table(rows: &[Row]) {
     println!(
         "{:<34} {:>5} {:>10} {:>10} {:>10}  {:<22} {:>10} {:>7}  target",
@@ -416,19 +433,17 @@ fn print_table(rows: &[Row]) {
     for r in rows {
         let ratio = r.baseline_p50_ms.map(|b| r.p50_ms / b);
         println!(
-            "{:<34} {:>5} {:>10.2} {:>10.2} {:>10} {:<22} {:>10} {:>7}  {}",
+            "{:<34} {:>5} {:>10} {:>10} {:>10} {:<22} {:>10} {:>7}  {}",
             r.name,
             r.n,
-            r.p50_ms,
-            r.p95_ms,
+            ms(r.p50_ms),
+            ms(r.p95_ms),
             r.mb_per_s
                 .map(|m| format!("{m:.0}"))
                 .or_else(|| r.value.map(|v| format!("{v:.1}")))
                 .unwrap_or_default(),
             r.baseline.clone().unwrap_or_default(),
-            r.baseline_p50_ms
-                .map(|b| format!("{b:.2}"))
-                .unwrap_or_default(),
+            r.baseline_p50_ms.map(ms).unwrap_or_default(),
             ratio.map(|x| format!("{x:.2}x")).unwrap_or_default(),
             [r.unit.clone(), r.target.clone()]
                 .into_iter()
@@ -442,16 +457,17 @@ fn print_table(rows: &[Row]) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.only_placement {
+        return finish(&placement::bench(args.quick), &args.out);
+    }
+    let sandpit = args.sandpit.as_deref().context("--sandpit is required")?;
     if args.only_templates {
-        let rows = templates::bench(&args.sandpit, &args.platform, args.quick).await?;
+        let rows = templates::bench(sandpit, &args.platform, args.quick).await?;
         return finish(&rows, &args.out);
     }
     let (n_create, n_exec, n_files) = if args.quick { (3, 10, 1) } else { (10, 100, 3) };
-    let srv = TestServer::start_with(
-        &args.sandpit,
-        &[("SANDPIT_PLATFORM", args.platform.as_str())],
-    )
-    .await?;
+    let srv =
+        TestServer::start_with(sandpit, &[("SANDPIT_PLATFORM", args.platform.as_str())]).await?;
     let client = srv.client();
     let mut rows = Vec::new();
 
@@ -681,7 +697,7 @@ async fn main() -> anyhow::Result<()> {
 
     // A server with a warm pool: create is a hand-out.
     let pooled = TestServer::start_with(
-        &args.sandpit,
+        sandpit,
         &[
             ("SANDPIT_PLATFORM", args.platform.as_str()),
             ("SANDPIT_WARM_POOL", "2"),
@@ -706,7 +722,7 @@ async fn main() -> anyhow::Result<()> {
 
     // A server whose creates restore the template's boot snapshot (pool empty).
     let snap = TestServer::start_with(
-        &args.sandpit,
+        sandpit,
         &[
             ("SANDPIT_PLATFORM", args.platform.as_str()),
             ("SANDPIT_BOOT_SNAPSHOTS", "true"),
@@ -740,7 +756,8 @@ async fn main() -> anyhow::Result<()> {
     ));
 
     drop(snap);
-    rows.extend(templates::bench(&args.sandpit, &args.platform, args.quick).await?);
+    rows.extend(templates::bench(sandpit, &args.platform, args.quick).await?);
+    rows.extend(placement::bench(args.quick));
     finish(&rows, &args.out)
 }
 

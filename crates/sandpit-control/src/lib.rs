@@ -14,6 +14,7 @@ pub mod faults;
 pub mod live;
 pub mod membership;
 pub mod node;
+pub mod placement;
 pub mod recovery;
 pub mod store;
 #[cfg(any(test, feature = "fake"))]
