@@ -169,6 +169,51 @@ pub async fn sweep(store: &Store) -> Result<Vec<String>, ControlError> {
     store.nodes.expire(now).await
 }
 
+/// The fleet as placement sees it now: every node whose lease holds (by the database's
+/// clock), its free slots counted from the store (fresh: a create a moment ago counts,
+/// which a heartbeat would say only later), its memory from its last heartbeat, draining
+/// ones marked so. Locality sets are empty until templates and images are fleet-wide.
+pub async fn placement_view(
+    store: &Store,
+) -> Result<Vec<crate::placement::NodeLoad>, ControlError> {
+    let now = store.nodes.now().await?;
+    let used: std::collections::HashMap<String, i64> =
+        store.sandboxes.slots_by_node().await?.into_iter().collect();
+    Ok(store
+        .nodes
+        .alive(now)
+        .await?
+        .into_iter()
+        .map(|n| {
+            let held = used.get(&n.info.id).copied().unwrap_or(0);
+            let to_u32 = |v: i64| u32::try_from(v.max(0)).unwrap_or(u32::MAX);
+            crate::placement::NodeLoad {
+                free_memory_mib: n.load.free_memory_mib.max(0) as u64,
+                total_memory_mib: n.info.memory_mib.max(0) as u64,
+                free_slots: to_u32(n.info.slots - held),
+                total_slots: to_u32(n.info.slots),
+                draining: n.status == NodeStatus::Draining,
+                runsc_build: n.info.runsc_build,
+                id: n.info.id,
+                ..Default::default()
+            }
+        })
+        .collect())
+}
+
+/// Where a new sandbox should run: a node chosen best-of-3 over [`placement_view`], or
+/// `None` when no node can take one (the caller creates locally, and its own admission
+/// gives the precise answer: draining, no slot).
+pub async fn place_new(store: &Store) -> Result<Option<String>, ControlError> {
+    let view = placement_view(store).await?;
+    let want = crate::placement::Want::default();
+    Ok(
+        crate::placement::choose(&view, &want, crate::placement::DEFAULT_K, &mut rand::rng())
+            .ok()
+            .map(|p| p.node_id),
+    )
+}
+
 /// What this host has free for sandboxes: network slots no sandbox holds, and the host's
 /// available memory (`MemAvailable`). Template and image locality is not reported yet:
 /// every template and image is on the one node's disk until they move through object

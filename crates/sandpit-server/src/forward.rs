@@ -122,14 +122,17 @@ pub async fn to_owner(State(server): State<Arc<Server>>, mut req: Request, next:
         req.headers_mut().remove(FORWARDED_BY);
         req.headers_mut().remove(NODE_AUTH);
     }
-    let Some(id) = sandbox_of_path(req.uri().path()).map(str::to_string) else {
-        return next.run(req).await;
-    };
     let Some(workspace) = req
         .extensions()
         .get::<Auth>()
         .map(|a| a.workspace_id.clone())
     else {
+        return next.run(req).await;
+    };
+    if is_create(req.method(), req.uri().path()) {
+        return place_create(&server, &secret, req, next, &pq).await;
+    }
+    let Some(id) = sandbox_of_path(req.uri().path()).map(str::to_string) else {
         return next.run(req).await;
     };
     let row = match server.store.sandboxes.get(&id).await {
@@ -158,6 +161,93 @@ pub async fn to_owner(State(server): State<Arc<Server>>, mut req: Request, next:
     relay(&server, &secret, req, &owner, &pq)
         .await
         .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// A request that makes a new sandbox on whichever node takes it (forks stay with their
+/// parent, relayed by its id; CodeSandbox creates stay where they arrive).
+fn is_create(method: &axum::http::Method, path: &str) -> bool {
+    method == axum::http::Method::POST && path == "/v1/sandboxes"
+}
+
+/// Largest create body looked at for placement; a larger one is created where it arrives
+/// (and its handler answers for it).
+const PLACEABLE_BODY: usize = 64 * 1024;
+
+/// Whether a create body may run on any node: it names no snapshot and boots the base
+/// template, the one every node holds. (A built template's layers and a snapshot's files
+/// are on the node that made them until images move through object storage.)
+fn runs_anywhere(body: &[u8]) -> bool {
+    let Ok(serde_json::Value::Object(req)) = serde_json::from_slice::<serde_json::Value>(body)
+    else {
+        return false;
+    };
+    let snapshot = req.get("snapshot").is_some_and(|s| !s.is_null());
+    let template = req.get("template").and_then(|t| t.as_str()).unwrap_or("");
+    !snapshot
+        && (template == sandpit_control::node::images::BASE_TEMPLATE_NAME
+            || template == sandpit_control::node::images::BASE_TEMPLATE_ID)
+}
+
+/// Place a create: on the node `membership::place_new` chooses, relayed there unless it is
+/// this one. When no node can take it, or the chosen one cannot be reached before the
+/// request was sent, this node answers (its own admission says why it cannot, if it
+/// cannot).
+async fn place_create(
+    server: &Arc<Server>,
+    secret: &str,
+    req: Request,
+    next: Next,
+    pq: &str,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, PLACEABLE_BODY).await else {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("a create request is at most {PLACEABLE_BODY} bytes"),
+        )
+        .into_response();
+    };
+    let anywhere = runs_anywhere(&bytes);
+    let req = Request::from_parts(parts, Body::from(bytes));
+    if !anywhere {
+        return next.run(req).await;
+    }
+    let chosen = match sandpit_control::membership::place_new(&server.store).await {
+        Ok(c) => c,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let Some(node) = chosen.filter(|n| *n != server.node.cfg.node_id) else {
+        return next.run(req).await;
+    };
+    let address = match alive_node(server, &node).await {
+        Ok(Some(a)) => a,
+        Ok(None) => return next.run(req).await,
+        Err(e) => return e.into_response(),
+    };
+    let stream = match connect(&address).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(node = %node, error = %DisplayChain(&e), "placement chose a node this server cannot reach; creating here");
+            return next.run(req).await;
+        }
+    };
+    tracing::debug!(node = %node, "create placed on another node");
+    relay_over(server, secret, req, stream, &address, pq)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn connect(address: &str) -> std::io::Result<tokio::net::TcpStream> {
+    let authority = address
+        .strip_prefix("http://")
+        .unwrap_or(address)
+        .trim_end_matches('/');
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(authority))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
 }
 
 /// The address of node `id` if its lease holds.
@@ -189,21 +279,29 @@ pub async fn relay(
             format!("the node running this sandbox did not answer ({what})"),
         )
     };
-    let authority = address
-        .strip_prefix("http://")
-        .unwrap_or(address)
-        .trim_end_matches('/');
-    let stream = match tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        tokio::net::TcpStream::connect(authority),
-    )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(unreachable("connecting", &e)),
-        Err(e) => return Err(unreachable("connecting", &e)),
+    let stream = connect(address)
+        .await
+        .map_err(|e| unreachable("connecting", &e))?;
+    relay_over(server, secret, req, stream, address, path_and_query).await
+}
+
+/// [`relay`] over a connection already made.
+async fn relay_over(
+    server: &Server,
+    secret: &str,
+    req: Request,
+    stream: tokio::net::TcpStream,
+    address: &str,
+    path_and_query: &str,
+) -> Result<Response, ApiError> {
+    let unreachable = |what: &str, e: &dyn std::error::Error| {
+        tracing::warn!(node = address, error = %DisplayChain(e), "relay to another node: {what}");
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "node_unreachable",
+            format!("the node running this sandbox did not answer ({what})"),
+        )
     };
-    let _ = stream.set_nodelay(true);
     let (mut parts, body) = req.into_parts();
     let upgrade = crate::preview::upgrade_of(&parts.headers);
     let client_upgrade = upgrade
@@ -291,6 +389,28 @@ mod tests {
             )),
             "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
         );
+    }
+
+    #[test]
+    fn only_base_creates_without_a_snapshot_are_placed_elsewhere() {
+        for body in [
+            r#"{"template":"base"}"#,
+            r#"{"template":"tpl_base","mode":"persistent"}"#,
+            r#"{"template":"base","snapshot":null}"#,
+        ] {
+            assert!(runs_anywhere(body.as_bytes()), "{body}");
+        }
+        for body in [
+            r#"{"template":"web"}"#,
+            r#"{"snapshot":"snap_1"}"#,
+            r#"{"template":"base","snapshot":"snap_1"}"#,
+            r#"{}"#,
+            r#"["base"]"#,
+            "not json",
+            "",
+        ] {
+            assert!(!runs_anywhere(body.as_bytes()), "{body}");
+        }
     }
 
     #[test]

@@ -365,4 +365,31 @@ async fn the_other_server_relays_everything_about_a_sandbox_to_its_node() {
         sandpit_api_types::SandboxStatus::Destroyed
     );
     assert!(a.leaks().is_empty(), "{:?}", a.leaks());
+
+    // Creates through A are placed over both nodes (by free slots, counted fresh); each
+    // answers through either server.
+    let mut made = Vec::new();
+    for _ in 0..8 {
+        made.push(create(&ca, base()).await);
+    }
+    let (on_a, on_b) = (a.leaks().runsc.len(), b.leaks().runsc.len());
+    assert_eq!(
+        on_a + on_b,
+        8,
+        "a: {:?}\nb: {:?}",
+        a.leaks().runsc,
+        b.leaks().runsc
+    );
+    assert!(
+        on_a >= 1 && on_b >= 1,
+        "all 8 on one node: {on_a} on A, {on_b} on B"
+    );
+    for sb in &made {
+        assert_eq!(crate::sh(&cb, &sb.id, "echo ok").await.stdout, "ok\n");
+        assert_eq!(crate::sh(&ca, &sb.id, "echo ok").await.stdout, "ok\n");
+    }
+    for sb in &made {
+        ca.destroy_sandbox(&sb.id).await.unwrap();
+    }
+    assert!(a.leaks().is_empty() && b.leaks().is_empty());
 }

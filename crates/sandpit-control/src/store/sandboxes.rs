@@ -316,6 +316,15 @@ impl Sandboxes {
         Ok(rows.into_iter().map(|r| r.0).collect())
     }
 
+    /// Fleet use: how many slots each node's sandboxes hold, by node (fresher than the
+    /// nodes' heartbeats, for placement).
+    pub async fn slots_by_node(&self) -> Result<Vec<(String, i64)>, ControlError> {
+        with_db!(self.db, p => sqlx::query_as(
+            "SELECT node_id, COUNT(*) FROM sandboxes WHERE slot IS NOT NULL GROUP BY node_id"
+        ).fetch_all(p).await)
+        .map_err(q("counting slots by node"))
+    }
+
     /// Move a sandbox along the lifecycle: `t` from one of the statuses it is allowed from
     /// ([`Status::apply`]) to its target, with `note` as the sandbox's `error`. One
     /// conditional statement: if the sandbox is in another status (a destroy came first, say)
