@@ -119,13 +119,16 @@ impl Membership {
 
     /// Beat every [`Membership::interval`] with the load `load` measures, telling
     /// `on_status` the status each answered beat gives (the node stops taking new
-    /// sandboxes while draining), and sweeping lost nodes after each beat, until `stop`.
+    /// sandboxes while draining) and calling `on_fenced` when a beat found this node
+    /// fenced (the fleet may have settled its sandboxes meanwhile: `Node::drop_settled`),
+    /// and sweeping lost nodes after each beat, until `stop`.
     /// Store errors are logged and retried at the next beat (the lease covers two missed
     /// ones).
     pub fn spawn<F, Fut>(
         self: &Arc<Self>,
         load: F,
         on_status: impl Fn(NodeStatus) + Send + 'static,
+        on_fenced: impl Fn() + Send + 'static,
         stop: CancellationToken,
     ) -> tokio::task::JoinHandle<()>
     where
@@ -143,9 +146,13 @@ impl Membership {
                     _ = tick.tick() => {}
                 }
                 let l = load().await;
-                if let Err(e) = me.beat(&l).await {
-                    tracing::error!(node = %me.info.id, error = %DisplayChain(&e), "heartbeat failed");
-                    continue;
+                match me.beat(&l).await {
+                    Ok(Heartbeat::Fenced) => on_fenced(),
+                    Ok(Heartbeat::Renewed(_)) => {}
+                    Err(e) => {
+                        tracing::error!(node = %me.info.id, error = %DisplayChain(&e), "heartbeat failed");
+                        continue;
+                    }
                 }
                 on_status(me.status());
                 match sweep(&me.store).await {
@@ -162,11 +169,22 @@ impl Membership {
     }
 }
 
-/// Declare lost every node whose lease lapsed by the database's clock; the ids this call
-/// declared.
+/// Why a lost node's running sandboxes failed.
+pub const NODE_LOST: &str = "its node stopped renewing its lease and was declared lost: \
+     the sandbox's processes and memory are gone with it";
+
+/// Declare lost every node whose lease lapsed by the database's clock, and settle the
+/// sandboxes of every lost node (running ones fail with [`NODE_LOST`], pooled ones go;
+/// suspended ones keep their files on the lost node). Idempotent: a sweeper that died
+/// between the two steps is made up for by the next. The nodes this call declared.
 pub async fn sweep(store: &Store) -> Result<Vec<String>, ControlError> {
     let now = store.nodes.now().await?;
-    store.nodes.expire(now).await
+    let lost = store.nodes.expire(now).await?;
+    let settled = store.sandboxes.settle_on_lost_nodes(NODE_LOST, now).await?;
+    if !settled.is_empty() {
+        tracing::warn!(sandboxes = ?settled, "settled the sandboxes of lost nodes");
+    }
+    Ok(lost)
 }
 
 /// The fleet as placement sees it now: every node whose lease holds (by the database's

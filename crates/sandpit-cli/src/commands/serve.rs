@@ -413,6 +413,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                     node.set_draining(status == sandpit_control::store::NodeStatus::Draining)
                 }
             },
+            {
+                let node = server.node.clone();
+                move || {
+                    let node = node.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = node.drop_settled().await {
+                            tracing::error!(error = %sandpit_server::error::DisplayChain(&e), "tearing down sandboxes settled while this node was lost");
+                        }
+                    });
+                }
+            },
             server.shutdown.clone(),
         )
     };

@@ -393,3 +393,98 @@ async fn the_other_server_relays_everything_about_a_sandbox_to_its_node() {
     }
     assert!(a.leaks().is_empty() && b.leaks().is_empty());
 }
+
+/// A node that stops answering (SIGSTOP: a partition, a hung host) loses its lease; the
+/// other node's sweep declares it lost and fails its running sandbox (nothing is shown
+/// running that may not be). When it answers again its heartbeat is fenced: it registers
+/// anew and tears down what the fleet settled, and takes sandboxes again.
+#[tokio::test]
+async fn a_node_that_stops_answering_is_declared_lost_and_cleans_up_on_return() {
+    let lease = [("SANDPIT_NODE_LEASE".to_string(), "3s".to_string())];
+    let a = TestServer::start_with_index_env(bin(), |i| {
+        let mut env = vec![("SANDPIT_NODE_NAME".into(), format!("node-{i}"))];
+        env.extend(lease.clone());
+        env
+    })
+    .await
+    .unwrap();
+    let shared = match &a.database {
+        Some(db) => db.url.clone(),
+        None => format!("sqlite://{}", a.data_dir.join("sandpit.db").display()),
+    };
+    let b = TestServer::start_with_index_env(bin(), |i| {
+        let mut env = vec![
+            ("SANDPIT_NODE_NAME".into(), format!("node-{i}")),
+            ("SANDPIT_DATABASE".into(), shared.clone()),
+        ];
+        env.extend(lease.clone());
+        env
+    })
+    .await
+    .unwrap();
+    let b_name = format!("node-{}", b.index);
+    let (ca, cb) = (a.client(), b.client_with(&a.token));
+    let on_a = create(&ca, base()).await;
+    let on_b = create(&cb, base()).await;
+
+    let pid = b.pid().expect("b runs").to_string();
+    let signal = |sig: &str| {
+        assert!(
+            std::process::Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        )
+    };
+    signal("-STOP");
+    let result = async {
+        wait_until(Duration::from_secs(30), "B declared lost", || async {
+            (this_node(&a, &b_name)["status"] == "lost").then_some(())
+        })
+        .await
+        .unwrap();
+        wait_until(Duration::from_secs(30), "B's sandbox failed", || async {
+            let sb = ca.get_sandbox(&on_b.id).await.unwrap();
+            (sb.status == sandpit_api_types::SandboxStatus::Failed).then_some(sb)
+        })
+        .await
+        .unwrap()
+    }
+    .await;
+    signal("-CONT");
+    assert!(
+        result
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("declared lost"),
+        "{:?}",
+        result.error
+    );
+
+    // Back: fenced, registered anew, the settled sandbox torn down here.
+    wait_until(Duration::from_secs(30), "B registers anew", || async {
+        let n = this_node(&a, &b_name);
+        (n["status"] == "live" && n["epoch"].as_i64() >= Some(2)).then_some(())
+    })
+    .await
+    .unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "B tears down what was settled",
+        || async { b.leaks().runsc.is_empty().then_some(()) },
+    )
+    .await
+    .unwrap();
+    assert!(
+        b.log().contains("fleet settled while this node was lost"),
+        "{}",
+        b.log()
+    );
+    assert_eq!(crate::sh(&ca, &on_a.id, "echo a").await.stdout, "a\n");
+    let again = create(&cb, base()).await;
+    assert_eq!(crate::sh(&cb, &again.id, "echo b").await.stdout, "b\n");
+    cb.destroy_sandbox(&again.id).await.unwrap();
+    ca.destroy_sandbox(&on_a.id).await.unwrap();
+}

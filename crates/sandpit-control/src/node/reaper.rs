@@ -152,6 +152,8 @@ impl Node {
                 Recovery::Nothing => {}
             }
         }
+        // Sandboxes the fleet settled while this node was away: torn down, slots freed.
+        self.drop_settled().await?;
         // Orphans: anything under our names that the store does not account for.
         if let Err(e) = self
             .runtime
@@ -174,6 +176,29 @@ impl Node {
         let snapshots: HashSet<String> = self.store.snapshots.ids().await?.into_iter().collect();
         remove_unknown_dirs(&self.cfg.data_dir.join("snapshots"), &snapshots);
         Ok(())
+    }
+
+    /// Tear down this node's sandboxes that the fleet settled while it was lost (failed
+    /// or destroyed by another node's sweep, their slots still recorded): their runtime,
+    /// network and files here go, and the slots are free again. Called when a heartbeat
+    /// finds the node fenced, and at the end of every reconciliation. How many it tore
+    /// down.
+    pub async fn drop_settled(self: &Arc<Self>) -> Result<usize, ControlError> {
+        let rows = self
+            .store
+            .sandboxes
+            .settled_holding_slots(&self.cfg.node_id)
+            .await?;
+        for row in &rows {
+            self.cancel_of(&row.id).cancel();
+            let _guard = self.lock_of(&row.id).write_owned().await;
+            self.previews.cut(&row.id).await;
+            self.teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
+                .await;
+            self.store.sandboxes.release_slot(&row.id, now_ms()).await?;
+            tracing::warn!(sandbox = %row.id, status = row.status.as_str(), "tore down a sandbox the fleet settled while this node was lost");
+        }
+        Ok(rows.len())
     }
 
     /// Start the reaper: destroys ephemeral sandboxes whose timeout passed and suspends

@@ -316,6 +316,48 @@ impl Sandboxes {
         Ok(rows.into_iter().map(|r| r.0).collect())
     }
 
+    /// Fleet use: settle the sandboxes of every lost node (idempotent; run after each
+    /// sweep): running and creating ones fail with `reason` (their memory and processes
+    /// are gone with the node, as far as anyone can tell), pooled ones are destroyed,
+    /// suspended ones stay suspended (their files are on the lost node). Slots stay
+    /// recorded: they are that node's, released when it comes back and tears the sandboxes
+    /// down. The ids settled by this call.
+    pub async fn settle_on_lost_nodes(
+        &self,
+        reason: &str,
+        now: i64,
+    ) -> Result<Vec<String>, ControlError> {
+        let rows: Vec<(String,)> = with_db!(self.db, p => sqlx::query_as(
+            "UPDATE sandboxes
+             SET status = CASE WHEN status = 'pooled' THEN 'destroyed' ELSE 'failed' END,
+                 error = CASE WHEN status = 'pooled' THEN error ELSE $1 END,
+                 updated_at = $2
+             WHERE status IN ('creating', 'running', 'pooled')
+               AND node_id IN (SELECT id FROM nodes WHERE status = 'lost')
+             RETURNING id",
+        )
+        .bind(reason)
+        .bind(now)
+        .fetch_all(p).await)
+        .map_err(q("settling the sandboxes of lost nodes"))?;
+        let mut ids = ids(rows);
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Node use: node `node`'s sandboxes that ended elsewhere (failed or destroyed) but
+    /// still hold a slot: settled while the node was lost, to be torn down here.
+    pub async fn settled_holding_slots(&self, node: &str) -> Result<Vec<Sandbox>, ControlError> {
+        let rows = with_db!(self.db, p => sqlx::query_as(
+            "SELECT * FROM sandboxes WHERE node_id = $1 AND slot IS NOT NULL
+               AND status IN ('failed', 'destroyed')",
+        )
+        .bind(node)
+        .fetch_all(p).await)
+        .map_err(q("listing settled sandboxes holding slots"))?;
+        decode_all(rows)
+    }
+
     /// Fleet use: how many slots each node's sandboxes hold, by node (fresher than the
     /// nodes' heartbeats, for placement).
     pub async fn slots_by_node(&self) -> Result<Vec<(String, i64)>, ControlError> {

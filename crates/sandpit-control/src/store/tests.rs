@@ -1087,3 +1087,80 @@ async fn sandboxes_belong_to_one_node(db: &TestDb) {
     assert_eq!(s.sandboxes.get("old").await.unwrap().unwrap().node_id, "n1");
 }
 both!(sandboxes_belong_to_one_node);
+
+/// A lost node's sandboxes are settled once it is declared lost: running ones fail (their
+/// slots kept for the node to release), pooled ones go, suspended ones and other nodes'
+/// stay; settling again changes nothing; the node, back, finds what to tear down.
+async fn lost_nodes_sandboxes_are_settled(db: &TestDb) {
+    let s = &db.store;
+    workspace(s, "ws_a").await;
+    base_template(s).await;
+    let now = s.nodes.now().await.unwrap();
+    for n in ["n1", "n2"] {
+        s.nodes.register(&node(n), now, 1_000).await.unwrap();
+    }
+    let on = |id: &str, node: &str, status: Status, slot: Option<i64>| Sandbox {
+        node_id: node.into(),
+        ..sandbox(id, "ws_a", status, slot)
+    };
+    for row in [
+        on("run1", "n1", Status::Running, Some(0)),
+        on("new1", "n1", Status::Creating, Some(1)),
+        on("pool1", "n1", Status::Pooled, Some(2)),
+        on("susp1", "n1", Status::Suspended, None),
+        on("run2", "n2", Status::Running, Some(0)),
+    ] {
+        s.sandboxes.insert(&row).await.unwrap();
+    }
+    // Nobody is lost yet: nothing to settle.
+    assert!(
+        s.sandboxes
+            .settle_on_lost_nodes("lost", now)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    s.nodes
+        .heartbeat("n2", 1, &NodeLoad::default(), now, 60_000)
+        .await
+        .unwrap();
+    assert_eq!(s.nodes.expire(now + 1_000).await.unwrap(), ["n1"]);
+    assert_eq!(
+        s.sandboxes.settle_on_lost_nodes("lost", now).await.unwrap(),
+        ["new1", "pool1", "run1"]
+    );
+    assert!(
+        s.sandboxes
+            .settle_on_lost_nodes("lost", now)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let get = |id: &'static str| async move { s.sandboxes.get(id).await.unwrap().unwrap() };
+    let run1 = get("run1").await;
+    assert_eq!(
+        (run1.status, run1.error.as_deref(), run1.slot),
+        (Status::Failed, Some("lost"), Some(0))
+    );
+    assert_eq!(get("pool1").await.status, Status::Destroyed);
+    assert_eq!(get("susp1").await.status, Status::Suspended);
+    assert_eq!(get("run2").await.status, Status::Running);
+    let mut back: Vec<String> = s
+        .sandboxes
+        .settled_holding_slots("n1")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id.to_string())
+        .collect();
+    back.sort();
+    assert_eq!(back, ["new1", "pool1", "run1"]);
+    assert!(
+        s.sandboxes
+            .settled_holding_slots("n2")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+both!(lost_nodes_sandboxes_are_settled);

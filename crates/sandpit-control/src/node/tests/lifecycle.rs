@@ -632,3 +632,25 @@ async fn another_nodes_sandbox_is_left_to_its_node() {
         "the reaper does not see the other node's expired sandbox"
     );
 }
+
+/// Sandboxes the fleet settled while this node was lost (failed in the store, still
+/// running here) are torn down when the node hears of it, and their slots are free again;
+/// sandboxes it still owns keep running.
+#[tokio::test]
+async fn sandboxes_settled_while_lost_are_torn_down_on_return() {
+    let h = Harness::new().await;
+    let gone = h.create(SandboxMode::Ephemeral).await.unwrap();
+    let kept = h.create(SandboxMode::Ephemeral).await.unwrap();
+    // Another node's sweep: the store says failed, the runtime here still runs it.
+    h.node
+        .store
+        .sandboxes
+        .force_status(&gone.id, Status::Failed, Some("lost"), 1)
+        .await
+        .unwrap();
+    assert_eq!(h.node.drop_settled().await.unwrap(), 1);
+    assert_eq!(h.rt.held(), vec![kept.runtime_id.clone()]);
+    assert_eq!(h.row(&gone.id).await.slot, None, "its slot is free again");
+    assert_eq!(h.node.drop_settled().await.unwrap(), 0, "idempotent");
+    assert!(agent_answers(&h, &kept.id).await);
+}
