@@ -250,8 +250,18 @@ async fn connect(address: &str) -> std::io::Result<tokio::net::TcpStream> {
     Ok(stream)
 }
 
+/// Whether `req` is a relay from another node, signed with `secret`.
+pub fn is_relayed(secret: &str, req: &Request) -> bool {
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or_default();
+    verified(secret, req.headers(), req.method().as_str(), pq).is_some()
+}
+
 /// The address of node `id` if its lease holds.
-async fn alive_node(server: &Server, id: &str) -> Result<Option<String>, ApiError> {
+pub async fn alive_node(server: &Server, id: &str) -> Result<Option<String>, ApiError> {
     let now = server.store.nodes.now().await?;
     Ok(server
         .store

@@ -507,6 +507,36 @@ async fn proxy(server: Arc<Server>, req: Request, id: &str, port: u16) -> Respon
             return resp;
         }
     }
+    // Another node's sandbox: its node serves the preview (checking the token again), once
+    // this server has authorized the request. A request relayed to us is never relayed on.
+    if !server.is_mine(&row)
+        && let Some(secret) = server.cfg.node_secret.clone()
+        && !crate::forward::is_relayed(&secret, &req)
+    {
+        let address = match crate::forward::alive_node(&server, &row.node_id).await {
+            Ok(Some(a)) => a,
+            Ok(None) => {
+                return refuse((
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "node_unreachable",
+                    format!(
+                        "this preview's sandbox runs on node {:?}, whose lease has lapsed",
+                        row.node_id
+                    ),
+                ));
+            }
+            Err(e) => return refuse((e.status, "internal", e.message)),
+        };
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        return match crate::forward::relay(&server, &secret, req, &address, &pq).await {
+            Ok(resp) => resp,
+            Err(e) => refuse((e.status, e.code, e.message)),
+        };
+    }
     server.previews.touch(&server.store, id);
 
     let (stream, guard) = match connect(&server, id, port).await {

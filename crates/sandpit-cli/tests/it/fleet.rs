@@ -238,7 +238,7 @@ async fn the_other_server_relays_everything_about_a_sandbox_to_its_node() {
     })
     .await
     .unwrap();
-    let (ca, cb) = (a.client(), b.client_with(&a.token));
+    let ca = a.client();
     let sb = create(
         &ca,
         sandpit_sdk::types::CreateSandboxRequest {
@@ -249,6 +249,10 @@ async fn the_other_server_relays_everything_about_a_sandbox_to_its_node() {
     )
     .await;
     let id = sb.id.as_str();
+    // The create was placed on one of the two: everything below goes through the other.
+    let on_a = a.leaks().runsc.iter().any(|r| r.contains(id));
+    let via = if on_a { &b } else { &a };
+    let cb = via.client_with(&a.token);
 
     // Exec, and a streamed exec, through B.
     assert_eq!(
@@ -333,7 +337,7 @@ async fn the_other_server_relays_everything_about_a_sandbox_to_its_node() {
     // Relay headers without the secret's signature are dropped, not trusted: the request
     // is relayed as any other (and answered), not taken as already relayed (a 503).
     let forged = reqwest::Client::new()
-        .post(format!("{}/v1/sandboxes/{id}/exec", b.url))
+        .post(format!("{}/v1/sandboxes/{id}/exec", via.url))
         .bearer_auth(&a.token)
         .header("x-sandpit-forwarded-by", "node-x")
         .header("x-sandpit-node-auth", "00")
@@ -343,7 +347,7 @@ async fn the_other_server_relays_everything_about_a_sandbox_to_its_node() {
         .unwrap();
     assert_eq!(forged.status(), 200);
     // Another workspace's token gets B's own answer, and nothing reaches A.
-    let admin = b.client_with(&a.token);
+    let admin = via.client_with(&a.token);
     let ws = admin.create_workspace("other").await.unwrap();
     let other_token = admin
         .create_token(&ws.id, &Default::default())
@@ -352,19 +356,46 @@ async fn the_other_server_relays_everything_about_a_sandbox_to_its_node() {
         .token
         .unwrap();
     crate::assert_api_err(
-        b.client_with(&other_token)
+        via.client_with(&other_token)
             .exec(id, &Default::default())
             .await,
         403,
         "forbidden",
     );
 
+    // A private preview served by A, opened through B: B checks the token, A serves.
+    crate::sh(
+        &cb,
+        id,
+        "mkdir -p /www && echo hello-preview > /www/index.html",
+    )
+    .await;
+    crate::previews::httpd(&cb, id, "8080", "/www").await;
+    let token = cb
+        .create_preview_token(id, &Default::default())
+        .await
+        .unwrap()
+        .token
+        .unwrap();
+    let http = crate::previews::preview_client(via, id, &[8080]);
+    let url = crate::previews::preview_url(via, id, 8080, "/index.html");
+    let (status, code) = crate::previews::status_code(http.get(&url).send().await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (401, "preview_token_required"));
+    let page = http
+        .get(&url)
+        .header("csb-preview-token", &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert_eq!(page.text().await.unwrap(), "hello-preview\n");
+
     cb.destroy_sandbox(id).await.unwrap();
     assert_eq!(
         ca.get_sandbox(id).await.unwrap().status,
         sandpit_api_types::SandboxStatus::Destroyed
     );
-    assert!(a.leaks().is_empty(), "{:?}", a.leaks());
+    assert!(a.leaks().is_empty() && b.leaks().is_empty());
 
     // Creates through A are placed over both nodes (by free slots, counted fresh); each
     // answers through either server.
