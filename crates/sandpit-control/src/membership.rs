@@ -93,11 +93,7 @@ impl Membership {
             .await?;
         match answer {
             Heartbeat::Renewed(status) => {
-                let mut was = self.status.lock().expect("status poisoned");
-                if *was != status {
-                    tracing::info!(node = %self.info.id, status = status.as_str(), "fleet status changed");
-                }
-                *was = status;
+                *self.status.lock().expect("status poisoned") = status;
             }
             Heartbeat::Fenced => {
                 let epoch = self
@@ -138,6 +134,7 @@ impl Membership {
         let me = self.clone();
         on_status(me.status());
         tokio::spawn(async move {
+            let mut told = me.status();
             let mut tick = tokio::time::interval(me.interval());
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -154,7 +151,13 @@ impl Membership {
                         continue;
                     }
                 }
-                on_status(me.status());
+                let status = me.status();
+                on_status(status);
+                if status != told {
+                    // Logged after `on_status` acted on it.
+                    tracing::info!(node = %me.info.id, status = status.as_str(), "fleet status changed");
+                    told = status;
+                }
                 match sweep(&me.store).await {
                     Ok(lost) if !lost.is_empty() => {
                         tracing::warn!(nodes = ?lost, "declared nodes lost: their leases lapsed");

@@ -272,6 +272,16 @@ pub async fn alive_node(server: &Server, id: &str) -> Result<Option<String>, Api
         .map(|n| n.info.address))
 }
 
+/// 502 `node_unreachable`: relaying to the node at `address` failed at `what`.
+fn unreachable(address: &str, what: &str, e: &dyn std::error::Error) -> ApiError {
+    tracing::warn!(node = address, error = %DisplayChain(e), "relay to another node: {what}");
+    ApiError::new(
+        StatusCode::BAD_GATEWAY,
+        "node_unreachable",
+        format!("the node running this sandbox did not answer ({what})"),
+    )
+}
+
 /// Send `req` to the node at `address` (`http://host:port`) as a signed relay and hand
 /// back its answer; for an accepted upgrade, relay bytes both ways.
 pub async fn relay(
@@ -281,14 +291,7 @@ pub async fn relay(
     address: &str,
     path_and_query: &str,
 ) -> Result<Response, ApiError> {
-    let unreachable = |what: &str, e: &dyn std::error::Error| {
-        tracing::warn!(node = address, error = %DisplayChain(e), "relay to another node: {what}");
-        ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "node_unreachable",
-            format!("the node running this sandbox did not answer ({what})"),
-        )
-    };
+    let unreachable = |what: &str, e: &dyn std::error::Error| unreachable(address, what, e);
     let stream = connect(address)
         .await
         .map_err(|e| unreachable("connecting", &e))?;
@@ -304,14 +307,7 @@ async fn relay_over(
     address: &str,
     path_and_query: &str,
 ) -> Result<Response, ApiError> {
-    let unreachable = |what: &str, e: &dyn std::error::Error| {
-        tracing::warn!(node = address, error = %DisplayChain(e), "relay to another node: {what}");
-        ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "node_unreachable",
-            format!("the node running this sandbox did not answer ({what})"),
-        )
-    };
+    let unreachable = |what: &str, e: &dyn std::error::Error| unreachable(address, what, e);
     let (mut parts, body) = req.into_parts();
     let upgrade = crate::preview::upgrade_of(&parts.headers);
     let client_upgrade = upgrade

@@ -34,6 +34,29 @@ fn this_node(srv: &TestServer, name: &str) -> serde_json::Value {
         .unwrap_or_else(|| panic!("{name} is not in {out}"))
 }
 
+/// Two servers on one database (the first's), each a node named `node-<index>`, both with
+/// `extra` in their environment.
+async fn two_nodes(extra: &[(&str, &str)]) -> (TestServer, TestServer) {
+    let env = |i: u32| {
+        let mut env = vec![("SANDPIT_NODE_NAME".to_string(), format!("node-{i}"))];
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        env
+    };
+    let a = TestServer::start_with_index_env(bin(), env).await.unwrap();
+    let shared = match &a.database {
+        Some(db) => db.url.clone(),
+        None => format!("sqlite://{}", a.data_dir.join("sandpit.db").display()),
+    };
+    let b = TestServer::start_with_index_env(bin(), |i| {
+        let mut env = env(i);
+        env.push(("SANDPIT_DATABASE".into(), shared));
+        env
+    })
+    .await
+    .unwrap();
+    (a, b)
+}
+
 #[tokio::test]
 async fn a_server_is_a_node_with_a_lease_its_load_and_a_drain() {
     let mut srv = TestServer::start_with_index_env(bin(), |i| {
@@ -137,23 +160,7 @@ async fn a_server_is_a_node_with_a_lease_its_load_and_a_drain() {
 /// `sandbox_on_another_node` instead of reaching an address that is not its to reach.
 #[tokio::test]
 async fn servers_sharing_a_database_leave_each_others_sandboxes_alone() {
-    let a = TestServer::start_with_index_env(bin(), |i| {
-        vec![("SANDPIT_NODE_NAME".into(), format!("node-{i}"))]
-    })
-    .await
-    .unwrap();
-    let shared = match &a.database {
-        Some(db) => db.url.clone(),
-        None => format!("sqlite://{}", a.data_dir.join("sandpit.db").display()),
-    };
-    let mut b = TestServer::start_with_index_env(bin(), |i| {
-        vec![
-            ("SANDPIT_NODE_NAME".into(), format!("node-{i}")),
-            ("SANDPIT_DATABASE".into(), shared.clone()),
-        ]
-    })
-    .await
-    .unwrap();
+    let (a, mut b) = two_nodes(&[]).await;
     let (ca, cb) = (a.client(), b.client_with(&a.token));
     let on_a = create(&ca, base()).await;
     let on_b = create(&cb, base()).await;
@@ -217,27 +224,7 @@ async fn servers_sharing_a_database_leave_each_others_sandboxes_alone() {
 #[tokio::test]
 async fn the_other_server_relays_everything_about_a_sandbox_to_its_node() {
     const SECRET: &str = "fleet-secret-for-tests";
-    let a = TestServer::start_with_index_env(bin(), |i| {
-        vec![
-            ("SANDPIT_NODE_NAME".into(), format!("node-{i}")),
-            ("SANDPIT_NODE_SECRET".into(), SECRET.into()),
-        ]
-    })
-    .await
-    .unwrap();
-    let shared = match &a.database {
-        Some(db) => db.url.clone(),
-        None => format!("sqlite://{}", a.data_dir.join("sandpit.db").display()),
-    };
-    let b = TestServer::start_with_index_env(bin(), |i| {
-        vec![
-            ("SANDPIT_NODE_NAME".into(), format!("node-{i}")),
-            ("SANDPIT_DATABASE".into(), shared.clone()),
-            ("SANDPIT_NODE_SECRET".into(), SECRET.into()),
-        ]
-    })
-    .await
-    .unwrap();
+    let (a, b) = two_nodes(&[("SANDPIT_NODE_SECRET", SECRET)]).await;
     let ca = a.client();
     let sb = create(
         &ca,
@@ -431,28 +418,7 @@ async fn the_other_server_relays_everything_about_a_sandbox_to_its_node() {
 /// anew and tears down what the fleet settled, and takes sandboxes again.
 #[tokio::test]
 async fn a_node_that_stops_answering_is_declared_lost_and_cleans_up_on_return() {
-    let lease = [("SANDPIT_NODE_LEASE".to_string(), "3s".to_string())];
-    let a = TestServer::start_with_index_env(bin(), |i| {
-        let mut env = vec![("SANDPIT_NODE_NAME".into(), format!("node-{i}"))];
-        env.extend(lease.clone());
-        env
-    })
-    .await
-    .unwrap();
-    let shared = match &a.database {
-        Some(db) => db.url.clone(),
-        None => format!("sqlite://{}", a.data_dir.join("sandpit.db").display()),
-    };
-    let b = TestServer::start_with_index_env(bin(), |i| {
-        let mut env = vec![
-            ("SANDPIT_NODE_NAME".into(), format!("node-{i}")),
-            ("SANDPIT_DATABASE".into(), shared.clone()),
-        ];
-        env.extend(lease.clone());
-        env
-    })
-    .await
-    .unwrap();
+    let (a, b) = two_nodes(&[("SANDPIT_NODE_LEASE", "3s")]).await;
     let b_name = format!("node-{}", b.index);
     let (ca, cb) = (a.client(), b.client_with(&a.token));
     let on_a = create(&ca, base()).await;
@@ -504,15 +470,14 @@ async fn a_node_that_stops_answering_is_declared_lost_and_cleans_up_on_return() 
     wait_until(
         Duration::from_secs(30),
         "B tears down what was settled",
-        || async { b.leaks().runsc.is_empty().then_some(()) },
+        || async {
+            (b.leaks().runsc.is_empty()
+                && b.log().contains("fleet settled while this node was lost"))
+            .then_some(())
+        },
     )
     .await
     .unwrap();
-    assert!(
-        b.log().contains("fleet settled while this node was lost"),
-        "{}",
-        b.log()
-    );
     assert_eq!(crate::sh(&ca, &on_a.id, "echo a").await.stdout, "a\n");
     let again = create(&cb, base()).await;
     assert_eq!(crate::sh(&cb, &again.id, "echo b").await.stdout, "b\n");
