@@ -263,7 +263,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Some(n) => anyhow::bail!(
             "--node-name {n:?}: 1-63 characters [a-z0-9-], not starting or ending with '-'"
         ),
-        None => default_node_name(),
+        None => default_node_name(&args.data_dir)?,
     };
     if let Some(s) = &args.node_secret {
         anyhow::ensure!(
@@ -474,13 +474,31 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
 /// The host name as a node name: lowercased, other characters as `-`, at most 63; `local`
 /// when nothing is left.
-fn default_node_name() -> String {
-    #[expect(
-        clippy::disallowed_methods,
-        reason = "the kernel's host name file, not a tenant's"
-    )]
+/// This server's node name when `--node-name` is not given: the one it took before, kept
+/// in `<data dir>/node-name` (its sandboxes are recorded under it: a host whose name
+/// changes, like a container's, must not lose them), else one made from the host name and
+/// kept there.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the operator's data dir and the kernel's host name file, not a tenant's"
+)]
+fn default_node_name(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    let kept = data_dir.join("node-name");
+    if let Ok(text) = std::fs::read_to_string(&kept) {
+        let name = text.trim();
+        anyhow::ensure!(
+            sandpit_control::store::valid_node_id(name),
+            "{} holds {name:?}, not a node name: fix or remove it, or give --node-name",
+            kept.display()
+        );
+        return Ok(name.to_string());
+    }
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    node_name_from_host(&host)
+    let name = node_name_from_host(&host);
+    std::fs::create_dir_all(data_dir)
+        .and_then(|()| std::fs::write(&kept, format!("{name}\n")))
+        .with_context(|| format!("keeping the node name in {}", kept.display()))?;
+    Ok(name)
 }
 
 fn node_name_from_host(host: &str) -> String {
@@ -504,6 +522,17 @@ fn node_name_from_host(host: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_node_name_is_kept_in_the_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = default_node_name(dir.path()).unwrap();
+        assert!(sandpit_control::store::valid_node_id(&first));
+        std::fs::write(dir.path().join("node-name"), "kept-name\n").unwrap();
+        assert_eq!(default_node_name(dir.path()).unwrap(), "kept-name");
+        std::fs::write(dir.path().join("node-name"), "../bad").unwrap();
+        assert!(default_node_name(dir.path()).is_err());
+    }
 
     #[test]
     fn node_names_from_host_names() {
