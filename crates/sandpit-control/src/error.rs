@@ -99,6 +99,23 @@ pub enum ControlError {
 }
 
 impl ControlError {
+    /// Whether this is the database being out of reach (refused or dropped connections, a
+    /// pool that timed out waiting for one), not a fault of the request or the data: the
+    /// caller may retry once it is back.
+    pub fn is_database_unreachable(&self) -> bool {
+        matches!(
+            self,
+            ControlError::Store {
+                source: sqlx::Error::Io(_)
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::WorkerCrashed,
+                ..
+            }
+        )
+    }
+
     pub fn not_found(code: &'static str, message: impl Into<String>) -> ControlError {
         ControlError::NotFound {
             code,

@@ -92,6 +92,18 @@ impl From<sandpit_control::ControlError> for ApiError {
                     "the sandbox's agent did not answer",
                 )
             }
+            e if e.is_database_unreachable() => {
+                tracing::error!(error = %DisplayChain(&e), "database unreachable");
+                crate::limits::add_headers([(
+                    axum::http::header::RETRY_AFTER,
+                    axum::http::HeaderValue::from_static("5"),
+                )]);
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "database_unavailable",
+                    "the database is out of reach; retry shortly",
+                )
+            }
             e @ C::Corrupt { .. } => {
                 tracing::error!(error = %DisplayChain(&e), "corrupt record");
                 ApiError::new(

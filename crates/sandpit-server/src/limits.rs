@@ -530,6 +530,17 @@ pub async fn enforce(State(server): State<Arc<Server>>, mut req: Request, next: 
         {
             return next.run(req).await;
         }
+        // Not a bad token (the database is out of reach, say): nothing to count against the
+        // address; the answer says what happened.
+        Err(e) if e.status != StatusCode::UNAUTHORIZED => {
+            let unavailable = e.status == StatusCode::SERVICE_UNAVAILABLE;
+            let mut resp = e.into_response();
+            if unavailable {
+                let (k, v) = retry_after(5);
+                resp.headers_mut().insert(k, v);
+            }
+            return resp;
+        }
         Err(_) => {
             let client = req
                 .extensions()

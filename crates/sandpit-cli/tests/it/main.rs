@@ -10,6 +10,7 @@ mod abuse;
 mod api;
 mod crash;
 mod csb;
+mod database;
 mod egress;
 mod fleet;
 mod fork;

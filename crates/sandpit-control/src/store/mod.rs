@@ -115,7 +115,9 @@ impl Db {
             let opts = PgConnectOptions::from_str(url).map_err(q("parsing the database URL"))?;
             let pool = PgPoolOptions::new()
                 .max_connections(16)
-                .acquire_timeout(Duration::from_secs(30))
+                // While the server is out of reach a request waits this long, then answers 503
+                // `database_unavailable`.
+                .acquire_timeout(Duration::from_secs(10))
                 .connect_with(opts)
                 .await
                 .map_err(q("connecting to PostgreSQL"))?;

@@ -97,6 +97,10 @@ impl utoipa::Modify for CommonResponses {
                     "429",
                     "The workspace's rate limit is reached (`rate_limited`, with Retry-After)",
                 );
+                add(
+                    "503",
+                    "The database is out of reach (`database_unavailable`, with Retry-After)",
+                );
                 if json_body {
                     add(
                         "400",
