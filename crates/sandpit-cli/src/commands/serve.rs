@@ -263,7 +263,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Some(n) => anyhow::bail!(
             "--node-name {n:?}: 1-63 characters [a-z0-9-], not starting or ending with '-'"
         ),
-        None => default_node_name(&args.data_dir)?,
+        None => default_node_name(&args.data_dir, &args.prefix)?,
     };
     if let Some(s) = &args.node_secret {
         anyhow::ensure!(
@@ -477,12 +477,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 /// This server's node name when `--node-name` is not given: the one it took before, kept
 /// in `<data dir>/node-name` (its sandboxes are recorded under it: a host whose name
 /// changes, like a container's, must not lose them), else one made from the host name and
-/// kept there.
+/// the prefix (`<host>-<prefix>`) and kept there.
 #[expect(
     clippy::disallowed_methods,
     reason = "the operator's data dir and the kernel's host name file, not a tenant's"
 )]
-fn default_node_name(data_dir: &std::path::Path) -> anyhow::Result<String> {
+fn default_node_name(data_dir: &std::path::Path, prefix: &str) -> anyhow::Result<String> {
     let kept = data_dir.join("node-name");
     if let Ok(text) = std::fs::read_to_string(&kept) {
         let name = text.trim();
@@ -494,7 +494,9 @@ fn default_node_name(data_dir: &std::path::Path) -> anyhow::Result<String> {
         return Ok(name.to_string());
     }
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let name = node_name_from_host(&host);
+    // With the prefix: servers on one host (which must use different prefixes) get
+    // different names, so two of them sharing a database never take each other's rows.
+    let name = node_name_from_host(&format!("{}-{prefix}", host.trim()));
     std::fs::create_dir_all(data_dir)
         .and_then(|()| std::fs::write(&kept, format!("{name}\n")))
         .with_context(|| format!("keeping the node name in {}", kept.display()))?;
@@ -526,12 +528,13 @@ mod tests {
     #[test]
     fn the_default_node_name_is_kept_in_the_data_dir() {
         let dir = tempfile::tempdir().unwrap();
-        let first = default_node_name(dir.path()).unwrap();
+        let first = default_node_name(dir.path(), "t7").unwrap();
         assert!(sandpit_control::store::valid_node_id(&first));
+        assert!(first.ends_with("-t7"), "{first}");
         std::fs::write(dir.path().join("node-name"), "kept-name\n").unwrap();
-        assert_eq!(default_node_name(dir.path()).unwrap(), "kept-name");
+        assert_eq!(default_node_name(dir.path(), "t7").unwrap(), "kept-name");
         std::fs::write(dir.path().join("node-name"), "../bad").unwrap();
-        assert!(default_node_name(dir.path()).is_err());
+        assert!(default_node_name(dir.path(), "t7").is_err());
     }
 
     #[test]
