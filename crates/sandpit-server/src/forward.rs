@@ -122,14 +122,15 @@ pub async fn to_owner(State(server): State<Arc<Server>>, mut req: Request, next:
         req.headers_mut().remove(FORWARDED_BY);
         req.headers_mut().remove(NODE_AUTH);
     }
-    let Some(workspace) = req
-        .extensions()
-        .get::<Auth>()
-        .map(|a| a.workspace_id.clone())
-    else {
+    let Some(auth) = req.extensions().get::<Auth>().cloned() else {
         return next.run(req).await;
     };
+    let workspace = auth.workspace_id;
     if is_create(req.method(), req.uri().path()) {
+        // A token that may not create is answered here (403), before any relay.
+        if !auth.scopes.iter().any(|s| s == "sandbox_create") {
+            return next.run(req).await;
+        }
         return place_create(&server, &secret, req, next, &pq).await;
     }
     let Some(id) = sandbox_of_path(req.uri().path()).map(str::to_string) else {

@@ -349,6 +349,24 @@ async fn the_other_server_relays_everything_about_a_sandbox_to_its_node() {
         403,
         "forbidden",
     );
+    // A token that may only read is refused a create by the server it asked, not placed.
+    let reader = admin
+        .create_token(
+            &ws.id,
+            &sandpit_sdk::types::TokenCreateRequest {
+                scopes: Some(vec!["sandbox_read".into()]),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .token
+        .unwrap();
+    crate::assert_api_err(
+        via.client_with(&reader).create_sandbox(&base()).await,
+        403,
+        "missing_scope",
+    );
 
     // A private preview served by A, opened through B: B checks the token, A serves.
     crate::sh(
