@@ -288,7 +288,26 @@ impl TestServer {
         Ok(server)
     }
 
+    /// Start the server on a free port. The port is found by binding and letting go, so
+    /// another process may take it before the server binds it: then (the server exits
+    /// saying so) another port is tried, a few times.
     async fn spawn(&mut self) -> anyhow::Result<()> {
+        let mut tries = 0;
+        loop {
+            let log_before = self.log().len();
+            match self.spawn_once().await {
+                Err(_)
+                    if tries < 3 && self.log()[log_before..].contains("Address already in use") =>
+                {
+                    tries += 1;
+                    eprintln!("test server: its port was taken before it bound it; trying another");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn spawn_once(&mut self) -> anyhow::Result<()> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
