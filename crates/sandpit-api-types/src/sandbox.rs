@@ -433,6 +433,29 @@ pub struct Sandbox {
     /// Why the sandbox failed, when `status` is `failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A suspended sandbox's image in object storage, when the server has one configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<SandboxImage>,
+}
+
+/// Where a suspended sandbox's image is: with `remote` `stored`, it can wake on another
+/// node (when its own is lost or draining); otherwise only on its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SandboxImage {
+    /// `uploading`, `stored`, `failed` or `unsupported` (files that cannot move: the
+    /// server runs without disk limits).
+    pub remote: String,
+    /// The runtime build that wrote the memory image; another build wakes the sandbox from
+    /// its files only.
+    pub runtime: String,
+    /// Whether the image holds the sandbox's memory (running processes), not only files.
+    pub memory: bool,
+    /// With `stored`: the image's size in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    /// With `failed` or `unsupported`: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -1,6 +1,7 @@
 //! `sandpit`: the server (`sandpit serve`) and a client for its API (`sandpit sandbox ...`).
 
 mod commands;
+mod objects;
 
 use clap::{Parser, Subcommand};
 

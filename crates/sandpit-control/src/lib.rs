@@ -16,6 +16,7 @@ pub mod membership;
 pub mod node;
 pub mod placement;
 pub mod recovery;
+pub mod remote;
 pub mod store;
 #[cfg(any(test, feature = "fake"))]
 pub mod testing;

@@ -62,6 +62,8 @@ const EXIT_GRACE: Duration = Duration::from_secs(3);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a failed checkpoint may take to kill the sandbox before we call it a survivor.
 const CHECKPOINT_DEATH_WAIT: Duration = Duration::from_secs(4);
+/// The name [`Runtime::pack_files`] gives the disk image it carries.
+const DISK_FILE: &str = "disk.img";
 /// The most of `console.log` quoted in an error.
 const ERROR_TAIL: usize = 4000;
 
@@ -108,6 +110,8 @@ pub struct OrphanReport {
 #[derive(Debug, Clone)]
 pub struct GvisorRuntime {
     cfg: GvisorConfig,
+    /// runsc's version line, read once when first asked.
+    build: std::sync::Arc<std::sync::OnceLock<String>>,
 }
 
 /// Checks that this host can run sandboxes: root, runsc, unshare, ip and overlayfs. Returns
@@ -226,7 +230,10 @@ impl GvisorRuntime {
                 path: cfg.root_dir.clone(),
                 source,
             })?;
-        Ok(Self { cfg })
+        Ok(Self {
+            cfg,
+            build: Default::default(),
+        })
     }
 
     pub fn config(&self) -> &GvisorConfig {
@@ -1213,6 +1220,79 @@ impl Runtime for GvisorRuntime {
             id: id_owned,
             source,
         })
+    }
+
+    fn build(&self) -> String {
+        self.build
+            .get_or_init(|| match tool_output(&self.cfg.runsc, &["--version"]) {
+                Ok(v) => v.lines().next().unwrap_or_default().trim().to_string(),
+                Err(e) => format!("unknown ({e})"),
+            })
+            .clone()
+    }
+
+    async fn pack_files(&self, state_dir: &Path, to_dir: &Path) -> Result<bool, RuntimeError> {
+        if !disk::has_disk(state_dir) {
+            // The writable layer is a directory tree (no disk limit): not carried.
+            return Ok(false);
+        }
+        let image = disk::image_of(state_dir);
+        let err = |detail: String| RuntimeError::CopyFiles {
+            from: image.clone(),
+            to: to_dir.into(),
+            detail,
+        };
+        if mounts::mounted_fstype(&disk::mount_point_of(state_dir))
+            .map_err(|e| err(e.to_string()))?
+            .is_some()
+        {
+            return Err(err(
+                "the disk is mounted: the sandbox must be stopped".into()
+            ));
+        }
+        let (image2, to) = (image.clone(), to_dir.to_path_buf());
+        blocking(move || {
+            disk::wait_released(&image2)?;
+            std::fs::create_dir(&to)?;
+            std::fs::hard_link(&image2, to.join(DISK_FILE))
+        })
+        .await
+        .map_err(|e| err(e.to_string()))?;
+        Ok(true)
+    }
+
+    async fn unpack_files(&self, from_dir: &Path, state_dir: &Path) -> Result<(), RuntimeError> {
+        let err = |detail: String| RuntimeError::CopyFiles {
+            from: from_dir.into(),
+            to: state_dir.into(),
+            detail,
+        };
+        let (from, to) = (from_dir.to_path_buf(), state_dir.to_path_buf());
+        blocking(move || {
+            // Exactly what `pack_files` makes: one regular file (not followed if a link).
+            let mut names = Vec::new();
+            for entry in std::fs::read_dir(&from)? {
+                let entry = entry?;
+                if !entry.file_type()?.is_file() || entry.file_name() != DISK_FILE {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("unexpected entry {:?}", entry.file_name()),
+                    ));
+                }
+                names.push(entry.file_name());
+            }
+            if names.is_empty() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("no {DISK_FILE}"),
+                ));
+            }
+            std::fs::create_dir(&to)?;
+            std::fs::rename(from.join(DISK_FILE), disk::image_of(&to))?;
+            std::fs::File::open(&to)?.sync_all()
+        })
+        .await
+        .map_err(|e| err(e.to_string()))
     }
 
     async fn copy_files(

@@ -499,6 +499,34 @@ impl Runtime for FakeRuntime {
         copy_tree(from_state_dir, to_state_dir).map_err(|e| failed(e.to_string()))
     }
 
+    async fn pack_files(&self, state_dir: &Path, to_dir: &Path) -> Result<bool, RuntimeError> {
+        let failed = |detail: String| RuntimeError::CopyFiles {
+            from: state_dir.into(),
+            to: to_dir.into(),
+            detail,
+        };
+        if to_dir.exists() {
+            return Err(failed("the destination exists".into()));
+        }
+        copy_tree(state_dir, to_dir).map_err(|e| failed(e.to_string()))?;
+        Ok(true)
+    }
+
+    async fn unpack_files(&self, from_dir: &Path, state_dir: &Path) -> Result<(), RuntimeError> {
+        if state_dir.exists() {
+            return Err(RuntimeError::CopyFiles {
+                from: from_dir.into(),
+                to: state_dir.into(),
+                detail: "the destination exists".into(),
+            });
+        }
+        std::fs::rename(from_dir, state_dir).map_err(|e| RuntimeError::CopyFiles {
+            from: from_dir.into(),
+            to: state_dir.into(),
+            detail: e.to_string(),
+        })
+    }
+
     async fn export_layer(&self, state_dir: &Path, to_dir: &Path) -> Result<(), RuntimeError> {
         self.record(FakeCall::ExportLayer {
             state_dir: state_dir.into(),

@@ -204,6 +204,36 @@ pub trait Runtime: Send + Sync + 'static {
         state_dirs_root: &Path,
     ) -> Result<(), RuntimeError>;
 
+    /// The backend's build (for gVisor, runsc's version line). A memory image restores only
+    /// under the build that wrote it; another host compares before restoring one.
+    fn build(&self) -> String {
+        self.name().to_string()
+    }
+
+    /// Put the files a stopped sandbox wrote into the missing directory `to_dir` as plain
+    /// regular files that [`Runtime::unpack_files`] on another host can take (hard links
+    /// where the filesystem allows: nothing may start the sandbox while `to_dir` is read).
+    /// `Ok(false)`, with nothing made, when these files cannot move (a layout that is not a
+    /// set of regular files). For moving a hibernated sandbox through object storage.
+    async fn pack_files(&self, state_dir: &Path, to_dir: &Path) -> Result<bool, RuntimeError> {
+        let _ = (state_dir, to_dir);
+        Ok(false)
+    }
+
+    /// Make the missing `state_dir` hold the files [`Runtime::pack_files`] put in `from_dir`
+    /// (moved, not copied; `from_dir` is on the same filesystem). `from_dir` may come from
+    /// another host: anything in it but the files `pack_files` makes is refused.
+    async fn unpack_files(&self, from_dir: &Path, state_dir: &Path) -> Result<(), RuntimeError> {
+        Err(RuntimeError::CopyFiles {
+            from: from_dir.into(),
+            to: state_dir.into(),
+            detail: format!(
+                "the {} backend cannot move files between hosts",
+                self.name()
+            ),
+        })
+    }
+
     /// Kill (SIGKILL) the direct children of the sandbox's init process whose command name
     /// is `comm`, leaving init and everything else running. Returns how many were killed.
     /// For an init that restarts its child (Sandpit's agent does), this restarts a wedged

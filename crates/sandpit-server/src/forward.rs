@@ -26,6 +26,8 @@ use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
 
+use sandpit_control::Status;
+
 use crate::auth::Auth;
 use crate::error::{ApiError, DisplayChain};
 use crate::server::Server;
@@ -141,8 +143,33 @@ pub async fn to_owner(State(server): State<Arc<Server>>, mut req: Request, next:
         Ok(None) => return next.run(req).await,
         Err(e) => return ApiError::from(e).into_response(),
     };
-    if server.is_mine(&row) || *row.workspace_id != workspace {
+    if *row.workspace_id != workspace {
         return next.run(req).await;
+    }
+    if server.is_mine(&row) {
+        // A draining node moves its hibernated sandboxes away: a request that would wake
+        // one here goes to another node, which takes it over.
+        if row.status == Status::Suspended
+            && server.node.is_draining()
+            && req.method() != axum::http::Method::GET
+            && sandpit_control::node::moves::stored_image(&row).is_some()
+            && let Some(address) = other_node(&server).await
+        {
+            return relay(&server, &secret, req, &address, &pq)
+                .await
+                .unwrap_or_else(IntoResponse::into_response);
+        }
+        return next.run(req).await;
+    }
+    if row.status == Status::Suspended {
+        // Its node is lost or draining: this node answers, taking the sandbox over from
+        // object storage if the request wakes it (`node::moves`).
+        match sandpit_control::node::moves::owner_gone_or_draining(&server.node, &row.node_id).await
+        {
+            Ok(true) => return next.run(req).await,
+            Ok(false) => {}
+            Err(e) => return ApiError::from(e).into_response(),
+        }
     }
     let owner = match alive_node(&server, &row.node_id).await {
         Ok(Some(address)) => address,
@@ -237,6 +264,116 @@ async fn place_create(
     relay_over(server, secret, req, stream, &address, pq)
         .await
         .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// The route a node calls on another to have it take over and wake one of its hibernated
+/// sandboxes (a drain). Not part of the public API: only a signed relay is served.
+pub const INTERNAL_WAKE: &str = "/internal/v1/sandboxes/{id}/wake";
+
+/// `POST /internal/v1/sandboxes/{id}/wake`, from another node (signed): take the sandbox
+/// over and wake it, under its workspace's running quota. 404 for anything unsigned.
+pub async fn internal_wake(
+    State(server): State<Arc<Server>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    req: Request,
+) -> Result<axum::Json<sandpit_api_types::Sandbox>, ApiError> {
+    let signed = server
+        .cfg
+        .node_secret
+        .as_deref()
+        .is_some_and(|secret| is_relayed(secret, &req));
+    if !signed {
+        return Err(ApiError::not_found("route_not_found", "no such route"));
+    }
+    let row = crate::lifecycle::wake(&server, &id).await?;
+    Ok(axum::Json(sandpit_control::node::boot::to_api(&row)))
+}
+
+/// Have another node take over and wake this node's hibernated sandbox `id` (after a
+/// drain). The node's answer, or why none could be asked.
+pub async fn hand_over(server: &Arc<Server>, id: &str) -> Result<String, String> {
+    let Some(secret) = server.cfg.node_secret.clone() else {
+        return Err("no node secret: nodes cannot call each other".into());
+    };
+    let Some(address) = other_node(server).await else {
+        return Err("no other node can take it".into());
+    };
+    let path = INTERNAL_WAKE.replace("{id}", id);
+    let req = Request::builder()
+        .method(axum::http::Method::POST)
+        .uri(&path)
+        .body(Body::empty())
+        .map_err(|e| e.to_string())?;
+    let resp = relay(server, &secret, req, &address, &path)
+        .await
+        .map_err(|e| e.message)?;
+    if resp.status().is_success() {
+        Ok(address)
+    } else {
+        let status = resp.status();
+        let body = axum::body::to_bytes(resp.into_body(), 64 * 1024)
+            .await
+            .unwrap_or_default();
+        Err(format!(
+            "{address} answered {status}: {}",
+            String::from_utf8_lossy(&body)
+        ))
+    }
+}
+
+/// How long a drain waits for one sandbox's image to reach object storage.
+const DRAIN_UPLOAD_WAIT: Duration = Duration::from_secs(600);
+
+/// A drain that just started on this node: hibernate its running sandboxes and, once each
+/// image is in object storage, have another node take it over and wake it (processes and
+/// files intact). Without an image store or a node secret they stay hibernated here.
+pub async fn drain_away(server: Arc<Server>) {
+    let ids = sandpit_control::node::drain::hibernate_all(&server.node).await;
+    if server.node.image_store().is_none() || server.cfg.node_secret.is_none() {
+        tracing::info!(
+            hibernated = ids.len(),
+            "drain: no object store or node secret, so the hibernated sandboxes wake on this node when it is undrained"
+        );
+        return;
+    }
+    let mut moving = tokio::task::JoinSet::new();
+    for id in ids {
+        let server = server.clone();
+        moving.spawn(async move {
+            match sandpit_control::node::moves::wait_stored(&server.node, &id, DRAIN_UPLOAD_WAIT)
+                .await
+            {
+                Ok(Some(_)) => match hand_over(&server, &id).await {
+                    Ok(address) => {
+                        tracing::info!(sandbox = %id, to = %address, "drain: woken on another node")
+                    }
+                    Err(e) => {
+                        tracing::warn!(sandbox = %id, error = %e, "drain: no other node woke it; it wakes elsewhere at its next request")
+                    }
+                },
+                Ok(None) => {
+                    tracing::warn!(sandbox = %id, "drain: its image did not reach object storage; it stays here")
+                }
+                Err(e) => {
+                    tracing::error!(sandbox = %id, error = %DisplayChain(&e), "drain: waiting for the upload")
+                }
+            }
+        });
+    }
+    while moving.join_next().await.is_some() {}
+    tracing::info!("drain: done");
+}
+
+/// The address of the node placement chooses for a new sandbox, if it is another one.
+pub async fn other_node(server: &Server) -> Option<String> {
+    let chosen = sandpit_control::membership::place_new(&server.store)
+        .await
+        .ok()
+        .flatten()?;
+    if chosen == server.node.cfg.node_id {
+        return None;
+    }
+    alive_node(server, &chosen).await.ok().flatten()
 }
 
 async fn connect(address: &str) -> std::io::Result<tokio::net::TcpStream> {

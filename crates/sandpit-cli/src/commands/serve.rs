@@ -47,6 +47,12 @@ pub struct ServeArgs {
     /// `http://` and the listen address.
     #[arg(long, env = "SANDPIT_NODE_ADDRESS")]
     node_address: Option<String>,
+    /// Object storage for hibernated sandboxes' images (`file:///path` or
+    /// `s3://bucket[/prefix]?endpoint=…&region=…`; S3 credentials from the `AWS_*`
+    /// environment). With it, each hibernation is uploaded in the background and a
+    /// hibernated sandbox wakes on another node when its own is lost or draining.
+    #[arg(long, env = "SANDPIT_OBJECT_STORE")]
+    object_store: Option<String>,
     /// Address pool for sandboxes, split into /30 slots.
     #[arg(long, env = "SANDPIT_POOL", default_value = "10.88.0.0/16")]
     pool: String,
@@ -282,6 +288,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             && !node_address["http://".len()..].contains('/'),
         "--node-address {node_address:?}: give http://host:port"
     );
+    let object_store = match &args.object_store {
+        None => None,
+        Some(url) => {
+            let url = sandpit_objects::StoreUrl::parse(url).context("--object-store")?;
+            let store =
+                sandpit_objects::Store::open(&url, &sandpit_objects::StoreOptions::default())
+                    .context("--object-store")?;
+            Some(store)
+        }
+    };
     let node_lease: Duration = sandpit_api_types::parse_duration(&args.node_lease)
         .map_err(anyhow::Error::msg)
         .context("--node-lease")?;
@@ -379,6 +395,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         // Shown once: only its hash is stored.
         eprintln!("\n  Admin token (shown once, store it now):\n\n    {token}\n");
     }
+    if let Some(store) = object_store {
+        tracing::info!(store = %store, "hibernated sandboxes' images go to object storage");
+        server
+            .node
+            .set_image_store(Arc::new(crate::objects::ObjectImages::new(store)));
+        let node = server.node.clone();
+        tokio::spawn(async move {
+            if let Err(e) = sandpit_control::node::moves::resume_uploads(&node).await {
+                tracing::error!(error = %sandpit_server::error::DisplayChain(&e), "restarting unfinished uploads");
+            }
+        });
+    }
     let reaper = server.spawn_reaper();
     let refill = sandpit_control::node::pool::spawn_refill(&server.node);
     // This node's place in the fleet: a lease it renews with its load (`sandpit nodes`).
@@ -408,9 +436,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 }
             },
             {
-                let node = server.node.clone();
+                let server = server.clone();
                 move |status| {
-                    node.set_draining(status == sandpit_control::store::NodeStatus::Draining)
+                    let draining = status == sandpit_control::store::NodeStatus::Draining;
+                    if server.node.set_draining(draining) {
+                        tracing::info!("this node is draining: moving its sandboxes away");
+                        tokio::spawn(sandpit_server::forward::drain_away(server.clone()));
+                    }
                 }
             },
             {

@@ -11,11 +11,20 @@ use sandpit_test_support::{TestServer, wait_until};
 use crate::{base, bin, create};
 
 fn nodes(srv: &TestServer, args: &[&str]) -> (bool, String, String) {
+    nodes_in(
+        srv.database.as_ref().map(|d| d.url.as_str()),
+        &srv.data_dir,
+        args,
+    )
+}
+
+/// `sandpit nodes` on the database `db`, or else the SQLite one in `data_dir`.
+fn nodes_in(db: Option<&str>, data_dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
     let mut cmd = std::process::Command::new(bin());
     cmd.arg("nodes");
-    match &srv.database {
-        Some(db) => cmd.args(["--database", &db.url]),
-        None => cmd.arg("--data-dir").arg(&srv.data_dir),
+    match db {
+        Some(db) => cmd.args(["--database", db]),
+        None => cmd.arg("--data-dir").arg(data_dir),
     };
     let out = cmd.args(args).output().expect("sandpit nodes runs");
     (
@@ -501,4 +510,135 @@ async fn a_node_that_stops_answering_is_declared_lost_and_cleans_up_on_return() 
     assert_eq!(crate::sh(&cb, &again.id, "echo b").await.stdout, "b\n");
     cb.destroy_sandbox(&again.id).await.unwrap();
     ca.destroy_sandbox(&on_a.id).await.unwrap();
+}
+
+/// Which of `a` and `b` runs sandbox `id` now (its runsc container is on that node).
+fn runner<'s>(id: &str, a: &'s TestServer, b: &'s TestServer) -> Option<&'s TestServer> {
+    [a, b]
+        .into_iter()
+        .find(|s| s.leaks().runsc.iter().any(|r| r.contains(id)))
+}
+
+/// Sandboxes move between nodes through object storage (a shared `file://` store here):
+/// a drained node hibernates its running sandbox and another node takes it over and wakes
+/// it, its process still running and its files intact; then the sandbox, hibernated on
+/// that node, wakes on the first after its node is killed (-9) and its lease lapses.
+#[tokio::test]
+async fn hibernated_sandboxes_move_to_another_node_on_drain_and_on_loss() {
+    const SECRET: &str = "fleet-secret-for-tests";
+    let bucket = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", bucket.path().join("images").display());
+    let (mut a, mut b) = two_nodes(&[
+        ("SANDPIT_NODE_SECRET", SECRET),
+        ("SANDPIT_NODE_LEASE", "3s"),
+        ("SANDPIT_OBJECT_STORE", &store),
+    ])
+    .await;
+    let sb = create(
+        &a.client(),
+        CreateSandboxRequest {
+            mode: SandboxMode::Persistent,
+            timeout: None,
+            ..base()
+        },
+    )
+    .await;
+    let id = sb.id.as_str();
+    let first_index = runner(id, &a, &b).expect("it runs on one of them").index;
+    let token = a.token.clone();
+    let (db, dir) = (
+        a.database.as_ref().map(|d| d.url.clone()),
+        a.data_dir.clone(),
+    );
+    let fleet = |args: &[&str]| nodes_in(db.as_deref(), &dir, args);
+    let node_status = |name: &str| {
+        let (ok, out, err) = fleet(&["--json"]);
+        assert!(ok, "{err}");
+        let all: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        all.into_iter()
+            .find(|n| n["name"] == name)
+            .map(|n| n["status"].clone())
+    };
+    let (first, second) = if a.index == first_index {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    let (c1, c2) = (first.client_with(&token), second.client_with(&token));
+    // A process with state in memory, and a file.
+    let pid = crate::sh(
+        &c1,
+        id,
+        "echo kept > /root/file; (while true; do date +%s > /tmp/beat; sleep 1; done) >/dev/null 2>&1 & echo $!",
+    )
+    .await
+    .stdout
+    .trim()
+    .to_string();
+    assert!(!pid.is_empty());
+
+    // Drain its node: the sandbox is hibernated, uploaded and woken on the other node.
+    let first_name = format!("node-{}", first.index);
+    let (ok, _, err) = fleet(&["drain", &first_name]);
+    assert!(ok, "{err}");
+    wait_until(
+        Duration::from_secs(120),
+        "woken on the other node",
+        || async {
+            first
+                .log()
+                .contains("drain: woken on another node")
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    assert!(second.leaks().runsc.iter().any(|r| r.contains(id)));
+    assert!(!first.leaks().runsc.iter().any(|r| r.contains(id)));
+    let alive = crate::sh(&c2, id, &format!("kill -0 {pid} && cat /root/file")).await;
+    assert_eq!(
+        alive.stdout, "kept\n",
+        "the process and the file moved: {alive:?}"
+    );
+    let now = c1.get_sandbox(id).await.unwrap();
+    assert_eq!(now.status, sandpit_api_types::SandboxStatus::Running);
+    assert!(now.image.is_none(), "a running sandbox shows no image");
+
+    // Undrain; hibernate on the second node, wait for the image to be stored, kill -9 it.
+    let (ok, _, err) = fleet(&["undrain", &first_name]);
+    assert!(ok, "{err}");
+    c2.hibernate(id).await.unwrap();
+    let image = wait_until(
+        Duration::from_secs(120),
+        "the image stored remotely",
+        || async {
+            c1.get_sandbox(id)
+                .await
+                .ok()
+                .and_then(|s| s.image)
+                .filter(|i| i.remote == "stored")
+        },
+    )
+    .await
+    .unwrap();
+    assert!(image.memory && image.bytes.unwrap_or(0) > 0, "{image:?}");
+    let second_name = format!("node-{}", second.index);
+    second.kill9();
+    wait_until(
+        Duration::from_secs(30),
+        "the killed node's lease lapses",
+        || async {
+            let s = node_status(&second_name)?;
+            (s == "lapsed" || s == "lost").then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    // Woken through the surviving node: back with its process and files.
+    let woken = c1.wake(id).await.unwrap();
+    assert_eq!(woken.status, sandpit_api_types::SandboxStatus::Running);
+    let again = crate::sh(&c1, id, &format!("kill -0 {pid} && cat /root/file")).await;
+    assert_eq!(again.stdout, "kept\n", "{again:?}");
+    assert!(first.leaks().runsc.iter().any(|r| r.contains(id)));
+    c1.destroy_sandbox(id).await.unwrap();
 }

@@ -71,6 +71,12 @@ pub fn to_api(row: &Sandbox) -> sandpit_api_types::Sandbox {
             privacy: row.preview_privacy,
         },
         error: row.error.clone(),
+        image: row
+            .remote_image
+            .as_ref()
+            .filter(|_| row.status == crate::domain::Status::Suspended)
+            .and_then(|r| r.decode(String::new).ok())
+            .map(|r| r.to_api()),
     }
 }
 
@@ -545,6 +551,7 @@ pub fn system_row(node: &Node, template_id: &str, template_name: &str) -> Sandbo
         updated_at: now,
         preview_privacy: sandpit_api_types::PreviewPrivacy::Private,
         node_id: node.cfg.node_id.clone(),
+        remote_image: None,
     }
 }
 

@@ -150,6 +150,7 @@ fn child_of(node: &Node, parent: &Sandbox) -> Sandbox {
         error: None,
         created_at: now,
         updated_at: now,
+        remote_image: None,
         ..parent.clone()
     }
 }

@@ -153,6 +153,7 @@ pub async fn prepare_create(
         updated_at: now,
         preview_privacy: req.preview.unwrap_or_default().privacy,
         node_id: node.cfg.node_id.clone(),
+        remote_image: None,
     };
     Ok((row, snapshot))
 }
@@ -273,7 +274,30 @@ async fn destroy_locked(
     if row.status == Status::Destroyed {
         return Ok(());
     }
+    super::moves::stop_upload(node, id).await;
+    let mut row = row;
+    if !node.is_mine(&row)
+        && row.status == Status::Suspended
+        && super::moves::owner_gone_or_draining(node, &row.node_id).await?
+    {
+        // Nothing of it runs; its files are on a node that is lost or leaving (which
+        // removes what it no longer owns). Take the row over to settle it here.
+        let runtime_id = format!("{}-{}", node.cfg.prefix, id);
+        if !node
+            .store
+            .sandboxes
+            .move_to(id, &row.node_id, &node.cfg.node_id, &runtime_id, now_ms())
+            .await?
+        {
+            return Err(ControlError::conflict(
+                "sandbox_busy",
+                "another node took this sandbox over meanwhile; retry",
+            ));
+        }
+        row = existing(node, id).await?;
+    }
     node.ensure_mine(&row)?;
+    super::moves::drop_remote(node, &row).await?;
     node.previews.cut(id).await;
     node.teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
         .await;
@@ -451,6 +475,9 @@ async fn suspend_locked(
     }
     crate::faults::point("hibernate.checkpointed");
     mark_suspended(node, &row, note.as_deref()).await?;
+    if let Err(e) = super::moves::start_upload(node, &row).await {
+        tracing::error!(sandbox = %id, error = %DisplayChain(&e), "starting the upload of the image; it wakes only here");
+    }
     tracing::info!(sandbox = %id, elapsed_ms = started.elapsed().as_millis() as u64, "suspended");
     Ok(node.store.sandboxes.get(id).await?.unwrap_or(row))
 }
@@ -463,7 +490,18 @@ pub async fn wake(
 ) -> Result<Sandbox, ControlError> {
     let lock = node.lock_of(id);
     let _guard = lock.write().await;
-    let row = existing(node, id).await?;
+    super::moves::stop_upload(node, id).await;
+    let (row, moved_note) = match node.store.sandboxes.get(id).await? {
+        // Suspended on a node that is lost or draining: take it over (from object storage).
+        Some(r)
+            if !node.is_mine(&r)
+                && r.status == Status::Suspended
+                && super::moves::owner_gone_or_draining(node, &r.node_id).await? =>
+        {
+            super::moves::take_over(node, &r).await?
+        }
+        _ => (existing(node, id).await?, None),
+    };
     match row.status {
         Status::Running => return Ok(row),
         Status::Suspended => {}
@@ -489,7 +527,7 @@ pub async fn wake(
     let started = std::time::Instant::now();
     let image = node.checkpoint_dir(id);
     let has_image = node.runtime.has_image(&image);
-    let mut lost_memory = None;
+    let mut lost_memory = moved_note;
     if let Err(e) = boot(node, &row, has_image.then_some(image.as_path())).await {
         if !has_image {
             tracing::error!(sandbox = %id, error = %DisplayChain(&e), "wake failed");
@@ -520,6 +558,7 @@ pub async fn wake(
         .transition(id, Transition::Wake, note.as_deref(), now)
         .await?;
     node.store.sandboxes.touch(id, now).await?;
+    super::moves::drop_remote(node, &row).await?;
     tracing::info!(sandbox = %id, elapsed_ms = started.elapsed().as_millis() as u64, restored = has_image, "woken");
     Ok(node.store.sandboxes.get(id).await?.unwrap_or(row))
 }

@@ -11,9 +11,11 @@
 
 pub mod boot;
 pub mod catalog;
+pub mod drain;
 pub mod fork;
 pub mod images;
 pub mod lifecycle;
+pub mod moves;
 pub mod pool;
 mod reaper;
 pub mod templates;
@@ -131,6 +133,11 @@ pub struct Node {
     pub shutdown: CancellationToken,
     /// Set while the fleet has this node draining: it takes no new sandboxes.
     draining: std::sync::atomic::AtomicBool,
+    /// Where suspended sandboxes' images go so other nodes can wake them (set once at
+    /// start-up; none: they wake only here).
+    images: std::sync::OnceLock<Arc<dyn crate::remote::ImageStore>>,
+    /// Uploads under way, by sandbox (see [`moves`]). Guards only the map.
+    uploads: Mutex<HashMap<String, moves::Upload>>,
 }
 
 impl Node {
@@ -162,6 +169,8 @@ impl Node {
             previews: Default::default(),
             shutdown: CancellationToken::new(),
             draining: Default::default(),
+            images: Default::default(),
+            uploads: Default::default(),
         })
     }
 
@@ -234,9 +243,18 @@ impl Node {
     }
 
     /// Take new sandboxes (false) or not (true): what the fleet's drain status says.
-    pub fn set_draining(&self, draining: bool) {
-        self.draining
-            .store(draining, std::sync::atomic::Ordering::SeqCst);
+    /// Whether this call started the drain (it was not draining before): the caller then
+    /// moves the node's sandboxes away ([`drain::hibernate_all`]).
+    pub fn set_draining(&self, draining: bool) -> bool {
+        let was = self
+            .draining
+            .swap(draining, std::sync::atomic::Ordering::SeqCst);
+        draining && !was
+    }
+
+    /// Whether the fleet has this node draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// 503 `node_draining` while the node is draining: creates and forks are refused (its

@@ -36,6 +36,8 @@ pub struct Sandbox {
     /// The node that runs it (its name in the fleet, `store::Nodes`): only that node boots,
     /// suspends, wakes, reaps or reconciles it, and its `slot` is that node's.
     pub node_id: String,
+    /// While suspended: its image in object storage (see [`crate::remote`]).
+    pub remote_image: Option<Stored<crate::remote::RemoteImage>>,
 }
 
 const INSERT_SANDBOX: &str = "INSERT INTO sandboxes (id, workspace_id, template_id, template_name,
@@ -131,6 +133,7 @@ pub(super) struct SandboxRecord {
     updated_at: i64,
     preview_privacy: String,
     node_id: String,
+    remote_image: Option<String>,
 }
 
 fn parse_mode(s: &str) -> Option<SandboxMode> {
@@ -169,6 +172,7 @@ impl TryFrom<SandboxRecord> for Sandbox {
             created_at: r.created_at,
             updated_at: r.updated_at,
             node_id: r.node_id,
+            remote_image: r.remote_image.map(Stored::from_raw),
         })
     }
 }
@@ -243,6 +247,71 @@ impl Sandboxes {
         })
         .map_err(q("claiming a network slot"))?;
         quota_check(held, max_running, " before waking this one")
+    }
+
+    /// Node use: record `record` as the remote image of node `node`'s suspended sandbox
+    /// `id`, if the one recorded now is `expect` (compared as stored), so an upload that a
+    /// wake, a destroy or a newer suspension overtook never records its result. Whether it
+    /// was recorded.
+    pub async fn set_remote_image(
+        &self,
+        id: &str,
+        node: &str,
+        expect: Option<&str>,
+        record: Option<&str>,
+        now: i64,
+    ) -> Result<bool, ControlError> {
+        let n = match expect {
+            Some(old) => with_db!(self.db, p => sqlx::query(
+                "UPDATE sandboxes SET remote_image = $1, updated_at = $2
+                 WHERE id = $3 AND node_id = $4 AND status = 'suspended' AND remote_image = $5",
+            )
+            .bind(record).bind(now).bind(id).bind(node).bind(old)
+            .execute(p).await.map(|r| r.rows_affected())),
+            None => with_db!(self.db, p => sqlx::query(
+                "UPDATE sandboxes SET remote_image = $1, updated_at = $2
+                 WHERE id = $3 AND node_id = $4 AND status = 'suspended' AND remote_image IS NULL",
+            )
+            .bind(record).bind(now).bind(id).bind(node)
+            .execute(p).await.map(|r| r.rows_affected())),
+        }
+        .map_err(q("recording a remote image"))?;
+        Ok(n == 1)
+    }
+
+    /// Node use: forget sandbox `id`'s remote image, whatever it was (it ran again, or is
+    /// gone).
+    pub async fn clear_remote_image(&self, id: &str, now: i64) -> Result<(), ControlError> {
+        with_db!(self.db, p => sqlx::query(
+            "UPDATE sandboxes SET remote_image = NULL, updated_at = $1
+             WHERE id = $2 AND remote_image IS NOT NULL",
+        )
+        .bind(now).bind(id)
+        .execute(p).await.map(|r| r.rows_affected()))
+        .map_err(q("forgetting a remote image"))?;
+        Ok(())
+    }
+
+    /// Node use: node `to` takes suspended sandbox `id` over from node `from` (lost, or
+    /// draining), under the runtime id `runtime_id`, with no network slot. One UPDATE
+    /// conditional on the owner and the status, so of several nodes trying only one takes
+    /// it. Whether this call took it.
+    pub async fn move_to(
+        &self,
+        id: &str,
+        from: &str,
+        to: &str,
+        runtime_id: &str,
+        now: i64,
+    ) -> Result<bool, ControlError> {
+        let n = with_db!(self.db, p => sqlx::query(
+            "UPDATE sandboxes SET node_id = $1, runtime_id = $2, slot = NULL, updated_at = $3
+             WHERE id = $4 AND node_id = $5 AND status = 'suspended'",
+        )
+        .bind(to).bind(runtime_id).bind(now).bind(id).bind(from)
+        .execute(p).await.map(|r| r.rows_affected()))
+        .map_err(q("moving a sandbox to another node"))?;
+        Ok(n == 1)
     }
 
     /// Server use: a sandbox by id, whatever its workspace. Callers authorize by comparing

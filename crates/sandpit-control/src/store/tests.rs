@@ -150,6 +150,7 @@ fn sandbox(id: &str, ws: &str, status: Status, slot: Option<i64>) -> Sandbox {
         updated_at: 10,
         preview_privacy: PreviewPrivacy::Private,
         node_id: "n1".into(),
+        remote_image: None,
     }
 }
 
@@ -1015,6 +1016,7 @@ async fn sandboxes_belong_to_one_node(db: &TestDb) {
     base_template(s).await;
     let on = |id: &str, node: &str, status: Status, slot: Option<i64>| Sandbox {
         node_id: node.into(),
+        remote_image: None,
         ..sandbox(id, "ws_a", status, slot)
     };
     s.sandboxes
@@ -1058,6 +1060,7 @@ async fn sandboxes_belong_to_one_node(db: &TestDb) {
     // A pooled sandbox goes only to a create on its own node.
     let owner = Sandbox {
         node_id: "n2".into(),
+        remote_image: None,
         ..sandbox("req", "ws_a", Status::Running, None)
     };
     assert_eq!(
@@ -1101,6 +1104,7 @@ async fn lost_nodes_sandboxes_are_settled(db: &TestDb) {
     }
     let on = |id: &str, node: &str, status: Status, slot: Option<i64>| Sandbox {
         node_id: node.into(),
+        remote_image: None,
         ..sandbox(id, "ws_a", status, slot)
     };
     for row in [

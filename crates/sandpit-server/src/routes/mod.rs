@@ -172,6 +172,12 @@ pub fn app(server: Arc<Server>) -> Router {
         }),
     )
     .route("/healthz", get(|| async { "ok" }))
+    // Between nodes only (signed with the node secret): a draining node hands its
+    // hibernated sandboxes to others.
+    .route(
+        crate::forward::INTERNAL_WAKE,
+        axum::routing::post(crate::forward::internal_wake),
+    )
     // The CodeSandbox-compatible surface (seed 000 and the agent gateway).
     .merge(crate::compat::router())
     .fallback(|| async { ApiError::not_found("route_not_found", "no such route") })

@@ -579,6 +579,7 @@ async fn another_nodes_sandbox_is_left_to_its_node() {
         id: "sb_elsewhere".into(),
         runtime_id: "t-sb_elsewhere".into(),
         node_id: "node-other".into(),
+        remote_image: None,
         expires_at: Some(1),
         ..mine.clone()
     };

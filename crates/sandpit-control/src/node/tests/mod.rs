@@ -5,6 +5,7 @@
 
 mod catalog;
 mod lifecycle;
+mod moves;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -1,0 +1,80 @@
+//! The node's image store over object storage: `sandpit-objects` behind the control layer's
+//! [`ImageStore`] seam (`sandpit serve --object-store URL`).
+
+use std::path::Path;
+
+use async_trait::async_trait;
+use sandpit_control::remote::{BoxError, ImageStore, Pushed};
+use sandpit_objects::{ImageKind, ImageRef, Limits, Progress, Store};
+
+/// Hibernation images as content-addressed `checkpoint` images.
+pub struct ObjectImages {
+    store: Store,
+    limits: Limits,
+}
+
+impl ObjectImages {
+    pub fn new(store: Store) -> ObjectImages {
+        ObjectImages {
+            store,
+            limits: Limits::default(),
+        }
+    }
+}
+
+#[async_trait]
+impl ImageStore for ObjectImages {
+    async fn push(&self, dir: &Path) -> Result<Pushed, BoxError> {
+        let progress = Progress::new();
+        let (store, dir, limits, p) = (
+            self.store.clone(),
+            dir.to_path_buf(),
+            self.limits,
+            progress.clone(),
+        );
+        let image = off_thread(move || async move {
+            sandpit_objects::push_dir(&store, &dir, ImageKind::Checkpoint, &limits, &p).await
+        })
+        .await??;
+        let counts = progress.counts();
+        Ok(Pushed {
+            reference: image.to_string(),
+            bytes: counts.bytes_hashed,
+            uploaded: counts.bytes_uploaded,
+        })
+    }
+
+    async fn pull(&self, reference: &str, dest: &Path) -> Result<u64, BoxError> {
+        let image: ImageRef = reference.parse()?;
+        let (store, d, limits) = (self.store.clone(), dest.to_path_buf(), self.limits);
+        let pulled = off_thread(move || async move {
+            sandpit_objects::pull_dir(&store, image, &d, &limits, &Progress::new()).await
+        })
+        .await??;
+        if pulled.kind != ImageKind::Checkpoint {
+            sandpit_fs::remove_tree(dest)?;
+            return Err(
+                format!("image {reference} is a {:?}, not a checkpoint", pulled.kind).into(),
+            );
+        }
+        Ok(pulled.bytes)
+    }
+
+    async fn forget(&self, reference: &str) -> Result<(), BoxError> {
+        let image: ImageRef = reference.parse()?;
+        Ok(sandpit_objects::delete_manifest(&self.store, image).await?)
+    }
+}
+
+/// Run a future the compiler cannot prove `Send` (the rustc higher-ranked lifetime
+/// limitation on `push_dir`/`pull_dir`'s stream closures) on a blocking thread, driven by
+/// the current runtime.
+async fn off_thread<F, Fut, T>(make: F) -> Result<T, BoxError>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    let handle = tokio::runtime::Handle::current();
+    Ok(tokio::task::spawn_blocking(move || handle.block_on(make())).await?)
+}

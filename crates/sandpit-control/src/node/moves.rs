@@ -1,0 +1,479 @@
+//! Moving hibernated sandboxes between nodes through object storage (see [`crate::remote`]):
+//! the background upload after a suspend, the take-over by another node when the owner is
+//! lost or draining, and the drain that hibernates a node's sandboxes so they can move.
+//!
+//! Invariants:
+//! - Only the owner uploads, only while the sandbox is suspended; every record of the
+//!   upload's result is conditional on the record it started from, so a wake, destroy or
+//!   later suspend that overtook it wins.
+//! - A sandbox's files are never read for an upload while it could run: a wake or destroy
+//!   cancels the upload and waits for it before touching them ([`stop_upload`]).
+//! - A take-over fetches first and moves the row second (one conditional UPDATE): a failed
+//!   fetch changes nothing, and of two nodes taking the same sandbox one wins and the other
+//!   removes what it fetched.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "checkpoint images, staging and pulled image directories are node-owned paths under the data dir"
+)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use super::Node;
+use crate::error::{ControlError, DisplayChain};
+use crate::remote::{ImageStore, RemoteImage, RemoteState};
+use crate::store::Sandbox;
+use crate::util::{now_ms, random_hex};
+use crate::{Status, Stored};
+
+/// An upload under way: cancelled and awaited by whoever needs the files back.
+pub(crate) struct Upload {
+    cancel: CancellationToken,
+    done: tokio::task::JoinHandle<()>,
+}
+
+/// Subdirectories of a pushed image: the memory image and the packed files.
+const MEMORY_DIR: &str = "memory";
+const FILES_DIR: &str = "files";
+
+impl Node {
+    /// Configure where suspended sandboxes' images go. Once, before serving.
+    pub fn set_image_store(&self, store: Arc<dyn ImageStore>) {
+        if self.images.set(store).is_err() {
+            tracing::warn!("the image store was set already; keeping the first");
+        }
+    }
+
+    /// The configured image store, if any.
+    pub fn image_store(&self) -> Option<&Arc<dyn ImageStore>> {
+        self.images.get()
+    }
+
+    /// Where uploads stage their hard links and take-overs their fetched images.
+    fn staging_dir(&self, id: &str, what: &str) -> PathBuf {
+        self.cfg
+            .data_dir
+            .join("images-tmp")
+            .join(format!("{id}.{what}-{}", random_hex(4)))
+    }
+}
+
+/// After a suspend (the caller holds the sandbox's write lock and the row is suspended):
+/// record the upload as under way and start it in the background. Without an image store,
+/// nothing.
+pub(super) async fn start_upload(node: &Arc<Node>, row: &Sandbox) -> Result<(), ControlError> {
+    let Some(images) = node.image_store().cloned() else {
+        return Ok(());
+    };
+    let memory = node.runtime.has_image(&node.checkpoint_dir(&row.id));
+    let record = RemoteImage {
+        state: RemoteState::Uploading,
+        upload: random_hex(8),
+        reference: None,
+        runtime: node.runtime.build(),
+        memory,
+        bytes: None,
+        uploaded: None,
+        error: None,
+        at: now_ms(),
+    };
+    let stored = Stored::encode(&record);
+    let current = node.store.sandboxes.get(&row.id).await?;
+    let expect = current
+        .as_ref()
+        .and_then(|r| r.remote_image.as_ref())
+        .map(|r| r.raw().to_string());
+    if !node
+        .store
+        .sandboxes
+        .set_remote_image(
+            &row.id,
+            &node.cfg.node_id,
+            expect.as_deref(),
+            Some(stored.raw()),
+            record.at,
+        )
+        .await?
+    {
+        return Ok(());
+    }
+    let cancel = CancellationToken::new();
+    let task = {
+        let (node, id, cancel) = (node.clone(), row.id.to_string(), cancel.clone());
+        let state_dir = node.state_dir(&id);
+        tokio::spawn(async move {
+            let outcome = tokio::select! {
+                _ = cancel.cancelled() => None,
+                r = upload(&node, &*images, &id, &state_dir, memory) => Some(r),
+            };
+            finish_upload(&node, &images, &id, &record, stored.raw(), outcome).await;
+        })
+    };
+    let old = node
+        .uploads
+        .lock()
+        .expect("upload map poisoned")
+        .insert(row.id.to_string(), Upload { cancel, done: task });
+    if let Some(old) = old {
+        old.cancel.cancel();
+    }
+    Ok(())
+}
+
+/// Stage hard links to the memory image and the packed files, and push them. `Ok(None)`:
+/// the files cannot move.
+async fn upload(
+    node: &Node,
+    images: &dyn ImageStore,
+    id: &str,
+    state_dir: &Path,
+    memory: bool,
+) -> Result<Option<crate::remote::Pushed>, String> {
+    let stage = node.staging_dir(id, "push");
+    let result = async {
+        std::fs::create_dir_all(&stage).map_err(|e| format!("staging: {e}"))?;
+        if !node
+            .runtime
+            .pack_files(state_dir, &stage.join(FILES_DIR))
+            .await
+            .map_err(|e| format!("packing the files: {}", DisplayChain(&e)))?
+        {
+            return Ok(None);
+        }
+        let mem = stage.join(MEMORY_DIR);
+        std::fs::create_dir(&mem).map_err(|e| format!("staging: {e}"))?;
+        if memory {
+            link_flat_dir(&node.checkpoint_dir(id), &mem)
+                .map_err(|e| format!("staging the memory image: {e}"))?;
+        }
+        let started = std::time::Instant::now();
+        let pushed = images
+            .push(&stage)
+            .await
+            .map_err(|e| format!("uploading: {}", DisplayChain(&*e)))?;
+        if !crate::remote::valid_reference(&pushed.reference) {
+            return Err("the image store returned an unusable reference".into());
+        }
+        let secs = started.elapsed().as_secs_f64();
+        tracing::info!(sandbox = %id, bytes = pushed.bytes, uploaded = pushed.uploaded, ms = (secs * 1000.0) as u64, mb_per_s = (pushed.uploaded as f64 / 1e6 / secs.max(1e-3)) as u64, "image stored remotely");
+        Ok(Some(pushed))
+    }
+    .await;
+    if let Err(e) = sandpit_fs::remove_tree(&stage) {
+        tracing::warn!(path = %stage.display(), error = %e, "removing an upload's staging directory");
+    }
+    result
+}
+
+/// Hard-link every regular file of the flat, node-written directory `from` into `to`.
+fn link_flat_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        if !entry.file_type()?.is_file() {
+            return Err(std::io::Error::other(format!(
+                "{} is not a regular file",
+                entry.path().display()
+            )));
+        }
+        std::fs::hard_link(entry.path(), to.join(entry.file_name()))?;
+    }
+    Ok(())
+}
+
+/// Record how an upload ended, if the row still holds the record it started from.
+async fn finish_upload(
+    node: &Node,
+    images: &Arc<dyn ImageStore>,
+    id: &str,
+    started: &RemoteImage,
+    started_raw: &str,
+    outcome: Option<Result<Option<crate::remote::Pushed>, String>>,
+) {
+    let mut record = started.clone();
+    record.at = now_ms();
+    let mut pushed_ref = None;
+    match outcome {
+        None => {
+            tracing::info!(sandbox = %id, "upload cancelled (the sandbox woke or went)");
+            node.uploads.lock().expect("upload map poisoned").remove(id);
+            return;
+        }
+        Some(Ok(Some(p))) => {
+            record.state = RemoteState::Stored;
+            record.reference = Some(p.reference.clone());
+            record.bytes = Some(p.bytes);
+            record.uploaded = Some(p.uploaded);
+            pushed_ref = Some(p.reference);
+        }
+        Some(Ok(None)) => {
+            record.state = RemoteState::Unsupported;
+            record.error = Some(
+                "its files are not on a disk image (the server runs with --disk-limit off), so it wakes only on its own node".into(),
+            );
+        }
+        Some(Err(e)) => {
+            tracing::error!(sandbox = %id, error = %e, "upload failed; the sandbox wakes only on this node");
+            record.state = RemoteState::Failed;
+            record.error = Some(e);
+        }
+    }
+    let stored = Stored::encode(&record);
+    let recorded = node
+        .store
+        .sandboxes
+        .set_remote_image(
+            id,
+            &node.cfg.node_id,
+            Some(started_raw),
+            Some(stored.raw()),
+            record.at,
+        )
+        .await;
+    node.uploads.lock().expect("upload map poisoned").remove(id);
+    match recorded {
+        Ok(true) => {}
+        Ok(false) => {
+            // Overtaken: the image describes a state the sandbox left.
+            if let Some(r) = pushed_ref {
+                forget_in_background(images.clone(), r);
+            }
+        }
+        Err(e) => {
+            tracing::error!(sandbox = %id, error = %DisplayChain(&e), "recording an upload's result")
+        }
+    }
+}
+
+/// Drop image `reference` from the store without waiting (a failure only leaves bytes for
+/// the store's collection).
+fn forget_in_background(images: Arc<dyn ImageStore>, reference: String) {
+    tokio::spawn(async move {
+        if let Err(e) = images.forget(&reference).await {
+            tracing::warn!(%reference, error = %DisplayChain(&*e), "forgetting a remote image");
+        }
+    });
+}
+
+/// Before a transition that uses or removes a sandbox's files (wake, destroy): cancel its
+/// upload, if one runs, and wait until it no longer reads them. The caller holds the
+/// sandbox's write lock.
+pub(super) async fn stop_upload(node: &Node, id: &str) {
+    let upload = node.uploads.lock().expect("upload map poisoned").remove(id);
+    if let Some(u) = upload {
+        u.cancel.cancel();
+        let _ = u.done.await;
+    }
+}
+
+/// After a wake or destroy: the remote image describes a state the sandbox left; drop it.
+pub(super) async fn drop_remote(node: &Node, row: &Sandbox) -> Result<(), ControlError> {
+    let Some(raw) = &row.remote_image else {
+        return Ok(());
+    };
+    node.store
+        .sandboxes
+        .clear_remote_image(&row.id, now_ms())
+        .await?;
+    if let (Some(images), Ok(record)) = (node.image_store().cloned(), raw.decode(String::new))
+        && let Some(reference) = record.reference
+    {
+        forget_in_background(images, reference);
+    }
+    Ok(())
+}
+
+/// Whether node `owner` cannot wake its own sandboxes now: it is lost, its lease lapsed,
+/// it was forgotten, or it is draining.
+pub async fn owner_gone_or_draining(node: &Node, owner: &str) -> Result<bool, ControlError> {
+    let now = node.store.nodes.now().await?;
+    Ok(match node.store.nodes.get(owner).await? {
+        None => true,
+        Some(n) => n.status != crate::store::NodeStatus::Live || n.lease_until <= now,
+    })
+}
+
+/// Whether another node may take suspended sandbox `row` over now: its owner is gone or
+/// draining, and its image is stored remotely.
+pub async fn movable(node: &Node, row: &Sandbox) -> Result<bool, ControlError> {
+    Ok(row.status == Status::Suspended
+        && stored_image(row).is_some()
+        && owner_gone_or_draining(node, &row.node_id).await?)
+}
+
+/// The stored remote image of `row`, if it has one.
+pub fn stored_image(row: &Sandbox) -> Option<RemoteImage> {
+    row.remote_image
+        .as_ref()
+        .and_then(|r| r.decode(String::new).ok())
+        .filter(|r| r.state == RemoteState::Stored && r.reference.is_some())
+}
+
+/// Take suspended sandbox `row`, owned by another node, over to this one: fetch its image,
+/// put its files and memory image in place, and move the row here. The caller holds the
+/// sandbox's write lock (on this node) and checked that the owner is gone or draining.
+/// 503 `image_not_stored` when its image is not in object storage; the row is unchanged
+/// on any failure. Returns the moved row, and a note when its memory image cannot be used
+/// here (the wake then boots it from its files and keeps the note).
+pub(super) async fn take_over(
+    node: &Arc<Node>,
+    row: &Sandbox,
+) -> Result<(Sandbox, Option<String>), ControlError> {
+    let (Some(images), Some(record)) = (node.image_store().cloned(), stored_image(row)) else {
+        let state = row
+            .remote_image
+            .as_ref()
+            .and_then(|r| r.decode(String::new).ok())
+            .map(|r: RemoteImage| r.state.as_str())
+            .unwrap_or("none");
+        return Err(ControlError::Unavailable {
+            code: "image_not_stored",
+            message: format!(
+                "sandbox {} was suspended on node {:?}, which is lost or draining, and its image is not in object storage (remote state: {state}); it wakes when that node is back",
+                row.id, row.node_id
+            ),
+        });
+    };
+    node.ensure_taking_new()?;
+    node.ensure_free_disk()?;
+    let reference = record.reference.clone().expect("stored_image checked it");
+    let fetched = node.staging_dir(&row.id, "pull");
+    let started = std::time::Instant::now();
+    let bytes = images
+        .pull(&reference, &fetched)
+        .await
+        .map_err(|e| ControlError::Unavailable {
+            code: "image_fetch_failed",
+            message: format!(
+                "fetching sandbox {}'s image from object storage: {}",
+                row.id,
+                DisplayChain(&*e)
+            ),
+        })?;
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(sandbox = %row.id, bytes, ms = (secs * 1000.0) as u64, mb_per_s = (bytes as f64 / 1e6 / secs.max(1e-3)) as u64, "image fetched from object storage");
+    let result = place_fetched(node, row, &record, &fetched).await;
+    if let Err(e) = sandpit_fs::remove_tree(&fetched) {
+        tracing::warn!(path = %fetched.display(), error = %e, "removing a fetched image");
+    }
+    result
+}
+
+async fn place_fetched(
+    node: &Arc<Node>,
+    row: &Sandbox,
+    record: &RemoteImage,
+    fetched: &Path,
+) -> Result<(Sandbox, Option<String>), ControlError> {
+    let id = row.id.as_str();
+    let runtime_id = format!("{}-{}", node.cfg.prefix, id);
+    let (state_dir, ckpt) = (node.state_dir(id), node.checkpoint_dir(id));
+    // Left from an earlier stay here (the sandbox moved away and back): stale.
+    node.teardown(id, &runtime_id, None).await;
+    node.runtime
+        .unpack_files(&fetched.join(FILES_DIR), &state_dir)
+        .await?;
+    let same_build = record.runtime == node.runtime.build();
+    let mem = fetched.join(MEMORY_DIR);
+    let note = if !record.memory {
+        None
+    } else if same_build {
+        std::fs::rename(&mem, &ckpt).map_err(ControlError::files(format!(
+            "memory image {}",
+            ckpt.display()
+        )))?;
+        None
+    } else {
+        Some(format!(
+            "moved from node {:?}, whose runtime ({}) differs from this node's ({}): started from its files, its processes were lost",
+            row.node_id,
+            record.runtime,
+            node.runtime.build()
+        ))
+    };
+    let now = now_ms();
+    if !node
+        .store
+        .sandboxes
+        .move_to(id, &row.node_id, &node.cfg.node_id, &runtime_id, now)
+        .await?
+    {
+        node.teardown(id, &runtime_id, None).await;
+        return Err(ControlError::conflict(
+            "sandbox_busy",
+            "another node took this sandbox over meanwhile; retry",
+        ));
+    }
+    tracing::info!(sandbox = %id, from = %row.node_id, memory = record.memory && same_build, "took over a sandbox from another node");
+    Ok((super::boot::existing(node, id).await?, note))
+}
+
+/// Wait until sandbox `id`'s upload ends (or `within` passes) and return its record if it
+/// is stored remotely and the sandbox is still suspended here.
+pub async fn wait_stored(
+    node: &Node,
+    id: &str,
+    within: std::time::Duration,
+) -> Result<Option<RemoteImage>, ControlError> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let Some(row) = node.store.sandboxes.get(id).await? else {
+            return Ok(None);
+        };
+        if row.status != Status::Suspended || !node.is_mine(&row) {
+            return Ok(None);
+        }
+        let record: Option<RemoteImage> = row
+            .remote_image
+            .as_ref()
+            .and_then(|r| r.decode(String::new).ok());
+        match record {
+            Some(r) if r.state == RemoteState::Uploading => {}
+            Some(r) if r.state == RemoteState::Stored => return Ok(Some(r)),
+            _ => return Ok(None),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// After a restart: this node's suspended sandboxes whose upload was under way when the
+/// process stopped upload again (a record left `uploading` would never end otherwise).
+/// Call once the image store is set. How many restarted.
+pub async fn resume_uploads(node: &Arc<Node>) -> Result<usize, ControlError> {
+    if node.image_store().is_none() {
+        return Ok(0);
+    }
+    let rows = node
+        .store
+        .sandboxes
+        .with_status(&node.cfg.node_id, &[Status::Suspended])
+        .await?;
+    let mut n = 0;
+    for row in rows {
+        let unfinished = match &row.remote_image {
+            None => true,
+            Some(r) => r
+                .decode(String::new)
+                .map(|r: RemoteImage| r.state == RemoteState::Uploading)
+                .unwrap_or(true),
+        };
+        if !unfinished {
+            continue;
+        }
+        let lock = node.lock_of(&row.id);
+        let _guard = lock.write().await;
+        start_upload(node, &row).await?;
+        n += 1;
+    }
+    if n > 0 {
+        tracing::info!(
+            sandboxes = n,
+            "uploads of suspended sandboxes' images started again"
+        );
+    }
+    Ok(n)
+}

@@ -1,0 +1,393 @@
+//! Hibernated sandboxes through an image store (`node::moves`): the background upload and
+//! what overtakes it, and the take-over by another node over the same store when the owner
+//! is lost or draining. Two nodes share one SQLite store and one directory-backed image
+//! store; each has its own data dir, runtime and network fakes.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test fixtures written and read by path in temporary dirs"
+)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sandpit_api_types::SandboxMode;
+use sandpit_net::fake::FakeNetwork;
+
+use super::{Harness, RESOLV_CONF, runtime_with_agents, unreserved};
+use crate::node::{Node, images, lifecycle, moves};
+use crate::remote::{BoxError, ImageStore, Pushed, RemoteImage, RemoteState};
+use crate::store::NodeInfo;
+use crate::{ControlError, Status, Stored};
+
+/// An image store in a directory: each push copies the tree to `img-N`.
+#[derive(Default)]
+struct DirImages {
+    root: PathBuf,
+    next: AtomicU64,
+    forgotten: Mutex<Vec<String>>,
+    /// When set, a push waits for it (so a test can overtake an upload).
+    gate: Option<Arc<tokio::sync::Notify>>,
+}
+
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<u64> {
+    std::fs::create_dir_all(to)?;
+    let mut bytes = 0;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        if entry.file_type()?.is_dir() {
+            bytes += copy_tree(&src, &dst)?;
+        } else {
+            bytes += std::fs::copy(&src, &dst)?;
+        }
+    }
+    Ok(bytes)
+}
+
+#[async_trait]
+impl ImageStore for DirImages {
+    async fn push(&self, dir: &Path) -> Result<Pushed, BoxError> {
+        if let Some(gate) = &self.gate {
+            gate.notified().await;
+        }
+        let reference = format!("img-{}", self.next.fetch_add(1, Ordering::SeqCst));
+        let bytes = copy_tree(dir, &self.root.join(&reference))?;
+        Ok(Pushed {
+            reference,
+            bytes,
+            uploaded: bytes,
+        })
+    }
+
+    async fn pull(&self, reference: &str, dest: &Path) -> Result<u64, BoxError> {
+        let src = self.root.join(reference);
+        if !src.is_dir() {
+            return Err(format!("no image {reference}").into());
+        }
+        Ok(copy_tree(&src, dest)?)
+    }
+
+    async fn forget(&self, reference: &str) -> Result<(), BoxError> {
+        self.forgotten.lock().unwrap().push(reference.into());
+        Ok(())
+    }
+}
+
+fn images_in(dir: &Path) -> Arc<DirImages> {
+    Arc::new(DirImages {
+        root: dir.join("bucket"),
+        ..Default::default()
+    })
+}
+
+/// Register `node` in the fleet with a lease of `lease_ms` from the database's now.
+async fn join(node: &Node, lease_ms: i64) {
+    let now = node.store.nodes.now().await.unwrap();
+    node.store
+        .nodes
+        .register(
+            &NodeInfo {
+                id: node.cfg.node_id.clone(),
+                address: "http://127.0.0.1:1".into(),
+                runsc_build: node.runtime.build(),
+                memory_mib: 1024,
+                slots: 4,
+            },
+            now,
+            lease_ms,
+        )
+        .await
+        .unwrap();
+}
+
+/// Its lease lapses: the sweep marks it lost.
+async fn lose(node: &Node) {
+    let now = node.store.nodes.now().await.unwrap();
+    node.store.nodes.expire(now + 3_600_000).await.unwrap();
+}
+
+/// A second node over `h`'s store, with its own data dir, prefix and fakes.
+async fn second_node(h: &Harness, dir: &Path, images: Arc<DirImages>) -> Arc<Node> {
+    let agent_bin = crate::testing::prepare_data_dir(dir);
+    let mut cfg = super::config(dir);
+    cfg.node_id = "node-b".into();
+    cfg.prefix = "b".into();
+    crate::node::make_data_dirs(&cfg.data_dir).unwrap();
+    let agent_layer = images::install_agent_layer(&cfg.data_dir, &agent_bin).unwrap();
+    let node = Node::new(
+        cfg,
+        h.node.store.clone(),
+        Arc::new(runtime_with_agents()),
+        Arc::new(FakeNetwork::new(4)),
+        agent_layer,
+        RESOLV_CONF.into(),
+    );
+    images::ensure_base(&node).await.unwrap();
+    node.set_image_store(images);
+    join(&node, 60_000).await;
+    node
+}
+
+async fn record(node: &Node, id: &str) -> Option<RemoteImage> {
+    let row = node.store.sandboxes.get(id).await.unwrap().unwrap();
+    row.remote_image
+        .map(|r| r.decode(|| "remote image".into()).unwrap())
+}
+
+/// Wait for the upload of `id` to end; its final record.
+async fn uploaded(node: &Node, id: &str) -> RemoteImage {
+    for _ in 0..500 {
+        if let Some(r) = record(node, id).await
+            && r.state != RemoteState::Uploading
+        {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the upload of {id} did not end");
+}
+
+/// A persistent sandbox with a file in its writable layer, suspended.
+async fn suspended_with_file(h: &Harness) -> crate::store::Sandbox {
+    let row = h.create(SandboxMode::Persistent).await.unwrap();
+    let upper = h.node.state_dir(&row.id).join("upper");
+    std::fs::create_dir_all(&upper).unwrap();
+    std::fs::write(upper.join("notes.txt"), "kept across nodes").unwrap();
+    lifecycle::suspend(&h.node, &row.id).await.unwrap();
+    row
+}
+
+fn code_of(e: &ControlError) -> &'static str {
+    match e {
+        ControlError::Unavailable { code, .. } | ControlError::Conflict { code, .. } => code,
+        other => panic!("unexpected error {other}"),
+    }
+}
+
+/// A suspend uploads in the background and records the image (shown by the API); the
+/// wake drops the record and forgets the image, which no longer describes the sandbox.
+#[tokio::test]
+async fn a_suspend_uploads_and_a_wake_forgets_the_image() {
+    let h = Harness::new().await;
+    let bucket = tempfile::tempdir().unwrap();
+    let store = images_in(bucket.path());
+    h.node.set_image_store(store.clone());
+    let row = suspended_with_file(&h).await;
+    let r = uploaded(&h.node, &row.id).await;
+    assert_eq!(r.state, RemoteState::Stored, "{r:?}");
+    assert!(r.memory, "the memory image went too");
+    assert_eq!(r.runtime, "fake");
+    let reference = r.reference.clone().unwrap();
+    let pushed = bucket.path().join("bucket").join(&reference);
+    assert!(
+        pushed
+            .join("memory")
+            .join(sandpit_runtime::fake::IMAGE_FILE)
+            .is_file()
+    );
+    assert!(pushed.join("files/upper/notes.txt").is_file());
+    let api = crate::node::boot::to_api(&h.row(&row.id).await);
+    assert_eq!(api.image.unwrap().remote, "stored");
+    // No staging is left behind.
+    let tmp = h.cfg.data_dir.join("images-tmp");
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
+
+    let woken = h.wake(&row.id).await.unwrap();
+    assert_eq!(woken.status, Status::Running);
+    assert!(record(&h.node, &row.id).await.is_none());
+    assert!(crate::node::boot::to_api(&woken).image.is_none());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(*store.forgotten.lock().unwrap(), vec![reference]);
+}
+
+/// A wake right after a suspend cancels the upload still under way; its result is never
+/// recorded, and the next suspend uploads afresh.
+#[tokio::test]
+async fn a_wake_overtakes_an_upload() {
+    let h = Harness::new().await;
+    let bucket = tempfile::tempdir().unwrap();
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let store = Arc::new(DirImages {
+        root: bucket.path().join("bucket"),
+        gate: Some(gate.clone()),
+        ..Default::default()
+    });
+    h.node.set_image_store(store.clone());
+    let row = suspended_with_file(&h).await;
+    assert_eq!(
+        record(&h.node, &row.id).await.unwrap().state,
+        RemoteState::Uploading
+    );
+    h.wake(&row.id).await.unwrap();
+    gate.notify_waiters();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(record(&h.node, &row.id).await.is_none());
+    assert_eq!(store.next.load(Ordering::SeqCst), 0, "nothing was pushed");
+
+    lifecycle::suspend(&h.node, &row.id).await.unwrap();
+    gate.notify_one();
+    assert_eq!(uploaded(&h.node, &row.id).await.state, RemoteState::Stored);
+}
+
+/// The take-over: while its node is live, another node leaves the sandbox alone; once that
+/// node is lost, the other fetches the image and wakes it with its memory image and files,
+/// under its own runtime id and a slot of its own. Only one node owns it afterwards.
+#[tokio::test]
+async fn a_lost_nodes_sandbox_wakes_on_another_node() {
+    let h = Harness::new().await;
+    let bucket = tempfile::tempdir().unwrap();
+    let store = images_in(bucket.path());
+    h.node.set_image_store(store.clone());
+    join(&h.node, 60_000).await;
+    let row = suspended_with_file(&h).await;
+    assert_eq!(uploaded(&h.node, &row.id).await.state, RemoteState::Stored);
+    let b_dir = tempfile::tempdir().unwrap();
+    let b = second_node(&h, b_dir.path(), store.clone()).await;
+    let lock = tokio::sync::Mutex::new(());
+
+    let e = lifecycle::wake(&b, &row.id, &unreserved(&lock))
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&e), "sandbox_on_another_node");
+    assert_eq!(h.row(&row.id).await.node_id, "node-t");
+
+    lose(&h.node).await;
+    let woken = lifecycle::wake(&b, &row.id, &unreserved(&lock))
+        .await
+        .unwrap();
+    assert_eq!(woken.status, Status::Running);
+    assert_eq!(woken.node_id, "node-b");
+    assert_eq!(woken.runtime_id, format!("b-{}", row.id));
+    assert!(woken.slot.is_some());
+    let notes = b.state_dir(&row.id).join("upper/notes.txt");
+    assert_eq!(std::fs::read_to_string(notes).unwrap(), "kept across nodes");
+    assert!(woken.error.is_none(), "memory kept: {:?}", woken.error);
+    assert!(record(&b, &row.id).await.is_none(), "dropped at the wake");
+    // The old node no longer acts on it.
+    let e = lifecycle::wake(&h.node, &row.id, &unreserved(&lock))
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&e), "sandbox_on_another_node");
+    assert!(
+        b_dir
+            .path()
+            .join("data/images-tmp")
+            .read_dir()
+            .unwrap()
+            .next()
+            .is_none(),
+        "the fetched image was moved into place or removed"
+    );
+}
+
+/// A memory image written under another runtime build is not restored: the sandbox boots
+/// from its files, and its note says its processes were lost.
+#[tokio::test]
+async fn another_runtime_build_wakes_from_files() {
+    let h = Harness::new().await;
+    let bucket = tempfile::tempdir().unwrap();
+    let store = images_in(bucket.path());
+    h.node.set_image_store(store.clone());
+    let row = suspended_with_file(&h).await;
+    let mut r = uploaded(&h.node, &row.id).await;
+    let old = Stored::encode(&r);
+    r.runtime = "runsc version 0.0~19990101".into();
+    assert!(
+        h.node
+            .store
+            .sandboxes
+            .set_remote_image(
+                &row.id,
+                "node-t",
+                Some(old.raw()),
+                Some(Stored::encode(&r).raw()),
+                1
+            )
+            .await
+            .unwrap()
+    );
+    let b_dir = tempfile::tempdir().unwrap();
+    let b = second_node(&h, b_dir.path(), store).await;
+    // node-t never joined the fleet: an owner the fleet does not know is gone.
+    let lock = tokio::sync::Mutex::new(());
+    let woken = lifecycle::wake(&b, &row.id, &unreserved(&lock))
+        .await
+        .unwrap();
+    assert_eq!(woken.status, Status::Running);
+    let note = woken.error.unwrap_or_default();
+    assert!(note.contains("processes were lost"), "{note}");
+    let b_rt_ops = b.runtime.status(&woken.runtime_id).await.unwrap();
+    assert_eq!(b_rt_ops, sandpit_runtime::RuntimeStatus::Running);
+}
+
+/// Without an image in object storage nothing moves: 503 `image_not_stored`, the row and
+/// the owner unchanged. A destroy, though, settles it from any node.
+#[tokio::test]
+async fn without_a_stored_image_a_lost_nodes_sandbox_stays_but_can_be_destroyed() {
+    let h = Harness::new().await;
+    let row = suspended_with_file(&h).await;
+    assert!(
+        record(&h.node, &row.id).await.is_none(),
+        "no image store here"
+    );
+    let bucket = tempfile::tempdir().unwrap();
+    let b_dir = tempfile::tempdir().unwrap();
+    let b = second_node(&h, b_dir.path(), images_in(bucket.path())).await;
+    let lock = tokio::sync::Mutex::new(());
+    let e = lifecycle::wake(&b, &row.id, &unreserved(&lock))
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&e), "image_not_stored");
+    let after = h.row(&row.id).await;
+    assert_eq!(
+        (after.status, after.node_id.as_str()),
+        (Status::Suspended, "node-t")
+    );
+    assert!(!b.state_dir(&row.id).exists());
+
+    lifecycle::destroy(&b, &row.id).await.unwrap();
+    assert_eq!(h.row(&row.id).await.status, Status::Destroyed);
+}
+
+/// The store's move is conditional on the owner: of two nodes, one takes the sandbox.
+#[tokio::test]
+async fn only_one_node_takes_a_sandbox_over() {
+    let h = Harness::new().await;
+    let row = suspended_with_file(&h).await;
+    let s = &h.node.store.sandboxes;
+    assert!(
+        s.move_to(&row.id, "node-t", "node-b", "b-x", 1)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.move_to(&row.id, "node-t", "node-c", "c-x", 1)
+            .await
+            .unwrap()
+    );
+    assert_eq!(h.row(&row.id).await.node_id, "node-b");
+}
+
+/// A drain hibernates every running sandbox of the node (their uploads start).
+#[tokio::test]
+async fn a_drain_hibernates_the_running_sandboxes() {
+    let h = Harness::new().await;
+    let bucket = tempfile::tempdir().unwrap();
+    h.node.set_image_store(images_in(bucket.path()));
+    let a = h.create(SandboxMode::Persistent).await.unwrap();
+    let b = h.create(SandboxMode::Ephemeral).await.unwrap();
+    assert!(h.node.set_draining(true), "the drain starts");
+    assert!(!h.node.set_draining(true), "and only once");
+    let done = crate::node::drain::hibernate_all(&h.node).await;
+    assert_eq!(done.len(), 2);
+    for id in [&a.id, &b.id] {
+        assert_eq!(h.row(id).await.status, Status::Suspended);
+        let r = moves::wait_stored(&h.node, id, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(r.is_some(), "{id} stored");
+    }
+}
