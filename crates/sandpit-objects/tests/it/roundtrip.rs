@@ -23,7 +23,7 @@ crate::on_both_backends!(
     wrong_credentials_fail_without_echoing_the_secret,
 );
 
-/// A tree like a checkpoint image plus nesting: a 40 MiB random file (multipart), small
+/// A tree like a checkpoint image plus nesting: a 40 MiB random file (ten chunks), small
 /// files, empty files, an empty directory, odd modes.
 fn build_tree(root: &std::path::Path) -> Result<()> {
     std::fs::create_dir(root)?;
@@ -71,10 +71,16 @@ async fn round_trip_keeps_tree_modes_and_bytes(b: &Backend) -> Result<()> {
     let push_secs = started.elapsed().as_secs_f64();
     let pushed = progress.counts();
     ensure!(has(&b.store, image).await?, "pushed image not found");
-    // 8 files, 7 distinct non-empty contents (two empty, two "deep").
-    ensure!(pushed.blobs_uploaded == 5, "blobs uploaded: {pushed:?}");
+    // 8 files: two empty, two "deep", the 40 MiB one in ten chunks, the others in one.
+    ensure!(pushed.blobs_uploaded == 14, "blobs uploaded: {pushed:?}");
+    ensure!(pushed.blobs_present == 1, "the second \"deep\": {pushed:?}");
+    // Every file was written whole, so all of it is data to the file system.
     ensure!(pushed.bytes_hashed == total, "{pushed:?} vs {total}");
     ensure!(pushed.bytes_uploaded == total - 4, "{pushed:?}");
+    ensure!(
+        pushed.bytes_present == 4 && pushed.bytes_in_holes == 0,
+        "{pushed:?}"
+    );
 
     let dest = b.path("dest");
     let progress = Progress::new();
@@ -121,14 +127,15 @@ async fn second_push_uploads_nothing(b: &Backend) -> Result<()> {
 
     let first = Progress::new();
     let a = push_dir(&b.store, &src, ImageKind::Snapshot, &limits, &first).await?;
-    ensure!(first.counts().blobs_uploaded == 2, "{:?}", first.counts());
+    // Three 4 MiB chunks and a small file.
+    ensure!(first.counts().blobs_uploaded == 4, "{:?}", first.counts());
 
     let second = Progress::new();
     let again = push_dir(&b.store, &src, ImageKind::Snapshot, &limits, &second).await?;
     let c = second.counts();
     ensure!(again == a, "same tree, different ref: {a} vs {again}");
     ensure!(
-        c.blobs_uploaded == 0 && c.bytes_uploaded == 0 && c.blobs_present == 2,
+        c.blobs_uploaded == 0 && c.bytes_uploaded == 0 && c.blobs_present == 4,
         "second push uploaded: {c:?}"
     );
 
