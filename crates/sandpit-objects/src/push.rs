@@ -98,14 +98,15 @@ pub async fn push_dir(
     let root = Arc::new(root);
     let mapped = Arc::new(mapped);
 
-    // Chunk pass: every candidate chunk of every file, in order, a few at a time.
+    // Chunk pass: every candidate chunk of every file, a few at a time, in any order (one
+    // slow upload does not hold up the next reads); sorted back below.
     let jobs: Vec<(usize, u64)> = mapped
         .iter()
         .enumerate()
         .flat_map(|(i, m)| m.candidates.iter().map(move |&offset| (i, offset)))
         .collect();
     let claimed: Mutex<HashSet<Sha256Digest>> = Mutex::new(HashSet::new());
-    let stored: Vec<Option<(usize, Chunk)>> =
+    let mut stored: Vec<Option<(usize, Chunk)>> =
         futures::stream::iter(jobs.into_iter().map(|(i, offset)| {
             let (root, mapped) = (root.clone(), mapped.clone());
             let claimed = &claimed;
@@ -115,9 +116,10 @@ pub async fn push_dir(
                 Ok::<_, ObjectsError>(chunk.map(|c| (i, c)))
             }
         }))
-        .buffered(CHUNKS_IN_FLIGHT)
+        .buffer_unordered(CHUNKS_IN_FLIGHT)
         .try_collect()
         .await?;
+    stored.sort_unstable_by_key(|s| s.map(|(i, c)| (i, c.offset)));
 
     // Nothing changed under us: a file whose data was all read may still have been
     // written since, and a file with no data chunks was only looked at by the map pass.
@@ -577,7 +579,13 @@ mod tests {
             .unwrap();
         let size = 64 * CB + 100;
         f.set_len(size).unwrap();
-        assert_eq!(data_chunks(&f, size, CB).unwrap(), Vec::<u64>::new());
+        let all = data_chunks(&f, size, CB).unwrap();
+        if all.len() == 65 {
+            // A file system that does not report holes: every chunk is read, as it must.
+            eprintln!("the temp dir's file system reports no holes; nothing more to check");
+            return;
+        }
+        assert_eq!(all, Vec::<u64>::new());
         // Data in chunk 0, across chunks 9 and 10, and in the short last chunk.
         f.write_all(b"x").unwrap();
         f.seek(io::SeekFrom::Start(10 * CB - 2)).unwrap();

@@ -21,6 +21,7 @@ crate::on_both_backends!(
     push_bounds_are_enforced,
     cancelled_pull_leaves_nothing,
     wrong_credentials_fail_without_echoing_the_secret,
+    a_file_written_during_push_is_refused,
 );
 
 /// A tree like a checkpoint image plus nesting: a 40 MiB random file (ten chunks), small
@@ -376,5 +377,56 @@ async fn wrong_credentials_fail_without_echoing_the_secret(b: &Backend) -> Resul
     let text = format!("{debug} / {:#}", anyhow::Error::from(err));
     ensure!(!text.contains(secret), "the secret leaked: {text}");
     ensure!(!format!("{store:?} {store}").contains(secret));
+    Ok(())
+}
+
+async fn a_file_written_during_push_is_refused(b: &Backend) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let src = b.path("src");
+    put_file(&src, "pages", &noise(24 << 20, 8), 0o600)?;
+    put_file(&src, "other", b"steady", 0o600)?;
+    // A writer that keeps changing one byte (its value stays the same: only the file's
+    // times tell) until the push is over.
+    let stop = Arc::new(AtomicBool::new(false));
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(src.join("pages"))?;
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || -> std::io::Result<u64> {
+            let mut writes = 0;
+            while !stop.load(Ordering::Relaxed) {
+                file.write_all_at(&[0x5a], 10 << 20)?;
+                writes += 1;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Ok(writes)
+        })
+    };
+    let result = push_dir(
+        &b.store,
+        &src,
+        ImageKind::Checkpoint,
+        &Limits::default(),
+        &Progress::new(),
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let writes = writer.join().expect("the writer thread")?;
+    let err = match result {
+        Ok(image) => anyhow::bail!("pushed {image} while the file changed ({writes} writes)"),
+        Err(err) => err,
+    };
+    ensure!(
+        matches!(&err, ObjectsError::Changed { path } if path == "pages"),
+        "unexpected: {err}"
+    );
+    ensure!(
+        b.count("manifests/sha256").await? == 0,
+        "a manifest was written"
+    );
     Ok(())
 }
