@@ -62,7 +62,8 @@ pub enum ObjectsError {
     #[error("{what} is over the limit of {limit}")]
     TooLarge { what: String, limit: u64 },
 
-    /// A file's content or size changed between hashing it and uploading it.
+    /// A file's size, change time or identity changed while it was being pushed (or it
+    /// got shorter than it said); no manifest is written.
     #[error("{path} changed while it was being pushed")]
     Changed { path: String },
 
@@ -74,7 +75,7 @@ pub enum ObjectsError {
         source: object_store::Error,
     },
 
-    /// Writing an object to the store failed (a multipart upload is aborted first).
+    /// Writing an object to the store failed.
     #[error("uploading {key}")]
     Upload {
         key: String,
@@ -118,18 +119,21 @@ pub enum ObjectsError {
     #[error("manifest of {image} refused: {reason}")]
     BadManifest { image: ImageRef, reason: String },
 
-    /// A downloaded blob's sha256 is not the one its manifest names.
-    #[error("{path}: content has digest {actual}, the manifest says {expected}")]
+    /// A downloaded chunk's sha256 is not the one its manifest names.
+    #[error("{path} at offset {offset}: content has digest {actual}, the manifest says {expected}")]
     DigestMismatch {
         path: String,
+        offset: u64,
         expected: String,
         actual: String,
     },
 
-    /// A downloaded blob's length is not the one its manifest names.
-    #[error("{path}: {actual} bytes arrived, the manifest says {expected}")]
+    /// A downloaded chunk's length is not the one its manifest implies (`chunk_bytes`, or
+    /// what is left of the file for its last chunk).
+    #[error("{path} at offset {offset}: {actual} bytes arrived, the manifest says {expected}")]
     SizeMismatch {
         path: String,
+        offset: u64,
         expected: u64,
         actual: u64,
     },

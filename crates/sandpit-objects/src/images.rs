@@ -38,7 +38,7 @@ pub async fn delete_manifest(store: &Store, image: ImageRef) -> Result<(), Objec
 pub struct GcReport {
     /// Manifests read (every one must decode, or nothing is deleted).
     pub manifests: usize,
-    /// Blobs some manifest references.
+    /// Blobs (chunks) some manifest references.
     pub blobs_kept: usize,
     /// Unreferenced blobs younger than the grace period, left for a later run.
     pub blobs_young: usize,
@@ -51,7 +51,9 @@ pub struct GcReport {
     pub foreign: usize,
 }
 
-/// Delete the blobs that no manifest references and that are older than `grace`.
+/// Delete the blobs that no manifest references and that are older than `grace`. The
+/// blobs a manifest references are the chunks of its files: every digest in every file's
+/// chunk list.
 ///
 /// Contract:
 /// - Fails closed: if any manifest cannot be read or decoded (under `limits`), it returns
@@ -84,7 +86,7 @@ pub async fn gc(store: &Store, grace: Duration, limits: &Limits) -> Result<GcRep
     }
     for image in images {
         let manifest = fetch_manifest(store, image, limits).await?;
-        referenced.extend(manifest.files.iter().map(|f| f.digest));
+        referenced.extend(manifest.digests());
         report.manifests += 1;
     }
 

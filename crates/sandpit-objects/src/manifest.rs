@@ -1,15 +1,25 @@
 //! The manifest: what a directory image holds, and the strict decoder for it.
 //!
-//! A manifest is JSON (format 1) listing the directory's own mode, its subdirectories
-//! `{path, mode}` and its regular files `{path, mode, size, digest}`, each list sorted by
-//! path bytes. Its sha256 is the image's [`ImageRef`], so a manifest (and through its
-//! digests, every file) is verified end to end.
+//! A manifest is JSON (format 2) giving the image's kind, its `chunk_bytes`, the
+//! directory's own mode, its subdirectories `{path, mode}` and its regular files
+//! `{path, mode, size, chunks}`, each list sorted by path bytes. A file is cut into
+//! `chunk_bytes`-sized chunks (the last one shorter when `size` is not a multiple);
+//! `chunks` lists the ones holding a non-zero byte as `[offset, "sha256:<hex>"]`, sorted by
+//! offset, each the digest of that chunk's bytes (its blob). Every chunk not listed is all
+//! zeros: a hole, stored nowhere and left a hole on pull. The manifest's sha256 is the
+//! image's [`ImageRef`], so a manifest (and through its digests, every byte of every file)
+//! is verified end to end. The chunking depends on the bytes only, never on how the source
+//! file was allocated, so equal directories give equal manifests.
 //!
-//! Decoding fails closed: an unknown format version or field, a path that is absolute,
-//! empty, non-normalized (`a//b`, `./a`, trailing `/`) or has a `..` component, a duplicate
-//! path, an entry whose parent is not a listed directory, a mode with bits beyond `0o777`,
-//! an unsorted list, a digest that is not `sha256:<64 lowercase hex>`, or sizes and counts
-//! over the caller's [`Limits`] are all refused before anything is written.
+//! Decoding fails closed: an unknown format version (format 1, one blob per file, is no
+//! longer read) or field, a `chunk_bytes` that is not a power of two within
+//! [`MIN_CHUNK_BYTES`]..=[`MAX_CHUNK_BYTES`], a path that is absolute, empty,
+//! non-normalized (`a//b`, `./a`, trailing `/`) or has a `..` component, a duplicate path,
+//! an entry whose parent is not a listed directory, a mode with bits beyond `0o777`, an
+//! unsorted list, a chunk offset that is not a multiple of `chunk_bytes`, not below the
+//! file's size, repeated or out of order, a digest that is not `sha256:<64 lowercase hex>`,
+//! or sizes and counts over the caller's [`Limits`] are all refused before anything is
+//! written.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -21,7 +31,22 @@ use sha2::{Digest as _, Sha256};
 use crate::ObjectsError;
 
 /// The manifest format this crate writes and the only one it reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The chunk size a push uses: 4 MiB. Small enough that re-pushing a disk image after a
+/// few writes uploads a few MiB per touched region, that an all-zero stretch of an ext4
+/// image is found as a hole at a fine grain, and that a handful of chunks in flight keep
+/// memory at tens of MiB; large enough that per-request costs (a HEAD and a PUT per
+/// chunk) stay small against the transfer itself and a 10 GiB file lists at most 2 560
+/// chunks (~220 KiB of manifest).
+pub const DEFAULT_CHUNK_BYTES: u64 = 4 << 20;
+
+/// Smallest `chunk_bytes` a manifest may have (64 KiB).
+pub const MIN_CHUNK_BYTES: u64 = 64 << 10;
+
+/// Largest `chunk_bytes` a manifest may have (64 MiB), which bounds what a pull holds in
+/// memory per chunk.
+pub const MAX_CHUNK_BYTES: u64 = 64 << 20;
 
 /// Longest relative path (bytes) an image may hold.
 pub const MAX_PATH_BYTES: usize = 4096;
@@ -31,12 +56,6 @@ pub const MAX_NAME_BYTES: usize = 255;
 
 /// Deepest nesting of directories an image may hold.
 pub const MAX_DEPTH: usize = 128;
-
-/// The sha256 of nothing: the digest every empty file has.
-pub(crate) const EMPTY_SHA256: [u8; 32] = [
-    0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14, 0x9a, 0xfb, 0xf4, 0xc8, 0x99, 0x6f, 0xb9, 0x24,
-    0x27, 0xae, 0x41, 0xe4, 0x64, 0x9b, 0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b, 0x78, 0x52, 0xb8, 0x55,
-];
 
 /// A sha256 digest, written `sha256:<64 lowercase hex>`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -185,13 +204,15 @@ impl Default for Limits {
     }
 }
 
-/// A manifest as stored (format 1). Field order and list order are fixed, so equal
+/// A manifest as stored (format 2). Field order and list order are fixed, so equal
 /// directories serialize to equal bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Manifest {
     pub(crate) format: u32,
     pub(crate) kind: ImageKind,
+    /// The size of every chunk but a file's last.
+    pub(crate) chunk_bytes: u64,
     /// The image root's own permission bits.
     pub(crate) mode: u32,
     /// Every subdirectory, sorted by path bytes.
@@ -208,14 +229,44 @@ pub(crate) struct DirEntry {
     pub(crate) mode: u32,
 }
 
-/// A regular file of the image and the blob holding its bytes.
+/// A regular file of the image and the blobs holding its non-zero chunks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct FileEntry {
     pub(crate) path: String,
     pub(crate) mode: u32,
     pub(crate) size: u64,
+    /// The chunks holding a non-zero byte, sorted by offset; every other chunk is zeros.
+    pub(crate) chunks: Vec<Chunk>,
+}
+
+/// One stored chunk of a file: its offset (a multiple of the manifest's `chunk_bytes`) and
+/// the digest of its bytes. Written `[offset, "sha256:<hex>"]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Chunk {
+    pub(crate) offset: u64,
     pub(crate) digest: Sha256Digest,
+}
+
+impl Serialize for Chunk {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (self.offset, self.digest).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Chunk {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (offset, digest) = <(u64, Sha256Digest)>::deserialize(d)?;
+        Ok(Chunk { offset, digest })
+    }
+}
+
+impl FileEntry {
+    /// The length of the chunk at `offset` (an offset below `size`): `chunk_bytes`, or
+    /// what is left of the file for its last chunk.
+    pub(crate) fn chunk_len(&self, offset: u64, chunk_bytes: u64) -> u64 {
+        (self.size - offset).min(chunk_bytes)
+    }
 }
 
 impl Manifest {
@@ -227,7 +278,7 @@ impl Manifest {
     }
 
     /// Decode and check manifest bytes fetched for `image`: the bytes must hash to the
-    /// reference, parse as format 1 exactly, and pass [`Manifest::check`].
+    /// reference, parse as format 2 exactly, and pass [`Manifest::check`].
     pub(crate) fn decode(
         image: ImageRef,
         bytes: &[u8],
@@ -262,6 +313,12 @@ impl Manifest {
     pub(crate) fn check(&self, limits: &Limits) -> Result<(), String> {
         if self.format != FORMAT_VERSION {
             return Err(format!("unknown format {}", self.format));
+        }
+        let cb = self.chunk_bytes;
+        if !cb.is_power_of_two() || !(MIN_CHUNK_BYTES..=MAX_CHUNK_BYTES).contains(&cb) {
+            return Err(format!(
+                "chunk_bytes {cb} is not a power of two from {MIN_CHUNK_BYTES} to {MAX_CHUNK_BYTES}"
+            ));
         }
         check_mode(self.mode).map_err(|e| format!("root: {e}"))?;
         let entries = self.dirs.len().saturating_add(self.files.len());
@@ -302,11 +359,30 @@ impl Manifest {
                     f.path, f.size, limits.max_file_bytes
                 ));
             }
-            if (f.size == 0) != (f.digest.0 == EMPTY_SHA256) {
-                return Err(format!(
-                    "{}: size {} does not fit digest {}",
-                    f.path, f.size, f.digest
-                ));
+            // Offsets aligned, below the size, strictly increasing (so none repeats).
+            let mut next: u64 = 0;
+            for c in &f.chunks {
+                if c.offset % cb != 0 {
+                    return Err(format!(
+                        "{}: chunk offset {} is not a multiple of {cb}",
+                        f.path, c.offset
+                    ));
+                }
+                if c.offset >= f.size {
+                    return Err(format!(
+                        "{}: chunk offset {} is not below its size {}",
+                        f.path, c.offset, f.size
+                    ));
+                }
+                if c.offset < next {
+                    return Err(format!(
+                        "{}: chunk offset {} is out of order or repeated",
+                        f.path, c.offset
+                    ));
+                }
+                // offset < size <= u64::MAX, but offset + cb may not fit: saturate, as
+                // nothing can follow the last possible chunk anyway.
+                next = c.offset.saturating_add(cb);
             }
             total = total
                 .checked_add(f.size)
@@ -324,6 +400,13 @@ impl Manifest {
     /// The sum of the file sizes (checked not to overflow by [`Manifest::check`]).
     pub(crate) fn total_bytes(&self) -> u64 {
         self.files.iter().map(|f| f.size).sum()
+    }
+
+    /// Every chunk digest the image needs (with repeats).
+    pub(crate) fn digests(&self) -> impl Iterator<Item = Sha256Digest> + '_ {
+        self.files
+            .iter()
+            .flat_map(|f| f.chunks.iter().map(|c| c.digest))
     }
 }
 
@@ -380,18 +463,26 @@ fn check_parent(path: &str, dirs: &HashSet<&str>) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    fn file(path: &str, size: u64) -> FileEntry {
-        let digest = if size == 0 {
-            Sha256Digest(EMPTY_SHA256)
-        } else {
-            Sha256Digest([7; 32])
-        };
+    const CB: u64 = DEFAULT_CHUNK_BYTES;
+
+    /// A file of `size` bytes whose chunks at `offsets` hold data.
+    fn chunked(path: &str, size: u64, offsets: &[u64]) -> FileEntry {
         FileEntry {
             path: path.into(),
             mode: 0o644,
             size,
-            digest,
+            chunks: offsets
+                .iter()
+                .map(|&offset| Chunk {
+                    offset,
+                    digest: Sha256Digest([offset as u8; 32]),
+                })
+                .collect(),
         }
+    }
+
+    fn file(path: &str, size: u64) -> FileEntry {
+        chunked(path, size, if size == 0 { &[] } else { &[0] })
     }
 
     fn dir(path: &str) -> DirEntry {
@@ -405,6 +496,7 @@ mod tests {
         Manifest {
             format: FORMAT_VERSION,
             kind: ImageKind::Checkpoint,
+            chunk_bytes: CB,
             mode: 0o700,
             dirs,
             files,
@@ -412,21 +504,37 @@ mod tests {
     }
 
     #[test]
-    fn empty_digest_constant_is_sha256_of_nothing() {
-        assert_eq!(Sha256Digest::of(b"").0, EMPTY_SHA256);
-    }
-
-    #[test]
     fn a_good_manifest_passes_and_round_trips() {
         let m = manifest(
             vec![dir("a"), dir("a/b")],
-            vec![file("a/b/c", 3), file("a/e", 0), file("top", 9)],
+            vec![
+                file("a/b/c", 3),
+                file("a/e", 0),
+                // 10 GiB with data in its first, third and last chunks.
+                chunked("disk", 10 << 30, &[0, 2 * CB, (10 << 30) - CB]),
+                // All holes.
+                chunked("holes", 3 * CB + 1, &[]),
+                file("top", 9),
+            ],
         );
         m.check(&Limits::default()).unwrap();
         let (bytes, image) = m.encode();
         let back = Manifest::decode(image, &bytes, &Limits::default()).unwrap();
         assert_eq!(back, m);
-        assert_eq!(back.total_bytes(), 12);
+        assert_eq!(back.total_bytes(), 12 + (10 << 30) + 3 * CB + 1);
+        assert_eq!(back.digests().count(), 5);
+        // The chunk list is compact: `[offset,"sha256:…"]`.
+        let text = String::from_utf8(bytes).unwrap();
+        assert!(text.contains(&format!(r#""chunks":[[0,"sha256:{}"]]"#, "00".repeat(32))));
+        // Encoding is deterministic.
+        assert_eq!(m.clone().encode().1, image);
+    }
+
+    #[test]
+    fn chunk_lengths_follow_the_size() {
+        let f = chunked("f", 2 * CB + 5, &[0, CB, 2 * CB]);
+        assert_eq!(f.chunk_len(0, CB), CB);
+        assert_eq!(f.chunk_len(2 * CB, CB), 5);
     }
 
     #[test]
@@ -454,7 +562,7 @@ mod tests {
     #[test]
     fn structure_rules_are_enforced() {
         let l = Limits::default();
-        // Duplicate, unsorted, missing parent, file over a dir, bad modes, size/digest.
+        // Duplicate, unsorted, missing parent, file over a dir, bad modes.
         assert!(
             manifest(vec![], vec![file("a", 1), file("a", 1)])
                 .check(&l)
@@ -474,12 +582,43 @@ mod tests {
         let mut setuid = file("a", 1);
         setuid.mode = 0o4755;
         assert!(manifest(vec![], vec![setuid]).check(&l).is_err());
-        let mut lying = file("a", 0);
-        lying.digest = Sha256Digest([1; 32]);
-        assert!(manifest(vec![], vec![lying]).check(&l).is_err());
-        let mut lying = file("a", 5);
-        lying.digest = Sha256Digest(EMPTY_SHA256);
-        assert!(manifest(vec![], vec![lying]).check(&l).is_err());
+    }
+
+    #[test]
+    fn chunk_rules_are_enforced() {
+        let l = Limits::default();
+        let ok = |f: FileEntry| manifest(vec![], vec![f]).check(&l);
+        ok(chunked("a", 3 * CB, &[0, CB, 2 * CB])).unwrap();
+        ok(chunked("a", 2 * CB + 1, &[2 * CB])).unwrap();
+        for (label, f) in [
+            ("misaligned", chunked("a", 3 * CB, &[1])),
+            ("misaligned later", chunked("a", 3 * CB, &[0, CB + 4096])),
+            ("at the size", chunked("a", 2 * CB, &[2 * CB])),
+            ("beyond the size", chunked("a", CB, &[4 * CB])),
+            ("empty file with a chunk", chunked("a", 0, &[0])),
+            ("repeated", chunked("a", 3 * CB, &[CB, CB])),
+            ("unsorted", chunked("a", 3 * CB, &[2 * CB, CB])),
+        ] {
+            assert!(ok(f).is_err(), "{label} accepted");
+        }
+        for cb in [
+            0,
+            1,
+            MIN_CHUNK_BYTES / 2,
+            MIN_CHUNK_BYTES + 1,
+            3 << 20,
+            MAX_CHUNK_BYTES * 2,
+            u64::MAX,
+        ] {
+            let mut m = manifest(vec![], vec![]);
+            m.chunk_bytes = cb;
+            assert!(m.check(&l).is_err(), "chunk_bytes {cb} accepted");
+        }
+        for cb in [MIN_CHUNK_BYTES, MAX_CHUNK_BYTES] {
+            let mut m = manifest(vec![], vec![chunked("a", 3 * cb, &[0, 2 * cb])]);
+            m.chunk_bytes = cb;
+            m.check(&l).unwrap();
+        }
     }
 
     #[test]
@@ -501,7 +640,11 @@ mod tests {
                 .check(&l)
                 .is_err()
         );
-        let huge = Limits::default();
+        let huge = Limits {
+            max_file_bytes: u64::MAX,
+            max_total_bytes: u64::MAX,
+            ..Limits::default()
+        };
         assert!(
             manifest(vec![], vec![file("a", u64::MAX), file("b", u64::MAX)])
                 .check(&huge)
@@ -516,14 +659,38 @@ mod tests {
         let (bytes, image) = m.encode();
         let other = ImageRef(Sha256Digest([0; 32]));
         assert!(Manifest::decode(other, &bytes, &l).is_err());
+        Manifest::decode(image, &bytes, &l).unwrap();
 
+        let d = format!("sha256:{}", "ab".repeat(32));
+        let head = r#"{"format":2,"kind":"layer","chunk_bytes":4194304,"mode":448"#;
         for text in [
-            r#"{"format":2,"kind":"layer","mode":448,"dirs":[],"files":[]}"#,
-            r#"{"format":"1","kind":"layer","mode":448,"dirs":[],"files":[]}"#,
-            r#"{"format":1,"kind":"layer","mode":448,"dirs":[],"files":[],"x":1}"#,
-            r#"{"format":1,"kind":"other","mode":448,"dirs":[],"files":[]}"#,
-            r#"{"format":1,"format":1,"kind":"layer","mode":448,"dirs":[],"files":[]}"#,
-            r#"not json"#,
+            // Format 1 (one blob per file) is no longer read.
+            format!(
+                r#"{{"format":1,"kind":"layer","mode":448,"dirs":[],"files":[{{"path":"a","mode":420,"size":1,"digest":"{d}"}}]}}"#
+            ),
+            r#"{"format":3,"kind":"layer","chunk_bytes":4194304,"mode":448,"dirs":[],"files":[]}"#.to_string(),
+            r#"{"format":"2","kind":"layer","chunk_bytes":4194304,"mode":448,"dirs":[],"files":[]}"#.to_string(),
+            format!(r#"{head},"dirs":[],"files":[],"x":1}}"#),
+            r#"{"format":2,"kind":"other","chunk_bytes":4194304,"mode":448,"dirs":[],"files":[]}"#.to_string(),
+            r#"{"format":2,"format":2,"kind":"layer","chunk_bytes":4194304,"mode":448,"dirs":[],"files":[]}"#.to_string(),
+            r#"{"format":2,"kind":"layer","mode":448,"dirs":[],"files":[]}"#.to_string(),
+            format!(
+                r#"{head},"dirs":[],"files":[{{"path":"a","mode":420,"size":1,"chunks":[[0,"{d}",1]]}}]}}"#
+            ),
+            format!(
+                r#"{head},"dirs":[],"files":[{{"path":"a","mode":420,"size":1,"chunks":[[0]]}}]}}"#
+            ),
+            format!(
+                r#"{head},"dirs":[],"files":[{{"path":"a","mode":420,"size":1,"chunks":[[-1,"{d}"]]}}]}}"#
+            ),
+            format!(
+                r#"{head},"dirs":[],"files":[{{"path":"a","mode":420,"size":1,"chunks":[{{"offset":0,"digest":"{d}"}}]}}]}}"#
+            ),
+            format!(
+                r#"{head},"dirs":[],"files":[{{"path":"a","mode":420,"size":1,"digest":"{d}","chunks":[]}}]}}"#
+            ),
+            format!(r#"{head},"dirs":[],"files":[{{"path":"a","mode":420,"size":1}}]}}"#),
+            "not json".to_string(),
         ] {
             let image = ImageRef(Sha256Digest::of(text.as_bytes()));
             let err = Manifest::decode(image, text.as_bytes(), &l).unwrap_err();
@@ -532,7 +699,17 @@ mod tests {
                 "{text}: {err}"
             );
         }
-        let _ = image;
+        // The same shape with a well-formed chunk list decodes.
+        let text = format!(
+            r#"{head},"dirs":[],"files":[{{"path":"a","mode":420,"size":1,"chunks":[[0,"{d}"]]}}]}}"#
+        );
+        let image = ImageRef(Sha256Digest::of(text.as_bytes()));
+        Manifest::decode(image, text.as_bytes(), &l).unwrap();
+
+        let text = r#"{"format":1,"kind":"layer","mode":448,"dirs":[],"files":[]}"#;
+        let image = ImageRef(Sha256Digest::of(text.as_bytes()));
+        let err = Manifest::decode(image, text.as_bytes(), &l).unwrap_err();
+        assert!(err.to_string().contains("unknown format 1"), "{err}");
     }
 
     #[test]

@@ -20,23 +20,32 @@ struct Counters {
     blobs_uploaded: AtomicU64,
     blobs_present: AtomicU64,
     blobs_downloaded: AtomicU64,
+    bytes_in_holes: AtomicU64,
+    bytes_present: AtomicU64,
 }
 
 /// A copy of a [`Progress`]'s counters at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ProgressCounts {
-    /// Bytes of local files read and hashed by a push before any upload (the first pass).
+    /// Bytes of local files a push read and hashed: the chunks that hold data on disk
+    /// (a hole the file system reports is never read).
     pub bytes_hashed: u64,
-    /// Bytes handed to the store in blob uploads (the manifest is not counted).
+    /// Bytes handed to the store in chunk uploads (the manifest is not counted).
     pub bytes_uploaded: u64,
-    /// Blob bytes received from the store and written by a pull.
+    /// Chunk bytes received from the store by a pull (all verified before being written).
     pub bytes_downloaded: u64,
-    /// Blobs a push uploaded.
+    /// Chunk blobs a push uploaded.
     pub blobs_uploaded: u64,
-    /// Blobs a push found already in the store (of the right size) and skipped.
+    /// Chunk blobs a push found already in the store (of the right size), or already
+    /// handled earlier in the same push, and did not upload.
     pub blobs_present: u64,
-    /// Blobs a pull downloaded (empty files need none).
+    /// Chunk blobs a pull downloaded (holes and empty files need none).
     pub blobs_downloaded: u64,
+    /// Bytes of files in all-zero chunks: a push stores them nowhere (whether the file
+    /// system reported a hole or the chunk read back as zeros), a pull leaves them holes.
+    pub bytes_in_holes: u64,
+    /// Bytes of the chunks counted in `blobs_present`.
+    pub bytes_present: u64,
 }
 
 impl Progress {
@@ -56,6 +65,8 @@ impl Progress {
             blobs_uploaded: get(&c.blobs_uploaded),
             blobs_present: get(&c.blobs_present),
             blobs_downloaded: get(&c.blobs_downloaded),
+            bytes_in_holes: get(&c.bytes_in_holes),
+            bytes_present: get(&c.bytes_present),
         }
     }
 
@@ -77,8 +88,15 @@ impl Progress {
         self.counters.blobs_uploaded.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn blob_present(&self) {
+    pub(crate) fn blob_present(&self, bytes: u64) {
         self.counters.blobs_present.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .bytes_present
+            .fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn in_holes(&self, n: u64) {
+        self.counters.bytes_in_holes.fetch_add(n, Ordering::Relaxed);
     }
 
     pub(crate) fn blob_downloaded(&self) {

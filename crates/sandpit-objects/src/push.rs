@@ -1,43 +1,46 @@
-//! Push: a node's directory to the store as content-addressed blobs plus a manifest.
+//! Push: a node's directory to the store as content-addressed chunks plus a manifest.
 //!
 //! Three passes. The walk lists the tree through `sandpit-fs` handles (no symlink is
 //! followed; symlinks and special files are refused, as are set-id and sticky bits), bounded
-//! by [`Limits`]. The hash pass reads every file once (2 at a time, on blocking threads) for
-//! its sha256. The upload pass asks the store about each distinct digest (HEAD) and uploads
-//! only the missing ones (4 at a time), reading the file again: files up to one part
-//! (8 MiB) in one PUT after checking their digest in memory, larger ones as a multipart
-//! upload fed by a reader thread through a bounded channel, whose digest is checked before
-//! the upload is completed and which is aborted on a mismatch. A large file holds about
-//! three parts plus 16 MiB in memory (parts are 8 MiB for files up to ~70 GiB, larger
-//! beyond, as S3 allows 10 000 parts), and at most 2 large files upload at once. So a blob key never receives bytes that do
-//! not hash to it, even when a file changes during the push (that is an error). The
-//! manifest is written last, so a manifest in the store implies its blobs were there.
+//! by [`Limits`]. The map pass opens each file once, records its identity and change stamp
+//! (device, inode, size, mtime, ctime) and asks the file system where its data is
+//! (`SEEK_DATA`/`SEEK_HOLE`; a file system without them is read whole): only the
+//! [`DEFAULT_CHUNK_BYTES`] chunks that overlap data are candidates, the rest are holes and
+//! are never read. The chunk pass then handles the candidates of every file, a few at a time
+//! (`CHUNKS_IN_FLIGHT`), each on its own: read the chunk (`pread`, on a blocking thread,
+//! checking the file's stamp before and after), drop it as a hole if it is all zeros,
+//! otherwise hash it, ask the store about its digest (HEAD) and upload it in one PUT if it
+//! is missing. The bytes uploaded are the bytes hashed, so a blob key never receives bytes
+//! that do not hash to it, whatever happens to the file. Memory is bounded by the chunks in
+//! flight (about `CHUNKS_IN_FLIGHT` × 4 MiB), whatever the file sizes. Each file is read
+//! once, and only where it holds data: a 10 GiB sparse disk with 20 MiB written reads about
+//! 20 MiB.
+//!
+//! Last, every file's stamp is checked once more, and the manifest is written, so a
+//! manifest in the store implies its chunks were there and that no file changed during the
+//! push (as far as its size, times and identity tell).
 
-use std::io::{self, Read};
+use std::collections::HashSet;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use object_store::{ObjectStoreExt, PutPayload, WriteMultipart};
+use object_store::{ObjectStoreExt, PutPayload};
+use rustix::fs::SeekFrom;
 use sandpit_fs::{Kind, TreeDir};
-use sha2::{Digest as _, Sha256};
-use tokio::sync::{Semaphore, mpsc};
 
 use crate::manifest::{
-    DirEntry, FORMAT_VERSION, FileEntry, MAX_NAME_BYTES, Manifest, Sha256Digest, check_path,
+    Chunk, DEFAULT_CHUNK_BYTES, DirEntry, FORMAT_VERSION, FileEntry, MAX_NAME_BYTES, Manifest,
+    Sha256Digest, check_path,
 };
 use crate::{ImageKind, ImageRef, Limits, ObjectsError, Progress, Store};
 
-/// Size of a multipart part (S3's minimum is 5 MiB) and of the reads feeding it; files up
-/// to this size go up in a single PUT.
-pub(crate) const PART_BYTES: usize = 8 << 20;
-/// S3 allows 10 000 parts; stay below so the part size grows for huge files.
-const MAX_PARTS: u64 = 9_000;
-const HASH_CONCURRENCY: usize = 2;
-const UPLOAD_CONCURRENCY: usize = 4;
-const LARGE_UPLOADS_AT_ONCE: usize = 2;
-const PARTS_IN_FLIGHT: usize = 2;
+/// Chunks read, hashed or uploaded at once (each holds one chunk in memory).
+const CHUNKS_IN_FLIGHT: usize = 4;
 
 /// Push the directory `local_dir` (the node's own: a checkpoint image written by runsc, a
 /// snapshot or a layer directory) to `store` as an image of `kind`, and return its
@@ -48,18 +51,23 @@ const PARTS_IN_FLIGHT: usize = 2;
 ///   (`0o777`), relative paths and contents; owners and times are not. A symlink, FIFO,
 ///   socket, device, set-id or sticky bit, non-UTF-8 name, or a tree over `limits` is an
 ///   [`ObjectsError::Unsupported`] / [`ObjectsError::TooLarge`] before anything is uploaded.
-/// - Content-addressed and idempotent: blobs already in the store (same key, same size)
+/// - Files are stored as [`DEFAULT_CHUNK_BYTES`] chunks; all-zero chunks (holes, or data
+///   that happens to be zeros) are stored nowhere, and holes the file system reports are
+///   not even read.
+/// - Content-addressed and idempotent: chunks already in the store (same key, same size)
 ///   are not uploaded again, so pushing the same directory twice uploads nothing the second
-///   time and returns the same reference. Equal directories on different nodes share blobs.
-/// - The manifest is written only after all its blobs are in the store; when this returns
+///   time and returns the same reference, and pushing it after a small change uploads only
+///   the chunks that changed. Equal directories on different nodes share chunks.
+/// - The manifest is written only after all its chunks are in the store; when this returns
 ///   `Ok`, the image is complete in the store and [`crate::pull_dir`] can fetch it.
-/// - The directory must not change while it is pushed; a file that does is an
-///   [`ObjectsError::Changed`] and its blob is not written.
-/// - On error or cancellation nothing references what was uploaded so far; those blobs are
-///   reused by the next push or removed by [`crate::gc`]. A cancelled multipart upload is
-///   left for the bucket's lifecycle rule (abort incomplete uploads) to clear.
-/// - Memory stays bounded whatever the file sizes: about 100 MiB while files stay under
-///   ~70 GiB (see the module docs).
+/// - The directory must not change while it is pushed; a file whose size, mtime, ctime or
+///   inode changes (or that turns out shorter than it said) is an [`ObjectsError::Changed`]
+///   and no manifest is written. A chunk is always uploaded from the very bytes it was
+///   hashed from, so the store never holds a blob that does not match its key.
+/// - On error or cancellation nothing references what was uploaded so far; those chunks are
+///   reused by the next push or removed by [`crate::gc`].
+/// - Memory stays bounded whatever the file sizes: a few chunks (about 16 MiB) plus the
+///   manifest.
 /// - The manifest must fit `limits.max_manifest_bytes` too, so any image pushed under some
 ///   limits can be pulled under the same limits.
 pub async fn push_dir(
@@ -69,44 +77,84 @@ pub async fn push_dir(
     limits: &Limits,
     progress: &Progress,
 ) -> Result<ImageRef, ObjectsError> {
+    let cb = DEFAULT_CHUNK_BYTES;
     let dir = local_dir.to_path_buf();
     let limits_copy = *limits;
-    let (root, walked) = blocking(move || {
+    let progress2 = progress.clone();
+    let (root, walked, mapped) = blocking(move || {
         let root = TreeDir::open(&dir).map_err(|source| ObjectsError::ReadSource {
             path: dir.display().to_string(),
             source,
         })?;
         let walked = walk(&root, &limits_copy)?;
-        Ok((root, walked))
+        let mapped = walked
+            .files
+            .iter()
+            .map(|f| map_file(&root, f, cb, &progress2))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((root, walked, mapped))
     })
     .await?;
     let root = Arc::new(root);
+    let mapped = Arc::new(mapped);
 
-    // Hash pass.
-    let hashed: Vec<FileEntry> = futures::stream::iter(walked.files.into_iter().map(|f| {
-        let root = root.clone();
-        let progress = progress.clone();
-        async move {
-            let path = f.path.clone();
-            let digest = blocking(move || hash_file(&root, &path, f.size, &progress)).await?;
-            Ok::<_, ObjectsError>(FileEntry {
-                path: f.path,
-                mode: f.mode,
-                size: f.size,
-                digest,
-            })
+    // Chunk pass: every candidate chunk of every file, a few at a time, in any order (one
+    // slow upload does not hold up the next reads); sorted back below.
+    let jobs: Vec<(usize, u64)> = mapped
+        .iter()
+        .enumerate()
+        .flat_map(|(i, m)| m.candidates.iter().map(move |&offset| (i, offset)))
+        .collect();
+    let claimed: Mutex<HashSet<Sha256Digest>> = Mutex::new(HashSet::new());
+    let mut stored: Vec<Option<(usize, Chunk)>> =
+        futures::stream::iter(jobs.into_iter().map(|(i, offset)| {
+            let (root, mapped) = (root.clone(), mapped.clone());
+            let claimed = &claimed;
+            async move {
+                let chunk =
+                    push_chunk(store, root, mapped, i, offset, cb, claimed, progress).await?;
+                Ok::<_, ObjectsError>(chunk.map(|c| (i, c)))
+            }
+        }))
+        .buffer_unordered(CHUNKS_IN_FLIGHT)
+        .try_collect()
+        .await?;
+    stored.sort_unstable_by_key(|s| s.map(|(i, c)| (i, c.offset)));
+
+    // Nothing changed under us: a file whose data was all read may still have been
+    // written since, and a file with no data chunks was only looked at by the map pass.
+    let (root2, mapped2) = (root.clone(), mapped.clone());
+    blocking(move || {
+        for m in mapped2.iter() {
+            let file = open_source(&root2, &m.path)?;
+            m.check_unchanged(&file)?;
         }
-    }))
-    .buffered(HASH_CONCURRENCY)
-    .try_collect()
+        Ok(())
+    })
     .await?;
 
+    let mut chunks: Vec<Vec<Chunk>> = vec![Vec::new(); mapped.len()];
+    for (i, c) in stored.into_iter().flatten() {
+        chunks[i].push(c);
+    }
+    let files: Vec<FileEntry> = walked
+        .files
+        .into_iter()
+        .zip(chunks)
+        .map(|(f, chunks)| FileEntry {
+            path: f.path,
+            mode: f.mode,
+            size: f.size,
+            chunks,
+        })
+        .collect();
     let manifest = Manifest {
         format: FORMAT_VERSION,
         kind,
+        chunk_bytes: cb,
         mode: walked.mode,
         dirs: walked.dirs,
-        files: hashed,
+        files,
     };
     if let Err(reason) = manifest.check(limits) {
         // The walk enforces the same rules, so this is a bug rather than bad input; refuse
@@ -125,20 +173,6 @@ pub async fn push_dir(
             limit: limits.max_manifest_bytes,
         });
     }
-
-    // Upload pass: each distinct blob once.
-    let mut distinct: Vec<&FileEntry> = manifest.files.iter().filter(|f| f.size > 0).collect();
-    distinct.sort_by_key(|f| f.digest);
-    distinct.dedup_by_key(|f| f.digest);
-    let large = Arc::new(Semaphore::new(LARGE_UPLOADS_AT_ONCE));
-    futures::stream::iter(distinct.into_iter().map(|f| {
-        let root = root.clone();
-        let large = large.clone();
-        async move { ensure_blob(store, &root, f, &large, progress).await }
-    }))
-    .buffer_unordered(UPLOAD_CONCURRENCY)
-    .try_collect::<Vec<()>>()
-    .await?;
 
     let key = store.key(&format!("manifests/sha256/{}", image.hex()));
     if head_size(store, &key).await? != Some(bytes.len() as u64) {
@@ -278,179 +312,208 @@ fn check_source_mode(path: &str, mode: u32) -> Result<(), ObjectsError> {
     Ok(())
 }
 
-/// First pass over one file: its sha256, checking it still has the size the walk saw.
-fn hash_file(
-    root: &TreeDir,
-    rel: &str,
+/// What identifies a file's state: a change to its bytes changes its ctime (and mtime), a
+/// replacement its inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
     size: u64,
-    progress: &Progress,
-) -> Result<Sha256Digest, ObjectsError> {
-    let mut file = open_source(root, rel)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut seen: u64 = 0;
-    loop {
-        let n = read_some(&mut file, &mut buf, rel)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        seen += n as u64;
-        progress.hashed(n as u64);
-        if seen > size {
-            break;
-        }
-    }
-    if seen != size {
-        return Err(ObjectsError::Changed { path: rel.into() });
-    }
-    Ok(Sha256Digest(hasher.finalize().into()))
+    mtime: (i64, i64),
+    ctime: (i64, i64),
 }
 
-/// Make sure the blob of `f` is in the store: HEAD, then upload it if it is missing or
-/// has the wrong size.
-async fn ensure_blob(
-    store: &Store,
-    root: &Arc<TreeDir>,
-    f: &FileEntry,
-    large: &Semaphore,
-    progress: &Progress,
-) -> Result<(), ObjectsError> {
-    let key = store.key(&format!("blobs/sha256/{}", f.digest.hex()));
-    if head_size(store, &key).await? == Some(f.size) {
-        progress.blob_present();
-        return Ok(());
-    }
-    if f.size <= PART_BYTES as u64 {
-        let (root, path, size) = (root.clone(), f.path.clone(), f.size);
-        let data = blocking(move || {
-            let mut file = open_source(&root, &path)?;
-            let mut data = Vec::with_capacity(size as usize);
-            (&mut file)
-                .take(size + 1)
-                .read_to_end(&mut data)
-                .map_err(|source| ObjectsError::ReadFile { path, source })?;
-            Ok(data)
+impl Stamp {
+    fn of(file: &File) -> io::Result<Stamp> {
+        let st = rustix::fs::fstat(file)?;
+        Ok(Stamp {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: st.st_size as u64,
+            mtime: (st.st_mtime, st.st_mtime_nsec as i64),
+            ctime: (st.st_ctime, st.st_ctime_nsec as i64),
         })
-        .await?;
-        if data.len() as u64 != f.size || Sha256Digest::of(&data) != f.digest {
+    }
+}
+
+/// A file after the map pass: its stamp, and the offsets of the chunks that overlap data.
+struct Mapped {
+    path: String,
+    size: u64,
+    stamp: Stamp,
+    candidates: Vec<u64>,
+}
+
+impl Mapped {
+    fn check_unchanged(&self, file: &File) -> Result<(), ObjectsError> {
+        let now = Stamp::of(file).map_err(|source| ObjectsError::ReadFile {
+            path: self.path.clone(),
+            source,
+        })?;
+        if now != self.stamp {
             return Err(ObjectsError::Changed {
-                path: f.path.clone(),
+                path: self.path.clone(),
             });
         }
-        let len = data.len() as u64;
-        store
-            .inner()
-            .put(&key, PutPayload::from(data))
-            .await
-            .map_err(|source| ObjectsError::Upload {
-                key: key.to_string(),
-                source,
-            })?;
-        progress.uploaded(len);
-    } else {
-        let _permit = large
-            .acquire()
-            .await
-            .expect("the semaphore is never closed");
-        upload_large(store, root, f, &key, progress).await?;
+        Ok(())
     }
-    progress.blob_uploaded();
-    Ok(())
 }
 
-/// A multipart upload fed by a reader thread; completed only when what was read hashes to
-/// the expected digest, aborted otherwise.
-async fn upload_large(
-    store: &Store,
-    root: &Arc<TreeDir>,
-    f: &FileEntry,
-    key: &object_store::path::Path,
+/// Open `f`, stamp it, and list the chunks that overlap its data.
+fn map_file(
+    root: &TreeDir,
+    f: &Found,
+    cb: u64,
     progress: &Progress,
-) -> Result<(), ObjectsError> {
-    let upload_err = |source| ObjectsError::Upload {
-        key: key.to_string(),
+) -> Result<Mapped, ObjectsError> {
+    let file = open_source(root, &f.path)?;
+    let read_err = |source| ObjectsError::ReadFile {
+        path: f.path.clone(),
         source,
     };
-    let part = (f.size.div_ceil(MAX_PARTS).div_ceil(1 << 20) << 20).max(PART_BYTES as u64);
-    let (tx, mut rx) = mpsc::channel::<Bytes>(1);
-    let (root, path, size) = (root.clone(), f.path.clone(), f.size);
-    let reader = tokio::task::spawn_blocking(move || read_chunks(&root, &path, size, tx));
-
-    let upload = store.inner().put_multipart(key).await.map_err(upload_err)?;
-    let mut writer = WriteMultipart::new_with_chunk_size(upload, part as usize);
-    let mut failed = None;
-    while let Some(chunk) = rx.recv().await {
-        if let Err(e) = writer.wait_for_capacity(PARTS_IN_FLIGHT).await {
-            failed = Some(upload_err(e));
-            break;
-        }
-        progress.uploaded(chunk.len() as u64);
-        writer.put(chunk);
+    let stamp = Stamp::of(&file).map_err(read_err)?;
+    if stamp.size != f.size {
+        return Err(ObjectsError::Changed {
+            path: f.path.clone(),
+        });
     }
-    drop(rx);
-    let read = reader
-        .await
-        .map_err(|source| ObjectsError::Task { source })
-        .and_then(|r| r);
-    let outcome = match (failed, read) {
-        (Some(e), _) | (None, Err(e)) => Err(e),
-        (None, Ok((digest, size))) if digest != f.digest || size != f.size => {
-            Err(ObjectsError::Changed {
-                path: f.path.clone(),
-            })
-        }
-        (None, Ok(_)) => Ok(()),
-    };
-    match outcome {
-        Ok(()) => {
-            writer.finish().await.map_err(upload_err)?;
-            Ok(())
-        }
-        Err(e) => {
-            if let Err(abort) = writer.abort().await {
-                tracing::warn!(key = %key, error = %abort, "aborting a multipart upload failed");
-            }
-            Err(e)
-        }
-    }
+    let candidates = data_chunks(&file, f.size, cb).map_err(read_err)?;
+    let candidate_bytes: u64 = candidates.iter().map(|&o| (f.size - o).min(cb)).sum();
+    progress.in_holes(f.size - candidate_bytes);
+    Ok(Mapped {
+        path: f.path.clone(),
+        size: f.size,
+        stamp,
+        candidates,
+    })
 }
 
-/// Read `rel` in part-sized chunks into `tx`, hashing as it goes; stops early (returning
-/// what it saw so far) when the receiver goes away or the file has grown past `size`.
-fn read_chunks(
-    root: &TreeDir,
-    rel: &str,
-    size: u64,
-    tx: mpsc::Sender<Bytes>,
-) -> Result<(Sha256Digest, u64), ObjectsError> {
-    let mut file = open_source(root, rel)?;
-    let mut hasher = Sha256::new();
-    let mut seen: u64 = 0;
-    loop {
-        let mut buf = BytesMut::zeroed(PART_BYTES);
-        let mut filled = 0;
-        while filled < buf.len() {
-            let n = read_some(&mut file, &mut buf[filled..], rel)?;
-            if n == 0 {
-                break;
-            }
-            filled += n;
-        }
-        if filled == 0 {
+/// The offsets of the `cb`-sized chunks of `file` (of `size` bytes) that overlap data as
+/// `SEEK_DATA`/`SEEK_HOLE` report it; every chunk when the file system does not support
+/// them.
+fn data_chunks(file: &File, size: u64, cb: u64) -> io::Result<Vec<u64>> {
+    let every = || (0..size.div_ceil(cb)).map(|i| i * cb).collect();
+    let unsupported =
+        |e: rustix::io::Errno| matches!(e, rustix::io::Errno::INVAL | rustix::io::Errno::NOTSUP);
+    let mut out = Vec::new();
+    // Always a chunk boundary: where the next chunk to consider starts.
+    let mut pos: u64 = 0;
+    while pos < size {
+        let data = match rustix::fs::seek(file, SeekFrom::Data(pos)) {
+            Ok(data) => data,
+            // No data at or after `pos`.
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) if unsupported(e) => return Ok(every()),
+            Err(e) => return Err(e.into()),
+        };
+        if data >= size {
             break;
         }
-        buf.truncate(filled);
-        hasher.update(&buf);
-        seen += filled as u64;
-        if tx.blocking_send(buf.freeze()).is_err() {
-            break;
+        let hole = match rustix::fs::seek(file, SeekFrom::Hole(data)) {
+            Ok(hole) => hole.min(size),
+            Err(e) if unsupported(e) => return Ok(every()),
+            // Data at `data` and no hole after it: the file grew or shrank under us, which
+            // the stamp checks report; read to the end meanwhile.
+            Err(rustix::io::Errno::NXIO) => size,
+            Err(e) => return Err(e.into()),
+        };
+        let mut offset = data / cb * cb;
+        while offset < hole {
+            out.push(offset);
+            offset += cb;
         }
-        if filled < PART_BYTES || seen > size {
-            break;
-        }
+        pos = offset;
     }
-    Ok((Sha256Digest(hasher.finalize().into()), seen))
+    Ok(out)
+}
+
+/// Handle one candidate chunk: read it, and unless it is all zeros, make sure the store
+/// holds it. Returns the chunk for the manifest, or `None` for a hole.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one job of the chunk pass: what it reads, where it writes, what it reports"
+)]
+async fn push_chunk(
+    store: &Store,
+    root: Arc<TreeDir>,
+    mapped: Arc<Vec<Mapped>>,
+    i: usize,
+    offset: u64,
+    cb: u64,
+    claimed: &Mutex<HashSet<Sha256Digest>>,
+    progress: &Progress,
+) -> Result<Option<Chunk>, ObjectsError> {
+    let progress2 = progress.clone();
+    let (path, len) = {
+        let m = &mapped[i];
+        (m.path.clone(), (m.size - offset).min(cb))
+    };
+    let read = blocking(move || {
+        let m = &mapped[i];
+        let file = open_source(&root, &m.path)?;
+        m.check_unchanged(&file)?;
+        let mut buf = vec![0u8; len as usize];
+        match file.read_exact_at(&mut buf, offset) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(ObjectsError::Changed {
+                    path: m.path.clone(),
+                });
+            }
+            Err(source) => {
+                return Err(ObjectsError::ReadFile {
+                    path: m.path.clone(),
+                    source,
+                });
+            }
+        }
+        m.check_unchanged(&file)?;
+        progress2.hashed(len);
+        if is_zero(&buf) {
+            return Ok(None);
+        }
+        let digest = Sha256Digest::of(&buf);
+        Ok(Some((Bytes::from(buf), digest)))
+    })
+    .await?;
+    let Some((bytes, digest)) = read else {
+        progress.in_holes(len);
+        return Ok(None);
+    };
+    let chunk = Chunk { offset, digest };
+    // The same bytes twice in one push (in two files, or twice in one) go up once; if that
+    // upload fails, so does the push.
+    let first = claimed
+        .lock()
+        .expect("the lock guards a set and never panics while held")
+        .insert(digest);
+    let key = store.key(&format!("blobs/sha256/{}", digest.hex()));
+    if !first || head_size(store, &key).await? == Some(len) {
+        progress.blob_present(len);
+        return Ok(Some(chunk));
+    }
+    store
+        .inner()
+        .put(&key, PutPayload::from(bytes))
+        .await
+        .map_err(|source| ObjectsError::Upload {
+            key: key.to_string(),
+            source,
+        })?;
+    tracing::trace!(%path, offset, %digest, "uploaded chunk");
+    progress.uploaded(len);
+    progress.blob_uploaded();
+    Ok(Some(chunk))
+}
+
+/// Whether `bytes` are all zeros.
+pub(crate) fn is_zero(bytes: &[u8]) -> bool {
+    // 16 bytes at a time, then the remainder.
+    let mut words = bytes.chunks_exact(16);
+    words
+        .by_ref()
+        .all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0)
+        && words.remainder().iter().all(|b| *b == 0)
 }
 
 fn open_source(root: &TreeDir, rel: &str) -> Result<std::fs::File, ObjectsError> {
@@ -459,21 +522,6 @@ fn open_source(root: &TreeDir, rel: &str) -> Result<std::fs::File, ObjectsError>
             path: rel.into(),
             source,
         })
-}
-
-fn read_some(file: &mut std::fs::File, buf: &mut [u8], rel: &str) -> Result<usize, ObjectsError> {
-    loop {
-        match file.read(buf) {
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(source) => {
-                return Err(ObjectsError::ReadFile {
-                    path: rel.into(),
-                    source,
-                });
-            }
-        }
-    }
 }
 
 /// The size of the object at `key`, or `None` when there is none.
@@ -498,4 +546,56 @@ pub(crate) async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|source| ObjectsError::Task { source })?
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Seek, Write};
+
+    use super::*;
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[0; 4096]));
+        let mut b = [0u8; 4096];
+        b[4095] = 1;
+        assert!(!is_zero(&b));
+        b[4095] = 0;
+        b[0] = 1;
+        assert!(!is_zero(&b));
+        assert!(is_zero(&[0; 7]));
+        assert!(is_zero(&[]));
+    }
+
+    #[test]
+    fn data_chunks_skip_holes() {
+        const CB: u64 = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(dir.path().join("f"))
+            .unwrap();
+        let size = 64 * CB + 100;
+        f.set_len(size).unwrap();
+        let all = data_chunks(&f, size, CB).unwrap();
+        if all.len() == 65 {
+            // A file system that does not report holes: every chunk is read, as it must.
+            eprintln!("the temp dir's file system reports no holes; nothing more to check");
+            return;
+        }
+        assert_eq!(all, Vec::<u64>::new());
+        // Data in chunk 0, across chunks 9 and 10, and in the short last chunk.
+        f.write_all(b"x").unwrap();
+        f.seek(io::SeekFrom::Start(10 * CB - 2)).unwrap();
+        f.write_all(b"abcd").unwrap();
+        f.seek(io::SeekFrom::Start(size - 1)).unwrap();
+        f.write_all(b"z").unwrap();
+        f.sync_all().unwrap();
+        let got = data_chunks(&f, size, CB).unwrap();
+        assert_eq!(got, [0, 9 * CB, 10 * CB, 64 * CB], "{got:?}");
+        // An empty file has no chunks.
+        assert!(data_chunks(&f, 0, CB).unwrap().is_empty());
+    }
 }

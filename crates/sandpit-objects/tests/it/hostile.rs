@@ -14,13 +14,13 @@ crate::on_both_backends!(
     unknown_image_is_not_found,
 );
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
 /// Pull `image` into a fresh `dest` under the scratch dir and return the error; check the
 /// failed pull left nothing there.
-async fn refused_pull(b: &Backend, image: ImageRef, limits: &Limits) -> Result<ObjectsError> {
+pub async fn refused_pull(b: &Backend, image: ImageRef, limits: &Limits) -> Result<ObjectsError> {
     let before = names(b.work.path())?;
     let dest = b.path("dest");
     let result = pull_dir(&b.store, image, &dest, limits, &Progress::new()).await;
@@ -61,13 +61,14 @@ async fn corrupted_blob_fails_pull_and_leaves_nothing(b: &Backend) -> Result<()>
     let err = refused_pull(b, image, &Limits::default()).await?;
     let ObjectsError::DigestMismatch {
         path,
+        offset,
         expected,
         actual,
     } = &err
     else {
         anyhow::bail!("expected a digest mismatch, got {err}");
     };
-    ensure!(path == "big");
+    ensure!(path == "big" && *offset == 0);
     ensure!(*expected == format!("sha256:{}", sha256_hex(&big)));
     ensure!(*actual == format!("sha256:{}", sha256_hex(&flipped)));
 
@@ -109,13 +110,45 @@ async fn corrupted_blob_fails_pull_and_leaves_nothing(b: &Backend) -> Result<()>
     Ok(())
 }
 
-/// A manifest with the given `dirs` and `files` JSON arrays (format 1, checkpoint).
-fn manifest(dirs: &str, files: &str) -> String {
-    format!(r#"{{"format":1,"kind":"checkpoint","mode":448,"dirs":[{dirs}],"files":[{files}]}}"#)
+/// A manifest with the given `dirs` and `files` JSON arrays (format 2, 4 MiB chunks,
+/// checkpoint).
+pub fn manifest(dirs: &str, files: &str) -> String {
+    manifest_cb(4 << 20, dirs, files)
 }
 
+/// The same with another `chunk_bytes`.
+pub fn manifest_cb(chunk_bytes: u64, dirs: &str, files: &str) -> String {
+    format!(
+        r#"{{"format":2,"kind":"checkpoint","chunk_bytes":{chunk_bytes},"mode":448,"dirs":[{dirs}],"files":[{files}]}}"#
+    )
+}
+
+/// A file whose one chunk (at 0) is the blob `digest`.
 fn file(path: &str, size: u64, digest: &str) -> String {
-    format!(r#"{{"path":{path:?},"mode":420,"size":{size},"digest":"sha256:{digest}"}}"#)
+    chunked(path, size, &[(0, digest)])
+}
+
+/// A file with the given chunks (offset, hex digest).
+pub fn chunked(path: &str, size: u64, chunks: &[(u64, &str)]) -> String {
+    let chunks: Vec<String> = chunks
+        .iter()
+        .map(|(offset, digest)| format!(r#"[{offset},"sha256:{digest}"]"#))
+        .collect();
+    format!(
+        r#"{{"path":{path:?},"mode":420,"size":{size},"chunks":[{}]}}"#,
+        chunks.join(",")
+    )
+}
+
+/// Store `text` as a manifest under its digest, as a hostile writer of the bucket could.
+pub async fn plant(b: &Backend, text: &str) -> Result<ImageRef> {
+    let image: ImageRef = format!("sha256:{}", sha256_hex(text.as_bytes())).parse()?;
+    b.tamper(
+        &format!("manifests/sha256/{}", image.hex()),
+        text.as_bytes().to_vec(),
+    )
+    .await?;
+    Ok(image)
 }
 
 async fn hostile_manifests_are_refused_and_write_nothing(b: &Backend) -> Result<()> {
@@ -175,16 +208,17 @@ async fn hostile_manifests_are_refused_and_write_nothing(b: &Backend) -> Result<
         ),
         (
             "setuid mode",
-            manifest(
-                "",
-                r#"{"path":"hello","mode":2541,"size":5,"digest":"sha256:X"}"#
-                    .replace('X', &h)
-                    .as_str(),
-            ),
+            manifest("", &ok("hello").replace(r#""mode":420"#, r#""mode":2541"#)),
         ),
         (
             "unknown version",
-            manifest("", &ok("hello")).replace(r#""format":1"#, r#""format":2"#),
+            manifest("", &ok("hello")).replace(r#""format":2"#, r#""format":3"#),
+        ),
+        (
+            "format 1",
+            format!(
+                r#"{{"format":1,"kind":"checkpoint","mode":448,"dirs":[],"files":[{{"path":"hello","mode":420,"size":5,"digest":"sha256:{h}"}}]}}"#
+            ),
         ),
         (
             "unknown field",

@@ -9,6 +9,7 @@
 mod gc;
 mod hostile;
 mod roundtrip;
+mod sparse;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -105,6 +106,14 @@ impl Backend {
         use object_store::ObjectStoreExt;
         self.raw.put(&self.key(rel), bytes.into()).await?;
         Ok(())
+    }
+
+    /// How many objects there are under `rel` (`blobs/sha256`, `manifests/sha256`).
+    pub async fn count(&self, rel: &str) -> Result<usize> {
+        use futures::TryStreamExt;
+        let prefix = self.key(rel);
+        let all: Vec<_> = self.raw.list(Some(&prefix)).try_collect().await?;
+        Ok(all.len())
     }
 
     /// A path in the scratch directory.

@@ -21,9 +21,10 @@ crate::on_both_backends!(
     push_bounds_are_enforced,
     cancelled_pull_leaves_nothing,
     wrong_credentials_fail_without_echoing_the_secret,
+    a_file_written_during_push_is_refused,
 );
 
-/// A tree like a checkpoint image plus nesting: a 40 MiB random file (multipart), small
+/// A tree like a checkpoint image plus nesting: a 40 MiB random file (ten chunks), small
 /// files, empty files, an empty directory, odd modes.
 fn build_tree(root: &std::path::Path) -> Result<()> {
     std::fs::create_dir(root)?;
@@ -71,10 +72,16 @@ async fn round_trip_keeps_tree_modes_and_bytes(b: &Backend) -> Result<()> {
     let push_secs = started.elapsed().as_secs_f64();
     let pushed = progress.counts();
     ensure!(has(&b.store, image).await?, "pushed image not found");
-    // 8 files, 7 distinct non-empty contents (two empty, two "deep").
-    ensure!(pushed.blobs_uploaded == 5, "blobs uploaded: {pushed:?}");
+    // 8 files: two empty, two "deep", the 40 MiB one in ten chunks, the others in one.
+    ensure!(pushed.blobs_uploaded == 14, "blobs uploaded: {pushed:?}");
+    ensure!(pushed.blobs_present == 1, "the second \"deep\": {pushed:?}");
+    // Every file was written whole, so all of it is data to the file system.
     ensure!(pushed.bytes_hashed == total, "{pushed:?} vs {total}");
     ensure!(pushed.bytes_uploaded == total - 4, "{pushed:?}");
+    ensure!(
+        pushed.bytes_present == 4 && pushed.bytes_in_holes == 0,
+        "{pushed:?}"
+    );
 
     let dest = b.path("dest");
     let progress = Progress::new();
@@ -121,14 +128,15 @@ async fn second_push_uploads_nothing(b: &Backend) -> Result<()> {
 
     let first = Progress::new();
     let a = push_dir(&b.store, &src, ImageKind::Snapshot, &limits, &first).await?;
-    ensure!(first.counts().blobs_uploaded == 2, "{:?}", first.counts());
+    // Three 4 MiB chunks and a small file.
+    ensure!(first.counts().blobs_uploaded == 4, "{:?}", first.counts());
 
     let second = Progress::new();
     let again = push_dir(&b.store, &src, ImageKind::Snapshot, &limits, &second).await?;
     let c = second.counts();
     ensure!(again == a, "same tree, different ref: {a} vs {again}");
     ensure!(
-        c.blobs_uploaded == 0 && c.bytes_uploaded == 0 && c.blobs_present == 2,
+        c.blobs_uploaded == 0 && c.bytes_uploaded == 0 && c.blobs_present == 4,
         "second push uploaded: {c:?}"
     );
 
@@ -369,5 +377,56 @@ async fn wrong_credentials_fail_without_echoing_the_secret(b: &Backend) -> Resul
     let text = format!("{debug} / {:#}", anyhow::Error::from(err));
     ensure!(!text.contains(secret), "the secret leaked: {text}");
     ensure!(!format!("{store:?} {store}").contains(secret));
+    Ok(())
+}
+
+async fn a_file_written_during_push_is_refused(b: &Backend) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let src = b.path("src");
+    put_file(&src, "pages", &noise(24 << 20, 8), 0o600)?;
+    put_file(&src, "other", b"steady", 0o600)?;
+    // A writer that keeps changing one byte (its value stays the same: only the file's
+    // times tell) until the push is over.
+    let stop = Arc::new(AtomicBool::new(false));
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(src.join("pages"))?;
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || -> std::io::Result<u64> {
+            let mut writes = 0;
+            while !stop.load(Ordering::Relaxed) {
+                file.write_all_at(&[0x5a], 10 << 20)?;
+                writes += 1;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Ok(writes)
+        })
+    };
+    let result = push_dir(
+        &b.store,
+        &src,
+        ImageKind::Checkpoint,
+        &Limits::default(),
+        &Progress::new(),
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let writes = writer.join().expect("the writer thread")?;
+    let err = match result {
+        Ok(image) => anyhow::bail!("pushed {image} while the file changed ({writes} writes)"),
+        Err(err) => err,
+    };
+    ensure!(
+        matches!(&err, ObjectsError::Changed { path } if path == "pages"),
+        "unexpected: {err}"
+    );
+    ensure!(
+        b.count("manifests/sha256").await? == 0,
+        "a manifest was written"
+    );
     Ok(())
 }
