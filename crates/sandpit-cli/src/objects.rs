@@ -32,10 +32,8 @@ impl ImageStore for ObjectImages {
             self.limits,
             progress.clone(),
         );
-        let image = off_thread(move || async move {
-            sandpit_objects::push_dir(&store, &dir, ImageKind::Checkpoint, &limits, &p).await
-        })
-        .await??;
+        let image =
+            sandpit_objects::push_dir(&store, &dir, ImageKind::Checkpoint, &limits, &p).await?;
         let counts = progress.counts();
         Ok(Pushed {
             reference: image.to_string(),
@@ -47,10 +45,8 @@ impl ImageStore for ObjectImages {
     async fn pull(&self, reference: &str, dest: &Path) -> Result<u64, BoxError> {
         let image: ImageRef = reference.parse()?;
         let (store, d, limits) = (self.store.clone(), dest.to_path_buf(), self.limits);
-        let pulled = off_thread(move || async move {
-            sandpit_objects::pull_dir(&store, image, &d, &limits, &Progress::new()).await
-        })
-        .await??;
+        let pulled =
+            sandpit_objects::pull_dir(&store, image, &d, &limits, &Progress::new()).await?;
         if pulled.kind != ImageKind::Checkpoint {
             sandpit_fs::remove_tree(dest)?;
             return Err(
@@ -64,17 +60,4 @@ impl ImageStore for ObjectImages {
         let image: ImageRef = reference.parse()?;
         Ok(sandpit_objects::delete_manifest(&self.store, image).await?)
     }
-}
-
-/// Run a future the compiler cannot prove `Send` (the rustc higher-ranked lifetime
-/// limitation on `push_dir`/`pull_dir`'s stream closures) on a blocking thread, driven by
-/// the current runtime.
-async fn off_thread<F, Fut, T>(make: F) -> Result<T, BoxError>
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = T>,
-    T: Send + 'static,
-{
-    let handle = tokio::runtime::Handle::current();
-    Ok(tokio::task::spawn_blocking(move || handle.block_on(make())).await?)
 }

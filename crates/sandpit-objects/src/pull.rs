@@ -125,14 +125,21 @@ pub async fn pull_dir(
     let chunk_bytes = manifest.chunk_bytes;
     let in_flight =
         Semaphore::new((PULL_MEMORY / chunk_bytes).clamp(1, MAX_CHUNKS_IN_FLIGHT) as usize);
-    futures::stream::iter(manifest.files.iter().map(|f| {
-        let tree = tree.clone();
-        let in_flight = &in_flight;
-        async move { pull_file(store, &tree, f, chunk_bytes, in_flight, progress).await }
-    }))
-    .buffer_unordered(FILES_AT_ONCE)
-    .try_collect::<Vec<()>>()
-    .await?;
+    // Collected first: a stream over a closure borrowing the manifest makes the future
+    // unprovably `Send` (rustc's higher-ranked lifetime limitation), which callers need.
+    let files: Vec<_> = manifest
+        .files
+        .iter()
+        .map(|f| {
+            let tree = tree.clone();
+            let in_flight = &in_flight;
+            async move { pull_file(store, &tree, f, chunk_bytes, in_flight, progress).await }
+        })
+        .collect();
+    futures::stream::iter(files)
+        .buffer_unordered(FILES_AT_ONCE)
+        .try_collect::<Vec<()>>()
+        .await?;
 
     // Directory modes last (a read-only directory would refuse its own files), deepest
     // first, each synced so the entries written into it are durable.
@@ -240,13 +247,18 @@ async fn pull_file(
     .await?;
     let file = Arc::new(file);
 
-    futures::stream::iter(f.chunks.iter().map(|c| {
-        let file = file.clone();
-        async move { pull_chunk(store, file, f, *c, chunk_bytes, in_flight, progress).await }
-    }))
-    .buffer_unordered(CHUNKS_PER_FILE)
-    .try_collect::<Vec<()>>()
-    .await?;
+    let chunks: Vec<_> = f
+        .chunks
+        .iter()
+        .map(|c| {
+            let file = file.clone();
+            async move { pull_chunk(store, file, f, *c, chunk_bytes, in_flight, progress).await }
+        })
+        .collect();
+    futures::stream::iter(chunks)
+        .buffer_unordered(CHUNKS_PER_FILE)
+        .try_collect::<Vec<()>>()
+        .await?;
     let stored: u64 = f
         .chunks
         .iter()

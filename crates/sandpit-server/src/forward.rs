@@ -326,16 +326,16 @@ const DRAIN_UPLOAD_WAIT: Duration = Duration::from_secs(600);
 
 /// A drain that just started on this node: hibernate its running sandboxes and, once each
 /// image is in object storage, have another node take it over and wake it (processes and
-/// files intact). Without an image store or a node secret they stay hibernated here.
+/// files intact). Without an image store or a node secret they cannot move: they keep
+/// running here, and the drain only stops new sandboxes.
 pub async fn drain_away(server: Arc<Server>) {
-    let ids = sandpit_control::node::drain::hibernate_all(&server.node).await;
     if server.node.image_store().is_none() || server.cfg.node_secret.is_none() {
         tracing::info!(
-            hibernated = ids.len(),
-            "drain: no object store or node secret, so the hibernated sandboxes wake on this node when it is undrained"
+            "drain: no object store or node secret, so this node's sandboxes cannot move; they keep running here"
         );
         return;
     }
+    let ids = sandpit_control::node::drain::hibernate_all(&server.node).await;
     let mut moving = tokio::task::JoinSet::new();
     for id in ids {
         let server = server.clone();

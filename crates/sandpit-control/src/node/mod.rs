@@ -236,7 +236,7 @@ impl Node {
         Err(ControlError::Unavailable {
             code: "sandbox_on_another_node",
             message: format!(
-                "sandbox {} runs on node {:?}, which this server does not reach (routing between nodes is not built yet): send the request to that node's server",
+                "sandbox {} runs on node {:?}, which this server does not relay to (servers relay only with a shared --node-secret): send the request to that node's server",
                 row.id, row.node_id
             ),
         })

@@ -285,3 +285,37 @@ pub fn names(dir: &Path) -> Result<Vec<String>> {
     out.sort();
     Ok(out)
 }
+
+/// A node runs pushes and pulls on spawned tasks (behind `async_trait`), so their futures
+/// must be `Send`; this fails to compile otherwise.
+#[test]
+fn push_and_pull_futures_are_send() {
+    fn is_send<T: Send>(_: &T) {}
+    let store = Store::from_object_store(
+        Arc::new(object_store::memory::InMemory::new()),
+        "x",
+        "memory",
+    )
+    .unwrap();
+    let (limits, progress) = (
+        sandpit_objects::Limits::default(),
+        sandpit_objects::Progress::new(),
+    );
+    let push = sandpit_objects::push_dir(
+        &store,
+        Path::new("/nonexistent"),
+        sandpit_objects::ImageKind::Checkpoint,
+        &limits,
+        &progress,
+    );
+    is_send(&push);
+    let image: sandpit_objects::ImageRef = format!("sha256:{}", "0".repeat(64)).parse().unwrap();
+    let pull = sandpit_objects::pull_dir(
+        &store,
+        image,
+        Path::new("/nonexistent/x"),
+        &limits,
+        &progress,
+    );
+    is_send(&pull);
+}
