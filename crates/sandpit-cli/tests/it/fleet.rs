@@ -519,21 +519,21 @@ fn runner<'s>(id: &str, a: &'s TestServer, b: &'s TestServer) -> Option<&'s Test
         .find(|s| s.leaks().runsc.iter().any(|r| r.contains(id)))
 }
 
-/// Sandboxes move between nodes through object storage (a shared `file://` store here):
-/// a drained node hibernates its running sandbox and another node takes it over and wakes
+/// Sandboxes move between nodes through object storage (an S3 server on loopback): a
+/// drained node hibernates its running sandbox and another node takes it over and wakes
 /// it, its process still running and its files intact; then the sandbox, hibernated on
 /// that node, wakes on the first after its node is killed (-9) and its lease lapses.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hibernated_sandboxes_move_to_another_node_on_drain_and_on_loss() {
     const SECRET: &str = "fleet-secret-for-tests";
-    let bucket = tempfile::tempdir().unwrap();
-    let store = format!("file://{}", bucket.path().join("images").display());
-    let (mut a, mut b) = two_nodes(&[
+    let s3 = crate::s3::S3::start().await;
+    let s3_env = s3.env("fleet");
+    let mut env: Vec<(&str, &str)> = vec![
         ("SANDPIT_NODE_SECRET", SECRET),
         ("SANDPIT_NODE_LEASE", "3s"),
-        ("SANDPIT_OBJECT_STORE", &store),
-    ])
-    .await;
+    ];
+    env.extend(s3_env.iter().map(|(k, v)| (*k, v.as_str())));
+    let (mut a, mut b) = two_nodes(&env).await;
     let sb = create(
         &a.client(),
         CreateSandboxRequest {
@@ -622,6 +622,7 @@ async fn hibernated_sandboxes_move_to_another_node_on_drain_and_on_loss() {
     .await
     .unwrap();
     assert!(image.memory && image.bytes.unwrap_or(0) > 0, "{image:?}");
+    assert!(s3.objects("fleet") > 0, "the image is in the bucket");
     let second_name = format!("node-{}", second.index);
     second.kill9();
     wait_until(
