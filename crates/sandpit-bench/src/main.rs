@@ -17,6 +17,7 @@ use sandpit_sdk::types::{CreateSandboxRequest, ExecRequest, SandboxMode};
 use sandpit_test_support::TestServer;
 use serde::Serialize;
 
+mod fleet;
 mod placement;
 mod templates;
 
@@ -41,6 +42,10 @@ struct Args {
     /// best-of-3 against a full scan). Needs neither root, runsc nor --sandpit.
     #[arg(long, conflicts_with = "only_templates")]
     only_placement: bool,
+    /// Run only the fleet benchmarks (two nodes with object storage: relayed create and
+    /// exec, wake with the image fetched).
+    #[arg(long, conflicts_with_all = ["only_templates", "only_placement"])]
+    only_fleet: bool,
 }
 
 #[derive(Serialize, Debug)]
@@ -465,6 +470,10 @@ async fn main() -> anyhow::Result<()> {
         let rows = templates::bench(sandpit, &args.platform, args.quick).await?;
         return finish(&rows, &args.out);
     }
+    if args.only_fleet {
+        let rows = fleet::bench(sandpit, &args.platform, args.quick).await?;
+        return finish(&rows, &args.out);
+    }
     let (n_create, n_exec, n_files) = if args.quick { (3, 10, 1) } else { (10, 100, 3) };
     let srv =
         TestServer::start_with(sandpit, &[("SANDPIT_PLATFORM", args.platform.as_str())]).await?;
@@ -757,6 +766,7 @@ async fn main() -> anyhow::Result<()> {
 
     drop(snap);
     rows.extend(templates::bench(sandpit, &args.platform, args.quick).await?);
+    rows.extend(fleet::bench(sandpit, &args.platform, args.quick).await?);
     rows.extend(placement::bench(args.quick));
     finish(&rows, &args.out)
 }

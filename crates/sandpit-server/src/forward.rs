@@ -364,6 +364,16 @@ pub async fn drain_away(server: Arc<Server>) {
     tracing::info!("drain: done");
 }
 
+/// Whether `row`, another node's, is suspended on a node that is lost or draining: this
+/// node then answers for it, and a request that wakes it takes it over here.
+pub async fn moves_here(server: &Server, row: &sandpit_control::store::Sandbox) -> bool {
+    !server.is_mine(row)
+        && row.status == Status::Suspended
+        && sandpit_control::node::moves::owner_gone_or_draining(&server.node, &row.node_id)
+            .await
+            .unwrap_or(false)
+}
+
 /// The address of the node placement chooses for a new sandbox, if it is another one.
 pub async fn other_node(server: &Server) -> Option<String> {
     let chosen = sandpit_control::membership::place_new(&server.store)

@@ -512,6 +512,7 @@ async fn proxy(server: Arc<Server>, req: Request, id: &str, port: u16) -> Respon
     if !server.is_mine(&row)
         && let Some(secret) = server.cfg.node_secret.clone()
         && !crate::forward::is_relayed(&secret, &req)
+        && !crate::forward::moves_here(&server, &row).await
     {
         let address = match crate::forward::alive_node(&server, &row.node_id).await {
             Ok(Some(a)) => a,
@@ -571,8 +572,10 @@ async fn connect(
             Ok(None) => break,
             Err(e) => return Err(internal(&e)),
         };
-        // Another node's slot numbers name other addresses: never connect to them here.
-        if !server.is_mine(&row) {
+        // Another node's slot numbers name other addresses: never connect to them here
+        // (unless it is hibernated on a node that is gone or draining: the wake below
+        // takes it over).
+        if !server.is_mine(&row) && !crate::forward::moves_here(server, &row).await {
             return Err((
                 StatusCode::SERVICE_UNAVAILABLE,
                 "sandbox_on_another_node",
