@@ -564,28 +564,26 @@ pub struct WatchQuery {
     pub exclude: Option<Vec<String>>,
 }
 
-/// One change seen by a watch: the `data` of a Server-Sent Event.
+/// One event of `GET /v1/sandboxes/{id}/watch` (Server-Sent Events; the SSE event name
+/// equals `type`).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 pub struct FileEvent {
     /// `add` (created or moved in), `change` (contents or metadata), `remove` (deleted or
     /// moved out), `overflow` (events were dropped because the client did not keep up: list
     /// the tree again; `path` is the watched path) or `limit` (the tree has more than 4096
     /// directories: changes under `path` are not seen). A rename is a `remove` and an `add`.
+    /// The last event of a stream is `end`, with `reason` and the watched `path`.
     #[serde(rename = "type")]
     pub kind: String,
     /// Absolute path inside the sandbox.
     pub path: String,
     /// Whether the path is (or was) a directory.
     pub dir: bool,
-}
-
-/// The last event of a watch stream (SSE event name `end`), sent before the server closes it.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
-pub struct WatchEnd {
-    /// `gone` (the watched path was removed or moved), `suspended` (the sandbox is being
-    /// suspended, forked or destroyed: reconnect, which wakes it, and list the tree again) or
-    /// `agent_gone` (the connection to the sandbox broke).
-    pub reason: String,
+    /// Only on `end`: `gone` (the watched path was removed or moved), `suspended` (the
+    /// sandbox is being suspended, forked or destroyed: reconnect, which wakes it, and list
+    /// the tree again) or `agent_gone` (the connection to the sandbox broke).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A TCP port listening inside a sandbox.

@@ -20,7 +20,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use sandpit_agent_proto::{self as proto, EventQueue, WatchEvent, WatchRequest};
-use sandpit_api_types::{ErrorBody, FileEvent, WatchEnd, WatchQuery};
+use sandpit_api_types::{ErrorBody, FileEvent, WatchQuery};
 use sandpit_control::agent::AgentFailure;
 use sandpit_control::agent_watch::AgentWatch;
 use sandpit_control::live::ConnGuard;
@@ -106,14 +106,14 @@ fn watch_failure(f: AgentFailure) -> ApiError {
 /// Watch a file or a directory tree. The answer is a stream of Server-Sent Events whose
 /// `data` is a JSON `FileEvent`, one per change, in the order they happened, starting with
 /// the first change after the answer's headers; comments keep an idle stream alive. The
-/// stream ends with an event named `end` (`data`: a `WatchEnd`) when the watched path goes
+/// stream ends with an `end` event when the watched path goes
 /// away or the sandbox is suspended; closing it ends the watch. A client that reads too
 /// slowly gets an `overflow` event in place of the changes it missed. A suspended sandbox is
 /// woken, as for the file routes; an open watch does not keep a sandbox awake.
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/watch", tag = "files",
     params(("id" = String, Path, description = "Sandbox id"), WatchQuery),
     responses(
-        (status = 200, description = "Server-Sent Events, each `data` a FileEvent (the last, named `end`, a WatchEnd)", content_type = "text/event-stream", body = FileEvent),
+        (status = 200, description = "Server-Sent Events, each `data` a FileEvent, the last of type `end`", content_type = "text/event-stream", body = FileEvent),
         (status = 400, description = "Invalid query (`invalid_query`), path (`invalid_path`: relative, contains `..`, too long) or excludes (`invalid_exclude`: more than 64, longer than 256 bytes, empty or with NUL)", body = ErrorBody),
         (status = 403, description = "Sandbox belongs to another workspace", body = ErrorBody),
         (status = 404, description = "Sandbox or path not found", body = ErrorBody),
@@ -135,16 +135,16 @@ async fn watch(
     let agent_watch = agent.watch(req).await.map_err(watch_failure)?;
     drop(guard);
     let (tx, rx) = mpsc::channel::<Item>(1);
-    tokio::spawn(relay(root, agent_watch, live, tx));
-    let events = tokio_stream::wrappers::ReceiverStream::new(rx).flat_map(|item| {
+    tokio::spawn(relay(root.clone(), agent_watch, live, tx));
+    let events = tokio_stream::wrappers::ReceiverStream::new(rx).flat_map(move |item| {
         let events: Vec<Result<Event, Infallible>> = match item {
             Item::Events(batch) => batch.into_iter().map(|e| Ok(sse_event(e))).collect(),
-            Item::End(reason) => vec![Ok(Event::default()
-                .event("end")
-                .json_data(WatchEnd {
-                    reason: reason.into(),
-                })
-                .unwrap_or_default())],
+            Item::End(reason) => vec![Ok(to_sse(FileEvent {
+                kind: "end".into(),
+                path: root.clone(),
+                dir: false,
+                reason: Some(reason.into()),
+            }))],
         };
         futures::stream::iter(events)
     });
@@ -158,12 +158,18 @@ fn sse_event(e: WatchEvent) -> Event {
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_default();
+    to_sse(FileEvent {
+        kind,
+        path: e.path,
+        dir: e.dir,
+        reason: None,
+    })
+}
+
+fn to_sse(e: FileEvent) -> Event {
     Event::default()
-        .json_data(FileEvent {
-            kind,
-            path: e.path,
-            dir: e.dir,
-        })
+        .event(e.kind.clone())
+        .json_data(e)
         .unwrap_or_default()
 }
 
