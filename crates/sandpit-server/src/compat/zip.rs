@@ -39,9 +39,9 @@ pub fn tar_to_zip(input: impl Read, output: impl Write) -> Result<(), ZipError> 
     let mut archive = tar::Archive::new(input);
     let entries = archive.entries().map_err(ZipError::Tar)?.raw(true);
     let mut zip = ZipWriter::new_stream(output);
-    let opts = SimpleFileOptions::default()
-        .compression_method(CompressionMethod::Deflated)
-        .large_file(true);
+    // No zip64: the caps keep every size and offset under 4 GiB, and some readers (fflate,
+    // which the CodeSandbox SDK ships) misread zip64 entries written as a stream.
+    let opts = SimpleFileOptions::default().compression_method(CompressionMethod::Deflated);
     let mut total = 0u64;
     let mut count = 0usize;
     let mut long_name: Option<Vec<u8>> = None;
