@@ -16,7 +16,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::{
     ExitStatus, Frame, FrameKind, Op, ProtoError, Request, SignalRequest, TerminalCreate,
-    TerminalInfo, TerminalList, TerminalSize, read_frame, write_frame, write_json,
+    TerminalInfo, TerminalList, TerminalSize, WatchBatch, WatchEvent, WatchRequest, read_frame,
+    write_frame, write_json,
 };
 
 /// What an attachment receives after its `Started` frame.
@@ -135,6 +136,29 @@ pub async fn send_resize<W: AsyncWrite + Unpin>(
 /// Signal an attached terminal's process group.
 pub async fn send_signal<W: AsyncWrite + Unpin>(w: &mut W, signal: i32) -> Result<(), ProtoError> {
     write_json(w, FrameKind::Signal, &SignalRequest { signal }).await
+}
+
+/// Start a watch (version 4): send the request, read the `Started` frame. Batches follow
+/// (see [`read_watch_batch`]).
+pub async fn watch<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    req: WatchRequest,
+) -> Result<(), ProtoError> {
+    send_request(s, Op::Watch(req)).await?;
+    let frame = read_frame(s).await?;
+    expect::<serde_json::Value>(&frame, FrameKind::Started).map(drop)
+}
+
+/// The next batch of a watch; `None` once the watched path is gone (`End`).
+pub async fn read_watch_batch<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<Vec<WatchEvent>>, ProtoError> {
+    let frame = read_frame(r).await?;
+    match frame.kind {
+        FrameKind::Events => Ok(Some(frame.parse::<WatchBatch>()?.events)),
+        FrameKind::End => Ok(None),
+        _ => Err(refusal_or_unexpected(&frame)),
+    }
 }
 
 /// Parse `frame` if it is of kind `want`; an `Error` frame is a refusal.

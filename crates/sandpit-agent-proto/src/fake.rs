@@ -223,7 +223,7 @@ async fn serve(
         Op::TerminalAttach { id, replay } => {
             return terminal_attach(&mut s, terminals, &id, replay).await;
         }
-        Op::Exec(_) | Op::ListDir { .. } => Err(refuse(
+        Op::Exec(_) | Op::ListDir { .. } | Op::Watch(_) => Err(refuse(
             AgentErrorCode::BadRequest,
             "the fake agent does not implement this operation",
         )),

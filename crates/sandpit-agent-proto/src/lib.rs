@@ -34,6 +34,17 @@
 //! version-3 operation, so an older agent never sees it) and `Signal`. An agent of version 2
 //! refuses every terminal operation with `unsupported_version`. [`client`] has typed helpers
 //! for the host.
+//!
+//! Version 4 added [`Op::Watch`]: inotify on a file or a directory tree inside the sandbox.
+//! The agent answers `Started` once its watches are in place, then sends
+//! [`FrameKind::Events`] frames (JSON [`WatchBatch`], new in version 4 and only ever sent on
+//! a version-4 operation) until the host closes the connection, which ends the watch; `End`
+//! if the watched path itself went away. Everything between inotify and the host is bounded:
+//! at most [`MAX_WATCHED_DIRS`] directories per watch (past that, one [`WatchEventKind::Limit`]
+//! event names the directory left out) and at most [`MAX_QUEUED_EVENTS`] events waiting for
+//! a slow host (past that they are dropped for one [`WatchEventKind::Overflow`] event: the
+//! client must list the tree again). An agent of version 3 refuses it with
+//! `unsupported_version`.
 #![cfg_attr(
     test,
     allow(
@@ -50,7 +61,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The TCP port the agent listens on inside the sandbox.
 pub const AGENT_PORT: u16 = 49983;
@@ -73,6 +84,14 @@ pub const MAX_SCROLLBACK: u64 = 4 * 1024 * 1024;
 pub const MAX_TERMINAL_DIM: u16 = 1000;
 /// Longest terminal id.
 pub const MAX_TERMINAL_ID_LEN: usize = 64;
+/// Most exclude patterns one watch may carry.
+pub const MAX_WATCH_EXCLUDES: usize = 64;
+/// Longest exclude pattern (bytes).
+pub const MAX_WATCH_EXCLUDE_LEN: usize = 256;
+/// Most directories one recursive watch follows.
+pub const MAX_WATCHED_DIRS: usize = 4096;
+/// Most events one watch holds for a host (or, on the host, a client) that does not keep up.
+pub const MAX_QUEUED_EVENTS: usize = 4096;
 
 /// What a frame carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +125,8 @@ pub enum FrameKind {
     /// window size. A frame kind of its own rather than a variant of `Signal`'s payload, so
     /// that `Signal` keeps its one shape.
     Resize = 13,
+    /// agent → host (version 4), during `Watch` only: JSON [`WatchBatch`].
+    Events = 14,
 }
 
 impl FrameKind {
@@ -126,6 +147,7 @@ impl FrameKind {
             11 => Ok,
             12 => Error,
             13 => Resize,
+            14 => Events,
             _ => return None,
         })
     }
@@ -256,6 +278,11 @@ pub enum Op {
     /// Version 3. Set the window size (the foreground process group gets SIGWINCH). Answered
     /// with `Ok` + `{}`; `not_found` for an unknown id.
     TerminalResize { id: String, cols: u16, rows: u16 },
+    /// Version 4. Watch a file or directory (see the crate docs): `Started` + `{}` once the
+    /// watches are in place, then `Events` frames until the host closes; `End` once the
+    /// watched path is gone. `not_found`, `invalid_path` or `bad_request` (a malformed
+    /// exclude) before `Started`.
+    Watch(WatchRequest),
 }
 
 impl Op {
@@ -268,6 +295,7 @@ impl Op {
             | Op::TerminalList
             | Op::TerminalKill { .. }
             | Op::TerminalResize { .. } => 3,
+            Op::Watch(_) => 4,
             _ => 1,
         }
     }
@@ -302,6 +330,192 @@ pub struct TerminalCreate {
     /// [`DEFAULT_SCROLLBACK`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scrollback_bytes: Option<u64>,
+}
+
+/// Watch a path (version 4).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct WatchRequest {
+    /// Absolute path of a directory or a file.
+    pub path: String,
+    /// Follow the whole tree under a directory (and directories created in it later);
+    /// otherwise only its direct entries.
+    #[serde(default)]
+    pub recursive: bool,
+    /// Glob patterns ([`watch_excluded`]) of paths, relative to `path`, to leave out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excludes: Vec<String>,
+}
+
+impl WatchRequest {
+    /// The request with its path normalized, or why it is refused (`invalid_path` or
+    /// `bad_request`). The host checks with this before it connects; the agent again.
+    pub fn validate(mut self) -> Result<WatchRequest, AgentError> {
+        self.path = normalize_path(&self.path)?;
+        let bad = |message: String| AgentError {
+            code: AgentErrorCode::BadRequest,
+            message,
+        };
+        if self.excludes.len() > MAX_WATCH_EXCLUDES {
+            return Err(bad(format!(
+                "at most {MAX_WATCH_EXCLUDES} exclude patterns are allowed"
+            )));
+        }
+        for pat in &self.excludes {
+            if pat.is_empty() || pat.len() > MAX_WATCH_EXCLUDE_LEN || pat.contains('\0') {
+                return Err(bad(format!(
+                    "an exclude pattern must be 1 to {MAX_WATCH_EXCLUDE_LEN} bytes without NUL"
+                )));
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// What happened to a watched path.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WatchEventKind {
+    /// Created, or moved in (a rename is a `remove` of the old path and an `add` of the new).
+    Add,
+    /// Contents or metadata changed.
+    Change,
+    /// Deleted, or moved out.
+    Remove,
+    /// Events were dropped (a host or client did not keep up): list the tree again.
+    /// `path` is the watched path.
+    Overflow,
+    /// The tree has more than [`MAX_WATCHED_DIRS`] directories: changes under `path` are
+    /// not seen.
+    Limit,
+}
+
+/// One change.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WatchEvent {
+    #[serde(rename = "type")]
+    pub kind: WatchEventKind,
+    /// Absolute path inside the sandbox.
+    pub path: String,
+    /// Whether the path is (or was) a directory.
+    #[serde(default)]
+    pub dir: bool,
+}
+
+/// The payload of an [`FrameKind::Events`] frame: changes in the order they happened.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WatchBatch {
+    pub events: Vec<WatchEvent>,
+}
+
+/// Most events in one [`WatchBatch`], so a batch always fits in a frame (a path is at most
+/// 4096 bytes).
+pub const MAX_BATCH_EVENTS: usize = 128;
+
+/// Events waiting for a slow reader, at most [`MAX_QUEUED_EVENTS`] of them: past that, the
+/// queue holds a single `overflow` event for `root` and drops everything until it is taken.
+#[derive(Debug)]
+pub struct EventQueue {
+    root: String,
+    events: std::collections::VecDeque<WatchEvent>,
+    overflowed: bool,
+}
+
+impl EventQueue {
+    pub fn new(root: &str) -> EventQueue {
+        EventQueue {
+            root: root.to_string(),
+            events: Default::default(),
+            overflowed: false,
+        }
+    }
+
+    /// Queue `ev`, skipping it when it repeats the last one.
+    pub fn push(&mut self, ev: WatchEvent) {
+        if self.overflowed || self.events.back() == Some(&ev) {
+            return;
+        }
+        if self.events.len() >= MAX_QUEUED_EVENTS {
+            self.events.clear();
+            self.overflowed = true;
+            self.events.push_back(WatchEvent {
+                kind: WatchEventKind::Overflow,
+                path: self.root.clone(),
+                dir: true,
+            });
+            return;
+        }
+        self.events.push_back(ev);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// Up to [`MAX_BATCH_EVENTS`] of the oldest events; taking the overflow event ends the
+    /// overflow.
+    pub fn take_batch(&mut self) -> Vec<WatchEvent> {
+        let n = self.events.len().min(MAX_BATCH_EVENTS);
+        let batch: Vec<WatchEvent> = self.events.drain(..n).collect();
+        if self.events.is_empty() {
+            self.overflowed = false;
+        }
+        batch
+    }
+}
+
+/// Whether `rel` (a path relative to the watched root, `/`-separated, no leading slash) is
+/// excluded by one of `patterns`, or lies under a directory that is. A pattern without a
+/// slash matches any single component (`node_modules`, `*.log`); one with a slash matches the
+/// whole relative path, with `**` for any number of components (`**/node_modules/**`,
+/// `src/*.tmp`). Within a component `*` matches any run of characters and `?` one.
+pub fn watch_excluded(rel: &str, patterns: &[String]) -> bool {
+    let parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty()).collect();
+    patterns.iter().any(|pat| {
+        let pat = pat.trim_start_matches("./").trim_matches('/');
+        if pat.is_empty() {
+            return false;
+        }
+        if !pat.contains('/') {
+            return parts
+                .iter()
+                .any(|c| component_match(pat.as_bytes(), c.as_bytes()));
+        }
+        let pp: Vec<&str> = pat.split('/').filter(|p| !p.is_empty()).collect();
+        // The path or one of its ancestors.
+        (1..=parts.len()).any(|n| path_match(&pp, &parts[..n]))
+    })
+}
+
+fn path_match(pat: &[&str], parts: &[&str]) -> bool {
+    match pat.split_first() {
+        None => parts.is_empty(),
+        Some((&"**", rest)) => (0..=parts.len()).any(|i| path_match(rest, &parts[i..])),
+        Some((p, rest)) => parts.split_first().is_some_and(|(c, tail)| {
+            component_match(p.as_bytes(), c.as_bytes()) && path_match(rest, tail)
+        }),
+    }
+}
+
+/// `*` and `?` glob match of one component, iterative (linear backtracking on the last star).
+fn component_match(pat: &[u8], s: &[u8]) -> bool {
+    let (mut p, mut i) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while i < s.len() {
+        if p < pat.len() && (pat[p] == b'?' || pat[p] == s[i]) {
+            p += 1;
+            i += 1;
+        } else if p < pat.len() && pat[p] == b'*' {
+            star = Some((p, i));
+            p += 1;
+        } else if let Some((sp, si)) = star {
+            p = sp + 1;
+            i = si + 1;
+            star = Some((sp, si + 1));
+        } else {
+            return false;
+        }
+    }
+    pat[p..].iter().all(|&b| b == b'*')
 }
 
 /// A terminal's window size (version 3): the payload of [`FrameKind::Resize`].
@@ -510,6 +724,8 @@ pub enum AgentErrorCode {
     /// The agent holds [`MAX_TERMINALS`] terminals already (version 3; only
     /// `TerminalCreate` answers with it).
     TooManyTerminals,
+    /// The sandbox's inotify limits were reached (version 4; only `Watch`).
+    TooManyWatches,
     Io,
 }
 
@@ -779,6 +995,103 @@ mod tests {
             serde_json::to_string(&AgentErrorCode::TooManyTerminals).unwrap(),
             r#""too_many_terminals""#
         );
+    }
+
+    #[test]
+    fn watch_json_shapes_are_stable() {
+        let req = Request::new(Op::Watch(WatchRequest {
+            path: "/w".into(),
+            recursive: true,
+            excludes: vec!["**/node_modules/**".into()],
+        }));
+        assert_eq!(
+            serde_json::to_string(&req).unwrap(),
+            r#"{"v":4,"op":"watch","path":"/w","recursive":true,"excludes":["**/node_modules/**"]}"#
+        );
+        let batch = WatchBatch {
+            events: vec![WatchEvent {
+                kind: WatchEventKind::Add,
+                path: "/w/a".into(),
+                dir: false,
+            }],
+        };
+        assert_eq!(
+            serde_json::to_string(&batch).unwrap(),
+            r#"{"events":[{"type":"add","path":"/w/a","dir":false}]}"#
+        );
+        assert_eq!(FrameKind::from_u8(14), Some(FrameKind::Events));
+    }
+
+    #[test]
+    fn watch_requests_are_checked() {
+        let req = |path: &str, excludes: Vec<String>| WatchRequest {
+            path: path.into(),
+            recursive: true,
+            excludes,
+        };
+        assert_eq!(req("/w//x/", vec![]).validate().unwrap().path, "/w/x");
+        assert_eq!(
+            req("w", vec![]).validate().unwrap_err().code,
+            AgentErrorCode::InvalidPath
+        );
+        assert_eq!(
+            req("/w/../etc", vec![]).validate().unwrap_err().code,
+            AgentErrorCode::InvalidPath
+        );
+        for bad in [
+            vec!["".to_string()],
+            vec!["a\0".to_string()],
+            vec!["x".repeat(MAX_WATCH_EXCLUDE_LEN + 1)],
+            vec!["a".to_string(); MAX_WATCH_EXCLUDES + 1],
+        ] {
+            assert_eq!(
+                req("/w", bad).validate().unwrap_err().code,
+                AgentErrorCode::BadRequest
+            );
+        }
+    }
+
+    #[test]
+    fn excludes_match_like_gitignore() {
+        let ex = |p: &[&str]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let nm = ex(&["**/node_modules/**"]);
+        assert!(watch_excluded("node_modules", &nm));
+        assert!(watch_excluded("node_modules/a.js", &nm));
+        assert!(watch_excluded("p/node_modules/x/y.js", &nm));
+        assert!(!watch_excluded("p/node_modules_x", &nm));
+        assert!(!watch_excluded("src/a.js", &nm));
+        let logs = ex(&["*.log", "build"]);
+        assert!(watch_excluded("x.log", &logs) && watch_excluded("a/b/x.log", &logs));
+        assert!(watch_excluded("build/out.js", &logs));
+        assert!(!watch_excluded("x.logs", &logs) && !watch_excluded("builder", &logs));
+        let anchored = ex(&["src/*.tmp"]);
+        assert!(watch_excluded("src/a.tmp", &anchored));
+        assert!(!watch_excluded("lib/src/a.tmp", &anchored));
+        assert!(component_match(b"a*b?c*", b"axxbycdd"));
+        assert!(!component_match(b"a*b?c", b"axxbyd"));
+    }
+
+    #[test]
+    fn event_queues_are_bounded() {
+        let ev = |i: usize| WatchEvent {
+            kind: WatchEventKind::Add,
+            path: format!("/w/{i}"),
+            dir: false,
+        };
+        let mut q = EventQueue::new("/w");
+        q.push(ev(0));
+        q.push(ev(0));
+        assert_eq!(q.take_batch(), vec![ev(0)]);
+        for i in 0..MAX_QUEUED_EVENTS * 3 {
+            q.push(ev(i));
+        }
+        let first = q.take_batch();
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].kind, WatchEventKind::Overflow);
+        assert!(q.is_empty());
+        // After the overflow was taken, events queue again.
+        q.push(ev(1));
+        assert_eq!(q.take_batch(), vec![ev(1)]);
     }
 
     #[test]

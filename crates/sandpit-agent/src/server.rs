@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::conn::{Conn, agent_error};
 use crate::terminal::{self, Terminals};
-use crate::{exec, files, ports};
+use crate::{exec, files, ports, watch};
 
 /// How long a new connection may take to send its request.
 const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
@@ -227,6 +227,7 @@ async fn dispatch(conn: &mut Conn, op: Op, terminals: &Terminals) -> Result<(), 
         }
         Op::TerminalList => Ok(to_value(&terminals.list())),
         Op::TerminalKill { id, signal } => terminals.kill(&id, signal).map(|()| empty()),
+        Op::Watch(req) => return watch::run(conn, req).await,
         Op::TerminalResize { id, cols, rows } => terminals
             .resize(&id, TerminalSize { cols, rows })
             .map(|()| empty()),
@@ -298,7 +299,7 @@ mod tests {
         assert_eq!(req.op, Op::Ping);
         let code = |f: &Frame| parse_request(f).unwrap_err().code;
         assert_eq!(
-            code(&frame(FrameKind::Request, r#"{"v":4,"op":"teleport"}"#)),
+            code(&frame(FrameKind::Request, r#"{"v":5,"op":"teleport"}"#)),
             AgentErrorCode::UnsupportedVersion
         );
         // Version 3 is this agent's: its operations parse, and older requests still do.

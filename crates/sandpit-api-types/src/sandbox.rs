@@ -566,6 +566,49 @@ pub struct FileList {
     pub entries: Vec<FileEntry>,
 }
 
+/// Query of `GET /v1/sandboxes/{id}/watch`.
+#[derive(Debug, Clone, Serialize, Deserialize, IntoParams, Default)]
+#[into_params(parameter_in = Query)]
+pub struct WatchQuery {
+    /// Absolute path of a directory or a file inside the sandbox (no `..`, at most 4096
+    /// bytes).
+    #[param(pattern = "^/", max_length = 4096)]
+    pub path: String,
+    /// Follow the whole tree under the directory, including directories created later
+    /// (default false: its direct entries only).
+    #[serde(default)]
+    pub recursive: Option<bool>,
+    /// Glob patterns, relative to `path`, to leave out; repeat the parameter for several (at
+    /// most 64, each at most 256 bytes). A pattern without `/` matches any path component
+    /// (`node_modules`, `*.log`); one with `/` matches the relative path, `**` standing for
+    /// any number of components (`**/dist/**`). Everything under an excluded directory is
+    /// excluded.
+    #[serde(default)]
+    pub exclude: Option<Vec<String>>,
+}
+
+/// One event of `GET /v1/sandboxes/{id}/watch` (Server-Sent Events; the SSE event name
+/// equals `type`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct FileEvent {
+    /// `add` (created or moved in), `change` (contents or metadata), `remove` (deleted or
+    /// moved out), `overflow` (events were dropped because the client did not keep up: list
+    /// the tree again; `path` is the watched path) or `limit` (the tree has more than 4096
+    /// directories: changes under `path` are not seen). A rename is a `remove` and an `add`.
+    /// The last event of a stream is `end`, with `reason` and the watched `path`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Absolute path inside the sandbox.
+    pub path: String,
+    /// Whether the path is (or was) a directory.
+    pub dir: bool,
+    /// Only on `end`: `gone` (the watched path was removed or moved), `suspended` (the
+    /// sandbox is being suspended, forked or destroyed: reconnect, which wakes it, and list
+    /// the tree again) or `agent_gone` (the connection to the sandbox broke).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
 /// A TCP port listening inside a sandbox.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 pub struct Port {

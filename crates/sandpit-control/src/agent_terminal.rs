@@ -86,7 +86,7 @@ impl AttachmentWriter<'_> {
 
 impl AgentClient {
     /// A fresh connection to the agent that resets when dropped.
-    async fn terminal_conn(&self) -> Result<TcpStream, ControlError> {
+    pub(crate) async fn terminal_conn(&self) -> Result<TcpStream, ControlError> {
         let broken = |what: String| ControlError::Agent {
             sandbox: self.sandbox.clone(),
             what,
@@ -175,7 +175,7 @@ impl AgentClient {
 }
 
 /// A refusal stays a refusal; anything else broke the connection.
-fn failure(sandbox: &str, e: ProtoError) -> AgentFailure {
+pub(crate) fn failure(sandbox: &str, e: ProtoError) -> AgentFailure {
     match e {
         ProtoError::Refused(e) => AgentFailure::Refused(e),
         e => AgentFailure::Broken(ControlError::Agent {

@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod agent_terminal;
+pub mod agent_watch;
 pub mod create;
 pub mod domain;
 pub mod error;

@@ -282,6 +282,29 @@ impl Client {
         self.send(rb).await
     }
 
+    /// Watch a file or directory: one [`FileEvent`] per change (`add`, `change`, `remove`,
+    /// `overflow`, `limit`), then `end`. Dropping the stream ends the watch. `excludes` are
+    /// glob patterns relative to `path`.
+    pub async fn watch(
+        &self,
+        id: &str,
+        path: &str,
+        recursive: bool,
+        excludes: &[&str],
+    ) -> Result<impl Stream<Item = Result<FileEvent, SdkError>> + use<>, SdkError> {
+        let mut query = vec![
+            ("path", path.to_string()),
+            ("recursive", recursive.to_string()),
+        ];
+        query.extend(excludes.iter().map(|e| ("exclude", e.to_string())));
+        let rb = self
+            .request(Method::GET, &Self::sandbox_path(id, "/watch"))
+            .query(&query);
+        let resp = self.send(rb).await?;
+        let url = resp.url().to_string();
+        Ok(sse_events(resp.bytes_stream(), url))
+    }
+
     pub async fn list_files(&self, id: &str, path: &str) -> Result<FileList, SdkError> {
         let rb = self
             .request(Method::GET, &Self::sandbox_path(id, "/files/list"))

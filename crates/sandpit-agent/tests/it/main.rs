@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpStream;
 
 mod terminal;
+mod watch;
 
 /// A running agent, killed on drop.
 struct Agent {

@@ -4,6 +4,7 @@
 // (exit 1) at the first expectation that fails. Run by tests/it/csb.rs.
 import http from "node:http";
 import { CodeSandbox, CommandError } from "@codesandbox/sdk";
+import { unzipSync } from "fflate";
 
 const baseUrl = process.env.CSB_BASE_URL;
 const sdk = new CodeSandbox(process.env.CSB_API_KEY, { baseUrl });
@@ -135,6 +136,13 @@ await client.fs.remove("watched/new.txt");
 await until("a remove event", () =>
   events.some((e) => e.type === "remove" && e.paths.some((p) => p.endsWith("/watched/new.txt"))),
 );
+// A rewrite that keeps size and mtime (inotify sees it; polling would not).
+await client.commands.run(
+  "cd watched && printf aaaa > same.txt && touch -r same.txt /tmp/ref && sleep 0.2 && printf bbbb > same.txt && touch -r /tmp/ref same.txt",
+);
+await until("a same-size same-mtime change", () =>
+  events.some((e) => e.type === "change" && e.paths.some((p) => p.endsWith("/watched/same.txt"))),
+);
 expect(!events.some((e) => e.paths.some((p) => p.includes("node_modules"))), "excluded paths");
 watcher.dispose();
 seen.files = names;
@@ -265,9 +273,15 @@ expect((await client2.fs.readTextFile("notes.txt")) === "kept across hibernation
 const alive = await client2.commands.run(`kill -0 ${pid} && echo alive-${pid}`);
 expect(alive.includes(`alive-${pid}`), `process after resume: ${alive}`);
 seen.resumed = { pid, bootupType: resumed.bootupType };
+await client2.commands.run("ln -sf /etc/passwd site/passwd && printf zipped > site/z.txt");
 const { downloadUrl } = await client2.fs.download("site");
 const archive = new Uint8Array(await (await fetch(downloadUrl)).arrayBuffer());
-expect(archive[0] === 0x1f && archive[1] === 0x8b && archive.length > 40, `download is a gzip (${archive.length} bytes)`);
+expect(archive[0] === 0x50 && archive[1] === 0x4b, `download is a zip (${archive.length} bytes)`);
+const files = unzipSync(archive);
+const text = (name) => new TextDecoder().decode(files[name]);
+expect(text("site/z.txt") === "zipped", `zip entries: ${Object.keys(files)}`);
+// The link is stored as a link (its target), never as what it points to.
+expect(text("site/passwd") === "/etc/passwd", `symlink in the zip: ${text("site/passwd")}`);
 seen.download = archive.length;
 
 // ---- sessions: a Linux user each, write or read, git identity ----

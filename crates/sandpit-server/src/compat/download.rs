@@ -1,7 +1,9 @@
 //! `fs/download` links: `GET /csb/download/{token}` streams a file or directory of the
-//! sandbox as a gzipped tar, for five minutes after the agent gateway handed out the link.
-//! Partial compared with CodeSandbox: a `.tar.gz` rather than a zip (minimal images have
-//! `tar` but no `zip`), and `excludes` are not applied.
+//! sandbox as a zip, as CodeSandbox does, for five minutes after the agent gateway handed out
+//! the link. The sandbox's `tar` writes a tar stream (minimal images have `tar` but no
+//! `zip`); the host re-packs it as a zip in memory as it streams ([`super::zip`]: bounded,
+//! names checked, links kept as links, nothing written to or read from host paths). A
+//! stream that fails midway ends the body early, so the client sees a truncated zip.
 
 use crate::csb_store::CsbTables;
 use sandpit_control::Status;
@@ -83,7 +85,7 @@ async fn download(
     let req = sandpit_agent_proto::ExecRequest {
         argv: Some(vec![
             "tar".into(),
-            "czf".into(),
+            "cf".into(),
             "-".into(),
             "-C".into(),
             parent,
@@ -93,6 +95,7 @@ async fn download(
         ..Default::default()
     };
     let (tx, mut rx) = mpsc::channel::<ExecOutput>(16);
+    let (tar_tx, tar_rx) = mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(16);
     let (body_tx, body_rx) = mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(16);
     tokio::spawn(async move {
         // The read lock is held while the archive streams (as for `/v1` downloads).
@@ -100,27 +103,40 @@ async fn download(
         let forward = async {
             while let Some(out) = rx.recv().await {
                 if let ExecOutput::Stdout(b) = out
-                    && body_tx.send(Ok(bytes::Bytes::from(b))).await.is_err()
+                    && tar_tx.send(Ok(bytes::Bytes::from(b))).await.is_err()
                 {
                     return;
                 }
             }
+            drop(tar_tx);
         };
-        let (status, ()) = tokio::join!(agent.exec(req, tx), forward);
+        let input = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(
+            tokio_stream::wrappers::ReceiverStream::new(tar_rx),
+        ));
+        let zipping = tokio::task::spawn_blocking(move || {
+            super::zip::tar_to_zip(
+                input,
+                std::io::BufWriter::with_capacity(64 * 1024, ChannelWriter(body_tx)),
+            )
+        });
+        let (status, (), zipped) = tokio::join!(agent.exec(req, tx), forward, zipping);
         if !matches!(status, Ok(ref s) if s.exit_code == 0) {
             tracing::warn!(sandbox = %sandbox, status = ?status, "download archive failed");
         }
+        if let Ok(Err(e)) = zipped {
+            tracing::warn!(sandbox = %sandbox, error = %crate::error::DisplayChain(&e), "download: the archive could not be re-packed");
+        }
     });
-    let file = format!("{}.tar.gz", name.trim_start_matches('.').trim_matches('/'));
-    let file = if file == ".tar.gz" {
-        "download.tar.gz".into()
+    let file = format!("{}.zip", name.trim_start_matches('.').trim_matches('/'));
+    let file = if file == ".zip" {
+        "download.zip".into()
     } else {
         file
     };
     Ok((
         StatusCode::OK,
         [
-            (header::CONTENT_TYPE, "application/gzip".to_string()),
+            (header::CONTENT_TYPE, "application/zip".to_string()),
             (
                 header::CONTENT_DISPOSITION,
                 format!("attachment; filename=\"{}\"", file.replace('"', "")),
@@ -129,6 +145,23 @@ async fn download(
         Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(body_rx)),
     )
         .into_response())
+}
+
+/// Hands the zip writer's output to the response body, blocking (on the blocking thread
+/// that writes the zip) while the client is slow; fails once the client is gone.
+struct ChannelWriter(mpsc::Sender<Result<bytes::Bytes, std::io::Error>>);
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .blocking_send(Ok(bytes::Bytes::copy_from_slice(buf)))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client gone"))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -142,7 +142,11 @@ async fn connect(
 struct Follow {
     shells: HashMap<String, Followed>,
     ports: Option<Vec<u16>>,
+    /// `fs/watch`es of an agent without inotify watches (older than protocol version 4),
+    /// followed by polling.
     watches: HashMap<String, super::watch::Watch>,
+    /// `fs/watch`es on the agent's inotify watches, by watch id.
+    inotify_watches: HashMap<String, WatchRelay>,
     /// Setup step results last reported; `setup_done` once setup finished (or has no steps).
     setup_seen: Option<Vec<Option<i32>>>,
     setup_done: bool,
@@ -157,6 +161,15 @@ struct Attached {
     /// The size last sent through it.
     size: Option<TerminalSize>,
     relay: tokio::task::JoinHandle<()>,
+}
+
+/// The relay of one inotify `fs/watch` ([`relay_watch`]); dropping it ends the watch.
+struct WatchRelay(tokio::task::JoinHandle<()>);
+
+impl Drop for WatchRelay {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 enum TermInput {
@@ -530,6 +543,66 @@ async fn relay_terminal(
     drop(live);
 }
 
+/// Relay one inotify `fs/watch` as `fs/watchEvent` notifications, once `gate` opens (after
+/// the reply that carries the watch id, so the SDK knows the id when events arrive). Ends
+/// when dropped (`fs/unwatch`, or the connection ends), when the watched path goes, when the
+/// agent connection breaks, or when a suspend cuts the sandbox's live connections; the agent
+/// connection is reset before the registration goes. An `overflow` or `limit` event, which
+/// the SDK has no type for, is a `change` of the watched path.
+async fn relay_watch(
+    out: mpsc::Sender<Message>,
+    id: String,
+    root: String,
+    live: ConnGuard,
+    w: sandpit_control::agent_watch::AgentWatch,
+    gate: tokio::sync::oneshot::Receiver<()>,
+) {
+    let cancel = live.cancel_token();
+    // Declared after `live`, so dropped (and reset) before it, however this task ends.
+    let mut w = w;
+    tokio::select! {
+        _ = gate => {}
+        _ = cancel.cancelled() => return,
+    }
+    loop {
+        let batch = tokio::select! {
+            b = w.next() => b,
+            _ = cancel.cancelled() => return,
+        };
+        let events = match batch {
+            Ok(Some(events)) => events,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(watch = %id, error = ?e, "agent gateway: watch ended");
+                return;
+            }
+        };
+        let list: Vec<Value> = events
+            .into_iter()
+            .map(|e| {
+                use sandpit_agent_proto::WatchEventKind as K;
+                let (kind, path) = match e.kind {
+                    K::Add => ("add", e.path),
+                    K::Change => ("change", e.path),
+                    K::Remove => ("remove", e.path),
+                    K::Overflow | K::Limit => ("change", root.clone()),
+                };
+                map(vec![
+                    ("paths", Value::Array(vec![Value::from(path)])),
+                    ("type", Value::from(kind)),
+                ])
+            })
+            .collect();
+        let params = map(vec![
+            ("watchId", Value::from(id.as_str())),
+            ("events", Value::Array(list)),
+        ]);
+        if !notify(&out, "fs/watchEvent", params).await {
+            return;
+        }
+    }
+}
+
 fn shell_dto(s: &ShellMeta, status: &str, exit: Option<i32>, buffer: Option<Vec<String>>) -> Value {
     let mut pairs = vec![
         ("shellId", Value::from(s.id.as_str())),
@@ -752,7 +825,7 @@ impl Conn {
                 Ok(map(vec![("list", ports_value(&list))]))
             }
             m if m.starts_with("shell/") => self.shell(m, p, gate).await,
-            m if m.starts_with("fs/") => self.fs(m, p).await,
+            m if m.starts_with("fs/") => self.fs(m, p, gate).await,
             other => Err(unsupported(other)),
         }
     }
@@ -1335,7 +1408,7 @@ impl Conn {
         }
     }
 
-    async fn fs(&self, method: &str, p: &Value) -> RpcResult {
+    async fn fs(&self, method: &str, p: &Value, gate: &Gate) -> RpcResult {
         let (agent, _g) = self.live_agent().await?;
         match method {
             "fs/readFile" => {
@@ -1453,22 +1526,59 @@ impl Conn {
                             .collect()
                     })
                     .unwrap_or_default();
-                let seen = watch::snapshot(&agent, &path, recursive, &excludes).await?;
+                let req = sandpit_agent_proto::WatchRequest {
+                    path: path.clone(),
+                    recursive,
+                    excludes: excludes.clone(),
+                }
+                .validate()
+                .map_err(|e| rawfs(22, e.message))?;
                 let id = crate::util::random_hex(8);
-                self.follow.lock().await.watches.insert(
-                    id.clone(),
-                    watch::Watch {
-                        path,
-                        recursive,
-                        excludes,
-                        seen,
-                    },
-                );
+                // Registered under the read lock this call holds, like a terminal attachment.
+                let live = self.server.previews.register(&self.session.sandbox);
+                match agent.watch(req).await {
+                    Ok(w) => {
+                        let relay = tokio::spawn(relay_watch(
+                            self.out.clone(),
+                            id.clone(),
+                            path,
+                            live,
+                            w,
+                            gate.wait(),
+                        ));
+                        self.follow
+                            .lock()
+                            .await
+                            .inotify_watches
+                            .insert(id.clone(), WatchRelay(relay));
+                    }
+                    // An agent older than inotify watches (a sandbox restored from an old
+                    // snapshot): follow the tree by polling, which misses changes that keep
+                    // a file's size and modification second.
+                    Err(AgentFailure::Refused(e))
+                        if e.code == AgentErrorCode::UnsupportedVersion =>
+                    {
+                        drop(live);
+                        let seen = watch::snapshot(&agent, &path, recursive, &excludes).await?;
+                        self.follow.lock().await.watches.insert(
+                            id.clone(),
+                            watch::Watch {
+                                path,
+                                recursive,
+                                excludes,
+                                seen,
+                            },
+                        );
+                    }
+                    Err(e) => return Err(e.into()),
+                }
                 Ok(map(vec![("watchId", Value::from(id))]))
             }
             "fs/unwatch" => {
                 let id = need_str(p, "watchId")?;
-                self.follow.lock().await.watches.remove(&id);
+                let mut follow = self.follow.lock().await;
+                follow.watches.remove(&id);
+                follow.inotify_watches.remove(&id);
                 Ok(map(vec![]))
             }
             "fs/rename" | "fs/copy" => {

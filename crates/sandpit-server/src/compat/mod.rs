@@ -15,6 +15,7 @@ pub mod rest;
 pub mod shells;
 pub mod tasks;
 pub mod watch;
+pub mod zip;
 
 use std::sync::Arc;
 

@@ -1,7 +1,9 @@
-//! `fs/watch` for the agent gateway, by polling: the watched tree is listed through the agent
-//! (every [`WATCH_POLL`]) and compared with the previous listing. Partial compared with
-//! inotify: a change that keeps a file's size and modification second is not seen, and a tree
-//! larger than [`MAX_ENTRIES`] is watched only in part.
+//! The fallback `fs/watch` of the agent gateway, for agents older than protocol version 4
+//! (a sandbox restored from a snapshot taken with one), which have no inotify watch: the
+//! watched tree is listed through the agent (every [`WATCH_POLL`]) and compared with the
+//! previous listing. A change that keeps a file's size and modification second is not seen,
+//! and a tree larger than [`MAX_ENTRIES`] is watched only in part. Every other agent's
+//! watches go through `Op::Watch` (see `gateway.rs`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;

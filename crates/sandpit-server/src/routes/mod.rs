@@ -8,6 +8,7 @@ pub mod sandboxes;
 mod schema_rules;
 pub mod templates;
 pub mod terminals;
+pub mod watch;
 
 use std::sync::Arc;
 
@@ -140,6 +141,7 @@ fn router() -> OpenApiRouter<Arc<Server>> {
         .merge(previews::router())
         .merge(templates::router())
         .merge(terminals::router())
+        .merge(watch::router())
         .merge(org::router())
 }
 

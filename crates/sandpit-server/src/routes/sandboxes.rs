@@ -365,6 +365,7 @@ pub fn agent_failure(f: AgentFailure) -> ApiError {
                 C::NoSpace => (StatusCode::INSUFFICIENT_STORAGE, "disk_full"),
                 C::NotRegularFile => (StatusCode::BAD_REQUEST, "not_regular_file"),
                 C::TooManyTerminals => (StatusCode::CONFLICT, "too_many_terminals"),
+                C::TooManyWatches => (StatusCode::CONFLICT, "too_many_watches"),
                 C::UnsupportedVersion | C::Io => (StatusCode::INTERNAL_SERVER_ERROR, "agent_error"),
             };
             ApiError::new(status, code, e.message)
