@@ -28,6 +28,8 @@ use sha2::{Digest, Sha256};
 
 use sandpit_control::Status;
 
+use crate::csb_store::CsbTables;
+
 use crate::auth::Auth;
 use crate::error::{ApiError, DisplayChain};
 use crate::server::Server;
@@ -124,6 +126,15 @@ pub async fn to_owner(State(server): State<Arc<Server>>, mut req: Request, next:
         req.headers_mut().remove(FORWARDED_BY);
         req.headers_mut().remove(NODE_AUTH);
     }
+    if let Some(id) = gateway_sandbox(req.uri().path()) {
+        let id = id.to_string();
+        return match gateway_owner(&server, &id, req.uri().query()).await {
+            Some(address) => relay(&server, &secret, req, &address, &pq)
+                .await
+                .unwrap_or_else(IntoResponse::into_response),
+            None => next.run(req).await,
+        };
+    }
     let Some(auth) = req.extensions().get::<Auth>().cloned() else {
         return next.run(req).await;
     };
@@ -189,6 +200,41 @@ pub async fn to_owner(State(server): State<Arc<Server>>, mut req: Request, next:
     relay(&server, &secret, req, &owner, &pq)
         .await
         .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// The sandbox of a CodeSandbox agent gateway path (`/csb/agent/{id}`).
+fn gateway_sandbox(path: &str) -> Option<&str> {
+    let id = path
+        .strip_prefix(crate::compat::gateway::PATH_PREFIX)?
+        .strip_prefix('/')?
+        .split('/')
+        .next()?;
+    sandbox_of_path(&format!("/vm/{id}"))
+        .is_some()
+        .then_some(id)
+}
+
+/// Where to relay a gateway connection: the address of the node running its sandbox, if
+/// that is another node whose lease holds and the query's agent token is valid for the
+/// sandbox (checked, not spent: the owner checks and spends it). `None`: answered here
+/// (the local route rejects a bad token or names the state).
+async fn gateway_owner(server: &Server, id: &str, query: Option<&str>) -> Option<String> {
+    let query: std::collections::HashMap<String, String> =
+        serde_urlencoded::from_str(query.unwrap_or("")).ok()?;
+    let token = query.get("token").filter(|t| !t.is_empty())?;
+    let grant = server
+        .store
+        .csb()
+        .agent_token(id, &crate::auth::hash_token(token))
+        .await
+        .ok()
+        .flatten()
+        .filter(|t| t.expires_at > crate::util::now_ms())?;
+    let row = server.store.sandboxes.get(id).await.ok().flatten()?;
+    if row.workspace_id != grant.workspace_id || server.is_mine(&row) {
+        return None;
+    }
+    alive_node(server, &row.node_id).await.ok().flatten()
 }
 
 /// A request that makes a new sandbox on whichever node takes it (forks stay with their
@@ -565,6 +611,19 @@ mod tests {
         ] {
             assert!(!runs_anywhere(body.as_bytes()), "{body}");
         }
+    }
+
+    #[test]
+    fn gateway_paths_name_their_sandbox() {
+        assert_eq!(gateway_sandbox("/csb/agent/sb0123abcd"), Some("sb0123abcd"));
+        assert_eq!(
+            gateway_sandbox("/csb/agent/sb0123abcd/"),
+            Some("sb0123abcd")
+        );
+        assert_eq!(gateway_sandbox("/csb/agent/../x"), None);
+        assert_eq!(gateway_sandbox("/csb/agent/"), None);
+        assert_eq!(gateway_sandbox("/csb/agentsb0123"), None);
+        assert_eq!(gateway_sandbox("/v1/sandboxes/sb0123abcd"), None);
     }
 
     #[test]

@@ -313,6 +313,24 @@ async fn the_other_server_relays_everything_about_a_sandbox_to_its_node() {
     assert_eq!(v.closed().await, 1000);
     assert_eq!(v.exit, Some(7));
 
+    // The CodeSandbox agent gateway through B: its WebSocket is relayed to A (the agent
+    // token checked on both), and reads the file uploaded above.
+    let mut gw = crate::security::Gateway::connect_at(&via.url, &a.token, id).await;
+    let read = gw
+        .call(
+            "fs/readFile",
+            vec![("path", rmpv::Value::from("/tmp/big.bin"))],
+        )
+        .await
+        .unwrap();
+    let bytes = read.as_map().unwrap()[0].1.as_slice().unwrap().len();
+    assert_eq!(bytes, 2 << 20);
+    drop(gw);
+    // A token that does not verify is answered by B itself, never relayed.
+    let (status, _) =
+        crate::security::raw_get(&format!("{}/csb/agent/{id}/?token=forged", via.url)).await;
+    assert_eq!(status, 401);
+
     // Hibernate through B; the next exec through B wakes it on A with its files.
     assert_eq!(
         cb.hibernate(id).await.unwrap().status,

@@ -936,8 +936,14 @@ async fn boot_snapshots_are_keyed_by_template_id() {
     println!("FIGURE bad_inputs tenant_isolation=2 cross_tenant_snapshot_probes=2");
 }
 
+/// A plain GET of `url`: its status and body.
+pub(crate) async fn raw_get(url: &str) -> (u16, String) {
+    let r = reqwest::get(url).await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap_or_default())
+}
+
 /// The agent gateway spoken directly: msgpack RPC over its WebSocket.
-struct Gateway {
+pub(crate) struct Gateway {
     ws: tokio_tungstenite::WebSocketStream<
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
     >,
@@ -947,9 +953,15 @@ struct Gateway {
 impl Gateway {
     /// Start the sandbox through the CodeSandbox surface and connect to its gateway.
     async fn connect(srv: &TestServer, id: &str) -> Gateway {
+        Self::connect_at(&srv.url, &srv.token, id).await
+    }
+
+    /// Start sandbox `id` through the server at `url` with `token`, and connect to the
+    /// gateway of that same server (whatever host its answer names).
+    pub(crate) async fn connect_at(url: &str, token: &str, id: &str) -> Gateway {
         let (status, start) = call(
-            &srv.url,
-            Some(&srv.token),
+            url,
+            Some(token),
             &Method::POST,
             &format!("/vm/{id}/start"),
             None,
@@ -957,9 +969,11 @@ impl Gateway {
         .await;
         assert_eq!(status, 200, "{start}");
         let start: serde_json::Value = serde_json::from_str(&start).unwrap();
+        let pitcher = start["data"]["pitcher_url"].as_str().unwrap();
+        let path = &pitcher[pitcher.find("/csb/agent/").expect("a gateway path")..];
         let url = format!(
-            "{}/?token={}",
-            start["data"]["pitcher_url"].as_str().unwrap(),
+            "{}{path}/?token={}",
+            url.replacen("http://", "ws://", 1),
             start["data"]["pitcher_token"].as_str().unwrap()
         );
         let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
@@ -968,7 +982,7 @@ impl Gateway {
 
     /// Call `method`; its result, or its error. Every answer must come within 40 s (the
     /// server bounds a read of tenant bytes to 30 s; one that never ends would hang here).
-    async fn call(
+    pub(crate) async fn call(
         &mut self,
         method: &str,
         params: Vec<(&str, rmpv::Value)>,
