@@ -18,6 +18,7 @@ pub const POINTS: &[&str] = &[
     "fork.parent_restored",
     "destroy.torn_down",
     "upload.written",
+    "relay.answered",
 ];
 
 static ARMED: OnceLock<Option<String>> = OnceLock::new();

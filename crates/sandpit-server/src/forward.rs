@@ -540,6 +540,8 @@ async fn relay_over(
         .send_request(upstream)
         .await
         .map_err(|e| unreachable("sending the request", &e))?;
+    // The node did the work and answered; this server dies before its client hears it.
+    sandpit_control::faults::point("relay.answered");
     drop(sender);
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client_upgrade) = client_upgrade else {

@@ -2,6 +2,8 @@
 //! own, so a client that disconnects and retries gets its result); a repeat with the same key
 //! and the same body replays that response (`Idempotent-Replayed: true`), waiting while the
 //! first still runs; a repeat with another body is refused (422 `idempotency_key_reused`).
+//! Without a key the work runs in a task of its own as well, so that a client that goes
+//! away never cancels a create or fork half-way.
 //! Keys are per workspace, kept 24 hours, and released when the first request fails, so a
 //! retry runs again.
 
@@ -64,7 +66,20 @@ where
     F: Future<Output = Result<(StatusCode, serde_json::Value), ApiError>> + Send + 'static,
 {
     let Some(key) = key else {
-        return work.await.map(|(s, v)| (s, Json(v)).into_response());
+        // In a task of its own too: a client (or relaying server) that goes away mid-create
+        // must not cancel the work half-way and leave a half-made sandbox behind.
+        let (result, headers) = tokio::spawn(crate::limits::collecting_headers(work))
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "request task failed");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal server error; see the server log",
+                )
+            })?;
+        crate::limits::add_headers(headers);
+        return result.map(|(s, v)| (s, Json(v)).into_response());
     };
     let ws = auth.workspace_id.clone();
     let started = Instant::now();

@@ -661,3 +661,92 @@ async fn hibernated_sandboxes_move_to_another_node_on_drain_and_on_loss() {
     assert!(first.leaks().runsc.iter().any(|r| r.contains(id)));
     c1.destroy_sandbox(id).await.unwrap();
 }
+
+/// A server relaying a create or a fork dies (abort, as `kill -9`) once the node doing the
+/// work has answered, before its client hears it. The work is done once: the client's
+/// retry with the same `Idempotency-Key` through the other server replays the answer, and
+/// the workspace holds exactly the sandboxes asked for, all running.
+#[tokio::test]
+async fn a_relaying_server_killed_mid_create_or_fork_loses_and_doubles_nothing() {
+    const SECRET: &str = "fleet-secret-for-tests";
+    let (mut a, b) = two_nodes(&[("SANDPIT_NODE_SECRET", SECRET)]).await;
+    // A drains, so every create it receives is placed on B and relayed.
+    let a_name = format!("node-{}", a.index);
+    let (ok, _, err) = nodes(&a, &["drain", &a_name]);
+    assert!(ok, "{err}");
+    a.set_env("SANDPIT_FAULT_POINT", "relay.answered");
+    a.restart().await.unwrap();
+    let token = a.token.clone();
+    let http = reqwest::Client::new();
+    let post = |url: String, key: &'static str, body: serde_json::Value| {
+        http.post(url)
+            .bearer_auth(&token)
+            .header("idempotency-key", key)
+            .json(&body)
+            .send()
+    };
+    let body = serde_json::to_value(CreateSandboxRequest {
+        mode: SandboxMode::Persistent,
+        timeout: None,
+        ..base()
+    })
+    .unwrap();
+
+    let died = post(format!("{}/v1/sandboxes", a.url), "create-1", body.clone()).await;
+    assert!(died.is_err(), "A answered: {died:?}");
+    for _ in 0..200 {
+        if a.has_exited() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(a.has_exited(), "A aborted at the fault point");
+    let retry = post(format!("{}/v1/sandboxes", b.url), "create-1", body.clone())
+        .await
+        .unwrap();
+    assert_eq!(retry.status(), 201);
+    assert_eq!(
+        retry
+            .headers()
+            .get("idempotent-replayed")
+            .map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
+    let sb: sandpit_api_types::Sandbox = retry.json().await.unwrap();
+    let cb = b.client_with(&token);
+    let all = cb.list_sandboxes(None).await.unwrap();
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert!(b.leaks().runsc.iter().any(|r| r.contains(&sb.id)));
+
+    // The fork of B's sandbox, sent to A, is relayed to B; A dies again before answering.
+    a.restart().await.unwrap();
+    let fork = serde_json::json!({"count": 2});
+    let died = post(
+        format!("{}/v1/sandboxes/{}/fork", a.url, sb.id),
+        "fork-1",
+        fork.clone(),
+    )
+    .await;
+    assert!(died.is_err(), "A answered: {died:?}");
+    let retry = post(
+        format!("{}/v1/sandboxes/{}/fork", b.url, sb.id),
+        "fork-1",
+        fork,
+    )
+    .await
+    .unwrap();
+    assert!(retry.status().is_success(), "{}", retry.status());
+    assert_eq!(
+        retry
+            .headers()
+            .get("idempotent-replayed")
+            .map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
+    let all = cb.list_sandboxes(None).await.unwrap();
+    assert_eq!(all.len(), 3, "the parent and two children: {all:?}");
+    for s in &all {
+        assert_eq!(s.status, sandpit_api_types::SandboxStatus::Running, "{s:?}");
+        cb.destroy_sandbox(&s.id).await.unwrap();
+    }
+}

@@ -343,6 +343,10 @@ async fn faults_at_every_named_step_lose_nothing() {
     let (mut crashed, mut checked, mut failed_with_reason) = (0, 0, 0);
     let mut lost = Vec::new();
     for &point in sandpit_control::faults::POINTS {
+        if point.starts_with("relay.") {
+            // Only a server relaying to another reaches it: `fleet::` tests it.
+            continue;
+        }
         let client = srv.client();
         let sb = create(&client, persistent()).await;
         let content = format!("acknowledged before {point}");
