@@ -216,7 +216,8 @@ pub async fn placement_view(
                 draining: n.status == NodeStatus::Draining,
                 runsc_build: n.info.runsc_build,
                 id: n.info.id,
-                ..Default::default()
+                templates: n.load.templates.into_iter().collect(),
+                images: n.load.images.into_iter().collect(),
             }
         })
         .collect())
@@ -235,10 +236,56 @@ pub async fn place_new(store: &Store) -> Result<Option<String>, ControlError> {
     )
 }
 
+/// Where a sandbox that needs local files should run: a node chosen best-of-3 among those
+/// holding every layer in `layers` (layer ids, content-addressed, so equal on every node)
+/// and the snapshot `image`, if one is named. `None` when no live node holds them.
+pub async fn place_holding(
+    store: &Store,
+    layers: &[String],
+    image: Option<&str>,
+) -> Result<Option<String>, ControlError> {
+    let view: Vec<_> = placement_view(store)
+        .await?
+        .into_iter()
+        .filter(|n| {
+            layers.iter().all(|l| n.templates.contains(l))
+                && image.is_none_or(|i| n.images.contains(i))
+        })
+        .collect();
+    let want = crate::placement::Want::default();
+    Ok(
+        crate::placement::choose(&view, &want, crate::placement::DEFAULT_K, &mut rand::rng())
+            .ok()
+            .map(|p| p.node_id),
+    )
+}
+
+/// Most entries of each locality list a heartbeat reports.
+const MAX_LOCALITY: usize = 10_000;
+
+/// Names of the entries of a node-owned directory (at most [`MAX_LOCALITY`]).
+fn dir_names(dir: &std::path::Path) -> Vec<String> {
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the node's own layer and snapshot directories"
+    )]
+    let entries = std::fs::read_dir(dir);
+    entries
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                .filter(|n| !n.starts_with('.'))
+                .take(MAX_LOCALITY)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// What this host has free for sandboxes: network slots no sandbox holds, and the host's
-/// available memory (`MemAvailable`). Template and image locality is not reported yet:
-/// every template and image is on the one node's disk until they move through object
-/// storage.
+/// available memory (`MemAvailable`); and what it holds on its own disk for placement's
+/// locality: its template layers (content-addressed ids, in `templates`) and its named
+/// snapshots (in `images`). Hibernation images are not listed: a hibernated sandbox wakes
+/// on its own node, or moves through object storage.
 pub async fn local_load(node: &Node) -> Result<NodeLoad, ControlError> {
     let used = node
         .store
@@ -250,8 +297,8 @@ pub async fn local_load(node: &Node) -> Result<NodeLoad, ControlError> {
     Ok(NodeLoad {
         free_memory_mib: available_memory_mib().unwrap_or(0),
         free_slots: (capacity - used).max(0),
-        templates: Vec::new(),
-        images: Vec::new(),
+        templates: dir_names(&node.cfg.data_dir.join("images").join("layers")),
+        images: dir_names(&node.cfg.data_dir.join("snapshots")),
     })
 }
 

@@ -144,7 +144,7 @@ pub async fn to_owner(State(server): State<Arc<Server>>, mut req: Request, next:
         if !auth.scopes.iter().any(|s| s == "sandbox_create") {
             return next.run(req).await;
         }
-        return place_create(&server, &secret, req, next, &pq).await;
+        return place_create(&server, &secret, &workspace, req, next, &pq).await;
     }
     let Some(id) = sandbox_of_path(req.uri().path()).map(str::to_string) else {
         return next.run(req).await;
@@ -262,6 +262,38 @@ fn runs_anywhere(body: &[u8]) -> bool {
             || template == sandpit_control::node::images::BASE_TEMPLATE_ID)
 }
 
+/// What a create body needs on the node that runs it: the layer ids of the template it
+/// names (one the workspace sees), and the snapshot it names. `None` when it names neither
+/// or does not parse (the create runs where it arrived, whose handler answers for it).
+async fn local_files_of(
+    server: &Server,
+    workspace: &str,
+    body: &[u8],
+) -> Option<(Vec<String>, Option<String>)> {
+    let serde_json::Value::Object(req) = serde_json::from_slice(body).ok()? else {
+        return None;
+    };
+    let snapshot = req
+        .get("snapshot")
+        .and_then(|s| s.as_str())
+        .map(str::to_string);
+    if let Some(snapshot) = snapshot {
+        // The snapshot's own node holds its template's layers too.
+        return Some((Vec::new(), Some(snapshot)));
+    }
+    let name = req.get("template")?.as_str()?;
+    let template = server.store.templates.find(workspace, name).await.ok()??;
+    let layers = sandpit_control::node::images::layers_of(&template).ok()?;
+    // Layers of the image store (`<data dir>/images/layers/<id>`); the base rootfs a
+    // `FROM base` stacks on is on every node.
+    let ids: Vec<String> = layers
+        .iter()
+        .filter(|p| p.parent().and_then(|d| d.file_name()) == Some("layers".as_ref()))
+        .filter_map(|p| p.file_name()?.to_str().map(str::to_string))
+        .collect();
+    (!ids.is_empty()).then_some((ids, None))
+}
+
 /// Place a create: on the node `membership::place_new` chooses, relayed there unless it is
 /// this one. When no node can take it, or the chosen one cannot be reached before the
 /// request was sent, this node answers (its own admission says why it cannot, if it
@@ -269,6 +301,7 @@ fn runs_anywhere(body: &[u8]) -> bool {
 async fn place_create(
     server: &Arc<Server>,
     secret: &str,
+    workspace: &str,
     req: Request,
     next: Next,
     pq: &str,
@@ -283,11 +316,22 @@ async fn place_create(
         .into_response();
     };
     let anywhere = runs_anywhere(&bytes);
+    let needs = if anywhere {
+        None
+    } else {
+        local_files_of(server, workspace, &bytes).await
+    };
     let req = Request::from_parts(parts, Body::from(bytes));
-    if !anywhere {
-        return next.run(req).await;
-    }
-    let chosen = match sandpit_control::membership::place_new(&server.store).await {
+    let chosen = match (anywhere, needs) {
+        (true, _) => sandpit_control::membership::place_new(&server.store).await,
+        // A built template's layers and a snapshot's files are on the nodes that hold them.
+        (false, Some((layers, snapshot))) => {
+            sandpit_control::membership::place_holding(&server.store, &layers, snapshot.as_deref())
+                .await
+        }
+        (false, None) => return next.run(req).await,
+    };
+    let chosen = match chosen {
         Ok(c) => c,
         Err(e) => return ApiError::from(e).into_response(),
     };

@@ -750,3 +750,68 @@ async fn a_relaying_server_killed_mid_create_or_fork_loses_and_doubles_nothing()
         cb.destroy_sandbox(&s.id).await.unwrap();
     }
 }
+
+/// A built template's layers and a snapshot's files are on the node that made them: a
+/// create naming either, sent to the other server, is placed on a node holding them (its
+/// heartbeat lists its layers and snapshots) and relayed there.
+#[tokio::test]
+async fn creates_from_built_templates_and_snapshots_go_where_their_files_are() {
+    const SECRET: &str = "fleet-secret-for-tests";
+    let (a, b) = two_nodes(&[
+        ("SANDPIT_NODE_SECRET", SECRET),
+        ("SANDPIT_NODE_LEASE", "3s"),
+    ])
+    .await;
+    let ca = a.client();
+    let t = ca
+        .create_template(&sandpit_sdk::types::CreateTemplateRequest {
+            name: "here".into(),
+            dockerfile: Some("FROM base\nRUN echo built-on-a > /built\n".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    crate::templates::follow(&ca, &t.id).await;
+    // A's next heartbeats list the new layers.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let cb = b.client_with(&a.token);
+    let mut made = Vec::new();
+    for _ in 0..3 {
+        let sb = create(
+            &cb,
+            CreateSandboxRequest {
+                template: "here".into(),
+                mode: SandboxMode::Persistent,
+                timeout: None,
+                ..base()
+            },
+        )
+        .await;
+        assert!(
+            a.leaks().runsc.iter().any(|r| r.contains(&sb.id)),
+            "placed on the node with the layers"
+        );
+        assert_eq!(
+            crate::sh(&cb, &sb.id, "cat /built").await.stdout,
+            "built-on-a\n"
+        );
+        made.push(sb.id);
+    }
+    let snap = cb.create_snapshot(&made[0]).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let from_snap = create(
+        &cb,
+        CreateSandboxRequest {
+            template: String::new(),
+            snapshot: Some(snap.id.clone()),
+            timeout: None,
+            ..base()
+        },
+    )
+    .await;
+    assert!(a.leaks().runsc.iter().any(|r| r.contains(&from_snap.id)));
+    made.push(from_snap.id);
+    for id in made {
+        cb.destroy_sandbox(&id).await.unwrap();
+    }
+}

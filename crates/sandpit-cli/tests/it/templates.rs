@@ -54,7 +54,7 @@ async fn server_allowing(registries: &[&str]) -> TestServer {
 }
 
 /// Wait for a build started through the API; returns its events.
-async fn follow(client: &Client, id: &str) -> Vec<TemplateBuildEvent> {
+pub(crate) async fn follow(client: &Client, id: &str) -> Vec<TemplateBuildEvent> {
     let stream = client
         .template_build_events(id)
         .await
