@@ -103,11 +103,18 @@ pub(super) async fn start_upload(node: &Arc<Node>, row: &Sandbox) -> Result<(), 
     let task = {
         let (node, id, cancel) = (node.clone(), row.id.to_string(), cancel.clone());
         let state_dir = node.state_dir(&id);
+        let stage = node.staging_dir(&id, "push");
         tokio::spawn(async move {
             let outcome = tokio::select! {
                 _ = cancel.cancelled() => None,
-                r = upload(&node, &*images, &id, &state_dir, memory) => Some(r),
+                r = upload(&node, &*images, &id, &state_dir, &stage, memory) => Some(r),
             };
+            // Also after a cancel: its hard links would keep a disk's blocks alive.
+            if stage.exists()
+                && let Err(e) = sandpit_fs::remove_tree(&stage)
+            {
+                tracing::warn!(path = %stage.display(), error = %e, "removing an upload's staging directory");
+            }
             finish_upload(&node, &images, &id, &record, stored.raw(), outcome).await;
         })
     };
@@ -129,10 +136,10 @@ async fn upload(
     images: &dyn ImageStore,
     id: &str,
     state_dir: &Path,
+    stage: &Path,
     memory: bool,
 ) -> Result<Option<crate::remote::Pushed>, String> {
-    let stage = node.staging_dir(id, "push");
-    let result = async {
+    async {
         std::fs::create_dir_all(&stage).map_err(|e| format!("staging: {e}"))?;
         if !node
             .runtime
@@ -160,11 +167,7 @@ async fn upload(
         tracing::info!(sandbox = %id, bytes = pushed.bytes, uploaded = pushed.uploaded, ms = (secs * 1000.0) as u64, mb_per_s = (pushed.uploaded as f64 / 1e6 / secs.max(1e-3)) as u64, "image stored remotely");
         Ok(Some(pushed))
     }
-    .await;
-    if let Err(e) = sandpit_fs::remove_tree(&stage) {
-        tracing::warn!(path = %stage.display(), error = %e, "removing an upload's staging directory");
-    }
-    result
+    .await
 }
 
 /// Hard-link every regular file of the flat, node-written directory `from` into `to`.
@@ -197,7 +200,16 @@ async fn finish_upload(
     match outcome {
         None => {
             tracing::info!(sandbox = %id, "upload cancelled (the sandbox woke or went)");
-            node.uploads.lock().expect("upload map poisoned").remove(id);
+            // No upload runs any more: a record left `uploading` would never end (if the
+            // wake that cancelled it fails, the sandbox stays suspended, here only).
+            if let Err(e) = node
+                .store
+                .sandboxes
+                .set_remote_image(id, &node.cfg.node_id, Some(started_raw), None, record.at)
+                .await
+            {
+                tracing::warn!(sandbox = %id, error = %DisplayChain(&e), "clearing a cancelled upload's record");
+            }
             return;
         }
         Some(Ok(Some(p))) => {

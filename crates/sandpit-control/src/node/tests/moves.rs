@@ -226,6 +226,12 @@ async fn a_wake_overtakes_an_upload() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(record(&h.node, &row.id).await.is_none());
     assert_eq!(store.next.load(Ordering::SeqCst), 0, "nothing was pushed");
+    let tmp = h.cfg.data_dir.join("images-tmp");
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "the cancelled upload's hard links are gone"
+    );
 
     lifecycle::suspend(&h.node, &row.id).await.unwrap();
     gate.notify_one();
