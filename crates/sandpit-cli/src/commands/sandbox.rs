@@ -163,6 +163,23 @@ pub enum SandboxCommand {
     /// Manage the preview tokens of a private sandbox.
     #[command(subcommand)]
     PreviewToken(PreviewTokenCommand),
+    /// Print changes under a path as they happen, one line each (`add /app/x`); `--json`
+    /// prints each event as JSON. Ends when the watched path goes or the sandbox stops.
+    Watch {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        /// Absolute path of a file or directory in the sandbox.
+        path: String,
+        /// Only the directory itself, not its subdirectories.
+        #[arg(long)]
+        shallow: bool,
+        /// Leave out matching paths (gitignore-like: `node_modules`, `*.log`); repeatable.
+        #[arg(long)]
+        exclude: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Wake a suspended sandbox.
     Wake {
         #[command(flatten)]
@@ -321,6 +338,32 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<u8> {
             }
         },
         SandboxCommand::Wake { conn, id } => print_json(&conn.client()?.wake(&id).await?)?,
+        SandboxCommand::Watch {
+            conn,
+            id,
+            path,
+            shallow,
+            exclude,
+            json,
+        } => {
+            use futures::StreamExt;
+            let client = conn.client()?;
+            let excludes: Vec<&str> = exclude.iter().map(String::as_str).collect();
+            let mut events = Box::pin(client.watch(&id, &path, !shallow, &excludes).await?);
+            while let Some(event) = events.next().await {
+                let event = event?;
+                if json {
+                    println!("{}", serde_json::to_string(&event)?);
+                } else if event.kind == "end" {
+                    eprintln!(
+                        "watch ended: {}",
+                        event.reason.as_deref().unwrap_or("unknown")
+                    );
+                } else {
+                    println!("{} {}", event.kind, event.path);
+                }
+            }
+        }
         SandboxCommand::Hibernate { conn, id } => {
             print_json(&conn.client()?.hibernate(&id).await?)?
         }
