@@ -470,9 +470,10 @@ async fn template_versions(db: &TestDb) {
         .await
         .unwrap();
     let other = db.another_process().await;
+    let (w2, w3) = (v("w2"), v("w3"));
     let (a, b) = tokio::join!(
-        s.templates.insert(&v("w2"), 0, 0),
-        other.templates.insert(&v("w3"), 0, 0)
+        s.templates.insert(&w2, 0, 0),
+        other.templates.insert(&w3, 0, 0)
     );
     let mut got = [a.unwrap(), b.unwrap()];
     got.sort_by_key(|i| match i {
