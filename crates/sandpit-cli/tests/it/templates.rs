@@ -440,8 +440,9 @@ async fn scratch_template_and_failures() {
         400,
         "invalid_name",
     );
+    // A built-in name (a workspace's own name builds its next version instead).
     assert_api_err(
-        client.create_template(&req("mini", "FROM base\n")).await,
+        client.create_template(&req("base", "FROM base\n")).await,
         409,
         "template_exists",
     );
