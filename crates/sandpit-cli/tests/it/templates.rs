@@ -302,7 +302,7 @@ async fn registry_image_and_dockerfile_templates() {
         names.contains(&"web2".to_string()) && !names.contains(&"web".to_string()),
         "{names:?}"
     );
-    // The name is free again.
+    // The name builds again, as its next version (numbers are never reused).
     let t = client
         .create_template(&CreateTemplateRequest {
             name: "web".into(),
@@ -311,6 +311,7 @@ async fn registry_image_and_dockerfile_templates() {
         })
         .await
         .unwrap();
+    assert_eq!(t.version, 2);
     follow(&client, &t.id).await;
     client.delete_template("web", false).await.unwrap();
     client.delete_template("web2", false).await.unwrap();
