@@ -636,6 +636,14 @@ pub struct PortWaitQuery {
 pub struct Template {
     pub id: String,
     pub name: String,
+    /// This version's number within its name, from 1. `name:N` names it; building the name
+    /// again adds version N+1. Numbers are never reused.
+    #[serde(default = "crate::templates::first_version")]
+    #[schema(minimum = 1)]
+    pub version: u32,
+    /// Whether the plain name means this version now (its highest ready one).
+    #[serde(default)]
+    pub latest: bool,
     pub description: String,
     pub created_at: String,
     pub default_egress: EgressPolicy,

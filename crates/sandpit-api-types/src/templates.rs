@@ -11,6 +11,10 @@ pub(crate) fn ready() -> String {
     "ready".into()
 }
 
+pub(crate) fn first_version() -> u32 {
+    1
+}
+
 /// `POST /v1/templates`: build a template. Exactly one of `image` and `dockerfile`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]

@@ -32,6 +32,8 @@ enum Command {
     Cleanup(commands::cleanup::CleanupArgs),
     /// The fleet's nodes (leases, free room) from the database; drain one.
     Nodes(commands::nodes::NodesArgs),
+    /// Remove layers, build cache entries and deleted templates' files nothing references.
+    Gc(commands::gc::GcArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -44,6 +46,7 @@ fn main() -> std::process::ExitCode {
             Command::Template(cmd) => commands::template::run(cmd).await,
             Command::Cleanup(args) => commands::cleanup::run(args).await.map(|_| 0),
             Command::Nodes(args) => commands::nodes::run(args).await,
+            Command::Gc(args) => commands::gc::run(args).await,
             Command::Openapi => {
                 println!("{}", sandpit_server::openapi().to_pretty_json()?);
                 Ok(0)

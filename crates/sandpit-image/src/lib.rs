@@ -19,6 +19,7 @@ pub mod build;
 /// registry client).
 pub use sandpit_image_config as config;
 pub mod dockerfile;
+pub mod gc;
 pub mod ignore;
 mod proxy;
 pub mod registry;

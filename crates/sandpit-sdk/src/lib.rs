@@ -523,6 +523,14 @@ impl Client {
             .map(drop)
     }
 
+    /// The versions of the template name `id` (an id, name, `name:N` or alias) belongs to,
+    /// oldest first.
+    pub async fn template_versions(&self, id: &str) -> Result<Vec<Template>, SdkError> {
+        let path = format!("/v1/templates/{}/versions", urlencode(id));
+        let list: TemplateList = self.json(self.request(Method::GET, &path)).await?;
+        Ok(list.templates)
+    }
+
     pub async fn templates(&self) -> Result<Vec<Template>, SdkError> {
         let list: TemplateList = self
             .json(self.request(Method::GET, "/v1/templates"))

@@ -224,7 +224,16 @@ pub async fn view(
     // fails with `corrupt_record`.
     let cfg = sandpit_control::node::images::image_config(&t).unwrap_or_default();
     let layers: Vec<PathBuf> = serde_json::from_str(&t.layers).unwrap_or_default();
+    // Whether the plain name means this version now (its highest ready one).
+    let latest = server
+        .store
+        .templates
+        .find(workspace_id, &t.name)
+        .await?
+        .is_some_and(|n| n.id == t.id);
     Ok(Template {
+        version: t.version,
+        latest,
         warm,
         boot_snapshot: server.cfg.boot_snapshots
             && sandpit_control::node::images::boot_snapshot(server, &t.id).is_some(),
@@ -368,9 +377,10 @@ pub async fn create(
         }
     }
     let now = now_ms();
-    let row = TemplateRow {
+    let mut row = TemplateRow {
         id: format!("tpl_{}", random_hex(8)),
         name: req.name.clone(),
+        version: 0, // numbered by `register`
         workspace_id: Some(workspace_id.to_string()),
         description: req.description.clone(),
         rootfs: String::new(),
@@ -389,9 +399,12 @@ pub async fn create(
         },
         updated_at: now,
     };
-    if let Err(e) = catalog::register(server, &row).await {
-        images.discard_temp(&context_dir);
-        return Err(e.into());
+    match catalog::register(server, &row).await {
+        Ok(version) => row.version = version,
+        Err(e) => {
+            images.discard_temp(&context_dir);
+            return Err(e.into());
+        }
     }
     let _ = std::fs::create_dir_all(template_dir(server, &row.id));
     let log = server.builds.open(&row.id, build_log_path(server, &row.id));
@@ -425,6 +438,16 @@ pub async fn create(
     Ok(row)
 }
 
+/// A build's lease on the layer store (see `sandpit_image::gc`): held from before its first
+/// cache lookup until its result is in its row. Waits while a collection runs.
+async fn build_lease(server: &Server) -> Result<sandpit_image::gc::BuildLease, String> {
+    let images = server.images.clone();
+    tokio::task::spawn_blocking(move || images.build_lease())
+        .await
+        .map_err(|e| format!("build lease task: {e}"))?
+        .map_err(|e| DisplayChain(&e).to_string())
+}
+
 fn allow_all() -> EgressPolicy {
     serde_json::from_str(r#"{"mode":"allow_all"}"#).expect("valid policy")
 }
@@ -450,7 +473,15 @@ impl BuildJob {
             });
         }
         let permit = self.server.builds.permits.acquire().await;
-        let result = self.build().await;
+        // Garbage collection waits for this build's layers to be recorded in its row.
+        let result = match build_lease(&self.server).await {
+            Ok(lease) => {
+                let r = self.build().await;
+                drop(lease);
+                r
+            }
+            Err(e) => Err(e),
+        };
         drop(permit);
         let (status, error) = match &result {
             Ok(()) => ("ready", None),
@@ -632,13 +663,18 @@ impl StepRunner for ServerRunner {
         &self,
         name: &str,
     ) -> Result<Option<(Vec<PathBuf>, ImageConfig)>, ImageError> {
-        let found = self
+        let found = match self
             .server
             .store
             .templates
             .find(&self.workspace_id, name)
             .await
-            .map_err(|e| ImageError::Runner(DisplayChain(&e).to_string()))?;
+        {
+            Ok(found) => found,
+            // Not a template reference (`FROM debian:bookworm`): a registry image.
+            Err(ControlError::Invalid { .. }) => None,
+            Err(e) => return Err(ImageError::Runner(DisplayChain(&e).to_string())),
+        };
         let Some(t) = found.filter(|t| t.status == TemplateStatus::Ready) else {
             return Ok(None);
         };
@@ -761,6 +797,8 @@ pub async fn build_builtin(
         let server2 = server.clone();
         tokio::spawn(async move {
             let started = Instant::now();
+            // Garbage collection waits until the layer is recorded in the row.
+            let lease = build_lease(&server2).await;
             log.push(TemplateBuildEvent::Step {
                 index: 1,
                 total: 1,
@@ -775,7 +813,10 @@ pub async fn build_builtin(
                 let log = log.clone();
                 move |text: String| log.push(TemplateBuildEvent::Log { index: 1, text })
             };
-            let built = sandpit_image::toolchain::ensure(&server2.images, &sink).await;
+            let built = match &lease {
+                Ok(_) => sandpit_image::toolchain::ensure(&server2.images, &sink).await,
+                Err(e) => Err(ImageError::Runner(e.clone())),
+            };
             let (status, layers, error) = match built {
                 Ok(p) => (
                     TemplateStatus::Ready,
@@ -796,6 +837,7 @@ pub async fn build_builtin(
                     now_ms(),
                 )
                 .await;
+            drop(lease);
             let elapsed_ms = started.elapsed().as_millis() as u64;
             if error.is_none() {
                 log.push(TemplateBuildEvent::StepDone {

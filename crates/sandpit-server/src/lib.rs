@@ -16,6 +16,7 @@ pub mod error;
 pub mod extract;
 pub mod fork;
 pub mod forward;
+pub mod gc;
 pub mod idempotency;
 pub mod lifecycle;
 pub mod limits;

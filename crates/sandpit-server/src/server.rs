@@ -212,9 +212,11 @@ impl Server {
     }
 
     /// Start the node's reaper (timeouts, idle suspends, the liveness watch) and the edge's
-    /// own housekeeping (forgetting refilled rate-limit state). Both stop with `shutdown`.
+    /// own housekeeping (forgetting refilled rate-limit state; hourly garbage collection of
+    /// unreferenced layers, [`crate::gc`]). All stop with `shutdown`.
     pub fn spawn_reaper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let reaper = self.node.spawn_reaper();
+        let gc = crate::gc::spawn(self);
         let server = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
@@ -225,6 +227,7 @@ impl Server {
                 }
             }
             let _ = reaper.await;
+            let _ = gc.await;
         })
     }
 }

@@ -1,6 +1,7 @@
 //! One module per `sandpit` subcommand.
 
 pub mod cleanup;
+pub mod gc;
 pub mod nodes;
 pub mod sandbox;
 pub mod serve;

@@ -40,11 +40,15 @@ pub enum NodesCommand {
     Forget { name: String },
 }
 
-async fn open(args: &NodesArgs) -> anyhow::Result<Store> {
-    let url = match &args.database {
-        Some(u) => u.clone(),
+/// The database `serve` uses: `database`, else `<data_dir>/sandpit.db` (which must exist).
+pub(crate) async fn open_db(
+    data_dir: &std::path::Path,
+    database: Option<&str>,
+) -> anyhow::Result<Store> {
+    let url = match database {
+        Some(u) => u.to_string(),
         None => {
-            let path = args.data_dir.join("sandpit.db");
+            let path = data_dir.join("sandpit.db");
             anyhow::ensure!(
                 path.is_file(),
                 "no database at {} (give --data-dir or --database as to `sandpit serve`)",
@@ -60,7 +64,7 @@ async fn open(args: &NodesArgs) -> anyhow::Result<Store> {
 }
 
 pub async fn run(args: NodesArgs) -> anyhow::Result<u8> {
-    let store = open(&args).await?;
+    let store = open_db(&args.data_dir, args.database.as_deref()).await?;
     let done = |ok: bool, what: &str, name: &str| -> anyhow::Result<u8> {
         if ok {
             eprintln!("{name}: {what}");

@@ -53,18 +53,19 @@ pub enum TemplateCommand {
         #[arg(default_value = "toolchain")]
         name: String,
     },
-    /// List templates.
+    /// List templates, every version (`*`: the version the plain name means).
     List {
         #[command(flatten)]
         conn: Conn,
     },
-    /// Show one template (id, name or namespace@alias) as JSON.
+    /// Show one template version (id, name, name:N or namespace@alias) as JSON.
     Get {
         #[command(flatten)]
         conn: Conn,
         id: String,
     },
-    /// Delete a template; --force also destroys the sandboxes that use it.
+    /// Delete a template: a name deletes every version, name:N (or an id, or an alias)
+    /// that one; --force also destroys the sandboxes that use them.
     Delete {
         #[command(flatten)]
         conn: Conn,
@@ -72,7 +73,8 @@ pub enum TemplateCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Point namespace@alias at a template (or move it there).
+    /// Point namespace@alias at a template version (name:N, an id, or a name's latest),
+    /// or move it there. Aliases move only this way or by a build naming them.
     Alias {
         #[command(flatten)]
         conn: Conn,
@@ -177,17 +179,19 @@ pub async fn run(cmd: TemplateCommand) -> anyhow::Result<u8> {
             follow(&client, &t.id, &t.name).await
         }
         TemplateCommand::List { conn } => {
+            // Every version; `*` marks the one the plain name means.
+            println!(
+                "{:<24} {:<28} {:<9} {:<6} ALIASES",
+                "ID", "NAME:VERSION", "STATUS", "LATEST"
+            );
             for t in conn.client()?.templates().await? {
                 println!(
-                    "{:<24} {:<20} {:<9} {}",
+                    "{:<24} {:<28} {:<9} {:<6} {}",
                     t.id,
-                    t.name,
+                    format!("{}:{}", t.name, t.version),
                     t.status,
-                    if t.aliases.is_empty() {
-                        String::new()
-                    } else {
-                        t.aliases.join(",")
-                    }
+                    if t.latest { "*" } else { "" },
+                    t.aliases.join(",")
                 );
             }
             Ok(0)
@@ -223,12 +227,15 @@ fn say(bar: &ProgressBar, line: impl AsRef<str>) {
 /// as it comes, a summary per step (cached or how long it ran). 1 when the build fails.
 async fn build(client: Client, req: CreateTemplateRequest, no_wait: bool) -> anyhow::Result<u8> {
     let t = client.create_template(&req).await?;
-    eprintln!("building template {} ({})", t.name, t.id);
+    eprintln!(
+        "building template {}:{} (version {} of {}, {})",
+        t.name, t.version, t.version, t.name, t.id
+    );
     if no_wait {
         println!("{}", t.id);
         return Ok(0);
     }
-    follow(&client, &t.id, &t.name).await
+    follow(&client, &t.id, &format!("{}:{}", t.name, t.version)).await
 }
 
 /// Follow a build's events until it ends.

@@ -302,7 +302,7 @@ async fn registry_image_and_dockerfile_templates() {
         names.contains(&"web2".to_string()) && !names.contains(&"web".to_string()),
         "{names:?}"
     );
-    // The name is free again.
+    // The name builds again, as its next version (numbers are never reused).
     let t = client
         .create_template(&CreateTemplateRequest {
             name: "web".into(),
@@ -311,6 +311,7 @@ async fn registry_image_and_dockerfile_templates() {
         })
         .await
         .unwrap();
+    assert_eq!(t.version, 2);
     follow(&client, &t.id).await;
     client.delete_template("web", false).await.unwrap();
     client.delete_template("web2", false).await.unwrap();
@@ -440,8 +441,9 @@ async fn scratch_template_and_failures() {
         400,
         "invalid_name",
     );
+    // A built-in name (a workspace's own name builds its next version instead).
     assert_api_err(
-        client.create_template(&req("mini", "FROM base\n")).await,
+        client.create_template(&req("base", "FROM base\n")).await,
         409,
         "template_exists",
     );
@@ -708,4 +710,178 @@ async fn pulls_from_unlisted_registries_are_refused() {
     );
     assert!(e.contains("--allowed-registries"), "{e}");
     client.delete_template("unlisted", false).await.unwrap();
+}
+
+/// Layer directories in a server's store.
+fn layer_dirs(srv: &TestServer) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(srv.data_dir.join("images/layers"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect()
+}
+
+/// Template versions through the CLI and the API: building a name twice makes `web:1` and
+/// `web:2` and moves `web`; a sandbox of version 1 keeps running and exec'ing after version
+/// 2 exists and `web:1` still starts version 1; an alias stays until re-pointed; hostile
+/// version strings are 400s that change nothing; `sandpit gc` removes the layers of a
+/// deleted, unused version and keeps those in use.
+#[tokio::test]
+async fn template_versions_and_garbage_collection() {
+    let srv = crate::server().await;
+    let client = srv.client();
+    let ctx = tempfile::tempdir().unwrap();
+    write(
+        ctx.path(),
+        "Dockerfile",
+        b"FROM base\nCOPY v.txt /v.txt\nRUN echo built >> /v.txt\n",
+    );
+    write(ctx.path(), "v.txt", b"one\n");
+    let dir = ctx.path().to_str().unwrap();
+    let build = || {
+        let out = cli(&srv, &["template", "build", dir, "--name", "web"]);
+        assert!(out.status.success(), "{}", text(&out));
+        text(&out)
+    };
+    let cat = |id: String| {
+        let client = client.clone();
+        async move { sh(&client, &id, "cat /v.txt").await.stdout }
+    };
+
+    let log = build();
+    assert!(log.contains("web:1"), "{log}");
+    let v1_layers = layer_dirs(&srv);
+    assert!(!v1_layers.is_empty());
+    let old = create(&client, from("web")).await;
+    let out = cli(&srv, &["template", "alias", "web", "team@stable"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // The second build of the name: version 2, and the name moves to it.
+    write(ctx.path(), "v.txt", b"two\n");
+    let log = build();
+    assert!(log.contains("web:2"), "{log}");
+    assert!(!log.contains("template_exists"), "{log}");
+    let v2_only: Vec<String> = layer_dirs(&srv).difference(&v1_layers).cloned().collect();
+    assert_eq!(
+        v2_only.len(),
+        2,
+        "COPY and RUN made new layers: {v2_only:?}"
+    );
+    let (web, web1) = (
+        client.get_template("web").await.unwrap(),
+        client.get_template("web:1").await.unwrap(),
+    );
+    assert_eq!((web.version, web.latest), (2, true));
+    assert_eq!((web1.version, web1.latest), (1, false));
+    let versions: Vec<u32> = client
+        .template_versions("web")
+        .await
+        .unwrap()
+        .iter()
+        .map(|t| t.version)
+        .collect();
+    assert_eq!(versions, [1, 2]);
+    let list = text(&cli(&srv, &["template", "list"]));
+    assert!(list.contains("web:1") && list.contains("web:2"), "{list}");
+
+    assert_eq!(
+        cat(old.id.clone()).await,
+        "one\nbuilt\n",
+        "v1's sandbox runs on"
+    );
+    let new = create(&client, from("web")).await;
+    assert_eq!(cat(new.id.clone()).await, "two\nbuilt\n");
+    let pinned = create(&client, from("web:1")).await;
+    assert_eq!(cat(pinned.id.clone()).await, "one\nbuilt\n");
+    // The alias stayed on version 1 through the build; it moves when re-pointed.
+    let stable = create(&client, from("team@stable")).await;
+    assert_eq!(cat(stable.id.clone()).await, "one\nbuilt\n");
+    let out = cli(&srv, &["template", "alias", "web:2", "team@stable"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let moved = create(&client, from("team@stable")).await;
+    assert_eq!(cat(moved.id.clone()).await, "two\nbuilt\n");
+    assert_eq!(
+        client.get_template("web:1").await.unwrap().aliases,
+        Vec::<String>::new()
+    );
+
+    // Hostile version strings: 400, nothing changed.
+    for bad in [
+        "web:abc",
+        "web:0",
+        "web:1:2",
+        "web:99999999999999999999",
+        "web:-1",
+        ":1",
+    ] {
+        assert_api_err(
+            client.get_template(bad).await,
+            400,
+            "invalid_template_version",
+        );
+        assert_api_err(
+            client.create_sandbox(&from(bad)).await,
+            400,
+            "invalid_template_version",
+        );
+        assert_api_err(
+            client.delete_template(bad, true).await,
+            400,
+            "invalid_template_version",
+        );
+    }
+    assert_eq!(client.template_versions("web").await.unwrap().len(), 2);
+
+    // Version 1 is used: its delete is refused; once its sandboxes are gone it goes, and
+    // gc removes its layers (a dry run first removes nothing) but not version 2's.
+    assert_api_err(
+        client.delete_template("web:1", false).await,
+        409,
+        "template_in_use",
+    );
+    for sb in [&old, &pinned, &stable] {
+        client.destroy_sandbox(&sb.id).await.unwrap();
+    }
+    client.delete_template("web:1", false).await.unwrap();
+    assert_api_err(
+        client.get_template("web:1").await,
+        404,
+        "template_not_found",
+    );
+    let data_dir = srv.data_dir.to_str().unwrap().to_string();
+    let mut gc = vec!["gc", "--data-dir", &data_dir, "--min-age", "0"];
+    if let Some(db) = &srv.database {
+        gc.extend(["--database", db.url.as_str()]);
+    }
+    let dry = cli(&srv, &[gc.as_slice(), &["--dry-run"][..]].concat());
+    assert!(dry.status.success(), "{}", text(&dry));
+    assert!(
+        text(&dry).contains("would remove 2 layer(s)"),
+        "{}",
+        text(&dry)
+    );
+    assert!(
+        layer_dirs(&srv).is_superset(&v1_layers),
+        "a dry run removes nothing"
+    );
+    let out = cli(&srv, &gc);
+    let report = text(&out);
+    assert!(out.status.success(), "{report}");
+    assert!(report.contains("removed 2 layer(s)"), "{report}");
+    let left = layer_dirs(&srv);
+    for l in &v1_layers {
+        assert!(!left.contains(l), "v1's layer {l} is gone: {report}");
+        assert!(report.contains(l.as_str()), "{report}");
+    }
+    for l in &v2_only {
+        assert!(left.contains(l), "v2's layer {l} stays: {report}");
+    }
+    // Version 2 still serves: its running sandbox and a new one.
+    assert_eq!(cat(new.id.clone()).await, "two\nbuilt\n");
+    let again = create(&client, from("web")).await;
+    assert_eq!(cat(again.id.clone()).await, "two\nbuilt\n");
+    // Deleting the name takes every version (here: the last), forced past its sandboxes.
+    client.delete_template("web", true).await.unwrap();
+    assert_api_err(client.get_template("web").await, 404, "template_not_found");
+    let leaks = srv.leaks();
+    assert!(leaks.is_empty(), "{leaks:?}");
 }

@@ -1,6 +1,10 @@
-//! A workspace's templates as a catalog: the rules on names and aliases, the quotas on what
-//! a workspace keeps and builds, and deletion (refused while sandboxes use a template,
-//! unless forced, which destroys them first).
+//! A workspace's templates as a catalog: the rules on names, versions and aliases, the
+//! quotas on what a workspace keeps and builds, and deletion (refused while sandboxes use a
+//! template, unless forced, which destroys them first).
+//!
+//! Building an existing name adds its next version (`name:N`); `name` means its highest
+//! ready version, an alias the version it was pointed at. Deleting `name` deletes every
+//! version; deleting `name:N`, an id or an alias deletes that one version.
 //!
 //! The build itself (pulling images over HTTP, running the steps) is the edge's job: it
 //! checks here before it does any work, registers the template here, and reports the end
@@ -15,7 +19,7 @@ use std::sync::Arc;
 use super::Node;
 use super::boot::POOL_WORKSPACE;
 use crate::error::ControlError;
-use crate::store::{Sandbox, TemplateInsert, TemplateRow, TemplateStatus};
+use crate::store::{Sandbox, TemplateInsert, TemplateRef, TemplateRow, TemplateStatus};
 use crate::util::now_ms;
 
 /// Longest template name or alias part.
@@ -56,7 +60,7 @@ fn too_many_templates(max: u32) -> ControlError {
     ControlError::Kept {
         limit: "max_templates",
         value: max,
-        what: "delete templates this workspace no longer needs".into(),
+        what: "every version counts: delete templates or versions (name:N) this workspace no longer needs".into(),
     }
 }
 
@@ -83,10 +87,12 @@ pub async fn check_quotas(node: &Node, workspace_id: &str) -> Result<(), Control
     Ok(())
 }
 
-/// Record a new template (its row as the build starts), within the workspace's quotas and
-/// with a name no other template of the workspace holds; checked and inserted in one store
-/// transaction, so two requests (or two replicas) never both pass.
-pub async fn register(node: &Node, row: &TemplateRow) -> Result<(), ControlError> {
+/// Record a new template version (its row as the build starts) within the workspace's
+/// quotas: the next version of its name (1 for a new name). Numbered, checked and inserted
+/// in one store transaction, so two requests (or two replicas) never both pass a quota nor
+/// share a version. Returns the version. A built-in template's name is 409
+/// `template_exists`.
+pub async fn register(node: &Node, row: &TemplateRow) -> Result<u32, ControlError> {
     let q = &node.cfg.quotas;
     match node
         .store
@@ -94,12 +100,16 @@ pub async fn register(node: &Node, row: &TemplateRow) -> Result<(), ControlError
         .insert(row, q.max_templates, q.max_builds)
         .await?
     {
-        TemplateInsert::Inserted => Ok(()),
+        TemplateInsert::Inserted { version } => Ok(version),
         TemplateInsert::TooManyTemplates => Err(too_many_templates(q.max_templates)),
         TemplateInsert::TooManyBuilds => Err(too_many_builds(q.max_builds)),
         TemplateInsert::NameTaken => Err(ControlError::conflict(
             "template_exists",
-            format!("a template named {:?} exists", row.name),
+            format!(
+                "{:?} is a built-in template's name, or has {} versions",
+                row.name,
+                crate::store::MAX_VERSION
+            ),
         )),
     }
 }
@@ -120,30 +130,41 @@ pub async fn find(
         })
 }
 
-/// Delete a workspace's template. Refused (409 `template_in_use`) while the workspace's
-/// sandboxes use it unless `force`, which destroys them first; refused while it builds and
-/// for built-in templates. Its layers stay in the image store (other templates may share
-/// them); its boot snapshot goes.
+/// Delete a workspace's template: every version of it when `reference` is a plain name,
+/// else the one version `name:N`, an id or an alias names. Refused (409 `template_in_use`)
+/// while the workspace's sandboxes use a version about to go, unless `force`, which
+/// destroys them first; refused while one builds and for built-in templates (nothing is
+/// deleted then). Layers stay in the image store (other versions may share them) until
+/// garbage collection finds them unreferenced; boot snapshots go now.
 pub async fn delete(
     node: &Arc<Node>,
     workspace_id: &str,
-    name_or_id: &str,
+    reference: &str,
     force: bool,
 ) -> Result<(), ControlError> {
-    let t = find(node, workspace_id, name_or_id).await?;
+    let t = find(node, workspace_id, reference).await?;
     if t.workspace_id.as_deref() != Some(workspace_id) {
         return Err(ControlError::Forbidden {
             code: "template_builtin",
             message: "built-in templates cannot be deleted".into(),
         });
     }
-    if t.status == TemplateStatus::Building {
+    let targets = if matches!(TemplateRef::parse(reference)?, TemplateRef::IdOrName(r) if r == t.name)
+    {
+        node.store.templates.versions(workspace_id, &t.name).await?
+    } else {
+        vec![t]
+    };
+    if targets.iter().any(|t| t.status == TemplateStatus::Building) {
         return Err(ControlError::conflict(
             "template_building",
-            "the template is being built; delete it when the build ends",
+            "a version of the template is being built; delete it when the build ends",
         ));
     }
-    let (sandboxes, _) = node.store.templates.dependents(&t.id).await?;
+    let mut sandboxes = Vec::new();
+    for t in &targets {
+        sandboxes.extend(node.store.templates.dependents(&t.id).await?.0);
+    }
     let users: Vec<&Sandbox> = sandboxes
         .iter()
         .filter(|s| s.workspace_id != POOL_WORKSPACE)
@@ -166,10 +187,12 @@ pub async fn delete(
     for s in &sandboxes {
         super::lifecycle::destroy(node, &s.id).await?;
     }
-    node.store
-        .templates
-        .delete(workspace_id, &t.id, now_ms())
-        .await?;
-    let _ = std::fs::remove_dir_all(super::images::boot_snapshot_dir(node, &t.id));
+    for t in &targets {
+        node.store
+            .templates
+            .delete(workspace_id, &t.id, now_ms())
+            .await?;
+        let _ = std::fs::remove_dir_all(super::images::boot_snapshot_dir(node, &t.id));
+    }
     Ok(())
 }

@@ -37,7 +37,9 @@ pub use nodes::{Heartbeat, NodeInfo, NodeLoad, NodeRow, NodeStatus, Nodes, valid
 pub use previews::{PreviewTokenRow, Previews};
 pub use sandboxes::{Sandbox, Sandboxes};
 pub use snapshots::{SnapshotRow, Snapshots};
-pub use templates::{TemplateInsert, TemplateRow, TemplateStatus, Templates};
+pub use templates::{
+    MAX_VERSION, TemplateInsert, TemplateRef, TemplateRow, TemplateStatus, Templates,
+};
 pub use tenants::{Tenants, TokenAuth, TokenRow, WorkspaceRow};
 
 /// Which database a [`Db`] talks to.

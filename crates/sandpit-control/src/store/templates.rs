@@ -52,6 +52,8 @@ impl std::fmt::Display for TemplateStatus {
 pub struct TemplateRow {
     pub id: String,
     pub name: String,
+    /// The version within its (workspace, name), from 1; numbers are never reused.
+    pub version: u32,
     pub workspace_id: Option<String>,
     pub description: String,
     pub rootfs: String,
@@ -72,6 +74,7 @@ pub struct TemplateRow {
 struct TemplateRecord {
     id: String,
     name: String,
+    version: i64,
     workspace_id: Option<String>,
     description: String,
     rootfs: String,
@@ -90,6 +93,9 @@ impl TryFrom<TemplateRecord> for TemplateRow {
     fn try_from(r: TemplateRecord) -> Result<TemplateRow, ControlError> {
         Ok(TemplateRow {
             status: parse_column("template status", &r.status, TemplateStatus::parse)?,
+            version: parse_column("template version", &r.version.to_string(), |v| {
+                v.parse::<u32>().ok().filter(|v| *v >= 1)
+            })?,
             id: r.id,
             name: r.name,
             workspace_id: r.workspace_id,
@@ -122,6 +128,7 @@ impl TemplateRow {
         TemplateRow {
             id: id.into(),
             name: name.into(),
+            version: 1,
             workspace_id: None,
             description: description.into(),
             rootfs,
@@ -137,10 +144,53 @@ impl TemplateRow {
     }
 }
 
+/// Largest version number `name:N` may name (a build past it is refused).
+pub const MAX_VERSION: u32 = 1_000_000;
+
+/// How a request names a template: `namespace@alias`, `name:N` (that version), or an id
+/// or a name (the name's highest ready version; while none is ready, its highest one, so
+/// a first build can be followed by name). Parsed before any query: a malformed version
+/// is 400 `invalid_template_version`, never a lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TemplateRef<'a> {
+    Alias { namespace: &'a str, alias: &'a str },
+    Version { name: &'a str, version: u32 },
+    IdOrName(&'a str),
+}
+
+impl<'a> TemplateRef<'a> {
+    pub fn parse(s: &'a str) -> Result<TemplateRef<'a>, ControlError> {
+        if let Some((namespace, alias)) = s.split_once('@') {
+            return Ok(TemplateRef::Alias { namespace, alias });
+        }
+        let Some((name, v)) = s.split_once(':') else {
+            return Ok(TemplateRef::IdOrName(s));
+        };
+        let version = (!name.is_empty()
+            && (1..=7).contains(&v.len())
+            && v.bytes().all(|b| b.is_ascii_digit())
+            && !v.starts_with('0'))
+        .then(|| v.parse::<u32>().ok())
+        .flatten()
+        .filter(|n| (1..=MAX_VERSION).contains(n));
+        match version {
+            Some(version) => Ok(TemplateRef::Version { name, version }),
+            None => Err(ControlError::invalid(
+                "invalid_template_version",
+                format!("{s:?}: a version is name:N with N a whole number from 1 to {MAX_VERSION}"),
+            )),
+        }
+    }
+}
+
 /// What [`Templates::insert`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TemplateInsert {
-    Inserted,
+    /// The row is version `version` of its name.
+    Inserted {
+        version: u32,
+    },
+    /// A built-in template's name, or the version limit reached.
     NameTaken,
     TooManyTemplates,
     TooManyBuilds,
@@ -172,28 +222,66 @@ impl Templates {
         Ok(())
     }
 
-    /// A template by name, id or `namespace@alias` that the workspace may use (its own or a
-    /// built-in one), in any status but `deleted`.
+    /// A template by name (its highest ready version), `name:N`, id or `namespace@alias`
+    /// that the workspace may use (its own or a built-in one), in any status but `deleted`.
+    /// A malformed `name:N` is 400 `invalid_template_version`.
     pub async fn find(
         &self,
         workspace_id: &str,
-        name_or_id: &str,
+        reference: &str,
     ) -> Result<Option<TemplateRow>, ControlError> {
-        let by_alias = match name_or_id.split_once('@') {
-            Some((ns, alias)) => self.resolve_alias(workspace_id, ns, alias).await?,
-            None => None,
+        let row: Option<TemplateRecord> = match TemplateRef::parse(reference)? {
+            TemplateRef::Version { name, version } => with_db!(self.db, p => sqlx::query_as(
+                "SELECT * FROM templates
+                 WHERE name = $1 AND version = $2 AND (workspace_id IS NULL OR workspace_id = $3)
+                   AND status <> 'deleted'",
+            )
+            .bind(name)
+            .bind(i64::from(version))
+            .bind(workspace_id)
+            .fetch_optional(p).await)
+            .map_err(q("reading a template"))?,
+            r => {
+                let by_alias = match r {
+                    TemplateRef::Alias { namespace, alias } => {
+                        self.resolve_alias(workspace_id, namespace, alias).await?
+                    }
+                    _ => None,
+                };
+                let key = by_alias.as_deref().unwrap_or(reference);
+                with_db!(self.db, p => sqlx::query_as(
+                    "SELECT * FROM templates
+                     WHERE (id = $1 OR name = $1) AND (workspace_id IS NULL OR workspace_id = $2)
+                       AND status <> 'deleted'
+                     ORDER BY CASE WHEN id = $1 THEN 0 WHEN status = 'ready' THEN 1 ELSE 2 END,
+                              version DESC
+                     LIMIT 1",
+                )
+                .bind(key)
+                .bind(workspace_id)
+                .fetch_optional(p).await)
+                .map_err(q("reading a template"))?
+            }
         };
-        let key = by_alias.as_deref().unwrap_or(name_or_id);
-        let row: Option<TemplateRecord> = with_db!(self.db, p => sqlx::query_as(
-            "SELECT * FROM templates
-             WHERE (id = $1 OR name = $1) AND (workspace_id IS NULL OR workspace_id = $2)
-               AND status <> 'deleted'",
-        )
-        .bind(key)
-        .bind(workspace_id)
-        .fetch_optional(p).await)
-        .map_err(q("reading a template"))?;
         row.map(TemplateRow::try_from).transpose()
+    }
+
+    /// The versions (deleted ones aside) of a workspace's template name, oldest first.
+    pub async fn versions(
+        &self,
+        workspace_id: &str,
+        name: &str,
+    ) -> Result<Vec<TemplateRow>, ControlError> {
+        let rows = with_db!(self.db, p => sqlx::query_as(
+            "SELECT * FROM templates
+             WHERE name = $1 AND (workspace_id IS NULL OR workspace_id = $2) AND status <> 'deleted'
+             ORDER BY version",
+        )
+        .bind(name)
+        .bind(workspace_id)
+        .fetch_all(p).await)
+        .map_err(q("listing a template's versions"))?;
+        decode_all(rows)
     }
 
     /// Server use: a template by id, whoever owns it.
@@ -208,7 +296,7 @@ impl Templates {
     pub async fn list(&self, workspace_id: &str) -> Result<Vec<TemplateRow>, ControlError> {
         let rows = with_db!(self.db, p => sqlx::query_as(
             "SELECT * FROM templates
-             WHERE (workspace_id IS NULL OR workspace_id = $1) AND status <> 'deleted' ORDER BY name",
+             WHERE (workspace_id IS NULL OR workspace_id = $1) AND status <> 'deleted' ORDER BY name, version",
         )
         .bind(workspace_id)
         .fetch_all(p).await)
@@ -216,12 +304,14 @@ impl Templates {
         decode_all(rows)
     }
 
-    /// Insert a new workspace template (status `building`) unless its name is taken in its
-    /// workspace or by a built-in template (names are unique per workspace; built-in ones
-    /// are every workspace's), or the workspace has `max_templates` templates (deleted ones
-    /// aside) or `max_builds` builds under way (0: no limit). Checked and inserted in one
+    /// Insert a new workspace template (status `building`) as the next version of its name
+    /// (1 for a new name; deleted versions keep their numbers), unless the name is a built-in
+    /// template's (built-in names are every workspace's), the name has [`MAX_VERSION`]
+    /// versions, or the workspace has `max_templates` template versions (deleted ones aside)
+    /// or `max_builds` builds under way (0: no limit). Numbered, checked and inserted in one
     /// transaction holding the workspace's admission lock, so concurrent creates, in this
-    /// process or another, never pass the limits.
+    /// process or another, never pass the limits nor share a version (the unique index on
+    /// workspace, name and version backs that).
     pub async fn insert(
         &self,
         t: &TemplateRow,
@@ -229,16 +319,22 @@ impl Templates {
         max_builds: u32,
     ) -> Result<TemplateInsert, ControlError> {
         const INSERT: &str = "INSERT INTO templates (id, name, workspace_id, description, rootfs,
-                default_egress, created_at, layers, config, status, error, source, updated_at)
-             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13
+                default_egress, created_at, layers, config, status, error, source, updated_at,
+                version)
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
+                    COALESCE((SELECT MAX(version) FROM templates
+                              WHERE workspace_id = $3 AND name = $2), 0) + 1
              WHERE NOT EXISTS (SELECT 1 FROM templates WHERE workspace_id IS NULL AND name = $2)
+               AND COALESCE((SELECT MAX(version) FROM templates
+                             WHERE workspace_id = $3 AND name = $2), 0) < $16
                AND ($14 = 0 OR (SELECT COUNT(*) FROM templates
                                 WHERE workspace_id = $3 AND status <> 'deleted') < $14)
                AND ($15 = 0 OR (SELECT COUNT(*) FROM templates
                                 WHERE workspace_id = $3 AND status = 'building') < $15)
-             ON CONFLICT DO NOTHING";
+             ON CONFLICT DO NOTHING
+             RETURNING version";
         let ws = t.workspace_id.clone().unwrap_or_default();
-        let done = in_admission!(self.db, &ws, tx => sqlx::query(INSERT)
+        let version: Option<(i64,)> = in_admission!(self.db, &ws, tx => sqlx::query_as(INSERT)
             .bind(&t.id)
             .bind(&t.name)
             .bind(&t.workspace_id)
@@ -254,12 +350,14 @@ impl Templates {
             .bind(t.updated_at)
             .bind(i64::from(max_templates))
             .bind(i64::from(max_builds))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected())
+            .bind(i64::from(MAX_VERSION))
+            .fetch_optional(&mut *tx)
+            .await?)
         .map_err(q("creating a template"))?;
-        if done == 1 {
-            return Ok(TemplateInsert::Inserted);
+        if let Some((v,)) = version {
+            let version =
+                u32::try_from(v).map_err(|e| ControlError::corrupt("template version", e))?;
+            return Ok(TemplateInsert::Inserted { version });
         }
         // Why not (for the answer only; the decision above was atomic).
         let (templates, builds) = self.count(&ws).await?;
@@ -345,8 +443,9 @@ impl Templates {
         .map_err(q("failing interrupted builds"))
     }
 
-    /// Delete a workspace's template: its row stays (sandboxes and snapshots refer to it)
-    /// with status `deleted` under a freed name; its aliases go.
+    /// Delete a workspace's template version: its row stays (sandboxes and snapshots refer
+    /// to it) with status `deleted`, keeping its name and number (never reused); its aliases
+    /// go.
     pub async fn delete(
         &self,
         workspace_id: &str,
@@ -361,8 +460,7 @@ impl Templates {
                 .execute(&mut *tx)
                 .await?;
             let n = sqlx::query(
-                "UPDATE templates SET status = 'deleted', name = name || '#deleted-' || id,
-                    updated_at = $1
+                "UPDATE templates SET status = 'deleted', updated_at = $1
                  WHERE id = $2 AND workspace_id = $3 AND status <> 'deleted'",
             )
             .bind(now)
@@ -391,6 +489,43 @@ impl Templates {
         ).bind(template_id).fetch_one(p).await)
         .map_err(q("counting a template's snapshots"))?;
         Ok((super::sandboxes::decode_all(rows)?, snapshots.0))
+    }
+
+    // ---- garbage collection ----
+
+    /// The layer lists (JSON arrays of layer directories) of every template version whose
+    /// layers may still be needed: not deleted, deleted at or after `deleted_since` (a
+    /// create that found it just before the delete may still be starting), or needed by a
+    /// sandbox that is not destroyed or failed, or by a snapshot. One statement: what it
+    /// returns is one moment's truth.
+    pub async fn layers_in_use(&self, deleted_since: i64) -> Result<Vec<String>, ControlError> {
+        let rows: Vec<(String,)> = with_db!(self.db, p => sqlx::query_as(
+            "SELECT t.layers FROM templates t
+             WHERE t.status <> 'deleted' OR t.updated_at >= $1
+                OR EXISTS (SELECT 1 FROM sandboxes s WHERE s.template_id = t.id
+                           AND s.status NOT IN ('destroyed', 'failed'))
+                OR EXISTS (SELECT 1 FROM snapshots n WHERE n.template_id = t.id)",
+        )
+        .bind(deleted_since)
+        .fetch_all(p).await)
+        .map_err(q("listing the layers templates use"))?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
+    /// Ids of template versions deleted before `deleted_before` that no live sandbox and no
+    /// snapshot needs (their per-template directories, boot snapshots included, may go).
+    pub async fn deleted_unused(&self, deleted_before: i64) -> Result<Vec<String>, ControlError> {
+        let rows: Vec<(String,)> = with_db!(self.db, p => sqlx::query_as(
+            "SELECT t.id FROM templates t
+             WHERE t.status = 'deleted' AND t.updated_at < $1
+               AND NOT EXISTS (SELECT 1 FROM sandboxes s WHERE s.template_id = t.id
+                               AND s.status NOT IN ('destroyed', 'failed'))
+               AND NOT EXISTS (SELECT 1 FROM snapshots n WHERE n.template_id = t.id)",
+        )
+        .bind(deleted_before)
+        .fetch_all(p).await)
+        .map_err(q("listing deleted templates"))?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
     }
 
     // ---- aliases ----

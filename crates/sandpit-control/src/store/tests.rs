@@ -255,14 +255,7 @@ async fn templates_names_limits_and_aliases(db: &TestDb) {
             .insert(&template("t1", "web", "ws_a"), 3, 2)
             .await
             .unwrap(),
-        Inserted
-    );
-    assert_eq!(
-        s.templates
-            .insert(&template("t2", "web", "ws_a"), 3, 2)
-            .await
-            .unwrap(),
-        NameTaken
+        Inserted { version: 1 }
     );
     assert_eq!(
         s.templates
@@ -277,7 +270,7 @@ async fn templates_names_limits_and_aliases(db: &TestDb) {
             .insert(&template("t4", "web", "ws_b"), 3, 2)
             .await
             .unwrap(),
-        Inserted,
+        Inserted { version: 1 },
         "names are per workspace"
     );
     assert_eq!(
@@ -285,7 +278,7 @@ async fn templates_names_limits_and_aliases(db: &TestDb) {
             .insert(&template("t5", "api", "ws_a"), 3, 2)
             .await
             .unwrap(),
-        Inserted
+        Inserted { version: 1 }
     );
     assert_eq!(
         s.templates
@@ -311,7 +304,7 @@ async fn templates_names_limits_and_aliases(db: &TestDb) {
             .insert(&template("t6", "db", "ws_a"), 3, 2)
             .await
             .unwrap(),
-        Inserted
+        Inserted { version: 1 }
     );
     assert_eq!(
         s.templates
@@ -367,7 +360,8 @@ async fn templates_names_limits_and_aliases(db: &TestDb) {
         ["me@prod"]
     );
 
-    // Delete frees the name, drops the aliases, keeps the row.
+    // Delete drops the aliases, keeps the row; the name's next version is 2 (numbers are
+    // never reused).
     assert!(
         !s.templates.delete("ws_b", "t5", 10).await.unwrap(),
         "not ws_b's"
@@ -389,7 +383,7 @@ async fn templates_names_limits_and_aliases(db: &TestDb) {
             .insert(&template("t8", "api", "ws_a"), 3, 0)
             .await
             .unwrap(),
-        Inserted
+        Inserted { version: 2 }
     );
 
     assert_eq!(
@@ -442,7 +436,7 @@ async fn template_quota_holds_across_processes(db: &TestDb) {
     }
     let mut inserted = 0;
     for t in tasks {
-        if t.await.unwrap() == TemplateInsert::Inserted {
+        if matches!(t.await.unwrap(), TemplateInsert::Inserted { .. }) {
             inserted += 1;
         }
     }
@@ -451,6 +445,153 @@ async fn template_quota_holds_across_processes(db: &TestDb) {
     other.db().close().await;
 }
 both!(template_quota_holds_across_processes);
+
+/// Versions: a name's builds number 1, 2, 3 (two stores racing on one name never share a
+/// number); `name` is its highest ready version (a building or failed one never moves
+/// it), `name:N` that version; hostile version strings are refused before any lookup;
+/// aliases stay where they point; what GC may collect follows the rows.
+async fn template_versions(db: &TestDb) {
+    let s = &db.store;
+    workspace(s, "ws_a").await;
+    base_template(s).await;
+    use TemplateInsert::*;
+    let v = |id: &str| template(id, "web", "ws_a");
+    assert_eq!(
+        s.templates.insert(&v("w1"), 0, 0).await.unwrap(),
+        Inserted { version: 1 }
+    );
+    // Only a building version: the name finds it (so a first build can be followed).
+    assert_eq!(
+        s.templates.find("ws_a", "web").await.unwrap().unwrap().id,
+        "w1"
+    );
+    s.templates
+        .finish_build("w1", TemplateStatus::Ready, r#"["/l/a"]"#, "{}", None, 6)
+        .await
+        .unwrap();
+    let other = db.another_process().await;
+    let (w2, w3) = (v("w2"), v("w3"));
+    let (a, b) = tokio::join!(
+        s.templates.insert(&w2, 0, 0),
+        other.templates.insert(&w3, 0, 0)
+    );
+    let mut got = [a.unwrap(), b.unwrap()];
+    got.sort_by_key(|i| match i {
+        Inserted { version } => *version,
+        _ => 0,
+    });
+    assert_eq!(got, [Inserted { version: 2 }, Inserted { version: 3 }]);
+    other.db().close().await;
+    let id_of = |n: &str| {
+        let n = n.to_string();
+        async move {
+            s.templates
+                .find("ws_a", &n)
+                .await
+                .unwrap()
+                .map(|t| (t.id, t.version))
+        }
+    };
+    assert_eq!(
+        id_of("web").await.map(|t| t.1),
+        Some(1),
+        "building versions do not move it"
+    );
+    let v3 = s.templates.find("ws_a", "web:3").await.unwrap().unwrap();
+    s.templates
+        .finish_build(&v3.id, TemplateStatus::Failed, "[]", "{}", Some("boom"), 7)
+        .await
+        .unwrap();
+    let v2 = s.templates.find("ws_a", "web:2").await.unwrap().unwrap();
+    assert_eq!(v2.version, 2);
+    assert_eq!(
+        id_of("web").await.map(|t| t.1),
+        Some(1),
+        "a failed build does not move it"
+    );
+    s.templates
+        .finish_build(&v2.id, TemplateStatus::Ready, r#"["/l/b"]"#, "{}", None, 8)
+        .await
+        .unwrap();
+    assert_eq!(id_of("web").await, Some((v2.id.clone(), 2)));
+    assert_eq!(id_of("web:1").await, Some(("w1".into(), 1)));
+    assert_eq!(id_of("web:4").await, None);
+    assert_eq!(id_of("base:1").await.map(|t| t.0), Some("tpl_base".into()));
+    for bad in [
+        "web:0",
+        "web:abc",
+        "web:1:2",
+        "web:",
+        ":1",
+        "web:01",
+        "web:+1",
+        "web:-1",
+        "web:99999999999999999999",
+        "web:4294967297",
+        "web:1000001",
+    ] {
+        let e = s.templates.find("ws_a", bad).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ControlError::Invalid {
+                    code: "invalid_template_version",
+                    ..
+                }
+            ),
+            "{bad}: {e:?}"
+        );
+    }
+    let versions: Vec<u32> = s
+        .templates
+        .versions("ws_a", "web")
+        .await
+        .unwrap()
+        .iter()
+        .map(|t| t.version)
+        .collect();
+    assert_eq!(versions, [1, 2, 3]);
+
+    // An alias points at a version; a newer ready version does not move it.
+    s.templates
+        .set_alias("ws_a", "me", "web", "w1", 9)
+        .await
+        .unwrap();
+    assert_eq!(id_of("me@web").await.map(|t| t.1), Some(1));
+
+    // Deleting a version keeps its number: the next build is 4, `web:1` is gone, and
+    // its layers stay "in use" only within the grace period or while a sandbox needs it.
+    assert!(s.templates.delete("ws_a", "w1", 100).await.unwrap());
+    assert_eq!(id_of("web:1").await, None);
+    assert_eq!(id_of("me@web").await, None, "its aliases went with it");
+    assert_eq!(
+        s.templates.insert(&v("w4"), 0, 0).await.unwrap(),
+        Inserted { version: 4 }
+    );
+    let in_use = |since: i64| async move {
+        let mut l = s.templates.layers_in_use(since).await.unwrap();
+        l.sort();
+        l.dedup();
+        l
+    };
+    assert!(
+        in_use(100).await.contains(&r#"["/l/a"]"#.to_string()),
+        "deleted just now"
+    );
+    assert!(!in_use(101).await.contains(&r#"["/l/a"]"#.to_string()));
+    assert!(in_use(101).await.contains(&r#"["/l/b"]"#.to_string()));
+    assert_eq!(s.templates.deleted_unused(101).await.unwrap(), ["w1"]);
+    assert!(s.templates.deleted_unused(100).await.unwrap().is_empty());
+    let mut sb = sandbox("sb_1", "ws_a", Status::Running, Some(1));
+    sb.template_id = "w1".into();
+    s.sandboxes.insert(&sb).await.unwrap();
+    assert!(
+        in_use(101).await.contains(&r#"["/l/a"]"#.to_string()),
+        "a sandbox runs on it"
+    );
+    assert!(s.templates.deleted_unused(101).await.unwrap().is_empty());
+}
+both!(template_versions);
 
 async fn sandboxes_typed_rows_and_transitions(db: &TestDb) {
     let s = &db.store;

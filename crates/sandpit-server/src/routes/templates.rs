@@ -1,5 +1,6 @@
 //! `/v1/templates`: the templates a workspace can start sandboxes from: list, get, build
-//! (from an image or a Dockerfile, async, with a streamed build log), delete, aliases.
+//! (from an image or a Dockerfile, async, with a streamed build log; building a name again
+//! adds its next version), a name's versions, delete, aliases.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -29,9 +30,10 @@ pub fn router() -> OpenApiRouter<Arc<Server>> {
         .routes(routes!(get_template, delete_template))
         .routes(routes!(build_events, build_builtin))
         .routes(routes!(set_alias, delete_alias))
+        .routes(routes!(list_versions))
 }
 
-/// Built-in templates and the workspace's own.
+/// Built-in templates and the workspace's own, every version (by name, then version).
 #[utoipa::path(get, path = "/v1/templates", tag = "templates",
     responses(
         (status = 200, description = "The templates", body = TemplateList),
@@ -52,14 +54,16 @@ async fn list_templates(
 }
 
 /// Build a template from an image reference or a Dockerfile (with its build context as a
-/// base64 tar). Answers at once with the template in status `building`; follow the build
-/// at `GET /v1/templates/{id}/build`.
+/// base64 tar). Building an existing name adds its next version (`version` in the answer);
+/// the name moves to it once it is ready (a failed build never moves it). Answers at once
+/// with the template in status `building`; follow the build at
+/// `GET /v1/templates/{id}/build`.
 #[utoipa::path(post, path = "/v1/templates", tag = "templates",
     request_body = CreateTemplateRequest,
     responses(
         (status = 202, description = "The build started", body = Template),
         (status = 400, description = "Invalid name, source, Dockerfile (the message names the line), context, alias or policy", body = ErrorBody),
-        (status = 409, description = "A template with that name exists", body = ErrorBody),
+        (status = 409, description = "A built-in template's name (`template_exists`)", body = ErrorBody),
         (status = 413, description = "The build context is too large", body = ErrorBody),
     ))]
 async fn create_template(
@@ -101,11 +105,13 @@ async fn find(
         .ok_or_else(|| ApiError::not_found("template_not_found", format!("no template {id:?}")))
 }
 
-/// A template by id, name or `namespace@alias`.
+/// A template version by id, name (its highest ready version), `name:N` or
+/// `namespace@alias`.
 #[utoipa::path(get, path = "/v1/templates/{id}", tag = "templates",
-    params(("id" = String, Path, description = "Template id, name or namespace@alias")),
+    params(("id" = String, Path, description = "Template id, name, name:N or namespace@alias")),
     responses(
         (status = 200, description = "The template", body = Template),
+        (status = 400, description = "A malformed name:N (`invalid_template_version`)", body = ErrorBody),
         (status = 404, description = "No such template in this workspace", body = ErrorBody),
     ))]
 async fn get_template(
@@ -118,12 +124,14 @@ async fn get_template(
     Ok(Json(builds::view(&server, &auth.workspace_id, t).await?))
 }
 
-/// Delete a workspace template. Refused while sandboxes use it unless `force=true`, which
-/// destroys them.
+/// Delete a workspace template: every version when `{id}` is its name, else the one version
+/// `name:N`, an id or an alias names. Refused while sandboxes use a version it would delete
+/// unless `force=true`, which destroys them.
 #[utoipa::path(delete, path = "/v1/templates/{id}", tag = "templates",
-    params(("id" = String, Path, description = "Template id, name or namespace@alias"), DeleteTemplateQuery),
+    params(("id" = String, Path, description = "Template name (every version), id, name:N or namespace@alias"), DeleteTemplateQuery),
     responses(
         (status = 204, description = "Deleted"),
+        (status = 400, description = "A malformed name:N (`invalid_template_version`)", body = ErrorBody),
         (status = 403, description = "A built-in template", body = ErrorBody),
         (status = 404, description = "No such template in this workspace", body = ErrorBody),
         (status = 409, description = "Sandboxes use it (code template_in_use) or it is being built", body = ErrorBody),
@@ -190,15 +198,16 @@ async fn build_events(
     Ok(Sse::new(past.chain(live)).keep_alive(KeepAlive::default()))
 }
 
-/// Point `namespace@alias` at this template (creating the alias or moving it here).
+/// Point `namespace@alias` at this template version (creating the alias or moving it
+/// here). An alias moves only this way or when a build that names it ends ready.
 #[utoipa::path(put, path = "/v1/templates/{id}/aliases/{alias}", tag = "templates",
     params(
-        ("id" = String, Path, description = "Template id or name"),
+        ("id" = String, Path, description = "Template id, name (its highest ready version) or name:N"),
         ("alias" = String, Path, description = "namespace@alias, each 1–64 characters [a-z0-9._-] starting with a letter or digit", pattern = r"^[a-z0-9][a-z0-9._-]{0,63}@[a-z0-9][a-z0-9._-]{0,63}$"),
     ),
     responses(
         (status = 200, description = "The alias now points here", body = TemplateAlias),
-        (status = 400, description = "Invalid alias", body = ErrorBody),
+        (status = 400, description = "Invalid alias or name:N", body = ErrorBody),
         (status = 404, description = "No such template in this workspace", body = ErrorBody),
     ))]
 async fn set_alias(
@@ -258,6 +267,33 @@ async fn delete_alias(
         .delete_alias(&auth.workspace_id, ns, name)
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The versions of the name `{id}` belongs to (deleted ones aside), oldest first.
+#[utoipa::path(get, path = "/v1/templates/{id}/versions", tag = "templates",
+    params(("id" = String, Path, description = "Template id, name, name:N or namespace@alias")),
+    responses(
+        (status = 200, description = "The name's versions", body = TemplateList),
+        (status = 400, description = "A malformed name:N (`invalid_template_version`)", body = ErrorBody),
+        (status = 404, description = "No such template in this workspace", body = ErrorBody),
+    ))]
+async fn list_versions(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<TemplateList>, ApiError> {
+    auth.require("sandbox_read")?;
+    let t = find(&server, &auth, &id).await?;
+    let rows = server
+        .store
+        .templates
+        .versions(&auth.workspace_id, &t.name)
+        .await?;
+    let mut templates = Vec::with_capacity(rows.len());
+    for t in rows {
+        templates.push(builds::view(&server, &auth.workspace_id, t).await?);
+    }
+    Ok(Json(TemplateList { templates }))
 }
 
 /// Build a built-in template that is built on demand (`toolchain`: Debian with bash,

@@ -123,25 +123,6 @@ async fn register_refuses_a_taken_name_and_both_quotas_and_records_nothing() {
         .finish_build(&first.id, TemplateStatus::Ready, "[]", "{}", None, 1)
         .await
         .unwrap();
-    // The same name again (now that the quota lets it through) (under another id): a conflict, and no second row.
-    let again = TemplateRow {
-        id: "tpl_other".into(),
-        ..first.clone()
-    };
-    match catalog::register(&h.node, &again).await {
-        Err(ControlError::Conflict { code, .. }) => assert_eq!(code, "template_exists"),
-        other => panic!("{other:?}"),
-    }
-    assert!(
-        h.node
-            .store
-            .templates
-            .by_id("tpl_other")
-            .await
-            .unwrap()
-            .is_none()
-    );
-
     catalog::register(&h.node, &two).await.unwrap();
     h.node
         .store
@@ -198,12 +179,12 @@ async fn delete_refuses_a_template_in_use_unless_forced_which_destroys_its_sandb
             ..
         })
     ));
-    // The name is free again.
+    // The name builds again, as its next version (numbers are never reused).
     let again = TemplateRow {
         id: "tpl_web2".into(),
         ..t
     };
-    catalog::register(&h.node, &again).await.unwrap();
+    assert_eq!(catalog::register(&h.node, &again).await.unwrap(), 2);
 }
 
 #[tokio::test]
@@ -252,4 +233,83 @@ async fn delete_refuses_builds_under_way_built_ins_and_other_workspaces_template
             .status,
         TemplateStatus::Building
     );
+}
+
+#[tokio::test]
+async fn deleting_a_version_spares_the_others_and_deleting_the_name_takes_all_of_them() {
+    let h = Harness::new().await;
+    let mut ids = Vec::new();
+    for n in 1..=3u32 {
+        let t = TemplateRow {
+            id: format!("tpl_web{n}"),
+            ..template(&h, "web", TemplateStatus::Building).await
+        };
+        assert_eq!(catalog::register(&h.node, &t).await.unwrap(), n);
+        h.node
+            .store
+            .templates
+            .finish_build(&t.id, TemplateStatus::Ready, "[]", "{}", None, 1)
+            .await
+            .unwrap();
+        ids.push(t.id);
+    }
+    // A sandbox of version 1 keeps it: deleting `web:1` is refused, `web:3` is not, and
+    // the name falls back to version 2.
+    let sb = h
+        .create_from("web:1", SandboxMode::Ephemeral)
+        .await
+        .unwrap();
+    assert_eq!(h.row(&sb.id).await.template_id, "tpl_web1");
+    assert!(matches!(
+        catalog::delete(&h.node, &h.workspace, "web:1", false).await,
+        Err(ControlError::Conflict {
+            code: "template_in_use",
+            ..
+        })
+    ));
+    catalog::delete(&h.node, &h.workspace, "web:3", false)
+        .await
+        .unwrap();
+    assert_eq!(
+        catalog::find(&h.node, &h.workspace, "web")
+            .await
+            .unwrap()
+            .version,
+        2
+    );
+    // The name: every version, refused while any is used, forced destroys the users.
+    assert!(matches!(
+        catalog::delete(&h.node, &h.workspace, "web", false).await,
+        Err(ControlError::Conflict {
+            code: "template_in_use",
+            ..
+        })
+    ));
+    assert_eq!(
+        catalog::find(&h.node, &h.workspace, "web")
+            .await
+            .unwrap()
+            .version,
+        2
+    );
+    catalog::delete(&h.node, &h.workspace, "web", true)
+        .await
+        .unwrap();
+    assert_eq!(h.row(&sb.id).await.status, Status::Destroyed);
+    assert!(
+        h.node
+            .store
+            .templates
+            .versions(&h.workspace, "web")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(matches!(
+        catalog::delete(&h.node, &h.workspace, "web:x", false).await,
+        Err(ControlError::Invalid {
+            code: "invalid_template_version",
+            ..
+        })
+    ));
 }
