@@ -140,7 +140,7 @@ async fn upload(
     memory: bool,
 ) -> Result<Option<crate::remote::Pushed>, String> {
     async {
-        std::fs::create_dir_all(&stage).map_err(|e| format!("staging: {e}"))?;
+        std::fs::create_dir_all(stage).map_err(|e| format!("staging: {e}"))?;
         if !node
             .runtime
             .pack_files(state_dir, &stage.join(FILES_DIR))
@@ -157,7 +157,7 @@ async fn upload(
         }
         let started = std::time::Instant::now();
         let pushed = images
-            .push(&stage)
+            .push(stage)
             .await
             .map_err(|e| format!("uploading: {}", DisplayChain(&*e)))?;
         if !crate::remote::valid_reference(&pushed.reference) {
