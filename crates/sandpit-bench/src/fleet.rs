@@ -26,6 +26,8 @@ async fn two_nodes(
             ("SANDPIT_NODE_NAME".into(), format!("bench-{i}")),
             ("SANDPIT_NODE_SECRET".into(), SECRET.into()),
             ("SANDPIT_OBJECT_STORE".into(), store.to_string()),
+            // Beats every second: a node hears its drain or undrain within one.
+            ("SANDPIT_NODE_LEASE".into(), "3s".into()),
         ];
         env.extend(db.map(|d| ("SANDPIT_DATABASE".to_string(), d)));
         env
@@ -36,8 +38,10 @@ async fn two_nodes(
     Ok((a, b))
 }
 
-/// `sandpit nodes drain|undrain NAME` on A's database.
-fn set_draining(sandpit: &Path, a: &TestServer, name: &str, on: bool) -> anyhow::Result<()> {
+/// `sandpit nodes drain|undrain NAME` on A's database. An undrain is heard by the node at
+/// its next heartbeat (creates and take-overs on it answer 503 `node_draining` until
+/// then): wait for it.
+async fn set_draining(sandpit: &Path, a: &TestServer, name: &str, on: bool) -> anyhow::Result<()> {
     let out = std::process::Command::new(sandpit)
         .arg("nodes")
         .arg(if on { "drain" } else { "undrain" })
@@ -47,6 +51,9 @@ fn set_draining(sandpit: &Path, a: &TestServer, name: &str, on: bool) -> anyhow:
         .output()?;
     if !out.status.success() {
         bail!("sandpit nodes: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    if !on {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
     }
     Ok(())
 }
@@ -76,16 +83,36 @@ async fn hibernate_stored(c: &Client, id: &str) -> anyhow::Result<u64> {
 }
 
 pub async fn bench(sandpit: &Path, platform: &str, quick: bool) -> anyhow::Result<Vec<Row>> {
-    let n = if quick { 3 } else { 10 };
     let bucket = tempfile::tempdir()?;
     let store = format!("file://{}", bucket.path().join("images").display());
     let (a, b) = two_nodes(sandpit, platform, &store).await?;
+    let result = measure(sandpit, &a, &b, quick).await;
+    if result.is_err() {
+        for (name, s) in [("A", &a), ("B", &b)] {
+            let log = s.log();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            eprintln!("---- node {name} log (last 30 lines) ----");
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+    result
+}
+
+async fn measure(
+    sandpit: &Path,
+    a: &TestServer,
+    b: &TestServer,
+    quick: bool,
+) -> anyhow::Result<Vec<Row>> {
+    let n = if quick { 3 } else { 10 };
     let (ca, cb) = (a.client(), b.client_with(&a.token));
     let mut rows = Vec::new();
 
     // Relayed vs local: with A draining, every create sent to A is placed on B and relayed;
     // the same create sent to B runs there. Execs on B's sandbox, through A and through B.
-    set_draining(sandpit, &a, &node_name(&a), true)?;
+    set_draining(sandpit, a, &node_name(a), true).await?;
     let (mut relayed, mut local) = (Vec::new(), Vec::new());
     let mut made = Vec::new();
     for i in 0..2 * n {
@@ -132,7 +159,7 @@ pub async fn bench(sandpit: &Path, platform: &str, quick: bool) -> anyhow::Resul
     for id in made {
         cb.destroy_sandbox(&id).await?;
     }
-    set_draining(sandpit, &a, &node_name(&a), false)?;
+    set_draining(sandpit, a, &node_name(a), false).await?;
 
     // Wake where the image is vs wake that fetches it: a persistent sandbox moves back and
     // forth; each round hibernates it where it runs (waiting for the upload), wakes it
@@ -146,7 +173,7 @@ pub async fn bench(sandpit: &Path, platform: &str, quick: bool) -> anyhow::Resul
         .await?;
     let id = sb.id;
     let owner_is_a = a.leaks().runsc.iter().any(|r| r.contains(&id));
-    let (mut owner, mut other) = if owner_is_a { (&a, &b) } else { (&b, &a) };
+    let (mut owner, mut other) = if owner_is_a { (a, b) } else { (b, a) };
     let (mut wake_local, mut wake_fetch) = (Vec::new(), Vec::new());
     let mut bytes = 0;
     for _ in 0..n {
@@ -158,12 +185,12 @@ pub async fn bench(sandpit: &Path, platform: &str, quick: bool) -> anyhow::Resul
         wake_local.push(t.elapsed());
 
         bytes = hibernate_stored(&co, &id).await?;
-        set_draining(sandpit, &a, &node_name(owner), true)?;
+        set_draining(sandpit, a, &node_name(owner), true).await?;
         let t = Instant::now();
         cx.wake(&id).await?;
         exec_true(&cx, &id).await?;
         wake_fetch.push(t.elapsed());
-        set_draining(sandpit, &a, &node_name(owner), false)?;
+        set_draining(sandpit, a, &node_name(owner), false).await?;
         if !other.leaks().runsc.iter().any(|r| r.contains(&id)) {
             bail!("the wake through the other node did not move the sandbox");
         }
@@ -193,14 +220,38 @@ pub async fn bench(sandpit: &Path, platform: &str, quick: bool) -> anyhow::Resul
     Ok(rows)
 }
 
-/// The number after `name=` in a log line (ANSI colour codes tolerated).
+/// The number after `name=` in a log line (ANSI colour codes removed first).
 fn field(line: &str, name: &str) -> Option<f64> {
-    let at = line.find(name)? + name.len();
-    let rest = &line[at..];
-    let start = rest.find(|c: char| c.is_ascii_digit())?;
-    let digits: String = rest[start..]
+    let mut plain = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // An escape sequence: up to and including its final letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    let at = plain.find(&format!("{name}="))? + name.len() + 1;
+    let digits: String = plain[at..]
         .chars()
         .take_while(|c| c.is_ascii_digit() || *c == '.')
         .collect();
     digits.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fields_are_read_through_colour_codes() {
+        let line = "\x1b[2mx\x1b[0m bytes\x1b[0m\x1b[2m=\x1b[0m5242880 \x1b[3mmb_per_s\x1b[0m\x1b[2m=\x1b[0m137 done";
+        assert_eq!(super::field(line, "mb_per_s"), Some(137.0));
+        assert_eq!(super::field(line, "bytes"), Some(5242880.0));
+        assert_eq!(super::field("mb_per_s=12", "mb_per_s"), Some(12.0));
+        assert_eq!(super::field("nothing", "mb_per_s"), None);
+    }
 }
