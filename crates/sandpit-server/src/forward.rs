@@ -202,10 +202,14 @@ pub async fn to_owner(State(server): State<Arc<Server>>, mut req: Request, next:
         .unwrap_or_else(IntoResponse::into_response)
 }
 
+/// Where the CodeSandbox agent gateway listens (`<prefix>/<sandbox id>?token=…`; the
+/// gateway itself is `compat::gateway`).
+pub const GATEWAY_PATH_PREFIX: &str = "/csb/agent";
+
 /// The sandbox of a CodeSandbox agent gateway path (`/csb/agent/{id}`).
 fn gateway_sandbox(path: &str) -> Option<&str> {
     let id = path
-        .strip_prefix(crate::compat::gateway::PATH_PREFIX)?
+        .strip_prefix(GATEWAY_PATH_PREFIX)?
         .strip_prefix('/')?
         .split('/')
         .next()?;

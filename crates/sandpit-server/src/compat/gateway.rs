@@ -44,7 +44,7 @@ use crate::util::{new_id, now_ms};
 use sandpit_control::agent::{AgentClient, AgentFailure};
 
 /// Where the gateway listens: `<prefix>/<sandbox id>?token=…`.
-pub const PATH_PREFIX: &str = "/csb/agent";
+pub const PATH_PREFIX: &str = crate::forward::GATEWAY_PATH_PREFIX;
 
 /// Pitcher error codes the gateway uses (`pitcher-protocol/errors`).
 mod code {
