@@ -172,15 +172,13 @@ pub async fn to_owner(State(server): State<Arc<Server>>, mut req: Request, next:
         }
         return next.run(req).await;
     }
-    if row.status == Status::Suspended {
-        // Its node is lost or draining: this node answers, taking the sandbox over from
-        // object storage if the request wakes it (`node::moves`).
-        match sandpit_control::node::moves::owner_gone_or_draining(&server.node, &row.node_id).await
-        {
-            Ok(true) => return next.run(req).await,
-            Ok(false) => {}
-            Err(e) => return ApiError::from(e).into_response(),
-        }
+    // Hibernated on a node that is gone (or draining, its image stored): this node
+    // answers, taking the sandbox over from object storage if the request wakes it
+    // (`node::moves`).
+    match sandpit_control::node::moves::answers_here(&server.node, &row).await {
+        Ok(true) => return next.run(req).await,
+        Ok(false) => {}
+        Err(e) => return ApiError::from(e).into_response(),
     }
     let owner = match alive_node(&server, &row.node_id).await {
         Ok(Some(address)) => address,
@@ -458,14 +456,12 @@ pub async fn drain_away(server: Arc<Server>) {
     tracing::info!("drain: done");
 }
 
-/// Whether `row`, another node's, is suspended on a node that is lost or draining: this
-/// node then answers for it, and a request that wakes it takes it over here.
+/// Whether this node answers for `row`, another node's sandbox (`moves::answers_here`): a
+/// request that wakes it takes it over here.
 pub async fn moves_here(server: &Server, row: &sandpit_control::store::Sandbox) -> bool {
-    !server.is_mine(row)
-        && row.status == Status::Suspended
-        && sandpit_control::node::moves::owner_gone_or_draining(&server.node, &row.node_id)
-            .await
-            .unwrap_or(false)
+    sandpit_control::node::moves::answers_here(&server.node, row)
+        .await
+        .unwrap_or(false)
 }
 
 /// The address of the node placement chooses for a new sandbox, if it is another one.

@@ -276,12 +276,10 @@ async fn destroy_locked(
     }
     super::moves::stop_upload(node, id).await;
     let mut row = row;
-    if !node.is_mine(&row)
-        && row.status == Status::Suspended
-        && super::moves::owner_gone_or_draining(node, &row.node_id).await?
-    {
-        // Nothing of it runs; its files are on a node that is lost or leaving (which
-        // removes what it no longer owns). Take the row over to settle it here.
+    if super::moves::answers_here(node, &row).await? {
+        // Nothing of it runs; its files are on a node that is gone or leaving (which
+        // removes what it no longer owns when it starts again). Take the row over to
+        // settle it here.
         let runtime_id = format!("{}-{}", node.cfg.prefix, id);
         if !node
             .store
@@ -492,12 +490,9 @@ pub async fn wake(
     let _guard = lock.write().await;
     super::moves::stop_upload(node, id).await;
     let (row, moved_note) = match node.store.sandboxes.get(id).await? {
-        // Suspended on a node that is lost or draining: take it over (from object storage).
-        Some(r)
-            if !node.is_mine(&r)
-                && r.status == Status::Suspended
-                && super::moves::owner_gone_or_draining(node, &r.node_id).await? =>
-        {
+        // Suspended on a node that is gone (or draining, the image stored): take it over
+        // from object storage.
+        Some(r) if super::moves::answers_here(node, &r).await? => {
             super::moves::take_over(node, &r).await?
         }
         _ => (existing(node, id).await?, None),

@@ -296,22 +296,44 @@ pub(super) async fn drop_remote(node: &Node, row: &Sandbox) -> Result<(), Contro
     Ok(())
 }
 
-/// Whether node `owner` cannot wake its own sandboxes now: it is lost, its lease lapsed,
-/// it was forgotten, or it is draining.
-pub async fn owner_gone_or_draining(node: &Node, owner: &str) -> Result<bool, ControlError> {
+/// Whether node `owner` can wake its own sandboxes now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// Its lease holds and it takes sandboxes: it wakes its own.
+    Live,
+    /// Its lease holds but it is draining: its hibernated sandboxes move once their image
+    /// is stored; until then it keeps them.
+    Draining,
+    /// Lost, lapsed or forgotten: its hibernated sandboxes move if their image is stored,
+    /// and can be destroyed from any node.
+    Gone,
+}
+
+/// The state of node `owner`, by the database's clock.
+pub async fn owner_state(node: &Node, owner: &str) -> Result<Owner, ControlError> {
     let now = node.store.nodes.now().await?;
     Ok(match node.store.nodes.get(owner).await? {
-        None => true,
-        Some(n) => n.status != crate::store::NodeStatus::Live || n.lease_until <= now,
+        None => Owner::Gone,
+        Some(n) if n.status == crate::store::NodeStatus::Lost || n.lease_until <= now => {
+            Owner::Gone
+        }
+        Some(n) if n.status == crate::store::NodeStatus::Draining => Owner::Draining,
+        Some(_) => Owner::Live,
     })
 }
 
-/// Whether another node may take suspended sandbox `row` over now: its owner is gone or
-/// draining, and its image is stored remotely.
-pub async fn movable(node: &Node, row: &Sandbox) -> Result<bool, ControlError> {
-    Ok(row.status == Status::Suspended
-        && stored_image(row).is_some()
-        && owner_gone_or_draining(node, &row.node_id).await?)
+/// Whether this node answers for `row`, another node's sandbox, rather than its owner:
+/// it is suspended and its owner is gone, or draining with the image stored remotely (a
+/// wake then takes it over here).
+pub async fn answers_here(node: &Node, row: &Sandbox) -> Result<bool, ControlError> {
+    if node.is_mine(row) || row.status != Status::Suspended {
+        return Ok(false);
+    }
+    Ok(match owner_state(node, &row.node_id).await? {
+        Owner::Live => false,
+        Owner::Draining => stored_image(row).is_some(),
+        Owner::Gone => true,
+    })
 }
 
 /// The stored remote image of `row`, if it has one.

@@ -397,3 +397,49 @@ async fn a_drain_hibernates_the_running_sandboxes() {
         assert!(r.is_some(), "{id} stored");
     }
 }
+
+/// A draining owner keeps a hibernated sandbox whose image is not stored (another node
+/// leaves it alone: the owner still wakes it), and gives it up once the image is stored.
+#[tokio::test]
+async fn a_draining_owner_keeps_what_cannot_move() {
+    let h = Harness::new().await;
+    join(&h.node, 60_000).await;
+    let row = suspended_with_file(&h).await;
+    let bucket = tempfile::tempdir().unwrap();
+    let b_dir = tempfile::tempdir().unwrap();
+    let store = images_in(bucket.path());
+    let b = second_node(&h, b_dir.path(), store.clone()).await;
+    assert!(
+        h.node
+            .store
+            .nodes
+            .set_draining("node-t", true)
+            .await
+            .unwrap()
+    );
+    let lock = tokio::sync::Mutex::new(());
+    let e = lifecycle::wake(&b, &row.id, &unreserved(&lock))
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&e), "sandbox_on_another_node");
+    assert!(
+        !moves::answers_here(&b, &h.row(&row.id).await)
+            .await
+            .unwrap()
+    );
+
+    // Woken and hibernated again with an image store: now it moves.
+    h.node.set_image_store(store);
+    h.wake(&row.id).await.unwrap();
+    lifecycle::suspend(&h.node, &row.id).await.unwrap();
+    assert_eq!(uploaded(&h.node, &row.id).await.state, RemoteState::Stored);
+    assert!(
+        moves::answers_here(&b, &h.row(&row.id).await)
+            .await
+            .unwrap()
+    );
+    let woken = lifecycle::wake(&b, &row.id, &unreserved(&lock))
+        .await
+        .unwrap();
+    assert_eq!(woken.node_id, "node-b");
+}
