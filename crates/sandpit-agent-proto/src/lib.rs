@@ -815,8 +815,7 @@ pub fn check_user_spec(spec: &str) -> Result<(&str, Option<&str>), String> {
     let part_ok = |p: &str| {
         !p.is_empty()
             && !p.starts_with('-')
-            && p
-                .bytes()
+            && p.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
     };
     if !part_ok(user) || !group.is_none_or(part_ok) {
@@ -916,6 +915,47 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ProtoE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_specs_and_their_version() {
+        assert_eq!(check_user_spec("app"), Ok(("app", None)));
+        assert_eq!(check_user_spec("1000:1000"), Ok(("1000", Some("1000"))));
+        assert_eq!(check_user_spec("a.b_c-d:g"), Ok(("a.b_c-d", Some("g"))));
+        for bad in [
+            "",
+            "a:b:c",
+            "a/b",
+            "-a",
+            "a:-g",
+            "a:",
+            ":g",
+            "a b",
+            "é",
+            &"a".repeat(65),
+        ] {
+            assert!(check_user_spec(bad).is_err(), "{bad:?}");
+        }
+        let exec = |user: Option<&str>| {
+            Op::Exec(ExecRequest {
+                shell: Some("id".into()),
+                user: user.map(str::to_string),
+                ..Default::default()
+            })
+            .version()
+        };
+        // Without a user a request stays in the version an older agent knows.
+        assert_eq!((exec(None), exec(Some("app"))), (1, 5));
+        let mkdir = |owner: Option<&str>| {
+            Op::MakeDir {
+                path: "/x".into(),
+                recursive: true,
+                owner: owner.map(str::to_string),
+            }
+            .version()
+        };
+        assert_eq!((mkdir(None), mkdir(Some("app"))), (1, 5));
+        assert_eq!(Op::TerminalCreate(TerminalCreate::default()).version(), 3);
+    }
 
     #[tokio::test]
     async fn frames_round_trip() {

@@ -532,7 +532,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().to_str().unwrap().to_string();
         make_dir(&format!("{base}/a/b"), true, None).await.unwrap();
-        let e = make_dir(&format!("{base}/a/b"), false, None).await.unwrap_err();
+        let e = make_dir(&format!("{base}/a/b"), false, None)
+            .await
+            .unwrap_err();
         assert_eq!(e.code, AgentErrorCode::AlreadyExists);
         std::fs::write(format!("{base}/a/f"), b"12345").unwrap();
         std::os::unix::fs::symlink("f", format!("{base}/a/l")).unwrap();

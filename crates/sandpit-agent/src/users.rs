@@ -43,7 +43,8 @@ pub fn resolve(spec: &str) -> Result<Creds, AgentError> {
 
 /// Resolve `spec` against the given file contents.
 pub fn resolve_in(spec: &str, passwd: &str, group: &str) -> Result<Creds, AgentError> {
-    let (user, grp) = check_user_spec(spec).map_err(|m| agent_error(AgentErrorCode::BadRequest, m))?;
+    let (user, grp) =
+        check_user_spec(spec).map_err(|m| agent_error(AgentErrorCode::BadRequest, m))?;
     let not_found = |what: &str| {
         agent_error(
             AgentErrorCode::UserNotFound,
@@ -59,7 +60,13 @@ pub fn resolve_in(spec: &str, passwd: &str, group: &str) -> Result<Creds, AgentE
     });
     let (uid, mut gid, name, home, shell) = match (&pw, is_id(user)) {
         (Some(e), _) => (e.uid, e.gid, Some(e.name), e.home.to_string(), e.shell),
-        (None, true) => (parse_id(user).ok_or_else(|| not_found(&format!("user {user}")))?, 0, None, "/".to_string(), None),
+        (None, true) => (
+            parse_id(user).ok_or_else(|| not_found(&format!("user {user}")))?,
+            0,
+            None,
+            "/".to_string(),
+            None,
+        ),
         (None, false) => return Err(not_found(&format!("user {user}"))),
     };
     let groups_db: Vec<GroupEntry> = group.lines().filter_map(GroupEntry::parse).collect();
@@ -103,7 +110,10 @@ pub fn resolve_opt(spec: Option<&str>) -> Result<Option<Creds>, AgentError> {
 /// Make `cmd` run as `creds` (supplementary groups, then gid, then uid).
 pub fn run_as(cmd: &mut tokio::process::Command, creds: &Creds) {
     let switch = switcher(creds);
-    #[expect(unsafe_code, reason = "the only way to set supplementary groups before setuid")]
+    #[expect(
+        unsafe_code,
+        reason = "the only way to set supplementary groups before setuid"
+    )]
     // SAFETY: the hook runs in the forked child before exec, where only async-signal-safe
     // calls are allowed: it makes three raw syscalls through rustix (no allocation, no lock;
     // the group list was built before the fork) and touches no other state.
@@ -115,7 +125,10 @@ pub fn run_as(cmd: &mut tokio::process::Command, creds: &Creds) {
 /// Like [`run_as`] for a terminal's command.
 pub fn pty_run_as(cmd: pty_process::Command, creds: &Creds) -> pty_process::Command {
     let switch = switcher(creds);
-    #[expect(unsafe_code, reason = "the only way to set supplementary groups before setuid")]
+    #[expect(
+        unsafe_code,
+        reason = "the only way to set supplementary groups before setuid"
+    )]
     // SAFETY: as in `run_as`; pty-process runs this after making the child a session
     // leader, in the forked child before exec.
     unsafe {
@@ -141,7 +154,10 @@ fn switcher(creds: &Creds) -> impl FnMut() -> std::io::Result<()> + Send + Sync 
 fn read_db(path: &str) -> Result<String, AgentError> {
     use std::os::unix::fs::OpenOptionsExt;
     let failed = |e: &dyn std::fmt::Display| {
-        agent_error(AgentErrorCode::UserNotFound, format!("cannot read {path}: {e}"))
+        agent_error(
+            AgentErrorCode::UserNotFound,
+            format!("cannot read {path}: {e}"),
+        )
     };
     let file = match std::fs::OpenOptions::new()
         .read(true)
@@ -246,10 +262,16 @@ mod tests {
         let app = ok("app");
         assert_eq!((app.uid, app.gid), (1000, 1000));
         assert_eq!(app.groups, [1000, 100, 10]);
-        assert_eq!((app.home.as_str(), app.shell.as_deref()), ("/home/app", Some("/bin/ash")));
+        assert_eq!(
+            (app.home.as_str(), app.shell.as_deref()),
+            ("/home/app", Some("/bin/ash"))
+        );
         assert_eq!(ok("1000"), app);
         let root = ok("root");
-        assert_eq!((root.uid, root.gid, root.groups.as_slice()), (0, 0, &[0, 10][..]));
+        assert_eq!(
+            (root.uid, root.gid, root.groups.as_slice()),
+            (0, 0, &[0, 10][..])
+        );
         // An explicit group replaces the memberships.
         let c = ok("app:users");
         assert_eq!((c.uid, c.gid, c.groups.as_slice()), (1000, 100, &[100][..]));
@@ -257,7 +279,10 @@ mod tests {
         assert_eq!((c.uid, c.gid, c.groups.as_slice()), (0, 0, &[0][..]));
         // A numeric user without an entry is used as is.
         let c = ok("4242");
-        assert_eq!((c.uid, c.gid, c.home.as_str(), c.shell), (4242, 0, "/", None));
+        assert_eq!(
+            (c.uid, c.gid, c.home.as_str(), c.shell),
+            (4242, 0, "/", None)
+        );
         assert_eq!(ok("4242:77").gid, 77);
         // A relative home and a shell that is not a path are not used.
         let c = ok("svc");
@@ -267,11 +292,34 @@ mod tests {
     #[test]
     fn unknown_users_and_bad_specs_fail_closed() {
         assert_eq!(code("nobody", PASSWD, GROUP), AgentErrorCode::UserNotFound);
-        assert_eq!(code("app:nogroup", PASSWD, GROUP), AgentErrorCode::UserNotFound);
-        assert_eq!(code("4294967295", PASSWD, GROUP), AgentErrorCode::UserNotFound);
-        assert_eq!(code("99999999999", PASSWD, GROUP), AgentErrorCode::UserNotFound);
-        for bad in ["", "a:b:c", "../etc", "a/b", "a\0", "-x", "x:", ":x", &"a".repeat(65)] {
-            assert_eq!(code(bad, PASSWD, GROUP), AgentErrorCode::BadRequest, "{bad:?}");
+        assert_eq!(
+            code("app:nogroup", PASSWD, GROUP),
+            AgentErrorCode::UserNotFound
+        );
+        assert_eq!(
+            code("4294967295", PASSWD, GROUP),
+            AgentErrorCode::UserNotFound
+        );
+        assert_eq!(
+            code("99999999999", PASSWD, GROUP),
+            AgentErrorCode::UserNotFound
+        );
+        for bad in [
+            "",
+            "a:b:c",
+            "../etc",
+            "a/b",
+            "a\0",
+            "-x",
+            "x:",
+            ":x",
+            &"a".repeat(65),
+        ] {
+            assert_eq!(
+                code(bad, PASSWD, GROUP),
+                AgentErrorCode::BadRequest,
+                "{bad:?}"
+            );
         }
     }
 
@@ -287,7 +335,10 @@ mod tests {
         assert_eq!((c.uid, c.gid, c.home.as_str()), (1000, 1000, "/"));
         // `..` is just a name here, never a path; `../app` is not a valid spec anyway.
         assert_eq!(code("../app", &passwd, ""), AgentErrorCode::BadRequest);
-        let group = format!("{}\nusers:x:x:app\nusers:x:100:app\n:x:5:app\nx:x:6\n", "g".repeat(1 << 20));
+        let group = format!(
+            "{}\nusers:x:x:app\nusers:x:100:app\n:x:5:app\nx:x:6\n",
+            "g".repeat(1 << 20)
+        );
         let c = resolve_in("app", &passwd, &group).unwrap();
         assert_eq!(c.groups, [1000, 100]);
         assert_eq!(code("app:x", &passwd, &group), AgentErrorCode::UserNotFound);
@@ -298,7 +349,9 @@ mod tests {
 
     #[test]
     fn groups_are_capped() {
-        let group: String = (0..1000).map(|g| format!("g{g}:x:{}:app\n", g + 2000)).collect();
+        let group: String = (0..1000)
+            .map(|g| format!("g{g}:x:{}:app\n", g + 2000))
+            .collect();
         let c = resolve_in("app", PASSWD, &group).unwrap();
         assert_eq!(c.groups.len(), MAX_GROUPS);
     }

@@ -504,7 +504,10 @@ pub struct ExecRequest {
     /// `USER`, else root. A malformed spec is 400 `invalid_user`; one the sandbox does not
     /// know is 400 `user_not_found`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(max_length = 64, pattern = r"^[A-Za-z0-9._][A-Za-z0-9._-]*(:[A-Za-z0-9._][A-Za-z0-9._-]*)?$")]
+    #[schema(
+        max_length = 64,
+        pattern = r"^[A-Za-z0-9._][A-Za-z0-9._-]*(:[A-Za-z0-9._][A-Za-z0-9._-]*)?$"
+    )]
     pub user: Option<String>,
 }
 

@@ -2,10 +2,12 @@
 //! to; exec's `user` overrides it; the base template (no `USER`) stays root.
 
 use sandpit_sdk::Client;
-use sandpit_sdk::types::{CreateSandboxRequest, CreateTemplateRequest, ExecRequest, TerminalCreateRequest};
+use sandpit_sdk::types::{
+    CreateSandboxRequest, CreateTemplateRequest, ExecRequest, TerminalCreateRequest,
+};
 
-use crate::terminals::Viewer;
 use crate::templates::follow;
+use crate::terminals::Viewer;
 use crate::{assert_api_err, base, create, server, sh};
 
 async fn id_as(client: &Client, id: &str, user: Option<&str>) -> String {
@@ -55,20 +57,38 @@ async fn template_user_is_the_default_and_exec_overrides_it() {
     assert_eq!(sh(&client, id, "id -G").await.stdout.trim(), "1000 2000");
     assert_eq!(id_as(&client, id, Some("root")).await, "0:0:/root");
     assert_eq!(id_as(&client, id, Some("0:0")).await, "0:0:/root");
-    assert_eq!(id_as(&client, id, Some("app:extra")).await, "1000:2000:/home/app");
+    assert_eq!(
+        id_as(&client, id, Some("app:extra")).await,
+        "1000:2000:/home/app"
+    );
     let exec = |user: &str| ExecRequest {
         command: Some("touch /tmp/ran".into()),
         user: Some(user.into()),
         ..Default::default()
     };
-    assert_api_err(client.exec(id, &exec("nobody-here")).await, 400, "user_not_found");
+    assert_api_err(
+        client.exec(id, &exec("nobody-here")).await,
+        400,
+        "user_not_found",
+    );
     assert_api_err(client.exec(id, &exec("../root")).await, 400, "invalid_user");
     assert_api_err(client.exec(id, &exec("a:b:c")).await, 400, "invalid_user");
-    assert_eq!(sh(&client, id, "test -e /tmp/ran; echo $?").await.stdout.trim(), "1");
+    assert_eq!(
+        sh(&client, id, "test -e /tmp/ran; echo $?")
+            .await
+            .stdout
+            .trim(),
+        "1"
+    );
 
     // Uploads (and the directories made for them) belong to the template's USER.
     client.upload(id, "/tmp/new/dir/f.txt", "hi").await.unwrap();
-    let out = sh(&client, id, "stat -c %u:%g /tmp/new /tmp/new/dir /tmp/new/dir/f.txt").await;
+    let out = sh(
+        &client,
+        id,
+        "stat -c %u:%g /tmp/new /tmp/new/dir /tmp/new/dir/f.txt",
+    )
+    .await;
     assert_eq!(out.stdout, "1000:1000\n1000:1000\n1000:1000\n", "{out:?}");
 
     // A terminal's shell runs as the template's USER.

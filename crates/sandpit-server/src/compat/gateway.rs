@@ -662,7 +662,10 @@ impl Conn {
         };
         user.map_err(|e| {
             tracing::warn!(sandbox = %id, error = %e, "the template's user is unknown");
-            RpcError::new(code::CRITICAL_ERROR, "the sandbox's template cannot be read")
+            RpcError::new(
+                code::CRITICAL_ERROR,
+                "the sandbox's template cannot be read",
+            )
         })
     }
 
@@ -1207,7 +1210,11 @@ impl Conn {
                         .map(|u| u.split(':').next().unwrap_or_default().to_string()),
                 };
                 let run = match &user {
-                    Some(u) => format!("exec su -s /bin/sh {} -c {}", sh_quote(u), sh_quote(&command)),
+                    Some(u) => format!(
+                        "exec su -s /bin/sh {} -c {}",
+                        sh_quote(u),
+                        sh_quote(&command)
+                    ),
                     None => command.clone(),
                 };
                 let meta = ShellMeta {
