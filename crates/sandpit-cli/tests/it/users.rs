@@ -34,14 +34,21 @@ async fn template_user_is_the_default_and_exec_overrides_it() {
         .create_template(&CreateTemplateRequest {
             name: "app".into(),
             dockerfile: Some(
-                "FROM base\nRUN adduser -D -u 1000 app && addgroup -g 2000 extra && addgroup app extra\nUSER app\n"
+                // The base template's busybox has no adduser: the entries are written.
+                "FROM base\nRUN (grep -q '^root:' /etc/passwd 2>/dev/null || echo 'root:x:0:0:root:/root:/bin/sh' >> /etc/passwd) && echo 'app:x:1000:1000::/home/app:/bin/sh' >> /etc/passwd && (grep -q '^root:' /etc/group 2>/dev/null || echo 'root:x:0:' >> /etc/group) && echo 'app:x:1000:' >> /etc/group && echo 'extra:x:2000:app' >> /etc/group && mkdir -p /home/app && chown 1000:1000 /home/app\nUSER app\n"
                     .into(),
             ),
             ..Default::default()
         })
         .await
         .unwrap();
-    follow(&client, &t.id).await;
+    let events = follow(&client, &t.id).await;
+    let built = client.get_template("app").await.unwrap();
+    assert_eq!(
+        built.status,
+        "ready",
+        "{events:#?}"
+    );
     let sb = create(
         &client,
         CreateSandboxRequest {
