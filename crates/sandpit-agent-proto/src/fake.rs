@@ -166,7 +166,9 @@ async fn serve(
                 .map(|m| serde_json::json!(info(&m)))
                 .map_err(|e| io_refusal(&e))
         }),
-        Op::MakeDir { path, recursive } => host_path(root, &path).and_then(|p| {
+        Op::MakeDir {
+            path, recursive, ..
+        } => host_path(root, &path).and_then(|p| {
             let made = if recursive {
                 std::fs::create_dir_all(p)
             } else {
@@ -420,6 +422,7 @@ mod tests {
             path: "/etc/x".into(),
             mode: None,
             create_parents: true,
+            owner: None,
         };
         write_json(&mut s, FrameKind::Request, &Request::new(op))
             .await

@@ -45,6 +45,14 @@
 //! a slow host (past that they are dropped for one [`WatchEventKind::Overflow`] event: the
 //! client must list the tree again). An agent of version 3 refuses it with
 //! `unsupported_version`.
+//!
+//! Version 5 added users: [`ExecRequest::user`] and [`TerminalCreate::user`] run the process
+//! as a user spec (`name`, `uid`, `name:group`, `uid:gid`, see [`check_user_spec`]) resolved
+//! in the sandbox's own `/etc/passwd` and `/etc/group`, and `owner` on [`Op::WriteFile`] and
+//! [`Op::MakeDir`] gives what they create to one. A request sets them only when it needs them
+//! and is then a version-5 request ([`Op::version`]), so an agent of version 4 refuses it with
+//! `unsupported_version` rather than ignoring the field and running as root. An unknown user
+//! or group is `user_not_found`.
 #![cfg_attr(
     test,
     allow(
@@ -61,7 +69,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The TCP port the agent listens on inside the sandbox.
 pub const AGENT_PORT: u16 = 49983;
@@ -221,13 +229,23 @@ pub enum Op {
         /// Create missing parent directories.
         #[serde(default)]
         create_parents: bool,
+        /// Version 5: a user spec that owns a new file and the directories created for it
+        /// (a replaced file keeps its owner). Default: root.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<String>,
     },
     /// Answered with `Ok` + [`DirListing`].
     ListDir { path: String },
     /// Answered with `Ok` + [`FileInfo`].
     Stat { path: String },
     /// Answered with `Ok` + `{}`.
-    MakeDir { path: String, recursive: bool },
+    MakeDir {
+        path: String,
+        recursive: bool,
+        /// Version 5: a user spec that owns the directories created. Default: root.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<String>,
+    },
     /// Answered with `Ok` + `{}`.
     Remove { path: String, recursive: bool },
     /// Answered with `Ok` + [`PortList`]: the TCP sockets listening inside the sandbox (from
@@ -289,6 +307,10 @@ impl Op {
     /// The protocol version that introduced this operation.
     pub fn version(&self) -> u32 {
         match self {
+            Op::Exec(ExecRequest { user: Some(_), .. })
+            | Op::TerminalCreate(TerminalCreate { user: Some(_), .. })
+            | Op::WriteFile { owner: Some(_), .. }
+            | Op::MakeDir { owner: Some(_), .. } => 5,
             Op::ReadRegular { .. } => 2,
             Op::TerminalCreate(_)
             | Op::TerminalAttach { .. }
@@ -330,6 +352,10 @@ pub struct TerminalCreate {
     /// [`DEFAULT_SCROLLBACK`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scrollback_bytes: Option<u64>,
+    /// Version 5: run as this user spec, as [`ExecRequest::user`] (its login shell and home
+    /// then come from its passwd entry). Default: root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// Watch a path (version 4).
@@ -608,6 +634,10 @@ pub struct ExecRequest {
     /// Whether the host will send stdin frames. When false, stdin is /dev/null.
     #[serde(default)]
     pub stdin: bool,
+    /// Version 5: run as this user spec ([`check_user_spec`]) with its groups, and `HOME`
+    /// from its passwd entry unless `env` sets one. Default: root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// Sent when the process was spawned.
@@ -726,6 +756,9 @@ pub enum AgentErrorCode {
     TooManyTerminals,
     /// The sandbox's inotify limits were reached (version 4; only `Watch`).
     TooManyWatches,
+    /// A user or group of a user spec is not in the sandbox's `/etc/passwd` or `/etc/group`,
+    /// or those files could not be read (version 5; only requests with a user or owner).
+    UserNotFound,
     Io,
 }
 
@@ -761,6 +794,36 @@ pub enum ProtoError {
     /// A frame the operation does not allow at this point ([`client`] helpers only).
     #[error("unexpected frame of kind {0}")]
     UnexpectedFrame(u8),
+}
+
+/// Longest user spec accepted ([`check_user_spec`]).
+pub const MAX_USER_SPEC: usize = 64;
+
+/// A user spec as Docker's `USER` and `--user` take it: `user` or `user:group`, each a name
+/// (`[A-Za-z0-9._-]`, not starting with `-`) or a numeric id, at most [`MAX_USER_SPEC`]
+/// bytes. Returns the user and the optional group. Says nothing about whether they exist.
+pub fn check_user_spec(spec: &str) -> Result<(&str, Option<&str>), String> {
+    if spec.is_empty() || spec.len() > MAX_USER_SPEC {
+        return Err(format!(
+            "a user must be 1 to {MAX_USER_SPEC} bytes: a name or id, optionally :group"
+        ));
+    }
+    let (user, group) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && !p.starts_with('-')
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    };
+    if !part_ok(user) || !group.is_none_or(part_ok) {
+        return Err(format!(
+            "user {spec:?} is not a name or id ([A-Za-z0-9._-]) with an optional :group"
+        ));
+    }
+    Ok((user, group))
 }
 
 /// Validate a path the host sends: absolute, no `..` component, no NUL, not longer than
@@ -852,6 +915,47 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ProtoE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_specs_and_their_version() {
+        assert_eq!(check_user_spec("app"), Ok(("app", None)));
+        assert_eq!(check_user_spec("1000:1000"), Ok(("1000", Some("1000"))));
+        assert_eq!(check_user_spec("a.b_c-d:g"), Ok(("a.b_c-d", Some("g"))));
+        for bad in [
+            "",
+            "a:b:c",
+            "a/b",
+            "-a",
+            "a:-g",
+            "a:",
+            ":g",
+            "a b",
+            "é",
+            &"a".repeat(65),
+        ] {
+            assert!(check_user_spec(bad).is_err(), "{bad:?}");
+        }
+        let exec = |user: Option<&str>| {
+            Op::Exec(ExecRequest {
+                shell: Some("id".into()),
+                user: user.map(str::to_string),
+                ..Default::default()
+            })
+            .version()
+        };
+        // Without a user a request stays in the version an older agent knows.
+        assert_eq!((exec(None), exec(Some("app"))), (1, 5));
+        let mkdir = |owner: Option<&str>| {
+            Op::MakeDir {
+                path: "/x".into(),
+                recursive: true,
+                owner: owner.map(str::to_string),
+            }
+            .version()
+        };
+        assert_eq!((mkdir(None), mkdir(Some("app"))), (1, 5));
+        assert_eq!(Op::TerminalCreate(TerminalCreate::default()).version(), 3);
+    }
 
     #[tokio::test]
     async fn frames_round_trip() {

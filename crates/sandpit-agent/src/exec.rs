@@ -17,6 +17,7 @@ use tokio::time::sleep_until;
 
 use crate::conn::{Conn, agent_error};
 use crate::init::default_env;
+use crate::users;
 
 /// Largest `Stdout`/`Stderr` payload.
 pub const OUTPUT_CHUNK: usize = 64 * 1024;
@@ -41,6 +42,7 @@ pub fn build_command(req: &ExecRequest) -> Result<Command, AgentError> {
     };
     check_env(&req.env)?;
     let cwd = check_cwd(req.cwd.as_deref().unwrap_or("/"))?;
+    let creds = users::resolve_opt(req.user.as_deref())?;
     let mut cmd = Command::new(program);
     if req.shell.is_some() {
         cmd.arg("-c");
@@ -57,6 +59,12 @@ pub fn build_command(req: &ExecRequest) -> Result<Command, AgentError> {
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    if let Some(creds) = &creds {
+        if !req.env.iter().any(|(k, _)| k == "HOME") {
+            cmd.env("HOME", &creds.home);
+        }
+        users::run_as(&mut cmd, creds);
+    }
     Ok(cmd)
 }
 

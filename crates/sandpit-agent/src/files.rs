@@ -15,6 +15,7 @@ use tokio::fs;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::conn::{Conn, agent_error};
+use crate::users;
 
 /// Default permission bits of a new file.
 pub const DEFAULT_MODE: u32 = 0o644;
@@ -163,8 +164,13 @@ pub async fn write_file(
     path: &str,
     mode: Option<u32>,
     create_parents: bool,
+    owner: Option<&str>,
 ) -> Result<(), ProtoError> {
-    let mut tmp = match TempFile::create(path, mode, create_parents).await {
+    let created = match owner_ids(owner) {
+        Ok(o) => o,
+        Err(e) => return conn.send_error(&e).await,
+    };
+    let mut tmp = match TempFile::create(path, mode, create_parents, created).await {
         Ok(t) => t,
         Err(e) => return conn.send_error(&e).await,
     };
@@ -228,6 +234,7 @@ impl TempFile {
         path: &str,
         mode: Option<u32>,
         create_parents: bool,
+        created_owner: Option<(u32, u32)>,
     ) -> Result<TempFile, AgentError> {
         let target = normalize_path(path)?;
         if target == "/" {
@@ -238,9 +245,7 @@ impl TempFile {
         }
         let (dir, name) = split_parent(&target);
         if create_parents {
-            fs::create_dir_all(&dir)
-                .await
-                .map_err(|e| map_io(&dir, &e))?;
+            create_dirs(&dir, true, created_owner).await?;
         }
         // Keep the mode and owner of a file being replaced.
         let existing = match fs::metadata(&target).await {
@@ -253,7 +258,10 @@ impl TempFile {
             .or(existing.as_ref().map(|m| m.mode()))
             .unwrap_or(DEFAULT_MODE)
             & 0o7777;
-        let owner = existing.as_ref().map(|m| (m.uid(), m.gid()));
+        let owner = existing
+            .as_ref()
+            .map(|m| (m.uid(), m.gid()))
+            .or(created_owner);
         let mut attempt = 0;
         loop {
             let tmp_path = Path::new(&dir).join(temp_name(&name));
@@ -285,7 +293,8 @@ impl TempFile {
         let io = |e: io::Error| map_io(&target, &e);
         self.file.flush().await.map_err(io)?;
         if let Some((uid, gid)) = self.owner {
-            // Best effort: keep the replaced file's owner (before chmod, which chown resets).
+            // Best effort: keep the replaced file's owner or give a new one to the requested
+            // owner, through the handle (before chmod, which chown resets).
             let _ = std::os::unix::fs::fchown(&self.file, Some(uid), Some(gid));
         }
         self.file
@@ -366,15 +375,74 @@ pub async fn stat(path: &str) -> Result<FileInfo, AgentError> {
     Ok(file_info(&meta))
 }
 
-/// `MakeDir`.
-pub async fn make_dir(path: &str, recursive: bool) -> Result<(), AgentError> {
+/// `MakeDir`; with `owner`, the directories it creates are given to that user spec.
+pub async fn make_dir(path: &str, recursive: bool, owner: Option<&str>) -> Result<(), AgentError> {
     let path = normalize_path(path)?;
-    let r = if recursive {
-        fs::create_dir_all(&path).await
-    } else {
-        fs::create_dir(&path).await
-    };
-    r.map_err(|e| map_io(&path, &e))
+    let owner = owner_ids(owner)?;
+    create_dirs(&path, recursive, owner).await
+}
+
+/// The uid and gid of an owner spec ([`users::resolve`]).
+fn owner_ids(owner: Option<&str>) -> Result<Option<(u32, u32)>, AgentError> {
+    Ok(users::resolve_opt(owner)?.map(|c| (c.uid, c.gid)))
+}
+
+/// Create the normalized `path` (and, when `recursive`, its missing parents, refusing only
+/// if `path` itself exists and is not a directory), giving each directory this call created
+/// to `owner`. The owner is set through a handle opened without following symlinks, so a
+/// directory swapped for a symlink meanwhile gives away nothing else.
+async fn create_dirs(
+    path: &str,
+    recursive: bool,
+    owner: Option<(u32, u32)>,
+) -> Result<(), AgentError> {
+    let path = path.to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut todo = vec![path.as_str()];
+        if recursive {
+            todo = path
+                .match_indices('/')
+                .skip(1)
+                .map(|(i, _)| &path[..i])
+                .chain(std::iter::once(path.as_str()))
+                .filter(|p| *p != "/")
+                .collect();
+        }
+        for dir in todo {
+            match std::fs::create_dir(dir) {
+                Ok(()) => {
+                    if let Some((uid, gid)) = owner {
+                        chown_nofollow(dir, uid, gid).map_err(|e| map_io(dir, &e))?;
+                    }
+                }
+                Err(e) if recursive && e.kind() == io::ErrorKind::AlreadyExists => {
+                    if !std::fs::metadata(dir).is_ok_and(|m| m.is_dir()) {
+                        return Err(map_io(dir, &e));
+                    }
+                }
+                Err(e) => return Err(map_io(dir, &e)),
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| agent_error(AgentErrorCode::Io, e.to_string()))?
+}
+
+/// Give the directory `dir` to `uid`:`gid` through a handle; refuses a symlink.
+fn chown_nofollow(dir: &str, uid: u32, gid: u32) -> io::Result<()> {
+    use rustix::fs::{Mode, OFlags};
+    let fd = rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    rustix::fs::fchown(
+        &fd,
+        Some(rustix::fs::Uid::from_raw(uid)),
+        Some(rustix::fs::Gid::from_raw(gid)),
+    )?;
+    Ok(())
 }
 
 /// `Remove`: a file, symlink (not its target) or directory; refuses `/`.
@@ -463,8 +531,10 @@ mod tests {
     async fn dir_ops() {
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().to_str().unwrap().to_string();
-        make_dir(&format!("{base}/a/b"), true).await.unwrap();
-        let e = make_dir(&format!("{base}/a/b"), false).await.unwrap_err();
+        make_dir(&format!("{base}/a/b"), true, None).await.unwrap();
+        let e = make_dir(&format!("{base}/a/b"), false, None)
+            .await
+            .unwrap_err();
         assert_eq!(e.code, AgentErrorCode::AlreadyExists);
         std::fs::write(format!("{base}/a/f"), b"12345").unwrap();
         std::os::unix::fs::symlink("f", format!("{base}/a/l")).unwrap();

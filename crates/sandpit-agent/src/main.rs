@@ -26,6 +26,7 @@ mod init;
 mod ports;
 mod server;
 mod terminal;
+mod users;
 mod watch;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};

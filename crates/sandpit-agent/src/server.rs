@@ -213,12 +213,17 @@ async fn dispatch(conn: &mut Conn, op: Op, terminals: &Terminals) -> Result<(), 
             path,
             mode,
             create_parents,
-        } => return files::write_file(conn, &path, mode, create_parents).await,
+            owner,
+        } => return files::write_file(conn, &path, mode, create_parents, owner.as_deref()).await,
         Op::ListDir { path } => files::list_dir(&path).await.map(|r| to_value(&r)),
         Op::Stat { path } => files::stat(&path).await.map(|r| to_value(&r)),
-        Op::MakeDir { path, recursive } => {
-            files::make_dir(&path, recursive).await.map(|()| empty())
-        }
+        Op::MakeDir {
+            path,
+            recursive,
+            owner,
+        } => files::make_dir(&path, recursive, owner.as_deref())
+            .await
+            .map(|()| empty()),
         Op::Remove { path, recursive } => files::remove(&path, recursive).await.map(|()| empty()),
         Op::ListPorts => ports::list().await.map(|r| to_value(&r)),
         Op::TerminalCreate(req) => terminals.create(req).map(|r| to_value(&r)),
@@ -299,7 +304,7 @@ mod tests {
         assert_eq!(req.op, Op::Ping);
         let code = |f: &Frame| parse_request(f).unwrap_err().code;
         assert_eq!(
-            code(&frame(FrameKind::Request, r#"{"v":5,"op":"teleport"}"#)),
+            code(&frame(FrameKind::Request, r#"{"v":6,"op":"teleport"}"#)),
             AgentErrorCode::UnsupportedVersion
         );
         // Version 3 is this agent's: its operations parse, and older requests still do.

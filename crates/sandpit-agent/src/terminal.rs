@@ -12,7 +12,8 @@
 //! behind skips what it missed.
 //!
 //! The pty is opened and the child made a session leader with the pty as its controlling
-//! terminal by `pty-process` (which holds the `unsafe` `pre_exec`), so this crate has none.
+//! terminal by `pty-process` (which holds the `unsafe` `pre_exec`); switching the child to
+//! a user is `users::pty_run_as`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
@@ -35,6 +36,7 @@ use tokio::time::sleep_until;
 use crate::conn::{Conn, agent_error};
 use crate::exec::{OUTPUT_CHUNK, PIPE_GRACE, check_cwd, check_env, exit_status, signal_from_raw};
 use crate::init::{DEFAULT_HOME, default_env};
+use crate::users::{self, Creds};
 
 /// `TERM` of every terminal unless its request sets one.
 pub const DEFAULT_TERM: &str = "xterm-256color";
@@ -86,6 +88,7 @@ impl Terminals {
         if let Some(id) = &req.id {
             validate_terminal_id(id)?;
         }
+        let creds = users::resolve_opt(req.user.as_deref())?;
         let (program, args, arg0) = match (req.argv, req.shell) {
             (Some(argv), None) => {
                 let mut argv = argv.into_iter();
@@ -96,7 +99,7 @@ impl Terminals {
             }
             (None, Some(shell)) => ("/bin/sh".to_string(), vec!["-c".to_string(), shell], None),
             (None, None) => {
-                let shell = login_shell();
+                let shell = login_shell(creds.as_ref());
                 let name = shell.rsplit('/').next().unwrap_or("sh");
                 let arg0 = format!("-{name}");
                 (shell, Vec::new(), Some(arg0))
@@ -110,9 +113,10 @@ impl Terminals {
                 .chain(args.iter().map(String::as_str)),
         );
         check_env(&req.env)?;
+        let home = creds.as_ref().map(|c| c.home.as_str());
         let cwd = match &req.cwd {
             Some(cwd) => check_cwd(cwd)?,
-            None => default_cwd(),
+            None => default_cwd(home),
         };
 
         let mut map = self.lock();
@@ -158,6 +162,12 @@ impl Terminals {
             .envs(req.env.iter().map(|(k, v)| (k, v)));
         if let Some(arg0) = &arg0 {
             cmd = cmd.arg0(arg0);
+        }
+        if let Some(creds) = &creds {
+            if !req.env.iter().any(|(k, _)| k == "HOME") {
+                cmd = cmd.env("HOME", &creds.home);
+            }
+            cmd = users::pty_run_as(cmd, creds);
         }
         let child = cmd.spawn(pts).map_err(|e| {
             // `program` may be most of a frame long: name its first bytes only.
@@ -507,16 +517,13 @@ fn shown_argv<'a>(argv: impl Iterator<Item = &'a str>) -> Vec<String> {
 }
 
 /// The login shell of the agent's user (`/etc/passwd`), or `/bin/sh`.
-fn login_shell() -> String {
-    let uid = rustix::process::getuid().as_raw();
-    std::fs::read_to_string("/etc/passwd")
-        .ok()
-        .and_then(|passwd| {
-            passwd.lines().find_map(|line| {
-                let fields: Vec<&str> = line.split(':').collect();
-                (fields.len() == 7 && fields[2].parse() == Ok(uid)).then(|| fields[6].to_string())
-            })
-        })
+/// The login shell of `creds` (root's when `None`), if it is a usable file; else `/bin/sh`.
+fn login_shell(creds: Option<&Creds>) -> String {
+    let shell = match creds {
+        Some(c) => c.shell.clone(),
+        None => users::resolve("0").ok().and_then(|c| c.shell),
+    };
+    shell
         .filter(|shell| {
             shell.starts_with('/')
                 && !shell.ends_with("/nologin")
@@ -526,9 +533,12 @@ fn login_shell() -> String {
         .unwrap_or_else(|| "/bin/sh".to_string())
 }
 
-/// `HOME` when it is a directory, else `/`.
-fn default_cwd() -> String {
-    let home = std::env::var("HOME").unwrap_or_else(|_| DEFAULT_HOME.to_string());
+/// The user's home (`HOME` for root) when it is a directory, else `/`.
+fn default_cwd(home: Option<&str>) -> String {
+    let home = match home {
+        Some(h) => h.to_string(),
+        None => std::env::var("HOME").unwrap_or_else(|_| DEFAULT_HOME.to_string()),
+    };
     check_cwd(&home).unwrap_or_else(|_| "/".to_string())
 }
 
@@ -611,7 +621,7 @@ mod tests {
 
     #[test]
     fn login_shell_is_an_absolute_file() {
-        let shell = login_shell();
+        let shell = login_shell(None);
         assert!(shell.starts_with('/'), "{shell}");
         assert!(std::path::Path::new(&shell).is_file());
     }

@@ -499,6 +499,16 @@ pub struct ExecRequest {
     pub cwd: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// Run as this user: `name`, `uid`, `name:group` or `uid:gid` (as Docker's `--user`),
+    /// looked up in the sandbox's `/etc/passwd` and `/etc/group`. Default: the template's
+    /// `USER`, else root. A malformed spec is 400 `invalid_user`; one the sandbox does not
+    /// know is 400 `user_not_found`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        max_length = 64,
+        pattern = r"^[A-Za-z0-9._][A-Za-z0-9._-]*(:[A-Za-z0-9._][A-Za-z0-9._-]*)?$"
+    )]
+    pub user: Option<String>,
 }
 
 /// The result of a finished command.

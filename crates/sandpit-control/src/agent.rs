@@ -397,9 +397,12 @@ impl AgentClient {
 
     /// Stream `body` into a file. Fails with `file_too_large` (as a refusal) once more than
     /// `limit` bytes arrive; the agent then removes its temporary file and nothing changes.
+    /// A new file and the directories made for it are given to `owner` (a user spec; root
+    /// when `None`).
     pub async fn write_file<S, E>(
         &self,
         path: &str,
+        owner: Option<&str>,
         mut body: S,
         limit: u64,
     ) -> Result<WriteReply, AgentFailure>
@@ -412,6 +415,7 @@ impl AgentClient {
                 path: path.into(),
                 mode: None,
                 create_parents: true,
+                owner: owner.map(str::to_string),
             })
             .await?;
         let mut total: u64 = 0;
@@ -487,11 +491,18 @@ impl AgentClient {
         self.simple(Op::Stat { path: path.into() }).await
     }
 
-    pub async fn make_dir(&self, path: &str, recursive: bool) -> Result<(), AgentFailure> {
+    /// The directories made are given to `owner` (a user spec; root when `None`).
+    pub async fn make_dir(
+        &self,
+        path: &str,
+        recursive: bool,
+        owner: Option<&str>,
+    ) -> Result<(), AgentFailure> {
         let _: serde_json::Value = self
             .simple(Op::MakeDir {
                 path: path.into(),
                 recursive,
+                owner: owner.map(str::to_string),
             })
             .await?;
         Ok(())

@@ -441,6 +441,7 @@ async fn write_file(agent: &Agent, path: &str, mode: Option<u32>, data: &[u8]) -
             path: path.into(),
             mode,
             create_parents: true,
+            owner: None,
         })
         .await;
     for chunk in data.chunks(DATA_CHUNK) {
@@ -592,6 +593,7 @@ async fn write_dropped_connection_leaves_nothing() {
             path: path.clone(),
             mode: None,
             create_parents: false,
+            owner: None,
         })
         .await;
     write_frame(&mut s, FrameKind::Data, &[1u8; 100_000])
@@ -614,7 +616,11 @@ async fn dirs_stat_and_remove() {
     let agent = Agent::start();
     let dir = tempfile::tempdir().unwrap();
     let base = p(dir.path());
-    let mk = |path: String, recursive| Op::MakeDir { path, recursive };
+    let mk = |path: String, recursive| Op::MakeDir {
+        path,
+        recursive,
+        owner: None,
+    };
     let _: serde_json::Value = agent.ok(mk(format!("{base}/a/b"), true)).await;
     assert_eq!(
         agent.err(mk(format!("{base}/a/b"), false)).await,
@@ -694,6 +700,7 @@ async fn path_errors() {
             Op::MakeDir {
                 path: bad.into(),
                 recursive: true,
+                owner: None,
             },
         ] {
             assert_eq!(agent.err(op).await, AgentErrorCode::InvalidPath, "{bad:?}");

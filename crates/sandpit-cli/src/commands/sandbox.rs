@@ -89,6 +89,10 @@ pub enum SandboxCommand {
         timeout: Option<String>,
         #[arg(long)]
         cwd: Option<String>,
+        /// Run as this user (`name`, `uid`, `name:group`, `uid:gid`); default: the
+        /// template's USER, else root.
+        #[arg(long)]
+        user: Option<String>,
         /// The shell command line.
         #[arg(required = true, trailing_var_arg = true)]
         command: Vec<String>,
@@ -372,12 +376,14 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<u8> {
             id,
             timeout,
             cwd,
+            user,
             command,
         } => {
             let req = ExecRequest {
                 command: Some(command.join(" ")),
                 timeout,
                 cwd,
+                user,
                 ..Default::default()
             };
             let mut events = Box::pin(conn.client()?.exec_stream(&id, &req).await?);

@@ -24,6 +24,7 @@ mod security;
 mod soak;
 mod templates;
 mod terminals;
+mod users;
 mod watch;
 
 use std::path::Path;

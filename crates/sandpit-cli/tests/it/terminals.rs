@@ -124,7 +124,7 @@ impl Viewer {
     }
 
     /// Read until the output holds `needle`.
-    async fn expect(&mut self, needle: &str) {
+    pub(crate) async fn expect(&mut self, needle: &str) {
         self.read_until(needle, |v| v.text().contains(needle)).await;
     }
 

@@ -491,7 +491,7 @@ pub async fn write_resolv_conf(node: &Node, row: &Sandbox) -> Result<(), Control
     ))]);
     agent_of(node, row)
         .expect("slot checked")
-        .write_file("/etc/resolv.conf", body, 1 << 16)
+        .write_file("/etc/resolv.conf", None, body, 1 << 16)
         .await
         .map(drop)
         .map_err(|f| ControlError::Agent {

@@ -140,6 +140,22 @@ pub async fn default_cwd(node: &Node, row: &crate::store::Sandbox) -> Option<Str
     image_config(&t).ok()?.workdir
 }
 
+/// The user an exec, terminal or file write that names none runs as or belongs to: the
+/// template's `USER` (as `docker exec` does); `None` (root) for templates without one.
+/// Fails closed: a template whose config does not decode is an error, never root.
+pub async fn default_user(
+    node: &Node,
+    row: &crate::store::Sandbox,
+) -> Result<Option<String>, ControlError> {
+    if row.template_id == BASE_TEMPLATE_ID {
+        return Ok(None);
+    }
+    let Some(t) = node.store.templates.by_id(&row.template_id).await? else {
+        return Ok(None);
+    };
+    Ok(image_config(&t)?.user.filter(|u| !u.is_empty()))
+}
+
 /// Find a static busybox on the host. First the one scripts/install-deps fetches on bookworm,
 /// whose own busybox-static is built without wget's `-T` (and segfaults on it, busybox sh
 /// running its applet whatever `wget` is on PATH).

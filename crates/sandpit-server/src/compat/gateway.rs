@@ -650,6 +650,25 @@ impl Conn {
         lifecycle::agent_of(&self.server, &row).map(|a| (a, guard))
     }
 
+    /// Who files written through the gateway belong to: the template's `USER` (root when it
+    /// has none).
+    async fn default_user(&self) -> Result<Option<String>, RpcError> {
+        let id = &self.session.sandbox;
+        let row = self.server.store.sandboxes.get(id).await;
+        let user = match row {
+            Ok(Some(row)) => sandpit_control::node::images::default_user(&self.server, &row).await,
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
+        user.map_err(|e| {
+            tracing::warn!(sandbox = %id, error = %e, "the template's user is unknown");
+            RpcError::new(
+                code::CRITICAL_ERROR,
+                "the sandbox's template cannot be read",
+            )
+        })
+    }
+
     async fn send_value(&self, v: &Value) {
         send_value(&self.out, v).await;
     }
@@ -1182,8 +1201,20 @@ impl Conn {
                     _ => "TERMINAL",
                 };
                 // A session's shells run as its user, with its home and environment.
-                let run = match &self.session.username {
-                    Some(u) => format!("exec su -s /bin/sh {u} -c {}", sh_quote(&command)),
+                // Without one, as the template's `USER` (its user part: `su` takes a name).
+                let user = match &self.session.username {
+                    Some(u) => Some(u.clone()),
+                    None => self
+                        .default_user()
+                        .await?
+                        .map(|u| u.split(':').next().unwrap_or_default().to_string()),
+                };
+                let run = match &user {
+                    Some(u) => format!(
+                        "exec su -s /bin/sh {} -c {}",
+                        sh_quote(u),
+                        sh_quote(&command)
+                    ),
                     None => command.clone(),
                 };
                 let meta = ShellMeta {
@@ -1451,8 +1482,9 @@ impl Conn {
                 }
                 let body =
                     futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(content))]);
+                let owner = self.default_user().await?;
                 agent
-                    .write_file(&path, body, self.server.cfg.upload_limit)
+                    .write_file(&path, owner.as_deref(), body, self.server.cfg.upload_limit)
                     .await?;
                 Ok(map(vec![]))
             }
@@ -1488,8 +1520,13 @@ impl Conn {
             "fs/mkdir" => {
                 self.need_write()?;
                 let path = resolve(&need_str(p, "path")?)?;
+                let owner = self.default_user().await?;
                 agent
-                    .make_dir(&path, get_bool(p, "recursive").unwrap_or(false))
+                    .make_dir(
+                        &path,
+                        get_bool(p, "recursive").unwrap_or(false),
+                        owner.as_deref(),
+                    )
                     .await?;
                 Ok(map(vec![]))
             }

@@ -453,7 +453,10 @@ async fn seed_files(
     files: Vec<(String, Vec<u8>)>,
 ) -> Result<(), ApiError> {
     let id = sb.id();
-    let (agent, _guard, _) = lifecycle::running_agent(server, sb).await?;
+    let (agent, _guard, row) = lifecycle::running_agent(server, sb).await?;
+    // The workspace and its files belong to the template's `USER`.
+    let owner = sandpit_control::node::images::default_user(server, &row).await?;
+    let owner = owner.as_deref();
     let failed = |e: sandpit_control::agent::AgentFailure| -> ApiError {
         ControlError::Agent {
             sandbox: id.to_string(),
@@ -461,12 +464,15 @@ async fn seed_files(
         }
         .into()
     };
-    agent.make_dir(WORKSPACE_PATH, true).await.map_err(failed)?;
+    agent
+        .make_dir(WORKSPACE_PATH, true, owner)
+        .await
+        .map_err(failed)?;
     for (path, bytes) in files {
         let full = format!("{WORKSPACE_PATH}/{}", path.trim_start_matches('/'));
         let body = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(bytes))]);
         agent
-            .write_file(&full, body, server.cfg.upload_limit)
+            .write_file(&full, owner, body, server.cfg.upload_limit)
             .await
             .map_err(failed)?;
     }

@@ -165,7 +165,7 @@ pub async fn start(agent: &AgentClient, meta: &ShellMeta, cwd: &str) -> Result<b
     let meta_json = serde_json::to_vec(meta).expect("plain struct serializes");
     let body = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(meta_json))]);
     agent
-        .write_file(&format!("{dir}/meta"), body, 1 << 20)
+        .write_file(&format!("{dir}/meta"), None, body, 1 << 20)
         .await?;
     let code = run(
         agent,
@@ -192,7 +192,7 @@ pub async fn start_terminal(
     let meta_json = serde_json::to_vec(meta).expect("plain struct serializes");
     let body = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(meta_json))]);
     agent
-        .write_file(&format!("{dir}/meta"), body, 1 << 20)
+        .write_file(&format!("{dir}/meta"), None, body, 1 << 20)
         .await?;
     // `cd` in the line rather than the terminal's cwd: a missing workspace falls back to /,
     // as pipe shells do.
@@ -291,7 +291,7 @@ pub async fn rename(agent: &AgentClient, id: &str, name: &str) -> Result<bool, A
         serde_json::to_vec(&meta).expect("plain struct serializes"),
     ))]);
     agent
-        .write_file(&format!("{}/meta", dir_of(id)), body, 1 << 20)
+        .write_file(&format!("{}/meta", dir_of(id)), None, body, 1 << 20)
         .await?;
     Ok(true)
 }

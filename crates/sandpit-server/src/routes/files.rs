@@ -90,7 +90,9 @@ async fn upload_file(
             format!("file exceeds the upload limit of {limit} bytes"),
         ));
     }
-    let (agent, guard, _) = lifecycle::running_agent(server, sb).await?;
+    let (agent, guard, row) = lifecycle::running_agent(server, sb).await?;
+    // A new file (and the directories made for it) belongs to the template's `USER`.
+    let owner = sandpit_control::node::images::default_user(server, &row).await?;
     // A stalled body would hold the sandbox (its read lock) forever: give up on it, and the
     // agent discards its temporary file.
     let idle = server.cfg.body_idle_timeout;
@@ -108,7 +110,7 @@ async fn upload_file(
     // The liveness watch (or a destroy) cancels the sandbox's operations.
     let cancel = server.cancel_of(id);
     let written = tokio::select! {
-        w = agent.write_file(&path, Box::pin(body), limit) => Some(w),
+        w = agent.write_file(&path, owner.as_deref(), Box::pin(body), limit) => Some(w),
         _ = cancel.cancelled() => None,
     };
     let died = server.died(id);

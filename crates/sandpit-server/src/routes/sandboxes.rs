@@ -313,6 +313,9 @@ fn agent_exec(req: ExecRequest) -> Result<(proto::ExecRequest, Duration), ApiErr
             "environment variable names must be non-empty and contain no '=' or NUL",
         ));
     }
+    if let Some(user) = &req.user {
+        proto::check_user_spec(user).map_err(|m| ApiError::bad_request("invalid_user", m))?;
+    }
     Ok((
         proto::ExecRequest {
             argv,
@@ -326,6 +329,7 @@ fn agent_exec(req: ExecRequest) -> Result<(proto::ExecRequest, Duration), ApiErr
                 .collect(),
             timeout_ms: Some(timeout.as_millis() as u64),
             stdin: false,
+            user: req.user,
         },
         timeout,
     ))
@@ -366,7 +370,10 @@ pub fn agent_failure(f: AgentFailure) -> ApiError {
                 C::NotRegularFile => (StatusCode::BAD_REQUEST, "not_regular_file"),
                 C::TooManyTerminals => (StatusCode::CONFLICT, "too_many_terminals"),
                 C::TooManyWatches => (StatusCode::CONFLICT, "too_many_watches"),
-                C::UnsupportedVersion | C::Io => (StatusCode::INTERNAL_SERVER_ERROR, "agent_error"),
+                C::UserNotFound => (StatusCode::BAD_REQUEST, "user_not_found"),
+                // Only a newer operation or field gets this (users, for one).
+                C::UnsupportedVersion => (StatusCode::NOT_IMPLEMENTED, "agent_too_old"),
+                C::Io => (StatusCode::INTERNAL_SERVER_ERROR, "agent_error"),
             };
             ApiError::new(status, code, e.message)
         }
@@ -379,7 +386,7 @@ pub fn agent_failure(f: AgentFailure) -> ApiError {
     request_body = ExecRequest,
     responses(
         (status = 200, description = "Command completed (check exit_code)", body = ExecResponse),
-        (status = 400, description = "Missing command or invalid timeout", body = ErrorBody),
+        (status = 400, description = "Missing command, invalid timeout, invalid_user or user_not_found", body = ErrorBody),
         (status = 403, description = "Sandbox belongs to another workspace", body = ErrorBody),
         (status = 404, description = "Sandbox not found", body = ErrorBody),
         (status = 409, description = "Sandbox not running", body = ErrorBody),
@@ -395,6 +402,9 @@ async fn exec(
     req.env = lifecycle::exec_env(&row, std::mem::take(&mut req.env))?;
     if req.cwd.is_none() {
         req.cwd = sandpit_control::node::images::default_cwd(&server, &row).await;
+    }
+    if req.user.is_none() {
+        req.user = sandpit_control::node::images::default_user(&server, &row).await?;
     }
     let (tx, mut rx) = mpsc::channel(64);
     let collect = async {
@@ -507,7 +517,7 @@ fn sse(ev: ExecEvent) -> Event {
     request_body = ExecRequest,
     responses(
         (status = 200, description = "An event stream of ExecEvent objects", body = ExecEvent, content_type = "text/event-stream"),
-        (status = 400, description = "Missing command or invalid timeout", body = ErrorBody),
+        (status = 400, description = "Missing command, invalid timeout, invalid_user or user_not_found", body = ErrorBody),
         (status = 403, description = "Sandbox belongs to another workspace", body = ErrorBody),
         (status = 404, description = "Sandbox not found", body = ErrorBody),
         (status = 409, description = "Sandbox not running", body = ErrorBody),
@@ -523,6 +533,9 @@ async fn exec_stream(
     req.env = lifecycle::exec_env(&row, std::mem::take(&mut req.env))?;
     if req.cwd.is_none() {
         req.cwd = sandpit_control::node::images::default_cwd(&server, &row).await;
+    }
+    if req.user.is_none() {
+        req.user = sandpit_control::node::images::default_user(&server, &row).await?;
     }
     let (events_tx, events_rx) = mpsc::channel::<Result<Event, Infallible>>(64);
     let cancel = server.cancel_of(&id);

@@ -89,7 +89,7 @@ fn terminal_failure(f: AgentFailure) -> ApiError {
                 StatusCode::NOT_IMPLEMENTED,
                 "agent_too_old",
                 format!(
-                    "this sandbox's agent has no terminals (it predates them): {}",
+                    "this sandbox's agent predates terminals, or running them as the template's USER: {}",
                     e.message
                 ),
             ),
@@ -154,6 +154,7 @@ fn agent_create(req: TerminalCreateRequest) -> Result<proto::TerminalCreate, Api
         cols: size.cols,
         rows: size.rows,
         scrollback_bytes: None,
+        user: None,
     })
 }
 
@@ -180,7 +181,8 @@ async fn list_terminals(
 }
 
 /// Start a process on a new pseudo-terminal: `command` (through `/bin/sh -c`), `argv`, or
-/// by default the sandbox user's login shell. Attach to it to type and see its output.
+/// by default the login shell of the template's `USER` (else root), which it runs as.
+/// Attach to it to type and see its output.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/terminals", tag = "terminals",
     params(("id" = String, Path, description = "Sandbox id")),
     request_body = TerminalCreateRequest,
@@ -203,6 +205,7 @@ async fn create_terminal(
     if req.cwd.is_none() {
         req.cwd = sandpit_control::node::images::default_cwd(&server, &row).await;
     }
+    req.user = sandpit_control::node::images::default_user(&server, &row).await?;
     let info = agent.terminal_create(req).await.map_err(terminal_failure)?;
     Ok((StatusCode::CREATED, Json(terminal(info))))
 }
