@@ -44,11 +44,7 @@ async fn template_user_is_the_default_and_exec_overrides_it() {
         .unwrap();
     let events = follow(&client, &t.id).await;
     let built = client.get_template("app").await.unwrap();
-    assert_eq!(
-        built.status,
-        "ready",
-        "{events:#?}"
-    );
+    assert_eq!(built.status, "ready", "{events:#?}");
     let sb = create(
         &client,
         CreateSandboxRequest {
