@@ -68,18 +68,8 @@ where
     let Some(key) = key else {
         // In a task of its own too: a client (or relaying server) that goes away mid-create
         // must not cancel the work half-way and leave a half-made sandbox behind.
-        let (result, headers) = tokio::spawn(crate::limits::collecting_headers(work))
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "request task failed");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "internal server error; see the server log",
-                )
-            })?;
-        crate::limits::add_headers(headers);
-        return result.map(|(s, v)| (s, Json(v)).into_response());
+        let task = tokio::spawn(crate::limits::collecting_headers(work));
+        return answer(task).await;
     };
     let ws = auth.workspace_id.clone();
     let started = Instant::now();
@@ -133,8 +123,18 @@ where
         }
         result
     }));
+    answer(task).await
+}
+
+/// The response of a request's own task, with the headers it collected (rate limits).
+async fn answer(
+    task: tokio::task::JoinHandle<(
+        Result<(StatusCode, serde_json::Value), ApiError>,
+        Vec<(axum::http::HeaderName, axum::http::HeaderValue)>,
+    )>,
+) -> Result<Response, ApiError> {
     let (result, headers) = task.await.map_err(|e| {
-        tracing::error!(error = %e, "idempotent request task failed");
+        tracing::error!(error = %e, "request task failed");
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
