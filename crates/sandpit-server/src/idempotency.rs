@@ -126,13 +126,14 @@ where
     answer(task).await
 }
 
-/// The response of a request's own task, with the headers it collected (rate limits).
-async fn answer(
-    task: tokio::task::JoinHandle<(
-        Result<(StatusCode, serde_json::Value), ApiError>,
-        Vec<(axum::http::HeaderName, axum::http::HeaderValue)>,
-    )>,
-) -> Result<Response, ApiError> {
+/// What a request's own task ends with: its answer, and the headers it added (rate limits).
+type TaskOutput = (
+    Result<(StatusCode, serde_json::Value), ApiError>,
+    Vec<(axum::http::HeaderName, axum::http::HeaderValue)>,
+);
+
+/// The response of a request's own task, with the headers it collected.
+async fn answer(task: tokio::task::JoinHandle<TaskOutput>) -> Result<Response, ApiError> {
     let (result, headers) = task.await.map_err(|e| {
         tracing::error!(error = %e, "request task failed");
         ApiError::new(
