@@ -206,7 +206,7 @@ pub async fn fork(
             format!("count must be between 1 and {MAX_FORK}"),
         ));
     }
-    node.ensure_taking_new()?;
+    node.ensure_taking_new().await?;
     node.ensure_free_disk()?;
     let lock = node.lock_of(parent_id);
     let guard = lock.write().await;

@@ -52,7 +52,7 @@ pub async fn prepare_create(
         idle_timeout_ms,
         expires_at,
     } = create::check_request(req, &defaults, now)?;
-    node.ensure_taking_new()?;
+    node.ensure_taking_new().await?;
     let snapshot = match &req.snapshot {
         Some(snap_id) => Some(
             node.store

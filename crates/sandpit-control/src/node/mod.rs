@@ -258,15 +258,25 @@ impl Node {
     }
 
     /// 503 `node_draining` while the node is draining: creates and forks are refused (its
-    /// own sandboxes keep running, suspend and wake).
-    pub fn ensure_taking_new(&self) -> Result<(), ControlError> {
-        if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(ControlError::Unavailable {
-                code: "node_draining",
-                message: "this node is draining and takes no new sandboxes (sandpit nodes undrain ends it)".into(),
-            });
+    /// own sandboxes keep running, suspend and wake). The flag follows the fleet's status at
+    /// each heartbeat; when it says draining, the database is asked, so an undrain counts
+    /// at once (placement, which reads the database, may already send new sandboxes here).
+    pub async fn ensure_taking_new(&self) -> Result<(), ControlError> {
+        if !self.is_draining() {
+            return Ok(());
         }
-        Ok(())
+        if let Ok(Some(n)) = self.store.nodes.get(&self.cfg.node_id).await
+            && n.status == crate::store::NodeStatus::Live
+        {
+            self.set_draining(false);
+            return Ok(());
+        }
+        Err(ControlError::Unavailable {
+            code: "node_draining",
+            message:
+                "this node is draining and takes no new sandboxes (sandpit nodes undrain ends it)"
+                    .into(),
+        })
     }
 
     pub fn ensure_free_disk(&self) -> Result<(), ControlError> {

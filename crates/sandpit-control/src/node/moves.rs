@@ -369,7 +369,7 @@ pub(super) async fn take_over(
             ),
         });
     };
-    node.ensure_taking_new()?;
+    node.ensure_taking_new().await?;
     node.ensure_free_disk()?;
     let reference = record.reference.clone().expect("stored_image checked it");
     let fetched = node.staging_dir(&row.id, "pull");

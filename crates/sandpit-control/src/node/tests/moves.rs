@@ -443,3 +443,33 @@ async fn a_draining_owner_keeps_what_cannot_move() {
         .unwrap();
     assert_eq!(woken.node_id, "node-b");
 }
+
+/// The node's drain flag trails the fleet's status by up to a heartbeat; an undrain counts
+/// at once (placement may already send sandboxes here), a drain still refuses.
+#[tokio::test]
+async fn an_undrain_counts_before_the_next_heartbeat() {
+    let h = Harness::new().await;
+    join(&h.node, 60_000).await;
+    assert!(
+        h.node
+            .store
+            .nodes
+            .set_draining("node-t", true)
+            .await
+            .unwrap()
+    );
+    h.node.set_draining(true);
+    let e = h.create(SandboxMode::Ephemeral).await.unwrap_err();
+    assert_eq!(code_of(&e), "node_draining");
+    assert!(
+        h.node
+            .store
+            .nodes
+            .set_draining("node-t", false)
+            .await
+            .unwrap()
+    );
+    assert!(h.node.is_draining(), "no heartbeat yet");
+    h.create(SandboxMode::Ephemeral).await.unwrap();
+    assert!(!h.node.is_draining());
+}
