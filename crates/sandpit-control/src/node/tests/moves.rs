@@ -160,6 +160,12 @@ async fn suspended_with_file(h: &Harness) -> crate::store::Sandbox {
     row
 }
 
+/// Wake `id` through `node`, with no room held in front of the store.
+async fn wake_on(node: &Arc<Node>, id: &str) -> Result<crate::store::Sandbox, ControlError> {
+    let lock = tokio::sync::Mutex::new(());
+    lifecycle::wake(node, id, &unreserved(&lock)).await
+}
+
 fn code_of(e: &ControlError) -> &'static str {
     match e {
         ControlError::Unavailable { code, .. } | ControlError::Conflict { code, .. } => code,
@@ -252,18 +258,13 @@ async fn a_lost_nodes_sandbox_wakes_on_another_node() {
     assert_eq!(uploaded(&h.node, &row.id).await.state, RemoteState::Stored);
     let b_dir = tempfile::tempdir().unwrap();
     let b = second_node(&h, b_dir.path(), store.clone()).await;
-    let lock = tokio::sync::Mutex::new(());
 
-    let e = lifecycle::wake(&b, &row.id, &unreserved(&lock))
-        .await
-        .unwrap_err();
+    let e = wake_on(&b, &row.id).await.unwrap_err();
     assert_eq!(code_of(&e), "sandbox_on_another_node");
     assert_eq!(h.row(&row.id).await.node_id, "node-t");
 
     lose(&h.node).await;
-    let woken = lifecycle::wake(&b, &row.id, &unreserved(&lock))
-        .await
-        .unwrap();
+    let woken = wake_on(&b, &row.id).await.unwrap();
     assert_eq!(woken.status, Status::Running);
     assert_eq!(woken.node_id, "node-b");
     assert_eq!(woken.runtime_id, format!("b-{}", row.id));
@@ -273,9 +274,7 @@ async fn a_lost_nodes_sandbox_wakes_on_another_node() {
     assert!(woken.error.is_none(), "memory kept: {:?}", woken.error);
     assert!(record(&b, &row.id).await.is_none(), "dropped at the wake");
     // The old node no longer acts on it.
-    let e = lifecycle::wake(&h.node, &row.id, &unreserved(&lock))
-        .await
-        .unwrap_err();
+    let e = wake_on(&h.node, &row.id).await.unwrap_err();
     assert_eq!(code_of(&e), "sandbox_on_another_node");
     assert!(
         b_dir
@@ -318,10 +317,7 @@ async fn another_runtime_build_wakes_from_files() {
     let b_dir = tempfile::tempdir().unwrap();
     let b = second_node(&h, b_dir.path(), store).await;
     // node-t never joined the fleet: an owner the fleet does not know is gone.
-    let lock = tokio::sync::Mutex::new(());
-    let woken = lifecycle::wake(&b, &row.id, &unreserved(&lock))
-        .await
-        .unwrap();
+    let woken = wake_on(&b, &row.id).await.unwrap();
     assert_eq!(woken.status, Status::Running);
     let note = woken.error.unwrap_or_default();
     assert!(note.contains("processes were lost"), "{note}");
@@ -342,10 +338,7 @@ async fn without_a_stored_image_a_lost_nodes_sandbox_stays_but_can_be_destroyed(
     let bucket = tempfile::tempdir().unwrap();
     let b_dir = tempfile::tempdir().unwrap();
     let b = second_node(&h, b_dir.path(), images_in(bucket.path())).await;
-    let lock = tokio::sync::Mutex::new(());
-    let e = lifecycle::wake(&b, &row.id, &unreserved(&lock))
-        .await
-        .unwrap_err();
+    let e = wake_on(&b, &row.id).await.unwrap_err();
     assert_eq!(code_of(&e), "image_not_stored");
     let after = h.row(&row.id).await;
     assert_eq!(
@@ -417,10 +410,7 @@ async fn a_draining_owner_keeps_what_cannot_move() {
             .await
             .unwrap()
     );
-    let lock = tokio::sync::Mutex::new(());
-    let e = lifecycle::wake(&b, &row.id, &unreserved(&lock))
-        .await
-        .unwrap_err();
+    let e = wake_on(&b, &row.id).await.unwrap_err();
     assert_eq!(code_of(&e), "sandbox_on_another_node");
     assert!(
         !moves::answers_here(&b, &h.row(&row.id).await)
@@ -438,9 +428,7 @@ async fn a_draining_owner_keeps_what_cannot_move() {
             .await
             .unwrap()
     );
-    let woken = lifecycle::wake(&b, &row.id, &unreserved(&lock))
-        .await
-        .unwrap();
+    let woken = wake_on(&b, &row.id).await.unwrap();
     assert_eq!(woken.node_id, "node-b");
 }
 
