@@ -176,9 +176,14 @@ impl Membership {
 pub const NODE_LOST: &str = "its node stopped renewing its lease and was declared lost: \
      the sandbox's processes and memory are gone with it";
 
+/// Why a lost node's template build failed.
+pub const BUILD_NODE_LOST: &str =
+    "the node running the build stopped renewing its lease and was declared lost; build again";
+
 /// Declare lost every node whose lease lapsed by the database's clock, and settle the
 /// sandboxes of every lost node (running ones fail with [`NODE_LOST`], pooled ones go;
-/// suspended ones keep their files on the lost node). Idempotent: a sweeper that died
+/// suspended ones keep their files on the lost node), its template builds (failed) and its
+/// pending idempotent requests (released, so a retry runs). Idempotent: a sweeper that died
 /// between the two steps is made up for by the next. The nodes this call declared.
 pub async fn sweep(store: &Store) -> Result<Vec<String>, ControlError> {
     let now = store.nodes.now().await?;
@@ -187,6 +192,14 @@ pub async fn sweep(store: &Store) -> Result<Vec<String>, ControlError> {
     if !settled.is_empty() {
         tracing::warn!(sandboxes = ?settled, "settled the sandboxes of lost nodes");
     }
+    let builds = store
+        .templates
+        .fail_builds_on_lost_nodes(BUILD_NODE_LOST, now)
+        .await?;
+    if builds > 0 {
+        tracing::warn!(builds, "failed the template builds of lost nodes");
+    }
+    store.idempotency.release_on_lost_nodes().await?;
     Ok(lost)
 }
 
@@ -407,5 +420,78 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(short.interval(), MIN_LEASE / 3);
+    }
+
+    /// A node declared lost takes its template builds (failed) and its pending idempotent
+    /// requests (released) with it; a live node's stay.
+    #[tokio::test]
+    async fn a_lost_node_fails_its_builds_and_releases_its_keys_only() {
+        use crate::store::{TemplateRow, TemplateStatus};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("t.db")).await.unwrap();
+        let _n1 = Membership::join(store.clone(), info("n1"), Duration::from_secs(30))
+            .await
+            .unwrap();
+        let _n2 = Membership::join(store.clone(), info("n2"), Duration::from_secs(3600))
+            .await
+            .unwrap();
+        store.tenants.insert_org("org_ws", "o", 1).await.unwrap();
+        let ws = crate::store::WorkspaceRow {
+            id: "ws".into(),
+            org_id: "org_ws".into(),
+            name: "w".into(),
+        };
+        store.tenants.insert_workspace(&ws, 1).await.unwrap();
+        let building = |id: &str| TemplateRow {
+            workspace_id: Some("ws".into()),
+            status: TemplateStatus::Building,
+            source: "dockerfile".into(),
+            ..TemplateRow::builtin(id, id, "t", "/rootfs".into(), 5)
+        };
+        for (id, node) in [("t1", "n1"), ("t2", "n2")] {
+            store
+                .templates
+                .insert(&building(id), 0, 0, node)
+                .await
+                .unwrap();
+            assert!(
+                store
+                    .idempotency
+                    .begin(node, "ws", id, "h", 1, i64::MAX)
+                    .await
+                    .unwrap()
+                    .is_none()
+            );
+        }
+        let later = store.nodes.now().await.unwrap() + 31_000;
+        assert_eq!(store.nodes.expire(later).await.unwrap(), vec!["n1"]);
+        sweep(&store).await.unwrap();
+        let t1 = store.templates.by_id("t1").await.unwrap().unwrap();
+        assert_eq!(
+            (t1.status, t1.error.as_deref()),
+            (TemplateStatus::Failed, Some(BUILD_NODE_LOST))
+        );
+        assert_eq!(
+            store.templates.by_id("t2").await.unwrap().unwrap().status,
+            TemplateStatus::Building
+        );
+        assert!(
+            store
+                .idempotency
+                .begin("n2", "ws", "t1", "h", 2, i64::MAX)
+                .await
+                .unwrap()
+                .is_none(),
+            "n1's key was released: a retry runs"
+        );
+        assert!(
+            store
+                .idempotency
+                .begin("n1", "ws", "t2", "h", 2, i64::MAX)
+                .await
+                .unwrap()
+                .is_some(),
+            "n2's request still runs"
+        );
     }
 }

@@ -785,6 +785,7 @@ pub async fn build_builtin(
         .claim_build(
             TOOLCHAIN_ID,
             &[TemplateStatus::NotBuilt, TemplateStatus::Failed],
+            &server.node.cfg.node_id,
             now_ms(),
         )
         .await?

@@ -78,7 +78,14 @@ where
         let earlier = server
             .store
             .idempotency
-            .begin(&ws, &key, &hash, now, now + KEEP.as_millis() as i64)
+            .begin(
+                &server.node.cfg.node_id,
+                &ws,
+                &key,
+                &hash,
+                now,
+                now + KEEP.as_millis() as i64,
+            )
             .await?;
         match earlier {
             None => break,

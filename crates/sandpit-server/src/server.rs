@@ -185,7 +185,11 @@ impl Server {
         images.clean_temp();
         store
             .templates
-            .fail_interrupted_builds(crate::util::now_ms())
+            .fail_interrupted_builds(
+                &cfg.node_id,
+                "the server stopped during the build",
+                crate::util::now_ms(),
+            )
             .await?;
         let node = Node::new(
             cfg.node_config(),
@@ -207,7 +211,11 @@ impl Server {
         let token = crate::auth::bootstrap(&server, bootstrap_token).await?;
         server.node.reconcile().await?;
         // Requests that held an idempotency key died with the last process: a retry runs.
-        server.store.idempotency.clear_pending().await?;
+        server
+            .store
+            .idempotency
+            .clear_pending(&server.node.cfg.node_id)
+            .await?;
         Ok((server, token))
     }
 

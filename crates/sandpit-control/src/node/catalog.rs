@@ -97,7 +97,7 @@ pub async fn register(node: &Node, row: &TemplateRow) -> Result<u32, ControlErro
     match node
         .store
         .templates
-        .insert(row, q.max_templates, q.max_builds)
+        .insert(row, q.max_templates, q.max_builds, &node.cfg.node_id)
         .await?
     {
         TemplateInsert::Inserted { version } => Ok(version),

@@ -27,6 +27,7 @@ impl Idempotency {
     /// the primary key), so of two replicas racing, one owns the key.
     pub async fn begin(
         &self,
+        node_id: &str,
         workspace_id: &str,
         key: &str,
         hash: &str,
@@ -39,8 +40,9 @@ impl Idempotency {
         .map_err(q("expiring idempotency keys"))?;
         let inserted = with_db!(self.db, p => sqlx::query(
             "INSERT INTO idempotency_keys
-                (workspace_id, key, request_hash, status, response, created_at, expires_at)
-             VALUES ($1, $2, $3, NULL, NULL, $4, $5)
+                (workspace_id, key, request_hash, status, response, created_at, expires_at,
+                 node_id)
+             VALUES ($1, $2, $3, NULL, NULL, $4, $5, $6)
              ON CONFLICT DO NOTHING",
         )
         .bind(workspace_id)
@@ -48,6 +50,7 @@ impl Idempotency {
         .bind(hash)
         .bind(now)
         .bind(expires_at)
+        .bind(node_id)
         .execute(p).await.map(|r| r.rows_affected()))
         .map_err(q("claiming an idempotency key"))?;
         if inserted == 1 {
@@ -96,13 +99,28 @@ impl Idempotency {
         Ok(())
     }
 
-    /// Server use, at start: no request is running, so no key is pending. (With several
-    /// replicas on one database this would release another replica's keys: scale-out must
-    /// scope pending keys to the replica that owns them.)
-    pub async fn clear_pending(&self) -> Result<(), ControlError> {
-        with_db!(self.db, p => sqlx::query("DELETE FROM idempotency_keys WHERE status IS NULL")
-            .execute(p).await.map(|r| r.rows_affected()))
+    /// Release the keys pending on node `node_id` (and those recorded without a node): at
+    /// its start no request of it is running; the fleet calls it for a node declared lost.
+    /// Other nodes' pending keys stay.
+    pub async fn clear_pending(&self, node_id: &str) -> Result<(), ControlError> {
+        with_db!(self.db, p => sqlx::query(
+            "DELETE FROM idempotency_keys
+             WHERE status IS NULL AND (node_id = $1 OR node_id IS NULL)",
+        )
+        .bind(node_id)
+        .execute(p).await.map(|r| r.rows_affected()))
         .map_err(q("releasing pending idempotency keys"))?;
         Ok(())
+    }
+
+    /// Release the keys pending on nodes declared lost: their requests died with the node
+    /// (its creates were failed), so a retry runs again.
+    pub async fn release_on_lost_nodes(&self) -> Result<u64, ControlError> {
+        with_db!(self.db, p => sqlx::query(
+            "DELETE FROM idempotency_keys
+             WHERE status IS NULL AND node_id IN (SELECT id FROM nodes WHERE status = 'lost')",
+        )
+        .execute(p).await.map(|r| r.rows_affected()))
+        .map_err(q("releasing the idempotency keys of lost nodes"))
     }
 }

@@ -317,13 +317,14 @@ impl Templates {
         t: &TemplateRow,
         max_templates: u32,
         max_builds: u32,
+        build_node: &str,
     ) -> Result<TemplateInsert, ControlError> {
         const INSERT: &str = "INSERT INTO templates (id, name, workspace_id, description, rootfs,
                 default_egress, created_at, layers, config, status, error, source, updated_at,
-                version)
+                version, build_node)
              SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
                     COALESCE((SELECT MAX(version) FROM templates
-                              WHERE workspace_id = $3 AND name = $2), 0) + 1
+                              WHERE workspace_id = $3 AND name = $2), 0) + 1, $17
              WHERE NOT EXISTS (SELECT 1 FROM templates WHERE workspace_id IS NULL AND name = $2)
                AND COALESCE((SELECT MAX(version) FROM templates
                              WHERE workspace_id = $3 AND name = $2), 0) < $16
@@ -351,6 +352,7 @@ impl Templates {
             .bind(i64::from(max_templates))
             .bind(i64::from(max_builds))
             .bind(i64::from(MAX_VERSION))
+            .bind(build_node)
             .fetch_optional(&mut *tx)
             .await?)
         .map_err(q("creating a template"))?;
@@ -408,39 +410,80 @@ impl Templates {
         Ok(())
     }
 
-    /// Server use: move a template into `building` if it is in one of `from`; false when
-    /// it is not (already building or built). One statement: two claimers never both win.
+    /// Server use: move a template into `building` on node `build_node` if it is in one of
+    /// `from`; false when it is not (already building or built). One statement: two
+    /// claimers never both win.
     pub async fn claim_build(
         &self,
         id: &str,
         from: &[TemplateStatus],
+        build_node: &str,
         now: i64,
     ) -> Result<bool, ControlError> {
         let mut done = 0;
         for status in from {
             done += with_db!(self.db, p => sqlx::query(
-                "UPDATE templates SET status = 'building', error = NULL, updated_at = $1
+                "UPDATE templates SET status = 'building', error = NULL, updated_at = $1,
+                    build_node = $4
                  WHERE id = $2 AND status = $3",
             )
             .bind(now)
             .bind(id)
             .bind(status.as_str())
+            .bind(build_node)
             .execute(p).await.map(|r| r.rows_affected()))
             .map_err(q("starting a template build"))?;
         }
         Ok(done == 1)
     }
 
-    /// Server use: builds that a crash interrupted fail.
-    pub async fn fail_interrupted_builds(&self, now: i64) -> Result<u64, ControlError> {
+    /// Builds that node `build_node` ran and a crash interrupted fail (and those recorded
+    /// without a node): called by that node at its start, and by the fleet for a node
+    /// declared lost. Other nodes' builds go on.
+    pub async fn fail_interrupted_builds(
+        &self,
+        build_node: &str,
+        error: &str,
+        now: i64,
+    ) -> Result<u64, ControlError> {
         with_db!(self.db, p => sqlx::query(
-            "UPDATE templates SET status = 'failed', error = 'the server stopped during the build',
-                updated_at = $1
-             WHERE status = 'building'",
+            "UPDATE templates SET status = 'failed', error = $3, updated_at = $1
+             WHERE status = 'building' AND (build_node = $2 OR build_node IS NULL)",
         )
         .bind(now)
+        .bind(build_node)
+        .bind(error)
         .execute(p).await.map(|r| r.rows_affected()))
         .map_err(q("failing interrupted builds"))
+    }
+
+    /// Builds whose node was declared lost fail with `error` (their node is gone or will
+    /// not finish them: its restart fails them anyway). The templates failed.
+    pub async fn fail_builds_on_lost_nodes(
+        &self,
+        error: &str,
+        now: i64,
+    ) -> Result<u64, ControlError> {
+        with_db!(self.db, p => sqlx::query(
+            "UPDATE templates SET status = 'failed', error = $1, updated_at = $2
+             WHERE status = 'building'
+               AND build_node IN (SELECT id FROM nodes WHERE status = 'lost')",
+        )
+        .bind(error)
+        .bind(now)
+        .execute(p).await.map(|r| r.rows_affected()))
+        .map_err(q("failing the builds of lost nodes"))
+    }
+
+    /// The node running template `id`'s build (where its event log is), if it is building.
+    pub async fn build_node(&self, id: &str) -> Result<Option<String>, ControlError> {
+        let row: Option<(Option<String>,)> = with_db!(self.db, p => sqlx::query_as(
+            "SELECT build_node FROM templates WHERE id = $1 AND status = 'building'",
+        )
+        .bind(id)
+        .fetch_optional(p).await)
+        .map_err(q("reading a template's build node"))?;
+        Ok(row.and_then(|(n,)| n))
     }
 
     /// Delete a workspace's template version: its row stays (sandboxes and snapshots refer

@@ -252,14 +252,14 @@ async fn templates_names_limits_and_aliases(db: &TestDb) {
     use TemplateInsert::*;
     assert_eq!(
         s.templates
-            .insert(&template("t1", "web", "ws_a"), 3, 2)
+            .insert(&template("t1", "web", "ws_a"), 3, 2, "n1")
             .await
             .unwrap(),
         Inserted { version: 1 }
     );
     assert_eq!(
         s.templates
-            .insert(&template("t3", "base", "ws_a"), 3, 2)
+            .insert(&template("t3", "base", "ws_a"), 3, 2, "n1")
             .await
             .unwrap(),
         NameTaken,
@@ -267,7 +267,7 @@ async fn templates_names_limits_and_aliases(db: &TestDb) {
     );
     assert_eq!(
         s.templates
-            .insert(&template("t4", "web", "ws_b"), 3, 2)
+            .insert(&template("t4", "web", "ws_b"), 3, 2, "n1")
             .await
             .unwrap(),
         Inserted { version: 1 },
@@ -275,14 +275,14 @@ async fn templates_names_limits_and_aliases(db: &TestDb) {
     );
     assert_eq!(
         s.templates
-            .insert(&template("t5", "api", "ws_a"), 3, 2)
+            .insert(&template("t5", "api", "ws_a"), 3, 2, "n1")
             .await
             .unwrap(),
         Inserted { version: 1 }
     );
     assert_eq!(
         s.templates
-            .insert(&template("t6", "db", "ws_a"), 3, 2)
+            .insert(&template("t6", "db", "ws_a"), 3, 2, "n1")
             .await
             .unwrap(),
         TooManyBuilds
@@ -291,7 +291,7 @@ async fn templates_names_limits_and_aliases(db: &TestDb) {
 
     assert!(
         s.templates
-            .claim_build("t1", &[TemplateStatus::Ready], 6)
+            .claim_build("t1", &[TemplateStatus::Ready], "n1", 6)
             .await
             .is_ok_and(|won| !won)
     );
@@ -301,14 +301,14 @@ async fn templates_names_limits_and_aliases(db: &TestDb) {
         .unwrap();
     assert_eq!(
         s.templates
-            .insert(&template("t6", "db", "ws_a"), 3, 2)
+            .insert(&template("t6", "db", "ws_a"), 3, 2, "n1")
             .await
             .unwrap(),
         Inserted { version: 1 }
     );
     assert_eq!(
         s.templates
-            .insert(&template("t7", "x", "ws_a"), 3, 0)
+            .insert(&template("t7", "x", "ws_a"), 3, 0, "n1")
             .await
             .unwrap(),
         TooManyTemplates
@@ -380,16 +380,43 @@ async fn templates_names_limits_and_aliases(db: &TestDb) {
     );
     assert_eq!(
         s.templates
-            .insert(&template("t8", "api", "ws_a"), 3, 0)
+            .insert(&template("t8", "api", "ws_a"), 3, 0, "n1")
             .await
             .unwrap(),
         Inserted { version: 2 }
     );
+    // Another node's build: it goes on when n1 restarts, and fails when n2 is lost.
+    assert_eq!(
+        s.templates
+            .insert(&template("t9", "other", "ws_b"), 0, 0, "n2")
+            .await
+            .unwrap(),
+        Inserted { version: 1 }
+    );
+    assert_eq!(
+        s.templates.build_node("t9").await.unwrap().as_deref(),
+        Some("n2")
+    );
 
     assert_eq!(
-        s.templates.fail_interrupted_builds(11).await.unwrap(),
+        s.templates
+            .fail_interrupted_builds("n1", "stopped", 11)
+            .await
+            .unwrap(),
         3,
         "t4, t6, t8"
+    );
+    assert_eq!(
+        s.templates.by_id("t9").await.unwrap().unwrap().status,
+        TemplateStatus::Building
+    );
+    assert_eq!(
+        s.templates
+            .fail_builds_on_lost_nodes("lost", 11)
+            .await
+            .unwrap(),
+        0,
+        "n2 is not lost"
     );
     assert_eq!(
         s.templates.by_id("t8").await.unwrap().unwrap().status,
@@ -400,6 +427,7 @@ async fn templates_names_limits_and_aliases(db: &TestDb) {
             .claim_build(
                 "t8",
                 &[TemplateStatus::NotBuilt, TemplateStatus::Failed],
+                "n1",
                 12
             )
             .await
@@ -410,6 +438,7 @@ async fn templates_names_limits_and_aliases(db: &TestDb) {
             .claim_build(
                 "t8",
                 &[TemplateStatus::NotBuilt, TemplateStatus::Failed],
+                "n1",
                 12
             )
             .await
@@ -429,7 +458,12 @@ async fn template_quota_holds_across_processes(db: &TestDb) {
         let st = if i % 2 == 0 { s.clone() } else { other.clone() };
         tasks.push(tokio::spawn(async move {
             st.templates
-                .insert(&template(&format!("t{i}"), &format!("n{i}"), "ws_a"), 5, 0)
+                .insert(
+                    &template(&format!("t{i}"), &format!("n{i}"), "ws_a"),
+                    5,
+                    0,
+                    "n1",
+                )
                 .await
                 .unwrap()
         }));
@@ -457,7 +491,7 @@ async fn template_versions(db: &TestDb) {
     use TemplateInsert::*;
     let v = |id: &str| template(id, "web", "ws_a");
     assert_eq!(
-        s.templates.insert(&v("w1"), 0, 0).await.unwrap(),
+        s.templates.insert(&v("w1"), 0, 0, "n1").await.unwrap(),
         Inserted { version: 1 }
     );
     // Only a building version: the name finds it (so a first build can be followed).
@@ -472,8 +506,8 @@ async fn template_versions(db: &TestDb) {
     let other = db.another_process().await;
     let (w2, w3) = (v("w2"), v("w3"));
     let (a, b) = tokio::join!(
-        s.templates.insert(&w2, 0, 0),
-        other.templates.insert(&w3, 0, 0)
+        s.templates.insert(&w2, 0, 0, "n1"),
+        other.templates.insert(&w3, 0, 0, "n1")
     );
     let mut got = [a.unwrap(), b.unwrap()];
     got.sort_by_key(|i| match i {
@@ -565,7 +599,7 @@ async fn template_versions(db: &TestDb) {
     assert_eq!(id_of("web:1").await, None);
     assert_eq!(id_of("me@web").await, None, "its aliases went with it");
     assert_eq!(
-        s.templates.insert(&v("w4"), 0, 0).await.unwrap(),
+        s.templates.insert(&v("w4"), 0, 0, "n1").await.unwrap(),
         Inserted { version: 4 }
     );
     let in_use = |since: i64| async move {
@@ -872,16 +906,27 @@ async fn previews_snapshots_and_idempotency(db: &TestDb) {
 
     let i = &s.idempotency;
     assert!(
-        i.begin("ws_a", "k", "h1", 1, 100).await.unwrap().is_none(),
+        i.begin("n1", "ws_a", "k", "h1", 1, 100)
+            .await
+            .unwrap()
+            .is_none(),
         "first owns it"
     );
-    let pending = i.begin("ws_a", "k", "h1", 2, 100).await.unwrap().unwrap();
+    let pending = i
+        .begin("n1", "ws_a", "k", "h1", 2, 100)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(pending.status, None);
     i.finish("ws_a", "k", 201, "{}").await.unwrap();
-    let done = i.begin("ws_a", "k", "h2", 3, 100).await.unwrap().unwrap();
+    let done = i
+        .begin("n1", "ws_a", "k", "h2", 3, 100)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((done.request_hash.as_str(), done.status), ("h1", Some(201)));
     assert!(
-        i.begin("ws_a", "k", "h1", 100, 200)
+        i.begin("n1", "ws_a", "k", "h1", 100, 200)
             .await
             .unwrap()
             .is_none(),
@@ -889,17 +934,31 @@ async fn previews_snapshots_and_idempotency(db: &TestDb) {
     );
     i.abandon("ws_a", "k").await.unwrap();
     assert!(
-        i.begin("ws_a", "k", "h3", 101, 200)
+        i.begin("n1", "ws_a", "k", "h3", 101, 200)
             .await
             .unwrap()
             .is_none()
     );
-    i.clear_pending().await.unwrap();
+    // A key pending on another node survives this node's restart.
     assert!(
-        i.begin("ws_a", "k", "h4", 102, 200)
+        i.begin("n2", "ws_a", "k2", "h1", 101, 200)
             .await
             .unwrap()
             .is_none()
+    );
+    i.clear_pending("n1").await.unwrap();
+    assert!(
+        i.begin("n1", "ws_a", "k", "h4", 102, 200)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        i.begin("n1", "ws_a", "k2", "h1", 103, 200)
+            .await
+            .unwrap()
+            .is_some_and(|row| row.status.is_none()),
+        "n2's request is still running"
     );
 }
 both!(previews_snapshots_and_idempotency);
