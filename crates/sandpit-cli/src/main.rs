@@ -18,8 +18,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the server.
+    /// Run the server: the API and a node running sandboxes (the single-box default), or
+    /// with --api-only an API replica that relays to the fleet's nodes.
     Serve(Box<commands::serve::ServeArgs>),
+    /// Run one node of a fleet: sandboxes on this host, registered in the fleet's
+    /// PostgreSQL database (--control postgres://…) with a lease, reached by the API
+    /// replicas with --node-secret. It answers the API too. (`sandpit nodes drain NAME`
+    /// drains one.)
+    Node(Box<commands::serve::ServeArgs>),
     /// Manage sandboxes on a server.
     #[command(subcommand)]
     Sandbox(commands::sandbox::SandboxCommand),
@@ -42,6 +48,7 @@ fn main() -> std::process::ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Serve(args) => commands::serve::run(*args).await.map(|_| 0),
+            Command::Node(args) => commands::serve::run_node(*args).await.map(|_| 0),
             Command::Sandbox(cmd) => commands::sandbox::run(cmd).await,
             Command::Template(cmd) => commands::template::run(cmd).await,
             Command::Cleanup(args) => commands::cleanup::run(args).await.map(|_| 0),

@@ -146,6 +146,23 @@ pub async fn to_owner(State(server): State<Arc<Server>>, mut req: Request, next:
         }
         return place_create(&server, &secret, &workspace, req, next, &pq).await;
     }
+    if server.cfg.api_only && needs_a_node(req.method(), req.uri().path()) {
+        return match other_node(&server).await {
+            Some(address) => relay(&server, &secret, req, &address, &pq)
+                .await
+                .unwrap_or_else(IntoResponse::into_response),
+            None => no_node().into_response(),
+        };
+    }
+    if let Some(template) = build_events_of(req.method(), req.uri().path()) {
+        // A build's events are on the node that runs (or ran) it.
+        return match build_node(&server, &workspace, template).await {
+            Some(address) => relay(&server, &secret, req, &address, &pq)
+                .await
+                .unwrap_or_else(IntoResponse::into_response),
+            None => next.run(req).await,
+        };
+    }
     let Some(id) = sandbox_of_path(req.uri().path()).map(str::to_string) else {
         return next.run(req).await;
     };
@@ -172,32 +189,112 @@ pub async fn to_owner(State(server): State<Arc<Server>>, mut req: Request, next:
         }
         return next.run(req).await;
     }
-    // Hibernated on a node that is gone (or draining, its image stored): this node
-    // answers, taking the sandbox over from object storage if the request wakes it
-    // (`node::moves`).
-    match sandpit_control::node::moves::answers_here(&server.node, &row).await {
-        Ok(true) => return next.run(req).await,
-        Ok(false) => {}
-        Err(e) => return ApiError::from(e).into_response(),
+    match route_of(&server, &row).await {
+        Ok(Route::Here) => next.run(req).await,
+        Ok(Route::Relay(address)) => relay(&server, &secret, req, &address, &pq)
+            .await
+            .unwrap_or_else(IntoResponse::into_response),
+        Err(e) => e.into_response(),
     }
-    let owner = match alive_node(&server, &row.node_id).await {
-        Ok(Some(address)) => address,
-        Ok(None) => {
-            return ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "node_unreachable",
-                format!(
-                    "sandbox {id} runs on node {:?}, whose lease has lapsed; retry when it is back",
-                    row.node_id
-                ),
-            )
-            .into_response();
+}
+
+/// Where a request about another node's sandbox is answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// By this server: the sandbox is hibernated on a node that is gone (or draining, its
+    /// image stored), and a request that wakes it takes it over here (`node::moves`).
+    Here,
+    /// By the node at this address: the owner, or (from an API replica) a node that takes
+    /// it over.
+    Relay(String),
+}
+
+/// Where a request about `row`, which is not this node's sandbox, goes. 503
+/// `node_unreachable` when its node's lease lapsed and no other node may take it; from an
+/// API replica, 503 `no_node_available` when no node can.
+pub async fn route_of(
+    server: &Server,
+    row: &sandpit_control::store::Sandbox,
+) -> Result<Route, ApiError> {
+    if sandpit_control::node::moves::answers_here(&server.node, row).await? {
+        if !server.cfg.api_only {
+            return Ok(Route::Here);
         }
-        Err(e) => return e.into_response(),
+        // A replica takes nothing over: a node does.
+        return other_node(server)
+            .await
+            .map(Route::Relay)
+            .ok_or_else(no_node);
+    }
+    match alive_node(server, &row.node_id).await? {
+        Some(address) => Ok(Route::Relay(address)),
+        None => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "node_unreachable",
+            format!(
+                "sandbox {} runs on node {:?}, whose lease has lapsed; retry when it is back",
+                row.id, row.node_id
+            ),
+        )),
+    }
+}
+
+/// 503 `no_node_available`: an API replica found no node to run a request on.
+fn no_node() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no_node_available",
+        "no node of the fleet can take this request now (none holds a lease, or all are draining or full); retry later",
+    )
+}
+
+/// In an API replica: a request that names no sandbox but needs a node (template builds,
+/// deletions that remove a node's files, CodeSandbox creates). It goes to the node
+/// placement chooses.
+fn needs_a_node(method: &axum::http::Method, path: &str) -> bool {
+    use axum::http::Method;
+    let template = path.strip_prefix("/v1/templates/");
+    match *method {
+        Method::POST => {
+            path == "/v1/templates"
+                || path == "/templates"
+                || path == "/sandbox"
+                || template.is_some_and(|t| t.ends_with("/build") && t.matches('/').count() == 1)
+        }
+        Method::DELETE => {
+            template.is_some_and(|t| !t.contains('/')) || path.starts_with("/v1/snapshots/")
+        }
+        _ => false,
+    }
+}
+
+/// The template a `GET /v1/templates/{id}/build` (its build's events) names.
+fn build_events_of<'a>(method: &axum::http::Method, path: &'a str) -> Option<&'a str> {
+    if method != axum::http::Method::GET {
+        return None;
+    }
+    let id = path
+        .strip_prefix("/v1/templates/")?
+        .strip_suffix("/build")?;
+    (!id.is_empty() && !id.contains('/')).then_some(id)
+}
+
+/// The address of the live node that runs (or ran) the build of `workspace`'s template
+/// `id`, if that is another node.
+async fn build_node(server: &Server, workspace: &str, id: &str) -> Option<String> {
+    // Percent-decoded as the route's path parameter is (names never hold `&`, `=` or `+`).
+    let decoded: Vec<(String, String)> = serde_urlencoded::from_str(&format!("t={id}")).ok()?;
+    let [(_, id)] = decoded.as_slice() else {
+        return None;
     };
-    relay(&server, &secret, req, &owner, &pq)
+    let t = sandpit_control::node::catalog::find(&server.node, workspace, id)
         .await
-        .unwrap_or_else(IntoResponse::into_response)
+        .ok()?;
+    let node = server.store.templates.build_node(&t.id).await.ok()??;
+    if node == server.node.cfg.node_id {
+        return None;
+    }
+    alive_node(server, &node).await.ok().flatten()
 }
 
 /// Where the CodeSandbox agent gateway listens (`<prefix>/<sandbox id>?token=…`; the
@@ -236,7 +333,10 @@ async fn gateway_owner(server: &Server, id: &str, query: Option<&str>) -> Option
     if row.workspace_id != grant.workspace_id || server.is_mine(&row) {
         return None;
     }
-    alive_node(server, &row.node_id).await.ok().flatten()
+    match route_of(server, &row).await.ok()? {
+        Route::Relay(address) => Some(address),
+        Route::Here => None,
+    }
 }
 
 /// A request that makes a new sandbox on whichever node takes it (forks stay with their
@@ -299,7 +399,7 @@ async fn local_files_of(
 /// Place a create: on the node `membership::place_new` chooses, relayed there unless it is
 /// this one. When no node can take it, or the chosen one cannot be reached before the
 /// request was sent, this node answers (its own admission says why it cannot, if it
-/// cannot).
+/// cannot); an API replica answers 503 `no_node_available` (or 502 `node_unreachable`).
 async fn place_create(
     server: &Arc<Server>,
     secret: &str,
@@ -324,6 +424,9 @@ async fn place_create(
         local_files_of(server, workspace, &bytes).await
     };
     let req = Request::from_parts(parts, Body::from(bytes));
+    // An API replica creates nothing itself: where a node would create here, it answers
+    // why no node can.
+    let api_only = server.cfg.api_only;
     let chosen = match (anywhere, needs) {
         (true, _) => sandpit_control::membership::place_new(&server.store).await,
         // A built template's layers and a snapshot's files are on the nodes that hold them.
@@ -331,6 +434,9 @@ async fn place_create(
             sandpit_control::membership::place_holding(&server.store, &layers, snapshot.as_deref())
                 .await
         }
+        // A body this server does not understand: its own handler answers for it, or
+        // from a replica, any node's does.
+        (false, None) if api_only => sandpit_control::membership::place_new(&server.store).await,
         (false, None) => return next.run(req).await,
     };
     let chosen = match chosen {
@@ -338,15 +444,22 @@ async fn place_create(
         Err(e) => return ApiError::from(e).into_response(),
     };
     let Some(node) = chosen.filter(|n| *n != server.node.cfg.node_id) else {
-        return next.run(req).await;
+        return match api_only {
+            true => no_node().into_response(),
+            false => next.run(req).await,
+        };
     };
     let address = match alive_node(server, &node).await {
         Ok(Some(a)) => a,
+        Ok(None) if api_only => return no_node().into_response(),
         Ok(None) => return next.run(req).await,
         Err(e) => return e.into_response(),
     };
     let stream = match connect(&address).await {
         Ok(s) => s,
+        Err(e) if api_only => {
+            return unreachable(&address, "connecting", &e).into_response();
+        }
         Err(e) => {
             tracing::warn!(node = %node, error = %DisplayChain(&e), "placement chose a node this server cannot reach; creating here");
             return next.run(req).await;
@@ -459,9 +572,10 @@ pub async fn drain_away(server: Arc<Server>) {
 /// Whether this node answers for `row`, another node's sandbox (`moves::answers_here`): a
 /// request that wakes it takes it over here.
 pub async fn moves_here(server: &Server, row: &sandpit_control::store::Sandbox) -> bool {
-    sandpit_control::node::moves::answers_here(&server.node, row)
-        .await
-        .unwrap_or(false)
+    !server.cfg.api_only
+        && sandpit_control::node::moves::answers_here(&server.node, row)
+            .await
+            .unwrap_or(false)
 }
 
 /// The address of the node placement chooses for a new sandbox, if it is another one.

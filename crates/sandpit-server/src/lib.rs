@@ -21,6 +21,7 @@ pub mod idempotency;
 pub mod lifecycle;
 pub mod limits;
 pub mod preview;
+pub mod replica;
 pub mod routes;
 pub mod server;
 pub mod store;

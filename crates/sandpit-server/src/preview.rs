@@ -512,31 +512,24 @@ async fn proxy(server: Arc<Server>, req: Request, id: &str, port: u16) -> Respon
     if !server.is_mine(&row)
         && let Some(secret) = server.cfg.node_secret.clone()
         && !crate::forward::is_relayed(&secret, &req)
-        && !crate::forward::moves_here(&server, &row).await
     {
-        let address = match crate::forward::alive_node(&server, &row.node_id).await {
-            Ok(Some(a)) => a,
-            Ok(None) => {
-                return refuse((
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "node_unreachable",
-                    format!(
-                        "this preview's sandbox runs on node {:?}, whose lease has lapsed",
-                        row.node_id
-                    ),
-                ));
-            }
-            Err(e) => return refuse((e.status, "internal", e.message)),
+        let address = match crate::forward::route_of(&server, &row).await {
+            // Hibernated on a node that is gone or draining: the wake below takes it over.
+            Ok(crate::forward::Route::Here) => None,
+            Ok(crate::forward::Route::Relay(address)) => Some(address),
+            Err(e) => return refuse((e.status, e.code, e.message)),
         };
-        let pq = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "/".into());
-        return match crate::forward::relay(&server, &secret, req, &address, &pq).await {
-            Ok(resp) => resp,
-            Err(e) => refuse((e.status, e.code, e.message)),
-        };
+        if let Some(address) = address {
+            let pq = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_else(|| "/".into());
+            return match crate::forward::relay(&server, &secret, req, &address, &pq).await {
+                Ok(resp) => resp,
+                Err(e) => refuse((e.status, e.code, e.message)),
+            };
+        }
     }
     server.previews.touch(&server.store, id);
 

@@ -31,6 +31,10 @@ pub struct ServerConfig {
     /// The fleet's shared secret: with it, requests about another node's sandbox are
     /// relayed to that node (signed with it); without it, they answer 503.
     pub node_secret: Option<String>,
+    /// An API replica (`sandpit serve --api-only`): it runs no sandboxes (its backends are
+    /// [`crate::replica`]'s) and relays every request that needs a node to one. Needs a
+    /// node secret.
+    pub api_only: bool,
     /// The static `sandpit-agent` binary to inject into every sandbox.
     pub agent_bin: PathBuf,
     /// Largest upload, in bytes (seed 003: 100 MB).
@@ -81,6 +85,7 @@ impl ServerConfig {
             prefix: "sp".into(),
             node_id: "local".into(),
             node_secret: None,
+            api_only: false,
             agent_bin,
             upload_limit: 100 * 1024 * 1024,
             reaper_interval: Duration::from_secs(1),
@@ -171,8 +176,13 @@ impl Server {
         };
         let nameservers = net.config().nameservers.clone();
         net.init().await?;
-        let agent_layer = images::install_agent_layer(&cfg.data_dir, &cfg.agent_bin)?;
-        if nameservers.is_empty() {
+        // An API replica starts no sandbox: no agent to inject, no base template to build.
+        let agent_layer = if cfg.api_only {
+            cfg.data_dir.join("agent")
+        } else {
+            images::install_agent_layer(&cfg.data_dir, &cfg.agent_bin)?
+        };
+        if nameservers.is_empty() && !cfg.api_only {
             tracing::warn!(
                 "the host has no nameserver a sandbox can reach (only loopback ones?): sandboxes get no DNS; set --dns"
             );
@@ -206,8 +216,10 @@ impl Server {
             images,
             builds: Default::default(),
         });
-        images::ensure_base(&server.node).await?;
-        crate::builds::register_toolchain(&server).await?;
+        if !server.cfg.api_only {
+            images::ensure_base(&server.node).await?;
+            crate::builds::register_toolchain(&server).await?;
+        }
         let token = crate::auth::bootstrap(&server, bootstrap_token).await?;
         server.node.reconcile().await?;
         // Requests that held an idempotency key died with the last process: a retry runs.

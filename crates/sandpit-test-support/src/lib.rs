@@ -231,6 +231,8 @@ pub struct TestServer {
     pub pool: String,
     pub data_dir: PathBuf,
     bin: PathBuf,
+    /// The subcommand that runs it: `serve`, or `node`.
+    command: &'static str,
     extra_env: Vec<(String, String)>,
     /// The PostgreSQL database of this server (created for it, dropped with it) when the
     /// tests run on PostgreSQL (`SANDPIT_E2E_POSTGRES`); `None`: the SQLite default.
@@ -261,6 +263,16 @@ impl TestServer {
         bin: &Path,
         env: impl FnOnce(u32) -> Vec<(String, String)>,
     ) -> anyhow::Result<TestServer> {
+        Self::start_command(bin, "serve", env).await
+    }
+
+    /// Start `bin <command>` (`serve` or `node`) with extra environment computed from the
+    /// reservation index.
+    pub async fn start_command(
+        bin: &Path,
+        command: &'static str,
+        env: impl FnOnce(u32) -> Vec<(String, String)>,
+    ) -> anyhow::Result<TestServer> {
         reap_abandoned_servers(bin);
         let reservation = Reservation::take();
         let tmp = tempfile::Builder::new().prefix("sandpit-test-").tempdir()?;
@@ -273,6 +285,7 @@ impl TestServer {
             pool: format!("10.213.{}.0/24", reservation.index),
             data_dir: tmp.path().join("data"),
             bin: bin.to_path_buf(),
+            command,
             extra_env: env(reservation.index),
             database,
             child: None,
@@ -320,7 +333,7 @@ impl TestServer {
         let mut cmd = Command::new("setpriv");
         cmd.args(["--pdeathsig", "KILL", "--"])
             .arg(&self.bin)
-            .arg("serve")
+            .arg(self.command)
             .env("SANDPIT_LISTEN", format!("127.0.0.1:{port}"))
             .env("SANDPIT_DATA_DIR", &self.data_dir)
             .env("SANDPIT_PREFIX", &self.prefix)

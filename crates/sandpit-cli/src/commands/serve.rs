@@ -22,9 +22,15 @@ pub struct ServeArgs {
     data_dir: PathBuf,
     /// The database: `postgres://user:password@host/db` (the database must exist; the
     /// schema is created) or `sqlite://<path>`. Default: the SQLite file
-    /// `<data dir>/sandpit.db`.
-    #[arg(long, env = "SANDPIT_DATABASE")]
+    /// `<data dir>/sandpit.db`. (`--control` is the same: the fleet's control layer is its
+    /// database.)
+    #[arg(long, env = "SANDPIT_DATABASE", visible_alias = "control")]
     database: Option<String>,
+    /// Run no sandboxes: answer the API and relay every request that needs a node to the
+    /// fleet's nodes (`sandpit node`). Needs the fleet's --database (`postgres://…`) and
+    /// --node-secret; needs no root, runsc or agent binary.
+    #[arg(long, env = "SANDPIT_API_ONLY")]
+    api_only: bool,
     /// Prefix for every host object this server creates (netns, veths, nftables table,
     /// cgroups, runsc containers): 1-6 characters [a-z0-9]. Servers sharing a host need
     /// different prefixes and pools.
@@ -250,6 +256,24 @@ fn find_agent() -> Option<PathBuf> {
     candidates.into_iter().find(|p| p.exists())
 }
 
+/// `sandpit node`: `serve` as one node of a fleet, which needs the fleet's database and
+/// secret.
+pub async fn run_node(args: ServeArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !args.api_only,
+        "a node runs sandboxes: --api-only is for `sandpit serve`"
+    );
+    anyhow::ensure!(
+        args.database.is_some(),
+        "a node needs the fleet's database: give --control postgres://… (or a sqlite:// file that every server of the fleet, all on this host, shares)"
+    );
+    anyhow::ensure!(
+        args.node_secret.is_some(),
+        "a node needs the fleet's --node-secret: the API replicas relay to it with it"
+    );
+    run(args).await
+}
+
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -261,9 +285,24 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         builder.init();
     }
-    let agent_bin = args.agent_bin.or_else(find_agent).context(
-        "no sandpit-agent binary found: run scripts/build-agent or set SANDPIT_AGENT_BIN",
-    )?;
+    if args.api_only {
+        anyhow::ensure!(
+            args.database.is_some(),
+            "--api-only needs the fleet's database: give --database postgres://… (or a sqlite:// file that every server of the fleet, all on this host, shares)"
+        );
+        anyhow::ensure!(
+            args.node_secret.is_some(),
+            "--api-only needs --node-secret: an API replica relays every sandbox's requests to its node"
+        );
+    }
+    let agent_bin = match args.agent_bin.clone().or_else(find_agent) {
+        Some(bin) => bin,
+        // A replica injects no agent.
+        None if args.api_only => PathBuf::new(),
+        None => anyhow::bail!(
+            "no sandpit-agent binary found: run scripts/build-agent or set SANDPIT_AGENT_BIN"
+        ),
+    };
     let node_name = match args.node_name.clone() {
         Some(n) if sandpit_control::store::valid_node_id(&n) => n,
         Some(n) => anyhow::bail!(
@@ -309,7 +348,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)
             .context("--agent-ready-timeout")?;
     let mut cfg = ServerConfig::new(args.data_dir.clone(), agent_bin);
-    cfg.database = args.database;
+    cfg.database = args.database.clone();
     cfg.agent_ready_timeout = agent_ready_timeout;
     cfg.prefix = args.prefix.clone();
     cfg.node_id = node_name.clone();
@@ -321,7 +360,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .context("--body-idle-timeout")?;
     cfg.warm_pool = args.warm_pool;
     cfg.boot_snapshots = args.boot_snapshots;
-    cfg.preview_domain = args.preview_domain;
+    cfg.preview_domain = args.preview_domain.clone();
     cfg.preview_wake = args.preview_wake;
     cfg.limits = sandpit_server::limits::LimitsConfig {
         requests_per_hour: args.rate_limit_requests,
@@ -333,7 +372,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_builds: args.max_builds,
         max_suspended: args.max_suspended,
     };
-    cfg.insecure_registries = args.insecure_registries;
+    cfg.insecure_registries = args.insecure_registries.clone();
     // Empty items (`SANDPIT_ALLOWED_REGISTRIES=` or a trailing comma) name nothing.
     cfg.allowed_registries = args
         .allowed_registries
@@ -352,50 +391,51 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_depth: args.archive_max_depth,
     });
     cfg.min_free_disk = args.min_free_disk.0.unwrap_or(0);
-    // The backends: the gVisor runtime and the host's network. The server sees only their
-    // traits.
-    let net = sandpit_net::Network::new(sandpit_net::NetConfig {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let net_config = sandpit_net::NetConfig {
         prefix: args.prefix.clone(),
         pool: args
             .pool
             .parse()
             .map_err(|e| anyhow::anyhow!("--pool {:?}: {e}", args.pool))?,
         nameservers: sandpit_server::dns::sandbox_nameservers(args.dns.as_deref()),
-    })?;
-    if cfg.disk_limit.is_some() {
-        sandpit_runtime_gvisor::check_disk_support()?;
-    }
-    // The runsc build this node runs (a memory image restores only on the same build).
-    let runsc_build = sandpit_runtime_gvisor::check_host(&args.runsc)
-        .unwrap_or_else(|e| format!("unknown ({e})"));
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("creating {}", args.data_dir.display()))?;
-    let runtime =
-        sandpit_runtime_gvisor::GvisorRuntime::new(sandpit_runtime_gvisor::GvisorConfig {
-            runsc: args.runsc,
-            root_dir: args.data_dir.join("runsc"),
-            platform: args.platform,
-            cgroup_parent: format!("sandpit-{}", args.prefix),
-            debug_log_dir: None,
-        })?;
+    };
+    cfg.api_only = args.api_only;
+    let backends = if args.api_only {
+        cfg.warm_pool = 0;
+        cfg.boot_snapshots = false;
+        None
+    } else {
+        Some(node_backends(&args, &cfg, net_config.clone())?)
+    };
     // Adopt and promptly reap the sandbox processes runsc leaves behind (see
     // `sandpit_runtime_gvisor::spawn_reaper`); stopped after the server.
     let reaper_stop = tokio_util::sync::CancellationToken::new();
-    let runsc_reaper = sandpit_runtime_gvisor::spawn_reaper(reaper_stop.clone().cancelled_owned());
-    let (server, token) = Server::start(
-        cfg,
-        Arc::new(runtime),
-        Arc::new(net),
-        args.bootstrap_token.as_deref(),
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("{}", sandpit_server::error::DisplayChain(&e)))
-    .context("starting the server")?;
+    let runsc_reaper = backends
+        .is_some()
+        .then(|| sandpit_runtime_gvisor::spawn_reaper(reaper_stop.clone().cancelled_owned()));
+    let (runtime, net, runsc_build): (
+        Arc<dyn sandpit_runtime::Runtime>,
+        Arc<dyn sandpit_net::SandboxNetwork>,
+        String,
+    ) = match backends {
+        Some((runtime, net, build)) => (Arc::new(runtime), Arc::new(net), build),
+        None => (
+            Arc::new(sandpit_server::replica::NoRuntime),
+            Arc::new(sandpit_server::replica::NoNetwork::new(net_config)),
+            String::new(),
+        ),
+    };
+    let (server, token) = Server::start(cfg, runtime, net, args.bootstrap_token.as_deref())
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", sandpit_server::error::DisplayChain(&e)))
+        .context("starting the server")?;
     if let Some(token) = token {
         // Shown once: only its hash is stored.
         eprintln!("\n  Admin token (shown once, store it now):\n\n    {token}\n");
     }
-    if let Some(store) = object_store {
+    if let Some(store) = object_store.filter(|_| !args.api_only) {
         tracing::info!(store = %store, "hibernated sandboxes' images go to object storage");
         server
             .node
@@ -409,55 +449,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let reaper = server.spawn_reaper();
     let refill = sandpit_control::node::pool::spawn_refill(&server.node);
-    // This node's place in the fleet: a lease it renews with its load (`sandpit nodes`).
-    let membership = sandpit_control::membership::Membership::join(
-        server.store.clone(),
-        sandpit_control::store::NodeInfo {
-            id: server.node.cfg.node_id.clone(),
-            address: node_address,
-            runsc_build: runsc_build.clone(),
-            memory_mib: sandpit_control::membership::total_memory_mib().unwrap_or(0),
-            slots: i64::from(server.net.capacity()),
-        },
-        node_lease,
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("{}", sandpit_server::error::DisplayChain(&e)))
-    .context("joining the fleet")?;
-    let heartbeat = {
-        let node = server.node.clone();
-        membership.spawn(
-            move || {
-                let node = node.clone();
-                async move {
-                    sandpit_control::membership::local_load(&node)
-                        .await
-                        .unwrap_or_default()
-                }
-            },
-            {
-                let server = server.clone();
-                move |status| {
-                    let draining = status == sandpit_control::store::NodeStatus::Draining;
-                    if server.node.set_draining(draining) {
-                        tracing::info!("this node is draining: moving its sandboxes away");
-                        tokio::spawn(sandpit_server::forward::drain_away(server.clone()));
-                    }
-                }
-            },
-            {
-                let node = server.node.clone();
-                move || {
-                    let node = node.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = node.drop_settled().await {
-                            tracing::error!(error = %sandpit_server::error::DisplayChain(&e), "tearing down sandboxes settled while this node was lost");
-                        }
-                    });
-                }
-            },
-            server.shutdown.clone(),
-        )
+    let heartbeat = if args.api_only {
+        tracing::info!(
+            "API replica: this server runs no sandboxes and relays to the fleet's nodes"
+        );
+        None
+    } else {
+        Some(join_fleet(&server, node_address, runsc_build, node_lease).await?)
     };
     if server.cfg.boot_snapshots {
         let s = server.clone();
@@ -498,10 +496,100 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     .context("serving")?;
     let _ = reaper.await;
     let _ = refill.await;
-    let _ = heartbeat.await;
+    if let Some(heartbeat) = heartbeat {
+        let _ = heartbeat.await;
+    }
     reaper_stop.cancel();
-    let _ = runsc_reaper.await;
+    if let Some(runsc_reaper) = runsc_reaper {
+        let _ = runsc_reaper.await;
+    }
     Ok(())
+}
+
+/// A node's backends: the gVisor runtime, the host's network and the runsc build (a
+/// memory image restores only on the same build). The server sees only their traits.
+fn node_backends(
+    args: &ServeArgs,
+    cfg: &ServerConfig,
+    net_config: sandpit_net::NetConfig,
+) -> anyhow::Result<(
+    sandpit_runtime_gvisor::GvisorRuntime,
+    sandpit_net::Network,
+    String,
+)> {
+    let net = sandpit_net::Network::new(net_config)?;
+    if cfg.disk_limit.is_some() {
+        sandpit_runtime_gvisor::check_disk_support()?;
+    }
+    let runsc_build = sandpit_runtime_gvisor::check_host(&args.runsc)
+        .unwrap_or_else(|e| format!("unknown ({e})"));
+    let runtime =
+        sandpit_runtime_gvisor::GvisorRuntime::new(sandpit_runtime_gvisor::GvisorConfig {
+            runsc: args.runsc.clone(),
+            root_dir: args.data_dir.join("runsc"),
+            platform: args.platform.clone(),
+            cgroup_parent: format!("sandpit-{}", args.prefix),
+            debug_log_dir: None,
+        })?;
+    Ok((runtime, net, runsc_build))
+}
+
+/// Join the fleet as a node: a lease renewed with this node's load (`sandpit nodes`), a
+/// drain that moves its sandboxes away, and the teardown of what was settled while it was
+/// lost.
+async fn join_fleet(
+    server: &Arc<Server>,
+    node_address: String,
+    runsc_build: String,
+    node_lease: Duration,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let membership = sandpit_control::membership::Membership::join(
+        server.store.clone(),
+        sandpit_control::store::NodeInfo {
+            id: server.node.cfg.node_id.clone(),
+            address: node_address,
+            runsc_build,
+            memory_mib: sandpit_control::membership::total_memory_mib().unwrap_or(0),
+            slots: i64::from(server.net.capacity()),
+        },
+        node_lease,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{}", sandpit_server::error::DisplayChain(&e)))
+    .context("joining the fleet")?;
+    let node = server.node.clone();
+    Ok(membership.spawn(
+        move || {
+            let node = node.clone();
+            async move {
+                sandpit_control::membership::local_load(&node)
+                    .await
+                    .unwrap_or_default()
+            }
+        },
+        {
+            let server = server.clone();
+            move |status| {
+                let draining = status == sandpit_control::store::NodeStatus::Draining;
+                if server.node.set_draining(draining) {
+                    tracing::info!("this node is draining: moving its sandboxes away");
+                    tokio::spawn(sandpit_server::forward::drain_away(server.clone()));
+                }
+            }
+        },
+        {
+            let node = server.node.clone();
+            move || {
+                let node = node.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = node.drop_settled().await {
+                        tracing::error!(error = %sandpit_server::error::DisplayChain(&e), "tearing down sandboxes settled while this node was lost");
+                    }
+                });
+            }
+        },
+        server.shutdown.clone(),
+    ))
 }
 
 /// The host name as a node name: lowercased, other characters as `-`, at most 63; `local`

@@ -19,6 +19,7 @@ mod lifecycle;
 mod limits;
 mod previews;
 mod reliability;
+mod replicas;
 mod s3;
 mod security;
 mod soak;

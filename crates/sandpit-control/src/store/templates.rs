@@ -475,10 +475,11 @@ impl Templates {
         .map_err(q("failing the builds of lost nodes"))
     }
 
-    /// The node running template `id`'s build (where its event log is), if it is building.
+    /// The node that runs or ran template `id`'s build (where its event log is), if one
+    /// is recorded.
     pub async fn build_node(&self, id: &str) -> Result<Option<String>, ControlError> {
         let row: Option<(Option<String>,)> = with_db!(self.db, p => sqlx::query_as(
-            "SELECT build_node FROM templates WHERE id = $1 AND status = 'building'",
+            "SELECT build_node FROM templates WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(p).await)
