@@ -47,6 +47,11 @@ pub struct PreviewSettings {
 pub struct UpdateSandboxRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preview: Option<PreviewSettings>,
+    /// A new size preset (`small`, `medium`, `large`): a running sandbox gets its CPU and
+    /// memory limits at once and its disk grown (a disk never shrinks); a suspended one at
+    /// its wake.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<String>,
 }
 
 /// `POST /v1/sandboxes/{id}/preview-tokens`.

@@ -330,6 +330,7 @@ async fn preview_get(
                 preview: Some(sandpit_sdk::types::PreviewSettings {
                     privacy: sandpit_sdk::types::PreviewPrivacy::Public,
                 }),
+                ..Default::default()
             },
         )
         .await?;

@@ -159,6 +159,93 @@ pub(crate) fn read_limits(hs: &[Hierarchy], cgroups_path: &str) -> Option<Cgroup
     })
 }
 
+/// Sets the memory limit and CPU quota (`cpu_millis` thousandths of a core over
+/// `period_us`; 0: no quota) of the existing cgroup at `cgroups_path`, in every hierarchy
+/// with the controller. Refuses (changing nothing) a memory limit below what the cgroup uses
+/// now: the kernel would reclaim, then kill the sandbox. A memory limit raised is written
+/// before the CPU one, lowered after nothing else could fail.
+pub(crate) fn write_limits(
+    hs: &[Hierarchy],
+    cgroups_path: &str,
+    memory_bytes: u64,
+    cpu_millis: u32,
+    period_us: u64,
+) -> std::io::Result<()> {
+    let quota = (cpu_millis > 0).then(|| u64::from(cpu_millis) * period_us / 1000);
+    let mut writes: Vec<(PathBuf, String)> = Vec::new();
+    let mut found = false;
+    for h in hs {
+        let dir = h.dir(cgroups_path);
+        let (usage, limit, cpu): (PathBuf, PathBuf, Vec<(PathBuf, String)>) = if h.v2 {
+            (
+                dir.join("memory.current"),
+                dir.join("memory.max"),
+                vec![(
+                    dir.join("cpu.max"),
+                    match quota {
+                        Some(q) => format!("{q} {period_us}"),
+                        None => format!("max {period_us}"),
+                    },
+                )],
+            )
+        } else {
+            (
+                dir.join("memory.usage_in_bytes"),
+                dir.join("memory.limit_in_bytes"),
+                if h.has("cpu") {
+                    vec![
+                        (dir.join("cpu.cfs_period_us"), period_us.to_string()),
+                        (
+                            dir.join("cpu.cfs_quota_us"),
+                            quota.map_or("-1".into(), |q| q.to_string()),
+                        ),
+                    ]
+                } else {
+                    Vec::new()
+                },
+            )
+        };
+        if (h.v2 || h.has("memory")) && limit.exists() {
+            found = true;
+            let used: u64 = std::fs::read_to_string(&usage)?
+                .trim()
+                .parse()
+                .map_err(|_| {
+                    std::io::Error::other(format!("{} is not a number", usage.display()))
+                })?;
+            if used > memory_bytes {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "the sandbox uses {} MiB of memory now, more than the {} MiB asked",
+                        used >> 20,
+                        memory_bytes >> 20
+                    ),
+                ));
+            }
+            writes.push((limit, memory_bytes.to_string()));
+        }
+        if h.v2 || h.has("cpu") {
+            writes.extend(cpu.into_iter().filter(|(p, _)| p.exists()));
+        }
+    }
+    if !found {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "the sandbox has no memory cgroup (is it running?)",
+        ));
+    }
+    for (path, value) in writes {
+        std::fs::write(&path, &value).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("writing {value} to {}: {e}", path.display()),
+            )
+        })?;
+    }
+    Ok(())
+}
+
 /// `max`, or v1's "unlimited" (a page-rounded i64::MAX), is `None`.
 fn parse_limit(v: &str) -> Option<u64> {
     v.parse::<u64>().ok().filter(|n| *n < (1u64 << 62))

@@ -112,6 +112,41 @@ pub(crate) fn grow(state_dir: &Path, bytes: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Grows the mounted disk of a running sandbox to `bytes` if it is smaller: the image, its
+/// loop device (`losetup -c`) and its filesystem (`resize2fs`, online). A larger disk is left
+/// as it is. If the filesystem cannot grow online (the kernel needs CAP_SYS_RESOURCE, which
+/// some containers lack), the image and the loop device are put back to their size, so the
+/// next start grows it offline ([`grow`]), and the error says why. Blocking.
+pub(crate) fn grow_mounted(state_dir: &Path, bytes: u64) -> io::Result<()> {
+    let image = image_of(state_dir);
+    let size = std::fs::metadata(&image)?.len();
+    if size >= bytes {
+        return Ok(());
+    }
+    let device = loop_device_of(&image).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{} is not attached to a loop device", image.display()),
+        )
+    })?;
+    let device = format!("/dev/{device}");
+    let set_len = |len: u64| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)?
+            .set_len(len)?;
+        run(Command::new("losetup").arg("-c").arg(&device))
+    };
+    set_len(bytes)?;
+    if let Err(e) = run(Command::new("resize2fs").arg(&device)) {
+        // Nothing was written past the old end: the filesystem did not grow.
+        set_len(size)?;
+        return Err(e);
+    }
+    tracing::info!(image = %image.display(), from = size, to = bytes, "grew a running sandbox's disk");
+    Ok(())
+}
+
 /// Mounts the disk of `state_dir` at `disk/` unless it is mounted already, and makes sure
 /// `upper/` and `work/` exist on it. Blocking.
 pub(crate) fn mount(state_dir: &Path) -> io::Result<()> {

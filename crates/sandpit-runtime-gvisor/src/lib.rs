@@ -1433,6 +1433,46 @@ impl Runtime for GvisorRuntime {
             .collect())
     }
 
+    async fn update_resources(
+        &self,
+        id: &str,
+        state_dir: &Path,
+        resources: &sandpit_runtime::Resources,
+    ) -> Result<(), RuntimeError> {
+        let resize = |reason: String| RuntimeError::Resize {
+            id: id.into(),
+            reason,
+        };
+        let path = self.cgroups_path(id);
+        let (memory, cpu) = (resources.memory_bytes, resources.cpu_millis);
+        tokio::task::spawn_blocking(move || {
+            cgroup::write_limits(
+                &cgroup::host_hierarchies(),
+                &path,
+                memory,
+                cpu,
+                spec::CPU_PERIOD_US,
+            )
+        })
+        .await
+        .map_err(|e| resize(format!("the resize task failed: {e}")))?
+        .map_err(|e| resize(e.to_string()))?;
+        if let Some(bytes) = resources.disk_bytes
+            && disk::has_disk(state_dir)
+        {
+            let state_dir = state_dir.to_path_buf();
+            let grown = tokio::task::spawn_blocking(move || disk::grow_mounted(&state_dir, bytes))
+                .await
+                .map_err(|e| resize(format!("the resize task failed: {e}")))?;
+            if let Err(e) = grown {
+                // The disk keeps its size until the sandbox next starts (a wake included),
+                // which grows it offline.
+                tracing::warn!(sandbox = id, error = %e, "the running sandbox's disk cannot grow now; it grows at its next start");
+            }
+        }
+        Ok(())
+    }
+
     async fn kill_init_children(&self, id: &str, comm: &str) -> Result<usize, RuntimeError> {
         let out = self.runsc(id, &["ps", id]).await?;
         if !out.success {

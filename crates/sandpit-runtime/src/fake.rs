@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
-use crate::{Runtime, RuntimeError, RuntimeStatus, SandboxSpec};
+use crate::{Resources, Runtime, RuntimeError, RuntimeStatus, SandboxSpec};
 
 /// What a started init leaves behind; dropped when the init ends.
 pub type InitGuard = Box<dyn Any + Send + Sync>;
@@ -60,6 +60,7 @@ pub enum FakeOp {
     ExportLayer,
     List,
     RemoveOrphans,
+    UpdateResources,
 }
 
 /// One recorded call, with the arguments that matter for assertions.
@@ -104,6 +105,10 @@ pub enum FakeCall {
         id: String,
         comm: String,
     },
+    UpdateResources {
+        id: String,
+        resources: Resources,
+    },
     RemoveOrphans {
         /// Sorted.
         keep: Vec<String>,
@@ -126,6 +131,7 @@ impl FakeCall {
             FakeCall::ExportLayer { .. } => "export_layer",
             FakeCall::List => "list",
             FakeCall::KillInitChildren { .. } => "kill_init_children",
+            FakeCall::UpdateResources { .. } => "update_resources",
             FakeCall::RemoveOrphans { .. } => "remove_orphans",
         }
     }
@@ -139,7 +145,8 @@ impl FakeCall {
             | FakeCall::Stop { id }
             | FakeCall::Destroy { id }
             | FakeCall::Status { id }
-            | FakeCall::KillInitChildren { id, .. } => Some(id),
+            | FakeCall::KillInitChildren { id, .. }
+            | FakeCall::UpdateResources { id, .. } => Some(id),
             _ => None,
         }
     }
@@ -454,6 +461,32 @@ impl Runtime for FakeRuntime {
                 source: e,
             }),
             _ => Ok(()),
+        }
+    }
+
+    async fn update_resources(
+        &self,
+        id: &str,
+        _state_dir: &Path,
+        resources: &Resources,
+    ) -> Result<(), RuntimeError> {
+        self.record(FakeCall::UpdateResources {
+            id: id.into(),
+            resources: *resources,
+        });
+        let mut st = self.lock();
+        if st.take_failure(FakeOp::UpdateResources, Some(id)) {
+            return Err(scripted(id, "update_resources"));
+        }
+        match st.held.get_mut(id) {
+            Some(h) if h.status == RuntimeStatus::Running => {
+                h.spec.resources = *resources;
+                Ok(())
+            }
+            _ => Err(RuntimeError::Resize {
+                id: id.into(),
+                reason: "not running".into(),
+            }),
         }
     }
 

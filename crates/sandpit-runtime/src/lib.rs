@@ -106,6 +106,9 @@ pub enum RuntimeError {
     },
     #[error("checkpoint of {id} refused: {reason}")]
     CheckpointRefused { id: String, reason: String },
+    /// A live resize that was refused or failed; nothing changed unless `reason` says so.
+    #[error("resizing {id}: {reason}")]
+    Resize { id: String, reason: String },
     #[error("copying the files of {from} to {to}")]
     CopyFiles {
         from: PathBuf,
@@ -229,6 +232,28 @@ pub trait Runtime: Send + Sync + 'static {
             to: state_dir.into(),
             detail: format!(
                 "the {} backend cannot move files between hosts",
+                self.name()
+            ),
+        })
+    }
+
+    /// Change the limits of running sandbox `id` at once: its CPU and memory to
+    /// `resources`', and its disk to `resources.disk_bytes` if that is larger (a disk only
+    /// grows; a backend that cannot grow it while running grows it at the next start from
+    /// the files, which takes `disk_bytes` then). Refuses memory below what the sandbox uses
+    /// now ([`RuntimeError::Resize`]), changing nothing. Backends that cannot resize say so
+    /// with [`RuntimeError::Resize`].
+    async fn update_resources(
+        &self,
+        id: &str,
+        state_dir: &Path,
+        resources: &Resources,
+    ) -> Result<(), RuntimeError> {
+        let _ = (state_dir, resources);
+        Err(RuntimeError::Resize {
+            id: id.into(),
+            reason: format!(
+                "the {} backend cannot resize a running sandbox",
                 self.name()
             ),
         })

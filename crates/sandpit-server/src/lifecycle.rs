@@ -176,6 +176,15 @@ pub async fn set_preview(
     Ok(node::set_preview(&server.node, sb.workspace_id(), sb.id(), preview).await?)
 }
 
+/// Change a sandbox's size in place (see `node::resize`).
+pub async fn resize(
+    server: &Arc<Server>,
+    sb: &Authorized,
+    size: &str,
+) -> Result<Sandbox, ApiError> {
+    Ok(node::resize(&server.node, sb.workspace_id(), sb.id(), size).await?)
+}
+
 /// Extend an ephemeral running sandbox's expiry (see `node::keepalive`).
 pub async fn keepalive(
     server: &Arc<Server>,

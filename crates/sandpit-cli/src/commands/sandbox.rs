@@ -154,6 +154,14 @@ pub enum SandboxCommand {
         #[arg(long)]
         timeout: Option<String>,
     },
+    /// Change a sandbox's size (small, medium, large): a running one gets the new CPU and
+    /// memory limits at once and its disk grown (a disk never shrinks).
+    Resize {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        size: String,
+    },
     /// Show or change who may open the sandbox's previews
     /// (http://<id>-<port>.<preview domain>).
     Preview {
@@ -310,6 +318,13 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<u8> {
                 },
             }
         }
+        SandboxCommand::Resize { conn, id, size } => {
+            let req = UpdateSandboxRequest {
+                size: Some(size),
+                ..Default::default()
+            };
+            print_json(&conn.client()?.update_sandbox(&id, &req).await?)?
+        }
         SandboxCommand::Preview { conn, id, privacy } => {
             let client = conn.client()?;
             let sandbox = match privacy {
@@ -319,6 +334,7 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<u8> {
                         .with_context(|| format!("--privacy is public or private, not {p:?}"))?;
                     let req = UpdateSandboxRequest {
                         preview: Some(PreviewSettings { privacy }),
+                        ..Default::default()
                     };
                     client.update_sandbox(&id, &req).await?
                 }

@@ -504,6 +504,8 @@ async fn seed_000_rest_surface() {
         (s, b["data"]["tier"].clone()),
         (StatusCode::OK, json!("Small"))
     );
+    // The tier's size applies to the running VM at once (CodeSandbox's Small is medium).
+    assert_eq!(srv.client().get_sandbox(&id).await.unwrap().size, "medium");
     let (s, _) = call(
         &http,
         &srv,

@@ -375,3 +375,159 @@ async fn a_deaf_restored_agent_is_restarted_and_memory_is_kept() {
     let leaks = srv.leaks();
     assert!(leaks.is_empty(), "{leaks:?}");
 }
+
+/// The memory limit (bytes) and CPU quota (thousandths of a core) of sandbox `id` of
+/// server `srv`, read from its cgroups on the host (v2 or v1).
+fn cgroup_limits(srv: &sandpit_test_support::TestServer, id: &str) -> (Option<u64>, Option<u64>) {
+    let out = std::process::Command::new("find")
+        .args(["/sys/fs/cgroup", "-maxdepth", "8", "-type", "d", "-name"])
+        .arg(format!("{}-{id}", srv.prefix))
+        .output()
+        .expect("find runs");
+    let read = |dir: &str, name: &str| {
+        std::fs::read_to_string(std::path::Path::new(dir).join(name))
+            .ok()
+            .map(|s| s.trim().to_string())
+    };
+    let (mut memory, mut cpu) = (None, None);
+    for dir in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Some(v) = read(dir, "memory.max").or_else(|| read(dir, "memory.limit_in_bytes")) {
+            memory = v.parse().ok();
+        }
+        if let Some(v) = read(dir, "cpu.max") {
+            let mut parts = v.split_whitespace().map(|p| p.parse::<u64>().ok());
+            if let (Some(Some(q)), Some(Some(p))) = (parts.next(), parts.next()) {
+                cpu = Some(q * 1000 / p);
+            }
+        }
+        if let (Some(q), Some(p)) = (
+            read(dir, "cpu.cfs_quota_us"),
+            read(dir, "cpu.cfs_period_us"),
+        ) && let (Ok(q), Ok(p)) = (q.parse::<u64>(), p.parse::<u64>())
+        {
+            cpu = Some(q * 1000 / p);
+        }
+    }
+    (memory, cpu)
+}
+
+/// A running sandbox resized through the API gets its new CPU and memory limits at once
+/// (same processes, same memory) and its disk grown; shrinking keeps the larger disk.
+#[tokio::test]
+async fn a_running_sandbox_is_resized_in_place() {
+    let srv = server().await;
+    let c = srv.client();
+    let sb = create(
+        &c,
+        CreateSandboxRequest {
+            mode: SandboxMode::Persistent,
+            timeout: None,
+            ..crate::base()
+        },
+    )
+    .await;
+    let id = sb.id.as_str();
+    sh(
+        &c,
+        id,
+        "sleep 1000 >/dev/null 2>&1 & echo $! > /tmp/pid; echo kept > /tmp/mark",
+    )
+    .await;
+    let pid = sh(&c, id, "cat /tmp/pid").await.stdout;
+    assert_eq!(cgroup_limits(&srv, id), (Some(1 << 30), Some(1000)));
+    let disk_kib = |c: &sandpit_sdk::Client| {
+        let c = c.clone();
+        async move {
+            let out = sh(&c, id, "df -k / | tail -1").await.stdout;
+            out.split_whitespace()
+                .nth(1)
+                .and_then(|k| k.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("df: {out}"))
+        }
+    };
+    let small_disk = disk_kib(&c).await;
+
+    let resized = c
+        .update_sandbox(
+            id,
+            &sandpit_sdk::types::UpdateSandboxRequest {
+                size: Some("large".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (resized.size.as_str(), resized.status),
+        ("large", SandboxStatus::Running)
+    );
+    assert_eq!(cgroup_limits(&srv, id), (Some(4 << 30), Some(4000)));
+    assert_eq!(
+        sh(&c, id, "cat /tmp/pid").await.stdout,
+        pid,
+        "same processes"
+    );
+    assert_eq!(
+        sh(&c, id, "kill -0 $(cat /tmp/pid) && cat /tmp/mark")
+            .await
+            .stdout,
+        "kept\n"
+    );
+    // The disk grows at once where the kernel lets a mounted filesystem grow (it needs
+    // CAP_SYS_RESOURCE, which some CI containers lack), else at the next start: a wake.
+    let running_disk = disk_kib(&c).await;
+    assert!(
+        running_disk >= small_disk,
+        "{small_disk} KiB -> {running_disk} KiB"
+    );
+    c.hibernate(id).await.unwrap();
+    c.wake(id).await.unwrap();
+    let large_disk = disk_kib(&c).await;
+    assert!(
+        large_disk > small_disk * 3,
+        "the disk grew: {small_disk} KiB -> {large_disk} KiB (while running: {running_disk} KiB)"
+    );
+    assert_eq!(
+        cgroup_limits(&srv, id),
+        (Some(4 << 30), Some(4000)),
+        "kept across the wake"
+    );
+    // The sandbox can use the new room.
+    sh(
+        &c,
+        id,
+        "dd if=/dev/zero of=/tmp/big bs=1M count=400 2>&1; sync",
+    )
+    .await;
+    assert_eq!(
+        sh(&c, id, "wc -c < /tmp/big").await.stdout.trim(),
+        (400u64 << 20).to_string()
+    );
+
+    // Back to small: CPU and memory shrink, the disk keeps its size.
+    c.update_sandbox(
+        id,
+        &sandpit_sdk::types::UpdateSandboxRequest {
+            size: Some("small".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(cgroup_limits(&srv, id), (Some(1 << 30), Some(1000)));
+    assert_eq!(disk_kib(&c).await, large_disk);
+    assert_api_err(
+        c.update_sandbox(
+            id,
+            &sandpit_sdk::types::UpdateSandboxRequest {
+                size: Some("huge".into()),
+                ..Default::default()
+            },
+        )
+        .await,
+        400,
+        "invalid_size",
+    );
+    c.destroy_sandbox(id).await.unwrap();
+    assert!(srv.leaks().is_empty(), "{:?}", srv.leaks());
+}

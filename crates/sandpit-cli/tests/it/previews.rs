@@ -399,6 +399,7 @@ async fn check_previews(srv: &TestServer, client: &Client, id: &str) {
         preview: Some(PreviewSettings {
             privacy: PreviewPrivacy::Public,
         }),
+        ..Default::default()
     };
     assert_eq!(
         client
@@ -423,6 +424,7 @@ async fn check_previews(srv: &TestServer, client: &Client, id: &str) {
     );
     let private = UpdateSandboxRequest {
         preview: Some(PreviewSettings::default()),
+        ..Default::default()
     };
     client.update_sandbox(id, &private).await.unwrap();
     assert_eq!(http.get(url(8080, "/")).send().await.unwrap().status(), 401);

@@ -659,3 +659,77 @@ pub async fn keepalive(
         .await?;
     Ok(node.store.sandboxes.get(id).await?.unwrap_or(row))
 }
+
+/// Change a sandbox's size preset (CPU, memory and disk) in place. A running sandbox gets
+/// the new CPU and memory limits at once and its disk grown (`Runtime::update_resources`; a
+/// disk never shrinks, so a smaller size keeps the larger disk); a suspended one gets them
+/// at its wake. Refused, with nothing changed: 400 `invalid_size`; 409 `invalid_state` for
+/// a sandbox that will not run again or is busy changing state; 409 `host_lacks_memory`
+/// when the host's available memory cannot cover the growth; 507 `host_disk_full` when a
+/// disk would grow past the host's reserve; 409 `resize_refused` when the runtime refuses
+/// (less memory than the sandbox uses now).
+///
+/// Holds the sandbox's write lock: no exec starts and no transition runs while limits
+/// change.
+pub async fn resize(
+    node: &Node,
+    workspace_id: &str,
+    id: &str,
+    size: &str,
+) -> Result<Sandbox, ControlError> {
+    let new = Size::checked(size)?;
+    let lock = node.lock_of(id);
+    let _guard = lock.write().await;
+    let row = owned(node, workspace_id, id).await?;
+    if !matches!(row.status, Status::Running | Status::Suspended) {
+        return Err(ControlError::conflict(
+            "invalid_state",
+            format!("a {} sandbox cannot be resized", row.status),
+        ));
+    }
+    let old = Size::checked(&row.size)?;
+    if old == new {
+        return Ok(row);
+    }
+    if row.status == Status::Running {
+        if new.memory_bytes > old.memory_bytes {
+            let growth_mib = ((new.memory_bytes - old.memory_bytes) >> 20) as i64;
+            if let Some(available) = crate::membership::available_memory_mib()
+                && available < growth_mib
+            {
+                return Err(ControlError::conflict(
+                    "host_lacks_memory",
+                    format!(
+                        "the host has {available} MiB of memory available, less than the {growth_mib} MiB this resize adds"
+                    ),
+                ));
+            }
+        }
+        let disk_bytes = super::boot::size_disk(node, new.name);
+        if disk_bytes > super::boot::size_disk(node, old.name) {
+            node.ensure_free_disk()?;
+        }
+        let resources = sandpit_runtime::Resources {
+            cpu_millis: new.cpu_millis,
+            memory_bytes: new.memory_bytes,
+            disk_bytes,
+        };
+        match node
+            .runtime
+            .update_resources(&row.runtime_id, &node.state_dir(id), &resources)
+            .await
+        {
+            Ok(()) => {}
+            Err(sandpit_runtime::RuntimeError::Resize { reason, .. }) => {
+                return Err(ControlError::conflict("resize_refused", reason));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    node.store
+        .sandboxes
+        .set_size(id, new.name, now_ms())
+        .await?;
+    tracing::info!(sandbox = %id, from = old.name, to = new.name, running = row.status == Status::Running, "resized");
+    Ok(node.store.sandboxes.get(id).await?.unwrap_or(row))
+}

@@ -619,6 +619,16 @@ impl Sandboxes {
         .await
     }
 
+    /// Record a sandbox's new size preset (a resize).
+    pub async fn set_size(&self, id: &str, size: &str, now: i64) -> Result<(), ControlError> {
+        self.update(
+            "updating a sandbox's size",
+            "UPDATE sandboxes SET size = $1, updated_at = $2 WHERE id = $3",
+            |qy| qy.text(size).int(now).text(id),
+        )
+        .await
+    }
+
     /// Change a persistent sandbox's inactivity timeout.
     pub async fn set_idle_timeout(
         &self,

@@ -838,7 +838,13 @@ async fn update_specs(
 ) -> CsbResult {
     let id = sb.id().to_string();
     let tier = check_tier(&body.tier)?;
-    let row = sb.row().clone();
+    // The tier's size applies at once to a running sandbox (and at the wake of a suspended
+    // one); a stopped one records it for its next start.
+    let row = if matches!(sb.row().status, Status::Running | Status::Suspended) {
+        crate::lifecycle::resize(&server, &sb, tier.1).await?
+    } else {
+        sb.row().clone()
+    };
     let mut c = csb_of(&server, &row).await?;
     c.tier = tier.0.to_string();
     server.store.csb().upsert_sandbox(&c).await?;

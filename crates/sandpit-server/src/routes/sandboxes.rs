@@ -133,8 +133,10 @@ async fn get_sandbox(sb: OwnedSandbox<scope::SandboxRead>) -> Result<Json<Sandbo
     Ok(Json(to_api(sb.row())))
 }
 
-/// Change a sandbox's settings: for now its preview privacy (`{"preview":{"privacy":"public"}}`).
-/// Omitted fields stay as they are.
+/// Change a sandbox's settings: its preview privacy (`{"preview":{"privacy":"public"}}`)
+/// and its size (`{"size":"large"}`: a running sandbox gets the new CPU and memory limits
+/// at once and its disk grown; a disk never shrinks). Omitted fields stay as they are; the
+/// size changes first, so a refused resize changes nothing.
 #[utoipa::path(patch, path = "/v1/sandboxes/{id}", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox id")),
     request_body = UpdateSandboxRequest,
@@ -143,15 +145,23 @@ async fn get_sandbox(sb: OwnedSandbox<scope::SandboxRead>) -> Result<Json<Sandbo
         (status = 400, description = "Invalid settings", body = ErrorBody),
         (status = 403, description = "Sandbox belongs to another workspace", body = ErrorBody),
         (status = 404, description = "Sandbox not found", body = ErrorBody),
-        (status = 409, description = "Sandbox destroyed or failed", body = ErrorBody),
+        (status = 409, description = "Sandbox destroyed or failed; resize refused (resize_refused: less memory than it uses; host_lacks_memory)", body = ErrorBody),
+        (status = 507, description = "Growing the disk would pass the host's disk reserve", body = ErrorBody),
     ))]
 async fn update_sandbox(
     State(server): State<Arc<Server>>,
     sb: OwnedSandbox<scope::VmManage>,
     ApiJson(req): ApiJson<UpdateSandboxRequest>,
 ) -> Result<Json<Sandbox>, ApiError> {
-    let row = match req.preview {
-        Some(preview) => lifecycle::set_preview(&server, &sb, preview).await?,
+    let mut row = None;
+    if let Some(size) = &req.size {
+        row = Some(lifecycle::resize(&server, &sb, size).await?);
+    }
+    if let Some(preview) = req.preview {
+        row = Some(lifecycle::set_preview(&server, &sb, preview).await?);
+    }
+    let row = match row {
+        Some(row) => row,
         None => lifecycle::current(&server, &sb).await?,
     };
     Ok(Json(to_api(&row)))

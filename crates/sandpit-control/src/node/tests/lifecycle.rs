@@ -655,3 +655,99 @@ async fn sandboxes_settled_while_lost_are_torn_down_on_return() {
     assert_eq!(h.node.drop_settled().await.unwrap(), 0, "idempotent");
     assert!(agent_answers(&h, &kept.id).await);
 }
+
+/// A resize changes a running sandbox's limits in place (no restart), a suspended one's at
+/// its wake; a refused one changes nothing.
+#[tokio::test]
+async fn resize_changes_limits_in_place_or_at_wake_and_a_refusal_changes_nothing() {
+    let h = Harness::new().await;
+    let row = h.create(SandboxMode::Persistent).await.unwrap();
+    let rid = row.runtime_id.clone();
+    assert_eq!(row.size, "small");
+
+    let resized = lifecycle::resize(&h.node, &h.workspace, &row.id, "large")
+        .await
+        .unwrap();
+    assert_eq!(
+        (resized.size.as_str(), resized.status),
+        ("large", Status::Running)
+    );
+    assert_eq!(
+        h.rt.ops_of(&rid),
+        ["start", "update_resources"],
+        "no restart"
+    );
+    let spec = h.rt.spec_of(&rid).unwrap();
+    assert_eq!(
+        (spec.resources.cpu_millis, spec.resources.memory_bytes),
+        (4000, 4 << 30)
+    );
+    // The same size again does nothing.
+    lifecycle::resize(&h.node, &h.workspace, &row.id, "large")
+        .await
+        .unwrap();
+    assert_eq!(h.rt.ops_of(&rid).len(), 2);
+
+    // Refusals: bad input, and the runtime's (memory in use): nothing changes.
+    let e = lifecycle::resize(&h.node, &h.workspace, &row.id, "huge")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            crate::ControlError::Invalid {
+                code: "invalid_size",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    h.rt.fail_next(FakeOp::UpdateResources, Some(&rid));
+    let e = lifecycle::resize(&h.node, &h.workspace, &row.id, "small")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, crate::ControlError::Runtime(_)), "{e}");
+    assert_eq!(h.row(&row.id).await.size, "large");
+    // Suspended: recorded now, applied when it wakes.
+    lifecycle::suspend(&h.node, &row.id).await.unwrap();
+    let resized = lifecycle::resize(&h.node, &h.workspace, &row.id, "medium")
+        .await
+        .unwrap();
+    assert_eq!(
+        (resized.size.as_str(), resized.status),
+        ("medium", Status::Suspended)
+    );
+    let updates = |h: &Harness| {
+        h.rt.ops_of(&rid)
+            .iter()
+            .filter(|o| **o == "update_resources")
+            .count()
+    };
+    assert_eq!(
+        updates(&h),
+        2,
+        "the first and the refused one; none while suspended"
+    );
+    h.wake(&row.id).await.unwrap();
+    let spec = h.rt.spec_of(&rid).unwrap();
+    assert_eq!(
+        (spec.resources.cpu_millis, spec.resources.memory_bytes),
+        (2000, 2 << 30)
+    );
+
+    // A sandbox that will not run again cannot be resized.
+    lifecycle::destroy(&h.node, &row.id).await.unwrap();
+    let e = lifecycle::resize(&h.node, &h.workspace, &row.id, "small")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            crate::ControlError::Conflict {
+                code: "invalid_state",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
