@@ -32,7 +32,8 @@ pub struct NodesArgs {
 pub enum NodesCommand {
     /// List every node (the default).
     List,
-    /// Take no new sandboxes on a node (its own keep running).
+    /// Take no new sandboxes on a node; with an object store and a node secret its running
+    /// sandboxes are hibernated and woken on other nodes (without, they keep running).
     Drain { name: String },
     /// Let a drained node take new sandboxes again.
     Undrain { name: String },
