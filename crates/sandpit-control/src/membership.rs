@@ -176,18 +176,33 @@ impl Membership {
 pub const NODE_LOST: &str = "its node stopped renewing its lease and was declared lost: \
      the sandbox's processes and memory are gone with it";
 
+/// Why a lost node's running sandbox is suspended (it had a hibernation image in object
+/// storage: it wakes on another node from it).
+pub const NODE_LOST_RESTORABLE: &str = "its node stopped renewing its lease and was declared lost: \
+     the sandbox wakes on another node from its last hibernation image; what it did after that \
+     hibernation is lost";
+
 /// Why a lost node's template build failed.
 pub const BUILD_NODE_LOST: &str =
     "the node running the build stopped renewing its lease and was declared lost; build again";
 
 /// Declare lost every node whose lease lapsed by the database's clock, and settle the
-/// sandboxes of every lost node (running ones fail with [`NODE_LOST`], pooled ones go;
-/// suspended ones keep their files on the lost node), its template builds (failed) and its
+/// sandboxes of every lost node (running persistent ones whose last hibernation image is
+/// stored remotely are suspended for any node to restore from it, [`NODE_LOST_RESTORABLE`];
+/// other running ones fail with [`NODE_LOST`], pooled ones go; suspended ones keep their
+/// files on the lost node), its template builds (failed) and its
 /// pending idempotent requests (released, so a retry runs). Idempotent: a sweeper that died
 /// between the two steps is made up for by the next. The nodes this call declared.
 pub async fn sweep(store: &Store) -> Result<Vec<String>, ControlError> {
     let now = store.nodes.now().await?;
     let lost = store.nodes.expire(now).await?;
+    let restorable = store
+        .sandboxes
+        .restore_from_images_on_lost_nodes(NODE_LOST_RESTORABLE, now)
+        .await?;
+    if !restorable.is_empty() {
+        tracing::warn!(sandboxes = ?restorable, "the running sandboxes of lost nodes wake elsewhere from their last hibernation image");
+    }
     let settled = store.sandboxes.settle_on_lost_nodes(NODE_LOST, now).await?;
     if !settled.is_empty() {
         tracing::warn!(sandboxes = ?settled, "settled the sandboxes of lost nodes");

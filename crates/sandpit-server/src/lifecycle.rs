@@ -125,6 +125,15 @@ pub async fn running_agent(
     sb: &Authorized,
 ) -> Result<(AgentClient, OwnedRwLockReadGuard<()>, Sandbox), ApiError> {
     let id = sb.id();
+    // Hibernated on a node that is gone (or draining, its image stored): the wake takes it
+    // over here first.
+    if let Some(row) = server.store.sandboxes.get(id).await?
+        && row.status == Status::Suspended
+        && !server.is_mine(&row)
+        && crate::forward::moves_here(server, &row).await
+    {
+        wake(server, id).await?;
+    }
     for _ in 0..3 {
         let row = current(server, sb).await?;
         match row.status {

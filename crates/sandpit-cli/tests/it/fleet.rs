@@ -540,7 +540,8 @@ fn runner<'s>(id: &str, a: &'s TestServer, b: &'s TestServer) -> Option<&'s Test
 /// Sandboxes move between nodes through object storage (an S3 server on loopback): a
 /// drained node hibernates its running sandbox and another node takes it over and wakes
 /// it, its process still running and its files intact; then the sandbox, hibernated on
-/// that node, wakes on the first after its node is killed (-9) and its lease lapses.
+/// that node, wakes on the first after its node is killed (-9) and its lease lapses; then,
+/// running there, its node is killed and the other restores it from its last image.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hibernated_sandboxes_move_to_another_node_on_drain_and_on_loss() {
     const SECRET: &str = "fleet-secret-for-tests";
@@ -659,7 +660,60 @@ async fn hibernated_sandboxes_move_to_another_node_on_drain_and_on_loss() {
     let again = crate::sh(&c1, id, &format!("kill -0 {pid} && cat /root/file")).await;
     assert_eq!(again.stdout, "kept\n", "{again:?}");
     assert!(first.leaks().runsc.iter().any(|r| r.contains(id)));
-    c1.destroy_sandbox(id).await.unwrap();
+
+    // Running on the first node, its last hibernation image kept: that node is killed
+    // while the sandbox runs, and the second restores it from the image (its process
+    // back, what it wrote after that hibernation gone), not failed.
+    second.restart().await.unwrap();
+    let c2 = second.client_with(&token);
+    crate::sh(&c1, id, "echo after > /root/after").await;
+    first.kill9();
+    let settled = wait_until(
+        Duration::from_secs(60),
+        "suspended for a restore from its image",
+        || async {
+            c2.get_sandbox(id)
+                .await
+                .ok()
+                .filter(|s| s.status == sandpit_api_types::SandboxStatus::Suspended)
+        },
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}; the second node's log, newest first:\n{}",
+            second
+                .log()
+                .lines()
+                .rev()
+                .take(40)
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    });
+    assert!(
+        settled
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("last hibernation image")),
+        "{settled:?}"
+    );
+    let back = crate::sh(
+        &c2,
+        id,
+        &format!("kill -0 {pid} && cat /root/file && test ! -e /root/after && echo no-after"),
+    )
+    .await;
+    assert_eq!(back.stdout, "kept\nno-after\n", "{back:?}");
+    assert!(second.leaks().runsc.iter().any(|r| r.contains(id)));
+    // The killed node comes back and tears down its copy.
+    first.restart().await.unwrap();
+    assert!(
+        !first.leaks().runsc.iter().any(|r| r.contains(id)),
+        "{:?}",
+        first.leaks().runsc
+    );
+    c2.destroy_sandbox(id).await.unwrap();
 }
 
 /// A server relaying a create or a fork dies (abort, as `kill -9`) once the node doing the

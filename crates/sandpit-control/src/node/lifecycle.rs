@@ -553,7 +553,7 @@ pub async fn wake(
         .transition(id, Transition::Wake, note.as_deref(), now)
         .await?;
     node.store.sandboxes.touch(id, now).await?;
-    super::moves::drop_remote(node, &row).await?;
+    super::moves::after_wake(node, &row).await?;
     tracing::info!(sandbox = %id, elapsed_ms = started.elapsed().as_millis() as u64, restored = has_image, "woken");
     Ok(node.store.sandboxes.get(id).await?.unwrap_or(row))
 }

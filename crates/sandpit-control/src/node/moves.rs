@@ -85,6 +85,12 @@ pub(super) async fn start_upload(node: &Arc<Node>, row: &Sandbox) -> Result<(), 
         .as_ref()
         .and_then(|r| r.remote_image.as_ref())
         .map(|r| r.raw().to_string());
+    // The image of the previous hibernation, kept while the sandbox ran (see
+    // [`after_wake`]): replaced by this one, forgotten once this upload ends.
+    let previous = current
+        .as_ref()
+        .and_then(stored_image)
+        .and_then(|r| r.reference);
     if !node
         .store
         .sandboxes
@@ -115,7 +121,14 @@ pub(super) async fn start_upload(node: &Arc<Node>, row: &Sandbox) -> Result<(), 
             {
                 tracing::warn!(path = %stage.display(), error = %e, "removing an upload's staging directory");
             }
-            finish_upload(&node, &images, &id, &record, stored.raw(), outcome).await;
+            let pushed = finish_upload(&node, &images, &id, &record, stored.raw(), outcome).await;
+            // The row no longer names the previous image (this upload's record replaced
+            // it), unless this push produced the very same content.
+            if let Some(previous) = previous
+                && pushed.as_deref() != Some(previous.as_str())
+            {
+                forget_in_background(images.clone(), previous);
+            }
         })
     };
     let old = node
@@ -185,7 +198,8 @@ fn link_flat_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Record how an upload ended, if the row still holds the record it started from.
+/// Record how an upload ended, if the row still holds the record it started from. The
+/// reference the row holds now, if this upload stored one and it was recorded.
 async fn finish_upload(
     node: &Node,
     images: &Arc<dyn ImageStore>,
@@ -193,7 +207,7 @@ async fn finish_upload(
     started: &RemoteImage,
     started_raw: &str,
     outcome: Option<Result<Option<crate::remote::Pushed>, String>>,
-) {
+) -> Option<String> {
     let mut record = started.clone();
     record.at = now_ms();
     let mut pushed_ref = None;
@@ -210,7 +224,7 @@ async fn finish_upload(
             {
                 tracing::warn!(sandbox = %id, error = %DisplayChain(&e), "clearing a cancelled upload's record");
             }
-            return;
+            return None;
         }
         Some(Ok(Some(p))) => {
             record.state = RemoteState::Stored;
@@ -245,15 +259,17 @@ async fn finish_upload(
         .await;
     node.uploads.lock().expect("upload map poisoned").remove(id);
     match recorded {
-        Ok(true) => {}
+        Ok(true) => pushed_ref,
         Ok(false) => {
             // Overtaken: the image describes a state the sandbox left.
             if let Some(r) = pushed_ref {
                 forget_in_background(images.clone(), r);
             }
+            None
         }
         Err(e) => {
-            tracing::error!(sandbox = %id, error = %DisplayChain(&e), "recording an upload's result")
+            tracing::error!(sandbox = %id, error = %DisplayChain(&e), "recording an upload's result");
+            None
         }
     }
 }
@@ -279,7 +295,19 @@ pub(super) async fn stop_upload(node: &Node, id: &str) {
     }
 }
 
-/// After a wake or destroy: the remote image describes a state the sandbox left; drop it.
+/// After a wake: a stored image stays recorded while the sandbox runs, as its latest image:
+/// if its node is lost before the next hibernation, the fleet restores it from that image
+/// elsewhere (`membership::sweep`), and the next hibernation's upload replaces it. Any other
+/// record (failed, unsupported) goes.
+pub(super) async fn after_wake(node: &Node, row: &Sandbox) -> Result<(), ControlError> {
+    if stored_image(row).is_some() {
+        return Ok(());
+    }
+    drop_remote(node, row).await
+}
+
+/// After a destroy (or a wake without a stored image): the remote image describes a state
+/// the sandbox left; drop it.
 pub(super) async fn drop_remote(node: &Node, row: &Sandbox) -> Result<(), ControlError> {
     let Some(raw) = &row.remote_image else {
         return Ok(());

@@ -198,7 +198,53 @@ impl Node {
             self.store.sandboxes.release_slot(&row.id, now_ms()).await?;
             tracing::warn!(sandbox = %row.id, status = row.status.as_str(), "tore down a sandbox the fleet settled while this node was lost");
         }
-        Ok(rows.len())
+        Ok(rows.len() + self.drop_moved_away().await?)
+    }
+
+    /// Tear down what still runs here of sandboxes that are no longer this node's (the
+    /// fleet restored them elsewhere from their image while this node was lost, or another
+    /// node took them over), and the network slots no sandbox of this node holds. The
+    /// slots are listed before the store is asked, so a slot attached meanwhile was claimed
+    /// in the store first and is kept. How many sandboxes it tore down.
+    async fn drop_moved_away(self: &Arc<Self>) -> Result<usize, ControlError> {
+        let slots = self.net.list_slots().await?;
+        let prefix = format!("{}-", self.cfg.prefix);
+        let mut gone = 0;
+        for runtime_id in self.runtime.list().await? {
+            let Some(id) = runtime_id.strip_prefix(&prefix) else {
+                continue;
+            };
+            // Only sandboxes the store knows as another node's: anything else is left to
+            // the reconciliation at start.
+            let Some(row) = self.store.sandboxes.get(id).await? else {
+                continue;
+            };
+            if self.is_mine(&row) {
+                continue;
+            }
+            let _guard = self.lock_of(id).write_owned().await;
+            self.previews.cut(id).await;
+            self.teardown(id, &runtime_id, None).await;
+            tracing::warn!(sandbox = %id, owner = %row.node_id, "tore down a sandbox that left this node while it was lost");
+            gone += 1;
+        }
+        let used: HashSet<i64> = self
+            .store
+            .sandboxes
+            .used_slots(&self.cfg.node_id)
+            .await?
+            .into_iter()
+            .collect();
+        for slot in slots {
+            if !used.contains(&i64::from(slot)) {
+                tracing::info!(
+                    slot,
+                    "removing a network slot no sandbox of this node holds"
+                );
+                self.net.detach(slot).await?;
+            }
+        }
+        Ok(gone)
     }
 
     /// Start the reaper: destroys ephemeral sandboxes whose timeout passed and suspends

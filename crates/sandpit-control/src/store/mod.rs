@@ -35,7 +35,7 @@ mod tenants;
 pub use idempotency::{Idempotency, IdempotencyRow};
 pub use nodes::{Heartbeat, NodeInfo, NodeLoad, NodeRow, NodeStatus, Nodes, valid_node_id};
 pub use previews::{PreviewTokenRow, Previews};
-pub use sandboxes::{Sandbox, Sandboxes};
+pub use sandboxes::{LOST_OWNER, Sandbox, Sandboxes};
 pub use snapshots::{SnapshotRow, Snapshots};
 pub use templates::{
     MAX_VERSION, TemplateInsert, TemplateRef, TemplateRow, TemplateStatus, Templates,

@@ -195,6 +195,10 @@ pub struct Sandboxes {
     pub(super) db: Db,
 }
 
+/// The owner of a sandbox its lost node left for the fleet to restore from its image: not a
+/// valid node name, so no node ever holds it, and every node sees it gone.
+pub const LOST_OWNER: &str = "~lost";
+
 impl Sandboxes {
     /// Insert a row without a quota check (the server's own sandboxes: warm pool, builds).
     pub async fn insert(&self, s: &Sandbox) -> Result<(), ControlError> {
@@ -391,6 +395,34 @@ impl Sandboxes {
     /// suspended ones stay suspended (their files are on the lost node). Slots stay
     /// recorded: they are that node's, released when it comes back and tears the sandboxes
     /// down. The ids settled by this call.
+    /// Fleet use, before [`Sandboxes::settle_on_lost_nodes`]: the running persistent
+    /// sandboxes of lost nodes whose last hibernation image is stored remotely become
+    /// suspended with `reason`, owned by [`LOST_OWNER`] (no node: any node may take them
+    /// over from that image, and the lost node no longer counts them as its own) and
+    /// holding no slot. Their ids.
+    pub async fn restore_from_images_on_lost_nodes(
+        &self,
+        reason: &str,
+        now: i64,
+    ) -> Result<Vec<String>, ControlError> {
+        let rows: Vec<(String,)> = with_db!(self.db, p => sqlx::query_as(
+            "UPDATE sandboxes
+             SET status = 'suspended', error = $1, updated_at = $2, node_id = $3, slot = NULL
+             WHERE status = 'running' AND mode = 'persistent'
+               AND remote_image LIKE '%\"state\":\"stored\"%'
+               AND node_id IN (SELECT id FROM nodes WHERE status = 'lost')
+             RETURNING id",
+        )
+        .bind(reason)
+        .bind(now)
+        .bind(LOST_OWNER)
+        .fetch_all(p).await)
+        .map_err(q("restoring the sandboxes of lost nodes from their images"))?;
+        let mut ids = ids(rows);
+        ids.sort();
+        Ok(ids)
+    }
+
     pub async fn settle_on_lost_nodes(
         &self,
         reason: &str,

@@ -174,9 +174,10 @@ fn code_of(e: &ControlError) -> &'static str {
 }
 
 /// A suspend uploads in the background and records the image (shown by the API); the
-/// wake drops the record and forgets the image, which no longer describes the sandbox.
+/// wake keeps it as the sandbox's latest image (not shown while it runs), and the next
+/// suspend's upload replaces it and forgets it.
 #[tokio::test]
-async fn a_suspend_uploads_and_a_wake_forgets_the_image() {
+async fn a_suspend_uploads_and_the_next_one_replaces_the_image() {
     let h = Harness::new().await;
     let bucket = tempfile::tempdir().unwrap();
     let store = images_in(bucket.path());
@@ -203,10 +204,91 @@ async fn a_suspend_uploads_and_a_wake_forgets_the_image() {
 
     let woken = h.wake(&row.id).await.unwrap();
     assert_eq!(woken.status, Status::Running);
-    assert!(record(&h.node, &row.id).await.is_none());
+    assert_eq!(
+        record(&h.node, &row.id).await.and_then(|r| r.reference),
+        Some(reference.clone()),
+        "kept as the latest image"
+    );
     assert!(crate::node::boot::to_api(&woken).image.is_none());
     tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(store.forgotten.lock().unwrap().is_empty());
+
+    lifecycle::suspend(&h.node, &row.id).await.unwrap();
+    let next = uploaded(&h.node, &row.id).await;
+    assert_ne!(next.reference.as_deref(), Some(reference.as_str()));
+    tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(*store.forgotten.lock().unwrap(), vec![reference]);
+    // A destroy forgets the one it holds.
+    lifecycle::destroy(&h.node, &row.id).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(store.forgotten.lock().unwrap().len(), 2);
+}
+
+/// A node lost while its sandbox runs: a sandbox with a stored hibernation image is
+/// suspended by the sweep (no owner, no slot) and wakes on another node from that image,
+/// its memory image included; one without an image fails. When the lost node answers
+/// again, it tears down its copy and the slot.
+#[tokio::test]
+async fn a_lost_nodes_running_sandbox_wakes_elsewhere_from_its_last_image() {
+    let h = Harness::new().await;
+    let bucket = tempfile::tempdir().unwrap();
+    let store = images_in(bucket.path());
+    h.node.set_image_store(store.clone());
+    join(&h.node, 60_000).await;
+    let row = suspended_with_file(&h).await;
+    let image = uploaded(&h.node, &row.id).await;
+    h.wake(&row.id).await.unwrap();
+    let a_runtime_id = row.runtime_id.clone();
+    let without = h.create(SandboxMode::Persistent).await.unwrap();
+    let b_dir = tempfile::tempdir().unwrap();
+    let b = second_node(&h, b_dir.path(), store.clone()).await;
+
+    lose(&h.node).await;
+    crate::membership::sweep(&h.node.store).await.unwrap();
+    let settled = h.row(&row.id).await;
+    assert_eq!(
+        (settled.status, settled.node_id.as_str(), settled.slot),
+        (Status::Suspended, crate::store::LOST_OWNER, None)
+    );
+    assert_eq!(
+        settled.error.as_deref(),
+        Some(crate::membership::NODE_LOST_RESTORABLE)
+    );
+    assert_eq!(h.row(&without.id).await.status, Status::Failed);
+
+    let woken = wake_on(&b, &row.id).await.unwrap();
+    assert_eq!(
+        (woken.status, woken.node_id.as_str()),
+        (Status::Running, "node-b")
+    );
+    let b_runtime_id = woken.runtime_id.clone();
+    let b_state = b.state_dir(&row.id);
+    assert_eq!(
+        std::fs::read_to_string(b_state.join("upper/notes.txt")).unwrap(),
+        "kept across nodes"
+    );
+    assert_eq!(woken.error, None, "restored with its memory: no note");
+    assert_eq!(
+        record(&b, &row.id).await.and_then(|r| r.reference),
+        image.reference,
+        "the image it came from stays its latest"
+    );
+
+    // A answers again: fenced, it tears down what still runs of the sandbox, and the slot.
+    assert_eq!(
+        h.rt.status_of(&a_runtime_id),
+        sandpit_runtime::RuntimeStatus::Running,
+        "still running on the lost node"
+    );
+    h.node.drop_settled().await.unwrap();
+    assert_eq!(
+        h.rt.status_of(&a_runtime_id),
+        sandpit_runtime::RuntimeStatus::Missing
+    );
+    assert!(h.net.attached().is_empty(), "{:?}", h.net.attached());
+    assert!(!h.node.state_dir(&row.id).exists());
+    assert_ne!(a_runtime_id, b_runtime_id);
+    assert_eq!(h.row(&row.id).await.node_id, "node-b");
 }
 
 /// A wake right after a suspend cancels the upload still under way; its result is never
@@ -272,7 +354,11 @@ async fn a_lost_nodes_sandbox_wakes_on_another_node() {
     let notes = b.state_dir(&row.id).join("upper/notes.txt");
     assert_eq!(std::fs::read_to_string(notes).unwrap(), "kept across nodes");
     assert!(woken.error.is_none(), "memory kept: {:?}", woken.error);
-    assert!(record(&b, &row.id).await.is_none(), "dropped at the wake");
+    assert_eq!(
+        record(&b, &row.id).await.map(|r| r.state),
+        Some(RemoteState::Stored),
+        "kept at the wake as its latest image"
+    );
     // The old node no longer acts on it.
     let e = wake_on(&h.node, &row.id).await.unwrap_err();
     assert_eq!(code_of(&e), "sandbox_on_another_node");
