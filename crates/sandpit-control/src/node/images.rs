@@ -130,6 +130,18 @@ pub fn layers_of(t: &TemplateRow) -> Result<Vec<PathBuf>, ControlError> {
     })
 }
 
+/// The ids of a template's layers that live in the layer store
+/// (`<data dir>/images/layers/<id>`), lowest first: what a node must hold, or fetch, to
+/// boot it. The base root filesystem a `FROM base` stacks on is on every node and is not
+/// one of them.
+pub fn layer_ids(t: &TemplateRow) -> Result<Vec<String>, ControlError> {
+    Ok(layers_of(t)?
+        .iter()
+        .filter(|p| p.parent().and_then(|d| d.file_name()) == Some("layers".as_ref()))
+        .filter_map(|p| p.file_name()?.to_str().map(str::to_string))
+        .collect())
+}
+
 /// The working directory of an exec that names none: the template's `WORKDIR` (as
 /// `docker exec` does); `None` (the agent's `/`) for templates without one.
 pub async fn default_cwd(node: &Node, row: &crate::store::Sandbox) -> Option<String> {
