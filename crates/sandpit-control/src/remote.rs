@@ -44,6 +44,24 @@ pub trait ImageStore: Send + Sync + 'static {
     /// fetched.
     async fn pull(&self, reference: &str, dest: &Path, kind: ImageKind) -> Result<u64, BoxError>;
 
+    /// Upload template layer `layer` (a tenant-made tree in overlayfs format: symlinks,
+    /// odd modes, whiteouts) as one image of kind [`ImageKind::Layer`] and return its
+    /// reference. The tree is read through handles only, never following a symlink, and
+    /// packed into the missing, node-owned directory `staging` first (the caller removes
+    /// it). A tree that could not come back the same is refused.
+    async fn push_layer(&self, layer: &Path, staging: &Path) -> Result<Pushed, BoxError>;
+
+    /// Fetch layer `reference` (verified as [`ImageStore::pull`] does, through the
+    /// missing, node-owned directory `staging`, which the caller removes) and unpack it
+    /// into the missing directory `dest` with the hardened unpacker and its limits:
+    /// complete or, on failure, absent. Returns the bytes fetched.
+    async fn pull_layer(
+        &self,
+        reference: &str,
+        dest: &Path,
+        staging: &Path,
+    ) -> Result<u64, BoxError>;
+
     /// Drop image `reference` (its manifest; the bytes it shares with other images stay
     /// until the store's collection finds them unreferenced). Idempotent.
     async fn forget(&self, reference: &str) -> Result<(), BoxError>;

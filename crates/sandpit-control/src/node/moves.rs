@@ -305,6 +305,8 @@ pub(super) async fn take_over(
     };
     node.ensure_taking_new().await?;
     node.ensure_free_disk()?;
+    // Its template's layers first (a built template's are where it was built).
+    super::stored::ensure_layers(node, &row.template_id).await?;
     let reference = record.reference.clone().expect("stored_image checked it");
     let fetched = node.staging_dir(&row.id, "pull");
     let started = std::time::Instant::now();
@@ -417,6 +419,7 @@ pub async fn resume_uploads(node: &Arc<Node>) -> Result<usize, ControlError> {
         return Ok(0);
     }
     let snapshots = super::stored::resume_snapshot_uploads(node).await?;
+    super::stored::resume_layer_uploads(node).await?;
     let rows = node
         .store
         .sandboxes

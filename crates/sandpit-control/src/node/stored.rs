@@ -372,3 +372,180 @@ pub(super) async fn resume_snapshot_uploads(node: &Arc<Node>) -> Result<usize, C
     }
     Ok(n)
 }
+
+pub use super::images::{layer_dir, valid_layer_id};
+
+/// After a build published template `t`'s layers (or at start-up, for layers not stored
+/// yet): upload, in the background, each of its layers that object storage lacks. Without
+/// an image store, nothing. Ends with the node's shutdown.
+pub fn upload_layers(node: &Arc<Node>, t: &crate::store::TemplateRow) {
+    let Some(images) = node.image_store().cloned() else {
+        return;
+    };
+    let ids = match super::images::layer_ids(t) {
+        Ok(ids) if !ids.is_empty() => ids,
+        Ok(_) => return,
+        Err(e) => {
+            tracing::warn!(template = %t.id, error = %DisplayChain(&e), "layers of a template do not decode; not uploaded");
+            return;
+        }
+    };
+    let (node, template) = (node.clone(), t.id.clone());
+    tokio::spawn(async move {
+        let work = async {
+            for id in ids {
+                if let Err(e) = upload_layer(&node, &*images, &id).await {
+                    tracing::error!(template = %template, layer = %id, error = %e, "layer upload failed; only nodes holding it start this template");
+                }
+            }
+        };
+        tokio::select! {
+            _ = node.shutdown.cancelled() => {}
+            () = work => {}
+        }
+    });
+}
+
+/// Upload layer `id` unless it is stored already or not here. Uploads of one layer on this
+/// node take turns (the second finds it stored).
+async fn upload_layer(node: &Node, images: &dyn ImageStore, id: &str) -> Result<(), String> {
+    if !valid_layer_id(id) {
+        return Err("not a layer id".into());
+    }
+    let lock = node.lock_of(&format!("layer:{id}"));
+    let _guard = lock.write().await;
+    let stored = node.store.layers.get(id).await;
+    if stored.map_err(|e| DisplayChain(&e).to_string())?.is_some() {
+        return Ok(());
+    }
+    let dir = layer_dir(node, id);
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    let stage = node.staging_dir(id, "push");
+    let started = std::time::Instant::now();
+    let pushed = images.push_layer(&dir, &stage).await;
+    if stage.exists()
+        && let Err(e) = sandpit_fs::remove_tree(&stage)
+    {
+        tracing::warn!(path = %stage.display(), error = %e, "removing a layer upload's staging directory");
+    }
+    let pushed = pushed.map_err(|e| format!("uploading: {}", DisplayChain(&*e)))?;
+    if !crate::remote::valid_reference(&pushed.reference) {
+        return Err("the image store returned an unusable reference".into());
+    }
+    node.store
+        .layers
+        .record(id, &pushed.reference, pushed.bytes, now_ms())
+        .await
+        .map_err(|e| DisplayChain(&e).to_string())?;
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(layer = %id, bytes = pushed.bytes, uploaded = pushed.uploaded, ms = (secs * 1000.0) as u64, "layer stored remotely");
+    Ok(())
+}
+
+/// Before a sandbox of template `template_id` starts (or wakes after moving) here: fetch
+/// each of its layers this node lacks from object storage, unpack it (the hardened
+/// unpacker, into the layer store's `tmp/`) and publish it by rename. 503
+/// `layer_not_stored` when one is neither here nor stored, `layer_fetch_failed` when a
+/// fetch fails; nothing is left behind either way.
+pub async fn ensure_layers(node: &Node, template_id: &str) -> Result<(), ControlError> {
+    let Some(t) = node.store.templates.by_id(template_id).await? else {
+        return Ok(()); // the boot says so
+    };
+    for id in super::images::layer_ids(&t)? {
+        if layer_dir(node, &id).is_dir() {
+            continue;
+        }
+        let lock = node.lock_of(&format!("layer:{id}"));
+        let _guard = lock.write().await;
+        if layer_dir(node, &id).is_dir() {
+            continue;
+        }
+        fetch_layer(node, &t.name, &id).await?;
+    }
+    Ok(())
+}
+
+async fn fetch_layer(node: &Node, template: &str, id: &str) -> Result<(), ControlError> {
+    let failed = |detail: String| ControlError::Unavailable {
+        code: "layer_fetch_failed",
+        message: format!(
+            "fetching layer {id} of template {template:?} from object storage: {detail}"
+        ),
+    };
+    let record = match (node.image_store(), node.store.layers.get(id).await?) {
+        (Some(_), Some(r)) if valid_layer_id(id) => r,
+        _ => {
+            return Err(ControlError::Unavailable {
+                code: "layer_not_stored",
+                message: format!(
+                    "template {template:?} was built on another node and its layer {id} is not in object storage; create it where it was built, or build it again"
+                ),
+            });
+        }
+    };
+    if !crate::remote::valid_reference(&record.reference) {
+        return Err(failed("its recorded reference is unusable".into()));
+    }
+    node.ensure_free_disk()?;
+    let images = node.image_store().cloned().expect("checked above");
+    let store_dir = node.cfg.data_dir.join("images");
+    for d in ["tmp", "layers"] {
+        std::fs::create_dir_all(store_dir.join(d)).map_err(ControlError::files(format!(
+            "layer store {}",
+            store_dir.display()
+        )))?;
+    }
+    let tmp = store_dir
+        .join("tmp")
+        .join(format!("fetch-{id}-{}", random_hex(4)));
+    let stage = node.staging_dir(id, "pull");
+    let started = std::time::Instant::now();
+    let pulled = images.pull_layer(&record.reference, &tmp, &stage).await;
+    let result = match pulled {
+        Ok(bytes) => match std::fs::rename(&tmp, layer_dir(node, id)) {
+            Ok(()) => {
+                let secs = started.elapsed().as_secs_f64();
+                tracing::info!(layer = %id, bytes, ms = (secs * 1000.0) as u64, "layer fetched from object storage");
+                Ok(())
+            }
+            // Published meanwhile by another process on this data dir: keep that one.
+            Err(_) if layer_dir(node, id).is_dir() => Ok(()),
+            Err(e) => Err(failed(format!("publishing it: {e}"))),
+        },
+        Err(e) => Err(failed(DisplayChain(&*e).to_string())),
+    };
+    for leftover in [&tmp, &stage] {
+        if leftover.exists()
+            && let Err(e) = sandpit_fs::remove_tree(leftover)
+        {
+            tracing::warn!(path = %leftover.display(), error = %e, "removing what a layer fetch left");
+        }
+    }
+    result
+}
+
+/// After a restart: upload the layers of every template in use whose layers are here and
+/// not stored yet (an upload that never finished, or templates built before the node had an
+/// image store). How many templates were looked at.
+pub(super) async fn resume_layer_uploads(node: &Arc<Node>) -> Result<usize, ControlError> {
+    if node.image_store().is_none() {
+        return Ok(0);
+    }
+    let mut n = 0;
+    for t in node.store.templates.ready_with_layers().await? {
+        let ids = super::images::layer_ids(&t).unwrap_or_default();
+        let mut missing = false;
+        for id in &ids {
+            if layer_dir(node, id).is_dir() && node.store.layers.get(id).await?.is_none() {
+                missing = true;
+            }
+        }
+        if missing {
+            upload_layers(node, &t);
+            n += 1;
+        }
+    }
+    Ok(n)
+}

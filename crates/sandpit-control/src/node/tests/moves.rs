@@ -113,6 +113,22 @@ impl ImageStore for DirImages {
         Ok(copy_tree(&src, dest)?)
     }
 
+    async fn push_layer(&self, layer: &Path, staging: &Path) -> Result<Pushed, BoxError> {
+        copy_tree(layer, &staging.join("layer"))?;
+        self.push(staging, ImageKind::Layer).await
+    }
+
+    async fn pull_layer(
+        &self,
+        reference: &str,
+        dest: &Path,
+        staging: &Path,
+    ) -> Result<u64, BoxError> {
+        let bytes = self.pull(reference, staging, ImageKind::Layer).await?;
+        std::fs::rename(staging.join("layer"), dest)?;
+        Ok(bytes)
+    }
+
     async fn forget(&self, reference: &str) -> Result<(), BoxError> {
         self.forgotten.lock().unwrap().push(reference.into());
         Ok(())
@@ -154,6 +170,16 @@ pub(super) async fn lose(node: &Node) {
 
 /// A second node over `h`'s store, with its own data dir, prefix and fakes.
 pub(super) async fn second_node(h: &Harness, dir: &Path, images: Arc<DirImages>) -> Arc<Node> {
+    second_node_with(h, dir, images, Arc::new(runtime_with_agents())).await
+}
+
+/// [`second_node`] over the runtime `rt`.
+pub(super) async fn second_node_with(
+    h: &Harness,
+    dir: &Path,
+    images: Arc<DirImages>,
+    rt: Arc<sandpit_runtime::fake::FakeRuntime>,
+) -> Arc<Node> {
     let agent_bin = crate::testing::prepare_data_dir(dir);
     let mut cfg = super::config(dir);
     cfg.node_id = "node-b".into();
@@ -163,7 +189,7 @@ pub(super) async fn second_node(h: &Harness, dir: &Path, images: Arc<DirImages>)
     let node = Node::new(
         cfg,
         h.node.store.clone(),
-        Arc::new(runtime_with_agents()),
+        rt,
         Arc::new(FakeNetwork::new(4)),
         agent_layer,
         RESOLV_CONF.into(),

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use sandpit_api_types::{CreateSandboxRequest, SandboxMode};
 
-use super::moves::{DirImages, code_of, images_in, second_node};
+use super::moves::{DirImages, code_of, images_in, second_node, second_node_with};
 use super::{Harness, unreserved};
 use crate::node::{Node, fork, lifecycle};
 use crate::remote::{RemoteImage, RemoteState};
@@ -81,6 +81,7 @@ fn entries(dir: &Path) -> Vec<String> {
 struct Pair {
     h: Harness,
     b: Arc<Node>,
+    b_rt: Arc<sandpit_runtime::fake::FakeRuntime>,
     store: Arc<DirImages>,
     _bucket: tempfile::TempDir,
     b_dir: tempfile::TempDir,
@@ -92,10 +93,12 @@ async fn pair() -> Pair {
     let store = images_in(bucket.path());
     h.node.set_image_store(store.clone());
     let b_dir = tempfile::tempdir().unwrap();
-    let b = second_node(&h, b_dir.path(), store.clone()).await;
+    let b_rt = Arc::new(super::runtime_with_agents());
+    let b = second_node_with(&h, b_dir.path(), store.clone(), b_rt.clone()).await;
     Pair {
         h,
         b,
+        b_rt,
         store,
         _bucket: bucket,
         b_dir,
@@ -359,5 +362,175 @@ async fn a_stored_snapshot_is_placed_on_any_node_holders_first() {
             .await
             .unwrap(),
         None
+    );
+}
+
+/// A layer id as a build names its layers.
+const LAYER: &str = "b0123456789abcdef0123456789abcde";
+
+/// A template of `h`'s workspace built on `h`'s node: one layer of its own (a file and a
+/// symlink), stacked on the base root filesystem.
+async fn built_template(h: &Harness, name: &str) -> crate::store::TemplateRow {
+    use crate::store::{TemplateRow, TemplateStatus};
+    let layer = h.cfg.data_dir.join("images/layers").join(LAYER);
+    std::fs::create_dir_all(layer.join("etc")).unwrap();
+    std::fs::write(layer.join("etc/motd"), "built on node-t\n").unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", layer.join("etc/link")).unwrap();
+    let base = h
+        .node
+        .store
+        .templates
+        .by_id(crate::node::images::BASE_TEMPLATE_ID)
+        .await
+        .unwrap()
+        .unwrap();
+    let t = TemplateRow {
+        id: format!("tpl_{name}"),
+        name: name.into(),
+        workspace_id: Some(h.workspace.clone()),
+        source: "dockerfile".into(),
+        ..base.clone()
+    };
+    let s = &h.node.store.templates;
+    s.upsert(&t).await.unwrap();
+    let layers = serde_json::to_string(&[std::path::PathBuf::from(&base.rootfs), layer]).unwrap();
+    s.finish_build(&t.id, TemplateStatus::Ready, &layers, "{}", None, 1)
+        .await
+        .unwrap();
+    s.by_id(&t.id).await.unwrap().unwrap()
+}
+
+/// Wait until layer `id` is recorded as stored.
+async fn layer_stored(node: &Node, id: &str) -> crate::store::StoredLayer {
+    for _ in 0..500 {
+        if let Some(l) = node.store.layers.get(id).await.unwrap() {
+            return l;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("layer {id} was not stored");
+}
+
+/// A template built on one node starts on another: its layer is uploaded after the build,
+/// fetched and published under the other node's own data dir, and the sandbox boots from
+/// that copy. A template placed by its layers goes to the node that holds them, or, once
+/// they are stored and that node cannot take it, to any node.
+#[tokio::test]
+async fn a_template_built_on_one_node_starts_on_another() {
+    let p = pair().await;
+    super::moves::join(&p.h.node, 60_000).await;
+    let t = built_template(&p.h, "web").await;
+    assert_eq!(crate::node::images::layer_ids(&t).unwrap(), [LAYER]);
+    beat(&p.h.node).await;
+    beat(&p.b).await;
+    let layers = [LAYER.to_string()];
+    let place = || crate::membership::place_holding(&p.h.node.store, &layers, None);
+    assert_eq!(place().await.unwrap().as_deref(), Some("node-t"));
+    assert!(
+        p.h.node
+            .store
+            .nodes
+            .set_draining("node-t", true)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        place().await.unwrap(),
+        None,
+        "not stored: only its holder has it"
+    );
+
+    crate::node::stored::upload_layers(&p.h.node, &t);
+    let stored = layer_stored(&p.h.node, LAYER).await;
+    assert!(
+        p.store
+            .root
+            .join(&stored.reference)
+            .join("layer/etc/motd")
+            .is_file()
+    );
+    assert_eq!(place().await.unwrap().as_deref(), Some("node-b"));
+
+    let req = CreateSandboxRequest {
+        template: "web".into(),
+        mode: SandboxMode::Ephemeral,
+        ..Default::default()
+    };
+    let (row, snapshot) = lifecycle::prepare_create(&p.b, &p.h.workspace, &req)
+        .await
+        .unwrap();
+    let lock = tokio::sync::Mutex::new(());
+    let child = lifecycle::create(&p.b, row, snapshot, &unreserved(&lock))
+        .await
+        .unwrap();
+    assert_eq!(child.node_id, "node-b");
+    let local = p.b_data().join("images/layers").join(LAYER);
+    assert_eq!(
+        std::fs::read_to_string(local.join("etc/motd")).unwrap(),
+        "built on node-t\n"
+    );
+    let spec = p.b_rt.spec_of(&child.runtime_id).unwrap();
+    assert!(spec.layers.contains(&local), "{:?}", spec.layers);
+    assert!(
+        spec.layers
+            .iter()
+            .all(|l| !l.starts_with(&p.h.cfg.data_dir)),
+        "nothing of the other node's data dir: {:?}",
+        spec.layers
+    );
+    assert_eq!(
+        entries(&p.b_data().join("images/tmp")),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        entries(&p.b_data().join("images-tmp")),
+        Vec::<String>::new()
+    );
+    // Uploading again finds it stored (one record per layer id).
+    crate::node::stored::upload_layers(&p.h.node, &t);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(p.store.next.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+/// A layer fetch that fails (corrupted or missing object) answers 503
+/// `layer_fetch_failed`, makes no row and leaves nothing; a layer that was never uploaded
+/// answers 503 `layer_not_stored`.
+#[tokio::test]
+async fn a_failed_layer_fetch_changes_nothing() {
+    let p = pair().await;
+    let t = built_template(&p.h, "web").await;
+    let create_on_b = || async {
+        let req = CreateSandboxRequest {
+            template: t.name.clone(),
+            mode: SandboxMode::Ephemeral,
+            ..Default::default()
+        };
+        let (row, snapshot) = lifecycle::prepare_create(&p.b, &p.h.workspace, &req).await?;
+        let lock = tokio::sync::Mutex::new(());
+        lifecycle::create(&p.b, row, snapshot, &unreserved(&lock)).await
+    };
+    let e = create_on_b().await.unwrap_err();
+    assert_eq!(code_of(&e), "layer_not_stored");
+
+    crate::node::stored::upload_layers(&p.h.node, &t);
+    let stored = layer_stored(&p.h.node, LAYER).await;
+    let before = sandbox_count(&p.h).await;
+    let obj = p.store.root.join(&stored.reference);
+    std::fs::write(obj.join("layer/etc/motd"), "tampered\n").unwrap();
+    let e = create_on_b().await.unwrap_err();
+    assert_eq!(code_of(&e), "layer_fetch_failed");
+    assert!(e.to_string().contains("digest mismatch"), "{e}");
+    std::fs::remove_dir_all(&obj).unwrap();
+    let e = create_on_b().await.unwrap_err();
+    assert_eq!(code_of(&e), "layer_fetch_failed");
+    assert_eq!(sandbox_count(&p.h).await, before);
+    assert!(!p.b_data().join("images/layers").join(LAYER).exists());
+    assert_eq!(
+        entries(&p.b_data().join("images/tmp")),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        entries(&p.b_data().join("images-tmp")),
+        Vec::<String>::new()
     );
 }
