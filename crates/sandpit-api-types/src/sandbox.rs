@@ -722,6 +722,11 @@ pub struct Snapshot {
     pub created_at: String,
     /// Disk used by the snapshot's files and memory image.
     pub size_bytes: u64,
+    /// Where the snapshot is in object storage, when the server has one (`--object-store`):
+    /// once `remote` is `stored`, sandboxes can be created from it on any node (a node
+    /// without its files fetches them first); otherwise only on the node that took it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<SandboxImage>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -266,26 +266,67 @@ pub async fn place_new(store: &Store) -> Result<Option<String>, ControlError> {
 
 /// Where a sandbox that needs local files should run: a node chosen best-of-3 among those
 /// holding every layer in `layers` (layer ids, content-addressed, so equal on every node)
-/// and the snapshot `image`, if one is named. `None` when no live node holds them.
+/// and the snapshot `image`, if one is named. When none of those can take it, any live node
+/// that can get what it lacks from object storage (every missing layer and the snapshot
+/// stored there, and the layers of the snapshot's template), still preferring nodes that
+/// hold some of it (locality); the node that gets it fetches before it boots
+/// (`node::stored`). `None` when no live node holds them or can fetch them.
 pub async fn place_holding(
     store: &Store,
     layers: &[String],
     image: Option<&str>,
 ) -> Result<Option<String>, ControlError> {
-    let view: Vec<_> = placement_view(store)
-        .await?
+    let view = placement_view(store).await?;
+    let holds = |n: &crate::placement::NodeLoad| {
+        layers.iter().all(|l| n.templates.contains(l)) && image.is_none_or(|i| n.images.contains(i))
+    };
+    let holders: Vec<_> = view.iter().filter(|n| holds(n)).cloned().collect();
+    let want = crate::placement::Want::default();
+    // (The random generator is made at each use: it may not be held across an await.)
+    if let Ok(p) = crate::placement::choose(
+        &holders,
+        &want,
+        crate::placement::DEFAULT_K,
+        &mut rand::rng(),
+    ) {
+        return Ok(Some(p.node_id));
+    }
+    // What a node lacking some of it would fetch: is it all in object storage?
+    let mut needed: Vec<String> = layers.to_vec();
+    let mut image_stored = false;
+    if let Some(id) = image {
+        let Some(snap) = store.snapshots.by_id(id).await? else {
+            return Ok(None);
+        };
+        image_stored = crate::node::stored::stored_snapshot(&snap).is_some();
+        if let Some(t) = store.templates.by_id(&snap.template_id).await? {
+            needed.extend(crate::node::images::layer_ids(&t)?);
+        }
+    }
+    let stored: std::collections::HashSet<String> =
+        store.layers.stored(&needed).await?.into_iter().collect();
+    let eligible: Vec<_> = view
         .into_iter()
         .filter(|n| {
-            layers.iter().all(|l| n.templates.contains(l))
-                && image.is_none_or(|i| n.images.contains(i))
+            needed
+                .iter()
+                .all(|l| n.templates.contains(l) || stored.contains(l))
+                && image.is_none_or(|i| n.images.contains(i) || image_stored)
         })
         .collect();
-    let want = crate::placement::Want::default();
-    Ok(
-        crate::placement::choose(&view, &want, crate::placement::DEFAULT_K, &mut rand::rng())
-            .ok()
-            .map(|p| p.node_id),
+    let want = crate::placement::Want {
+        template_id: needed.last().map(String::as_str),
+        image_id: image,
+        ..Default::default()
+    };
+    Ok(crate::placement::choose(
+        &eligible,
+        &want,
+        crate::placement::DEFAULT_K,
+        &mut rand::rng(),
     )
+    .ok()
+    .map(|p| p.node_id))
 }
 
 /// Most entries of each locality list a heartbeat reports.

@@ -1,4 +1,5 @@
-//! Hibernated sandboxes in object storage, so any node can wake them.
+//! Hibernated sandboxes, named snapshots and template layers in object storage, so any
+//! node can wake, or start sandboxes from, what another node made.
 //!
 //! After a suspend, a node uploads the sandbox's image in the background: its memory image
 //! and its files (what [`sandpit_runtime::Runtime::pack_files`] carries), as one directory
@@ -14,6 +15,11 @@
 //! image restores only under the runtime build that wrote it; under another, the sandbox
 //! boots from its files and its note says so.
 //!
+//! Named snapshots and template layers go the same way ([`crate::node::stored`]): uploaded
+//! in the background once made, recorded in their rows (a snapshot's `remote_image`, a
+//! layer's `stored_layers` row), fetched by a node that lacks them before it starts a
+//! sandbox from them.
+//!
 //! Integrity: the reference is a content digest recorded in the database, and the store
 //! verifies every byte it fetches against it, so a bucket's content cannot make a node
 //! restore anything but what a node pushed for this sandbox.
@@ -26,16 +32,35 @@ use serde::{Deserialize, Serialize};
 /// Where images go: object storage (the CLI wires `sandpit-objects`), or a fake in tests.
 #[async_trait]
 pub trait ImageStore: Send + Sync + 'static {
-    /// Upload the node-owned directory `dir` (regular files and directories only) and return
-    /// its reference: an opaque string of at most [`MAX_REFERENCE`] bytes that
-    /// [`ImageStore::pull`] accepts. Content-addressed: what the store holds already is not
-    /// sent again.
-    async fn push(&self, dir: &Path) -> Result<Pushed, BoxError>;
+    /// Upload the node-owned directory `dir` (regular files and directories only) as an
+    /// image of kind `kind` and return its reference: an opaque string of at most
+    /// [`MAX_REFERENCE`] bytes that [`ImageStore::pull`] accepts. Content-addressed: what
+    /// the store holds already is not sent again.
+    async fn push(&self, dir: &Path, kind: ImageKind) -> Result<Pushed, BoxError>;
 
     /// Fetch image `reference` into the missing directory `dest` (created complete or not
-    /// at all: a failed pull leaves nothing). Every byte is verified against the reference.
-    /// Returns the bytes fetched.
-    async fn pull(&self, reference: &str, dest: &Path) -> Result<u64, BoxError>;
+    /// at all: a failed pull leaves nothing). Every byte is verified against the reference,
+    /// and an image pushed as another kind than `kind` is refused. Returns the bytes
+    /// fetched.
+    async fn pull(&self, reference: &str, dest: &Path, kind: ImageKind) -> Result<u64, BoxError>;
+
+    /// Upload template layer `layer` (a tenant-made tree in overlayfs format: symlinks,
+    /// odd modes, whiteouts) as one image of kind [`ImageKind::Layer`] and return its
+    /// reference. The tree is read through handles only, never following a symlink, and
+    /// packed into the missing, node-owned directory `staging` first (the caller removes
+    /// it). A tree that could not come back the same is refused.
+    async fn push_layer(&self, layer: &Path, staging: &Path) -> Result<Pushed, BoxError>;
+
+    /// Fetch layer `reference` (verified as [`ImageStore::pull`] does, through the
+    /// missing, node-owned directory `staging`, which the caller removes) and unpack it
+    /// into the missing directory `dest` with the hardened unpacker and its limits:
+    /// complete or, on failure, absent. Returns the bytes fetched.
+    async fn pull_layer(
+        &self,
+        reference: &str,
+        dest: &Path,
+        staging: &Path,
+    ) -> Result<u64, BoxError>;
 
     /// Drop image `reference` (its manifest; the bytes it shares with other images stay
     /// until the store's collection finds them unreferenced). Idempotent.
@@ -43,6 +68,18 @@ pub trait ImageStore: Send + Sync + 'static {
 }
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What an image holds, recorded with it, so a reference recorded for one use is never
+/// fetched for another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageKind {
+    /// A hibernated sandbox: its memory image and files ([`crate::node::moves`]).
+    Hibernation,
+    /// A named snapshot: its memory image and files ([`crate::node::stored`]).
+    Snapshot,
+    /// A template layer, packed as one archive ([`crate::node::stored`]).
+    Layer,
+}
 
 /// Longest reference an [`ImageStore`] may return.
 pub const MAX_REFERENCE: usize = 256;

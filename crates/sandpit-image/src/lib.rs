@@ -21,6 +21,7 @@ pub use sandpit_image_config as config;
 pub mod dockerfile;
 pub mod gc;
 pub mod ignore;
+pub mod pack;
 mod proxy;
 pub mod registry;
 pub mod store;
@@ -43,6 +44,8 @@ pub enum ImageError {
     Pull { reference: String, detail: String },
     #[error("unpacking layer {layer}: {detail}")]
     Unpack { layer: String, detail: String },
+    #[error("packing layer {layer}: {detail}")]
+    Pack { layer: String, detail: String },
     #[error("archive entry {path:?} would escape the layer")]
     UnsafePath { path: String },
     #[error("{what}: {source}")]

@@ -308,6 +308,7 @@ pub fn unpack_into(
                 parent
                     .chown(&name, u, g)
                     .map_err(tree("setting an owner"))?;
+                parent.set_time(&name, mtime as i64);
             }
             tar::EntryType::Char | tar::EntryType::Block => {
                 // Device nodes are the runtime's business (gVisor provides /dev); a layer

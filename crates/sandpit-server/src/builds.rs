@@ -582,6 +582,10 @@ impl BuildJob {
                     .await;
             }
         }
+        // Its layers go to object storage in the background, so any node can start it.
+        if let Ok(Some(row)) = server.store.templates.by_id(&self.template.id).await {
+            sandpit_control::node::stored::upload_layers(&server.node, &row);
+        }
         Ok(())
     }
 

@@ -20,7 +20,7 @@ use crate::store::Sandbox;
 use crate::util::{new_sandbox_id, now_ms, rfc3339};
 use crate::{Status, Stored, Transition};
 
-use super::images::{AGENT_PATH_IN_SANDBOX, layers_of};
+use super::images::{AGENT_PATH_IN_SANDBOX, local_layers};
 
 /// The workspace that owns pooled sandboxes (created by a migration; no token exists for it).
 pub const POOL_WORKSPACE: &str = "ws_system";
@@ -320,7 +320,7 @@ pub async fn spec_for(node: &Node, row: &Sandbox) -> Result<SandboxSpec, Control
     ];
     Ok(SandboxSpec {
         id: row.runtime_id.clone(),
-        layers: layers_of(&template)?
+        layers: local_layers(node, &template)?
             .into_iter()
             .chain([node.agent_layer.clone()])
             .collect(),

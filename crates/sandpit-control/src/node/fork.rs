@@ -37,9 +37,7 @@ struct Frozen {
     was_running: bool,
 }
 
-pub fn snapshot_dir(node: &Node, id: &str) -> PathBuf {
-    node.cfg.data_dir.join("snapshots").join(id)
-}
+pub use super::stored::snapshot_dir;
 
 fn temp_image_dir(node: &Node) -> PathBuf {
     node.cfg.data_dir.join("images-tmp").join(random_hex(8))
@@ -307,6 +305,7 @@ pub fn snapshot_to_api(s: &SnapshotRow) -> Snapshot {
         template: s.template_name.clone(),
         created_at: rfc3339(s.created_at),
         size_bytes: s.size_bytes as u64,
+        image: super::stored::snapshot_image_api(s),
     }
 }
 
@@ -365,11 +364,14 @@ pub async fn take_snapshot(
         has_memory,
         size_bytes: disk_usage(&dir) as i64,
         created_at: now_ms(),
+        remote_image: super::stored::uploading_record(node, has_memory),
     };
     if !node.store.snapshots.insert(&snap, max).await? {
         let _ = std::fs::remove_dir_all(&dir);
         return Err(snapshots_quota(max));
     }
+    // In the background, after the answer: other nodes can start from it once stored.
+    super::stored::start_snapshot_upload(node, &snap);
     Ok(snap)
 }
 
@@ -424,7 +426,9 @@ fn copy_dir(from: &Path, to: &Path) -> Result<(), ControlError> {
     Ok(())
 }
 
-/// Start a new sandbox (row inserted, slot claimed) from a snapshot's files and memory.
+/// Start a new sandbox (row inserted, slot claimed) from a snapshot's files and memory
+/// (in place: [`super::stored::ensure_snapshot`]). A snapshot fetched from a node whose
+/// runtime build differs has no memory image here: it boots from its files.
 pub async fn boot_from_snapshot(
     node: &Node,
     row: &Sandbox,
@@ -435,25 +439,39 @@ pub async fn boot_from_snapshot(
         .copy_files(&dir.join("files"), &node.state_dir(&row.id))
         .await?;
     let memory = dir.join("memory");
-    boot(node, row, snap.has_memory.then_some(memory.as_path())).await
+    let restore = snap.has_memory && node.runtime.has_image(&memory);
+    boot(node, row, restore.then_some(memory.as_path())).await
 }
 
-/// `DELETE /v1/snapshots/{id}`: the snapshot and its files go; sandboxes started from it are
-/// unaffected (they have their own copies).
+/// `DELETE /v1/snapshots/{id}`: the snapshot, its files here and its image in object
+/// storage go; sandboxes started from it are unaffected (they have their own copies).
+/// Copies other nodes fetched are never used again (a create looks the row up first) and
+/// are removed by those nodes' next reconciliation.
 pub async fn delete_snapshot(
     node: &Node,
     workspace_id: &str,
     id: &str,
 ) -> Result<(), ControlError> {
-    if !node.store.snapshots.delete(workspace_id, id).await? {
-        return Err(ControlError::not_found(
-            "snapshot_not_found",
-            format!("no snapshot {id:?}"),
-        ));
+    let not_found = || ControlError::not_found("snapshot_not_found", format!("no snapshot {id:?}"));
+    if node.store.snapshots.get(workspace_id, id).await?.is_none() {
+        return Err(not_found());
     }
+    // No upload of it runs here past this point, so the record read next is its last
+    // (an upload on another node that finishes later forgets its own image).
+    super::uploads::stop_upload(node, id).await;
+    let Some(snap) = node.store.snapshots.get(workspace_id, id).await? else {
+        return Err(not_found());
+    };
+    if !node.store.snapshots.delete(workspace_id, id).await? {
+        return Err(not_found());
+    }
+    super::stored::forget_snapshot(node, &snap).await;
     let dir = snapshot_dir(node, id);
-    if let Err(e) = std::fs::remove_dir_all(&dir) {
+    if dir.exists()
+        && let Err(e) = std::fs::remove_dir_all(&dir)
+    {
         tracing::error!(snapshot = %id, error = %e, "removing snapshot files");
     }
+    node.forget_lock(id);
     Ok(())
 }

@@ -130,6 +130,68 @@ pub fn layers_of(t: &TemplateRow) -> Result<Vec<PathBuf>, ControlError> {
     })
 }
 
+/// Whether `id` is a layer id as the layer store names them (`sandpit-image`'s `LayerId`:
+/// 32 hex digits, or `b` and 31 for built ones), so it is safe as a path component.
+pub fn valid_layer_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'b')
+}
+
+/// Where layer `id` is published on this node (`<data dir>/images/layers/<id>`, the layer
+/// store of `sandpit-image`).
+pub fn layer_dir(node: &Node, id: &str) -> PathBuf {
+    node.cfg.data_dir.join("images").join("layers").join(id)
+}
+
+/// A template's layers as directories of this node, lowest first: a layer of the layer
+/// store (`…/images/layers/<id>`, content-addressed) and the base root filesystem
+/// (`…/templates/base/rootfs`) are this node's own copies, wherever the node that wrote the
+/// row keeps its data dir (a layer another node built is fetched there before a boot:
+/// `node::stored::ensure_layers`). Other paths are kept as recorded.
+pub fn local_layers(node: &Node, t: &TemplateRow) -> Result<Vec<PathBuf>, ControlError> {
+    let data = &node.cfg.data_dir;
+    fn dir_name(d: Option<&Path>) -> Option<&str> {
+        d.and_then(|d| d.file_name()).and_then(|n| n.to_str())
+    }
+    Ok(layers_of(t)?
+        .into_iter()
+        .map(|p| {
+            let parent = p.parent();
+            let name = p.file_name().and_then(|n| n.to_str()).map(str::to_string);
+            match name {
+                Some(id)
+                    if dir_name(parent) == Some("layers")
+                        && dir_name(parent.and_then(Path::parent)) == Some("images")
+                        && valid_layer_id(&id) =>
+                {
+                    data.join("images").join("layers").join(id)
+                }
+                Some(n)
+                    if n == "rootfs"
+                        && dir_name(parent) == Some(BASE_TEMPLATE_NAME)
+                        && dir_name(parent.and_then(Path::parent)) == Some("templates") =>
+                {
+                    data.join("templates")
+                        .join(BASE_TEMPLATE_NAME)
+                        .join("rootfs")
+                }
+                _ => p,
+            }
+        })
+        .collect())
+}
+
+/// The ids of a template's layers that live in the layer store
+/// (`<data dir>/images/layers/<id>`), lowest first: what a node must hold, or fetch, to
+/// boot it. The base root filesystem a `FROM base` stacks on is on every node and is not
+/// one of them.
+pub fn layer_ids(t: &TemplateRow) -> Result<Vec<String>, ControlError> {
+    Ok(layers_of(t)?
+        .iter()
+        .filter(|p| p.parent().and_then(|d| d.file_name()) == Some("layers".as_ref()))
+        .filter_map(|p| p.file_name()?.to_str().map(str::to_string))
+        .collect())
+}
+
 /// The working directory of an exec that names none: the template's `WORKDIR` (as
 /// `docker exec` does); `None` (the agent's `/`) for templates without one.
 pub async fn default_cwd(node: &Node, row: &crate::store::Sandbox) -> Option<String> {

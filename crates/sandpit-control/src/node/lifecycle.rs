@@ -189,6 +189,12 @@ pub async fn create(
     snapshot: Option<SnapshotRow>,
     admitted: &Admitted<'_>,
 ) -> Result<Sandbox, ControlError> {
+    // What it starts from must be on this node: fetched from object storage if it is not,
+    // before any row or slot exists, so a failed fetch changes nothing.
+    crate::node::stored::ensure_layers(node, &row.template_id).await?;
+    if let Some(snap) = &snapshot {
+        crate::node::stored::ensure_snapshot(node, snap).await?;
+    }
     if snapshot.is_none()
         && let Some(pooled) = crate::node::pool::take(node, &row, admitted).await?
     {

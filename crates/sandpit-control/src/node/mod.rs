@@ -18,7 +18,9 @@ pub mod lifecycle;
 pub mod moves;
 pub mod pool;
 mod reaper;
+pub mod stored;
 pub mod templates;
+mod uploads;
 
 #[cfg(test)]
 mod tests;
@@ -137,7 +139,7 @@ pub struct Node {
     /// start-up; none: they wake only here).
     images: std::sync::OnceLock<Arc<dyn crate::remote::ImageStore>>,
     /// Uploads under way, by sandbox (see [`moves`]). Guards only the map.
-    uploads: Mutex<HashMap<String, moves::Upload>>,
+    uploads: Mutex<HashMap<String, uploads::Upload>>,
 }
 
 impl Node {

@@ -16,49 +16,19 @@
     reason = "checkpoint images, staging and pulled image directories are node-owned paths under the data dir"
 )]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
 use super::Node;
+pub(super) use super::uploads::stop_upload;
+use super::uploads::{FILES_DIR, MEMORY_DIR, Upload, forget_in_background, link_flat_dir};
 use crate::error::{ControlError, DisplayChain};
-use crate::remote::{ImageStore, RemoteImage, RemoteState};
+use crate::remote::{ImageKind, ImageStore, RemoteImage, RemoteState};
 use crate::store::Sandbox;
 use crate::util::{now_ms, random_hex};
 use crate::{Status, Stored};
-
-/// An upload under way: cancelled and awaited by whoever needs the files back.
-pub(crate) struct Upload {
-    cancel: CancellationToken,
-    done: tokio::task::JoinHandle<()>,
-}
-
-/// Subdirectories of a pushed image: the memory image and the packed files.
-const MEMORY_DIR: &str = "memory";
-const FILES_DIR: &str = "files";
-
-impl Node {
-    /// Configure where suspended sandboxes' images go. Once, before serving.
-    pub fn set_image_store(&self, store: Arc<dyn ImageStore>) {
-        if self.images.set(store).is_err() {
-            tracing::warn!("the image store was set already; keeping the first");
-        }
-    }
-
-    /// The configured image store, if any.
-    pub fn image_store(&self) -> Option<&Arc<dyn ImageStore>> {
-        self.images.get()
-    }
-
-    /// Where uploads stage their hard links and take-overs their fetched images.
-    fn staging_dir(&self, id: &str, what: &str) -> PathBuf {
-        self.cfg
-            .data_dir
-            .join("images-tmp")
-            .join(format!("{id}.{what}-{}", random_hex(4)))
-    }
-}
 
 /// After a suspend (the caller holds the sandbox's write lock and the row is suspended):
 /// record the upload as under way and start it in the background. Without an image store,
@@ -170,7 +140,7 @@ async fn upload(
         }
         let started = std::time::Instant::now();
         let pushed = images
-            .push(stage)
+            .push(stage, ImageKind::Hibernation)
             .await
             .map_err(|e| format!("uploading: {}", DisplayChain(&*e)))?;
         if !crate::remote::valid_reference(&pushed.reference) {
@@ -181,21 +151,6 @@ async fn upload(
         Ok(Some(pushed))
     }
     .await
-}
-
-/// Hard-link every regular file of the flat, node-written directory `from` into `to`.
-fn link_flat_dir(from: &Path, to: &Path) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        if !entry.file_type()?.is_file() {
-            return Err(std::io::Error::other(format!(
-                "{} is not a regular file",
-                entry.path().display()
-            )));
-        }
-        std::fs::hard_link(entry.path(), to.join(entry.file_name()))?;
-    }
-    Ok(())
 }
 
 /// Record how an upload ended, if the row still holds the record it started from. The
@@ -271,27 +226,6 @@ async fn finish_upload(
             tracing::error!(sandbox = %id, error = %DisplayChain(&e), "recording an upload's result");
             None
         }
-    }
-}
-
-/// Drop image `reference` from the store without waiting (a failure only leaves bytes for
-/// the store's collection).
-fn forget_in_background(images: Arc<dyn ImageStore>, reference: String) {
-    tokio::spawn(async move {
-        if let Err(e) = images.forget(&reference).await {
-            tracing::warn!(%reference, error = %DisplayChain(&*e), "forgetting a remote image");
-        }
-    });
-}
-
-/// Before a transition that uses or removes a sandbox's files (wake, destroy): cancel its
-/// upload, if one runs, and wait until it no longer reads them. The caller holds the
-/// sandbox's write lock.
-pub(super) async fn stop_upload(node: &Node, id: &str) {
-    let upload = node.uploads.lock().expect("upload map poisoned").remove(id);
-    if let Some(u) = upload {
-        u.cancel.cancel();
-        let _ = u.done.await;
     }
 }
 
@@ -399,11 +333,13 @@ pub(super) async fn take_over(
     };
     node.ensure_taking_new().await?;
     node.ensure_free_disk()?;
+    // Its template's layers first (a built template's are where it was built).
+    super::stored::ensure_layers(node, &row.template_id).await?;
     let reference = record.reference.clone().expect("stored_image checked it");
     let fetched = node.staging_dir(&row.id, "pull");
     let started = std::time::Instant::now();
     let bytes = images
-        .pull(&reference, &fetched)
+        .pull(&reference, &fetched, ImageKind::Hibernation)
         .await
         .map_err(|e| ControlError::Unavailable {
             code: "image_fetch_failed",
@@ -504,11 +440,14 @@ pub async fn wait_stored(
 
 /// After a restart: this node's suspended sandboxes whose upload was under way when the
 /// process stopped upload again (a record left `uploading` would never end otherwise).
+/// So do this node's named snapshots that are not stored yet ([`super::stored`]).
 /// Call once the image store is set. How many restarted.
 pub async fn resume_uploads(node: &Arc<Node>) -> Result<usize, ControlError> {
     if node.image_store().is_none() {
         return Ok(0);
     }
+    let snapshots = super::stored::resume_snapshot_uploads(node).await?;
+    super::stored::resume_layer_uploads(node).await?;
     let rows = node
         .store
         .sandboxes
@@ -537,5 +476,5 @@ pub async fn resume_uploads(node: &Arc<Node>) -> Result<usize, ControlError> {
             "uploads of suspended sandboxes' images started again"
         );
     }
-    Ok(n)
+    Ok(n + snapshots)
 }

@@ -1,6 +1,7 @@
 //! The persistent store, split by aggregate ([`Tenants`], [`Templates`], [`Sandboxes`],
-//! [`Previews`], [`Snapshots`], [`Idempotency`], [`Nodes`]), on SQLite (the default, one file) or
-//! PostgreSQL (`--database postgres://…`, for several API replicas), behind one interface.
+//! [`Previews`], [`Snapshots`], [`Idempotency`], [`Nodes`], [`Layers`]), on SQLite (the
+//! default, one file) or PostgreSQL (`--database postgres://…`, for several API replicas),
+//! behind one interface.
 //!
 //! Each query is written once in SQL both databases accept (`$N` parameters, `ON CONFLICT`,
 //! `RETURNING`) and run by [`with_db!`] on whichever pool is open; the few statements that
@@ -25,6 +26,7 @@ use sqlx::sqlite::{
 use crate::error::ControlError;
 
 mod idempotency;
+mod layers;
 mod nodes;
 mod previews;
 mod sandboxes;
@@ -33,6 +35,7 @@ mod templates;
 mod tenants;
 
 pub use idempotency::{Idempotency, IdempotencyRow};
+pub use layers::{Layers, StoredLayer};
 pub use nodes::{Heartbeat, NodeInfo, NodeLoad, NodeRow, NodeStatus, Nodes, valid_node_id};
 pub use previews::{PreviewTokenRow, Previews};
 pub use sandboxes::{LOST_OWNER, Sandbox, Sandboxes};
@@ -205,6 +208,7 @@ pub struct Store {
     pub snapshots: Snapshots,
     pub idempotency: Idempotency,
     pub nodes: Nodes,
+    pub layers: Layers,
 }
 
 impl Store {
@@ -227,6 +231,7 @@ impl Store {
             snapshots: Snapshots { db: db.clone() },
             idempotency: Idempotency { db: db.clone() },
             nodes: Nodes { db: db.clone() },
+            layers: Layers { db: db.clone() },
             db,
         }
     }

@@ -18,6 +18,9 @@ pub struct SnapshotRow {
     pub has_memory: bool,
     pub size_bytes: i64,
     pub created_at: i64,
+    /// Where it is in object storage (JSON, [`crate::remote::RemoteImage`], decoded
+    /// fail-closed); `None` without an object store.
+    pub remote_image: Option<String>,
 }
 
 /// The snapshots aggregate.
@@ -32,8 +35,8 @@ impl Snapshots {
     pub async fn insert(&self, s: &SnapshotRow, max: u32) -> Result<bool, ControlError> {
         let done = in_admission!(self.db, &s.workspace_id, tx => sqlx::query(
             "INSERT INTO snapshots (id, workspace_id, sandbox_id, template_id, template_name,
-                size, env, egress, has_memory, size_bytes, created_at)
-             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11
+                size, env, egress, has_memory, size_bytes, created_at, remote_image)
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $13
              WHERE $12 = 0 OR (SELECT COUNT(*) FROM snapshots WHERE workspace_id = $2) < $12",
         )
         .bind(&s.id)
@@ -48,6 +51,7 @@ impl Snapshots {
         .bind(s.size_bytes)
         .bind(s.created_at)
         .bind(i64::from(max))
+        .bind(&s.remote_image)
         .execute(&mut *tx)
         .await?
         .rows_affected())
@@ -99,6 +103,41 @@ impl Snapshots {
         ).bind(id).bind(workspace_id).execute(p).await.map(|r| r.rows_affected()))
         .map_err(q("deleting a snapshot"))?;
         Ok(n > 0)
+    }
+
+    /// Node use: snapshot `id` of any workspace (an upload or fetch of its files, or a
+    /// placement decision; the caller authorized the request that names it, or acts for
+    /// the node itself).
+    pub async fn by_id(&self, id: &str) -> Result<Option<SnapshotRow>, ControlError> {
+        with_db!(self.db, p => sqlx::query_as(
+            "SELECT * FROM snapshots WHERE id = $1"
+        ).bind(id).fetch_optional(p).await)
+        .map_err(q("reading a snapshot"))
+    }
+
+    /// Node use: replace snapshot `id`'s remote image record with `record` if it is still
+    /// `expect` (compare-and-set, so an upload that was overtaken records nothing). False
+    /// when the record changed or the snapshot is gone.
+    pub async fn set_remote_image(
+        &self,
+        id: &str,
+        expect: Option<&str>,
+        record: Option<&str>,
+    ) -> Result<bool, ControlError> {
+        let n = match expect {
+            Some(old) => with_db!(self.db, p => sqlx::query(
+                "UPDATE snapshots SET remote_image = $1 WHERE id = $2 AND remote_image = $3",
+            )
+            .bind(record).bind(id).bind(old)
+            .execute(p).await.map(|r| r.rows_affected())),
+            None => with_db!(self.db, p => sqlx::query(
+                "UPDATE snapshots SET remote_image = $1 WHERE id = $2 AND remote_image IS NULL",
+            )
+            .bind(record).bind(id)
+            .execute(p).await.map(|r| r.rows_affected())),
+        }
+        .map_err(q("recording a snapshot's remote image"))?;
+        Ok(n == 1)
     }
 
     /// Server use: every snapshot id, for removing unreferenced snapshot directories.

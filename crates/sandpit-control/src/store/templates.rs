@@ -293,6 +293,16 @@ impl Templates {
         row.map(TemplateRow::try_from).transpose()
     }
 
+    /// Node use: every ready template with layers of its own (built or pulled), of every
+    /// workspace: the layers an image store should hold.
+    pub async fn ready_with_layers(&self) -> Result<Vec<TemplateRow>, ControlError> {
+        let rows = with_db!(self.db, p => sqlx::query_as(
+            "SELECT * FROM templates WHERE status = 'ready' AND layers <> '[]' ORDER BY id"
+        ).fetch_all(p).await)
+        .map_err(q("listing ready templates"))?;
+        decode_all(rows)
+    }
+
     pub async fn list(&self, workspace_id: &str) -> Result<Vec<TemplateRow>, ControlError> {
         let rows = with_db!(self.db, p => sqlx::query_as(
             "SELECT * FROM templates

@@ -890,6 +890,7 @@ async fn previews_snapshots_and_idempotency(db: &TestDb) {
         has_memory: true,
         size_bytes: 42,
         created_at: 1,
+        remote_image: None,
     };
     assert!(s.snapshots.insert(&snap("sn_1"), 2).await.unwrap());
     assert!(s.snapshots.insert(&snap("sn_2"), 2).await.unwrap());
@@ -901,8 +902,38 @@ async fn previews_snapshots_and_idempotency(db: &TestDb) {
     assert!(got.has_memory);
     assert_eq!(s.snapshots.list("ws_a", "sb_1").await.unwrap().len(), 2);
     assert!(s.snapshots.get("ws_b", "sn_1").await.unwrap().is_none());
+    // The remote image record is compare-and-set.
+    let sn = &s.snapshots;
+    assert!(sn.set_remote_image("sn_1", None, Some("a")).await.unwrap());
+    assert!(!sn.set_remote_image("sn_1", None, Some("b")).await.unwrap());
+    assert!(
+        !sn.set_remote_image("sn_1", Some("x"), Some("b"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        sn.set_remote_image("sn_1", Some("a"), Some("b"))
+            .await
+            .unwrap()
+    );
+    let got = sn.by_id("sn_1").await.unwrap().unwrap();
+    assert_eq!(got.remote_image.as_deref(), Some("b"));
     assert!(s.snapshots.delete("ws_a", "sn_1").await.unwrap());
+    assert!(!sn.set_remote_image("sn_1", Some("b"), None).await.unwrap());
+    assert!(sn.by_id("sn_1").await.unwrap().is_none());
     assert_eq!(s.snapshots.ids().await.unwrap(), ["sn_2"]);
+
+    // Layers in object storage: the first record of a layer id stays.
+    let l = &s.layers;
+    assert!(l.record("b0123", "ref-1", 10, 5).await.unwrap());
+    assert!(!l.record("b0123", "ref-2", 11, 6).await.unwrap());
+    assert_eq!(l.get("b0123").await.unwrap().unwrap().reference, "ref-1");
+    assert!(l.get("b9999").await.unwrap().is_none());
+    let ids = ["b0123".to_string(), "b9999".to_string()];
+    assert_eq!(l.stored(&ids).await.unwrap(), ["b0123"]);
+    assert!(l.stored(&[]).await.unwrap().is_empty());
+    l.forget("b0123").await.unwrap();
+    assert!(l.get("b0123").await.unwrap().is_none());
 
     let i = &s.idempotency;
     assert!(

@@ -18,18 +18,46 @@ use sandpit_net::fake::FakeNetwork;
 
 use super::{Harness, RESOLV_CONF, runtime_with_agents, unreserved};
 use crate::node::{Node, images, lifecycle, moves};
-use crate::remote::{BoxError, ImageStore, Pushed, RemoteImage, RemoteState};
+use crate::remote::{BoxError, ImageKind, ImageStore, Pushed, RemoteImage, RemoteState};
 use crate::store::NodeInfo;
 use crate::{ControlError, Status, Stored};
 
-/// An image store in a directory: each push copies the tree to `img-N`.
+/// An image store in a directory: each push copies the tree to `img-N` and keeps its kind
+/// and a digest of its content, which a pull checks (as `sandpit-objects` checks every
+/// chunk), so a test can corrupt or remove what is stored.
 #[derive(Default)]
-struct DirImages {
-    root: PathBuf,
-    next: AtomicU64,
-    forgotten: Mutex<Vec<String>>,
+pub(super) struct DirImages {
+    pub root: PathBuf,
+    pub next: AtomicU64,
+    pub forgotten: Mutex<Vec<String>>,
     /// When set, a push waits for it (so a test can overtake an upload).
-    gate: Option<Arc<tokio::sync::Notify>>,
+    pub gate: Option<Arc<tokio::sync::Notify>>,
+    /// Kind and content digest of each pushed image.
+    pub pushed: Mutex<std::collections::HashMap<String, (ImageKind, String)>>,
+}
+
+/// A digest of a tree's names, kinds and contents.
+fn digest_tree(dir: &Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    fn walk(dir: &Path, rel: &str, h: &mut Sha256) -> std::io::Result<()> {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let name = format!("{rel}/{}", e.file_name().to_string_lossy());
+            h.update(name.as_bytes());
+            if e.file_type()?.is_dir() {
+                h.update(b"d");
+                walk(&e.path(), &name, h)?;
+            } else {
+                h.update(b"f");
+                h.update(std::fs::read(e.path())?);
+            }
+        }
+        Ok(())
+    }
+    let mut h = Sha256::new();
+    walk(dir, "", &mut h)?;
+    Ok(hex::encode(h.finalize()))
 }
 
 fn copy_tree(from: &Path, to: &Path) -> std::io::Result<u64> {
@@ -49,12 +77,17 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<u64> {
 
 #[async_trait]
 impl ImageStore for DirImages {
-    async fn push(&self, dir: &Path) -> Result<Pushed, BoxError> {
+    async fn push(&self, dir: &Path, kind: ImageKind) -> Result<Pushed, BoxError> {
         if let Some(gate) = &self.gate {
             gate.notified().await;
         }
         let reference = format!("img-{}", self.next.fetch_add(1, Ordering::SeqCst));
         let bytes = copy_tree(dir, &self.root.join(&reference))?;
+        let digest = digest_tree(dir)?;
+        self.pushed
+            .lock()
+            .unwrap()
+            .insert(reference.clone(), (kind, digest));
         Ok(Pushed {
             reference,
             bytes,
@@ -62,12 +95,38 @@ impl ImageStore for DirImages {
         })
     }
 
-    async fn pull(&self, reference: &str, dest: &Path) -> Result<u64, BoxError> {
+    async fn pull(&self, reference: &str, dest: &Path, kind: ImageKind) -> Result<u64, BoxError> {
         let src = self.root.join(reference);
         if !src.is_dir() {
             return Err(format!("no image {reference}").into());
         }
+        let Some((pushed_kind, digest)) = self.pushed.lock().unwrap().get(reference).cloned()
+        else {
+            return Err(format!("no manifest for {reference}").into());
+        };
+        if pushed_kind != kind {
+            return Err(format!("image {reference} is a {pushed_kind:?}, not a {kind:?}").into());
+        }
+        if digest_tree(&src)? != digest {
+            return Err(format!("image {reference}: digest mismatch").into());
+        }
         Ok(copy_tree(&src, dest)?)
+    }
+
+    async fn push_layer(&self, layer: &Path, staging: &Path) -> Result<Pushed, BoxError> {
+        copy_tree(layer, &staging.join("layer"))?;
+        self.push(staging, ImageKind::Layer).await
+    }
+
+    async fn pull_layer(
+        &self,
+        reference: &str,
+        dest: &Path,
+        staging: &Path,
+    ) -> Result<u64, BoxError> {
+        let bytes = self.pull(reference, staging, ImageKind::Layer).await?;
+        std::fs::rename(staging.join("layer"), dest)?;
+        Ok(bytes)
     }
 
     async fn forget(&self, reference: &str) -> Result<(), BoxError> {
@@ -76,7 +135,7 @@ impl ImageStore for DirImages {
     }
 }
 
-fn images_in(dir: &Path) -> Arc<DirImages> {
+pub(super) fn images_in(dir: &Path) -> Arc<DirImages> {
     Arc::new(DirImages {
         root: dir.join("bucket"),
         ..Default::default()
@@ -84,7 +143,7 @@ fn images_in(dir: &Path) -> Arc<DirImages> {
 }
 
 /// Register `node` in the fleet with a lease of `lease_ms` from the database's now.
-async fn join(node: &Node, lease_ms: i64) {
+pub(super) async fn join(node: &Node, lease_ms: i64) {
     let now = node.store.nodes.now().await.unwrap();
     node.store
         .nodes
@@ -104,13 +163,23 @@ async fn join(node: &Node, lease_ms: i64) {
 }
 
 /// Its lease lapses: the sweep marks it lost.
-async fn lose(node: &Node) {
+pub(super) async fn lose(node: &Node) {
     let now = node.store.nodes.now().await.unwrap();
     node.store.nodes.expire(now + 3_600_000).await.unwrap();
 }
 
 /// A second node over `h`'s store, with its own data dir, prefix and fakes.
-async fn second_node(h: &Harness, dir: &Path, images: Arc<DirImages>) -> Arc<Node> {
+pub(super) async fn second_node(h: &Harness, dir: &Path, images: Arc<DirImages>) -> Arc<Node> {
+    second_node_with(h, dir, images, Arc::new(runtime_with_agents())).await
+}
+
+/// [`second_node`] over the runtime `rt`.
+pub(super) async fn second_node_with(
+    h: &Harness,
+    dir: &Path,
+    images: Arc<DirImages>,
+    rt: Arc<sandpit_runtime::fake::FakeRuntime>,
+) -> Arc<Node> {
     let agent_bin = crate::testing::prepare_data_dir(dir);
     let mut cfg = super::config(dir);
     cfg.node_id = "node-b".into();
@@ -120,7 +189,7 @@ async fn second_node(h: &Harness, dir: &Path, images: Arc<DirImages>) -> Arc<Nod
     let node = Node::new(
         cfg,
         h.node.store.clone(),
-        Arc::new(runtime_with_agents()),
+        rt,
         Arc::new(FakeNetwork::new(4)),
         agent_layer,
         RESOLV_CONF.into(),
@@ -131,14 +200,14 @@ async fn second_node(h: &Harness, dir: &Path, images: Arc<DirImages>) -> Arc<Nod
     node
 }
 
-async fn record(node: &Node, id: &str) -> Option<RemoteImage> {
+pub(super) async fn record(node: &Node, id: &str) -> Option<RemoteImage> {
     let row = node.store.sandboxes.get(id).await.unwrap().unwrap();
     row.remote_image
         .map(|r| r.decode(|| "remote image".into()).unwrap())
 }
 
 /// Wait for the upload of `id` to end; its final record.
-async fn uploaded(node: &Node, id: &str) -> RemoteImage {
+pub(super) async fn uploaded(node: &Node, id: &str) -> RemoteImage {
     for _ in 0..500 {
         if let Some(r) = record(node, id).await
             && r.state != RemoteState::Uploading
@@ -161,12 +230,15 @@ async fn suspended_with_file(h: &Harness) -> crate::store::Sandbox {
 }
 
 /// Wake `id` through `node`, with no room held in front of the store.
-async fn wake_on(node: &Arc<Node>, id: &str) -> Result<crate::store::Sandbox, ControlError> {
+pub(super) async fn wake_on(
+    node: &Arc<Node>,
+    id: &str,
+) -> Result<crate::store::Sandbox, ControlError> {
     let lock = tokio::sync::Mutex::new(());
     lifecycle::wake(node, id, &unreserved(&lock)).await
 }
 
-fn code_of(e: &ControlError) -> &'static str {
+pub(super) fn code_of(e: &ControlError) -> &'static str {
     match e {
         ControlError::Unavailable { code, .. } | ControlError::Conflict { code, .. } => code,
         other => panic!("unexpected error {other}"),

@@ -1,0 +1,86 @@
+//! What the background uploads to object storage share ([`super::moves`] for hibernated
+//! sandboxes, [`super::stored`] for named snapshots and template layers): the node's image
+//! store, the staging directory of hard links, the registry of uploads under way (each
+//! cancelled and awaited by whoever needs its files back), and forgetting an image.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "staging directories and checkpoint images are node-owned paths under the data dir"
+)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use super::Node;
+use crate::error::DisplayChain;
+use crate::remote::ImageStore;
+use crate::util::random_hex;
+
+/// An upload under way: cancelled and awaited by whoever needs the files back.
+pub(crate) struct Upload {
+    pub(super) cancel: CancellationToken,
+    pub(super) done: tokio::task::JoinHandle<()>,
+}
+
+/// Subdirectories of a pushed image: the memory image and the packed files.
+pub(super) const MEMORY_DIR: &str = "memory";
+pub(super) const FILES_DIR: &str = "files";
+
+impl Node {
+    /// Configure where suspended sandboxes' images go. Once, before serving.
+    pub fn set_image_store(&self, store: Arc<dyn ImageStore>) {
+        if self.images.set(store).is_err() {
+            tracing::warn!("the image store was set already; keeping the first");
+        }
+    }
+
+    /// The configured image store, if any.
+    pub fn image_store(&self) -> Option<&Arc<dyn ImageStore>> {
+        self.images.get()
+    }
+
+    /// Where uploads stage their hard links and take-overs their fetched images.
+    pub(super) fn staging_dir(&self, id: &str, what: &str) -> PathBuf {
+        self.cfg
+            .data_dir
+            .join("images-tmp")
+            .join(format!("{id}.{what}-{}", random_hex(4)))
+    }
+}
+
+/// Hard-link every regular file of the flat, node-written directory `from` into `to`.
+pub(super) fn link_flat_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        if !entry.file_type()?.is_file() {
+            return Err(std::io::Error::other(format!(
+                "{} is not a regular file",
+                entry.path().display()
+            )));
+        }
+        std::fs::hard_link(entry.path(), to.join(entry.file_name()))?;
+    }
+    Ok(())
+}
+
+/// Drop image `reference` from the store without waiting (a failure only leaves bytes for
+/// the store's collection).
+pub(super) fn forget_in_background(images: Arc<dyn ImageStore>, reference: String) {
+    tokio::spawn(async move {
+        if let Err(e) = images.forget(&reference).await {
+            tracing::warn!(%reference, error = %DisplayChain(&*e), "forgetting a remote image");
+        }
+    });
+}
+
+/// Before a transition that uses or removes a sandbox's files (wake, destroy): cancel its
+/// upload, if one runs, and wait until it no longer reads them. The caller holds the
+/// sandbox's write lock.
+pub(super) async fn stop_upload(node: &Node, id: &str) {
+    let upload = node.uploads.lock().expect("upload map poisoned").remove(id);
+    if let Some(u) = upload {
+        u.cancel.cancel();
+        let _ = u.done.await;
+    }
+}
