@@ -351,7 +351,8 @@ const PLACEABLE_BODY: usize = 64 * 1024;
 
 /// Whether a create body may run on any node: it names no snapshot and boots the base
 /// template, the one every node holds. (A built template's layers and a snapshot's files
-/// are on the node that made them until images move through object storage.)
+/// are placed by `membership::place_holding`: on a node holding them, or, once they are in
+/// object storage, on any node, which fetches them.)
 fn runs_anywhere(body: &[u8]) -> bool {
     let Ok(serde_json::Value::Object(req)) = serde_json::from_slice::<serde_json::Value>(body)
     else {

@@ -436,7 +436,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         eprintln!("\n  Admin token (shown once, store it now):\n\n    {token}\n");
     }
     if let Some(store) = object_store.filter(|_| !args.api_only) {
-        tracing::info!(store = %store, "hibernated sandboxes' images go to object storage");
+        tracing::info!(store = %store, "hibernation images, named snapshots and template layers go to object storage");
         server
             .node
             .set_image_store(Arc::new(crate::objects::ObjectImages::new(store)));

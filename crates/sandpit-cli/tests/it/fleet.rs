@@ -869,3 +869,105 @@ async fn creates_from_built_templates_and_snapshots_go_where_their_files_are() {
         cb.destroy_sandbox(&id).await.unwrap();
     }
 }
+
+/// With object storage, a built template's layers and a named snapshot are uploaded, and a
+/// node that lacks them fetches them: with their maker draining, creates from both go to
+/// the other node, which starts them from what it fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn templates_and_snapshots_start_on_a_node_that_fetches_them() {
+    const SECRET: &str = "fleet-secret-for-tests";
+    let s3 = crate::s3::S3::start().await;
+    let s3_env = s3.env("stored");
+    let mut env: Vec<(&str, &str)> = vec![
+        ("SANDPIT_NODE_SECRET", SECRET),
+        ("SANDPIT_NODE_LEASE", "3s"),
+    ];
+    env.extend(s3_env.iter().map(|(k, v)| (*k, v.as_str())));
+    let (a, b) = two_nodes(&env).await;
+    let ca = a.client();
+    // Built where it was asked (a server that is a node builds itself).
+    let t = ca
+        .create_template(&sandpit_sdk::types::CreateTemplateRequest {
+            name: "travels".into(),
+            dockerfile: Some("FROM base\nRUN echo built-on-a > /built\n".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    crate::templates::follow(&ca, &t.id).await;
+    let made = create(
+        &ca,
+        CreateSandboxRequest {
+            template: "travels".into(),
+            mode: SandboxMode::Persistent,
+            timeout: None,
+            ..base()
+        },
+    )
+    .await;
+    let maker = runner(&made.id, &a, &b).expect("it runs").index;
+    let (maker, other) = if maker == a.index { (&a, &b) } else { (&b, &a) };
+    crate::sh(&ca, &made.id, "echo in-snapshot > /root/snap").await;
+    let snap = ca.create_snapshot(&made.id).await.unwrap();
+    wait_until(
+        Duration::from_secs(120),
+        "the snapshot stored remotely",
+        || async {
+            ca.list_snapshots(&made.id)
+                .await
+                .ok()?
+                .into_iter()
+                .find(|s| s.id == snap.id)
+                .and_then(|s| s.image)
+                .filter(|i| i.remote == "stored")
+        },
+    )
+    .await
+    .unwrap();
+    assert!(s3.objects("stored") > 0);
+    ca.destroy_sandbox(&made.id).await.unwrap();
+    // The maker takes no new sandboxes: creates go to the other node, which fetches.
+    let (ok, _, err) = nodes(maker, &["drain", &format!("node-{}", maker.index)]);
+    assert!(ok, "{err}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let from_t = create(
+        &ca,
+        CreateSandboxRequest {
+            template: "travels".into(),
+            ..base()
+        },
+    )
+    .await;
+    assert!(
+        other.leaks().runsc.iter().any(|r| r.contains(&from_t.id)),
+        "placed on the node without the layers"
+    );
+    assert_eq!(
+        crate::sh(&ca, &from_t.id, "cat /built").await.stdout,
+        "built-on-a\n"
+    );
+    let from_snap = create(
+        &ca,
+        CreateSandboxRequest {
+            template: String::new(),
+            snapshot: Some(snap.id.clone()),
+            ..base()
+        },
+    )
+    .await;
+    assert!(
+        other
+            .leaks()
+            .runsc
+            .iter()
+            .any(|r| r.contains(&from_snap.id))
+    );
+    assert_eq!(
+        crate::sh(&ca, &from_snap.id, "cat /root/snap /built")
+            .await
+            .stdout,
+        "in-snapshot\nbuilt-on-a\n"
+    );
+    ca.destroy_sandbox(&from_t.id).await.unwrap();
+    ca.destroy_sandbox(&from_snap.id).await.unwrap();
+}
