@@ -53,10 +53,11 @@ pub struct ServeArgs {
     /// `http://` and the listen address.
     #[arg(long, env = "SANDPIT_NODE_ADDRESS")]
     node_address: Option<String>,
-    /// Object storage for hibernated sandboxes' images (`file:///path` or
-    /// `s3://bucket[/prefix]?endpoint=…&region=…`; S3 credentials from the `AWS_*`
-    /// environment). With it, each hibernation is uploaded in the background and a
-    /// hibernated sandbox wakes on another node when its own is lost or draining.
+    /// Object storage for hibernation images, named snapshots and template layers
+    /// (`file:///path` or `s3://bucket[/prefix]?endpoint=…&region=…`; S3 credentials from
+    /// the `AWS_*` environment). With it, each is uploaded in the background; a hibernated
+    /// sandbox wakes on another node when its own is lost or draining, and a node that lacks
+    /// a snapshot or a template's layers fetches them.
     #[arg(long, env = "SANDPIT_OBJECT_STORE")]
     object_store: Option<String>,
     /// Address pool for sandboxes, split into /30 slots.
