@@ -242,3 +242,128 @@ async fn an_api_replica_places_creates_over_three_nodes_and_relays_everything() 
     }
     assert!(replica.leaks().is_empty());
 }
+
+/// An API replica dies (abort at a fault point, as `kill -9`) after the node it relayed a
+/// create, then a fork, to has answered, before its client hears it. The work is done
+/// once: the retry with the same `Idempotency-Key` through the restarted replica replays
+/// the answer, and the workspace holds exactly the sandboxes asked for, all running.
+#[tokio::test]
+async fn an_api_replica_killed_mid_create_or_fork_loses_and_doubles_nothing() {
+    let shared_dir = tempfile::tempdir().unwrap();
+    let sqlite = std::env::var_os("SANDPIT_E2E_POSTGRES")
+        .is_none()
+        .then(|| format!("sqlite://{}", shared_dir.path().join("fleet.db").display()));
+    let node = TestServer::start_command(bin(), "node", move |_| {
+        let mut env = vec![
+            ("SANDPIT_NODE_NAME".to_string(), "node-1".to_string()),
+            ("SANDPIT_NODE_SECRET".to_string(), SECRET.to_string()),
+        ];
+        env.extend(sqlite.map(|db| ("SANDPIT_DATABASE".to_string(), db)));
+        env
+    })
+    .await
+    .unwrap();
+    let shared = match &node.database {
+        Some(db) => db.url.clone(),
+        None => format!("sqlite://{}", shared_dir.path().join("fleet.db").display()),
+    };
+    let mut replica = TestServer::start_with(
+        bin(),
+        &[
+            ("SANDPIT_API_ONLY", "true"),
+            ("SANDPIT_DATABASE", &shared),
+            ("SANDPIT_NODE_SECRET", SECRET),
+            ("SANDPIT_NODE_NAME", "api-1"),
+            ("SANDPIT_FAULT_POINT", "relay.answered"),
+        ],
+    )
+    .await
+    .unwrap();
+    let token = node.token.clone();
+    let http = reqwest::Client::new();
+    let post = |url: String, key: &'static str, body: serde_json::Value| {
+        http.post(url)
+            .bearer_auth(&token)
+            .header("idempotency-key", key)
+            .json(&body)
+            .send()
+    };
+    let body = serde_json::to_value(CreateSandboxRequest {
+        mode: SandboxMode::Persistent,
+        timeout: None,
+        ..base()
+    })
+    .unwrap();
+    let wait_aborted = |replica: &mut TestServer| {
+        for _ in 0..200 {
+            if replica.has_exited() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the replica did not abort at the fault point");
+    };
+
+    let died = post(
+        format!("{}/v1/sandboxes", replica.url),
+        "create-1",
+        body.clone(),
+    )
+    .await;
+    assert!(died.is_err(), "the replica answered: {died:?}");
+    wait_aborted(&mut replica);
+    // Restarted without the fault: the retry through it replays the node's answer.
+    replica.set_env("SANDPIT_FAULT_POINT", "");
+    replica.restart().await.unwrap();
+    let retry = post(format!("{}/v1/sandboxes", replica.url), "create-1", body)
+        .await
+        .unwrap();
+    assert_eq!(retry.status(), 201);
+    assert_eq!(
+        retry
+            .headers()
+            .get("idempotent-replayed")
+            .map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
+    let sb: sandpit_api_types::Sandbox = retry.json().await.unwrap();
+    let cr = replica.client_with(&token);
+    assert_eq!(cr.list_sandboxes(None).await.unwrap().len(), 1);
+
+    replica.set_env("SANDPIT_FAULT_POINT", "relay.answered");
+    replica.restart().await.unwrap();
+    let fork = serde_json::json!({"count": 2});
+    let died = post(
+        format!("{}/v1/sandboxes/{}/fork", replica.url, sb.id),
+        "fork-1",
+        fork.clone(),
+    )
+    .await;
+    assert!(died.is_err(), "the replica answered: {died:?}");
+    wait_aborted(&mut replica);
+    replica.set_env("SANDPIT_FAULT_POINT", "");
+    replica.restart().await.unwrap();
+    let retry = post(
+        format!("{}/v1/sandboxes/{}/fork", replica.url, sb.id),
+        "fork-1",
+        fork,
+    )
+    .await
+    .unwrap();
+    assert!(retry.status().is_success(), "{}", retry.status());
+    assert_eq!(
+        retry
+            .headers()
+            .get("idempotent-replayed")
+            .map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
+    let cr = replica.client_with(&token);
+    let all = cr.list_sandboxes(None).await.unwrap();
+    assert_eq!(all.len(), 3, "the parent and two children: {all:?}");
+    for s in &all {
+        assert_eq!(s.status, SandboxStatus::Running, "{s:?}");
+        cr.destroy_sandbox(&s.id).await.unwrap();
+    }
+    assert!(node.leaks().is_empty(), "{:?}", node.leaks());
+}
