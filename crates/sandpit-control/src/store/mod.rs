@@ -31,6 +31,7 @@ mod sandboxes;
 mod snapshots;
 mod templates;
 mod tenants;
+mod volumes;
 
 pub use idempotency::{Idempotency, IdempotencyRow};
 pub use nodes::{Heartbeat, NodeInfo, NodeLoad, NodeRow, NodeStatus, Nodes, valid_node_id};
@@ -41,6 +42,7 @@ pub use templates::{
     MAX_VERSION, TemplateInsert, TemplateRef, TemplateRow, TemplateStatus, Templates,
 };
 pub use tenants::{Tenants, TokenAuth, TokenRow, WorkspaceRow};
+pub use volumes::{VolumeMountRow, VolumeRow, Volumes};
 
 /// Which database a [`Db`] talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,6 +207,7 @@ pub struct Store {
     pub snapshots: Snapshots,
     pub idempotency: Idempotency,
     pub nodes: Nodes,
+    pub volumes: Volumes,
 }
 
 impl Store {
@@ -227,6 +230,7 @@ impl Store {
             snapshots: Snapshots { db: db.clone() },
             idempotency: Idempotency { db: db.clone() },
             nodes: Nodes { db: db.clone() },
+            volumes: Volumes { db: db.clone() },
             db,
         }
     }
