@@ -138,7 +138,16 @@ mod tests {
             assert!(valid_volume_name(ok), "{ok}");
         }
         for bad in [
-            "", "../x", "a/b", "a\0b", "Data", "vé", "a_b", "a.b", " a", &"a".repeat(64),
+            "",
+            "../x",
+            "a/b",
+            "a\0b",
+            "Data",
+            "vé",
+            "a_b",
+            "a.b",
+            " a",
+            &"a".repeat(64),
         ] {
             assert!(!valid_volume_name(bad), "{bad:?}");
         }
@@ -147,12 +156,30 @@ mod tests {
     #[test]
     fn volume_paths() {
         assert_eq!(normalize_volume_path("/data").unwrap(), "/data");
-        assert_eq!(normalize_volume_path("//work//cache/").unwrap(), "/work/cache");
+        assert_eq!(
+            normalize_volume_path("//work//cache/").unwrap(),
+            "/work/cache"
+        );
         assert_eq!(normalize_volume_path("/tmp/x").unwrap(), "/tmp/x");
         assert_eq!(normalize_volume_path("/devices").unwrap(), "/devices");
         for bad in [
-            "", "/", "//", "data", "/a/../b", "/a/./b", "/proc", "/proc/x", "/sys/fs", "/dev",
-            "/dev/shm", "/.sandpit", "/.sandpit/agent", "/tmp", "/a\0b", "/é", "/a b",
+            "",
+            "/",
+            "//",
+            "data",
+            "/a/../b",
+            "/a/./b",
+            "/proc",
+            "/proc/x",
+            "/sys/fs",
+            "/dev",
+            "/dev/shm",
+            "/.sandpit",
+            "/.sandpit/agent",
+            "/tmp",
+            "/a\0b",
+            "/é",
+            "/a b",
             &format!("/{}", "a".repeat(300)),
         ] {
             assert!(normalize_volume_path(bad).is_err(), "{bad:?}");

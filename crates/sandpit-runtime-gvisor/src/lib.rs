@@ -369,12 +369,11 @@ impl GvisorRuntime {
         if let Some(data_dir) = root.parent() {
             let used = self.volumes.used();
             let volumes_root = data_dir.join("volumes");
-            let mounted = volume::mounted_under(&volumes_root).map_err(|source| {
-                GvisorError::Read {
+            let mounted =
+                volume::mounted_under(&volumes_root).map_err(|source| GvisorError::Read {
                     path: volumes_root.clone(),
                     source,
-                }
-            })?;
+                })?;
             for dir in mounted.into_iter().filter(|d| !used.contains(d)) {
                 tracing::info!(path = %dir.display(), "unmounting an orphaned volume");
                 let d = dir.clone();

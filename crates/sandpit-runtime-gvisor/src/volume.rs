@@ -238,7 +238,10 @@ mod tests {
     fn records_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         assert!(read_record(dir.path()).unwrap().is_empty());
-        let dirs = vec![PathBuf::from("/d/volumes/v1"), PathBuf::from("/d/volumes/v2")];
+        let dirs = vec![
+            PathBuf::from("/d/volumes/v1"),
+            PathBuf::from("/d/volumes/v2"),
+        ];
         write_record(dir.path(), &dirs).unwrap();
         assert_eq!(read_record(dir.path()).unwrap(), dirs);
         write_record(dir.path(), &[]).unwrap();

@@ -344,7 +344,11 @@ impl FakeRuntime {
                 });
             }
         }
-        if let Some(v) = spec.volumes.iter().find(|v| !v.dir.join(VOLUME_FILE).is_file()) {
+        if let Some(v) = spec
+            .volumes
+            .iter()
+            .find(|v| !v.dir.join(VOLUME_FILE).is_file())
+        {
             return Err(RuntimeError::Volume {
                 dir: v.dir.clone(),
                 reason: "no such volume".into(),

@@ -369,7 +369,12 @@ async fn volume_node_of(server: &Server, workspace: &str, body: &[u8]) -> Option
     let serde_json::Value::Object(req) = serde_json::from_slice(body).ok()? else {
         return None;
     };
-    let name = req.get("volumes")?.as_array()?.first()?.get("name")?.as_str()?;
+    let name = req
+        .get("volumes")?
+        .as_array()?
+        .first()?
+        .get("name")?
+        .as_str()?;
     let volume = server.store.volumes.get(workspace, name).await.ok()??;
     Some(volume.node_id)
 }

@@ -51,14 +51,28 @@ async fn volumes_outlive_sandboxes_with_one_writer_and_read_only_views() {
 
     let vol = client.create_volume("data", Some("64M")).await.unwrap();
     assert_eq!((vol.name.as_str(), vol.size_bytes), ("data", 64 << 20));
-    assert_api_err(client.create_volume("data", None).await, 409, "volume_exists");
+    assert_api_err(
+        client.create_volume("data", None).await,
+        409,
+        "volume_exists",
+    );
     assert_eq!(client.list_volumes().await.unwrap(), vec![vol.clone()]);
     assert_eq!(client.get_volume("data").await.unwrap(), vol);
     assert_api_err(client.get_volume("nope").await, 404, "volume_not_found");
 
     // Bad mounts: 400/404, no sandbox made.
     let before = client.list_sandboxes(None).await.unwrap().len();
-    for path in ["/", "relative", "/proc/x", "/sys", "/dev/shm", "/.sandpit", "/a/../b", "/a\0b", "/tmp"] {
+    for path in [
+        "/",
+        "relative",
+        "/proc/x",
+        "/sys",
+        "/dev/shm",
+        "/.sandpit",
+        "/a/../b",
+        "/a\0b",
+        "/tmp",
+    ] {
         assert_api_err(
             client
                 .create_sandbox(&with_volumes(vec![mount("data", path, false)]))
@@ -95,8 +109,17 @@ async fn volumes_outlive_sandboxes_with_one_writer_and_read_only_views() {
 
     // The writer.
     let a = create(&client, with_volumes(vec![mount("data", "/data", false)])).await;
-    let out = sh(&client, &a.id, "echo hello > /data/hello && cat /data/hello").await;
-    assert_eq!((out.exit_code, out.stdout.as_str()), (0, "hello\n"), "{out:?}");
+    let out = sh(
+        &client,
+        &a.id,
+        "echo hello > /data/hello && cat /data/hello",
+    )
+    .await;
+    assert_eq!(
+        (out.exit_code, out.stdout.as_str()),
+        (0, "hello\n"),
+        "{out:?}"
+    );
 
     // A second writer is refused; a reader sees the data and cannot write.
     assert_api_err(
@@ -107,7 +130,12 @@ async fn volumes_outlive_sandboxes_with_one_writer_and_read_only_views() {
         "volume_busy",
     );
     let reader = create(&client, with_volumes(vec![mount("data", "/mnt/ro", true)])).await;
-    let out = sh(&client, &reader.id, "cat /mnt/ro/hello; echo x > /mnt/ro/new").await;
+    let out = sh(
+        &client,
+        &reader.id,
+        "cat /mnt/ro/hello; echo x > /mnt/ro/new",
+    )
+    .await;
     assert_eq!(out.stdout, "hello\n", "{out:?}");
     assert_ne!(out.exit_code, 0);
     assert!(out.stderr.contains("Read-only file system"), "{out:?}");
@@ -119,8 +147,17 @@ async fn volumes_outlive_sandboxes_with_one_writer_and_read_only_views() {
         SandboxStatus::Suspended
     );
     client.wake(&a.id).await.unwrap();
-    let out = sh(&client, &a.id, "cat /data/hello && echo again >> /data/hello").await;
-    assert_eq!((out.exit_code, out.stdout.as_str()), (0, "hello\n"), "{out:?}");
+    let out = sh(
+        &client,
+        &a.id,
+        "cat /data/hello && echo again >> /data/hello",
+    )
+    .await;
+    assert_eq!(
+        (out.exit_code, out.stdout.as_str()),
+        (0, "hello\n"),
+        "{out:?}"
+    );
 
     // A fork child reads its parent's read-write volume read-only.
     let child = match client.fork(&a.id, 1).await.unwrap().remove(0) {
@@ -130,8 +167,17 @@ async fn volumes_outlive_sandboxes_with_one_writer_and_read_only_views() {
     let out = sh(&client, &child.id, "cat /data/hello; echo x > /data/child").await;
     assert_eq!(out.stdout, "hello\nagain\n", "{out:?}");
     assert!(out.stderr.contains("Read-only file system"), "{out:?}");
-    let out = sh(&client, &a.id, "echo parent > /data/parent && cat /data/parent").await;
-    assert_eq!((out.exit_code, out.stdout.as_str()), (0, "parent\n"), "{out:?}");
+    let out = sh(
+        &client,
+        &a.id,
+        "echo parent > /data/parent && cat /data/parent",
+    )
+    .await;
+    assert_eq!(
+        (out.exit_code, out.stdout.as_str()),
+        (0, "parent\n"),
+        "{out:?}"
+    );
 
     // In use: not deleted.
     assert_api_err(client.delete_volume("data").await, 409, "volume_in_use");
@@ -140,9 +186,21 @@ async fn volumes_outlive_sandboxes_with_one_writer_and_read_only_views() {
     for id in [&a.id, &reader.id, &child.id] {
         client.destroy_sandbox(id).await.unwrap();
     }
-    let b = create(&client, with_volumes(vec![mount("data", "/srv/data", false)])).await;
-    let out = sh(&client, &b.id, "cat /srv/data/hello /srv/data/parent; ls /srv/data").await;
-    assert_eq!(out.stdout, "hello\nagain\nparent\nhello\nparent\n", "{out:?}");
+    let b = create(
+        &client,
+        with_volumes(vec![mount("data", "/srv/data", false)]),
+    )
+    .await;
+    let out = sh(
+        &client,
+        &b.id,
+        "cat /srv/data/hello /srv/data/parent; ls /srv/data",
+    )
+    .await;
+    assert_eq!(
+        out.stdout, "hello\nagain\nparent\nhello\nparent\n",
+        "{out:?}"
+    );
     assert_api_err(client.delete_volume("data").await, 409, "volume_in_use");
     client.destroy_sandbox(&b.id).await.unwrap();
 

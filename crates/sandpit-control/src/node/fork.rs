@@ -218,8 +218,7 @@ pub async fn fork(
     // files as the memory image.
     // Each insert checks the running quota in the store: children past it fail alone.
     // Children mount the parent's volumes read-only (one writer per volume: the parent).
-    let child_volumes: Vec<VolumeMountRow> = match node.store.volumes.mounts_of(&parent.id).await
-    {
+    let child_volumes: Vec<VolumeMountRow> = match node.store.volumes.mounts_of(&parent.id).await {
         Ok(mounts) => mounts
             .into_iter()
             .map(|m| VolumeMountRow {
@@ -390,7 +389,10 @@ pub async fn take_snapshot(
     };
     // References first: they count only once the snapshot's row exists.
     let refs = node.store.volumes.mounts_of(&row.id).await?;
-    node.store.volumes.add_snapshot_refs(&snap.id, &refs).await?;
+    node.store
+        .volumes
+        .add_snapshot_refs(&snap.id, &refs)
+        .await?;
     if !node.store.snapshots.insert(&snap, max).await? {
         let _ = std::fs::remove_dir_all(&dir);
         let _ = node.store.volumes.forget_snapshot(&snap.id).await;

@@ -96,14 +96,16 @@ pub async fn create(
     if !(MIN_SIZE..=max).contains(&size) {
         return Err(ControlError::invalid(
             "invalid_volume_size",
-            format!(
-                "a volume is {} MiB to {} MiB",
-                MIN_SIZE >> 20,
-                max >> 20
-            ),
+            format!("a volume is {} MiB to {} MiB", MIN_SIZE >> 20, max >> 20),
         ));
     }
-    if node.store.volumes.get(workspace_id, &req.name).await?.is_some() {
+    if node
+        .store
+        .volumes
+        .get(workspace_id, &req.name)
+        .await?
+        .is_some()
+    {
         return Err(ControlError::conflict(
             "volume_exists",
             format!("a volume named {:?} exists already", req.name),
@@ -241,12 +243,17 @@ pub async fn of_snapshot(
 ) -> Result<Vec<VolumeMountRow>, ControlError> {
     let refs = node.store.volumes.snapshot_refs(snapshot_id).await?;
     for r in &refs {
-        let v = node.store.volumes.by_id(&r.volume_id).await?.ok_or_else(|| {
-            ControlError::Internal(format!(
-                "volume {} of snapshot {snapshot_id} is gone",
-                r.volume_id
-            ))
-        })?;
+        let v = node
+            .store
+            .volumes
+            .by_id(&r.volume_id)
+            .await?
+            .ok_or_else(|| {
+                ControlError::Internal(format!(
+                    "volume {} of snapshot {snapshot_id} is gone",
+                    r.volume_id
+                ))
+            })?;
         ensure_here(node, &v)?;
     }
     Ok(refs)

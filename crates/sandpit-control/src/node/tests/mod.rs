@@ -6,6 +6,7 @@
 mod catalog;
 mod lifecycle;
 mod moves;
+mod volumes;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
