@@ -14,6 +14,7 @@ pub mod preview;
 pub mod sandbox;
 pub mod templates;
 pub mod terminal;
+pub mod volumes;
 
 pub use duration::{format_duration, parse_duration};
 pub use org::*;
@@ -21,6 +22,7 @@ pub use preview::*;
 pub use sandbox::*;
 pub use templates::*;
 pub use terminal::*;
+pub use volumes::*;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;

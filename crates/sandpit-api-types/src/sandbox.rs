@@ -408,6 +408,10 @@ pub struct CreateSandboxRequest {
     /// Preview settings; omitted: private previews (preview tokens needed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preview: Option<crate::PreviewSettings>,
+    /// Volumes to mount (at most 8; see `POST /v1/volumes`). Not with `snapshot`, which
+    /// mounts the volumes its sandbox had.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<crate::VolumeMountRequest>,
 }
 
 /// A sandbox as every `/v1/sandboxes` response shows it.

@@ -32,6 +32,9 @@ enum Command {
     /// Build and manage templates (from Dockerfiles or images).
     #[command(subcommand)]
     Template(commands::template::TemplateCommand),
+    /// Named volumes: storage that outlives sandboxes (mount with `sandbox create --volume`).
+    #[command(subcommand)]
+    Volume(commands::volume::VolumeCommand),
     /// Print the OpenAPI document of the server's API.
     Openapi,
     /// Remove every sandbox and host object of one server (keeps the database).
@@ -51,6 +54,7 @@ fn main() -> std::process::ExitCode {
             Command::Node(args) => commands::serve::run_node(*args).await.map(|_| 0),
             Command::Sandbox(cmd) => commands::sandbox::run(cmd).await,
             Command::Template(cmd) => commands::template::run(cmd).await,
+            Command::Volume(cmd) => commands::volume::run(cmd).await,
             Command::Cleanup(args) => commands::cleanup::run(args).await.map(|_| 0),
             Command::Nodes(args) => commands::nodes::run(args).await,
             Command::Gc(args) => commands::gc::run(args).await,

@@ -151,8 +151,18 @@ pub(crate) fn grow_mounted(state_dir: &Path, bytes: u64) -> io::Result<()> {
 /// `upper/` and `work/` exist on it. Blocking.
 pub(crate) fn mount(state_dir: &Path) -> io::Result<()> {
     let target = mount_point_of(state_dir);
-    std::fs::create_dir_all(&target)?;
-    match mounts::mounted_fstype(&target)? {
+    mount_image(&image_of(state_dir), &target)?;
+    for d in ["upper", "work"] {
+        std::fs::create_dir_all(target.join(d))?;
+    }
+    Ok(())
+}
+
+/// Loop-mounts the ext4 `image` at `target` (created if missing) unless an ext4 is mounted
+/// there already. Blocking.
+pub(crate) fn mount_image(image: &Path, target: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(target)?;
+    match mounts::mounted_fstype(target)? {
         Some(fs) if fs == "ext4" => {}
         Some(fs) => {
             return Err(io::Error::other(format!(
@@ -162,16 +172,13 @@ pub(crate) fn mount(state_dir: &Path) -> io::Result<()> {
         }
         None => {
             // The image's last mount may still be shutting down (see `unmount`).
-            wait_released(&image_of(state_dir))?;
+            wait_released(image)?;
             // util-linux sets up the loop device with autoclear: it goes away with the mount.
             run(Command::new("mount")
                 .args(["-t", "ext4", "-o", "loop,discard,noatime,nosuid,nodev"])
-                .arg(image_of(state_dir))
-                .arg(&target))?;
+                .arg(image)
+                .arg(target))?;
         }
-    }
-    for d in ["upper", "work"] {
-        std::fs::create_dir_all(target.join(d))?;
     }
     Ok(())
 }
@@ -189,10 +196,14 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(15);
 /// over one image would corrupt it). The filesystem is synced first, so the data is in the
 /// image even before that.
 pub(crate) fn unmount(state_dir: &Path) -> io::Result<()> {
-    let target = mount_point_of(state_dir);
-    if mounts::mounted_fstype(&target)?.is_some_and(|fs| fs == "ext4")
+    unmount_image(&image_of(state_dir), &mount_point_of(state_dir))
+}
+
+/// [`unmount`] for the ext4 `image` mounted at `target`. Blocking.
+pub(crate) fn unmount_image(image: &Path, target: &Path) -> io::Result<()> {
+    if mounts::mounted_fstype(target)?.is_some_and(|fs| fs == "ext4")
         && let Ok(dir) = rustix::fs::open(
-            &target,
+            target,
             rustix::fs::OFlags::RDONLY
                 | rustix::fs::OFlags::DIRECTORY
                 | rustix::fs::OFlags::CLOEXEC,
@@ -201,8 +212,8 @@ pub(crate) fn unmount(state_dir: &Path) -> io::Result<()> {
     {
         rustix::fs::syncfs(&dir)?;
     }
-    mounts::unmount(&target)?;
-    wait_released(&image_of(state_dir))
+    mounts::unmount(target)?;
+    wait_released(image)
 }
 
 /// Waits until no loop device holds `image` (see [`unmount`]). Blocking.

@@ -35,6 +35,7 @@ mod mounts;
 mod procs;
 mod reaper;
 mod spec;
+mod volume;
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -112,6 +113,8 @@ pub struct GvisorRuntime {
     cfg: GvisorConfig,
     /// runsc's version line, read once when first asked.
     build: std::sync::Arc<std::sync::OnceLock<String>>,
+    /// The sandboxes that mount each volume (see [`volume`]).
+    volumes: std::sync::Arc<volume::Users>,
 }
 
 /// Checks that this host can run sandboxes: root, runsc, unshare, ip and overlayfs. Returns
@@ -233,6 +236,7 @@ impl GvisorRuntime {
         Ok(Self {
             cfg,
             build: Default::default(),
+            volumes: Default::default(),
         })
     }
 
@@ -292,6 +296,13 @@ impl GvisorRuntime {
         for id in self.list().await? {
             let state_dir = self.state_json(&id).await?.and_then(|s| state_dir_of(&s));
             if keep.contains(&id) {
+                if let Some(dir) = &state_dir {
+                    let dirs = volume::read_record(dir).map_err(|source| GvisorError::Read {
+                        path: volume::record_of(dir),
+                        source,
+                    })?;
+                    self.volumes.adopt(&id, &dirs);
+                }
                 kept_state_dirs.extend(state_dir);
                 continue;
             }
@@ -353,6 +364,27 @@ impl GvisorRuntime {
                     source,
                 })?;
             report.unmounted.push(m.mount_point);
+        }
+        // Volumes no kept sandbox mounts (they live in `volumes/` beside the state dirs).
+        if let Some(data_dir) = root.parent() {
+            let used = self.volumes.used();
+            let volumes_root = data_dir.join("volumes");
+            let mounted =
+                volume::mounted_under(&volumes_root).map_err(|source| GvisorError::Read {
+                    path: volumes_root.clone(),
+                    source,
+                })?;
+            for dir in mounted.into_iter().filter(|d| !used.contains(d)) {
+                tracing::info!(path = %dir.display(), "unmounting an orphaned volume");
+                let d = dir.clone();
+                blocking(move || volume::unmount_orphan(&d))
+                    .await
+                    .map_err(|source| RuntimeError::Cleanup {
+                        id: dir.display().to_string(),
+                        source,
+                    })?;
+                report.unmounted.push(volume::mount_point_of(&dir));
+            }
         }
         Ok(report)
     }
@@ -490,10 +522,29 @@ impl GvisorRuntime {
             Launch::Run => "runsc run",
             Launch::Restore(_) => "runsc restore",
         };
+        // Each volume's data is bind-mounted at the sandbox's own mount point in this private
+        // namespace only (read-only there when asked); paths travel as arguments, never as
+        // script text.
+        let mut script = String::from("mount -t tmpfs none /proc/sys/net && ");
+        let mut script_args: Vec<OsString> = Vec::new();
+        for (i, v) in spec.volumes.iter().enumerate() {
+            let flags = if v.read_only {
+                "remount,bind,ro,nosuid,nodev"
+            } else {
+                "remount,bind,nosuid,nodev"
+            };
+            script.push_str(&format!(
+                r#"mount --bind "$1" "$2" && mount -o {flags} "$2" && shift 2 && "#
+            ));
+            script_args.push(volume::data_of(&v.dir).into());
+            script_args.push(volume::bind_point(&prepared.state_dir, i).into());
+        }
+        script.push_str(r#"exec "$@""#);
         let mut cmd = Command::new("unshare");
         cmd.args(["-m", "--propagation", "private", "--", "sh", "-c"])
-            .arg(r#"mount -t tmpfs none /proc/sys/net && exec "$@""#)
+            .arg(&script)
             .arg("sh")
+            .args(&script_args)
             .arg(&self.cfg.runsc)
             .args(&runsc_args)
             .stdin(Stdio::null())
@@ -555,6 +606,19 @@ impl GvisorRuntime {
             });
         }
         let result = async {
+            let dirs: Vec<PathBuf> = spec.volumes.iter().map(|v| v.dir.clone()).collect();
+            if !dirs.is_empty() {
+                let (users, id) = (self.volumes.clone(), spec.id.clone());
+                blocking(move || users.acquire(&id, &dirs))
+                    .await
+                    .map_err(|source| RuntimeError::Rootfs {
+                        id: spec.id.clone(),
+                        source: io::Error::new(
+                            source.kind(),
+                            format!("mounting its volumes: {source}"),
+                        ),
+                    })?;
+            }
             let prepared = self.prepare(spec).await?;
             if let Some(net) = &spec.network {
                 reapply_address(&spec.id, net).await?;
@@ -627,6 +691,13 @@ impl GvisorRuntime {
                 source,
             })?;
         }
+        let (users, id_owned) = (self.volumes.clone(), id.to_string());
+        blocking(move || users.release(&id_owned))
+            .await
+            .map_err(|source| RuntimeError::Cleanup {
+                id: id.into(),
+                source,
+            })?;
         let path = self.cgroups_path(id);
         let mut attempt = 0;
         loop {
@@ -789,12 +860,22 @@ fn prepare_blocking(spec: &SandboxSpec, cgroups_path: &str) -> Result<Prepared, 
         None => mounts::mount_overlay(&layers, &upper, &work, &rootfs).map_err(rootfs_err)?,
     }
     let bind_tmp = ensure_tmp(&rootfs).map_err(rootfs_err)?;
+    let _ = std::fs::remove_dir_all(state_dir.join("volumes"));
+    let mut volume_sources = Vec::new();
+    for i in 0..spec.volumes.len() {
+        let point = volume::bind_point(&state_dir, i);
+        std::fs::create_dir_all(&point).map_err(rootfs_err)?;
+        volume_sources.push(point);
+    }
+    let dirs: Vec<PathBuf> = spec.volumes.iter().map(|v| v.dir.clone()).collect();
+    volume::write_record(&state_dir, &dirs).map_err(rootfs_err)?;
     let config = spec::oci_config(
         spec,
         &spec::BundleParams {
             rootfs: &rootfs,
             bind_tmp,
             cgroups_path,
+            volume_sources: &volume_sources,
         },
     );
     let bundle = bundle_of(&state_dir);
@@ -1473,6 +1554,32 @@ impl Runtime for GvisorRuntime {
         Ok(())
     }
 
+    async fn create_volume(&self, dir: &Path, bytes: u64) -> Result<(), RuntimeError> {
+        let d = dir.to_path_buf();
+        blocking(move || volume::create(&d, bytes))
+            .await
+            .map_err(|e| RuntimeError::Volume {
+                dir: dir.into(),
+                reason: e.to_string(),
+            })
+    }
+
+    async fn delete_volume(&self, dir: &Path) -> Result<(), RuntimeError> {
+        if self.volumes.in_use(dir) {
+            return Err(RuntimeError::Volume {
+                dir: dir.into(),
+                reason: "a sandbox mounts it".into(),
+            });
+        }
+        let d = dir.to_path_buf();
+        blocking(move || volume::delete(&d))
+            .await
+            .map_err(|e| RuntimeError::Volume {
+                dir: dir.into(),
+                reason: e.to_string(),
+            })
+    }
+
     async fn kill_init_children(&self, id: &str, comm: &str) -> Result<usize, RuntimeError> {
         let out = self.runsc(id, &["ps", id]).await?;
         if !out.success {
@@ -1604,6 +1711,7 @@ mod tests {
                 memory_bytes: 0,
                 disk_bytes: None,
             },
+            volumes: vec![],
         };
         assert!(matches!(validate(&spec), Err(RuntimeError::Bundle { .. })));
         let ok = SandboxSpec {

@@ -47,6 +47,8 @@ pub(crate) struct BundleParams<'a> {
     pub bind_tmp: bool,
     /// `linux.cgroupsPath`.
     pub cgroups_path: &'a str,
+    /// Where each of `spec.volumes` is bind-mounted for runsc, in order.
+    pub volume_sources: &'a [std::path::PathBuf],
 }
 
 /// The OCI runtime configuration for `spec`.
@@ -68,6 +70,11 @@ pub(crate) fn oci_config(spec: &SandboxSpec, p: &BundleParams<'_>) -> Value {
     if p.bind_tmp {
         mounts.push(json!({"destination": "/tmp", "type": "bind",
                            "source": p.rootfs.join("tmp"), "options": ["rbind", "rw"]}));
+    }
+    for (v, source) in spec.volumes.iter().zip(p.volume_sources) {
+        let mode = if v.read_only { "ro" } else { "rw" };
+        mounts.push(json!({"destination": v.destination, "type": "bind",
+                           "source": source, "options": ["rbind", mode]}));
     }
     let network = match &spec.network {
         Some(n) => json!({"type": "network", "path": n.netns_path}),
@@ -158,6 +165,7 @@ mod tests {
                 memory_bytes: 512 << 20,
                 disk_bytes: None,
             },
+            volumes: vec![],
         }
     }
 
@@ -166,6 +174,7 @@ mod tests {
             rootfs,
             bind_tmp: true,
             cgroups_path: "sandpit/sbx-0001",
+            volume_sources: &[],
         }
     }
 

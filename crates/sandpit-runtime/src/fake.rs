@@ -45,6 +45,9 @@ pub type InitFn = dyn Fn(&SandboxSpec) -> InitFuture + Send + Sync;
 /// The file a fake memory image consists of (its content: the id checkpointed).
 pub const IMAGE_FILE: &str = "fake-image";
 
+/// The file that marks a fake volume's directory (its content: the size in bytes).
+pub const VOLUME_FILE: &str = "fake-volume";
+
 /// The operations failures can be scripted for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FakeOp {
@@ -61,6 +64,7 @@ pub enum FakeOp {
     List,
     RemoveOrphans,
     UpdateResources,
+    CreateVolume,
 }
 
 /// One recorded call, with the arguments that matter for assertions.
@@ -113,6 +117,13 @@ pub enum FakeCall {
         /// Sorted.
         keep: Vec<String>,
     },
+    CreateVolume {
+        dir: PathBuf,
+        bytes: u64,
+    },
+    DeleteVolume {
+        dir: PathBuf,
+    },
 }
 
 impl FakeCall {
@@ -133,6 +144,8 @@ impl FakeCall {
             FakeCall::KillInitChildren { .. } => "kill_init_children",
             FakeCall::UpdateResources { .. } => "update_resources",
             FakeCall::RemoveOrphans { .. } => "remove_orphans",
+            FakeCall::CreateVolume { .. } => "create_volume",
+            FakeCall::DeleteVolume { .. } => "delete_volume",
         }
     }
 
@@ -283,6 +296,20 @@ impl FakeRuntime {
         self.lock().held.get(id).map(|h| h.spec.clone())
     }
 
+    /// The sandboxes the fake holds (running or died, not yet stopped) that mount the
+    /// volume in `dir`, sorted: what keeps it mounted.
+    pub fn volume_users(&self, dir: &Path) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .lock()
+            .held
+            .iter()
+            .filter(|(_, h)| h.spec.volumes.iter().any(|v| v.dir == dir))
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
     /// Scripted failures not yet consumed.
     pub fn pending_failures(&self) -> usize {
         self.lock().failures.len()
@@ -316,6 +343,16 @@ impl FakeRuntime {
                     stderr: "a sandbox with this id is running".into(),
                 });
             }
+        }
+        if let Some(v) = spec
+            .volumes
+            .iter()
+            .find(|v| !v.dir.join(VOLUME_FILE).is_file())
+        {
+            return Err(RuntimeError::Volume {
+                dir: v.dir.clone(),
+                reason: "no such volume".into(),
+            });
         }
         std::fs::create_dir_all(spec.state_dir.join("upper")).map_err(|source| {
             RuntimeError::Rootfs {
@@ -613,6 +650,43 @@ impl Runtime for FakeRuntime {
         Ok(())
     }
 
+    async fn create_volume(&self, dir: &Path, bytes: u64) -> Result<(), RuntimeError> {
+        self.record(FakeCall::CreateVolume {
+            dir: dir.into(),
+            bytes,
+        });
+        let err = |reason: String| RuntimeError::Volume {
+            dir: dir.into(),
+            reason,
+        };
+        if self.lock().take_failure(FakeOp::CreateVolume, None) {
+            return Err(err("scripted failure".into()));
+        }
+        if dir.exists() {
+            return Err(err("exists already".into()));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+        std::fs::write(dir.join(VOLUME_FILE), bytes.to_string()).map_err(|e| err(e.to_string()))
+    }
+
+    async fn delete_volume(&self, dir: &Path) -> Result<(), RuntimeError> {
+        self.record(FakeCall::DeleteVolume { dir: dir.into() });
+        let users = self.volume_users(dir);
+        if !users.is_empty() {
+            return Err(RuntimeError::Volume {
+                dir: dir.into(),
+                reason: format!("mounted by {users:?}"),
+            });
+        }
+        match std::fs::remove_dir_all(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(RuntimeError::Volume {
+                dir: dir.into(),
+                reason: e.to_string(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     async fn kill_init_children(&self, id: &str, comm: &str) -> Result<usize, RuntimeError> {
         self.record(FakeCall::KillInitChildren {
             id: id.into(),
@@ -685,6 +759,7 @@ mod tests {
                 memory_bytes: 1 << 30,
                 disk_bytes: None,
             },
+            volumes: vec![],
         }
     }
 

@@ -38,6 +38,23 @@ pub struct SandboxSpec {
     /// Where the sandbox's network lives; `None` runs it without a network.
     pub network: Option<NetworkAttachment>,
     pub resources: Resources,
+    /// Volumes (made by [`Runtime::create_volume`]) to mount into the sandbox. A restore must
+    /// name the same destinations as the sandbox that was checkpointed.
+    pub volumes: Vec<VolumeMount>,
+}
+
+/// A volume mounted into a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeMount {
+    /// The volume's directory, as given to [`Runtime::create_volume`].
+    pub dir: PathBuf,
+    /// Absolute path inside the sandbox (validated by the caller: normalized, not `/`, no
+    /// two of one sandbox nested).
+    pub destination: String,
+    /// Writes fail with `EROFS`, enforced on the host side too (a restored sandbox keeps
+    /// the mount flags of the image it was checkpointed with, so the sandbox's own view is
+    /// not enough).
+    pub read_only: bool,
 }
 
 /// A network namespace prepared for a sandbox (see `sandpit-net`).
@@ -121,6 +138,9 @@ pub enum RuntimeError {
         #[source]
         source: std::io::Error,
     },
+    /// A volume that could not be made, mounted or removed.
+    #[error("volume {dir}: {reason}")]
+    Volume { dir: PathBuf, reason: String },
     /// A backend's own failure outside the operations above (its host checks, its
     /// maintenance), with the backend's error as the source.
     #[error("{backend} backend: {what}")]
@@ -140,6 +160,12 @@ pub trait Runtime: Send + Sync + 'static {
 
     /// Cold-boot a sandbox and return once its init process runs. On error nothing is left
     /// running or mounted (files in `state_dir` stay).
+    ///
+    /// Volumes ([`SandboxSpec::volumes`]): start and restore make each available (a volume
+    /// stays ready on the host while any sandbox of this backend instance mounts it) and
+    /// stop, destroy and checkpoint release them once the sandbox no longer runs; the last
+    /// user's release unmounts it. [`Runtime::remove_orphans`] rebuilds this from the kept
+    /// sandboxes and releases every other volume.
     async fn start(&self, spec: &SandboxSpec) -> Result<(), RuntimeError>;
 
     /// Save memory and process state to `image_dir` and stop the sandbox. The image is
@@ -200,7 +226,9 @@ pub trait Runtime: Send + Sync + 'static {
     /// and release what is left of sandboxes not kept below `state_dirs_root` (the parent of
     /// their `state_dir`s: mounts and the like). Files stay; the caller removes the
     /// directories it does not know. For reconciliation after a crash (`keep`: the sandboxes
-    /// the store still runs) and for uninstalling (`keep` empty). Idempotent.
+    /// the store still runs) and for uninstalling (`keep` empty). Idempotent. Volume mounts
+    /// of sandboxes not kept are released too (volume directories live in `volumes/`
+    /// beside `state_dirs_root`).
     async fn remove_orphans(
         &self,
         keep: &HashSet<String>,
@@ -257,6 +285,26 @@ pub trait Runtime: Send + Sync + 'static {
                 self.name()
             ),
         })
+    }
+
+    /// Make a volume of `bytes` in the missing directory `dir`: storage that outlives
+    /// sandboxes, bounded to `bytes` (writes past it fail with `ENOSPC` inside the sandbox),
+    /// mounted by [`SandboxSpec::volumes`]. Blocking work is the backend's. On error nothing
+    /// is left in `dir`. Backends without volumes refuse.
+    async fn create_volume(&self, dir: &Path, bytes: u64) -> Result<(), RuntimeError> {
+        let _ = bytes;
+        Err(RuntimeError::Volume {
+            dir: dir.into(),
+            reason: format!("the {} backend has no volumes", self.name()),
+        })
+    }
+
+    /// Remove the volume in `dir` (made by [`Runtime::create_volume`]) and its data.
+    /// Refused ([`RuntimeError::Volume`]) while a sandbox of this backend instance mounts it.
+    /// Idempotent: a missing `dir` is fine.
+    async fn delete_volume(&self, dir: &Path) -> Result<(), RuntimeError> {
+        let _ = dir;
+        Ok(())
     }
 
     /// Kill (SIGKILL) the direct children of the sandbox's init process whose command name

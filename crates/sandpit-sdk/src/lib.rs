@@ -235,6 +235,34 @@ impl Client {
             .map(drop)
     }
 
+    /// `POST /v1/volumes`: a named volume of `size` (e.g. `1G`; `None`: the server's default).
+    pub async fn create_volume(&self, name: &str, size: Option<&str>) -> Result<Volume, SdkError> {
+        let req = CreateVolumeRequest {
+            name: name.into(),
+            size: size.map(str::to_string),
+        };
+        self.json(self.request(Method::POST, "/v1/volumes").json(&req))
+            .await
+    }
+
+    pub async fn list_volumes(&self) -> Result<Vec<Volume>, SdkError> {
+        let list: VolumeList = self.json(self.request(Method::GET, "/v1/volumes")).await?;
+        Ok(list.volumes)
+    }
+
+    pub async fn get_volume(&self, name: &str) -> Result<Volume, SdkError> {
+        let path = format!("/v1/volumes/{}", urlencode(name));
+        self.json(self.request(Method::GET, &path)).await
+    }
+
+    /// Refused (409 `volume_in_use`) while a live sandbox mounts it or a snapshot refers to it.
+    pub async fn delete_volume(&self, name: &str) -> Result<(), SdkError> {
+        let path = format!("/v1/volumes/{}", urlencode(name));
+        self.send(self.request(Method::DELETE, &path))
+            .await
+            .map(drop)
+    }
+
     pub async fn exec(&self, id: &str, req: &ExecRequest) -> Result<ExecResponse, SdkError> {
         self.json(
             self.request(Method::POST, &Self::sandbox_path(id, "/exec"))

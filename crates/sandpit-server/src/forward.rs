@@ -365,6 +365,21 @@ fn runs_anywhere(body: &[u8]) -> bool {
             || template == sandpit_control::node::images::BASE_TEMPLATE_ID)
 }
 
+/// The home node of the first volume a create body names (one of the workspace's), if any.
+async fn volume_node_of(server: &Server, workspace: &str, body: &[u8]) -> Option<String> {
+    let serde_json::Value::Object(req) = serde_json::from_slice(body).ok()? else {
+        return None;
+    };
+    let name = req
+        .get("volumes")?
+        .as_array()?
+        .first()?
+        .get("name")?
+        .as_str()?;
+    let volume = server.store.volumes.get(workspace, name).await.ok()??;
+    Some(volume.node_id)
+}
+
 /// What a create body needs on the node that runs it: the layer ids of the template it
 /// names (one the workspace sees), and the snapshot it names. `None` when it names neither
 /// or does not parse (the create runs where it arrived, whose handler answers for it).
@@ -418,6 +433,26 @@ async fn place_create(
         )
         .into_response();
     };
+    // A create that mounts volumes runs on their node (volumes do not move): relayed
+    // there, or 503 `node_unreachable` while that node is away.
+    if let Some(home) = volume_node_of(server, workspace, &bytes).await {
+        let req = Request::from_parts(parts, Body::from(bytes));
+        if home == server.node.cfg.node_id && !server.cfg.api_only {
+            return next.run(req).await;
+        }
+        return match alive_node(server, &home).await {
+            Ok(Some(address)) => relay(server, secret, req, &address, pq)
+                .await
+                .unwrap_or_else(IntoResponse::into_response),
+            Ok(None) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "node_unreachable",
+                format!("the volumes this sandbox mounts are on node {home:?}, whose lease has lapsed; retry when it is back"),
+            )
+            .into_response(),
+            Err(e) => e.into_response(),
+        };
+    }
     let anywhere = runs_anywhere(&bytes);
     let needs = if anywhere {
         None

@@ -30,7 +30,7 @@ pub async fn create(
     workspace_id: &str,
     req: &CreateSandboxRequest,
 ) -> Result<Sandbox, ApiError> {
-    let (row, snapshot) = node::prepare_create(&server.node, workspace_id, req).await?;
+    let (row, snapshot, volumes) = node::prepare_create(&server.node, workspace_id, req).await?;
     server.ensure_free_disk()?;
     // Held until the store counts the new row.
     let room = server
@@ -47,7 +47,7 @@ pub async fn create(
         lock: &server.limits.admission,
         hand_back: &|n| room.lock().expect("room poisoned").release(n),
     };
-    Ok(node::create(&server.node, row, snapshot, &admitted).await?)
+    Ok(node::create(&server.node, row, snapshot, volumes, &admitted).await?)
 }
 
 /// The current row of a sandbox the caller was authorized for (see [`Authorized`]); 404 if

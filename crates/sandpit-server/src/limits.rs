@@ -61,6 +61,8 @@ pub struct LimitsConfig {
     pub max_templates: u32,
     /// Snapshots a workspace keeps.
     pub max_snapshots: u32,
+    /// Volumes a workspace keeps.
+    pub max_volumes: u32,
     /// Template builds of one workspace running or waiting at once.
     pub max_builds: u32,
     /// Sandboxes a workspace keeps suspended, counting its persistent sandboxes that run
@@ -78,6 +80,7 @@ impl Default for LimitsConfig {
             auth_failures_per_hour: 1_000,
             max_templates: 100,
             max_snapshots: 500,
+            max_volumes: 50,
             max_builds: 2,
             max_suspended: 500,
         }

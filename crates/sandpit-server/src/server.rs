@@ -150,6 +150,7 @@ impl ServerConfig {
                 max_snapshots: self.limits.max_snapshots,
                 max_templates: self.limits.max_templates,
                 max_builds: self.limits.max_builds,
+                max_volumes: self.limits.max_volumes,
             },
         }
     }

@@ -7,3 +7,4 @@ pub mod sandbox;
 pub mod serve;
 pub mod shell;
 pub mod template;
+pub mod volume;

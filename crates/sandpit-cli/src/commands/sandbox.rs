@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sandpit_sdk::Client;
 use sandpit_sdk::types::{
     CreateSandboxRequest, EgressPolicy, ExecEvent, ExecRequest, PreviewPrivacy, PreviewSettings,
-    PreviewTokenCreateRequest, SandboxMode, UpdateSandboxRequest,
+    PreviewTokenCreateRequest, SandboxMode, UpdateSandboxRequest, VolumeMountRequest,
 };
 
 #[derive(clap::Args)]
@@ -65,6 +65,9 @@ pub enum SandboxCommand {
         /// Egress policy as JSON, e.g. '{"mode":"deny_all"}'.
         #[arg(long)]
         egress: Option<String>,
+        /// Mount a volume: NAME:/PATH or NAME:/PATH:ro (read-only), repeatable.
+        #[arg(long = "volume")]
+        volumes: Vec<String>,
     },
     /// List sandboxes.
     List {
@@ -232,7 +235,7 @@ pub enum PreviewTokenCommand {
     },
 }
 
-fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
@@ -248,6 +251,22 @@ fn bar(len: u64, what: &str) -> ProgressBar {
     pb
 }
 
+/// `--volume NAME:/PATH[:ro]`.
+fn parse_volume_flag(text: &str) -> anyhow::Result<VolumeMountRequest> {
+    let (name, rest) = text
+        .split_once(':')
+        .context("--volume takes NAME:/PATH or NAME:/PATH:ro")?;
+    let (path, read_only) = match rest.strip_suffix(":ro") {
+        Some(path) => (path, true),
+        None => (rest.strip_suffix(":rw").unwrap_or(rest), false),
+    };
+    Ok(VolumeMountRequest {
+        name: name.into(),
+        path: path.into(),
+        read_only,
+    })
+}
+
 pub async fn run(cmd: SandboxCommand) -> anyhow::Result<u8> {
     match cmd {
         SandboxCommand::Create {
@@ -259,6 +278,7 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<u8> {
             size,
             env,
             egress,
+            volumes,
         } => {
             let mode = match mode.as_str() {
                 "ephemeral" => SandboxMode::Ephemeral,
@@ -277,6 +297,10 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<u8> {
                 .map(|e| serde_json::from_str(&e))
                 .transpose()
                 .context("--egress is not a valid policy")?;
+            let volumes = volumes
+                .iter()
+                .map(|v| parse_volume_flag(v))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let req = CreateSandboxRequest {
                 template,
                 mode,
@@ -285,6 +309,7 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<u8> {
                 env,
                 egress,
                 size,
+                volumes,
                 ..Default::default()
             };
             print_json(&conn.client()?.create_sandbox(&req).await?)?;

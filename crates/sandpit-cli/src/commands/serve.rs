@@ -138,6 +138,9 @@ pub struct ServeArgs {
     /// Snapshots a workspace keeps (0: unlimited). Past it: 507 `quota_exceeded`.
     #[arg(long, env = "SANDPIT_MAX_SNAPSHOTS", default_value_t = 500)]
     max_snapshots: u32,
+    /// Volumes a workspace keeps (0: unlimited). Past it: 507 `quota_exceeded`.
+    #[arg(long, env = "SANDPIT_MAX_VOLUMES", default_value_t = 50)]
+    max_volumes: u32,
     /// Template builds one workspace runs or queues at once (0: unlimited); the server runs
     /// 4 at a time in all. Past it: 429 `quota_exceeded` with Retry-After.
     #[arg(long, env = "SANDPIT_MAX_BUILDS", default_value_t = 2)]
@@ -370,6 +373,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         auth_failures_per_hour: args.rate_limit_auth_failures,
         max_templates: args.max_templates,
         max_snapshots: args.max_snapshots,
+        max_volumes: args.max_volumes,
         max_builds: args.max_builds,
         max_suspended: args.max_suspended,
     };

@@ -26,6 +26,7 @@ mod soak;
 mod templates;
 mod terminals;
 mod users;
+mod volumes;
 mod watch;
 
 use std::path::Path;

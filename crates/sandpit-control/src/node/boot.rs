@@ -318,7 +318,9 @@ pub async fn spec_for(node: &Node, row: &Sandbox) -> Result<SandboxSpec, Control
         "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
         "HOME=/root".to_string(),
     ];
+    let volumes = super::volumes::runtime_mounts(node, &row.id).await?;
     Ok(SandboxSpec {
+        volumes,
         id: row.runtime_id.clone(),
         layers: local_layers(node, &template)?
             .into_iter()

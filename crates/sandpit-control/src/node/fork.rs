@@ -19,7 +19,7 @@ use sandpit_api_types::Snapshot;
 use super::Node;
 use super::boot::{boot, insert_with_slot};
 use crate::error::{ControlError, DisplayChain};
-use crate::store::{Sandbox, SnapshotRow};
+use crate::store::{Sandbox, SnapshotRow, VolumeMountRow};
 use crate::util::{new_id, new_sandbox_id, now_ms, random_hex, rfc3339};
 
 /// Most children one fork call makes.
@@ -215,6 +215,20 @@ pub async fn fork(
     // Claim slots and copy files while the parent is stopped, so every child sees the same
     // files as the memory image.
     // Each insert checks the running quota in the store: children past it fail alone.
+    // Children mount the parent's volumes read-only (one writer per volume: the parent).
+    let child_volumes: Vec<VolumeMountRow> = match node.store.volumes.mounts_of(&parent.id).await {
+        Ok(mounts) => mounts
+            .into_iter()
+            .map(|m| VolumeMountRow {
+                read_only: true,
+                ..m
+            })
+            .collect(),
+        Err(e) => {
+            thaw(node, &parent, &frozen).await?;
+            return Err(e);
+        }
+    };
     let mut pending: Vec<Result<Sandbox, ControlError>> = Vec::with_capacity(count as usize);
     for _ in 0..count {
         let mut row = child_of(node, &parent);
@@ -225,10 +239,17 @@ pub async fn fork(
             pending.push(Err(e));
             continue;
         }
-        let copied = node
-            .runtime
-            .copy_files(&node.state_dir(&parent.id), &node.state_dir(&row.id))
-            .await;
+        let copied = match node.store.volumes.add_mounts(&row.id, &child_volumes).await {
+            Ok(()) => {
+                node.runtime
+                    .copy_files(&node.state_dir(&parent.id), &node.state_dir(&row.id))
+                    .await
+            }
+            Err(e) => Err(sandpit_runtime::RuntimeError::Volume {
+                dir: node.state_dir(&row.id),
+                reason: format!("recording its volumes: {}", DisplayChain(&e)),
+            }),
+        };
         match copied {
             Ok(()) => pending.push(Ok(row)),
             Err(e) => {
@@ -366,8 +387,15 @@ pub async fn take_snapshot(
         created_at: now_ms(),
         remote_image: super::stored::uploading_record(node, has_memory),
     };
+    // References first: they count only once the snapshot's row exists.
+    let refs = node.store.volumes.mounts_of(&row.id).await?;
+    node.store
+        .volumes
+        .add_snapshot_refs(&snap.id, &refs)
+        .await?;
     if !node.store.snapshots.insert(&snap, max).await? {
         let _ = std::fs::remove_dir_all(&dir);
+        let _ = node.store.volumes.forget_snapshot(&snap.id).await;
         return Err(snapshots_quota(max));
     }
     // In the background, after the answer: other nodes can start from it once stored.
@@ -466,6 +494,7 @@ pub async fn delete_snapshot(
         return Err(not_found());
     }
     super::stored::forget_snapshot(node, &snap).await;
+    node.store.volumes.forget_snapshot(id).await?;
     let dir = snapshot_dir(node, id);
     if dir.exists()
         && let Err(e) = std::fs::remove_dir_all(&dir)

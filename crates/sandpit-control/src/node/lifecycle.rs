@@ -25,7 +25,7 @@ use sandpit_api_types::{
 use super::Node;
 use crate::create::{self, Size};
 use crate::error::{ControlError, DisplayChain, decode};
-use crate::store::{Sandbox, SnapshotRow, TemplateStatus};
+use crate::store::{Sandbox, SnapshotRow, TemplateStatus, VolumeMountRow};
 use crate::util::{new_sandbox_id, now_ms};
 use crate::{SandboxId, Status, Stored, Transition, WorkspaceId};
 
@@ -34,13 +34,13 @@ use super::boot::{
     release_slot, running_note, validate_egress, write_resolv_conf,
 };
 
-/// Validate a create request into a row (not yet inserted) and the snapshot it starts
-/// from, if any. Changes nothing.
+/// Validate a create request into a row (not yet inserted), the snapshot it starts from,
+/// if any, and the volumes it mounts (the request's, or the snapshot's). Changes nothing.
 pub async fn prepare_create(
     node: &Node,
     workspace_id: &str,
     req: &CreateSandboxRequest,
-) -> Result<(Sandbox, Option<SnapshotRow>), ControlError> {
+) -> Result<(Sandbox, Option<SnapshotRow>, Vec<VolumeMountRow>), ControlError> {
     // What the request alone decides, before any lookup.
     let now = now_ms();
     let defaults = create::Defaults {
@@ -52,6 +52,13 @@ pub async fn prepare_create(
         idle_timeout_ms,
         expires_at,
     } = create::check_request(req, &defaults, now)?;
+    if req.snapshot.is_some() && !req.volumes.is_empty() {
+        return Err(ControlError::invalid(
+            "invalid_volumes",
+            "a sandbox started from a snapshot mounts the volumes its sandbox had: name no volumes",
+        ));
+    }
+    let mut volumes = super::volumes::resolve(node, workspace_id, &req.volumes).await?;
     node.ensure_taking_new().await?;
     let snapshot = match &req.snapshot {
         Some(snap_id) => Some(
@@ -130,6 +137,11 @@ pub async fn prepare_create(
             .collect(),
     };
     validate_egress(node, &egress)?;
+    if let Some(snap) = &snapshot {
+        volumes = super::volumes::of_snapshot(node, &snap.id).await?;
+    }
+    // Answered early here; decided again under the volume lock when the row is written.
+    super::volumes::check_writers(node, &volumes, "").await?;
     let id = new_sandbox_id();
     let row = Sandbox {
         runtime_id: format!("{}-{}", node.cfg.prefix, id),
@@ -155,7 +167,7 @@ pub async fn prepare_create(
         node_id: node.cfg.node_id.clone(),
         remote_image: None,
     };
-    Ok((row, snapshot))
+    Ok((row, snapshot, volumes))
 }
 
 /// Start a new sandbox from its template: restore the template's boot snapshot when there is
@@ -187,6 +199,7 @@ pub async fn create(
     node: &Arc<Node>,
     mut row: Sandbox,
     snapshot: Option<SnapshotRow>,
+    volumes: Vec<VolumeMountRow>,
     admitted: &Admitted<'_>,
 ) -> Result<Sandbox, ControlError> {
     // What it starts from must be on this node: fetched from object storage if it is not,
@@ -196,15 +209,37 @@ pub async fn create(
         crate::node::stored::ensure_snapshot(node, snap).await?;
     }
     if snapshot.is_none()
+        && volumes.is_empty()
         && let Some(pooled) = crate::node::pool::take(node, &row, admitted).await?
     {
         return Ok(pooled);
     }
     let lock = node.lock_of(&row.id);
     let _guard = lock.write().await;
-    admitted
-        .count(insert_with_slot(node, &mut row), |_| 1)
-        .await?;
+    if volumes.is_empty() {
+        admitted
+            .count(insert_with_slot(node, &mut row), |_| 1)
+            .await?;
+    } else {
+        // Who writes a volume is decided and recorded under one lock: two creates never
+        // both mount it read-write.
+        let _decide = node.volume_lock.lock().await;
+        super::volumes::check_writers(node, &volumes, &row.id).await?;
+        admitted
+            .count(insert_with_slot(node, &mut row), |_| 1)
+            .await?;
+        if let Err(e) = node.store.volumes.add_mounts(&row.id, &volumes).await {
+            node.store
+                .sandboxes
+                .mark_failed(
+                    &row.id,
+                    &format!("could not record its volumes: {}", DisplayChain(&e)),
+                    now_ms(),
+                )
+                .await?;
+            return Err(e);
+        }
+    }
     crate::faults::point("create.inserted");
     let started = std::time::Instant::now();
     let booted = match &snapshot {

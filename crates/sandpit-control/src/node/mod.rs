@@ -21,6 +21,7 @@ mod reaper;
 pub mod stored;
 pub mod templates;
 mod uploads;
+pub mod volumes;
 
 #[cfg(test)]
 mod tests;
@@ -49,6 +50,7 @@ pub fn make_data_dirs(data_dir: &Path) -> Result<(), ControlError> {
         "snapshots",
         "images-tmp",
         "templates",
+        "volumes",
     ] {
         let p = data_dir.join(dir);
         std::fs::create_dir_all(&p)
@@ -100,6 +102,8 @@ pub struct Quotas {
     pub max_templates: u32,
     /// Template builds under way at once.
     pub max_builds: u32,
+    /// Volumes kept.
+    pub max_volumes: u32,
 }
 
 /// A running node. Shared as `Arc<Node>` by the server and background tasks.
@@ -138,6 +142,10 @@ pub struct Node {
     /// Where suspended sandboxes' images go so other nodes can wake them (set once at
     /// start-up; none: they wake only here).
     images: std::sync::OnceLock<Arc<dyn crate::remote::ImageStore>>,
+    /// Held while deciding who mounts a volume and recording it (the read-write check and
+    /// the rows it decides on), and while deleting one. A volume's sandboxes all run on its
+    /// home node, so one node's lock is enough.
+    pub volume_lock: tokio::sync::Mutex<()>,
     /// Uploads under way, by sandbox (see [`moves`]). Guards only the map.
     uploads: Mutex<HashMap<String, uploads::Upload>>,
 }
@@ -172,6 +180,7 @@ impl Node {
             shutdown: CancellationToken::new(),
             draining: Default::default(),
             images: Default::default(),
+            volume_lock: tokio::sync::Mutex::new(()),
             uploads: Default::default(),
         })
     }
@@ -311,6 +320,11 @@ impl Node {
 
     pub fn state_dir(&self, id: &str) -> PathBuf {
         self.cfg.data_dir.join("sandboxes").join(id)
+    }
+
+    /// The directory of volume `id` (the runtime's: see `Runtime::create_volume`).
+    pub fn volume_dir(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join("volumes").join(id)
     }
 
     pub fn checkpoint_dir(&self, id: &str) -> PathBuf {

@@ -37,6 +37,10 @@ pub(super) async fn start_upload(node: &Arc<Node>, row: &Sandbox) -> Result<(), 
     let Some(images) = node.image_store().cloned() else {
         return Ok(());
     };
+    // Its volumes stay on this node, so it cannot wake anywhere else: nothing to upload.
+    if !node.store.volumes.mounts_of(&row.id).await?.is_empty() {
+        return Ok(());
+    }
     let memory = node.runtime.has_image(&node.checkpoint_dir(&row.id));
     let record = RemoteImage {
         state: RemoteState::Uploading,

@@ -172,6 +172,10 @@ impl Node {
         for dir in ["sandboxes", "checkpoints"] {
             remove_unknown_dirs(&self.cfg.data_dir.join(dir), &keep_dirs);
         }
+        // Volume images whose row is gone (a crash between the two) are garbage.
+        if let Err(e) = super::volumes::remove_orphans(self).await {
+            tracing::error!(error = %DisplayChain(&e), "cleaning up orphaned volumes");
+        }
         // Snapshot directories whose row is gone (a crash between the two) are garbage.
         let snapshots: HashSet<String> = self.store.snapshots.ids().await?.into_iter().collect();
         remove_unknown_dirs(&self.cfg.data_dir.join("snapshots"), &snapshots);

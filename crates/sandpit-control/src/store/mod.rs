@@ -33,6 +33,7 @@ mod sandboxes;
 mod snapshots;
 mod templates;
 mod tenants;
+mod volumes;
 
 pub use idempotency::{Idempotency, IdempotencyRow};
 pub use layers::{Layers, StoredLayer};
@@ -44,6 +45,7 @@ pub use templates::{
     MAX_VERSION, TemplateInsert, TemplateRef, TemplateRow, TemplateStatus, Templates,
 };
 pub use tenants::{Tenants, TokenAuth, TokenRow, WorkspaceRow};
+pub use volumes::{VolumeMountRow, VolumeRow, Volumes};
 
 /// Which database a [`Db`] talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,6 +211,7 @@ pub struct Store {
     pub idempotency: Idempotency,
     pub nodes: Nodes,
     pub layers: Layers,
+    pub volumes: Volumes,
 }
 
 impl Store {
@@ -232,6 +235,7 @@ impl Store {
             idempotency: Idempotency { db: db.clone() },
             nodes: Nodes { db: db.clone() },
             layers: Layers { db: db.clone() },
+            volumes: Volumes { db: db.clone() },
             db,
         }
     }

@@ -203,6 +203,7 @@ fn spec(id: &str, layers: &[PathBuf], state_dir: &Path, net: Option<&SlotAddrs>)
             memory_bytes: MEMORY,
             disk_bytes: None,
         },
+        volumes: vec![],
     }
 }
 

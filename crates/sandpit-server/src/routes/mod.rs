@@ -8,6 +8,7 @@ pub mod sandboxes;
 mod schema_rules;
 pub mod templates;
 pub mod terminals;
+pub mod volumes;
 pub mod watch;
 
 use std::sync::Arc;
@@ -142,6 +143,7 @@ fn router() -> OpenApiRouter<Arc<Server>> {
         .merge(templates::router())
         .merge(terminals::router())
         .merge(watch::router())
+        .merge(volumes::router())
         .merge(org::router())
 }
 

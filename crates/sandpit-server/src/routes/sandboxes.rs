@@ -59,8 +59,8 @@ pub fn router() -> OpenApiRouter<Arc<Server>> {
     responses(
         (status = 201, description = "Sandbox created and running", body = Sandbox),
         (status = 400, description = "Invalid mode, size, timeout, egress policy or Idempotency-Key", body = ErrorBody),
-        (status = 404, description = "Template not found", body = ErrorBody),
-        (status = 409, description = "A request with this Idempotency-Key is still running", body = ErrorBody),
+        (status = 404, description = "Template, snapshot or volume not found", body = ErrorBody),
+        (status = 409, description = "A request with this Idempotency-Key is still running, a volume is mounted read-write by another live sandbox (`volume_busy`) or is on another node (`volume_on_another_node`)", body = ErrorBody),
         (status = 422, description = "This Idempotency-Key was used with a different request", body = ErrorBody),
         (status = 429, description = "Rate limit or running-sandbox quota reached (see Retry-After)", body = ErrorBody),
         (status = 500, description = "A stored record the sandbox needs (the snapshot's or template's policy, environment or spec) does not decode (`corrupt_record`); nothing was made", body = ErrorBody),

@@ -7,6 +7,7 @@ mod catalog;
 mod lifecycle;
 mod moves;
 mod stored;
+mod volumes;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -138,10 +139,15 @@ impl Harness {
             mode,
             ..Default::default()
         };
-        let (row, snapshot) =
-            super::lifecycle::prepare_create(&self.node, &self.workspace, &req).await?;
+        self.create_with(&req).await
+    }
+
+    /// Create from a whole request.
+    pub async fn create_with(&self, req: &CreateSandboxRequest) -> Result<Sandbox, ControlError> {
+        let (row, snapshot, volumes) =
+            super::lifecycle::prepare_create(&self.node, &self.workspace, req).await?;
         let lock = tokio::sync::Mutex::new(());
-        super::lifecycle::create(&self.node, row, snapshot, &unreserved(&lock)).await
+        super::lifecycle::create(&self.node, row, snapshot, volumes, &unreserved(&lock)).await
     }
 
     pub async fn wake(&self, id: &str) -> Result<Sandbox, ControlError> {

@@ -61,9 +61,9 @@ async fn create_from_snapshot(
         mode: SandboxMode::Ephemeral,
         ..Default::default()
     };
-    let (row, snapshot) = lifecycle::prepare_create(node, &h.workspace, &req).await?;
+    let (row, snapshot, volumes) = lifecycle::prepare_create(node, &h.workspace, &req).await?;
     let lock = tokio::sync::Mutex::new(());
-    lifecycle::create(node, row, snapshot, &unreserved(&lock)).await
+    lifecycle::create(node, row, snapshot, volumes, &unreserved(&lock)).await
 }
 
 /// Entries of a directory (none when it is missing).
@@ -456,11 +456,11 @@ async fn a_template_built_on_one_node_starts_on_another() {
         mode: SandboxMode::Ephemeral,
         ..Default::default()
     };
-    let (row, snapshot) = lifecycle::prepare_create(&p.b, &p.h.workspace, &req)
+    let (row, snapshot, volumes) = lifecycle::prepare_create(&p.b, &p.h.workspace, &req)
         .await
         .unwrap();
     let lock = tokio::sync::Mutex::new(());
-    let child = lifecycle::create(&p.b, row, snapshot, &unreserved(&lock))
+    let child = lifecycle::create(&p.b, row, snapshot, volumes, &unreserved(&lock))
         .await
         .unwrap();
     assert_eq!(child.node_id, "node-b");
@@ -505,9 +505,10 @@ async fn a_failed_layer_fetch_changes_nothing() {
             mode: SandboxMode::Ephemeral,
             ..Default::default()
         };
-        let (row, snapshot) = lifecycle::prepare_create(&p.b, &p.h.workspace, &req).await?;
+        let (row, snapshot, volumes) =
+            lifecycle::prepare_create(&p.b, &p.h.workspace, &req).await?;
         let lock = tokio::sync::Mutex::new(());
-        lifecycle::create(&p.b, row, snapshot, &unreserved(&lock)).await
+        lifecycle::create(&p.b, row, snapshot, volumes, &unreserved(&lock)).await
     };
     let e = create_on_b().await.unwrap_err();
     assert_eq!(code_of(&e), "layer_not_stored");
