@@ -13,7 +13,10 @@
 //! 503 `sandbox_on_another_node`). Headers claiming a relay that do not verify are dropped.
 //!
 //! Relayed: the `/v1/sandboxes/{id}/…` routes and the CodeSandbox `/sandbox/{id}/…` and
-//! `/vm/{id}/…` routes, streams and WebSocket upgrades (terminals) included.
+//! `/vm/{id}/…` routes, streams and WebSocket upgrades (terminals) included; a build's
+//! event stream to the node running the build; a volume's delete, and creates mounting
+//! it, to its home node. An API replica (`--api-only`) also relays what needs a node and
+//! names no sandbox (template builds, volume creates, CodeSandbox creates) to a placed one.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -154,6 +157,18 @@ pub async fn to_owner(State(server): State<Arc<Server>>, mut req: Request, next:
             None => no_node().into_response(),
         };
     }
+    if req.method() == axum::http::Method::DELETE
+        && let Some(name) = req.uri().path().strip_prefix("/v1/volumes/")
+        && !name.contains('/')
+    {
+        // A volume's files are on its home node: that node deletes it.
+        if let Some(address) = volume_home(&server, &workspace, name).await {
+            return relay(&server, &secret, req, &address, &pq)
+                .await
+                .unwrap_or_else(IntoResponse::into_response);
+        }
+        return next.run(req).await;
+    }
     if let Some(template) = build_events_of(req.method(), req.uri().path()) {
         // A build's events are on the node that runs (or ran) it.
         return match build_node(&server, &workspace, template).await {
@@ -257,6 +272,7 @@ fn needs_a_node(method: &axum::http::Method, path: &str) -> bool {
     match *method {
         Method::POST => {
             path == "/v1/templates"
+                || path == "/v1/volumes"
                 || path == "/templates"
                 || path == "/sandbox"
                 || template.is_some_and(|t| t.ends_with("/build") && t.matches('/').count() == 1)
@@ -266,6 +282,16 @@ fn needs_a_node(method: &axum::http::Method, path: &str) -> bool {
         }
         _ => false,
     }
+}
+
+/// The address of the live node that holds `workspace`'s volume `name`, if that is another
+/// node.
+async fn volume_home(server: &Server, workspace: &str, name: &str) -> Option<String> {
+    let volume = server.store.volumes.get(workspace, name).await.ok()??;
+    if volume.node_id == server.node.cfg.node_id {
+        return None;
+    }
+    alive_node(server, &volume.node_id).await.ok().flatten()
 }
 
 /// The template a `GET /v1/templates/{id}/build` (its build's events) names.

@@ -216,6 +216,35 @@ async fn an_api_replica_places_creates_over_three_nodes_and_relays_everything() 
     );
     cr.destroy_sandbox(&from_t.id).await.unwrap();
 
+    // A volume made through the replica lives on a node; a sandbox mounting it is placed
+    // there, and its delete goes there too.
+    let volume = cr.create_volume("shared-data", Some("64M")).await.unwrap();
+    // Nodes are named node-1, node-2, node-3 in the order of `nodes`.
+    let home = (0..nodes.len())
+        .find(|i| volume.node == format!("node-{}", i + 1))
+        .unwrap_or_else(|| panic!("homed on {:?}, not a node", volume.node));
+    let with_volume = create(
+        &cr,
+        CreateSandboxRequest {
+            volumes: vec![sandpit_api_types::VolumeMountRequest {
+                name: "shared-data".into(),
+                path: "/data".into(),
+                read_only: false,
+            }],
+            ..base()
+        },
+    )
+    .await;
+    assert_eq!(
+        runner(&nodes, &with_volume.id),
+        Some(home),
+        "placed on the volume's node"
+    );
+    crate::sh(&cr, &with_volume.id, "echo kept > /data/file").await;
+    cr.destroy_sandbox(&with_volume.id).await.unwrap();
+    cr.delete_volume("shared-data").await.unwrap();
+    crate::assert_api_err(cr.get_volume("shared-data").await, 404, "volume_not_found");
+
     // With every node draining, the replica has nowhere to create: 503, nothing made.
     for i in 1..=3 {
         let out = std::process::Command::new(bin())
