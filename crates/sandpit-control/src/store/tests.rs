@@ -1399,3 +1399,87 @@ async fn lost_nodes_sandboxes_are_settled(db: &TestDb) {
     );
 }
 both!(lost_nodes_sandboxes_are_settled);
+
+async fn volumes_mounts_and_references(db: &TestDb) {
+    let s = &db.store;
+    workspace(s, "ws_a").await;
+    base_template(s).await;
+    let vol = |id: &str, name: &str| VolumeRow {
+        id: id.into(),
+        workspace_id: "ws_a".into(),
+        name: name.into(),
+        size_bytes: 64 << 20,
+        node_id: "n1".into(),
+        created_at: 1,
+    };
+    assert!(s.volumes.insert(&vol("vol_1", "data"), 2).await.unwrap());
+    let taken = s.volumes.insert(&vol("vol_x", "data"), 2).await;
+    assert!(
+        matches!(
+            taken,
+            Err(ControlError::Conflict {
+                code: "volume_exists",
+                ..
+            })
+        ),
+        "{taken:?}"
+    );
+    assert!(s.volumes.insert(&vol("vol_2", "cache"), 2).await.unwrap());
+    assert!(
+        !s.volumes.insert(&vol("vol_3", "more"), 2).await.unwrap(),
+        "the limit"
+    );
+    let names: Vec<String> = s
+        .volumes
+        .list("ws_a")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    assert_eq!(names, ["cache", "data"]);
+    assert_eq!(
+        s.volumes.get("ws_a", "data").await.unwrap().unwrap().id,
+        "vol_1"
+    );
+    assert!(s.volumes.get("ws_b", "data").await.unwrap().is_none());
+    assert_eq!(s.volumes.on_node("n1").await.unwrap().len(), 2);
+
+    s.sandboxes
+        .insert(&sandbox("sb_1", "ws_a", Status::Running, Some(1)))
+        .await
+        .unwrap();
+    let rw = VolumeMountRow {
+        volume_id: "vol_1".into(),
+        path: "/data".into(),
+        read_only: false,
+    };
+    s.volumes
+        .add_mounts("sb_1", std::slice::from_ref(&rw))
+        .await
+        .unwrap();
+    assert_eq!(s.volumes.mounts_of("sb_1").await.unwrap(), [rw.clone()]);
+    assert_eq!(
+        s.volumes.writer("vol_1", "sb_x").await.unwrap().as_deref(),
+        Some("sb_1")
+    );
+    assert_eq!(
+        s.volumes.writer("vol_1", "sb_1").await.unwrap(),
+        None,
+        "except itself"
+    );
+    assert!(s.volumes.user("vol_1").await.unwrap().is_some());
+    assert!(s.volumes.user("vol_2").await.unwrap().is_none());
+
+    s.volumes
+        .add_snapshot_refs("sn_1", std::slice::from_ref(&rw))
+        .await
+        .unwrap();
+    assert_eq!(s.volumes.snapshot_refs("sn_1").await.unwrap(), [rw]);
+    s.volumes.forget_snapshot("sn_1").await.unwrap();
+    assert!(s.volumes.snapshot_refs("sn_1").await.unwrap().is_empty());
+    assert!(s.volumes.delete("vol_1").await.unwrap());
+    assert!(s.volumes.mounts_of("sb_1").await.unwrap().is_empty());
+    assert!(!s.volumes.delete("vol_1").await.unwrap());
+}
+both!(volumes_mounts_and_references);
