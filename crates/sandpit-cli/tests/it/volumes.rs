@@ -210,3 +210,55 @@ async fn volumes_outlive_sandboxes_with_one_writer_and_read_only_views() {
     let leaks = srv.leaks();
     assert!(leaks.is_empty(), "{leaks:?}");
 }
+
+/// A server killed (-9) with volumes mounted adopts them on its restart: the running
+/// sandbox keeps its volume, a suspended one wakes with it, and after everything is
+/// destroyed and the volumes deleted, nothing is left on the host.
+#[tokio::test]
+async fn a_restarted_server_keeps_its_volumes_mounted_and_leaves_nothing() {
+    let mut srv = server().await;
+    let client = srv.client();
+    client.create_volume("kept", Some("64M")).await.unwrap();
+    client.create_volume("slept", Some("64M")).await.unwrap();
+    let running = create(&client, with_volumes(vec![mount("kept", "/data", false)])).await;
+    let sleeping = create(&client, with_volumes(vec![mount("slept", "/data", false)])).await;
+    sh(&client, &running.id, "echo before > /data/f").await;
+    sh(&client, &sleeping.id, "echo asleep > /data/f").await;
+    client.hibernate(&sleeping.id).await.unwrap();
+
+    srv.kill9();
+    srv.restart().await.unwrap();
+    let client = srv.client();
+    assert_eq!(
+        sh(&client, &running.id, "cat /data/f").await.stdout,
+        "before\n"
+    );
+    sh(&client, &running.id, "echo after >> /data/f").await;
+    assert_eq!(
+        sh(&client, &running.id, "cat /data/f").await.stdout,
+        "before\nafter\n"
+    );
+    assert_eq!(
+        sh(&client, &sleeping.id, "cat /data/f").await.stdout,
+        "asleep\n"
+    );
+    // The one writer rule survived the restart.
+    assert_api_err(
+        client
+            .create_sandbox(&with_volumes(vec![mount("kept", "/other", false)]))
+            .await,
+        409,
+        "volume_busy",
+    );
+
+    for id in [&running.id, &sleeping.id] {
+        client.destroy_sandbox(id).await.unwrap();
+    }
+    client.delete_volume("kept").await.unwrap();
+    client.delete_volume("slept").await.unwrap();
+    assert!(srv.leaks().is_empty(), "{:?}", srv.leaks());
+    let left: Vec<_> = std::fs::read_dir(srv.data_dir.join("volumes"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "volume files left: {left:?}");
+}
