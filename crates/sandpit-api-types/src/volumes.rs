@@ -29,7 +29,9 @@ pub struct CreateVolumeRequest {
 pub struct Volume {
     pub name: String,
     pub size_bytes: u64,
-    /// The node that holds it: sandboxes mounting it run there.
+    /// The node that holds it: sandboxes mounting it run there. `~stored` while it is only
+    /// in object storage (its node drained): the next sandbox mounting it takes it to its
+    /// node.
     pub node: String,
     pub created_at: String,
 }

@@ -15,6 +15,7 @@ fn kind_of(kind: remote::ImageKind) -> ImageKind {
         remote::ImageKind::Hibernation => ImageKind::Checkpoint,
         remote::ImageKind::Snapshot => ImageKind::Snapshot,
         remote::ImageKind::Layer => ImageKind::Layer,
+        remote::ImageKind::Volume => ImageKind::Volume,
     }
 }
 

@@ -79,6 +79,8 @@ pub enum ImageKind {
     Snapshot,
     /// A template layer, packed as one archive ([`crate::node::stored`]).
     Layer,
+    /// A volume's disk image, moved off a draining node ([`crate::node::volumes`]).
+    Volume,
 }
 
 /// Longest reference an [`ImageStore`] may return.

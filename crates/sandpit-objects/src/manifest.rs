@@ -177,6 +177,8 @@ pub enum ImageKind {
     Snapshot,
     /// A template layer directory.
     Layer,
+    /// A named volume's disk image.
+    Volume,
 }
 
 /// Bounds on what a push reads and a pull accepts. Exceeding one is an error that leaves

@@ -1580,6 +1580,32 @@ impl Runtime for GvisorRuntime {
             })
     }
 
+    async fn pack_volume(&self, dir: &Path, to_dir: &Path) -> Result<(), RuntimeError> {
+        if self.volumes.in_use(dir) {
+            return Err(RuntimeError::Volume {
+                dir: dir.into(),
+                reason: "a sandbox mounts it".into(),
+            });
+        }
+        let (d, to) = (dir.to_path_buf(), to_dir.to_path_buf());
+        blocking(move || volume::pack(&d, &to))
+            .await
+            .map_err(|e| RuntimeError::Volume {
+                dir: dir.into(),
+                reason: e.to_string(),
+            })
+    }
+
+    async fn unpack_volume(&self, from_dir: &Path, dir: &Path) -> Result<(), RuntimeError> {
+        let (from, d) = (from_dir.to_path_buf(), dir.to_path_buf());
+        blocking(move || volume::unpack(&from, &d))
+            .await
+            .map_err(|e| RuntimeError::Volume {
+                dir: dir.into(),
+                reason: e.to_string(),
+            })
+    }
+
     async fn kill_init_children(&self, id: &str, comm: &str) -> Result<usize, RuntimeError> {
         let out = self.runsc(id, &["ps", id]).await?;
         if !out.success {

@@ -57,6 +57,39 @@ pub(crate) fn create(dir: &Path, bytes: u64) -> io::Result<()> {
     made
 }
 
+/// The file name of a volume's image in a packed volume.
+const PACKED_IMAGE: &str = "volume.img";
+
+/// Puts the (unused) volume in `dir` into the missing `to`: its image, unmounted first, as
+/// one hard link. Blocking.
+pub(crate) fn pack(dir: &Path, to: &Path) -> io::Result<()> {
+    unmount(dir)?;
+    std::fs::create_dir(to)?;
+    std::fs::hard_link(image_of(dir), to.join(PACKED_IMAGE))
+}
+
+/// Makes the missing `dir` the volume packed in `from` (maybe from another host): `from`
+/// must hold exactly one regular file, the image, which is moved. Blocking.
+pub(crate) fn unpack(from: &Path, dir: &Path) -> io::Result<()> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        if !entry.file_type()?.is_file() {
+            return Err(io::Error::other("a packed volume holds only its image"));
+        }
+        names.push(entry.file_name());
+    }
+    if names != [std::ffi::OsString::from(PACKED_IMAGE)] {
+        return Err(io::Error::other("a packed volume holds only its image"));
+    }
+    std::fs::create_dir(dir)?;
+    if let Err(e) = std::fs::rename(from.join(PACKED_IMAGE), image_of(dir)) {
+        let _ = std::fs::remove_dir_all(dir);
+        return Err(e);
+    }
+    Ok(())
+}
+
 /// Removes the (unmounted) volume. Idempotent. Blocking.
 pub(crate) fn delete(dir: &Path) -> io::Result<()> {
     if !dir.exists() {

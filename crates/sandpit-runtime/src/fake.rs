@@ -687,6 +687,35 @@ impl Runtime for FakeRuntime {
         }
     }
 
+    async fn pack_volume(&self, dir: &Path, to_dir: &Path) -> Result<(), RuntimeError> {
+        let err = |reason: String| RuntimeError::Volume {
+            dir: dir.into(),
+            reason,
+        };
+        let users = self.volume_users(dir);
+        if !users.is_empty() {
+            return Err(err(format!("mounted by {users:?}")));
+        }
+        std::fs::create_dir(to_dir).map_err(|e| err(e.to_string()))?;
+        for entry in std::fs::read_dir(dir).map_err(|e| err(e.to_string()))? {
+            let entry = entry.map_err(|e| err(e.to_string()))?;
+            std::fs::hard_link(entry.path(), to_dir.join(entry.file_name()))
+                .map_err(|e| err(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    async fn unpack_volume(&self, from_dir: &Path, dir: &Path) -> Result<(), RuntimeError> {
+        let err = |reason: String| RuntimeError::Volume {
+            dir: dir.into(),
+            reason,
+        };
+        if !from_dir.join(VOLUME_FILE).is_file() {
+            return Err(err("not a fake volume".into()));
+        }
+        std::fs::rename(from_dir, dir).map_err(|e| err(e.to_string()))
+    }
+
     async fn kill_init_children(&self, id: &str, comm: &str) -> Result<usize, RuntimeError> {
         self.record(FakeCall::KillInitChildren {
             id: id.into(),

@@ -307,6 +307,29 @@ pub trait Runtime: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Put the volume in `dir`, which no sandbox mounts, into the missing directory `to_dir`
+    /// as plain regular files that [`Runtime::unpack_volume`] on another host takes (hard
+    /// links where the filesystem allows). Refused while a sandbox of this backend instance
+    /// mounts it. For moving a volume through object storage.
+    async fn pack_volume(&self, dir: &Path, to_dir: &Path) -> Result<(), RuntimeError> {
+        let _ = to_dir;
+        Err(RuntimeError::Volume {
+            dir: dir.into(),
+            reason: format!("the {} backend cannot move volumes", self.name()),
+        })
+    }
+
+    /// Make the missing `dir` the volume [`Runtime::pack_volume`] put in `from_dir` (moved,
+    /// not copied; same filesystem). `from_dir` may come from another host: anything but
+    /// what `pack_volume` makes is refused, and nothing is left in `dir` then.
+    async fn unpack_volume(&self, from_dir: &Path, dir: &Path) -> Result<(), RuntimeError> {
+        let _ = from_dir;
+        Err(RuntimeError::Volume {
+            dir: dir.into(),
+            reason: format!("the {} backend cannot move volumes", self.name()),
+        })
+    }
+
     /// Kill (SIGKILL) the direct children of the sandbox's init process whose command name
     /// is `comm`, leaving init and everything else running. Returns how many were killed.
     /// For an init that restarts its child (Sandpit's agent does), this restarts a wedged

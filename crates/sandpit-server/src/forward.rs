@@ -288,7 +288,9 @@ fn needs_a_node(method: &axum::http::Method, path: &str) -> bool {
 /// node.
 async fn volume_home(server: &Server, workspace: &str, name: &str) -> Option<String> {
     let volume = server.store.volumes.get(workspace, name).await.ok()??;
-    if volume.node_id == server.node.cfg.node_id {
+    if volume.node_id == server.node.cfg.node_id
+        || volume.node_id == sandpit_control::store::STORED_VOLUME
+    {
         return None;
     }
     alive_node(server, &volume.node_id).await.ok().flatten()
@@ -403,7 +405,8 @@ async fn volume_node_of(server: &Server, workspace: &str, body: &[u8]) -> Option
         .get("name")?
         .as_str()?;
     let volume = server.store.volumes.get(workspace, name).await.ok()??;
-    Some(volume.node_id)
+    // Only in object storage: the node that takes the create fetches it.
+    (volume.node_id != sandpit_control::store::STORED_VOLUME).then_some(volume.node_id)
 }
 
 /// What a create body needs on the node that runs it: the layer ids of the template it
@@ -628,7 +631,10 @@ pub async fn drain_away(server: Arc<Server>) {
         });
     }
     while moving.join_next().await.is_some() {}
-    tracing::info!("drain: done");
+    // Volumes no sandbox here mounts go to object storage; the next create that mounts
+    // one, on any node, takes it.
+    let volumes = sandpit_control::node::volumes::move_all(&server.node).await;
+    tracing::info!(volumes, "drain: done");
 }
 
 /// Whether this node answers for `row`, another node's sandbox (`moves::answers_here`): a

@@ -872,7 +872,8 @@ async fn creates_from_built_templates_and_snapshots_go_where_their_files_are() {
 
 /// With object storage, a built template's layers and a named snapshot are uploaded, and a
 /// node that lacks them fetches them: with their maker draining, creates from both go to
-/// the other node, which starts them from what it fetched.
+/// the other node, which starts them from what it fetched. The drain also sends the
+/// maker's free volume to object storage, and a create mounting it takes it elsewhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn templates_and_snapshots_start_on_a_node_that_fetches_them() {
     const SECRET: &str = "fleet-secret-for-tests";
@@ -926,10 +927,48 @@ async fn templates_and_snapshots_start_on_a_node_that_fetches_them() {
     .unwrap();
     assert!(s3.objects("stored") > 0);
     ca.destroy_sandbox(&made.id).await.unwrap();
-    // The maker takes no new sandboxes: creates go to the other node, which fetches.
+    // A volume on the maker, written by a sandbox that is gone again.
+    let cm = maker.client_with(&a.token);
+    let vol = cm.create_volume("travels-too", Some("64M")).await.unwrap();
+    assert_eq!(vol.node, format!("node-{}", maker.index));
+    let mounting = CreateSandboxRequest {
+        volumes: vec![sandpit_api_types::VolumeMountRequest {
+            name: "travels-too".into(),
+            path: "/data".into(),
+            read_only: false,
+        }],
+        ..base()
+    };
+    let writer = create(&cm, mounting.clone()).await;
+    crate::sh(&cm, &writer.id, "echo on-the-volume > /data/f").await;
+    cm.destroy_sandbox(&writer.id).await.unwrap();
+    // The maker drains: it takes no new sandboxes, and its free volume goes to object
+    // storage; creates go to the other node, which fetches what they need.
     let (ok, _, err) = nodes(maker, &["drain", &format!("node-{}", maker.index)]);
     assert!(ok, "{err}");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_until(
+        Duration::from_secs(60),
+        "the volume in object storage",
+        || async {
+            ca.get_volume("travels-too")
+                .await
+                .ok()
+                .filter(|v| v.node == sandpit_control::store::STORED_VOLUME)
+        },
+    )
+    .await
+    .unwrap();
+    let reader = create(&ca, mounting).await;
+    assert!(other.leaks().runsc.iter().any(|r| r.contains(&reader.id)));
+    assert_eq!(
+        crate::sh(&ca, &reader.id, "cat /data/f").await.stdout,
+        "on-the-volume\n"
+    );
+    assert_eq!(
+        ca.get_volume("travels-too").await.unwrap().node,
+        format!("node-{}", other.index)
+    );
+    ca.destroy_sandbox(&reader.id).await.unwrap();
     let from_t = create(
         &ca,
         CreateSandboxRequest {

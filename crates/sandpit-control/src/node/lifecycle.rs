@@ -208,6 +208,7 @@ pub async fn create(
     if let Some(snap) = &snapshot {
         crate::node::stored::ensure_snapshot(node, snap).await?;
     }
+    super::volumes::bring_here(node, &volumes).await?;
     if snapshot.is_none()
         && volumes.is_empty()
         && let Some(pooled) = crate::node::pool::take(node, &row, admitted).await?

@@ -6,6 +6,13 @@
 //! limited, alongside a writer too (a fork child reads its parent's volumes while the
 //! parent writes). The check and the rows it decides on are made under `Node::volume_lock`.
 //! Callers authorize first.
+//!
+//! Moves: with an image store, a draining node sends the volumes no sandbox of it mounts to
+//! object storage ([`move_all`]): the image is pushed first, then one conditional update
+//! gives the row to [`STORED_VOLUME`], then the local copy goes. The node of the next create
+//! that mounts it fetches it (verified) and takes the row with one conditional update
+//! ([`bring_here`]) before any sandbox row exists, so a failed fetch changes nothing and of
+//! two nodes one wins.
 
 use sandpit_api_types::{
     CreateVolumeRequest, MAX_VOLUME_MOUNTS, Volume, VolumeMountRequest, normalize_volume_path,
@@ -15,7 +22,8 @@ use sandpit_runtime::VolumeMount;
 
 use super::Node;
 use crate::error::ControlError;
-use crate::store::{VolumeMountRow, VolumeRow};
+use crate::remote::ImageKind;
+use crate::store::{STORED_VOLUME, StoredVolume, VolumeMountRow, VolumeRow};
 use crate::util::{new_id, now_ms, rfc3339};
 
 /// A volume's size when the request names none and the node has no disk limit.
@@ -61,15 +69,16 @@ fn not_found(name: &str) -> ControlError {
     ControlError::not_found("volume_not_found", format!("no volume {name:?}"))
 }
 
-/// 409 `volume_on_another_node` unless `v` is homed on this node.
+/// 409 `volume_on_another_node` unless `v` is homed on this node (or only in object
+/// storage: the create that mounts it brings it here first, [`bring_here`]).
 fn ensure_here(node: &Node, v: &VolumeRow) -> Result<(), ControlError> {
-    if v.node_id == node.cfg.node_id {
+    if v.node_id == node.cfg.node_id || v.node_id == STORED_VOLUME {
         return Ok(());
     }
     Err(ControlError::conflict(
         "volume_on_another_node",
         format!(
-            "volume {:?} is on node {:?}: send the request to that node's server (volumes do not move between nodes)",
+            "volume {:?} is on node {:?}: send the request to that node's server (a volume moves only when its node drains)",
             v.name, v.node_id
         ),
     ))
@@ -123,6 +132,7 @@ pub async fn create(
         size_bytes: size as i64,
         node_id: node.cfg.node_id.clone(),
         created_at: now_ms(),
+        remote_image: None,
     };
     let dir = node.volume_dir(&row.id);
     node.runtime.create_volume(&dir, size).await?;
@@ -166,6 +176,22 @@ pub async fn delete(node: &Node, workspace_id: &str, name: &str) -> Result<(), C
     let v = get(node, workspace_id, name).await?;
     ensure_here(node, &v)?;
     let _decide = node.volume_lock.lock().await;
+    if v.node_id == STORED_VOLUME {
+        // Only in object storage: any node deletes it (if no node took it meanwhile).
+        if let Some(user) = node.store.volumes.user(&v.id).await? {
+            return Err(ControlError::conflict(
+                "volume_in_use",
+                format!("volume {name:?} is in use: {user}"),
+            ));
+        }
+        if node.store.volumes.delete(&v.id).await?
+            && let (Some(images), Some(stored)) = (node.image_store().cloned(), stored_of(&v))
+            && let Err(e) = images.forget(&stored.reference).await
+        {
+            tracing::warn!(volume = %v.id, error = %crate::DisplayChain(&*e), "forgetting a deleted volume's image");
+        }
+        return Ok(());
+    }
     if let Some(user) = node.store.volumes.user(&v.id).await? {
         return Err(ControlError::conflict(
             "volume_in_use",
@@ -334,6 +360,160 @@ pub async fn remove_orphans(node: &Node) -> Result<(), ControlError> {
         if let Err(e) = node.runtime.delete_volume(&e.path()).await {
             tracing::error!(volume = %name, error = %crate::DisplayChain(&e), "removing an orphaned volume");
         }
+    }
+    Ok(())
+}
+
+/// The stored image of a volume that left its node, if the row records one that decodes.
+fn stored_of(v: &VolumeRow) -> Option<StoredVolume> {
+    serde_json::from_str(v.remote_image.as_deref()?).ok()
+}
+
+/// Send volume `v`, homed here and mounted by no sandbox, to object storage and give up
+/// this node's copy. `Ok(false)` when it cannot move now (no image store, not here, in use,
+/// or something changed it meanwhile: then nothing changed).
+pub async fn move_away(node: &Node, v: &VolumeRow) -> Result<bool, ControlError> {
+    let Some(images) = node.image_store().cloned() else {
+        return Ok(false);
+    };
+    if v.node_id != node.cfg.node_id {
+        return Ok(false);
+    }
+    // No create mounts it while it moves: they decide under the same lock.
+    let _decide = node.volume_lock.lock().await;
+    if node.store.volumes.sandbox_user(&v.id).await?.is_some() {
+        return Ok(false);
+    }
+    let dir = node.volume_dir(&v.id);
+    let stage = node.staging_dir(&v.id, "push");
+    let pushed = async {
+        node.runtime.pack_volume(&dir, &stage).await?;
+        images
+            .push(&stage, ImageKind::Volume)
+            .await
+            .map_err(|e| ControlError::Unavailable {
+                code: "volume_upload_failed",
+                message: format!("uploading volume {}: {}", v.id, crate::DisplayChain(&*e)),
+            })
+    }
+    .await;
+    if stage.exists()
+        && let Err(e) = sandpit_fs::remove_tree(&stage)
+    {
+        tracing::warn!(path = %stage.display(), error = %e, "removing a volume's staging directory");
+    }
+    let pushed = pushed?;
+    let record = serde_json::to_string(&StoredVolume {
+        reference: pushed.reference.clone(),
+        bytes: pushed.bytes,
+    })
+    .expect("a record serializes");
+    if !node
+        .store
+        .volumes
+        .store_away(&v.id, &node.cfg.node_id, &record)
+        .await?
+    {
+        let _ = images.forget(&pushed.reference).await;
+        return Ok(false);
+    }
+    if let Err(e) = node.runtime.delete_volume(&dir).await {
+        tracing::warn!(volume = %v.id, error = %crate::DisplayChain(&e), "removing a volume's copy after it moved");
+    }
+    tracing::info!(volume = %v.id, bytes = pushed.bytes, uploaded = pushed.uploaded, "volume moved to object storage");
+    Ok(true)
+}
+
+/// A drain: send every volume of this node that no sandbox mounts to object storage. How
+/// many moved.
+pub async fn move_all(node: &Node) -> usize {
+    let volumes = match node.store.volumes.on_node(&node.cfg.node_id).await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(error = %crate::DisplayChain(&e), "drain: listing this node's volumes");
+            return 0;
+        }
+    };
+    let mut moved = 0;
+    for v in volumes {
+        match move_away(node, &v).await {
+            Ok(true) => moved += 1,
+            Ok(false) => {
+                tracing::info!(volume = %v.id, "drain: the volume stays (a sandbox here mounts it)")
+            }
+            Err(e) => {
+                tracing::warn!(volume = %v.id, error = %crate::DisplayChain(&e), "drain: the volume stays")
+            }
+        }
+    }
+    moved
+}
+
+/// Before a create that mounts `mounts`: fetch each of them that lives only in object
+/// storage and take it here. Nothing changes on failure (503 `volume_fetch_failed`), and
+/// a volume another node took meanwhile answers 409 `volume_on_another_node`.
+pub async fn bring_here(node: &Node, mounts: &[VolumeMountRow]) -> Result<(), ControlError> {
+    for m in mounts {
+        let Some(v) = node.store.volumes.by_id(&m.volume_id).await? else {
+            continue;
+        };
+        if v.node_id != STORED_VOLUME {
+            continue;
+        }
+        let (Some(images), Some(stored)) = (node.image_store().cloned(), stored_of(&v)) else {
+            return Err(ControlError::Unavailable {
+                code: "volume_not_stored",
+                message: format!(
+                    "volume {:?} is in object storage, which this node is not configured with",
+                    v.name
+                ),
+            });
+        };
+        let _decide = node.volume_lock.lock().await;
+        let fetched = node.staging_dir(&v.id, "pull");
+        let dir = node.volume_dir(&v.id);
+        let placed = async {
+            images
+                .pull(&stored.reference, &fetched, ImageKind::Volume)
+                .await
+                .map_err(|e| ControlError::Unavailable {
+                    code: "volume_fetch_failed",
+                    message: format!(
+                        "fetching volume {:?} from object storage: {}",
+                        v.name,
+                        crate::DisplayChain(&*e)
+                    ),
+                })?;
+            node.runtime.unpack_volume(&fetched, &dir).await?;
+            Ok::<_, ControlError>(())
+        }
+        .await;
+        if fetched.exists() {
+            let _ = sandpit_fs::remove_tree(&fetched);
+        }
+        placed?;
+        if !node
+            .store
+            .volumes
+            .bring_here(&v.id, &node.cfg.node_id)
+            .await?
+        {
+            let _ = node.runtime.delete_volume(&dir).await;
+            return Err(ControlError::conflict(
+                "volume_on_another_node",
+                format!(
+                    "volume {:?} was taken by another node meanwhile; retry",
+                    v.name
+                ),
+            ));
+        }
+        let reference = stored.reference;
+        tokio::spawn(async move {
+            if let Err(e) = images.forget(&reference).await {
+                tracing::warn!(%reference, error = %crate::DisplayChain(&*e), "forgetting a volume's image after it moved");
+            }
+        });
+        tracing::info!(volume = %v.id, "took a volume from object storage");
     }
     Ok(())
 }

@@ -45,7 +45,7 @@ pub use templates::{
     MAX_VERSION, TemplateInsert, TemplateRef, TemplateRow, TemplateStatus, Templates,
 };
 pub use tenants::{Tenants, TokenAuth, TokenRow, WorkspaceRow};
-pub use volumes::{VolumeMountRow, VolumeRow, Volumes};
+pub use volumes::{STORED_VOLUME, StoredVolume, VolumeMountRow, VolumeRow, Volumes};
 
 /// Which database a [`Db`] talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

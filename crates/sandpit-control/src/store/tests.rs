@@ -1411,6 +1411,7 @@ async fn volumes_mounts_and_references(db: &TestDb) {
         size_bytes: 64 << 20,
         node_id: "n1".into(),
         created_at: 1,
+        remote_image: None,
     };
     assert!(s.volumes.insert(&vol("vol_1", "data"), 2).await.unwrap());
     let taken = s.volumes.insert(&vol("vol_x", "data"), 2).await;
@@ -1458,7 +1459,7 @@ async fn volumes_mounts_and_references(db: &TestDb) {
         .add_mounts("sb_1", std::slice::from_ref(&rw))
         .await
         .unwrap();
-    assert_eq!(s.volumes.mounts_of("sb_1").await.unwrap(), [rw.clone()]);
+    assert_eq!(s.volumes.mounts_of("sb_1").await.unwrap(), std::slice::from_ref(&rw));
     assert_eq!(
         s.volumes.writer("vol_1", "sb_x").await.unwrap().as_deref(),
         Some("sb_1")

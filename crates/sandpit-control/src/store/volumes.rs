@@ -11,9 +11,24 @@ pub struct VolumeRow {
     pub workspace_id: String,
     pub name: String,
     pub size_bytes: i64,
-    /// The node that holds its image (volumes do not move between nodes).
+    /// The node that holds its image, or [`STORED_VOLUME`] while it is only in object
+    /// storage (moved away by a drain).
     pub node_id: String,
     pub created_at: i64,
+    /// The stored image (JSON [`StoredVolume`]) while `node_id` is [`STORED_VOLUME`].
+    #[sqlx(default)]
+    pub remote_image: Option<String>,
+}
+
+/// The owner of a volume that lives only in object storage: not a node's name; the node of
+/// the next create that mounts it fetches it and takes it.
+pub const STORED_VOLUME: &str = "~stored";
+
+/// Where a volume that left its node is in object storage.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoredVolume {
+    pub reference: String,
+    pub bytes: u64,
 }
 
 /// One volume mounted into a sandbox (or recorded by a snapshot).
@@ -129,6 +144,43 @@ impl Volumes {
         ).bind(id).fetch_optional(p).await)
         .map_err(q("looking for a volume's snapshots"))?;
         Ok(snapshot.map(|(s,)| format!("snapshot {s} refers to it")))
+    }
+
+    /// A sandbox (not destroyed or failed) that mounts volume `id`, if any (snapshots that
+    /// refer to it aside).
+    pub async fn sandbox_user(&self, id: &str) -> Result<Option<String>, ControlError> {
+        let row: Option<(String,)> = with_db!(self.db, p => sqlx::query_as(
+            "SELECT s.id FROM sandbox_volumes v JOIN sandboxes s ON s.id = v.sandbox_id
+             WHERE v.volume_id = $1
+               AND s.status IN ('creating', 'running', 'suspended', 'pooled') LIMIT 1"
+        ).bind(id).fetch_optional(p).await)
+        .map_err(q("looking for a volume's sandboxes"))?;
+        Ok(row.map(|(s,)| s))
+    }
+
+    /// Volume `id` left node `from` for object storage (`remote`: a [`StoredVolume`] JSON),
+    /// if it is still `from`'s. One statement: false when something changed it meanwhile.
+    pub async fn store_away(
+        &self,
+        id: &str,
+        from: &str,
+        remote: &str,
+    ) -> Result<bool, ControlError> {
+        let n = with_db!(self.db, p => sqlx::query(
+            "UPDATE volumes SET node_id = $1, remote_image = $2 WHERE id = $3 AND node_id = $4"
+        ).bind(STORED_VOLUME).bind(remote).bind(id).bind(from).execute(p).await.map(|r| r.rows_affected()))
+        .map_err(q("recording a volume in object storage"))?;
+        Ok(n == 1)
+    }
+
+    /// Node `to` took volume `id` from object storage, if it is still there. One statement:
+    /// of two nodes, one wins.
+    pub async fn bring_here(&self, id: &str, to: &str) -> Result<bool, ControlError> {
+        let n = with_db!(self.db, p => sqlx::query(
+            "UPDATE volumes SET node_id = $1, remote_image = NULL WHERE id = $2 AND node_id = $3"
+        ).bind(to).bind(id).bind(STORED_VOLUME).execute(p).await.map(|r| r.rows_affected()))
+        .map_err(q("taking a volume from object storage"))?;
+        Ok(n == 1)
     }
 
     /// The sandbox (not destroyed or failed, other than `except`) that mounts volume `id`

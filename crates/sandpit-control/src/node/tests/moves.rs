@@ -619,3 +619,76 @@ async fn an_undrain_counts_before_the_next_heartbeat() {
     h.create(SandboxMode::Ephemeral).await.unwrap();
     assert!(!h.node.is_draining());
 }
+
+/// A drain sends the volumes no sandbox mounts to object storage (one a sandbox mounts
+/// stays); a create on another node that mounts a moved volume fetches it and takes it.
+#[tokio::test]
+async fn a_drain_moves_free_volumes_and_another_node_takes_them() {
+    use sandpit_api_types::{CreateSandboxRequest, CreateVolumeRequest, VolumeMountRequest};
+    let h = Harness::new().await;
+    let bucket = tempfile::tempdir().unwrap();
+    let store = images_in(bucket.path());
+    h.node.set_image_store(store.clone());
+    join(&h.node, 60_000).await;
+    let volume = |name: &str| CreateVolumeRequest {
+        name: name.into(),
+        size: Some("64M".into()),
+    };
+    let free = crate::node::volumes::create(&h.node, &h.workspace, &volume("free"))
+        .await
+        .unwrap();
+    let used = crate::node::volumes::create(&h.node, &h.workspace, &volume("used"))
+        .await
+        .unwrap();
+    let mounting = |name: &str| CreateSandboxRequest {
+        template: "base".into(),
+        mode: SandboxMode::Persistent,
+        volumes: vec![VolumeMountRequest {
+            name: name.into(),
+            path: "/data".into(),
+            read_only: false,
+        }],
+        ..Default::default()
+    };
+    h.create_with(&mounting("used")).await.unwrap();
+
+    assert_eq!(crate::node::volumes::move_all(&h.node).await, 1);
+    let moved = h.node.store.volumes.by_id(&free.id).await.unwrap().unwrap();
+    assert_eq!(moved.node_id, crate::store::STORED_VOLUME);
+    assert!(moved.remote_image.is_some());
+    assert!(!h.node.volume_dir(&free.id).exists(), "the local copy went");
+    let stayed = h.node.store.volumes.by_id(&used.id).await.unwrap().unwrap();
+    assert_eq!(stayed.node_id, h.node.cfg.node_id);
+
+    let b_dir = tempfile::tempdir().unwrap();
+    let b = second_node(&h, b_dir.path(), store.clone()).await;
+    let (row, snapshot, mounts) = lifecycle::prepare_create(&b, &h.workspace, &mounting("free"))
+        .await
+        .unwrap();
+    let lock = tokio::sync::Mutex::new(());
+    let sb = lifecycle::create(&b, row, snapshot, mounts, &unreserved(&lock))
+        .await
+        .unwrap();
+    assert_eq!(sb.node_id, "node-b");
+    let taken = b.store.volumes.by_id(&free.id).await.unwrap().unwrap();
+    assert_eq!(
+        (taken.node_id.as_str(), taken.remote_image),
+        ("node-b", None)
+    );
+    assert!(
+        b.volume_dir(&free.id)
+            .join(sandpit_runtime::fake::VOLUME_FILE)
+            .is_file()
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        store.forgotten.lock().unwrap().len(),
+        1,
+        "its stored image went"
+    );
+    // The one still mounted on A cannot be mounted on B: it did not move.
+    let e = lifecycle::prepare_create(&b, &h.workspace, &mounting("used"))
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&e), "volume_on_another_node");
+}
