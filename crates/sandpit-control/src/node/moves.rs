@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Node;
 pub(super) use super::uploads::stop_upload;
-use super::uploads::{FILES_DIR, MEMORY_DIR, Upload, forget_in_background, link_flat_dir};
+use super::uploads::{FILES_DIR, MEMORY_DIR, Upload, forget_in_background};
 use crate::error::{ControlError, DisplayChain};
 use crate::remote::{ImageKind, ImageStore, RemoteImage, RemoteState};
 use crate::store::Sandbox;
@@ -126,35 +126,23 @@ async fn upload(
     stage: &Path,
     memory: bool,
 ) -> Result<Option<crate::remote::Pushed>, String> {
-    async {
-        std::fs::create_dir_all(stage).map_err(|e| format!("staging: {e}"))?;
-        if !node
-            .runtime
-            .pack_files(state_dir, &stage.join(FILES_DIR))
-            .await
-            .map_err(|e| format!("packing the files: {}", DisplayChain(&e)))?
-        {
-            return Ok(None);
-        }
-        let mem = stage.join(MEMORY_DIR);
-        std::fs::create_dir(&mem).map_err(|e| format!("staging: {e}"))?;
-        if memory {
-            link_flat_dir(&node.checkpoint_dir(id), &mem)
-                .map_err(|e| format!("staging the memory image: {e}"))?;
-        }
-        let started = std::time::Instant::now();
-        let pushed = images
-            .push(stage, ImageKind::Hibernation)
-            .await
-            .map_err(|e| format!("uploading: {}", DisplayChain(&*e)))?;
-        if !crate::remote::valid_reference(&pushed.reference) {
-            return Err("the image store returned an unusable reference".into());
-        }
-        let secs = started.elapsed().as_secs_f64();
-        tracing::info!(sandbox = %id, bytes = pushed.bytes, uploaded = pushed.uploaded, ms = (secs * 1000.0) as u64, mb_per_s = (pushed.uploaded as f64 / 1e6 / secs.max(1e-3)) as u64, "image stored remotely");
-        Ok(Some(pushed))
-    }
-    .await
+    let memory_from = node.checkpoint_dir(id);
+    let memory_from = memory.then_some(memory_from.as_path());
+    let Some((pushed, took)) = super::uploads::stage_and_push(
+        node,
+        images,
+        state_dir,
+        memory_from,
+        stage,
+        ImageKind::Hibernation,
+    )
+    .await?
+    else {
+        return Ok(None);
+    };
+    let secs = took.as_secs_f64();
+    tracing::info!(sandbox = %id, bytes = pushed.bytes, uploaded = pushed.uploaded, ms = (secs * 1000.0) as u64, mb_per_s = (pushed.uploaded as f64 / 1e6 / secs.max(1e-3)) as u64, "image stored remotely");
+    Ok(Some(pushed))
 }
 
 /// Record how an upload ended, if the row still holds the record it started from. The

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use super::Node;
-use super::uploads::{FILES_DIR, MEMORY_DIR, Upload, forget_in_background, link_flat_dir};
+use super::uploads::{FILES_DIR, MEMORY_DIR, Upload, forget_in_background};
 use crate::Stored;
 use crate::error::{ControlError, DisplayChain};
 use crate::remote::{ImageKind, ImageStore, Pushed, RemoteImage, RemoteState};
@@ -105,31 +105,21 @@ async fn upload_snapshot(
     stage: &Path,
     memory: bool,
 ) -> Result<Option<Pushed>, String> {
-    std::fs::create_dir_all(stage).map_err(|e| format!("staging: {e}"))?;
-    if !node
-        .runtime
-        .pack_files(&dir.join(FILES_DIR), &stage.join(FILES_DIR))
-        .await
-        .map_err(|e| format!("packing the files: {}", DisplayChain(&e)))?
-    {
+    let memory_from = dir.join(MEMORY_DIR);
+    let memory_from = memory.then_some(memory_from.as_path());
+    let Some((pushed, took)) = super::uploads::stage_and_push(
+        node,
+        images,
+        &dir.join(FILES_DIR),
+        memory_from,
+        stage,
+        ImageKind::Snapshot,
+    )
+    .await?
+    else {
         return Ok(None);
-    }
-    let mem = stage.join(MEMORY_DIR);
-    std::fs::create_dir(&mem).map_err(|e| format!("staging: {e}"))?;
-    if memory {
-        link_flat_dir(&dir.join(MEMORY_DIR), &mem)
-            .map_err(|e| format!("staging the memory image: {e}"))?;
-    }
-    let started = std::time::Instant::now();
-    let pushed = images
-        .push(stage, ImageKind::Snapshot)
-        .await
-        .map_err(|e| format!("uploading: {}", DisplayChain(&*e)))?;
-    if !crate::remote::valid_reference(&pushed.reference) {
-        return Err("the image store returned an unusable reference".into());
-    }
-    let secs = started.elapsed().as_secs_f64();
-    tracing::info!(snapshot = %id, bytes = pushed.bytes, uploaded = pushed.uploaded, ms = (secs * 1000.0) as u64, "snapshot stored remotely");
+    };
+    tracing::info!(snapshot = %id, bytes = pushed.bytes, uploaded = pushed.uploaded, ms = took.as_millis() as u64, "snapshot stored remotely");
     Ok(Some(pushed))
 }
 

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Node;
 use crate::error::DisplayChain;
-use crate::remote::ImageStore;
+use crate::remote::{ImageKind, ImageStore, Pushed};
 use crate::util::random_hex;
 
 /// An upload under way: cancelled and awaited by whoever needs the files back.
@@ -50,7 +50,7 @@ impl Node {
 }
 
 /// Hard-link every regular file of the flat, node-written directory `from` into `to`.
-pub(super) fn link_flat_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+fn link_flat_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     for entry in std::fs::read_dir(from)? {
         let entry = entry?;
         if !entry.file_type()?.is_file() {
@@ -83,4 +83,40 @@ pub(super) async fn stop_upload(node: &Node, id: &str) {
         u.cancel.cancel();
         let _ = u.done.await;
     }
+}
+
+/// Stage a sandbox's files (`Runtime::pack_files` of `files_from`) and, if given, hard
+/// links to the memory image in `memory_from` under the missing `stage`, and push it as
+/// `kind`. `Ok(None)`: the files cannot move. The caller removes `stage`.
+pub(super) async fn stage_and_push(
+    node: &Node,
+    images: &dyn ImageStore,
+    files_from: &Path,
+    memory_from: Option<&Path>,
+    stage: &Path,
+    kind: ImageKind,
+) -> Result<Option<(Pushed, std::time::Duration)>, String> {
+    std::fs::create_dir_all(stage).map_err(|e| format!("staging: {e}"))?;
+    if !node
+        .runtime
+        .pack_files(files_from, &stage.join(FILES_DIR))
+        .await
+        .map_err(|e| format!("packing the files: {}", DisplayChain(&e)))?
+    {
+        return Ok(None);
+    }
+    let mem = stage.join(MEMORY_DIR);
+    std::fs::create_dir(&mem).map_err(|e| format!("staging: {e}"))?;
+    if let Some(from) = memory_from {
+        link_flat_dir(from, &mem).map_err(|e| format!("staging the memory image: {e}"))?;
+    }
+    let started = std::time::Instant::now();
+    let pushed = images
+        .push(stage, kind)
+        .await
+        .map_err(|e| format!("uploading: {}", DisplayChain(&*e)))?;
+    if !crate::remote::valid_reference(&pushed.reference) {
+        return Err("the image store returned an unusable reference".into());
+    }
+    Ok(Some((pushed, started.elapsed())))
 }

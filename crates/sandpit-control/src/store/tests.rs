@@ -1459,7 +1459,10 @@ async fn volumes_mounts_and_references(db: &TestDb) {
         .add_mounts("sb_1", std::slice::from_ref(&rw))
         .await
         .unwrap();
-    assert_eq!(s.volumes.mounts_of("sb_1").await.unwrap(), std::slice::from_ref(&rw));
+    assert_eq!(
+        s.volumes.mounts_of("sb_1").await.unwrap(),
+        std::slice::from_ref(&rw)
+    );
     assert_eq!(
         s.volumes.writer("vol_1", "sb_x").await.unwrap().as_deref(),
         Some("sb_1")
