@@ -558,6 +558,8 @@ async fn toolchain_template_on_demand() {
 
 /// With boot snapshots on, a built template's start command runs once at build time, the
 /// moment it is ready is checkpointed, and sandboxes restore it with the command running.
+/// (The loop replaces its tick file by a rename: a reader between a truncate and a write
+/// would see it empty.)
 #[tokio::test]
 async fn built_template_boot_snapshot_has_the_start_command_running() {
     let srv = TestServer::start_with(crate::bin(), &[("SANDPIT_BOOT_SNAPSHOTS", "true")])
@@ -568,7 +570,7 @@ async fn built_template_boot_snapshot_has_the_start_command_running() {
         .create_template(&CreateTemplateRequest {
             name: "ticker".into(),
             dockerfile: Some(
-                "FROM base\nCMD [\"/bin/sh\", \"-c\", \"echo start >> /tmp/starts; i=0; while true; do i=$((i+1)); echo $i > /tmp/tick; sleep 0.1; done\"]\n".into(),
+                "FROM base\nCMD [\"/bin/sh\", \"-c\", \"echo start >> /tmp/starts; i=0; while true; do i=$((i+1)); echo $i > /tmp/tick.new; mv /tmp/tick.new /tmp/tick; sleep 0.1; done\"]\n".into(),
             ),
             ready: Some(sandpit_sdk::types::ReadyCheck::Command("test -s /tmp/tick".into())),
             ..Default::default()
