@@ -53,7 +53,10 @@ pub fn sandbox_of_path(path: &str) -> Option<&str> {
     let rest = path
         .strip_prefix("/v1/sandboxes/")
         .or_else(|| path.strip_prefix("/sandbox/"))
-        .or_else(|| path.strip_prefix("/vm/"))?;
+        .or_else(|| path.strip_prefix("/vm/"))
+        // The E2B control API (`crate::e2b`); its envd requests answer on the sandbox's node.
+        .or_else(|| path.strip_prefix("/sandboxes/"))
+        .or_else(|| path.strip_prefix("/v2/sandboxes/"))?;
     let id = rest.split('/').next()?;
     // Sandbox ids are `sb` + hex; the CodeSandbox `/vm/tag`, `/vm/running`, … are not.
     (id.len() > 2
