@@ -552,7 +552,7 @@ async fn filesystem(
                 return Err(ConnectError::new("invalid_argument", "cannot move /"));
             }
             agent.stat(&src).await.map_err(failed)?;
-            let argv = vec!["mv".into(), "-T".into(), "--".into(), src, dst.clone()];
+            let argv = vec!["mv".into(), "--".into(), src, dst.clone()];
             let (status, stderr) = agent
                 .run_for_stderr(argv, Duration::from_secs(60))
                 .await
@@ -695,13 +695,21 @@ async fn start(
     let cwd = resolve(&envd, cfg.cwd.as_deref().unwrap_or(""))?;
     let config = json!({"cmd": cfg.cmd, "args": cfg.args, "envs": cfg.envs, "cwd": cwd});
     let (agent, guard, row) = lifecycle::running_agent(server, &envd.sb).await?;
-    let mut argv = vec![cfg.cmd];
-    argv.extend(cfg.args);
+    // The SDKs run everything as `/bin/bash -l -c <cmd>`; a template without bash (the
+    // busybox `base`) runs the command line with `/bin/sh -c` instead.
+    let (argv, shell) = if cfg.cmd == "/bin/bash" && agent.stat("/bin/bash").await.is_err() {
+        match cfg.args.as_slice() {
+            [l, c, line] if l == "-l" && c == "-c" => (None, Some(line.clone())),
+            _ => (Some([vec!["/bin/sh".to_string()], cfg.args].concat()), None),
+        }
+    } else {
+        (Some([vec![cfg.cmd], cfg.args].concat()), None)
+    };
     // Connect-Timeout-Ms bounds the call: the process is killed when it passes.
     let timeout_ms = header_secs(headers, "connect-timeout-ms").map(|t| t.clamp(1, 86_400_000));
     let req = proto::ExecRequest {
-        argv: Some(argv),
-        shell: None,
+        argv,
+        shell,
         cwd: Some(cwd),
         env: lifecycle::exec_env(&row, cfg.envs.into_iter().collect())?,
         timeout_ms,
