@@ -90,7 +90,19 @@ again = Sandbox.connect(sbx.sandbox_id)
 seen["resumedRead"] = again.files.read("/tmp/e2b/kept.txt").strip()
 seen["resumedRun"] = again.commands.run("cat /tmp/e2b/kept.txt").stdout.strip()
 
+# Stdin to a background process, which a kill of the sandbox then ends (it does not wait).
+cat = again.commands.run("cat", background=True, stdin=True)
+again.commands.send_stdin(cat.pid, "fed through stdin\n")
+fed = ""
+for stdout, _stderr, _pty in cat:
+    fed += stdout or ""
+    if "\n" in fed:
+        break
+seen["stdin"] = fed.strip()
+
+started = time.time()
 again.kill()
+seen["killSeconds"] = round(time.time() - started)
 try:
     Sandbox.connect(sbx.sandbox_id)
     seen["afterKill"] = "connected"

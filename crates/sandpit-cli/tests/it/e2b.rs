@@ -125,6 +125,8 @@ async fn the_e2b_python_sdk_works_unmodified() {
     assert_eq!(seen["pausedState"], json!(["paused"]), "{seen}");
     assert_eq!(seen["resumedRead"], "kept", "{seen}");
     assert_eq!(seen["resumedRun"], "kept", "{seen}");
+    assert_eq!(seen["stdin"], "fed through stdin", "{seen}");
+    assert!(seen["killSeconds"].as_u64().unwrap_or(99) < 10, "{seen}");
     assert_eq!(seen["afterKill"], "SandboxNotFoundException", "{seen}");
     // What the SDK did is what the native API sees.
     let s = srv

@@ -719,16 +719,19 @@ async fn start(
     let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(64);
     let (in_tx, in_rx) = mpsc::channel::<ExecInput>(16);
     let tag = m.tag;
+    // A destroy (or the liveness watch) cancels the sandbox's operations: the process ends
+    // rather than hold the sandbox.
+    let cancel = server.cancel_of(&id);
     tokio::spawn({
         let id = id.clone();
         async move {
             let (out_tx, mut out_rx) = mpsc::channel::<ExecOutput>(64);
             let run = agent.exec_controlled(req, out_tx, in_rx);
+            let pid = Mutex::new(None);
             let relay = async {
-                let mut pid = None;
                 while let Some(o) = out_rx.recv().await {
                     if let ExecOutput::Started(p) = o {
-                        pid = Some(p);
+                        *pid.lock().unwrap_or_else(|p| p.into_inner()) = Some(p);
                         procs().insert(
                             (id.clone(), p),
                             Proc {
@@ -741,15 +744,21 @@ async fn start(
                     // The client may have gone: the process goes on.
                     let _ = ev_tx.send(Event::Out(o)).await;
                 }
-                pid
             };
-            let (status, pid) = tokio::join!(run, relay);
+            let status = tokio::select! {
+                (status, ()) = async { tokio::join!(run, relay) } => status.map_err(failed),
+                _ = cancel.cancelled() => Err(ConnectError::new(
+                    "unavailable",
+                    "the sandbox stopped while the process ran",
+                )),
+            };
             drop(in_tx);
+            let pid = *pid.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(p) = pid {
                 procs().remove(&(id, p));
             }
             drop(guard);
-            let _ = ev_tx.send(Event::End(status.map_err(failed))).await;
+            let _ = ev_tx.send(Event::End(status)).await;
         }
     });
     let keepalive = Duration::from_secs(
