@@ -722,6 +722,7 @@ async fn start(
     // A destroy (or the liveness watch) cancels the sandbox's operations: the process ends
     // rather than hold the sandbox.
     let cancel = server.cancel_of(&id);
+    let watched = server.clone();
     tokio::spawn({
         let id = id.clone();
         async move {
@@ -750,6 +751,12 @@ async fn start(
                 _ = cancel.cancelled() => Err(ConnectError::new(
                     "unavailable",
                     "the sandbox stopped while the process ran",
+                )),
+                // The process holds the sandbox (the reaper skips busy sandboxes): it ends
+                // when the sandbox's timeout passes.
+                _ = past_expiry(&watched, &id) => Err(ConnectError::new(
+                    "deadline_exceeded",
+                    "the sandbox's timeout passed while the process ran",
                 )),
             };
             drop(in_tx);
@@ -814,6 +821,18 @@ async fn start(
         HeaderValue::from_static(connect::STREAM_TYPE),
     );
     Ok(resp)
+}
+
+/// Resolves once the sandbox's expiry has passed (checked every few seconds).
+async fn past_expiry(server: &Server, id: &str) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        if let Ok(Some(row)) = server.store.sandboxes.get(id).await
+            && row.expires_at.is_some_and(|e| e <= crate::util::now_ms())
+        {
+            return;
+        }
+    }
 }
 
 fn list_processes(envd: &Envd) -> Result<Value, ConnectError> {
