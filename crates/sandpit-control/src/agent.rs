@@ -62,6 +62,15 @@ pub enum ExecOutput {
     Stderr(Vec<u8>),
 }
 
+/// What the host sends a running exec ([`AgentClient::exec_controlled`]).
+#[derive(Debug)]
+pub enum ExecInput {
+    Stdin(Vec<u8>),
+    CloseStdin,
+    /// A signal for the process group.
+    Signal(i32),
+}
+
 /// A connection that resets on drop.
 pub struct AgentConn {
     stream: TcpStream,
@@ -197,6 +206,54 @@ impl AgentClient {
         self.relay_exec(&mut conn, out).await
     }
 
+    /// Like [`AgentClient::exec`], with `input` relayed to the process while it runs
+    /// (stdin bytes, stdin close, signals). A closed `input` sends nothing more; the
+    /// process goes on.
+    pub async fn exec_controlled(
+        &self,
+        req: ExecRequest,
+        out: mpsc::Sender<ExecOutput>,
+        mut input: mpsc::Receiver<ExecInput>,
+    ) -> Result<ExitStatus, AgentFailure> {
+        let mut conn = self.open(Op::Exec(req)).await?;
+        let (mut r, mut w) = conn.stream.split();
+        let writer = async {
+            while let Some(i) = input.recv().await {
+                let sent = match i {
+                    ExecInput::Stdin(b) => {
+                        let mut res = Ok(());
+                        for chunk in b.chunks(proto::DATA_CHUNK) {
+                            res = proto::write_frame(&mut w, FrameKind::Stdin, chunk).await;
+                            if res.is_err() {
+                                break;
+                            }
+                        }
+                        res
+                    }
+                    ExecInput::CloseStdin => {
+                        proto::write_frame(&mut w, FrameKind::StdinClose, &[]).await
+                    }
+                    ExecInput::Signal(signal) => {
+                        proto::write_json(
+                            &mut w,
+                            FrameKind::Signal,
+                            &proto::SignalRequest { signal },
+                        )
+                        .await
+                    }
+                };
+                if sent.is_err() {
+                    break;
+                }
+            }
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            r = self.relay_exec_from(&mut r, out) => r,
+            _ = writer => unreachable!("the writer never ends"),
+        }
+    }
+
     /// Run `argv` to its end (at most `timeout`), keeping only the first
     /// [`MAX_HELPER_STDERR`] bytes of its stderr: for short helper commands whose failure
     /// message is all that matters (the command runs in the tenant's sandbox, so its output
@@ -232,8 +289,19 @@ impl AgentClient {
         conn: &mut AgentConn,
         out: mpsc::Sender<ExecOutput>,
     ) -> Result<ExitStatus, AgentFailure> {
+        self.relay_exec_from(&mut conn.stream, out).await
+    }
+
+    /// [`AgentClient::relay_exec`] from the read side of a connection.
+    async fn relay_exec_from<R: tokio::io::AsyncRead + Unpin>(
+        &self,
+        r: &mut R,
+        out: mpsc::Sender<ExecOutput>,
+    ) -> Result<ExitStatus, AgentFailure> {
         loop {
-            let frame = self.read(conn).await?;
+            let frame = proto::read_frame(r)
+                .await
+                .map_err(|e| self.broken(DisplayChain(&e)))?;
             let item = match frame.kind {
                 FrameKind::Started => {
                     let s: proto::ExecStarted = frame.parse().map_err(|e| self.broken(e))?;

@@ -52,18 +52,38 @@ impl FromRequestParts<Arc<Server>> for Auth {
     }
 }
 
-/// The caller named by a request's `Authorization: Bearer` header, or 401.
+/// The header the E2B SDKs send their API key in: the same tokens as `Bearer`.
+pub const API_KEY_HEADER: &str = "x-api-key";
+
+/// Whether a request presents an API token (`Authorization: Bearer` or `X-API-KEY`); an
+/// `Authorization: Basic` (envd's user) is not one.
+pub fn presents_token(headers: &HeaderMap) -> bool {
+    headers.contains_key(API_KEY_HEADER)
+        || headers
+            .get(axum::http::header::AUTHORIZATION)
+            .is_some_and(|h| !h.as_bytes().starts_with(b"Basic "))
+}
+
+/// The caller named by a request's `Authorization: Bearer` header (or, when there is none,
+/// its `X-API-KEY` header, as the E2B SDKs send it), or 401.
 pub async fn resolve(server: &Server, headers: &HeaderMap) -> Result<Auth, ApiError> {
-    let header = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token> header"))?;
-    let token = header
-        .to_str()
-        .ok()
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| ApiError::unauthorized("Authorization header must be Bearer <token>"))?;
+    let token = match headers.get(axum::http::header::AUTHORIZATION) {
+        Some(header) => header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| ApiError::unauthorized("Authorization header must be Bearer <token>"))?,
+        None => headers
+            .get(API_KEY_HEADER)
+            .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token> header"))?
+            .to_str()
+            .ok()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| ApiError::unauthorized("X-API-KEY must be an API token"))?,
+    };
     let found = server
         .store
         .tenants

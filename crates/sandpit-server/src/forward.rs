@@ -12,8 +12,9 @@
 //! relays it again. Without a secret nothing is relayed (another node's sandbox answers
 //! 503 `sandbox_on_another_node`). Headers claiming a relay that do not verify are dropped.
 //!
-//! Relayed: the `/v1/sandboxes/{id}/…` routes and the CodeSandbox `/sandbox/{id}/…` and
-//! `/vm/{id}/…` routes, streams and WebSocket upgrades (terminals) included; a build's
+//! Relayed: the `/v1/sandboxes/{id}/…` routes, the CodeSandbox `/sandbox/{id}/…` and
+//! `/vm/{id}/…` routes and the E2B `/sandboxes/{id}/…` and `/v2/sandboxes/{id}/…` routes
+//! (E2B envd requests, by header, answer only on the sandbox's node), streams and WebSocket upgrades (terminals) included; a build's
 //! event stream to the node running the build; a volume's delete, and creates mounting
 //! it, to its home node. An API replica (`--api-only`) also relays what needs a node and
 //! names no sandbox (template builds, volume creates, CodeSandbox creates) to a placed one.
@@ -53,7 +54,10 @@ pub fn sandbox_of_path(path: &str) -> Option<&str> {
     let rest = path
         .strip_prefix("/v1/sandboxes/")
         .or_else(|| path.strip_prefix("/sandbox/"))
-        .or_else(|| path.strip_prefix("/vm/"))?;
+        .or_else(|| path.strip_prefix("/vm/"))
+        // The E2B control API (`crate::e2b`); its envd requests answer on the sandbox's node.
+        .or_else(|| path.strip_prefix("/sandboxes/"))
+        .or_else(|| path.strip_prefix("/v2/sandboxes/"))?;
     let id = rest.split('/').next()?;
     // Sandbox ids are `sb` + hex; the CodeSandbox `/vm/tag`, `/vm/running`, … are not.
     (id.len() > 2
@@ -863,6 +867,9 @@ mod tests {
             format!("/v1/sandboxes/{id}/terminals/t1/attach"),
             format!("/vm/{id}/hibernate"),
             format!("/sandbox/{id}/fork"),
+            format!("/sandboxes/{id}"),
+            format!("/sandboxes/{id}/pause"),
+            format!("/v2/sandboxes/{id}/connect"),
         ] {
             assert_eq!(sandbox_of_path(&p), Some(id), "{p}");
         }
@@ -877,6 +884,9 @@ mod tests {
             "/v1/sandboxes/sb",
             "/v1/sandboxes/sbXYZ/exec",
             "/v1/sandboxes/../x",
+            "/v2/sandboxes",
+            "/sandboxes",
+            "/sandboxes/x",
         ] {
             assert_eq!(sandbox_of_path(p), None, "{p}");
         }

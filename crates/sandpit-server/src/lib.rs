@@ -12,6 +12,7 @@ pub mod builds;
 pub mod compat;
 pub mod csb_store;
 pub mod dns;
+pub mod e2b;
 pub mod error;
 pub mod extract;
 pub mod fork;

@@ -526,11 +526,7 @@ pub async fn collecting_headers<F: std::future::Future>(
 pub async fn enforce(State(server): State<Arc<Server>>, mut req: Request, next: Next) -> Response {
     let auth = match crate::auth::resolve(&server, req.headers()).await {
         Ok(auth) => auth,
-        Err(_)
-            if !req
-                .headers()
-                .contains_key(axum::http::header::AUTHORIZATION) =>
-        {
+        Err(_) if !crate::auth::presents_token(req.headers()) => {
             return next.run(req).await;
         }
         // Not a bad token (the database is out of reach, say): nothing to count against the

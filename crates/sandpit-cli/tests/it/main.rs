@@ -11,6 +11,7 @@ mod api;
 mod crash;
 mod csb;
 mod database;
+mod e2b;
 mod egress;
 mod fleet;
 mod fork;

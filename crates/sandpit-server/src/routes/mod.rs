@@ -184,6 +184,8 @@ pub fn app(server: Arc<Server>) -> Router {
     )
     // The CodeSandbox-compatible surface (seed 000 and the agent gateway).
     .merge(crate::compat::router())
+    // The E2B control API (envd requests are taken out by `e2b::envd::route` below).
+    .merge(crate::e2b::router())
     .fallback(|| async { ApiError::not_found("route_not_found", "no such route") })
     .method_not_allowed_fallback(|| async {
         ApiError::new(
@@ -196,6 +198,12 @@ pub fn app(server: Arc<Server>) -> Router {
     .layer(axum::middleware::from_fn_with_state(
         server.clone(),
         crate::forward::to_owner,
+    ))
+    // envd requests of the E2B SDKs (an `E2b-Sandbox-Id` header) go to the E2B envd
+    // routes; they carry an envd token, no API token, and answer on the sandbox's node.
+    .layer(axum::middleware::from_fn_with_state(
+        server.clone(),
+        crate::e2b::envd::route,
     ))
     // Rate limits per workspace, inside the preview router (previews carry no API token).
     .layer(axum::middleware::from_fn_with_state(

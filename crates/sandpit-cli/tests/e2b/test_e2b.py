@@ -1,0 +1,112 @@
+"""The unmodified `e2b` Python SDK (pinned in requirements.txt) against a live Sandpit server.
+
+Configured only through the SDK's own environment variables, the plain-HTTP way:
+E2B_API_KEY (a Sandpit API token), E2B_API_URL and E2B_SANDBOX_URL (the server's URL).
+Prints one JSON line of what it saw; `tests/it/e2b.rs` checks it. Any failure raises.
+"""
+
+import json
+import time
+
+from e2b import Sandbox, SandboxQuery, SandboxState
+from e2b import CommandExitException, NotFoundException, SandboxException
+
+seen = {}
+
+sbx = Sandbox.create(metadata={"suite": "e2b-python"}, envs={"GREETING": "hello"}, timeout=300)
+seen["id"] = sbx.sandbox_id
+seen["running"] = sbx.is_running()
+
+# A command's stdout and exit code (a non-zero exit raises, carrying both).
+try:
+    sbx.commands.run("echo hi; exit 3")
+    raise AssertionError("exit 3 did not raise")
+except CommandExitException as e:
+    seen["exit"] = e.exit_code
+    seen["exitStdout"] = e.stdout
+ok = sbx.commands.run("echo $GREETING; echo oops >&2")
+seen["run"] = ok.stdout.strip()
+seen["stderr"] = ok.stderr.strip()
+seen["env"] = sbx.commands.run("echo $WHO", envs={"WHO": "e2b"}).stdout.strip()
+seen["cwd"] = sbx.commands.run("pwd", cwd="/tmp").stdout.strip()
+
+# A background command with streamed output (the sync SDK streams as the handle is
+# iterated), then listed and killed.
+h = sbx.commands.run(
+    "for i in 1 2 3; do echo tick$i; sleep 0.2; done; sleep 600",
+    background=True,
+)
+streamed = ""
+for stdout, _stderr, _pty in h:
+    streamed += stdout or ""
+    if streamed.count("tick") >= 3:
+        break
+seen["ticks"] = streamed.count("tick")
+seen["listed"] = h.pid in [p.pid for p in sbx.commands.list()]
+seen["killed"] = h.kill()
+try:
+    h.wait()
+    seen["killedExit"] = 0
+except CommandExitException as e:
+    seen["killedExit"] = e.exit_code
+seen["listedAfterKill"] = h.pid in [p.pid for p in sbx.commands.list()]
+
+# Files.
+info = sbx.files.write("/tmp/e2b/hello.txt", "hello from e2b")
+seen["writePath"] = info.path
+seen["read"] = sbx.files.read("/tmp/e2b/hello.txt")
+seen["madeDir"] = sbx.files.make_dir("/tmp/e2b/sub")
+seen["madeDirAgain"] = sbx.files.make_dir("/tmp/e2b/sub")
+seen["list"] = sorted((e.name, e.type.value if e.type else None) for e in sbx.files.list("/tmp/e2b"))
+seen["exists"] = sbx.files.exists("/tmp/e2b/hello.txt")
+sbx.files.rename("/tmp/e2b/hello.txt", "/tmp/e2b/renamed.txt")
+seen["renamed"] = sbx.files.read("/tmp/e2b/renamed.txt")
+sbx.files.remove("/tmp/e2b/sub")
+seen["afterRemove"] = sorted(e.name for e in sbx.files.list("/tmp/e2b"))
+try:
+    sbx.files.read("/tmp/e2b/missing.txt")
+    seen["missing"] = "read"
+except NotFoundException:
+    seen["missing"] = "not_found"
+
+# Listing, with the metadata filter.
+listed = Sandbox.list(query=SandboxQuery(metadata={"suite": "e2b-python"})).next_items()
+seen["listedIds"] = [s.sandbox_id for s in listed]
+seen["listedState"] = [s.state.value for s in listed]
+seen["metadata"] = sbx.get_info().metadata
+
+sbx.set_timeout(600)
+
+# Pause, then resume through connect: the file is still there.
+sbx.commands.run("echo kept > /tmp/e2b/kept.txt")
+seen["paused"] = sbx.pause()
+seen["pausedAgain"] = sbx.pause()
+seen["pausedState"] = [
+    s.state.value
+    for s in Sandbox.list(query=SandboxQuery(state=[SandboxState.PAUSED])).next_items()
+    if s.sandbox_id == sbx.sandbox_id
+]
+again = Sandbox.connect(sbx.sandbox_id)
+seen["resumedRead"] = again.files.read("/tmp/e2b/kept.txt").strip()
+seen["resumedRun"] = again.commands.run("cat /tmp/e2b/kept.txt").stdout.strip()
+
+# Stdin to a background process, which a kill of the sandbox then ends (it does not wait).
+cat = again.commands.run("cat", background=True, stdin=True)
+again.commands.send_stdin(cat.pid, "fed through stdin\n")
+fed = ""
+for stdout, _stderr, _pty in cat:
+    fed += stdout or ""
+    if "\n" in fed:
+        break
+seen["stdin"] = fed.strip()
+
+started = time.time()
+again.kill()
+seen["killSeconds"] = round(time.time() - started)
+try:
+    Sandbox.connect(sbx.sandbox_id)
+    seen["afterKill"] = "connected"
+except (NotFoundException, SandboxException) as e:
+    seen["afterKill"] = type(e).__name__
+
+print(json.dumps(seen))

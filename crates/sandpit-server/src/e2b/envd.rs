@@ -1,0 +1,967 @@
+//! envd, the daemon the E2B SDKs talk to inside a sandbox, answered by the server: requests
+//! that carry `E2b-Sandbox-Id` (the SDKs' plain-HTTP setup, `E2B_SANDBOX_URL`) are taken
+//! out of the main router by [`route`] and translated to the agent protocol.
+//!
+//! Authorization: `X-Access-Token` must be one of the sandbox's envd tokens (create and
+//! connect hand them out, stored hashed); nothing is looked up, woken or locked before.
+//! The user (`Authorization: Basic base64("<user>:")` or `?username=`): `root`, or the
+//! template's default user for `user` and when none is named.
+//!
+//! Processes: `Start` runs the command through the agent in a task of its own, so a
+//! process outlives its output stream (as in E2B) and is listed, signalled and fed stdin
+//! by pid until it exits. It holds the sandbox's read lock while it runs: a pause waits
+//! for running processes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use futures::StreamExt;
+use sandpit_agent_proto::{self as proto, EntryKind, FileInfo};
+use sandpit_control::Status;
+use sandpit_control::agent::{AgentClient, AgentFailure, ExecInput, ExecOutput};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tower::ServiceExt;
+
+use super::connect::{self, ConnectError};
+use super::control::valid_id;
+use super::store::E2bTables;
+use super::{E2bError, ENVD_PORT};
+use crate::auth::{Auth, hash_token};
+use crate::error::ApiError;
+use crate::extract::Authorized;
+use crate::lifecycle;
+use crate::routes::sandboxes::agent_failure;
+use crate::server::Server;
+use crate::util::rfc3339;
+
+/// The header naming the sandbox of an envd request.
+pub const SANDBOX_HEADER: &str = "e2b-sandbox-id";
+/// The header naming the port.
+pub const PORT_HEADER: &str = "e2b-sandbox-port";
+/// Largest multipart upload read into memory.
+pub const MAX_MULTIPART: u64 = 64 << 20;
+/// Deepest `ListDir`.
+pub const MAX_LIST_DEPTH: u32 = 8;
+/// Most entries one `ListDir` returns.
+pub const MAX_LIST_ENTRIES: usize = 10_000;
+/// Most processes a sandbox runs through envd at once.
+pub const MAX_PROCESSES: usize = 64;
+
+/// Take envd requests out of the main router (a middleware on the whole app).
+pub async fn route(State(server): State<Arc<Server>>, req: Request, next: Next) -> Response {
+    if !req.headers().contains_key(SANDBOX_HEADER) {
+        return next.run(req).await;
+    }
+    let port = req
+        .headers()
+        .get(PORT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or(ENVD_PORT);
+    if port != ENVD_PORT {
+        return E2bError(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "port_not_served",
+            "only envd (port 49983) is served through E2b-Sandbox-Port; reach other ports through previews",
+        ))
+        .into_response();
+    }
+    match router().with_state(server).oneshot(req).await {
+        Ok(resp) => resp,
+        Err(never) => match never {},
+    }
+}
+
+fn router() -> Router<Arc<Server>> {
+    Router::new()
+        .route("/health", get(health))
+        .route("/files", get(download).post(upload))
+        .route("/{service}/{method}", post(rpc))
+        .fallback(|| async {
+            E2bError(ApiError::not_found("route_not_found", "no such envd route"))
+        })
+}
+
+/// The sandbox and user of an authorized envd request.
+struct Envd {
+    sb: Authorized,
+    /// The agent's user spec (`None`: root).
+    user: Option<String>,
+    /// Where relative paths start.
+    home: String,
+}
+
+fn basic_user(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(h) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let bad = || ApiError::bad_request("invalid_user", "Authorization must be Basic <user>:");
+    let text = h.to_str().map_err(|_| bad())?;
+    let Some(b64) = text.strip_prefix("Basic ") else {
+        return Err(bad());
+    };
+    let raw = B64.decode(b64.trim()).map_err(|_| bad())?;
+    let raw = String::from_utf8(raw).map_err(|_| bad())?;
+    let name = raw.split(':').next().unwrap_or("").to_string();
+    Ok((!name.is_empty()).then_some(name))
+}
+
+/// Check the envd token, then load the sandbox and pick the user.
+async fn authorize(
+    server: &Arc<Server>,
+    headers: &HeaderMap,
+    username: Option<&str>,
+) -> Result<Envd, ApiError> {
+    let id = headers
+        .get(SANDBOX_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| valid_id(id))
+        .ok_or_else(|| ApiError::not_found("sandbox_not_found", "no such sandbox"))?
+        .to_string();
+    let token = headers
+        .get("x-access-token")
+        .and_then(|v| v.to_str().ok())
+        .filter(|t| !t.is_empty() && t.len() <= 256)
+        .ok_or_else(|| ApiError::unauthorized("X-Access-Token is required"))?;
+    if !server
+        .store
+        .e2b()
+        .token_valid(&id, &hash_token(token))
+        .await?
+    {
+        return Err(ApiError::unauthorized("unknown envd access token"));
+    }
+    let row = server
+        .store
+        .sandboxes
+        .get(&id)
+        .await?
+        .filter(|r| r.status != Status::Destroyed)
+        .ok_or_else(|| ApiError::not_found("sandbox_not_found", "no such sandbox"))?;
+    let auth = Auth {
+        token_id: format!("e2b-envd:{id}"),
+        workspace_id: row.workspace_id.to_string(),
+        org_id: String::new(),
+        scopes: vec!["sandbox_edit_code".into()],
+    };
+    let named = match username {
+        Some(u) if !u.is_empty() => Some(u.to_string()),
+        _ => basic_user(headers)?,
+    };
+    let user = match named.as_deref() {
+        None | Some("user") => sandpit_control::node::images::default_user(server, &row).await?,
+        Some("root") => None,
+        Some(u) => {
+            proto::check_user_spec(u).map_err(|m| ApiError::bad_request("invalid_user", m))?;
+            Some(u.to_string())
+        }
+    };
+    let home = match user.as_deref() {
+        None | Some("root") | Some("0") => "/root".to_string(),
+        Some(u) => format!("/home/{}", u.split(':').next().unwrap_or(u)),
+    };
+    Ok(Envd {
+        sb: Authorized::made_for(&auth, row)?,
+        user,
+        home,
+    })
+}
+
+/// An absolute, normalized path: relative ones start at the user's home.
+fn resolve(envd: &Envd, path: &str) -> Result<String, ApiError> {
+    let full = if path.starts_with('/') {
+        path.to_string()
+    } else if path.is_empty() {
+        envd.home.clone()
+    } else {
+        format!("{}/{path}", envd.home)
+    };
+    proto::normalize_path(&full).map_err(|e| ApiError::bad_request("invalid_path", e.message))
+}
+
+// ---- HTTP routes ----
+
+async fn health(State(server): State<Arc<Server>>, headers: HeaderMap) -> Response {
+    match authorize(&server, &headers, None).await {
+        Ok(e) if e.sb.row().status == Status::Running => StatusCode::NO_CONTENT.into_response(),
+        Ok(_) => E2bError(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "sandbox_not_running",
+            "the sandbox is not running",
+        ))
+        .into_response(),
+        Err(e) => E2bError(e).into_response(),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct FileQuery {
+    path: Option<String>,
+    username: Option<String>,
+}
+
+fn file_query(uri: &axum::http::Uri) -> Result<FileQuery, ApiError> {
+    serde_urlencoded::from_str(uri.query().unwrap_or(""))
+        .map_err(|_| ApiError::bad_request("invalid_query", "invalid query string"))
+}
+
+async fn download(
+    State(server): State<Arc<Server>>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Result<Response, E2bError> {
+    let q = file_query(&uri)?;
+    let envd = authorize(&server, &headers, q.username.as_deref()).await?;
+    let path = resolve(&envd, q.path.as_deref().unwrap_or(""))?;
+    let (agent, guard, _) = lifecycle::running_agent(&server, &envd.sb).await?;
+    let (info, stream) = agent.read_file(&path).await.map_err(agent_failure)?;
+    // The lock goes with the body: no checkpoint while the file streams.
+    let stream = stream.map(move |chunk| {
+        let _ = &guard;
+        chunk
+    });
+    let mut resp = Body::from_stream(stream).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(info.size));
+    Ok(resp)
+}
+
+/// One part of a `multipart/form-data` body.
+struct Part<'a> {
+    name: Option<String>,
+    filename: Option<String>,
+    data: &'a [u8],
+}
+
+fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return None;
+    }
+    (from..=hay.len() - needle.len()).find(|&i| &hay[i..i + needle.len()] == needle)
+}
+
+fn disposition_param(line: &str, key: &str) -> Option<String> {
+    let pat = format!("{key}=\"");
+    let start = line.find(&pat)? + pat.len();
+    let end = line[start..].find('"')? + start;
+    Some(line[start..end].to_string())
+}
+
+/// Parse a `multipart/form-data` body (in memory, bounded by the caller).
+fn parse_multipart<'a>(body: &'a [u8], boundary: &str) -> Result<Vec<Part<'a>>, ApiError> {
+    let bad = |m: &str| ApiError::bad_request("invalid_multipart", m.to_string());
+    let delim = format!("--{boundary}");
+    let delim = delim.as_bytes();
+    let mut pos = find(body, delim, 0).ok_or_else(|| bad("no boundary in the body"))? + delim.len();
+    let mut parts = Vec::new();
+    loop {
+        if body[pos..].starts_with(b"--") {
+            return Ok(parts);
+        }
+        if !body[pos..].starts_with(b"\r\n") {
+            return Err(bad("malformed boundary line"));
+        }
+        pos += 2;
+        let head_end =
+            find(body, b"\r\n\r\n", pos).ok_or_else(|| bad("unterminated part headers"))?;
+        let head = std::str::from_utf8(&body[pos..head_end])
+            .map_err(|_| bad("part headers are not UTF-8"))?;
+        let (mut name, mut filename) = (None, None);
+        for line in head.split("\r\n") {
+            if line
+                .to_ascii_lowercase()
+                .starts_with("content-disposition:")
+            {
+                name = disposition_param(line, "name");
+                filename = disposition_param(line, "filename");
+            }
+        }
+        let data_start = head_end + 4;
+        let mut end_delim = b"\r\n".to_vec();
+        end_delim.extend_from_slice(delim);
+        let data_end =
+            find(body, &end_delim, data_start).ok_or_else(|| bad("unterminated part"))?;
+        parts.push(Part {
+            name,
+            filename,
+            data: &body[data_start..data_end],
+        });
+        if parts.len() > 1000 {
+            return Err(bad("too many parts"));
+        }
+        pos = data_end + end_delim.len();
+    }
+}
+
+async fn upload(
+    State(server): State<Arc<Server>>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+    body: Body,
+) -> Result<Response, E2bError> {
+    let q = file_query(&uri)?;
+    let envd = authorize(&server, &headers, q.username.as_deref()).await?;
+    let ctype = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let boundary = ctype
+        .strip_prefix("multipart/form-data")
+        .and_then(|rest| {
+            rest.split(';')
+                .find_map(|p| p.trim().strip_prefix("boundary="))
+        })
+        .map(|b| b.trim_matches('"').to_string())
+        .filter(|b| !b.is_empty() && b.len() <= 200)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "uploads are multipart/form-data (envd 0.4)",
+            )
+        })?;
+    let limit = server.cfg.upload_limit.min(MAX_MULTIPART);
+    let bytes = axum::body::to_bytes(body, limit as usize + 64 * 1024)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "file_too_large",
+                format!("an upload is at most {limit} bytes"),
+            )
+        })?;
+    let parts = parse_multipart(&bytes, &boundary)?;
+    let files: Vec<&Part> = parts
+        .iter()
+        .filter(|p| p.name.as_deref() == Some("file"))
+        .collect();
+    let mut targets = Vec::with_capacity(files.len());
+    for f in &files {
+        let named = if files.len() == 1 {
+            q.path.clone().or_else(|| f.filename.clone())
+        } else {
+            f.filename.clone()
+        };
+        let named =
+            named.ok_or_else(|| ApiError::bad_request("invalid_path", "a file has no path"))?;
+        let path = resolve(&envd, &named)?;
+        if path == "/" {
+            return Err(ApiError::bad_request("invalid_path", "cannot write to /").into());
+        }
+        targets.push((path, f.data));
+    }
+    let (agent, _guard, _) = lifecycle::running_agent(&server, &envd.sb).await?;
+    let mut out = Vec::new();
+    for (path, data) in targets {
+        let stream = futures::stream::iter([Ok::<_, Infallible>(Bytes::copy_from_slice(data))]);
+        agent
+            .write_file(&path, envd.user.as_deref(), stream, limit)
+            .await
+            .map_err(agent_failure)?;
+        let name = path.rsplit('/').next().unwrap_or("").to_string();
+        out.push(json!({"name": name, "type": "file", "path": path}));
+    }
+    Ok(axum::Json(Value::Array(out)).into_response())
+}
+
+// ---- Connect RPC ----
+
+async fn rpc(
+    State(server): State<Arc<Server>>,
+    Path((service, method)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let streaming = matches!(
+        (service.as_str(), method.as_str()),
+        ("process.Process", "Start" | "Connect") | ("filesystem.Filesystem", "WatchDir")
+    );
+    let result = async {
+        let envd = authorize(&server, &headers, None).await?;
+        let bytes = axum::body::to_bytes(body, connect::MAX_MESSAGE + 5)
+            .await
+            .map_err(|_| ConnectError::new("resource_exhausted", "the message is too large"))?;
+        if streaming {
+            let msg = connect::stream_request(&bytes)?;
+            return match method.as_str() {
+                "Start" => start(&server, envd, msg, &headers).await,
+                _ => Err(ConnectError::new(
+                    "unimplemented",
+                    format!("{service}/{method} is not supported by Sandpit"),
+                )),
+            };
+        }
+        let value = match (service.as_str(), method.as_str()) {
+            ("process.Process", "List") => list_processes(&envd),
+            ("process.Process", "SendSignal") => send_signal(&envd, &bytes).await,
+            ("process.Process", "SendInput") => send_input(&envd, &bytes).await,
+            ("process.Process", "CloseStdin") => close_stdin(&envd, &bytes).await,
+            ("filesystem.Filesystem", m) => filesystem(&server, &envd, m, &bytes).await,
+            _ => Err(ConnectError::new(
+                "unimplemented",
+                format!("{service}/{method} is not supported by Sandpit"),
+            )),
+        }?;
+        Ok(connect::unary(value))
+    }
+    .await;
+    match result {
+        Ok(resp) => resp,
+        Err(e) if streaming => connect::stream_error(&e),
+        Err(e) => e.into_response(),
+    }
+}
+
+impl From<sandpit_control::ControlError> for ConnectError {
+    fn from(e: sandpit_control::ControlError) -> Self {
+        ConnectError::from_api(&e.into())
+    }
+}
+
+fn failed(f: AgentFailure) -> ConnectError {
+    if let AgentFailure::Refused(e) = &f
+        && e.code == proto::AgentErrorCode::AlreadyExists
+    {
+        return ConnectError::new("already_exists", e.message.clone());
+    }
+    ConnectError::from_api(&agent_failure(f))
+}
+
+// ---- filesystem ----
+
+fn permissions(kind: EntryKind, mode: u32) -> String {
+    let mut s = String::with_capacity(10);
+    s.push(match kind {
+        EntryKind::Dir => 'd',
+        EntryKind::Symlink => 'l',
+        _ => '-',
+    });
+    for shift in [6, 3, 0] {
+        let bits = (mode >> shift) & 7;
+        s.push(if bits & 4 != 0 { 'r' } else { '-' });
+        s.push(if bits & 2 != 0 { 'w' } else { '-' });
+        s.push(if bits & 1 != 0 { 'x' } else { '-' });
+    }
+    s
+}
+
+fn entry(path: &str, info: &FileInfo) -> Value {
+    let name = path.rsplit('/').next().unwrap_or("");
+    let kind = match info.kind {
+        EntryKind::File => "FILE_TYPE_FILE",
+        EntryKind::Dir => "FILE_TYPE_DIRECTORY",
+        EntryKind::Symlink => "FILE_TYPE_SYMLINK",
+        EntryKind::Other => "FILE_TYPE_UNSPECIFIED",
+    };
+    json!({
+        "name": name,
+        "type": kind,
+        "path": path,
+        "size": info.size.to_string(),
+        "mode": info.mode,
+        "permissions": permissions(info.kind, info.mode),
+        "owner": "",
+        "group": "",
+        "modifiedTime": rfc3339(info.mtime.saturating_mul(1000)),
+        "isSymlink": info.kind == EntryKind::Symlink,
+    })
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct PathMsg {
+    path: String,
+    depth: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct MoveMsg {
+    source: String,
+    destination: String,
+}
+
+async fn filesystem(
+    server: &Arc<Server>,
+    envd: &Envd,
+    method: &str,
+    bytes: &[u8],
+) -> Result<Value, ConnectError> {
+    let (agent, _guard, _) = lifecycle::running_agent(server, &envd.sb).await?;
+    match method {
+        "Stat" => {
+            let m: PathMsg = connect::parse(bytes)?;
+            let path = resolve(envd, &m.path)?;
+            let info = agent.stat(&path).await.map_err(failed)?;
+            Ok(json!({"entry": entry(&path, &info)}))
+        }
+        "ListDir" => {
+            let m: PathMsg = connect::parse(bytes)?;
+            let path = resolve(envd, &m.path)?;
+            let depth = m.depth.unwrap_or(1).clamp(1, MAX_LIST_DEPTH);
+            let mut entries = Vec::new();
+            list_into(&agent, &path, depth, &mut entries).await?;
+            Ok(json!({"entries": entries}))
+        }
+        "MakeDir" => {
+            let m: PathMsg = connect::parse(bytes)?;
+            let path = resolve(envd, &m.path)?;
+            if let Ok(info) = agent.stat(&path).await {
+                let _ = info;
+                return Err(ConnectError::new(
+                    "already_exists",
+                    format!("{path} already exists"),
+                ));
+            }
+            agent
+                .make_dir(&path, true, envd.user.as_deref())
+                .await
+                .map_err(failed)?;
+            let info = agent.stat(&path).await.map_err(failed)?;
+            Ok(json!({"entry": entry(&path, &info)}))
+        }
+        "Remove" => {
+            let m: PathMsg = connect::parse(bytes)?;
+            let path = resolve(envd, &m.path)?;
+            if path == "/" {
+                return Err(ConnectError::new("invalid_argument", "cannot remove /"));
+            }
+            agent.remove(&path, true).await.map_err(failed)?;
+            Ok(json!({}))
+        }
+        "Move" => {
+            let m: MoveMsg = connect::parse(bytes)?;
+            let (src, dst) = (resolve(envd, &m.source)?, resolve(envd, &m.destination)?);
+            if src == "/" || dst == "/" {
+                return Err(ConnectError::new("invalid_argument", "cannot move /"));
+            }
+            agent.stat(&src).await.map_err(failed)?;
+            let argv = vec!["mv".into(), "--".into(), src, dst.clone()];
+            let (status, stderr) = agent
+                .run_for_stderr(argv, Duration::from_secs(60))
+                .await
+                .map_err(failed)?;
+            if status.exit_code != 0 {
+                let msg = String::from_utf8_lossy(&stderr);
+                return Err(ConnectError::new(
+                    "internal",
+                    format!("move failed: {}", msg.trim()),
+                ));
+            }
+            let info = agent.stat(&dst).await.map_err(failed)?;
+            Ok(json!({"entry": entry(&dst, &info)}))
+        }
+        other => Err(ConnectError::new(
+            "unimplemented",
+            format!("filesystem.Filesystem/{other} is not supported by Sandpit"),
+        )),
+    }
+}
+
+/// `path`'s entries, and theirs down to `depth` levels, bounded in number.
+async fn list_into(
+    agent: &AgentClient,
+    path: &str,
+    depth: u32,
+    out: &mut Vec<Value>,
+) -> Result<(), ConnectError> {
+    let mut queue = vec![(path.to_string(), 1u32)];
+    while let Some((dir, level)) = queue.pop() {
+        let listing = agent.list_dir(&dir).await.map_err(failed)?;
+        for e in listing.entries {
+            if out.len() >= MAX_LIST_ENTRIES {
+                return Err(ConnectError::new(
+                    "resource_exhausted",
+                    format!("more than {MAX_LIST_ENTRIES} entries"),
+                ));
+            }
+            let child = if dir == "/" {
+                format!("/{}", e.name)
+            } else {
+                format!("{dir}/{}", e.name)
+            };
+            out.push(entry(&child, &e.info));
+            if e.info.kind == EntryKind::Dir && level < depth {
+                queue.push((child, level + 1));
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---- processes ----
+
+/// A process started through envd, while it runs.
+struct Proc {
+    input: mpsc::Sender<ExecInput>,
+    config: Value,
+    tag: Option<String>,
+}
+
+/// Running processes by sandbox and pid.
+static PROCS: LazyLock<Mutex<HashMap<(String, u32), Proc>>> = LazyLock::new(Default::default);
+
+fn procs() -> std::sync::MutexGuard<'static, HashMap<(String, u32), Proc>> {
+    PROCS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct ProcessConfig {
+    cmd: String,
+    args: Vec<String>,
+    envs: BTreeMap<String, String>,
+    cwd: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct StartMsg {
+    process: ProcessConfig,
+    pty: Option<Value>,
+    tag: Option<String>,
+    stdin: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Selector {
+    pid: Option<u32>,
+    tag: Option<String>,
+}
+
+enum Event {
+    Out(ExecOutput),
+    End(Result<proto::ExitStatus, ConnectError>),
+}
+
+fn header_secs(headers: &HeaderMap, name: &str) -> Option<u64> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+}
+
+async fn start(
+    server: &Arc<Server>,
+    envd: Envd,
+    msg: &[u8],
+    headers: &HeaderMap,
+) -> Result<Response, ConnectError> {
+    let m: StartMsg = connect::parse(msg)?;
+    if m.pty.is_some() {
+        return Err(ConnectError::new(
+            "unimplemented",
+            "PTY processes are not supported by Sandpit yet",
+        ));
+    }
+    let cfg = m.process;
+    if cfg.cmd.is_empty() || cfg.cmd.contains('\0') {
+        return Err(ConnectError::new("invalid_argument", "cmd is required"));
+    }
+    if cfg
+        .envs
+        .keys()
+        .any(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
+    {
+        return Err(ConnectError::new(
+            "invalid_argument",
+            "environment variable names must be non-empty and contain no '=' or NUL",
+        ));
+    }
+    let id = envd.sb.id().to_string();
+    if procs().keys().filter(|(s, _)| *s == id).count() >= MAX_PROCESSES {
+        return Err(ConnectError::new(
+            "resource_exhausted",
+            format!("at most {MAX_PROCESSES} processes per sandbox"),
+        ));
+    }
+    let cwd = resolve(&envd, cfg.cwd.as_deref().unwrap_or(""))?;
+    let config = json!({"cmd": cfg.cmd, "args": cfg.args, "envs": cfg.envs, "cwd": cwd});
+    let (agent, guard, row) = lifecycle::running_agent(server, &envd.sb).await?;
+    // The SDKs run everything as `/bin/bash -l -c <cmd>`; a template without bash (the
+    // busybox `base`) runs the command line with `/bin/sh -c` instead.
+    let (argv, shell) = if cfg.cmd == "/bin/bash" && agent.stat("/bin/bash").await.is_err() {
+        match cfg.args.as_slice() {
+            [l, c, line] if l == "-l" && c == "-c" => (None, Some(line.clone())),
+            _ => (Some([vec!["/bin/sh".to_string()], cfg.args].concat()), None),
+        }
+    } else {
+        (Some([vec![cfg.cmd], cfg.args].concat()), None)
+    };
+    // Connect-Timeout-Ms bounds the call: the process is killed when it passes.
+    let timeout_ms = header_secs(headers, "connect-timeout-ms").map(|t| t.clamp(1, 86_400_000));
+    let req = proto::ExecRequest {
+        argv,
+        shell,
+        cwd: Some(cwd),
+        env: lifecycle::exec_env(&row, cfg.envs.into_iter().collect())?,
+        timeout_ms,
+        stdin: m.stdin.unwrap_or(false),
+        user: envd.user.clone(),
+    };
+    let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(64);
+    let (in_tx, in_rx) = mpsc::channel::<ExecInput>(16);
+    let tag = m.tag;
+    // A destroy (or the liveness watch) cancels the sandbox's operations: the process ends
+    // rather than hold the sandbox.
+    let cancel = server.cancel_of(&id);
+    let watched = server.clone();
+    tokio::spawn({
+        let id = id.clone();
+        async move {
+            let (out_tx, mut out_rx) = mpsc::channel::<ExecOutput>(64);
+            let run = agent.exec_controlled(req, out_tx, in_rx);
+            let pid = Mutex::new(None);
+            let relay = async {
+                while let Some(o) = out_rx.recv().await {
+                    if let ExecOutput::Started(p) = o {
+                        *pid.lock().unwrap_or_else(|p| p.into_inner()) = Some(p);
+                        procs().insert(
+                            (id.clone(), p),
+                            Proc {
+                                input: in_tx.clone(),
+                                config: config.clone(),
+                                tag: tag.clone(),
+                            },
+                        );
+                    }
+                    // The client may have gone: the process goes on.
+                    let _ = ev_tx.send(Event::Out(o)).await;
+                }
+            };
+            let status = tokio::select! {
+                (status, ()) = async { tokio::join!(run, relay) } => status.map_err(failed),
+                _ = cancel.cancelled() => Err(ConnectError::new(
+                    "unavailable",
+                    "the sandbox stopped while the process ran",
+                )),
+                // The process holds the sandbox (the reaper skips busy sandboxes): it ends
+                // when the sandbox's timeout passes.
+                _ = past_expiry(&watched, &id) => Err(ConnectError::new(
+                    "deadline_exceeded",
+                    "the sandbox's timeout passed while the process ran",
+                )),
+            };
+            drop(in_tx);
+            let pid = *pid.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(p) = pid {
+                procs().remove(&(id, p));
+            }
+            drop(guard);
+            let _ = ev_tx.send(Event::End(status)).await;
+        }
+    });
+    let keepalive = Duration::from_secs(
+        header_secs(headers, "keepalive-ping-interval")
+            .unwrap_or(50)
+            .clamp(1, 3600),
+    );
+    let (body_tx, body_rx) = mpsc::channel::<Result<Bytes, Infallible>>(16);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
+        loop {
+            let frame = tokio::select! {
+                ev = ev_rx.recv() => match ev {
+                    Some(Event::Out(ExecOutput::Started(pid))) => {
+                        connect::frame(0, &json!({"event": {"start": {"pid": pid}}}))
+                    }
+                    Some(Event::Out(ExecOutput::Stdout(b))) => {
+                        connect::frame(0, &json!({"event": {"data": {"stdout": B64.encode(b)}}}))
+                    }
+                    Some(Event::Out(ExecOutput::Stderr(b))) => {
+                        connect::frame(0, &json!({"event": {"data": {"stderr": B64.encode(b)}}}))
+                    }
+                    Some(Event::End(Ok(st))) => {
+                        let status = match st.signal {
+                            Some(9) => "signal: killed".to_string(),
+                            Some(s) => format!("signal: {s}"),
+                            None => format!("exit status {}", st.exit_code),
+                        };
+                        let end = json!({"event": {"end": {
+                            "exitCode": st.exit_code, "exited": st.signal.is_none(), "status": status,
+                        }}});
+                        let _ = body_tx.send(Ok(connect::frame(0, &end))).await;
+                        let _ = body_tx.send(Ok(connect::end_frame(None))).await;
+                        return;
+                    }
+                    Some(Event::End(Err(e))) => {
+                        let _ = body_tx.send(Ok(connect::end_frame(Some(&e)))).await;
+                        return;
+                    }
+                    None => return,
+                },
+                _ = tick.tick() => connect::frame(0, &json!({"event": {"keepalive": {}}})),
+            };
+            if body_tx.send(Ok(frame)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut resp =
+        Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(body_rx)).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(connect::STREAM_TYPE),
+    );
+    Ok(resp)
+}
+
+/// Resolves once the sandbox's expiry has passed (checked every few seconds).
+async fn past_expiry(server: &Server, id: &str) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        if let Ok(Some(row)) = server.store.sandboxes.get(id).await
+            && row.expires_at.is_some_and(|e| e <= crate::util::now_ms())
+        {
+            return;
+        }
+    }
+}
+
+fn list_processes(envd: &Envd) -> Result<Value, ConnectError> {
+    let id = envd.sb.id();
+    let list: Vec<Value> = procs()
+        .iter()
+        .filter(|((s, _), _)| s == id)
+        .map(|((_, pid), p)| {
+            let mut v = json!({"pid": pid, "config": p.config});
+            if let Some(t) = &p.tag {
+                v["tag"] = t.clone().into();
+            }
+            v
+        })
+        .collect();
+    Ok(json!({"processes": list}))
+}
+
+/// The input channel of the process a selector names.
+fn selected(envd: &Envd, sel: &Selector) -> Result<mpsc::Sender<ExecInput>, ConnectError> {
+    let id = envd.sb.id();
+    procs()
+        .iter()
+        .find(|((s, pid), p)| {
+            s == id
+                && match (&sel.pid, &sel.tag) {
+                    (Some(want), _) => pid == want,
+                    (None, Some(t)) => p.tag.as_deref() == Some(t),
+                    (None, None) => false,
+                }
+        })
+        .map(|(_, p)| p.input.clone())
+        .ok_or_else(|| ConnectError::new("not_found", "no such process"))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct SignalMsg {
+    process: Selector,
+    signal: Value,
+}
+
+async fn send_signal(envd: &Envd, bytes: &[u8]) -> Result<Value, ConnectError> {
+    let m: SignalMsg = connect::parse(bytes)?;
+    let signal = match &m.signal {
+        Value::String(s) if s == "SIGNAL_SIGKILL" => 9,
+        Value::String(s) if s == "SIGNAL_SIGTERM" => 15,
+        Value::Number(n) if n.as_i64() == Some(9) || n.as_i64() == Some(15) => {
+            n.as_i64().unwrap_or(9) as i32
+        }
+        _ => {
+            return Err(ConnectError::new(
+                "invalid_argument",
+                "signal must be SIGNAL_SIGKILL or SIGNAL_SIGTERM",
+            ));
+        }
+    };
+    let tx = selected(envd, &m.process)?;
+    tx.send(ExecInput::Signal(signal))
+        .await
+        .map_err(|_| ConnectError::new("not_found", "the process has exited"))?;
+    Ok(json!({}))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct InputMsg {
+    process: Selector,
+    input: BTreeMap<String, String>,
+}
+
+async fn send_input(envd: &Envd, bytes: &[u8]) -> Result<Value, ConnectError> {
+    let m: InputMsg = connect::parse(bytes)?;
+    let data = match m.input.get("stdin") {
+        Some(b) => B64
+            .decode(b)
+            .map_err(|_| ConnectError::new("invalid_argument", "stdin is not base64"))?,
+        None => {
+            return Err(ConnectError::new(
+                "invalid_argument",
+                "only stdin input is supported",
+            ));
+        }
+    };
+    let tx = selected(envd, &m.process)?;
+    tx.send(ExecInput::Stdin(data))
+        .await
+        .map_err(|_| ConnectError::new("not_found", "the process has exited"))?;
+    Ok(json!({}))
+}
+
+async fn close_stdin(envd: &Envd, bytes: &[u8]) -> Result<Value, ConnectError> {
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(default)]
+    struct Msg {
+        process: Selector,
+    }
+    let m: Msg = connect::parse(bytes)?;
+    let tx = selected(envd, &m.process)?;
+    tx.send(ExecInput::CloseStdin)
+        .await
+        .map_err(|_| ConnectError::new("not_found", "the process has exited"))?;
+    Ok(json!({}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multipart_parses_and_refuses_garbage() {
+        let body = b"--XB\r\nContent-Disposition: form-data; name=\"file\"; filename=\"/tmp/a.txt\"\r\nContent-Type: application/octet-stream\r\n\r\nhello\r\n--XB--\r\n";
+        let parts = parse_multipart(body, "XB").unwrap();
+        assert_eq!(parts.len(), 1);
+        assert_eq!(parts[0].name.as_deref(), Some("file"));
+        assert_eq!(parts[0].filename.as_deref(), Some("/tmp/a.txt"));
+        assert_eq!(parts[0].data, b"hello");
+        for bad in [
+            &b"nothing"[..],
+            b"--XB\r\nno headers end",
+            b"--XB\r\n\r\nunterminated",
+        ] {
+            assert!(parse_multipart(bad, "XB").is_err());
+        }
+    }
+
+    #[test]
+    fn permissions_render() {
+        assert_eq!(permissions(EntryKind::File, 0o644), "-rw-r--r--");
+        assert_eq!(permissions(EntryKind::Dir, 0o755), "drwxr-xr-x");
+    }
+}
