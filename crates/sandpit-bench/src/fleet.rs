@@ -206,7 +206,7 @@ async fn measure(
     let rates: Vec<f64> = [a.log(), b.log()]
         .iter()
         .flat_map(|log| log.lines().map(str::to_string).collect::<Vec<_>>())
-        .filter(|l| l.contains("image fetched from object storage"))
+        .filter(|l| l.contains("fetched from object storage") && l.contains("'s image"))
         .filter_map(|l| field(&l, "mb_per_s"))
         .collect();
     if !rates.is_empty() {

@@ -125,17 +125,25 @@ pub async fn running_agent(
     sb: &Authorized,
 ) -> Result<(AgentClient, OwnedRwLockReadGuard<()>, Sandbox), ApiError> {
     let id = sb.id();
-    // Hibernated on a node that is gone (or draining, its image stored): the wake takes it
-    // over here first.
-    if let Some(row) = server.store.sandboxes.get(id).await?
-        && row.status == Status::Suspended
-        && !server.is_mine(&row)
-        && crate::forward::moves_here(server, &row).await
-    {
-        wake(server, id).await?;
-    }
     for _ in 0..3 {
-        let row = current(server, sb).await?;
+        let row = match current(server, sb).await {
+            Ok(row) => row,
+            // Hibernated on a node that is gone (or draining, its image stored): the wake
+            // takes it over here, then the loop goes on with it as this node's.
+            Err(e) if e.code == "sandbox_on_another_node" => {
+                match server.store.sandboxes.get(id).await? {
+                    Some(row)
+                        if row.status == Status::Suspended
+                            && crate::forward::moves_here(server, &row).await =>
+                    {
+                        wake(server, id).await?;
+                        continue;
+                    }
+                    _ => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        };
         match row.status {
             Status::Running => {
                 let guard = server.lock_of(id).read_owned().await;

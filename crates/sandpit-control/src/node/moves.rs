@@ -329,20 +329,15 @@ pub(super) async fn take_over(
     super::stored::ensure_layers(node, &row.template_id).await?;
     let reference = record.reference.clone().expect("stored_image checked it");
     let fetched = node.staging_dir(&row.id, "pull");
-    let started = std::time::Instant::now();
-    let bytes = images
-        .pull(&reference, &fetched, ImageKind::Hibernation)
-        .await
-        .map_err(|e| ControlError::Unavailable {
-            code: "image_fetch_failed",
-            message: format!(
-                "fetching sandbox {}'s image from object storage: {}",
-                row.id,
-                DisplayChain(&*e)
-            ),
-        })?;
-    let secs = started.elapsed().as_secs_f64();
-    tracing::info!(sandbox = %row.id, bytes, ms = (secs * 1000.0) as u64, mb_per_s = (bytes as f64 / 1e6 / secs.max(1e-3)) as u64, "image fetched from object storage");
+    super::uploads::fetch(
+        &*images,
+        &reference,
+        &fetched,
+        ImageKind::Hibernation,
+        "image_fetch_failed",
+        &format!("sandbox {}'s image", row.id),
+    )
+    .await?;
     let result = place_fetched(node, row, &record, &fetched).await;
     if let Err(e) = sandpit_fs::remove_tree(&fetched) {
         tracing::warn!(path = %fetched.display(), error = %e, "removing a fetched image");

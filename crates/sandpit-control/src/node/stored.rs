@@ -237,24 +237,17 @@ pub async fn ensure_snapshot(node: &Arc<Node>, snap: &SnapshotRow) -> Result<(),
         .clone()
         .expect("stored_snapshot checked it");
     let fetched = node.staging_dir(&snap.id, "pull");
-    let started = std::time::Instant::now();
-    let pulled = images
-        .pull(&reference, &fetched, ImageKind::Snapshot)
-        .await
-        .map_err(|e| ControlError::Unavailable {
-            code: "snapshot_fetch_failed",
-            message: format!(
-                "fetching snapshot {} from object storage: {}",
-                snap.id,
-                DisplayChain(&*e)
-            ),
-        });
+    let pulled = super::uploads::fetch(
+        &*images,
+        &reference,
+        &fetched,
+        ImageKind::Snapshot,
+        "snapshot_fetch_failed",
+        &format!("snapshot {}", snap.id),
+    )
+    .await;
     let result = match pulled {
-        Ok(bytes) => {
-            let secs = started.elapsed().as_secs_f64();
-            tracing::info!(snapshot = %snap.id, bytes, ms = (secs * 1000.0) as u64, "snapshot fetched from object storage");
-            publish_snapshot(node, &record, &fetched, &dir).await
-        }
+        Ok(_) => publish_snapshot(node, &record, &fetched, &dir).await,
         Err(e) => Err(e),
     };
     if let Err(e) = sandpit_fs::remove_tree(&fetched) {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use super::Node;
-use crate::error::DisplayChain;
+use crate::error::{ControlError, DisplayChain};
 use crate::remote::{ImageKind, ImageStore, Pushed};
 use crate::util::random_hex;
 
@@ -119,4 +119,34 @@ pub(super) async fn stage_and_push(
         return Err("the image store returned an unusable reference".into());
     }
     Ok(Some((pushed, started.elapsed())))
+}
+
+/// Fetch image `reference` of `kind` into the missing `dest` (verified by the store) and
+/// log its size and rate under `what`. A failure is 503 with `code`, naming `what`.
+pub(super) async fn fetch(
+    images: &dyn ImageStore,
+    reference: &str,
+    dest: &Path,
+    kind: ImageKind,
+    code: &'static str,
+    what: &str,
+) -> Result<u64, ControlError> {
+    let started = std::time::Instant::now();
+    let bytes =
+        images
+            .pull(reference, dest, kind)
+            .await
+            .map_err(|e| ControlError::Unavailable {
+                code,
+                message: format!("fetching {what} from object storage: {}", DisplayChain(&*e)),
+            })?;
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(
+        what,
+        bytes,
+        ms = (secs * 1000.0) as u64,
+        mb_per_s = (bytes as f64 / 1e6 / secs.max(1e-3)) as u64,
+        "fetched from object storage"
+    );
+    Ok(bytes)
 }

@@ -473,17 +473,15 @@ pub async fn bring_here(node: &Node, mounts: &[VolumeMountRow]) -> Result<(), Co
         let fetched = node.staging_dir(&v.id, "pull");
         let dir = node.volume_dir(&v.id);
         let placed = async {
-            images
-                .pull(&stored.reference, &fetched, ImageKind::Volume)
-                .await
-                .map_err(|e| ControlError::Unavailable {
-                    code: "volume_fetch_failed",
-                    message: format!(
-                        "fetching volume {:?} from object storage: {}",
-                        v.name,
-                        crate::DisplayChain(&*e)
-                    ),
-                })?;
+            super::uploads::fetch(
+                &*images,
+                &stored.reference,
+                &fetched,
+                ImageKind::Volume,
+                "volume_fetch_failed",
+                &format!("volume {:?}", v.name),
+            )
+            .await?;
             node.runtime.unpack_volume(&fetched, &dir).await?;
             Ok::<_, ControlError>(())
         }
