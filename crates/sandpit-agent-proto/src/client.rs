@@ -23,8 +23,10 @@ use crate::{
 /// What an attachment receives after its `Started` frame.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TerminalEvent {
-    /// Output bytes (replayed scrollback first, then live).
+    /// Output bytes (replayed scrollback first, then live): the pty's, or stdout on pipes.
     Output(Vec<u8>),
+    /// Stderr bytes of a terminal on pipes (version 6), replayed first like `Output`.
+    Stderr(Vec<u8>),
     /// The process exited; the attachment is over.
     Exit(ExitStatus),
 }
@@ -111,6 +113,7 @@ pub async fn read_terminal_event<R: AsyncRead + Unpin>(
     let frame = read_frame(r).await?;
     match frame.kind {
         FrameKind::Stdout => Ok(TerminalEvent::Output(frame.payload)),
+        FrameKind::Stderr => Ok(TerminalEvent::Stderr(frame.payload)),
         FrameKind::Exit => Ok(TerminalEvent::Exit(frame.parse()?)),
         _ => Err(refusal_or_unexpected(&frame)),
     }
@@ -131,6 +134,11 @@ pub async fn send_resize<W: AsyncWrite + Unpin>(
     size: TerminalSize,
 ) -> Result<(), ProtoError> {
     write_json(w, FrameKind::Resize, &size).await
+}
+
+/// Close the stdin of an attached terminal on pipes (version 6; a pty ignores it).
+pub async fn send_stdin_close<W: AsyncWrite + Unpin>(w: &mut W) -> Result<(), ProtoError> {
+    write_frame(w, FrameKind::StdinClose, &[]).await
 }
 
 /// Signal an attached terminal's process group.

@@ -280,6 +280,7 @@ fn terminal_create(terminals: &Terminals, req: TerminalCreate) -> Result<Termina
         rows: size.rows,
         exit_code: None,
         created_at: 0,
+        pipes: req.pipes,
     };
     terminals.insert(id, (info.clone(), Vec::new()));
     Ok(info)

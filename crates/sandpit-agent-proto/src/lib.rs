@@ -53,6 +53,16 @@
 //! and is then a version-5 request ([`Op::version`]), so an agent of version 4 refuses it with
 //! `unsupported_version` rather than ignoring the field and running as root. An unknown user
 //! or group is `user_not_found`.
+//!
+//! Version 6 added terminals on pipes: [`TerminalCreate::pipes`] runs the process with
+//! stdout and stderr on pipes of their own (and stdin on a pipe when
+//! [`TerminalCreate::stdin`], else `/dev/null`) instead of a pty, in its own process group.
+//! It is the same agent-held process as any terminal (it survives every connection and a
+//! checkpoint, is listed, attached, signalled and removed alike), for callers that need the
+//! streams apart: an attachment to one sends its stderr as `Stderr` frames and its stdout as
+//! `Stdout`, each replayed from a scrollback of its own, and `StdinClose` closes its stdin.
+//! A request sets `pipes` only when it wants them and is then a version-6 request, so an
+//! agent of version 5 refuses it with `unsupported_version`.
 #![cfg_attr(
     test,
     allow(
@@ -69,7 +79,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The TCP port the agent listens on inside the sandbox.
 pub const AGENT_PORT: u16 = 49983;
@@ -272,8 +282,9 @@ pub enum Op {
     /// [`ExitStatus`] once the process exited (at once if it already had). `not_found` for
     /// an unknown id. The host may send `Stdin` (input bytes), [`FrameKind::Resize`] (JSON
     /// [`TerminalSize`]) and `Signal` (JSON [`SignalRequest`], for the terminal's process
-    /// group); `StdinClose` is ignored (send the terminal's EOF character, `\x04`,
-    /// instead). A malformed frame ends the attachment with `Error`; the terminal goes on.
+    /// group); `StdinClose` is ignored on a pty (send the terminal's EOF character, `\x04`,
+    /// instead). On pipes (version 6) stderr comes as `Stderr` frames (each stream replayed
+    /// from its own scrollback) and `StdinClose` closes stdin. A malformed frame ends the attachment with `Error`; the terminal goes on.
     /// Closing the connection detaches. A viewer that falls more than the scrollback behind
     /// skips the output it missed.
     TerminalAttach {
@@ -307,6 +318,7 @@ impl Op {
     /// The protocol version that introduced this operation.
     pub fn version(&self) -> u32 {
         match self {
+            Op::TerminalCreate(TerminalCreate { pipes: true, .. }) => 6,
             Op::Exec(ExecRequest { user: Some(_), .. })
             | Op::TerminalCreate(TerminalCreate { user: Some(_), .. })
             | Op::WriteFile { owner: Some(_), .. }
@@ -356,6 +368,18 @@ pub struct TerminalCreate {
     /// then come from its passwd entry). Default: root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Version 6: run on pipes instead of a pty (see the crate docs); `cols` and `rows` are
+    /// then only recorded.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub pipes: bool,
+    /// Version 6, with `pipes` only: stdin is a pipe that attachments write to and
+    /// `StdinClose` closes; without it stdin is `/dev/null`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub stdin: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Watch a path (version 4).
@@ -585,6 +609,9 @@ pub struct TerminalInfo {
     pub exit_code: Option<i32>,
     /// Creation time, seconds since the Unix epoch.
     pub created_at: i64,
+    /// Version 6: the process runs on pipes ([`TerminalCreate::pipes`]).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub pipes: bool,
 }
 
 /// Reply to [`Op::TerminalList`], sorted by id.
@@ -1085,6 +1112,7 @@ mod tests {
             rows: 24,
             exit_code: Some(3),
             created_at: 1_700_000_000,
+            pipes: false,
         };
         assert_eq!(
             serde_json::to_string(&info).unwrap(),

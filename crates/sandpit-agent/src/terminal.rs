@@ -14,22 +14,28 @@
 //! The pty is opened and the child made a session leader with the pty as its controlling
 //! terminal by `pty-process` (which holds the `unsafe` `pre_exec`); switching the child to
 //! a user is `users::pty_run_as`.
+//!
+//! A terminal on pipes (protocol version 6, `TerminalCreate::pipes`) is the same thing
+//! without the pty: the process runs in a process group of its own with stdout and stderr on
+//! pipes, each read into a scrollback of its own, and stdin on a pipe (or `/dev/null`) that
+//! `StdinClose` closes.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use pty_process::{OwnedReadPty, OwnedWritePty};
+use pty_process::OwnedReadPty;
 use rustix::process::{Pid, Signal};
 use sandpit_agent_proto::{
     AgentError, AgentErrorCode, DEFAULT_SCROLLBACK, ExitStatus, FrameKind, MAX_SCROLLBACK,
     MAX_TERMINALS, MIN_SCROLLBACK, ProtoError, SignalRequest, TerminalCreate, TerminalInfo,
     TerminalList, TerminalSize, validate_terminal_id,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::Child;
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::process::{Child, ChildStderr, ChildStdout};
 use tokio::sync::{mpsc, watch};
 use tokio::time::sleep_until;
 
@@ -98,6 +104,9 @@ impl Terminals {
                 }
             }
             (None, Some(shell)) => ("/bin/sh".to_string(), vec!["-c".to_string(), shell], None),
+            (None, None) if req.pipes => {
+                return Err(bad("a terminal on pipes needs argv or shell".into()));
+            }
             (None, None) => {
                 let shell = login_shell(creds.as_ref());
                 let name = shell.rsplit('/').next().unwrap_or("sh");
@@ -147,61 +156,121 @@ impl Terminals {
         let spawn_failed = |what: &str, e: &dyn std::fmt::Display| {
             agent_error(AgentErrorCode::SpawnFailed, format!("{what}: {e}"))
         };
-        let (pty, pts) = pty_process::open().map_err(|e| spawn_failed("cannot open a pty", &e))?;
-        pty.resize(pty_process::Size::new(size.rows, size.cols))
-            .map_err(|e| spawn_failed("cannot size the pty", &e))?;
-        let master = pty
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|e| spawn_failed("cannot duplicate the pty", &e))?;
-        let mut cmd = pty_process::Command::new(&program)
-            .args(&args)
-            .current_dir(&cwd)
-            .envs(default_env())
-            .env("TERM", DEFAULT_TERM)
-            .envs(req.env.iter().map(|(k, v)| (k, v)));
-        if let Some(arg0) = &arg0 {
-            cmd = cmd.arg0(arg0);
-        }
-        if let Some(creds) = &creds {
-            if !req.env.iter().any(|(k, _)| k == "HOME") {
-                cmd = cmd.env("HOME", &creds.home);
-            }
-            cmd = users::pty_run_as(cmd, creds);
-        }
-        let child = cmd.spawn(pts).map_err(|e| {
-            // `program` may be most of a frame long: name its first bytes only.
-            let name = &shown_argv(std::iter::once(program.as_str()))[0];
-            spawn_failed(&format!("cannot run {name}"), &e)
-        })?;
-        let pid = child.id().unwrap_or(0);
-        let (reader, writer) = pty.into_split();
         let (input, input_rx) = mpsc::channel(INPUT_QUEUE);
         let (events, _) = watch::channel(false);
         let created_at = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        let term = Arc::new(Terminal {
-            id: id.clone(),
-            pid,
-            argv: shown,
-            created_at,
-            started: Instant::now(),
-            state: Mutex::new(State {
-                scrollback: Scrollback::new(capacity as usize),
-                size,
-                master: Some(master),
-                pgid: i32::try_from(pid)
-                    .ok()
-                    .filter(|p| *p > 1)
-                    .and_then(Pid::from_raw),
-                exit: None,
-            }),
-            events,
-            input,
-        });
-        tokio::spawn(supervise(term.clone(), reader, child));
-        tokio::spawn(write_input(writer, input_rx, term.events.subscribe()));
+        let new_term = |pid: u32, master: Option<OwnedFd>, peek: Vec<(OwnedFd, Stream)>| {
+            Arc::new(Terminal {
+                id: id.clone(),
+                pid,
+                argv: shown.clone(),
+                created_at,
+                started: Instant::now(),
+                pipes: req.pipes,
+                state: Mutex::new(State {
+                    scrollback: Scrollback::new(capacity as usize),
+                    err: req.pipes.then(|| Scrollback::new(capacity as usize)),
+                    size,
+                    master,
+                    peek,
+                    pgid: i32::try_from(pid)
+                        .ok()
+                        .filter(|p| *p > 1)
+                        .and_then(Pid::from_raw),
+                    exit: None,
+                }),
+                events,
+                input,
+            })
+        };
+        let cant_run = |e: &dyn std::fmt::Display| {
+            // `program` may be most of a frame long: name its first bytes only.
+            let name = &shown_argv(std::iter::once(program.as_str()))[0];
+            spawn_failed(&format!("cannot run {name}"), e)
+        };
+        let term = if req.pipes {
+            let mut cmd = tokio::process::Command::new(&program);
+            cmd.args(&args)
+                .current_dir(&cwd)
+                .envs(default_env())
+                .envs(req.env.iter().map(|(k, v)| (k, v)))
+                .process_group(0)
+                .stdin(if req.stdin {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            if let Some(creds) = &creds {
+                if !req.env.iter().any(|(k, _)| k == "HOME") {
+                    cmd.env("HOME", &creds.home);
+                }
+                users::run_as(&mut cmd, creds);
+            }
+            let mut child = cmd.spawn().map_err(|e| cant_run(&e))?;
+            let pid = child.id().unwrap_or(0);
+            // All three were asked for as pipes (stdin only with `req.stdin`).
+            let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) else {
+                return Err(spawn_failed("cannot run the process", &"no output pipes"));
+            };
+            let stdin = child.stdin.take();
+            let mut peek = Vec::new();
+            for (fd, stream) in [(out.as_fd(), Stream::Out), (err.as_fd(), Stream::Err)] {
+                let dup = fd
+                    .try_clone_to_owned()
+                    .map_err(|e| spawn_failed("cannot duplicate a pipe", &e))?;
+                peek.push((dup, stream));
+            }
+            let term = new_term(pid, None, peek);
+            tokio::spawn(supervise_pipes(term.clone(), out, err, child));
+            tokio::spawn(write_input(stdin, true, input_rx, term.events.subscribe()));
+            term
+        } else {
+            let (pty, pts) =
+                pty_process::open().map_err(|e| spawn_failed("cannot open a pty", &e))?;
+            pty.resize(pty_process::Size::new(size.rows, size.cols))
+                .map_err(|e| spawn_failed("cannot size the pty", &e))?;
+            let master = pty
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| spawn_failed("cannot duplicate the pty", &e))?;
+            let peek = vec![(
+                master
+                    .try_clone()
+                    .map_err(|e| spawn_failed("cannot duplicate the pty", &e))?,
+                Stream::Out,
+            )];
+            let mut cmd = pty_process::Command::new(&program)
+                .args(&args)
+                .current_dir(&cwd)
+                .envs(default_env())
+                .env("TERM", DEFAULT_TERM)
+                .envs(req.env.iter().map(|(k, v)| (k, v)));
+            if let Some(arg0) = &arg0 {
+                cmd = cmd.arg0(arg0);
+            }
+            if let Some(creds) = &creds {
+                if !req.env.iter().any(|(k, _)| k == "HOME") {
+                    cmd = cmd.env("HOME", &creds.home);
+                }
+                cmd = users::pty_run_as(cmd, creds);
+            }
+            let child = cmd.spawn(pts).map_err(|e| cant_run(&e))?;
+            let pid = child.id().unwrap_or(0);
+            let (reader, writer) = pty.into_split();
+            let term = new_term(pid, Some(master), peek);
+            tokio::spawn(supervise(term.clone(), reader, child));
+            tokio::spawn(write_input(
+                Some(writer),
+                false,
+                input_rx,
+                term.events.subscribe(),
+            ));
+            term
+        };
         map.insert(id, term.clone());
         Ok(term.info())
     }
@@ -261,31 +330,41 @@ pub async fn attach(
     };
     // Subscribed before the position is taken: nothing written after it goes unnoticed.
     let mut events = term.events.subscribe();
-    let mut pos = {
+    let (mut pos, mut epos) = {
         let st = term.lock();
+        let err = st.err.as_ref();
         if replay {
-            st.scrollback.start()
+            (st.scrollback.start(), err.map_or(0, Scrollback::start))
         } else {
-            st.scrollback.end()
+            (st.scrollback.end(), err.map_or(0, Scrollback::end))
         }
     };
     conn.send_json(FrameKind::Started, &term.info()).await?;
     // Input taken from the host, waiting for room in the writer's queue.
-    let mut pending: Option<Vec<u8>> = None;
+    let mut pending: Option<Input> = None;
     loop {
         loop {
-            let (next, chunk, exit) = {
+            let (next, chunk, enext, echunk, exit) = {
                 let st = term.lock();
                 let (next, chunk) = st.scrollback.read_from(pos, OUTPUT_CHUNK);
-                (next, chunk, st.exit.clone())
+                let (enext, echunk) = match &st.err {
+                    Some(err) => err.read_from(epos, OUTPUT_CHUNK),
+                    None => (epos, Vec::new()),
+                };
+                (next, chunk, enext, echunk, st.exit.clone())
             };
-            pos = next;
+            (pos, epos) = (next, enext);
             if !chunk.is_empty() {
                 conn.send(FrameKind::Stdout, &chunk).await?;
-            } else if let Some(exit) = exit {
-                // The exit is recorded after the last output: everything was sent.
-                return conn.send_json(FrameKind::Exit, &exit).await;
-            } else {
+            }
+            if !echunk.is_empty() {
+                conn.send(FrameKind::Stderr, &echunk).await?;
+            }
+            if chunk.is_empty() && echunk.is_empty() {
+                if let Some(exit) = exit {
+                    // The exit is recorded after the last output: everything was sent.
+                    return conn.send_json(FrameKind::Exit, &exit).await;
+                }
                 break;
             }
         }
@@ -294,8 +373,8 @@ pub async fn attach(
             _ = events.changed() => {}
             permit = term.input.reserve(), if pending.is_some() => {
                 // An error: the writer is gone (the process exited); the input is dropped.
-                if let (Ok(permit), Some(bytes)) = (permit, pending.take()) {
-                    permit.send(bytes);
+                if let (Ok(permit), Some(input)) = (permit, pending.take()) {
+                    permit.send(input);
                 }
             }
             _ = tokio::time::sleep(PEER_CHECK), if pending.is_some() => {
@@ -308,7 +387,7 @@ pub async fn attach(
                 let handled = match frame.kind {
                     FrameKind::Stdin => {
                         if !frame.payload.is_empty() {
-                            pending = Some(frame.payload);
+                            pending = Some(Input::Bytes(frame.payload));
                         }
                         Ok(())
                     }
@@ -323,7 +402,12 @@ pub async fn attach(
                         .and_then(|req| signal_from_raw(req.signal))
                         .map(|sig| term.signal(sig)),
                     // A pty has no end of input: the host sends the EOF character instead.
-                    FrameKind::StdinClose => Ok(()),
+                    FrameKind::StdinClose => {
+                        if term.pipes {
+                            pending = Some(Input::Close);
+                        }
+                        Ok(())
+                    }
                     other => Err(agent_error(
                         AgentErrorCode::BadRequest,
                         format!("frame kind {} is not allowed in an attachment", other as u8),
@@ -344,19 +428,42 @@ struct Terminal {
     argv: Vec<String>,
     created_at: i64,
     started: Instant,
+    /// On pipes (version 6), not a pty.
+    pipes: bool,
     /// Output, size and exit; never held across an await.
     state: Mutex<State>,
     /// `true` once the process exited; also bumped (unchanged) on every output.
     events: watch::Sender<bool>,
     /// Input for the writer task.
-    input: mpsc::Sender<Vec<u8>>,
+    input: mpsc::Sender<Input>,
+}
+
+/// What an attachment hands the writer.
+enum Input {
+    Bytes(Vec<u8>),
+    /// Close stdin (pipes only).
+    Close,
+}
+
+/// An output stream of a terminal.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stream {
+    /// The pty, or stdout.
+    Out,
+    Err,
 }
 
 struct State {
+    /// The pty's output, or stdout.
     scrollback: Scrollback,
+    /// Stderr, on pipes.
+    err: Option<Scrollback>,
     size: TerminalSize,
     /// A duplicate of the master, to resize the pty; dropped when the process exited.
     master: Option<OwnedFd>,
+    /// Duplicates of the descriptors output is read from, to read them without epoll (see
+    /// [`supervise`]); dropped when the process exited.
+    peek: Vec<(OwnedFd, Stream)>,
     /// The process group to signal; `None` once the leader was reaped (its id may be reused).
     pgid: Option<Pid>,
     exit: Option<ExitStatus>,
@@ -377,6 +484,7 @@ impl Terminal {
             rows: st.size.rows,
             exit_code: st.exit.as_ref().map(|e| e.exit_code),
             created_at: self.created_at,
+            pipes: self.pipes,
         }
     }
 
@@ -404,16 +512,50 @@ impl Terminal {
         Ok(())
     }
 
-    /// Read what the master holds now, without waiting (and without epoll).
-    fn read_now(&self, buf: &mut [u8]) -> Option<usize> {
+    /// Read what `stream` holds now, without waiting (and without epoll).
+    fn read_now(&self, stream: Stream, buf: &mut [u8]) -> Option<usize> {
         let st = self.lock();
-        let master = st.master.as_ref()?;
-        rustix::io::read(master, buf).ok().filter(|n| *n > 0)
+        let (fd, _) = st.peek.iter().find(|(_, s)| *s == stream)?;
+        rustix::io::read(fd, buf).ok().filter(|n| *n > 0)
     }
 
-    fn push(&self, data: &[u8]) {
-        self.lock().scrollback.push(data);
+    fn push(&self, stream: Stream, data: &[u8]) {
+        {
+            let mut st = self.lock();
+            match (stream, st.err.as_mut()) {
+                (Stream::Err, Some(err)) => err.push(data),
+                _ => st.scrollback.push(data),
+            }
+        }
         self.events.send_modify(|_| {});
+    }
+
+    /// The exit status of a reaped process.
+    fn reaped(&self, r: std::io::Result<std::process::ExitStatus>) -> ExitStatus {
+        self.lock().pgid = None;
+        match r {
+            Ok(st) => exit_status(st, false, self.started.elapsed()),
+            Err(e) => {
+                log!("terminal {}: wait: {e}", self.id);
+                ExitStatus {
+                    exit_code: -1,
+                    signal: None,
+                    timed_out: false,
+                    duration_ms: self.started.elapsed().as_millis() as u64,
+                }
+            }
+        }
+    }
+
+    /// Record the exit (after the last output) and let go of the descriptors.
+    fn finish(&self, status: Option<ExitStatus>) {
+        {
+            let mut st = self.lock();
+            st.exit = status;
+            st.master = None;
+            st.peek.clear();
+        }
+        self.events.send_replace(true);
     }
 }
 
@@ -430,7 +572,7 @@ async fn supervise(term: Arc<Terminal>, mut pty: OwnedReadPty, mut child: Child)
         let reaped = tokio::select! {
             r = pty.read(&mut buf), if reading => {
                 match r {
-                    Ok(n) if n > 0 => term.push(&buf[..n]),
+                    Ok(n) if n > 0 => term.push(Stream::Out, &buf[..n]),
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     // EIO once no process holds the pty any more.
                     _ => reading = false,
@@ -442,8 +584,8 @@ async fn supervise(term: Arc<Terminal>, mut pty: OwnedReadPty, mut child: Child)
                 // A terminal lives across checkpoints, and after a gVisor restore a
                 // descriptor registered with epoll before the checkpoint was seen never to
                 // report readiness again (see `server.rs`): look without epoll now and then.
-                if reading && let Some(n) = term.read_now(&mut buf) {
-                    term.push(&buf[..n]);
+                if reading && let Some(n) = term.read_now(Stream::Out, &mut buf) {
+                    term.push(Stream::Out, &buf[..n]);
                 }
                 match child.try_wait() {
                     Ok(Some(st)) if status.is_none() => Some(Ok(st)),
@@ -453,45 +595,104 @@ async fn supervise(term: Arc<Terminal>, mut pty: OwnedReadPty, mut child: Child)
             _ = sleep_until(grace_end), if status.is_some() => break,
         };
         if let Some(r) = reaped {
-            term.lock().pgid = None;
-            status = Some(match r {
-                Ok(st) => exit_status(st, false, term.started.elapsed()),
-                Err(e) => {
-                    log!("terminal {}: wait: {e}", term.id);
-                    ExitStatus {
-                        exit_code: -1,
-                        signal: None,
-                        timed_out: false,
-                        duration_ms: term.started.elapsed().as_millis() as u64,
-                    }
-                }
-            });
+            status = Some(term.reaped(r));
             grace_end = tokio::time::Instant::now() + PIPE_GRACE;
         }
     }
-    {
-        let mut st = term.lock();
-        st.exit = status;
-        st.master = None;
-    }
-    term.events.send_replace(true);
+    term.finish(status);
 }
 
-/// Write queued input to the pty until the process exited.
-async fn write_input(
-    mut pty: OwnedWritePty,
-    mut input: mpsc::Receiver<Vec<u8>>,
+/// [`supervise`] for a terminal on pipes: read stdout and stderr until the process exited
+/// and both drained (or [`PIPE_GRACE`] passed), then record the exit.
+async fn supervise_pipes(
+    term: Arc<Terminal>,
+    mut out: ChildStdout,
+    mut err: ChildStderr,
+    mut child: Child,
+) {
+    let mut obuf = vec![0u8; READ_CHUNK];
+    let mut ebuf = vec![0u8; READ_CHUNK];
+    let (mut out_open, mut err_open) = (true, true);
+    let mut status: Option<ExitStatus> = None;
+    let mut grace_end = tokio::time::Instant::now();
+    let mut poke = tokio::time::interval(POKE);
+    poke.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    while out_open || err_open || status.is_none() {
+        let reaped = tokio::select! {
+            r = out.read(&mut obuf), if out_open => {
+                out_open = took(&term, Stream::Out, r, &obuf);
+                None
+            }
+            r = err.read(&mut ebuf), if err_open => {
+                err_open = took(&term, Stream::Err, r, &ebuf);
+                None
+            }
+            r = child.wait(), if status.is_none() => Some(r),
+            _ = poke.tick() => {
+                // As in `supervise`: after a restore, look without epoll now and then.
+                for (open, stream, buf) in
+                    [(out_open, Stream::Out, &mut obuf), (err_open, Stream::Err, &mut ebuf)]
+                {
+                    if open && let Some(n) = term.read_now(stream, buf) {
+                        term.push(stream, &buf[..n]);
+                    }
+                }
+                match child.try_wait() {
+                    Ok(Some(st)) if status.is_none() => Some(Ok(st)),
+                    _ => None,
+                }
+            }
+            _ = sleep_until(grace_end), if status.is_some() => break,
+        };
+        if let Some(r) = reaped {
+            status = Some(term.reaped(r));
+            grace_end = tokio::time::Instant::now() + PIPE_GRACE;
+        }
+    }
+    term.finish(status);
+}
+
+/// Keep what one read of `stream` gave; whether the stream is still open.
+fn took(term: &Terminal, stream: Stream, r: std::io::Result<usize>, buf: &[u8]) -> bool {
+    match r {
+        Ok(n) if n > 0 => {
+            term.push(stream, &buf[..n]);
+            true
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => true,
+        // EOF, or an error: nothing more comes.
+        _ => false,
+    }
+}
+
+/// Write queued input to the pty or the stdin pipe until the process exited. `Close` drops
+/// the pipe when `closable` (a pty has no end of input).
+async fn write_input<W: AsyncWrite + Unpin>(
+    mut sink: Option<W>,
+    closable: bool,
+    mut input: mpsc::Receiver<Input>,
     mut exited: watch::Receiver<bool>,
 ) {
     loop {
-        let bytes = tokio::select! {
-            bytes = input.recv() => bytes,
+        let next = tokio::select! {
+            next = input.recv() => next,
             _ = exited.wait_for(|e| *e) => None,
         };
-        let Some(bytes) = bytes else { return };
+        let bytes = match next {
+            None => return,
+            Some(Input::Close) => {
+                if closable {
+                    sink = None;
+                }
+                continue;
+            }
+            Some(Input::Bytes(bytes)) => bytes,
+        };
+        // No stdin (or closed): the input is dropped.
+        let Some(w) = sink.as_mut() else { continue };
         tokio::select! {
-            // An error (EIO): nothing reads the pty any more; keep draining until the exit.
-            _ = pty.write_all(&bytes) => {}
+            // An error (EIO, EPIPE): nothing reads any more; keep draining until the exit.
+            _ = w.write_all(&bytes) => {}
             _ = exited.wait_for(|e| *e) => return,
         }
     }

@@ -75,6 +75,23 @@ impl AttachmentWriter<'_> {
             .map_err(|e| failure(self.sandbox, e))
     }
 
+    /// Close the stdin of a terminal on pipes (protocol version 6; a pty ignores it).
+    pub async fn close_stdin(&mut self) -> Result<(), AgentFailure> {
+        proto_client::send_stdin_close(&mut self.w)
+            .await
+            .map_err(|e| failure(self.sandbox, e))
+    }
+
+    /// Detach with an acknowledgement: send a resize the agent must refuse. The agent reads
+    /// an attachment's next frame only once the input before it was handed to the process,
+    /// so the refusal (an `Error` the reader sees, which ends the attachment) says that
+    /// every earlier frame was taken.
+    pub async fn detach_acknowledged(&mut self) -> Result<(), AgentFailure> {
+        proto_client::send_resize(&mut self.w, TerminalSize { cols: 0, rows: 0 })
+            .await
+            .map_err(|e| failure(self.sandbox, e))
+    }
+
     /// `size` must be valid ([`TerminalSize::validate`]): the agent ends an attachment that
     /// sends a malformed frame.
     pub async fn resize(&mut self, size: TerminalSize) -> Result<(), AgentFailure> {

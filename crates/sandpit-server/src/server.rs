@@ -119,6 +119,8 @@ pub struct Server {
     pub images: sandpit_image::LayerStore,
     /// Running template builds' event logs.
     pub builds: crate::builds::Builds,
+    /// What the E2B envd layer knows of the processes it started (the agent holds them).
+    pub e2b_processes: crate::e2b::envd::Processes,
 }
 
 impl std::ops::Deref for Server {
@@ -216,6 +218,7 @@ impl Server {
             node,
             images,
             builds: Default::default(),
+            e2b_processes: Default::default(),
         });
         if !server.cfg.api_only {
             images::ensure_base(&server.node).await?;

@@ -27,6 +27,8 @@ struct Viewer {
     reader: JoinHandle<()>,
     wr: OwnedWriteHalf,
     seen: Vec<u8>,
+    /// Stderr of a terminal on pipes.
+    err: Vec<u8>,
     exit: Option<ExitStatus>,
 }
 
@@ -58,6 +60,7 @@ impl Viewer {
             reader,
             wr,
             seen: Vec::new(),
+            err: Vec::new(),
             exit: None,
         };
         (viewer, info)
@@ -85,6 +88,7 @@ impl Viewer {
     async fn next(&mut self) {
         match self.event().await.unwrap() {
             TerminalEvent::Output(bytes) => self.seen.extend_from_slice(&bytes),
+            TerminalEvent::Stderr(bytes) => self.err.extend_from_slice(&bytes),
             TerminalEvent::Exit(exit) => self.exit = Some(exit),
         }
     }
@@ -489,4 +493,97 @@ async fn terminals_are_bounded() {
         .await;
     create(&agent, sh("one-more", 80, 24)).await;
     assert_eq!(list(&agent).await.len(), MAX_TERMINALS);
+}
+
+/// A terminal on pipes (version 6).
+fn piped(id: &str, shell: &str, stdin: bool) -> TerminalCreate {
+    TerminalCreate {
+        id: Some(id.into()),
+        shell: Some(shell.into()),
+        cols: 80,
+        rows: 24,
+        pipes: true,
+        stdin,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_process_on_pipes_keeps_stdout_and_stderr_apart() {
+    let agent = Agent::start();
+    // Output written before anyone attached is replayed, each stream from its own scrollback;
+    // no pty: stdin is not a terminal.
+    let info = create(
+        &agent,
+        piped(
+            "p1",
+            "echo O$((1+1))K; echo E$((2+2))R >&2; [ -t 0 ] || echo notty; exit 7",
+            false,
+        ),
+    )
+    .await;
+    assert!(info.pipes);
+    let (mut v, _) = Viewer::attach(&agent, "p1", true).await;
+    let exit = v.wait_exit().await;
+    assert_eq!(exit.exit_code, 7);
+    assert_eq!(v.text(), "O2K\nnotty\n");
+    assert_eq!(String::from_utf8_lossy(&v.err), "E4R\n");
+    // Exited, it stays listed until removed, like any terminal.
+    let listed = list(&agent).await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].exit_code, Some(7));
+    assert!(listed[0].pipes);
+
+    // stdin: typed bytes reach the process (`read` takes a line unbuffered); StdinClose
+    // ends its input.
+    create(
+        &agent,
+        piped("p2", "read l; echo \"got $l\"; cat; echo done >&2", true),
+    )
+    .await;
+    let (mut v, _) = Viewer::attach(&agent, "p2", true).await;
+    v.type_("hello\nworld\n").await;
+    v.wait_for("got hello").await;
+    write_frame(&mut v.wr, FrameKind::StdinClose, &[])
+        .await
+        .unwrap();
+    assert_eq!(v.wait_exit().await.exit_code, 0);
+    assert_eq!(v.text(), "got hello\nworld\n");
+    assert_eq!(String::from_utf8_lossy(&v.err), "done\n");
+
+    // Without stdin the process reads /dev/null: it ends at once; input is dropped.
+    create(&agent, piped("p3", "cat; echo eof", false)).await;
+    let (mut v, _) = Viewer::attach(&agent, "p3", true).await;
+    v.type_("ignored\n").await;
+    assert_eq!(v.wait_exit().await.exit_code, 0);
+    assert_eq!(v.text(), "eof\n");
+
+    // A long-running process survives a detach and is signalled by its group.
+    create(&agent, piped("p4", "echo up; sleep 1000", false)).await;
+    let (mut v, _) = Viewer::attach(&agent, "p4", true).await;
+    v.wait_for("up").await;
+    drop(v);
+    let (mut v, _) = Viewer::attach(&agent, "p4", true).await;
+    v.wait_for("up").await;
+    let _: serde_json::Value = agent
+        .ok(Op::TerminalKill {
+            id: "p4".into(),
+            signal: Some(15),
+        })
+        .await;
+    let exit = v.wait_exit().await;
+    assert_eq!(exit.signal, Some(15));
+
+    // Pipes need a command: no login shell.
+    let no_cmd = TerminalCreate {
+        id: Some("p5".into()),
+        cols: 80,
+        rows: 24,
+        pipes: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        agent.err(Op::TerminalCreate(no_cmd)).await,
+        AgentErrorCode::BadRequest
+    );
 }

@@ -8,7 +8,7 @@ Prints one JSON line of what it saw; `tests/it/e2b.rs` checks it. Any failure ra
 import json
 import time
 
-from e2b import Sandbox, SandboxQuery, SandboxState
+from e2b import PtySize, Sandbox, SandboxQuery, SandboxState
 from e2b import CommandExitException, NotFoundException, SandboxException
 
 seen = {}
@@ -77,8 +77,16 @@ seen["metadata"] = sbx.get_info().metadata
 
 sbx.set_timeout(600)
 
-# Pause, then resume through connect: the file is still there.
+# Pause, then resume through connect: the file is still there, and so is a background
+# process (its stream is cut by the pause; it runs on and is reattached with connect).
 sbx.commands.run("echo kept > /tmp/e2b/kept.txt")
+counter = sbx.commands.run(
+    "i=0; while true; do i=$((i+1)); echo $i > /tmp/e2b/count; echo beat$i; sleep 0.2; done",
+    background=True,
+)
+for stdout, _stderr, _pty in counter:
+    if "beat2" in (stdout or ""):
+        break
 seen["paused"] = sbx.pause()
 seen["pausedAgain"] = sbx.pause()
 seen["pausedState"] = [
@@ -89,6 +97,36 @@ seen["pausedState"] = [
 again = Sandbox.connect(sbx.sandbox_id)
 seen["resumedRead"] = again.files.read("/tmp/e2b/kept.txt").strip()
 seen["resumedRun"] = again.commands.run("cat /tmp/e2b/kept.txt").stdout.strip()
+seen["processKept"] = counter.pid in [p.pid for p in again.commands.list()]
+first = int(again.files.read("/tmp/e2b/count").strip())
+reattached = again.commands.connect(counter.pid)
+beats = ""
+for stdout, _stderr, _pty in reattached:
+    beats += stdout or ""
+    if beats.count("beat") >= 2:
+        break
+seen["beatsAfterResume"] = beats.count("beat") >= 2
+seen["counterAdvanced"] = int(again.files.read("/tmp/e2b/count").strip()) > first
+again.commands.kill(counter.pid)
+seen["keptListedAfterKill"] = counter.pid in [p.pid for p in again.commands.list()]
+
+# A PTY: typed input runs in a shell whose stdin is a terminal; resize; kill.
+term = again.pty.create(PtySize(rows=24, cols=80))
+again.pty.send_stdin(term.pid, b"[ -t 0 ] && echo T$((3+4))Y\n")
+screen = b""
+for _stdout, _stderr, pty in term:
+    screen += pty or b""
+    if b"T7Y" in screen:
+        break
+seen["pty"] = b"T7Y" in screen
+again.pty.resize(term.pid, PtySize(rows=40, cols=100))
+again.pty.send_stdin(term.pid, b"stty size\n")
+for _stdout, _stderr, pty in term:
+    screen += pty or b""
+    if b"40 100" in screen:
+        break
+seen["ptyResized"] = b"40 100" in screen
+seen["ptyKilled"] = again.pty.kill(term.pid)
 
 # Stdin to a background process, which a kill of the sandbox then ends (it does not wait).
 cat = again.commands.run("cat", background=True, stdin=True)

@@ -125,6 +125,13 @@ async fn the_e2b_python_sdk_works_unmodified() {
     assert_eq!(seen["pausedState"], json!(["paused"]), "{seen}");
     assert_eq!(seen["resumedRead"], "kept", "{seen}");
     assert_eq!(seen["resumedRun"], "kept", "{seen}");
+    assert_eq!(seen["processKept"], true, "{seen}");
+    assert_eq!(seen["beatsAfterResume"], true, "{seen}");
+    assert_eq!(seen["counterAdvanced"], true, "{seen}");
+    assert_eq!(seen["keptListedAfterKill"], false, "{seen}");
+    assert_eq!(seen["pty"], true, "{seen}");
+    assert_eq!(seen["ptyResized"], true, "{seen}");
+    assert_eq!(seen["ptyKilled"], true, "{seen}");
     assert_eq!(seen["stdin"], "fed through stdin", "{seen}");
     assert!(seen["killSeconds"].as_u64().unwrap_or(99) < 10, "{seen}");
     assert_eq!(seen["afterKill"], "SandboxNotFoundException", "{seen}");
@@ -260,6 +267,132 @@ async fn envd_refuses_hostile_requests() {
         .await
         .expect("sent");
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    // Processes belong to their sandbox: a process of this sandbox is out of reach with
+    // another sandbox's token, and malformed process requests change nothing.
+    let envelope = |v: Value| {
+        let json = serde_json::to_vec(&v).unwrap();
+        let mut b = vec![0u8];
+        b.extend_from_slice(&(json.len() as u32).to_be_bytes());
+        b.extend_from_slice(&json);
+        b
+    };
+    let mut started = envd("/process.Process/Start", &id, Some(&token))
+        .header("Content-Type", "application/connect+json")
+        .body(envelope(
+            json!({"process": {"cmd": "/bin/sh", "args": ["-c", "sleep 600"]}}),
+        ))
+        .send()
+        .await
+        .expect("sent");
+    let mut first = Vec::new();
+    while first.len() < 5
+        || first.len() < 5 + u32::from_be_bytes(first[1..5].try_into().unwrap()) as usize
+    {
+        first.extend_from_slice(&started.chunk().await.unwrap().expect("a start event"));
+    }
+    let len = u32::from_be_bytes(first[1..5].try_into().unwrap()) as usize;
+    let start: Value = serde_json::from_slice(&first[5..5 + len]).unwrap();
+    let pid = start["event"]["start"]["pid"].as_u64().expect("a pid");
+    let other: Value = http
+        .post(format!("{}/v2/sandboxes", srv.url))
+        .header("X-API-KEY", &srv.token)
+        .json(&json!({"templateID": "base", "timeout": 60}))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .unwrap();
+    let other_id = other["sandboxID"].as_str().unwrap().to_string();
+    let other_token = other["envdAccessToken"].as_str().unwrap().to_string();
+    let kill = json!({"process": {"pid": pid}, "signal": "SIGNAL_SIGKILL"}).to_string();
+    let resp = envd("/process.Process/SendSignal", &other_id, Some(&other_token))
+        .header("Content-Type", "application/json")
+        .body(kill.clone())
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    for (method, body, want) in [
+        // Both inputs at once.
+        (
+            "SendInput",
+            json!({"process": {"pid": pid}, "input": {"stdin": "eA==", "pty": "eA=="}}),
+            StatusCode::BAD_REQUEST,
+        ),
+        // A resize of a process without a pty, or to nothing.
+        (
+            "Update",
+            json!({"process": {"pid": pid}, "pty": {"size": {"cols": 80, "rows": 24}}}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "Update",
+            json!({"process": {"pid": pid}, "pty": {"size": {"cols": 0, "rows": 70000}}}),
+            StatusCode::BAD_REQUEST,
+        ),
+        // No such process; a selector that names none.
+        (
+            "SendSignal",
+            json!({"process": {"pid": 999_999}, "signal": "SIGNAL_SIGKILL"}),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "SendSignal",
+            json!({"process": {}, "signal": "SIGNAL_SIGKILL"}),
+            StatusCode::NOT_FOUND,
+        ),
+    ] {
+        let resp = envd(&format!("/process.Process/{method}"), &id, Some(&token))
+            .header("Content-Type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(resp.status(), want, "{method} {body}");
+    }
+    // Stream requests that name no process or a pty of no size: an error in the end frame.
+    for (method, body) in [
+        ("Connect", json!({"process": {"pid": 999_999}})),
+        (
+            "Start",
+            json!({"process": {"cmd": "/bin/sh"}, "pty": {"size": {"cols": 0, "rows": 0}}}),
+        ),
+    ] {
+        let resp = envd(&format!("/process.Process/{method}"), &id, Some(&token))
+            .header("Content-Type", "application/connect+json")
+            .body(envelope(body.clone()))
+            .send()
+            .await
+            .expect("sent");
+        let bytes = resp.bytes().await.unwrap();
+        assert_eq!(bytes[0], 0x02, "{method} {body}: {bytes:?}");
+        let end: Value = serde_json::from_slice(&bytes[5..]).unwrap();
+        assert!(end["error"]["code"].is_string(), "{end}");
+    }
+    // The process still runs; its own sandbox's token kills it, and its stream ends.
+    let listed: Value = envd("/process.Process/List", &id, Some(&token))
+        .header("Content-Type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["processes"][0]["pid"], pid, "{listed}");
+    let resp = envd("/process.Process/SendSignal", &id, Some(&token))
+        .header("Content-Type", "application/json")
+        .body(kill)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let rest = started.bytes().await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&rest).contains("signal: killed"),
+        "{rest:?}"
+    );
     // Another port through E2b-Sandbox-Port is not served.
     let resp = http
         .get(format!("{}/health", srv.url))

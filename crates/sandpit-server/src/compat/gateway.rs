@@ -496,7 +496,7 @@ async fn relay_terminal(
             let mut carry = Vec::new();
             loop {
                 match reader.next().await {
-                    Ok(TerminalEvent::Output(bytes)) => {
+                    Ok(TerminalEvent::Output(bytes) | TerminalEvent::Stderr(bytes)) => {
                         let text = shells::utf8_chunk(&mut carry, &bytes);
                         let params = map(vec![
                             ("shellId", Value::from(id.as_str())),

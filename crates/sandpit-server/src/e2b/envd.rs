@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -27,9 +27,10 @@ use axum::routing::{get, post};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use futures::StreamExt;
+use sandpit_agent_proto::client::TerminalEvent;
 use sandpit_agent_proto::{self as proto, EntryKind, FileInfo};
 use sandpit_control::Status;
-use sandpit_control::agent::{AgentClient, AgentFailure, ExecInput, ExecOutput};
+use sandpit_control::agent::{AgentClient, AgentFailure};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -401,6 +402,9 @@ async fn rpc(
             let msg = connect::stream_request(&bytes)?;
             return match method.as_str() {
                 "Start" => start(&server, envd, msg, &headers).await,
+                "Connect" if service == "process.Process" => {
+                    connect_process(&server, envd, msg, &headers).await
+                }
                 _ => Err(ConnectError::new(
                     "unimplemented",
                     format!("{service}/{method} is not supported by Sandpit"),
@@ -408,10 +412,11 @@ async fn rpc(
             };
         }
         let value = match (service.as_str(), method.as_str()) {
-            ("process.Process", "List") => list_processes(&envd),
-            ("process.Process", "SendSignal") => send_signal(&envd, &bytes).await,
-            ("process.Process", "SendInput") => send_input(&envd, &bytes).await,
-            ("process.Process", "CloseStdin") => close_stdin(&envd, &bytes).await,
+            ("process.Process", "List") => list_processes(&server, &envd).await,
+            ("process.Process", "SendSignal") => send_signal(&server, &envd, &bytes).await,
+            ("process.Process", "SendInput") => send_input(&server, &envd, &bytes).await,
+            ("process.Process", "CloseStdin") => close_stdin(&server, &envd, &bytes).await,
+            ("process.Process", "Update") => update(&server, &envd, &bytes).await,
             ("filesystem.Filesystem", m) => filesystem(&server, &envd, m, &bytes).await,
             _ => Err(ConnectError::new(
                 "unimplemented",
@@ -606,19 +611,44 @@ async fn list_into(
 }
 
 // ---- processes ----
+//
+// Every process started through envd is an agent terminal (protocol version 6: on pipes, or
+// on a pty when the SDK asks for one) whose id starts with `e2b-`. It belongs to the agent,
+// not to a connection: it outlives its output stream, holds no sandbox lock (a pause does
+// not wait for it; it is checkpointed with the sandbox and runs on after a resume), and is
+// listed, signalled, fed and reattached (`Connect`) by pid. A stream is an attachment,
+// registered as a live connection of the sandbox so that a pause or a destroy cuts it.
 
-/// A process started through envd, while it runs.
-struct Proc {
-    input: mpsc::Sender<ExecInput>,
+/// Terminal ids of processes started through envd start with this.
+const PROC_PREFIX: &str = "e2b-";
+/// Default size of a pty the SDK did not size.
+const DEFAULT_PTY: proto::TerminalSize = proto::TerminalSize { cols: 80, rows: 24 };
+
+/// What the SDK lists of a process and the server alone knows (the agent shows argv only).
+struct ProcMeta {
     config: Value,
     tag: Option<String>,
+    /// Input for the stream now attached to the process, if any.
+    input: Option<mpsc::Sender<ProcInput>>,
 }
 
-/// Running processes by sandbox and pid.
-static PROCS: LazyLock<Mutex<HashMap<(String, u32), Proc>>> = LazyLock::new(Default::default);
+/// Input handed to the task that streams a process.
+enum ProcInput {
+    Bytes(Vec<u8>),
+    Close,
+}
 
-fn procs() -> std::sync::MutexGuard<'static, HashMap<(String, u32), Proc>> {
-    PROCS.lock().unwrap_or_else(|p| p.into_inner())
+/// Per sandbox, by terminal id; an entry without a live process is dropped when the
+/// process is found gone. Held only for map operations.
+#[derive(Default)]
+pub struct Processes {
+    map: Mutex<HashMap<(String, String), ProcMeta>>,
+}
+
+impl Processes {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), ProcMeta>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -632,9 +662,37 @@ struct ProcessConfig {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
+struct PtyMsg {
+    size: Option<PtySizeMsg>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct PtySizeMsg {
+    cols: u32,
+    rows: u32,
+}
+
+impl PtyMsg {
+    fn size(&self) -> Result<proto::TerminalSize, ConnectError> {
+        let Some(sz) = &self.size else {
+            return Ok(DEFAULT_PTY);
+        };
+        let dim = |d: u32| u16::try_from(d).unwrap_or(0);
+        proto::TerminalSize {
+            cols: dim(sz.cols),
+            rows: dim(sz.rows),
+        }
+        .validate()
+        .map_err(|e| ConnectError::new("invalid_argument", e.message))
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
 struct StartMsg {
     process: ProcessConfig,
-    pty: Option<Value>,
+    pty: Option<PtyMsg>,
     tag: Option<String>,
     stdin: Option<bool>,
 }
@@ -646,16 +704,63 @@ struct Selector {
     tag: Option<String>,
 }
 
-enum Event {
-    Out(ExecOutput),
-    End(Result<proto::ExitStatus, ConnectError>),
-}
-
 fn header_secs(headers: &HeaderMap, name: &str) -> Option<u64> {
     headers
         .get(name)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
+}
+
+/// A fresh terminal id for a process.
+fn new_proc_id() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{PROC_PREFIX}{:x}-{n}", crate::util::now_ms())
+}
+
+/// The envd processes of a sandbox that still run. Exited ones (their streams are over or
+/// were cut) are removed from the agent and from the server's table on the way.
+async fn live_processes(
+    server: &Server,
+    agent: &AgentClient,
+    sandbox: &str,
+) -> Result<Vec<proto::TerminalInfo>, ConnectError> {
+    let all = agent.terminal_list().await.map_err(failed)?;
+    let (running, exited): (Vec<_>, Vec<_>) = all
+        .into_iter()
+        .filter(|t| t.id.starts_with(PROC_PREFIX))
+        .partition(|t| t.exit_code.is_none());
+    for t in &exited {
+        // Gone already (another request removed it): nothing to do.
+        let _ = agent.terminal_kill(&t.id, None).await;
+    }
+    let mut table = server.e2b_processes.lock();
+    table.retain(|(s, tid), _| s != sandbox || running.iter().any(|t| &t.id == tid));
+    Ok(running)
+}
+
+/// The running process a selector names.
+async fn find_process(
+    server: &Server,
+    agent: &AgentClient,
+    sandbox: &str,
+    sel: &Selector,
+) -> Result<proto::TerminalInfo, ConnectError> {
+    let running = live_processes(server, agent, sandbox).await?;
+    let by_tag = |t: &proto::TerminalInfo| {
+        let table = server.e2b_processes.lock();
+        table
+            .get(&(sandbox.to_string(), t.id.clone()))
+            .is_some_and(|m| m.tag.is_some() && m.tag == sel.tag)
+    };
+    running
+        .into_iter()
+        .find(|t| match (&sel.pid, &sel.tag) {
+            (Some(pid), _) => t.pid == *pid,
+            (None, Some(_)) => by_tag(t),
+            (None, None) => false,
+        })
+        .ok_or_else(|| ConnectError::new("not_found", "no such process"))
 }
 
 async fn start(
@@ -665,36 +770,36 @@ async fn start(
     headers: &HeaderMap,
 ) -> Result<Response, ConnectError> {
     let m: StartMsg = connect::parse(msg)?;
-    if m.pty.is_some() {
-        return Err(ConnectError::new(
-            "unimplemented",
-            "PTY processes are not supported by Sandpit yet",
-        ));
-    }
+    let pty = m.pty.as_ref().map(PtyMsg::size).transpose()?;
     let cfg = m.process;
-    if cfg.cmd.is_empty() || cfg.cmd.contains('\0') {
-        return Err(ConnectError::new("invalid_argument", "cmd is required"));
+    if cfg.cmd.is_empty() || cfg.cmd.contains('\0') || cfg.args.iter().any(|a| a.contains('\0')) {
+        return Err(ConnectError::new(
+            "invalid_argument",
+            "cmd is required; cmd and args contain no NUL",
+        ));
     }
     if cfg
         .envs
-        .keys()
-        .any(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
+        .iter()
+        .any(|(k, v)| k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0'))
     {
         return Err(ConnectError::new(
             "invalid_argument",
-            "environment variable names must be non-empty and contain no '=' or NUL",
+            "environment variable names must be non-empty and contain no '=' or NUL; values no NUL",
         ));
     }
     let id = envd.sb.id().to_string();
-    if procs().keys().filter(|(s, _)| *s == id).count() >= MAX_PROCESSES {
+    let cwd = resolve(&envd, cfg.cwd.as_deref().unwrap_or(""))?;
+    let config = json!({"cmd": cfg.cmd, "args": cfg.args, "envs": cfg.envs, "cwd": cwd});
+    let (agent, guard, row) = lifecycle::running_agent(server, &envd.sb).await?;
+    // Room for this one: exited processes go first.
+    let running = live_processes(server, &agent, &id).await?;
+    if running.len() >= MAX_PROCESSES {
         return Err(ConnectError::new(
             "resource_exhausted",
             format!("at most {MAX_PROCESSES} processes per sandbox"),
         ));
     }
-    let cwd = resolve(&envd, cfg.cwd.as_deref().unwrap_or(""))?;
-    let config = json!({"cmd": cfg.cmd, "args": cfg.args, "envs": cfg.envs, "cwd": cwd});
-    let (agent, guard, row) = lifecycle::running_agent(server, &envd.sb).await?;
     // The SDKs run everything as `/bin/bash -l -c <cmd>`; a template without bash (the
     // busybox `base`) runs the command line with `/bin/sh -c` instead.
     let (argv, shell) = if cfg.cmd == "/bin/bash" && agent.stat("/bin/bash").await.is_err() {
@@ -705,113 +810,237 @@ async fn start(
     } else {
         (Some([vec![cfg.cmd], cfg.args].concat()), None)
     };
-    // Connect-Timeout-Ms bounds the call: the process is killed when it passes.
-    let timeout_ms = header_secs(headers, "connect-timeout-ms").map(|t| t.clamp(1, 86_400_000));
-    let req = proto::ExecRequest {
+    let size = pty.unwrap_or(DEFAULT_PTY);
+    let tid = new_proc_id();
+    let req = proto::TerminalCreate {
+        id: Some(tid.clone()),
         argv,
         shell,
         cwd: Some(cwd),
         env: lifecycle::exec_env(&row, cfg.envs.into_iter().collect())?,
-        timeout_ms,
-        stdin: m.stdin.unwrap_or(false),
+        cols: size.cols,
+        rows: size.rows,
+        scrollback_bytes: Some(proto::MAX_SCROLLBACK),
         user: envd.user.clone(),
+        pipes: pty.is_none(),
+        stdin: pty.is_none() && m.stdin.unwrap_or(false),
     };
-    let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(64);
-    let (in_tx, in_rx) = mpsc::channel::<ExecInput>(16);
-    let tag = m.tag;
-    // A destroy (or the liveness watch) cancels the sandbox's operations: the process ends
-    // rather than hold the sandbox.
-    let cancel = server.cancel_of(&id);
-    let watched = server.clone();
-    tokio::spawn({
-        let id = id.clone();
-        async move {
-            let (out_tx, mut out_rx) = mpsc::channel::<ExecOutput>(64);
-            let run = agent.exec_controlled(req, out_tx, in_rx);
-            let pid = Mutex::new(None);
-            let relay = async {
-                while let Some(o) = out_rx.recv().await {
-                    if let ExecOutput::Started(p) = o {
-                        *pid.lock().unwrap_or_else(|p| p.into_inner()) = Some(p);
-                        procs().insert(
-                            (id.clone(), p),
-                            Proc {
-                                input: in_tx.clone(),
-                                config: config.clone(),
-                                tag: tag.clone(),
-                            },
-                        );
-                    }
-                    // The client may have gone: the process goes on.
-                    let _ = ev_tx.send(Event::Out(o)).await;
-                }
-            };
-            let status = tokio::select! {
-                (status, ()) = async { tokio::join!(run, relay) } => status.map_err(failed),
-                _ = cancel.cancelled() => Err(ConnectError::new(
-                    "unavailable",
-                    "the sandbox stopped while the process ran",
-                )),
-                // The process holds the sandbox (the reaper skips busy sandboxes): it ends
-                // when the sandbox's timeout passes.
-                _ = past_expiry(&watched, &id) => Err(ConnectError::new(
-                    "deadline_exceeded",
-                    "the sandbox's timeout passed while the process ran",
-                )),
-            };
-            drop(in_tx);
-            let pid = *pid.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(p) = pid {
-                procs().remove(&(id, p));
-            }
-            drop(guard);
-            let _ = ev_tx.send(Event::End(status)).await;
-        }
-    });
+    let info = agent.terminal_create(req).await.map_err(failed)?;
+    server.e2b_processes.lock().insert(
+        (id.clone(), tid.clone()),
+        ProcMeta {
+            config,
+            tag: m.tag,
+            input: None,
+        },
+    );
+    // Registered under the read lock, so no pause runs between this and the attachment;
+    // the lock goes once both exist (as for terminals' WebSockets).
+    let live = server.previews.register(&id);
+    let attached = agent.terminal_attach(&tid, true).await;
+    drop(guard);
+    let (_, attachment) = attached.map_err(failed)?;
+    Ok(stream_process(
+        server.clone(),
+        StreamOf {
+            sandbox: id,
+            tid,
+            pid: info.pid,
+            pty: pty.is_some(),
+            agent,
+        },
+        attachment,
+        live,
+        headers,
+    ))
+}
+
+/// `Connect`: stream a running process's further output.
+async fn connect_process(
+    server: &Arc<Server>,
+    envd: Envd,
+    msg: &[u8],
+    headers: &HeaderMap,
+) -> Result<Response, ConnectError> {
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(default)]
+    struct Msg {
+        process: Selector,
+    }
+    let m: Msg = connect::parse(msg)?;
+    let id = envd.sb.id().to_string();
+    let (agent, guard, _) = lifecycle::running_agent(server, &envd.sb).await?;
+    let info = find_process(server, &agent, &id, &m.process).await?;
+    let live = server.previews.register(&id);
+    let attached = agent.terminal_attach(&info.id, false).await;
+    drop(guard);
+    let (_, attachment) = attached.map_err(failed)?;
+    Ok(stream_process(
+        server.clone(),
+        StreamOf {
+            sandbox: id,
+            tid: info.id,
+            pid: info.pid,
+            pty: !info.pipes,
+            agent,
+        },
+        attachment,
+        live,
+        headers,
+    ))
+}
+
+/// The process a stream shows.
+struct StreamOf {
+    sandbox: String,
+    tid: String,
+    pid: u32,
+    pty: bool,
+    agent: AgentClient,
+}
+
+/// How a stream ended.
+enum StreamEnd {
+    Exit(proto::ExitStatus),
+    /// The client went away: the process goes on.
+    ClientGone,
+    Failed(ConnectError),
+}
+
+/// Stream a process's events as a Connect server stream: `start{pid}`, `data`, keepalives,
+/// then `end` once it exited (and the process is removed), or an error when the sandbox's
+/// live connections were cut (a pause or destroy) or the agent connection broke. While the
+/// stream lives, input for the process goes through its attachment. `Connect-Timeout-Ms`
+/// bounds the stream: the process is killed when it passes.
+fn stream_process(
+    server: Arc<Server>,
+    of: StreamOf,
+    mut attachment: sandpit_control::agent_terminal::TerminalAttachment,
+    live: sandpit_control::live::ConnGuard,
+    headers: &HeaderMap,
+) -> Response {
     let keepalive = Duration::from_secs(
         header_secs(headers, "keepalive-ping-interval")
             .unwrap_or(50)
             .clamp(1, 3600),
     );
+    let timeout =
+        header_secs(headers, "connect-timeout-ms").map(|t| Duration::from_millis(t.max(1)));
+    let (in_tx, mut in_rx) = mpsc::channel::<ProcInput>(16);
+    if let Some(meta) = server
+        .e2b_processes
+        .lock()
+        .get_mut(&(of.sandbox.clone(), of.tid.clone()))
+    {
+        meta.input = Some(in_tx.clone());
+    }
     let (body_tx, body_rx) = mpsc::channel::<Result<Bytes, Infallible>>(16);
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
-        loop {
-            let frame = tokio::select! {
-                ev = ev_rx.recv() => match ev {
-                    Some(Event::Out(ExecOutput::Started(pid))) => {
-                        connect::frame(0, &json!({"event": {"start": {"pid": pid}}}))
+        let cancel = live.cancel_token();
+        let send = |frame: Bytes| {
+            let body_tx = body_tx.clone();
+            async move { body_tx.send(Ok(frame)).await.is_ok() }
+        };
+        if !send(connect::frame(
+            0,
+            &json!({"event": {"start": {"pid": of.pid}}}),
+        ))
+        .await
+        {
+            return;
+        }
+        let out_key = if of.pty { "pty" } else { "stdout" };
+        let end = {
+            let (mut reader, mut writer) = attachment.split();
+            let to_client = async {
+                loop {
+                    let (key, bytes) = match reader.next().await {
+                        Ok(TerminalEvent::Output(b)) => (out_key, b),
+                        Ok(TerminalEvent::Stderr(b)) => ("stderr", b),
+                        Ok(TerminalEvent::Exit(st)) => return StreamEnd::Exit(st),
+                        Err(f) => return StreamEnd::Failed(failed(f)),
+                    };
+                    let data = json!({"event": {"data": {key: B64.encode(bytes)}}});
+                    if !send(connect::frame(0, &data)).await {
+                        return StreamEnd::ClientGone;
                     }
-                    Some(Event::Out(ExecOutput::Stdout(b))) => {
-                        connect::frame(0, &json!({"event": {"data": {"stdout": B64.encode(b)}}}))
-                    }
-                    Some(Event::Out(ExecOutput::Stderr(b))) => {
-                        connect::frame(0, &json!({"event": {"data": {"stderr": B64.encode(b)}}}))
-                    }
-                    Some(Event::End(Ok(st))) => {
-                        let status = match st.signal {
-                            Some(9) => "signal: killed".to_string(),
-                            Some(s) => format!("signal: {s}"),
-                            None => format!("exit status {}", st.exit_code),
-                        };
-                        let end = json!({"event": {"end": {
-                            "exitCode": st.exit_code, "exited": st.signal.is_none(), "status": status,
-                        }}});
-                        let _ = body_tx.send(Ok(connect::frame(0, &end))).await;
-                        let _ = body_tx.send(Ok(connect::end_frame(None))).await;
-                        return;
-                    }
-                    Some(Event::End(Err(e))) => {
-                        let _ = body_tx.send(Ok(connect::end_frame(Some(&e)))).await;
-                        return;
-                    }
-                    None => return,
-                },
-                _ = tick.tick() => connect::frame(0, &json!({"event": {"keepalive": {}}})),
+                }
             };
-            if body_tx.send(Ok(frame)).await.is_err() {
-                return;
+            let from_input = async {
+                while let Some(input) = in_rx.recv().await {
+                    let sent = match input {
+                        ProcInput::Bytes(b) => writer.input(&b).await,
+                        ProcInput::Close => writer.close_stdin().await,
+                    };
+                    if let Err(f) = sent {
+                        return StreamEnd::Failed(failed(f));
+                    }
+                }
+                std::future::pending().await
+            };
+            let pings = async {
+                let mut tick =
+                    tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
+                loop {
+                    tick.tick().await;
+                    if !send(connect::frame(0, &json!({"event": {"keepalive": {}}}))).await {
+                        return StreamEnd::ClientGone;
+                    }
+                }
+            };
+            let deadline = async {
+                match timeout {
+                    Some(t) => {
+                        tokio::time::sleep(t).await;
+                        // The exit comes through the attachment.
+                        let _ = of.agent.terminal_kill(&of.tid, Some(9)).await;
+                        std::future::pending().await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                end = to_client => end,
+                end = from_input => end,
+                end = pings => end,
+                end = deadline => end,
+                _ = cancel.cancelled() => StreamEnd::Failed(ConnectError::new(
+                    "unavailable",
+                    "the sandbox was paused or stopped: the process goes on after a resume (reattach with Connect)",
+                )),
             }
+        };
+        // The agent connection resets here (before the cut, if any, goes on).
+        drop(attachment);
+        drop(live);
+        let key = (of.sandbox.clone(), of.tid.clone());
+        if let Some(meta) = server.e2b_processes.lock().get_mut(&key)
+            && meta.input.as_ref().is_some_and(|i| i.same_channel(&in_tx))
+        {
+            meta.input = None;
+        }
+        match end {
+            StreamEnd::Exit(st) => {
+                server.e2b_processes.lock().remove(&key);
+                // Already removed by another request: nothing to do.
+                let _ = of.agent.terminal_kill(&of.tid, None).await;
+                server.previews.touch(&server.store, &of.sandbox);
+                let status = match st.signal {
+                    Some(9) => "signal: killed".to_string(),
+                    Some(s) => format!("signal: {s}"),
+                    None => format!("exit status {}", st.exit_code),
+                };
+                let end = json!({"event": {"end": {
+                    "exitCode": st.exit_code, "exited": st.signal.is_none(), "status": status,
+                }}});
+                if send(connect::frame(0, &end)).await {
+                    send(connect::end_frame(None)).await;
+                }
+            }
+            StreamEnd::Failed(e) => {
+                send(connect::end_frame(Some(&e))).await;
+            }
+            StreamEnd::ClientGone => {}
         }
     });
     let mut resp =
@@ -820,30 +1049,27 @@ async fn start(
         header::CONTENT_TYPE,
         HeaderValue::from_static(connect::STREAM_TYPE),
     );
-    Ok(resp)
+    resp
 }
 
-/// Resolves once the sandbox's expiry has passed (checked every few seconds).
-async fn past_expiry(server: &Server, id: &str) {
-    loop {
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        if let Ok(Some(row)) = server.store.sandboxes.get(id).await
-            && row.expires_at.is_some_and(|e| e <= crate::util::now_ms())
-        {
-            return;
-        }
-    }
-}
-
-fn list_processes(envd: &Envd) -> Result<Value, ConnectError> {
+async fn list_processes(server: &Arc<Server>, envd: &Envd) -> Result<Value, ConnectError> {
     let id = envd.sb.id();
-    let list: Vec<Value> = procs()
+    let (agent, guard, _) = lifecycle::running_agent(server, &envd.sb).await?;
+    let running = live_processes(server, &agent, id).await?;
+    drop(guard);
+    let table = server.e2b_processes.lock();
+    let list: Vec<Value> = running
         .iter()
-        .filter(|((s, _), _)| s == id)
-        .map(|((_, pid), p)| {
-            let mut v = json!({"pid": pid, "config": p.config});
-            if let Some(t) = &p.tag {
-                v["tag"] = t.clone().into();
+        .map(|t| {
+            let meta = table.get(&(id.to_string(), t.id.clone()));
+            // A process started before a restart of this server: its argv is all there is.
+            let config = meta.map(|m| m.config.clone()).unwrap_or_else(|| {
+                let (cmd, args) = t.argv.split_first().map_or(("", &[][..]), |(c, a)| (c, a));
+                json!({"cmd": cmd, "args": args, "envs": {}})
+            });
+            let mut v = json!({"pid": t.pid, "config": config});
+            if let Some(tag) = meta.and_then(|m| m.tag.clone()) {
+                v["tag"] = tag.into();
             }
             v
         })
@@ -851,21 +1077,59 @@ fn list_processes(envd: &Envd) -> Result<Value, ConnectError> {
     Ok(json!({"processes": list}))
 }
 
-/// The input channel of the process a selector names.
-fn selected(envd: &Envd, sel: &Selector) -> Result<mpsc::Sender<ExecInput>, ConnectError> {
+/// Hand `input` to the process a selector names: through its live stream when it has one,
+/// else through an attachment of its own.
+async fn give_input(
+    server: &Arc<Server>,
+    envd: &Envd,
+    sel: &Selector,
+    input: ProcInput,
+) -> Result<(), ConnectError> {
     let id = envd.sb.id();
-    procs()
-        .iter()
-        .find(|((s, pid), p)| {
-            s == id
-                && match (&sel.pid, &sel.tag) {
-                    (Some(want), _) => pid == want,
-                    (None, Some(t)) => p.tag.as_deref() == Some(t),
-                    (None, None) => false,
-                }
-        })
-        .map(|(_, p)| p.input.clone())
-        .ok_or_else(|| ConnectError::new("not_found", "no such process"))
+    let (agent, guard, _) = lifecycle::running_agent(server, &envd.sb).await?;
+    let info = find_process(server, &agent, id, sel).await?;
+    let stream = server
+        .e2b_processes
+        .lock()
+        .get(&(id.to_string(), info.id.clone()))
+        .and_then(|m| m.input.clone());
+    let input = match stream {
+        Some(tx) => match tx.send(input).await {
+            Ok(()) => return Ok(()),
+            // The stream just ended: attach instead.
+            Err(mpsc::error::SendError(input)) => input,
+        },
+        None => input,
+    };
+    let (_, mut attachment) = agent
+        .terminal_attach(&info.id, false)
+        .await
+        .map_err(failed)?;
+    drop(guard);
+    let (mut reader, mut writer) = attachment.split();
+    match input {
+        ProcInput::Bytes(b) => writer.input(&b).await,
+        ProcInput::Close => writer.close_stdin().await,
+    }
+    .map_err(failed)?;
+    // The refusal that ends the attachment says the input was taken.
+    writer.detach_acknowledged().await.map_err(failed)?;
+    let acked = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match reader.next().await {
+                Ok(TerminalEvent::Exit(_)) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    if acked.is_err() {
+        return Err(ConnectError::new(
+            "deadline_exceeded",
+            "the process did not take the input in time",
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -875,7 +1139,11 @@ struct SignalMsg {
     signal: Value,
 }
 
-async fn send_signal(envd: &Envd, bytes: &[u8]) -> Result<Value, ConnectError> {
+async fn send_signal(
+    server: &Arc<Server>,
+    envd: &Envd,
+    bytes: &[u8],
+) -> Result<Value, ConnectError> {
     let m: SignalMsg = connect::parse(bytes)?;
     let signal = match &m.signal {
         Value::String(s) if s == "SIGNAL_SIGKILL" => 9,
@@ -890,10 +1158,26 @@ async fn send_signal(envd: &Envd, bytes: &[u8]) -> Result<Value, ConnectError> {
             ));
         }
     };
-    let tx = selected(envd, &m.process)?;
-    tx.send(ExecInput::Signal(signal))
+    let (agent, _guard, _) = lifecycle::running_agent(server, &envd.sb).await?;
+    let info = find_process(server, &agent, envd.sb.id(), &m.process).await?;
+    agent
+        .terminal_kill(&info.id, Some(signal))
         .await
-        .map_err(|_| ConnectError::new("not_found", "the process has exited"))?;
+        .map_err(failed)?;
+    // A SIGKILLed process is gone once this answers (the SDK lists right after a kill): wait
+    // a little for the agent to record its exit.
+    if signal == 9 {
+        for _ in 0..40 {
+            let list = agent.terminal_list().await.map_err(failed)?;
+            if !list
+                .iter()
+                .any(|t| t.id == info.id && t.exit_code.is_none())
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     Ok(json!({}))
 }
 
@@ -904,37 +1188,73 @@ struct InputMsg {
     input: BTreeMap<String, String>,
 }
 
-async fn send_input(envd: &Envd, bytes: &[u8]) -> Result<Value, ConnectError> {
+async fn send_input(
+    server: &Arc<Server>,
+    envd: &Envd,
+    bytes: &[u8],
+) -> Result<Value, ConnectError> {
     let m: InputMsg = connect::parse(bytes)?;
-    let data = match m.input.get("stdin") {
-        Some(b) => B64
+    let data = match (m.input.get("stdin"), m.input.get("pty")) {
+        (Some(b), None) | (None, Some(b)) => B64
             .decode(b)
-            .map_err(|_| ConnectError::new("invalid_argument", "stdin is not base64"))?,
-        None => {
+            .map_err(|_| ConnectError::new("invalid_argument", "input is not base64"))?,
+        _ => {
             return Err(ConnectError::new(
                 "invalid_argument",
-                "only stdin input is supported",
+                "input must be one of stdin and pty",
             ));
         }
     };
-    let tx = selected(envd, &m.process)?;
-    tx.send(ExecInput::Stdin(data))
-        .await
-        .map_err(|_| ConnectError::new("not_found", "the process has exited"))?;
+    if data.len() > connect::MAX_MESSAGE {
+        return Err(ConnectError::new(
+            "resource_exhausted",
+            "input is too large",
+        ));
+    }
+    give_input(server, envd, &m.process, ProcInput::Bytes(data)).await?;
     Ok(json!({}))
 }
 
-async fn close_stdin(envd: &Envd, bytes: &[u8]) -> Result<Value, ConnectError> {
+async fn close_stdin(
+    server: &Arc<Server>,
+    envd: &Envd,
+    bytes: &[u8],
+) -> Result<Value, ConnectError> {
     #[derive(Debug, Default, Deserialize)]
     #[serde(default)]
     struct Msg {
         process: Selector,
     }
     let m: Msg = connect::parse(bytes)?;
-    let tx = selected(envd, &m.process)?;
-    tx.send(ExecInput::CloseStdin)
+    give_input(server, envd, &m.process, ProcInput::Close).await?;
+    Ok(json!({}))
+}
+
+/// `Update`: resize a pty.
+async fn update(server: &Arc<Server>, envd: &Envd, bytes: &[u8]) -> Result<Value, ConnectError> {
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(default)]
+    struct Msg {
+        process: Selector,
+        pty: Option<PtyMsg>,
+    }
+    let m: Msg = connect::parse(bytes)?;
+    let Some(pty) = m.pty else {
+        return Ok(json!({}));
+    };
+    let size = pty.size()?;
+    let (agent, _guard, _) = lifecycle::running_agent(server, &envd.sb).await?;
+    let info = find_process(server, &agent, envd.sb.id(), &m.process).await?;
+    if info.pipes {
+        return Err(ConnectError::new(
+            "failed_precondition",
+            "the process has no pty",
+        ));
+    }
+    agent
+        .terminal_resize(&info.id, size)
         .await
-        .map_err(|_| ConnectError::new("not_found", "the process has exited"))?;
+        .map_err(failed)?;
     Ok(json!({}))
 }
 

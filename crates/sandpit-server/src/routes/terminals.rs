@@ -155,6 +155,7 @@ fn agent_create(req: TerminalCreateRequest) -> Result<proto::TerminalCreate, Api
         rows: size.rows,
         scrollback_bytes: None,
         user: None,
+        ..Default::default()
     })
 }
 
@@ -351,7 +352,7 @@ async fn relay(
         let to_client = async {
             loop {
                 match reader.next().await {
-                    Ok(TerminalEvent::Output(bytes)) => {
+                    Ok(TerminalEvent::Output(bytes) | TerminalEvent::Stderr(bytes)) => {
                         if sink
                             .lock()
                             .await
