@@ -14,6 +14,7 @@ pub mod error;
 pub mod faults;
 pub mod live;
 pub mod membership;
+pub mod metrics;
 pub mod node;
 pub mod placement;
 pub mod recovery;

@@ -487,6 +487,12 @@ impl BuildJob {
             Ok(()) => ("ready", None),
             Err(e) => ("failed", Some(e.clone())),
         };
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        self.server
+            .metrics
+            .builds
+            .get_or_create(&sandpit_control::metrics::ResultLabels { result: outcome })
+            .observe(started.elapsed().as_secs_f64());
         if let Some(e) = &error {
             tracing::warn!(template = %id, error = %e, "template build failed");
         } else {
@@ -516,7 +522,18 @@ impl BuildJob {
             runner,
         };
         let log = self.log.clone();
-        let events = move |e: BuildEvent| log.push(event(e));
+        let metrics_of = server.clone();
+        let events = move |e: BuildEvent| {
+            if let BuildEvent::StepDone { cached, .. } = &e {
+                let result = if *cached { "cached" } else { "run" };
+                metrics_of
+                    .metrics
+                    .build_steps
+                    .get_or_create(&sandpit_control::metrics::ResultLabels { result })
+                    .inc();
+            }
+            log.push(event(e))
+        };
         let outcome = builder.build(&self.request, &events).await;
         let fail = |e: String| async move {
             let _ = server

@@ -132,7 +132,10 @@ impl IntoResponse for ApiError {
                 message: self.message,
             },
         };
-        (self.status, Json(body)).into_response()
+        let mut resp = (self.status, Json(body)).into_response();
+        resp.extensions_mut()
+            .insert(crate::metrics::ErrorCode(self.code));
+        resp
     }
 }
 

@@ -226,6 +226,8 @@ pub struct TestServer {
     /// processes never collide.
     pub index: u32,
     pub url: String,
+    /// `http://<metrics listener>`: `GET {metrics_url}/metrics` scrapes the server.
+    pub metrics_url: String,
     pub token: String,
     pub prefix: String,
     pub pool: String,
@@ -280,6 +282,7 @@ impl TestServer {
         let mut server = TestServer {
             index: reservation.index,
             url: String::new(),
+            metrics_url: String::new(),
             token: format!("sp_test_{}", std::process::id()),
             prefix: format!("t{}", reservation.index),
             pool: format!("10.213.{}.0/24", reservation.index),
@@ -324,6 +327,9 @@ impl TestServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
+        let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -335,6 +341,10 @@ impl TestServer {
             .arg(&self.bin)
             .arg(self.command)
             .env("SANDPIT_LISTEN", format!("127.0.0.1:{port}"))
+            .env(
+                "SANDPIT_METRICS_LISTEN",
+                format!("127.0.0.1:{metrics_port}"),
+            )
             .env("SANDPIT_DATA_DIR", &self.data_dir)
             .env("SANDPIT_PREFIX", &self.prefix)
             .env("SANDPIT_POOL", &self.pool)
@@ -363,6 +373,7 @@ impl TestServer {
             .with_context(|| format!("spawning {}", self.bin.display()))?;
         self.child = Some(child);
         self.url = format!("http://127.0.0.1:{port}");
+        self.metrics_url = format!("http://127.0.0.1:{metrics_port}");
         let health = format!("{}/healthz", self.url);
         let http = reqwest::Client::new();
         let start = Instant::now();

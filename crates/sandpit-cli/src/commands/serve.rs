@@ -12,11 +12,49 @@ use std::time::Duration;
 use anyhow::Context;
 use sandpit_server::{Server, ServerConfig};
 
+/// The metrics listener's default address (9464: the OpenTelemetry Prometheus exporter's).
+const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+
+/// Serve `GET /metrics` on `listen` (`off`: not at all) until the server shuts down.
+async fn serve_metrics(server: &Arc<Server>, listen: &str) -> anyhow::Result<()> {
+    if listen == "off" {
+        return Ok(());
+    }
+    let addr: SocketAddr = listen
+        .parse()
+        .with_context(|| format!("--metrics-listen {listen:?} is not an address (or `off`)"))?;
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) if listen == DEFAULT_METRICS_LISTEN => {
+            tracing::warn!(error = %e, "metrics: {listen} is taken; serving no metrics (set --metrics-listen)");
+            return Ok(());
+        }
+        Err(e) => return Err(e).with_context(|| format!("binding --metrics-listen {listen}")),
+    };
+    tracing::info!(listen = %listener.local_addr()?, "metrics listening");
+    let app = sandpit_server::metrics::router(server.clone());
+    let shutdown = server.shutdown.clone();
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "metrics listener");
+        }
+    });
+    Ok(())
+}
+
 #[derive(clap::Args)]
 pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "SANDPIT_LISTEN", default_value = "127.0.0.1:7878")]
     listen: SocketAddr,
+    /// Where `GET /metrics` (Prometheus) is served, apart from the API; `off` serves none.
+    /// If the default address is taken, the server runs without it (and says so); an
+    /// address given here must bind.
+    #[arg(long, env = "SANDPIT_METRICS_LISTEN", default_value = DEFAULT_METRICS_LISTEN)]
+    metrics_listen: String,
     /// Where the database, templates and sandboxes live.
     #[arg(long, env = "SANDPIT_DATA_DIR", default_value = "./.sandpit")]
     data_dir: PathBuf,
@@ -462,6 +500,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         Some(join_fleet(&server, node_address, runsc_build, node_lease).await?)
     };
+    serve_metrics(&server, &args.metrics_listen).await?;
     if server.cfg.boot_snapshots {
         let s = server.clone();
         tokio::spawn(async move {

@@ -198,6 +198,19 @@ pub async fn fork(
     count: u32,
     admitted: &super::boot::Admitted<'_>,
 ) -> Result<Vec<Result<Sandbox, ControlError>>, ControlError> {
+    let t0 = std::time::Instant::now();
+    let forked = fork_untimed(node, workspace_id, parent_id, count, admitted).await;
+    node.metrics.observe("fork", "", t0, &forked);
+    forked
+}
+
+async fn fork_untimed(
+    node: &Arc<Node>,
+    workspace_id: &str,
+    parent_id: &str,
+    count: u32,
+    admitted: &super::boot::Admitted<'_>,
+) -> Result<Vec<Result<Sandbox, ControlError>>, ControlError> {
     if !(1..=MAX_FORK).contains(&count) {
         return Err(ControlError::invalid(
             "invalid_count",

@@ -197,10 +197,30 @@ async fn boot_template(node: &Node, row: &Sandbox) -> Result<bool, ControlError>
 /// down and its row says why.
 pub async fn create(
     node: &Arc<Node>,
+    row: Sandbox,
+    snapshot: Option<SnapshotRow>,
+    volumes: Vec<VolumeMountRow>,
+    admitted: &Admitted<'_>,
+) -> Result<Sandbox, ControlError> {
+    let t0 = std::time::Instant::now();
+    let mut path = if snapshot.is_some() {
+        "snapshot"
+    } else {
+        "cold"
+    };
+    let created = create_timed(node, row, snapshot, volumes, admitted, &mut path).await;
+    node.metrics.observe("create", path, t0, &created);
+    created
+}
+
+/// [`create`], saying which way the sandbox started in `path`.
+async fn create_timed(
+    node: &Arc<Node>,
     mut row: Sandbox,
     snapshot: Option<SnapshotRow>,
     volumes: Vec<VolumeMountRow>,
     admitted: &Admitted<'_>,
+    path: &mut &'static str,
 ) -> Result<Sandbox, ControlError> {
     // What it starts from must be on this node: fetched from object storage if it is not,
     // before any row or slot exists, so a failed fetch changes nothing.
@@ -209,11 +229,17 @@ pub async fn create(
         crate::node::stored::ensure_snapshot(node, snap).await?;
     }
     super::volumes::bring_here(node, &volumes).await?;
-    if snapshot.is_none()
-        && volumes.is_empty()
-        && let Some(pooled) = crate::node::pool::take(node, &row, admitted).await?
-    {
-        return Ok(pooled);
+    if snapshot.is_none() && volumes.is_empty() && node.cfg.warm_pool > 0 {
+        let pooled = crate::node::pool::take(node, &row, admitted).await?;
+        let result = if pooled.is_some() { "hit" } else { "miss" };
+        node.metrics
+            .pool_takes
+            .get_or_create(&crate::metrics::ResultLabels { result })
+            .inc();
+        if let Some(pooled) = pooled {
+            *path = "pool";
+            return Ok(pooled);
+        }
     }
     let lock = node.lock_of(&row.id);
     let _guard = lock.write().await;
@@ -253,7 +279,10 @@ pub async fn create(
                     Err(e) => Err(e),
                 }
             }
-            Ok(true) => write_resolv_conf(node, &row).await,
+            Ok(true) => {
+                *path = "boot_snapshot";
+                write_resolv_conf(node, &row).await
+            }
             Err(e) => Err(e),
         },
     };
@@ -481,6 +510,17 @@ pub async fn suspend_if_idle(node: &Arc<Node>, id: &str) -> Result<bool, Control
 async fn suspend_locked(
     node: &Arc<Node>,
     id: &str,
+    guard: tokio::sync::OwnedRwLockWriteGuard<()>,
+) -> Result<Sandbox, ControlError> {
+    let t0 = std::time::Instant::now();
+    let suspended = suspend_locked_untimed(node, id, guard).await;
+    node.metrics.observe("hibernate", "", t0, &suspended);
+    suspended
+}
+
+async fn suspend_locked_untimed(
+    node: &Arc<Node>,
+    id: &str,
     _guard: tokio::sync::OwnedRwLockWriteGuard<()>,
 ) -> Result<Sandbox, ControlError> {
     let row = existing(node, id).await?;
@@ -524,6 +564,17 @@ async fn suspend_locked(
 
 /// Restore a suspended sandbox (or boot it with its files if no memory image exists).
 pub async fn wake(
+    node: &Arc<Node>,
+    id: &str,
+    admitted: &Admitted<'_>,
+) -> Result<Sandbox, ControlError> {
+    let t0 = std::time::Instant::now();
+    let woken = wake_untimed(node, id, admitted).await;
+    node.metrics.observe("wake", "", t0, &woken);
+    woken
+}
+
+async fn wake_untimed(
     node: &Arc<Node>,
     id: &str,
     admitted: &Admitted<'_>,

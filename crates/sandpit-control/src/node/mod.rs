@@ -148,6 +148,8 @@ pub struct Node {
     pub volume_lock: tokio::sync::Mutex<()>,
     /// Uploads under way, by sandbox (see [`moves`]). Guards only the map.
     uploads: Mutex<HashMap<String, uploads::Upload>>,
+    /// This node's Prometheus metrics (and its HTTP edge's).
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Node {
@@ -182,6 +184,7 @@ impl Node {
             images: Default::default(),
             volume_lock: tokio::sync::Mutex::new(()),
             uploads: Default::default(),
+            metrics: Default::default(),
         })
     }
 

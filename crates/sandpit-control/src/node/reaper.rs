@@ -285,6 +285,7 @@ impl Node {
             let node = self.clone();
             tokio::spawn(async move {
                 lifecycle::settle_if_dead(&node, &id).await;
+                node.metrics.liveness_settlements.inc();
                 node.forget_death(&id);
             });
         }

@@ -750,6 +750,19 @@ impl Sandboxes {
         .await
     }
 
+    /// Node use (metrics): node `node`'s sandboxes that are not destroyed, counted by status
+    /// and workspace (pooled ones under the workspace they wait in).
+    pub async fn census(&self, node: &str) -> Result<Vec<(String, String, i64)>, ControlError> {
+        with_db!(self.db, p => sqlx::query_as(
+            "SELECT status, workspace_id, COUNT(*) FROM sandboxes
+             WHERE node_id = $1 AND status NOT IN ('destroyed', 'failed')
+             GROUP BY status, workspace_id",
+        )
+        .bind(node)
+        .fetch_all(p).await)
+        .map_err(q("counting sandboxes by status"))
+    }
+
     /// Node use: how many pooled sandboxes of a template node `node` holds.
     pub async fn pooled_count(&self, node: &str, template_id: &str) -> Result<i64, ControlError> {
         let n: (i64,) = with_db!(self.db, p => sqlx::query_as(

@@ -186,6 +186,8 @@ pub fn app(server: Arc<Server>) -> Router {
     .merge(crate::compat::router())
     // The E2B control API (envd requests are taken out by `e2b::envd::route` below).
     .merge(crate::e2b::router())
+    // Names the matched route template for the request metrics (outermost layer below).
+    .route_layer(axum::middleware::from_fn(crate::metrics::tag_route))
     .fallback(|| async { ApiError::not_found("route_not_found", "no such route") })
     .method_not_allowed_fallback(|| async {
         ApiError::new(
@@ -215,6 +217,11 @@ pub fn app(server: Arc<Server>) -> Router {
     .layer(axum::middleware::from_fn_with_state(
         server.clone(),
         crate::preview::route_by_host,
+    ))
+    // Every request is counted and timed, previews and envd included.
+    .layer(axum::middleware::from_fn_with_state(
+        server.clone(),
+        crate::metrics::record,
     ))
     .with_state(server)
 }

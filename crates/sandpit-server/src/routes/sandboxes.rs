@@ -431,6 +431,7 @@ async fn exec(
         (stdout, stderr)
     };
     let cancel = server.cancel_of(&id);
+    let t0 = std::time::Instant::now();
     let run = async {
         tokio::select! {
             r = tokio::time::timeout(timeout + Duration::from_secs(10), agent.exec(req, tx)) => Some(r),
@@ -439,6 +440,11 @@ async fn exec(
         }
     };
     let (result, (stdout, stderr)) = tokio::join!(run, collect);
+    let ran: Result<(), ()> = match &result {
+        Some(Ok(Ok(_))) => Ok(()),
+        _ => Err(()),
+    };
+    server.metrics.observe("exec", "", t0, &ran);
     // Cancelled by the liveness watch (the sandbox died) or by a destroy.
     let died = server.died(&id);
     drop(guard);
