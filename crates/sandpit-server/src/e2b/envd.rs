@@ -95,8 +95,8 @@ fn router() -> Router<Arc<Server>> {
 }
 
 /// The sandbox and user of an authorized envd request.
-struct Envd {
-    sb: Authorized,
+pub(super) struct Envd {
+    pub(super) sb: Authorized,
     /// The agent's user spec (`None`: root).
     user: Option<String>,
     /// Where relative paths start.
@@ -180,7 +180,7 @@ async fn authorize(
 }
 
 /// An absolute, normalized path: relative ones start at the user's home.
-fn resolve(envd: &Envd, path: &str) -> Result<String, ApiError> {
+pub(super) fn resolve(envd: &Envd, path: &str) -> Result<String, ApiError> {
     let full = if path.starts_with('/') {
         path.to_string()
     } else if path.is_empty() {
@@ -401,6 +401,7 @@ async fn rpc(
             let msg = connect::stream_request(&bytes)?;
             return match method.as_str() {
                 "Start" => start(&server, envd, msg, &headers).await,
+                "WatchDir" => super::watch::watch_dir(&server, envd, msg, &headers).await,
                 _ => Err(ConnectError::new(
                     "unimplemented",
                     format!("{service}/{method} is not supported by Sandpit"),
@@ -412,6 +413,9 @@ async fn rpc(
             ("process.Process", "SendSignal") => send_signal(&envd, &bytes).await,
             ("process.Process", "SendInput") => send_input(&envd, &bytes).await,
             ("process.Process", "CloseStdin") => close_stdin(&envd, &bytes).await,
+            ("filesystem.Filesystem", m) if super::watch::is_unary(m) => {
+                super::watch::unary(&server, &envd, m, &bytes).await
+            }
             ("filesystem.Filesystem", m) => filesystem(&server, &envd, m, &bytes).await,
             _ => Err(ConnectError::new(
                 "unimplemented",
@@ -434,7 +438,7 @@ impl From<sandpit_control::ControlError> for ConnectError {
     }
 }
 
-fn failed(f: AgentFailure) -> ConnectError {
+pub(super) fn failed(f: AgentFailure) -> ConnectError {
     if let AgentFailure::Refused(e) = &f
         && e.code == proto::AgentErrorCode::AlreadyExists
     {
