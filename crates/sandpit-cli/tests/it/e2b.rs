@@ -433,3 +433,359 @@ async fn envd_refuses_hostile_requests() {
         .expect("sent");
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
 }
+
+/// Run one SDK script from `tests/e2b` against `srv` (at most `secs`) and parse the JSON
+/// line it prints last.
+async fn run_script(python: &Path, srv: &TestServer, script: &str, secs: u64) -> Value {
+    let logs = tempfile::tempdir().expect("temp dir");
+    let (out_path, err_path) = (logs.path().join("stdout"), logs.path().join("stderr"));
+    let mut child = tokio::process::Command::new(python)
+        .arg(script)
+        .current_dir(script_dir())
+        .env("E2B_API_KEY", &srv.token)
+        .env("E2B_API_URL", &srv.url)
+        .env("E2B_SANDBOX_URL", &srv.url)
+        .env_remove("E2B_DOMAIN")
+        .env_remove("E2B_DEBUG")
+        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
+        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python runs");
+    let status = tokio::time::timeout(Duration::from_secs(secs), child.wait()).await;
+    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+    let status = match status {
+        Ok(status) => status.expect("python runs"),
+        Err(_) => panic!(
+            "{script} did not finish within {secs} s\nstdout:\n{stdout}\nstderr:\n{stderr}\nserver log:\n{}",
+            srv.log()
+        ),
+    };
+    assert!(
+        status.success(),
+        "{script} failed\nstdout:\n{stdout}\nstderr:\n{stderr}\nserver log:\n{}",
+        srv.log()
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("{script} printed no JSON ({e}): {stdout}"))
+}
+
+/// File watches through the Python SDK: the sync SDK's polling watcher (flat and
+/// recursive, bad paths, cut by a pause) and the async SDK's `WatchDir` stream.
+#[tokio::test]
+async fn the_e2b_python_sdk_watches_files() {
+    let python = tokio::task::spawn_blocking(venv).await.expect("venv");
+    let srv = TestServer::start(bin()).await.expect("server starts");
+    let seen = run_script(&python, &srv, "test_e2b_watch.py", 240).await;
+    let pairs = |v: &Value| -> Vec<(String, String)> {
+        serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{e}: {v}"))
+    };
+    let has =
+        |v: &Value, name: &str, kind: &str| pairs(v).iter().any(|(n, k)| n == name && k == kind);
+    // Flat: the write through envd is a create and a write of the file itself (no
+    // temporary file), the append a write, a rename a remove and a create.
+    let flat = &seen["flat"];
+    for (name, kind) in [
+        ("a.txt", "create"),
+        ("a.txt", "write"),
+        ("d", "create"),
+        ("a.txt", "remove"),
+        ("b.txt", "create"),
+        ("b.txt", "remove"),
+    ] {
+        assert!(has(flat, name, kind), "{name} {kind} missing: {seen}");
+    }
+    assert!(
+        !pairs(flat).iter().any(|(n, _)| n.contains("sandpit-tmp")),
+        "{seen}"
+    );
+    let first_a: Vec<String> = pairs(flat)
+        .into_iter()
+        .filter(|(n, _)| n == "a.txt")
+        .map(|(_, k)| k)
+        .take(2)
+        .collect();
+    assert_eq!(first_a, ["create", "write"], "{seen}");
+    assert_eq!(
+        seen["flatTypes"],
+        json!(["create", "remove", "write"]),
+        "{seen}"
+    );
+    assert_eq!(seen["flatNested"], false, "{seen}");
+    assert_eq!(seen["flatEmptyAfter"], true, "{seen}");
+    assert_eq!(seen["afterStop"], "SandboxException", "{seen}");
+    // Recursive: names relative to the watched directory, new directories followed.
+    for (name, kind) in [
+        ("sub/deep.txt", "create"),
+        ("sub/deep.txt", "write"),
+        ("new/inner/f", "create"),
+        ("new/inner/f", "write"),
+    ] {
+        assert!(has(&seen["deep"], name, kind), "{name} {kind}: {seen}");
+    }
+    // `mkdir -p` then a write at once: every new path is reported, even what was made
+    // before the new directories' own watches were in place.
+    assert_eq!(
+        seen["deepNew"],
+        json!(["new", "new/inner", "new/inner/f"]),
+        "{seen}"
+    );
+    assert_eq!(seen["missingDir"], "not_found", "{seen}");
+    assert_eq!(seen["fileNotDir"], "InvalidArgumentException", "{seen}");
+    assert_eq!(seen["escape"], "InvalidArgumentException", "{seen}");
+    // An open watcher does not hold a pause; the pause ends it.
+    assert!(seen["pauseSeconds"].as_u64().unwrap_or(99) < 30, "{seen}");
+    assert_eq!(seen["afterPause"], "error", "{seen}");
+    assert!(has(&seen["afterResume"], "after.txt", "write"), "{seen}");
+    // The stream: events as they happen, a clean exit on stop, an error on timeout.
+    for (name, kind) in [
+        ("sub/streamed.txt", "create"),
+        ("sub/streamed.txt", "write"),
+        ("sub/streamed.txt", "remove"),
+    ] {
+        assert!(has(&seen["stream"], name, kind), "{name} {kind}: {seen}");
+    }
+    assert_eq!(seen["streamStopExit"], json!([true]), "{seen}");
+    let timeout = seen["streamTimeout"].as_array().expect("timeout exits");
+    assert_eq!(timeout.len(), 1, "{seen}");
+    assert!(timeout[0].is_string(), "the timeout is an error: {seen}");
+}
+
+/// One Connect frame of a stream request.
+fn connect_frame(msg: &Value) -> Vec<u8> {
+    let body = serde_json::to_vec(msg).unwrap();
+    let mut out = vec![0u8];
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Read the next Connect frame (flags, message) of a streaming answer.
+async fn next_frame(resp: &mut reqwest::Response, buf: &mut Vec<u8>) -> Option<(u8, Value)> {
+    loop {
+        if buf.len() >= 5 {
+            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            if buf.len() >= 5 + len {
+                let flags = buf[0];
+                let msg = serde_json::from_slice(&buf[5..5 + len]).expect("a JSON message");
+                buf.drain(..5 + len);
+                return Some((flags, msg));
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(60), resp.chunk()).await {
+            Ok(Ok(Some(chunk))) => buf.extend_from_slice(&chunk),
+            Ok(_) => return None,
+            Err(_) => panic!("no frame within 60 s"),
+        }
+    }
+}
+
+/// envd's watchers refuse bad input and stay within their sandbox: unknown ids, another
+/// sandbox's watcher, paths outside or not directories, too many watchers; a pause cuts
+/// both kinds without waiting for them.
+#[tokio::test]
+async fn envd_watchers_are_bounded_and_scoped() {
+    let srv = TestServer::start(bin()).await.expect("server starts");
+    let http = reqwest::Client::new();
+    let mut made = Vec::new();
+    for _ in 0..2 {
+        let resp = http
+            .post(format!("{}/v2/sandboxes", srv.url))
+            .header("X-API-KEY", &srv.token)
+            .json(&json!({"templateID": "base", "timeout": 300}))
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(resp.status(), StatusCode::CREATED);
+        let v: Value = resp.json().await.unwrap();
+        made.push((
+            v["sandboxID"].as_str().unwrap().to_string(),
+            v["envdAccessToken"].as_str().unwrap().to_string(),
+        ));
+    }
+    let (a, b) = (made[0].clone(), made[1].clone());
+    let call = |sb: &(String, String), method: &str, body: Value| {
+        http.post(format!("{}/filesystem.Filesystem/{method}", srv.url))
+            .header("E2b-Sandbox-Id", &sb.0)
+            .header("X-Access-Token", &sb.1)
+            .header("Content-Type", "application/json")
+            .json(&body)
+            .send()
+    };
+    let code = |v: &Value| v["code"].as_str().unwrap_or("").to_string();
+    let resp = call(&a, "CreateWatcher", json!({"path": "/tmp"}))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let watcher = resp.json::<Value>().await.unwrap()["watcherId"]
+        .as_str()
+        .expect("a watcher id")
+        .to_string();
+    let resp = call(&a, "GetWatcherEvents", json!({"watcherId": watcher}))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.json::<Value>().await.unwrap()["events"], json!([]));
+    // Another sandbox cannot read or remove it; an unknown id is not found; a's token
+    // through b's id is refused before anything.
+    for method in ["GetWatcherEvents", "RemoveWatcher"] {
+        let resp = call(&b, method, json!({"watcherId": watcher}))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{method}");
+        assert_eq!(code(&resp.json().await.unwrap()), "not_found");
+        let resp = call(&a, method, json!({"watcherId": "nope"}))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{method}");
+    }
+    let resp = call(
+        &(b.0.clone(), a.1.clone()),
+        "GetWatcherEvents",
+        json!({"watcherId": watcher}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    // Paths: outside, not a directory, missing; messages that are not objects.
+    for (body, status) in [
+        (json!({"path": "/tmp/../.."}), StatusCode::BAD_REQUEST),
+        (json!({"path": "/etc/passwd"}), StatusCode::BAD_REQUEST),
+        (json!({"path": "/no/such/dir"}), StatusCode::NOT_FOUND),
+        (json!({"path": "x".repeat(5000)}), StatusCode::BAD_REQUEST),
+        (json!([1]), StatusCode::BAD_REQUEST),
+    ] {
+        let resp = call(&a, "CreateWatcher", body.clone()).await.unwrap();
+        assert_eq!(resp.status(), status, "{body}");
+    }
+    // The bound: 16 watches per sandbox (one is open), streams included.
+    let mut ids = vec![watcher.clone()];
+    for _ in 1..16 {
+        let resp = call(
+            &a,
+            "CreateWatcher",
+            json!({"path": "/tmp", "recursive": true}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        ids.push(
+            resp.json::<Value>().await.unwrap()["watcherId"]
+                .as_str()
+                .unwrap()
+                .into(),
+        );
+    }
+    let resp = call(&a, "CreateWatcher", json!({"path": "/tmp"}))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(code(&resp.json().await.unwrap()), "resource_exhausted");
+    let stream = |sb: &(String, String), path: &str| {
+        http.post(format!("{}/filesystem.Filesystem/WatchDir", srv.url))
+            .header("E2b-Sandbox-Id", &sb.0)
+            .header("X-Access-Token", &sb.1)
+            .header("Content-Type", "application/connect+json")
+            .body(connect_frame(&json!({"path": path})))
+            .send()
+    };
+    let mut resp = stream(&a, "/tmp").await.unwrap();
+    let mut buf = Vec::new();
+    let (flags, end) = next_frame(&mut resp, &mut buf).await.expect("an end frame");
+    assert_eq!(flags, 2, "{end}");
+    assert_eq!(end["error"]["code"], "resource_exhausted", "{end}");
+    // Removing one makes room; b has room of its own.
+    let resp = call(
+        &a,
+        "RemoveWatcher",
+        json!({"watcherId": ids.pop().unwrap()}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut a_stream = stream(&a, "/tmp").await.unwrap();
+    let mut a_buf = Vec::new();
+    let (_, start) = next_frame(&mut a_stream, &mut a_buf).await.expect("start");
+    assert_eq!(start, json!({"start": {}}));
+    let mut b_stream = stream(&b, "/").await.unwrap();
+    let mut b_buf = Vec::new();
+    let (_, start) = next_frame(&mut b_stream, &mut b_buf).await.expect("start");
+    assert_eq!(start, json!({"start": {}}));
+    // The stream sees a change, named relative to the watched directory.
+    let resp = http
+        .post(format!("{}/files?path=/tmp/seen.txt", srv.url))
+        .header("E2b-Sandbox-Id", &a.0)
+        .header("X-Access-Token", &a.1)
+        .header("Content-Type", "multipart/form-data; boundary=XB")
+        .body(
+            "--XB\r\nContent-Disposition: form-data; name=\"file\"; filename=\"seen.txt\"\r\n\r\nx\r\n--XB--\r\n",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let (_, ev) = next_frame(&mut a_stream, &mut a_buf)
+        .await
+        .expect("an event");
+    assert_eq!(
+        ev,
+        json!({"filesystem": {"name": "seen.txt", "type": "EVENT_TYPE_CREATE"}})
+    );
+    // A pause does not wait for open watches; it ends them.
+    let started = std::time::Instant::now();
+    for sb in [&a, &b] {
+        let resp = http
+            .post(format!("{}/sandboxes/{}/pause", srv.url, sb.0))
+            .header("X-API-KEY", &srv.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+    let end = loop {
+        let (flags, msg) = next_frame(&mut b_stream, &mut b_buf)
+            .await
+            .expect("a frame");
+        if flags == 2 {
+            break msg;
+        }
+    };
+    assert_eq!(end["error"]["code"], "unavailable", "{end}");
+    let end = loop {
+        let (flags, msg) = next_frame(&mut a_stream, &mut a_buf)
+            .await
+            .expect("a frame");
+        if flags == 2 {
+            break msg;
+        }
+    };
+    assert_eq!(end["error"]["code"], "unavailable", "{end}");
+    // A polling watcher answers what it queued, then why it ended, once, then is gone.
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let resp = call(&a, "GetWatcherEvents", json!({"watcherId": watcher}))
+            .await
+            .unwrap();
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap();
+        if status != StatusCode::OK {
+            statuses.push((status, code(&body)));
+        }
+        if status == StatusCode::NOT_FOUND {
+            break;
+        }
+    }
+    assert_eq!(
+        statuses,
+        [
+            (StatusCode::SERVICE_UNAVAILABLE, "unavailable".to_string()),
+            (StatusCode::NOT_FOUND, "not_found".to_string())
+        ]
+    );
+}

@@ -12,6 +12,7 @@ mod crash;
 mod csb;
 mod database;
 mod e2b;
+mod e2b_node;
 mod egress;
 mod fleet;
 mod fork;

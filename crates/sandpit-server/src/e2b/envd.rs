@@ -96,8 +96,8 @@ fn router() -> Router<Arc<Server>> {
 }
 
 /// The sandbox and user of an authorized envd request.
-struct Envd {
-    sb: Authorized,
+pub(super) struct Envd {
+    pub(super) sb: Authorized,
     /// The agent's user spec (`None`: root).
     user: Option<String>,
     /// Where relative paths start.
@@ -181,7 +181,7 @@ async fn authorize(
 }
 
 /// An absolute, normalized path: relative ones start at the user's home.
-fn resolve(envd: &Envd, path: &str) -> Result<String, ApiError> {
+pub(super) fn resolve(envd: &Envd, path: &str) -> Result<String, ApiError> {
     let full = if path.starts_with('/') {
         path.to_string()
     } else if path.is_empty() {
@@ -405,6 +405,7 @@ async fn rpc(
                 "Connect" if service == "process.Process" => {
                     connect_process(&server, envd, msg, &headers).await
                 }
+                "WatchDir" => super::watch::watch_dir(&server, envd, msg, &headers).await,
                 _ => Err(ConnectError::new(
                     "unimplemented",
                     format!("{service}/{method} is not supported by Sandpit"),
@@ -417,6 +418,9 @@ async fn rpc(
             ("process.Process", "SendInput") => send_input(&server, &envd, &bytes).await,
             ("process.Process", "CloseStdin") => close_stdin(&server, &envd, &bytes).await,
             ("process.Process", "Update") => update(&server, &envd, &bytes).await,
+            ("filesystem.Filesystem", m) if super::watch::is_unary(m) => {
+                super::watch::unary(&server, &envd, m, &bytes).await
+            }
             ("filesystem.Filesystem", m) => filesystem(&server, &envd, m, &bytes).await,
             _ => Err(ConnectError::new(
                 "unimplemented",
@@ -439,7 +443,7 @@ impl From<sandpit_control::ControlError> for ConnectError {
     }
 }
 
-fn failed(f: AgentFailure) -> ConnectError {
+pub(super) fn failed(f: AgentFailure) -> ConnectError {
     if let AgentFailure::Refused(e) = &f
         && e.code == proto::AgentErrorCode::AlreadyExists
     {

@@ -15,6 +15,7 @@ pub mod connect;
 pub mod control;
 pub mod envd;
 pub mod store;
+pub mod watch;
 
 use std::sync::Arc;
 
