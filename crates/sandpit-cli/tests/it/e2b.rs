@@ -305,80 +305,6 @@ async fn envd_refuses_hostile_requests() {
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
 }
 
-/// A test CA and a server certificate it signed for `localhost`, `*.localhost`,
-/// `sandpit.localhost`, `*.sandpit.localhost` and 127.0.0.1, made with the openssl CLI:
-/// (CA, certificate, key). Clients refuse a wildcard over a single label (`*.localhost`),
-/// so the TLS tests serve previews under `sandpit.localhost`.
-fn test_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let openssl = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl runs");
-        assert!(out.status.success(), "openssl {args:?}: {out:?}");
-    };
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=DNS:localhost,DNS:*.localhost,DNS:sandpit.localhost,\
-         DNS:*.sandpit.localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-    )
-    .expect("write ext.cnf");
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    openssl(
-        &[
-            &["req", "-x509"][..],
-            &ec,
-            &["-days", "2", "-subj", "/CN=sandpit test CA"],
-            &["-keyout", "ca.key", "-out", "ca.pem"],
-        ]
-        .concat(),
-    );
-    openssl(
-        &[
-            &["req"][..],
-            &ec,
-            &[
-                "-subj",
-                "/CN=localhost",
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-            ],
-        ]
-        .concat(),
-    );
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-        "-out",
-        "server.pem",
-    ]);
-    (
-        dir.join("ca.pem"),
-        dir.join("server.pem"),
-        dir.join("server.key"),
-    )
-}
-
 /// The `E2B_DOMAIN` + TLS setup: `sandpit serve --tls-cert --tls-key` with the preview
 /// domain `sandpit.localhost`, and the unmodified Python SDK given only `E2B_API_KEY`,
 /// `E2B_DOMAIN=sandpit.localhost:<port>` and the CA in `SSL_CERT_FILE`
@@ -388,7 +314,7 @@ fn test_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 async fn the_e2b_python_sdk_works_with_e2b_domain_over_tls() {
     let python = tokio::task::spawn_blocking(venv).await.expect("venv");
     let certs = tempfile::tempdir().expect("temp dir");
-    let (ca, cert, key) = test_certificates(certs.path());
+    let (ca, cert, key) = crate::tls::test_certificates(certs.path());
     let srv = TestServer::start_tls(
         bin(),
         &cert,
@@ -640,7 +566,7 @@ async fn e2b_hosts_route_and_refuse() {
 #[tokio::test]
 async fn tls_setup_errors_are_clear() {
     let certs = tempfile::tempdir().expect("temp dir");
-    let (ca, cert, _key) = test_certificates(certs.path());
+    let (ca, cert, _key) = crate::tls::test_certificates(certs.path());
     let out = std::process::Command::new(bin())
         .args(["serve", "--tls-cert"])
         .arg(&cert)
