@@ -400,7 +400,9 @@ async fn check_token(server: &Server, row: &Sandbox, token: &str) -> Result<Opti
     Ok(t.expires_at)
 }
 
-async fn proxy(server: Arc<Server>, req: Request, id: &str, port: u16) -> Response {
+/// Serve a request for port `port` of sandbox `id` (a preview host, or E2B's
+/// `<port>-<id>` host): every check of the module docs first.
+pub(crate) async fn proxy(server: Arc<Server>, req: Request, id: &str, port: u16) -> Response {
     let html = wants_html(req.headers());
     let refuse = |(status, code, message): Refusal| page(html, status, code, &message);
     let not_found = || {
@@ -489,11 +491,12 @@ async fn proxy(server: Arc<Server>, req: Request, id: &str, port: u16) -> Respon
         if query_token.is_some() {
             // Keep the token in a cookie and out of the address bar, history and logs.
             let location = same_host_location(req.uri().path(), &rest_query);
-            let secure = req
-                .headers()
-                .get("x-forwarded-proto")
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|p| p.eq_ignore_ascii_case("https"));
+            let secure = server.cfg.tls
+                || req
+                    .headers()
+                    .get("x-forwarded-proto")
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|p| p.eq_ignore_ascii_case("https"));
             let cookie = token_cookie(&token, expires_at.map(|at| (at - now_ms()) / 1000), secure);
             let mut resp = StatusCode::TEMPORARY_REDIRECT.into_response();
             let h = resp.headers_mut();

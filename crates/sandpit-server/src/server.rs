@@ -55,6 +55,8 @@ pub struct ServerConfig {
     pub preview_domain: String,
     /// A preview request to a suspended sandbox wakes it; otherwise it gets 503.
     pub preview_wake: bool,
+    /// The listener serves HTTPS (`sandpit serve --tls-cert`): preview cookies are `Secure`.
+    pub tls: bool,
     /// An upload whose body sends nothing for this long is aborted (and nothing is written).
     pub body_idle_timeout: Duration,
     /// Rate limits and quotas per workspace (see [`crate::limits`]).
@@ -96,6 +98,7 @@ impl ServerConfig {
             boot_snapshots: false,
             preview_domain: "localhost".into(),
             preview_wake: true,
+            tls: false,
             body_idle_timeout: Duration::from_secs(30),
             limits: Default::default(),
             insecure_registries: Vec::new(),

@@ -239,6 +239,9 @@ pub struct TestServer {
     /// The PostgreSQL database of this server (created for it, dropped with it) when the
     /// tests run on PostgreSQL (`SANDPIT_E2E_POSTGRES`); `None`: the SQLite default.
     pub database: Option<TestDatabase>,
+    /// The CA that signed the server's certificate when it serves HTTPS
+    /// ([`TestServer::start_tls`]); `url` is then `https://`.
+    pub tls_ca: Option<PathBuf>,
     child: Option<Child>,
     _tmp: tempfile::TempDir,
     _reservation: Reservation,
@@ -268,12 +271,40 @@ impl TestServer {
         Self::start_command(bin, "serve", env).await
     }
 
+    /// Start `bin serve --tls-cert cert --tls-key key` (through `SANDPIT_TLS_CERT`/`_KEY`)
+    /// with extra environment. The harness trusts `ca` for its own requests (the health
+    /// check); [`TestServer::client`] does not (it speaks to `url` with the system's roots).
+    pub async fn start_tls(
+        bin: &Path,
+        cert: &Path,
+        key: &Path,
+        ca: &Path,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<TestServer> {
+        let mut env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        env.push(("SANDPIT_TLS_CERT".into(), cert.display().to_string()));
+        env.push(("SANDPIT_TLS_KEY".into(), key.display().to_string()));
+        Self::start_full(bin, "serve", |_| env, Some(ca.to_path_buf())).await
+    }
+
     /// Start `bin <command>` (`serve` or `node`) with extra environment computed from the
     /// reservation index.
     pub async fn start_command(
         bin: &Path,
         command: &'static str,
         env: impl FnOnce(u32) -> Vec<(String, String)>,
+    ) -> anyhow::Result<TestServer> {
+        Self::start_full(bin, command, env, None).await
+    }
+
+    async fn start_full(
+        bin: &Path,
+        command: &'static str,
+        env: impl FnOnce(u32) -> Vec<(String, String)>,
+        tls_ca: Option<PathBuf>,
     ) -> anyhow::Result<TestServer> {
         reap_abandoned_servers(bin);
         let reservation = Reservation::take();
@@ -291,6 +322,7 @@ impl TestServer {
             command,
             extra_env: env(reservation.index),
             database,
+            tls_ca,
             child: None,
             _tmp: tmp,
             _reservation: reservation,
@@ -372,10 +404,21 @@ impl TestServer {
             .spawn()
             .with_context(|| format!("spawning {}", self.bin.display()))?;
         self.child = Some(child);
-        self.url = format!("http://127.0.0.1:{port}");
         self.metrics_url = format!("http://127.0.0.1:{metrics_port}");
+        let http = match &self.tls_ca {
+            None => {
+                self.url = format!("http://127.0.0.1:{port}");
+                reqwest::Client::new()
+            }
+            Some(ca) => {
+                self.url = format!("https://127.0.0.1:{port}");
+                let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+                reqwest::Client::builder()
+                    .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
+                    .build()?
+            }
+        };
         let health = format!("{}/healthz", self.url);
-        let http = reqwest::Client::new();
         let start = Instant::now();
         loop {
             if let Ok(r) = http.get(&health).send().await

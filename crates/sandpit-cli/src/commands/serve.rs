@@ -219,6 +219,13 @@ pub struct ServeArgs {
     /// Log as JSON lines.
     #[arg(long, env = "SANDPIT_LOG_JSON")]
     log_json: bool,
+    /// Serve HTTPS: the certificate chain (PEM, leaf first) for the API's host and the
+    /// preview domain (`<preview domain>` and `*.<preview domain>`). With --tls-key.
+    #[arg(long, env = "SANDPIT_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1). With --tls-cert.
+    #[arg(long, env = "SANDPIT_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 /// A size that must be given (no `off`).
@@ -359,6 +366,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             sandpit_server::forward::MIN_SECRET_LEN
         );
     }
+    // Relays between the fleet's servers are plain HTTP (`forward.rs`), so a member that
+    // speaks only TLS could not be relayed to.
+    anyhow::ensure!(
+        args.tls_cert.is_none() || args.node_secret.is_none(),
+        "--tls-cert with --node-secret: the fleet's servers relay to one another over plain \
+         HTTP; terminate TLS in front of a fleet (a proxy), or serve TLS from a single server"
+    );
+    // Checked before anything starts: a bad certificate or key stops here, with the reason.
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::tls::load(cert, key)?),
+        _ => None,
+    };
     let node_address = args
         .node_address
         .clone()
@@ -404,6 +423,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     cfg.boot_snapshots = args.boot_snapshots;
     cfg.preview_domain = args.preview_domain.clone();
     cfg.preview_wake = args.preview_wake;
+    cfg.tls = tls.is_some();
     cfg.limits = sandpit_server::limits::LimitsConfig {
         requests_per_hour: args.rate_limit_requests,
         sandboxes_per_hour: args.rate_limit_sandboxes,
@@ -513,18 +533,55 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let local = listener.local_addr()?;
-    // Without TCP_NODELAY a streamed response (headers, then body: every preview response)
-    // waits for the client's delayed ACK: +40 ms per request.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    tracing::info!(listen = %args.listen, data_dir = %args.data_dir.display(), "sandpit serving");
-    println!("listening on http://{local}");
-    let shutdown = server.shutdown.clone();
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(listen = %args.listen, data_dir = %args.data_dir.display(), scheme, "sandpit serving");
+    println!("listening on {scheme}://{local}");
     let app = sandpit_server::app(server.clone());
+    match tls {
+        Some(config) => {
+            // (`tap_io` also gives the TLS listener axum's `ConnectInfo<SocketAddr>`.)
+            let listener = axum::serve::ListenerExt::tap_io(
+                crate::tls::TlsListener::new(listener, config)?,
+                |tls| {
+                    let _ = tls.get_ref().0.set_nodelay(true);
+                },
+            );
+            serve_on(listener, app, server.shutdown.clone()).await?
+        }
+        None => {
+            // Without TCP_NODELAY a streamed response (headers, then body: every preview
+            // response) waits for the client's delayed ACK: +40 ms per request.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            serve_on(listener, app, server.shutdown.clone()).await?
+        }
+    }
+    let _ = reaper.await;
+    let _ = refill.await;
+    if let Some(heartbeat) = heartbeat {
+        let _ = heartbeat.await;
+    }
+    reaper_stop.cancel();
+    if let Some(runsc_reaper) = runsc_reaper {
+        let _ = runsc_reaper.await;
+    }
+    Ok(())
+}
+
+/// Serve the app on `listener` (plain TCP or TLS: one path) until SIGINT or SIGTERM.
+async fn serve_on<L>(
+    listener: L,
+    app: axum::Router,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()>
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+    SocketAddr: for<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
+{
     axum::serve(
         listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        app.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -537,17 +594,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         shutdown.cancel();
     })
     .await
-    .context("serving")?;
-    let _ = reaper.await;
-    let _ = refill.await;
-    if let Some(heartbeat) = heartbeat {
-        let _ = heartbeat.await;
-    }
-    reaper_stop.cancel();
-    if let Some(runsc_reaper) = runsc_reaper {
-        let _ = runsc_reaper.await;
-    }
-    Ok(())
+    .context("serving")
 }
 
 /// A node's backends: the gVisor runtime, the host's network and the runsc build (a

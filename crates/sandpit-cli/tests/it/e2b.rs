@@ -24,6 +24,10 @@ fn venv() -> PathBuf {
     let reqs = std::fs::read_to_string(script_dir().join("requirements.txt"))
         .expect("tests/e2b/requirements.txt");
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2b-venv");
+    // Tests run as separate processes: one makes the venv while the others wait (the lock
+    // goes with the file at return).
+    let lock = std::fs::File::create(dir.with_extension("lock")).expect("venv lock file");
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).expect("venv lock");
     let stamp = dir.join("sandpit-requirements.txt");
     let python = dir.join("bin/python");
     if std::fs::read_to_string(&stamp).ok().as_deref() == Some(reqs.as_str()) && python.exists() {
@@ -787,5 +791,287 @@ async fn envd_watchers_are_bounded_and_scoped() {
             (StatusCode::SERVICE_UNAVAILABLE, "unavailable".to_string()),
             (StatusCode::NOT_FOUND, "not_found".to_string())
         ]
+    );
+}
+
+/// The `E2B_DOMAIN` + TLS setup: `sandpit serve --tls-cert --tls-key` with the preview
+/// domain `sandpit.localhost`, and the unmodified Python SDK given only `E2B_API_KEY`,
+/// `E2B_DOMAIN=sandpit.localhost:<port>` and the CA in `SSL_CERT_FILE`
+/// (`tests/e2b/test_e2b_domain.py`): the API at `api.<domain>`, envd at `49983-<id>.<domain>`,
+/// a sandbox port at `sbx.get_host(port)`, and the base template's `user` and bash.
+#[tokio::test]
+async fn the_e2b_python_sdk_works_with_e2b_domain_over_tls() {
+    let python = tokio::task::spawn_blocking(venv).await.expect("venv");
+    let certs = tempfile::tempdir().expect("temp dir");
+    let (ca, cert, key) = crate::tls::test_certificates(certs.path());
+    let srv = TestServer::start_tls(
+        bin(),
+        &cert,
+        &key,
+        &ca,
+        &[("SANDPIT_PREVIEW_DOMAIN", "sandpit.localhost")],
+    )
+    .await
+    .expect("server starts");
+    assert!(srv.url.starts_with("https://"), "{}", srv.url);
+    let port = srv.url.rsplit(':').next().expect("port").to_string();
+    let domain = format!("sandpit.localhost:{port}");
+    let logs = tempfile::tempdir().expect("temp dir");
+    let (out_path, err_path) = (logs.path().join("stdout"), logs.path().join("stderr"));
+    let mut child = tokio::process::Command::new(&python)
+        .arg("test_e2b_domain.py")
+        .current_dir(script_dir())
+        .env("E2B_API_KEY", &srv.token)
+        .env("E2B_DOMAIN", &domain)
+        .env("SSL_CERT_FILE", &ca)
+        .env_remove("E2B_API_URL")
+        .env_remove("E2B_SANDBOX_URL")
+        .env_remove("E2B_DEBUG")
+        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
+        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python runs");
+    let status = tokio::time::timeout(Duration::from_secs(180), child.wait()).await;
+    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+    let status = match status {
+        Ok(status) => status.expect("python runs"),
+        Err(_) => panic!(
+            "the SDK script did not finish within 180 s\nstdout:\n{stdout}\nstderr:\n{stderr}\nserver log:\n{}",
+            srv.log()
+        ),
+    };
+    assert!(
+        status.success(),
+        "SDK script failed\nstdout:\n{stdout}\nstderr:\n{stderr}\nserver log:\n{}",
+        srv.log()
+    );
+    let seen: Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("SDK script printed no JSON ({e}): {stdout}"));
+    let id = seen["id"].as_str().expect("sandbox id").to_string();
+    assert_eq!(seen["domain"], domain.as_str(), "{seen}");
+    assert_eq!(seen["whoami"], "user", "{seen}");
+    assert!(
+        seen["bash"].as_str().is_some_and(|v| v.starts_with('5')),
+        "{seen}"
+    );
+    assert_eq!(seen["home"], "/home/user", "{seen}");
+    assert_eq!(seen["rootWhoami"], "root", "{seen}");
+    assert_eq!(seen["writePath"], "/home/user/notes.txt", "{seen}");
+    assert_eq!(seen["read"], "over TLS", "{seen}");
+    assert_eq!(seen["owner"], "user", "{seen}");
+    assert_eq!(seen["host"], format!("8000-{id}.{domain}"), "{seen}");
+    assert_eq!(seen["fetched"], "served over tls", "{seen}");
+    assert_eq!(seen["afterKill"], "SandboxNotFoundException", "{seen}");
+}
+
+/// Without TLS (`E2B_API_URL`/`E2B_SANDBOX_URL`), `domain` is the preview domain with the
+/// port the client used, so `getHost(port)` (`<port>-<id>.<domain>`, as both SDKs build it)
+/// names this server over plain HTTP; E2B hosts that are malformed, or name a sandbox
+/// without its envd token, are refused before anything is looked up or woken.
+#[tokio::test]
+async fn e2b_hosts_route_and_refuse() {
+    let srv = TestServer::start(bin()).await.expect("server starts");
+    let http = reqwest::Client::new();
+    let port = srv.url.rsplit(':').next().expect("port").to_string();
+    let create = |public: bool| {
+        http.post(format!("{}/v2/sandboxes", srv.url))
+            .header("X-API-KEY", &srv.token)
+            .json(&json!({"templateID": "base", "timeout": 120,
+                          "network": {"allow_public_traffic": public}}))
+            .send()
+    };
+    let made: Value = create(true).await.expect("sent").json().await.unwrap();
+    let id = made["sandboxID"].as_str().unwrap().to_string();
+    let token = made["envdAccessToken"].as_str().unwrap().to_string();
+    assert_eq!(made["domain"], format!("localhost:{port}"), "{made}");
+    let other: Value = create(false).await.expect("sent").json().await.unwrap();
+    let other_id = other["sandboxID"].as_str().unwrap().to_string();
+    let other_token = other["envdAccessToken"].as_str().unwrap().to_string();
+    let get: Value = http
+        .get(format!("{}/sandboxes/{id}", srv.url))
+        .header("X-API-KEY", &srv.token)
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(get["domain"], format!("localhost:{port}"), "{get}");
+
+    // A request to this listener under the host the SDK derives.
+    let at = |host: String, path: &str| {
+        http.get(format!("{}{path}", srv.url))
+            .header(reqwest::header::HOST, host)
+    };
+    // envd by host: its token is checked; the host names the sandbox, whatever header
+    // the client adds.
+    let envd_host = |sid: &str| format!("49983-{sid}.localhost:{port}");
+    let resp = at(envd_host(&id), "/health")
+        .header("X-Access-Token", &token)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    for (host, tok, header) in [
+        (envd_host(&id), None, None),
+        (envd_host(&id), Some(other_token.as_str()), None),
+        (
+            envd_host(&id),
+            Some(other_token.as_str()),
+            Some(other_id.as_str()),
+        ),
+        (envd_host("sb0000000000000000"), Some(token.as_str()), None),
+    ] {
+        let mut r = at(host.clone(), "/health");
+        if let Some(t) = tok {
+            r = r.header("X-Access-Token", t);
+        }
+        if let Some(h) = header {
+            r = r.header("E2b-Sandbox-Id", h);
+        }
+        let resp = r.send().await.expect("sent");
+        assert_eq!(
+            resp.status(),
+            StatusCode::UNAUTHORIZED,
+            "{host} {tok:?} {header:?}"
+        );
+    }
+    // Malformed E2B hosts: a clear 4xx with a code.
+    for (label, status, code) in [
+        (format!("0-{id}"), StatusCode::BAD_REQUEST, "invalid_host"),
+        (
+            format!("65536-{id}"),
+            StatusCode::BAD_REQUEST,
+            "invalid_host",
+        ),
+        (
+            format!("http-{id}"),
+            StatusCode::BAD_REQUEST,
+            "invalid_host",
+        ),
+        (
+            "8000-sbnothex".to_string(),
+            StatusCode::NOT_FOUND,
+            "sandbox_not_found",
+        ),
+        (
+            "8000-sb0000000000000000".to_string(),
+            StatusCode::NOT_FOUND,
+            "preview_not_found",
+        ),
+    ] {
+        let resp = at(format!("{label}.localhost:{port}"), "/")
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(resp.status(), status, "{label}");
+        let body: Value = resp.json().await.unwrap();
+        match body["error"]["code"].as_str() {
+            // A preview's error, in Sandpit's shape.
+            Some(got) => assert_eq!(got, code, "{label}: {body}"),
+            // E2B's shape: the status as the code.
+            None => assert_eq!(body["code"], status.as_u16(), "{label}: {body}"),
+        }
+    }
+
+    // `getHost(8000)` reaches a server in the sandbox: public by default, as in E2B.
+    let client = srv.client();
+    client
+        .exec(
+            &id,
+            &sandpit_sdk::types::ExecRequest {
+                command: Some(
+                    "mkdir -p /tmp/www && echo plain > /tmp/www/index.html && \
+                     httpd -p 8000 -h /tmp/www"
+                        .into(),
+                ),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("exec");
+    let host = format!("8000-{id}.{}", made["domain"].as_str().unwrap());
+    let body = sandpit_test_support::wait_until(
+        Duration::from_secs(20),
+        "the sandbox's server answers at getHost(8000)",
+        || async {
+            let r = at(host.clone(), "/").send().await.ok()?;
+            (r.status() == StatusCode::OK).then_some(())?;
+            r.text().await.ok()
+        },
+    )
+    .await
+    .expect("served");
+    assert_eq!(body.trim(), "plain");
+    // The agent's port is envd, never a proxy: an envd route, not the agent's protocol.
+    let resp = at(envd_host(&id), "/")
+        .header("X-Access-Token", &token)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+
+    // A private one (`allow_public_traffic: false`) needs a preview token; a paused one is
+    // not woken by a refused request.
+    let resp = http
+        .post(format!("{}/sandboxes/{other_id}/pause", srv.url))
+        .header("X-API-KEY", &srv.token)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    let resp = at(format!("8000-{other_id}.localhost:{port}"), "/")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let resp = at(envd_host(&other_id), "/health")
+        .header("X-Access-Token", &token)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let s = client.get_sandbox(&other_id).await.expect("sandbox");
+    assert_eq!(
+        s.status,
+        SandboxStatus::Suspended,
+        "a refused request woke it"
+    );
+    for sid in [&id, &other_id] {
+        let resp = http
+            .delete(format!("{}/sandboxes/{sid}", srv.url))
+            .header("X-API-KEY", &srv.token)
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    }
+}
+
+/// `--tls-cert` without `--tls-key`, and a key that is not the certificate's: the server
+/// does not start, and says why.
+#[tokio::test]
+async fn tls_setup_errors_are_clear() {
+    let certs = tempfile::tempdir().expect("temp dir");
+    let (ca, cert, _key) = crate::tls::test_certificates(certs.path());
+    let out = std::process::Command::new(bin())
+        .args(["serve", "--tls-cert"])
+        .arg(&cert)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--tls-key"), "{err}");
+    // The CA's key is not the server certificate's.
+    let err =
+        match TestServer::start_tls(bin(), &cert, &certs.path().join("ca.key"), &ca, &[]).await {
+            Ok(_) => panic!("started with a mismatched key"),
+            Err(e) => format!("{e:#}"),
+        };
+    assert!(
+        err.contains("is not the private key of the certificate"),
+        "{err}"
     );
 }

@@ -90,11 +90,11 @@ async fn fork_and_snapshots_carry_memory_and_files_and_children_diverge() {
     // Writes after the fork stay with their writer.
     for (i, child) in children.iter().enumerate() {
         let out = sh(&client, child, "cat /home/mine.txt; ls /home").await;
-        assert_eq!(out.stdout, format!("child {i}before.txt\nmine.txt\n"));
+        assert_eq!(out.stdout, format!("child {i}before.txt\nmine.txt\nuser\n"));
     }
     let out = sh(&client, &pid, "ls /home").await;
     assert_eq!(
-        out.stdout, "before.txt\n",
+        out.stdout, "before.txt\nuser\n",
         "children's writes do not reach the parent"
     );
 
@@ -122,7 +122,7 @@ async fn fork_and_snapshots_carry_memory_and_files_and_children_diverge() {
         "cat /home/at-snapshot.txt; ls /home",
     )
     .await;
-    assert_eq!(out.stdout, "snap\nat-snapshot.txt\nbefore.txt\n");
+    assert_eq!(out.stdout, "snap\nat-snapshot.txt\nbefore.txt\nuser\n");
     let c = crate::counter(&client, &from_snap.id).await;
     wait_until(
         Duration::from_secs(10),

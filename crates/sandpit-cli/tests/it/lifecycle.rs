@@ -205,7 +205,10 @@ async fn warm_pool_hands_out_fresh_sandboxes_rekeyed_for_their_owner() {
     .await;
     assert_ne!(a.id, b.id);
     let out = sh(&client, &b.id, "echo \"[$OWNER]\"; ls /home").await;
-    assert_eq!(out.stdout, "[]\n", "nothing of the previous owner: {out:?}");
+    assert_eq!(
+        out.stdout, "[]\nuser\n",
+        "nothing of the previous owner: {out:?}"
+    );
     assert_eq!(
         client.list_sandboxes(None).await.unwrap().len(),
         2,
@@ -257,7 +260,7 @@ async fn creates_restore_the_template_boot_snapshot_when_enabled() {
     );
     assert_eq!(
         sh(&client, &b.id, "echo $OWNER; ls /home").await.stdout,
-        "b\n",
+        "b\nuser\n",
         "restored copies share nothing"
     );
     assert!(srv.log().contains("took the base template's boot snapshot"));

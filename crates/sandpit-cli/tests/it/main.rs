@@ -28,6 +28,7 @@ mod security;
 mod soak;
 mod templates;
 mod terminals;
+mod tls;
 mod users;
 mod volumes;
 mod watch;

@@ -1,5 +1,6 @@
 //! What a node starts sandboxes from: the built-in `base` template (a busybox root
-//! filesystem, built offline in a second), the agent layer stacked over every template, a
+//! filesystem with Debian's static bash as `/bin/bash` and the account `user` (uid 1000,
+//! home `/home/user`) the E2B SDKs expect, built offline in a second), the agent layer stacked over every template, a
 //! template's layers and image config as stored, and where its boot snapshot lives.
 #![expect(
     clippy::disallowed_methods,
@@ -86,8 +87,11 @@ pub fn install_agent_layer(data_dir: &Path, agent_bin: &Path) -> Result<PathBuf,
     Ok(layer)
 }
 
-/// Build the `base` template (busybox and a minimal `/etc`) if it does not exist yet, and
-/// register it.
+/// Build the `base` template (busybox, bash when the host has a static one, the accounts
+/// `root` and `user`, a minimal `/etc`) if it does not exist yet, and register it. A base
+/// built by an older version (no `/bin/bash`, no `user`) is kept as it is: sandboxes and
+/// memory images stack on it, so it is never changed in place (remove
+/// `<data dir>/templates/base/rootfs` while no sandbox uses it to rebuild it).
 pub async fn ensure_base(node: &Node) -> Result<(), ControlError> {
     let dir = node.cfg.data_dir.join("templates").join(BASE_TEMPLATE_NAME);
     let rootfs = dir.join("rootfs");
@@ -98,13 +102,19 @@ pub async fn ensure_base(node: &Node) -> Result<(), ControlError> {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "built the base template"
         );
+    } else if !base_has_user(node) {
+        tracing::info!(
+            rootfs = %rootfs.display(),
+            "the base template predates /bin/bash and the account `user` (E2B's default user \
+             runs as root); remove its rootfs while no sandbox uses it to rebuild it"
+        );
     }
     node.store
         .templates
         .upsert(&TemplateRow::builtin(
             BASE_TEMPLATE_ID,
             BASE_TEMPLATE_NAME,
-            "busybox (static) with a shell and the core utilities",
+            "busybox (static) with a shell and the core utilities, bash, users root and user",
             rootfs.display().to_string(),
             now_ms(),
         ))
@@ -218,6 +228,68 @@ pub async fn default_user(
     Ok(image_config(&t)?.user.filter(|u| !u.is_empty()))
 }
 
+/// The account the E2B SDKs' user `user` (their default) runs as: the template's `USER`
+/// when it names one (as for any exec), else `user` when the template's root filesystem is
+/// this node's `base` (or a template built `FROM base`) and that base has the account,
+/// else root (`None`), as for a template without users.
+pub async fn e2b_user(
+    node: &Node,
+    row: &crate::store::Sandbox,
+) -> Result<Option<String>, ControlError> {
+    let on_base = if row.template_id == BASE_TEMPLATE_ID {
+        true
+    } else {
+        let Some(t) = node.store.templates.by_id(&row.template_id).await? else {
+            return Ok(None);
+        };
+        if let Some(user) = image_config(&t)?.user.filter(|u| !u.is_empty()) {
+            return Ok(Some(user));
+        }
+        // The lowest layer of a `FROM base` build is the base root filesystem.
+        local_layers(node, &t)?.first()
+            == Some(
+                &node
+                    .cfg
+                    .data_dir
+                    .join("templates")
+                    .join(BASE_TEMPLATE_NAME)
+                    .join("rootfs"),
+            )
+    };
+    Ok((on_base && base_has_user(node)).then(|| E2B_USER.to_string()))
+}
+
+/// The account of the base template the E2B SDKs run as by default.
+pub const E2B_USER: &str = "user";
+/// Its uid and gid.
+pub const E2B_UID: u32 = 1000;
+
+/// Whether this node's base root filesystem has the account `user` (built by this version;
+/// an older base is never changed in place, see [`ensure_base`]).
+pub fn base_has_user(node: &Node) -> bool {
+    let rootfs = node
+        .cfg
+        .data_dir
+        .join("templates")
+        .join(BASE_TEMPLATE_NAME)
+        .join("rootfs");
+    rootfs.join("home").join(E2B_USER).is_dir()
+}
+
+/// Find a static bash on the host (Debian's `bash-static`), for the base template's
+/// `/bin/bash`.
+fn find_bash() -> Option<PathBuf> {
+    [
+        "/usr/local/lib/sandpit/bash",
+        "/bin/bash-static",
+        "/usr/bin/bash-static",
+    ]
+    .into_iter()
+    .map(Path::new)
+    .find(|p| p.exists() && is_static_elf(p).unwrap_or(false))
+    .map(Path::to_path_buf)
+}
+
 /// Find a static busybox on the host. First the one scripts/install-deps fetches on bookworm,
 /// whose own busybox-static is built without wget's `-T` (and segfaults on it, busybox sh
 /// running its applet whatever `wget` is on PATH).
@@ -271,12 +343,48 @@ fn build_busybox_rootfs(dir: &Path, rootfs: &Path) -> Result<(), ControlError> {
         std::os::unix::fs::symlink("busybox", tmp.join("bin").join(applet))
             .map_err(ControlError::files(format!("linking applet {applet}")))?;
     }
-    let files = [
-        (
-            "etc/passwd",
-            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+    // The E2B SDKs run `/bin/bash -l -c` as `user` (or `root`): Debian's static bash, when
+    // the host has it (scripts/install-deps installs `bash-static`).
+    let bash = find_bash();
+    match &bash {
+        Some(b) => {
+            std::fs::copy(b, tmp.join("bin/bash")).map_err(ControlError::files("copying bash"))?;
+        }
+        None => tracing::warn!(
+            "no static bash found (apt-get install bash-static): the base template has no /bin/bash"
         ),
-        ("etc/group", "root:x:0:\nnogroup:x:65534:\n"),
+    }
+    let user_shell = if bash.is_some() {
+        "/bin/bash"
+    } else {
+        "/bin/sh"
+    };
+    let home = tmp.join("home").join(E2B_USER);
+    std::fs::create_dir_all(&home).map_err(ControlError::files("creating /home/user"))?;
+    match std::os::unix::fs::chown(&home, Some(E2B_UID), Some(E2B_UID)) {
+        Ok(()) => {}
+        // Only a server without root (the fake-runtime unit tests) cannot give it away.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            tracing::warn!("not root: /home/user of the base template stays the server's")
+        }
+        Err(e) => {
+            return Err(ControlError::Files {
+                what: "giving /home/user to user".into(),
+                source: e,
+            });
+        }
+    }
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755))
+        .map_err(ControlError::files("setting /home/user permissions"))?;
+    let passwd = format!(
+        "root:x:0:0:root:/root:/bin/sh\n\
+         {E2B_USER}:x:{E2B_UID}:{E2B_UID}:{E2B_USER}:/home/{E2B_USER}:{user_shell}\n\
+         nobody:x:65534:65534:nobody:/:/bin/false\n"
+    );
+    let group = format!("root:x:0:\n{E2B_USER}:x:{E2B_UID}:\nnogroup:x:65534:\n");
+    let files = [
+        ("etc/passwd", passwd.as_str()),
+        ("etc/group", group.as_str()),
         ("etc/hosts", "127.0.0.1 localhost\n::1 localhost\n"),
         ("etc/hostname", "sandbox\n"),
         ("etc/resolv.conf", ""),

@@ -61,6 +61,24 @@ impl FromRequestParts<Arc<Server>> for E2bAuth {
     }
 }
 
+/// The `domain` the SDKs derive a sandbox's hosts from (see [`super::host::sandbox_domain`]).
+pub struct SandboxDomain(pub String);
+
+impl FromRequestParts<Arc<Server>> for SandboxDomain {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        server: &Arc<Server>,
+    ) -> Result<Self, std::convert::Infallible> {
+        let host = super::host::request_host(&parts.uri, &parts.headers);
+        Ok(SandboxDomain(super::host::sandbox_domain(
+            &server.cfg.preview_domain,
+            host.as_deref(),
+        )))
+    }
+}
+
 /// The caller's sandbox (scope first, then 404 for an unknown, destroyed or another
 /// workspace's sandbox).
 async fn own(server: &Server, auth: &Auth, scope: &str, id: &str) -> Result<Authorized, E2bError> {
@@ -141,6 +159,7 @@ async fn created_view(
     auth: &Auth,
     row: &Sandbox,
     token: Option<String>,
+    domain: &str,
 ) -> Result<Value, ApiError> {
     Ok(json!({
         "sandboxID": row.id,
@@ -148,7 +167,7 @@ async fn created_view(
         "clientID": CLIENT_ID,
         "envdVersion": ENVD_VERSION,
         "envdAccessToken": token,
-        "domain": null,
+        "domain": domain,
         "alias": null,
         "workspace": auth.workspace_id,
     }))
@@ -193,16 +212,27 @@ struct NewSandbox {
     env_vars: Option<BTreeMap<String, String>>,
     #[serde(rename = "allow_internet_access")]
     allow_internet_access: Option<bool>,
+    network: Option<NetworkOpts>,
+}
+
+/// The part of E2B's `network` Sandpit reads.
+#[derive(Debug, Default, Deserialize)]
+struct NetworkOpts {
+    /// `false`: the sandbox's ports need a preview token (E2B's default is public).
+    allow_public_traffic: Option<bool>,
 }
 
 async fn create_sandbox(
     State(server): State<Arc<Server>>,
     E2bAuth(auth): E2bAuth,
+    SandboxDomain(domain): SandboxDomain,
     body: Bytes,
 ) -> E2bResult {
     auth.require("sandbox_create")?;
     let body: NewSandbox = parse_body(&body)?;
     let asked = body.template_id.unwrap_or_else(|| "base".into());
+    // As in E2B, `getHost(port)` is open to anyone unless the create says otherwise.
+    let public = body.network.as_ref().and_then(|n| n.allow_public_traffic) != Some(false);
     let timeout = check_timeout(body.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS))?;
     let template = if asked == "base" {
         sandpit_control::node::images::BASE_TEMPLATE_NAME.to_string()
@@ -229,6 +259,13 @@ async fn create_sandbox(
         env: body.env_vars.unwrap_or_default(),
         metadata: body.metadata.unwrap_or_default(),
         egress: (body.allow_internet_access == Some(false)).then(lifecycle::deny_all),
+        preview: Some(sandpit_api_types::PreviewSettings {
+            privacy: if public {
+                sandpit_api_types::PreviewPrivacy::Public
+            } else {
+                sandpit_api_types::PreviewPrivacy::Private
+            },
+        }),
         ..Default::default()
     };
     let row = lifecycle::create(&server, &auth.workspace_id, &req).await?;
@@ -239,7 +276,7 @@ async fn create_sandbox(
             .insert_sandbox(&row.id, &auth.workspace_id, &asked)
             .await?;
         let token = mint_envd_token(&server, &auth, &row.id).await?;
-        created_view(&server, &auth, &row, token).await
+        created_view(&server, &auth, &row, token, &domain).await
     }
     .await;
     match made {
@@ -313,6 +350,7 @@ async fn list_sandboxes(
 async fn get_sandbox(
     State(server): State<Arc<Server>>,
     E2bAuth(auth): E2bAuth,
+    SandboxDomain(domain): SandboxDomain,
     Path(id): Path<String>,
 ) -> E2bResult {
     let sb = own(&server, &auth, "sandbox_read", &id).await?;
@@ -322,7 +360,7 @@ async fn get_sandbox(
     }
     let template = template_id(&server, &row).await?;
     let mut view = listed_view(&row, &template)?;
-    view["domain"] = Value::Null;
+    view["domain"] = Value::String(domain);
     Ok(Json(view).into_response())
 }
 
@@ -378,6 +416,7 @@ async fn resume(
     id: &str,
     timeout: Option<i64>,
     refuse_running: bool,
+    domain: &str,
 ) -> E2bResult {
     let sb = own(server, auth, "vm_manage", id).await?;
     let timeout = timeout.map(check_timeout).transpose()?;
@@ -397,7 +436,7 @@ async fn resume(
     }
     let row = lifecycle::current(server, &sb).await?;
     let token = mint_envd_token(server, auth, id).await?;
-    let view = created_view(server, auth, &row, token).await?;
+    let view = created_view(server, auth, &row, token, domain).await?;
     let status = if was_paused {
         StatusCode::CREATED
     } else {
@@ -409,20 +448,22 @@ async fn resume(
 async fn connect_sandbox(
     State(server): State<Arc<Server>>,
     E2bAuth(auth): E2bAuth,
+    SandboxDomain(domain): SandboxDomain,
     Path(id): Path<String>,
     body: Bytes,
 ) -> E2bResult {
     let body: TimeoutBody = parse_body(&body)?;
-    resume(&server, &auth, &id, body.timeout, false).await
+    resume(&server, &auth, &id, body.timeout, false, &domain).await
 }
 
 /// The older `POST /sandboxes/{id}/resume`: 409 when running.
 async fn resume_sandbox(
     State(server): State<Arc<Server>>,
     E2bAuth(auth): E2bAuth,
+    SandboxDomain(domain): SandboxDomain,
     Path(id): Path<String>,
     body: Bytes,
 ) -> E2bResult {
     let body: TimeoutBody = parse_body(&body)?;
-    resume(&server, &auth, &id, body.timeout, true).await
+    resume(&server, &auth, &id, body.timeout, true, &domain).await
 }

@@ -162,7 +162,7 @@ async fn authorize(
         _ => basic_user(headers)?,
     };
     let user = match named.as_deref() {
-        None | Some("user") => sandpit_control::node::images::default_user(server, &row).await?,
+        None | Some("user") => sandpit_control::node::images::e2b_user(server, &row).await?,
         Some("root") => None,
         Some(u) => {
             proto::check_user_spec(u).map_err(|m| ApiError::bad_request("invalid_user", m))?;

@@ -6,7 +6,9 @@
 //! Control-plane calls authenticate with `X-API-KEY: <Sandpit API token>` (the same check
 //! as `Authorization: Bearer`, see [`crate::auth::resolve`]); envd calls with the sandbox's
 //! envd access token (`X-Access-Token`), handed out by create and connect, stored hashed.
-//! envd requests are recognised by their `E2b-Sandbox-Id` header ([`envd::route`]).
+//! envd requests are recognised by their `E2b-Sandbox-Id` header ([`envd::route`]) or
+//! their host `49983-<id>.<preview domain>` ([`host::route`], which also serves
+//! `getHost(port)`'s `<port>-<id>.<preview domain>` as a preview).
 //!
 //! Errors are `{"code": <HTTP status>, "message"}` on the control plane and envd's HTTP
 //! routes, and Connect errors (`{"code": "not_found", …}`) on envd's RPC routes.
@@ -14,6 +16,7 @@
 pub mod connect;
 pub mod control;
 pub mod envd;
+pub mod host;
 pub mod store;
 pub mod watch;
 

@@ -212,6 +212,12 @@ pub fn app(server: Arc<Server>) -> Router {
         server.clone(),
         crate::limits::enforce,
     ))
+    // E2B's hosts (`49983-<id>.<preview domain>` is envd, `<port>-<id>.…` a preview), outside
+    // the rate limits as previews are.
+    .layer(axum::middleware::from_fn_with_state(
+        server.clone(),
+        crate::e2b::host::route,
+    ))
     // Preview hosts never reach the routes above (applied after the fallback, so it wraps
     // every route and the fallback).
     .layer(axum::middleware::from_fn_with_state(
