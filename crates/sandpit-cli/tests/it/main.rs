@@ -18,6 +18,7 @@ mod fork;
 mod idempotency;
 mod lifecycle;
 mod limits;
+mod mcp;
 mod previews;
 mod reliability;
 mod replicas;
