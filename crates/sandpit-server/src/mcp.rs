@@ -351,10 +351,10 @@ impl Caller {
                 Ok(tool_result(outcome))
             }
             // Lists this server has nothing in (clients may ask whatever it announced).
-            "resources/list" | "prompts/list" | "resources/templates/list" => Err(RpcError::new(
-                METHOD_NOT_FOUND,
-                format!("{method}: this server offers tools only"),
-            )),
+            // Not announced, but some clients list them anyway: nothing here but tools.
+            "resources/list" => Ok(json!({"resources": []})),
+            "resources/templates/list" => Ok(json!({"resourceTemplates": []})),
+            "prompts/list" => Ok(json!({"prompts": []})),
             other => Err(RpcError::new(
                 METHOD_NOT_FOUND,
                 format!("unknown method {other:?}"),

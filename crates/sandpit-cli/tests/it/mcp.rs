@@ -313,6 +313,8 @@ async fn the_mcp_endpoint_refuses_hostile_requests() {
     assert_eq!(body.as_array().map(Vec::len), Some(2), "{body}");
     let answer = rpc(&srv, "sampling/createMessage", json!({})).await;
     assert_eq!(answer["error"]["code"], -32601, "{answer}");
+    let answer = rpc(&srv, "prompts/list", json!({})).await;
+    assert_eq!(answer["result"], json!({"prompts": []}), "{answer}");
     let answer = rpc(&srv, "initialize", json!({"protocolVersion": "2025-06-18"})).await;
     assert_eq!(
         answer["result"]["protocolVersion"], "2025-06-18",
