@@ -313,10 +313,13 @@ struct Caller {
 
 impl Caller {
     fn new(server: Arc<Server>, parts: &axum::http::request::Parts) -> Self {
-        let credentials = [header::AUTHORIZATION, API_KEY_HEADER.parse().expect("name")]
-            .into_iter()
-            .filter_map(|name| parts.headers.get(&name).map(|v| (name, v.clone())))
-            .collect();
+        let credentials = [
+            header::AUTHORIZATION,
+            header::HeaderName::from_static(API_KEY_HEADER),
+        ]
+        .into_iter()
+        .filter_map(|name| parts.headers.get(&name).map(|v| (name, v.clone())))
+        .collect();
         Caller {
             server,
             credentials,
