@@ -36,6 +36,9 @@ enum Command {
     /// Named volumes: storage that outlives sandboxes (mount with `sandbox create --volume`).
     #[command(subcommand)]
     Volume(commands::volume::VolumeCommand),
+    /// Speak MCP (the Model Context Protocol) on stdin/stdout for a local agent (Claude
+    /// Desktop and the like), bridged to the server's `/mcp` endpoint with your token.
+    Mcp(commands::mcp::McpArgs),
     /// Print the OpenAPI document of the server's API.
     Openapi,
     /// Remove every sandbox and host object of one server (keeps the database).
@@ -59,6 +62,7 @@ fn main() -> std::process::ExitCode {
             Command::Cleanup(args) => commands::cleanup::run(args).await.map(|_| 0),
             Command::Nodes(args) => commands::nodes::run(args).await,
             Command::Gc(args) => commands::gc::run(args).await,
+            Command::Mcp(args) => commands::mcp::run(args).await,
             Command::Openapi => {
                 println!("{}", sandpit_server::openapi().to_pretty_json()?);
                 Ok(0)

@@ -21,6 +21,7 @@ pub mod gc;
 pub mod idempotency;
 pub mod lifecycle;
 pub mod limits;
+pub mod mcp;
 pub mod metrics;
 pub mod preview;
 pub mod replica;

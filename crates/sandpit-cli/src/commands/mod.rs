@@ -2,6 +2,7 @@
 
 pub mod cleanup;
 pub mod gc;
+pub mod mcp;
 pub mod nodes;
 pub mod sandbox;
 pub mod serve;

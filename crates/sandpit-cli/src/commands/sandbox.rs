@@ -32,11 +32,19 @@ pub struct Conn {
 
 impl Conn {
     pub fn client(&self) -> anyhow::Result<Client> {
-        let token = self
-            .token
+        Ok(Client::new(&self.url, self.token()?))
+    }
+
+    /// The server's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The API token, or why there is none.
+    pub fn token(&self) -> anyhow::Result<&str> {
+        self.token
             .as_deref()
-            .context("no token: set SANDPIT_TOKEN or pass --token")?;
-        Ok(Client::new(&self.url, token))
+            .context("no token: set SANDPIT_TOKEN or pass --token")
     }
 }
 

@@ -19,6 +19,7 @@ mod fork;
 mod idempotency;
 mod lifecycle;
 mod limits;
+mod mcp;
 mod metrics;
 mod previews;
 mod reliability;

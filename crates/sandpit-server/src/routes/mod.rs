@@ -151,23 +151,27 @@ fn router() -> OpenApiRouter<Arc<Server>> {
 pub use crate::extract::{ApiJson, ApiQuery, OptionalJson};
 
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    router_and_doc().1
+    (*router_and_doc().1).clone()
 }
 
 /// The routes and their document, with the responses common to all of them added (a
-/// modifier in `#[openapi(...)]` would run before the routes are merged).
-fn router_and_doc() -> (Router<Arc<Server>>, utoipa::openapi::OpenApi) {
-    let (api, mut doc) = router().split_for_parts();
-    utoipa::Modify::modify(&CommonResponses, &mut doc);
-    // A rule without a target fails `every_schema_rule_has_a_target`.
-    let _missing = schema_rules::apply(&mut doc);
-    (api, doc)
+/// modifier in `#[openapi(...)]` would run before the routes are merged). Made once per
+/// process (tens of milliseconds): [`app`] is built again for each MCP tool call.
+fn router_and_doc() -> (Router<Arc<Server>>, Arc<utoipa::openapi::OpenApi>) {
+    static PARTS: std::sync::LazyLock<(Router<Arc<Server>>, Arc<utoipa::openapi::OpenApi>)> =
+        std::sync::LazyLock::new(|| {
+            let (api, mut doc) = router().split_for_parts();
+            utoipa::Modify::modify(&CommonResponses, &mut doc);
+            // A rule without a target fails `every_schema_rule_has_a_target`.
+            let _missing = schema_rules::apply(&mut doc);
+            (api, Arc::new(doc))
+        });
+    PARTS.clone()
 }
 
 /// The whole HTTP application.
 pub fn app(server: Arc<Server>) -> Router {
     let (api, doc) = router_and_doc();
-    let doc = Arc::new(doc);
     api.route(
         "/openapi.json",
         get(move || {
@@ -186,6 +190,8 @@ pub fn app(server: Arc<Server>) -> Router {
     .merge(crate::compat::router())
     // The E2B control API (envd requests are taken out by `e2b::envd::route` below).
     .merge(crate::e2b::router())
+    // MCP over streamable HTTP; its tools run `/v1` requests through this same app.
+    .merge(crate::mcp::router())
     // Names the matched route template for the request metrics (outermost layer below).
     .route_layer(axum::middleware::from_fn(crate::metrics::tag_route))
     .fallback(|| async { ApiError::not_found("route_not_found", "no such route") })

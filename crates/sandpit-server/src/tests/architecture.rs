@@ -103,3 +103,25 @@ fn the_edge_drives_no_backend_transition() {
     }
     assert!(checked > 20, "found the sources");
 }
+
+/// MCP tools are REST requests: `mcp.rs` reaches sandboxes only by running `/v1` requests
+/// through the app (`routes::app`), so its authorization, scopes, limits and errors cannot
+/// drift from the REST API's.
+#[test]
+fn mcp_acts_only_through_the_rest_routes() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let text = code(&src.join("mcp.rs"));
+    assert!(text.contains("crate::routes::app("), "mcp.rs runs the app");
+    for banned in [
+        "crate::lifecycle",
+        "crate::extract",
+        "crate::fork",
+        "Authorized",
+        "running_agent",
+        "AgentClient",
+        ".store.",
+        ".node.",
+    ] {
+        assert!(!text.contains(banned), "mcp.rs names {banned}");
+    }
+}
