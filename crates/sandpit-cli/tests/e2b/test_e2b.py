@@ -5,6 +5,7 @@ E2B_API_KEY (a Sandpit API token), E2B_API_URL and E2B_SANDBOX_URL (the server's
 Prints one JSON line of what it saw; `tests/it/e2b.rs` checks it. Any failure raises.
 """
 
+import http.client
 import json
 import time
 
@@ -68,6 +69,19 @@ try:
     seen["missing"] = "read"
 except NotFoundException:
     seen["missing"] = "not_found"
+
+# A port opened in the sandbox, fetched at the SDK's host URL (`<port>-<id>.<domain>`, the
+# domain the server answered with); the name is looked up as loopback (`*.localhost`).
+sbx.files.write("/tmp/www/index.html", "served from the sandbox")
+sbx.commands.run("busybox httpd -p 8000 -h /tmp/www")
+host = sbx.get_host(8000)
+seen["hostShape"] = host.startswith("8000-" + sbx.sandbox_id + ".")
+name, _, port = host.partition(":")
+conn = http.client.HTTPConnection("127.0.0.1", int(port or 80), timeout=30)
+conn.request("GET", "/", headers={"Host": host})
+resp = conn.getresponse()
+seen["hostBody"] = f"{resp.status} {resp.read().decode()}"
+conn.close()
 
 # Listing, with the metadata filter.
 listed = Sandbox.list(query=SandboxQuery(metadata={"suite": "e2b-python"})).next_items()

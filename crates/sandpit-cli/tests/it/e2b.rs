@@ -124,6 +124,8 @@ async fn the_e2b_python_sdk_works_unmodified() {
     assert_eq!(seen["listedIds"], json!([id]), "{seen}");
     assert_eq!(seen["listedState"], json!(["running"]), "{seen}");
     assert_eq!(seen["metadata"], json!({"suite": "e2b-python"}), "{seen}");
+    assert_eq!(seen["hostShape"], true, "{seen}");
+    assert_eq!(seen["hostBody"], "200 served from the sandbox", "{seen}");
     assert_eq!(seen["paused"], true, "{seen}");
     assert_eq!(seen["pausedAgain"], false, "{seen}");
     assert_eq!(seen["pausedState"], json!(["paused"]), "{seen}");

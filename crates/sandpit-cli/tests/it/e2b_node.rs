@@ -111,6 +111,8 @@ async fn the_e2b_npm_sdk_works_unmodified() {
     assert_eq!(seen["metadata"], json!({"suite": "e2b-node"}), "{seen}");
     assert_eq!(seen["infoId"], id.as_str(), "{seen}");
     assert_eq!(seen["timeoutExtended"], true, "{seen}");
+    assert_eq!(seen["hostShape"], true, "{seen}");
+    assert_eq!(seen["hostBody"], "200 served from the sandbox", "{seen}");
     assert_eq!(seen["paused"], true, "{seen}");
     assert_eq!(seen["pausedState"], json!(["paused"]), "{seen}");
     assert_eq!(seen["resumedRead"], "kept", "{seen}");

@@ -4,13 +4,13 @@
 //!
 //! Authorization: `X-Access-Token` must be one of the sandbox's envd tokens (create and
 //! connect hand them out, stored hashed); nothing is looked up, woken or locked before.
-//! The user (`Authorization: Basic base64("<user>:")` or `?username=`): `root`, or the
-//! template's default user for `user` and when none is named.
+//! The user (`Authorization: Basic base64("<user>:")` or `?username=`): `root`, or for
+//! `user` and when none is named the template's `USER`, else the account `user` of `base`
+//! (and of templates built from it), else root (`images::e2b_user`).
 //!
-//! Processes: `Start` runs the command through the agent in a task of its own, so a
-//! process outlives its output stream (as in E2B) and is listed, signalled and fed stdin
-//! by pid until it exits. It holds the sandbox's read lock while it runs: a pause waits
-//! for running processes.
+//! Processes are agent terminals (on pipes, or a pty when asked; see the processes section
+//! below): they belong to the sandbox, not to a stream, hold no lock, and are kept across a
+//! pause, which cuts their streams.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;

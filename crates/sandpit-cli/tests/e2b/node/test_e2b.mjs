@@ -3,6 +3,7 @@
 // E2B_API_KEY (a Sandpit API token), E2B_API_URL and E2B_SANDBOX_URL (the server's URL).
 // Covers PTYs, `commands.connect` and a process that survives a pause too. Prints one JSON line of what it saw; tests/it/e2b_node.rs checks it.
 // Throws (exit 1) at the first expectation that fails.
+import http from "node:http";
 import {
   AuthenticationError,
   CommandExitError,
@@ -150,6 +151,32 @@ seen.timeoutExtended = new Date(endAt).getTime() - Date.now() > 400_000;
     expect(e instanceof CommandExitError, `CommandExitError after a PTY kill, not ${e}`);
   }
 }
+
+// A port opened in the sandbox, fetched through the SDK's host URL (`<port>-<id>.<domain>`,
+// the domain being the one the server answered with). Node does not resolve `*.localhost`
+// here, so only the name's lookup is pinned to loopback; the Host is the SDK's.
+await sbx.files.write("/tmp/www/index.html", "served from the sandbox");
+await sbx.commands.run("busybox httpd -p 8000 -h /tmp/www");
+const hostUrl = sbx.getHost(8000);
+seen.hostShape = /^8000-sb[0-9a-f]{16}\./.test(hostUrl);
+const [hostName, hostPort] = hostUrl.split(":");
+seen.hostBody = await new Promise((resolve, reject) => {
+  const req = http.get(
+    {
+      hostname: hostName,
+      port: Number(hostPort ?? 80),
+      path: "/",
+      lookup: (_name, opts, cb) =>
+        opts && opts.all ? cb(null, [{ address: "127.0.0.1", family: 4 }]) : cb(null, "127.0.0.1", 4),
+    },
+    (res) => {
+      let body = "";
+      res.on("data", (c) => (body += c));
+      res.on("end", () => resolve(`${res.statusCode} ${body}`));
+    },
+  );
+  req.on("error", reject);
+});
 
 // A background process that survives a pause: listed after resume, its output followed
 // through commands.connect.
