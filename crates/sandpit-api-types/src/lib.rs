@@ -9,6 +9,7 @@
 )]
 
 pub mod duration;
+pub mod events;
 pub mod org;
 pub mod preview;
 pub mod sandbox;
@@ -17,6 +18,7 @@ pub mod terminal;
 pub mod volumes;
 
 pub use duration::{format_duration, parse_duration};
+pub use events::*;
 pub use org::*;
 pub use preview::*;
 pub use sandbox::*;

@@ -498,6 +498,24 @@ impl BuildJob {
         } else {
             tracing::info!(template = %id, elapsed_ms = started.elapsed().as_millis() as u64, "template built");
         }
+        if let Some(ws) = &self.template.workspace_id {
+            let detail = serde_json::json!({
+                "template": self.template.name,
+                "template_id": id,
+                "status": status,
+                "error": error,
+                "elapsed_ms": started.elapsed().as_millis() as u64,
+            });
+            if let Err(e) = self
+                .server
+                .store
+                .events
+                .append(ws, "build_finished", None, &detail, now_ms())
+                .await
+            {
+                tracing::warn!(template = %id, error = %DisplayChain(&e), "appending an event");
+            }
+        }
         self.server.images.discard_temp(&self.request.context);
         self.log.push(TemplateBuildEvent::Finished {
             status: status.into(),

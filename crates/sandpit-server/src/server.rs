@@ -76,6 +76,8 @@ pub struct ServerConfig {
     /// Disk of a `small` sandbox (`medium` gets twice, `large` four times): the files it
     /// writes live on an ext4 image of that size. `None`: no bound but the host's free space.
     pub disk_limit: Option<u64>,
+    /// How long lifecycle events stay in the log (`GET /v1/events`).
+    pub events_retention: Duration,
 }
 
 impl ServerConfig {
@@ -105,6 +107,7 @@ impl ServerConfig {
             allowed_registries: Vec::new(),
             disk_limit: Some(10 << 30),
             liveness_interval: Duration::from_secs(2),
+            events_retention: sandpit_control::node::DEFAULT_EVENTS_RETENTION,
             min_free_disk: 2 << 30,
         }
     }
@@ -124,6 +127,8 @@ pub struct Server {
     pub builds: crate::builds::Builds,
     /// What the E2B envd layer knows of the processes it started (the agent holds them).
     pub e2b_processes: crate::e2b::envd::Processes,
+    /// Open `GET /v1/events` streams per workspace.
+    pub event_streams: crate::routes::events::EventStreams,
 }
 
 impl std::ops::Deref for Server {
@@ -157,6 +162,7 @@ impl ServerConfig {
                 max_builds: self.limits.max_builds,
                 max_volumes: self.limits.max_volumes,
             },
+            events_retention: self.events_retention,
         }
     }
 }
@@ -222,6 +228,7 @@ impl Server {
             images,
             builds: Default::default(),
             e2b_processes: Default::default(),
+            event_streams: Default::default(),
         });
         if !server.cfg.api_only {
             images::ensure_base(&server.node).await?;

@@ -117,6 +117,9 @@ pub struct ServeArgs {
     /// An upload whose body sends nothing for this long is aborted, e.g. 30s.
     #[arg(long, env = "SANDPIT_BODY_IDLE_TIMEOUT", default_value = "30s")]
     body_idle_timeout: String,
+    /// How long lifecycle events stay in the log (`GET /v1/events`), e.g. 7d or 12h.
+    #[arg(long, env = "SANDPIT_EVENTS_RETENTION", default_value = "7d")]
+    events_retention: String,
     /// How often expired and idle sandboxes are looked for, e.g. 1s.
     #[arg(long, env = "SANDPIT_REAPER_INTERVAL", default_value = "1s")]
     reaper_interval: String,
@@ -401,6 +404,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let node_lease: Duration = sandpit_api_types::parse_duration(&args.node_lease)
         .map_err(anyhow::Error::msg)
         .context("--node-lease")?;
+    let events_retention: Duration = sandpit_api_types::parse_duration(&args.events_retention)
+        .map_err(anyhow::Error::msg)
+        .context("--events-retention")?;
     let reaper_interval: Duration = sandpit_api_types::parse_duration(&args.reaper_interval)
         .map_err(anyhow::Error::msg)
         .context("--reaper-interval")?;
@@ -416,6 +422,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     cfg.node_secret = args.node_secret.clone();
     cfg.upload_limit = args.upload_limit;
     cfg.reaper_interval = reaper_interval;
+    cfg.events_retention = events_retention;
     cfg.body_idle_timeout = sandpit_api_types::parse_duration(&args.body_idle_timeout)
         .map_err(anyhow::Error::msg)
         .context("--body-idle-timeout")?;

@@ -14,6 +14,7 @@ mod database;
 mod e2b;
 mod e2b_node;
 mod egress;
+mod events;
 mod fleet;
 mod fork;
 mod idempotency;

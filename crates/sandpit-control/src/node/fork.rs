@@ -201,6 +201,16 @@ pub async fn fork(
     let t0 = std::time::Instant::now();
     let forked = fork_untimed(node, workspace_id, parent_id, count, admitted).await;
     node.metrics.observe("fork", "", t0, &forked);
+    if let Ok(children) = &forked {
+        for child in children.iter().flatten() {
+            node.event(
+                &child.id,
+                "forked",
+                serde_json::json!({"parent": parent_id}),
+            )
+            .await;
+        }
+    }
     forked
 }
 

@@ -208,8 +208,19 @@ pub async fn create(
     } else {
         "cold"
     };
+    let template = row.template_id.clone();
     let created = create_timed(node, row, snapshot, volumes, admitted, &mut path).await;
     node.metrics.observe("create", path, t0, &created);
+    if let Ok(row) = &created {
+        node.event(
+            &row.id,
+            "created",
+            serde_json::json!({"template": template}),
+        )
+        .await;
+        node.event(&row.id, "started", serde_json::json!({"path": path}))
+            .await;
+    }
     created
 }
 
@@ -374,6 +385,7 @@ async fn destroy_locked(
     node.store.sandboxes.mark_destroyed(id, now_ms()).await?;
     drop(guard);
     node.forget_lock(id);
+    node.event(id, "destroyed", serde_json::json!({})).await;
     tracing::info!(sandbox = %id, "destroyed");
     Ok(())
 }
@@ -489,7 +501,7 @@ pub async fn check_suspendable(node: &Node, workspace: &str, n: u32) -> Result<(
 pub async fn suspend(node: &Arc<Node>, id: &str) -> Result<Sandbox, ControlError> {
     let lock = node.lock_of(id);
     let guard = lock.write_owned().await;
-    suspend_locked(node, id, guard).await
+    suspend_locked(node, id, guard, "requested").await
 }
 
 /// The reaper's suspend: only if the sandbox is still idle and nothing holds it (a running
@@ -504,17 +516,22 @@ pub async fn suspend_if_idle(node: &Arc<Node>, id: &str) -> Result<bool, Control
     if row.status != Status::Running || row.idle_timeout_ms.is_none_or(|t| idle_for < t) {
         return Ok(false);
     }
-    suspend_locked(node, id, guard).await.map(|_| true)
+    suspend_locked(node, id, guard, "idle").await.map(|_| true)
 }
 
 async fn suspend_locked(
     node: &Arc<Node>,
     id: &str,
     guard: tokio::sync::OwnedRwLockWriteGuard<()>,
+    reason: &'static str,
 ) -> Result<Sandbox, ControlError> {
     let t0 = std::time::Instant::now();
     let suspended = suspend_locked_untimed(node, id, guard).await;
     node.metrics.observe("hibernate", "", t0, &suspended);
+    if suspended.is_ok() {
+        node.event(id, "suspended", serde_json::json!({"reason": reason}))
+            .await;
+    }
     suspended
 }
 
@@ -571,6 +588,9 @@ pub async fn wake(
     let t0 = std::time::Instant::now();
     let woken = wake_untimed(node, id, admitted).await;
     node.metrics.observe("wake", "", t0, &woken);
+    if woken.is_ok() {
+        node.event(id, "woken", serde_json::json!({})).await;
+    }
     woken
 }
 

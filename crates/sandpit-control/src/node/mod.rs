@@ -87,7 +87,12 @@ pub struct NodeConfig {
     pub disk_limit: Option<u64>,
     /// Per-workspace quotas the node's store transactions enforce (0: unlimited).
     pub quotas: Quotas,
+    /// How long lifecycle events stay in the log (`GET /v1/events`).
+    pub events_retention: Duration,
 }
+
+/// [`NodeConfig::events_retention`] unless configured: a week.
+pub const DEFAULT_EVENTS_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Per-workspace limits on what a workspace runs and keeps (0: unlimited).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -186,6 +191,19 @@ impl Node {
             uploads: Default::default(),
             metrics: Default::default(),
         })
+    }
+
+    /// Append a sandbox's lifecycle event to its workspace's log (`GET /v1/events`).
+    /// Best-effort: a failed append is logged, never fails the operation it describes.
+    pub async fn event(&self, sandbox_id: &str, kind: &str, detail: serde_json::Value) {
+        if let Err(e) = self
+            .store
+            .events
+            .append_for_sandbox(sandbox_id, kind, &detail, crate::util::now_ms())
+            .await
+        {
+            tracing::warn!(sandbox = %sandbox_id, kind, error = %crate::DisplayChain(&e), "appending an event");
+        }
     }
 
     /// The lifecycle lock of one sandbox.

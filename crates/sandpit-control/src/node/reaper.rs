@@ -296,6 +296,8 @@ impl Node {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(node.cfg.reaper_interval);
             let mut last_watch = std::time::Instant::now();
+            // Events are pruned once a minute (the first round prunes at once).
+            let mut last_prune: Option<std::time::Instant> = None;
             loop {
                 tokio::select! {
                     _ = node.shutdown.cancelled() => return,
@@ -306,6 +308,14 @@ impl Node {
                     node.watch_liveness().await;
                 }
                 let now = now_ms();
+                if last_prune.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(60)) {
+                    last_prune = Some(std::time::Instant::now());
+                    let retention =
+                        i64::try_from(node.cfg.events_retention.as_millis()).unwrap_or(i64::MAX);
+                    if let Err(e) = node.store.events.prune(now.saturating_sub(retention)).await {
+                        tracing::warn!(error = %DisplayChain(&e), "reaper: pruning events");
+                    }
+                }
                 match node.store.sandboxes.expired(&node.cfg.node_id, now).await {
                     Ok(ids) => {
                         for id in ids {

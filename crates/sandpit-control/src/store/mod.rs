@@ -25,6 +25,7 @@ use sqlx::sqlite::{
 
 use crate::error::ControlError;
 
+mod events;
 mod idempotency;
 mod layers;
 mod nodes;
@@ -35,6 +36,7 @@ mod templates;
 mod tenants;
 mod volumes;
 
+pub use events::{EventRow, Events};
 pub use idempotency::{Idempotency, IdempotencyRow};
 pub use layers::{Layers, StoredLayer};
 pub use nodes::{Heartbeat, NodeInfo, NodeLoad, NodeRow, NodeStatus, Nodes, valid_node_id};
@@ -212,6 +214,7 @@ pub struct Store {
     pub nodes: Nodes,
     pub layers: Layers,
     pub volumes: Volumes,
+    pub events: Events,
 }
 
 impl Store {
@@ -236,6 +239,7 @@ impl Store {
             nodes: Nodes { db: db.clone() },
             layers: Layers { db: db.clone() },
             volumes: Volumes { db: db.clone() },
+            events: Events { db: db.clone() },
             db,
         }
     }

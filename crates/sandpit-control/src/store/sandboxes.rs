@@ -598,6 +598,8 @@ impl Sandboxes {
     }
 
     /// Mark failed with a reason and give the network slot back.
+    /// Mark a sandbox failed, and say so in its workspace's event log (best-effort: the
+    /// failure is recorded even if the event is not).
     pub async fn mark_failed(&self, id: &str, reason: &str, now: i64) -> Result<(), ControlError> {
         self.update(
             "marking a sandbox failed",
@@ -605,7 +607,15 @@ impl Sandboxes {
              WHERE id = $3",
             |qy| qy.text(reason).int(now).text(id),
         )
-        .await
+        .await?;
+        let events = super::Events {
+            db: self.db.clone(),
+        };
+        let detail = serde_json::json!({"reason": reason});
+        if let Err(e) = events.append_for_sandbox(id, "failed", &detail, now).await {
+            tracing::warn!(sandbox = %id, error = %crate::DisplayChain(&e), "appending an event");
+        }
+        Ok(())
     }
 
     pub async fn set_expiry(

@@ -1487,3 +1487,84 @@ async fn volumes_mounts_and_references(db: &TestDb) {
     assert!(!s.volumes.delete("vol_1").await.unwrap());
 }
 both!(volumes_mounts_and_references);
+
+both!(events_are_per_workspace_ordered_and_pruned);
+async fn events_are_per_workspace_ordered_and_pruned(db: &TestDb) {
+    let s = &db.store;
+    workspace(s, "ws_a").await;
+    workspace(s, "ws_b").await;
+    base_template(s).await;
+    s.sandboxes
+        .insert(&sandbox("sb_e", "ws_a", Status::Running, Some(1)))
+        .await
+        .unwrap();
+    let detail = serde_json::json!({"reason": "requested"});
+    s.events
+        .append_for_sandbox("sb_e", "suspended", &detail, 1_000)
+        .await
+        .unwrap();
+    // A sandbox with no row: nothing is appended, no error.
+    s.events
+        .append_for_sandbox("sb_none", "woken", &detail, 1_001)
+        .await
+        .unwrap();
+    s.events
+        .append(
+            "ws_b",
+            "build_finished",
+            None,
+            &serde_json::json!({}),
+            2_000,
+        )
+        .await
+        .unwrap();
+    s.events
+        .append(
+            "ws_a",
+            "destroyed",
+            Some("sb_e"),
+            &serde_json::json!({}),
+            3_000,
+        )
+        .await
+        .unwrap();
+    let a = s.events.after("ws_a", 0, i64::MAX, 100).await.unwrap();
+    assert_eq!(
+        a.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
+        ["suspended", "destroyed"]
+    );
+    assert_eq!(a[0].workspace_id, "ws_a");
+    assert_eq!(a[0].sandbox_id.as_deref(), Some("sb_e"));
+    assert_eq!(a[0].detail, r#"{"reason":"requested"}"#);
+    assert!(a[0].seq < a[1].seq);
+    assert_eq!(s.events.last_seq("ws_a").await.unwrap(), a[1].seq);
+    assert_eq!(s.events.last_seq("ws_none").await.unwrap(), 0);
+    // After a seq; not newer than `until`; at most `limit`.
+    let later = s
+        .events
+        .after("ws_a", a[0].seq, i64::MAX, 100)
+        .await
+        .unwrap();
+    assert_eq!(later, a[1..].to_vec());
+    assert_eq!(
+        s.events.after("ws_a", 0, 2_999, 100).await.unwrap(),
+        a[..1].to_vec()
+    );
+    assert_eq!(
+        s.events.after("ws_a", 0, i64::MAX, 1).await.unwrap().len(),
+        1
+    );
+    // Pruning takes what is older than the bound, in every workspace.
+    assert_eq!(s.events.prune(2_500).await.unwrap(), 2);
+    assert_eq!(
+        s.events.after("ws_a", 0, i64::MAX, 100).await.unwrap(),
+        a[1..].to_vec()
+    );
+    assert!(
+        s.events
+            .after("ws_b", 0, i64::MAX, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}

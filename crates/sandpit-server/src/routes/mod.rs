@@ -1,5 +1,6 @@
 //! HTTP routes: one module per resource, assembled into one router with its OpenAPI document.
 
+pub mod events;
 pub mod files;
 pub mod org;
 pub mod ports;
@@ -145,6 +146,7 @@ fn router() -> OpenApiRouter<Arc<Server>> {
         .merge(watch::router())
         .merge(volumes::router())
         .merge(org::router())
+        .merge(events::router())
 }
 
 /// The OpenAPI document of every route.

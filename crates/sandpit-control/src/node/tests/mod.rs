@@ -54,6 +54,7 @@ pub(crate) fn config(dir: &Path) -> NodeConfig {
         liveness_interval: Duration::from_secs(2),
         disk_limit: None,
         quotas: Quotas::default(),
+        events_retention: crate::node::DEFAULT_EVENTS_RETENTION,
     }
 }
 
