@@ -304,7 +304,7 @@ mod tests {
         assert_eq!(req.op, Op::Ping);
         let code = |f: &Frame| parse_request(f).unwrap_err().code;
         assert_eq!(
-            code(&frame(FrameKind::Request, r#"{"v":6,"op":"teleport"}"#)),
+            code(&frame(FrameKind::Request, r#"{"v":7,"op":"teleport"}"#)),
             AgentErrorCode::UnsupportedVersion
         );
         // Version 3 is this agent's: its operations parse, and older requests still do.
