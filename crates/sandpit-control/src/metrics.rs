@@ -270,6 +270,65 @@ mod tests {
         );
         assert!(text.contains("sandpit_pool_size 3"), "{text}");
         assert!(text.contains("sandpit_disk_free_bytes 10"), "{text}");
+        // The Grafana dashboard in deploy/ asks only for metrics that exist (every family
+        // given a sample, so each is rendered).
+        m.pool_takes
+            .get_or_create(&ResultLabels { result: "hit" })
+            .inc();
+        m.builds
+            .get_or_create(&ResultLabels { result: "ok" })
+            .observe(1.0);
+        m.build_steps
+            .get_or_create(&ResultLabels { result: "cached" })
+            .inc();
+        m.liveness_settlements.inc();
+        m.rate_limited
+            .get_or_create(&CodeLabels {
+                code: "rate_limited".into(),
+            })
+            .inc();
+        m.http_duration
+            .get_or_create(&RouteLabels {
+                route: "/v1/sandboxes".into(),
+                method: "POST".into(),
+            })
+            .observe(0.1);
+        let text = m.render();
+        let exported: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        assert_eq!(exported.len(), 12, "{exported:?}");
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/grafana/sandpit.json");
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "a checked-in file of the repository"
+        )]
+        let dashboard = std::fs::read_to_string(path).expect("deploy/grafana/sandpit.json");
+        let dashboard: serde_json::Value = serde_json::from_str(&dashboard).expect("JSON");
+        let mut asked = 0;
+        for panel in dashboard["panels"].as_array().expect("panels") {
+            for target in panel["targets"].as_array().expect("targets") {
+                let expr = target["expr"].as_str().expect("expr");
+                for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                    if !word.starts_with("sandpit_") {
+                        continue;
+                    }
+                    asked += 1;
+                    let family = ["_bucket", "_count", "_sum", "_total"]
+                        .iter()
+                        .find_map(|s| word.strip_suffix(s))
+                        .unwrap_or(word);
+                    assert!(
+                        exported.contains(&family),
+                        "the dashboard asks for {word}, which is not exported: {exported:?}"
+                    );
+                }
+            }
+        }
+        assert!(asked >= 10, "{asked}");
         // A census replaces the last one: statuses that emptied disappear.
         m.set_census(&[]);
         assert!(!m.render().contains("workspace=\"ws1\""));
