@@ -10,7 +10,7 @@ import json
 import time
 
 from e2b import PtySize, Sandbox, SandboxQuery, SandboxState
-from e2b import CommandExitException, NotFoundException, SandboxException
+from e2b import CommandExitException, NotFoundException, SandboxException, TimeoutException
 
 seen = {}
 
@@ -30,6 +30,13 @@ seen["run"] = ok.stdout.strip()
 seen["stderr"] = ok.stderr.strip()
 seen["env"] = sbx.commands.run("echo $WHO", envs={"WHO": "e2b"}).stdout.strip()
 seen["cwd"] = sbx.commands.run("pwd", cwd="/tmp").stdout.strip()
+# A command that outlives its timeout raises the SDK's timeout error, and is gone.
+try:
+    sbx.commands.run("sleep 30", timeout=2)
+    seen["timeout"] = "returned"
+except TimeoutException:
+    seen["timeout"] = "TimeoutException"
+seen["timedOutListed"] = any("sleep 30" in " ".join(p.args) for p in sbx.commands.list())
 
 # A background command with streamed output (the sync SDK streams as the handle is
 # iterated), then listed and killed.

@@ -103,6 +103,8 @@ async fn the_e2b_python_sdk_works_unmodified() {
     assert_eq!(seen["stderr"], "oops", "{seen}");
     assert_eq!(seen["env"], "e2b", "{seen}");
     assert_eq!(seen["cwd"], "/tmp", "{seen}");
+    assert_eq!(seen["timeout"], "TimeoutException", "{seen}");
+    assert_eq!(seen["timedOutListed"], false, "{seen}");
     assert_eq!(seen["ticks"], 3, "{seen}");
     assert_eq!(seen["listed"], true, "{seen}");
     assert_eq!(seen["killed"], true, "{seen}");

@@ -996,9 +996,13 @@ fn stream_process(
                 match timeout {
                     Some(t) => {
                         tokio::time::sleep(t).await;
-                        // The exit comes through the attachment.
+                        // The SDKs raise their timeout error on `deadline_exceeded`; the
+                        // process ends with the call, as it would had it run in the call.
                         let _ = of.agent.terminal_kill(&of.tid, Some(9)).await;
-                        std::future::pending().await
+                        StreamEnd::Failed(ConnectError::new(
+                            "deadline_exceeded",
+                            "the call's timeout (Connect-Timeout-Ms) passed: the process was killed",
+                        ))
                     }
                     None => std::future::pending().await,
                 }
