@@ -6,6 +6,7 @@ Prints one JSON line of what it saw; `tests/it/e2b.rs` checks it. Any failure ra
 """
 
 import http.client
+from datetime import datetime, timezone
 import json
 import time
 
@@ -36,7 +37,13 @@ try:
     seen["timeout"] = "returned"
 except TimeoutException:
     seen["timeout"] = "TimeoutException"
-seen["timedOutListed"] = any("sleep 30" in " ".join(p.args) for p in sbx.commands.list())
+# (the SDK's own timer and the server's may end the call in either order: the server's kill
+# lands within moments)
+for _ in range(50):
+    seen["timedOutListed"] = any("sleep 30" in " ".join(p.args) for p in sbx.commands.list())
+    if not seen["timedOutListed"]:
+        break
+    time.sleep(0.1)
 
 # A background command with streamed output (the sync SDK streams as the handle is
 # iterated), then listed and killed.
@@ -115,7 +122,11 @@ seen["pausedState"] = [
     for s in Sandbox.list(query=SandboxQuery(state=[SandboxState.PAUSED])).next_items()
     if s.sandbox_id == sbx.sandbox_id
 ]
+# Paused, it waits for a resume instead of running out its timeout (kept 30 days).
+ends = Sandbox.get_info(sbx.sandbox_id).end_at
+seen["pausedKeptDays"] = (ends - datetime.now(timezone.utc)).days
 again = Sandbox.connect(sbx.sandbox_id)
+seen["resumedTimeout"] = (again.get_info().end_at - datetime.now(timezone.utc)).total_seconds() < 700
 seen["resumedRead"] = again.files.read("/tmp/e2b/kept.txt").strip()
 seen["resumedRun"] = again.commands.run("cat /tmp/e2b/kept.txt").stdout.strip()
 seen["processKept"] = counter.pid in [p.pid for p in again.commands.list()]

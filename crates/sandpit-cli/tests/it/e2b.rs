@@ -131,6 +131,8 @@ async fn the_e2b_python_sdk_works_unmodified() {
     assert_eq!(seen["paused"], true, "{seen}");
     assert_eq!(seen["pausedAgain"], false, "{seen}");
     assert_eq!(seen["pausedState"], json!(["paused"]), "{seen}");
+    assert!(seen["pausedKeptDays"].as_i64().unwrap_or(0) >= 29, "{seen}");
+    assert_eq!(seen["resumedTimeout"], true, "{seen}");
     assert_eq!(seen["resumedRead"], "kept", "{seen}");
     assert_eq!(seen["resumedRun"], "kept", "{seen}");
     assert_eq!(seen["processKept"], true, "{seen}");

@@ -37,6 +37,8 @@ pub const ENVD_TOKEN_PREFIX: &str = "spe_";
 pub const DEFAULT_TIMEOUT_SECS: i64 = 300;
 /// Longest timeout (Sandpit's longest ephemeral timeout).
 pub const MAX_TIMEOUT_SECS: i64 = 24 * 3600;
+/// How long a paused sandbox is kept waiting for a resume (E2B keeps paused sandboxes 30 days).
+pub const PAUSED_KEPT: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
 
 pub fn router() -> Router<Arc<Server>> {
     Router::new()
@@ -406,6 +408,14 @@ async fn pause_sandbox(
     }
     lifecycle::check_may_suspend(&server, &sb).await?;
     lifecycle::suspend(&server, sb.id()).await?;
+    // As on E2B, a paused sandbox waits to be resumed rather than running out its timeout:
+    // it is kept for PAUSED_KEPT, and a resume starts a timeout afresh.
+    let now = crate::util::now_ms();
+    server
+        .store
+        .sandboxes
+        .set_expiry(sb.id(), now + PAUSED_KEPT.as_millis() as i64, now)
+        .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -431,8 +441,16 @@ async fn resume(
     if was_paused {
         lifecycle::wake(server, id).await?;
     }
-    if let Some(secs) = timeout {
-        lifecycle::keepalive(server, &sb, &format!("{secs}s")).await?;
+    // A resumed sandbox gets the timeout asked for, or the default one (its pause had set
+    // the expiry PAUSED_KEPT away).
+    match timeout {
+        Some(secs) => {
+            lifecycle::keepalive(server, &sb, &format!("{secs}s")).await?;
+        }
+        None if was_paused => {
+            lifecycle::keepalive(server, &sb, &format!("{DEFAULT_TIMEOUT_SECS}s")).await?;
+        }
+        None => {}
     }
     let row = lifecycle::current(server, &sb).await?;
     let token = mint_envd_token(server, auth, id).await?;
