@@ -6,7 +6,6 @@
 //! Traffic stays on loopback (the server) and the test's own sandboxes.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use reqwest::StatusCode;
 use sandpit_sdk::types::SandboxStatus;
@@ -45,37 +44,14 @@ async fn the_codesandbox_sdk_works_unmodified() {
     let read_only = token_with(&http, &srv, &["sandbox_read", "vm_manage"]).await;
     // The script's output goes to files, so a hang still shows how far it got (nextest
     // ends the test at 300 s; the script gets 240).
-    let logs = tempfile::tempdir().expect("temp dir");
-    let (out_path, err_path) = (logs.path().join("stdout"), logs.path().join("stderr"));
-    let mut child = tokio::process::Command::new("node")
-        .arg("sdk-e2e.mjs")
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg("sdk-e2e.mjs")
         .current_dir(&dir)
         .env("CSB_BASE_URL", &srv.url)
         .env("CSB_API_KEY", &srv.token)
         .env("SANDPIT_ADDR", &addr)
-        .env("CSB_READONLY_KEY", &read_only)
-        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
-        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("node runs");
-    let status = tokio::time::timeout(Duration::from_secs(240), child.wait()).await;
-    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
-    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
-    let status = match status {
-        Ok(status) => status.expect("node runs"),
-        Err(_) => panic!(
-            "the SDK script did not finish within 240 s\nstdout:\n{stdout}\nstderr:\n{stderr}\nserver log:\n{}",
-            srv.log()
-        ),
-    };
-    assert!(
-        status.success(),
-        "SDK script failed\nstdout:\n{stdout}\nstderr:\n{stderr}\nserver log:\n{}",
-        srv.log()
-    );
-    let seen: Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
-        .unwrap_or_else(|e| panic!("SDK script printed no JSON ({e}): {stdout}"));
+        .env("CSB_READONLY_KEY", &read_only);
+    let seen = crate::scripts::run_json(cmd, "sdk-e2e.mjs", 240, &srv).await;
     assert_eq!(seen["run"], "hello-42");
     assert_eq!(seen["failedExit"], 3);
     assert_eq!(seen["ticks"], 3);

@@ -18,83 +18,24 @@ fn script_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2b")
 }
 
-/// A venv with the pinned SDK, made once per requirements file (a stamp holds the
-/// requirements it was made from). Fails, with pip's output, if PyPI is out of reach.
+/// A venv with the pinned SDK (`tests/e2b/requirements.txt`).
 fn venv() -> PathBuf {
-    let reqs = std::fs::read_to_string(script_dir().join("requirements.txt"))
-        .expect("tests/e2b/requirements.txt");
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2b-venv");
-    // Tests run as separate processes: one makes the venv while the others wait (the lock
-    // goes with the file at return).
-    let lock = std::fs::File::create(dir.with_extension("lock")).expect("venv lock file");
-    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).expect("venv lock");
-    let stamp = dir.join("sandpit-requirements.txt");
-    let python = dir.join("bin/python");
-    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(reqs.as_str()) && python.exists() {
-        return python;
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-    let made = std::process::Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&dir)
-        .output()
-        .expect("python3 runs");
-    assert!(
-        made.status.success(),
-        "python3 -m venv failed: {}",
-        String::from_utf8_lossy(&made.stderr)
-    );
-    let pip = std::process::Command::new(dir.join("bin/pip"))
-        .args(["install", "--disable-pip-version-check", "-q", "-r"])
-        .arg(script_dir().join("requirements.txt"))
-        .output()
-        .expect("pip runs");
-    assert!(
-        pip.status.success(),
-        "pip could not install the pinned e2b SDK (is PyPI reachable?)\nstdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&pip.stdout),
-        String::from_utf8_lossy(&pip.stderr)
-    );
-    std::fs::write(&stamp, &reqs).expect("write the venv stamp");
-    python
+    crate::scripts::python_venv("e2b-venv", &script_dir().join("requirements.txt"))
 }
 
 #[tokio::test]
 async fn the_e2b_python_sdk_works_unmodified() {
     let python = tokio::task::spawn_blocking(venv).await.expect("venv");
     let srv = TestServer::start(bin()).await.expect("server starts");
-    let logs = tempfile::tempdir().expect("temp dir");
-    let (out_path, err_path) = (logs.path().join("stdout"), logs.path().join("stderr"));
-    let mut child = tokio::process::Command::new(&python)
-        .arg("test_e2b.py")
+    let mut cmd = tokio::process::Command::new(&python);
+    cmd.arg("test_e2b.py")
         .current_dir(script_dir())
         .env("E2B_API_KEY", &srv.token)
         .env("E2B_API_URL", &srv.url)
         .env("E2B_SANDBOX_URL", &srv.url)
         .env_remove("E2B_DOMAIN")
-        .env_remove("E2B_DEBUG")
-        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
-        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python runs");
-    let status = tokio::time::timeout(Duration::from_secs(240), child.wait()).await;
-    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
-    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
-    let status = match status {
-        Ok(status) => status.expect("python runs"),
-        Err(_) => panic!(
-            "the SDK script did not finish within 240 s\nstdout:\n{stdout}\nstderr:\n{stderr}\nserver log:\n{}",
-            srv.log()
-        ),
-    };
-    assert!(
-        status.success(),
-        "SDK script failed\nstdout:\n{stdout}\nstderr:\n{stderr}\nserver log:\n{}",
-        srv.log()
-    );
-    let seen: Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
-        .unwrap_or_else(|e| panic!("SDK script printed no JSON ({e}): {stdout}"));
+        .env_remove("E2B_DEBUG");
+    let seen = crate::scripts::run_json(cmd, "test_e2b.py", 240, &srv).await;
     let id = seen["id"].as_str().expect("sandbox id").to_string();
     assert_eq!(seen["running"], true, "{seen}");
     assert_eq!(seen["exit"], 3, "{seen}");
@@ -447,38 +388,15 @@ async fn envd_refuses_hostile_requests() {
 /// Run one SDK script from `tests/e2b` against `srv` (at most `secs`) and parse the JSON
 /// line it prints last.
 async fn run_script(python: &Path, srv: &TestServer, script: &str, secs: u64) -> Value {
-    let logs = tempfile::tempdir().expect("temp dir");
-    let (out_path, err_path) = (logs.path().join("stdout"), logs.path().join("stderr"));
-    let mut child = tokio::process::Command::new(python)
-        .arg(script)
+    let mut cmd = tokio::process::Command::new(python);
+    cmd.arg(script)
         .current_dir(script_dir())
         .env("E2B_API_KEY", &srv.token)
         .env("E2B_API_URL", &srv.url)
         .env("E2B_SANDBOX_URL", &srv.url)
         .env_remove("E2B_DOMAIN")
-        .env_remove("E2B_DEBUG")
-        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
-        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python runs");
-    let status = tokio::time::timeout(Duration::from_secs(secs), child.wait()).await;
-    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
-    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
-    let status = match status {
-        Ok(status) => status.expect("python runs"),
-        Err(_) => panic!(
-            "{script} did not finish within {secs} s\nstdout:\n{stdout}\nstderr:\n{stderr}\nserver log:\n{}",
-            srv.log()
-        ),
-    };
-    assert!(
-        status.success(),
-        "{script} failed\nstdout:\n{stdout}\nstderr:\n{stderr}\nserver log:\n{}",
-        srv.log()
-    );
-    serde_json::from_str(stdout.lines().last().unwrap_or(""))
-        .unwrap_or_else(|e| panic!("{script} printed no JSON ({e}): {stdout}"))
+        .env_remove("E2B_DEBUG");
+    crate::scripts::run_json(cmd, script, secs, srv).await
 }
 
 /// File watches through the Python SDK: the sync SDK's polling watcher (flat and
@@ -822,39 +740,16 @@ async fn the_e2b_python_sdk_works_with_e2b_domain_over_tls() {
     assert!(srv.url.starts_with("https://"), "{}", srv.url);
     let port = srv.url.rsplit(':').next().expect("port").to_string();
     let domain = format!("sandpit.localhost:{port}");
-    let logs = tempfile::tempdir().expect("temp dir");
-    let (out_path, err_path) = (logs.path().join("stdout"), logs.path().join("stderr"));
-    let mut child = tokio::process::Command::new(&python)
-        .arg("test_e2b_domain.py")
+    let mut cmd = tokio::process::Command::new(&python);
+    cmd.arg("test_e2b_domain.py")
         .current_dir(script_dir())
         .env("E2B_API_KEY", &srv.token)
         .env("E2B_DOMAIN", &domain)
         .env("SSL_CERT_FILE", &ca)
         .env_remove("E2B_API_URL")
         .env_remove("E2B_SANDBOX_URL")
-        .env_remove("E2B_DEBUG")
-        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
-        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python runs");
-    let status = tokio::time::timeout(Duration::from_secs(180), child.wait()).await;
-    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
-    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
-    let status = match status {
-        Ok(status) => status.expect("python runs"),
-        Err(_) => panic!(
-            "the SDK script did not finish within 180 s\nstdout:\n{stdout}\nstderr:\n{stderr}\nserver log:\n{}",
-            srv.log()
-        ),
-    };
-    assert!(
-        status.success(),
-        "SDK script failed\nstdout:\n{stdout}\nstderr:\n{stderr}\nserver log:\n{}",
-        srv.log()
-    );
-    let seen: Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
-        .unwrap_or_else(|e| panic!("SDK script printed no JSON ({e}): {stdout}"));
+        .env_remove("E2B_DEBUG");
+    let seen = crate::scripts::run_json(cmd, "test_e2b_domain.py", 180, &srv).await;
     let id = seen["id"].as_str().expect("sandbox id").to_string();
     assert_eq!(seen["domain"], domain.as_str(), "{seen}");
     assert_eq!(seen["whoami"], "user", "{seen}");

@@ -7,11 +7,10 @@
 //! Traffic stays on loopback (the server) and the test's own sandbox.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use sandpit_sdk::types::SandboxStatus;
 use sandpit_test_support::TestServer;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::bin;
 
@@ -29,38 +28,15 @@ async fn the_e2b_npm_sdk_works_unmodified() {
     );
     let srv = TestServer::start(bin()).await.expect("server starts");
     // The script's output goes to files, so a hang still shows how far it got.
-    let logs = tempfile::tempdir().expect("temp dir");
-    let (out_path, err_path) = (logs.path().join("stdout"), logs.path().join("stderr"));
-    let mut child = tokio::process::Command::new("node")
-        .arg("test_e2b.mjs")
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg("test_e2b.mjs")
         .current_dir(&dir)
         .env("E2B_API_KEY", &srv.token)
         .env("E2B_API_URL", &srv.url)
         .env("E2B_SANDBOX_URL", &srv.url)
         .env_remove("E2B_DOMAIN")
-        .env_remove("E2B_DEBUG")
-        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
-        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("node runs");
-    let status = tokio::time::timeout(Duration::from_secs(240), child.wait()).await;
-    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
-    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
-    let status = match status {
-        Ok(status) => status.expect("node runs"),
-        Err(_) => panic!(
-            "the SDK script did not finish within 240 s\nstdout:\n{stdout}\nstderr:\n{stderr}\nserver log:\n{}",
-            srv.log()
-        ),
-    };
-    assert!(
-        status.success(),
-        "SDK script failed\nstdout:\n{stdout}\nstderr:\n{stderr}\nserver log:\n{}",
-        srv.log()
-    );
-    let seen: Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
-        .unwrap_or_else(|e| panic!("SDK script printed no JSON ({e}): {stdout}"));
+        .env_remove("E2B_DEBUG");
+    let seen = crate::scripts::run_json(cmd, "test_e2b.mjs", 240, &srv).await;
     let id = seen["id"].as_str().expect("sandbox id").to_string();
     assert_eq!(seen["running"], true, "{seen}");
     assert_eq!(seen["exit"], 3, "{seen}");

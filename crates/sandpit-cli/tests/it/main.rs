@@ -26,6 +26,7 @@ mod previews;
 mod reliability;
 mod replicas;
 mod s3;
+mod scripts;
 mod security;
 mod soak;
 mod templates;

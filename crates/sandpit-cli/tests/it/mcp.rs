@@ -3,7 +3,7 @@
 //! a live server through `tests/mcp/test_mcp.py` over both transports, stdio (`sandpit mcp`)
 //! and streamable HTTP (`/mcp`); and the endpoint refuses hostile requests.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -17,42 +17,9 @@ fn script_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/mcp")
 }
 
-/// A venv with the pinned SDK, made once per requirements file (a stamp holds the
-/// requirements it was made from). Fails, with pip's output, if PyPI is out of reach. (The
-/// same approach as `e2b.rs`, in a venv of its own.)
+/// A venv with the pinned SDK (`tests/mcp/requirements.txt`).
 fn venv() -> PathBuf {
-    let reqs = std::fs::read_to_string(script_dir().join("requirements.txt"))
-        .expect("tests/mcp/requirements.txt");
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("mcp-venv");
-    let stamp = dir.join("sandpit-requirements.txt");
-    let python = dir.join("bin/python");
-    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(reqs.as_str()) && python.exists() {
-        return python;
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-    let made = std::process::Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&dir)
-        .output()
-        .expect("python3 runs");
-    assert!(
-        made.status.success(),
-        "python3 -m venv failed: {}",
-        String::from_utf8_lossy(&made.stderr)
-    );
-    let pip = std::process::Command::new(dir.join("bin/pip"))
-        .args(["install", "--disable-pip-version-check", "-q", "-r"])
-        .arg(script_dir().join("requirements.txt"))
-        .output()
-        .expect("pip runs");
-    assert!(
-        pip.status.success(),
-        "pip could not install the pinned mcp SDK (is PyPI reachable?)\nstdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&pip.stdout),
-        String::from_utf8_lossy(&pip.stderr)
-    );
-    std::fs::write(&stamp, &reqs).expect("write the venv stamp");
-    python
+    crate::scripts::python_venv("mcp-venv", &script_dir().join("requirements.txt"))
 }
 
 #[tokio::test]
@@ -69,37 +36,14 @@ async fn the_mcp_python_sdk_works_over_stdio_and_http() {
     let other = srv.client_with(other_token.token.as_deref().expect("secret"));
     let theirs = create(&other, base()).await;
 
-    let logs = tempfile::tempdir().expect("temp dir");
-    let (out_path, err_path) = (logs.path().join("stdout"), logs.path().join("stderr"));
-    let mut child = tokio::process::Command::new(&python)
-        .arg("test_mcp.py")
+    let mut cmd = tokio::process::Command::new(&python);
+    cmd.arg("test_mcp.py")
         .current_dir(script_dir())
         .env("SANDPIT_URL", &srv.url)
         .env("SANDPIT_TOKEN", &srv.token)
         .env("SANDPIT_BIN", bin())
-        .env("OTHER_SANDBOX", &theirs.id)
-        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
-        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python runs");
-    let status = tokio::time::timeout(Duration::from_secs(300), child.wait()).await;
-    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
-    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
-    let status = match status {
-        Ok(status) => status.expect("python runs"),
-        Err(_) => panic!(
-            "the MCP script did not finish within 300 s\nstdout:\n{stdout}\nstderr:\n{stderr}\nserver log:\n{}",
-            srv.log()
-        ),
-    };
-    assert!(
-        status.success(),
-        "MCP script failed\nstdout:\n{stdout}\nstderr:\n{stderr}\nserver log:\n{}",
-        srv.log()
-    );
-    let all: Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
-        .unwrap_or_else(|e| panic!("MCP script printed no JSON ({e}): {stdout}"));
+        .env("OTHER_SANDBOX", &theirs.id);
+    let all = crate::scripts::run_json(cmd, "test_mcp.py", 300, &srv).await;
     let tools = json!([
         "create_sandbox",
         "destroy",
