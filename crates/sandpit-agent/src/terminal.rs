@@ -22,7 +22,6 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -30,9 +29,9 @@ use std::time::{Duration, Instant, SystemTime};
 use pty_process::OwnedReadPty;
 use rustix::process::{Pid, Signal};
 use sandpit_agent_proto::{
-    AgentError, AgentErrorCode, DEFAULT_SCROLLBACK, ExitStatus, FrameKind, MAX_SCROLLBACK,
-    MAX_TERMINALS, MIN_SCROLLBACK, ProtoError, SignalRequest, TerminalCreate, TerminalInfo,
-    TerminalList, TerminalSize, validate_terminal_id,
+    AgentError, AgentErrorCode, DEFAULT_SCROLLBACK, ExecRequest, ExitStatus, FrameKind,
+    MAX_SCROLLBACK, MAX_TERMINALS, MIN_SCROLLBACK, ProtoError, SignalRequest, TerminalCreate,
+    TerminalInfo, TerminalList, TerminalSize, validate_terminal_id,
 };
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::process::{Child, ChildStderr, ChildStdout};
@@ -40,7 +39,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::sleep_until;
 
 use crate::conn::{Conn, agent_error};
-use crate::exec::{OUTPUT_CHUNK, PIPE_GRACE, check_cwd, check_env, exit_status, signal_from_raw};
+use crate::exec::{
+    OUTPUT_CHUNK, PIPE_GRACE, build_command, check_cwd, check_env, exit_status, signal_from_raw,
+};
 use crate::init::{DEFAULT_HOME, default_env};
 use crate::users::{self, Creds};
 
@@ -191,25 +192,20 @@ impl Terminals {
             spawn_failed(&format!("cannot run {name}"), e)
         };
         let term = if req.pipes {
-            let mut cmd = tokio::process::Command::new(&program);
-            cmd.args(&args)
-                .current_dir(&cwd)
-                .envs(default_env())
-                .envs(req.env.iter().map(|(k, v)| (k, v)))
-                .process_group(0)
-                .stdin(if req.stdin {
-                    Stdio::piped()
-                } else {
-                    Stdio::null()
-                })
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            if let Some(creds) = &creds {
-                if !req.env.iter().any(|(k, _)| k == "HOME") {
-                    cmd.env("HOME", &creds.home);
-                }
-                users::run_as(&mut cmd, creds);
-            }
+            // Spawned exactly as an `Exec` is (process group, pipes, user), the command
+            // already in argv form.
+            let mut cmd = build_command(&ExecRequest {
+                argv: Some(
+                    std::iter::once(program.clone())
+                        .chain(args.iter().cloned())
+                        .collect(),
+                ),
+                cwd: Some(cwd.clone()),
+                env: req.env.clone(),
+                stdin: req.stdin,
+                user: req.user.clone(),
+                ..Default::default()
+            })?;
             let mut child = cmd.spawn().map_err(|e| cant_run(&e))?;
             let pid = child.id().unwrap_or(0);
             // All three were asked for as pipes (stdin only with `req.stdin`).
