@@ -268,7 +268,7 @@ fn no_node() -> ApiError {
 }
 
 /// In an API replica: a request that names no sandbox but needs a node (template builds,
-/// deletions that remove a node's files, CodeSandbox creates). It goes to the node
+/// deletions that remove a node's files, CodeSandbox and E2B creates). It goes to the node
 /// placement chooses.
 fn needs_a_node(method: &axum::http::Method, path: &str) -> bool {
     use axum::http::Method;
@@ -279,6 +279,8 @@ fn needs_a_node(method: &axum::http::Method, path: &str) -> bool {
                 || path == "/v1/volumes"
                 || path == "/templates"
                 || path == "/sandbox"
+                // E2B creates, like CodeSandbox ones, run where they arrive.
+                || path == "/v2/sandboxes"
                 || template.is_some_and(|t| t.ends_with("/build") && t.matches('/').count() == 1)
         }
         Method::DELETE => {

@@ -451,11 +451,15 @@ async fn hostile_uploads_and_bodies_are_refused_or_reaped() {
     let id = sb.id.clone();
     let mut tried = 0;
     let files_in_home = |client: Client, id: String| async move {
-        sh(&client, &id, "ls -A /home | grep -v -e '^keep$' -e '^user$' | wc -l")
-            .await
-            .stdout
-            .trim()
-            .to_string()
+        sh(
+            &client,
+            &id,
+            "ls -A /home | grep -v -e '^keep$' -e '^user$' | wc -l",
+        )
+        .await
+        .stdout
+        .trim()
+        .to_string()
     };
     let rss_before = srv.rss_bytes().unwrap();
 

@@ -396,3 +396,76 @@ async fn an_api_replica_killed_mid_create_or_fork_loses_and_doubles_nothing() {
     }
     assert!(node.leaks().is_empty(), "{:?}", node.leaks());
 }
+
+/// The E2B Python SDK through an API replica: its creates go to a node, and every envd call
+/// (commands, files, a process kept across a pause) is relayed to the sandbox's node.
+#[tokio::test]
+async fn the_e2b_sdk_works_through_an_api_replica() {
+    let python = tokio::task::spawn_blocking(|| {
+        crate::scripts::python_venv(
+            "e2b-venv",
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2b/requirements.txt"),
+        )
+    })
+    .await
+    .expect("venv");
+    let shared_dir = tempfile::tempdir().unwrap();
+    let sqlite = std::env::var_os("SANDPIT_E2E_POSTGRES")
+        .is_none()
+        .then(|| format!("sqlite://{}", shared_dir.path().join("fleet.db").display()));
+    let node = TestServer::start_command(bin(), "node", {
+        let sqlite = sqlite.clone();
+        move |_| {
+            let mut env = vec![
+                ("SANDPIT_NODE_NAME".to_string(), "node-1".to_string()),
+                ("SANDPIT_NODE_SECRET".to_string(), SECRET.to_string()),
+                ("SANDPIT_NODE_LEASE".to_string(), "3s".to_string()),
+            ];
+            env.extend(sqlite.map(|db| ("SANDPIT_DATABASE".to_string(), db)));
+            env
+        }
+    })
+    .await
+    .unwrap();
+    let shared = node
+        .database
+        .as_ref()
+        .map(|d| d.url.clone())
+        .or(sqlite)
+        .unwrap();
+    let replica = TestServer::start_with(
+        bin(),
+        &[
+            ("SANDPIT_API_ONLY", "true"),
+            ("SANDPIT_DATABASE", &shared),
+            ("SANDPIT_NODE_SECRET", SECRET),
+            ("SANDPIT_NODE_NAME", "api-1"),
+        ],
+    )
+    .await
+    .unwrap();
+    let mut cmd = tokio::process::Command::new(&python);
+    cmd.arg("test_e2b_fleet.py")
+        .current_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2b"))
+        .env("E2B_API_KEY", &node.token)
+        .env("E2B_API_URL", &replica.url)
+        .env("E2B_SANDBOX_URL", &replica.url)
+        .env_remove("E2B_DOMAIN")
+        .env_remove("E2B_DEBUG");
+    let seen = crate::scripts::run_json(cmd, "test_e2b_fleet.py", 240, &replica).await;
+    let id = seen["id"].as_str().expect("sandbox id").to_string();
+    assert_eq!(seen["run"], "relayed", "{seen}");
+    assert_eq!(seen["read"], "through the replica", "{seen}");
+    assert_eq!(seen["beats"], 3, "{seen}");
+    assert_eq!(seen["listed"], true, "{seen}");
+    assert_eq!(seen["paused"], true, "{seen}");
+    assert_eq!(seen["resumedRead"], "through the replica", "{seen}");
+    assert_eq!(seen["keptProcess"], true, "{seen}");
+    assert_eq!(seen["listedIds"], serde_json::json!([id]), "{seen}");
+    // The sandbox ran on the node; the replica ran nothing.
+    assert!(replica.leaks().is_empty(), "{:?}", replica.leaks());
+    assert_eq!(
+        node.client().get_sandbox(&id).await.unwrap().status,
+        SandboxStatus::Destroyed
+    );
+}

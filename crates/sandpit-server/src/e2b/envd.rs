@@ -79,9 +79,72 @@ pub async fn route(State(server): State<Arc<Server>>, req: Request, next: Next) 
         ))
         .into_response();
     }
+    // In a fleet, envd answers on the sandbox's node: a request that arrives at another
+    // server (or an API replica) is relayed there once its envd token checks out; a relayed
+    // one is answered here.
+    if let Some(secret) = server.cfg.node_secret.clone()
+        && !crate::forward::is_relayed(&secret, &req)
+    {
+        match owner_elsewhere(&server, req.headers()).await {
+            Ok(Some(address)) => {
+                let pq = req
+                    .uri()
+                    .path_and_query()
+                    .map(|p| p.as_str().to_string())
+                    .unwrap_or_default();
+                return crate::forward::relay(&server, &secret, req, &address, &pq)
+                    .await
+                    .unwrap_or_else(|e| E2bError(e).into_response());
+            }
+            Ok(None) => {}
+            Err(e) => return E2bError(e).into_response(),
+        }
+    }
     match router().with_state(server).oneshot(req).await {
         Ok(resp) => resp,
         Err(never) => match never {},
+    }
+}
+
+/// The address of the node an envd request belongs on, when that is not this server. The
+/// envd token is checked first: nothing is relayed for a request that could not be
+/// answered. Errors are those [`authorize`] gives (here before any relay).
+async fn owner_elsewhere(
+    server: &Arc<Server>,
+    headers: &HeaderMap,
+) -> Result<Option<String>, ApiError> {
+    let Some(id) = headers
+        .get(SANDBOX_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| valid_id(id))
+    else {
+        // `authorize` answers it.
+        return Ok(None);
+    };
+    let Some(token) = headers
+        .get("x-access-token")
+        .and_then(|v| v.to_str().ok())
+        .filter(|t| !t.is_empty() && t.len() <= 256)
+    else {
+        return Ok(None);
+    };
+    if !server
+        .store
+        .e2b()
+        .token_valid(id, &hash_token(token))
+        .await?
+    {
+        return Ok(None);
+    }
+    let Some(row) = server.store.sandboxes.get(id).await? else {
+        return Ok(None);
+    };
+    if row.status == Status::Destroyed || server.is_mine(&row) {
+        return Ok(None);
+    }
+    match crate::forward::route_of(server, &row).await? {
+        crate::forward::Route::Here => Ok(None),
+        crate::forward::Route::Relay(address) => Ok(Some(address)),
     }
 }
 
