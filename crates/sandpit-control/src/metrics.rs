@@ -84,6 +84,9 @@ pub struct Metrics {
     pub build_steps: Family<ResultLabels, Counter>,
     /// Sandboxes the liveness watch found dead and settled.
     pub liveness_settlements: Counter,
+    /// Restored agents that did not answer and were restarted (memory kept; the agent's
+    /// terminals and processes are lost).
+    pub agent_restarts: Counter,
     /// Requests refused with 429, by error code.
     pub rate_limited: Family<CodeLabels, Counter>,
     pub sandboxes: Family<SandboxLabels, Gauge>,
@@ -110,6 +113,7 @@ impl Metrics {
             builds: Family::new_with_constructor(build_seconds),
             build_steps: Family::default(),
             liveness_settlements: Counter::default(),
+            agent_restarts: Counter::default(),
             rate_limited: Family::default(),
             sandboxes: Family::default(),
             pool_size: Gauge::default(),
@@ -150,6 +154,11 @@ impl Metrics {
             "liveness_settlements",
             "Running sandboxes the liveness watch found dead and settled",
             m.liveness_settlements.clone(),
+        );
+        registry.register(
+            "agent_restarts",
+            "Restored agents that did not answer and were restarted",
+            m.agent_restarts.clone(),
         );
         registry.register(
             "rate_limit_refusals",
@@ -299,7 +308,7 @@ mod tests {
             .filter_map(|l| l.strip_prefix("# TYPE "))
             .filter_map(|l| l.split(' ').next())
             .collect();
-        assert_eq!(exported.len(), 12, "{exported:?}");
+        assert_eq!(exported.len(), 13, "{exported:?}");
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../deploy/grafana/sandpit.json");
         #[expect(

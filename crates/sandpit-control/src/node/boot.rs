@@ -480,6 +480,7 @@ pub(super) async fn wait_restored_agent(
         Ok(0) | Err(_) => return Err(first),
         Ok(_) => {}
     }
+    node.metrics.agent_restarts.inc();
     agent.wait_ready(half).await?;
     tracing::info!(sandbox = %row.id, "the restarted agent answers; memory kept");
     Ok(())
