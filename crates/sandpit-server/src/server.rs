@@ -246,8 +246,8 @@ impl Server {
     }
 
     /// Start the node's reaper (timeouts, idle suspends, the liveness watch) and the edge's
-    /// own housekeeping (forgetting refilled rate-limit state; hourly garbage collection of
-    /// unreferenced layers, [`crate::gc`]). All stop with `shutdown`.
+    /// own housekeeping (forgetting refilled rate-limit state and the E2B processes of gone
+    /// sandboxes; hourly garbage collection of unreferenced layers, [`crate::gc`]). All stop with `shutdown`.
     pub fn spawn_reaper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let reaper = self.node.spawn_reaper();
         let gc = crate::gc::spawn(self);
@@ -257,7 +257,10 @@ impl Server {
             loop {
                 tokio::select! {
                     _ = server.shutdown.cancelled() => break,
-                    _ = tick.tick() => server.limits.prune(),
+                    _ = tick.tick() => {
+                        server.limits.prune();
+                        server.e2b_processes.prune(&server.store).await;
+                    }
                 }
             }
             let _ = reaper.await;

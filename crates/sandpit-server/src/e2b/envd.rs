@@ -716,6 +716,24 @@ impl Processes {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), ProcMeta>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Forget the processes of sandboxes that are gone (destroyed, or their row removed):
+    /// nothing else does for a sandbox that ended with no stream open and was never asked
+    /// about again. Run by the server's housekeeping.
+    pub async fn prune(&self, store: &sandpit_control::store::Store) {
+        let sandboxes: std::collections::BTreeSet<String> =
+            self.lock().keys().map(|(s, _)| s.clone()).collect();
+        for id in sandboxes {
+            let gone = match store.sandboxes.get(&id).await {
+                Ok(row) => row.is_none_or(|r| r.status == Status::Destroyed),
+                // Asked again at the next round.
+                Err(_) => false,
+            };
+            if gone {
+                self.lock().retain(|(s, _), _| *s != id);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1354,5 +1372,31 @@ mod tests {
     fn permissions_render() {
         assert_eq!(permissions(EntryKind::File, 0o644), "-rw-r--r--");
         assert_eq!(permissions(EntryKind::Dir, 0o755), "drwxr-xr-x");
+    }
+}
+
+#[cfg(test)]
+mod prune_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn processes_of_sandboxes_without_a_row_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = sandpit_control::store::Store::open_sqlite(&dir.path().join("t.db"))
+            .await
+            .unwrap();
+        let procs = Processes::default();
+        for tid in ["e2b-1", "e2b-2"] {
+            procs.lock().insert(
+                ("sb0000000000000001".into(), tid.into()),
+                ProcMeta {
+                    config: json!({}),
+                    tag: None,
+                    input: None,
+                },
+            );
+        }
+        procs.prune(&store).await;
+        assert!(procs.lock().is_empty());
     }
 }
