@@ -2,8 +2,11 @@
 //! a JSON body out; server streams take one 5-byte-framed message and answer with framed
 //! messages and an end-of-stream frame (flag 0x02).
 
+use std::convert::Infallible;
+use std::time::Duration;
+
 use axum::body::Bytes;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
@@ -106,6 +109,43 @@ pub fn end_frame(error: Option<&ConnectError>) -> Bytes {
             None => json!({}),
         },
     )
+}
+
+/// What a client asked of a server stream's timing: keep-alive messages every
+/// `Keepalive-Ping-Interval` seconds (default 50, 1 s to 1 h) and an end after
+/// `Connect-Timeout-Ms` (1 ms to 24 h; none when absent).
+pub struct StreamTiming {
+    pub keepalive: Duration,
+    pub deadline: Option<Duration>,
+}
+
+impl StreamTiming {
+    pub fn of(headers: &HeaderMap) -> StreamTiming {
+        let number = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        StreamTiming {
+            keepalive: Duration::from_secs(
+                number("keepalive-ping-interval")
+                    .unwrap_or(50)
+                    .clamp(1, 3600),
+            ),
+            deadline: number("connect-timeout-ms")
+                .map(|ms| Duration::from_millis(ms.clamp(1, 86_400_000))),
+        }
+    }
+}
+
+/// A server stream's answer: the frames `rx` yields, as they come.
+pub fn stream_body(rx: tokio::sync::mpsc::Receiver<Result<Bytes, Infallible>>) -> Response {
+    let mut resp = axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .into_response();
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(STREAM_TYPE));
+    resp
 }
 
 /// A stream answer that fails at once (Connect streams answer errors in the end frame,

@@ -789,13 +789,6 @@ struct Selector {
     tag: Option<String>,
 }
 
-fn header_secs(headers: &HeaderMap, name: &str) -> Option<u64> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-}
-
 /// A fresh terminal id for a process.
 fn new_proc_id() -> String {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -1004,13 +997,10 @@ fn stream_process(
     live: sandpit_control::live::ConnGuard,
     headers: &HeaderMap,
 ) -> Response {
-    let keepalive = Duration::from_secs(
-        header_secs(headers, "keepalive-ping-interval")
-            .unwrap_or(50)
-            .clamp(1, 3600),
-    );
-    let timeout =
-        header_secs(headers, "connect-timeout-ms").map(|t| Duration::from_millis(t.max(1)));
+    let connect::StreamTiming {
+        keepalive,
+        deadline: timeout,
+    } = connect::StreamTiming::of(headers);
     let (in_tx, mut in_rx) = mpsc::channel::<ProcInput>(16);
     if let Some(meta) = server
         .e2b_processes
@@ -1132,13 +1122,7 @@ fn stream_process(
             StreamEnd::ClientGone => {}
         }
     });
-    let mut resp =
-        Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(body_rx)).into_response();
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(connect::STREAM_TYPE),
-    );
-    resp
+    connect::stream_body(body_rx)
 }
 
 async fn list_processes(server: &Arc<Server>, envd: &Envd) -> Result<Value, ConnectError> {

@@ -29,9 +29,9 @@ use std::future::Future;
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use axum::body::{Body, Bytes};
-use axum::http::{HeaderMap, HeaderValue, header};
-use axum::response::{IntoResponse, Response};
+use axum::body::Bytes;
+use axum::http::HeaderMap;
+use axum::response::Response;
 use sandpit_agent_proto::{self as proto, EntryKind, WatchEvent, WatchEventKind, WatchRequest};
 use sandpit_control::agent::AgentFailure;
 use sandpit_control::agent_watch::AgentWatch;
@@ -98,13 +98,10 @@ pub(super) async fn watch_dir(
     headers: &HeaderMap,
 ) -> Result<Response, ConnectError> {
     let m: WatchMsg = connect::parse(msg)?;
-    let deadline = header_u64(headers, "connect-timeout-ms")
-        .map(|ms| Duration::from_millis(ms.clamp(1, 86_400_000)));
-    let keepalive = Duration::from_secs(
-        header_u64(headers, "keepalive-ping-interval")
-            .unwrap_or(50)
-            .clamp(1, 3600),
-    );
+    let connect::StreamTiming {
+        keepalive,
+        deadline,
+    } = connect::StreamTiming::of(headers);
     let slot = Slot::reserve(envd.sb.id(), Kind::Stream)?;
     let (root, agent_watch, live) = open(server, &envd, &m).await?;
     let (body_tx, body_rx) = mpsc::channel::<Result<Bytes, Infallible>>(16);
@@ -155,13 +152,7 @@ pub(super) async fn watch_dir(
         };
         let _ = body_tx.send(Ok(connect::end_frame(error.as_ref()))).await;
     });
-    let mut resp =
-        Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(body_rx)).into_response();
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(connect::STREAM_TYPE),
-    );
-    Ok(resp)
+    Ok(connect::stream_body(body_rx))
 }
 
 // ---- requests ----
@@ -180,13 +171,6 @@ struct WatchMsg {
 struct WatcherMsg {
     #[serde(alias = "watcher_id", rename = "watcherId")]
     watcher_id: String,
-}
-
-fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
 }
 
 async fn sleep_or_forever(d: Option<Duration>) {
