@@ -527,20 +527,9 @@ impl Terminal {
     }
 
     /// The exit status of a reaped process.
-    fn reaped(&self, r: std::io::Result<std::process::ExitStatus>) -> ExitStatus {
+    fn reaped(&self, st: std::process::ExitStatus) -> ExitStatus {
         self.lock().pgid = None;
-        match r {
-            Ok(st) => exit_status(st, false, self.started.elapsed()),
-            Err(e) => {
-                log!("terminal {}: wait: {e}", self.id);
-                ExitStatus {
-                    exit_code: -1,
-                    signal: None,
-                    timed_out: false,
-                    duration_ms: self.started.elapsed().as_millis() as u64,
-                }
-            }
-        }
+        exit_status(st, false, self.started.elapsed())
     }
 
     /// Record the exit (after the last output) and let go of the descriptors.
@@ -561,6 +550,7 @@ async fn supervise(term: Arc<Terminal>, mut pty: OwnedReadPty, mut child: Child)
     let mut buf = vec![0u8; READ_CHUNK];
     let mut reading = true;
     let mut status: Option<ExitStatus> = None;
+    let mut waiting = true;
     let mut grace_end = tokio::time::Instant::now();
     let mut poke = tokio::time::interval(POKE);
     poke.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -575,7 +565,7 @@ async fn supervise(term: Arc<Terminal>, mut pty: OwnedReadPty, mut child: Child)
                 }
                 None
             }
-            r = child.wait(), if status.is_none() => Some(r),
+            r = child.wait(), if status.is_none() && waiting => waited(&term, r, &mut waiting),
             _ = poke.tick() => {
                 // A terminal lives across checkpoints, and after a gVisor restore a
                 // descriptor registered with epoll before the checkpoint was seen never to
@@ -584,7 +574,7 @@ async fn supervise(term: Arc<Terminal>, mut pty: OwnedReadPty, mut child: Child)
                     term.push(Stream::Out, &buf[..n]);
                 }
                 match child.try_wait() {
-                    Ok(Some(st)) if status.is_none() => Some(Ok(st)),
+                    Ok(Some(st)) if status.is_none() => Some(st),
                     _ => None,
                 }
             }
@@ -610,6 +600,7 @@ async fn supervise_pipes(
     let mut ebuf = vec![0u8; READ_CHUNK];
     let (mut out_open, mut err_open) = (true, true);
     let mut status: Option<ExitStatus> = None;
+    let mut waiting = true;
     let mut grace_end = tokio::time::Instant::now();
     let mut poke = tokio::time::interval(POKE);
     poke.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -623,7 +614,7 @@ async fn supervise_pipes(
                 err_open = took(&term, Stream::Err, r, &ebuf);
                 None
             }
-            r = child.wait(), if status.is_none() => Some(r),
+            r = child.wait(), if status.is_none() && waiting => waited(&term, r, &mut waiting),
             _ = poke.tick() => {
                 // As in `supervise`: after a restore, look without epoll now and then.
                 for (open, stream, buf) in
@@ -634,7 +625,7 @@ async fn supervise_pipes(
                     }
                 }
                 match child.try_wait() {
-                    Ok(Some(st)) if status.is_none() => Some(Ok(st)),
+                    Ok(Some(st)) if status.is_none() => Some(st),
                     _ => None,
                 }
             }
@@ -646,6 +637,28 @@ async fn supervise_pipes(
         }
     }
     term.finish(status);
+}
+
+/// What one `child.wait()` gave. An error is not an exit: tokio waits on a pidfd through
+/// epoll, and after a gVisor restore re-registering it can fail while the process runs on
+/// (seen as a live E2B process reported exited with -1 after a resume). The supervisor then
+/// stops waiting that way and the poke's `try_wait` (a plain `waitpid`) sees the exit.
+fn waited(
+    term: &Terminal,
+    r: std::io::Result<std::process::ExitStatus>,
+    waiting: &mut bool,
+) -> Option<std::process::ExitStatus> {
+    match r {
+        Ok(st) => Some(st),
+        Err(e) => {
+            log!(
+                "terminal {}: wait: {e}; polling for the exit instead",
+                term.id
+            );
+            *waiting = false;
+            None
+        }
+    }
 }
 
 /// Keep what one read of `stream` gave; whether the stream is still open.

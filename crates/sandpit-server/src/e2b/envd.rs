@@ -809,6 +809,7 @@ async fn live_processes(
         .filter(|t| t.id.starts_with(PROC_PREFIX))
         .partition(|t| t.exit_code.is_none());
     for t in &exited {
+        tracing::debug!(sandbox, process = %t.id, pid = t.pid, exit_code = ?t.exit_code, "envd process exited; forgotten");
         // Gone already (another request removed it): nothing to do.
         let _ = agent.terminal_kill(&t.id, None).await;
     }
