@@ -1,6 +1,7 @@
 //! `sandpit`: the server (`sandpit serve`) and a client for its API (`sandpit sandbox ...`).
 
 mod commands;
+mod dev_ca;
 mod objects;
 mod tls;
 
@@ -47,6 +48,9 @@ enum Command {
     Nodes(commands::nodes::NodesArgs),
     /// Remove layers, build cache entries and deleted templates' files nothing references.
     Gc(commands::gc::GcArgs),
+    /// TLS for development: a local CA (`sandpit serve --tls-dev-ca DIR` makes it too).
+    #[command(subcommand)]
+    Tls(commands::tls::TlsCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -62,6 +66,7 @@ fn main() -> std::process::ExitCode {
             Command::Cleanup(args) => commands::cleanup::run(args).await.map(|_| 0),
             Command::Nodes(args) => commands::nodes::run(args).await,
             Command::Gc(args) => commands::gc::run(args).await,
+            Command::Tls(cmd) => commands::tls::run(cmd),
             Command::Mcp(args) => commands::mcp::run(args).await,
             Command::Openapi => {
                 println!("{}", sandpit_server::openapi().to_pretty_json()?);

@@ -290,6 +290,20 @@ impl TestServer {
         Self::start_full(bin, "serve", |_| env, Some(ca.to_path_buf())).await
     }
 
+    /// Start `bin serve` with extra environment (its own TLS settings among them), its
+    /// clients trusting `ca` (which must exist before the start).
+    pub async fn start_trusting(
+        bin: &Path,
+        ca: &Path,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<TestServer> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self::start_full(bin, "serve", |_| env, Some(ca.to_path_buf())).await
+    }
+
     /// Start `bin <command>` (`serve` or `node`) with extra environment computed from the
     /// reservation index.
     pub async fn start_command(

@@ -8,4 +8,5 @@ pub mod sandbox;
 pub mod serve;
 pub mod shell;
 pub mod template;
+pub mod tls;
 pub mod volume;

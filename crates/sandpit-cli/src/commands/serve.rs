@@ -229,6 +229,12 @@ pub struct ServeArgs {
     /// The certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1). With --tls-cert.
     #[arg(long, env = "SANDPIT_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Serve HTTPS with a development CA kept in this directory (made on first use, e.g.
+    /// /var/lib/sandpit/tls): a server certificate for localhost, this host's name, the
+    /// listen address and the preview domain with its subdomains is made from it, again when
+    /// those names change. Clients trust DIR/ca.pem. Not with --tls-cert.
+    #[arg(long, env = "SANDPIT_TLS_DEV_CA", value_name = "DIR", conflicts_with_all = ["tls_cert", "tls_key"])]
+    tls_dev_ca: Option<PathBuf>,
 }
 
 /// A size that must be given (no `off`).
@@ -372,13 +378,25 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Relays between the fleet's servers are plain HTTP (`forward.rs`), so a member that
     // speaks only TLS could not be relayed to.
     anyhow::ensure!(
-        args.tls_cert.is_none() || args.node_secret.is_none(),
+        (args.tls_cert.is_none() && args.tls_dev_ca.is_none()) || args.node_secret.is_none(),
         "--tls-cert with --node-secret: the fleet's servers relay to one another over plain \
          HTTP; terminate TLS in front of a fleet (a proxy), or serve TLS from a single server"
     );
     // Checked before anything starts: a bad certificate or key stops here, with the reason.
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(crate::tls::load(cert, key)?),
+    let tls = match (&args.tls_cert, &args.tls_key, &args.tls_dev_ca) {
+        (Some(cert), Some(key), _) => Some(crate::tls::load(cert, key)?),
+        (_, _, Some(dir)) => {
+            let names = crate::dev_ca::names_for(&args.listen, &args.preview_domain);
+            let (files, made) = crate::dev_ca::ensure(dir, &names)
+                .with_context(|| format!("--tls-dev-ca {}", dir.display()))?;
+            if made.ca {
+                tracing::warn!(ca = %files.ca_cert.display(), "made a new development CA; {}", crate::dev_ca::trust_hint(&files));
+            }
+            if made.server {
+                tracing::info!(cert = %files.server_cert.display(), ?names, "made a server certificate from the development CA");
+            }
+            Some(crate::tls::load(&files.server_cert, &files.server_key)?)
+        }
         _ => None,
     };
     let node_address = args

@@ -1,5 +1,6 @@
 //! `sandpit serve --tls-cert --tls-key`: the API, a streamed response and a WebSocket upgrade
-//! (a terminal attachment) over HTTPS, with a test CA. The E2B SDK over TLS is in `e2b.rs`.
+//! (a terminal attachment) over HTTPS, with a test CA; `--tls-dev-ca`. The E2B SDK over TLS is
+//! in `e2b.rs`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -225,4 +226,93 @@ async fn the_api_streams_and_websockets_work_over_tls() {
         .await
         .expect("sent");
     assert!(resp.status().is_success(), "{}", resp.status());
+}
+
+/// `sandpit tls dev-ca` then `sandpit serve --tls-dev-ca`: the CA made ahead is kept, the
+/// API and a preview host answer over HTTPS to a client trusting only `ca.pem`, a client
+/// trusting nothing is refused, and the flag does not go with `--tls-cert`.
+#[tokio::test]
+async fn the_development_ca_serves_the_api_and_previews() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("tls");
+    let out = std::process::Command::new(bin())
+        .args(["tls", "dev-ca"])
+        .arg(&dir)
+        .args([
+            "--listen",
+            "127.0.0.1:7878",
+            "--preview-domain",
+            "sandpit.localhost",
+        ])
+        .output()
+        .expect("sandpit tls dev-ca runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout.contains("made ") && stdout.contains("ca.pem"),
+        "{stdout}"
+    );
+    let ca = dir.join("ca.pem");
+    let ca_before = std::fs::read(&ca).expect("ca.pem");
+    let dir_s = dir.display().to_string();
+    let srv = TestServer::start_trusting(
+        bin(),
+        &ca,
+        &[
+            ("SANDPIT_TLS_DEV_CA", dir_s.as_str()),
+            ("SANDPIT_PREVIEW_DOMAIN", "sandpit.localhost"),
+        ],
+    )
+    .await
+    .expect("server starts");
+    // The same CA, and the same names: nothing made again.
+    assert_eq!(std::fs::read(&ca).expect("ca.pem"), ca_before);
+    assert!(
+        !srv.log().contains("made a new development CA")
+            && !srv.log().contains("made a server certificate"),
+        "{}",
+        srv.log()
+    );
+    let addr = srv.url.trim_start_matches("https://").to_string();
+    let sock: std::net::SocketAddr = addr.parse().expect("address");
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca_before).expect("CA"))
+        .resolve("sb0123456789abcdef-8080.sandpit.localhost", sock)
+        .build()
+        .expect("client");
+    let resp = http
+        .get(format!("{}/v1/sandboxes", srv.url))
+        .header("Authorization", format!("Bearer {}", srv.token))
+        .send()
+        .await
+        .expect("the API over HTTPS");
+    assert_eq!(resp.status(), StatusCode::OK);
+    // A preview host: the handshake passes (the wildcard), the preview proxy answers.
+    let resp = http
+        .get(format!(
+            "https://sb0123456789abcdef-8080.sandpit.localhost:{}/",
+            sock.port()
+        ))
+        .send()
+        .await
+        .expect("a preview host over HTTPS");
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND, "no such sandbox");
+    // Trusting only the platform's roots: refused.
+    let untrusting = reqwest::Client::new()
+        .get(format!("{}/healthz", srv.url))
+        .send()
+        .await;
+    assert!(untrusting.is_err(), "{untrusting:?}");
+
+    let out = std::process::Command::new(bin())
+        .args(["serve", "--tls-dev-ca"])
+        .arg(&dir)
+        .args(["--tls-cert", "a.pem", "--tls-key", "a.key"])
+        .output()
+        .expect("sandpit serve runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("cannot be used with"),
+        "{stderr}"
+    );
 }
