@@ -74,6 +74,13 @@ pub struct ServeArgs {
     /// different prefixes and pools.
     #[arg(long, env = "SANDPIT_PREFIX", default_value = "sp")]
     prefix: String,
+    /// The cgroup sandboxes are placed under (`<this>/<sandbox>`, in every hierarchy).
+    /// Relative (default `sandpit-<prefix>`): below the server's own cgroup. Starting with
+    /// `/`: from the hierarchy's root, outside the server's: what a systemd service on
+    /// cgroup v2 needs (`deploy/systemd/sandpit.service` gives `/sandpit`), since there a
+    /// cgroup that holds the server's process cannot hand its controllers to children.
+    #[arg(long, env = "SANDPIT_CGROUP_PARENT", value_parser = parse_cgroup_parent)]
+    cgroup_parent: Option<String>,
     /// This node's name in the fleet (`sandpit nodes`): 1-63 characters [a-z0-9-]. Default:
     /// the host name, lowercased, other characters as `-`.
     #[arg(long, env = "SANDPIT_NODE_NAME")]
@@ -644,10 +651,38 @@ fn node_backends(
             runsc: args.runsc.clone(),
             root_dir: args.data_dir.join("runsc"),
             platform: args.platform.clone(),
-            cgroup_parent: format!("sandpit-{}", args.prefix),
+            cgroup_parent: args
+                .cgroup_parent
+                .clone()
+                .unwrap_or_else(|| format!("sandpit-{}", args.prefix)),
             debug_log_dir: None,
         })?;
     Ok((runtime, net, runsc_build))
+}
+
+/// `--cgroup-parent`: path components of letters, digits, '-', '_', '.' and '@' (no `..`),
+/// relative or absolute.
+fn parse_cgroup_parent(s: &str) -> Result<String, String> {
+    let s = s.trim_end_matches('/');
+    let rest = s.strip_prefix('/').unwrap_or(s);
+    let ok = !rest.is_empty()
+        && s.len() <= 256
+        && rest.split('/').all(|c| {
+            !c.is_empty()
+                && c != "."
+                && c != ".."
+                && c.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b))
+        });
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(
+            "a cgroup path: components of letters, digits, '-', '_', '.', '@' (no '..'), \
+             e.g. /sandpit or sandpit-sp"
+                .to_string(),
+        )
+    }
 }
 
 /// Join the fleet as a node: a lease renewed with this node's load (`sandpit nodes`), a
@@ -760,6 +795,24 @@ fn node_name_from_host(host: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cgroup_parents_are_plain_paths() {
+        for good in [
+            "/sandpit",
+            "sandpit-sp",
+            "/system.slice/sandpit@1/",
+            "a_b.c",
+        ] {
+            assert!(parse_cgroup_parent(good).is_ok(), "{good}");
+        }
+        assert_eq!(parse_cgroup_parent("/sandpit/").unwrap(), "/sandpit");
+        for bad in [
+            "", "/", "/a/../b", "..", "a//b", "a b", "a\nb", "/a/./b", "x$y",
+        ] {
+            assert!(parse_cgroup_parent(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn the_default_node_name_is_kept_in_the_data_dir() {

@@ -414,6 +414,60 @@ fn cgroup_limits(srv: &sandpit_test_support::TestServer, id: &str) -> (Option<u6
     (memory, cpu)
 }
 
+/// `--cgroup-parent /…` (what the systemd unit gives): a sandbox's cgroups are made under
+/// that path from each hierarchy's root, outside the server's own, carry its limits, and go
+/// with it.
+#[tokio::test]
+async fn sandboxes_go_under_an_absolute_cgroup_parent() {
+    let parent = format!("sandpit-it-{}", std::process::id());
+    let srv = sandpit_test_support::TestServer::start_with(
+        crate::bin(),
+        &[("SANDPIT_CGROUP_PARENT", format!("/{parent}").as_str())],
+    )
+    .await
+    .expect("server starts");
+    let c = srv.client();
+    let sb = create(&c, crate::base()).await;
+    let id = sb.id.as_str();
+    assert_eq!(sh(&c, id, "echo ok").await.stdout, "ok\n");
+    let dirs = |name: &str| {
+        let out = std::process::Command::new("find")
+            .args([
+                "/sys/fs/cgroup",
+                "-maxdepth",
+                "8",
+                "-type",
+                "d",
+                "-name",
+                name,
+            ])
+            .output()
+            .expect("find runs");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let own = dirs(&format!("{}-{id}", srv.prefix));
+    assert!(!own.is_empty(), "no cgroup of the sandbox");
+    for d in &own {
+        assert!(
+            d.ends_with(&format!("/{parent}/{}-{id}", srv.prefix))
+                && d.split('/').filter(|c| *c == parent).count() == 1,
+            "{d} is not right under /{parent} of its hierarchy"
+        );
+    }
+    assert_eq!(cgroup_limits(&srv, id), (Some(1 << 30), Some(1000)));
+    c.destroy_sandbox(id).await.expect("destroy");
+    assert!(
+        dirs(&format!("{}-{id}", srv.prefix)).is_empty(),
+        "the sandbox's cgroups outlived it"
+    );
+    for d in dirs(&parent) {
+        let _ = std::fs::remove_dir(d);
+    }
+}
+
 /// A running sandbox resized through the API gets its new CPU and memory limits at once
 /// (same processes, same memory) and its disk grown; shrinking keeps the larger disk.
 #[tokio::test]
