@@ -49,6 +49,8 @@ use rules::Tables;
 
 /// Where `ip netns` keeps named namespaces.
 pub const NETNS_DIR: &str = "/var/run/netns";
+/// Slots detached at once by [`Network::teardown`].
+pub const TEARDOWN_PARALLEL: usize = 16;
 
 /// Configuration of a [`Network`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -502,20 +504,28 @@ impl Network {
     }
 
     /// Detaches every slot found by [`Network::list_slots`] and deletes the nftables table.
+    /// The table goes first, whole (one transaction, where detaching would edit it once per
+    /// slot); then the slots' veths and namespaces, [`TEARDOWN_PARALLEL`] at a time.
     pub async fn teardown(&self) -> Result<(), NetError> {
+        use futures::StreamExt;
         let mut first_err = None;
-        for slot in self.list_slots().await? {
-            if let Err(e) = self.detach(slot).await {
-                tracing::warn!(slot, error = %e, "teardown: detach failed");
-                first_err.get_or_insert(e);
-            }
-        }
+        let slots = self.list_slots().await?;
         if self.table_exists().await? {
             let script = format!("delete table inet {}\n", self.tables.table);
             if let Err(e) = nft_script(&script).await {
                 first_err.get_or_insert(e);
             }
         }
+        let mut detached = futures::stream::iter(slots)
+            .map(|slot| async move { (slot, self.detach(slot).await) })
+            .buffer_unordered(TEARDOWN_PARALLEL);
+        while let Some((slot, r)) = detached.next().await {
+            if let Err(e) = r {
+                tracing::warn!(slot, error = %e, "teardown: detach failed");
+                first_err.get_or_insert(e);
+            }
+        }
+        drop(detached);
         first_err.map_or(Ok(()), Err)
     }
 

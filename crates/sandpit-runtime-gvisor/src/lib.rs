@@ -107,6 +107,9 @@ pub struct OrphanReport {
     pub unmounted: Vec<PathBuf>,
 }
 
+/// Orphans torn down at once by [`GvisorRuntime::cleanup_orphans`].
+pub const TEARDOWN_PARALLEL: usize = 16;
+
 /// The gVisor backend.
 #[derive(Debug, Clone)]
 pub struct GvisorRuntime {
@@ -291,8 +294,23 @@ impl GvisorRuntime {
         keep: &HashSet<String>,
         state_dirs_root: &Path,
     ) -> Result<OrphanReport, GvisorError> {
+        self.cleanup_orphans_with_progress(keep, state_dirs_root, &|_, _| {})
+            .await
+    }
+
+    /// [`Self::cleanup_orphans`], calling `progress(done, total)` as each orphan is torn
+    /// down ([`TEARDOWN_PARALLEL`] at a time: a teardown mostly waits, on runsc and on the
+    /// sandbox's processes to go).
+    pub async fn cleanup_orphans_with_progress(
+        &self,
+        keep: &HashSet<String>,
+        state_dirs_root: &Path,
+        progress: &(dyn Fn(usize, usize) + Sync),
+    ) -> Result<OrphanReport, GvisorError> {
+        use futures::StreamExt;
         let mut report = OrphanReport::default();
         let mut kept_state_dirs = HashSet::new();
+        let mut orphans = Vec::new();
         for id in self.list().await? {
             let state_dir = self.state_json(&id).await?.and_then(|s| state_dir_of(&s));
             if keep.contains(&id) {
@@ -306,17 +324,39 @@ impl GvisorRuntime {
                 kept_state_dirs.extend(state_dir);
                 continue;
             }
-            tracing::info!(%id, "removing orphaned sandbox");
-            let rootfs = state_dir.as_deref().map(rootfs_of);
-            let was_mounted = match &rootfs {
-                Some(r) => mounts::mounted_fstype(r).ok().flatten().is_some(),
-                None => false,
-            };
-            self.teardown(&id, state_dir.as_deref()).await?;
-            report.removed.push(id);
-            if was_mounted {
-                report.unmounted.extend(rootfs);
+            orphans.push((id, state_dir));
+        }
+        let total = orphans.len();
+        progress(0, total);
+        let mut done = futures::stream::iter(orphans)
+            .map(|(id, state_dir)| async move {
+                tracing::info!(%id, "removing orphaned sandbox");
+                let rootfs = state_dir.as_deref().map(rootfs_of);
+                let was_mounted = match &rootfs {
+                    Some(r) => mounts::mounted_fstype(r).ok().flatten().is_some(),
+                    None => false,
+                };
+                self.teardown(&id, state_dir.as_deref()).await?;
+                Ok::<_, RuntimeError>((id, rootfs.filter(|_| was_mounted)))
+            })
+            .buffer_unordered(TEARDOWN_PARALLEL);
+        let mut first_err = None;
+        while let Some(r) = done.next().await {
+            match r {
+                Ok((id, unmounted)) => {
+                    report.removed.push(id);
+                    report.unmounted.extend(unmounted);
+                }
+                // The others go on; the first failure is the answer.
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
             }
+            progress(report.removed.len(), total);
+        }
+        drop(done);
+        if let Some(e) = first_err {
+            return Err(e.into());
         }
         let root = match std::fs::canonicalize(state_dirs_root) {
             Ok(root) => root,

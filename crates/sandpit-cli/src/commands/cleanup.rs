@@ -7,8 +7,8 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use sandpit_net::{NetConfig, Network, SandboxNetwork};
-use sandpit_runtime::Runtime;
+use indicatif::{ProgressBar, ProgressStyle};
+use sandpit_net::{NetConfig, Network};
 use sandpit_runtime_gvisor::{GvisorConfig, GvisorRuntime};
 
 #[derive(clap::Args)]
@@ -24,6 +24,9 @@ pub struct CleanupArgs {
     /// gVisor platform (as given to `serve`).
     #[arg(long, env = "SANDPIT_PLATFORM", default_value = "ptrace")]
     platform: String,
+    /// The sandboxes' cgroup parent (as given to `serve`; default `sandpit-<prefix>`).
+    #[arg(long, env = "SANDPIT_CGROUP_PARENT")]
+    cgroup_parent: Option<String>,
     /// Required: this stops every sandbox of the server.
     #[arg(long)]
     yes: bool,
@@ -38,7 +41,10 @@ pub async fn run(args: CleanupArgs) -> anyhow::Result<()> {
         runsc: args.runsc,
         root_dir: args.data_dir.join("runsc"),
         platform: args.platform,
-        cgroup_parent: format!("sandpit-{}", args.prefix),
+        cgroup_parent: args
+            .cgroup_parent
+            .clone()
+            .unwrap_or_else(|| format!("sandpit-{}", args.prefix)),
         debug_log_dir: None,
     })?;
     let net = Network::new(NetConfig {
@@ -54,18 +60,44 @@ pub async fn run(args: CleanupArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Stop every sandbox the runtime holds and remove every network object, then the sandboxes'
-/// files and memory images. Through the backends' traits only.
+/// Stop every sandbox the runtime holds (several at a time, with a progress bar on a
+/// terminal) and remove every network object, then the sandboxes' files and memory images.
 async fn remove_everything(
-    runtime: &dyn Runtime,
-    net: &dyn SandboxNetwork,
+    runtime: &GvisorRuntime,
+    net: &Network,
     data_dir: &std::path::Path,
 ) -> anyhow::Result<()> {
-    runtime
-        .remove_orphans(&HashSet::new(), &data_dir.join("sandboxes"))
+    let t0 = std::time::Instant::now();
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} sandboxes stopped [{pos}/{len}] {wide_bar} {elapsed}",
+        )
+        .expect("static template"),
+    );
+    let report = runtime
+        .cleanup_orphans_with_progress(
+            &HashSet::new(),
+            &data_dir.join("sandboxes"),
+            &|done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            },
+        )
         .await
         .context("stopping sandboxes")?;
+    bar.finish_and_clear();
+    eprintln!(
+        "stopped {} sandboxes in {:.1} s",
+        report.removed.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    let t1 = std::time::Instant::now();
     net.teardown().await.context("removing network objects")?;
+    eprintln!(
+        "removed the network objects in {:.1} s",
+        t1.elapsed().as_secs_f64()
+    );
     for dir in ["sandboxes", "checkpoints"] {
         let p = data_dir.join(dir);
         if p.exists() {

@@ -660,7 +660,7 @@ fn node_backends(
     Ok((runtime, net, runsc_build))
 }
 
-/// `--cgroup-parent`: path components of letters, digits, '-', '_', '.' and '@' (no `..`),
+/// `--cgroup-parent`: path components of letters, digits, '-', '_' and '.' (no `..`),
 /// relative or absolute.
 fn parse_cgroup_parent(s: &str) -> Result<String, String> {
     let s = s.trim_end_matches('/');
@@ -672,13 +672,13 @@ fn parse_cgroup_parent(s: &str) -> Result<String, String> {
                 && c != "."
                 && c != ".."
                 && c.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b))
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
         });
     if ok {
         Ok(s.to_string())
     } else {
         Err(
-            "a cgroup path: components of letters, digits, '-', '_', '.', '@' (no '..'), \
+            "a cgroup path: components of letters, digits, '-', '_', '.' (no '..'), \
              e.g. /sandpit or sandpit-sp"
                 .to_string(),
         )
@@ -801,14 +801,14 @@ mod tests {
         for good in [
             "/sandpit",
             "sandpit-sp",
-            "/system.slice/sandpit@1/",
+            "/system.slice/sandpit.service/",
             "a_b.c",
         ] {
             assert!(parse_cgroup_parent(good).is_ok(), "{good}");
         }
         assert_eq!(parse_cgroup_parent("/sandpit/").unwrap(), "/sandpit");
         for bad in [
-            "", "/", "/a/../b", "..", "a//b", "a b", "a\nb", "/a/./b", "x$y",
+            "", "/", "/a/../b", "..", "a//b", "a b", "a\nb", "/a/./b", "x$y", "a@b",
         ] {
             assert!(parse_cgroup_parent(bad).is_err(), "{bad:?}");
         }

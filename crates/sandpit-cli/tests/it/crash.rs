@@ -249,3 +249,47 @@ async fn a_hibernated_sandbox_wakes_after_an_agent_upgrade() {
     client.destroy_sandbox(&old.id).await.unwrap();
     client.destroy_sandbox(&fresh.id).await.unwrap();
 }
+
+/// After a crash (`kill -9` of a server holding running and hibernated sandboxes), `sandpit
+/// cleanup --yes` removes every host object: runsc containers and processes, mounts, loop
+/// devices, namespaces, veths, the nftables table, the sandboxes' files and memory images.
+/// Without `--yes` it refuses and changes nothing.
+#[tokio::test]
+async fn cleanup_after_a_crash_leaves_nothing() {
+    let mut srv = server().await;
+    let client = srv.client();
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(create(&client, base()).await.id);
+    }
+    client.hibernate(&ids[0]).await.expect("hibernate");
+    srv.kill9();
+    let cleanup = |yes: bool| {
+        let mut cmd = std::process::Command::new(crate::bin());
+        cmd.arg("cleanup")
+            .env("SANDPIT_DATA_DIR", &srv.data_dir)
+            .env("SANDPIT_PREFIX", &srv.prefix)
+            .env("SANDPIT_POOL", &srv.pool);
+        if yes {
+            cmd.arg("--yes");
+        }
+        cmd.output().expect("sandpit cleanup runs")
+    };
+    let refused = cleanup(false);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("pass --yes"));
+    assert_eq!(
+        sandpit_test_support::Leaks::of(&srv.prefix, &srv.data_dir)
+            .runsc
+            .len(),
+        5,
+        "refused, yet something changed"
+    );
+    let out = cleanup(true);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("stopped 5 sandboxes"), "{stderr}");
+    let leaks = sandpit_test_support::Leaks::of(&srv.prefix, &srv.data_dir);
+    assert!(leaks.is_empty(), "{leaks:?}");
+    assert!(!srv.data_dir.join("checkpoints").exists());
+}
