@@ -16,7 +16,21 @@ use super::{boot, lifecycle};
 use crate::Status;
 use crate::error::{ControlError, DisplayChain};
 use crate::recovery::{self, Recovery};
+use crate::store::Sandbox;
 use crate::util::now_ms;
+
+use futures::StreamExt;
+
+/// Sandboxes settled at once by [`Node::reconcile`].
+pub const RECONCILE_PARALLEL: usize = 16;
+
+/// What [`Node::reconcile`] keeps of one sandbox.
+#[derive(Default)]
+struct Kept {
+    runtime: Option<String>,
+    slot: Option<u32>,
+    dir: Option<String>,
+}
 
 impl Node {
     /// Bring the store, the runtime, the network and the data directory into agreement after
@@ -50,107 +64,28 @@ impl Node {
         let mut keep_runtime = HashSet::new();
         let mut keep_net = HashSet::new();
         let mut keep_dirs = HashSet::new();
-        for row in rows {
-            let slot = row.slot.map(|s| s as u32);
-            // Only a running sandbox is asked whether it still runs and answers.
-            let answers = if row.status == Status::Running {
-                let alive = matches!(
-                    self.runtime.status(&row.runtime_id).await,
-                    Ok(sandpit_runtime::RuntimeStatus::Running)
-                );
-                Some(
-                    alive
-                        && match slot {
-                            Some(s) => crate::agent::AgentClient::new(
-                                &row.id,
-                                self.net.addrs(s).sandbox_ip,
-                            )
-                            .wait_ready(Duration::from_secs(3))
-                            .await
-                            .is_ok(),
-                            None => false,
-                        },
-                )
-            } else {
-                None
-            };
-            match recovery::after_restart(row.status, row.mode, answers, slot.is_some()) {
-                Recovery::DiscardPooled => {
-                    // The pool is refilled fresh after a restart.
-                    self.teardown(&row.id, &row.runtime_id, slot).await;
-                    self.store.sandboxes.mark_destroyed(&row.id, now).await?;
+        // Rows are independent: [`RECONCILE_PARALLEL`] at a time (each mostly waits on
+        // runsc, an agent or the store), so a host with a thousand sandboxes serves again
+        // in seconds, not half an hour.
+        let mut settled = futures::stream::iter(rows)
+            .map(|row| self.reconcile_row(row, now))
+            .buffered(RECONCILE_PARALLEL);
+        let mut first_err = None;
+        while let Some(r) = settled.next().await {
+            match r {
+                Ok(kept) => {
+                    keep_runtime.extend(kept.runtime);
+                    keep_net.extend(kept.slot);
+                    keep_dirs.extend(kept.dir);
                 }
-                Recovery::FailInterruptedCreate => {
-                    tracing::warn!(sandbox = %row.id, "server stopped during create: cleaning up");
-                    self.teardown(&row.id, &row.runtime_id, slot).await;
-                    self.store
-                        .sandboxes
-                        .mark_failed(&row.id, recovery::INTERRUPTED_CREATE, now)
-                        .await?;
+                Err(e) => {
+                    first_err.get_or_insert(e);
                 }
-                Recovery::Adopt => {
-                    // Its nft rules survived; this process's domain filter learns them.
-                    if let Some(s) = slot {
-                        // A stored policy that does not decode becomes deny_all (and is
-                        // applied: the surviving rules were made from the old one).
-                        let adopted = match boot::stored_rules(&row) {
-                            Ok(rules) => self.net.adopt(s, &rules).map_err(ControlError::from),
-                            Err(_) => match boot::rules_or_deny(self, &row).await {
-                                Ok(rules) => self
-                                    .net
-                                    .set_egress(s, &rules)
-                                    .await
-                                    .map_err(ControlError::from),
-                                Err(e) => Err(e),
-                            },
-                        };
-                        if let Err(e) = adopted {
-                            tracing::warn!(sandbox = %row.id, error = %DisplayChain(&e), "adopting the egress policy");
-                        }
-                    }
-                    keep_runtime.insert(row.runtime_id.clone());
-                    keep_net.extend(slot);
-                    keep_dirs.insert(row.id.to_string());
-                }
-                Recovery::SuspendLost => {
-                    // Its files are on disk; its memory is gone unless a checkpoint exists.
-                    tracing::warn!(sandbox = %row.id, "persistent sandbox stopped while the server was down: suspending it");
-                    let _ = self
-                        .runtime
-                        .stop(&row.runtime_id, &self.state_dir(&row.id))
-                        .await;
-                    if let Some(s) = slot {
-                        let _ = self.net.detach(s).await;
-                    }
-                    self.store
-                        .sandboxes
-                        .mark_suspended(&row.id, Some(recovery::LOST_WHILE_DOWN), now)
-                        .await?;
-                    keep_dirs.insert(row.id.to_string());
-                }
-                Recovery::FailLost => {
-                    tracing::warn!(sandbox = %row.id, "ephemeral sandbox stopped while the server was down: failing it");
-                    self.teardown(&row.id, &row.runtime_id, slot).await;
-                    self.store
-                        .sandboxes
-                        .mark_failed(&row.id, recovery::EPHEMERAL_LOST_WHILE_DOWN, now)
-                        .await?;
-                }
-                Recovery::KeepSuspended { release_slot } => {
-                    // Nothing may run; files and image are kept. A suspended sandbox holds
-                    // no network slot (one suspended by an older server may still: its
-                    // namespace goes below, with the other orphans).
-                    let _ = self
-                        .runtime
-                        .stop(&row.runtime_id, &self.state_dir(&row.id))
-                        .await;
-                    if release_slot {
-                        self.store.sandboxes.release_slot(&row.id, now).await?;
-                    }
-                    keep_dirs.insert(row.id.to_string());
-                }
-                Recovery::Nothing => {}
             }
+        }
+        drop(settled);
+        if let Some(e) = first_err {
+            return Err(e);
         }
         // Sandboxes the fleet settled while this node was away: torn down, slots freed.
         self.drop_settled().await?;
@@ -163,11 +98,27 @@ impl Node {
             tracing::error!(error = %DisplayChain(&e), "cleaning up orphaned sandboxes");
         }
         // Running sandboxes hold a namespace; suspended ones do not.
-        for slot in self.net.list_slots().await? {
-            if !keep_net.contains(&slot) {
+        let orphans = self
+            .net
+            .list_slots()
+            .await?
+            .into_iter()
+            .filter(|slot| !keep_net.contains(slot));
+        let mut detached = futures::stream::iter(orphans)
+            .map(|slot| async move {
                 tracing::info!(slot, "removing orphaned network slot");
-                self.net.detach(slot).await?;
+                self.net.detach(slot).await
+            })
+            .buffer_unordered(RECONCILE_PARALLEL);
+        let mut first_err = None;
+        while let Some(r) = detached.next().await {
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
             }
+        }
+        drop(detached);
+        if let Some(e) = first_err {
+            return Err(e.into());
         }
         for dir in ["sandboxes", "checkpoints"] {
             remove_unknown_dirs(&self.cfg.data_dir.join(dir), &keep_dirs);
@@ -180,6 +131,111 @@ impl Node {
         let snapshots: HashSet<String> = self.store.snapshots.ids().await?.into_iter().collect();
         remove_unknown_dirs(&self.cfg.data_dir.join("snapshots"), &snapshots);
         Ok(())
+    }
+
+    /// Settle one sandbox found at start-up ([`Node::reconcile`]); what of it to keep.
+    async fn reconcile_row(self: &Arc<Self>, row: Sandbox, now: i64) -> Result<Kept, ControlError> {
+        let mut kept = Kept::default();
+        let slot = row.slot.map(|s| s as u32);
+        // Only a running sandbox is asked whether it still runs and answers.
+        let answers = if row.status == Status::Running {
+            let alive = matches!(
+                self.runtime.status(&row.runtime_id).await,
+                Ok(sandpit_runtime::RuntimeStatus::Running)
+            );
+            Some(
+                alive
+                    && match slot {
+                        Some(s) => {
+                            crate::agent::AgentClient::new(&row.id, self.net.addrs(s).sandbox_ip)
+                                .wait_ready(Duration::from_secs(3))
+                                .await
+                                .is_ok()
+                        }
+                        None => false,
+                    },
+            )
+        } else {
+            None
+        };
+        match recovery::after_restart(row.status, row.mode, answers, slot.is_some()) {
+            Recovery::DiscardPooled => {
+                // The pool is refilled fresh after a restart.
+                self.teardown(&row.id, &row.runtime_id, slot).await;
+                self.store.sandboxes.mark_destroyed(&row.id, now).await?;
+            }
+            Recovery::FailInterruptedCreate => {
+                tracing::warn!(sandbox = %row.id, "server stopped during create: cleaning up");
+                self.teardown(&row.id, &row.runtime_id, slot).await;
+                self.store
+                    .sandboxes
+                    .mark_failed(&row.id, recovery::INTERRUPTED_CREATE, now)
+                    .await?;
+            }
+            Recovery::Adopt => {
+                // Its nft rules survived; this process's domain filter learns them.
+                if let Some(s) = slot {
+                    // A stored policy that does not decode becomes deny_all (and is
+                    // applied: the surviving rules were made from the old one).
+                    let adopted = match boot::stored_rules(&row) {
+                        Ok(rules) => self.net.adopt(s, &rules).map_err(ControlError::from),
+                        Err(_) => match boot::rules_or_deny(self, &row).await {
+                            Ok(rules) => self
+                                .net
+                                .set_egress(s, &rules)
+                                .await
+                                .map_err(ControlError::from),
+                            Err(e) => Err(e),
+                        },
+                    };
+                    if let Err(e) = adopted {
+                        tracing::warn!(sandbox = %row.id, error = %DisplayChain(&e), "adopting the egress policy");
+                    }
+                }
+                kept.runtime = Some(row.runtime_id.clone());
+                kept.slot = slot;
+                kept.dir = Some(row.id.to_string());
+            }
+            Recovery::SuspendLost => {
+                // Its files are on disk; its memory is gone unless a checkpoint exists.
+                tracing::warn!(sandbox = %row.id, "persistent sandbox stopped while the server was down: suspending it");
+                let _ = self
+                    .runtime
+                    .stop(&row.runtime_id, &self.state_dir(&row.id))
+                    .await;
+                if let Some(s) = slot {
+                    let _ = self.net.detach(s).await;
+                }
+                self.store
+                    .sandboxes
+                    .mark_suspended(&row.id, Some(recovery::LOST_WHILE_DOWN), now)
+                    .await?;
+                kept.dir = Some(row.id.to_string());
+            }
+            Recovery::FailLost => {
+                tracing::warn!(sandbox = %row.id, "ephemeral sandbox stopped while the server was down: failing it");
+                self.teardown(&row.id, &row.runtime_id, slot).await;
+                self.store
+                    .sandboxes
+                    .mark_failed(&row.id, recovery::EPHEMERAL_LOST_WHILE_DOWN, now)
+                    .await?;
+            }
+            Recovery::KeepSuspended { release_slot } => {
+                // Nothing may run; files and image are kept. A suspended sandbox holds
+                // no network slot (one suspended by an older server may still: its
+                // namespace goes below, with the other orphans).
+                let _ = self
+                    .runtime
+                    .stop(&row.runtime_id, &self.state_dir(&row.id))
+                    .await;
+                if release_slot {
+                    self.store.sandboxes.release_slot(&row.id, now).await?;
+                }
+                kept.dir = Some(row.id.to_string());
+            }
+            Recovery::Nothing => {}
+        }
+        Ok(kept)
     }
 
     /// Tear down this node's sandboxes that the fleet settled while it was lost (failed
