@@ -2,6 +2,7 @@
 
 mod commands;
 mod objects;
+mod telemetry;
 mod tls;
 
 use clap::{Parser, Subcommand};
