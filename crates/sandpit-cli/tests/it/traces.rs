@@ -335,7 +335,10 @@ async fn an_unreachable_collector_fails_no_request() {
         .expect("server starts");
     let client = srv.client();
     for _ in 0..20 {
-        client.list_sandboxes().await.expect("requests are answered");
+        client
+            .list_sandboxes(None)
+            .await
+            .expect("requests are answered");
     }
     // The failure is said (once: the next warning comes a minute later at the earliest).
     wait_until(Duration::from_secs(10), "the export warning", || async {
@@ -345,7 +348,10 @@ async fn an_unreachable_collector_fails_no_request() {
     })
     .await
     .unwrap();
-    client.list_sandboxes().await.expect("requests are answered");
+    client
+        .list_sandboxes(None)
+        .await
+        .expect("requests are answered");
     assert_eq!(
         srv.log()
             .matches("traces: export to the collector failed")
