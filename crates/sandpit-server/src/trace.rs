@@ -41,8 +41,15 @@ pub async fn span(req: Request, next: Next) -> Response {
     });
     // Fails only when no OpenTelemetry layer sees the span: then there is nothing to join.
     let _ = span.set_parent(parent);
+    // The route template: known here already when this layer runs after routing; else
+    // from the response (a request relayed to another node answers before the route's own
+    // layers run).
+    let matched = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|m| m.as_str().to_string());
     let resp = next.run(req).instrument(span.clone()).await;
-    let route = crate::metrics::route_of(&resp);
+    let route = matched.as_deref().or(crate::metrics::route_of(&resp));
     // (Renamed through OpenTelemetry: the span has started, so `otel.name` no longer would.)
     span.context().span().update_name(match route {
         Some(r) => format!("{method} {r}"),

@@ -359,3 +359,63 @@ async fn an_unreachable_collector_fails_no_request() {
         1
     );
 }
+
+#[tokio::test]
+async fn a_relayed_request_carries_the_trace_to_the_sandboxs_node() {
+    const TRACE: &str = "6e1f0a7c3b2d4e6f8091a2b3c4d5e6f7";
+    const PARENT: &str = "e1b2c3d4e5f60718";
+    let (collector, got) = receiver().await;
+    let (a, b) = crate::fleet::two_nodes(&[
+        ("SANDPIT_NODE_SECRET", "fleet-secret-for-tests"),
+        ("SANDPIT_OTLP_ENDPOINT", &collector),
+    ])
+    .await;
+    let sb = crate::create(&a.client(), crate::base()).await;
+    // Through the server that does not run it: relayed to its node.
+    let on_a = a.leaks().runsc.iter().any(|r| r.contains(&sb.id));
+    let via = if on_a { &b } else { &a };
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/sandboxes/{}/exec", via.url, sb.id))
+        .header("authorization", format!("Bearer {}", a.token))
+        .header("traceparent", traceparent(TRACE, PARENT))
+        .json(&serde_json::json!({"command": "true"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    let route = "/v1/sandboxes/{id}/exec";
+    let spans = wait_until(Duration::from_secs(30), "the two servers' spans", || {
+        let got = got.lock().unwrap().clone();
+        async move {
+            let traced: Vec<Span> = got
+                .into_iter()
+                .map(|(_, s)| s)
+                .filter(|s| hex::encode(&s.trace_id) == TRACE)
+                .collect();
+            let servers = traced
+                .iter()
+                .filter(|s| attr(s, "http.route").as_deref() == Some(route))
+                .count();
+            (servers == 2 && traced.iter().any(|s| s.name == "agent.exec")).then_some(traced)
+        }
+    })
+    .await
+    .unwrap();
+    // The relaying server's span under the caller's; the node's under the relaying one's;
+    // the agent call under the node's.
+    let relaying = spans
+        .iter()
+        .find(|s| hex::encode(&s.parent_span_id) == PARENT)
+        .expect("the relaying server's span under the caller's");
+    assert_eq!(attr(relaying, "http.route").as_deref(), Some(route));
+    let node = spans
+        .iter()
+        .find(|s| s.parent_span_id == relaying.span_id)
+        .expect("the node's span under the relaying server's");
+    assert_eq!(node.kind, SpanKind::Server as i32);
+    assert_eq!(attr(node, "http.route").as_deref(), Some(route));
+    let agent = spans.iter().find(|s| s.name == "agent.exec").unwrap();
+    assert_eq!(agent.parent_span_id, node.span_id);
+    assert_eq!(attr(agent, "sandbox.id").as_deref(), Some(sb.id.as_str()));
+}
