@@ -115,26 +115,24 @@ where
     // This request owns the key. The work runs in its own task: a client that goes away
     // does not cancel it, and its result is recorded for the retry.
     let owner = server.clone();
-    let task = tokio::spawn(
-        crate::limits::collecting_headers(async move {
-            let result = work.await;
-            let recorded = match &result {
-                Ok((status, body)) => {
-                    owner
-                        .store
-                        .idempotency
-                        .finish(&ws, &key, status.as_u16(), &body.to_string())
-                        .await
-                }
-                Err(_) => owner.store.idempotency.abandon(&ws, &key).await,
-            };
-            if let Err(e) = recorded {
-                tracing::error!(error = %DisplayChain(&e), "recording an idempotent response");
+    let recording = crate::limits::collecting_headers(async move {
+        let result = work.await;
+        let recorded = match &result {
+            Ok((status, body)) => {
+                owner
+                    .store
+                    .idempotency
+                    .finish(&ws, &key, status.as_u16(), &body.to_string())
+                    .await
             }
-            result
-        })
-        .in_current_span(),
-    );
+            Err(_) => owner.store.idempotency.abandon(&ws, &key).await,
+        };
+        if let Err(e) = recorded {
+            tracing::error!(error = %DisplayChain(&e), "recording an idempotent response");
+        }
+        result
+    });
+    let task = tokio::spawn(recording.in_current_span());
     answer(task).await
 }
 
