@@ -3,6 +3,7 @@
 mod commands;
 mod dev_ca;
 mod objects;
+mod telemetry;
 mod tls;
 
 use clap::{Parser, Subcommand};

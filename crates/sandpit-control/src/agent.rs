@@ -145,18 +145,25 @@ impl AgentClient {
         }
     }
 
+    #[tracing::instrument(level = "debug", name = "agent.ping", skip_all, fields(sandbox.id = %self.sandbox))]
     pub async fn ping(&self) -> Result<PingReply, AgentFailure> {
         self.simple(Op::Ping).await
     }
 
     /// Poll until the agent answers a ping or `limit` passes.
+    #[tracing::instrument(level = "debug", name = "agent.wait_ready", skip_all, fields(sandbox.id = %self.sandbox))]
     pub async fn wait_ready(&self, limit: Duration) -> Result<PingReply, ControlError> {
         let start = std::time::Instant::now();
         let mut delay = Duration::from_millis(2);
         loop {
             // A short connect timeout: before the agent listens, gVisor's netstack answers
             // with a reset, so failures are fast.
-            let attempt = tokio::time::timeout(Duration::from_millis(500), self.ping()).await;
+            // (Not `ping`: one span for the wait, none per attempt.)
+            let attempt = tokio::time::timeout(
+                Duration::from_millis(500),
+                self.simple::<PingReply>(Op::Ping),
+            )
+            .await;
             let last = match attempt {
                 Ok(Ok(reply)) => return Ok(reply),
                 Ok(Err(f)) => format!("{f:?}"),
@@ -177,6 +184,7 @@ impl AgentClient {
     /// Run a command, sending output to `out` as it arrives. A closed `out` does not stop the
     /// command (the caller may stop listening); dropping the returned future does: the
     /// connection resets and the agent kills the process group.
+    #[tracing::instrument(level = "debug", name = "agent.exec", skip_all, fields(sandbox.id = %self.sandbox))]
     pub async fn exec(
         &self,
         req: ExecRequest,
@@ -187,6 +195,7 @@ impl AgentClient {
     }
 
     /// Like [`AgentClient::exec`], with `input` sent as the process's stdin (then closed).
+    #[tracing::instrument(level = "debug", name = "agent.exec_with_input", skip_all, fields(sandbox.id = %self.sandbox))]
     pub async fn exec_with_input(
         &self,
         mut req: ExecRequest,
@@ -209,6 +218,7 @@ impl AgentClient {
     /// Like [`AgentClient::exec`], with `input` relayed to the process while it runs
     /// (stdin bytes, stdin close, signals). A closed `input` sends nothing more; the
     /// process goes on.
+    #[tracing::instrument(level = "debug", name = "agent.exec_controlled", skip_all, fields(sandbox.id = %self.sandbox))]
     pub async fn exec_controlled(
         &self,
         req: ExecRequest,
@@ -370,6 +380,7 @@ impl AgentClient {
     /// memory: for every read of tenant bytes the server keeps. Returns the file's metadata
     /// (its whole size) and the bytes. Anything but a regular file is refused with
     /// `not_regular_file`; the whole read is bounded by [`READ_TIMEOUT`].
+    #[tracing::instrument(level = "debug", name = "agent.read_bounded", skip_all, fields(sandbox.id = %self.sandbox))]
     pub async fn read_bounded(
         &self,
         path: &str,
@@ -417,6 +428,7 @@ impl AgentClient {
     /// stream of its bytes; the stream ends with an error item if the connection breaks
     /// mid-way. Anything but a regular file is refused with `not_regular_file` (a device
     /// never ends, a FIFO may never open).
+    #[tracing::instrument(level = "debug", name = "agent.read_file", skip_all, fields(sandbox.id = %self.sandbox))]
     pub async fn read_file(
         &self,
         path: &str,
@@ -467,6 +479,7 @@ impl AgentClient {
     /// `limit` bytes arrive; the agent then removes its temporary file and nothing changes.
     /// A new file and the directories made for it are given to `owner` (a user spec; root
     /// when `None`).
+    #[tracing::instrument(level = "debug", name = "agent.write_file", skip_all, fields(sandbox.id = %self.sandbox))]
     pub async fn write_file<S, E>(
         &self,
         path: &str,
@@ -551,15 +564,18 @@ impl AgentClient {
         }
     }
 
+    #[tracing::instrument(level = "debug", name = "agent.list_dir", skip_all, fields(sandbox.id = %self.sandbox))]
     pub async fn list_dir(&self, path: &str) -> Result<DirListing, AgentFailure> {
         self.simple(Op::ListDir { path: path.into() }).await
     }
 
+    #[tracing::instrument(level = "debug", name = "agent.stat", skip_all, fields(sandbox.id = %self.sandbox))]
     pub async fn stat(&self, path: &str) -> Result<FileInfo, AgentFailure> {
         self.simple(Op::Stat { path: path.into() }).await
     }
 
     /// The directories made are given to `owner` (a user spec; root when `None`).
+    #[tracing::instrument(level = "debug", name = "agent.make_dir", skip_all, fields(sandbox.id = %self.sandbox))]
     pub async fn make_dir(
         &self,
         path: &str,
@@ -576,6 +592,7 @@ impl AgentClient {
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", name = "agent.remove", skip_all, fields(sandbox.id = %self.sandbox))]
     pub async fn remove(&self, path: &str, recursive: bool) -> Result<(), AgentFailure> {
         let _: serde_json::Value = self
             .simple(Op::Remove {
@@ -587,6 +604,7 @@ impl AgentClient {
     }
 
     /// The TCP ports listening inside the sandbox (the agent's own included).
+    #[tracing::instrument(level = "debug", name = "agent.list_ports", skip_all, fields(sandbox.id = %self.sandbox))]
     pub async fn list_ports(&self) -> Result<PortList, AgentFailure> {
         self.simple(Op::ListPorts).await
     }

@@ -136,24 +136,28 @@ impl AgentClient {
     }
 
     /// Start a terminal.
+    #[tracing::instrument(level = "debug", name = "agent.terminal_create", skip_all, fields(sandbox.id = %self.sandbox))]
     pub async fn terminal_create(&self, req: TerminalCreate) -> Result<TerminalInfo, AgentFailure> {
         self.terminal_call(async |s| proto_client::terminal_create(s, req).await)
             .await
     }
 
     /// The agent's terminals, sorted by id.
+    #[tracing::instrument(level = "debug", name = "agent.terminal_list", skip_all, fields(sandbox.id = %self.sandbox))]
     pub async fn terminal_list(&self) -> Result<Vec<TerminalInfo>, AgentFailure> {
         self.terminal_call(async |s| proto_client::terminal_list(s).await)
             .await
     }
 
     /// Signal a terminal's process group, or (`signal` absent) kill and remove it.
+    #[tracing::instrument(level = "debug", name = "agent.terminal_kill", skip_all, fields(sandbox.id = %self.sandbox))]
     pub async fn terminal_kill(&self, id: &str, signal: Option<i32>) -> Result<(), AgentFailure> {
         self.terminal_call(async |s| proto_client::terminal_kill(s, id, signal).await)
             .await
     }
 
     /// Resize a terminal without being attached.
+    #[tracing::instrument(level = "debug", name = "agent.terminal_resize", skip_all, fields(sandbox.id = %self.sandbox))]
     pub async fn terminal_resize(&self, id: &str, size: TerminalSize) -> Result<(), AgentFailure> {
         self.terminal_call(async |s| proto_client::terminal_resize(s, id, size).await)
             .await
@@ -161,6 +165,7 @@ impl AgentClient {
 
     /// Attach to a terminal: its info once the agent accepted, and the attachment, whose
     /// first output is the scrollback when `replay`.
+    #[tracing::instrument(level = "debug", name = "agent.terminal_attach", skip_all, fields(sandbox.id = %self.sandbox))]
     pub async fn terminal_attach(
         &self,
         id: &str,

@@ -33,6 +33,7 @@ impl AgentWatch {
 impl AgentClient {
     /// Start a watch; returns once the agent's watches are in place, so every change after
     /// this returns is reported. `unsupported_version` from an agent older than version 4.
+    #[tracing::instrument(level = "debug", name = "agent.watch", skip_all, fields(sandbox.id = %self.sandbox))]
     pub async fn watch(&self, req: WatchRequest) -> Result<AgentWatch, AgentFailure> {
         let mut stream = self.terminal_conn().await?;
         match tokio::time::timeout(START_TIMEOUT, proto_client::watch(&mut stream, req)).await {

@@ -23,6 +23,7 @@ pub mod store;
 #[cfg(any(test, feature = "fake"))]
 pub mod testing;
 pub mod tokens;
+pub mod trace;
 pub mod util;
 
 pub use domain::{SandboxId, Status, Stored, Transition, WorkspaceId};

@@ -1148,10 +1148,14 @@ impl Runtime for GvisorRuntime {
         "gvisor"
     }
 
+    #[tracing::instrument(level = "debug", name = "runsc.run", skip_all,
+        fields(sandbox.runtime_id = %spec.id))]
     async fn start(&self, spec: &SandboxSpec) -> Result<(), RuntimeError> {
         self.boot(spec, Launch::Run).await
     }
 
+    #[tracing::instrument(level = "debug", name = "runsc.checkpoint", skip_all,
+        fields(sandbox.runtime_id = %id))]
     async fn checkpoint(&self, id: &str, image_dir: &Path) -> Result<(), RuntimeError> {
         let t0 = Instant::now();
         let state = self
@@ -1290,6 +1294,8 @@ impl Runtime for GvisorRuntime {
         }
     }
 
+    #[tracing::instrument(level = "debug", name = "runsc.restore", skip_all,
+        fields(sandbox.runtime_id = %spec.id))]
     async fn restore(&self, spec: &SandboxSpec, image_dir: &Path) -> Result<(), RuntimeError> {
         let image = std::fs::canonicalize(image_dir).map_err(|source| RuntimeError::Rootfs {
             id: spec.id.clone(),
@@ -1308,6 +1314,8 @@ impl Runtime for GvisorRuntime {
         self.boot(spec, Launch::Restore(&image)).await
     }
 
+    #[tracing::instrument(level = "debug", name = "runsc.stop", skip_all,
+        fields(sandbox.runtime_id = %id))]
     async fn stop(&self, id: &str, state_dir: &Path) -> Result<(), RuntimeError> {
         let t0 = Instant::now();
         self.teardown(id, Some(state_dir)).await?;
@@ -1315,6 +1323,8 @@ impl Runtime for GvisorRuntime {
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", name = "runsc.destroy", skip_all,
+        fields(sandbox.runtime_id = %id))]
     async fn destroy(&self, id: &str, state_dir: &Path) -> Result<(), RuntimeError> {
         self.stop(id, state_dir).await?;
         let dir = state_dir.to_path_buf();

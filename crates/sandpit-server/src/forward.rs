@@ -741,6 +741,8 @@ async fn relay_over(
         .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
     let mut headers = std::mem::take(&mut parts.headers);
     crate::preview::strip_hop_by_hop(&mut headers);
+    // The node's spans hang under this request's.
+    crate::trace::inject(&mut headers);
     if let Some(proto) = &upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, proto.clone());

@@ -15,6 +15,7 @@ use axum::Json;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
+use tracing::Instrument;
 
 use crate::auth::Auth;
 use crate::error::{ApiError, DisplayChain};
@@ -68,7 +69,8 @@ where
     let Some(key) = key else {
         // In a task of its own too: a client (or relaying server) that goes away mid-create
         // must not cancel the work half-way and leave a half-made sandbox behind.
-        let task = tokio::spawn(crate::limits::collecting_headers(work));
+        // (In the request's span: its spans belong to the request's trace.)
+        let task = tokio::spawn(crate::limits::collecting_headers(work).in_current_span());
         return answer(task).await;
     };
     let ws = auth.workspace_id.clone();
@@ -113,7 +115,7 @@ where
     // This request owns the key. The work runs in its own task: a client that goes away
     // does not cancel it, and its result is recorded for the retry.
     let owner = server.clone();
-    let task = tokio::spawn(crate::limits::collecting_headers(async move {
+    let recording = crate::limits::collecting_headers(async move {
         let result = work.await;
         let recorded = match &result {
             Ok((status, body)) => {
@@ -129,7 +131,8 @@ where
             tracing::error!(error = %DisplayChain(&e), "recording an idempotent response");
         }
         result
-    }));
+    });
+    let task = tokio::spawn(recording.in_current_span());
     answer(task).await
 }
 

@@ -38,21 +38,34 @@ pub async fn tag_route(req: Request, next: Next) -> Response {
     resp
 }
 
-/// Outermost layer: count and time the request. Requests no route matched (previews, E2B
+/// A request method as a label (metrics, spans): only the standard methods become label
+/// values; anything else is `other`.
+pub fn method_label(method: &axum::http::Method) -> &'static str {
+    match method.as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        "DELETE" => "DELETE",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// The route template that answered `resp` (set by [`tag_route`]); `None` for requests no
+/// route matched (previews, E2B envd, unknown paths).
+pub fn route_of(resp: &Response) -> Option<&str> {
+    resp.extensions().get::<RouteTag>().map(|r| r.0.as_str())
+}
+
+/// Outer layer: count and time the request. Requests no route matched (previews, E2B
 /// envd, unknown paths) count under `other`.
 pub async fn record(State(server): State<Arc<Server>>, req: Request, next: Next) -> Response {
     let t0 = Instant::now();
-    // Only the standard methods become label values; anything else is `other`.
-    let method = match req.method().as_str() {
-        m @ ("GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS") => m,
-        _ => "other",
-    }
-    .to_string();
+    let method = method_label(req.method()).to_string();
     let resp = next.run(req).await;
-    let route = resp
-        .extensions()
-        .get::<RouteTag>()
-        .map_or_else(|| "other".to_string(), |r| r.0.clone());
+    let route = route_of(&resp).unwrap_or("other").to_string();
     let status = resp.status().as_u16();
     let m = &server.metrics;
     m.http_requests

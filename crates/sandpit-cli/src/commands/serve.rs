@@ -229,6 +229,12 @@ pub struct ServeArgs {
     /// Log as JSON lines.
     #[arg(long, env = "SANDPIT_LOG_JSON")]
     log_json: bool,
+    /// Export traces over OTLP/HTTP (protobuf) to this collector, e.g.
+    /// http://127.0.0.1:4318 (`/v1/traces` is appended unless given). Default:
+    /// $OTEL_EXPORTER_OTLP_ENDPOINT; none: no export. A request's W3C `traceparent` is
+    /// honoured; an unreachable collector drops spans, never slows requests.
+    #[arg(long, env = "SANDPIT_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// Serve HTTPS: the certificate chain (PEM, leaf first) for the API's host and the
     /// preview domain (`<preview domain>` and `*.<preview domain>`). With --tls-key.
     #[arg(long, env = "SANDPIT_TLS_CERT", requires = "tls_key")]
@@ -340,16 +346,12 @@ pub async fn run_node(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if args.log_json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    let otlp_endpoint = args.otlp_endpoint.clone().or_else(|| {
+        std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .ok()
+            .filter(|s| !s.is_empty())
+    });
+    let telemetry = crate::telemetry::init(args.log_json, otlp_endpoint.as_deref())?;
     if args.api_only {
         anyhow::ensure!(
             args.database.is_some(),
@@ -598,6 +600,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(runsc_reaper) = runsc_reaper {
         let _ = runsc_reaper.await;
     }
+    telemetry.shutdown().await;
     Ok(())
 }
 

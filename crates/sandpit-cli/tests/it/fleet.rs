@@ -45,7 +45,7 @@ fn this_node(srv: &TestServer, name: &str) -> serde_json::Value {
 
 /// Two servers on one database (the first's), each a node named `node-<index>`, both with
 /// `extra` in their environment.
-async fn two_nodes(extra: &[(&str, &str)]) -> (TestServer, TestServer) {
+pub(crate) async fn two_nodes(extra: &[(&str, &str)]) -> (TestServer, TestServer) {
     let env = |i: u32| {
         let mut env = vec![("SANDPIT_NODE_NAME".to_string(), format!("node-{i}"))];
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));

@@ -32,6 +32,7 @@ mod soak;
 mod templates;
 mod terminals;
 mod tls;
+mod traces;
 mod users;
 mod volumes;
 mod watch;

@@ -372,6 +372,8 @@ pub fn agent_of(node: &Node, row: &Sandbox) -> Option<AgentClient> {
 
 /// Boot (or restore, when `image` is given) a sandbox whose row exists and whose slot is
 /// claimed, and wait for its agent. On failure, releases what it took (runtime, network).
+#[tracing::instrument(level = "debug", name = "sandbox.boot", skip_all,
+    fields(sandbox.id = %row.id, sandbox.from_image = image.is_some()))]
 pub async fn boot(
     node: &Node,
     row: &Sandbox,

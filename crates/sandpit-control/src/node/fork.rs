@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use sandpit_api_types::Snapshot;
+use tracing::Instrument;
 
 use super::Node;
 use super::boot::{boot, insert_with_slot};
@@ -199,7 +200,16 @@ pub async fn fork(
     admitted: &super::boot::Admitted<'_>,
 ) -> Result<Vec<Result<Sandbox, ControlError>>, ControlError> {
     let t0 = std::time::Instant::now();
-    let forked = fork_untimed(node, workspace_id, parent_id, count, admitted).await;
+    let span = tracing::debug_span!(
+        "sandbox.fork",
+        sandbox.id = %parent_id,
+        sandbox.fork_count = count,
+        otel.status_code = tracing::field::Empty,
+    );
+    let forked = fork_untimed(node, workspace_id, parent_id, count, admitted)
+        .instrument(span.clone())
+        .await;
+    crate::trace::outcome(&span, &forked);
     node.metrics.observe("fork", "", t0, &forked);
     if let Ok(children) = &forked {
         for child in children.iter().flatten() {

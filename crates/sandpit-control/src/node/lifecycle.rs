@@ -21,6 +21,8 @@ use sandpit_api_types::{
     CreateSandboxRequest, EgressPolicy, MAX_EPHEMERAL_TIMEOUT_SECS, PreviewSettings, SandboxMode,
     parse_duration,
 };
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use super::Node;
 use crate::create::{self, Size};
@@ -209,7 +211,18 @@ pub async fn create(
         "cold"
     };
     let template = row.template_id.clone();
-    let created = create_timed(node, row, snapshot, volumes, admitted, &mut path).await;
+    let span = tracing::debug_span!(
+        "sandbox.create",
+        sandbox.id = %row.id,
+        sandbox.template_id = %template,
+        sandbox.create_path = Empty,
+        otel.status_code = Empty,
+    );
+    let created = create_timed(node, row, snapshot, volumes, admitted, &mut path)
+        .instrument(span.clone())
+        .await;
+    span.record("sandbox.create_path", path);
+    crate::trace::outcome(&span, &created);
     node.metrics.observe("create", path, t0, &created);
     if let Ok(row) = &created {
         node.event(
@@ -526,7 +539,16 @@ async fn suspend_locked(
     reason: &'static str,
 ) -> Result<Sandbox, ControlError> {
     let t0 = std::time::Instant::now();
-    let suspended = suspend_locked_untimed(node, id, guard).await;
+    let span = tracing::debug_span!(
+        "sandbox.hibernate",
+        sandbox.id = %id,
+        sandbox.hibernate_reason = reason,
+        otel.status_code = Empty,
+    );
+    let suspended = suspend_locked_untimed(node, id, guard)
+        .instrument(span.clone())
+        .await;
+    crate::trace::outcome(&span, &suspended);
     node.metrics.observe("hibernate", "", t0, &suspended);
     if suspended.is_ok() {
         node.event(id, "suspended", serde_json::json!({"reason": reason}))
@@ -586,7 +608,11 @@ pub async fn wake(
     admitted: &Admitted<'_>,
 ) -> Result<Sandbox, ControlError> {
     let t0 = std::time::Instant::now();
-    let woken = wake_untimed(node, id, admitted).await;
+    let span = tracing::debug_span!("sandbox.wake", sandbox.id = %id, otel.status_code = Empty);
+    let woken = wake_untimed(node, id, admitted)
+        .instrument(span.clone())
+        .await;
+    crate::trace::outcome(&span, &woken);
     node.metrics.observe("wake", "", t0, &woken);
     if woken.is_ok() {
         node.event(id, "woken", serde_json::json!({})).await;

@@ -237,6 +237,8 @@ pub fn app(server: Arc<Server>) -> Router {
         server.clone(),
         crate::metrics::record,
     ))
+    // Outermost: the request's span (joined to the caller's `traceparent`), around all else.
+    .layer(axum::middleware::from_fn(crate::trace::span))
     .with_state(server)
 }
 
