@@ -28,6 +28,7 @@ pub mod replica;
 pub mod routes;
 pub mod server;
 pub mod store;
+pub mod ui;
 pub mod util;
 
 #[cfg(test)]
