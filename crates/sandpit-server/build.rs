@@ -25,6 +25,7 @@ const OWN_EXTENSIONS: &[&str] = &["html", "js", "css", "svg"];
 fn main() {
     let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let ui = manifest.join("../../ui");
+    let ui = ui.canonicalize().unwrap_or(ui);
     // The whole directory (cargo looks at every file's mtime in it): the console's sources,
     // and node_modules appearing after `scripts/install-deps`.
     println!("cargo:rerun-if-changed={}", ui.display());

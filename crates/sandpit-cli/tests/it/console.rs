@@ -65,7 +65,12 @@ async fn the_web_console_works_in_chromium() {
     assert_eq!(seen["tokenInUrl"], serde_json::json!([]), "{seen}");
 
     let id = seen["id"].as_str().expect("sandbox id").to_string();
+    assert_eq!(seen["badTokenKept"], 0, "{seen}");
     assert_eq!(seen["listed"], true, "{seen}");
+    assert_eq!(seen["otherAppeared"], true, "{seen}");
+    assert_eq!(seen["filterHides"], true, "{seen}");
+    assert_eq!(seen["otherDestroyStatus"], 204, "{seen}");
+    assert_eq!(seen["otherGone"], true, "{seen}");
     assert_eq!(seen["terminalOutput"], format!("{marker}-1234"), "{seen}");
     let name = format!("{marker}.txt");
     let content = format!("uploaded from the console {marker}\n");

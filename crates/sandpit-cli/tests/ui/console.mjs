@@ -60,6 +60,11 @@ try {
   step("sign in");
   await page.goto(`${url}/ui/`);
   await page.locator("#sign-in-view").waitFor({ state: "visible", timeout: 15_000 });
+  // A wrong token is refused on the sign-in form and not kept.
+  await page.locator("#token").fill("sp_not_a_token");
+  await page.locator("#sign-in button[type=submit]").click();
+  await page.locator("#sign-in-error", { hasText: "401" }).waitFor();
+  seen.badTokenKept = await page.evaluate(() => sessionStorage.length);
   await page.locator("#token").fill(token);
   await shot("01-sign-in");
   await page.locator("#sign-in button[type=submit]").click();
@@ -75,6 +80,25 @@ try {
   seen.id = id;
   await page.locator(`#sandboxes li[data-id="${id}"][data-status=running]`).waitFor();
   seen.listed = true;
+
+  step("live list and filter");
+  // A sandbox made elsewhere (the API) appears without a reload, and goes when destroyed.
+  const api = (method, path, body) =>
+    fetch(`${url}${path}`, {
+      method,
+      headers: { Authorization: `Bearer ${token}`, "Content-Type": "application/json" },
+      body: body && JSON.stringify(body),
+    });
+  const other = await (await api("POST", "/v1/sandboxes", { template: "base", metadata: { made: "elsewhere" } })).json();
+  await page.locator(`#sandboxes li[data-id="${other.id}"]`).waitFor({ timeout: 15_000 });
+  seen.otherAppeared = true;
+  await page.locator("#filter").fill("elsewhere");
+  await page.locator(`#sandboxes li[data-id="${id}"]`).waitFor({ state: "detached" });
+  seen.filterHides = (await page.locator(`#sandboxes li[data-id="${other.id}"]`).count()) === 1;
+  await page.locator("#filter").fill("");
+  seen.otherDestroyStatus = (await api("DELETE", `/v1/sandboxes/${other.id}`)).status;
+  await page.locator(`#sandboxes li[data-id="${other.id}"]`).waitFor({ state: "detached", timeout: 15_000 });
+  seen.otherGone = true;
 
   step("terminal");
   await page.locator("#term-open").click();
@@ -153,7 +177,9 @@ try {
   await shot("05-build");
 
   step("usage");
-  seen.usageRunning = (await page.locator('#usage tr[data-key=running] td.num').textContent()).trim();
+  // Only this test's first sandbox runs by now.
+  await page.locator("#usage tr[data-key=running] td.num", { hasText: /^1 \// }).waitFor({ timeout: 15_000 });
+  seen.usageRunning = (await page.locator("#usage tr[data-key=running] td.num").textContent()).trim();
 
   step("destroy");
   await page.locator('.tabs button[data-tab="sandbox"]').click();
