@@ -483,7 +483,37 @@ async function refreshUsage() {
   }
 }
 
+/** The running and kept-suspended counts over the last 10 minutes, sampled here. */
+const samples = [];
+const SAMPLES = 120;
+const SVG = "http://www.w3.org/2000/svg";
+
+function svg(tag, attrs) {
+  const e = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, String(v));
+  return e;
+}
+
+function renderChart() {
+  const w = 300;
+  const h = 60;
+  const max = Math.max(1, ...samples.flatMap((x) => [x.running, x.suspended]));
+  const line = (key, cls) => {
+    const step = w / (SAMPLES - 1);
+    const x0 = w - (samples.length - 1) * step;
+    const points = samples.map((x, i) => `${(x0 + i * step).toFixed(1)},${(h - 4 - (x[key] / max) * (h - 8)).toFixed(1)}`);
+    return svg("polyline", { points: points.join(" "), class: cls });
+  };
+  const chart = svg("svg", { viewBox: `0 0 ${w} ${h}`, role: "img", "aria-label": "running and suspended sandboxes, last 10 minutes" });
+  chart.append(svg("line", { x1: 0, y1: h - 4, x2: w, y2: h - 4, class: "axis" }), line("suspended", "suspended"), line("running", "running"));
+  $("usage-chart").replaceChildren(chart);
+  $("usage-chart-max").textContent = `max ${max}`;
+}
+
 function renderUsage(u) {
+  samples.push({ running: u.running.used, suspended: u.suspended.used });
+  if (samples.length > SAMPLES) samples.shift();
+  renderChart();
   $("usage").replaceChildren(
     ...USAGE_ROWS.map(([key, label]) => {
       const { used, limit } = u[key];

@@ -91,6 +91,7 @@ async fn the_web_console_works_in_chromium() {
     assert_eq!(seen["buildStatus"], "ready", "{seen}");
     assert_eq!(seen["buildListed"], true, "{seen}");
     assert_eq!(seen["usageRunning"], "1 / 200", "{seen}");
+    assert_eq!(seen["chartLines"], 2, "{seen}");
     assert_eq!(seen["destroyed"], true, "{seen}");
     assert_eq!(seen["tokenKept"], 0, "{seen}");
 

@@ -180,6 +180,7 @@ try {
   // Only this test's first sandbox runs by now.
   await page.locator("#usage tr[data-key=running] td.num", { hasText: /^1 \// }).waitFor({ timeout: 15_000 });
   seen.usageRunning = (await page.locator("#usage tr[data-key=running] td.num").textContent()).trim();
+  seen.chartLines = await page.locator("#usage-chart polyline").count();
 
   step("destroy");
   await page.locator('.tabs button[data-tab="sandbox"]').click();
