@@ -15,6 +15,7 @@ pub mod preview;
 pub mod sandbox;
 pub mod templates;
 pub mod terminal;
+pub mod usage;
 pub mod volumes;
 
 pub use duration::{format_duration, parse_duration};
@@ -24,6 +25,7 @@ pub use preview::*;
 pub use sandbox::*;
 pub use templates::*;
 pub use terminal::*;
+pub use usage::*;
 pub use volumes::*;
 
 use serde::{Deserialize, Serialize};

@@ -55,19 +55,56 @@ impl FromRequestParts<Arc<Server>> for Auth {
 /// The header the E2B SDKs send their API key in: the same tokens as `Bearer`.
 pub const API_KEY_HEADER: &str = "x-api-key";
 
-/// Whether a request presents an API token (`Authorization: Bearer` or `X-API-KEY`); an
-/// `Authorization: Basic` (envd's user) is not one.
+/// The WebSocket subprotocol a browser names to carry its API token: `bearer.<token>`. A
+/// browser cannot set `Authorization` on a WebSocket, and a token in the URL would end up
+/// in logs and history; `Sec-WebSocket-Protocol` is the one header it sets. The server
+/// never echoes this entry: it answers with [`WS_SUBPROTOCOL`], which the client lists too.
+pub const WS_BEARER_PREFIX: &str = "bearer.";
+
+/// The subprotocol a WebSocket route answers with when the client offered it (alongside
+/// its `bearer.<token>` entry; a browser fails a handshake whose answer names none of the
+/// protocols it offered).
+pub const WS_SUBPROTOCOL: &str = "sandpit.v1";
+
+/// The token of a WebSocket upgrade's `bearer.<token>` subprotocol, if it is one and offers
+/// one. Only upgrades: an ordinary request must use `Authorization`.
+fn ws_bearer(headers: &HeaderMap) -> Option<&str> {
+    use axum::http::header::{SEC_WEBSOCKET_PROTOCOL, UPGRADE};
+    let upgrade = headers.get(UPGRADE)?.to_str().ok()?;
+    if !upgrade.eq_ignore_ascii_case("websocket") {
+        return None;
+    }
+    headers
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix(WS_BEARER_PREFIX))
+}
+
+/// Whether a request presents an API token (`Authorization: Bearer`, `X-API-KEY`, or a
+/// WebSocket upgrade's `bearer.<token>` subprotocol); an `Authorization: Basic` (envd's
+/// user) is not one.
 pub fn presents_token(headers: &HeaderMap) -> bool {
     headers.contains_key(API_KEY_HEADER)
         || headers
             .get(axum::http::header::AUTHORIZATION)
             .is_some_and(|h| !h.as_bytes().starts_with(b"Basic "))
+        || ws_bearer(headers).is_some()
 }
 
 /// The caller named by a request's `Authorization: Bearer` header (or, when there is none,
-/// its `X-API-KEY` header, as the E2B SDKs send it), or 401.
+/// its `X-API-KEY` header, as the E2B SDKs send it, or a WebSocket upgrade's
+/// `bearer.<token>` subprotocol, as the web console sends it), or 401.
 pub async fn resolve(server: &Server, headers: &HeaderMap) -> Result<Auth, ApiError> {
     let token = match headers.get(axum::http::header::AUTHORIZATION) {
+        None if !headers.contains_key(API_KEY_HEADER) && ws_bearer(headers).is_some() => {
+            ws_bearer(headers)
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| {
+                    ApiError::unauthorized("the bearer.<token> subprotocol names no token")
+                })?
+        }
         Some(header) => header
             .to_str()
             .ok()
@@ -150,6 +187,41 @@ pub async fn bootstrap(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_websocket_upgrade_may_carry_its_token_as_a_subprotocol() {
+        let headers = |pairs: &[(&str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(
+                    axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            h
+        };
+        let upgrade = headers(&[
+            ("upgrade", "websocket"),
+            ("sec-websocket-protocol", "sandpit.v1, bearer.sp_abc"),
+        ]);
+        assert_eq!(ws_bearer(&upgrade), Some("sp_abc"));
+        assert!(presents_token(&upgrade));
+        let split = headers(&[
+            ("upgrade", "WebSocket"),
+            ("sec-websocket-protocol", "sandpit.v1"),
+            ("sec-websocket-protocol", "bearer.sp_def"),
+        ]);
+        assert_eq!(ws_bearer(&split), Some("sp_def"));
+        // Not an upgrade: the subprotocol header means nothing.
+        let plain = headers(&[("sec-websocket-protocol", "bearer.sp_abc")]);
+        assert_eq!(ws_bearer(&plain), None);
+        assert!(!presents_token(&plain));
+        let other = headers(&[
+            ("upgrade", "websocket"),
+            ("sec-websocket-protocol", "sandpit.v1"),
+        ]);
+        assert_eq!(ws_bearer(&other), None);
+    }
 
     #[test]
     fn tokens_are_random_and_hashes_stable() {

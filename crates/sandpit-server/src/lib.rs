@@ -29,6 +29,7 @@ pub mod routes;
 pub mod server;
 pub mod store;
 pub mod trace;
+pub mod ui;
 pub mod util;
 
 #[cfg(test)]

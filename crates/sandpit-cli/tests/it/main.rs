@@ -8,6 +8,7 @@
 
 mod abuse;
 mod api;
+mod console;
 mod crash;
 mod csb;
 mod database;

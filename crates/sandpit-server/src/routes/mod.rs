@@ -9,6 +9,7 @@ pub mod sandboxes;
 mod schema_rules;
 pub mod templates;
 pub mod terminals;
+pub mod usage;
 pub mod volumes;
 pub mod watch;
 
@@ -147,6 +148,7 @@ fn router() -> OpenApiRouter<Arc<Server>> {
         .merge(volumes::router())
         .merge(org::router())
         .merge(events::router())
+        .merge(usage::router())
 }
 
 /// The OpenAPI document of every route.
@@ -194,6 +196,8 @@ pub fn app(server: Arc<Server>) -> Router {
     .merge(crate::e2b::router())
     // MCP over streamable HTTP; its tools run `/v1` requests through this same app.
     .merge(crate::mcp::router())
+    // The web console's static files (`/ui/`), embedded at build time.
+    .merge(crate::ui::router())
     // Names the matched route template for the request metrics (outermost layer below).
     .route_layer(axum::middleware::from_fn(crate::metrics::tag_route))
     .fallback(|| async { ApiError::not_found("route_not_found", "no such route") })

@@ -313,6 +313,9 @@ async fn attach_terminal(
         .map_err(terminal_failure)?;
     drop(guard);
     Ok(ws
+        // A browser offers `sandpit.v1` next to its `bearer.<token>` (see `auth`); the
+        // answer names `sandpit.v1` only, never the token.
+        .protocols([crate::auth::WS_SUBPROTOCOL])
         .max_message_size(proto::MAX_FRAME_LEN)
         .max_frame_size(proto::MAX_FRAME_LEN)
         .on_upgrade(move |socket| relay(server, id, attachment, live, socket))
@@ -634,6 +637,68 @@ mod tests {
             h.row(&row.id).await.status,
             sandpit_control::Status::Running
         );
+        serving.abort();
+    }
+
+    /// A browser cannot set `Authorization` on a WebSocket: the web console offers its token
+    /// as the `bearer.<token>` subprotocol next to `sandpit.v1`, and the answer names only
+    /// `sandpit.v1`. A wrong token there is a 401 like any other.
+    #[tokio::test]
+    async fn a_browser_attaches_with_its_token_as_a_subprotocol() {
+        use tokio_tungstenite::tungstenite::{Message as WsMessage, client::IntoClientRequest};
+
+        let h = crate::tests::Harness::new(|_| {}).await;
+        let row = h
+            .create(sandpit_api_types::SandboxMode::Ephemeral)
+            .await
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = crate::routes::app(h.server.clone());
+        let serving = tokio::spawn(async move {
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .await
+        });
+        let made = reqwest::Client::new()
+            .post(format!("http://{addr}/v1/sandboxes/{}/terminals", row.id))
+            .bearer_auth(crate::tests::TOKEN)
+            .json(&serde_json::json!({"id": "t1"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(made.status().as_u16(), 201);
+        let url = format!("ws://{addr}/v1/sandboxes/{}/terminals/t1/attach", row.id);
+        let attach = |protocols: String| {
+            let mut req = url.as_str().into_client_request().unwrap();
+            req.headers_mut()
+                .insert("sec-websocket-protocol", protocols.parse().unwrap());
+            tokio_tungstenite::connect_async(req)
+        };
+
+        let (mut ws, resp) = attach(format!("sandpit.v1, bearer.{}", crate::tests::TOKEN))
+            .await
+            .unwrap();
+        assert_eq!(resp.headers()["sec-websocket-protocol"], "sandpit.v1");
+        ws.send(WsMessage::Binary(b"typed".to_vec().into()))
+            .await
+            .unwrap();
+        match ws.next().await {
+            Some(Ok(WsMessage::Binary(b))) => assert_eq!(&b[..], b"typed"),
+            other => panic!("{other:?}"),
+        }
+        drop(ws);
+
+        for protocols in ["sandpit.v1, bearer.sp_not_a_token", "sandpit.v1, bearer."] {
+            match attach(protocols.to_string()).await {
+                Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                    assert_eq!(resp.status().as_u16(), 401, "{protocols}")
+                }
+                other => panic!("{protocols}: {:?}", other.map(drop)),
+            }
+        }
         serving.abort();
     }
 
