@@ -16,6 +16,7 @@ pub mod sandbox;
 pub mod templates;
 pub mod terminal;
 pub mod volumes;
+pub mod webhooks;
 
 pub use duration::{format_duration, parse_duration};
 pub use events::*;
@@ -25,6 +26,7 @@ pub use sandbox::*;
 pub use templates::*;
 pub use terminal::*;
 pub use volumes::*;
+pub use webhooks::*;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;

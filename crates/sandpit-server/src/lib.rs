@@ -29,6 +29,7 @@ pub mod routes;
 pub mod server;
 pub mod store;
 pub mod util;
+pub mod webhooks;
 
 #[cfg(test)]
 mod tests;

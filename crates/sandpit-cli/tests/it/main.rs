@@ -35,6 +35,7 @@ mod tls;
 mod users;
 mod volumes;
 mod watch;
+mod webhooks;
 
 use std::path::Path;
 

@@ -11,6 +11,7 @@ pub mod templates;
 pub mod terminals;
 pub mod volumes;
 pub mod watch;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -147,6 +148,7 @@ fn router() -> OpenApiRouter<Arc<Server>> {
         .merge(volumes::router())
         .merge(org::router())
         .merge(events::router())
+        .merge(webhooks::router())
 }
 
 /// The OpenAPI document of every route.
