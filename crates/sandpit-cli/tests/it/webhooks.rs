@@ -616,3 +616,74 @@ async fn webhook_api_refuses_hostile_input_and_changes_nothing() {
         .unwrap();
     assert_eq!(resp.status(), 401);
 }
+
+/// Two nodes on one database both run a deliverer: each event reaches the receiver once
+/// (every delivery is claimed by one of them), whichever node made it.
+#[tokio::test]
+async fn two_nodes_on_one_database_deliver_each_event_once() {
+    let env = |i: u32, rx: u32| {
+        vec![
+            ("SANDPIT_NODE_NAME".to_string(), format!("node-{i}")),
+            (
+                "SANDPIT_WEBHOOK_ALLOW_HOSTS".to_string(),
+                format!("{}:{PORT}", Receiver::addr_of(rx)),
+            ),
+            ("SANDPIT_WEBHOOK_RETRY_BASE".to_string(), "1s".to_string()),
+        ]
+    };
+    let a = TestServer::start_with_index_env(bin(), |i| env(i, i))
+        .await
+        .unwrap();
+    let shared = match &a.database {
+        Some(db) => db.url.clone(),
+        None => format!("sqlite://{}", a.data_dir.join("sandpit.db").display()),
+    };
+    let rx_index = a.index;
+    let b = TestServer::start_with_index_env(bin(), move |i| {
+        let mut env = env(i, rx_index);
+        env.push(("SANDPIT_DATABASE".into(), shared));
+        env
+    })
+    .await
+    .unwrap();
+    let rx = Receiver::new(a.index).await;
+    let hook = Api::new(&a).create(json!({"url": rx.url("/all")})).await;
+    let secret = hook["secret"].as_str().unwrap().to_string();
+
+    let (ca, cb) = (a.client(), b.client_with(&a.token));
+    let on_a = create(&ca, base()).await;
+    let on_b = create(&cb, base()).await;
+    ca.destroy_sandbox(&on_a.id).await.unwrap();
+    cb.destroy_sandbox(&on_b.id).await.unwrap();
+
+    let destroyed = |got: &[Received]| {
+        got.iter()
+            .filter(|r| serde_json::from_slice::<Value>(&r.body).unwrap()["type"] == "destroyed")
+            .count()
+    };
+    wait_until(Duration::from_secs(60), "both destroyed events", || {
+        let got = rx.got();
+        async move { (destroyed(&got) >= 2).then_some(()) }
+    })
+    .await
+    .unwrap();
+    // Both deliverers poll every second: give a second copy time to show up if one would.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let got = rx.got();
+    let mut ids: Vec<&str> = got.iter().map(|r| r.event_id.as_str()).collect();
+    ids.sort();
+    let n = ids.len();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "an event was delivered twice: {got:?}");
+    assert_eq!(n, 6, "created, started, destroyed of each sandbox: {got:?}");
+    for r in &got {
+        verify(&secret, r);
+    }
+    let sandboxes: Vec<Value> = got
+        .iter()
+        .map(|r| serde_json::from_slice::<Value>(&r.body).unwrap()["sandbox_id"].clone())
+        .collect();
+    for id in [&on_a.id, &on_b.id] {
+        assert_eq!(sandboxes.iter().filter(|s| *s == id).count(), 3, "{got:?}");
+    }
+}
