@@ -24,6 +24,7 @@ use crate::egress::{in_netns, run, run_quiet};
 use crate::{base, bin, create};
 
 const PORT: u16 = 8080;
+const TLS_PORT: u16 = 8443;
 
 /// One request the receiver got.
 #[derive(Debug, Clone)]
@@ -50,6 +51,7 @@ struct Receiver {
     addr: Ipv4Addr,
     state: Arc<ReceiverState>,
     task: Option<tokio::task::JoinHandle<()>>,
+    tls_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Receiver {
@@ -65,6 +67,7 @@ impl Receiver {
             addr: Self::addr_of(index),
             state: Arc::default(),
             task: None,
+            tls_task: None,
         };
         r.remove();
         let prefix = format!("10.216.{index}.");
@@ -109,6 +112,56 @@ impl Receiver {
         r
     }
 
+    /// Serve HTTPS on port [`TLS_PORT`] with `cert`/`key`, on the receiver's address and on
+    /// a second one ([`Receiver::other_addr`]) the certificate does not name. A minimal
+    /// HTTP/1.1 reader: records the request like [`receive`] and answers 204.
+    fn serve_tls(&mut self, index: u32, cert: &std::path::Path, key: &std::path::Path) -> Ipv4Addr {
+        use rustls::pki_types::pem::PemObject;
+        let other = Ipv4Addr::new(10, 216, index as u8, 3);
+        run(&[
+            "ip",
+            "-n",
+            &self.ns,
+            "addr",
+            "add",
+            &format!("{other}/29"),
+            "dev",
+            &format!("twh{index}t"),
+        ]);
+        let certs = rustls::pki_types::CertificateDer::pem_file_iter(cert)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = in_netns(&self.ns, || {
+            let l = std::net::TcpListener::bind(("0.0.0.0", TLS_PORT)).unwrap();
+            l.set_nonblocking(true).unwrap();
+            l
+        });
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let state = self.state.clone();
+        self.tls_task = Some(tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, state) = (acceptor.clone(), state.clone());
+                tokio::spawn(async move {
+                    if let Ok(tls) = acceptor.accept(tcp).await {
+                        let _ = serve_one(tls, &state).await;
+                    }
+                });
+            }
+        }));
+        other
+    }
+
     fn url(&self, path: &str) -> String {
         format!("http://{}:{PORT}{path}", self.addr)
     }
@@ -125,7 +178,7 @@ impl Receiver {
 
 impl Drop for Receiver {
     fn drop(&mut self) {
-        if let Some(t) = &self.task {
+        for t in [&self.task, &self.tls_task].into_iter().flatten() {
             t.abort();
         }
         self.remove();
@@ -159,6 +212,62 @@ async fn receive(
         }
     }
     StatusCode::NO_CONTENT
+}
+
+/// Read one HTTP/1.1 request (head, then `Content-Length` bytes), record it, answer 204.
+async fn serve_one<S>(mut io: S, state: &ReceiverState) -> std::io::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = io.read(&mut chunk).await?;
+        if n == 0 || buf.len() > 65536 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let path = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .unwrap_or_default()
+        .to_string();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let h = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let len: usize = h("content-length").parse().unwrap_or(0);
+    while buf.len() < head_end + len {
+        let n = io.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    state.got.lock().unwrap().push(Received {
+        path,
+        event_id: h("sandpit-event-id"),
+        webhook_id: h("sandpit-webhook-id"),
+        signature: h("sandpit-signature"),
+        body: buf[head_end..head_end + len].to_vec(),
+    });
+    io.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+        .await?;
+    io.shutdown().await
 }
 
 /// HMAC-SHA256, written out here (RFC 2104) so the test does not trust the server's code.
@@ -686,4 +795,103 @@ async fn two_nodes_on_one_database_deliver_each_event_once() {
     for id in [&on_a.id, &on_b.id] {
         assert_eq!(sandboxes.iter().filter(|s| *s == id).count(), 3, "{got:?}");
     }
+}
+
+/// https endpoints: the certificate is checked against the roots the server trusts (here
+/// only the test CA, through `SSL_CERT_FILE`) and the URL's host; a mismatch is recorded as
+/// a TLS error and nothing is sent.
+#[tokio::test]
+async fn https_deliveries_check_the_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca_dir = tmp.path().to_path_buf();
+    // The certificate names this reservation's receiver address, known once the server
+    // holds its index.
+    let srv = TestServer::start_with_index_env(bin(), move |i| {
+        let (ca, _, _) =
+            crate::tls::test_certificates_for(&ca_dir, &format!("IP:{}", Receiver::addr_of(i)));
+        let rx = Receiver::addr_of(i);
+        vec![
+            (
+                "SANDPIT_WEBHOOK_ALLOW_HOSTS".into(),
+                format!("{rx}:{TLS_PORT},10.216.{i}.3:{TLS_PORT}"),
+            ),
+            ("SANDPIT_WEBHOOK_RETRY_BASE".into(), "1s".into()),
+            ("SSL_CERT_FILE".into(), ca.display().to_string()),
+        ]
+    })
+    .await
+    .unwrap();
+    let mut rx = Receiver::new(srv.index).await;
+    let other = rx.serve_tls(
+        srv.index,
+        &tmp.path().join("server.pem"),
+        &tmp.path().join("server.key"),
+    );
+    let api = Api::new(&srv);
+    let good = api
+        .create(
+            json!({"url": format!("https://{}:{TLS_PORT}/tls", rx.addr), "events": ["created"]}),
+        )
+        .await;
+    let wrong_name = api
+        .create(json!({"url": format!("https://{other}:{TLS_PORT}/wrong"), "events": ["created"]}))
+        .await;
+    let secret = good["secret"].as_str().unwrap().to_string();
+    let client = srv.client();
+    let sb = create(&client, base()).await;
+
+    let r = wait_until(
+        Duration::from_secs(60),
+        "the created event over https",
+        || {
+            let got = rx.got();
+            async move { got.into_iter().find(|r| r.path == "/tls") }
+        },
+    )
+    .await
+    .unwrap();
+    verify(&secret, &r);
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(
+        (v["type"].as_str(), v["sandbox_id"].as_str()),
+        (Some("created"), Some(sb.id.as_str()))
+    );
+    let done = wait_until(
+        Duration::from_secs(30),
+        "the https delivery recorded",
+        || {
+            let api = &api;
+            let id = good["id"].as_str().unwrap().to_string();
+            async move {
+                let d = api.deliveries(&id).await;
+                (d.len() == 1 && d[0]["status"] == "delivered").then(|| d[0].clone())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(done["status_code"], 204, "{done}");
+
+    let refused = wait_until(Duration::from_secs(30), "a failed TLS attempt", || {
+        let api = &api;
+        let id = wrong_name["id"].as_str().unwrap().to_string();
+        async move {
+            let d = api.deliveries(&id).await;
+            (d.len() == 1 && d[0]["attempts"].as_u64() >= Some(1)).then(|| d[0].clone())
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("TLS"),
+        "{refused}"
+    );
+    assert!(
+        rx.got().iter().all(|r| r.path != "/wrong"),
+        "sent over an unverified connection"
+    );
+    client.destroy_sandbox(&sb.id).await.unwrap();
 }
