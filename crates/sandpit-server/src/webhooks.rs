@@ -160,9 +160,8 @@ pub fn signature(secret: &str, t: i64, body: &[u8]) -> String {
 /// The delay after the `attempts`-th failed attempt (1 for the first): `base` doubling each
 /// time, at most [`MAX_RETRY_DELAY`].
 pub fn retry_delay(base: Duration, attempts: u32) -> Duration {
-    let doublings = attempts.saturating_sub(1).min(32);
-    base.saturating_mul(1u32 << doublings.min(31))
-        .min(MAX_RETRY_DELAY)
+    let doublings = attempts.saturating_sub(1).min(31);
+    base.saturating_mul(1u32 << doublings).min(MAX_RETRY_DELAY)
 }
 
 /// When to try again after the `attempts`-th failed attempt made at `now` (Unix ms), for an
