@@ -17,6 +17,7 @@ pub mod templates;
 pub mod terminal;
 pub mod usage;
 pub mod volumes;
+pub mod webhooks;
 
 pub use duration::{format_duration, parse_duration};
 pub use events::*;
@@ -27,6 +28,7 @@ pub use templates::*;
 pub use terminal::*;
 pub use usage::*;
 pub use volumes::*;
+pub use webhooks::*;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;

@@ -89,6 +89,9 @@ pub struct Metrics {
     pub agent_restarts: Counter,
     /// Requests refused with 429, by error code.
     pub rate_limited: Family<CodeLabels, Counter>,
+    /// Webhook delivery attempts by `result`: `delivered`, `retry` (another attempt
+    /// scheduled), `failed` (given up), `refused` (the dialer would not connect; retried too).
+    pub webhook_deliveries: Family<ResultLabels, Counter>,
     pub sandboxes: Family<SandboxLabels, Gauge>,
     pub pool_size: Gauge,
     pub disk_free_bytes: Gauge,
@@ -115,6 +118,7 @@ impl Metrics {
             liveness_settlements: Counter::default(),
             agent_restarts: Counter::default(),
             rate_limited: Family::default(),
+            webhook_deliveries: Family::default(),
             sandboxes: Family::default(),
             pool_size: Gauge::default(),
             disk_free_bytes: Gauge::default(),
@@ -164,6 +168,11 @@ impl Metrics {
             "rate_limit_refusals",
             "Requests refused with 429, by error code",
             m.rate_limited.clone(),
+        );
+        registry.register(
+            "webhook_deliveries",
+            "Webhook delivery attempts, by result (delivered, retry, failed, refused)",
+            m.webhook_deliveries.clone(),
         );
         registry.register(
             "sandboxes",

@@ -24,6 +24,8 @@
 //!   refused too, unless the `host[:port]` asked for is one of the operator's exceptions
 //!   (`--allowed-registries`). An exception never opens the pool, link-local, multicast,
 //!   reserved or unspecified addresses.
+//! - a webhook delivery (`Webhook`): the same as a pull, with its own exceptions
+//!   (`--webhook-allow-hosts`, on the dialer the deliveries use).
 //!
 //! Names a sandbox asked for are resolved through the sandboxes' nameservers (what the
 //! sandbox's own DNS would answer); names the host fetches (registries) through the host's
@@ -59,6 +61,8 @@ pub enum Purpose<'a> {
     SandboxName(&'a EgressRules),
     /// An image pull: public addresses, or anything but the fixed ranges for an exception.
     Pull,
+    /// A webhook delivery: as a pull (the exceptions are the webhook dialer's).
+    Webhook,
 }
 
 /// Why an address is refused: the range it lies in.
@@ -326,7 +330,7 @@ impl Boundary<'_> {
             return self.lift(purpose, host, port, Range::Host);
         }
         match purpose {
-            Purpose::Pull => match private_range(a) {
+            Purpose::Pull | Purpose::Webhook => match private_range(a) {
                 Some(range) => self.lift(purpose, host, port, range),
                 None => Ok(()),
             },
@@ -349,9 +353,10 @@ impl Boundary<'_> {
         }
     }
 
-    /// Refuses `range` unless it is liftable, this is a pull and `host:port` an exception.
+    /// Refuses `range` unless it is liftable, this is a pull or a webhook and `host:port` an
+    /// exception.
     fn lift(&self, purpose: Purpose<'_>, host: &str, port: u16, range: Range) -> Result<(), Range> {
-        let excepted = matches!(purpose, Purpose::Pull)
+        let excepted = matches!(purpose, Purpose::Pull | Purpose::Webhook)
             && range.liftable()
             && self.exceptions.iter().any(|e| e.matches(host, port));
         if excepted { Ok(()) } else { Err(range) }
@@ -597,7 +602,7 @@ impl Dialer {
                 }
                 Ok(found.into_iter().map(IpAddr::V4).collect())
             }
-            Purpose::Pull => {
+            Purpose::Pull | Purpose::Webhook => {
                 let found = tokio::time::timeout(
                     RESOLVE_TIMEOUT,
                     tokio::net::lookup_host((name.as_str(), port)),
@@ -847,6 +852,32 @@ mod tests {
         assert_eq!(
             b.verdict(name, "h", 443, ip("2606:2800::1")),
             Err(Range::NotAllowed)
+        );
+    }
+
+    #[test]
+    fn webhooks_are_judged_as_pulls_with_their_own_exceptions() {
+        let host = host_nets();
+        let exceptions: Vec<Endpoint> = vec!["10.216.3.2:8080".parse().unwrap()];
+        let b = boundary(&host, &exceptions);
+        let w = Purpose::Webhook;
+        assert_eq!(b.verdict(w, "hooks.example", 443, ip("54.1.2.3")), Ok(()));
+        assert_eq!(b.verdict(w, "10.216.3.2", 8080, ip("10.216.3.2")), Ok(()));
+        assert_eq!(
+            b.verdict(w, "10.216.3.2", 8081, ip("10.216.3.2")),
+            Err(Range::Private("10.0.0.0/8"))
+        );
+        assert_eq!(
+            b.verdict(w, "127.0.0.1", 80, ip("127.0.0.1")),
+            Err(Range::Loopback("127.0.0.0/8"))
+        );
+        assert_eq!(
+            b.verdict(w, "10.216.3.2", 8080, ip("169.254.169.254")),
+            Err(Range::LinkLocal("169.254.0.0/16"))
+        );
+        assert_eq!(
+            b.verdict(w, "10.216.3.2", 8080, ip("10.88.0.6")),
+            Err(Range::Pool(POOL))
         );
     }
 
@@ -1131,17 +1162,19 @@ mod tests {
                             prop_assert_eq!(r.always_denied(), denied, "{} named {:?}", addr, r);
                         }
                     }
-                    let v = b.verdict(Purpose::Pull, "registry.test", port, addr);
-                    if denied && !excepted {
-                        prop_assert!(v.is_err(), "{addr} reached by a pull");
-                    }
-                    if denied && v.is_ok() {
-                        prop_assert!(excepted);
-                        let j = canonical(addr);
-                        prop_assert!(
-                            j.is_loopback() || host.iter().any(|n| n.contains(addr) || n.contains(j)),
-                            "an exception opened {}", addr
-                        );
+                    for purpose in [Purpose::Pull, Purpose::Webhook] {
+                        let v = b.verdict(purpose, "registry.test", port, addr);
+                        if denied && !excepted {
+                            prop_assert!(v.is_err(), "{addr} reached by {purpose:?}");
+                        }
+                        if denied && v.is_ok() {
+                            prop_assert!(excepted);
+                            let j = canonical(addr);
+                            prop_assert!(
+                                j.is_loopback() || host.iter().any(|n| n.contains(addr) || n.contains(j)),
+                                "an exception opened {}", addr
+                            );
+                        }
                     }
                 }
             }

@@ -31,6 +31,7 @@ pub mod store;
 pub mod trace;
 pub mod ui;
 pub mod util;
+pub mod webhooks;
 
 #[cfg(test)]
 mod tests;

@@ -78,6 +78,12 @@ pub struct ServerConfig {
     pub disk_limit: Option<u64>,
     /// How long lifecycle events stay in the log (`GET /v1/events`).
     pub events_retention: Duration,
+    /// Webhook endpoints (`host[:port]`) deliveries may reach on loopback, private or host
+    /// addresses (otherwise refused, see `sandpit_net::dial`; never the pool or link-local).
+    pub webhook_allow_hosts: Vec<sandpit_net::Endpoint>,
+    /// The delay before a failed delivery's first retry; it doubles with each attempt, up to
+    /// an hour (see [`crate::webhooks`]).
+    pub webhook_retry_base: Duration,
 }
 
 impl ServerConfig {
@@ -108,6 +114,8 @@ impl ServerConfig {
             disk_limit: Some(10 << 30),
             liveness_interval: Duration::from_secs(2),
             events_retention: sandpit_control::node::DEFAULT_EVENTS_RETENTION,
+            webhook_allow_hosts: Vec::new(),
+            webhook_retry_base: crate::webhooks::DEFAULT_RETRY_BASE,
             min_free_disk: 2 << 30,
         }
     }
@@ -242,15 +250,23 @@ impl Server {
             .idempotency
             .clear_pending(&server.node.cfg.node_id)
             .await?;
+        // Webhook attempts this node had under way died too: due again now.
+        server
+            .store
+            .webhooks
+            .release_leases(&server.node.cfg.node_id)
+            .await?;
         Ok((server, token))
     }
 
     /// Start the node's reaper (timeouts, idle suspends, the liveness watch) and the edge's
     /// own housekeeping (forgetting refilled rate-limit state and the E2B processes of gone
-    /// sandboxes; hourly garbage collection of unreferenced layers, [`crate::gc`]). All stop with `shutdown`.
+    /// sandboxes; hourly garbage collection of unreferenced layers, [`crate::gc`]) and the
+    /// webhook deliveries ([`crate::webhooks`]). All stop with `shutdown`.
     pub fn spawn_reaper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let reaper = self.node.spawn_reaper();
         let gc = crate::gc::spawn(self);
+        let webhooks = crate::webhooks::spawn(self);
         let server = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
@@ -265,6 +281,7 @@ impl Server {
             }
             let _ = reaper.await;
             let _ = gc.await;
+            let _ = webhooks.await;
         })
     }
 }

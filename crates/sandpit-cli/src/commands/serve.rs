@@ -207,6 +207,15 @@ pub struct ServeArgs {
     /// otherwise. Never opens the sandbox pool or link-local (metadata) addresses.
     #[arg(long, env = "SANDPIT_ALLOWED_REGISTRIES", value_delimiter = ',')]
     allowed_registries: Vec<String>,
+    /// Webhook endpoints (host or host:port, comma-separated) that deliveries may reach on
+    /// loopback, private or this host's addresses; deliveries to such addresses are refused
+    /// otherwise. Never opens the sandbox pool or link-local (metadata) addresses.
+    #[arg(long, env = "SANDPIT_WEBHOOK_ALLOW_HOSTS", value_delimiter = ',')]
+    webhook_allow_hosts: Vec<String>,
+    /// The delay before a failed webhook delivery is tried again, e.g. 10s; it doubles with
+    /// each attempt, up to an hour, until a day after the event.
+    #[arg(long, env = "SANDPIT_WEBHOOK_RETRY_BASE", default_value = "10s")]
+    webhook_retry_base: String,
     /// Disk of a `small` sandbox, e.g. 10G or 512M (`medium` gets twice, `large` four
     /// times). The files a sandbox writes live on a sparse ext4 image of that size, so a full
     /// sandbox gets ENOSPC and the host's disk is safe. `off`: no bound.
@@ -470,17 +479,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_suspended: args.max_suspended,
     };
     cfg.insecure_registries = args.insecure_registries.clone();
-    // Empty items (`SANDPIT_ALLOWED_REGISTRIES=` or a trailing comma) name nothing.
-    cfg.allowed_registries = args
-        .allowed_registries
-        .iter()
-        .map(|s| s.trim())
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse::<sandpit_net::Endpoint>()
-                .map_err(|e| anyhow::anyhow!("--allowed-registries {s:?}: {e}"))
-        })
-        .collect::<anyhow::Result<_>>()?;
+    cfg.allowed_registries = endpoints(&args.allowed_registries, "--allowed-registries")?;
+    cfg.webhook_allow_hosts = endpoints(&args.webhook_allow_hosts, "--webhook-allow-hosts")?;
+    cfg.webhook_retry_base = sandpit_api_types::parse_duration(&args.webhook_retry_base)
+        .map_err(anyhow::Error::msg)
+        .context("--webhook-retry-base")?;
+    anyhow::ensure!(
+        !cfg.webhook_retry_base.is_zero(),
+        "--webhook-retry-base must be more than 0"
+    );
     cfg.disk_limit = args.disk_limit.0;
     sandpit_image::unpack::UnpackLimits::set_current(sandpit_image::unpack::UnpackLimits {
         max_bytes: args.archive_max_bytes,
@@ -793,6 +800,20 @@ fn node_name_from_host(host: &str) -> String {
     } else {
         "local".into()
     }
+}
+
+/// `host[:port]` items of a comma-separated flag. Empty items (`SANDPIT_…=` or a trailing
+/// comma) name nothing.
+fn endpoints(items: &[String], flag: &str) -> anyhow::Result<Vec<sandpit_net::Endpoint>> {
+    items
+        .iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<sandpit_net::Endpoint>()
+                .map_err(|e| anyhow::anyhow!("{flag} {s:?}: {e}"))
+        })
+        .collect()
 }
 
 #[cfg(test)]

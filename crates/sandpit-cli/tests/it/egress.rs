@@ -39,7 +39,7 @@ const HOST_PORT: u16 = 7006;
 const SANDBOX_PORT: u16 = 7005;
 
 /// Runs a command, panicking with its stderr if it fails.
-fn run(args: &[&str]) -> String {
+pub(crate) fn run(args: &[&str]) -> String {
     let out = Command::new(args[0])
         .args(&args[1..])
         .output()
@@ -53,13 +53,13 @@ fn run(args: &[&str]) -> String {
 }
 
 /// Runs a command, ignoring failure (cleanup).
-fn run_quiet(args: &[&str]) {
+pub(crate) fn run_quiet(args: &[&str]) {
     let _ = Command::new(args[0]).args(&args[1..]).output();
 }
 
 /// Runs `f` on a fresh thread that has entered the named network namespace; sockets created
 /// there stay in that namespace.
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+pub(crate) fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let path = format!("/var/run/netns/{ns}");
     std::thread::spawn(move || {
         let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));

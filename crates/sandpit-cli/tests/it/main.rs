@@ -37,6 +37,7 @@ mod traces;
 mod users;
 mod volumes;
 mod watch;
+mod webhooks;
 
 use std::path::Path;
 

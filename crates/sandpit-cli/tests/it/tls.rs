@@ -21,6 +21,15 @@ use crate::bin;
 /// (CA, certificate, key). Clients refuse a wildcard over a single label (`*.localhost`),
 /// so the TLS tests serve previews under `sandpit.localhost`.
 pub(crate) fn test_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    test_certificates_for(
+        dir,
+        "DNS:localhost,DNS:*.localhost,DNS:sandpit.localhost,DNS:*.sandpit.localhost,IP:127.0.0.1",
+    )
+}
+
+/// A test CA and a server certificate it signed for `san` (an openssl subjectAltName list):
+/// (CA, certificate, key).
+pub(crate) fn test_certificates_for(dir: &Path, san: &str) -> (PathBuf, PathBuf, PathBuf) {
     let openssl = |args: &[&str]| {
         let out = std::process::Command::new("openssl")
             .args(args)
@@ -31,8 +40,7 @@ pub(crate) fn test_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     };
     std::fs::write(
         dir.join("ext.cnf"),
-        "subjectAltName=DNS:localhost,DNS:*.localhost,DNS:sandpit.localhost,\
-         DNS:*.sandpit.localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        format!("subjectAltName={san}\nextendedKeyUsage=serverAuth\n"),
     )
     .expect("write ext.cnf");
     let ec = [

@@ -371,6 +371,15 @@ impl Node {
                     if let Err(e) = node.store.events.prune(now.saturating_sub(retention)).await {
                         tracing::warn!(error = %DisplayChain(&e), "reaper: pruning events");
                     }
+                    // Their deliveries go with them (retries end a day after the event).
+                    if let Err(e) = node
+                        .store
+                        .webhooks
+                        .prune(now.saturating_sub(retention))
+                        .await
+                    {
+                        tracing::warn!(error = %DisplayChain(&e), "reaper: pruning webhook deliveries");
+                    }
                 }
                 match node.store.sandboxes.expired(&node.cfg.node_id, now).await {
                     Ok(ids) => {

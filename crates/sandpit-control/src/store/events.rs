@@ -1,10 +1,31 @@
 //! The lifecycle event log: per workspace, in `seq` order (`GET /v1/events`). Appends are
 //! best-effort for the operation that makes them (a failed append is logged by the caller,
-//! never fails the operation); reads page by `seq`; old events are pruned.
+//! never fails the operation) and insert the event's webhook deliveries in the same
+//! transaction ([`super::Webhooks`]); reads page by `seq`; old events are pruned.
 
 use super::{Db, q};
 use crate::error::ControlError;
 use crate::with_db;
+
+/// Insert, in transaction `$tx`, a pending delivery of event `$seq` for each webhook of the
+/// workspace whose filter takes `$kind` (kinds are the server's own words, so `LIKE` sees no
+/// tenant text).
+macro_rules! fan_out {
+    ($tx:ident, $workspace:expr, $seq:expr, $kind:expr, $now:expr) => {
+        sqlx::query(
+            "INSERT INTO webhook_deliveries
+                 (webhook_id, workspace_id, event_seq, event_at, status, attempts, next_attempt_at)
+             SELECT id, workspace_id, $1, $2, 'pending', 0, $2 FROM webhooks
+             WHERE workspace_id = $3 AND (events IS NULL OR events LIKE $4)",
+        )
+        .bind($seq)
+        .bind($now)
+        .bind($workspace)
+        .bind(format!("%,{},%", $kind))
+        .execute(&mut *$tx)
+        .await?;
+    };
+}
 
 /// One event.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -25,7 +46,8 @@ pub struct Events {
 }
 
 impl Events {
-    /// Append an event of a workspace.
+    /// Append an event of a workspace, with a delivery for each of the workspace's webhooks
+    /// that takes its kind (one transaction).
     pub async fn append(
         &self,
         workspace_id: &str,
@@ -35,21 +57,27 @@ impl Events {
         now: i64,
     ) -> Result<(), ControlError> {
         let detail = detail.to_string();
-        with_db!(self.db, p => sqlx::query(
-            "INSERT INTO events (workspace_id, kind, sandbox_id, detail, at)
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(workspace_id)
-        .bind(kind)
-        .bind(sandbox_id)
-        .bind(&detail)
-        .bind(now)
-        .execute(p).await.map(drop))
+        with_db!(self.db, p => async {
+            let mut tx = p.begin().await?;
+            let (seq,): (i64,) = sqlx::query_as(
+                "INSERT INTO events (workspace_id, kind, sandbox_id, detail, at)
+                 VALUES ($1, $2, $3, $4, $5) RETURNING seq",
+            )
+            .bind(workspace_id)
+            .bind(kind)
+            .bind(sandbox_id)
+            .bind(&detail)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?;
+            fan_out!(tx, workspace_id, seq, kind, now);
+            tx.commit().await
+        }.await)
         .map_err(q("appending an event"))
     }
 
     /// Append an event of a sandbox, in the workspace its row names (nothing if there is no
-    /// such row).
+    /// such row), with its webhook deliveries as [`Events::append`].
     pub async fn append_for_sandbox(
         &self,
         sandbox_id: &str,
@@ -58,15 +86,24 @@ impl Events {
         now: i64,
     ) -> Result<(), ControlError> {
         let detail = detail.to_string();
-        with_db!(self.db, p => sqlx::query(
-            "INSERT INTO events (workspace_id, kind, sandbox_id, detail, at)
-             SELECT workspace_id, $1, id, $2, $3 FROM sandboxes WHERE id = $4",
-        )
-        .bind(kind)
-        .bind(&detail)
-        .bind(now)
-        .bind(sandbox_id)
-        .execute(p).await.map(drop))
+        with_db!(self.db, p => async {
+            let mut tx = p.begin().await?;
+            let row: Option<(i64, String)> = sqlx::query_as(
+                "INSERT INTO events (workspace_id, kind, sandbox_id, detail, at)
+                 SELECT workspace_id, $1, id, $2, $3 FROM sandboxes WHERE id = $4
+                 RETURNING seq, workspace_id",
+            )
+            .bind(kind)
+            .bind(&detail)
+            .bind(now)
+            .bind(sandbox_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some((seq, workspace_id)) = row {
+                fan_out!(tx, &workspace_id, seq, kind, now);
+            }
+            tx.commit().await
+        }.await)
         .map_err(q("appending a sandbox's event"))
     }
 

@@ -1,5 +1,6 @@
 //! The persistent store, split by aggregate ([`Tenants`], [`Templates`], [`Sandboxes`],
-//! [`Previews`], [`Snapshots`], [`Idempotency`], [`Nodes`], [`Layers`]), on SQLite (the
+//! [`Previews`], [`Snapshots`], [`Idempotency`], [`Nodes`], [`Layers`], [`Volumes`],
+//! [`Events`], [`Webhooks`]), on SQLite (the
 //! default, one file) or PostgreSQL (`--database postgres://…`, for several API replicas),
 //! behind one interface.
 //!
@@ -35,6 +36,7 @@ mod snapshots;
 mod templates;
 mod tenants;
 mod volumes;
+mod webhooks;
 
 pub use events::{EventRow, Events};
 pub use idempotency::{Idempotency, IdempotencyRow};
@@ -48,6 +50,10 @@ pub use templates::{
 };
 pub use tenants::{Tenants, TokenAuth, TokenRow, WorkspaceRow};
 pub use volumes::{STORED_VOLUME, StoredVolume, VolumeMountRow, VolumeRow, Volumes};
+pub use webhooks::{
+    AttemptOutcome, ClaimedDelivery, DELIVERED, DeliveryRow, FAILED, PENDING, WebhookRow, Webhooks,
+    encode_kinds,
+};
 
 /// Which database a [`Db`] talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,6 +221,7 @@ pub struct Store {
     pub layers: Layers,
     pub volumes: Volumes,
     pub events: Events,
+    pub webhooks: Webhooks,
 }
 
 impl Store {
@@ -240,6 +247,7 @@ impl Store {
             layers: Layers { db: db.clone() },
             volumes: Volumes { db: db.clone() },
             events: Events { db: db.clone() },
+            webhooks: Webhooks { db: db.clone() },
             db,
         }
     }

@@ -1568,3 +1568,302 @@ async fn events_are_per_workspace_ordered_and_pruned(db: &TestDb) {
             .is_empty()
     );
 }
+
+fn webhook(id: &str, ws: &str, events: Option<&[&str]>) -> WebhookRow {
+    WebhookRow {
+        id: id.into(),
+        workspace_id: ws.into(),
+        url: format!("https://hooks.test/{id}"),
+        events: events.map(encode_kinds),
+        description: None,
+        secret: format!("whsec_{id}"),
+        created_at: 1,
+    }
+}
+
+both!(webhooks_fan_out_claim_once_and_settle_under_their_lease);
+async fn webhooks_fan_out_claim_once_and_settle_under_their_lease(db: &TestDb) {
+    let s = &db.store;
+    workspace(s, "ws_a").await;
+    workspace(s, "ws_b").await;
+    base_template(s).await;
+    assert!(
+        s.webhooks
+            .insert(&webhook("wh_all", "ws_a", None), 2)
+            .await
+            .unwrap()
+    );
+    assert!(
+        s.webhooks
+            .insert(
+                &webhook("wh_gone", "ws_a", Some(&["destroyed", "build_finished"])),
+                2
+            )
+            .await
+            .unwrap()
+    );
+    // The workspace's limit: nothing is inserted past it; other workspaces are not counted.
+    assert!(
+        !s.webhooks
+            .insert(&webhook("wh_3", "ws_a", None), 2)
+            .await
+            .unwrap()
+    );
+    assert!(
+        s.webhooks
+            .insert(&webhook("wh_b", "ws_b", None), 2)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        s.webhooks
+            .list("ws_a")
+            .await
+            .unwrap()
+            .iter()
+            .map(|w| w.id.as_str())
+            .collect::<Vec<_>>(),
+        ["wh_all", "wh_gone"]
+    );
+    assert_eq!(
+        s.webhooks
+            .get("ws_a", "wh_gone")
+            .await
+            .unwrap()
+            .unwrap()
+            .kinds(),
+        Some(vec!["destroyed".to_string(), "build_finished".to_string()])
+    );
+    assert!(s.webhooks.get("ws_b", "wh_gone").await.unwrap().is_none());
+    assert!(!format!("{:?}", webhook("wh_x", "ws_a", None)).contains("whsec_"));
+
+    s.sandboxes
+        .insert(&sandbox("sb_w", "ws_a", Status::Running, Some(1)))
+        .await
+        .unwrap();
+    s.events
+        .append_for_sandbox("sb_w", "created", &serde_json::json!({}), 1_000)
+        .await
+        .unwrap();
+    s.events
+        .append(
+            "ws_a",
+            "destroyed",
+            Some("sb_w"),
+            &serde_json::json!({}),
+            1_001,
+        )
+        .await
+        .unwrap();
+    // `created` reaches wh_all only; `destroyed` both; ws_b's webhook nothing.
+    assert_eq!(
+        s.webhooks
+            .deliveries("ws_a", "wh_all", 10)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    let gone = s.webhooks.deliveries("ws_a", "wh_gone", 10).await.unwrap();
+    assert_eq!(gone.len(), 1);
+    assert_eq!(gone[0].kind.as_deref(), Some("destroyed"));
+    assert_eq!((gone[0].status.as_str(), gone[0].attempts), (PENDING, 0));
+    assert!(
+        s.webhooks
+            .deliveries("ws_b", "wh_b", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        s.webhooks
+            .deliveries("ws_b", "wh_all", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Two processes claim at once: each delivery goes to exactly one of them.
+    let other = db.another_process().await;
+    let (x, y) = tokio::join!(
+        s.webhooks.claim("node-x", 2_000, 100_000, 10),
+        other.webhooks.claim("node-y", 2_000, 100_000, 10)
+    );
+    let (x, y) = (x.unwrap(), y.unwrap());
+    let mut ids: Vec<i64> = x.iter().chain(&y).map(|d| d.id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!((ids.len(), x.len() + y.len()), (3, 3), "{x:?} {y:?}");
+    // Leased: nothing more to claim before the lease lapses.
+    assert!(
+        s.webhooks
+            .claim("node-z", 2_001, 100_000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let claimed: Vec<(&str, &ClaimedDelivery)> = x
+        .iter()
+        .map(|d| ("node-x", d))
+        .chain(y.iter().map(|d| ("node-y", d)))
+        .collect();
+    let (node, d) = claimed
+        .iter()
+        .find(|(_, d)| d.webhook_id == "wh_gone")
+        .copied()
+        .unwrap();
+    assert_eq!(d.secret, "whsec_wh_gone");
+    assert_eq!(d.kind.as_deref(), Some("destroyed"));
+    assert_eq!(d.at, Some(1_001));
+    let retry = AttemptOutcome {
+        status: PENDING,
+        next_attempt_at: 5_000,
+        status_code: Some(500),
+        error: None,
+        response: Some("oops".into()),
+        attempted_at: 2_000,
+    };
+    // Only the lease holder records.
+    assert!(
+        !s.webhooks
+            .settle(d.id, "node-z", d.lease_until, &retry)
+            .await
+            .unwrap()
+    );
+    assert!(
+        s.webhooks
+            .settle(d.id, node, d.lease_until, &retry)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.webhooks
+            .settle(d.id, node, d.lease_until, &retry)
+            .await
+            .unwrap()
+    );
+    let after = &s.webhooks.deliveries("ws_a", "wh_gone", 10).await.unwrap()[0];
+    assert_eq!(
+        (
+            after.status.as_str(),
+            after.attempts,
+            after.last_status_code,
+            after.next_attempt_at
+        ),
+        (PENDING, 1, Some(500), 5_000)
+    );
+    assert_eq!(after.last_response.as_deref(), Some("oops"));
+    // Not due before its time; due after, and then claimable again.
+    assert!(
+        s.webhooks
+            .claim("node-z", 4_999, 200_000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let again = s
+        .webhooks
+        .claim("node-z", 5_000, 200_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(again.iter().map(|d| d.id).collect::<Vec<_>>(), [d.id]);
+    assert_eq!(again[0].attempts, 1);
+    // A lapsed lease is claimable by another node; the first one's outcome is then refused.
+    let stolen = s
+        .webhooks
+        .claim("node-w", 200_001, 300_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(stolen.len(), 3);
+    let delivered = AttemptOutcome {
+        status: DELIVERED,
+        status_code: Some(204),
+        response: None,
+        ..retry.clone()
+    };
+    assert!(
+        !s.webhooks
+            .settle(d.id, "node-z", 200_000, &delivered)
+            .await
+            .unwrap()
+    );
+    for d in &stolen {
+        assert!(
+            s.webhooks
+                .settle(d.id, "node-w", d.lease_until, &delivered)
+                .await
+                .unwrap()
+        );
+    }
+    assert!(
+        s.webhooks
+            .claim("node-w", 400_000, 500_000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(s.webhooks.release_leases("node-w").await.unwrap(), 0);
+    assert!(
+        s.webhooks
+            .deliveries("ws_a", "wh_all", 10)
+            .await
+            .unwrap()
+            .iter()
+            .all(|d| d.status == DELIVERED)
+    );
+
+    // A deleted webhook takes its deliveries; later events make none for it.
+    assert!(!s.webhooks.delete("ws_b", "wh_gone").await.unwrap());
+    assert!(s.webhooks.delete("ws_a", "wh_gone").await.unwrap());
+    assert!(
+        s.webhooks
+            .deliveries("ws_a", "wh_gone", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    s.events
+        .append("ws_a", "destroyed", None, &serde_json::json!({}), 1_002)
+        .await
+        .unwrap();
+    let pending = s
+        .webhooks
+        .claim("node-w", 600_000, 700_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        pending
+            .iter()
+            .map(|d| d.webhook_id.as_str())
+            .collect::<Vec<_>>(),
+        ["wh_all"]
+    );
+    // A restarted node gives up its leases: claimable at once by anyone.
+    assert!(
+        s.webhooks
+            .claim("node-v", 600_001, 700_000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(s.webhooks.release_leases("node-w").await.unwrap(), 1);
+    assert_eq!(
+        s.webhooks
+            .claim("node-v", 600_001, 700_000, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    // Deliveries go with their events' age.
+    assert_eq!(s.webhooks.prune(1_002).await.unwrap(), 2);
+    assert_eq!(
+        s.webhooks
+            .deliveries("ws_a", "wh_all", 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    other.db().close().await;
+}

@@ -12,6 +12,7 @@ pub mod terminals;
 pub mod usage;
 pub mod volumes;
 pub mod watch;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -149,6 +150,7 @@ fn router() -> OpenApiRouter<Arc<Server>> {
         .merge(org::router())
         .merge(events::router())
         .merge(usage::router())
+        .merge(webhooks::router())
 }
 
 /// The OpenAPI document of every route.

@@ -1,12 +1,13 @@
 //! The rules of request bodies that the derived schemas cannot say, added to the OpenAPI
 //! document so generated clients and outside tools see what the server checks: either/or
-//! bodies, ranges of list items, the names a map may have, the scopes a token may get.
+//! bodies, ranges of list items, the names a map may have, the scopes a token may get, the
+//! event kinds a webhook may filter on.
 //! Each rule names the component and property it tightens; a rule whose target is missing
 //! fails the document's test, so a renamed field cannot silently drop its rule.
 
 use serde_json::{Value, json};
 
-use sandpit_api_types::{MAX_ALLOW_DOMAINS, SANDBOX_SCOPES};
+use sandpit_api_types::{EVENT_KINDS, MAX_ALLOW_DOMAINS, SANDBOX_SCOPES};
 use sandpit_control::create::MAX_METADATA;
 
 /// An environment variable name the server accepts: not empty, no `=`, no NUL.
@@ -55,6 +56,20 @@ fn rules() -> Vec<(&'static str, &'static str, Value)> {
             "EgressPolicy",
             "/properties/allow_domains",
             json!({"maxItems": MAX_ALLOW_DOMAINS}),
+        ),
+        (
+            "CreateWebhookRequest",
+            "/properties/events",
+            json!({
+                "minItems": 1,
+                "maxItems": EVENT_KINDS.len(),
+                "items": {"enum": EVENT_KINDS},
+            }),
+        ),
+        (
+            "CreateWebhookRequest",
+            "/properties/url",
+            json!({"pattern": "^[hH][tT][tT][pP][sS]?://"}),
         ),
         ("TokenCreateRequest", "/properties/scopes", scopes.clone()),
         ("TokenUpdateRequest", "/properties/scopes", scopes),
