@@ -47,6 +47,9 @@ enum Command {
     Nodes(commands::nodes::NodesArgs),
     /// Remove layers, build cache entries and deleted templates' files nothing references.
     Gc(commands::gc::GcArgs),
+    /// Operator commands on workspace secrets (rotate the master key).
+    #[command(subcommand)]
+    Secrets(commands::secrets::SecretsCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -62,6 +65,7 @@ fn main() -> std::process::ExitCode {
             Command::Cleanup(args) => commands::cleanup::run(args).await.map(|_| 0),
             Command::Nodes(args) => commands::nodes::run(args).await,
             Command::Gc(args) => commands::gc::run(args).await,
+            Command::Secrets(cmd) => commands::secrets::run(cmd).await,
             Command::Mcp(args) => commands::mcp::run(args).await,
             Command::Openapi => {
                 println!("{}", sandpit_server::openapi().to_pretty_json()?);

@@ -78,6 +78,11 @@ pub struct ServerConfig {
     pub disk_limit: Option<u64>,
     /// How long lifecycle events stay in the log (`GET /v1/events`).
     pub events_retention: Duration,
+    /// The master key of workspace secrets; `None`: the secrets routes answer
+    /// `secrets_disabled` (see `sandpit_control::secrets`).
+    pub secrets_key: Option<sandpit_control::secrets::MasterKey>,
+    /// PEM files of CAs the secrets proxy trusts upstream besides the host's roots.
+    pub secrets_extra_ca: Vec<PathBuf>,
 }
 
 impl ServerConfig {
@@ -109,6 +114,8 @@ impl ServerConfig {
             liveness_interval: Duration::from_secs(2),
             events_retention: sandpit_control::node::DEFAULT_EVENTS_RETENTION,
             min_free_disk: 2 << 30,
+            secrets_key: None,
+            secrets_extra_ca: Vec::new(),
         }
     }
 }
@@ -221,6 +228,16 @@ impl Server {
             agent_layer,
             resolv_conf,
         );
+        if let Some(key) = &cfg.secrets_key {
+            let upstream = sandpit_control::secrets::upstream_config(&cfg.secrets_extra_ca)?;
+            let state = sandpit_control::secrets::SecretsState::new(
+                sandpit_control::secrets::SecretsConfig {
+                    key: key.clone(),
+                    upstream,
+                },
+            );
+            let _ = node.secrets.set(Arc::new(state));
+        }
         let server = Arc::new(Server {
             limits: crate::limits::Limits::new(cfg.limits),
             cfg,

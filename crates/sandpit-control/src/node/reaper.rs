@@ -107,6 +107,10 @@ impl Node {
                         if let Err(e) = adopted {
                             tracing::warn!(sandbox = %row.id, error = %DisplayChain(&e), "adopting the egress policy");
                         }
+                        // Its secrets too (the proxy of the earlier process is gone).
+                        if let Err(e) = crate::secrets::attach(self, &row.id, s as u32).await {
+                            tracing::warn!(sandbox = %row.id, error = %DisplayChain(&e), "adopting the secrets");
+                        }
                     }
                     keep_runtime.insert(row.runtime_id.clone());
                     keep_net.extend(slot);

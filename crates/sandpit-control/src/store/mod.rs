@@ -1,5 +1,5 @@
 //! The persistent store, split by aggregate ([`Tenants`], [`Templates`], [`Sandboxes`],
-//! [`Previews`], [`Snapshots`], [`Idempotency`], [`Nodes`], [`Layers`]), on SQLite (the
+//! [`Previews`], [`Snapshots`], [`Idempotency`], [`Nodes`], [`Layers`], [`Secrets`] …), on SQLite (the
 //! default, one file) or PostgreSQL (`--database postgres://…`, for several API replicas),
 //! behind one interface.
 //!
@@ -31,6 +31,7 @@ mod layers;
 mod nodes;
 mod previews;
 mod sandboxes;
+mod secrets;
 mod snapshots;
 mod templates;
 mod tenants;
@@ -42,6 +43,7 @@ pub use layers::{Layers, StoredLayer};
 pub use nodes::{Heartbeat, NodeInfo, NodeLoad, NodeRow, NodeStatus, Nodes, valid_node_id};
 pub use previews::{PreviewTokenRow, Previews};
 pub use sandboxes::{LOST_OWNER, Sandbox, Sandboxes};
+pub use secrets::{SandboxSecrets, SecretRow, Secrets};
 pub use snapshots::{SnapshotRow, Snapshots};
 pub use templates::{
     MAX_VERSION, TemplateInsert, TemplateRef, TemplateRow, TemplateStatus, Templates,
@@ -215,6 +217,7 @@ pub struct Store {
     pub layers: Layers,
     pub volumes: Volumes,
     pub events: Events,
+    pub secrets: Secrets,
 }
 
 impl Store {
@@ -240,6 +243,7 @@ impl Store {
             layers: Layers { db: db.clone() },
             volumes: Volumes { db: db.clone() },
             events: Events { db: db.clone() },
+            secrets: Secrets { db: db.clone() },
             db,
         }
     }
