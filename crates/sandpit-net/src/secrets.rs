@@ -347,6 +347,11 @@ pub(crate) async fn intercept(
     }
     tracing::debug!(sandbox = %binding.sandbox, %name, injected = injected.len(), "secrets proxy: request forwarded");
     let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+    // Both sides have closed: end the sandbox's side with a reset rather than leave it in
+    // TIME_WAIT (gVisor cannot checkpoint a sandbox holding one, so it could not hibernate
+    // for a minute). HTTPS clients do not half-close, so nothing they still read is lost.
+    let (prefixed, _) = client.into_inner();
+    let _ = socket2::SockRef::from(&prefixed.inner).set_linger(Some(Duration::ZERO));
     Ok(())
 }
 

@@ -39,7 +39,7 @@ const HOST_PORT: u16 = 7006;
 const SANDBOX_PORT: u16 = 7005;
 
 /// Runs a command, panicking with its stderr if it fails.
-fn run(args: &[&str]) -> String {
+pub(crate) fn run(args: &[&str]) -> String {
     let out = Command::new(args[0])
         .args(&args[1..])
         .output()
@@ -53,13 +53,13 @@ fn run(args: &[&str]) -> String {
 }
 
 /// Runs a command, ignoring failure (cleanup).
-fn run_quiet(args: &[&str]) {
+pub(crate) fn run_quiet(args: &[&str]) {
     let _ = Command::new(args[0]).args(&args[1..]).output();
 }
 
 /// Runs `f` on a fresh thread that has entered the named network namespace; sockets created
 /// there stay in that namespace.
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+pub(crate) fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let path = format!("/var/run/netns/{ns}");
     std::thread::spawn(move || {
         let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
@@ -93,7 +93,7 @@ fn dns_answer(index: u32) -> Ipv4Addr {
 }
 
 /// A DNS reply to `query`: one A record `answer` for A queries, no records otherwise.
-fn dns_reply(query: &[u8], answer: Ipv4Addr) -> Option<Vec<u8>> {
+pub(crate) fn dns_reply(query: &[u8], answer: Ipv4Addr) -> Option<Vec<u8>> {
     if query.len() < 12 {
         return None;
     }
