@@ -108,7 +108,7 @@ impl Node {
                             tracing::warn!(sandbox = %row.id, error = %DisplayChain(&e), "adopting the egress policy");
                         }
                         // Its secrets too (the proxy of the earlier process is gone).
-                        if let Err(e) = crate::secrets::attach(self, &row.id, s as u32).await {
+                        if let Err(e) = crate::secrets::attach(self, &row.id, s).await {
                             tracing::warn!(sandbox = %row.id, error = %DisplayChain(&e), "adopting the secrets");
                         }
                     }
