@@ -281,6 +281,10 @@ pub(crate) async fn intercept(
     secrets: &[LiveSecret],
 ) -> Result<(), String> {
     let server_config = binding.ca.server_config(name).map_err(|e| e.to_string())?;
+    // Another handle on the sandbox's socket, for its options once TLS wraps it.
+    let ctl = std::os::fd::AsFd::as_fd(&inbound)
+        .try_clone_to_owned()
+        .map_err(|e| format!("duplicating the sandbox's socket: {e}"))?;
     let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
     let prefixed = Prefixed {
         head,
@@ -346,12 +350,25 @@ pub(crate) async fn intercept(
         binding.source.injected(secret, name);
     }
     tracing::debug!(sandbox = %binding.sandbox, %name, injected = injected.len(), "secrets proxy: request forwarded");
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-    // Both sides have closed: end the sandbox's side with a reset rather than leave it in
-    // TIME_WAIT (gVisor cannot checkpoint a sandbox holding one, so it could not hibernate
-    // for a minute). HTTPS clients do not half-close, so nothing they still read is lost.
-    let (prefixed, _) = client.into_inner();
-    let _ = socket2::SockRef::from(&prefixed.inner).set_linger(Some(Duration::ZERO));
+    // The answer is copied back; when it ends, the sandbox gets TLS close_notify and the
+    // TCP FIN in one segment (corked), so it never closes first: a connection the sandbox
+    // closes first lingers in its TIME_WAIT, and gVisor cannot checkpoint a sandbox holding
+    // one. At the very end its side is reset for the same reason.
+    let (mut from_client, mut to_client) = tokio::io::split(client);
+    let (mut from_server, mut to_server) = tokio::io::split(server);
+    let up = async {
+        let _ = tokio::io::copy(&mut from_client, &mut to_server).await;
+        let _ = to_server.shutdown().await;
+    };
+    let down = async {
+        let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+        let sock = socket2::SockRef::from(&ctl);
+        let _ = sock.set_tcp_cork(true);
+        let _ = to_client.shutdown().await;
+        let _ = sock.set_tcp_cork(false);
+    };
+    tokio::join!(up, down);
+    let _ = socket2::SockRef::from(&ctl).set_linger(Some(Duration::ZERO));
     Ok(())
 }
 
