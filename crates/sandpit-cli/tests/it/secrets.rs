@@ -5,11 +5,11 @@
 //! answers every DNS query with its API address; the API has its own test CA, which the
 //! server's proxy trusts through `SANDPIT_SECRETS_EXTRA_CA`; the sandbox does not trust it.
 //!
-//! The client in the sandbox is busybox `wget`, which hands HTTPS to an `openssl s_client`
-//! on its `PATH` and checks certificates with it: the test copies the host's `openssl` (with
-//! its libraries and loader) into the sandbox, so a request to a secret's host succeeds
+//! The HTTPS client in the sandbox is `openssl s_client`, copied from the host with its
+//! libraries and loader, which checks certificates: a request to a secret's host succeeds
 //! only if the sandbox trusts its lineage's CA (`SSL_CERT_FILE`, set by the server).
-//! (busybox's own TLS cannot parse the handshake records rustls coalesces.)
+//! (busybox's own TLS cannot parse the handshake records rustls coalesces.) Plain HTTP goes
+//! through busybox `wget`.
 //!
 //! The API records each request head it receives and answers `ok`: it never echoes what it
 //! got, so the real value never travels back into the sandbox.
@@ -299,7 +299,7 @@ async fn wget_with(client: &Client, id: &str, auth: &str, url: &str, opts: &str)
 }
 
 /// The host's `openssl` (with its libraries and the loader) into the sandbox, behind
-/// `/usr/local/bin/openssl`, where busybox `wget` finds it.
+/// `/usr/local/bin/openssl`.
 async fn install_openssl(client: &Client, id: &str) {
     let files = [
         "/usr/bin/openssl",
