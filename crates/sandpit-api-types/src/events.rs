@@ -11,7 +11,9 @@ pub struct LifecycleEvent {
     /// `created`, `started` (`detail.path`: `pool`, `snapshot`, `boot_snapshot` or `cold`),
     /// `suspended` (`detail.reason`: `requested` or `idle`), `woken`, `forked`
     /// (`detail.parent`), `failed` (`detail.reason`), `destroyed`, `build_finished`
-    /// (`detail.template`, `detail.status`, `detail.error`).
+    /// (`detail.template`, `detail.status`, `detail.error`), `secret_injected`
+    /// (`detail.secret`, `detail.host`: the proxy put that secret's value into a request of
+    /// the sandbox; never the value).
     #[serde(rename = "type")]
     pub kind: String,
     /// The sandbox it is about (none for builds).

@@ -412,6 +412,11 @@ pub struct CreateSandboxRequest {
     /// mounts the volumes its sandbox had.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<crate::VolumeMountRequest>,
+    /// Workspace secrets the sandbox may use (at most 16; see `POST /v1/secrets`): each
+    /// gives it a placeholder in `SANDPIT_SECRET_<NAME>`, which the server's proxy replaces
+    /// by the value in HTTPS requests to the secret's hosts. Not with `snapshot`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
 }
 
 /// A sandbox as every `/v1/sandboxes` response shows it.

@@ -20,6 +20,7 @@ pub const EVENT_KINDS: &[&str] = &[
     "failed",
     "destroyed",
     "build_finished",
+    "secret_injected",
 ];
 
 /// `POST /v1/webhooks`.

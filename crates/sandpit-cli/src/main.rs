@@ -52,6 +52,9 @@ enum Command {
     /// TLS for development: a local CA (`sandpit serve --tls-dev-ca DIR` makes it too).
     #[command(subcommand)]
     Tls(commands::tls::TlsCommand),
+    /// Operator commands on workspace secrets (rotate the master key).
+    #[command(subcommand)]
+    Secrets(commands::secrets::SecretsCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -68,6 +71,7 @@ fn main() -> std::process::ExitCode {
             Command::Nodes(args) => commands::nodes::run(args).await,
             Command::Gc(args) => commands::gc::run(args).await,
             Command::Tls(cmd) => commands::tls::run(cmd),
+            Command::Secrets(cmd) => commands::secrets::run(cmd).await,
             Command::Mcp(args) => commands::mcp::run(args).await,
             Command::Openapi => {
                 println!("{}", sandpit_server::openapi().to_pretty_json()?);

@@ -19,6 +19,7 @@ pub mod node;
 pub mod placement;
 pub mod recovery;
 pub mod remote;
+pub mod secrets;
 pub mod store;
 #[cfg(any(test, feature = "fake"))]
 pub mod testing;

@@ -57,6 +57,14 @@ pub struct SandboxLabels {
     pub workspace: String,
 }
 
+/// A secret injected by the proxy into a request of a sandbox (never the value).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SecretLabels {
+    pub workspace: String,
+    pub sandbox: String,
+    pub secret: String,
+}
+
 type Timings = Family<RouteLabels, Histogram, fn() -> Histogram>;
 type OpTimings = Family<OpLabels, Histogram, fn() -> Histogram>;
 
@@ -93,6 +101,9 @@ pub struct Metrics {
     /// scheduled), `failed` (given up), `refused` (the dialer would not connect; retried too).
     pub webhook_deliveries: Family<ResultLabels, Counter>,
     pub sandboxes: Family<SandboxLabels, Gauge>,
+    /// Requests the secrets proxy put a secret's value into, by workspace, sandbox and
+    /// secret name.
+    pub secret_injections: Family<SecretLabels, Counter>,
     pub pool_size: Gauge,
     pub disk_free_bytes: Gauge,
     pub memory_available_bytes: Gauge,
@@ -120,6 +131,7 @@ impl Metrics {
             rate_limited: Family::default(),
             webhook_deliveries: Family::default(),
             sandboxes: Family::default(),
+            secret_injections: Family::default(),
             pool_size: Gauge::default(),
             disk_free_bytes: Gauge::default(),
             memory_available_bytes: Gauge::default(),
@@ -178,6 +190,11 @@ impl Metrics {
             "sandboxes",
             "This node's sandboxes by status and workspace",
             m.sandboxes.clone(),
+        );
+        registry.register(
+            "secret_injections",
+            "Requests the secrets proxy injected a secret into, by workspace, sandbox and secret (never the value)",
+            m.secret_injections.clone(),
         );
         registry.register(
             "pool_size",

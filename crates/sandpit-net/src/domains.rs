@@ -13,6 +13,11 @@
 //! - **DNS**: queries for allowed names are forwarded to the nameservers; others get
 //!   REFUSED, so names outside the list cannot carry data out.
 //!
+//! A slot holding secrets ([`crate::secrets`]) has its TCP 80 and 443 redirected here too,
+//! whatever its policy: on 443 its ClientHello is read first, and a name one of its secrets
+//! lists is intercepted there; everything else is handled as above (a policy that lists no
+//! domains passes what its addresses allow, and nothing more).
+//!
 //! Every outbound connection goes through the server's [`Dialer`], so whatever the policy
 //! says, the filter never connects into the always-denied set (the sandbox pool, the host's
 //! addresses, loopback, link-local with the metadata address, multicast, broadcast): a
@@ -30,6 +35,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use crate::NetError;
 use crate::dial::{Dialer, Purpose};
 use crate::rules::EgressRules;
+use crate::secrets::{self, SecretsBinding};
 use crate::sniff::{self, Sniff};
 
 /// How long a sandbox has to send the bytes that name its destination.
@@ -47,8 +53,11 @@ pub(crate) struct DomainFilter {
     /// Every connection the filter makes goes through it.
     dialer: Dialer,
     nameservers: Vec<Ipv4Addr>,
-    /// Sandbox address → its rules (only slots whose rules list domains).
+    /// Sandbox address → its rules (every attached slot; nftables sends only the slots of
+    /// `domain_veths` and `secret_veths` here).
     policies: Mutex<HashMap<Ipv4Addr, Arc<EgressRules>>>,
+    /// Sandbox address → its secrets (slots holding secrets only).
+    secrets: Mutex<HashMap<Ipv4Addr, Arc<SecretsBinding>>>,
 }
 
 impl DomainFilter {
@@ -72,6 +81,7 @@ impl DomainFilter {
             dialer,
             nameservers,
             policies: Mutex::default(),
+            secrets: Mutex::default(),
         });
         tokio::spawn(filter.clone().accept_loop(tcp));
         tokio::spawn(filter.clone().dns_loop(Arc::new(udp)));
@@ -82,13 +92,38 @@ impl DomainFilter {
     pub fn set(&self, addr: Ipv4Addr, rules: Option<&EgressRules>) {
         let mut p = self.policies.lock().expect("not poisoned");
         match rules {
-            Some(r) if r.uses_domains() => {
+            Some(r) => {
                 p.insert(addr, Arc::new(r.clone()));
             }
-            _ => {
+            None => {
                 p.remove(&addr);
+                self.secrets.lock().expect("not poisoned").remove(&addr);
             }
         }
+    }
+
+    /// Records (or with `None` forgets) the secrets of the sandbox at `addr`.
+    pub fn set_secrets(&self, addr: Ipv4Addr, binding: Option<Arc<SecretsBinding>>) {
+        let mut s = self.secrets.lock().expect("not poisoned");
+        match binding {
+            Some(b) => {
+                s.insert(addr, b);
+            }
+            None => {
+                s.remove(&addr);
+            }
+        }
+    }
+
+    fn secrets_of(&self, peer: SocketAddr) -> Option<Arc<SecretsBinding>> {
+        let SocketAddr::V4(peer) = peer else {
+            return None;
+        };
+        self.secrets
+            .lock()
+            .expect("not poisoned")
+            .get(peer.ip())
+            .cloned()
     }
 
     fn rules_of(&self, peer: SocketAddr) -> Option<Arc<EgressRules>> {
@@ -116,23 +151,77 @@ impl DomainFilter {
                 reset(stream);
                 continue;
             };
+            let binding = self.secrets_of(peer);
             let this = self.clone();
             tokio::spawn(async move {
-                if let Err(why) = this.serve(stream, &rules).await {
+                let served = match binding {
+                    Some(b) => this.serve_with_secrets(stream, &rules, &b).await,
+                    None => this.serve(stream, &rules).await,
+                };
+                if let Err(why) = served {
                     tracing::info!(%peer, %why, "domain filter: connection refused");
                 }
             });
         }
     }
 
+    /// A redirected connection of a sandbox holding secrets: on 443, a name one of its
+    /// secrets lists is intercepted ([`secrets::intercept`]); everything else is served as
+    /// any connection ([`DomainFilter::serve`]).
+    async fn serve_with_secrets(
+        &self,
+        mut inbound: TcpStream,
+        rules: &EgressRules,
+        binding: &SecretsBinding,
+    ) -> Result<(), String> {
+        let original = original_dst(&inbound)?;
+        if original.port() != 443 {
+            return self.serve_from(inbound, rules, original, None).await;
+        }
+        let mut head = Vec::with_capacity(2048);
+        let name = match read_name_into(&mut inbound, 443, &mut head).await {
+            Ok(name) => name,
+            // Not TLS with a name: never intercepted; what the policy allows on the address
+            // passes with the bytes read so far (nothing else can: there is no name).
+            Err(_) => return self.serve_from(inbound, rules, original, Some(head)).await,
+        };
+        let wanted = secrets::secrets_for(binding, &name).await;
+        if wanted.is_empty() {
+            return self.serve_from(inbound, rules, original, Some(head)).await;
+        }
+        // The policy decides as for any connection to that name: by allow_domains, else by
+        // the addresses the name resolves to.
+        let purpose = if rules.uses_domains() && sniff::name_allowed(&rules.allow_domains, &name) {
+            Purpose::SandboxName(rules)
+        } else {
+            Purpose::SandboxAddr(rules)
+        };
+        let outbound = match self.dialer.dial(&name, 443, purpose).await {
+            Ok(s) => s,
+            Err(e) => {
+                reset(inbound);
+                return Err(format!("{name}: {}", error_text(&e)));
+            }
+        };
+        secrets::intercept(inbound, head, outbound, &name, binding, &wanted).await
+    }
+
     /// One redirected connection: pass it on its address, or name it, check the name and
     /// connect to where the name resolves.
-    async fn serve(&self, mut inbound: TcpStream, rules: &EgressRules) -> Result<(), String> {
-        let original = socket2::SockRef::from(&inbound)
-            .original_dst_v4()
-            .ok()
-            .and_then(|a| a.as_socket_ipv4())
-            .ok_or("no original destination")?;
+    async fn serve(&self, inbound: TcpStream, rules: &EgressRules) -> Result<(), String> {
+        let original = original_dst(&inbound)?;
+        self.serve_from(inbound, rules, original, None).await
+    }
+
+    /// [`DomainFilter::serve`] to `original`, with `sniffed` the bytes read already (they
+    /// go out first; a name in them is the stream's name).
+    async fn serve_from(
+        &self,
+        mut inbound: TcpStream,
+        rules: &EgressRules,
+        original: std::net::SocketAddrV4,
+        sniffed: Option<Vec<u8>>,
+    ) -> Result<(), String> {
         let port = original.port();
         let dialled = IpAddr::V4(*original.ip()).to_string();
         let by_address = Purpose::SandboxAddr(rules);
@@ -146,9 +235,20 @@ impl DomainFilter {
                 .dial(&dialled, port, by_address)
                 .await
                 .map_err(|e| error_text(&e))?;
-            (s, Vec::new())
+            (s, sniffed.unwrap_or_default())
+        } else if !rules.uses_domains() {
+            // Redirected for its secrets only: what the addresses do not allow, nothing does.
+            reset(inbound);
+            return Err(format!("{original} is not allowed by the policy"));
         } else {
-            let (name, head) = match read_name(&mut inbound, port).await {
+            let read = match sniffed {
+                Some(head) => match sniff::tls_sni(&head) {
+                    Sniff::Name(name) => Ok((name, head)),
+                    _ => Err("no server name in the first bytes".to_string()),
+                },
+                None => read_name(&mut inbound, port).await,
+            };
+            let (name, head) = match read {
                 Ok(x) => x,
                 Err(why) => {
                     reset(inbound);
@@ -244,10 +344,25 @@ impl EgressRules {
     }
 }
 
+/// Where the sandbox meant to connect (before nftables redirected it).
+fn original_dst(s: &TcpStream) -> Result<std::net::SocketAddrV4, String> {
+    socket2::SockRef::from(s)
+        .original_dst_v4()
+        .ok()
+        .and_then(|a| a.as_socket_ipv4())
+        .ok_or_else(|| "no original destination".to_string())
+}
+
 /// Reads until the stream names its destination (TLS on 443, HTTP otherwise).
 async fn read_name(s: &mut TcpStream, port: u16) -> Result<(String, Vec<u8>), String> {
     let mut buf = Vec::with_capacity(2048);
-    let found = tokio::time::timeout(SNIFF_TIMEOUT, async {
+    let name = read_name_into(s, port, &mut buf).await?;
+    Ok((name, buf))
+}
+
+/// [`read_name`], keeping what it read in `buf` whatever the outcome.
+async fn read_name_into(s: &mut TcpStream, port: u16, buf: &mut Vec<u8>) -> Result<String, String> {
+    tokio::time::timeout(SNIFF_TIMEOUT, async {
         loop {
             let mut chunk = [0u8; 4096];
             let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
@@ -256,9 +371,9 @@ async fn read_name(s: &mut TcpStream, port: u16) -> Result<(String, Vec<u8>), St
             }
             buf.extend_from_slice(&chunk[..n]);
             let sniffed = if port == 443 {
-                sniff::tls_sni(&buf)
+                sniff::tls_sni(buf)
             } else {
-                sniff::http_host(&buf)
+                sniff::http_host(buf)
             };
             match sniffed {
                 Sniff::Name(name) => return Ok(name),
@@ -271,8 +386,7 @@ async fn read_name(s: &mut TcpStream, port: u16) -> Result<(String, Vec<u8>), St
         }
     })
     .await
-    .map_err(|_| "sent no server name in time".to_string())??;
-    Ok((found, buf))
+    .map_err(|_| "sent no server name in time".to_string())?
 }
 
 /// The error and its sources, for the log.

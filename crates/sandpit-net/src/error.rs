@@ -62,6 +62,8 @@ pub enum NetError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{what}: {reason}")]
+    Certificate { what: String, reason: String },
     #[error("reading {path}")]
     Read {
         path: PathBuf,

@@ -30,19 +30,38 @@ pub enum NetOp {
     ListSlots,
     Teardown,
     Adopt,
+    SetSecrets,
 }
 
 /// One recorded call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetCall {
     Init,
-    Attach { slot: u32, rules: EgressRules },
-    SetEgress { slot: u32, rules: EgressRules },
-    ReapplyAddr { slot: u32 },
-    Detach { slot: u32 },
+    Attach {
+        slot: u32,
+        rules: EgressRules,
+    },
+    SetEgress {
+        slot: u32,
+        rules: EgressRules,
+    },
+    ReapplyAddr {
+        slot: u32,
+    },
+    Detach {
+        slot: u32,
+    },
     ListSlots,
     Teardown,
-    Adopt { slot: u32, rules: EgressRules },
+    Adopt {
+        slot: u32,
+        rules: EgressRules,
+    },
+    /// Secrets given (`true`) or taken away.
+    SetSecrets {
+        slot: u32,
+        held: bool,
+    },
 }
 
 impl NetCall {
@@ -53,13 +72,14 @@ impl NetCall {
             | NetCall::SetEgress { slot, .. }
             | NetCall::ReapplyAddr { slot }
             | NetCall::Detach { slot }
-            | NetCall::Adopt { slot, .. } => Some(*slot),
+            | NetCall::Adopt { slot, .. }
+            | NetCall::SetSecrets { slot, .. } => Some(*slot),
             _ => None,
         }
     }
 
     /// `init`, `attach`, `set_egress`, `reapply_addr`, `detach`, `list_slots`, `teardown`,
-    /// `adopt`.
+    /// `adopt`, `set_secrets`.
     pub fn op(&self) -> &'static str {
         match self {
             NetCall::Init => "init",
@@ -70,6 +90,7 @@ impl NetCall {
             NetCall::ListSlots => "list_slots",
             NetCall::Teardown => "teardown",
             NetCall::Adopt { .. } => "adopt",
+            NetCall::SetSecrets { .. } => "set_secrets",
         }
     }
 }
@@ -336,6 +357,21 @@ impl SandboxNetwork for FakeNetwork {
                 chain: format!("slot_{slot}"),
             }),
         }
+    }
+
+    async fn set_secrets(
+        &self,
+        slot: u32,
+        binding: Option<std::sync::Arc<crate::secrets::SecretsBinding>>,
+    ) -> Result<(), NetError> {
+        self.enter(
+            NetCall::SetSecrets {
+                slot,
+                held: binding.is_some(),
+            },
+            NetOp::SetSecrets,
+        )?;
+        self.check_slot(slot)
     }
 }
 

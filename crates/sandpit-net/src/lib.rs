@@ -31,6 +31,7 @@ pub mod fake;
 mod ipnet;
 pub mod rules;
 mod seam;
+pub mod secrets;
 pub mod sniff;
 
 use std::collections::BTreeSet;
@@ -534,6 +535,32 @@ impl Network {
     pub fn adopt(&self, slot: u32, rules: &EgressRules) -> Result<(), NetError> {
         self.check_slot(slot)?;
         self.remember(slot, Some(rules))
+    }
+
+    /// Gives the slot's sandbox its secrets (`None`: takes them away): the proxy learns them,
+    /// then its veth joins `secret_veths`, whose TCP 80 and 443 go to the proxy (see
+    /// [`secrets`]). Idempotent; the slot must be attached. Detach forgets them too.
+    pub async fn set_secrets(
+        &self,
+        slot: u32,
+        binding: Option<Arc<secrets::SecretsBinding>>,
+    ) -> Result<(), NetError> {
+        self.check_slot(slot)?;
+        let a = self.addrs(slot);
+        let Some(filter) = self.filter.get() else {
+            return Err(NetError::NotInitialized {
+                table: self.tables.table.clone(),
+            });
+        };
+        let member = binding.is_some();
+        if member {
+            filter.set_secrets(a.sandbox_ip, binding);
+        }
+        nft_script(&self.tables.secret_member(&a.host_if, member)).await?;
+        if !member {
+            filter.set_secrets(a.sandbox_ip, None);
+        }
+        Ok(())
     }
 
     /// Tells the domain filter the slot's rules (`None`: forget the slot).

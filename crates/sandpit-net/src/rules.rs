@@ -11,7 +11,10 @@
 //!   host opens connections to the agent; sandboxes never open connections to the host);
 //! - base chain `postrouting` (nat): pool sources leaving through a non-veth interface are
 //!   masqueraded;
-//! - chain `slot_<n>` per slot: the slot's policy, replaced atomically by `flush` + `add`.
+//! - chain `slot_<n>` per slot: the slot's policy, replaced atomically by `flush` + `add`;
+//! - sets `domain_veths` (slots whose policy lists domains: TCP 80/443 and UDP 53 go to the
+//!   domain filter) and `secret_veths` (slots holding secrets: TCP 80/443 go to the same
+//!   listener, which intercepts TLS for the secrets' hosts, see [`crate::secrets`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -106,6 +109,7 @@ impl Tables {
             format!("add table {t}"),
             format!("add set {t} veths {{ type ifname; }}"),
             format!("add set {t} domain_veths {{ type ifname; }}"),
+            format!("add set {t} secret_veths {{ type ifname; }}"),
             format!("add map {t} slots {{ type ifname : verdict; }}"),
             format!("add chain {t} deny"),
             format!("flush chain {t} deny"),
@@ -130,6 +134,9 @@ impl Tables {
             format!(
                 "add rule {t} input iifname @domain_veths ct status dnat udp dport {dns} accept"
             ),
+            format!(
+                "add rule {t} input iifname @secret_veths ct status dnat tcp dport {tcp} accept"
+            ),
             format!("add rule {t} input iifname @veths goto deny"),
             format!(
                 "add chain {t} prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}"
@@ -139,6 +146,9 @@ impl Tables {
                 "add rule {t} prerouting iifname @domain_veths tcp dport {{ 80, 443 }} redirect to :{tcp}"
             ),
             format!("add rule {t} prerouting iifname @domain_veths udp dport 53 redirect to :{dns}"),
+            format!(
+                "add rule {t} prerouting iifname @secret_veths tcp dport {{ 80, 443 }} redirect to :{tcp}"
+            ),
             format!(
                 "add chain {t} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}"
             ),
@@ -205,6 +215,18 @@ impl Tables {
         lines
     }
 
+    /// Puts the veth in (`true`) or takes it out of the set of slots holding secrets.
+    pub fn secret_member(&self, host_if: &str, member: bool) -> String {
+        let t = format!("inet {}", self.table);
+        let mut lines = vec![format!("add element {t} secret_veths {{ \"{host_if}\" }}")];
+        if !member {
+            lines.push(format!(
+                "delete element {t} secret_veths {{ \"{host_if}\" }}"
+            ));
+        }
+        lines.join("\n") + "\n"
+    }
+
     /// Creates the slot's chain with its rules and registers its veth: one transaction.
     pub fn attach_script(&self, slot: u32, host_if: &str, rules: &EgressRules) -> String {
         let t = format!("inet {}", self.table);
@@ -244,6 +266,8 @@ impl Tables {
             format!("add element {t} slots {{ \"{host_if}\" : goto {chain} }}"),
             format!("add element {t} domain_veths {{ \"{host_if}\" }}"),
             format!("delete element {t} domain_veths {{ \"{host_if}\" }}"),
+            format!("add element {t} secret_veths {{ \"{host_if}\" }}"),
+            format!("delete element {t} secret_veths {{ \"{host_if}\" }}"),
             format!("delete element {t} slots {{ \"{host_if}\" }}"),
             format!("delete element {t} veths {{ \"{host_if}\" }}"),
             format!("flush chain {t} {chain}"),

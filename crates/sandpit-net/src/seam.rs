@@ -1,7 +1,11 @@
 //! [`SandboxNetwork`]: what the server asks of sandbox networking, so it can be handed a real
 //! [`Network`] or, in tests, a [`crate::fake::FakeNetwork`].
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
+
+use crate::secrets::SecretsBinding;
 
 use crate::{Dialer, EgressRules, NetConfig, NetError, Network, SlotAddrs};
 
@@ -34,6 +38,13 @@ pub trait SandboxNetwork: Send + Sync + 'static {
     async fn teardown(&self) -> Result<(), NetError>;
     /// Take over a slot an earlier process attached: learn its rules, change nothing.
     fn adopt(&self, slot: u32, rules: &EgressRules) -> Result<(), NetError>;
+    /// Give the slot's sandbox its secrets, or take them away (`None`); see
+    /// [`Network::set_secrets`]. Idempotent.
+    async fn set_secrets(
+        &self,
+        slot: u32,
+        binding: Option<Arc<SecretsBinding>>,
+    ) -> Result<(), NetError>;
 }
 
 #[async_trait]
@@ -73,5 +84,12 @@ impl SandboxNetwork for Network {
     }
     fn adopt(&self, slot: u32, rules: &EgressRules) -> Result<(), NetError> {
         Network::adopt(self, slot, rules)
+    }
+    async fn set_secrets(
+        &self,
+        slot: u32,
+        binding: Option<Arc<SecretsBinding>>,
+    ) -> Result<(), NetError> {
+        Network::set_secrets(self, slot, binding).await
     }
 }

@@ -263,6 +263,34 @@ impl Client {
             .map(drop)
     }
 
+    /// `POST /v1/secrets`: a workspace secret (its value is never returned).
+    pub async fn create_secret(&self, req: &CreateSecretRequest) -> Result<Secret, SdkError> {
+        self.json(self.request(Method::POST, "/v1/secrets").json(req))
+            .await
+    }
+
+    pub async fn list_secrets(&self) -> Result<Vec<Secret>, SdkError> {
+        let list: SecretList = self.json(self.request(Method::GET, "/v1/secrets")).await?;
+        Ok(list.secrets)
+    }
+
+    /// `PUT /v1/secrets/{name}`: a new value, used by the next request of every sandbox
+    /// holding the secret.
+    pub async fn replace_secret(&self, name: &str, value: &str) -> Result<Secret, SdkError> {
+        let path = format!("/v1/secrets/{}", urlencode(name));
+        let req = UpdateSecretRequest {
+            value: value.into(),
+        };
+        self.json(self.request(Method::PUT, &path).json(&req)).await
+    }
+
+    pub async fn delete_secret(&self, name: &str) -> Result<(), SdkError> {
+        let path = format!("/v1/secrets/{}", urlencode(name));
+        self.send(self.request(Method::DELETE, &path))
+            .await
+            .map(drop)
+    }
+
     pub async fn exec(&self, id: &str, req: &ExecRequest) -> Result<ExecResponse, SdkError> {
         self.json(
             self.request(Method::POST, &Self::sandbox_path(id, "/exec"))

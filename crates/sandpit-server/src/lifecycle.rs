@@ -30,7 +30,24 @@ pub async fn create(
     workspace_id: &str,
     req: &CreateSandboxRequest,
 ) -> Result<Sandbox, ApiError> {
-    let (row, snapshot, volumes) = node::prepare_create(&server.node, workspace_id, req).await?;
+    let (mut row, snapshot, volumes) =
+        node::prepare_create(&server.node, workspace_id, req).await?;
+    // Secrets: checked, placeholders drawn and put into the environment; recorded once the
+    // create is admitted.
+    let held = if req.secrets.is_empty() {
+        None
+    } else {
+        let mut env = row.env.decode(|| format!("environment of {}", row.id))?;
+        let held = sandpit_control::secrets::prepare_sandbox(
+            &server.node,
+            workspace_id,
+            &req.secrets,
+            &mut env,
+        )
+        .await?;
+        row.env = sandpit_control::Stored::encode(&env);
+        held
+    };
     server.ensure_free_disk()?;
     // Held until the store counts the new row.
     let room = server
@@ -47,6 +64,9 @@ pub async fn create(
         lock: &server.limits.admission,
         hand_back: &|n| room.lock().expect("room poisoned").release(n),
     };
+    if let Some(held) = &held {
+        server.store.secrets.bind(&row.id, held).await?;
+    }
     Ok(node::create(&server.node, row, snapshot, volumes, &admitted).await?)
 }
 

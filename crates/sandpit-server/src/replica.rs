@@ -127,4 +127,11 @@ impl SandboxNetwork for NoNetwork {
     fn adopt(&self, slot: u32, _rules: &EgressRules) -> Result<(), NetError> {
         Err(NetError::SlotOutOfRange { slot, capacity: 0 })
     }
+    async fn set_secrets(
+        &self,
+        slot: u32,
+        _binding: Option<std::sync::Arc<sandpit_net::secrets::SecretsBinding>>,
+    ) -> Result<(), NetError> {
+        Err(NetError::SlotOutOfRange { slot, capacity: 0 })
+    }
 }

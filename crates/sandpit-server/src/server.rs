@@ -84,6 +84,11 @@ pub struct ServerConfig {
     /// The delay before a failed delivery's first retry; it doubles with each attempt, up to
     /// an hour (see [`crate::webhooks`]).
     pub webhook_retry_base: Duration,
+    /// The master key of workspace secrets; `None`: the secrets routes answer
+    /// `secrets_disabled` (see `sandpit_control::secrets`).
+    pub secrets_key: Option<sandpit_control::secrets::MasterKey>,
+    /// PEM files of CAs the secrets proxy trusts upstream besides the host's roots.
+    pub secrets_extra_ca: Vec<PathBuf>,
 }
 
 impl ServerConfig {
@@ -117,6 +122,8 @@ impl ServerConfig {
             webhook_allow_hosts: Vec::new(),
             webhook_retry_base: crate::webhooks::DEFAULT_RETRY_BASE,
             min_free_disk: 2 << 30,
+            secrets_key: None,
+            secrets_extra_ca: Vec::new(),
         }
     }
 }
@@ -229,6 +236,16 @@ impl Server {
             agent_layer,
             resolv_conf,
         );
+        if let Some(key) = &cfg.secrets_key {
+            let upstream = sandpit_control::secrets::upstream_config(&cfg.secrets_extra_ca)?;
+            let state = sandpit_control::secrets::SecretsState::new(
+                sandpit_control::secrets::SecretsConfig {
+                    key: key.clone(),
+                    upstream,
+                },
+            );
+            let _ = node.secrets.set(Arc::new(state));
+        }
         let server = Arc::new(Server {
             limits: crate::limits::Limits::new(cfg.limits),
             cfg,

@@ -5,6 +5,7 @@ pub mod gc;
 pub mod mcp;
 pub mod nodes;
 pub mod sandbox;
+pub mod secrets;
 pub mod serve;
 pub mod shell;
 pub mod template;

@@ -216,6 +216,15 @@ pub struct ServeArgs {
     /// each attempt, up to an hour, until a day after the event.
     #[arg(long, env = "SANDPIT_WEBHOOK_RETRY_BASE", default_value = "10s")]
     webhook_retry_base: String,
+    /// The master key of workspace secrets (`/v1/secrets`): a file holding 64 hex digits
+    /// (`sandpit secrets generate-key`). Without it (or SANDPIT_SECRETS_KEY), the secrets
+    /// routes answer 403 `secrets_disabled`. Every server of a fleet needs the same key.
+    #[arg(long, env = "SANDPIT_SECRETS_KEY_FILE")]
+    secrets_key_file: Option<PathBuf>,
+    /// Extra CA certificates (PEM files, comma-separated) the secrets proxy trusts for
+    /// upstream servers besides the host's roots (an internal API behind a private CA).
+    #[arg(long, env = "SANDPIT_SECRETS_EXTRA_CA", value_delimiter = ',')]
+    secrets_extra_ca_file: Vec<PathBuf>,
     /// Disk of a `small` sandbox, e.g. 10G or 512M (`medium` gets twice, `large` four
     /// times). The files a sandbox writes live on a sparse ext4 image of that size, so a full
     /// sandbox gets ENOSPC and the host's disk is safe. `off`: no bound.
@@ -488,6 +497,23 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         !cfg.webhook_retry_base.is_zero(),
         "--webhook-retry-base must be more than 0"
     );
+    cfg.secrets_key = match (&args.secrets_key_file, std::env::var("SANDPIT_SECRETS_KEY")) {
+        (Some(path), _) => Some(
+            sandpit_control::secrets::MasterKey::from_file(path).map_err(|e| {
+                anyhow::anyhow!("--secrets-key-file: {}", sandpit_control::DisplayChain(&e))
+            })?,
+        ),
+        (None, Ok(text)) => Some(sandpit_control::secrets::MasterKey::parse(&text).map_err(
+            |e| anyhow::anyhow!("SANDPIT_SECRETS_KEY: {}", sandpit_control::DisplayChain(&e)),
+        )?),
+        (None, Err(_)) => None,
+    };
+    cfg.secrets_extra_ca = args
+        .secrets_extra_ca_file
+        .iter()
+        .filter(|p| !p.as_os_str().is_empty())
+        .cloned()
+        .collect();
     cfg.disk_limit = args.disk_limit.0;
     sandpit_image::unpack::UnpackLimits::set_current(sandpit_image::unpack::UnpackLimits {
         max_bytes: args.archive_max_bytes,

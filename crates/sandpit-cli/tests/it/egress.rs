@@ -93,7 +93,7 @@ fn dns_answer(index: u32) -> Ipv4Addr {
 }
 
 /// A DNS reply to `query`: one A record `answer` for A queries, no records otherwise.
-fn dns_reply(query: &[u8], answer: Ipv4Addr) -> Option<Vec<u8>> {
+pub(crate) fn dns_reply(query: &[u8], answer: Ipv4Addr) -> Option<Vec<u8>> {
     if query.len() < 12 {
         return None;
     }

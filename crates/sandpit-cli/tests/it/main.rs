@@ -28,6 +28,7 @@ mod reliability;
 mod replicas;
 mod s3;
 mod scripts;
+mod secrets;
 mod security;
 mod soak;
 mod templates;

@@ -423,6 +423,11 @@ pub async fn boot_spec(
         }
         Err(e) => return Err(e.into()),
     }
+    // Its secrets reach the proxy (and its web traffic is redirected) before it runs.
+    if let Err(e) = crate::secrets::attach(node, &row.id, slot).await {
+        let _ = node.net.detach(slot).await;
+        return Err(e);
+    }
     let started = match image {
         Some(dir) => node.runtime.restore(spec, dir).await,
         None => node.runtime.start(spec).await,

@@ -272,7 +272,17 @@ async fn fork_untimed(
             pending.push(Err(e));
             continue;
         }
-        let copied = match node.store.volumes.add_mounts(&row.id, &child_volumes).await {
+        // A child holds its parent's secrets: the same lineage (CA) and placeholders.
+        let recorded = match node.store.secrets.held(&parent.id).await {
+            Ok(Some(held)) => node.store.secrets.bind(&row.id, &held).await,
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        let recorded = match recorded {
+            Ok(()) => node.store.volumes.add_mounts(&row.id, &child_volumes).await,
+            Err(e) => Err(e),
+        };
+        let copied = match recorded {
             Ok(()) => {
                 node.runtime
                     .copy_files(&node.state_dir(&parent.id), &node.state_dir(&row.id))

@@ -54,6 +54,12 @@ pub async fn prepare_create(
         idle_timeout_ms,
         expires_at,
     } = create::check_request(req, &defaults, now)?;
+    if req.snapshot.is_some() && !req.secrets.is_empty() {
+        return Err(ControlError::invalid(
+            "invalid_secrets",
+            "a sandbox started from a snapshot holds no new secrets: name none",
+        ));
+    }
     if req.snapshot.is_some() && !req.volumes.is_empty() {
         return Err(ControlError::invalid(
             "invalid_volumes",
@@ -253,7 +259,10 @@ async fn create_timed(
         crate::node::stored::ensure_snapshot(node, snap).await?;
     }
     super::volumes::bring_here(node, &volumes).await?;
-    if snapshot.is_none() && volumes.is_empty() && node.cfg.warm_pool > 0 {
+    // A pooled sandbox booted without secrets: one holding them starts on its own.
+    let holds_secrets =
+        node.secrets.get().is_some() && node.store.secrets.held(&row.id).await?.is_some();
+    if snapshot.is_none() && volumes.is_empty() && node.cfg.warm_pool > 0 && !holds_secrets {
         let pooled = crate::node::pool::take(node, &row, admitted).await?;
         let result = if pooled.is_some() { "hit" } else { "miss" };
         node.metrics
@@ -313,6 +322,10 @@ async fn create_timed(
     let booted = match (booted, &snapshot) {
         (Ok(()), Some(_)) => write_resolv_conf(node, &row).await,
         (other, _) => other,
+    };
+    let booted = match booted {
+        Ok(()) => crate::secrets::install_ca(node, &row).await,
+        other => other,
     };
     if let Err(e) = booted {
         tracing::error!(sandbox = %row.id, error = %DisplayChain(&e), "create failed");

@@ -155,6 +155,9 @@ pub struct Node {
     uploads: Mutex<HashMap<String, uploads::Upload>>,
     /// This node's Prometheus metrics (and its HTTP edge's).
     pub metrics: crate::metrics::Metrics,
+    /// Set once at start-up when the server has a secrets key ([`crate::secrets`]);
+    /// unset, the secrets routes answer `secrets_disabled`.
+    pub secrets: std::sync::OnceLock<Arc<crate::secrets::SecretsState>>,
 }
 
 impl Node {
@@ -190,6 +193,7 @@ impl Node {
             volume_lock: tokio::sync::Mutex::new(()),
             uploads: Default::default(),
             metrics: Default::default(),
+            secrets: Default::default(),
         })
     }
 

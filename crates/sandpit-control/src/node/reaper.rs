@@ -191,6 +191,10 @@ impl Node {
                     if let Err(e) = adopted {
                         tracing::warn!(sandbox = %row.id, error = %DisplayChain(&e), "adopting the egress policy");
                     }
+                    // Its secrets too (the proxy of the earlier process is gone).
+                    if let Err(e) = crate::secrets::attach(self, &row.id, s).await {
+                        tracing::warn!(sandbox = %row.id, error = %DisplayChain(&e), "adopting the secrets");
+                    }
                 }
                 kept.runtime = Some(row.runtime_id.clone());
                 kept.slot = slot;

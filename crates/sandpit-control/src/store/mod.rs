@@ -1,6 +1,6 @@
 //! The persistent store, split by aggregate ([`Tenants`], [`Templates`], [`Sandboxes`],
 //! [`Previews`], [`Snapshots`], [`Idempotency`], [`Nodes`], [`Layers`], [`Volumes`],
-//! [`Events`], [`Webhooks`]), on SQLite (the
+//! [`Events`], [`Webhooks`], [`Secrets`]), on SQLite (the
 //! default, one file) or PostgreSQL (`--database postgres://…`, for several API replicas),
 //! behind one interface.
 //!
@@ -32,6 +32,7 @@ mod layers;
 mod nodes;
 mod previews;
 mod sandboxes;
+mod secrets;
 mod snapshots;
 mod templates;
 mod tenants;
@@ -44,6 +45,7 @@ pub use layers::{Layers, StoredLayer};
 pub use nodes::{Heartbeat, NodeInfo, NodeLoad, NodeRow, NodeStatus, Nodes, valid_node_id};
 pub use previews::{PreviewTokenRow, Previews};
 pub use sandboxes::{LOST_OWNER, Sandbox, Sandboxes};
+pub use secrets::{SandboxSecrets, SecretRow, Secrets};
 pub use snapshots::{SnapshotRow, Snapshots};
 pub use templates::{
     MAX_VERSION, TemplateInsert, TemplateRef, TemplateRow, TemplateStatus, Templates,
@@ -222,6 +224,7 @@ pub struct Store {
     pub volumes: Volumes,
     pub events: Events,
     pub webhooks: Webhooks,
+    pub secrets: Secrets,
 }
 
 impl Store {
@@ -248,6 +251,7 @@ impl Store {
             volumes: Volumes { db: db.clone() },
             events: Events { db: db.clone() },
             webhooks: Webhooks { db: db.clone() },
+            secrets: Secrets { db: db.clone() },
             db,
         }
     }

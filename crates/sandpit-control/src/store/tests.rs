@@ -1867,3 +1867,59 @@ async fn webhooks_fan_out_claim_once_and_settle_under_their_lease(db: &TestDb) {
     );
     other.db().close().await;
 }
+
+both!(secrets_and_key_rotation);
+async fn secrets_and_key_rotation(db: &TestDb) {
+    use crate::secrets::{MasterKey, rotate_key};
+    let s = &db.store;
+    let old = MasterKey::parse(&MasterKey::generate_hex()).unwrap();
+    let new = MasterKey::parse(&MasterKey::generate_hex()).unwrap();
+    let row = |ws: &str, name: &str, value: &str| SecretRow {
+        workspace_id: ws.into(),
+        name: name.into(),
+        sealed: old.seal(ws, name, value).unwrap(),
+        hosts: r#"["api.example.com"]"#.into(),
+        inject: r#"{"query":"key"}"#.into(),
+        created_at: 1,
+        updated_at: 1,
+    };
+    s.secrets.insert(&row("w1", "a", "va")).await.unwrap();
+    s.secrets.insert(&row("w2", "a", "vb")).await.unwrap();
+    match s.secrets.insert(&row("w1", "a", "other")).await {
+        Err(ControlError::Conflict { code, .. }) => assert_eq!(code, "secret_exists"),
+        other => panic!("{other:?}"),
+    }
+    // Scoped by workspace.
+    assert_eq!(s.secrets.list("w1").await.unwrap().len(), 1);
+    assert!(s.secrets.get("w3", "a").await.unwrap().is_none());
+
+    // What a sandbox holds, copied as is (a fork).
+    let held = SandboxSecrets {
+        workspace_id: "w1".into(),
+        lineage: "0".repeat(32),
+        placeholders: [("a".to_string(), "ph".to_string())].into(),
+    };
+    s.secrets.bind("sb1", &held).await.unwrap();
+    assert_eq!(s.secrets.held("sb1").await.unwrap(), Some(held.clone()));
+    assert_eq!(s.secrets.held("sb2").await.unwrap(), None);
+
+    // A rotation with the wrong old key writes nothing.
+    let before = s.secrets.all().await.unwrap();
+    assert!(rotate_key(s, &new, &old).await.is_err());
+    let after = s.secrets.all().await.unwrap();
+    assert_eq!(
+        before.iter().map(|r| &r.sealed).collect::<Vec<_>>(),
+        after.iter().map(|r| &r.sealed).collect::<Vec<_>>()
+    );
+    // The right one re-seals every value: they open with the new key only.
+    assert_eq!(rotate_key(s, &old, &new).await.unwrap(), 2);
+    let w1 = s.secrets.get("w1", "a").await.unwrap().unwrap();
+    assert_eq!(new.open("w1", "a", &w1.sealed).unwrap(), "va");
+    assert!(old.open("w1", "a", &w1.sealed).is_err());
+    let w2 = s.secrets.get("w2", "a").await.unwrap().unwrap();
+    assert_eq!(new.open("w2", "a", &w2.sealed).unwrap(), "vb");
+
+    assert!(s.secrets.delete("w1", "a").await.unwrap());
+    assert!(!s.secrets.delete("w1", "a").await.unwrap());
+    assert!(s.secrets.get("w2", "a").await.unwrap().is_some());
+}

@@ -7,6 +7,7 @@ pub mod ports;
 pub mod previews;
 pub mod sandboxes;
 mod schema_rules;
+pub mod secrets;
 pub mod templates;
 pub mod terminals;
 pub mod usage;
@@ -147,6 +148,7 @@ fn router() -> OpenApiRouter<Arc<Server>> {
         .merge(terminals::router())
         .merge(watch::router())
         .merge(volumes::router())
+        .merge(secrets::router())
         .merge(org::router())
         .merge(events::router())
         .merge(usage::router())
