@@ -19,7 +19,8 @@ pub mod node;
 pub mod placement;
 pub mod recovery;
 pub mod remote;
-pub mod secrets;
+// Workspace secrets: node-side (lineage CAs, the proxy), one room with `node`.
+pub use node::secrets;
 pub mod store;
 #[cfg(any(test, feature = "fake"))]
 pub mod testing;

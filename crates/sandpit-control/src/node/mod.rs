@@ -18,6 +18,7 @@ pub mod lifecycle;
 pub mod moves;
 pub mod pool;
 mod reaper;
+pub mod secrets;
 pub mod stored;
 pub mod templates;
 mod uploads;
