@@ -159,6 +159,7 @@ async fn serve(
         Op::Ping => Ok(serde_json::json!(PingReply {
             protocol: PROTOCOL_VERSION,
             agent_version: "fake".into(),
+            uptime_ms: None,
         })),
         Op::ListPorts => Ok(serde_json::json!(PortList { ports: Vec::new() })),
         Op::Stat { path } => host_path(root, &path).and_then(|p| {

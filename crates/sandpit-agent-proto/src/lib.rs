@@ -701,6 +701,13 @@ pub struct PingReply {
     pub protocol: u32,
     /// The agent's crate version.
     pub agent_version: String,
+    /// How long this `serve` process has run, in ms of its monotonic clock (which goes on
+    /// across a checkpoint: a restored serve is as old as before plus the time since the
+    /// restore). A serve younger than a restore started after it: init restarted it (it
+    /// crashed), and the processes and terminals of the one before are gone. `None` from
+    /// agents before this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_ms: Option<u64>,
 }
 
 /// The kind of a directory entry.

@@ -20,6 +20,7 @@ macro_rules! log {
 }
 
 mod conn;
+mod crash;
 mod exec;
 mod files;
 mod init;
@@ -70,6 +71,7 @@ fn main() -> ExitCode {
     if is_init {
         init::run(listen)
     } else {
+        crash::install();
         let addr = listen.unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, AGENT_PORT).into());
         server::serve(addr)
     }

@@ -23,7 +23,11 @@ const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 pub const ALLOW_LOOPBACK_ENV: &str = "SANDPIT_AGENT_ALLOW_LOOPBACK";
 
 /// Run the server until the process is killed.
+/// When this `serve` started (see [`PingReply::uptime_ms`]).
+static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
 pub fn serve(addr: SocketAddr) -> ExitCode {
+    STARTED.get_or_init(std::time::Instant::now);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -201,6 +205,9 @@ async fn dispatch(conn: &mut Conn, op: Op, terminals: &Terminals) -> Result<(), 
         Op::Ping => Ok(to_value(&PingReply {
             protocol: PROTOCOL_VERSION,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_ms: STARTED
+                .get()
+                .map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)),
         })),
         Op::Exec(req) => return exec::run(conn, req).await,
         Op::ReadFile { path } => return files::read_file(conn, &path).await,

@@ -173,7 +173,7 @@ impl Metrics {
         );
         registry.register(
             "agent_restarts",
-            "Restored agents that did not answer and were restarted",
+            "Restored agents that were restarted (deaf after a restore, or crashed after it)",
             m.agent_restarts.clone(),
         );
         registry.register(

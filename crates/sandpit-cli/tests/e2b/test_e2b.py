@@ -129,18 +129,25 @@ again = Sandbox.connect(sbx.sandbox_id)
 seen["resumedTimeout"] = (again.get_info().end_at - datetime.now(timezone.utc)).total_seconds() < 700
 seen["resumedRead"] = again.files.read("/tmp/e2b/kept.txt").strip()
 seen["resumedRun"] = again.commands.run("cat /tmp/e2b/kept.txt").stdout.strip()
-seen["processKept"] = counter.pid in [p.pid for p in again.commands.list()]
-first = int(again.files.read("/tmp/e2b/count").strip())
-reattached = again.commands.connect(counter.pid)
-beats = ""
-for stdout, _stderr, _pty in reattached:
-    beats += stdout or ""
-    if beats.count("beat") >= 2:
-        break
-seen["beatsAfterResume"] = beats.count("beat") >= 2
-seen["counterAdvanced"] = int(again.files.read("/tmp/e2b/count").strip()) > first
-again.commands.kill(counter.pid)
-seen["keptListedAfterKill"] = counter.pid in [p.pid for p in again.commands.list()]
+listed_after = again.commands.list()
+seen["processKept"] = counter.pid in [p.pid for p in listed_after]
+if seen["processKept"]:
+    first = int(again.files.read("/tmp/e2b/count").strip())
+    reattached = again.commands.connect(counter.pid)
+    beats = ""
+    for stdout, _stderr, _pty in reattached:
+        beats += stdout or ""
+        if beats.count("beat") >= 2:
+            break
+    seen["beatsAfterResume"] = beats.count("beat") >= 2
+    seen["counterAdvanced"] = int(again.files.read("/tmp/e2b/count").strip()) > first
+    again.commands.kill(counter.pid)
+    seen["keptListedAfterKill"] = counter.pid in [p.pid for p in again.commands.list()]
+else:
+    # Lost across the pause: what was listed, and the agent's log (in the sandbox's memory).
+    seen["pid"] = counter.pid
+    seen["processesAfter"] = [[p.pid, p.cmd, p.args] for p in listed_after]
+    seen["agentLog"] = again.files.read("/dev/.sandpit-agent.log")[-20000:]
 
 # A PTY: typed input runs in a shell whose stdin is a terminal; resize; kill.
 term = again.pty.create(PtySize(rows=24, cols=80))

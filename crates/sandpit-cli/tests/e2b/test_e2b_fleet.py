@@ -25,7 +25,14 @@ seen["listed"] = h.pid in [p.pid for p in sbx.commands.list()]
 seen["paused"] = sbx.pause()
 again = Sandbox.connect(sbx.sandbox_id)
 seen["resumedRead"] = again.files.read("/tmp/fleet.txt")
-seen["keptProcess"] = h.pid in [p.pid for p in again.commands.list()]
+listed_after = again.commands.list()
+seen["keptProcess"] = h.pid in [p.pid for p in listed_after]
+if not seen["keptProcess"]:
+    # What the test reports when the process was lost: what was listed, and the agent's log
+    # (kept in the sandbox's memory).
+    seen["pid"] = h.pid
+    seen["processesAfter"] = [[p.pid, p.cmd, p.args] for p in listed_after]
+    seen["agentLog"] = again.files.read("/dev/.sandpit-agent.log")[-20000:]
 seen["listedIds"] = [
     s.sandbox_id for s in Sandbox.list(query=SandboxQuery(metadata={"suite": "e2b-fleet"})).next_items()
 ]

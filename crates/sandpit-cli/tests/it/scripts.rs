@@ -86,3 +86,32 @@ pub async fn run_json(
     serde_json::from_str(stdout.lines().last().unwrap_or(""))
         .unwrap_or_else(|e| panic!("{what} printed no JSON ({e}): {stdout}"))
 }
+
+/// What the node logs when a restored sandbox's agent is not the one that was checkpointed
+/// (`boot::wait_restored_agent`): it stayed deaf and the node restarted it, or it crashed
+/// after the restore and init restarted it. Either way the sandbox (its memory, its files)
+/// is kept and the agent's process table is not.
+const AGENT_RESTARTED: [&str; 2] = [
+    "restored agent does not answer; restarting it",
+    "the restored agent restarted after the restore",
+];
+
+/// A process an E2B script started before a pause and did not find after the resume
+/// (`seen[kept]` false) is accepted only when the node said its restored agent restarted;
+/// otherwise this panics with what the script saw (the listing, the agent's own log).
+pub fn check_process_kept(seen: &serde_json::Value, kept: &str, node_log: &str) {
+    if seen[kept] == true {
+        // A kept process means the agent that answered is the restored one: the node must
+        // not have taken it for a restarted one.
+        assert!(
+            !node_log.contains(AGENT_RESTARTED[1]),
+            "the node took the restored agent for a restarted one: {seen}\n{node_log}"
+        );
+        return;
+    }
+    assert!(
+        AGENT_RESTARTED.iter().any(|m| node_log.contains(m)),
+        "the process was lost across the pause without an agent restart: {seen}\n{node_log}"
+    );
+    eprintln!("the restored agent restarted: its processes were not kept ({seen})");
+}

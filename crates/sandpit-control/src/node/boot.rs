@@ -428,12 +428,13 @@ pub async fn boot_spec(
         let _ = node.net.detach(slot).await;
         return Err(e);
     }
+    let restore_began = std::time::Instant::now();
     let started = match image {
         Some(dir) => node.runtime.restore(spec, dir).await,
         None => node.runtime.start(spec).await,
     };
     let result = match started {
-        Ok(()) if image.is_some() => wait_restored_agent(node, row, spec).await,
+        Ok(()) if image.is_some() => wait_restored_agent(node, row, spec, restore_began).await,
         Ok(()) => agent_of(node, row)
             .expect("slot checked")
             .wait_ready(node.cfg.agent_ready_timeout)
@@ -467,11 +468,21 @@ pub(super) async fn wait_restored_agent(
     node: &Node,
     row: &Sandbox,
     spec: &SandboxSpec,
+    restore_began: std::time::Instant,
 ) -> Result<(), ControlError> {
     let agent = agent_of(node, row).expect("slot checked");
     let half = node.cfg.agent_ready_timeout / 2;
     let first = match agent.wait_ready(half).await {
-        Ok(_) => return Ok(()),
+        Ok(reply) => {
+            if started_after(&reply, restore_began) {
+                // Its `serve` died after the restore (a crash: init started another), so
+                // what it held in memory (processes, terminals) is gone; the sandbox's
+                // memory otherwise is kept. Seen under load on gVisor's ptrace platform.
+                node.metrics.agent_restarts.inc();
+                tracing::warn!(sandbox = %row.id, uptime_ms = ?reply.uptime_ms, "the restored agent restarted after the restore (it crashed); its processes and terminals are lost");
+            }
+            return Ok(());
+        }
         Err(e) => e,
     };
     let state = node
@@ -491,6 +502,17 @@ pub(super) async fn wait_restored_agent(
     agent.wait_ready(half).await?;
     tracing::info!(sandbox = %row.id, "the restarted agent answers; memory kept");
     Ok(())
+}
+
+/// Whether the agent that answered started after `restore_began`: younger than the time
+/// since (a restored agent is as old as before the checkpoint, plus the time since).
+fn started_after(
+    reply: &sandpit_agent_proto::PingReply,
+    restore_began: std::time::Instant,
+) -> bool {
+    reply
+        .uptime_ms
+        .is_some_and(|up| u128::from(up) < restore_began.elapsed().as_millis())
 }
 
 /// Write a new sandbox's `/etc/resolv.conf` through its agent (only at create: a sandbox
@@ -573,5 +595,21 @@ mod tests {
     fn sizes_resolve() {
         assert_eq!(size_resources("small").unwrap().cpu_millis, 1000);
         assert!(size_resources("huge").is_none());
+    }
+
+    #[test]
+    fn an_agent_younger_than_the_restore_started_after_it() {
+        let reply = |uptime_ms| sandpit_agent_proto::PingReply {
+            protocol: 1,
+            agent_version: "x".into(),
+            uptime_ms,
+        };
+        let began = std::time::Instant::now() - Duration::from_secs(2);
+        // A restored agent: older than the restore (its time before the checkpoint counts).
+        assert!(!started_after(&reply(Some(60_000)), began));
+        // One init started after the restore.
+        assert!(started_after(&reply(Some(300)), began));
+        // An agent from before the field: nothing is known, nothing is claimed.
+        assert!(!started_after(&reply(None), began));
     }
 }

@@ -198,16 +198,24 @@ seen.resumedRead = (await again.files.read("/tmp/e2b/kept.txt")).trim();
 seen.resumedRun = (await again.commands.run("cat /tmp/e2b/kept.txt")).stdout.trim();
 
 {
-  seen.survivorListed = (await again.commands.list()).some((p) => p.pid === survivor.pid);
-  let beats = "";
-  const followed = await again.commands.connect(survivor.pid, {
-    onStdout: (d) => {
-      beats += d;
-    },
-  });
-  await until("beats after resume", () => (beats.match(/beat/g) || []).length >= 2);
-  seen.survivorBeats = (beats.match(/beat/g) || []).length;
-  await followed.kill();
+  const listedAfter = await again.commands.list();
+  seen.survivorListed = listedAfter.some((p) => p.pid === survivor.pid);
+  if (seen.survivorListed) {
+    let beats = "";
+    const followed = await again.commands.connect(survivor.pid, {
+      onStdout: (d) => {
+        beats += d;
+      },
+    });
+    await until("beats after resume", () => (beats.match(/beat/g) || []).length >= 2);
+    seen.survivorBeats = (beats.match(/beat/g) || []).length;
+    await followed.kill();
+  } else {
+    // Lost across the pause: what was listed, and the agent's log (in the sandbox's memory).
+    seen.survivorPid = survivor.pid;
+    seen.processesAfter = listedAfter.map((p) => [p.pid, p.cmd, p.args]);
+    seen.agentLog = (await again.files.read("/dev/.sandpit-agent.log")).slice(-20000);
+  }
 }
 
 const started = Date.now();
