@@ -1933,6 +1933,10 @@ fn secrets_state(key: &crate::secrets::MasterKey) -> crate::secrets::SecretsStat
 }
 
 /// What a node that predates the store's CAs left on its disk for `lineage`.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the test's own temporary data dirs, by path"
+)]
 fn old_disk_ca(data_dir: &std::path::Path, lineage: &str) -> String {
     let (cert, key) = sandpit_net::secrets::LineageCa::generate().unwrap();
     let dir = data_dir.join("secrets-ca").join(lineage);
@@ -1943,6 +1947,10 @@ fn old_disk_ca(data_dir: &std::path::Path, lineage: &str) -> String {
 }
 
 both!(lineage_cas_belong_to_the_fleet);
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the test's own temporary data dirs, by path"
+)]
 async fn lineage_cas_belong_to_the_fleet(db: &TestDb) {
     use crate::secrets::{MasterKey, lineage_ca, rotate_key};
     let s = &db.store;
@@ -2110,6 +2118,10 @@ async fn lineage_cas_belong_to_the_fleet(db: &TestDb) {
 }
 
 both!(lineage_cas_are_collected);
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the test's own temporary data dirs, by path"
+)]
 async fn lineage_cas_are_collected(db: &TestDb) {
     use crate::secrets::{LineageSweep, MasterKey, lineage_ca, sweep_lineages};
     let s = &db.store;
