@@ -1,6 +1,7 @@
 //! `sandpit secrets`: operator commands on the secrets store. `rotate-key` opens every stored
-//! secret value with the old master key and seals it again with the new one, on the database
-//! directly (like `sandpit gc`). Nothing is written unless every value opens with the old key.
+//! secret value and every lineage CA's key with the old master key and seals them again with
+//! the new one, in one transaction on the database directly (like `sandpit gc`). Nothing is
+//! written unless everything opens with the old key.
 //! Stop the servers first (or restart them with the new key right after): a server still
 //! holding the old key cannot open values sealed with the new one.
 
@@ -10,7 +11,7 @@ use sandpit_control::secrets::{MasterKey, rotate_key};
 
 #[derive(clap::Subcommand)]
 pub enum SecretsCommand {
-    /// Re-seal every secret value with a new master key.
+    /// Re-seal every secret value and lineage CA key with a new master key.
     RotateKey(RotateKeyArgs),
     /// Print a new random master key (64 hex digits) for --secrets-key-file.
     GenerateKey,
@@ -45,8 +46,11 @@ pub async fn run(cmd: SecretsCommand) -> anyhow::Result<u8> {
             let old = MasterKey::from_file(&args.old_key_file).map_err(err)?;
             let new = MasterKey::from_file(&args.new_key_file).map_err(err)?;
             let store = super::nodes::open_db(&args.data_dir, args.database.as_deref()).await?;
-            let n = rotate_key(&store, &old, &new).await.map_err(err)?;
-            println!("re-sealed {n} secret values with the new key");
+            let done = rotate_key(&store, &old, &new).await.map_err(err)?;
+            println!(
+                "re-sealed {} secret values and {} lineage CA keys with the new key",
+                done.values, done.lineage_keys
+            );
             Ok(0)
         }
     }

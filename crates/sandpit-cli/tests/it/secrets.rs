@@ -827,6 +827,171 @@ async fn secrets_are_injected_by_the_proxy_and_never_enter_the_sandbox() {
     }
 }
 
+/// `sandpit secrets rotate-key`, the real binary on the server's database: a sandbox made
+/// before the rotation still has its requests injected after a restart with the new key
+/// (the value opens with it, and the lineage's CA, which the sandbox trusts, is the same
+/// one, read from the database), while the old key opens nothing any more: a server started
+/// with it gives the sandbox no proxy and says why, and it cannot rotate again.
+#[tokio::test]
+async fn secrets_survive_a_master_key_rotation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key_file = |name: &str| {
+        let path = tmp.path().join(name);
+        let key = [rand_bytes(), rand_bytes()].concat();
+        std::fs::write(&path, format!("{}\n", hex::encode(key))).unwrap();
+        path
+    };
+    let (old_key, new_key, wrong_key) = (
+        key_file("old.key"),
+        key_file("new.key"),
+        key_file("wrong.key"),
+    );
+    let (ca_pem, server_config) = test_pki();
+    let ca_file = tmp.path().join("test-ca.pem");
+    std::fs::write(&ca_file, &ca_pem).unwrap();
+    let (k, c) = (old_key.clone(), ca_file.clone());
+    let mut srv = TestServer::start_with_index_env(bin(), move |index| {
+        vec![
+            ("SANDPIT_DNS".to_string(), format!("10.216.{index}.2")),
+            (
+                "SANDPIT_SECRETS_KEY_FILE".to_string(),
+                k.display().to_string(),
+            ),
+            (
+                "SANDPIT_SECRETS_EXTRA_CA".to_string(),
+                c.display().to_string(),
+            ),
+        ]
+    })
+    .await
+    .expect("server starts");
+    let internet = Internet::new(srv.index, server_config).await;
+    let client = srv.client();
+    let value = format!("sk-live-{}", hex::encode(rand_bytes()));
+    client
+        .create_secret(&header_secret("openai", &value, &["api.secret.test"]))
+        .await
+        .unwrap();
+    let id = client
+        .create_sandbox(&CreateSandboxRequest {
+            template: "base".into(),
+            mode: SandboxMode::Persistent,
+            idle_timeout: Some("10m".into()),
+            secrets: vec!["openai".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("sandbox with secrets")
+        .id;
+    install_openssl(&client, &id).await;
+    let injected = async |client: &Client, path: &str| {
+        let n = internet.heads().len();
+        let (code, out) = wget(
+            client,
+            &id,
+            "Bearer $SANDPIT_SECRET_OPENAI",
+            &format!("https://api.secret.test/{path}"),
+        )
+        .await;
+        assert_eq!((code, out.trim()), (0, "ok"), "{out}");
+        assert_eq!(
+            header_of(&internet.last(n).await, "authorization"),
+            Some(format!("Bearer {value}").as_str())
+        );
+    };
+    injected(&client, "before").await;
+    let ca_in_sandbox = sh(&client, &id, "cat /etc/sandpit/secrets-ca.crt")
+        .await
+        .stdout;
+    // The CA is the database's, its key sealed there; nothing of it on the node's disk.
+    assert!(!srv.data_dir.join("secrets-ca").exists());
+    let db = std::fs::read(srv.data_dir.join("sandpit.db")).unwrap_or_default();
+    assert!(
+        !db.windows(11).any(|w| w == b"PRIVATE KEY"),
+        "a CA key in clear"
+    );
+
+    // The server goes down (its sandbox keeps running); the operator rotates.
+    srv.kill9();
+    let rotate = |old: &Path, new: &Path| {
+        let mut cmd = std::process::Command::new(bin());
+        cmd.args(["secrets", "rotate-key", "--data-dir"])
+            .arg(&srv.data_dir)
+            .arg("--old-key-file")
+            .arg(old)
+            .arg("--new-key-file")
+            .arg(new)
+            .env_remove("SANDPIT_DATABASE");
+        if let Some(db) = &srv.database {
+            cmd.env("SANDPIT_DATABASE", &db.url);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, _, err) = rotate(&wrong_key, &new_key);
+    assert!(!ok, "a wrong old key is refused");
+    assert!(
+        err.contains("the old key does not open") && err.contains("nothing was written"),
+        "{err}"
+    );
+    let (ok, out, err) = rotate(&old_key, &new_key);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("re-sealed 1 secret values and 1 lineage CA keys"),
+        "{out}"
+    );
+    let (ok, _, err) = rotate(&old_key, &wrong_key);
+    assert!(!ok, "the old key opens nothing any more");
+    assert!(err.contains("the old key does not open"), "{err}");
+
+    // A server started with the old key: the sandbox holding secrets gets no proxy, and
+    // the log says why; its request goes out with no value.
+    srv.restart().await.unwrap();
+    let client = srv.client();
+    sandpit_test_support::wait_until(
+        Duration::from_secs(30),
+        "the failed adoption logged",
+        || async {
+            srv.log()
+                .contains("does not open with this secrets key")
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    let n = internet.heads().len();
+    let (code, _) = wget(
+        &client,
+        &id,
+        "Bearer $SANDPIT_SECRET_OPENAI",
+        "https://api.secret.test/old-key",
+    )
+    .await;
+    assert_ne!(code, 0, "no proxy vouches for the API with the old key");
+    assert!(
+        !internet.heads()[n..].iter().any(|h| h.contains(&value)),
+        "the value went out"
+    );
+
+    // With the new key: the same CA, the value injected again.
+    srv.set_env("SANDPIT_SECRETS_KEY_FILE", new_key.to_str().unwrap());
+    srv.restart().await.unwrap();
+    let client = srv.client();
+    injected(&client, "after").await;
+    assert_eq!(
+        sh(&client, &id, "cat /etc/sandpit/secrets-ca.crt")
+            .await
+            .stdout,
+        ca_in_sandbox
+    );
+    client.destroy_sandbox(&id).await.unwrap();
+    assert!(!srv.log().contains(&value), "the log holds the value");
+}
+
 /// Without a secrets key the routes say so, and a create naming secrets is refused.
 #[tokio::test]
 async fn secrets_need_a_key() {

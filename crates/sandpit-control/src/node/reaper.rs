@@ -1,6 +1,7 @@
 //! What keeps a node true to its store: reconciliation at start (after a crash or a host
 //! reboot), the liveness watch (sandboxes that died under a limit or from outside) and the
-//! reaper (timeouts and idle suspends).
+//! reaper (timeouts, idle suspends, and once a minute pruning events and deliveries and
+//! sweeping lineage CAs).
 #![expect(
     clippy::disallowed_methods,
     reason = "the data dir's own layout (state dirs hold disk images; tenant trees in them are removed through sandpit_fs)"
@@ -384,6 +385,8 @@ impl Node {
                     {
                         tracing::warn!(error = %DisplayChain(&e), "reaper: pruning webhook deliveries");
                     }
+                    // Lineage CAs nothing holds any more (and old ones on this node's disk).
+                    crate::secrets::sweep(&node).await;
                 }
                 match node.store.sandboxes.expired(&node.cfg.node_id, now).await {
                     Ok(ids) => {

@@ -4,17 +4,22 @@
 //! placeholders in its environment, its lineage's CA in its trust store (through its agent),
 //! and a [`SecretsBinding`] in the network's proxy (`sandpit_net::secrets`) at every boot.
 //!
-//! The CA of a lineage lives in `<data dir>/secrets-ca/<lineage>/` (`ca.crt`, `ca.key` mode
-//! 0600, the directory 0700): host-owned files, never in a sandbox's tree.
+//! The CA of a lineage belongs to the fleet, not to a node: it is made once, by whichever
+//! node first needs it, and kept in the database (`secret_lineages`: the certificate, and
+//! the key sealed with the master key like a value), so a sandbox that moves to another node
+//! meets the CA it trusts. Earlier versions kept it in `<data dir>/secrets-ca/<lineage>/`
+//! (`ca.crt`, `ca.key`): such a CA is imported into the database when it is first needed or
+//! by the reaper's sweep ([`sweep`]), and its directory removed; that host-owned directory
+//! is the only one this module touches, never a sandbox's tree.
 #![expect(
     clippy::disallowed_methods,
-    reason = "the lineage CAs live in the data dir's own secrets-ca/, never a tenant tree"
+    reason = "the old lineage CAs live in the data dir's own secrets-ca/, never a tenant tree"
 )]
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
@@ -29,7 +34,7 @@ use sandpit_net::secrets::{Inject, LineageCa, LiveSecret, SecretSource, SecretsB
 use crate::error::ControlError;
 use crate::metrics::SecretLabels;
 use crate::node::Node;
-use crate::store::{SandboxSecrets, SecretRow, Store};
+use crate::store::{LineageRow, SandboxSecrets, SecretRow, Store};
 use crate::util::{now_ms, random_hex, rfc3339};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -44,6 +49,16 @@ const SYSTEM_BUNDLES: [&str; 3] = [
     "/etc/pki/tls/certs/ca-bundle.crt",
     "/etc/ssl/cert.pem",
 ];
+/// How long a lineage CA made (or imported) stays, whatever holds it: a fork records its
+/// child as holding its parent's lineage only after the child's row exists.
+pub const LINEAGE_GRACE: Duration = Duration::from_secs(600);
+/// The most lineage CAs one sweep deletes, and old CA directories it looks at.
+const SWEEP_LINEAGES: i64 = 256;
+const SWEEP_DIRS: usize = 64;
+/// A loaded CA unused this long is dropped from a node's memory (read again when needed).
+const CA_CACHE_IDLE: Duration = Duration::from_secs(3600);
+/// The most of an old on-disk CA file read.
+const MAX_DISK_CA: u64 = 64 << 10;
 /// The most of a sandbox's system bundle read (it is the tenant's file).
 const MAX_SYSTEM_BUNDLE: u64 = 4 << 20;
 /// The longest header name, format, query parameter and basic-auth user name.
@@ -99,9 +114,44 @@ impl MasterKey {
 
     /// `value` sealed for secret `name` of `workspace`: `v1:` + hex(nonce ‖ ciphertext).
     pub fn seal(&self, workspace: &str, name: &str, value: &str) -> Result<String, ControlError> {
+        self.seal_for(&format!("{workspace}/{name}"), value)
+    }
+
+    /// The value [`MasterKey::seal`] sealed for `name` of `workspace`. Fails closed
+    /// (`Corrupt`) with another key, another secret's ciphertext, or altered bytes.
+    pub fn open(&self, workspace: &str, name: &str, sealed: &str) -> Result<String, ControlError> {
+        let what = || format!("value of secret {name:?} of workspace {workspace}");
+        self.open_for(&format!("{workspace}/{name}"), sealed, what)
+    }
+
+    /// The private key of `lineage`'s CA (PEM) sealed like a value, bound to the workspace,
+    /// the lineage and the certificate (`cert_pem`): a sealed key moved to another lineage,
+    /// workspace or certificate, or into a secret's place, does not open.
+    pub fn seal_ca_key(
+        &self,
+        workspace: &str,
+        lineage: &str,
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> Result<String, ControlError> {
+        self.seal_for(&ca_aad(workspace, lineage, cert_pem), key_pem)
+    }
+
+    /// The key [`MasterKey::seal_ca_key`] sealed; `Corrupt` with another key or any change.
+    pub fn open_ca_key(
+        &self,
+        workspace: &str,
+        lineage: &str,
+        cert_pem: &str,
+        sealed: &str,
+    ) -> Result<String, ControlError> {
+        let what = || format!("CA key of secrets lineage {lineage} of workspace {workspace}");
+        self.open_for(&ca_aad(workspace, lineage, cert_pem), sealed, what)
+    }
+
+    fn seal_for(&self, aad: &str, value: &str) -> Result<String, ControlError> {
         let mut nonce = [0u8; 12];
         rand::rng().fill_bytes(&mut nonce);
-        let aad = format!("{workspace}/{name}");
         let ct = self
             .cipher()
             .encrypt(
@@ -115,10 +165,12 @@ impl MasterKey {
         Ok(format!("v1:{}{}", hex::encode(nonce), hex::encode(ct)))
     }
 
-    /// The value [`MasterKey::seal`] sealed for `name` of `workspace`. Fails closed
-    /// (`Corrupt`) with another key, another secret's ciphertext, or altered bytes.
-    pub fn open(&self, workspace: &str, name: &str, sealed: &str) -> Result<String, ControlError> {
-        let what = || format!("value of secret {name:?} of workspace {workspace}");
+    fn open_for(
+        &self,
+        aad: &str,
+        sealed: &str,
+        what: impl Fn() -> String,
+    ) -> Result<String, ControlError> {
         let raw = sealed
             .strip_prefix("v1:")
             .and_then(|h| hex::decode(h).ok())
@@ -126,7 +178,6 @@ impl MasterKey {
             .ok_or_else(|| ControlError::corrupt(what(), "not a sealed value"))?;
         let (nonce, ct) = raw.split_at(12);
         let nonce: [u8; 12] = nonce.try_into().expect("split at 12");
-        let aad = format!("{workspace}/{name}");
         let plain = self
             .cipher()
             .decrypt(
@@ -136,13 +187,24 @@ impl MasterKey {
                     aad: aad.as_bytes(),
                 },
             )
-            .map_err(|_| ControlError::corrupt(what(), "does not open with this key"))?;
+            .map_err(|_| {
+                ControlError::corrupt(
+                    what(),
+                    "does not open with this secrets key (not the key it was sealed with, or altered)",
+                )
+            })?;
         String::from_utf8(plain).map_err(|_| ControlError::corrupt(what(), "not UTF-8"))
     }
 
     fn cipher(&self) -> Aes256Gcm {
         Aes256Gcm::new(&Key::<Aes256Gcm>::from(self.0))
     }
+}
+
+/// The associated data of a lineage's sealed CA key. A secret's is `<workspace>/<name>`
+/// (a name has no NUL), so neither opens in the other's place.
+fn ca_aad(workspace: &str, lineage: &str, cert_pem: &str) -> String {
+    format!("lineage-ca\0{workspace}\0{lineage}\0{cert_pem}")
 }
 
 /// What a node needs to serve secrets: the master key and how the proxy connects upstream.
@@ -157,8 +219,17 @@ pub struct SecretsConfig {
 #[derive(Debug)]
 pub struct SecretsState {
     pub cfg: SecretsConfig,
-    /// Lineage → its CA. Guards only the map.
-    cas: Mutex<HashMap<String, Arc<LineageCa>>>,
+    /// Lineage → its CA, as read from the store. Guards only the map.
+    cas: Mutex<HashMap<String, CachedCa>>,
+}
+
+/// A loaded lineage CA and the workspace it belongs to (checked on every use: the cache
+/// never hands one workspace another's CA).
+#[derive(Debug)]
+struct CachedCa {
+    workspace: String,
+    ca: Arc<LineageCa>,
+    used: Instant,
 }
 
 impl SecretsState {
@@ -526,70 +597,238 @@ pub async fn prepare_sandbox(
     }))
 }
 
-/// The directory of a lineage's CA.
-fn ca_dir(node: &Node, lineage: &str) -> PathBuf {
-    node.cfg.data_dir.join("secrets-ca").join(lineage)
+/// The directory where versions before the CAs moved into the database kept a lineage's
+/// CA.
+fn old_ca_dir(data_dir: &Path, lineage: &str) -> PathBuf {
+    data_dir.join("secrets-ca").join(lineage)
 }
 
-/// The CA of `lineage`: loaded, or read from the data dir, or made there.
-fn lineage_ca(
-    node: &Node,
+/// 32 hex digits, as [`prepare_sandbox`] draws them; anything else is not a lineage.
+fn valid_lineage(lineage: &str) -> bool {
+    lineage.len() == 32 && lineage.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The CA of `lineage`, which sandboxes of `workspace` hold: loaded already, or read from
+/// the store, or imported there from this node's old `secrets-ca/` directory, or made. Two
+/// nodes that make one at once both insert-if-absent and use whichever went in. A lineage
+/// recorded for another workspace, a key that does not open with this node's master key,
+/// or a certificate that does not load is an error: the sandbox gets no proxy.
+pub async fn lineage_ca(
+    store: &Store,
+    data_dir: &Path,
     state: &SecretsState,
+    workspace: &str,
     lineage: &str,
 ) -> Result<Arc<LineageCa>, ControlError> {
-    if !lineage.bytes().all(|b| b.is_ascii_hexdigit()) || lineage.len() != 32 {
+    if !valid_lineage(lineage) {
         return Err(ControlError::corrupt(
             "a sandbox's secrets lineage",
             lineage,
         ));
     }
-    if let Some(ca) = state.cas.lock().expect("not poisoned").get(lineage) {
-        return Ok(ca.clone());
-    }
-    let dir = ca_dir(node, lineage);
-    let (crt, key) = (dir.join("ca.crt"), dir.join("ca.key"));
-    let files = |what: &str| ControlError::files(format!("{what} of lineage {lineage}"));
-    let (cert_pem, key_pem) = match std::fs::read_to_string(&key) {
-        Ok(key_pem) => (
-            std::fs::read_to_string(&crt).map_err(files("the CA certificate"))?,
-            key_pem,
-        ),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let (cert_pem, key_pem) = LineageCa::generate()?;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&dir)
-                .map_err(files("the CA directory"))?;
-            write_new(&dir.join("ca.key.tmp"), &key_pem, 0o600).map_err(files("the CA key"))?;
-            write_new(&dir.join("ca.crt.tmp"), &cert_pem, 0o644)
-                .map_err(files("the CA certificate"))?;
-            std::fs::rename(dir.join("ca.crt.tmp"), &crt).map_err(files("the CA certificate"))?;
-            std::fs::rename(dir.join("ca.key.tmp"), &key).map_err(files("the CA key"))?;
-            (cert_pem, key_pem)
-        }
-        Err(e) => return Err(files("the CA key")(e)),
+    let other_workspace = || {
+        ControlError::corrupt(
+            format!("secrets lineage {lineage}"),
+            format!("it belongs to another workspace than {workspace}"),
+        )
     };
-    let ca = Arc::new(LineageCa::load(&cert_pem, &key_pem)?);
-    state
-        .cas
-        .lock()
-        .expect("not poisoned")
-        .insert(lineage.to_string(), ca.clone());
+    if let Some(c) = state.cas.lock().expect("not poisoned").get_mut(lineage) {
+        if c.workspace != workspace {
+            return Err(other_workspace());
+        }
+        c.used = Instant::now();
+        return Ok(c.ca.clone());
+    }
+    let row = match store.secrets.lineage(lineage).await? {
+        Some(row) => row,
+        None => {
+            let old = read_old_ca(data_dir, lineage)?;
+            let imported = old.is_some();
+            let (cert_pem, key_pem) = match old {
+                Some(pair) => pair,
+                None => LineageCa::generate()?,
+            };
+            let row = LineageRow {
+                lineage: lineage.to_string(),
+                workspace_id: workspace.to_string(),
+                key_sealed: state
+                    .cfg
+                    .key
+                    .seal_ca_key(workspace, lineage, &cert_pem, &key_pem)?,
+                cert_pem,
+                created_at: now_ms(),
+            };
+            let won = store.secrets.insert_lineage(&row).await?;
+            let stored = store.secrets.lineage(lineage).await?.ok_or_else(|| {
+                ControlError::Internal(format!(
+                    "the CA of secrets lineage {lineage} went right after it was recorded"
+                ))
+            })?;
+            if imported {
+                if won {
+                    tracing::info!(%lineage, "secrets: imported a lineage CA from this node's disk into the store");
+                } else if stored.cert_pem != row.cert_pem {
+                    tracing::warn!(%lineage, "secrets: the store holds another CA for a lineage this node kept on disk; the store's wins");
+                }
+                remove_old_ca(data_dir, lineage);
+            }
+            stored
+        }
+    };
+    if row.workspace_id != workspace {
+        return Err(other_workspace());
+    }
+    let key_pem = state
+        .cfg
+        .key
+        .open_ca_key(workspace, lineage, &row.cert_pem, &row.key_sealed)?;
+    let ca = Arc::new(LineageCa::load(&row.cert_pem, &key_pem)?);
+    state.cas.lock().expect("not poisoned").insert(
+        lineage.to_string(),
+        CachedCa {
+            workspace: workspace.to_string(),
+            ca: ca.clone(),
+            used: Instant::now(),
+        },
+    );
     Ok(ca)
 }
 
-/// Writes `text` to a new file of `mode` (replacing a leftover temporary file).
-fn write_new(path: &Path, text: &str, mode: u32) -> std::io::Result<()> {
-    use std::io::Write;
-    let _ = std::fs::remove_file(path);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()
+/// The certificate and key an earlier version kept for `lineage` on this node, if any.
+fn read_old_ca(data_dir: &Path, lineage: &str) -> Result<Option<(String, String)>, ControlError> {
+    let dir = old_ca_dir(data_dir, lineage);
+    let files = |what: &str| ControlError::files(format!("{what} of lineage {lineage}"));
+    let key = match read_small(&dir.join("ca.key")) {
+        Ok(key) => key,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(files("the old CA key")(e)),
+    };
+    let cert = read_small(&dir.join("ca.crt")).map_err(files("the old CA certificate"))?;
+    Ok(Some((cert, key)))
+}
+
+/// A regular file of at most [`MAX_DISK_CA`] bytes, as text (the server's own file).
+fn read_small(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let f = std::fs::File::open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut text = String::new();
+    f.take(MAX_DISK_CA).read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// Remove the old directory of `lineage`'s CA (its files by name, then the directory);
+/// failures are logged.
+fn remove_old_ca(data_dir: &Path, lineage: &str) {
+    let dir = old_ca_dir(data_dir, lineage);
+    for name in ["ca.key", "ca.crt", "ca.key.tmp", "ca.crt.tmp"] {
+        match std::fs::remove_file(dir.join(name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(%lineage, error = %e, "secrets: removing an old lineage CA file")
+            }
+        }
+    }
+    match std::fs::remove_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(%lineage, error = %e, "secrets: removing an old lineage CA directory")
+        }
+    }
+}
+
+/// What one [`sweep_lineages`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct LineageSweep {
+    /// Lineages whose CA nothing needed any more: deleted from the store.
+    pub collected: Vec<String>,
+    /// Old on-disk CAs a live sandbox holds: imported into the store.
+    pub imported: usize,
+    /// Old on-disk CAs nothing holds: removed.
+    pub removed: usize,
+}
+
+/// Garbage collection of lineage CAs, bounded (the reaper runs it once a minute): the rows
+/// of lineages made before `before` that no sandbox (other than a destroyed one) and no
+/// snapshot holds any more go (at most [`SWEEP_LINEAGES`]), and so do their CAs in this
+/// node's memory and those unused for an hour. Then up to [`SWEEP_DIRS`] old CA directories
+/// of this node: one a sandbox still holds is imported into the store (with this node's
+/// key, `state`; without one it stays), any other is removed. Importing here, not only at
+/// a boot, matters for a sandbox suspended before the upgrade and woken on another node.
+pub async fn sweep_lineages(
+    store: &Store,
+    data_dir: &Path,
+    state: Option<&SecretsState>,
+    before: i64,
+) -> Result<LineageSweep, ControlError> {
+    let mut done = LineageSweep {
+        collected: store
+            .secrets
+            .collect_lineages(before, SWEEP_LINEAGES)
+            .await?,
+        ..LineageSweep::default()
+    };
+    if let Some(state) = state {
+        let mut cas = state.cas.lock().expect("not poisoned");
+        for l in &done.collected {
+            cas.remove(l);
+        }
+        cas.retain(|_, c| c.used.elapsed() < CA_CACHE_IDLE);
+    }
+    let Ok(entries) = std::fs::read_dir(data_dir.join("secrets-ca")) else {
+        return Ok(done);
+    };
+    let names: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| valid_lineage(n))
+        .take(SWEEP_DIRS)
+        .collect();
+    for lineage in names {
+        match store.secrets.lineage_holder(&lineage).await? {
+            Some(workspace) => {
+                let Some(state) = state else { continue };
+                match lineage_ca(store, data_dir, state, &workspace, &lineage).await {
+                    Ok(_) => {
+                        remove_old_ca(data_dir, &lineage);
+                        done.imported += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!(%lineage, error = %crate::DisplayChain(&e), "secrets: importing an old lineage CA")
+                    }
+                }
+            }
+            None => {
+                remove_old_ca(data_dir, &lineage);
+                done.removed += 1;
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// [`sweep_lineages`] for this node (the reaper's round), logged.
+pub async fn sweep(node: &Node) {
+    let before =
+        now_ms().saturating_sub(i64::try_from(LINEAGE_GRACE.as_millis()).unwrap_or(i64::MAX));
+    let state = node.secrets.get().map(|s| &**s);
+    match sweep_lineages(&node.store, &node.cfg.data_dir, state, before).await {
+        Ok(done) => {
+            if done != LineageSweep::default() {
+                tracing::info!(
+                    collected = done.collected.len(),
+                    imported = done.imported,
+                    removed = done.removed,
+                    "secrets: swept lineage CAs"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %crate::DisplayChain(&e), "reaper: sweeping lineage CAs"),
+    }
 }
 
 /// Where the proxy reads a sandbox's secrets: the store, opened with the master key.
@@ -679,7 +918,14 @@ pub async fn attach(node: &Node, sandbox_id: &str, slot: u32) -> Result<(), Cont
         return Ok(());
     };
     let state = state(node)?;
-    let ca = lineage_ca(node, state, &held.lineage)?;
+    let ca = lineage_ca(
+        &node.store,
+        &node.cfg.data_dir,
+        state,
+        &held.workspace_id,
+        &held.lineage,
+    )
+    .await?;
     let binding = SecretsBinding {
         sandbox: sandbox_id.to_string(),
         ca,
@@ -705,7 +951,14 @@ pub async fn install_ca(node: &Node, row: &crate::store::Sandbox) -> Result<(), 
         return Ok(());
     };
     let state = state(node)?;
-    let ca = lineage_ca(node, state, &held.lineage)?;
+    let ca = lineage_ca(
+        &node.store,
+        &node.cfg.data_dir,
+        state,
+        &held.workspace_id,
+        &held.lineage,
+    )
+    .await?;
     let agent = crate::node::boot::agent_of(node, row).expect("a booted sandbox has a slot");
     let failed = |what: &str| {
         let what = what.to_string();
@@ -744,26 +997,55 @@ pub async fn install_ca(node: &Node, row: &crate::store::Sandbox) -> Result<(), 
     Ok(())
 }
 
-/// `sandpit secrets rotate-key`: every stored value opened with `old` and sealed again with
-/// `new`. Nothing is written unless every value opens with `old`. Returns how many.
+/// What [`rotate_key`] re-sealed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotated {
+    pub values: usize,
+    pub lineage_keys: usize,
+}
+
+/// `sandpit secrets rotate-key`: every stored value and every lineage CA's key opened with
+/// `old` and sealed again with `new`, written in one transaction. Nothing is written unless
+/// everything opens with `old` (`wrong_secrets_key` names the first that does not) and
+/// nothing changed meanwhile.
 pub async fn rotate_key(
     store: &Store,
     old: &MasterKey,
     new: &MasterKey,
-) -> Result<usize, ControlError> {
+) -> Result<Rotated, ControlError> {
+    let wrong = |e: ControlError| {
+        invalid(
+            "wrong_secrets_key",
+            format!(
+                "the old key does not open what the database holds ({}); nothing was written",
+                crate::DisplayChain(&e)
+            ),
+        )
+    };
     let rows = store.secrets.all().await?;
-    let mut resealed = Vec::with_capacity(rows.len());
+    let mut values = Vec::with_capacity(rows.len());
     for r in &rows {
-        let value = old.open(&r.workspace_id, &r.name, &r.sealed)?;
-        resealed.push(new.seal(&r.workspace_id, &r.name, &value)?);
+        let value = old
+            .open(&r.workspace_id, &r.name, &r.sealed)
+            .map_err(wrong)?;
+        values.push((r, new.seal(&r.workspace_id, &r.name, &value)?));
     }
-    for (r, sealed) in rows.iter().zip(&resealed) {
-        store
-            .secrets
-            .set_sealed(&r.workspace_id, &r.name, sealed, r.updated_at)
-            .await?;
+    let lineages = store.secrets.all_lineages().await?;
+    let mut keys = Vec::with_capacity(lineages.len());
+    for l in &lineages {
+        let key = old
+            .open_ca_key(&l.workspace_id, &l.lineage, &l.cert_pem, &l.key_sealed)
+            .map_err(wrong)?;
+        keys.push((
+            l,
+            new.seal_ca_key(&l.workspace_id, &l.lineage, &l.cert_pem, &key)?,
+        ));
     }
-    Ok(rows.len())
+    store.secrets.reseal(&values, &keys).await?;
+    Ok(Rotated {
+        values: values.len(),
+        lineage_keys: keys.len(),
+    })
 }
 
 #[cfg(test)]
@@ -797,6 +1079,37 @@ mod tests {
         assert!(MasterKey::parse("abcd").is_err());
         assert!(MasterKey::parse(&"g".repeat(64)).is_err());
         assert!(!format!("{k:?}").contains(&hex::encode(k.0)));
+    }
+
+    #[test]
+    fn sealed_ca_keys_open_only_for_their_lineage_and_certificate() {
+        let k = key();
+        let (l, cert) = ("a".repeat(32), "-----BEGIN CERTIFICATE-----\nx\n");
+        let sealed = k.seal_ca_key("ws1", &l, cert, "the key").unwrap();
+        assert_eq!(k.open_ca_key("ws1", &l, cert, &sealed).unwrap(), "the key");
+        assert!(k.open_ca_key("ws2", &l, cert, &sealed).is_err());
+        assert!(
+            k.open_ca_key("ws1", &"b".repeat(32), cert, &sealed)
+                .is_err()
+        );
+        assert!(
+            k.open_ca_key("ws1", &l, "another certificate", &sealed)
+                .is_err()
+        );
+        assert!(key().open_ca_key("ws1", &l, cert, &sealed).is_err());
+        // Never in a secret's place, nor a secret's value in a CA key's.
+        assert!(k.open("ws1", &l, &sealed).is_err());
+        let value = k.seal("ws1", "openai", "v").unwrap();
+        assert!(k.open_ca_key("ws1", "openai", "", &value).is_err());
+        match key().open_ca_key("ws1", &l, cert, &sealed) {
+            Err(ControlError::Corrupt { detail, .. }) => {
+                assert!(
+                    detail.contains("does not open with this secrets key"),
+                    "{detail}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     fn req(inject: SecretInject) -> CreateSecretRequest {

@@ -45,7 +45,9 @@ pub use layers::{Layers, StoredLayer};
 pub use nodes::{Heartbeat, NodeInfo, NodeLoad, NodeRow, NodeStatus, Nodes, valid_node_id};
 pub use previews::{PreviewTokenRow, Previews};
 pub use sandboxes::{LOST_OWNER, Sandbox, Sandboxes};
-pub use secrets::{SandboxSecrets, SecretRow, Secrets};
+pub use secrets::{
+    LineageRow, ResealedLineage, ResealedSecret, SandboxSecrets, SecretRow, Secrets,
+};
 pub use snapshots::{SnapshotRow, Snapshots};
 pub use templates::{
     MAX_VERSION, TemplateInsert, TemplateRef, TemplateRow, TemplateStatus, Templates,

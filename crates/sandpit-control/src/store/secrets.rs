@@ -1,5 +1,6 @@
-//! Workspace secrets (sealed values, never in clear) and the secrets each sandbox holds
-//! (its lineage and placeholders).
+//! Workspace secrets (sealed values, never in clear), the secrets each sandbox holds (its
+//! lineage and placeholders) and the CA of each lineage (its key sealed), shared by the
+//! fleet.
 
 use std::collections::BTreeMap;
 
@@ -28,6 +29,23 @@ pub struct SandboxSecrets {
     pub lineage: String,
     pub placeholders: BTreeMap<String, String>,
 }
+
+/// The CA of a lineage as stored: its certificate, its key sealed (see
+/// [`crate::secrets::MasterKey::seal_ca_key`]).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct LineageRow {
+    pub lineage: String,
+    /// The workspace whose sandboxes hold the lineage: no other may use its CA.
+    pub workspace_id: String,
+    pub cert_pem: String,
+    pub key_sealed: String,
+    pub created_at: i64,
+}
+
+/// A lineage CA row and its key sealed anew, for [`Secrets::reseal`].
+pub type ResealedLineage<'a> = (&'a LineageRow, String);
+/// A secret row and its value sealed anew, for [`Secrets::reseal`].
+pub type ResealedSecret<'a> = (&'a SecretRow, String);
 
 /// The secrets aggregate.
 #[derive(Clone, Debug)]
@@ -161,5 +179,152 @@ impl Secrets {
             })
         })
         .transpose()
+    }
+
+    /// Record the CA of a lineage unless one is recorded already (another node may have
+    /// made one at the same moment): true if this row went in. Read the lineage back with
+    /// [`Secrets::lineage`] to use whichever won.
+    pub async fn insert_lineage(&self, row: &LineageRow) -> Result<bool, ControlError> {
+        with_db!(self.db, p => sqlx::query(
+            "INSERT INTO secret_lineages (lineage, workspace_id, cert_pem, key_sealed, created_at)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (lineage) DO NOTHING",
+        )
+        .bind(&row.lineage)
+        .bind(&row.workspace_id)
+        .bind(&row.cert_pem)
+        .bind(&row.key_sealed)
+        .bind(row.created_at)
+        .execute(p).await.map(|r| r.rows_affected() > 0))
+        .map_err(q("recording a lineage's CA"))
+    }
+
+    /// The CA of `lineage`, if one is recorded. The caller checks its workspace.
+    pub async fn lineage(&self, lineage: &str) -> Result<Option<LineageRow>, ControlError> {
+        with_db!(self.db, p => sqlx::query_as::<_, LineageRow>(
+            "SELECT lineage, workspace_id, cert_pem, key_sealed, created_at FROM secret_lineages
+             WHERE lineage = $1",
+        )
+        .bind(lineage)
+        .fetch_optional(p).await)
+        .map_err(q("reading a lineage's CA"))
+    }
+
+    /// Every lineage CA (the server's own use: rotating the master key).
+    pub async fn all_lineages(&self) -> Result<Vec<LineageRow>, ControlError> {
+        with_db!(self.db, p => sqlx::query_as::<_, LineageRow>(
+            "SELECT lineage, workspace_id, cert_pem, key_sealed, created_at FROM secret_lineages
+             ORDER BY lineage",
+        )
+        .fetch_all(p).await)
+        .map_err(q("listing all lineage CAs"))
+    }
+
+    /// The workspace of a sandbox that still needs `lineage`'s CA: one not destroyed, or
+    /// one a snapshot was taken of (its files trust the CA). `None`: nothing needs it. The
+    /// server's own use (garbage collection, importing a CA from a node's disk).
+    pub async fn lineage_holder(&self, lineage: &str) -> Result<Option<String>, ControlError> {
+        let row: Option<(String,)> = with_db!(self.db, p => sqlx::query_as(
+            "SELECT s.workspace_id FROM sandbox_secrets s
+             WHERE s.lineage = $1 AND (
+                EXISTS (SELECT 1 FROM sandboxes b
+                        WHERE b.id = s.sandbox_id AND b.status <> 'destroyed')
+                OR EXISTS (SELECT 1 FROM snapshots n
+                           WHERE n.workspace_id = s.workspace_id AND n.sandbox_id = s.sandbox_id))
+             LIMIT 1",
+        )
+        .bind(lineage)
+        .fetch_optional(p).await)
+        .map_err(q("looking for a lineage's holder"))?;
+        Ok(row.map(|r| r.0))
+    }
+
+    /// Delete at most `limit` lineage CAs recorded before `before` that nothing needs any
+    /// more (see [`Secrets::lineage_holder`]); returns their lineages. One statement, so a
+    /// CA goes only if, when the statement runs, no live sandbox or snapshot holds it. The server's
+    /// own use (the reaper).
+    pub async fn collect_lineages(
+        &self,
+        before: i64,
+        limit: i64,
+    ) -> Result<Vec<String>, ControlError> {
+        let rows: Vec<(String,)> = with_db!(self.db, p => sqlx::query_as(
+            "DELETE FROM secret_lineages WHERE lineage IN (
+                SELECT l.lineage FROM secret_lineages l
+                WHERE l.created_at < $1 AND NOT EXISTS (
+                    SELECT 1 FROM sandbox_secrets s
+                    WHERE s.lineage = l.lineage AND (
+                        EXISTS (SELECT 1 FROM sandboxes b
+                                WHERE b.id = s.sandbox_id AND b.status <> 'destroyed')
+                        OR EXISTS (SELECT 1 FROM snapshots n
+                                   WHERE n.workspace_id = s.workspace_id
+                                     AND n.sandbox_id = s.sandbox_id)))
+                ORDER BY l.lineage LIMIT $2)
+             RETURNING lineage",
+        )
+        .bind(before)
+        .bind(limit)
+        .fetch_all(p).await)
+        .map_err(q("collecting unused lineage CAs"))?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
+    /// Write every secret value and lineage key sealed anew (rotating the master key) in one
+    /// transaction, each only if its row still holds what was read. If one changed or went
+    /// in between, nothing is written and the error names it.
+    pub async fn reseal(
+        &self,
+        secrets: &[ResealedSecret<'_>],
+        lineages: &[ResealedLineage<'_>],
+    ) -> Result<(), ControlError> {
+        let changed: Option<String> = with_db!(self.db, p => async {
+            let mut tx = p.begin().await?;
+            for (row, sealed) in secrets {
+                let n = sqlx::query(
+                    "UPDATE secrets SET sealed = $1
+                     WHERE workspace_id = $2 AND name = $3 AND sealed = $4",
+                )
+                .bind(sealed)
+                .bind(&row.workspace_id)
+                .bind(&row.name)
+                .bind(&row.sealed)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if n == 0 {
+                    // Dropped unfinished: rolled back.
+                    return Ok(Some(format!(
+                        "secret {:?} of workspace {}",
+                        row.name, row.workspace_id
+                    )));
+                }
+            }
+            for (row, sealed) in lineages {
+                let n = sqlx::query(
+                    "UPDATE secret_lineages SET key_sealed = $1
+                     WHERE lineage = $2 AND key_sealed = $3",
+                )
+                .bind(sealed)
+                .bind(&row.lineage)
+                .bind(&row.key_sealed)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if n == 0 {
+                    return Ok(Some(format!("the CA of lineage {}", row.lineage)));
+                }
+            }
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(None)
+        }.await)
+        .map_err(q("re-sealing secrets"))?;
+        match changed {
+            None => Ok(()),
+            Some(what) => Err(ControlError::conflict(
+                "secrets_changed",
+                format!(
+                    "{what} changed or went during the rotation; nothing was written, run it again"
+                ),
+            )),
+        }
     }
 }

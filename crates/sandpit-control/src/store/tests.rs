@@ -1912,7 +1912,7 @@ async fn secrets_and_key_rotation(db: &TestDb) {
         after.iter().map(|r| &r.sealed).collect::<Vec<_>>()
     );
     // The right one re-seals every value: they open with the new key only.
-    assert_eq!(rotate_key(s, &old, &new).await.unwrap(), 2);
+    assert_eq!(rotate_key(s, &old, &new).await.unwrap().values, 2);
     let w1 = s.secrets.get("w1", "a").await.unwrap().unwrap();
     assert_eq!(new.open("w1", "a", &w1.sealed).unwrap(), "va");
     assert!(old.open("w1", "a", &w1.sealed).is_err());
@@ -1922,4 +1922,337 @@ async fn secrets_and_key_rotation(db: &TestDb) {
     assert!(s.secrets.delete("w1", "a").await.unwrap());
     assert!(!s.secrets.delete("w1", "a").await.unwrap());
     assert!(s.secrets.get("w2", "a").await.unwrap().is_some());
+}
+
+/// A node's secrets state with `key` (the proxy's upstream roots do not matter here).
+fn secrets_state(key: &crate::secrets::MasterKey) -> crate::secrets::SecretsState {
+    crate::secrets::SecretsState::new(crate::secrets::SecretsConfig {
+        key: key.clone(),
+        upstream: crate::secrets::upstream_config(&[]).unwrap(),
+    })
+}
+
+/// What a node that predates the store's CAs left on its disk for `lineage`.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the test's own temporary data dirs, by path"
+)]
+fn old_disk_ca(data_dir: &std::path::Path, lineage: &str) -> String {
+    let (cert, key) = sandpit_net::secrets::LineageCa::generate().unwrap();
+    let dir = data_dir.join("secrets-ca").join(lineage);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("ca.crt"), &cert).unwrap();
+    std::fs::write(dir.join("ca.key"), &key).unwrap();
+    cert
+}
+
+both!(lineage_cas_belong_to_the_fleet);
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the test's own temporary data dirs, by path"
+)]
+async fn lineage_cas_belong_to_the_fleet(db: &TestDb) {
+    use crate::secrets::{MasterKey, lineage_ca, rotate_key};
+    let s = &db.store;
+    let key = MasterKey::parse(&MasterKey::generate_hex()).unwrap();
+    let lineage = "a".repeat(32);
+    // Two nodes (their own pools, data dirs and memory) need the same new lineage at once:
+    // both get the one CA that went into the store.
+    let other = db.another_process().await;
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (n1, n2) = (secrets_state(&key), secrets_state(&key));
+    let (a, b) = tokio::join!(
+        lineage_ca(s, d1.path(), &n1, "w1", &lineage),
+        lineage_ca(&other, d2.path(), &n2, "w1", &lineage)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.cert_pem(), b.cert_pem());
+    let row = s.secrets.lineage(&lineage).await.unwrap().unwrap();
+    assert_eq!(
+        (row.workspace_id.as_str(), row.cert_pem.as_str()),
+        ("w1", a.cert_pem())
+    );
+    assert!(!row.key_sealed.contains("PRIVATE KEY"), "the key is sealed");
+    // Nothing of a node's disk: the CA is the store's.
+    assert!(!d1.path().join("secrets-ca").exists());
+    // A third node, later, reads it (and its cache serves it again).
+    let n3 = secrets_state(&key);
+    let d3 = tempfile::tempdir().unwrap();
+    for _ in 0..2 {
+        let c = lineage_ca(s, d3.path(), &n3, "w1", &lineage).await.unwrap();
+        assert_eq!(c.cert_pem(), a.cert_pem());
+    }
+
+    // Another workspace never gets it: not from a node's memory, not from the store.
+    let corrupt = |r: Result<_, ControlError>| match r {
+        Err(ControlError::Corrupt { what, detail }) => format!("{what}: {detail}"),
+        Err(other) => panic!("{other:?}"),
+        Ok(_) => panic!("loaded"),
+    };
+    let e = corrupt(lineage_ca(s, d1.path(), &n1, "w2", &lineage).await);
+    assert!(e.contains("another workspace"), "{e}");
+    let e = corrupt(lineage_ca(s, d1.path(), &secrets_state(&key), "w2", &lineage).await);
+    assert!(e.contains("another workspace"), "{e}");
+    assert!(
+        lineage_ca(s, d1.path(), &n1, "w1", "../../etc")
+            .await
+            .is_err()
+    );
+
+    // A node with another key fails closed, saying why.
+    let wrong = MasterKey::parse(&MasterKey::generate_hex()).unwrap();
+    let e = corrupt(lineage_ca(s, d1.path(), &secrets_state(&wrong), "w1", &lineage).await);
+    assert!(e.contains("does not open with this secrets key"), "{e}");
+    // A sealed key moved to another lineage does not open there.
+    let moved = LineageRow {
+        lineage: "b".repeat(32),
+        ..row.clone()
+    };
+    assert!(s.secrets.insert_lineage(&moved).await.unwrap());
+    assert!(
+        !s.secrets.insert_lineage(&moved).await.unwrap(),
+        "insert-if-absent"
+    );
+    let e = corrupt(lineage_ca(s, d1.path(), &secrets_state(&key), "w1", &moved.lineage).await);
+    assert!(e.contains("does not open"), "{e}");
+
+    // A CA an earlier version kept on a node's disk is imported (a sandbox made before the
+    // upgrade keeps trusting it), and its directory goes.
+    let old_lineage = "c".repeat(32);
+    let old_cert = old_disk_ca(d2.path(), &old_lineage);
+    let c = lineage_ca(&other, d2.path(), &n2, "w1", &old_lineage)
+        .await
+        .unwrap();
+    assert_eq!(c.cert_pem(), old_cert);
+    assert!(!d2.path().join("secrets-ca").join(&old_lineage).exists());
+    let c = lineage_ca(s, d1.path(), &secrets_state(&key), "w1", &old_lineage)
+        .await
+        .unwrap();
+    assert_eq!(c.cert_pem(), old_cert, "another node gets the imported CA");
+
+    // Rotating the master key re-seals the CA keys with the values, in one go.
+    let sealed = |v: &str| key.seal("w1", "a", v).unwrap();
+    s.secrets
+        .insert(&SecretRow {
+            workspace_id: "w1".into(),
+            name: "a".into(),
+            sealed: sealed("va"),
+            hosts: r#"["api.example.com"]"#.into(),
+            inject: r#"{"query":"key"}"#.into(),
+            created_at: 1,
+            updated_at: 1,
+        })
+        .await
+        .unwrap();
+    let new = MasterKey::parse(&MasterKey::generate_hex()).unwrap();
+    // A CA key that does not open (the moved one) stops a rotation: nothing is written.
+    match rotate_key(s, &key, &new).await {
+        Err(ControlError::Invalid { code, message }) => {
+            assert_eq!(code, "wrong_secrets_key");
+            assert!(message.contains(&moved.lineage), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        key.open(
+            "w1",
+            "a",
+            &s.secrets.get("w1", "a").await.unwrap().unwrap().sealed
+        )
+        .unwrap(),
+        "va"
+    );
+    // Held lineages stay; the moved one, which nothing holds, goes.
+    workspace(s, "w1").await;
+    base_template(s).await;
+    for (sb, l) in [("sb_1", &lineage), ("sb_2", &old_lineage)] {
+        s.sandboxes
+            .insert(&sandbox(sb, "w1", Status::Running, None))
+            .await
+            .unwrap();
+        let held = SandboxSecrets {
+            workspace_id: "w1".into(),
+            lineage: l.clone(),
+            placeholders: BTreeMap::new(),
+        };
+        s.secrets.bind(sb, &held).await.unwrap();
+    }
+    assert_eq!(
+        s.secrets.collect_lineages(i64::MAX, 10).await.unwrap(),
+        vec![moved.lineage.clone()]
+    );
+    let before = s.secrets.all_lineages().await.unwrap();
+    // The wrong old key: refused, nothing written.
+    match rotate_key(s, &wrong, &new).await {
+        Err(ControlError::Invalid { code, message }) => {
+            assert_eq!(code, "wrong_secrets_key");
+            assert!(message.contains("nothing was written"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.secrets.all_lineages().await.unwrap(), before);
+    let done = rotate_key(s, &key, &new).await.unwrap();
+    assert_eq!((done.values, done.lineage_keys), (1, 2));
+    for l in [&lineage, &old_lineage] {
+        let fresh = tempfile::tempdir().unwrap();
+        let c = lineage_ca(s, fresh.path(), &secrets_state(&new), "w1", l)
+            .await
+            .unwrap();
+        assert_eq!(
+            c.cert_pem(),
+            s.secrets.lineage(l).await.unwrap().unwrap().cert_pem,
+            "the same CA, opened with the new key"
+        );
+        let e = corrupt(lineage_ca(s, fresh.path(), &secrets_state(&key), "w1", l).await);
+        assert!(
+            e.contains("does not open"),
+            "the old key no longer opens it: {e}"
+        );
+    }
+    let v = s.secrets.get("w1", "a").await.unwrap().unwrap();
+    assert_eq!(new.open("w1", "a", &v.sealed).unwrap(), "va");
+    assert!(key.open("w1", "a", &v.sealed).is_err());
+    // The old key cannot rotate again.
+    assert!(rotate_key(s, &key, &new).await.is_err());
+    other.db().close().await;
+}
+
+both!(lineage_cas_are_collected);
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the test's own temporary data dirs, by path"
+)]
+async fn lineage_cas_are_collected(db: &TestDb) {
+    use crate::secrets::{LineageSweep, MasterKey, lineage_ca, sweep_lineages};
+    let s = &db.store;
+    workspace(s, "ws_a").await;
+    base_template(s).await;
+    let key = MasterKey::parse(&MasterKey::generate_hex()).unwrap();
+    let state = secrets_state(&key);
+    let dir = tempfile::tempdir().unwrap();
+    let l = |c: char| c.to_string().repeat(32);
+    // running: held by a running sandbox; destroyed: only by a destroyed one; snapped: by
+    // a destroyed one a snapshot was taken of; forked: by a destroyed parent and a live child.
+    for (sb, status, lineage) in [
+        ("sb_run", Status::Running, l('1')),
+        ("sb_gone", Status::Destroyed, l('2')),
+        ("sb_snap", Status::Destroyed, l('3')),
+        ("sb_parent", Status::Destroyed, l('4')),
+        ("sb_child", Status::Suspended, l('4')),
+        ("sb_failed", Status::Failed, l('5')),
+    ] {
+        s.sandboxes
+            .insert(&sandbox(sb, "ws_a", status, None))
+            .await
+            .unwrap();
+        let held = SandboxSecrets {
+            workspace_id: "ws_a".into(),
+            lineage: lineage.clone(),
+            placeholders: BTreeMap::new(),
+        };
+        s.secrets.bind(sb, &held).await.unwrap();
+        lineage_ca(s, dir.path(), &state, "ws_a", &lineage)
+            .await
+            .unwrap();
+    }
+    assert!(
+        s.snapshots
+            .insert(
+                &SnapshotRow {
+                    id: "sn_1".into(),
+                    workspace_id: "ws_a".into(),
+                    sandbox_id: "sb_snap".into(),
+                    template_id: "tpl_base".into(),
+                    template_name: "base".into(),
+                    size: "small".into(),
+                    env: "{}".into(),
+                    egress: "{}".into(),
+                    has_memory: false,
+                    size_bytes: 1,
+                    created_at: 1,
+                    remote_image: None,
+                },
+                10,
+            )
+            .await
+            .unwrap()
+    );
+    // Old CAs on this node's disk: one a live sandbox holds, one nothing holds.
+    let held_old = l('6');
+    s.sandboxes
+        .insert(&sandbox("sb_old", "ws_a", Status::Suspended, None))
+        .await
+        .unwrap();
+    s.secrets
+        .bind(
+            "sb_old",
+            &SandboxSecrets {
+                workspace_id: "ws_a".into(),
+                lineage: held_old.clone(),
+                placeholders: BTreeMap::new(),
+            },
+        )
+        .await
+        .unwrap();
+    let held_cert = old_disk_ca(dir.path(), &held_old);
+    old_disk_ca(dir.path(), &l('7'));
+
+    // Within the grace period nothing is collected.
+    let done = sweep_lineages(s, dir.path(), Some(&state), 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        done,
+        LineageSweep {
+            collected: vec![],
+            imported: 1,
+            removed: 1
+        }
+    );
+    assert!(!dir.path().join("secrets-ca").join(&held_old).exists());
+    assert!(!dir.path().join("secrets-ca").join(l('7')).exists());
+    assert_eq!(
+        s.secrets
+            .lineage(&held_old)
+            .await
+            .unwrap()
+            .unwrap()
+            .cert_pem,
+        held_cert
+    );
+    let later = crate::util::now_ms() + 1;
+    let done = sweep_lineages(s, dir.path(), Some(&state), later)
+        .await
+        .unwrap();
+    assert_eq!(done.collected, vec![l('2')], "only the destroyed sandbox's");
+    assert!(s.secrets.lineage(&l('2')).await.unwrap().is_none());
+    for kept in ['1', '3', '4', '5', '6'] {
+        assert!(
+            s.secrets.lineage(&l(kept)).await.unwrap().is_some(),
+            "{kept}"
+        );
+    }
+    // The snapshot goes, then the child: their lineages follow.
+    assert!(s.snapshots.delete("ws_a", "sn_1").await.unwrap());
+    s.sandboxes.mark_destroyed("sb_child", later).await.unwrap();
+    let mut done = sweep_lineages(s, dir.path(), None, later).await.unwrap();
+    done.collected.sort();
+    assert_eq!(done.collected, vec![l('3'), l('4')]);
+    // A collected lineage is made anew if something needs it again (a new CA), and the
+    // grace period counts from then.
+    lineage_ca(s, dir.path(), &state, "ws_a", &l('2'))
+        .await
+        .unwrap();
+    let made = s
+        .secrets
+        .lineage(&l('2'))
+        .await
+        .unwrap()
+        .unwrap()
+        .created_at;
+    let d = dir.path();
+    let sweep =
+        |before: i64| async move { sweep_lineages(s, d, None, before).await.unwrap().collected };
+    assert!(sweep(made).await.is_empty());
+    assert_eq!(sweep(made + 1).await, vec![l('2')]);
 }
