@@ -36,10 +36,12 @@
 //! basic-auth credentials) and nowhere else. Over http/1.1 a refused request also closes the
 //! connection.
 //!
-//! Bounds: a request head of at most [`MAX_HEAD`] bytes and [`MAX_HEADERS`] fields (`431`
-//! over http/1.1; over h2 the same size is the `SETTINGS_MAX_HEADER_LIST_SIZE`), each http/1.1
-//! head within [`HEAD_TIMEOUT`], at most [`MAX_STREAMS`] concurrent h2 streams, and a
-//! connection without a request in flight for [`IDLE_TIMEOUT`] is closed.
+//! Bounds: a request head of at most [`MAX_HEAD`] bytes and [`MAX_HEADERS`] fields (`431`;
+//! over h2 the same size is the `SETTINGS_MAX_HEADER_LIST_SIZE`), at most [`MAX_STREAMS`]
+//! concurrent h2 streams, and a connection without a request in flight for [`IDLE_TIMEOUT`]
+//! is closed, which also bounds the time a head may take to arrive. (hyper's own http/1.1
+//! header timeout is off: it runs between requests too and ends the connection with an
+//! error, where the proxy's idle close sends a proper close_notify and FIN.)
 //!
 //! The proxy holds, per sandbox, the placeholders and the lineage CA; a secret's value is
 //! fetched from its [`SecretSource`] for each request (so a replaced value is used by the next
@@ -90,10 +92,9 @@ use crate::sniff;
 pub const MAX_HEAD: usize = 64 * 1024;
 /// Most header fields in a request.
 pub const MAX_HEADERS: usize = 128;
-/// How long a sandbox has to send a whole http/1.1 request head once it started one.
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long an intercepted connection may stay without a request in flight.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an intercepted connection may stay without a request in flight (idle, or
+/// receiving a request head), from its start or the end of its last request.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most concurrent streams of an h2 connection from a sandbox.
 pub const MAX_STREAMS: u32 = 100;
 /// How long the TLS handshakes (sandbox side, upstream side) may take.
@@ -393,8 +394,8 @@ pub(crate) async fn intercept(
             }
         }
         Err((status, why)) => {
-            // The sandbox is told why over http/1.1 (what it offered may not matter: an
-            // answer it cannot read fails as a reset would).
+            // The sandbox is told why, over http/1.1 (a sandbox that offered only h2 fails
+            // its handshake instead).
             if let Ok(mut client) = accept(inbound, head, &leaf, Proto::Http1, &ctl, &state).await {
                 answer(&mut client, status, &why).await;
             }
@@ -513,7 +514,7 @@ async fn serve(
         Proto::Http1 => {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEAD_TIMEOUT)
+                .header_read_timeout(None)
                 .max_buf_size(MAX_HEAD)
                 .max_header_size(MAX_HEAD)
                 .max_headers(MAX_HEADERS)
@@ -699,7 +700,14 @@ impl Proxy {
             return self.refusal(status, &why);
         }
         strip_hop_by_hop(&mut parts.headers, true);
-        let secrets = match current_for(&self.binding, name).await {
+        // The values are looked up only for a request that holds a placeholder (nothing
+        // else can be injected).
+        let lookup = if holds_placeholder(&parts, &self.binding.placeholders) {
+            current_for(&self.binding, name).await
+        } else {
+            Ok(Vec::new())
+        };
+        let secrets = match lookup {
             Ok(s) => s,
             Err(why) => {
                 tracing::warn!(%sandbox, %why, "secrets proxy: secrets unavailable");
@@ -999,6 +1007,34 @@ fn rewrite_request(
     };
     parts.uri = uri.map_err(|e| format!("the request target: {e}"))?;
     Ok(injected)
+}
+
+/// Whether any of `placeholders` (secret name, placeholder) is where [`rewrite_request`]
+/// could replace it: in a header value, in the query, or in `Authorization: Basic`
+/// credentials (base64).
+fn holds_placeholder(parts: &Parts, placeholders: &[(String, String)]) -> bool {
+    let holds = |bytes: &[u8]| {
+        placeholders
+            .iter()
+            .any(|(_, p)| !p.is_empty() && bytes.windows(p.len()).any(|w| w == p.as_bytes()))
+    };
+    if parts.uri.query().is_some_and(|q| holds(q.as_bytes())) {
+        return true;
+    }
+    parts.headers.iter().any(|(k, v)| {
+        holds(v.as_bytes())
+            || (*k == header::AUTHORIZATION
+                && v.to_str()
+                    .ok()
+                    .and_then(|v| v.split_once(' '))
+                    .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("basic"))
+                    .and_then(|(_, c)| {
+                        base64::engine::general_purpose::STANDARD
+                            .decode(c.trim())
+                            .ok()
+                    })
+                    .is_some_and(|cred| holds(&cred)))
+    })
 }
 
 /// A header value holding a secret's value, marked sensitive.
@@ -1473,6 +1509,25 @@ mod tests {
     }
 
     #[test]
+    fn the_store_is_asked_only_for_requests_holding_a_placeholder() {
+        let ph = [("openai".to_string(), "ph-123".to_string())];
+        let holds = |uri: &str, headers: &[(&str, &str)]| holds_placeholder(&h1(uri, headers), &ph);
+        assert!(!holds("/ph-123", &[("Host", NAME), ("X", "Bearer mine")]));
+        assert!(holds("/?key=ph-123", &[("Host", NAME)]));
+        assert!(holds("/", &[("Host", NAME), ("X-Key", "Bearer ph-123")]));
+        let basic = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("me:ph-123")
+        );
+        assert!(holds("/", &[("Host", NAME), ("Authorization", &basic)]));
+        let other = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("me:pw")
+        );
+        assert!(!holds("/", &[("Host", NAME), ("Authorization", &other)]));
+    }
+
+    #[test]
     fn hop_by_hop_headers() {
         let mut p = h1(
             "/",
@@ -1652,6 +1707,7 @@ mod tests {
         struct Store {
             secrets: Mutex<Vec<LiveSecret>>,
             injected: Mutex<Vec<(String, String)>>,
+            lookups: AtomicUsize,
         }
 
         impl Store {
@@ -1666,6 +1722,7 @@ mod tests {
         #[async_trait]
         impl SecretSource for Store {
             async fn current(&self, names: &[String]) -> Result<Vec<LiveSecret>, String> {
+                self.lookups.fetch_add(1, Ordering::SeqCst);
                 Ok(self
                     .secrets
                     .lock()
@@ -2025,6 +2082,15 @@ mod tests {
             }
             let host = (String::from("openai"), NAME.to_string());
             assert_eq!(*t.store.injected.lock().unwrap(), [host.clone(), host]);
+            // A request without a placeholder: the store is not asked.
+            assert_eq!(t.store.lookups.load(Ordering::SeqCst), 3);
+            let mine = [("authorization", "Bearer mine")];
+            assert_eq!(
+                c.get("/four", None, &mine).await.unwrap(),
+                (StatusCode::OK, "ok".into())
+            );
+            assert_eq!(t.store.lookups.load(Ordering::SeqCst), 3);
+            assert_eq!(t.seen()[3].authorization.as_deref(), Some("Bearer mine"));
             // The sandbox closes first: the proxy ends the connection at once.
             drop(c);
             assert_eq!(t.ended().await, Ok(()));

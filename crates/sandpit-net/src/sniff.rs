@@ -1,7 +1,7 @@
 //! What a connection or a query asks for, read from its first bytes (pure parsing): the server
-//! name (SNI) and the application protocols (ALPN) of a TLS ClientHello, the `Host` of an HTTP/1 request, the question of a DNS
-//! query. Also domain patterns (`example.com`, `*.example.com`) and the few DNS messages the
-//! domain filter writes.
+//! name (SNI) and the application protocols (ALPN) of a TLS ClientHello, the `Host` of an
+//! HTTP/1 request, the question of a DNS query. Also domain patterns (`example.com`,
+//! `*.example.com`) and the few DNS messages the domain filter writes.
 //!
 //! Every parser takes untrusted bytes from a sandbox: they never index out of bounds and
 //! answer [`Sniff::NeedMore`] only while the input is shorter than what it announces.
