@@ -172,7 +172,7 @@ impl DomainFilter {
         &self,
         mut inbound: TcpStream,
         rules: &EgressRules,
-        binding: &SecretsBinding,
+        binding: &Arc<SecretsBinding>,
     ) -> Result<(), String> {
         let original = original_dst(&inbound)?;
         if original.port() != 443 {
@@ -185,8 +185,9 @@ impl DomainFilter {
             // passes with the bytes read so far (nothing else can: there is no name).
             Err(_) => return self.serve_from(inbound, rules, original, Some(head)).await,
         };
-        let wanted = secrets::secrets_for(binding, &name).await;
-        if wanted.is_empty() {
+        // The secrets' values are fetched again for each request; here only whether any
+        // secret lists the name.
+        if secrets::secrets_for(binding, &name).await.is_empty() {
             return self.serve_from(inbound, rules, original, Some(head)).await;
         }
         // The policy decides as for any connection to that name: by allow_domains, else by
@@ -203,7 +204,7 @@ impl DomainFilter {
                 return Err(format!("{name}: {}", error_text(&e)));
             }
         };
-        secrets::intercept(inbound, head, outbound, &name, binding, &wanted).await
+        secrets::intercept(inbound, head, outbound, &name, binding.clone()).await
     }
 
     /// One redirected connection: pass it on its address, or name it, check the name and

@@ -1,7 +1,7 @@
 //! What a connection or a query asks for, read from its first bytes (pure parsing): the server
-//! name of a TLS ClientHello (SNI), the `Host` of an HTTP/1 request, the question of a DNS
-//! query. Also domain patterns (`example.com`, `*.example.com`) and the few DNS messages the
-//! domain filter writes.
+//! name (SNI) and the application protocols (ALPN) of a TLS ClientHello, the `Host` of an
+//! HTTP/1 request, the question of a DNS query. Also domain patterns (`example.com`,
+//! `*.example.com`) and the few DNS messages the domain filter writes.
 //!
 //! Every parser takes untrusted bytes from a sandbox: they never index out of bounds and
 //! answer [`Sniff::NeedMore`] only while the input is shorter than what it announces.
@@ -71,35 +71,87 @@ pub fn name_allowed(patterns: &[String], name: &str) -> bool {
 
 /// The server name of a TLS ClientHello (the `server_name` extension).
 pub fn tls_sni(buf: &[u8]) -> Sniff {
+    let body = match hello_extension(buf, EXT_SERVER_NAME) {
+        Ok(Some(body)) => body,
+        Ok(None) => return Sniff::NoName,
+        Err(s) => return s,
+    };
+    // server_name: list length, then entries (type 0 = host name).
+    let name = (|| {
+        let mut sni = Reader(body);
+        let list = sni.u16()? as usize;
+        let mut list = Reader(sni.take(list)?);
+        while let Some(name_type) = list.u8() {
+            let len = list.u16()? as usize;
+            let name = list.take(len)?;
+            if name_type == 0 {
+                return std::str::from_utf8(name).ok().and_then(normalize_name);
+            }
+        }
+        None
+    })();
+    name.map_or(Sniff::NoName, Sniff::Name)
+}
+
+/// Most protocols [`tls_alpn`] accepts in one ClientHello (browsers send two or three).
+pub const MAX_ALPN: usize = 16;
+
+/// The protocols a complete TLS ClientHello offers in its ALPN extension (RFC 7301), in the
+/// client's order: empty when it has no such extension. `None` when `buf` does not start with
+/// a whole ClientHello, or its ALPN extension is malformed (an empty list or name, trailing
+/// bytes, more than [`MAX_ALPN`] names): a caller then offers no protocol at all.
+pub fn tls_alpn(buf: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let Some(body) = hello_extension(buf, EXT_ALPN).ok()? else {
+        return Some(Vec::new());
+    };
+    let mut ext = Reader(body);
+    let len = ext.u16()? as usize;
+    let mut list = Reader(ext.take(len)?);
+    if !ext.0.is_empty() || list.0.is_empty() {
+        return None;
+    }
+    let mut out = Vec::new();
+    while !list.0.is_empty() {
+        let len = list.u8()? as usize;
+        if len == 0 || out.len() == MAX_ALPN {
+            return None;
+        }
+        out.push(list.take(len)?.to_vec());
+    }
+    Some(out)
+}
+
+const EXT_SERVER_NAME: u16 = 0;
+const EXT_ALPN: u16 = 16;
+
+/// The body of the extension `kind` of the ClientHello at the start of `buf` (`None` when it
+/// has none). `Err(NeedMore)` while the first record is incomplete, `Err(NoName)` when it is
+/// not a ClientHello or does not parse. A ClientHello split over several records is rare
+/// (and then has no extensions in the first): treated as not parsing.
+fn hello_extension(buf: &[u8], kind: u16) -> Result<Option<&[u8]>, Sniff> {
     // Record header: type 22 (handshake), version 3.x, length.
     if buf.len() < 5 {
-        return if buf.first().is_none_or(|&b| b == 22) {
+        return Err(if buf.first().is_none_or(|&b| b == 22) {
             Sniff::NeedMore
         } else {
             Sniff::NoName
-        };
+        });
     }
     if buf[0] != 22 || buf[1] != 3 {
-        return Sniff::NoName;
+        return Err(Sniff::NoName);
     }
     let record_len = u16::from_be_bytes([buf[3], buf[4]]) as usize;
     let Some(record) = buf.get(5..5 + record_len) else {
-        return Sniff::NeedMore;
+        return Err(Sniff::NeedMore);
     };
-    // Handshake header: type 1 (ClientHello), 24-bit length. A ClientHello split over
-    // several records is rare (and then has no SNI in the first): treat as no name.
+    // Handshake header: type 1 (ClientHello), 24-bit length.
     let mut r = Reader(record);
     if r.u8() != Some(1) {
-        return Sniff::NoName;
+        return Err(Sniff::NoName);
     }
-    let Some(hello_len) = r.u24() else {
-        return Sniff::NoName;
-    };
-    let Some(hello) = r.take(hello_len) else {
-        return Sniff::NoName;
-    };
+    let hello = r.u24().and_then(|len| r.take(len)).ok_or(Sniff::NoName)?;
     let mut h = Reader(hello);
-    let name = (|| {
+    let found = (|| {
         h.take(2 + 32)?; // version, random
         let session = h.u8()? as usize;
         h.take(session)?;
@@ -109,28 +161,16 @@ pub fn tls_sni(buf: &[u8]) -> Sniff {
         h.take(compression)?;
         let ext_len = h.u16()? as usize;
         let mut exts = Reader(h.take(ext_len)?);
-        while let Some(kind) = exts.u16() {
+        while let Some(k) = exts.u16() {
             let len = exts.u16()? as usize;
             let body = exts.take(len)?;
-            if kind != 0 {
-                continue;
+            if k == kind {
+                return Some(Some(body));
             }
-            // server_name: list length, then entries (type 0 = host name).
-            let mut sni = Reader(body);
-            let list = sni.u16()? as usize;
-            let mut list = Reader(sni.take(list)?);
-            while let Some(name_type) = list.u8() {
-                let len = list.u16()? as usize;
-                let name = list.take(len)?;
-                if name_type == 0 {
-                    return std::str::from_utf8(name).ok().and_then(normalize_name);
-                }
-            }
-            return None;
         }
-        None
+        Some(None)
     })();
-    name.map_or(Sniff::NoName, Sniff::Name)
+    found.ok_or(Sniff::NoName)
 }
 
 /// The `Host` of an HTTP/1 request (header, or the authority of an absolute-form target).
@@ -260,6 +300,11 @@ pub fn dns_a_answers(msg: &[u8], id: u16) -> Vec<Ipv4Addr> {
 /// A minimal TLS 1.3 ClientHello naming `name` in its SNI extension (for tests and probes:
 /// enough for [`tls_sni`], not for a real handshake).
 pub fn client_hello(name: &str) -> Vec<u8> {
+    client_hello_with_alpn(name, &[])
+}
+
+/// [`client_hello`], offering `alpn` (in that order) when it is not empty.
+pub fn client_hello_with_alpn(name: &str, alpn: &[&[u8]]) -> Vec<u8> {
     let mut sni = Vec::new();
     sni.extend_from_slice(&((name.len() + 3) as u16).to_be_bytes());
     sni.push(0);
@@ -267,9 +312,20 @@ pub fn client_hello(name: &str) -> Vec<u8> {
     sni.extend_from_slice(name.as_bytes());
     let mut exts = Vec::new();
     exts.extend_from_slice(&[0x00, 0x0b, 0x00, 0x02, 0x01, 0x00]); // ec_point_formats
-    exts.extend_from_slice(&[0, 0]);
+    exts.extend_from_slice(&EXT_SERVER_NAME.to_be_bytes());
     exts.extend_from_slice(&(sni.len() as u16).to_be_bytes());
     exts.extend_from_slice(&sni);
+    if !alpn.is_empty() {
+        let mut list = Vec::new();
+        for p in alpn {
+            list.push(p.len() as u8);
+            list.extend_from_slice(p);
+        }
+        exts.extend_from_slice(&EXT_ALPN.to_be_bytes());
+        exts.extend_from_slice(&((list.len() + 2) as u16).to_be_bytes());
+        exts.extend_from_slice(&(list.len() as u16).to_be_bytes());
+        exts.extend_from_slice(&list);
+    }
     let mut hello = vec![3, 3];
     hello.extend_from_slice(&[7; 32]);
     hello.push(0); // session id
@@ -342,6 +398,42 @@ mod tests {
         let mut bad = hello.clone();
         bad[5] = 2; // not a ClientHello
         assert_eq!(tls_sni(&bad), Sniff::NoName);
+    }
+
+    #[test]
+    fn alpn_of_a_client_hello() {
+        let offered: [&[u8]; 2] = [b"h2", b"http/1.1"];
+        let hello = client_hello_with_alpn("api.example.com", &offered);
+        assert_eq!(
+            tls_alpn(&hello),
+            Some(vec![b"h2".to_vec(), b"http/1.1".to_vec()])
+        );
+        assert_eq!(tls_sni(&hello), Sniff::Name("api.example.com".into()));
+        assert_eq!(tls_alpn(&client_hello("api.example.com")), Some(vec![]));
+        for cut in 0..hello.len() {
+            assert_eq!(tls_alpn(&hello[..cut]), None, "cut at {cut}");
+        }
+        assert_eq!(tls_alpn(b"GET / HTTP/1.1\r\n\r\n"), None);
+        // The ALPN extension is the last: its list of protocols ends the buffer.
+        let list_at = hello.len() - (1 + 2 + 1 + 8) - 2;
+        // An empty protocol name, an empty list, a name longer than the list.
+        let mut bad = hello.clone();
+        bad[list_at + 2] = 0;
+        assert_eq!(tls_alpn(&bad), None);
+        let mut bad = hello.clone();
+        bad[list_at..list_at + 2].copy_from_slice(&[0, 0]);
+        assert_eq!(tls_alpn(&bad), None, "list shorter than the extension");
+        let mut bad = hello.clone();
+        bad[list_at + 2] = 40;
+        assert_eq!(tls_alpn(&bad), None);
+        // Too many names.
+        let many: Vec<&[u8]> = vec![b"x"; MAX_ALPN + 1];
+        assert_eq!(tls_alpn(&client_hello_with_alpn("a.test", &many)), None);
+        let enough: Vec<&[u8]> = vec![b"x"; MAX_ALPN];
+        assert_eq!(
+            tls_alpn(&client_hello_with_alpn("a.test", &enough)).map(|l| l.len()),
+            Some(MAX_ALPN)
+        );
     }
 
     #[test]
@@ -419,6 +511,7 @@ mod tests {
         #[test]
         fn parsers_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
             let _ = tls_sni(&bytes);
+            let _ = tls_alpn(&bytes);
             let _ = http_host(&bytes);
             let _ = dns_question(&bytes);
             let _ = dns_refused(&bytes);
@@ -429,6 +522,32 @@ mod tests {
         fn sni_round_trips(name in "[a-z][a-z0-9-]{0,20}(\\.[a-z][a-z0-9]{0,10}){1,3}") {
             proptest::prop_assume!(!name.contains("-."));
             proptest::prop_assert_eq!(tls_sni(&client_hello(&name)), Sniff::Name(name.clone()));
+        }
+
+        #[test]
+        fn alpn_round_trips(
+            protocols in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 1..40), 1..=MAX_ALPN),
+        ) {
+            let refs: Vec<&[u8]> = protocols.iter().map(|p| p.as_slice()).collect();
+            let hello = client_hello_with_alpn("a.example.com", &refs);
+            proptest::prop_assert_eq!(tls_alpn(&hello), Some(protocols.clone()));
+            proptest::prop_assert_eq!(tls_sni(&hello), Sniff::Name("a.example.com".into()));
+        }
+
+        #[test]
+        fn alpn_of_a_damaged_hello_never_panics(
+            protocols in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 1..10), 1..4),
+            at in 0usize..400,
+            byte in proptest::num::u8::ANY,
+        ) {
+            let refs: Vec<&[u8]> = protocols.iter().map(|p| p.as_slice()).collect();
+            let mut hello = client_hello_with_alpn("a.example.com", &refs);
+            let at = at % hello.len();
+            hello[at] = byte;
+            if let Some(list) = tls_alpn(&hello) {
+                proptest::prop_assert!(list.len() <= MAX_ALPN);
+                proptest::prop_assert!(list.iter().all(|p| !p.is_empty()));
+            }
         }
     }
 }

@@ -116,7 +116,11 @@ impl Internet {
                             Some(cfg) => {
                                 let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
                                 if let Ok(s) = acceptor.accept(s).await {
-                                    answer(s, &heads).await;
+                                    if s.get_ref().1.alpn_protocol() == Some(b"h2") {
+                                        answer_h2(s, &heads).await;
+                                    } else {
+                                        answer(s, &heads).await;
+                                    }
                                 }
                             }
                             None => answer(s, &heads).await,
@@ -177,8 +181,32 @@ async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: 
     let _ = s.shutdown().await;
 }
 
+/// Serves an h2 connection: each request's head recorded (as http/1.1 would spell it, with
+/// `HTTP/2`), answered `ok`.
+async fn answer_h2<S>(s: S, heads: &Heads)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let heads = heads.clone();
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let mut head = format!("{} {} HTTP/2\r\n", req.method(), req.uri());
+        for (k, v) in req.headers() {
+            head.push_str(&format!(
+                "{k}: {}\r\n",
+                String::from_utf8_lossy(v.as_bytes())
+            ));
+        }
+        heads.lock().unwrap().push(head + "\r\n");
+        async { Ok::<_, std::convert::Infallible>(hyper::Response::new("ok\n".to_string())) }
+    });
+    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .serve_connection(hyper_util::rt::TokioIo::new(s), service)
+        .await;
+}
+
 /// The test's CA and the API's TLS configuration (a leaf for `api.secret.test` and
-/// `other.secret.test` and `elsewhere.test`). Returns the CA certificate (PEM) and the server configuration.
+/// `other.secret.test` and `elsewhere.test`; ALPN `h2` and `http/1.1`). Returns the CA
+/// certificate (PEM) and the server configuration.
 fn test_pki() -> (String, Arc<rustls::ServerConfig>) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::default();
@@ -197,7 +225,7 @@ fn test_pki() -> (String, Arc<rustls::ServerConfig>) {
     .unwrap()
     .signed_by(&leaf_key, &issuer)
     .unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()
@@ -208,6 +236,7 @@ fn test_pki() -> (String, Arc<rustls::ServerConfig>) {
         rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
     )
     .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     (ca_cert.pem(), Arc::new(config))
 }
 
@@ -575,6 +604,28 @@ async fn secrets_are_injected_by_the_proxy_and_never_enter_the_sandbox() {
         Some(format!("Basic {want}").as_str()),
         "{head}"
     );
+
+    // ---- ALPN mirrored: the sandbox is offered what the API chose from its offer (a
+    // handshake only; the sandbox closes it, the proxy resets without leaving a TIME_WAIT,
+    // and the wait before the hibernation below covers any) ----
+    for (offer, chosen) in [("h2,http/1.1", "h2"), ("http/1.1", "http/1.1")] {
+        let out = sh(
+            &client,
+            &a,
+            &format!(
+                "openssl s_client -alpn {offer} -verify_return_error -verify_hostname api.secret.test -servername api.secret.test -connect api.secret.test:443 </dev/null 2>&1"
+            ),
+        )
+        .await;
+        assert!(
+            out.stdout.contains(&format!("ALPN protocol: {chosen}\n")),
+            "{offer}: {out:?}"
+        );
+        assert!(
+            out.stdout.contains("Verify return code: 0 (ok)"),
+            "the lineage's leaf: {out:?}"
+        );
+    }
 
     // ---- audit: counted per secret and sandbox, an event each ----
     let metrics = reqwest::get(format!("{}/metrics", srv.metrics_url))
