@@ -278,14 +278,15 @@ pub fn upstream_config(
         extra = extra_ca_files.len(),
         "secrets proxy: upstream roots"
     );
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+    // No ALPN here: the proxy offers, per connection, what the sandbox offered
+    // (`sandpit_net::secrets::intercept`).
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| ControlError::Internal(format!("TLS versions: {e}")))?
     .with_root_certificates(roots)
     .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 
