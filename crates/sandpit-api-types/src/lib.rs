@@ -14,6 +14,7 @@ pub mod org;
 pub mod preview;
 pub mod sandbox;
 pub mod secrets;
+pub mod server_timing;
 pub mod templates;
 pub mod terminal;
 pub mod usage;

@@ -1,5 +1,7 @@
 //! `sandpit-bench`: measures Sandpit against raw runsc on the same machine in the same run,
 //! prints a table and writes JSON (`[{name, n, p50_ms, p95_ms, baseline, baseline_p50_ms, ...}]`).
+//! Rows of create, wake, fork and hibernate also carry `phases` (`{name: ms}`): the median of
+//! each phase of the server's own `Server-Timing` over the row's iterations.
 #![expect(
     clippy::disallowed_methods,
     reason = "an operator's benchmark tool: it reads and writes the operator's own files"
@@ -12,8 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use futures::StreamExt;
-use sandpit_sdk::Client;
 use sandpit_sdk::types::{CreateSandboxRequest, ExecRequest, SandboxMode};
+use sandpit_sdk::{Client, Timed};
 use sandpit_test_support::TestServer;
 use serde::Serialize;
 
@@ -46,6 +48,10 @@ struct Args {
     /// exec, wake with the image fetched).
     #[arg(long, conflicts_with_all = ["only_templates", "only_placement"])]
     only_fleet: bool,
+    /// Run only the rows of one node's sandboxes (create, exec, files, hibernate, wake,
+    /// fork, pool, boot snapshot; with their phases): no templates, fleet or placement.
+    #[arg(long, conflicts_with_all = ["only_templates", "only_placement", "only_fleet"])]
+    only_lifecycle: bool,
 }
 
 #[derive(Serialize, Debug)]
@@ -67,6 +73,70 @@ struct Row {
     value: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     unit: Option<String>,
+    /// The server's own timings (`Server-Timing`): per phase, in the order they ran, the
+    /// median over the row's iterations, then `total`. A JSON object `{name: ms}`.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ordered_map"
+    )]
+    phases: Option<Vec<(String, f64)>>,
+    /// Why the row was not measured (say, no Docker daemon).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    skipped: Option<String>,
+}
+
+fn ordered_map<S: serde::Serializer>(
+    v: &Option<Vec<(String, f64)>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.collect_map(v.iter().map(|(k, x)| (k, x))),
+        None => s.serialize_none(),
+    }
+}
+
+/// Per phase (in the order phases first appear, `total` last), the median of its time over
+/// the samples that have it; `None` when no sample had a `Server-Timing`.
+fn median_phases(samples: &[Vec<(String, f64)>]) -> Option<Vec<(String, f64)>> {
+    let mut names: Vec<&str> = Vec::new();
+    for (name, _) in samples.iter().flatten() {
+        if !names.contains(&name.as_str()) {
+            names.push(name);
+        }
+    }
+    if names.is_empty() {
+        return None;
+    }
+    names.sort_by_key(|n| *n == "total");
+    Some(
+        names
+            .into_iter()
+            .map(|name| {
+                let mut v: Vec<f64> = samples
+                    .iter()
+                    .flatten()
+                    .filter(|(n, _)| n == name)
+                    .map(|(_, ms)| *ms)
+                    .collect();
+                v.sort_by(|a, b| a.total_cmp(b));
+                (name.to_string(), v[v.len() / 2])
+            })
+            .collect(),
+    )
+}
+
+/// A row whose iterations carried the server's timings.
+fn timed_row(
+    name: &str,
+    samples: &[Duration],
+    timings: &[Vec<(String, f64)>],
+    baseline: Option<(&str, &[Duration])>,
+    target: &str,
+) -> Row {
+    Row {
+        phases: median_phases(timings),
+        ..row(name, samples, baseline, target)
+    }
 }
 
 fn percentile(samples: &[Duration], p: f64) -> f64 {
@@ -97,6 +167,8 @@ fn row(
         target: (!target.is_empty()).then(|| target.to_string()),
         value: None,
         unit: None,
+        phases: None,
+        skipped: None,
     }
 }
 
@@ -220,17 +292,113 @@ async fn exec_true(client: &Client, id: &str) -> anyhow::Result<Duration> {
     Ok(t.elapsed())
 }
 
-/// Create a `base` sandbox and run `true` in it: its id and the time until `true` answered.
-async fn create_then_exec(client: &Client) -> anyhow::Result<(String, Duration)> {
+/// Create a `base` sandbox and run `true` in it: its id, the time until `true` answered, and
+/// the create's `Server-Timing`.
+async fn create_then_exec(
+    client: &Client,
+) -> anyhow::Result<(String, Duration, Vec<(String, f64)>)> {
     let t = Instant::now();
-    let sb = client
-        .create_sandbox(&CreateSandboxRequest {
+    let Timed {
+        value: sb,
+        server_timing,
+    } = client
+        .create_sandbox_timed(&CreateSandboxRequest {
             template: "base".into(),
             ..Default::default()
         })
         .await?;
     exec_true(client, &sb.id).await?;
-    Ok((sb.id, t.elapsed()))
+    Ok((sb.id, t.elapsed(), server_timing))
+}
+
+/// The spawn floor inside a sandbox: one `sh` (a long-lived process in the sandbox) runs
+/// `/bin/true` `n` times (fork, exec of busybox, wait; busybox sh execs a command given by
+/// path) and then the same loop with the builtin `:`, reading `/proc/uptime` (10 ms
+/// resolution) around each; per batch, (loop with `true` - empty loop) / n. One sample per
+/// batch.
+async fn spawn_floor(
+    client: &Client,
+    id: &str,
+    batches: usize,
+    n: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    let script = format!(
+        "i=0; read a _ </proc/uptime; while [ $i -lt {n} ]; do /bin/true; i=$((i+1)); done; \
+         read b _ </proc/uptime; i=0; while [ $i -lt {n} ]; do :; i=$((i+1)); done; \
+         read c _ </proc/uptime; echo $a $b $c"
+    );
+    let mut out = Vec::with_capacity(batches);
+    for _ in 0..batches {
+        let r = client
+            .exec(
+                id,
+                &ExecRequest {
+                    argv: Some(vec!["sh".into(), "-c".into(), script.clone()]),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        anyhow::ensure!(r.exit_code == 0, "spawn loop: {r:?}");
+        let t: Vec<f64> = r
+            .stdout
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("spawn loop output {:?}", r.stdout))?;
+        anyhow::ensure!(t.len() == 3, "spawn loop output {:?}", r.stdout);
+        let per = ((t[1] - t[0]) - (t[2] - t[1])).max(0.0) / n as f64;
+        out.push(Duration::from_secs_f64(per));
+    }
+    Ok(out)
+}
+
+/// `docker run --rm <image> /bin/true` of the same rootfs (`docker import` of a tar of it),
+/// `n` times after one warm-up: the peer a user would otherwise pick. `Err(why)` when there
+/// is no working Docker (`docker info` fails).
+fn docker_run_true(rootfs: &Path, n: usize) -> anyhow::Result<Result<Vec<Duration>, String>> {
+    let info = Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .stdin(std::process::Stdio::null())
+        .output();
+    match info {
+        Err(_) => return Ok(Err("skipped: no docker client".into())),
+        Ok(o) if !o.status.success() => return Ok(Err("skipped: no docker daemon".into())),
+        Ok(_) => {}
+    }
+    let image = "sandpit-bench-rootfs:latest";
+    let mut tar = Command::new("tar")
+        .arg("-C")
+        .arg(rootfs)
+        .args(["-cf", "-", "."])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("tar of the rootfs")?;
+    let import = Command::new("docker")
+        .args(["import", "-", image])
+        .stdin(tar.stdout.take().context("tar's stdout")?)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("docker import")?;
+    anyhow::ensure!(
+        tar.wait()?.success() && import.success(),
+        "docker import failed"
+    );
+    let run = || -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        let st = Command::new("docker")
+            .args(["run", "--rm", image, "/bin/true"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .status()?;
+        anyhow::ensure!(st.success(), "docker run failed: {st}");
+        Ok(t.elapsed())
+    };
+    let result = run().and_then(|_| (0..n).map(|_| run()).collect::<anyhow::Result<Vec<_>>>());
+    let _ = Command::new("docker")
+        .args(["rmi", "-f", image])
+        .stdout(std::process::Stdio::null())
+        .status();
+    result.map(Ok)
 }
 
 /// Sum of the proportional set size of every runsc process of one server (its data dir is
@@ -451,13 +619,41 @@ fn print_table(rows: &[Row]) {
             r.baseline.clone().unwrap_or_default(),
             r.baseline_p50_ms.map(ms).unwrap_or_default(),
             ratio.map(|x| format!("{x:.2}x")).unwrap_or_default(),
-            [r.unit.clone(), r.target.clone()]
+            [r.skipped.clone(), r.unit.clone(), r.target.clone()]
                 .into_iter()
                 .flatten()
                 .collect::<Vec<_>>()
                 .join("; "),
         );
+        if let Some(phases) = &r.phases {
+            println!("  ↳ server: {}", phase_line(phases));
+        }
     }
+    if rows.iter().any(|r| r.phases.is_some()) {
+        println!(
+            "\n↳ the server's own Server-Timing, median per phase over the row's iterations (ms). \
+             `runsc` is the runsc command itself (`runsc run` or `runsc restore`; hibernate's \
+             is `checkpoint`, `runsc checkpoint`); every other phase is Sandpit's work around it. \
+             `total` is the server's wall time for the call; the row adds the client, HTTP and \
+             (create, wake) the first exec. A fork's children and parent restore at once, so its \
+             phases can add up to more than its total."
+        );
+    }
+}
+
+/// `slot 1.2 · runsc 252.0 (68%) · … · total 370.5`.
+fn phase_line(phases: &[(String, f64)]) -> String {
+    let total = phases.iter().find(|(n, _)| n == "total").map(|(_, v)| *v);
+    phases
+        .iter()
+        .map(|(name, v)| match total {
+            Some(t) if name == "runsc" && t > 0.0 => {
+                format!("{name} {v:.1} ({:.0}%)", v / t * 100.0)
+            }
+            _ => format!("{name} {v:.1}"),
+        })
+        .collect::<Vec<_>>()
+        .join(" · ")
 }
 
 #[tokio::main]
@@ -505,20 +701,39 @@ async fn main() -> anyhow::Result<()> {
 
     // create → first exec, then destroy.
     let mut create = Vec::new();
+    let mut create_phases = Vec::new();
     let mut destroy = Vec::new();
     for _ in 0..n_create {
-        let (id, took) = create_then_exec(&client).await?;
+        let (id, took, phases) = create_then_exec(&client).await?;
         create.push(took);
+        create_phases.push(phases);
         let t = Instant::now();
         client.destroy_sandbox(&id).await?;
         destroy.push(t.elapsed());
     }
-    rows.push(row(
+    rows.push(timed_row(
         "create → first exec (no pool)",
         &create,
+        &create_phases,
         Some(("runsc run -detach", &raw_run)),
         "≤ 1.2× runsc run",
     ));
+    // The peer a user would otherwise pick, on the same rootfs.
+    let rootfs = srv.data_dir.join("templates/base/rootfs");
+    let mut r = match docker_run_true(&rootfs, n_create)? {
+        Ok(runs) => row(
+            "docker run --rm true (same rootfs)",
+            &runs,
+            Some(("runsc run -detach", &raw_run)),
+            "",
+        ),
+        Err(why) => Row {
+            skipped: Some(why),
+            ..row("docker run --rm true (same rootfs)", &[], None, "")
+        },
+    };
+    r.unit = Some("docker import of the base rootfs; run, exit, remove".into());
+    rows.push(r);
     rows.push(row("destroy", &destroy, None, ""));
 
     // exec round trip and files on one sandbox.
@@ -539,6 +754,16 @@ async fn main() -> anyhow::Result<()> {
         Some(("runsc exec true", &raw_exec)),
         "p50 ≤ 5 ms",
     ));
+    // The floor under it: spawning `true` from a process already inside the sandbox.
+    let (batches, per_batch) = if args.quick { (3, 100) } else { (9, 200) };
+    let floor = spawn_floor(&client, &sb.id, batches, per_batch).await?;
+    let mut r = row("spawn /bin/true inside (floor)", &floor, None, "");
+    r.unit = Some(format!(
+        "sh loop in the sandbox, fork+exec+wait ×{per_batch} minus an empty loop, /proc/uptime; \
+         HTTP exec adds {} ms",
+        ms(percentile(&exec, 0.5) - percentile(&floor, 0.5))
+    ));
+    rows.push(r);
 
     let size: usize = 100 * 1024 * 1024;
     let chunk = vec![0xA5u8; 1024 * 1024];
@@ -583,35 +808,47 @@ async fn main() -> anyhow::Result<()> {
         })
         .await?;
     let (mut hib, mut wake) = (Vec::new(), Vec::new());
+    let (mut hib_phases, mut wake_phases) = (Vec::new(), Vec::new());
     for _ in 0..n_create.min(5) {
         let t = Instant::now();
-        client.hibernate(&sb.id).await?;
+        hib_phases.push(client.hibernate_timed(&sb.id).await?.server_timing);
         hib.push(t.elapsed());
         let t = Instant::now();
-        client.wake(&sb.id).await?;
+        wake_phases.push(client.wake_timed(&sb.id).await?.server_timing);
         exec_true(&client, &sb.id).await?;
         wake.push(t.elapsed());
     }
-    rows.push(row("hibernate (idle sandbox)", &hib, None, "p50 ≤ 150 ms"));
-    rows.push(row(
+    rows.push(timed_row(
+        "hibernate (idle sandbox)",
+        &hib,
+        &hib_phases,
+        None,
+        "p50 ≤ 150 ms",
+    ));
+    rows.push(timed_row(
         "wake → first exec",
         &wake,
+        &wake_phases,
         Some(("runsc restore", &raw_restore)),
         "≤ 1.1× runsc restore",
     ));
 
     // fork: 1 child, then 10 children, from a running parent.
-    let mut fork1 = Vec::new();
-    let mut fork10 = Vec::new();
+    let (mut fork1, mut fork10) = (Vec::new(), Vec::new());
+    let (mut fork1_phases, mut fork10_phases) = (Vec::new(), Vec::new());
     for round in 0..n_files.min(2) {
-        for (count, out) in [(1u32, &mut fork1), (10, &mut fork10)] {
+        for (count, out, phases) in [
+            (1u32, &mut fork1, &mut fork1_phases),
+            (10, &mut fork10, &mut fork10_phases),
+        ] {
             if args.quick && count == 10 && round > 0 {
                 continue;
             }
             let t = Instant::now();
-            let children = client.fork(&sb.id, count).await?;
+            let children = client.fork_timed(&sb.id, count).await?;
             out.push(t.elapsed());
-            for c in children {
+            phases.push(children.server_timing);
+            for c in children.value {
                 match c {
                     sandpit_sdk::types::ForkResult::Ok(c) => client.destroy_sandbox(&c.id).await?,
                     sandpit_sdk::types::ForkResult::Err(e) => bail!("fork child failed: {e:?}"),
@@ -619,13 +856,20 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    rows.push(row(
+    rows.push(timed_row(
         "fork 1 child (running parent)",
         &fork1,
+        &fork1_phases,
         None,
         "≤ 300 ms",
     ));
-    rows.push(row("fork 10 children", &fork10, None, "≤ 2 s"));
+    rows.push(timed_row(
+        "fork 10 children",
+        &fork10,
+        &fork10_phases,
+        None,
+        "≤ 2 s",
+    ));
     // A small GET through the preview proxy vs straight to the sandbox's address (after the
     // hibernate rows: direct connections may leave endpoints a checkpoint refuses).
     let preview = preview_get(&srv, &client, &sb.id, n_exec).await?;
@@ -657,7 +901,7 @@ async fn main() -> anyhow::Result<()> {
     let creates = (0..20).map(|_| {
         let c = client.clone();
         async move {
-            c.create_sandbox(&CreateSandboxRequest {
+            c.create_sandbox_timed(&CreateSandboxRequest {
                 template: "base".into(),
                 ..Default::default()
             })
@@ -666,10 +910,19 @@ async fn main() -> anyhow::Result<()> {
     });
     let made = futures::future::join_all(creates).await;
     let wall = vec![t.elapsed()];
+    let mut parallel_phases = Vec::new();
     for sb in made {
-        client.destroy_sandbox(&sb?.id).await?;
+        let sb = sb?;
+        parallel_phases.push(sb.server_timing);
+        client.destroy_sandbox(&sb.value.id).await?;
     }
-    rows.push(row("20 parallel creates (wall)", &wall, None, "≤ 1.5 s"));
+    rows.push(timed_row(
+        "20 parallel creates (wall)",
+        &wall,
+        &parallel_phases,
+        None,
+        "≤ 1.5 s",
+    ));
     // Density: memory of idle sandboxes (sum of the PSS of their runsc processes).
     let idle_n = if args.quick { 5 } else { 20 };
     let mut idle = Vec::new();
@@ -740,16 +993,18 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     let pclient = pooled.client();
-    let mut hits = Vec::new();
+    let (mut hits, mut hit_phases) = (Vec::new(), Vec::new());
     for _ in 0..n_create {
         wait_pool(&pclient, 2).await?;
-        let (id, took) = create_then_exec(&pclient).await?;
+        let (id, took, phases) = create_then_exec(&pclient).await?;
         hits.push(took);
+        hit_phases.push(phases);
         pclient.destroy_sandbox(&id).await?;
     }
-    rows.push(row(
+    rows.push(timed_row(
         "create → first exec (pool hit)",
         &hits,
+        &hit_phases,
         Some(("runsc restore", &raw_restore)),
         "p50 ≤ 60 ms",
     ));
@@ -777,20 +1032,25 @@ async fn main() -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut restored = Vec::new();
+    let (mut restored, mut restored_phases) = (Vec::new(), Vec::new());
     for _ in 0..n_create {
-        let (id, took) = create_then_exec(&sclient).await?;
+        let (id, took, phases) = create_then_exec(&sclient).await?;
         restored.push(took);
+        restored_phases.push(phases);
         sclient.destroy_sandbox(&id).await?;
     }
-    rows.push(row(
+    rows.push(timed_row(
         "create → first exec (boot snapshot)",
         &restored,
+        &restored_phases,
         Some(("runsc restore", &raw_restore)),
         "≤ 1.0× runsc restore",
     ));
 
     drop(snap);
+    if args.only_lifecycle {
+        return finish(&rows, &args.out);
+    }
     rows.extend(templates::bench(sandpit, &args.platform, args.quick).await?);
     rows.extend(fleet::bench(sandpit, &args.platform, args.quick).await?);
     rows.extend(placement::bench(args.quick));
@@ -807,4 +1067,59 @@ fn finish(rows: &[Row], out: &Path) -> anyhow::Result<()> {
     std::fs::write(out, json)?;
     println!("\nwrote {}", out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(v: &[(&str, f64)]) -> Vec<(String, f64)> {
+        v.iter().map(|(n, x)| (n.to_string(), *x)).collect()
+    }
+
+    #[test]
+    fn phases_are_medians_in_the_order_they_first_ran() {
+        let samples = vec![
+            t(&[("slot", 1.0), ("runsc", 200.0), ("total", 300.0)]),
+            t(&[("slot", 3.0), ("runsc", 250.0), ("total", 350.0)]),
+            // A sample without the header (absent or refused), and one with an extra phase.
+            vec![],
+            t(&[
+                ("slot", 2.0),
+                ("copy", 9.0),
+                ("runsc", 220.0),
+                ("total", 330.0),
+            ]),
+        ];
+        assert_eq!(
+            median_phases(&samples).unwrap(),
+            t(&[
+                ("slot", 2.0),
+                ("runsc", 220.0),
+                ("copy", 9.0),
+                ("total", 330.0)
+            ])
+        );
+        assert_eq!(median_phases(&[vec![], vec![]]), None);
+        let line = phase_line(&t(&[("runsc", 50.0), ("total", 200.0)]));
+        assert_eq!(line, "runsc 50.0 (25%) · total 200.0");
+    }
+
+    #[test]
+    fn phases_serialize_as_an_ordered_object() {
+        let r = Row {
+            phases: Some(t(&[("slot", 1.5), ("agent", 2.0)])),
+            ..row("x", &[Duration::from_millis(1)], None, "")
+        };
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(
+            json.contains(r#""phases":{"slot":1.5,"agent":2.0}"#),
+            "{json}"
+        );
+        assert!(
+            !serde_json::to_string(&row("y", &[], None, ""))
+                .unwrap()
+                .contains("phases")
+        );
+    }
 }

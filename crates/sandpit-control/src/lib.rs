@@ -21,6 +21,8 @@ pub mod recovery;
 pub mod remote;
 // Workspace secrets: node-side (lineage CAs, the proxy), one room with `node`.
 pub use node::secrets;
+/// The phase recorder of create, wake, fork and hibernate (see `sandpit_runtime::phases`).
+pub use sandpit_runtime::phases;
 pub mod store;
 #[cfg(any(test, feature = "fake"))]
 pub mod testing;

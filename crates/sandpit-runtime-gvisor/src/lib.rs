@@ -45,6 +45,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use sandpit_runtime::phases::{self, Phase};
 use sandpit_runtime::{NetworkAttachment, Runtime, RuntimeError, RuntimeStatus, SandboxSpec};
 use tokio::process::Command;
 
@@ -192,6 +193,9 @@ enum Launch<'a> {
 struct Prepared {
     state_dir: PathBuf,
     bundle: PathBuf,
+    /// When each phase of the preparation ran (on a blocking thread; recorded back in the
+    /// measured task, see `sandpit_runtime::phases`).
+    spans: Vec<(Phase, Instant, Instant)>,
 }
 
 /// Paths inside a state directory.
@@ -516,12 +520,16 @@ impl GvisorRuntime {
         let spec = spec.clone();
         let cgroups_path = self.cgroups_path(&spec.id);
         let id = spec.id.clone();
-        tokio::task::spawn_blocking(move || prepare_blocking(&spec, &cgroups_path))
+        let prepared = tokio::task::spawn_blocking(move || prepare_blocking(&spec, &cgroups_path))
             .await
             .map_err(|e| RuntimeError::Rootfs {
                 id,
                 source: io::Error::other(e),
-            })?
+            })??;
+        for &(phase, from, to) in &prepared.spans {
+            phases::record(phase, from, to);
+        }
+        Ok(prepared)
     }
 
     /// Starts the sandbox with `runsc run|restore -detach` inside the mount-namespace
@@ -661,10 +669,10 @@ impl GvisorRuntime {
             }
             let prepared = self.prepare(spec).await?;
             if let Some(net) = &spec.network {
-                reapply_address(&spec.id, net).await?;
+                phases::timed(Phase::Netns, reapply_address(&spec.id, net)).await?;
             }
             let t_launch = Instant::now();
-            self.launch(spec, &prepared, launch).await?;
+            phases::timed(Phase::Runsc, self.launch(spec, &prepared, launch)).await?;
             Ok::<_, RuntimeError>(t_launch.elapsed())
         }
         .await;
@@ -681,7 +689,12 @@ impl GvisorRuntime {
             }
             Err(e) => {
                 tracing::warn!(id = %spec.id, error = %e, "{what} failed, cleaning up");
-                if let Err(cleanup) = self.teardown(&spec.id, Some(&spec.state_dir)).await {
+                if let Err(cleanup) = phases::timed(
+                    Phase::Teardown,
+                    self.teardown(&spec.id, Some(&spec.state_dir)),
+                )
+                .await
+                {
                     tracing::warn!(id = %spec.id, error = %cleanup, "cleanup after failed boot");
                 }
                 Err(e)
@@ -861,6 +874,8 @@ fn prepare_blocking(spec: &SandboxSpec, cgroups_path: &str) -> Result<Prepared, 
         id: spec.id.clone(),
         source,
     };
+    let mut spans = Vec::new();
+    let t_disk = Instant::now();
     std::fs::create_dir_all(&spec.state_dir).map_err(rootfs_err)?;
     let state_dir = std::fs::canonicalize(&spec.state_dir).map_err(rootfs_err)?;
     if let Some(bytes) = spec.resources.disk_bytes
@@ -876,6 +891,8 @@ fn prepare_blocking(spec: &SandboxSpec, cgroups_path: &str) -> Result<Prepared, 
         }
         disk::mount(&state_dir).map_err(rootfs_err)?;
     }
+    let t_rootfs = Instant::now();
+    spans.push((Phase::Disk, t_disk, t_rootfs));
     let (upper, work) = disk::layer_dirs(&state_dir);
     let rootfs = rootfs_of(&state_dir);
     for d in [&upper, &work, &rootfs] {
@@ -900,6 +917,8 @@ fn prepare_blocking(spec: &SandboxSpec, cgroups_path: &str) -> Result<Prepared, 
         None => mounts::mount_overlay(&layers, &upper, &work, &rootfs).map_err(rootfs_err)?,
     }
     let bind_tmp = ensure_tmp(&rootfs).map_err(rootfs_err)?;
+    let t_bundle = Instant::now();
+    spans.push((Phase::Rootfs, t_rootfs, t_bundle));
     let _ = std::fs::remove_dir_all(state_dir.join("volumes"));
     let mut volume_sources = Vec::new();
     for i in 0..spec.volumes.len() {
@@ -928,7 +947,12 @@ fn prepare_blocking(spec: &SandboxSpec, cgroups_path: &str) -> Result<Prepared, 
     let tmp = bundle.join("config.json.tmp");
     std::fs::write(&tmp, text).map_err(bundle_err)?;
     std::fs::rename(&tmp, bundle.join("config.json")).map_err(bundle_err)?;
-    Ok(Prepared { state_dir, bundle })
+    spans.push((Phase::Bundle, t_bundle, Instant::now()));
+    Ok(Prepared {
+        state_dir,
+        bundle,
+        spans,
+    })
 }
 
 /// Makes sure the rootfs has the mount points `/proc`, `/dev`, `/sys` and a `/tmp` directory
@@ -1202,6 +1226,7 @@ impl Runtime for GvisorRuntime {
         let image_arg = format!("--image-path={}", tmp.display());
         let out = self.runsc(id, &["checkpoint", &image_arg, id]).await;
         let ckpt_time = t_ckpt.elapsed();
+        phases::record(Phase::Checkpoint, t_ckpt, t_ckpt + ckpt_time);
         let out = match out {
             Ok(out) if out.success => out,
             failed => {
@@ -1247,17 +1272,20 @@ impl Runtime for GvisorRuntime {
         };
         drop(out);
         let (tmp2, image2) = (tmp.clone(), image_dir.clone());
-        if let Err(e) = blocking(move || {
-            sync_dir(&tmp2)?;
-            publish_image(&tmp2, &image2)
-        })
-        .await
-        {
+        let published = phases::timed(
+            Phase::Image,
+            blocking(move || {
+                sync_dir(&tmp2)?;
+                publish_image(&tmp2, &image2)
+            }),
+        )
+        .await;
+        if let Err(e) = published {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(io_err(e));
         }
         let t_stop = Instant::now();
-        self.teardown(id, state_dir.as_deref()).await?;
+        phases::timed(Phase::Teardown, self.teardown(id, state_dir.as_deref())).await?;
         tracing::info!(
             %id,
             image = %image_dir.display(),
@@ -1318,7 +1346,7 @@ impl Runtime for GvisorRuntime {
         fields(sandbox.runtime_id = %id))]
     async fn stop(&self, id: &str, state_dir: &Path) -> Result<(), RuntimeError> {
         let t0 = Instant::now();
-        self.teardown(id, Some(state_dir)).await?;
+        phases::timed(Phase::Teardown, self.teardown(id, Some(state_dir))).await?;
         tracing::info!(%id, ms = t0.elapsed().as_millis() as u64, "sandbox stopped");
         Ok(())
     }

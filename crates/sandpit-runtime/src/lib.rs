@@ -13,6 +13,7 @@
 
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
+pub mod phases;
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;

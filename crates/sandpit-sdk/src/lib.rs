@@ -61,6 +61,15 @@ impl SdkError {
     }
 }
 
+/// An answer with the server's own account of where the time went: its `Server-Timing`
+/// metrics (phase name, milliseconds, then `total`), empty when the header is absent or
+/// malformed (see `sandpit_api_types::server_timing`).
+#[derive(Debug, Clone)]
+pub struct Timed<T> {
+    pub value: T,
+    pub server_timing: Vec<(String, f64)>,
+}
+
 /// A client bound to one server and one token.
 #[derive(Clone, Debug)]
 pub struct Client {
@@ -139,12 +148,47 @@ impl Client {
         })
     }
 
+    async fn json_timed<T: DeserializeOwned>(
+        &self,
+        rb: RequestBuilder,
+    ) -> Result<Timed<T>, SdkError> {
+        let resp = self.send(rb).await?;
+        let server_timing = resp
+            .headers()
+            .get(types::server_timing::HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(types::server_timing::parse)
+            .unwrap_or_default();
+        let url = resp.url().to_string();
+        let bytes = resp.bytes().await.map_err(|source| SdkError::Http {
+            url: url.clone(),
+            source,
+        })?;
+        let value = serde_json::from_slice(&bytes).map_err(|e| SdkError::Decode {
+            url,
+            detail: e.to_string(),
+        })?;
+        Ok(Timed {
+            value,
+            server_timing,
+        })
+    }
+
     fn sandbox_path(id: &str, rest: &str) -> String {
         format!("/v1/sandboxes/{}{rest}", urlencode(id))
     }
 
     pub async fn create_sandbox(&self, req: &CreateSandboxRequest) -> Result<Sandbox, SdkError> {
         self.json(self.request(Method::POST, "/v1/sandboxes").json(req))
+            .await
+    }
+
+    /// [`Client::create_sandbox`] with the server's timings.
+    pub async fn create_sandbox_timed(
+        &self,
+        req: &CreateSandboxRequest,
+    ) -> Result<Timed<Sandbox>, SdkError> {
+        self.json_timed(self.request(Method::POST, "/v1/sandboxes").json(req))
             .await
     }
 
@@ -191,6 +235,37 @@ impl Client {
     pub async fn wake(&self, id: &str) -> Result<Sandbox, SdkError> {
         self.json(self.request(Method::POST, &Self::sandbox_path(id, "/wake")))
             .await
+    }
+
+    /// [`Client::wake`] with the server's timings.
+    pub async fn wake_timed(&self, id: &str) -> Result<Timed<Sandbox>, SdkError> {
+        self.json_timed(self.request(Method::POST, &Self::sandbox_path(id, "/wake")))
+            .await
+    }
+
+    /// [`Client::hibernate`] with the server's timings.
+    pub async fn hibernate_timed(&self, id: &str) -> Result<Timed<Sandbox>, SdkError> {
+        self.json_timed(self.request(Method::POST, &Self::sandbox_path(id, "/hibernate")))
+            .await
+    }
+
+    /// [`Client::fork`] with the server's timings.
+    pub async fn fork_timed(
+        &self,
+        id: &str,
+        count: u32,
+    ) -> Result<Timed<Vec<ForkResult>>, SdkError> {
+        let body = ForkRequest { count: Some(count) };
+        let resp: Timed<ForkResponse> = self
+            .json_timed(
+                self.request(Method::POST, &Self::sandbox_path(id, "/fork"))
+                    .json(&body),
+            )
+            .await?;
+        Ok(Timed {
+            value: resp.value.sandboxes,
+            server_timing: resp.server_timing,
+        })
     }
 
     /// Stop without memory; the next wake boots afresh with the sandbox's files.

@@ -23,6 +23,25 @@ use crate::server::Server;
 use crate::store::Sandbox;
 use crate::util::now_ms;
 
+/// Run a lifecycle operation (create, wake, fork, hibernate, shutdown) measuring its phases
+/// (`sandpit_control::phases`), and add them to the response as `Server-Timing`
+/// (`sandpit_api_types::server_timing`): phase names and milliseconds, nothing a tenant
+/// chose. A replayed idempotent response carries none (it did no work).
+/// (Not an `async fn`: see `phases::measure`.)
+pub fn server_timed<F: std::future::Future>(op: F) -> impl std::future::Future<Output = F::Output> {
+    use futures::FutureExt;
+    sandpit_control::phases::measure(op).map(|(out, timings)| {
+        let value = sandpit_api_types::server_timing::format(timings.metrics());
+        if let Ok(value) = axum::http::HeaderValue::from_str(&value) {
+            crate::limits::add_headers([(
+                axum::http::HeaderName::from_static(sandpit_api_types::server_timing::HEADER),
+                value,
+            )]);
+        }
+        out
+    })
+}
+
 /// `POST /v1/sandboxes`: validate (nothing changes on a bad request), check the host's disk
 /// reserve and the workspace's rates and quotas, then start it (`node::create`).
 pub async fn create(

@@ -554,14 +554,27 @@ async fn v1_sandboxes_contract_end_to_end() {
 async fn ephemeral_sandbox_is_destroyed_when_its_timeout_passes() {
     let srv = server().await;
     let client = srv.client();
-    let sb = create(
-        &client,
-        CreateSandboxRequest {
+    let created = client
+        .create_sandbox_timed(&CreateSandboxRequest {
             timeout: Some("2s".into()),
             ..base()
-        },
-    )
-    .await;
+        })
+        .await
+        .unwrap();
+    // The answer says where the time went (Server-Timing): runsc itself and the wait for
+    // the agent among the phases, the wall time last.
+    let phases: Vec<&str> = created
+        .server_timing
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect();
+    for phase in [
+        "slot", "netns", "disk", "bundle", "runsc", "agent", "resolv", "store",
+    ] {
+        assert!(phases.contains(&phase), "{phase} in {phases:?}");
+    }
+    assert_eq!(phases.last(), Some(&"total"), "{phases:?}");
+    let sb = created.value;
     sandpit_test_support::wait_until(
         Duration::from_secs(30),
         "the reaper destroys it",

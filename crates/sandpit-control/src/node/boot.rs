@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use sandpit_api_types::{EgressPolicy, PreviewSettings, ValidEgress, format_duration};
 use sandpit_net::{EgressRules, Ipv4Net};
+use sandpit_runtime::phases::{self, Phase};
 use sandpit_runtime::{NetworkAttachment, Resources, SandboxSpec};
 
 use super::Node;
@@ -223,10 +224,13 @@ pub fn running_quota(node: &Node, workspace: &str) -> u32 {
 /// admission lock in the store, so it holds across servers sharing a database); the
 /// in-process `Limits::admit` before it answers early, with the SDK's headers.
 pub async fn insert_with_slot(node: &Node, row: &mut Sandbox) -> Result<(), ControlError> {
-    let _guard = node.slot_lock.lock().await;
-    row.slot = Some(lowest_free_slot(node).await?);
-    let quota = running_quota(node, &row.workspace_id);
-    node.store.sandboxes.insert_admitted(row, quota).await
+    phases::timed(Phase::Slot, async {
+        let _guard = node.slot_lock.lock().await;
+        row.slot = Some(lowest_free_slot(node).await?);
+        let quota = running_quota(node, &row.workspace_id);
+        node.store.sandboxes.insert_admitted(row, quota).await
+    })
+    .await
 }
 
 /// The lowest network slot no row holds; `NoSlot` when every one is taken. Call with
@@ -247,15 +251,18 @@ pub(super) async fn lowest_free_slot(node: &Node) -> Result<i64, ControlError> {
 /// Claim the lowest free network slot for an existing row that holds none (a suspended
 /// sandbox waking). `NoSlot` (503 `capacity_exhausted`) when every slot is taken.
 pub(super) async fn claim_slot(node: &Node, row: &mut Sandbox) -> Result<(), ControlError> {
-    let _guard = node.slot_lock.lock().await;
-    let slot = lowest_free_slot(node).await?;
-    let quota = running_quota(node, &row.workspace_id);
-    node.store
-        .sandboxes
-        .claim_slot_admitted(row, slot, quota, now_ms())
-        .await?;
-    row.slot = Some(slot);
-    Ok(())
+    phases::timed(Phase::Slot, async {
+        let _guard = node.slot_lock.lock().await;
+        let slot = lowest_free_slot(node).await?;
+        let quota = running_quota(node, &row.workspace_id);
+        node.store
+            .sandboxes
+            .claim_slot_admitted(row, slot, quota, now_ms())
+            .await?;
+        row.slot = Some(slot);
+        Ok(())
+    })
+    .await
 }
 
 /// Record a stopped sandbox as suspended, with `note` in its `error`, and give its network
@@ -271,7 +278,7 @@ pub(super) async fn mark_suspended(
 ) -> Result<(), ControlError> {
     let now = now_ms();
     if let Some(slot) = row.slot
-        && let Err(e) = node.net.detach(slot as u32).await
+        && let Err(e) = phases::timed(Phase::Netns, node.net.detach(slot as u32)).await
     {
         tracing::error!(sandbox = %row.id, error = %DisplayChain(&e), "removing a suspended sandbox's network slot; it keeps the slot");
         return node
@@ -280,10 +287,11 @@ pub(super) async fn mark_suspended(
             .transition(&row.id, Transition::Suspend, note, now)
             .await;
     }
-    node.store
-        .sandboxes
-        .mark_suspended(&row.id, note, now)
-        .await
+    phases::timed(
+        Phase::Store,
+        node.store.sandboxes.mark_suspended(&row.id, note, now),
+    )
+    .await
 }
 
 /// Give a stopped sandbox's network slot back: its namespace goes and its row holds none.
@@ -409,6 +417,7 @@ pub async fn boot_spec(
 ) -> Result<(), ControlError> {
     let slot = row.slot.expect("spec_for checked the slot") as u32;
     let rules = rules_or_deny(node, row).await?;
+    let t_net = std::time::Instant::now();
     match node.net.attach(slot, &rules).await {
         Ok(_) => {}
         // Kept from before a suspend: make sure it carries the current policy.
@@ -423,6 +432,7 @@ pub async fn boot_spec(
         }
         Err(e) => return Err(e.into()),
     }
+    phases::record(Phase::Netns, t_net, std::time::Instant::now());
     // Its secrets reach the proxy (and its web traffic is redirected) before it runs.
     if let Err(e) = crate::secrets::attach(node, &row.id, slot).await {
         let _ = node.net.detach(slot).await;
@@ -434,12 +444,21 @@ pub async fn boot_spec(
         None => node.runtime.start(spec).await,
     };
     let result = match started {
-        Ok(()) if image.is_some() => wait_restored_agent(node, row, spec, restore_began).await,
-        Ok(()) => agent_of(node, row)
-            .expect("slot checked")
-            .wait_ready(node.cfg.agent_ready_timeout)
+        Ok(()) if image.is_some() => {
+            phases::timed(
+                Phase::Agent,
+                wait_restored_agent(node, row, spec, restore_began),
+            )
             .await
-            .map(|_| ()),
+        }
+        Ok(()) => phases::timed(
+            Phase::Agent,
+            agent_of(node, row)
+                .expect("slot checked")
+                .wait_ready(node.cfg.agent_ready_timeout),
+        )
+        .await
+        .map(|_| ()),
         Err(e) => Err(e.into()),
     };
     if let Err(e) = &result {
@@ -521,15 +540,27 @@ pub async fn write_resolv_conf(node: &Node, row: &Sandbox) -> Result<(), Control
     let body = futures::stream::iter([Ok::<_, std::convert::Infallible>(bytes::Bytes::from(
         node.resolv_conf.clone(),
     ))]);
-    agent_of(node, row)
-        .expect("slot checked")
-        .write_file("/etc/resolv.conf", None, body, 1 << 16)
-        .await
-        .map(drop)
-        .map_err(|f| ControlError::Agent {
-            sandbox: row.id.to_string(),
-            what: format!("writing /etc/resolv.conf: {f:?}"),
-        })
+    let agent = agent_of(node, row).expect("slot checked");
+    phases::timed(
+        Phase::Resolv,
+        agent.write_file("/etc/resolv.conf", None, body, 1 << 16),
+    )
+    .await
+    .map(drop)
+    .map_err(|f| ControlError::Agent {
+        sandbox: row.id.to_string(),
+        what: format!("writing /etc/resolv.conf: {f:?}"),
+    })
+}
+
+/// Log at debug what the operation measured so far, by phase (only under a measurement:
+/// the API's lifecycle routes run one, see `sandpit_runtime::phases`).
+pub(super) fn log_phases(id: &str, op: &'static str) {
+    if tracing::enabled!(tracing::Level::DEBUG)
+        && let Some(timings) = phases::current()
+    {
+        tracing::debug!(sandbox = %id, op, phases = %timings, "phases");
+    }
 }
 
 /// The current row of sandbox `id` of `workspace_id` (the caller authorized the request

@@ -20,6 +20,7 @@ use tracing::Instrument;
 use super::Node;
 use super::boot::{boot, insert_with_slot};
 use crate::error::{ControlError, DisplayChain};
+use crate::phases::{self, Phase};
 use crate::store::{Sandbox, SnapshotRow, VolumeMountRow};
 use crate::util::{new_id, new_sandbox_id, now_ms, random_hex, rfc3339};
 
@@ -166,13 +167,16 @@ async fn start_child(
     match boot(node, &row, image).await {
         Ok(()) => {
             let now = now_ms();
-            let note = super::boot::running_note(node, &row.id, None)
-                .await
-                .unwrap_or_default();
-            node.store
-                .sandboxes
-                .transition(&row.id, Transition::Started, note.as_deref(), now)
-                .await?;
+            phases::timed(Phase::Store, async {
+                let note = super::boot::running_note(node, &row.id, None)
+                    .await
+                    .unwrap_or_default();
+                node.store
+                    .sandboxes
+                    .transition(&row.id, Transition::Started, note.as_deref(), now)
+                    .await
+            })
+            .await?;
             let mut row = row;
             row.status = Status::Running;
             Ok(row)
@@ -284,9 +288,12 @@ async fn fork_untimed(
         };
         let copied = match recorded {
             Ok(()) => {
-                node.runtime
-                    .copy_files(&node.state_dir(&parent.id), &node.state_dir(&row.id))
-                    .await
+                phases::timed(
+                    Phase::Copy,
+                    node.runtime
+                        .copy_files(&node.state_dir(&parent.id), &node.state_dir(&row.id)),
+                )
+                .await
             }
             Err(e) => Err(sandpit_runtime::RuntimeError::Volume {
                 dir: node.state_dir(&row.id),
@@ -338,6 +345,7 @@ async fn fork_untimed(
         let _ = std::fs::remove_dir_all(dir);
     }
     tracing::info!(parent = %parent_id, count, copied_ms, elapsed_ms = started.elapsed().as_millis() as u64, "forked");
+    super::boot::log_phases(parent_id, "fork");
     thawed?;
     Ok(results)
 }
@@ -506,9 +514,12 @@ pub async fn boot_from_snapshot(
     snap: &SnapshotRow,
 ) -> Result<(), ControlError> {
     let dir = snapshot_dir(node, &snap.id);
-    node.runtime
-        .copy_files(&dir.join("files"), &node.state_dir(&row.id))
-        .await?;
+    phases::timed(
+        Phase::Copy,
+        node.runtime
+            .copy_files(&dir.join("files"), &node.state_dir(&row.id)),
+    )
+    .await?;
     let memory = dir.join("memory");
     let restore = snap.has_memory && node.runtime.has_image(&memory);
     boot(node, row, restore.then_some(memory.as_path())).await

@@ -27,13 +27,14 @@ use tracing::field::Empty;
 use super::Node;
 use crate::create::{self, Size};
 use crate::error::{ControlError, DisplayChain, decode};
+use crate::phases::{self, Phase};
 use crate::store::{Sandbox, SnapshotRow, TemplateStatus, VolumeMountRow};
 use crate::util::{new_sandbox_id, now_ms};
 use crate::{SandboxId, Status, Stored, Transition, WorkspaceId};
 
 use super::boot::{
-    Admitted, boot, claim_slot, egress_rules, existing, insert_with_slot, mark_suspended, owned,
-    release_slot, running_note, validate_egress, write_resolv_conf,
+    Admitted, boot, claim_slot, egress_rules, existing, insert_with_slot, log_phases,
+    mark_suspended, owned, release_slot, running_note, validate_egress, write_resolv_conf,
 };
 
 /// Validate a create request into a row (not yet inserted), the snapshot it starts from,
@@ -185,9 +186,12 @@ async fn boot_template(node: &Node, row: &Sandbox) -> Result<bool, ControlError>
     if node.cfg.boot_snapshots
         && let Some(dir) = super::images::boot_snapshot(node, &row.template_id)
     {
-        node.runtime
-            .copy_files(&dir.join("files"), &node.state_dir(&row.id))
-            .await?;
+        phases::timed(
+            Phase::Copy,
+            node.runtime
+                .copy_files(&dir.join("files"), &node.state_dir(&row.id)),
+        )
+        .await?;
         match boot(node, row, Some(&dir.join("memory"))).await {
             Ok(()) => return Ok(true),
             Err(e) => {
@@ -308,7 +312,13 @@ async fn create_timed(
             Ok(false) => {
                 // Booted cold: start the template's start command (if it has one).
                 match write_resolv_conf(node, &row).await {
-                    Ok(()) => crate::node::templates::start_and_wait(node, &row).await,
+                    Ok(()) => {
+                        phases::timed(
+                            Phase::Start,
+                            crate::node::templates::start_and_wait(node, &row),
+                        )
+                        .await
+                    }
                     Err(e) => Err(e),
                 }
             }
@@ -345,11 +355,15 @@ async fn create_timed(
     }
     crate::faults::point("create.booted");
     let now = now_ms();
-    node.store
-        .sandboxes
-        .transition(&row.id, Transition::Started, None, now)
-        .await?;
+    phases::timed(
+        Phase::Store,
+        node.store
+            .sandboxes
+            .transition(&row.id, Transition::Started, None, now),
+    )
+    .await?;
     tracing::info!(sandbox = %row.id, elapsed_ms = started.elapsed().as_millis() as u64, "sandbox running");
+    log_phases(&row.id, "create");
     row.status = Status::Running;
     Ok(row)
 }
@@ -499,6 +513,7 @@ pub async fn shutdown(node: &Arc<Node>, id: &str) -> Result<Sandbox, ControlErro
     )
     .await?;
     tracing::info!(sandbox = %id, "shut down");
+    log_phases(id, "shutdown");
     existing(node, id).await
 }
 
@@ -611,6 +626,7 @@ async fn suspend_locked_untimed(
         tracing::error!(sandbox = %id, error = %DisplayChain(&e), "starting the upload of the image; it wakes only here");
     }
     tracing::info!(sandbox = %id, elapsed_ms = started.elapsed().as_millis() as u64, "suspended");
+    log_phases(id, "hibernate");
     Ok(node.store.sandboxes.get(id).await?.unwrap_or(row))
 }
 
@@ -699,14 +715,18 @@ async fn wake_untimed(
         let _ = std::fs::remove_dir_all(&image);
     }
     let now = now_ms();
-    let note = running_note(node, id, lost_memory).await?;
-    node.store
-        .sandboxes
-        .transition(id, Transition::Wake, note.as_deref(), now)
-        .await?;
-    node.store.sandboxes.touch(id, now).await?;
-    super::moves::after_wake(node, &row).await?;
+    phases::timed(Phase::Store, async {
+        let note = running_note(node, id, lost_memory).await?;
+        node.store
+            .sandboxes
+            .transition(id, Transition::Wake, note.as_deref(), now)
+            .await?;
+        node.store.sandboxes.touch(id, now).await?;
+        super::moves::after_wake(node, &row).await
+    })
+    .await?;
     tracing::info!(sandbox = %id, elapsed_ms = started.elapsed().as_millis() as u64, restored = has_image, "woken");
+    log_phases(id, "wake");
     Ok(node.store.sandboxes.get(id).await?.unwrap_or(row))
 }
 

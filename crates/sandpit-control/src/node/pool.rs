@@ -15,6 +15,7 @@ use super::Node;
 use super::boot::{boot, insert_with_slot, stored_rules, system_row};
 use super::images::BASE_TEMPLATE_ID;
 use crate::error::{ControlError, DisplayChain};
+use crate::phases::{self, Phase};
 use crate::store::Sandbox;
 use crate::util::now_ms;
 /// Refilling stops while the host has less memory available than this.
@@ -32,16 +33,18 @@ pub async fn take(
     }
     // The owner's workspace counts the sandbox from here on (the store checks its running
     // quota in the same transaction).
-    let taken = admitted
-        .count(
+    let taken = phases::timed(
+        Phase::Pool,
+        admitted.count(
             node.store.sandboxes.take_pooled(
                 &owner.template_id,
                 owner,
                 super::boot::running_quota(node, &owner.workspace_id),
             ),
             |t| t.is_some() as u32,
-        )
-        .await?;
+        ),
+    )
+    .await?;
     let Some(id) = taken else {
         return Ok(None);
     };
@@ -55,11 +58,12 @@ pub async fn take(
         .await?
         .ok_or_else(|| ControlError::Internal(format!("pooled sandbox {id} vanished")))?;
     let applied = match row.slot {
-        Some(slot) => node
-            .net
-            .set_egress(slot as u32, &stored_rules(&row)?)
-            .await
-            .map_err(ControlError::from),
+        Some(slot) => phases::timed(
+            Phase::Netns,
+            node.net.set_egress(slot as u32, &stored_rules(&row)?),
+        )
+        .await
+        .map_err(ControlError::from),
         None => Err(ControlError::Internal(format!(
             "pooled sandbox {id} has no slot"
         ))),

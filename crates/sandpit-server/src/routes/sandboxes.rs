@@ -57,7 +57,7 @@ pub fn router() -> OpenApiRouter<Arc<Server>> {
     params(("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,255}$", description = "Makes the request safe to retry: a repeat with the same key and body replays the first response (1-255 visible ASCII characters, kept 24 h)")),
     request_body = CreateSandboxRequest,
     responses(
-        (status = 201, description = "Sandbox created and running", body = Sandbox),
+        (status = 201, description = "Sandbox created and running", body = Sandbox, headers(("Server-Timing" = String, description = "Where the time went: `phase;dur=ms` per phase, then `total` (milliseconds; see the README, Timings)"))),
         (status = 400, description = "Invalid mode, size, timeout, egress policy or Idempotency-Key", body = ErrorBody),
         (status = 404, description = "Template, snapshot or volume not found", body = ErrorBody),
         (status = 409, description = "A request with this Idempotency-Key is still running, a volume is mounted read-write by another live sandbox (`volume_busy`) or is on another node (`volume_on_another_node`)", body = ErrorBody),
@@ -78,7 +78,7 @@ async fn create_sandbox(
     let hash = idempotency::request_hash("create", &req);
     let (s, a) = (server.clone(), auth.clone());
     idempotency::once(&server, &auth, key, hash, async move {
-        let row = lifecycle::create(&s, &a.workspace_id, &req).await?;
+        let row = lifecycle::server_timed(lifecycle::create(&s, &a.workspace_id, &req)).await?;
         Ok((
             StatusCode::CREATED,
             serde_json::to_value(to_api(&row)).expect("serializes"),
@@ -228,7 +228,7 @@ async fn set_egress(
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/wake", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox id")),
     responses(
-        (status = 200, description = "Sandbox woken (or was already running)", body = Sandbox),
+        (status = 200, description = "Sandbox woken (or was already running)", body = Sandbox, headers(("Server-Timing" = String, description = "Where the time went: `phase;dur=ms` per phase, then `total` (milliseconds; see the README, Timings)"))),
         (status = 403, description = "Sandbox belongs to another workspace", body = ErrorBody),
         (status = 404, description = "Sandbox not found", body = ErrorBody),
         (status = 409, description = "Sandbox is in a state that cannot be woken", body = ErrorBody),
@@ -239,7 +239,7 @@ async fn wake(
     State(server): State<Arc<Server>>,
     sb: OwnedSandbox<scope::VmManage>,
 ) -> Result<Json<Sandbox>, ApiError> {
-    let row = lifecycle::wake(&server, sb.id()).await?;
+    let row = lifecycle::server_timed(lifecycle::wake(&server, sb.id())).await?;
     Ok(Json(to_api(&row)))
 }
 
@@ -247,7 +247,7 @@ async fn wake(
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/hibernate", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox id")),
     responses(
-        (status = 200, description = "Sandbox suspended (or already was)", body = Sandbox),
+        (status = 200, description = "Sandbox suspended (or already was)", body = Sandbox, headers(("Server-Timing" = String, description = "Where the time went: `phase;dur=ms` per phase, then `total` (milliseconds; see the README, Timings)"))),
         (status = 403, description = "Sandbox belongs to another workspace", body = ErrorBody),
         (status = 404, description = "Sandbox not found", body = ErrorBody),
         (status = 409, description = "Sandbox is in a state that cannot be suspended", body = ErrorBody),
@@ -258,7 +258,7 @@ async fn hibernate(
     sb: OwnedSandbox<scope::VmManage>,
 ) -> Result<Json<Sandbox>, ApiError> {
     lifecycle::check_may_suspend(&server, &sb).await?;
-    let row = lifecycle::suspend(&server, sb.id()).await?;
+    let row = lifecycle::server_timed(lifecycle::suspend(&server, sb.id())).await?;
     Ok(Json(to_api(&row)))
 }
 
@@ -267,7 +267,7 @@ async fn hibernate(
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/shutdown", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox id")),
     responses(
-        (status = 200, description = "Sandbox stopped, files kept", body = Sandbox),
+        (status = 200, description = "Sandbox stopped, files kept", body = Sandbox, headers(("Server-Timing" = String, description = "Where the time went: `phase;dur=ms` per phase, then `total` (milliseconds; see the README, Timings)"))),
         (status = 403, description = "Sandbox belongs to another workspace", body = ErrorBody),
         (status = 404, description = "Sandbox not found", body = ErrorBody),
         (status = 409, description = "Sandbox is destroyed, failed or still being created", body = ErrorBody),
@@ -278,7 +278,7 @@ async fn shutdown(
     sb: OwnedSandbox<scope::VmManage>,
 ) -> Result<Json<Sandbox>, ApiError> {
     lifecycle::check_may_suspend(&server, &sb).await?;
-    let row = lifecycle::shutdown(&server, sb.id()).await?;
+    let row = lifecycle::server_timed(lifecycle::shutdown(&server, sb.id())).await?;
     Ok(Json(to_api(&row)))
 }
 
@@ -632,7 +632,7 @@ async fn exec_stream(
     params(("id" = String, Path, description = "Parent sandbox id"), ("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,255}$", description = "Makes the request safe to retry: a repeat with the same key and body replays the first response (1-255 visible ASCII characters, kept 24 h)")),
     request_body = Option<ForkRequest>,
     responses(
-        (status = 201, description = "One result per child: a sandbox or an error", body = ForkResponse),
+        (status = 201, description = "One result per child: a sandbox or an error", body = ForkResponse, headers(("Server-Timing" = String, description = "Where the time went: `phase;dur=ms` per phase, then `total` (milliseconds; see the README, Timings)"))),
         (status = 400, description = "Invalid count or Idempotency-Key", body = ErrorBody),
         (status = 403, description = "Sandbox belongs to another workspace", body = ErrorBody),
         (status = 404, description = "Sandbox not found", body = ErrorBody),
@@ -652,7 +652,8 @@ async fn fork(
     let hash = idempotency::request_hash(&format!("fork {}", sb.id()), &req);
     let (s, owned) = (server.clone(), sb.clone());
     idempotency::once(&server, sb.auth(), key, hash, async move {
-        let results = crate::fork::fork(&s, &owned, req.count.unwrap_or(1)).await?;
+        let results =
+            lifecycle::server_timed(crate::fork::fork(&s, &owned, req.count.unwrap_or(1))).await?;
         let body = ForkResponse { sandboxes: results };
         Ok((
             StatusCode::CREATED,

@@ -553,26 +553,6 @@ mod tests {
         }
     }
 
-    /// The harness's app on a loopback port: its address and the serving task.
-    async fn serve(
-        h: &crate::tests::Harness,
-    ) -> (
-        std::net::SocketAddr,
-        tokio::task::JoinHandle<std::io::Result<()>>,
-    ) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let app = crate::routes::app(h.server.clone());
-        let serving = tokio::spawn(async move {
-            axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-            )
-            .await
-        });
-        (addr, serving)
-    }
-
     /// Over the fakes (no root): an attachment streams both ways and holds no lock, so a
     /// suspend goes through while it is open, cutting it with 1012; the sandbox then wakes
     /// for the next attach.
@@ -585,7 +565,7 @@ mod tests {
             .create(sandpit_api_types::SandboxMode::Persistent)
             .await
             .unwrap();
-        let (addr, serving) = serve(&h).await;
+        let (addr, serving) = h.serve().await;
         let http = reqwest::Client::new();
         let base = format!("http://{addr}/v1/sandboxes/{}", row.id);
         let made = http
@@ -663,7 +643,7 @@ mod tests {
             .create(sandpit_api_types::SandboxMode::Ephemeral)
             .await
             .unwrap();
-        let (addr, serving) = serve(&h).await;
+        let (addr, serving) = h.serve().await;
         let made = reqwest::Client::new()
             .post(format!("http://{addr}/v1/sandboxes/{}/terminals", row.id))
             .bearer_auth(crate::tests::TOKEN)

@@ -80,6 +80,26 @@ impl Harness {
     pub fn authorized(&self, row: Sandbox) -> crate::extract::Authorized {
         crate::extract::Authorized::made_for(&self.auth, row).unwrap()
     }
+
+    /// The app on a loopback port: its address and the serving task.
+    pub async fn serve(
+        &self,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = crate::routes::app(self.server.clone());
+        let serving = tokio::spawn(async move {
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .await
+        });
+        (addr, serving)
+    }
 }
 
 async fn start(cfg: ServerConfig, rt: &Arc<FakeRuntime>, net: &Arc<FakeNetwork>) -> Arc<Server> {
