@@ -496,7 +496,7 @@ pub(super) async fn wait_restored_agent(
             if started_after(&reply, restore_began) {
                 // Its `serve` died after the restore (a crash: init started another), so
                 // what it held in memory (processes, terminals) is gone; the sandbox's
-                // memory otherwise is kept. Seen under load on gVisor's ptrace platform.
+                // memory otherwise is kept. Seen under load on both ptrace and systrap.
                 node.metrics.agent_restarts.inc();
                 tracing::warn!(sandbox = %row.id, uptime_ms = ?reply.uptime_ms, "the restored agent restarted after the restore (it crashed); its processes and terminals are lost");
             }
