@@ -910,13 +910,14 @@ impl SecretSource for StoreSource {
     }
 }
 
-/// At every boot, after the slot is attached and before the sandbox runs: a sandbox holding
-/// secrets has them handed to the proxy (and its web traffic redirected there). Without a
-/// key on this node, a sandbox holding secrets does not start (`secrets_disabled`), so its
-/// placeholders never go out where a value was expected.
-pub async fn attach(node: &Node, sandbox_id: &str, slot: u32) -> Result<(), ControlError> {
+/// What sandbox `sandbox_id` holds, with this node's secrets state and its lineage's CA;
+/// `None` for a sandbox holding no secrets.
+async fn held_with_ca<'n>(
+    node: &'n Node,
+    sandbox_id: &str,
+) -> Result<Option<(SandboxSecrets, &'n Arc<SecretsState>, Arc<LineageCa>)>, ControlError> {
     let Some(held) = node.store.secrets.held(sandbox_id).await? else {
-        return Ok(());
+        return Ok(None);
     };
     let state = state(node)?;
     let ca = lineage_ca(
@@ -927,6 +928,17 @@ pub async fn attach(node: &Node, sandbox_id: &str, slot: u32) -> Result<(), Cont
         &held.lineage,
     )
     .await?;
+    Ok(Some((held, state, ca)))
+}
+
+/// At every boot, after the slot is attached and before the sandbox runs: a sandbox holding
+/// secrets has them handed to the proxy (and its web traffic redirected there). Without a
+/// key on this node, a sandbox holding secrets does not start (`secrets_disabled`), so its
+/// placeholders never go out where a value was expected.
+pub async fn attach(node: &Node, sandbox_id: &str, slot: u32) -> Result<(), ControlError> {
+    let Some((held, state, ca)) = held_with_ca(node, sandbox_id).await? else {
+        return Ok(());
+    };
     let binding = SecretsBinding {
         sandbox: sandbox_id.to_string(),
         ca,
@@ -948,18 +960,9 @@ pub async fn attach(node: &Node, sandbox_id: &str, slot: u32) -> Result<(), Cont
 /// through its agent ([`CA_CERT_PATH`], and [`CA_BUNDLE_PATH`]: the sandbox's own system
 /// bundle, read bounded, with the CA after it). Nothing for a sandbox without secrets.
 pub async fn install_ca(node: &Node, row: &crate::store::Sandbox) -> Result<(), ControlError> {
-    let Some(held) = node.store.secrets.held(&row.id).await? else {
+    let Some((_, _, ca)) = held_with_ca(node, &row.id).await? else {
         return Ok(());
     };
-    let state = state(node)?;
-    let ca = lineage_ca(
-        &node.store,
-        &node.cfg.data_dir,
-        state,
-        &held.workspace_id,
-        &held.lineage,
-    )
-    .await?;
     let agent = crate::node::boot::agent_of(node, row).expect("a booted sandbox has a slot");
     let failed = |what: &str| {
         let what = what.to_string();
