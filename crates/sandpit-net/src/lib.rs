@@ -255,11 +255,6 @@ impl Network {
         self.check_slot(slot)?;
         rules.validate()?;
         let a = self.addrs(slot);
-        if !self.table_exists().await? {
-            return Err(NetError::NotInitialized {
-                table: self.tables.table.clone(),
-            });
-        }
         if a.netns_path.exists() {
             return Err(NetError::SlotBusy {
                 slot,
@@ -267,18 +262,12 @@ impl Network {
             });
         }
         for ifname in [&a.host_if, &a.sandbox_if] {
-            if link_exists(ifname).await? {
+            if link_exists(ifname)? {
                 return Err(NetError::SlotBusy {
                     slot,
                     what: format!("interface {ifname}"),
                 });
             }
-        }
-        if self.chain_exists(slot).await? {
-            return Err(NetError::SlotBusy {
-                slot,
-                what: format!("nft chain {}", Tables::slot_chain(slot)),
-            });
         }
         let mut done = Done::default();
         match self.attach_steps(slot, &a, rules, &mut done).await {
@@ -293,6 +282,9 @@ impl Network {
         }
     }
 
+    /// Three commands, not one per step (each costs a process): the nft transaction (which
+    /// also refuses a slot whose chain exists, and a missing table), then one `ip` batch in
+    /// the root namespace and one inside the slot's.
     async fn attach_steps(
         &self,
         slot: u32,
@@ -300,73 +292,39 @@ impl Network {
         rules: &EgressRules,
         done: &mut Done,
     ) -> Result<(), NetError> {
-        self.remember(slot, Some(rules))?;
-        nft_script(&self.tables.attach_script(slot, &a.host_if, rules)).await?;
+        match nft_script(&self.tables.attach_script(slot, &a.host_if, rules)).await {
+            Ok(_) => {}
+            Err(e) if stderr_contains(&e, "File exists") => {
+                return Err(NetError::SlotBusy {
+                    slot,
+                    what: format!("nft chain {}", Tables::slot_chain(slot)),
+                });
+            }
+            Err(e) if stderr_contains(&e, "No such file or directory") => {
+                return Err(NetError::NotInitialized {
+                    table: self.tables.table.clone(),
+                });
+            }
+            Err(e) => return Err(e),
+        }
         done.nft = true;
-        run("ip", &["netns", "add", &a.netns_name], None).await?;
-        done.netns = true;
-        run(
-            "ip",
-            &[
-                "link",
-                "add",
-                &a.host_if,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &a.sandbox_if,
-                "netns",
-                &a.netns_name,
-            ],
-            None,
-        )
-        .await?;
-        done.veth = true;
-        let host_cidr = format!("{}/{}", a.host_ip, a.prefix_len);
-        let sandbox_cidr = format!("{}/{}", a.sandbox_ip, a.prefix_len);
-        let host_ip = a.host_ip.to_string();
-        let ns = a.netns_name.as_str();
-        run("ip", &["addr", "add", &host_cidr, "dev", &a.host_if], None).await?;
-        run("ip", &["link", "set", &a.host_if, "up"], None).await?;
-        run("ip", &["-n", ns, "link", "set", "lo", "up"], None).await?;
-        run(
-            "ip",
-            &["-n", ns, "addr", "add", &sandbox_cidr, "dev", &a.sandbox_if],
-            None,
-        )
-        .await?;
-        run("ip", &["-n", ns, "link", "set", &a.sandbox_if, "up"], None).await?;
-        run(
-            "ip",
-            &[
-                "-n",
-                ns,
-                "route",
-                "add",
-                "default",
-                "via",
-                &host_ip,
-                "dev",
-                &a.sandbox_if,
-            ],
-            None,
-        )
-        .await?;
+        // The domain filter learns the rules before the veth exists.
+        self.remember(slot, Some(rules))?;
+        // From here on a failure may have left any prefix of the batch done: undo checks.
+        done.links = true;
+        ip_batch(None, &host_side_batch(a)).await?;
+        ip_batch(Some(&a.netns_name), &sandbox_side_batch(a)).await?;
         Ok(())
     }
 
     async fn undo(&self, slot: u32, a: &SlotAddrs, done: &Done) {
-        let _ = self.remember(slot, None);
-        if done.veth
-            && let Err(e) = run("ip", &["link", "del", &a.host_if], None).await
-        {
-            tracing::warn!(slot, error = %e, "rollback: deleting veth");
+        if done.nft {
+            let _ = self.remember(slot, None);
         }
-        if done.netns
-            && let Err(e) = run("ip", &["netns", "del", &a.netns_name], None).await
+        if done.links
+            && let Err(e) = remove_links(a).await
         {
-            tracing::warn!(slot, error = %e, "rollback: deleting netns");
+            tracing::warn!(slot, error = %e, "rollback: deleting the veth and namespace");
         }
         if done.nft
             && let Err(e) = nft_script(&self.tables.detach_script(slot, &a.host_if)).await
@@ -399,65 +357,23 @@ impl Network {
     pub async fn reapply_addr(&self, slot: u32) -> Result<(), NetError> {
         self.check_slot(slot)?;
         let a = self.addrs(slot);
-        let sandbox_cidr = format!("{}/{}", a.sandbox_ip, a.prefix_len);
-        let host_ip = a.host_ip.to_string();
-        let ns = a.netns_name.as_str();
-        run(
-            "ip",
-            &[
-                "-n",
-                ns,
-                "addr",
-                "replace",
-                &sandbox_cidr,
-                "dev",
-                &a.sandbox_if,
-            ],
-            None,
-        )
-        .await?;
-        run("ip", &["-n", ns, "link", "set", &a.sandbox_if, "up"], None).await?;
-        run(
-            "ip",
-            &[
-                "-n",
-                ns,
-                "route",
-                "replace",
-                "default",
-                "via",
-                &host_ip,
-                "dev",
-                &a.sandbox_if,
-            ],
-            None,
-        )
-        .await?;
-        Ok(())
+        ip_batch(Some(&a.netns_name), &readdress_batch(&a))
+            .await
+            .map(drop)
     }
 
     /// Removes the slot's veth pair, namespace and rules, whichever exist. Idempotent.
     pub async fn detach(&self, slot: u32) -> Result<(), NetError> {
         self.check_slot(slot)?;
         let a = self.addrs(slot);
-        // Deleting the host side removes its peer too; the sandbox side is only found in the
-        // root namespace if an earlier attach died between creating and moving it.
-        for ifname in [&a.host_if, &a.sandbox_if] {
-            if link_exists(ifname).await? {
-                match run("ip", &["link", "del", ifname], None).await {
-                    Err(e) if stderr_contains(&e, "Cannot find device") => {}
-                    other => other.map(drop)?,
-                }
-            }
-        }
-        if a.netns_path.exists() {
-            match run("ip", &["netns", "del", &a.netns_name], None).await {
-                Err(e) if stderr_contains(&e, "No such file or directory") => {}
-                other => other.map(drop)?,
-            }
-        }
-        if self.table_exists().await? {
-            nft_script(&self.tables.detach_script(slot, &a.host_if)).await?;
+        remove_links(&a).await?;
+        match nft_script(&self.tables.detach_script(slot, &a.host_if)).await {
+            Ok(_) => {}
+            // The table is gone (and with it every slot's rules), or never was.
+            Err(e)
+                if stderr_contains(&e, "No such file or directory")
+                    && !self.table_exists().await? => {}
+            Err(e) => return Err(e),
         }
         self.remember(slot, None)?;
         tracing::debug!(slot, "slot detached");
@@ -588,27 +504,12 @@ impl Network {
         Ok(())
     }
 
+    /// Whether our table exists: `nft list tables` prints names only, where listing the
+    /// table would print every slot's chain.
     async fn table_exists(&self) -> Result<bool, NetError> {
-        match run("nft", &["list", "table", "inet", &self.tables.table], None).await {
-            Ok(_) => Ok(true),
-            Err(e) if stderr_contains(&e, "No such file or directory") => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
-
-    async fn chain_exists(&self, slot: u32) -> Result<bool, NetError> {
-        let chain = Tables::slot_chain(slot);
-        match run(
-            "nft",
-            &["list", "chain", "inet", &self.tables.table, &chain],
-            None,
-        )
-        .await
-        {
-            Ok(_) => Ok(true),
-            Err(e) if stderr_contains(&e, "No such file or directory") => Ok(false),
-            Err(e) => Err(e),
-        }
+        let out = run("nft", &["list", "tables"], None).await?;
+        let wanted = format!("table inet {}", self.tables.table);
+        Ok(out.lines().any(|l| l.trim() == wanted))
     }
 
     /// Names of the chains of our table (empty if it does not exist).
@@ -650,8 +551,8 @@ impl Network {
 #[derive(Debug, Default)]
 struct Done {
     nft: bool,
-    netns: bool,
-    veth: bool,
+    /// The namespace and veth pair may exist (in part).
+    links: bool,
 }
 
 /// `slot_<n>` → n.
@@ -668,12 +569,107 @@ fn parse_number(s: &str) -> Option<u32> {
     s.parse().ok()
 }
 
-async fn link_exists(ifname: &str) -> Result<bool, NetError> {
-    match run("ip", &["link", "show", "dev", ifname], None).await {
+/// Whether the root namespace (the server's) has an interface `ifname`: one `ioctl`, no
+/// process.
+fn link_exists(ifname: &str) -> Result<bool, NetError> {
+    use rustix::net::{AddressFamily, SocketType, netdevice};
+    let io = |source: rustix::io::Errno| NetError::Read {
+        path: format!("interface {ifname}").into(),
+        source: source.into(),
+    };
+    let sock = rustix::net::socket(AddressFamily::INET, SocketType::DGRAM, None).map_err(io)?;
+    match netdevice::name_to_index(&sock, ifname) {
         Ok(_) => Ok(true),
-        Err(e) if stderr_contains(&e, "does not exist") => Ok(false),
+        Err(rustix::io::Errno::NODEV) => Ok(false),
+        Err(e) => Err(io(e)),
+    }
+}
+
+/// Removes the slot's veth pair and namespace, whichever exist: one `ip` batch. Deleting
+/// the host side removes its peer too; the sandbox side is only found in the root
+/// namespace if an earlier attach died between creating and moving it.
+async fn remove_links(a: &SlotAddrs) -> Result<(), NetError> {
+    let mut lines = Vec::new();
+    for ifname in [&a.host_if, &a.sandbox_if] {
+        if link_exists(ifname)? {
+            lines.push(format!("link del {ifname}"));
+        }
+    }
+    if a.netns_path.exists() {
+        lines.push(format!("netns del {}", a.netns_name));
+    }
+    if lines.is_empty() {
+        return Ok(());
+    }
+    match ip_batch(None, &lines).await {
+        Ok(_) => Ok(()),
+        // Something went away meanwhile (a concurrent detach): one at a time, tolerating
+        // what is gone.
+        Err(e)
+            if stderr_contains(&e, "Cannot find device")
+                || stderr_contains(&e, "No such file or directory") =>
+        {
+            for line in lines {
+                let args: Vec<&str> = line.split(' ').collect();
+                match run("ip", &args, None).await {
+                    Err(e)
+                        if stderr_contains(&e, "Cannot find device")
+                            || stderr_contains(&e, "No such file or directory") => {}
+                    other => other.map(drop)?,
+                }
+            }
+            Ok(())
+        }
         Err(e) => Err(e),
     }
+}
+
+/// Root-namespace half of an attach: the namespace, the veth pair (its sandbox side created
+/// inside the namespace), the host side's address, up.
+fn host_side_batch(a: &SlotAddrs) -> Vec<String> {
+    vec![
+        format!("netns add {}", a.netns_name),
+        format!(
+            "link add {} type veth peer name {} netns {}",
+            a.host_if, a.sandbox_if, a.netns_name
+        ),
+        format!("addr add {}/{} dev {}", a.host_ip, a.prefix_len, a.host_if),
+        format!("link set {} up", a.host_if),
+    ]
+}
+
+/// In-namespace half of an attach: loopback up, then the sandbox's address and route.
+fn sandbox_side_batch(a: &SlotAddrs) -> Vec<String> {
+    let mut lines = vec!["link set lo up".to_string()];
+    lines.extend(readdress_batch(a));
+    lines
+}
+
+/// The sandbox's address, link and default route, replaced (idempotent).
+fn readdress_batch(a: &SlotAddrs) -> Vec<String> {
+    vec![
+        format!(
+            "addr replace {}/{} dev {}",
+            a.sandbox_ip, a.prefix_len, a.sandbox_if
+        ),
+        format!("link set {} up", a.sandbox_if),
+        format!(
+            "route replace default via {} dev {}",
+            a.host_ip, a.sandbox_if
+        ),
+    ]
+}
+
+/// Runs `lines` as one `ip -batch -` (in namespace `netns` if given); stops at the first
+/// failing line.
+async fn ip_batch(netns: Option<&str>, lines: &[String]) -> Result<String, NetError> {
+    let mut args = Vec::new();
+    if let Some(ns) = netns {
+        args.extend(["-n", ns]);
+    }
+    args.extend(["-batch", "-"]);
+    let script = lines.join("\n") + "\n";
+    run("ip", &args, Some(&script)).await
 }
 
 #[cfg(test)]

@@ -228,13 +228,12 @@ impl Tables {
     }
 
     /// Creates the slot's chain with its rules and registers its veth: one transaction.
+    /// Fails if the chain exists already or the table does not.
     pub fn attach_script(&self, slot: u32, host_if: &str, rules: &EgressRules) -> String {
         let t = format!("inet {}", self.table);
         let chain = Self::slot_chain(slot);
-        let mut lines = vec![
-            format!("add chain {t} {chain}"),
-            format!("flush chain {t} {chain}"),
-        ];
+        // `create` fails if the chain exists (the slot is busy) or the table does not.
+        let mut lines = vec![format!("create chain {t} {chain}")];
         lines.extend(self.slot_rules(slot, rules));
         lines.extend(self.domain_member(host_if, Some(rules)));
         lines.push(format!("add element {t} veths {{ \"{host_if}\" }}"));
@@ -467,9 +466,8 @@ mod tests {
         assert!(init.contains("input iifname @veths goto deny"));
         assert!(init.contains("ip saddr 10.88.0.0/16 oifname != @veths masquerade"));
         let a = t.attach_script(2, "t1h2", &EgressRules::allow_all());
-        assert!(
-            a.starts_with("add chain inet sandpit_t1 slot_2\nflush chain inet sandpit_t1 slot_2\n")
-        );
+        // `create`, not `add`: the transaction fails on a busy slot or a missing table.
+        assert!(a.starts_with("create chain inet sandpit_t1 slot_2\nadd rule "));
         assert!(a.ends_with("add element inet sandpit_t1 slots { \"t1h2\" : goto slot_2 }\n"));
         assert!(a.contains("delete element inet sandpit_t1 domain_veths { \"t1h2\" }"));
         let r = t.replace_script(2, "t1h2", &EgressRules::deny_all());

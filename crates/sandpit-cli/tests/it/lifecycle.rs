@@ -190,6 +190,12 @@ async fn warm_pool_hands_out_fresh_sandboxes_rekeyed_for_their_owner() {
     .await;
     let out = sh(&client, &a.id, "echo $OWNER $SANDPIT_SANDBOX_ID").await;
     assert_eq!(out.stdout, format!("alice {}\n", a.id));
+    // Its resolver was written while it waited in the pool: the node's, like a cold create's.
+    let out = sh(&client, &a.id, "cat /etc/resolv.conf").await;
+    assert!(
+        out.stdout.starts_with("# written by sandpit") || out.stdout.starts_with("# sandpit:"),
+        "a pooled sandbox has the node's resolver: {out:?}"
+    );
     client
         .upload(&a.id, "/home/alice.txt", "private")
         .await

@@ -68,14 +68,9 @@ pub async fn take(
             "pooled sandbox {id} has no slot"
         ))),
     };
-    // Never hand out a sandbox whose policy or resolver is not the owner's.
-    let ready = match applied {
-        Ok(()) => super::boot::write_resolv_conf(node, &row)
-            .await
-            .map_err(|e| ("writing resolv.conf", e)),
-        Err(e) => Err(("applying the egress policy", e)),
-    };
-    if let Err((what, e)) = ready {
+    // Never hand out a sandbox whose policy is not the owner's.
+    if let Err(e) = applied {
+        let what = "applying the egress policy";
         node.teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
             .await;
         node.store
@@ -98,8 +93,17 @@ async fn fill_one(
     let lock = node.lock_of(&row.id);
     let _guard = lock.write().await;
     insert_with_slot(node, &mut row).await?;
-    if let Err(e) = boot(node, &row, None).await {
-        node.teardown(&row.id, &row.runtime_id, None).await;
+    // Its resolver is written now, not at hand-out: it is the node's (the same for every
+    // owner), and the pool does not outlive the node process that wrote it.
+    let booted = match boot(node, &row, None).await {
+        Ok(()) => super::boot::write_resolv_conf(node, &row)
+            .await
+            .map_err(|e| (e, row.slot.map(|s| s as u32))),
+        // boot released the network itself.
+        Err(e) => Err((e, None)),
+    };
+    if let Err((e, slot)) = booted {
+        node.teardown(&row.id, &row.runtime_id, slot).await;
         node.store
             .sandboxes
             .mark_destroyed(&row.id, now_ms())

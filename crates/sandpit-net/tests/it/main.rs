@@ -631,6 +631,32 @@ async fn attach_refuses_busy_slots_and_cleans_up() {
     ));
     assert_eq!(net.list_slots().await.unwrap(), vec![0, 5]);
 
+    // A leftover chain alone: busy, found, and the failed attach leaves no namespace or veth.
+    let a6 = net.addrs(6);
+    sh(&[
+        "nft",
+        "add",
+        "chain",
+        "inet",
+        &format!("sandpit_{}", fx.prefix),
+        "slot_6",
+    ]);
+    let err = net.attach(6, &EgressRules::allow_all()).await.unwrap_err();
+    assert!(matches!(err, NetError::SlotBusy { slot: 6, .. }), "{err}");
+    assert!(!a6.netns_path.exists());
+    assert_eq!(net.list_slots().await.unwrap(), vec![0, 5, 6]);
+    net.detach(6).await.unwrap();
+    net.detach(6).await.unwrap(); // idempotent
+    net.attach(6, &EgressRules::deny_all()).await.unwrap();
+    net.detach(6).await.unwrap();
+    // Slot 0 kept its policy through all of it.
+    assert_allowed(
+        &a0.netns_name,
+        fx.t1,
+        TCP_A,
+        "still attached after slot 6 came and went",
+    );
+
     net.teardown().await.unwrap();
     net.teardown().await.unwrap(); // idempotent
     fx.remove_target();
