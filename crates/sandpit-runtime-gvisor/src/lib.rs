@@ -47,6 +47,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use sandpit_runtime::phases::{self, Phase};
 use sandpit_runtime::{NetworkAttachment, Runtime, RuntimeError, RuntimeStatus, SandboxSpec};
+use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 pub use cgroup::CgroupLimits;
@@ -513,6 +514,20 @@ impl GvisorRuntime {
         Ok(Some(v))
     }
 
+    /// Whether runsc may know sandbox `id`: any of its metadata files in the root directory
+    /// (`<id>_sandbox:<id>.state` and `.lock` in the runsc we run; a directory `<id>` in
+    /// older layouts). False means it certainly does not.
+    fn may_exist(&self, id: &str) -> bool {
+        let root = &self.cfg.root_dir;
+        [
+            root.join(format!("{id}_sandbox:{id}.state")),
+            root.join(format!("{id}_sandbox:{id}.lock")),
+            root.join(id),
+        ]
+        .iter()
+        .any(|p| p.symlink_metadata().is_ok())
+    }
+
     /// Creates the state directory layout, mounts the overlay (or reuses the mount) and writes
     /// the bundle.
     async fn prepare(&self, spec: &SandboxSpec) -> Result<Prepared, RuntimeError> {
@@ -564,6 +579,11 @@ impl GvisorRuntime {
             ],
         };
         runsc_args.extend(sub.into_iter().map(OsString::from));
+        // Where runsc writes the sandbox process's pid: how the start is confirmed below
+        // without another runsc process.
+        let pid_file = prepared.state_dir.join("sandbox.pid");
+        let _ = std::fs::remove_file(&pid_file);
+        runsc_args.push(format!("--pid-file={}", pid_file.display()).into());
         runsc_args.push(format!("--bundle={}", prepared.bundle.display()).into());
         runsc_args.push(spec.id.clone().into());
         let command = match launch {
@@ -623,7 +643,18 @@ impl GvisorRuntime {
                 stderr: format!("{status}: {}", console_tail(&console_path, offset)),
             });
         }
-        match self.status(&spec.id).await? {
+        // runsc exited 0 with the sandbox started; it may have died since. Its pid says so
+        // (a `runsc state` would cost a process; asked only when the pid file is unreadable).
+        let pid = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|t| t.trim().parse::<i32>().ok())
+            .filter(|p| *p > 0);
+        let status = match pid {
+            Some(pid) if procs::is_alive(pid) => RuntimeStatus::Running,
+            Some(_) => RuntimeStatus::Stopped,
+            None => self.status(&spec.id).await?,
+        };
+        match status {
             RuntimeStatus::Running => Ok(()),
             other => Err(RuntimeError::Command {
                 id: spec.id.clone(),
@@ -643,7 +674,12 @@ impl GvisorRuntime {
             Launch::Run => "runsc run",
             Launch::Restore(_) => "runsc restore",
         };
-        if let Some(state) = self.state_json(&spec.id).await? {
+        // runsc itself would fail on a taken id, but only after dropping the other sandbox's
+        // metadata: ask first — with `runsc state` (a process) only when runsc's files for
+        // the id are there.
+        if self.may_exist(&spec.id)
+            && let Some(state) = self.state_json(&spec.id).await?
+        {
             return Err(RuntimeError::Command {
                 id: spec.id.clone(),
                 command: what.into(),
@@ -990,33 +1026,46 @@ async fn reapply_address(id: &str, net: &NetworkAttachment) -> Result<(), Runtim
             command: "ip".into(),
             stderr: format!("bad netns path {}", net.netns_path.display()),
         })?;
-    let cidr = format!("{}/{}", net.address, net.prefix_len);
-    let gw = net.gateway.to_string();
-    let ifname = net.ifname.as_str();
-    for args in [
-        vec!["-n", &ns, "addr", "replace", &cidr, "dev", ifname],
-        vec!["-n", &ns, "link", "set", ifname, "up"],
-        vec![
-            "-n", &ns, "route", "replace", "default", "via", &gw, "dev", ifname,
-        ],
-    ] {
-        let command = format!("ip {}", args.join(" "));
-        let out = Command::new("ip")
-            .args(&args)
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .map_err(|source| RuntimeError::Spawn {
-                command: command.clone(),
-                source,
-            })?;
-        if !out.status.success() {
-            return Err(RuntimeError::Command {
-                id: id.into(),
-                command,
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
+    // One `ip` process for the three (a process each costs milliseconds).
+    let script = format!(
+        "addr replace {}/{} dev {if_}\nlink set {if_} up\nroute replace default via {} dev {if_}\n",
+        net.address,
+        net.prefix_len,
+        net.gateway,
+        if_ = net.ifname,
+    );
+    let command = format!("ip -n {ns} -batch -");
+    let mut child = Command::new("ip")
+        .args(["-n", &ns, "-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| RuntimeError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    let written = stdin.write_all(script.as_bytes()).await;
+    drop(stdin);
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|source| RuntimeError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    written.map_err(|source| RuntimeError::Spawn {
+        command: command.clone(),
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(RuntimeError::Command {
+            id: id.into(),
+            command,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(())
 }
