@@ -755,11 +755,9 @@ impl GvisorRuntime {
         };
         let state_dir = state_dir.as_deref();
         let bundle = state_dir.map(bundle_of);
-        // Both may fail harmlessly (already stopped, already deleted).
-        let kill = self.runsc(id, &["kill", id, "KILL"]).await?;
-        if !kill.success && !kill.stderr.contains("does not exist") {
-            tracing::debug!(%id, stderr = %kill.stderr, "runsc kill");
-        }
+        // `delete -force` kills a running sandbox itself (no `runsc kill` first: a process
+        // more for nothing); it fails harmlessly when the sandbox is already gone, and
+        // processes that outlive it are killed below.
         let t0 = Instant::now();
         let delete = self.runsc(id, &["delete", "-force", id]).await?;
         if !delete.success && !delete.stderr.contains("does not exist") {
