@@ -269,6 +269,12 @@ async fn creates_restore_the_template_boot_snapshot_when_enabled() {
         "b\nuser\n",
         "restored copies share nothing"
     );
+    // The resolver came with the image (written before it was taken), not written again.
+    let resolv = sh(&client, &b.id, "cat /etc/resolv.conf").await.stdout;
+    assert!(
+        resolv.starts_with("# written by sandpit") || resolv.starts_with("# sandpit:"),
+        "{resolv:?}"
+    );
     assert!(srv.log().contains("took the base template's boot snapshot"));
     assert!(!srv.log().contains("booting cold"), "restores succeeded");
     client.destroy_sandbox(&a.id).await.unwrap();

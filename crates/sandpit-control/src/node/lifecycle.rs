@@ -182,10 +182,20 @@ pub async fn prepare_create(
 /// Start a new sandbox from its template: restore the template's boot snapshot when there is
 /// one (and they are enabled), otherwise boot cold.
 /// Returns true when it restored (the template's start command then already runs).
-async fn boot_template(node: &Node, row: &Sandbox) -> Result<bool, ControlError> {
+/// How [`boot_template`] started a sandbox.
+enum TemplateBoot {
+    Cold,
+    /// From the template's boot snapshot; `resolv_current`: it holds the node's resolv.conf.
+    Snapshot {
+        resolv_current: bool,
+    },
+}
+
+async fn boot_template(node: &Node, row: &Sandbox) -> Result<TemplateBoot, ControlError> {
     if node.cfg.boot_snapshots
         && let Some(dir) = super::images::boot_snapshot(node, &row.template_id)
     {
+        let resolv_current = super::templates::boot_snapshot_resolv_current(node, &dir);
         phases::timed(
             Phase::Copy,
             node.runtime
@@ -193,13 +203,13 @@ async fn boot_template(node: &Node, row: &Sandbox) -> Result<bool, ControlError>
         )
         .await?;
         match boot(node, row, Some(&dir.join("memory"))).await {
-            Ok(()) => return Ok(true),
+            Ok(()) => return Ok(TemplateBoot::Snapshot { resolv_current }),
             Err(e) => {
                 tracing::warn!(sandbox = %row.id, error = %DisplayChain(&e), "restoring the template's boot snapshot failed; booting cold");
             }
         }
     }
-    boot(node, row, None).await.map(|()| false)
+    boot(node, row, None).await.map(|()| TemplateBoot::Cold)
 }
 
 /// Start a validated, admitted create ([`prepare_create`]; the caller checked its rates):
@@ -309,7 +319,7 @@ async fn create_timed(
     let booted = match &snapshot {
         Some(snap) => crate::node::fork::boot_from_snapshot(node, &row, snap).await,
         None => match boot_template(node, &row).await {
-            Ok(false) => {
+            Ok(TemplateBoot::Cold) => {
                 // Booted cold: start the template's start command (if it has one).
                 match write_resolv_conf(node, &row).await {
                     Ok(()) => {
@@ -322,9 +332,13 @@ async fn create_timed(
                     Err(e) => Err(e),
                 }
             }
-            Ok(true) => {
+            Ok(TemplateBoot::Snapshot { resolv_current }) => {
                 *path = "boot_snapshot";
-                write_resolv_conf(node, &row).await
+                if resolv_current {
+                    Ok(())
+                } else {
+                    write_resolv_conf(node, &row).await
+                }
             }
             Err(e) => Err(e),
         },

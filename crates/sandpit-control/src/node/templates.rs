@@ -208,6 +208,8 @@ pub async fn take_boot_snapshot(node: &std::sync::Arc<Node>) -> Result<(), Contr
     let _ = std::fs::remove_dir_all(&tmp);
     let taken = async {
         super::boot::boot(node, &row, None).await?;
+        // In the image, so a create restoring it need not write it (see save_boot_image).
+        super::boot::write_resolv_conf(node, &row).await?;
         save_boot_image(node, &row, &tmp).await?;
         std::fs::rename(&tmp, &final_dir)
             .map_err(ControlError::files("publishing the boot snapshot"))
@@ -243,7 +245,28 @@ pub async fn save_boot_image(
     node.runtime
         .copy_files(&node.state_dir(&row.id), &dir.join("files"))
         .await?;
+    // What its /etc/resolv.conf says (every caller writes the node's first): a create that
+    // restores it writes the file again only when the node's resolvers changed since.
+    std::fs::write(dir.join(BOOT_SNAPSHOT_RESOLV), &node.resolv_conf).map_err(
+        ControlError::files("recording a boot snapshot's resolv.conf"),
+    )?;
     Ok(())
+}
+
+/// Beside a boot snapshot's image: the resolv.conf its sandbox had.
+pub const BOOT_SNAPSHOT_RESOLV: &str = "resolv.conf";
+
+/// Whether the boot snapshot in `dir` holds this node's current resolv.conf (false when it
+/// does not say: taken before the record existed, or unreadable).
+pub fn boot_snapshot_resolv_current(node: &Node, dir: &Path) -> bool {
+    use std::io::Read;
+    let Ok(file) = std::fs::File::open(dir.join(BOOT_SNAPSHOT_RESOLV)) else {
+        return false;
+    };
+    let mut text = String::new();
+    // Ours, but bounded all the same: one byte more than the node's own says "different".
+    let limit = node.resolv_conf.len() as u64 + 1;
+    file.take(limit).read_to_string(&mut text).is_ok() && text == node.resolv_conf
 }
 
 /// Boot a template once in a system sandbox, start its start command, wait for its ready

@@ -751,3 +751,20 @@ async fn resize_changes_limits_in_place_or_at_wake_and_a_refusal_changes_nothing
         "{e}"
     );
 }
+
+#[tokio::test]
+async fn a_boot_snapshot_records_the_resolv_conf_it_holds() {
+    use crate::node::templates::{BOOT_SNAPSHOT_RESOLV, boot_snapshot_resolv_current};
+    let h = Harness::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Taken before the record existed: not current, so a create writes the file.
+    assert!(!boot_snapshot_resolv_current(&h.node, dir.path()));
+    let record = dir.path().join(BOOT_SNAPSHOT_RESOLV);
+    std::fs::write(&record, &h.node.resolv_conf).unwrap();
+    assert!(boot_snapshot_resolv_current(&h.node, dir.path()));
+    // The node's resolvers changed since (another --dns), or the record grew: rewrite.
+    std::fs::write(&record, "nameserver 192.0.2.1\n").unwrap();
+    assert!(!boot_snapshot_resolv_current(&h.node, dir.path()));
+    std::fs::write(&record, format!("{}# more\n", h.node.resolv_conf)).unwrap();
+    assert!(!boot_snapshot_resolv_current(&h.node, dir.path()));
+}
