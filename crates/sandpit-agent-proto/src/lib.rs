@@ -910,10 +910,21 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     let mut header = [0u8; 5];
     header[0] = kind as u8;
     header[1..].copy_from_slice(&(payload.len() as u32).to_be_bytes());
+    // A small frame goes out in one write: with `TCP_NODELAY` two writes are two segments
+    // (and two wake-ups of the peer's reader) for every request and control frame.
+    if payload.len() <= SMALL_FRAME {
+        let mut buf = Vec::with_capacity(header.len() + payload.len());
+        buf.extend_from_slice(&header);
+        buf.extend_from_slice(payload);
+        return w.write_all(&buf).await.map_err(ProtoError::Write);
+    }
     w.write_all(&header).await.map_err(ProtoError::Write)?;
     w.write_all(payload).await.map_err(ProtoError::Write)?;
     Ok(())
 }
+
+/// Frames up to this payload size are copied to be written at once ([`write_frame`]).
+const SMALL_FRAME: usize = 16 * 1024;
 
 /// Write a frame with a JSON payload.
 pub async fn write_json<W: AsyncWrite + Unpin, T: Serialize>(
@@ -1005,6 +1016,9 @@ mod tests {
         write_frame(&mut buf, FrameKind::Stdout, b"hi\n")
             .await
             .unwrap();
+        // Past the size written in one go: header and payload are written apart.
+        let big = vec![7u8; SMALL_FRAME + 1];
+        write_frame(&mut buf, FrameKind::Data, &big).await.unwrap();
         let mut r = &buf[..];
         let f = read_frame(&mut r).await.unwrap();
         assert_eq!(f.kind, FrameKind::Request);
@@ -1014,6 +1028,8 @@ mod tests {
             (f.kind, f.payload.as_slice()),
             (FrameKind::Stdout, &b"hi\n"[..])
         );
+        let f = read_frame(&mut r).await.unwrap();
+        assert_eq!((f.kind, f.payload), (FrameKind::Data, big));
         assert!(matches!(read_frame(&mut r).await, Err(ProtoError::Closed)));
     }
 
