@@ -150,7 +150,7 @@ async fn run(
             Ok(id) => {
                 made.push(id);
                 consecutive = 0;
-                if made.len() % 25 == 0 {
+                if made.len().is_multiple_of(25) {
                     eprintln!(
                         "density: {} held after {:.1} s",
                         made.len(),
@@ -203,7 +203,7 @@ async fn destroy_all(client: &Client, ids: &[String]) -> usize {
         .map(|id| async move {
             tokio::time::timeout(Duration::from_secs(60), client.destroy_sandbox(id))
                 .await
-                .map_or(false, |r| r.is_ok())
+                .is_ok_and(|r| r.is_ok())
         })
         .buffer_unordered(PARALLEL)
         .filter(|ok| std::future::ready(!ok))
