@@ -19,6 +19,7 @@ use sandpit_sdk::{Client, Timed};
 use sandpit_test_support::TestServer;
 use serde::Serialize;
 
+mod density;
 mod fleet;
 mod placement;
 mod templates;
@@ -52,6 +53,11 @@ struct Args {
     /// fork, pool, boot snapshot; with their phases): no templates, fleet or placement.
     #[arg(long, conflicts_with_all = ["only_templates", "only_placement", "only_fleet"])]
     only_lifecycle: bool,
+    /// Only the density run: hold N idle sandboxes (created 4 at a time), then report memory,
+    /// idle CPU by process kind and exec latency at N held; writes density.json next to
+    /// --out. Not run in CI.
+    #[arg(long, value_name = "N", conflicts_with_all = ["only_templates", "only_placement", "only_fleet", "only_lifecycle"])]
+    density: Option<usize>,
 }
 
 #[derive(Serialize, Debug)]
@@ -670,6 +676,9 @@ async fn main() -> anyhow::Result<()> {
     if args.only_fleet {
         let rows = fleet::bench(sandpit, &args.platform, args.quick).await?;
         return finish(&rows, &args.out);
+    }
+    if let Some(n) = args.density {
+        return density::bench(sandpit, &args.platform, n, &args.out).await;
     }
     let (n_create, n_exec, n_files) = if args.quick { (3, 10, 1) } else { (10, 100, 3) };
     let srv =

@@ -120,6 +120,9 @@ pub struct GvisorRuntime {
     build: std::sync::Arc<std::sync::OnceLock<String>>,
     /// The sandboxes that mount each volume (see [`volume`]).
     volumes: std::sync::Arc<volume::Users>,
+    /// The liveness watch's memory: per runtime id, its sentry's pid and start time as
+    /// `runsc list` last reported them (see `dead`).
+    sentries: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, procs::Started>>>,
 }
 
 /// Checks that this host can run sandboxes: root, runsc, unshare, ip and overlayfs. Returns
@@ -245,6 +248,7 @@ impl GvisorRuntime {
             cfg,
             build: Default::default(),
             volumes: Default::default(),
+            sentries: Default::default(),
         })
     }
 
@@ -1569,7 +1573,21 @@ impl Runtime for GvisorRuntime {
     }
 
     async fn dead(&self, ids: &[String]) -> Result<Vec<String>, RuntimeError> {
-        if ids.is_empty() {
+        // Asked every couple of seconds with every running sandbox: a `runsc list` each time
+        // costs the host a process whose work grows with the count (and a SIGCHLD). Once
+        // runsc named a sandbox's sentry, a look at that process (same pid, same start time,
+        // not a zombie) answers; runsc is asked again only about sandboxes it has not
+        // named yet or whose sentry is gone (a wake starts a new one under the same id).
+        let suspects: Vec<String> = {
+            let mut known = self.sentries.lock().expect("sentry map poisoned");
+            let asked: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
+            known.retain(|id, _| asked.contains(id.as_str()));
+            ids.iter()
+                .filter(|id| known.get(*id).is_none_or(|s| !s.still_running()))
+                .cloned()
+                .collect()
+        };
+        if suspects.is_empty() {
             return Ok(Vec::new());
         }
         // One `runsc list` for all of them, then a look at each sentry process (runsc's own
@@ -1587,20 +1605,33 @@ impl Runtime for GvisorRuntime {
                     stderr: format!("unparsable output ({e}): {}", out.stdout),
                 })?
                 .unwrap_or_default();
-        Ok(ids
+        let running: std::collections::HashMap<&str, i32> = listed
             .iter()
-            .filter(|id| {
-                let alive = listed.iter().any(|c| {
-                    c["id"].as_str() == Some(id.as_str())
-                        && matches!(c["status"].as_str(), Some("running" | "paused"))
-                        && c["pid"]
-                            .as_i64()
-                            .and_then(|p| i32::try_from(p).ok())
-                            .is_some_and(|p| p > 0 && procs::is_alive(p))
-                });
-                !alive
+            .filter(|c| matches!(c["status"].as_str(), Some("running" | "paused")))
+            .filter_map(|c| {
+                let pid = c["pid"].as_i64().and_then(|p| i32::try_from(p).ok())?;
+                Some((c["id"].as_str()?, pid))
             })
-            .cloned()
+            .filter(|(_, pid)| *pid > 0)
+            .collect();
+        let mut known = self.sentries.lock().expect("sentry map poisoned");
+        Ok(suspects
+            .into_iter()
+            .filter(|id| {
+                match running
+                    .get(id.as_str())
+                    .and_then(|pid| procs::Started::of(*pid))
+                {
+                    Some(s) => {
+                        known.insert(id.clone(), s);
+                        false
+                    }
+                    None => {
+                        known.remove(id);
+                        true
+                    }
+                }
+            })
             .collect())
     }
 

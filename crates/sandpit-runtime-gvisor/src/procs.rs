@@ -55,6 +55,41 @@ pub(crate) fn is_alive(pid: i32) -> bool {
     !is_zombie(pid)
 }
 
+/// A process as it started: its pid and start time (clock ticks after boot), so a pid the
+/// kernel reused for another process is not taken for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Started {
+    pid: i32,
+    start: u64,
+}
+
+impl Started {
+    /// `pid` now, if it exists and is not a zombie.
+    pub(crate) fn of(pid: i32) -> Option<Started> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let start = live_start_time(&stat)?;
+        Some(Started { pid, start })
+    }
+
+    /// Whether the same process still runs (not a zombie).
+    pub(crate) fn still_running(&self) -> bool {
+        Started::of(self.pid) == Some(*self)
+    }
+}
+
+/// The start time in `/proc/<pid>/stat` of a process that is not a zombie.
+fn live_start_time(stat: &str) -> Option<u64> {
+    // The fields follow the parenthesised command name, which may contain spaces: state is
+    // field 3, starttime field 22.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
+}
+
 fn is_zombie(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name, which may contain spaces.
@@ -102,6 +137,17 @@ mod tests {
             "sbx-1",
             Some("--bundle=/s/b")
         ));
+    }
+
+    #[test]
+    fn start_time_of_live_processes_only() {
+        let stat = "42 (a) b) S 1 42 42 0 -1 4194560 100 0 0 0 3 4 0 0 20 0 1 0 987654 1000 10";
+        assert_eq!(live_start_time(stat), Some(987654));
+        assert_eq!(live_start_time(&stat.replace(") S ", ") Z ")), None);
+        assert_eq!(live_start_time("42 (a) S 1"), None);
+        let me = Started::of(std::process::id() as i32).unwrap();
+        assert!(me.still_running());
+        assert!(Started::of(i32::MAX).is_none());
     }
 
     #[test]

@@ -9,9 +9,16 @@
 //! Only zombies named `exe` are reaped: runsc re-executes `/proc/self/exe`, so that is the
 //! kernel's name for the sentry and gofer, while every child the server spawns itself
 //! (`runsc`, `ip`, `nft`, `unshare`) keeps its own name and is left to tokio to wait for.
+//!
+//! Only this process's children are looked at (`/proc/self/task/*/children`), not every
+//! process of the host: with a thousand sandboxes held the host has thousands of processes,
+//! and every SIGCHLD (each `runsc` the server runs ends with one) would read them all.
 #![expect(clippy::disallowed_methods, reason = "/proc is the kernel's")]
 
 use std::time::Duration;
+
+/// How often the children are looked at without a SIGCHLD.
+const SAFETY_NET: Duration = Duration::from_secs(10);
 
 /// Make this process a child subreaper and start reaping adopted runsc processes until
 /// `stop` resolves. Without subreaper rights (not fatal) it only logs.
@@ -32,6 +39,11 @@ where
             }
         };
         tokio::pin!(stop);
+        let every = if sigchld.is_some() {
+            SAFETY_NET
+        } else {
+            Duration::from_secs(1)
+        };
         loop {
             reap_adopted();
             tokio::select! {
@@ -42,7 +54,8 @@ where
                         None => std::future::pending::<()>().await,
                     }
                 } => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                // A safety net only: SIGCHLD wakes this loop for every child that ends.
+                _ = tokio::time::sleep(every) => {}
             }
         }
     })
@@ -51,18 +64,8 @@ where
 /// Reap every zombie child of this process that runsc left behind.
 pub fn reap_adopted() {
     let me = rustix::process::getpid().as_raw_nonzero().get();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+    for pid in candidates() {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };
         if is_adopted_zombie(&stat, me)
@@ -71,6 +74,36 @@ pub fn reap_adopted() {
             let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::NOHANG);
         }
     }
+}
+
+/// This process's children, from each thread's `children` list (an adopted process's parent
+/// is whichever thread the kernel picked); every pid of the host where the kernel has no
+/// such lists (`CONFIG_PROC_CHILDREN` off).
+fn candidates() -> Vec<i32> {
+    let mut pids = Vec::new();
+    let mut listed = false;
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for task in tasks.flatten() {
+            if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
+                listed = true;
+                pids.extend(
+                    children
+                        .split_whitespace()
+                        .filter_map(|p| p.parse::<i32>().ok()),
+                );
+            }
+        }
+    }
+    if listed {
+        return pids;
+    }
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+        .collect()
 }
 
 /// `/proc/<pid>/stat` of a zombie named `exe` whose parent is `me`.
@@ -96,5 +129,18 @@ mod tests {
         assert!(!is_adopted_zombie("123 (exe) Z 1 123 123 0 -1", 77));
         assert!(!is_adopted_zombie("123 (runsc) Z 77 123 123 0 -1", 77));
         assert!(!is_adopted_zombie("123 (my (exe)) Z 77 1", 77));
+    }
+
+    #[test]
+    fn children_are_listed() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let found = candidates().contains(&pid);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(found);
     }
 }
