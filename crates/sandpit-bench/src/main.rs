@@ -642,7 +642,12 @@ fn print_table(rows: &[Row]) {
              is `checkpoint`, `runsc checkpoint`); every other phase is Sandpit's work around it. \
              `total` is the server's wall time for the call; the row adds the client, HTTP and \
              (create, wake) the first exec. A fork's children and parent restore at once, so its \
-             phases can add up to more than its total."
+             phases can add up to more than its total. The raw baselines run runsc with \
+             `--network=none` on a read-only root and no cgroup limits; Sandpit's `runsc` phase \
+             also starts gVisor's netstack on the slot's veth, an overlay root over the \
+             sandbox's disk image and its cgroup, inside a private mount namespace. `netns` is \
+             mostly the kernel's: an nftables transaction commit and the veth pair and \
+             namespace (three processes an attach, two a detach)."
         );
     }
 }

@@ -154,7 +154,10 @@ impl AgentClient {
     #[tracing::instrument(level = "debug", name = "agent.wait_ready", skip_all, fields(sandbox.id = %self.sandbox))]
     pub async fn wait_ready(&self, limit: Duration) -> Result<PingReply, ControlError> {
         let start = std::time::Instant::now();
-        let mut delay = Duration::from_millis(2);
+        // Short sleeps between attempts at first: the agent needs some 40 ms after runsc
+        // returns, and a coarser poll adds up to its interval to every create, wake and
+        // fork; later (a loaded host) longer ones, not to flood it with connects.
+        let mut delay = Duration::from_millis(1);
         loop {
             // A short connect timeout: before the agent listens, gVisor's netstack answers
             // with a reset, so failures are fast.
@@ -177,7 +180,12 @@ impl AgentClient {
                 });
             }
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(20));
+            let cap = if start.elapsed() < Duration::from_millis(200) {
+                Duration::from_millis(5)
+            } else {
+                Duration::from_millis(20)
+            };
+            delay = (delay * 2).min(cap);
         }
     }
 
