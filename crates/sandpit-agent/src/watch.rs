@@ -165,7 +165,9 @@ impl State {
     }
 
     /// Watch the directories under `dir` (already watched), in a walk bounded by
-    /// [`MAX_WATCHED_DIRS`]. With `report`, every entry found is an `add`.
+    /// [`MAX_WATCHED_DIRS`]. With `report` (a directory that just appeared), every entry
+    /// found is an `add`, and a regular file with content a `change` too: it was written
+    /// before its directory's watch was in place, so inotify never said so.
     fn add_children(&mut self, fd: &OwnedFd, dir: &str, report: bool) {
         let mut stack = vec![dir.to_string()];
         while let Some(d) = stack.pop() {
@@ -183,9 +185,16 @@ impl State {
                     continue;
                 }
                 // Not following symlinks: a link to a directory is an entry, not a subtree.
-                let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+                let file_type = entry.file_type().ok();
+                let is_dir = file_type.is_some_and(|t| t.is_dir());
                 if report {
                     self.push(WatchEventKind::Add, path.clone(), is_dir);
+                    // `DirEntry::metadata` does not follow symlinks.
+                    if file_type.is_some_and(|t| t.is_file())
+                        && entry.metadata().is_ok_and(|m| m.len() > 0)
+                    {
+                        self.push(WatchEventKind::Change, path.clone(), false);
+                    }
                 }
                 if is_dir && self.watch_dir(fd, &path) {
                     stack.push(path);

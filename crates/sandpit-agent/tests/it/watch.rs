@@ -96,12 +96,40 @@ async fn a_recursive_watch_sees_every_kind_of_change() {
         "{got:?}"
     );
 
-    // A new subdirectory is followed, including what was made in it at once.
+    // A new subdirectory is followed, including what was made in it at once: a file
+    // written there before its watch was in place is an add and a change.
     std::fs::create_dir_all(root.join("sub/deeper")).unwrap();
     std::fs::write(root.join("sub/deeper/f"), "f").unwrap();
-    w.until(WatchEventKind::Add, &p("sub/deeper/f")).await;
+    let got = w.until(WatchEventKind::Change, &p("sub/deeper/f")).await;
+    assert!(
+        got.iter()
+            .any(|e| e.kind == WatchEventKind::Add && e.path == p("sub/deeper/f")),
+        "{got:?}"
+    );
     std::fs::write(root.join("sub/deeper/g"), "g").unwrap();
     w.until(WatchEventKind::Add, &p("sub/deeper/g")).await;
+    // Always before the watch: a tree written elsewhere and moved in. Only the scan of
+    // the new directory can tell; it reports the file's content as a change.
+    let outside = tempfile::tempdir_in(root.parent().unwrap()).unwrap();
+    std::fs::create_dir_all(outside.path().join("moved/inner")).unwrap();
+    std::fs::write(outside.path().join("moved/inner/h"), "h").unwrap();
+    std::fs::write(outside.path().join("moved/inner/empty"), "").unwrap();
+    std::fs::rename(outside.path().join("moved"), root.join("moved")).unwrap();
+    let got = w.until(WatchEventKind::Change, &p("moved/inner/h")).await;
+    let empty = p("moved/inner/empty");
+    if !got
+        .iter()
+        .any(|e| e.kind == WatchEventKind::Add && e.path == empty)
+    {
+        w.until(WatchEventKind::Add, &empty).await;
+    }
+    assert!(
+        !w.seen
+            .iter()
+            .any(|e| e.kind == WatchEventKind::Change && e.path == empty),
+        "an empty file is only an add: {:?}",
+        w.seen
+    );
 
     std::fs::remove_file(root.join("b.txt")).unwrap();
     w.until(WatchEventKind::Remove, &p("b.txt")).await;
