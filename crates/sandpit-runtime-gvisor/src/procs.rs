@@ -91,14 +91,7 @@ fn live_start_time(stat: &str) -> Option<u64> {
 }
 
 fn is_zombie(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name, which may contain spaces.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.trim_start().chars().next())
-            .is_none_or(|state| state == 'Z' || state == 'X'),
-        Err(_) => true,
-    }
+    Started::of(pid).is_none()
 }
 
 #[cfg(test)]
