@@ -179,18 +179,18 @@ pub async fn prepare_create(
     Ok((row, snapshot, volumes))
 }
 
-/// Start a new sandbox from its template: restore the template's boot snapshot when there is
-/// one (and they are enabled), otherwise boot cold.
-/// Returns true when it restored (the template's start command then already runs).
 /// How [`boot_template`] started a sandbox.
 enum TemplateBoot {
     Cold,
-    /// From the template's boot snapshot; `resolv_current`: it holds the node's resolv.conf.
+    /// From the template's boot snapshot (its start command already runs);
+    /// `resolv_current`: it holds the node's resolv.conf.
     Snapshot {
         resolv_current: bool,
     },
 }
 
+/// Start a new sandbox from its template: restore the template's boot snapshot when there is
+/// one (and they are enabled), otherwise boot cold.
 async fn boot_template(node: &Node, row: &Sandbox) -> Result<TemplateBoot, ControlError> {
     if node.cfg.boot_snapshots
         && let Some(dir) = super::images::boot_snapshot(node, &row.template_id)

@@ -70,12 +70,15 @@ pub async fn take(
     };
     // Never hand out a sandbox whose policy is not the owner's.
     if let Err(e) = applied {
-        let what = "applying the egress policy";
         node.teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
             .await;
         node.store
             .sandboxes
-            .mark_failed(&row.id, &format!("{what}: {}", DisplayChain(&e)), now_ms())
+            .mark_failed(
+                &row.id,
+                &format!("applying the egress policy: {}", DisplayChain(&e)),
+                now_ms(),
+            )
             .await?;
         return Err(e);
     }
@@ -96,14 +99,13 @@ async fn fill_one(
     // Its resolver is written now, not at hand-out: it is the node's (the same for every
     // owner), and the pool does not outlive the node process that wrote it.
     let booted = match boot(node, &row, None).await {
-        Ok(()) => super::boot::write_resolv_conf(node, &row)
-            .await
-            .map_err(|e| (e, row.slot.map(|s| s as u32))),
-        // boot released the network itself.
-        Err(e) => Err((e, None)),
+        Ok(()) => super::boot::write_resolv_conf(node, &row).await,
+        Err(e) => Err(e),
     };
-    if let Err((e, slot)) = booted {
-        node.teardown(&row.id, &row.runtime_id, slot).await;
+    if let Err(e) = booted {
+        // The slot too (detach is idempotent: a failed boot released it already).
+        node.teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
+            .await;
         node.store
             .sandboxes
             .mark_destroyed(&row.id, now_ms())
