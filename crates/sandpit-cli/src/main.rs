@@ -57,9 +57,19 @@ enum Command {
     Secrets(commands::secrets::SecretsCommand),
 }
 
+/// The stack of every runtime thread (workers and the blocking pool).
+const WORKER_STACK: usize = 8 << 20;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    // Workers get a main thread's stack (std's default for spawned threads is 2 MiB): an
+    // unoptimized build's deepest request paths (an exec that wakes a sandbox) take about
+    // half of 2 MiB, and an overflow aborts the whole server. Untouched pages cost nothing.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_stack_size(WORKER_STACK)
+        .build()
+        .expect("tokio runtime");
     let result = rt.block_on(async {
         match cli.command {
             Command::Serve(args) => commands::serve::run(*args).await.map(|_| 0),

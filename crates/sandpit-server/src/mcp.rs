@@ -34,6 +34,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 use tower::ServiceExt;
+use tracing::Instrument;
 
 use crate::auth::API_KEY_HEADER;
 use crate::server::Server;
@@ -606,9 +607,17 @@ impl Caller {
         if let Some(client) = &self.client {
             req.extensions_mut().insert(*client);
         }
-        let resp = match crate::routes::app(self.server.clone()).oneshot(req).await {
-            Ok(resp) => resp,
-            Err(never) => match never {},
+        // The call runs as a task of its own: polled from the runtime, not from inside this
+        // handler's poll, its stack is as deep as the same request's from outside. (Nested,
+        // a debug build's exec that wakes the sandbox overflowed a 2 MiB worker stack and
+        // took the server down.) Dropping this call aborts it, as hyper drops the request
+        // of a client that left.
+        let app = crate::routes::app(self.server.clone());
+        let mut call = AbortOnDrop(tokio::spawn(app.oneshot(req).in_current_span()));
+        let resp = match (&mut call.0).await {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(never)) => match never {},
+            Err(e) => return Err(internal(format!("the request's task failed: {e}"))),
         };
         let status = resp.status();
         let declared = resp
@@ -645,6 +654,15 @@ impl Caller {
                 format!("the request failed with HTTP {status}"),
             ),
         })
+    }
+}
+
+/// A spawned task, aborted when this is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
