@@ -58,9 +58,13 @@ pub struct IdleCpu {
 
 pub async fn bench(sandpit: &Path, platform: &str, n: usize, out: &Path) -> anyhow::Result<()> {
     anyhow::ensure!(n >= 1, "--density needs at least 1 sandbox");
+    if let Some(why) = sandpit_runtime_gvisor::task_limit_shortfall(n as u64) {
+        anyhow::bail!("--density {n}: {why}");
+    }
     // One /30 per sandbox, with room to spare; the production reaper interval and log level.
     let pool_bits = (4 * (n + 16)).next_power_of_two().trailing_zeros().max(8);
     let pool = format!("10.222.0.0/{}", 32 - pool_bits);
+    // Persistent sandboxes count against the suspended limit too (they may be suspended).
     let max_running = (n + 16).to_string();
     let rate = (2 * n).max(1000).to_string();
     let mut srv = TestServer::start_with(
@@ -69,6 +73,7 @@ pub async fn bench(sandpit: &Path, platform: &str, n: usize, out: &Path) -> anyh
             ("SANDPIT_PLATFORM", platform),
             ("SANDPIT_POOL", pool.as_str()),
             ("SANDPIT_MAX_RUNNING", max_running.as_str()),
+            ("SANDPIT_MAX_SUSPENDED", max_running.as_str()),
             ("SANDPIT_RATE_LIMIT_SANDBOXES", rate.as_str()),
             ("SANDPIT_REAPER_INTERVAL", "1s"),
             ("RUST_LOG", "info"),

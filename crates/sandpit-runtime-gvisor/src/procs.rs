@@ -71,6 +71,10 @@ impl Started {
         Some(Started { pid, start })
     }
 
+    pub(crate) fn pid(&self) -> i32 {
+        self.pid
+    }
+
     /// Whether the same process still runs (not a zombie).
     pub(crate) fn still_running(&self) -> bool {
         Started::of(self.pid) == Some(*self)

@@ -682,6 +682,12 @@ fn node_backends(
     }
     let runsc_build = sandpit_runtime_gvisor::check_host(&args.runsc)
         .unwrap_or_else(|e| format!("unknown ({e})"));
+    if let Some(why) = sandpit_runtime_gvisor::task_limit_shortfall(u64::from(args.max_running)) {
+        tracing::warn!(
+            max_running = args.max_running,
+            "--max-running may not be reachable: {why}"
+        );
+    }
     let runtime =
         sandpit_runtime_gvisor::GvisorRuntime::new(sandpit_runtime_gvisor::GvisorConfig {
             runsc: args.runsc.clone(),

@@ -402,11 +402,15 @@ async fn gvisor_lifecycle() {
     assert_eq!(hello(slot1.sandbox_ip).await.trim(), "hello");
 
     // Checkpoint again (over an image dir that exists: replaced atomically), then restore two
-    // clones from it: `a` in slot 1 and, with a copy of the upper dir, `b` in slot 2.
+    // clones from it: `a` in slot 1 and, with a copy of the upper dir, `b` in slot 2. This
+    // checkpoint is taken by another instance of the runtime, as after a server restart: it
+    // did not boot `a` and asks runsc about it.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let t = Instant::now();
-    rt.checkpoint(&id_a, &img1).await.unwrap();
+    let adopting = GvisorRuntime::new(rt.config().clone()).unwrap();
+    adopting.checkpoint(&id_a, &img1).await.unwrap();
     eprintln!("TIMING second checkpoint: {:?}", t.elapsed());
+    assert_eq!(rt.status(&id_a).await.unwrap(), RuntimeStatus::Missing);
     let c2 = count(&state_a).unwrap();
     assert!(c2 > c1);
     std::fs::create_dir_all(&state_b).unwrap();
@@ -485,6 +489,14 @@ async fn gvisor_lifecycle() {
         "temp image dirs left"
     );
     assert_eq!(rt.status(&id_b).await.unwrap(), RuntimeStatus::Stopped);
+    // A checkpoint of a sandbox whose sentry is gone fails and leaves no image.
+    match rt.checkpoint(&id_b, &img3).await {
+        Err(RuntimeError::Command { stderr, .. }) => {
+            assert!(stderr.contains("not running"), "{stderr}");
+        }
+        other => panic!("checkpoint of a stopped sandbox: {other:?}"),
+    }
+    assert!(!img3.exists());
     rt.stop(&id_b, &state_b).await.unwrap();
     assert_eq!(rt.status(&id_b).await.unwrap(), RuntimeStatus::Missing);
 
