@@ -620,6 +620,115 @@ impl GvisorRuntime {
         Ok((state_dir_of(&state), sentry_pid))
     }
 
+    /// [`Runtime::checkpoint`], and [`Runtime::checkpoint_then`] with `meanwhile`.
+    async fn checkpoint_inner(
+        &self,
+        id: &str,
+        image_dir: &Path,
+        meanwhile: Option<sandpit_runtime::Meanwhile<'_>>,
+    ) -> Result<(), RuntimeError> {
+        let t0 = Instant::now();
+        let (state_dir, sentry_pid) = self.running_sandbox(id).await?;
+        let io_err = |source: io::Error| RuntimeError::Cleanup {
+            id: id.into(),
+            source,
+        };
+        let name = image_dir
+            .file_name()
+            .ok_or_else(|| io_err(io::Error::new(io::ErrorKind::InvalidInput, "bad image dir")))?
+            .to_string_lossy()
+            .into_owned();
+        let parent = image_dir.parent().unwrap_or(Path::new("/"));
+        std::fs::create_dir_all(parent).map_err(io_err)?;
+        let parent = std::fs::canonicalize(parent).map_err(io_err)?;
+        let image_dir = parent.join(&name);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default();
+        let tmp = parent.join(format!(".{name}.tmp-{}-{nanos}", std::process::id()));
+        std::fs::create_dir(&tmp).map_err(io_err)?;
+
+        let t_ckpt = Instant::now();
+        let image_arg = format!("--image-path={}", tmp.display());
+        let out = self.runsc(id, &["checkpoint", &image_arg, id]).await;
+        let ckpt_time = t_ckpt.elapsed();
+        phases::record(Phase::Checkpoint, t_ckpt, t_ckpt + ckpt_time);
+        let out = match out {
+            Ok(out) if out.success => out,
+            failed => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                let out = failed?;
+                // A failed checkpoint usually kills the sandbox, which takes a second or two;
+                // runsc's status flickers meanwhile, so watch the sentry process itself.
+                let deadline = Instant::now() + CHECKPOINT_DEATH_WAIT;
+                let died = loop {
+                    match sentry_pid {
+                        Some(pid) if procs::is_alive(pid) => {}
+                        _ => break true,
+                    }
+                    if Instant::now() > deadline {
+                        break false;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                };
+                let fate = if died {
+                    "the failed checkpoint killed the sandbox: call stop()".to_string()
+                } else {
+                    let status = self.status(id).await.unwrap_or(RuntimeStatus::Missing);
+                    format!(
+                        "the sandbox survived the failed checkpoint (status {status:?}): check \
+                         status() before using it"
+                    )
+                };
+                return Err(match refused_reason(&out.stderr) {
+                    Some(reason) => RuntimeError::CheckpointRefused {
+                        id: id.into(),
+                        reason: format!(
+                            "{reason} (close connections into the sandbox with RST before \
+                             checkpointing); {fate}"
+                        ),
+                    },
+                    None => RuntimeError::Command {
+                        id: id.into(),
+                        command: out.command,
+                        stderr: format!("{}; {fate}", out.stderr),
+                    },
+                });
+            }
+        };
+        drop(out);
+        let (tmp2, image2) = (tmp.clone(), image_dir.clone());
+        let published = phases::timed(
+            Phase::Image,
+            blocking(move || {
+                sync_dir(&tmp2)?;
+                publish_image(&tmp2, &image2)
+            }),
+        )
+        .await;
+        if let Err(e) = published {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(io_err(e));
+        }
+        let t_stop = Instant::now();
+        let teardown = phases::timed(Phase::Teardown, self.teardown(id, state_dir.as_deref()));
+        match meanwhile {
+            // The caller's cleanup (its network) and ours need nothing of each other.
+            Some(meanwhile) => tokio::join!(teardown, meanwhile).0?,
+            None => teardown.await?,
+        }
+        tracing::info!(
+            %id,
+            image = %image_dir.display(),
+            checkpoint_ms = ckpt_time.as_millis() as u64,
+            teardown_ms = t_stop.elapsed().as_millis() as u64,
+            total_ms = t0.elapsed().as_millis() as u64,
+            "sandbox checkpointed"
+        );
+        Ok(())
+    }
+
     /// Creates the state directory layout, mounts the overlay (or reuses the mount) and writes
     /// the bundle.
     async fn prepare(&self, spec: &SandboxSpec) -> Result<Prepared, RuntimeError> {
@@ -1330,101 +1439,18 @@ impl Runtime for GvisorRuntime {
     #[tracing::instrument(level = "debug", name = "runsc.checkpoint", skip_all,
         fields(sandbox.runtime_id = %id))]
     async fn checkpoint(&self, id: &str, image_dir: &Path) -> Result<(), RuntimeError> {
-        let t0 = Instant::now();
-        let (state_dir, sentry_pid) = self.running_sandbox(id).await?;
-        let io_err = |source: io::Error| RuntimeError::Cleanup {
-            id: id.into(),
-            source,
-        };
-        let name = image_dir
-            .file_name()
-            .ok_or_else(|| io_err(io::Error::new(io::ErrorKind::InvalidInput, "bad image dir")))?
-            .to_string_lossy()
-            .into_owned();
-        let parent = image_dir.parent().unwrap_or(Path::new("/"));
-        std::fs::create_dir_all(parent).map_err(io_err)?;
-        let parent = std::fs::canonicalize(parent).map_err(io_err)?;
-        let image_dir = parent.join(&name);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or_default();
-        let tmp = parent.join(format!(".{name}.tmp-{}-{nanos}", std::process::id()));
-        std::fs::create_dir(&tmp).map_err(io_err)?;
+        self.checkpoint_inner(id, image_dir, None).await
+    }
 
-        let t_ckpt = Instant::now();
-        let image_arg = format!("--image-path={}", tmp.display());
-        let out = self.runsc(id, &["checkpoint", &image_arg, id]).await;
-        let ckpt_time = t_ckpt.elapsed();
-        phases::record(Phase::Checkpoint, t_ckpt, t_ckpt + ckpt_time);
-        let out = match out {
-            Ok(out) if out.success => out,
-            failed => {
-                let _ = std::fs::remove_dir_all(&tmp);
-                let out = failed?;
-                // A failed checkpoint usually kills the sandbox, which takes a second or two;
-                // runsc's status flickers meanwhile, so watch the sentry process itself.
-                let deadline = Instant::now() + CHECKPOINT_DEATH_WAIT;
-                let died = loop {
-                    match sentry_pid {
-                        Some(pid) if procs::is_alive(pid) => {}
-                        _ => break true,
-                    }
-                    if Instant::now() > deadline {
-                        break false;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                };
-                let fate = if died {
-                    "the failed checkpoint killed the sandbox: call stop()".to_string()
-                } else {
-                    let status = self.status(id).await.unwrap_or(RuntimeStatus::Missing);
-                    format!(
-                        "the sandbox survived the failed checkpoint (status {status:?}): check \
-                         status() before using it"
-                    )
-                };
-                return Err(match refused_reason(&out.stderr) {
-                    Some(reason) => RuntimeError::CheckpointRefused {
-                        id: id.into(),
-                        reason: format!(
-                            "{reason} (close connections into the sandbox with RST before \
-                             checkpointing); {fate}"
-                        ),
-                    },
-                    None => RuntimeError::Command {
-                        id: id.into(),
-                        command: out.command,
-                        stderr: format!("{}; {fate}", out.stderr),
-                    },
-                });
-            }
-        };
-        drop(out);
-        let (tmp2, image2) = (tmp.clone(), image_dir.clone());
-        let published = phases::timed(
-            Phase::Image,
-            blocking(move || {
-                sync_dir(&tmp2)?;
-                publish_image(&tmp2, &image2)
-            }),
-        )
-        .await;
-        if let Err(e) = published {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(io_err(e));
-        }
-        let t_stop = Instant::now();
-        phases::timed(Phase::Teardown, self.teardown(id, state_dir.as_deref())).await?;
-        tracing::info!(
-            %id,
-            image = %image_dir.display(),
-            checkpoint_ms = ckpt_time.as_millis() as u64,
-            teardown_ms = t_stop.elapsed().as_millis() as u64,
-            total_ms = t0.elapsed().as_millis() as u64,
-            "sandbox checkpointed"
-        );
-        Ok(())
+    #[tracing::instrument(level = "debug", name = "runsc.checkpoint", skip_all,
+        fields(sandbox.runtime_id = %id))]
+    async fn checkpoint_then(
+        &self,
+        id: &str,
+        image_dir: &Path,
+        meanwhile: sandpit_runtime::Meanwhile<'_>,
+    ) -> Result<(), RuntimeError> {
+        self.checkpoint_inner(id, image_dir, Some(meanwhile)).await
     }
 
     fn has_image(&self, image_dir: &Path) -> bool {

@@ -153,6 +153,9 @@ pub enum RuntimeError {
     },
 }
 
+/// Work a caller runs alongside a backend's (see [`Runtime::checkpoint_then`]).
+pub type Meanwhile<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
 /// A sandbox backend.
 #[async_trait]
 pub trait Runtime: Send + Sync + 'static {
@@ -172,6 +175,22 @@ pub trait Runtime: Send + Sync + 'static {
     /// Save memory and process state to `image_dir` and stop the sandbox. The image is
     /// complete and durable (fsynced) when this returns. Files stay in `state_dir`.
     async fn checkpoint(&self, id: &str, image_dir: &Path) -> Result<(), RuntimeError>;
+
+    /// [`Runtime::checkpoint`], with `meanwhile` (the caller's own cleanup that needs the
+    /// sandbox stopped, such as removing its network) run once the image is durable, while
+    /// the backend releases the stopped sandbox's resources. Both are done when this
+    /// returns; `meanwhile` does not run when the image could not be saved. The default
+    /// runs it after [`Runtime::checkpoint`].
+    async fn checkpoint_then(
+        &self,
+        id: &str,
+        image_dir: &Path,
+        meanwhile: Meanwhile<'_>,
+    ) -> Result<(), RuntimeError> {
+        self.checkpoint(id, image_dir).await?;
+        meanwhile.await;
+        Ok(())
+    }
 
     /// Whether `image_dir` holds a complete image written by [`Runtime::checkpoint`] (one
     /// [`Runtime::restore`] can start from). The caller never looks inside an image: what

@@ -270,16 +270,21 @@ pub(super) async fn claim_slot(node: &Node, row: &mut Sandbox) -> Result<(), Con
 /// otherwise one tenant's hibernated sandboxes could hold every slot and starve every other
 /// tenant's creates. The wake claims a free slot and restores into it. If the namespace
 /// cannot be removed now, the sandbox keeps its slot (the wake reuses it; a restart's
-/// reconciliation removes it). The caller holds the sandbox's write lock.
+/// reconciliation removes it). `detached`: how removing the namespace went, if the caller
+/// did it already. The caller holds the sandbox's write lock.
 pub(super) async fn mark_suspended(
     node: &Node,
     row: &Sandbox,
     note: Option<&str>,
+    detached: Option<Result<(), sandpit_net::NetError>>,
 ) -> Result<(), ControlError> {
     let now = now_ms();
-    if let Some(slot) = row.slot
-        && let Err(e) = phases::timed(Phase::Netns, node.net.detach(slot as u32)).await
-    {
+    let detached = match (row.slot, detached) {
+        (None, _) => Ok(()),
+        (Some(_), Some(done)) => done,
+        (Some(slot), None) => phases::timed(Phase::Netns, node.net.detach(slot as u32)).await,
+    };
+    if let Err(e) = detached {
         tracing::error!(sandbox = %row.id, error = %DisplayChain(&e), "removing a suspended sandbox's network slot; it keeps the slot");
         return node
             .store

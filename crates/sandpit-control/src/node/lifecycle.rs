@@ -483,7 +483,7 @@ pub async fn settle_if_dead(node: &Arc<Node>, id: &str) -> bool {
         {
             tracing::error!(sandbox = %id, error = %DisplayChain(&e), "stopping a dead sandbox");
         }
-        mark_suspended(node, &row, Some(STOPPED_REASON)).await
+        mark_suspended(node, &row, Some(STOPPED_REASON), None).await
     } else {
         node.teardown(&row.id, &row.runtime_id, row.slot.map(|s| s as u32))
             .await;
@@ -524,6 +524,7 @@ pub async fn shutdown(node: &Arc<Node>, id: &str) -> Result<Sandbox, ControlErro
         node,
         &row,
         Some("shut down: the next start boots afresh with its files"),
+        None,
     )
     .await?;
     tracing::info!(sandbox = %id, "shut down");
@@ -622,7 +623,20 @@ async fn suspend_locked_untimed(
     let image = node.checkpoint_dir(id);
     let state_dir = node.state_dir(id);
     let mut note = None;
-    if let Err(e) = node.runtime.checkpoint(&row.runtime_id, &image).await {
+    // Its network goes while the runtime releases the stopped sandbox (they need nothing of
+    // each other): the slot is given back below only if this succeeded.
+    let mut detached = None;
+    let (net, slot) = (node.net.clone(), row.slot);
+    let meanwhile: sandpit_runtime::Meanwhile<'_> = Box::pin(async {
+        if let Some(slot) = slot {
+            detached = Some(phases::timed(Phase::Netns, net.detach(slot as u32)).await);
+        }
+    });
+    if let Err(e) = node
+        .runtime
+        .checkpoint_then(&row.runtime_id, &image, meanwhile)
+        .await
+    {
         // The runtime may have killed the sandbox; its files are on disk either way. The
         // next wake boots it afresh.
         tracing::error!(sandbox = %id, error = %DisplayChain(&e), "checkpoint failed; suspending without memory");
@@ -635,7 +649,7 @@ async fn suspend_locked_untimed(
         node.runtime.stop(&row.runtime_id, &state_dir).await?;
     }
     crate::faults::point("hibernate.checkpointed");
-    mark_suspended(node, &row, note.as_deref()).await?;
+    mark_suspended(node, &row, note.as_deref(), detached).await?;
     if let Err(e) = super::moves::start_upload(node, &row).await {
         tracing::error!(sandbox = %id, error = %DisplayChain(&e), "starting the upload of the image; it wakes only here");
     }

@@ -55,6 +55,33 @@ async fn create_boots_attaches_and_writes_resolv_conf() {
     assert_eq!(h.row(&second.id).await.slot, Some(1));
 }
 
+/// The namespace goes while the runtime releases the checkpointed sandbox; when it cannot
+/// be removed, the suspended sandbox keeps its slot (the image is kept) and the wake reuses
+/// that slot.
+#[tokio::test]
+async fn suspend_whose_namespace_will_not_go_keeps_the_slot() {
+    let h = Harness::new().await;
+    let row = h.create(SandboxMode::Persistent).await.unwrap();
+    let rid = row.runtime_id.clone();
+    h.net.fail_next(NetOp::Detach, Some(0));
+
+    let suspended = lifecycle::suspend(&h.node, &row.id).await.unwrap();
+    assert_eq!(suspended.status, Status::Suspended);
+    assert_eq!(suspended.slot, Some(0), "kept: its namespace is still there");
+    assert_eq!(h.rt.ops_of(&rid), ["start", "checkpoint"]);
+    assert_eq!(h.rt.status_of(&rid), RuntimeStatus::Missing);
+    assert!(h.rt.has_image(&h.node.checkpoint_dir(&row.id)));
+    assert_eq!(h.net.ops_of(0), ["attach", "detach"]);
+    // A create meanwhile takes another slot.
+    let other = h.create(SandboxMode::Ephemeral).await.unwrap();
+    assert_eq!(h.row(&other.id).await.slot, Some(1));
+
+    let woken = h.wake(&row.id).await.unwrap();
+    assert_eq!(woken.status, Status::Running);
+    assert_eq!(woken.slot, Some(0));
+    assert_eq!(h.rt.ops_of(&rid), ["start", "checkpoint", "restore"]);
+}
+
 #[tokio::test]
 async fn suspend_then_wake_restores_from_the_image() {
     let h = Harness::new().await;
