@@ -67,7 +67,11 @@ async fn suspend_whose_namespace_will_not_go_keeps_the_slot() {
 
     let suspended = lifecycle::suspend(&h.node, &row.id).await.unwrap();
     assert_eq!(suspended.status, Status::Suspended);
-    assert_eq!(suspended.slot, Some(0), "kept: its namespace is still there");
+    assert_eq!(
+        suspended.slot,
+        Some(0),
+        "kept: its namespace is still there"
+    );
     assert_eq!(h.rt.ops_of(&rid), ["start", "checkpoint"]);
     assert_eq!(h.rt.status_of(&rid), RuntimeStatus::Missing);
     assert!(h.rt.has_image(&h.node.checkpoint_dir(&row.id)));
