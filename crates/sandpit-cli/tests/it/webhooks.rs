@@ -465,7 +465,8 @@ async fn webhooks_deliver_signed_events_retry_and_never_reach_denied_addresses()
     assert_eq!(status, 204);
     client.destroy_sandbox(&sb.id).await.expect("destroyed");
 
-    // Every event of the workspace reaches `/all`, signed, as the event stream's JSON.
+    // Every event of the workspace reaches `/all`, signed, as the event stream's JSON. Each
+    // delivery is an attempt of its own, so they may arrive in any order: wait for all three.
     let events = wait_until(
         Duration::from_secs(60),
         "created, started, destroyed on /all",
@@ -480,7 +481,10 @@ async fn webhooks_deliver_signed_events_retry_and_never_reach_denied_addresses()
                         (v["type"].as_str().unwrap_or_default().to_string(), v)
                     })
                     .collect();
-                kinds.iter().any(|(k, _)| k == "destroyed").then_some(kinds)
+                ["created", "started", "destroyed"]
+                    .iter()
+                    .all(|want| kinds.iter().any(|(k, _)| k == want))
+                    .then_some(kinds)
             }
         },
     )
