@@ -262,22 +262,15 @@ fn parse_stat(stat: &str) -> Option<Stat> {
 fn tree(server: i32) -> HashMap<i32, (Class, Stat)> {
     let mut stats = HashMap::new();
     let mut names = HashMap::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Some(st) = std::fs::read_to_string(entry.path().join("stat"))
+    for pid in sandpit_runtime_gvisor::host_pids() {
+        let Some(st) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
             .and_then(|s| parse_stat(&s))
         else {
             continue;
         };
         // runsc re-executes itself as `runsc-sandbox` (the sentry) and `runsc-gofer`.
-        let argv0 = std::fs::read(entry.path().join("cmdline"))
+        let argv0 = std::fs::read(format!("/proc/{pid}/cmdline"))
             .ok()
             .and_then(|c| c.split(|b| *b == 0).next().map(|a| a.to_vec()))
             .unwrap_or_default();

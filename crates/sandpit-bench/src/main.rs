@@ -412,14 +412,14 @@ fn docker_run_true(rootfs: &Path, n: usize) -> anyhow::Result<Result<Vec<Duratio
 fn runsc_pss_bytes(data_dir: &Path) -> u64 {
     let needle = format!("{}/", data_dir.display());
     let mut total = 0;
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+    for pid in sandpit_runtime_gvisor::host_pids() {
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
             continue;
         };
         if !String::from_utf8_lossy(&cmd).contains(&needle) {
             continue;
         }
-        let Ok(rollup) = std::fs::read_to_string(entry.path().join("smaps_rollup")) else {
+        let Ok(rollup) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) else {
             continue;
         };
         if let Some(kb) = rollup

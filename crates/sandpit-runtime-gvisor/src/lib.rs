@@ -53,6 +53,7 @@ use tokio::process::Command;
 pub use cgroup::CgroupLimits;
 pub use disk::MIN_DISK_BYTES;
 pub use error::GvisorError;
+pub use procs::host_pids;
 pub use reaper::{reap_adopted, spawn_reaper};
 
 /// How long a `runsc run`/`restore` may take before it is killed.
@@ -120,21 +121,19 @@ pub struct GvisorRuntime {
     build: std::sync::Arc<std::sync::OnceLock<String>>,
     /// The sandboxes that mount each volume (see [`volume`]).
     volumes: std::sync::Arc<volume::Users>,
-    /// The liveness watch's memory: per runtime id, its sentry's pid and start time as
-    /// `runsc list` last reported them (see `dead`), for sandboxes not in `booted`.
-    sentries: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, procs::Started>>>,
-    /// What this process booted (start or restore succeeded) and has not torn down yet, per
-    /// runtime id: so a checkpoint knows the sandbox's state directory and sentry without a
-    /// `runsc state` (a process, 20 to 40 ms). Sandboxes adopted after a restart are not
-    /// here: runsc is asked about them.
-    booted: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Booted>>>,
+    /// Per runtime id, what would otherwise take a runsc process (20 to 40 ms) to learn:
+    /// its sentry, for the liveness watch (`dead`), and its state directory, for a
+    /// checkpoint. Filled when this process boots a sandbox and when `runsc list` names the
+    /// sentry of one adopted after a restart (no state directory then: a checkpoint asks
+    /// `runsc state`); emptied at teardown.
+    known: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Known>>>,
 }
 
-/// A sandbox this process booted: where its files are, and its sentry.
+/// A sandbox's sentry (pid and start time) and, if this process booted it, its files.
 #[derive(Debug, Clone)]
-struct Booted {
-    state_dir: PathBuf,
+struct Known {
     sentry: procs::Started,
+    state_dir: Option<PathBuf>,
 }
 
 /// Host tasks (processes and threads, each taking a pid) one idle sandbox holds, rounded up:
@@ -293,8 +292,7 @@ impl GvisorRuntime {
             cfg,
             build: Default::default(),
             volumes: Default::default(),
-            sentries: Default::default(),
-            booted: Default::default(),
+            known: Default::default(),
         })
     }
 
@@ -591,16 +589,16 @@ impl GvisorRuntime {
             stderr: format!("sandbox is not running (status {status})"),
         };
         let booted = self
-            .booted
+            .known
             .lock()
-            .expect("booted map poisoned")
+            .expect("sandbox map poisoned")
             .get(id)
-            .cloned();
-        if let Some(b) = booted {
-            if !b.sentry.still_running() {
+            .and_then(|k| Some((k.state_dir.clone()?, k.sentry)));
+        if let Some((state_dir, sentry)) = booted {
+            if !sentry.still_running() {
                 return Err(not_running("\"stopped\"".into()));
             }
-            return Ok((Some(b.state_dir), Some(b.sentry.pid())));
+            return Ok((Some(state_dir), Some(sentry.pid())));
         }
         let state = self
             .state_json(id)
@@ -621,6 +619,8 @@ impl GvisorRuntime {
     }
 
     /// [`Runtime::checkpoint`], and [`Runtime::checkpoint_then`] with `meanwhile`.
+    #[tracing::instrument(level = "debug", name = "runsc.checkpoint", skip_all,
+        fields(sandbox.runtime_id = %id))]
     async fn checkpoint_inner(
         &self,
         id: &str,
@@ -850,18 +850,18 @@ impl GvisorRuntime {
             .ok()
             .and_then(|t| t.trim().parse::<i32>().ok())
             .filter(|p| *p > 0);
-        let status = match pid.map(|p| (p, procs::Started::of(p))) {
-            Some((_, Some(sentry))) => {
-                self.booted.lock().expect("booted map poisoned").insert(
+        let status = match pid.map(procs::Started::of) {
+            Some(Some(sentry)) => {
+                self.known.lock().expect("sandbox map poisoned").insert(
                     spec.id.clone(),
-                    Booted {
-                        state_dir: spec.state_dir.clone(),
+                    Known {
                         sentry,
+                        state_dir: Some(spec.state_dir.clone()),
                     },
                 );
                 RuntimeStatus::Running
             }
-            Some((_, None)) => RuntimeStatus::Stopped,
+            Some(None) => RuntimeStatus::Stopped,
             None => self.status(&spec.id).await?,
         };
         match status {
@@ -968,7 +968,7 @@ impl GvisorRuntime {
         // `delete -force` kills a running sandbox itself (no `runsc kill` first: a process
         // more for nothing); it fails harmlessly when the sandbox is already gone, and
         // processes that outlive it are killed below.
-        self.booted.lock().expect("booted map poisoned").remove(id);
+        self.known.lock().expect("sandbox map poisoned").remove(id);
         let t0 = Instant::now();
         let delete = self.runsc(id, &["delete", "-force", id]).await?;
         if !delete.success && !delete.stderr.contains("does not exist") {
@@ -1436,14 +1436,10 @@ impl Runtime for GvisorRuntime {
         self.boot(spec, Launch::Run).await
     }
 
-    #[tracing::instrument(level = "debug", name = "runsc.checkpoint", skip_all,
-        fields(sandbox.runtime_id = %id))]
     async fn checkpoint(&self, id: &str, image_dir: &Path) -> Result<(), RuntimeError> {
         self.checkpoint_inner(id, image_dir, None).await
     }
 
-    #[tracing::instrument(level = "debug", name = "runsc.checkpoint", skip_all,
-        fields(sandbox.runtime_id = %id))]
     async fn checkpoint_then(
         &self,
         id: &str,
@@ -1680,22 +1676,14 @@ impl Runtime for GvisorRuntime {
     async fn dead(&self, ids: &[String]) -> Result<Vec<String>, RuntimeError> {
         // Asked every couple of seconds with every running sandbox: a `runsc list` each time
         // costs the host a process whose work grows with the count (and a SIGCHLD). Once
-        // runsc named a sandbox's sentry, a look at that process (same pid, same start time,
-        // not a zombie) answers; runsc is asked again only about sandboxes it has not
-        // named yet or whose sentry is gone (a wake starts a new one under the same id).
+        // this process booted a sandbox or runsc named its sentry, a look at that process
+        // (same pid, same start time, not a zombie) answers; runsc is asked only about
+        // sandboxes whose sentry is unknown or gone (a wake starts a new one under the
+        // same id).
         let suspects: Vec<String> = {
-            let mut known = self.sentries.lock().expect("sentry map poisoned");
-            let asked: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
-            known.retain(|id, _| asked.contains(id.as_str()));
-            // A sandbox this process booted: its sentry is known from the start.
-            let booted = self.booted.lock().expect("booted map poisoned");
+            let known = self.known.lock().expect("sandbox map poisoned");
             ids.iter()
-                .filter(|id| {
-                    known
-                        .get(*id)
-                        .or_else(|| booted.get(*id).map(|b| &b.sentry))
-                        .is_none_or(|s| !s.still_running())
-                })
+                .filter(|id| known.get(*id).is_none_or(|k| !k.sentry.still_running()))
                 .cloned()
                 .collect()
         };
@@ -1726,7 +1714,7 @@ impl Runtime for GvisorRuntime {
             })
             .filter(|(_, pid)| *pid > 0)
             .collect();
-        let mut known = self.sentries.lock().expect("sentry map poisoned");
+        let mut known = self.known.lock().expect("sandbox map poisoned");
         Ok(suspects
             .into_iter()
             .filter(|id| {
@@ -1734,8 +1722,14 @@ impl Runtime for GvisorRuntime {
                     .get(id.as_str())
                     .and_then(|pid| procs::Started::of(*pid))
                 {
-                    Some(s) => {
-                        known.insert(id.clone(), s);
+                    Some(sentry) => {
+                        known
+                            .entry(id.clone())
+                            .and_modify(|k| k.sentry = sentry)
+                            .or_insert(Known {
+                                sentry,
+                                state_dir: None,
+                            });
                         false
                     }
                     None => {

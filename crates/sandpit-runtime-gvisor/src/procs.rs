@@ -9,26 +9,16 @@ use std::path::Path;
 pub(crate) fn sandbox_pids(root: &Path, id: &str, bundle: Option<&Path>) -> Vec<i32> {
     let root_arg = format!("--root={}", root.display());
     let bundle_arg = bundle.map(|b| format!("--bundle={}", b.display()));
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
     let mut pids = Vec::new();
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+    for pid in host_pids() {
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
             continue;
         };
         let args: Vec<&[u8]> = cmdline
             .split(|b| *b == 0)
             .filter(|a| !a.is_empty())
             .collect();
-        if matches_sandbox(&args, &root_arg, id, bundle_arg.as_deref()) && !is_zombie(pid) {
+        if matches_sandbox(&args, &root_arg, id, bundle_arg.as_deref()) && is_alive(pid) {
             pids.push(pid);
         }
     }
@@ -50,9 +40,21 @@ fn matches_sandbox(args: &[&[u8]], root_arg: &str, id: &str, bundle_arg: Option<
     }
 }
 
+/// Every process of the host now (the numeric entries of `/proc`); empty if `/proc` cannot
+/// be read.
+pub fn host_pids() -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
 /// Whether `pid` exists and is not a zombie.
 pub(crate) fn is_alive(pid: i32) -> bool {
-    !is_zombie(pid)
+    Started::of(pid).is_some()
 }
 
 /// A process as it started: its pid and start time (clock ticks after boot), so a pid the
@@ -92,10 +94,6 @@ fn live_start_time(stat: &str) -> Option<u64> {
         return None;
     }
     fields.nth(18)?.parse().ok()
-}
-
-fn is_zombie(pid: i32) -> bool {
-    Started::of(pid).is_none()
 }
 
 #[cfg(test)]
@@ -149,7 +147,7 @@ mod tests {
 
     #[test]
     fn own_process_is_not_a_zombie() {
-        assert!(!is_zombie(std::process::id() as i32));
-        assert!(is_zombie(i32::MAX));
+        assert!(is_alive(std::process::id() as i32));
+        assert!(!is_alive(i32::MAX));
     }
 }

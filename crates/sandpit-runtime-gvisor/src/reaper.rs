@@ -97,13 +97,7 @@ fn candidates() -> Vec<i32> {
     if listed {
         return pids;
     }
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return pids;
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
-        .collect()
+    crate::procs::host_pids()
 }
 
 /// `/proc/<pid>/stat` of a zombie named `exe` whose parent is `me`.

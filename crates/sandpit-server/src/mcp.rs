@@ -613,8 +613,10 @@ impl Caller {
         // took the server down.) Dropping this call aborts it, as hyper drops the request
         // of a client that left.
         let app = crate::routes::app(self.server.clone());
-        let mut call = AbortOnDrop(tokio::spawn(app.oneshot(req).in_current_span()));
-        let resp = match (&mut call.0).await {
+        let call = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+            app.oneshot(req).in_current_span(),
+        ));
+        let resp = match call.await {
             Ok(Ok(resp)) => resp,
             Ok(Err(never)) => match never {},
             Err(e) => return Err(internal(format!("the request's task failed: {e}"))),
@@ -654,15 +656,6 @@ impl Caller {
                 format!("the request failed with HTTP {status}"),
             ),
         })
-    }
-}
-
-/// A spawned task, aborted when this is dropped.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
